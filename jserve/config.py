@@ -1,0 +1,257 @@
+"""Engine configuration: frozen dataclasses validated on construction.
+
+Where it sits: ``LLM(...)`` / ``jserve serve`` flags -> ``EngineConfig`` -> read by the page
+pool (``CacheConfig``), the scheduler (``SchedulerConfig``) and the runner (``ModelConfig``,
+buckets). ``ModelConfig`` is parsed from an HF ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+DTYPES = ("bfloat16", "float16", "float32")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                  "fp32": "float32", "float": "float32"}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def normalize_dtype(name: str, field_name: str = "dtype") -> str:
+    name = _DTYPE_ALIASES.get(str(name), str(name))
+    if name not in DTYPES:
+        raise ValueError(f"{field_name} must be one of {DTYPES}, got {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling (``rope_scaling.rope_type == "llama3"``)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture, as read from an HF ``config.json``. Shapes for one model replica."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    # Per layer: None (full attention) or the sliding window size in tokens.
+    sliding_windows: tuple[int | None, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_kv_heads})")
+        if not self.sliding_windows:
+            object.__setattr__(self, "sliding_windows", (None,) * self.num_layers)
+        if len(self.sliding_windows) != self.num_layers:
+            raise ValueError("ModelConfig.sliding_windows must have one entry per layer")
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype, "ModelConfig.dtype"))
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * self.num_heads * d + 2 * h * self.num_kv_heads * d + self.num_heads * d * h
+        if self.qkv_bias:
+            attn += (self.num_heads + 2 * self.num_kv_heads) * d
+        layer = attn + 3 * h * i + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + emb + h
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json",
+                       dtype: str | None = None) -> ModelConfig:
+        """Parse an HF ``config.json`` mapping. Errors name ``source`` and the field."""
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ValueError(f"{source}: missing 'architectures'")
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"{source}: unsupported architecture {arch!r}; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+        def need(key: str) -> Any:
+            if key not in cfg:
+                raise ValueError(f"{source}: missing required field {key!r}")
+            return cfg[key]
+
+        num_heads = int(need("num_attention_heads"))
+        hidden = int(need("hidden_size"))
+        head_dim = cfg.get("head_dim") or hidden // num_heads
+        num_layers = int(need("num_hidden_layers"))
+        rs = cfg.get("rope_scaling")
+        rope_scaling = None
+        if rs:
+            kind = rs.get("rope_type", rs.get("type"))
+            if kind == "llama3":
+                rope_scaling = RopeScaling(
+                    factor=float(rs["factor"]), low_freq_factor=float(rs["low_freq_factor"]),
+                    high_freq_factor=float(rs["high_freq_factor"]),
+                    original_max_position_embeddings=int(rs["original_max_position_embeddings"]))
+            elif kind not in (None, "default"):
+                raise ValueError(f"{source}: unsupported rope_scaling type {kind!r} (supported: llama3)")
+        windows = _sliding_windows(cfg, arch, num_layers)
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        tie = bool(cfg.get("tie_word_embeddings", False))
+        model_dtype = dtype or cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+        return cls(
+            architecture=arch, vocab_size=int(need("vocab_size")), hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")), num_layers=num_layers,
+            num_heads=num_heads, num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)), rope_scaling=rope_scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=tie,
+            qkv_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            sliding_windows=windows, bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids, dtype=normalize_dtype(model_dtype),
+        )
+
+
+def _sliding_windows(cfg: dict[str, Any], arch: str, num_layers: int) -> tuple[int | None, ...]:
+    window = cfg.get("sliding_window")
+    layer_types = cfg.get("layer_types")
+    if layer_types:
+        return tuple(window if t == "sliding_attention" and window else None for t in layer_types)
+    if not window:
+        return (None,) * num_layers
+    if arch == "Qwen2ForCausalLM":
+        if not cfg.get("use_sliding_window", False):
+            return (None,) * num_layers
+        first = int(cfg.get("max_window_layers", num_layers))
+        return tuple(int(window) if i >= first else None for i in range(num_layers))
+    return (int(window),) * num_layers
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The KV page pool. Either ``num_pages`` or ``kv_cache_memory_fraction`` sizes it."""
+
+    page_size: int = 16
+    num_pages: int | None = None
+    kv_cache_memory_fraction: float = 0.85
+    kv_cache_dtype: str = "auto"  # "auto" = the model dtype
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 1, got {self.page_size}")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (page 0 is the null page), got {self.num_pages}")
+        if not 0.0 < self.kv_cache_memory_fraction < 1.0:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1), got "
+                             f"{self.kv_cache_memory_fraction}")
+        if self.kv_cache_dtype != "auto":
+            object.__setattr__(self, "kv_cache_dtype",
+                               normalize_dtype(self.kv_cache_dtype, "kv_cache_dtype"))
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits. Token and request counts are padded to ``token_buckets``."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 2048
+    max_waiting: int = 1024
+    min_token_bucket: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting",
+                     "min_token_bucket"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.max_num_seqs > self.max_num_batched_tokens:
+            raise ValueError(f"max_num_seqs ({self.max_num_seqs}) must be <= "
+                             f"max_num_batched_tokens ({self.max_num_batched_tokens})")
+
+    @property
+    def token_buckets(self) -> tuple[int, ...]:
+        """Powers of two from ``min_token_bucket`` up to (and including) the token budget."""
+        out, b = [], min(self.min_token_bucket, self.max_num_batched_tokens)
+        while b < self.max_num_batched_tokens:
+            out.append(b)
+            b *= 2
+        out.append(self.max_num_batched_tokens)
+        return tuple(out)
+
+    def seq_bucket(self, token_bucket: int) -> int:
+        """Request rows compiled with a token bucket: one seq bucket per token bucket."""
+        return min(token_bucket, self.max_num_seqs)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = 0
+    compilation_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        m, s = self.model, self.scheduler
+        if self.parallel.tensor_parallel_size > 1:
+            tp = self.parallel.tensor_parallel_size
+            for name, v in (("num_attention_heads", m.num_heads),
+                            ("num_key_value_heads", m.num_kv_heads),
+                            ("intermediate_size", m.intermediate_size)):
+                if v % tp:
+                    raise ValueError(f"{name} ({v}) is not divisible by tensor_parallel_size ({tp})")
+        if s.max_model_len > m.max_position_embeddings and m.rope_scaling is None:
+            pass  # allowed (like vLLM with a warning); RoPE extrapolates.
+
+    @property
+    def kv_dtype(self) -> str:
+        return self.model.dtype if self.cache.kv_cache_dtype == "auto" else self.cache.kv_cache_dtype
+
+    @property
+    def pages_per_seq(self) -> int:
+        return math.ceil(self.scheduler.max_model_len / self.cache.page_size)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)

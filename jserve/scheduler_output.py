@@ -1,0 +1,67 @@
+"""The scheduler -> runner -> scheduler contract (plain dataclasses, host side).
+
+Where it sits: ``Scheduler.schedule()`` returns a ``SchedulerOutput``; ``Runner`` packs it into
+the device step input and returns a ``RunnerOutput`` with one sampled token per *row*;
+``Scheduler.update(sched_out, runner_out)`` consumes it. Orchestration tests build
+``RunnerOutput`` by hand, no model needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jserve.request import Request
+
+
+@dataclass
+class ScheduledChunk:
+    """One row of the ragged step: ``num_tokens`` tokens of ``request`` from ``start``.
+
+    ``start == request.num_computed_tokens`` when scheduled. ``samples`` is true when the chunk
+    reaches the end of the request's known tokens, so the row's sampled token is kept.
+    Pages covering ``[0, start + num_tokens)`` are allocated in ``request.page_ids``.
+    """
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # row order of the step
+    preempted: list[Request] = field(default_factory=list)       # preempted during this schedule
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass
+class RunnerOutput:
+    """Per row of the step (same order as ``SchedulerOutput.chunks``).
+
+    sampled_token_ids: int32[num_rows]
+    logprobs:          float32[num_rows] or None   logprob of the sampled token
+    top_ids:           int32[num_rows, N] or None  top-N alternatives (N = max requested)
+    top_logprobs:      float32[num_rows, N] or None
+    """
+
+    sampled_token_ids: np.ndarray
+    logprobs: np.ndarray | None = None
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
