@@ -1,0 +1,170 @@
+"""Stream checkpoint tensors straight into (sharded) device arrays.
+
+Where it sits: model start-up calls ``load_tensor`` once per parameter (or ``load_stacked`` once
+per stacked-layer parameter) with the ``NamedSharding`` its logical axes give on the mesh. Data
+goes file -> page cache -> one host buffer per *shard* -> device; the full tensor is never
+materialised on the host when a device needs only a slice of it, so a 70B checkpoint loads on a
+host with far less free RAM than the model.
+
+    jax.make_array_from_callback(shape, sharding, read_shard)
+        for each local device:  index = the slice of the result it holds
+            read_shard(index) -> memmap(file)[source index] -> cast to dtype -> device
+
+Transposition is a flag, not a callable: ``transpose=True`` reverses the axes (a torch Linear
+weight ``[out, in]`` becomes ``[in, out]``). Because the mapping is known, the requested shard's
+index is reversed too and only the matching source slice is read, so transposed weights still
+stream per shard. A generic ``transform`` callable could not be split per shard in general and
+is not offered; elementwise post-processing belongs on the device after loading.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
+
+from checkpoints.errors import CheckpointError
+from checkpoints.hf_dir import HFModelDir
+from checkpoints.safetensors_header import TensorEntry
+
+Index = tuple[slice, ...]
+
+
+def _as_model_dir(model_dir: HFModelDir | str | os.PathLike) -> HFModelDir:
+    return model_dir if isinstance(model_dir, HFModelDir) else HFModelDir(model_dir)
+
+
+def _target_dtype(dtype: DTypeLike) -> np.dtype:
+    return np.dtype(jax.dtypes.canonicalize_dtype(jnp.dtype(dtype)))
+
+
+def _result_shape(entry: TensorEntry, transpose: bool) -> tuple[int, ...]:
+    return entry.shape[::-1] if transpose else entry.shape
+
+
+def _check_expected(entry: TensorEntry, transpose: bool, expected_shape: Sequence[int] | None,
+                    what: str = "") -> None:
+    if expected_shape is None:
+        return
+    shape = _result_shape(entry, transpose)
+    if shape != tuple(expected_shape):
+        stored = f" (stored as {entry.shape}, loaded transposed)" if transpose else ""
+        raise CheckpointError(f"tensor {entry.name!r} in {entry.file} has shape {shape}{stored}, expected "
+                              f"{tuple(expected_shape)}{what}")
+
+
+class _MappedTensors:
+    """Read-only memory maps of the tensors of one load call, opened on first use."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, np.ndarray] = {}
+
+    def get(self, entry: TensorEntry) -> np.ndarray:
+        mapped = self._maps.get(entry.name)
+        if mapped is None:
+            mapped = self._maps[entry.name] = self._open(entry)
+        return mapped
+
+    @staticmethod
+    def _open(entry: TensorEntry) -> np.ndarray:
+        np_dtype = entry.numpy_dtype
+        count = math.prod(entry.shape)
+        if count == 0:
+            return np.zeros(entry.shape, np_dtype)
+        try:
+            size = os.path.getsize(entry.file)
+            if size < entry.data_end:
+                raise CheckpointError(f"tensor {entry.name!r} in {entry.file}: truncated file: data ends at "
+                                      f"byte {entry.data_end} but the file has {size} bytes")
+            flat = np.memmap(entry.file, dtype=np_dtype, mode="r", offset=entry.data_start, shape=(count,))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"tensor {entry.name!r} in {entry.file}: cannot map data: {e}") from e
+        return flat.reshape(entry.shape)
+
+
+def _normalize_index(index: Index | None, ndim: int) -> Index:
+    if index is None:
+        return (slice(None),) * ndim
+    index = tuple(index)
+    return index + (slice(None),) * (ndim - len(index))
+
+
+def _read_slice(mapped: np.ndarray, index: Index, transpose: bool, dtype: np.dtype) -> np.ndarray:
+    """``index`` (into the result layout) of one tensor, as a fresh C-contiguous ``dtype`` array."""
+    if transpose:
+        return np.asarray(mapped[index[::-1]]).transpose().astype(dtype, order="C")
+    return np.asarray(mapped[index]).astype(dtype, order="C")
+
+
+def load_tensor(model_dir: HFModelDir | str | os.PathLike, name: str, *, sharding: jax.sharding.Sharding,
+                dtype: DTypeLike, expected_shape: Sequence[int] | None = None,
+                transpose: bool = False) -> jax.Array:
+    """Load tensor ``name`` as a ``dtype`` array laid out by ``sharding``, one shard read at a time.
+
+    ``transpose`` reverses the axes (``[out, in] -> [in, out]``); ``expected_shape`` is checked
+    against the *result* shape (after transposition). Each device's shard is read from the
+    memory-mapped file and cast to ``dtype`` on the host; only this process's devices are filled.
+    Raises CheckpointError (naming tensor and file) for a missing tensor, a shape mismatch, an
+    unsupported stored dtype or a truncated file.
+    """
+    mdir = _as_model_dir(model_dir)
+    entry = mdir.tensor_entry(name)
+    _check_expected(entry, transpose, expected_shape)
+    target = _target_dtype(dtype)
+    shape = _result_shape(entry, transpose)
+    maps = _MappedTensors()
+    maps.get(entry)  # fail early (unsupported dtype, truncation) before any device work
+
+    def read_shard(index: Index | None) -> np.ndarray:
+        return _read_slice(maps.get(entry), _normalize_index(index, len(shape)), transpose, target)
+
+    return jax.make_array_from_callback(shape, sharding, read_shard, dtype=target)
+
+
+def load_stacked(model_dir: HFModelDir | str | os.PathLike, names: Sequence[str], *,
+                 sharding: jax.sharding.Sharding, dtype: DTypeLike,
+                 expected_shape: Sequence[int] | None = None, transpose: bool = False) -> jax.Array:
+    """Load same-shaped tensors ``names`` (e.g. one per layer) stacked: ``[len(names), *shape]``.
+
+    ``sharding`` describes the stacked result (its leading dim is usually logical ``"layers"``);
+    ``expected_shape`` and ``transpose`` apply to each tensor (``transpose`` does not move the
+    stacking dim). Each device reads only its layers and its slice of each of them.
+    """
+    names = list(names)
+    if not names:
+        raise ValueError("load_stacked needs at least one tensor name")
+    mdir = _as_model_dir(model_dir)
+    entries = [mdir.tensor_entry(n) for n in names]
+    first = entries[0]
+    for entry in entries:
+        _check_expected(entry, transpose, expected_shape)
+        if entry.shape != first.shape:
+            raise CheckpointError(f"tensor {entry.name!r} in {entry.file} has shape {entry.shape}, but "
+                                  f"{first.name!r} in {first.file} has {first.shape}; stacked tensors "
+                                  f"must share one shape")
+    target = _target_dtype(dtype)
+    per_layer = _result_shape(first, transpose)
+    shape = (len(entries), *per_layer)
+    maps = _MappedTensors()
+    for entry in entries:
+        maps.get(entry)
+
+    def read_shard(index: Index | None) -> np.ndarray:
+        index = _normalize_index(index, len(shape))
+        layers = range(len(entries))[index[0]]
+        inner = index[1:]
+        out = np.empty((len(layers), *_sliced_shape(per_layer, inner)), target)
+        for i, layer in enumerate(layers):
+            out[i] = _read_slice(maps.get(entries[layer]), inner, transpose, target)
+        return out
+
+    return jax.make_array_from_callback(shape, sharding, read_shard, dtype=target)
+
+
+def _sliced_shape(shape: tuple[int, ...], index: Index) -> tuple[int, ...]:
+    return tuple(len(range(size)[s]) for size, s in zip(shape, index, strict=True))

@@ -1,0 +1,14 @@
+"""jserve: LLM inference serving in JAX/XLA. Public API follows vLLM's names."""
+
+from jserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jserve.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+
+
+def __getattr__(name: str):
+    # LLM pulls in jax and the model; import it lazily so `import jserve` stays light.
+    if name == "LLM":
+        from jserve.llm import LLM
+        return LLM
+    raise AttributeError(name)

@@ -1,0 +1,7 @@
+"""``python -m jserve`` = the ``jserve`` command."""
+
+import sys
+
+from jserve.cli import main
+
+sys.exit(main())

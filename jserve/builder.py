@@ -1,0 +1,135 @@
+"""build_engine: model directory (or named shape) + options -> a warmed-up LLMEngine.
+
+Where it sits: start-up, used by ``LLM``, the CLI and the server. Order matters for memory:
+params are loaded first, then the KV pool takes its budget of what is left (DESIGN
+invariant 1), then every bucket is compiled (invariant 4).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+from checkpoints import HFModelDir
+from jserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from jserve.engine import LLMEngine
+from jserve.kv_cache import (PoolPlan, allocate_kv_cache, device_memory_budget, kv_bytes_per_token,
+                             pages_for_budget)
+from jserve.model.params import load_params, params_bytes, random_params
+from jserve.model.shapes import NAMED_SHAPES, named_shape
+from jserve.runner import Runner
+from jserve.tokenizer import Tokenizer
+from sharding import make_mesh
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """User-facing start-up options (``LLM(...)`` keywords and ``jserve`` flags)."""
+
+    model: str | None = None
+    dtype: str | None = None                 # None: the checkpoint's dtype
+    max_model_len: int | None = None         # None: min(model max positions, 4096)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    num_pages: int | None = None
+    kv_cache_memory_fraction: float = 0.85
+    page_size: int = 16
+    kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    random_weights: bool = False             # named shapes only: benchmarks
+    compilation_cache_dir: str | None = None  # None: ~/.cache/jserve/xla; "" disables
+    max_waiting: int = 1024
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jserve", "xla")
+
+
+def _enable_compilation_cache(path: str | None) -> None:
+    path = default_cache_dir() if path is None else path
+    if not path:
+        return
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | None]:
+    if args.model is None:
+        raise ValueError("model: no model given and no bundled default model is installed; "
+                         "pass an HF model directory")
+    if args.model.lower() in NAMED_SHAPES and not Path(args.model).exists():
+        if not args.random_weights:
+            raise ValueError(f"model: {args.model!r} is a named shape; pass random_weights=True "
+                             "to run it with random weights, or an HF model directory")
+        return named_shape(args.model, args.dtype), None
+    model_dir = HFModelDir(args.model)
+    cfg = ModelConfig.from_hf_config(model_dir.config, source=str(Path(args.model) / "config.json"),
+                                     dtype=args.dtype)
+    return cfg, model_dir
+
+
+def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig:
+    max_len = args.max_model_len or min(model_cfg.max_position_embeddings, 4096)
+    budget = args.max_num_batched_tokens or max(512, args.max_num_seqs)
+    return EngineConfig(
+        model=model_cfg,
+        cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages,
+                          kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+                          kv_cache_dtype=args.kv_cache_dtype),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
+                                  max_model_len=max_len, max_waiting=args.max_waiting),
+        parallel=ParallelConfig(args.tensor_parallel_size), seed=args.seed,
+        compilation_cache_dir=args.compilation_cache_dir)
+
+
+def plan_pool(config: EngineConfig, weight_bytes: int, device: jax.Device) -> PoolPlan:
+    """Pages from ``num_pages`` or from the device memory left after the weights."""
+    per_token = kv_bytes_per_token(config.model, config.kv_dtype,
+                                   config.parallel.tensor_parallel_size)
+    page_bytes = per_token * config.cache.page_size
+    if config.cache.num_pages is not None:
+        num_pages = config.cache.num_pages
+    else:
+        budget = device_memory_budget(device, config.cache.kv_cache_memory_fraction, weight_bytes)
+        if budget is None:
+            # No memory limit reported (CPU): enough for every sequence at full length.
+            num_pages = config.scheduler.max_num_seqs * config.pages_per_seq + 1
+        else:
+            num_pages = pages_for_budget(budget, page_bytes)
+    return PoolPlan(per_token, config.cache.page_size, num_pages, config.scheduler.max_model_len)
+
+
+def build_engine(args: EngineArgs) -> LLMEngine:
+    t0 = time.perf_counter()
+    _enable_compilation_cache(args.compilation_cache_dir)
+    model_cfg, model_dir = resolve_model(args)
+    config = make_engine_config(args, model_cfg)
+    mesh = make_mesh(config.parallel.tensor_parallel_size)
+    if model_dir is not None:
+        params = load_params(model_dir, model_cfg, mesh)
+        tokenizer = Tokenizer.from_dir(model_dir.path)
+    else:
+        params = random_params(model_cfg, mesh, seed=args.seed)
+        tokenizer = None
+    weight_bytes = params_bytes(params) // config.parallel.tensor_parallel_size
+    plan = plan_pool(config, weight_bytes, mesh.devices.flat[0])
+    log.info("model %s (%s, %.2f GB of weights), %s", args.model, model_cfg.dtype,
+             params_bytes(params) / 1e9, plan.describe())
+    kv = allocate_kv_cache(model_cfg, plan.num_pages, config.cache.page_size, config.kv_dtype, mesh)
+    runner = Runner(config, params, kv, mesh)
+    compile_s = runner.warmup()
+    engine = LLMEngine(config, runner, tokenizer, plan.num_pages)
+    engine.pool_plan = plan
+    engine.startup_seconds = time.perf_counter() - t0
+    log.info("engine ready in %.1f s (compile %.1f s)", engine.startup_seconds, compile_s)
+    return engine

@@ -1,0 +1,97 @@
+"""The ``jserve`` command line: ``generate`` now; ``serve``, ``bench``, ``plan`` register here.
+
+Where it sits: a thin shell over ``LLM`` / the engine API; flags map 1:1 onto ``EngineArgs``
+and ``SamplingParams`` fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from jserve.builder import EngineArgs
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model directory (or a named shape with "
+                   "--random-weights)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=0.85)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights of a named shape (llama3.1-8b, qwen2.5-0.5b, ...)")
+    p.add_argument("--compilation-cache-dir", default=None)
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(
+        model=ns.model, dtype=ns.dtype, max_model_len=ns.max_model_len,
+        max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+        num_pages=ns.num_pages, kv_cache_memory_fraction=ns.kv_cache_memory_fraction,
+        page_size=ns.page_size, tensor_parallel_size=ns.tensor_parallel_size, seed=ns.seed,
+        random_weights=ns.random_weights, compilation_cache_dir=ns.compilation_cache_dir)
+
+
+def _cmd_generate(ns: argparse.Namespace) -> int:
+    from jserve.llm import LLM
+    from jserve.sampling_params import SamplingParams
+
+    t0 = time.perf_counter()
+    args = engine_args_from(ns)
+    llm = LLM(**{k: v for k, v in vars(args).items()})
+    print(f"[jserve] engine ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    sp = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
+                        max_tokens=ns.max_tokens, seed=ns.sampling_seed)
+    prompts = ns.prompt or ["def fibonacci(n):"]
+    t1 = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    dt = time.perf_counter() - t1
+    ntok = 0
+    for out in outs:
+        comp = out.outputs[0]
+        ntok += len(comp.token_ids)
+        print(out.prompt + comp.text if out.prompt else comp.text)
+        print(f"--- finish_reason={comp.finish_reason} tokens={len(comp.token_ids)}",
+              file=sys.stderr)
+    print(f"[jserve] {ntok} tokens in {dt:.2f} s ({ntok / max(dt, 1e-9):.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jserve", description="LLM serving in JAX/XLA")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text offline")
+    add_engine_flags(g)
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return ns.func(ns)
+    except ValueError as e:
+        print(f"jserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""LLMEngine: the synchronous engine loop (add_request -> step -> RequestOutputs).
+
+Where it sits: below ``LLM`` (offline API) and the async engine (server). One ``step()``::
+
+    Scheduler.schedule() -> Runner.execute() -> Scheduler.update()
+      -> per updated request: incremental detokenize, stop strings -> RequestOutput
+
+Requests with ``n`` > 1 become n child ``Request``s (same prompt, distinct seeds) grouped
+under one parent id. Validation errors are ``ValueError``s naming the field; they reject
+only the offending request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jserve.config import EngineConfig
+from jserve.detokenizer import IncrementalDetokenizer
+from jserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jserve.page_pool import PagePool
+from jserve.request import Request, RequestStatus
+from jserve.runner import Runner
+from jserve.sampling_params import SamplingParams
+from jserve.scheduler import Scheduler
+from jserve.stop_strings import StopStringMatcher
+from jserve.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+@dataclass
+class _Child:
+    request: Request
+    detok: IncrementalDetokenizer | None
+    stops: StopStringMatcher | None
+    text: str = ""
+    num_seen: int = 0           # output tokens already turned into text / logprobs
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[_Child]
+    arrival_time: float
+    first_token_time: float | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, runner: Runner, tokenizer: Tokenizer | None,
+                 num_pages: int) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.pool = PagePool(num_pages, config.cache.page_size)
+        self.scheduler = Scheduler(config.scheduler, self.pool)
+        self._parents: dict[str, _Parent] = {}
+        self._child_to_parent: dict[str, str] = {}
+        self._rng = np.random.default_rng(config.seed)
+        self._ids = itertools.count()
+        eos = config.model.eos_token_ids or (tokenizer.eos_token_ids if tokenizer else ())
+        self.eos_token_ids: tuple[int, ...] = tuple(eos)
+
+    # ------------------------------------------------------------------ input
+    def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt: text prompts need a tokenizer; pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("prompt: must be a string or a list of token ids (ints)")
+        ids = [int(t) for t in prompt]
+        vocab = self.config.model.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt: token id {bad[0]} is out of range [0, {vocab})")
+        return None, ids
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        max_len = self.config.scheduler.max_model_len
+        if not prompt_ids:
+            raise ValueError("prompt: must contain at least one token")
+        if len(prompt_ids) >= max_len:
+            raise ValueError(f"prompt: {len(prompt_ids)} tokens, but max_model_len is {max_len} "
+                             f"(the prompt must leave room for at least one generated token)")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        vocab = self.config.model.vocab_size
+        for t in params.stop_token_ids:
+            if t >= vocab:
+                raise ValueError(f"stop_token_ids: {t} is out of range [0, {vocab})")
+
+    def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams,
+                    arrival_time: float | None = None) -> str:
+        """Validate, tokenize and queue a request. Raises ValueError (bad input) or
+        QueueFullError; nothing is queued on error."""
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self._parents:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        self.validate(ids, params)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        base_seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
+        children = []
+        for i in range(params.n):
+            cid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(cid, ids, params, eos_token_ids=self.eos_token_ids,
+                          seed=(base_seed + 0x9E3779B1 * i) % 2**32, arrival_time=arrival)
+            children.append(_Child(req, self._make_detok(ids, params), self._make_stops(params)))
+        added: list[Request] = []
+        try:
+            for ch in children:
+                self.scheduler.add_request(ch.request)
+                added.append(ch.request)
+        except Exception:
+            for req in added:
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
+            raise
+        self._parents[request_id] = _Parent(request_id, text, ids, params, children, arrival)
+        for ch in children:
+            self._child_to_parent[ch.request.request_id] = request_id
+        return request_id
+
+    def _make_detok(self, ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+
+    @staticmethod
+    def _make_stops(params: SamplingParams) -> StopStringMatcher | None:
+        if not params.stop:
+            return None
+        return StopStringMatcher(params.stop, params.include_stop_str_in_output)
+
+    def abort_request(self, request_id: str) -> None:
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return
+        for ch in parent.children:
+            self.scheduler.finish_request(ch.request.request_id, RequestStatus.FINISHED_ABORTED)
+
+    # ------------------------------------------------------------------ loop
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns outputs of every parent that changed."""
+        sched_out = self.scheduler.schedule()
+        touched: dict[str, None] = {}
+        if not sched_out.is_empty:
+            runner_out = self.runner.execute(sched_out)
+            for req in self.scheduler.update(sched_out, runner_out):
+                touched[self._child_to_parent[req.request_id]] = None
+        # Requests finished outside update (aborts) must still report once.
+        for pid, parent in self._parents.items():
+            if all(ch.request.is_finished for ch in parent.children):
+                touched[pid] = None
+        outputs = []
+        for pid in touched:
+            out = self._process(self._parents[pid])
+            outputs.append(out)
+            if out.finished:
+                self._release(pid)
+        return outputs
+
+    def _release(self, pid: str) -> None:
+        parent = self._parents.pop(pid)
+        for ch in parent.children:
+            self._child_to_parent.pop(ch.request.request_id, None)
+
+    def _process(self, parent: _Parent) -> RequestOutput:
+        now = time.monotonic()
+        for ch in parent.children:
+            self._advance_child(ch)
+        if parent.first_token_time is None and any(ch.num_seen for ch in parent.children):
+            parent.first_token_time = now
+        finished = all(ch.request.is_finished for ch in parent.children)
+        outs = [self._completion(i, ch, parent.params) for i, ch in enumerate(parent.children)]
+        metrics = {"arrival_time": parent.arrival_time}
+        if parent.first_token_time is not None:
+            metrics["first_token_time"] = parent.first_token_time
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs,
+                             finished=finished, metrics=metrics)
+
+    def _advance_child(self, ch: _Child) -> None:
+        req = ch.request
+        new_ids = req.output_token_ids[ch.num_seen:]
+        if req.sampling_params.logprobs is not None:
+            entries = req.output_logprobs[ch.num_seen:ch.num_seen + len(new_ids)]
+            for tid, entry in zip(new_ids, entries, strict=True):
+                ch.logprobs.append(self._logprob_dict(tid, entry))
+                ch.cumulative_logprob += entry[0]
+        ch.num_seen += len(new_ids)
+        if ch.detok is None:
+            return
+        delta = ch.detok.add(new_ids) if new_ids else ""
+        if ch.stops is None:
+            ch.text += delta
+            return
+        emit, hit = ch.stops.feed(delta, final=req.is_finished)
+        ch.text += emit
+        if hit is not None and not req.is_finished:
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED,
+                                          stop_reason=hit)
+
+    def _logprob_dict(self, sampled: int, entry: tuple[float, list[tuple[int, float]]]
+                      ) -> dict[int, Logprob]:
+        """The sampled token first (its rank if it is among the top-N), then the top-N."""
+        sampled_lp, top = entry
+        ranks = {int(tid): rank for rank, (tid, _) in enumerate(top, start=1)}
+        d = {int(sampled): Logprob(float(sampled_lp), ranks.get(int(sampled)),
+                                   self._decode_one(sampled))}
+        for tid, lp in top:
+            d.setdefault(int(tid), Logprob(float(lp), ranks[int(tid)], self._decode_one(tid)))
+        return d
+
+    def _decode_one(self, tid: int) -> str | None:
+        return self.tokenizer.decode([int(tid)], skip_special_tokens=False) if self.tokenizer else None
+
+    @staticmethod
+    def _completion(index: int, ch: _Child, params: SamplingParams) -> CompletionOutput:
+        req = ch.request
+        return CompletionOutput(
+            index=index, text=ch.text, token_ids=list(req.output_token_ids[:ch.num_seen]),
+            cumulative_logprob=ch.cumulative_logprob if params.logprobs is not None else None,
+            logprobs=list(ch.logprobs) if params.logprobs is not None else None,
+            finish_reason=req.finish_reason, stop_reason=req.stop_reason)

@@ -1,0 +1,101 @@
+"""The fixed KV page pool on device: sizing from a memory budget and one-time allocation.
+
+Where it sits: allocated once at engine start-up (DESIGN invariant 1), donated into and
+returned from every ``step_fn`` call, never reshaped. One ``(k_pages, v_pages)`` pair per
+layer, each ``[num_pages, page_size, num_kv_heads, head_dim]`` sharded over kv heads.
+Page 0 is the null page: padding tokens write there, nothing reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jserve.config import DTYPE_BYTES, ModelConfig
+from sharding import logical_sharding_for_shape
+
+log = logging.getLogger(__name__)
+
+KVCache = list[tuple[jax.Array, jax.Array]]
+KV_AXES = ("kv_pages", "page_slot", "kv_heads", "head_dim")
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """The arithmetic of a pool: what start-up logs and ``jserve plan`` prints."""
+
+    kv_bytes_per_token: int   # all layers, K and V, per device
+    page_size: int
+    num_pages: int            # including the null page
+    max_model_len: int
+
+    def __post_init__(self) -> None:
+        if self.num_pages < 2:
+            raise ValueError(f"the KV pool needs at least 2 pages (page 0 is the null page), "
+                             f"got {self.num_pages}: raise the memory budget or lower the model size")
+
+    @property
+    def bytes_per_page(self) -> int:
+        return self.kv_bytes_per_token * self.page_size
+
+    @property
+    def usable_pages(self) -> int:
+        return self.num_pages - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.usable_pages * self.page_size
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.num_pages * self.bytes_per_page
+
+    @property
+    def max_concurrent_seqs(self) -> int:
+        """Full ``max_model_len`` sequences that fit at once."""
+        return self.usable_pages // math.ceil(self.max_model_len / self.page_size)
+
+    def describe(self) -> str:
+        return (f"KV pool: {self.num_pages} pages x {self.page_size} tokens "
+                f"({self.usable_pages} usable, page 0 null) = {self.num_tokens} tokens, "
+                f"{self.pool_bytes / 2**30:.2f} GiB per device; "
+                f"{self.kv_bytes_per_token} B/token; fits {self.max_concurrent_seqs} sequences "
+                f"of {self.max_model_len} tokens")
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, tensor_parallel_size: int = 1) -> int:
+    """K and V bytes of one token over all layers, per device (kv heads split when they divide)."""
+    heads = cfg.num_kv_heads
+    if tensor_parallel_size > 1 and heads % tensor_parallel_size == 0:
+        heads //= tensor_parallel_size
+    return 2 * cfg.num_layers * heads * cfg.head_dim * DTYPE_BYTES[kv_dtype]
+
+
+def pages_for_budget(budget_bytes: int, bytes_per_page: int) -> int:
+    return max(0, budget_bytes // bytes_per_page)
+
+
+def device_memory_budget(device: jax.Device, fraction: float, used_bytes: int) -> int | None:
+    """Bytes the pool may take on ``device``: fraction of its memory minus what is in use.
+
+    None when the backend reports no memory limit (CPU).
+    """
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    in_use = max(stats.get("bytes_in_use", 0), used_bytes)
+    return int(stats["bytes_limit"] * fraction) - in_use
+
+
+def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str,
+                      mesh: Mesh) -> KVCache:
+    """Zero-filled pool, created directly on device with its sharding."""
+    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    sharding = logical_sharding_for_shape(mesh, shape, KV_AXES)
+    make = jax.jit(lambda: jnp.zeros(shape, jnp.dtype(kv_dtype)), out_shardings=sharding)
+    return [(make(), make()) for _ in range(cfg.num_layers)]

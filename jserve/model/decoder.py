@@ -1,0 +1,78 @@
+"""Llama-family decoder forward over one ragged step (Llama, Qwen2, Mistral).
+
+Where it sits: inside the jitted ``step_fn``: (params, kv pool, StepInput) -> (kv pool with this
+step's K/V written in place, logits for each request row). One code path for every
+architecture: Qwen2's qkv bias, tied embeddings and sliding windows are config switches read
+at trace time, never forks; tensor parallelism comes from the params' shardings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jserve.config import ModelConfig
+from jserve.kv_cache import KVCache
+from jserve.model.attention import paged_attention, write_kv
+from jserve.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+from jserve.step_input import StepInput
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x: [T, H] -> [T, H]; statistics in float32 like HF, scaled in x's dtype."""
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    return weight * (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _attention_block(cfg: ModelConfig, lp: dict[str, Any], x: jax.Array, k_pages: jax.Array,
+                     v_pages: jax.Array, batch: StepInput, cos: jax.Array, sin: jax.Array,
+                     window: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    t = x.shape[0]
+    h = rms_norm(x, lp["ln_attn"], cfg.rms_norm_eps)
+    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), cos, sin)
+    k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+    v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping)
+    o = paged_attention(q, k_pages, v_pages, batch, sm_scale=cfg.head_dim ** -0.5,
+                        sliding_window=window)
+    return o.reshape(t, cfg.num_heads * cfg.head_dim) @ lp["wo"], k_pages, v_pages
+
+
+def _mlp_block(cfg: ModelConfig, lp: dict[str, Any], x: jax.Array) -> jax.Array:
+    h = rms_norm(x, lp["ln_mlp"], cfg.rms_norm_eps)
+    return (jax.nn.silu(h @ lp["wg"]) * (h @ lp["wu"])) @ lp["wd"]
+
+
+def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache,
+                  batch: StepInput) -> tuple[jax.Array, KVCache]:
+    """Run every layer over the step's tokens: -> (final-normed hidden [T, H], updated kv)."""
+    x = params["embed"][batch.token_ids]
+    cos, sin = rope_cos_sin(batch.positions, inv_frequencies(cfg))
+    new_kv = []
+    for i, lp in enumerate(params["layers"]):
+        k_pages, v_pages = kv[i]
+        attn, k_pages, v_pages = _attention_block(cfg, lp, x, k_pages, v_pages, batch, cos, sin,
+                                                  cfg.sliding_windows[i])
+        x = x + attn
+        x = x + _mlp_block(cfg, lp, x)
+        new_kv.append((k_pages, v_pages))
+    return rms_norm(x, params["norm"], cfg.rms_norm_eps), new_kv
+
+
+def logits_from_hidden(cfg: ModelConfig, params: dict[str, Any], h: jax.Array) -> jax.Array:
+    """h: [R, H] -> float32 logits [R, V] (tied embeddings use embed^T)."""
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.dot(h, w, preferred_element_type=jnp.float32)
+
+
+def forward(cfg: ModelConfig, params: dict[str, Any], kv: KVCache,
+            batch: StepInput) -> tuple[KVCache, jax.Array]:
+    """-> (kv with this step's K/V written, float32 logits [R, V] at ``batch.logits_indices``)."""
+    h, kv = hidden_states(cfg, params, kv, batch)
+    return kv, logits_from_hidden(cfg, params, h[batch.logits_indices])

@@ -1,0 +1,253 @@
+"""Scheduler: continuous batching with chunked prefill and recompute preemption (host side).
+
+Where it sits: ``AsyncEngine.add_request`` -> ``Scheduler.waiting``; each step
+``schedule()`` -> ``SchedulerOutput`` -> runner -> ``RunnerOutput`` -> ``update()`` -> detokenizer.
+Pages come from the ``PagePool``; nothing here touches the device.
+
+No phases (DESIGN invariant 3): every request just catches ``num_computed_tokens`` up to
+``num_tokens``. A prefill chunk, a decode token and (later) speculative tokens are all rows of
+one ragged batch under a per-step token budget::
+
+    step budget = max_num_batched_tokens, rows <= max_num_seqs
+    running (arrival order)      A: decode 1 | B: decode 1 | C: prefill chunk 200 (of 900)
+    waiting (FCFS)               D: prompt 50 -> admitted if rows, budget and pages allow
+                                 E: ...       -> strict FCFS: stop at the first that doesn't fit
+
+Pages: a chunk ``[start, start + k)`` needs ``pages_needed(start + k)`` pages in
+``req.page_ids``; the missing ones are allocated when the chunk is scheduled::
+
+    req.page_ids   [ 7 ][ 3 ][ 12 ][ new ]      page_size = 4
+    positions       0..3 4..7 8..11 12..15
+                    |<- computed ->|<- chunk [10, 14) ->|
+
+Preemption (recompute mode): when the pool can't cover a running request's chunk, the newest
+running request (last in arrival order) gives up all its pages, restarts at
+``num_computed_tokens = 0`` (prompt and already generated tokens are recomputed; its outputs
+are kept) and goes to the *front* of the waiting queue. If the request being scheduled is
+itself the newest, it is the one preempted and scheduling of this step stops there; no waiting
+request is admitted in a step that preempted.
+
+Lengths: ``max_model_len`` is capped at what the pool can hold (``pool.capacity_tokens``), so a
+request alone always fits and the oldest running request always progresses (no livelock).
+
+Ordering contract: ``schedule()`` never advances ``num_computed_tokens``; ``update()`` does, so
+they must alternate (schedule, run, update, schedule, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from jserve.config import SchedulerConfig
+from jserve.page_pool import PagePool
+from jserve.request import Request, RequestStatus
+from jserve.scheduler_output import RunnerOutput, ScheduledChunk, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue already holds ``max_waiting`` requests (HTTP 429 upstream)."""
+
+
+class Scheduler:
+    """Decides, each step, which requests run and how many tokens each computes."""
+
+    def __init__(self, config: SchedulerConfig, pool: PagePool) -> None:
+        self.config = config
+        self.pool = pool
+        self.max_model_len = min(config.max_model_len, pool.capacity_tokens)
+        if self.max_model_len < config.max_model_len:
+            logger.warning("max_model_len %d exceeds the KV pool (%d pages x %d tokens); sequences "
+                           "are capped at %d tokens", config.max_model_len, pool.num_total,
+                           pool.page_size, self.max_model_len)
+        self.waiting: deque[Request] = deque()  # FCFS; preempted requests go to the front
+        self.running: list[Request] = []        # arrival order; the newest is last
+        self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
+
+    # ------------------------------------------------------------- queries
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id (waiting or running), else None."""
+        return self._requests.get(request_id)
+
+    # ---------------------------------------------------------------- add
+    def add_request(self, req: Request) -> None:
+        """Queue a new request at the back of the waiting queue.
+
+        Raises ``QueueFullError`` when ``max_waiting`` requests wait, ``ValueError`` when the
+        prompt can never be served (too long for ``max_model_len`` or for the whole pool) or the
+        request is not fresh.
+        """
+        if req.request_id in self._requests:
+            raise ValueError(f"request id {req.request_id!r} is already scheduled")
+        if req.status is not RequestStatus.WAITING or req.num_computed_tokens or req.page_ids:
+            raise ValueError(f"request {req.request_id!r} is not a fresh waiting request "
+                             f"(status {req.status.value}, {req.num_computed_tokens} computed tokens)")
+        if req.num_prompt_tokens == 0:
+            raise ValueError(f"request {req.request_id!r} has an empty prompt")
+        if req.num_tokens > self.config.max_model_len:
+            raise ValueError(f"request {req.request_id!r}: prompt length {req.num_tokens} exceeds "
+                             f"max_model_len {self.config.max_model_len}")
+        if req.num_tokens > self.max_model_len:
+            raise ValueError(f"request {req.request_id!r}: prompt length {req.num_tokens} needs "
+                             f"{self.pool.pages_needed(req.num_tokens)} KV pages, the pool has "
+                             f"{self.pool.num_total} ({self.pool.capacity_tokens} tokens)")
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests); "
+                                 f"retry later")
+        self.waiting.append(req)
+        self._requests[req.request_id] = req
+
+    # ----------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's rows: running requests first (arrival order), then waiting (FCFS)."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            k = min(req.num_tokens - req.num_computed_tokens, budget)
+            if k <= 0:
+                raise AssertionError(f"running request {req.request_id!r} has nothing to compute "
+                                     f"({req.num_computed_tokens}/{req.num_tokens} tokens)")
+            missing = self.pool.pages_needed(req.num_computed_tokens + k) - len(req.page_ids)
+            while missing > self.pool.num_free and self.running[-1] is not req:
+                self._preempt(self.running.pop(), out)
+            if missing > self.pool.num_free:  # req is the newest: it makes way itself
+                self._preempt(self.running.pop(), out)
+                break
+            if missing > 0:
+                req.page_ids.extend(self.pool.allocate(missing))
+            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, k))
+            budget -= k
+            i += 1
+
+        if out.preempted:
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            k = min(req.num_tokens - req.num_computed_tokens, budget)
+            missing = self.pool.pages_needed(req.num_computed_tokens + k) - len(req.page_ids)
+            if missing > self.pool.num_free:
+                continue  # strict FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            req.page_ids.extend(self.pool.allocate(missing))
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, k))
+            budget -= k
+        return out
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Recompute-mode preemption of ``req`` (already removed from ``running``)."""
+        logger.debug("preempting request %s (%d computed tokens, %d pages, %d preemptions so far); "
+                     "%d running, %d free pages", req.request_id, req.num_computed_tokens,
+                     len(req.page_ids), req.num_preemptions, len(self.running), self.pool.num_free)
+        self.pool.free(req.page_ids)
+        req.page_ids = []
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
+
+    # ------------------------------------------------------------- update
+    def update(self, sched_out: SchedulerOutput, runner_out: RunnerOutput) -> list[Request]:
+        """Apply one step's results; returns the requests that got a token (row order).
+
+        Rows whose request finished between ``schedule`` and ``update`` (an abort) are skipped.
+        """
+        if len(runner_out.sampled_token_ids) < len(sched_out.chunks):
+            raise ValueError(f"runner returned {len(runner_out.sampled_token_ids)} sampled tokens for "
+                             f"{len(sched_out.chunks)} scheduled rows")
+        touched: list[Request] = []
+        any_finished = False
+        for row, chunk in enumerate(sched_out.chunks):
+            req = chunk.request
+            if req.status is not RequestStatus.RUNNING or self._requests.get(req.request_id) is not req:
+                continue
+            if chunk.start != req.num_computed_tokens:
+                raise RuntimeError(f"request {req.request_id!r}: chunk starts at {chunk.start} but "
+                                   f"{req.num_computed_tokens} tokens are computed (update out of order?)")
+            samples = chunk.samples
+            req.num_computed_tokens += chunk.num_tokens
+            if not samples:
+                continue
+            token = int(runner_out.sampled_token_ids[row])
+            req.output_token_ids.append(token)
+            if req.sampling_params.logprobs is not None and runner_out.logprobs is not None:
+                req.output_logprobs.append(self._logprobs_entry(req, row, runner_out))
+            self._check_stop(req, token)
+            if req.is_finished:
+                self._release(req)
+                any_finished = True
+            touched.append(req)
+        if any_finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return touched
+
+    @staticmethod
+    def _logprobs_entry(req: Request, row: int,
+                        runner_out: RunnerOutput) -> tuple[float, list[tuple[int, float]]]:
+        n = req.sampling_params.logprobs
+        top: list[tuple[int, float]] = []
+        if n:
+            if (runner_out.top_ids is None or runner_out.top_logprobs is None
+                    or runner_out.top_ids.shape[1] < n):
+                have = 0 if runner_out.top_ids is None else runner_out.top_ids.shape[1]
+                raise ValueError(f"request {req.request_id!r} asks for {n} top logprobs, the runner "
+                                 f"returned {have}")
+            top = [(int(t), float(lp)) for t, lp in
+                   zip(runner_out.top_ids[row, :n], runner_out.top_logprobs[row, :n], strict=True)]
+        return float(runner_out.logprobs[row]), top
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        """Token-level stop checks after ``token`` was appended (stop strings: the engine)."""
+        sp = req.sampling_params
+        if (sp.max_tokens is not None and req.num_output_tokens >= sp.max_tokens) \
+                or req.num_tokens >= self.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH
+        elif req.num_output_tokens >= sp.min_tokens and (
+                (not sp.ignore_eos and token in req.eos_token_ids) or token in sp.stop_token_ids):
+            req.status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = token
+
+    # ------------------------------------------------------------- finish
+    def finish_request(self, request_id: str, status: RequestStatus,
+                       stop_reason: int | str | None = None) -> None:
+        """Finish a waiting or running request (abort, stop string); frees its pages.
+
+        A no-op for unknown or already finished ids.
+        """
+        if not status.finished:
+            raise ValueError(f"finish_request needs a finished status, got {status}")
+        req = self._requests.get(request_id)
+        if req is None:
+            return
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        req.status = status
+        if stop_reason is not None:
+            req.stop_reason = stop_reason
+        self._release(req)
+
+    def _release(self, req: Request) -> None:
+        """Forget a finished request and give its pages back (the caller updates the queues)."""
+        self.pool.free(req.page_ids)
+        req.page_ids = []
+        del self._requests[req.request_id]

@@ -1,0 +1,50 @@
+"""StepInput: the packed, padded device input of one step (a registered pytree dataclass).
+
+Where it sits: ``Runner.prepare(SchedulerOutput)`` fills these arrays on the host (numpy) at
+a bucketed shape and sends them with one ``device_put``; the jitted ``step_fn`` reads them.
+
+Ragged layout (T = token bucket, R = request-row bucket, P = pages per sequence)::
+
+    token_ids      |a0 a1 a2 a3|b0|c0 c1|pad pad ...|      T entries
+    query_start_loc 0           4  5     7  7  7 ...       R+1 entries (padding repeats)
+    seq_lens        [len_a, len_b, len_c, 0, 0, ...]       context incl. this chunk
+    page_table      row r = request r's pages, 0-padded (page 0 = null page)
+    slot_mapping    page*page_size + offset per token; padding tokens -> slots of page 0
+    logits_indices  last token row of each request (padding rows -> 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StepInput:
+    token_ids: jax.Array        # int32[T]
+    positions: jax.Array        # int32[T]   absolute position of each token in its sequence
+    slot_mapping: jax.Array     # int32[T]   flat KV slot each token's K/V is written to
+    page_table: jax.Array       # int32[R, P]
+    seq_lens: jax.Array         # int32[R]   total context (cached + this chunk); 0 = padding
+    query_start_loc: jax.Array  # int32[R + 1]
+    num_seqs: jax.Array         # int32[1]   real rows; rows >= num_seqs are padding
+    logits_indices: jax.Array   # int32[R]   token row whose hidden state is sampled
+
+    @classmethod
+    def empty(cls, num_tokens: int, num_rows: int, pages_per_seq: int) -> StepInput:
+        """All-padding numpy input of a bucket's shape (used for warm-up compiles)."""
+        z = lambda *s: np.zeros(s, np.int32)
+        return cls(token_ids=z(num_tokens), positions=z(num_tokens), slot_mapping=z(num_tokens),
+                   page_table=z(num_rows, pages_per_seq), seq_lens=z(num_rows),
+                   query_start_loc=z(num_rows + 1), num_seqs=z(1), logits_indices=z(num_rows))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        return self.seq_lens.shape[0]

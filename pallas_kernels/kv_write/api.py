@@ -1,0 +1,32 @@
+"""Dispatching entry point for writing new K/V into the page pool.
+
+Where it sits: called once per attention layer inside the jitted step, before attention,
+with the layer's donated pool.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.kv_write import reference
+
+
+def write_kv(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    slot_mapping: jax.Array,
+    *,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """``k_new/v_new: [num_tokens, num_kv_heads, head_dim]`` -> slots of ``[num_pages, page_size, kvh, d]``.
+
+    Returns the updated ``(k_pages, v_pages)``; see ``reference.write_kv``.
+    """
+    del interpret
+    return reference.write_kv(
+        k_pages, v_pages, k_new, v_new, slot_mapping, k_scales=k_scales, v_scales=v_scales
+    )

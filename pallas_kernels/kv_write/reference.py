@@ -1,0 +1,103 @@
+"""Pure-jnp KV write: scatter the step's new K/V rows into their slots of the page pool.
+
+Where it sits: inside the jitted step, each attention layer writes its new ``k, v`` for the
+step's tokens into the layer's (donated) pool before attending. Under donation XLA performs
+the ``.at[].set`` scatter in place: the pool is never copied.
+
+Slots are flat: ``slot = page * page_size + offset``. Padding tokens carry a slot inside
+page 0 (the null page) so their writes land where nothing reads.
+
+Quantized pools (int8 / fp8) take per-page-per-head scales ``float32[num_pages, num_kv_heads]``
+fixed before the write (the quantization work owns choosing them); values are divided by the
+scale of their page, rounded (int8) and clipped to the dtype's range.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def validate_inputs(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    slot_mapping: jax.Array,
+    k_scales: jax.Array | None,
+    v_scales: jax.Array | None,
+) -> None:
+    """Static shape/dtype checks shared by the reference and the kernels; raises ValueError."""
+    if k_pages.ndim != 4:
+        raise ValueError(
+            f"k_pages must be [num_pages, page_size, num_kv_heads, head_dim], got shape {k_pages.shape}"
+        )
+    if v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype:
+        raise ValueError(
+            f"v_pages {v_pages.shape}/{v_pages.dtype} != k_pages {k_pages.shape}/{k_pages.dtype}"
+        )
+    _, _, kvh, d = k_pages.shape
+    if k_new.ndim != 3 or k_new.shape[1:] != (kvh, d):
+        raise ValueError(f"k_new must be [num_tokens, {kvh}, {d}], got shape {k_new.shape}")
+    if v_new.shape != k_new.shape:
+        raise ValueError(f"v_new shape {v_new.shape} != k_new shape {k_new.shape}")
+    if slot_mapping.shape != (k_new.shape[0],) or slot_mapping.dtype != jnp.int32:
+        raise ValueError(
+            f"slot_mapping must be int32[{k_new.shape[0]}], "
+            f"got {slot_mapping.dtype}{list(slot_mapping.shape)}"
+        )
+    if (k_scales is None) != (v_scales is None):
+        raise ValueError("k_scales and v_scales must be given together")
+    if is_quantized(k_pages.dtype) and k_scales is None:
+        raise ValueError(f"k_pages dtype {k_pages.dtype} is quantized: k_scales/v_scales are required")
+    if k_scales is not None:
+        want = (k_pages.shape[0], kvh)
+        for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
+            if s.shape != want:
+                raise ValueError(f"{name} must be float32[num_pages, num_kv_heads]={want}, got {s.shape}")
+
+
+def is_quantized(dtype: jnp.dtype) -> bool:
+    """True for the 1-byte KV dtypes (int8 and the fp8 formats) that need scales."""
+    return jnp.dtype(dtype).itemsize == 1
+
+
+def quantize_rows(x: jax.Array, scales: jax.Array, page_ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """``x: [num_tokens, kvh, d]`` -> ``dtype`` using the scale of each row's page and head."""
+    s = scales[page_ids].astype(jnp.float32)[:, :, None]  # [num_tokens, kvh, 1]
+    y = x.astype(jnp.float32) / s
+    if jnp.issubdtype(dtype, jnp.integer):
+        info = jnp.iinfo(dtype)
+        y = jnp.clip(jnp.round(y), info.min, info.max)
+    else:
+        info = jnp.finfo(dtype)
+        y = jnp.clip(y, float(info.min), float(info.max))
+    return y.astype(dtype)
+
+
+def write_kv(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    slot_mapping: jax.Array,
+    *,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Write ``k_new/v_new: [num_tokens, num_kv_heads, head_dim]`` into ``int32[num_tokens]`` slots.
+
+    ``k_pages/v_pages: [num_pages, page_size, num_kv_heads, head_dim]``; returns the updated pair
+    (same shapes and dtypes). Duplicate slots are only allowed inside page 0 (padding).
+    """
+    validate_inputs(k_pages, v_pages, k_new, v_new, slot_mapping, k_scales, v_scales)
+    num_pages, page_size, kvh, d = k_pages.shape
+    if is_quantized(k_pages.dtype):
+        page_ids = slot_mapping // page_size
+        k_new = quantize_rows(k_new, k_scales, page_ids, k_pages.dtype)
+        v_new = quantize_rows(v_new, v_scales, page_ids, v_pages.dtype)
+    flat_k = k_pages.reshape(num_pages * page_size, kvh, d)
+    flat_v = v_pages.reshape(num_pages * page_size, kvh, d)
+    flat_k = flat_k.at[slot_mapping].set(k_new.astype(k_pages.dtype), mode="drop")
+    flat_v = flat_v.at[slot_mapping].set(v_new.astype(v_pages.dtype), mode="drop")
+    return flat_k.reshape(k_pages.shape), flat_v.reshape(v_pages.shape)

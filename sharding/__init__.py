@@ -1,0 +1,20 @@
+"""Meshes, logical-axis partition rules and multi-host start-up. Depends on jax only."""
+
+from sharding.mesh import DATA_AXIS, MESH_AXES, TENSOR_AXIS, make_mesh
+from sharding.multihost import initialize_multihost
+from sharding.rules import (
+    DEFAULT_AXIS_RULES,
+    AxisRules,
+    MeshAxes,
+    logical_constraint,
+    logical_sharding,
+    logical_sharding_for_shape,
+    logical_spec,
+    logical_spec_for_shape,
+)
+
+__all__ = [
+    "DATA_AXIS", "MESH_AXES", "TENSOR_AXIS", "make_mesh", "initialize_multihost", "AxisRules",
+    "DEFAULT_AXIS_RULES", "MeshAxes", "logical_constraint", "logical_sharding",
+    "logical_sharding_for_shape", "logical_spec", "logical_spec_for_shape",
+]
