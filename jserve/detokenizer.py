@@ -80,7 +80,7 @@ class IncrementalDetokenizer:
     def _emit(self, new_text: str) -> str:
         """Accept the whole window as emitted; slide it so that window[:read] stays as context."""
         delta = new_text[len(self._prefix_text):]
-        if delta or False:
+        if delta or len(self._ids) > self._max_window:
             # New prefix = old read offset: keep the last emitted ids as context for the next diff.
             self._ids = self._ids[self._read:]
             self._prefix_text = self._decode(self._ids)

@@ -209,6 +209,8 @@ class LLMEngine:
         if ch.detok is None:
             return
         delta = ch.detok.add(new_ids) if new_ids else ""
+        if req.is_finished:
+            delta += ch.detok.flush()
         if ch.stops is None:
             ch.text += delta
             return

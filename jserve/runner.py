@@ -110,7 +110,7 @@ class Runner:
             batch = jax.device_put(StepInput.empty(t_bucket, r_bucket, self._pages_per_seq),
                                    self._replicated)
             self.kv, logits = self._step(self.params, self.kv, batch)
-            for flags in warmup_flag_sets():
+            for flags in warmup_flag_sets(self.config.scheduler.max_model_len):
                 sbatch = jax.device_put(pack_sampling([], r_bucket, vocab, flags=flags)[0],
                                         self._replicated)
                 jax.block_until_ready(self._sample(logits, sbatch, flags))

@@ -32,7 +32,7 @@ penalties, bans, temperature and filters; ``logprobs`` is the chosen token's ent
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -146,11 +146,11 @@ def _sample_random(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags)
     return tok
 
 
-def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> SamplerOutput:
-    """One token per row. logits: f32[R, V] (any float dtype); batch rows R; flags static."""
-    logits = logits.astype(jnp.float32)
+def _sample_core(logits: jax.Array, penalized: jax.Array | None, batch: SamplingBatch,
+                 flags: SamplerFlags) -> SamplerOutput:
+    """Everything after penalties. logits: f32[R, V] raw; penalized: f32[R, V] or None."""
     lp = raw_logprobs(logits)
-    x = apply_penalties(logits, batch) if flags.any_penalties else logits
+    x = logits if penalized is None else penalized
     x = apply_bans(x, batch.banned_ids)
     tok = jnp.argmax(x, axis=1).astype(jnp.int32)
     if not flags.all_greedy:
@@ -163,6 +163,47 @@ def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> Samp
     return SamplerOutput(token_ids=tok, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp)
 
 
-def make_sampler() -> Callable[[jax.Array, SamplingBatch, SamplerFlags], SamplerOutput]:
-    """``sample`` under ``jax.jit`` with ``flags`` static (positional or keyword)."""
-    return jax.jit(sample, static_argnames=("flags",))
+def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> SamplerOutput:
+    """One token per row, as a single traceable function (``Sampler`` runs it in two jits).
+
+    logits: [R, V] any float dtype; batch: R rows; flags: static.
+    """
+    logits = logits.astype(jnp.float32)
+    penalized = apply_penalties(logits, batch) if flags.any_penalties else None
+    return _sample_core(logits, penalized, batch, flags)
+
+
+class Sampler:
+    """``sample`` as two jits, so the history width H does not multiply the sampler variants.
+
+    ``penalize`` (compiled per (R, V, H)) runs only when ``flags.any_penalties``; ``core``
+    (compiled per (R, V, flags with history_width dropped)) never sees the history arrays.
+    Per row bucket that is #history buckets + 16 compiles instead of their product.
+    ``traces`` counts how often each was traced (a compile-after-warm-up check).
+    """
+
+    def __init__(self) -> None:
+        self.traces = {"penalize": 0, "core": 0}
+
+        def penalize(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+            self.traces["penalize"] += 1
+            return apply_penalties(logits.astype(jnp.float32), batch)
+
+        def core(logits: jax.Array, penalized: jax.Array | None, batch: SamplingBatch,
+                 flags: SamplerFlags) -> SamplerOutput:
+            self.traces["core"] += 1
+            return _sample_core(logits.astype(jnp.float32), penalized, batch, flags)
+
+        self._penalize = jax.jit(penalize)
+        self._core = jax.jit(core, static_argnames=("flags",))
+
+    def __call__(self, logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> SamplerOutput:
+        """logits: [R, V]; batch: R rows (numpy or device arrays); flags: as from pack_sampling."""
+        penalized = self._penalize(logits, batch) if flags.any_penalties else None
+        slim = dataclasses.replace(batch, history_ids=None, num_prompt=None)
+        return self._core(logits, penalized, slim, dataclasses.replace(flags, history_width=0))
+
+
+def make_sampler() -> Sampler:
+    """The runner's sampler: ``make_sampler()(logits, batch, flags) -> SamplerOutput``."""
+    return Sampler()

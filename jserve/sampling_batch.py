@@ -106,8 +106,9 @@ class SamplingBatch:
     seed: jax.Array                # uint32[R, 2] (high word, low word) of seed mod 2**64
     output_index: jax.Array        # int32[R]     index of the output token being sampled
     banned_ids: jax.Array          # int32[R, K]  logits forced to -inf; -1 = unused slot
-    history_ids: jax.Array         # int32[R, H]  prompt then output token ids; -1 = padding
-    num_prompt: jax.Array          # int32[R]     history_ids[:, :num_prompt] is the prompt
+    history_ids: jax.Array | None  # int32[R, H]  prompt then output token ids; -1 = padding
+    num_prompt: jax.Array | None   # int32[R]     history_ids[:, :num_prompt] is the prompt
+    # (history_ids / num_prompt are None only inside ``Sampler``'s core jit.)
 
     @property
     def num_rows(self) -> int:

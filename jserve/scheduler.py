@@ -142,7 +142,7 @@ class Scheduler:
             k = min(req.num_tokens - req.num_computed_tokens, budget)
             missing = self.pool.pages_needed(req.num_computed_tokens + k) - len(req.page_ids)
             if missing > self.pool.num_free:
-                continue  # strict FCFS: nobody overtakes the head of the queue
+                break  # strict FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             req.page_ids.extend(self.pool.allocate(missing))
             req.status = RequestStatus.RUNNING

@@ -22,19 +22,21 @@ of a future match is output anyway.
 Usage (per output sequence)::
 
     matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output)
-    m = matcher.add(detok.add(new_ids))            # stream m.text; if m.stop_str: finish
-    m = matcher.add(detok.flush(), final=True)     # when finishing on EOS / length
+    text, stop_str = matcher.feed(detok.add(new_ids))         # stream text; stop_str set: finish
+    text, stop_str = matcher.feed(detok.flush(), final=True)  # finishing on EOS / length / abort
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class StopMatch:
-    """Result of one ``add``: ``text`` to emit now; ``stop_str`` set once a stop string matched."""
+class StopMatch(NamedTuple):
+    """Result of one ``feed``: ``text`` to emit now; ``stop_str`` set once a stop string matched.
+
+    A tuple, so ``emit, hit = matcher.feed(delta)`` works too.
+    """
 
     text: str
     stop_str: str | None = None
@@ -100,10 +102,14 @@ class StopStringMatcher:
         """Text received but not yet emitted (a possible stop-string beginning)."""
         return self._pending
 
-    def add(self, delta: str, final: bool = False) -> StopMatch:
-        """Feed the next text delta; ``final`` releases held text (the sequence is ending)."""
+    def feed(self, delta: str, final: bool = False) -> StopMatch:
+        """Feed the next text delta; ``final`` releases held text (the sequence is ending).
+
+        After a match, text that still arrives (tokens already in flight) is dropped: every later
+        call returns ``StopMatch("", stop_str)``.
+        """
         if self._stop_str is not None:
-            raise RuntimeError(f"stop string {self._stop_str!r} already matched; no more text expected")
+            return StopMatch("", self._stop_str)
         if not self._stop:
             return StopMatch(delta)
         unemitted = self._pending + delta

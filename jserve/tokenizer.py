@@ -155,7 +155,8 @@ def _content_text(content: Any, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            is_text = isinstance(part, dict) and part.get("type") == "text"
+            if not (is_text and isinstance(part.get("text"), str)):
                 raise ValueError(f"{where}.content[{j}] must be a {{'type': 'text', 'text': str}} part "
                                  f"(only text content is supported)")
             parts.append(part["text"])
@@ -253,10 +254,12 @@ class Tokenizer:
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: tokenizer directory not found")
         tok_path = root / TOKENIZER_FILE
-        _read_json(tok_path, required=True)  # a clear error for a missing file or bad JSON first
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"{tok_path}: not found (a HF model directory needs {TOKENIZER_FILE})")
         try:
             backend = tokenizers.Tokenizer.from_file(str(tok_path))
-        except Exception as e:  # the Rust loader raises a bare Exception on schema errors
+        except Exception as e:  # the Rust loader raises a bare Exception on any error
+            _read_json(tok_path, required=True)  # names a JSON syntax error precisely, if that is it
             raise ValueError(f"{tok_path}: not a valid tokenizers file: {e}") from e
 
         cfg_path = root / TOKENIZER_CONFIG_FILE

@@ -45,14 +45,15 @@ import math
 import os
 import shutil
 import sys
+import unicodedata
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -62,6 +63,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "tests" / "fixtures" / "golden"
@@ -78,7 +80,10 @@ PROMPT_TEXTS = (
     "for key, value in sorted(mapping.items()):\n    if value is None:\n        raise ValueError(key)\n"
     "    result.append((key, value))\nreturn result\n",
 )
-TEXT_PROMPT = "def grüße(naïve: str) -> str:\n\treturn f\"{naïve} — 日本語 🙂 café\"  # ok?\r\n"
+# "cafe\u0301" is not NFC: the tokenizer's NFC normalizer turns it into "café".
+TEXT_PROMPT = "def grüße(naïve: str) -> str:\n\treturn f\"{naïve} — 日本語 🙂 cafe\u0301 x=12345\"  # ok?\r\n"
+TOKENIZER_PROBES = ("12345 678", "don't  stop\n\n\n   x", "  leading", "a\tb\r\nc", "<|user|>hi<|eos|>",
+                    "Hello WORLD 3.14e-10", "x" * 40)
 CHAT = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Print 'héllo' in Python."},
@@ -96,8 +101,8 @@ COMMON: dict[str, Any] = dict(
     bos_token_id=0, eos_token_id=1, pad_token_id=5,
 )
 # Checks on greedy decoding that keep the fixtures useful: no immediate collapse, no near-ties.
-MIN_DISTINCT_GREEDY = 8
-MIN_TOP2_MARGIN = 1e-2
+MIN_DISTINCT_GREEDY = 10
+MIN_TOP2_MARGIN = 2e-2
 
 
 @dataclass(frozen=True)
@@ -109,21 +114,22 @@ class Spec:
     kwargs: dict[str, Any]
     seed: int
     num_shards: int = 1
-    legacy_rope: dict[str, Any] = field(default_factory=dict)
 
 
+# llama3 scaling at head_dim 16 / theta 5e5: the unscaled wavelengths are 6.3, 32.4, 167, ... tokens;
+# original_max_position_embeddings 64 puts them in all three branches (keep < 16 <= smooth <= 64 < scale).
 SPECS = (
     Spec("llama", LlamaConfig, dict(
         tie_word_embeddings=False, max_position_embeddings=512,
         rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                              high_freq_factor=4.0, original_max_position_embeddings=64)),
-        seed=1234, num_shards=2),
+        seed=1084, num_shards=2),
     Spec("qwen2", Qwen2Config, dict(
         tie_word_embeddings=True, max_position_embeddings=256, use_sliding_window=False,
-        rope_parameters=dict(rope_type="default", rope_theta=1000000.0)), seed=2345),
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0)), seed=2049),
     Spec("mistral", MistralConfig, dict(
         tie_word_embeddings=False, max_position_embeddings=256, sliding_window=8,
-        rope_parameters=dict(rope_type="default", rope_theta=10000.0)), seed=3456),
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0)), seed=3011),
 )
 
 
@@ -133,7 +139,12 @@ def log(msg: str) -> None:
 
 # ----------------------------------------------------------------------------------------- tokenizer
 def train_tokenizer() -> Tokenizer:
-    """Byte-level BPE over the sorted stdlib sources; ids 0..5 are the special tokens."""
+    """Byte-level BPE over the sorted stdlib sources; ids 0..5 are the special tokens.
+
+    The pipeline is Qwen2's (NFC, Qwen2 split regex, byte-level without regex), because transformers 5
+    forces ``Qwen2Tokenizer`` -- which rebuilds exactly that pipeline -- for any ``qwen2`` model dir;
+    with it, every fixture's ``AutoTokenizer`` and a plain ``tokenizers.Tokenizer`` agree.
+    """
     text, total = [], 0
     for path in sorted(glob.glob(STDLIB_GLOB)):
         chunk = Path(path).read_text(encoding="utf-8")
@@ -144,7 +155,11 @@ def train_tokenizer() -> Tokenizer:
     corpus = "".join(text).encode("utf-8")[:CORPUS_BYTES].decode("utf-8", errors="ignore")
     lines = corpus.splitlines(keepends=True)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -195,15 +210,21 @@ def build_model(spec: Spec, **overrides: Any) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(spec.seed)
     std = COMMON["initializer_range"]
+    # Logits std ~2.4 so greedy has clear winners. With tied embeddings a large embedding makes the
+    # last token its own argmax (greedy repeats it), so those get small embeddings and a final-norm gain.
+    tied = cfg.tie_word_embeddings
+    emb_std, final_gain = (0.05, 6.0) if tied else (3 * std, 1.0)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if name.endswith("norm.weight"):  # not all ones: a wrong/missing norm scale shows
+            if name == "model.norm.weight":
+                p.copy_(final_gain * (1.0 + 0.2 * noise))
+            elif name.endswith("norm.weight"):  # not all ones: a wrong/missing norm scale shows
                 p.copy_(1.0 + 0.2 * noise)
             elif name.endswith(".bias"):  # not zero: a missing qkv bias shows
-                p.copy_(0.5 * noise)
+                p.copy_(std * noise)
             elif name.endswith("embed_tokens.weight") or name == "lm_head.weight":
-                p.copy_(3 * std * noise)  # logits std ~2.4: greedy has clear winners
+                p.copy_(emb_std * noise)
             else:
                 p.copy_(std * noise)
     model.generation_config = GenerationConfig(bos_token_id=COMMON["bos_token_id"],
@@ -270,7 +291,7 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
             zf.writestr(info, buf.getvalue())
 
 
-def to_published_config(path: Path, spec: Spec) -> dict[str, Any]:
+def to_published_config(path: Path) -> dict[str, Any]:
     """Rewrite transformers-5 ``rope_parameters`` as top-level ``rope_theta`` / ``rope_scaling``."""
     cfg = json.loads(path.read_text())
     rp = dict(cfg.pop("rope_parameters"))
@@ -307,7 +328,7 @@ def generate_fixture(spec: Spec, tok: Tokenizer, prompts: list[list[int]]) -> No
     out.mkdir(parents=True)
     model = build_model(spec)
     save_checkpoint(model, spec, out)
-    cfg = to_published_config(out / "config.json", spec)
+    cfg = to_published_config(out / "config.json")
     save_tokenizer(tok, out)
     hft = hf_tokenizer(tok)
 
@@ -326,24 +347,30 @@ def generate_fixture(spec: Spec, tok: Tokenizer, prompts: list[list[int]]) -> No
         again = recompute_greedy(model, p)
         if not np.array_equal(toks, again):
             raise RuntimeError(f"{spec.name} prompt {i}: generate() {toks} != no-cache argmax {again}")
+        seq_logits = full_logits(model, p + toks.tolist())[len(p) - 1: -1]
+        cache_err = float(np.abs(seq_logits - logits).max() / np.abs(logits).max())
+        if cache_err > 1e-5:
+            raise RuntimeError(f"{spec.name} prompt {i}: KV-cached logits differ from a full forward")
         top2 = np.sort(logits, axis=-1)[:, -2:]
         margin = float((top2[:, 1] - top2[:, 0]).min())
         min_margin = min(min_margin, margin)
         distinct = len(set(toks.tolist()))
         log(f"  [{spec.name}] prompt {i} len {len(p):2d}: greedy {toks.tolist()}")
-        log(f"  [{spec.name}]   distinct={distinct} min top1-top2 margin={margin:.4f} "
-            f"logit std={arrays[f'prompt_logits_{i}'].std():.3f} eos in greedy={COMMON['eos_token_id'] in toks}")
+        log(f"  [{spec.name}]   distinct={distinct} min top1-top2 margin={margin:.4f} cached-vs-full "
+            f"rel err={cache_err:.1e} "
+            f"logit std={arrays[f'prompt_logits_{i}'].std():.3f}")
         if distinct < MIN_DISTINCT_GREEDY or len(set(toks[:4].tolist())) == 1:
             raise RuntimeError(f"{spec.name} prompt {i}: greedy decoding collapses: {toks.tolist()}")
         if margin < MIN_TOP2_MARGIN:
             raise RuntimeError(f"{spec.name} prompt {i}: near-tie in greedy ({margin:.2e}); change the seed")
-        if COMMON["eos_token_id"] in toks:
-            raise RuntimeError(f"{spec.name} prompt {i}: greedy emits eos; change the seed")
-    log(f"  [{spec.name}] generate() == per-step no-cache argmax for all prompts; min margin {min_margin:.4f}")
+        if (toks < len(SPECIALS)).any():  # eos (or bos...) would make ignore_eos semantics matter
+            raise RuntimeError(f"{spec.name} prompt {i}: greedy emits a special token; change the seed")
+    log(f"  [{spec.name}] generate() == per-step no-cache argmax for all prompts; "
+        f"min margin {min_margin:.4f}")
 
     arrays["text_prompt"] = np.array(TEXT_PROMPT)
     text_ids = hft(TEXT_PROMPT)["input_ids"]
-    if hft.decode(text_ids, skip_special_tokens=True) != TEXT_PROMPT:
+    if hft.decode(text_ids, skip_special_tokens=True) != unicodedata.normalize("NFC", TEXT_PROMPT):
         raise RuntimeError("tokenizer does not round-trip the text prompt")
     arrays["text_prompt_ids"] = np.array(text_ids, dtype=np.int32)
     chat_text = hft.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
@@ -362,7 +389,8 @@ def check_variants(spec: Spec, model: torch.nn.Module, prompts: list[list[int]],
         plain = build_model(spec, sliding_window=None)
         for i, p in enumerate(prompts):
             d = float(np.abs(full_logits(plain, p) - ref[i]).max())
-            log(f"  [mistral] prompt {i} len {len(p):2d}: max|logits(window={window}) - logits(no window)| = {d:.3e}")
+            log(f"  [mistral] prompt {i} len {len(p):2d}: "
+                f"max|logits(window={window}) - logits(no window)| = {d:.3e}")
             if len(p) <= window and d != 0.0:
                 raise RuntimeError("sliding window changed logits of a prompt shorter than the window")
             if len(p) > window and d < 1e-3:
@@ -423,7 +451,8 @@ def check_fixtures() -> int:
     failures = 0
     for spec in SPECS:
         d = OUT_DIR / spec.name
-        model = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32)
+        model.eval()
         tok = AutoTokenizer.from_pretrained(d)
         ref = np.load(d / "reference.npz", allow_pickle=False)
         errs = []
@@ -438,6 +467,10 @@ def check_fixtures() -> int:
                 errs.append(f"prompt {i} greedy differs")
         if tok(str(ref["text_prompt"]))["input_ids"] != ref["text_prompt_ids"].tolist():
             errs.append("text_prompt_ids differ")
+        raw = Tokenizer.from_file(str(d / "tokenizer.json"))
+        for text in (*TOKENIZER_PROBES, *PROMPT_TEXTS, str(ref["text_prompt"])):
+            if tok(text)["input_ids"] != raw.encode(text).ids:
+                errs.append(f"AutoTokenizer and tokenizer.json disagree on {text!r}")
         chat = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
         if chat != str(ref["chat_text"]):
             errs.append("chat_text differs")
@@ -446,9 +479,10 @@ def check_fixtures() -> int:
         if not np.array_equal(rope_inv_freq(model), ref["rope_inv_freq"]):
             errs.append("rope_inv_freq differs")
         status = "OK" if not errs else "FAIL: " + "; ".join(errs)
+        window = getattr(model.config, "sliding_window", None)
         log(f"{spec.name}: {type(model).__name__} + {type(tok).__name__}, "
-            f"rope={model.config.rope_parameters}, sliding_window={getattr(model.config, 'sliding_window', None)}"
-            f", tie={model.config.tie_word_embeddings} -> {status}")
+            f"rope={model.config.rope_parameters}, sliding_window={window}, "
+            f"tie={model.config.tie_word_embeddings} -> {status}")
         failures += bool(errs)
     return failures
 

@@ -166,3 +166,15 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     got = np.asarray(jnp.asarray(got).astype(jnp.float32), np.float64)
     want = np.asarray(want, np.float64)
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def run_fast(fn, *args):
+    """jit ``fn`` and run it on ``args``, compiled at XLA's lowest backend optimisation level.
+
+    Interpret-mode kernels unroll into large while loops whose optimised CPU compile dominates
+    test time (~3x slower than the whole run at level 0); the numerics are unaffected.
+    """
+    import jax
+
+    compiled = jax.jit(fn).lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})
+    return compiled(*args)

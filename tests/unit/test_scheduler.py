@@ -450,10 +450,15 @@ def test_randomized_1000_requests_no_leaks_and_same_tokens_as_alone():
             assert victim.page_ids == [] and victim.status is ABORT
             check_pages(sched)
 
+        running_before = {id(r) for r in sched.running}
         out = sched.schedule()
         check_output(sched, out)
         steps += 1
         preemptions += len(out.preempted)
+        # A step that preempts admits nobody (the preempted one would thrash straight back in).
+        if out.preempted:
+            stayed = running_before - {id(r) for r in out.preempted}
+            assert {id(c.request) for c in out.chunks} <= stayed
         first_admissions += [add_index[c.request.request_id] for c in out.chunks
                              if c.start == 0 and c.request.num_preemptions == 0]
         assert out.chunks or out.preempted or not sched.has_unfinished()

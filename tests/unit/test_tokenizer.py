@@ -257,9 +257,11 @@ def test_chat_template_file_and_named_templates(tmp_path):
     ([{"content": "a"}], r"messages\[0\]\.role must be a non-empty string"),
     ([{"role": 3, "content": "a"}], r"messages\[0\]\.role"),
     ([{"role": "user"}], r"messages\[0\] has no 'content'"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": 5}], r"messages\[1\]\.content must be a string"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": 5}],
+     r"messages\[1\]\.content must be a string"),
     ([{"role": "user", "content": None}], r"messages\[0\]\.content must be a string"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], r"messages\[0\]\.content\[0\]"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+     r"messages\[0\]\.content\[0\]"),
 ])
 def test_bad_messages(tok, messages, match):
     with pytest.raises(ValueError, match=match):

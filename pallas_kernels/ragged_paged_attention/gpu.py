@@ -1,0 +1,329 @@
+"""Ragged paged attention on CUDA GPUs: a Pallas kernel through the Triton lowering.
+
+Where it sits: ``pallas_kernels.ragged_paged_attention`` dispatches here on GPU; the model's
+attention layer calls it inside the jitted step. Semantics are ``reference.py``'s.
+
+Work decomposition (all static shapes; the ragged structure lives in a small work list that
+XLA computes on device from ``query_start_loc`` before the launch)::
+
+    q rows:  | seq0: 9 rows          | seq1: 1 | seq2: 3 | padding rows  |
+    items:   [s0 b0][s0 b1][s0 b2]    [s1 b0]   [s2 b0]   [pad][pad] [none ...]
+             (block_q = 4 rows each; item = (first row, rows, seq, position of first row))
+    grid:    (item, kv head, kv split)  -- num_items = cdiv(T, block_q) + max_seqs + 1 bounds it
+
+One program takes ``block_q`` query rows x the ``G = num_q_heads / num_kv_heads`` q heads that
+share a kv head, i.e. an ``[block_q * G, head_dim]`` tile, so every K/V byte a program loads is
+used by all G heads (GQA costs no extra reads). It walks its sequence's pages in blocks of
+``pages_per_block`` pages (``block_k = pages_per_block * page_size`` keys), gathering the rows
+of those pages (``[P * page_size, kv_heads * head_dim]`` view of the pool: each key row of one
+head is ``head_dim`` contiguous elements, 256 B for d=128 bf16: coalesced), and keeps an online
+softmax in float32. Keys past the causal limit / window / sequence end are masked, and masked V
+rows are zeroed before the PV product so NaN in unused pages cannot leak (``0 * NaN``).
+Padding items write zeros into padding rows so the output is finite everywhere.
+
+Long contexts with few items (batch-1 decode) split each item's KV range over ``num_splits``
+programs (FlashDecoding); each writes an unnormalised partial output with its running max and
+sum, and a small XLA combine merges them. Programs whose range is empty exit after writing the
+neutral partial (max = -1e30, sum = 0).
+
+Why the Triton lowering and not Mosaic GPU: decode is memory-bound, and what matters is many
+independent gathers in flight (``num_stages`` software pipelining of the gathered page loads),
+which Triton's pipeliner provides for pointer gathers; Mosaic GPU's strength (TMA + wgmma with
+warp specialisation) needs rectangular tiles, which a page-table gather of 16-row pages does
+not give without one TMA descriptor per page. The measured comparison is in
+benchmarks/KERNEL_NOTES.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.ragged_paged_attention import reference
+
+_NEG = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+    """Static launch parameters of the GPU kernel.
+
+    block_q: query rows per program (times G q heads = rows of the score tile).
+    pages_per_block: pages gathered per inner step (block_k = pages_per_block * page_size).
+    num_splits: programs that share one item's KV range (FlashDecoding); 1 = no combine pass.
+    num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+    """
+
+    block_q: int = 16
+    pages_per_block: int = 4
+    num_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_q", "pages_per_block", "num_splits", "num_warps", "num_stages"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"GpuConfig.{name} must be a positive int, got {v!r}")
+        for name in ("block_q", "pages_per_block", "num_warps"):
+            v = getattr(self, name)
+            if v & (v - 1):
+                raise ValueError(f"GpuConfig.{name} must be a power of two, got {v}")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def default_config(
+    num_tokens: int, max_seqs: int, num_q_heads: int, num_kv_heads: int, page_size: int, pages_per_seq: int
+) -> GpuConfig:
+    """Heuristic static config from the shapes alone (the batch's composition is dynamic).
+
+    Score-tile rows ``block_q * G`` >= 16 (the tensor-core minimum); prefill-like buckets (many
+    tokens per sequence slot) get 64-row tiles. ``block_k`` ~64 keys. Splits raise the number of
+    programs to about two waves of 132 SMs when items x kv heads cannot.
+    """
+    group = _pow2(num_q_heads // num_kv_heads)
+    rows = 64 if num_tokens >= 4 * max_seqs else 16
+    block_q = max(1, rows // group)
+    pages_per_block = max(1, 64 // page_size)
+    pages_per_block = min(pages_per_block, _pow2(pages_per_seq))
+    items = -(-num_tokens // block_q) if num_tokens >= 4 * max_seqs else max_seqs
+    programs = max(1, items) * num_kv_heads
+    ctx_blocks = -(-pages_per_seq // pages_per_block)
+    splits = 1
+    while programs * splits < 264 and splits * 2 <= ctx_blocks and splits < 32:
+        splits *= 2
+    return GpuConfig(block_q=block_q, pages_per_block=pages_per_block, num_splits=splits)
+
+
+def work_items(
+    num_tokens: int, block_q: int, seq_lens: jax.Array, query_start_loc: jax.Array, num_seqs: jax.Array
+) -> jax.Array:
+    """``int32[num_items, 4]`` rows of (first q row, rows, seq or -1 for padding, first position).
+
+    Items with 0 rows do nothing. Sequences past ``num_seqs`` get no items; the rows after
+    ``query_start_loc[num_seqs]`` are covered by padding items (seq -1) so they get zeros.
+    """
+    max_seqs = seq_lens.shape[0]
+    num_items = -(-num_tokens // block_q) + max_seqs + 1
+    n = jnp.clip(num_seqs[0], 0, max_seqs)
+    starts = query_start_loc[:-1]
+    q_len = query_start_loc[1:] - starts
+    live = jnp.arange(max_seqs) < n
+    q_len = jnp.where(live, q_len, 0)
+    end = query_start_loc[n]
+    counts = jnp.concatenate([-(-q_len // block_q), (-(-(num_tokens - end) // block_q))[None]])
+    starts = jnp.concatenate([starts, end[None]])
+    lens = jnp.concatenate([q_len, (num_tokens - end)[None]])
+    first_pos = jnp.concatenate([seq_lens - q_len, jnp.zeros((1,), jnp.int32)])
+    cum = jnp.cumsum(counts)
+    w = jnp.arange(num_items, dtype=jnp.int32)
+    owner = jnp.searchsorted(cum, w, side="right").astype(jnp.int32)
+    has = owner <= max_seqs
+    o = jnp.minimum(owner, max_seqs)
+    blk = w - (cum[o] - counts[o])
+    row0 = starts[o] + blk * block_q
+    rows = jnp.where(has, jnp.clip(lens[o] - blk * block_q, 0, block_q), 0)
+    seq = jnp.where(o == max_seqs, -1, o)
+    pos0 = first_pos[o] + blk * block_q
+    return jnp.stack([row0, rows, seq, pos0], axis=1).astype(jnp.int32)
+
+
+def _kernel(
+    items_ref,  # int32[num_items, 4]
+    page_table_ref,  # int32[max_seqs, pages_per_seq_padded]
+    q_ref,  # [T, kvh * G * D]
+    k_ref,  # [P * page_size, kvh * D]
+    v_ref,  # [P * page_size, kvh * D]
+    *rest,
+    num_tokens: int,
+    group: int,
+    head_dim: int,
+    page_size: int,
+    block_q: int,
+    pages_per_block: int,
+    num_splits: int,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    quantized: bool,
+):
+    if quantized:
+        ks_ref, vs_ref, *outs = rest
+    else:
+        ks_ref = vs_ref = None
+        outs = rest
+    w, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    block_k = pages_per_block * page_size
+    m_rows = block_q * group
+    row0 = items_ref[w, 0]
+    nrows = items_ref[w, 1]
+    seq = items_ref[w, 2]
+    pos0 = items_ref[w, 3]
+    seq_c = jnp.maximum(seq, 0)
+
+    r = jnp.arange(block_q, dtype=jnp.int32)
+    rows = jnp.minimum(row0 + r, num_tokens - 1)
+    row_ok = r < nrows
+    qcols = pl.ds(h * group * head_dim, group * head_dim)
+    q = q_ref[rows, qcols].reshape(m_rows, head_dim)
+    qpos = pos0 + jnp.arange(m_rows, dtype=jnp.int32) // group  # [M]
+
+    kv_hi = jnp.where(seq >= 0, pos0 + nrows, 0)  # exclusive end of visible keys
+    kv_lo = 0 if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
+    blk_lo = kv_lo // block_k
+    blk_hi = (kv_hi + block_k - 1) // block_k
+    nblk = jnp.maximum(blk_hi - blk_lo, 0)
+    per_split = (nblk + num_splits - 1) // num_splits
+    b0 = blk_lo + split * per_split
+    b1 = jnp.minimum(b0 + per_split, blk_hi)
+    kcols = pl.ds(h * head_dim, head_dim)
+    offs = jnp.arange(page_size, dtype=jnp.int32)
+
+    def body(b, carry):
+        acc, m_prev, l_prev = carry
+        pages = page_table_ref[seq_c, pl.ds(b * pages_per_block, pages_per_block)]
+        krow = (pages[:, None] * page_size + offs[None, :]).reshape(block_k)
+        k = k_ref[krow, kcols]
+        v = v_ref[krow, kcols]
+        kpos = b * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        if quantized:
+            kscale = jnp.broadcast_to(ks_ref[pages, h][:, None], (pages_per_block, page_size))
+            vscale = jnp.broadcast_to(vs_ref[pages, h][:, None], (pages_per_block, page_size))
+            k = k.astype(q.dtype)
+            v = v.astype(q.dtype)
+        s = plgpu.dot(q, k, trans_b=True)  # [M, block_k] float32
+        if quantized:
+            s = s * kscale.reshape(1, block_k)
+        s = s * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        mask = kpos[None, :] <= qpos[:, None]
+        if sliding_window is not None:
+            mask = mask & (kpos[None, :] > qpos[:, None] - sliding_window)
+        s = jnp.where(mask, s, _NEG)
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        alpha = jnp.exp(m_prev - m_new)
+        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        l_new = l_prev * alpha + jnp.sum(p, axis=1)
+        live = kpos < kv_hi  # keys past the context may be garbage / NaN (and so may their scales)
+        if quantized:
+            p = p * jnp.where(live, vscale.reshape(block_k), 0.0)[None, :]
+        v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        return acc, m_new, l_new
+
+    acc0 = jnp.zeros((m_rows, head_dim), jnp.float32)
+    m0 = jnp.full((m_rows,), _NEG, jnp.float32)
+    l0 = jnp.zeros((m_rows,), jnp.float32)
+    acc, m_i, l_i = jax.lax.fori_loop(b0, b1, body, (acc0, m0, l0))
+
+    # Stores use array indices on every axis (Pallas interpret mode supports masked stores only so).
+    store_mask = row_ok[:, None]
+    rr = (row0 + r)[:, None]  # unclamped: masked rows may be out of range, never duplicates
+    qc = (h * group * head_dim + jnp.arange(group * head_dim, dtype=jnp.int32))[None, :]
+    if num_splits == 1:
+        (o_ref,) = outs
+        out = acc / jnp.maximum(l_i, 1e-30)[:, None]
+        out = out.reshape(block_q, group * head_dim).astype(o_ref.dtype)
+        plgpu.store(o_ref.at[rr, qc], out, mask=store_mask)
+    else:
+        o_ref, m_ref, l_ref = outs
+        plgpu.store(o_ref.at[split, rr, qc], acc.reshape(block_q, group * head_dim), mask=store_mask)
+        hc = (h * group + jnp.arange(group, dtype=jnp.int32))[None, :]
+        plgpu.store(m_ref.at[split, rr, hc], m_i.reshape(block_q, group), mask=store_mask)
+        plgpu.store(l_ref.at[split, rr, hc], l_i.reshape(block_q, group), mask=store_mask)
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    seq_lens: jax.Array,
+    query_start_loc: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
+    interpret: bool = False,
+    config: GpuConfig | None = None,
+) -> jax.Array:
+    """GPU kernel with ``reference.ragged_paged_attention``'s signature and semantics.
+
+    ``q: [num_tokens, num_q_heads, head_dim]``, pools ``[num_pages, page_size, num_kv_heads,
+    head_dim]`` -> ``[num_tokens, num_q_heads, head_dim]``. ``config`` overrides the heuristic.
+    """
+    reference.validate_inputs(
+        q, k_pages, v_pages, page_table, seq_lens, query_start_loc, num_seqs,
+        sliding_window=sliding_window, soft_cap=soft_cap, k_scales=k_scales, v_scales=v_scales,
+    )  # fmt: skip
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    max_seqs, pages_per_seq = page_table.shape
+    if num_tokens == 0:
+        return q
+    if page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two for the GPU kernel, got {page_size}")
+    cfg = config or default_config(num_tokens, max_seqs, num_q_heads, num_kv_heads, page_size, pages_per_seq)
+    group = num_q_heads // num_kv_heads
+    gp, dp = _pow2(group), _pow2(max(head_dim, 16))
+    qx = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    if (gp, dp) != (group, head_dim):  # Triton tiles need power-of-two extents
+        qx = jnp.pad(qx, ((0, 0), (0, 0), (0, gp - group), (0, dp - head_dim)))
+    if dp != head_dim:
+        pad = ((0, 0), (0, 0), (0, 0), (0, dp - head_dim))
+        k_pages, v_pages = jnp.pad(k_pages, pad), jnp.pad(v_pages, pad)
+    q2 = qx.reshape(num_tokens, num_kv_heads * gp * dp)
+    k2 = k_pages.reshape(num_pages * page_size, num_kv_heads * dp)
+    v2 = v_pages.reshape(num_pages * page_size, num_kv_heads * dp)
+    ppb = cfg.pages_per_block
+    pt = jnp.pad(page_table, ((0, 0), (0, -pages_per_seq % ppb)))
+    items = work_items(num_tokens, cfg.block_q, seq_lens, query_start_loc, num_seqs)
+    quantized = k_scales is not None
+
+    kernel = functools.partial(
+        _kernel, num_tokens=num_tokens, group=gp, head_dim=dp, page_size=page_size,
+        block_q=cfg.block_q, pages_per_block=ppb, num_splits=cfg.num_splits, sm_scale=float(sm_scale),
+        sliding_window=sliding_window, soft_cap=soft_cap, quantized=quantized,
+    )  # fmt: skip
+    width = num_kv_heads * gp * dp
+    if cfg.num_splits == 1:
+        out_shape = jax.ShapeDtypeStruct((num_tokens, width), q.dtype)
+    else:
+        ns = cfg.num_splits
+        out_shape = (
+            jax.ShapeDtypeStruct((ns, num_tokens, width), jnp.float32),
+            jax.ShapeDtypeStruct((ns, num_tokens, num_kv_heads * gp), jnp.float32),
+            jax.ShapeDtypeStruct((ns, num_tokens, num_kv_heads * gp), jnp.float32),
+        )
+    args = [items, pt, q2, k2, v2]
+    if quantized:
+        args += [k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)]
+    out = pl.pallas_call(
+        kernel,
+        grid=(items.shape[0], num_kv_heads, cfg.num_splits),
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="ragged_paged_attention",
+    )(*args)
+    if cfg.num_splits > 1:
+        o_part, m_part, l_part = out
+        m_all = jnp.max(m_part, axis=0)
+        wgt = jnp.exp(m_part - m_all[None])  # [ns, T, H]
+        num = jnp.sum(o_part.reshape(*m_part.shape, dp) * wgt[..., None], axis=0)
+        den = jnp.sum(l_part * wgt, axis=0)
+        out = (num / jnp.maximum(den, 1e-30)[..., None]).astype(q.dtype)
+    out = out.reshape(num_tokens, num_kv_heads, gp, dp)[:, :, :group, :head_dim]
+    return out.reshape(num_tokens, num_q_heads, head_dim)

@@ -1,0 +1,72 @@
+"""The GPU Pallas kernels compiled for a real GPU, against the pure-jnp references.
+
+Same cases as tests/kernels (interpret mode) plus Llama-3.1-8B-sized shapes; skipped without a GPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.flash_attention import gpu as fa_gpu
+from pallas_kernels.flash_attention import reference as fa_ref
+from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
+from pallas_kernels.ragged_paged_attention import reference as rpa_ref
+from tests.kernels.ragged_batch import make_batch, rel_err
+from tests.kernels.rpa_cases import CASES, Case
+
+pytestmark = pytest.mark.gpu
+
+BIG = {
+    "llama_decode_32x1000": Case(
+        (1,) * 32, tuple(1000 + 37 * i for i in range(32)), 16, 32, 8, 128, jnp.bfloat16
+    ),
+    "llama_mixed": Case((1, 300, 1, 77, 1), (2100, 300, 17, 900, 4000), 16, 32, 8, 128, jnp.bfloat16),
+    "llama_prefill_1000": Case((1000,), (1000,), 16, 32, 8, 128, jnp.bfloat16),
+}
+CONFIGS = [None, rpa_gpu.GpuConfig(block_q=4, pages_per_block=2, num_splits=4), rpa_gpu.GpuConfig(block_q=16)]
+
+
+@pytest.mark.parametrize("cfg", range(len(CONFIGS)))
+@pytest.mark.parametrize("name", sorted(CASES) + sorted(BIG))
+def test_rpa_gpu(name, cfg):
+    c = {**CASES, **BIG}[name]
+    b = make_batch(
+        np.random.default_rng(cfg), list(c.q_lens), list(c.ctx_lens), page_size=c.page_size,
+        num_q_heads=c.num_q_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=c.dtype,
+        num_pages=c.num_pages,
+    )  # fmt: skip
+    kw = dict(
+        sm_scale=c.head_dim**-0.5, sliding_window=c.sliding_window, soft_cap=c.soft_cap, **b.scale_kwargs()
+    )
+    want = jax.jit(functools.partial(rpa_ref.ragged_paged_attention, **kw))(*b.args())
+    got = jax.jit(functools.partial(rpa_gpu.ragged_paged_attention, config=CONFIGS[cfg], **kw))(*b.args())
+    n = b.query_start_loc[len(c.q_lens)]
+    got = np.asarray(got.astype(jnp.float32))
+    assert np.all(np.isfinite(got))
+    assert np.all(got[n:] == 0)
+    assert rel_err(got[:n], np.asarray(want.astype(jnp.float32))[:n]) < c.tol
+
+
+@pytest.mark.parametrize(
+    "dtype,tokens,cu,window,cap",
+    [
+        (jnp.float32, 300, [0, 100, 250], None, None),
+        (jnp.bfloat16, 2048, None, None, None),
+        (jnp.bfloat16, 1000, [0, 1, 500, 999], 128, 30.0),
+    ],
+)
+def test_flash_gpu(dtype, tokens, cu, window, cap):
+    rng = np.random.default_rng(tokens)
+    q = jnp.asarray(rng.standard_normal((tokens, 8, 128)), dtype)
+    k = jnp.asarray(rng.standard_normal((tokens, 2, 128)), dtype)
+    v = jnp.asarray(rng.standard_normal((tokens, 2, 128)), dtype)
+    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    kw = dict(sm_scale=128**-0.5, sliding_window=window, soft_cap=cap)
+    want = jax.jit(functools.partial(fa_ref.flash_attention, **kw))(q, k, v, cu)
+    for cfg in (None, fa_gpu.FlashGpuConfig(64, 64, 4, 2)):
+        got = jax.jit(functools.partial(fa_gpu.flash_attention, config=cfg, **kw))(q, k, v, cu)
+        assert np.all(np.isfinite(np.asarray(got.astype(jnp.float32))))
+        assert rel_err(got, want) < (1e-5 if dtype == jnp.float32 else 1e-2)

@@ -1,0 +1,364 @@
+"""Sampler + SamplingBatch packing (CPU): exactness against numpy references and invariances."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jserve.sampler import apply_penalties, gumbel_noise, make_sampler, sample
+from jserve.sampling_batch import (
+    MAX_BANNED_IDS,
+    SORT_CAP,
+    SamplerFlags,
+    SamplingRow,
+    pack_sampling,
+    required_flags,
+    warmup_flag_sets,
+)
+from jserve.sampling_params import SamplingParams
+
+SAMPLER = make_sampler()
+# CPU compiles dominate this file's time: tests share a few shapes and flag sets.
+V_DRAW, N_DRAW = 32, 2048          # distribution tests: N_DRAW rows over a padded vocabulary
+R_SMALL, V_SMALL = 8, 64
+DRAW_FLAGS = SamplerFlags(all_greedy=False, any_filters=True, full_sort=True)
+
+
+def row(seed: int = 0, idx: int = 0, prompt=(), output=(), banned=(), **params) -> SamplingRow:
+    return SamplingRow(SamplingParams(**params), seed, idx, list(prompt), list(output), tuple(banned))
+
+
+def run(logits: np.ndarray, rows, num_rows: int | None = None, flags: SamplerFlags | None = None):
+    logits = np.asarray(logits, np.float32)
+    batch, f = pack_sampling(rows, num_rows or logits.shape[0], logits.shape[1], flags=flags)
+    out = jax.tree.map(np.asarray, SAMPLER(logits, batch, f))
+    return out, f, batch
+
+
+def draws(logits_row, seed: int = 1, **params) -> np.ndarray:
+    """N_DRAW tokens of one request at output indices 0..N_DRAW-1 (one row each).
+
+    The vocabulary is padded to V_DRAW with -inf logits (never sampled) and the flags are
+    forced to the full-sort superset, so every distribution test reuses one compile.
+    """
+    padded = np.full(V_DRAW, -np.inf, np.float32)
+    padded[:len(logits_row)] = logits_row
+    logits = np.tile(padded, (N_DRAW, 1))
+    out, _, _ = run(logits, [row(seed, i, **params) for i in range(N_DRAW)], flags=DRAW_FLAGS)
+    return out.token_ids
+
+
+def chi2(tokens: np.ndarray, probs: np.ndarray) -> float:
+    obs = np.bincount(tokens, minlength=len(probs)).astype(np.float64)
+    exp = probs * len(tokens)
+    assert np.all(obs[exp == 0] == 0), "sampled a zero-probability token"
+    m = exp > 0
+    return float(np.sum((obs[m] - exp[m]) ** 2 / exp[m]))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+# ---------------------------------------------------------------- numpy reference
+def ref_penalties(x: np.ndarray, r: SamplingRow) -> np.ndarray:
+    p = r.params
+    x = x.astype(np.float32).copy()
+    if not p.uses_penalties:
+        return x
+    seen = np.zeros(x.shape, bool)
+    seen[list(r.prompt_token_ids) + list(r.output_token_ids)] = True
+    counts = np.bincount(np.asarray(r.output_token_ids, int), minlength=x.shape[0]).astype(np.float32)
+    rp = np.float32(p.repetition_penalty)
+    x = np.where(seen, np.where(x > 0, x / rp, x * rp), x).astype(np.float32)
+    x = x - np.float32(p.frequency_penalty) * counts
+    return (x - np.float32(p.presence_penalty) * (counts > 0).astype(np.float32)).astype(np.float32)
+
+
+def ref_token(logits_row: np.ndarray, r: SamplingRow, noise_row: np.ndarray) -> int:
+    p = r.params
+    x = ref_penalties(logits_row, r)
+    x[list(r.banned_ids)] = -np.inf
+    if p.greedy:
+        return int(np.argmax(x))
+    s = (x / np.float32(p.temperature)).astype(np.float32)
+    order = np.argsort(-s, kind="stable")
+    sv = s[order].copy()
+    v = len(s)
+    k = p.top_k if 0 < p.top_k < v else v
+    sv[k:] = -np.inf
+    rel = np.exp(sv.astype(np.float64) - sv[0])
+    probs = rel / rel.sum()
+    before = np.concatenate([[0.0], np.cumsum(probs)[:-1]])
+    keep = ((before < p.top_p) | (p.top_p >= 1.0)) & (rel >= p.min_p)
+    score = np.where(keep, sv, -np.inf).astype(np.float32) + noise_row[order]
+    return int(order[np.argmax(score)])
+
+
+# ---------------------------------------------------------------- tests
+def test_greedy_is_first_argmax():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(R_SMALL, V_SMALL)).astype(np.float32)
+    logits[0, 3] = logits[0, 7] = logits[0].max() + 1.0  # tie: first index wins
+    rows = [row(seed=i, idx=i, temperature=0.0) for i in range(5)]
+    # A sampled neighbour (plus penalties / logprobs elsewhere) changes the flags only.
+    rows.append(row(seed=9, temperature=0.9, top_p=0.5, repetition_penalty=1.2, logprobs=1))
+    out, flags, _ = run(logits, rows)
+    assert not flags.all_greedy
+    np.testing.assert_array_equal(out.token_ids[:5], np.argmax(logits[:5], axis=1))
+    assert out.token_ids[0] == 3
+    alone, flags, _ = run(logits, rows[:5])
+    assert flags.all_greedy
+    np.testing.assert_array_equal(alone.token_ids[:5], out.token_ids[:5])
+
+
+def test_temperature_frequencies_match_softmax():
+    logits = np.array([1.0, 0.2, -0.5, 2.0, 0.0, -1.0], np.float32)
+    toks = draws(logits, temperature=0.7)
+    # df = 5: P(chi2 > 25) ~ 1e-4; the fixed seed makes the outcome deterministic.
+    assert chi2(toks, softmax(logits / 0.7)) < 25.0
+    assert chi2(toks, softmax(logits)) > 100.0  # the test can tell temperatures apart
+
+
+def test_top_k_stays_in_top_k():
+    logits = np.random.default_rng(1).normal(size=20).astype(np.float32)
+    toks = draws(logits, temperature=1.5, top_k=4)
+    assert set(toks.tolist()) == set(np.argsort(-logits)[:4].tolist())
+
+
+@pytest.mark.parametrize("params, nucleus", [
+    (dict(top_p=0.75), [0, 1, 2]),           # 0.5 + 0.2 < 0.75 <= 0.5 + 0.2 + 0.15
+    (dict(top_p=0.6), [0, 1]),
+    (dict(top_p=0.45), [0]),
+    (dict(top_p=0.55), [0, 1]),
+    (dict(top_k=3, top_p=0.55), [0]),        # top-p on the renormalised top-3: 0.5 / 0.85 > 0.55
+    (dict(min_p=0.25), [0, 1, 2]),           # p >= 0.25 * 0.5
+    (dict(top_k=4, min_p=0.35), [0, 1]),
+    (dict(top_k=2, min_p=0.25), [0, 1]),
+])
+def test_filters_keep_exact_set(params, nucleus):
+    probs = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
+    perm = np.array([3, 0, 4, 1, 2])         # token perm[j] has probability probs[j]
+    logits = np.zeros(5, np.float32)
+    logits[perm] = np.log(probs)
+    toks = draws(logits, temperature=1.0, **params)
+    assert set(toks.tolist()) == set(perm[nucleus].tolist())
+    expected = np.zeros(V_DRAW)
+    expected[perm[nucleus]] = probs[nucleus] / probs[nucleus].sum()
+    assert chi2(toks, expected) < 25.0
+
+
+def _random_rows(rng: np.random.Generator, n: int, v: int, cap_only: bool) -> list[SamplingRow]:
+    rows = []
+    for i in range(n):
+        kind = i % 5
+        kw: dict = dict(temperature=float(rng.uniform(0.3, 1.5)))
+        if kind == 0:
+            kw.update(top_k=int(rng.integers(1, SORT_CAP + 1)), top_p=float(rng.uniform(0.3, 1.0)))
+        elif kind == 1:
+            kw.update(top_k=int(rng.integers(1, SORT_CAP + 1)), min_p=float(rng.uniform(0, 0.2)))
+        elif kind == 2:
+            kw.update(min_p=float(rng.uniform(0, 0.3)))
+        elif kind == 3 and not cap_only:
+            kw.update(top_p=float(rng.uniform(0.5, 0.99)), min_p=float(rng.uniform(0, 0.05)))
+        elif kind == 3:
+            kw.update(temperature=0.0)
+        out = rng.integers(0, v, size=int(rng.integers(0, 12))).tolist()
+        if i % 3 == 0:
+            kw.update(repetition_penalty=float(rng.uniform(0.8, 1.5)),
+                      presence_penalty=float(rng.uniform(-1, 1)), frequency_penalty=float(rng.uniform(-1, 1)))
+        banned = rng.integers(0, v, size=2).tolist() if i % 4 == 0 else ()
+        rows.append(row(int(rng.integers(0, 2**40)), int(rng.integers(0, 1000)),
+                        prompt=rng.integers(0, v, size=7).tolist(), output=out, banned=banned, **kw))
+    return rows
+
+
+@pytest.mark.parametrize("cap_only", [True, False])
+def test_tokens_match_numpy_reference(cap_only):
+    v = 1000
+    rng = np.random.default_rng(2 + cap_only)
+    logits = (rng.normal(size=(40, v)) * 3).astype(np.float32)
+    rows = _random_rows(rng, 40, v, cap_only)
+    out, flags, batch = run(logits, rows)
+    assert flags.full_sort == (not cap_only) and flags.any_penalties and flags.any_filters
+    noise = np.asarray(gumbel_noise(batch, v))
+    want = [ref_token(logits[i], r, noise[i]) for i, r in enumerate(rows)]
+    np.testing.assert_array_equal(out.token_ids, want)
+
+
+def test_capped_rows_identical_under_full_sort():
+    v = 1000
+    rng = np.random.default_rng(4)
+    logits = (rng.normal(size=(40, v)) * 3).astype(np.float32)
+    rows = _random_rows(rng, 40, v, cap_only=True)
+    capped, flags, _ = run(logits, rows)
+    assert not flags.full_sort
+    forced = SamplerFlags(False, True, True, flags.history_width, flags.max_logprobs)
+    full, _, _ = run(logits, rows, flags=forced)
+    np.testing.assert_array_equal(capped.token_ids, full.token_ids)
+
+
+def test_penalties_match_numpy():
+    rng = np.random.default_rng(5)
+    v = V_SMALL
+    logits = (rng.normal(size=(R_SMALL, v)) * 2).astype(np.float32)
+    rows = [row(prompt=[1, 2, 2, 9], output=[2, 3, 3, 3, 7], repetition_penalty=1.3,
+                presence_penalty=0.5, frequency_penalty=0.7, temperature=0.0),
+            row(prompt=[5], output=[], repetition_penalty=0.7, temperature=0.0),
+            row(prompt=[0, 1], output=[1, 1, 39], presence_penalty=-1.5, frequency_penalty=2.0),
+            row(prompt=[4, 4], output=[4], temperature=0.0)]  # no penalties: untouched
+    batch, flags = pack_sampling(rows, R_SMALL, v)
+    assert flags.history_width == 16
+    got = np.asarray(apply_penalties(logits, batch))
+    for i, r in enumerate(rows):
+        np.testing.assert_allclose(got[i], ref_penalties(logits[i], r), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[3], logits[3])
+    out, _, _ = run(logits, rows)
+    for i in (0, 1, 3):
+        assert out.token_ids[i] == np.argmax(ref_penalties(logits[i], rows[i]))
+
+
+def test_min_tokens_bans():
+    logits = np.zeros((R_SMALL, V_SMALL), np.float32)
+    logits[:, 2], logits[:, 5] = 10.0, 9.0    # eos = 2, stop id 5: both far above the rest
+    greedy, _, _ = run(logits, [row(banned=[2, 5, 2], temperature=0.0), row(temperature=0.0)])
+    assert greedy.token_ids[0] not in (2, 5) and greedy.token_ids[1] == 2
+    toks = draws(logits[0, :10], temperature=1.0, banned=[5, 2])
+    assert not set(toks.tolist()) & {2, 5}
+    assert len(set(toks.tolist())) > 4
+    with pytest.raises(ValueError, match="MAX_BANNED_IDS"):
+        pack_sampling([row(banned=range(MAX_BANNED_IDS + 1))], 1, 100)
+    with pytest.raises(ValueError, match="banned_ids"):
+        pack_sampling([row(banned=[10])], 1, 10)
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.9), dict(temperature=1.2, top_k=20, top_p=0.9)])
+def test_same_seed_same_token_any_row_any_batch(params):
+    rng = np.random.default_rng(6)
+    v = V_SMALL
+    target = rng.normal(size=v).astype(np.float32)
+    others = [row(seed=1, temperature=0.0, logprobs=3),
+              row(seed=2, temperature=0.8, top_p=0.5, repetition_penalty=1.2, prompt=[1, 2]),
+              row(seed=3, temperature=0.5, min_p=0.1, banned=[4]),
+              None]
+    for t in range(0, 40, 3):
+        alone, _, _ = run(target[None], [row(seed=77, idx=t, **params)])
+        logits = rng.normal(size=(R_SMALL, v)).astype(np.float32)
+        logits[5] = target
+        rows = others + [row(seed=123, idx=t, **params), row(seed=77, idx=t, **params)]
+        batched, flags, _ = run(logits, rows)
+        assert flags.full_sort and flags.any_penalties and flags.max_logprobs > 0
+        assert batched.token_ids[5] == alone.token_ids[0]
+
+
+def test_different_seeds_differ():
+    flat = np.zeros(V_DRAW, np.float32)
+    logits = np.tile(flat, (N_DRAW, 1))
+    out, _, _ = run(logits, [row(seed=s, idx=0) for s in range(N_DRAW)], flags=DRAW_FLAGS)
+    assert chi2(out.token_ids, np.full(V_DRAW, 1 / V_DRAW)) < 70.0   # df = 31
+    a = draws(flat, seed=5)
+    b = draws(flat, seed=5 + 2**32)    # the high word of the seed matters too
+    c = draws(flat, seed=5)
+    assert (a == b).mean() < 0.1
+    np.testing.assert_array_equal(a, c)
+
+
+def test_logprobs_are_raw_log_softmax_and_sorted():
+    rng = np.random.default_rng(7)
+    v = V_SMALL
+    logits = rng.normal(size=(R_SMALL, v)).astype(np.float32)
+    rows = [row(temperature=0.0, logprobs=0, repetition_penalty=2.0, prompt=list(range(20))),
+            row(seed=3, temperature=0.6, top_k=5, logprobs=5, banned=[int(np.argmax(logits[1]))]),
+            row(seed=4, temperature=1.0)]
+    out, flags, _ = run(logits, rows)
+    assert flags.max_logprobs == 20
+    lsm = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(out.logprobs, lsm[np.arange(R_SMALL), out.token_ids], rtol=1e-5, atol=1e-5)
+    assert out.top_ids.shape == (R_SMALL, 20) and out.top_logprobs.shape == (R_SMALL, 20)
+    np.testing.assert_array_equal(out.top_ids, np.argsort(-lsm, axis=1, kind="stable")[:, :20])
+    np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(lsm, out.top_ids, 1), atol=1e-5)
+    assert np.all(np.diff(out.top_logprobs, axis=1) <= 0)
+    none, flags, _ = run(logits, [row(temperature=0.0)])
+    assert flags.max_logprobs == 0 and none.top_ids is None and none.top_logprobs is None
+
+
+def test_padding_rows_produce_no_nan():
+    v = V_SMALL
+    logits = np.zeros((R_SMALL, v), np.float32)
+    logits[0] = np.random.default_rng(8).normal(size=v)
+    logits[5] = -np.inf
+    logits[6] = 1e30
+    logits[7] = -1e30
+    rows = [row(seed=1, temperature=0.8, top_p=0.9, min_p=0.05, logprobs=2, presence_penalty=1.0,
+                output=[1, 2], repetition_penalty=1.1)]
+    out, _, _ = run(logits, rows)
+    for leaf in (out.logprobs, out.top_logprobs):
+        assert not np.isnan(leaf).any()
+    assert np.all((out.token_ids >= 0) & (out.token_ids < v))
+
+
+def test_no_retrace_when_only_values_change():
+    sampler = make_sampler()
+    rng = np.random.default_rng(9)
+    v, seen = V_SMALL, set()
+    for i in range(4):
+        rows = [row(seed=int(rng.integers(0, 2**62)), idx=i * 7, temperature=float(rng.uniform(0.1, 2)),
+                    top_k=int(rng.integers(1, 50)), top_p=float(rng.uniform(0.1, 1)), min_p=0.01 * i,
+                    repetition_penalty=1.1 + i / 10, prompt=list(range(i + 1)), output=[i] * i,
+                    banned=list(range(i)), logprobs=i),
+                row(temperature=0.0)]
+        batch, flags = pack_sampling(rows, R_SMALL, v)
+        seen.add(flags)
+        jax.block_until_ready(sampler(rng.normal(size=(R_SMALL, v)).astype(np.float32), batch, flags))
+    assert len(seen) == 1 and sampler.traces == {"penalize": 1, "core": 1}
+    # A longer history changes H: only the small penalty jit compiles again.
+    rows[0] = row(temperature=1.0, top_k=3, repetition_penalty=1.2, prompt=range(20), logprobs=1)
+    batch, flags = pack_sampling(rows, R_SMALL, v)
+    assert flags.history_width == 32
+    sampler(rng.normal(size=(R_SMALL, v)).astype(np.float32), batch, flags)
+    assert sampler.traces == {"penalize": 2, "core": 1}
+
+
+def test_two_jit_sampler_equals_single_function():
+    v = 1000
+    rng = np.random.default_rng(11)
+    logits = (rng.normal(size=(40, v)) * 3).astype(np.float32)
+    rows = _random_rows(rng, 40, v, cap_only=False)
+    out, flags, batch = run(logits, rows)
+    single = jax.jit(sample, static_argnames=("flags",))(logits, batch, flags)
+    np.testing.assert_array_equal(out.token_ids, np.asarray(single.token_ids))
+    np.testing.assert_array_equal(out.logprobs, np.asarray(single.logprobs))
+
+
+def test_required_flags_and_validation():
+    v = 1000
+    need = lambda *ps: required_flags([row(**p) for p in ps], v)
+    assert need(dict(temperature=0.0, top_p=0.5)) == SamplerFlags()
+    assert need(dict()) == SamplerFlags(all_greedy=False)
+    assert need(dict(top_k=SORT_CAP)) == SamplerFlags(False, True, False)
+    assert need(dict(top_k=SORT_CAP + 1)).full_sort
+    assert need(dict(top_p=0.9)).full_sort
+    assert need(dict(top_k=5, top_p=0.9), dict(min_p=0.1)) == SamplerFlags(False, True, False)
+    assert not need(dict(top_k=v)).full_sort                     # top_k >= vocab: disabled
+    assert need(dict(temperature=0.0, frequency_penalty=0.1, prompt=range(17))).history_width == 32
+    assert need(dict(temperature=0.0, logprobs=0)).max_logprobs > 0
+    flag_sets = set(warmup_flag_sets(64))
+    rng = np.random.default_rng(10)
+    for cap_only in (True, False):
+        assert required_flags(_random_rows(rng, 10, v, cap_only), v) in flag_sets
+    with pytest.raises(ValueError, match="full_sort"):
+        SamplerFlags(all_greedy=False, full_sort=True)
+    with pytest.raises(ValueError, match="history_width"):
+        SamplerFlags(history_width=24)
+    with pytest.raises(ValueError, match="max_logprobs"):
+        SamplerFlags(max_logprobs=3)
+    with pytest.raises(ValueError, match="does not cover"):
+        pack_sampling([row(top_p=0.5)], 2, v, flags=SamplerFlags(False, True, False))
+    with pytest.raises(ValueError, match="exceed num_rows_padded"):
+        pack_sampling([row(), row()], 1, v)
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        pack_sampling([row(prompt=[v], repetition_penalty=1.1)], 1, v)
+    batch, flags = pack_sampling([], 4, v, flags=SamplerFlags(False, True, True, 64, 20))
+    assert batch.history_ids.shape == (4, 64) and batch.num_rows == 4
