@@ -18,8 +18,13 @@ import jax
 from checkpoints import HFModelDir
 from jserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from jserve.engine import LLMEngine
-from jserve.kv_cache import (PoolPlan, allocate_kv_cache, device_memory_budget, kv_bytes_per_token,
-                             pages_for_budget)
+from jserve.kv_cache import (
+    PoolPlan,
+    allocate_kv_cache,
+    device_memory_budget,
+    kv_bytes_per_token,
+    pages_for_budget,
+)
 from jserve.model.params import load_params, params_bytes, random_params
 from jserve.model.shapes import NAMED_SHAPES, named_shape
 from jserve.runner import Runner

@@ -113,7 +113,11 @@ class ModelConfig:
         hidden = int(need("hidden_size"))
         head_dim = cfg.get("head_dim") or hidden // num_heads
         num_layers = int(need("num_hidden_layers"))
-        rs = cfg.get("rope_scaling")
+        # transformers >= 5 writes one ``rope_parameters`` dict (theta + scaling) instead.
+        rope_params = cfg.get("rope_parameters") or {}
+        rs = cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type") not in
+                                         (None, "default") else None)
+        rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
         rope_scaling = None
         if rs:
             kind = rs.get("rope_type", rs.get("type"))
@@ -134,7 +138,7 @@ class ModelConfig:
             intermediate_size=int(need("intermediate_size")), num_layers=num_layers,
             num_heads=num_heads, num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
             head_dim=int(head_dim), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)), rope_scaling=rope_scaling,
+            rope_theta=float(rope_theta), rope_scaling=rope_scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=tie,
             qkv_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),

@@ -63,6 +63,7 @@ class Scheduler:
                            "are capped at %d tokens", config.max_model_len, pool.num_total,
                            pool.page_size, self.max_model_len)
         self.waiting: deque[Request] = deque()  # FCFS; preempted requests go to the front
+        self.num_preemptions_total = 0  # for metrics and tests
         self.running: list[Request] = []        # arrival order; the newest is last
         self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
 
@@ -161,6 +162,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
+        self.num_preemptions_total += 1
         self.waiting.appendleft(req)
         out.preempted.append(req)
 
