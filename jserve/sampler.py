@@ -12,9 +12,10 @@ Per row, in vLLM's order::
     min_tokens bans -> -inf
         |-- greedy row (temperature 0): argmax, first index on ties
         `-- sampled row: / temperature -> top-k -> top-p -> min-p -> Gumbel-max
-                         noise = gumbel(key(seed, output_index), [V]), indexed by token id
+                         noise[token] = gumbel(threefry(seed; output_index, token))
 
-Reproducibility: the noise of a row depends only on (seed, output_index, V), and every
+Reproducibility: the noise of a row depends only on (seed, output_index, V) (``random_bits``:
+a counter-based cipher, equivalent to folding output_index into a per-seed key), and every
 operation is row-wise, so a seeded request draws the same tokens alone or batched, at any
 row, under any flags.
 
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax.extend.random import threefry2x32_p
 
 from jserve.sampling_batch import SORT_CAP, SamplerFlags, SamplingBatch
 
@@ -90,16 +92,33 @@ def apply_bans(logits: jax.Array, banned_ids: jax.Array) -> jax.Array:
     return logits.at[rows, cols].set(_NEG_INF, mode="drop")
 
 
-def row_keys(seed: jax.Array, output_index: jax.Array) -> jax.Array:
-    """Per-row PRNG keys from (seed words uint32[R, 2], output_index int32[R]) -> key[R]."""
-    keys = jax.random.wrap_key_data(seed, impl="threefry2x32")
-    return jax.vmap(jax.random.fold_in)(keys, output_index)
+def random_bits(seed: jax.Array, output_index: jax.Array, vocab_size: int) -> jax.Array:
+    """Counter-based random words uint32[R, V]: Threefry-2x32 keyed by the row's seed.
+
+    seed: uint32[R, 2], output_index: int32[R]. Block j of row r is
+    threefry(key=seed[r], counter=(output_index[r], j)); its two output words are the bits of
+    tokens j and j + ceil(V / 2). One cipher call site (cheap to compile) and no state.
+    """
+    half = -(-vocab_size // 2)
+    r = seed.shape[0]
+    shape = (r, half)
+    k0 = jnp.broadcast_to(seed[:, :1], shape)
+    k1 = jnp.broadcast_to(seed[:, 1:], shape)
+    c0 = jnp.broadcast_to(output_index.astype(jnp.uint32)[:, None], shape)
+    c1 = jnp.broadcast_to(jnp.arange(half, dtype=jnp.uint32)[None, :], shape)
+    lo, hi = threefry2x32_p.bind(k0, k1, c0, c1)
+    return jnp.concatenate([lo, hi], axis=1)[:, :vocab_size]
 
 
 def gumbel_noise(batch: SamplingBatch, vocab_size: int) -> jax.Array:
-    """Gumbel(0, 1) noise f32[R, V]; row r depends only on (seed_r, output_index_r, V)."""
-    keys = row_keys(batch.seed, batch.output_index)
-    return jax.vmap(lambda k: jax.random.gumbel(k, (vocab_size,), jnp.float32))(keys)
+    """Gumbel(0, 1) noise f32[R, V]; row r depends only on (seed_r, output_index_r, V).
+
+    u = (top 23 bits + 0.5) / 2**23 lies in [2**-24, 1 - 2**-24] exactly, so the noise
+    -log(-log u) is finite (within [-2.9, 16.7]).
+    """
+    bits = random_bits(batch.seed, batch.output_index, vocab_size)
+    u = ((bits >> 9).astype(jnp.float32) + 0.5) * (1.0 / (1 << 23))
+    return -jnp.log(-jnp.log(u))
 
 
 def _sample_sorted(vals: jax.Array, idx: jax.Array, noise: jax.Array,

@@ -10,7 +10,7 @@ step input, and ``SamplerFlags`` is the static argument of the jitted sampler
     row r >= n and None rows are padding: greedy, no penalties, no bans, no logprobs
 
 Reproducibility: row r's random draw is a pure function of ``(seed, output_index)`` (see
-``sampler.row_keys``); nothing about the batch (row position, size, other rows' params or
+``sampler.random_bits``); nothing about the batch (row position, size, other rows' params or
 flags) enters it. Seeds are taken mod 2**64 and split into two uint32 words.
 
 Static shapes: R (``num_rows_padded``) and V come from the runner; the banned-id width is

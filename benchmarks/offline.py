@@ -1,0 +1,92 @@
+"""Offline engine benchmark: batch-1 decode tok/s and N-request throughput.
+
+Runs the engine on an HF model directory or on random weights of a named shape
+(``llama3.1-8b``, ``qwen2.5-0.5b``) and prints one table. Not a test: numbers go to
+benchmarks/RESULTS.md with the GPU name and date.
+
+    PYTHONPATH=. python3 benchmarks/offline.py --model qwen2.5-0.5b --random-weights \
+        --num-requests 256 --input-len 200 --output-len 180
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from jserve.builder import EngineArgs, build_engine
+from jserve.sampling_params import SamplingParams
+
+
+def _run(engine, prompts, max_tokens):
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(None, p, sp)
+    t0 = time.perf_counter()
+    first = None
+    out_tokens = 0
+    steps = 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if first is None and o.outputs[0].token_ids:
+                first = time.perf_counter() - t0
+            if o.finished:
+                out_tokens += len(o.outputs[0].token_ids)
+        steps += 1
+    return time.perf_counter() - t0, out_tokens, steps, first
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=200)
+    ap.add_argument("--output-len", type=int, default=180)
+    ap.add_argument("--decode-len", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--json", default=None)
+    ns = ap.parse_args()
+
+    t0 = time.perf_counter()
+    engine = build_engine(EngineArgs(
+        model=ns.model, random_weights=ns.random_weights, dtype=ns.dtype,
+        max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+        max_model_len=ns.max_model_len))
+    startup = time.perf_counter() - t0
+    vocab = engine.config.model.vocab_size
+    rng = np.random.default_rng(0)
+
+    # Batch-1 decode: one short prompt, time the decode tokens after the first.
+    _run(engine, [rng.integers(10, vocab, 16).tolist()], 4)  # warm path
+    dt, n, steps, ttft = _run(engine, [rng.integers(10, vocab, 16).tolist()], ns.decode_len)
+    b1 = (n - 1) / (dt - ttft)
+
+    prompts = [rng.integers(10, vocab, ns.input_len).tolist() for _ in range(ns.num_requests)]
+    dt2, n2, steps2, _ = _run(engine, prompts, ns.output_len)
+
+    dev = jax.devices()[0]
+    rows = {
+        "device": getattr(dev, "device_kind", str(dev)), "model": ns.model, "dtype": ns.dtype,
+        "startup_s": round(startup, 1), "batch1_decode_tok_s": round(b1, 1),
+        "throughput_requests": ns.num_requests, "input_len": ns.input_len,
+        "output_len": ns.output_len, "throughput_out_tok_s": round(n2 / dt2, 1),
+        "throughput_total_s": round(dt2, 2), "throughput_steps": steps2,
+        "pool_pages": engine.pool.num_total,
+    }
+    print("\n| metric | value |\n|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {v} |")
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
