@@ -7,6 +7,7 @@ invariant 1), then every bucket is compiled (invariant 4).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -32,6 +33,8 @@ from jserve.tokenizer import Tokenizer
 from sharding import make_mesh
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MODELS = ("code-small", "code-draft")
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,20 @@ def _enable_compilation_cache(path: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def default_model_path(name: str = "code-small") -> Path:
+    """The bundled model directory (package data): ``code-small`` or its draft ``code-draft``."""
+    if name not in DEFAULT_MODELS:
+        raise ValueError(f"model: no bundled model {name!r}; bundled: {', '.join(DEFAULT_MODELS)}")
+    return Path(__file__).resolve().parent / "default_model" / name
+
+
 def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | None]:
     if args.model is None:
-        raise ValueError("model: no model given and no bundled default model is installed; "
-                         "pass an HF model directory")
+        path = default_model_path()
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model: no model given and the bundled default model is missing "
+                             f"from this install ({path}); pass an HF model directory")
+        args = dataclasses.replace(args, model=str(path))
     if args.model.lower() in NAMED_SHAPES and not Path(args.model).exists():
         if not args.random_weights:
             raise ValueError(f"model: {args.model!r} is a named shape; pass random_weights=True "
@@ -99,18 +112,25 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
 
 def plan_pool(config: EngineConfig, weight_bytes: int, device: jax.Device) -> PoolPlan:
     """Pages from ``num_pages`` or from the device memory left after the weights."""
+    budget = None
+    if config.cache.num_pages is None:
+        budget = device_memory_budget(device, config.cache.kv_cache_memory_fraction, weight_bytes)
+    return pool_plan_for_budget(config, budget)
+
+
+def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None) -> PoolPlan:
+    """The pool's arithmetic (shared by start-up and ``jserve plan``): ``num_pages`` when set,
+    else as many pages as ``budget_bytes`` holds; None (no device limit, CPU) gives every
+    sequence its full length."""
     per_token = kv_bytes_per_token(config.model, config.kv_dtype,
                                    config.parallel.tensor_parallel_size)
     page_bytes = per_token * config.cache.page_size
     if config.cache.num_pages is not None:
         num_pages = config.cache.num_pages
+    elif budget_bytes is None:
+        num_pages = config.scheduler.max_num_seqs * config.pages_per_seq + 1
     else:
-        budget = device_memory_budget(device, config.cache.kv_cache_memory_fraction, weight_bytes)
-        if budget is None:
-            # No memory limit reported (CPU): enough for every sequence at full length.
-            num_pages = config.scheduler.max_num_seqs * config.pages_per_seq + 1
-        else:
-            num_pages = pages_for_budget(budget, page_bytes)
+        num_pages = pages_for_budget(budget_bytes, page_bytes)
     return PoolPlan(per_token, config.cache.page_size, num_pages, config.scheduler.max_model_len)
 
 
@@ -128,7 +148,8 @@ def build_engine(args: EngineArgs) -> LLMEngine:
         tokenizer = None
     weight_bytes = params_bytes(params) // config.parallel.tensor_parallel_size
     plan = plan_pool(config, weight_bytes, mesh.devices.flat[0])
-    log.info("model %s (%s, %.2f GB of weights), %s", args.model, model_cfg.dtype,
+    log.info("model %s (%s, %.2f GB of weights), %s",
+             model_dir.path if model_dir is not None else args.model, model_cfg.dtype,
              params_bytes(params) / 1e9, plan.describe())
     kv = allocate_kv_cache(model_cfg, plan.num_pages, config.cache.page_size, config.kv_dtype, mesh)
     runner = Runner(config, params, kv, mesh)

@@ -16,8 +16,8 @@ from jserve.builder import EngineArgs
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model directory (or a named shape with "
-                   "--random-weights)")
+    p.add_argument("--model", default=None, help="HF model directory (default: the bundled "
+                   "code-small model), or a named shape with --random-weights")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -66,6 +66,36 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(ns: argparse.Namespace) -> int:
+    from jserve.plan import plan_capacity
+
+    plan = plan_capacity(model=ns.model, gpu=ns.gpu, max_model_len=ns.max_model_len, dtype=ns.dtype,
+                         kv_cache_dtype=ns.kv_cache_dtype, tensor_parallel_size=ns.tensor_parallel_size,
+                         kv_cache_memory_fraction=ns.kv_cache_memory_fraction, page_size=ns.page_size,
+                         max_num_seqs=ns.max_num_seqs)
+    print(plan.render())
+    return 0
+
+
+def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="capacity planner: weights, KV bytes, pages and sequences that fit",
+                       description="Print the KV pool the engine would allocate at start-up, with the "
+                       "arithmetic, for a model on an accelerator (no device needed).")
+    p.add_argument("--model", default=None, help="HF model directory, a named shape (llama3.1-8b, "
+                   "qwen2.5-0.5b, llama3.1-70b), or nothing for the bundled model")
+    p.add_argument("--gpu", default="H100-80GB", help="H100-80GB, H200, A100-40GB, A100-80GB, L4, "
+                   "RTX-4090, TPU-v5e, TPU-v6e, or a byte count (the allocator's bytes_limit)")
+    p.add_argument("--max-model-len", "--context", type=int, default=None,
+                   help="context length per sequence (default: min(model max positions, 4096))")
+    p.add_argument("--dtype", default=None, help="weight dtype (default: the checkpoint's)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="KV dtype (auto = the weight dtype)")
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=0.85)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.set_defaults(func=_cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jserve", description="LLM serving in JAX/XLA")
     parser.add_argument("--log-level", default="INFO")
@@ -79,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--sampling-seed", type=int, default=None)
     g.set_defaults(func=_cmd_generate)
+    add_plan_parser(sub)
     return parser
 
 

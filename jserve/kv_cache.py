@@ -80,6 +80,12 @@ def pages_for_budget(budget_bytes: int, bytes_per_page: int) -> int:
     return max(0, budget_bytes // bytes_per_page)
 
 
+def memory_budget(bytes_limit: int, fraction: float, in_use_bytes: int) -> int:
+    """Bytes the pool may take: ``fraction`` of the allocator's limit minus what is in use (the
+    weights). Negative when the weights alone exceed it. Shared by start-up and ``jserve plan``."""
+    return int(bytes_limit * fraction) - in_use_bytes
+
+
 def device_memory_budget(device: jax.Device, fraction: float, used_bytes: int) -> int | None:
     """Bytes the pool may take on ``device``: fraction of its memory minus what is in use.
 
@@ -88,8 +94,7 @@ def device_memory_budget(device: jax.Device, fraction: float, used_bytes: int) -
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
         return None
-    in_use = max(stats.get("bytes_in_use", 0), used_bytes)
-    return int(stats["bytes_limit"] * fraction) - in_use
+    return memory_budget(stats["bytes_limit"], fraction, max(stats.get("bytes_in_use", 0), used_bytes))
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str,

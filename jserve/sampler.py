@@ -21,11 +21,11 @@ row, under any flags.
 
 Filters. min-p keeps p >= min_p * p_max, i.e. exp(l - l_max) >= min_p; it is order-free
 (top-k/top-p never drop the maximum and renormalising keeps ratios to it). top-k/top-p work
-in sorted space from ``lax.top_k`` (stable: ties keep the lower token id first): top-k keeps
-exactly k positions, top-p keeps the minimal prefix whose renormalised mass reaches top_p
-(position j survives iff the mass before it is < top_p). Rows with 1 <= top_k <= SORT_CAP
-always compute on the SORT_CAP largest logits, also in full-sort batches, so their tokens are
-bitwise identical whichever sort width their batch needed; other filtered rows use a full sort.
+in sorted order (value descending, ties -> lower token id first): top-k keeps exactly k
+positions, top-p keeps the minimal prefix whose renormalised mass reaches top_p (position j
+survives iff the mass before it is < top_p). They run on the SORT_CAP largest logits
+(``top_k_rows``, exact and sort-free over V) whenever that is exact for the row; a full sort
+runs under ``lax.cond`` only for rows it is not (see ``_sample_random``).
 
 Logprobs (vLLM's default "raw_logprobs" mode): log_softmax of the unprocessed logits, before
 penalties, bans, temperature and filters; ``logprobs`` is the chosen token's entry.
@@ -40,9 +40,12 @@ import jax
 import jax.numpy as jnp
 from jax.extend.random import threefry2x32_p
 
-from jserve.sampling_batch import SORT_CAP, SamplerFlags, SamplingBatch
+from jserve.sampling_batch import SamplerFlags, SamplingBatch
 
 _NEG_INF = float("-inf")
+# top-k/top-p run on the SORT_CAP largest logits of a row when that is exact (top_k <= cap, or
+# a top-p nucleus inside them); other rows take a full sort (a runtime branch, not a flag).
+SORT_CAP = 256
 
 
 @jax.tree_util.register_dataclass
@@ -50,7 +53,7 @@ _NEG_INF = float("-inf")
 class SamplerOutput:
     token_ids: jax.Array               # int32[R]
     logprobs: jax.Array                # float32[R]     raw logprob of token_ids
-    top_ids: jax.Array | None          # int32[R, N]    N = flags.max_logprobs, None when 0
+    top_ids: jax.Array | None          # int32[R, N]    N = min(flags.max_logprobs, V); None if 0
     top_logprobs: jax.Array | None     # float32[R, N]  sorted descending
 
 
@@ -121,48 +124,95 @@ def gumbel_noise(batch: SamplingBatch, vocab_size: int) -> jax.Array:
     return -jnp.log(-jnp.log(u))
 
 
-def _sample_sorted(vals: jax.Array, idx: jax.Array, noise: jax.Array,
-                   batch: SamplingBatch) -> jax.Array:
-    """top-k -> top-p -> min-p -> Gumbel-max in sorted space.
+def _chunk_size(vocab_size: int, k: int) -> int:
+    """Chunk length for ``top_k_rows``: balances #chunks and k * chunk candidates (~sqrt(V/k))."""
+    c = 1
+    while (2 * c) ** 2 * k <= vocab_size:
+        c *= 2
+    return c
 
-    vals: f32[R, C] descending scaled logits, idx: int32[R, C] their token ids, noise: f32[R, V].
-    Returns token ids int32[R].
+
+def top_k_rows(x: jax.Array, k: int, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Exactly ``lax.top_k(x, k)`` (descending, ties -> lower index first) without sorting V.
+
+    x: f32[R, V] -> (values f32[R, k], indices int32[R, k]). Cut each row into chunks of
+    ``chunk``; keep the k chunks with the largest maxima (stable); top-k their k * chunk
+    elements. Exact: an element of a dropped chunk c is preceded, in (value desc, index asc)
+    order, by the maximum of each of the k kept chunks (each has a larger max, or an equal
+    max and lower indices), so it is not in the top k. GPUs sort for large k; this sorts
+    ~V/chunk + k*chunk elements instead of V.
+    """
+    r, v = x.shape
+    chunk = _chunk_size(v, k) if chunk is None else chunk
+    n = -(-v // chunk)
+    if chunk < 2 or n <= k:
+        return jax.lax.top_k(x, k)
+    xp = jnp.pad(x, ((0, 0), (0, n * chunk - v)), constant_values=_NEG_INF).reshape(r, n, chunk)
+    _, kept = jax.lax.top_k(jnp.max(xp, axis=2), k)
+    kept = jnp.sort(kept, axis=1)                   # candidates stay in token order (stable ties)
+    cand = jnp.take_along_axis(xp, kept[:, :, None], axis=1).reshape(r, k * chunk)
+    vals, j = jax.lax.top_k(cand, k)
+    return vals, jnp.take_along_axis(kept, j // chunk, axis=1) * chunk + j % chunk
+
+
+def _sample_sorted(vals: jax.Array, idx: jax.Array, noise: jax.Array, batch: SamplingBatch,
+                   total: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """top-k -> top-p -> min-p -> Gumbel-max on the C largest scaled logits of each row.
+
+    vals: f32[R, C] descending, idx: int32[R, C] their token ids, noise: f32[R, V],
+    total: f32[R] sum over the whole vocabulary of exp(scaled - max), the top-p normaliser of
+    rows without top-k (rows with top-k normalise over their k survivors, all within C).
+    Returns (token ids int32[R], mass f32[R] of the C positions under that normalisation).
     """
     c = vals.shape[1]
     pos = jnp.arange(c)[None, :]
     k = jnp.where(batch.top_k > 0, jnp.minimum(batch.top_k, c), c)[:, None]
     vals = jnp.where(pos < k, vals, _NEG_INF)
     rel = jnp.exp(vals - vals[:, :1])                       # p / p_max, 0 where masked
-    probs = rel / jnp.sum(rel, axis=1, keepdims=True)
-    before = jnp.concatenate([jnp.zeros_like(probs[:, :1]), jnp.cumsum(probs, axis=1)[:, :-1]], axis=1)
+    norm = jnp.where(batch.top_k > 0, jnp.sum(rel, axis=1), total)[:, None]
+    probs = rel / norm
+    cum = jnp.cumsum(probs, axis=1)
+    before = jnp.concatenate([jnp.zeros_like(probs[:, :1]), cum[:, :-1]], axis=1)
     top_p = batch.top_p[:, None]
     keep = ((before < top_p) | (top_p >= 1.0)) & (rel >= batch.min_p[:, None])
     score = jnp.where(keep, vals, _NEG_INF) + jnp.take_along_axis(noise, idx, axis=1)
     j = jnp.argmax(score, axis=1)
-    return jnp.take_along_axis(idx, j[:, None], axis=1)[:, 0].astype(jnp.int32)
+    return jnp.take_along_axis(idx, j[:, None], axis=1)[:, 0].astype(jnp.int32), cum[:, -1]
 
 
 def _sample_random(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> jax.Array:
-    """Sampled-row tokens int32[R] from penalised logits f32[R, V] (greedy rows: don't care)."""
+    """Sampled-row tokens int32[R] from penalised logits f32[R, V] (greedy rows: don't care).
+
+    Filtered rows (top-k or top-p) use the SORT_CAP largest logits when that is exact: top_k in
+    [1, SORT_CAP], or top-p whose nucleus ends inside them (their mass >= top_p). Only when some
+    row needs more (top_k > SORT_CAP, or a flat distribution under top-p) does a lax.cond run a
+    full-vocabulary sort, and only those rows take its result, so every row's token is the same
+    whichever branch its batch took.
+    """
     r, v = logits.shape
     temp = jnp.where(batch.temperature > 0, batch.temperature, 1.0)
     scaled = logits / temp[:, None]
     noise = gumbel_noise(batch, v)
     if not flags.any_filters:
         return jnp.argmax(scaled + noise, axis=1).astype(jnp.int32)
-    # min-p only (or no filter) rows: full vocabulary, value threshold.
+    # Rows with min-p only (or nothing): the whole vocabulary with a value threshold.
     rel = jnp.exp(scaled - jnp.max(scaled, axis=1, keepdims=True))
+    total = jnp.sum(rel, axis=1)
     plain = jnp.argmax(jnp.where(rel >= batch.min_p[:, None], scaled, _NEG_INF) + noise, axis=1)
     cap = min(SORT_CAP, v)
-    vals, idx = jax.lax.top_k(scaled, v if flags.full_sort else cap)
-    capped = _sample_sorted(vals[:, :cap], idx[:, :cap], noise, batch)
+    vals, idx = top_k_rows(scaled, cap)
+    capped, cap_mass = _sample_sorted(vals, idx, noise, batch, total)
     uses_sort = (batch.top_k > 0) | (batch.top_p < 1.0)
     tok = jnp.where(uses_sort, capped, plain.astype(jnp.int32))
-    if flags.full_sort:
-        full = _sample_sorted(vals, idx, noise, batch)
-        in_cap = (batch.top_k >= 1) & (batch.top_k <= cap)
-        tok = jnp.where(uses_sort & ~in_cap, full, tok)
-    return tok
+    in_cap = (batch.top_k >= 1) & (batch.top_k <= cap)
+    needs_full = uses_sort & ~in_cap & ((batch.top_k > 0) | (cap_mass < batch.top_p))
+
+    def full_sort(tok: jax.Array) -> jax.Array:
+        vals, idx = jax.lax.top_k(scaled, v)
+        return _sample_sorted(vals, idx, noise, batch, total)[0]
+
+    full = jax.lax.cond(jnp.any(needs_full), full_sort, lambda tok: tok, tok)
+    return jnp.where(needs_full, full, tok)
 
 
 def _sample_core(logits: jax.Array, penalized: jax.Array | None, batch: SamplingBatch,
@@ -177,7 +227,7 @@ def _sample_core(logits: jax.Array, penalized: jax.Array | None, batch: Sampling
     chosen = jnp.take_along_axis(lp, tok[:, None], axis=1)[:, 0]
     top_ids = top_lp = None
     if flags.max_logprobs > 0:
-        top_lp, top_ids = jax.lax.top_k(lp, flags.max_logprobs)
+        top_lp, top_ids = top_k_rows(lp, min(flags.max_logprobs, lp.shape[1]))
         top_ids = top_ids.astype(jnp.int32)
     return SamplerOutput(token_ids=tok, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp)
 
@@ -197,7 +247,7 @@ class Sampler:
 
     ``penalize`` (compiled per (R, V, H)) runs only when ``flags.any_penalties``; ``core``
     (compiled per (R, V, flags with history_width dropped)) never sees the history arrays.
-    Per row bucket that is #history buckets + 16 compiles instead of their product.
+    Per row bucket that is #history buckets + 12 compiles instead of their product.
     ``traces`` counts how often each was traced (a compile-after-warm-up check).
     """
 

@@ -16,22 +16,19 @@ flags) enters it. Seeds are taken mod 2**64 and split into two uint32 words.
 Static shapes: R (``num_rows_padded``) and V come from the runner; the banned-id width is
 ``MAX_BANNED_IDS``; the penalty history width H is a power-of-two bucket (>= 16) recorded in
 ``SamplerFlags.history_width`` (0 when no row uses penalties), so the flags plus (R, V) fix
-every shape and ``warmup_flag_sets`` enumerates every variant to compile at start-up.
+every shape; ``warmup_flag_sets`` lists the flags to run at start-up so nothing compiles later.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 
 from jserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
-# top-k/top-p run on the SORT_CAP largest logits when every filtered row has 1 <= top_k <= cap
-# (exact: top-p is computed after top-k); otherwise on the full vocabulary.
-SORT_CAP = 256
 # Width of the min_tokens ban list (eos + stop_token_ids). Requests needing more distinct ids
 # while min_tokens is active make pack_sampling raise; the engine should reject them at
 # admission (see ``banned_ids_fit``).
@@ -49,8 +46,6 @@ class SamplerFlags:
 
     all_greedy:    every row is greedy (or padding): no noise, no filters.
     any_filters:   some sampled row uses top-k, top-p or min-p.
-    full_sort:     some sampled row needs top-k/top-p beyond the SORT_CAP largest logits
-                   (top-p without top-k, or top_k > SORT_CAP): sort the whole vocabulary.
     history_width: H of ``SamplingBatch.history_ids``; 0 = no row uses penalties.
     max_logprobs:  N of the top-N logprob outputs (a LOGPROBS_BUCKETS value); 0 = no row
                    asked for logprobs (any row with logprobs >= 0 makes it > 0).
@@ -58,18 +53,15 @@ class SamplerFlags:
 
     all_greedy: bool = True
     any_filters: bool = False
-    full_sort: bool = False
     history_width: int = 0
     max_logprobs: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("all_greedy", "any_filters", "full_sort"):
+        for name in ("all_greedy", "any_filters"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SamplerFlags.{name} must be a bool, got {getattr(self, name)!r}")
         if self.all_greedy and self.any_filters:
             raise ValueError("SamplerFlags.any_filters requires all_greedy=False (greedy ignores filters)")
-        if self.full_sort and not self.any_filters:
-            raise ValueError("SamplerFlags.full_sort requires any_filters=True")
         h = self.history_width
         if not isinstance(h, int) or (h != 0 and (h < MIN_HISTORY_WIDTH or h & (h - 1))):
             raise ValueError(f"SamplerFlags.history_width must be 0 or a power of two >= "
@@ -86,7 +78,6 @@ class SamplerFlags:
         """True when a batch needing ``need`` can run under these flags (same or more work)."""
         return ((need.all_greedy or not self.all_greedy)
                 and (self.any_filters or not need.any_filters)
-                and (self.full_sort or not need.full_sort)
                 and self.history_width >= need.history_width
                 and self.max_logprobs >= need.max_logprobs)
 
@@ -129,7 +120,7 @@ class SamplingRow:
     output_index: int
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
-    banned_ids: Sequence[int] = field(default_factory=tuple)
+    banned_ids: Sequence[int] = ()
 
 
 def history_bucket(length: int) -> int:
@@ -158,17 +149,27 @@ def logprobs_bucket(n: int | None) -> int:
     raise ValueError(f"logprobs={n} exceeds the maximum of {LOGPROBS_BUCKETS[-1]}")
 
 
-def warmup_flag_sets(max_model_len: int) -> list[SamplerFlags]:
-    """Every SamplerFlags value pack_sampling can return for requests <= max_model_len tokens.
-
-    Count: 4 filter modes (greedy / sampled / +filters / +full sort) x (1 + #history buckets)
-    x len(LOGPROBS_BUCKETS).
+def all_flag_sets(max_model_len: int) -> list[SamplerFlags]:
+    """Every SamplerFlags value pack_sampling can return for requests <= max_model_len tokens:
+    3 modes (greedy / sampled / filtered) x (1 + #history buckets) x #logprob buckets.
     """
-    modes = [(True, False, False), (False, False, False), (False, True, False), (False, True, True)]
-    return [SamplerFlags(g, f, s, h, n)
-            for g, f, s in modes
+    modes = [(True, False), (False, False), (False, True)]
+    return [SamplerFlags(g, f, h, n)
+            for g, f in modes
             for h in (0, *history_buckets(max_model_len))
             for n in LOGPROBS_BUCKETS]
+
+
+def warmup_flag_sets(max_model_len: int) -> list[SamplerFlags]:
+    """A subset of ``all_flag_sets`` whose runs compile every variant ``sampler.Sampler`` uses.
+
+    The Sampler compiles its core per flags-without-history_width (penalised logits present or
+    not) and its penalty jit per history width, so: every mode x logprobs bucket with H = 0 and
+    with the smallest H, plus one run for each larger H. Run each at every row bucket.
+    """
+    hs = history_buckets(max_model_len)
+    core = [f for f in all_flag_sets(max_model_len) if f.history_width in (0, hs[0])]
+    return core + [SamplerFlags(history_width=h) for h in hs[1:]]
 
 
 def banned_ids_fit(params: SamplingParams, eos_token_ids: Sequence[int]) -> bool:
@@ -183,22 +184,17 @@ def _effective_top_k(p: SamplingParams, vocab_size: int) -> int:
     return 0 if p.top_k >= vocab_size else p.top_k
 
 
-def _uses_sort(p: SamplingParams, vocab_size: int) -> bool:
-    return _effective_top_k(p, vocab_size) > 0 or p.top_p < 1.0
-
-
 def required_flags(rows: Sequence[SamplingRow | None], vocab_size: int) -> SamplerFlags:
     """The cheapest flags under which ``rows`` sample correctly."""
     real = [r for r in rows if r is not None]
     sampled = [r.params for r in real if not r.params.greedy]
-    any_filters = any(p.uses_filters for p in sampled)
-    full_sort = any(_uses_sort(p, vocab_size) and not 1 <= _effective_top_k(p, vocab_size) <= SORT_CAP
-                    for p in sampled)
+    any_filters = any(_effective_top_k(p, vocab_size) > 0 or p.top_p < 1.0 or p.min_p > 0.0
+                      for p in sampled)
     pen = [len(r.prompt_token_ids) + len(r.output_token_ids) for r in real if r.params.uses_penalties]
     history = history_bucket(max(pen)) if pen else 0
     asked = [r.params.logprobs for r in real if r.params.logprobs is not None]
-    return SamplerFlags(all_greedy=not sampled, any_filters=any_filters, full_sort=full_sort,
-                        history_width=history, max_logprobs=logprobs_bucket(max(asked, default=None)))
+    return SamplerFlags(all_greedy=not sampled, any_filters=any_filters, history_width=history,
+                        max_logprobs=logprobs_bucket(max(asked, default=None)))
 
 
 def _check_ids(ids: np.ndarray, vocab_size: int, what: str, row: int) -> None:

@@ -39,12 +39,17 @@ _LOG2E = math.log2(math.e)
 
 @dataclasses.dataclass(frozen=True)
 class FlashGpuConfig:
-    """Static launch parameters: tile sizes (powers of two), Triton warps and pipeline depth."""
+    """Static launch parameters: tile sizes (powers of two), Triton warps and pipeline depth.
+
+    heavy_first: launch order (q head fastest, last q blocks first): under causal masking the
+    last q blocks do the most work, so starting them first shortens the tail of the last wave.
+    """
 
     block_q: int = 128
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    heavy_first: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_q", "block_k", "num_warps", "num_stages"):
@@ -55,6 +60,20 @@ class FlashGpuConfig:
             v = getattr(self, name)
             if v & (v - 1) or (name != "num_warps" and v < 16):
                 raise ValueError(f"FlashGpuConfig.{name} must be a power of two (>= 16 for tiles), got {v}")
+
+
+def default_config(num_tokens: int, dtype) -> FlashGpuConfig:
+    """Tiles by size, from the H200 sweep in KERNEL_NOTES.md: 128x128 tiles with 8 warps and 3
+    stages for long prompts, 64x64 with 4 warps up to 4k tokens (more programs per SM: the
+    2048-token grid has only 16 q blocks per head). float32 tiles are twice the bytes: 64x32
+    with 2 stages keeps them within the 227 KB of shared memory.
+    """
+    fit = max(16, 1 << (num_tokens - 1).bit_length())
+    if jnp.dtype(dtype).itemsize >= 4:
+        return FlashGpuConfig(block_q=min(64, fit), block_k=min(32, fit), num_warps=4, num_stages=2)
+    if num_tokens <= 4096:
+        return FlashGpuConfig(block_q=min(64, fit), block_k=min(64, fit), num_warps=4, num_stages=3)
+    return FlashGpuConfig(block_q=128, block_k=128, num_warps=8, num_stages=3)
 
 
 def _kernel(
@@ -73,8 +92,12 @@ def _kernel(
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
+    heavy_first: bool,
 ):
-    qb, h = pl.program_id(0), pl.program_id(1)
+    if heavy_first:
+        h, qb = pl.program_id(0), pl.num_programs(1) - 1 - pl.program_id(1)
+    else:
+        qb, h = pl.program_id(0), pl.program_id(1)
     end = end_ref[0]
     q0 = qb * block_q
     rows = q0 + jnp.arange(block_q, dtype=jnp.int32)
@@ -151,10 +174,9 @@ def flash_attention(
     hkv = k.shape[1]
     if num_tokens == 0:
         return q
-    cfg = config or FlashGpuConfig(
-        block_q=min(128, max(16, 1 << (num_tokens - 1).bit_length())),
-        block_k=min(64, max(16, 1 << (num_tokens - 1).bit_length())),
-    )
+    if config is None:
+        config = default_config(num_tokens, q.dtype)
+    cfg = config
     dp = max(16, 1 << (d - 1).bit_length())
     tile = max(cfg.block_q, cfg.block_k)
     t_pad = -(-num_tokens // tile) * tile
@@ -167,10 +189,11 @@ def flash_attention(
     kernel = functools.partial(
         _kernel, num_tokens=num_tokens, group=hq // hkv, head_dim=dp, block_q=cfg.block_q,
         block_k=cfg.block_k, sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap,
+        heavy_first=cfg.heavy_first,
     )  # fmt: skip
     out = pl.pallas_call(
         kernel,
-        grid=(t_pad // cfg.block_q, hq),
+        grid=(hq, t_pad // cfg.block_q) if cfg.heavy_first else (t_pad // cfg.block_q, hq),
         out_shape=jax.ShapeDtypeStruct((t_pad, hq * dp), q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,

@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ragged_paged_attention import reference
+from pallas_kernels.ragged_paged_attention.work import item_rows, work_items
 
 _NEG = -1e30
 
@@ -76,64 +77,59 @@ class GpuConfig:
                 raise ValueError(f"GpuConfig.{name} must be a power of two, got {v}")
 
 
+@dataclasses.dataclass(frozen=True)
+class GpuPlan:
+    """Two launches over one output. First the prefill class: sequences with
+    ``q_len > decode.block_q`` in large tiles, plus the padding rows (zeros), into a fresh buffer.
+    Then the decode class (one item per sequence, small score tiles, optional KV splits) writes
+    its rows into that buffer (aliased in place, or scattered in after the split combine).
+    """
+
+    decode: GpuConfig
+    prefill: GpuConfig
+
+    def __post_init__(self) -> None:
+        if self.prefill.num_splits != 1:
+            raise ValueError("GpuPlan.prefill.num_splits must be 1 (prefill items are many already)")
+        if self.prefill.block_q <= self.decode.block_q:
+            raise ValueError("GpuPlan.prefill.block_q must exceed decode.block_q (the class threshold)")
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def default_config(
-    num_tokens: int, max_seqs: int, num_q_heads: int, num_kv_heads: int, page_size: int, pages_per_seq: int
-) -> GpuConfig:
-    """Heuristic static config from the shapes alone (the batch's composition is dynamic).
-
-    Score-tile rows ``block_q * G`` >= 16 (the tensor-core minimum); prefill-like buckets (many
-    tokens per sequence slot) get 64-row tiles. ``block_k`` ~64 keys. Splits raise the number of
-    programs to about two waves of 132 SMs when items x kv heads cannot.
-    """
-    group = _pow2(num_q_heads // num_kv_heads)
-    rows = 64 if num_tokens >= 4 * max_seqs else 16
-    block_q = max(1, rows // group)
-    pages_per_block = max(1, 64 // page_size)
-    pages_per_block = min(pages_per_block, _pow2(pages_per_seq))
-    items = -(-num_tokens // block_q) if num_tokens >= 4 * max_seqs else max_seqs
-    programs = max(1, items) * num_kv_heads
-    ctx_blocks = -(-pages_per_seq // pages_per_block)
+def _splits(programs: int, ctx_blocks: int) -> int:
+    """KV splits that bring ``programs`` to about two waves of an H100/H200's 132 SMs."""
     splits = 1
     while programs * splits < 264 and splits * 2 <= ctx_blocks and splits < 32:
         splits *= 2
-    return GpuConfig(block_q=block_q, pages_per_block=pages_per_block, num_splits=splits)
+    return splits
 
 
-def work_items(
-    num_tokens: int, block_q: int, seq_lens: jax.Array, query_start_loc: jax.Array, num_seqs: jax.Array
-) -> jax.Array:
-    """``int32[num_items, 4]`` rows of (first q row, rows, seq or -1 for padding, first position).
+def default_config(
+    num_tokens: int, max_seqs: int, num_q_heads: int, num_kv_heads: int, page_size: int, pages_per_seq: int
+) -> GpuConfig | GpuPlan:
+    """Heuristic static config from the shapes alone (the batch's composition is dynamic).
 
-    Items with 0 rows do nothing. Sequences past ``num_seqs`` get no items; the rows after
-    ``query_start_loc[num_seqs]`` are covered by padding items (seq -1) so they get zeros.
+    Decode class: ``block_q * G = 16`` score rows (the tensor-core minimum), ~64 keys per step,
+    splits when ``max_seqs x kv heads`` programs cannot fill the GPU. Prefill class (only if the
+    bucket can hold a sequence with more than ``block_q`` rows): 64-row tiles, 64 keys per step
+    (measured best for the 8 x 512 chunks of the mixed benchmark; KERNEL_NOTES.md).
     """
-    max_seqs = seq_lens.shape[0]
-    num_items = -(-num_tokens // block_q) + max_seqs + 1
-    n = jnp.clip(num_seqs[0], 0, max_seqs)
-    starts = query_start_loc[:-1]
-    q_len = query_start_loc[1:] - starts
-    live = jnp.arange(max_seqs) < n
-    q_len = jnp.where(live, q_len, 0)
-    end = query_start_loc[n]
-    counts = jnp.concatenate([-(-q_len // block_q), (-(-(num_tokens - end) // block_q))[None]])
-    starts = jnp.concatenate([starts, end[None]])
-    lens = jnp.concatenate([q_len, (num_tokens - end)[None]])
-    first_pos = jnp.concatenate([seq_lens - q_len, jnp.zeros((1,), jnp.int32)])
-    cum = jnp.cumsum(counts)
-    w = jnp.arange(num_items, dtype=jnp.int32)
-    owner = jnp.searchsorted(cum, w, side="right").astype(jnp.int32)
-    has = owner <= max_seqs
-    o = jnp.minimum(owner, max_seqs)
-    blk = w - (cum[o] - counts[o])
-    row0 = starts[o] + blk * block_q
-    rows = jnp.where(has, jnp.clip(lens[o] - blk * block_q, 0, block_q), 0)
-    seq = jnp.where(o == max_seqs, -1, o)
-    pos0 = first_pos[o] + blk * block_q
-    return jnp.stack([row0, rows, seq, pos0], axis=1).astype(jnp.int32)
+    group = _pow2(num_q_heads // num_kv_heads)
+    ppb = min(max(1, 64 // page_size), _pow2(pages_per_seq))
+    bq = max(1, 16 // group)
+    ctx_blocks = -(-pages_per_seq // ppb)
+    dec = GpuConfig(
+        block_q=bq,
+        pages_per_block=ppb,
+        num_splits=_splits(min(max_seqs, num_tokens) * num_kv_heads, ctx_blocks),
+    )
+    if num_tokens <= bq:
+        return dec
+    pre = GpuConfig(block_q=max(bq * 2, 64 // group), pages_per_block=ppb, num_warps=4, num_stages=2)
+    return GpuPlan(decode=dec, prefill=pre)
 
 
 def _kernel(
@@ -154,12 +150,14 @@ def _kernel(
     sliding_window: int | None,
     soft_cap: float | None,
     quantized: bool,
+    aliased: bool,
+    per_item: bool,
 ):
-    if quantized:
-        ks_ref, vs_ref, *outs = rest
-    else:
-        ks_ref = vs_ref = None
-        outs = rest
+    rest = list(rest)
+    ks_ref, vs_ref = (rest.pop(0), rest.pop(0)) if quantized else (None, None)
+    if aliased:
+        rest.pop(0)  # the previous launch's output: aliased to ours, rows we do not own stay as they are
+    outs = rest
     w, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     block_k = pages_per_block * page_size
     m_rows = block_q * group
@@ -176,18 +174,25 @@ def _kernel(
     q = q_ref[rows, qcols].reshape(m_rows, head_dim)
     qpos = pos0 + jnp.arange(m_rows, dtype=jnp.int32) // group  # [M]
 
-    kv_hi = jnp.where(seq >= 0, pos0 + nrows, 0)  # exclusive end of visible keys
-    kv_lo = 0 if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
+    # Visible keys of the item: [kv_lo, kv_hi); keys in [full_lo, pos0] are visible to every row.
+    kv_hi = jnp.where(seq >= 0, pos0 + nrows, 0)
+    kv_lo = jnp.int32(0)
+    full_lo = jnp.int32(0)
+    if sliding_window is not None:
+        kv_lo = jnp.maximum(pos0 - sliding_window + 1, 0)
+        full_lo = jnp.maximum(pos0 + nrows - sliding_window, 0)
     blk_lo = kv_lo // block_k
     blk_hi = (kv_hi + block_k - 1) // block_k
     nblk = jnp.maximum(blk_hi - blk_lo, 0)
     per_split = (nblk + num_splits - 1) // num_splits
     b0 = blk_lo + split * per_split
     b1 = jnp.minimum(b0 + per_split, blk_hi)
+    i_lo = jnp.clip((full_lo + block_k - 1) // block_k, b0, jnp.maximum(b1, b0))
+    i_hi = jnp.clip((pos0 + 1) // block_k, i_lo, jnp.maximum(b1, i_lo))
     kcols = pl.ds(h * head_dim, head_dim)
     offs = jnp.arange(page_size, dtype=jnp.int32)
 
-    def body(b, carry):
+    def body(b, carry, masked: bool):
         acc, m_prev, l_prev = carry
         pages = page_table_ref[seq_c, pl.ds(b * pages_per_block, pages_per_block)]
         krow = (pages[:, None] * page_size + offs[None, :]).reshape(block_k)
@@ -195,51 +200,138 @@ def _kernel(
         v = v_ref[krow, kcols]
         kpos = b * block_k + jnp.arange(block_k, dtype=jnp.int32)
         if quantized:
-            kscale = jnp.broadcast_to(ks_ref[pages, h][:, None], (pages_per_block, page_size))
-            vscale = jnp.broadcast_to(vs_ref[pages, h][:, None], (pages_per_block, page_size))
+            kscale = jnp.broadcast_to(ks_ref[pages, h][:, None], (pages_per_block, page_size)).reshape(
+                block_k
+            )
+            vscale = jnp.broadcast_to(vs_ref[pages, h][:, None], (pages_per_block, page_size)).reshape(
+                block_k
+            )
             k = k.astype(q.dtype)
             v = v.astype(q.dtype)
         s = plgpu.dot(q, k, trans_b=True)  # [M, block_k] float32
         if quantized:
-            s = s * kscale.reshape(1, block_k)
+            s = s * kscale[None, :]
         s = s * sm_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        mask = kpos[None, :] <= qpos[:, None]
-        if sliding_window is not None:
-            mask = mask & (kpos[None, :] > qpos[:, None] - sliding_window)
-        s = jnp.where(mask, s, _NEG)
+        if masked:
+            mask = kpos[None, :] <= qpos[:, None]
+            if sliding_window is not None:
+                mask = mask & (kpos[None, :] > qpos[:, None] - sliding_window)
+            s = jnp.where(mask, s, _NEG)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
         alpha = jnp.exp(m_prev - m_new)
-        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        p = jnp.exp(s - m_new[:, None])
+        if masked:
+            p = jnp.where(mask, p, 0.0)
         l_new = l_prev * alpha + jnp.sum(p, axis=1)
-        live = kpos < kv_hi  # keys past the context may be garbage / NaN (and so may their scales)
+        if masked:
+            live = kpos < kv_hi  # keys past the context may be garbage / NaN (and so may their scales)
+            v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+            if quantized:
+                vscale = jnp.where(live, vscale, 0.0)
         if quantized:
-            p = p * jnp.where(live, vscale.reshape(block_k), 0.0)[None, :]
-        v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+            p = p * vscale[None, :]
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_new, l_new
 
-    acc0 = jnp.zeros((m_rows, head_dim), jnp.float32)
-    m0 = jnp.full((m_rows,), _NEG, jnp.float32)
-    l0 = jnp.zeros((m_rows,), jnp.float32)
-    acc, m_i, l_i = jax.lax.fori_loop(b0, b1, body, (acc0, m0, l0))
+    carry = (
+        jnp.zeros((m_rows, head_dim), jnp.float32),
+        jnp.full((m_rows,), _NEG, jnp.float32),
+        jnp.zeros((m_rows,), jnp.float32),
+    )
+    carry = jax.lax.fori_loop(b0, i_lo, functools.partial(body, masked=True), carry)
+    carry = jax.lax.fori_loop(i_lo, i_hi, functools.partial(body, masked=False), carry)
+    acc, m_i, l_i = jax.lax.fori_loop(i_hi, b1, functools.partial(body, masked=True), carry)
 
     # Stores use array indices on every axis (Pallas interpret mode supports masked stores only so).
     store_mask = row_ok[:, None]
     rr = (row0 + r)[:, None]  # unclamped: masked rows may be out of range, never duplicates
     qc = (h * group * head_dim + jnp.arange(group * head_dim, dtype=jnp.int32))[None, :]
-    if num_splits == 1:
+    if not per_item:
         (o_ref,) = outs
         out = acc / jnp.maximum(l_i, 1e-30)[:, None]
         out = out.reshape(block_q, group * head_dim).astype(o_ref.dtype)
         plgpu.store(o_ref.at[rr, qc], out, mask=store_mask)
-    else:
+    else:  # partials are indexed by (split, item row), not by token row: their size is items x block_q
         o_ref, m_ref, l_ref = outs
-        plgpu.store(o_ref.at[split, rr, qc], acc.reshape(block_q, group * head_dim), mask=store_mask)
+        pr = (w * block_q + r)[:, None]
+        plgpu.store(o_ref.at[split, pr, qc], acc.reshape(block_q, group * head_dim), mask=store_mask)
         hc = (h * group + jnp.arange(group, dtype=jnp.int32))[None, :]
-        plgpu.store(m_ref.at[split, rr, hc], m_i.reshape(block_q, group), mask=store_mask)
-        plgpu.store(l_ref.at[split, rr, hc], l_i.reshape(block_q, group), mask=store_mask)
+        plgpu.store(m_ref.at[split, pr, hc], m_i.reshape(block_q, group), mask=store_mask)
+        plgpu.store(l_ref.at[split, pr, hc], l_i.reshape(block_q, group), mask=store_mask)
+
+
+def _launch(
+    cfg: GpuConfig,
+    items: jax.Array,
+    base: jax.Array | None,
+    pt: jax.Array,
+    q2: jax.Array,
+    k2: jax.Array,
+    v2: jax.Array,
+    scales: list[jax.Array],
+    *,
+    out_dtype,
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    page_size: int,
+    interpret: bool,
+    **static,
+) -> jax.Array:
+    """One pallas_call over ``items``; returns ``[T, kvh * G * D]``.
+
+    Rows the items do not own come from ``base`` (written in place) or are left unwritten when
+    ``base`` is None. With splits, per-item partials are merged by XLA and scattered into
+    ``base`` (zeros if None).
+    """
+    num_tokens, width = q2.shape
+    hw = num_kv_heads * group
+    if pt.shape[1] % cfg.pages_per_block:
+        pt = jnp.pad(pt, ((0, 0), (0, -pt.shape[1] % cfg.pages_per_block)))
+    ns, bq, num_items = cfg.num_splits, cfg.block_q, items.shape[0]
+    per_item = ns > 1
+    args = [items, pt, q2, k2, v2, *scales]
+    aliases = {}
+    if per_item:
+        n_rows = num_items * bq
+        out_shape = (
+            jax.ShapeDtypeStruct((ns, n_rows, width), jnp.float32),
+            jax.ShapeDtypeStruct((ns, n_rows, hw), jnp.float32),
+            jax.ShapeDtypeStruct((ns, n_rows, hw), jnp.float32),
+        )
+    else:
+        out_shape = jax.ShapeDtypeStruct((num_tokens, width), out_dtype)
+        if base is not None:
+            aliases = {len(args): 0}
+            args.append(base)
+    kernel = functools.partial(
+        _kernel, num_tokens=num_tokens, group=group, head_dim=head_dim, page_size=page_size,
+        block_q=bq, pages_per_block=cfg.pages_per_block, num_splits=ns, quantized=bool(scales),
+        aliased=bool(aliases), per_item=per_item, **static,
+    )  # fmt: skip
+    out = pl.pallas_call(
+        kernel,
+        grid=(num_items, num_kv_heads, ns),
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="ragged_paged_attention",
+    )(*args)
+    if not per_item:
+        return out
+    o_part, m_part, l_part = out
+    m_all = jnp.max(m_part, axis=0)
+    wgt = jnp.exp(m_part - m_all[None])  # [ns, items * bq, kvh * G]
+    num = jnp.sum(o_part.reshape(ns, -1, hw, head_dim) * wgt[..., None], axis=0)
+    den = jnp.sum(l_part * wgt, axis=0)
+    vals = (num / jnp.maximum(den, 1e-30)[..., None]).astype(out_dtype).reshape(-1, width)
+    dest = item_rows(items, bq, num_tokens)
+    if base is None:
+        base = jnp.zeros((num_tokens, width), out_dtype)
+    return base.at[dest].set(vals, mode="drop")
 
 
 def ragged_paged_attention(
@@ -257,12 +349,13 @@ def ragged_paged_attention(
     k_scales: jax.Array | None = None,
     v_scales: jax.Array | None = None,
     interpret: bool = False,
-    config: GpuConfig | None = None,
+    config: GpuConfig | GpuPlan | None = None,
 ) -> jax.Array:
     """GPU kernel with ``reference.ragged_paged_attention``'s signature and semantics.
 
     ``q: [num_tokens, num_q_heads, head_dim]``, pools ``[num_pages, page_size, num_kv_heads,
-    head_dim]`` -> ``[num_tokens, num_q_heads, head_dim]``. ``config`` overrides the heuristic.
+    head_dim]`` -> ``[num_tokens, num_q_heads, head_dim]``. ``config`` overrides the heuristic:
+    a ``GpuConfig`` runs one launch over every sequence, a ``GpuPlan`` two (decode / prefill).
     """
     reference.validate_inputs(
         q, k_pages, v_pages, page_table, seq_lens, query_start_loc, num_seqs,
@@ -287,43 +380,20 @@ def ragged_paged_attention(
     q2 = qx.reshape(num_tokens, num_kv_heads * gp * dp)
     k2 = k_pages.reshape(num_pages * page_size, num_kv_heads * dp)
     v2 = v_pages.reshape(num_pages * page_size, num_kv_heads * dp)
-    ppb = cfg.pages_per_block
-    pt = jnp.pad(page_table, ((0, 0), (0, -pages_per_seq % ppb)))
-    items = work_items(num_tokens, cfg.block_q, seq_lens, query_start_loc, num_seqs)
-    quantized = k_scales is not None
-
-    kernel = functools.partial(
-        _kernel, num_tokens=num_tokens, group=gp, head_dim=dp, page_size=page_size,
-        block_q=cfg.block_q, pages_per_block=ppb, num_splits=cfg.num_splits, sm_scale=float(sm_scale),
-        sliding_window=sliding_window, soft_cap=soft_cap, quantized=quantized,
+    scales = [] if k_scales is None else [k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)]
+    meta = (seq_lens, query_start_loc, num_seqs)
+    common = dict(
+        out_dtype=q.dtype, num_kv_heads=num_kv_heads, group=gp, head_dim=dp, page_size=page_size,
+        interpret=interpret, sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap,
     )  # fmt: skip
-    width = num_kv_heads * gp * dp
-    if cfg.num_splits == 1:
-        out_shape = jax.ShapeDtypeStruct((num_tokens, width), q.dtype)
+    if isinstance(cfg, GpuConfig):
+        items = work_items(num_tokens, cfg.block_q, *meta)
+        out = _launch(cfg, items, None, page_table, q2, k2, v2, scales, **common)
     else:
-        ns = cfg.num_splits
-        out_shape = (
-            jax.ShapeDtypeStruct((ns, num_tokens, width), jnp.float32),
-            jax.ShapeDtypeStruct((ns, num_tokens, num_kv_heads * gp), jnp.float32),
-            jax.ShapeDtypeStruct((ns, num_tokens, num_kv_heads * gp), jnp.float32),
-        )
-    args = [items, pt, q2, k2, v2]
-    if quantized:
-        args += [k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)]
-    out = pl.pallas_call(
-        kernel,
-        grid=(items.shape[0], num_kv_heads, cfg.num_splits),
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name="ragged_paged_attention",
-    )(*args)
-    if cfg.num_splits > 1:
-        o_part, m_part, l_part = out
-        m_all = jnp.max(m_part, axis=0)
-        wgt = jnp.exp(m_part - m_all[None])  # [ns, T, H]
-        num = jnp.sum(o_part.reshape(*m_part.shape, dp) * wgt[..., None], axis=0)
-        den = jnp.sum(l_part * wgt, axis=0)
-        out = (num / jnp.maximum(den, 1e-30)[..., None]).astype(q.dtype)
+        dq = cfg.decode.block_q
+        items = work_items(num_tokens, cfg.prefill.block_q, *meta, q_min=dq)
+        out = _launch(cfg.prefill, items, None, page_table, q2, k2, v2, scales, **common)
+        items = work_items(num_tokens, dq, *meta, q_max=dq)
+        out = _launch(cfg.decode, items, out, page_table, q2, k2, v2, scales, **common)
     out = out.reshape(num_tokens, num_kv_heads, gp, dp)[:, :, :group, :head_dim]
     return out.reshape(num_tokens, num_q_heads, head_dim)

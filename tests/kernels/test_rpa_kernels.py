@@ -8,6 +8,8 @@ from rpa_cases import CASES
 
 from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
 from pallas_kernels.ragged_paged_attention import reference as rpa_ref
+from pallas_kernels.ragged_paged_attention import tpu as rpa_tpu
+from pallas_kernels.ragged_paged_attention import work
 
 
 def _batch(name: str, seed: int = 0):
@@ -32,12 +34,18 @@ def _check(c, b, got, want):
 
 
 GPU_CONFIGS = {
-    "decode7_p16_d64": rpa_gpu.GpuConfig(block_q=2, pages_per_block=2, num_splits=2),
+    "decode7_p16_d64": None,  # the default plan: two launches
     "prefill1_p8_d128": rpa_gpu.GpuConfig(block_q=16, pages_per_block=2),
-    "mixed7_p32_d256_bf16": rpa_gpu.GpuConfig(block_q=4, pages_per_block=1, num_splits=3),
-    "decode64_p8": rpa_gpu.GpuConfig(block_q=8, pages_per_block=2),
-    "window_softcap_g3": rpa_gpu.GpuConfig(block_q=2, pages_per_block=1, num_splits=2),
-    "int8_kv": rpa_gpu.GpuConfig(block_q=4, pages_per_block=1),
+    "mixed7_p32_d256_bf16": rpa_gpu.GpuPlan(
+        decode=rpa_gpu.GpuConfig(block_q=2, pages_per_block=1, num_splits=3),
+        prefill=rpa_gpu.GpuConfig(block_q=8, pages_per_block=1),
+    ),
+    "decode64_p8": rpa_gpu.GpuConfig(block_q=8, pages_per_block=2, num_splits=2),
+    "window_softcap_g3": rpa_gpu.GpuPlan(
+        decode=rpa_gpu.GpuConfig(block_q=1, pages_per_block=1, num_splits=2),
+        prefill=rpa_gpu.GpuConfig(block_q=4, pages_per_block=2),
+    ),
+    "int8_kv": rpa_gpu.GpuConfig(block_q=2, pages_per_block=1),
     "fp8_kv": None,
     "pool_70k_pages": None,
 }
@@ -64,9 +72,40 @@ def test_gpu_work_items_cover_every_row_once():
         num_kv_heads=1,
         head_dim=8,
     )
-    items = np.asarray(rpa_gpu.work_items(b.q.shape[0], 4, *b.args()[4:]))
-    covered = np.zeros(b.q.shape[0], int)
+    t = b.q.shape[0]
+    items = np.asarray(work.work_items(t, 4, *b.args()[4:]))
+    covered = np.zeros(t, int)
     for row0, rows, _, _ in items:
         covered[row0 : row0 + rows] += 1
     np.testing.assert_array_equal(covered, 1)
-    assert items.shape[0] == -(-b.q.shape[0] // 4) + b.page_table.shape[0] + 1
+    # The two-launch split: decode class (q_len <= 1) and the rest (with the padding rows).
+    covered[:] = 0
+    for kw in (dict(q_max=1), dict(q_min=1)):
+        for row0, rows, seq, pos0 in np.asarray(work.work_items(t, 2, *b.args()[4:], **kw)):
+            covered[row0 : row0 + rows] += 1
+            if rows and seq >= 0:
+                assert pos0 == b.seq_lens[seq] - b.q_lens[seq] + (row0 - b.query_start_loc[seq])
+    np.testing.assert_array_equal(covered, 1)
+
+
+TPU_CONFIGS = {
+    "decode7_p16_d64": None,
+    "prefill1_p8_d128": rpa_tpu.TpuConfig(block_q=8, pages_per_block=2),
+    "mixed7_p32_d256_bf16": rpa_tpu.TpuConfig(block_q=4, pages_per_block=1),
+    "decode64_p8": rpa_tpu.TpuConfig(block_q=2, pages_per_block=4),
+    "window_softcap_g3": rpa_tpu.TpuConfig(block_q=2, pages_per_block=1),
+    "int8_kv": rpa_tpu.TpuConfig(block_q=2, pages_per_block=2),
+    "fp8_kv": None,
+    "pool_70k_pages": rpa_tpu.TpuConfig(block_q=2, pages_per_block=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_tpu_kernel_interpret(name):
+    c, b, kw = _batch(name, seed=1)
+    want = jax.jit(lambda *a: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
+    got = run_fast(
+        lambda *a: rpa_tpu.ragged_paged_attention(*a, interpret=True, config=TPU_CONFIGS[name], **kw),
+        *b.args(),
+    )
+    _check(c, b, got, want)

@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from jserve.sampler import apply_penalties, gumbel_noise, make_sampler, sample
+from jserve.sampler import SORT_CAP, apply_penalties, gumbel_noise, make_sampler, sample, top_k_rows
 from jserve.sampling_batch import (
     MAX_BANNED_IDS,
-    SORT_CAP,
     SamplerFlags,
     SamplingRow,
+    all_flag_sets,
     pack_sampling,
     required_flags,
     warmup_flag_sets,
@@ -22,7 +22,7 @@ SAMPLER = make_sampler()
 # CPU compiles dominate this file's time: tests share a few shapes and flag sets.
 V_DRAW, N_DRAW = 32, 2048          # distribution tests: N_DRAW rows over a padded vocabulary
 R_SMALL, V_SMALL = 8, 64
-DRAW_FLAGS = SamplerFlags(all_greedy=False, any_filters=True, full_sort=True)
+DRAW_FLAGS = SamplerFlags(all_greedy=False, any_filters=True)
 
 
 def row(seed: int = 0, idx: int = 0, prompt=(), output=(), banned=(), **params) -> SamplingRow:
@@ -40,7 +40,7 @@ def draws(logits_row, seed: int = 1, **params) -> np.ndarray:
     """N_DRAW tokens of one request at output indices 0..N_DRAW-1 (one row each).
 
     The vocabulary is padded to V_DRAW with -inf logits (never sampled) and the flags are
-    forced to the full-sort superset, so every distribution test reuses one compile.
+    forced to the filtered superset, so every distribution test reuses one compile.
     """
     padded = np.full(V_DRAW, -np.inf, np.float32)
     padded[:len(logits_row)] = logits_row
@@ -150,10 +150,14 @@ def test_filters_keep_exact_set(params, nucleus):
     assert chi2(toks, expected) < 25.0
 
 
-def _random_rows(rng: np.random.Generator, n: int, v: int, cap_only: bool) -> list[SamplingRow]:
+V_REF = 2048  # > SORT_CAP and large enough for top_k_rows to take its chunked path
+
+
+def _random_rows(rng: np.random.Generator, n: int, v: int, full: bool) -> list[SamplingRow]:
+    """Mixed rows; with ``full``, some need the full sort (top_k > SORT_CAP, flat top-p rows)."""
     rows = []
     for i in range(n):
-        kind = i % 5
+        kind = i % 6
         kw: dict = dict(temperature=float(rng.uniform(0.3, 1.5)))
         if kind == 0:
             kw.update(top_k=int(rng.integers(1, SORT_CAP + 1)), top_p=float(rng.uniform(0.3, 1.0)))
@@ -161,9 +165,11 @@ def _random_rows(rng: np.random.Generator, n: int, v: int, cap_only: bool) -> li
             kw.update(top_k=int(rng.integers(1, SORT_CAP + 1)), min_p=float(rng.uniform(0, 0.2)))
         elif kind == 2:
             kw.update(min_p=float(rng.uniform(0, 0.3)))
-        elif kind == 3 and not cap_only:
-            kw.update(top_p=float(rng.uniform(0.5, 0.99)), min_p=float(rng.uniform(0, 0.05)))
         elif kind == 3:
+            kw.update(top_p=float(rng.uniform(0.5, 0.99)), min_p=float(rng.uniform(0, 0.05)))
+        elif kind == 4 and full:
+            kw.update(top_k=int(rng.integers(SORT_CAP + 1, v)), top_p=float(rng.uniform(0.5, 1.0)))
+        elif kind == 4:
             kw.update(temperature=0.0)
         out = rng.integers(0, v, size=int(rng.integers(0, 12))).tolist()
         if i % 3 == 0:
@@ -175,29 +181,45 @@ def _random_rows(rng: np.random.Generator, n: int, v: int, cap_only: bool) -> li
     return rows
 
 
-@pytest.mark.parametrize("cap_only", [True, False])
-def test_tokens_match_numpy_reference(cap_only):
-    v = 1000
-    rng = np.random.default_rng(2 + cap_only)
-    logits = (rng.normal(size=(40, v)) * 3).astype(np.float32)
-    rows = _random_rows(rng, 40, v, cap_only)
+def _ref_logits(rng: np.random.Generator, n: int, full: bool) -> np.ndarray:
+    """Peaked rows (top-p nucleus inside the SORT_CAP largest); with ``full`` some flat ones."""
+    scale = np.where(np.arange(n) // 2 % 2 == 0, 0.3, 8.0) if full else np.full(n, 8.0)
+    return (rng.normal(size=(n, V_REF)) * scale[:, None]).astype(np.float32)
+
+
+@pytest.mark.parametrize("chunk", [None, 2, 3, 16])
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_top_k_rows_equals_lax_top_k(k, chunk):
+    rng = np.random.default_rng(k)
+    x = rng.integers(-20, 20, size=(5, 1001)).astype(np.float32)   # many ties
+    x[0, :900] = -np.inf
+    x[1] = 0.0
+    vals, idx = top_k_rows(jax.numpy.asarray(x), k, chunk)
+    want_vals, want_idx = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_vals))
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_tokens_match_numpy_reference(full):
+    rng = np.random.default_rng(2 + full)
+    logits = _ref_logits(rng, 48, full)
+    rows = _random_rows(rng, 48, V_REF, full)
     out, flags, batch = run(logits, rows)
-    assert flags.full_sort == (not cap_only) and flags.any_penalties and flags.any_filters
-    noise = np.asarray(gumbel_noise(batch, v))
+    assert flags.any_penalties and flags.any_filters
+    noise = np.asarray(gumbel_noise(batch, V_REF))
     want = [ref_token(logits[i], r, noise[i]) for i, r in enumerate(rows)]
     np.testing.assert_array_equal(out.token_ids, want)
 
 
-def test_capped_rows_identical_under_full_sort():
-    v = 1000
+def test_rows_unchanged_when_batch_takes_full_sort():
     rng = np.random.default_rng(4)
-    logits = (rng.normal(size=(40, v)) * 3).astype(np.float32)
-    rows = _random_rows(rng, 40, v, cap_only=True)
-    capped, flags, _ = run(logits, rows)
-    assert not flags.full_sort
-    forced = SamplerFlags(False, True, True, flags.history_width, flags.max_logprobs)
-    full, _, _ = run(logits, rows, flags=forced)
-    np.testing.assert_array_equal(capped.token_ids, full.token_ids)
+    logits = _ref_logits(rng, 48, full=False)
+    rows = _random_rows(rng, 48, V_REF, full=False)
+    alone, _, _ = run(logits, rows)
+    # Adding one row that needs the full sort switches the batch's branch, not these tokens.
+    batched, _, _ = run(logits, rows[:-1] + [row(seed=1, temperature=1.0, top_k=SORT_CAP + 1)])
+    np.testing.assert_array_equal(alone.token_ids[:-1], batched.token_ids[:-1])
 
 
 def test_penalties_match_numpy():
@@ -249,7 +271,7 @@ def test_same_seed_same_token_any_row_any_batch(params):
         logits[5] = target
         rows = others + [row(seed=123, idx=t, **params), row(seed=77, idx=t, **params)]
         batched, flags, _ = run(logits, rows)
-        assert flags.full_sort and flags.any_penalties and flags.max_logprobs > 0
+        assert flags.any_filters and flags.any_penalties and flags.max_logprobs > 0
         assert batched.token_ids[5] == alone.token_ids[0]
 
 
@@ -322,10 +344,9 @@ def test_no_retrace_when_only_values_change():
 
 
 def test_two_jit_sampler_equals_single_function():
-    v = 1000
     rng = np.random.default_rng(11)
-    logits = (rng.normal(size=(40, v)) * 3).astype(np.float32)
-    rows = _random_rows(rng, 40, v, cap_only=False)
+    logits = _ref_logits(rng, 48, full=True)
+    rows = _random_rows(rng, 48, V_REF, full=True)
     out, flags, batch = run(logits, rows)
     single = jax.jit(sample, static_argnames=("flags",))(logits, batch, flags)
     np.testing.assert_array_equal(out.token_ids, np.asarray(single.token_ids))
@@ -333,32 +354,48 @@ def test_two_jit_sampler_equals_single_function():
 
 
 def test_required_flags_and_validation():
-    v = 1000
+    v = V_REF
     need = lambda *ps: required_flags([row(**p) for p in ps], v)
     assert need(dict(temperature=0.0, top_p=0.5)) == SamplerFlags()
-    assert need(dict()) == SamplerFlags(all_greedy=False)
-    assert need(dict(top_k=SORT_CAP)) == SamplerFlags(False, True, False)
-    assert need(dict(top_k=SORT_CAP + 1)).full_sort
-    assert need(dict(top_p=0.9)).full_sort
-    assert need(dict(top_k=5, top_p=0.9), dict(min_p=0.1)) == SamplerFlags(False, True, False)
-    assert not need(dict(top_k=v)).full_sort                     # top_k >= vocab: disabled
+    assert need(dict()) == need(dict(top_k=v)) == SamplerFlags(all_greedy=False)  # top_k >= V: off
+    for filtered in (dict(top_k=SORT_CAP + 1), dict(top_p=0.9), dict(min_p=0.1)):
+        assert need(filtered, dict(temperature=0.0)) == SamplerFlags(False, True)
     assert need(dict(temperature=0.0, frequency_penalty=0.1, prompt=range(17))).history_width == 32
     assert need(dict(temperature=0.0, logprobs=0)).max_logprobs > 0
-    flag_sets = set(warmup_flag_sets(64))
+    flag_sets = set(all_flag_sets(64))
     rng = np.random.default_rng(10)
-    for cap_only in (True, False):
-        assert required_flags(_random_rows(rng, 10, v, cap_only), v) in flag_sets
-    with pytest.raises(ValueError, match="full_sort"):
-        SamplerFlags(all_greedy=False, full_sort=True)
+    for full in (True, False):
+        assert required_flags(_random_rows(rng, 10, v, full), v) in flag_sets
+    with pytest.raises(ValueError, match="any_filters"):
+        SamplerFlags(all_greedy=True, any_filters=True)
     with pytest.raises(ValueError, match="history_width"):
         SamplerFlags(history_width=24)
     with pytest.raises(ValueError, match="max_logprobs"):
         SamplerFlags(max_logprobs=3)
     with pytest.raises(ValueError, match="does not cover"):
-        pack_sampling([row(top_p=0.5)], 2, v, flags=SamplerFlags(False, True, False))
+        pack_sampling([row(top_p=0.5)], 2, v, flags=SamplerFlags(False, False))
     with pytest.raises(ValueError, match="exceed num_rows_padded"):
         pack_sampling([row(), row()], 1, v)
     with pytest.raises(ValueError, match="prompt_token_ids"):
         pack_sampling([row(prompt=[v], repetition_penalty=1.1)], 1, v)
-    batch, flags = pack_sampling([], 4, v, flags=SamplerFlags(False, True, True, 64, 20))
+    batch, flags = pack_sampling([], 4, v, flags=SamplerFlags(False, True, 64, 20))
     assert batch.history_ids.shape == (4, 64) and batch.num_rows == 4
+
+
+def test_warmup_flag_sets_cover_every_variant():
+    # Abstract evaluation traces the Sampler's two jits exactly as a real call would (the trace
+    # cache is keyed the same way) without paying for 14 CPU compiles.
+    sampler = make_sampler()
+    r, v, max_len = 2, 32, 32
+    logits = jax.ShapeDtypeStruct((r, v), np.float32)
+    trace = lambda f: jax.eval_shape(lambda x, b: sampler(x, b, f), logits,
+                                     pack_sampling([], r, v, flags=f)[0])
+    for flags in warmup_flag_sets(max_len):
+        trace(flags)
+    warm = dict(sampler.traces)
+    assert warm == {"penalize": 2, "core": 12}
+    everything = all_flag_sets(max_len)
+    assert len(everything) == 3 * 3 * 2 and set(warmup_flag_sets(max_len)) <= set(everything)
+    for flags in everything:
+        trace(flags)
+    assert sampler.traces == warm

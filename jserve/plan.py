@@ -1,0 +1,171 @@
+"""Capacity planner (``jserve plan``): how many sequences of a context fit on an accelerator.
+
+Where it sits: beside start-up, never on the data path. It runs the engine's own start-up
+arithmetic with no device and no weights loaded: the model resolves as ``build_engine`` resolves
+it (``resolve_model``, ``make_engine_config``), the pool comes from the same functions
+(``kv_cache.memory_budget`` -> ``builder.pool_plan_for_budget`` -> ``PoolPlan``), so its
+figures are the ones start-up logs for the same settings::
+
+    bytes_limit   = chip memory x allocator fraction         (jserve/gpus.py)
+    budget        = int(bytes_limit x kv_cache_memory_fraction) - weight bytes per device
+    KV bytes/token = 2 (K, V) x layers x kv heads per device x head_dim x KV dtype bytes
+    pages         = budget // (KV bytes/token x page_size)   (page 0 is the null page)
+    sequences     = (pages - 1) // ceil(context / page_size)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from jserve.builder import EngineArgs, make_engine_config, pool_plan_for_budget, resolve_model
+from jserve.config import DTYPE_BYTES, EngineConfig, ModelConfig
+from jserve.gpus import JAX_GPU_MEM_FRACTION, Accelerator, lookup_accelerator
+from jserve.kv_cache import PoolPlan, kv_bytes_per_token, memory_budget, pages_for_budget
+
+_TP_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def weight_bytes(cfg: ModelConfig) -> int:
+    """Bytes of every parameter in ``cfg.dtype`` (what ``params_bytes`` of the loaded tree gives)."""
+    return cfg.num_params() * DTYPE_BYTES[cfg.dtype]
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    """Every figure ``jserve plan`` prints; all byte counts are per device unless named total."""
+
+    model_label: str
+    config: EngineConfig
+    accelerator: Accelerator
+    weight_bytes_total: int
+    weight_bytes_per_device: int
+    budget_bytes: int
+    pool: PoolPlan | None        # None: fewer than 2 pages fit (the weights take the memory)
+    min_fitting_tp: int | None   # smallest tensor-parallel size that fits, when this one doesn't
+
+    @property
+    def fits(self) -> bool:
+        return self.pool is not None and self.pool.max_concurrent_seqs >= 1
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.config
+        return kv_bytes_per_token(c.model, c.kv_dtype, c.parallel.tensor_parallel_size)
+
+    def render(self) -> str:
+        """The plan with its arithmetic, one line per figure."""
+        c, m, acc = self.config, self.config.model, self.accelerator
+        tp = c.parallel.tensor_parallel_size
+        kv_heads = m.num_kv_heads // tp if tp > 1 and m.num_kv_heads % tp == 0 else m.num_kv_heads
+        per_token, page_size = self.kv_bytes_per_token, c.cache.page_size
+        page_bytes = per_token * page_size
+        ctx = c.scheduler.max_model_len
+        lines = [
+            f"jserve plan: {self.model_label} on {acc.name}, tp={tp}, context {ctx:,} tokens",
+            f"model      {m.architecture}: {m.num_layers} layers, {m.num_heads} q / {m.num_kv_heads} kv "
+            f"heads x head_dim {m.head_dim}, hidden {m.hidden_size}, vocab {m.vocab_size:,}",
+            f"weights    {m.num_params():,} params x {DTYPE_BYTES[m.dtype]} B ({m.dtype}) = "
+            f"{_b(self.weight_bytes_total)}; / tp {tp} = {_b(self.weight_bytes_per_device)} per device",
+            f"memory     {_memory_line(acc)}",
+            f"budget     int({acc.bytes_limit:,} x {c.cache.kv_cache_memory_fraction} "
+            f"kv_cache_memory_fraction) - {self.weight_bytes_per_device:,} weights = "
+            f"{_b(self.budget_bytes)} per device",
+            f"KV/token   2 (K, V) x {m.num_layers} layers x {kv_heads} kv heads"
+            f"{' per device' if kv_heads != m.num_kv_heads else ''}"
+            f"{' (replicated: kv heads do not divide tp)' if tp > 1 and kv_heads == m.num_kv_heads else ''}"
+            f" x {m.head_dim} head_dim x {DTYPE_BYTES[c.kv_dtype]} B ({c.kv_dtype}) = {_b(per_token)}",
+            f"KV/page    {per_token:,} B x {page_size} tokens = {_b(page_bytes)}",
+        ]
+        if self.pool is None:
+            pages = pages_for_budget(self.budget_bytes, page_bytes) if self.budget_bytes > 0 else 0
+            lines.append(f"pages      {max(self.budget_bytes, 0):,} // {page_bytes:,} = {pages} pages: "
+                         f"DOES NOT FIT (the pool needs at least 2 pages)")
+        else:
+            p = self.pool
+            per_seq = math.ceil(ctx / page_size)
+            lines += [
+                f"pages      {self.budget_bytes:,} // {page_bytes:,} = {p.num_pages:,} pages "
+                f"(page 0 is the null page: {p.usable_pages:,} usable = {p.num_tokens:,} tokens, "
+                f"{_b(p.pool_bytes)} per device)",
+                f"sequences  {p.usable_pages:,} usable pages // (ceil({ctx:,} / {page_size}) = {per_seq:,} "
+                f"pages per sequence) = {p.max_concurrent_seqs:,} concurrent sequences of {ctx:,} tokens",
+                f"start-up   {p.describe()}",
+            ]
+        if not self.fits:
+            hint = (f"smallest tensor-parallel size that fits: --tp {self.min_fitting_tp}"
+                    if self.min_fitting_tp else "no tensor-parallel size up to 64 fits")
+            lines.append(f"verdict    not one sequence of {ctx:,} tokens fits; {hint}, or shorten the "
+                         f"context / use a smaller KV dtype")
+        return "\n".join(lines)
+
+
+def plan_capacity(model: str | None = None, gpu: str | int = "H100-80GB", max_model_len: int | None = None,
+                  dtype: str | None = None, kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
+                  kv_cache_memory_fraction: float = 0.85, page_size: int = 16,
+                  max_num_seqs: int = 64) -> CapacityPlan:
+    """Plan for ``model`` (an HF directory, None for the bundled model, or a named shape such as
+    ``llama3.1-8b``) on ``gpu`` (a name from jserve/gpus.py or a byte count)."""
+    acc = lookup_accelerator(gpu)
+    args = EngineArgs(model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                      kv_cache_memory_fraction=kv_cache_memory_fraction, page_size=page_size,
+                      kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size,
+                      random_weights=True)
+    model_cfg, model_dir = resolve_model(args)
+    label = str(model_dir.path) if model_dir is not None else str(model)
+    if model is None:
+        label = f"bundled default model ({model_dir.path.name})" if model_dir is not None else label
+    return _plan(label, make_engine_config(args, model_cfg), acc, args)
+
+
+def _plan(label: str, config: EngineConfig, acc: Accelerator, args: EngineArgs) -> CapacityPlan:
+    tp = config.parallel.tensor_parallel_size
+    total = weight_bytes(config.model)
+    per_device = total // tp
+    budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction, per_device)
+    try:
+        pool: PoolPlan | None = pool_plan_for_budget(config, budget)
+    except ValueError:   # PoolPlan: fewer than 2 pages
+        pool = None
+    plan = CapacityPlan(label, config, acc, total, per_device, budget, pool, None)
+    if plan.fits:
+        return plan
+    return CapacityPlan(label, config, acc, total, per_device, budget, pool,
+                        _min_fitting_tp(config, acc, args))
+
+
+def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs) -> int | None:
+    for tp in _TP_SIZES:
+        if tp <= config.parallel.tensor_parallel_size:
+            continue
+        try:
+            bigger = make_engine_config(EngineArgs(**{**args.__dict__, "tensor_parallel_size": tp}),
+                                        config.model)
+        except ValueError:   # heads or MLP not divisible by tp
+            continue
+        per_device = weight_bytes(config.model) // tp
+        budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction, per_device)
+        try:
+            if pool_plan_for_budget(bigger, budget).max_concurrent_seqs >= 1:
+                return tp
+        except ValueError:
+            continue
+    return None
+
+
+def _memory_line(acc: Accelerator) -> str:
+    if acc.platform == "bytes":
+        return f"{_b(acc.bytes_limit)} allocator limit per device (given as bytes)"
+    if acc.platform == "gpu":
+        return (f"{acc.memory_bytes // 2**20:,} MiB = {acc.memory_bytes:,} B x {acc.allocator_fraction} "
+                f"(XLA GPU allocator share, XLA_PYTHON_CLIENT_MEM_FRACTION; JAX default "
+                f"{JAX_GPU_MEM_FRACTION}) = {_b(acc.bytes_limit)} bytes_limit per device")
+    return f"{_b(acc.memory_bytes)} HBM per chip, all of it the XLA bytes_limit"
+
+
+def _b(n: int) -> str:
+    """``1,234 B (1.15 GiB)``: exact bytes, then a readable size."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n:,} B ({n / size:.2f} {unit})"
+    return f"{n:,} B"

@@ -1,0 +1,104 @@
+"""The ``jserve`` console script: jserve's own commands plus ``serve`` and ``bench``.
+
+Where it sits: the outermost shell. jserve/cli.py owns the parser and the offline commands
+(``generate``, ``plan``); this module adds the two that need the server package, so the
+dependency arrow stays ``server -> jserve``::
+
+    jserve serve --model DIR_OR_SHAPE [--random-weights] [--port 8000] [--grpc-port 50051]
+    jserve bench --base-url http://127.0.0.1:8000 --concurrency 1,2,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from jserve.cli import add_engine_flags, build_parser, engine_args_from
+from server.bench import add_bench_flags, cmd_bench
+
+log = logging.getLogger("jserve.server")
+
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    from jserve.async_engine import AsyncEngine
+    from jserve.builder import build_engine
+    from server.metrics import PrometheusStats
+    from server.runtime import RunningServer, ServerConfig, serve_until_signal
+
+    if ns.model is None:
+        raise ValueError("--model: required for serve (an HF model directory, or a named shape with "
+                         "--random-weights)")
+    config = ServerConfig(
+        host=ns.host, port=ns.port, grpc_port=None if ns.grpc_port < 0 else ns.grpc_port,
+        api_key=ns.api_key, served_model_names=tuple(ns.served_model_name or ()),
+        max_body_bytes=ns.max_body_bytes, shutdown_timeout_s=ns.shutdown_timeout,
+        enable_metrics=not ns.disable_metrics, access_log=ns.access_log)
+    args = dataclasses.replace(engine_args_from(ns), max_waiting=ns.max_waiting)
+    t0 = time.perf_counter()
+    engine = build_engine(args)
+    log.info("engine built in %.1f s", time.perf_counter() - t0)
+    name = (config.served_model_names or (ns.model,))[0]
+    stats = PrometheusStats(name, engine.pool.num_total) if config.enable_metrics else None
+    server = RunningServer(AsyncEngine(engine, stats), config, ns.model, stats)
+    asyncio.run(serve_until_signal(server))
+    return 0
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    add_engine_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free port)")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: a free port, -1: off)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (HTTP and gRPC)")
+    p.add_argument("--served-model-name", action="append", default=None,
+                   help="model id(s) clients send (repeatable; default: the --model string)")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="bounded waiting queue; requests past it get 429 / RESOURCE_EXHAUSTED")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest request body / gRPC message (413 / RESOURCE_EXHAUSTED past it)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight requests before aborting them")
+    p.add_argument("--disable-metrics", action="store_true", help="no Prometheus /metrics")
+    p.add_argument("--access-log", action="store_true", help="uvicorn access log")
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    """The parser's subcommand table (argparse has no public accessor for it)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise RuntimeError("jserve.cli.build_parser() returned a parser without subcommands")
+
+
+def build_full_parser() -> argparse.ArgumentParser:
+    parser = build_parser()
+    sub = _subcommands(parser)
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the gRPC API")
+    add_serve_flags(s)
+    s.set_defaults(func=_cmd_serve)
+    b = sub.add_parser("bench", help="load-test a running server (HTTP or gRPC)")
+    add_bench_flags(b)
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_full_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return ns.func(ns)
+    except ValueError as e:
+        print(f"jserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

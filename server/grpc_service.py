@@ -1,0 +1,199 @@
+"""The gRPC API: service ``jserve.v1.Generation`` plus grpc.health.v1 and server reflection.
+
+Where it sits: the gRPC front door, next to the HTTP app; both go through server/serving.py, so
+the same request gets the same checks and the same tokens. ``Generate`` streams one message per
+engine output that changed something (new tokens, text, or a finish), the last one with usage.
+Cancelling the call (client gone, deadline) cancels the handler, which aborts the engine request
+and frees its pages. Errors abort the call with the code from server/errors.py.
+
+Health: "" and "jserve.v1.Generation" report SERVING, NOT_SERVING once draining. Reflection
+lists Generation, Health and Reflection, so ``grpcurl -plaintext HOST:PORT list`` works without
+the .proto. The API key, when set, is checked on Generation's methods only (metadata
+``authorization: Bearer <key>``); health and reflection stay open like /health.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jserve.async_engine import CompletionDelta, DeltaTracker
+from jserve.outputs import RequestOutput
+from server.errors import APIError, bad_request, from_exception
+from server.proto import jserve_pb2 as pb
+from server.proto import jserve_pb2_grpc as pb_grpc
+from server.serving import Serving, new_id
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name   # "jserve.v1.Generation"
+_OPTIONAL_SAMPLING = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                      "presence_penalty", "frequency_penalty", "seed", "min_tokens",
+                      "include_stop_str_in_output", "ignore_eos", "skip_special_tokens")
+
+
+def sampling_fields(sp: pb.SamplingParams) -> tuple[dict[str, Any], int | None, int | None]:
+    """(SamplingParams keywords, max_tokens, logprobs) from the proto; unset fields are omitted."""
+    fields = {name: getattr(sp, name) for name in _OPTIONAL_SAMPLING if sp.HasField(name)}
+    fields["stop"] = list(sp.stop)
+    fields["stop_token_ids"] = list(sp.stop_token_ids)
+    max_tokens = sp.max_tokens if sp.HasField("max_tokens") else None
+    logprobs = sp.logprobs if sp.HasField("logprobs") else None
+    return fields, max_tokens, logprobs
+
+
+def _choice(d: CompletionDelta) -> pb.Choice:
+    c = pb.Choice(index=d.index, token_ids=d.token_ids, text=d.text, finish_reason=d.finish_reason or "")
+    if isinstance(d.stop_reason, str):
+        c.stop_string = d.stop_reason
+    elif isinstance(d.stop_reason, int):
+        c.stop_token_id = d.stop_reason
+    for tid, entry in zip(d.token_ids, d.logprobs or [], strict=False):
+        lp = pb.TokenLogprob(token_id=tid, logprob=entry[tid].logprob)
+        ranked = sorted(((t, e) for t, e in entry.items() if e.rank is not None), key=lambda x: x[1].rank)
+        for t, e in ranked:
+            lp.top.add(token_id=t, logprob=e.logprob, token=e.decoded_token or "")
+        c.logprobs.append(lp)
+    return c
+
+
+def _usage(out: RequestOutput) -> pb.Usage:
+    prompt = len(out.prompt_token_ids)
+    completion = sum(len(c.token_ids) for c in out.outputs)
+    return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                    cached_tokens=out.num_cached_tokens)
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, serving: Serving, api_key: str | None = None) -> None:
+        self.serving = serving
+        self.api_key = api_key
+
+    def _check_key(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.api_key:
+            return
+        meta = dict(context.invocation_metadata() or ())
+        scheme, _, token = str(meta.get("authorization", "")).partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 self.api_key.encode()):
+            raise APIError(401, "missing or invalid API key (metadata 'authorization: Bearer <key>')")
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        err = from_exception(exc)
+        if err.status >= 500 and not isinstance(exc, APIError):
+            log.error("gRPC request failed: %s", err.message)
+        await context.abort(err.grpc_code, err.message)
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            return self.serving.tokenize(request.text)
+        if kind == "token_ids":
+            if not request.token_ids.ids:
+                raise bad_request("token_ids: must contain at least one token", "token_ids")
+            return list(request.token_ids.ids)
+        raise bad_request("a prompt is required: set 'text' or 'token_ids'", "prompt")
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        rid = request.request_id or new_id("grpc")
+        try:
+            self._check_key(context)
+            self.serving.check_model(request.model)
+            ids = self._prompt_ids(request)
+            fields, max_tokens, logprobs = sampling_fields(request.sampling_params)
+            params = self.serving.make_params(fields, max_tokens, logprobs, len(ids))
+            stream = await self.serving.start(ids, params, f"{rid}-{new_id('g')}")
+        except Exception as e:
+            await self._abort(context, e)
+            return
+        async with stream:
+            tracker, first = DeltaTracker(), True
+            try:
+                async for out in stream:
+                    choices = [_choice(d) for d in tracker.update(out)]
+                    resp = pb.GenerateResponse(request_id=rid, choices=choices)
+                    if first:
+                        resp.prompt_token_ids.extend(ids)
+                        first = False
+                    if out.finished:
+                        resp.usage.CopyFrom(_usage(out))
+                    yield resp
+            except Exception as e:
+                await self._abort(context, e)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.TokenizeResponse:  # noqa: N802
+        try:
+            self._check_key(context)
+            self.serving.check_model(request.model)
+            add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            ids = self.serving.tokenize(request.text, add)
+        except Exception as e:
+            await self._abort(context, e)
+        return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.serving.max_model_len)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.DetokenizeResponse:  # noqa: N802
+        try:
+            self._check_key(context)
+            self.serving.check_model(request.model)
+            skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+            text = self.serving.decode(list(request.token_ids), skip)
+        except Exception as e:
+            await self._abort(context, e)
+        return pb.DetokenizeResponse(text=text)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ListModelsResponse:  # noqa: N802
+        try:
+            self._check_key(context)
+        except Exception as e:
+            await self._abort(context, e)
+        c = self.serving.card
+        return pb.ListModelsResponse(models=[
+            pb.ModelInfo(id=name, max_model_len=c.max_model_len, vocab_size=c.vocab_size, owned_by="jserve",
+                         root=c.root) for name in self.serving.names])
+
+
+class GrpcServer:
+    """A started grpc.aio server bound to ``host:port`` (``port`` 0 picks a free one)."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: Any) -> None:
+        self.server = server
+        self.port = port
+        self._health = health_servicer
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    async def stop(self, grace_s: float | None) -> None:
+        await self.server.stop(grace_s)
+
+
+async def start_grpc_server(serving: Serving, host: str = "127.0.0.1", port: int = 0,
+                            api_key: str | None = None, max_message_bytes: int = 4 * 1024 * 1024
+                            ) -> GrpcServer:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
+                                      ("grpc.so_reuseport", 0)])
+    pb_grpc.add_GenerationServicer_to_server(GenerationService(serving, api_key), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"gRPC: cannot bind {host}:{port}")
+    await server.start()
+    result = GrpcServer(server, bound, health_servicer)
+    await result.set_serving(True)
+    return result

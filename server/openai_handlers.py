@@ -1,0 +1,252 @@
+"""OpenAI completions and chat completions over the async engine (full and streamed).
+
+Where it sits: called by server/http_app.py with a parsed request (server/protocol.py); uses
+server/serving.py to tokenize, check limits and start engine requests, then turns the
+cumulative ``RequestOutput``s into OpenAI JSON (server/openai_format.py)::
+
+    CompletionRequest --start()--> one engine request per prompt (each with n sequences)
+        full():   wait for the last output of each -> one response object
+        stream(): merge the streams -> one chunk per sequence delta
+                  [-> usage chunk if stream_options.include_usage]   (http_app adds [DONE])
+
+Choice indices: prompt ``i``, sequence ``j`` -> ``i * n + j`` (as vLLM and OpenAI). Every stream is
+aborted when the handler exits early (error, client gone), which frees its KV pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from jserve.async_engine import DeltaTracker, RequestStream
+from jserve.outputs import RequestOutput
+from server import openai_format as fmt
+from server.errors import from_exception
+from server.protocol import ChatRequest, CompletionRequest, Prompt
+from server.serving import Serving, new_id
+
+
+@dataclass
+class Started:
+    """Engine requests of one API request, in prompt order."""
+
+    rid: str
+    model: str
+    created: int
+    streams: list[RequestStream]
+    prompt_ids: list[list[int]]
+    echo_texts: list[str] = field(default_factory=list)
+
+    def abort(self) -> None:
+        for s in self.streams:
+            s.abort()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompt_ids)
+
+
+async def _start_all(serving: Serving, prefix: str, model: str, prompts: list[list[int]],
+                     params_list: list[Any]) -> Started:
+    started = Started(new_id(prefix), model, fmt.now(), [], prompts)
+    try:
+        for i, (ids, params) in enumerate(zip(prompts, params_list, strict=True)):
+            started.streams.append(await serving.start(ids, params, f"{started.rid}-{i}"))
+    except BaseException:
+        started.abort()
+        raise
+    return started
+
+
+async def _final(stream: RequestStream) -> RequestOutput:
+    last = None
+    async for out in stream:
+        last = out
+    if last is None:
+        raise RuntimeError(f"request {stream.request_id} ended without output")
+    return last
+
+
+async def _gather_finals(started: Started) -> list[RequestOutput]:
+    try:
+        return list(await asyncio.gather(*(_final(s) for s in started.streams)))
+    except BaseException as e:
+        started.abort()
+        if isinstance(e, Exception):
+            raise from_exception(e) from e
+        raise
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from all streams as they come."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        try:
+            async for out in s:
+                q.put_nowait((i, out))
+        except Exception as e:
+            q.put_nowait((i, e))
+        q.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await q.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _cached(outs: list[RequestOutput | None]) -> int:
+    return sum(o.num_cached_tokens for o in outs if o is not None)
+
+
+# -------------------------------------------------------------------------- completions
+class CompletionHandler:
+    def __init__(self, serving: Serving) -> None:
+        self.serving = serving
+
+    def _echo_text(self, prompt: Prompt, ids: list[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return self.serving.tokenizer.decode(ids, skip_special_tokens=False) if self.serving.tokenizer else ""
+
+    async def start(self, req: CompletionRequest) -> Started:
+        model = self.serving.check_model(req.model)
+        ids_list, params_list = [], []
+        for i, prompt in enumerate(req.prompts):
+            ids = self.serving.tokenize(prompt)
+            field_name = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
+            params_list.append(self.serving.make_params(req.sampling, req.max_tokens, req.logprobs,
+                                                        len(ids), field_name))
+            ids_list.append(ids)
+        started = await _start_all(self.serving, "cmpl", model, ids_list, params_list)
+        if req.echo:
+            started.echo_texts = [self._echo_text(p, ids) for p, ids in zip(req.prompts, ids_list,
+                                                                             strict=True)]
+        return started
+
+    def _logprobs(self, req: CompletionRequest, token_ids: list[int], lps: Any,
+                  offset: int) -> tuple[dict[str, Any] | None, int]:
+        if req.logprobs is None or lps is None:
+            return None, offset
+        return fmt.completion_logprobs(token_ids, lps, offset, req.logprobs)
+
+    async def full(self, req: CompletionRequest, started: Started) -> dict[str, Any]:
+        outs = await _gather_finals(started)
+        n = req.sampling["n"]
+        choices, completion_tokens = [], 0
+        for p_idx, out in enumerate(outs):
+            echo = started.echo_texts[p_idx] if req.echo else ""
+            for comp in out.outputs:
+                completion_tokens += len(comp.token_ids)
+                lps, _ = self._logprobs(req, comp.token_ids, comp.logprobs, len(echo))
+                choices.append(fmt.completion_choice(
+                    p_idx * n + comp.index, echo + comp.text, comp.finish_reason, comp.stop_reason, lps,
+                    comp.token_ids if req.return_token_ids else None))
+        extra = {"prompt_token_ids": started.prompt_ids} if req.return_token_ids else {}
+        return fmt.envelope("text_completion", started.rid, started.model, started.created, choices,
+                            fmt.usage(started.prompt_tokens, completion_tokens, _cached(outs)), **extra)
+
+    async def stream(self, req: CompletionRequest, started: Started) -> AsyncIterator[dict[str, Any]]:
+        n = req.sampling["n"]
+        trackers = [DeltaTracker() for _ in started.streams]
+        offsets: dict[int, int] = {}
+        echoed: set[int] = set()
+        completion_tokens = 0
+        last: list[RequestOutput | None] = [None] * len(started.streams)
+        try:
+            async for p_idx, out in _merged(started.streams):
+                last[p_idx] = out
+                for d in trackers[p_idx].update(out):
+                    index = p_idx * n + d.index
+                    text = d.text
+                    if req.echo and index not in echoed:
+                        echoed.add(index)
+                        text = started.echo_texts[p_idx] + text
+                        offsets[index] = len(started.echo_texts[p_idx])
+                    completion_tokens += len(d.token_ids)
+                    lps, offsets[index] = self._logprobs(req, d.token_ids, d.logprobs,
+                                                         offsets.get(index, 0))
+                    choice = fmt.completion_choice(index, text, d.finish_reason, d.stop_reason, lps,
+                                                   d.token_ids if req.return_token_ids else None)
+                    use = (fmt.usage(started.prompt_tokens, completion_tokens)
+                           if req.continuous_usage else None)
+                    yield fmt.envelope("text_completion", started.rid, started.model, started.created,
+                                       [choice], use)
+            if req.include_usage:
+                yield fmt.envelope("text_completion", started.rid, started.model, started.created, [],
+                                   fmt.usage(started.prompt_tokens, completion_tokens, _cached(last)))
+        finally:
+            started.abort()
+
+
+# -------------------------------------------------------------------------- chat
+class ChatHandler:
+    def __init__(self, serving: Serving) -> None:
+        self.serving = serving
+
+    async def start(self, req: ChatRequest) -> Started:
+        model = self.serving.check_model(req.model)
+        ids = self.serving.render_chat(req.messages, req.add_generation_prompt, req.tools,
+                                       req.template_kwargs)
+        top = req.top_logprobs if req.logprobs else None
+        params = self.serving.make_params(req.sampling, req.max_tokens, top, len(ids), "messages")
+        return await _start_all(self.serving, "chatcmpl", model, [ids], [params])
+
+    @staticmethod
+    def _logprobs(req: ChatRequest, token_ids: list[int], lps: Any) -> dict[str, Any] | None:
+        if not req.logprobs or lps is None:
+            return None
+        return fmt.chat_logprobs(token_ids, lps, req.top_logprobs)
+
+    async def full(self, req: ChatRequest, started: Started) -> dict[str, Any]:
+        (out,) = await _gather_finals(started)
+        choices = [fmt.chat_choice(c.index, c.text, c.finish_reason, c.stop_reason,
+                                   self._logprobs(req, c.token_ids, c.logprobs),
+                                   c.token_ids if req.return_token_ids else None) for c in out.outputs]
+        completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+        extra = {"prompt_token_ids": started.prompt_ids[0]} if req.return_token_ids else {}
+        return fmt.envelope("chat.completion", started.rid, started.model, started.created, choices,
+                            fmt.usage(started.prompt_tokens, completion_tokens, out.num_cached_tokens),
+                            **extra)
+
+    async def stream(self, req: ChatRequest, started: Started) -> AsyncIterator[dict[str, Any]]:
+        def chunk(choices: list[dict[str, Any]], use: dict[str, Any] | None = None) -> dict[str, Any]:
+            return fmt.envelope("chat.completion.chunk", started.rid, started.model, started.created,
+                                choices, use)
+
+        tracker, completion_tokens, last = DeltaTracker(), 0, None
+        try:
+            for i in range(req.sampling["n"]):
+                yield chunk([fmt.chat_delta_choice(i, {"role": "assistant", "content": ""}, None, None,
+                                                   None, None)])
+            async for _, out in _merged(started.streams):
+                last = out
+                for d in tracker.update(out):
+                    completion_tokens += len(d.token_ids)
+                    choice = fmt.chat_delta_choice(
+                        d.index, {"content": d.text}, d.finish_reason, d.stop_reason,
+                        self._logprobs(req, d.token_ids, d.logprobs),
+                        d.token_ids if req.return_token_ids else None)
+                    use = (fmt.usage(started.prompt_tokens, completion_tokens)
+                           if req.continuous_usage else None)
+                    yield chunk([choice], use)
+            if req.include_usage:
+                yield chunk([], fmt.usage(started.prompt_tokens, completion_tokens, _cached([last])))
+        finally:
+            started.abort()

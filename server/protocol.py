@@ -1,0 +1,242 @@
+"""OpenAI request bodies -> typed, validated requests (completions, chat, tokenize).
+
+Where it sits: the first hop of the HTTP path: ``http_app`` parses JSON, then one of the
+``parse_*`` functions here checks every field's type and turns the body into a frozen request
+(sampling fields still as a dict: ``max_tokens`` is resolved by server/serving.py once the
+prompt length is known). A wrong type or an unsupported option raises ``APIError(400)`` naming
+the field. Unknown top-level fields are ignored, as vLLM and OpenAI do.
+
+Sampling fields: the OpenAI ones (temperature, top_p, n, stop, seed, presence/frequency
+penalty, max_tokens, logprobs) plus vLLM's extras (top_k, min_p, repetition_penalty,
+ignore_eos, stop_token_ids, min_tokens, skip_special_tokens, include_stop_str_in_output) and
+``return_token_ids`` (choices carry the generated token ids; a streaming client can count
+tokens exactly without a tokenizer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from jserve.sampling_params import MAX_LOGPROBS
+from server.errors import bad_request
+
+Prompt = str | list[int]
+
+_NUMBER_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")
+_INT_FIELDS = ("top_k", "seed", "min_tokens")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+
+
+# ---------------------------------------------------------------------------- field readers
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def get_int(d: dict, name: str, default: int | None = None) -> int | None:
+    v = d.get(name)
+    if v is None:
+        return default
+    if not _is_int(v):
+        raise bad_request(f"'{name}' must be an integer, got {type(v).__name__}", name)
+    return v
+
+
+def get_number(d: dict, name: str, default: float | None = None) -> float | None:
+    v = d.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise bad_request(f"'{name}' must be a number, got {type(v).__name__}", name)
+    return float(v)
+
+
+def get_bool(d: dict, name: str, default: bool) -> bool:
+    v = d.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad_request(f"'{name}' must be a boolean, got {type(v).__name__}", name)
+    return v
+
+
+def get_str(d: dict, name: str, default: str | None = None) -> str | None:
+    v = d.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise bad_request(f"'{name}' must be a string, got {type(v).__name__}", name)
+    return v
+
+
+def get_int_list(d: dict, name: str) -> list[int]:
+    v = d.get(name)
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(_is_int(t) for t in v):
+        raise bad_request(f"'{name}' must be a list of integers", name)
+    return v
+
+
+def _get_stop(d: dict) -> list[str]:
+    v = d.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and all(isinstance(s, str) for s in v):
+        return v
+    raise bad_request("'stop' must be a string or a list of strings", "stop")
+
+
+def _sampling_fields(d: dict) -> dict[str, Any]:
+    """The SamplingParams keywords present in the body (max_tokens and logprobs excluded)."""
+    out: dict[str, Any] = {}
+    for name in _NUMBER_FIELDS:
+        v = get_number(d, name)
+        if v is not None:
+            out[name] = v
+    for name in _INT_FIELDS:
+        v = get_int(d, name)
+        if v is not None:
+            out[name] = v
+    for name in _BOOL_FIELDS:
+        if d.get(name) is not None:
+            out[name] = get_bool(d, name, False)
+    n = get_int(d, "n", 1)
+    if n < 1:
+        raise bad_request(f"'n' must be >= 1, got {n}", "n")
+    out["n"] = n
+    out["stop"] = _get_stop(d)
+    out["stop_token_ids"] = get_int_list(d, "stop_token_ids")
+    if d.get("logit_bias"):
+        raise bad_request("'logit_bias' is not supported", "logit_bias")
+    best_of = get_int(d, "best_of")
+    if best_of is not None and best_of != n:
+        raise bad_request("'best_of' is not supported (it must equal n)", "best_of")
+    return out
+
+
+def _stream_options(d: dict, stream: bool) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats) from ``stream_options``."""
+    opts = d.get("stream_options")
+    if opts is None:
+        return False, False
+    if not stream:
+        raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
+    if not isinstance(opts, dict):
+        raise bad_request("'stream_options' must be an object", "stream_options")
+    return (get_bool(opts, "include_usage", False), get_bool(opts, "continuous_usage_stats", False))
+
+
+def _model(d: dict) -> str | None:
+    return get_str(d, "model")
+
+
+# ---------------------------------------------------------------------------- requests
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str | None
+    prompts: list[Prompt]
+    sampling: dict[str, Any]
+    max_tokens: int | None          # OpenAI default 16; None = up to the context length
+    logprobs: int | None
+    stream: bool = False
+    include_usage: bool = False
+    continuous_usage: bool = False
+    echo: bool = False
+    return_token_ids: bool = False
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str | None
+    messages: list[dict[str, Any]]
+    sampling: dict[str, Any]
+    max_tokens: int | None          # None = up to the context length
+    logprobs: bool = False
+    top_logprobs: int = 0
+    stream: bool = False
+    include_usage: bool = False
+    continuous_usage: bool = False
+    add_generation_prompt: bool = True
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None
+    return_token_ids: bool = False
+
+
+def parse_prompts(v: Any, name: str = "prompt") -> list[Prompt]:
+    """A string, a list of strings, a token-id list, or a list of token-id lists."""
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and v:
+        if all(_is_int(t) for t in v):
+            return [list(v)]
+        if all(isinstance(s, str) for s in v):
+            return list(v)
+        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in v):
+            return [list(p) for p in v]
+    if isinstance(v, list) and not v:
+        raise bad_request(f"'{name}' must not be empty", name)
+    raise bad_request(f"'{name}' must be a string, a list of strings, a list of token ids or a list "
+                      f"of token-id lists", name)
+
+
+def parse_completion_request(d: dict) -> CompletionRequest:
+    if "prompt" not in d:
+        raise bad_request("'prompt' is required", "prompt")
+    prompts = parse_prompts(d["prompt"])
+    if d.get("suffix"):
+        raise bad_request("'suffix' is not supported", "suffix")
+    stream = get_bool(d, "stream", False)
+    include_usage, continuous = _stream_options(d, stream)
+    logprobs = get_int(d, "logprobs")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise bad_request(f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+    echo = get_bool(d, "echo", False)
+    if echo and logprobs is not None:
+        raise bad_request("'echo' together with 'logprobs' (prompt logprobs) is not supported", "echo")
+    return CompletionRequest(
+        model=_model(d), prompts=prompts, sampling=_sampling_fields(d),
+        max_tokens=get_int(d, "max_tokens", 16), logprobs=logprobs, stream=stream,
+        include_usage=include_usage, continuous_usage=continuous, echo=echo,
+        return_token_ids=get_bool(d, "return_token_ids", False))
+
+
+def parse_chat_request(d: dict) -> ChatRequest:
+    messages = d.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list of messages", "messages")
+    stream = get_bool(d, "stream", False)
+    include_usage, continuous = _stream_options(d, stream)
+    logprobs = get_bool(d, "logprobs", False)
+    top = get_int(d, "top_logprobs", 0)
+    if not 0 <= top <= MAX_LOGPROBS:
+        raise bad_request(f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
+    if top and not logprobs:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    max_tokens = get_int(d, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = get_int(d, "max_tokens")
+    fmt = d.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise bad_request("'response_format' other than {'type': 'text'} is not supported",
+                          "response_format")
+    tools = d.get("tools") or None
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise bad_request("'tools' must be a list of objects", "tools")
+        if d.get("tool_choice", "auto") != "none":
+            raise bad_request("tool calling is not supported; with tool_choice='none' the tools are "
+                              "only rendered into the prompt", "tool_choice")
+    if d.get("functions"):
+        raise bad_request("'functions' is not supported", "functions")
+    kwargs = d.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    return ChatRequest(
+        model=_model(d), messages=messages, sampling=_sampling_fields(d), max_tokens=max_tokens,
+        logprobs=logprobs, top_logprobs=top, stream=stream, include_usage=include_usage,
+        continuous_usage=continuous, add_generation_prompt=get_bool(d, "add_generation_prompt", True),
+        template_kwargs=kwargs, tools=tools, return_token_ids=get_bool(d, "return_token_ids", False))

@@ -1,0 +1,63 @@
+"""ServerThread: a real RunningServer (HTTP + gRPC on 127.0.0.1, free ports) on its own loop thread.
+
+Tests use blocking clients (openai, grpc) and asyncio clients (httpx) against it alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from jserve.async_engine import AsyncEngine
+from server.metrics import PrometheusStats
+from server.runtime import RunningServer, ServerConfig
+
+MODEL = str(Path(__file__).resolve().parents[1] / "fixtures" / "golden" / "llama")
+ENGINE_ARGS = dict(model=MODEL, dtype="float32", max_model_len=128, max_num_seqs=8,
+                   max_num_batched_tokens=64, num_pages=80)
+
+
+class ServerThread:
+    """A RunningServer (HTTP + gRPC) on its own event-loop thread."""
+
+    def __init__(self, aengine: AsyncEngine, stats: PrometheusStats | None = None, **config: Any) -> None:
+        config.setdefault("host", "127.0.0.1")
+        config.setdefault("port", 0)
+        config.setdefault("grpc_port", 0)
+        self.aengine = aengine
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="e2e-server", daemon=True)
+        self._thread.start()
+        self.server = RunningServer(aengine, ServerConfig(**config), MODEL, stats)
+        self.run(self.server.start())
+        self.url = self.server.base_url
+        self.grpc_target = self.server.grpc_target
+
+    def run(self, coro: Coroutine, timeout: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def engine_state(self) -> tuple[int, bool]:
+        """(KV pages used, has unfinished requests), read on the engine thread."""
+        return self.run(self.aengine.call(lambda e: (e.pool.num_used, e.has_unfinished_requests())))
+
+    def wait_idle(self, timeout: float = 10.0) -> tuple[int, bool]:
+        """Poll until no page is used and nothing is unfinished (aborts land asynchronously)."""
+        deadline = time.monotonic() + timeout
+        state = self.engine_state()
+        while state != (0, False) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            state = self.engine_state()
+        return state
+
+    def close(self, drain_engine: bool = True) -> None:
+        coro = self.server.shutdown(5.0) if drain_engine else self.server.stop_frontends()
+        try:
+            self.run(coro)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()

@@ -1,0 +1,117 @@
+"""``jserve plan``: a hand calculation, and the planner's figures equal what start-up computes."""
+
+import math
+from dataclasses import dataclass
+
+import jax
+import pytest
+
+from jserve.builder import EngineArgs, build_engine, make_engine_config, plan_pool, resolve_model
+from jserve.cli import main
+from jserve.gpus import lookup_accelerator
+from jserve.model.params import load_params, params_bytes
+from jserve.plan import plan_capacity
+from sharding import make_mesh
+
+
+def test_llama31_8b_on_h100_at_8k_bf16_kv_matches_hand_calculation(capsys):
+    # Llama-3.1-8B's config.json: hidden 4096, MLP 14336, 32 layers, 32 q / 8 kv heads of 128, vocab 128256.
+    h, mlp, layers, q_heads, kv_heads, hd, vocab = 4096, 14336, 32, 32, 8, 128, 128256
+    per_layer = (h * q_heads * hd + 2 * h * kv_heads * hd + q_heads * hd * h) + 3 * h * mlp + 2 * h
+    params = layers * per_layer + 2 * vocab * h + h           # untied embed + lm_head, final norm
+    assert params == 8_030_261_248
+    weights = 2 * params                                       # bf16
+    # H100-80GB: nvidia-smi total 81559 MiB; JAX's GPU allocator reports 75% of it as bytes_limit.
+    bytes_limit = int(81559 * 2**20 * 0.75)
+    assert bytes_limit == 64_140_607_488
+    budget = int(bytes_limit * 0.85) - weights
+    kv_per_token = 2 * layers * kv_heads * hd * 2              # K and V, bf16
+    assert kv_per_token == 131_072
+    page_bytes = 16 * kv_per_token
+    pages = budget // page_bytes
+    seqs = (pages - 1) // (8192 // 16)                         # page 0 is the null page
+    assert (budget, pages, seqs) == (38_458_993_868, 18_338, 35)
+
+    assert main(["plan", "--model", "llama3.1-8b", "--gpu", "H100-80GB", "--context", "8192",
+                 "--kv-cache-dtype", "bfloat16", "--tp", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"8,030,261,248 params x 2 B (bfloat16) = {weights:,} B" in out
+    assert f"= {bytes_limit:,} B (59.74 GiB) bytes_limit per device" in out
+    assert f"- {weights:,} weights = {budget:,} B" in out
+    assert f"x 2 B (bfloat16) = {kv_per_token:,} B (128.00 KiB)" in out
+    assert f"{kv_per_token:,} B x 16 tokens = {page_bytes:,} B (2.00 MiB)" in out
+    assert f"{budget:,} // {page_bytes:,} = {pages:,} pages" in out
+    assert f"{pages - 1:,} usable pages // (ceil(8,192 / 16) = 512 pages per sequence) = {seqs} " \
+           f"concurrent sequences of 8,192 tokens" in out
+
+
+def test_plan_reports_what_does_not_fit_and_the_tp_that_does():
+    plan = plan_capacity("llama3.1-70b", gpu="H100-80GB", max_model_len=8192)
+    assert not plan.fits and plan.pool is None and plan.budget_bytes < 0
+    assert plan.min_fitting_tp == 4
+    assert "DOES NOT FIT" in plan.render() and "--tp 4" in plan.render()
+    assert plan_capacity("llama3.1-70b", gpu="H100-80GB", max_model_len=8192,
+                         tensor_parallel_size=4).fits
+
+
+def test_plan_tensor_parallel_splits_weights_and_kv_heads():
+    one = plan_capacity("qwen2.5-0.5b", gpu="TPU v6e", max_model_len=4096)
+    two = plan_capacity("qwen2.5-0.5b", gpu="tpu-v6e", max_model_len=4096, tensor_parallel_size=2)
+    assert one.accelerator.bytes_limit == 32 * 2**30          # TPUs: all of HBM
+    assert two.weight_bytes_per_device == one.weight_bytes_total // 2
+    assert two.kv_bytes_per_token * 2 == one.kv_bytes_per_token   # 2 kv heads, one per device
+    assert two.pool.num_pages > one.pool.num_pages
+
+
+def test_gpu_names_and_byte_counts():
+    assert lookup_accelerator("h100").name == "H100-80GB"
+    assert lookup_accelerator("80GiB").bytes_limit == 80 * 2**30
+    assert lookup_accelerator("24GB").bytes_limit == 24 * 10**9
+    assert lookup_accelerator(12345).bytes_limit == 12345
+    with pytest.raises(ValueError, match="unknown accelerator 'B200'"):
+        lookup_accelerator("B200")
+
+
+@dataclass
+class _Device:
+    """A device's memory report, in the form ``jax.Device.memory_stats()`` gives it on a GPU."""
+
+    bytes_limit: int
+    bytes_in_use: int = 0
+
+    def memory_stats(self) -> dict[str, int]:
+        return {"bytes_limit": self.bytes_limit, "bytes_in_use": self.bytes_in_use}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_planner_equals_startup_for_the_bundled_model(tp):
+    """Start-up's own path (plan_pool -> device_memory_budget, weights measured on the loaded
+    params) and the planner (weights from the config) agree on every figure."""
+    limit, fraction, ctx = 96 * 2**20, 0.5, 512
+    args = EngineArgs(model=None, max_model_len=ctx, tensor_parallel_size=tp,
+                      kv_cache_memory_fraction=fraction)
+    cfg, model_dir = resolve_model(args)
+    params = load_params(model_dir, cfg, make_mesh(tp))
+    startup_weights = params_bytes(params) // tp
+    startup = plan_pool(make_engine_config(args, cfg), startup_weights, _Device(limit))
+
+    plan = plan_capacity(None, gpu=limit, max_model_len=ctx, tensor_parallel_size=tp,
+                         kv_cache_memory_fraction=fraction)
+    assert plan.weight_bytes_per_device == startup_weights
+    assert plan.pool == startup
+    assert plan.budget_bytes == int(limit * fraction) - startup_weights
+    assert plan.pool.num_pages == plan.budget_bytes // (plan.kv_bytes_per_token * 16)
+    assert plan.pool.max_concurrent_seqs == (plan.pool.num_pages - 1) // math.ceil(ctx / 16)
+
+
+def test_engine_allocates_the_planned_pool(xla_cache_dir):
+    """An engine built with the planner's page count reports the same pool and allocates exactly
+    ``pool_bytes`` of KV."""
+    plan = plan_capacity(None, gpu="40MiB", max_model_len=128, kv_cache_memory_fraction=0.9)
+    engine = build_engine(EngineArgs(model=None, max_model_len=128, max_num_seqs=4,
+                                     max_num_batched_tokens=32, num_pages=plan.pool.num_pages,
+                                     compilation_cache_dir=xla_cache_dir))
+    assert engine.pool_plan == plan.pool
+    kv_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.kv))
+    assert kv_bytes == plan.pool.pool_bytes
+    assert params_bytes(engine.runner.params) == plan.weight_bytes_total
