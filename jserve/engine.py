@@ -25,6 +25,7 @@ from jserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jserve.page_pool import PagePool
 from jserve.request import Request, RequestStatus
 from jserve.runner import Runner
+from jserve.sampling_batch import MAX_BANNED_IDS, banned_ids_fit
 from jserve.sampling_params import SamplingParams
 from jserve.scheduler import Scheduler
 from jserve.stop_strings import StopStringMatcher
@@ -103,6 +104,9 @@ class LLMEngine:
         for t in params.stop_token_ids:
             if t >= vocab:
                 raise ValueError(f"stop_token_ids: {t} is out of range [0, {vocab})")
+        if not banned_ids_fit(params, self.eos_token_ids):
+            raise ValueError(f"stop_token_ids: with min_tokens > 0 at most {MAX_BANNED_IDS} distinct "
+                             "stop/eos ids are supported")
 
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams,
                     arrival_time: float | None = None) -> str:

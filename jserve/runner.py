@@ -27,7 +27,7 @@ from jserve.kv_cache import KVCache
 from jserve.model.decoder import forward
 from jserve.request import Request
 from jserve.sampler import make_sampler
-from jserve.sampling_batch import SamplingRow, pack_sampling, warmup_flag_sets
+from jserve.sampling_batch import SamplingRow, pack_sampling, required_flags, serving_flag_sets, serving_flags
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
 from jserve.step_input import StepInput
 
@@ -90,13 +90,15 @@ class Runner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         batch_np, rows = self.prepare(out)
         r_bucket = batch_np.num_rows
-        sbatch, flags = pack_sampling(rows, r_bucket, self.config.model.vocab_size)
+        vocab, max_len = self.config.model.vocab_size, self.config.scheduler.max_model_len
+        flags = serving_flags(required_flags(rows, vocab), max_len)
+        sbatch, flags = pack_sampling(rows, r_bucket, vocab, flags=flags)
         batch, sbatch = jax.device_put((batch_np, sbatch), self._replicated)
         self.kv, logits = self._step(self.params, self.kv, batch)
         res = self._sample(logits, sbatch, flags)
         n = out.num_seqs
         tokens = np.asarray(res.token_ids)[:n]
-        if flags.max_logprobs > 0:
+        if any(row is not None and row.params.logprobs is not None for row in rows):
             return RunnerOutput(tokens, np.asarray(res.logprobs)[:n], np.asarray(res.top_ids)[:n],
                                 np.asarray(res.top_logprobs)[:n])
         return RunnerOutput(tokens)
@@ -110,7 +112,7 @@ class Runner:
             batch = jax.device_put(StepInput.empty(t_bucket, r_bucket, self._pages_per_seq),
                                    self._replicated)
             self.kv, logits = self._step(self.params, self.kv, batch)
-            for flags in warmup_flag_sets(self.config.scheduler.max_model_len):
+            for flags in serving_flag_sets(self.config.scheduler.max_model_len):
                 sbatch = jax.device_put(pack_sampling([], r_bucket, vocab, flags=flags)[0],
                                         self._replicated)
                 jax.block_until_ready(self._sample(logits, sbatch, flags))

@@ -195,6 +195,15 @@ def _sample_random(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags)
     noise = gumbel_noise(batch, v)
     if not flags.any_filters:
         return jnp.argmax(scaled + noise, axis=1).astype(jnp.int32)
+    uses_filter = (batch.top_k > 0) | (batch.top_p < 1.0) | (batch.min_p > 0)
+    plain_tok = jnp.argmax(scaled + noise, axis=1).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(uses_filter & (batch.temperature > 0)),
+                        lambda: _sample_filtered(scaled, noise, batch), lambda: plain_tok)
+
+
+def _sample_filtered(scaled: jax.Array, noise: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """top-k / top-p / min-p rows (and plain rows alongside them): tokens int32[R]."""
+    v = scaled.shape[1]
     # Rows with min-p only (or nothing): the whole vocabulary with a value threshold.
     rel = jnp.exp(scaled - jnp.max(scaled, axis=1, keepdims=True))
     total = jnp.sum(rel, axis=1)
@@ -217,18 +226,38 @@ def _sample_random(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags)
 
 def _sample_core(logits: jax.Array, penalized: jax.Array | None, batch: SamplingBatch,
                  flags: SamplerFlags) -> SamplerOutput:
-    """Everything after penalties. logits: f32[R, V] raw; penalized: f32[R, V] or None."""
-    lp = raw_logprobs(logits)
+    """Everything after penalties. logits: f32[R, V] raw; penalized: f32[R, V] or None.
+
+    Work the batch does not need is skipped at run time: the random path only when some row
+    samples, the top-N logprobs only when some row asked (``lax.cond`` on the batch values),
+    so one compiled superset variant serves every batch at little cost.
+    """
     x = logits if penalized is None else penalized
     x = apply_bans(x, batch.banned_ids)
-    tok = jnp.argmax(x, axis=1).astype(jnp.int32)
+    greedy = jnp.argmax(x, axis=1).astype(jnp.int32)
+    tok = greedy
     if not flags.all_greedy:
-        tok = jnp.where(batch.temperature > 0, _sample_random(x, batch, flags), tok)
-    chosen = jnp.take_along_axis(lp, tok[:, None], axis=1)[:, 0]
-    top_ids = top_lp = None
-    if flags.max_logprobs > 0:
-        top_lp, top_ids = top_k_rows(lp, min(flags.max_logprobs, lp.shape[1]))
-        top_ids = top_ids.astype(jnp.int32)
+        sampled = jax.lax.cond(jnp.any(batch.temperature > 0),
+                               lambda: _sample_random(x, batch, flags), lambda: greedy)
+        tok = jnp.where(batch.temperature > 0, sampled, greedy)
+    r = logits.shape[0]
+    if flags.max_logprobs == 0:
+        lp = raw_logprobs(logits)
+        chosen = jnp.take_along_axis(lp, tok[:, None], axis=1)[:, 0]
+        return SamplerOutput(token_ids=tok, logprobs=chosen, top_ids=None, top_logprobs=None)
+    n = min(flags.max_logprobs, logits.shape[1])
+
+    def with_logprobs() -> tuple[jax.Array, jax.Array, jax.Array]:
+        lp = raw_logprobs(logits)
+        chosen = jnp.take_along_axis(lp, tok[:, None], axis=1)[:, 0]
+        top_lp, top_ids = top_k_rows(lp, n)
+        return chosen, top_ids.astype(jnp.int32), top_lp
+
+    def without() -> tuple[jax.Array, jax.Array, jax.Array]:
+        return (jnp.zeros((r,), jnp.float32), jnp.zeros((r, n), jnp.int32),
+                jnp.zeros((r, n), jnp.float32))
+
+    chosen, top_ids, top_lp = jax.lax.cond(jnp.any(batch.want_logprobs), with_logprobs, without)
     return SamplerOutput(token_ids=tok, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp)
 
 

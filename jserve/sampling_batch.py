@@ -99,6 +99,7 @@ class SamplingBatch:
     banned_ids: jax.Array          # int32[R, K]  logits forced to -inf; -1 = unused slot
     history_ids: jax.Array | None  # int32[R, H]  prompt then output token ids; -1 = padding
     num_prompt: jax.Array | None   # int32[R]     history_ids[:, :num_prompt] is the prompt
+    want_logprobs: jax.Array       # bool[R]      row asked for logprobs (top-N computed if any)
     # (history_ids / num_prompt are None only inside ``Sampler``'s core jit.)
 
     @property
@@ -232,6 +233,7 @@ def pack_sampling(rows: Sequence[SamplingRow | None], num_rows_padded: int, voca
     banned = np.full((R, K), -1, np.int32)
     history = np.full((R, H), -1, np.int32)
     num_prompt = np.zeros(R, np.int32)
+    want_logprobs = np.zeros(R, bool)
     for i, row in enumerate(rows):
         if row is None:
             continue
@@ -255,6 +257,7 @@ def pack_sampling(rows: Sequence[SamplingRow | None], num_rows_padded: int, voca
         if row.output_index < 0:
             raise ValueError(f"row {i}: output_index must be >= 0, got {row.output_index}")
         output_index[i] = row.output_index
+        want_logprobs[i] = p.logprobs is not None
         ban = np.unique(np.asarray(row.banned_ids, np.int32))
         if len(ban) > K:
             raise ValueError(f"row {i}: {len(ban)} distinct banned ids (eos + stop_token_ids for "
@@ -264,5 +267,25 @@ def pack_sampling(rows: Sequence[SamplingRow | None], num_rows_padded: int, voca
     batch = SamplingBatch(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
                           seed=seed, output_index=output_index, banned_ids=banned,
-                          history_ids=history, num_prompt=num_prompt)
+                          history_ids=history, num_prompt=num_prompt,
+                          want_logprobs=want_logprobs)
     return batch, flags
+
+
+def serving_flags(need: SamplerFlags, max_model_len: int) -> SamplerFlags:
+    """The one variant the engine compiles per row bucket (two with penalties) covering ``need``.
+
+    Greedy-only batches, unfiltered rows and batches without logprobs skip that work at run
+    time (``lax.cond`` on the batch's values inside the sampler), so a superset variant costs
+    little and the warm-up compiles 2 sampler programs per row bucket instead of dozens.
+    The penalty history is always the widest bucket, ``history_bucket(max_model_len)``.
+    """
+    return SamplerFlags(all_greedy=False, any_filters=True,
+                        history_width=history_bucket(max_model_len) if need.any_penalties else 0,
+                        max_logprobs=LOGPROBS_BUCKETS[-1])
+
+
+def serving_flag_sets(max_model_len: int) -> list[SamplerFlags]:
+    """Every value ``serving_flags`` can return: compile these at warm-up."""
+    return [serving_flags(SamplerFlags(), max_model_len),
+            serving_flags(SamplerFlags(history_width=MIN_HISTORY_WIDTH), max_model_len)]

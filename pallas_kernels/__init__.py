@@ -1,15 +1,19 @@
 """Pallas kernels for jserve and their pure-jnp references. Depends on jax only.
 
-Entry points (each dispatches by backend: CPU -> reference, GPU/TPU -> Pallas kernel):
+Entry points (each dispatches by ``jax.default_backend()``: cpu -> pure-jnp reference,
+gpu -> Pallas Triton-lowered kernel, tpu -> Pallas Mosaic TPU kernel):
   ragged_paged_attention  ragged batch of query chunks over the paged KV pool
+  flash_attention         causal attention over packed segments (long fresh prompts)
   write_kv                new K/V rows into their slots of the pool (in place under donation)
 
-Sub-packages (``ragged_paged_attention/``, ``kv_write/``) hold ``reference.py`` and the kernels.
-Note: the names ``ragged_paged_attention`` / ``write_kv`` on this package are the functions;
-import a sub-package's modules by their full path (``pallas_kernels.ragged_paged_attention.reference``).
+Sub-packages (``ragged_paged_attention/``, ``flash_attention/``, ``kv_write/``) hold
+``reference.py``, ``gpu.py``, ``tpu.py`` and ``api.py``. The names above are the functions, which
+shadow the sub-package attributes: import modules as
+``from pallas_kernels.ragged_paged_attention import reference``.
 """
 
+from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.kv_write.api import write_kv
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
 
-__all__ = ["ragged_paged_attention", "write_kv"]
+__all__ = ["flash_attention", "ragged_paged_attention", "write_kv"]

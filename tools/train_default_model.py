@@ -18,8 +18,10 @@ Steps (the training step needs a GPU for a few minutes; ``prepare`` runs on any 
 
 Training: JAX + optax (``pip install -e .[train]``), AdamW with linear warm-up and cosine decay,
 gradient clipping, bf16 matmuls over float32 master weights, fixed seeds (data order included: the
-batch sampler is ``jax.random`` keyed by the step). Weights are stored as bf16 safetensors
-(``safetensors.numpy``); the held-out figures are measured with those bf16 weights.
+batch sampler is ``jax.random`` keyed by the step). The corpus is small (about 2M tokens), so each
+model tries a few (steps, dropout) recipes and keeps the checkpoint with the lowest validation loss.
+Weights are stored as bf16 safetensors (``safetensors.numpy``); the held-out figures are measured
+with those bf16 weights.
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ TEST_PERCENT, VAL_PERCENT = 5, 3
 VOCAB = 8192
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
 BOS, EOS, PAD = SPECIALS[0], SPECIALS[1], SPECIALS[2]
-# Qwen2's pre-tokenizer split: digits alone, runs of whitespace (indentation) kept whole.
-SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+# Qwen2's pre-tokenizer split (digits alone, runs of whitespace kept whole) except that newlines
+# never join the punctuation before them: a prompt ending in "):" then ends on a token boundary
+# the model saw in training (with "):\n" merged, "):" alone would be a rare token).
+SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -69,13 +73,19 @@ class ModelSpec:
     num_key_value_heads: int
     head_dim: int
     intermediate_size: int
-    steps: tuple[int, ...]   # schedule lengths tried; the best validation loss is kept
+    recipes: tuple[tuple[int, float], ...]   # (steps, dropout) runs tried; best validation loss kept
     batch: int
     peak_lr: float
     warmup: int
     seed: int
     weight_decay: float = 0.1
-    eval_every: int = 250
+    eval_every: int = 200
+
+    def __post_init__(self) -> None:
+        for steps, dropout in self.recipes:
+            if steps % self.eval_every or not 0.0 <= dropout < 1.0:
+                raise ValueError(f"{self.name}: recipe ({steps}, {dropout}) needs steps a multiple of "
+                                 f"eval_every ({self.eval_every}) and dropout in [0, 1)")
 
     def num_params(self, vocab: int = VOCAB) -> int:
         h, d = self.hidden_size, self.head_dim
@@ -86,10 +96,12 @@ class ModelSpec:
 
 SPECS = {
     "code-small": ModelSpec("code-small", hidden_size=256, num_hidden_layers=8, num_attention_heads=4,
-                            num_key_value_heads=2, head_dim=64, intermediate_size=768, steps=(1200, 2400),
+                            num_key_value_heads=2, head_dim=64, intermediate_size=768,
+                            recipes=((1000, 0.0), (1600, 0.1), (2400, 0.2)),
                             batch=32, peak_lr=2e-3, warmup=200, seed=1),
     "code-draft": ModelSpec("code-draft", hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                            num_key_value_heads=2, head_dim=64, intermediate_size=384, steps=(1200, 2400),
+                            num_key_value_heads=2, head_dim=64, intermediate_size=384,
+                            recipes=((3000, 0.0),),
                             batch=32, peak_lr=3e-3, warmup=200, seed=2),
 }
 
@@ -208,9 +220,11 @@ def init_params(spec: ModelSpec, seed: int) -> dict[str, Any]:
     return {"embed": normal((VOCAB, h)), "norm": jnp.ones((h,)), "layers": layers}
 
 
-def forward(spec: ModelSpec, params: dict[str, Any], tokens: Any, compute_dtype: Any) -> Any:
+def forward(spec: ModelSpec, params: dict[str, Any], tokens: Any, compute_dtype: Any,
+            dropout: float = 0.0, key: Any = None) -> Any:
     """tokens: int32[B, T] -> float32 logits [B, T, V]. HF Llama semantics (rotate-half RoPE,
-    theta 1e4, RMSNorm eps 1e-5 with float32 statistics, GQA, SiLU MLP, tied embeddings)."""
+    theta 1e4, RMSNorm eps 1e-5 with float32 statistics, GQA, SiLU MLP, tied embeddings).
+    Training only: ``dropout`` on the embeddings and each residual branch, keyed by ``key``."""
     import jax
     import jax.numpy as jnp
 
@@ -233,9 +247,15 @@ def forward(spec: ModelSpec, params: dict[str, Any], tokens: Any, compute_dtype:
         shape = (1, t) + (1,) * (x.ndim - 3) + (d,)
         return (xf * cos.reshape(shape) + rot * sin.reshape(shape)).astype(x.dtype)
 
+    def drop(x: Any, i: int) -> Any:
+        if dropout == 0.0 or key is None:
+            return x
+        keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+
     mask = np.tril(np.ones((t, t), bool))
-    x = p["embed"][tokens]
-    for lp in p["layers"]:
+    x = drop(p["embed"][tokens], 0)
+    for li, lp in enumerate(p["layers"]):
         hn = norm(x, lp["ln_attn"])
         qh = rope((hn @ lp["wq"]).reshape(b, t, nkv, nq // nkv, d))
         kh = rope((hn @ lp["wk"]).reshape(b, t, nkv, d))
@@ -244,19 +264,20 @@ def forward(spec: ModelSpec, params: dict[str, Any], tokens: Any, compute_dtype:
         s = jnp.where(mask, s, -1e30)
         a = jax.nn.softmax(s, axis=-1).astype(compute_dtype)
         o = jnp.einsum("bhgqk,bkhd->bqhgd", a, vh).reshape(b, t, nq * d)
-        x = x + o @ lp["wo"]
+        x = x + drop(o @ lp["wo"], 2 * li + 1)
         hn = norm(x, lp["ln_mlp"])
-        x = x + (jax.nn.silu(hn @ lp["wg"]) * (hn @ lp["wu"])) @ lp["wd"]
+        x = x + drop((jax.nn.silu(hn @ lp["wg"]) * (hn @ lp["wu"])) @ lp["wd"], 2 * li + 2)
     x = norm(x, p["norm"])
     return jnp.einsum("bth,vh->btv", x, p["embed"], preferred_element_type=jnp.float32)
 
 
-def row_losses(spec: ModelSpec, params: dict[str, Any], seqs: Any, compute_dtype: Any) -> Any:
+def row_losses(spec: ModelSpec, params: dict[str, Any], seqs: Any, compute_dtype: Any,
+               dropout: float = 0.0, key: Any = None) -> Any:
     """seqs: int32[B, T + 1] -> float32[B]: mean next-token loss of each row."""
     import jax.numpy as jnp
     import optax
 
-    logits = forward(spec, params, seqs[:, :-1], compute_dtype)
+    logits = forward(spec, params, seqs[:, :-1], compute_dtype, dropout, key)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, seqs[:, 1:]), axis=-1)
 
 
@@ -278,8 +299,8 @@ def eval_loss(spec: ModelSpec, params: dict[str, Any], ids: np.ndarray, batch: i
 
 
 # ---------------------------------------------------------------------------------------- training
-def train_one(spec: ModelSpec, data: Path, steps: int, batch: int) -> tuple[dict, dict]:
-    """One schedule of ``steps`` -> (bf16-rounded params of its best validation checkpoint, metrics)."""
+def train_one(spec: ModelSpec, data: Path, steps: int, dropout: float, batch: int) -> tuple[dict, dict]:
+    """One run of ``steps`` -> (bf16-rounded params of its best validation checkpoint, metrics)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -298,7 +319,7 @@ def train_one(spec: ModelSpec, data: Path, steps: int, batch: int) -> tuple[dict
                                   mask=decay_mask))
     params = init_params(spec, spec.seed)
     opt_state = opt.init(params)
-    data_key = jax.random.key(spec.seed + 1000)
+    data_key, drop_key = jax.random.key(spec.seed + 1000), jax.random.key(spec.seed + 2000)
 
     def sample(step: Any) -> Any:
         """[batch, SEQ_LEN + 1] windows; a quarter start at a file's BOS (like a prompt does)."""
@@ -310,8 +331,9 @@ def train_one(spec: ModelSpec, data: Path, steps: int, batch: int) -> tuple[dict
 
     def one_step(carry: Any, step: Any) -> Any:
         params, opt_state = carry
+        key = jax.random.fold_in(drop_key, step)
         loss, grads = jax.value_and_grad(
-            lambda p: jnp.mean(row_losses(spec, p, sample(step), jnp.bfloat16)))(params)
+            lambda p: jnp.mean(row_losses(spec, p, sample(step), jnp.bfloat16, dropout, key)))(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -332,7 +354,7 @@ def train_one(spec: ModelSpec, data: Path, steps: int, batch: int) -> tuple[dict
         val = eval_loss(spec, as_bf16(params), val_ids, batch)
         done = first + chunk
         history.append({"step": done, "train_loss": round(float(train_loss), 4), "val_loss": round(val, 4)})
-        log(f"{spec.name} step {done}: train {float(train_loss):.3f} val {val:.3f} "
+        log(f"{spec.name} (dropout {dropout}) step {done}: train {float(train_loss):.3f} val {val:.3f} "
             f"({time.perf_counter() - t0:.0f} s)")
         if val < best[0]:
             best = (val, done, jax.device_get(params))
@@ -340,7 +362,8 @@ def train_one(spec: ModelSpec, data: Path, steps: int, batch: int) -> tuple[dict
     shipped = as_bf16(best_params)
     test = eval_loss(spec, shipped, test_ids, batch)
     metrics = {"test_loss": round(test, 4), "test_perplexity": round(math.exp(test), 3),
-               "val_loss": round(val, 4), "best_step": best_step, "steps": steps, "batch": batch,
+               "val_loss": round(val, 4), "best_step": best_step, "steps": steps, "dropout": dropout,
+               "batch": batch,
                "seq_len": SEQ_LEN, "tokens_seen": best_step * batch * SEQ_LEN,
                "train_tokens": int(train_ids.size), "test_tokens": int(test_ids.size),
                "params": spec.num_params(), "train_seconds": round(time.perf_counter() - t0, 1),
@@ -407,11 +430,11 @@ def cmd_train(ns: argparse.Namespace) -> None:
     log(f"jax {jax.__version__} on {jax.devices()}")
     for name in ns.models:
         spec = SPECS[name]
-        runs = [train_one(spec, data, steps, ns.batch or spec.batch)
-                for steps in ([ns.steps] if ns.steps else spec.steps)]
+        recipes = [(ns.steps, 0.0)] if ns.steps else spec.recipes
+        runs = [train_one(spec, data, steps, dropout, ns.batch or spec.batch) for steps, dropout in recipes]
         params, metrics = min(runs, key=lambda r: r[1]["val_loss"])
-        metrics["schedules_tried"] = [{k: r[1][k] for k in ("steps", "best_step", "val_loss", "test_loss")}
-                                      for r in runs]
+        metrics["runs_tried"] = [{k: r[1][k] for k in ("steps", "dropout", "best_step", "val_loss",
+                                                        "test_loss")} for r in runs]
         write_weights(spec, params, metrics, out / name)
         if not ns.weights_only:
             write_static_files(spec, data, out / name)

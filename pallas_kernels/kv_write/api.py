@@ -1,14 +1,15 @@
 """Dispatching entry point for writing new K/V into the page pool.
 
-Where it sits: called once per attention layer inside the jitted step, before attention,
-with the layer's donated pool.
+Where it sits: called once per attention layer inside the jitted step, before attention, with
+the layer's donated pool. cpu -> ``reference`` (XLA scatter, in place under donation),
+gpu -> ``gpu``, tpu -> ``tpu``; ``interpret=True`` on CPU runs the GPU kernel interpreted.
 """
 
 from __future__ import annotations
 
 import jax
 
-from pallas_kernels.kv_write import reference
+from pallas_kernels.kv_write import gpu, reference, tpu
 
 
 def write_kv(
@@ -26,7 +27,10 @@ def write_kv(
 
     Returns the updated ``(k_pages, v_pages)``; see ``reference.write_kv``.
     """
-    del interpret
-    return reference.write_kv(
-        k_pages, v_pages, k_new, v_new, slot_mapping, k_scales=k_scales, v_scales=v_scales
-    )
+    args = (k_pages, v_pages, k_new, v_new, slot_mapping)
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return tpu.write_kv(*args, k_scales=k_scales, v_scales=v_scales, interpret=interpret)
+    if backend == "gpu" or interpret:
+        return gpu.write_kv(*args, k_scales=k_scales, v_scales=v_scales, interpret=interpret)
+    return reference.write_kv(*args, k_scales=k_scales, v_scales=v_scales)

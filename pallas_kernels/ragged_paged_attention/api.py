@@ -1,15 +1,20 @@
 """Dispatching entry point for ragged paged attention: picks reference or kernel by backend.
 
-Where it sits: called by the model's attention layer inside the jitted step. CPU runs the
-pure-jnp reference; GPU and TPU run the Pallas kernels (``interpret=True`` runs a kernel in
-Pallas interpret mode on any backend, for tests).
+Where it sits: called by the model's attention layer inside the jitted step. The backend is
+``jax.default_backend()`` at trace time:
+
+    cpu -> reference.py (pure jnp)     gpu -> gpu.py (Pallas, Triton lowering)
+    tpu -> tpu.py (Pallas Mosaic TPU)
+
+``interpret=True`` runs the backend's kernel in Pallas interpret mode; on CPU it runs the GPU
+kernel's Triton interpret mode (tests call ``gpu``/``tpu`` directly for a specific one).
 """
 
 from __future__ import annotations
 
 import jax
 
-from pallas_kernels.ragged_paged_attention import reference
+from pallas_kernels.ragged_paged_attention import gpu, reference, tpu
 
 
 def ragged_paged_attention(
@@ -33,9 +38,17 @@ def ragged_paged_attention(
     ``q: [num_tokens, num_q_heads, head_dim]``, ``k_pages/v_pages: [num_pages, page_size,
     num_kv_heads, head_dim]`` -> ``[num_tokens, num_q_heads, head_dim]``.
     """
-    del interpret  # no kernel registered yet for any backend: every backend runs the reference
-    return reference.ragged_paged_attention(
-        q, k_pages, v_pages, page_table, seq_lens, query_start_loc, num_seqs,
-        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        k_scales=k_scales, v_scales=v_scales,
-    )  # fmt: skip
+    args = (q, k_pages, v_pages, page_table, seq_lens, query_start_loc, num_seqs)
+    kw = dict(
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        k_scales=k_scales,
+        v_scales=v_scales,
+    )
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return tpu.ragged_paged_attention(*args, interpret=interpret, **kw)
+    if backend == "gpu" or interpret:
+        return gpu.ragged_paged_attention(*args, interpret=interpret, **kw)
+    return reference.ragged_paged_attention(*args, **kw)

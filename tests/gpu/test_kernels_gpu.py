@@ -12,6 +12,8 @@ import pytest
 
 from pallas_kernels.flash_attention import gpu as fa_gpu
 from pallas_kernels.flash_attention import reference as fa_ref
+from pallas_kernels.kv_write import gpu as kv_gpu
+from pallas_kernels.kv_write import reference as kv_ref
 from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
 from pallas_kernels.ragged_paged_attention import reference as rpa_ref
 from tests.kernels.ragged_batch import make_batch, rel_err
@@ -26,7 +28,11 @@ BIG = {
     "llama_mixed": Case((1, 300, 1, 77, 1), (2100, 300, 17, 900, 4000), 16, 32, 8, 128, jnp.bfloat16),
     "llama_prefill_1000": Case((1000,), (1000,), 16, 32, 8, 128, jnp.bfloat16),
 }
-CONFIGS = [None, rpa_gpu.GpuConfig(block_q=4, pages_per_block=2, num_splits=4), rpa_gpu.GpuConfig(block_q=16)]
+CONFIGS = [
+    None,
+    rpa_gpu.GpuConfig(block_q=4, pages_per_block=2, num_splits=4),
+    rpa_gpu.GpuPlan(rpa_gpu.GpuConfig(block_q=2, num_splits=3), rpa_gpu.GpuConfig(block_q=16)),
+]
 
 
 @pytest.mark.parametrize("cfg", range(len(CONFIGS)))
@@ -70,3 +76,26 @@ def test_flash_gpu(dtype, tokens, cu, window, cap):
         got = jax.jit(functools.partial(fa_gpu.flash_attention, config=cfg, **kw))(q, k, v, cu)
         assert np.all(np.isfinite(np.asarray(got.astype(jnp.float32))))
         assert rel_err(got, want) < (1e-5 if dtype == jnp.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.int8])
+def test_write_kv_gpu(dtype):
+    rng = np.random.default_rng(0)
+    shape = (70_001, 16, 8, 128) if dtype == jnp.bfloat16 else (300, 16, 2, 64)
+    k = jnp.asarray(rng.integers(-100, 100, shape), dtype)
+    v = jnp.asarray(rng.integers(-100, 100, shape), dtype)
+    sc = {}
+    if dtype == jnp.int8:
+        sc = dict(
+            k_scales=jnp.full(shape[:1] + shape[2:3], 0.05), v_scales=jnp.full(shape[:1] + shape[2:3], 0.07)
+        )
+    t = 300
+    kn = jnp.asarray(rng.standard_normal((t, *shape[2:])), jnp.float32)
+    vn = jnp.asarray(rng.standard_normal((t, *shape[2:])), jnp.float32)
+    slots = rng.permutation(np.arange(shape[1], shape[0] * shape[1]))[:t]
+    slots[-5:] = [0, 1, 2, 0, 1]  # padding tokens into the null page
+    slots = jnp.asarray(slots, jnp.int32)
+    want = kv_ref.write_kv(k, v, kn, vn, slots, **sc)
+    got = jax.jit(functools.partial(kv_gpu.write_kv, **sc), donate_argnums=(0, 1))(k, v, kn, vn, slots)
+    for g, w in zip(got, want, strict=True):
+        assert bool(jnp.array_equal(g[1:], w[1:]))

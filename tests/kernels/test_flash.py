@@ -7,6 +7,7 @@ from ragged_batch import rel_err, run_fast
 
 from pallas_kernels.flash_attention import gpu as fa_gpu
 from pallas_kernels.flash_attention import reference as fa_ref
+from pallas_kernels.flash_attention import tpu as fa_tpu
 
 
 def _inputs(seed, tokens, hq, hkv, d, cu, dtype=jnp.float32):
@@ -50,19 +51,24 @@ def test_reference_matches_numpy(cu, window, cap):
     assert rel_err(got[:end], _numpy(q, k, v, cu_a, 0.3, window, cap)[:end]) < 1e-5
 
 
-@pytest.mark.parametrize(
-    "tokens,hq,hkv,d,cu,window,cap,dtype,cfg",
-    [
-        (50, 4, 2, 64, [0, 7, 30, 41], None, None, jnp.float32, fa_gpu.FlashGpuConfig(16, 16, 4, 1)),
-        (70, 2, 1, 128, None, 9, 5.0, jnp.float32, fa_gpu.FlashGpuConfig(32, 16, 4, 1, heavy_first=False)),
-        (64, 4, 4, 256, [0, 1, 33, 60], None, None, jnp.bfloat16, None),
-    ],
-)
-def test_gpu_kernel_interpret(tokens, hq, hkv, d, cu, window, cap, dtype, cfg):
+KERNEL_CASES = [
+    (50, 4, 2, 64, [0, 7, 30, 41], None, None, jnp.float32),
+    (70, 2, 1, 128, None, 9, 5.0, jnp.float32),
+    (64, 4, 4, 256, [0, 1, 33, 60], None, None, jnp.bfloat16),
+]
+GPU_CFGS = [fa_gpu.FlashGpuConfig(16, 16, 4, 1), fa_gpu.FlashGpuConfig(32, 16, 4, 1, heavy_first=False), None]
+TPU_CFGS = [fa_tpu.FlashTpuConfig(16, 16), fa_tpu.FlashTpuConfig(16, 32), None]
+
+
+@pytest.mark.parametrize("kernel", ["gpu", "tpu"])
+@pytest.mark.parametrize("case", range(len(KERNEL_CASES)))
+def test_kernel_interpret(kernel, case):
+    tokens, hq, hkv, d, cu, window, cap, dtype = KERNEL_CASES[case]
     q, k, v, cu_a = _inputs(1, tokens, hq, hkv, d, cu, dtype)
     kw = dict(sm_scale=d**-0.5, sliding_window=window, soft_cap=cap)
     want = fa_ref.flash_attention(q, k, v, cu_a, **kw)
-    got = run_fast(lambda *a: fa_gpu.flash_attention(*a, interpret=True, config=cfg, **kw), q, k, v, cu_a)
+    mod, cfg = (fa_gpu, GPU_CFGS[case]) if kernel == "gpu" else (fa_tpu, TPU_CFGS[case])
+    got = run_fast(lambda *a: mod.flash_attention(*a, interpret=True, config=cfg, **kw), q, k, v, cu_a)
     got = np.asarray(got.astype(jnp.float32))
     assert np.all(np.isfinite(got))
     end = tokens if cu is None else cu[-1]

@@ -88,19 +88,19 @@ def test_gpu_work_items_cover_every_row_once():
     np.testing.assert_array_equal(covered, 1)
 
 
+# decode7 (covered by decode64) and fp8 (same code path as int8) are left to the GPU kernel: each
+# interpret-mode case costs seconds of compile on the 2-core CI machine.
 TPU_CONFIGS = {
-    "decode7_p16_d64": None,
     "prefill1_p8_d128": rpa_tpu.TpuConfig(block_q=8, pages_per_block=2),
     "mixed7_p32_d256_bf16": rpa_tpu.TpuConfig(block_q=4, pages_per_block=1),
     "decode64_p8": rpa_tpu.TpuConfig(block_q=2, pages_per_block=4),
     "window_softcap_g3": rpa_tpu.TpuConfig(block_q=2, pages_per_block=1),
     "int8_kv": rpa_tpu.TpuConfig(block_q=2, pages_per_block=2),
-    "fp8_kv": None,
-    "pool_70k_pages": rpa_tpu.TpuConfig(block_q=2, pages_per_block=1),
+    "pool_70k_pages": None,
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(TPU_CONFIGS))
 def test_tpu_kernel_interpret(name):
     c, b, kw = _batch(name, seed=1)
     want = jax.jit(lambda *a: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
