@@ -157,5 +157,6 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     engine = LLMEngine(config, runner, tokenizer, plan.num_pages)
     engine.pool_plan = plan
     engine.startup_seconds = time.perf_counter() - t0
+    engine.compile_seconds = compile_s
     log.info("engine ready in %.1f s (compile %.1f s)", engine.startup_seconds, compile_s)
     return engine

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MAX_N = 128
 _GREEDY_EPS = 1e-5
 
 
@@ -66,8 +67,8 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
-            raise ValueError(f"SamplingParams.n must be an integer >= 1, got {self.n!r}")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"SamplingParams.n must be an integer in [1, {MAX_N}], got {self.n!r}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty"):
             _check_finite(name, getattr(self, name))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -372,6 +373,7 @@ def bench_config_from(ns: argparse.Namespace) -> BenchConfig:
 
 def cmd_bench(ns: argparse.Namespace) -> int:
     cfg = bench_config_from(ns)
+    logging.getLogger("httpx").setLevel(logging.WARNING)     # not one INFO line per request
     report = asyncio.run(run_bench(cfg))
     print(f"jserve bench: {cfg.backend} {cfg.base_url if cfg.backend == 'openai' else cfg.grpc_target} "
           f"model={report['model']} {cfg.num_prompts} requests, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -100,7 +101,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             return list(request.token_ids.ids)
         raise bad_request("a prompt is required: set 'text' or 'token_ids'", "prompt")
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateResponse]:
         rid = request.request_id or new_id("grpc")
         try:
             self._check_key(context)
@@ -128,7 +130,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 await self._abort(context, e)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
-                       ) -> pb.TokenizeResponse:  # noqa: N802
+                       ) -> pb.TokenizeResponse:
         try:
             self._check_key(context)
             self.serving.check_model(request.model)
@@ -139,7 +141,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.serving.max_model_len)
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
-                         ) -> pb.DetokenizeResponse:  # noqa: N802
+                         ) -> pb.DetokenizeResponse:
         try:
             self._check_key(context)
             self.serving.check_model(request.model)
@@ -150,7 +152,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         return pb.DetokenizeResponse(text=text)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-                         ) -> pb.ListModelsResponse:  # noqa: N802
+                         ) -> pb.ListModelsResponse:
         try:
             self._check_key(context)
         except Exception as e:

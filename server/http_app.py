@@ -33,7 +33,7 @@ import jserve
 from server.errors import KNOWN_STATUSES, APIError, bad_request, from_exception
 from server.metrics import CONTENT_TYPE, PrometheusStats
 from server.openai_handlers import ChatHandler, CompletionHandler
-from server.protocol import get_bool, get_int_list, parse_chat_request, parse_completion_request
+from server.protocol import get_bool, get_int_list, get_str, parse_chat_request, parse_completion_request
 from server.serving import Serving
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class OpenAIApp:
 
     async def tokenize(self, request: Request) -> Response:
         body = await self._json(request)
-        self.serving.check_model(body.get("model") if isinstance(body.get("model"), str) else None)
+        self.serving.check_model(get_str(body, "model"))
         if "messages" in body:
             if not isinstance(body["messages"], list):
                 raise bad_request("'messages' must be a list of messages", "messages")
@@ -226,7 +226,7 @@ class OpenAIApp:
 
     async def detokenize(self, request: Request) -> Response:
         body = await self._json(request)
-        self.serving.check_model(body.get("model") if isinstance(body.get("model"), str) else None)
+        self.serving.check_model(get_str(body, "model"))
         if "tokens" not in body:
             raise bad_request("'tokens' is required", "tokens")
         ids = get_int_list(body, "tokens")

@@ -24,6 +24,8 @@ from jserve.sampling_params import SamplingParams
 from server.errors import APIError, bad_request, from_exception
 from server.protocol import Prompt
 
+MAX_N = 128          # sequences per request (OpenAI's limit); each one is a scheduler request
+
 
 @dataclass(frozen=True)
 class ModelCard:
@@ -103,6 +105,9 @@ class Serving:
     def make_params(self, sampling: dict[str, Any], max_tokens: int | None, logprobs: int | None,
                     prompt_len: int, prompt_field: str = "prompt") -> SamplingParams:
         """SamplingParams with ``max_tokens`` checked against (or defaulted to) what fits."""
+        n = sampling.get("n", 1)
+        if isinstance(n, int) and n > MAX_N:
+            raise bad_request(f"'n' must be <= {MAX_N}, got {n}", "n")
         limit = self.max_model_len
         if prompt_len >= limit:
             raise bad_request(f"this model's maximum context length is {limit} tokens, but the "

@@ -448,7 +448,7 @@ def cmd_install(ns: argparse.Namespace) -> None:
         dst = INSTALL_DIR / name
         write_static_files(spec, data, dst)
         for f in ("model.safetensors", "training_metrics.json"):
-            shutil.copy(src / name / f, dst / f)
+            shutil.copyfile(src / name / f, dst / f)
         log(f"installed {dst}")
 
 

@@ -58,6 +58,9 @@ class GpuConfig:
     pages_per_block: pages gathered per inner step (block_k = pages_per_block * page_size).
     num_splits: programs that share one item's KV range (FlashDecoding); 1 = no combine pass.
     num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+    fused_combine: with splits, the last program of each (item, kv head) to finish (an atomic
+      counter) merges the partials and writes the output rows itself, instead of the XLA combine +
+      scatter after the launch (fewer launches: matters for latency-bound batch-1 decode).
     """
 
     block_q: int = 16
@@ -65,6 +68,7 @@ class GpuConfig:
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    fused_combine: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_q", "pages_per_block", "num_splits", "num_warps", "num_stages"):
@@ -152,11 +156,15 @@ def _kernel(
     quantized: bool,
     aliased: bool,
     per_item: bool,
+    fused: bool,
+    barriers: bool,
 ):
     rest = list(rest)
     ks_ref, vs_ref = (rest.pop(0), rest.pop(0)) if quantized else (None, None)
     if aliased:
         rest.pop(0)  # the previous launch's output: aliased to ours, rows we do not own stay as they are
+    if fused:
+        del rest[:2]  # base output and arrival counters: aliased to outputs 0 and 4
     outs = rest
     w, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     block_k = pages_per_block * page_size
@@ -254,12 +262,48 @@ def _kernel(
         out = out.reshape(block_q, group * head_dim).astype(o_ref.dtype)
         plgpu.store(o_ref.at[rr, qc], out, mask=store_mask)
     else:  # partials are indexed by (split, item row), not by token row: their size is items x block_q
-        o_ref, m_ref, l_ref = outs
+        if fused:
+            fin_ref, op_ref, m_ref, l_ref, cnt_ref = outs
+        else:
+            op_ref, m_ref, l_ref = outs
         pr = (w * block_q + r)[:, None]
-        plgpu.store(o_ref.at[split, pr, qc], acc.reshape(block_q, group * head_dim), mask=store_mask)
+        plgpu.store(op_ref.at[split, pr, qc], acc.reshape(block_q, group * head_dim), mask=store_mask)
         hc = (h * group + jnp.arange(group, dtype=jnp.int32))[None, :]
         plgpu.store(m_ref.at[split, pr, hc], m_i.reshape(block_q, group), mask=store_mask)
         plgpu.store(l_ref.at[split, pr, hc], l_i.reshape(block_q, group), mask=store_mask)
+        if fused:
+            if barriers:  # (no-op in interpret mode, where programs run one after another)
+                plgpu.debug_barrier()  # every thread's partial stores are issued before the release
+            done = plgpu.atomic_add(cnt_ref, (w * pl.num_programs(1) + h,), jnp.int32(1))
+
+            @pl.when(done == num_splits - 1)
+            def _merge():
+                if barriers:
+                    plgpu.debug_barrier()
+
+                def part(sp):  # volatile loads: other programs' partials must not come from a stale L1
+                    o_s = plgpu.load(op_ref.at[sp, pr, qc], volatile=True)
+                    m_s = plgpu.load(m_ref.at[sp, pr, hc], volatile=True)
+                    l_s = plgpu.load(l_ref.at[sp, pr, hc], volatile=True)
+                    return o_s.reshape(m_rows, head_dim), m_s.reshape(m_rows), l_s.reshape(m_rows)
+
+                m_all = jax.lax.fori_loop(
+                    0,
+                    num_splits,
+                    lambda sp, m: jnp.maximum(m, part(sp)[1]),
+                    jnp.full((m_rows,), _NEG, jnp.float32),
+                )
+
+                def add(sp, carry):
+                    num, den = carry
+                    o_s, m_s, l_s = part(sp)
+                    wgt = jnp.exp(m_s - m_all)
+                    return num + o_s * wgt[:, None], den + l_s * wgt
+
+                zero = (jnp.zeros((m_rows, head_dim), jnp.float32), jnp.zeros((m_rows,), jnp.float32))
+                num, den = jax.lax.fori_loop(0, num_splits, add, zero)
+                out = (num / jnp.maximum(den, 1e-30)[:, None]).reshape(block_q, group * head_dim)
+                plgpu.store(fin_ref.at[rr, qc], out.astype(fin_ref.dtype), mask=store_mask)
 
 
 def _launch(
@@ -292,6 +336,7 @@ def _launch(
         pt = jnp.pad(pt, ((0, 0), (0, -pt.shape[1] % cfg.pages_per_block)))
     ns, bq, num_items = cfg.num_splits, cfg.block_q, items.shape[0]
     per_item = ns > 1
+    fused = per_item and cfg.fused_combine
     args = [items, pt, q2, k2, v2, *scales]
     aliases = {}
     if per_item:
@@ -301,6 +346,16 @@ def _launch(
             jax.ShapeDtypeStruct((ns, n_rows, hw), jnp.float32),
             jax.ShapeDtypeStruct((ns, n_rows, hw), jnp.float32),
         )
+        if fused:  # final rows + partials + per-(item, head) arrival counter (zeros, aliased in)
+            if base is None:
+                base = jnp.zeros((num_tokens, width), out_dtype)
+            aliases = {len(args): 0, len(args) + 1: 4}
+            args += [base, jnp.zeros((num_items * num_kv_heads,), jnp.int32)]
+            out_shape = (
+                jax.ShapeDtypeStruct((num_tokens, width), out_dtype),
+                *out_shape,
+                jax.ShapeDtypeStruct((num_items * num_kv_heads,), jnp.int32),
+            )
     else:
         out_shape = jax.ShapeDtypeStruct((num_tokens, width), out_dtype)
         if base is not None:
@@ -309,7 +364,7 @@ def _launch(
     kernel = functools.partial(
         _kernel, num_tokens=num_tokens, group=group, head_dim=head_dim, page_size=page_size,
         block_q=bq, pages_per_block=cfg.pages_per_block, num_splits=ns, quantized=bool(scales),
-        aliased=bool(aliases), per_item=per_item, **static,
+        aliased=bool(aliases) and not fused, per_item=per_item, fused=fused, barriers=not interpret, **static,
     )  # fmt: skip
     out = pl.pallas_call(
         kernel,
@@ -322,6 +377,8 @@ def _launch(
     )(*args)
     if not per_item:
         return out
+    if fused:
+        return out[0]
     o_part, m_part, l_part = out
     m_all = jnp.max(m_part, axis=0)
     wgt = jnp.exp(m_part - m_all[None])  # [ns, items * bq, kvh * G]

@@ -30,7 +30,7 @@ BIG = {
 }
 CONFIGS = [
     None,
-    rpa_gpu.GpuConfig(block_q=4, pages_per_block=2, num_splits=4),
+    rpa_gpu.GpuConfig(block_q=4, pages_per_block=2, num_splits=4, fused_combine=True),
     rpa_gpu.GpuPlan(rpa_gpu.GpuConfig(block_q=2, num_splits=3), rpa_gpu.GpuConfig(block_q=16)),
 ]
 
@@ -82,8 +82,8 @@ def test_flash_gpu(dtype, tokens, cu, window, cap):
 def test_write_kv_gpu(dtype):
     rng = np.random.default_rng(0)
     shape = (70_001, 16, 8, 128) if dtype == jnp.bfloat16 else (300, 16, 2, 64)
-    k = jnp.asarray(rng.integers(-100, 100, shape), dtype)
-    v = jnp.asarray(rng.integers(-100, 100, shape), dtype)
+    k = (jax.random.normal(jax.random.key(0), shape) * 50).astype(dtype)
+    v = (jax.random.normal(jax.random.key(1), shape) * 50).astype(dtype)
     sc = {}
     if dtype == jnp.int8:
         sc = dict(

@@ -40,7 +40,7 @@ GPU_CONFIGS = {
         decode=rpa_gpu.GpuConfig(block_q=2, pages_per_block=1, num_splits=3),
         prefill=rpa_gpu.GpuConfig(block_q=8, pages_per_block=1),
     ),
-    "decode64_p8": rpa_gpu.GpuConfig(block_q=8, pages_per_block=2, num_splits=2),
+    "decode64_p8": rpa_gpu.GpuConfig(block_q=8, pages_per_block=2, num_splits=2, fused_combine=True),
     "window_softcap_g3": rpa_gpu.GpuPlan(
         decode=rpa_gpu.GpuConfig(block_q=1, pages_per_block=1, num_splits=2),
         prefill=rpa_gpu.GpuConfig(block_q=4, pages_per_block=2),
