@@ -7,9 +7,10 @@ decode at batch x context 1x8192, 64x2048, 256x512; a mixed batch (8 prefill chu
 (best of its k_splits x pages_per_compute_block), cuDNN through jax.nn.dot_product_attention,
 JAX's Pallas Triton flash op. Ceilings: HBM read+write of a 2 GiB elementwise op, bf16 matmul.
 
-Timing: each op runs ``iters`` times inside one jitted ``fori_loop`` (device time plus launch
-gaps, no Python dispatch), median of ``reps``; decode inputs rotate over 4 page tables into a
-pool 4x the KV footprint so that repeated iterations do not read from L2.
+Timing: each op runs ``iters`` times inside one jitted, unrolled ``fori_loop`` (device time plus
+launch gaps, no Python dispatch, no XLA while-loop), median of ``reps``; decode inputs rotate
+over 4 page tables into a pool 4x the KV footprint so that repeated iterations do not read
+from L2.
 
     PYTHONPATH=. python3 benchmarks/kernels.py [--quick] [--sweep]
 
@@ -61,7 +62,9 @@ def loop_time(op, args, *, iters: int = 20, reps: int = 5, rotate: int | None = 
             out = op(i if rotate is None else i % rotate, first, *a[1:])
             return acc + jnp.sum(out.astype(jnp.float32)), first
 
-        return jax.lax.fori_loop(0, iters, body, (jnp.float32(0), a[0]))[0]
+        # Unrolled: an XLA while loop on GPU costs ~25 us per iteration (predicate read back to the
+        # host; measured as harness_floor in run 3, KERNEL_NOTES.md).
+        return jax.lax.fori_loop(0, iters, body, (jnp.float32(0), a[0]), unroll=True)[0]
 
     jax.block_until_ready(many(*args))
     ts = []

@@ -55,6 +55,10 @@ class EngineArgs:
     random_weights: bool = False             # named shapes only: benchmarks
     compilation_cache_dir: str | None = None  # None: ~/.cache/jserve/xla; "" disables
     max_waiting: int = 1024
+    enable_prefix_caching: bool = True
+    swap_space_gb: float = 4.0               # host memory for preempted requests' pages
+    host_kv_cache_gb: float = 0.0            # host memory tier for evicted cached pages (0 = off)
+    preemption_mode: str = "swap"            # "swap" | "recompute"
 
 
 def default_cache_dir() -> str:
@@ -103,7 +107,10 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
         model=model_cfg,
         cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages,
                           kv_cache_memory_fraction=args.kv_cache_memory_fraction,
-                          kv_cache_dtype=args.kv_cache_dtype),
+                          kv_cache_dtype=args.kv_cache_dtype,
+                          enable_prefix_caching=args.enable_prefix_caching,
+                          swap_space_gb=args.swap_space_gb, host_kv_cache_gb=args.host_kv_cache_gb,
+                          preemption_mode=args.preemption_mode),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
                                   max_model_len=max_len, max_waiting=args.max_waiting),
         parallel=ParallelConfig(args.tensor_parallel_size), seed=args.seed,

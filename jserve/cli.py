@@ -30,6 +30,14 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="random weights of a named shape (llama3.1-8b, qwen2.5-0.5b, ...)")
     p.add_argument("--compilation-cache-dir", default=None)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of shared prompt prefixes (default: on)")
+    p.add_argument("--swap-space-gb", "--swap-space", type=float, default=4.0,
+                   help="host memory (GiB) for the KV pages of preempted requests")
+    p.add_argument("--host-kv-cache-gb", type=float, default=0.0,
+                   help="host memory (GiB) that keeps KV pages evicted from the device prefix "
+                   "cache, for later hits (0 = off)")
+    p.add_argument("--preemption-mode", choices=["swap", "recompute"], default="swap")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -38,7 +46,9 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
         num_pages=ns.num_pages, kv_cache_memory_fraction=ns.kv_cache_memory_fraction,
         page_size=ns.page_size, tensor_parallel_size=ns.tensor_parallel_size, seed=ns.seed,
-        random_weights=ns.random_weights, compilation_cache_dir=ns.compilation_cache_dir)
+        random_weights=ns.random_weights, compilation_cache_dir=ns.compilation_cache_dir,
+        enable_prefix_caching=ns.enable_prefix_caching, swap_space_gb=ns.swap_space_gb,
+        host_kv_cache_gb=ns.host_kv_cache_gb, preemption_mode=ns.preemption_mode)
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
@@ -108,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--sampling-seed", type=int, default=None)
-    g.set_defaults(func=_cmd_generate)
+    # A few prompts from a shell: a small batch compiles 4 step buckets instead of 6, so the first
+    # run on a CPU is ready in seconds (later runs hit the persistent compilation cache).
+    g.set_defaults(func=_cmd_generate, max_num_seqs=8, max_num_batched_tokens=128)
     add_plan_parser(sub)
     return parser
 

@@ -164,12 +164,22 @@ def _sliding_windows(cfg: dict[str, Any], arch: str, num_layers: int) -> tuple[i
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The KV page pool. Either ``num_pages`` or ``kv_cache_memory_fraction`` sizes it."""
+    """The KV page pool. Either ``num_pages`` or ``kv_cache_memory_fraction`` sizes it.
+
+    Prefix caching keeps full pages for reuse by later requests; ``swap_space_gb`` of host
+    memory holds preempted requests' pages (``preemption_mode="swap"``; recompute when it is
+    full or 0); ``host_kv_cache_gb`` of host memory keeps pages evicted from the device prefix
+    cache (0 = off).
+    """
 
     page_size: int = 16
     num_pages: int | None = None
     kv_cache_memory_fraction: float = 0.85
     kv_cache_dtype: str = "auto"  # "auto" = the model dtype
+    enable_prefix_caching: bool = True
+    swap_space_gb: float = 4.0
+    host_kv_cache_gb: float = 0.0
+    preemption_mode: str = "swap"  # "swap" | "recompute"
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -179,6 +189,14 @@ class CacheConfig:
         if not 0.0 < self.kv_cache_memory_fraction < 1.0:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1), got "
                              f"{self.kv_cache_memory_fraction}")
+        for name in ("swap_space_gb", "host_kv_cache_gb"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                raise ValueError(f"{name} must be a number of GiB >= 0, got {v!r}")
+        if self.preemption_mode not in ("swap", "recompute"):
+            raise ValueError(f"preemption_mode must be 'swap' or 'recompute', got {self.preemption_mode!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if self.kv_cache_dtype != "auto":
             object.__setattr__(self, "kv_cache_dtype",
                                normalize_dtype(self.kv_cache_dtype, "kv_cache_dtype"))

@@ -21,8 +21,9 @@ import numpy as np
 
 from jserve.config import EngineConfig
 from jserve.detokenizer import IncrementalDetokenizer
+from jserve.kv_cache import PoolPlan
+from jserve.kv_manager import make_kv_manager
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
-from jserve.page_pool import PagePool
 from jserve.request import Request, RequestStatus
 from jserve.runner import Runner
 from jserve.sampling_batch import MAX_BANNED_IDS, banned_ids_fit
@@ -64,14 +65,19 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.runner = runner
-        self.pool = PagePool(num_pages, config.cache.page_size)
-        self.scheduler = Scheduler(config.scheduler, self.pool)
+        kv_manager = make_kv_manager(config, num_pages)
+        self.pool = kv_manager.pool
+        self.scheduler = Scheduler(config.scheduler, kv_manager)
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, str] = {}
         self._rng = np.random.default_rng(config.seed)
         self._ids = itertools.count()
         eos = config.model.eos_token_ids or (tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids: tuple[int, ...] = tuple(eos)
+        # Start-up facts, filled in by builder.build_engine (banner, /metrics, jserve plan).
+        self.pool_plan: PoolPlan | None = None
+        self.startup_seconds = 0.0
+        self.compile_seconds = 0.0
 
     # ------------------------------------------------------------------ input
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -109,9 +115,10 @@ class LLMEngine:
                              "stop/eos ids are supported")
 
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams,
-                    arrival_time: float | None = None) -> str:
+                    arrival_time: float | None = None, cache_salt: str | None = None) -> str:
         """Validate, tokenize and queue a request. Raises ValueError (bad input) or
-        QueueFullError; nothing is queued on error."""
+        QueueFullError; nothing is queued on error. ``cache_salt``: requests share prefix-cached
+        pages only with requests of the same salt."""
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if request_id in self._parents:
@@ -124,7 +131,8 @@ class LLMEngine:
         for i in range(params.n):
             cid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(cid, ids, params, eos_token_ids=self.eos_token_ids,
-                          seed=(base_seed + 0x9E3779B1 * i) % 2**32, arrival_time=arrival)
+                          seed=(base_seed + 0x9E3779B1 * i) % 2**32, arrival_time=arrival,
+                          cache_salt=cache_salt, fork_of=children[0].request if children else None)
             children.append(_Child(req, self._make_detok(ids, params), self._make_stops(params)))
         added: list[Request] = []
         try:
@@ -157,6 +165,18 @@ class LLMEngine:
             return
         for ch in parent.children:
             self.scheduler.finish_request(ch.request.request_id, RequestStatus.FINISHED_ABORTED)
+
+    # ------------------------------------------------------------------ cache
+    def kv_cache_stats(self) -> dict[str, int]:
+        """KV cache counters (monotonic) and gauges for metrics exporters: prefix cache queries
+        and hits in tokens (device / host tier), CoW copies, pages swapped in/out, evictions,
+        preemptions, page usage. See ``KVCacheManager.stats``."""
+        return self.scheduler.kv_stats()
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached page no request holds (device and host tier); -> pages dropped."""
+        pc = self.scheduler.kv.prefix_cache
+        return pc.reset() if pc is not None else 0
 
     # ------------------------------------------------------------------ loop
     def has_unfinished_requests(self) -> bool:
@@ -199,7 +219,8 @@ class LLMEngine:
         if parent.first_token_time is not None:
             metrics["first_token_time"] = parent.first_token_time
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs,
-                             finished=finished, metrics=metrics)
+                             finished=finished, metrics=metrics,
+                             num_cached_tokens=parent.children[0].request.num_cached_tokens or 0)
 
     def _advance_child(self, ch: _Child) -> None:
         req = ch.request

@@ -1,32 +1,37 @@
-"""PagePool: the host-side allocator of KV cache pages.
+"""PagePool: the host-side allocator of KV cache pages (with room for prefix-cached pages).
 
 Where it sits: the device holds one fixed KV pool ``[num_pages, page_size, ...]`` allocated at
 start-up (DESIGN invariant 1). This class owns the *bookkeeping* of that pool on the host
-(invariant 2): which page ids are free, and how many owners each used page has. The
-``Scheduler`` allocates pages for the chunks it schedules and frees them when a request
-finishes or is preempted; the page ids end up in ``Request.page_ids``, which the runner packs
-as page-table rows. Nothing here touches the device.
+(invariant 2): which page ids are free, how many owners each used page has, and which
+unowned pages still hold prefix-cached K/V. The ``KVCacheManager`` allocates pages for the
+chunks the scheduler picks and frees them when a request finishes or is preempted; the page
+ids end up in ``Request.page_ids``, which the runner packs as page-table rows. Nothing here
+touches the device; what a cached page *contains* is the ``PrefixCache``'s business.
 
-Layout (``num_pages = 8``, two requests running)::
+Layout (``num_pages = 8``, two requests running, one finished request left cached pages)::
 
     page id     0      1     2     3     4     5     6     7
               +------+-----+-----+-----+-----+-----+-----+-----+
     refcount  | null |  1  |  1  |  0  |  2  |  0  |  1  |  0  |
+    cached    |      |  c  |     |  c  |  c  |     |     |  c  |
               +------+-----+-----+-----+-----+-----+-----+-----+
-               never   A     A    free  A+B   free   B    free
-               handed                 (shared
-               out                     later)
-    free list (FIFO): head -> 3 -> 5 -> 7 -> tail    num_total = 7, num_free = 3, num_used = 4
+               never   A     A   evict  A+B  empty   B   evict
+               handed               able (shared)            able
+    empty (FIFO):     head -> 5 -> tail
+    evictable (LRU):  oldest -> 7 -> 3 -> newest
+    num_total = 7 = num_empty 1 + num_evictable 2 + num_used 4;   num_free = 1 + 2 = 3
 
-Invariants (``check_invariants``):
-  * page 0 is the null page: refcount 0, never in the free list, never handed out. Padded
-    tokens of a step write there and nothing reads it.
-  * every page 1..num_pages-1 is exactly one of: free (in the free list once, refcount 0) or
-    used (not in the free list, refcount > 0).
+Every page 1..num_pages-1 is exactly one of (``check_invariants``):
+  * **empty**: refcount 0, holds nothing worth keeping, in the FIFO ``empty`` list once;
+  * **evictable**: refcount 0 but still holds cached K/V (``cached``), in the LRU list once;
+    a prefix-cache hit takes it back (``incref``: 0 -> 1) without any copy;
+  * **used**: refcount > 0 (cached or not), in neither list.
+Page 0 is the null page: refcount 0, in no list, never handed out. Padded tokens write there.
 
-Free-list order: FIFO. ``allocate`` takes from the head, ``free`` appends at the tail, so the
-page freed longest ago is reused first. That is the eviction order a prefix cache wants later
-(a freed page keeps its K/V contents as long as possible), and it costs nothing now.
+Allocation order: ``allocate`` takes empty pages first (FIFO: the page freed longest ago), then
+evicts the least recently used evictable page, telling ``on_evict(page)`` so the prefix cache
+can forget it (or move it to the host tier) before the page is overwritten. ``num_free``
+counts both kinds: it is what an allocation can get (vLLM's "free blocks" include cached ones).
 
 Shortage policy: ``allocate(n)`` raises ``OutOfPagesError`` when fewer than ``n`` pages are free
 (nothing is allocated then). Callers that can react (the scheduler preempts) check
@@ -35,8 +40,8 @@ Shortage policy: ``allocate(n)`` raises ``OutOfPagesError`` when fewer than ``n`
 
 from __future__ import annotations
 
-from collections import Counter, deque
-from collections.abc import Iterable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable
 from numbers import Integral
 
 import numpy as np
@@ -51,7 +56,9 @@ class OutOfPagesError(RuntimeError):
 class PagePool:
     """A fixed pool of ``num_pages`` KV pages of ``page_size`` tokens; page 0 is reserved.
 
-    refcounts: int32[num_pages]   owners per page (0 = free, and always 0 for the null page)
+    refcounts: int32[num_pages]   owners per page (0 = empty or evictable; always 0 for page 0)
+    cached:    bool[num_pages]    the page holds K/V the prefix cache has registered
+    on_evict:  called with a page id when ``allocate`` evicts a cached page (before reuse)
     """
 
     def __init__(self, num_pages: int, page_size: int) -> None:
@@ -63,7 +70,11 @@ class PagePool:
         self.num_pages = int(num_pages)
         self.page_size = int(page_size)
         self.refcounts = np.zeros(num_pages, dtype=np.int32)
-        self._free: deque[int] = deque(range(1, num_pages))
+        self.cached = np.zeros(num_pages, dtype=bool)
+        self._empty: deque[int] = deque(range(1, num_pages))
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self.on_evict: Callable[[int], None] | None = None
+        self.num_evictions = 0  # cached pages evicted by allocate (monotonic; a metric)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -73,11 +84,21 @@ class PagePool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages an allocation can get now: empty + evictable."""
+        return len(self._empty) + len(self._evictable)
+
+    @property
+    def num_empty(self) -> int:
+        return len(self._empty)
+
+    @property
+    def num_evictable(self) -> int:
+        """Unowned pages that still hold prefix-cached K/V."""
+        return len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_total - len(self._free)
+        return self.num_total - self.num_free
 
     @property
     def capacity_tokens(self) -> int:
@@ -90,32 +111,52 @@ class PagePool:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         return -(-num_tokens // self.page_size)
 
+    def is_evictable(self, page: int) -> bool:
+        return page in self._evictable
+
     # ------------------------------------------------------------ alloc / free
     def allocate(self, n: int) -> list[int]:
-        """Take ``n`` free pages (refcount 0 -> 1). Raises ``OutOfPagesError`` on shortage."""
+        """Take ``n`` pages (refcount -> 1): empty ones first, then LRU evictions.
+
+        Raises ``OutOfPagesError`` on shortage (nothing allocated then).
+        """
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of pages ({n})")
-        if n > len(self._free):
-            raise OutOfPagesError(f"asked for {n} pages, only {len(self._free)} of {self.num_total} free")
-        pages = [self._free.popleft() for _ in range(n)]
+        if n > self.num_free:
+            raise OutOfPagesError(f"asked for {n} pages, only {self.num_free} of {self.num_total} free")
+        pages = []
+        for _ in range(n):
+            if self._empty:
+                pages.append(self._empty.popleft())
+                continue
+            p, _ = self._evictable.popitem(last=False)
+            self.cached[p] = False
+            self.num_evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(p)
+            pages.append(p)
         self.refcounts[pages] = 1
         return pages
 
     def incref(self, pages: Iterable[int]) -> None:
-        """Add one owner to each (used) page: for sharing a page between requests."""
+        """Add one owner to each page: sharing a used page, or taking back an evictable one."""
         pages = list(pages)
         for p in pages:
             self._check_id(p)
-            if self.refcounts[p] <= 0:
-                raise ValueError(f"incref of page {p}, which is free")
+            if self.refcounts[p] <= 0 and p not in self._evictable:
+                raise ValueError(f"incref of page {p}, which is free and holds no cached K/V")
         for p in pages:
+            if self.refcounts[p] == 0:
+                del self._evictable[p]
             self.refcounts[p] += 1
 
     def free(self, pages: Iterable[int]) -> None:
-        """Drop one owner of each page; a page whose count reaches 0 goes to the free list tail.
+        """Drop one owner of each page. At refcount 0 a cached page becomes evictable (newest
+        in LRU order), any other page goes to the empty list's tail.
 
-        All-or-nothing: every id is validated (null page, a free page, more drops than owners)
-        before any count changes.
+        All-or-nothing: every id is validated (null page, an unowned page, more drops than
+        owners) before any count changes. Free a request's pages tail first (``reversed``):
+        its last pages are then evicted before its first ones, which more requests share.
         """
         pages = list(pages)
         for p, times in Counter(pages).items():
@@ -126,7 +167,27 @@ class PagePool:
         for p in pages:
             self.refcounts[p] -= 1
             if self.refcounts[p] == 0:
-                self._free.append(p)
+                if self.cached[p]:
+                    self._evictable[p] = None
+                else:
+                    self._empty.append(p)
+
+    def mark_cached(self, page: int) -> None:
+        """Flag a used page as holding prefix-cached K/V (it becomes evictable when freed)."""
+        self._check_id(page)
+        if self.refcounts[page] <= 0:
+            raise ValueError(f"mark_cached of page {page}, which is not in use")
+        self.cached[page] = True
+
+    def drop_cached(self, pages: Iterable[int] | None = None) -> list[int]:
+        """Turn evictable pages (all when ``pages`` is None) back into empty ones, without
+        calling ``on_evict``; returns them. Used pages stay cached. For cache resets."""
+        chosen = list(self._evictable) if pages is None else [p for p in pages if p in self._evictable]
+        for p in chosen:
+            del self._evictable[p]
+            self.cached[p] = False
+            self._empty.append(p)
+        return chosen
 
     def _check_id(self, p: int) -> None:
         if p == NULL_PAGE:
@@ -136,19 +197,21 @@ class PagePool:
 
     # ------------------------------------------------------------------ tests
     def check_invariants(self) -> None:
-        """Raise ``AssertionError`` if the free list and the refcounts disagree (for tests)."""
-        free = list(self._free)
-        if len(set(free)) != len(free):
-            dup = sorted(p for p, c in Counter(free).items() if c > 1)
-            raise AssertionError(f"pages in the free list more than once: {dup}")
-        if NULL_PAGE in free:
-            raise AssertionError("the null page is in the free list")
-        if self.refcounts[NULL_PAGE] != 0:
-            raise AssertionError(f"the null page has refcount {self.refcounts[NULL_PAGE]}")
+        """Raise ``AssertionError`` if the lists, refcounts and cached flags disagree."""
+        empty, evictable = list(self._empty), list(self._evictable)
+        both = empty + evictable
+        if len(set(both)) != len(both):
+            dup = sorted(p for p, c in Counter(both).items() if c > 1)
+            raise AssertionError(f"pages in the free lists more than once: {dup}")
+        if NULL_PAGE in both:
+            raise AssertionError("the null page is in a free list")
+        if self.refcounts[NULL_PAGE] != 0 or self.cached[NULL_PAGE]:
+            raise AssertionError(f"the null page has refcount {self.refcounts[NULL_PAGE]} "
+                                 f"or is cached")
         if (self.refcounts < 0).any():
             raise AssertionError(f"negative refcounts at pages {np.flatnonzero(self.refcounts < 0).tolist()}")
         is_free = np.zeros(self.num_pages, dtype=bool)
-        is_free[free] = True
+        is_free[both] = True
         bad_free = np.flatnonzero(is_free & (self.refcounts != 0))
         if bad_free.size:
             raise AssertionError(f"free pages with refcount != 0: {bad_free.tolist()}")
@@ -156,7 +219,13 @@ class PagePool:
         lost = lost[lost != NULL_PAGE]
         if lost.size:
             raise AssertionError(f"pages neither free nor used (leaked): {lost.tolist()}")
+        bad_empty = [p for p in empty if self.cached[p]]
+        if bad_empty:
+            raise AssertionError(f"empty pages flagged cached: {bad_empty}")
+        bad_evictable = [p for p in evictable if not self.cached[p]]
+        if bad_evictable:
+            raise AssertionError(f"evictable pages not flagged cached: {bad_evictable}")
 
     def __repr__(self) -> str:
         return (f"PagePool(num_pages={self.num_pages}, page_size={self.page_size}, "
-                f"free={self.num_free}, used={self.num_used})")
+                f"empty={self.num_empty}, evictable={self.num_evictable}, used={self.num_used})")

@@ -10,12 +10,19 @@ Token accounting (the "no phases" invariant)::
     |<------------- num_computed_tokens ------------->|<-- to compute -->|
     each step schedules a chunk [num_computed_tokens, num_computed_tokens + k); the chunk that
     reaches num_tokens produces a sampled token, which is appended to output_token_ids.
+
+KV state (kept by the ``KVCacheManager``): ``page_ids`` covers the computed tokens and the
+chunk in flight; ``page_entries[i]`` is the prefix-cache identity of full page i (computed
+pages only); ``swap_slots`` maps page index -> host swap slot while the request is swapped
+out (it then holds no pages, and ``num_computed_tokens`` keeps counting what is in host
+memory). ``fork_of``: for ``n`` > 1 the first sibling, whose prompt pages this one shares.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from jserve.sampling_params import SamplingParams
 
@@ -52,6 +59,11 @@ class Request:
     num_preemptions: int = 0
     # Per output token: (sampled logprob, [(token_id, logprob), ...]) when logprobs requested.
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    cache_salt: str | None = None          # namespaces the prefix cache (no sharing across salts)
+    fork_of: Request | None = None         # n > 1: the sibling whose prompt pages this one shares
+    num_cached_tokens: int | None = None   # prompt tokens not computed at first admission
+    page_entries: list[Any] = field(default_factory=list)    # prefix_cache.CachedPage per full page
+    swap_slots: dict[int, int] = field(default_factory=dict)  # page index -> swap slot (swapped out)
 
     def __post_init__(self) -> None:
         # A copy: the caller's list must never alias our growing state.

@@ -8,7 +8,8 @@ Where it sits: between ``Scheduler.schedule()`` and ``Scheduler.update()``::
 
 Shapes are bucketed (DESIGN invariant 4): the token count pads to a power-of-two bucket and
 the request rows to that bucket's row count; ``warmup()`` compiles every bucket at start-up,
-so serving never compiles.
+so serving never compiles. Page moves the scheduler asked for (copy-on-write, swap, host KV
+tier: ``SchedulerOutput.transfers``) run just before the step (``KVPageMover``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jserve.config import EngineConfig
 from jserve.kv_cache import KVCache
+from jserve.kv_transfer import KVPageMover
 from jserve.model.decoder import forward
 from jserve.request import Request
 from jserve.sampler import make_sampler
@@ -48,6 +50,11 @@ class Runner:
         self._buckets = config.scheduler.token_buckets
         self._pages_per_seq = config.pages_per_seq
         self._page_size = config.cache.page_size
+        cache = config.cache
+        host_moves = ((cache.preemption_mode == "swap" and cache.swap_space_gb > 0)
+                      or cache.host_kv_cache_gb > 0)
+        self.mover = KVPageMover(kv, max(self._pages_per_seq, config.scheduler.max_num_seqs),
+                                 self._replicated, host_moves)
 
     # ---------------------------------------------------------------- shapes
     def bucket_for(self, num_tokens: int) -> tuple[int, int]:
@@ -88,6 +95,13 @@ class Runner:
 
     # ---------------------------------------------------------------- device
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        moved = None
+        if out.transfers:
+            self.kv, moved = self.mover.begin(self.kv, out.transfers)
+        if not out.chunks:
+            if moved is not None:
+                self.mover.finish(moved)
+            return RunnerOutput(np.zeros(0, np.int32))
         batch_np, rows = self.prepare(out)
         r_bucket = batch_np.num_rows
         vocab, max_len = self.config.model.vocab_size, self.config.scheduler.max_model_len
@@ -96,6 +110,8 @@ class Runner:
         batch, sbatch = jax.device_put((batch_np, sbatch), self._replicated)
         self.kv, logits = self._step(self.params, self.kv, batch)
         res = self._sample(logits, sbatch, flags)
+        if moved is not None:
+            self.mover.finish(moved)  # the device-to-host page copies overlapped the step
         n = out.num_seqs
         tokens = np.asarray(res.token_ids)[:n]
         if any(row is not None and row.params.logprobs is not None for row in rows):
@@ -116,6 +132,7 @@ class Runner:
                 sbatch = jax.device_put(pack_sampling([], r_bucket, vocab, flags=flags)[0],
                                         self._replicated)
                 jax.block_until_ready(self._sample(logits, sbatch, flags))
+        self.kv = self.mover.warmup(self.kv)
         jax.block_until_ready(self.kv)
         elapsed = time.perf_counter() - t0
         log.info("compiled %d step buckets %s in %.1f s", len(self._buckets), self._buckets, elapsed)

@@ -20,12 +20,19 @@ Pages: a chunk ``[start, start + k)`` needs ``pages_needed(start + k)`` pages in
     positions       0..3 4..7 8..11 12..15
                     |<- computed ->|<- chunk [10, 14) ->|
 
-Preemption (recompute mode): when the pool can't cover a running request's chunk, the newest
-running request (last in arrival order) gives up all its pages, restarts at
-``num_computed_tokens = 0`` (prompt and already generated tokens are recomputed; its outputs
-are kept) and goes to the *front* of the waiting queue. If the request being scheduled is
-itself the newest, it is the one preempted and scheduling of this step stops there; no waiting
-request is admitted in a step that preempted.
+Pages, prefix-cache hits, copy-on-write and swap are the ``KVCacheManager``'s: the scheduler
+asks it how many pool pages a chunk or an admission takes (``demand`` / ``plan_admission``)
+and only then commits, so a step that does not fit changes nothing. A waiting request may
+start at ``num_computed_tokens > 0`` (prefix-cache hit, shared prompt of an ``n`` > 1 sibling,
+resume after swap); its first chunk is what is left, under the budget.
+
+Preemption: when the pool can't cover a running request's chunk, the newest running request
+(last in arrival order) gives up its pages and goes to the *front* of the waiting queue. In
+swap mode its pages move to host memory and it resumes where it was; in recompute mode (or
+when the swap space is full) it restarts at ``num_computed_tokens = 0`` (its outputs are
+kept; cached full pages come back from the prefix cache). If the request being scheduled is
+itself the newest, it is the one preempted and scheduling of this step stops there; no
+waiting request is admitted in a step that preempted.
 
 Lengths: ``max_model_len`` is capped at what the pool can hold (``pool.capacity_tokens``), so a
 request alone always fits and the oldest running request always progresses (no livelock).
@@ -40,6 +47,7 @@ import logging
 from collections import deque
 
 from jserve.config import SchedulerConfig
+from jserve.kv_manager import KVCacheManager
 from jserve.page_pool import PagePool
 from jserve.request import Request, RequestStatus
 from jserve.scheduler_output import RunnerOutput, ScheduledChunk, SchedulerOutput
@@ -54,9 +62,11 @@ class QueueFullError(RuntimeError):
 class Scheduler:
     """Decides, each step, which requests run and how many tokens each computes."""
 
-    def __init__(self, config: SchedulerConfig, pool: PagePool) -> None:
+    def __init__(self, config: SchedulerConfig, kv: PagePool | KVCacheManager) -> None:
+        """``kv``: a ``KVCacheManager``, or a bare ``PagePool`` (no prefix cache, recompute)."""
         self.config = config
-        self.pool = pool
+        self.kv = kv if isinstance(kv, KVCacheManager) else KVCacheManager(kv)
+        self.pool = pool = self.kv.pool
         self.max_model_len = min(config.max_model_len, pool.capacity_tokens)
         if self.max_model_len < config.max_model_len:
             logger.warning("max_model_len %d exceeds the KV pool (%d pages x %d tokens); sequences "
@@ -116,6 +126,7 @@ class Scheduler:
         """Pick this step's rows: running requests first (arrival order), then waiting (FCFS)."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        kv, pool = self.kv, self.pool
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -124,42 +135,37 @@ class Scheduler:
             if k <= 0:
                 raise AssertionError(f"running request {req.request_id!r} has nothing to compute "
                                      f"({req.num_computed_tokens}/{req.num_tokens} tokens)")
-            missing = self.pool.pages_needed(req.num_computed_tokens + k) - len(req.page_ids)
-            while missing > self.pool.num_free and self.running[-1] is not req:
+            while kv.demand(req, k) > pool.num_free and self.running[-1] is not req:
                 self._preempt(self.running.pop(), out)
-            if missing > self.pool.num_free:  # req is the newest: it makes way itself
+            if kv.demand(req, k) > pool.num_free:  # req is the newest: it makes way itself
                 self._preempt(self.running.pop(), out)
                 break
-            if missing > 0:
-                req.page_ids.extend(self.pool.allocate(missing))
+            kv.grow(req, k)
             out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, k))
             budget -= k
             i += 1
 
-        if out.preempted:
-            return out
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            k = min(req.num_tokens - req.num_computed_tokens, budget)
-            missing = self.pool.pages_needed(req.num_computed_tokens + k) - len(req.page_ids)
-            if missing > self.pool.num_free:
-                break  # strict FCFS: nobody overtakes the head of the queue
-            self.waiting.popleft()
-            req.page_ids.extend(self.pool.allocate(missing))
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, k))
-            budget -= k
+        if not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                req = self.waiting[0]
+                plan = kv.plan_admission(req, budget)
+                if plan is None or plan.pool_pages > pool.num_free:
+                    break  # strict FCFS: nobody overtakes the head of the queue
+                self.waiting.popleft()
+                kv.admit(req, plan)
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, plan.num_tokens))
+                budget -= plan.num_tokens
+        out.transfers = kv.take_transfers()
         return out
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
-        """Recompute-mode preemption of ``req`` (already removed from ``running``)."""
-        logger.debug("preempting request %s (%d computed tokens, %d pages, %d preemptions so far); "
-                     "%d running, %d free pages", req.request_id, req.num_computed_tokens,
-                     len(req.page_ids), req.num_preemptions, len(self.running), self.pool.num_free)
-        self.pool.free(req.page_ids)
-        req.page_ids = []
-        req.num_computed_tokens = 0
+        """Preempt ``req`` (already removed from ``running``): swap or recompute."""
+        mode = self.kv.preempt(req)
+        logger.debug("preempted request %s by %s (%d computed tokens, %d preemptions so far); "
+                     "%d running, %d free pages", req.request_id, mode, req.num_computed_tokens,
+                     req.num_preemptions, len(self.running), self.pool.num_free)
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions_total += 1
@@ -186,6 +192,7 @@ class Scheduler:
                                    f"{req.num_computed_tokens} tokens are computed (update out of order?)")
             samples = chunk.samples
             req.num_computed_tokens += chunk.num_tokens
+            self.kv.on_computed(req)
             if not samples:
                 continue
             token = int(runner_out.sampled_token_ids[row])
@@ -250,6 +257,12 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         """Forget a finished request and give its pages back (the caller updates the queues)."""
-        self.pool.free(req.page_ids)
-        req.page_ids = []
+        self.kv.release(req)
         del self._requests[req.request_id]
+
+    # -------------------------------------------------------------- metrics
+    def kv_stats(self) -> dict[str, int]:
+        """KV cache counters and gauges (see ``KVCacheManager.stats``) + preemptions."""
+        s = self.kv.stats()
+        s["preemptions"] = self.num_preemptions_total
+        return s

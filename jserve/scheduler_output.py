@@ -12,7 +12,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from jserve.host_kv import HostPageStore
 from jserve.request import Request
+
+
+@dataclass
+class KVTransfers:
+    """Page moves the runner makes during the step, in this order, before the forward::
+
+        1. to_host    gather device pages -> host slots   (swap-out, host-tier offload)
+        2. copies     device page -> device page          (copy-on-write)
+        3. from_host  host slots -> device pages          (swap-in, host-tier hit)
+        4. forward    writes this step's K/V
+
+    Reads come before writes, so a page freed and handed out again in the same schedule is
+    read (gathered / copied) before anything overwrites it. The gathered bytes land in host
+    memory when the step's results come back (``HostPageStore.write``).
+    """
+
+    copies: list[tuple[int, int]] = field(default_factory=list)                   # (src, dst) pages
+    to_host: list[tuple[int, HostPageStore, int]] = field(default_factory=list)   # (page, store, slot)
+    from_host: list[tuple[HostPageStore, int, int]] = field(default_factory=list)  # (store, slot, page)
+
+    def __bool__(self) -> bool:
+        return bool(self.copies or self.to_host or self.from_host)
 
 
 @dataclass
@@ -37,6 +60,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)  # row order of the step
     preempted: list[Request] = field(default_factory=list)       # preempted during this schedule
+    transfers: KVTransfers = field(default_factory=KVTransfers)  # page moves before the forward
 
     @property
     def num_tokens(self) -> int:
@@ -48,7 +72,8 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.chunks
+        """Nothing for the runner: no rows and no page moves."""
+        return not self.chunks and not self.transfers
 
 
 @dataclass

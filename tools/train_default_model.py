@@ -440,6 +440,58 @@ def cmd_train(ns: argparse.Namespace) -> None:
             write_static_files(spec, data, out / name)
 
 
+def model_readme(spec: ModelSpec, metrics: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The model card: architecture, corpus, recipe and the held-out figures."""
+    test = meta["splits"]["test"]
+    bpb = metrics["test_loss"] * test["tokens"] / test["bytes"] / math.log(2)
+    role = ("jserve's default model: `LLM()`, `jserve generate` and `jserve serve` load it when no "
+            "model is given." if spec.name == "code-small" else
+            "The draft model for speculative decoding with `code-small` (same tokenizer).")
+    runs = "\n".join(f"| {r['steps']} | {r['dropout']} | {r['best_step']} | {r['val_loss']:.4f} | "
+                      f"{r['test_loss']:.4f} |" for r in metrics["runs_tried"])
+    return f"""# {spec.name}
+
+{role}
+
+A Llama-architecture (`LlamaForCausalLM`) Python code model trained from scratch by
+`tools/train_default_model.py` on the Python {meta["python"]} standard library sources.
+
+| | |
+| --- | --- |
+| parameters | {spec.num_params():,} (tied embeddings) |
+| layers / hidden / MLP | {spec.num_hidden_layers} / {spec.hidden_size} / {spec.intermediate_size} |
+| heads | {spec.num_attention_heads} query, {spec.num_key_value_heads} key/value, head_dim {spec.head_dim} |
+| vocabulary | {VOCAB} (byte-level BPE, HF `tokenizers`) |
+| context | {SEQ_LEN} tokens (`max_position_embeddings`), RoPE theta 10000 |
+| weights | bf16 safetensors, {spec.num_params() * 2 / 1e6:.1f} MB |
+
+## Held-out evaluation
+
+Test split: {test["files"]} stdlib files ({test["bytes"]:,} bytes, {test["tokens"]:,} tokens), 5% of
+files chosen by a hash of their path and never trained on or used for model selection. Mean
+next-token cross-entropy over non-overlapping {SEQ_LEN}-token windows, with the bf16 weights as
+shipped:
+
+| held-out loss (nats/token) | perplexity | bits per byte (approx.) |
+| --- | --- | --- |
+| {metrics["test_loss"]:.4f} | {metrics["test_perplexity"]:.2f} | {bpb:.3f} |
+
+## Training
+
+AdamW (b1 0.9, b2 0.95, weight decay {spec.weight_decay}), peak learning rate {spec.peak_lr}, linear
+warm-up then cosine decay, gradient clipping at 1.0, batch {metrics["batch"]} x {SEQ_LEN} tokens, bf16
+matmuls over float32 master weights, seed {spec.seed}, on one {metrics["device"]}. The training split is
+{metrics["train_tokens"]:,} tokens, so each recipe below ran for many epochs; the checkpoint with the
+lowest validation loss (a separate 3% of files) is the one shipped.
+
+| steps | dropout | best step | validation loss | held-out loss |
+| --- | --- | --- | --- | --- |
+{runs}
+
+Per-step figures: `training_metrics.json`. Reproduce: see `tools/train_default_model.py`.
+"""
+
+
 def cmd_install(ns: argparse.Namespace) -> None:
     """Write each trained model's HF directory into jserve/default_model/<name>/: weights and
     metrics from ``--src``, config and tokenizer files from the spec and ``--data``."""
@@ -449,6 +501,9 @@ def cmd_install(ns: argparse.Namespace) -> None:
         write_static_files(spec, data, dst)
         for f in ("model.safetensors", "training_metrics.json"):
             shutil.copyfile(src / name / f, dst / f)
+        metrics = json.loads((dst / "training_metrics.json").read_text())
+        meta = json.loads((data / "meta.json").read_text())
+        (dst / "README.md").write_text(model_readme(spec, metrics, meta))
         log(f"installed {dst}")
 
 

@@ -57,7 +57,7 @@ def segment_starts(num_tokens: int, cu_seqlens: jax.Array | None) -> jax.Array:
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     if cu_seqlens is None:
         return jnp.zeros((num_tokens,), jnp.int32)
-    seg = jnp.searchsorted(cu_seqlens[1:], t, side="right")
+    seg = jnp.sum(cu_seqlens[None, 1:] <= t[:, None], axis=1, dtype=jnp.int32)  # searchsorted, "right"
     seg = jnp.clip(seg, 0, cu_seqlens.shape[0] - 2)
     start = cu_seqlens[seg]
     return jnp.where(t < cu_seqlens[-1], start, t + 1).astype(jnp.int32)

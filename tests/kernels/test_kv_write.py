@@ -54,3 +54,16 @@ def test_entry_points_dispatch_to_reference_on_cpu():
     np.testing.assert_array_equal(
         np.asarray(a), np.asarray(fa_ref.flash_attention(q, q[:, :1], q[:, :1], sm_scale=0.3))
     )
+
+
+def test_ragged_entry_point_is_the_reference_on_cpu():
+    from ragged_batch import make_batch
+
+    from pallas_kernels.ragged_paged_attention import reference as rpa_ref
+
+    b = make_batch(
+        np.random.default_rng(2), [1, 3], [9, 3], page_size=8, num_q_heads=2, num_kv_heads=1, head_dim=8
+    )
+    got = pallas_kernels.ragged_paged_attention(*b.args(), sm_scale=0.5)
+    want = rpa_ref.ragged_paged_attention(*b.args(), sm_scale=0.5)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

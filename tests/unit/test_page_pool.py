@@ -1,4 +1,4 @@
-"""PagePool: the host-side KV page allocator (null page, FIFO free list, refcounts)."""
+"""PagePool: the host-side KV page allocator (null page, FIFO empty list, LRU of cached pages, refcounts)."""
 
 import random
 
@@ -101,7 +101,7 @@ def test_check_invariants_catches_corruption():
     pool = PagePool(num_pages=6, page_size=4)
     pool.allocate(2)
     pool.check_invariants()
-    pool._free.append(pool._free[0])  # a duplicate in the free list
+    pool._empty.append(pool._empty[0])  # a duplicate in the free list
     with pytest.raises(AssertionError, match="more than once"):
         pool.check_invariants()
 
@@ -112,12 +112,12 @@ def test_check_invariants_catches_corruption():
         pool.check_invariants()
 
     pool = PagePool(num_pages=6, page_size=4)
-    pool.refcounts[pool._free[0]] = 1  # free page with an owner
+    pool.refcounts[pool._empty[0]] = 1  # free page with an owner
     with pytest.raises(AssertionError, match="refcount != 0"):
         pool.check_invariants()
 
     pool = PagePool(num_pages=6, page_size=4)
-    pool._free.append(NULL_PAGE)
+    pool._empty.append(NULL_PAGE)
     with pytest.raises(AssertionError, match="null page"):
         pool.check_invariants()
 
@@ -151,3 +151,74 @@ def test_random_alloc_free_incref_keeps_invariants():
     pool.free(owned)
     assert pool.num_free == pool.num_total
     pool.check_invariants()
+
+
+# ------------------------------------------------------------------ cached pages
+
+
+def test_cached_pages_become_evictable_and_are_evicted_lru_after_empty_ones():
+    pool = PagePool(num_pages=7, page_size=4)  # 6 usable
+    evicted = []
+    pool.on_evict = evicted.append
+    a = pool.allocate(4)  # [1, 2, 3, 4]; 5, 6 stay empty
+    for p in a[:3]:
+        pool.mark_cached(p)
+    pool.free([a[1]])
+    pool.free([a[0]])
+    pool.free([a[3]])  # not cached: back to the empty list
+    assert (pool.num_empty, pool.num_evictable, pool.num_used) == (3, 2, 1)
+    assert pool.num_free == pool.num_empty + pool.num_evictable == 5
+    assert pool.num_empty + pool.num_evictable + pool.num_used == pool.num_total
+    pool.check_invariants()
+    # Empty pages first (FIFO), then the least recently freed cached page.
+    assert pool.allocate(4) == [5, 6, a[3], a[1]] and evicted == [a[1]]
+    assert not pool.cached[a[1]] and pool.num_evictions == 1
+    pool.check_invariants()
+
+
+def test_incref_takes_an_evictable_page_back_and_refreshes_nothing_else():
+    pool = PagePool(num_pages=4, page_size=4)
+    pool.on_evict = lambda p: None
+    p, q, r = pool.allocate(3)
+    for x in (p, q):
+        pool.mark_cached(x)
+    pool.free([p, q])
+    pool.incref([p])  # a prefix-cache hit: evictable -> used, still cached
+    assert pool.refcounts[p] == 1 and pool.cached[p] and not pool.is_evictable(p)
+    assert pool.num_evictable == 1 and pool.num_free == 1
+    pool.free([p])  # now the most recently used: q goes first
+    pool.free([r])
+    assert pool.allocate(2) == [r, q]
+    pool.check_invariants()
+    pool.free([r])  # not cached: empty, nothing to take back
+    with pytest.raises(ValueError, match="free and holds no cached"):
+        pool.incref([r])
+
+
+def test_mark_cached_needs_a_used_page_and_drop_cached_empties_evictables():
+    pool = PagePool(num_pages=5, page_size=2)
+    with pytest.raises(ValueError, match="not in use"):
+        pool.mark_cached(1)
+    pages = pool.allocate(3)
+    for p in pages:
+        pool.mark_cached(p)
+    pool.free(pages[:2])
+    assert sorted(pool.drop_cached()) == sorted(pages[:2])
+    assert pool.num_evictable == 0 and pool.num_empty == 3 and pool.cached[pages[2]]
+    pool.check_invariants()
+
+
+def test_check_invariants_catches_cached_flag_corruption():
+    pool = PagePool(num_pages=5, page_size=2)
+    p = pool.allocate(1)[0]
+    pool.free([p])
+    pool.cached[p] = True  # an empty page that claims cached K/V
+    with pytest.raises(AssertionError, match="empty pages flagged cached"):
+        pool.check_invariants()
+    pool = PagePool(num_pages=5, page_size=2)
+    p = pool.allocate(1)[0]
+    pool.mark_cached(p)
+    pool.free([p])
+    pool.cached[p] = False
+    with pytest.raises(AssertionError, match="evictable pages not flagged"):
+        pool.check_invariants()

@@ -1,0 +1,354 @@
+"""KVCacheManager: the pages of each request: sharing, copy-on-write, swap, prefix-cache hits.
+
+Where it sits: between the ``Scheduler`` (which decides *who* runs and how many tokens) and
+the ``PagePool`` / ``PrefixCache`` / host swap store (which hold the pages). Host side only:
+every device-side consequence is queued as a ``KVTransfers`` entry that the runner executes
+at the start of the step (``take_transfers``).
+
+Per request, the page list is assembled from four sources::
+
+    admission of a waiting request          page index:   0     1     2     3     4
+      fresh, prefix-cache hit                  share dev | load from host tier | new ...
+      n > 1 sibling (fork of the first)        share the first sibling's pages [0, P-1)
+      resumed after swap                       load swap slot | share dev | load tier ...
+    running request, chunk [s, e)
+      a page in [s, e) that is shared or cached -> copy-on-write: new page, device copy
+      pages past the end                        -> new
+
+Rules:
+  * A cache hit never covers the whole sequence: at least its last token is computed so the
+    step produces logits (a hit of P tokens is capped at floor((P - 1) / page_size) pages).
+  * Nothing writes into a page another request holds or the prefix cache indexes: the
+    first write copies it (``grow``); full cached pages are never written at all.
+  * A sibling of an ``n`` > 1 request waits until the first sibling has computed the prompt,
+    then shares its pages up to position P-1 and computes token P-1 itself (its own sample).
+  * Swap-out copies only pages the cache does not keep; on resume, each page comes back from
+    the swap space, the device cache or the host tier, and at the first page found nowhere
+    the request falls back to recomputing from there.
+  * Pool demand is checked before anything changes (``demand`` / ``plan_admission``), so a
+    step that does not fit changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import jax.numpy as jnp
+import numpy as np
+
+from jserve.config import EngineConfig
+from jserve.host_kv import HostPageStore, slots_for_bytes
+from jserve.kv_cache import kv_bytes_per_token
+from jserve.page_pool import PagePool
+from jserve.prefix_cache import CachedPage, HashFn, PrefixCache, default_page_hash
+from jserve.request import Request, RequestStatus
+from jserve.scheduler_output import KVTransfers
+
+log = logging.getLogger(__name__)
+
+PREEMPTION_MODES = ("swap", "recompute")
+
+
+@dataclass
+class AdmissionPlan:
+    """What admitting a waiting request would take (computed without changing anything)."""
+
+    num_computed: int                          # tokens it starts with (cached / forked / swapped)
+    num_tokens: int                            # tokens of its first chunk
+    pool_pages: int                            # pages the pool must supply (new + taken back)
+    sources: list[tuple[str, object]] = field(default_factory=list)  # per page: share/swap/tier
+    entries: list[CachedPage] = field(default_factory=list)
+    fresh: bool = True                         # not a swap resume (counts as a prefix query)
+
+
+class KVCacheManager:
+    """Owns the page bookkeeping of every request (see the module docstring)."""
+
+    def __init__(self, pool: PagePool, prefix_cache: PrefixCache | None = None,
+                 swap_space: HostPageStore | None = None,
+                 preemption_mode: str = "recompute") -> None:
+        if preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
+        if prefix_cache is not None and prefix_cache.pool is not pool:
+            raise ValueError("the prefix cache must index the same page pool")
+        self.pool = pool
+        self.prefix_cache = prefix_cache
+        self.swap_space = swap_space if swap_space is not None and swap_space.num_slots > 0 else None
+        self.preemption_mode = preemption_mode
+        self._transfers = KVTransfers()
+        self.counters = dict(prefix_cache_queries=0, prefix_cache_hits_device=0,
+                             prefix_cache_hits_host=0, cow_copies=0, pages_swapped_out=0,
+                             pages_swapped_in=0, host_tier_pages_loaded=0,
+                             preemptions_swap=0, preemptions_recompute=0)
+
+    @property
+    def page_size(self) -> int:
+        return self.pool.page_size
+
+    # ------------------------------------------------------------- running
+    def _writes_shared(self, req: Request, end: int) -> list[int]:
+        """Indices of pages req holds that the chunk up to ``end`` writes but must not."""
+        pool, ps = self.pool, self.page_size
+        last = min(len(req.page_ids), self.pool.pages_needed(end))
+        return [i for i in range(req.num_computed_tokens // ps, last)
+                if pool.refcounts[req.page_ids[i]] > 1 or pool.cached[req.page_ids[i]]]
+
+    def demand(self, req: Request, k: int) -> int:
+        """Pool pages that computing the next ``k`` tokens of a running ``req`` takes."""
+        end = req.num_computed_tokens + k
+        missing = self.pool.pages_needed(end) - len(req.page_ids)
+        return max(0, missing) + len(self._writes_shared(req, end))
+
+    def grow(self, req: Request, k: int) -> None:
+        """Give ``req`` writable pages for its next ``k`` tokens (call after ``demand`` fits)."""
+        end = req.num_computed_tokens + k
+        for i in self._writes_shared(req, end):
+            old = req.page_ids[i]
+            (new,) = self.pool.allocate(1)
+            self._transfers.copies.append((old, new))
+            req.page_ids[i] = new
+            self.pool.free([old])
+            self.counters["cow_copies"] += 1
+        missing = self.pool.pages_needed(end) - len(req.page_ids)
+        if missing > 0:
+            req.page_ids.extend(self.pool.allocate(missing))
+
+    # ------------------------------------------------------------ admission
+    def plan_admission(self, req: Request, budget: int) -> AdmissionPlan | None:
+        """The plan to admit waiting ``req`` with a first chunk of at most ``budget`` tokens;
+        None while it must wait for its fork sibling to compute the shared prompt."""
+        if req.page_ids:
+            raise AssertionError(f"waiting request {req.request_id!r} holds pages {req.page_ids}")
+        ps = self.page_size
+        if req.swap_slots or req.num_computed_tokens:
+            computed, sources, entries = self._resume_sources(req)
+            fresh = False
+        else:
+            fresh = True
+            leader = req.fork_of
+            if leader is not None and leader.status is RequestStatus.RUNNING \
+                    and leader.prompt_token_ids == req.prompt_token_ids and not req.output_token_ids:
+                if leader.num_computed_tokens < req.num_tokens - 1:
+                    return None
+                computed = req.num_tokens - 1
+                sources = [("share", p) for p in leader.page_ids[:self.pool.pages_needed(computed)]]
+                entries = list(leader.page_entries[:computed // ps])
+            elif self.prefix_cache is not None:
+                entries = self.prefix_cache.lookup(_TokenView(req, ps), _extra(req),
+                                                   (req.num_tokens - 1) // ps)
+                sources = [("share", e.device_page) if e.device_page is not None else ("tier", e)
+                           for e in entries]
+                computed = len(entries) * ps
+            else:
+                computed, sources, entries = 0, [], []
+        k = min(req.num_tokens - computed, budget)
+        pool = self.pool
+        need = sum(1 for kind, v in sources if kind != "share" or pool.refcounts[v] == 0)
+        need += max(0, pool.pages_needed(computed + k) - len(sources))
+        need += sum(1 for kind, _ in sources[computed // ps:] if kind == "share")  # CoW of a share
+        return AdmissionPlan(computed, k, need, sources, entries, fresh)
+
+    def _resume_sources(self, req: Request) -> tuple[int, list[tuple[str, object]], list[CachedPage]]:
+        pc, ps = self.prefix_cache, self.page_size
+        sources: list[tuple[str, object]] = []
+        computed = req.num_computed_tokens
+        for i in range(self.pool.pages_needed(req.num_computed_tokens)):
+            e = req.page_entries[i] if i < len(req.page_entries) else None
+            if i in req.swap_slots:
+                sources.append(("swap", req.swap_slots[i]))
+            elif e is not None and e.device_page is not None:
+                sources.append(("share", e.device_page))
+            elif e is not None and pc is not None and pc.host_valid(e):
+                sources.append(("tier", e))
+            else:  # lost: recompute from this page on
+                computed = i * ps
+                break
+        return computed, sources, list(req.page_entries[:computed // ps])
+
+    def admit(self, req: Request, plan: AdmissionPlan) -> None:
+        """Carry out ``plan`` (after ``plan.pool_pages <= pool.num_free`` was checked)."""
+        pool, pc, ps = self.pool, self.prefix_cache, self.page_size
+        shares = [v for kind, v in plan.sources if kind == "share"]
+        tier = [v for kind, v in plan.sources if kind == "tier"]
+        pool.incref(shares)  # first: the allocations below must not evict them
+        if pc is not None:
+            pc.pin(tier)
+        try:
+            loaded = iter(pool.allocate(len(plan.sources) - len(shares)))
+        finally:
+            if pc is not None:
+                pc.unpin()
+        pages = []
+        for kind, v in plan.sources:
+            if kind == "share":
+                pages.append(v)
+                continue
+            page = next(loaded)
+            pages.append(page)
+            if kind == "swap":
+                self._transfers.from_host.append((self.swap_space, v, page))
+                self.counters["pages_swapped_in"] += 1
+            else:
+                self._transfers.from_host.append((pc.host_tier, v.host_slot, page))
+                pc.attach_device(v, page)
+                self.counters["host_tier_pages_loaded"] += 1
+        if req.swap_slots:
+            self.swap_space.free(req.swap_slots.values())
+            req.swap_slots = {}
+        req.page_ids = pages
+        req.page_entries = plan.entries
+        req.num_computed_tokens = plan.num_computed
+        if plan.fresh:
+            host_hit = len(tier) * ps
+            self.counters["prefix_cache_queries"] += req.num_tokens
+            self.counters["prefix_cache_hits_host"] += host_hit
+            self.counters["prefix_cache_hits_device"] += plan.num_computed - host_hit
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = plan.num_computed
+        self.grow(req, plan.num_tokens)
+
+    # ------------------------------------------------------------ preemption
+    def preempt(self, req: Request) -> str:
+        """Give up ``req``'s device pages: to the swap space when configured and it fits, else
+        recompute (from the prefix cache on). Returns the mode used."""
+        if self.preemption_mode == "swap" and self.swap_space is not None and req.num_computed_tokens:
+            n = self.pool.pages_needed(req.num_computed_tokens)
+            keep = [i for i in range(n) if not self._kept_by_cache(req, i)]
+            if len(keep) <= self.swap_space.num_free:
+                slots = self.swap_space.allocate(len(keep))
+                for i, slot in zip(keep, slots, strict=True):
+                    self._transfers.to_host.append((req.page_ids[i], self.swap_space, slot))
+                req.swap_slots = dict(zip(keep, slots, strict=True))
+                self.pool.free(reversed(req.page_ids))
+                req.page_ids = []
+                req.page_entries = req.page_entries[:req.num_computed_tokens // self.page_size]
+                self.counters["pages_swapped_out"] += len(keep)
+                self.counters["preemptions_swap"] += 1
+                return "swap"
+        self.pool.free(reversed(req.page_ids))
+        req.page_ids = []
+        req.page_entries = []
+        req.num_computed_tokens = 0
+        self.counters["preemptions_recompute"] += 1
+        return "recompute"
+
+    def _kept_by_cache(self, req: Request, i: int) -> bool:
+        if self.prefix_cache is None or i >= len(req.page_entries):
+            return False
+        e = req.page_entries[i]
+        return e.device_page is not None or e.host_slot is not None
+
+    # ---------------------------------------------------------------- update
+    def on_computed(self, req: Request) -> None:
+        """After a step advanced ``req.num_computed_tokens``: index its newly full pages."""
+        pc = self.prefix_cache
+        full = req.num_computed_tokens // self.page_size
+        if pc is None or full <= len(req.page_entries):
+            return
+        pc.register(req.page_entries, req.page_ids, _TokenView(req, self.page_size).page_tokens,
+                    _extra(req), full)
+
+    def release(self, req: Request) -> None:
+        """A finished request gives back its pages (tail first) and swap slots."""
+        self.pool.free(reversed(req.page_ids))
+        req.page_ids = []
+        req.page_entries = []
+        if req.swap_slots:
+            self.swap_space.free(req.swap_slots.values())
+            req.swap_slots = {}
+
+    def take_transfers(self) -> KVTransfers:
+        """This schedule's page moves (the prefix cache's host-tier offloads included)."""
+        t, self._transfers = self._transfers, KVTransfers()
+        pc = self.prefix_cache
+        if pc is not None and pc.host_tier is not None:
+            t.to_host.extend((page, pc.host_tier, slot) for page, slot in pc.take_offloads())
+        return t
+
+    # ----------------------------------------------------------------- stats
+    def stats(self) -> dict[str, int]:
+        """Counters (monotonic since start-up) and gauges, flat, for metrics exporters."""
+        pool, pc = self.pool, self.prefix_cache
+        s = dict(self.counters)
+        s.update(pages_total=pool.num_total, pages_used=pool.num_used, pages_free=pool.num_free,
+                 pages_cached_evictable=pool.num_evictable, device_evictions=pool.num_evictions,
+                 host_tier_pages=pc.num_host_pages if pc is not None else 0,
+                 host_tier_evictions=pc.num_host_evictions if pc is not None else 0,
+                 host_tier_pages_offloaded=pc.num_offloaded_pages if pc is not None else 0,
+                 swap_slots_used=self.swap_space.num_used if self.swap_space is not None else 0,
+                 swap_slots_total=self.swap_space.num_slots if self.swap_space is not None else 0)
+        return s
+
+    def check_invariants(self, requests: list[Request]) -> None:
+        """Refcounts equal holders, swap slots equal holders (tests)."""
+        self.pool.check_invariants()
+        held: dict[int, int] = {}
+        for r in requests:
+            for p in r.page_ids:
+                held[p] = held.get(p, 0) + 1
+        for p in range(1, self.pool.num_pages):
+            if self.pool.refcounts[p] != held.get(p, 0):
+                raise AssertionError(f"page {p}: refcount {self.pool.refcounts[p]}, "
+                                     f"held by {held.get(p, 0)} requests")
+        if self.swap_space is not None:
+            self.swap_space.check_invariants()
+            slots = [s for r in requests for s in r.swap_slots.values()]
+            if len(set(slots)) != len(slots) or len(slots) != self.swap_space.num_used:
+                raise AssertionError(f"swap slots held {len(slots)} != used {self.swap_space.num_used}")
+        if self.prefix_cache is not None:
+            self.prefix_cache.check_invariants()
+
+
+def _extra(req: Request) -> Hashable:
+    return req.cache_salt
+
+
+class _TokenView:
+    """Read-only sequence view of a request's tokens (prompt + output) without concatenating."""
+
+    __slots__ = ("req", "page_size")
+
+    def __init__(self, req: Request, page_size: int) -> None:
+        self.req = req
+        self.page_size = page_size
+
+    def __len__(self) -> int:
+        return self.req.num_tokens
+
+    def __getitem__(self, s: slice) -> list[int]:
+        req = self.req
+        p = req.num_prompt_tokens
+        start, stop, _ = s.indices(req.num_tokens)
+        if stop <= p:
+            return req.prompt_token_ids[start:stop]
+        if start >= p:
+            return req.output_token_ids[start - p:stop - p]
+        return req.prompt_token_ids[start:] + req.output_token_ids[:stop - p]
+
+    def page_tokens(self, i: int) -> tuple[int, ...]:
+        return tuple(self[i * self.page_size:(i + 1) * self.page_size])
+
+
+def make_kv_manager(config: EngineConfig, num_pages: int,
+                    hash_fn: HashFn = default_page_hash) -> KVCacheManager:
+    """The engine's manager: pool of ``num_pages``, prefix cache, swap space and host tier
+    sized from ``config.cache`` (host stores hold whole pages: every layer, every kv head)."""
+    cache, model = config.cache, config.model
+    pool = PagePool(num_pages, cache.page_size)
+    shape = (model.num_layers, 2, cache.page_size, model.num_kv_heads, model.head_dim)
+    dtype = np.dtype(jnp.dtype(config.kv_dtype))
+    page_bytes = kv_bytes_per_token(model, config.kv_dtype, 1) * cache.page_size
+
+    def store(gb: float, name: str) -> HostPageStore | None:
+        n = slots_for_bytes(gb * 2**30, page_bytes)
+        return HostPageStore(n, shape, dtype, name) if n else None
+
+    tier = store(cache.host_kv_cache_gb, "host KV tier") if cache.enable_prefix_caching else None
+    swap = store(cache.swap_space_gb, "swap space") if cache.preemption_mode == "swap" else None
+    pc = PrefixCache(pool, hash_fn, tier) if cache.enable_prefix_caching else None
+    log.info("KV cache: prefix caching %s; host tier %s; preemption by %s%s",
+             "on" if pc else "off", f"{tier.num_slots} pages" if tier else "off",
+             cache.preemption_mode, f" ({swap.num_slots} swap pages)" if swap else "")
+    return KVCacheManager(pool, pc, swap, cache.preemption_mode)
