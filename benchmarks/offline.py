@@ -39,6 +39,41 @@ def _run(engine, prompts, max_tokens):
     return time.perf_counter() - t0, out_tokens, steps, first
 
 
+class _Timer:
+    """Wraps callables to accumulate wall time per name (host view; device work is async)."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+
+    def wrap(self, name, fn):
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.total[name] = self.total.get(name, 0.0) + time.perf_counter() - t
+        return timed
+
+
+def _decode_breakdown(engine, prompt, n_tokens):
+    """Per-step host breakdown of batch-1 decode: where the milliseconds go."""
+    timer = _Timer()
+    r, s = engine.runner, engine.scheduler
+    saved = (r.prepare, r._step, r._sample, s.schedule, s.update, r.execute)
+    r.prepare, r._step, r._sample = (timer.wrap("prepare", r.prepare), timer.wrap("step dispatch", r._step),
+                                     timer.wrap("sampler dispatch", r._sample))
+    s.schedule, s.update = timer.wrap("schedule", s.schedule), timer.wrap("update", s.update)
+    r.execute = timer.wrap("runner.execute (incl. wait)", r.execute)
+    try:
+        dt, n, steps, _ = _run(engine, [prompt], n_tokens)
+    finally:
+        r.prepare, r._step, r._sample, s.schedule, s.update, r.execute = saved
+    print(f"\n| batch-1 decode breakdown ({steps} steps, {dt / steps * 1e3:.2f} ms/step) | ms/step |")
+    print("|---|---|")
+    for k, v in timer.total.items():
+        print(f"| {k} | {v / steps * 1e3:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -67,6 +102,7 @@ def main() -> None:
     _run(engine, [rng.integers(10, vocab, 16).tolist()], 4)  # warm path
     dt, n, steps, ttft = _run(engine, [rng.integers(10, vocab, 16).tolist()], ns.decode_len)
     b1 = (n - 1) / (dt - ttft)
+    _decode_breakdown(engine, rng.integers(10, vocab, 16).tolist(), ns.decode_len)
 
     prompts = [rng.integers(10, vocab, ns.input_len).tolist() for _ in range(ns.num_requests)]
     dt2, n2, steps2, _ = _run(engine, prompts, ns.output_len)

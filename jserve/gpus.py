@@ -6,11 +6,14 @@ planner has no device, so it derives that same limit from a chip's memory::
 
     bytes_limit = memory_bytes x allocator_fraction
 
-``memory_bytes`` is the per-chip memory the driver reports (nvidia-smi's total; TPU HBM).
-On GPUs XLA's allocator takes ``XLA_PYTHON_CLIENT_MEM_FRACTION`` of it (JAX's default 0.75)
-and reports that as ``bytes_limit``; on TPUs it reports all of HBM. A plain byte count given
-instead of a name is taken as ``bytes_limit`` itself (what
-``jax.devices()[0].memory_stats()["bytes_limit"]`` prints on the machine you plan for).
+``memory_bytes`` is the per-chip memory nvidia-smi reports (TPUs: HBM). On GPUs XLA's
+allocator takes ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (JAX's default 0.75) of the memory CUDA
+reports, which is a little less than nvidia-smi's total: on an H200 (measured with jax 0.11.2)
+nvidia-smi says 143,771 MiB, CUDA 150,109,880,320 B (143,156 MiB), and ``bytes_limit`` is
+112,583,507,968 B, so a named GPU plans about 0.4% more memory than the card gives. A plain
+byte count instead of a name is taken as ``bytes_limit`` itself (what
+``jax.devices()[0].memory_stats()["bytes_limit"]`` prints on the machine you plan for): then
+the plan is exact.
 """
 
 from __future__ import annotations

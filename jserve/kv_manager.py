@@ -78,14 +78,30 @@ class KVCacheManager:
         self.swap_space = swap_space if swap_space is not None and swap_space.num_slots > 0 else None
         self.preemption_mode = preemption_mode
         self._transfers = KVTransfers()
+        # This step's destinations: a copy-on-write of a page that is itself being copied or
+        # loaded in this step reads from the original source instead (the moves of one step
+        # all read before they write, so a copy of a copy would read stale bytes).
+        self._copied_from: dict[int, int] = {}
+        self._loaded_from: dict[int, tuple[HostPageStore, int]] = {}
+        self._swap_slots_to_free: list[int] = []  # freed at the next step: a read may be in flight
         self.counters = dict(prefix_cache_queries=0, prefix_cache_hits_device=0,
                              prefix_cache_hits_host=0, cow_copies=0, pages_swapped_out=0,
                              pages_swapped_in=0, host_tier_pages_loaded=0,
-                             preemptions_swap=0, preemptions_recompute=0)
+                             preemptions_swap=0, preemptions_recompute=0,
+                             swap_resume_tokens_lost=0)
 
     @property
     def page_size(self) -> int:
         return self.pool.page_size
+
+    def begin_step(self) -> None:
+        """After a step ran (called from ``update`` and again from ``schedule``): its page
+        moves are done, so the host slots it read may be reused."""
+        if self._swap_slots_to_free:
+            self.swap_space.free(self._swap_slots_to_free)
+            self._swap_slots_to_free = []
+        if self.prefix_cache is not None:
+            self.prefix_cache.unpin()
 
     # ------------------------------------------------------------- running
     def _writes_shared(self, req: Request, end: int) -> list[int]:
@@ -107,7 +123,12 @@ class KVCacheManager:
         for i in self._writes_shared(req, end):
             old = req.page_ids[i]
             (new,) = self.pool.allocate(1)
-            self._transfers.copies.append((old, new))
+            if old in self._loaded_from:
+                self._load(*self._loaded_from[old], new)
+            else:
+                src = self._copied_from.get(old, old)
+                self._transfers.copies.append((src, new))
+                self._copied_from[new] = src
             req.page_ids[i] = new
             self.pool.free([old])
             self.counters["cow_copies"] += 1
@@ -174,12 +195,8 @@ class KVCacheManager:
         tier = [v for kind, v in plan.sources if kind == "tier"]
         pool.incref(shares)  # first: the allocations below must not evict them
         if pc is not None:
-            pc.pin(tier)
-        try:
-            loaded = iter(pool.allocate(len(plan.sources) - len(shares)))
-        finally:
-            if pc is not None:
-                pc.unpin()
+            pc.pin(tier)  # until the step read them: no host-tier eviction may reuse their slots
+        loaded = iter(pool.allocate(len(plan.sources) - len(shares)))
         pages = []
         for kind, v in plan.sources:
             if kind == "share":
@@ -188,17 +205,18 @@ class KVCacheManager:
             page = next(loaded)
             pages.append(page)
             if kind == "swap":
-                self._transfers.from_host.append((self.swap_space, v, page))
+                self._load(self.swap_space, v, page)
                 self.counters["pages_swapped_in"] += 1
             else:
-                self._transfers.from_host.append((pc.host_tier, v.host_slot, page))
+                self._load(pc.host_tier, v.host_slot, page)
                 pc.attach_device(v, page)
                 self.counters["host_tier_pages_loaded"] += 1
-        if req.swap_slots:
-            self.swap_space.free(req.swap_slots.values())
-            req.swap_slots = {}
+        self._swap_slots_to_free.extend(req.swap_slots.values())
+        req.swap_slots = {}
         req.page_ids = pages
         req.page_entries = plan.entries
+        if not plan.fresh:
+            self.counters["swap_resume_tokens_lost"] += req.num_computed_tokens - plan.num_computed
         req.num_computed_tokens = plan.num_computed
         if plan.fresh:
             host_hit = len(tier) * ps
@@ -208,6 +226,10 @@ class KVCacheManager:
             if req.num_cached_tokens is None:
                 req.num_cached_tokens = plan.num_computed
         self.grow(req, plan.num_tokens)
+
+    def _load(self, store: HostPageStore, slot: int, page: int) -> None:
+        self._transfers.from_host.append((store, slot, page))
+        self._loaded_from[page] = (store, slot)
 
     # ------------------------------------------------------------ preemption
     def preempt(self, req: Request) -> str:
@@ -235,10 +257,17 @@ class KVCacheManager:
         return "recompute"
 
     def _kept_by_cache(self, req: Request, i: int) -> bool:
+        """Page i need not be swapped: its K/V is in the host tier (or on its way there), or
+        on device in a page someone else holds. (A page only ``req`` holds would be
+        evictable the moment it is freed.)"""
         if self.prefix_cache is None or i >= len(req.page_entries):
             return False
         e = req.page_entries[i]
-        return e.device_page is not None or e.host_slot is not None
+        if e.host_slot is not None:
+            return True
+        if e.device_page is None:
+            return False
+        return self.pool.refcounts[e.device_page] > (1 if req.page_ids[i] == e.device_page else 0)
 
     # ---------------------------------------------------------------- update
     def on_computed(self, req: Request) -> None:
@@ -251,7 +280,8 @@ class KVCacheManager:
                     _extra(req), full)
 
     def release(self, req: Request) -> None:
-        """A finished request gives back its pages (tail first) and swap slots."""
+        """A finished request gives back its pages (tail first) and swap slots (a request
+        still swapped out has no read of them planned)."""
         self.pool.free(reversed(req.page_ids))
         req.page_ids = []
         req.page_entries = []
@@ -262,6 +292,7 @@ class KVCacheManager:
     def take_transfers(self) -> KVTransfers:
         """This schedule's page moves (the prefix cache's host-tier offloads included)."""
         t, self._transfers = self._transfers, KVTransfers()
+        self._copied_from, self._loaded_from = {}, {}
         pc = self.prefix_cache
         if pc is not None and pc.host_tier is not None:
             t.to_host.extend((page, pc.host_tier, slot) for page, slot in pc.take_offloads())
@@ -284,17 +315,16 @@ class KVCacheManager:
     def check_invariants(self, requests: list[Request]) -> None:
         """Refcounts equal holders, swap slots equal holders (tests)."""
         self.pool.check_invariants()
-        held: dict[int, int] = {}
-        for r in requests:
-            for p in r.page_ids:
-                held[p] = held.get(p, 0) + 1
-        for p in range(1, self.pool.num_pages):
-            if self.pool.refcounts[p] != held.get(p, 0):
-                raise AssertionError(f"page {p}: refcount {self.pool.refcounts[p]}, "
-                                     f"held by {held.get(p, 0)} requests")
+        pages = [p for r in requests for p in r.page_ids]
+        held = np.bincount(np.asarray(pages, np.int64), minlength=self.pool.num_pages)
+        bad = np.flatnonzero(held != self.pool.refcounts)
+        if bad.size:
+            p = int(bad[0])
+            raise AssertionError(f"page {p}: refcount {self.pool.refcounts[p]}, held by {held[p]} "
+                                 f"requests")
         if self.swap_space is not None:
             self.swap_space.check_invariants()
-            slots = [s for r in requests for s in r.swap_slots.values()]
+            slots = [s for r in requests for s in r.swap_slots.values()] + self._swap_slots_to_free
             if len(set(slots)) != len(slots) or len(slots) != self.swap_space.num_used:
                 raise AssertionError(f"swap slots held {len(slots)} != used {self.swap_space.num_used}")
         if self.prefix_cache is not None:

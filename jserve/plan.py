@@ -159,7 +159,8 @@ def _memory_line(acc: Accelerator) -> str:
     if acc.platform == "gpu":
         return (f"{acc.memory_bytes // 2**20:,} MiB = {acc.memory_bytes:,} B x {acc.allocator_fraction} "
                 f"(XLA GPU allocator share, XLA_PYTHON_CLIENT_MEM_FRACTION; JAX default "
-                f"{JAX_GPU_MEM_FRACTION}) = {_b(acc.bytes_limit)} bytes_limit per device")
+                f"{JAX_GPU_MEM_FRACTION}) = {_b(acc.bytes_limit)} bytes_limit per device "
+                f"(nvidia-smi total; CUDA keeps ~0.4% of it: pass --gpu <bytes_limit> for exact)")
     return f"{_b(acc.memory_bytes)} HBM per chip, all of it the XLA bytes_limit"
 
 

@@ -198,11 +198,11 @@ class PrefixCache:
         return tier.allocate(1)[0]
 
     def pin(self, entries: Sequence[CachedPage]) -> None:
-        """Keep these entries' host copies while an admission loads them (``unpin`` after)."""
-        self._pinned = {e.serial for e in entries}
+        """Keep these entries' host slots until the step has read them (``unpin`` after)."""
+        self._pinned.update(e.serial for e in entries)
 
     def unpin(self) -> None:
-        self._pinned = set()
+        self._pinned.clear()
 
     def touch_host(self, e: CachedPage) -> None:
         if e.host_slot is not None:

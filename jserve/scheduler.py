@@ -127,6 +127,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         kv, pool = self.kv, self.pool
+        kv.begin_step()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -181,6 +182,7 @@ class Scheduler:
         if len(runner_out.sampled_token_ids) < len(sched_out.chunks):
             raise ValueError(f"runner returned {len(runner_out.sampled_token_ids)} sampled tokens for "
                              f"{len(sched_out.chunks)} scheduled rows")
+        self.kv.begin_step()  # the step ran: host slots it read may be reused
         touched: list[Request] = []
         any_finished = False
         for row, chunk in enumerate(sched_out.chunks):

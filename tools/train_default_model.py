@@ -10,7 +10,8 @@ path) are the held-out test split reported in the READMEs; another 3% are a vali
 only to pick the best checkpoint. The byte-level BPE tokenizer (HF ``tokenizers``) is trained on the
 training split only. Both models share it.
 
-Steps (the training step needs a GPU for a few minutes; ``prepare`` runs on any CPU)::
+Steps (``prepare`` runs on any CPU in under a minute; ``train`` took 3.5 minutes for all four
+runs on one H200, and would take hours on a CPU)::
 
     python tools/train_default_model.py prepare --data .train_data      # tokenizer + token arrays
     python tools/train_default_model.py train --data .train_data --out /tmp/dm   # both models

@@ -14,7 +14,7 @@ def test_golden_greedy_on_gpu(make_engine, arch):
     z = np.load(GOLDEN / arch / "reference.npz")
     prompts = [z["prompts"][i, :n].tolist() for i, n in enumerate(z["prompt_lens"])]
     engine = make_engine(arch)
-    assert engine.runner.kv[0][0].devices().pop().platform == "gpu"
+    assert next(iter(engine.runner.kv[0][0].devices())).platform == "gpu"
     sp = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     ids = [engine.add_request(None, p, sp) for p in prompts]
     done = {}

@@ -1,0 +1,196 @@
+"""Preemption by swap, the recompute fallback, and the host KV tier: with a model-free runner
+(fake_kv_runner) and with the tiny golden model (outputs equal unconstrained runs, no page
+leaks in the device pool or the host stores, no compile while pages move)."""
+
+import jax
+import numpy as np
+import pytest
+from fake_kv_runner import FakeKVRunner, host_store, reference_generation
+
+from jserve.config import SchedulerConfig
+from jserve.kv_manager import KVCacheManager
+from jserve.page_pool import PagePool
+from jserve.request import Request, RequestStatus
+from jserve.sampling_params import SamplingParams
+from jserve.scheduler import Scheduler
+
+PS = 4
+
+
+def make_sched(num_pages, swap_slots, mode="swap", **cfg):
+    cfg.setdefault("max_num_seqs", 8)
+    cfg.setdefault("max_num_batched_tokens", 32)
+    cfg.setdefault("max_model_len", 64)
+    pool = PagePool(num_pages, PS)
+    swap = host_store(swap_slots, PS, "swap") if swap_slots else None
+    return Scheduler(SchedulerConfig(**cfg), KVCacheManager(pool, None, swap, mode))
+
+
+def two_growing(sched):
+    # 6 usable pages of 4 tokens; each request grows to 8 + 12 = 20 tokens = 5 pages.
+    a = Request("a", list(range(10, 18)), SamplingParams(max_tokens=12, ignore_eos=True), seed=1)
+    b = Request("b", list(range(20, 28)), SamplingParams(max_tokens=12, ignore_eos=True), seed=2)
+    sched.add_request(a)
+    sched.add_request(b)
+    return a, b
+
+
+def run(sched, on_step):
+    runner = FakeKVRunner(sched.pool)
+    for _ in range(500):
+        if not sched.has_unfinished():
+            return runner
+        out = sched.schedule()
+        on_step(out)
+        sched.update(out, runner.run(out))
+        sched.kv.check_invariants(list(sched.running) + list(sched.waiting))
+    raise AssertionError("did not finish")
+
+
+def test_swap_out_then_resume_where_it_was():
+    sched = make_sched(num_pages=7, swap_slots=8)
+    a, b = two_growing(sched)
+    events = []
+
+    def on_step(out):
+        if out.preempted:
+            (r,) = out.preempted
+            assert r is b and r.status is RequestStatus.PREEMPTED and r.page_ids == []
+            assert r.num_computed_tokens > 8 and len(r.swap_slots) == len(out.transfers.to_host)
+            events.append(("out", r.num_computed_tokens, len(out.transfers.to_host)))
+            assert not any(c.request is b for c in out.chunks)
+        for c in out.chunks:
+            if c.request is b and out.transfers.from_host:
+                events.append(("in", c.start, len(out.transfers.from_host)))
+
+    run(sched, on_step)
+    (_, computed, n_out), (_, start, n_in) = events[:2]
+    assert start == computed and n_in == n_out == -(-computed // PS)  # nothing recomputed
+    for r in (a, b):
+        assert (r.output_token_ids, r.status) == reference_generation(r, sched.max_model_len)
+    s = sched.kv_stats()
+    assert s["preemptions_swap"] >= 1 and s["preemptions_recompute"] == 0
+    assert s["pages_swapped_out"] == s["pages_swapped_in"] > 0
+    assert sched.pool.num_free == sched.pool.num_total and sched.kv.swap_space.num_used == 0
+
+
+@pytest.mark.parametrize("swap_slots, mode", [(1, "swap"), (8, "recompute"), (0, "swap")])
+def test_recompute_when_swap_space_is_short_or_not_chosen(swap_slots, mode):
+    sched = make_sched(num_pages=7, swap_slots=swap_slots, mode=mode)
+    a, b = two_growing(sched)
+    restarts = []
+    run(sched, lambda out: restarts.extend(c.start for c in out.chunks if c.request is b
+                                           and b.num_preemptions and c.start == 0))
+    assert b.num_preemptions >= 1 and restarts  # started over from token 0
+    for r in (a, b):
+        assert (r.output_token_ids, r.status) == reference_generation(r, sched.max_model_len)
+    s = sched.kv_stats()
+    assert s["preemptions_recompute"] >= 1 and s["preemptions_swap"] == 0 and s["pages_swapped_out"] == 0
+
+
+def test_abort_of_a_swapped_request_frees_its_slots():
+    sched = make_sched(num_pages=7, swap_slots=8)
+    a, b = two_growing(sched)
+    runner = FakeKVRunner(sched.pool)
+    while not b.swap_slots:
+        out = sched.schedule()
+        sched.update(out, runner.run(out))
+    assert sched.kv.swap_space.num_used == len(b.swap_slots) > 0
+    sched.finish_request("b", RequestStatus.FINISHED_ABORTED)
+    assert sched.kv.swap_space.num_used == 0 and not b.swap_slots
+    sched.kv.check_invariants(list(sched.running))
+
+
+# ------------------------------------------------------------- the tiny golden model
+
+LENGTHS = (3, 9, 17, 24, 33, 40, 51, 60)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def run_engine(engine, items):
+    ids = [engine.add_request(None, p, sp) for p, sp in items]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[i] for i in ids]
+
+
+def assert_no_leaks(engine):
+    kv = engine.scheduler.kv
+    kv.check_invariants([])
+    assert engine.pool.num_used == 0 and engine.pool.num_free == engine.pool.num_total
+    assert kv.swap_space is None or kv.swap_space.num_used == 0
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(7)
+    return [rng.integers(5, 512, n).tolist() for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def swap_engine(make_engine):
+    # 12 usable pages of 16 tokens: the 8 prompts (+12 new tokens each) cannot all fit; no
+    # prefix cache, so every computed page of a preempted request goes to the swap space.
+    return make_engine("llama", num_pages=13, enable_prefix_caching=False)
+
+
+@pytest.fixture(scope="module")
+def alone(swap_engine, prompts):
+    """Unconstrained: one request at a time (each fits the pool alone)."""
+    return [run_engine(swap_engine, [(p, GREEDY)])[0].outputs[0].token_ids for p in prompts]
+
+
+def test_swap_outputs_equal_unconstrained_run(swap_engine, prompts, alone):
+    before = swap_engine.kv_cache_stats()
+    outs = run_engine(swap_engine, [(p, GREEDY) for p in prompts])
+    s = swap_engine.kv_cache_stats()
+    assert s["preemptions_swap"] > before["preemptions_swap"]
+    assert s["pages_swapped_in"] - before["pages_swapped_in"] > 0
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    assert_no_leaks(swap_engine)
+
+
+class CompileCounter:
+    def __init__(self):
+        self.count = 0
+
+    def on_duration(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def on_event(self, event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            self.count += 1
+
+
+def test_host_tier_serves_an_evicted_prefix_and_nothing_compiles(make_engine, prompts, alone):
+    engine = make_engine("llama", num_pages=13, host_kv_cache_gb=0.001)  # ~128 host pages
+    rng = np.random.default_rng(5)
+    first = rng.integers(5, 512, 53).tolist()  # 3 full pages + 5 tokens
+    counter = CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter.on_duration)
+    jax.monitoring.register_event_listener(counter.on_event)
+    try:
+        (ref,) = run_engine(engine, [(first, GREEDY)])
+        for _ in range(4):  # 4 x 4 pages of distinct prefixes: more than the 12-page pool
+            run_engine(engine, [(rng.integers(5, 512, 60).tolist(), GREEDY)])
+        assert engine.kv_cache_stats()["device_evictions"] >= 3
+        (again,) = run_engine(engine, [(first, GREEDY)])
+        # Swap, host tier and copy-on-write (n = 2) together, under pool pressure.
+        mixed = run_engine(engine, [(p, GREEDY) for p in prompts] +
+                           [(first, SamplingParams(n=2, temperature=0.0, max_tokens=12, ignore_eos=True))])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(counter.on_duration)
+        jax.monitoring.unregister_event_listener(counter.on_event)
+    assert again.num_cached_tokens == 48 and again.outputs[0].token_ids == ref.outputs[0].token_ids
+    s = engine.kv_cache_stats()
+    assert s["prefix_cache_hits_host"] >= 48 and s["host_tier_pages_loaded"] >= 3
+    assert [o.outputs[0].token_ids for o in mixed[:-1]] == alone
+    assert [c.token_ids for c in mixed[-1].outputs] == [ref.outputs[0].token_ids] * 2
+    assert s["preemptions_swap"] > 0 and s["cow_copies"] > 0
+    assert counter.count == 0, f"{counter.count} compilations while serving"
+    assert_no_leaks(engine)
+    assert engine.scheduler.kv.prefix_cache.num_host_pages > 0
