@@ -60,9 +60,9 @@ class Request:
     # Per output token: (sampled logprob, [(token_id, logprob), ...]) when logprobs requested.
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     cache_salt: str | None = None          # namespaces the prefix cache (no sharing across salts)
-    fork_of: Request | None = None         # n > 1: the sibling whose prompt pages this one shares
+    fork_of: Request | None = field(default=None, repr=False)  # n > 1: shares this one's prompt pages
     num_cached_tokens: int | None = None   # prompt tokens not computed at first admission
-    page_entries: list[Any] = field(default_factory=list)    # prefix_cache.CachedPage per full page
+    page_entries: list[Any] = field(default_factory=list, repr=False)  # CachedPage per full page
     swap_slots: dict[int, int] = field(default_factory=dict)  # page index -> swap slot (swapped out)
 
     def __post_init__(self) -> None:

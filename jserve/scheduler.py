@@ -1,8 +1,9 @@
-"""Scheduler: continuous batching with chunked prefill and recompute preemption (host side).
+"""Scheduler: continuous batching, chunked prefill, prefix-cache hits, preemption (host side).
 
 Where it sits: ``AsyncEngine.add_request`` -> ``Scheduler.waiting``; each step
 ``schedule()`` -> ``SchedulerOutput`` -> runner -> ``RunnerOutput`` -> ``update()`` -> detokenizer.
-Pages come from the ``PagePool``; nothing here touches the device.
+Pages come from the ``KVCacheManager`` (page pool, prefix cache, swap space); nothing here
+touches the device.
 
 No phases (DESIGN invariant 3): every request just catches ``num_computed_tokens`` up to
 ``num_tokens``. A prefill chunk, a decode token and (later) speculative tokens are all rows of

@@ -194,3 +194,56 @@ def test_host_tier_serves_an_evicted_prefix_and_nothing_compiles(make_engine, pr
     assert counter.count == 0, f"{counter.count} compilations while serving"
     assert_no_leaks(engine)
     assert engine.scheduler.kv.prefix_cache.num_host_pages > 0
+
+
+# ------------------------------------------------------------------ configuration
+
+
+@pytest.mark.parametrize("field, value, msg", [
+    ("preemption_mode", "evict", "preemption_mode must be 'swap' or 'recompute'"),
+    ("swap_space_gb", -1.0, "swap_space_gb must be a number of GiB >= 0"),
+    ("host_kv_cache_gb", float("nan"), "host_kv_cache_gb must be a number of GiB >= 0"),
+    ("enable_prefix_caching", "yes", "enable_prefix_caching must be a bool"),
+])
+def test_cache_config_validation(field, value, msg):
+    from jserve.config import CacheConfig
+
+    with pytest.raises(ValueError, match=msg):
+        CacheConfig(**{field: value})
+    c = CacheConfig()
+    assert (c.enable_prefix_caching, c.swap_space_gb, c.host_kv_cache_gb, c.preemption_mode) == \
+        (True, 4.0, 0.0, "swap")
+
+
+def test_cli_flags_reach_engine_args():
+    from jserve.cli import build_parser, engine_args_from
+
+    ns = build_parser().parse_args(["generate", "--no-enable-prefix-caching", "--swap-space-gb", "2",
+                                    "--host-kv-cache-gb", "1.5", "--preemption-mode", "recompute"])
+    a = engine_args_from(ns)
+    assert (a.enable_prefix_caching, a.swap_space_gb, a.host_kv_cache_gb, a.preemption_mode) == \
+        (False, 2.0, 1.5, "recompute")
+    a = engine_args_from(build_parser().parse_args(["generate"]))
+    assert (a.enable_prefix_caching, a.swap_space_gb, a.host_kv_cache_gb, a.preemption_mode) == \
+        (True, 4.0, 0.0, "swap")
+
+
+def test_host_stores_are_sized_from_gib():
+    import dataclasses
+
+    from conftest import GOLDEN
+
+    from jserve.builder import EngineArgs, make_engine_config, resolve_model
+    from jserve.kv_manager import make_kv_manager
+
+    args = EngineArgs(model=str(GOLDEN / "llama"), dtype="float32", max_model_len=128,
+                      swap_space_gb=1 / 1024, host_kv_cache_gb=2 / 1024)
+    cfg = make_engine_config(args, resolve_model(args)[0])
+    kv = make_kv_manager(cfg, 20)
+    page_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers * (K, V) * page * kv heads * head dim * f32
+    assert kv.swap_space.num_slots == 2**20 // page_bytes
+    assert kv.prefix_cache.host_tier.num_slots == 2 * 2**20 // page_bytes
+    assert kv.swap_space.page_shape == (2, 2, 16, 2, 16)
+    off = make_kv_manager(cfg.replace(cache=dataclasses.replace(
+        cfg.cache, enable_prefix_caching=False, preemption_mode="recompute")), 20)
+    assert off.prefix_cache is None and off.swap_space is None
