@@ -107,6 +107,11 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return build_parser_and_subcommands()[0]
+
+
+def build_parser_and_subcommands() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The ``jserve`` parser and its subcommand table (front-ends add ``serve``/``bench``)."""
     parser = argparse.ArgumentParser(prog="jserve", description="LLM serving in JAX/XLA")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     # run on a CPU is ready in seconds (later runs hit the persistent compilation cache).
     g.set_defaults(func=_cmd_generate, max_num_seqs=8, max_num_batched_tokens=128)
     add_plan_parser(sub)
-    return parser
+    return parser, sub
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jserve.cli import add_engine_flags, build_parser, engine_args_from
+from jserve.cli import add_engine_flags, build_parser_and_subcommands, engine_args_from
 from server.bench import add_bench_flags, cmd_bench
 
 log = logging.getLogger("jserve.server")
@@ -26,13 +26,10 @@ log = logging.getLogger("jserve.server")
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from jserve.async_engine import AsyncEngine
-    from jserve.builder import build_engine
+    from jserve.builder import DEFAULT_MODELS, build_engine
     from server.metrics import PrometheusStats
     from server.runtime import RunningServer, ServerConfig, serve_until_signal
 
-    if ns.model is None:
-        raise ValueError("--model: required for serve (an HF model directory, or a named shape with "
-                         "--random-weights)")
     config = ServerConfig(
         host=ns.host, port=ns.port, grpc_port=None if ns.grpc_port < 0 else ns.grpc_port,
         api_key=ns.api_key, served_model_names=tuple(ns.served_model_name or ()),
@@ -42,9 +39,10 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     engine = build_engine(args)
     log.info("engine built in %.1f s", time.perf_counter() - t0)
-    name = (config.served_model_names or (ns.model,))[0]
+    model_name = ns.model or DEFAULT_MODELS[0]  # no --model: the bundled default model
+    name = (config.served_model_names or (model_name,))[0]
     stats = PrometheusStats(name, engine.pool.num_total) if config.enable_metrics else None
-    server = RunningServer(AsyncEngine(engine, stats), config, ns.model, stats)
+    server = RunningServer(AsyncEngine(engine, stats), config, model_name, stats)
     asyncio.run(serve_until_signal(server))
     return 0
 
@@ -67,17 +65,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--access-log", action="store_true", help="uvicorn access log")
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    """The parser's subcommand table (argparse has no public accessor for it)."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise RuntimeError("jserve.cli.build_parser() returned a parser without subcommands")
-
-
 def build_full_parser() -> argparse.ArgumentParser:
-    parser = build_parser()
-    sub = _subcommands(parser)
+    parser, sub = build_parser_and_subcommands()
     s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the gRPC API")
     add_serve_flags(s)
     s.set_defaults(func=_cmd_serve)
