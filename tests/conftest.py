@@ -28,10 +28,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ---------------------------------------------------------------- shared engine fixtures
-from pathlib import Path  # noqa: E402
-
-GOLDEN = Path(__file__).parent / "fixtures" / "golden"
-ARCHS = ("llama", "qwen2", "mistral")
+from fixture_paths import GOLDEN  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import ARCHS, GOLDEN
+from fixture_paths import ARCHS, GOLDEN
 
 from jserve.sampling_params import SamplingParams
 

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import GOLDEN
+from fixture_paths import GOLDEN
 
 from jserve.config import CacheConfig, ModelConfig, SchedulerConfig
 

@@ -7,7 +7,7 @@ and RoPE frequencies identical.
 import jax
 import numpy as np
 import pytest
-from conftest import ARCHS, GOLDEN
+from fixture_paths import ARCHS, GOLDEN
 
 from checkpoints import HFModelDir
 from jserve.config import ModelConfig

@@ -4,7 +4,7 @@ logprobs, min_tokens (CPU, float32)."""
 import math
 
 import pytest
-from conftest import GOLDEN
+from fixture_paths import GOLDEN
 
 from jserve.llm import LLM
 from jserve.sampling_params import SamplingParams

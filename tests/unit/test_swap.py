@@ -231,7 +231,7 @@ def test_cli_flags_reach_engine_args():
 def test_host_stores_are_sized_from_gib():
     import dataclasses
 
-    from conftest import GOLDEN
+    from fixture_paths import GOLDEN
 
     from jserve.builder import EngineArgs, make_engine_config, resolve_model
     from jserve.kv_manager import make_kv_manager
