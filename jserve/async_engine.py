@@ -390,7 +390,8 @@ class AsyncEngine:
         step_s = time.perf_counter() - t0
         sched, pool = self.engine.scheduler, self.engine.pool
         self._notify("on_step", StepStats(step_s, sched.num_running, sched.num_waiting, pool.num_used,
-                                          pool.num_free, sched.num_preemptions_total))
+                                          pool.num_free, sched.num_preemptions_total,
+                                          self.engine.kv_cache_stats()))
         now = time.monotonic()
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
         for out in outs:

@@ -14,7 +14,8 @@ exception raised by one is logged and ignored (it never stops the engine).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -28,6 +29,8 @@ class StepStats:
     kv_pages_used: int
     kv_pages_free: int
     num_preemptions_total: int   # since start-up (monotonic)
+    # LLMEngine.kv_cache_stats(): prefix-cache / swap / CoW counters (monotonic) and gauges.
+    kv_stats: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

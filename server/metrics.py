@@ -32,6 +32,29 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2
 _STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
+# LLMEngine.kv_cache_stats() keys exported as counters (monotonic in the engine) and gauges.
+KV_COUNTERS = {
+    "prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
+    "prefix_cache_hits_device": "Prompt tokens served from cached pages on the device.",
+    "prefix_cache_hits_host": "Prompt tokens served from the host-memory KV tier.",
+    "cow_copies": "Copy-on-write page copies.",
+    "pages_swapped_out": "KV pages swapped out to host memory on preemption.",
+    "pages_swapped_in": "KV pages swapped back in on resume.",
+    "host_tier_pages_loaded": "Pages loaded from the host KV tier.",
+    "host_tier_pages_offloaded": "Pages evicted from the device into the host KV tier.",
+    "device_evictions": "Cached pages evicted from the device pool.",
+    "host_tier_evictions": "Pages evicted from the host KV tier.",
+    "preemptions_swap": "Preemptions served by swapping.",
+    "preemptions_recompute": "Preemptions served by recomputation.",
+}
+KV_GAUGES = {
+    "pages_cached_evictable": "Cached pages no request holds (reusable, evictable).",
+    "host_tier_pages": "Pages held in the host KV tier.",
+    "swap_slots_used": "Host swap slots in use.",
+    "swap_slots_total": "Host swap slots.",
+}
+
+
 class PrometheusStats:
     def __init__(self, model_name: str, total_pages: int) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -66,6 +89,9 @@ class PrometheusStats:
                              _LATENCY_BUCKETS)
         self.step = histogram("jserve:step_duration_seconds", "Duration of one engine step.",
                               _STEP_BUCKETS)
+        self._kv_counters = {k: counter(f"jserve:{k}", doc) for k, doc in KV_COUNTERS.items()}
+        self._kv_gauges = {k: gauge(f"jserve:kv_{k}", doc) for k, doc in KV_GAUGES.items()}
+        self._kv_last: dict[str, int] = {}
         self._model = model_name
         self._last_preemptions = 0
         self.pages_free.set(total_pages)
@@ -78,6 +104,14 @@ class PrometheusStats:
         self.pages_used.set(s.kv_pages_used)
         self.pages_free.set(s.kv_pages_free)
         self.usage.set(s.kv_pages_used / self._total_pages)
+        for key, value in s.kv_stats.items():
+            if key in self._kv_counters:
+                delta = value - self._kv_last.get(key, 0)
+                if delta > 0:
+                    self._kv_counters[key].inc(delta)
+                self._kv_last[key] = value
+            elif key in self._kv_gauges:
+                self._kv_gauges[key].set(value)
         if s.num_preemptions_total > self._last_preemptions:
             self.preemptions.inc(s.num_preemptions_total - self._last_preemptions)
             self._last_preemptions = s.num_preemptions_total

@@ -191,15 +191,34 @@ def test_tokenize_detokenize(served, llm_ref):
     assert chat["tokens"][0] == tok.bos_token_id and chat["tokens"][1] != tok.bos_token_id
 
 
+def _scrape(served):
+    text = httpx.get(f"{served.url}/metrics").text
+    vals = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            vals[name] = float(value)
+    return vals
+
+
+def test_metrics_count_prefix_cache_hits(served, oai):
+    label = '{model_name="llama"}'
+    prompt = list(range(10, 10 + 40))  # 2 full pages of 16 + a partial one
+    before = _scrape(served)
+    for _ in range(2):
+        r = oai.completions.create(model=_model(oai), prompt=prompt, max_tokens=2, temperature=0.0)
+        served.wait_idle()
+    after = _scrape(served)
+    hits = f"jserve:prefix_cache_hits_device_total{label}"
+    assert after[hits] - before.get(hits, 0) == 32
+    queries = f"jserve:prefix_cache_queries_total{label}"
+    assert after[queries] - before.get(queries, 0) >= 80
+    assert r.usage.prompt_tokens_details.cached_tokens == 32
+    assert f"jserve:kv_pages_cached_evictable{label}" in after
+
+
 def test_metrics_count_requests(served, oai):
-    def scrape():
-        text = httpx.get(f"{served.url}/metrics").text
-        vals = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                vals[name] = float(value)
-        return vals
+    scrape = lambda: _scrape(served)  # noqa: E731
 
     before = scrape()
     oai.completions.create(model=_model(oai), prompt=PROMPTS[0], max_tokens=7, temperature=0.0,
