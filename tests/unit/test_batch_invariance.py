@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from engine_helpers import run_tokens
 
 from jserve.sampling_params import SamplingParams
 
@@ -15,16 +16,7 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 
 def _run(engine, prompts):
-    ids = [engine.add_request(None, p, GREEDY) for p in prompts]
-    done = {}
-    steps = 0
-    while engine.has_unfinished_requests():
-        steps += 1
-        assert steps < 10_000
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return [done[i] for i in ids]
+    return run_tokens(engine, prompts, GREEDY)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ and RoPE frequencies identical.
 import jax
 import numpy as np
 import pytest
+from engine_helpers import run_tokens
 from fixture_paths import ARCHS, GOLDEN
 
 from checkpoints import HFModelDir
@@ -68,14 +69,8 @@ def test_greedy_tokens_match_hf(make_engine, arch):
     z, prompts = _reference(arch)
     engine = make_engine(arch)
     sp = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    ids = [engine.add_request(None, p, sp) for p in prompts]
-    done = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                done[o.request_id] = o.outputs[0].token_ids
-    for i, rid in enumerate(ids):
-        assert done[rid] == z[f"greedy_{i}"].tolist(), f"{arch} prompt {i}"
+    for i, tokens in enumerate(run_tokens(engine, prompts, sp)):
+        assert tokens == z[f"greedy_{i}"].tolist(), f"{arch} prompt {i}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,32 +1,14 @@
 """DESIGN invariant 4: after warm-up, serving triggers no compilation."""
 
-import jax
 import numpy as np
+from engine_helpers import CompileCounter
 
 from jserve.sampling_params import SamplingParams
 
 
-class CompileCounter:
-    """Counts backend compiles and persistent-cache hits (a hit is a new shape too)."""
-
-    def __init__(self):
-        self.count = 0
-
-    def on_duration(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-    def on_event(self, event, **kwargs):
-        if event == "/jax/compilation_cache/cache_hits":
-            self.count += 1
-
-
 def test_serving_triggers_no_compile(make_engine):
     engine = make_engine("qwen2")
-    counter = CompileCounter()
-    jax.monitoring.register_event_duration_secs_listener(counter.on_duration)
-    jax.monitoring.register_event_listener(counter.on_event)
-    try:
+    with CompileCounter() as counter:
         rng = np.random.default_rng(0)
         params = [
             SamplingParams(temperature=0.0, max_tokens=9),
@@ -40,7 +22,4 @@ def test_serving_triggers_no_compile(make_engine):
             engine.add_request(None, rng.integers(3, 400, 1 + 5 * i).tolist(), params[i % 5])
         while engine.has_unfinished_requests():
             engine.step()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(counter.on_duration)
-        jax.monitoring.unregister_event_listener(counter.on_event)
     assert counter.count == 0, f"{counter.count} compilations while serving"

@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+from engine_helpers import run_engine
 from fake_kv_runner import VOCAB, FakeKVRunner, host_store, reference_generation
 
 from jserve.config import SchedulerConfig
@@ -258,17 +259,6 @@ def test_queue_full_still_raised_with_prefix_caching():
 # ------------------------------------------------------------- the tiny golden model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-
-
-def run_engine(engine, items):
-    """items: [(prompt ids, SamplingParams)] -> finished RequestOutputs in order."""
-    ids = [engine.add_request(None, p, sp) for p, sp in items]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[i] for i in ids]
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 (fake_kv_runner) and with the tiny golden model (outputs equal unconstrained runs, no page
 leaks in the device pool or the host stores, no compile while pages move)."""
 
-import jax
 import numpy as np
 import pytest
+from engine_helpers import CompileCounter, run_engine
 from fake_kv_runner import FakeKVRunner, host_store, reference_generation
 
 from jserve.config import SchedulerConfig
@@ -107,16 +107,6 @@ LENGTHS = (3, 9, 17, 24, 33, 40, 51, 60)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
-def run_engine(engine, items):
-    ids = [engine.add_request(None, p, sp) for p, sp in items]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[i] for i in ids]
-
-
 def assert_no_leaks(engine):
     kv = engine.scheduler.kv
     kv.check_invariants([])
@@ -153,27 +143,11 @@ def test_swap_outputs_equal_unconstrained_run(swap_engine, prompts, alone):
     assert_no_leaks(swap_engine)
 
 
-class CompileCounter:
-    def __init__(self):
-        self.count = 0
-
-    def on_duration(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-    def on_event(self, event, **kwargs):
-        if event == "/jax/compilation_cache/cache_hits":
-            self.count += 1
-
-
 def test_host_tier_serves_an_evicted_prefix_and_nothing_compiles(make_engine, prompts, alone):
     engine = make_engine("llama", num_pages=13, host_kv_cache_gb=0.001)  # ~128 host pages
     rng = np.random.default_rng(5)
     first = rng.integers(5, 512, 53).tolist()  # 3 full pages + 5 tokens
-    counter = CompileCounter()
-    jax.monitoring.register_event_duration_secs_listener(counter.on_duration)
-    jax.monitoring.register_event_listener(counter.on_event)
-    try:
+    with CompileCounter() as counter:
         (ref,) = run_engine(engine, [(first, GREEDY)])
         for _ in range(4):  # 4 x 4 pages of distinct prefixes: more than the 12-page pool
             run_engine(engine, [(rng.integers(5, 512, 60).tolist(), GREEDY)])
@@ -182,9 +156,6 @@ def test_host_tier_serves_an_evicted_prefix_and_nothing_compiles(make_engine, pr
         # Swap, host tier and copy-on-write (n = 2) together, under pool pressure.
         mixed = run_engine(engine, [(p, GREEDY) for p in prompts] +
                            [(first, SamplingParams(n=2, temperature=0.0, max_tokens=12, ignore_eos=True))])
-    finally:
-        jax.monitoring.unregister_event_duration_listener(counter.on_duration)
-        jax.monitoring.unregister_event_listener(counter.on_event)
     assert again.num_cached_tokens == 48 and again.outputs[0].token_ids == ref.outputs[0].token_ids
     s = engine.kv_cache_stats()
     assert s["prefix_cache_hits_host"] >= 48 and s["host_tier_pages_loaded"] >= 3

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from engine_helpers import run_tokens
 
 from jserve.sampling_params import SamplingParams
 
@@ -10,13 +11,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
 
 def _greedy(engine, prompts):
-    ids = [engine.add_request(None, p, GREEDY) for p in prompts]
-    done = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                done[o.request_id] = o.outputs[0].token_ids
-    return [done[i] for i in ids]
+    return run_tokens(engine, prompts, GREEDY)
 
 
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (XLA_FLAGS host count)")
