@@ -86,21 +86,32 @@ class HostPageStore:
         if data.shape != (len(slots), *self.page_shape):
             raise ValueError(f"{self.name}: write of shape {data.shape} into {len(slots)} slots of "
                              f"{self.page_shape}")
+        self.write_rows(slots, data, range(len(slots)))
+
+    def write_rows(self, slots: list[int], src: np.ndarray, rows: Iterable[int]) -> None:
+        """``src[rows[i]]`` -> slot ``slots[i]``, one contiguous page copy each (fancy indexing
+        of a whole batch was 2x slower: a generic strided copy, measured on 2 MiB pages)."""
         if not all(self._in_use[s] for s in slots):
             raise AssertionError(f"{self.name}: write into unreserved slots {slots}")
         if self._data is None:
             self._data = np.empty((self.num_slots, *self.page_shape), self.dtype)
-        self._data[slots] = data
+        for slot, row in zip(slots, rows, strict=True):
+            self._data[slot] = src[row]
         self.valid[slots] = True
 
     def read(self, slots: list[int]) -> np.ndarray:
         """-> a copy [len(slots), *page_shape] (never a view: the slots may be reused)."""
-        if not slots:
-            return np.empty((0, *self.page_shape), self.dtype)
+        out = np.empty((len(slots), *self.page_shape), self.dtype)
+        self.read_into(slots, out, range(len(slots)))
+        return out
+
+    def read_into(self, slots: list[int], out: np.ndarray, rows: Iterable[int]) -> None:
+        """slot ``slots[i]`` -> ``out[rows[i]]``, one contiguous page copy each."""
         bad = [s for s in slots if not self.valid[s]]
         if bad:
             raise AssertionError(f"{self.name}: read of slots {bad} whose data has not landed")
-        return self._data[np.asarray(slots, np.int64)]
+        for slot, row in zip(slots, rows, strict=True):
+            out[row] = self._data[slot]
 
     # ------------------------------------------------------------------ tests
     def check_invariants(self) -> None:

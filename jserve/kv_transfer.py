@@ -117,14 +117,13 @@ class KVPageMover:
         to_host, gathered = handle
         if not to_host:
             return
-        data = np.concatenate([np.asarray(g) for g in gathered])
-        by_store: dict[int, tuple[HostPageStore, list[int], list[int]]] = {}
-        for i, (_, store, slot) in enumerate(to_host):
-            by_store.setdefault(id(store), (store, [], []))
-            by_store[id(store)][1].append(slot)
-            by_store[id(store)][2].append(i)
-        for store, slots, rows in by_store.values():
-            store.write(slots, data[rows])
+        # Page i of the move is row i - offset of the gathered chunk it landed in; each page
+        # is copied once, straight from the transferred chunk into its host slot.
+        chunks = [np.asarray(g) for g in gathered]
+        starts = np.cumsum([0] + [len(c) for c in chunks])
+        for (_, store, slot), i in zip(to_host, range(len(to_host)), strict=True):
+            c = int(np.searchsorted(starts, i, side="right")) - 1
+            store.write_rows([slot], chunks[c], [i - int(starts[c])])
 
     def warmup(self, kv: KVCache) -> KVCache:
         """Compile (and run once, on the null page) every bucket of every move."""
@@ -140,7 +139,7 @@ class KVPageMover:
 
 def _read_grouped(sources: list[tuple[HostPageStore, int]], shape: tuple[int, ...],
                   dtype: np.dtype) -> np.ndarray:
-    """One fancy-index read per store, reassembled in ``sources`` order."""
+    """The pages of ``sources`` (any mix of stores) in order, each copied once."""
     out = np.empty((len(sources), *shape), dtype)
     by_store: dict[int, tuple[HostPageStore, list[int], list[int]]] = {}
     for i, (store, slot) in enumerate(sources):
@@ -148,5 +147,5 @@ def _read_grouped(sources: list[tuple[HostPageStore, int]], shape: tuple[int, ..
         by_store[id(store)][1].append(slot)
         by_store[id(store)][2].append(i)
     for store, slots, rows in by_store.values():
-        out[rows] = store.read(slots)
+        store.read_into(slots, out, rows)  # one copy per page, straight into place
     return out
