@@ -70,6 +70,7 @@ class _Add:
     arrival: float
     stream: RequestStream
     future: concurrent.futures.Future
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -248,7 +249,8 @@ class AsyncEngine:
         return "the engine has shut down"
 
     async def add_request(self, prompt: Prompt, params: SamplingParams,
-                          request_id: str | None = None) -> RequestStream:
+                          request_id: str | None = None, cache_salt: str | None = None
+                          ) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it.
 
         Raises ``ValueError`` (bad input), ``QueueFullError`` (waiting queue full),
@@ -259,7 +261,7 @@ class AsyncEngine:
         rid = request_id if request_id is not None else f"req-{uuid.uuid4().hex}"
         stream = RequestStream(rid, self, asyncio.get_running_loop())
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._send(_Add(rid, prompt, params, time.monotonic(), stream, fut))
+        self._send(_Add(rid, prompt, params, time.monotonic(), stream, fut, cache_salt))
         try:
             await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
@@ -362,7 +364,8 @@ class AsyncEngine:
 
     def _handle_add(self, cmd: _Add) -> None:
         try:
-            rid = self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival)
+            rid = self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival,
+                                          cache_salt=cmd.cache_salt)
         except Exception as e:
             req_log.debug("request rejected id=%s error=%r", cmd.request_id, str(e))
             cmd.future.set_exception(e)

@@ -110,7 +110,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             ids = self._prompt_ids(request)
             fields, max_tokens, logprobs = sampling_fields(request.sampling_params)
             params = self.serving.make_params(fields, max_tokens, logprobs, len(ids))
-            stream = await self.serving.start(ids, params, f"{rid}-{new_id('g')}")
+            stream = await self.serving.start(ids, params, f"{rid}-{new_id('g')}",
+                                              request.cache_salt or None)
         except Exception as e:
             await self._abort(context, e)
             return

@@ -49,11 +49,11 @@ class Started:
 
 
 async def _start_all(serving: Serving, prefix: str, model: str, prompts: list[list[int]],
-                     params_list: list[Any]) -> Started:
+                     params_list: list[Any], cache_salt: str | None = None) -> Started:
     started = Started(new_id(prefix), model, fmt.now(), [], prompts)
     try:
         for i, (ids, params) in enumerate(zip(prompts, params_list, strict=True)):
-            started.streams.append(await serving.start(ids, params, f"{started.rid}-{i}"))
+            started.streams.append(await serving.start(ids, params, f"{started.rid}-{i}", cache_salt))
     except BaseException:
         started.abort()
         raise
@@ -134,7 +134,7 @@ class CompletionHandler:
             params_list.append(self.serving.make_params(req.sampling, req.max_tokens, req.logprobs,
                                                         len(ids), field_name))
             ids_list.append(ids)
-        started = await _start_all(self.serving, "cmpl", model, ids_list, params_list)
+        started = await _start_all(self.serving, "cmpl", model, ids_list, params_list, req.cache_salt)
         if req.echo:
             started.echo_texts = [self._echo_text(p, ids) for p, ids in zip(req.prompts, ids_list,
                                                                              strict=True)]
@@ -206,7 +206,7 @@ class ChatHandler:
                                        req.template_kwargs)
         top = req.top_logprobs if req.logprobs else None
         params = self.serving.make_params(req.sampling, req.max_tokens, top, len(ids), "messages")
-        return await _start_all(self.serving, "chatcmpl", model, [ids], [params])
+        return await _start_all(self.serving, "chatcmpl", model, [ids], [params], req.cache_salt)
 
     @staticmethod
     def _logprobs(req: ChatRequest, token_ids: list[int], lps: Any) -> dict[str, Any] | None:

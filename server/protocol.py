@@ -130,6 +130,13 @@ def _stream_options(d: dict, stream: bool) -> tuple[bool, bool]:
     return (get_bool(opts, "include_usage", False), get_bool(opts, "continuous_usage_stats", False))
 
 
+def _cache_salt(d: dict) -> str | None:
+    salt = get_str(d, "cache_salt")
+    if salt is not None and not salt:
+        raise bad_request("'cache_salt' must be a non-empty string", "cache_salt")
+    return salt
+
+
 def _model(d: dict) -> str | None:
     return get_str(d, "model")
 
@@ -147,6 +154,7 @@ class CompletionRequest:
     continuous_usage: bool = False
     echo: bool = False
     return_token_ids: bool = False
+    cache_salt: str | None = None   # requests share prefix-cached KV only with the same salt
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,7 @@ class ChatRequest:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     tools: list[dict[str, Any]] | None = None
     return_token_ids: bool = False
+    cache_salt: str | None = None
 
 
 def parse_prompts(v: Any, name: str = "prompt") -> list[Prompt]:
@@ -201,7 +210,7 @@ def parse_completion_request(d: dict) -> CompletionRequest:
         model=_model(d), prompts=prompts, sampling=_sampling_fields(d),
         max_tokens=get_int(d, "max_tokens", 16), logprobs=logprobs, stream=stream,
         include_usage=include_usage, continuous_usage=continuous, echo=echo,
-        return_token_ids=get_bool(d, "return_token_ids", False))
+        return_token_ids=get_bool(d, "return_token_ids", False), cache_salt=_cache_salt(d))
 
 
 def parse_chat_request(d: dict) -> ChatRequest:
@@ -239,4 +248,5 @@ def parse_chat_request(d: dict) -> ChatRequest:
         model=_model(d), messages=messages, sampling=_sampling_fields(d), max_tokens=max_tokens,
         logprobs=logprobs, top_logprobs=top, stream=stream, include_usage=include_usage,
         continuous_usage=continuous, add_generation_prompt=get_bool(d, "add_generation_prompt", True),
-        template_kwargs=kwargs, tools=tools, return_token_ids=get_bool(d, "return_token_ids", False))
+        template_kwargs=kwargs, tools=tools, return_token_ids=get_bool(d, "return_token_ids", False),
+        cache_salt=_cache_salt(d))

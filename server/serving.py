@@ -126,9 +126,9 @@ class Serving:
             raise bad_request(str(e).replace("SamplingParams.", "")) from e
 
     async def start(self, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str) -> RequestStream:
+                    request_id: str, cache_salt: str | None = None) -> RequestStream:
         """Queue the request; engine errors become APIErrors (400 / 429 / 503)."""
         try:
-            return await self.engine.add_request(prompt_ids, params, request_id)
+            return await self.engine.add_request(prompt_ids, params, request_id, cache_salt)
         except Exception as e:
             raise from_exception(e) from e

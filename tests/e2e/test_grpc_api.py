@@ -66,6 +66,14 @@ def test_token_ids_prompt_n2_and_logprobs(stub, llm_ref):
             assert len(lp.top) == 2 and lp.top[0].logprob >= lp.top[1].logprob
 
 
+def test_cached_tokens_and_cache_salt(stub):
+    ids = pb.TokenIds(ids=list(range(200, 240)))  # 2 full pages + a partial one
+    cached = lambda msgs: msgs[-1].usage.cached_tokens  # noqa: E731
+    assert cached(_generate(stub, token_ids=ids, cache_salt="grpc-a")) == 0
+    assert cached(_generate(stub, token_ids=ids, cache_salt="grpc-b")) == 0
+    assert cached(_generate(stub, token_ids=ids, cache_salt="grpc-a")) == 32
+
+
 def test_stop_string_reason(stub):
     text = "".join(c.text for m in _generate(stub, text=PROMPT, sampling_params=pb.SamplingParams(
         max_tokens=30, temperature=0.0, ignore_eos=True)) for c in m.choices)

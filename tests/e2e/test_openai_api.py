@@ -217,6 +217,20 @@ def test_metrics_count_prefix_cache_hits(served, oai):
     assert f"jserve:kv_pages_cached_evictable{label}" in after
 
 
+def test_cache_salt_separates_prefix_cache(served, oai):
+    prompt = list(range(100, 100 + 40))  # 2 full pages + a partial one
+    kw = dict(model=_model(oai), prompt=prompt, max_tokens=2, temperature=0.0)
+    first = oai.completions.create(**kw, extra_body={"cache_salt": "tenant-a"})
+    assert not (first.usage.prompt_tokens_details and first.usage.prompt_tokens_details.cached_tokens)
+    other = oai.completions.create(**kw, extra_body={"cache_salt": "tenant-b"})
+    assert not (other.usage.prompt_tokens_details and other.usage.prompt_tokens_details.cached_tokens)
+    same = oai.completions.create(**kw, extra_body={"cache_salt": "tenant-a"})
+    assert same.usage.prompt_tokens_details.cached_tokens == 32
+    assert same.choices[0].text == first.choices[0].text
+    r = httpx.post(f"{served.url}/v1/completions", json={**kw, "cache_salt": ""})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+
+
 def test_metrics_count_requests(served, oai):
     scrape = lambda: _scrape(served)  # noqa: E731
 
