@@ -75,6 +75,25 @@ def quantize_rows(x: jax.Array, scales: jax.Array, page_ids: jax.Array, dtype: j
     return y.astype(dtype)
 
 
+def rows_in_pool_dtype(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    slot_mapping: jax.Array,
+    k_scales: jax.Array | None,
+    v_scales: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """-> ``k_new/v_new: [num_tokens, kvh, d]`` in the pool's dtype (quantized with their page's
+    scales for int8/fp8 pools). Shared by the reference and every kernel; inputs already validated
+    with ``validate_inputs``."""
+    if is_quantized(k_pages.dtype):
+        page_ids = slot_mapping // k_pages.shape[1]
+        k_new = quantize_rows(k_new, k_scales, page_ids, k_pages.dtype)
+        v_new = quantize_rows(v_new, v_scales, page_ids, v_pages.dtype)
+    return k_new.astype(k_pages.dtype), v_new.astype(v_pages.dtype)
+
+
 def write_kv(
     k_pages: jax.Array,
     v_pages: jax.Array,
@@ -91,13 +110,10 @@ def write_kv(
     (same shapes and dtypes). Duplicate slots are only allowed inside page 0 (padding).
     """
     validate_inputs(k_pages, v_pages, k_new, v_new, slot_mapping, k_scales, v_scales)
+    k_new, v_new = rows_in_pool_dtype(k_pages, v_pages, k_new, v_new, slot_mapping, k_scales, v_scales)
     num_pages, page_size, kvh, d = k_pages.shape
-    if is_quantized(k_pages.dtype):
-        page_ids = slot_mapping // page_size
-        k_new = quantize_rows(k_new, k_scales, page_ids, k_pages.dtype)
-        v_new = quantize_rows(v_new, v_scales, page_ids, v_pages.dtype)
     flat_k = k_pages.reshape(num_pages * page_size, kvh, d)
     flat_v = v_pages.reshape(num_pages * page_size, kvh, d)
-    flat_k = flat_k.at[slot_mapping].set(k_new.astype(k_pages.dtype), mode="drop")
-    flat_v = flat_v.at[slot_mapping].set(v_new.astype(v_pages.dtype), mode="drop")
+    flat_k = flat_k.at[slot_mapping].set(k_new, mode="drop")
+    flat_v = flat_v.at[slot_mapping].set(v_new, mode="drop")
     return flat_k.reshape(k_pages.shape), flat_v.reshape(v_pages.shape)

@@ -54,10 +54,8 @@ def write_kv(
     num_tokens = k_new.shape[0]
     if num_tokens == 0:
         return k_pages, v_pages
-    if reference.is_quantized(k_pages.dtype):
-        page_ids = slot_mapping // page_size
-        k_new = reference.quantize_rows(k_new, k_scales, page_ids, k_pages.dtype)
-        v_new = reference.quantize_rows(v_new, v_scales, page_ids, v_pages.dtype)
+    k_new, v_new = reference.rows_in_pool_dtype(k_pages, v_pages, k_new, v_new, slot_mapping,
+                                                 k_scales, v_scales)
     width = kvh * d
     flat = (num_pages * page_size, width)
     hbm = pl.BlockSpec(memory_space=pltpu.HBM)
