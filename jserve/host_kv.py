@@ -2,24 +2,26 @@
 
 Where it sits: beside the device pool. The ``KVCacheManager`` decides, on the host, which
 slot a page goes to or comes from (``allocate`` / ``free``) while it schedules a step; the
-runner moves the bytes during that step (``read`` before the forward, ``write`` after it)::
+runner moves the bytes while it dispatches that step (``KVPageMover``)::
 
-    schedule():  slot = store.allocate(1)          bookkeeping only, data not there yet
-    execute():   data = store.read(slots_in)       host -> device (before the forward)
-                 ... forward ...
-                 store.write(slots_out, gathered)  device -> host (marks the slots valid)
+    schedule():  slot = store.allocate(1)          bookkeeping only, no page there yet
+    execute():   store.put(slot, page)             device -> host copy *dispatched* (async)
+                 page = store.get(slot)            host -> device copy of it, later (async)
 
-A slot is *valid* once its bytes have landed; reading a slot that is not valid is a bug (an
-``AssertionError``), and a prefix-cache lookup never counts a slot that is not valid yet.
+A slot holds one page object: in the engine a ``jax.Array`` in the device's host memory
+space (``pinned_host`` on GPU), so both directions are DMA copies that JAX orders by data
+dependence and nothing waits on the host; in model-free tests a numpy array. A slot is
+*valid* once a page was put into it; getting a slot that is not valid is a bug (an
+``AssertionError``), and a prefix-cache lookup never counts a slot that is not valid.
 
-Layout: one numpy array ``[num_slots, *page_shape]``; for the model's KV ``page_shape`` is
-``(num_layers, 2, page_size, num_kv_heads, head_dim)`` (K and V of every layer of one page,
-contiguous). The array is created on the first write, so an unused store costs nothing.
+``page_shape`` / ``dtype`` describe one page, ``(num_layers, 2, page_size, num_kv_heads,
+head_dim)`` for the model's KV; the store is sized in whole pages of that many bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +36,7 @@ def slots_for_bytes(num_bytes: float, bytes_per_page: int) -> int:
 class HostPageStore:
     """``num_slots`` host page slots of ``page_shape`` (numpy ``dtype``) with a free list.
 
-    valid: bool[num_slots]   the slot's bytes have been written (and not freed since)
+    valid: bool[num_slots]   a page was put into the slot (and it was not freed since)
     """
 
     def __init__(self, num_slots: int, page_shape: tuple[int, ...], dtype: np.dtype | str,
@@ -48,7 +50,7 @@ class HostPageStore:
         self.valid = np.zeros(self.num_slots, dtype=bool)
         self._free: list[int] = list(range(self.num_slots - 1, -1, -1))  # a stack: low ids first
         self._in_use = np.zeros(self.num_slots, dtype=bool)
-        self._data: np.ndarray | None = None
+        self._pages: dict[int, Any] = {}
 
     @property
     def bytes_per_page(self) -> int:
@@ -64,7 +66,7 @@ class HostPageStore:
 
     # ------------------------------------------------------------ bookkeeping
     def allocate(self, n: int) -> list[int]:
-        """Reserve ``n`` slots (not valid until written). Raises ``ValueError`` on shortage."""
+        """Reserve ``n`` slots (not valid until a page is put). Raises ``ValueError`` on shortage."""
         if n < 0 or n > len(self._free):
             raise ValueError(f"{self.name}: cannot allocate {n} slots, {len(self._free)} of "
                              f"{self.num_slots} free")
@@ -73,45 +75,32 @@ class HostPageStore:
         return slots
 
     def free(self, slots: Iterable[int]) -> None:
+        """Give slots back; their pages are dropped (the host memory is released)."""
         slots = list(slots)
         if len(set(slots)) != len(slots) or not all(self._in_use[s] for s in slots):
             raise ValueError(f"{self.name}: free of slots {slots} that are not all reserved once")
         self._in_use[slots] = False
         self.valid[slots] = False
+        for s in slots:
+            self._pages.pop(s, None)
         self._free.extend(reversed(slots))
 
-    # ------------------------------------------------------------------ bytes
-    def write(self, slots: list[int], data: np.ndarray) -> None:
-        """data: [len(slots), *page_shape] -> the slots, which become valid."""
-        if data.shape != (len(slots), *self.page_shape):
-            raise ValueError(f"{self.name}: write of shape {data.shape} into {len(slots)} slots of "
+    # ------------------------------------------------------------------ pages
+    def put(self, slot: int, page: Any) -> None:
+        """``page`` (shape ``page_shape``) into a reserved ``slot``, which becomes valid."""
+        if not self._in_use[slot]:
+            raise AssertionError(f"{self.name}: put into unreserved slot {slot}")
+        if tuple(page.shape) != self.page_shape:
+            raise ValueError(f"{self.name}: page of shape {tuple(page.shape)}, expected "
                              f"{self.page_shape}")
-        self.write_rows(slots, data, range(len(slots)))
+        self._pages[slot] = page
+        self.valid[slot] = True
 
-    def write_rows(self, slots: list[int], src: np.ndarray, rows: Iterable[int]) -> None:
-        """``src[rows[i]]`` -> slot ``slots[i]``, one contiguous page copy each (fancy indexing
-        of a whole batch was 2x slower: a generic strided copy, measured on 2 MiB pages)."""
-        if not all(self._in_use[s] for s in slots):
-            raise AssertionError(f"{self.name}: write into unreserved slots {slots}")
-        if self._data is None:
-            self._data = np.empty((self.num_slots, *self.page_shape), self.dtype)
-        for slot, row in zip(slots, rows, strict=True):
-            self._data[slot] = src[row]
-        self.valid[slots] = True
-
-    def read(self, slots: list[int]) -> np.ndarray:
-        """-> a copy [len(slots), *page_shape] (never a view: the slots may be reused)."""
-        out = np.empty((len(slots), *self.page_shape), self.dtype)
-        self.read_into(slots, out, range(len(slots)))
-        return out
-
-    def read_into(self, slots: list[int], out: np.ndarray, rows: Iterable[int]) -> None:
-        """slot ``slots[i]`` -> ``out[rows[i]]``, one contiguous page copy each."""
-        bad = [s for s in slots if not self.valid[s]]
-        if bad:
-            raise AssertionError(f"{self.name}: read of slots {bad} whose data has not landed")
-        for slot, row in zip(slots, rows, strict=True):
-            out[row] = self._data[slot]
+    def get(self, slot: int) -> Any:
+        """The page in ``slot`` (the store keeps it: the slot may be read again)."""
+        if not self.valid[slot]:
+            raise AssertionError(f"{self.name}: read of slot {slot} whose page was never put")
+        return self._pages[slot]
 
     # ------------------------------------------------------------------ tests
     def check_invariants(self) -> None:
@@ -122,6 +111,8 @@ class HostPageStore:
             raise AssertionError(f"{self.name}: slots leaked")
         if (self.valid & ~self._in_use).any():
             raise AssertionError(f"{self.name}: free slots marked valid")
+        if sorted(self._pages) != np.flatnonzero(self.valid).tolist():
+            raise AssertionError(f"{self.name}: stored pages and valid slots disagree")
 
     def __repr__(self) -> str:
         return (f"HostPageStore({self.name!r}, slots={self.num_slots}, used={self.num_used}, "

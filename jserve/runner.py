@@ -54,7 +54,7 @@ class Runner:
         host_moves = ((cache.preemption_mode == "swap" and cache.swap_space_gb > 0)
                       or cache.host_kv_cache_gb > 0)
         self.mover = KVPageMover(kv, max(self._pages_per_seq, config.scheduler.max_num_seqs),
-                                 self._replicated, host_moves)
+                                 host_moves)
 
     # ---------------------------------------------------------------- shapes
     def bucket_for(self, num_tokens: int) -> tuple[int, int]:
@@ -95,12 +95,9 @@ class Runner:
 
     # ---------------------------------------------------------------- device
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        moved = None
         if out.transfers:
-            self.kv, moved = self.mover.begin(self.kv, out.transfers)
+            self.kv = self.mover.move(self.kv, out.transfers)
         if not out.chunks:
-            if moved is not None:
-                self.mover.finish(moved)
             return RunnerOutput(np.zeros(0, np.int32))
         batch_np, rows = self.prepare(out)
         r_bucket = batch_np.num_rows
@@ -110,8 +107,6 @@ class Runner:
         batch, sbatch = jax.device_put((batch_np, sbatch), self._replicated)
         self.kv, logits = self._step(self.params, self.kv, batch)
         res = self._sample(logits, sbatch, flags)
-        if moved is not None:
-            self.mover.finish(moved)  # the device-to-host page copies overlapped the step
         n = out.num_seqs
         tokens = np.asarray(res.token_ids)[:n]
         if any(row is not None and row.params.logprobs is not None for row in rows):

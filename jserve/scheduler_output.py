@@ -26,8 +26,9 @@ class KVTransfers:
         4. forward    writes this step's K/V
 
     Reads come before writes, so a page freed and handed out again in the same schedule is
-    read (gathered / copied) before anything overwrites it. The gathered bytes land in host
-    memory when the step's results come back (``HostPageStore.write``).
+    read (gathered / copied) before anything overwrites it. A gathered page is put into its
+    host slot when its copy is dispatched (``HostPageStore.put``); the bytes land while the step
+    runs.
     """
 
     copies: list[tuple[int, int]] = field(default_factory=list)                   # (src, dst) pages

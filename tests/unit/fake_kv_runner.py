@@ -2,11 +2,12 @@
 
 ``FakeKVRunner`` keeps a host copy of the paged pool (``int64[num_pages, page_size]``), makes
 the step's page moves exactly in ``KVPageMover``'s order (gather to host, copy-on-write
-copies, loads from host, then the chunks' writes; gathered pages land in their host slots at
-the end), writes each chunk's token ids into its pages and "samples" a hash of the context it
-reads back through the request's page table. A page mix-up, a missed copy-on-write, a stale
-swap slot or a wrong prefix-cache hit therefore changes the generated tokens, which the
-tests compare with ``reference_generation`` (the same fake model run on the plain token list).
+copies, loads from host, then the chunks' writes; a gathered page goes into its host slot
+when it is gathered, as in the mover), writes each chunk's token ids into its pages and
+"samples" a hash of the context it reads back through the request's page table. A page
+mix-up, a missed copy-on-write, a stale swap slot or a wrong prefix-cache hit therefore
+changes the generated tokens, which the tests compare with ``reference_generation`` (the
+same fake model run on the plain token list).
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ class FakeKVRunner:
 
     def run(self, out: SchedulerOutput) -> RunnerOutput:
         t = out.transfers
-        gathered = self.kv[[p for p, _, _ in t.to_host]].copy()
+        for page, store, slot in t.to_host:
+            store.put(slot, self.kv[page].copy())
         if t.copies:
             src, dst = zip(*t.copies, strict=True)
             self.kv[list(dst)] = self.kv[list(src)]
         for store, slot, page in t.from_host:
-            self.kv[page] = store.read([slot])[0]
+            self.kv[page] = store.get(slot)
         self.num_copies += len(t.copies)
         self.num_to_host += len(t.to_host)
         self.num_from_host += len(t.from_host)
@@ -61,8 +63,6 @@ class FakeKVRunner:
             pos = np.arange(c.start + c.num_tokens)
             ctx = self.kv[np.asarray(c.request.page_ids)[pos // self.ps], pos % self.ps]
             sampled.append(fake_model(ctx, c.request.seed))
-        for (_, store, slot), g in zip(t.to_host, gathered, strict=True):
-            store.write([slot], g[None])
         return RunnerOutput(np.array(sampled, np.int32))
 
 
