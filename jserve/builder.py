@@ -59,6 +59,7 @@ class EngineArgs:
     swap_space_gb: float = 4.0               # host memory for preempted requests' pages
     host_kv_cache_gb: float = 0.0            # host memory tier for evicted cached pages (0 = off)
     preemption_mode: str = "swap"            # "swap" | "recompute"
+    flash_prefill_min_tokens: int = 1024     # fresh-prompt steps this large use flash attention
 
 
 def default_cache_dir() -> str:
@@ -112,7 +113,8 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
                           swap_space_gb=args.swap_space_gb, host_kv_cache_gb=args.host_kv_cache_gb,
                           preemption_mode=args.preemption_mode),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
-                                  max_model_len=max_len, max_waiting=args.max_waiting),
+                                  max_model_len=max_len, max_waiting=args.max_waiting,
+                                  flash_prefill_min_tokens=args.flash_prefill_min_tokens),
         parallel=ParallelConfig(args.tensor_parallel_size), seed=args.seed,
         compilation_cache_dir=args.compilation_cache_dir)
 

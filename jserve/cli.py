@@ -38,6 +38,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="host memory (GiB) that keeps KV pages evicted from the device prefix "
                    "cache, for later hits (0 = off)")
     p.add_argument("--preemption-mode", choices=["swap", "recompute"], default="swap")
+    p.add_argument("--flash-prefill-min-tokens", type=int, default=1024,
+                   help="steps of at least this many tokens made only of fresh prompts attend with "
+                   "the flash kernel instead of the paged one (0 = never)")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -48,7 +51,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         page_size=ns.page_size, tensor_parallel_size=ns.tensor_parallel_size, seed=ns.seed,
         random_weights=ns.random_weights, compilation_cache_dir=ns.compilation_cache_dir,
         enable_prefix_caching=ns.enable_prefix_caching, swap_space_gb=ns.swap_space_gb,
-        host_kv_cache_gb=ns.host_kv_cache_gb, preemption_mode=ns.preemption_mode)
+        host_kv_cache_gb=ns.host_kv_cache_gb, preemption_mode=ns.preemption_mode,
+        flash_prefill_min_tokens=ns.flash_prefill_min_tokens)
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:

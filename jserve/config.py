@@ -204,13 +204,19 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching limits. Token and request counts are padded to ``token_buckets``."""
+    """Continuous batching limits. Token and request counts are padded to ``token_buckets``.
+
+    flash_prefill_min_tokens: a step of at least this token bucket whose chunks are all fresh
+    prompts (no cached context: the first chunk of each) attends with the flash kernel over the
+    chunk's own K/V instead of the paged kernel (one more compiled step per such bucket); 0 = never.
+    """
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
     max_waiting: int = 1024
     min_token_bucket: int = 16
+    flash_prefill_min_tokens: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting",
@@ -218,6 +224,9 @@ class SchedulerConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        v = self.flash_prefill_min_tokens
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"flash_prefill_min_tokens must be an integer >= 0 (0 = off), got {v!r}")
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError(f"max_num_seqs ({self.max_num_seqs}) must be <= "
                              f"max_num_batched_tokens ({self.max_num_batched_tokens})")
@@ -231,6 +240,10 @@ class SchedulerConfig:
             b *= 2
         out.append(self.max_num_batched_tokens)
         return tuple(out)
+
+    def flash_prefill(self, token_bucket: int) -> bool:
+        """Whether all-fresh steps of this bucket have a flash-attention variant."""
+        return 0 < self.flash_prefill_min_tokens <= token_bucket
 
     def seq_bucket(self, token_bucket: int) -> int:
         """Request rows compiled with a token bucket: one seq bucket per token bucket."""

@@ -8,8 +8,11 @@ Where it sits: between ``Scheduler.schedule()`` and ``Scheduler.update()``::
 
 Shapes are bucketed (DESIGN invariant 4): the token count pads to a power-of-two bucket and
 the request rows to that bucket's row count; ``warmup()`` compiles every bucket at start-up,
-so serving never compiles. Page moves the scheduler asked for (copy-on-write, swap, host KV
-tier: ``SchedulerOutput.transfers``) run just before the step (``KVPageMover``).
+so serving never compiles. Buckets of at least ``flash_prefill_min_tokens`` also compile a
+``fresh_prefill`` variant (flash attention over the chunk's own K/V), which ``execute`` picks on
+the host for steps whose chunks all start at token 0 (no cached context): no device-side branch.
+Page moves the scheduler asked for (copy-on-write, swap, host KV tier:
+``SchedulerOutput.transfers``) run just before the step (``KVPageMover``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class Runner:
         self.mesh = mesh
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._step = jax.jit(functools.partial(forward, config.model), donate_argnums=(1,))
+        self._step_fresh = jax.jit(functools.partial(forward, config.model, fresh_prefill=True),
+                                   donate_argnums=(1,))
         self._sample = make_sampler()
         self._buckets = config.scheduler.token_buckets
         self._pages_per_seq = config.pages_per_seq
@@ -105,7 +110,7 @@ class Runner:
         flags = serving_flags(required_flags(rows, vocab), max_len)
         sbatch, flags = pack_sampling(rows, r_bucket, vocab, flags=flags)
         batch, sbatch = jax.device_put((batch_np, sbatch), self._replicated)
-        self.kv, logits = self._step(self.params, self.kv, batch)
+        self.kv, logits = self.step_fn(out, batch_np.num_tokens)(self.params, self.kv, batch)
         res = self._sample(logits, sbatch, flags)
         n = out.num_seqs
         tokens = np.asarray(res.token_ids)[:n]
@@ -113,6 +118,14 @@ class Runner:
             return RunnerOutput(tokens, np.asarray(res.logprobs)[:n], np.asarray(res.top_ids)[:n],
                                 np.asarray(res.top_logprobs)[:n])
         return RunnerOutput(tokens)
+
+    def step_fn(self, out: SchedulerOutput, token_bucket: int) -> Any:
+        """The compiled step for ``out``: the flash variant when every chunk is a fresh prompt and
+        the bucket has one, else the paged one."""
+        if (self.config.scheduler.flash_prefill(token_bucket)
+                and all(c.start == 0 for c in out.chunks)):
+            return self._step_fresh
+        return self._step
 
     def warmup(self) -> float:
         """Compile (and run once) every bucket of the step and every sampler variant."""
@@ -123,6 +136,8 @@ class Runner:
             batch = jax.device_put(StepInput.empty(t_bucket, r_bucket, self._pages_per_seq),
                                    self._replicated)
             self.kv, logits = self._step(self.params, self.kv, batch)
+            if self.config.scheduler.flash_prefill(t_bucket):
+                self.kv, logits = self._step_fresh(self.params, self.kv, batch)
             for flags in serving_flag_sets(self.config.scheduler.max_model_len):
                 sbatch = jax.device_put(pack_sampling([], r_bucket, vocab, flags=flags)[0],
                                         self._replicated)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache
-from jserve.model.attention import paged_attention, write_kv
+from jserve.model.attention import fresh_prefill_attention, paged_attention, write_kv
 from jserve.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from jserve.step_input import StepInput
 
@@ -29,7 +29,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 def _attention_block(cfg: ModelConfig, lp: dict[str, Any], x: jax.Array, k_pages: jax.Array,
                      v_pages: jax.Array, batch: StepInput, cos: jax.Array, sin: jax.Array,
-                     window: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     window: int | None, fresh_prefill: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     t = x.shape[0]
     h = rms_norm(x, lp["ln_attn"], cfg.rms_norm_eps)
     q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
@@ -39,8 +39,11 @@ def _attention_block(cfg: ModelConfig, lp: dict[str, Any], x: jax.Array, k_pages
     k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
     v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping)
-    o = paged_attention(q, k_pages, v_pages, batch, sm_scale=cfg.head_dim ** -0.5,
-                        sliding_window=window)
+    scale = cfg.head_dim ** -0.5
+    if fresh_prefill:
+        o = fresh_prefill_attention(q, k, v, batch, sm_scale=scale, sliding_window=window)
+    else:
+        o = paged_attention(q, k_pages, v_pages, batch, sm_scale=scale, sliding_window=window)
     return o.reshape(t, cfg.num_heads * cfg.head_dim) @ lp["wo"], k_pages, v_pages
 
 
@@ -49,16 +52,19 @@ def _mlp_block(cfg: ModelConfig, lp: dict[str, Any], x: jax.Array) -> jax.Array:
     return (jax.nn.silu(h @ lp["wg"]) * (h @ lp["wu"])) @ lp["wd"]
 
 
-def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache,
-                  batch: StepInput) -> tuple[jax.Array, KVCache]:
-    """Run every layer over the step's tokens: -> (final-normed hidden [T, H], updated kv)."""
+def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,
+                  fresh_prefill: bool = False) -> tuple[jax.Array, KVCache]:
+    """Run every layer over the step's tokens: -> (final-normed hidden [T, H], updated kv).
+
+    ``fresh_prefill`` (static): every row is a fresh prompt, so attention runs over the step's own
+    K/V (flash) instead of the pages; the K/V are written to the pages either way."""
     x = params["embed"][batch.token_ids]
     cos, sin = rope_cos_sin(batch.positions, inv_frequencies(cfg))
     new_kv = []
     for i, lp in enumerate(params["layers"]):
         k_pages, v_pages = kv[i]
         attn, k_pages, v_pages = _attention_block(cfg, lp, x, k_pages, v_pages, batch, cos, sin,
-                                                  cfg.sliding_windows[i])
+                                                  cfg.sliding_windows[i], fresh_prefill)
         x = x + attn
         x = x + _mlp_block(cfg, lp, x)
         new_kv.append((k_pages, v_pages))
@@ -71,8 +77,8 @@ def logits_from_hidden(cfg: ModelConfig, params: dict[str, Any], h: jax.Array) -
     return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
 
-def forward(cfg: ModelConfig, params: dict[str, Any], kv: KVCache,
-            batch: StepInput) -> tuple[KVCache, jax.Array]:
+def forward(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,
+            fresh_prefill: bool = False) -> tuple[KVCache, jax.Array]:
     """-> (kv with this step's K/V written, float32 logits [R, V] at ``batch.logits_indices``)."""
-    h, kv = hidden_states(cfg, params, kv, batch)
+    h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill)
     return kv, logits_from_hidden(cfg, params, h[batch.logits_indices])

@@ -1,13 +1,14 @@
 """Dispatching entry point for writing new K/V into the page pool.
 
 Where it sits: called once per attention layer inside the jitted step, before attention, with
-the layer's donated pool. cpu and gpu -> ``reference`` (XLA scatter, in place under donation),
-tpu -> ``tpu``; ``interpret=True`` runs the backend's kernel (the GPU one on CPU) interpreted.
+the layer's donated pool. cpu -> ``reference`` (XLA scatter, in place under donation), tpu ->
+``tpu``, gpu -> ``gpu`` for steps of at least ``GPU_KERNEL_MIN_TOKENS`` new tokens and the
+scatter below that; ``interpret=True`` runs the backend's kernel (the GPU one on CPU) interpreted.
 
-On the H200 the Pallas GPU kernel (``gpu.write_kv``) wrote 4096 tokens in 15.6 us against the
-scatter's 83.4 us (tie at 256 tokens; KERNEL_NOTES.md), but its hardware correctness test
-(tests/gpu/test_kernels_gpu.py::test_write_kv_gpu) has not run on a GPU yet, so the GPU default
-stays on the scatter until it has: correctness of the pool beats 70 us per layer.
+Why the split on GPU (H200, same run, pools of 20000 pages, KERNEL_NOTES.md run 4): 4096 tokens
+take 20.3 us through the Pallas kernel and 76.5 us through XLA's scatter, 256 tokens 18.3 us
+against 14.9 us: the kernel's fixed cost loses on decode-sized steps. The kernel passes its
+hardware test (tests/gpu/test_kernels_gpu.py::test_write_kv_gpu) on the H200.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.kv_write import gpu, reference, tpu
+
+GPU_KERNEL_MIN_TOKENS = 1024
 
 
 def write_kv(
@@ -36,6 +39,6 @@ def write_kv(
     backend = jax.default_backend()
     if backend == "tpu":
         return tpu.write_kv(*args, k_scales=k_scales, v_scales=v_scales, interpret=interpret)
-    if interpret:
-        return gpu.write_kv(*args, k_scales=k_scales, v_scales=v_scales, interpret=True)
+    if interpret or (backend == "gpu" and k_new.shape[0] >= GPU_KERNEL_MIN_TOKENS):
+        return gpu.write_kv(*args, k_scales=k_scales, v_scales=v_scales, interpret=interpret)
     return reference.write_kv(*args, k_scales=k_scales, v_scales=v_scales)
