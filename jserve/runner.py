@@ -48,8 +48,8 @@ class Runner:
         self.kv = kv
         self.mesh = mesh
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        self._step = jax.jit(functools.partial(forward, config.model), donate_argnums=(1,))
-        self._step_fresh = jax.jit(functools.partial(forward, config.model, fresh_prefill=True),
+        self._step = jax.jit(functools.partial(forward, config.model, mesh=mesh), donate_argnums=(1,))
+        self._step_fresh = jax.jit(functools.partial(forward, config.model, fresh_prefill=True, mesh=mesh),
                                    donate_argnums=(1,))
         self._sample = make_sampler()
         self._buckets = config.scheduler.token_buckets

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache
@@ -29,7 +30,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 def _attention_block(cfg: ModelConfig, lp: dict[str, Any], x: jax.Array, k_pages: jax.Array,
                      v_pages: jax.Array, batch: StepInput, cos: jax.Array, sin: jax.Array,
-                     window: int | None, fresh_prefill: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     window: int | None, fresh_prefill: bool, mesh: Mesh | None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     t = x.shape[0]
     h = rms_norm(x, lp["ln_attn"], cfg.rms_norm_eps)
     q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
@@ -38,12 +40,13 @@ def _attention_block(cfg: ModelConfig, lp: dict[str, Any], x: jax.Array, k_pages
     q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), cos, sin)
     k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
     v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping)
+    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping, mesh)
     scale = cfg.head_dim ** -0.5
     if fresh_prefill:
-        o = fresh_prefill_attention(q, k, v, batch, sm_scale=scale, sliding_window=window)
+        o = fresh_prefill_attention(q, k, v, batch, sm_scale=scale, sliding_window=window, mesh=mesh)
     else:
-        o = paged_attention(q, k_pages, v_pages, batch, sm_scale=scale, sliding_window=window)
+        o = paged_attention(q, k_pages, v_pages, batch, sm_scale=scale, sliding_window=window,
+                            mesh=mesh)
     return o.reshape(t, cfg.num_heads * cfg.head_dim) @ lp["wo"], k_pages, v_pages
 
 
@@ -53,18 +56,19 @@ def _mlp_block(cfg: ModelConfig, lp: dict[str, Any], x: jax.Array) -> jax.Array:
 
 
 def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,
-                  fresh_prefill: bool = False) -> tuple[jax.Array, KVCache]:
+                  fresh_prefill: bool = False, mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
     """Run every layer over the step's tokens: -> (final-normed hidden [T, H], updated kv).
 
     ``fresh_prefill`` (static): every row is a fresh prompt, so attention runs over the step's own
-    K/V (flash) instead of the pages; the K/V are written to the pages either way."""
+    K/V (flash) instead of the pages; the K/V are written to the pages either way. ``mesh``
+    (static): the device mesh, for the per-device attention calls under tensor parallelism."""
     x = params["embed"][batch.token_ids]
     cos, sin = rope_cos_sin(batch.positions, inv_frequencies(cfg))
     new_kv = []
     for i, lp in enumerate(params["layers"]):
         k_pages, v_pages = kv[i]
         attn, k_pages, v_pages = _attention_block(cfg, lp, x, k_pages, v_pages, batch, cos, sin,
-                                                  cfg.sliding_windows[i], fresh_prefill)
+                                                  cfg.sliding_windows[i], fresh_prefill, mesh)
         x = x + attn
         x = x + _mlp_block(cfg, lp, x)
         new_kv.append((k_pages, v_pages))
@@ -78,7 +82,7 @@ def logits_from_hidden(cfg: ModelConfig, params: dict[str, Any], h: jax.Array) -
 
 
 def forward(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,
-            fresh_prefill: bool = False) -> tuple[KVCache, jax.Array]:
+            fresh_prefill: bool = False, mesh: Mesh | None = None) -> tuple[KVCache, jax.Array]:
     """-> (kv with this step's K/V written, float32 logits [R, V] at ``batch.logits_indices``)."""
-    h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill)
+    h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill, mesh)
     return kv, logits_from_hidden(cfg, params, h[batch.logits_indices])

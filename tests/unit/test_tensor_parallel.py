@@ -26,3 +26,19 @@ def test_tp2_matches_tp1(make_engine, arch):
     k_pages = engine.runner.kv[0][0]
     assert len(k_pages.sharding.device_set) == 2
     assert _greedy(engine, prompts) == ref
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (XLA_FLAGS host count)")
+def test_attention_calls_run_per_device_under_tp(make_engine):
+    """With KV heads divisible by tp, KV write and attention run under shard_map (a Pallas call
+    left to the partitioner would gather the whole pool onto every device)."""
+    from jserve.model.attention import head_parallel
+    from jserve.step_input import StepInput
+
+    engine = make_engine("llama", tensor_parallel_size=2)
+    runner = engine.runner
+    assert head_parallel(runner.mesh, engine.config.model.num_kv_heads)
+    batch = StepInput.empty(16, 8, runner._pages_per_seq)
+    text = runner._step.lower(runner.params, runner.kv, batch).as_text()
+    assert text.count("manual_computation") >= 2 * engine.config.model.num_layers
+    assert not head_parallel(runner.mesh, 1) and not head_parallel(None, 8)
