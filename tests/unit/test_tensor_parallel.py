@@ -29,6 +29,15 @@ def test_tp2_matches_tp1(make_engine, arch):
 
 
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (XLA_FLAGS host count)")
+def test_tp2_with_flash_prefill_matches_tp1(make_engine):
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(5, 500, n).tolist() for n in (5, 23, 30)]
+    ref = _greedy(make_engine("llama", flash_prefill_min_tokens=0), prompts)
+    engine = make_engine("llama", tensor_parallel_size=2, flash_prefill_min_tokens=16)
+    assert _greedy(engine, prompts) == ref
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (XLA_FLAGS host count)")
 def test_attention_calls_run_per_device_under_tp(make_engine):
     """With KV heads divisible by tp, KV write and attention run under shard_map (a Pallas call
     left to the partitioner would gather the whole pool onto every device)."""
