@@ -21,10 +21,15 @@ softmax in float32. Keys past the causal limit / window / sequence end are maske
 rows are zeroed before the PV product so NaN in unused pages cannot leak (``0 * NaN``).
 Padding items write zeros into padding rows so the output is finite everywhere.
 
-Long contexts with few items (batch-1 decode) split each item's KV range over ``num_splits``
-programs (FlashDecoding); each writes an unnormalised partial output with its running max and
-sum, and a small XLA combine merges them. Programs whose range is empty exit after writing the
-neutral partial (max = -1e30, sum = 0).
+Long contexts with few items (batch-1 decode) split each item's KV range over up to
+``num_splits`` programs (FlashDecoding); each writes an unnormalised partial output with its
+running max and sum, and a second small launch (grid item x kv head) merges them into the output
+rows in place. The static ``num_splits`` is an upper bound sized by the bucket; how many splits a
+call uses is decided on device from the live items (``active_splits``): the engine's 16-row
+decode bucket holds one sequence or sixteen, and a static count cannot fill the GPU for the first
+without over-splitting the second. Splits past the active count write nothing and the merge
+reads only the active ones; an active split whose range is empty writes the neutral partial
+(max = -1e30, sum = 0).
 
 Why the Triton lowering and not Mosaic GPU: decode is memory-bound, and what matters is many
 independent row gathers in flight (``num_stages`` software pipelining of the gathered page
@@ -46,7 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ragged_paged_attention import reference
-from pallas_kernels.ragged_paged_attention.work import item_rows, work_items
+from pallas_kernels.ragged_paged_attention.work import work_items
 
 _NEG = -1e30
 
@@ -104,11 +109,22 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _splits(programs: int, ctx_blocks: int) -> int:
-    """KV splits that bring ``programs`` to about two waves of an H100/H200's 132 SMs, at most 16
-    (batch-1 decode at 8192: 16 splits measured 40.8 us vs 52.8 us for 32 on the H200)."""
+_PARTIALS_BYTES = 16 << 20
+
+
+def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: int) -> int:
+    """Static upper bound on KV splits (the call picks its count at run time, ``active_splits``).
+
+    None when ``programs`` (all rows live) already fill about two waves of an H100/H200's 132
+    SMs; else enough for one live sequence (``num_kv_heads`` programs) to reach that, at most 16
+    (batch-1 decode at 8192: 16 splits measured 40.8 us vs 52.8 us for 32 on the H200), and with
+    the float32 partials of every split within 16 MiB (``partial_bytes`` per split).
+    """
+    if programs >= 264:
+        return 1
     splits = 1
-    while programs * splits < 264 and splits * 2 <= ctx_blocks and splits < 16:
+    while (num_kv_heads * splits < 264 and splits * 2 <= ctx_blocks and splits < 16
+           and 2 * splits * partial_bytes <= _PARTIALS_BYTES):
         splits *= 2
     return splits
 
@@ -127,10 +143,12 @@ def default_config(
     ppb = min(max(1, 64 // page_size), _pow2(pages_per_seq))
     bq = max(1, 16 // group)
     ctx_blocks = -(-pages_per_seq // ppb)
+    items = min(max_seqs, num_tokens)
+    partial_bytes = items * bq * num_kv_heads * group * 128 * 4  # [rows, kvh * G * D] float32, D <= 128
     dec = GpuConfig(
         block_q=bq,
         pages_per_block=ppb,
-        num_splits=_splits(min(max_seqs, num_tokens) * num_kv_heads, ctx_blocks),
+        num_splits=_splits(items * num_kv_heads, num_kv_heads, ctx_blocks, partial_bytes),
     )
     if num_tokens <= bq:
         return dec
@@ -162,6 +180,7 @@ def _kernel(
     barriers: bool,
 ):
     rest = list(rest)
+    active_ref = rest.pop(0) if per_item else None  # int32[1]: splits in use this call (<= num_splits)
     ks_ref, vs_ref = (rest.pop(0), rest.pop(0)) if quantized else (None, None)
     if aliased:
         rest.pop(0)  # the previous launch's output: aliased to ours, rows we do not own stay as they are
@@ -194,7 +213,8 @@ def _kernel(
     blk_lo = kv_lo // block_k
     blk_hi = (kv_hi + block_k - 1) // block_k
     nblk = jnp.maximum(blk_hi - blk_lo, 0)
-    per_split = (nblk + num_splits - 1) // num_splits
+    active = active_ref[0] if per_item else jnp.int32(1)
+    per_split = (nblk + active - 1) // active
     b0 = blk_lo + split * per_split
     b1 = jnp.minimum(b0 + per_split, blk_hi)
     i_lo = jnp.clip((full_lo + block_k - 1) // block_k, b0, jnp.maximum(b1, b0))
@@ -269,10 +289,14 @@ def _kernel(
         else:
             op_ref, m_ref, l_ref = outs
         pr = (w * block_q + r)[:, None]
-        plgpu.store(op_ref.at[split, pr, qc], acc.reshape(block_q, group * head_dim), mask=store_mask)
         hc = (h * group + jnp.arange(group, dtype=jnp.int32))[None, :]
-        plgpu.store(m_ref.at[split, pr, hc], m_i.reshape(block_q, group), mask=store_mask)
-        plgpu.store(l_ref.at[split, pr, hc], l_i.reshape(block_q, group), mask=store_mask)
+
+        @pl.when(split < active)  # splits past this call's count own no keys and write nothing
+        def _store_partial():
+            plgpu.store(op_ref.at[split, pr, qc], acc.reshape(block_q, group * head_dim), mask=store_mask)
+            plgpu.store(m_ref.at[split, pr, hc], m_i.reshape(block_q, group), mask=store_mask)
+            plgpu.store(l_ref.at[split, pr, hc], l_i.reshape(block_q, group), mask=store_mask)
+
         if fused:
             if barriers:  # (no-op in interpret mode, where programs run one after another)
                 plgpu.debug_barrier()  # every thread's partial stores are issued before the release
@@ -283,29 +307,80 @@ def _kernel(
                 if barriers:
                     plgpu.debug_barrier()
 
-                def part(sp):  # volatile loads: other programs' partials must not come from a stale L1
-                    o_s = plgpu.load(op_ref.at[sp, pr, qc], volatile=True)
-                    m_s = plgpu.load(m_ref.at[sp, pr, hc], volatile=True)
-                    l_s = plgpu.load(l_ref.at[sp, pr, hc], volatile=True)
-                    return o_s.reshape(m_rows, head_dim), m_s.reshape(m_rows), l_s.reshape(m_rows)
-
-                m_all = jax.lax.fori_loop(
-                    0,
-                    num_splits,
-                    lambda sp, m: jnp.maximum(m, part(sp)[1]),
-                    jnp.full((m_rows,), _NEG, jnp.float32),
-                )
-
-                def add(sp, carry):
-                    num, den = carry
-                    o_s, m_s, l_s = part(sp)
-                    wgt = jnp.exp(m_s - m_all)
-                    return num + o_s * wgt[:, None], den + l_s * wgt
-
-                zero = (jnp.zeros((m_rows, head_dim), jnp.float32), jnp.zeros((m_rows,), jnp.float32))
-                num, den = jax.lax.fori_loop(0, num_splits, add, zero)
-                out = (num / jnp.maximum(den, 1e-30)[:, None]).reshape(block_q, group * head_dim)
+                out = _merge_splits(op_ref, m_ref, l_ref, num_splits, pr, qc, hc, head_dim, volatile=True)
                 plgpu.store(fin_ref.at[rr, qc], out.astype(fin_ref.dtype), mask=store_mask)
+
+
+def _merge_splits(op_ref, m_ref, l_ref, n, pr, qc, hc, head_dim: int, volatile: bool) -> jax.Array:
+    """Merge the first ``n`` splits' partials of one (item, kv head): rows ``pr`` [bq, 1], output
+    columns ``qc`` [1, G * D], head columns ``hc`` [1, G] -> normalised rows [bq, G * D] (float32).
+
+    ``volatile``: bypass L1 (the fused path reads partials other programs wrote in this launch).
+    """
+    bq, gd = pr.shape[0], qc.shape[1]
+    m_rows = bq * hc.shape[1]
+
+    def part(sp):
+        o_s = plgpu.load(op_ref.at[sp, pr, qc], volatile=volatile)
+        m_s = plgpu.load(m_ref.at[sp, pr, hc], volatile=volatile)
+        l_s = plgpu.load(l_ref.at[sp, pr, hc], volatile=volatile)
+        return o_s.reshape(m_rows, head_dim), m_s.reshape(m_rows), l_s.reshape(m_rows)
+
+    m_all = jax.lax.fori_loop(0, n, lambda sp, m: jnp.maximum(m, part(sp)[1]),
+                              jnp.full((m_rows,), _NEG, jnp.float32))  # fmt: skip
+
+    def add(sp, carry):
+        num, den = carry
+        o_s, m_s, l_s = part(sp)
+        wgt = jnp.exp(m_s - m_all)
+        return num + o_s * wgt[:, None], den + l_s * wgt
+
+    zero = (jnp.zeros((m_rows, head_dim), jnp.float32), jnp.zeros((m_rows,), jnp.float32))
+    num, den = jax.lax.fori_loop(0, n, add, zero)
+    return (num / jnp.maximum(den, 1e-30)[:, None]).reshape(bq, gd)
+
+
+def _combine_kernel(items_ref, active_ref, op_ref, m_ref, l_ref, base_ref, o_ref, *, block_q: int,
+                    head_dim: int, num_splits: int):
+    """Grid (item, q head): merge the call's active splits into the item's output rows (written
+    into ``base``, aliased to ``o_ref``; other rows keep their values).
+
+    All splits are loaded at once as one ``[S, block_q, D]`` tile (S = splits padded to a power of
+    two, masked past the active count) and reduced in registers: a loop over splits would chain
+    one global-memory round trip per split (what made the fused merge slow, KERNEL_NOTES run 3).
+    """
+    del base_ref
+    w, hq = pl.program_id(0), pl.program_id(1)
+    s_pad = _pow2(num_splits)
+    sp = jnp.arange(s_pad, dtype=jnp.int32)
+    valid = sp < active_ref[0]
+    spc = jnp.minimum(sp, num_splits - 1)  # masked lanes still index in bounds
+    r = jnp.arange(block_q, dtype=jnp.int32)
+    pr = w * block_q + r
+    d = hq * head_dim + jnp.arange(head_dim, dtype=jnp.int32)
+    v2 = jnp.broadcast_to(valid[:, None], (s_pad, block_q))
+    v3 = jnp.broadcast_to(valid[:, None, None], (s_pad, block_q, head_dim))
+    hcol = jnp.full((1, 1), hq, jnp.int32)
+    m_s = plgpu.load(m_ref.at[spc[:, None], pr[None, :], hcol], mask=v2, other=_NEG)
+    l_s = plgpu.load(l_ref.at[spc[:, None], pr[None, :], hcol], mask=v2, other=0.0)
+    o_s = plgpu.load(op_ref.at[spc[:, None, None], pr[None, :, None], d[None, None, :]], mask=v3, other=0.0)
+    m_s = jnp.where(v2, m_s, _NEG)
+    m_all = jnp.max(m_s, axis=0)  # [bq]
+    wgt = jnp.where(v2, jnp.exp(m_s - m_all[None, :]), 0.0)  # [S, bq]
+    num = jnp.sum(jnp.where(v3, o_s, 0.0) * wgt[:, :, None], axis=0)  # [bq, D]
+    den = jnp.sum(jnp.where(v2, l_s, 0.0) * wgt, axis=0)
+    out = num / jnp.maximum(den, 1e-30)[:, None]
+    rr = (items_ref[w, 0] + r)[:, None]
+    plgpu.store(o_ref.at[rr, d[None, :]], out.astype(o_ref.dtype), mask=(r < items_ref[w, 1])[:, None])
+
+
+def active_splits(items: jax.Array, num_kv_heads: int, num_splits: int) -> jax.Array:
+    """``int32[1]``: KV splits this call uses, from the live items (rows > 0) on device: enough
+    for ~2 waves of an H100/H200's 132 SMs (264 programs), at most ``num_splits``. A batch-1
+    decode in a 16-row bucket gets all 16 splits; 16 live sequences get 3."""
+    live = jnp.sum(items[:, 1] > 0).astype(jnp.int32)
+    want = -(-264 // jnp.maximum(live * num_kv_heads, 1))
+    return jnp.clip(want, 1, num_splits).astype(jnp.int32)[None]
 
 
 def _launch(
@@ -329,8 +404,9 @@ def _launch(
     """One pallas_call over ``items``; returns ``[T, kvh * G * D]``.
 
     Rows the items do not own come from ``base`` (written in place) or are left unwritten when
-    ``base`` is None. With splits, per-item partials are merged by XLA and scattered into
-    ``base`` (zeros if None).
+    ``base`` is None. With splits, the call uses ``active_splits`` of them (decided on device
+    from the live items) and a second small launch merges the per-item partials into ``base``
+    (zeros if None) in place.
     """
     num_tokens, width = q2.shape
     hw = num_kv_heads * group
@@ -339,7 +415,12 @@ def _launch(
     ns, bq, num_items = cfg.num_splits, cfg.block_q, items.shape[0]
     per_item = ns > 1
     fused = per_item and cfg.fused_combine
-    args = [items, pt, q2, k2, v2, *scales]
+    args = [items, pt, q2, k2, v2]
+    active = None
+    if per_item:
+        active = jnp.full((1,), ns, jnp.int32) if fused else active_splits(items, num_kv_heads, ns)
+        args.append(active)
+    args += scales
     aliases = {}
     if per_item:
         n_rows = num_items * bq
@@ -381,16 +462,18 @@ def _launch(
         return out
     if fused:
         return out[0]
-    o_part, m_part, l_part = out
-    m_all = jnp.max(m_part, axis=0)
-    wgt = jnp.exp(m_part - m_all[None])  # [ns, items * bq, kvh * G]
-    num = jnp.sum(o_part.reshape(ns, -1, hw, head_dim) * wgt[..., None], axis=0)
-    den = jnp.sum(l_part * wgt, axis=0)
-    vals = (num / jnp.maximum(den, 1e-30)[..., None]).astype(out_dtype).reshape(-1, width)
-    dest = item_rows(items, bq, num_tokens)
     if base is None:
         base = jnp.zeros((num_tokens, width), out_dtype)
-    return base.at[dest].set(vals, mode="drop")
+    combine = functools.partial(_combine_kernel, block_q=bq, head_dim=head_dim, num_splits=ns)
+    return pl.pallas_call(
+        combine,
+        grid=(num_items, hw),
+        out_shape=jax.ShapeDtypeStruct((num_tokens, width), out_dtype),
+        input_output_aliases={5: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="ragged_paged_attention_combine",
+    )(items, active, *out, base)
 
 
 def ragged_paged_attention(

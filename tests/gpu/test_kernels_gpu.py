@@ -32,6 +32,7 @@ CONFIGS = [
     None,
     rpa_gpu.GpuConfig(block_q=4, pages_per_block=2, num_splits=4, fused_combine=True),
     rpa_gpu.GpuPlan(rpa_gpu.GpuConfig(block_q=2, num_splits=3), rpa_gpu.GpuConfig(block_q=16)),
+    rpa_gpu.GpuConfig(block_q=4, pages_per_block=2, num_splits=16),  # many splits unused at run time
 ]
 
 

@@ -1,6 +1,7 @@
 """GPU (Triton) and TPU (Mosaic) ragged paged attention kernels vs the reference, interpret mode."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from ragged_batch import make_batch, rel_err, run_fast
@@ -60,6 +61,21 @@ def test_gpu_kernel_interpret(name):
         *b.args(),
     )
     _check(c, b, got, want)
+
+
+def test_gpu_runtime_split_count_leaves_splits_unused():
+    """64 live decodes x 2 kv heads use 3 of 4 configured splits: the fourth writes nothing and
+    the merge must not read it (its partials are uninitialised memory)."""
+    c, b, kw = _batch("decode64_p8")
+    items = work.work_items(b.q.shape[0], 8, *b.args()[4:], q_max=8)
+    assert int(rpa_gpu.active_splits(items, c.num_kv_heads, 4)[0]) == 3
+    want = jax.jit(lambda *a: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
+    cfg = rpa_gpu.GpuConfig(block_q=8, pages_per_block=2, num_splits=4)
+    got = run_fast(lambda *a: rpa_gpu.ragged_paged_attention(*a, interpret=True, config=cfg, **kw), *b.args())
+    _check(c, b, got, want)
+    live = jnp.asarray([[0, 1, 0, 0]] * 33 + [[0, 0, -1, 0]] * 31, jnp.int32)
+    assert int(rpa_gpu.active_splits(live, 8, 16)[0]) == 1  # 33 x 8 programs fill two waves
+    assert int(rpa_gpu.active_splits(live[:1], 8, 16)[0]) == 16  # batch-1: every split
 
 
 def test_gpu_work_items_cover_every_row_once():
