@@ -471,14 +471,15 @@ def flash_attention(
 
     ``q: [num_tokens, num_q_heads, head_dim]``, ``k, v: [num_tokens, num_kv_heads, head_dim]``,
     ``cu_seqlens: int32[num_segments + 1]`` or None -> ``[num_tokens, num_q_heads, head_dim]``.
-    Raises NotImplementedError where ``supports`` is False. ``interpret=True`` runs Mosaic GPU's
-    interpret mode (slow; small shapes only).
+    Raises ValueError where ``supports`` is False (the Triton kernel in ``gpu.py`` covers those).
+    ``interpret=True`` runs Mosaic GPU's interpret mode (slow; small shapes only).
     """
     reference.validate_inputs(q, k, v, cu_seqlens, sliding_window=sliding_window, soft_cap=soft_cap)
     if not supports(q, k, cu_seqlens, sliding_window, soft_cap) or v.dtype != q.dtype:
-        raise NotImplementedError(
-            f"mgpu.flash_attention does not handle q {q.dtype}{q.shape}, k {k.dtype}{k.shape}, "
-            f"sliding_window={sliding_window}, soft_cap={soft_cap}"
+        raise ValueError(
+            f"mgpu.flash_attention supports bf16/fp16, head_dim 64/128, no sliding_window and no "
+            f"soft_cap; got q {q.dtype}{q.shape}, k {k.dtype}{k.shape}, v {v.dtype}, "
+            f"sliding_window={sliding_window}, soft_cap={soft_cap} (use gpu.flash_attention)"
         )
     num_tokens, hq, d = q.shape
     hkv = k.shape[1]

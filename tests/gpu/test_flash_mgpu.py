@@ -96,7 +96,7 @@ def test_supports_and_config_validation():
     assert not mgpu.supports(q, k, None, None, 30.0)
     assert not mgpu.supports(q.astype(jnp.float32), k.astype(jnp.float32), None, None, None)
     assert not mgpu.supports(q[..., :96], k[..., :96], None, None, None)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="mgpu.flash_attention supports"):
         mgpu.flash_attention(q, k, k, sm_scale=0.1, sliding_window=4)
     bad_cfgs = (dict(block_kv=96), dict(num_stages=1), dict(consumer_regs=250), dict(consumer_regs=256),
                 dict(num_ctas=0))  # fmt: skip
