@@ -6,8 +6,13 @@ on steps made only of fresh prompts, three ways in the same process:
     before   paged attention (reads the chunk back from the pages) + XLA scatter KV write
     paged    paged attention + the Pallas KV write (the engine's choice below
              ``flash_prefill_min_tokens``)
-    flash    flash attention over the chunk's own K/V + the Pallas KV write (the engine's
+    triton   flash attention over the chunk's own K/V (the Triton-lowered kernel) + the
+             Pallas KV write
+    flash    the same with the engine's flash kernel (Mosaic GPU on Hopper; the engine's
              ``fresh_prefill`` variant)
+
+The "first s" column is the first call's wall time (trace, lower, compile, run): the step's
+share of engine start-up.
 
 Median of ``--reps`` steps after a warm-up; prints a markdown table. Not a test: numbers go to
 benchmarks/RESULTS.md with the GPU name and date.
@@ -30,6 +35,7 @@ from jserve.model.decoder import forward
 from jserve.model.params import random_params
 from jserve.model.shapes import named_shape
 from jserve.step_input import StepInput
+from pallas_kernels.flash_attention import api as flash_api
 from pallas_kernels.kv_write import api as kv_write_api
 from sharding import make_mesh
 
@@ -74,28 +80,33 @@ def main() -> None:
     rows = []
     for seqs, n in cases:
         batch = jax.device_put(fresh_step([n] * seqs, cfg.vocab_size, max(seqs, 8)))
-        for name, fresh, kernel_min in (("before", False, 1 << 30), ("paged", False, 0), ("flash", True, 0)):
+        paths = (("before", False, 1 << 30, True), ("paged", False, 0, True), ("triton", True, 0, False),
+                 ("flash", True, 0, True))  # fmt: skip
+        for name, fresh, kernel_min, mosaic in paths:
             kv_write_api.GPU_KERNEL_MIN_TOKENS = kernel_min  # A/B of the KV write (traced below)
+            flash_api.MOSAIC_ON_HOPPER = mosaic  # A/B of the flash kernel (traced below)
             step = jax.jit(functools.partial(forward, cfg, fresh_prefill=fresh), donate_argnums=(1,))
 
             def run(step=step, batch=batch) -> None:
                 state["kv"], logits = step(params, state["kv"], batch)
                 jax.block_until_ready(logits)
 
+            t0 = time.perf_counter()
             run()
+            first = time.perf_counter() - t0
             ts = []
             for _ in range(ns.reps):
                 t0 = time.perf_counter()
                 run()
                 ts.append(time.perf_counter() - t0)
-            rows.append((f"{seqs}x{n}", name, statistics.median(ts) * 1e3))
+            rows.append((f"{seqs}x{n}", name, statistics.median(ts) * 1e3, first))
     dev = jax.devices()[0]
     print(f"\n{getattr(dev, 'device_kind', str(dev))}, {ns.model} {ns.dtype}, fresh-prompt step, "
           f"median of {ns.reps}\n")
-    print("| step | path | ms | vs before |\n|---|---|---|---|")
-    before = {c: ms for c, name, ms in rows if name == "before"}
-    for case, name, ms in rows:
-        print(f"| {case} | {name} | {ms:.2f} | {before[case] / ms:.3f}x |")
+    print("| step | path | ms | vs before | first s |\n|---|---|---|---|---|")
+    before = {c: ms for c, name, ms, _ in rows if name == "before"}
+    for case, name, ms, first in rows:
+        print(f"| {case} | {name} | {ms:.2f} | {before[case] / ms:.3f}x | {first:.1f} |")
 
 
 if __name__ == "__main__":

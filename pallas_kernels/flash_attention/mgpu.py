@@ -1,9 +1,10 @@
 """Causal flash attention for Hopper GPUs in Pallas Mosaic GPU (FlashAttention-3 structure).
 
-Where it sits: beside ``gpu.py`` (the Triton-lowered kernel that ``pallas_kernels.flash_attention``
-dispatches to on GPU for steps whose batch is a long fresh prompt). It is meant to take those calls
-on an H100/H200 when ``supports(...)`` holds; it is not dispatched yet because every call site
-lowers it anew (~1.2 s each on the dev host, plus ptxas), once per model layer (``api.py``).
+Where it sits: ``pallas_kernels.flash_attention`` (``api.py``) dispatches to it on an H100/H200
+when ``supports(...)`` holds, for steps whose batch is long fresh prompts; ``gpu.py`` (the
+Triton-lowered kernel) takes the other GPU calls. The dispatcher calls it through one ``jax.jit``
+wrapper so that the model's per-layer call sites share one lowering (~1.2 s on the host each
+when called bare).
 Semantics are ``reference.py``'s: causal attention within packed segments (``cu_seqlens``), GQA,
 padding rows past ``cu_seqlens[-1]`` zero.
 

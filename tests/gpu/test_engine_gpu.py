@@ -1,11 +1,21 @@
 """The engine on a GPU: golden greedy tokens and bf16 serving (skipped without a GPU)."""
 
+import functools
+
+import jax
 import numpy as np
 import pytest
 from engine_helpers import run_tokens
 from fixture_paths import ARCHS, GOLDEN
 
+from jserve.config import ModelConfig
+from jserve.kv_cache import allocate_kv_cache
+from jserve.model.decoder import forward
+from jserve.model.params import random_params
 from jserve.sampling_params import SamplingParams
+from jserve.step_input import StepInput
+from pallas_kernels.flash_attention import mgpu
+from sharding import make_mesh
 
 pytestmark = pytest.mark.gpu
 
@@ -49,3 +59,49 @@ def test_large_steps_use_kernels_and_match_small_steps(make_engine):
     small = make_engine("llama", max_model_len=256, max_num_batched_tokens=128, num_pages=160,
                         flash_prefill_min_tokens=0, enable_prefix_caching=False)
     assert run_tokens(big, prompts, sp) == run_tokens(small, prompts, sp)
+
+
+def _fresh_batch(lens: list[int], num_tokens: int, rows: int, pps: int, page: int, vocab: int):
+    """Fresh prompts packed back to back on consecutive pages (page 0 left unused)."""
+    b = StepInput.empty(num_tokens, rows, pps)
+    rng = np.random.default_rng(1)
+    pos0, page0 = 0, 1
+    for r, n in enumerate(lens):
+        pos = np.arange(n, dtype=np.int32)
+        pages = page0 + np.arange(-(-n // page), dtype=np.int32)
+        b.token_ids[pos0:pos0 + n] = rng.integers(5, vocab, n)
+        b.positions[pos0:pos0 + n] = pos
+        b.slot_mapping[pos0:pos0 + n] = pages[pos // page] * page + pos % page
+        b.page_table[r, :len(pages)] = pages
+        b.seq_lens[r] = n
+        b.query_start_loc[r + 1:] = pos0 + n
+        b.logits_indices[r] = pos0 + n - 1
+        pos0, page0 = pos0 + n, page0 + len(pages)
+    b.num_seqs[0] = len(lens)
+    return b
+
+
+def test_bf16_fresh_step_runs_mosaic_kernel_once_and_matches_paged():
+    """On Hopper the model's bf16 fresh-prompt step (the engine's ``_step_fresh``) embeds the
+    Mosaic GPU flash kernel once for all layers (the dispatcher's jit wrapper), and its logits
+    match the paged step's. A small random model with head_dim 64 (the golden ones use 16)."""
+    if not mgpu.on_hopper():
+        pytest.skip("Mosaic GPU kernel needs a Hopper (sm_90) GPU")
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=256,
+                      intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64)
+    mesh = make_mesh(1)
+    params = random_params(cfg, mesh, scale=0.1)
+    page, pps = 16, 64
+    kv = allocate_kv_cache(cfg, 1 + 4 * pps, page, "bfloat16", mesh)
+    batch = _fresh_batch([300, 1, 500, 150], 1024, 8, pps, page, cfg.vocab_size)
+    fresh_step = jax.jit(functools.partial(forward, cfg, fresh_prefill=True, mesh=mesh), donate_argnums=(1,))
+    paged_step = jax.jit(functools.partial(forward, cfg, mesh=mesh), donate_argnums=(1,))
+    text = fresh_step.lower(params, kv, batch).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+    assert text.count("call @_mgpu_jit(") == cfg.num_layers
+    kv, fresh = fresh_step(params, kv, batch)
+    kv, paged = paged_step(params, kv, batch)
+    fresh = np.asarray(fresh, np.float32)[:4]
+    paged = np.asarray(paged, np.float32)[:4]
+    assert np.all(np.isfinite(fresh))
+    assert np.linalg.norm(fresh - paged) / np.linalg.norm(paged) < 3e-2

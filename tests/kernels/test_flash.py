@@ -1,5 +1,6 @@
 """Flash attention: reference vs a numpy loop, GPU kernel (interpret mode) vs the reference."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,3 +75,35 @@ def test_kernel_interpret(kernel, case):
     end = tokens if cu is None else cu[-1]
     assert np.all(got[end:] == 0)
     assert rel_err(got, np.asarray(want.astype(jnp.float32))) < (1e-5 if dtype == jnp.float32 else 1e-2)
+
+
+def test_mosaic_kernel_lowered_once_for_many_call_sites():
+    """The dispatcher's jit wrapper makes a model's per-layer calls share one Mosaic GPU lowering.
+
+    Lowered for CUDA on the CPU host: 6 chained calls of one shape give one kernel custom call
+    (bare calls would embed the kernel 6 times and cost ~1.2 s of lowering each).
+    """
+    from pallas_kernels.flash_attention import api as fa_api
+
+    q = jax.ShapeDtypeStruct((256, 8, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((256, 2, 128), jnp.bfloat16)
+
+    def layers(q, k, v):
+        for _ in range(6):
+            q = fa_api._mgpu_jit(q, k, v, None, sm_scale=0.1)
+        return q
+
+    text = jax.jit(layers).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call") == 1
+    assert text.count("call @_mgpu_jit(") == 6
+
+
+def test_dispatch_off_hopper_keeps_reference_or_triton():
+    """On a CPU host the entry point never takes the Mosaic kernel."""
+    from pallas_kernels.flash_attention import api as fa_api
+
+    q, k, v, _ = _inputs(2, 40, 4, 2, 64, None, jnp.bfloat16)
+    assert not fa_api.use_mosaic(q, k, v, None, None, None)
+    got = fa_api.flash_attention(q, k, v, sm_scale=0.125)
+    want = fa_ref.flash_attention(q, k, v, sm_scale=0.125)
+    assert np.array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
