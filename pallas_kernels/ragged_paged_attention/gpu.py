@@ -64,6 +64,8 @@ class GpuConfig:
     pages_per_block: pages gathered per inner step (block_k = pages_per_block * page_size).
     num_splits: programs that share one item's KV range (FlashDecoding); 1 = no combine pass.
     num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+    min_blocks_per_split: an item splits its KV range into at most ``ceil(blocks / this)`` of the
+      call's splits (a short context is not cut into one-block programs with a wide merge).
     fused_combine: with splits, the last program of each (item, kv head) to finish (an atomic
       counter) merges the partials and writes the output rows itself, instead of the XLA combine +
       scatter after the launch (fewer launches: matters for latency-bound batch-1 decode).
@@ -75,9 +77,11 @@ class GpuConfig:
     num_warps: int = 4
     num_stages: int = 2
     fused_combine: bool = False
+    min_blocks_per_split: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("block_q", "pages_per_block", "num_splits", "num_warps", "num_stages"):
+        ints = ("block_q", "pages_per_block", "num_splits", "num_warps", "num_stages", "min_blocks_per_split")
+        for name in ints:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"GpuConfig.{name} must be a positive int, got {v!r}")
@@ -109,21 +113,26 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-_PARTIALS_BYTES = 16 << 20
+_PARTIALS_BYTES = 64 << 20
+_TARGET_PROGRAMS = 264  # about two waves of an H100/H200's 132 SMs
+_MAX_SPLITS = 32
+_SPLIT_DECODE_WARPS = 2  # smaller programs, more of them in flight per SM (few live sequences)
 
 
 def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: int) -> int:
     """Static upper bound on KV splits (the call picks its count at run time, ``active_splits``).
 
     None when ``programs`` (all rows live) already fill about two waves of an H100/H200's 132
-    SMs; else enough for one live sequence (``num_kv_heads`` programs) to reach that, at most 16
-    (batch-1 decode at 8192: 16 splits measured 40.8 us vs 52.8 us for 32 on the H200), and with
-    the float32 partials of every split within 16 MiB (``partial_bytes`` per split).
+    SMs; else enough for one live sequence (``num_kv_heads`` programs) to reach that, at most 32,
+    and with the float32 partials of every split within 64 MiB (``partial_bytes`` per split; a
+    temporary of the step, shared by its layers). Batch-1 decode at 8192 on an H200, loop times
+    of one sweep (KERNEL_NOTES run 8): 32 splits of 2-warp programs 33 us, 16 splits of 4 warps
+    45 us.
     """
-    if programs >= 264:
+    if programs >= _TARGET_PROGRAMS:
         return 1
     splits = 1
-    while (num_kv_heads * splits < 264 and splits * 2 <= ctx_blocks and splits < 16
+    while (num_kv_heads * splits < _TARGET_PROGRAMS and splits * 2 <= ctx_blocks and splits < _MAX_SPLITS
            and 2 * splits * partial_bytes <= _PARTIALS_BYTES):
         splits *= 2
     return splits
@@ -135,9 +144,10 @@ def default_config(
     """Heuristic static config from the shapes alone (the batch's composition is dynamic).
 
     Decode class: ``block_q * G = 16`` score rows (the tensor-core minimum), ~64 keys per step,
-    splits when ``max_seqs x kv heads`` programs cannot fill the GPU. Prefill class (only if the
-    bucket can hold a sequence with more than ``block_q`` rows): 64-row tiles, 64 keys per step
-    (measured best for the 8 x 512 chunks of the mixed benchmark; KERNEL_NOTES.md).
+    splits (and 2-warp programs) when ``max_seqs x kv heads`` programs cannot fill the GPU.
+    Prefill class (only if the bucket can hold a sequence with more than ``block_q`` rows):
+    64-row tiles, 64 keys per step (measured best for the 8 x 512 chunks of the mixed
+    benchmark; KERNEL_NOTES.md).
     """
     group = _pow2(num_q_heads // num_kv_heads)
     ppb = min(max(1, 64 // page_size), _pow2(pages_per_seq))
@@ -145,10 +155,12 @@ def default_config(
     ctx_blocks = -(-pages_per_seq // ppb)
     items = min(max_seqs, num_tokens)
     partial_bytes = items * bq * num_kv_heads * group * 128 * 4  # [rows, kvh * G * D] float32, D <= 128
+    splits = _splits(items * num_kv_heads, num_kv_heads, ctx_blocks, partial_bytes)
     dec = GpuConfig(
         block_q=bq,
         pages_per_block=ppb,
-        num_splits=_splits(items * num_kv_heads, num_kv_heads, ctx_blocks, partial_bytes),
+        num_splits=splits,
+        num_warps=_SPLIT_DECODE_WARPS if splits > 1 else 4,
     )
     if num_tokens <= bq:
         return dec
@@ -156,13 +168,62 @@ def default_config(
     return GpuPlan(decode=dec, prefill=pre)
 
 
+def _decode_item(w, sl_ref, qsl_ref, nseq_ref, *, block_q: int, max_seqs: int):
+    """Direct decode item ``w`` = sequence ``w`` (no work list): ``(first row, rows, seq or -1,
+    position of the first row)``; rows = q_len when ``1 <= q_len <= block_q`` and ``w <
+    num_seqs``, else 0 (the sequence belongs to the other launch, or to nobody)."""
+    n = jnp.clip(nseq_ref[0], 0, max_seqs)
+    start = qsl_ref[w]
+    q_len = qsl_ref[w + 1] - start
+    take = (w < n) & (q_len > 0) & (q_len <= block_q)
+    return start, jnp.where(take, q_len, 0), jnp.where(take, w, -1), sl_ref[w] - q_len
+
+
+def _live_decode_seqs(qsl_ref, nseq_ref, *, block_q: int, max_seqs: int):
+    """Sequences a direct decode launch serves (``1 <= q_len <= block_q``), counted in-kernel
+    from ``query_start_loc`` (one masked vector load: no XLA launch before the kernel)."""
+    n = jnp.clip(nseq_ref[0], 0, max_seqs)
+    i = jnp.arange(max(_pow2(max_seqs), 16), dtype=jnp.int32)
+    ok = i < n
+    a = plgpu.load(qsl_ref.at[jnp.minimum(i, max_seqs)], mask=ok, other=0)
+    b = plgpu.load(qsl_ref.at[jnp.minimum(i + 1, max_seqs)], mask=ok, other=0)
+    q_len = b - a
+    return jnp.sum((ok & (q_len > 0) & (q_len <= block_q)).astype(jnp.int32))
+
+
+def _item_kv_blocks(seq, nrows, pos0, *, block_k: int, sliding_window: int | None):
+    """An item's visible keys ``[kv_lo, kv_hi)`` and their ``block_k`` blocks ``[blk_lo, blk_hi)``
+    (empty for items without rows or without a sequence)."""
+    kv_hi = jnp.where((seq >= 0) & (nrows > 0), pos0 + nrows, 0)
+    kv_lo = jnp.int32(0) if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
+    return kv_lo, kv_hi, kv_lo // block_k, (kv_hi + block_k - 1) // block_k
+
+
+def _item_splits(nblk, active, min_blocks: int):
+    """Splits one item uses: the call's ``active`` count, fewer when its blocks are few."""
+    return jnp.clip((nblk + min_blocks - 1) // min_blocks, 1, active)
+
+
+def _splits_for(live, num_kv_heads: int, num_splits: int):
+    """KV splits for ``live`` sequences: enough for ~``_TARGET_PROGRAMS`` programs, at most
+    ``num_splits`` (scalar int32; traced on device or in-kernel)."""
+    want = (_TARGET_PROGRAMS + live * num_kv_heads - 1) // jnp.maximum(live * num_kv_heads, 1)
+    return jnp.clip(want, 1, num_splits).astype(jnp.int32)
+
+
+def _zero_padding_rows(o_ref, qsl_ref, nseq_ref, cols, *, block_q: int, max_seqs: int, num_tokens: int):
+    """Zeros into rows ``[query_start_loc[num_seqs], num_tokens)`` at ``cols`` [1, C] (direct
+    launches that own the whole output: there ``num_tokens <= block_q``)."""
+    r = jnp.arange(block_q, dtype=jnp.int32)
+    rr = qsl_ref[jnp.clip(nseq_ref[0], 0, max_seqs)] + r
+    zeros = jnp.zeros((block_q, cols.shape[1]), o_ref.dtype)
+    plgpu.store(o_ref.at[rr[:, None], cols], zeros, mask=(rr < num_tokens)[:, None])
+
+
 def _kernel(
-    items_ref,  # int32[num_items, 4]
-    page_table_ref,  # int32[max_seqs, pages_per_seq_padded]
-    q_ref,  # [T, kvh * G * D]
-    k_ref,  # [P * page_size, kvh * D]
-    v_ref,  # [P * page_size, kvh * D]
-    *rest,
+    *refs,
+    direct: bool,
+    max_seqs: int,
     num_tokens: int,
     group: int,
     head_dim: int,
@@ -178,9 +239,15 @@ def _kernel(
     per_item: bool,
     fused: bool,
     barriers: bool,
+    min_blocks: int,
 ):
-    rest = list(rest)
-    active_ref = rest.pop(0) if per_item else None  # int32[1]: splits in use this call (<= num_splits)
+    # Inputs: the work list int32[num_items, 4] (or, direct, seq_lens, query_start_loc, num_seqs),
+    # page_table int32[max_seqs, pages_per_seq_padded], q [T, kvh * G * D], k and v
+    # [P * page_size, kvh * D], then the optional ones popped below, then the outputs.
+    rest = list(refs)
+    meta = [rest.pop(0) for _ in range(3 if direct else 1)]
+    page_table_ref, q_ref, k_ref, v_ref = (rest.pop(0) for _ in range(4))
+    active_ref = rest.pop(0) if per_item and not direct else None  # int32[1]: splits in use (<= num_splits)
     ks_ref, vs_ref = (rest.pop(0), rest.pop(0)) if quantized else (None, None)
     if aliased:
         rest.pop(0)  # the previous launch's output: aliased to ours, rows we do not own stay as they are
@@ -190,10 +257,11 @@ def _kernel(
     w, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     block_k = pages_per_block * page_size
     m_rows = block_q * group
-    row0 = items_ref[w, 0]
-    nrows = items_ref[w, 1]
-    seq = items_ref[w, 2]
-    pos0 = items_ref[w, 3]
+    if direct:
+        row0, nrows, seq, pos0 = _decode_item(w, *meta, block_q=block_q, max_seqs=max_seqs)
+    else:
+        (items_ref,) = meta
+        row0, nrows, seq, pos0 = (items_ref[w, c] for c in range(4))
     seq_c = jnp.maximum(seq, 0)
 
     r = jnp.arange(block_q, dtype=jnp.int32)
@@ -204,16 +272,19 @@ def _kernel(
     qpos = pos0 + jnp.arange(m_rows, dtype=jnp.int32) // group  # [M]
 
     # Visible keys of the item: [kv_lo, kv_hi); keys in [full_lo, pos0] are visible to every row.
-    kv_hi = jnp.where(seq >= 0, pos0 + nrows, 0)
-    kv_lo = jnp.int32(0)
-    full_lo = jnp.int32(0)
-    if sliding_window is not None:
-        kv_lo = jnp.maximum(pos0 - sliding_window + 1, 0)
-        full_lo = jnp.maximum(pos0 + nrows - sliding_window, 0)
-    blk_lo = kv_lo // block_k
-    blk_hi = (kv_hi + block_k - 1) // block_k
+    kv_lo, kv_hi, blk_lo, blk_hi = _item_kv_blocks(seq, nrows, pos0, block_k=block_k,
+                                                   sliding_window=sliding_window)  # fmt: skip
+    full_lo = jnp.int32(0) if sliding_window is None else jnp.maximum(pos0 + nrows - sliding_window, 0)
     nblk = jnp.maximum(blk_hi - blk_lo, 0)
-    active = active_ref[0] if per_item else jnp.int32(1)
+    if not per_item:
+        active = jnp.int32(1)
+    elif direct:
+        live = _live_decode_seqs(meta[1], meta[2], block_q=block_q, max_seqs=max_seqs)
+        active = _splits_for(live, pl.num_programs(1), num_splits)
+    else:
+        active = active_ref[0]
+    if per_item and not fused:  # (the fused merge counts every split's arrival)
+        active = _item_splits(nblk, active, min_blocks)
     per_split = (nblk + active - 1) // active
     b0 = blk_lo + split * per_split
     b1 = jnp.minimum(b0 + per_split, blk_hi)
@@ -283,6 +354,12 @@ def _kernel(
         out = acc / jnp.maximum(l_i, 1e-30)[:, None]
         out = out.reshape(block_q, group * head_dim).astype(o_ref.dtype)
         plgpu.store(o_ref.at[rr, qc], out, mask=store_mask)
+        if direct and not aliased:
+
+            @pl.when(w == 0)
+            def _pad():
+                _zero_padding_rows(o_ref, meta[1], meta[2], qc, block_q=block_q, max_seqs=max_seqs,
+                                   num_tokens=num_tokens)  # fmt: skip
     else:  # partials are indexed by (split, item row), not by token row: their size is items x block_q
         if fused:
             fin_ref, op_ref, m_ref, l_ref, cnt_ref = outs
@@ -340,26 +417,42 @@ def _merge_splits(op_ref, m_ref, l_ref, n, pr, qc, hc, head_dim: int, volatile: 
     return (num / jnp.maximum(den, 1e-30)[:, None]).reshape(bq, gd)
 
 
-def _combine_kernel(items_ref, active_ref, op_ref, m_ref, l_ref, base_ref, o_ref, *, block_q: int,
-                    head_dim: int, num_splits: int):
-    """Grid (item, q head): merge the call's active splits into the item's output rows (written
-    into ``base``, aliased to ``o_ref``; other rows keep their values).
+def _combine_kernel(*refs, block_q: int, head_dim: int, num_splits: int, direct: bool, aliased: bool,
+                    max_seqs: int, num_kv_heads: int, num_tokens: int, block_k: int,
+                    sliding_window: int | None, min_blocks: int):
+    """Grid (item, q head): merge the call's active splits into the item's output rows. With
+    ``aliased`` the output is ``base`` (other rows keep their values); without (direct launches
+    over the whole output) program 0 also writes the padding rows' zeros.
 
     All splits are loaded at once as one ``[S, block_q, D]`` tile (S = splits padded to a power of
     two, masked past the active count) and reduced in registers: a loop over splits would chain
     one global-memory round trip per split (what made the fused merge slow, KERNEL_NOTES run 3).
     """
-    del base_ref
+    refs = list(refs)
+    meta = [refs.pop(0) for _ in range(3 if direct else 1)]
+    active_ref = None if direct else refs.pop(0)
+    op_ref, m_ref, l_ref = refs[:3]
+    o_ref = refs[-1]  # (base, when aliased, sits before it)
     w, hq = pl.program_id(0), pl.program_id(1)
+    if direct:
+        row0, nrows, seq, pos0 = _decode_item(w, *meta, block_q=block_q, max_seqs=max_seqs)
+        live = _live_decode_seqs(meta[1], meta[2], block_q=block_q, max_seqs=max_seqs)
+        active = _splits_for(live, num_kv_heads, num_splits)
+    else:
+        row0, nrows, seq, pos0 = (meta[0][w, c] for c in range(4))
+        active = active_ref[0]
+    _, _, blk_lo, blk_hi = _item_kv_blocks(seq, nrows, pos0, block_k=block_k, sliding_window=sliding_window)
+    active = _item_splits(jnp.maximum(blk_hi - blk_lo, 0), active, min_blocks)
     s_pad = _pow2(num_splits)
     sp = jnp.arange(s_pad, dtype=jnp.int32)
-    valid = sp < active_ref[0]
+    valid = sp < active
     spc = jnp.minimum(sp, num_splits - 1)  # masked lanes still index in bounds
     r = jnp.arange(block_q, dtype=jnp.int32)
     pr = w * block_q + r
     d = hq * head_dim + jnp.arange(head_dim, dtype=jnp.int32)
-    v2 = jnp.broadcast_to(valid[:, None], (s_pad, block_q))
-    v3 = jnp.broadcast_to(valid[:, None, None], (s_pad, block_q, head_dim))
+    # Only the item's live rows of its active splits are read (the rest is uninitialised memory).
+    v2 = valid[:, None] & (r < nrows)[None, :]
+    v3 = jnp.broadcast_to(v2[:, :, None], (s_pad, block_q, head_dim))
     hcol = jnp.full((1, 1), hq, jnp.int32)
     m_s = plgpu.load(m_ref.at[spc[:, None], pr[None, :], hcol], mask=v2, other=_NEG)
     l_s = plgpu.load(l_ref.at[spc[:, None], pr[None, :], hcol], mask=v2, other=0.0)
@@ -370,8 +463,14 @@ def _combine_kernel(items_ref, active_ref, op_ref, m_ref, l_ref, base_ref, o_ref
     num = jnp.sum(jnp.where(v3, o_s, 0.0) * wgt[:, :, None], axis=0)  # [bq, D]
     den = jnp.sum(jnp.where(v2, l_s, 0.0) * wgt, axis=0)
     out = num / jnp.maximum(den, 1e-30)[:, None]
-    rr = (items_ref[w, 0] + r)[:, None]
-    plgpu.store(o_ref.at[rr, d[None, :]], out.astype(o_ref.dtype), mask=(r < items_ref[w, 1])[:, None])
+    rr = (row0 + r)[:, None]
+    plgpu.store(o_ref.at[rr, d[None, :]], out.astype(o_ref.dtype), mask=(r < nrows)[:, None])
+    if direct and not aliased:
+
+        @pl.when(w == 0)
+        def _pad():
+            _zero_padding_rows(o_ref, meta[1], meta[2], d[None, :], block_q=block_q, max_seqs=max_seqs,
+                               num_tokens=num_tokens)  # fmt: skip
 
 
 def active_splits(items: jax.Array, num_kv_heads: int, num_splits: int) -> jax.Array:
@@ -379,13 +478,12 @@ def active_splits(items: jax.Array, num_kv_heads: int, num_splits: int) -> jax.A
     for ~2 waves of an H100/H200's 132 SMs (264 programs), at most ``num_splits``. A batch-1
     decode in a 16-row bucket gets all 16 splits; 16 live sequences get 3."""
     live = jnp.sum(items[:, 1] > 0).astype(jnp.int32)
-    want = -(-264 // jnp.maximum(live * num_kv_heads, 1))
-    return jnp.clip(want, 1, num_splits).astype(jnp.int32)[None]
+    return _splits_for(live, num_kv_heads, num_splits)[None]
 
 
 def _launch(
     cfg: GpuConfig,
-    items: jax.Array,
+    meta: tuple[jax.Array, ...],
     base: jax.Array | None,
     pt: jax.Array,
     q2: jax.Array,
@@ -401,24 +499,31 @@ def _launch(
     interpret: bool,
     **static,
 ) -> jax.Array:
-    """One pallas_call over ``items``; returns ``[T, kvh * G * D]``.
+    """One pallas_call; returns ``[T, kvh * G * D]``.
 
-    Rows the items do not own come from ``base`` (written in place) or are left unwritten when
-    ``base`` is None. With splits, the call uses ``active_splits`` of them (decided on device
-    from the live items) and a second small launch merges the per-item partials into ``base``
-    (zeros if None) in place.
+    ``meta`` is ``(items,)`` (a work list) or ``(seq_lens, query_start_loc, num_seqs)``: a direct
+    decode launch, one item per sequence, computed in the kernel (no XLA launches before it).
+    Rows the items do not own come from ``base`` (written in place) or, when ``base`` is None,
+    are left unwritten (work list: its padding items write them) or zeroed (direct). With splits
+    the call uses ``active_splits`` of them (decided on device from the live items) and a second
+    small launch merges the per-item partials into the output.
     """
     num_tokens, width = q2.shape
     hw = num_kv_heads * group
+    direct = len(meta) == 3
+    max_seqs = pt.shape[0]
     if pt.shape[1] % cfg.pages_per_block:
         pt = jnp.pad(pt, ((0, 0), (0, -pt.shape[1] % cfg.pages_per_block)))
-    ns, bq, num_items = cfg.num_splits, cfg.block_q, items.shape[0]
+    ns, bq = cfg.num_splits, cfg.block_q
+    num_items = max_seqs if direct else meta[0].shape[0]
     per_item = ns > 1
     fused = per_item and cfg.fused_combine
-    args = [items, pt, q2, k2, v2]
+    if fused and direct:
+        raise ValueError("GpuConfig.fused_combine needs a work list (not a direct decode launch)")
+    args = [*meta, pt, q2, k2, v2]
     active = None
-    if per_item:
-        active = jnp.full((1,), ns, jnp.int32) if fused else active_splits(items, num_kv_heads, ns)
+    if per_item and not direct:
+        active = jnp.full((1,), ns, jnp.int32) if fused else active_splits(meta[0], num_kv_heads, ns)
         args.append(active)
     args += scales
     aliases = {}
@@ -445,9 +550,10 @@ def _launch(
             aliases = {len(args): 0}
             args.append(base)
     kernel = functools.partial(
-        _kernel, num_tokens=num_tokens, group=group, head_dim=head_dim, page_size=page_size,
-        block_q=bq, pages_per_block=cfg.pages_per_block, num_splits=ns, quantized=bool(scales),
-        aliased=bool(aliases) and not fused, per_item=per_item, fused=fused, barriers=not interpret, **static,
+        _kernel, direct=direct, max_seqs=max_seqs, num_tokens=num_tokens, group=group, head_dim=head_dim,
+        page_size=page_size, block_q=bq, pages_per_block=cfg.pages_per_block, num_splits=ns,
+        quantized=bool(scales), aliased=bool(aliases) and not fused, per_item=per_item, fused=fused,
+        barriers=not interpret, min_blocks=cfg.min_blocks_per_split, **static,
     )  # fmt: skip
     out = pl.pallas_call(
         kernel,
@@ -462,18 +568,28 @@ def _launch(
         return out
     if fused:
         return out[0]
-    if base is None:
+    if base is None and not direct:
         base = jnp.zeros((num_tokens, width), out_dtype)
-    combine = functools.partial(_combine_kernel, block_q=bq, head_dim=head_dim, num_splits=ns)
+    combine = functools.partial(
+        _combine_kernel, block_q=bq, head_dim=head_dim, num_splits=ns, direct=direct,
+        aliased=base is not None, max_seqs=max_seqs, num_kv_heads=num_kv_heads, num_tokens=num_tokens,
+        block_k=cfg.pages_per_block * page_size, sliding_window=static["sliding_window"],
+        min_blocks=cfg.min_blocks_per_split,
+    )  # fmt: skip
+    cargs = [*meta] + ([] if direct else [active]) + list(out)
+    caliases = {}
+    if base is not None:
+        caliases = {len(cargs): 0}
+        cargs.append(base)
     return pl.pallas_call(
         combine,
         grid=(num_items, hw),
         out_shape=jax.ShapeDtypeStruct((num_tokens, width), out_dtype),
-        input_output_aliases={5: 0},
+        input_output_aliases=caliases,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="ragged_paged_attention_combine",
-    )(items, active, *out, base)
+    )(*cargs)
 
 
 def ragged_paged_attention(
@@ -529,13 +645,15 @@ def ragged_paged_attention(
         interpret=interpret, sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap,
     )  # fmt: skip
     if isinstance(cfg, GpuConfig):
-        items = work_items(num_tokens, cfg.block_q, *meta)
-        out = _launch(cfg, items, None, page_table, q2, k2, v2, scales, **common)
+        # Every sequence of a call with at most block_q tokens is one item: no work list needed.
+        direct = num_tokens <= cfg.block_q and not cfg.fused_combine
+        launch_meta = meta if direct else (work_items(num_tokens, cfg.block_q, *meta),)
+        out = _launch(cfg, launch_meta, None, page_table, q2, k2, v2, scales, **common)
     else:
         dq = cfg.decode.block_q
         items = work_items(num_tokens, cfg.prefill.block_q, *meta, q_min=dq)
-        out = _launch(cfg.prefill, items, None, page_table, q2, k2, v2, scales, **common)
-        items = work_items(num_tokens, dq, *meta, q_max=dq)
-        out = _launch(cfg.decode, items, out, page_table, q2, k2, v2, scales, **common)
+        out = _launch(cfg.prefill, (items,), None, page_table, q2, k2, v2, scales, **common)
+        launch_meta = (work_items(num_tokens, dq, *meta, q_max=dq),) if cfg.decode.fused_combine else meta
+        out = _launch(cfg.decode, launch_meta, out, page_table, q2, k2, v2, scales, **common)
     out = out.reshape(num_tokens, num_kv_heads, gp, dp)[:, :, :group, :head_dim]
     return out.reshape(num_tokens, num_q_heads, head_dim)
