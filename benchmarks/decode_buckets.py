@@ -5,7 +5,8 @@ The kernel benchmark (kernels.py) times batch-1 decode at its exact shape (1 tok
 engine pads a decode step to its smallest bucket, 16 tokens and 16 rows, so the kernel's static
 choices see 16 rows whatever the live count. This script times that shape with the current
 kernel and, when ``--before`` names a saved copy of an earlier ``gpu.py``, with that one in the
-same run. Prints a markdown table (us per call inside an unrolled jitted loop, KV GB/s).
+same run, interleaved over ``--rounds`` rounds (median). Prints a markdown table (us per call
+inside an unrolled jitted loop, KV GB/s).
 
     PYTHONPATH=. python3 benchmarks/decode_buckets.py [--before .anchors/rpa_gpu_before.py]
 """
@@ -16,6 +17,7 @@ import argparse
 import functools
 import importlib.util
 import os
+import statistics
 import sys
 
 import jax
@@ -50,30 +52,39 @@ def bucket_inputs(live: int, ctx: int, bucket: int, key: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--before", default=None, help="path of an earlier gpu.py to time beside")
+    ap.add_argument("--before", default=None, help="comma list of earlier gpu.py copies to time beside")
     ap.add_argument("--cases", default="1x8192,1x2048,4x4096,16x2048,1x8192@1",
                     help="LIVExCTX[@BUCKET] list (bucket: tokens = rows, default 16)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved before/after rounds (median)")
     ns = ap.parse_args()
-    impls = {"after": rpa_gpu}
-    if ns.before:
-        spec = importlib.util.spec_from_file_location("rpa_gpu_before", ns.before)
+    impls = {}
+    for path in filter(None, (ns.before or "").split(",")):
+        name = os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod  # its dataclasses look their module up
         spec.loader.exec_module(mod)
-        impls = {"before": mod, **impls}
+        impls[name] = mod
+    impls["after"] = rpa_gpu
     rows = []
     for case in ns.cases.split(","):
         shape, _, bucket = case.partition("@")
         live, ctx = (int(x) for x in shape.split("x"))
         q, kp, vp, (pts, sl, qsl, nseq), kv_bytes = bucket_inputs(live, ctx, int(bucket or 16), live + ctx)
         want = rpa_ref.ragged_paged_attention(q, kp, vp, pts[0], sl, qsl, nseq, sm_scale=D**-0.5)
+        times = {name: [] for name in impls}
+        for _ in range(ns.rounds):  # A/B interleaved: the GPU's clocks drift between rounds
+            for name, mod in impls.items():
+                f = functools.partial(mod.ragged_paged_attention, sm_scale=D**-0.5)
+                t = loop_time(lambda i, q, kp, vp, pts, sl, qsl, ns, f=f: f(q, kp, vp, pts[i], sl, qsl, ns),
+                              (q, kp, vp, pts, sl, qsl, nseq), rotate=ROT)  # fmt: skip
+                times[name].append(t)
         for name, mod in impls.items():
             f = functools.partial(mod.ragged_paged_attention, sm_scale=D**-0.5)
-            t = loop_time(lambda i, q, kp, vp, pts, sl, qsl, ns, f=f: f(q, kp, vp, pts[i], sl, qsl, ns),
-                          (q, kp, vp, pts, sl, qsl, nseq), rotate=ROT)  # fmt: skip
             got = jax.jit(f)(q, kp, vp, pts[0], sl, qsl, nseq)
             err = float(jnp.linalg.norm((got - want)[:live].astype(jnp.float32))
                         / jnp.linalg.norm(want[:live].astype(jnp.float32)))  # fmt: skip
+            t = statistics.median(times[name])
             rows.append((case, name, t * 1e6, kv_bytes / t / 1e9, err))
     dev = jax.devices()[0]
     print(f"\n{getattr(dev, 'device_kind', str(dev))}: decode in a bucket of N tokens = N rows "

@@ -21,6 +21,15 @@ softmax in float32. Keys past the causal limit / window / sequence end are maske
 rows are zeroed before the PV product so NaN in unused pages cannot leak (``0 * NaN``).
 Padding items write zeros into padding rows so the output is finite everywhere.
 
+Decode launches need no work list: when every sequence's chunk fits one item (the decode class
+of a two-launch plan, or a call of at most ``block_q`` tokens) the launch is *direct*. Its flat
+grid runs over (live rank, kv head, split); each program counts the served sequences from
+``query_start_loc`` in the kernel (one vector load), finds its sequence as the rank-th served one
+(a cumsum), and idles past the live ones. The grid is bounded by the live programs over every
+live count (``_direct_grid``), not by max_seqs x kv heads x splits: the engine's 16-row decode
+bucket holding one sequence launched 4096 programs, 3840 of them idle, each holding an SM slot
+and its pipeline buffers. No XLA op runs before a direct launch.
+
 Long contexts with few items (batch-1 decode) split each item's KV range over up to
 ``num_splits`` programs (FlashDecoding); each writes an unnormalised partial output with its
 running max and sum, and a second small launch (grid item x kv head) merges them into the output
@@ -29,7 +38,10 @@ call uses is decided on device from the live items (``active_splits``): the engi
 decode bucket holds one sequence or sixteen, and a static count cannot fill the GPU for the first
 without over-splitting the second. Splits past the active count write nothing and the merge
 reads only the active ones; an active split whose range is empty writes the neutral partial
-(max = -1e30, sum = 0).
+(max = -1e30, sum = 0). An item with few KV blocks uses fewer splits (``min_blocks_per_split``),
+so a short context is not cut into one-block programs with a wide merge. Split programs run with
+2 warps: batch-1 decode is latency-bound, and more, smaller programs keep more page gathers in
+flight per SM (H200 sweep, KERNEL_NOTES run 8: 32 splits x 2 warps 33 us vs 16 x 4 warps 45 us).
 
 Why the Triton lowering and not Mosaic GPU: decode is memory-bound, and what matters is many
 independent row gathers in flight (``num_stages`` software pipelining of the gathered page
@@ -179,16 +191,32 @@ def _decode_item(w, sl_ref, qsl_ref, nseq_ref, *, block_q: int, max_seqs: int):
     return start, jnp.where(take, q_len, 0), jnp.where(take, w, -1), sl_ref[w] - q_len
 
 
-def _live_decode_seqs(qsl_ref, nseq_ref, *, block_q: int, max_seqs: int):
-    """Sequences a direct decode launch serves (``1 <= q_len <= block_q``), counted in-kernel
-    from ``query_start_loc`` (one masked vector load: no XLA launch before the kernel)."""
+def _live_decode_mask(qsl_ref, nseq_ref, *, block_q: int, max_seqs: int):
+    """``bool[S]`` (S = max_seqs padded to a power of two >= 16): which sequences a direct decode
+    launch serves (``w < num_seqs`` and ``1 <= q_len <= block_q``), from one masked vector load of
+    ``query_start_loc`` in the kernel (no XLA launch before it)."""
     n = jnp.clip(nseq_ref[0], 0, max_seqs)
     i = jnp.arange(max(_pow2(max_seqs), 16), dtype=jnp.int32)
     ok = i < n
     a = plgpu.load(qsl_ref.at[jnp.minimum(i, max_seqs)], mask=ok, other=0)
     b = plgpu.load(qsl_ref.at[jnp.minimum(i + 1, max_seqs)], mask=ok, other=0)
     q_len = b - a
-    return jnp.sum((ok & (q_len > 0) & (q_len <= block_q)).astype(jnp.int32))
+    return ok & (q_len > 0) & (q_len <= block_q)
+
+
+def _nth_live(live_mask, k, max_seqs: int):
+    """Index of the ``k``-th (from 0) served sequence; ``max_seqs - 1`` when there are fewer."""
+    cum = jnp.cumsum(live_mask.astype(jnp.int32))
+    return jnp.minimum(jnp.sum((cum <= k).astype(jnp.int32)), max_seqs - 1)
+
+
+def _direct_grid(max_seqs: int, num_kv_heads: int, num_splits: int) -> int:
+    """Programs of a direct launch: a bound on live x kv heads x splits over every live count
+    (``_splits_for`` keeps it under ``_TARGET_PROGRAMS + live x kv heads``), not max_seqs x kv heads
+    x splits: the engine's decode buckets hold far more rows than live sequences, and idle
+    programs still take a slot (and their shared-memory pipeline buffers) on an SM."""
+    full = max_seqs * num_kv_heads
+    return min(full * num_splits, max(full, _TARGET_PROGRAMS + full)) if num_splits > 1 else full
 
 
 def _item_kv_blocks(seq, nrows, pos0, *, block_k: int, sliding_window: int | None):
@@ -240,6 +268,7 @@ def _kernel(
     fused: bool,
     barriers: bool,
     min_blocks: int,
+    num_kv_heads: int,
 ):
     # Inputs: the work list int32[num_items, 4] (or, direct, seq_lens, query_start_loc, num_seqs),
     # page_table int32[max_seqs, pages_per_seq_padded], q [T, kvh * G * D], k and v
@@ -254,12 +283,21 @@ def _kernel(
     if fused:
         del rest[:2]  # base output and arrival counters: aliased to outputs 0 and 4
     outs = rest
-    w, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     block_k = pages_per_block * page_size
     m_rows = block_q * group
-    if direct:
-        row0, nrows, seq, pos0 = _decode_item(w, *meta, block_q=block_q, max_seqs=max_seqs)
+    if direct:  # a flat grid over (live rank, kv head, split); programs past the live ones idle
+        p = pl.program_id(0)
+        live_mask = _live_decode_mask(meta[1], meta[2], block_q=block_q, max_seqs=max_seqs)
+        live = jnp.sum(live_mask.astype(jnp.int32))
+        call_splits = _splits_for(live, num_kv_heads, num_splits) if per_item else jnp.int32(1)
+        w = p // (num_kv_heads * call_splits)  # the item's rank among the served sequences
+        h = (p // call_splits) % num_kv_heads
+        split = p % call_splits
+        row0, nrows, seq, pos0 = _decode_item(_nth_live(live_mask, w, max_seqs), *meta, block_q=block_q,
+                                              max_seqs=max_seqs)  # fmt: skip
+        nrows = jnp.where(w < live, nrows, 0)
     else:
+        w, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         (items_ref,) = meta
         row0, nrows, seq, pos0 = (items_ref[w, c] for c in range(4))
     seq_c = jnp.maximum(seq, 0)
@@ -279,8 +317,7 @@ def _kernel(
     if not per_item:
         active = jnp.int32(1)
     elif direct:
-        live = _live_decode_seqs(meta[1], meta[2], block_q=block_q, max_seqs=max_seqs)
-        active = _splits_for(live, pl.num_programs(1), num_splits)
+        active = call_splits
     else:
         active = active_ref[0]
     if per_item and not fused:  # (the fused merge counts every split's arrival)
@@ -356,9 +393,10 @@ def _kernel(
         plgpu.store(o_ref.at[rr, qc], out, mask=store_mask)
         if direct and not aliased:
 
-            @pl.when(w == 0)
+            @pl.when(p < num_kv_heads)  # program p zeroes kv head p's columns of the padding rows
             def _pad():
-                _zero_padding_rows(o_ref, meta[1], meta[2], qc, block_q=block_q, max_seqs=max_seqs,
+                cols = (p * group * head_dim + jnp.arange(group * head_dim, dtype=jnp.int32))[None, :]
+                _zero_padding_rows(o_ref, meta[1], meta[2], cols, block_q=block_q, max_seqs=max_seqs,
                                    num_tokens=num_tokens)  # fmt: skip
     else:  # partials are indexed by (split, item row), not by token row: their size is items x block_q
         if fused:
@@ -434,9 +472,12 @@ def _combine_kernel(*refs, block_q: int, head_dim: int, num_splits: int, direct:
     op_ref, m_ref, l_ref = refs[:3]
     o_ref = refs[-1]  # (base, when aliased, sits before it)
     w, hq = pl.program_id(0), pl.program_id(1)
-    if direct:
-        row0, nrows, seq, pos0 = _decode_item(w, *meta, block_q=block_q, max_seqs=max_seqs)
-        live = _live_decode_seqs(meta[1], meta[2], block_q=block_q, max_seqs=max_seqs)
+    if direct:  # program w merges the w-th served sequence (partials are indexed by that rank)
+        live_mask = _live_decode_mask(meta[1], meta[2], block_q=block_q, max_seqs=max_seqs)
+        live = jnp.sum(live_mask.astype(jnp.int32))
+        row0, nrows, seq, pos0 = _decode_item(_nth_live(live_mask, w, max_seqs), *meta, block_q=block_q,
+                                              max_seqs=max_seqs)  # fmt: skip
+        nrows = jnp.where(w < live, nrows, 0)
         active = _splits_for(live, num_kv_heads, num_splits)
     else:
         row0, nrows, seq, pos0 = (meta[0][w, c] for c in range(4))
@@ -553,11 +594,11 @@ def _launch(
         _kernel, direct=direct, max_seqs=max_seqs, num_tokens=num_tokens, group=group, head_dim=head_dim,
         page_size=page_size, block_q=bq, pages_per_block=cfg.pages_per_block, num_splits=ns,
         quantized=bool(scales), aliased=bool(aliases) and not fused, per_item=per_item, fused=fused,
-        barriers=not interpret, min_blocks=cfg.min_blocks_per_split, **static,
+        barriers=not interpret, min_blocks=cfg.min_blocks_per_split, num_kv_heads=num_kv_heads, **static,
     )  # fmt: skip
     out = pl.pallas_call(
         kernel,
-        grid=(num_items, num_kv_heads, ns),
+        grid=(_direct_grid(max_seqs, num_kv_heads, ns),) if direct else (num_items, num_kv_heads, ns),
         out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
