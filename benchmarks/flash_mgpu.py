@@ -21,47 +21,21 @@ import argparse
 import functools
 import json
 import os
-import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import gpu as fa_gpu
-from pallas_kernels.flash_attention import mgpu as fa_mgpu
-from pallas_kernels.flash_attention import reference as fa_ref
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels import loop_time, rel  # noqa: E402
+
+from pallas_kernels.flash_attention import gpu as fa_gpu  # noqa: E402
+from pallas_kernels.flash_attention import mgpu as fa_mgpu  # noqa: E402
+from pallas_kernels.flash_attention import reference as fa_ref  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 DT = jnp.bfloat16
 SCALE = D**-0.5
-
-
-def loop_time(op, args, *, iters: int = 10, reps: int = 5) -> float:
-    """Median seconds per call of ``op(*args)`` run ``iters`` times inside one jit."""
-
-    @jax.jit
-    def many(*a):
-        def body(i, state):
-            acc, first = state
-            first = first.at[(0,) * first.ndim].add((acc * 0).astype(first.dtype))
-            out = op(first, *a[1:])
-            return acc + jnp.sum(out[-1].astype(jnp.float32)), first
-
-        return jax.lax.fori_loop(0, iters, body, (jnp.float32(0), a[0]), unroll=True)[0]
-
-    jax.block_until_ready(many(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(many(*args))
-        ts.append((time.perf_counter() - t) / iters)
-    return statistics.median(ts)
-
-
-def rel(a, b) -> float:
-    a = jnp.asarray(a, jnp.float32)
-    b = jnp.asarray(b, jnp.float32)
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 def cudnn(q, k, v, cu=None):
@@ -171,7 +145,7 @@ def main() -> None:
             try:
                 err = rel(jax.jit(fn)(q, k, v, cu), want)
                 t = loop_time(
-                    lambda q, k, v, cu, fn=fn: fn(q, k, v, cu),
+                    lambda i, q, k, v, cu, fn=fn: fn(q, k, v, cu),
                     (q, k, v, cu),
                     iters=args.iters,
                     reps=args.reps,

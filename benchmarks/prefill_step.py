@@ -44,24 +44,9 @@ PAGE = 16
 
 def fresh_step(lens: list[int], vocab: int, rows: int) -> StepInput:
     """A step of ``len(lens)`` fresh prompts packed back to back on consecutive pages."""
-    total = sum(lens)
-    pps = max(-(-n // PAGE) for n in lens)
-    b = StepInput.empty(total, rows, pps)
     rng = np.random.default_rng(0)
-    b.token_ids[:] = rng.integers(10, vocab, total)
-    pos0, page0 = 0, 1
-    for r, n in enumerate(lens):
-        pos = np.arange(n, dtype=np.int32)
-        pages = page0 + np.arange(-(-n // PAGE), dtype=np.int32)
-        b.positions[pos0:pos0 + n] = pos
-        b.slot_mapping[pos0:pos0 + n] = pages[pos // PAGE] * PAGE + pos % PAGE
-        b.page_table[r, :len(pages)] = pages
-        b.seq_lens[r] = n
-        b.query_start_loc[r + 1:] = pos0 + n
-        b.logits_indices[r] = pos0 + n - 1
-        pos0, page0 = pos0 + n, page0 + len(pages)
-    b.num_seqs[0] = len(lens)
-    return b
+    ids = [rng.integers(10, vocab, n) for n in lens]
+    return StepInput.fresh_prompts(ids, sum(lens), rows, max(-(-n // PAGE) for n in lens), PAGE)
 
 
 def main() -> None:

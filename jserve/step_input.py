@@ -41,6 +41,28 @@ class StepInput:
                    page_table=z(num_rows, pages_per_seq), seq_lens=z(num_rows),
                    query_start_loc=z(num_rows + 1), num_seqs=z(1), logits_indices=z(num_rows))
 
+    @classmethod
+    def fresh_prompts(cls, token_ids: list[np.ndarray], num_tokens: int, num_rows: int, pages_per_seq: int,
+                      page_size: int) -> StepInput:
+        """Fresh prompts (no cached context) packed back to back on consecutive pages from page 1
+        (benchmarks and kernel checks; the runner builds real steps in ``prepare``)."""
+        b = cls.empty(num_tokens, num_rows, pages_per_seq)
+        pos0, page0 = 0, 1
+        for r, ids in enumerate(token_ids):
+            n = len(ids)
+            pos = np.arange(n, dtype=np.int32)
+            pages = page0 + np.arange(-(-n // page_size), dtype=np.int32)
+            b.token_ids[pos0:pos0 + n] = ids
+            b.positions[pos0:pos0 + n] = pos
+            b.slot_mapping[pos0:pos0 + n] = pages[pos // page_size] * page_size + pos % page_size
+            b.page_table[r, :len(pages)] = pages
+            b.seq_lens[r] = n
+            b.query_start_loc[r + 1:] = pos0 + n
+            b.logits_indices[r] = pos0 + n - 1
+            pos0, page0 = pos0 + n, page0 + len(pages)
+        b.num_seqs[0] = len(token_ids)
+        return b
+
     @property
     def num_tokens(self) -> int:
         return self.token_ids.shape[0]

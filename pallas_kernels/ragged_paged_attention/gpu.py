@@ -26,7 +26,7 @@ of a two-launch plan, or a call of at most ``block_q`` tokens) the launch is *di
 grid runs over (live rank, kv head, split); each program counts the served sequences from
 ``query_start_loc`` in the kernel (one vector load), finds its sequence as the rank-th served one
 (a cumsum), and idles past the live ones. The grid is bounded by the live programs over every
-live count (``_direct_grid``), not by max_seqs x kv heads x splits: the engine's 16-row decode
+live count (``gpu_splits.direct_grid``), not by max_seqs x kv heads x splits: the engine's 16-row decode
 bucket holding one sequence launched 4096 programs, 3840 of them idle, each holding an SM slot
 and its pipeline buffers. No XLA op runs before a direct launch.
 
@@ -62,10 +62,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.ragged_paged_attention import gpu_splits as sp
 from pallas_kernels.ragged_paged_attention import reference
+from pallas_kernels.ragged_paged_attention.gpu_splits import active_splits
 from pallas_kernels.ragged_paged_attention.work import work_items
-
-_NEG = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +121,7 @@ class GpuPlan:
             raise ValueError("GpuPlan.prefill.block_q must exceed decode.block_q (the class threshold)")
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 _PARTIALS_BYTES = 64 << 20
-_TARGET_PROGRAMS = 264  # about two waves of an H100/H200's 132 SMs
 _MAX_SPLITS = 32
 _SPLIT_DECODE_WARPS = 2  # smaller programs, more of them in flight per SM (few live sequences)
 
@@ -141,10 +136,10 @@ def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: in
     of one sweep (KERNEL_NOTES run 8): 32 splits of 2-warp programs 33 us, 16 splits of 4 warps
     45 us.
     """
-    if programs >= _TARGET_PROGRAMS:
+    if programs >= sp.TARGET_PROGRAMS:
         return 1
     splits = 1
-    while (num_kv_heads * splits < _TARGET_PROGRAMS and splits * 2 <= ctx_blocks and splits < _MAX_SPLITS
+    while (num_kv_heads * splits < sp.TARGET_PROGRAMS and splits * 2 <= ctx_blocks and splits < _MAX_SPLITS
            and 2 * splits * partial_bytes <= _PARTIALS_BYTES):
         splits *= 2
     return splits
@@ -161,8 +156,8 @@ def default_config(
     64-row tiles, 64 keys per step (measured best for the 8 x 512 chunks of the mixed
     benchmark; KERNEL_NOTES.md).
     """
-    group = _pow2(num_q_heads // num_kv_heads)
-    ppb = min(max(1, 64 // page_size), _pow2(pages_per_seq))
+    group = sp.pow2(num_q_heads // num_kv_heads)
+    ppb = min(max(1, 64 // page_size), sp.pow2(pages_per_seq))
     bq = max(1, 16 // group)
     ctx_blocks = -(-pages_per_seq // ppb)
     items = min(max_seqs, num_tokens)
@@ -178,74 +173,6 @@ def default_config(
         return dec
     pre = GpuConfig(block_q=max(bq * 2, 64 // group), pages_per_block=ppb, num_warps=4, num_stages=2)
     return GpuPlan(decode=dec, prefill=pre)
-
-
-def _decode_item(w, sl_ref, qsl_ref, nseq_ref, *, block_q: int, max_seqs: int):
-    """Direct decode item ``w`` = sequence ``w`` (no work list): ``(first row, rows, seq or -1,
-    position of the first row)``; rows = q_len when ``1 <= q_len <= block_q`` and ``w <
-    num_seqs``, else 0 (the sequence belongs to the other launch, or to nobody)."""
-    n = jnp.clip(nseq_ref[0], 0, max_seqs)
-    start = qsl_ref[w]
-    q_len = qsl_ref[w + 1] - start
-    take = (w < n) & (q_len > 0) & (q_len <= block_q)
-    return start, jnp.where(take, q_len, 0), jnp.where(take, w, -1), sl_ref[w] - q_len
-
-
-def _live_decode_mask(qsl_ref, nseq_ref, *, block_q: int, max_seqs: int):
-    """``bool[S]`` (S = max_seqs padded to a power of two >= 16): which sequences a direct decode
-    launch serves (``w < num_seqs`` and ``1 <= q_len <= block_q``), from one masked vector load of
-    ``query_start_loc`` in the kernel (no XLA launch before it)."""
-    n = jnp.clip(nseq_ref[0], 0, max_seqs)
-    i = jnp.arange(max(_pow2(max_seqs), 16), dtype=jnp.int32)
-    ok = i < n
-    a = plgpu.load(qsl_ref.at[jnp.minimum(i, max_seqs)], mask=ok, other=0)
-    b = plgpu.load(qsl_ref.at[jnp.minimum(i + 1, max_seqs)], mask=ok, other=0)
-    q_len = b - a
-    return ok & (q_len > 0) & (q_len <= block_q)
-
-
-def _nth_live(live_mask, k, max_seqs: int):
-    """Index of the ``k``-th (from 0) served sequence; ``max_seqs - 1`` when there are fewer."""
-    cum = jnp.cumsum(live_mask.astype(jnp.int32))
-    return jnp.minimum(jnp.sum((cum <= k).astype(jnp.int32)), max_seqs - 1)
-
-
-def _direct_grid(max_seqs: int, num_kv_heads: int, num_splits: int) -> int:
-    """Programs of a direct launch: a bound on live x kv heads x splits over every live count
-    (``_splits_for`` keeps it under ``_TARGET_PROGRAMS + live x kv heads``), not max_seqs x kv heads
-    x splits: the engine's decode buckets hold far more rows than live sequences, and idle
-    programs still take a slot (and their shared-memory pipeline buffers) on an SM."""
-    full = max_seqs * num_kv_heads
-    return min(full * num_splits, max(full, _TARGET_PROGRAMS + full)) if num_splits > 1 else full
-
-
-def _item_kv_blocks(seq, nrows, pos0, *, block_k: int, sliding_window: int | None):
-    """An item's visible keys ``[kv_lo, kv_hi)`` and their ``block_k`` blocks ``[blk_lo, blk_hi)``
-    (empty for items without rows or without a sequence)."""
-    kv_hi = jnp.where((seq >= 0) & (nrows > 0), pos0 + nrows, 0)
-    kv_lo = jnp.int32(0) if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
-    return kv_lo, kv_hi, kv_lo // block_k, (kv_hi + block_k - 1) // block_k
-
-
-def _item_splits(nblk, active, min_blocks: int):
-    """Splits one item uses: the call's ``active`` count, fewer when its blocks are few."""
-    return jnp.clip((nblk + min_blocks - 1) // min_blocks, 1, active)
-
-
-def _splits_for(live, num_kv_heads: int, num_splits: int):
-    """KV splits for ``live`` sequences: enough for ~``_TARGET_PROGRAMS`` programs, at most
-    ``num_splits`` (scalar int32; traced on device or in-kernel)."""
-    want = (_TARGET_PROGRAMS + live * num_kv_heads - 1) // jnp.maximum(live * num_kv_heads, 1)
-    return jnp.clip(want, 1, num_splits).astype(jnp.int32)
-
-
-def _zero_padding_rows(o_ref, qsl_ref, nseq_ref, cols, *, block_q: int, max_seqs: int, num_tokens: int):
-    """Zeros into rows ``[query_start_loc[num_seqs], num_tokens)`` at ``cols`` [1, C] (direct
-    launches that own the whole output: there ``num_tokens <= block_q``)."""
-    r = jnp.arange(block_q, dtype=jnp.int32)
-    rr = qsl_ref[jnp.clip(nseq_ref[0], 0, max_seqs)] + r
-    zeros = jnp.zeros((block_q, cols.shape[1]), o_ref.dtype)
-    plgpu.store(o_ref.at[rr[:, None], cols], zeros, mask=(rr < num_tokens)[:, None])
 
 
 def _kernel(
@@ -287,13 +214,13 @@ def _kernel(
     m_rows = block_q * group
     if direct:  # a flat grid over (live rank, kv head, split); programs past the live ones idle
         p = pl.program_id(0)
-        live_mask = _live_decode_mask(meta[1], meta[2], block_q=block_q, max_seqs=max_seqs)
+        live_mask = sp.live_decode_mask(meta[1], meta[2], block_q=block_q, max_seqs=max_seqs)
         live = jnp.sum(live_mask.astype(jnp.int32))
-        call_splits = _splits_for(live, num_kv_heads, num_splits) if per_item else jnp.int32(1)
+        call_splits = sp.splits_for(live, num_kv_heads, num_splits) if per_item else jnp.int32(1)
         w = p // (num_kv_heads * call_splits)  # the item's rank among the served sequences
         h = (p // call_splits) % num_kv_heads
         split = p % call_splits
-        row0, nrows, seq, pos0 = _decode_item(_nth_live(live_mask, w, max_seqs), *meta, block_q=block_q,
+        row0, nrows, seq, pos0 = sp.decode_item(sp.nth_live(live_mask, w, max_seqs), *meta, block_q=block_q,
                                               max_seqs=max_seqs)  # fmt: skip
         nrows = jnp.where(w < live, nrows, 0)
     else:
@@ -310,7 +237,7 @@ def _kernel(
     qpos = pos0 + jnp.arange(m_rows, dtype=jnp.int32) // group  # [M]
 
     # Visible keys of the item: [kv_lo, kv_hi); keys in [full_lo, pos0] are visible to every row.
-    kv_lo, kv_hi, blk_lo, blk_hi = _item_kv_blocks(seq, nrows, pos0, block_k=block_k,
+    kv_lo, kv_hi, blk_lo, blk_hi = sp.item_kv_blocks(seq, nrows, pos0, block_k=block_k,
                                                    sliding_window=sliding_window)  # fmt: skip
     full_lo = jnp.int32(0) if sliding_window is None else jnp.maximum(pos0 + nrows - sliding_window, 0)
     nblk = jnp.maximum(blk_hi - blk_lo, 0)
@@ -321,7 +248,7 @@ def _kernel(
     else:
         active = active_ref[0]
     if per_item and not fused:  # (the fused merge counts every split's arrival)
-        active = _item_splits(nblk, active, min_blocks)
+        active = sp.item_splits(nblk, active, min_blocks)
     per_split = (nblk + active - 1) // active
     b0 = blk_lo + split * per_split
     b1 = jnp.minimum(b0 + per_split, blk_hi)
@@ -356,7 +283,7 @@ def _kernel(
             mask = kpos[None, :] <= qpos[:, None]
             if sliding_window is not None:
                 mask = mask & (kpos[None, :] > qpos[:, None] - sliding_window)
-            s = jnp.where(mask, s, _NEG)
+            s = jnp.where(mask, s, sp.NEG)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
         alpha = jnp.exp(m_prev - m_new)
         p = jnp.exp(s - m_new[:, None])
@@ -375,7 +302,7 @@ def _kernel(
 
     carry = (
         jnp.zeros((m_rows, head_dim), jnp.float32),
-        jnp.full((m_rows,), _NEG, jnp.float32),
+        jnp.full((m_rows,), sp.NEG, jnp.float32),
         jnp.zeros((m_rows,), jnp.float32),
     )
     carry = jax.lax.fori_loop(b0, i_lo, functools.partial(body, masked=True), carry)
@@ -396,7 +323,7 @@ def _kernel(
             @pl.when(p < num_kv_heads)  # program p zeroes kv head p's columns of the padding rows
             def _pad():
                 cols = (p * group * head_dim + jnp.arange(group * head_dim, dtype=jnp.int32))[None, :]
-                _zero_padding_rows(o_ref, meta[1], meta[2], cols, block_q=block_q, max_seqs=max_seqs,
+                sp.zero_padding_rows(o_ref, meta[1], meta[2], cols, block_q=block_q, max_seqs=max_seqs,
                                    num_tokens=num_tokens)  # fmt: skip
     else:  # partials are indexed by (split, item row), not by token row: their size is items x block_q
         if fused:
@@ -422,104 +349,8 @@ def _kernel(
                 if barriers:
                     plgpu.debug_barrier()
 
-                out = _merge_splits(op_ref, m_ref, l_ref, num_splits, pr, qc, hc, head_dim, volatile=True)
+                out = sp.merge_splits(op_ref, m_ref, l_ref, num_splits, pr, qc, hc, head_dim, volatile=True)
                 plgpu.store(fin_ref.at[rr, qc], out.astype(fin_ref.dtype), mask=store_mask)
-
-
-def _merge_splits(op_ref, m_ref, l_ref, n, pr, qc, hc, head_dim: int, volatile: bool) -> jax.Array:
-    """Merge the first ``n`` splits' partials of one (item, kv head): rows ``pr`` [bq, 1], output
-    columns ``qc`` [1, G * D], head columns ``hc`` [1, G] -> normalised rows [bq, G * D] (float32).
-
-    ``volatile``: bypass L1 (the fused path reads partials other programs wrote in this launch).
-    """
-    bq, gd = pr.shape[0], qc.shape[1]
-    m_rows = bq * hc.shape[1]
-
-    def part(sp):
-        o_s = plgpu.load(op_ref.at[sp, pr, qc], volatile=volatile)
-        m_s = plgpu.load(m_ref.at[sp, pr, hc], volatile=volatile)
-        l_s = plgpu.load(l_ref.at[sp, pr, hc], volatile=volatile)
-        return o_s.reshape(m_rows, head_dim), m_s.reshape(m_rows), l_s.reshape(m_rows)
-
-    m_all = jax.lax.fori_loop(0, n, lambda sp, m: jnp.maximum(m, part(sp)[1]),
-                              jnp.full((m_rows,), _NEG, jnp.float32))  # fmt: skip
-
-    def add(sp, carry):
-        num, den = carry
-        o_s, m_s, l_s = part(sp)
-        wgt = jnp.exp(m_s - m_all)
-        return num + o_s * wgt[:, None], den + l_s * wgt
-
-    zero = (jnp.zeros((m_rows, head_dim), jnp.float32), jnp.zeros((m_rows,), jnp.float32))
-    num, den = jax.lax.fori_loop(0, n, add, zero)
-    return (num / jnp.maximum(den, 1e-30)[:, None]).reshape(bq, gd)
-
-
-def _combine_kernel(*refs, block_q: int, head_dim: int, num_splits: int, direct: bool, aliased: bool,
-                    max_seqs: int, num_kv_heads: int, num_tokens: int, block_k: int,
-                    sliding_window: int | None, min_blocks: int):
-    """Grid (item, q head): merge the call's active splits into the item's output rows. With
-    ``aliased`` the output is ``base`` (other rows keep their values); without (direct launches
-    over the whole output) program 0 also writes the padding rows' zeros.
-
-    All splits are loaded at once as one ``[S, block_q, D]`` tile (S = splits padded to a power of
-    two, masked past the active count) and reduced in registers: a loop over splits would chain
-    one global-memory round trip per split (what made the fused merge slow, KERNEL_NOTES run 3).
-    """
-    refs = list(refs)
-    meta = [refs.pop(0) for _ in range(3 if direct else 1)]
-    active_ref = None if direct else refs.pop(0)
-    op_ref, m_ref, l_ref = refs[:3]
-    o_ref = refs[-1]  # (base, when aliased, sits before it)
-    w, hq = pl.program_id(0), pl.program_id(1)
-    if direct:  # program w merges the w-th served sequence (partials are indexed by that rank)
-        live_mask = _live_decode_mask(meta[1], meta[2], block_q=block_q, max_seqs=max_seqs)
-        live = jnp.sum(live_mask.astype(jnp.int32))
-        row0, nrows, seq, pos0 = _decode_item(_nth_live(live_mask, w, max_seqs), *meta, block_q=block_q,
-                                              max_seqs=max_seqs)  # fmt: skip
-        nrows = jnp.where(w < live, nrows, 0)
-        active = _splits_for(live, num_kv_heads, num_splits)
-    else:
-        row0, nrows, seq, pos0 = (meta[0][w, c] for c in range(4))
-        active = active_ref[0]
-    _, _, blk_lo, blk_hi = _item_kv_blocks(seq, nrows, pos0, block_k=block_k, sliding_window=sliding_window)
-    active = _item_splits(jnp.maximum(blk_hi - blk_lo, 0), active, min_blocks)
-    s_pad = _pow2(num_splits)
-    sp = jnp.arange(s_pad, dtype=jnp.int32)
-    valid = sp < active
-    spc = jnp.minimum(sp, num_splits - 1)  # masked lanes still index in bounds
-    r = jnp.arange(block_q, dtype=jnp.int32)
-    pr = w * block_q + r
-    d = hq * head_dim + jnp.arange(head_dim, dtype=jnp.int32)
-    # Only the item's live rows of its active splits are read (the rest is uninitialised memory).
-    v2 = valid[:, None] & (r < nrows)[None, :]
-    v3 = jnp.broadcast_to(v2[:, :, None], (s_pad, block_q, head_dim))
-    hcol = jnp.full((1, 1), hq, jnp.int32)
-    m_s = plgpu.load(m_ref.at[spc[:, None], pr[None, :], hcol], mask=v2, other=_NEG)
-    l_s = plgpu.load(l_ref.at[spc[:, None], pr[None, :], hcol], mask=v2, other=0.0)
-    o_s = plgpu.load(op_ref.at[spc[:, None, None], pr[None, :, None], d[None, None, :]], mask=v3, other=0.0)
-    m_s = jnp.where(v2, m_s, _NEG)
-    m_all = jnp.max(m_s, axis=0)  # [bq]
-    wgt = jnp.where(v2, jnp.exp(m_s - m_all[None, :]), 0.0)  # [S, bq]
-    num = jnp.sum(jnp.where(v3, o_s, 0.0) * wgt[:, :, None], axis=0)  # [bq, D]
-    den = jnp.sum(jnp.where(v2, l_s, 0.0) * wgt, axis=0)
-    out = num / jnp.maximum(den, 1e-30)[:, None]
-    rr = (row0 + r)[:, None]
-    plgpu.store(o_ref.at[rr, d[None, :]], out.astype(o_ref.dtype), mask=(r < nrows)[:, None])
-    if direct and not aliased:
-
-        @pl.when(w == 0)
-        def _pad():
-            _zero_padding_rows(o_ref, meta[1], meta[2], d[None, :], block_q=block_q, max_seqs=max_seqs,
-                               num_tokens=num_tokens)  # fmt: skip
-
-
-def active_splits(items: jax.Array, num_kv_heads: int, num_splits: int) -> jax.Array:
-    """``int32[1]``: KV splits this call uses, from the live items (rows > 0) on device: enough
-    for ~2 waves of an H100/H200's 132 SMs (264 programs), at most ``num_splits``. A batch-1
-    decode in a 16-row bucket gets all 16 splits; 16 live sequences get 3."""
-    live = jnp.sum(items[:, 1] > 0).astype(jnp.int32)
-    return _splits_for(live, num_kv_heads, num_splits)[None]
 
 
 def _launch(
@@ -598,7 +429,7 @@ def _launch(
     )  # fmt: skip
     out = pl.pallas_call(
         kernel,
-        grid=(_direct_grid(max_seqs, num_kv_heads, ns),) if direct else (num_items, num_kv_heads, ns),
+        grid=(sp.direct_grid(max_seqs, num_kv_heads, ns),) if direct else (num_items, num_kv_heads, ns),
         out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
@@ -612,7 +443,7 @@ def _launch(
     if base is None and not direct:
         base = jnp.zeros((num_tokens, width), out_dtype)
     combine = functools.partial(
-        _combine_kernel, block_q=bq, head_dim=head_dim, num_splits=ns, direct=direct,
+        sp.combine_kernel, block_q=bq, head_dim=head_dim, num_splits=ns, direct=direct,
         aliased=base is not None, max_seqs=max_seqs, num_kv_heads=num_kv_heads, num_tokens=num_tokens,
         block_k=cfg.pages_per_block * page_size, sliding_window=static["sliding_window"],
         min_blocks=cfg.min_blocks_per_split,
@@ -669,7 +500,7 @@ def ragged_paged_attention(
         raise ValueError(f"page_size must be a power of two for the GPU kernel, got {page_size}")
     cfg = config or default_config(num_tokens, max_seqs, num_q_heads, num_kv_heads, page_size, pages_per_seq)
     group = num_q_heads // num_kv_heads
-    gp, dp = _pow2(group), _pow2(max(head_dim, 16))
+    gp, dp = sp.pow2(group), sp.pow2(max(head_dim, 16))
     qx = q.reshape(num_tokens, num_kv_heads, group, head_dim)
     if (gp, dp) != (group, head_dim):  # Triton tiles need power-of-two extents
         qx = jnp.pad(qx, ((0, 0), (0, 0), (0, gp - group), (0, dp - head_dim)))

@@ -61,26 +61,6 @@ def test_large_steps_use_kernels_and_match_small_steps(make_engine):
     assert run_tokens(big, prompts, sp) == run_tokens(small, prompts, sp)
 
 
-def _fresh_batch(lens: list[int], num_tokens: int, rows: int, pps: int, page: int, vocab: int):
-    """Fresh prompts packed back to back on consecutive pages (page 0 left unused)."""
-    b = StepInput.empty(num_tokens, rows, pps)
-    rng = np.random.default_rng(1)
-    pos0, page0 = 0, 1
-    for r, n in enumerate(lens):
-        pos = np.arange(n, dtype=np.int32)
-        pages = page0 + np.arange(-(-n // page), dtype=np.int32)
-        b.token_ids[pos0:pos0 + n] = rng.integers(5, vocab, n)
-        b.positions[pos0:pos0 + n] = pos
-        b.slot_mapping[pos0:pos0 + n] = pages[pos // page] * page + pos % page
-        b.page_table[r, :len(pages)] = pages
-        b.seq_lens[r] = n
-        b.query_start_loc[r + 1:] = pos0 + n
-        b.logits_indices[r] = pos0 + n - 1
-        pos0, page0 = pos0 + n, page0 + len(pages)
-    b.num_seqs[0] = len(lens)
-    return b
-
-
 def test_bf16_fresh_step_runs_mosaic_kernel_once_and_matches_paged():
     """On Hopper the model's bf16 fresh-prompt step (the engine's ``_step_fresh``) embeds the
     Mosaic GPU flash kernel once for all layers (the dispatcher's jit wrapper), and its logits
@@ -93,7 +73,9 @@ def test_bf16_fresh_step_runs_mosaic_kernel_once_and_matches_paged():
     params = random_params(cfg, mesh, scale=0.1)
     page, pps = 16, 64
     kv = allocate_kv_cache(cfg, 1 + 4 * pps, page, "bfloat16", mesh)
-    batch = _fresh_batch([300, 1, 500, 150], 1024, 8, pps, page, cfg.vocab_size)
+    rng = np.random.default_rng(1)
+    ids = [rng.integers(5, cfg.vocab_size, n) for n in (300, 1, 500, 150)]
+    batch = StepInput.fresh_prompts(ids, 1024, 8, pps, page)
     fresh_step = jax.jit(functools.partial(forward, cfg, fresh_prefill=True, mesh=mesh), donate_argnums=(1,))
     paged_step = jax.jit(functools.partial(forward, cfg, mesh=mesh), donate_argnums=(1,))
     text = fresh_step.lower(params, kv, batch).as_text()
