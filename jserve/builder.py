@@ -60,6 +60,7 @@ class EngineArgs:
     host_kv_cache_gb: float = 0.0            # host memory tier for evicted cached pages (0 = off)
     preemption_mode: str = "swap"            # "swap" | "recompute"
     flash_prefill_min_tokens: int = 1024     # fresh-prompt steps this large use flash attention
+    async_scheduling: bool = True            # overlap scheduling step N+1 with the device running N
 
 
 def default_cache_dir() -> str:
@@ -114,7 +115,8 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
                           preemption_mode=args.preemption_mode),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
                                   max_model_len=max_len, max_waiting=args.max_waiting,
-                                  flash_prefill_min_tokens=args.flash_prefill_min_tokens),
+                                  flash_prefill_min_tokens=args.flash_prefill_min_tokens,
+                                  async_scheduling=args.async_scheduling),
         parallel=ParallelConfig(args.tensor_parallel_size), seed=args.seed,
         compilation_cache_dir=args.compilation_cache_dir)
 

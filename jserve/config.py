@@ -217,8 +217,11 @@ class SchedulerConfig:
     max_waiting: int = 1024
     min_token_bucket: int = 16
     flash_prefill_min_tokens: int = 1024
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting",
                      "min_token_bucket"):
             v = getattr(self, name)

@@ -1,9 +1,13 @@
-"""LLMEngine: the synchronous engine loop (add_request -> step -> RequestOutputs).
+"""LLMEngine: the engine loop (add_request -> step -> RequestOutputs).
 
-Where it sits: below ``LLM`` (offline API) and the async engine (server). One ``step()``::
+Where it sits: below ``LLM`` (offline API) and the async engine (server). One ``step()``
+(overlapped: the device never waits for the host)::
 
-    Scheduler.schedule() -> Runner.execute() -> Scheduler.update()
+    Scheduler.schedule() N+1 -> Runner.dispatch() N+1        (returns at once)
+    StepHandle N .result() -> Scheduler.update(N)           (tokens of the previous step)
       -> per updated request: incremental detokenize, stop strings -> RequestOutput
+
+With ``async_scheduling=False`` a step reads its own results (the synchronous reference).
 
 Requests with ``n`` > 1 become n child ``Request``s (same prompt, distinct seeds) grouped
 under one parent id. Validation errors are ``ValueError``s naming the field; they reject
@@ -25,7 +29,7 @@ from jserve.kv_cache import PoolPlan
 from jserve.kv_manager import make_kv_manager
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jserve.request import Request, RequestStatus
-from jserve.runner import Runner
+from jserve.runner import Runner, StepHandle
 from jserve.sampling_batch import MAX_BANNED_IDS, banned_ids_fit
 from jserve.sampling_params import SamplingParams
 from jserve.scheduler import Scheduler
@@ -78,6 +82,8 @@ class LLMEngine:
         self.pool_plan: PoolPlan | None = None
         self.startup_seconds = 0.0
         self.compile_seconds = 0.0
+        self._overlap = config.scheduler.async_scheduling
+        self._in_flight: StepHandle | None = None  # dispatched, results not yet read
 
     # ------------------------------------------------------------------ input
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -183,12 +189,20 @@ class LLMEngine:
         return bool(self._parents)
 
     def step(self) -> list[RequestOutput]:
-        """One engine iteration; returns outputs of every parent that changed."""
+        """One engine iteration; returns outputs of every parent that changed.
+
+        Overlapped (``async_scheduling``): step N+1 is scheduled and dispatched before the
+        results of step N are read, so the device never waits for the host; the outputs
+        returned are step N's. Synchronous: dispatch, then read the same step's results.
+        """
         sched_out = self.scheduler.schedule()
+        handle = self.runner.dispatch(sched_out) if not sched_out.is_empty else None
+        done, self._in_flight = self._in_flight, handle
+        if not self._overlap:
+            done, self._in_flight = handle, None
         touched: dict[str, None] = {}
-        if not sched_out.is_empty:
-            runner_out = self.runner.execute(sched_out)
-            for req in self.scheduler.update(sched_out, runner_out):
+        if done is not None:
+            for req in self.scheduler.update(done.sched_out, done.result()):
                 touched[self._child_to_parent[req.request_id]] = None
         # Requests finished outside update (aborts) must still report once.
         for pid, parent in self._parents.items():

@@ -271,9 +271,11 @@ class KVCacheManager:
 
     # ---------------------------------------------------------------- update
     def on_computed(self, req: Request) -> None:
-        """After a step advanced ``req.num_computed_tokens``: index its newly full pages."""
+        """After a step's result arrived: index ``req``'s newly full pages. Only pages whose
+        tokens are all known on the host are indexed (``num_computed_tokens`` may already count
+        an in-flight row over a placeholder); their K/V lands before any later step reads it."""
         pc = self.prefix_cache
-        full = req.num_computed_tokens // self.page_size
+        full = min(req.num_computed_tokens, req.num_tokens) // self.page_size
         if pc is None or full <= len(req.page_entries):
             return
         pc.register(req.page_entries, req.page_ids, _TokenView(req, self.page_size).page_tokens,

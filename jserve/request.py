@@ -8,8 +8,15 @@ Token accounting (the "no phases" invariant)::
 
     all_token_ids = prompt_token_ids + output_token_ids          (len = num_tokens)
     |<------------- num_computed_tokens ------------->|<-- to compute -->|
-    each step schedules a chunk [num_computed_tokens, num_computed_tokens + k); the chunk that
-    reaches num_tokens produces a sampled token, which is appended to output_token_ids.
+    each step schedules a chunk [num_computed_tokens, num_computed_tokens + k) and advances
+    num_computed_tokens at once (the step is in flight); the chunk that reaches the end
+    produces a sampled token, appended to output_token_ids when the step's result arrives.
+    Until then it is a *placeholder* (``num_placeholders``): the overlapped loop may already
+    schedule the next row over it, fed on the device from the in-flight step's output::
+
+        prompt + outputs (known)          | placeholder |
+        |<------ num_tokens ------------->|<-- 0 or 1 ->|
+        |<------------ num_computed_tokens (incl. in-flight rows) ------------>|
 
 KV state (kept by the ``KVCacheManager``): ``page_ids`` covers the computed tokens and the
 chunk in flight; ``page_entries[i]`` is the prefix-cache identity of full page i (computed
@@ -53,6 +60,7 @@ class Request:
     arrival_time: float = 0.0
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_placeholders: int = 0     # sampled tokens of in-flight steps not yet on the host
     page_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None

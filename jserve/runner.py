@@ -1,28 +1,41 @@
-"""Runner: packs a SchedulerOutput into bucketed device input, runs the jitted step + sampler.
+"""Runner: turns a SchedulerOutput (values) into one dispatched device step; results come later.
 
-Where it sits: between ``Scheduler.schedule()`` and ``Scheduler.update()``::
+Where it sits: between ``Scheduler.schedule()`` and ``Scheduler.update()``, in the overlapped
+loop (``LLMEngine.step``)::
 
-    SchedulerOutput --prepare (host numpy)--> StepInput + SamplingBatch --device_put-->
-    step_fn(params, kv [donated], batch) -> (kv, logits[R, V]) --> sampler -> tokens[R]
-    --> RunnerOutput (host numpy)
+    SchedulerOutput N+1 --RequestRows (per-request state: page rows, sampling params)-->
+      pack two flat buffers (StepLayout) --device_put--> compiled step(params, kv [donated],
+      tokens of step N [device], ibuf, fbuf) = model + sampler in one executable
+      -> (kv, tokens[S], logprobs, top-N, logits)  --copy_to_host_async--> StepHandle
+    StepHandle N .result() -> RunnerOutput N   (the host waits only here, one step late)
+
+The tokens of step N feed step N+1 on the device: a row over a placeholder takes its input
+token from step N's output (``prev_index``), so no host round trip sits on the critical path.
 
 Shapes are bucketed (DESIGN invariant 4): the token count pads to a power-of-two bucket and
-the request rows to that bucket's row count; ``warmup()`` compiles every bucket at start-up,
-so serving never compiles. Buckets of at least ``flash_prefill_min_tokens`` also compile a
-``fresh_prefill`` variant (flash attention over the chunk's own K/V), which ``execute`` picks on
-the host for steps whose chunks all start at token 0 (no cached context): no device-side branch.
-Page moves the scheduler asked for (copy-on-write, swap, host KV tier:
-``SchedulerOutput.transfers``) run just before the step (``KVPageMover``).
+the rows to that bucket's row count; ``warmup()`` compiles every bucket ahead of time (threads,
+with the persistent cache) and the runner calls the compiled executables directly, so serving
+never compiles. Buckets of at least ``flash_prefill_min_tokens`` also have a ``fresh_prefill``
+variant (flash attention over the chunk's own K/V), picked on the host for steps whose chunks
+all start at token 0. Rows that use penalties (rare) take the separate two-jit sampler over the
+step's logits (``sampler.Sampler``): the scheduler never gives such rows a placeholder.
+Page moves (copy-on-write, swap, host tier: ``SchedulerOutput.transfers``) run just before
+the step (``KVPageMover``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -30,17 +43,69 @@ from jserve.config import EngineConfig
 from jserve.kv_cache import KVCache
 from jserve.kv_transfer import KVPageMover
 from jserve.model.decoder import forward
-from jserve.request import Request
-from jserve.sampler import make_sampler
-from jserve.sampling_batch import SamplingRow, pack_sampling, required_flags, serving_flag_sets, serving_flags
+from jserve.runner_state import RequestRows
+from jserve.sampler import SamplerOutput, _sample_core, make_sampler
+from jserve.sampling_batch import SamplerFlags, SamplingRow, pack_sampling, serving_flags
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
-from jserve.step_input import StepInput
+from jserve.step_buffers import StepLayout
 
 log = logging.getLogger(__name__)
 
+# The in-step sampler's static flags: a superset whose unused work (random draws, filters,
+# top-N logprobs) is skipped at run time by the batch's values (see ``sampler._sample_core``).
+STEP_SAMPLER_FLAGS = SamplerFlags(all_greedy=False, any_filters=True, history_width=0,
+                                  max_logprobs=20)
+Progress = Callable[[str], None]
+
+
+def fused_step(cfg: Any, layout: StepLayout, num_out: int, fresh_prefill: bool, mesh: Mesh,
+               params: Any, kv: KVCache, prev_tokens: jax.Array, ibuf: jax.Array,
+               fbuf: jax.Array) -> tuple:
+    """Model forward + sampler over one packed step. prev_tokens: int32[S] (the previous step's
+    sampled tokens by row) -> (kv, tokens int32[S], logprobs f32[R], top_ids int32[R, N],
+    top_logprobs f32[R, N], logits f32[R, V])."""
+    batch, sbatch, prev_index = layout.unpack(ibuf, fbuf)
+    fed = prev_tokens[jnp.maximum(prev_index, 0)]
+    batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
+    kv, logits = forward(cfg, params, kv, batch, fresh_prefill=fresh_prefill, mesh=mesh)
+    logits = logits.astype(jnp.float32)
+    out = _sample_core(logits, None, sbatch, STEP_SAMPLER_FLAGS)
+    tokens = jnp.zeros((num_out,), jnp.int32).at[:layout.num_rows].set(out.token_ids)
+    return kv, tokens, out.logprobs, out.top_ids, out.top_logprobs, logits
+
+
+@dataclass
+class StepHandle:
+    """A dispatched step: its plan and its device outputs, on their way to the host."""
+
+    sched_out: SchedulerOutput
+    tokens: jax.Array                       # int32[S]
+    logprobs: tuple[jax.Array, ...] | None  # (chosen [R], top_ids [R, N], top_lp [R, N]) if asked
+    penalized: SamplerOutput | None         # the penalty sampler's output, if any row uses one
+    top_n: tuple[int, ...]                  # per row: top-N asked (0: none / not sampling)
+
+    def result(self) -> RunnerOutput:
+        """Wait for this step's tokens (the host's only wait) -> RunnerOutput, row order."""
+        chunks = self.sched_out.chunks
+        src = self.penalized
+        tokens = np.asarray(src.token_ids if src is not None else self.tokens)
+        sampled = [[int(tokens[r])] if c.samples else [] for r, c in enumerate(chunks)]
+        if self.logprobs is None:
+            return RunnerOutput(sampled)
+        if src is not None:
+            lp, ids, tlp = (np.asarray(src.logprobs), np.asarray(src.top_ids),
+                            np.asarray(src.top_logprobs))
+        else:
+            lp, ids, tlp = (np.asarray(a) for a in self.logprobs)
+        rows = range(len(chunks))
+        return RunnerOutput(sampled, logprobs=[[float(lp[r])] for r in rows],
+                            top_ids=[[ids[r, :n].tolist()] for r, n in zip(rows, self.top_n, strict=True)],
+                            top_logprobs=[[tlp[r, :n].tolist()] for r, n in zip(rows, self.top_n,
+                                                                                 strict=True)])
+
 
 class Runner:
-    """Owns the params, the KV pool and the compiled step/sampler functions."""
+    """Owns the params, the KV pool, the per-request rows and the compiled steps."""
 
     def __init__(self, config: EngineConfig, params: Any, kv: KVCache, mesh: Mesh) -> None:
         self.config = config
@@ -48,18 +113,20 @@ class Runner:
         self.kv = kv
         self.mesh = mesh
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        self._step = jax.jit(functools.partial(forward, config.model, mesh=mesh), donate_argnums=(1,))
-        self._step_fresh = jax.jit(functools.partial(forward, config.model, fresh_prefill=True, mesh=mesh),
-                                   donate_argnums=(1,))
-        self._sample = make_sampler()
-        self._buckets = config.scheduler.token_buckets
+        sched = config.scheduler
+        self._buckets = sched.token_buckets
         self._pages_per_seq = config.pages_per_seq
         self._page_size = config.cache.page_size
+        self._num_out = max(sched.seq_bucket(t) for t in self._buckets)
+        self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
+        self._compiled: dict[tuple[int, bool], Any] = {}
+        self._penalty_sampler = make_sampler()
+        self._prev_tokens = jax.device_put(np.zeros(self._num_out, np.int32), self._replicated)
+        self._prev_rows: dict[str, int] = {}
         cache = config.cache
         host_moves = ((cache.preemption_mode == "swap" and cache.swap_space_gb > 0)
                       or cache.host_kv_cache_gb > 0)
-        self.mover = KVPageMover(kv, max(self._pages_per_seq, config.scheduler.max_num_seqs),
-                                 host_moves)
+        self.mover = KVPageMover(kv, max(self._pages_per_seq, sched.max_num_seqs), host_moves)
 
     # ---------------------------------------------------------------- shapes
     def bucket_for(self, num_tokens: int) -> tuple[int, int]:
@@ -70,99 +137,172 @@ class Runner:
         raise ValueError(f"step of {num_tokens} tokens exceeds max_num_batched_tokens "
                          f"({self._buckets[-1]})")
 
+    def layout(self, token_bucket: int) -> StepLayout:
+        return StepLayout(token_bucket, self.config.scheduler.seq_bucket(token_bucket),
+                          self._pages_per_seq)
+
+    def variants(self) -> list[tuple[int, bool]]:
+        """Every compiled step: (token bucket, fresh_prefill)."""
+        out = []
+        for t in self._buckets:
+            out.append((t, False))
+            if self.config.scheduler.flash_prefill(t):
+                out.append((t, True))
+        return out
+
     # ---------------------------------------------------------------- host packing
-    def prepare(self, out: SchedulerOutput) -> tuple[StepInput, list[SamplingRow | None]]:
-        """Host-side packing into numpy arrays of the bucket shape (no device work)."""
+    def pack(self, out: SchedulerOutput) -> tuple[StepLayout, np.ndarray, np.ndarray, np.ndarray]:
+        """Apply the plan's diffs to the request rows and pack the step's two buffers (host).
+        -> (layout, int32 buffer, float32 buffer, slot of each row)."""
+        self.rows.drop(out.dropped)
+        chunks = out.chunks
+        n = len(chunks)
         t_bucket, r_bucket = self.bucket_for(out.num_tokens)
-        if out.num_seqs > r_bucket:
-            raise ValueError(f"{out.num_seqs} rows exceed the row bucket {r_bucket}")
-        b = StepInput.empty(t_bucket, r_bucket, self._pages_per_seq)
+        if n > r_bucket:
+            raise ValueError(f"{n} rows exceed the row bucket {r_bucket}")
+        layout = self.layout(t_bucket)
+        ibuf, fbuf, f = layout.new_buffers()
+        rows = self.rows
+        slots = np.fromiter((rows.apply(c) for c in chunks), np.int64, n)
+        ns = np.fromiter((c.num_tokens for c in chunks), np.int32, n)
+        starts = np.fromiter((c.start for c in chunks), np.int32, n)
+        ends = np.cumsum(ns, dtype=np.int32)
+        total = int(ends[-1])
+        qsl = f["query_start_loc"]
+        qsl[1:n + 1] = ends
+        qsl[n + 1:] = total
+        tok_row = np.repeat(np.arange(n), ns)
+        pos = starts[tok_row] + np.arange(total, dtype=np.int32) - (ends - ns)[tok_row]
+        f["positions"][:total] = pos
+        pt = rows.page_table[slots]
+        f["page_table"][:n] = pt
         ps = self._page_size
-        rows: list[SamplingRow | None] = []
-        pos0 = 0
-        for r, chunk in enumerate(out.chunks):
-            req, n, start = chunk.request, chunk.num_tokens, chunk.start
-            end = start + n
-            b.token_ids[pos0:pos0 + n] = _token_slice(req, start, end)
-            positions = np.arange(start, end, dtype=np.int32)
-            b.positions[pos0:pos0 + n] = positions
-            pages = np.asarray(req.page_ids, np.int32)
-            b.slot_mapping[pos0:pos0 + n] = pages[positions // ps] * ps + positions % ps
-            b.page_table[r, :len(pages)] = pages
-            b.seq_lens[r] = end
-            b.query_start_loc[r + 1] = pos0 + n
-            b.logits_indices[r] = pos0 + n - 1
-            rows.append(_sampling_row(req) if chunk.samples else None)
-            pos0 += n
-        b.query_start_loc[out.num_seqs + 1:] = pos0
-        b.num_seqs[0] = out.num_seqs
-        return b, rows
+        f["slot_mapping"][:total] = pt[tok_row, pos // ps] * ps + pos % ps
+        ids = f["token_ids"]
+        prev = f["prev_index"]
+        for r, c in enumerate(chunks):
+            a = int(ends[r] - ns[r])
+            ids[a:a + len(c.token_ids)] = c.token_ids
+            if c.num_placeholders:
+                if c.num_placeholders != 1 or c.req_id not in self._prev_rows:
+                    raise ValueError(f"request {c.req_id!r}: a placeholder row with no sampled row "
+                                     "for it in the step in flight")
+                prev[int(ends[r]) - 1] = self._prev_rows[c.req_id]
+        f["seq_lens"][:n] = starts + ns
+        f["num_seqs"][0] = n
+        f["logits_indices"][:n] = ends - 1
+        samples = np.fromiter((c.samples for c in chunks), bool, n)
+        s = slots[samples]
+        f["temperature"][:n][samples] = rows.temperature[s]
+        f["top_p"][:n][samples] = rows.top_p[s]
+        f["min_p"][:n][samples] = rows.min_p[s]
+        f["top_k"][:n][samples] = rows.top_k[s]
+        f["seed"][:n][samples] = rows.seed[s].view(np.int32)
+        f["want_logprobs"][:n][samples] = rows.want_logprobs[s]
+        f["output_index"][:n] = np.fromiter((c.output_index for c in chunks), np.int32, n)
+        for r, c in enumerate(chunks):
+            if c.banned_ids:
+                ban = np.unique(np.asarray(c.banned_ids, np.int32))
+                f["banned_ids"][r, :len(ban)] = ban
+        return layout, ibuf, fbuf, slots
 
     # ---------------------------------------------------------------- device
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def dispatch(self, out: SchedulerOutput) -> StepHandle | None:
+        """Dispatch the step (page moves first); returns at once. None when there are no rows."""
         if out.transfers:
             self.kv = self.mover.move(self.kv, out.transfers)
         if not out.chunks:
-            return RunnerOutput(np.zeros(0, np.int32))
-        batch_np, rows = self.prepare(out)
-        r_bucket = batch_np.num_rows
+            self.rows.drop(out.dropped)
+            return None
+        layout, ibuf, fbuf, slots = self.pack(out)
+        fresh = (self.config.scheduler.flash_prefill(layout.num_tokens)
+                 and all(c.start == 0 for c in out.chunks))
+        step = self._compiled.get((layout.num_tokens, fresh))
+        if step is None:
+            raise RuntimeError(f"step bucket {(layout.num_tokens, fresh)} was not compiled at warm-up")
+        ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
+        self.kv, tokens, lp, top_ids, top_lp, logits = step(self.params, self.kv, self._prev_tokens,
+                                                            ibuf, fbuf)
+        self._prev_tokens = tokens
+        self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
+        params = [self.rows.params[s] for s in slots]
+        top_n = tuple((p.logprobs or 0) if c.samples else 0 for c, p in zip(out.chunks, params, strict=True))
+        want = any(c.samples and p.logprobs is not None for c, p in zip(out.chunks, params, strict=True))
+        penalized = None
+        if any(c.history is not None for c in out.chunks):
+            penalized = self._sample_penalized(out, slots, layout.num_rows, logits)
+        logprobs = (lp, top_ids, top_lp) if want else None
+        tokens.copy_to_host_async()
+        for a in (logprobs or ()) if penalized is None else ():
+            a.copy_to_host_async()
+        return StepHandle(out, tokens, logprobs, penalized, top_n)
+
+    def _sample_penalized(self, out: SchedulerOutput, slots: np.ndarray, r_bucket: int,
+                          logits: jax.Array) -> SamplerOutput:
+        """The separate sampler (penalties need the history) over the step's logits."""
+        rows: list[SamplingRow | None] = []
+        for c, slot in zip(out.chunks, slots, strict=True):
+            if not c.samples:
+                rows.append(None)
+                continue
+            hist = c.history or ()
+            rows.append(SamplingRow(params=self.rows.params[slot], seed=self.rows.seeds[slot],
+                                    output_index=c.output_index, prompt_token_ids=hist[:c.num_prompt],
+                                    output_token_ids=hist[c.num_prompt:], banned_ids=c.banned_ids))
         vocab, max_len = self.config.model.vocab_size, self.config.scheduler.max_model_len
-        flags = serving_flags(required_flags(rows, vocab), max_len)
+        flags = serving_flags(SamplerFlags(history_width=16), max_len)
         sbatch, flags = pack_sampling(rows, r_bucket, vocab, flags=flags)
-        batch, sbatch = jax.device_put((batch_np, sbatch), self._replicated)
-        self.kv, logits = self.step_fn(out, batch_np.num_tokens)(self.params, self.kv, batch)
-        res = self._sample(logits, sbatch, flags)
-        n = out.num_seqs
-        tokens = np.asarray(res.token_ids)[:n]
-        if any(row is not None and row.params.logprobs is not None for row in rows):
-            return RunnerOutput(tokens, np.asarray(res.logprobs)[:n], np.asarray(res.top_ids)[:n],
-                                np.asarray(res.top_logprobs)[:n])
-        return RunnerOutput(tokens)
+        return self._penalty_sampler(logits, jax.device_put(sbatch, self._replicated), flags)
 
-    def step_fn(self, out: SchedulerOutput, token_bucket: int) -> Any:
-        """The compiled step for ``out``: the flash variant when every chunk is a fresh prompt and
-        the bucket has one, else the paged one."""
-        if (self.config.scheduler.flash_prefill(token_bucket)
-                and all(c.start == 0 for c in out.chunks)):
-            return self._step_fresh
-        return self._step
+    # ---------------------------------------------------------------- start-up
+    def _lower(self, variant: tuple[int, bool]) -> Any:
+        t, fresh = variant
+        layout = self.layout(t)
+        fn = functools.partial(fused_step, self.config.model, layout, self._num_out, fresh, self.mesh)
+        rep = self._replicated
+        ibuf, fbuf, _ = layout.new_buffers()
+        args = (self.params, self.kv, self._prev_tokens, jax.device_put(ibuf, rep),
+                jax.device_put(fbuf, rep))
+        kv_sh = [(k.sharding, v.sharding) for k, v in self.kv]
+        return jax.jit(fn, donate_argnums=(1,),
+                       out_shardings=(kv_sh, rep, rep, rep, rep, rep)).lower(*args)
 
-    def warmup(self) -> float:
-        """Compile (and run once) every bucket of the step and every sampler variant."""
+    def warmup(self, progress: Progress | None = None, threads: int = 4) -> float:
+        """Compile every step variant ahead of time (lowered in turn, compiled on ``threads``
+        threads, through the persistent compilation cache), then run each once, and compile
+        the penalty sampler and the page mover. ``progress`` gets one line per finished step."""
         t0 = time.perf_counter()
-        vocab = self.config.model.vocab_size
-        for t_bucket in self._buckets:
-            r_bucket = self.config.scheduler.seq_bucket(t_bucket)
-            batch = jax.device_put(StepInput.empty(t_bucket, r_bucket, self._pages_per_seq),
-                                   self._replicated)
-            self.kv, logits = self._step(self.params, self.kv, batch)
-            if self.config.scheduler.flash_prefill(t_bucket):
-                self.kv, logits = self._step_fresh(self.params, self.kv, batch)
-            for flags in serving_flag_sets(self.config.scheduler.max_model_len):
-                sbatch = jax.device_put(pack_sampling([], r_bucket, vocab, flags=flags)[0],
+        variants = self.variants()
+        say = progress or log.info
+        total = len(variants)
+
+        def compile_one(item: tuple[tuple[int, bool], Any]) -> tuple[tuple[int, bool], Any]:
+            variant, lowered = item
+            return variant, lowered.compile()
+
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            futures = [pool.submit(compile_one, (v, self._lower(v))) for v in variants]
+            for k, fut in enumerate(futures, 1):
+                variant, compiled = fut.result()
+                self._compiled[variant] = compiled
+                t, fresh = variant
+                say(f"compiled step {k}/{total} (tokens {t}, rows "
+                    f"{self.config.scheduler.seq_bucket(t)}{', flash prefill' if fresh else ''}) "
+                    f"at {time.perf_counter() - t0:.1f} s")
+        vocab, max_len = self.config.model.vocab_size, self.config.scheduler.max_model_len
+        flags = serving_flags(SamplerFlags(history_width=16), max_len)
+        for variant in variants:
+            layout = self.layout(variant[0])
+            ibuf, fbuf, _ = layout.new_buffers()
+            ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
+            self.kv, tokens, _, _, _, logits = self._compiled[variant](
+                self.params, self.kv, self._prev_tokens, ibuf, fbuf)
+            if not variant[1]:
+                sbatch = jax.device_put(pack_sampling([], layout.num_rows, vocab, flags=flags)[0],
                                         self._replicated)
-                jax.block_until_ready(self._sample(logits, sbatch, flags))
+                jax.block_until_ready(self._penalty_sampler(logits, sbatch, flags))
         self.kv = self.mover.warmup(self.kv)
         jax.block_until_ready(self.kv)
         elapsed = time.perf_counter() - t0
-        log.info("compiled %d step buckets %s in %.1f s", len(self._buckets), self._buckets, elapsed)
+        log.info("compiled %d step variants (token buckets %s) in %.1f s", total, self._buckets, elapsed)
         return elapsed
-
-
-def _token_slice(req: Request, start: int, end: int) -> list[int]:
-    p = req.num_prompt_tokens
-    if end <= p:
-        return req.prompt_token_ids[start:end]
-    if start >= p:
-        return req.output_token_ids[start - p:end - p]
-    return req.prompt_token_ids[start:] + req.output_token_ids[:end - p]
-
-
-def _sampling_row(req: Request) -> SamplingRow:
-    sp = req.sampling_params
-    banned: tuple[int, ...] = ()
-    if req.num_output_tokens < sp.min_tokens:
-        banned = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(req.eos_token_ids))
-    return SamplingRow(params=sp, seed=req.seed, output_index=req.num_output_tokens,
-                       prompt_token_ids=req.prompt_token_ids,
-                       output_token_ids=req.output_token_ids, banned_ids=banned)

@@ -38,8 +38,18 @@ waiting request is admitted in a step that preempted.
 Lengths: ``max_model_len`` is capped at what the pool can hold (``pool.capacity_tokens``), so a
 request alone always fits and the oldest running request always progresses (no livelock).
 
-Ordering contract: ``schedule()`` never advances ``num_computed_tokens``; ``update()`` does, so
-they must alternate (schedule, run, update, schedule, ...).
+Overlap: ``schedule()`` advances ``num_computed_tokens`` as it plans (the step is then in flight)
+and a row that samples leaves a placeholder; ``update()`` turns the placeholders of one step
+into tokens. The engine may call ``schedule()`` for step N+1 before ``update()`` of step N: a
+request whose token is in flight then gets a decode row over its placeholder, which the runner
+feeds from step N's device output. At most one step is in flight when ``schedule()`` runs::
+
+    schedule(N) -> dispatch(N) -> schedule(N+1) -> dispatch(N+1) -> update(N) -> schedule(N+2) ...
+
+Finishing one step late never leaks: a row whose request finished (EOS, stop, abort) by the
+time its result arrives is dropped by ``update``; rows that would surely be wasted
+(``max_tokens`` reached by the in-flight token) are not scheduled; prefix-cache pages are
+indexed in ``update`` only over known tokens.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ from jserve.config import SchedulerConfig
 from jserve.kv_manager import KVCacheManager
 from jserve.page_pool import PagePool
 from jserve.request import Request, RequestStatus
-from jserve.scheduler_output import RunnerOutput, ScheduledChunk, SchedulerOutput
+from jserve.scheduler_output import NewRequestData, RunnerOutput, ScheduledChunk, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +87,8 @@ class Scheduler:
         self.num_preemptions_total = 0  # for metrics and tests
         self.running: list[Request] = []        # arrival order; the newest is last
         self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
+        self._sent_pages: dict[str, list[int]] = {}  # page row the runner holds, per request
+        self._dropped: list[str] = []               # runner state to drop at the next step
 
     # ------------------------------------------------------------- queries
     @property
@@ -124,7 +136,11 @@ class Scheduler:
 
     # ----------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
-        """Pick this step's rows: running requests first (arrival order), then waiting (FCFS)."""
+        """Pick this step's rows: running requests first (arrival order), then waiting (FCFS).
+
+        Advances ``num_computed_tokens`` of every scheduled request (the step is in flight) and
+        adds a placeholder for each row that samples; ``update`` fills the placeholders in.
+        """
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         kv, pool = self.kv, self.pool
@@ -133,7 +149,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            k = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._schedulable(req):
+                i += 1
+                continue
+            k = min(req.num_tokens + req.num_placeholders - req.num_computed_tokens, budget)
             if k <= 0:
                 raise AssertionError(f"running request {req.request_id!r} has nothing to compute "
                                      f"({req.num_computed_tokens}/{req.num_tokens} tokens)")
@@ -143,13 +162,15 @@ class Scheduler:
                 self._preempt(self.running.pop(), out)
                 break
             kv.grow(req, k)
-            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, k))
+            out.chunks.append(self._chunk(req, k))
             budget -= k
             i += 1
 
-        if not out.preempted:
+        if not out.num_preempted:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
+                if req.num_placeholders:
+                    break  # preempted with a token in flight: resumes once it has landed
                 plan = kv.plan_admission(req, budget)
                 if plan is None or plan.pool_pages > pool.num_free:
                     break  # strict FCFS: nobody overtakes the head of the queue
@@ -157,10 +178,62 @@ class Scheduler:
                 kv.admit(req, plan)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, plan.num_tokens))
+                out.chunks.append(self._chunk(req, plan.num_tokens))
                 budget -= plan.num_tokens
         out.transfers = kv.take_transfers()
+        out.dropped, self._dropped = self._dropped, []
         return out
+
+    def _schedulable(self, req: Request) -> bool:
+        """False while the row would be wasted or wrong: the in-flight token ends the request
+        for sure (max_tokens / max_model_len), or the request needs its whole history on the
+        host (penalties) and a token is still in flight."""
+        if not req.num_placeholders:
+            return True
+        sp = req.sampling_params
+        n_out = req.num_output_tokens + req.num_placeholders
+        if (sp.max_tokens is not None and n_out >= sp.max_tokens) \
+                or req.num_tokens + req.num_placeholders >= self.max_model_len:
+            return False
+        return not sp.uses_penalties
+
+    def _chunk(self, req: Request, k: int) -> ScheduledChunk:
+        """The row value for ``k`` tokens of ``req`` from ``num_computed_tokens``, with the page
+        row diff against what the runner was last sent; then advance the request."""
+        start, ps = req.num_computed_tokens, self.pool.page_size
+        end = start + k
+        known = min(end, req.num_tokens)
+        rid = req.request_id
+        new = None
+        sent = self._sent_pages.get(rid)
+        if sent is None:
+            new = NewRequestData(rid, req.sampling_params, req.seed)
+            sent = self._sent_pages[rid] = []
+        cur = req.page_ids
+        first = min(len(sent), start // ps)  # pages before the chunk never change while held
+        while first < len(sent) and first < len(cur) and sent[first] == cur[first]:
+            first += 1
+        page_ids = tuple(cur[first:])
+        del sent[first:]
+        sent.extend(page_ids)
+        samples = end == req.num_tokens + req.num_placeholders
+        sp = req.sampling_params
+        out_index = req.num_output_tokens + req.num_placeholders
+        banned: tuple[int, ...] = ()
+        if samples and out_index < sp.min_tokens:
+            banned = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(req.eos_token_ids))
+        history = None
+        if samples and sp.uses_penalties:
+            history = tuple(req.prompt_token_ids) + tuple(req.output_token_ids)
+        chunk = ScheduledChunk(
+            req_id=rid, start=start, num_tokens=k, token_ids=tuple(_tokens(req, start, known)),
+            num_placeholders=end - known, page_start=first, page_ids=page_ids, samples=samples,
+            output_index=out_index, banned_ids=banned, history=history,
+            num_prompt=req.num_prompt_tokens, new=new)
+        req.num_computed_tokens = end
+        if samples:
+            req.num_placeholders += 1
+        return chunk
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         """Preempt ``req`` (already removed from ``running``): swap or recompute."""
@@ -172,38 +245,51 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions_total += 1
         self.waiting.appendleft(req)
-        out.preempted.append(req)
+        self._drop(req.request_id)
+        out.num_preempted += 1
+
+    def _drop(self, rid: str) -> None:
+        """The runner forgets ``rid`` (its page row and sampling state) at the next step."""
+        if self._sent_pages.pop(rid, None) is not None:
+            self._dropped.append(rid)
 
     # ------------------------------------------------------------- update
     def update(self, sched_out: SchedulerOutput, runner_out: RunnerOutput) -> list[Request]:
-        """Apply one step's results; returns the requests that got a token (row order).
+        """Apply one step's results (its placeholders become tokens); returns the requests
+        that got a token (row order). The step may be one behind ``schedule``.
 
-        Rows whose request finished between ``schedule`` and ``update`` (an abort) are skipped.
+        Rows whose request finished since it was scheduled (abort, stop found late) are
+        skipped: their tokens are never appended. A request preempted since then still gets
+        its token (the step computed it).
         """
         if len(runner_out.sampled_token_ids) < len(sched_out.chunks):
-            raise ValueError(f"runner returned {len(runner_out.sampled_token_ids)} sampled tokens for "
+            raise ValueError(f"runner returned {len(runner_out.sampled_token_ids)} rows for "
                              f"{len(sched_out.chunks)} scheduled rows")
         self.kv.begin_step()  # the step ran: host slots it read may be reused
         touched: list[Request] = []
         any_finished = False
         for row, chunk in enumerate(sched_out.chunks):
-            req = chunk.request
-            if req.status is not RequestStatus.RUNNING or self._requests.get(req.request_id) is not req:
+            req = self._requests.get(chunk.req_id)
+            if req is None:
                 continue
-            if chunk.start != req.num_computed_tokens:
-                raise RuntimeError(f"request {req.request_id!r}: chunk starts at {chunk.start} but "
-                                   f"{req.num_computed_tokens} tokens are computed (update out of order?)")
-            samples = chunk.samples
-            req.num_computed_tokens += chunk.num_tokens
-            self.kv.on_computed(req)
-            if not samples:
+            if req.status is RequestStatus.RUNNING:
+                self.kv.on_computed(req)
+            if not chunk.samples:
                 continue
-            token = int(runner_out.sampled_token_ids[row])
-            req.output_token_ids.append(token)
-            if req.sampling_params.logprobs is not None and runner_out.logprobs is not None:
-                req.output_logprobs.append(self._logprobs_entry(req, row, runner_out))
-            self._check_stop(req, token)
+            req.num_placeholders -= 1
+            tokens = runner_out.sampled_token_ids[row]
+            for j, token in enumerate(tokens):
+                req.output_token_ids.append(int(token))
+                if req.sampling_params.logprobs is not None and runner_out.logprobs is not None:
+                    req.output_logprobs.append(self._logprobs_entry(req, row, j, runner_out))
+                self._check_stop(req, int(token))
+                if req.is_finished:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                self.kv.on_computed(req)
             if req.is_finished:
+                if req in self.waiting:
+                    self.waiting.remove(req)
                 self._release(req)
                 any_finished = True
             touched.append(req)
@@ -212,19 +298,18 @@ class Scheduler:
         return touched
 
     @staticmethod
-    def _logprobs_entry(req: Request, row: int,
+    def _logprobs_entry(req: Request, row: int, j: int,
                         runner_out: RunnerOutput) -> tuple[float, list[tuple[int, float]]]:
         n = req.sampling_params.logprobs
         top: list[tuple[int, float]] = []
         if n:
-            if (runner_out.top_ids is None or runner_out.top_logprobs is None
-                    or runner_out.top_ids.shape[1] < n):
-                have = 0 if runner_out.top_ids is None else runner_out.top_ids.shape[1]
+            have = 0 if runner_out.top_ids is None else len(runner_out.top_ids[row][j])
+            if have < n:
                 raise ValueError(f"request {req.request_id!r} asks for {n} top logprobs, the runner "
                                  f"returned {have}")
             top = [(int(t), float(lp)) for t, lp in
-                   zip(runner_out.top_ids[row, :n], runner_out.top_logprobs[row, :n], strict=True)]
-        return float(runner_out.logprobs[row]), top
+                   zip(runner_out.top_ids[row][j][:n], runner_out.top_logprobs[row][j][:n], strict=True)]
+        return float(runner_out.logprobs[row][j]), top
 
     def _check_stop(self, req: Request, token: int) -> None:
         """Token-level stop checks after ``token`` was appended (stop strings: the engine)."""
@@ -251,7 +336,7 @@ class Scheduler:
             return
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-        else:
+        elif req in self.waiting:
             self.waiting.remove(req)
         req.status = status
         if stop_reason is not None:
@@ -262,6 +347,7 @@ class Scheduler:
         """Forget a finished request and give its pages back (the caller updates the queues)."""
         self.kv.release(req)
         del self._requests[req.request_id]
+        self._drop(req.request_id)
 
     # -------------------------------------------------------------- metrics
     def kv_stats(self) -> dict[str, int]:
@@ -269,3 +355,13 @@ class Scheduler:
         s = self.kv.stats()
         s["preemptions"] = self.num_preemptions_total
         return s
+
+
+def _tokens(req: Request, start: int, end: int) -> list[int]:
+    """Token ids of ``req`` at positions [start, end) (all known on the host)."""
+    p = req.num_prompt_tokens
+    if end <= p:
+        return req.prompt_token_ids[start:end]
+    if start >= p:
+        return req.output_token_ids[start - p:end - p]
+    return req.prompt_token_ids[start:] + req.output_token_ids[:end - p]

@@ -1,19 +1,18 @@
 """The scheduler -> runner -> scheduler contract (plain dataclasses, host side).
 
-Where it sits: ``Scheduler.schedule()`` returns a ``SchedulerOutput``; ``Runner`` packs it into
-the device step input and returns a ``RunnerOutput`` with one sampled token per *row*;
-``Scheduler.update(sched_out, runner_out)`` consumes it. Orchestration tests build
-``RunnerOutput`` by hand, no model needed.
+Where it sits: ``Scheduler.schedule()`` returns a ``SchedulerOutput`` (plain values: request ids,
+token ids, page ids; no live ``Request``); ``Runner.dispatch`` packs it into the device step
+input; the step's ``RunnerOutput`` (sampled tokens per row, ragged) comes back one step later
+(the loop overlaps) and ``Scheduler.update(sched_out, runner_out)`` consumes it.
+Orchestration tests build ``RunnerOutput`` by hand, no model needed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from jserve.host_kv import HostPageStore
-from jserve.request import Request
+from jserve.sampling_params import SamplingParams
 
 
 @dataclass
@@ -39,29 +38,58 @@ class KVTransfers:
         return bool(self.copies or self.to_host or self.from_host)
 
 
-@dataclass
-class ScheduledChunk:
-    """One row of the ragged step: ``num_tokens`` tokens of ``request`` from ``start``.
+@dataclass(frozen=True)
+class NewRequestData:
+    """What the runner keeps per request from its first row on (and again after a preemption,
+    which drops the runner's state): plain values, never the live ``Request``."""
 
-    ``start == request.num_computed_tokens`` when scheduled. ``samples`` is true when the chunk
-    reaches the end of the request's known tokens, so the row's sampled token is kept.
-    Pages covering ``[0, start + num_tokens)`` are allocated in ``request.page_ids``.
+    req_id: str
+    params: SamplingParams
+    seed: int
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """One row of the ragged step: ``num_tokens`` tokens of request ``req_id`` from ``start``.
+
+    A value: the runner reads these fields and never the live ``Request``::
+
+        positions   start ............................ start + num_tokens
+        token_ids   |known on the host (this list)   |placeholder|   num_placeholders = 0 or 1
+                                                      ^ the token the in-flight step samples for
+                                                        this request: the runner takes it from
+                                                        that step's device output (no host trip)
+        page row    [.. unchanged ..][page_ids (from index page_start) ....]
+
+    ``samples``: the row's sampled token is kept (the chunk reaches the end of the request's
+    tokens). ``output_index``: which output token it samples (the seed's counter).
+    ``banned_ids``: ids forbidden this step (``min_tokens``). ``history``: prompt + output ids,
+    only for rows that use penalties (those never run with a placeholder).
     """
 
-    request: Request
+    req_id: str
     start: int
     num_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        return self.start + self.num_tokens == self.request.num_tokens
+    token_ids: tuple[int, ...]
+    num_placeholders: int = 0
+    page_start: int = 0
+    page_ids: tuple[int, ...] = ()
+    samples: bool = False
+    output_index: int = 0
+    banned_ids: tuple[int, ...] = ()
+    history: tuple[int, ...] | None = None
+    num_prompt: int = 0
+    new: NewRequestData | None = None
 
 
 @dataclass
 class SchedulerOutput:
+    """One step's plan, as values: rows, the requests whose runner state is dropped, page moves."""
+
     chunks: list[ScheduledChunk] = field(default_factory=list)  # row order of the step
-    preempted: list[Request] = field(default_factory=list)       # preempted during this schedule
+    dropped: list[str] = field(default_factory=list)  # finished / preempted since the last plan
     transfers: KVTransfers = field(default_factory=KVTransfers)  # page moves before the forward
+    num_preempted: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -79,15 +107,15 @@ class SchedulerOutput:
 
 @dataclass
 class RunnerOutput:
-    """Per row of the step (same order as ``SchedulerOutput.chunks``).
+    """Per row of the step (same order as ``SchedulerOutput.chunks``); ragged, so a row can
+    carry several tokens (speculative decoding accepts 1 + k per row).
 
-    sampled_token_ids: int32[num_rows]
-    logprobs:          float32[num_rows] or None   logprob of the sampled token
-    top_ids:           int32[num_rows, N] or None  top-N alternatives (N = max requested)
-    top_logprobs:      float32[num_rows, N] or None
+    sampled_token_ids: one list of token ids per row (empty for rows that do not sample)
+    logprobs:          per row, per token: logprob of the sampled token, or None
+    top_ids / top_logprobs: per row, per token: the top-N alternatives, or None
     """
 
-    sampled_token_ids: np.ndarray
-    logprobs: np.ndarray | None = None
-    top_ids: np.ndarray | None = None
-    top_logprobs: np.ndarray | None = None
+    sampled_token_ids: list[list[int]]
+    logprobs: list[list[float]] | None = None
+    top_ids: list[list[list[int]]] | None = None
+    top_logprobs: list[list[list[float]]] | None = None

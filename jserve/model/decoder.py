@@ -28,49 +28,55 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _attention_block(cfg: ModelConfig, lp: dict[str, Any], x: jax.Array, k_pages: jax.Array,
-                     v_pages: jax.Array, batch: StepInput, cos: jax.Array, sin: jax.Array,
-                     window: int | None, fresh_prefill: bool, mesh: Mesh | None
+def _attention_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Array,
+                     k_pages: jax.Array, v_pages: jax.Array, batch: StepInput, cos: jax.Array,
+                     sin: jax.Array, fresh_prefill: bool, mesh: Mesh | None
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    t = x.shape[0]
-    h = rms_norm(x, lp["ln_attn"], cfg.rms_norm_eps)
-    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+    """Layer ``i`` (static) attention: one fused QKV matmul, RoPE, KV write, attention, wo."""
+    t, g = x.shape[0], cfg.q_per_kv
+    h = rms_norm(x, params["ln_attn"][i], cfg.rms_norm_eps)
+    qkv = jnp.einsum("th,hngd->tngd", h, params["wqkv"][i])        # [T, Nkv, G + 2, d]
     if cfg.qkv_bias:
-        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), cos, sin)
-    k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-    v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        qkv = qkv + params["bqkv"][i]
+    q = apply_rope(qkv[:, :, :g].reshape(t, cfg.num_heads, cfg.head_dim), cos, sin)
+    k = apply_rope(qkv[:, :, g], cos, sin)
+    v = qkv[:, :, g + 1]
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping, mesh)
     scale = cfg.head_dim ** -0.5
+    window = cfg.sliding_windows[i]
     if fresh_prefill:
         o = fresh_prefill_attention(q, k, v, batch, sm_scale=scale, sliding_window=window, mesh=mesh)
     else:
         o = paged_attention(q, k_pages, v_pages, batch, sm_scale=scale, sliding_window=window,
                             mesh=mesh)
-    return o.reshape(t, cfg.num_heads * cfg.head_dim) @ lp["wo"], k_pages, v_pages
+    return o.reshape(t, cfg.num_heads * cfg.head_dim) @ params["wo"][i], k_pages, v_pages
 
 
-def _mlp_block(cfg: ModelConfig, lp: dict[str, Any], x: jax.Array) -> jax.Array:
-    h = rms_norm(x, lp["ln_mlp"], cfg.rms_norm_eps)
-    return (jax.nn.silu(h @ lp["wg"]) * (h @ lp["wu"])) @ lp["wd"]
+def _mlp_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Array) -> jax.Array:
+    """Layer ``i`` (static) MLP: one fused gate/up matmul, SiLU-gate, down projection."""
+    h = rms_norm(x, params["ln_mlp"][i], cfg.rms_norm_eps)
+    gu = jnp.einsum("th,hki->tki", h, params["wgu"][i])            # [T, 2, I]
+    return (jax.nn.silu(gu[:, 0]) * gu[:, 1]) @ params["wd"][i]
 
 
 def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,
                   fresh_prefill: bool = False, mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
     """Run every layer over the step's tokens: -> (final-normed hidden [T, H], updated kv).
 
-    ``fresh_prefill`` (static): every row is a fresh prompt, so attention runs over the step's own
-    K/V (flash) instead of the pages; the K/V are written to the pages either way. ``mesh``
-    (static): the device mesh, for the per-device attention calls under tensor parallelism."""
+    The layer loop is unrolled over static slices of the stacked weights (``params`` module
+    docstring). ``fresh_prefill`` (static): every row is a fresh prompt, so attention runs over
+    the step's own K/V (flash) instead of the pages; the K/V are written to the pages either
+    way. ``mesh`` (static): the device mesh, for the per-device attention calls under tensor
+    parallelism."""
     x = params["embed"][batch.token_ids]
     cos, sin = rope_cos_sin(batch.positions, inv_frequencies(cfg))
     new_kv = []
-    for i, lp in enumerate(params["layers"]):
+    for i in range(cfg.num_layers):
         k_pages, v_pages = kv[i]
-        attn, k_pages, v_pages = _attention_block(cfg, lp, x, k_pages, v_pages, batch, cos, sin,
-                                                  cfg.sliding_windows[i], fresh_prefill, mesh)
+        attn, k_pages, v_pages = _attention_block(cfg, params, i, x, k_pages, v_pages, batch,
+                                                  cos, sin, fresh_prefill, mesh)
         x = x + attn
-        x = x + _mlp_block(cfg, lp, x)
+        x = x + _mlp_block(cfg, params, i, x)
         new_kv.append((k_pages, v_pages))
     return rms_norm(x, params["norm"], cfg.rms_norm_eps), new_kv
 

@@ -1,0 +1,84 @@
+"""RequestRows: the runner's persistent per-request state, kept from step to step.
+
+Where it sits: inside ``Runner.dispatch``. The scheduler sends diffs as plain values
+(``ScheduledChunk``: new requests' sampling parameters, page-table changes from an index on,
+``SchedulerOutput.dropped`` for requests it stopped running); this class applies them to one
+slot per request and packs a step's rows with vectorised gathers, so the per-step cost is the
+diff, not the whole state::
+
+    slot s:  page_table[s, :P]   temperature top_p min_p top_k seed want_logprobs  params
+    step:    rows r -> slots[r]  -> page_table[slots], temperature[slots], ...
+
+The runner never sees a live ``Request``: a chunk for an id it does not hold without ``new``
+data is a contract violation and raises.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jserve.sampling_params import SamplingParams
+from jserve.scheduler_output import ScheduledChunk
+
+
+class RequestRows:
+    """Slots for at most ``max_requests`` requests at once, ``pages_per_seq`` pages each."""
+
+    def __init__(self, max_requests: int, pages_per_seq: int, vocab_size: int) -> None:
+        self.max_requests = max_requests
+        self.vocab_size = vocab_size
+        self.page_table = np.zeros((max_requests, pages_per_seq), np.int32)
+        self.temperature = np.zeros(max_requests, np.float32)
+        self.top_p = np.ones(max_requests, np.float32)
+        self.min_p = np.zeros(max_requests, np.float32)
+        self.top_k = np.zeros(max_requests, np.int32)
+        self.seed = np.zeros((max_requests, 2), np.uint32)
+        self.want_logprobs = np.zeros(max_requests, bool)
+        self.params: list[SamplingParams | None] = [None] * max_requests
+        self.seeds: list[int] = [0] * max_requests
+        self._slot: dict[str, int] = {}
+        self._free = list(range(max_requests - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self._slot
+
+    def drop(self, req_ids: list[str]) -> None:
+        for rid in req_ids:
+            s = self._slot.pop(rid, None)
+            if s is not None:
+                self.params[s] = None
+                self._free.append(s)
+
+    def apply(self, chunk: ScheduledChunk) -> int:
+        """Apply one row's diff; -> the request's slot."""
+        if chunk.new is not None:
+            if chunk.req_id in self._slot:
+                raise ValueError(f"request {chunk.req_id!r} is already held by the runner")
+            if not self._free:
+                raise ValueError(f"more than {self.max_requests} requests at once in the runner")
+            s = self._slot[chunk.req_id] = self._free.pop()
+            self._set_params(s, chunk.new.params, chunk.new.seed)
+            self.page_table[s] = 0
+        else:
+            s = self._slot.get(chunk.req_id)
+            if s is None:
+                raise ValueError(f"request {chunk.req_id!r}: a row without new-request data for an "
+                                 "id the runner does not hold")
+        if chunk.page_ids:
+            self.page_table[s, chunk.page_start:chunk.page_start + len(chunk.page_ids)] = chunk.page_ids
+        return s
+
+    def _set_params(self, s: int, p: SamplingParams, seed: int) -> None:
+        self.params[s] = p
+        self.seeds[s] = seed
+        greedy = p.greedy
+        self.temperature[s] = 0.0 if greedy else p.temperature
+        self.top_p[s] = 1.0 if greedy else p.top_p
+        self.min_p[s] = 0.0 if greedy else p.min_p
+        self.top_k[s] = 0 if greedy or p.top_k >= self.vocab_size else p.top_k
+        v = int(seed) % (1 << 64)
+        self.seed[s] = (v >> 32, v & 0xFFFFFFFF)
+        self.want_logprobs[s] = p.logprobs is not None

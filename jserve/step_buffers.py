@@ -1,0 +1,113 @@
+"""StepLayout: one step's whole device input as two flat buffers (int32 and float32).
+
+Where it sits: ``Runner.dispatch`` fills the buffers on the host (numpy views per field), sends
+them with one ``device_put``, and the jitted step unpacks them with static slices into the
+``StepInput`` the model reads and the ``SamplingBatch`` the in-jit sampler reads. Two arrays
+instead of ~25: the host cost of a jitted call grows with the number of arrays passed.
+
+Fields for a bucket of T tokens, R rows, P pages per sequence, K banned ids::
+
+    int32   token_ids[T] positions[T] slot_mapping[T] prev_index[T] page_table[R, P]
+            seq_lens[R] query_start_loc[R + 1] num_seqs[1] logits_indices[R]
+            top_k[R] seed[R, 2] (uint32 bits) output_index[R] banned_ids[R, K] want_logprobs[R]
+    float32 temperature[R] top_p[R] min_p[R]
+
+``prev_index[t] >= 0``: token t is the one the previous step sampled in that row (a
+placeholder, fed on the device); -1: ``token_ids[t]`` from the host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jserve.sampling_batch import MAX_BANNED_IDS, SamplingBatch
+from jserve.step_input import StepInput
+
+# (name, shape in terms of T / R / P / K, fill value of padding)
+_INT_FIELDS = (
+    ("token_ids", ("T",), 0), ("positions", ("T",), 0), ("slot_mapping", ("T",), 0),
+    ("prev_index", ("T",), -1), ("page_table", ("R", "P"), 0), ("seq_lens", ("R",), 0),
+    ("query_start_loc", ("R+1",), 0), ("num_seqs", (1,), 0), ("logits_indices", ("R",), 0),
+    ("top_k", ("R",), 0), ("seed", ("R", 2), 0), ("output_index", ("R",), 0),
+    ("banned_ids", ("R", "K"), -1), ("want_logprobs", ("R",), 0),
+)
+_FLOAT_FIELDS = (("temperature", ("R",), 0.0), ("top_p", ("R",), 1.0), ("min_p", ("R",), 0.0))
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """Static offsets of every field in the two buffers of one (T, R) bucket."""
+
+    num_tokens: int     # T
+    num_rows: int       # R
+    pages_per_seq: int  # P
+
+    def _dims(self) -> dict[str, int]:
+        return {"T": self.num_tokens, "R": self.num_rows, "R+1": self.num_rows + 1,
+                "P": self.pages_per_seq, "K": MAX_BANNED_IDS}
+
+    def _table(self, fields: tuple) -> dict[str, tuple[int, tuple[int, ...], float]]:
+        dims, out, off = self._dims(), {}, 0
+        for name, shape, fill in fields:
+            shp = tuple(dims[d] if isinstance(d, str) else d for d in shape)
+            out[name] = (off, shp, fill)
+            off += math.prod(shp)
+        return out
+
+    @cached_property
+    def ints(self) -> dict[str, tuple[int, tuple[int, ...], float]]:
+        return self._table(_INT_FIELDS)
+
+    @cached_property
+    def floats(self) -> dict[str, tuple[int, tuple[int, ...], float]]:
+        return self._table(_FLOAT_FIELDS)
+
+    @property
+    def int_size(self) -> int:
+        off, shp, _ = list(self.ints.values())[-1]
+        return off + math.prod(shp)
+
+    @property
+    def float_size(self) -> int:
+        off, shp, _ = list(self.floats.values())[-1]
+        return off + math.prod(shp)
+
+    def new_buffers(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Fresh all-padding host buffers (int32[n], float32[m]) and a writable view per field."""
+        ibuf = np.empty(self.int_size, np.int32)
+        fbuf = np.empty(self.float_size, np.float32)
+        views: dict[str, np.ndarray] = {}
+        for buf, table in ((ibuf, self.ints), (fbuf, self.floats)):
+            for name, (off, shp, fill) in table.items():
+                v = buf[off:off + math.prod(shp)].reshape(shp)
+                v.fill(fill)
+                views[name] = v
+        return ibuf, fbuf, views
+
+    def unpack(self, ibuf: jax.Array, fbuf: jax.Array) -> tuple[StepInput, SamplingBatch, jax.Array]:
+        """Inside jit: (int32[n], float32[m]) -> (StepInput, SamplingBatch, prev_index int32[T]).
+
+        The sampling batch carries no penalties (those rows run the separate penalty sampler)."""
+        f = {}
+        for buf, table in ((ibuf, self.ints), (fbuf, self.floats)):
+            for name, (off, shp, _) in table.items():
+                f[name] = buf[off:off + math.prod(shp)].reshape(shp)
+        batch = StepInput(token_ids=f["token_ids"], positions=f["positions"],
+                          slot_mapping=f["slot_mapping"], page_table=f["page_table"],
+                          seq_lens=f["seq_lens"], query_start_loc=f["query_start_loc"],
+                          num_seqs=f["num_seqs"], logits_indices=f["logits_indices"])
+        r = self.num_rows
+        ones, zeros = jnp.ones(r, jnp.float32), jnp.zeros(r, jnp.float32)
+        sbatch = SamplingBatch(
+            temperature=f["temperature"], top_k=f["top_k"], top_p=f["top_p"], min_p=f["min_p"],
+            repetition_penalty=ones, presence_penalty=zeros, frequency_penalty=zeros,
+            seed=jax.lax.bitcast_convert_type(f["seed"], jnp.uint32),
+            output_index=f["output_index"], banned_ids=f["banned_ids"], history_ids=None,
+            num_prompt=None, want_logprobs=f["want_logprobs"] > 0)
+        return batch, sbatch, f["prev_index"]
