@@ -93,8 +93,7 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
                                   max_model_len=max_len, max_waiting=args.max_waiting,
                                   flash_prefill_min_tokens=args.flash_prefill_min_tokens,
                                   async_scheduling=args.async_scheduling),
-        parallel=ParallelConfig(args.tensor_parallel_size), seed=args.seed,
-        compilation_cache_dir=args.compilation_cache_dir)
+        parallel=ParallelConfig(args.tensor_parallel_size), seed=args.seed)
 
 
 def plan_pool(config: EngineConfig, weight_bytes: int, device: jax.Device) -> PoolPlan:

@@ -8,7 +8,6 @@ user options take their defaults and validation from the one declaration in jser
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -246,7 +245,6 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = default_of("seed")
-    compilation_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         validate_fields(self, "seed")   # `model` is a ModelConfig here, not the option
@@ -268,6 +266,3 @@ class EngineConfig:
     @property
     def pages_per_seq(self) -> int:
         return math.ceil(self.scheduler.max_model_len / self.cache.page_size)
-
-    def replace(self, **changes: Any) -> EngineConfig:
-        return dataclasses.replace(self, **changes)
