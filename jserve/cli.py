@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from jserve.options import OPTIONS, EngineArgs, Option, options_for
 
 
-def add_engine_flags(p: argparse.ArgumentParser, command: str = "generate") -> None:
+def add_engine_flags(p: argparse.ArgumentParser, command: str) -> None:
     """One flag per option ``command`` exposes (jserve/options.py), its default in the help."""
     for opt in options_for(command):
         default = opt.default_for(command)
