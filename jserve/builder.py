@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -28,6 +27,7 @@ from jserve.kv_cache import (
 )
 from jserve.model.params import load_params, params_bytes, random_params
 from jserve.model.shapes import NAMED_SHAPES, named_shape
+from jserve.options import EngineArgs
 from jserve.runner import Runner
 from jserve.tokenizer import Tokenizer
 from sharding import make_mesh
@@ -35,32 +35,6 @@ from sharding import make_mesh
 log = logging.getLogger(__name__)
 
 DEFAULT_MODELS = ("code-small", "code-draft")
-
-
-@dataclass(frozen=True)
-class EngineArgs:
-    """User-facing start-up options (``LLM(...)`` keywords and ``jserve`` flags)."""
-
-    model: str | None = None
-    dtype: str | None = None                 # None: the checkpoint's dtype
-    max_model_len: int | None = None         # None: min(model max positions, 4096)
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None
-    num_pages: int | None = None
-    kv_cache_memory_fraction: float = 0.85
-    page_size: int = 16
-    kv_cache_dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    seed: int = 0
-    random_weights: bool = False             # named shapes only: benchmarks
-    compilation_cache_dir: str | None = None  # None: ~/.cache/jserve/xla; "" disables
-    max_waiting: int = 1024
-    enable_prefix_caching: bool = True
-    swap_space_gb: float = 4.0               # host memory for preempted requests' pages
-    host_kv_cache_gb: float = 0.0            # host memory tier for evicted cached pages (0 = off)
-    preemption_mode: str = "swap"            # "swap" | "recompute"
-    flash_prefill_min_tokens: int = 1024     # fresh-prompt steps this large use flash attention
-    async_scheduling: bool = True            # overlap scheduling step N+1 with the device running N
 
 
 def default_cache_dir() -> str:
@@ -103,6 +77,8 @@ def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | None]:
 
 
 def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig:
+    """The engine's configuration from the user's options (``EngineArgs``, declared in
+    jserve/options.py) and the model; fills in the derived ``max_model_len`` and token budget."""
     max_len = args.max_model_len or min(model_cfg.max_position_embeddings, 4096)
     budget = args.max_num_batched_tokens or max(512, args.max_num_seqs)
     return EngineConfig(
@@ -117,8 +93,7 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
                                   max_model_len=max_len, max_waiting=args.max_waiting,
                                   flash_prefill_min_tokens=args.flash_prefill_min_tokens,
                                   async_scheduling=args.async_scheduling),
-        parallel=ParallelConfig(args.tensor_parallel_size), seed=args.seed,
-        compilation_cache_dir=args.compilation_cache_dir)
+        parallel=ParallelConfig(args.tensor_parallel_size), seed=args.seed)
 
 
 def plan_pool(config: EngineConfig, weight_bytes: int, device: jax.Device) -> PoolPlan:

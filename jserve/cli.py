@@ -1,7 +1,8 @@
 """The ``jserve`` command line: ``generate`` now; ``serve``, ``bench``, ``plan`` register here.
 
-Where it sits: a thin shell over ``LLM`` / the engine API; flags map 1:1 onto ``EngineArgs``
-and ``SamplingParams`` fields.
+Where it sits: a thin shell over ``LLM`` / the engine API. Engine flags are generated from the
+option declaration (jserve/options.py) and map 1:1 onto ``EngineArgs`` fields; sampling flags
+map onto ``SamplingParams``.
 """
 
 from __future__ import annotations
@@ -10,49 +11,49 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from jserve.builder import EngineArgs
+from jserve.options import OPTIONS, EngineArgs, Option, options_for
 
 
-def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model directory (default: the bundled "
-                   "code-small model), or a named shape with --random-weights")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--num-pages", type=int, default=None)
-    p.add_argument("--kv-cache-memory-fraction", type=float, default=0.85)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--random-weights", action="store_true",
-                   help="random weights of a named shape (llama3.1-8b, qwen2.5-0.5b, ...)")
-    p.add_argument("--compilation-cache-dir", default=None)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the KV of shared prompt prefixes (default: on)")
-    p.add_argument("--swap-space-gb", "--swap-space", type=float, default=4.0,
-                   help="host memory (GiB) for the KV pages of preempted requests")
-    p.add_argument("--host-kv-cache-gb", type=float, default=0.0,
-                   help="host memory (GiB) that keeps KV pages evicted from the device prefix "
-                   "cache, for later hits (0 = off)")
-    p.add_argument("--preemption-mode", choices=["swap", "recompute"], default="swap")
-    p.add_argument("--flash-prefill-min-tokens", type=int, default=1024,
-                   help="steps of at least this many tokens made only of fresh prompts attend with "
-                   "the flash kernel instead of the paged one (0 = never)")
+def add_engine_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """One flag per option ``command`` exposes (jserve/options.py), its default in the help."""
+    for opt in options_for(command):
+        default = opt.default_for(command)
+        if command in opt.command_defaults or opt.default_text is None:
+            shown = "%(default)s"
+        else:
+            shown = opt.default_text.replace("%", "%%")
+        help_text = f"{opt.help.replace('%', '%%')} (default: {shown})"
+        if opt.type is bool:
+            p.add_argument(*opt.flags(command), dest=opt.name, action=argparse.BooleanOptionalAction,
+                           default=default, help=help_text)
+        else:
+            p.add_argument(*opt.flags(command), dest=opt.name, type=_flag_type(opt), default=default,
+                           choices=opt.choices, help=help_text)
+
+
+def _flag_type(opt: Option) -> Callable[[str], object]:
+    """argparse's ``type=`` for ``opt``: a bad value is a usage error that names the option."""
+
+    def parse(text: str) -> object:
+        try:
+            return opt.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = opt.name   # argparse names the type in some messages
+    return parse
+
+
+def option_values(ns: argparse.Namespace) -> dict[str, object]:
+    """The declared options a parsed command line holds, by name (flags it lacks are left out)."""
+    given = vars(ns)
+    return {name: given[name] for name in OPTIONS if name in given}
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(
-        model=ns.model, dtype=ns.dtype, max_model_len=ns.max_model_len,
-        max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-        num_pages=ns.num_pages, kv_cache_memory_fraction=ns.kv_cache_memory_fraction,
-        page_size=ns.page_size, tensor_parallel_size=ns.tensor_parallel_size, seed=ns.seed,
-        random_weights=ns.random_weights, compilation_cache_dir=ns.compilation_cache_dir,
-        enable_prefix_caching=ns.enable_prefix_caching, swap_space_gb=ns.swap_space_gb,
-        host_kv_cache_gb=ns.host_kv_cache_gb, preemption_mode=ns.preemption_mode,
-        flash_prefill_min_tokens=ns.flash_prefill_min_tokens)
+    return EngineArgs(**option_values(ns))
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
@@ -60,8 +61,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     from jserve.sampling_params import SamplingParams
 
     t0 = time.perf_counter()
-    args = engine_args_from(ns)
-    llm = LLM(**{k: v for k, v in vars(args).items()})
+    llm = LLM(**option_values(ns))
     print(f"[jserve] engine ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     sp = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
                         max_tokens=ns.max_tokens, seed=ns.sampling_seed)
@@ -83,11 +83,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
 def _cmd_plan(ns: argparse.Namespace) -> int:
     from jserve.plan import plan_capacity
 
-    plan = plan_capacity(model=ns.model, gpu=ns.gpu, max_model_len=ns.max_model_len, dtype=ns.dtype,
-                         kv_cache_dtype=ns.kv_cache_dtype, tensor_parallel_size=ns.tensor_parallel_size,
-                         kv_cache_memory_fraction=ns.kv_cache_memory_fraction, page_size=ns.page_size,
-                         max_num_seqs=ns.max_num_seqs)
-    print(plan.render())
+    print(plan_capacity(gpu=ns.gpu, **option_values(ns)).render())
     return 0
 
 
@@ -95,18 +91,10 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="capacity planner: weights, KV bytes, pages and sequences that fit",
                        description="Print the KV pool the engine would allocate at start-up, with the "
                        "arithmetic, for a model on an accelerator (no device needed).")
-    p.add_argument("--model", default=None, help="HF model directory, a named shape (llama3.1-8b, "
-                   "qwen2.5-0.5b, llama3.1-70b), or nothing for the bundled model")
     p.add_argument("--gpu", default="H100-80GB", help="H100-80GB, H200, A100-40GB, A100-80GB, L4, "
-                   "RTX-4090, TPU-v5e, TPU-v6e, or a byte count (the allocator's bytes_limit)")
-    p.add_argument("--max-model-len", "--context", type=int, default=None,
-                   help="context length per sequence (default: min(model max positions, 4096))")
-    p.add_argument("--dtype", default=None, help="weight dtype (default: the checkpoint's)")
-    p.add_argument("--kv-cache-dtype", default="auto", help="KV dtype (auto = the weight dtype)")
-    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
-    p.add_argument("--kv-cache-memory-fraction", type=float, default=0.85)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+                   "RTX-4090, TPU-v5e, TPU-v6e, or a byte count (the allocator's bytes_limit) "
+                   "(default: %(default)s)")
+    add_engine_flags(p, "plan")
     p.set_defaults(func=_cmd_plan)
 
 
@@ -120,16 +108,17 @@ def build_parser_and_subcommands() -> tuple[argparse.ArgumentParser, argparse._S
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text offline")
-    add_engine_flags(g)
+    add_engine_flags(g, "generate")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--sampling-seed", type=int, default=None)
-    # A few prompts from a shell: a small batch compiles 4 step buckets instead of 6, so the first
+    # generate's smaller max_num_seqs / max_num_batched_tokens defaults are declared with the
+    # options (command_defaults): a small batch compiles 4 step buckets instead of 6, so the first
     # run on a CPU is ready in seconds (later runs hit the persistent compilation cache).
-    g.set_defaults(func=_cmd_generate, max_num_seqs=8, max_num_batched_tokens=128)
+    g.set_defaults(func=_cmd_generate)
     add_plan_parser(sub)
     return parser, sub
 

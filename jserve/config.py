@@ -1,29 +1,22 @@
 """Engine configuration: frozen dataclasses validated on construction.
 
-Where it sits: ``LLM(...)`` / ``jserve serve`` flags -> ``EngineConfig`` -> read by the page
-pool (``CacheConfig``), the scheduler (``SchedulerConfig``) and the runner (``ModelConfig``,
-buckets). ``ModelConfig`` is parsed from an HF ``config.json``.
+Where it sits: ``LLM(...)`` / ``jserve serve`` flags -> ``EngineArgs`` -> ``EngineConfig`` ->
+read by the page pool (``CacheConfig``), the scheduler (``SchedulerConfig``) and the runner
+(``ModelConfig``, buckets). ``ModelConfig`` is parsed from an HF ``config.json``. Fields that are
+user options take their defaults and validation from the one declaration in jserve/options.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from jserve.options import DTYPES as DTYPES  # re-exported: the dtype names live with the options
+from jserve.options import default_of, normalize_dtype, validate_fields
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-DTYPES = ("bfloat16", "float16", "float32")
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16",
-                  "fp32": "float32", "float": "float32"}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
-def normalize_dtype(name: str, field_name: str = "dtype") -> str:
-    name = _DTYPE_ALIASES.get(str(name), str(name))
-    if name not in DTYPES:
-        raise ValueError(f"{field_name} must be one of {DTYPES}, got {name!r}")
-    return name
 
 
 @dataclass(frozen=True)
@@ -172,34 +165,17 @@ class CacheConfig:
     cache (0 = off).
     """
 
-    page_size: int = 16
-    num_pages: int | None = None
-    kv_cache_memory_fraction: float = 0.85
-    kv_cache_dtype: str = "auto"  # "auto" = the model dtype
-    enable_prefix_caching: bool = True
-    swap_space_gb: float = 4.0
-    host_kv_cache_gb: float = 0.0
-    preemption_mode: str = "swap"  # "swap" | "recompute"
+    page_size: int = default_of("page_size")
+    num_pages: int | None = default_of("num_pages")
+    kv_cache_memory_fraction: float = default_of("kv_cache_memory_fraction")
+    kv_cache_dtype: str = default_of("kv_cache_dtype")  # "auto" = the model dtype
+    enable_prefix_caching: bool = default_of("enable_prefix_caching")
+    swap_space_gb: float = default_of("swap_space_gb")
+    host_kv_cache_gb: float = default_of("host_kv_cache_gb")
+    preemption_mode: str = default_of("preemption_mode")  # "swap" | "recompute"
 
     def __post_init__(self) -> None:
-        if self.page_size < 1 or self.page_size & (self.page_size - 1):
-            raise ValueError(f"page_size must be a power of two >= 1, got {self.page_size}")
-        if self.num_pages is not None and self.num_pages < 2:
-            raise ValueError(f"num_pages must be >= 2 (page 0 is the null page), got {self.num_pages}")
-        if not 0.0 < self.kv_cache_memory_fraction < 1.0:
-            raise ValueError("kv_cache_memory_fraction must be in (0, 1), got "
-                             f"{self.kv_cache_memory_fraction}")
-        for name in ("swap_space_gb", "host_kv_cache_gb"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
-                raise ValueError(f"{name} must be a number of GiB >= 0, got {v!r}")
-        if self.preemption_mode not in ("swap", "recompute"):
-            raise ValueError(f"preemption_mode must be 'swap' or 'recompute', got {self.preemption_mode!r}")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
-        if self.kv_cache_dtype != "auto":
-            object.__setattr__(self, "kv_cache_dtype",
-                               normalize_dtype(self.kv_cache_dtype, "kv_cache_dtype"))
+        validate_fields(self)   # every field is an option: jserve/options.py holds the rules
 
 
 @dataclass(frozen=True)
@@ -209,27 +185,28 @@ class SchedulerConfig:
     flash_prefill_min_tokens: a step of at least this token bucket whose chunks are all fresh
     prompts (no cached context: the first chunk of each) attends with the flash kernel over the
     chunk's own K/V instead of the paged kernel (one more compiled step per such bucket); 0 = never.
+
+    async_scheduling: overlap host scheduling of step N+1 with the device running step N (False:
+    the synchronous reference loop).
+
+    ``max_num_batched_tokens`` and ``max_model_len`` are resolved values here (``EngineArgs``
+    lets them be None: ``make_engine_config`` derives them).
     """
 
-    max_num_seqs: int = 64
+    max_num_seqs: int = default_of("max_num_seqs")
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
-    max_waiting: int = 1024
+    max_waiting: int = default_of("max_waiting")
     min_token_bucket: int = 16
-    flash_prefill_min_tokens: int = 1024
-    async_scheduling: bool = True
+    flash_prefill_min_tokens: int = default_of("flash_prefill_min_tokens")
+    async_scheduling: bool = default_of("async_scheduling")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting",
-                     "min_token_bucket"):
+        validate_fields(self)   # the option fields; then the resolved and internal ones
+        for name in ("max_num_batched_tokens", "max_model_len", "min_token_bucket"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        v = self.flash_prefill_min_tokens
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"flash_prefill_min_tokens must be an integer >= 0 (0 = off), got {v!r}")
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError(f"max_num_seqs ({self.max_num_seqs}) must be <= "
                              f"max_num_batched_tokens ({self.max_num_batched_tokens})")
@@ -255,11 +232,10 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = default_of("tensor_parallel_size")
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ValueError("tensor_parallel_size must be >= 1")
+        validate_fields(self)
 
 
 @dataclass(frozen=True)
@@ -268,10 +244,10 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    seed: int = 0
-    compilation_cache_dir: str | None = None
+    seed: int = default_of("seed")
 
     def __post_init__(self) -> None:
+        validate_fields(self, "seed")   # `model` is a ModelConfig here, not the option
         m, s = self.model, self.scheduler
         if self.parallel.tensor_parallel_size > 1:
             tp = self.parallel.tensor_parallel_size
@@ -290,6 +266,3 @@ class EngineConfig:
     @property
     def pages_per_seq(self) -> int:
         return math.ceil(self.scheduler.max_model_len / self.cache.page_size)
-
-    def replace(self, **changes: Any) -> EngineConfig:
-        return dataclasses.replace(self, **changes)

@@ -7,28 +7,29 @@ Jupyter/Colab's event loop untouched.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jserve.builder import EngineArgs, build_engine
+from jserve.builder import build_engine
 from jserve.engine import LLMEngine, Prompt
+from jserve.options import EngineArgs, check_keywords
 from jserve.outputs import RequestOutput
 from jserve.request import RequestStatus
 from jserve.sampling_params import SamplingParams
 
-_ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineArgs)}
-
 
 class LLM:
     """``LLM(model=path_or_named_shape, dtype=..., max_model_len=..., max_num_seqs=...,
-    kv_cache_memory_fraction=... or num_pages=..., tensor_parallel_size=...)``."""
+    kv_cache_memory_fraction=... or num_pages=..., tensor_parallel_size=...)``.
+
+    The keywords are the engine options declared in jserve/options.py (``EngineArgs`` fields),
+    with their declared defaults: an unknown keyword is a ``TypeError`` naming it, a bad value
+    a ``ValueError`` naming the field, both before anything is loaded.
+    """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        unknown = sorted(set(kwargs) - _ENGINE_FIELDS)
-        if unknown:
-            raise ValueError(f"LLM: unknown argument(s) {', '.join(unknown)}")
+        check_keywords("LLM", kwargs)
         self.engine_args = EngineArgs(model=model, **kwargs)
         self.engine: LLMEngine = build_engine(self.engine_args)
 

@@ -15,13 +15,16 @@ figures are the ones start-up logs for the same settings::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from jserve.builder import EngineArgs, make_engine_config, pool_plan_for_budget, resolve_model
 from jserve.config import DTYPE_BYTES, EngineConfig, ModelConfig
 from jserve.gpus import JAX_GPU_MEM_FRACTION, Accelerator, lookup_accelerator
 from jserve.kv_cache import PoolPlan, kv_bytes_per_token, memory_budget, pages_for_budget
+from jserve.options import PLAN, check_keywords, options_for
 
 _TP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -100,17 +103,17 @@ class CapacityPlan:
         return "\n".join(lines)
 
 
-def plan_capacity(model: str | None = None, gpu: str | int = "H100-80GB", max_model_len: int | None = None,
-                  dtype: str | None = None, kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
-                  kv_cache_memory_fraction: float = 0.85, page_size: int = 16,
-                  max_num_seqs: int = 64) -> CapacityPlan:
+def plan_capacity(model: str | None = None, gpu: str | int = "H100-80GB", **options: Any) -> CapacityPlan:
     """Plan for ``model`` (an HF directory, None for the bundled model, or a named shape such as
-    ``llama3.1-8b``) on ``gpu`` (a name from jserve/gpus.py or a byte count)."""
+    ``llama3.1-8b``) on ``gpu`` (a name from jserve/gpus.py or a byte count).
+
+    ``options``: the engine options ``jserve plan`` exposes (jserve/options.py: max_model_len,
+    dtype, kv_cache_dtype, tensor_parallel_size, kv_cache_memory_fraction, page_size,
+    max_num_seqs), with the engine's declared defaults; any other keyword is a TypeError.
+    """
+    check_keywords("plan_capacity", options, [o.name for o in options_for(PLAN)])
     acc = lookup_accelerator(gpu)
-    args = EngineArgs(model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                      kv_cache_memory_fraction=kv_cache_memory_fraction, page_size=page_size,
-                      kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size,
-                      random_weights=True)
+    args = EngineArgs(**options, model=model, random_weights=True)
     model_cfg, model_dir = resolve_model(args)
     label = str(model_dir.path) if model_dir is not None else str(model)
     if model is None:
@@ -139,7 +142,7 @@ def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs) ->
         if tp <= config.parallel.tensor_parallel_size:
             continue
         try:
-            bigger = make_engine_config(EngineArgs(**{**args.__dict__, "tensor_parallel_size": tp}),
+            bigger = make_engine_config(dataclasses.replace(args, tensor_parallel_size=tp),
                                         config.model)
         except ValueError:   # heads or MLP not divisible by tp
             continue

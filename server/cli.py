@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import sys
 import time
@@ -35,7 +34,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         api_key=ns.api_key, served_model_names=tuple(ns.served_model_name or ()),
         max_body_bytes=ns.max_body_bytes, shutdown_timeout_s=ns.shutdown_timeout,
         enable_metrics=not ns.disable_metrics, access_log=ns.access_log)
-    args = dataclasses.replace(engine_args_from(ns), max_waiting=ns.max_waiting)
+    args = engine_args_from(ns)
     t0 = time.perf_counter()
     engine = build_engine(args)
     log.info("engine built in %.1f s", time.perf_counter() - t0)
@@ -48,15 +47,15 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
-    add_engine_flags(p)
+    """The engine flags ``serve`` exposes (declared in jserve/options.py, ``--max-waiting``
+    among them), then the server's own."""
+    add_engine_flags(p, "serve")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free port)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: a free port, -1: off)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (HTTP and gRPC)")
     p.add_argument("--served-model-name", action="append", default=None,
                    help="model id(s) clients send (repeatable; default: the --model string)")
-    p.add_argument("--max-waiting", type=int, default=1024,
-                   help="bounded waiting queue; requests past it get 429 / RESOURCE_EXHAUSTED")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                    help="largest request body / gRPC message (413 / RESOURCE_EXHAUSTED past it)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,

@@ -5,7 +5,7 @@ import json
 import pytest
 from fixture_paths import GOLDEN
 
-from jserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from jserve.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
 
 def _cfg(name="llama"):
@@ -49,10 +49,19 @@ def test_missing_field_names_file():
     (CacheConfig, {"kv_cache_memory_fraction": 1.5}, "kv_cache_memory_fraction"),
     (SchedulerConfig, {"max_num_seqs": 0}, "max_num_seqs"),
     (SchedulerConfig, {"max_num_seqs": 600, "max_num_batched_tokens": 512}, "max_num_seqs"),
+    (SchedulerConfig, {"async_scheduling": "yes"}, "async_scheduling must be a bool, got 'yes'"),
+    (SchedulerConfig, {"max_model_len": None}, "max_model_len must be a positive integer"),
+    (ParallelConfig, {"tensor_parallel_size": 0}, "tensor_parallel_size must be an integer >= 1"),
+    (CacheConfig, {"kv_cache_dtype": "int4"}, "kv_cache_dtype must be 'auto', 'bfloat16'"),
 ])
 def test_bad_engine_configs(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(**kwargs)
+
+
+def test_async_scheduling_defaults_on():
+    assert SchedulerConfig().async_scheduling is True
+    assert SchedulerConfig(async_scheduling=False).async_scheduling is False
 
 
 def test_token_buckets():

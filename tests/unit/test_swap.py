@@ -215,6 +215,6 @@ def test_host_stores_are_sized_from_gib():
     assert kv.swap_space.num_slots == 2**20 // page_bytes
     assert kv.prefix_cache.host_tier.num_slots == 2 * 2**20 // page_bytes
     assert kv.swap_space.page_shape == (2, 2, 16, 2, 16)
-    off = make_kv_manager(cfg.replace(cache=dataclasses.replace(
+    off = make_kv_manager(dataclasses.replace(cfg, cache=dataclasses.replace(
         cfg.cache, enable_prefix_caching=False, preemption_mode="recompute")), 20)
     assert off.prefix_cache is None and off.swap_space is None

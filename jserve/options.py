@@ -1,0 +1,275 @@
+"""Engine options, declared once: name, type, default, help, validation, CLI aliases, commands.
+
+Where it sits: before start-up. Everything a user can set on the engine is one ``Option`` in
+``ENGINE_OPTIONS``; every front-end reads that table instead of repeating it::
+
+    ENGINE_OPTIONS --> EngineArgs (a generated frozen dataclass)  <-- LLM(**keywords)
+                   --> argparse flags of `jserve generate|serve|plan` (jserve/cli.py)
+                   --> defaults + validation of CacheConfig / SchedulerConfig / ... (config.py)
+    EngineArgs --make_engine_config--> EngineConfig (jserve/builder.py)
+
+Adding an option means adding one ``Option`` here (and reading it in ``make_engine_config``).
+Validation errors name the field: ``page_size must be a power of two >= 1, got 12``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+GENERATE, SERVE, PLAN = "generate", "serve", "plan"
+COMMANDS = (GENERATE, SERVE, PLAN)
+_ENGINE = (GENERATE, SERVE)          # the commands that build an engine
+
+DTYPES = ("bfloat16", "float16", "float32")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                  "fp32": "float32", "float": "float32"}
+_KINDS = {bool: "a bool", int: "an integer", float: "a number", str: "a string"}
+
+
+def normalize_dtype(name: str, field_name: str = "dtype") -> str:
+    """The canonical dtype name for ``name`` (``bf16`` -> ``bfloat16``); ValueError naming the field."""
+    name = _DTYPE_ALIASES.get(str(name), str(name))
+    if name not in DTYPES:
+        raise ValueError(f"{field_name} must be one of {DTYPES}, got {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class Alias:
+    """Another flag for an option, on some commands (``--context`` is ``plan``'s ``--max-model-len``)."""
+
+    flag: str
+    commands: tuple[str, ...] = COMMANDS
+
+
+@dataclass(frozen=True)
+class Option:
+    """One engine option. ``rule`` + ``check`` state a constraint beyond the type, ``choices``
+    and ``minimum``: ``check(value)`` is True for a valid value, ``rule`` says so in words
+    (``"a power of two >= 1"``). ``normalize`` maps accepted spellings to the canonical one
+    before the checks. ``default_text`` describes a None default in ``--help``;
+    ``command_defaults`` overrides the default of one command's flag (never the Python one).
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    commands: tuple[str, ...] = _ENGINE
+    nullable: bool = False
+    choices: tuple[Any, ...] | None = None
+    minimum: int | float | None = None
+    rule: str | None = None
+    check: Callable[[Any], bool] | None = None
+    normalize: Callable[[Any], Any] | None = None
+    aliases: tuple[str | Alias, ...] = ()
+    default_text: str | None = None
+    command_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"Option.name must be an identifier, got {self.name!r}")
+        if self.type not in _KINDS:
+            raise ValueError(f"{self.name}: Option.type must be one of bool, int, float, str")
+        if not self.commands or set(self.commands) - set(COMMANDS):
+            raise ValueError(f"{self.name}: Option.commands must be a non-empty subset of {COMMANDS}")
+        if (self.rule is None) != (self.check is None):
+            raise ValueError(f"{self.name}: Option.rule and Option.check go together")
+        aliases = tuple(a if isinstance(a, Alias) else Alias(a) for a in self.aliases)
+        for a in aliases:
+            if not a.flag.startswith("--") or set(a.commands) - set(COMMANDS):
+                raise ValueError(f"{self.name}: bad alias {a!r}")
+        object.__setattr__(self, "aliases", aliases)
+        if set(self.command_defaults) - set(self.commands):
+            raise ValueError(f"{self.name}: Option.command_defaults names a command without the flag")
+        object.__setattr__(self, "default", self.validate(self.default))
+        object.__setattr__(self, "command_defaults", MappingProxyType(
+            {c: self.validate(v) for c, v in self.command_defaults.items()}))
+
+    @property
+    def flag(self) -> str:
+        """The main CLI flag: ``--page-size`` for ``page_size``."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def annotation(self) -> Any:
+        """The field type of ``EngineArgs``: ``int``, or ``int | None`` when nullable."""
+        return self.type | None if self.nullable else self.type
+
+    def flags(self, command: str) -> tuple[str, ...]:
+        """The flag and the aliases ``command`` accepts."""
+        return (self.flag, *(a.flag for a in self.aliases if command in a.commands))
+
+    def default_for(self, command: str) -> Any:
+        return self.command_defaults.get(command, self.default)
+
+    def describe(self) -> str:
+        """What a valid value is, in words: ``an integer >= 1``, ``'swap' or 'recompute'``."""
+        if self.rule is not None:
+            text = self.rule
+        elif self.choices is not None:
+            names = [repr(c) for c in self.choices] + (["None"] if self.nullable else [])
+            return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        elif self.minimum is not None:
+            text = f"{_KINDS[self.type]} >= {self.minimum}"
+        else:
+            text = _KINDS[self.type]
+        return text + (" or None" if self.nullable else "")
+
+    def validate(self, value: Any) -> Any:
+        """``value`` in canonical form (ints given for a float become floats), or ValueError
+        naming the option."""
+        if value is None and self.nullable:
+            return None
+        value = self._typed(value)
+        if self.normalize is not None:
+            value = self.normalize(value)
+        if self.choices is not None and value not in self.choices:
+            raise self._error(value)
+        if self.minimum is not None and value < self.minimum:
+            raise self._error(value)
+        if self.check is not None and not self.check(value):
+            raise self._error(value)
+        return value
+
+    def parse(self, text: str) -> Any:
+        """A CLI string -> the validated value (argparse's ``type=``); ValueError naming the option."""
+        if self.type in (int, float):
+            try:
+                number = self.type(text)
+            except ValueError:
+                raise self._error(text) from None
+            return self.validate(number)
+        return self.validate(text)
+
+    def _typed(self, value: Any) -> Any:
+        if self.type is bool:
+            ok = isinstance(value, bool)
+        elif self.type is int:
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            value = int(value) if ok else value
+        elif self.type is float:
+            ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                  and math.isfinite(value))
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise self._error(value)
+        return value
+
+    def _error(self, value: Any) -> ValueError:
+        return ValueError(f"{self.name} must be {self.describe()}, got {value!r}")
+
+
+def _power_of_two(v: int) -> bool:
+    return v >= 1 and not v & (v - 1)
+
+
+def _dtype_alias(v: str) -> str:
+    return _DTYPE_ALIASES.get(v, v)
+
+
+# The declaration. Order is the order of EngineArgs fields and of the flags in --help.
+ENGINE_OPTIONS: tuple[Option, ...] = (
+    Option("model", str, None, nullable=True, commands=COMMANDS, default_text="the bundled code-small model",
+           help="HF model directory, or a named shape (llama3.1-8b, qwen2.5-0.5b, llama3.1-70b: "
+           "generate and serve run one with --random-weights)"),
+    Option("dtype", str, None, nullable=True, commands=COMMANDS, choices=DTYPES, normalize=_dtype_alias,
+           default_text="the checkpoint's", help="weight and activation dtype"),
+    Option("max_model_len", int, None, nullable=True, minimum=1, commands=COMMANDS,
+           aliases=(Alias("--context", (PLAN,)),), default_text="min(model max positions, 4096)",
+           help="context length per sequence (prompt + output tokens)"),
+    Option("max_num_seqs", int, 64, minimum=1, commands=COMMANDS, command_defaults={GENERATE: 8},
+           help="most sequences running at once (request rows of a step)"),
+    Option("max_num_batched_tokens", int, None, nullable=True, minimum=1, command_defaults={GENERATE: 128},
+           default_text="max(512, max_num_seqs)",
+           help="token budget of one step (prefill chunks + decode tokens); a small budget "
+           "compiles fewer step buckets"),
+    Option("num_pages", int, None, nullable=True, minimum=2, default_text="sized by kv_cache_memory_fraction",
+           help="KV pool size in pages, page 0 being the null page"),
+    Option("kv_cache_memory_fraction", float, 0.85, commands=COMMANDS, rule="a fraction in (0, 1)",
+           check=lambda v: 0.0 < v < 1.0,
+           help="share of device memory for weights + KV pool: the pool takes what the weights "
+           "leave of it"),
+    Option("page_size", int, 16, commands=COMMANDS, rule="a power of two >= 1", check=_power_of_two,
+           help="tokens per KV page"),
+    Option("kv_cache_dtype", str, "auto", commands=COMMANDS, choices=("auto", *DTYPES),
+           normalize=_dtype_alias, help="KV cache dtype (auto = the weight dtype)"),
+    Option("tensor_parallel_size", int, 1, minimum=1, commands=COMMANDS, aliases=("--tp",),
+           help="devices of one host that shard attention heads and MLP columns"),
+    Option("seed", int, 0, help="seed of random weights and of requests sent without a seed"),
+    Option("random_weights", bool, False,
+           help="run a named shape (llama3.1-8b, qwen2.5-0.5b, ...) with random weights: benchmarks"),
+    Option("compilation_cache_dir", str, None, nullable=True, default_text="~/.cache/jserve/xla",
+           help="JAX persistent compilation cache of the step functions ('' disables it)"),
+    Option("max_waiting", int, 1024, minimum=1, commands=(SERVE,),
+           help="bounded waiting queue; requests past it get 429 / RESOURCE_EXHAUSTED"),
+    Option("enable_prefix_caching", bool, True, help="reuse the KV of shared prompt prefixes"),
+    Option("swap_space_gb", float, 4.0, aliases=("--swap-space",), rule="a number of GiB >= 0",
+           check=lambda v: v >= 0, help="host memory (GiB) for the KV pages of preempted requests"),
+    Option("host_kv_cache_gb", float, 0.0, rule="a number of GiB >= 0", check=lambda v: v >= 0,
+           help="host memory (GiB) that keeps KV pages evicted from the device prefix cache, "
+           "for later hits (0 = off)"),
+    Option("preemption_mode", str, "swap", choices=("swap", "recompute"),
+           help="what a preempted request's KV does: move to host memory, or be recomputed"),
+    Option("flash_prefill_min_tokens", int, 1024, minimum=0,
+           help="steps of at least this many tokens made only of fresh prompts attend with the "
+           "flash kernel instead of the paged one (0 = never)"),
+    Option("async_scheduling", bool, True,
+           help="overlap host scheduling of step N+1 with the device running step N (off: a "
+           "synchronous loop, the reference)"),
+)
+
+OPTIONS: Mapping[str, Option] = MappingProxyType({o.name: o for o in ENGINE_OPTIONS})
+
+
+def options_for(command: str) -> tuple[Option, ...]:
+    """The options ``command`` (generate, serve or plan) exposes as flags, in declaration order."""
+    if command not in COMMANDS:
+        raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
+    return tuple(o for o in ENGINE_OPTIONS if command in o.commands)
+
+
+def default_of(name: str) -> Any:
+    """The declared default of option ``name`` (config dataclasses take their defaults here)."""
+    return OPTIONS[name].default
+
+
+def validate_fields(obj: Any, *names: str) -> None:
+    """Validate the fields ``names`` of the frozen dataclass ``obj`` (none given: every field
+    named like a declared option) by their options, and store the canonical values (``bf16`` ->
+    ``bfloat16``, ``4`` -> ``4.0``). ValueError names the field."""
+    for name in names or [f.name for f in dataclasses.fields(obj) if f.name in OPTIONS]:
+        object.__setattr__(obj, name, OPTIONS[name].validate(getattr(obj, name)))
+
+
+def check_keywords(owner: str, names: Iterable[str], allowed: Iterable[str] = OPTIONS) -> None:
+    """TypeError naming the first keyword not in ``allowed``, as Python words it for a function."""
+    allowed = list(allowed)
+    for name in names:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}{hint}")
+
+
+def _engine_args_post_init(self: Any) -> None:
+    validate_fields(self)
+
+
+EngineArgs = dataclasses.make_dataclass(
+    "EngineArgs",
+    [(o.name, o.annotation, field(default=o.default)) for o in ENGINE_OPTIONS],
+    frozen=True, kw_only=True, module=__name__,
+    namespace={"__post_init__": _engine_args_post_init,
+               "__doc__": "User-facing start-up options (``LLM(...)`` keywords and ``jserve`` "
+                          "flags): one field per ``ENGINE_OPTIONS`` entry, validated on construction."},
+)
