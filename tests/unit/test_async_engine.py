@@ -82,7 +82,7 @@ async def _collect(aeng, prompt, params):
 
 
 async def _pages_used(aeng):
-    return await aeng.call(lambda e: (e.pool.num_used, e.has_unfinished_requests()))
+    return await aeng.call(lambda e: (e.stats().kv_pages_used, e.has_unfinished_requests()))
 
 
 def test_concurrent_generate_matches_sync_engine(engine, reference):
@@ -100,7 +100,7 @@ def test_concurrent_generate_matches_sync_engine(engine, reference):
     assert rec.tokens == 12 * len(PROMPTS)
     assert all(s.generation_tokens == 12 and s.finish_reasons == ("length",) for s in rec.finished)
     assert all(0 < s.ttft_seconds <= s.e2e_seconds for s in rec.finished)
-    assert rec.steps and rec.steps[-1].kv_pages_used == 0 and rec.steps[-1].num_running == 0
+    assert rec.steps and rec.steps[-1].engine.kv_pages_used == 0 and rec.steps[-1].engine.num_running == 0
 
 
 def test_outputs_are_cumulative_and_deltas_rebuild_them(engine, reference):
@@ -226,7 +226,7 @@ def test_shutdown_deadline_aborts_the_rest(engine):
     outs = run(main, engine, shutdown=False)
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
     assert len(outs[-1].outputs[0].token_ids) < 110
-    assert engine.pool.num_used == 0 and not engine.has_unfinished_requests()
+    assert engine.stats().kv_pages_used == 0 and not engine.has_unfinished_requests()
 
 
 def test_idle_loop_does_not_spin(engine):
