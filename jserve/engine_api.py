@@ -8,7 +8,9 @@ add / abort / stream; they never reach into the scheduler, the page pool or the 
                                 LLMEngine.stats() ----------------------> EngineStats  (per step)
                                 AsyncEngine.health() -------------------> EngineHealth
 
-All three are immutable values: safe to hand to another thread once made.
+All three are immutable values: safe to hand to another thread once made. ``QueueFullError``
+(the waiting queue is full: HTTP 429 upstream) is re-exported here so front-ends name it without
+importing the scheduler.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import MappingProxyType
 
 from jserve.config import EngineConfig
 from jserve.kv_cache import PoolPlan, kv_bytes_per_token
+from jserve.scheduler import QueueFullError as QueueFullError  # re-export: add_request raises it
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ KV_GAUGES = {
 
 class PrometheusStats:
     def __init__(self, model_name: str, total_pages: int) -> None:
+        """``total_pages``: usable KV pages (``StartupInfo.kv_pages_total``), shown free until
+        the first step reports ``EngineStats``."""
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
         reg = self.registry
