@@ -11,8 +11,13 @@ thread through a command queue, and outputs come back with ``loop.call_soon_thre
     RequestStream.abort() --_Abort------> engine.abort_request() (pages freed at once)
     call(fn) --_Call--------------------> fn(engine)             (inspection, tests)
                                           loop: take commands (blocks when idle: no spinning)
-                                                step() -> RequestOutputs
+                                                step() -> RequestOutputs, stats() -> EngineStats
+                                                  -> RequestMetrics -> StatsListener
     RequestStream <- call_soon_threadsafe-- per stream, cumulative outputs (newest wins)
+
+It uses only the engine's narrow API (jserve/engine_api.py: ``startup``, ``stats()``,
+``max_model_len``) plus add / abort / step, and offers front-ends the same kind of API:
+``add_request`` / ``RequestStream`` / ``abort_all``, ``health()``, ``stats()``, ``startup``.
 
 Outputs are cumulative, like vLLM's: each ``RequestOutput`` holds everything generated so far,
 so a slow consumer only ever sees the newest one; ``DeltaTracker`` turns them into what is new.
@@ -34,11 +39,12 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from jserve.engine import LLMEngine, Prompt
-from jserve.metrics import RequestStats, StatsListener, StepStats
+from jserve.engine_api import EngineHealth, EngineStats, StartupInfo
+from jserve.metrics import RequestMetrics, RequestStats, StatsListener
 from jserve.outputs import RequestOutput, SampleLogprobs
 from jserve.sampling_params import SamplingParams
 
@@ -97,14 +103,9 @@ class _Stop:
 
 @dataclass
 class _Tracked:
-    """Engine-thread state of one request: where its outputs go and its latency bookkeeping."""
+    """Engine-thread state of one request: where its outputs go (timing: RequestMetrics)."""
 
     stream: RequestStream
-    arrival: float
-    prompt_tokens: int = 0
-    seen: dict[int, int] = field(default_factory=dict)          # sequence index -> tokens seen
-    last_token_time: dict[int, float] = field(default_factory=dict)
-    first_token_time: float | None = None
     detached: bool = False
 
 
@@ -199,17 +200,18 @@ class DeltaTracker:
 class AsyncEngine:
     """Runs ``engine`` on a background thread (started here) and serves it to asyncio code.
 
-    Only immutable facts of the engine (``tokenizer``, ``config``, ``max_model_len``) may be
-    read from other threads; anything else goes through ``call``.
+    Only immutable facts of the engine (``tokenizer``, ``config``, ``max_model_len``,
+    ``startup``) may be read from other threads; anything else goes through the engine thread.
     """
 
     def __init__(self, engine: LLMEngine, stats: StatsListener | None = None,
                  thread_name: str = "jserve-engine") -> None:
-        self.engine = engine
+        self._engine = engine
         self.tokenizer = engine.tokenizer
         self.config = engine.config
-        self.max_model_len: int = engine.scheduler.max_model_len
-        self._stats = stats
+        self.max_model_len: int = engine.max_model_len
+        self.startup: StartupInfo = engine.startup
+        self._metrics = RequestMetrics(stats)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}          # engine thread only
         self._lock = threading.Lock()                     # guards _closed vs. enqueueing
@@ -222,10 +224,18 @@ class AsyncEngine:
         self._thread.start()
 
     # ------------------------------------------------------------------ asyncio side
+    def health(self) -> EngineHealth:
+        """SERVING, DRAINING (shutting down, refusing new requests) or STOPPED (loop ended)."""
+        if self._draining:
+            return EngineHealth.DRAINING
+        if self._closed or not self._thread.is_alive():
+            return EngineHealth.STOPPED
+        return EngineHealth.SERVING
+
     @property
     def is_healthy(self) -> bool:
         """Running and accepting requests."""
-        return self._thread.is_alive() and not self._closed and not self._draining
+        return self.health() is EngineHealth.SERVING
 
     @property
     def is_draining(self) -> bool:
@@ -277,8 +287,13 @@ class AsyncEngine:
             async for out in stream:
                 yield out
 
+    async def stats(self) -> EngineStats:
+        """A snapshot of the engine (queues, KV cache), taken on the engine thread between steps."""
+        return await self.call(LLMEngine.stats)
+
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run ``fn(engine)`` on the engine thread between steps and return its result."""
+        """Run ``fn(engine)`` on the engine thread between steps and return its result
+        (inspection and tests; front-ends use the methods above)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._send(_Call(fn, fut))
         return await asyncio.wrap_future(fut)
@@ -309,7 +324,7 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while True:
-                busy = self.engine.has_unfinished_requests()
+                busy = self._engine.has_unfinished_requests()
                 if not busy and self._stop_requested:
                     break
                 wait = None if not busy else 0.0      # idle: block on the queue, no spinning
@@ -317,7 +332,7 @@ class AsyncEngine:
                     wait = min(0.01 * 2 ** self._failures, _MAX_BACKOFF_S)
                 for cmd in self._take(wait):
                     self._handle(cmd)
-                if self.engine.has_unfinished_requests():
+                if self._engine.has_unfinished_requests():
                     self._step()
         except BaseException as e:  # a bug in the loop itself: fail everything, loudly
             log.exception("engine loop crashed")
@@ -348,13 +363,13 @@ class AsyncEngine:
             tr = self._tracked.get(cmd.request_id)
             if tr is not None:
                 tr.detached = tr.detached or cmd.detach
-                self.engine.abort_request(cmd.request_id)
+                self._engine.abort_request(cmd.request_id)
         elif isinstance(cmd, _AbortAll):
             for rid in list(self._tracked):
-                self.engine.abort_request(rid)
+                self._engine.abort_request(rid)
         elif isinstance(cmd, _Call):
             try:
-                cmd.future.set_result(cmd.fn(self.engine))
+                cmd.future.set_result(cmd.fn(self._engine))
             except Exception as e:
                 cmd.future.set_exception(e)
         elif isinstance(cmd, _Stop):
@@ -364,13 +379,14 @@ class AsyncEngine:
 
     def _handle_add(self, cmd: _Add) -> None:
         try:
-            rid = self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival,
-                                          cache_salt=cmd.cache_salt)
+            rid = self._engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival,
+                                           cache_salt=cmd.cache_salt)
         except Exception as e:
             req_log.debug("request rejected id=%s error=%r", cmd.request_id, str(e))
             cmd.future.set_exception(e)
             return
-        self._tracked[rid] = _Tracked(stream=cmd.stream, arrival=cmd.arrival)
+        self._tracked[rid] = _Tracked(stream=cmd.stream)
+        self._metrics.added(rid, cmd.arrival)
         if req_log.isEnabledFor(logging.DEBUG):
             prompt_len = len(cmd.prompt) if isinstance(cmd.prompt, list) else None
             p = cmd.params
@@ -382,7 +398,7 @@ class AsyncEngine:
     def _step(self) -> None:
         t0 = time.perf_counter()
         try:
-            outs = self.engine.step()
+            outs = self._engine.step()
         except Exception as e:
             self._failures += 1
             log.exception("engine step failed (%d in a row); failing %d in-flight request(s)",
@@ -391,54 +407,21 @@ class AsyncEngine:
             return
         self._failures = 0
         step_s = time.perf_counter() - t0
-        sched, pool = self.engine.scheduler, self.engine.pool
-        self._notify("on_step", StepStats(step_s, sched.num_running, sched.num_waiting, pool.num_used,
-                                          pool.num_free, sched.num_preemptions_total,
-                                          self.engine.kv_cache_stats()))
+        self._metrics.step(step_s, self._engine.stats())
         now = time.monotonic()
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
         for out in outs:
             tr = self._tracked.get(out.request_id)
             if tr is None:
                 continue
-            self._observe(tr, out, now)
+            finished = self._metrics.observe(out, now)
             if out.finished:
                 del self._tracked[out.request_id]
-                self._finished(out.request_id, tr, [c.finish_reason or "abort" for c in out.outputs], now)
+                _log_finished(finished)
             if not tr.detached:
                 deliveries.setdefault(tr.stream._loop, []).append((tr.stream, out))
         for loop, items in deliveries.items():
             _deliver_threadsafe(loop, items)
-
-    def _observe(self, tr: _Tracked, out: RequestOutput, now: float) -> None:
-        gaps, new_total = [], 0
-        for comp in out.outputs:
-            n = len(comp.token_ids)
-            new = n - tr.seen.get(comp.index, 0)
-            if new <= 0:
-                continue
-            new_total += new
-            if comp.index in tr.last_token_time:
-                gaps.append(now - tr.last_token_time[comp.index])
-            tr.seen[comp.index] = n
-            tr.last_token_time[comp.index] = now
-        if not new_total:
-            return
-        if tr.first_token_time is None:
-            tr.first_token_time = now
-            tr.prompt_tokens = len(out.prompt_token_ids)
-            self._notify("on_first_token", now - tr.arrival, tr.prompt_tokens)
-        self._notify("on_token_gaps", gaps, new_total)
-
-    def _finished(self, rid: str, tr: _Tracked, reasons: list[str], now: float) -> None:
-        ttft = None if tr.first_token_time is None else tr.first_token_time - tr.arrival
-        stats = RequestStats(rid, tuple(reasons), tr.prompt_tokens, sum(tr.seen.values()),
-                             now - tr.arrival, ttft)
-        self._notify("on_request_finished", stats)
-        if req_log.isEnabledFor(logging.DEBUG):
-            req_log.debug("request finished id=%s reasons=%s output_tokens=%d ttft_ms=%s e2e_ms=%.1f",
-                          rid, ",".join(reasons), stats.generation_tokens,
-                          "-" if ttft is None else f"{ttft * 1e3:.1f}", stats.e2e_seconds * 1e3)
 
     def _fail_in_flight(self, exc: Exception) -> None:
         err = RequestFailedError(f"engine step failed: {type(exc).__name__}: {exc}")
@@ -446,23 +429,15 @@ class AsyncEngine:
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, BaseException]]] = {}
         for rid, tr in list(self._tracked.items()):
             try:
-                self.engine.abort_request(rid)
+                self._engine.abort_request(rid)
             except Exception:
                 log.exception("abort of %s after a failed step failed too", rid)
             del self._tracked[rid]
-            self._finished(rid, tr, ["error"], now)
+            _log_finished(self._metrics.failed(rid, now))
             if not tr.detached:
                 deliveries.setdefault(tr.stream._loop, []).append((tr.stream, err))
         for loop, items in deliveries.items():
             _deliver_threadsafe(loop, items)
-
-    def _notify(self, method: str, *args: object) -> None:
-        if self._stats is None:
-            return
-        try:
-            getattr(self._stats, method)(*args)
-        except Exception:
-            log.exception("stats listener %s failed", method)
 
     def _close(self) -> None:
         """Thread exit: refuse further commands, fail whatever is still pending or in flight."""
@@ -477,12 +452,22 @@ class AsyncEngine:
             if isinstance(cmd, (_Add, _Call)):
                 cmd.future.set_exception(dead)
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, BaseException]]] = {}
-        for tr in self._tracked.values():
+        for rid, tr in self._tracked.items():
+            self._metrics.forget(rid)
             if not tr.detached:
                 deliveries.setdefault(tr.stream._loop, []).append((tr.stream, dead))
         self._tracked.clear()
         for loop, items in deliveries.items():
             _deliver_threadsafe(loop, items)
+
+
+def _log_finished(stats: RequestStats | None) -> None:
+    if stats is None or not req_log.isEnabledFor(logging.DEBUG):
+        return
+    ttft = "-" if stats.ttft_seconds is None else f"{stats.ttft_seconds * 1e3:.1f}"
+    req_log.debug("request finished id=%s reasons=%s output_tokens=%d ttft_ms=%s e2e_ms=%.1f",
+                  stats.request_id, ",".join(stats.finish_reasons), stats.generation_tokens, ttft,
+                  stats.e2e_seconds * 1e3)
 
 
 def _deliver(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:

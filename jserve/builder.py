@@ -18,6 +18,7 @@ import jax
 from checkpoints import HFModelDir
 from jserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from jserve.engine import LLMEngine
+from jserve.engine_api import BuildInfo
 from jserve.kv_cache import (
     PoolPlan,
     allocate_kv_cache,
@@ -140,9 +141,7 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     kv = allocate_kv_cache(model_cfg, plan.num_pages, config.cache.page_size, config.kv_dtype, mesh)
     runner = Runner(config, params, kv, mesh)
     compile_s = runner.warmup()
-    engine = LLMEngine(config, runner, tokenizer, plan.num_pages)
-    engine.pool_plan = plan
-    engine.startup_seconds = time.perf_counter() - t0
-    engine.compile_seconds = compile_s
-    log.info("engine ready in %.1f s (compile %.1f s)", engine.startup_seconds, compile_s)
+    build = BuildInfo(plan, startup_seconds=time.perf_counter() - t0, compile_seconds=compile_s)
+    engine = LLMEngine(config, runner, tokenizer, plan.num_pages, build)
+    log.info("engine ready in %.1f s (compile %.1f s)", build.startup_seconds, compile_s)
     return engine

@@ -25,7 +25,7 @@ import numpy as np
 
 from jserve.config import EngineConfig
 from jserve.detokenizer import IncrementalDetokenizer
-from jserve.kv_cache import PoolPlan
+from jserve.engine_api import BuildInfo, EngineStats, StartupInfo
 from jserve.kv_manager import make_kv_manager
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jserve.request import Request, RequestStatus
@@ -65,7 +65,7 @@ class _Parent:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, runner: Runner, tokenizer: Tokenizer | None,
-                 num_pages: int) -> None:
+                 num_pages: int, build: BuildInfo | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.runner = runner
@@ -78,10 +78,8 @@ class LLMEngine:
         self._ids = itertools.count()
         eos = config.model.eos_token_ids or (tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids: tuple[int, ...] = tuple(eos)
-        # Start-up facts, filled in by builder.build_engine (banner, /metrics, jserve plan).
-        self.pool_plan: PoolPlan | None = None
-        self.startup_seconds = 0.0
-        self.compile_seconds = 0.0
+        # Start-up facts (banner, /metrics, jserve plan): ``build`` comes from builder.build_engine.
+        self._startup = StartupInfo.create(build, config, num_pages, self.scheduler.max_model_len)
         self._overlap = config.scheduler.async_scheduling
         self._in_flight: StepHandle | None = None  # dispatched, results not yet read
 
@@ -281,3 +279,27 @@ class LLMEngine:
             cumulative_logprob=ch.cumulative_logprob if params.logprobs is not None else None,
             logprobs=list(ch.logprobs) if params.logprobs is not None else None,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason)
+
+    # --- narrow API for front-ends -------------------------------------------------------
+    # AsyncEngine and server/ read the engine only through these (plus add_request,
+    # abort_request, step): immutable facts and snapshots, never the scheduler / pool / runner.
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt + output) served: the configured value, capped at what
+        the KV pool holds."""
+        return self._startup.max_model_len
+
+    @property
+    def startup(self) -> StartupInfo:
+        """Start-up facts, fixed at construction (pool plan, limits, start-up / compile time)."""
+        return self._startup
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the queues and the KV cache; cheap enough to call every step."""
+        kv = self.kv_cache_stats()
+        return EngineStats(num_running=self.scheduler.num_running,
+                           num_waiting=self.scheduler.num_waiting,
+                           kv_pages_used=kv["pages_used"], kv_pages_free=kv["pages_free"],
+                           kv_pages_total=kv["pages_total"],
+                           num_preemptions_total=self.scheduler.num_preemptions_total,
+                           kv_cache=kv)

@@ -1,12 +1,20 @@
 """Engine statistics: what the async engine reports per step and per request.
 
-Where it sits: ``AsyncEngine`` (jserve/async_engine.py) measures these on its engine thread and
-hands them to a ``StatsListener``; the server's Prometheus exporter (server/metrics.py) is one.
-jserve itself exports nothing and depends on no metrics library::
+Where it sits: ``AsyncEngine`` (jserve/async_engine.py) feeds a ``RequestMetrics`` on its engine
+thread with every step's ``EngineStats`` and every ``RequestOutput``; ``RequestMetrics`` turns
+them into events for a ``StatsListener``; the server's Prometheus exporter (server/metrics.py) is
+one. jserve itself exports nothing and depends on no metrics library::
 
-    engine thread: step() -> StepStats ------------------> listener.on_step
-                   outputs -> first token / token gaps -> listener.on_first_token / on_token_gaps
-                   finished request -> RequestStats -----> listener.on_request_finished
+    engine thread: step() -> engine.stats() -> StepStats -------> listener.on_step
+                   RequestOutput (cumulative, .metrics) -> RequestMetrics.observe
+                       first output carrying first_token_time -> listener.on_first_token
+                       tokens new since the request's last output -> listener.on_token_gaps
+                       finished -> RequestStats ---------------> listener.on_request_finished
+
+Timing has one source: the engine stamps ``arrival_time`` and ``first_token_time`` into
+``RequestOutput.metrics``; time-to-first-token is read from there. What ``RequestMetrics`` keeps
+per request is only what a cumulative output cannot say by itself: how many tokens of each
+sequence the previous output held, and when they came (generation-token counts, inter-token gaps).
 
 Listener methods run on the engine thread: they must be quick and thread-safe, and an
 exception raised by one is logged and ignored (it never stops the engine).
@@ -14,9 +22,15 @@ exception raised by one is logged and ignored (it never stops the engine).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from jserve.engine_api import EngineStats
+from jserve.outputs import RequestOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,13 +38,7 @@ class StepStats:
     """The engine after one ``step()``."""
 
     step_seconds: float          # wall time of the step (schedule + run + update + detokenize)
-    num_running: int             # sequences in the running batch
-    num_waiting: int             # sequences queued (new or preempted)
-    kv_pages_used: int
-    kv_pages_free: int
-    num_preemptions_total: int   # since start-up (monotonic)
-    # LLMEngine.kv_cache_stats(): prefix-cache / swap / CoW counters (monotonic) and gauges.
-    kv_stats: Mapping[str, int] = field(default_factory=dict)
+    engine: EngineStats          # LLMEngine.stats() right after the step
 
 
 @dataclass(frozen=True)
@@ -58,3 +66,86 @@ class StatsListener(Protocol):
         ...
 
     def on_request_finished(self, stats: RequestStats) -> None: ...
+
+
+@dataclass
+class _Progress:
+    """One request as its outputs have shown it so far."""
+
+    metrics: Mapping[str, float]         # the newest RequestOutput.metrics (arrival, first token)
+    prompt_tokens: int = 0
+    tokens: dict[int, int] = field(default_factory=dict)        # sequence index -> tokens it holds
+    token_time: dict[int, float] = field(default_factory=dict)  # sequence index -> its last token's time
+
+    def ttft(self) -> float | None:
+        first = self.metrics.get("first_token_time")
+        return None if first is None else first - self.metrics["arrival_time"]
+
+
+class RequestMetrics:
+    """The engine's outputs -> ``StatsListener`` events (engine thread only; see the module
+    docstring). ``listener`` None: nothing is reported, ``RequestStats`` are still returned."""
+
+    def __init__(self, listener: StatsListener | None) -> None:
+        self._listener = listener
+        self._progress: dict[str, _Progress] = {}
+
+    def added(self, request_id: str, arrival_time: float) -> None:
+        """A request the engine accepted with ``arrival_time``; until its first output that is
+        all there is to know about it (the engine reports the same value in ``metrics``)."""
+        self._progress[request_id] = _Progress({"arrival_time": arrival_time})
+
+    def step(self, step_seconds: float, stats: EngineStats) -> None:
+        if self._listener is not None:
+            self._emit(self._listener.on_step, StepStats(step_seconds, stats))
+
+    def observe(self, out: RequestOutput, now: float) -> RequestStats | None:
+        """One output of a request seen by ``added``; -> its ``RequestStats`` once finished."""
+        p = self._progress.get(out.request_id)
+        if p is None:
+            return None
+        gaps, new_total = [], 0
+        for comp in out.outputs:
+            n = len(comp.token_ids)
+            new = n - p.tokens.get(comp.index, 0)
+            if new <= 0:
+                continue
+            new_total += new
+            if comp.index in p.token_time:
+                gaps.append(now - p.token_time[comp.index])
+            p.tokens[comp.index] = n
+            p.token_time[comp.index] = now
+        first = "first_token_time" in out.metrics and "first_token_time" not in p.metrics
+        p.metrics, p.prompt_tokens = out.metrics, len(out.prompt_token_ids)
+        if self._listener is not None and first:
+            self._emit(self._listener.on_first_token, p.ttft(), p.prompt_tokens)
+        if self._listener is not None and new_total:
+            self._emit(self._listener.on_token_gaps, gaps, new_total)
+        if not out.finished:
+            return None
+        return self._finish(out.request_id, tuple(c.finish_reason or "abort" for c in out.outputs), now)
+
+    def failed(self, request_id: str, now: float) -> RequestStats | None:
+        """The request was failed without a final output (an engine step raised)."""
+        if request_id not in self._progress:
+            return None
+        return self._finish(request_id, ("error",), now)
+
+    def forget(self, request_id: str) -> None:
+        """Stop following a request without reporting it (the engine loop is shutting down)."""
+        self._progress.pop(request_id, None)
+
+    def _finish(self, request_id: str, reasons: tuple[str, ...], now: float) -> RequestStats:
+        p = self._progress.pop(request_id)
+        stats = RequestStats(request_id, reasons, p.prompt_tokens, sum(p.tokens.values()),
+                             now - p.metrics["arrival_time"], p.ttft())
+        if self._listener is not None:
+            self._emit(self._listener.on_request_finished, stats)
+        return stats
+
+    @staticmethod
+    def _emit(event: Callable[..., None], *args: object) -> None:
+        try:
+            event(*args)
+        except Exception:
+            log.exception("stats listener %s failed", event.__name__)

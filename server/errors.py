@@ -18,7 +18,7 @@ from __future__ import annotations
 import grpc
 
 from jserve.async_engine import EngineDeadError, EngineDrainingError, RequestFailedError
-from jserve.scheduler import QueueFullError
+from jserve.engine_api import QueueFullError
 
 _KINDS: dict[int, tuple[str, grpc.StatusCode]] = {
     400: ("invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT),

@@ -30,6 +30,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 import jserve
+from jserve.engine_api import EngineHealth
 from server.errors import KNOWN_STATUSES, APIError, bad_request, from_exception
 from server.metrics import CONTENT_TYPE, PrometheusStats
 from server.openai_handlers import ChatHandler, CompletionHandler
@@ -233,11 +234,10 @@ class OpenAIApp:
         return JSONResponse({"prompt": self.serving.decode(ids)})
 
     async def health(self, request: Request) -> Response:
-        engine = self.serving.engine
-        if engine.is_healthy:
+        health = self.serving.engine.health()
+        if health is EngineHealth.SERVING:
             return Response(status_code=200)
-        why = "draining" if engine.is_draining else "engine stopped"
-        return error_response(APIError(503, f"not serving: {why}"))
+        return error_response(APIError(503, f"not serving: {health.value}"))
 
     async def metrics(self, request: Request) -> Response:
         if self.stats is None:

@@ -32,7 +32,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2
 _STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
-# LLMEngine.kv_cache_stats() keys exported as counters (monotonic in the engine) and gauges.
+# EngineStats.kv_cache keys (LLMEngine.kv_cache_stats()) exported as counters (monotonic in the
+# engine) and gauges.
 KV_COUNTERS = {
     "prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
     "prefix_cache_hits_device": "Prompt tokens served from cached pages on the device.",
@@ -57,8 +58,9 @@ KV_GAUGES = {
 
 class PrometheusStats:
     def __init__(self, model_name: str, total_pages: int) -> None:
+        """``total_pages``: usable KV pages (``StartupInfo.kv_pages_total``), shown free until
+        the first step reports ``EngineStats``."""
         self.registry = CollectorRegistry(auto_describe=True)
-        self._total_pages = max(total_pages, 1)
         labels = ["model_name"]
         reg = self.registry
 
@@ -98,13 +100,14 @@ class PrometheusStats:
 
     # ---------------------------------------------------------------- StatsListener
     def on_step(self, s: StepStats) -> None:
+        e = s.engine
         self.step.observe(s.step_seconds)
-        self.running.set(s.num_running)
-        self.waiting.set(s.num_waiting)
-        self.pages_used.set(s.kv_pages_used)
-        self.pages_free.set(s.kv_pages_free)
-        self.usage.set(s.kv_pages_used / self._total_pages)
-        for key, value in s.kv_stats.items():
+        self.running.set(e.num_running)
+        self.waiting.set(e.num_waiting)
+        self.pages_used.set(e.kv_pages_used)
+        self.pages_free.set(e.kv_pages_free)
+        self.usage.set(e.kv_usage)
+        for key, value in e.kv_cache.items():
             if key in self._kv_counters:
                 delta = value - self._kv_last.get(key, 0)
                 if delta > 0:
@@ -112,9 +115,9 @@ class PrometheusStats:
                 self._kv_last[key] = value
             elif key in self._kv_gauges:
                 self._kv_gauges[key].set(value)
-        if s.num_preemptions_total > self._last_preemptions:
-            self.preemptions.inc(s.num_preemptions_total - self._last_preemptions)
-            self._last_preemptions = s.num_preemptions_total
+        if e.num_preemptions_total > self._last_preemptions:
+            self.preemptions.inc(e.num_preemptions_total - self._last_preemptions)
+            self._last_preemptions = e.num_preemptions_total
 
     def on_first_token(self, ttft_seconds: float, prompt_tokens: int) -> None:
         self.ttft.observe(ttft_seconds)

@@ -147,15 +147,13 @@ class RunningServer:
         await self._stopped.wait()
 
     def banner(self) -> str:
-        eng = self.engine.engine
-        cfg = eng.config
-        plan = getattr(eng, "pool_plan", None)
+        cfg, startup = self.engine.config, self.engine.startup
         lines = [
             f"jserve {self.serving.card.name}: {cfg.model.dtype}, "
-            f"max_model_len {self.serving.max_model_len}, max_num_seqs {cfg.scheduler.max_num_seqs}, "
+            f"max_model_len {startup.max_model_len}, max_num_seqs {startup.max_num_seqs}, "
             f"tp {cfg.parallel.tensor_parallel_size}",
-            f"  {plan.describe() if plan is not None else f'KV pool: {eng.pool.num_total} pages'}",
-            f"  start-up (load + compile): {getattr(eng, 'startup_seconds', float('nan')):.1f} s",
+            f"  {startup.describe_pool()}",
+            f"  start-up (load + compile): {startup.startup_seconds:.1f} s",
             f"  HTTP  {self.base_url}/v1  (OpenAI-compatible; /health /metrics)",
         ]
         if self.grpc_port is not None:

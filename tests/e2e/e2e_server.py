@@ -42,7 +42,7 @@ class ServerThread:
 
     def engine_state(self) -> tuple[int, bool]:
         """(KV pages used, has unfinished requests), read on the engine thread."""
-        return self.run(self.aengine.call(lambda e: (e.pool.num_used, e.has_unfinished_requests())))
+        return self.run(self.aengine.call(lambda e: (e.stats().kv_pages_used, e.has_unfinished_requests())))
 
     def wait_idle(self, timeout: float = 10.0) -> tuple[int, bool]:
         """Poll until no page is used and nothing is unfinished (aborts land asynchronously)."""

@@ -13,6 +13,7 @@ from jserve.async_engine import (
     EngineDrainingError,
     RequestFailedError,
 )
+from jserve.engine_api import EngineHealth
 from jserve.metrics import RequestStats, StepStats
 from jserve.sampling_params import SamplingParams
 
@@ -82,7 +83,7 @@ async def _collect(aeng, prompt, params):
 
 
 async def _pages_used(aeng):
-    return await aeng.call(lambda e: (e.pool.num_used, e.has_unfinished_requests()))
+    return await aeng.call(lambda e: (e.stats().kv_pages_used, e.has_unfinished_requests()))
 
 
 def test_concurrent_generate_matches_sync_engine(engine, reference):
@@ -100,7 +101,7 @@ def test_concurrent_generate_matches_sync_engine(engine, reference):
     assert rec.tokens == 12 * len(PROMPTS)
     assert all(s.generation_tokens == 12 and s.finish_reasons == ("length",) for s in rec.finished)
     assert all(0 < s.ttft_seconds <= s.e2e_seconds for s in rec.finished)
-    assert rec.steps and rec.steps[-1].kv_pages_used == 0 and rec.steps[-1].num_running == 0
+    assert rec.steps and rec.steps[-1].engine.kv_pages_used == 0 and rec.steps[-1].engine.num_running == 0
 
 
 def test_outputs_are_cumulative_and_deltas_rebuild_them(engine, reference):
@@ -226,7 +227,7 @@ def test_shutdown_deadline_aborts_the_rest(engine):
     outs = run(main, engine, shutdown=False)
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
     assert len(outs[-1].outputs[0].token_ids) < 110
-    assert engine.pool.num_used == 0 and not engine.has_unfinished_requests()
+    assert engine.stats().kv_pages_used == 0 and not engine.has_unfinished_requests()
 
 
 def test_idle_loop_does_not_spin(engine):
@@ -244,3 +245,41 @@ def test_engine_thread_is_the_only_caller(engine):
         return await aeng.call(lambda e: threading.current_thread().name)
 
     assert run(main, engine) == "jserve-engine"
+
+
+def test_ttft_comes_from_the_engine_outputs(engine):
+    rec = Recorder()
+
+    async def main(aeng):
+        return await asyncio.gather(*[_collect(aeng, p, GREEDY) for p in PROMPTS[:2]])
+
+    outs = run(main, engine, stats=rec)
+    ttfts = {o.request_id: o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outs}
+    assert sorted(rec.ttfts) == sorted(ttfts.values())
+    assert {s.request_id: s.ttft_seconds for s in rec.finished} == ttfts
+
+
+def test_health_and_stats_api(engine):
+    async def main(aeng):
+        seen = [aeng.health()]
+        await _collect(aeng, PROMPTS[0], GREEDY)
+        stats = await aeng.stats()
+        aeng.begin_drain()
+        seen.append(aeng.health())
+        return seen, stats, aeng.startup
+
+    seen, stats, startup = run(main, engine)
+    assert seen == [EngineHealth.SERVING, EngineHealth.DRAINING]
+    assert stats.kv_pages_used == 0 and stats.num_running == stats.num_waiting == 0
+    assert stats.kv_pages_total == startup.kv_pages_total == engine.startup.kv_pages_total
+
+
+def test_health_reports_a_crashed_loop(engine):
+    async def main(aeng):
+        aeng._send("not a command")        # a bug in the loop: it stops, failing everything
+        await asyncio.to_thread(aeng._thread.join, 10)
+        with pytest.raises(EngineDeadError):
+            await aeng.add_request(PROMPTS[0], GREEDY)
+        return aeng.health(), aeng.is_healthy
+
+    assert run(main, engine, shutdown=False) == (EngineHealth.STOPPED, False)

@@ -111,7 +111,7 @@ def test_engine_allocates_the_planned_pool(xla_cache_dir):
     engine = build_engine(EngineArgs(model=None, max_model_len=128, max_num_seqs=4,
                                      max_num_batched_tokens=32, num_pages=plan.pool.num_pages,
                                      compilation_cache_dir=xla_cache_dir))
-    assert engine.pool_plan == plan.pool
+    assert engine.startup.pool_plan == plan.pool
     kv_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.kv))
     assert kv_bytes == plan.pool.pool_bytes
     assert params_bytes(engine.runner.params) == plan.weight_bytes_total

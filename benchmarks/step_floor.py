@@ -1,0 +1,124 @@
+"""Batch-1 decode: where the time of one step goes in the v2 loop (prints one table per model).
+
+For each model shape (random weights, bf16):
+  A  the compiled decode step called back to back, each step's sampled token fed to the next on
+     the device, no host sync: the device-bound floor of the engine's own step, and the host
+     time spent inside the call (dispatch)
+  B  LLMEngine.step, overlapped loop (async_scheduling=True), batch 1
+  C  LLMEngine.step, synchronous loop (async_scheduling=False), batch 1
+  and the kernels per step: instructions of the optimized step program that launch work.
+
+    PYTHONPATH=. python3 benchmarks/step_floor.py qwen2.5-0.5b,llama3.1-8b
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+
+import jax
+import numpy as np
+
+from jserve.builder import EngineArgs, build_engine
+from jserve.sampling_params import SamplingParams
+
+_NOT_KERNELS = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+                "partition-id", "replica-id")
+
+
+def count_kernels(hlo_text: str) -> int:
+    """Instructions of the ENTRY computation that launch device work (fusions, library calls,
+    copies); command buffers group launches but not the kernels they run."""
+    entry = hlo_text[hlo_text.index("\nENTRY"):]
+    body = entry[entry.index("{") + 1:entry.index("\n}")]
+    n = 0
+    for line in body.splitlines():
+        m = re.match(r"\s*(ROOT\s+)?%?[\w.\-]+ = [^=]*? ([\w\-]+)\(", line)
+        if m and m.group(2) not in _NOT_KERNELS:
+            n += 1
+    return n
+
+
+def floor_a(engine, n: int = 200, context: int = 300) -> tuple[float, float, int]:
+    """-> (ms per step, host ms inside the call, kernels per step) for the 1-token bucket."""
+    r = engine.runner
+    layout = r.layout(r.bucket_for(1)[0])
+    step = r._compiled[(layout.num_tokens, False)]
+    ibuf, fbuf, f = layout.new_buffers()
+    ps = engine.config.cache.page_size
+    pages = np.arange(1, 1 + -(-context // ps), dtype=np.int32)
+    f["positions"][0] = context - 1
+    f["slot_mapping"][0] = pages[(context - 1) // ps] * ps + (context - 1) % ps
+    f["prev_index"][0] = 0                  # the token sampled by the previous call, row 0
+    f["page_table"][0, :len(pages)] = pages
+    f["seq_lens"][0] = context
+    f["query_start_loc"][1:] = 1
+    f["num_seqs"][0] = 1
+    ibuf, fbuf = jax.device_put((ibuf, fbuf))
+    kv, tokens = r.kv, r._prev_tokens
+    for _ in range(5):
+        kv, tokens, *_ = step(r.params, kv, tokens, ibuf, fbuf)
+    jax.block_until_ready(tokens)
+    host = 0.0
+    t0 = time.perf_counter()
+    for _ in range(n):
+        th = time.perf_counter()
+        kv, tokens, *_ = step(r.params, kv, tokens, ibuf, fbuf)
+        host += time.perf_counter() - th
+    jax.block_until_ready(tokens)
+    dt = (time.perf_counter() - t0) / n
+    r.kv, r._prev_tokens = kv, tokens
+    return dt * 1e3, host / n * 1e3, count_kernels(step.as_text())
+
+
+def engine_decode(engine, n_tokens: int = 128) -> float:
+    """ms per decode step of LLMEngine.step at batch 1 (first token excluded)."""
+    vocab = engine.config.model.vocab_size
+    rng = np.random.default_rng(0)
+    sp = SamplingParams(temperature=0.0, max_tokens=n_tokens + 1, ignore_eos=True)
+    best = float("inf")
+    for _ in range(2):
+        engine.add_request(None, rng.integers(10, vocab, 16).tolist(), sp)
+        first, done = None, 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                n = len(out.outputs[0].token_ids)
+                if first is None and n:
+                    first, done = time.perf_counter(), n
+                elif n:
+                    last, done_n = time.perf_counter(), n
+        best = min(best, (last - first) / (done_n - done) * 1e3)
+    return best
+
+
+def probe(model: str) -> None:
+    res = {}
+    for overlap in (True, False):
+        t0 = time.perf_counter()
+        eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
+                                      max_num_batched_tokens=64, max_model_len=1024, num_pages=512,
+                                      async_scheduling=overlap))
+        build_s = time.perf_counter() - t0
+        if overlap:
+            res["A"] = floor_a(eng)
+        res["B" if overlap else "C"] = engine_decode(eng)
+        p_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(eng.runner.params))
+        leaves = len(jax.tree_util.tree_leaves(eng.runner.params)) + 2 * len(eng.runner.kv) + 3
+        del eng
+    a_ms, a_host, kernels = res["A"]
+    floor = p_bytes / 3.3e12 * 1e3
+    print(f"\n## {model} ({jax.devices()[0].device_kind}): weights {p_bytes / 1e9:.2f} GB; "
+          f"{leaves} arrays per step call; {kernels} kernels per decode step; "
+          f"HBM floor at 3.3 TB/s = {floor:.2f} ms/step; engine build {build_s:.1f} s")
+    print("| path | ms/step | tok/s | host ms in the call |")
+    print("|---|---|---|---|")
+    print(f"| A compiled step back to back, device-fed, no sync | {a_ms:.3f} | {1e3 / a_ms:.0f} "
+          f"| {a_host:.3f} |")
+    print(f"| B LLMEngine.step, overlapped | {res['B']:.3f} | {1e3 / res['B']:.0f} | |")
+    print(f"| C LLMEngine.step, synchronous | {res['C']:.3f} | {1e3 / res['C']:.0f} | |", flush=True)
+
+
+if __name__ == "__main__":
+    for m in sys.argv[1].split(","):
+        probe(m)
