@@ -255,7 +255,7 @@ class Runner:
         return self._penalty_sampler(logits, jax.device_put(sbatch, self._replicated), flags)
 
     # ---------------------------------------------------------------- start-up
-    def _lower(self, variant: tuple[int, bool]) -> Any:
+    def lower_step(self, variant: tuple[int, bool]) -> Any:
         t, fresh = variant
         layout = self.layout(t)
         fn = functools.partial(fused_step, self.config.model, layout, self._num_out, fresh, self.mesh)
@@ -281,7 +281,7 @@ class Runner:
             return variant, lowered.compile()
 
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            futures = [pool.submit(compile_one, (v, self._lower(v))) for v in variants]
+            futures = [pool.submit(compile_one, (v, self.lower_step(v))) for v in variants]
             for k, fut in enumerate(futures, 1):
                 variant, compiled = fut.result()
                 self._compiled[variant] = compiled

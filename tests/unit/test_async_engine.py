@@ -173,12 +173,12 @@ def test_step_failure_fails_in_flight_requests_and_loop_keeps_serving(engine, re
 
     async def main(aeng):
         def break_runner_once(e):
-            original = e.runner.execute
+            original = e.runner.dispatch
 
             def failing(sched_out):
-                e.runner.execute = original
+                e.runner.dispatch = original
                 raise RuntimeError("injected device fault")
-            e.runner.execute = failing
+            e.runner.dispatch = failing
 
         await aeng.call(break_runner_once)
         with pytest.raises(RequestFailedError, match="injected device fault"):

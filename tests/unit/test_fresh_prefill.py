@@ -24,10 +24,21 @@ class CountingStep:
         return self.fn(*args)
 
 
+class Tally:
+    def __init__(self, steps):
+        self.steps = steps
+
+    @property
+    def calls(self):
+        return sum(s.calls for s in self.steps)
+
+
 def count_steps(engine):
+    """-> (paged, flash) call tallies over every compiled bucket of the runner."""
     r = engine.runner
-    r._step, r._step_fresh = CountingStep(r._step), CountingStep(r._step_fresh)
-    return r._step, r._step_fresh
+    r._compiled = {k: CountingStep(v) for k, v in r._compiled.items()}
+    return (Tally([v for (_, fresh), v in r._compiled.items() if not fresh]),
+            Tally([v for (_, fresh), v in r._compiled.items() if fresh]))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

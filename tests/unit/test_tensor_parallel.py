@@ -21,7 +21,7 @@ def test_tp2_matches_tp1(make_engine, arch):
     prompts = [rng.integers(5, 500, n).tolist() for n in (4, 19, 37)]
     ref = _greedy(make_engine(arch), prompts)
     engine = make_engine(arch, tensor_parallel_size=2)
-    wq = engine.runner.params["layers"][0]["wq"]
+    wq = engine.runner.params["wqkv"]
     assert len(wq.sharding.device_set) == 2 and not wq.sharding.is_fully_replicated
     k_pages = engine.runner.kv[0][0]
     assert len(k_pages.sharding.device_set) == 2
@@ -42,12 +42,10 @@ def test_attention_calls_run_per_device_under_tp(make_engine):
     """With KV heads divisible by tp, KV write and attention run under shard_map (a Pallas call
     left to the partitioner would gather the whole pool onto every device)."""
     from jserve.model.attention import head_parallel
-    from jserve.step_input import StepInput
 
     engine = make_engine("llama", tensor_parallel_size=2)
     runner = engine.runner
     assert head_parallel(runner.mesh, engine.config.model.num_kv_heads)
-    batch = StepInput.empty(16, 8, runner._pages_per_seq)
-    text = runner._step.lower(runner.params, runner.kv, batch).as_text()
+    text = runner.lower_step((16, False)).as_text()
     assert text.count("manual_computation") >= 2 * engine.config.model.num_layers
     assert not head_parallel(runner.mesh, 1) and not head_parallel(None, 8)
