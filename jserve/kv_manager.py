@@ -84,6 +84,10 @@ class KVCacheManager:
         self._copied_from: dict[int, int] = {}
         self._loaded_from: dict[int, tuple[HostPageStore, int]] = {}
         self._swap_slots_to_free: list[int] = []  # freed at the next step: a read may be in flight
+        # This schedule's rows: computed tokens of each grown request before its row. A fork
+        # sibling shares only what an earlier step computed (this step's copies run before
+        # its forward, so a copy of a page the leader writes now would read stale bytes).
+        self._computed_before: dict[Request, int] = {}
         self.counters = dict(prefix_cache_queries=0, prefix_cache_hits_device=0,
                              prefix_cache_hits_host=0, cow_copies=0, pages_swapped_out=0,
                              pages_swapped_in=0, host_tier_pages_loaded=0,
@@ -120,6 +124,7 @@ class KVCacheManager:
     def grow(self, req: Request, k: int) -> None:
         """Give ``req`` writable pages for its next ``k`` tokens (call after ``demand`` fits)."""
         end = req.num_computed_tokens + k
+        self._computed_before.setdefault(req, req.num_computed_tokens)
         for i in self._writes_shared(req, end):
             old = req.page_ids[i]
             (new,) = self.pool.allocate(1)
@@ -151,7 +156,7 @@ class KVCacheManager:
             leader = req.fork_of
             if leader is not None and leader.status is RequestStatus.RUNNING \
                     and leader.prompt_token_ids == req.prompt_token_ids and not req.output_token_ids:
-                if leader.num_computed_tokens < req.num_tokens - 1:
+                if self._computed_before.get(leader, leader.num_computed_tokens) < req.num_tokens - 1:
                     return None
                 computed = req.num_tokens - 1
                 sources = [("share", p) for p in leader.page_ids[:self.pool.pages_needed(computed)]]
@@ -295,6 +300,7 @@ class KVCacheManager:
         """This schedule's page moves (the prefix cache's host-tier offloads included)."""
         t, self._transfers = self._transfers, KVTransfers()
         self._copied_from, self._loaded_from = {}, {}
+        self._computed_before = {}
         pc = self.prefix_cache
         if pc is not None and pc.host_tier is not None:
             t.to_host.extend((page, pc.host_tier, slot) for page, slot in pc.take_offloads())

@@ -1,10 +1,12 @@
 """SamplingBatch: per-row sampling parameters packed into padded arrays (host side).
 
-Where it sits: ``Runner.execute`` builds one ``SamplingRow`` per row of the step (``None`` for
-rows whose sampled token is discarded, e.g. a mid-prompt prefill chunk) and calls
-``pack_sampling``; the resulting ``SamplingBatch`` (numpy leaves) goes to the device with the
-step input, and ``SamplerFlags`` is the static argument of the jitted sampler
-(``jserve.sampler``), which runs in its own jit after the model's forward::
+Where it sits: the runner samples most steps inside the step executable from the packed step
+buffers (``step_buffers.StepLayout.unpack`` builds a ``SamplingBatch`` there, no penalties).
+Steps with rows that use penalties also run the separate sampler over the step's logits: the
+runner builds one ``SamplingRow`` per row (``None`` for rows whose sampled token is discarded,
+e.g. a mid-prompt prefill chunk) and calls ``pack_sampling``; the resulting ``SamplingBatch``
+(numpy leaves, with the penalty history) goes to the device, and ``SamplerFlags`` is the
+static argument of the jitted sampler (``jserve.sampler``)::
 
     rows: [SamplingRow | None] * n --pack_sampling--> SamplingBatch (R rows) + SamplerFlags
     row r >= n and None rows are padding: greedy, no penalties, no bans, no logprobs
@@ -16,7 +18,7 @@ flags) enters it. Seeds are taken mod 2**64 and split into two uint32 words.
 Static shapes: R (``num_rows_padded``) and V come from the runner; the banned-id width is
 ``MAX_BANNED_IDS``; the penalty history width H is a power-of-two bucket (>= 16) recorded in
 ``SamplerFlags.history_width`` (0 when no row uses penalties), so the flags plus (R, V) fix
-every shape; ``warmup_flag_sets`` lists the flags to run at start-up so nothing compiles later.
+every shape; ``serving_flags`` is the one variant the engine compiles per row bucket.
 """
 
 from __future__ import annotations
@@ -132,14 +134,6 @@ def history_bucket(length: int) -> int:
     return h
 
 
-def history_buckets(max_model_len: int) -> tuple[int, ...]:
-    """Every history width a request of at most ``max_model_len`` tokens can need."""
-    out = [MIN_HISTORY_WIDTH]
-    while out[-1] < max_model_len:
-        out.append(out[-1] * 2)
-    return tuple(out)
-
-
 def logprobs_bucket(n: int | None) -> int:
     """None (no logprobs asked) -> 0; N >= 0 -> the smallest positive bucket >= N."""
     if n is None:
@@ -148,29 +142,6 @@ def logprobs_bucket(n: int | None) -> int:
         if n <= b:
             return b
     raise ValueError(f"logprobs={n} exceeds the maximum of {LOGPROBS_BUCKETS[-1]}")
-
-
-def all_flag_sets(max_model_len: int) -> list[SamplerFlags]:
-    """Every SamplerFlags value pack_sampling can return for requests <= max_model_len tokens:
-    3 modes (greedy / sampled / filtered) x (1 + #history buckets) x #logprob buckets.
-    """
-    modes = [(True, False), (False, False), (False, True)]
-    return [SamplerFlags(g, f, h, n)
-            for g, f in modes
-            for h in (0, *history_buckets(max_model_len))
-            for n in LOGPROBS_BUCKETS]
-
-
-def warmup_flag_sets(max_model_len: int) -> list[SamplerFlags]:
-    """A subset of ``all_flag_sets`` whose runs compile every variant ``sampler.Sampler`` uses.
-
-    The Sampler compiles its core per flags-without-history_width (penalised logits present or
-    not) and its penalty jit per history width, so: every mode x logprobs bucket with H = 0 and
-    with the smallest H, plus one run for each larger H. Run each at every row bucket.
-    """
-    hs = history_buckets(max_model_len)
-    core = [f for f in all_flag_sets(max_model_len) if f.history_width in (0, hs[0])]
-    return core + [SamplerFlags(history_width=h) for h in hs[1:]]
 
 
 def banned_ids_fit(params: SamplingParams, eos_token_ids: Sequence[int]) -> bool:
@@ -283,9 +254,3 @@ def serving_flags(need: SamplerFlags, max_model_len: int) -> SamplerFlags:
     return SamplerFlags(all_greedy=False, any_filters=True,
                         history_width=history_bucket(max_model_len) if need.any_penalties else 0,
                         max_logprobs=LOGPROBS_BUCKETS[-1])
-
-
-def serving_flag_sets(max_model_len: int) -> list[SamplerFlags]:
-    """Every value ``serving_flags`` can return: compile these at warm-up."""
-    return [serving_flags(SamplerFlags(), max_model_len),
-            serving_flags(SamplerFlags(history_width=MIN_HISTORY_WIDTH), max_model_len)]

@@ -181,7 +181,8 @@ class Scheduler:
                 out.chunks.append(self._chunk(req, plan.num_tokens))
                 budget -= plan.num_tokens
         out.transfers = kv.take_transfers()
-        out.dropped, self._dropped = self._dropped, []
+        if not out.is_empty:  # an empty plan is not dispatched: its drops wait for the next
+            out.dropped, self._dropped = self._dropped, []
         return out
 
     def _schedulable(self, req: Request) -> bool:

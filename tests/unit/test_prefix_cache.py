@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 from engine_helpers import run_engine
-from fake_kv_runner import VOCAB, FakeKVRunner, host_store, reference_generation
+from fake_kv_runner import VOCAB, Driver, FakeKVRunner, drive, host_store, reference_generation
 
 from jserve.config import SchedulerConfig
 from jserve.kv_manager import KVCacheManager
@@ -35,20 +35,6 @@ def make_sched(num_pages=33, hash_fn=None, host_slots=0, swap_slots=0, mode="swa
 def req(rid, prompt, max_tokens=6, seed=0, **kw):
     return Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                    seed=seed, **kw)
-
-
-def drive(sched, runner, max_steps=5000, on_step=None):
-    """Schedule/run/update until idle; checks refcounts == holders after every step."""
-    for _ in range(max_steps):
-        if not sched.has_unfinished():
-            sched.schedule()  # flushes deferred frees
-            return
-        out = sched.schedule()
-        if on_step:
-            on_step(out)
-        sched.update(out, runner.run(out))
-        sched.kv.check_invariants(list(sched.running) + list(sched.waiting))
-    raise AssertionError("did not finish")
 
 
 def check_clean(sched):
@@ -113,13 +99,13 @@ def test_hit_starts_at_cached_tokens_and_never_covers_the_whole_prompt():
     sched.add_request(a)
     drive(sched, runner)
     starts = {}
-    rec = lambda out: starts.update({c.request.request_id: starts.get(c.request.request_id) or  # noqa: E731
+    rec = lambda out: starts.update({c.req_id: starts.get(c.req_id) or  # noqa: E731
                                      (c.start, c.num_tokens) for c in out.chunks})
     b, c = req("b", prompt), req("c", prompt[:12])  # c: exactly 3 pages -> only 2 reused
     d = req("d", prompt, cache_salt="other")
     for r in (b, c, d):
         sched.add_request(r)
-    drive(sched, runner, on_step=rec)
+    drive(sched, runner, on_schedule=rec)
     assert starts == {"b": (12, 1), "c": (8, 4), "d": (0, 13)}
     assert [r.num_cached_tokens for r in (a, b, c, d)] == [0, 12, 8, 0]
     assert_reference(sched, (a, b, c, d))
@@ -141,7 +127,7 @@ def test_evicted_prefix_comes_back_from_the_host_tier():
     again = req("again", range(100, 113), max_tokens=3)
     sched.add_request(again)
     loads = []
-    drive(sched, runner, on_step=lambda out: loads.extend(out.transfers.from_host))
+    drive(sched, runner, on_schedule=lambda out: loads.extend(out.transfers.from_host))
     assert again.num_cached_tokens == 12 and len(loads) == 3
     assert again.output_token_ids == first.output_token_ids
     s = sched.kv_stats()
@@ -158,10 +144,10 @@ def test_fork_shares_prompt_pages_and_copies_the_partial_page_on_write():
     for r in sibs:
         sched.add_request(r)
     out = sched.schedule()  # the leader alone: the siblings wait for its prompt
-    assert [c.request for c in out.chunks] == [lead]
+    assert [c.req_id for c in out.chunks] == ["p#0"]
     sched.update(out, runner.run(out))
     out = sched.schedule()
-    assert [(c.request.request_id, c.start, c.num_tokens) for c in out.chunks] == \
+    assert [(c.req_id, c.start, c.num_tokens) for c in out.chunks] == \
         [("p#0", 10, 1)] + [(f"p#{i}", 9, 1) for i in range(1, 4)]
     full = lead.page_ids[:2]
     assert all(r.page_ids[:2] == full for r in sibs)
@@ -176,20 +162,25 @@ def test_fork_shares_prompt_pages_and_copies_the_partial_page_on_write():
     check_clean(sched)
 
 
-def randomized(n_requests, seed, hash_fn=None):
-    """Requests drawn from a few shared prefixes, forks (n > 1), salts, random aborts (also
-    between schedule and update), a swap space and a host tier that both run out."""
+def randomized(n_requests, seed, hash_fn=None, overlap=False):
+    """Requests drawn from a few shared prefixes, forks (n > 1), salts, min_tokens, random
+    aborts (also of rows in flight: between schedule and update), a swap space and a host tier
+    that both run out (swap and recompute preemptions). ``overlap``: the engine's overlapped
+    loop (schedule N+1 before update N). -> (sched, runner, aborted ids, {id: (tokens, status)})."""
     rng = random.Random(seed)
     sched = make_sched(num_pages=41, hash_fn=hash_fn, host_slots=24, swap_slots=14, max_num_seqs=12,
                        max_num_batched_tokens=48, max_model_len=96, max_waiting=40)
     runner = FakeKVRunner(sched.pool)
+    driver = Driver(sched, runner, overlap)
     prefixes = [[rng.randrange(VOCAB) for _ in range(n)] for n in (4, 11, 16, 23, 40)]
     groups = []
     for i in range(n_requests):
         prompt = (rng.choice(prefixes) if rng.random() < 0.8 else []) + \
             [rng.randrange(VOCAB) for _ in range(rng.randint(0 if rng.random() < 0.3 else 1, 20))]
         prompt = prompt or [1]
-        sp = SamplingParams(max_tokens=rng.randint(1, 30), ignore_eos=rng.random() < 0.5)
+        max_tokens = rng.randint(1, 30)
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=rng.random() < 0.5,
+                            min_tokens=rng.randint(0, min(3, max_tokens)) if rng.random() < 0.2 else 0)
         salt = "s" if rng.random() < 0.1 else None
         eos = tuple(rng.sample(range(VOCAB), rng.randint(0, 1)))
         n = rng.choice((2, 3, 4)) if rng.random() < 0.15 else 1
@@ -198,8 +189,16 @@ def randomized(n_requests, seed, hash_fn=None):
                                         cache_salt=salt, fork_of=lead) for j in range(1, n)])
     all_reqs = [r for g in groups for r in g]
     groups.reverse()
-    aborted, steps = set(), 0
-    while groups or sched.has_unfinished():
+    aborted = set()
+
+    def abort_in_flight(out):
+        if out.chunks and rng.random() < 0.02:
+            rid = rng.choice(out.chunks).req_id
+            if sched.get_request(rid) is not None:
+                sched.finish_request(rid, ABORT)
+                aborted.add(rid)
+
+    while groups or driver.busy:
         for _ in range(rng.randint(0, 3)):
             if not groups or sched.config.max_waiting - sched.num_waiting < len(groups[-1]):
                 break
@@ -209,30 +208,29 @@ def randomized(n_requests, seed, hash_fn=None):
             victim = rng.choice(list(sched.waiting) + sched.running)
             sched.finish_request(victim.request_id, ABORT)
             aborted.add(victim.request_id)
-        out = sched.schedule()
-        assert out.num_tokens <= sched.config.max_num_batched_tokens
-        ro = runner.run(out)
-        if out.chunks and rng.random() < 0.02:
-            victim = rng.choice(out.chunks).request
-            sched.finish_request(victim.request_id, ABORT)
-            aborted.add(victim.request_id)
-        sched.update(out, ro)
-        sched.kv.check_invariants(list(sched.running) + list(sched.waiting))
-        steps += 1
-        assert steps < 100_000
+        driver.step(in_flight=abort_in_flight)
+        assert driver.steps < 100_000
     sched.schedule()
     check_clean(sched)
     assert sched.kv.swap_space.num_used == 0
     for r in all_reqs:
         assert r.is_finished and r.page_ids == [] and not r.swap_slots
-        if r.request_id not in aborted:
-            ref = reference_generation(r, sched.max_model_len)
+        ref = reference_generation(r, sched.max_model_len)
+        if r.request_id in aborted:
+            assert r.status is ABORT and r.output_token_ids == ref[0][:r.num_output_tokens]
+        else:
             assert (r.output_token_ids, r.status) == ref, r.request_id
-    return sched, runner, aborted
+    return sched, runner, aborted, {r.request_id: (r.output_token_ids, r.status) for r in all_reqs}
 
 
-def test_randomized_2000_requests_shared_prefixes_no_leaks_same_tokens():
-    sched, runner, aborted = randomized(2000, seed=5)
+@pytest.fixture(scope="module")
+def runs_2000():
+    return {overlap: randomized(2000, seed=5, overlap=overlap) for overlap in (False, True)}
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_randomized_2000_requests_shared_prefixes_no_leaks_same_tokens(runs_2000, overlap):
+    sched, runner, aborted, _ = runs_2000[overlap]
     s = sched.kv_stats()
     assert len(aborted) > 20
     assert s["prefix_cache_hits_device"] > 0.3 * s["prefix_cache_queries"]
@@ -241,11 +239,22 @@ def test_randomized_2000_requests_shared_prefixes_no_leaks_same_tokens():
     assert s["preemptions_swap"] > 10 and s["preemptions_recompute"] > 0  # swap space ran out too
     assert s["pages_swapped_in"] > 0 and 0 < runner.num_copies <= s["cow_copies"]
     assert s["swap_resume_tokens_lost"] > 0  # cached pages lost while swapped: recomputed
+    # Overlapped, decode rows run over the in-flight token (fed by the runner, not the host).
+    assert (runner.num_placeholder_rows > 1000) if overlap else runner.num_placeholder_rows == 0
 
 
-def test_randomized_with_colliding_hashes_same_tokens():
+def test_randomized_2000_overlapped_tokens_equal_sync(runs_2000):
+    (_, _, ab_sync, sync), (_, _, ab_over, over) = runs_2000[False], runs_2000[True]
+    both = [rid for rid in sync if rid not in ab_sync and rid not in ab_over]
+    assert len(both) > 1900
+    assert [over[rid] for rid in both] == [sync[rid] for rid in both]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_randomized_with_colliding_hashes_same_tokens(overlap):
     """A hash with 3 values: nearly every lookup walks colliding candidates."""
-    sched, _, _ = randomized(300, seed=9, hash_fn=lambda parent, toks, extra: toks[0] % 3)
+    sched, _, _, _ = randomized(300, seed=9, hash_fn=lambda parent, toks, extra: toks[0] % 3,
+                                overlap=overlap)
     assert sched.kv_stats()["prefix_cache_hits_device"] > 0
 
 

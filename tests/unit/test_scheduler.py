@@ -1,12 +1,14 @@
 """Scheduler: continuous batching, chunked prefill, preemption, stop checks. No model needed:
-the runner is replaced by hand-made ``RunnerOutput``s (or, in the randomized test, by a fake
-runner that writes token ids into a host copy of the paged KV pool and "samples" a hash of
-what it reads back, so a page mix-up changes the generated tokens)."""
+the runner is replaced by hand-made ``RunnerOutput``s (or, in the randomized test, by
+fake_kv_runner's runner, which writes token ids into a host copy of the paged KV pool and
+"samples" a hash of what it reads back, so a page mix-up changes the generated tokens; run
+synchronously and overlapped). The one-step-late finishing rules of the overlapped loop have
+their own tests in test_scheduler_overlap.py."""
 
 import random
 
-import numpy as np
 import pytest
+from fake_kv_runner import VOCAB, Driver, FakeKVRunner, reference_generation
 
 from jserve.config import SchedulerConfig
 from jserve.page_pool import PagePool
@@ -36,12 +38,15 @@ def check_output(sched: Scheduler, out: SchedulerOutput) -> None:
     cfg = sched.config
     assert out.num_tokens <= cfg.max_num_batched_tokens
     assert out.num_seqs <= cfg.max_num_seqs
-    assert len({id(c.request) for c in out.chunks}) == out.num_seqs
+    assert len({c.req_id for c in out.chunks}) == out.num_seqs
     for c in out.chunks:
-        assert c.request.status is RequestStatus.RUNNING
-        assert c.start == c.request.num_computed_tokens and c.num_tokens >= 1
-        assert c.start + c.num_tokens <= c.request.num_tokens
-        assert len(c.request.page_ids) >= sched.pool.pages_needed(c.start + c.num_tokens)
+        r = sched.get_request(c.req_id)
+        assert r.status is RequestStatus.RUNNING and c.num_tokens >= 1
+        assert c.start + c.num_tokens == r.num_computed_tokens  # advanced: the row is in flight
+        # a sampling row reaches the end and leaves a placeholder just past it
+        end, total = c.start + c.num_tokens, r.num_tokens + r.num_placeholders
+        assert end + 1 == total if c.samples else end < total
+        assert len(r.page_ids) >= sched.pool.pages_needed(c.start + c.num_tokens)
     check_pages(sched)
 
 
@@ -53,23 +58,26 @@ def check_pages(sched: Scheduler) -> None:
     assert all(not r.page_ids for r in sched.waiting)
 
 
+def sampled(out: SchedulerOutput, token=lambda c: 1) -> RunnerOutput:
+    """A hand-made result: ``token(chunk)`` for each sampling row, nothing for the others."""
+    return RunnerOutput([[token(c)] if c.samples else [] for c in out.chunks])
+
+
 def step(sched: Scheduler, tokens=None) -> tuple[SchedulerOutput, list[Request]]:
     """One schedule/update; ``tokens``: a callable chunk -> token id (default 1)."""
     out = sched.schedule()
     check_output(sched, out)
-    ids = np.array([(tokens or (lambda c: 1))(c) for c in out.chunks], dtype=np.int32)
-    touched = sched.update(out, RunnerOutput(ids))
+    touched = sched.update(out, sampled(out, tokens or (lambda c: 1)))
     check_pages(sched)
     return out, touched
 
 
 def rows(sched: Scheduler) -> tuple[list[tuple[str, int, int, bool]], list[Request]]:
-    """One step; its rows as (id, start, num_tokens, samples), read before update() (``samples``
-    compares against the request's current length, which update() grows)."""
+    """One step; its rows as (id, start, num_tokens, samples); every sampled token is 7."""
     out = sched.schedule()
     check_output(sched, out)
-    seen = [(c.request.request_id, c.start, c.num_tokens, c.samples) for c in out.chunks]
-    touched = sched.update(out, RunnerOutput(np.full(out.num_seqs, 7, np.int32)))
+    seen = [(c.req_id, c.start, c.num_tokens, c.samples) for c in out.chunks]
+    touched = sched.update(out, sampled(out, lambda c: 7))
     check_pages(sched)
     return seen, touched
 
@@ -133,7 +141,7 @@ def test_fcfs_admission_no_skipping():
     sched.add_request(small)
     out, _ = step(sched)
     # big doesn't fit (needs 6, 4 free after first grows); small would, but must not overtake.
-    assert [c.request.request_id for c in out.chunks] == ["first"]
+    assert [c.req_id for c in out.chunks] == ["first"]
     assert list(sched.waiting) == [big, small]
     run_to_completion(sched)
     assert all(r.status is RequestStatus.FINISHED_LENGTH for r in (first, big, small))
@@ -147,7 +155,7 @@ def test_admission_order_is_arrival_order():
     admitted = []
     while sched.has_unfinished():
         out, _ = step(sched)
-        admitted += [c.request.request_id for c in out.chunks if c.start == 0]
+        admitted += [c.req_id for c in out.chunks if c.start == 0]
         assert sched.num_running <= 3
     assert admitted == [r.request_id for r in reqs]
 
@@ -166,15 +174,17 @@ def test_preemption_newest_first_then_resumed_with_recompute():
     for n in range(200):
         if not sched.has_unfinished():
             break
-        out, _ = step(sched, lambda c: 3 + c.request.num_output_tokens)
-        if out.preempted and preempted_at is None:
-            assert out.preempted == [b]  # the newest is preempted, never the oldest
+        out, _ = step(sched, lambda c: 3 + c.output_index)
+        if out.num_preempted and preempted_at is None:
+            # the newest is preempted, never the oldest; the runner forgets it
+            assert out.num_preempted == 1 and out.dropped == ["b"]
             assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0
             assert b.page_ids == [] and sched.waiting[0] is b
-            assert [c.request for c in out.chunks] == [a]
+            assert [c.req_id for c in out.chunks] == ["a"]
             preempted_at = (n, b.num_tokens)
-        if preempted_at and resumed is None and any(c.request is b for c in out.chunks):
-            (c,) = [c for c in out.chunks if c.request is b]
+        if preempted_at and resumed is None and any(c.req_id == "b" for c in out.chunks):
+            (c,) = [c for c in out.chunks if c.req_id == "b"]
+            assert c.new is not None and c.page_start == 0  # a fresh runner row
             resumed = (c.start, c.num_tokens)
     assert preempted_at is not None, "the tiny pool must force a preemption"
     assert a.num_preemptions == 0 and b.num_preemptions >= 1
@@ -197,10 +207,10 @@ def test_request_being_scheduled_preempts_itself_when_newest():
     sched.add_request(c)
     out = sched.schedule()  # a: pos 2 fits its page; b: pos 8 needs a 3rd page and b is newest
     check_output(sched, out)
-    assert out.preempted == [b] and [ch.request for ch in out.chunks] == [a]
+    assert out.num_preempted == 1 and out.dropped == ["b"] and [ch.req_id for ch in out.chunks] == ["a"]
     assert b.status is RequestStatus.PREEMPTED and b.page_ids == [] and b.num_computed_tokens == 0
     assert list(sched.waiting) == [b, c]  # no admission in a step that preempted
-    sched.update(out, RunnerOutput(np.ones(1, np.int32)))
+    sched.update(out, RunnerOutput([[1]]))
     run_to_completion(sched)
     assert all(r.status is RequestStatus.FINISHED_LENGTH for r in (a, b, c))
     assert b.output_token_ids == [1, 1] and a.output_token_ids == [1] * 4
@@ -288,9 +298,8 @@ def test_logprobs_entries():
     for r in (r2, r0, rn):
         sched.add_request(r)
     out = sched.schedule()
-    ro = RunnerOutput(np.array([4, 5, 6], np.int32), logprobs=np.array([-0.5, -1.0, -1.5], np.float32),
-                      top_ids=np.array([[4, 9, 1]] * 3, np.int32),
-                      top_logprobs=np.array([[-0.5, -2.0, -3.0]] * 3, np.float32))
+    ro = RunnerOutput([[4], [5], [6]], logprobs=[[-0.5], [-1.0], [-1.5]],
+                      top_ids=[[[4, 9, 1]]] * 3, top_logprobs=[[[-0.5, -2.0, -3.0]]] * 3)
     assert sched.update(out, ro) == [r2, r0, rn]
     assert r2.output_logprobs == [(-0.5, [(4, -0.5), (9, -2.0)])]
     assert r0.output_logprobs == [(-1.0, [])]
@@ -326,7 +335,7 @@ def test_abort_between_schedule_and_update_skips_the_row():
     sched.add_request(b)
     out = sched.schedule()
     sched.finish_request("a", ABORT)
-    touched = sched.update(out, RunnerOutput(np.array([11, 12], np.int32)))
+    touched = sched.update(out, RunnerOutput([[11], [12]]))
     assert touched == [b] and a.output_token_ids == [] and b.output_token_ids == [12]
     check_pages(sched)
 
@@ -367,55 +376,14 @@ def test_unservable_prompts_rejected():
 
 # ------------------------------------------------------------------------ randomized
 
-VOCAB = 48
 
-
-def fake_model(context: np.ndarray) -> int:
-    """Deterministic next token from the whole context (what a greedy model is)."""
-    return hash(tuple(context.tolist())) % VOCAB
-
-
-class FakeRunner:
-    """Writes each chunk's token ids into a host copy of the paged pool, samples from reads."""
-
-    def __init__(self, pool: PagePool) -> None:
-        self.ps = pool.page_size
-        self.kv = np.full((pool.num_pages, pool.page_size), -1, np.int64)
-
-    def run(self, out: SchedulerOutput) -> RunnerOutput:
-        for c in out.chunks:  # the step writes all rows' K/V, then attends
-            pos = np.arange(c.start, c.start + c.num_tokens)
-            pages = np.asarray(c.request.page_ids)[pos // self.ps]
-            self.kv[pages, pos % self.ps] = [c.request.token_at(i) for i in pos]
-        sampled = []
-        for c in out.chunks:
-            if not c.samples:
-                sampled.append(VOCAB + 1)  # garbage: the scheduler must not keep it
-                continue
-            pos = np.arange(c.start + c.num_tokens)
-            ctx = self.kv[np.asarray(c.request.page_ids)[pos // self.ps], pos % self.ps]
-            sampled.append(fake_model(ctx))
-        return RunnerOutput(np.array(sampled, np.int32))
-
-
-def reference_generation(r: Request, max_model_len: int) -> tuple[list[int], RequestStatus]:
-    sp, toks, out = r.sampling_params, list(r.prompt_token_ids), []
-    while True:
-        t = fake_model(np.array(toks))
-        toks.append(t)
-        out.append(t)
-        if (sp.max_tokens is not None and len(out) >= sp.max_tokens) or len(toks) >= max_model_len:
-            return out, RequestStatus.FINISHED_LENGTH
-        if len(out) >= sp.min_tokens and ((not sp.ignore_eos and t in r.eos_token_ids)
-                                          or t in sp.stop_token_ids):
-            return out, RequestStatus.FINISHED_STOPPED
-
-
-def test_randomized_1000_requests_no_leaks_and_same_tokens_as_alone():
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_randomized_1000_requests_no_leaks_and_same_tokens_as_alone(overlap):
     rng = random.Random(1234)
     sched = make_sched(num_pages=97, page_size=4, max_num_seqs=16, max_num_batched_tokens=64,
                        max_model_len=160, max_waiting=48)
-    runner = FakeRunner(sched.pool)
+    runner = FakeKVRunner(sched.pool)
+    driver = Driver(sched, runner, overlap)
     pending = []
     for i in range(1000):
         max_tokens = None if rng.random() < 0.03 else rng.randint(1, 40)
@@ -431,9 +399,28 @@ def test_randomized_1000_requests_no_leaks_and_same_tokens_as_alone():
     add_index = {r.request_id: i for i, r in enumerate(all_reqs)}
     first_admissions: list[int] = []
     aborted: set[str] = set()
-    preemptions = steps = queue_full = 0
+    preemptions = queue_full = 0
+    running_before: set[str] = set()
 
-    while pending or sched.has_unfinished():
+    def on_schedule(out):
+        nonlocal preemptions
+        check_output(sched, out)
+        preemptions += out.num_preempted
+        # A step that preempts admits nobody (the preempted one would thrash straight back in).
+        if out.num_preempted:
+            assert {c.req_id for c in out.chunks} <= running_before
+        first_admissions.extend(add_index[c.req_id] for c in out.chunks
+                                if c.start == 0 and sched.get_request(c.req_id).num_preemptions == 0)
+        assert out.chunks or out.num_preempted or not sched.has_unfinished() or overlap
+
+    def in_flight(out):  # an abort arrives while the step runs
+        if out.chunks and rng.random() < 0.02:
+            rid = rng.choice(out.chunks).req_id
+            if sched.get_request(rid) is not None:
+                sched.finish_request(rid, ABORT)
+                aborted.add(rid)
+
+    while pending or driver.busy:
         for _ in range(rng.randint(0, 6)):
             if not pending:
                 break
@@ -449,39 +436,24 @@ def test_randomized_1000_requests_no_leaks_and_same_tokens_as_alone():
             aborted.add(victim.request_id)
             assert victim.page_ids == [] and victim.status is ABORT
             check_pages(sched)
-
-        running_before = {id(r) for r in sched.running}
-        out = sched.schedule()
-        check_output(sched, out)
-        steps += 1
-        preemptions += len(out.preempted)
-        # A step that preempts admits nobody (the preempted one would thrash straight back in).
-        if out.preempted:
-            stayed = running_before - {id(r) for r in out.preempted}
-            assert {id(c.request) for c in out.chunks} <= stayed
-        first_admissions += [add_index[c.request.request_id] for c in out.chunks
-                             if c.start == 0 and c.request.num_preemptions == 0]
-        assert out.chunks or out.preempted or not sched.has_unfinished()
-        ro = runner.run(out)
-        if out.chunks and rng.random() < 0.02:  # an abort arrives while the step runs
-            victim = rng.choice(out.chunks).request
-            sched.finish_request(victim.request_id, ABORT)
-            aborted.add(victim.request_id)
-        touched = sched.update(out, ro)
+        running_before = {r.request_id for r in sched.running}
+        touched = driver.step(on_schedule=on_schedule, in_flight=in_flight)
         assert all(r.request_id not in aborted for r in touched)
         check_pages(sched)
-        assert steps < 50_000
+        assert driver.steps < 50_000
 
     assert sched.pool.num_free == sched.pool.num_total
     sched.pool.check_invariants()
     assert first_admissions == sorted(first_admissions)  # FCFS
     assert preemptions > 20 and queue_full > 0 and len(aborted) > 20
+    assert (runner.num_placeholder_rows > 1000) if overlap else runner.num_placeholder_rows == 0
     finished = [r for r in all_reqs if r.request_id not in aborted]
     assert any(r.status is RequestStatus.FINISHED_STOPPED for r in finished)
+    assert any(0 < r.sampling_params.min_tokens <= r.num_output_tokens for r in finished)
     for r in all_reqs:
         assert r.is_finished and r.page_ids == []
-        if r.request_id in aborted:
-            assert r.status is ABORT
-            continue
         tokens, status = reference_generation(r, sched.max_model_len)
+        if r.request_id in aborted:
+            assert r.status is ABORT and r.output_token_ids == tokens[:r.num_output_tokens]
+            continue
         assert (r.output_token_ids, r.status) == (tokens, status), r.request_id

@@ -5,7 +5,7 @@ leaks in the device pool or the host stores, no compile while pages move)."""
 import numpy as np
 import pytest
 from engine_helpers import CompileCounter, run_engine
-from fake_kv_runner import FakeKVRunner, host_store, reference_generation
+from fake_kv_runner import Driver, FakeKVRunner, drive, host_store, reference_generation
 
 from jserve.config import SchedulerConfig
 from jserve.kv_manager import KVCacheManager
@@ -35,35 +35,31 @@ def two_growing(sched):
     return a, b
 
 
-def run(sched, on_step):
+def run(sched, on_step, overlap=False):
     runner = FakeKVRunner(sched.pool)
-    for _ in range(500):
-        if not sched.has_unfinished():
-            return runner
-        out = sched.schedule()
-        on_step(out)
-        sched.update(out, runner.run(out))
-        sched.kv.check_invariants(list(sched.running) + list(sched.waiting))
-    raise AssertionError("did not finish")
+    drive(sched, runner, overlap, max_steps=500, on_schedule=on_step)
+    return runner
 
 
-def test_swap_out_then_resume_where_it_was():
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_swap_out_then_resume_where_it_was(overlap):
     sched = make_sched(num_pages=7, swap_slots=8)
     a, b = two_growing(sched)
     events = []
 
     def on_step(out):
-        if out.preempted:
-            (r,) = out.preempted
-            assert r is b and r.status is RequestStatus.PREEMPTED and r.page_ids == []
-            assert r.num_computed_tokens > 8 and len(r.swap_slots) == len(out.transfers.to_host)
-            events.append(("out", r.num_computed_tokens, len(out.transfers.to_host)))
-            assert not any(c.request is b for c in out.chunks)
+        if out.num_preempted:
+            assert out.num_preempted == 1 and "b" in out.dropped
+            assert b.status is RequestStatus.PREEMPTED and b.page_ids == []
+            assert b.num_computed_tokens > 8 and len(b.swap_slots) == len(out.transfers.to_host)
+            events.append(("out", b.num_computed_tokens, len(out.transfers.to_host)))
+            assert not any(c.req_id == "b" for c in out.chunks)
         for c in out.chunks:
-            if c.request is b and out.transfers.from_host:
+            if c.req_id == "b" and out.transfers.from_host:
+                assert c.new is not None and c.page_start == 0  # the runner forgot b: a full row
                 events.append(("in", c.start, len(out.transfers.from_host)))
 
-    run(sched, on_step)
+    run(sched, on_step, overlap)
     (_, computed, n_out), (_, start, n_in) = events[:2]
     assert start == computed and n_in == n_out == -(-computed // PS)  # nothing recomputed
     for r in (a, b):
@@ -74,13 +70,14 @@ def test_swap_out_then_resume_where_it_was():
     assert sched.pool.num_free == sched.pool.num_total and sched.kv.swap_space.num_used == 0
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 @pytest.mark.parametrize("swap_slots, mode", [(1, "swap"), (8, "recompute"), (0, "swap")])
-def test_recompute_when_swap_space_is_short_or_not_chosen(swap_slots, mode):
+def test_recompute_when_swap_space_is_short_or_not_chosen(swap_slots, mode, overlap):
     sched = make_sched(num_pages=7, swap_slots=swap_slots, mode=mode)
     a, b = two_growing(sched)
     restarts = []
-    run(sched, lambda out: restarts.extend(c.start for c in out.chunks if c.request is b
-                                           and b.num_preemptions and c.start == 0))
+    run(sched, lambda out: restarts.extend(c.start for c in out.chunks if c.req_id == "b"
+                                           and b.num_preemptions and c.start == 0), overlap)
     assert b.num_preemptions >= 1 and restarts  # started over from token 0
     for r in (a, b):
         assert (r.output_token_ids, r.status) == reference_generation(r, sched.max_model_len)
@@ -88,17 +85,20 @@ def test_recompute_when_swap_space_is_short_or_not_chosen(swap_slots, mode):
     assert s["preemptions_recompute"] >= 1 and s["preemptions_swap"] == 0 and s["pages_swapped_out"] == 0
 
 
-def test_abort_of_a_swapped_request_frees_its_slots():
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_abort_of_a_swapped_request_frees_its_slots(overlap):
     sched = make_sched(num_pages=7, swap_slots=8)
     a, b = two_growing(sched)
-    runner = FakeKVRunner(sched.pool)
+    driver = Driver(sched, FakeKVRunner(sched.pool), overlap)
     while not b.swap_slots:
-        out = sched.schedule()
-        sched.update(out, runner.run(out))
+        driver.step()
     assert sched.kv.swap_space.num_used == len(b.swap_slots) > 0
     sched.finish_request("b", RequestStatus.FINISHED_ABORTED)
     assert sched.kv.swap_space.num_used == 0 and not b.swap_slots
     sched.kv.check_invariants(list(sched.running))
+    driver.drain()
+    assert (a.output_token_ids, a.status) == reference_generation(a, sched.max_model_len)
+    sched.kv.check_invariants([])
 
 
 # ------------------------------------------------------------- the tiny golden model
