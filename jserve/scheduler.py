@@ -181,8 +181,7 @@ class Scheduler:
                 out.chunks.append(self._chunk(req, plan.num_tokens))
                 budget -= plan.num_tokens
         out.transfers = kv.take_transfers()
-        if not out.is_empty:  # an empty plan is not dispatched: its drops wait for the next
-            out.dropped, self._dropped = self._dropped, []
+        out.dropped, self._dropped = self._dropped, []  # a plan with drops is never empty
         return out
 
     def _schedulable(self, req: Request) -> bool:

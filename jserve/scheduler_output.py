@@ -101,8 +101,8 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        """Nothing for the runner: no rows and no page moves."""
-        return not self.chunks and not self.transfers
+        """Nothing for the runner: no rows, no page moves, no state to drop."""
+        return not self.chunks and not self.transfers and not self.dropped
 
 
 @dataclass

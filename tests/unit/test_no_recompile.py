@@ -23,3 +23,26 @@ def test_serving_triggers_no_compile(make_engine):
         while engine.has_unfinished_requests():
             engine.step()
     assert counter.count == 0, f"{counter.count} compilations while serving"
+
+
+def test_flash_variant_and_swap_trigger_no_compile(make_engine):
+    """The flash-prefill variant and swap preemption (page moves to host and back) run only
+    what warm-up compiled."""
+    engine = make_engine("llama", num_pages=13, flash_prefill_min_tokens=16,
+                         enable_prefix_caching=False)
+    calls = {}
+    for key, fn in list(engine.runner._compiled.items()):
+        def counted(*a, _fn=fn, _key=key):
+            calls[_key] = calls.get(_key, 0) + 1
+            return _fn(*a)
+        engine.runner._compiled[key] = counted
+    rng = np.random.default_rng(5)
+    sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    with CompileCounter() as counter:
+        for n in (20, 33, 18, 41):
+            engine.add_request(None, rng.integers(3, 400, n).tolist(), sp)
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert counter.count == 0, f"{counter.count} compilations while serving"
+    assert any(fresh for (_, fresh) in calls), "no step took the flash variant"
+    assert engine.kv_cache_stats()["preemptions_swap"] > 0, "no request was swapped"
