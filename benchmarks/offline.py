@@ -56,18 +56,20 @@ class _Timer:
 
 
 def _decode_breakdown(engine, prompt, n_tokens):
-    """Per-step host breakdown of batch-1 decode: where the milliseconds go."""
+    """Per-step host breakdown of batch-1 decode: where the milliseconds go (host view)."""
+    from jserve.runner import StepHandle
+
     timer = _Timer()
     r, s = engine.runner, engine.scheduler
-    saved = (r.prepare, r._step, r._sample, s.schedule, s.update, r.execute)
-    r.prepare, r._step, r._sample = (timer.wrap("prepare", r.prepare), timer.wrap("step dispatch", r._step),
-                                     timer.wrap("sampler dispatch", r._sample))
+    saved = (r.pack, r.dispatch, s.schedule, s.update, StepHandle.result)
+    r.pack = timer.wrap("runner.pack (host packing)", r.pack)
+    r.dispatch = timer.wrap("runner.dispatch (incl. pack)", r.dispatch)
     s.schedule, s.update = timer.wrap("schedule", s.schedule), timer.wrap("update", s.update)
-    r.execute = timer.wrap("runner.execute (incl. wait)", r.execute)
+    StepHandle.result = timer.wrap("result (wait for tokens)", StepHandle.result)
     try:
         dt, n, steps, _ = _run(engine, [prompt], n_tokens)
     finally:
-        r.prepare, r._step, r._sample, s.schedule, s.update, r.execute = saved
+        r.pack, r.dispatch, s.schedule, s.update, StepHandle.result = saved
     print(f"\n| batch-1 decode breakdown ({steps} steps, {dt / steps * 1e3:.2f} ms/step) | ms/step |")
     print("|---|---|")
     for k, v in timer.total.items():
@@ -87,13 +89,14 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     ns = ap.parse_args()
 
     t0 = time.perf_counter()
     engine = build_engine(EngineArgs(
         model=ns.model, random_weights=ns.random_weights, dtype=ns.dtype,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-        max_model_len=ns.max_model_len))
+        max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling))
     startup = time.perf_counter() - t0
     vocab = engine.config.model.vocab_size
     rng = np.random.default_rng(0)
@@ -114,7 +117,7 @@ def main() -> None:
         "throughput_requests": ns.num_requests, "input_len": ns.input_len,
         "output_len": ns.output_len, "throughput_out_tok_s": round(n2 / dt2, 1),
         "throughput_total_s": round(dt2, 2), "throughput_steps": steps2,
-        "pool_pages": engine.pool.num_total,
+        "pool_pages": engine.startup.kv_pages_total,
     }
     print("\n| metric | value |\n|---|---|")
     for k, v in rows.items():

@@ -96,7 +96,7 @@ def bench_config(ns: argparse.Namespace, config: str) -> dict:
     delta = {k: after[k] - before.get(k, 0) for k in ("prefix_cache_queries", "prefix_cache_hits_device",
                                                        "prefix_cache_hits_host", "host_tier_pages_loaded",
                                                        "pages_swapped_out", "preemptions")}
-    row = dict(config=config, requests=len(prompts), pool_pages=engine.pool.num_total,
+    row = dict(config=config, requests=len(prompts), pool_pages=engine.startup.kv_pages_total,
                ttft_p50_ms=round(float(np.percentile(ttft, 50)) * 1e3, 1),
                ttft_p95_ms=round(float(np.percentile(ttft, 95)) * 1e3, 1),
                out_tok_s=round(out_tokens / seconds, 1), seconds=round(seconds, 2),

@@ -8,7 +8,10 @@ For each model shape (random weights, bf16):
   C  LLMEngine.step, synchronous loop (async_scheduling=False), batch 1
   and the kernels per step: instructions of the optimized step program that launch work.
 
-    PYTHONPATH=. python3 benchmarks/step_floor.py qwen2.5-0.5b,llama3.1-8b
+    PYTHONPATH=. python3 benchmarks/step_floor.py qwen2.5-0.5b,llama3.1-8b [DUMP_DIR]
+
+With DUMP_DIR, the optimized program of each model's decode step is written there
+(``<model>.decode_step.hlo.txt``) for reading its kernels offline.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def count_kernels(hlo_text: str) -> int:
     return n
 
 
-def floor_a(engine, n: int = 200, context: int = 300) -> tuple[float, float, int]:
+def floor_a(engine, n: int = 200, context: int = 300, dump: str | None = None
+            ) -> tuple[float, float, int]:
     """-> (ms per step, host ms inside the call, kernels per step) for the 1-token bucket."""
     r = engine.runner
     layout = r.layout(r.bucket_for(1)[0])
@@ -69,7 +73,11 @@ def floor_a(engine, n: int = 200, context: int = 300) -> tuple[float, float, int
     jax.block_until_ready(tokens)
     dt = (time.perf_counter() - t0) / n
     r.kv, r._prev_tokens = kv, tokens
-    return dt * 1e3, host / n * 1e3, count_kernels(step.as_text())
+    text = step.as_text()
+    if dump:
+        with open(dump, "w") as fh:
+            fh.write(text)
+    return dt * 1e3, host / n * 1e3, count_kernels(text)
 
 
 def engine_decode(engine, n_tokens: int = 128) -> float:
@@ -92,7 +100,7 @@ def engine_decode(engine, n_tokens: int = 128) -> float:
     return best
 
 
-def probe(model: str) -> None:
+def probe(model: str, dump_dir: str | None = None) -> None:
     res = {}
     for overlap in (True, False):
         t0 = time.perf_counter()
@@ -101,7 +109,8 @@ def probe(model: str) -> None:
                                       async_scheduling=overlap))
         build_s = time.perf_counter() - t0
         if overlap:
-            res["A"] = floor_a(eng)
+            dump = f"{dump_dir}/{model.replace('/', '_')}.decode_step.hlo.txt" if dump_dir else None
+            res["A"] = floor_a(eng, dump=dump)
         res["B" if overlap else "C"] = engine_decode(eng)
         p_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(eng.runner.params))
         leaves = len(jax.tree_util.tree_leaves(eng.runner.params)) + 2 * len(eng.runner.kv) + 3
@@ -121,4 +130,4 @@ def probe(model: str) -> None:
 
 if __name__ == "__main__":
     for m in sys.argv[1].split(","):
-        probe(m)
+        probe(m, sys.argv[2] if len(sys.argv) > 2 else None)
