@@ -215,6 +215,7 @@ def randomized(n_requests, seed, hash_fn=None, overlap=False):
     assert sched.kv.swap_space.num_used == 0
     for r in all_reqs:
         assert r.is_finished and r.page_ids == [] and not r.swap_slots
+        assert driver.emitted.get(r.request_id, 0) == r.num_output_tokens  # usage: what update emitted
         ref = reference_generation(r, sched.max_model_len)
         if r.request_id in aborted:
             assert r.status is ABORT and r.output_token_ids == ref[0][:r.num_output_tokens]
@@ -290,14 +291,14 @@ def test_shared_system_prompt_is_computed_once_and_output_is_unchanged(engine, p
     assert uncached.num_cached_tokens == 0
     engine.reset_prefix_cache()
     starts = []
-    execute = engine.runner.execute
-    engine.runner.execute = lambda out: (starts.extend((c.request.request_id, c.start) for c in out.chunks),
-                                         execute(out))[1]
+    dispatch = engine.runner.dispatch
+    engine.runner.dispatch = lambda out: (starts.extend((c.req_id, c.start) for c in out.chunks),
+                                          dispatch(out))[1]
     try:
         (a,) = run_engine(engine, [(system + user_a, GREEDY)])
         (b,) = run_engine(engine, [(system + user_b, GREEDY)])
     finally:
-        engine.runner.execute = execute
+        del engine.runner.dispatch  # back to the class's method
     assert a.num_cached_tokens == 0 and b.num_cached_tokens == 48
     assert [s for rid, s in starts if rid == b.request_id][0] == 48  # computes only its own tokens
     assert b.outputs[0].token_ids == uncached.outputs[0].token_ids

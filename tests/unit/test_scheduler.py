@@ -452,6 +452,7 @@ def test_randomized_1000_requests_no_leaks_and_same_tokens_as_alone(overlap):
     assert any(0 < r.sampling_params.min_tokens <= r.num_output_tokens for r in finished)
     for r in all_reqs:
         assert r.is_finished and r.page_ids == []
+        assert driver.emitted.get(r.request_id, 0) == r.num_output_tokens
         tokens, status = reference_generation(r, sched.max_model_len)
         if r.request_id in aborted:
             assert r.status is ABORT and r.output_token_ids == tokens[:r.num_output_tokens]
