@@ -48,7 +48,7 @@ def floor_a(engine, n: int = 200, context: int = 300, dump: str | None = None
     """-> (ms per step, host ms inside the call, kernels per step) for the 1-token bucket."""
     r = engine.runner
     layout = r.layout(r.bucket_for(1)[0])
-    step = r._compiled[(layout.num_tokens, False)]
+    step = r._compiled[(layout.num_tokens, False, True)]  # the greedy variant the engine runs
     ibuf, fbuf, f = layout.new_buffers()
     ps = engine.config.cache.page_size
     pages = np.arange(1, 1 + -(-context // ps), dtype=np.int32)

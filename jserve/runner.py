@@ -51,27 +51,37 @@ from jserve.step_buffers import StepLayout
 
 log = logging.getLogger(__name__)
 
-# The in-step sampler's static flags: a superset whose unused work (random draws, filters,
-# top-N logprobs) is skipped at run time by the batch's values (see ``sampler._sample_core``).
-STEP_SAMPLER_FLAGS = SamplerFlags(all_greedy=False, any_filters=True, history_width=0,
-                                  max_logprobs=20)
+# The in-step sampler's static flags, one compiled step per value:
+#  general: a superset whose unused work (random draws, filters, top-N logprobs) is skipped at
+#           run time by the batch's values (``lax.cond`` in ``sampler._sample_core``);
+#  greedy:  argmax only, no ``lax.cond``: an XLA GPU conditional reads its predicate on the host,
+#           which blocks the dispatching thread until the device reaches it, so the host could
+#           not run ahead of the device. Steps whose sampling rows are all greedy without
+#           logprobs (the common decode) take it.
+STEP_SAMPLER_FLAGS = {False: SamplerFlags(all_greedy=False, any_filters=True, history_width=0,
+                                          max_logprobs=20),
+                      True: SamplerFlags(all_greedy=True, max_logprobs=0)}
+TOP_N = 20
 Progress = Callable[[str], None]
 
 
-def fused_step(cfg: Any, layout: StepLayout, num_out: int, fresh_prefill: bool, mesh: Mesh,
-               params: Any, kv: KVCache, prev_tokens: jax.Array, ibuf: jax.Array,
+def fused_step(cfg: Any, layout: StepLayout, num_out: int, fresh_prefill: bool, greedy: bool,
+               mesh: Mesh, params: Any, kv: KVCache, prev_tokens: jax.Array, ibuf: jax.Array,
                fbuf: jax.Array) -> tuple:
     """Model forward + sampler over one packed step. prev_tokens: int32[S] (the previous step's
     sampled tokens by row) -> (kv, tokens int32[S], logprobs f32[R], top_ids int32[R, N],
-    top_logprobs f32[R, N], logits f32[R, V])."""
+    top_logprobs f32[R, N], logits f32[R, V]); ``greedy`` (static): argmax only (top-N zeros)."""
     batch, sbatch, prev_index = layout.unpack(ibuf, fbuf)
     fed = prev_tokens[jnp.maximum(prev_index, 0)]
     batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
     kv, logits = forward(cfg, params, kv, batch, fresh_prefill=fresh_prefill, mesh=mesh)
     logits = logits.astype(jnp.float32)
-    out = _sample_core(logits, None, sbatch, STEP_SAMPLER_FLAGS)
+    out = _sample_core(logits, None, sbatch, STEP_SAMPLER_FLAGS[greedy])
     tokens = jnp.zeros((num_out,), jnp.int32).at[:layout.num_rows].set(out.token_ids)
-    return kv, tokens, out.logprobs, out.top_ids, out.top_logprobs, logits
+    r = layout.num_rows
+    top_ids = out.top_ids if out.top_ids is not None else jnp.zeros((r, TOP_N), jnp.int32)
+    top_lp = out.top_logprobs if out.top_logprobs is not None else jnp.zeros((r, TOP_N), jnp.float32)
+    return kv, tokens, out.logprobs, top_ids, top_lp, logits
 
 
 @dataclass
@@ -119,7 +129,7 @@ class Runner:
         self._page_size = config.cache.page_size
         self._num_out = max(sched.seq_bucket(t) for t in self._buckets)
         self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
-        self._compiled: dict[tuple[int, bool], Any] = {}
+        self._compiled: dict[tuple[int, bool, bool], Any] = {}
         self._penalty_sampler = make_sampler()
         self._prev_tokens = jax.device_put(np.zeros(self._num_out, np.int32), self._replicated)
         self._prev_rows: dict[str, int] = {}
@@ -141,13 +151,15 @@ class Runner:
         return StepLayout(token_bucket, self.config.scheduler.seq_bucket(token_bucket),
                           self._pages_per_seq)
 
-    def variants(self) -> list[tuple[int, bool]]:
-        """Every compiled step: (token bucket, fresh_prefill)."""
+    def variants(self) -> list[tuple[int, bool, bool]]:
+        """Every compiled step: (token bucket, fresh_prefill, greedy sampler). Flash-prefill
+        steps (long fresh prompts) keep the general sampler only: their device time dwarfs the
+        host's wait at the conditional."""
         out = []
         for t in self._buckets:
-            out.append((t, False))
+            out += [(t, False, False), (t, False, True)]
             if self.config.scheduler.flash_prefill(t):
-                out.append((t, True))
+                out.append((t, True, False))
         return out
 
     # ---------------------------------------------------------------- host packing
@@ -217,15 +229,18 @@ class Runner:
         layout, ibuf, fbuf, slots = self.pack(out)
         fresh = (self.config.scheduler.flash_prefill(layout.num_tokens)
                  and all(c.start == 0 for c in out.chunks))
-        step = self._compiled.get((layout.num_tokens, fresh))
+        params = [self.rows.params[s] for s in slots]
+        greedy = not fresh and all(p.greedy and p.logprobs is None
+                                   for c, p in zip(out.chunks, params, strict=True) if c.samples)
+        step = self._compiled.get((layout.num_tokens, fresh, greedy))
         if step is None:
-            raise RuntimeError(f"step bucket {(layout.num_tokens, fresh)} was not compiled at warm-up")
+            raise RuntimeError(f"step variant {(layout.num_tokens, fresh, greedy)} was not compiled "
+                               "at warm-up")
         ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
         self.kv, tokens, lp, top_ids, top_lp, logits = step(self.params, self.kv, self._prev_tokens,
                                                             ibuf, fbuf)
         self._prev_tokens = tokens
         self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
-        params = [self.rows.params[s] for s in slots]
         top_n = tuple((p.logprobs or 0) if c.samples else 0 for c, p in zip(out.chunks, params, strict=True))
         want = any(c.samples and p.logprobs is not None for c, p in zip(out.chunks, params, strict=True))
         penalized = None
@@ -255,10 +270,11 @@ class Runner:
         return self._penalty_sampler(logits, jax.device_put(sbatch, self._replicated), flags)
 
     # ---------------------------------------------------------------- start-up
-    def lower_step(self, variant: tuple[int, bool]) -> Any:
-        t, fresh = variant
+    def lower_step(self, variant: tuple[int, bool, bool]) -> Any:
+        t, fresh, greedy = variant
         layout = self.layout(t)
-        fn = functools.partial(fused_step, self.config.model, layout, self._num_out, fresh, self.mesh)
+        fn = functools.partial(fused_step, self.config.model, layout, self._num_out, fresh, greedy,
+                               self.mesh)
         rep = self._replicated
         ibuf, fbuf, _ = layout.new_buffers()
         args = (self.params, self.kv, self._prev_tokens, jax.device_put(ibuf, rep),
@@ -276,7 +292,7 @@ class Runner:
         say = progress or log.info
         total = len(variants)
 
-        def compile_one(item: tuple[tuple[int, bool], Any]) -> tuple[tuple[int, bool], Any]:
+        def compile_one(item: tuple[tuple[int, bool, bool], Any]) -> tuple[tuple[int, bool, bool], Any]:
             variant, lowered = item
             return variant, lowered.compile()
 
@@ -285,10 +301,10 @@ class Runner:
             for k, fut in enumerate(futures, 1):
                 variant, compiled = fut.result()
                 self._compiled[variant] = compiled
-                t, fresh = variant
+                t, fresh, greedy = variant
+                kind = "flash prefill" if fresh else "greedy" if greedy else "general sampler"
                 say(f"compiled step {k}/{total} (tokens {t}, rows "
-                    f"{self.config.scheduler.seq_bucket(t)}{', flash prefill' if fresh else ''}) "
-                    f"at {time.perf_counter() - t0:.1f} s")
+                    f"{self.config.scheduler.seq_bucket(t)}, {kind}) at {time.perf_counter() - t0:.1f} s")
         vocab, max_len = self.config.model.vocab_size, self.config.scheduler.max_model_len
         flags = serving_flags(SamplerFlags(history_width=16), max_len)
         for variant in variants:
@@ -297,7 +313,7 @@ class Runner:
             ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
             self.kv, tokens, _, _, _, logits = self._compiled[variant](
                 self.params, self.kv, self._prev_tokens, ibuf, fbuf)
-            if not variant[1]:
+            if not variant[1] and not variant[2]:
                 sbatch = jax.device_put(pack_sampling([], layout.num_rows, vocab, flags=flags)[0],
                                         self._replicated)
                 jax.block_until_ready(self._penalty_sampler(logits, sbatch, flags))

@@ -108,3 +108,28 @@ def test_aborts_mid_flight_lose_nothing_and_leak_nothing(engines, overlap):
     assert stats.num_running == stats.num_waiting == 0
     assert stats.kv_cache["pages_used"] == 0  # cached pages are free (evictable), not used
     assert len(engine.runner.rows) == 0
+
+
+def test_greedy_steps_take_the_step_without_conditionals(engines):
+    """A conditional in the step makes the host wait for the device (XLA GPU reads its
+    predicate on the host): greedy steps without logprobs run a variant that has none."""
+    engine = engines[True]
+    runner = engine.runner
+    control_flow = ("stablehlo.case", "stablehlo.if", "stablehlo.while")
+    greedy_text = runner.lower_step((16, False, True)).as_text()
+    assert not any(op in greedy_text for op in control_flow)
+    assert "stablehlo.case" in runner.lower_step((16, False, False)).as_text()
+    calls, original = {}, dict(runner._compiled)
+    for key, fn in original.items():
+        def counted(*a, _fn=fn, _key=key):
+            calls[_key] = calls.get(_key, 0) + 1
+            return _fn(*a)
+        runner._compiled[key] = counted
+    try:
+        run_engine(engine, [([3, 4, 5], SamplingParams(temperature=0.0, max_tokens=6))])
+        assert all(greedy for (_, _, greedy) in calls)
+        calls.clear()
+        run_engine(engine, [([3, 4, 5], SamplingParams(temperature=0.0, max_tokens=6, logprobs=1))])
+        assert not any(greedy for (_, _, greedy) in calls)
+    finally:
+        runner._compiled = original

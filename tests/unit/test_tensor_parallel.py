@@ -46,6 +46,6 @@ def test_attention_calls_run_per_device_under_tp(make_engine):
     engine = make_engine("llama", tensor_parallel_size=2)
     runner = engine.runner
     assert head_parallel(runner.mesh, engine.config.model.num_kv_heads)
-    text = runner.lower_step((16, False)).as_text()
+    text = runner.lower_step((16, False, False)).as_text()
     assert text.count("manual_computation") >= 2 * engine.config.model.num_layers
     assert not head_parallel(runner.mesh, 1) and not head_parallel(None, 8)
