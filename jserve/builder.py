@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -121,7 +122,9 @@ def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None) -> Pool
     return PoolPlan(per_token, config.cache.page_size, num_pages, config.scheduler.max_model_len)
 
 
-def build_engine(args: EngineArgs) -> LLMEngine:
+def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None) -> LLMEngine:
+    """Load, size the pool, compile every step variant (``progress`` gets a line per compiled
+    step; default: the log) -> a warmed-up engine."""
     t0 = time.perf_counter()
     _enable_compilation_cache(args.compilation_cache_dir)
     model_cfg, model_dir = resolve_model(args)
@@ -140,7 +143,7 @@ def build_engine(args: EngineArgs) -> LLMEngine:
              params_bytes(params) / 1e9, plan.describe())
     kv = allocate_kv_cache(model_cfg, plan.num_pages, config.cache.page_size, config.kv_dtype, mesh)
     runner = Runner(config, params, kv, mesh)
-    compile_s = runner.warmup()
+    compile_s = runner.warmup(progress)
     build = BuildInfo(plan, startup_seconds=time.perf_counter() - t0, compile_seconds=compile_s)
     engine = LLMEngine(config, runner, tokenizer, plan.num_pages, build)
     log.info("engine ready in %.1f s (compile %.1f s)", build.startup_seconds, compile_s)

@@ -75,6 +75,25 @@ class ModelConfig:
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def q_per_kv_padded(self) -> int:
+        """Query heads per kv head as the weights hold them: the next power of two. The GPU
+        attention kernel tiles a power-of-two group; padding the weights (zero q rows, zero wo
+        columns: the extra heads add exactly 0) saves a pad and a slice kernel per layer."""
+        g = self.q_per_kv
+        return 1 << (g - 1).bit_length()
+
+    @property
+    def num_q_heads_padded(self) -> int:
+        return self.num_kv_heads * self.q_per_kv_padded
+
+    def num_weight_elements(self) -> int:
+        """Elements the engine holds for the weights: ``num_params`` plus the zero padding of
+        the query heads (``q_per_kv_padded``)."""
+        extra = (self.num_q_heads_padded - self.num_heads) * self.head_dim
+        per_layer = extra * (2 * self.hidden_size + (1 if self.qkv_bias else 0))
+        return self.num_params() + self.num_layers * per_layer
+
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim

@@ -31,7 +31,7 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         check_keywords("LLM", kwargs)
         self.engine_args = EngineArgs(model=model, **kwargs)
-        self.engine: LLMEngine = build_engine(self.engine_args)
+        self.engine: LLMEngine = build_engine(self.engine_args, progress=_progress_line)
 
     def get_tokenizer(self):  # noqa: ANN201 - returns jserve.tokenizer.Tokenizer
         return self.engine.tokenizer
@@ -87,6 +87,11 @@ class LLM:
         if use_tqdm:
             print(file=sys.stderr)
         return [final[rid] for rid in order]
+
+
+def _progress_line(line: str) -> None:
+    """Start-up progress for notebooks and scripts (logging is often unconfigured there)."""
+    print(f"[jserve] {line}", file=sys.stderr, flush=True)
 
 
 def _drain(engine: LLMEngine, ids: set[str]) -> None:

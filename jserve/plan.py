@@ -30,8 +30,9 @@ _TP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def weight_bytes(cfg: ModelConfig) -> int:
-    """Bytes of every parameter in ``cfg.dtype`` (what ``params_bytes`` of the loaded tree gives)."""
-    return cfg.num_params() * DTYPE_BYTES[cfg.dtype]
+    """Bytes of every weight in ``cfg.dtype`` (what ``params_bytes`` of the loaded tree gives,
+    query-head padding included)."""
+    return cfg.num_weight_elements() * DTYPE_BYTES[cfg.dtype]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -283,7 +284,7 @@ class Runner:
         return jax.jit(fn, donate_argnums=(1,),
                        out_shardings=(kv_sh, rep, rep, rep, rep, rep)).lower(*args)
 
-    def warmup(self, progress: Progress | None = None, threads: int = 4) -> float:
+    def warmup(self, progress: Progress | None = None, threads: int | None = None) -> float:
         """Compile every step variant ahead of time (lowered in turn, compiled on ``threads``
         threads, through the persistent compilation cache), then run each once, and compile
         the penalty sampler and the page mover. ``progress`` gets one line per finished step."""
@@ -296,7 +297,9 @@ class Runner:
             variant, lowered = item
             return variant, lowered.compile()
 
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        threads = threads or min(8, os.cpu_count() or 1)
+        say(f"compiling {total} step variants on {threads} threads")
+        with ThreadPoolExecutor(max_workers=threads) as pool:
             futures = [pool.submit(compile_one, (v, self.lower_step(v))) for v in variants]
             for k, fut in enumerate(futures, 1):
                 variant, compiled = fut.result()

@@ -33,12 +33,13 @@ def _attention_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Ar
                      sin: jax.Array, fresh_prefill: bool, mesh: Mesh | None
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Layer ``i`` (static) attention: one fused QKV matmul, RoPE, KV write, attention, wo."""
-    t, g = x.shape[0], cfg.q_per_kv
+    t, g, nq = x.shape[0], cfg.q_per_kv_padded, cfg.num_q_heads_padded
     h = rms_norm(x, params["ln_attn"][i], cfg.rms_norm_eps)
-    qkv = jnp.einsum("th,hngd->tngd", h, params["wqkv"][i])        # [T, Nkv, G + 2, d]
+    qkv = jnp.einsum("th,hngd->tngd", h, params["wqkv"][i])        # [T, Nkv, Gp + 2, d]
     if cfg.qkv_bias:
         qkv = qkv + params["bqkv"][i]
-    q = apply_rope(qkv[:, :, :g].reshape(t, cfg.num_heads, cfg.head_dim), cos, sin)
+    # Gp query heads per kv head (zero-padded heads included: they add exactly 0 through wo).
+    q = apply_rope(qkv[:, :, :g].reshape(t, nq, cfg.head_dim), cos, sin)
     k = apply_rope(qkv[:, :, g], cos, sin)
     v = qkv[:, :, g + 1]
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping, mesh)
@@ -49,7 +50,7 @@ def _attention_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Ar
     else:
         o = paged_attention(q, k_pages, v_pages, batch, sm_scale=scale, sliding_window=window,
                             mesh=mesh)
-    return o.reshape(t, cfg.num_heads * cfg.head_dim) @ params["wo"][i], k_pages, v_pages
+    return o.reshape(t, nq * cfg.head_dim) @ params["wo"][i], k_pages, v_pages
 
 
 def _mlp_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Array) -> jax.Array:

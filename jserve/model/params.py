@@ -13,14 +13,16 @@ and the projections that read the same input are fused into one matmul each (few
 
     embed [V, H]   norm [H]   lm_head [H, V] (absent when tied)
     ln_attn, ln_mlp [L, H]
-    wqkv  [L, H, Nkv, G + 2, d]   per kv head j: its G query heads, then k_j, then v_j
-    bqkv  [L, Nkv, G + 2, d]      (qkv_bias only)
-    wo    [L, Nq * d, H]
+    wqkv  [L, H, Nkv, Gp + 2, d]  per kv head j: its G query heads (zero-padded to Gp), k_j, v_j
+    bqkv  [L, Nkv, Gp + 2, d]     (qkv_bias only)
+    wo    [L, Nkv * Gp * d, H]    (zero rows for the padded heads)
     wgu   [L, H, 2, I]            gate, up
     wd    [L, I, H]
 
 Grouping the query heads by their kv head keeps the fused QKV shardable over kv heads: device
-i's slice holds exactly the q, k and v heads its attention needs (G = Nq / Nkv).
+i's slice holds exactly the q, k and v heads its attention needs (G = Nq / Nkv). Gp is G
+rounded up to a power of two (``ModelConfig.q_per_kv_padded``: the GPU kernel's tile): the
+padded heads have zero weights and zero output rows, so they add exactly nothing.
 """
 
 from __future__ import annotations
@@ -50,14 +52,14 @@ class ParamSpec:
 def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     """The spec of every array, same keys as the param tree."""
     h, inter, d, n = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_layers
-    nkv, g = cfg.num_kv_heads, cfg.q_per_kv
+    nkv, g = cfg.num_kv_heads, cfg.q_per_kv_padded
     specs = {
         "embed": ParamSpec((cfg.vocab_size, h), ("vocab", "embed")),
         "norm": ParamSpec((h,), ("embed",), is_norm=True),
         "ln_attn": ParamSpec((n, h), ("layers", "embed"), is_norm=True),
         "ln_mlp": ParamSpec((n, h), ("layers", "embed"), is_norm=True),
         "wqkv": ParamSpec((n, h, nkv, g + 2, d), ("layers", "embed", "kv_heads", None, "head_dim")),
-        "wo": ParamSpec((n, cfg.num_heads * d, h), ("layers", "heads", "embed")),
+        "wo": ParamSpec((n, cfg.num_q_heads_padded * d, h), ("layers", "heads", "embed")),
         "wgu": ParamSpec((n, h, 2, inter), ("layers", "embed", None, "mlp")),
         "wd": ParamSpec((n, inter, h), ("layers", "mlp", "embed")),
     }
@@ -72,7 +74,7 @@ def spec_sharding(cfg: ModelConfig, mesh: Mesh, spec: ParamSpec) -> NamedShardin
     """Sharding of one param. Head axes split only when the head count divides the tensor axis
     (a flat ``Nq*d`` axis must not split a head across devices); else they replicate."""
     tp = mesh.shape[TENSOR_AXIS]
-    whole = {"heads": cfg.num_heads % tp == 0, "kv_heads": cfg.num_kv_heads % tp == 0}
+    whole = {"heads": cfg.num_q_heads_padded % tp == 0, "kv_heads": cfg.num_kv_heads % tp == 0}
     axes = tuple(None if whole.get(a, True) is False else a for a in spec.logical_axes)
     return logical_sharding_for_shape(mesh, spec.shape, axes)
 
@@ -82,14 +84,27 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[str, NamedSharding]:
 
 
 def _fuse_qkv(cfg: ModelConfig) -> Callable[..., jax.Array]:
-    """q [..., Nq*d], k/v [..., Nkv*d] -> [..., Nkv, G + 2, d] (per kv head: its q heads, k, v)."""
-    nkv, g, d = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
+    """q [..., Nq*d], k/v [..., Nkv*d] -> [..., Nkv, Gp + 2, d] (per kv head: its q heads, zero
+    heads up to Gp, k, v)."""
+    nkv, g, gp, d = cfg.num_kv_heads, cfg.q_per_kv, cfg.q_per_kv_padded, cfg.head_dim
 
     def fuse(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         lead = q.shape[:-1]
-        return jnp.concatenate([q.reshape(*lead, nkv, g, d), k.reshape(*lead, nkv, 1, d),
+        zeros = jnp.zeros((*lead, nkv, gp - g, d), q.dtype)
+        return jnp.concatenate([q.reshape(*lead, nkv, g, d), zeros, k.reshape(*lead, nkv, 1, d),
                                 v.reshape(*lead, nkv, 1, d)], axis=-2)
     return fuse
+
+
+def _pad_wo(cfg: ModelConfig) -> Callable[[jax.Array], jax.Array]:
+    """wo [L, Nq*d, H] -> [L, Nkv*Gp*d, H] with zero rows for the padded heads."""
+    nkv, g, gp, d = cfg.num_kv_heads, cfg.q_per_kv, cfg.q_per_kv_padded, cfg.head_dim
+
+    def pad(wo: jax.Array) -> jax.Array:
+        n, _, h = wo.shape
+        w = jnp.pad(wo.reshape(n, nkv, g, d, h), ((0, 0), (0, 0), (0, gp - g), (0, 0), (0, 0)))
+        return w.reshape(n, nkv * gp * d, h)
+    return pad
 
 
 def load_params(model_dir: HFModelDir, cfg: ModelConfig, mesh: Mesh) -> Params:
@@ -122,9 +137,11 @@ def load_params(model_dir: HFModelDir, cfg: ModelConfig, mesh: Mesh) -> Params:
         "norm": one("model.norm.weight", "norm"),
         "ln_attn": layers("input_layernorm.weight", (h,), ("embed",), transpose=False),
         "ln_mlp": layers("post_attention_layernorm.weight", (h,), ("embed",), transpose=False),
-        "wo": layers("self_attn.o_proj.weight", (q, h), ("heads", "embed")),
         "wd": layers("mlp.down_proj.weight", (inter, h), ("mlp", "embed")),
     }
+    wo = layers("self_attn.o_proj.weight", (q, h), ("heads", "embed"))
+    p["wo"] = wo if cfg.q_per_kv_padded == cfg.q_per_kv else jax.jit(
+        _pad_wo(cfg), out_shardings=shard["wo"])(wo)
     wq = layers("self_attn.q_proj.weight", (h, q), ("embed", "heads"))
     wk = layers("self_attn.k_proj.weight", (h, kvd), ("embed", "kv_heads"))
     wv = layers("self_attn.v_proj.weight", (h, kvd), ("embed", "kv_heads"))
