@@ -92,7 +92,7 @@ def test_engine_args_fields_and_llm_keywords_are_the_declaration(monkeypatch):
     import jserve.llm
 
     built = []
-    monkeypatch.setattr(jserve.llm, "build_engine", built.append)
+    monkeypatch.setattr(jserve.llm, "build_engine", lambda args, progress=None: built.append(args))
     jserve.llm.LLM(**{o.name: o.default for o in ENGINE_OPTIONS})
     jserve.llm.LLM()
     assert built == [EngineArgs(), EngineArgs()]
