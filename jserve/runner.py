@@ -131,6 +131,7 @@ class Runner:
         self._num_out = max(sched.seq_bucket(t) for t in self._buckets)
         self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
         self._compiled: dict[tuple[int, bool, bool], Any] = {}
+        self._layouts: dict[int, StepLayout] = {}
         self._penalty_sampler = make_sampler()
         self._prev_tokens = jax.device_put(np.zeros(self._num_out, np.int32), self._replicated)
         self._prev_rows: dict[str, int] = {}
@@ -149,8 +150,12 @@ class Runner:
                          f"({self._buckets[-1]})")
 
     def layout(self, token_bucket: int) -> StepLayout:
-        return StepLayout(token_bucket, self.config.scheduler.seq_bucket(token_bucket),
-                          self._pages_per_seq)
+        """The buffer layout of a token bucket (one object per bucket: its tables are cached)."""
+        lay = self._layouts.get(token_bucket)
+        if lay is None:
+            lay = self._layouts[token_bucket] = StepLayout(
+                token_bucket, self.config.scheduler.seq_bucket(token_bucket), self._pages_per_seq)
+        return lay
 
     def variants(self) -> list[tuple[int, bool, bool]]:
         """Every compiled step: (token bucket, fresh_prefill, greedy sampler). Flash-prefill
