@@ -158,15 +158,25 @@ class Runner:
         return lay
 
     def variants(self) -> list[tuple[int, bool, bool]]:
-        """Every compiled step: (token bucket, fresh_prefill, greedy sampler). Flash-prefill
-        steps (long fresh prompts) keep the general sampler only: their device time dwarfs the
-        host's wait at the conditional."""
+        """Every compiled step: (token bucket, fresh_prefill, greedy sampler).
+
+        The greedy variant exists only for buckets a pure decode step can land in (at most
+        ``max_num_seqs`` tokens): a larger bucket always carries prefill work, whose device
+        time dwarfs the host's wait at the general sampler's conditional, so a second compile
+        there would only slow start-up. Flash-prefill steps keep the general sampler too."""
+        sched = self.config.scheduler
         out = []
         for t in self._buckets:
-            out += [(t, False, False), (t, False, True)]
-            if self.config.scheduler.flash_prefill(t):
+            out.append((t, False, False))
+            if self._greedy_variant(t):
+                out.append((t, False, True))
+            if sched.flash_prefill(t):
                 out.append((t, True, False))
         return out
+
+    def _greedy_variant(self, token_bucket: int) -> bool:
+        return self._buckets.index(token_bucket) == 0 or \
+            self._buckets[self._buckets.index(token_bucket) - 1] < self.config.scheduler.max_num_seqs
 
     # ---------------------------------------------------------------- host packing
     def pack(self, out: SchedulerOutput) -> tuple[StepLayout, np.ndarray, np.ndarray, np.ndarray]:
@@ -236,8 +246,9 @@ class Runner:
         fresh = (self.config.scheduler.flash_prefill(layout.num_tokens)
                  and all(c.start == 0 for c in out.chunks))
         params = [self.rows.params[s] for s in slots]
-        greedy = not fresh and all(p.greedy and p.logprobs is None
-                                   for c, p in zip(out.chunks, params, strict=True) if c.samples)
+        greedy = (not fresh and self._greedy_variant(layout.num_tokens)
+                  and all(p.greedy and p.logprobs is None
+                          for c, p in zip(out.chunks, params, strict=True) if c.samples))
         step = self._compiled.get((layout.num_tokens, fresh, greedy))
         if step is None:
             raise RuntimeError(f"step variant {(layout.num_tokens, fresh, greedy)} was not compiled "

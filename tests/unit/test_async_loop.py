@@ -133,3 +133,10 @@ def test_greedy_steps_take_the_step_without_conditionals(engines):
         assert not any(greedy for (_, _, greedy) in calls)
     finally:
         runner._compiled = original
+
+
+def test_greedy_variants_only_where_a_pure_decode_step_lands(engines):
+    runner = engines[True].runner      # max_num_seqs 8, token buckets 16 / 32 / 64
+    assert runner.variants() == [(16, False, False), (16, False, True), (32, False, False),
+                                 (64, False, False)]
+    assert set(runner._compiled) == set(runner.variants())
