@@ -22,7 +22,7 @@ def make_sched(num_pages, swap_slots, mode="swap", **cfg):
     cfg.setdefault("max_num_batched_tokens", 32)
     cfg.setdefault("max_model_len", 64)
     pool = PagePool(num_pages, PS)
-    swap = host_store(swap_slots, PS, "swap") if swap_slots else None
+    swap = host_store(swap_slots, "swap") if swap_slots else None
     return Scheduler(SchedulerConfig(**cfg), KVCacheManager(pool, None, swap, mode))
 
 
@@ -36,7 +36,7 @@ def two_growing(sched):
 
 
 def run(sched, on_step, overlap=False):
-    runner = FakeKVRunner(sched.pool)
+    runner = FakeKVRunner(sched.pool, sched.kv.host_slot_counts())
     drive(sched, runner, overlap, max_steps=500, on_schedule=on_step)
     return runner
 
@@ -89,7 +89,7 @@ def test_recompute_when_swap_space_is_short_or_not_chosen(swap_slots, mode, over
 def test_abort_of_a_swapped_request_frees_its_slots(overlap):
     sched = make_sched(num_pages=7, swap_slots=8)
     a, b = two_growing(sched)
-    driver = Driver(sched, FakeKVRunner(sched.pool), overlap)
+    driver = Driver(sched, FakeKVRunner(sched.pool, sched.kv.host_slot_counts()), overlap)
     while not b.swap_slots:
         driver.step()
     assert sched.kv.swap_space.num_used == len(b.swap_slots) > 0
@@ -205,6 +205,7 @@ def test_host_stores_are_sized_from_gib():
     from fixture_paths import GOLDEN
 
     from jserve.builder import EngineArgs, make_engine_config, resolve_model
+    from jserve.host_kv import host_page_bytes, host_slot_counts
     from jserve.kv_manager import make_kv_manager
 
     args = EngineArgs(model=str(GOLDEN / "llama"), dtype="float32", max_model_len=128,
@@ -212,9 +213,18 @@ def test_host_stores_are_sized_from_gib():
     cfg = make_engine_config(args, resolve_model(args)[0])
     kv = make_kv_manager(cfg, 20)
     page_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers * (K, V) * page * kv heads * head dim * f32
+    assert host_page_bytes(cfg) == page_bytes
     assert kv.swap_space.num_slots == 2**20 // page_bytes
     assert kv.prefix_cache.host_tier.num_slots == 2 * 2**20 // page_bytes
-    assert kv.swap_space.page_shape == (2, 2, 16, 2, 16)
-    off = make_kv_manager(dataclasses.replace(cfg, cache=dataclasses.replace(
-        cfg.cache, enable_prefix_caching=False, preemption_mode="recompute")), 20)
+    # The runner sizes its host pages by the same function: both sides agree.
+    assert host_slot_counts(cfg) == kv.host_slot_counts() == \
+        {"swap": 2**20 // page_bytes, "tier": 2 * 2**20 // page_bytes}
+    off_cfg = dataclasses.replace(cfg, cache=dataclasses.replace(
+        cfg.cache, enable_prefix_caching=False, preemption_mode="recompute"))
+    off = make_kv_manager(off_cfg, 20)
     assert off.prefix_cache is None and off.swap_space is None
+    assert host_slot_counts(off_cfg) == off.host_slot_counts() == {}
+    tiny = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, swap_space_gb=1e-9))
+    assert host_slot_counts(tiny) == {"tier": 2 * 2**20 // page_bytes}  # 0 slots: no store
+    assert make_kv_manager(tiny, 20).swap_space is None
+
