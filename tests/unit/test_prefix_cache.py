@@ -117,18 +117,27 @@ def test_hit_starts_at_cached_tokens_and_never_covers_the_whole_prompt():
 def test_evicted_prefix_comes_back_from_the_host_tier():
     sched = make_sched(num_pages=9, host_slots=16, max_model_len=32)  # 8 pages of 4 tokens
     runner = FakeKVRunner(sched.pool, sched.kv.host_slot_counts())
+    tier = sched.kv.prefix_cache.host_tier
+    offloads = []
+
+    def offloaded(out):  # plain values; the tier slot is valid from the schedule that queues it
+        assert all(s == "tier" and tier.valid[slot] for _, s, slot in out.transfers.to_host)
+        offloads.extend(out.transfers.to_host)
+
     first = req("first", range(100, 113), max_tokens=3)
     sched.add_request(first)
-    drive(sched, runner)
+    drive(sched, runner, on_schedule=offloaded)
     for i in range(3):  # distinct prompts push first's pages out of the device pool
         sched.add_request(req(f"fill{i}", range(200 + 20 * i, 214 + 20 * i), max_tokens=3))
-        drive(sched, runner)
+        drive(sched, runner, on_schedule=offloaded)
+    assert len(offloads) == sched.kv_stats()["host_tier_pages_offloaded"]
     assert sched.kv_stats()["host_tier_pages_offloaded"] >= 3
     again = req("again", range(100, 113), max_tokens=3)
     sched.add_request(again)
     loads = []
     drive(sched, runner, on_schedule=lambda out: loads.extend(out.transfers.from_host))
     assert again.num_cached_tokens == 12 and len(loads) == 3
+    assert all(s == "tier" for s, _, _ in loads)
     assert again.output_token_ids == first.output_token_ids
     s = sched.kv_stats()
     assert s["prefix_cache_hits_host"] == 12 and s["host_tier_pages_loaded"] == 3
