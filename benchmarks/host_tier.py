@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jserve.host_kv import HostPageStore
 from jserve.kv_transfer import KVPageMover, page_shape
 from jserve.scheduler_output import KVTransfers
 
@@ -51,22 +50,21 @@ def main() -> None:
     shape = (ns.pool_pages, ns.page_size, ns.kv_heads, ns.head_dim)
     make = jax.jit(lambda: jnp.ones(shape, jnp.bfloat16), out_shardings=shard)
     kv = [(make(), make()) for _ in range(ns.layers)]
-    mover = KVPageMover(kv, ns.pages, host_moves=True)
+    mover = KVPageMover(kv, ns.pages, {"bench": ns.pages})
     kv = mover.warmup(kv)
-    store = HostPageStore(ns.pages, page_shape(kv), np.dtype(jnp.bfloat16), "bench")
-    slots = store.allocate(ns.pages)
+    slots = list(range(ns.pages))
     src = list(range(1, ns.pages + 1))
     dst = list(range(ns.pool_pages - ns.pages, ns.pool_pages))
-    nbytes = ns.pages * store.bytes_per_page
+    nbytes = ns.pages * int(np.prod(page_shape(kv))) * jnp.dtype(jnp.bfloat16).itemsize
     state = {"kv": kv}
 
     def offload() -> None:
-        t = KVTransfers(to_host=[(p, store, s) for p, s in zip(src, slots, strict=True)])
+        t = KVTransfers(to_host=[(p, "bench", s) for p, s in zip(src, slots, strict=True)])
         state["kv"] = mover.move(state["kv"], t)
-        jax.block_until_ready([store.get(s) for s in slots])
+        jax.block_until_ready([mover.host.get("bench", s) for s in slots])
 
     def load() -> None:
-        t = KVTransfers(from_host=[(store, s, p) for s, p in zip(slots, dst, strict=True)])
+        t = KVTransfers(from_host=[("bench", s, p) for s, p in zip(slots, dst, strict=True)])
         state["kv"] = mover.move(state["kv"], t)
         jax.block_until_ready(state["kv"])
 

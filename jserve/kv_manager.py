@@ -1,9 +1,10 @@
 """KVCacheManager: the pages of each request: sharing, copy-on-write, swap, prefix-cache hits.
 
 Where it sits: between the ``Scheduler`` (which decides *who* runs and how many tokens) and
-the ``PagePool`` / ``PrefixCache`` / host swap store (which hold the pages). Host side only:
-every device-side consequence is queued as a ``KVTransfers`` entry that the runner executes
-at the start of the step (``take_transfers``).
+the ``PagePool`` / ``PrefixCache`` / host swap slots (which hold the pages). Host side only:
+every device-side consequence is queued as a ``KVTransfers`` entry (plain page ids and host
+slots) that the runner executes at the start of the step (``take_transfers``); the runner
+owns the host pages' data, this side only their slots (``HostSlots``).
 
 Per request, the page list is assembled from four sources::
 
@@ -35,12 +36,10 @@ import logging
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-import jax.numpy as jnp
 import numpy as np
 
 from jserve.config import EngineConfig
-from jserve.host_kv import HostPageStore, slots_for_bytes
-from jserve.kv_cache import kv_bytes_per_token
+from jserve.host_kv import SWAP, TIER, HostSlots, host_slot_counts
 from jserve.page_pool import PagePool
 from jserve.prefix_cache import CachedPage, HashFn, PrefixCache, default_page_hash
 from jserve.request import Request, RequestStatus
@@ -67,7 +66,7 @@ class KVCacheManager:
     """Owns the page bookkeeping of every request (see the module docstring)."""
 
     def __init__(self, pool: PagePool, prefix_cache: PrefixCache | None = None,
-                 swap_space: HostPageStore | None = None,
+                 swap_space: HostSlots | None = None,
                  preemption_mode: str = "recompute") -> None:
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
@@ -76,13 +75,16 @@ class KVCacheManager:
         self.pool = pool
         self.prefix_cache = prefix_cache
         self.swap_space = swap_space if swap_space is not None and swap_space.num_slots > 0 else None
+        tier = prefix_cache.host_tier if prefix_cache is not None else None
+        if self.swap_space is not None and tier is not None and self.swap_space.name == tier.name:
+            raise ValueError(f"the swap space and the host tier share the store name {tier.name!r}")
         self.preemption_mode = preemption_mode
         self._transfers = KVTransfers()
         # This step's destinations: a copy-on-write of a page that is itself being copied or
         # loaded in this step reads from the original source instead (the moves of one step
         # all read before they write, so a copy of a copy would read stale bytes).
         self._copied_from: dict[int, int] = {}
-        self._loaded_from: dict[int, tuple[HostPageStore, int]] = {}
+        self._loaded_from: dict[int, tuple[HostSlots, int]] = {}
         self._swap_slots_to_free: list[int] = []  # freed at the next step: a read may be in flight
         # This schedule's rows: computed tokens of each grown request before its row. A fork
         # sibling shares only what an earlier step computed (this step's copies run before
@@ -232,9 +234,15 @@ class KVCacheManager:
                 req.num_cached_tokens = plan.num_computed
         self.grow(req, plan.num_tokens)
 
-    def _load(self, store: HostPageStore, slot: int, page: int) -> None:
-        self._transfers.from_host.append((store, slot, page))
+    def _load(self, store: HostSlots, slot: int, page: int) -> None:
+        self._transfers.from_host.append((store.name, slot, page))
         self._loaded_from[page] = (store, slot)
+
+    def _offload(self, page: int, store: HostSlots, slot: int) -> None:
+        """Queue device ``page`` -> ``slot``; the slot is valid from now on (the runner
+        dispatches any later read of it after this copy, ordered by data dependence)."""
+        self._transfers.to_host.append((page, store.name, slot))
+        store.mark_valid([slot])
 
     # ------------------------------------------------------------ preemption
     def preempt(self, req: Request) -> str:
@@ -246,7 +254,7 @@ class KVCacheManager:
             if len(keep) <= self.swap_space.num_free:
                 slots = self.swap_space.allocate(len(keep))
                 for i, slot in zip(keep, slots, strict=True):
-                    self._transfers.to_host.append((req.page_ids[i], self.swap_space, slot))
+                    self._offload(req.page_ids[i], self.swap_space, slot)
                 req.swap_slots = dict(zip(keep, slots, strict=True))
                 self.pool.free(reversed(req.page_ids))
                 req.page_ids = []
@@ -298,13 +306,20 @@ class KVCacheManager:
 
     def take_transfers(self) -> KVTransfers:
         """This schedule's page moves (the prefix cache's host-tier offloads included)."""
+        pc = self.prefix_cache
+        if pc is not None and pc.host_tier is not None:
+            for page, slot in pc.take_offloads():
+                self._offload(page, pc.host_tier, slot)
         t, self._transfers = self._transfers, KVTransfers()
         self._copied_from, self._loaded_from = {}, {}
         self._computed_before = {}
-        pc = self.prefix_cache
-        if pc is not None and pc.host_tier is not None:
-            t.to_host.extend((page, pc.host_tier, slot) for page, slot in pc.take_offloads())
         return t
+
+    def host_slot_counts(self) -> dict[str, int]:
+        """Slots of each host store this manager schedules moves into (name -> count): what
+        the runner's ``HostPages`` must hold."""
+        tier = self.prefix_cache.host_tier if self.prefix_cache is not None else None
+        return {s.name: s.num_slots for s in (self.swap_space, tier) if s is not None}
 
     # ----------------------------------------------------------------- stats
     def stats(self) -> dict[str, int]:
@@ -372,19 +387,12 @@ class _TokenView:
 def make_kv_manager(config: EngineConfig, num_pages: int,
                     hash_fn: HashFn = default_page_hash) -> KVCacheManager:
     """The engine's manager: pool of ``num_pages``, prefix cache, swap space and host tier
-    sized from ``config.cache`` (host stores hold whole pages: every layer, every kv head)."""
-    cache, model = config.cache, config.model
+    slots sized by ``host_slot_counts(config)`` (the runner sizes its host pages by it too)."""
+    cache = config.cache
     pool = PagePool(num_pages, cache.page_size)
-    shape = (model.num_layers, 2, cache.page_size, model.num_kv_heads, model.head_dim)
-    dtype = np.dtype(jnp.dtype(config.kv_dtype))
-    page_bytes = kv_bytes_per_token(model, config.kv_dtype, 1) * cache.page_size
-
-    def store(gb: float, name: str) -> HostPageStore | None:
-        n = slots_for_bytes(gb * 2**30, page_bytes)
-        return HostPageStore(n, shape, dtype, name) if n else None
-
-    tier = store(cache.host_kv_cache_gb, "host KV tier") if cache.enable_prefix_caching else None
-    swap = store(cache.swap_space_gb, "swap space") if cache.preemption_mode == "swap" else None
+    counts = host_slot_counts(config)
+    tier = HostSlots(TIER, counts[TIER]) if TIER in counts else None
+    swap = HostSlots(SWAP, counts[SWAP]) if SWAP in counts else None
     pc = PrefixCache(pool, hash_fn, tier) if cache.enable_prefix_caching else None
     log.info("KV cache: prefix caching %s; host tier %s; preemption by %s%s",
              "on" if pc else "off", f"{tier.num_slots} pages" if tier else "off",

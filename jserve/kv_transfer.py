@@ -1,15 +1,17 @@
 """KVPageMover: the device side of page moves (copy-on-write, swap, host-tier offload/load).
 
-Where it sits: inside ``Runner.execute``, before the jitted step. The scheduler's
-``KVTransfers`` say which pages move; this class dispatches the moves with three small jitted
-functions over the whole pool (every layer at once), each compiled for a few bucketed page
-counts at warm-up, so serving never compiles (DESIGN invariant 4)::
+Where it sits: inside ``Runner.dispatch``, before the jitted step. The scheduler's
+``KVTransfers`` say which pages move (plain values: page ids, and host slots as (store name,
+slot)); this class owns the host pages (``self.host``, a ``HostPages`` with one store per name
+of ``host_slot_counts(config)``) and dispatches the moves with three small jitted functions
+over the whole pool (every layer at once), each compiled for a few bucketed page counts at
+warm-up, so serving never compiles (DESIGN invariant 4)::
 
     move(kv, transfers)                                     before the step is dispatched
       to_host:   gather(kv, ids[B]) -> B pages [L, 2, ps, Hkv, d]
-                 -> device_put to host memory -> store.put(slot, page)
+                 -> device_put to host memory -> host.put(store, slot, page)
       copies:    kv = copy(kv, src[B], dst[B])              (kv donated; in place)
-      from_host: store.get(slot) x B -> device_put to device -> kv = scatter(kv, ids[B], pages)
+      from_host: host.get(store, slot) x B -> device_put to device -> kv = scatter(kv, ids[B], pages)
     step_fn(params, kv, batch) ...
 
 Nothing here waits on the host. Host pages are ``jax.Array`` s in the device's host memory
@@ -27,11 +29,14 @@ fits what is left (70 = 64 + 4 + 1 + 1), so nothing is padded and no byte moves 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jserve.host_pages import HostPages
 from jserve.kv_cache import KVCache
 from jserve.scheduler_output import KVTransfers
 
@@ -92,13 +97,16 @@ def _page_sharding(kv: KVCache) -> NamedSharding:
 class KVPageMover:
     """Compiled page gather / copy / scatter over one KV pool (see the module docstring)."""
 
-    def __init__(self, kv: KVCache, max_pages: int, host_moves: bool) -> None:
+    def __init__(self, kv: KVCache, max_pages: int, host_slots: Mapping[str, int]) -> None:
+        """``host_slots``: store name -> slots (``host_slot_counts(config)``); host moves are
+        compiled only when some store has a slot."""
         shardings = [(k.sharding, v.sharding) for k, v in kv]
         self.buckets = transfer_buckets(max_pages)
-        self.host_moves = host_moves
+        self.host = HostPages(host_slots)
+        self.host_moves = bool(self.host)
         self._page_shape = page_shape(kv)
         self._on_device = _page_sharding(kv)
-        kind = host_memory_kind(self._on_device.mesh.devices.flat[0]) if host_moves else "device"
+        kind = host_memory_kind(self._on_device.mesh.devices.flat[0]) if self.host_moves else "device"
         self._on_host = self._on_device.with_memory_kind(kind)
         self._ids_sharding = NamedSharding(self._on_device.mesh, PartitionSpec())
         self._gather = jax.jit(_gather)
@@ -129,14 +137,14 @@ class KVPageMover:
             moves = t.to_host[a:b]
             pages = self._to_host(self._gather(kv, self._ids([p for p, _, _ in moves])))
             for (_, store, slot), page in zip(moves, pages, strict=True):
-                store.put(slot, page)
+                self.host.put(store, slot, page)
         for a, b in self._chunks(len(t.copies)):
             src = self._ids([s for s, _ in t.copies[a:b]])
             dst = self._ids([d for _, d in t.copies[a:b]])
             kv = self._copy(kv, src, dst)
         for a, b in self._chunks(len(t.from_host)):
             moves = t.from_host[a:b]
-            pages = self._to_device([store.get(slot) for store, slot, _ in moves])
+            pages = self._to_device([self.host.get(store, slot) for store, slot, _ in moves])
             kv = self._scatter(kv, self._ids([p for _, _, p in moves]), pages)
         return kv
 

@@ -36,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
-from jserve.host_kv import HostPageStore
+from jserve.host_kv import HostSlots
 from jserve.page_pool import PagePool
 
 HashFn = Callable[[Hashable | None, tuple[int, ...], Hashable], Hashable]
@@ -58,14 +58,14 @@ class CachedPage:
     token_ids: tuple[int, ...]
     extra: Hashable
     device_page: int | None = None   # page id in the device pool holding this K/V
-    host_slot: int | None = None     # slot in the host tier (valid once the offload landed)
+    host_slot: int | None = None     # slot in the host tier (valid once its offload is queued)
 
 
 class PrefixCache:
     """Hash index of full pages over a ``PagePool`` (+ an optional host tier)."""
 
     def __init__(self, pool: PagePool, hash_fn: HashFn = default_page_hash,
-                 host_tier: HostPageStore | None = None) -> None:
+                 host_tier: HostSlots | None = None) -> None:
         self.pool = pool
         self.page_size = pool.page_size
         self.hash_fn = hash_fn
@@ -95,7 +95,8 @@ class PrefixCache:
         return self._by_page.get(page)
 
     def host_valid(self, e: CachedPage) -> bool:
-        """The entry's K/V is in the host tier and has landed there."""
+        """The entry's K/V is in the host tier (its offload was handed to the runner: the
+        bytes land before any later step reads them)."""
         return e.host_slot is not None and self.host_tier is not None and bool(
             self.host_tier.valid[e.host_slot])
 
@@ -184,7 +185,7 @@ class PrefixCache:
         tier = self.host_tier
         if tier.num_free:
             return tier.allocate(1)[0]
-        for serial, victim in self._host_lru.items():  # LRU first; skip copies still in flight
+        for serial, victim in self._host_lru.items():  # LRU first; skip offloads not yet queued
             if serial not in self._pinned and tier.valid[victim.host_slot]:
                 break
         else:
@@ -216,6 +217,8 @@ class PrefixCache:
                 del self._by_hash[e.hash]
 
     def take_offloads(self) -> list[tuple[int, int]]:
+        """The (device page, tier slot) offloads queued since the last call; the caller
+        schedules them (``KVCacheManager.take_transfers``, which marks the slots valid)."""
         out, self.pending_offloads = self.pending_offloads, []
         return out
 

@@ -41,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jserve.config import EngineConfig
+from jserve.host_kv import host_slot_counts
 from jserve.kv_cache import KVCache
 from jserve.kv_transfer import KVPageMover
 from jserve.model.decoder import forward
@@ -135,10 +136,8 @@ class Runner:
         self._penalty_sampler = make_sampler()
         self._prev_tokens = jax.device_put(np.zeros(self._num_out, np.int32), self._replicated)
         self._prev_rows: dict[str, int] = {}
-        cache = config.cache
-        host_moves = ((cache.preemption_mode == "swap" and cache.swap_space_gb > 0)
-                      or cache.host_kv_cache_gb > 0)
-        self.mover = KVPageMover(kv, max(self._pages_per_seq, sched.max_num_seqs), host_moves)
+        self.mover = KVPageMover(kv, max(self._pages_per_seq, sched.max_num_seqs),
+                                 host_slot_counts(config))
 
     # ---------------------------------------------------------------- shapes
     def bucket_for(self, num_tokens: int) -> tuple[int, int]:

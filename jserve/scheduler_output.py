@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jserve.host_kv import HostPageStore
 from jserve.sampling_params import SamplingParams
 
 
@@ -25,14 +24,16 @@ class KVTransfers:
         4. forward    writes this step's K/V
 
     Reads come before writes, so a page freed and handed out again in the same schedule is
-    read (gathered / copied) before anything overwrites it. A gathered page is put into its
-    host slot when its copy is dispatched (``HostPageStore.put``); the bytes land while the step
+    read (gathered / copied) before anything overwrites it. Plain values: pages are device
+    page ids, a host slot is (store name, slot) in one of the host stores (``"swap"``,
+    ``"tier"``, jserve/host_kv.py); the runner keeps the host pages itself and puts a
+    gathered page into its slot when the copy is dispatched; the bytes land while the step
     runs.
     """
 
-    copies: list[tuple[int, int]] = field(default_factory=list)                   # (src, dst) pages
-    to_host: list[tuple[int, HostPageStore, int]] = field(default_factory=list)   # (page, store, slot)
-    from_host: list[tuple[HostPageStore, int, int]] = field(default_factory=list)  # (store, slot, page)
+    copies: list[tuple[int, int]] = field(default_factory=list)            # (src, dst) pages
+    to_host: list[tuple[int, str, int]] = field(default_factory=list)      # (page, store, slot)
+    from_host: list[tuple[str, int, int]] = field(default_factory=list)    # (store, slot, page)
 
     def __bool__(self) -> bool:
         return bool(self.copies or self.to_host or self.from_host)

@@ -1,5 +1,6 @@
-"""KVPageMover on a GPU: host pages live in pinned host memory and round-trip bit-exactly
-(skipped without a GPU; the engine-level swap / host-tier tests in tests/unit also run on it)."""
+"""KVPageMover on a GPU: the mover's own host pages (addressed by store name and slot) live in
+pinned host memory and round-trip bit-exactly (skipped without a GPU; the engine-level swap /
+host-tier tests in tests/unit also run on it)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jserve.host_kv import HostPageStore
-from jserve.kv_transfer import KVPageMover, page_shape
+from jserve.kv_transfer import KVPageMover
 from jserve.scheduler_output import KVTransfers
 
 pytestmark = pytest.mark.gpu
@@ -22,15 +22,15 @@ def test_offload_and_load_round_trip_through_pinned_host():
     kv = [tuple(jax.device_put(jnp.asarray(rng.standard_normal((64, 16, 2, 64)), jnp.bfloat16), sharding)
                 for _ in range(2)) for _ in range(3)]
     expect = [(np.asarray(k), np.asarray(v)) for k, v in kv]
-    mover = KVPageMover(kv, 64, host_moves=True)
+    mover = KVPageMover(kv, 64, {"t": 21})
+    assert mover.host_moves
     kv = mover.warmup(kv)
-    store = HostPageStore(21, page_shape(kv), np.dtype(jnp.bfloat16), "t")
-    slots = store.allocate(21)
+    slots = rng.permutation(21).tolist()
     src = rng.permutation(np.arange(1, 32))[:21].tolist()  # 21 = 16 + 4 + 1: three buckets
-    kv = mover.move(kv, KVTransfers(to_host=list(zip(src, [store] * 21, slots, strict=True))))
-    assert {store.get(s).sharding.memory_kind for s in slots} == {"pinned_host"}
+    kv = mover.move(kv, KVTransfers(to_host=list(zip(src, ["t"] * 21, slots, strict=True))))
+    assert {mover.host.get("t", s).sharding.memory_kind for s in slots} == {"pinned_host"}
     dst = list(range(40, 61))
-    kv = mover.move(kv, KVTransfers(from_host=list(zip([store] * 21, slots, dst, strict=True))))
+    kv = mover.move(kv, KVTransfers(from_host=list(zip(["t"] * 21, slots, dst, strict=True))))
     for (k, v), (ek, ev) in zip(kv, expect, strict=True):
         np.testing.assert_array_equal(np.asarray(k)[dst], ek[src])
         np.testing.assert_array_equal(np.asarray(v)[dst], ev[src])

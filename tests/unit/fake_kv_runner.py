@@ -8,9 +8,11 @@ reads a live ``Request``:
     from ``new``, and the token it sampled for the id in the previous step (a row's
     placeholder is fed from there, as the device feeds it from the in-flight step's output);
   * it makes the step's page moves in ``KVPageMover``'s order (gather to host, copy-on-write
-    copies, loads from host), then writes every row's tokens into a host copy of the pool
-    (``int64[num_pages, page_size]``), then "samples" each sampling row: a hash of the context
-    read back through ITS page table and the seed, skipping the row's ``banned_ids``.
+    copies, loads from host) over its own host pages (a ``HostPages`` per store name, sized
+    like the scheduler's stores, holding numpy copies of pool rows), then writes every row's
+    tokens into a host copy of the pool (``int64[num_pages, page_size]``), then "samples" each
+    sampling row: a hash of the context read back through ITS page table and the seed,
+    skipping the row's ``banned_ids``.
 
 A page mix-up, a wrong page-table diff, a missed copy-on-write, a stale swap slot, a wrong
 prefix-cache hit or a wrong ``output_index`` / ban therefore changes the generated tokens,
@@ -25,11 +27,12 @@ scheduler's requests after every step; ``drive`` runs it until nothing is left i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from jserve.host_kv import HostPageStore
+from jserve.host_kv import HostSlots
+from jserve.host_pages import HostPages
 from jserve.page_pool import PagePool
 from jserve.request import Request, RequestStatus
 from jserve.scheduler import Scheduler
@@ -47,14 +50,19 @@ def fake_model(context: np.ndarray | list[int], seed: int, banned: tuple[int, ..
     return t
 
 
-def host_store(num_slots: int, page_size: int, name: str = "host") -> HostPageStore:
-    return HostPageStore(num_slots, (page_size,), np.int64, name)
+def host_store(num_slots: int, name: str) -> HostSlots:
+    """The scheduler's slots of host store ``name`` (``"swap"`` / ``"tier"``)."""
+    return HostSlots(name, num_slots)
 
 
 class FakeKVRunner:
-    def __init__(self, pool: PagePool) -> None:
+    """``host_slots``: store name -> slots, as the engine's runner gets them from the config
+    (tests pass ``sched.kv.host_slot_counts()``; empty: no host moves)."""
+
+    def __init__(self, pool: PagePool, host_slots: Mapping[str, int] | None = None) -> None:
         self.ps = pool.page_size
         self.kv = np.full((pool.num_pages, pool.page_size), -1, np.int64)
+        self.host = HostPages(host_slots or {})
         self.num_copies = self.num_to_host = self.num_from_host = 0
         self.num_steps = self.num_placeholder_rows = 0
         self.rows: dict[str, list[int]] = {}    # page-table row per request id (from the diffs)
@@ -73,12 +81,12 @@ class FakeKVRunner:
     def run(self, out: SchedulerOutput) -> RunnerOutput:
         t = out.transfers
         for page, store, slot in t.to_host:
-            store.put(slot, self.kv[page].copy())
+            self.host.put(store, slot, self.kv[page].copy())
         if t.copies:
             src, dst = zip(*t.copies, strict=True)
             self.kv[list(dst)] = self.kv[list(src)]
         for store, slot, page in t.from_host:
-            self.kv[page] = store.get(slot)
+            self.kv[page] = self.host.get(store, slot)
         self.num_copies += len(t.copies)
         self.num_to_host += len(t.to_host)
         self.num_from_host += len(t.from_host)

@@ -26,9 +26,9 @@ def make_sched(num_pages=33, hash_fn=None, host_slots=0, swap_slots=0, mode="swa
     cfg.setdefault("max_num_batched_tokens", 32)
     cfg.setdefault("max_model_len", 128)
     pool = PagePool(num_pages, PS)
-    tier = host_store(host_slots, PS, "tier") if host_slots else None
+    tier = host_store(host_slots, "tier") if host_slots else None
     pc = PrefixCache(pool, hash_fn, tier) if hash_fn else PrefixCache(pool, host_tier=tier)
-    swap = host_store(swap_slots, PS, "swap") if swap_slots else None
+    swap = host_store(swap_slots, "swap") if swap_slots else None
     return Scheduler(SchedulerConfig(**cfg), KVCacheManager(pool, pc, swap, mode))
 
 
@@ -93,7 +93,7 @@ def test_duplicate_content_keeps_one_entry_and_reset_forgets_unused_pages():
 
 def test_hit_starts_at_cached_tokens_and_never_covers_the_whole_prompt():
     sched = make_sched()
-    runner = FakeKVRunner(sched.pool)
+    runner = FakeKVRunner(sched.pool, sched.kv.host_slot_counts())
     prompt = list(range(10, 23))  # 13 tokens: 3 full pages + 1
     a = req("a", prompt)
     sched.add_request(a)
@@ -116,19 +116,28 @@ def test_hit_starts_at_cached_tokens_and_never_covers_the_whole_prompt():
 
 def test_evicted_prefix_comes_back_from_the_host_tier():
     sched = make_sched(num_pages=9, host_slots=16, max_model_len=32)  # 8 pages of 4 tokens
-    runner = FakeKVRunner(sched.pool)
+    runner = FakeKVRunner(sched.pool, sched.kv.host_slot_counts())
+    tier = sched.kv.prefix_cache.host_tier
+    offloads = []
+
+    def offloaded(out):  # plain values; the tier slot is valid from the schedule that queues it
+        assert all(s == "tier" and tier.valid[slot] for _, s, slot in out.transfers.to_host)
+        offloads.extend(out.transfers.to_host)
+
     first = req("first", range(100, 113), max_tokens=3)
     sched.add_request(first)
-    drive(sched, runner)
+    drive(sched, runner, on_schedule=offloaded)
     for i in range(3):  # distinct prompts push first's pages out of the device pool
         sched.add_request(req(f"fill{i}", range(200 + 20 * i, 214 + 20 * i), max_tokens=3))
-        drive(sched, runner)
+        drive(sched, runner, on_schedule=offloaded)
+    assert len(offloads) == sched.kv_stats()["host_tier_pages_offloaded"]
     assert sched.kv_stats()["host_tier_pages_offloaded"] >= 3
     again = req("again", range(100, 113), max_tokens=3)
     sched.add_request(again)
     loads = []
     drive(sched, runner, on_schedule=lambda out: loads.extend(out.transfers.from_host))
     assert again.num_cached_tokens == 12 and len(loads) == 3
+    assert all(s == "tier" for s, _, _ in loads)
     assert again.output_token_ids == first.output_token_ids
     s = sched.kv_stats()
     assert s["prefix_cache_hits_host"] == 12 and s["host_tier_pages_loaded"] == 3
@@ -137,7 +146,7 @@ def test_evicted_prefix_comes_back_from_the_host_tier():
 
 def test_fork_shares_prompt_pages_and_copies_the_partial_page_on_write():
     sched = make_sched()
-    runner = FakeKVRunner(sched.pool)
+    runner = FakeKVRunner(sched.pool, sched.kv.host_slot_counts())
     prompt = list(range(30, 40))  # 10 tokens: pages 0, 1 full, page 2 partial
     lead = req("p#0", prompt, seed=1)
     sibs = [lead] + [req(f"p#{i}", prompt, seed=1 + i, fork_of=lead) for i in range(1, 4)]
@@ -170,7 +179,7 @@ def randomized(n_requests, seed, hash_fn=None, overlap=False):
     rng = random.Random(seed)
     sched = make_sched(num_pages=41, hash_fn=hash_fn, host_slots=24, swap_slots=14, max_num_seqs=12,
                        max_num_batched_tokens=48, max_model_len=96, max_waiting=40)
-    runner = FakeKVRunner(sched.pool)
+    runner = FakeKVRunner(sched.pool, sched.kv.host_slot_counts())
     driver = Driver(sched, runner, overlap)
     prefixes = [[rng.randrange(VOCAB) for _ in range(n)] for n in (4, 11, 16, 23, 40)]
     groups = []

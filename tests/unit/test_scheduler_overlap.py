@@ -38,7 +38,7 @@ def make_sched(num_pages=33, prefix=False, swap_slots=0, mode="recompute", **cfg
     cfg.setdefault("max_model_len", 64)
     pool = PagePool(num_pages, PS)
     pc = PrefixCache(pool) if prefix else None
-    swap = host_store(swap_slots, PS, "swap") if swap_slots else None
+    swap = host_store(swap_slots, "swap") if swap_slots else None
     return Scheduler(SchedulerConfig(**cfg), KVCacheManager(pool, pc, swap, mode))
 
 
@@ -97,7 +97,7 @@ def test_eos_found_late_matches_the_reference_and_usage_counts_emitted_tokens(ov
                         min_tokens=i % 2))
     for r in reqs:
         sched.add_request(r)
-    d = drive(sched, FakeKVRunner(sched.pool), overlap)
+    d = drive(sched, FakeKVRunner(sched.pool, sched.kv.host_slot_counts()), overlap)
     for r in reqs:
         assert (r.output_token_ids, r.status) == reference_generation(r, sched.max_model_len)
         assert d.emitted[r.request_id] == r.num_output_tokens == len(r.output_token_ids)
@@ -117,7 +117,7 @@ def test_max_tokens_reached_no_row_over_the_final_placeholder(max_tokens, overla
     r = req("r", max_tokens=max_tokens, ignore_eos=True)
     sched.add_request(r)
     sampling = []
-    d = drive(sched, FakeKVRunner(sched.pool), overlap,
+    d = drive(sched, FakeKVRunner(sched.pool, sched.kv.host_slot_counts()), overlap,
               on_schedule=lambda out: sampling.extend(c.output_index for c in out.chunks if c.samples))
     assert sampling == list(range(max_tokens))  # one sampling row per token, none wasted
     assert (r.output_token_ids, r.status) == reference_generation(r, sched.max_model_len)
@@ -177,7 +177,7 @@ def test_aborts_in_flight_with_the_fake_runner_no_leaks(overlap):
             sched.finish_request(victims[0], ABORT)
             aborted.append(victims.pop(0))
 
-    d = Driver(sched, FakeKVRunner(sched.pool), overlap)
+    d = Driver(sched, FakeKVRunner(sched.pool, sched.kv.host_slot_counts()), overlap)
     d.drain(in_flight=in_flight)
     assert aborted == ["r1", "r4", "r2"]
     for r in reqs:
@@ -227,7 +227,7 @@ def test_min_tokens_ban_applies_to_the_right_token(overlap):
                     eos_token_ids=(t0,), seed=i)
         reqs.append(r)
         sched.add_request(r)
-    drive(sched, FakeKVRunner(sched.pool), overlap)
+    drive(sched, FakeKVRunner(sched.pool, sched.kv.host_slot_counts()), overlap)
     for r in reqs:
         assert (r.output_token_ids, r.status) == reference_generation(r, sched.max_model_len)
         assert r.output_token_ids[0] not in r.eos_token_ids + r.sampling_params.stop_token_ids
@@ -275,7 +275,7 @@ def test_preempted_with_its_token_in_flight_gets_the_token_and_resumes(swap_slot
             seen["resume"] = (c.start, c.num_placeholders, c.new is not None, b.num_output_tokens,
                               c.token_ids)
 
-    drive(sched, FakeKVRunner(sched.pool), overlap, on_schedule=on_schedule)
+    drive(sched, FakeKVRunner(sched.pool, sched.kv.host_slot_counts()), overlap, on_schedule=on_schedule)
     placeholders, n_out, n_tok, computed = seen["pre"]
     start, ph, new, n_out_resumed, token_ids = seen["resume"]
     assert placeholders == (1 if overlap else 0)   # its token was in flight when preempted
@@ -298,7 +298,7 @@ def test_abort_of_a_request_preempted_with_its_token_in_flight():
     b = Request("b", list(range(20, 28)), SamplingParams(max_tokens=12, ignore_eos=True), seed=2)
     sched.add_request(a)
     sched.add_request(b)
-    d = Driver(sched, FakeKVRunner(sched.pool), overlap=True)
+    d = Driver(sched, FakeKVRunner(sched.pool, sched.kv.host_slot_counts()), overlap=True)
     seen = []
 
     def in_flight(out):  # the plan that preempted b ran; b's last row's result is not read yet
@@ -350,7 +350,7 @@ def test_prefix_hits_under_overlap_serve_only_computed_pages(overlap):
     prompt = list(range(10, 27))  # 17 tokens: 4 full pages + 1
     first = Request("first", prompt, SamplingParams(max_tokens=6, ignore_eos=True), seed=3)
     sched.add_request(first)
-    d = Driver(sched, FakeKVRunner(sched.pool), overlap)
+    d = Driver(sched, FakeKVRunner(sched.pool, sched.kv.host_slot_counts()), overlap)
     later = []
     for i in range(6):
         d.step()
@@ -378,7 +378,7 @@ def test_fork_siblings_share_only_pages_an_earlier_step_computed(overlap):
     for r in sibs:
         sched.add_request(r)
     steps = []
-    drive(sched, FakeKVRunner(sched.pool), overlap,
+    drive(sched, FakeKVRunner(sched.pool, sched.kv.host_slot_counts()), overlap,
           on_schedule=lambda out: steps.append([(c.req_id, c.start) for c in out.chunks]))
     assert steps[0] == [("p#0", 0)]  # the siblings wait for a step after the leader's prompt
     assert steps[1] == [("p#0", 10)] + [(f"p#{i}", 9) for i in range(1, 4)]  # shared to token 9
@@ -396,7 +396,7 @@ def test_drops_reach_the_runner_when_a_plan_has_no_rows():
     b = req("b", max_tokens=2, ignore_eos=True, first=30)
     sched.add_request(a)
     sched.add_request(b)
-    runner = FakeKVRunner(sched.pool)
+    runner = FakeKVRunner(sched.pool, sched.kv.host_slot_counts())
     d = Driver(sched, runner, overlap=True)
     plans = []
     d.drain(on_schedule=plans.append)

@@ -22,7 +22,7 @@ def make_sched(num_pages, swap_slots, mode="swap", **cfg):
     cfg.setdefault("max_num_batched_tokens", 32)
     cfg.setdefault("max_model_len", 64)
     pool = PagePool(num_pages, PS)
-    swap = host_store(swap_slots, PS, "swap") if swap_slots else None
+    swap = host_store(swap_slots, "swap") if swap_slots else None
     return Scheduler(SchedulerConfig(**cfg), KVCacheManager(pool, None, swap, mode))
 
 
@@ -36,7 +36,7 @@ def two_growing(sched):
 
 
 def run(sched, on_step, overlap=False):
-    runner = FakeKVRunner(sched.pool)
+    runner = FakeKVRunner(sched.pool, sched.kv.host_slot_counts())
     drive(sched, runner, overlap, max_steps=500, on_schedule=on_step)
     return runner
 
@@ -48,6 +48,9 @@ def test_swap_out_then_resume_where_it_was(overlap):
     events = []
 
     def on_step(out):
+        # Page moves are plain values; a slot is valid once its move is scheduled.
+        assert all(s == "swap" and sched.kv.swap_space.valid[slot] for _, s, slot in out.transfers.to_host)
+        assert all(s == "swap" for s, _, _ in out.transfers.from_host)
         if out.num_preempted:
             assert out.num_preempted == 1 and "b" in out.dropped
             assert b.status is RequestStatus.PREEMPTED and b.page_ids == []
@@ -89,7 +92,7 @@ def test_recompute_when_swap_space_is_short_or_not_chosen(swap_slots, mode, over
 def test_abort_of_a_swapped_request_frees_its_slots(overlap):
     sched = make_sched(num_pages=7, swap_slots=8)
     a, b = two_growing(sched)
-    driver = Driver(sched, FakeKVRunner(sched.pool), overlap)
+    driver = Driver(sched, FakeKVRunner(sched.pool, sched.kv.host_slot_counts()), overlap)
     while not b.swap_slots:
         driver.step()
     assert sched.kv.swap_space.num_used == len(b.swap_slots) > 0
@@ -112,6 +115,7 @@ def assert_no_leaks(engine):
     kv.check_invariants([])
     assert engine.pool.num_used == 0 and engine.pool.num_free == engine.pool.num_total
     assert kv.swap_space is None or kv.swap_space.num_used == 0
+    assert engine.runner.mover.host.num_slots == kv.host_slot_counts()  # both sides agree
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +209,7 @@ def test_host_stores_are_sized_from_gib():
     from fixture_paths import GOLDEN
 
     from jserve.builder import EngineArgs, make_engine_config, resolve_model
+    from jserve.host_kv import host_page_bytes, host_slot_counts
     from jserve.kv_manager import make_kv_manager
 
     args = EngineArgs(model=str(GOLDEN / "llama"), dtype="float32", max_model_len=128,
@@ -212,9 +217,101 @@ def test_host_stores_are_sized_from_gib():
     cfg = make_engine_config(args, resolve_model(args)[0])
     kv = make_kv_manager(cfg, 20)
     page_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers * (K, V) * page * kv heads * head dim * f32
+    assert host_page_bytes(cfg) == page_bytes
     assert kv.swap_space.num_slots == 2**20 // page_bytes
     assert kv.prefix_cache.host_tier.num_slots == 2 * 2**20 // page_bytes
-    assert kv.swap_space.page_shape == (2, 2, 16, 2, 16)
-    off = make_kv_manager(dataclasses.replace(cfg, cache=dataclasses.replace(
-        cfg.cache, enable_prefix_caching=False, preemption_mode="recompute")), 20)
+    # The runner sizes its host pages by the same function: both sides agree.
+    assert host_slot_counts(cfg) == kv.host_slot_counts() == \
+        {"swap": 2**20 // page_bytes, "tier": 2 * 2**20 // page_bytes}
+    off_cfg = dataclasses.replace(cfg, cache=dataclasses.replace(
+        cfg.cache, enable_prefix_caching=False, preemption_mode="recompute"))
+    off = make_kv_manager(off_cfg, 20)
     assert off.prefix_cache is None and off.swap_space is None
+    assert host_slot_counts(off_cfg) == off.host_slot_counts() == {}
+    tiny = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, swap_space_gb=1e-9))
+    assert host_slot_counts(tiny) == {"tier": 2 * 2**20 // page_bytes}  # 0 slots: no store
+    assert make_kv_manager(tiny, 20).swap_space is None
+
+
+# ------------------------------------------------------------- the two halves of a host store
+
+
+def test_host_slots_are_bookkeeping_only():
+    from jserve.host_kv import HostSlots
+
+    slots = HostSlots("swap", 4)
+    a = slots.allocate(3)
+    assert a == [0, 1, 2] and slots.num_free == 1 and not slots.valid.any()
+    slots.mark_valid(a[:2])  # their to_host moves were scheduled
+    assert slots.valid.tolist() == [True, True, False, False]
+    with pytest.raises(AssertionError, match="unreserved"):
+        slots.mark_valid([3])
+    slots.free([a[0]])
+    assert slots.valid.tolist() == [False, True, False, False]
+    with pytest.raises(ValueError, match="not all reserved once"):
+        slots.free([a[0]])
+    with pytest.raises(ValueError, match="cannot allocate 3 slots"):
+        slots.allocate(3)
+    slots.check_invariants()
+
+
+def test_host_pages_are_the_runners_data():
+    from jserve.host_pages import HostPages
+
+    pages = HostPages({"swap": 2, "tier": 3})
+    assert pages and not HostPages({"swap": 0}) and not HostPages({})
+    pages.put("tier", 2, np.arange(4))
+    np.testing.assert_array_equal(pages.get("tier", 2), np.arange(4))
+    np.testing.assert_array_equal(pages.get("tier", 2), np.arange(4))  # kept: read again
+    with pytest.raises(AssertionError, match="never put"):
+        pages.get("swap", 1)
+    with pytest.raises(AssertionError, match="never put"):
+        pages.get("tier", 0)
+    with pytest.raises(AssertionError, match="outside"):
+        pages.put("swap", 2, np.arange(4))
+    with pytest.raises(AssertionError, match="no host store 'disk'"):
+        pages.get("disk", 0)
+
+
+def test_kv_manager_rejects_two_stores_of_one_name():
+    from jserve.prefix_cache import PrefixCache
+
+    pool = PagePool(8, PS)
+    with pytest.raises(ValueError, match="share the store name 'swap'"):
+        tier = PrefixCache(pool, host_tier=host_store(2, "swap"))
+        KVCacheManager(pool, tier, host_store(2, "swap"), "swap")
+
+
+def test_mover_moves_pages_through_named_host_stores():
+    """``KVPageMover`` on the CPU backend (pinned host memory exists there too): gathers to host,
+    copies, loads from host, addressed by (store name, slot); its host pages are its own."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jserve.kv_transfer import KVPageMover
+    from jserve.scheduler_output import KVTransfers
+
+    dev = jax.devices()[0]
+    sharding = NamedSharding(Mesh(np.array([dev]), ("tp",)), PartitionSpec())
+    rng = np.random.default_rng(0)
+    kv = [tuple(jax.device_put(jnp.asarray(rng.standard_normal((12, PS, 2, 8)), jnp.float32), sharding)
+                for _ in range(2)) for _ in range(2)]
+    expect = [(np.asarray(k), np.asarray(v)) for k, v in kv]
+    assert not KVPageMover(kv, 4, {}).host_moves
+    mover = KVPageMover(kv, 4, {"swap": 3, "tier": 5})
+    assert mover.host.num_slots == {"swap": 3, "tier": 5} and mover.host_moves
+    with pytest.raises(AssertionError, match="never put"):
+        mover.move(kv, KVTransfers(from_host=[("tier", 0, 1)]))
+    slots = [("swap", 0), ("tier", 4), ("tier", 0), ("swap", 2), ("tier", 1)]  # 5 = 4 + 1: two buckets
+    src, dst = [1, 2, 3, 4, 5], [7, 8, 9, 10, 11]
+    # Gathers read before the copy overwrites page 2.
+    kv = mover.move(kv, KVTransfers(copies=[(1, 2)], to_host=[(p, s, i) for p, (s, i) in
+                                                              zip(src, slots, strict=True)]))
+    assert all(isinstance(mover.host.get(s, i), jax.Array) for s, i in slots)
+    kv = mover.move(kv, KVTransfers(from_host=[(s, i, p) for (s, i), p in zip(slots, dst, strict=True)]))
+    for (k, v), (ek, ev) in zip(kv, expect, strict=True):
+        for got, want in ((np.asarray(k), ek), (np.asarray(v), ev)):
+            np.testing.assert_array_equal(got[dst], want[src])
+            np.testing.assert_array_equal(got[2], want[1])
+            np.testing.assert_array_equal(got[[0, 1, 3, 4, 5, 6]], want[[0, 1, 3, 4, 5, 6]])
