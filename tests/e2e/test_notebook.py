@@ -10,11 +10,16 @@ nbclient = pytest.importorskip("nbclient", reason="notebook test needs the test 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "examples" / "quickstart.ipynb"
 
 
-def _text(cell) -> str:
+def _text(cell, stream: str = "stdout") -> str:
+    """The cell's ``stream`` text (stdout: what the cell prints; stderr: start-up progress) and,
+    for stdout, its displayed values."""
     parts = []
     for out in cell.get("outputs", []):
         if out.get("output_type") == "stream":
-            parts.append(out["text"])
+            if out.get("name", "stdout") == stream:
+                parts.append(out["text"])
+        elif stream != "stdout":
+            continue
         elif "data" in out:
             parts.append(out["data"].get("text/plain", ""))
     return "".join(parts)
@@ -29,6 +34,7 @@ def test_quickstart_notebook_executes():
     outputs = [_text(c) for c in code]
     assert all(not any(o.get("output_type") == "error" for o in c.get("outputs", [])) for c in code)
     assert outputs[1].startswith("def fibonacci(n):\n") and "--- " in outputs[1]
+    assert "[jserve] compiled step 1/" in _text(code[1], "stderr")  # LLM() shows its progress
     assert outputs[2].count("=" * 40) == 3
     assert outputs[3].startswith("def is_prime(n):") and "\n--- " in outputs[3]
     assert "35 concurrent sequences of 8,192 tokens" in outputs[4]

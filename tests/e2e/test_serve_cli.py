@@ -64,7 +64,8 @@ def test_banner_names_model_pool_and_compile_time(proc):
     text = "".join(proc.log)
     assert "jserve " in text and "KV pool: 80 pages x 16 tokens" in text
     assert re.search(r"start-up \(load \+ compile\): [\d.]+ s", text)
-    assert re.search(r"compiled \d+ step buckets", text)
+    assert re.search(r"compiled \d+ step variants", text)
+    assert re.search(r"compiled step \d+/\d+ \(tokens \d+", text)  # one progress line per variant
 
 
 def test_sigterm_drains_in_flight_and_refuses_new(proc):
