@@ -267,3 +267,13 @@ def drive(sched: Scheduler, runner: FakeKVRunner, overlap: bool = False, max_ste
     d = Driver(sched, runner, overlap)
     d.drain(max_steps, on_schedule=on_schedule, in_flight=in_flight)
     return d
+
+
+def abort_in_flight(sched, rng, aborted: set, out, p: float = 0.02) -> None:
+    """With probability ``p``, abort one request that has a row in ``out`` (a step in flight),
+    recording its id in ``aborted`` (randomized runs: aborts arrive while a step runs)."""
+    if out.chunks and rng.random() < p:
+        rid = rng.choice(out.chunks).req_id
+        if sched.get_request(rid) is not None:
+            sched.finish_request(rid, RequestStatus.FINISHED_ABORTED)
+            aborted.add(rid)

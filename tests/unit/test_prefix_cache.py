@@ -7,7 +7,15 @@ import random
 import numpy as np
 import pytest
 from engine_helpers import run_engine
-from fake_kv_runner import VOCAB, Driver, FakeKVRunner, drive, host_store, reference_generation
+from fake_kv_runner import (
+    VOCAB,
+    Driver,
+    FakeKVRunner,
+    abort_in_flight,
+    drive,
+    host_store,
+    reference_generation,
+)
 
 from jserve.config import SchedulerConfig
 from jserve.kv_manager import KVCacheManager
@@ -200,12 +208,8 @@ def randomized(n_requests, seed, hash_fn=None, overlap=False):
     groups.reverse()
     aborted = set()
 
-    def abort_in_flight(out):
-        if out.chunks and rng.random() < 0.02:
-            rid = rng.choice(out.chunks).req_id
-            if sched.get_request(rid) is not None:
-                sched.finish_request(rid, ABORT)
-                aborted.add(rid)
+    def in_flight(out):  # an abort arrives while the step runs
+        abort_in_flight(sched, rng, aborted, out)
 
     while groups or driver.busy:
         for _ in range(rng.randint(0, 3)):
@@ -217,7 +221,7 @@ def randomized(n_requests, seed, hash_fn=None, overlap=False):
             victim = rng.choice(list(sched.waiting) + sched.running)
             sched.finish_request(victim.request_id, ABORT)
             aborted.add(victim.request_id)
-        driver.step(in_flight=abort_in_flight)
+        driver.step(in_flight=in_flight)
         assert driver.steps < 100_000
     sched.schedule()
     check_clean(sched)

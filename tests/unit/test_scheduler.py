@@ -8,7 +8,7 @@ their own tests in test_scheduler_overlap.py."""
 import random
 
 import pytest
-from fake_kv_runner import VOCAB, Driver, FakeKVRunner, reference_generation
+from fake_kv_runner import VOCAB, Driver, FakeKVRunner, abort_in_flight, reference_generation
 
 from jserve.config import SchedulerConfig
 from jserve.page_pool import PagePool
@@ -414,11 +414,7 @@ def test_randomized_1000_requests_no_leaks_and_same_tokens_as_alone(overlap):
         assert out.chunks or out.num_preempted or not sched.has_unfinished() or overlap
 
     def in_flight(out):  # an abort arrives while the step runs
-        if out.chunks and rng.random() < 0.02:
-            rid = rng.choice(out.chunks).req_id
-            if sched.get_request(rid) is not None:
-                sched.finish_request(rid, ABORT)
-                aborted.add(rid)
+        abort_in_flight(sched, rng, aborted, out)
 
     while pending or driver.busy:
         for _ in range(rng.randint(0, 6)):
