@@ -72,20 +72,29 @@ def _scatter_rows(shape: tuple[int, int], ids: jax.Array, values: jax.Array) -> 
     return jnp.zeros(shape, jnp.float32).at[rows, cols].add(values, mode="drop")
 
 
-def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
-    """vLLM's penalties. logits: f32[R, V]; uses batch.history_ids [R, H] / num_prompt [R].
+def penalize_counts(logits: jax.Array, seen: jax.Array, out_counts: jax.Array,
+                    batch: SamplingBatch) -> jax.Array:
+    """vLLM's penalties from per-row token statistics. logits: f32[R, V]; seen: bool[R, V]
+    (token in the prompt or the output); out_counts: f32[R, V] (times emitted in the output).
 
-    repetition (tokens in prompt or output): l > 0 -> l / rp, else l * rp;
+    repetition (seen tokens): l > 0 -> l / rp, else l * rp;
     then l -= frequency * output_count + presence * (output_count > 0).
+    A row with neutral parameters (rp 1, presence and frequency 0) is returned unchanged.
     """
-    ids = batch.history_ids
-    is_output = jnp.arange(ids.shape[1])[None, :] >= batch.num_prompt[:, None]
-    seen = _scatter_rows(logits.shape, ids, jnp.ones(ids.shape, jnp.float32)) > 0
-    out_counts = _scatter_rows(logits.shape, ids, is_output.astype(jnp.float32))
     rp = jnp.where(seen, batch.repetition_penalty[:, None], 1.0)
     logits = jnp.where(logits > 0, logits / rp, logits * rp)
     logits = logits - batch.frequency_penalty[:, None] * out_counts
     return logits - batch.presence_penalty[:, None] * (out_counts > 0).astype(jnp.float32)
+
+
+def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """``penalize_counts`` with the statistics taken from batch.history_ids [R, H] (prompt
+    then output ids, -1 padding) and batch.num_prompt [R]. logits: f32[R, V]."""
+    ids = batch.history_ids
+    is_output = jnp.arange(ids.shape[1])[None, :] >= batch.num_prompt[:, None]
+    seen = _scatter_rows(logits.shape, ids, jnp.ones(ids.shape, jnp.float32)) > 0
+    out_counts = _scatter_rows(logits.shape, ids, is_output.astype(jnp.float32))
+    return penalize_counts(logits, seen, out_counts, batch)
 
 
 def apply_bans(logits: jax.Array, banned_ids: jax.Array) -> jax.Array:
