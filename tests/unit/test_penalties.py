@@ -194,3 +194,21 @@ def test_a_reused_slot_starts_from_the_new_request(engines, ref):
     toks = out.outputs[0].token_ids
     ref.check(b, PENALTY_PARAMS[0], 0, toks)
     np.testing.assert_array_equal(_state_row(engine, out.request_id), _expected_row(vocab, b, toks))
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (XLA_FLAGS host count)")
+def test_flash_prefill_variant_under_tp2(make_engine, ref):
+    """A step of fresh prompts (the flash-prefill variant) samples their first tokens from the
+    penalty state too, and the state works replicated over a tp=2 mesh."""
+    engine = make_engine("llama", tensor_parallel_size=2, flash_prefill_min_tokens=16)
+    assert len(engine.runner.penalty_state.sharding.device_set) == 2
+    calls, compiled = [], engine.runner._compiled
+    for key, fn in list(compiled.items()):
+        def counted(*a, _fn=fn, _key=key):
+            calls.append(_key)
+            return _fn(*a)
+        compiled[key] = counted
+    prompts = [p for p in _prompts(12, seed=4) if len(p) >= 20][:3]
+    items = [(p, PENALTY_PARAMS[i]) for i, p in enumerate(prompts)]
+    _run_checked(engine, ref, items, engine.config.model.vocab_size)
+    assert any(fresh for (_, fresh, _) in calls), "no step took the flash variant"
