@@ -51,7 +51,7 @@ from jserve.config import EngineConfig
 from jserve.kv_cache import KVCache
 from jserve.kv_transfer import KVPageMover
 from jserve.model.decoder import forward
-from jserve.penalty_state import SlotInit, penalized_logits, record_tokens
+from jserve.penalty_state import SlotInit, penalized_logits, record_tokens, state_bytes
 from jserve.runner_state import RequestRows
 from jserve.sampler import _sample_core
 from jserve.sampling_batch import SamplerFlags
@@ -147,6 +147,8 @@ class Runner:
         self._slot_init = SlotInit(sched.max_num_seqs, config.model.vocab_size, sched.max_model_len,
                                    self._replicated)
         self.penalty_state = self._slot_init.zeros()  # int32[max_num_seqs, V], see penalty_state
+        log.info("penalty state: %d slots x %d tokens = %.1f MB per device", sched.max_num_seqs,
+                 config.model.vocab_size, state_bytes(sched.max_num_seqs, config.model.vocab_size) / 1e6)
         self._prev_tokens = jax.device_put(np.zeros(self._num_out, np.int32), self._replicated)
         self._prev_rows: dict[str, int] = {}
         cache = config.cache
