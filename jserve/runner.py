@@ -5,8 +5,9 @@ loop (``LLMEngine.step``)::
 
     SchedulerOutput N+1 --RequestRows (per-request state: page rows, sampling params)-->
       pack two flat buffers (StepLayout) --device_put--> compiled step(params, kv [donated],
-      tokens of step N [device], ibuf, fbuf) = model + sampler in one executable
-      -> (kv, tokens[S], logprobs, top-N, logits)  --copy_to_host_async--> StepHandle
+      penalty state [donated], tokens of step N [device], ibuf, fbuf) = model + sampler in
+      one executable -> (kv, penalty state, tokens[S], logprobs, top-N)
+      --copy_to_host_async--> StepHandle
     StepHandle N .result() -> RunnerOutput N   (the host waits only here, one step late)
 
 The tokens of step N feed step N+1 on the device: a row over a placeholder takes its input
@@ -17,8 +18,14 @@ the rows to that bucket's row count; ``warmup()`` compiles every bucket ahead of
 with the persistent cache) and the runner calls the compiled executables directly, so serving
 never compiles. Buckets of at least ``flash_prefill_min_tokens`` also have a ``fresh_prefill``
 variant (flash attention over the chunk's own K/V), picked on the host for steps whose chunks
-all start at token 0. Rows that use penalties (rare) take the separate two-jit sampler over the
-step's logits (``sampler.Sampler``): the scheduler never gives such rows a placeholder.
+all start at token 0.
+
+Penalties: the per-slot token statistics live on the device (``penalty_state``): the general
+variants take them donated, penalize the rows that use penalties and count the tokens they
+sample, so penalty rows run over placeholders like any other. A request that uses penalties
+gets its slot's row written from its prompt (and outputs) once, when it takes the slot
+(``SlotInit``, a separate small executable). Steps with penalty rows take the general variant:
+the greedy one (no control flow) stays exactly what it was for the common greedy decode.
 Page moves (copy-on-write, swap, host tier: ``SchedulerOutput.transfers``) run just before
 the step (``KVPageMover``).
 """
@@ -45,9 +52,10 @@ from jserve.host_kv import host_slot_counts
 from jserve.kv_cache import KVCache
 from jserve.kv_transfer import KVPageMover
 from jserve.model.decoder import forward
+from jserve.penalty_state import SlotInit, penalized_logits, record_tokens, state_bytes
 from jserve.runner_state import RequestRows
-from jserve.sampler import SamplerOutput, _sample_core, make_sampler
-from jserve.sampling_batch import SamplerFlags, SamplingRow, pack_sampling, serving_flags
+from jserve.sampler import _sample_core
+from jserve.sampling_batch import SamplerFlags
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
 from jserve.step_buffers import StepLayout
 
@@ -59,7 +67,9 @@ log = logging.getLogger(__name__)
 #  greedy:  argmax only, no ``lax.cond``: an XLA GPU conditional reads its predicate on the host,
 #           which blocks the dispatching thread until the device reaches it, so the host could
 #           not run ahead of the device. Steps whose sampling rows are all greedy without
-#           logprobs (the common decode) take it.
+#           logprobs or penalties (the common decode) take it; it neither reads nor passes the
+#           penalty state (applying penalties unconditionally would add a [R, V] gather and
+#           several [R, V] passes to every greedy decode step for a rare feature).
 STEP_SAMPLER_FLAGS = {False: SamplerFlags(all_greedy=False, any_filters=True, history_width=0,
                                           max_logprobs=20),
                       True: SamplerFlags(all_greedy=True, max_logprobs=0)}
@@ -68,22 +78,30 @@ Progress = Callable[[str], None]
 
 
 def fused_step(cfg: Any, layout: StepLayout, num_out: int, fresh_prefill: bool, greedy: bool,
-               mesh: Mesh, params: Any, kv: KVCache, prev_tokens: jax.Array, ibuf: jax.Array,
-               fbuf: jax.Array) -> tuple:
-    """Model forward + sampler over one packed step. prev_tokens: int32[S] (the previous step's
-    sampled tokens by row) -> (kv, tokens int32[S], logprobs f32[R], top_ids int32[R, N],
-    top_logprobs f32[R, N], logits f32[R, V]); ``greedy`` (static): argmax only (top-N zeros)."""
-    batch, sbatch, prev_index = layout.unpack(ibuf, fbuf)
+               mesh: Mesh, params: Any, kv: KVCache, pen: jax.Array | None, prev_tokens: jax.Array,
+               ibuf: jax.Array, fbuf: jax.Array) -> tuple:
+    """Model forward + sampler over one packed step. pen: int32[S_req, V] penalty state (None
+    in the greedy variant); prev_tokens: int32[S] (the previous step's sampled tokens by row)
+    -> (kv, pen, tokens int32[S], logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
+    ``greedy`` (static): argmax only (top-N zeros), no penalties."""
+    batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf)
     fed = prev_tokens[jnp.maximum(prev_index, 0)]
     batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
     kv, logits = forward(cfg, params, kv, batch, fresh_prefill=fresh_prefill, mesh=mesh)
     logits = logits.astype(jnp.float32)
-    out = _sample_core(logits, None, sbatch, STEP_SAMPLER_FLAGS[greedy])
+    penalized = None
+    if pen is not None:
+        penalized = jax.lax.cond(jnp.any(pen_slot >= 0),
+                                 lambda: penalized_logits(logits, pen, pen_slot, sbatch),
+                                 lambda: logits)
+    out = _sample_core(logits, penalized, sbatch, STEP_SAMPLER_FLAGS[greedy])
+    if pen is not None:
+        pen = record_tokens(pen, pen_slot, out.token_ids)
     tokens = jnp.zeros((num_out,), jnp.int32).at[:layout.num_rows].set(out.token_ids)
     r = layout.num_rows
     top_ids = out.top_ids if out.top_ids is not None else jnp.zeros((r, TOP_N), jnp.int32)
     top_lp = out.top_logprobs if out.top_logprobs is not None else jnp.zeros((r, TOP_N), jnp.float32)
-    return kv, tokens, out.logprobs, top_ids, top_lp, logits
+    return kv, pen, tokens, out.logprobs, top_ids, top_lp
 
 
 @dataclass
@@ -93,22 +111,16 @@ class StepHandle:
     sched_out: SchedulerOutput
     tokens: jax.Array                       # int32[S]
     logprobs: tuple[jax.Array, ...] | None  # (chosen [R], top_ids [R, N], top_lp [R, N]) if asked
-    penalized: SamplerOutput | None         # the penalty sampler's output, if any row uses one
     top_n: tuple[int, ...]                  # per row: top-N asked (0: none / not sampling)
 
     def result(self) -> RunnerOutput:
         """Wait for this step's tokens (the host's only wait) -> RunnerOutput, row order."""
         chunks = self.sched_out.chunks
-        src = self.penalized
-        tokens = np.asarray(src.token_ids if src is not None else self.tokens)
+        tokens = np.asarray(self.tokens)
         sampled = [[int(tokens[r])] if c.samples else [] for r, c in enumerate(chunks)]
         if self.logprobs is None:
             return RunnerOutput(sampled)
-        if src is not None:
-            lp, ids, tlp = (np.asarray(src.logprobs), np.asarray(src.top_ids),
-                            np.asarray(src.top_logprobs))
-        else:
-            lp, ids, tlp = (np.asarray(a) for a in self.logprobs)
+        lp, ids, tlp = (np.asarray(a) for a in self.logprobs)
         rows = range(len(chunks))
         return RunnerOutput(sampled, logprobs=[[float(lp[r])] for r in rows],
                             top_ids=[[ids[r, :n].tolist()] for r, n in zip(rows, self.top_n, strict=True)],
@@ -117,7 +129,8 @@ class StepHandle:
 
 
 class Runner:
-    """Owns the params, the KV pool, the per-request rows and the compiled steps."""
+    """Owns the params, the KV pool, the per-request rows (host) and penalty state (device),
+    and the compiled steps."""
 
     def __init__(self, config: EngineConfig, params: Any, kv: KVCache, mesh: Mesh) -> None:
         self.config = config
@@ -133,7 +146,11 @@ class Runner:
         self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
         self._compiled: dict[tuple[int, bool, bool], Any] = {}
         self._layouts: dict[int, StepLayout] = {}
-        self._penalty_sampler = make_sampler()
+        self._slot_init = SlotInit(sched.max_num_seqs, config.model.vocab_size, sched.max_model_len,
+                                   self._replicated)
+        self.penalty_state = self._slot_init.zeros()  # int32[max_num_seqs, V], see penalty_state
+        log.info("penalty state: %d slots x %d tokens = %.1f MB per device", sched.max_num_seqs,
+                 config.model.vocab_size, state_bytes(sched.max_num_seqs, config.model.vocab_size) / 1e6)
         self._prev_tokens = jax.device_put(np.zeros(self._num_out, np.int32), self._replicated)
         self._prev_rows: dict[str, int] = {}
         self.mover = KVPageMover(kv, max(self._pages_per_seq, sched.max_num_seqs),
@@ -226,6 +243,13 @@ class Runner:
         f["top_k"][:n][samples] = rows.top_k[s]
         f["seed"][:n][samples] = rows.seed[s].view(np.int32)
         f["want_logprobs"][:n][samples] = rows.want_logprobs[s]
+        pen = rows.uses_penalties[s]
+        if pen.any():
+            r_pen, s_pen = np.flatnonzero(samples)[pen], s[pen]
+            f["pen_slot"][r_pen] = s_pen
+            f["repetition_penalty"][r_pen] = rows.repetition_penalty[s_pen]
+            f["presence_penalty"][r_pen] = rows.presence_penalty[s_pen]
+            f["frequency_penalty"][r_pen] = rows.frequency_penalty[s_pen]
         f["output_index"][:n] = np.fromiter((c.output_index for c in chunks), np.int32, n)
         for r, c in enumerate(chunks):
             if c.banned_ids:
@@ -242,48 +266,35 @@ class Runner:
             self.rows.drop(out.dropped)
             return None
         layout, ibuf, fbuf, slots = self.pack(out)
+        for c, s in zip(out.chunks, slots, strict=True):
+            if c.new is not None and c.new.history is not None:  # takes the slot: its own counts
+                h, n = c.new.history, c.new.num_prompt
+                self.penalty_state = self._slot_init(self.penalty_state, int(s), h[:n], h[n:])
         fresh = (self.config.scheduler.flash_prefill(layout.num_tokens)
                  and all(c.start == 0 for c in out.chunks))
         params = [self.rows.params[s] for s in slots]
         greedy = (not fresh and self._greedy_variant(layout.num_tokens)
-                  and all(p.greedy and p.logprobs is None
+                  and all(p.greedy and p.logprobs is None and not p.uses_penalties
                           for c, p in zip(out.chunks, params, strict=True) if c.samples))
         step = self._compiled.get((layout.num_tokens, fresh, greedy))
         if step is None:
             raise RuntimeError(f"step variant {(layout.num_tokens, fresh, greedy)} was not compiled "
                                "at warm-up")
         ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
-        self.kv, tokens, lp, top_ids, top_lp, logits = step(self.params, self.kv, self._prev_tokens,
-                                                            ibuf, fbuf)
+        pen = None if greedy else self.penalty_state
+        self.kv, pen, tokens, lp, top_ids, top_lp = step(self.params, self.kv, pen,
+                                                         self._prev_tokens, ibuf, fbuf)
+        if pen is not None:
+            self.penalty_state = pen
         self._prev_tokens = tokens
         self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
         top_n = tuple((p.logprobs or 0) if c.samples else 0 for c, p in zip(out.chunks, params, strict=True))
         want = any(c.samples and p.logprobs is not None for c, p in zip(out.chunks, params, strict=True))
-        penalized = None
-        if any(c.history is not None for c in out.chunks):
-            penalized = self._sample_penalized(out, slots, layout.num_rows, logits)
         logprobs = (lp, top_ids, top_lp) if want else None
         tokens.copy_to_host_async()
-        for a in (logprobs or ()) if penalized is None else ():
+        for a in logprobs or ():
             a.copy_to_host_async()
-        return StepHandle(out, tokens, logprobs, penalized, top_n)
-
-    def _sample_penalized(self, out: SchedulerOutput, slots: np.ndarray, r_bucket: int,
-                          logits: jax.Array) -> SamplerOutput:
-        """The separate sampler (penalties need the history) over the step's logits."""
-        rows: list[SamplingRow | None] = []
-        for c, slot in zip(out.chunks, slots, strict=True):
-            if not c.samples:
-                rows.append(None)
-                continue
-            hist = c.history or ()
-            rows.append(SamplingRow(params=self.rows.params[slot], seed=self.rows.seeds[slot],
-                                    output_index=c.output_index, prompt_token_ids=hist[:c.num_prompt],
-                                    output_token_ids=hist[c.num_prompt:], banned_ids=c.banned_ids))
-        vocab, max_len = self.config.model.vocab_size, self.config.scheduler.max_model_len
-        flags = serving_flags(SamplerFlags(history_width=16), max_len)
-        sbatch, flags = pack_sampling(rows, r_bucket, vocab, flags=flags)
-        return self._penalty_sampler(logits, jax.device_put(sbatch, self._replicated), flags)
+        return StepHandle(out, tokens, logprobs, top_n)
 
     # ---------------------------------------------------------------- start-up
     def lower_step(self, variant: tuple[int, bool, bool]) -> Any:
@@ -293,11 +304,12 @@ class Runner:
                                self.mesh)
         rep = self._replicated
         ibuf, fbuf, _ = layout.new_buffers()
-        args = (self.params, self.kv, self._prev_tokens, jax.device_put(ibuf, rep),
+        pen = None if greedy else self.penalty_state
+        args = (self.params, self.kv, pen, self._prev_tokens, jax.device_put(ibuf, rep),
                 jax.device_put(fbuf, rep))
         kv_sh = [(k.sharding, v.sharding) for k, v in self.kv]
-        return jax.jit(fn, donate_argnums=(1,),
-                       out_shardings=(kv_sh, rep, rep, rep, rep, rep)).lower(*args)
+        return jax.jit(fn, donate_argnums=(1, 2),
+                       out_shardings=(kv_sh, None if greedy else rep, rep, rep, rep, rep)).lower(*args)
 
     def compile_threads(self) -> int:
         """Threads that compile step variants at once. One on GPU: XLA's GPU autotuner times
@@ -312,7 +324,8 @@ class Runner:
     def warmup(self, progress: Progress | None = None, threads: int | None = None) -> float:
         """Compile every step variant ahead of time (lowered in turn, compiled on ``threads``
         threads, through the persistent compilation cache), then run each once, and compile
-        the penalty sampler and the page mover. ``progress`` gets one line per finished step."""
+        the penalty slot init (one per id bucket) and the page mover. ``progress`` gets one
+        line per finished step."""
         t0 = time.perf_counter()
         variants = self.variants()
         say = progress or log.info
@@ -333,18 +346,19 @@ class Runner:
                 kind = "flash prefill" if fresh else "greedy" if greedy else "general sampler"
                 say(f"compiled step {k}/{total} (tokens {t}, rows "
                     f"{self.config.scheduler.seq_bucket(t)}, {kind}) at {time.perf_counter() - t0:.1f} s")
-        vocab, max_len = self.config.model.vocab_size, self.config.scheduler.max_model_len
-        flags = serving_flags(SamplerFlags(history_width=16), max_len)
         for variant in variants:
             layout = self.layout(variant[0])
             ibuf, fbuf, _ = layout.new_buffers()
             ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
-            self.kv, tokens, _, _, _, logits = self._compiled[variant](
-                self.params, self.kv, self._prev_tokens, ibuf, fbuf)
-            if not variant[1] and not variant[2]:
-                sbatch = jax.device_put(pack_sampling([], layout.num_rows, vocab, flags=flags)[0],
-                                        self._replicated)
-                jax.block_until_ready(self._penalty_sampler(logits, sbatch, flags))
+            pen = None if variant[2] else self.penalty_state
+            self.kv, pen, _, _, _, _ = self._compiled[variant](self.params, self.kv, pen,
+                                                               self._prev_tokens, ibuf, fbuf)
+            if pen is not None:
+                self.penalty_state = pen
+        self._slot_init.compile(self.penalty_state)
+        for b in self._slot_init.buckets:  # run each once; the state is all zeros again after
+            self.penalty_state = self._slot_init(self.penalty_state, 0, [0] * b)
+        self.penalty_state = self._slot_init(self.penalty_state, 0, [])
         self.kv = self.mover.warmup(self.kv)
         jax.block_until_ready(self.kv)
         elapsed = time.perf_counter() - t0

@@ -6,8 +6,11 @@ Where it sits: inside ``Runner.dispatch``. The scheduler sends diffs as plain va
 slot per request and packs a step's rows with vectorised gathers, so the per-step cost is the
 diff, not the whole state::
 
-    slot s:  page_table[s, :P]   temperature top_p min_p top_k seed want_logprobs  params
+    slot s:  page_table[s, :P]   temperature top_p min_p top_k seed want_logprobs
+             repetition/presence/frequency penalty, uses_penalties  params
     step:    rows r -> slots[r]  -> page_table[slots], temperature[slots], ...
+
+The penalty statistics of a slot live on the device (``penalty_state``), not here.
 
 The runner never sees a live ``Request``: a chunk for an id it does not hold without ``new``
 data is a contract violation and raises.
@@ -34,6 +37,10 @@ class RequestRows:
         self.top_k = np.zeros(max_requests, np.int32)
         self.seed = np.zeros((max_requests, 2), np.uint32)
         self.want_logprobs = np.zeros(max_requests, bool)
+        self.repetition_penalty = np.ones(max_requests, np.float32)
+        self.presence_penalty = np.zeros(max_requests, np.float32)
+        self.frequency_penalty = np.zeros(max_requests, np.float32)
+        self.uses_penalties = np.zeros(max_requests, bool)
         self.params: list[SamplingParams | None] = [None] * max_requests
         self.seeds: list[int] = [0] * max_requests
         self._slot: dict[str, int] = {}
@@ -44,6 +51,9 @@ class RequestRows:
 
     def __contains__(self, req_id: str) -> bool:
         return req_id in self._slot
+
+    def slot_of(self, req_id: str) -> int | None:
+        return self._slot.get(req_id)
 
     def drop(self, req_ids: list[str]) -> None:
         for rid in req_ids:
@@ -82,3 +92,7 @@ class RequestRows:
         v = int(seed) % (1 << 64)
         self.seed[s] = (v >> 32, v & 0xFFFFFFFF)
         self.want_logprobs[s] = p.logprobs is not None
+        self.uses_penalties[s] = p.uses_penalties
+        self.repetition_penalty[s] = p.repetition_penalty
+        self.presence_penalty[s] = p.presence_penalty
+        self.frequency_penalty[s] = p.frequency_penalty

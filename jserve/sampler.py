@@ -1,8 +1,10 @@
-"""Sampler: logits -> one token per row (device, jitted separately from the model step).
+"""Sampler: logits -> one token per row, traced inside the step executable.
 
-Where it sits: ``step_fn`` returns ``logits: float32[R, V]``; the runner calls the function from
-``make_sampler()`` with the step's ``SamplingBatch`` and static ``SamplerFlags``
-(``jserve.sampling_batch``), and copies the ``SamplerOutput`` back to the host.
+Where it sits: ``runner.fused_step`` runs ``_sample_core`` on the model's ``logits: float32[R, V]``
+with the step's ``SamplingBatch`` and static ``SamplerFlags`` (``jserve.sampling_batch``); the
+penalties there come from the per-slot device state (``jserve.penalty_state``), which calls
+``penalize_counts``. ``sample`` (penalties from ``SamplingBatch.history_ids``) is the pure
+reference of the whole pipeline that tests compare the engine with.
 
 Per row, in vLLM's order::
 
@@ -33,7 +35,6 @@ penalties, bans, temperature and filters; ``logprobs`` is the chosen token's ent
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -72,20 +73,29 @@ def _scatter_rows(shape: tuple[int, int], ids: jax.Array, values: jax.Array) -> 
     return jnp.zeros(shape, jnp.float32).at[rows, cols].add(values, mode="drop")
 
 
-def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
-    """vLLM's penalties. logits: f32[R, V]; uses batch.history_ids [R, H] / num_prompt [R].
+def penalize_counts(logits: jax.Array, seen: jax.Array, out_counts: jax.Array,
+                    batch: SamplingBatch) -> jax.Array:
+    """vLLM's penalties from per-row token statistics. logits: f32[R, V]; seen: bool[R, V]
+    (token in the prompt or the output); out_counts: f32[R, V] (times emitted in the output).
 
-    repetition (tokens in prompt or output): l > 0 -> l / rp, else l * rp;
+    repetition (seen tokens): l > 0 -> l / rp, else l * rp;
     then l -= frequency * output_count + presence * (output_count > 0).
+    A row with neutral parameters (rp 1, presence and frequency 0) is returned unchanged.
     """
-    ids = batch.history_ids
-    is_output = jnp.arange(ids.shape[1])[None, :] >= batch.num_prompt[:, None]
-    seen = _scatter_rows(logits.shape, ids, jnp.ones(ids.shape, jnp.float32)) > 0
-    out_counts = _scatter_rows(logits.shape, ids, is_output.astype(jnp.float32))
     rp = jnp.where(seen, batch.repetition_penalty[:, None], 1.0)
     logits = jnp.where(logits > 0, logits / rp, logits * rp)
     logits = logits - batch.frequency_penalty[:, None] * out_counts
     return logits - batch.presence_penalty[:, None] * (out_counts > 0).astype(jnp.float32)
+
+
+def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """``penalize_counts`` with the statistics taken from batch.history_ids [R, H] (prompt
+    then output ids, -1 padding) and batch.num_prompt [R]. logits: f32[R, V]."""
+    ids = batch.history_ids
+    is_output = jnp.arange(ids.shape[1])[None, :] >= batch.num_prompt[:, None]
+    seen = _scatter_rows(logits.shape, ids, jnp.ones(ids.shape, jnp.float32)) > 0
+    out_counts = _scatter_rows(logits.shape, ids, is_output.astype(jnp.float32))
+    return penalize_counts(logits, seen, out_counts, batch)
 
 
 def apply_bans(logits: jax.Array, banned_ids: jax.Array) -> jax.Array:
@@ -262,46 +272,10 @@ def _sample_core(logits: jax.Array, penalized: jax.Array | None, batch: Sampling
 
 
 def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> SamplerOutput:
-    """One token per row, as a single traceable function (``Sampler`` runs it in two jits).
+    """One token per row, as a single traceable function: the reference of the step's sampler.
 
-    logits: [R, V] any float dtype; batch: R rows; flags: static.
+    logits: [R, V] any float dtype; batch: R rows (penalties from its history); flags: static.
     """
     logits = logits.astype(jnp.float32)
     penalized = apply_penalties(logits, batch) if flags.any_penalties else None
     return _sample_core(logits, penalized, batch, flags)
-
-
-class Sampler:
-    """``sample`` as two jits, so the history width H does not multiply the sampler variants.
-
-    ``penalize`` (compiled per (R, V, H)) runs only when ``flags.any_penalties``; ``core``
-    (compiled per (R, V, flags with history_width dropped)) never sees the history arrays.
-    Per row bucket that is #history buckets + 12 compiles instead of their product.
-    ``traces`` counts how often each was traced (a compile-after-warm-up check).
-    """
-
-    def __init__(self) -> None:
-        self.traces = {"penalize": 0, "core": 0}
-
-        def penalize(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
-            self.traces["penalize"] += 1
-            return apply_penalties(logits.astype(jnp.float32), batch)
-
-        def core(logits: jax.Array, penalized: jax.Array | None, batch: SamplingBatch,
-                 flags: SamplerFlags) -> SamplerOutput:
-            self.traces["core"] += 1
-            return _sample_core(logits.astype(jnp.float32), penalized, batch, flags)
-
-        self._penalize = jax.jit(penalize)
-        self._core = jax.jit(core, static_argnames=("flags",))
-
-    def __call__(self, logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> SamplerOutput:
-        """logits: [R, V]; batch: R rows (numpy or device arrays); flags: as from pack_sampling."""
-        penalized = self._penalize(logits, batch) if flags.any_penalties else None
-        slim = dataclasses.replace(batch, history_ids=None, num_prompt=None)
-        return self._core(logits, penalized, slim, dataclasses.replace(flags, history_width=0))
-
-
-def make_sampler() -> Sampler:
-    """The runner's sampler: ``make_sampler()(logits, batch, flags) -> SamplerOutput``."""
-    return Sampler()

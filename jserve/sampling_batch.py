@@ -1,12 +1,12 @@
-"""SamplingBatch: per-row sampling parameters packed into padded arrays (host side).
+"""SamplingBatch: per-row sampling parameters as padded arrays; the reference packer.
 
-Where it sits: the runner samples most steps inside the step executable from the packed step
-buffers (``step_buffers.StepLayout.unpack`` builds a ``SamplingBatch`` there, no penalties).
-Steps with rows that use penalties also run the separate sampler over the step's logits: the
-runner builds one ``SamplingRow`` per row (``None`` for rows whose sampled token is discarded,
-e.g. a mid-prompt prefill chunk) and calls ``pack_sampling``; the resulting ``SamplingBatch``
-(numpy leaves, with the penalty history) goes to the device, and ``SamplerFlags`` is the
-static argument of the jitted sampler (``jserve.sampler``)::
+Where it sits: the step executable samples from the packed step buffers
+(``step_buffers.StepLayout.unpack`` builds its ``SamplingBatch`` there; penalties come from
+the per-slot device state, ``jserve.penalty_state``, so its ``history_ids`` is None).
+``pack_sampling`` packs host rows, one ``SamplingRow`` per row (``None`` for rows whose sampled
+token is discarded), with the whole penalty history, for the pure reference sampler
+(``sampler.sample``) that tests compare the engine with; ``SamplerFlags`` is its static
+argument (and the step's: ``runner.STEP_SAMPLER_FLAGS``)::
 
     rows: [SamplingRow | None] * n --pack_sampling--> SamplingBatch (R rows) + SamplerFlags
     row r >= n and None rows are padding: greedy, no penalties, no bans, no logprobs
@@ -15,10 +15,10 @@ Reproducibility: row r's random draw is a pure function of ``(seed, output_index
 ``sampler.random_bits``); nothing about the batch (row position, size, other rows' params or
 flags) enters it. Seeds are taken mod 2**64 and split into two uint32 words.
 
-Static shapes: R (``num_rows_padded``) and V come from the runner; the banned-id width is
+Static shapes: R (``num_rows_padded``) and V come from the caller; the banned-id width is
 ``MAX_BANNED_IDS``; the penalty history width H is a power-of-two bucket (>= 16) recorded in
 ``SamplerFlags.history_width`` (0 when no row uses penalties), so the flags plus (R, V) fix
-every shape; ``serving_flags`` is the one variant the engine compiles per row bucket.
+every shape.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class SamplingBatch:
     history_ids: jax.Array | None  # int32[R, H]  prompt then output token ids; -1 = padding
     num_prompt: jax.Array | None   # int32[R]     history_ids[:, :num_prompt] is the prompt
     want_logprobs: jax.Array       # bool[R]      row asked for logprobs (top-N computed if any)
-    # (history_ids / num_prompt are None only inside ``Sampler``'s core jit.)
+    # (history_ids / num_prompt are None in the step: penalties come from the device state.)
 
     @property
     def num_rows(self) -> int:
@@ -241,16 +241,3 @@ def pack_sampling(rows: Sequence[SamplingRow | None], num_rows_padded: int, voca
                           history_ids=history, num_prompt=num_prompt,
                           want_logprobs=want_logprobs)
     return batch, flags
-
-
-def serving_flags(need: SamplerFlags, max_model_len: int) -> SamplerFlags:
-    """The one variant the engine compiles per row bucket (two with penalties) covering ``need``.
-
-    Greedy-only batches, unfiltered rows and batches without logprobs skip that work at run
-    time (``lax.cond`` on the batch's values inside the sampler), so a superset variant costs
-    little and the warm-up compiles 2 sampler programs per row bucket instead of dozens.
-    The penalty history is always the widest bucket, ``history_bucket(max_model_len)``.
-    """
-    return SamplerFlags(all_greedy=False, any_filters=True,
-                        history_width=history_bucket(max_model_len) if need.any_penalties else 0,
-                        max_logprobs=LOGPROBS_BUCKETS[-1])

@@ -185,17 +185,14 @@ class Scheduler:
         return out
 
     def _schedulable(self, req: Request) -> bool:
-        """False while the row would be wasted or wrong: the in-flight token ends the request
-        for sure (max_tokens / max_model_len), or the request needs its whole history on the
-        host (penalties) and a token is still in flight."""
+        """False while the row would be wasted: the in-flight token ends the request for sure
+        (max_tokens / max_model_len)."""
         if not req.num_placeholders:
             return True
         sp = req.sampling_params
         n_out = req.num_output_tokens + req.num_placeholders
-        if (sp.max_tokens is not None and n_out >= sp.max_tokens) \
-                or req.num_tokens + req.num_placeholders >= self.max_model_len:
-            return False
-        return not sp.uses_penalties
+        return not ((sp.max_tokens is not None and n_out >= sp.max_tokens)
+                    or req.num_tokens + req.num_placeholders >= self.max_model_len)
 
     def _chunk(self, req: Request, k: int) -> ScheduledChunk:
         """The row value for ``k`` tokens of ``req`` from ``num_computed_tokens``, with the page
@@ -207,7 +204,7 @@ class Scheduler:
         new = None
         sent = self._sent_pages.get(rid)
         if sent is None:
-            new = NewRequestData(rid, req.sampling_params, req.seed)
+            new = self._new_data(req)
             sent = self._sent_pages[rid] = []
         cur = req.page_ids
         first = min(len(sent), start // ps)  # pages before the chunk never change while held
@@ -222,18 +219,29 @@ class Scheduler:
         banned: tuple[int, ...] = ()
         if samples and out_index < sp.min_tokens:
             banned = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(req.eos_token_ids))
-        history = None
-        if samples and sp.uses_penalties:
-            history = tuple(req.prompt_token_ids) + tuple(req.output_token_ids)
         chunk = ScheduledChunk(
             req_id=rid, start=start, num_tokens=k, token_ids=tuple(_tokens(req, start, known)),
             num_placeholders=end - known, page_start=first, page_ids=page_ids, samples=samples,
-            output_index=out_index, banned_ids=banned, history=history,
-            num_prompt=req.num_prompt_tokens, new=new)
+            output_index=out_index, banned_ids=banned, num_prompt=req.num_prompt_tokens, new=new)
         req.num_computed_tokens = end
         if samples:
             req.num_placeholders += 1
         return chunk
+
+    @staticmethod
+    def _new_data(req: Request) -> NewRequestData:
+        """The runner's per-request data when ``req`` takes a runner slot (admission, or again
+        after a preemption); the penalty history is complete: admission waits for tokens in
+        flight."""
+        sp = req.sampling_params
+        if not sp.uses_penalties:
+            return NewRequestData(req.request_id, sp, req.seed)
+        if req.num_placeholders:
+            raise AssertionError(f"request {req.request_id!r} takes a runner slot with a token "
+                                 "in flight")
+        return NewRequestData(req.request_id, sp, req.seed,
+                              history=tuple(req.prompt_token_ids) + tuple(req.output_token_ids),
+                              num_prompt=req.num_prompt_tokens)
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         """Preempt ``req`` (already removed from ``running``): swap or recompute."""

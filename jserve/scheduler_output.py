@@ -42,11 +42,19 @@ class KVTransfers:
 @dataclass(frozen=True)
 class NewRequestData:
     """What the runner keeps per request from its first row on (and again after a preemption,
-    which drops the runner's state): plain values, never the live ``Request``."""
+    which drops the runner's state): plain values, never the live ``Request``.
+
+    ``history``: only for requests that use penalties: the prompt then the outputs generated
+    so far (none in flight: a request takes a slot only with all its tokens on the host),
+    ``history[:num_prompt]`` the prompt. The runner fills the slot's penalty state from it once;
+    later tokens are counted on the device by the steps that sample them.
+    """
 
     req_id: str
     params: SamplingParams
     seed: int
+    history: tuple[int, ...] | None = None
+    num_prompt: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,8 @@ class ScheduledChunk:
 
     ``samples``: the row's sampled token is kept (the chunk reaches the end of the request's
     tokens). ``output_index``: which output token it samples (the seed's counter).
-    ``banned_ids``: ids forbidden this step (``min_tokens``). ``history``: prompt + output ids,
-    only for rows that use penalties (those never run with a placeholder).
+    ``banned_ids``: ids forbidden this step (``min_tokens``). ``num_prompt``: the request's
+    prompt length (``output_index`` = end of the row - ``num_prompt`` for a sampling row).
     """
 
     req_id: str
@@ -78,7 +86,6 @@ class ScheduledChunk:
     samples: bool = False
     output_index: int = 0
     banned_ids: tuple[int, ...] = ()
-    history: tuple[int, ...] | None = None
     num_prompt: int = 0
     new: NewRequestData | None = None
 

@@ -10,10 +10,14 @@ Fields for a bucket of T tokens, R rows, P pages per sequence, K banned ids::
     int32   token_ids[T] positions[T] slot_mapping[T] prev_index[T] page_table[R, P]
             seq_lens[R] query_start_loc[R + 1] num_seqs[1] logits_indices[R]
             top_k[R] seed[R, 2] (uint32 bits) output_index[R] banned_ids[R, K] want_logprobs[R]
+            pen_slot[R]
     float32 temperature[R] top_p[R] min_p[R]
+            repetition_penalty[R] presence_penalty[R] frequency_penalty[R]
 
 ``prev_index[t] >= 0``: token t is the one the previous step sampled in that row (a
-placeholder, fed on the device); -1: ``token_ids[t]`` from the host.
+placeholder, fed on the device); -1: ``token_ids[t]`` from the host. ``pen_slot[r] >= 0``:
+row r samples with penalties, from (and then into) that slot of the penalty state
+(``jserve.penalty_state``); -1: no penalties (the three penalty fields are neutral).
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ _INT_FIELDS = (
     ("prev_index", ("T",), -1), ("page_table", ("R", "P"), 0), ("seq_lens", ("R",), 0),
     ("query_start_loc", ("R+1",), 0), ("num_seqs", (1,), 0), ("logits_indices", ("R",), 0),
     ("top_k", ("R",), 0), ("seed", ("R", 2), 0), ("output_index", ("R",), 0),
-    ("banned_ids", ("R", "K"), -1), ("want_logprobs", ("R",), 0),
+    ("banned_ids", ("R", "K"), -1), ("want_logprobs", ("R",), 0), ("pen_slot", ("R",), -1),
 )
-_FLOAT_FIELDS = (("temperature", ("R",), 0.0), ("top_p", ("R",), 1.0), ("min_p", ("R",), 0.0))
+_FLOAT_FIELDS = (("temperature", ("R",), 0.0), ("top_p", ("R",), 1.0), ("min_p", ("R",), 0.0),
+                 ("repetition_penalty", ("R",), 1.0), ("presence_penalty", ("R",), 0.0),
+                 ("frequency_penalty", ("R",), 0.0))
 
 
 @dataclass(frozen=True)
@@ -99,10 +105,11 @@ class StepLayout:
         views = {name: bufs[which][a:b].reshape(shp) for name, which, a, b, shp in spans}
         return bufs[0], bufs[1], views
 
-    def unpack(self, ibuf: jax.Array, fbuf: jax.Array) -> tuple[StepInput, SamplingBatch, jax.Array]:
-        """Inside jit: (int32[n], float32[m]) -> (StepInput, SamplingBatch, prev_index int32[T]).
-
-        The sampling batch carries no penalties (those rows run the separate penalty sampler)."""
+    def unpack(self, ibuf: jax.Array, fbuf: jax.Array
+               ) -> tuple[StepInput, SamplingBatch, jax.Array, jax.Array]:
+        """Inside jit: (int32[n], float32[m]) -> (StepInput, SamplingBatch, prev_index int32[T],
+        pen_slot int32[R]). The sampling batch has no history: penalty statistics come from
+        the device state."""
         f = {}
         for buf, table in ((ibuf, self.ints), (fbuf, self.floats)):
             for name, (off, shp, _) in table.items():
@@ -111,12 +118,11 @@ class StepLayout:
                           slot_mapping=f["slot_mapping"], page_table=f["page_table"],
                           seq_lens=f["seq_lens"], query_start_loc=f["query_start_loc"],
                           num_seqs=f["num_seqs"], logits_indices=f["logits_indices"])
-        r = self.num_rows
-        ones, zeros = jnp.ones(r, jnp.float32), jnp.zeros(r, jnp.float32)
         sbatch = SamplingBatch(
             temperature=f["temperature"], top_k=f["top_k"], top_p=f["top_p"], min_p=f["min_p"],
-            repetition_penalty=ones, presence_penalty=zeros, frequency_penalty=zeros,
+            repetition_penalty=f["repetition_penalty"], presence_penalty=f["presence_penalty"],
+            frequency_penalty=f["frequency_penalty"],
             seed=jax.lax.bitcast_convert_type(f["seed"], jnp.uint32),
             output_index=f["output_index"], banned_ids=f["banned_ids"], history_ids=None,
             num_prompt=None, want_logprobs=f["want_logprobs"] > 0)
-        return batch, sbatch, f["prev_index"]
+        return batch, sbatch, f["prev_index"], f["pen_slot"]

@@ -102,6 +102,8 @@ class FakeKVRunner:
                 assert c.req_id not in self.rows, f"{c.req_id}: new data for an id the runner holds"
                 assert c.new.req_id == c.req_id
                 self.rows[c.req_id], self.seeds[c.req_id] = [], c.new.seed
+                for p, tok in enumerate(c.new.history or ()):  # penalty history: known tokens
+                    self._record(c.req_id, p, tok)
             assert c.req_id in self.rows, f"{c.req_id}: a row for an id the runner does not hold"
             row = self.rows[c.req_id]
             assert c.page_start <= len(row), f"{c.req_id}: page diff from {c.page_start} > {len(row)}"
@@ -112,7 +114,6 @@ class FakeKVRunner:
             ids = list(c.token_ids)
             if c.num_placeholders:
                 assert c.req_id in self.prev, f"{c.req_id}: placeholder with no token in flight"
-                assert c.history is None, f"{c.req_id}: a penalty row over a placeholder"
                 ids.append(self.prev[c.req_id])
                 self.num_placeholder_rows += 1
             pos = np.arange(c.start, c.start + c.num_tokens)
@@ -132,10 +133,6 @@ class FakeKVRunner:
             end = c.start + c.num_tokens
             assert c.output_index == end - c.num_prompt, \
                 f"{c.req_id}: output_index {c.output_index}, the row samples output {end - c.num_prompt}"
-            if c.history is not None:
-                assert len(c.history) == end
-                for p, tok in enumerate(c.history):
-                    self._record(c.req_id, p, tok)
             pos = np.arange(end)
             ctx = self.kv[np.asarray(self.rows[c.req_id])[pos // self.ps], pos % self.ps]
             tok = fake_model(ctx, self.seeds[c.req_id], c.banned_ids)

@@ -236,32 +236,38 @@ def test_min_tokens_ban_applies_to_the_right_token(overlap):
 # -------------------------------------------------------------------------- penalties
 
 
-def test_penalty_rows_wait_for_the_in_flight_token():
+def test_penalty_rows_run_over_the_in_flight_token():
+    """Penalty statistics live on the device: a penalty request sends its history once, when it
+    takes a runner slot, and then runs over placeholders like any other request."""
     sched = make_sched()
     p, o = req("p", repetition_penalty=1.2), req("o", first=30)
     sched.add_request(p)
     sched.add_request(o)
     o1 = sched.schedule()
-    assert row(o1, "p").history == tuple(p.prompt_token_ids)
+    new = row(o1, "p").new
+    assert new.history == tuple(p.prompt_token_ids) and new.num_prompt == 4
+    assert row(o1, "o").new.history is None  # no penalties: nothing sent
     o2 = sched.schedule()
-    assert [c.req_id for c in o2.chunks] == ["o"]  # p needs its whole history on the host
+    c = row(o2, "p")
+    assert c.num_placeholders == 1 and c.new is None and c.output_index == 1
     sched.update(o1, res(o1, {"p": 5, "o": 6}))
     o3 = sched.schedule()
-    c = row(o3, "p")
-    assert c.num_placeholders == 0 and c.token_ids == (5,) and c.history == (*p.prompt_token_ids, 5)
-    assert row(o3, "o").num_placeholders == 1
+    assert row(o3, "p").num_placeholders == 1 and row(o3, "p").token_ids == ()
 
 
 # ------------------------------------------------------------------------- preemption
 
 
+@pytest.mark.parametrize("penalties", [False, True], ids=["plain", "penalties"])
 @pytest.mark.parametrize("swap_slots, mode", [(8, "swap"), (0, "recompute")])
 @MODES
-def test_preempted_with_its_token_in_flight_gets_the_token_and_resumes(swap_slots, mode, overlap):
+def test_preempted_with_its_token_in_flight_gets_the_token_and_resumes(swap_slots, mode, overlap,
+                                                                       penalties):
     # 6 usable pages of 4 tokens; each request grows to 8 + 12 = 20 tokens = 5 pages.
     sched = make_sched(num_pages=7, swap_slots=swap_slots, mode=mode)
-    a = Request("a", list(range(10, 18)), SamplingParams(max_tokens=12, ignore_eos=True), seed=1)
-    b = Request("b", list(range(20, 28)), SamplingParams(max_tokens=12, ignore_eos=True), seed=2)
+    pen = dict(presence_penalty=0.5) if penalties else {}
+    a = Request("a", list(range(10, 18)), SamplingParams(max_tokens=12, ignore_eos=True, **pen), seed=1)
+    b = Request("b", list(range(20, 28)), SamplingParams(max_tokens=12, ignore_eos=True, **pen), seed=2)
     sched.add_request(a)
     sched.add_request(b)
     seen = {}
@@ -274,6 +280,9 @@ def test_preempted_with_its_token_in_flight_gets_the_token_and_resumes(swap_slot
             c = row(out, "b")
             seen["resume"] = (c.start, c.num_placeholders, c.new is not None, b.num_output_tokens,
                               c.token_ids)
+            # the penalty history it takes a new runner slot with: prompt + every output so far
+            want = (*b.prompt_token_ids, *b.output_token_ids) if penalties else None
+            assert c.new.history == want and c.new.num_prompt == (8 if penalties else 0)
 
     drive(sched, FakeKVRunner(sched.pool, sched.kv.host_slot_counts()), overlap, on_schedule=on_schedule)
     placeholders, n_out, n_tok, computed = seen["pre"]
