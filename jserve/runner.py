@@ -14,8 +14,8 @@ The tokens of step N feed step N+1 on the device: a row over a placeholder takes
 token from step N's output (``prev_index``), so no host round trip sits on the critical path.
 
 Shapes are bucketed (DESIGN invariant 4): the token count pads to a power-of-two bucket and
-the rows to that bucket's row count; ``warmup()`` compiles every bucket ahead of time (threads,
-with the persistent cache) and the runner calls the compiled executables directly, so serving
+the rows to that bucket's row count; ``warmup()`` compiles every variant ahead of time (one at a
+time on GPU, threads elsewhere, through the persistent cache) and the runner calls the compiled executables directly, so serving
 never compiles. Buckets of at least ``flash_prefill_min_tokens`` also have a ``fresh_prefill``
 variant (flash attention over the chunk's own K/V), picked on the host for steps whose chunks
 all start at token 0.
