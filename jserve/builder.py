@@ -30,6 +30,7 @@ from jserve.kv_cache import (
 from jserve.model.params import load_params, params_bytes, random_params
 from jserve.model.shapes import NAMED_SHAPES, named_shape
 from jserve.options import EngineArgs
+from jserve.penalty_state import state_bytes
 from jserve.runner import Runner
 from jserve.tokenizer import Tokenizer
 from sharding import make_mesh
@@ -98,6 +99,12 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
         parallel=ParallelConfig(args.tensor_parallel_size), seed=args.seed)
 
 
+def runner_state_bytes(config: EngineConfig) -> int:
+    """Device bytes the runner allocates beside the weights and the pool (per device): the
+    per-slot penalty statistics. Start-up and ``jserve plan`` both take them off the budget."""
+    return state_bytes(config.scheduler.max_num_seqs, config.model.vocab_size)
+
+
 def plan_pool(config: EngineConfig, weight_bytes: int, device: jax.Device) -> PoolPlan:
     """Pages from ``num_pages`` or from the device memory left after the weights."""
     budget = None
@@ -137,7 +144,7 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
         params = random_params(model_cfg, mesh, seed=args.seed)
         tokenizer = None
     weight_bytes = params_bytes(params) // config.parallel.tensor_parallel_size
-    plan = plan_pool(config, weight_bytes, mesh.devices.flat[0])
+    plan = plan_pool(config, weight_bytes + runner_state_bytes(config), mesh.devices.flat[0])
     log.info("model %s (%s, %.2f GB of weights), %s",
              model_dir.path if model_dir is not None else args.model, model_cfg.dtype,
              params_bytes(params) / 1e9, plan.describe())

@@ -20,7 +20,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from jserve.builder import EngineArgs, make_engine_config, pool_plan_for_budget, resolve_model
+from jserve.builder import (
+    EngineArgs,
+    make_engine_config,
+    pool_plan_for_budget,
+    resolve_model,
+    runner_state_bytes,
+)
 from jserve.config import DTYPE_BYTES, EngineConfig, ModelConfig
 from jserve.gpus import JAX_GPU_MEM_FRACTION, Accelerator, lookup_accelerator
 from jserve.kv_cache import PoolPlan, kv_bytes_per_token, memory_budget, pages_for_budget
@@ -73,8 +79,9 @@ class CapacityPlan:
             f"{_b(self.weight_bytes_total)}; / tp {tp} = {_b(self.weight_bytes_per_device)} per device",
             f"memory     {_memory_line(acc)}",
             f"budget     int({acc.bytes_limit:,} x {c.cache.kv_cache_memory_fraction} "
-            f"kv_cache_memory_fraction) - {self.weight_bytes_per_device:,} weights = "
-            f"{_b(self.budget_bytes)} per device",
+            f"kv_cache_memory_fraction) - {self.weight_bytes_per_device:,} weights - "
+            f"{runner_state_bytes(c):,} runner state (penalty statistics: {c.scheduler.max_num_seqs} "
+            f"seqs x {m.vocab_size:,} x 4 B) = {_b(self.budget_bytes)} per device",
             f"KV/token   2 (K, V) x {m.num_layers} layers x {kv_heads} kv heads"
             f"{' per device' if kv_heads != m.num_kv_heads else ''}"
             f"{' (replicated: kv heads do not divide tp)' if tp > 1 and kv_heads == m.num_kv_heads else ''}"
@@ -126,7 +133,8 @@ def _plan(label: str, config: EngineConfig, acc: Accelerator, args: EngineArgs) 
     tp = config.parallel.tensor_parallel_size
     total = weight_bytes(config.model)
     per_device = total // tp
-    budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction, per_device)
+    budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction,
+                           per_device + runner_state_bytes(config))
     try:
         pool: PoolPlan | None = pool_plan_for_budget(config, budget)
     except ValueError:   # PoolPlan: fewer than 2 pages
@@ -148,7 +156,8 @@ def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs) ->
         except ValueError:   # heads or MLP not divisible by tp
             continue
         per_device = weight_bytes(config.model) // tp
-        budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction, per_device)
+        budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction,
+                               per_device + runner_state_bytes(bigger))
         try:
             if pool_plan_for_budget(bigger, budget).max_concurrent_seqs >= 1:
                 return tp
