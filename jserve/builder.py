@@ -106,10 +106,12 @@ def runner_state_bytes(config: EngineConfig) -> int:
 
 
 def plan_pool(config: EngineConfig, weight_bytes: int, device: jax.Device) -> PoolPlan:
-    """Pages from ``num_pages`` or from the device memory left after the weights."""
+    """Pages from ``num_pages`` or from the device memory left after the weights and the
+    runner's state."""
     budget = None
     if config.cache.num_pages is None:
-        budget = device_memory_budget(device, config.cache.kv_cache_memory_fraction, weight_bytes)
+        budget = device_memory_budget(device, config.cache.kv_cache_memory_fraction,
+                                      weight_bytes + runner_state_bytes(config))
     return pool_plan_for_budget(config, budget)
 
 
@@ -144,7 +146,7 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
         params = random_params(model_cfg, mesh, seed=args.seed)
         tokenizer = None
     weight_bytes = params_bytes(params) // config.parallel.tensor_parallel_size
-    plan = plan_pool(config, weight_bytes + runner_state_bytes(config), mesh.devices.flat[0])
+    plan = plan_pool(config, weight_bytes, mesh.devices.flat[0])
     log.info("model %s (%s, %.2f GB of weights), %s",
              model_dir.path if model_dir is not None else args.model, model_cfg.dtype,
              params_bytes(params) / 1e9, plan.describe())

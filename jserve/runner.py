@@ -16,9 +16,9 @@ token from step N's output (``prev_index``), so no host round trip sits on the c
 Shapes are bucketed (DESIGN invariant 4): the token count pads to a power-of-two bucket and
 the rows to that bucket's row count; ``warmup()`` compiles every variant ahead of time (one at a
 time on GPU, threads elsewhere, through the persistent cache) and the runner calls the compiled
-executables directly, so serving never compiles. Buckets of at least ``flash_prefill_min_tokens`` also have a ``fresh_prefill``
-variant (flash attention over the chunk's own K/V), picked on the host for steps whose chunks
-all start at token 0.
+executables directly, so serving never compiles. Buckets of at least
+``flash_prefill_min_tokens`` also have a ``fresh_prefill`` variant (flash attention over the
+chunk's own K/V), picked on the host for steps whose chunks all start at token 0.
 
 Penalties: the per-slot token statistics live on the device (``penalty_state``): the general
 variants take them donated, penalize the rows that use penalties and count the tokens they

@@ -6,7 +6,14 @@ from dataclasses import dataclass
 import jax
 import pytest
 
-from jserve.builder import EngineArgs, build_engine, make_engine_config, plan_pool, resolve_model
+from jserve.builder import (
+    EngineArgs,
+    build_engine,
+    make_engine_config,
+    plan_pool,
+    resolve_model,
+    runner_state_bytes,
+)
 from jserve.cli import main
 from jserve.gpus import lookup_accelerator
 from jserve.model.params import load_params, params_bytes
@@ -24,20 +31,21 @@ def test_llama31_8b_on_h100_at_8k_bf16_kv_matches_hand_calculation(capsys):
     # H100-80GB: nvidia-smi total 81559 MiB; JAX's GPU allocator reports 75% of it as bytes_limit.
     bytes_limit = int(81559 * 2**20 * 0.75)
     assert bytes_limit == 64_140_607_488
-    budget = int(bytes_limit * 0.85) - weights
+    state = 64 * vocab * 4                                     # penalty statistics: 64 seqs x vocab int32
+    budget = int(bytes_limit * 0.85) - weights - state
     kv_per_token = 2 * layers * kv_heads * hd * 2              # K and V, bf16
     assert kv_per_token == 131_072
     page_bytes = 16 * kv_per_token
     pages = budget // page_bytes
     seqs = (pages - 1) // (8192 // 16)                         # page 0 is the null page
-    assert (budget, pages, seqs) == (38_458_993_868, 18_338, 35)
+    assert (budget, pages, seqs) == (38_426_160_332, 18_323, 35)
 
     assert main(["plan", "--model", "llama3.1-8b", "--gpu", "H100-80GB", "--context", "8192",
                  "--kv-cache-dtype", "bfloat16", "--tp", "1"]) == 0
     out = capsys.readouterr().out
     assert f"8,030,261,248 params x 2 B (bfloat16) = {weights:,} B" in out
     assert f"= {bytes_limit:,} B (59.74 GiB) bytes_limit per device" in out
-    assert f"- {weights:,} weights = {budget:,} B" in out
+    assert f"- {weights:,} weights - {state:,} runner state" in out and f"= {budget:,} B" in out
     assert f"x 2 B (bfloat16) = {kv_per_token:,} B (128.00 KiB)" in out
     assert f"{kv_per_token:,} B x 16 tokens = {page_bytes:,} B (2.00 MiB)" in out
     assert f"{budget:,} // {page_bytes:,} = {pages:,} pages" in out
@@ -99,7 +107,8 @@ def test_planner_equals_startup_for_the_bundled_model(tp):
                          kv_cache_memory_fraction=fraction)
     assert plan.weight_bytes_per_device == startup_weights
     assert plan.pool == startup
-    assert plan.budget_bytes == int(limit * fraction) - startup_weights
+    state = runner_state_bytes(make_engine_config(args, cfg))   # the penalty statistics
+    assert plan.budget_bytes == int(limit * fraction) - startup_weights - state
     assert plan.pool.num_pages == plan.budget_bytes // (plan.kv_bytes_per_token * 16)
     assert plan.pool.max_concurrent_seqs == (plan.pool.num_pages - 1) // math.ceil(ctx / 16)
 
