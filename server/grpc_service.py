@@ -6,7 +6,8 @@ engine output that changed something (new tokens, text, or a finish), the last o
 Cancelling the call (client gone, deadline) cancels the handler, which aborts the engine request
 and frees its pages. Errors abort the call with the code from server/errors.py.
 
-Health: "" and "jserve.v1.Generation" report SERVING, NOT_SERVING once draining. Reflection
+Health: "" and "jserve.v1.Generation" report SERVING, NOT_SERVING once draining or once the
+engine loop has ended (the runtime follows ``AsyncEngine.health()``). Reflection
 lists Generation, Health and Reflection, so ``grpcurl -plaintext HOST:PORT list`` works without
 the .proto. The API key, when set, is checked on Generation's methods only (metadata
 ``authorization: Bearer <key>``); health and reflection stay open like /health.

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from jserve.async_engine import AsyncEngine
+from jserve.engine_api import EngineHealth
 from server.grpc_service import GrpcServer, start_grpc_server
 from server.http_app import DEFAULT_MAX_BODY_BYTES, build_http_app
 from server.metrics import PrometheusStats
@@ -91,6 +92,7 @@ class RunningServer:
         self._uvicorn: _Uvicorn | None = None
         self._http_task: asyncio.Task | None = None
         self._grpc: GrpcServer | None = None
+        self._health_task: asyncio.Task | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -121,6 +123,15 @@ class RunningServer:
             self._grpc = await start_grpc_server(self.serving, cfg.host, cfg.grpc_port, cfg.api_key,
                                                  cfg.max_body_bytes)
             self.grpc_port = self._grpc.port
+            self._health_task = asyncio.create_task(self._follow_engine_health())
+
+    async def _follow_engine_health(self, interval_s: float = 0.25) -> None:
+        """gRPC health follows the engine (as /health does): NOT_SERVING once it drains or its
+        loop has ended, e.g. after a crash."""
+        while self.engine.health() is EngineHealth.SERVING:
+            await asyncio.sleep(interval_s)
+        if self._grpc is not None:
+            await self._grpc.set_serving(False)
 
     async def shutdown(self, timeout_s: float | None = None) -> None:
         """Drain the engine (refuse new requests, finish or abort in-flight), then stop both servers."""
@@ -134,6 +145,9 @@ class RunningServer:
 
     async def stop_frontends(self) -> None:
         """Stop HTTP and gRPC without touching the engine (it may serve other front-ends)."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            self._health_task = None
         if self._grpc is not None:
             await self._grpc.stop(grace_s=2.0)
             self._grpc = None

@@ -153,3 +153,29 @@ def test_committed_stubs_match_the_proto(tmp_path):
     committed = descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb)
     assert fresh == committed, "server/proto stubs are stale: run python -m server.proto.generate"
 
+
+
+def test_grpc_health_follows_a_crashed_engine_loop(make_engine):
+    """When the engine loop dies, gRPC health turns NOT_SERVING like /health turns 503."""
+    import time
+
+    import httpx
+    from e2e_server import ENGINE_ARGS, ServerThread
+
+    from jserve.async_engine import AsyncEngine
+
+    engine = make_engine("llama", **{k: v for k, v in ENGINE_ARGS.items() if k != "model"})
+    srv = ServerThread(AsyncEngine(engine))
+    try:
+        with grpc.insecure_channel(srv.grpc_target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            check = lambda: stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+            assert check() == health_pb2.HealthCheckResponse.SERVING
+            srv.aengine._send("not a command")      # a bug in the loop: it stops
+            deadline = time.monotonic() + 10
+            while check() != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 503
+    finally:
+        srv.close(drain_engine=False)
