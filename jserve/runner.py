@@ -4,9 +4,11 @@ Where it sits: between ``Scheduler.schedule()`` and ``Scheduler.update()``, in t
 loop (``LLMEngine.step``)::
 
     SchedulerOutput N+1 --RequestRows (per-request state: page rows, sampling params)-->
+      [SlotWriter: whole rows of slots taken this step -> slot table]
       pack two flat buffers (StepLayout) --device_put--> compiled step(params, kv [donated],
-      penalty state [donated], tokens of step N [device], ibuf, fbuf) = model + sampler in
-      one executable -> (kv, penalty state, tokens[S], logprobs, top-N)
+      penalty state [donated], slot table [donated], tokens of step N [device], ibuf, fbuf)
+      = model + sampler in one executable -> (kv, penalty state, slot table, tokens[S],
+      logprobs, top-N)
       --copy_to_host_async--> StepHandle
     StepHandle N .result() -> RunnerOutput N   (the host waits only here, one step late)
 
@@ -19,6 +21,11 @@ time on GPU, threads elsewhere, through the persistent cache) and the runner cal
 executables directly, so serving never compiles. Buckets of at least
 ``flash_prefill_min_tokens`` also have a ``fresh_prefill`` variant (flash attention over the
 chunk's own K/V), picked on the host for steps whose chunks all start at token 0.
+
+Slot table (``slot_table``): each slot's page-table row and sampling parameters live on the
+device; the step buffer carries each row's slot and the page-table entries changed since the
+last step, and the step applies them and gathers its rows, so packing is independent of the
+pages per sequence.
 
 Penalties: the per-slot token statistics live on the device (``penalty_state``): the general
 variants take them donated, penalize the rows that use penalties and count the tokens they
@@ -57,6 +64,7 @@ from jserve.runner_state import RequestRows
 from jserve.sampler import _sample_core
 from jserve.sampling_batch import SamplerFlags
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
+from jserve.slot_table import SlotWriter
 from jserve.step_buffers import StepLayout
 
 log = logging.getLogger(__name__)
@@ -78,13 +86,14 @@ Progress = Callable[[str], None]
 
 
 def fused_step(cfg: Any, layout: StepLayout, num_out: int, fresh_prefill: bool, greedy: bool,
-               mesh: Mesh, params: Any, kv: KVCache, pen: jax.Array | None, prev_tokens: jax.Array,
-               ibuf: jax.Array, fbuf: jax.Array) -> tuple:
+               mesh: Mesh, params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
+               prev_tokens: jax.Array, ibuf: jax.Array, fbuf: jax.Array) -> tuple:
     """Model forward + sampler over one packed step. pen: int32[S_req, V] penalty state (None
-    in the greedy variant); prev_tokens: int32[S] (the previous step's sampled tokens by row)
-    -> (kv, pen, tokens int32[S], logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
+    in the greedy variant); table: int32[S_req + 1, W] slot table (page rows, sampling params);
+    prev_tokens: int32[S] (the previous step's sampled tokens by row) -> (kv, pen, table,
+    tokens int32[S], logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
     ``greedy`` (static): argmax only (top-N zeros), no penalties."""
-    batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf)
+    table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
     fed = prev_tokens[jnp.maximum(prev_index, 0)]
     batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
     kv, logits = forward(cfg, params, kv, batch, fresh_prefill=fresh_prefill, mesh=mesh)
@@ -101,7 +110,7 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, fresh_prefill: bool, 
     r = layout.num_rows
     top_ids = out.top_ids if out.top_ids is not None else jnp.zeros((r, TOP_N), jnp.int32)
     top_lp = out.top_logprobs if out.top_logprobs is not None else jnp.zeros((r, TOP_N), jnp.float32)
-    return kv, pen, tokens, out.logprobs, top_ids, top_lp
+    return kv, pen, table, tokens, out.logprobs, top_ids, top_lp
 
 
 @dataclass
@@ -129,8 +138,8 @@ class StepHandle:
 
 
 class Runner:
-    """Owns the params, the KV pool, the per-request rows (host) and penalty state (device),
-    and the compiled steps."""
+    """Owns the params, the KV pool, the per-request rows (host, mirrored on the device by the
+    slot table), the penalty state (device) and the compiled steps."""
 
     def __init__(self, config: EngineConfig, params: Any, kv: KVCache, mesh: Mesh) -> None:
         self.config = config
@@ -151,6 +160,8 @@ class Runner:
         self.penalty_state = self._slot_init.zeros()  # int32[max_num_seqs, V], see penalty_state
         log.info("penalty state: %d slots x %d tokens = %.1f MB per device", sched.max_num_seqs,
                  config.model.vocab_size, state_bytes(sched.max_num_seqs, config.model.vocab_size) / 1e6)
+        self._slot_writer = SlotWriter(sched.max_num_seqs, self.rows.table.shape[1], self._replicated)
+        self.slot_table = self._slot_writer.zeros()  # int32[max_num_seqs + 1, W], see slot_table
         self._prev_tokens = jax.device_put(np.zeros(self._num_out, np.int32), self._replicated)
         self._prev_rows: dict[str, int] = {}
         self.mover = KVPageMover(kv, max(self._pages_per_seq, sched.max_num_seqs),
@@ -170,7 +181,8 @@ class Runner:
         lay = self._layouts.get(token_bucket)
         if lay is None:
             lay = self._layouts[token_bucket] = StepLayout(
-                token_bucket, self.config.scheduler.seq_bucket(token_bucket), self._pages_per_seq)
+                token_bucket, self.config.scheduler.seq_bucket(token_bucket), self._pages_per_seq,
+                self._page_size)
         return lay
 
     def variants(self) -> list[tuple[int, bool, bool]]:
@@ -195,9 +207,11 @@ class Runner:
             self._buckets[self._buckets.index(token_bucket) - 1] < self.config.scheduler.max_num_seqs
 
     # ---------------------------------------------------------------- host packing
-    def pack(self, out: SchedulerOutput) -> tuple[StepLayout, np.ndarray, np.ndarray, np.ndarray]:
+    def pack(self, out: SchedulerOutput
+             ) -> tuple[StepLayout, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Apply the plan's diffs to the request rows and pack the step's two buffers (host).
-        -> (layout, int32 buffer, float32 buffer, slot of each row)."""
+        -> (layout, int32 buffer, float32 buffer, slot of each row, slots whose whole row the
+        ``SlotWriter`` must write before the step: new requests and diff-list overflows)."""
         self.rows.drop(out.dropped)
         chunks = out.chunks
         n = len(chunks)
@@ -208,6 +222,8 @@ class Runner:
         ibuf, fbuf, f = layout.new_buffers()
         rows = self.rows
         slots = np.fromiter((rows.apply(c) for c in chunks), np.int64, n)
+        f["row_slot"][:n] = slots
+        writes = self._page_diffs(chunks, slots, f["pt_diff"])
         ns = np.fromiter((c.num_tokens for c in chunks), np.int32, n)
         starts = np.fromiter((c.start for c in chunks), np.int32, n)
         ends = np.cumsum(ns, dtype=np.int32)
@@ -218,10 +234,8 @@ class Runner:
         tok_row = np.repeat(np.arange(n), ns)
         pos = starts[tok_row] + np.arange(total, dtype=np.int32) - (ends - ns)[tok_row]
         f["positions"][:total] = pos
-        pt = rows.page_table[slots]
-        f["page_table"][:n] = pt
         ps = self._page_size
-        f["slot_mapping"][:total] = pt[tok_row, pos // ps] * ps + pos % ps
+        f["slot_mapping"][:total] = rows.page_table[slots[tok_row], pos // ps] * ps + pos % ps
         ids = f["token_ids"]
         prev = f["prev_index"]
         for r, c in enumerate(chunks):
@@ -236,13 +250,8 @@ class Runner:
         f["num_seqs"][0] = n
         f["logits_indices"][:n] = ends - 1
         samples = np.fromiter((c.samples for c in chunks), bool, n)
+        f["samples"][:n] = samples
         s = slots[samples]
-        f["temperature"][:n][samples] = rows.temperature[s]
-        f["top_p"][:n][samples] = rows.top_p[s]
-        f["min_p"][:n][samples] = rows.min_p[s]
-        f["top_k"][:n][samples] = rows.top_k[s]
-        f["seed"][:n][samples] = rows.seed[s].view(np.int32)
-        f["want_logprobs"][:n][samples] = rows.want_logprobs[s]
         pen = rows.uses_penalties[s]
         if pen.any():
             r_pen, s_pen = np.flatnonzero(samples)[pen], s[pen]
@@ -255,7 +264,27 @@ class Runner:
             if c.banned_ids:
                 ban = np.unique(np.asarray(c.banned_ids, np.int32))
                 f["banned_ids"][r, :len(ban)] = ban
-        return layout, ibuf, fbuf, slots
+        return layout, ibuf, fbuf, slots, writes
+
+    @staticmethod
+    def _page_diffs(chunks: list, slots: np.ndarray, diff: np.ndarray) -> np.ndarray:
+        """Fill the step's page-table diff list (int32[D, 3], padding -1) with the changed
+        entries of rows that already hold their slot -> slots to write whole instead: rows
+        taking their slot, and rows whose entries no longer fit the list."""
+        writes, k, cap = [], 0, diff.shape[0]
+        for c, s in zip(chunks, slots, strict=True):
+            if c.new is not None:
+                writes.append(s)
+            elif c.page_ids:
+                m = len(c.page_ids)
+                if k + m > cap:
+                    writes.append(s)
+                    continue
+                diff[k:k + m, 0] = s
+                diff[k:k + m, 1] = np.arange(c.page_start, c.page_start + m)
+                diff[k:k + m, 2] = c.page_ids
+                k += m
+        return np.asarray(writes, np.int64)
 
     # ---------------------------------------------------------------- device
     def dispatch(self, out: SchedulerOutput) -> StepHandle | None:
@@ -265,7 +294,9 @@ class Runner:
         if not out.chunks:
             self.rows.drop(out.dropped)
             return None
-        layout, ibuf, fbuf, slots = self.pack(out)
+        layout, ibuf, fbuf, slots, writes = self.pack(out)
+        if len(writes):
+            self.slot_table = self._slot_writer(self.slot_table, writes, self.rows.table[writes])
         for c, s in zip(out.chunks, slots, strict=True):
             if c.new is not None and c.new.history is not None:  # takes the slot: its own counts
                 h, n = c.new.history, c.new.num_prompt
@@ -282,8 +313,8 @@ class Runner:
                                "at warm-up")
         ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
         pen = None if greedy else self.penalty_state
-        self.kv, pen, tokens, lp, top_ids, top_lp = step(self.params, self.kv, pen,
-                                                         self._prev_tokens, ibuf, fbuf)
+        self.kv, pen, self.slot_table, tokens, lp, top_ids, top_lp = step(
+            self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf)
         if pen is not None:
             self.penalty_state = pen
         self._prev_tokens = tokens
@@ -305,11 +336,12 @@ class Runner:
         rep = self._replicated
         ibuf, fbuf, _ = layout.new_buffers()
         pen = None if greedy else self.penalty_state
-        args = (self.params, self.kv, pen, self._prev_tokens, jax.device_put(ibuf, rep),
-                jax.device_put(fbuf, rep))
+        args = (self.params, self.kv, pen, self.slot_table, self._prev_tokens,
+                jax.device_put(ibuf, rep), jax.device_put(fbuf, rep))
         kv_sh = [(k.sharding, v.sharding) for k, v in self.kv]
-        return jax.jit(fn, donate_argnums=(1, 2),
-                       out_shardings=(kv_sh, None if greedy else rep, rep, rep, rep, rep)).lower(*args)
+        return jax.jit(fn, donate_argnums=(1, 2, 3),
+                       out_shardings=(kv_sh, None if greedy else rep, rep, rep, rep, rep, rep)
+                       ).lower(*args)
 
     def compile_threads(self) -> int:
         """Threads that compile step variants at once. One on GPU: XLA's GPU autotuner times
@@ -351,14 +383,19 @@ class Runner:
             ibuf, fbuf, _ = layout.new_buffers()
             ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
             pen = None if variant[2] else self.penalty_state
-            self.kv, pen, _, _, _, _ = self._compiled[variant](self.params, self.kv, pen,
-                                                               self._prev_tokens, ibuf, fbuf)
+            self.kv, pen, self.slot_table, _, _, _, _ = self._compiled[variant](
+                self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf)
             if pen is not None:
                 self.penalty_state = pen
         self._slot_init.compile(self.penalty_state)
         for b in self._slot_init.buckets:  # run each once; the state is all zeros again after
             self.penalty_state = self._slot_init(self.penalty_state, 0, [0] * b)
         self.penalty_state = self._slot_init(self.penalty_state, 0, [])
+        self._slot_writer.compile(self.slot_table)
+        width = self.rows.table.shape[1]
+        for b in self._slot_writer.buckets:  # run each once; padding rows only: writes nothing
+            self.slot_table = self._slot_writer(self.slot_table, np.full(b, -1),
+                                                np.zeros((b, width), np.int32))
         self.kv = self.mover.warmup(self.kv)
         jax.block_until_ready(self.kv)
         elapsed = time.perf_counter() - t0

@@ -6,11 +6,13 @@ Where it sits: inside ``Runner.dispatch``. The scheduler sends diffs as plain va
 slot per request and packs a step's rows with vectorised gathers, so the per-step cost is the
 diff, not the whole state::
 
-    slot s:  page_table[s, :P]   temperature top_p min_p top_k seed want_logprobs
+    slot s:  table[s] = page_table[s, :P] top_k seed want_logprobs temperature top_p min_p
              repetition/presence/frequency penalty, uses_penalties  params
-    step:    rows r -> slots[r]  -> page_table[slots], temperature[slots], ...
+    step:    rows r -> slots[r]; page-table entries that changed -> the step's diff list
 
-The penalty statistics of a slot live on the device (``penalty_state``), not here.
+``table`` mirrors the device slot table (``jserve.slot_table``): the runner writes a slot's
+whole row there when a request takes it and sends only page-table diffs after that. The
+penalty statistics of a slot live on the device (``penalty_state``), not here.
 
 The runner never sees a live ``Request``: a chunk for an id it does not hold without ``new``
 data is a contract violation and raises.
@@ -22,6 +24,7 @@ import numpy as np
 
 from jserve.sampling_params import SamplingParams
 from jserve.scheduler_output import ScheduledChunk
+from jserve.slot_table import MIN_P, NUM_FIELDS, SEED, TEMP, TOP_K, TOP_P, WANT_LP
 
 
 class RequestRows:
@@ -30,13 +33,17 @@ class RequestRows:
     def __init__(self, max_requests: int, pages_per_seq: int, vocab_size: int) -> None:
         self.max_requests = max_requests
         self.vocab_size = vocab_size
-        self.page_table = np.zeros((max_requests, pages_per_seq), np.int32)
-        self.temperature = np.zeros(max_requests, np.float32)
-        self.top_p = np.ones(max_requests, np.float32)
-        self.min_p = np.zeros(max_requests, np.float32)
-        self.top_k = np.zeros(max_requests, np.int32)
-        self.seed = np.zeros((max_requests, 2), np.uint32)
-        self.want_logprobs = np.zeros(max_requests, bool)
+        # The host mirror of the device slot table (``jserve.slot_table``): one int32 row per
+        # slot; the fields below are views of its columns.
+        p = pages_per_seq
+        self.table = np.zeros((max_requests, p + NUM_FIELDS), np.int32)
+        self.page_table = self.table[:, :p]
+        self.top_k = self.table[:, p + TOP_K]
+        self.seed = self.table[:, p + SEED:p + SEED + 2].view(np.uint32)
+        self.want_logprobs = self.table[:, p + WANT_LP]
+        self.temperature = self.table[:, p + TEMP].view(np.float32)
+        self.top_p = self.table[:, p + TOP_P].view(np.float32)
+        self.min_p = self.table[:, p + MIN_P].view(np.float32)
         self.repetition_penalty = np.ones(max_requests, np.float32)
         self.presence_penalty = np.zeros(max_requests, np.float32)
         self.frequency_penalty = np.zeros(max_requests, np.float32)
@@ -70,8 +77,8 @@ class RequestRows:
             if not self._free:
                 raise ValueError(f"more than {self.max_requests} requests at once in the runner")
             s = self._slot[chunk.req_id] = self._free.pop()
+            self.table[s] = 0
             self._set_params(s, chunk.new.params, chunk.new.seed)
-            self.page_table[s] = 0
         else:
             s = self._slot.get(chunk.req_id)
             if s is None:

@@ -5,14 +5,17 @@ them with one ``device_put``, and the jitted step unpacks them with static slice
 ``StepInput`` the model reads and the ``SamplingBatch`` the in-jit sampler reads. Two arrays
 instead of ~25: the host cost of a jitted call grows with the number of arrays passed.
 
-Fields for a bucket of T tokens, R rows, P pages per sequence, K banned ids::
+Fields for a bucket of T tokens, R rows, D page-table diff entries, K banned ids::
 
-    int32   token_ids[T] positions[T] slot_mapping[T] prev_index[T] page_table[R, P]
-            seq_lens[R] query_start_loc[R + 1] num_seqs[1] logits_indices[R]
-            top_k[R] seed[R, 2] (uint32 bits) output_index[R] banned_ids[R, K] want_logprobs[R]
-            pen_slot[R]
-    float32 temperature[R] top_p[R] min_p[R]
-            repetition_penalty[R] presence_penalty[R] frequency_penalty[R]
+    int32   token_ids[T] positions[T] slot_mapping[T] prev_index[T] row_slot[R] samples[R]
+            pt_diff[D, 3] seq_lens[R] query_start_loc[R + 1] num_seqs[1] logits_indices[R]
+            output_index[R] banned_ids[R, K] pen_slot[R]
+    float32 repetition_penalty[R] presence_penalty[R] frequency_penalty[R]
+
+``row_slot[r]``: the slot of row r in the device slot table (``jserve.slot_table``: its page
+table row and sampling parameters; -1: the null row); ``samples[r]``: 1 if the row samples
+(else its sampling fields are neutral); ``pt_diff``: page-table entries (slot, index, page)
+changed since the last step, D = ceil(T / page_size) + 2R, padding -1.
 
 ``prev_index[t] >= 0``: token t is the one the previous step sampled in that row (a
 placeholder, fed on the device); -1: ``token_ids[t]`` from the host. ``pen_slot[r] >= 0``:
@@ -31,18 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jserve.sampling_batch import MAX_BANNED_IDS, SamplingBatch
+from jserve.slot_table import apply_diffs, diff_capacity, gather_rows
 from jserve.step_input import StepInput
 
 # (name, shape in terms of T / R / P / K, fill value of padding)
 _INT_FIELDS = (
     ("token_ids", ("T",), 0), ("positions", ("T",), 0), ("slot_mapping", ("T",), 0),
-    ("prev_index", ("T",), -1), ("page_table", ("R", "P"), 0), ("seq_lens", ("R",), 0),
+    ("prev_index", ("T",), -1), ("row_slot", ("R",), -1), ("samples", ("R",), 0),
+    ("pt_diff", ("D", 3), -1), ("seq_lens", ("R",), 0),
     ("query_start_loc", ("R+1",), 0), ("num_seqs", (1,), 0), ("logits_indices", ("R",), 0),
-    ("top_k", ("R",), 0), ("seed", ("R", 2), 0), ("output_index", ("R",), 0),
-    ("banned_ids", ("R", "K"), -1), ("want_logprobs", ("R",), 0), ("pen_slot", ("R",), -1),
+    ("output_index", ("R",), 0), ("banned_ids", ("R", "K"), -1), ("pen_slot", ("R",), -1),
 )
-_FLOAT_FIELDS = (("temperature", ("R",), 0.0), ("top_p", ("R",), 1.0), ("min_p", ("R",), 0.0),
-                 ("repetition_penalty", ("R",), 1.0), ("presence_penalty", ("R",), 0.0),
+_FLOAT_FIELDS = (("repetition_penalty", ("R",), 1.0), ("presence_penalty", ("R",), 0.0),
                  ("frequency_penalty", ("R",), 0.0))
 
 
@@ -53,10 +56,16 @@ class StepLayout:
     num_tokens: int     # T
     num_rows: int       # R
     pages_per_seq: int  # P
+    page_size: int
+
+    @property
+    def num_diffs(self) -> int:
+        """D: page-table entries the step's diff list holds."""
+        return diff_capacity(self.num_tokens, self.num_rows, self.page_size)
 
     def _dims(self) -> dict[str, int]:
         return {"T": self.num_tokens, "R": self.num_rows, "R+1": self.num_rows + 1,
-                "P": self.pages_per_seq, "K": MAX_BANNED_IDS}
+                "P": self.pages_per_seq, "K": MAX_BANNED_IDS, "D": self.num_diffs}
 
     def _table(self, fields: tuple) -> dict[str, tuple[int, tuple[int, ...], float]]:
         dims, out, off = self._dims(), {}, 0
@@ -105,24 +114,27 @@ class StepLayout:
         views = {name: bufs[which][a:b].reshape(shp) for name, which, a, b, shp in spans}
         return bufs[0], bufs[1], views
 
-    def unpack(self, ibuf: jax.Array, fbuf: jax.Array
-               ) -> tuple[StepInput, SamplingBatch, jax.Array, jax.Array]:
-        """Inside jit: (int32[n], float32[m]) -> (StepInput, SamplingBatch, prev_index int32[T],
-        pen_slot int32[R]). The sampling batch has no history: penalty statistics come from
-        the device state."""
+    def unpack(self, ibuf: jax.Array, fbuf: jax.Array, table: jax.Array
+               ) -> tuple[jax.Array, StepInput, SamplingBatch, jax.Array, jax.Array]:
+        """Inside jit: (int32[n], float32[m], slot table int32[S + 1, W]) -> (slot table with
+        the step's page-table diff applied, StepInput, SamplingBatch, prev_index int32[T],
+        pen_slot int32[R]). Page-table rows and sampling parameters come from the table; the
+        sampling batch has no history: penalty statistics come from the penalty state."""
         f = {}
-        for buf, table in ((ibuf, self.ints), (fbuf, self.floats)):
-            for name, (off, shp, _) in table.items():
+        for buf, table_ in ((ibuf, self.ints), (fbuf, self.floats)):
+            for name, (off, shp, _) in table_.items():
                 f[name] = buf[off:off + math.prod(shp)].reshape(shp)
+        table = apply_diffs(table, f["pt_diff"])
+        page_table, s = gather_rows(table, f["row_slot"], f["samples"], self.pages_per_seq)
         batch = StepInput(token_ids=f["token_ids"], positions=f["positions"],
-                          slot_mapping=f["slot_mapping"], page_table=f["page_table"],
+                          slot_mapping=f["slot_mapping"], page_table=page_table,
                           seq_lens=f["seq_lens"], query_start_loc=f["query_start_loc"],
                           num_seqs=f["num_seqs"], logits_indices=f["logits_indices"])
         sbatch = SamplingBatch(
-            temperature=f["temperature"], top_k=f["top_k"], top_p=f["top_p"], min_p=f["min_p"],
+            temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], min_p=s["min_p"],
             repetition_penalty=f["repetition_penalty"], presence_penalty=f["presence_penalty"],
             frequency_penalty=f["frequency_penalty"],
-            seed=jax.lax.bitcast_convert_type(f["seed"], jnp.uint32),
+            seed=jax.lax.bitcast_convert_type(s["seed"], jnp.uint32),
             output_index=f["output_index"], banned_ids=f["banned_ids"], history_ids=None,
-            num_prompt=None, want_logprobs=f["want_logprobs"] > 0)
-        return batch, sbatch, f["prev_index"], f["pen_slot"]
+            num_prompt=None, want_logprobs=s["want_logprobs"] > 0)
+        return table, batch, sbatch, f["prev_index"], f["pen_slot"]
