@@ -55,24 +55,25 @@ def floor_a(engine, n: int = 200, context: int = 300, dump: str | None = None
     f["positions"][0] = context - 1
     f["slot_mapping"][0] = pages[(context - 1) // ps] * ps + (context - 1) % ps
     f["prev_index"][0] = 0                  # the token sampled by the previous call, row 0
-    f["page_table"][0, :len(pages)] = pages
+    f["row_slot"][0], f["samples"][0] = 0, 1  # slot 0: its row of the device slot table
+    f["pt_diff"][:len(pages)] = np.stack([np.zeros_like(pages), np.arange(len(pages)), pages], 1)
     f["seq_lens"][0] = context
     f["query_start_loc"][1:] = 1
     f["num_seqs"][0] = 1
     ibuf, fbuf = jax.device_put((ibuf, fbuf))
-    kv, tokens = r.kv, r._prev_tokens
-    for _ in range(5):
-        kv, tokens, *_ = step(r.params, kv, tokens, ibuf, fbuf)
+    kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
+    for _ in range(5):  # the greedy variant takes no penalty state (None)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
     jax.block_until_ready(tokens)
     host = 0.0
     t0 = time.perf_counter()
     for _ in range(n):
         th = time.perf_counter()
-        kv, tokens, *_ = step(r.params, kv, tokens, ibuf, fbuf)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
         host += time.perf_counter() - th
     jax.block_until_ready(tokens)
     dt = (time.perf_counter() - t0) / n
-    r.kv, r._prev_tokens = kv, tokens
+    r.kv, r.slot_table, r._prev_tokens = kv, table, tokens
     text = step.as_text()
     if dump:
         with open(dump, "w") as fh:
@@ -112,7 +113,7 @@ def probe(model: str, dump_dir: str | None = None) -> None:
         eng._overlap = overlap   # the async_scheduling option, toggled on one engine (benchmark only)
         res[key] = engine_decode(eng)
     p_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(eng.runner.params))
-    leaves = len(jax.tree_util.tree_leaves(eng.runner.params)) + 2 * len(eng.runner.kv) + 3
+    leaves = len(jax.tree_util.tree_leaves(eng.runner.params)) + 2 * len(eng.runner.kv) + 4
     del eng
     a_ms, a_host, kernels = res["A"]
     floor = p_bytes / 3.3e12 * 1e3
