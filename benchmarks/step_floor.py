@@ -8,16 +8,21 @@ For each model shape (random weights, bf16):
   C  LLMEngine.step, synchronous loop (async_scheduling=False), batch 1
   and the kernels per step: instructions of the optimized step program that launch work.
 
-    PYTHONPATH=. python3 benchmarks/step_floor.py qwen2.5-0.5b,llama3.1-8b [DUMP_DIR]
+    PYTHONPATH=. python3 benchmarks/step_floor.py qwen2.5-0.5b,llama3.1-8b [--dump DIR]
+        [--trace DIR] [--compile-threads N]
 
-With DUMP_DIR, the optimized program of each model's decode step is written there
-(``<model>.decode_step.hlo.txt``) for reading its kernels offline.
+--dump writes the optimized program of each model's decode step (``<model>.decode_step.hlo.txt``)
+for reading its kernels offline; --trace records a profiler trace of 20 steps of A (host and
+device timelines: is the call waiting for the device?); --compile-threads overrides how many
+step variants start-up compiles at once (an A/B of the GPU autotuner under concurrent compiles).
+Command buffers are an XLA flag: run once more with
+``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to compare without them.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
-import sys
 import time
 
 import jax
@@ -43,8 +48,8 @@ def count_kernels(hlo_text: str) -> int:
     return n
 
 
-def floor_a(engine, n: int = 200, context: int = 300, dump: str | None = None
-            ) -> tuple[float, float, int]:
+def floor_a(engine, n: int = 200, context: int = 300, dump: str | None = None,
+            trace: str | None = None) -> tuple[float, float, int]:
     """-> (ms per step, host ms inside the call, kernels per step) for the 1-token bucket."""
     r = engine.runner
     layout = r.layout(r.bucket_for(1)[0])
@@ -73,6 +78,11 @@ def floor_a(engine, n: int = 200, context: int = 300, dump: str | None = None
         host += time.perf_counter() - th
     jax.block_until_ready(tokens)
     dt = (time.perf_counter() - t0) / n
+    if trace:
+        with jax.profiler.trace(trace):
+            for _ in range(20):
+                kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
+            jax.block_until_ready(tokens)
     r.kv, r.slot_table, r._prev_tokens = kv, table, tokens
     text = step.as_text()
     if dump:
@@ -101,14 +111,15 @@ def engine_decode(engine, n_tokens: int = 128) -> float:
     return best
 
 
-def probe(model: str, dump_dir: str | None = None) -> None:
+def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None) -> None:
     res = {}
     t0 = time.perf_counter()
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
                                   max_num_batched_tokens=64, max_model_len=1024, num_pages=512))
     build_s = time.perf_counter() - t0
     dump = f"{dump_dir}/{model.replace('/', '_')}.decode_step.hlo.txt" if dump_dir else None
-    res["A"] = floor_a(eng, dump=dump)
+    trace = f"{trace_dir}/{model.replace('/', '_')}" if trace_dir else None
+    res["A"] = floor_a(eng, dump=dump, trace=trace)
     for key, overlap in (("B", True), ("C", False)):
         eng._overlap = overlap   # the async_scheduling option, toggled on one engine (benchmark only)
         res[key] = engine_decode(eng)
@@ -128,6 +139,21 @@ def probe(model: str, dump_dir: str | None = None) -> None:
     print(f"| C LLMEngine.step, synchronous | {res['C']:.3f} | {1e3 / res['C']:.0f} | |", flush=True)
 
 
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", help="comma list of named shapes or model directories")
+    ap.add_argument("--dump", default=None, help="folder for the decode step's optimized program")
+    ap.add_argument("--trace", default=None, help="folder for a profiler trace of 20 steps of A")
+    ap.add_argument("--compile-threads", type=int, default=None,
+                    help="step variants compiled at once at start-up (default: the runner's choice)")
+    ns = ap.parse_args()
+    if ns.compile_threads is not None:
+        from jserve.runner import Runner
+
+        Runner.compile_threads = lambda self: ns.compile_threads  # benchmark A/B only
+    for m in ns.models.split(","):
+        probe(m, ns.dump, ns.trace)
+
+
 if __name__ == "__main__":
-    for m in sys.argv[1].split(","):
-        probe(m, sys.argv[2] if len(sys.argv) > 2 else None)
+    main()
