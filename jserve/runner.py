@@ -152,6 +152,10 @@ class Runner:
         self._pages_per_seq = config.pages_per_seq
         self._page_size = config.cache.page_size
         self._num_out = max(sched.seq_bucket(t) for t in self._buckets)
+        # Buckets a pure decode step (at most max_num_seqs tokens) lands in: the smallest, and
+        # each whose next smaller bucket is below max_num_seqs.
+        self._greedy_buckets = frozenset(
+            t for i, t in enumerate(self._buckets) if i == 0 or self._buckets[i - 1] < sched.max_num_seqs)
         self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
         self._compiled: dict[tuple[int, bool, bool], Any] = {}
         self._layouts: dict[int, StepLayout] = {}
@@ -203,8 +207,7 @@ class Runner:
         return out
 
     def _greedy_variant(self, token_bucket: int) -> bool:
-        return self._buckets.index(token_bucket) == 0 or \
-            self._buckets[self._buckets.index(token_bucket) - 1] < self.config.scheduler.max_num_seqs
+        return token_bucket in self._greedy_buckets
 
     # ---------------------------------------------------------------- host packing
     def pack(self, out: SchedulerOutput

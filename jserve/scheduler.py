@@ -222,7 +222,7 @@ class Scheduler:
         chunk = ScheduledChunk(
             req_id=rid, start=start, num_tokens=k, token_ids=tuple(_tokens(req, start, known)),
             num_placeholders=end - known, page_start=first, page_ids=page_ids, samples=samples,
-            output_index=out_index, banned_ids=banned, num_prompt=req.num_prompt_tokens, new=new)
+            output_index=out_index, banned_ids=banned, new=new)
         req.num_computed_tokens = end
         if samples:
             req.num_placeholders += 1

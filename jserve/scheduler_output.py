@@ -72,8 +72,7 @@ class ScheduledChunk:
 
     ``samples``: the row's sampled token is kept (the chunk reaches the end of the request's
     tokens). ``output_index``: which output token it samples (the seed's counter).
-    ``banned_ids``: ids forbidden this step (``min_tokens``). ``num_prompt``: the request's
-    prompt length (``output_index`` = end of the row - ``num_prompt`` for a sampling row).
+    ``banned_ids``: ids forbidden this step (``min_tokens``).
     """
 
     req_id: str
@@ -86,7 +85,6 @@ class ScheduledChunk:
     samples: bool = False
     output_index: int = 0
     banned_ids: tuple[int, ...] = ()
-    num_prompt: int = 0
     new: NewRequestData | None = None
 
 
