@@ -33,7 +33,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         host=ns.host, port=ns.port, grpc_port=None if ns.grpc_port < 0 else ns.grpc_port,
         api_key=ns.api_key, served_model_names=tuple(ns.served_model_name or ()),
         max_body_bytes=ns.max_body_bytes, shutdown_timeout_s=ns.shutdown_timeout,
-        enable_metrics=not ns.disable_metrics, access_log=ns.access_log)
+        enable_metrics=not ns.disable_metrics, access_log=ns.access_log,
+        header_timeout_s=ns.header_timeout, body_timeout_s=ns.body_timeout,
+        max_connections=ns.max_connections, tokenizer_threads=ns.tokenizer_threads)
     args = engine_args_from(ns)
     t0 = time.perf_counter()
     engine = build_engine(args)
@@ -60,6 +62,16 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="largest request body / gRPC message (413 / RESOURCE_EXHAUSTED past it)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight requests before aborting them")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send complete request headers before it "
+                   "is closed (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive; past it: 408 (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="concurrent HTTP connections and requests; past it new requests get 503 "
+                   "(default: %(default)s)")
+    p.add_argument("--tokenizer-threads", type=int, default=2,
+                   help="worker threads that tokenize prompts off the event loop (default: %(default)s)")
     p.add_argument("--disable-metrics", action="store_true", help="no Prometheus /metrics")
     p.add_argument("--access-log", action="store_true", help="uvicorn access log")
 
