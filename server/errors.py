@@ -17,6 +17,8 @@ renders it as the OpenAI error JSON, the gRPC service aborts the call with its c
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from jserve.async_engine import EngineDeadError, EngineDrainingError, RequestFailedError
@@ -36,6 +38,7 @@ _KINDS: dict[int, tuple[str, grpc.StatusCode]] = {
 
 
 KNOWN_STATUSES = frozenset(_KINDS)
+_FIELD_PREFIX = re.compile(r"([a-z_]+): ")
 RETRY_AFTER_S = 1       # what a 429 tells the client to wait: the queue drains within steps
 
 
@@ -81,6 +84,7 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(503, str(exc))
     if isinstance(exc, RequestFailedError):
         return APIError(500, str(exc))
-    if isinstance(exc, ValueError):
-        return APIError(400, str(exc))
+    if isinstance(exc, ValueError):   # the engine words these "field: what is wrong"
+        m = _FIELD_PREFIX.match(str(exc))
+        return APIError(400, str(exc), m.group(1) if m else None)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}")

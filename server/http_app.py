@@ -59,7 +59,11 @@ DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 def error_response(err: APIError) -> JSONResponse:
-    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+    headers = {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(err.retry_after_s)
+    if err.status in (408, 413):     # the rest of the body is never read: end the connection
+        headers["Connection"] = "close"
     return JSONResponse(err.to_json(), status_code=err.status, headers=headers)
 
 
