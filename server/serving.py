@@ -72,7 +72,7 @@ class Serving:
         self.names = list(names)
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
-        self.max_waiting = engine.config.scheduler.max_waiting
+        self.max_waiting = engine.startup.max_waiting
         self.max_num_seqs = engine.startup.max_num_seqs
         self.card = ModelCard(names[0], root, engine.max_model_len, engine.config.model.vocab_size,
                               int(time.time()))
