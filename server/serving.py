@@ -122,7 +122,8 @@ class Serving:
         """Messages -> chat template -> ids (no second BOS: the template has it, as in LLM.chat);
         rendering and encoding run on the tokenizer pool."""
         self._need_tokenizer("chat")
-        self._check_chars(_text_chars(messages), "messages")
+        self._check_chars(_text_chars(messages) + _text_chars(tools) + _text_chars(template_kwargs),
+                          "messages")
         return await self._off_loop(self._render_chat, messages, add_generation_prompt, tools,
                                     template_kwargs)
 
@@ -222,13 +223,14 @@ def _longest_token_chars(tokenizer: Any) -> int:
 
 
 def _text_chars(value: Any) -> int:
-    """Characters in all the strings of a JSON-like value (chat messages)."""
+    """Characters in all the strings (keys too) of a JSON-like value (chat messages, tools)."""
     total, stack = 0, [value]
     while stack:
         v = stack.pop()
         if isinstance(v, str):
             total += len(v)
         elif isinstance(v, dict):
+            stack.extend(v.keys())
             stack.extend(v.values())
         elif isinstance(v, list):
             stack.extend(v)

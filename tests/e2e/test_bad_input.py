@@ -66,7 +66,8 @@ def _http_still_serving(server) -> None:
 
 
 def _grpc_still_serving(stub) -> None:
-    req = pb.GenerateRequest(text="hi", sampling_params=pb.SamplingParams(max_tokens=2, temperature=0.0))
+    req = pb.GenerateRequest(text="hi", priority=-1,
+                             sampling_params=pb.SamplingParams(max_tokens=2, temperature=0.0))
     msgs = list(stub.Generate(req, timeout=60))
     assert sum(len(c.token_ids) for m in msgs for c in m.choices) == 2
 
