@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -174,15 +175,34 @@ class GenerationService(pb_grpc.GenerationServicer):
                          root=c.root) for name in self.serving.names])
 
 
+def _unknown_field(msg: Any, path: str) -> str | None:
+    """The first field number this server's proto does not know (a newer client's field, which
+    proto3 would otherwise keep and ignore), as ``path.#N``; None if there is none."""
+    for f in UnknownFieldSet(msg):
+        return f"{path}.#{f.field_number}" if path else f"#{f.field_number}"
+    for fd, value in msg.ListFields():
+        if fd.message_type is not None and not fd.is_repeated:
+            found = _unknown_field(value, f"{path}.{fd.name}" if path else fd.name)
+            if found:
+                return found
+    return None
+
+
 async def _decode(raw: bytes, message: type, context: grpc.aio.ServicerContext) -> Any:
     """A request message from its bytes; INVALID_ARGUMENT (not UNKNOWN) when they do not decode
-    (garbage, invalid UTF-8 in a string field)."""
+    (garbage, invalid UTF-8 in a string field) or carry a field this server does not know."""
     try:
-        return message.FromString(raw)
+        msg = message.FromString(raw)
     except DecodeError as e:
         log.debug("gRPC request did not decode as %s: %s", message.__name__, e)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                             f"the request is not a valid {message.DESCRIPTOR.full_name} message: {e}")
+    unknown = _unknown_field(msg, "")
+    if unknown is not None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"unknown field {unknown} in {message.DESCRIPTOR.full_name}: this server "
+                            "does not implement it (a newer jserve.proto?)")
+    return msg
 
 
 def _add_generation_service(service: GenerationService, server: grpc.aio.Server) -> None:

@@ -113,6 +113,8 @@ CASES = [
          grpc=(pb.GenerateRequest(text="x" * (BODY_LIMIT + 10)), EXHAUSTED)),
     Case("grpc-garbage-bytes", grpc=(b"\xff\xff\xff\xff\x0f\x01", INVALID)),
     Case("grpc-invalid-utf8-text", grpc=(_raw_text_request(b"abc\xed\xa0\x80def"), INVALID)),
+    Case("grpc-unknown-field", grpc=(_raw_text_request(b"hi") + b"\xf8\x01\x01", INVALID)),
+    Case("grpc-unknown-sampling-field", grpc=(_raw_text_request(b"hi") + b"\x2a\x03\xf8\x01\x01", INVALID)),
     # --- lone surrogates: 400 naming the field, never a 500
     Case("surrogate-prompt", http=(C, b'{"prompt": "abc\\ud800def", "max_tokens": 3}', 400, "prompt")),
     Case("surrogate-chat-content", http=(CC, b'{"messages": [{"role": "user", "content": "x\\udfff"}]}',
