@@ -70,7 +70,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--body-timeout", type=float, default=D.body_timeout_s,
                    help="seconds a request body may take to arrive; past it: 408 (default: %(default)s)")
     p.add_argument("--max-connections", type=int, default=D.max_connections,
-                   help="concurrent HTTP connections and requests; past it new requests get 503 "
+                   help="open HTTP connections; one past it gets a 503 and is closed "
                    "(default: %(default)s)")
     p.add_argument("--tokenizer-threads", type=int, default=D.tokenizer_threads,
                    help="worker threads that tokenize prompts off the event loop (default: %(default)s)")

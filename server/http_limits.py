@@ -1,12 +1,14 @@
-"""Per-connection limits of the HTTP server: a deadline for request headers (uvicorn has none).
+"""Connection limits of the HTTP server: a cap on open connections and a deadline for request
+headers (uvicorn has neither in this form).
 
-Where it sits: runtime.py hands ``HeaderTimeoutH11`` to uvicorn as its HTTP protocol class. A
+Where it sits: runtime.py hands the class made by ``limited_protocol`` to uvicorn as its HTTP
+protocol. A connection past ``max_connections`` gets an OpenAI-shaped 503 (with
+``Retry-After``) and is closed at once, before it costs anything more than the accept. A
 connection that opens and sends nothing, or sends part of a request line / headers and stalls,
-holds a file descriptor forever under plain uvicorn; here it is closed once
+would hold a file descriptor forever under plain uvicorn; here it is closed once
 ``header_timeout_s`` passes without complete headers (counted from the connection, or from the
-end of the previous response on a keep-alive connection). The body has its own deadline in the
-app (server/http_app.py: 408), and the number of connections is capped by uvicorn's
-``limit_concurrency`` (503 past it)::
+data that starts the next request on a keep-alive connection). The body has its own deadline
+in the app (server/http_app.py: 408)::
 
     connect --headers--> [request] --body--> [app]            keep-alive: idle -> closed
        |<- header_timeout_s ->|       |<- body_timeout_s ->|   after timeout_keep_alive
@@ -15,6 +17,7 @@ app (server/http_app.py: 408), and the number of connections is capped by uvicor
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -24,16 +27,31 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger(__name__)
 
 
-def header_timeout_protocol(header_timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a header deadline of ``header_timeout_s`` seconds."""
+def _refusal(max_connections: int) -> bytes:
+    body = json.dumps({"error": {
+        "message": f"too many open connections (this server accepts {max_connections}); retry later",
+        "type": "service_unavailable", "param": None, "code": 503}}).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
 
-    class HeaderTimeoutH11(H11Protocol):
+
+def limited_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a header deadline and a cap on open connections."""
+    refusal = _refusal(max_connections)
+
+    class LimitedH11(H11Protocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._header_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                log.info("refusing a connection from %s: %d open (--max-connections %d)", self.client,
+                         len(self.connections) - 1, max_connections)
+                transport.write(refusal)
+                transport.close()
+                return
             self._arm()
 
         def data_received(self, data: bytes) -> None:
@@ -63,4 +81,4 @@ def header_timeout_protocol(header_timeout_s: float) -> type[H11Protocol]:
                          self.client, header_timeout_s)
                 self.transport.close()
 
-    return HeaderTimeoutH11
+    return LimitedH11

@@ -27,7 +27,7 @@ from jserve.async_engine import AsyncEngine
 from jserve.engine_api import EngineHealth
 from server.grpc_service import GrpcServer, start_grpc_server
 from server.http_app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, build_http_app
-from server.http_limits import header_timeout_protocol
+from server.http_limits import limited_protocol
 from server.metrics import PrometheusStats
 from server.serving import DEFAULT_TOKENIZER_THREADS, Serving
 
@@ -49,7 +49,7 @@ class ServerConfig:
     access_log: bool = False
     header_timeout_s: float = 10.0      # request line + headers must arrive within this
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S   # the whole body must arrive within this (408)
-    max_connections: int = 1024         # open HTTP connections / requests; past it: 503
+    max_connections: int = 1024         # open HTTP connections; past it: 503 and closed
     tokenizer_threads: int = DEFAULT_TOKENIZER_THREADS
 
     def __post_init__(self) -> None:
@@ -122,8 +122,8 @@ class RunningServer:
         self.http_port = sock.getsockname()[1]
         ucfg = uvicorn.Config(app, log_level=logging.getLogger().getEffectiveLevel(), lifespan="off",
                               access_log=cfg.access_log, timeout_graceful_shutdown=5,
-                              timeout_keep_alive=5, limit_concurrency=cfg.max_connections,
-                              http=header_timeout_protocol(cfg.header_timeout_s))
+                              timeout_keep_alive=5,
+                              http=limited_protocol(cfg.header_timeout_s, cfg.max_connections))
         self._uvicorn = _Uvicorn(ucfg)
         self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:

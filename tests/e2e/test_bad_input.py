@@ -383,13 +383,14 @@ def test_client_gone_mid_upload_is_not_an_error(server, caplog):
 
 
 def test_connection_cap_refuses_then_recovers(server):
-    socks = [_connect(server) for _ in range(MAX_CONNECTIONS - 1)]   # the cap counts the newcomer
+    socks = [_connect(server) for _ in range(MAX_CONNECTIONS)]
     try:
         for s in socks:
             s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")   # keep-alive: each stays open
             assert s.recv(65536).startswith(b"HTTP/1.1 200")
         r = httpx.get(f"{server.url}/health", timeout=10)
-        assert r.status_code == 503
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "service_unavailable"
     finally:
         for s in socks:
             s.close()
