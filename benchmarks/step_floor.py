@@ -48,14 +48,11 @@ def count_kernels(hlo_text: str) -> int:
     return n
 
 
-def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | None = None,
-            trace: str | None = None) -> tuple[float, float, float, int]:
-    """-> (ms per step, host ms inside the call back to back, host ms of one call on an idle
-    device, kernels per step) for the 1-token bucket; ``step`` defaults to the engine's own
-    greedy decode-only variant."""
+def decode_inputs(engine, context: int = 300) -> tuple[jax.Array, jax.Array]:
+    """The packed buffers of a batch-1 decode step at ``context`` (slot 0, its pages 1..), whose
+    input token is the previous call's row 0: (ibuf, fbuf) on the device."""
     r = engine.runner
     layout = r.layout(r.bucket_for(1)[0])
-    step = step or r._compiled[(layout.num_tokens, False, True, True)]
     ibuf, fbuf, f = layout.new_buffers()
     ps = engine.config.cache.page_size
     pages = np.arange(1, 1 + -(-context // ps), dtype=np.int32)
@@ -67,7 +64,17 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     f["seq_lens"][0] = context
     f["query_start_loc"][1:] = 1
     f["num_seqs"][0] = 1
-    ibuf, fbuf = jax.device_put((ibuf, fbuf))
+    return jax.device_put((ibuf, fbuf))
+
+
+def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | None = None,
+            trace: str | None = None) -> tuple[float, float, float, int]:
+    """-> (ms per step, host ms inside the call back to back, host ms of one call on an idle
+    device, kernels per step) for the 1-token bucket; ``step`` defaults to the engine's own
+    greedy decode-only variant."""
+    r = engine.runner
+    step = step or r._compiled[(r.bucket_for(1)[0], False, True, True)]
+    ibuf, fbuf = decode_inputs(engine, context)
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
     for _ in range(5):  # the greedy variant takes no penalty state (None)
         kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
