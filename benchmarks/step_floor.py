@@ -75,15 +75,15 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     r = engine.runner
     step = step or r._compiled[(r.bucket_for(1)[0], False, True, True)]
     ibuf, fbuf = decode_inputs(engine, context)
-    kv, table, state = r.kv, r.slot_table, r.state
+    kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
     for _ in range(5):  # the greedy variant takes no penalty state (None)
-        kv, _, table, state, tokens, *_ = step(r.params, kv, None, table, state, ibuf, fbuf)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
     jax.block_until_ready(tokens)
     host = 0.0
     t0 = time.perf_counter()
     for _ in range(n):
         th = time.perf_counter()
-        kv, _, table, state, tokens, *_ = step(r.params, kv, None, table, state, ibuf, fbuf)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
         host += time.perf_counter() - th
     jax.block_until_ready(tokens)
     dt = (time.perf_counter() - t0) / n
@@ -91,15 +91,15 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     for _ in range(20):  # the dispatch cost alone: each call starts with the device idle
         jax.block_until_ready(tokens)
         th = time.perf_counter()
-        kv, _, table, state, tokens, *_ = step(r.params, kv, None, table, state, ibuf, fbuf)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
         idle.append(time.perf_counter() - th)
     jax.block_until_ready(tokens)
     if trace:
         with jax.profiler.trace(trace):
             for _ in range(20):
-                kv, _, table, state, tokens, *_ = step(r.params, kv, None, table, state, ibuf, fbuf)
+                kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
             jax.block_until_ready(tokens)
-    r.kv, r.slot_table, r.state = kv, table, state
+    r.kv, r.slot_table, r._prev_tokens = kv, table, tokens
     text = step.as_text()
     if dump:
         with open(dump, "w") as fh:

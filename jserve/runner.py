@@ -6,14 +6,10 @@ loop (``LLMEngine.step``)::
     SchedulerOutput N+1 --RequestRows (per-request state: page rows, sampling params)-->
       [SlotWriter: whole rows of slots taken this step -> slot table]
       pack two flat buffers (StepLayout) --device_put--> compiled step(params, kv [donated],
-      penalty state [donated], slot table [donated], step state [donated: staged buffers,
-      tokens of step N], ibuf, fbuf) = model + sampler in one executable -> (kv, penalty
-      state, slot table, step state, tokens[S], logprobs, top-N)
+      penalty state [donated], slot table [donated], tokens of step N [device], ibuf, fbuf)
+      = model + sampler in one executable -> (kv, penalty state, slot table, tokens[S],
+      logprobs, top-N)
       --copy_to_host_async--> StepHandle
-
-Every buffer the step rewrites stays at its address across calls (donated, updated in place;
-``step_state``): on a GPU the step is one CUDA graph, and XLA re-points the graph's nodes at
-moved buffers before each launch, a host cost that grows with the nodes touched.
     StepHandle N .result() -> RunnerOutput N   (the host waits only here, one step late)
 
 The tokens of step N feed step N+1 on the device: a row over a placeholder takes its input
@@ -70,7 +66,6 @@ from jserve.sampling_batch import SamplerFlags
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
 from jserve.slot_table import SlotWriter
 from jserve.step_buffers import StepLayout
-from jserve.step_state import StepState, new_state, stage
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +97,14 @@ class StepVariant(NamedTuple):
 
 def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant, mesh: Mesh,
                params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
-               state: StepState, ibuf: jax.Array, fbuf: jax.Array) -> tuple:
+               prev_tokens: jax.Array, ibuf: jax.Array, fbuf: jax.Array) -> tuple:
     """Model forward + sampler over one packed step. pen: int32[S_req, V] penalty state (None
     in the greedy variants); table: int32[S_req + 1, W] slot table (page rows, sampling params);
-    state: the staged buffers and the previous step's tokens (``step_state``) -> (kv, pen,
-    table, state, tokens int32[S] (the host's copy), logprobs f32[R], top_ids int32[R, N],
-    top_logprobs f32[R, N]); ``variant.greedy``: argmax only, no penalties, and the three
-    logprob outputs are None."""
-    state, ibuf, fbuf = stage(state, ibuf, fbuf)
+    prev_tokens: int32[S] (the previous step's sampled tokens by row) -> (kv, pen, table,
+    tokens int32[S], logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
+    ``variant.greedy``: argmax only (top-N zeros), no penalties."""
     table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
-    fed = state.last_tokens[jnp.maximum(prev_index, 0)]
+    fed = prev_tokens[jnp.maximum(prev_index, 0)]
     batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
     kv, logits = forward(cfg, params, kv, batch, fresh_prefill=variant.fresh_prefill, mesh=mesh,
                          decode_only=variant.decode_only)
@@ -125,13 +118,10 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
     if pen is not None:
         pen = record_tokens(pen, pen_slot, out.token_ids)
     tokens = jnp.zeros((num_out,), jnp.int32).at[:layout.num_rows].set(out.token_ids)
-    state = state._replace(last_tokens=tokens)
-    if variant.greedy:
-        return kv, pen, table, state, tokens, None, None, None
     r = layout.num_rows
     top_ids = out.top_ids if out.top_ids is not None else jnp.zeros((r, TOP_N), jnp.int32)
     top_lp = out.top_logprobs if out.top_logprobs is not None else jnp.zeros((r, TOP_N), jnp.float32)
-    return kv, pen, table, state, tokens, out.logprobs, top_ids, top_lp
+    return kv, pen, table, tokens, out.logprobs, top_ids, top_lp
 
 
 @dataclass
@@ -187,9 +177,7 @@ class Runner:
                  config.model.vocab_size, state_bytes(sched.max_num_seqs, config.model.vocab_size) / 1e6)
         self._slot_writer = SlotWriter(sched.max_num_seqs, self.rows.table.shape[1], self._replicated)
         self.slot_table = self._slot_writer.zeros()  # int32[max_num_seqs + 1, W], see slot_table
-        self.state = new_state(max(self.layout(t).int_size for t in self._buckets),
-                               max(self.layout(t).float_size for t in self._buckets),
-                               self._num_out, self._replicated)  # see step_state
+        self._prev_tokens = jax.device_put(np.zeros(self._num_out, np.int32), self._replicated)
         self._prev_rows: dict[str, int] = {}
         self.mover = KVPageMover(kv, max(self._pages_per_seq, sched.max_num_seqs),
                                  host_slot_counts(config))
@@ -346,10 +334,11 @@ class Runner:
             raise RuntimeError(f"step variant {variant} was not compiled at warm-up")
         ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
         pen = None if greedy else self.penalty_state
-        self.kv, pen, self.slot_table, self.state, tokens, lp, top_ids, top_lp = step(
-            self.params, self.kv, pen, self.slot_table, self.state, ibuf, fbuf)
+        self.kv, pen, self.slot_table, tokens, lp, top_ids, top_lp = step(
+            self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf)
         if pen is not None:
             self.penalty_state = pen
+        self._prev_tokens = tokens
         self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
         top_n = tuple((p.logprobs or 0) if c.samples else 0 for c, p in zip(out.chunks, params, strict=True))
         want = any(c.samples and p.logprobs is not None for c, p in zip(out.chunks, params, strict=True))
@@ -369,12 +358,11 @@ class Runner:
         rep = self._replicated
         ibuf, fbuf, _ = layout.new_buffers()
         pen = None if greedy else self.penalty_state
-        args = (self.params, self.kv, pen, self.slot_table, self.state,
+        args = (self.params, self.kv, pen, self.slot_table, self._prev_tokens,
                 jax.device_put(ibuf, rep), jax.device_put(fbuf, rep))
         kv_sh = [(k.sharding, v.sharding) for k, v in self.kv]
-        logprob_sh = (None, None, None) if greedy else (rep, rep, rep)
-        return jax.jit(fn, donate_argnums=(1, 2, 3, 4),
-                       out_shardings=(kv_sh, None if greedy else rep, rep, rep, rep, *logprob_sh)
+        return jax.jit(fn, donate_argnums=(1, 2, 3),
+                       out_shardings=(kv_sh, None if greedy else rep, rep, rep, rep, rep, rep)
                        ).lower(*args)
 
     def compile_threads(self) -> int:
@@ -418,8 +406,8 @@ class Runner:
             ibuf, fbuf, _ = layout.new_buffers()
             ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
             pen = None if variant.greedy else self.penalty_state
-            self.kv, pen, self.slot_table, self.state, *_ = self._compiled[variant](
-                self.params, self.kv, pen, self.slot_table, self.state, ibuf, fbuf)
+            self.kv, pen, self.slot_table, _, _, _, _ = self._compiled[variant](
+                self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf)
             if pen is not None:
                 self.penalty_state = pen
         self._slot_init.compile(self.penalty_state)
