@@ -68,6 +68,7 @@ from jserve.page_pool import PagePool
 from jserve.request import Request, RequestStatus
 from jserve.scheduler_output import NewRequestData, RunnerOutput, ScheduledChunk, SchedulerOutput
 
+FAIR_TURN_SEQS = 4  # sequences of one request admitted per turn (n <= 4: the whole request)
 logger = logging.getLogger(__name__)
 
 
@@ -89,6 +90,9 @@ class Scheduler:
                            "are capped at %d tokens", config.max_model_len, pool.num_total,
                            pool.page_size, self.max_model_len)
         self.waiting: deque[Request] = deque()  # arrival order; preempted requests go to the front
+        # Sequences of one request admitted per turn (``_next_waiting``): up to FAIR_TURN_SEQS,
+        # and a quarter of the batch at most, so a small batch still takes strict turns.
+        self._fair_quantum = max(1, min(FAIR_TURN_SEQS, config.max_num_seqs // 4))
         self.num_preemptions_total = 0  # for metrics and tests
         self.running: list[Request] = []        # arrival order; the newest is last
         self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
@@ -198,26 +202,29 @@ class Scheduler:
         """The waiting request whose turn it is (fair admission).
 
         Preempted requests sit at the front and go first (they held pages already). Otherwise
-        the order is (priority, sequences of its request already running, queue position),
-        over the first waiting sequence of each request: the ``n`` sequences of one request
-        take turns with other requests instead of filling the batch first, and a lower
-        priority value goes before a higher one. Within a request, queue order holds (the
-        leader before its siblings, which share its prompt pages)::
+        the order is (priority, turns its request has had, queue position), over the first
+        waiting sequence of each request, where a turn is ``_fair_quantum`` running sequences:
+        the ``n`` sequences of one request take turns with other requests instead of filling
+        the batch first, and a lower priority value goes before a higher one. Within a request,
+        queue order holds (the leader before its siblings, which share its prompt pages). A
+        small ``n`` (up to the quantum) is admitted whole, so its siblings run beside the leader
+        and share its last, partly filled prompt page by copy-on-write::
 
-            waiting  A#0..A#127 (n=128, 8 running)   B (n=1, 0 running)
-            next     B: key (0, 0, 128) < A#8's (0, 8, 0)
+            quantum 4: waiting  A#0..A#127 (n=128, 8 running)   B (n=1, 0 running)
+                       next     B: key (0, 0, 128) < A#8's (0, 8 // 4, 0)
         """
         head = self.waiting[0]
         if head.status is RequestStatus.PREEMPTED:
             return head
-        best, best_key = head, (head.priority, running_per_group[_group(head)], 0)
+        q = self._fair_quantum
+        best, best_key = head, (head.priority, running_per_group[_group(head)] // q, 0)
         seen = {_group(head)}
         for pos, req in enumerate(self.waiting):
             g = _group(req)
             if g in seen:
                 continue
             seen.add(g)
-            key = (req.priority, running_per_group[g], pos)
+            key = (req.priority, running_per_group[g] // q, pos)
             if key < best_key:
                 best, best_key = req, key
         return best

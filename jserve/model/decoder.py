@@ -8,6 +8,7 @@ at trace time, never forks; tensor parallelism comes from the params' shardings.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -28,36 +29,54 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _attention_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Array,
-                     k_pages: jax.Array, v_pages: jax.Array, batch: StepInput, cos: jax.Array,
-                     sin: jax.Array, fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
-                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Layer ``i`` (static) attention: one fused QKV matmul, RoPE, KV write, attention, wo."""
+_LAYER_WEIGHTS = ("ln_attn", "wqkv", "bqkv", "wo", "ln_mlp", "wgu", "wd")
+
+
+def _attention_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, k_pages: jax.Array,
+                     v_pages: jax.Array, batch: StepInput, cos: jax.Array, sin: jax.Array,
+                     window: int | None, fresh_prefill: bool, mesh: Mesh | None,
+                     decode_only: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One layer's attention (``w``: its weights): one fused QKV matmul, RoPE, KV write,
+    attention, wo."""
     t, g, nq = x.shape[0], cfg.q_per_kv_padded, cfg.num_q_heads_padded
-    h = rms_norm(x, params["ln_attn"][i], cfg.rms_norm_eps)
-    qkv = jnp.einsum("th,hngd->tngd", h, params["wqkv"][i])        # [T, Nkv, Gp + 2, d]
+    h = rms_norm(x, w["ln_attn"], cfg.rms_norm_eps)
+    qkv = jnp.einsum("th,hngd->tngd", h, w["wqkv"])                 # [T, Nkv, Gp + 2, d]
     if cfg.qkv_bias:
-        qkv = qkv + params["bqkv"][i]
+        qkv = qkv + w["bqkv"]
     # Gp query heads per kv head (zero-padded heads included: they add exactly 0 through wo).
     q = apply_rope(qkv[:, :, :g].reshape(t, nq, cfg.head_dim), cos, sin)
     k = apply_rope(qkv[:, :, g], cos, sin)
     v = qkv[:, :, g + 1]
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping, mesh)
     scale = cfg.head_dim ** -0.5
-    window = cfg.sliding_windows[i]
     if fresh_prefill:
         o = fresh_prefill_attention(q, k, v, batch, sm_scale=scale, sliding_window=window, mesh=mesh)
     else:
         o = paged_attention(q, k_pages, v_pages, batch, sm_scale=scale, sliding_window=window,
                             mesh=mesh, decode_only=decode_only)
-    return o.reshape(t, nq * cfg.head_dim) @ params["wo"][i], k_pages, v_pages
+    return o.reshape(t, nq * cfg.head_dim) @ w["wo"], k_pages, v_pages
 
 
-def _mlp_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Array) -> jax.Array:
-    """Layer ``i`` (static) MLP: one fused gate/up matmul, SiLU-gate, down projection."""
-    h = rms_norm(x, params["ln_mlp"][i], cfg.rms_norm_eps)
-    gu = jnp.einsum("th,hki->tki", h, params["wgu"][i])            # [T, 2, I]
-    return (jax.nn.silu(gu[:, 0]) * gu[:, 1]) @ params["wd"][i]
+def _mlp_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array) -> jax.Array:
+    """One layer's MLP: one fused gate/up matmul, SiLU-gate, down projection."""
+    h = rms_norm(x, w["ln_mlp"], cfg.rms_norm_eps)
+    gu = jnp.einsum("th,hki->tki", h, w["wgu"])                     # [T, 2, I]
+    return (jax.nn.silu(gu[:, 0]) * gu[:, 1]) @ w["wd"]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
+def _layer(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, k_pages: jax.Array,
+           v_pages: jax.Array, batch: StepInput, rope: tuple[jax.Array, jax.Array],
+           window: int | None, fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decoder layer -> (x, k_pages, v_pages). A nested jit: every layer with the same
+    static arguments shares one trace and one lowered function (the step's StableHLO calls it
+    once per layer and XLA inlines the calls), so tracing and Pallas lowering run once per
+    step variant instead of once per layer."""
+    attn, k_pages, v_pages = _attention_block(cfg, w, x, k_pages, v_pages, batch, *rope, window,
+                                              fresh_prefill, mesh, decode_only)
+    x = x + attn
+    return x + _mlp_block(cfg, w, x), k_pages, v_pages
 
 
 def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,
@@ -66,19 +85,18 @@ def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: 
     """Run every layer over the step's tokens: -> (final-normed hidden [T, H], updated kv).
 
     The layer loop is unrolled over static slices of the stacked weights (``params`` module
-    docstring). ``fresh_prefill`` (static): every row is a fresh prompt, so attention runs over
-    the step's own K/V (flash) instead of the pages; the K/V are written to the pages either
-    way. ``mesh`` (static): the device mesh, for the per-device attention calls under tensor
-    parallelism. ``decode_only`` (static): every request row is a single token."""
+    docstring), each layer one call of the nested-jit ``_layer``. ``fresh_prefill`` (static):
+    every row is a fresh prompt, so attention runs over the step's own K/V (flash) instead of
+    the pages; the K/V are written to the pages either way. ``mesh`` (static): the device mesh,
+    for the per-device attention calls under tensor parallelism. ``decode_only`` (static):
+    every request row is a single token."""
     x = params["embed"][batch.token_ids]
-    cos, sin = rope_cos_sin(batch.positions, inv_frequencies(cfg))
+    rope = rope_cos_sin(batch.positions, inv_frequencies(cfg))
     new_kv = []
     for i in range(cfg.num_layers):
-        k_pages, v_pages = kv[i]
-        attn, k_pages, v_pages = _attention_block(cfg, params, i, x, k_pages, v_pages, batch,
-                                                  cos, sin, fresh_prefill, mesh, decode_only)
-        x = x + attn
-        x = x + _mlp_block(cfg, params, i, x)
+        w = {name: params[name][i] for name in _LAYER_WEIGHTS if name in params}
+        x, k_pages, v_pages = _layer(cfg, w, x, *kv[i], batch, rope, cfg.sliding_windows[i],
+                                     fresh_prefill, mesh, decode_only)
         new_kv.append((k_pages, v_pages))
     return rms_norm(x, params["norm"], cfg.rms_norm_eps), new_kv
 

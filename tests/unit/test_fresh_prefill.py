@@ -37,8 +37,8 @@ def count_steps(engine):
     """-> (paged, flash) call tallies over every compiled bucket of the runner."""
     r = engine.runner
     r._compiled = {k: CountingStep(v) for k, v in r._compiled.items()}
-    return (Tally([v for (_, fresh, _), v in r._compiled.items() if not fresh]),
-            Tally([v for (_, fresh, _), v in r._compiled.items() if fresh]))
+    return (Tally([v for k, v in r._compiled.items() if not k.fresh_prefill]),
+            Tally([v for k, v in r._compiled.items() if k.fresh_prefill]))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
