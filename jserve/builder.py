@@ -27,6 +27,7 @@ from jserve.kv_cache import (
     kv_bytes_per_token,
     pages_for_budget,
 )
+from jserve.model.kv_replicas import replicate_kv_heads, serving_model_config
 from jserve.model.params import load_params, params_bytes, random_params
 from jserve.model.shapes import NAMED_SHAPES, named_shape
 from jserve.options import EngineArgs
@@ -81,7 +82,10 @@ def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | None]:
 
 def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig:
     """The engine's configuration from the user's options (``EngineArgs``, declared in
-    jserve/options.py) and the model; fills in the derived ``max_model_len`` and token budget."""
+    jserve/options.py) and the checkpoint's model; fills in the derived ``max_model_len`` and
+    token budget. ``config.model`` is the model as served: KV heads replicated when
+    ``tensor_parallel_size`` exceeds them (jserve/model/kv_replicas.py)."""
+    model_cfg = serving_model_config(model_cfg, args.tensor_parallel_size)
     max_len = args.max_model_len or min(model_cfg.max_position_embeddings, 4096)
     budget = args.max_num_batched_tokens or max(512, args.max_num_seqs)
     return EngineConfig(
@@ -140,17 +144,18 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     config = make_engine_config(args, model_cfg)
     mesh = make_mesh(config.parallel.tensor_parallel_size)
     if model_dir is not None:
-        params = load_params(model_dir, model_cfg, mesh)
+        params = replicate_kv_heads(load_params(model_dir, model_cfg, mesh), model_cfg,
+                                    config.model, mesh)
         tokenizer = Tokenizer.from_dir(model_dir.path)
     else:
-        params = random_params(model_cfg, mesh, seed=args.seed)
+        params = random_params(config.model, mesh, seed=args.seed)
         tokenizer = None
     weight_bytes = params_bytes(params) // config.parallel.tensor_parallel_size
     plan = plan_pool(config, weight_bytes, mesh.devices.flat[0])
     log.info("model %s (%s, %.2f GB of weights), %s",
              model_dir.path if model_dir is not None else args.model, model_cfg.dtype,
              params_bytes(params) / 1e9, plan.describe())
-    kv = allocate_kv_cache(model_cfg, plan.num_pages, config.cache.page_size, config.kv_dtype, mesh)
+    kv = allocate_kv_cache(config.model, plan.num_pages, config.cache.page_size, config.kv_dtype, mesh)
     runner = Runner(config, params, kv, mesh)
     compile_s = runner.warmup(progress)
     build = BuildInfo(plan, startup_seconds=time.perf_counter() - t0, compile_seconds=compile_s)
