@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 
 from checkpoints import HFModelDir
+from checkpoints.orbax_dir import OrbaxModelDir, is_orbax_dir
 from jserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from jserve.engine import LLMEngine
 from jserve.engine_api import BuildInfo
@@ -28,7 +29,8 @@ from jserve.kv_cache import (
     pages_for_budget,
 )
 from jserve.model.kv_replicas import replicate_kv_heads, serving_model_config
-from jserve.model.params import load_params, params_bytes, random_params
+from jserve.model.orbax_params import restore_params
+from jserve.model.params import Params, load_params, params_bytes, random_params
 from jserve.model.shapes import NAMED_SHAPES, named_shape
 from jserve.options import EngineArgs
 from jserve.penalty_state import state_bytes
@@ -62,7 +64,7 @@ def default_model_path(name: str = "code-small") -> Path:
     return Path(__file__).resolve().parent / "default_model" / name
 
 
-def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | None]:
+def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | OrbaxModelDir | None]:
     if args.model is None:
         path = default_model_path()
         if not (path / "config.json").is_file():
@@ -74,6 +76,11 @@ def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | None]:
             raise ValueError(f"model: {args.model!r} is a named shape; pass random_weights=True "
                              "to run it with random weights, or an HF model directory")
         return named_shape(args.model, args.dtype), None
+    if is_orbax_dir(args.model):   # written by `jserve convert`
+        orbax_dir = OrbaxModelDir(args.model)
+        cfg = ModelConfig.from_hf_config(orbax_dir.config, source=str(orbax_dir.path / "config.json"),
+                                         dtype=args.dtype or orbax_dir.dtype)
+        return cfg, orbax_dir
     model_dir = HFModelDir(args.model)
     cfg = ModelConfig.from_hf_config(model_dir.config, source=str(Path(args.model) / "config.json"),
                                      dtype=args.dtype)
@@ -135,6 +142,13 @@ def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None) -> Pool
     return PoolPlan(per_token, config.cache.page_size, num_pages, config.scheduler.max_model_len)
 
 
+def _load_checkpoint(model_dir: HFModelDir | OrbaxModelDir, cfg: ModelConfig, mesh) -> Params:
+    """The checkpoint layout of ``cfg`` on ``mesh``: restored from orbax, or streamed from HF."""
+    if isinstance(model_dir, OrbaxModelDir):
+        return restore_params(model_dir, cfg, mesh)
+    return load_params(model_dir, cfg, mesh)
+
+
 def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None) -> LLMEngine:
     """Load, size the pool, compile every step variant (``progress`` gets a line per compiled
     step; default: the log) -> a warmed-up engine."""
@@ -144,7 +158,7 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     config = make_engine_config(args, model_cfg)
     mesh = make_mesh(config.parallel.tensor_parallel_size)
     if model_dir is not None:
-        params = replicate_kv_heads(load_params(model_dir, model_cfg, mesh), model_cfg,
+        params = replicate_kv_heads(_load_checkpoint(model_dir, model_cfg, mesh), model_cfg,
                                     config.model, mesh)
         tokenizer = Tokenizer.from_dir(model_dir.path)
     else:
