@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -135,6 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"jserve: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from jserve.multiprocess import PeerError
+
+        if not isinstance(e, PeerError):
+            raise
+        print(f"jserve: error: {e}", file=sys.stderr, flush=True)
+        os._exit(3)   # not sys.exit: JAX's shutdown barrier would wait for the dead peer
 
 
 if __name__ == "__main__":

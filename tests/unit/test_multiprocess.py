@@ -1,0 +1,131 @@
+"""Multi-process serving on CPU: 2 processes (one forced host device each, JAX's gloo
+collectives) give the tokens of 1 process; bad launches and dead peers end with clear errors
+within the timeout instead of hanging."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fixture_paths import GOLDEN
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("multiprocess_worker.py")
+MODEL = str(GOLDEN / "llama")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JSERVE_")}
+    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1", **extra)
+    return env
+
+
+def _generate_argv(cache: str) -> list[str]:
+    return [sys.executable, "-m", "jserve", "generate", "--model", MODEL, "--dtype", "float32",
+            "--max-num-seqs", "4", "--max-num-batched-tokens", "16", "--num-pages", "40",
+            "--max-tokens", "8", "--prompt", "def hello", "--prompt", "world peace",
+            "--compilation-cache-dir", cache]
+
+
+def _text_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if not line.startswith("[Gloo]")]
+
+
+def test_two_process_generate_equals_one_process(xla_cache_dir, tmp_path):
+    """scripts/launch_multihost starts the job (launch values as JSERVE_* variables)."""
+    one = subprocess.run(_generate_argv(xla_cache_dir), env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [str(ROOT / "scripts" / "launch_multihost"), "-n", "2", "--cpu", "--port", str(_free_port()),
+              "--log-dir", str(tmp_path), "--"]
+    two = subprocess.run(launch + _generate_argv(xla_cache_dir) + ["--tp", "2"], env=_env(),
+                         capture_output=True, text=True, timeout=600)
+    follower_log = (tmp_path / "process-1.log").read_text()
+    assert two.returncode == 0, two.stderr[-3000:] + follower_log[-3000:]
+    assert _text_lines(two.stdout) == _text_lines(one.stdout) and len(_text_lines(one.stdout)) >= 2
+    assert "process 0 stopped after" in follower_log and "def hello" not in follower_log
+
+
+@pytest.mark.parametrize("flags,env,match", [
+    (["--num-processes", "2", "--process-id", "1"], {}, "coordinator_address"),
+    (["--num-processes", "2", "--process-id", "2", "--coordinator-address", "127.0.0.1:9"], {},
+     r"process_id must be an integer in \[0, 2\)"),
+    ([], {"JSERVE_NUM_PROCESSES": "2", "JSERVE_PROCESS_ID": "5", "JSERVE_COORDINATOR_ADDRESS": "h:1"},
+     r"process_id must be an integer in \[0, 2\)"),
+    ([], {"JSERVE_NUM_PROCESSES": "two"}, "JSERVE_NUM_PROCESSES must be an integer"),
+    (["--num-processes", "2", "--process-id", "0", "--coordinator-address", "localhost"], {}, "host:port"),
+    (["--num-processes", "2", "--process-id", "1", "--coordinator-address", "127.0.0.1:{port}",
+      "--distributed-timeout-s", "2"], {}, r"coordinator 127\.0\.0\.1:\d+ is not reachable after 2 s"),
+])
+def test_bad_launch_arguments_fail_fast_and_by_name(flags, env, match, xla_cache_dir):
+    flags = [f.format(port=_free_port()) for f in flags]
+    t0 = time.monotonic()
+    proc = subprocess.run(_generate_argv(xla_cache_dir) + flags, env=_env(**env), capture_output=True,
+                          text=True, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert re.search(match, proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert elapsed < 30, elapsed          # seconds, not JAX's 5-minute join timeout
+
+
+def _start_job(cache: str) -> list[subprocess.Popen]:
+    port = _free_port()
+    env = _env(JSERVE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JSERVE_NUM_PROCESSES="2")
+    procs = [subprocess.Popen([sys.executable, str(WORKER), MODEL, cache],
+                              env=dict(env, JSERVE_PROCESS_ID=str(i)), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    line = ""
+    while line.strip() != "READY":           # both engines built (warm-up runs in lockstep)
+        line = procs[0].stdout.readline()
+        if not line:
+            for p in procs:
+                p.kill()
+            pytest.fail("process 0 died before READY: " + procs[0].stderr.read()[-3000:])
+    return procs
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_dead_follower_stops_process0_within_the_timeout(xla_cache_dir):
+    """The worker's distributed_timeout_s is 10 s."""
+    leader, follower = _start_job(xla_cache_dir)
+    follower.kill()
+    follower.wait()
+    t0 = time.monotonic()
+    leader.stdin.write("go\n")
+    leader.stdin.flush()
+    out, err = _wait(leader, 60)
+    assert leader.returncode != 0
+    assert time.monotonic() - t0 < 40
+    assert re.search(r"another (process of the job|task) (probably )?died", err), err[-3000:]
+
+
+def test_dead_process0_stops_the_follower_within_the_timeout(xla_cache_dir):
+    leader, follower = _start_job(xla_cache_dir)
+    leader.kill()
+    leader.wait()
+    t0 = time.monotonic()
+    out, err = _wait(follower, 60)
+    assert follower.returncode != 0
+    assert time.monotonic() - t0 < 40
+    assert re.search(r"lost process 0|another task died", err), err[-3000:]
+    assert json.dumps([]) not in out
