@@ -129,3 +129,15 @@ def test_dead_process0_stops_the_follower_within_the_timeout(xla_cache_dir):
     assert time.monotonic() - t0 < 40
     assert re.search(r"lost process 0|another task died", err), err[-3000:]
     assert json.dumps([]) not in out
+
+
+def test_a_mesh_that_leaves_out_a_process_is_refused_by_both(xla_cache_dir):
+    port = _free_port()
+    argv = _generate_argv(xla_cache_dir) + ["--num-processes", "2", "--coordinator-address",
+                                            f"127.0.0.1:{port}", "--distributed-timeout-s", "10"]
+    procs = [subprocess.Popen(argv + ["--process-id", str(i)], env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errs = [_wait(p, 60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2]
+    for err in errs:
+        assert "every process must hold part of the mesh (e.g. tensor_parallel_size=2)" in err, err[-2000:]
