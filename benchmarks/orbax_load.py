@@ -99,16 +99,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--drop-caches", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the written directories")
+    ap.add_argument("--reuse", action="store_true", help="reuse directories a --keep run left")
     ns = ap.parse_args()
     root = Path(ns.dir)
     hf, orbax = root / "hf", root / "orbax"
-    shutil.rmtree(root, ignore_errors=True)
-    t = time.perf_counter()
-    cfg = write_hf_dir(hf, ns.shape)
-    write_s = time.perf_counter() - t
-    t = time.perf_counter()
-    convert(str(hf), str(orbax), dtype="bfloat16", tensor_parallel_size=ns.tp)
-    convert_s = time.perf_counter() - t
+    write_s = convert_s = 0.0
+    if ns.reuse and (orbax / "jserve_checkpoint.json").is_file():
+        cfg = ModelConfig.from_hf_config(NAMED_SHAPES[ns.shape], dtype="bfloat16")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        t = time.perf_counter()
+        cfg = write_hf_dir(hf, ns.shape)
+        write_s = time.perf_counter() - t
+        t = time.perf_counter()
+        convert(str(hf), str(orbax), dtype="bfloat16", tensor_parallel_size=ns.tp)
+        convert_s = time.perf_counter() - t
     mesh = make_mesh(ns.tp)
     loaders = {"safetensors (load_params)": lambda: load_params(HFModelDir(hf), cfg, mesh),
                "orbax (restore_params)": lambda: restore_params(OrbaxModelDir(orbax), cfg, mesh)}

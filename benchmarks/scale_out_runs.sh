@@ -6,7 +6,8 @@
 #                                         # 2-process job vs one GPU) + the 2-process jserve generate
 #   bash benchmarks/scale_out_runs.sh 2   # Llama-3.1-8B 500 x 200/180: tp1 vs tp2 vs dp2
 #   bash benchmarks/scale_out_runs.sh 3   # the same as 2 processes (mp2), one GPU each
-#   bash benchmarks/scale_out_runs.sh 4   # load time: safetensors vs orbax, 8B shape, tp=1 and tp=2
+#   bash benchmarks/scale_out_runs.sh 4   # load time: safetensors vs orbax, 8B shape, tp=1 (writes the dirs)
+#   bash benchmarks/scale_out_runs.sh 5   # the same directories restored onto tp=2
 #
 # Targets (issue 14): tp2 >= 1.7x tp1 throughput and >= 1.5x batch-1 decode; dp2 >= 1.9x.
 set -uo pipefail
@@ -26,7 +27,7 @@ case "${1:-1}" in
   timeout 580 python3 benchmarks/scale_out.py --model llama3.1-8b --random-weights --layouts tp2,mp2 \
     --num-requests 500 --input-len 200 --output-len 180 2>&1 | quiet | tail -12 ;;
 4)
-  for tp in 1 2; do
-    timeout 280 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp "$tp" 2>&1 | quiet | tail -8
-  done ;;
+  timeout 580 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 1 --keep 2>&1 | quiet | tail -8 ;;
+5)
+  timeout 580 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 2 --reuse 2>&1 | quiet | tail -8 ;;
 esac
