@@ -12,7 +12,7 @@ dispatches the same plan on its own devices: the collectives inside the step lin
 
 The channel is the key-value store of JAX's distributed runtime (the coordinator that
 ``jax.distributed.initialize`` started in process 0): plan i is the pickled value under key
-``jserve/step/i``; followers long-poll it. No extra port, no extra service.
+``jserve/step/<i // 256>/i``; followers long-poll it. No extra port, no extra service.
 
 Failure: nothing hangs forever.
   - a follower dies: the leader's wait for a step's tokens fails (CPU collectives) or stalls
@@ -43,8 +43,14 @@ log = logging.getLogger(__name__)
 
 STOP = "stop"
 _PREFIX = "jserve/step/"
-_KEEP = 256          # published plans kept in the store (followers trail by at most a few)
+_KEEP = 256          # plans per block of keys; followers trail the leader by a few steps at most
 _POLL_MS = 1000
+
+
+def _key(step: int) -> str:
+    """Plans live in blocks of ``_KEEP`` (``jserve/step/<block>/<step>``) so the leader drops a
+    whole old block with one call."""
+    return f"{_PREFIX}{step // _KEEP}/{step}"
 
 
 class PeerError(RuntimeError):
@@ -74,14 +80,15 @@ class StepChannel:
         """Leader: send the next plan (or ``STOP``)."""
         i = self._next
         self._next += 1
-        self._client.key_value_set_bytes(f"{_PREFIX}{i}", pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
-        if i >= _KEEP:
-            self._client.key_value_delete(f"{_PREFIX}{i - _KEEP}")
+        self._client.key_value_set_bytes(_key(i), pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+        block = i // _KEEP
+        if i % _KEEP == 0 and block >= 2:   # one delete per block: the block before the last
+            self._client.key_value_delete(f"{_PREFIX}{block - 2}/")
 
     def receive(self) -> SchedulerOutput | str:
         """Follower: the next plan, waiting as long as the leader is idle; ``PeerError`` when
         the leader (and its coordinator) is gone."""
-        key = f"{_PREFIX}{self._next}"
+        key = _key(self._next)
         while True:
             try:
                 data = self._client.blocking_key_value_get_bytes(key, _POLL_MS)

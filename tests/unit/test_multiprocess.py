@@ -141,3 +141,48 @@ def test_a_mesh_that_leaves_out_a_process_is_refused_by_both(xla_cache_dir):
     assert [p.returncode for p in procs] == [2, 2]
     for err in errs:
         assert "every process must hold part of the mesh (e.g. tensor_parallel_size=2)" in err, err[-2000:]
+
+
+_CHANNEL = """
+import sys
+from jserve.multiprocess import STOP, StepChannel, _key
+from jserve.scheduler_output import ScheduledChunk, SchedulerOutput
+from sharding import initialize_multihost
+import jax
+initialize_multihost(sys.argv[1], 2, int(sys.argv[2]), timeout_s=20)
+ch = StepChannel(20)
+n = 600
+if ch.is_leader:
+    for i in range(n):
+        ch.publish(SchedulerOutput(chunks=[ScheduledChunk("r", i, 1, (i,))]))
+    ch.publish(STOP)
+    from jax._src import distributed
+    c = distributed.global_state.client
+    try:
+        c.key_value_try_get_bytes(_key(5))
+        print("KEPT-OLD")
+    except Exception:
+        print("DELETED-OLD")
+    print("KEPT-NEW" if c.key_value_try_get_bytes(_key(n - 1)) else "")
+else:
+    starts = []
+    while True:
+        m = ch.receive()
+        if m == STOP:
+            break
+        starts.append(m.chunks[0].start)
+    print("OK" if starts == list(range(n)) else f"BAD {starts[:5]}")
+print("agreed", ch.agree_min("x", 10 + jax.process_index()), flush=True)
+"""
+
+
+def test_step_channel_orders_plans_and_drops_old_blocks():
+    """600 plans (over two blocks of keys) arrive in order; the oldest block is deleted."""
+    addr = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", _CHANNEL, addr, str(i)], env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [_wait(p, 120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "DELETED-OLD" in outs[0][0] and "KEPT-NEW" in outs[0][0]
+    assert "OK" in outs[1][0]
+    assert all("agreed 10" in o for o, _ in outs)
