@@ -6,8 +6,9 @@ and returns a ``DataParallelEngine``: the same narrow API (add / abort / step / 
 startup), so ``LLM``, ``AsyncEngine`` and the server need no change::
 
     add_request --PrefixRouter(prompt prefix, loads)--> replica i .add_request
-    step()      --> every replica with work steps (each dispatch returns at once, so the
-                    replicas' devices run concurrently) --> their outputs, concatenated
+    step()      --> every replica with work steps, each on its own host thread (a replica's
+                    wait for its previous step's tokens does not hold up the others' dispatch,
+                    so every device stays fed) --> their outputs, concatenated
 
 Routing (``PrefixRouter``): a request goes to the replica that last took a request sharing
 the longest prefix of its prompt (its pages are likely in that replica's prefix cache), unless
@@ -22,6 +23,7 @@ import dataclasses
 import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from jserve.config import EngineConfig
 from jserve.engine import LLMEngine, Prompt
@@ -92,6 +94,7 @@ class DataParallelEngine:
                                              slack=max(1, first.config.scheduler.max_num_seqs // 2))
         self._owner: dict[str, int] = {}
         self._ids = itertools.count()
+        self._pool = ThreadPoolExecutor(max_workers=len(self.replicas), thread_name_prefix="jserve-dp")
         s = first.startup
         pages = sum(r.startup.pool_plan.num_pages - 1 for r in self.replicas) + 1
         self._startup = dataclasses.replace(
@@ -135,14 +138,19 @@ class DataParallelEngine:
         return any(r.has_unfinished_requests() for r in self.replicas)
 
     def step(self) -> list[RequestOutput]:
-        """One step of every replica that has work (their devices run concurrently)."""
+        """One step of every replica that has work, concurrently (one thread per replica;
+        the call returns when all have stepped, so requests are never added mid-step)."""
+        busy = [r for r in self.replicas if r.has_unfinished_requests()]
+        if len(busy) == 1:
+            results = [busy[0].step()]
+        else:
+            results = [f.result() for f in [self._pool.submit(r.step) for r in busy]]
         outputs: list[RequestOutput] = []
-        for r in self.replicas:
-            if r.has_unfinished_requests():
-                for out in r.step():
-                    if out.finished:
-                        self._owner.pop(out.request_id, None)
-                    outputs.append(out)
+        for outs in results:
+            for out in outs:
+                if out.finished:
+                    self._owner.pop(out.request_id, None)
+                outputs.append(out)
         return outputs
 
     # ------------------------------------------------------------------ narrow API
