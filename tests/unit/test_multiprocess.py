@@ -43,18 +43,32 @@ def _text_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if not line.startswith("[Gloo]")]
 
 
-def test_two_process_generate_equals_one_process(xla_cache_dir, tmp_path):
-    """scripts/launch_multihost starts the job (launch values as JSERVE_* variables)."""
+@pytest.fixture(scope="module")
+def one_process_text(xla_cache_dir) -> list[str]:
     one = subprocess.run(_generate_argv(xla_cache_dir), env=_env(), capture_output=True, text=True,
                          timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
+    lines = _text_lines(one.stdout)
+    assert len(lines) >= 2
+    return lines
+
+
+@pytest.mark.parametrize("source", ["safetensors", "orbax"])
+def test_two_process_generate_equals_one_process(one_process_text, xla_cache_dir, tmp_path, source):
+    """scripts/launch_multihost starts the job (launch values as JSERVE_* variables); the orbax
+    variant restores a `jserve convert` directory across the two processes."""
+    argv = _generate_argv(xla_cache_dir) + ["--tp", "2"]
+    if source == "orbax":
+        from jserve.convert import convert
+
+        convert(MODEL, str(tmp_path / "orbax"), dtype="float32")
+        argv[argv.index(MODEL)] = str(tmp_path / "orbax")
     launch = [str(ROOT / "scripts" / "launch_multihost"), "-n", "2", "--cpu", "--port", str(_free_port()),
               "--log-dir", str(tmp_path), "--"]
-    two = subprocess.run(launch + _generate_argv(xla_cache_dir) + ["--tp", "2"], env=_env(),
-                         capture_output=True, text=True, timeout=600)
+    two = subprocess.run(launch + argv, env=_env(), capture_output=True, text=True, timeout=600)
     follower_log = (tmp_path / "process-1.log").read_text()
     assert two.returncode == 0, two.stderr[-3000:] + follower_log[-3000:]
-    assert _text_lines(two.stdout) == _text_lines(one.stdout) and len(_text_lines(one.stdout)) >= 2
+    assert _text_lines(two.stdout) == one_process_text
     assert "process 0 stopped after" in follower_log and "def hello" not in follower_log
 
 
