@@ -150,7 +150,7 @@ def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None) -> Pool
     return PoolPlan(per_token, config.cache.page_size, num_pages, config.scheduler.max_model_len)
 
 
-def _load_checkpoint(model_dir: HFModelDir | OrbaxModelDir, cfg: ModelConfig, mesh) -> Params:
+def _load_checkpoint(model_dir: HFModelDir | OrbaxModelDir, cfg: ModelConfig, mesh: Mesh) -> Params:
     """The checkpoint layout of ``cfg`` on ``mesh``: restored from orbax, or streamed from HF."""
     if isinstance(model_dir, OrbaxModelDir):
         return restore_params(model_dir, cfg, mesh)
@@ -176,15 +176,15 @@ def _build_data_parallel(args: EngineArgs, progress: Callable[[str], None] | Non
     return DataParallelEngine(replicas)
 
 
-def _join_job(parallel: ParallelConfig) -> StepChannel | None:
+def _join_job(args: EngineArgs) -> StepChannel | None:
     """Join the multi-process job the launch values (options, else ``JSERVE_*`` variables)
     describe -> its step channel; None for a single process."""
-    values = launch_values(parallel.coordinator_address, parallel.num_processes, parallel.process_id)
+    values = launch_values(args.coordinator_address, args.num_processes, args.process_id)
     if not check_launch(*values):
         return None
     if not jax.distributed.is_initialized():
-        initialize_multihost(*values, timeout_s=parallel.distributed_timeout_s)
-    return StepChannel(parallel.distributed_timeout_s)
+        initialize_multihost(*values, timeout_s=args.distributed_timeout_s)
+    return StepChannel(args.distributed_timeout_s)
 
 
 def _check_mesh_spans_job(mesh: Mesh) -> None:
@@ -216,10 +216,7 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     if args.data_parallel_size > 1:
         return _build_data_parallel(args, progress)
     t0 = time.perf_counter()
-    channel = _join_job(ParallelConfig(
-        args.tensor_parallel_size, coordinator_address=args.coordinator_address,
-        num_processes=args.num_processes, process_id=args.process_id,
-        distributed_timeout_s=args.distributed_timeout_s))
+    channel = _join_job(args)
     _enable_compilation_cache(args.compilation_cache_dir)
     model_cfg, model_dir = resolve_model(args)
     config = make_engine_config(args, model_cfg)
