@@ -11,13 +11,16 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
+from jax.sharding import Mesh
 
 from checkpoints import HFModelDir
+from checkpoints.orbax_dir import OrbaxModelDir, is_orbax_dir
 from jserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from jserve.data_parallel import DataParallelEngine
 from jserve.engine import LLMEngine
 from jserve.engine_api import BuildInfo
 from jserve.kv_cache import (
@@ -27,13 +30,17 @@ from jserve.kv_cache import (
     kv_bytes_per_token,
     pages_for_budget,
 )
-from jserve.model.params import load_params, params_bytes, random_params
+from jserve.model.kv_replicas import replicate_kv_heads, serving_model_config
+from jserve.model.orbax_params import restore_params
+from jserve.model.params import Params, load_params, params_bytes, random_params
 from jserve.model.shapes import NAMED_SHAPES, named_shape
+from jserve.multiprocess import LeaderRunner, StepChannel, follow
 from jserve.options import EngineArgs
 from jserve.penalty_state import state_bytes
 from jserve.runner import Runner
 from jserve.tokenizer import Tokenizer
 from sharding import make_mesh
+from sharding.multihost import check_launch, initialize_multihost, launch_values
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,7 @@ def default_model_path(name: str = "code-small") -> Path:
     return Path(__file__).resolve().parent / "default_model" / name
 
 
-def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | None]:
+def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | OrbaxModelDir | None]:
     if args.model is None:
         path = default_model_path()
         if not (path / "config.json").is_file():
@@ -73,6 +80,11 @@ def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | None]:
             raise ValueError(f"model: {args.model!r} is a named shape; pass random_weights=True "
                              "to run it with random weights, or an HF model directory")
         return named_shape(args.model, args.dtype), None
+    if is_orbax_dir(args.model):   # written by `jserve convert`
+        orbax_dir = OrbaxModelDir(args.model)
+        cfg = ModelConfig.from_hf_config(orbax_dir.config, source=str(orbax_dir.path / "config.json"),
+                                         dtype=args.dtype or orbax_dir.dtype)
+        return cfg, orbax_dir
     model_dir = HFModelDir(args.model)
     cfg = ModelConfig.from_hf_config(model_dir.config, source=str(Path(args.model) / "config.json"),
                                      dtype=args.dtype)
@@ -81,7 +93,10 @@ def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | None]:
 
 def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig:
     """The engine's configuration from the user's options (``EngineArgs``, declared in
-    jserve/options.py) and the model; fills in the derived ``max_model_len`` and token budget."""
+    jserve/options.py) and the checkpoint's model; fills in the derived ``max_model_len`` and
+    token budget. ``config.model`` is the model as served: KV heads replicated when
+    ``tensor_parallel_size`` exceeds them (jserve/model/kv_replicas.py)."""
+    model_cfg = serving_model_config(model_cfg, args.tensor_parallel_size)
     max_len = args.max_model_len or min(model_cfg.max_position_embeddings, 4096)
     budget = args.max_num_batched_tokens or max(512, args.max_num_seqs)
     return EngineConfig(
@@ -96,7 +111,11 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
                                   max_model_len=max_len, max_waiting=args.max_waiting,
                                   flash_prefill_min_tokens=args.flash_prefill_min_tokens,
                                   async_scheduling=args.async_scheduling),
-        parallel=ParallelConfig(args.tensor_parallel_size), seed=args.seed)
+        parallel=ParallelConfig(args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+                                coordinator_address=args.coordinator_address,
+                                num_processes=args.num_processes, process_id=args.process_id,
+                                distributed_timeout_s=args.distributed_timeout_s),
+        seed=args.seed)
 
 
 def runner_state_bytes(config: EngineConfig) -> int:
@@ -131,28 +150,101 @@ def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None) -> Pool
     return PoolPlan(per_token, config.cache.page_size, num_pages, config.scheduler.max_model_len)
 
 
-def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None) -> LLMEngine:
+def _load_checkpoint(model_dir: HFModelDir | OrbaxModelDir, cfg: ModelConfig, mesh: Mesh) -> Params:
+    """The checkpoint layout of ``cfg`` on ``mesh``: restored from orbax, or streamed from HF."""
+    if isinstance(model_dir, OrbaxModelDir):
+        return restore_params(model_dir, cfg, mesh)
+    return load_params(model_dir, cfg, mesh)
+
+
+def _build_data_parallel(args: EngineArgs, progress: Callable[[str], None] | None) -> DataParallelEngine:
+    """``data_parallel_size`` replicas, replica i on devices ``[i*tp, (i+1)*tp)``."""
+    dp, tp = args.data_parallel_size, args.tensor_parallel_size
+    if check_launch(*launch_values(args.coordinator_address, args.num_processes, args.process_id)):
+        raise ValueError("data_parallel_size > 1 is not supported in a multi-process job yet: run one "
+                         "job per replica")
+    devices = jax.devices()
+    if dp * tp > len(devices):
+        raise ValueError(f"data_parallel_size={dp} x tensor_parallel_size={tp} needs {dp * tp} devices "
+                         f"but only {len(devices)} {devices[0].platform} device(s) are available")
+    one = dataclasses.replace(args, data_parallel_size=1)
+    replicas = []
+    for i in range(dp):
+        say = progress or log.info
+        say(f"data-parallel replica {i + 1}/{dp} on devices {[d.id for d in devices[i * tp:(i + 1) * tp]]}")
+        replicas.append(build_engine(one, progress, devices=devices[i * tp:(i + 1) * tp]))
+    return DataParallelEngine(replicas)
+
+
+def _join_job(args: EngineArgs) -> StepChannel | None:
+    """Join the multi-process job the launch values (options, else ``JSERVE_*`` variables)
+    describe -> its step channel; None for a single process."""
+    values = launch_values(args.coordinator_address, args.num_processes, args.process_id)
+    if not check_launch(*values):
+        return None
+    if not jax.distributed.is_initialized():
+        initialize_multihost(*values, timeout_s=args.distributed_timeout_s)
+    return StepChannel(args.distributed_timeout_s)
+
+
+def _check_mesh_spans_job(mesh: Mesh) -> None:
+    used = {d.process_index for d in mesh.devices.flat}
+    if len(used) != jax.process_count():
+        raise ValueError(f"tensor_parallel_size={mesh.size} puts the mesh on the devices of process(es) "
+                         f"{sorted(used)} only, but the job has {jax.process_count()} processes with "
+                         f"{len(jax.devices())} devices in all: every process must hold part of the mesh "
+                         f"(e.g. tensor_parallel_size={len(jax.devices())})")
+
+
+def _local_device(mesh: Mesh) -> jax.Device:
+    """A device of the mesh this process can address (memory stats exist only for those)."""
+    return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+
+
+def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None,
+                 devices: Sequence[jax.Device] | None = None) -> LLMEngine | DataParallelEngine:
     """Load, size the pool, compile every step variant (``progress`` gets a line per compiled
-    step; default: the log) -> a warmed-up engine."""
+    step; default: the log) -> a warmed-up engine on ``devices`` (default: the first
+    ``tensor_parallel_size`` of ``jax.devices()``).
+
+    ``data_parallel_size`` > 1: that many engines on disjoint devices behind one
+    ``DataParallelEngine`` (jserve/data_parallel.py).
+
+    In a multi-process job (jserve/multiprocess.py) every process builds the same engine; on
+    processes other than 0 this never returns: the process runs process 0's steps until
+    process 0 stops, then exits (``SystemExit(0)``)."""
+    if args.data_parallel_size > 1:
+        return _build_data_parallel(args, progress)
     t0 = time.perf_counter()
+    channel = _join_job(args)
     _enable_compilation_cache(args.compilation_cache_dir)
     model_cfg, model_dir = resolve_model(args)
     config = make_engine_config(args, model_cfg)
-    mesh = make_mesh(config.parallel.tensor_parallel_size)
+    mesh = make_mesh(config.parallel.tensor_parallel_size, devices)
+    if channel is not None:
+        _check_mesh_spans_job(mesh)
     if model_dir is not None:
-        params = load_params(model_dir, model_cfg, mesh)
+        params = replicate_kv_heads(_load_checkpoint(model_dir, model_cfg, mesh), model_cfg,
+                                    config.model, mesh)
         tokenizer = Tokenizer.from_dir(model_dir.path)
     else:
-        params = random_params(model_cfg, mesh, seed=args.seed)
+        params = random_params(config.model, mesh, seed=args.seed)
         tokenizer = None
     weight_bytes = params_bytes(params) // config.parallel.tensor_parallel_size
-    plan = plan_pool(config, weight_bytes, mesh.devices.flat[0])
+    plan = plan_pool(config, weight_bytes, _local_device(mesh))
+    if channel is not None:   # every process must allocate the same pool
+        plan = dataclasses.replace(plan, num_pages=channel.agree_min("num_pages", plan.num_pages))
     log.info("model %s (%s, %.2f GB of weights), %s",
              model_dir.path if model_dir is not None else args.model, model_cfg.dtype,
              params_bytes(params) / 1e9, plan.describe())
-    kv = allocate_kv_cache(model_cfg, plan.num_pages, config.cache.page_size, config.kv_dtype, mesh)
+    kv = allocate_kv_cache(config.model, plan.num_pages, config.cache.page_size, config.kv_dtype, mesh)
     runner = Runner(config, params, kv, mesh)
     compile_s = runner.warmup(progress)
+    if channel is not None:
+        if not channel.is_leader:
+            follow(runner, channel)
+            raise SystemExit(0)
+        runner = LeaderRunner(runner, channel)
     build = BuildInfo(plan, startup_seconds=time.perf_counter() - t0, compile_seconds=compile_s)
     engine = LLMEngine(config, runner, tokenizer, plan.num_pages, build)
     log.info("engine ready in %.1f s (compile %.1f s)", build.startup_seconds, compile_s)

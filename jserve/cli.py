@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 
+from jserve.convert import add_convert_parser
 from jserve.options import OPTIONS, EngineArgs, Option, options_for
 
 
@@ -120,6 +122,7 @@ def build_parser_and_subcommands() -> tuple[argparse.ArgumentParser, argparse._S
     # run on a CPU is ready in seconds (later runs hit the persistent compilation cache).
     g.set_defaults(func=_cmd_generate)
     add_plan_parser(sub)
+    add_convert_parser(sub)
     return parser, sub
 
 
@@ -127,11 +130,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))  # orbax
     try:
         return ns.func(ns)
     except ValueError as e:
         print(f"jserve: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from jserve.multiprocess import PeerError
+
+        if not isinstance(e, PeerError):
+            raise
+        print(f"jserve: error: {e}", file=sys.stderr, flush=True)
+        os._exit(3)   # not sys.exit: JAX's shutdown barrier would wait for the dead peer
 
 
 if __name__ == "__main__":

@@ -251,7 +251,15 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """The mesh and the processes that share it (jserve/multiprocess.py). The launch values
+    are checked together when the job starts (``sharding.initialize_multihost``)."""
+
     tensor_parallel_size: int = default_of("tensor_parallel_size")
+    data_parallel_size: int = default_of("data_parallel_size")
+    coordinator_address: str | None = default_of("coordinator_address")
+    num_processes: int | None = default_of("num_processes")
+    process_id: int | None = default_of("process_id")
+    distributed_timeout_s: int = default_of("distributed_timeout_s")
 
     def __post_init__(self) -> None:
         validate_fields(self)

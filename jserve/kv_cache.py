@@ -89,8 +89,13 @@ def memory_budget(bytes_limit: int, fraction: float, in_use_bytes: int) -> int:
 def device_memory_budget(device: jax.Device, fraction: float, used_bytes: int) -> int | None:
     """Bytes the pool may take on ``device``: fraction of its memory minus what is in use.
 
-    None when the backend reports no memory limit (CPU).
+    None when the backend reports no memory limit (CPU). ``device`` must be one of this
+    process's devices (a multi-process mesh holds others': pass a local one).
     """
+    owner = getattr(device, "process_index", jax.process_index())
+    if owner != jax.process_index():
+        raise ValueError(f"device_memory_budget: {device} belongs to process {owner}, "
+                         f"not this one ({jax.process_index()}); pass one of jax.local_devices()")
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
         return None

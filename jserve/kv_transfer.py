@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jserve.host_pages import HostPages
 from jserve.kv_cache import KVCache
 from jserve.scheduler_output import KVTransfers
+from sharding import host_to_global
 
 MAX_TRANSFER_BUCKET = 256
 HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
@@ -123,7 +124,7 @@ class KVPageMover:
         return out
 
     def _ids(self, values: list[int]) -> jax.Array:
-        return jax.device_put(np.asarray(values, np.int32), self._ids_sharding)
+        return host_to_global(np.asarray(values, np.int32), self._ids_sharding)
 
     def _to_host(self, pages: tuple[jax.Array, ...]) -> list[jax.Array]:
         return jax.device_put(list(pages), [self._on_host] * len(pages))

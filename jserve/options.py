@@ -205,6 +205,21 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            normalize=_dtype_alias, help="KV cache dtype (auto = the weight dtype)"),
     Option("tensor_parallel_size", int, 1, minimum=1, commands=COMMANDS, aliases=("--tp",),
            help="devices of one host that shard attention heads and MLP columns"),
+    Option("data_parallel_size", int, 1, minimum=1, aliases=("--dp",),
+           help="engine replicas (each on tensor_parallel_size devices of its own) behind one "
+           "API; requests are routed by load and prompt-prefix affinity"),
+    Option("coordinator_address", str, None, nullable=True,
+           default_text="$JSERVE_COORDINATOR_ADDRESS, else one process",
+           help="host:port of process 0's coordinator, for a job of several processes "
+           "(jax.distributed; scripts/launch_multihost)"),
+    Option("num_processes", int, None, nullable=True, minimum=1, default_text="$JSERVE_NUM_PROCESSES, else 1",
+           help="processes of a multi-process job; the mesh spans all their devices"),
+    Option("process_id", int, None, nullable=True, minimum=0, default_text="$JSERVE_PROCESS_ID",
+           help="this process's index in [0, num_processes): process 0 schedules and serves, the "
+           "others run the same steps and exit when it stops"),
+    Option("distributed_timeout_s", int, 60, minimum=1,
+           help="seconds the processes of a job wait to join, and for a step's results, before "
+           "a peer is declared dead (the others exit with an error)"),
     Option("seed", int, 0, help="seed of random weights and of requests sent without a seed"),
     Option("random_weights", bool, False,
            help="run a named shape (llama3.1-8b, qwen2.5-0.5b, ...) with random weights: benchmarks"),

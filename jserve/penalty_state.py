@@ -36,6 +36,7 @@ from jax.sharding import Sharding
 
 from jserve.sampler import penalize_counts
 from jserve.sampling_batch import SamplingBatch
+from sharding import host_to_global
 
 # Id-list buckets of SlotInit: powers of 4 from MIN_INIT_IDS, the last one max_model_len. A
 # request sends its ids once; padding them up to 4x costs nothing next to a step, and the
@@ -117,4 +118,4 @@ class SlotInit:
         buf[0], buf[1] = slot, len(prompt_ids)
         buf[2:2 + len(prompt_ids)] = prompt_ids
         buf[2 + len(prompt_ids):2 + n] = output_ids
-        return self._compiled[b](state, jax.device_put(buf, self._sharding))
+        return self._compiled[b](state, host_to_global(buf, self._sharding))

@@ -66,6 +66,7 @@ from jserve.sampling_batch import SamplerFlags
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
 from jserve.slot_table import SlotWriter
 from jserve.step_buffers import StepLayout
+from sharding import host_to_global
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ class Runner:
         step = self._compiled.get(variant)
         if step is None:
             raise RuntimeError(f"step variant {variant} was not compiled at warm-up")
-        ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
+        ibuf, fbuf = host_to_global((ibuf, fbuf), self._replicated)
         pen = None if greedy else self.penalty_state
         self.kv, pen, self.slot_table, tokens, lp, top_ids, top_lp = step(
             self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf)

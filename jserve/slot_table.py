@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Sharding
 
+from sharding import host_to_global
+
 # Columns after the P page-table columns.
 TOP_K, SEED, WANT_LP, TEMP, TOP_P, MIN_P = 0, 1, 3, 4, 5, 6
 NUM_FIELDS = 7
@@ -111,4 +113,4 @@ class SlotWriter:
         buf = np.full((b, 1 + self.width), -1, np.int32)
         buf[:k, 0] = slots
         buf[:k, 1:] = rows
-        return self._compiled[b](table, jax.device_put(buf, self._sharding))
+        return self._compiled[b](table, host_to_global(buf, self._sharding))

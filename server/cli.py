@@ -96,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_full_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))  # orbax
     try:
         return ns.func(ns)
     except ValueError as e:

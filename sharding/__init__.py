@@ -1,7 +1,7 @@
 """Meshes, logical-axis partition rules and multi-host start-up. Depends on jax only."""
 
 from sharding.mesh import DATA_AXIS, MESH_AXES, TENSOR_AXIS, make_mesh
-from sharding.multihost import initialize_multihost
+from sharding.multihost import check_launch, host_to_global, initialize_multihost, launch_values
 from sharding.rules import (
     DEFAULT_AXIS_RULES,
     AxisRules,
@@ -14,7 +14,8 @@ from sharding.rules import (
 )
 
 __all__ = [
-    "DATA_AXIS", "MESH_AXES", "TENSOR_AXIS", "make_mesh", "initialize_multihost", "AxisRules",
+    "DATA_AXIS", "MESH_AXES", "TENSOR_AXIS", "make_mesh", "initialize_multihost",
+    "check_launch", "host_to_global", "launch_values", "AxisRules",
     "DEFAULT_AXIS_RULES", "MeshAxes", "logical_constraint", "logical_sharding",
     "logical_sharding_for_shape", "logical_spec", "logical_spec_for_shape",
 ]
