@@ -84,6 +84,8 @@ STEP_SAMPLER_FLAGS = {False: SamplerFlags(all_greedy=False, any_filters=True, hi
                       True: SamplerFlags(all_greedy=True, max_logprobs=0)}
 TOP_N = 20
 Progress = Callable[[str], None]
+# The sampler as a nested jit: variants with the same row bucket share its trace (start-up).
+_sample_step = jax.jit(_sample_core, static_argnums=(3,))
 
 
 class StepVariant(NamedTuple):
@@ -115,7 +117,7 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
         penalized = jax.lax.cond(jnp.any(pen_slot >= 0),
                                  lambda: penalized_logits(logits, pen, pen_slot, sbatch),
                                  lambda: logits)
-    out = _sample_core(logits, penalized, sbatch, STEP_SAMPLER_FLAGS[variant.greedy])
+    out = _sample_step(logits, penalized, sbatch, STEP_SAMPLER_FLAGS[variant.greedy])
     if pen is not None:
         pen = record_tokens(pen, pen_slot, out.token_ids)
     tokens = jnp.zeros((num_out,), jnp.int32).at[:layout.num_rows].set(out.token_ids)
