@@ -32,6 +32,7 @@ from jserve.model.shapes import NAMED_SHAPES, named_shape
 from jserve.options import EngineArgs
 from jserve.penalty_state import state_bytes
 from jserve.runner import Runner
+from jserve.spec.config import SpeculativeConfig
 from jserve.tokenizer import Tokenizer
 from sharding import make_mesh
 
@@ -96,7 +97,20 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
                                   max_model_len=max_len, max_waiting=args.max_waiting,
                                   flash_prefill_min_tokens=args.flash_prefill_min_tokens,
                                   async_scheduling=args.async_scheduling),
-        parallel=ParallelConfig(args.tensor_parallel_size), seed=args.seed)
+        parallel=ParallelConfig(args.tensor_parallel_size), seed=args.seed,
+        speculative=speculative_config(args))
+
+
+def speculative_config(args: EngineArgs) -> SpeculativeConfig | None:
+    """The parsed ``speculative_config`` option (None: off). A method this build does not run
+    yet is refused here, at start-up, by name."""
+    if args.speculative_config is None:
+        return None
+    spec = SpeculativeConfig.from_json(args.speculative_config)
+    if spec.method == "draft_model":
+        raise ValueError("speculative_config.method: 'draft_model' is not implemented yet in "
+                         "this build (use 'ngram')")
+    return spec
 
 
 def runner_state_bytes(config: EngineConfig) -> int:

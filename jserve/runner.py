@@ -65,6 +65,7 @@ from jserve.sampler import _sample_core
 from jserve.sampling_batch import SamplerFlags
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
 from jserve.slot_table import SlotWriter
+from jserve.spec.verify_step import SpecStepHandle, SpecSteps
 from jserve.step_buffers import StepLayout
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,9 @@ class Runner:
         self._prev_rows: dict[str, int] = {}
         self.mover = KVPageMover(kv, max(self._pages_per_seq, sched.max_num_seqs),
                                  host_slot_counts(config))
+        # Speculative decoding: the draft-verifying variants (jserve/spec/verify_step.py).
+        spec = config.speculative
+        self.spec_steps = SpecSteps(self, spec.num_speculative_tokens) if spec else None
 
     # ---------------------------------------------------------------- shapes
     def bucket_for(self, num_tokens: int) -> tuple[int, int]:
@@ -263,6 +267,8 @@ class Runner:
             f["presence_penalty"][r_pen] = rows.presence_penalty[s_pen]
             f["frequency_penalty"][r_pen] = rows.frequency_penalty[s_pen]
         f["output_index"][:n] = np.fromiter((c.output_index for c in chunks), np.int32, n)
+        if out.has_drafts:
+            f["num_draft"][:n] = np.fromiter((c.num_draft for c in chunks), np.int32, n)
         for r, c in enumerate(chunks):
             if c.banned_ids:
                 ban = np.unique(np.asarray(c.banned_ids, np.int32))
@@ -290,7 +296,7 @@ class Runner:
         return np.asarray(writes, np.int64)
 
     # ---------------------------------------------------------------- device
-    def dispatch(self, out: SchedulerOutput) -> StepHandle | None:
+    def dispatch(self, out: SchedulerOutput) -> StepHandle | SpecStepHandle | None:
         """Dispatch the step (page moves first); returns at once. None when there are no rows."""
         if out.transfers:
             self.kv = self.mover.move(self.kv, out.transfers)
@@ -315,6 +321,8 @@ class Runner:
             raise RuntimeError(f"step variant {(layout.num_tokens, fresh, greedy)} was not compiled "
                                "at warm-up")
         ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
+        if out.has_drafts:
+            return self.spec_steps.dispatch(self, out, layout, params, ibuf, fbuf)
         pen = None if greedy else self.penalty_state
         self.kv, pen, self.slot_table, tokens, lp, top_ids, top_lp = step(
             self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf)
@@ -390,6 +398,8 @@ class Runner:
                 self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf)
             if pen is not None:
                 self.penalty_state = pen
+        if self.spec_steps is not None:
+            self.spec_steps.warmup(self, say, threads)
         self._slot_init.compile(self.penalty_state)
         for b in self._slot_init.buckets:  # run each once; the state is all zeros again after
             self.penalty_state = self._slot_init(self.penalty_state, 0, [0] * b)

@@ -62,6 +62,8 @@ from jserve.kv_manager import KVCacheManager
 from jserve.page_pool import PagePool
 from jserve.request import Request, RequestStatus
 from jserve.scheduler_output import NewRequestData, RunnerOutput, ScheduledChunk, SchedulerOutput
+from jserve.spec.config import SpeculativeConfig
+from jserve.spec.ngram import NgramProposer
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +75,10 @@ class QueueFullError(RuntimeError):
 class Scheduler:
     """Decides, each step, which requests run and how many tokens each computes."""
 
-    def __init__(self, config: SchedulerConfig, kv: PagePool | KVCacheManager) -> None:
-        """``kv``: a ``KVCacheManager``, or a bare ``PagePool`` (no prefix cache, recompute)."""
+    def __init__(self, config: SchedulerConfig, kv: PagePool | KVCacheManager,
+                 spec: SpeculativeConfig | None = None) -> None:
+        """``kv``: a ``KVCacheManager``, or a bare ``PagePool`` (no prefix cache, recompute);
+        ``spec``: speculative decoding (n-gram drafts), or None."""
         self.config = config
         self.kv = kv if isinstance(kv, KVCacheManager) else KVCacheManager(kv)
         self.pool = pool = self.kv.pool
@@ -89,6 +93,13 @@ class Scheduler:
         self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self._sent_pages: dict[str, list[int]] = {}  # page row the runner holds, per request
         self._dropped: list[str] = []               # runner state to drop at the next step
+        self.spec = spec
+        self._proposer = (NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+                          if spec is not None and spec.method == "ngram" else None)
+        # Speculative decoding counters (monotonic): verify rows, drafts verified, accepted.
+        self.spec_counters = dict(spec_decode_num_rows=0, spec_decode_num_draft_tokens=0,
+                                  spec_decode_num_accepted_tokens=0,
+                                  spec_decode_num_emitted_tokens=0)
 
     # ------------------------------------------------------------- queries
     @property
@@ -145,6 +156,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         kv, pool = self.kv, self.pool
         kv.begin_step()
+        speculate = self.spec_active()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -156,13 +168,17 @@ class Scheduler:
             if k <= 0:
                 raise AssertionError(f"running request {req.request_id!r} has nothing to compute "
                                      f"({req.num_computed_tokens}/{req.num_tokens} tokens)")
+            drafts = self._drafts(req, budget) if speculate else []
+            if drafts and kv.demand(req, k + len(drafts)) > pool.num_free:
+                drafts = []  # drafts never preempt anyone: verify them when pages are free
+            k += len(drafts)
             while kv.demand(req, k) > pool.num_free and self.running[-1] is not req:
                 self._preempt(self.running.pop(), out)
             if kv.demand(req, k) > pool.num_free:  # req is the newest: it makes way itself
                 self._preempt(self.running.pop(), out)
                 break
             kv.grow(req, k)
-            out.chunks.append(self._chunk(req, k))
+            out.chunks.append(self._chunk(req, k, drafts))
             budget -= k
             i += 1
 
@@ -194,12 +210,39 @@ class Scheduler:
         return not ((sp.max_tokens is not None and n_out >= sp.max_tokens)
                     or req.num_tokens + req.num_placeholders >= self.max_model_len)
 
-    def _chunk(self, req: Request, k: int) -> ScheduledChunk:
-        """The row value for ``k`` tokens of ``req`` from ``num_computed_tokens``, with the page
-        row diff against what the runner was last sent; then advance the request."""
+    def spec_active(self) -> bool:
+        """Whether this step proposes drafts: speculation is configured and at most
+        ``disable_by_batch_size`` requests run (the engine drains the step in flight first:
+        only requests with every token on the host get drafts)."""
+        spec = self.spec
+        return (self._proposer is not None and bool(self.running)
+                and (spec.disable_by_batch_size is None
+                     or len(self.running) <= spec.disable_by_batch_size))
+
+    def _drafts(self, req: Request, budget: int) -> list[int]:
+        """Draft tokens for a decoding ``req`` (its last token known, nothing in flight), at
+        most what can still be emitted; none for rows with penalties or ``min_tokens`` bans
+        (their statistics / bans change within the row), or past the budget."""
+        if req.num_placeholders or req.num_computed_tokens != req.num_tokens - 1:
+            return []
+        sp = req.sampling_params
+        if sp.uses_penalties or req.num_output_tokens < sp.min_tokens:
+            return []
+        k = min(self.spec.num_speculative_tokens, budget - 1, self.max_model_len - req.num_tokens)
+        if sp.max_tokens is not None:
+            k = min(k, sp.max_tokens - req.num_output_tokens - 1)
+        if k <= 0:
+            return []
+        return self._proposer.propose(req.all_token_ids, k)
+
+    def _chunk(self, req: Request, k: int, drafts: list[int] | tuple[int, ...] = ()) -> ScheduledChunk:
+        """The row value for ``k`` tokens of ``req`` from ``num_computed_tokens`` (the last
+        ``len(drafts)`` of them draft tokens), with the page row diff against what the runner
+        was last sent; then advance the request."""
         start, ps = req.num_computed_tokens, self.pool.page_size
+        nd = len(drafts)
         end = start + k
-        known = min(end, req.num_tokens)
+        known = min(end - nd, req.num_tokens)
         rid = req.request_id
         new = None
         sent = self._sent_pages.get(rid)
@@ -213,16 +256,17 @@ class Scheduler:
         page_ids = tuple(cur[first:])
         del sent[first:]
         sent.extend(page_ids)
-        samples = end == req.num_tokens + req.num_placeholders
+        samples = end - nd == req.num_tokens + req.num_placeholders
         sp = req.sampling_params
         out_index = req.num_output_tokens + req.num_placeholders
         banned: tuple[int, ...] = ()
         if samples and out_index < sp.min_tokens:
             banned = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(req.eos_token_ids))
         chunk = ScheduledChunk(
-            req_id=rid, start=start, num_tokens=k, token_ids=tuple(_tokens(req, start, known)),
-            num_placeholders=end - known, page_start=first, page_ids=page_ids, samples=samples,
-            output_index=out_index, banned_ids=banned, new=new)
+            req_id=rid, start=start, num_tokens=k,
+            token_ids=tuple(_tokens(req, start, known)) + tuple(drafts),
+            num_placeholders=end - nd - known, page_start=first, page_ids=page_ids, samples=samples,
+            output_index=out_index, banned_ids=banned, new=new, num_draft=nd)
         req.num_computed_tokens = end
         if samples:
             req.num_placeholders += 1
@@ -293,6 +337,8 @@ class Scheduler:
                 self._check_stop(req, int(token))
                 if req.is_finished:
                     break
+            if chunk.num_draft:
+                self._rollback(req, chunk.num_draft, len(tokens))
             if req.status is RequestStatus.RUNNING:
                 self.kv.on_computed(req)
             if req.is_finished:
@@ -304,6 +350,25 @@ class Scheduler:
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return touched
+
+    def _rollback(self, req: Request, num_draft: int, num_emitted: int) -> None:
+        """After verifying ``num_draft`` drafts of ``req`` (``num_emitted`` = accepted + 1):
+        move ``num_computed_tokens`` back over the rejected ones (their K/V slots are written
+        again later) and give back the pages past the accepted tokens; count the step."""
+        accepted = num_emitted - 1
+        c = self.spec_counters
+        c["spec_decode_num_rows"] += 1
+        c["spec_decode_num_draft_tokens"] += num_draft
+        c["spec_decode_num_accepted_tokens"] += accepted
+        c["spec_decode_num_emitted_tokens"] += num_emitted
+        req.spec_num_draft_tokens += num_draft
+        req.spec_num_accepted_tokens += accepted
+        if req.is_finished:
+            return  # its pages are released
+        if req.status is RequestStatus.RUNNING:
+            self.kv.rollback(req, num_draft - accepted)
+        else:  # preempted since: recompute restarts at 0; a swap resume stops before the drafts
+            req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
 
     @staticmethod
     def _logprobs_entry(req: Request, row: int, j: int,
@@ -362,6 +427,8 @@ class Scheduler:
         """KV cache counters and gauges (see ``KVCacheManager.stats``) + preemptions."""
         s = self.kv.stats()
         s["preemptions"] = self.num_preemptions_total
+        if self.spec is not None:
+            s.update(self.spec_counters)
         return s
 
 

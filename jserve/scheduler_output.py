@@ -73,6 +73,9 @@ class ScheduledChunk:
     ``samples``: the row's sampled token is kept (the chunk reaches the end of the request's
     tokens). ``output_index``: which output token it samples (the seed's counter).
     ``banned_ids``: ids forbidden this step (``min_tokens``).
+    ``num_draft``: speculative decoding: the row is ``[last known token, d_1 .. d_k]`` with its
+    k drafts at the end of ``token_ids`` (never with a placeholder); it samples up to k + 1
+    tokens (the accepted drafts and one more) and the scheduler rolls back the rejected ones.
     """
 
     req_id: str
@@ -86,6 +89,7 @@ class ScheduledChunk:
     output_index: int = 0
     banned_ids: tuple[int, ...] = ()
     new: NewRequestData | None = None
+    num_draft: int = 0   # the last num_draft of token_ids are unverified drafts (jserve/spec/)
 
 
 @dataclass
@@ -104,6 +108,11 @@ class SchedulerOutput:
     @property
     def num_seqs(self) -> int:
         return len(self.chunks)
+
+    @property
+    def has_drafts(self) -> bool:
+        """Some row verifies draft tokens (the speculative step variant runs it)."""
+        return any(c.num_draft for c in self.chunks)
 
     @property
     def is_empty(self) -> bool:
