@@ -259,6 +259,26 @@ class LLMEngine:
     def _advance_child(self, ch: _Child) -> None:
         req = ch.request
         new_ids = req.output_token_ids[ch.num_seen:]
+        if ch.stops is not None and ch.detok is not None and len(new_ids) > 1:
+            # Several tokens at once (a speculative step): look for the stop string token by
+            # token, and drop the tokens after the one that completes it (as the one-token
+            # steps would never have produced them).
+            finished = req.is_finished
+            for j in range(len(new_ids)):
+                last = j == len(new_ids) - 1
+                if self._advance_tokens(ch, new_ids[j:j + 1], finished and last) and not last:
+                    del req.output_token_ids[ch.num_seen:]
+                    del req.output_logprobs[ch.num_seen:]
+                    req.status = RequestStatus.FINISHED_STOPPED
+                    req.stop_reason = ch.stops.feed("")[1]
+                    break
+            return
+        self._advance_tokens(ch, new_ids, req.is_finished)
+
+    def _advance_tokens(self, ch: _Child, new_ids: list[int], final: bool) -> bool:
+        """Logprobs, text and stop strings of ``new_ids``; ``final``: the sequence ends with
+        them. -> whether a stop string matched."""
+        req = ch.request
         if req.sampling_params.logprobs is not None:
             entries = req.output_logprobs[ch.num_seen:ch.num_seen + len(new_ids)]
             for tid, entry in zip(new_ids, entries, strict=True):
@@ -266,18 +286,19 @@ class LLMEngine:
                 ch.cumulative_logprob += entry[0]
         ch.num_seen += len(new_ids)
         if ch.detok is None:
-            return
+            return False
         delta = ch.detok.add(new_ids) if new_ids else ""
-        if req.is_finished:
+        if final:
             delta += ch.detok.flush()
         if ch.stops is None:
             ch.text += delta
-            return
-        emit, hit = ch.stops.feed(delta, final=req.is_finished)
+            return False
+        emit, hit = ch.stops.feed(delta, final=final)
         ch.text += emit
         if hit is not None and not req.is_finished:
             self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED,
                                           stop_reason=hit)
+        return hit is not None
 
     def _logprob_dict(self, sampled: int, entry: tuple[float, list[tuple[int, float]]]
                       ) -> dict[int, Logprob]:
