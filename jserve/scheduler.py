@@ -97,7 +97,7 @@ class Scheduler:
         self._proposer = (NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
                           if spec is not None and spec.method == "ngram" else None)
         # Speculative decoding counters (monotonic): verify rows, drafts verified, accepted.
-        self.spec_counters = dict(spec_decode_num_rows=0, spec_decode_num_draft_tokens=0,
+        self.spec_counters = dict(spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
                                   spec_decode_num_accepted_tokens=0,
                                   spec_decode_num_emitted_tokens=0)
 
@@ -357,7 +357,7 @@ class Scheduler:
         again later) and give back the pages past the accepted tokens; count the step."""
         accepted = num_emitted - 1
         c = self.spec_counters
-        c["spec_decode_num_rows"] += 1
+        c["spec_decode_num_drafts"] += 1
         c["spec_decode_num_draft_tokens"] += num_draft
         c["spec_decode_num_accepted_tokens"] += accepted
         c["spec_decode_num_emitted_tokens"] += num_emitted

@@ -67,7 +67,7 @@ def test_greedy_with_ngram_drafts_is_token_identical(base, spec):
               (ps[0] + [7], _greedy(max_tokens=40))]          # a prefix hit on ps[0]'s pages
     _same(base, spec, items)
     after = spec.kv_cache_stats()
-    rows = after["spec_decode_num_rows"] - before["spec_decode_num_rows"]
+    rows = after["spec_decode_num_drafts"] - before["spec_decode_num_drafts"]
     accepted = after["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
     assert rows > 0 and accepted > 0          # drafts were verified and some accepted
     assert after["prefix_cache_hits_device"] > before["prefix_cache_hits_device"]
@@ -166,7 +166,7 @@ def test_overlapped_loop_above_the_batch_threshold(base, make_engine):
     items = [(p, _greedy(max_tokens=m)) for p, m in zip(ps, (40, 10, 12, 14), strict=True)]
     _same(base, eng, items)
     s = eng.kv_cache_stats()
-    assert s["spec_decode_num_rows"] > 0
+    assert s["spec_decode_num_drafts"] > 0
 
 
 def test_bad_speculative_configs_fail_at_start_up_naming_the_field():
@@ -186,3 +186,20 @@ def test_bad_speculative_configs_fail_at_start_up_naming_the_field():
     with pytest.raises(ValueError, match="speculative_config.method"):
         build_engine(EngineArgs(speculative_config={"method": "draft_model", "model": "code-draft",
                                                      "num_speculative_tokens": 2}))
+
+
+def test_prometheus_exports_the_spec_decode_counters(spec):
+    from prometheus_client import generate_latest
+
+    from jserve.metrics import StepStats
+    from server.metrics import PrometheusStats
+
+    run_engine(spec, [(_prompts()[0], _greedy())])
+    stats = spec.stats()
+    prom = PrometheusStats("m", stats.kv_pages_total)
+    prom.on_step(StepStats(0.01, stats))
+    text = generate_latest(prom.registry).decode()
+    for key in ("spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+                "spec_decode_num_accepted_tokens"):
+        line = next(x for x in text.splitlines() if x.startswith(f"jserve:{key}_total{{"))
+        assert float(line.split()[-1]) == stats.kv_cache[key] > 0
