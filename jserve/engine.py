@@ -81,7 +81,10 @@ class LLMEngine:
         self.eos_token_ids: tuple[int, ...] = tuple(eos)
         # Start-up facts (banner, /metrics, jserve plan): ``build`` comes from builder.build_engine.
         self._startup = StartupInfo.create(build, config, num_pages, self.scheduler.max_model_len)
-        self._overlap = config.scheduler.async_scheduling
+        # A draft model proposes from each step's result: every step is read synchronously.
+        spec = config.speculative
+        self._overlap = config.scheduler.async_scheduling and not (
+            spec is not None and spec.method == "draft_model")
         self._in_flight: StepHandle | None = None  # dispatched, results not yet read
 
     # ------------------------------------------------------------------ input

@@ -65,6 +65,7 @@ from jserve.sampler import _sample_core
 from jserve.sampling_batch import SamplerFlags
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
 from jserve.slot_table import SlotWriter
+from jserve.spec.draft import DraftModel
 from jserve.spec.verify_step import SpecStepHandle, SpecSteps
 from jserve.step_buffers import StepLayout
 
@@ -142,7 +143,9 @@ class Runner:
     """Owns the params, the KV pool, the per-request rows (host, mirrored on the device by the
     slot table), the penalty state (device) and the compiled steps."""
 
-    def __init__(self, config: EngineConfig, params: Any, kv: KVCache, mesh: Mesh) -> None:
+    def __init__(self, config: EngineConfig, params: Any, kv: KVCache, mesh: Mesh,
+                 draft: DraftModel | None = None) -> None:
+        """``draft``: speculative decoding's draft model with its pool (jserve/spec/draft.py)."""
         self.config = config
         self.params = params
         self.kv = kv
@@ -173,7 +176,7 @@ class Runner:
                                  host_slot_counts(config))
         # Speculative decoding: the draft-verifying variants (jserve/spec/verify_step.py).
         spec = config.speculative
-        self.spec_steps = SpecSteps(self, spec.num_speculative_tokens) if spec else None
+        self.spec_steps = SpecSteps(self, spec.num_speculative_tokens, draft) if spec else None
 
     # ---------------------------------------------------------------- shapes
     def bucket_for(self, num_tokens: int) -> tuple[int, int]:
@@ -300,6 +303,8 @@ class Runner:
         """Dispatch the step (page moves first); returns at once. None when there are no rows."""
         if out.transfers:
             self.kv = self.mover.move(self.kv, out.transfers)
+            if self.spec_steps is not None:
+                self.spec_steps.move(out.transfers)
         if not out.chunks:
             self.rows.drop(out.dropped)
             return None
@@ -321,7 +326,7 @@ class Runner:
             raise RuntimeError(f"step variant {(layout.num_tokens, fresh, greedy)} was not compiled "
                                "at warm-up")
         ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
-        if out.has_drafts:
+        if out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
             return self.spec_steps.dispatch(self, out, layout, params, ibuf, fbuf)
         pen = None if greedy else self.penalty_state
         self.kv, pen, self.slot_table, tokens, lp, top_ids, top_lp = step(

@@ -96,6 +96,10 @@ class Scheduler:
         self.spec = spec
         self._proposer = (NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
                           if spec is not None and spec.method == "ngram" else None)
+        # draft_model: the drafts each step's result carries, per request: (num_tokens they
+        # follow, drafts); the scheduler also reserves K lookahead positions for the draft.
+        self._draft_mode = spec is not None and spec.method == "draft_model"
+        self._next_drafts: dict[str, tuple[int, list[int]]] = {}
         # Speculative decoding counters (monotonic): verify rows, drafts verified, accepted.
         self.spec_counters = dict(spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
                                   spec_decode_num_accepted_tokens=0,
@@ -177,7 +181,8 @@ class Scheduler:
             if kv.demand(req, k) > pool.num_free:  # req is the newest: it makes way itself
                 self._preempt(self.running.pop(), out)
                 break
-            kv.grow(req, k)
+            la = self._lookahead(req, k)
+            kv.grow(req, k + la if la and kv.demand(req, k + la) <= pool.num_free else k)
             out.chunks.append(self._chunk(req, k, drafts))
             budget -= k
             i += 1
@@ -215,7 +220,7 @@ class Scheduler:
         ``disable_by_batch_size`` requests run (the engine drains the step in flight first:
         only requests with every token on the host get drafts)."""
         spec = self.spec
-        return (self._proposer is not None and bool(self.running)
+        return ((self._proposer is not None or self._draft_mode) and bool(self.running)
                 and (spec.disable_by_batch_size is None
                      or len(self.running) <= spec.disable_by_batch_size))
 
@@ -233,7 +238,20 @@ class Scheduler:
             k = min(k, sp.max_tokens - req.num_output_tokens - 1)
         if k <= 0:
             return []
+        if self._draft_mode:
+            n, drafts = self._next_drafts.get(req.request_id, (-1, []))
+            return drafts[:k] if n == req.num_tokens else []
         return self._proposer.propose(req.all_token_ids, k)
+
+    def _lookahead(self, req: Request, k: int) -> int:
+        """draft_model: positions past a sampling row's end whose pages the draft's decode
+        steps write (at most K, within max_model_len; 0 when the row does not sample)."""
+        if not self._draft_mode:
+            return 0
+        end = req.num_computed_tokens + k
+        if end < req.num_tokens + req.num_placeholders:
+            return 0
+        return max(0, min(self.spec.num_speculative_tokens, self.max_model_len - end))
 
     def _chunk(self, req: Request, k: int, drafts: list[int] | tuple[int, ...] = ()) -> ScheduledChunk:
         """The row value for ``k`` tokens of ``req`` from ``num_computed_tokens`` (the last
@@ -254,8 +272,10 @@ class Scheduler:
         while first < len(sent) and first < len(cur) and sent[first] == cur[first]:
             first += 1
         page_ids = tuple(cur[first:])
+        if len(sent) > len(cur):  # pages given back (speculative rollback): null them too
+            page_ids += (0,) * (len(sent) - max(len(cur), first))
         del sent[first:]
-        sent.extend(page_ids)
+        sent.extend(cur[first:])
         samples = end - nd == req.num_tokens + req.num_placeholders
         sp = req.sampling_params
         out_index = req.num_output_tokens + req.num_placeholders
@@ -339,6 +359,8 @@ class Scheduler:
                     break
             if chunk.num_draft:
                 self._rollback(req, chunk.num_draft, len(tokens))
+            if runner_out.draft_token_ids is not None and not req.is_finished:
+                self._next_drafts[req.request_id] = (req.num_tokens, runner_out.draft_token_ids[row])
             if req.status is RequestStatus.RUNNING:
                 self.kv.on_computed(req)
             if req.is_finished:
@@ -419,6 +441,7 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         """Forget a finished request and give its pages back (the caller updates the queues)."""
         self.kv.release(req)
+        self._next_drafts.pop(req.request_id, None)
         del self._requests[req.request_id]
         self._drop(req.request_id)
 

@@ -128,9 +128,12 @@ class RunnerOutput:
     sampled_token_ids: one list of token ids per row (empty for rows that do not sample)
     logprobs:          per row, per token: logprob of the sampled token, or None
     top_ids / top_logprobs: per row, per token: the top-N alternatives, or None
+    draft_token_ids:   speculative decoding with a draft model: per row, the drafts it proposed
+                       after this step's tokens (the next step's draft rows)
     """
 
     sampled_token_ids: list[list[int]]
     logprobs: list[list[float]] | None = None
     top_ids: list[list[list[int]]] | None = None
     top_logprobs: list[list[list[float]]] | None = None
+    draft_token_ids: list[list[int]] | None = None  # per row: the draft model's next drafts

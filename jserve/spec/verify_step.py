@@ -35,10 +35,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jserve.kv_cache import KVCache
+from jserve.kv_transfer import KVPageMover
 from jserve.model.decoder import hidden_states, logits_from_hidden
 from jserve.penalty_state import penalized_logits, record_tokens
 from jserve.sampler import apply_bans, raw_logprobs, top_k_rows
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
+from jserve.spec.draft import DraftModel, draft_step
 from jserve.spec.rejection import expand_rows, rejection_sample
 from jserve.step_buffers import StepLayout
 
@@ -49,11 +51,14 @@ TOP_N = 20
 
 
 def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy: bool, mesh: Mesh,
-              params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
-              prev_tokens: jax.Array, ibuf: jax.Array, fbuf: jax.Array) -> tuple:
+              draft_cfg: Any, params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
+              prev_tokens: jax.Array, ibuf: jax.Array, fbuf: jax.Array, draft_params: Any,
+              draft_kv: KVCache | None) -> tuple:
     """-> (kv, pen, table, last tokens int32[S], tokens int32[R, K + 1], num_emitted int32[R],
-    logprobs f32[R, K + 1], top_ids int32[R, K + 1, N], top_logprobs f32[R, K + 1, N]).
-    Arguments as ``runner.fused_step``; ``num_spec`` (static) is K."""
+    logprobs f32[R, K + 1], top_ids int32[R, K + 1, N], top_logprobs f32[R, K + 1, N],
+    draft_kv, next drafts int32[R, K]). Arguments as ``runner.fused_step``; ``num_spec``
+    (static) is K; ``draft_cfg`` (static) the draft model's config, or None (n-gram: no draft
+    model, draft_kv None, next drafts zero)."""
     table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
     num_draft = layout.read(ibuf, "num_draft")
     fed = prev_tokens[jnp.maximum(prev_index, 0)]
@@ -96,7 +101,12 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
         lp, top_ids, top_lp = without()
     else:
         lp, top_ids, top_lp = jax.lax.cond(jnp.any(sbatch.want_logprobs), with_logprobs, without)
-    return kv, pen, table, out, tokens, num, lp, top_ids, top_lp
+    nxt = jnp.zeros((r, num_spec), jnp.int32)
+    if draft_cfg is not None:
+        draft_kv, nxt = draft_step(draft_cfg, draft_params, draft_kv, batch,
+                                   layout.read(ibuf, "samples"), num_draft, tokens, num, num_spec,
+                                   layout.page_size, mesh)
+    return kv, pen, table, out, tokens, num, lp, top_ids, top_lp, draft_kv, nxt
 
 
 @dataclass
@@ -108,17 +118,22 @@ class SpecStepHandle:
     num_emitted: jax.Array                  # int32[R]
     logprobs: tuple[jax.Array, ...] | None  # ([R, K + 1], [R, K + 1, N], [R, K + 1, N]) if asked
     top_n: tuple[int, ...]
+    drafts: jax.Array | None = None         # int32[R, K] the draft model's next drafts
 
     def result(self) -> RunnerOutput:
         chunks = self.sched_out.chunks
         tokens, num = np.asarray(self.tokens), np.asarray(self.num_emitted)
         sampled = [tokens[r, :num[r]].tolist() if c.samples else [] for r, c in enumerate(chunks)]
+        drafts = None
+        if self.drafts is not None:
+            d = np.asarray(self.drafts)
+            drafts = [d[r].tolist() if c.samples else [] for r, c in enumerate(chunks)]
         if self.logprobs is None:
-            return RunnerOutput(sampled)
+            return RunnerOutput(sampled, draft_token_ids=drafts)
         lp, ids, tlp = (np.asarray(a) for a in self.logprobs)
         rows = range(len(chunks))
         return RunnerOutput(
-            sampled, logprobs=[lp[r, :max(1, num[r])].tolist() for r in rows],
+            sampled, draft_token_ids=drafts, logprobs=[lp[r, :max(1, num[r])].tolist() for r in rows],
             top_ids=[[ids[r, j, :t].tolist() for j in range(max(1, num[r]))]
                      for r, t in zip(rows, self.top_n, strict=True)],
             top_logprobs=[[tlp[r, j, :t].tolist() for j in range(max(1, num[r]))]
@@ -128,8 +143,16 @@ class SpecStepHandle:
 class SpecSteps:
     """The runner's speculative variants: compiled at warm-up, dispatched for draft steps."""
 
-    def __init__(self, runner: Runner, num_spec: int) -> None:
+    def __init__(self, runner: Runner, num_spec: int, draft: DraftModel | None = None) -> None:
+        """``draft``: the draft model (its pool allocated): every step then runs here, the
+        draft's K/V kept in step with the target's (page moves mirrored by ``move``)."""
         self.num_spec = num_spec
+        self.draft = draft
+        self.mover = None
+        if draft is not None:
+            self.mover = KVPageMover(draft.kv, max(runner._pages_per_seq,
+                                                   runner.config.scheduler.max_num_seqs),
+                                     runner.mover.host.num_slots)
         sched = runner.config.scheduler
         buckets = sched.token_buckets
         widest = sched.max_num_seqs * (1 + num_spec)   # a pure decode step with drafts
@@ -145,19 +168,36 @@ class SpecSteps:
                 out.append((t, True))
         return out
 
+    @property
+    def every_step(self) -> bool:
+        """With a draft model every step runs here (the draft sees every token)."""
+        return self.draft is not None
+
+    def move(self, transfers: Any) -> None:
+        """Mirror the step's page moves on the draft's pool (twin pages)."""
+        if self.draft is not None:
+            self.draft.kv = self.mover.move(self.draft.kv, transfers)
+
+    def _draft_args(self) -> tuple[Any, Any, Any]:
+        d = self.draft
+        return (None, None, None) if d is None else (d.cfg, d.params, d.kv)
+
     def _lower(self, runner: Runner, variant: tuple[int, bool]) -> Any:
         t, greedy = variant
         layout = runner.layout(t)
+        dcfg, dparams, dkv = self._draft_args()
         fn = functools.partial(spec_step, runner.config.model, layout, runner._num_out,
-                               self.num_spec, greedy, runner.mesh)
+                               self.num_spec, greedy, runner.mesh, dcfg)
         rep = runner._replicated
         ibuf, fbuf, _ = layout.new_buffers()
         pen = None if greedy else runner.penalty_state
         args = (runner.params, runner.kv, pen, runner.slot_table, runner._prev_tokens,
-                jax.device_put(ibuf, rep), jax.device_put(fbuf, rep))
+                jax.device_put(ibuf, rep), jax.device_put(fbuf, rep), dparams, dkv)
         kv_sh = [(k.sharding, v.sharding) for k, v in runner.kv]
-        return jax.jit(fn, donate_argnums=(1, 2, 3),
-                       out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 7).lower(*args)
+        dkv_sh = None if dkv is None else [(k.sharding, v.sharding) for k, v in dkv]
+        return jax.jit(fn, donate_argnums=(1, 2, 3, 8),
+                       out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 7 + (dkv_sh, rep)
+                       ).lower(*args)
 
     def warmup(self, runner: Runner, say: Callable[[str], None], threads: int) -> None:
         """Compile every speculative variant (``threads`` at once), then run each once."""
@@ -175,10 +215,14 @@ class SpecSteps:
             ibuf, fbuf = jax.device_put((ibuf, fbuf), runner._replicated)
             pen = None if v[1] else runner.penalty_state
             outs = self._compiled[v](runner.params, runner.kv, pen, runner.slot_table,
-                                     runner._prev_tokens, ibuf, fbuf)
+                                     runner._prev_tokens, ibuf, fbuf, *self._draft_args()[1:])
             runner.kv, pen, runner.slot_table = outs[:3]
+            if self.draft is not None:
+                self.draft.kv = outs[9]
             if pen is not None:
                 runner.penalty_state = pen
+        if self.draft is not None:
+            self.draft.kv = self.mover.warmup(self.draft.kv)
 
     def dispatch(self, runner: Runner, out: SchedulerOutput, layout: StepLayout, params: list,
                  ibuf: jax.Array, fbuf: jax.Array) -> SpecStepHandle:
@@ -188,9 +232,15 @@ class SpecSteps:
         greedy = (t in self._greedy_buckets
                   and all(p.greedy and p.logprobs is None and not p.uses_penalties for p in sampling))
         pen = None if greedy else runner.penalty_state
-        (runner.kv, pen, runner.slot_table, last, tokens, num, lp, top_ids,
-         top_lp) = self._compiled[(t, greedy)](runner.params, runner.kv, pen, runner.slot_table,
-                                               runner._prev_tokens, ibuf, fbuf)
+        (runner.kv, pen, runner.slot_table, last, tokens, num, lp, top_ids, top_lp, dkv,
+         drafts) = self._compiled[(t, greedy)](runner.params, runner.kv, pen, runner.slot_table,
+                                               runner._prev_tokens, ibuf, fbuf,
+                                               *self._draft_args()[1:])
+        if self.draft is not None:
+            self.draft.kv = dkv
+            drafts.copy_to_host_async()
+        else:
+            drafts = None
         if pen is not None:
             runner.penalty_state = pen
         runner._prev_tokens = last
@@ -201,4 +251,4 @@ class SpecSteps:
         logprobs = (lp, top_ids, top_lp) if want else None
         for a in (tokens, num, *(logprobs or ())):
             a.copy_to_host_async()
-        return SpecStepHandle(out, tokens, num, logprobs, top_n)
+        return SpecStepHandle(out, tokens, num, logprobs, top_n, drafts)
