@@ -205,6 +205,8 @@ class Runner:
         there would only slow start-up. Flash-prefill steps keep the general sampler too."""
         sched = self.config.scheduler
         out = []
+        if self.spec_steps is not None and self.spec_steps.every_step:
+            return out  # a draft model runs in every step: only the speculative variants
         for t in self._buckets:
             out.append((t, False, False))
             if self._greedy_variant(t):
@@ -321,13 +323,14 @@ class Runner:
         greedy = (not fresh and self._greedy_variant(layout.num_tokens)
                   and all(p.greedy and p.logprobs is None and not p.uses_penalties
                           for c, p in zip(out.chunks, params, strict=True) if c.samples))
+        if out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
+            ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
+            return self.spec_steps.dispatch(self, out, layout, params, ibuf, fbuf)
         step = self._compiled.get((layout.num_tokens, fresh, greedy))
         if step is None:
             raise RuntimeError(f"step variant {(layout.num_tokens, fresh, greedy)} was not compiled "
                                "at warm-up")
         ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
-        if out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
-            return self.spec_steps.dispatch(self, out, layout, params, ibuf, fbuf)
         pen = None if greedy else self.penalty_state
         self.kv, pen, self.slot_table, tokens, lp, top_ids, top_lp = step(
             self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf)
