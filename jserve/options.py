@@ -227,7 +227,7 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            help="steps of at least this many tokens made only of fresh prompts attend with the "
            "flash kernel instead of the paged one (0 = never)"),
     Option("speculative_config", str, None, nullable=True, mapping=True, normalize=canonical_json,
-           default_text="off",
+           default_text="off", commands=COMMANDS,
            help="speculative decoding, vLLM's JSON: {\"method\": \"ngram\", "
            "\"num_speculative_tokens\": k, \"prompt_lookup_min\": a, \"prompt_lookup_max\": b} "
            "or {\"method\": \"draft_model\", \"model\": \"code-draft\", "

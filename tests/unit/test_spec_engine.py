@@ -200,3 +200,13 @@ def test_prometheus_exports_the_spec_decode_counters(spec):
                 "spec_decode_num_accepted_tokens"):
         line = next(x for x in text.splitlines() if x.startswith(f"jserve:{key}_total{{"))
         assert float(line.split()[-1]) == stats.kv_cache[key] > 0
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_architectures_match_with_ngram_drafts(make_engine, arch):
+    base = make_engine(arch)
+    eng = make_engine(arch, speculative_config=NGRAM)
+    ps = _prompts()
+    items = [(ps[0], _greedy()), (ps[2], _greedy(max_tokens=12)), (ps[1], _greedy(n=2))]
+    _same(base, eng, items)
+    assert eng.kv_cache_stats()["spec_decode_num_accepted_tokens"] > 0
