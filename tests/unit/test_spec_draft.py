@@ -130,3 +130,14 @@ def test_plan_counts_the_draft_weights_and_twin_pages():
     assert plan.pool.num_pages < alone.pool.num_pages
     assert plan.kv_bytes_per_token == alone.kv_bytes_per_token + plan.draft_kv_bytes_per_token
     assert "draft      LlamaForCausalLM: 2 layers" in plan.render()
+
+
+def test_tensor_parallel_draft_model(make_engine):
+    """tp=2 (two CPU devices): target and draft pools sharded over kv heads; tokens match tp=1."""
+    base = make_engine("llama", async_scheduling=False)
+    eng = make_engine("llama", tensor_parallel_size=2, speculative_config=_draft(GOLDEN / "llama"))
+    rng = np.random.default_rng(8)
+    items = [(rng.integers(5, 500, n).tolist(), _greedy(24)) for n in (5, 33)]
+    assert _tokens(eng, items) == _tokens(base, items)
+    s = eng.kv_cache_stats()
+    assert s["spec_decode_num_accepted_tokens"] >= 0.9 * s["spec_decode_num_draft_tokens"] > 0

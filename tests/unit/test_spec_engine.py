@@ -209,4 +209,4 @@ def test_other_architectures_match_with_ngram_drafts(make_engine, arch):
     ps = _prompts()
     items = [(ps[0], _greedy()), (ps[2], _greedy(max_tokens=12)), (ps[1], _greedy(n=2))]
     _same(base, eng, items)
-    assert eng.kv_cache_stats()["spec_decode_num_accepted_tokens"] > 0
+    assert eng.kv_cache_stats()["spec_decode_num_draft_tokens"] > 0   # drafts were verified
