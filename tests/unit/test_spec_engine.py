@@ -64,7 +64,10 @@ def test_greedy_with_ngram_drafts_is_token_identical(base, spec):
     before = dict(spec.kv_cache_stats())
     items = [(p, _greedy()) for p in ps]
     items += [(ps[0], _greedy(n=2)), (ps[1], _greedy(logprobs=2, max_tokens=12)),
-              (ps[0] + [7], _greedy(max_tokens=40))]          # a prefix hit on ps[0]'s pages
+              (ps[0] + [7], _greedy(max_tokens=40)),          # a prefix hit on ps[0]'s pages
+              # rows with penalties get no drafts and sample exactly as without speculation
+              (ps[3], SamplingParams(temperature=0.7, seed=4, repetition_penalty=1.3,
+                                     frequency_penalty=0.3, max_tokens=16, logprobs=1))]
     _same(base, spec, items)
     after = spec.kv_cache_stats()
     rows = after["spec_decode_num_drafts"] - before["spec_decode_num_drafts"]
