@@ -48,12 +48,11 @@ def count_kernels(hlo_text: str) -> int:
     return n
 
 
-def floor_a(engine, n: int = 200, context: int = 300, dump: str | None = None,
-            trace: str | None = None) -> tuple[float, float, int]:
-    """-> (ms per step, host ms inside the call, kernels per step) for the 1-token bucket."""
+def decode_inputs(engine, context: int = 300) -> tuple[jax.Array, jax.Array]:
+    """The packed buffers of a batch-1 decode step at ``context`` (slot 0, its pages 1..), whose
+    input token is the previous call's row 0: (ibuf, fbuf) on the device."""
     r = engine.runner
     layout = r.layout(r.bucket_for(1)[0])
-    step = r._compiled[(layout.num_tokens, False, True)]  # the greedy variant the engine runs
     ibuf, fbuf, f = layout.new_buffers()
     ps = engine.config.cache.page_size
     pages = np.arange(1, 1 + -(-context // ps), dtype=np.int32)
@@ -65,7 +64,17 @@ def floor_a(engine, n: int = 200, context: int = 300, dump: str | None = None,
     f["seq_lens"][0] = context
     f["query_start_loc"][1:] = 1
     f["num_seqs"][0] = 1
-    ibuf, fbuf = jax.device_put((ibuf, fbuf))
+    return jax.device_put((ibuf, fbuf))
+
+
+def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | None = None,
+            trace: str | None = None) -> tuple[float, float, float, int]:
+    """-> (ms per step, host ms inside the call back to back, host ms of one call on an idle
+    device, kernels per step) for the 1-token bucket; ``step`` defaults to the engine's own
+    greedy decode-only variant."""
+    r = engine.runner
+    step = step or r._compiled[(r.bucket_for(1)[0], False, True, True)]
+    ibuf, fbuf = decode_inputs(engine, context)
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
     for _ in range(5):  # the greedy variant takes no penalty state (None)
         kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
@@ -78,6 +87,13 @@ def floor_a(engine, n: int = 200, context: int = 300, dump: str | None = None,
         host += time.perf_counter() - th
     jax.block_until_ready(tokens)
     dt = (time.perf_counter() - t0) / n
+    idle = []
+    for _ in range(20):  # the dispatch cost alone: each call starts with the device idle
+        jax.block_until_ready(tokens)
+        th = time.perf_counter()
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
+        idle.append(time.perf_counter() - th)
+    jax.block_until_ready(tokens)
     if trace:
         with jax.profiler.trace(trace):
             for _ in range(20):
@@ -88,7 +104,7 @@ def floor_a(engine, n: int = 200, context: int = 300, dump: str | None = None,
     if dump:
         with open(dump, "w") as fh:
             fh.write(text)
-    return dt * 1e3, host / n * 1e3, count_kernels(text)
+    return dt * 1e3, host / n * 1e3, float(np.median(idle)) * 1e3, count_kernels(text)
 
 
 def engine_decode(engine, n_tokens: int = 128) -> float:
@@ -111,32 +127,65 @@ def engine_decode(engine, n_tokens: int = 128) -> float:
     return best
 
 
-def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None) -> None:
+def _recompiled(engine, variant, patch: str):
+    """The engine's ``variant`` compiled again under one named A/B patch (benchmark only)."""
+    import pallas_kernels.kv_write.api as kv_write_api
+
+    if patch == "kv-write-kernel":  # the Pallas K/V write (one launch) instead of two XLA scatters
+        saved = kv_write_api.GPU_KERNEL_MIN_TOKENS
+        kv_write_api.GPU_KERNEL_MIN_TOKENS = 1
+        try:
+            return engine.runner.lower_step(variant).compile()
+        finally:
+            kv_write_api.GPU_KERNEL_MIN_TOKENS = saved
+    if patch.startswith("xla:"):  # one XLA debug option for this compile, e.g. xla:NAME=false
+        name, _, value = patch[4:].partition("=")
+        value = {"true": True, "false": False}.get(value.lower(), value)
+        return engine.runner.lower_step(variant).compile(compiler_options={name: value})
+    raise ValueError(f"unknown A/B patch {patch!r}")
+
+
+def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
+          ab: tuple[str, ...] = (), max_tokens: int = 64) -> None:
     res = {}
     t0 = time.perf_counter()
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
-                                  max_num_batched_tokens=64, max_model_len=1024, num_pages=512))
+                                  max_num_batched_tokens=max_tokens, max_model_len=1024, num_pages=512),
+                       progress=lambda line: print("  " + line, flush=True))
     build_s = time.perf_counter() - t0
     dump = f"{dump_dir}/{model.replace('/', '_')}.decode_step.hlo.txt" if dump_dir else None
     trace = f"{trace_dir}/{model.replace('/', '_')}" if trace_dir else None
     res["A"] = floor_a(eng, dump=dump, trace=trace)
+    t = eng.runner.bucket_for(1)[0]
+    extra = {"A' greedy variant with prefill launches (before: decode steps ran it)":
+             eng.runner._compiled[(t, False, True, False)]}
+    for patch in ab:
+        tc = time.perf_counter()
+        try:
+            fn = _recompiled(eng, (t, False, True, True), patch)
+        except Exception as e:  # noqa: BLE001 - report the failed patch, keep the run going
+            print(f"  A/B patch {patch} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        extra[f"A + {patch} (recompiled in {time.perf_counter() - tc:.0f} s)"] = fn
+    extra_res = {name: floor_a(eng, step=fn) for name, fn in extra.items()}
     for key, overlap in (("B", True), ("C", False)):
         eng._overlap = overlap   # the async_scheduling option, toggled on one engine (benchmark only)
         res[key] = engine_decode(eng)
     p_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(eng.runner.params))
     leaves = len(jax.tree_util.tree_leaves(eng.runner.params)) + 2 * len(eng.runner.kv) + 4
     del eng
-    a_ms, a_host, kernels = res["A"]
     floor = p_bytes / 3.3e12 * 1e3
     print(f"\n## {model} ({jax.devices()[0].device_kind}): weights {p_bytes / 1e9:.2f} GB; "
-          f"{leaves} arrays per step call; {kernels} kernels per decode step; "
-          f"HBM floor at 3.3 TB/s = {floor:.2f} ms/step; engine build {build_s:.1f} s")
-    print("| path | ms/step | tok/s | host ms in the call |")
-    print("|---|---|---|---|")
-    print(f"| A compiled step back to back, device-fed, no sync | {a_ms:.3f} | {1e3 / a_ms:.0f} "
-          f"| {a_host:.3f} |")
-    print(f"| B LLMEngine.step, overlapped | {res['B']:.3f} | {1e3 / res['B']:.0f} | |")
-    print(f"| C LLMEngine.step, synchronous | {res['C']:.3f} | {1e3 / res['C']:.0f} | |", flush=True)
+          f"{leaves} arrays per step call; HBM floor at 3.3 TB/s = {floor:.2f} ms/step; "
+          f"engine build {build_s:.1f} s")
+    print("| path | ms/step | tok/s | host ms in the call, back to back | host ms of one call, "
+          "device idle | kernels per step |")
+    print("|---|---|---|---|---|---|")
+    rows = {"A compiled greedy decode step back to back, device-fed, no sync": res["A"], **extra_res}
+    for name, (ms, host, idle, kernels) in rows.items():
+        print(f"| {name} | {ms:.3f} | {1e3 / ms:.0f} | {host:.3f} | {idle:.3f} | {kernels} |")
+    print(f"| B LLMEngine.step, overlapped | {res['B']:.3f} | {1e3 / res['B']:.0f} | | | |")
+    print(f"| C LLMEngine.step, synchronous | {res['C']:.3f} | {1e3 / res['C']:.0f} | | | |", flush=True)
 
 
 def main() -> None:
@@ -144,6 +193,10 @@ def main() -> None:
     ap.add_argument("models", help="comma list of named shapes or model directories")
     ap.add_argument("--dump", default=None, help="folder for the decode step's optimized program")
     ap.add_argument("--trace", default=None, help="folder for a profiler trace of 20 steps of A")
+    ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
+                    "recompile and time beside it: kv-write-kernel, xla:OPTION=VALUE")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=64,
+                    help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,
                     help="step variants compiled at once at start-up (default: the runner's choice)")
     ns = ap.parse_args()
@@ -152,7 +205,7 @@ def main() -> None:
 
         Runner.compile_threads = lambda self: ns.compile_threads  # benchmark A/B only
     for m in ns.models.split(","):
-        probe(m, ns.dump, ns.trace)
+        probe(m, ns.dump, ns.trace, tuple(p for p in ns.ab.split(",") if p), ns.max_num_batched_tokens)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 #          v2 section)? A/B on Qwen2.5-0.5B, cold compile cache each time: start-up compiling 1 vs 8
 #          variants at once (the GPU autotuner times kernels on the device), command buffers on vs
 #          off, and a profiler trace of the default. Settle this before any kernel work.
-#   call 2 (~9 min): the targets, with the HF peer in the same call: batch-1 decode of both shapes,
-#          offline throughput (Qwen 1000 x 200/180, Llama 500 x 200/180), cold start-up.
+#   call 2 (~9 min): the targets, with the HF peer in the same call: batch-1 decode of both shapes
+#          (and A/B recompiles of the Qwen decode step: Pallas K/V write, no split-K, cuBLAS GEMMs);
+#          call 2b: offline throughput (Qwen 1000 x 200/180, Llama 500 x 200/180), cold start-up.
 #   call 3 (~5 min): serving at concurrency 1/2/4 (benchmarks/serve_bench.sh) and warm start-up.
 #
 # Run on the GPU machine from the repository root with .anchors/ carried
@@ -34,7 +35,9 @@ case "${1:-1}" in
     qwen2.5-0.5b --compile-threads 1 2>&1 | quiet | tee -a "$OUT/ab.txt"
   ;;
 2)
-  timeout 240 python3 benchmarks/step_floor.py qwen2.5-0.5b,llama3.1-8b 2>&1 | quiet | tee "$OUT/floor.txt"
+  timeout 330 python3 benchmarks/step_floor.py qwen2.5-0.5b --dump "$OUT" --ab kv-write-kernel,\
+xla:xla_gpu_enable_split_k_autotuning=false,xla:xla_gpu_enable_triton_gemm=false 2>&1 | quiet | tee "$OUT/floor.txt"
+  timeout 150 python3 benchmarks/step_floor.py llama3.1-8b 2>&1 | quiet | tee -a "$OUT/floor.txt"
   timeout 120 python3 -c "
 import sys; sys.path.insert(0, '.anchors'); import hf_peer, torch, json
 for name in ('qwen2.5-0.5b', 'llama3.1-8b'):
@@ -42,6 +45,8 @@ for name in ('qwen2.5-0.5b', 'llama3.1-8b'):
     print(json.dumps(dict(model=name, hf_static_bs1_tok_s=round(hf_peer.bs1(m, cfg, 'cuda', 128, 256, 'static'), 1))), flush=True)
     del m; torch.cuda.empty_cache()
 " 2>&1 | quiet | tee "$OUT/hf.txt"
+  ;;
+2b)
   rm -rf "$CACHE"
   timeout 150 python3 benchmarks/offline.py --model qwen2.5-0.5b --random-weights --num-requests 1000 \
     --input-len 200 --output-len 180 2>&1 | quiet | tail -25 | tee "$OUT/offline_qwen.txt"

@@ -77,6 +77,7 @@ class _Add:
     stream: RequestStream
     future: concurrent.futures.Future
     cache_salt: str | None = None
+    priority: int = 0
 
 
 @dataclass
@@ -259,9 +260,10 @@ class AsyncEngine:
         return "the engine has shut down"
 
     async def add_request(self, prompt: Prompt, params: SamplingParams,
-                          request_id: str | None = None, cache_salt: str | None = None
-                          ) -> RequestStream:
-        """Queue a request; returns its stream once the engine accepted it.
+                          request_id: str | None = None, cache_salt: str | None = None,
+                          priority: int = 0) -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it. ``priority``:
+        lower is admitted first (vLLM's meaning); equal priorities share the batch fairly.
 
         Raises ``ValueError`` (bad input), ``QueueFullError`` (waiting queue full),
         ``EngineDrainingError`` or ``EngineDeadError``; nothing is queued on error.
@@ -271,7 +273,7 @@ class AsyncEngine:
         rid = request_id if request_id is not None else f"req-{uuid.uuid4().hex}"
         stream = RequestStream(rid, self, asyncio.get_running_loop())
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._send(_Add(rid, prompt, params, time.monotonic(), stream, fut, cache_salt))
+        self._send(_Add(rid, prompt, params, time.monotonic(), stream, fut, cache_salt, priority))
         try:
             await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
@@ -380,7 +382,7 @@ class AsyncEngine:
     def _handle_add(self, cmd: _Add) -> None:
         try:
             rid = self._engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival,
-                                           cache_salt=cmd.cache_salt)
+                                           cache_salt=cmd.cache_salt, priority=cmd.priority)
         except Exception as e:
             req_log.debug("request rejected id=%s error=%r", cmd.request_id, str(e))
             cmd.future.set_exception(e)

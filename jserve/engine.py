@@ -123,14 +123,17 @@ class LLMEngine:
                              "stop/eos ids are supported")
 
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams,
-                    arrival_time: float | None = None, cache_salt: str | None = None) -> str:
+                    arrival_time: float | None = None, cache_salt: str | None = None,
+                    priority: int = 0) -> str:
         """Validate, tokenize and queue a request. Raises ValueError (bad input) or
         QueueFullError; nothing is queued on error. ``cache_salt``: requests share prefix-cached
-        pages only with requests of the same salt."""
+        pages only with requests of the same salt. ``priority``: lower is admitted first."""
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if request_id in self._parents:
             raise ValueError(f"request_id: {request_id!r} is already in use")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority: must be an integer, got {priority!r}")
         text, ids = self.tokenize_prompt(prompt)
         self.validate(ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -140,7 +143,8 @@ class LLMEngine:
             cid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(cid, ids, params, eos_token_ids=self.eos_token_ids,
                           seed=(base_seed + 0x9E3779B1 * i) % 2**32, arrival_time=arrival,
-                          cache_salt=cache_salt, fork_of=children[0].request if children else None)
+                          cache_salt=cache_salt, fork_of=children[0].request if children else None,
+                          priority=priority)
             children.append(_Child(req, self._make_detok(ids, params), self._make_stops(params)))
         added: list[Request] = []
         try:

@@ -43,6 +43,7 @@ class StartupInfo:
     max_num_seqs: int
     startup_seconds: float
     compile_seconds: float
+    max_waiting: int                # sequences the waiting queue holds (QueueFullError past it)
 
     @property
     def kv_pages_total(self) -> int:
@@ -67,7 +68,7 @@ class StartupInfo:
             build = BuildInfo(PoolPlan(per_token, config.cache.page_size, num_pages,
                                        config.scheduler.max_model_len))
         return StartupInfo(build.pool_plan, max_model_len, config.scheduler.max_num_seqs,
-                           build.startup_seconds, build.compile_seconds)
+                           build.startup_seconds, build.compile_seconds, config.scheduler.max_waiting)
 
 
 @dataclass(frozen=True)

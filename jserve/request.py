@@ -68,6 +68,7 @@ class Request:
     # Per output token: (sampled logprob, [(token_id, logprob), ...]) when logprobs requested.
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     cache_salt: str | None = None          # namespaces the prefix cache (no sharing across salts)
+    priority: int = 0                      # admission order: lower first (vLLM's priority)
     fork_of: Request | None = field(default=None, repr=False)  # n > 1: shares this one's prompt pages
     num_cached_tokens: int | None = None   # prompt tokens not computed at first admission
     page_entries: list[Any] = field(default_factory=list, repr=False)  # CachedPage per full page

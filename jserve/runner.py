@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,25 +87,36 @@ TOP_N = 20
 Progress = Callable[[str], None]
 
 
-def fused_step(cfg: Any, layout: StepLayout, num_out: int, fresh_prefill: bool, greedy: bool,
-               mesh: Mesh, params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
+class StepVariant(NamedTuple):
+    """One compiled step program (all fields static)."""
+
+    tokens: int                 # the token bucket T
+    fresh_prefill: bool         # every chunk starts at token 0: flash attention over the chunk
+    greedy: bool                # argmax sampler: no conditionals, no penalty state
+    decode_only: bool = False   # greedy, and every row is one token (the smallest bucket only):
+    #                             attention runs the GPU kernel's decode launch alone
+
+
+def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant, mesh: Mesh,
+               params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
                prev_tokens: jax.Array, ibuf: jax.Array, fbuf: jax.Array) -> tuple:
     """Model forward + sampler over one packed step. pen: int32[S_req, V] penalty state (None
-    in the greedy variant); table: int32[S_req + 1, W] slot table (page rows, sampling params);
+    in the greedy variants); table: int32[S_req + 1, W] slot table (page rows, sampling params);
     prev_tokens: int32[S] (the previous step's sampled tokens by row) -> (kv, pen, table,
     tokens int32[S], logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
-    ``greedy`` (static): argmax only (top-N zeros), no penalties."""
+    ``variant.greedy``: argmax only (top-N zeros), no penalties."""
     table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
     fed = prev_tokens[jnp.maximum(prev_index, 0)]
     batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
-    kv, logits = forward(cfg, params, kv, batch, fresh_prefill=fresh_prefill, mesh=mesh)
+    kv, logits = forward(cfg, params, kv, batch, fresh_prefill=variant.fresh_prefill, mesh=mesh,
+                         decode_only=variant.decode_only)
     logits = logits.astype(jnp.float32)
     penalized = None
     if pen is not None:
         penalized = jax.lax.cond(jnp.any(pen_slot >= 0),
                                  lambda: penalized_logits(logits, pen, pen_slot, sbatch),
                                  lambda: logits)
-    out = _sample_core(logits, penalized, sbatch, STEP_SAMPLER_FLAGS[greedy])
+    out = _sample_core(logits, penalized, sbatch, STEP_SAMPLER_FLAGS[variant.greedy])
     if pen is not None:
         pen = record_tokens(pen, pen_slot, out.token_ids)
     tokens = jnp.zeros((num_out,), jnp.int32).at[:layout.num_rows].set(out.token_ids)
@@ -161,7 +172,7 @@ class Runner:
         self._greedy_buckets = frozenset(
             t for i, t in enumerate(self._buckets) if i == 0 or self._buckets[i - 1] < sched.max_num_seqs)
         self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
-        self._compiled: dict[tuple[int, bool, bool], Any] = {}
+        self._compiled: dict[StepVariant, Any] = {}
         self._layouts: dict[int, StepLayout] = {}
         self._slot_init = SlotInit(sched.max_num_seqs, config.model.vocab_size, sched.max_model_len,
                                    self._replicated)
@@ -196,23 +207,28 @@ class Runner:
                 self._page_size)
         return lay
 
-    def variants(self) -> list[tuple[int, bool, bool]]:
-        """Every compiled step: (token bucket, fresh_prefill, greedy sampler).
+    def variants(self) -> list[StepVariant]:
+        """Every compiled step program.
 
         The greedy variant exists only for buckets a pure decode step can land in (at most
         ``max_num_seqs`` tokens): a larger bucket always carries prefill work, whose device
         time dwarfs the host's wait at the general sampler's conditional, so a second compile
-        there would only slow start-up. Flash-prefill steps keep the general sampler too."""
+        there would only slow start-up. Flash-prefill steps keep the general sampler too. The
+        greedy decode-only variant exists for the smallest bucket: small-batch decode is
+        launch-bound there, and the attention launch it saves per layer is a few percent of
+        the step (a larger decode batch's step is long enough not to need it)."""
         sched = self.config.scheduler
         out = []
         if self.spec_steps is not None and self.spec_steps.every_step:
             return out  # a draft model runs in every step: only the speculative variants
         for t in self._buckets:
-            out.append((t, False, False))
+            out.append(StepVariant(t, False, False))
             if self._greedy_variant(t):
-                out.append((t, False, True))
+                out.append(StepVariant(t, False, True))
+            if t == self._buckets[0]:
+                out.append(StepVariant(t, False, True, decode_only=True))
             if sched.flash_prefill(t):
-                out.append((t, True, False))
+                out.append(StepVariant(t, True, False))
         return out
 
     def _greedy_variant(self, token_bucket: int) -> bool:
@@ -326,10 +342,12 @@ class Runner:
         if out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
             ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
             return self.spec_steps.dispatch(self, out, layout, params, ibuf, fbuf)
-        step = self._compiled.get((layout.num_tokens, fresh, greedy))
+        decode_only = (greedy and layout.num_tokens == self._buckets[0]
+                       and all(c.num_tokens == 1 for c in out.chunks))
+        variant = StepVariant(layout.num_tokens, fresh, greedy, decode_only)
+        step = self._compiled.get(variant)
         if step is None:
-            raise RuntimeError(f"step variant {(layout.num_tokens, fresh, greedy)} was not compiled "
-                               "at warm-up")
+            raise RuntimeError(f"step variant {variant} was not compiled at warm-up")
         ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
         pen = None if greedy else self.penalty_state
         self.kv, pen, self.slot_table, tokens, lp, top_ids, top_lp = step(
@@ -347,10 +365,11 @@ class Runner:
         return StepHandle(out, tokens, logprobs, top_n)
 
     # ---------------------------------------------------------------- start-up
-    def lower_step(self, variant: tuple[int, bool, bool]) -> Any:
-        t, fresh, greedy = variant
-        layout = self.layout(t)
-        fn = functools.partial(fused_step, self.config.model, layout, self._num_out, fresh, greedy,
+    def lower_step(self, variant: StepVariant) -> Any:
+        variant = StepVariant(*variant)
+        greedy = variant.greedy
+        layout = self.layout(variant.tokens)
+        fn = functools.partial(fused_step, self.config.model, layout, self._num_out, variant,
                                self.mesh)
         rep = self._replicated
         ibuf, fbuf, _ = layout.new_buffers()
@@ -382,7 +401,7 @@ class Runner:
         say = progress or log.info
         total = len(variants)
 
-        def compile_one(item: tuple[tuple[int, bool, bool], Any]) -> tuple[tuple[int, bool, bool], Any]:
+        def compile_one(item: tuple[StepVariant, Any]) -> tuple[StepVariant, Any]:
             variant, lowered = item
             return variant, lowered.compile()
 
@@ -393,15 +412,16 @@ class Runner:
             for k, fut in enumerate(futures, 1):
                 variant, compiled = fut.result()
                 self._compiled[variant] = compiled
-                t, fresh, greedy = variant
-                kind = "flash prefill" if fresh else "greedy" if greedy else "general sampler"
+                t = variant.tokens
+                kind = ("flash prefill" if variant.fresh_prefill else "greedy decode"
+                        if variant.decode_only else "greedy" if variant.greedy else "general sampler")
                 say(f"compiled step {k}/{total} (tokens {t}, rows "
                     f"{self.config.scheduler.seq_bucket(t)}, {kind}) at {time.perf_counter() - t0:.1f} s")
         for variant in variants:
             layout = self.layout(variant[0])
             ibuf, fbuf, _ = layout.new_buffers()
             ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
-            pen = None if variant[2] else self.penalty_state
+            pen = None if variant.greedy else self.penalty_state
             self.kv, pen, self.slot_table, _, _, _, _ = self._compiled[variant](
                 self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf)
             if pen is not None:

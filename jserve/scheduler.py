@@ -11,8 +11,13 @@ one ragged batch under a per-step token budget::
 
     step budget = max_num_batched_tokens, rows <= max_num_seqs
     running (arrival order)      A: decode 1 | B: decode 1 | C: prefill chunk 200 (of 900)
-    waiting (FCFS)               D: prompt 50 -> admitted if rows, budget and pages allow
-                                 E: ...       -> strict FCFS: stop at the first that doesn't fit
+    waiting (fair, by priority)  D: prompt 50 -> admitted if rows, budget and pages allow
+                                 E: ...       -> stop at the first whose turn it is that
+                                                 doesn't fit (nobody overtakes it)
+
+Admission order (``_next_waiting``): preempted requests first, then by ``priority`` (lower
+first), then fewest sequences of the same API request already running, then arrival: one
+request's ``n`` = 128 sequences cannot starve a request that arrives after them.
 
 Pages: a chunk ``[start, start + k)`` needs ``pages_needed(start + k)`` pages in
 ``req.page_ids``; the missing ones are allocated when the chunk is scheduled::
@@ -55,7 +60,7 @@ indexed in ``update`` only over known tokens.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 
 from jserve.config import SchedulerConfig
 from jserve.kv_manager import KVCacheManager
@@ -87,7 +92,7 @@ class Scheduler:
             logger.warning("max_model_len %d exceeds the KV pool (%d pages x %d tokens); sequences "
                            "are capped at %d tokens", config.max_model_len, pool.num_total,
                            pool.page_size, self.max_model_len)
-        self.waiting: deque[Request] = deque()  # FCFS; preempted requests go to the front
+        self.waiting: deque[Request] = deque()  # arrival order; preempted requests go to the front
         self.num_preemptions_total = 0  # for metrics and tests
         self.running: list[Request] = []        # arrival order; the newest is last
         self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
@@ -151,7 +156,7 @@ class Scheduler:
 
     # ----------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
-        """Pick this step's rows: running requests first (arrival order), then waiting (FCFS).
+        """Pick this step's rows: running requests first (arrival order), then waiting (fair order).
 
         Advances ``num_computed_tokens`` of every scheduled request (the step is in flight) and
         adds a placeholder for each row that samples; ``update`` fills the placeholders in.
@@ -187,15 +192,20 @@ class Scheduler:
             budget -= k
             i += 1
 
-        if not out.num_preempted:
+        if not out.num_preempted and self.waiting:
+            per_group = Counter(_group(r) for r in self.running)
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                req = self.waiting[0]
+                req = self._next_waiting(per_group)
                 if req.num_placeholders:
                     break  # preempted with a token in flight: resumes once it has landed
                 plan = kv.plan_admission(req, budget)
                 if plan is None or plan.pool_pages > pool.num_free:
-                    break  # strict FCFS: nobody overtakes the head of the queue
-                self.waiting.popleft()
+                    break  # nobody overtakes the request whose turn it is
+                if req is self.waiting[0]:
+                    self.waiting.popleft()
+                else:
+                    self.waiting.remove(req)
+                per_group[_group(req)] += 1
                 kv.admit(req, plan)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
@@ -204,6 +214,34 @@ class Scheduler:
         out.transfers = kv.take_transfers()
         out.dropped, self._dropped = self._dropped, []  # a plan with drops is never empty
         return out
+
+    def _next_waiting(self, running_per_group: Counter) -> Request:
+        """The waiting request whose turn it is (fair admission).
+
+        Preempted requests sit at the front and go first (they held pages already). Otherwise
+        the order is (priority, sequences of its request already running, queue position),
+        over the first waiting sequence of each request: the ``n`` sequences of one request
+        take turns with other requests instead of filling the batch first, and a lower
+        priority value goes before a higher one. Within a request, queue order holds (the
+        leader before its siblings, which share its prompt pages)::
+
+            waiting  A#0..A#127 (n=128, 8 running)   B (n=1, 0 running)
+            next     B: key (0, 0, 128) < A#8's (0, 8, 0)
+        """
+        head = self.waiting[0]
+        if head.status is RequestStatus.PREEMPTED:
+            return head
+        best, best_key = head, (head.priority, running_per_group[_group(head)], 0)
+        seen = {_group(head)}
+        for pos, req in enumerate(self.waiting):
+            g = _group(req)
+            if g in seen:
+                continue
+            seen.add(g)
+            key = (req.priority, running_per_group[g], pos)
+            if key < best_key:
+                best, best_key = req, key
+        return best
 
     def _schedulable(self, req: Request) -> bool:
         """False while the row would be wasted: the in-flight token ends the request for sure
@@ -453,6 +491,11 @@ class Scheduler:
         if self.spec is not None:
             s.update(self.spec_counters)
         return s
+
+
+def _group(req: Request) -> str:
+    """The API request a sequence belongs to: ``n`` > 1 siblings share their leader's id."""
+    return req.fork_of.request_id if req.fork_of is not None else req.request_id
 
 
 def _tokens(req: Request, start: int, end: int) -> list[int]:

@@ -295,7 +295,9 @@ class Tokenizer:
         """text -> token ids; with ``add_special_tokens`` BOS/EOS are added as the model expects."""
         if not isinstance(text, str):
             raise ValueError(f"text to encode must be a string, got {type(text).__name__}")
-        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while the Rust side works (encode does not): a server
+        # tokenizing a long prompt on a worker thread keeps its event loop running.
+        ids = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if not add_special_tokens:
             return ids
         bos, eos = self.bos_token_id, self._eos_token_id

@@ -33,7 +33,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         host=ns.host, port=ns.port, grpc_port=None if ns.grpc_port < 0 else ns.grpc_port,
         api_key=ns.api_key, served_model_names=tuple(ns.served_model_name or ()),
         max_body_bytes=ns.max_body_bytes, shutdown_timeout_s=ns.shutdown_timeout,
-        enable_metrics=not ns.disable_metrics, access_log=ns.access_log)
+        enable_metrics=not ns.disable_metrics, access_log=ns.access_log,
+        header_timeout_s=ns.header_timeout, body_timeout_s=ns.body_timeout,
+        max_connections=ns.max_connections, tokenizer_threads=ns.tokenizer_threads)
     args = engine_args_from(ns)
     t0 = time.perf_counter()
     engine = build_engine(args)
@@ -48,18 +50,33 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
     """The engine flags ``serve`` exposes (declared in jserve/options.py, ``--max-waiting``
-    among them), then the server's own."""
+    among them), then the server's own: front-end settings with no meaning to ``LLM(...)``,
+    whose defaults are declared once, on ``ServerConfig``."""
+    from server.runtime import ServerConfig as D
+
     add_engine_flags(p, "serve")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all interfaces)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free port)")
-    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: a free port, -1: off)")
+    p.add_argument("--host", default=D.host, help="bind address (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=D.port, help="HTTP port (0: a free port)")
+    p.add_argument("--grpc-port", type=int, default=D.grpc_port, help="gRPC port (0: a free port, -1: off)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (HTTP and gRPC)")
     p.add_argument("--served-model-name", action="append", default=None,
                    help="model id(s) clients send (repeatable; default: the --model string)")
-    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
-                   help="largest request body / gRPC message (413 / RESOURCE_EXHAUSTED past it)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds SIGTERM waits for in-flight requests before aborting them")
+    p.add_argument("--max-body-bytes", type=int, default=D.max_body_bytes,
+                   help="largest request body / gRPC message (413 / RESOURCE_EXHAUSTED past it; "
+                   "default: %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=D.header_timeout_s,
+                   help="seconds a connection may take to send complete request headers before it "
+                   "is closed (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=D.body_timeout_s,
+                   help="seconds a request body may take to arrive; past it: 408 (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=D.max_connections,
+                   help="open HTTP connections; one past it gets a 503 and is closed "
+                   "(default: %(default)s)")
+    p.add_argument("--tokenizer-threads", type=int, default=D.tokenizer_threads,
+                   help="worker threads that tokenize prompts off the event loop (default: %(default)s)")
+    p.add_argument("--shutdown-timeout", type=float, default=D.shutdown_timeout_s,
+                   help="seconds SIGTERM waits for in-flight requests before aborting them "
+                   "(default: %(default)s)")
     p.add_argument("--disable-metrics", action="store_true", help="no Prometheus /metrics")
     p.add_argument("--access-log", action="store_true", help="uvicorn access log")
 

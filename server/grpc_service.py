@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,6 +31,7 @@ from jserve.outputs import RequestOutput
 from server.errors import APIError, bad_request, from_exception
 from server.proto import jserve_pb2 as pb
 from server.proto import jserve_pb2_grpc as pb_grpc
+from server.protocol import check_n_greedy, get_stop, get_stop_token_ids
 from server.serving import Serving, new_id
 
 log = logging.getLogger(__name__)
@@ -40,11 +43,15 @@ _OPTIONAL_SAMPLING = ("n", "temperature", "top_p", "top_k", "min_p", "repetition
 
 
 def sampling_fields(sp: pb.SamplingParams) -> tuple[dict[str, Any], int | None, int | None]:
-    """(SamplingParams keywords, max_tokens, logprobs) from the proto; unset fields are omitted."""
+    """(SamplingParams keywords, max_tokens, logprobs) from the proto; unset fields are omitted.
+    The same limits as HTTP (server/protocol.py): stop strings and ids, n > 1 needs sampling."""
     fields = {name: getattr(sp, name) for name in _OPTIONAL_SAMPLING if sp.HasField(name)}
-    fields["stop"] = list(sp.stop)
-    fields["stop_token_ids"] = list(sp.stop_token_ids)
+    fields["stop"] = get_stop({"stop": list(sp.stop)})
+    fields["stop_token_ids"] = get_stop_token_ids({"stop_token_ids": list(sp.stop_token_ids)})
+    check_n_greedy(fields.get("n", 1), fields.get("temperature", 1.0))
     max_tokens = sp.max_tokens if sp.HasField("max_tokens") else None
+    if max_tokens == 0:
+        raise bad_request("'max_tokens' must be >= 1, got 0", "max_tokens")
     logprobs = sp.logprobs if sp.HasField("logprobs") else None
     return fields, max_tokens, logprobs
 
@@ -88,14 +95,15 @@ class GenerationService(pb_grpc.GenerationServicer):
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         err = from_exception(exc)
-        if err.status >= 500 and not isinstance(exc, APIError):
+        if err.status == 500 and not isinstance(exc, APIError):
             log.error("gRPC request failed: %s", err.message)
-        await context.abort(err.grpc_code, err.message)
+        trailing = (("retry-after", str(err.retry_after_s)),) if err.retry_after_s is not None else ()
+        await context.abort(err.grpc_code, err.message, trailing_metadata=trailing)
 
-    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+    async def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
         if kind == "text":
-            return self.serving.tokenize(request.text)
+            return await self.serving.tokenize(request.text, field_name="text")
         if kind == "token_ids":
             if not request.token_ids.ids:
                 raise bad_request("token_ids: must contain at least one token", "token_ids")
@@ -108,11 +116,13 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             self._check_key(context)
             self.serving.check_model(request.model)
-            ids = self._prompt_ids(request)
             fields, max_tokens, logprobs = sampling_fields(request.sampling_params)
-            params = self.serving.make_params(fields, max_tokens, logprobs, len(ids))
+            self.serving.check_sequences(fields.get("n", 1), 1)
+            ids = await self._prompt_ids(request)
+            params = self.serving.make_params(fields, max_tokens, logprobs, len(ids),
+                                              request.WhichOneof("prompt") or "prompt")
             stream = await self.serving.start(ids, params, f"{rid}-{new_id('g')}",
-                                              request.cache_salt or None)
+                                              request.cache_salt or None, request.priority)
         except Exception as e:
             await self._abort(context, e)
             return
@@ -137,7 +147,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             self._check_key(context)
             self.serving.check_model(request.model)
             add = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            ids = self.serving.tokenize(request.text, add)
+            ids = await self.serving.tokenize(request.text, add, field_name="text")
         except Exception as e:
             await self._abort(context, e)
         return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.serving.max_model_len)
@@ -165,6 +175,64 @@ class GenerationService(pb_grpc.GenerationServicer):
                          root=c.root) for name in self.serving.names])
 
 
+def _unknown_field(msg: Any, path: str) -> str | None:
+    """The first field number this server's proto does not know (a newer client's field, which
+    proto3 would otherwise keep and ignore), as ``path.#N``; None if there is none."""
+    for f in UnknownFieldSet(msg):
+        return f"{path}.#{f.field_number}" if path else f"#{f.field_number}"
+    for fd, value in msg.ListFields():
+        if fd.message_type is not None and not fd.is_repeated:
+            found = _unknown_field(value, f"{path}.{fd.name}" if path else fd.name)
+            if found:
+                return found
+    return None
+
+
+async def _decode(raw: bytes, message: type, context: grpc.aio.ServicerContext) -> Any:
+    """A request message from its bytes; INVALID_ARGUMENT (not UNKNOWN) when they do not decode
+    (garbage, invalid UTF-8 in a string field) or carry a field this server does not know."""
+    try:
+        msg = message.FromString(raw)
+    except DecodeError as e:
+        log.debug("gRPC request did not decode as %s: %s", message.__name__, e)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the request is not a valid {message.DESCRIPTOR.full_name} message: {e}")
+    unknown = _unknown_field(msg, "")
+    if unknown is not None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"unknown field {unknown} in {message.DESCRIPTOR.full_name}: this server "
+                            "does not implement it (a newer jserve.proto?)")
+    return msg
+
+
+def _add_generation_service(service: GenerationService, server: grpc.aio.Server) -> None:
+    """Register ``service`` taking raw request bytes, decoded by ``_decode`` (the generated
+    registration decodes before the handler runs, so a bad message would be UNKNOWN)."""
+    def unary(method: Any, message: type) -> grpc.RpcMethodHandler:
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            return await method(await _decode(raw, message, context), context)
+        return grpc.unary_unary_rpc_method_handler(handler, response_serializer=_serialize)
+
+    def streaming(method: Any, message: type) -> grpc.RpcMethodHandler:
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for resp in method(await _decode(raw, message, context), context):
+                yield resp
+        return grpc.unary_stream_rpc_method_handler(handler, response_serializer=_serialize)
+
+    handlers = {
+        "Generate": streaming(service.Generate, pb.GenerateRequest),
+        "Tokenize": unary(service.Tokenize, pb.TokenizeRequest),
+        "Detokenize": unary(service.Detokenize, pb.DetokenizeRequest),
+        "ListModels": unary(service.ListModels, pb.ListModelsRequest),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()
+
+
 class GrpcServer:
     """A started grpc.aio server bound to ``host:port`` (``port`` 0 picks a free one)."""
 
@@ -188,7 +256,7 @@ async def start_grpc_server(serving: Serving, host: str = "127.0.0.1", port: int
                             ) -> GrpcServer:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.so_reuseport", 0)])
-    pb_grpc.add_GenerationServicer_to_server(GenerationService(serving, api_key), server)
+    _add_generation_service(GenerationService(serving, api_key), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -5,8 +5,14 @@ key, parses it (server/protocol.py) and hands it to the handlers (server/openai_
 every failure becomes the OpenAI error JSON with its status (server/errors.py).
 
     POST /v1/completions        POST /v1/chat/completions   (stream: SSE, ends "data: [DONE]")
-    GET  /v1/models             POST /tokenize              POST /detokenize
+    GET  /v1/models             GET  /v1/models/{id}
+    POST /tokenize              POST /detokenize
     GET  /health                GET  /metrics               GET  /version
+
+Bodies: at most ``max_body_bytes`` (413), read within ``body_timeout_s`` (408), decoded by
+server/json_body.py (depth, lone surrogates, huge numbers: 400 naming the path). A 429 carries
+``Retry-After``. A client that goes away (mid-upload, mid-stream) or a request refused while
+draining is logged at DEBUG, never as an ERROR traceback; only a 500 is.
 
 Disconnects: a streamed response and a non-streamed request both watch the connection; when
 the client goes away the handler is cancelled, which aborts the engine requests (pages freed).
@@ -24,7 +30,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -32,18 +38,33 @@ from starlette.types import Receive, Scope, Send
 import jserve
 from jserve.engine_api import EngineHealth
 from server.errors import KNOWN_STATUSES, APIError, bad_request, from_exception
+from server.json_body import parse_json_body
 from server.metrics import CONTENT_TYPE, PrometheusStats
 from server.openai_handlers import ChatHandler, CompletionHandler
-from server.protocol import get_bool, get_int_list, get_str, parse_chat_request, parse_completion_request
+from server.protocol import (
+    check_messages,
+    get_bool,
+    get_int_list,
+    get_str,
+    parse_chat_request,
+    parse_completion_request,
+)
+from server.request_fields import DETOKENIZE, TOKENIZE, check_fields
 from server.serving import Serving
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.to_json(), status_code=err.status)
+    headers = {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(err.retry_after_s)
+    if err.status in (408, 413):     # the rest of the body is never read: end the connection
+        headers["Connection"] = "close"
+    return JSONResponse(err.to_json(), status_code=err.status, headers=headers)
 
 
 class ClientGone(Exception):
@@ -103,7 +124,7 @@ class SSEResponse(Response):
                 break
             except Exception as e:  # the engine or the handler failed: tell the client, then end
                 err = from_exception(e)
-                if err.status >= 500:
+                if err.status == 500:
                     log.error("stream failed: %s", err.message)
                 data = b"data: " + json.dumps(err.to_json()).encode() + b"\n\n"
                 await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -125,11 +146,13 @@ class OpenAIApp:
     """Routes over one ``Serving``; ``stats`` feeds /metrics (None: /metrics is 404)."""
 
     def __init__(self, serving: Serving, stats: PrometheusStats | None = None, api_key: str | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         self.serving = serving
         self.stats = stats
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.completions = CompletionHandler(serving)
         self.chat = ChatHandler(serving)
 
@@ -149,17 +172,18 @@ class OpenAIApp:
         if length is not None and length.isdigit() and int(length) > limit:
             raise APIError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise APIError(413, f"request body exceeds the limit of {limit} bytes")
         try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad_request(f"malformed JSON body: {e}") from e
-        if not isinstance(data, dict):
-            raise bad_request(f"the JSON body must be an object, got {type(data).__name__}")
-        return data
+            async with asyncio.timeout(self.body_timeout_s):
+                async for part in request.stream():
+                    body += part
+                    if len(body) > limit:
+                        raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+        except TimeoutError:
+            raise APIError(408, f"the request body was not received within {self.body_timeout_s:g} s "
+                                f"({len(body)} bytes arrived)") from None
+        except ClientDisconnect:
+            raise ClientGone() from None
+        return parse_json_body(bytes(body))
 
     def _guard(self, fn: Callable[[Request], Awaitable[Response]], auth: bool = True
                ) -> Callable[[Request], Awaitable[Response]]:
@@ -173,8 +197,10 @@ class OpenAIApp:
                 return Response(status_code=499)
             except Exception as e:
                 err = from_exception(e)
-                if err.status >= 500:
+                if err.status == 500:
                     log.exception("%s failed", request.url.path)
+                else:
+                    log.debug("%s %s: %d %s", request.method, request.url.path, err.status, err.message)
                 return error_response(err)
         return endpoint
 
@@ -198,25 +224,32 @@ class OpenAIApp:
         return await self._generate(request, self.chat, parse_chat_request)
 
     # ------------------------------------------------------------------ the rest
-    async def list_models(self, request: Request) -> Response:
+    def _model_card(self, name: str) -> dict[str, Any]:
         c = self.serving.card
-        data = [{"id": name, "object": "model", "created": c.created, "owned_by": "jserve", "root": c.root,
-                 "parent": None, "max_model_len": c.max_model_len, "vocab_size": c.vocab_size}
-                for name in self.serving.names]
-        return JSONResponse({"object": "list", "data": data})
+        return {"id": name, "object": "model", "created": c.created, "owned_by": "jserve", "root": c.root,
+                "parent": None, "max_model_len": c.max_model_len, "vocab_size": c.vocab_size}
+
+    async def list_models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self.serving.names]})
+
+    async def retrieve_model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if name not in self.serving.names:
+            self.serving.check_model(name)      # raises the 404 naming the served models
+        return JSONResponse(self._model_card(name))
 
     async def tokenize(self, request: Request) -> Response:
         body = await self._json(request)
+        check_fields(body, TOKENIZE)
         self.serving.check_model(get_str(body, "model"))
         if "messages" in body:
-            if not isinstance(body["messages"], list):
-                raise bad_request("'messages' must be a list of messages", "messages")
-            ids = self.serving.render_chat(body["messages"], get_bool(body, "add_generation_prompt", True))
+            messages = check_messages(body["messages"])
+            ids = await self.serving.render_chat(messages, get_bool(body, "add_generation_prompt", True))
         elif "prompt" in body:
             prompt = body["prompt"]
             if not isinstance(prompt, str):
                 raise bad_request("'prompt' must be a string", "prompt")
-            ids = self.serving.tokenize(prompt, get_bool(body, "add_special_tokens", True))
+            ids = await self.serving.tokenize(prompt, get_bool(body, "add_special_tokens", True))
         else:
             raise bad_request("'prompt' or 'messages' is required", "prompt")
         strs = None
@@ -227,6 +260,7 @@ class OpenAIApp:
 
     async def detokenize(self, request: Request) -> Response:
         body = await self._json(request)
+        check_fields(body, DETOKENIZE)
         self.serving.check_model(get_str(body, "model"))
         if "tokens" not in body:
             raise bad_request("'tokens' is required", "tokens")
@@ -253,6 +287,7 @@ class OpenAIApp:
             Route("/v1/completions", g(self.create_completion), methods=["POST"]),
             Route("/v1/chat/completions", g(self.create_chat_completion), methods=["POST"]),
             Route("/v1/models", g(self.list_models), methods=["GET"]),
+            Route("/v1/models/{model:path}", g(self.retrieve_model), methods=["GET"]),
             Route("/tokenize", g(self.tokenize), methods=["POST"]),
             Route("/detokenize", g(self.detokenize), methods=["POST"]),
             Route("/health", g(self.health, auth=False), methods=["GET"]),
@@ -276,8 +311,9 @@ def _version() -> str:
 
 
 def build_http_app(serving: Serving, stats: PrometheusStats | None = None, api_key: str | None = None,
-                   max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
-    return OpenAIApp(serving, stats, api_key, max_body_bytes).build()
+                   max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                   body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> Starlette:
+    return OpenAIApp(serving, stats, api_key, max_body_bytes, body_timeout_s).build()
 
 
 __all__ = ["build_http_app", "OpenAIApp", "SSEResponse"]

@@ -49,11 +49,12 @@ class Started:
 
 
 async def _start_all(serving: Serving, prefix: str, model: str, prompts: list[list[int]],
-                     params_list: list[Any], cache_salt: str | None = None) -> Started:
+                     params_list: list[Any], cache_salt: str | None = None, priority: int = 0) -> Started:
     started = Started(new_id(prefix), model, fmt.now(), [], prompts)
     try:
         for i, (ids, params) in enumerate(zip(prompts, params_list, strict=True)):
-            started.streams.append(await serving.start(ids, params, f"{started.rid}-{i}", cache_salt))
+            started.streams.append(await serving.start(ids, params, f"{started.rid}-{i}", cache_salt,
+                                                       priority))
     except BaseException:
         started.abort()
         raise
@@ -127,14 +128,16 @@ class CompletionHandler:
 
     async def start(self, req: CompletionRequest) -> Started:
         model = self.serving.check_model(req.model)
+        self.serving.check_sequences(req.sampling["n"], len(req.prompts))
         ids_list, params_list = [], []
         for i, prompt in enumerate(req.prompts):
-            ids = self.serving.tokenize(prompt)
             field_name = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
+            ids = await self.serving.tokenize(prompt, field_name=field_name)
             params_list.append(self.serving.make_params(req.sampling, req.max_tokens, req.logprobs,
-                                                        len(ids), field_name))
+                                                        len(ids), field_name, req.field_names))
             ids_list.append(ids)
-        started = await _start_all(self.serving, "cmpl", model, ids_list, params_list, req.cache_salt)
+        started = await _start_all(self.serving, "cmpl", model, ids_list, params_list, req.cache_salt,
+                                   req.priority)
         if req.echo:
             started.echo_texts = [self._echo_text(p, ids) for p, ids in zip(req.prompts, ids_list,
                                                                              strict=True)]
@@ -202,11 +205,14 @@ class ChatHandler:
 
     async def start(self, req: ChatRequest) -> Started:
         model = self.serving.check_model(req.model)
-        ids = self.serving.render_chat(req.messages, req.add_generation_prompt, req.tools,
-                                       req.template_kwargs)
+        self.serving.check_sequences(req.sampling["n"], 1)
+        ids = await self.serving.render_chat(req.messages, req.add_generation_prompt, req.tools,
+                                             req.template_kwargs)
         top = req.top_logprobs if req.logprobs else None
-        params = self.serving.make_params(req.sampling, req.max_tokens, top, len(ids), "messages")
-        return await _start_all(self.serving, "chatcmpl", model, [ids], [params], req.cache_salt)
+        params = self.serving.make_params(req.sampling, req.max_tokens, top, len(ids), "messages",
+                                          req.field_names)
+        return await _start_all(self.serving, "chatcmpl", model, [ids], [params], req.cache_salt,
+                                req.priority)
 
     @staticmethod
     def _logprobs(req: ChatRequest, token_ids: list[int], lps: Any) -> dict[str, Any] | None:

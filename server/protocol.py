@@ -1,16 +1,27 @@
 """OpenAI request bodies -> typed, validated requests (completions, chat, tokenize).
 
-Where it sits: the first hop of the HTTP path: ``http_app`` parses JSON, then one of the
-``parse_*`` functions here checks every field's type and turns the body into a frozen request
-(sampling fields still as a dict: ``max_tokens`` is resolved by server/serving.py once the
-prompt length is known). A wrong type or an unsupported option raises ``APIError(400)`` naming
-the field. Unknown top-level fields are ignored, as vLLM and OpenAI do.
+Where it sits: the first hop of the HTTP path: ``http_app`` decodes the body
+(server/json_body.py: depth, lone surrogates, huge numbers), then one of the ``parse_*``
+functions here checks which fields are present (server/request_fields.py: unknown or
+unsupported fields are a 400 naming them), checks every field's type and range, and turns the
+body into a frozen request (sampling fields still as a dict: ``max_tokens`` is resolved by
+server/serving.py once the prompt length is known). Every error is ``APIError(400)`` with
+``param`` set to the field as the client spelled it (``max_completion_tokens``,
+``messages[1].role``, ``stop``).
 
 Sampling fields: the OpenAI ones (temperature, top_p, n, stop, seed, presence/frequency
 penalty, max_tokens, logprobs) plus vLLM's extras (top_k, min_p, repetition_penalty,
-ignore_eos, stop_token_ids, min_tokens, skip_special_tokens, include_stop_str_in_output) and
-``return_token_ids`` (choices carry the generated token ids; a streaming client can count
-tokens exactly without a tokenizer).
+ignore_eos, stop_token_ids, min_tokens, skip_special_tokens, include_stop_str_in_output,
+``priority``: lower is admitted first, default 0) and ``return_token_ids`` (choices carry the
+generated token ids; a streaming client can count tokens exactly without a tokenizer).
+
+Per-request limits (a request over one is a 400 naming the field):
+
+    stop              at most MAX_STOP_STRINGS (64) strings, MAX_STOP_CHARS (4096) characters in all
+    stop_token_ids    at most MAX_STOP_TOKEN_IDS (256) ids
+    priority          an integer in [-2**31, 2**31)
+    n                 1..128 (jserve.sampling_params.MAX_N); n > 1 needs temperature > 0
+    messages[i].role  one of CHAT_ROLES
 """
 
 from __future__ import annotations
@@ -20,13 +31,21 @@ from typing import Any
 
 from jserve.sampling_params import MAX_LOGPROBS
 from server.errors import bad_request
+from server.request_fields import CHAT, COMPLETIONS, check_fields
 
 Prompt = str | list[int]
+
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 4096
+MAX_STOP_TOKEN_IDS = 256
+PRIORITY_RANGE = (-2**31, 2**31 - 1)
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _NUMBER_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                   "frequency_penalty")
 _INT_FIELDS = ("top_k", "seed", "min_tokens")
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+_GREEDY_EPS = 1e-5
 
 
 # ---------------------------------------------------------------------------- field readers
@@ -79,15 +98,33 @@ def get_int_list(d: dict, name: str) -> list[int]:
     return v
 
 
-def _get_stop(d: dict) -> list[str]:
+def get_stop(d: dict) -> list[str]:
     v = d.get("stop")
     if v is None:
         return []
     if isinstance(v, str):
-        return [v]
-    if isinstance(v, list) and all(isinstance(s, str) for s in v):
-        return v
-    raise bad_request("'stop' must be a string or a list of strings", "stop")
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise bad_request("'stop' must be a string or a list of strings", "stop")
+    if len(v) > MAX_STOP_STRINGS:
+        raise bad_request(f"'stop' has {len(v)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop")
+    if any(not s for s in v):
+        raise bad_request("'stop' strings must not be empty", "stop")
+    total = sum(len(s) for s in v)
+    if total > MAX_STOP_CHARS:
+        raise bad_request(f"'stop' strings have {total} characters in all; at most {MAX_STOP_CHARS} "
+                          "are allowed", "stop")
+    return v
+
+
+def get_stop_token_ids(d: dict) -> list[int]:
+    ids = get_int_list(d, "stop_token_ids")
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise bad_request(f"'stop_token_ids' has {len(ids)} ids; at most {MAX_STOP_TOKEN_IDS} are "
+                          "allowed", "stop_token_ids")
+    if any(t < 0 for t in ids):
+        raise bad_request("'stop_token_ids' must be token ids >= 0", "stop_token_ids")
+    return ids
 
 
 def _sampling_fields(d: dict) -> dict[str, Any]:
@@ -108,14 +145,39 @@ def _sampling_fields(d: dict) -> dict[str, Any]:
     if n < 1:
         raise bad_request(f"'n' must be >= 1, got {n}", "n")
     out["n"] = n
-    out["stop"] = _get_stop(d)
-    out["stop_token_ids"] = get_int_list(d, "stop_token_ids")
-    if d.get("logit_bias"):
-        raise bad_request("'logit_bias' is not supported", "logit_bias")
+    check_n_greedy(n, out.get("temperature", 1.0))
+    out["stop"] = get_stop(d)
+    out["stop_token_ids"] = get_stop_token_ids(d)
     best_of = get_int(d, "best_of")
     if best_of is not None and best_of != n:
         raise bad_request("'best_of' is not supported (it must equal n)", "best_of")
     return out
+
+
+def check_n_greedy(n: int, temperature: float) -> None:
+    """n > 1 with greedy sampling is a 400 (as in vLLM): the sequences would all be the same."""
+    if n > 1 and temperature < _GREEDY_EPS:
+        raise bad_request(f"'n' must be 1 with greedy sampling (temperature 0): the {n} sequences "
+                          "would be identical; set temperature > 0", "n")
+
+
+def _max_tokens(d: dict, *names: str, default: int | None = None) -> tuple[int | None, str]:
+    """(value, the field it came from) from the first of ``names`` the body sets."""
+    for name in names:
+        v = get_int(d, name)
+        if v is not None:
+            if v < 1:
+                raise bad_request(f"'{name}' must be >= 1, got {v}", name)
+            return v, name
+    return default, names[0]
+
+
+def _priority(d: dict) -> int:
+    p = get_int(d, "priority", 0)
+    lo, hi = PRIORITY_RANGE
+    if not lo <= p <= hi:
+        raise bad_request(f"'priority' must be in [{lo}, {hi}], got {p}", "priority")
+    return p
 
 
 def _stream_options(d: dict, stream: bool) -> tuple[bool, bool]:
@@ -127,6 +189,9 @@ def _stream_options(d: dict, stream: bool) -> tuple[bool, bool]:
         raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
     if not isinstance(opts, dict):
         raise bad_request("'stream_options' must be an object", "stream_options")
+    for key in opts:
+        if key not in ("include_usage", "continuous_usage_stats", "include_obfuscation"):
+            raise bad_request(f"unknown field 'stream_options.{key}'", f"stream_options.{key}")
     return (get_bool(opts, "include_usage", False), get_bool(opts, "continuous_usage_stats", False))
 
 
@@ -155,6 +220,8 @@ class CompletionRequest:
     echo: bool = False
     return_token_ids: bool = False
     cache_salt: str | None = None   # requests share prefix-cached KV only with the same salt
+    priority: int = 0               # lower is admitted first (vLLM's priority)
+    field_names: dict[str, str] = field(default_factory=dict)  # SamplingParams name -> client's
 
 
 @dataclass(frozen=True)
@@ -173,6 +240,8 @@ class ChatRequest:
     tools: list[dict[str, Any]] | None = None
     return_token_ids: bool = False
     cache_salt: str | None = None
+    priority: int = 0
+    field_names: dict[str, str] = field(default_factory=dict)
 
 
 def parse_prompts(v: Any, name: str = "prompt") -> list[Prompt]:
@@ -192,12 +261,26 @@ def parse_prompts(v: Any, name: str = "prompt") -> list[Prompt]:
                       f"of token-id lists", name)
 
 
+def check_messages(messages: Any, name: str = "messages") -> list[dict[str, Any]]:
+    """A non-empty list of message objects, each with a known role (content: the tokenizer's
+    chat validation checks it)."""
+    if not isinstance(messages, list) or not messages:
+        raise bad_request(f"'{name}' must be a non-empty list of messages", name)
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise bad_request(f"'{name}[{i}]' must be an object with 'role' and 'content'", name)
+        role = msg.get("role")
+        if role not in CHAT_ROLES:
+            where = f"{name}[{i}].role"
+            raise bad_request(f"'{where}' must be one of {', '.join(CHAT_ROLES)}; got {role!r}", where)
+    return messages
+
+
 def parse_completion_request(d: dict) -> CompletionRequest:
+    check_fields(d, COMPLETIONS)
     if "prompt" not in d:
         raise bad_request("'prompt' is required", "prompt")
     prompts = parse_prompts(d["prompt"])
-    if d.get("suffix"):
-        raise bad_request("'suffix' is not supported", "suffix")
     stream = get_bool(d, "stream", False)
     include_usage, continuous = _stream_options(d, stream)
     logprobs = get_int(d, "logprobs")
@@ -206,17 +289,18 @@ def parse_completion_request(d: dict) -> CompletionRequest:
     echo = get_bool(d, "echo", False)
     if echo and logprobs is not None:
         raise bad_request("'echo' together with 'logprobs' (prompt logprobs) is not supported", "echo")
+    max_tokens, _ = _max_tokens(d, "max_tokens", default=16)
     return CompletionRequest(
         model=_model(d), prompts=prompts, sampling=_sampling_fields(d),
-        max_tokens=get_int(d, "max_tokens", 16), logprobs=logprobs, stream=stream,
+        max_tokens=max_tokens, logprobs=logprobs, stream=stream,
         include_usage=include_usage, continuous_usage=continuous, echo=echo,
-        return_token_ids=get_bool(d, "return_token_ids", False), cache_salt=_cache_salt(d))
+        return_token_ids=get_bool(d, "return_token_ids", False), cache_salt=_cache_salt(d),
+        priority=_priority(d))
 
 
 def parse_chat_request(d: dict) -> ChatRequest:
-    messages = d.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty list of messages", "messages")
+    check_fields(d, CHAT)
+    messages = check_messages(d.get("messages"))
     stream = get_bool(d, "stream", False)
     include_usage, continuous = _stream_options(d, stream)
     logprobs = get_bool(d, "logprobs", False)
@@ -225,22 +309,17 @@ def parse_chat_request(d: dict) -> ChatRequest:
         raise bad_request(f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
     if top and not logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    max_tokens = get_int(d, "max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = get_int(d, "max_tokens")
-    fmt = d.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_request("'response_format' other than {'type': 'text'} is not supported",
-                          "response_format")
+    max_tokens, max_name = _max_tokens(d, "max_completion_tokens", "max_tokens")
     tools = d.get("tools") or None
     if tools is not None:
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise bad_request("'tools' must be a list of objects", "tools")
         if d.get("tool_choice", "auto") != "none":
-            raise bad_request("tool calling is not supported; with tool_choice='none' the tools are "
-                              "only rendered into the prompt", "tool_choice")
-    if d.get("functions"):
-        raise bad_request("'functions' is not supported", "functions")
+            raise bad_request("tool calling is not supported yet; with tool_choice='none' the tools "
+                              "are only rendered into the prompt", "tool_choice")
+    elif d.get("tool_choice") not in (None, "none", "auto"):
+        raise bad_request("tool calling is not supported yet ('tool_choice' needs 'tools')",
+                          "tool_choice")
     kwargs = d.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs")
@@ -249,4 +328,5 @@ def parse_chat_request(d: dict) -> ChatRequest:
         logprobs=logprobs, top_logprobs=top, stream=stream, include_usage=include_usage,
         continuous_usage=continuous, add_generation_prompt=get_bool(d, "add_generation_prompt", True),
         template_kwargs=kwargs, tools=tools, return_token_ids=get_bool(d, "return_token_ids", False),
-        cache_salt=_cache_salt(d))
+        cache_salt=_cache_salt(d), priority=_priority(d),
+        field_names={"max_tokens": max_name, "logprobs": "top_logprobs"})

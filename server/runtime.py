@@ -26,9 +26,10 @@ import uvicorn
 from jserve.async_engine import AsyncEngine
 from jserve.engine_api import EngineHealth
 from server.grpc_service import GrpcServer, start_grpc_server
-from server.http_app import DEFAULT_MAX_BODY_BYTES, build_http_app
+from server.http_app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, build_http_app
+from server.http_limits import limited_protocol
 from server.metrics import PrometheusStats
-from server.serving import Serving
+from server.serving import DEFAULT_TOKENIZER_THREADS, Serving
 
 log = logging.getLogger("jserve.server")
 
@@ -46,8 +47,18 @@ class ServerConfig:
     shutdown_timeout_s: float = 30.0
     enable_metrics: bool = True
     access_log: bool = False
+    header_timeout_s: float = 10.0      # request line + headers must arrive within this
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S   # the whole body must arrive within this (408)
+    max_connections: int = 1024         # open HTTP connections; past it: 503 and closed
+    tokenizer_threads: int = DEFAULT_TOKENIZER_THREADS
 
     def __post_init__(self) -> None:
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_connections", "tokenizer_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
@@ -85,7 +96,7 @@ class RunningServer:
         self.engine = engine
         self.config = config
         names = list(config.served_model_names) or [model]
-        self.serving = Serving(engine, names, root=model)
+        self.serving = Serving(engine, names, root=model, tokenizer_threads=config.tokenizer_threads)
         self.stats = stats
         self.http_port: int | None = None
         self.grpc_port: int | None = None
@@ -106,12 +117,13 @@ class RunningServer:
 
     async def start(self) -> None:
         cfg = self.config
-        app = build_http_app(self.serving, self.stats, cfg.api_key, cfg.max_body_bytes)
+        app = build_http_app(self.serving, self.stats, cfg.api_key, cfg.max_body_bytes, cfg.body_timeout_s)
         sock = _bind(cfg.host, cfg.port)
         self.http_port = sock.getsockname()[1]
         ucfg = uvicorn.Config(app, log_level=logging.getLogger().getEffectiveLevel(), lifespan="off",
                               access_log=cfg.access_log, timeout_graceful_shutdown=5,
-                              timeout_keep_alive=5)
+                              timeout_keep_alive=5,
+                              http=limited_protocol(cfg.header_timeout_s, cfg.max_connections))
         self._uvicorn = _Uvicorn(ucfg)
         self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:
@@ -155,6 +167,7 @@ class RunningServer:
             self._uvicorn.should_exit = True
             await self._http_task
             self._uvicorn = None
+        self.serving.close()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

@@ -6,17 +6,31 @@ is rejected the same way over gRPC::
 
     model name --check_model--> 404 if unknown
     text / messages --tokenize / render_chat--> prompt token ids (400 without a tokenizer)
+                     runs on a small worker pool, never on the event loop: one huge prompt
+                     must not stall every other stream; text longer than ``max_prompt_chars``
+                     is refused before tokenizing (it cannot fit ``max_model_len`` tokens)
     sampling fields + max_tokens --make_params--> SamplingParams (400: prompt or max_tokens
-                                                  over the context, bad values)
+                                                  over the context, bad values, naming the
+                                                  field the client sent)
+    n x prompts --check_sequences--> 400 if the engine's queue could never hold them
     start() --> AsyncEngine.add_request --> RequestStream (429 queue full, 503 draining)
+
+``max_prompt_chars`` = max_model_len x (longest vocabulary entry, in characters) x 2: a text
+longer than that has more than max_model_len tokens whatever it says (the factor 2 covers
+normalizers that merge characters). Tokenizers that drop characters (whitespace-splitting
+ones) are not used by decoder-only chat models.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from jserve.async_engine import AsyncEngine, RequestStream
 from jserve.outputs import Logprob
@@ -25,6 +39,9 @@ from server.errors import APIError, bad_request, from_exception
 from server.protocol import Prompt
 
 MAX_N = 128          # sequences per request (OpenAI's limit); each one is a scheduler request
+DEFAULT_TOKENIZER_THREADS = 2
+T = TypeVar("T")
+_SP_FIELD = re.compile(r"SamplingParams\.(\w+)")
 
 
 @dataclass(frozen=True)
@@ -45,15 +62,29 @@ def new_id(prefix: str) -> str:
 class Serving:
     """One served model over one AsyncEngine; ``names`` are the model ids clients may send."""
 
-    def __init__(self, engine: AsyncEngine, names: list[str], root: str) -> None:
+    def __init__(self, engine: AsyncEngine, names: list[str], root: str,
+                 tokenizer_threads: int = DEFAULT_TOKENIZER_THREADS) -> None:
         if not names:
             raise ValueError("served model names: at least one is needed")
+        if tokenizer_threads < 1:
+            raise ValueError(f"tokenizer_threads must be >= 1, got {tokenizer_threads}")
         self.engine = engine
         self.names = list(names)
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.max_waiting = engine.startup.max_waiting
+        self.max_num_seqs = engine.startup.max_num_seqs
         self.card = ModelCard(names[0], root, engine.max_model_len, engine.config.model.vocab_size,
                               int(time.time()))
+        self.max_prompt_chars = self.max_model_len * _longest_token_chars(self.tokenizer) * 2
+        self._pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="jserve-tokenize")
+
+    def close(self) -> None:
+        """Stop the tokenizer pool (front-ends stopped: nothing submits any more)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # ------------------------------------------------------------------ checks
     def check_model(self, model: str | None) -> str:
@@ -68,20 +99,37 @@ class Serving:
             raise bad_request(f"{what} needs a tokenizer, and this model has none (random weights); "
                               "send token ids instead")
 
-    def tokenize(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
-        """Text -> ids (ids pass through; the engine checks their range)."""
+    def _check_chars(self, chars: int, field_name: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise bad_request(f"the {field_name} has {chars} characters, more than the "
+                              f"{self.max_prompt_chars} that can fit this model's maximum context "
+                              f"length of {self.max_model_len} tokens", field_name)
+
+    async def tokenize(self, prompt: Prompt, add_special_tokens: bool = True,
+                       field_name: str = "prompt") -> list[int]:
+        """Text -> ids on the tokenizer pool (ids pass through; the engine checks their range)."""
         if isinstance(prompt, list):
             return prompt
         self._need_tokenizer("a text prompt")
         if not prompt:
-            raise bad_request("'prompt' must not be empty", "prompt")
-        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            raise bad_request(f"'{field_name}' must not be empty", field_name)
+        self._check_chars(len(prompt), field_name)
+        return await self._off_loop(self.tokenizer.encode, prompt, add_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None,
-                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        """Messages -> chat template -> ids (no second BOS: the template has it, as in LLM.chat)."""
+    async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                          tools: list[dict[str, Any]] | None = None,
+                          template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Messages -> chat template -> ids (no second BOS: the template has it, as in LLM.chat);
+        rendering and encoding run on the tokenizer pool."""
         self._need_tokenizer("chat")
+        self._check_chars(_text_chars(messages) + _text_chars(tools) + _text_chars(template_kwargs),
+                          "messages")
+        return await self._off_loop(self._render_chat, messages, add_generation_prompt, tools,
+                                    template_kwargs)
+
+    def _render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                     tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any] | None
+                     ) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, tools,
                                                       template_kwargs=template_kwargs)
@@ -102,9 +150,31 @@ class Serving:
         """How a token is named in logprobs: its decoded text, or 'token_id:N' without a tokenizer."""
         return lp.decoded_token if lp.decoded_token is not None else f"token_id:{token_id}"
 
+    def check_sequences(self, n: int, num_prompts: int) -> None:
+        """400 when one request holds more sequences than the engine could ever queue: each
+        prompt's ``n`` sequences enter the waiting queue together (at most ``max_waiting``), and
+        all of a request's sequences must fit the queue plus the running batch. Past that a
+        429 would be a lie: no retry could succeed."""
+        if n > MAX_N:
+            raise bad_request(f"'n' must be <= {MAX_N}, got {n}", "n")
+        if n > self.max_waiting:
+            raise bad_request(f"'n' = {n} sequences can never be queued: this server's waiting queue "
+                              f"holds {self.max_waiting} (--max-waiting)", "n")
+        total = n * num_prompts
+        if total > self.max_waiting + self.max_num_seqs:
+            where = "n" if n > 1 else "prompt"
+            raise bad_request(f"this request has {total} sequences ({num_prompts} prompts x n = {n}); "
+                              f"this server holds at most {self.max_waiting + self.max_num_seqs} "
+                              f"(--max-waiting {self.max_waiting} + --max-num-seqs "
+                              f"{self.max_num_seqs}); split the request", where)
+
     def make_params(self, sampling: dict[str, Any], max_tokens: int | None, logprobs: int | None,
-                    prompt_len: int, prompt_field: str = "prompt") -> SamplingParams:
-        """SamplingParams with ``max_tokens`` checked against (or defaulted to) what fits."""
+                    prompt_len: int, prompt_field: str = "prompt",
+                    names: Mapping[str, str] | None = None) -> SamplingParams:
+        """SamplingParams with ``max_tokens`` checked against (or defaulted to) what fits.
+        ``names`` maps SamplingParams fields to what the client called them (chat's
+        ``max_completion_tokens``, ``top_logprobs``), so every error names the client's field."""
+        names = dict(names or {})
         n = sampling.get("n", 1)
         if isinstance(n, int) and n > MAX_N:
             raise bad_request(f"'n' must be <= {MAX_N}, got {n}", "n")
@@ -113,22 +183,55 @@ class Serving:
             raise bad_request(f"this model's maximum context length is {limit} tokens, but the "
                               f"{prompt_field} has {prompt_len} tokens (at least one token must be "
                               "left for the completion)", prompt_field)
+        max_name = names.get("max_tokens", "max_tokens")
         if max_tokens is None:
             max_tokens = limit - prompt_len
         elif max_tokens >= 1 and prompt_len + max_tokens > limit:
             raise bad_request(f"this model's maximum context length is {limit} tokens; you requested "
                               f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_field}, "
-                              f"{max_tokens} in the completion); reduce max_tokens or the "
-                              f"{prompt_field}", "max_tokens")
+                              f"{max_tokens} in the completion); reduce {max_name} or the "
+                              f"{prompt_field}", max_name)
         try:
             return SamplingParams(**sampling, max_tokens=max_tokens, logprobs=logprobs)
         except (ValueError, TypeError) as e:
-            raise bad_request(str(e).replace("SamplingParams.", "")) from e
+            m = _SP_FIELD.search(str(e))
+            name = names.get(m.group(1), m.group(1)) if m else None
+            message = _SP_FIELD.sub(lambda x: names.get(x.group(1), x.group(1)), str(e))
+            raise bad_request(message, name) from e
 
-    async def start(self, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str, cache_salt: str | None = None) -> RequestStream:
+    async def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                    cache_salt: str | None = None, priority: int = 0) -> RequestStream:
         """Queue the request; engine errors become APIErrors (400 / 429 / 503)."""
         try:
-            return await self.engine.add_request(prompt_ids, params, request_id, cache_salt)
+            return await self.engine.add_request(prompt_ids, params, request_id, cache_salt,
+                                                 priority=priority)
         except Exception as e:
             raise from_exception(e) from e
+
+
+def _longest_token_chars(tokenizer: Any) -> int:
+    """Characters of the longest vocabulary entry (a byte-level entry spells one byte per
+    character, so its decoded text is never longer); 1 without a tokenizer."""
+    if tokenizer is None:
+        return 1
+    longest = 1
+    for i in range(tokenizer.vocab_size):
+        token = tokenizer.id_to_token(i)
+        if token is not None and len(token) > longest:
+            longest = len(token)
+    return longest
+
+
+def _text_chars(value: Any) -> int:
+    """Characters in all the strings (keys too) of a JSON-like value (chat messages, tools)."""
+    total, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return total

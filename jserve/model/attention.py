@@ -76,13 +76,16 @@ def fresh_prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, batch: Ste
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch: StepInput, *,
                     sm_scale: float, sliding_window: int | None,
-                    mesh: Mesh | None = None) -> jax.Array:
-    """q: [T, Nq, d] -> [T, Nq, d], each token attending causally to its request's pages."""
+                    mesh: Mesh | None = None, decode_only: bool = False) -> jax.Array:
+    """q: [T, Nq, d] -> [T, Nq, d], each token attending causally to its request's pages.
+    ``decode_only`` (static): every request has one query token (the GPU kernel then runs its
+    decode launch only)."""
 
     def attend(q, k_pages, v_pages, batch):
         return pallas_kernels.ragged_paged_attention(
             q, k_pages, v_pages, batch.page_table, batch.seq_lens, batch.query_start_loc,
-            batch.num_seqs, sm_scale=sm_scale, sliding_window=sliding_window)
+            batch.num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
+            max_q_len=1 if decode_only else None)
 
     fn = _per_device(attend, mesh, k_pages.shape[2], (_HEADS, _POOL, _POOL, P()), _HEADS)
     return fn(q, k_pages, v_pages, batch)

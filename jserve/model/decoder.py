@@ -30,7 +30,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 def _attention_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Array,
                      k_pages: jax.Array, v_pages: jax.Array, batch: StepInput, cos: jax.Array,
-                     sin: jax.Array, fresh_prefill: bool, mesh: Mesh | None
+                     sin: jax.Array, fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Layer ``i`` (static) attention: one fused QKV matmul, RoPE, KV write, attention, wo."""
     t, g, nq = x.shape[0], cfg.q_per_kv_padded, cfg.num_q_heads_padded
@@ -49,7 +49,7 @@ def _attention_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Ar
         o = fresh_prefill_attention(q, k, v, batch, sm_scale=scale, sliding_window=window, mesh=mesh)
     else:
         o = paged_attention(q, k_pages, v_pages, batch, sm_scale=scale, sliding_window=window,
-                            mesh=mesh)
+                            mesh=mesh, decode_only=decode_only)
     return o.reshape(t, nq * cfg.head_dim) @ params["wo"][i], k_pages, v_pages
 
 
@@ -61,21 +61,22 @@ def _mlp_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Array) -
 
 
 def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,
-                  fresh_prefill: bool = False, mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
+                  fresh_prefill: bool = False, mesh: Mesh | None = None,
+                  decode_only: bool = False) -> tuple[jax.Array, KVCache]:
     """Run every layer over the step's tokens: -> (final-normed hidden [T, H], updated kv).
 
     The layer loop is unrolled over static slices of the stacked weights (``params`` module
     docstring). ``fresh_prefill`` (static): every row is a fresh prompt, so attention runs over
     the step's own K/V (flash) instead of the pages; the K/V are written to the pages either
     way. ``mesh`` (static): the device mesh, for the per-device attention calls under tensor
-    parallelism."""
+    parallelism. ``decode_only`` (static): every request row is a single token."""
     x = params["embed"][batch.token_ids]
     cos, sin = rope_cos_sin(batch.positions, inv_frequencies(cfg))
     new_kv = []
     for i in range(cfg.num_layers):
         k_pages, v_pages = kv[i]
         attn, k_pages, v_pages = _attention_block(cfg, params, i, x, k_pages, v_pages, batch,
-                                                  cos, sin, fresh_prefill, mesh)
+                                                  cos, sin, fresh_prefill, mesh, decode_only)
         x = x + attn
         x = x + _mlp_block(cfg, params, i, x)
         new_kv.append((k_pages, v_pages))
@@ -89,7 +90,8 @@ def logits_from_hidden(cfg: ModelConfig, params: dict[str, Any], h: jax.Array) -
 
 
 def forward(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,
-            fresh_prefill: bool = False, mesh: Mesh | None = None) -> tuple[KVCache, jax.Array]:
+            fresh_prefill: bool = False, mesh: Mesh | None = None,
+            decode_only: bool = False) -> tuple[KVCache, jax.Array]:
     """-> (kv with this step's K/V written, float32 logits [R, V] at ``batch.logits_indices``)."""
-    h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill, mesh)
+    h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill, mesh, decode_only)
     return kv, logits_from_hidden(cfg, params, h[batch.logits_indices])

@@ -108,7 +108,8 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
                          seq_lens=jnp.where(rows < batch.num_seqs[0], pos + 1, 0).astype(jnp.int32),
                          query_start_loc=qsl, num_seqs=batch.num_seqs,
                          logits_indices=rows.astype(jnp.int32))
-        h, kv = hidden_states(cfg, params, kv, step, fresh_prefill=False, mesh=mesh)
+        h, kv = hidden_states(cfg, params, kv, step, fresh_prefill=False, mesh=mesh,
+                              decode_only=True)
         tok = jnp.argmax(logits_from_hidden(cfg, params, h), axis=1).astype(jnp.int32)
         drafts.append(tok)
     return kv, jnp.stack(drafts, axis=1)

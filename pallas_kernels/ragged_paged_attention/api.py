@@ -32,8 +32,12 @@ def ragged_paged_attention(
     k_scales: jax.Array | None = None,
     v_scales: jax.Array | None = None,
     interpret: bool = False,
+    max_q_len: int | None = None,
 ) -> jax.Array:
     """See ``reference.ragged_paged_attention`` for shapes and semantics.
+
+    ``max_q_len`` (static): a promise that no sequence has more query rows than this (decode
+    steps: 1); the GPU kernel then runs its decode launch only. It never changes the result.
 
     ``q: [num_tokens, num_q_heads, head_dim]``, ``k_pages/v_pages: [num_pages, page_size,
     num_kv_heads, head_dim]`` -> ``[num_tokens, num_q_heads, head_dim]``.
@@ -50,5 +54,5 @@ def ragged_paged_attention(
     if backend == "tpu":
         return tpu.ragged_paged_attention(*args, interpret=interpret, **kw)
     if backend == "gpu" or interpret:
-        return gpu.ragged_paged_attention(*args, interpret=interpret, **kw)
+        return gpu.ragged_paged_attention(*args, interpret=interpret, max_q_len=max_q_len, **kw)
     return reference.ragged_paged_attention(*args, **kw)

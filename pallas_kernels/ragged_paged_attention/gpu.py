@@ -480,12 +480,16 @@ def ragged_paged_attention(
     v_scales: jax.Array | None = None,
     interpret: bool = False,
     config: GpuConfig | GpuPlan | None = None,
+    max_q_len: int | None = None,
 ) -> jax.Array:
     """GPU kernel with ``reference.ragged_paged_attention``'s signature and semantics.
 
     ``q: [num_tokens, num_q_heads, head_dim]``, pools ``[num_pages, page_size, num_kv_heads,
     head_dim]`` -> ``[num_tokens, num_q_heads, head_dim]``. ``config`` overrides the heuristic:
     a ``GpuConfig`` runs one launch over every sequence, a ``GpuPlan`` two (decode / prefill).
+    ``max_q_len`` (static): a promise that no sequence has more query rows (the engine's decode
+    steps pass 1). When it fits the decode class's tile, the call is one direct decode launch
+    (plus its split merge) whatever the token count: no prefill launch, no work list.
     """
     reference.validate_inputs(
         q, k_pages, v_pages, page_table, seq_lens, query_start_loc, num_seqs,
@@ -496,6 +500,8 @@ def ragged_paged_attention(
     max_seqs, pages_per_seq = page_table.shape
     if num_tokens == 0:
         return q
+    if max_q_len is not None and (not isinstance(max_q_len, int) or max_q_len < 1):
+        raise ValueError(f"max_q_len must be a positive int or None, got {max_q_len!r}")
     if page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two for the GPU kernel, got {page_size}")
     cfg = config or default_config(num_tokens, max_seqs, num_q_heads, num_kv_heads, page_size, pages_per_seq)
@@ -516,9 +522,12 @@ def ragged_paged_attention(
         out_dtype=q.dtype, num_kv_heads=num_kv_heads, group=gp, head_dim=dp, page_size=page_size,
         interpret=interpret, sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap,
     )  # fmt: skip
+    if isinstance(cfg, GpuPlan) and max_q_len is not None and max_q_len <= cfg.decode.block_q:
+        cfg = cfg.decode  # no sequence reaches the prefill class
     if isinstance(cfg, GpuConfig):
-        # Every sequence of a call with at most block_q tokens is one item: no work list needed.
-        direct = num_tokens <= cfg.block_q and not cfg.fused_combine
+        # Every sequence of a call with at most block_q rows each is one item: no work list needed.
+        fits = num_tokens <= cfg.block_q or (max_q_len is not None and max_q_len <= cfg.block_q)
+        direct = fits and not cfg.fused_combine
         launch_meta = meta if direct else (work_items(num_tokens, cfg.block_q, *meta),)
         out = _launch(cfg, launch_meta, None, page_table, q2, k2, v2, scales, **common)
     else:

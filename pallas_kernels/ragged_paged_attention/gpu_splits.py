@@ -82,12 +82,19 @@ def splits_for(live, num_kv_heads: int, num_splits: int):
 
 
 def zero_padding_rows(o_ref, qsl_ref, nseq_ref, cols, *, block_q: int, max_seqs: int, num_tokens: int):
-    """Zeros into rows ``[query_start_loc[num_seqs], num_tokens)`` at ``cols`` [1, C] (direct
-    launches that own the whole output: there ``num_tokens <= block_q``)."""
+    """Zeros into rows ``[query_start_loc[num_seqs], num_tokens)`` at ``cols`` [1, C], ``block_q``
+    rows per store (direct launches own the whole output; with ``max_q_len`` the padding can
+    span several tiles)."""
     r = jnp.arange(block_q, dtype=jnp.int32)
-    rr = qsl_ref[jnp.clip(nseq_ref[0], 0, max_seqs)] + r
+    start = qsl_ref[jnp.clip(nseq_ref[0], 0, max_seqs)]
     zeros = jnp.zeros((block_q, cols.shape[1]), o_ref.dtype)
-    plgpu.store(o_ref.at[rr[:, None], cols], zeros, mask=(rr < num_tokens)[:, None])
+
+    def tile(i, carry):
+        rr = start + i * block_q + r
+        plgpu.store(o_ref.at[rr[:, None], cols], zeros, mask=(rr < num_tokens)[:, None])
+        return carry
+
+    jax.lax.fori_loop(0, (num_tokens - start + block_q - 1) // block_q, tile, jnp.int32(0))
 
 
 def merge_splits(op_ref, m_ref, l_ref, n, pr, qc, hc, head_dim: int, volatile: bool) -> jax.Array:

@@ -146,3 +146,30 @@ def test_gpu_direct_decode_launch(splits):
     got = np.asarray(got, np.float32)
     assert np.all(np.isfinite(got)) and np.all(got[4:] == 0)
     assert rel_err(got[:4], np.asarray(want, np.float32)[:4]) < 1e-5
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_gpu_max_q_len_runs_the_decode_launch_alone(splits, monkeypatch):
+    """``max_q_len=1`` (the engine's decode-only steps): a bucket of 16 tokens with 5 one-token
+    sequences, past the decode tile of 2 rows, runs the direct decode launch only, not the
+    default two-launch plan; NaN padding rows and NaN-poisoned unused pages must not leak."""
+    b = make_batch(np.random.default_rng(7), [1] * 5, [3, 40, 17, 1, 64], page_size=8, num_q_heads=8,
+                   num_kv_heads=2, head_dim=16, extra_seqs=3, extra_tokens=11)  # fmt: skip
+    assert b.q.shape[0] == 16
+    b.q[5:] = np.nan
+    kw = dict(sm_scale=0.25)
+    want = jax.jit(lambda *a: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
+    plan = rpa_gpu.GpuPlan(decode=rpa_gpu.GpuConfig(block_q=2, pages_per_block=1, num_splits=splits),
+                           prefill=rpa_gpu.GpuConfig(block_q=8, pages_per_block=1))
+    launches = []
+    launch = rpa_gpu._launch
+    monkeypatch.setattr(rpa_gpu, "_launch", lambda cfg, meta, *a, **k: launches.append((cfg, len(meta)))
+                        or launch(cfg, meta, *a, **k))
+    fn = jax.jit(lambda *a: rpa_gpu.ragged_paged_attention(*a, interpret=True, config=plan, max_q_len=1,
+                                                           **kw))
+    got = np.asarray(run_fast(fn, *b.args()), np.float32)
+    assert launches == [(plan.decode, 3)]  # one launch, direct (seq_lens, query_start_loc, num_seqs)
+    assert np.all(np.isfinite(got)) and np.all(got[5:] == 0)
+    assert rel_err(got[:5], np.asarray(want, np.float32)[:5]) < 1e-5
+    with pytest.raises(ValueError, match="max_q_len"):
+        rpa_gpu.ragged_paged_attention(*b.args(), sm_scale=0.25, interpret=True, max_q_len=0)

@@ -127,16 +127,18 @@ def test_greedy_steps_take_the_step_without_conditionals(engines):
         runner._compiled[key] = counted
     try:
         run_engine(engine, [([3, 4, 5], SamplingParams(temperature=0.0, max_tokens=6))])
-        assert all(greedy for (_, _, greedy) in calls)
+        assert all(v.greedy for v in calls)
+        assert any(v.decode_only for v in calls), "no step took the greedy decode-only variant"
         calls.clear()
         run_engine(engine, [([3, 4, 5], SamplingParams(temperature=0.0, max_tokens=6, logprobs=1))])
-        assert not any(greedy for (_, _, greedy) in calls)
+        assert not any(v.greedy for v in calls)
     finally:
         runner._compiled = original
 
 
 def test_greedy_variants_only_where_a_pure_decode_step_lands(engines):
     runner = engines[True].runner      # max_num_seqs 8, token buckets 16 / 32 / 64
-    assert runner.variants() == [(16, False, False), (16, False, True), (32, False, False),
-                                 (64, False, False)]
+    assert runner.variants() == [(16, False, False, False), (16, False, True, False),
+                                 (16, False, True, True), (32, False, False, False),
+                                 (64, False, False, False)]
     assert set(runner._compiled) == set(runner.variants())

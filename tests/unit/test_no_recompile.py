@@ -44,5 +44,5 @@ def test_flash_variant_and_swap_trigger_no_compile(make_engine):
         while engine.has_unfinished_requests():
             engine.step()
     assert counter.count == 0, f"{counter.count} compilations while serving"
-    assert any(fresh for (_, fresh, _) in calls), "no step took the flash variant"
+    assert any(v.fresh_prefill for v in calls), "no step took the flash variant"
     assert engine.kv_cache_stats()["preemptions_swap"] > 0, "no request was swapped"

@@ -1,0 +1,70 @@
+"""Why does calling the compiled decode step cost the host about as much as the device runs it?
+
+The profiler trace of the Qwen2.5-0.5B decode step (H200, RESULTS.md, v2 section) shows each call
+spending ~1 ms in ``command_buffer::update`` before ``cuGraphLaunch``: XLA re-records the CUDA
+graph's nodes whose buffers moved since the last call. This probe times one call on an idle
+device with different inputs held fixed, to find which buffers move:
+
+  chained      the engine's way: the previous call's tokens feed the next (prev_tokens moves)
+  fixed        the same prev_tokens array every call (only fresh outputs move)
+  + the XLA option ``xla_gpu_command_buffer_update_mode`` for each of the above
+
+Run on the GPU (from the repository root, PYTHONPATH=.), optionally with
+``TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0`` to have XLA log the update:
+
+    python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from benchmarks.step_floor import decode_inputs
+from jserve.builder import EngineArgs, build_engine
+
+
+def idle_call_ms(engine, step, chained: bool, n: int = 30) -> float:
+    """Median host ms of one call of ``step`` started on an idle device."""
+    r = engine.runner
+    ibuf, fbuf = decode_inputs(engine)
+    kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
+    fixed_tokens = jax.device_put(np.zeros(tokens.shape, np.int32))
+    times = []
+    for i in range(n + 5):
+        prev = tokens if chained else fixed_tokens
+        jax.block_until_ready((kv, table, prev))
+        t0 = time.perf_counter()
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, prev, ibuf, fbuf)
+        if i >= 5:
+            times.append(time.perf_counter() - t0)
+    jax.block_until_ready(tokens)
+    r.kv, r.slot_table, r._prev_tokens = kv, table, tokens
+    return float(np.median(times)) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ns = ap.parse_args()
+    eng = build_engine(EngineArgs(model=ns.model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
+                                  max_num_batched_tokens=16, max_model_len=1024, num_pages=512))
+    r = eng.runner
+    variant = (r.bucket_for(1)[0], False, True, True)
+    steps = {"default": r._compiled[variant]}
+    for mode in ("SKIP_TEMP", "SKIP_PROFILED"):
+        steps[mode] = r.lower_step(variant).compile(
+            compiler_options={"xla_gpu_command_buffer_update_mode": mode})
+    print(f"\n## {ns.model} ({jax.devices()[0].device_kind}): host ms of one decode-step call, idle device")
+    print("| compile | chained prev_tokens | fixed prev_tokens |")
+    print("|---|---|---|")
+    for name, step in steps.items():
+        print(f"| {name} | {idle_call_ms(eng, step, True):.3f} | {idle_call_ms(eng, step, False):.3f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
