@@ -38,6 +38,8 @@ from jserve.multiprocess import LeaderRunner, StepChannel, follow
 from jserve.options import EngineArgs
 from jserve.penalty_state import state_bytes
 from jserve.runner import Runner
+from jserve.spec.config import SpeculativeConfig
+from jserve.spec.draft import DraftModel, resolve_draft
 from jserve.tokenizer import Tokenizer
 from sharding import make_mesh
 from sharding.multihost import check_launch, initialize_multihost, launch_values
@@ -115,7 +117,14 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
                                 coordinator_address=args.coordinator_address,
                                 num_processes=args.num_processes, process_id=args.process_id,
                                 distributed_timeout_s=args.distributed_timeout_s),
-        seed=args.seed)
+        seed=args.seed, speculative=speculative_config(args))
+
+
+def speculative_config(args: EngineArgs) -> SpeculativeConfig | None:
+    """The parsed ``speculative_config`` option (None: off)."""
+    if args.speculative_config is None:
+        return None
+    return SpeculativeConfig.from_json(args.speculative_config)
 
 
 def runner_state_bytes(config: EngineConfig) -> int:
@@ -124,22 +133,27 @@ def runner_state_bytes(config: EngineConfig) -> int:
     return state_bytes(config.scheduler.max_num_seqs, config.model.vocab_size)
 
 
-def plan_pool(config: EngineConfig, weight_bytes: int, device: jax.Device) -> PoolPlan:
+def plan_pool(config: EngineConfig, weight_bytes: int, device: jax.Device,
+              draft: ModelConfig | None = None) -> PoolPlan:
     """Pages from ``num_pages`` or from the device memory left after the weights and the
     runner's state."""
     budget = None
     if config.cache.num_pages is None:
         budget = device_memory_budget(device, config.cache.kv_cache_memory_fraction,
                                       weight_bytes + runner_state_bytes(config))
-    return pool_plan_for_budget(config, budget)
+    return pool_plan_for_budget(config, budget, draft)
 
 
-def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None) -> PoolPlan:
+def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None,
+                         draft: ModelConfig | None = None) -> PoolPlan:
     """The pool's arithmetic (shared by start-up and ``jserve plan``): ``num_pages`` when set,
     else as many pages as ``budget_bytes`` holds; None (no device limit, CPU) gives every
-    sequence its full length."""
-    per_token = kv_bytes_per_token(config.model, config.kv_dtype,
-                                   config.parallel.tensor_parallel_size)
+    sequence its full length. ``draft``: speculative decoding's draft model, whose pool has a
+    twin page per page (its bytes count per token too)."""
+    tp = config.parallel.tensor_parallel_size
+    per_token = kv_bytes_per_token(config.model, config.kv_dtype, tp)
+    if draft is not None:
+        per_token += kv_bytes_per_token(draft, config.kv_dtype, tp)
     page_bytes = per_token * config.cache.page_size
     if config.cache.num_pages is not None:
         num_pages = config.cache.num_pages
@@ -230,15 +244,28 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     else:
         params = random_params(config.model, mesh, seed=args.seed)
         tokenizer = None
+    draft = None
+    spec = config.speculative
+    if spec is not None and spec.method == "draft_model":
+        dcfg, ddir = resolve_draft(spec, model_cfg, model_dir.path if model_dir else None,
+                                   model_cfg.dtype)
+        draft = DraftModel(dcfg, load_params(ddir, dcfg, mesh))
     weight_bytes = params_bytes(params) // config.parallel.tensor_parallel_size
-    plan = plan_pool(config, weight_bytes, _local_device(mesh))
+    if draft is not None:
+        weight_bytes += params_bytes(draft.params) // config.parallel.tensor_parallel_size
+    plan = plan_pool(config, weight_bytes, _local_device(mesh), draft.cfg if draft else None)
     if channel is not None:   # every process must allocate the same pool
         plan = dataclasses.replace(plan, num_pages=channel.agree_min("num_pages", plan.num_pages))
     log.info("model %s (%s, %.2f GB of weights), %s",
              model_dir.path if model_dir is not None else args.model, model_cfg.dtype,
              params_bytes(params) / 1e9, plan.describe())
     kv = allocate_kv_cache(config.model, plan.num_pages, config.cache.page_size, config.kv_dtype, mesh)
-    runner = Runner(config, params, kv, mesh)
+    if draft is not None:
+        draft.kv = allocate_kv_cache(draft.cfg, plan.num_pages, config.cache.page_size,
+                                     config.kv_dtype, mesh)
+        log.info("draft model %s: %.1f MB of weights, a twin KV page per page", spec.model,
+                 params_bytes(draft.params) / 1e6)
+    runner = Runner(config, params, kv, mesh, draft)
     compile_s = runner.warmup(progress)
     if channel is not None:
         if not channel.is_leader:

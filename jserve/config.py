@@ -14,6 +14,7 @@ from typing import Any
 
 from jserve.options import DTYPES as DTYPES  # re-exported: the dtype names live with the options
 from jserve.options import default_of, normalize_dtype, validate_fields
+from jserve.spec.config import SpeculativeConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -272,6 +273,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = default_of("seed")
+    speculative: SpeculativeConfig | None = None   # speculative decoding (jserve/spec/), off: None
 
     def __post_init__(self) -> None:
         validate_fields(self, "seed")   # `model` is a ModelConfig here, not the option

@@ -33,6 +33,7 @@ from jserve.runner import Runner, StepHandle
 from jserve.sampling_batch import MAX_BANNED_IDS, banned_ids_fit
 from jserve.sampling_params import SamplingParams
 from jserve.scheduler import Scheduler
+from jserve.spec.verify_step import SpecStepHandle
 from jserve.stop_strings import StopStringMatcher
 from jserve.tokenizer import Tokenizer
 
@@ -71,7 +72,7 @@ class LLMEngine:
         self.runner = runner
         kv_manager = make_kv_manager(config, num_pages)
         self.pool = kv_manager.pool
-        self.scheduler = Scheduler(config.scheduler, kv_manager)
+        self.scheduler = Scheduler(config.scheduler, kv_manager, config.speculative)
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, str] = {}
         self._rng = np.random.default_rng(config.seed)
@@ -80,7 +81,10 @@ class LLMEngine:
         self.eos_token_ids: tuple[int, ...] = tuple(eos)
         # Start-up facts (banner, /metrics, jserve plan): ``build`` comes from builder.build_engine.
         self._startup = StartupInfo.create(build, config, num_pages, self.scheduler.max_model_len)
-        self._overlap = config.scheduler.async_scheduling
+        # A draft model proposes from each step's result: every step is read synchronously.
+        spec = config.speculative
+        self._overlap = config.scheduler.async_scheduling and not (
+            spec is not None and spec.method == "draft_model")
         self._in_flight: StepHandle | None = None  # dispatched, results not yet read
 
     # ------------------------------------------------------------------ input
@@ -196,16 +200,30 @@ class LLMEngine:
         Overlapped (``async_scheduling``): step N+1 is scheduled and dispatched before the
         results of step N are read, so the device never waits for the host; the outputs
         returned are step N's. Synchronous: dispatch, then read the same step's results.
+
+        Speculative decoding (while ``Scheduler.spec_active``): drafts come from tokens on the
+        host, and a verify row emits a variable number of tokens, so the next step's positions
+        are unknown until its result is read: the step in flight is read first, and a step
+        with draft rows is read right after its dispatch (no overlap while speculating; above
+        ``disable_by_batch_size`` the loop overlaps again).
         """
+        touched: dict[str, None] = {}
+
+        def read(handle: StepHandle | SpecStepHandle | None) -> None:
+            if handle is not None:
+                for req in self.scheduler.update(handle.sched_out, handle.result()):
+                    touched[self._child_to_parent[req.request_id]] = None
+
+        if self._in_flight is not None and self.scheduler.spec_active():
+            read(self._in_flight)
+            self._in_flight = None
         sched_out = self.scheduler.schedule()
         handle = self.runner.dispatch(sched_out) if not sched_out.is_empty else None
         done, self._in_flight = self._in_flight, handle
-        if not self._overlap:
+        if not self._overlap or sched_out.has_drafts:
+            read(done)
             done, self._in_flight = handle, None
-        touched: dict[str, None] = {}
-        if done is not None:
-            for req in self.scheduler.update(done.sched_out, done.result()):
-                touched[self._child_to_parent[req.request_id]] = None
+        read(done)
         # Requests finished outside update (aborts) must still report once.
         for pid, parent in self._parents.items():
             if all(ch.request.is_finished for ch in parent.children):
@@ -234,6 +252,13 @@ class LLMEngine:
         metrics = {"arrival_time": parent.arrival_time}
         if parent.first_token_time is not None:
             metrics["first_token_time"] = parent.first_token_time
+        if self.config.speculative is not None:
+            drafts = sum(ch.request.spec_num_draft_tokens for ch in parent.children)
+            accepted = sum(ch.request.spec_num_accepted_tokens for ch in parent.children)
+            metrics["spec_num_draft_tokens"] = drafts
+            metrics["spec_num_accepted_tokens"] = accepted
+            if drafts:
+                metrics["spec_acceptance_rate"] = accepted / drafts
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs,
                              finished=finished, metrics=metrics,
                              num_cached_tokens=parent.children[0].request.num_cached_tokens or 0)
@@ -241,6 +266,26 @@ class LLMEngine:
     def _advance_child(self, ch: _Child) -> None:
         req = ch.request
         new_ids = req.output_token_ids[ch.num_seen:]
+        if ch.stops is not None and ch.detok is not None and len(new_ids) > 1:
+            # Several tokens at once (a speculative step): look for the stop string token by
+            # token, and drop the tokens after the one that completes it (as the one-token
+            # steps would never have produced them).
+            finished = req.is_finished
+            for j in range(len(new_ids)):
+                last = j == len(new_ids) - 1
+                if self._advance_tokens(ch, new_ids[j:j + 1], finished and last) and not last:
+                    del req.output_token_ids[ch.num_seen:]
+                    del req.output_logprobs[ch.num_seen:]
+                    req.status = RequestStatus.FINISHED_STOPPED
+                    req.stop_reason = ch.stops.feed("")[1]
+                    break
+            return
+        self._advance_tokens(ch, new_ids, req.is_finished)
+
+    def _advance_tokens(self, ch: _Child, new_ids: list[int], final: bool) -> bool:
+        """Logprobs, text and stop strings of ``new_ids``; ``final``: the sequence ends with
+        them. -> whether a stop string matched."""
+        req = ch.request
         if req.sampling_params.logprobs is not None:
             entries = req.output_logprobs[ch.num_seen:ch.num_seen + len(new_ids)]
             for tid, entry in zip(new_ids, entries, strict=True):
@@ -248,18 +293,19 @@ class LLMEngine:
                 ch.cumulative_logprob += entry[0]
         ch.num_seen += len(new_ids)
         if ch.detok is None:
-            return
+            return False
         delta = ch.detok.add(new_ids) if new_ids else ""
-        if req.is_finished:
+        if final:
             delta += ch.detok.flush()
         if ch.stops is None:
             ch.text += delta
-            return
-        emit, hit = ch.stops.feed(delta, final=req.is_finished)
+            return False
+        emit, hit = ch.stops.feed(delta, final=final)
         ch.text += emit
         if hit is not None and not req.is_finished:
             self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED,
                                           stop_reason=hit)
+        return hit is not None
 
     def _logprob_dict(self, sampled: int, entry: tuple[float, list[tuple[int, float]]]
                       ) -> dict[int, Logprob]:

@@ -294,6 +294,18 @@ class KVCacheManager:
         pc.register(req.page_entries, req.page_ids, _TokenView(req, self.page_size).page_tokens,
                     _extra(req), full)
 
+    def rollback(self, req: Request, num_tokens: int) -> None:
+        """Speculative decoding: ``req``'s last ``num_tokens`` computed tokens were rejected
+        drafts. Move ``num_computed_tokens`` back and free the pages past the accepted tokens
+        (tail first); the prefix cache never indexed them (``on_computed`` indexes known
+        tokens only)."""
+        req.num_computed_tokens -= num_tokens
+        keep = self.pool.pages_needed(req.num_computed_tokens)
+        if len(req.page_ids) > keep:
+            tail = req.page_ids[keep:]
+            del req.page_ids[keep:]
+            self.pool.free(reversed(tail))
+
     def release(self, req: Request) -> None:
         """A finished request gives back its pages (tail first) and swap slots (a request
         still swapped out has no read of them planned)."""

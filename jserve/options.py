@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from jserve.spec.config import canonical_json
+
 GENERATE, SERVE, PLAN = "generate", "serve", "plan"
 COMMANDS = (GENERATE, SERVE, PLAN)
 _ENGINE = (GENERATE, SERVE)          # the commands that build an engine
@@ -72,6 +74,7 @@ class Option:
     aliases: tuple[str | Alias, ...] = ()
     default_text: str | None = None
     command_defaults: Mapping[str, Any] = field(default_factory=dict)
+    mapping: bool = False   # a str option holding a JSON object: a mapping is accepted too
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -160,7 +163,7 @@ class Option:
                   and math.isfinite(value))
             value = float(value) if ok else value
         else:
-            ok = isinstance(value, str)
+            ok = isinstance(value, str) or (self.mapping and isinstance(value, Mapping))
         if not ok:
             raise self._error(value)
         return value
@@ -238,6 +241,12 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("flash_prefill_min_tokens", int, 1024, minimum=0,
            help="steps of at least this many tokens made only of fresh prompts attend with the "
            "flash kernel instead of the paged one (0 = never)"),
+    Option("speculative_config", str, None, nullable=True, mapping=True, normalize=canonical_json,
+           default_text="off", commands=COMMANDS,
+           help="speculative decoding, vLLM's JSON: {\"method\": \"ngram\", "
+           "\"num_speculative_tokens\": k, \"prompt_lookup_min\": a, \"prompt_lookup_max\": b} "
+           "or {\"method\": \"draft_model\", \"model\": \"code-draft\", "
+           "\"num_speculative_tokens\": k}; optional \"disable_by_batch_size\": N"),
     Option("async_scheduling", bool, True,
            help="overlap host scheduling of step N+1 with the device running step N (off: a "
            "synchronous loop, the reference)"),

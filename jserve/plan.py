@@ -31,6 +31,7 @@ from jserve.config import DTYPE_BYTES, EngineConfig, ModelConfig
 from jserve.gpus import JAX_GPU_MEM_FRACTION, Accelerator, lookup_accelerator
 from jserve.kv_cache import PoolPlan, kv_bytes_per_token, memory_budget, pages_for_budget
 from jserve.options import PLAN, check_keywords, options_for
+from jserve.spec.draft import resolve_draft
 
 _TP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -53,6 +54,8 @@ class CapacityPlan:
     budget_bytes: int
     pool: PoolPlan | None        # None: fewer than 2 pages fit (the weights take the memory)
     min_fitting_tp: int | None   # smallest tensor-parallel size that fits, when this one doesn't
+    draft: ModelConfig | None = None  # speculative decoding's draft model (its weights and twin
+                                      # KV pages are counted in the figures above)
 
     @property
     def fits(self) -> bool:
@@ -60,8 +63,16 @@ class CapacityPlan:
 
     @property
     def kv_bytes_per_token(self) -> int:
+        """Target + draft KV bytes of one token, per device."""
         c = self.config
-        return kv_bytes_per_token(c.model, c.kv_dtype, c.parallel.tensor_parallel_size)
+        return kv_bytes_per_token(c.model, c.kv_dtype, c.parallel.tensor_parallel_size) + \
+            self.draft_kv_bytes_per_token
+
+    @property
+    def draft_kv_bytes_per_token(self) -> int:
+        c = self.config
+        return (0 if self.draft is None
+                else kv_bytes_per_token(self.draft, c.kv_dtype, c.parallel.tensor_parallel_size))
 
     def render(self) -> str:
         """The plan with its arithmetic, one line per figure."""
@@ -86,8 +97,15 @@ class CapacityPlan:
             f"{' per device' if kv_heads != m.num_kv_heads else ''}"
             f"{' (replicated: kv heads do not divide tp)' if tp > 1 and kv_heads == m.num_kv_heads else ''}"
             f" x {m.head_dim} head_dim x {DTYPE_BYTES[c.kv_dtype]} B ({c.kv_dtype}) = {_b(per_token)}",
-            f"KV/page    {per_token:,} B x {page_size} tokens = {_b(page_bytes)}",
         ]
+        if self.draft is not None:
+            d = self.draft
+            lines += [
+                f"draft      {d.architecture}: {d.num_layers} layers, {d.num_kv_heads} kv heads x "
+                f"head_dim {d.head_dim}, {_b(weight_bytes(d))} of weights (in the weights above); "
+                f"its KV pool has a twin page per page: + {_b(self.draft_kv_bytes_per_token)} "
+                f"per token = {_b(per_token)} per token"]
+        lines.append(f"KV/page    {per_token:,} B x {page_size} tokens = {_b(page_bytes)}")
         if self.pool is None:
             pages = pages_for_budget(self.budget_bytes, page_bytes) if self.budget_bytes > 0 else 0
             lines.append(f"pages      {max(self.budget_bytes, 0):,} // {page_bytes:,} = {pages} pages: "
@@ -126,27 +144,39 @@ def plan_capacity(model: str | None = None, gpu: str | int = "H100-80GB", **opti
     label = str(model_dir.path) if model_dir is not None else str(model)
     if model is None:
         label = f"bundled default model ({model_dir.path.name})" if model_dir is not None else label
-    return _plan(label, make_engine_config(args, model_cfg), acc, args)
+    config = make_engine_config(args, model_cfg)
+    draft = None
+    spec = config.speculative
+    if spec is not None and spec.method == "draft_model":
+        draft, _ = resolve_draft(spec, model_cfg, model_dir.path if model_dir else None,
+                                 model_cfg.dtype)
+    return _plan(label, config, acc, args, draft)
 
 
-def _plan(label: str, config: EngineConfig, acc: Accelerator, args: EngineArgs) -> CapacityPlan:
+def _weights(config: EngineConfig, draft: ModelConfig | None) -> int:
+    return weight_bytes(config.model) + (weight_bytes(draft) if draft is not None else 0)
+
+
+def _plan(label: str, config: EngineConfig, acc: Accelerator, args: EngineArgs,
+          draft: ModelConfig | None = None) -> CapacityPlan:
     tp = config.parallel.tensor_parallel_size
-    total = weight_bytes(config.model)
+    total = _weights(config, draft)
     per_device = total // tp
     budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction,
                            per_device + runner_state_bytes(config))
     try:
-        pool: PoolPlan | None = pool_plan_for_budget(config, budget)
+        pool: PoolPlan | None = pool_plan_for_budget(config, budget, draft)
     except ValueError:   # PoolPlan: fewer than 2 pages
         pool = None
-    plan = CapacityPlan(label, config, acc, total, per_device, budget, pool, None)
+    plan = CapacityPlan(label, config, acc, total, per_device, budget, pool, None, draft)
     if plan.fits:
         return plan
     return CapacityPlan(label, config, acc, total, per_device, budget, pool,
-                        _min_fitting_tp(config, acc, args))
+                        _min_fitting_tp(config, acc, args, draft), draft)
 
 
-def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs) -> int | None:
+def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs,
+                    draft: ModelConfig | None = None) -> int | None:
     for tp in _TP_SIZES:
         if tp <= config.parallel.tensor_parallel_size:
             continue
@@ -155,11 +185,11 @@ def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs) ->
                                         config.model)
         except ValueError:   # heads or MLP not divisible by tp
             continue
-        per_device = weight_bytes(config.model) // tp
+        per_device = _weights(config, draft) // tp
         budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction,
                                per_device + runner_state_bytes(bigger))
         try:
-            if pool_plan_for_budget(bigger, budget).max_concurrent_seqs >= 1:
+            if pool_plan_for_budget(bigger, budget, draft).max_concurrent_seqs >= 1:
                 return tp
         except ValueError:
             continue

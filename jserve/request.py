@@ -73,6 +73,8 @@ class Request:
     num_cached_tokens: int | None = None   # prompt tokens not computed at first admission
     page_entries: list[Any] = field(default_factory=list, repr=False)  # CachedPage per full page
     swap_slots: dict[int, int] = field(default_factory=dict)  # page index -> swap slot (swapped out)
+    spec_num_draft_tokens: int = 0      # speculative decoding: drafts verified for this request
+    spec_num_accepted_tokens: int = 0   # ... and accepted
 
     def __post_init__(self) -> None:
         # A copy: the caller's list must never alias our growing state.

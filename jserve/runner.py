@@ -65,6 +65,8 @@ from jserve.sampler import _sample_core
 from jserve.sampling_batch import SamplerFlags
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
 from jserve.slot_table import SlotWriter
+from jserve.spec.draft import DraftModel
+from jserve.spec.verify_step import SpecStepHandle, SpecSteps
 from jserve.step_buffers import StepLayout
 from sharding import host_to_global
 
@@ -155,7 +157,9 @@ class Runner:
     """Owns the params, the KV pool, the per-request rows (host, mirrored on the device by the
     slot table), the penalty state (device) and the compiled steps."""
 
-    def __init__(self, config: EngineConfig, params: Any, kv: KVCache, mesh: Mesh) -> None:
+    def __init__(self, config: EngineConfig, params: Any, kv: KVCache, mesh: Mesh,
+                 draft: DraftModel | None = None) -> None:
+        """``draft``: speculative decoding's draft model with its pool (jserve/spec/draft.py)."""
         self.config = config
         self.params = params
         self.kv = kv
@@ -184,6 +188,9 @@ class Runner:
         self._prev_rows: dict[str, int] = {}
         self.mover = KVPageMover(kv, max(self._pages_per_seq, sched.max_num_seqs),
                                  host_slot_counts(config))
+        # Speculative decoding: the draft-verifying variants (jserve/spec/verify_step.py).
+        spec = config.speculative
+        self.spec_steps = SpecSteps(self, spec.num_speculative_tokens, draft) if spec else None
 
     # ---------------------------------------------------------------- shapes
     def bucket_for(self, num_tokens: int) -> tuple[int, int]:
@@ -215,6 +222,8 @@ class Runner:
         the step (a larger decode batch's step is long enough not to need it)."""
         sched = self.config.scheduler
         out = []
+        if self.spec_steps is not None and self.spec_steps.every_step:
+            return out  # a draft model runs in every step: only the speculative variants
         for t in self._buckets:
             out.append(StepVariant(t, False, False))
             if self._greedy_variant(t):
@@ -282,6 +291,8 @@ class Runner:
             f["presence_penalty"][r_pen] = rows.presence_penalty[s_pen]
             f["frequency_penalty"][r_pen] = rows.frequency_penalty[s_pen]
         f["output_index"][:n] = np.fromiter((c.output_index for c in chunks), np.int32, n)
+        if out.has_drafts:
+            f["num_draft"][:n] = np.fromiter((c.num_draft for c in chunks), np.int32, n)
         for r, c in enumerate(chunks):
             if c.banned_ids:
                 ban = np.unique(np.asarray(c.banned_ids, np.int32))
@@ -309,10 +320,12 @@ class Runner:
         return np.asarray(writes, np.int64)
 
     # ---------------------------------------------------------------- device
-    def dispatch(self, out: SchedulerOutput) -> StepHandle | None:
+    def dispatch(self, out: SchedulerOutput) -> StepHandle | SpecStepHandle | None:
         """Dispatch the step (page moves first); returns at once. None when there are no rows."""
         if out.transfers:
             self.kv = self.mover.move(self.kv, out.transfers)
+            if self.spec_steps is not None:
+                self.spec_steps.move(out.transfers)
         if not out.chunks:
             self.rows.drop(out.dropped)
             return None
@@ -329,6 +342,9 @@ class Runner:
         greedy = (not fresh and self._greedy_variant(layout.num_tokens)
                   and all(p.greedy and p.logprobs is None and not p.uses_penalties
                           for c, p in zip(out.chunks, params, strict=True) if c.samples))
+        if out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
+            ibuf, fbuf = host_to_global((ibuf, fbuf), self._replicated)
+            return self.spec_steps.dispatch(self, out, layout, params, ibuf, fbuf)
         decode_only = (greedy and layout.num_tokens == self._buckets[0]
                        and all(c.num_tokens == 1 for c in out.chunks))
         variant = StepVariant(layout.num_tokens, fresh, greedy, decode_only)
@@ -413,6 +429,8 @@ class Runner:
                 self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf)
             if pen is not None:
                 self.penalty_state = pen
+        if self.spec_steps is not None:
+            self.spec_steps.warmup(self, say, threads)
         self._slot_init.compile(self.penalty_state)
         for b in self._slot_init.buckets:  # run each once; the state is all zeros again after
             self.penalty_state = self._slot_init(self.penalty_state, 0, [0] * b)

@@ -174,6 +174,19 @@ def _sample_sorted(vals: jax.Array, idx: jax.Array, noise: jax.Array, batch: Sam
     rows without top-k (rows with top-k normalise over their k survivors, all within C).
     Returns (token ids int32[R], mass f32[R] of the C positions under that normalisation).
     """
+    keep, mass = sorted_keep(vals, batch, total)
+    score = jnp.where(keep, vals, _NEG_INF) + jnp.take_along_axis(noise, idx, axis=1)
+    j = jnp.argmax(score, axis=1)
+    return jnp.take_along_axis(idx, j[:, None], axis=1)[:, 0].astype(jnp.int32), mass
+
+
+def sorted_keep(vals: jax.Array, batch: SamplingBatch, total: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+    """The top-k -> top-p -> min-p survivors among the C largest scaled logits of each row.
+
+    vals: f32[R, C] descending; total: f32[R] (see ``_sample_sorted``) -> (keep bool[R, C],
+    mass f32[R] of the C positions). Shared with the rejection sampler (``jserve.spec``),
+    which needs the same filtered distribution as an explicit mask."""
     c = vals.shape[1]
     pos = jnp.arange(c)[None, :]
     k = jnp.where(batch.top_k > 0, jnp.minimum(batch.top_k, c), c)[:, None]
@@ -184,10 +197,8 @@ def _sample_sorted(vals: jax.Array, idx: jax.Array, noise: jax.Array, batch: Sam
     cum = jnp.cumsum(probs, axis=1)
     before = jnp.concatenate([jnp.zeros_like(probs[:, :1]), cum[:, :-1]], axis=1)
     top_p = batch.top_p[:, None]
-    keep = ((before < top_p) | (top_p >= 1.0)) & (rel >= batch.min_p[:, None])
-    score = jnp.where(keep, vals, _NEG_INF) + jnp.take_along_axis(noise, idx, axis=1)
-    j = jnp.argmax(score, axis=1)
-    return jnp.take_along_axis(idx, j[:, None], axis=1)[:, 0].astype(jnp.int32), cum[:, -1]
+    keep = ((before < top_p) | (top_p >= 1.0)) & (rel >= batch.min_p[:, None]) & (pos < k)
+    return keep, cum[:, -1]
 
 
 def _sample_random(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> jax.Array:

@@ -67,6 +67,8 @@ from jserve.kv_manager import KVCacheManager
 from jserve.page_pool import PagePool
 from jserve.request import Request, RequestStatus
 from jserve.scheduler_output import NewRequestData, RunnerOutput, ScheduledChunk, SchedulerOutput
+from jserve.spec.config import SpeculativeConfig
+from jserve.spec.ngram import NgramProposer
 
 FAIR_TURN_SEQS = 4  # sequences of one request admitted per turn (n <= 4: the whole request)
 logger = logging.getLogger(__name__)
@@ -79,8 +81,10 @@ class QueueFullError(RuntimeError):
 class Scheduler:
     """Decides, each step, which requests run and how many tokens each computes."""
 
-    def __init__(self, config: SchedulerConfig, kv: PagePool | KVCacheManager) -> None:
-        """``kv``: a ``KVCacheManager``, or a bare ``PagePool`` (no prefix cache, recompute)."""
+    def __init__(self, config: SchedulerConfig, kv: PagePool | KVCacheManager,
+                 spec: SpeculativeConfig | None = None) -> None:
+        """``kv``: a ``KVCacheManager``, or a bare ``PagePool`` (no prefix cache, recompute);
+        ``spec``: speculative decoding (n-gram drafts), or None."""
         self.config = config
         self.kv = kv if isinstance(kv, KVCacheManager) else KVCacheManager(kv)
         self.pool = pool = self.kv.pool
@@ -98,6 +102,17 @@ class Scheduler:
         self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self._sent_pages: dict[str, list[int]] = {}  # page row the runner holds, per request
         self._dropped: list[str] = []               # runner state to drop at the next step
+        self.spec = spec
+        self._proposer = (NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+                          if spec is not None and spec.method == "ngram" else None)
+        # draft_model: the drafts each step's result carries, per request: (num_tokens they
+        # follow, drafts); the scheduler also reserves K lookahead positions for the draft.
+        self._draft_mode = spec is not None and spec.method == "draft_model"
+        self._next_drafts: dict[str, tuple[int, list[int]]] = {}
+        # Speculative decoding counters (monotonic): verify rows, drafts verified, accepted.
+        self.spec_counters = dict(spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
+                                  spec_decode_num_accepted_tokens=0,
+                                  spec_decode_num_emitted_tokens=0)
 
     # ------------------------------------------------------------- queries
     @property
@@ -154,6 +169,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         kv, pool = self.kv, self.pool
         kv.begin_step()
+        speculate = self.spec_active()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -165,13 +181,18 @@ class Scheduler:
             if k <= 0:
                 raise AssertionError(f"running request {req.request_id!r} has nothing to compute "
                                      f"({req.num_computed_tokens}/{req.num_tokens} tokens)")
+            drafts = self._drafts(req, budget) if speculate else []
+            if drafts and kv.demand(req, k + len(drafts)) > pool.num_free:
+                drafts = []  # drafts never preempt anyone: verify them when pages are free
+            k += len(drafts)
             while kv.demand(req, k) > pool.num_free and self.running[-1] is not req:
                 self._preempt(self.running.pop(), out)
             if kv.demand(req, k) > pool.num_free:  # req is the newest: it makes way itself
                 self._preempt(self.running.pop(), out)
                 break
-            kv.grow(req, k)
-            out.chunks.append(self._chunk(req, k))
+            la = self._lookahead(req, k)
+            kv.grow(req, k + la if la and kv.demand(req, k + la) <= pool.num_free else k)
+            out.chunks.append(self._chunk(req, k, drafts))
             budget -= k
             i += 1
 
@@ -239,12 +260,52 @@ class Scheduler:
         return not ((sp.max_tokens is not None and n_out >= sp.max_tokens)
                     or req.num_tokens + req.num_placeholders >= self.max_model_len)
 
-    def _chunk(self, req: Request, k: int) -> ScheduledChunk:
-        """The row value for ``k`` tokens of ``req`` from ``num_computed_tokens``, with the page
-        row diff against what the runner was last sent; then advance the request."""
+    def spec_active(self) -> bool:
+        """Whether this step proposes drafts: speculation is configured and at most
+        ``disable_by_batch_size`` requests run (the engine drains the step in flight first:
+        only requests with every token on the host get drafts)."""
+        spec = self.spec
+        return ((self._proposer is not None or self._draft_mode) and bool(self.running)
+                and (spec.disable_by_batch_size is None
+                     or len(self.running) <= spec.disable_by_batch_size))
+
+    def _drafts(self, req: Request, budget: int) -> list[int]:
+        """Draft tokens for a decoding ``req`` (its last token known, nothing in flight), at
+        most what can still be emitted; none for rows with penalties or ``min_tokens`` bans
+        (their statistics / bans change within the row), or past the budget."""
+        if req.num_placeholders or req.num_computed_tokens != req.num_tokens - 1:
+            return []
+        sp = req.sampling_params
+        if sp.uses_penalties or req.num_output_tokens < sp.min_tokens:
+            return []
+        k = min(self.spec.num_speculative_tokens, budget - 1, self.max_model_len - req.num_tokens)
+        if sp.max_tokens is not None:
+            k = min(k, sp.max_tokens - req.num_output_tokens - 1)
+        if k <= 0:
+            return []
+        if self._draft_mode:
+            n, drafts = self._next_drafts.get(req.request_id, (-1, []))
+            return drafts[:k] if n == req.num_tokens else []
+        return self._proposer.propose(req.all_token_ids, k)
+
+    def _lookahead(self, req: Request, k: int) -> int:
+        """draft_model: positions past a sampling row's end whose pages the draft's decode
+        steps write (at most K, within max_model_len; 0 when the row does not sample)."""
+        if not self._draft_mode:
+            return 0
+        end = req.num_computed_tokens + k
+        if end < req.num_tokens + req.num_placeholders:
+            return 0
+        return max(0, min(self.spec.num_speculative_tokens, self.max_model_len - end))
+
+    def _chunk(self, req: Request, k: int, drafts: list[int] | tuple[int, ...] = ()) -> ScheduledChunk:
+        """The row value for ``k`` tokens of ``req`` from ``num_computed_tokens`` (the last
+        ``len(drafts)`` of them draft tokens), with the page row diff against what the runner
+        was last sent; then advance the request."""
         start, ps = req.num_computed_tokens, self.pool.page_size
+        nd = len(drafts)
         end = start + k
-        known = min(end, req.num_tokens)
+        known = min(end - nd, req.num_tokens)
         rid = req.request_id
         new = None
         sent = self._sent_pages.get(rid)
@@ -256,18 +317,21 @@ class Scheduler:
         while first < len(sent) and first < len(cur) and sent[first] == cur[first]:
             first += 1
         page_ids = tuple(cur[first:])
+        if len(sent) > len(cur):  # pages given back (speculative rollback): null them too
+            page_ids += (0,) * (len(sent) - max(len(cur), first))
         del sent[first:]
-        sent.extend(page_ids)
-        samples = end == req.num_tokens + req.num_placeholders
+        sent.extend(cur[first:])
+        samples = end - nd == req.num_tokens + req.num_placeholders
         sp = req.sampling_params
         out_index = req.num_output_tokens + req.num_placeholders
         banned: tuple[int, ...] = ()
         if samples and out_index < sp.min_tokens:
             banned = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(req.eos_token_ids))
         chunk = ScheduledChunk(
-            req_id=rid, start=start, num_tokens=k, token_ids=tuple(_tokens(req, start, known)),
-            num_placeholders=end - known, page_start=first, page_ids=page_ids, samples=samples,
-            output_index=out_index, banned_ids=banned, new=new)
+            req_id=rid, start=start, num_tokens=k,
+            token_ids=tuple(_tokens(req, start, known)) + tuple(drafts),
+            num_placeholders=end - nd - known, page_start=first, page_ids=page_ids, samples=samples,
+            output_index=out_index, banned_ids=banned, new=new, num_draft=nd)
         req.num_computed_tokens = end
         if samples:
             req.num_placeholders += 1
@@ -338,6 +402,10 @@ class Scheduler:
                 self._check_stop(req, int(token))
                 if req.is_finished:
                     break
+            if chunk.num_draft:
+                self._rollback(req, chunk.num_draft, len(tokens))
+            if runner_out.draft_token_ids is not None and not req.is_finished:
+                self._next_drafts[req.request_id] = (req.num_tokens, runner_out.draft_token_ids[row])
             if req.status is RequestStatus.RUNNING:
                 self.kv.on_computed(req)
             if req.is_finished:
@@ -349,6 +417,25 @@ class Scheduler:
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return touched
+
+    def _rollback(self, req: Request, num_draft: int, num_emitted: int) -> None:
+        """After verifying ``num_draft`` drafts of ``req`` (``num_emitted`` = accepted + 1):
+        move ``num_computed_tokens`` back over the rejected ones (their K/V slots are written
+        again later) and give back the pages past the accepted tokens; count the step."""
+        accepted = num_emitted - 1
+        c = self.spec_counters
+        c["spec_decode_num_drafts"] += 1
+        c["spec_decode_num_draft_tokens"] += num_draft
+        c["spec_decode_num_accepted_tokens"] += accepted
+        c["spec_decode_num_emitted_tokens"] += num_emitted
+        req.spec_num_draft_tokens += num_draft
+        req.spec_num_accepted_tokens += accepted
+        if req.is_finished:
+            return  # its pages are released
+        if req.status is RequestStatus.RUNNING:
+            self.kv.rollback(req, num_draft - accepted)
+        else:  # preempted since: recompute restarts at 0; a swap resume stops before the drafts
+            req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
 
     @staticmethod
     def _logprobs_entry(req: Request, row: int, j: int,
@@ -399,6 +486,7 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         """Forget a finished request and give its pages back (the caller updates the queues)."""
         self.kv.release(req)
+        self._next_drafts.pop(req.request_id, None)
         del self._requests[req.request_id]
         self._drop(req.request_id)
 
@@ -407,6 +495,8 @@ class Scheduler:
         """KV cache counters and gauges (see ``KVCacheManager.stats``) + preemptions."""
         s = self.kv.stats()
         s["preemptions"] = self.num_preemptions_total
+        if self.spec is not None:
+            s.update(self.spec_counters)
         return s
 
 

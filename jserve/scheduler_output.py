@@ -73,6 +73,9 @@ class ScheduledChunk:
     ``samples``: the row's sampled token is kept (the chunk reaches the end of the request's
     tokens). ``output_index``: which output token it samples (the seed's counter).
     ``banned_ids``: ids forbidden this step (``min_tokens``).
+    ``num_draft``: speculative decoding: the row is ``[last known token, d_1 .. d_k]`` with its
+    k drafts at the end of ``token_ids`` (never with a placeholder); it samples up to k + 1
+    tokens (the accepted drafts and one more) and the scheduler rolls back the rejected ones.
     """
 
     req_id: str
@@ -86,6 +89,7 @@ class ScheduledChunk:
     output_index: int = 0
     banned_ids: tuple[int, ...] = ()
     new: NewRequestData | None = None
+    num_draft: int = 0   # the last num_draft of token_ids are unverified drafts (jserve/spec/)
 
 
 @dataclass
@@ -106,6 +110,11 @@ class SchedulerOutput:
         return len(self.chunks)
 
     @property
+    def has_drafts(self) -> bool:
+        """Some row verifies draft tokens (the speculative step variant runs it)."""
+        return any(c.num_draft for c in self.chunks)
+
+    @property
     def is_empty(self) -> bool:
         """Nothing for the runner: no rows, no page moves, no state to drop."""
         return not self.chunks and not self.transfers and not self.dropped
@@ -119,9 +128,12 @@ class RunnerOutput:
     sampled_token_ids: one list of token ids per row (empty for rows that do not sample)
     logprobs:          per row, per token: logprob of the sampled token, or None
     top_ids / top_logprobs: per row, per token: the top-N alternatives, or None
+    draft_token_ids:   speculative decoding with a draft model: per row, the drafts it proposed
+                       after this step's tokens (the next step's draft rows)
     """
 
     sampled_token_ids: list[list[int]]
     logprobs: list[list[float]] | None = None
     top_ids: list[list[list[int]]] | None = None
     top_logprobs: list[list[list[float]]] | None = None
+    draft_token_ids: list[list[int]] | None = None  # per row: the draft model's next drafts

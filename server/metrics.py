@@ -47,6 +47,12 @@ KV_COUNTERS = {
     "host_tier_evictions": "Pages evicted from the host KV tier.",
     "preemptions_swap": "Preemptions served by swapping.",
     "preemptions_recompute": "Preemptions served by recomputation.",
+    # speculative decoding (present only when it is configured): acceptance rate =
+    # accepted / draft tokens, mean accepted length = 1 + accepted / drafts
+    "spec_decode_num_drafts": "Speculative decoding: draft sequences verified (one per row).",
+    "spec_decode_num_draft_tokens": "Speculative decoding: draft tokens verified.",
+    "spec_decode_num_accepted_tokens": "Speculative decoding: draft tokens accepted.",
+    "spec_decode_num_emitted_tokens": "Speculative decoding: tokens emitted by verify rows.",
 }
 KV_GAUGES = {
     "pages_cached_evictable": "Cached pages no request holds (reusable, evictable).",

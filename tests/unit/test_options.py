@@ -112,6 +112,8 @@ def _another_value(opt: Option):
         return not opt.default
     if opt.choices:
         return next(c for c in opt.choices if c != opt.default)
+    if opt.mapping:
+        return opt.validate({"method": "ngram", "num_speculative_tokens": 2})
     if opt.type is str:
         return "some/dir"
     base = opt.default if opt.default is not None else 512
@@ -131,6 +133,8 @@ def _argv(opt: Option, value) -> list[str]:
 
 
 def _config_value(config: EngineConfig, name: str):
+    if name == "speculative_config":   # parsed into EngineConfig.speculative
+        return config.speculative.to_json()
     for part in (config.cache, config.scheduler, config.parallel, config):
         if name in {f.name for f in dataclasses.fields(part)}:
             return getattr(part, name)

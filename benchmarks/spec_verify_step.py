@@ -1,0 +1,93 @@
+"""Cost of one verification step (1 + k query rows per request) against a 1-token decode step.
+
+The issue's real-scale target: on a Llama-3.1-8B shape (random weights), the device time of a
+step whose every request verifies k drafts (the speculative greedy variant: 1 + k tokens per
+row, logits and the rejection sampler at every position) relative to the plain greedy decode
+step (1 token per row), at each batch size, over a context of ``--context`` tokens. The steps
+are packed by hand (``SchedulerOutput`` values: no scheduler, no proposer) and timed end to end
+(dispatch -> tokens on the host), median of ``--iters``.
+
+    PYTHONPATH=. python benchmarks/spec_verify_step.py --model llama3.1-8b --k 4 --batches 1,64
+
+With acceptance rate a per draft (from benchmarks/spec_decode.py), a verify step emits on
+average (1 - a^(k+1)) / (1 - a) tokens; the implied speed-up over plain decode is that divided by
+(verify cost / decode cost) (draft proposal cost not included: n-gram is host-side and ~free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from jserve.builder import EngineArgs, build_engine
+from jserve.sampling_params import SamplingParams
+from jserve.scheduler_output import NewRequestData, ScheduledChunk, SchedulerOutput
+
+
+def _steps(batch: int, context: int, k: int, page_size: int, first_page: int):
+    """(first step with new-request data, steady-state step) for ``batch`` requests each at
+    ``context`` computed tokens, verifying k drafts (k = 0: a plain decode row)."""
+    sp = SamplingParams(temperature=0.0)
+    pages_each = -(-(context + k + 1) // page_size)
+    first, steady = [], []
+    for r in range(batch):
+        rid = f"r{r}"
+        pages = tuple(range(first_page + r * pages_each, first_page + (r + 1) * pages_each))
+        toks = tuple([100 + r] * (1 + k))
+        common = dict(req_id=rid, start=context, num_tokens=1 + k, token_ids=toks, samples=True,
+                      num_draft=k)
+        first.append(ScheduledChunk(**common, page_start=0, page_ids=pages,
+                                    new=NewRequestData(rid, sp, 0)))
+        steady.append(ScheduledChunk(**common))
+    return SchedulerOutput(chunks=first), SchedulerOutput(chunks=steady), batch * pages_each
+
+
+def _time(runner, first: SchedulerOutput, steady: SchedulerOutput, iters: int) -> float:
+    runner.dispatch(first).result()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        runner.dispatch(steady).result()
+        times.append(time.perf_counter() - t0)
+    runner.rows.drop([c.req_id for c in first.chunks])
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="llama3.1-8b")
+    ap.add_argument("--random-weights", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--acceptance", default="0.5,0.7,0.8", help="per-draft acceptance rates for "
+                    "the implied speed-up column")
+    ns = ap.parse_args()
+    batches = [int(b) for b in ns.batches.split(",")]
+    seqs = max(batches)
+    engine = build_engine(EngineArgs(
+        model=ns.model, random_weights=ns.random_weights, max_num_seqs=seqs,
+        max_model_len=ns.context + 2 * ns.k + 16, max_num_batched_tokens=max(512, seqs * (1 + ns.k)),
+        speculative_config={"method": "ngram", "num_speculative_tokens": ns.k}))
+    runner, ps = engine.runner, engine.config.cache.page_size
+    rates = [float(a) for a in ns.acceptance.split(",")]
+    print(f"{ns.model}: context {ns.context}, k = {ns.k}; median of {ns.iters} steps")
+    print(f"{'batch':>5} {'decode ms':>10} {'verify ms':>10} {'ratio':>6}  "
+          + "  ".join(f"x@a={a:g}" for a in rates))
+    for b in batches:
+        f0, s0, n = _steps(b, ns.context, 0, ps, 1)
+        f1, s1, _ = _steps(b, ns.context, ns.k, ps, 1)
+        if n >= engine.pool.num_total:
+            raise SystemExit(f"batch {b} needs {n} pages, the pool has {engine.pool.num_total}")
+        dec = _time(runner, f0, s0, ns.iters)
+        ver = _time(runner, f1, s1, ns.iters)
+        ratio = ver / dec
+        gains = [((1 - a ** (ns.k + 1)) / (1 - a)) / ratio for a in rates]
+        print(f"{b:>5} {dec * 1e3:10.2f} {ver * 1e3:10.2f} {ratio:6.2f}  "
+              + "  ".join(f"{g:7.2f}" for g in gains))
+
+
+if __name__ == "__main__":
+    main()

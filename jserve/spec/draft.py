@@ -1,0 +1,115 @@
+"""Draft-model proposer: a small model with the target's tokenizer, run inside the target's step.
+
+Where it sits: start-up (``load_draft``: resolve, validate against the target, load the weights)
+and, in every step while it is configured, the speculative step executable
+(``verify_step.spec_step``) calls ``draft_step`` after verifying the row's drafts. The drafts it
+returns travel to the host with the step's tokens and are the next step's draft rows
+(``Scheduler`` keeps them per request; the engine reads every step synchronously in this mode).
+
+KV: the draft has its own paged pool with the SAME page ids as the target's (a twin page per
+target page, sized from the same memory budget: each page costs target + draft bytes), so the
+target's page tables, prefix-cache hits, copy-on-write copies and swaps (a second
+``KVPageMover`` mirrors every move) all hold for the draft's K/V too::
+
+    step rows (prefill chunks, [last, d_1 .. d_k] verify rows)   -> draft K/V at the same slots
+    per sampling row, after verification emitted t at position p (= start + 1 + accepted):
+        draft decode i = 0 .. K-1: token (t, then its own argmax) at p + i -> argmax -> draft i
+    positions past the row's pages (the scheduler reserves K lookahead positions when the pool
+    has room; its page row is zero past the request's pages) write the null page
+
+Drafting is greedy (argmax): the drafts are point masses, which the rejection sampler verifies
+exactly for greedy and random rows alike. The catch-up over accepted tokens is the next step's
+verify row itself: it feeds [last token, d_1 .. d_k] through the draft at their positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from checkpoints import HFModelDir
+from jserve.config import ModelConfig
+from jserve.kv_cache import KVCache
+from jserve.model.decoder import hidden_states, logits_from_hidden
+from jserve.spec.config import SpeculativeConfig
+from jserve.step_input import StepInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DraftModel:
+    """The draft's config, weights and K/V pool (same page count and size as the target's)."""
+
+    cfg: ModelConfig
+    params: Any
+    kv: KVCache | None = None
+
+
+def _tokenizer_digest(path: Path) -> str | None:
+    f = path / "tokenizer.json"
+    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+
+
+def resolve_draft(spec: SpeculativeConfig, target: ModelConfig, target_dir: Path | None,
+                  dtype: str) -> tuple[ModelConfig, HFModelDir]:
+    """The draft's config and directory; ValueError naming ``speculative_config.model`` when
+    it is missing, of another vocabulary or another tokenizer than the target."""
+    from jserve.builder import DEFAULT_MODELS, default_model_path
+
+    name = spec.model
+    path = default_model_path(name) if name in DEFAULT_MODELS else Path(name)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"speculative_config.model: {name!r} is neither a bundled draft "
+                         f"({', '.join(DEFAULT_MODELS)}) nor an HF model directory")
+    model_dir = HFModelDir(str(path))
+    cfg = ModelConfig.from_hf_config(model_dir.config, source=str(path / "config.json"), dtype=dtype)
+    if cfg.vocab_size != target.vocab_size:
+        raise ValueError(f"speculative_config.model: the draft's vocab_size ({cfg.vocab_size}) "
+                         f"differs from the target's ({target.vocab_size})")
+    if target_dir is not None:
+        a, b = _tokenizer_digest(path), _tokenizer_digest(target_dir)
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"speculative_config.model: the draft's tokenizer ({path}) is not the "
+                             f"target's ({target_dir})")
+    return cfg, model_dir
+
+
+def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, samples: jax.Array,
+               num_draft: jax.Array, tokens: jax.Array, num_emitted: jax.Array, num_spec: int,
+               page_size: int, mesh: Mesh | None) -> tuple[KVCache, jax.Array]:
+    """Inside jit. batch: the step's input (token ids fed); samples/num_draft/num_emitted:
+    int32[R]; tokens: int32[R, K + 1] the verified tokens -> (draft kv, drafts int32[R, K])."""
+    _, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
+    r = batch.num_rows
+    p = batch.page_table.shape[1]
+    last = jnp.take_along_axis(tokens, (num_emitted - 1)[:, None], axis=1)[:, 0]
+    pos0 = batch.positions[batch.logits_indices] - num_draft + num_emitted
+    live = (samples > 0) & (jnp.arange(r) < batch.num_seqs[0])
+    rows = jnp.arange(r)
+    qsl = jnp.minimum(jnp.arange(r + 1), batch.num_seqs[0]).astype(jnp.int32)
+    tok, drafts = last, []
+    for i in range(num_spec):
+        pos = pos0 + i
+        idx = jnp.clip(pos // page_size, 0, p - 1)
+        page = batch.page_table[rows, idx]
+        ok = live & (pos // page_size < p) & (page > 0)
+        pos = jnp.where(live, jnp.clip(pos, 0, p * page_size - 1), 0)
+        step = StepInput(token_ids=tok, positions=pos,
+                         slot_mapping=jnp.where(ok, page * page_size + pos % page_size, 0),
+                         page_table=batch.page_table,
+                         seq_lens=jnp.where(rows < batch.num_seqs[0], pos + 1, 0).astype(jnp.int32),
+                         query_start_loc=qsl, num_seqs=batch.num_seqs,
+                         logits_indices=rows.astype(jnp.int32))
+        h, kv = hidden_states(cfg, params, kv, step, fresh_prefill=False, mesh=mesh,
+                              decode_only=True)
+        tok = jnp.argmax(logits_from_hidden(cfg, params, h), axis=1).astype(jnp.int32)
+        drafts.append(tok)
+    return kv, jnp.stack(drafts, axis=1)

@@ -1,0 +1,254 @@
+"""The speculative step variants: model forward + draft verification in one executable.
+
+Where it sits: ``Runner.dispatch`` hands a step whose plan has draft rows
+(``SchedulerOutput.has_drafts``) to ``SpecSteps.dispatch`` after packing it as usual (the step
+buffer's ``num_draft[r]`` marks the last tokens of row r as drafts). The executable::
+
+    unpack, feed placeholders (as ``runner.fused_step``) -> hidden states of all T tokens
+    row r (K = num_speculative_tokens, k = num_draft[r] <= K, e = its last token):
+        verify positions  e - k, e - k + 1, ..., e  (then e repeated up to K + 1 columns)
+        logits [R, K + 1, V] at them; the drafts are the row's tokens e - k + 1 .. e
+    penalties (column 0 of rows that use them: they never carry drafts) and bans
+    -> jserve.spec.rejection.rejection_sample -> tokens [R, K + 1], num_emitted [R]
+    -> the S-vector of each row's last emitted token (feeds placeholders of the next step,
+       as the ordinary variants' output does), the penalty counts of that token
+
+Rows without drafts (prefill chunks, decode rows of requests that do not speculate) get
+exactly the ordinary sampler's token in column 0. Variants: (token bucket, greedy); the greedy
+one has no control flow (see ``runner.STEP_SAMPLER_FLAGS``) and exists for the buckets a pure
+decode step with drafts lands in. All are compiled at start-up with the runner's variants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jserve.kv_cache import KVCache
+from jserve.kv_transfer import KVPageMover
+from jserve.model.decoder import hidden_states, logits_from_hidden
+from jserve.penalty_state import penalized_logits, record_tokens
+from jserve.sampler import apply_bans, raw_logprobs, top_k_rows
+from jserve.scheduler_output import RunnerOutput, SchedulerOutput
+from jserve.spec.draft import DraftModel, draft_step
+from jserve.spec.rejection import expand_rows, rejection_sample
+from jserve.step_buffers import StepLayout
+
+if TYPE_CHECKING:
+    from jserve.runner import Runner
+
+TOP_N = 20
+
+
+def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy: bool, mesh: Mesh,
+              draft_cfg: Any, params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
+              prev_tokens: jax.Array, ibuf: jax.Array, fbuf: jax.Array, draft_params: Any,
+              draft_kv: KVCache | None) -> tuple:
+    """-> (kv, pen, table, last tokens int32[S], tokens int32[R, K + 1], num_emitted int32[R],
+    logprobs f32[R, K + 1], top_ids int32[R, K + 1, N], top_logprobs f32[R, K + 1, N],
+    draft_kv, next drafts int32[R, K]). Arguments as ``runner.fused_step``; ``num_spec``
+    (static) is K; ``draft_cfg`` (static) the draft model's config, or None (n-gram: no draft
+    model, draft_kv None, next drafts zero)."""
+    table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
+    num_draft = layout.read(ibuf, "num_draft")
+    fed = prev_tokens[jnp.maximum(prev_index, 0)]
+    token_ids = jnp.where(prev_index >= 0, fed, batch.token_ids)
+    batch = dataclasses.replace(batch, token_ids=token_ids)
+    h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
+    r, k1 = layout.num_rows, num_spec + 1
+    last = batch.logits_indices[:, None]
+    cols = jnp.arange(k1)[None, :]
+    idx = jnp.clip(last - num_draft[:, None] + cols, 0, last)                  # [R, K + 1]
+    logits = logits_from_hidden(cfg, params, h[idx.reshape(-1)]).astype(jnp.float32)
+    v = logits.shape[1]
+    drafts = token_ids[idx[:, 1:]]                                             # [R, K]
+    vbatch = expand_rows(sbatch, k1)
+    x = logits
+    if pen is not None:
+        vslot = jnp.where(cols == 0, pen_slot[:, None], -1).reshape(-1)
+        x = jax.lax.cond(jnp.any(pen_slot >= 0),
+                         lambda: penalized_logits(logits, pen, vslot, vbatch), lambda: logits)
+    x = apply_bans(x, vbatch.banned_ids)
+    tokens, num = rejection_sample(x.reshape(r, k1, v), drafts, num_draft, sbatch, all_greedy=greedy)
+    last_tok = jnp.take_along_axis(tokens, (num - 1)[:, None], axis=1)[:, 0]
+    if pen is not None:
+        pen = record_tokens(pen, pen_slot, last_tok)  # penalty rows carry no drafts: one token
+    out = jnp.zeros((num_out,), jnp.int32).at[:r].set(last_tok)
+    n = min(TOP_N, v)
+
+    def with_logprobs() -> tuple[jax.Array, jax.Array, jax.Array]:
+        lp = raw_logprobs(logits)
+        chosen = jnp.take_along_axis(lp, tokens.reshape(-1, 1), axis=1)[:, 0]
+        top_lp, top_ids = top_k_rows(lp, n)
+        return (chosen.reshape(r, k1), top_ids.astype(jnp.int32).reshape(r, k1, n),
+                top_lp.reshape(r, k1, n))
+
+    def without() -> tuple[jax.Array, jax.Array, jax.Array]:
+        return (jnp.zeros((r, k1), jnp.float32), jnp.zeros((r, k1, n), jnp.int32),
+                jnp.zeros((r, k1, n), jnp.float32))
+
+    if greedy:
+        lp, top_ids, top_lp = without()
+    else:
+        lp, top_ids, top_lp = jax.lax.cond(jnp.any(sbatch.want_logprobs), with_logprobs, without)
+    nxt = jnp.zeros((r, num_spec), jnp.int32)
+    if draft_cfg is not None:
+        draft_kv, nxt = draft_step(draft_cfg, draft_params, draft_kv, batch,
+                                   layout.read(ibuf, "samples"), num_draft, tokens, num, num_spec,
+                                   layout.page_size, mesh)
+    return kv, pen, table, out, tokens, num, lp, top_ids, top_lp, draft_kv, nxt
+
+
+@dataclass
+class SpecStepHandle:
+    """A dispatched speculative step: per row up to K + 1 tokens, on their way to the host."""
+
+    sched_out: SchedulerOutput
+    tokens: jax.Array                       # int32[R, K + 1]
+    num_emitted: jax.Array                  # int32[R]
+    logprobs: tuple[jax.Array, ...] | None  # ([R, K + 1], [R, K + 1, N], [R, K + 1, N]) if asked
+    top_n: tuple[int, ...]
+    drafts: jax.Array | None = None         # int32[R, K] the draft model's next drafts
+
+    def result(self) -> RunnerOutput:
+        chunks = self.sched_out.chunks
+        tokens, num = np.asarray(self.tokens), np.asarray(self.num_emitted)
+        sampled = [tokens[r, :num[r]].tolist() if c.samples else [] for r, c in enumerate(chunks)]
+        drafts = None
+        if self.drafts is not None:
+            d = np.asarray(self.drafts)
+            drafts = [d[r].tolist() if c.samples else [] for r, c in enumerate(chunks)]
+        if self.logprobs is None:
+            return RunnerOutput(sampled, draft_token_ids=drafts)
+        lp, ids, tlp = (np.asarray(a) for a in self.logprobs)
+        rows = range(len(chunks))
+        return RunnerOutput(
+            sampled, draft_token_ids=drafts, logprobs=[lp[r, :max(1, num[r])].tolist() for r in rows],
+            top_ids=[[ids[r, j, :t].tolist() for j in range(max(1, num[r]))]
+                     for r, t in zip(rows, self.top_n, strict=True)],
+            top_logprobs=[[tlp[r, j, :t].tolist() for j in range(max(1, num[r]))]
+                          for r, t in zip(rows, self.top_n, strict=True)])
+
+
+class SpecSteps:
+    """The runner's speculative variants: compiled at warm-up, dispatched for draft steps."""
+
+    def __init__(self, runner: Runner, num_spec: int, draft: DraftModel | None = None) -> None:
+        """``draft``: the draft model (its pool allocated): every step then runs here, the
+        draft's K/V kept in step with the target's (page moves mirrored by ``move``)."""
+        self.num_spec = num_spec
+        self.draft = draft
+        self.mover = None
+        if draft is not None:
+            self.mover = KVPageMover(draft.kv, max(runner._pages_per_seq,
+                                                   runner.config.scheduler.max_num_seqs),
+                                     runner.mover.host.num_slots)
+        sched = runner.config.scheduler
+        buckets = sched.token_buckets
+        widest = sched.max_num_seqs * (1 + num_spec)   # a pure decode step with drafts
+        self._greedy_buckets = frozenset(t for i, t in enumerate(buckets)
+                                         if i == 0 or buckets[i - 1] < widest)
+        self._compiled: dict[tuple[int, bool], Any] = {}
+
+    def variants(self, runner: Runner) -> list[tuple[int, bool]]:
+        out = []
+        for t in runner.config.scheduler.token_buckets:
+            out.append((t, False))
+            if t in self._greedy_buckets:
+                out.append((t, True))
+        return out
+
+    @property
+    def every_step(self) -> bool:
+        """With a draft model every step runs here (the draft sees every token)."""
+        return self.draft is not None
+
+    def move(self, transfers: Any) -> None:
+        """Mirror the step's page moves on the draft's pool (twin pages)."""
+        if self.draft is not None:
+            self.draft.kv = self.mover.move(self.draft.kv, transfers)
+
+    def _draft_args(self) -> tuple[Any, Any, Any]:
+        d = self.draft
+        return (None, None, None) if d is None else (d.cfg, d.params, d.kv)
+
+    def _lower(self, runner: Runner, variant: tuple[int, bool]) -> Any:
+        t, greedy = variant
+        layout = runner.layout(t)
+        dcfg, dparams, dkv = self._draft_args()
+        fn = functools.partial(spec_step, runner.config.model, layout, runner._num_out,
+                               self.num_spec, greedy, runner.mesh, dcfg)
+        rep = runner._replicated
+        ibuf, fbuf, _ = layout.new_buffers()
+        pen = None if greedy else runner.penalty_state
+        args = (runner.params, runner.kv, pen, runner.slot_table, runner._prev_tokens,
+                jax.device_put(ibuf, rep), jax.device_put(fbuf, rep), dparams, dkv)
+        kv_sh = [(k.sharding, v.sharding) for k, v in runner.kv]
+        dkv_sh = None if dkv is None else [(k.sharding, v.sharding) for k, v in dkv]
+        return jax.jit(fn, donate_argnums=(1, 2, 3, 8),
+                       out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 7 + (dkv_sh, rep)
+                       ).lower(*args)
+
+    def warmup(self, runner: Runner, say: Callable[[str], None], threads: int) -> None:
+        """Compile every speculative variant (``threads`` at once), then run each once."""
+        t0 = time.perf_counter()
+        variants = self.variants(runner)
+        say(f"compiling {len(variants)} speculative step variants (k = {self.num_spec})")
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            futs = [(v, pool.submit(self._lower(runner, v).compile)) for v in variants]
+            for k, (v, fut) in enumerate(futs, 1):
+                self._compiled[v] = fut.result()
+                say(f"compiled speculative step {k}/{len(variants)} (tokens {v[0]}, "
+                    f"{'greedy' if v[1] else 'general sampler'}) at {time.perf_counter() - t0:.1f} s")
+        for v in variants:
+            ibuf, fbuf, _ = runner.layout(v[0]).new_buffers()
+            ibuf, fbuf = jax.device_put((ibuf, fbuf), runner._replicated)
+            pen = None if v[1] else runner.penalty_state
+            outs = self._compiled[v](runner.params, runner.kv, pen, runner.slot_table,
+                                     runner._prev_tokens, ibuf, fbuf, *self._draft_args()[1:])
+            runner.kv, pen, runner.slot_table = outs[:3]
+            if self.draft is not None:
+                self.draft.kv = outs[9]
+            if pen is not None:
+                runner.penalty_state = pen
+        if self.draft is not None:
+            self.draft.kv = self.mover.warmup(self.draft.kv)
+
+    def dispatch(self, runner: Runner, out: SchedulerOutput, layout: StepLayout, params: list,
+                 ibuf: jax.Array, fbuf: jax.Array) -> SpecStepHandle:
+        """Run a packed step with draft rows (buffers already on the device)."""
+        t = layout.num_tokens
+        sampling = [p for c, p in zip(out.chunks, params, strict=True) if c.samples]
+        greedy = (t in self._greedy_buckets
+                  and all(p.greedy and p.logprobs is None and not p.uses_penalties for p in sampling))
+        pen = None if greedy else runner.penalty_state
+        (runner.kv, pen, runner.slot_table, last, tokens, num, lp, top_ids, top_lp, dkv,
+         drafts) = self._compiled[(t, greedy)](runner.params, runner.kv, pen, runner.slot_table,
+                                               runner._prev_tokens, ibuf, fbuf,
+                                               *self._draft_args()[1:])
+        if self.draft is not None:
+            self.draft.kv = dkv
+            drafts.copy_to_host_async()
+        else:
+            drafts = None
+        if pen is not None:
+            runner.penalty_state = pen
+        runner._prev_tokens = last
+        runner._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
+        top_n = tuple((p.logprobs or 0) if c.samples else 0
+                      for c, p in zip(out.chunks, params, strict=True))
+        want = any(c.samples and p.logprobs is not None for c, p in zip(out.chunks, params, strict=True))
+        logprobs = (lp, top_ids, top_lp) if want else None
+        for a in (tokens, num, *(logprobs or ())):
+            a.copy_to_host_async()
+        return SpecStepHandle(out, tokens, num, logprobs, top_n, drafts)

@@ -1,0 +1,143 @@
+"""Speculative decoding with a draft model (jserve/spec/draft.py).
+
+The draft runs inside the speculative step over the same rows as the target (twin KV pages) and
+proposes K greedy drafts after verification. Greedy output is token-identical to the target
+alone; a draft that IS the target is accepted almost always, across prefix hits, chunked
+prefill, n > 1 and swap preemption (its K/V follows the target's pages); the bundled
+``code-small`` + ``code-draft`` pair works out of the box through ``LLM(...)``; bad drafts
+fail at start-up naming ``speculative_config.model``.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from engine_helpers import CompileCounter, run_engine
+from fixture_paths import GOLDEN
+
+from jserve.builder import EngineArgs, build_engine
+from jserve.cli import build_parser, engine_args_from
+from jserve.sampling_params import SamplingParams
+
+
+def _draft(model, k=3):
+    return {"method": "draft_model", "model": str(model), "num_speculative_tokens": k}
+
+
+def _greedy(max_tokens=30, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def _tokens(engine, items):
+    return [[c.token_ids for c in o.outputs] for o in run_engine(engine, items)]
+
+
+def test_self_draft_is_accepted_and_tokens_match_through_preemption(make_engine):
+    """A pool of 24 pages for 8 requests of ~90 tokens: preempted by swap between steps; the
+    draft (the target's own weights) keeps its K/V through the moves and prefix hits."""
+    base = make_engine("llama", async_scheduling=False)
+    eng = make_engine("llama", num_pages=24, swap_space_gb=0.001, speculative_config=_draft(GOLDEN / "llama"))
+    rng = np.random.default_rng(5)
+    long_prompt = rng.integers(5, 500, 70).tolist()          # chunked (budget 64)
+    items = [(rng.integers(5, 500, 40).tolist(), _greedy(50)) for _ in range(6)]
+    items += [(long_prompt, _greedy(20, n=2)), (long_prompt + [9], _greedy(20))]  # prefix hit
+    with CompileCounter() as c:
+        got = _tokens(eng, items)
+    assert got == _tokens(base, items)
+    assert c.count == 0
+    s = eng.kv_cache_stats()
+    assert s["preemptions_swap"] > 0 and s["prefix_cache_hits_device"] > 0
+    assert s["spec_decode_num_accepted_tokens"] >= 0.9 * s["spec_decode_num_draft_tokens"] > 0
+    assert eng.scheduler.kv.pool.num_used == 0
+
+
+def test_bundled_pair_through_llm(xla_cache_dir):
+    from jserve.llm import LLM
+
+    common = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32,
+                  compilation_cache_dir=xla_cache_dir)
+    base = build_engine(EngineArgs(**common, async_scheduling=False))
+    llm = LLM(**common, speculative_config={"method": "draft_model", "model": "code-draft",
+                                            "num_speculative_tokens": 4})
+    prompts = ["def fibonacci(n):", "import os\n\n\ndef list_files(path):\n    "]
+    sp = _greedy(40)
+    outs = llm.generate(prompts, sp)
+    ref = run_engine(base, [(p, sp) for p in prompts])
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert [o.outputs[0].text for o in outs] == [o.outputs[0].text for o in ref]
+    m = outs[0].metrics
+    assert m["spec_num_draft_tokens"] > 0 and m["spec_num_accepted_tokens"] > 0
+    # seeded sampling with the draft: reproducible
+    rnd = SamplingParams(temperature=0.8, top_p=0.95, seed=3, max_tokens=24)
+    assert llm.generate(prompts[:1], rnd)[0].outputs[0].token_ids == \
+        llm.generate(prompts[:1], rnd)[0].outputs[0].token_ids
+
+
+def test_cli_flag_reaches_the_engine_args():
+    ns = build_parser().parse_args(["generate", "--speculative-config",
+                                    '{"method": "draft_model", "model": "code-draft", '
+                                    '"num_speculative_tokens": 4}'])
+    assert engine_args_from(ns).speculative_config == \
+        '{"method": "draft_model", "model": "code-draft", "num_speculative_tokens": 4}'
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--speculative-config", '{"method": "eagle"}'])
+
+
+def test_bad_drafts_fail_at_start_up_naming_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"speculative_config.model.*vocab_size \(8192\)"):
+        build_engine(EngineArgs(model=str(GOLDEN / "llama"), dtype="float32", max_model_len=64,
+                                num_pages=8, speculative_config=_draft("code-draft")))
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(GOLDEN / "llama", other)
+    tok = other / "tokenizer.json"
+    tok.write_text(tok.read_text() + " ")
+    with pytest.raises(ValueError, match="speculative_config.model: the draft's tokenizer"):
+        build_engine(EngineArgs(model=str(GOLDEN / "llama"), dtype="float32", max_model_len=64,
+                                num_pages=8, speculative_config=_draft(other)))
+    with pytest.raises(ValueError, match="speculative_config.model: 'nowhere'"):
+        build_engine(EngineArgs(model=str(GOLDEN / "llama"), dtype="float32", max_model_len=64,
+                                num_pages=8, speculative_config=_draft("nowhere")))
+
+
+def test_plan_counts_the_draft_weights_and_twin_pages():
+    """``jserve plan --speculative-config`` with the bundled pair: the planner's pool equals
+    start-up's (plan_pool with the draft), and the draft's weights and KV bytes are in it."""
+    from jserve.builder import make_engine_config, plan_pool, resolve_model
+    from jserve.model.params import load_params, params_bytes
+    from jserve.plan import plan_capacity
+    from jserve.spec.draft import resolve_draft
+    from sharding import make_mesh
+
+    class _Device:
+        def memory_stats(self):
+            return {"bytes_limit": 96 * 2**20, "bytes_in_use": 0}
+
+    spec = {"method": "draft_model", "model": "code-draft", "num_speculative_tokens": 4}
+    args = EngineArgs(model=None, max_model_len=512, kv_cache_memory_fraction=0.5,
+                      speculative_config=spec)
+    cfg, model_dir = resolve_model(args)
+    config = make_engine_config(args, cfg)
+    dcfg, ddir = resolve_draft(config.speculative, cfg, model_dir.path, cfg.dtype)
+    mesh = make_mesh(1)
+    weights = params_bytes(load_params(model_dir, cfg, mesh)) + params_bytes(load_params(ddir, dcfg, mesh))
+    startup = plan_pool(config, weights, _Device(), dcfg)
+    plan = plan_capacity(None, gpu=96 * 2**20, max_model_len=512, kv_cache_memory_fraction=0.5,
+                         speculative_config=spec)
+    alone = plan_capacity(None, gpu=96 * 2**20, max_model_len=512, kv_cache_memory_fraction=0.5)
+    assert plan.weight_bytes_per_device == weights and plan.pool == startup
+    assert plan.pool.num_pages < alone.pool.num_pages
+    assert plan.kv_bytes_per_token == alone.kv_bytes_per_token + plan.draft_kv_bytes_per_token
+    assert "draft      LlamaForCausalLM: 2 layers" in plan.render()
+
+
+def test_tensor_parallel_draft_model(make_engine):
+    """tp=2 (two CPU devices): target and draft pools sharded over kv heads; tokens match tp=1."""
+    base = make_engine("llama", async_scheduling=False)
+    eng = make_engine("llama", tensor_parallel_size=2, speculative_config=_draft(GOLDEN / "llama"))
+    rng = np.random.default_rng(8)
+    items = [(rng.integers(5, 500, n).tolist(), _greedy(24)) for n in (5, 33)]
+    assert _tokens(eng, items) == _tokens(base, items)
+    s = eng.kv_cache_stats()
+    assert s["spec_decode_num_accepted_tokens"] >= 0.9 * s["spec_decode_num_draft_tokens"] > 0
