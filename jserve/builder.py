@@ -140,10 +140,10 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     config = make_engine_config(args, model_cfg)
     mesh = make_mesh(config.parallel.tensor_parallel_size)
     if model_dir is not None:
-        params = load_params(model_dir, model_cfg, mesh)
+        params = load_params(model_dir, model_cfg, mesh, args.quantization)
         tokenizer = Tokenizer.from_dir(model_dir.path)
     else:
-        params = random_params(model_cfg, mesh, seed=args.seed)
+        params = random_params(model_cfg, mesh, seed=args.seed, quantization=args.quantization)
         tokenizer = None
     weight_bytes = params_bytes(params) // config.parallel.tensor_parallel_size
     plan = plan_pool(config, weight_bytes, mesh.devices.flat[0])

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from checkpoints.quant_config import ON_LOAD_METHODS
+
 GENERATE, SERVE, PLAN = "generate", "serve", "plan"
 COMMANDS = (GENERATE, SERVE, PLAN)
 _ENGINE = (GENERATE, SERVE)          # the commands that build an engine
@@ -184,6 +186,10 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "generate and serve run one with --random-weights)"),
     Option("dtype", str, None, nullable=True, commands=COMMANDS, choices=DTYPES, normalize=_dtype_alias,
            default_text="the checkpoint's", help="weight and activation dtype"),
+    Option("quantization", str, None, nullable=True, commands=COMMANDS, choices=ON_LOAD_METHODS,
+           default_text="none, or a pre-quantized checkpoint's own",
+           help="quantize the projection weights on load: int8 or fp8 weight-only (per-channel "
+           "scales), or fp8_w8a8 (fp8 weights and per-token fp8 activations)"),
     Option("max_model_len", int, None, nullable=True, minimum=1, commands=COMMANDS,
            aliases=(Alias("--context", (PLAN,)),), default_text="min(model max positions, 4096)",
            help="context length per sequence (prompt + output tokens)"),

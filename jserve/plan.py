@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from checkpoints import QuantScheme
 from jserve.builder import (
     EngineArgs,
     make_engine_config,
@@ -30,15 +31,17 @@ from jserve.builder import (
 from jserve.config import DTYPE_BYTES, EngineConfig, ModelConfig
 from jserve.gpus import JAX_GPU_MEM_FRACTION, Accelerator, lookup_accelerator
 from jserve.kv_cache import PoolPlan, kv_bytes_per_token, memory_budget, pages_for_budget
+from jserve.model.quant_params import resolve_scheme
+from jserve.model.quant_params import weight_bytes as quantized_weight_bytes
 from jserve.options import PLAN, check_keywords, options_for
 
 _TP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def weight_bytes(cfg: ModelConfig) -> int:
+def weight_bytes(cfg: ModelConfig, quantization: QuantScheme | None = None) -> int:
     """Bytes of every weight in ``cfg.dtype`` (what ``params_bytes`` of the loaded tree gives,
-    query-head padding included)."""
-    return cfg.num_weight_elements() * DTYPE_BYTES[cfg.dtype]
+    query-head padding included); 8-bit projections plus their scales under ``quantization``."""
+    return quantized_weight_bytes(cfg, quantization)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class CapacityPlan:
     budget_bytes: int
     pool: PoolPlan | None        # None: fewer than 2 pages fit (the weights take the memory)
     min_fitting_tp: int | None   # smallest tensor-parallel size that fits, when this one doesn't
+    quantization: QuantScheme | None = None   # 8-bit projection weights
 
     @property
     def fits(self) -> bool:
@@ -75,8 +79,11 @@ class CapacityPlan:
             f"jserve plan: {self.model_label} on {acc.name}, tp={tp}, context {ctx:,} tokens",
             f"model      {m.architecture}: {m.num_layers} layers, {m.num_heads} q / {m.num_kv_heads} kv "
             f"heads x head_dim {m.head_dim}, hidden {m.hidden_size}, vocab {m.vocab_size:,}",
-            f"weights    {m.num_params():,} params x {DTYPE_BYTES[m.dtype]} B ({m.dtype}) = "
-            f"{_b(self.weight_bytes_total)}; / tp {tp} = {_b(self.weight_bytes_per_device)} per device",
+            (f"weights    {m.num_params():,} params x {DTYPE_BYTES[m.dtype]} B ({m.dtype}) = "
+             if self.quantization is None else
+             f"weights    {m.num_params():,} params, projections 8-bit + float32 scales "
+             f"({self.quantization.describe()}; --quantization), the rest {m.dtype} = ")
+            + f"{_b(self.weight_bytes_total)}; / tp {tp} = {_b(self.weight_bytes_per_device)} per device",
             f"memory     {_memory_line(acc)}",
             f"budget     int({acc.bytes_limit:,} x {c.cache.kv_cache_memory_fraction} "
             f"kv_cache_memory_fraction) - {self.weight_bytes_per_device:,} weights - "
@@ -126,12 +133,14 @@ def plan_capacity(model: str | None = None, gpu: str | int = "H100-80GB", **opti
     label = str(model_dir.path) if model_dir is not None else str(model)
     if model is None:
         label = f"bundled default model ({model_dir.path.name})" if model_dir is not None else label
-    return _plan(label, make_engine_config(args, model_cfg), acc, args)
+    scheme = resolve_scheme(model_dir.config if model_dir is not None else {}, args.quantization, label)
+    return _plan(label, make_engine_config(args, model_cfg), acc, args, scheme)
 
 
-def _plan(label: str, config: EngineConfig, acc: Accelerator, args: EngineArgs) -> CapacityPlan:
+def _plan(label: str, config: EngineConfig, acc: Accelerator, args: EngineArgs,
+          scheme: QuantScheme | None = None) -> CapacityPlan:
     tp = config.parallel.tensor_parallel_size
-    total = weight_bytes(config.model)
+    total = weight_bytes(config.model, scheme)
     per_device = total // tp
     budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction,
                            per_device + runner_state_bytes(config))
@@ -139,14 +148,15 @@ def _plan(label: str, config: EngineConfig, acc: Accelerator, args: EngineArgs) 
         pool: PoolPlan | None = pool_plan_for_budget(config, budget)
     except ValueError:   # PoolPlan: fewer than 2 pages
         pool = None
-    plan = CapacityPlan(label, config, acc, total, per_device, budget, pool, None)
+    plan = CapacityPlan(label, config, acc, total, per_device, budget, pool, None, scheme)
     if plan.fits:
         return plan
     return CapacityPlan(label, config, acc, total, per_device, budget, pool,
-                        _min_fitting_tp(config, acc, args))
+                        _min_fitting_tp(config, acc, args, scheme), scheme)
 
 
-def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs) -> int | None:
+def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs,
+                    scheme: QuantScheme | None) -> int | None:
     for tp in _TP_SIZES:
         if tp <= config.parallel.tensor_parallel_size:
             continue
@@ -155,7 +165,7 @@ def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs) ->
                                         config.model)
         except ValueError:   # heads or MLP not divisible by tp
             continue
-        per_device = weight_bytes(config.model) // tp
+        per_device = weight_bytes(config.model, scheme) // tp
         budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction,
                                per_device + runner_state_bytes(bigger))
         try:

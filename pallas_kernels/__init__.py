@@ -17,7 +17,7 @@ shadow the sub-package attributes: import modules as
 
 from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.kv_write.api import write_kv
-from pallas_kernels.quant_matmul.api import block_quant_matmul, quant_matmul
+from pallas_kernels.quant_matmul.api import quant_matmul
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
 
-__all__ = ["block_quant_matmul", "flash_attention", "quant_matmul", "ragged_paged_attention", "write_kv"]
+__all__ = ["flash_attention", "quant_matmul", "ragged_paged_attention", "write_kv"]

@@ -3,7 +3,9 @@
 Where it sits: inside the jitted ``step_fn``: (params, kv pool, StepInput) -> (kv pool with this
 step's K/V written in place, logits for each request row). One code path for every
 architecture: Qwen2's qkv bias, tied embeddings and sliding windows are config switches read
-at trace time, never forks; tensor parallelism comes from the params' shardings.
+at trace time, never forks; tensor parallelism comes from the params' shardings. Every
+projection goes through ``linear`` (jserve/model/linear.py), the one seam where dense and
+quantized (int8 / fp8) weights part ways.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from jax.sharding import Mesh
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache
 from jserve.model.attention import fresh_prefill_attention, paged_attention, write_kv
+from jserve.model.linear import linear
 from jserve.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from jserve.step_input import StepInput
 
@@ -35,7 +38,7 @@ def _attention_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Ar
     """Layer ``i`` (static) attention: one fused QKV matmul, RoPE, KV write, attention, wo."""
     t, g, nq = x.shape[0], cfg.q_per_kv_padded, cfg.num_q_heads_padded
     h = rms_norm(x, params["ln_attn"][i], cfg.rms_norm_eps)
-    qkv = jnp.einsum("th,hngd->tngd", h, params["wqkv"][i])        # [T, Nkv, Gp + 2, d]
+    qkv = linear(h, params["wqkv"], i, mesh)                        # [T, Nkv, Gp + 2, d]
     if cfg.qkv_bias:
         qkv = qkv + params["bqkv"][i]
     # Gp query heads per kv head (zero-padded heads included: they add exactly 0 through wo).
@@ -50,14 +53,15 @@ def _attention_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Ar
     else:
         o = paged_attention(q, k_pages, v_pages, batch, sm_scale=scale, sliding_window=window,
                             mesh=mesh)
-    return o.reshape(t, nq * cfg.head_dim) @ params["wo"][i], k_pages, v_pages
+    return linear(o.reshape(t, nq * cfg.head_dim), params["wo"], i, mesh), k_pages, v_pages
 
 
-def _mlp_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Array) -> jax.Array:
+def _mlp_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Array,
+               mesh: Mesh | None) -> jax.Array:
     """Layer ``i`` (static) MLP: one fused gate/up matmul, SiLU-gate, down projection."""
     h = rms_norm(x, params["ln_mlp"][i], cfg.rms_norm_eps)
-    gu = jnp.einsum("th,hki->tki", h, params["wgu"][i])            # [T, 2, I]
-    return (jax.nn.silu(gu[:, 0]) * gu[:, 1]) @ params["wd"][i]
+    gu = linear(h, params["wgu"], i, mesh)                          # [T, 2, I]
+    return linear(jax.nn.silu(gu[:, 0]) * gu[:, 1], params["wd"], i, mesh)
 
 
 def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,
@@ -77,7 +81,7 @@ def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: 
         attn, k_pages, v_pages = _attention_block(cfg, params, i, x, k_pages, v_pages, batch,
                                                   cos, sin, fresh_prefill, mesh)
         x = x + attn
-        x = x + _mlp_block(cfg, params, i, x)
+        x = x + _mlp_block(cfg, params, i, x, mesh)
         new_kv.append((k_pages, v_pages))
     return rms_norm(x, params["norm"], cfg.rms_norm_eps), new_kv
 

@@ -42,10 +42,3 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
     if act_quant:
         return reference.w8a8_matmul(x, w, w_scale, input_scale, out_dtype)
     return reference.w8a16_matmul(x, w, w_scale, out_dtype)
-
-
-def block_quant_matmul(x: jax.Array, w: jax.Array, scale_inv: jax.Array, block: tuple[int, int],
-                       out_dtype: jnp.dtype | None = None) -> jax.Array:
-    """Block-scaled fp8 weights (``[bn, bk]`` blocks): ``reference.block_matmul`` on every
-    backend (XLA fuses the dequantize into the dot)."""
-    return reference.block_matmul(x, w, scale_inv, block, out_dtype)

@@ -20,8 +20,9 @@ Products of 8-bit values are exact in float32 and sums accumulate in float32; th
 the kernels may do differently is the summation order.
 
 Block-scaled fp8 (``weight_block_size`` [bn, bk] checkpoints, e.g. Qwen3-FP8) keeps one scale per
-``[bn, bk]`` block of ``w``: ``block_dequant`` expands it; it runs through XLA (dequantize fused into
-the dot) on every backend.
+``[bn, bk]`` block of ``w``; the model holds it per row and K-group (``expand_block_scales``, exact)
+so that fusing projections along the output axis keeps working, and ``group_matmul`` runs it
+through XLA (dequantize fused into the dot) on every backend.
 """
 
 from __future__ import annotations
@@ -114,24 +115,30 @@ def w8a8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax
     return (acc * x_scale[:, None] * w_scale[None, :]).astype(out_dtype or x.dtype)
 
 
-def block_dequant(w: jax.Array, scale_inv: jax.Array, block: tuple[int, int],
+def group_dequant(w: jax.Array, scale: jax.Array, group: int,
                   dtype: jnp.dtype = jnp.float32) -> jax.Array:
-    """w: [N, K] fp8 with one scale per [bn, bk] block, ``scale_inv [ceil(N/bn), ceil(K/bk)]``
-    (the HF name: the factor that multiplies the stored values back) -> [N, K] ``dtype``."""
+    """w: [N, K] 8-bit with one scale per output channel and K-group of ``group`` columns,
+    ``scale [N, ceil(K / group)]`` -> [N, K] ``dtype``. A checkpoint's [bn, bk] block scales
+    become this form by repeating each block row bn times (``expand_block_scales``)."""
     n, k = w.shape
-    bn, bk = block
-    want = (-(-n // bn), -(-k // bk))
-    if scale_inv.shape != want:
-        raise ValueError(f"block scales must be [{want[0]}, {want[1]}] for w {w.shape} and "
-                         f"block {block}, got {scale_inv.shape}")
-    s = jnp.repeat(jnp.repeat(scale_inv.astype(jnp.float32), bn, axis=0), bk, axis=1)[:n, :k]
+    want = (n, -(-k // group))
+    if scale.shape != want:
+        raise ValueError(f"group scales must be [{want[0]}, {want[1]}] for w {w.shape} and "
+                         f"group {group}, got {scale.shape}")
+    s = jnp.repeat(scale.astype(jnp.float32), group, axis=1)[:, :k]
     return (w.astype(jnp.float32) * s).astype(dtype)
 
 
-def block_matmul(x: jax.Array, w: jax.Array, scale_inv: jax.Array, block: tuple[int, int],
+def expand_block_scales(scale_inv: jax.Array, n: int, block_n: int) -> jax.Array:
+    """HF ``weight_scale_inv [ceil(N / bn), ceil(K / bk)]`` -> per-row group scales
+    ``[N, ceil(K / bk)]`` (exact: each row takes its block row's values)."""
+    return jnp.repeat(scale_inv.astype(jnp.float32), block_n, axis=0)[:n]
+
+
+def group_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, group: int,
                  out_dtype: jnp.dtype | None = None) -> jax.Array:
-    """x: [M, K], block-scaled fp8 w: [N, K] -> [M, N] (weight dequantized to x's dtype, fused
+    """x: [M, K], group-scaled 8-bit w: [N, K] -> [M, N] (weight dequantized to x's dtype, fused
     into the dot by XLA)."""
-    wd = block_dequant(w, scale_inv, block, x.dtype)
+    wd = group_dequant(w, scale, group, x.dtype)
     acc = jax.lax.dot_general(x, wd, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return acc.astype(out_dtype or x.dtype)

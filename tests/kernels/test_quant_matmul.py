@@ -70,15 +70,20 @@ def test_w8a8_reference_quantizes_each_token_alone():
     np.testing.assert_array_equal(np.asarray(xs), 0.5)
 
 
-def test_block_dequant():
+def test_group_dequant_and_block_scales():
     rng = np.random.default_rng(3)
     w = jnp.asarray(rng.standard_normal((5, 7)), FP8)
-    scale = jnp.asarray(rng.uniform(0.1, 2, (3, 2)), jnp.float32)
-    got = np.asarray(ref.block_dequant(w, scale, (2, 4)))
-    want = np.asarray(w, np.float32) * np.repeat(np.repeat(np.asarray(scale), 2, 0), 4, 1)[:5, :7]
+    block = jnp.asarray(rng.uniform(0.1, 2, (3, 2)), jnp.float32)   # [ceil(5/2), ceil(7/4)]
+    per_row = ref.expand_block_scales(block, 5, 2)
+    assert per_row.shape == (5, 2)
+    got = np.asarray(ref.group_dequant(w, per_row, 4))
+    want = np.asarray(w, np.float32) * np.repeat(np.repeat(np.asarray(block), 2, 0), 4, 1)[:5, :7]
     np.testing.assert_allclose(got, want)
-    with pytest.raises(ValueError, match="block scales must be"):
-        ref.block_dequant(w, scale[:2], (2, 4))
+    x = jnp.asarray(rng.standard_normal((3, 7)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(ref.group_matmul(x, w, per_row, 4)),
+                               np.asarray(x) @ want.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="group scales must be"):
+        ref.group_dequant(w, per_row[:, :1], 4)
 
 
 def test_validation_names_the_operand():

@@ -1,0 +1,68 @@
+"""Accuracy of quantized weights on the bundled code-small (CPU is fine): held-out perplexity
+for bf16, int8, fp8 and fp8_w8a8 weights, and greedy agreement with bf16 over 64 tokens.
+
+Held-out text and evaluation: tests/quant_eval.py (the model card's test split and windows).
+Greedy prompts: the first ``--prompt-tokens`` tokens of each held-out file.
+
+    PYTHONPATH=. python3 benchmarks/quant_accuracy.py [--max-tokens 32768] [--prompts 8]
+
+``--max-tokens 0`` evaluates the whole held-out split (143k tokens). Prints a table for
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import quant_eval as qe  # noqa: E402
+
+METHODS = (None, "int8", "fp8", "fp8_w8a8")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--max-tokens", type=int, default=32768)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--steps", type=int, default=64)
+    a = p.parse_args()
+    ids = qe.heldout_ids(a.max_tokens or None)
+    from tokenizers import Tokenizer
+
+    from jserve.builder import default_model_path
+
+    tok = Tokenizer.from_file(str(default_model_path() / "tokenizer.json"))
+    prompts = [tok.encode(f.read_text(encoding="utf-8")).ids[:a.prompt_tokens]
+               for f in qe.heldout_files()[:a.prompts]]
+    rows, base_tokens, base_ppl = [], None, None
+    for method in METHODS:
+        t = time.perf_counter()
+        cfg, params = qe.load(method)
+        ppl = qe.perplexity(qe.mean_nll(cfg, params, ids))
+        tokens = [qe.greedy(cfg, params, pr, a.steps) for pr in prompts]
+        if method is None:
+            base_tokens, base_ppl = tokens, ppl
+        agree = [qe.agreement(x, y) for x, y in zip(tokens, base_tokens, strict=True)]
+        same = sum(int(x == y) for xs, ys in zip(tokens, base_tokens, strict=True)
+                   for x, y in zip(xs, ys, strict=True))
+        rows.append((method or "bf16", ppl, 100 * (ppl / base_ppl - 1), agree, same))
+        took = time.perf_counter() - t
+        print(f"{method or 'bf16'}: ppl {ppl:.4f} agree {agree} ({took:.0f} s)", flush=True)
+    n = (len(ids) - 1) // qe.SEQ_LEN * qe.SEQ_LEN
+    print(f"\ncode-small, held-out {n:,} tokens ({n // qe.SEQ_LEN} windows of {qe.SEQ_LEN}); greedy "
+          f"{a.steps} tokens after {len(prompts)} prompts of {a.prompt_tokens} held-out tokens")
+    print("| weights | perplexity | vs bf16 | greedy tokens equal to bf16 before the first "
+          "difference (per prompt) | positions equal (of all) |")
+    print("|---|---|---|---|---|")
+    total = len(prompts) * a.steps
+    for name, ppl, d, agree, same in rows:
+        print(f"| {name} | {ppl:.3f} | {d:+.2f}% | {' '.join(map(str, agree))} | {same}/{total} |")
+
+
+if __name__ == "__main__":
+    main()
