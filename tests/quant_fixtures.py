@@ -105,7 +105,8 @@ def compressed_tensors_fp8(tensors: dict[str, np.ndarray], strategy: str, activa
         base = name[:-len("weight")]
         out[base + "weight_scale"] = scale if strategy == "channel" else scale.reshape(1)
         if activations == "static":
-            out[base + "input_scale"] = np.asarray([0.02 + 0.01 * (len(name) % 3)], np.float32)
+            proj = next(i for i, p in enumerate(PROJ) if name.endswith(p + ".weight"))
+            out[base + "input_scale"] = np.asarray([0.02 + 0.005 * proj + 0.001 * len(name)], np.float32)
         deq[name] = q.astype(np.float32) * scale
     act = None
     if activations == "dynamic":
