@@ -39,29 +39,32 @@ def main() -> None:
     tok = Tokenizer.from_file(str(default_model_path() / "tokenizer.json"))
     prompts = [tok.encode(f.read_text(encoding="utf-8")).ids[:a.prompt_tokens]
                for f in qe.heldout_files()[:a.prompts]]
-    rows, base_tokens, base_ppl = [], None, None
+    rows, base_tokens, base_ppl, base_top1 = [], None, None, None
     for method in METHODS:
         t = time.perf_counter()
         cfg, params = qe.load(method)
-        ppl = qe.perplexity(qe.mean_nll(cfg, params, ids))
+        nll, top1 = qe.evaluate(cfg, params, ids)
+        ppl = qe.perplexity(nll)
         tokens = [qe.greedy(cfg, params, pr, a.steps) for pr in prompts]
         if method is None:
-            base_tokens, base_ppl = tokens, ppl
+            base_tokens, base_ppl, base_top1 = tokens, ppl, top1
+        top1_same = 100 * float((top1 == base_top1).mean())
         agree = [qe.agreement(x, y) for x, y in zip(tokens, base_tokens, strict=True)]
         same = sum(int(x == y) for xs, ys in zip(tokens, base_tokens, strict=True)
                    for x, y in zip(xs, ys, strict=True))
-        rows.append((method or "bf16", ppl, 100 * (ppl / base_ppl - 1), agree, same))
+        rows.append((method or "bf16", ppl, 100 * (ppl / base_ppl - 1), top1_same, agree, same))
         took = time.perf_counter() - t
         print(f"{method or 'bf16'}: ppl {ppl:.4f} agree {agree} ({took:.0f} s)", flush=True)
     n = (len(ids) - 1) // qe.SEQ_LEN * qe.SEQ_LEN
     print(f"\ncode-small, held-out {n:,} tokens ({n // qe.SEQ_LEN} windows of {qe.SEQ_LEN}); greedy "
           f"{a.steps} tokens after {len(prompts)} prompts of {a.prompt_tokens} held-out tokens")
-    print("| weights | perplexity | vs bf16 | greedy tokens equal to bf16 before the first "
-          "difference (per prompt) | positions equal (of all) |")
-    print("|---|---|---|---|---|")
+    print("| weights | perplexity | vs bf16 | next-token argmax = bf16's (held-out) | greedy tokens "
+          "equal to bf16 before the first difference (per prompt) | greedy positions equal |")
+    print("|---|---|---|---|---|---|")
     total = len(prompts) * a.steps
-    for name, ppl, d, agree, same in rows:
-        print(f"| {name} | {ppl:.3f} | {d:+.2f}% | {' '.join(map(str, agree))} | {same}/{total} |")
+    for name, ppl, d, top1, agree, same in rows:
+        print(f"| {name} | {ppl:.3f} | {d:+.2f}% | {top1:.2f}% | {' '.join(map(str, agree))} "
+              f"| {same}/{total} |")
 
 
 if __name__ == "__main__":

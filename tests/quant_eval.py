@@ -74,6 +74,12 @@ def load(quantization: str | None, dtype: str | None = None, path: Path | None =
 
 def mean_nll(cfg: ModelConfig, params: dict, ids: np.ndarray, batch: int = 4) -> float:
     """Mean next-token cross-entropy (nats) over non-overlapping SEQ_LEN windows of ``ids``."""
+    return evaluate(cfg, params, ids, batch)[0]
+
+
+def evaluate(cfg: ModelConfig, params: dict, ids: np.ndarray, batch: int = 4) -> tuple[float, np.ndarray]:
+    """-> (mean next-token cross-entropy over non-overlapping SEQ_LEN windows of ``ids``, the
+    model's argmax prediction at every evaluated position: teacher-forced top-1)."""
     n = (len(ids) - 1) // SEQ_LEN
     windows = ids[(np.arange(n) * SEQ_LEN)[:, None] + np.arange(SEQ_LEN + 1)]
     pages = batch * SEQ_LEN // PAGE + 1
@@ -83,18 +89,20 @@ def mean_nll(cfg: ModelConfig, params: dict, ids: np.ndarray, batch: int = 4) ->
     def losses(params, kv, b: StepInput, targets):
         h, _ = hidden_states(cfg, params, kv, b, fresh_prefill=True)
         logp = jax.nn.log_softmax(logits_from_hidden(cfg, params, h), axis=-1)
-        return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+        return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0], jnp.argmax(logp, axis=-1)
 
-    total, count = 0.0, 0
+    total, count, preds = 0.0, 0, []
     for i in range(0, n, batch):
         w = windows[i:i + batch]
         b = StepInput.fresh_prompts([r[:-1] for r in w], batch * SEQ_LEN, batch, SEQ_LEN // PAGE, PAGE)
         targets = np.zeros(batch * SEQ_LEN, np.int32)
         targets[:len(w) * SEQ_LEN] = w[:, 1:].reshape(-1)
-        nll = np.asarray(losses(params, kv, b, targets))[:len(w) * SEQ_LEN]
+        nll, top1 = losses(params, kv, b, targets)
+        nll = np.asarray(nll)[:len(w) * SEQ_LEN]
+        preds.append(np.asarray(top1)[:len(w) * SEQ_LEN])
         total += float(nll.sum())
         count += nll.size
-    return total / count
+    return total / count, np.concatenate(preds)
 
 
 def perplexity(nll: float) -> float:

@@ -91,19 +91,23 @@ def base():
     ids = qe.heldout_ids(4 * qe.SEQ_LEN)
     cfg, params = qe.load(None)
     prompt = ids[:32].tolist()
-    return ids, prompt, qe.mean_nll(cfg, params, ids), qe.greedy(cfg, params, prompt, 64)
+    return ids, prompt, qe.evaluate(cfg, params, ids), qe.greedy(cfg, params, prompt, 64)
 
 
 @pytest.mark.parametrize("method", list(TOLERANCE))
 def test_code_small_quantized_accuracy(method, base):
-    """Held-out perplexity within the issue's tolerance of bf16; greedy tokens agree with bf16
-    (benchmarks/quant_accuracy.py has the full-split figures)."""
-    ids, prompt, base_nll, base_tokens = base
+    """Held-out perplexity within the issue's tolerance of bf16; the next-token argmax agrees
+    with bf16's at >= 95% of held-out positions; a greedy continuation starts the same (it
+    diverges for good at the first near-tie that rounding flips: benchmarks/quant_accuracy.py
+    reports how far each one runs)."""
+    ids, prompt, (base_nll, base_top1), base_tokens = base
     cfg, params = qe.load(method)
-    ppl, base_ppl = qe.perplexity(qe.mean_nll(cfg, params, ids)), qe.perplexity(base_nll)
+    nll, top1 = qe.evaluate(cfg, params, ids)
+    ppl, base_ppl = qe.perplexity(nll), qe.perplexity(base_nll)
     assert ppl <= base_ppl * (1 + TOLERANCE[method]), (method, ppl, base_ppl)
+    assert np.mean(top1 == base_top1) >= 0.95
     tokens = qe.greedy(cfg, params, prompt, 64)
-    assert qe.agreement(tokens, base_tokens) >= 48, (tokens, base_tokens)
+    assert qe.agreement(tokens, base_tokens) >= 8, (tokens, base_tokens)
 
 
 def test_engine_serves_quantized_weights(make_engine):
