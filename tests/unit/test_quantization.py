@@ -37,15 +37,15 @@ def dequantized(params: dict) -> dict:
     return out
 
 
-def prefill_logits(cfg, params, prompt):
+def prefill_logits(cfg, params, prompt, mesh=None):
     page = 16
     b = StepInput.fresh_prompts([np.asarray(prompt, np.int32)], len(prompt), 1, -(-len(prompt) // page), page)
     b = StepInput(**{**b.__dict__, "logits_indices": np.arange(len(prompt), dtype=np.int32)[-1:]})
     from jserve.kv_cache import allocate_kv_cache
     from jserve.model.decoder import hidden_states, logits_from_hidden
 
-    kv = allocate_kv_cache(cfg, -(-len(prompt) // page) + 1, page, cfg.dtype, make_mesh(1))
-    h, _ = jax.jit(lambda p, k, b: hidden_states(cfg, p, k, b))(params, kv, b)
+    kv = allocate_kv_cache(cfg, -(-len(prompt) // page) + 1, page, cfg.dtype, mesh or make_mesh(1))
+    h, _ = jax.jit(lambda p, k, b: hidden_states(cfg, p, k, b, mesh=mesh))(params, kv, b)
     return np.asarray(jax.jit(lambda p, h: logits_from_hidden(cfg, p, h))(params, h))
 
 
@@ -84,6 +84,23 @@ def test_layout_is_the_dense_model_with_quantized_values(model, method, uneven_m
     dense = load_params(mdir, cfg, make_mesh(1))
     assert params_bytes(qp) < 0.6 * params_bytes(dense) or model == "qwen2"
     assert params_bytes(qp) == weight_bytes(cfg, resolve_scheme(mdir.config, method, "x"))
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (XLA_FLAGS host count)")
+@pytest.mark.parametrize("method", ["int8", "fp8_w8a8"])
+def test_tensor_parallel_quantized_matches_tp1(method):
+    """tp=2: the 8-bit stacks shard like the dense ones (kv heads / MLP columns / rows) and the
+    logits equal tp=1's (per-token activation scales reduce over the whole hidden size)."""
+    mdir = HFModelDir(GOLDEN / "llama")
+    cfg = ModelConfig.from_hf_config(mdir.config, dtype="float32")
+    mesh = make_mesh(2)
+    p2 = load_params(mdir, cfg, mesh, method)
+    for name in PROJECTIONS:
+        assert len(p2[name].q.sharding.device_set) == 2 and not p2[name].q.sharding.is_fully_replicated
+    prompt = list(range(5, 30))
+    one = prefill_logits(cfg, load_params(mdir, cfg, make_mesh(1), method), prompt)
+    two = prefill_logits(cfg, p2, prompt, mesh)
+    np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
