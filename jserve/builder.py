@@ -25,6 +25,7 @@ from jserve.kv_cache import (
     allocate_kv_cache,
     device_memory_budget,
     kv_bytes_per_token,
+    kv_scale_bytes_per_page,
     pages_for_budget,
 )
 from jserve.model.params import load_params, params_bytes, random_params
@@ -121,7 +122,8 @@ def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None) -> Pool
     sequence its full length."""
     per_token = kv_bytes_per_token(config.model, config.kv_dtype,
                                    config.parallel.tensor_parallel_size)
-    page_bytes = per_token * config.cache.page_size
+    page_bytes = per_token * config.cache.page_size + kv_scale_bytes_per_page(
+        config.model, config.kv_dtype, config.parallel.tensor_parallel_size)
     if config.cache.num_pages is not None:
         num_pages = config.cache.num_pages
     elif budget_bytes is None:

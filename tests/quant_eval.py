@@ -77,17 +77,20 @@ def mean_nll(cfg: ModelConfig, params: dict, ids: np.ndarray, batch: int = 4) ->
     return evaluate(cfg, params, ids, batch)[0]
 
 
-def evaluate(cfg: ModelConfig, params: dict, ids: np.ndarray, batch: int = 4) -> tuple[float, np.ndarray]:
+def evaluate(cfg: ModelConfig, params: dict, ids: np.ndarray, batch: int = 4,
+             kv_dtype: str | None = None) -> tuple[float, np.ndarray]:
     """-> (mean next-token cross-entropy over non-overlapping SEQ_LEN windows of ``ids``, the
-    model's argmax prediction at every evaluated position: teacher-forced top-1)."""
+    model's argmax prediction at every evaluated position: teacher-forced top-1). ``kv_dtype``
+    (fp8 / int8): attention reads the windows back from a quantized page pool (the paged path)
+    instead of attending over the chunk's own K/V."""
     n = (len(ids) - 1) // SEQ_LEN
     windows = ids[(np.arange(n) * SEQ_LEN)[:, None] + np.arange(SEQ_LEN + 1)]
     pages = batch * SEQ_LEN // PAGE + 1
-    kv = allocate_kv_cache(cfg, pages, PAGE, cfg.dtype, make_mesh(1))
+    kv = allocate_kv_cache(cfg, pages, PAGE, kv_dtype or cfg.dtype, make_mesh(1))
 
     @jax.jit
     def losses(params, kv, b: StepInput, targets):
-        h, _ = hidden_states(cfg, params, kv, b, fresh_prefill=True)
+        h, _ = hidden_states(cfg, params, kv, b, fresh_prefill=kv_dtype is None)
         logp = jax.nn.log_softmax(logits_from_hidden(cfg, params, h), axis=-1)
         return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0], jnp.argmax(logp, axis=-1)
 
@@ -109,11 +112,12 @@ def perplexity(nll: float) -> float:
     return math.exp(nll)
 
 
-def greedy(cfg: ModelConfig, params: dict, prompt: list[int], steps: int) -> list[int]:
+def greedy(cfg: ModelConfig, params: dict, prompt: list[int], steps: int,
+           kv_dtype: str | None = None) -> list[int]:
     """Greedy continuation of ``prompt`` (``steps`` tokens) through the paged forward."""
     total = len(prompt) + steps
     num_pages = -(-total // PAGE) + 1
-    kv = allocate_kv_cache(cfg, num_pages, PAGE, cfg.dtype, make_mesh(1))
+    kv = allocate_kv_cache(cfg, num_pages, PAGE, kv_dtype or cfg.dtype, make_mesh(1))
     row = np.arange(1, num_pages, dtype=np.int32)[None]
     fwd = jax.jit(lambda p, k, b: forward(cfg, p, k, b), donate_argnums=1)
 

@@ -32,10 +32,11 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def _attention_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Array,
-                     k_pages: jax.Array, v_pages: jax.Array, batch: StepInput, cos: jax.Array,
+                     pool: tuple[jax.Array, ...], batch: StepInput, cos: jax.Array,
                      sin: jax.Array, fresh_prefill: bool, mesh: Mesh | None
-                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Layer ``i`` (static) attention: one fused QKV matmul, RoPE, KV write, attention, wo."""
+                     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Layer ``i`` (static) attention: one fused QKV matmul, RoPE, KV write, attention, wo.
+    ``pool``: the layer's ``(k_pages, v_pages)`` (+ ``(k_scales, v_scales)`` when int8/fp8)."""
     t, g, nq = x.shape[0], cfg.q_per_kv_padded, cfg.num_q_heads_padded
     h = rms_norm(x, params["ln_attn"][i], cfg.rms_norm_eps)
     qkv = linear(h, params["wqkv"], i, mesh)                        # [T, Nkv, Gp + 2, d]
@@ -45,15 +46,14 @@ def _attention_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Ar
     q = apply_rope(qkv[:, :, :g].reshape(t, nq, cfg.head_dim), cos, sin)
     k = apply_rope(qkv[:, :, g], cos, sin)
     v = qkv[:, :, g + 1]
-    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping, mesh)
+    pool = write_kv(pool, k, v, batch.slot_mapping, mesh)
     scale = cfg.head_dim ** -0.5
     window = cfg.sliding_windows[i]
     if fresh_prefill:
         o = fresh_prefill_attention(q, k, v, batch, sm_scale=scale, sliding_window=window, mesh=mesh)
     else:
-        o = paged_attention(q, k_pages, v_pages, batch, sm_scale=scale, sliding_window=window,
-                            mesh=mesh)
-    return linear(o.reshape(t, nq * cfg.head_dim), params["wo"], i, mesh), k_pages, v_pages
+        o = paged_attention(q, pool, batch, sm_scale=scale, sliding_window=window, mesh=mesh)
+    return linear(o.reshape(t, nq * cfg.head_dim), params["wo"], i, mesh), pool
 
 
 def _mlp_block(cfg: ModelConfig, params: dict[str, Any], i: int, x: jax.Array,
@@ -77,12 +77,11 @@ def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: 
     cos, sin = rope_cos_sin(batch.positions, inv_frequencies(cfg))
     new_kv = []
     for i in range(cfg.num_layers):
-        k_pages, v_pages = kv[i]
-        attn, k_pages, v_pages = _attention_block(cfg, params, i, x, k_pages, v_pages, batch,
-                                                  cos, sin, fresh_prefill, mesh)
+        attn, pool = _attention_block(cfg, params, i, x, tuple(kv[i]), batch, cos, sin,
+                                      fresh_prefill, mesh)
         x = x + attn
         x = x + _mlp_block(cfg, params, i, x, mesh)
-        new_kv.append((k_pages, v_pages))
+        new_kv.append(pool)
     return rms_norm(x, params["norm"], cfg.rms_norm_eps), new_kv
 
 
