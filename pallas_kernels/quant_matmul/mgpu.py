@@ -11,6 +11,7 @@ weight takes the wgmma M side and the tokens the N side (N may be as small as 8)
     grid (N / block_n, Mp / block_m), one warpgroup per CTA
     pipeline over K / block_k: TMA w[block_n, block_k] and x[block_m, block_k] -> SMEM ring
       w8a16: w tile (int8 / e4m3) -> registers -> x's dtype -> SMEM (A operand), wgmma
+             (e4m3 goes through f32 into bf16: Hopper's cvt has no e4m3 -> bf16)
              A [block_n, block_k] x B = x_tile^T (a transposed view: x is K-major)
       w8a8:  fp8 w tile and fp8 x tile straight from SMEM (both K-major, as 8-bit wgmma needs)
     epilogue: float32 accumulator -> SMEM -> TMA -> out^T
@@ -109,7 +110,10 @@ def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool
             def with_acc(acc_ref):
                 def body(_, w_smem, x_smem):
                     if dequant:
-                        a_smem[...] = w_smem[...].astype(a_dtype)
+                        w_reg = w_smem[...]
+                        if jnp.dtype(w.dtype) == jnp.dtype(FP8) and jnp.dtype(a_dtype) != jnp.float16:
+                            w_reg = w_reg.astype(jnp.float32)   # Hopper converts e4m3 only to f16/f32
+                        a_smem[...] = w_reg.astype(a_dtype)
                         plgpu.commit_smem()
                         a = a_smem
                     else:

@@ -159,3 +159,17 @@ def test_kernels_under_jit_with_traced_scale():
     x, q, s, _ = _operands(8, 2, 64, 128, jnp.int8)
     got = jax.jit(lambda x, q, s: mgpu.quant_matmul(x, q, s, interpret=True))(x, q, s)
     assert _rel(got, ref.w8a16_matmul(x, q, s)) < 4e-3
+
+
+@pytest.mark.parametrize("m", [1, 16, 256, 4096])
+@pytest.mark.parametrize("mode", ["int8", "fp8", "w8a8"])
+def test_mgpu_kernel_lowers_for_cuda(m, mode):
+    """The Mosaic GPU lowering accepts the kernel at the Llama-3.1-8B MLP shape (cross-lowered
+    for CUDA on CPU: catches unsupported layouts and conversions, e.g. Hopper's missing
+    e4m3 -> bf16 convert, without a GPU)."""
+    x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((14336, 4096), jnp.int8 if mode == "int8" else FP8)
+    s = jax.ShapeDtypeStruct((14336,), jnp.float32)
+    fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s, act_quant=mode == "w8a8"))
+    text = fn.trace(x, w, s).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
