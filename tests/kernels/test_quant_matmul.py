@@ -173,3 +173,13 @@ def test_mgpu_kernel_lowers_for_cuda(m, mode):
     fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s, act_quant=mode == "w8a8"))
     text = fn.trace(x, w, s).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("m,mode", [(1, "int8"), (16, "fp8"), (300, "w8a8")])
+def test_tpu_kernel_lowers_for_tpu(m, mode):
+    """The Mosaic TPU lowering accepts the kernel at the Llama-3.1-8B MLP shape (cross-lowered)."""
+    x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((14336, 4096), jnp.int8 if mode == "int8" else FP8)
+    s = jax.ShapeDtypeStruct((14336,), jnp.float32)
+    fn = jax.jit(lambda x, w, s: qtpu.quant_matmul(x, w, s, act_quant=mode == "w8a8"))
+    assert "tpu_custom_call" in fn.trace(x, w, s).lower(lowering_platforms=("tpu",)).as_text()
