@@ -30,7 +30,13 @@ from jserve.builder import (
 )
 from jserve.config import DTYPE_BYTES, EngineConfig, ModelConfig
 from jserve.gpus import JAX_GPU_MEM_FRACTION, Accelerator, lookup_accelerator
-from jserve.kv_cache import PoolPlan, kv_bytes_per_token, memory_budget, pages_for_budget
+from jserve.kv_cache import (
+    PoolPlan,
+    kv_bytes_per_token,
+    kv_scale_bytes_per_page,
+    memory_budget,
+    pages_for_budget,
+)
 from jserve.model.quant_params import resolve_scheme
 from jserve.model.quant_params import weight_bytes as quantized_weight_bytes
 from jserve.options import PLAN, check_keywords, options_for
@@ -73,7 +79,8 @@ class CapacityPlan:
         tp = c.parallel.tensor_parallel_size
         kv_heads = m.num_kv_heads // tp if tp > 1 and m.num_kv_heads % tp == 0 else m.num_kv_heads
         per_token, page_size = self.kv_bytes_per_token, c.cache.page_size
-        page_bytes = per_token * page_size
+        scale_bytes = kv_scale_bytes_per_page(m, c.kv_dtype, tp)
+        page_bytes = per_token * page_size + scale_bytes
         ctx = c.scheduler.max_model_len
         lines = [
             f"jserve plan: {self.model_label} on {acc.name}, tp={tp}, context {ctx:,} tokens",
@@ -93,7 +100,9 @@ class CapacityPlan:
             f"{' per device' if kv_heads != m.num_kv_heads else ''}"
             f"{' (replicated: kv heads do not divide tp)' if tp > 1 and kv_heads == m.num_kv_heads else ''}"
             f" x {m.head_dim} head_dim x {DTYPE_BYTES[c.kv_dtype]} B ({c.kv_dtype}) = {_b(per_token)}",
-            f"KV/page    {per_token:,} B x {page_size} tokens = {_b(page_bytes)}",
+            f"KV/page    {per_token:,} B x {page_size} tokens"
+            + (f" + {scale_bytes:,} B of float32 scales (per page and kv head, K and V, all layers)"
+               if scale_bytes else "") + f" = {_b(page_bytes)}",
         ]
         if self.pool is None:
             pages = pages_for_budget(self.budget_bytes, page_bytes) if self.budget_bytes > 0 else 0
