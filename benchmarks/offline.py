@@ -90,13 +90,16 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
+    ap.add_argument("--quantization", default=None, help="int8 | fp8 | fp8_w8a8 (8-bit projections)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | int8 (1-byte KV pages)")
     ns = ap.parse_args()
 
     t0 = time.perf_counter()
     engine = build_engine(EngineArgs(
         model=ns.model, random_weights=ns.random_weights, dtype=ns.dtype,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-        max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling))
+        max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling,
+        quantization=ns.quantization, kv_cache_dtype=ns.kv_cache_dtype))
     startup = time.perf_counter() - t0
     vocab = engine.config.model.vocab_size
     rng = np.random.default_rng(0)

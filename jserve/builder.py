@@ -28,6 +28,7 @@ from jserve.kv_cache import (
     allocate_kv_cache,
     device_memory_budget,
     kv_bytes_per_token,
+    kv_scale_bytes_per_page,
     pages_for_budget,
 )
 from jserve.model.kv_replicas import replicate_kv_heads, serving_model_config
@@ -149,12 +150,15 @@ def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None,
     """The pool's arithmetic (shared by start-up and ``jserve plan``): ``num_pages`` when set,
     else as many pages as ``budget_bytes`` holds; None (no device limit, CPU) gives every
     sequence its full length. ``draft``: speculative decoding's draft model, whose pool has a
-    twin page per page (its bytes count per token too)."""
+    twin page per page (its bytes count per token too). int8/fp8 pools add their per-page
+    scales."""
     tp = config.parallel.tensor_parallel_size
     per_token = kv_bytes_per_token(config.model, config.kv_dtype, tp)
+    scale_bytes = kv_scale_bytes_per_page(config.model, config.kv_dtype, tp)
     if draft is not None:
         per_token += kv_bytes_per_token(draft, config.kv_dtype, tp)
-    page_bytes = per_token * config.cache.page_size
+        scale_bytes += kv_scale_bytes_per_page(draft, config.kv_dtype, tp)
+    page_bytes = per_token * config.cache.page_size + scale_bytes
     if config.cache.num_pages is not None:
         num_pages = config.cache.num_pages
     elif budget_bytes is None:
@@ -164,11 +168,17 @@ def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None,
     return PoolPlan(per_token, config.cache.page_size, num_pages, config.scheduler.max_model_len)
 
 
-def _load_checkpoint(model_dir: HFModelDir | OrbaxModelDir, cfg: ModelConfig, mesh: Mesh) -> Params:
-    """The checkpoint layout of ``cfg`` on ``mesh``: restored from orbax, or streamed from HF."""
+def _load_checkpoint(model_dir: HFModelDir | OrbaxModelDir, cfg: ModelConfig, mesh: Mesh,
+                     quantization: str | None) -> Params:
+    """The checkpoint layout of ``cfg`` on ``mesh``: restored from orbax, or streamed from HF
+    (quantized on load when ``quantization`` is set)."""
     if isinstance(model_dir, OrbaxModelDir):
+        if quantization is not None:
+            raise ValueError(f"quantization={quantization!r} quantizes on load from a Hugging Face "
+                             f"checkpoint; {model_dir.path} is an orbax checkpoint (convert the HF "
+                             "checkpoint instead)")
         return restore_params(model_dir, cfg, mesh)
-    return load_params(model_dir, cfg, mesh)
+    return load_params(model_dir, cfg, mesh, quantization)
 
 
 def _build_data_parallel(args: EngineArgs, progress: Callable[[str], None] | None) -> DataParallelEngine:
@@ -238,11 +248,11 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     if channel is not None:
         _check_mesh_spans_job(mesh)
     if model_dir is not None:
-        params = replicate_kv_heads(_load_checkpoint(model_dir, model_cfg, mesh), model_cfg,
-                                    config.model, mesh)
+        params = replicate_kv_heads(_load_checkpoint(model_dir, model_cfg, mesh, args.quantization),
+                                    model_cfg, config.model, mesh)
         tokenizer = Tokenizer.from_dir(model_dir.path)
     else:
-        params = random_params(config.model, mesh, seed=args.seed)
+        params = random_params(config.model, mesh, seed=args.seed, quantization=args.quantization)
         tokenizer = None
     draft = None
     spec = config.speculative

@@ -17,7 +17,7 @@ from jserve.options import default_of, normalize_dtype, validate_fields
 from jserve.spec.config import SpeculativeConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1, "int8": 1}  # fp8/int8: KV only
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from jserve.config import EngineConfig
-from jserve.kv_cache import kv_bytes_per_token
+from jserve.kv_cache import kv_bytes_per_token, kv_scale_bytes_per_page
 
 SWAP = "swap"  # preempted requests' pages (preemption_mode="swap", swap_space_gb)
 TIER = "tier"  # the prefix cache's host tier (enable_prefix_caching, host_kv_cache_gb)
@@ -42,7 +42,8 @@ def slots_for_bytes(num_bytes: float, bytes_per_page: int) -> int:
 
 def host_page_bytes(config: EngineConfig) -> int:
     """Bytes of one host page: every layer, K and V, every kv head (a whole page, not a shard)."""
-    return kv_bytes_per_token(config.model, config.kv_dtype, 1) * config.cache.page_size
+    return (kv_bytes_per_token(config.model, config.kv_dtype, 1) * config.cache.page_size
+            + kv_scale_bytes_per_page(config.model, config.kv_dtype, 1))
 
 
 def host_slot_counts(config: EngineConfig) -> dict[str, int]:

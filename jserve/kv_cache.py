@@ -21,8 +21,21 @@ from sharding import logical_sharding_for_shape
 
 log = logging.getLogger(__name__)
 
-KVCache = list[tuple[jax.Array, jax.Array]]
+# Per layer (k_pages, v_pages), plus (k_scales, v_scales) float32[num_pages, Hkv] for an
+# int8 / fp8 pool (pallas_kernels/kv_write/scales.py chooses them).
+KVCache = list[tuple[jax.Array, ...]]
 KV_AXES = ("kv_pages", "page_slot", "kv_heads", "head_dim")
+SCALE_AXES = ("kv_pages", "kv_heads")
+KV_STORAGE = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
+
+
+def kv_storage_dtype(kv_dtype: str) -> jnp.dtype:
+    """The array dtype of a pool of ``kv_dtype`` (an option value: bfloat16, ..., fp8, int8)."""
+    return jnp.dtype(KV_STORAGE.get(kv_dtype, kv_dtype))
+
+
+def kv_quantized(kv_dtype: str) -> bool:
+    return kv_dtype in KV_STORAGE
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,16 @@ def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, tensor_parallel_size: in
     return 2 * cfg.num_layers * heads * cfg.head_dim * DTYPE_BYTES[kv_dtype]
 
 
+def kv_scale_bytes_per_page(cfg: ModelConfig, kv_dtype: str, tensor_parallel_size: int = 1) -> int:
+    """Scale bytes of one page (K and V, all layers, per device): 0 unless int8 / fp8."""
+    if not kv_quantized(kv_dtype):
+        return 0
+    heads = cfg.num_kv_heads
+    if tensor_parallel_size > 1 and heads % tensor_parallel_size == 0:
+        heads //= tensor_parallel_size
+    return 2 * cfg.num_layers * heads * 4
+
+
 def pages_for_budget(budget_bytes: int, bytes_per_page: int) -> int:
     return max(0, budget_bytes // bytes_per_page)
 
@@ -104,8 +127,15 @@ def device_memory_budget(device: jax.Device, fraction: float, used_bytes: int) -
 
 def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str,
                       mesh: Mesh) -> KVCache:
-    """Zero-filled pool, created directly on device with its sharding."""
+    """Zero-filled pool, created directly on device with its sharding (scales of a quantized
+    pool start at 1; every page's is set when the page is started)."""
     shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
     sharding = logical_sharding_for_shape(mesh, shape, KV_AXES)
-    make = jax.jit(lambda: jnp.zeros(shape, jnp.dtype(kv_dtype)), out_shardings=sharding)
-    return [(make(), make()) for _ in range(cfg.num_layers)]
+    dtype = kv_storage_dtype(kv_dtype)
+    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    if not kv_quantized(kv_dtype):
+        return [(make(), make()) for _ in range(cfg.num_layers)]
+    s_shape = (num_pages, cfg.num_kv_heads)
+    ones = jax.jit(lambda: jnp.ones(s_shape, jnp.float32),
+                   out_shardings=logical_sharding_for_shape(mesh, s_shape, SCALE_AXES))
+    return [(make(), make(), ones(), ones()) for _ in range(cfg.num_layers)]

@@ -54,22 +54,36 @@ def transfer_buckets(max_pages: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _gather(kv: KVCache, ids: jax.Array) -> tuple[jax.Array, ...]:
-    """ids: int32[B] -> B pages [L, 2, page_size, Hkv, d] (K and V of every layer)."""
-    g = jnp.stack([jnp.stack([k[ids], v[ids]], axis=1) for k, v in kv], axis=1)
-    return tuple(g[i] for i in range(ids.shape[0]))
+def _quantized(kv: KVCache) -> bool:
+    return len(kv[0]) == 4
+
+
+def _gather(kv: KVCache, ids: jax.Array) -> tuple:
+    """ids: int32[B] -> B pages [L, 2, page_size, Hkv, d] (K and V of every layer); for an
+    int8 / fp8 pool each page is (data, scales [L, 2, Hkv]): a page moves with its scales."""
+    g = jnp.stack([jnp.stack([layer[0][ids], layer[1][ids]], axis=1) for layer in kv], axis=1)
+    if not _quantized(kv):
+        return tuple(g[i] for i in range(ids.shape[0]))
+    s = jnp.stack([jnp.stack([layer[2][ids], layer[3][ids]], axis=1) for layer in kv], axis=1)
+    return tuple((g[i], s[i]) for i in range(ids.shape[0]))
 
 
 def _copy(kv: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
-    """Page ``src[i]`` -> page ``dst[i]`` in every layer; src/dst: int32[B]."""
-    return [(k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in kv]
+    """Page ``src[i]`` -> page ``dst[i]`` in every layer (scales too); src/dst: int32[B]."""
+    return [tuple(a.at[dst].set(a[src]) for a in layer) for layer in kv]
 
 
-def _scatter(kv: KVCache, ids: jax.Array, pages: tuple[jax.Array, ...]) -> KVCache:
-    """pages: B x [L, 2, page_size, Hkv, d] -> pool pages ``ids`` int32[B]."""
-    data = jnp.stack(pages)
-    return [(k.at[ids].set(data[:, i, 0].astype(k.dtype)), v.at[ids].set(data[:, i, 1].astype(v.dtype)))
-            for i, (k, v) in enumerate(kv)]
+def _scatter(kv: KVCache, ids: jax.Array, pages: tuple) -> KVCache:
+    """pages: B x [L, 2, page_size, Hkv, d] (or (data, scales) pairs) -> pool pages ``ids``."""
+    if not _quantized(kv):
+        data = jnp.stack(pages)
+        return [(k.at[ids].set(data[:, i, 0].astype(k.dtype)), v.at[ids].set(data[:, i, 1].astype(v.dtype)))
+                for i, (k, v) in enumerate(kv)]
+    data = jnp.stack([p[0] for p in pages])
+    sc = jnp.stack([p[1] for p in pages])
+    return [(k.at[ids].set(data[:, i, 0]), v.at[ids].set(data[:, i, 1]),
+             ks.at[ids].set(sc[:, i, 0]), vs.at[ids].set(sc[:, i, 1]))
+            for i, (k, v, ks, vs) in enumerate(kv)]
 
 
 def page_shape(kv: KVCache) -> tuple[int, ...]:
@@ -95,13 +109,20 @@ def _page_sharding(kv: KVCache) -> NamedSharding:
     return NamedSharding(s.mesh, PartitionSpec(None, None, *spec[1:]))
 
 
+def _scale_sharding(kv: KVCache) -> NamedSharding:
+    """One page's scales [L, 2, Hkv]: split over kv heads like the pool."""
+    s = kv[0][0].sharding
+    spec = tuple(s.spec) + (None,) * (4 - len(s.spec))
+    return NamedSharding(s.mesh, PartitionSpec(None, None, spec[2]))
+
+
 class KVPageMover:
     """Compiled page gather / copy / scatter over one KV pool (see the module docstring)."""
 
     def __init__(self, kv: KVCache, max_pages: int, host_slots: Mapping[str, int]) -> None:
         """``host_slots``: store name -> slots (``host_slot_counts(config)``); host moves are
         compiled only when some store has a slot."""
-        shardings = [(k.sharding, v.sharding) for k, v in kv]
+        shardings = jax.tree.map(lambda a: a.sharding, kv)
         self.buckets = transfer_buckets(max_pages)
         self.host = HostPages(host_slots)
         self.host_moves = bool(self.host)
@@ -109,7 +130,11 @@ class KVPageMover:
         self._on_device = _page_sharding(kv)
         kind = host_memory_kind(self._on_device.mesh.devices.flat[0]) if self.host_moves else "device"
         self._on_host = self._on_device.with_memory_kind(kind)
-        self._ids_sharding = NamedSharding(self._on_device.mesh, PartitionSpec())
+        if _quantized(kv):   # a page is (data, scales)
+            scales = _scale_sharding(kv)
+            self._on_device = (self._on_device, scales)
+            self._on_host = (self._on_host, scales.with_memory_kind(kind))
+        self._ids_sharding = NamedSharding(_page_sharding(kv).mesh, PartitionSpec())
         self._gather = jax.jit(_gather)
         self._copy = jax.jit(_copy, donate_argnums=(0,), out_shardings=shardings)
         self._scatter = jax.jit(_scatter, donate_argnums=(0,), out_shardings=shardings)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from checkpoints.quant_config import ON_LOAD_METHODS
 from jserve.spec.config import canonical_json
 
 GENERATE, SERVE, PLAN = "generate", "serve", "plan"
@@ -30,6 +31,7 @@ COMMANDS = (GENERATE, SERVE, PLAN)
 _ENGINE = (GENERATE, SERVE)          # the commands that build an engine
 
 DTYPES = ("bfloat16", "float16", "float32")
+KV_QUANT_DTYPES = ("fp8", "int8")   # 1-byte KV pools with per-page, per-head scales
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16",
                   "fp32": "float32", "float": "float32"}
 _KINDS = {bool: "a bool", int: "an integer", float: "a number", str: "a string"}
@@ -180,6 +182,10 @@ def _dtype_alias(v: str) -> str:
     return _DTYPE_ALIASES.get(v, v)
 
 
+def _kv_dtype_alias(v: str) -> str:
+    return {"fp8_e4m3": "fp8", "float8_e4m3fn": "fp8"}.get(v, _dtype_alias(v))
+
+
 # The declaration. Order is the order of EngineArgs fields and of the flags in --help.
 ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("model", str, None, nullable=True, commands=COMMANDS, default_text="the bundled code-small model",
@@ -187,6 +193,10 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "generate and serve run one with --random-weights)"),
     Option("dtype", str, None, nullable=True, commands=COMMANDS, choices=DTYPES, normalize=_dtype_alias,
            default_text="the checkpoint's", help="weight and activation dtype"),
+    Option("quantization", str, None, nullable=True, commands=COMMANDS, choices=ON_LOAD_METHODS,
+           default_text="none, or a pre-quantized checkpoint's own",
+           help="quantize the projection weights on load: int8 or fp8 weight-only (per-channel "
+           "scales), or fp8_w8a8 (fp8 weights and per-token fp8 activations)"),
     Option("max_model_len", int, None, nullable=True, minimum=1, commands=COMMANDS,
            aliases=(Alias("--context", (PLAN,)),), default_text="min(model max positions, 4096)",
            help="context length per sequence (prompt + output tokens)"),
@@ -204,8 +214,11 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "leave of it"),
     Option("page_size", int, 16, commands=COMMANDS, rule="a power of two >= 1", check=_power_of_two,
            help="tokens per KV page"),
-    Option("kv_cache_dtype", str, "auto", commands=COMMANDS, choices=("auto", *DTYPES),
-           normalize=_dtype_alias, help="KV cache dtype (auto = the weight dtype)"),
+    Option("kv_cache_dtype", str, "auto", commands=COMMANDS, choices=("auto", *DTYPES, *KV_QUANT_DTYPES),
+           normalize=_kv_dtype_alias,
+           help="KV cache dtype (auto = the weight dtype); fp8 (e4m3) and int8 store 1 byte per "
+           "value with a float32 scale per page and kv head, chosen when the page is started "
+           "(pallas_kernels/kv_write/scales.py)"),
     Option("tensor_parallel_size", int, 1, minimum=1, commands=COMMANDS, aliases=("--tp",),
            help="devices of one host that shard attention heads and MLP columns"),
     Option("data_parallel_size", int, 1, minimum=1, aliases=("--dp",),

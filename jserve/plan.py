@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from checkpoints import QuantScheme
 from jserve.builder import (
     EngineArgs,
     make_engine_config,
@@ -29,17 +30,25 @@ from jserve.builder import (
 )
 from jserve.config import DTYPE_BYTES, EngineConfig, ModelConfig
 from jserve.gpus import JAX_GPU_MEM_FRACTION, Accelerator, lookup_accelerator
-from jserve.kv_cache import PoolPlan, kv_bytes_per_token, memory_budget, pages_for_budget
+from jserve.kv_cache import (
+    PoolPlan,
+    kv_bytes_per_token,
+    kv_scale_bytes_per_page,
+    memory_budget,
+    pages_for_budget,
+)
+from jserve.model.quant_params import resolve_scheme
+from jserve.model.quant_params import weight_bytes as quantized_weight_bytes
 from jserve.options import PLAN, check_keywords, options_for
 from jserve.spec.draft import resolve_draft
 
 _TP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def weight_bytes(cfg: ModelConfig) -> int:
+def weight_bytes(cfg: ModelConfig, quantization: QuantScheme | None = None) -> int:
     """Bytes of every weight in ``cfg.dtype`` (what ``params_bytes`` of the loaded tree gives,
-    query-head padding included)."""
-    return cfg.num_weight_elements() * DTYPE_BYTES[cfg.dtype]
+    query-head padding included); 8-bit projections plus their scales under ``quantization``."""
+    return quantized_weight_bytes(cfg, quantization)
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class CapacityPlan:
     min_fitting_tp: int | None   # smallest tensor-parallel size that fits, when this one doesn't
     draft: ModelConfig | None = None  # speculative decoding's draft model (its weights and twin
                                       # KV pages are counted in the figures above)
+    quantization: QuantScheme | None = None   # 8-bit projection weights
 
     @property
     def fits(self) -> bool:
@@ -80,14 +90,19 @@ class CapacityPlan:
         tp = c.parallel.tensor_parallel_size
         kv_heads = m.num_kv_heads // tp if tp > 1 and m.num_kv_heads % tp == 0 else m.num_kv_heads
         per_token, page_size = self.kv_bytes_per_token, c.cache.page_size
-        page_bytes = per_token * page_size
+        scale_bytes = kv_scale_bytes_per_page(m, c.kv_dtype, tp) + (
+            kv_scale_bytes_per_page(self.draft, c.kv_dtype, tp) if self.draft is not None else 0)
+        page_bytes = per_token * page_size + scale_bytes
         ctx = c.scheduler.max_model_len
         lines = [
             f"jserve plan: {self.model_label} on {acc.name}, tp={tp}, context {ctx:,} tokens",
             f"model      {m.architecture}: {m.num_layers} layers, {m.num_heads} q / {m.num_kv_heads} kv "
             f"heads x head_dim {m.head_dim}, hidden {m.hidden_size}, vocab {m.vocab_size:,}",
-            f"weights    {m.num_params():,} params x {DTYPE_BYTES[m.dtype]} B ({m.dtype}) = "
-            f"{_b(self.weight_bytes_total)}; / tp {tp} = {_b(self.weight_bytes_per_device)} per device",
+            (f"weights    {m.num_params():,} params x {DTYPE_BYTES[m.dtype]} B ({m.dtype}) = "
+             if self.quantization is None else
+             f"weights    {m.num_params():,} params, projections 8-bit + float32 scales "
+             f"({self.quantization.describe()}; --quantization), the rest {m.dtype} = ")
+            + f"{_b(self.weight_bytes_total)}; / tp {tp} = {_b(self.weight_bytes_per_device)} per device",
             f"memory     {_memory_line(acc)}",
             f"budget     int({acc.bytes_limit:,} x {c.cache.kv_cache_memory_fraction} "
             f"kv_cache_memory_fraction) - {self.weight_bytes_per_device:,} weights - "
@@ -105,7 +120,9 @@ class CapacityPlan:
                 f"head_dim {d.head_dim}, {_b(weight_bytes(d))} of weights (in the weights above); "
                 f"its KV pool has a twin page per page: + {_b(self.draft_kv_bytes_per_token)} "
                 f"per token = {_b(per_token)} per token"]
-        lines.append(f"KV/page    {per_token:,} B x {page_size} tokens = {_b(page_bytes)}")
+        lines.append(f"KV/page    {per_token:,} B x {page_size} tokens"
+                     + (f" + {scale_bytes:,} B of float32 scales (per page and kv head, K and V, all "
+                        "layers)" if scale_bytes else "") + f" = {_b(page_bytes)}")
         if self.pool is None:
             pages = pages_for_budget(self.budget_bytes, page_bytes) if self.budget_bytes > 0 else 0
             lines.append(f"pages      {max(self.budget_bytes, 0):,} // {page_bytes:,} = {pages} pages: "
@@ -150,17 +167,19 @@ def plan_capacity(model: str | None = None, gpu: str | int = "H100-80GB", **opti
     if spec is not None and spec.method == "draft_model":
         draft, _ = resolve_draft(spec, model_cfg, model_dir.path if model_dir else None,
                                  model_cfg.dtype)
-    return _plan(label, config, acc, args, draft)
+    scheme = resolve_scheme(model_dir.config if model_dir is not None else {}, args.quantization, label)
+    return _plan(label, config, acc, args, draft, scheme)
 
 
-def _weights(config: EngineConfig, draft: ModelConfig | None) -> int:
-    return weight_bytes(config.model) + (weight_bytes(draft) if draft is not None else 0)
+def _weights(config: EngineConfig, draft: ModelConfig | None, scheme: QuantScheme | None) -> int:
+    """Weight bytes of the model (quantized per ``scheme``) and of the draft (unquantized)."""
+    return weight_bytes(config.model, scheme) + (weight_bytes(draft) if draft is not None else 0)
 
 
 def _plan(label: str, config: EngineConfig, acc: Accelerator, args: EngineArgs,
-          draft: ModelConfig | None = None) -> CapacityPlan:
+          draft: ModelConfig | None = None, scheme: QuantScheme | None = None) -> CapacityPlan:
     tp = config.parallel.tensor_parallel_size
-    total = _weights(config, draft)
+    total = _weights(config, draft, scheme)
     per_device = total // tp
     budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction,
                            per_device + runner_state_bytes(config))
@@ -168,15 +187,15 @@ def _plan(label: str, config: EngineConfig, acc: Accelerator, args: EngineArgs,
         pool: PoolPlan | None = pool_plan_for_budget(config, budget, draft)
     except ValueError:   # PoolPlan: fewer than 2 pages
         pool = None
-    plan = CapacityPlan(label, config, acc, total, per_device, budget, pool, None, draft)
+    plan = CapacityPlan(label, config, acc, total, per_device, budget, pool, None, draft, scheme)
     if plan.fits:
         return plan
     return CapacityPlan(label, config, acc, total, per_device, budget, pool,
-                        _min_fitting_tp(config, acc, args, draft), draft)
+                        _min_fitting_tp(config, acc, args, draft, scheme), draft, scheme)
 
 
 def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs,
-                    draft: ModelConfig | None = None) -> int | None:
+                    draft: ModelConfig | None, scheme: QuantScheme | None) -> int | None:
     for tp in _TP_SIZES:
         if tp <= config.parallel.tensor_parallel_size:
             continue
@@ -185,7 +204,7 @@ def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs,
                                         config.model)
         except ValueError:   # heads or MLP not divisible by tp
             continue
-        per_device = _weights(config, draft) // tp
+        per_device = _weights(config, draft, scheme) // tp
         budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction,
                                per_device + runner_state_bytes(bigger))
         try:

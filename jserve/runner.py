@@ -379,7 +379,7 @@ class Runner:
         pen = None if greedy else self.penalty_state
         args = (self.params, self.kv, pen, self.slot_table, self._prev_tokens,
                 jax.device_put(ibuf, rep), jax.device_put(fbuf, rep))
-        kv_sh = [(k.sharding, v.sharding) for k, v in self.kv]
+        kv_sh = jax.tree.map(lambda a: a.sharding, self.kv)   # (k, v[, k_scales, v_scales]) per layer
         return jax.jit(fn, donate_argnums=(1, 2, 3),
                        out_shardings=(kv_sh, None if greedy else rep, rep, rep, rep, rep, rep)
                        ).lower(*args)

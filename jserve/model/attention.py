@@ -13,6 +13,7 @@ call therefore runs under ``shard_map``, one head slice per device::
     q [T, Hq, d]            P(None, tensor, None)    device i: q heads  i*Hq/tp  ... (i+1)*Hq/tp
     k, v [T, Hkv, d]        P(None, tensor, None)    device i: kv heads i*Hkv/tp ... (i+1)*Hkv/tp
     pages [N, ps, Hkv, d]   P(None, None, tensor, None)
+    scales [N, Hkv]         P(None, tensor)              (int8 / fp8 pools)
     StepInput               P()  (replicated)
 
 GQA maps q head h to kv head h // G, and h // G of device i's q heads are exactly its kv heads,
@@ -31,10 +32,12 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from jserve.step_input import StepInput
+from pallas_kernels.kv_write import scales as kv_scales
 from sharding import TENSOR_AXIS
 
 _HEADS = P(None, TENSOR_AXIS, None)
 _POOL = P(None, None, TENSOR_AXIS, None)
+_SCALES = P(None, TENSOR_AXIS)
 
 
 def head_parallel(mesh: Mesh | None, num_kv_heads: int) -> bool:
@@ -52,12 +55,28 @@ def _per_device(fn: Callable[..., Any], mesh: Mesh | None, num_kv_heads: int, in
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
-             slot_mapping: jax.Array, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
-    """k/v: [T, Nkv, d] into pages [num_pages, page_size, Nkv, d] at ``slot_mapping`` int32[T]."""
-    fn = _per_device(pallas_kernels.write_kv, mesh, k.shape[1],
-                     (_POOL, _POOL, _HEADS, _HEADS, P()), (_POOL, _POOL))
-    return fn(k_pages, v_pages, k, v, slot_mapping)
+def write_kv(pool: tuple[jax.Array, ...], k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
+             mesh: Mesh | None = None) -> tuple[jax.Array, ...]:
+    """k/v: [T, Nkv, d] into one layer's pool ``(k_pages, v_pages)`` [num_pages, page_size, Nkv, d]
+    at ``slot_mapping`` int32[T]. A quantized pool ``(k_pages, v_pages, k_scales, v_scales)``
+    first sets the scales of the pages this step starts (``pallas_kernels.kv_write.scales``),
+    then writes with them; -> the updated pool tuple."""
+    if len(pool) == 2:
+        fn = _per_device(pallas_kernels.write_kv, mesh, k.shape[1],
+                         (_POOL, _POOL, _HEADS, _HEADS, P()), (_POOL, _POOL))
+        return fn(pool[0], pool[1], k, v, slot_mapping)
+
+    def write(k_pages, v_pages, k_scales, v_scales, k, v, slots):
+        ps, dtype = k_pages.shape[1], k_pages.dtype
+        k_scales = kv_scales.page_scales(k_scales, k, slots, ps, dtype)
+        v_scales = kv_scales.page_scales(v_scales, v, slots, ps, dtype)
+        k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k, v, slots,
+                                                   k_scales=k_scales, v_scales=v_scales)
+        return k_pages, v_pages, k_scales, v_scales
+
+    fn = _per_device(write, mesh, k.shape[1], (_POOL, _POOL, _SCALES, _SCALES, _HEADS, _HEADS, P()),
+                     (_POOL, _POOL, _SCALES, _SCALES))
+    return fn(*pool, k, v, slot_mapping)
 
 
 def fresh_prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, batch: StepInput, *,
@@ -74,18 +93,22 @@ def fresh_prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, batch: Ste
     return fn(q, k, v, batch.query_start_loc)
 
 
-def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch: StepInput, *,
+def paged_attention(q: jax.Array, pool: tuple[jax.Array, ...], batch: StepInput, *,
                     sm_scale: float, sliding_window: int | None,
                     mesh: Mesh | None = None, decode_only: bool = False) -> jax.Array:
-    """q: [T, Nq, d] -> [T, Nq, d], each token attending causally to its request's pages.
-    ``decode_only`` (static): every request has one query token (the GPU kernel then runs its
-    decode launch only)."""
+    """q: [T, Nq, d] -> [T, Nq, d], each token attending causally to its request's pages
+    (``pool``: one layer's ``(k_pages, v_pages[, k_scales, v_scales])``). ``decode_only``
+    (static): every request has one query token (the GPU kernel then runs its decode launch
+    only)."""
 
-    def attend(q, k_pages, v_pages, batch):
+    def attend(q, k_pages, v_pages, batch, *scales):
+        k_scales, v_scales = scales if scales else (None, None)
         return pallas_kernels.ragged_paged_attention(
             q, k_pages, v_pages, batch.page_table, batch.seq_lens, batch.query_start_loc,
             batch.num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
-            max_q_len=1 if decode_only else None)
+            k_scales=k_scales, v_scales=v_scales, max_q_len=1 if decode_only else None)
 
-    fn = _per_device(attend, mesh, k_pages.shape[2], (_HEADS, _POOL, _POOL, P()), _HEADS)
-    return fn(q, k_pages, v_pages, batch)
+    k_pages, v_pages, *scales = pool
+    specs = (_HEADS, _POOL, _POOL, P(), *(_SCALES,) * len(scales))
+    fn = _per_device(attend, mesh, k_pages.shape[2], specs, _HEADS)
+    return fn(q, k_pages, v_pages, batch, *scales)

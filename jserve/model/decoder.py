@@ -3,7 +3,9 @@
 Where it sits: inside the jitted ``step_fn``: (params, kv pool, StepInput) -> (kv pool with this
 step's K/V written in place, logits for each request row). One code path for every
 architecture: Qwen2's qkv bias, tied embeddings and sliding windows are config switches read
-at trace time, never forks; tensor parallelism comes from the params' shardings.
+at trace time, never forks; tensor parallelism comes from the params' shardings. Every
+projection goes through ``linear`` (jserve/model/linear.py), the one seam where dense and
+quantized (int8 / fp8) weights part ways.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from jax.sharding import Mesh
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache
 from jserve.model.attention import fresh_prefill_attention, paged_attention, write_kv
+from jserve.model.linear import linear
 from jserve.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from jserve.step_input import StepInput
 
@@ -32,51 +35,52 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 _LAYER_WEIGHTS = ("ln_attn", "wqkv", "bqkv", "wo", "ln_mlp", "wgu", "wd")
 
 
-def _attention_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, k_pages: jax.Array,
-                     v_pages: jax.Array, batch: StepInput, cos: jax.Array, sin: jax.Array,
-                     window: int | None, fresh_prefill: bool, mesh: Mesh | None,
-                     decode_only: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One layer's attention (``w``: its weights): one fused QKV matmul, RoPE, KV write,
-    attention, wo."""
+def _attention_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, pool: tuple[jax.Array, ...],
+                     batch: StepInput, cos: jax.Array, sin: jax.Array, window: int | None,
+                     fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
+                     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """One layer's attention (``w``: its weights, stacked with one layer): one fused QKV
+    matmul, RoPE, KV write, attention, wo. ``pool``: the layer's ``(k_pages, v_pages)``
+    (+ ``(k_scales, v_scales)`` when int8/fp8)."""
     t, g, nq = x.shape[0], cfg.q_per_kv_padded, cfg.num_q_heads_padded
-    h = rms_norm(x, w["ln_attn"], cfg.rms_norm_eps)
-    qkv = jnp.einsum("th,hngd->tngd", h, w["wqkv"])                 # [T, Nkv, Gp + 2, d]
+    h = rms_norm(x, w["ln_attn"][0], cfg.rms_norm_eps)
+    qkv = linear(h, w["wqkv"], 0, mesh)                             # [T, Nkv, Gp + 2, d]
     if cfg.qkv_bias:
-        qkv = qkv + w["bqkv"]
+        qkv = qkv + w["bqkv"][0]
     # Gp query heads per kv head (zero-padded heads included: they add exactly 0 through wo).
     q = apply_rope(qkv[:, :, :g].reshape(t, nq, cfg.head_dim), cos, sin)
     k = apply_rope(qkv[:, :, g], cos, sin)
     v = qkv[:, :, g + 1]
-    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.slot_mapping, mesh)
+    pool = write_kv(pool, k, v, batch.slot_mapping, mesh)
     scale = cfg.head_dim ** -0.5
     if fresh_prefill:
         o = fresh_prefill_attention(q, k, v, batch, sm_scale=scale, sliding_window=window, mesh=mesh)
     else:
-        o = paged_attention(q, k_pages, v_pages, batch, sm_scale=scale, sliding_window=window,
-                            mesh=mesh, decode_only=decode_only)
-    return o.reshape(t, nq * cfg.head_dim) @ w["wo"], k_pages, v_pages
+        o = paged_attention(q, pool, batch, sm_scale=scale, sliding_window=window, mesh=mesh,
+                            decode_only=decode_only)
+    return linear(o.reshape(t, nq * cfg.head_dim), w["wo"], 0, mesh), pool
 
 
-def _mlp_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array) -> jax.Array:
+def _mlp_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, mesh: Mesh | None) -> jax.Array:
     """One layer's MLP: one fused gate/up matmul, SiLU-gate, down projection."""
-    h = rms_norm(x, w["ln_mlp"], cfg.rms_norm_eps)
-    gu = jnp.einsum("th,hki->tki", h, w["wgu"])                     # [T, 2, I]
-    return (jax.nn.silu(gu[:, 0]) * gu[:, 1]) @ w["wd"]
+    h = rms_norm(x, w["ln_mlp"][0], cfg.rms_norm_eps)
+    gu = linear(h, w["wgu"], 0, mesh)                               # [T, 2, I]
+    return linear(jax.nn.silu(gu[:, 0]) * gu[:, 1], w["wd"], 0, mesh)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
-def _layer(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, k_pages: jax.Array,
-           v_pages: jax.Array, batch: StepInput, rope: tuple[jax.Array, jax.Array],
-           window: int | None, fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
-           ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder layer -> (x, k_pages, v_pages). A nested jit: every layer with the same
-    static arguments shares one trace and one lowered function (the step's StableHLO calls it
-    once per layer and XLA inlines the calls), so tracing and Pallas lowering run once per
-    step variant instead of once per layer."""
-    attn, k_pages, v_pages = _attention_block(cfg, w, x, k_pages, v_pages, batch, *rope, window,
-                                              fresh_prefill, mesh, decode_only)
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
+def _layer(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, pool: tuple[jax.Array, ...],
+           batch: StepInput, rope: tuple[jax.Array, jax.Array], window: int | None,
+           fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
+           ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """One decoder layer -> (x, pool). A nested jit: every layer with the same static
+    arguments shares one trace and one lowered function (the step's StableHLO calls it once per
+    layer and XLA inlines the calls), so tracing and Pallas lowering run once per step variant
+    instead of once per layer."""
+    attn, pool = _attention_block(cfg, w, x, pool, batch, *rope, window, fresh_prefill, mesh,
+                                  decode_only)
     x = x + attn
-    return x + _mlp_block(cfg, w, x), k_pages, v_pages
+    return x + _mlp_block(cfg, w, x, mesh), pool
 
 
 def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,
@@ -94,10 +98,12 @@ def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: 
     rope = rope_cos_sin(batch.positions, inv_frequencies(cfg))
     new_kv = []
     for i in range(cfg.num_layers):
-        w = {name: params[name][i] for name in _LAYER_WEIGHTS if name in params}
-        x, k_pages, v_pages = _layer(cfg, w, x, *kv[i], batch, rope, cfg.sliding_windows[i],
-                                     fresh_prefill, mesh, decode_only)
-        new_kv.append((k_pages, v_pages))
+        # Layer i's weights, stacked with one layer (dense arrays and QuantizedWeight alike).
+        w = {name: jax.tree.map(lambda a, i=i: a[i:i + 1], params[name])
+             for name in _LAYER_WEIGHTS if name in params}
+        x, pool = _layer(cfg, w, x, tuple(kv[i]), batch, rope, cfg.sliding_windows[i],
+                         fresh_prefill, mesh, decode_only)
+        new_kv.append(pool)
     return rms_norm(x, params["norm"], cfg.rms_norm_eps), new_kv
 
 

@@ -83,6 +83,9 @@ def replicate_kv_heads(params: Params, base: ModelConfig, served: ModelConfig, m
     ``mesh``. The input arrays are released (the result replaces them)."""
     if served.num_kv_heads == base.num_kv_heads:
         return params
+    if not isinstance(params["wqkv"], jax.Array):
+        raise ValueError(f"tensor_parallel_size above the checkpoint's {base.num_kv_heads} KV heads "
+                         "(replicated KV heads) is not supported with quantized weights yet")
     if served.num_kv_heads % base.num_kv_heads:
         raise ValueError(f"served num_kv_heads ({served.num_kv_heads}) is not a multiple of the "
                          f"checkpoint's ({base.num_kv_heads})")

@@ -35,8 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from checkpoints import HFModelDir, load_stacked, load_tensor
+from checkpoints import HFModelDir, load_stacked, load_tensor, on_load_scheme
 from jserve.config import ModelConfig
+from jserve.model.quant_params import load_quantized_projections, quantize_dense, resolve_scheme
 from sharding import TENSOR_AXIS, logical_sharding_for_shape
 
 Params = dict[str, jax.Array]
@@ -107,13 +108,18 @@ def _pad_wo(cfg: ModelConfig) -> Callable[[jax.Array], jax.Array]:
     return pad
 
 
-def load_params(model_dir: HFModelDir, cfg: ModelConfig, mesh: Mesh) -> Params:
+def load_params(model_dir: HFModelDir, cfg: ModelConfig, mesh: Mesh,
+                quantization: str | None = None) -> Params:
     """Stream every tensor of an HF checkpoint into the stacked, sharded layout, in ``cfg.dtype``.
 
     Per-layer tensors are read stacked (each device reads its slice), then fused on device.
     Tensors the model does not use (e.g. ``rotary_emb.inv_freq``) are ignored; a missing or
-    misshapen tensor raises ``CheckpointError`` naming the file and tensor.
+    misshapen tensor raises ``CheckpointError`` naming the file and tensor. With
+    ``quantization`` ("int8", "fp8", "fp8_w8a8") or a checkpoint that carries a
+    ``quantization_config``, the four projections are 8-bit ``QuantizedWeight`` s instead
+    (jserve/model/quant_params.py); an unsupported ``quantization_config`` is a CheckpointError.
     """
+    scheme = resolve_scheme(model_dir.config, quantization, str(model_dir.path / "config.json"))
     dtype = jnp.dtype(cfg.dtype)
     specs = param_specs(cfg)
     shard = {k: spec_sharding(cfg, mesh, s) for k, s in specs.items()}
@@ -137,8 +143,18 @@ def load_params(model_dir: HFModelDir, cfg: ModelConfig, mesh: Mesh) -> Params:
         "norm": one("model.norm.weight", "norm"),
         "ln_attn": layers("input_layernorm.weight", (h,), ("embed",), transpose=False),
         "ln_mlp": layers("post_attention_layernorm.weight", (h,), ("embed",), transpose=False),
-        "wd": layers("mlp.down_proj.weight", (inter, h), ("mlp", "embed")),
     }
+    if cfg.qkv_bias:
+        bq = layers("self_attn.q_proj.bias", (q,), ("heads",), transpose=False)
+        bk = layers("self_attn.k_proj.bias", (kvd,), ("kv_heads",), transpose=False)
+        bv = layers("self_attn.v_proj.bias", (kvd,), ("kv_heads",), transpose=False)
+        p["bqkv"] = jax.jit(fuse, out_shardings=shard["bqkv"])(bq, bk, bv)
+    if not cfg.tie_word_embeddings:
+        p["lm_head"] = one("lm_head.weight", "lm_head", transpose=True)
+    if scheme is not None:
+        p.update(load_quantized_projections(model_dir, cfg, mesh, scheme))
+        return p
+    p["wd"] = layers("mlp.down_proj.weight", (inter, h), ("mlp", "embed"))
     wo = layers("self_attn.o_proj.weight", (q, h), ("heads", "embed"))
     p["wo"] = wo if cfg.q_per_kv_padded == cfg.q_per_kv else jax.jit(
         _pad_wo(cfg), out_shardings=shard["wo"])(wo)
@@ -146,22 +162,16 @@ def load_params(model_dir: HFModelDir, cfg: ModelConfig, mesh: Mesh) -> Params:
     wk = layers("self_attn.k_proj.weight", (h, kvd), ("embed", "kv_heads"))
     wv = layers("self_attn.v_proj.weight", (h, kvd), ("embed", "kv_heads"))
     p["wqkv"] = jax.jit(fuse, out_shardings=shard["wqkv"])(wq, wk, wv)
-    if cfg.qkv_bias:
-        bq = layers("self_attn.q_proj.bias", (q,), ("heads",), transpose=False)
-        bk = layers("self_attn.k_proj.bias", (kvd,), ("kv_heads",), transpose=False)
-        bv = layers("self_attn.v_proj.bias", (kvd,), ("kv_heads",), transpose=False)
-        p["bqkv"] = jax.jit(fuse, out_shardings=shard["bqkv"])(bq, bk, bv)
     wg = layers("mlp.gate_proj.weight", (h, inter), ("embed", "mlp"))
     wu = layers("mlp.up_proj.weight", (h, inter), ("embed", "mlp"))
     p["wgu"] = jax.jit(lambda a, b: jnp.stack([a, b], axis=2), out_shardings=shard["wgu"])(wg, wu)
-    del wg, wu
-    if not cfg.tie_word_embeddings:
-        p["lm_head"] = one("lm_head.weight", "lm_head", transpose=True)
     return p
 
 
-def random_params(cfg: ModelConfig, mesh: Mesh, seed: int = 0, scale: float = 0.02) -> Params:
-    """Random weights of the real shapes, generated on device already sharded (benchmarks)."""
+def random_params(cfg: ModelConfig, mesh: Mesh, seed: int = 0, scale: float = 0.02,
+                  quantization: str | None = None) -> Params:
+    """Random weights of the real shapes, generated on device already sharded (benchmarks);
+    ``quantization`` quantizes the four projections (``quantize_dense``)."""
     dtype = jnp.dtype(cfg.dtype)
     out: Params = {}
     for i, (name, spec) in enumerate(sorted(param_specs(cfg).items())):
@@ -172,6 +182,8 @@ def random_params(cfg: ModelConfig, mesh: Mesh, seed: int = 0, scale: float = 0.
             fn = lambda k, shape=spec.shape: (jax.random.normal(k, shape, jnp.float32)
                                               * scale).astype(dtype)
         out[name] = jax.jit(fn, out_shardings=sharding)(jax.random.key(seed * 100003 + i))
+    if quantization is not None:
+        out = quantize_dense(out, cfg, mesh, on_load_scheme(quantization))
     return out
 
 

@@ -26,7 +26,7 @@ from jserve.plan import plan_capacity
 from server.cli import build_full_parser
 
 # Options start-up reads directly (model loading, compile cache) instead of EngineConfig.
-_BUILD_ONLY = {"model", "dtype", "random_weights", "compilation_cache_dir"}
+_BUILD_ONLY = {"model", "dtype", "quantization", "random_weights", "compilation_cache_dir"}
 
 
 def _parser_for(command: str):

@@ -1,0 +1,44 @@
+"""Dispatching entry point for quantized matmuls (8-bit weights, per-output-channel scales).
+
+Where it sits: the model's ``linear()`` seam (jserve/model/linear.py) calls it for every
+projection whose weight is quantized, inside the jitted step. cpu -> ``reference``; gpu ->
+``mgpu`` (Pallas Mosaic GPU) on Hopper when ``mgpu.supports`` holds, else XLA (the reference,
+whose dequantize XLA fuses into the dot); tpu -> ``tpu`` when the shapes tile, else the
+reference. ``interpret=True`` on CPU runs the Mosaic GPU kernel interpreted (``backend="tpu"``
+the TPU one).
+
+Why not XLA alone on GPU: measured on an H200 (shared/ANCHORS.md), XLA's fused convert gives
+weight-only 8-bit matmuls 0.73-1.44x of bf16 and its fp8 x fp8 dot_general is 1.3-7x slower
+than bf16; the gains have to come from the kernel. ``MOSAIC_ON_HOPPER`` is the benchmarks' A/B
+switch (``benchmarks/quant_matmul.py`` times both paths).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.quant_matmul import mgpu, reference, tpu
+
+MOSAIC_ON_HOPPER = True
+
+
+def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax.Array | None = None,
+                 *, act_quant: bool = False, out_dtype: jnp.dtype | None = None,
+                 interpret: bool = False, backend: str | None = None) -> jax.Array:
+    """``x: [M, K]``, ``w: [N, K]`` int8|float8_e4m3fn, ``w_scale: float32[N]`` -> ``[M, N]``.
+
+    ``act_quant=False``: weight-only (w8a16, ``reference.w8a16_matmul``); ``True``: fp8 weights
+    and activations (w8a8, ``reference.w8a8_matmul``) with dynamic per-token activation scales,
+    or the static ``input_scale`` when given.
+    """
+    backend = backend or jax.default_backend()
+    kw = dict(act_quant=act_quant, out_dtype=out_dtype)
+    if backend == "tpu" and tpu.supports(x, w):
+        return tpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, **kw)
+    if backend == "gpu" or interpret:
+        if (interpret or (MOSAIC_ON_HOPPER and mgpu.on_hopper())) and mgpu.supports(x, w, act_quant):
+            return mgpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, **kw)
+    if act_quant:
+        return reference.w8a8_matmul(x, w, w_scale, input_scale, out_dtype)
+    return reference.w8a16_matmul(x, w, w_scale, out_dtype)

@@ -1,0 +1,177 @@
+"""Quantized matmul for Hopper GPUs in Pallas Mosaic GPU: 8-bit weights streamed by TMA, wgmma.
+
+Where it sits: ``pallas_kernels.quant_matmul`` (``api.py``) dispatches here on an H100/H200 when
+``supports(...)`` holds. Semantics are ``reference.py``'s (``w8a16_matmul`` / ``w8a8_matmul``).
+
+Swap-AB: decode steps have few tokens (M = 1..64) and wgmma's M is 64 rows per warpgroup, so the
+weight takes the wgmma M side and the tokens the N side (N may be as small as 8)::
+
+    out^T [N, Mp] = w [N, K] @ x^T [K, Mp]      (Mp = tokens padded to a multiple of 8)
+
+    grid (N / block_n, Mp / block_m), one warpgroup per CTA
+    pipeline over K / block_k: TMA w[block_n, block_k] and x[block_m, block_k] -> SMEM ring
+      w8a16: w tile (int8 / e4m3) -> registers -> x's dtype -> SMEM (A operand), wgmma
+             (e4m3 goes through f32 into bf16: Hopper's cvt has no e4m3 -> bf16)
+             A [block_n, block_k] x B = x_tile^T (a transposed view: x is K-major)
+      w8a8:  fp8 w tile and fp8 x tile straight from SMEM (both K-major, as 8-bit wgmma needs)
+    epilogue: float32 accumulator -> SMEM -> TMA -> out^T
+
+The per-channel weight scale, the per-token activation scale and the transpose back to [M, N]
+are one XLA fusion after the kernel (they touch only M x N values, not the weight). The
+dequantized A tile goes through SMEM rather than straight from registers into wgmma: that is
+the form the Mosaic GPU interpreter runs on CPU (``tests/kernels``), and the weight read, not the
+SMEM round trip, bounds a decode matmul.
+
+Tile shapes (``default_config``): decode (Mp <= 64): block_n 64 (224 CTAs for N = 14336 on 132
+SMs), block_k 128, 4 stages; larger M: 128 x 128 x 64, 3 stages. Measured numbers belong in
+benchmarks/KERNEL_NOTES.md (``benchmarks/quant_matmul.py`` prints the table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.quant_matmul import reference
+
+FP8 = reference.FP8
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuConfig:
+    block_n: int = 64      # weight rows (output channels) per CTA: 64 or 128
+    block_m: int = 64      # tokens per CTA (wgmma N): a multiple of 8, at most 256
+    block_k: int = 128     # contraction per pipeline step
+    stages: int = 4        # TMA ring depth
+
+
+def on_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x)."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def padded_tokens(m: int) -> int:
+    """Tokens padded for the kernel: a multiple of 8 up to 64, then of 64."""
+    return max(8, -(-m // 8) * 8) if m <= 64 else -(-m // 64) * 64
+
+
+def default_config(m: int, n: int, k: int) -> MgpuConfig:
+    mp = padded_tokens(m)
+    if mp <= 64:
+        return MgpuConfig(block_n=64, block_m=mp, block_k=128 if k % 128 == 0 else 64, stages=4)
+    block_m = 128 if mp % 128 == 0 else 64
+    return MgpuConfig(block_n=128 if n % 128 == 0 else 64, block_m=block_m, block_k=64, stages=3)
+
+
+def supports(x: jax.Array, w: jax.Array, act_quant: bool, config: MgpuConfig | None = None) -> bool:
+    """Shapes and dtypes the kernel takes (else the dispatcher uses XLA)."""
+    m, k = x.shape
+    n = w.shape[0]
+    cfg = config or default_config(m, n, k)
+    if act_quant and jnp.dtype(w.dtype) != FP8:
+        return False
+    if not act_quant and jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return False
+    return n % cfg.block_n == 0 and k % cfg.block_k == 0
+
+
+def _transforms(dtype: jnp.dtype, cols: int) -> tuple:
+    bits = jnp.dtype(dtype).itemsize * 8
+    swizzle = plgpu.find_swizzle(cols * bits)
+    return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+
+
+def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool = False) -> jax.Array:
+    """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit -> float32 out^T [N, Mp]
+    = w @ xp^T (no scales). Mp, N, K multiples of the config's blocks."""
+    mp, k = xp.shape
+    n = w.shape[0]
+    bn, bm, bk = config.block_n, config.block_m, config.block_k
+    if n % bn or k % bk or mp % bm or bm % 8 or bn % 64:
+        raise ValueError(f"mgpu quant matmul: N={n}, K={k}, Mp={mp} do not tile by {config}")
+    a_dtype = xp.dtype                       # the wgmma operand dtype (x's, or fp8 for w8a8)
+    dequant = jnp.dtype(w.dtype) != jnp.dtype(a_dtype)
+
+    def kernel(x_gmem, w_gmem, o_gmem):
+        ni = lax.axis_index("n")
+        mi = lax.axis_index("m")
+
+        def with_smem(a_smem, o_smem):
+            def with_acc(acc_ref):
+                def body(_, w_smem, x_smem):
+                    if dequant:
+                        w_reg = w_smem[...]
+                        if jnp.dtype(w.dtype) == jnp.dtype(FP8) and jnp.dtype(a_dtype) != jnp.float16:
+                            w_reg = w_reg.astype(jnp.float32)   # Hopper converts e4m3 only to f16/f32
+                        a_smem[...] = w_reg.astype(a_dtype)
+                        plgpu.commit_smem()
+                        a = a_smem
+                    else:
+                        a = w_smem
+                    plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+                    plgpu.wgmma_wait(0)
+
+                plgpu.emit_pipeline(
+                    body, grid=(k // bk,),
+                    in_specs=[
+                        plgpu.BlockSpec((bn, bk), lambda kk: (ni, kk), transforms=_transforms(w.dtype, bk)),
+                        plgpu.BlockSpec((bm, bk), lambda kk: (mi, kk), transforms=_transforms(a_dtype, bk)),
+                    ],
+                    max_concurrent_steps=config.stages,
+                )(w_gmem, x_gmem)
+                o_smem[...] = acc_ref[...]
+
+            pl.run_scoped(with_acc, plgpu.ACC((bn, bm), jnp.float32))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            with_smem,
+            plgpu.SMEM((bn, bk), a_dtype, transforms=_transforms(a_dtype, bk)),
+            plgpu.SMEM((bn, bm), jnp.float32, transforms=_transforms(jnp.float32, bm)),
+        )
+
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((n, mp), jnp.float32),
+        grid=(n // bn, mp // bm),
+        grid_names=("n", "m"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    return f(xp, w)
+
+
+@functools.partial(jax.jit, static_argnames=("act_quant", "out_dtype", "config", "interpret"))
+def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax.Array | None = None,
+                 *, act_quant: bool = False, out_dtype: jnp.dtype | None = None,
+                 config: MgpuConfig | None = None, interpret: bool = False) -> jax.Array:
+    """Same contract as ``reference.w8a16_matmul`` (``act_quant=False``) or
+    ``reference.w8a8_matmul`` (``act_quant=True``): x [M, K], w [N, K], w_scale f32[N] -> [M, N].
+    Under one jit so that every layer's call site shares one lowering per shape."""
+    reference.validate_inputs(x, w, w_scale)
+    m, k = x.shape
+    n = w.shape[0]
+    cfg = config or default_config(m, n, k)
+    mp = -(-padded_tokens(m) // cfg.block_m) * cfg.block_m
+    if act_quant:
+        xq, x_scale = reference.quantize_activations(x, input_scale)
+    else:
+        xq, x_scale = x, None
+    xp = jnp.pad(xq, ((0, mp - m), (0, 0))) if mp != m else xq
+    out_t = matmul_t(xp, w, config=cfg, interpret=interpret)
+    y = out_t[:, :m].T * w_scale[None, :]
+    if x_scale is not None:
+        y = y * x_scale[:, None]
+    return y.astype(out_dtype or x.dtype)

@@ -1,0 +1,185 @@
+"""Quantized matmul: the reference against float math, the Mosaic GPU and TPU kernels
+(interpret mode) against the reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from pallas_kernels.quant_matmul import mgpu
+from pallas_kernels.quant_matmul import reference as ref
+from pallas_kernels.quant_matmul import tpu as qtpu
+
+FP8 = ref.FP8
+
+
+def _operands(seed, m, n, k, wdtype, xdtype=jnp.bfloat16):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k)), xdtype)
+    # Channels of very different magnitudes: per-channel scales must keep each one.
+    w = rng.standard_normal((n, k)) * np.exp(rng.uniform(-4, 1, (n, 1)))
+    q, s = ref.quantize_weight(jnp.asarray(w, jnp.float32), wdtype)
+    return x, q, s, w
+
+
+def _rel(got, want):
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+@pytest.mark.parametrize("wdtype,tol", [(jnp.int8, 0.012), (FP8, 0.06)])
+def test_quantize_weight_per_channel(wdtype, tol):
+    _, q, s, w = _operands(0, 1, 64, 256, wdtype)
+    assert q.dtype == wdtype and s.shape == (64,) and s.dtype == jnp.float32
+    back = np.asarray(q, np.float32) * np.asarray(s)[:, None]
+    rows = np.linalg.norm(back - w, axis=1) / np.linalg.norm(w, axis=1)
+    assert rows.max() < tol          # every channel, small or large, within the format's error
+    assert np.abs(np.asarray(q, np.float32)).max() == ref.qmax(wdtype)
+
+
+def test_zero_channels_get_a_finite_scale():
+    w = jnp.zeros((4, 8), jnp.float32).at[1].set(1.0)
+    q, s = ref.quantize_weight(w, jnp.int8)
+    assert np.isfinite(np.asarray(s)).all()
+    np.testing.assert_array_equal(np.asarray(q)[[0, 2, 3]], 0)
+
+
+@pytest.mark.parametrize("wdtype", [jnp.int8, FP8])
+def test_w8a16_reference_is_the_dequantized_matmul(wdtype):
+    x, q, s, _ = _operands(1, 5, 64, 128, wdtype, jnp.float32)
+    want = np.asarray(x, np.float64) @ (np.asarray(q, np.float64) * np.asarray(s, np.float64)[:, None]).T
+    got = ref.w8a16_matmul(x, q, s)
+    assert got.dtype == jnp.float32 and got.shape == (5, 64)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_w8a8_reference_quantizes_each_token_alone():
+    x, q, s, w = _operands(2, 6, 64, 128, FP8, jnp.float32)
+    x = x.at[3].multiply(1000.0)         # one loud token must not coarsen the others' scales
+    got = np.asarray(ref.w8a8_matmul(x, q, s))
+    exact = np.asarray(x, np.float64) @ w.T
+    for r in range(6):
+        assert _rel(got[r], exact[r]) < 0.08
+    xq, xs = ref.quantize_activations(x)
+    assert xq.dtype == FP8 and xs.shape == (6,)
+    np.testing.assert_allclose(np.asarray(xs), np.abs(np.asarray(x)).max(1) / 448.0, rtol=1e-6)
+    # A static input scale applies to every token.
+    xq, xs = ref.quantize_activations(x, jnp.float32(0.5))
+    np.testing.assert_array_equal(np.asarray(xs), 0.5)
+
+
+def test_group_dequant_and_block_scales():
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal((5, 7)), FP8)
+    block = jnp.asarray(rng.uniform(0.1, 2, (3, 2)), jnp.float32)   # [ceil(5/2), ceil(7/4)]
+    per_row = ref.expand_block_scales(block, 5, 2)
+    assert per_row.shape == (5, 2)
+    got = np.asarray(ref.group_dequant(w, per_row, 4))
+    want = np.asarray(w, np.float32) * np.repeat(np.repeat(np.asarray(block), 2, 0), 4, 1)[:5, :7]
+    np.testing.assert_allclose(got, want)
+    x = jnp.asarray(rng.standard_normal((3, 7)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(ref.group_matmul(x, w, per_row, 4)),
+                               np.asarray(x) @ want.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="group scales must be"):
+        ref.group_dequant(w, per_row[:, :1], 4)
+
+
+def test_validation_names_the_operand():
+    x = jnp.zeros((2, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="w must be \\[N, K=16\\]"):
+        ref.w8a16_matmul(x, jnp.zeros((16, 8), jnp.int8), jnp.ones((16,)))
+    with pytest.raises(ValueError, match="w_scale must be"):
+        ref.w8a16_matmul(x, jnp.zeros((8, 16), jnp.int8), jnp.ones((4,)))
+    with pytest.raises(ValueError, match="int8 or float8_e4m3fn"):
+        ref.w8a16_matmul(x, jnp.zeros((8, 16), jnp.bfloat16), jnp.ones((8,)))
+    with pytest.raises(ValueError, match="w8a8 needs float8_e4m3fn"):
+        ref.w8a8_matmul(x, jnp.zeros((8, 16), jnp.int8), jnp.ones((8,)))
+
+
+# m, n, k, weight dtype, act_quant, config (None = default_config)
+MGPU_CASES = {
+    "decode_int8_m1": (1, 128, 256, jnp.int8, False, None),
+    "decode_fp8_m13": (13, 64, 256, FP8, False, None),
+    "w8a8_m5": (5, 128, 256, FP8, True, None),
+    "prefill_int8_m70": (70, 256, 128, jnp.int8, False, None),
+    "w8a8_m130": (130, 128, 128, FP8, True, None),
+    "int8_bn128_k64": (9, 256, 192, jnp.int8, False, mgpu.MgpuConfig(128, 16, 64, 2)),
+}
+
+
+@pytest.mark.parametrize("case", MGPU_CASES, ids=list(MGPU_CASES))
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_mgpu_kernel_interpret(case, out_dtype):
+    m, n, k, wdtype, act_quant, cfg = MGPU_CASES[case]
+    x, q, s, _ = _operands(4, m, n, k, wdtype)
+    assert mgpu.supports(x, q, act_quant, cfg)
+    got = mgpu.quant_matmul(x, q, s, act_quant=act_quant, out_dtype=out_dtype, config=cfg,
+                            interpret=True)
+    f = ref.w8a8_matmul if act_quant else ref.w8a16_matmul
+    want = f(x, q, s, out_dtype=jnp.float32)
+    assert got.shape == (m, n) and got.dtype == out_dtype
+    assert _rel(got, want) < (1e-5 if out_dtype == jnp.float32 else 4e-3)
+
+
+def test_mgpu_rows_are_independent():
+    """A NaN token row (e.g. garbage in a padding row) must not leak into the other rows."""
+    x, q, s, _ = _operands(5, 9, 64, 128, FP8)
+    x = x.at[4].set(jnp.nan)
+    for act_quant in (False, True):
+        got = np.asarray(mgpu.quant_matmul(x, q, s, act_quant=act_quant, interpret=True), np.float32)
+        assert np.isfinite(np.delete(got, 4, axis=0)).all()
+
+
+def test_mgpu_static_input_scale_and_dispatch():
+    x, q, s, _ = _operands(6, 3, 64, 128, FP8)
+    scale = jnp.float32(0.01)
+    got = pallas_kernels.quant_matmul(x, q, s, scale, act_quant=True, interpret=True)
+    want = ref.w8a8_matmul(x, q, s, scale)
+    assert _rel(got, want) < 4e-3
+    # On CPU the entry point is the reference.
+    np.testing.assert_array_equal(np.asarray(pallas_kernels.quant_matmul(x, q, s)),
+                                  np.asarray(ref.w8a16_matmul(x, q, s)))
+    assert not mgpu.supports(x[:, :100], q[:, :100], False)  # K not a multiple of a block: XLA
+
+
+@pytest.mark.parametrize("m,n,k,wdtype,act_quant", [
+    (1, 256, 512, jnp.int8, False), (20, 128, 384, FP8, False), (33, 256, 256, FP8, True)])
+def test_tpu_kernel_interpret(m, n, k, wdtype, act_quant):
+    x, q, s, _ = _operands(7, m, n, k, wdtype)
+    got = pallas_kernels.quant_matmul(x, q, s, act_quant=act_quant, out_dtype=jnp.float32,
+                                      interpret=True, backend="tpu")
+    f = ref.w8a8_matmul if act_quant else ref.w8a16_matmul
+    assert _rel(got, f(x, q, s, out_dtype=jnp.float32)) < 1e-5
+    assert qtpu.supports(x, q)
+
+
+def test_kernels_under_jit_with_traced_scale():
+    x, q, s, _ = _operands(8, 2, 64, 128, jnp.int8)
+    got = jax.jit(lambda x, q, s: mgpu.quant_matmul(x, q, s, interpret=True))(x, q, s)
+    assert _rel(got, ref.w8a16_matmul(x, q, s)) < 4e-3
+
+
+@pytest.mark.parametrize("m", [1, 16, 256, 4096])
+@pytest.mark.parametrize("mode", ["int8", "fp8", "w8a8"])
+def test_mgpu_kernel_lowers_for_cuda(m, mode):
+    """The Mosaic GPU lowering accepts the kernel at the Llama-3.1-8B MLP shape (cross-lowered
+    for CUDA on CPU: catches unsupported layouts and conversions, e.g. Hopper's missing
+    e4m3 -> bf16 convert, without a GPU)."""
+    x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((14336, 4096), jnp.int8 if mode == "int8" else FP8)
+    s = jax.ShapeDtypeStruct((14336,), jnp.float32)
+    fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s, act_quant=mode == "w8a8"))
+    text = fn.trace(x, w, s).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("m,mode", [(1, "int8"), (16, "fp8"), (300, "w8a8")])
+def test_tpu_kernel_lowers_for_tpu(m, mode):
+    """The Mosaic TPU lowering accepts the kernel at the Llama-3.1-8B MLP shape (cross-lowered)."""
+    x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((14336, 4096), jnp.int8 if mode == "int8" else FP8)
+    s = jax.ShapeDtypeStruct((14336,), jnp.float32)
+    fn = jax.jit(lambda x, w, s: qtpu.quant_matmul(x, w, s, act_quant=mode == "w8a8"))
+    assert "tpu_custom_call" in fn.trace(x, w, s).lower(lowering_platforms=("tpu",)).as_text()

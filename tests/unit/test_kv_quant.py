@@ -1,0 +1,103 @@
+"""int8 / fp8 KV cache end to end on CPU: the pool with per-page, per-head scales, the model
+writing and reading them, pages moving with their scales (copy-on-write, swap, host tier), the
+bundled model's perplexity with quantized KV (the issue's tolerances), options and the plan."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import quant_eval as qe
+from engine_helpers import CompileCounter, run_engine
+from fixture_paths import GOLDEN
+
+from jserve.kv_cache import allocate_kv_cache
+from jserve.options import EngineArgs
+from jserve.plan import plan_capacity
+from jserve.sampling_params import SamplingParams
+from sharding import make_mesh
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+TOLERANCE = {"fp8": 0.01, "int8": 0.02}   # perplexity over the bf16 pool (the issue's targets)
+
+
+def test_pool_layout():
+    cfg, _ = qe.load(None)
+    kv = allocate_kv_cache(cfg, 5, 16, "fp8", make_mesh(1))
+    k, v, ks, vs = kv[0]
+    assert k.dtype == jnp.float8_e4m3fn and v.shape == (5, 16, cfg.num_kv_heads, cfg.head_dim)
+    assert ks.shape == vs.shape == (5, cfg.num_kv_heads) and ks.dtype == jnp.float32
+    assert allocate_kv_cache(cfg, 5, 16, "int8", make_mesh(1))[0][0].dtype == jnp.int8
+    assert len(allocate_kv_cache(cfg, 5, 16, "bfloat16", make_mesh(1))[0]) == 2
+    assert EngineArgs(kv_cache_dtype="fp8_e4m3").kv_cache_dtype == "fp8"
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        EngineArgs(kv_cache_dtype="int4")
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    ids = qe.heldout_ids(2 * qe.SEQ_LEN)
+    cfg, params = qe.load(None)
+    return cfg, params, ids, qe.evaluate(cfg, params, ids, batch=2, kv_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("kv_dtype", list(TOLERANCE))
+def test_code_small_quantized_kv_accuracy(kv_dtype, heldout):
+    """Attention reading the held-out windows back from an fp8 / int8 pool: perplexity within
+    the issue's tolerance of the bf16 pool, next-token argmax the same at >= 95% of positions."""
+    cfg, params, ids, (base_nll, base_top1) = heldout
+    nll, top1 = qe.evaluate(cfg, params, ids, batch=2, kv_dtype=kv_dtype)
+    assert qe.perplexity(nll) <= qe.perplexity(base_nll) * (1 + TOLERANCE[kv_dtype])
+    assert np.mean(top1 == base_top1) >= 0.95
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_engine_with_quantized_kv_moves_scales_with_pages(make_engine, kv_dtype):
+    """Swap, host tier and copy-on-write under pool pressure give the tokens of the same
+    prompts run alone (scales depend on a page's tokens only: batch invariance holds), the
+    engine's tokens are the model's own, and serving compiles nothing."""
+    engine = make_engine("llama", num_pages=13, host_kv_cache_gb=0.001, kv_cache_dtype=kv_dtype)
+    assert len(engine.runner.kv[0]) == 4
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(5, 500, n).tolist() for n in (9, 30, 17, 40, 5, 26)]
+    with CompileCounter() as counter:
+        alone = [run_engine(engine, [(p, GREEDY)])[0].outputs[0].token_ids for p in prompts]
+        first = prompts[3]
+        mixed = run_engine(engine, [(p, GREEDY) for p in prompts] +
+                           [(first, SamplingParams(n=2, temperature=0.0, max_tokens=12, ignore_eos=True))])
+    assert [o.outputs[0].token_ids for o in mixed[:-1]] == alone
+    assert [c.token_ids for c in mixed[-1].outputs] == [alone[3]] * 2
+    s = engine.kv_cache_stats()
+    assert s["preemptions_swap"] > 0 and s["cow_copies"] > 0
+    assert counter.count == 0
+    cfg, params = qe.load(None, "float32", GOLDEN / "llama")
+    assert alone[1] == qe.greedy(cfg, params, prompts[1], 12, kv_dtype=kv_dtype)
+
+
+def test_mover_moves_scales():
+    from jserve.kv_transfer import KVPageMover
+    from jserve.scheduler_output import KVTransfers
+
+    cfg, _ = qe.load(None)
+    kv = allocate_kv_cache(cfg, 12, 4, "int8", make_mesh(1))
+    rng = np.random.default_rng(0)
+    kv = [tuple(jax.device_put(rng.integers(-100, 100, a.shape).astype(np.int8) if a.dtype == jnp.int8
+                               else rng.uniform(0.1, 2, a.shape).astype(np.float32), a.sharding)
+                for a in layer) for layer in kv]
+    expect = [tuple(np.asarray(a) for a in layer) for layer in kv]
+    mover = KVPageMover(kv, 4, {"swap": 3})
+    kv = mover.move(kv, KVTransfers(copies=[(1, 2)], to_host=[(3, "swap", 0), (4, "swap", 2)]))
+    kv = mover.move(kv, KVTransfers(from_host=[("swap", 0, 9), ("swap", 2, 10)]))
+    for layer, want in zip(kv, expect, strict=True):
+        for got, w in zip(layer, want, strict=True):
+            got = np.asarray(got)
+            np.testing.assert_array_equal(got[[2, 9, 10]], w[[1, 3, 4]])
+            np.testing.assert_array_equal(got[[0, 1, 3, 4, 5]], w[[0, 1, 3, 4, 5]])
+
+
+def test_plan_counts_one_byte_per_value_and_the_scales():
+    bf16 = plan_capacity("llama3.1-8b", max_model_len=8192)
+    fp8 = plan_capacity("llama3.1-8b", max_model_len=8192, kv_cache_dtype="fp8")
+    assert fp8.kv_bytes_per_token * 2 == bf16.kv_bytes_per_token
+    assert 1.99 < fp8.pool.num_pages / bf16.pool.num_pages <= 2.0
+    assert "1 B (fp8)" in fp8.render()
+    jax.clear_caches()

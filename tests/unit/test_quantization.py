@@ -1,0 +1,147 @@
+"""Quantized weights end to end on CPU: the ``linear()`` seam, quantize-on-load
+(``quantization="int8" | "fp8" | "fp8_w8a8"``), the fused output-major layout, accuracy of the
+bundled code-small against bf16 (the issue's tolerances), the engine and ``jserve plan``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import quant_eval as qe
+from engine_helpers import run_tokens
+from fixture_paths import GOLDEN
+from quant_fixtures import random_tensors, tiny_config, write_model
+
+from checkpoints import HFModelDir
+from jserve.config import ModelConfig
+from jserve.llm import LLM
+from jserve.model.linear import QuantizedWeight
+from jserve.model.params import load_params, params_bytes
+from jserve.model.quant_params import PROJECTIONS, resolve_scheme, weight_bytes
+from jserve.plan import plan_capacity
+from jserve.sampling_params import SamplingParams
+from jserve.step_input import StepInput
+from sharding import make_mesh
+
+# method -> perplexity increase allowed over bf16 (the issue: +1% fp8, +2% int8)
+TOLERANCE = {"int8": 0.02, "fp8": 0.01, "fp8_w8a8": 0.01}
+
+
+def dequantized(params: dict) -> dict:
+    """The dense param tree (``[L, K, *out]``) whose weights are the quantized ones' values."""
+    out = dict(params)
+    for name in PROJECTIONS:
+        w = params[name]
+        assert isinstance(w, QuantizedWeight) and w.group is None
+        real = w.q.astype(jnp.float32) * w.scale[..., None]
+        out[name] = jnp.moveaxis(real, -1, 1)
+    return out
+
+
+def prefill_logits(cfg, params, prompt, mesh=None):
+    page = 16
+    b = StepInput.fresh_prompts([np.asarray(prompt, np.int32)], len(prompt), 1, -(-len(prompt) // page), page)
+    b = StepInput(**{**b.__dict__, "logits_indices": np.arange(len(prompt), dtype=np.int32)[-1:]})
+    from jserve.kv_cache import allocate_kv_cache
+    from jserve.model.decoder import hidden_states, logits_from_hidden
+
+    kv = allocate_kv_cache(cfg, -(-len(prompt) // page) + 1, page, cfg.dtype, mesh or make_mesh(1))
+    h, _ = jax.jit(lambda p, k, b: hidden_states(cfg, p, k, b, mesh=mesh))(params, kv, b)
+    return np.asarray(jax.jit(lambda p, h: logits_from_hidden(cfg, p, h))(params, h))
+
+
+@pytest.fixture(scope="module")
+def uneven_model(tmp_path_factory):
+    """A float32 Llama with 3 query heads per kv head (padded to 4 in the fused layout)."""
+    cfg = tiny_config()
+    return write_model(tmp_path_factory.mktemp("uneven"), cfg, random_tensors(cfg))
+
+
+@pytest.mark.parametrize("model,method", [("uneven", "int8"), ("uneven", "fp8"), ("uneven", "fp8_w8a8"),
+                                          ("qwen2", "fp8")])
+def test_layout_is_the_dense_model_with_quantized_values(model, method, uneven_model):
+    """Quantized params == the dense model whose weights are their dequantized values: q/k/v
+    fusion, padded query heads, o/gate/up/down orientation and the per-channel scales all line
+    up (bias and GQA padding included). fp8_w8a8 also rounds every activation to fp8 (a 3-bit
+    mantissa) per token, which moves this random model's logits by ~6%: its bound only says
+    the same layout is in use (the activation rounding itself is tested in tests/kernels)."""
+    path = uneven_model if model == "uneven" else GOLDEN / "qwen2"
+    mdir = HFModelDir(path)
+    cfg = ModelConfig.from_hf_config(mdir.config, dtype="float32")
+    qp = load_params(mdir, cfg, make_mesh(1), method)
+    for name in PROJECTIONS:
+        w = qp[name]
+        assert w.q.dtype == (jnp.int8 if method == "int8" else jnp.float8_e4m3fn)
+        assert w.scale.dtype == jnp.float32 and w.scale.shape == w.q.shape[:-1]
+        assert w.act_quant == (method == "fp8_w8a8")
+    if cfg.q_per_kv_padded != cfg.q_per_kv:   # padded heads: exact zeros, finite scales
+        pad = np.asarray(qp["wqkv"].q[:, :, cfg.q_per_kv:cfg.q_per_kv_padded], np.float32)
+        assert pad.size and not pad.any() and np.isfinite(np.asarray(qp["wqkv"].scale)).all()
+    prompt = list(range(3, 40))
+    got = prefill_logits(cfg, qp, prompt)
+    want = prefill_logits(cfg, dequantized(qp), prompt)
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < (0.1 if method == "fp8_w8a8" else 1e-5)
+    dense = load_params(mdir, cfg, make_mesh(1))
+    assert params_bytes(qp) < 0.6 * params_bytes(dense) or model == "qwen2"
+    assert params_bytes(qp) == weight_bytes(cfg, resolve_scheme(mdir.config, method, "x"))
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (XLA_FLAGS host count)")
+@pytest.mark.parametrize("method", ["int8", "fp8_w8a8"])
+def test_tensor_parallel_quantized_matches_tp1(method):
+    """tp=2: the 8-bit stacks shard like the dense ones (kv heads / MLP columns / rows) and the
+    logits equal tp=1's (per-token activation scales reduce over the whole hidden size)."""
+    mdir = HFModelDir(GOLDEN / "llama")
+    cfg = ModelConfig.from_hf_config(mdir.config, dtype="float32")
+    mesh = make_mesh(2)
+    p2 = load_params(mdir, cfg, mesh, method)
+    for name in PROJECTIONS:
+        assert len(p2[name].q.sharding.device_set) == 2 and not p2[name].q.sharding.is_fully_replicated
+    prompt = list(range(5, 30))
+    one = prefill_logits(cfg, load_params(mdir, cfg, make_mesh(1), method), prompt)
+    two = prefill_logits(cfg, p2, prompt, mesh)
+    np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def base():
+    ids = qe.heldout_ids(4 * qe.SEQ_LEN)
+    cfg, params = qe.load(None)
+    prompt = ids[:32].tolist()
+    return ids, prompt, qe.evaluate(cfg, params, ids), qe.greedy(cfg, params, prompt, 64)
+
+
+@pytest.mark.parametrize("method", list(TOLERANCE))
+def test_code_small_quantized_accuracy(method, base):
+    """Held-out perplexity within the issue's tolerance of bf16; the next-token argmax agrees
+    with bf16's at >= 95% of held-out positions; a greedy continuation starts the same (it
+    diverges for good at the first near-tie that rounding flips: benchmarks/quant_accuracy.py
+    reports how far each one runs)."""
+    ids, prompt, (base_nll, base_top1), base_tokens = base
+    cfg, params = qe.load(method)
+    nll, top1 = qe.evaluate(cfg, params, ids)
+    ppl, base_ppl = qe.perplexity(nll), qe.perplexity(base_nll)
+    assert ppl <= base_ppl * (1 + TOLERANCE[method]), (method, ppl, base_ppl)
+    assert np.mean(top1 == base_top1) >= 0.95
+    tokens = qe.greedy(cfg, params, prompt, 64)
+    assert qe.agreement(tokens, base_tokens) >= 8, (tokens, base_tokens)
+
+
+def test_engine_serves_quantized_weights(make_engine):
+    """LLM/engine path: the engine's greedy tokens are the quantized model's own, and the
+    plan's weight bytes are what the engine holds."""
+    engine = make_engine("llama", quantization="int8")
+    assert isinstance(engine.runner.params["wgu"], QuantizedWeight)
+    prompts = [[5, 9, 11, 3], list(range(20, 45))]
+    got = run_tokens(engine, prompts, SamplingParams(temperature=0.0, max_tokens=12))
+    cfg, params = qe.load("int8", "float32", GOLDEN / "llama")
+    for p, toks in zip(prompts, got, strict=True):
+        assert toks == qe.greedy(cfg, params, p, 12)
+    plan = plan_capacity(str(GOLDEN / "llama"), dtype="float32", quantization="int8")
+    assert plan.weight_bytes_total == params_bytes(engine.runner.params)
+    assert "projections 8-bit" in plan.render()
+
+
+def test_bad_quantization_is_named():
+    with pytest.raises(ValueError, match="quantization must be .int8., .fp8., .fp8_w8a8. or None, got .awq."):
+        LLM(quantization="awq")
