@@ -32,7 +32,7 @@ from jserve.model.shapes import NAMED_SHAPES, named_shape
 from jserve.options import EngineArgs
 from jserve.penalty_state import state_bytes
 from jserve.runner import Runner
-from jserve.tokenizer import Tokenizer
+from jserve.tokenizer import TOKENIZER_FILE, Tokenizer
 from sharding import make_mesh
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,21 @@ def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | None]:
             raise ValueError(f"model: no model given and the bundled default model is missing "
                              f"from this install ({path}); pass an HF model directory")
         args = dataclasses.replace(args, model=str(path))
+    if args.model in DEFAULT_MODELS and not Path(args.model).exists():
+        args = dataclasses.replace(args, model=str(default_model_path(args.model)))
     if args.model.lower() in NAMED_SHAPES and not Path(args.model).exists():
         if not args.random_weights:
             raise ValueError(f"model: {args.model!r} is a named shape; pass random_weights=True "
                              "to run it with random weights, or an HF model directory")
         return named_shape(args.model, args.dtype), None
+    if not Path(args.model).exists():
+        raise ValueError(f"model: {args.model!r} is neither a model directory nor a known name; "
+                         f"named shapes (with random_weights=True): {', '.join(sorted(NAMED_SHAPES))}; "
+                         f"bundled models: {', '.join(DEFAULT_MODELS)}")
     model_dir = HFModelDir(args.model)
+    if TOKENIZER_FILE not in model_dir.tokenizer_files:
+        raise ValueError(f"model: {model_dir.path / TOKENIZER_FILE} is missing (a model directory "
+                         "needs its tokenizer); copy it from the model's repository")
     cfg = ModelConfig.from_hf_config(model_dir.config, source=str(Path(args.model) / "config.json"),
                                      dtype=args.dtype)
     return cfg, model_dir
