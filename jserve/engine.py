@@ -28,6 +28,7 @@ from jserve.detokenizer import IncrementalDetokenizer
 from jserve.engine_api import BuildInfo, EngineStats, StartupInfo
 from jserve.kv_manager import make_kv_manager
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jserve.prompt_logprobs import PromptScorer
 from jserve.request import Request, RequestStatus
 from jserve.runner import Runner, StepHandle
 from jserve.sampling_batch import MAX_BANNED_IDS, banned_ids_fit
@@ -61,6 +62,7 @@ class _Parent:
     children: list[_Child]
     arrival_time: float
     first_token_time: float | None = None
+    prompt_logprobs: list | None = None      # PromptScorer.score's entries, when asked for
 
 
 class LLMEngine:
@@ -82,6 +84,7 @@ class LLMEngine:
         self._startup = StartupInfo.create(build, config, num_pages, self.scheduler.max_model_len)
         self._overlap = config.scheduler.async_scheduling
         self._in_flight: StepHandle | None = None  # dispatched, results not yet read
+        self._scorer: PromptScorer | None = None    # made on the first prompt_logprobs request
 
     # ------------------------------------------------------------------ input
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -100,6 +103,15 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt: token id {bad[0]} is out of range [0, {vocab})")
         return None, ids
+
+    def truncate_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt's last ``params.truncate_prompt_tokens`` tokens (-1: max_model_len - 1)."""
+        k = getattr(params, "truncate_prompt_tokens", None)
+        if k is None:
+            return ids
+        if k == -1:
+            k = self.config.scheduler.max_model_len - 1
+        return ids[-k:]
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         max_len = self.config.scheduler.max_model_len
@@ -131,7 +143,10 @@ class LLMEngine:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority: must be an integer, got {priority!r}")
         text, ids = self.tokenize_prompt(prompt)
+        ids = self.truncate_prompt(ids, params)
         self.validate(ids, params)
+        prompt_lps = (self._prompt_scorer().score(ids, params.prompt_logprobs)
+                      if params.prompt_logprobs is not None else None)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         base_seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
         children = []
@@ -151,10 +166,19 @@ class LLMEngine:
             for req in added:
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
             raise
-        self._parents[request_id] = _Parent(request_id, text, ids, params, children, arrival)
+        self._parents[request_id] = _Parent(request_id, text, ids, params, children, arrival,
+                                            prompt_logprobs=prompt_lps)
         for ch in children:
             self._child_to_parent[ch.request.request_id] = request_id
         return request_id
+
+    def _prompt_scorer(self) -> PromptScorer:
+        if self._scorer is None:
+            r = self.runner
+            self._scorer = PromptScorer(self.config.model, r.params, r.mesh, self.config.kv_dtype,
+                                        self.config.cache.page_size,
+                                        self._decode_one if self.tokenizer is not None else None)
+        return self._scorer
 
     def _make_detok(self, ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:
@@ -236,7 +260,8 @@ class LLMEngine:
             metrics["first_token_time"] = parent.first_token_time
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs,
                              finished=finished, metrics=metrics,
-                             num_cached_tokens=parent.children[0].request.num_cached_tokens or 0)
+                             num_cached_tokens=parent.children[0].request.num_cached_tokens or 0,
+                             prompt_logprobs=parent.prompt_logprobs)
 
     def _advance_child(self, ch: _Child) -> None:
         req = ch.request
