@@ -62,6 +62,7 @@ class _Parent:
     children: list[_Child]
     arrival_time: float
     first_token_time: float | None = None
+    scheduled_time: float | None = None      # first scheduled (queue time ends, prefill starts)
     prompt_logprobs: list | None = None      # PromptScorer.score's entries, when asked for
 
 
@@ -85,6 +86,7 @@ class LLMEngine:
         self._overlap = config.scheduler.async_scheduling
         self._in_flight: StepHandle | None = None  # dispatched, results not yet read
         self._scorer: PromptScorer | None = None    # made on the first prompt_logprobs request
+        self._last_step_tokens = 0                  # tokens of the last dispatched step (stats)
 
     # ------------------------------------------------------------------ input
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -223,6 +225,7 @@ class LLMEngine:
         """
         sched_out = self.scheduler.schedule()
         handle = self.runner.dispatch(sched_out) if not sched_out.is_empty else None
+        self._stamp_scheduled(sched_out)
         done, self._in_flight = self._in_flight, handle
         if not self._overlap:
             done, self._in_flight = handle, None
@@ -242,6 +245,20 @@ class LLMEngine:
                 self._release(pid)
         return outputs
 
+    def _stamp_scheduled(self, sched_out: object) -> None:
+        """Metrics: the step's token count, and when each request was first scheduled (rows
+        that take a slot: admissions and resumptions; only the first one is kept)."""
+        chunks = getattr(sched_out, "chunks", ())
+        self._last_step_tokens = sum(c.num_tokens for c in chunks)
+        now = None
+        for c in chunks:
+            if c.new is None:
+                continue
+            parent = self._parents.get(self._child_to_parent.get(c.req_id, ""))
+            if parent is not None and parent.scheduled_time is None:
+                now = now or time.monotonic()
+                parent.scheduled_time = now
+
     def _release(self, pid: str) -> None:
         parent = self._parents.pop(pid)
         for ch in parent.children:
@@ -256,6 +273,8 @@ class LLMEngine:
         finished = all(ch.request.is_finished for ch in parent.children)
         outs = [self._completion(i, ch, parent.params) for i, ch in enumerate(parent.children)]
         metrics = {"arrival_time": parent.arrival_time}
+        if parent.scheduled_time is not None:
+            metrics["scheduled_time"] = parent.scheduled_time
         if parent.first_token_time is not None:
             metrics["first_token_time"] = parent.first_token_time
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs,
@@ -331,4 +350,4 @@ class LLMEngine:
                            kv_pages_used=kv["pages_used"], kv_pages_free=kv["pages_free"],
                            kv_pages_total=kv["pages_total"],
                            num_preemptions_total=self.scheduler.num_preemptions_total,
-                           kv_cache=kv)
+                           kv_cache=kv, step_tokens=self._last_step_tokens)

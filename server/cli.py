@@ -48,7 +48,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     log.info("engine built in %.1f s", time.perf_counter() - t0)
     model_name = ns.model or DEFAULT_MODELS[0]  # no --model: the bundled default model
     name = (config.served_model_names or (model_name,))[0]
-    stats = PrometheusStats(name, engine.startup.kv_pages_total) if config.enable_metrics else None
+    stats = PrometheusStats.for_engine(name, engine) if config.enable_metrics else None
     server = RunningServer(AsyncEngine(engine, stats), config, model_name, stats)
     asyncio.run(serve_until_signal(server))
     return 0

@@ -23,6 +23,7 @@ from typing import Any
 from jserve.async_engine import DeltaTracker, RequestStream
 from jserve.outputs import RequestOutput
 from server import openai_format as fmt
+from server.access_log import TokenCount
 from server.errors import from_exception
 from server.protocol import ChatRequest, CompletionRequest, Prompt
 from server.serving import Serving, new_id
@@ -38,6 +39,7 @@ class Started:
     streams: list[RequestStream]
     prompt_ids: list[list[int]]
     echo_texts: list[str] = field(default_factory=list)
+    tokens: TokenCount = field(default_factory=TokenCount)   # for the access log line
 
     def abort(self) -> None:
         for s in self.streams:
@@ -51,6 +53,7 @@ class Started:
 async def _start_all(serving: Serving, prefix: str, model: str, prompts: list[list[int]],
                      params_list: list[Any], cache_salt: str | None = None, priority: int = 0) -> Started:
     started = Started(new_id(prefix), model, fmt.now(), [], prompts)
+    started.tokens.prompt = started.prompt_tokens
     try:
         for i, (ids, params) in enumerate(zip(prompts, params_list, strict=True)):
             started.streams.append(await serving.start(ids, params, f"{started.rid}-{i}", cache_salt,
@@ -189,6 +192,7 @@ class CompletionHandler:
                     comp.token_ids if req.return_token_ids else None)
                 choice.update(self._prompt_logprobs(req, out))
                 choices.append(choice)
+        started.tokens.completion = completion_tokens
         extra = {"prompt_token_ids": started.prompt_ids} if req.return_token_ids else {}
         return fmt.envelope("text_completion", started.rid, started.model, started.created, choices,
                             fmt.usage(started.prompt_tokens, completion_tokens, _cached(outs)), **extra)
@@ -212,6 +216,7 @@ class CompletionHandler:
                         offsets[index] = len(started.echo_texts[p_idx])
                         echo_lps = self._echo_logprobs(req, out)
                     completion_tokens += len(d.token_ids)
+                    started.tokens.completion = completion_tokens
                     lps, offsets[index] = self._logprobs(req, d.token_ids, d.logprobs,
                                                          offsets.get(index, 0))
                     if echo_lps is not None:
@@ -259,6 +264,7 @@ class ChatHandler:
                                    self._logprobs(req, c.token_ids, c.logprobs),
                                    c.token_ids if req.return_token_ids else None) for c in out.outputs]
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+        started.tokens.completion = completion_tokens
         extra = {"prompt_token_ids": started.prompt_ids[0]} if req.return_token_ids else {}
         if req.prompt_logprobs is not None:
             extra["prompt_logprobs"] = fmt.prompt_logprobs(out.prompt_token_ids, out.prompt_logprobs,
@@ -281,6 +287,7 @@ class ChatHandler:
                 last = out
                 for d in tracker.update(out):
                     completion_tokens += len(d.token_ids)
+                    started.tokens.completion = completion_tokens
                     choice = fmt.chat_delta_choice(
                         d.index, {"content": d.text}, d.finish_reason, d.stop_reason,
                         self._logprobs(req, d.token_ids, d.logprobs),
