@@ -152,3 +152,15 @@ def test_stream_chunks_leave_out_null_fields(served, path, body):
         assert set(_nulls(chunk)) <= allowed, chunk
     assert "usage" not in chunks[0] and chunks[-1]["usage"]["completion_tokens"] == 4
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_readme_grpc_client_streams_a_completion(served, capsys, monkeypatch):
+    """examples/grpc_client.py (the README's gRPC snippet) against the running server."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "grpc_client.py"
+    monkeypatch.setattr(sys, "argv", [str(script), served.grpc_target])
+    runpy.run_path(str(script), run_name="__main__")
+    assert len(capsys.readouterr().out.strip()) > 0
