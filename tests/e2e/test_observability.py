@@ -59,3 +59,28 @@ def test_one_access_log_line_per_request(served, oai, caplog):
     assert any(t.startswith("POST /v1/completions 400 ") for t in text)
     assert [rec.levelno for rec in lines if rec.getMessage().startswith("GET /health")] == [logging.DEBUG]
     assert all(rec.levelno == logging.INFO for rec in lines if "/v1/" in rec.getMessage())
+
+
+def test_engine_stats_line_while_busy(make_engine, caplog):
+    """AsyncEngine logs vLLM's periodic engine line while it has work (a tiny interval here;
+    10 s by default). The engine has the shared one's shape: its steps load from the cache."""
+    import asyncio
+
+    from e2e_server import ENGINE_ARGS
+
+    from jserve.async_engine import AsyncEngine
+    from jserve.sampling_params import SamplingParams
+
+    caplog.set_level(logging.INFO, logger="jserve.metrics")
+    engine = make_engine("llama", **{k: v for k, v in ENGINE_ARGS.items() if k != "model"})
+
+    async def run() -> None:
+        aengine = AsyncEngine(engine, log_stats_interval_s=1e-9)
+        async for _ in aengine.generate([5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True)):
+            pass
+        await aengine.shutdown()
+
+    asyncio.run(run())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("engine: ")]
+    assert lines and all("running" in ln and "waiting" in ln and "KV cache" in ln and "tok/s" in ln
+                         for ln in lines)
