@@ -390,7 +390,15 @@ def bench_config_from(ns: argparse.Namespace) -> BenchConfig:
 def cmd_bench(ns: argparse.Namespace) -> int:
     cfg = bench_config_from(ns)
     logging.getLogger("httpx").setLevel(logging.WARNING)     # not one INFO line per request
-    report = asyncio.run(run_bench(cfg))
+    import grpc
+    import httpx
+
+    try:
+        report = asyncio.run(run_bench(cfg))
+    except (httpx.TransportError, grpc.RpcError) as e:   # no server there: one line, no traceback
+        target = cfg.base_url if cfg.backend == "openai" else cfg.grpc_target
+        detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
+        raise ValueError(f"cannot reach the {cfg.backend} server at {target}: {detail}") from None
     print(f"jserve bench: {cfg.backend} {cfg.base_url if cfg.backend == 'openai' else cfg.grpc_target} "
           f"model={report['model']} {cfg.num_prompts} requests, "
           f"{'dataset ' + cfg.dataset if cfg.dataset else f'{cfg.input_len} in / {cfg.output_len} out'}")

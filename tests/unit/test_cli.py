@@ -110,3 +110,11 @@ def test_tpu_probe_line_is_hidden(caplog):
     bridge.info("another line")
     assert "Unable to initialize backend 'tpu'" not in caplog.text
     assert "another line" in caplog.text
+
+
+@pytest.mark.parametrize("args", [["--base-url", "http://127.0.0.1:1"],
+                                  ["--backend", "grpc", "--grpc-target", "127.0.0.1:1"]])
+def test_bench_without_a_server_is_one_line(capsys, args):
+    assert main(["bench", *args, "--num-prompts", "1", "--warmup", "0"]) == 2
+    line = _one_error_line(capsys)
+    assert "cannot reach" in line and "127.0.0.1:1" in line
