@@ -34,6 +34,7 @@ from jserve.runner import Runner, StepHandle
 from jserve.sampling_batch import MAX_BANNED_IDS, banned_ids_fit
 from jserve.sampling_params import SamplingParams
 from jserve.scheduler import Scheduler
+from jserve.scheduler_output import SchedulerOutput
 from jserve.stop_strings import StopStringMatcher
 from jserve.tokenizer import Tokenizer
 
@@ -108,7 +109,7 @@ class LLMEngine:
 
     def truncate_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
         """The prompt's last ``params.truncate_prompt_tokens`` tokens (-1: max_model_len - 1)."""
-        k = getattr(params, "truncate_prompt_tokens", None)
+        k = getattr(params, "truncate_prompt_tokens", None)   # validate() checks the type next
         if k is None:
             return ids
         if k == -1:
@@ -245,19 +246,19 @@ class LLMEngine:
                 self._release(pid)
         return outputs
 
-    def _stamp_scheduled(self, sched_out: object) -> None:
-        """Metrics: the step's token count, and when each request was first scheduled (rows
-        that take a slot: admissions and resumptions; only the first one is kept)."""
-        chunks = getattr(sched_out, "chunks", ())
-        self._last_step_tokens = sum(c.num_tokens for c in chunks)
-        now = None
-        for c in chunks:
+    def _stamp_scheduled(self, sched_out: SchedulerOutput) -> None:
+        """Metrics, one pass over the step's rows: its token count, and when each request was
+        first scheduled (rows that take a slot: admissions and resumptions; the first is kept)."""
+        tokens, now = 0, None
+        for c in sched_out.chunks:
+            tokens += c.num_tokens
             if c.new is None:
                 continue
             parent = self._parents.get(self._child_to_parent.get(c.req_id, ""))
             if parent is not None and parent.scheduled_time is None:
                 now = now or time.monotonic()
                 parent.scheduled_time = now
+        self._last_step_tokens = tokens
 
     def _release(self, pid: str) -> None:
         parent = self._parents.pop(pid)
