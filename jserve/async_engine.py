@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 
 from jserve.engine import LLMEngine, Prompt
 from jserve.engine_api import EngineHealth, EngineStats, StartupInfo
-from jserve.metrics import RequestMetrics, RequestStats, StatsListener
+from jserve.metrics import RequestMetrics, RequestStats, StatsListener, StatsLogger
 from jserve.outputs import RequestOutput, SampleLogprobs
 from jserve.sampling_params import SamplingParams
 
@@ -206,13 +206,14 @@ class AsyncEngine:
     """
 
     def __init__(self, engine: LLMEngine, stats: StatsListener | None = None,
-                 thread_name: str = "jserve-engine") -> None:
+                 thread_name: str = "jserve-engine", log_stats_interval_s: float = 10.0) -> None:
         self._engine = engine
         self.tokenizer = engine.tokenizer
         self.config = engine.config
         self.max_model_len: int = engine.max_model_len
         self.startup: StartupInfo = engine.startup
         self._metrics = RequestMetrics(stats)
+        self._stats_log = StatsLogger(log_stats_interval_s)   # one INFO line per interval while busy
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}          # engine thread only
         self._lock = threading.Lock()                     # guards _closed vs. enqueueing
@@ -409,7 +410,8 @@ class AsyncEngine:
             return
         self._failures = 0
         step_s = time.perf_counter() - t0
-        self._metrics.step(step_s, self._engine.stats())
+        stats = self._engine.stats()
+        self._metrics.step(step_s, stats)
         now = time.monotonic()
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
         for out in outs:
@@ -424,6 +426,10 @@ class AsyncEngine:
                 deliveries.setdefault(tr.stream._loop, []).append((tr.stream, out))
         for loop, items in deliveries.items():
             _deliver_threadsafe(loop, items)
+        self._stats_log.step(stats, self._metrics.prompt_tokens_total,
+                             self._metrics.generation_tokens_total, now)
+        if not self._engine.has_unfinished_requests():
+            self._stats_log.idle()
 
     def _fail_in_flight(self, exc: Exception) -> None:
         err = RequestFailedError(f"engine step failed: {type(exc).__name__}: {exc}")

@@ -41,7 +41,7 @@ from jserve.penalty_state import state_bytes
 from jserve.runner import Runner
 from jserve.spec.config import SpeculativeConfig
 from jserve.spec.draft import DraftModel, resolve_draft
-from jserve.tokenizer import Tokenizer
+from jserve.tokenizer import TOKENIZER_FILE, Tokenizer
 from sharding import make_mesh
 from sharding.multihost import check_launch, initialize_multihost, launch_values
 
@@ -78,17 +78,26 @@ def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | OrbaxMode
             raise ValueError(f"model: no model given and the bundled default model is missing "
                              f"from this install ({path}); pass an HF model directory")
         args = dataclasses.replace(args, model=str(path))
+    if args.model in DEFAULT_MODELS and not Path(args.model).exists():
+        args = dataclasses.replace(args, model=str(default_model_path(args.model)))
     if args.model.lower() in NAMED_SHAPES and not Path(args.model).exists():
         if not args.random_weights:
             raise ValueError(f"model: {args.model!r} is a named shape; pass random_weights=True "
                              "to run it with random weights, or an HF model directory")
         return named_shape(args.model, args.dtype), None
+    if not Path(args.model).exists():
+        raise ValueError(f"model: {args.model!r} is neither a model directory nor a known name; "
+                         f"named shapes (with random_weights=True): {', '.join(sorted(NAMED_SHAPES))}; "
+                         f"bundled models: {', '.join(DEFAULT_MODELS)}")
     if is_orbax_dir(args.model):   # written by `jserve convert`
         orbax_dir = OrbaxModelDir(args.model)
         cfg = ModelConfig.from_hf_config(orbax_dir.config, source=str(orbax_dir.path / "config.json"),
                                          dtype=args.dtype or orbax_dir.dtype)
         return cfg, orbax_dir
     model_dir = HFModelDir(args.model)
+    if TOKENIZER_FILE not in model_dir.tokenizer_files:
+        raise ValueError(f"model: {model_dir.path / TOKENIZER_FILE} is missing (a model directory "
+                         "needs its tokenizer); copy it from the model's repository")
     cfg = ModelConfig.from_hf_config(model_dir.config, source=str(Path(args.model) / "config.json"),
                                      dtype=args.dtype)
     return cfg, model_dir

@@ -10,12 +10,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 
+from jserve import __version__
 from jserve.convert import add_convert_parser
 from jserve.options import OPTIONS, EngineArgs, Option, options_for
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Python spellings of options in messages raised by the engine -> the flag a CLI user types.
+_KEYWORD = re.compile(r"\b(" + "|".join(sorted(OPTIONS, key=len, reverse=True)) + r")=(\w+)")
 
 
 def add_engine_flags(p: argparse.ArgumentParser, command: str) -> None:
@@ -107,16 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
 def build_parser_and_subcommands() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The ``jserve`` parser and its subcommand table (front-ends add ``serve``/``bench``)."""
     parser = argparse.ArgumentParser(prog="jserve", description="LLM serving in JAX/XLA")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--version", action="version", version=f"jserve {__version__}")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="log verbosity (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text offline")
     add_engine_flags(g, "generate")
-    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--sampling-seed", type=int, default=None)
+    g.add_argument("--prompt", action="append",
+                   help="prompt text (repeatable) (default: one 'def fibonacci(n):' prompt)")
+    g.add_argument("--max-tokens", type=int, default=64,
+                   help="tokens to generate per prompt (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature, 0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass, 1 = off (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k most likely tokens, 0 = off (default: %(default)s)")
+    g.add_argument("--sampling-seed", type=int, default=None,
+                   help="seed of the sampler, for reproducible sampling (default: the engine's --seed)")
     # generate's smaller max_num_seqs / max_num_batched_tokens defaults are declared with the
     # options (command_defaults): a small batch compiles 4 step buckets instead of 6, so the first
     # run on a CPU is ready in seconds (later runs hit the persistent compilation cache).
@@ -126,16 +140,45 @@ def build_parser_and_subcommands() -> tuple[argparse.ArgumentParser, argparse._S
     return parser, sub
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+class _NoTPUProbeLine(logging.Filter):
+    """Drops JAX's "Unable to initialize backend 'tpu'" record: every machine without a TPU
+    logs it at start-up, and it reads like an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unable to initialize backend 'tpu'")
+
+
+def configure_logging(level: str) -> None:
+    """The CLI's logging: ``level`` for everything, JAX's TPU probe line hidden."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jax._src.xla_bridge").addFilter(_NoTPUProbeLine())
     logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))  # orbax
+
+
+def cli_message(error: BaseException) -> str:
+    """An engine error as the CLI user should read it: Python keywords (``random_weights=True``)
+    become the flags they type (``--random-weights``)."""
+
+    def flag(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2)
+        opt = OPTIONS[name]
+        if opt.type is bool:
+            return opt.flag if value == "True" else "--no-" + opt.flag[2:]
+        return f"{opt.flag} {value}"
+
+    return _KEYWORD.sub(flag, str(error))
+
+
+def run_command(ns: argparse.Namespace) -> int:
+    """Run the parsed command; a user error (bad value, missing or unusable file) is one
+    ``jserve: error:`` line on stderr and exit status 2, never a traceback."""
     try:
         return ns.func(ns)
-    except ValueError as e:
-        print(f"jserve: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"jserve: error: {cli_message(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     except RuntimeError as e:
         from jserve.multiprocess import PeerError
 
@@ -143,6 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"jserve: error: {e}", file=sys.stderr, flush=True)
         os._exit(3)   # not sys.exit: JAX's shutdown barrier would wait for the dead peer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    configure_logging(ns.log_level)
+    return run_command(ns)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,13 @@ from jserve.detokenizer import IncrementalDetokenizer
 from jserve.engine_api import BuildInfo, EngineStats, StartupInfo
 from jserve.kv_manager import make_kv_manager
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jserve.prompt_logprobs import PromptScorer
 from jserve.request import Request, RequestStatus
 from jserve.runner import Runner, StepHandle
 from jserve.sampling_batch import MAX_BANNED_IDS, banned_ids_fit
 from jserve.sampling_params import SamplingParams
 from jserve.scheduler import Scheduler
+from jserve.scheduler_output import SchedulerOutput
 from jserve.spec.verify_step import SpecStepHandle
 from jserve.stop_strings import StopStringMatcher
 from jserve.tokenizer import Tokenizer
@@ -62,6 +64,8 @@ class _Parent:
     children: list[_Child]
     arrival_time: float
     first_token_time: float | None = None
+    scheduled_time: float | None = None      # first scheduled (queue time ends, prefill starts)
+    prompt_logprobs: list | None = None      # PromptScorer.score's entries, when asked for
 
 
 class LLMEngine:
@@ -86,6 +90,8 @@ class LLMEngine:
         self._overlap = config.scheduler.async_scheduling and not (
             spec is not None and spec.method == "draft_model")
         self._in_flight: StepHandle | None = None  # dispatched, results not yet read
+        self._scorer: PromptScorer | None = None    # made on the first prompt_logprobs request
+        self._last_step_tokens = 0                  # tokens of the last dispatched step (stats)
 
     # ------------------------------------------------------------------ input
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -104,6 +110,15 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt: token id {bad[0]} is out of range [0, {vocab})")
         return None, ids
+
+    def truncate_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt's last ``params.truncate_prompt_tokens`` tokens (-1: max_model_len - 1)."""
+        k = getattr(params, "truncate_prompt_tokens", None)   # validate() checks the type next
+        if k is None:
+            return ids
+        if k == -1:
+            k = self.config.scheduler.max_model_len - 1
+        return ids[-k:]
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         max_len = self.config.scheduler.max_model_len
@@ -135,7 +150,10 @@ class LLMEngine:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority: must be an integer, got {priority!r}")
         text, ids = self.tokenize_prompt(prompt)
+        ids = self.truncate_prompt(ids, params)
         self.validate(ids, params)
+        prompt_lps = (self._prompt_scorer().score(ids, params.prompt_logprobs)
+                      if params.prompt_logprobs is not None else None)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         base_seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
         children = []
@@ -155,10 +173,19 @@ class LLMEngine:
             for req in added:
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
             raise
-        self._parents[request_id] = _Parent(request_id, text, ids, params, children, arrival)
+        self._parents[request_id] = _Parent(request_id, text, ids, params, children, arrival,
+                                            prompt_logprobs=prompt_lps)
         for ch in children:
             self._child_to_parent[ch.request.request_id] = request_id
         return request_id
+
+    def _prompt_scorer(self) -> PromptScorer:
+        if self._scorer is None:
+            r = self.runner
+            self._scorer = PromptScorer(self.config.model, r.params, r.mesh, self.config.kv_dtype,
+                                        self.config.cache.page_size,
+                                        self._decode_one if self.tokenizer is not None else None)
+        return self._scorer
 
     def _make_detok(self, ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:
@@ -219,6 +246,7 @@ class LLMEngine:
             self._in_flight = None
         sched_out = self.scheduler.schedule()
         handle = self.runner.dispatch(sched_out) if not sched_out.is_empty else None
+        self._stamp_scheduled(sched_out)
         done, self._in_flight = self._in_flight, handle
         if not self._overlap or sched_out.has_drafts:
             read(done)
@@ -236,6 +264,20 @@ class LLMEngine:
                 self._release(pid)
         return outputs
 
+    def _stamp_scheduled(self, sched_out: SchedulerOutput) -> None:
+        """Metrics, one pass over the step's rows: its token count, and when each request was
+        first scheduled (rows that take a slot: admissions and resumptions; the first is kept)."""
+        tokens, now = 0, None
+        for c in sched_out.chunks:
+            tokens += c.num_tokens
+            if c.new is None:
+                continue
+            parent = self._parents.get(self._child_to_parent.get(c.req_id, ""))
+            if parent is not None and parent.scheduled_time is None:
+                now = now or time.monotonic()
+                parent.scheduled_time = now
+        self._last_step_tokens = tokens
+
     def _release(self, pid: str) -> None:
         parent = self._parents.pop(pid)
         for ch in parent.children:
@@ -250,6 +292,8 @@ class LLMEngine:
         finished = all(ch.request.is_finished for ch in parent.children)
         outs = [self._completion(i, ch, parent.params) for i, ch in enumerate(parent.children)]
         metrics = {"arrival_time": parent.arrival_time}
+        if parent.scheduled_time is not None:
+            metrics["scheduled_time"] = parent.scheduled_time
         if parent.first_token_time is not None:
             metrics["first_token_time"] = parent.first_token_time
         if self.config.speculative is not None:
@@ -261,7 +305,8 @@ class LLMEngine:
                 metrics["spec_acceptance_rate"] = accepted / drafts
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs,
                              finished=finished, metrics=metrics,
-                             num_cached_tokens=parent.children[0].request.num_cached_tokens or 0)
+                             num_cached_tokens=parent.children[0].request.num_cached_tokens or 0,
+                             prompt_logprobs=parent.prompt_logprobs)
 
     def _advance_child(self, ch: _Child) -> None:
         req = ch.request
@@ -352,4 +397,4 @@ class LLMEngine:
                            kv_pages_used=kv["pages_used"], kv_pages_free=kv["pages_free"],
                            kv_pages_total=kv["pages_total"],
                            num_preemptions_total=self.scheduler.num_preemptions_total,
-                           kv_cache=kv)
+                           kv_cache=kv, step_tokens=self._last_step_tokens)

@@ -83,6 +83,7 @@ class EngineStats:
     num_preemptions_total: int      # since start-up (monotonic)
     # ``LLMEngine.kv_cache_stats()``: prefix-cache / swap / CoW counters (monotonic) and gauges.
     kv_cache: Mapping[str, int] = field(default_factory=dict)
+    step_tokens: int = 0            # tokens (prefill + decode) of the last dispatched step
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_cache", MappingProxyType(dict(self.kv_cache)))  # read-only copy

@@ -51,6 +51,9 @@ class RequestStats:
     generation_tokens: int            # summed over the n sequences
     e2e_seconds: float                # arrival -> last output
     ttft_seconds: float | None        # arrival -> first token; None when no token came
+    queue_seconds: float | None = None    # arrival -> first scheduled; None if never scheduled
+    prefill_seconds: float | None = None  # first scheduled -> first token
+    decode_seconds: float | None = None   # first token -> last output
 
 
 class StatsListener(Protocol):
@@ -89,6 +92,8 @@ class RequestMetrics:
     def __init__(self, listener: StatsListener | None) -> None:
         self._listener = listener
         self._progress: dict[str, _Progress] = {}
+        self.prompt_tokens_total = 0        # prompts that produced a first token (monotonic)
+        self.generation_tokens_total = 0    # output tokens (monotonic)
 
     def added(self, request_id: str, arrival_time: float) -> None:
         """A request the engine accepted with ``arrival_time``; until its first output that is
@@ -117,6 +122,9 @@ class RequestMetrics:
             p.token_time[comp.index] = now
         first = "first_token_time" in out.metrics and "first_token_time" not in p.metrics
         p.metrics, p.prompt_tokens = out.metrics, len(out.prompt_token_ids)
+        self.generation_tokens_total += new_total
+        if first:
+            self.prompt_tokens_total += p.prompt_tokens
         if self._listener is not None and first:
             self._emit(self._listener.on_first_token, p.ttft(), p.prompt_tokens)
         if self._listener is not None and new_total:
@@ -137,8 +145,15 @@ class RequestMetrics:
 
     def _finish(self, request_id: str, reasons: tuple[str, ...], now: float) -> RequestStats:
         p = self._progress.pop(request_id)
+        m = p.metrics
+        arrival, scheduled, first = (m["arrival_time"], m.get("scheduled_time"),
+                                     m.get("first_token_time"))
         stats = RequestStats(request_id, reasons, p.prompt_tokens, sum(p.tokens.values()),
-                             now - p.metrics["arrival_time"], p.ttft())
+                             now - arrival, p.ttft(),
+                             queue_seconds=None if scheduled is None else scheduled - arrival,
+                             prefill_seconds=(None if scheduled is None or first is None
+                                              else first - scheduled),
+                             decode_seconds=None if first is None else now - first)
         if self._listener is not None:
             self._emit(self._listener.on_request_finished, stats)
         return stats
@@ -149,3 +164,41 @@ class RequestMetrics:
             event(*args)
         except Exception:
             log.exception("stats listener %s failed", event.__name__)
+
+
+class StatsLogger:
+    """vLLM's periodic engine line: every ``interval_s`` while the engine is busy, one INFO line
+    with the running / waiting sequences, KV use and prompt / generation throughput since the
+    previous line. Fed on the engine thread after each step (``AsyncEngine``)."""
+
+    def __init__(self, interval_s: float = 10.0, logger: logging.Logger | None = None) -> None:
+        self.interval_s = interval_s
+        self._log = logger or log
+        self._last_time: float | None = None
+        self._last_prompt = 0
+        self._last_gen = 0
+
+    def step(self, stats: EngineStats, prompt_tokens_total: int, generation_tokens_total: int,
+             now: float) -> str | None:
+        """-> the line logged, when one is due."""
+        if self.interval_s <= 0:
+            return None
+        if self._last_time is None:
+            self._last_time, self._last_prompt, self._last_gen = now, prompt_tokens_total, \
+                generation_tokens_total
+            return None
+        dt = now - self._last_time
+        if dt < self.interval_s:
+            return None
+        line = (f"engine: {stats.num_running} running, {stats.num_waiting} waiting, "
+                f"KV cache {stats.kv_usage * 100:.1f}% used, "
+                f"prompt {(prompt_tokens_total - self._last_prompt) / dt:.1f} tok/s, "
+                f"generation {(generation_tokens_total - self._last_gen) / dt:.1f} tok/s")
+        self._log.info("%s", line)
+        self._last_time, self._last_prompt, self._last_gen = now, prompt_tokens_total, \
+            generation_tokens_total
+        return line
+
+    def idle(self) -> None:
+        """The engine went idle: the next busy period starts a fresh interval."""
+        self._last_time = None

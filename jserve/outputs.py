@@ -44,3 +44,6 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # ``SamplingParams.prompt_logprobs``: per prompt token (None for the first) its logprob and
+    # the top-N, as ``CompletionOutput.logprobs`` entries; None when not asked for.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

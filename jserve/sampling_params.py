@@ -29,7 +29,9 @@ class SamplingParams:
 
     temperature 0 means greedy. ``seed`` makes sampling reproducible per request
     (independent of what else is in the batch). ``logprobs`` = N returns the sampled token's
-    logprob plus the top-N alternatives at each step.
+    logprob plus the top-N alternatives at each step; ``prompt_logprobs`` = N the same for every
+    prompt token after the first (``RequestOutput.prompt_logprobs``). ``truncate_prompt_tokens``
+    = k keeps only the prompt's last k tokens (-1: as many as the context leaves room for).
     """
 
     n: int = 1
@@ -49,6 +51,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None          # per prompt token: its logprob + the top-N
+    truncate_prompt_tokens: int | None = None   # keep the prompt's last k tokens (-1: max_model_len - 1)
 
     def __post_init__(self) -> None:
         # Accept lists / a single string the way vLLM does, store tuples (frozen + hashable).
@@ -108,6 +112,17 @@ class SamplingParams:
                 or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(
                 f"SamplingParams.logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+        for name in ("prompt_logprobs",):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)
+                                  or not 0 <= v <= MAX_LOGPROBS):
+                raise ValueError(f"SamplingParams.{name} must be an integer in [0, {MAX_LOGPROBS}], "
+                                 f"got {v!r}")
+        k = self.truncate_prompt_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or (k < 1 and k != -1)):
+            raise ValueError(f"SamplingParams.truncate_prompt_tokens must be an integer >= 1 or -1, "
+                             f"got {k!r}")
 
     @property
     def greedy(self) -> bool:

@@ -348,16 +348,27 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None, *, chat_template: str | None = None,
-                            template_kwargs: Mapping[str, Any] | None = None) -> str:
+                            template_kwargs: Mapping[str, Any] | None = None,
+                            continue_final_message: bool = False) -> str:
         """Render a conversation to the prompt text the model was trained on (HF semantics).
 
         The template sees ``messages``, ``tools``, ``add_generation_prompt``, the special token
         strings (``bos_token``, ``eos_token``, ...), ``raise_exception``, ``strftime_now`` and a
         ``tojson`` filter that keeps key order and does not HTML-escape; blocks are trimmed
         (trim_blocks / lstrip_blocks). ``template_kwargs`` adds variables (e.g. enable_thinking).
+        ``continue_final_message``: the prompt ends inside the last (assistant) message, so the
+        model continues it (HF / vLLM semantics: the text after its content, the end-of-turn
+        marker, is cut); it excludes ``add_generation_prompt``.
         Raises ValueError for bad messages, a missing template, or one that refuses the input.
         """
         msgs = validate_messages(messages)
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+            if not msgs or msgs[-1].get("role") != "assistant" or not isinstance(
+                    msgs[-1].get("content"), str) or not msgs[-1]["content"].strip():
+                raise ValueError("continue_final_message needs a last message with role 'assistant' "
+                                 "and non-empty text content")
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise ValueError("tools must be a list of dicts (JSON schemas)")
         template = self._template(tools, chat_template)
@@ -365,8 +376,16 @@ class Tokenizer:
         variables.update(template_kwargs or {})
         variables.update(messages=msgs, tools=tools, add_generation_prompt=add_generation_prompt)
         try:
-            return template.render(**variables)
+            text = template.render(**variables)
         except ChatTemplateError:
             raise
         except Exception as e:  # a template error on user data is bad input, not an engine fault
             raise ChatTemplateError(f"chat template failed to render: {type(e).__name__}: {e}") from e
+        if continue_final_message:
+            final = msgs[-1]["content"].strip()
+            end = text.rfind(final)
+            if end < 0:
+                raise ChatTemplateError("continue_final_message: the chat template does not render the "
+                                        "last message's text verbatim")
+            text = text[:end + len(final)]
+        return text

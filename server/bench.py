@@ -341,25 +341,41 @@ def _concurrency_list(text: str) -> tuple[int, ...]:
 
 
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["openai", "grpc"], default="openai")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="HTTP server (openai backend)")
-    p.add_argument("--grpc-target", default="127.0.0.1:50051", help="host:port (grpc backend)")
+    p.add_argument("--backend", choices=["openai", "grpc"], default="openai",
+                   help="protocol to load the server with (default: %(default)s)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000",
+                   help="HTTP server (openai backend) (default: %(default)s)")
+    p.add_argument("--grpc-target", default="127.0.0.1:50051",
+                   help="host:port (grpc backend) (default: %(default)s)")
     p.add_argument("--model", default=None, help="model name (default: the server's first)")
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=16,
+                   help="requests per concurrency level (default: %(default)s)")
+    p.add_argument("--input-len", type=int, default=128,
+                   help="prompt tokens of random prompts (default: %(default)s)")
+    p.add_argument("--output-len", type=int, default=64,
+                   help="tokens generated per request (default: %(default)s)")
     p.add_argument("--concurrency", type=_concurrency_list, default=(1,),
-                   help="max requests in flight; a comma list sweeps (e.g. 1,2,4); 0 = unbounded")
-    p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf = all")
-    p.add_argument("--dataset", default=None, help="JSONL with 'prompt' or 'prompt_token_ids' per line")
-    p.add_argument("--vocab-size", type=int, default=None, help="random prompts: token id range")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", type=int, default=1, help="requests sent (and not counted) first")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--timeout", dest="timeout_s", type=float, default=600.0)
-    p.add_argument("--result-json", default=None, help="write the config and every run here")
+                   help="max requests in flight; a comma list sweeps (e.g. 1,2,4); 0 = unbounded "
+                   "(default: 1)")
+    p.add_argument("--request-rate", type=float, default=math.inf,
+                   help="requests/s (Poisson); inf = all at once (default: %(default)s)")
+    p.add_argument("--dataset", default=None,
+                   help="JSONL with 'prompt' or 'prompt_token_ids' per line (default: random prompts)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="random prompts: token id range (default: the server's vocabulary)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature (default: %(default)s)")
+    p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                   help="let requests stop at EOS (default: ignore EOS, every request makes "
+                   "--output-len tokens)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="requests sent (and not counted) first (default: %(default)s)")
+    p.add_argument("--api-key", default=None, help="the server's API key (default: none)")
+    p.add_argument("--timeout", dest="timeout_s", type=float, default=600.0,
+                   help="seconds per request (default: %(default)s)")
+    p.add_argument("--result-json", default=None,
+                   help="write the config and every run here (default: not written)")
 
 
 def bench_config_from(ns: argparse.Namespace) -> BenchConfig:
@@ -374,7 +390,15 @@ def bench_config_from(ns: argparse.Namespace) -> BenchConfig:
 def cmd_bench(ns: argparse.Namespace) -> int:
     cfg = bench_config_from(ns)
     logging.getLogger("httpx").setLevel(logging.WARNING)     # not one INFO line per request
-    report = asyncio.run(run_bench(cfg))
+    import grpc
+    import httpx
+
+    try:
+        report = asyncio.run(run_bench(cfg))
+    except (httpx.TransportError, grpc.RpcError) as e:   # no server there: one line, no traceback
+        target = cfg.base_url if cfg.backend == "openai" else cfg.grpc_target
+        detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
+        raise ValueError(f"cannot reach the {cfg.backend} server at {target}: {detail}") from None
     print(f"jserve bench: {cfg.backend} {cfg.base_url if cfg.backend == 'openai' else cfg.grpc_target} "
           f"model={report['model']} {cfg.num_prompts} requests, "
           f"{'dataset ' + cfg.dataset if cfg.dataset else f'{cfg.input_len} in / {cfg.output_len} out'}")

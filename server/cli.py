@@ -17,7 +17,13 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jserve.cli import add_engine_flags, build_parser_and_subcommands, engine_args_from
+from jserve.cli import (
+    add_engine_flags,
+    build_parser_and_subcommands,
+    configure_logging,
+    engine_args_from,
+    run_command,
+)
 from server.bench import add_bench_flags, cmd_bench
 
 log = logging.getLogger("jserve.server")
@@ -42,7 +48,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     log.info("engine built in %.1f s", time.perf_counter() - t0)
     model_name = ns.model or DEFAULT_MODELS[0]  # no --model: the bundled default model
     name = (config.served_model_names or (model_name,))[0]
-    stats = PrometheusStats(name, engine.startup.kv_pages_total) if config.enable_metrics else None
+    stats = PrometheusStats.for_engine(name, engine) if config.enable_metrics else None
     server = RunningServer(AsyncEngine(engine, stats), config, model_name, stats)
     asyncio.run(serve_until_signal(server))
     return 0
@@ -55,10 +61,14 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     from server.runtime import ServerConfig as D
 
     add_engine_flags(p, "serve")
-    p.add_argument("--host", default=D.host, help="bind address (0.0.0.0 for all interfaces)")
-    p.add_argument("--port", type=int, default=D.port, help="HTTP port (0: a free port)")
-    p.add_argument("--grpc-port", type=int, default=D.grpc_port, help="gRPC port (0: a free port, -1: off)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (HTTP and gRPC)")
+    p.add_argument("--host", default=D.host,
+                   help="bind address (0.0.0.0 for all interfaces) (default: %(default)s)")
+    p.add_argument("--port", type=int, default=D.port,
+                   help="HTTP port (0: a free port) (default: %(default)s)")
+    p.add_argument("--grpc-port", type=int, default=D.grpc_port,
+                   help="gRPC port (0: a free port, -1: off) (default: %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (HTTP and gRPC) (default: no key)")
     p.add_argument("--served-model-name", action="append", default=None,
                    help="model id(s) clients send (repeatable; default: the --model string)")
     p.add_argument("--max-body-bytes", type=int, default=D.max_body_bytes,
@@ -77,8 +87,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=D.shutdown_timeout_s,
                    help="seconds SIGTERM waits for in-flight requests before aborting them "
                    "(default: %(default)s)")
-    p.add_argument("--disable-metrics", action="store_true", help="no Prometheus /metrics")
-    p.add_argument("--access-log", action="store_true", help="uvicorn access log")
+    p.add_argument("--disable-metrics", action="store_true",
+                   help="no Prometheus /metrics (default: metrics on)")
+    p.add_argument("--access-log", action="store_true",
+                   help="uvicorn's access log, beside jserve's own line per request (default: off)")
 
 
 def build_full_parser() -> argparse.ArgumentParser:
@@ -95,15 +107,8 @@ def build_full_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_full_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))  # orbax
-    try:
-        return ns.func(ns)
-    except ValueError as e:
-        print(f"jserve: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    configure_logging(ns.log_level)
+    return run_command(ns)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ server/json_body.py (depth, lone surrogates, huge numbers: 400 naming the path).
 ``Retry-After``. A client that goes away (mid-upload, mid-stream) or a request refused while
 draining is logged at DEBUG, never as an ERROR traceback; only a 500 is.
 
+Every request is logged once its response is complete (server/access_log.py: method, path,
+status, prompt + completion tokens, latency; INFO, /health and /metrics at DEBUG).
+
 Disconnects: a streamed response and a non-streamed request both watch the connection; when
 the client goes away the handler is cancelled, which aborts the engine requests (pages freed).
 /health and /metrics need no API key (probes and scrapers); everything else does when one is set.
@@ -30,6 +33,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -37,6 +41,7 @@ from starlette.types import Receive, Scope, Send
 
 import jserve
 from jserve.engine_api import EngineHealth
+from server.access_log import AccessLog
 from server.errors import KNOWN_STATUSES, APIError, bad_request, from_exception
 from server.json_body import parse_json_body
 from server.metrics import CONTENT_TYPE, PrometheusStats
@@ -209,6 +214,7 @@ class OpenAIApp:
                         parse: Callable[[dict[str, Any]], Any]) -> Response:
         req = parse(await self._json(request))
         started = await handler.start(req)
+        request.state.tokens = started.tokens
         if req.stream:
             return SSEResponse(handler.stream(req, started))
         try:
@@ -299,7 +305,8 @@ class OpenAIApp:
             status = exc.status_code if exc.status_code in KNOWN_STATUSES else 400
             return error_response(APIError(status, f"{exc.detail}: {request.method} {request.url.path}"))
 
-        return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+        return Starlette(routes=routes, exception_handlers={HTTPException: http_error},
+                         middleware=[Middleware(AccessLog)])
 
 
 def _version() -> str:

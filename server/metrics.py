@@ -16,9 +16,21 @@ Names follow vLLM's with a ``jserve:`` prefix:
     jserve:inter_token_latency_seconds          histogram
     jserve:e2e_request_latency_seconds          histogram
     jserve:step_duration_seconds                histogram  one engine step
+    jserve:time_per_output_token_seconds        histogram  same samples as inter_token_latency
+                                                           (vLLM's older name, kept by vLLM too)
+    jserve:request_queue_time_seconds           histogram  arrival -> first scheduled
+    jserve:request_prefill_time_seconds         histogram  first scheduled -> first token
+    jserve:request_decode_time_seconds          histogram  first token -> last output
+    jserve:request_prompt_tokens                histogram  per finished request
+    jserve:request_generation_tokens            histogram  per finished request (all n sequences)
+    jserve:iteration_tokens_total               histogram  tokens (prefill + decode) per step
+    jserve:cache_config_info                    gauge = 1  labels: the KV cache configuration
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -29,6 +41,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
+                    320.0, 640.0, 1280.0)
 _STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -62,10 +76,42 @@ KV_GAUGES = {
 }
 
 
+def token_buckets(max_value: int) -> tuple[int, ...]:
+    """vLLM's 1-2-5 series up to ``max_value``: 1, 2, 5, 10, 20, 50, ..."""
+    out, exp = [], 0
+    while True:
+        for m in (1, 2, 5):
+            v = m * 10 ** exp
+            if v > max_value:
+                return tuple(out)
+            out.append(v)
+        exp += 1
+
+
+def cache_config_labels(engine: Any) -> dict[str, str]:
+    """``cache_config_info``'s labels (vLLM's names where it has one) from an engine's config
+    and start-up facts (``LLMEngine`` or ``AsyncEngine``)."""
+    cache, startup = engine.config.cache, engine.startup
+    return {"block_size": str(cache.page_size), "cache_dtype": str(engine.config.kv_dtype),
+            "enable_prefix_caching": str(cache.enable_prefix_caching),
+            "gpu_memory_utilization": str(cache.kv_cache_memory_fraction),
+            "num_gpu_blocks": str(startup.kv_pages_total), "swap_space_gb": str(cache.swap_space_gb),
+            "host_kv_cache_gb": str(cache.host_kv_cache_gb),
+            "preemption_mode": str(cache.preemption_mode)}
+
+
 class PrometheusStats:
-    def __init__(self, model_name: str, total_pages: int) -> None:
+    @classmethod
+    def for_engine(cls, model_name: str, engine: Any) -> PrometheusStats:
+        """Sized and labelled from an engine (``LLMEngine`` or ``AsyncEngine``)."""
+        return cls(model_name, engine.startup.kv_pages_total, max_model_len=engine.startup.max_model_len,
+                   cache_config=cache_config_labels(engine))
+
+    def __init__(self, model_name: str, total_pages: int, max_model_len: int = 8192,
+                 cache_config: Mapping[str, str] | None = None) -> None:
         """``total_pages``: usable KV pages (``StartupInfo.kv_pages_total``), shown free until
-        the first step reports ``EngineStats``."""
+        the first step reports ``EngineStats``; ``max_model_len`` bounds the token histograms;
+        ``cache_config``: the labels of ``cache_config_info`` (not exported without it)."""
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
         reg = self.registry
@@ -97,6 +143,26 @@ class PrometheusStats:
                              _LATENCY_BUCKETS)
         self.step = histogram("jserve:step_duration_seconds", "Duration of one engine step.",
                               _STEP_BUCKETS)
+        self.tpot = histogram("jserve:time_per_output_token_seconds",
+                              "Time per output token (the inter-token latency; vLLM's older name).",
+                              _LATENCY_BUCKETS)
+        self.queue_time = histogram("jserve:request_queue_time_seconds",
+                                    "Arrival to first scheduled.", _REQUEST_BUCKETS)
+        self.prefill_time = histogram("jserve:request_prefill_time_seconds",
+                                      "First scheduled to first token.", _REQUEST_BUCKETS)
+        self.decode_time = histogram("jserve:request_decode_time_seconds",
+                                     "First token to last output.", _REQUEST_BUCKETS)
+        tokens = token_buckets(max_model_len)
+        self.request_prompt_tokens = histogram("jserve:request_prompt_tokens",
+                                               "Prompt tokens of each finished request.", tokens)
+        self.request_generation_tokens = histogram(
+            "jserve:request_generation_tokens", "Generated tokens of each finished request.", tokens)
+        self.iteration_tokens = histogram("jserve:iteration_tokens_total",
+                                          "Tokens (prefill + decode) per engine step.",
+                                          token_buckets(max(max_model_len, 16384)))
+        if cache_config is not None:
+            Gauge("jserve:cache_config_info", "KV cache configuration (labels; value 1).",
+                  sorted(cache_config), registry=reg).labels(**cache_config).set(1)
         self._kv_counters = {k: counter(f"jserve:{k}", doc) for k, doc in KV_COUNTERS.items()}
         self._kv_gauges = {k: gauge(f"jserve:kv_{k}", doc) for k, doc in KV_GAUGES.items()}
         self._kv_last: dict[str, int] = {}
@@ -108,6 +174,8 @@ class PrometheusStats:
     def on_step(self, s: StepStats) -> None:
         e = s.engine
         self.step.observe(s.step_seconds)
+        if e.step_tokens:
+            self.iteration_tokens.observe(e.step_tokens)
         self.running.set(e.num_running)
         self.waiting.set(e.num_waiting)
         self.pages_used.set(e.kv_pages_used)
@@ -132,10 +200,17 @@ class PrometheusStats:
     def on_token_gaps(self, gaps_seconds: list[float], num_tokens: int) -> None:
         for g in gaps_seconds:
             self.itl.observe(g)
+            self.tpot.observe(g)
         self.generation_tokens.inc(num_tokens)
 
     def on_request_finished(self, s: RequestStats) -> None:
         self.e2e.observe(s.e2e_seconds)
+        for h, v in ((self.queue_time, s.queue_seconds), (self.prefill_time, s.prefill_seconds),
+                     (self.decode_time, s.decode_seconds)):
+            if v is not None:
+                h.observe(v)
+        self.request_prompt_tokens.observe(s.prompt_tokens)
+        self.request_generation_tokens.observe(s.generation_tokens)
         for reason in s.finish_reasons:
             self._success.labels(self._model, reason).inc()
 

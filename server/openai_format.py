@@ -49,6 +49,68 @@ def completion_logprobs(token_ids: list[int], logprobs: SampleLogprobs, text_off
              "text_offset": offsets}, text_offset)
 
 
+def echo_logprobs(prompt_ids: list[int], prompt_lps: list[dict[int, Logprob] | None],
+                  num_top: int) -> tuple[dict[str, Any], int]:
+    """Legacy completions logprobs of an echoed prompt (vLLM: the first token's logprob and top
+    are null); returns it and the text offset after it."""
+    tokens, token_lps, tops, offsets, offset = [], [], [], [], 0
+    for tid, entry in zip(prompt_ids, prompt_lps, strict=True):
+        if entry is None:
+            name = str(tid)
+            token_lps.append(None)
+            tops.append(None)
+        else:
+            name = Serving.token_text(tid, entry[tid])
+            token_lps.append(entry[tid].logprob)
+            top = {Serving.token_text(t, lp): lp.logprob for t, lp in _sorted_top(entry, num_top)}
+            top.setdefault(name, entry[tid].logprob)
+            tops.append(top)
+        tokens.append(name)
+        offsets.append(offset)
+        offset += len(name)
+    return ({"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+             "text_offset": offsets}, offset)
+
+
+def join_logprobs(first: dict[str, Any], second: dict[str, Any] | None) -> dict[str, Any]:
+    """Two legacy completions logprobs objects, one after the other."""
+    if second is None:
+        return first
+    return {k: first[k] + second[k] for k in first}
+
+
+def prompt_logprobs(prompt_ids: list[int], entries: list[dict[int, Logprob] | None] | None,
+                    num_top: int) -> list[dict[str, Any] | None] | None:
+    """vLLM's ``prompt_logprobs`` JSON: per prompt token null (the first) or {token id: {logprob,
+    rank, decoded_token}} with the prompt token and its ``num_top`` most likely alternatives."""
+    if entries is None:
+        return None
+    out: list[dict[str, Any] | None] = []
+    for tid, entry in zip(prompt_ids, entries, strict=True):
+        if entry is None:
+            out.append(None)
+            continue
+        out.append({str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                    for t, lp in entry.items() if t == tid or (lp.rank is not None and lp.rank <= num_top)})
+    return out
+
+
+# Fields of a streamed choice that vLLM (and OpenAI) send even when null.
+_KEEP_NULL = frozenset({"finish_reason", "logprobs"})
+
+
+def drop_nulls(chunk: dict[str, Any]) -> dict[str, Any]:
+    """A stream chunk as vLLM sends it: null fields left out (``usage`` until it is set,
+    ``stop_reason``, ``prompt_tokens_details``), except a choice's ``finish_reason`` and
+    ``logprobs``."""
+    out = {k: v for k, v in chunk.items() if v is not None}
+    if out.get("usage"):
+        out["usage"] = {k: v for k, v in out["usage"].items() if v is not None}
+    out["choices"] = [{k: v for k, v in c.items() if v is not None or k in _KEEP_NULL}
+                      for c in chunk.get("choices", [])]
+    return out
+
+
 def _chat_token(tid: int, lp: Logprob) -> dict[str, Any]:
     name = Serving.token_text(tid, lp)
     return {"token": name, "logprob": lp.logprob, "bytes": list(name.encode("utf-8"))}

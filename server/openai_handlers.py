@@ -23,6 +23,7 @@ from typing import Any
 from jserve.async_engine import DeltaTracker, RequestStream
 from jserve.outputs import RequestOutput
 from server import openai_format as fmt
+from server.access_log import TokenCount
 from server.errors import from_exception
 from server.protocol import ChatRequest, CompletionRequest, Prompt
 from server.serving import Serving, new_id
@@ -38,6 +39,7 @@ class Started:
     streams: list[RequestStream]
     prompt_ids: list[list[int]]
     echo_texts: list[str] = field(default_factory=list)
+    tokens: TokenCount = field(default_factory=TokenCount)   # for the access log line
 
     def abort(self) -> None:
         for s in self.streams:
@@ -51,6 +53,7 @@ class Started:
 async def _start_all(serving: Serving, prefix: str, model: str, prompts: list[list[int]],
                      params_list: list[Any], cache_salt: str | None = None, priority: int = 0) -> Started:
     started = Started(new_id(prefix), model, fmt.now(), [], prompts)
+    started.tokens.prompt = started.prompt_tokens
     try:
         for i, (ids, params) in enumerate(zip(prompts, params_list, strict=True)):
             started.streams.append(await serving.start(ids, params, f"{started.rid}-{i}", cache_salt,
@@ -121,10 +124,16 @@ class CompletionHandler:
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
 
-    def _echo_text(self, prompt: Prompt, ids: list[int]) -> str:
-        if isinstance(prompt, str):
+    def _echo_text(self, prompt: Prompt, ids: list[int], truncated: bool) -> str:
+        if isinstance(prompt, str) and not truncated:
             return prompt
         return self.serving.tokenizer.decode(ids, skip_special_tokens=False) if self.serving.tokenizer else ""
+
+    @staticmethod
+    def _prompt_top(req: CompletionRequest) -> int | None:
+        """Top-N the engine scores prompt tokens with: prompt_logprobs, and echo's logprobs."""
+        wants = [n for n in (req.prompt_logprobs, req.logprobs if req.echo else None) if n is not None]
+        return max(wants) if wants else None
 
     async def start(self, req: CompletionRequest) -> Started:
         model = self.serving.check_model(req.model)
@@ -132,15 +141,18 @@ class CompletionHandler:
         ids_list, params_list = [], []
         for i, prompt in enumerate(req.prompts):
             field_name = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
-            ids = await self.serving.tokenize(prompt, field_name=field_name)
+            ids = await self.serving.tokenize(prompt, field_name=field_name,
+                                              truncate=req.truncate_prompt_tokens)
             params_list.append(self.serving.make_params(req.sampling, req.max_tokens, req.logprobs,
-                                                        len(ids), field_name, req.field_names))
+                                                        len(ids), field_name, req.field_names,
+                                                        self._prompt_top(req)))
             ids_list.append(ids)
         started = await _start_all(self.serving, "cmpl", model, ids_list, params_list, req.cache_salt,
                                    req.priority)
         if req.echo:
-            started.echo_texts = [self._echo_text(p, ids) for p, ids in zip(req.prompts, ids_list,
-                                                                             strict=True)]
+            truncated = req.truncate_prompt_tokens is not None
+            started.echo_texts = [self._echo_text(p, ids, truncated)
+                                  for p, ids in zip(req.prompts, ids_list, strict=True)]
         return started
 
     def _logprobs(self, req: CompletionRequest, token_ids: list[int], lps: Any,
@@ -149,18 +161,38 @@ class CompletionHandler:
             return None, offset
         return fmt.completion_logprobs(token_ids, lps, offset, req.logprobs)
 
+    @staticmethod
+    def _echo_logprobs(req: CompletionRequest, out: RequestOutput) -> dict[str, Any] | None:
+        """The echoed prompt's part of the choice's logprobs (echo with logprobs)."""
+        if not req.echo or req.logprobs is None or out.prompt_logprobs is None:
+            return None
+        return fmt.echo_logprobs(out.prompt_token_ids, out.prompt_logprobs, req.logprobs)[0]
+
+    @staticmethod
+    def _prompt_logprobs(req: CompletionRequest, out: RequestOutput) -> dict[str, Any]:
+        if req.prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": fmt.prompt_logprobs(out.prompt_token_ids, out.prompt_logprobs,
+                                                       req.prompt_logprobs)}
+
     async def full(self, req: CompletionRequest, started: Started) -> dict[str, Any]:
         outs = await _gather_finals(started)
         n = req.sampling["n"]
         choices, completion_tokens = [], 0
         for p_idx, out in enumerate(outs):
             echo = started.echo_texts[p_idx] if req.echo else ""
+            echo_lps = self._echo_logprobs(req, out)
             for comp in out.outputs:
                 completion_tokens += len(comp.token_ids)
                 lps, _ = self._logprobs(req, comp.token_ids, comp.logprobs, len(echo))
-                choices.append(fmt.completion_choice(
+                if echo_lps is not None:
+                    lps = fmt.join_logprobs(echo_lps, lps)
+                choice = fmt.completion_choice(
                     p_idx * n + comp.index, echo + comp.text, comp.finish_reason, comp.stop_reason, lps,
-                    comp.token_ids if req.return_token_ids else None))
+                    comp.token_ids if req.return_token_ids else None)
+                choice.update(self._prompt_logprobs(req, out))
+                choices.append(choice)
+        started.tokens.completion = completion_tokens
         extra = {"prompt_token_ids": started.prompt_ids} if req.return_token_ids else {}
         return fmt.envelope("text_completion", started.rid, started.model, started.created, choices,
                             fmt.usage(started.prompt_tokens, completion_tokens, _cached(outs)), **extra)
@@ -177,23 +209,28 @@ class CompletionHandler:
                 last[p_idx] = out
                 for d in trackers[p_idx].update(out):
                     index = p_idx * n + d.index
-                    text = d.text
+                    text, echo_lps = d.text, None
                     if req.echo and index not in echoed:
                         echoed.add(index)
                         text = started.echo_texts[p_idx] + text
                         offsets[index] = len(started.echo_texts[p_idx])
+                        echo_lps = self._echo_logprobs(req, out)
                     completion_tokens += len(d.token_ids)
+                    started.tokens.completion = completion_tokens
                     lps, offsets[index] = self._logprobs(req, d.token_ids, d.logprobs,
                                                          offsets.get(index, 0))
+                    if echo_lps is not None:
+                        lps = fmt.join_logprobs(echo_lps, lps)
                     choice = fmt.completion_choice(index, text, d.finish_reason, d.stop_reason, lps,
                                                    d.token_ids if req.return_token_ids else None)
                     use = (fmt.usage(started.prompt_tokens, completion_tokens)
                            if req.continuous_usage else None)
-                    yield fmt.envelope("text_completion", started.rid, started.model, started.created,
-                                       [choice], use)
+                    yield fmt.drop_nulls(fmt.envelope("text_completion", started.rid, started.model,
+                                                      started.created, [choice], use))
             if req.include_usage:
-                yield fmt.envelope("text_completion", started.rid, started.model, started.created, [],
-                                   fmt.usage(started.prompt_tokens, completion_tokens, _cached(last)))
+                yield fmt.drop_nulls(fmt.envelope(
+                    "text_completion", started.rid, started.model, started.created, [],
+                    fmt.usage(started.prompt_tokens, completion_tokens, _cached(last))))
         finally:
             started.abort()
 
@@ -207,10 +244,11 @@ class ChatHandler:
         model = self.serving.check_model(req.model)
         self.serving.check_sequences(req.sampling["n"], 1)
         ids = await self.serving.render_chat(req.messages, req.add_generation_prompt, req.tools,
-                                             req.template_kwargs)
+                                             req.template_kwargs, req.continue_final_message)
+        ids = self.serving.truncate(ids, req.truncate_prompt_tokens)
         top = req.top_logprobs if req.logprobs else None
         params = self.serving.make_params(req.sampling, req.max_tokens, top, len(ids), "messages",
-                                          req.field_names)
+                                          req.field_names, req.prompt_logprobs)
         return await _start_all(self.serving, "chatcmpl", model, [ids], [params], req.cache_salt,
                                 req.priority)
 
@@ -226,15 +264,19 @@ class ChatHandler:
                                    self._logprobs(req, c.token_ids, c.logprobs),
                                    c.token_ids if req.return_token_ids else None) for c in out.outputs]
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+        started.tokens.completion = completion_tokens
         extra = {"prompt_token_ids": started.prompt_ids[0]} if req.return_token_ids else {}
+        if req.prompt_logprobs is not None:
+            extra["prompt_logprobs"] = fmt.prompt_logprobs(out.prompt_token_ids, out.prompt_logprobs,
+                                                           req.prompt_logprobs)
         return fmt.envelope("chat.completion", started.rid, started.model, started.created, choices,
                             fmt.usage(started.prompt_tokens, completion_tokens, out.num_cached_tokens),
                             **extra)
 
     async def stream(self, req: ChatRequest, started: Started) -> AsyncIterator[dict[str, Any]]:
         def chunk(choices: list[dict[str, Any]], use: dict[str, Any] | None = None) -> dict[str, Any]:
-            return fmt.envelope("chat.completion.chunk", started.rid, started.model, started.created,
-                                choices, use)
+            return fmt.drop_nulls(fmt.envelope("chat.completion.chunk", started.rid, started.model,
+                                               started.created, choices, use))
 
         tracker, completion_tokens, last = DeltaTracker(), 0, None
         try:
@@ -245,6 +287,7 @@ class ChatHandler:
                 last = out
                 for d in tracker.update(out):
                     completion_tokens += len(d.token_ids)
+                    started.tokens.completion = completion_tokens
                     choice = fmt.chat_delta_choice(
                         d.index, {"content": d.text}, d.finish_reason, d.stop_reason,
                         self._logprobs(req, d.token_ids, d.logprobs),

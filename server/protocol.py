@@ -12,8 +12,12 @@ server/serving.py once the prompt length is known). Every error is ``APIError(40
 Sampling fields: the OpenAI ones (temperature, top_p, n, stop, seed, presence/frequency
 penalty, max_tokens, logprobs) plus vLLM's extras (top_k, min_p, repetition_penalty,
 ignore_eos, stop_token_ids, min_tokens, skip_special_tokens, include_stop_str_in_output,
-``priority``: lower is admitted first, default 0) and ``return_token_ids`` (choices carry the
-generated token ids; a streaming client can count tokens exactly without a tokenizer).
+``priority``: lower is admitted first, default 0, ``prompt_logprobs``, ``truncate_prompt_tokens``:
+keep the prompt's last k tokens) and ``return_token_ids`` (choices carry the generated token
+ids; a streaming client can count tokens exactly without a tokenizer). Chat adds
+``continue_final_message`` (the prompt ends inside the last assistant message) and
+``chat_template_kwargs``. ``max_tokens: null`` means the rest of the context on both endpoints
+(an absent one is OpenAI's 16 on completions).
 
 Per-request limits (a request over one is a 400 naming the field):
 
@@ -195,6 +199,27 @@ def _stream_options(d: dict, stream: bool) -> tuple[bool, bool]:
     return (get_bool(opts, "include_usage", False), get_bool(opts, "continuous_usage_stats", False))
 
 
+def _prompt_logprobs(d: dict) -> int | None:
+    v = get_int(d, "prompt_logprobs")
+    if v is not None and not 0 <= v <= MAX_LOGPROBS:
+        raise bad_request(f"'prompt_logprobs' must be in [0, {MAX_LOGPROBS}], got {v}", "prompt_logprobs")
+    return v
+
+
+def _check_not_streamed(d: dict, stream: bool) -> None:
+    """vLLM's rule: prompt logprobs are not available when streaming."""
+    if stream and d.get("prompt_logprobs") is not None:
+        raise bad_request("'prompt_logprobs' is not available with stream=true", "prompt_logprobs")
+
+
+def _truncate(d: dict) -> int | None:
+    """``truncate_prompt_tokens``: keep the prompt's last k tokens (-1: as many as fit)."""
+    v = get_int(d, "truncate_prompt_tokens")
+    if v is not None and v < 1 and v != -1:
+        raise bad_request(f"'truncate_prompt_tokens' must be >= 1 or -1, got {v}", "truncate_prompt_tokens")
+    return v
+
+
 def _cache_salt(d: dict) -> str | None:
     salt = get_str(d, "cache_salt")
     if salt is not None and not salt:
@@ -222,6 +247,8 @@ class CompletionRequest:
     cache_salt: str | None = None   # requests share prefix-cached KV only with the same salt
     priority: int = 0               # lower is admitted first (vLLM's priority)
     field_names: dict[str, str] = field(default_factory=dict)  # SamplingParams name -> client's
+    prompt_logprobs: int | None = None   # each choice carries vLLM's prompt_logprobs
+    truncate_prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +269,9 @@ class ChatRequest:
     cache_salt: str | None = None
     priority: int = 0
     field_names: dict[str, str] = field(default_factory=dict)
+    prompt_logprobs: int | None = None   # the response carries vLLM's prompt_logprobs
+    truncate_prompt_tokens: int | None = None
+    continue_final_message: bool = False
 
 
 def parse_prompts(v: Any, name: str = "prompt") -> list[Prompt]:
@@ -283,19 +313,19 @@ def parse_completion_request(d: dict) -> CompletionRequest:
     prompts = parse_prompts(d["prompt"])
     stream = get_bool(d, "stream", False)
     include_usage, continuous = _stream_options(d, stream)
+    _check_not_streamed(d, stream)
     logprobs = get_int(d, "logprobs")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad_request(f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
     echo = get_bool(d, "echo", False)
-    if echo and logprobs is not None:
-        raise bad_request("'echo' together with 'logprobs' (prompt logprobs) is not supported", "echo")
-    max_tokens, _ = _max_tokens(d, "max_tokens", default=16)
+    # OpenAI's default is 16 tokens; an explicit null means the rest of the context, as on chat.
+    max_tokens, _ = _max_tokens(d, "max_tokens", default=None if "max_tokens" in d else 16)
     return CompletionRequest(
         model=_model(d), prompts=prompts, sampling=_sampling_fields(d),
         max_tokens=max_tokens, logprobs=logprobs, stream=stream,
         include_usage=include_usage, continuous_usage=continuous, echo=echo,
         return_token_ids=get_bool(d, "return_token_ids", False), cache_salt=_cache_salt(d),
-        priority=_priority(d))
+        priority=_priority(d), prompt_logprobs=_prompt_logprobs(d), truncate_prompt_tokens=_truncate(d))
 
 
 def parse_chat_request(d: dict) -> ChatRequest:
@@ -303,6 +333,7 @@ def parse_chat_request(d: dict) -> ChatRequest:
     messages = check_messages(d.get("messages"))
     stream = get_bool(d, "stream", False)
     include_usage, continuous = _stream_options(d, stream)
+    _check_not_streamed(d, stream)
     logprobs = get_bool(d, "logprobs", False)
     top = get_int(d, "top_logprobs", 0)
     if not 0 <= top <= MAX_LOGPROBS:
@@ -323,10 +354,20 @@ def parse_chat_request(d: dict) -> ChatRequest:
     kwargs = d.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    cont = get_bool(d, "continue_final_message", False)
+    add_gen = get_bool(d, "add_generation_prompt", not cont)
+    if cont and add_gen:
+        raise bad_request("'continue_final_message' and 'add_generation_prompt' cannot both be true",
+                          "continue_final_message")
+    if cont and messages[-1].get("role") != "assistant":
+        raise bad_request("'continue_final_message' needs the last message to have role 'assistant'",
+                          "continue_final_message")
     return ChatRequest(
         model=_model(d), messages=messages, sampling=_sampling_fields(d), max_tokens=max_tokens,
         logprobs=logprobs, top_logprobs=top, stream=stream, include_usage=include_usage,
-        continuous_usage=continuous, add_generation_prompt=get_bool(d, "add_generation_prompt", True),
+        continuous_usage=continuous, add_generation_prompt=add_gen,
         template_kwargs=kwargs, tools=tools, return_token_ids=get_bool(d, "return_token_ids", False),
         cache_salt=_cache_salt(d), priority=_priority(d),
-        field_names={"max_tokens": max_name, "logprobs": "top_logprobs"})
+        field_names={"max_tokens": max_name, "logprobs": "top_logprobs"},
+        prompt_logprobs=_prompt_logprobs(d), truncate_prompt_tokens=_truncate(d),
+        continue_final_message=cont)

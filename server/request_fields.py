@@ -31,13 +31,13 @@ _SAMPLING = frozenset({
     "stop_token_ids", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
 })
 _COMMON = frozenset({"model", "stream", "stream_options", "logprobs", "return_token_ids",
-                     "cache_salt", "priority"})
+                     "cache_salt", "priority", "prompt_logprobs", "truncate_prompt_tokens"})
 
 HONOURED: dict[str, frozenset[str]] = {
     COMPLETIONS: _SAMPLING | _COMMON | {"prompt", "echo"},
     CHAT: _SAMPLING | _COMMON | {"messages", "max_completion_tokens", "top_logprobs",
-                                 "add_generation_prompt", "chat_template_kwargs", "tools",
-                                 "tool_choice"},
+                                 "add_generation_prompt", "continue_final_message",
+                                 "chat_template_kwargs", "tools", "tool_choice"},
     TOKENIZE: frozenset({"model", "prompt", "messages", "add_special_tokens",
                          "add_generation_prompt", "return_token_strs"}),
     DETOKENIZE: frozenset({"model", "tokens"}),
@@ -58,9 +58,6 @@ NOT_SUPPORTED: dict[str, str] = {
     "logit_bias": "logit biasing is not supported yet",
     "bad_words": "bad_words is not supported yet",
     "allowed_token_ids": "allowed_token_ids is not supported yet",
-    "truncate_prompt_tokens": "prompt truncation is not supported; shorten the prompt",
-    "prompt_logprobs": "prompt logprobs are not supported yet",
-    "continue_final_message": "continue_final_message is not supported yet",
     "use_beam_search": "beam search is not supported",
     "length_penalty": "length_penalty (beam search) is not supported",
     "suffix": "suffix (fill-in-the-middle) is not supported",

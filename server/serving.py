@@ -106,35 +106,48 @@ class Serving:
                               f"length of {self.max_model_len} tokens", field_name)
 
     async def tokenize(self, prompt: Prompt, add_special_tokens: bool = True,
-                       field_name: str = "prompt") -> list[int]:
-        """Text -> ids on the tokenizer pool (ids pass through; the engine checks their range)."""
+                       field_name: str = "prompt", truncate: int | None = None) -> list[int]:
+        """Text -> ids on the tokenizer pool (ids pass through; the engine checks their range).
+        ``truncate`` (``truncate_prompt_tokens``): keep the last k ids (-1: max_model_len - 1);
+        a text over the character cap is then tokenized anyway (the body limit bounds it)."""
         if isinstance(prompt, list):
-            return prompt
+            return self.truncate(prompt, truncate)
         self._need_tokenizer("a text prompt")
         if not prompt:
             raise bad_request(f"'{field_name}' must not be empty", field_name)
-        self._check_chars(len(prompt), field_name)
-        return await self._off_loop(self.tokenizer.encode, prompt, add_special_tokens)
+        if truncate is None:
+            self._check_chars(len(prompt), field_name)
+        ids = await self._off_loop(self.tokenizer.encode, prompt, add_special_tokens)
+        return self.truncate(ids, truncate)
+
+    def truncate(self, ids: list[int], keep: int | None) -> list[int]:
+        """The last ``keep`` ids (None: all; -1: as many as leave one token for the output)."""
+        if keep is None:
+            return ids
+        return ids[-(self.max_model_len - 1 if keep == -1 else keep):]
 
     async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                           tools: list[dict[str, Any]] | None = None,
-                          template_kwargs: dict[str, Any] | None = None) -> list[int]:
+                          template_kwargs: dict[str, Any] | None = None,
+                          continue_final_message: bool = False) -> list[int]:
         """Messages -> chat template -> ids (no second BOS: the template has it, as in LLM.chat);
         rendering and encoding run on the tokenizer pool."""
         self._need_tokenizer("chat")
         self._check_chars(_text_chars(messages) + _text_chars(tools) + _text_chars(template_kwargs),
                           "messages")
         return await self._off_loop(self._render_chat, messages, add_generation_prompt, tools,
-                                    template_kwargs)
+                                    template_kwargs, continue_final_message)
 
     def _render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                     tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any] | None
-                     ) -> list[int]:
+                     tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any] | None,
+                     continue_final_message: bool) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, tools,
-                                                      template_kwargs=template_kwargs)
+                                                      template_kwargs=template_kwargs,
+                                                      continue_final_message=continue_final_message)
         except ValueError as e:
-            raise bad_request(str(e), "messages") from e
+            where = "continue_final_message" if "continue_final_message" in str(e) else "messages"
+            raise bad_request(str(e), where) from e
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -170,7 +183,8 @@ class Serving:
 
     def make_params(self, sampling: dict[str, Any], max_tokens: int | None, logprobs: int | None,
                     prompt_len: int, prompt_field: str = "prompt",
-                    names: Mapping[str, str] | None = None) -> SamplingParams:
+                    names: Mapping[str, str] | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
         """SamplingParams with ``max_tokens`` checked against (or defaulted to) what fits.
         ``names`` maps SamplingParams fields to what the client called them (chat's
         ``max_completion_tokens``, ``top_logprobs``), so every error names the client's field."""
@@ -192,7 +206,8 @@ class Serving:
                               f"{max_tokens} in the completion); reduce {max_name} or the "
                               f"{prompt_field}", max_name)
         try:
-            return SamplingParams(**sampling, max_tokens=max_tokens, logprobs=logprobs)
+            return SamplingParams(**sampling, max_tokens=max_tokens, logprobs=logprobs,
+                                  prompt_logprobs=prompt_logprobs)
         except (ValueError, TypeError) as e:
             m = _SP_FIELD.search(str(e))
             name = names.get(m.group(1), m.group(1)) if m else None

@@ -20,7 +20,7 @@ def e2e_engine(make_engine):
 @pytest.fixture(scope="package")
 def served(e2e_engine):
     """The shared server: metrics on, no API key."""
-    stats = PrometheusStats("llama", e2e_engine.startup.kv_pages_total)
+    stats = PrometheusStats.for_engine("llama", e2e_engine)
     srv = ServerThread(AsyncEngine(e2e_engine, stats), stats)
     yield srv
     srv.close()

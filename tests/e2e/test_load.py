@@ -41,7 +41,7 @@ def test_200_concurrent_streams_match_non_streamed(served):
                             break
                         chunk = json.loads(line[6:])
                         assert "error" not in chunk, chunk
-                        if chunk["usage"]:
+                        if chunk.get("usage"):
                             usage = chunk["usage"]
                         for c in chunk["choices"]:
                             ids += c["token_ids"]

@@ -117,3 +117,7 @@ def test_jserve_generate_without_arguments(llm, cli_cache, monkeypatch, capsys):
     assert "tok/s" in captured.err
     expected = llm.generate("def fibonacci(n):", SamplingParams(temperature=0.0, max_tokens=64))[0]
     assert captured.out == "def fibonacci(n):" + expected.outputs[0].text + "\n"
+    # The README shows this run's output: it must be what the command prints (stdout part).
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    sample = readme[readme.index("\ndef fibonacci(n):\n") + 1:readme.index("\n--- finish_reason=")]
+    assert captured.out.rstrip("\n") == sample
