@@ -33,7 +33,10 @@ from jserve.runner import Runner, StepHandle
 from jserve.sampling_batch import MAX_BANNED_IDS, banned_ids_fit
 from jserve.sampling_params import SamplingParams
 from jserve.scheduler import Scheduler
+from jserve.scheduler_output import SchedulerOutput
 from jserve.stop_strings import StopStringMatcher
+from jserve.structured.constraints import ConstraintTracker
+from jserve.structured.grammar import GrammarCache, make_ll_tokenizer
 from jserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,21 @@ class LLMEngine:
         self._startup = StartupInfo.create(build, config, num_pages, self.scheduler.max_model_len)
         self._overlap = config.scheduler.async_scheduling
         self._in_flight: StepHandle | None = None  # dispatched, results not yet read
+        # Host-computed token masks (grammars, bad words): jserve/structured/constraints.py.
+        self._grammar_cache: GrammarCache | None = None
+        self.constraints = ConstraintTracker(
+            self.grammar_cache, config.model.vocab_size,
+            (lambda t: tokenizer.encode(t, add_special_tokens=False)) if tokenizer else None)
+
+    def grammar_cache(self) -> GrammarCache:
+        """The grammar compiler of this model's tokenizer (built on first use, then cached)."""
+        if self._grammar_cache is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs: needs a tokenizer")
+            ll = make_ll_tokenizer(self.tokenizer.to_json(), self.config.model.vocab_size,
+                                   self.eos_token_ids)
+            self._grammar_cache = GrammarCache(ll)
+        return self._grammar_cache
 
     # ------------------------------------------------------------------ input
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -114,6 +132,11 @@ class LLMEngine:
         for t in params.stop_token_ids:
             if t >= vocab:
                 raise ValueError(f"stop_token_ids: {t} is out of range [0, {vocab})")
+        for name, ids in (("allowed_token_ids", params.allowed_token_ids or ()),
+                          ("logit_bias", [t for t, _ in params.logit_bias or ()])):
+            for t in ids:
+                if t >= vocab:
+                    raise ValueError(f"{name}: token id {t} is out of range [0, {vocab})")
         if not banned_ids_fit(params, self.eos_token_ids):
             raise ValueError(f"stop_token_ids: with min_tokens > 0 at most {MAX_BANNED_IDS} distinct "
                              "stop/eos ids are supported")
@@ -132,6 +155,8 @@ class LLMEngine:
             raise ValueError(f"priority: must be an integer, got {priority!r}")
         text, ids = self.tokenize_prompt(prompt)
         self.validate(ids, params)
+        grammar = self.constraints.compile(params)  # cached per spec; ValueError if bad
+        bad_words = self.constraints.bad_word_ids(params.bad_words)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         base_seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
         children = []
@@ -144,12 +169,17 @@ class LLMEngine:
             children.append(_Child(req, self._make_detok(ids, params), self._make_stops(params)))
         added: list[Request] = []
         try:
+            if params.uses_host_masks:
+                for ch in children:
+                    self.constraints.add(ch.request.request_id, params, grammar, bad_words)
             for ch in children:
                 self.scheduler.add_request(ch.request)
                 added.append(ch.request)
         except Exception:
             for req in added:
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
+            for ch in children:
+                self.constraints.remove(ch.request.request_id)
             raise
         self._parents[request_id] = _Parent(request_id, text, ids, params, children, arrival)
         for ch in children:
@@ -197,15 +227,21 @@ class LLMEngine:
         results of step N are read, so the device never waits for the host; the outputs
         returned are step N's. Synchronous: dispatch, then read the same step's results.
         """
+        touched: dict[str, None] = {}
+        if self._in_flight is not None and self._needs_tokens(self._in_flight):
+            # A host-masked row sampled in the step in flight: its next mask needs that token,
+            # so read the step first (the loop is synchronous while such rows run).
+            self._consume(self._in_flight, touched)
+            self._in_flight = None
         sched_out = self.scheduler.schedule()
+        if len(self.constraints):
+            self._attach_masks(sched_out)
         handle = self.runner.dispatch(sched_out) if not sched_out.is_empty else None
         done, self._in_flight = self._in_flight, handle
         if not self._overlap:
             done, self._in_flight = handle, None
-        touched: dict[str, None] = {}
         if done is not None:
-            for req in self.scheduler.update(done.sched_out, done.result()):
-                touched[self._child_to_parent[req.request_id]] = None
+            self._consume(done, touched)
         # Requests finished outside update (aborts) must still report once.
         for pid, parent in self._parents.items():
             if all(ch.request.is_finished for ch in parent.children):
@@ -218,10 +254,40 @@ class LLMEngine:
                 self._release(pid)
         return outputs
 
+    def _needs_tokens(self, handle: StepHandle) -> bool:
+        cons = self.constraints
+        return bool(len(cons)) and any(c.samples and c.req_id in cons for c in handle.sched_out.chunks)
+
+    def _consume(self, handle: StepHandle, touched: dict[str, None]) -> None:
+        """Commit a finished step's tokens; feed them to the host-mask matchers."""
+        cons = self.constraints
+        for req in self.scheduler.update(handle.sched_out, handle.result()):
+            touched[self._child_to_parent[req.request_id]] = None
+            rid = req.request_id
+            if rid in cons and cons.advance(rid, req.output_token_ids) and not req.is_finished:
+                err = cons.error(rid)
+                if err is not None:
+                    log.warning("request %s: grammar rejected a sampled token: %s", rid, err)
+                self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED if err
+                                              else RequestStatus.FINISHED_STOPPED)
+
+    def _attach_masks(self, sched_out: SchedulerOutput) -> None:
+        """Allowed-token bitmasks of this plan's host-masked sampling rows (their tokens are all
+        on the host: a step that sampled them is read before the next is planned)."""
+        cons = self.constraints
+        rows = []
+        for c in sched_out.chunks:
+            if c.samples and c.req_id in cons:
+                if c.num_placeholders:
+                    raise RuntimeError(f"request {c.req_id!r}: host-masked row over a placeholder")
+                rows.append((c.req_id, self.scheduler.get_request(c.req_id).output_token_ids))
+        sched_out.token_masks = cons.masks(rows)
+
     def _release(self, pid: str) -> None:
         parent = self._parents.pop(pid)
         for ch in parent.children:
             self._child_to_parent.pop(ch.request.request_id, None)
+            self.constraints.remove(ch.request.request_id)
 
     def _process(self, parent: _Parent) -> RequestOutput:
         now = time.monotonic()

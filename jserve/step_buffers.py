@@ -9,7 +9,7 @@ Fields for a bucket of T tokens, R rows, D page-table diff entries, K banned ids
 
     int32   token_ids[T] positions[T] slot_mapping[T] prev_index[T] row_slot[R] samples[R]
             pt_diff[D, 3] seq_lens[R] query_start_loc[R + 1] num_seqs[1] logits_indices[R]
-            output_index[R] banned_ids[R, K] pen_slot[R]
+            output_index[R] banned_ids[R, K] pen_slot[R] mask_slot[R]
     float32 repetition_penalty[R] presence_penalty[R] frequency_penalty[R]
 
 ``row_slot[r]``: the slot of row r in the device slot table (``jserve.slot_table``: its page
@@ -21,6 +21,8 @@ changed since the last step, D = ceil(T / page_size) + 2R, padding -1.
 placeholder, fed on the device); -1: ``token_ids[t]`` from the host. ``pen_slot[r] >= 0``:
 row r samples with penalties, from (and then into) that slot of the penalty state
 (``jserve.penalty_state``); -1: no penalties (the three penalty fields are neutral).
+``mask_slot[r] >= 0``: row r samples under that slot's token mask / logit bias
+(``jserve.structured.logit_state``); -1: free row.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ _INT_FIELDS = (
     ("pt_diff", ("D", 3), -1), ("seq_lens", ("R",), 0),
     ("query_start_loc", ("R+1",), 0), ("num_seqs", (1,), 0), ("logits_indices", ("R",), 0),
     ("output_index", ("R",), 0), ("banned_ids", ("R", "K"), -1), ("pen_slot", ("R",), -1),
+    ("mask_slot", ("R",), -1),
 )
 _FLOAT_FIELDS = (("repetition_penalty", ("R",), 1.0), ("presence_penalty", ("R",), 0.0),
                  ("frequency_penalty", ("R",), 0.0))
@@ -113,6 +116,11 @@ class StepLayout:
         bufs = (itpl.copy(), ftpl.copy())
         views = {name: bufs[which][a:b].reshape(shp) for name, which, a, b, shp in spans}
         return bufs[0], bufs[1], views
+
+    def int_field(self, ibuf: jax.Array, name: str) -> jax.Array:
+        """Inside jit: one int32 field of the packed buffer (a static slice)."""
+        off, shp, _ = self.ints[name]
+        return ibuf[off:off + math.prod(shp)].reshape(shp)
 
     def unpack(self, ibuf: jax.Array, fbuf: jax.Array, table: jax.Array
                ) -> tuple[jax.Array, StepInput, SamplingBatch, jax.Array, jax.Array]:
