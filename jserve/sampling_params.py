@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from jserve.structured.grammar import StructuredOutputsParams
 
+__all__ = ["MAX_LOGPROBS", "MAX_N", "SamplingParams", "StructuredOutputsParams"]
+
 MAX_LOGPROBS = 20
 MAX_N = 128
 MAX_LOGIT_BIAS = 300        # logit_bias entries per request (the per-slot sparse bias width)

@@ -48,6 +48,8 @@ class StructuredOutputsParams:
             object.__setattr__(self, "choice", tuple(self.choice))
         if isinstance(self.json, dict):  # frozen + hashable: keep the text
             object.__setattr__(self, "json", json.dumps(self.json))  # key order matters
+        if not isinstance(self.whitespace_flexible, bool):
+            raise ValueError("structured_outputs.whitespace_flexible: must be a boolean")
         given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
             raise ValueError("structured_outputs: exactly one of json, json_object, regex, choice, "
@@ -103,9 +105,9 @@ def _to_grammar(key: tuple[str, str, bool]) -> str:
         try:
             schema = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"structured_outputs.json: not valid JSON: {e}") from None
+            raise ValueError(f"structured_outputs: the JSON schema is not valid JSON: {e}") from None
         if not isinstance(schema, (dict, bool)):
-            raise ValueError("structured_outputs.json: a JSON schema must be an object")
+            raise ValueError("structured_outputs: a JSON schema must be an object")
         return llguidance.LLMatcher.grammar_from_json_schema(text, overrides=opts)
     if kind == "json_object":
         return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', overrides=opts)
@@ -116,7 +118,7 @@ def _to_grammar(key: tuple[str, str, bool]) -> str:
     try:
         return llguidance.grammar_from("grammar", text)
     except ValueError as e:
-        raise ValueError(f"structured_outputs.grammar: {e}") from None
+        raise ValueError(f"structured_outputs: bad grammar: {e}") from None
 
 
 class GrammarCache:
@@ -143,7 +145,9 @@ class GrammarCache:
         g = _to_grammar(key)
         is_error, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(g, self.tokenizer)
         if is_error:
-            raise ValueError(f"structured_outputs.{key[0]}: {msgs[0] if msgs else 'invalid'}")
+            what = {"json": "JSON schema", "json_object": "JSON schema", "regex": "regex",
+                    "choice": "choice", "grammar": "grammar"}[key[0]]
+            raise ValueError(f"structured_outputs: bad {what}: {msgs[0] if msgs else 'invalid'}")
         with self._lock:
             self.misses += 1
             self._cache[key] = g
