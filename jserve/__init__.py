@@ -1,9 +1,10 @@
 """jserve: LLM inference serving in JAX/XLA. Public API follows vLLM's names."""
 
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
-from jserve.sampling_params import SamplingParams
+from jserve.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput",
+           "Logprob"]
 
 
 def __getattr__(name: str):

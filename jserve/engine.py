@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -87,19 +88,27 @@ class LLMEngine:
         self._in_flight: StepHandle | None = None  # dispatched, results not yet read
         # Host-computed token masks (grammars, bad words): jserve/structured/constraints.py.
         self._grammar_cache: GrammarCache | None = None
+        self._grammar_lock = threading.Lock()
         self.constraints = ConstraintTracker(
             self.grammar_cache, config.model.vocab_size,
             (lambda t: tokenizer.encode(t, add_special_tokens=False)) if tokenizer else None)
 
     def grammar_cache(self) -> GrammarCache:
-        """The grammar compiler of this model's tokenizer (built on first use, then cached)."""
-        if self._grammar_cache is None:
-            if self.tokenizer is None:
-                raise ValueError("structured_outputs: needs a tokenizer")
-            ll = make_ll_tokenizer(self.tokenizer.to_json(), self.config.model.vocab_size,
-                                   self.eos_token_ids)
-            self._grammar_cache = GrammarCache(ll)
-        return self._grammar_cache
+        """The grammar compiler of this model's tokenizer (built on first use, then cached;
+        thread-safe)."""
+        with self._grammar_lock:
+            if self._grammar_cache is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured_outputs: needs a tokenizer")
+                ll = make_ll_tokenizer(self.tokenizer.to_json(), self.config.model.vocab_size,
+                                       self.eos_token_ids)
+                self._grammar_cache = GrammarCache(ll)
+            return self._grammar_cache
+
+    def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile ``params``' grammar into the cache (ValueError if it is bad). Thread-safe:
+        front-ends call it off the engine thread, so ``add_request`` only hits the cache."""
+        self.constraints.compile(params)
 
     # ------------------------------------------------------------------ input
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:

@@ -211,6 +211,8 @@ class Serving:
         """Queue the request; engine errors become APIErrors (400 / 429 / 503), a 400's param
         renamed to the client's field through ``names`` (``response_format`` for a schema)."""
         try:
+            if params.structured_outputs is not None:   # compile on the pool, not the engine thread
+                await self._off_loop(self.engine.compile_grammar, params)
             return await self.engine.add_request(prompt_ids, params, request_id, cache_salt,
                                                  priority=priority)
         except Exception as e:
