@@ -168,4 +168,8 @@ def make_ll_tokenizer(tokenizer_json: str, vocab_size: int, eos_token_ids: tuple
     """The llguidance tokenizer of a model (tokenizer.json text; the model's vocab size, which
     may exceed the tokenizer's: the extra ids are never allowed by a grammar)."""
     eos = list(eos_token_ids) if eos_token_ids else None
-    return llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos)
+    try:
+        return llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos)
+    except Exception as e:  # noqa: BLE001 - the library raises plain exceptions
+        raise ValueError(f"structured_outputs: the grammar engine cannot use this model's "
+                         f"tokenizer: {e}") from None
