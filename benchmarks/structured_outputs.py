@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer dir when the model has none (default: the bundled model's)")
     ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds (the first round warms up)")

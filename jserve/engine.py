@@ -100,8 +100,9 @@ class LLMEngine:
             if self._grammar_cache is None:
                 if self.tokenizer is None:
                     raise ValueError("structured_outputs: needs a tokenizer")
-                ll = make_ll_tokenizer(self.tokenizer.to_json(), self.config.model.vocab_size,
-                                       self.eos_token_ids)
+                size = self.tokenizer.vocab_size  # EOS ids the tokenizer knows (else its own)
+                eos = tuple(t for t in self.eos_token_ids if t < size)
+                ll = make_ll_tokenizer(self.tokenizer.to_json(), self.config.model.vocab_size, eos)
                 self._grammar_cache = GrammarCache(ll)
             return self._grammar_cache
 
