@@ -100,6 +100,14 @@ def test_tool_choice_required_and_named(oai):
     for call in c.message.tool_calls:
         name, args = _args(call)
         assert name in ("get_weather", "now") and isinstance(args, dict)
+    streamed, finish = [], None
+    for ch in oai.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=60,
+                                          temperature=0, tool_choice="required", stream=True):
+        if ch.choices:
+            streamed += ch.choices[0].delta.tool_calls or []
+            finish = ch.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert [_args(x) for x in streamed] == [_args(x) for x in c.message.tool_calls]
     named = {"type": "function", "function": {"name": "get_weather"}}
     r = oai.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=30,
                                     temperature=0, tool_choice=named)
