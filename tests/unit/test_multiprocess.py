@@ -154,7 +154,7 @@ def test_a_mesh_that_leaves_out_a_process_is_refused_by_both(xla_cache_dir):
     errs = [_wait(p, 60)[1] for p in procs]
     assert [p.returncode for p in procs] == [2, 2]
     for err in errs:
-        assert "every process must hold part of the mesh (e.g. tensor_parallel_size=2)" in err, err[-2000:]
+        assert "every process must hold part of the mesh (e.g. --tensor-parallel-size 2)" in err, err[-2000:]
 
 
 _CHANNEL = """
