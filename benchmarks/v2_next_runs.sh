@@ -9,6 +9,7 @@
 #          (and A/B recompiles of the Qwen decode step: Pallas K/V write, no split-K, cuBLAS GEMMs);
 #          call 2b: offline throughput (Qwen 1000 x 200/180, Llama 500 x 200/180), cold start-up.
 #   call 3 (~5 min): serving at concurrency 1/2/4 (benchmarks/serve_bench.sh) and warm start-up.
+#   call 4 (~4 min): serving only, with the wheels in .whl/ carried (uvicorn is not in the image).
 #
 # Run on the GPU machine from the repository root with .anchors/ carried
 # (cp -r ../shared/anchors .anchors): bash benchmarks/v2_next_runs.sh 1   (or 2, 3)
@@ -57,5 +58,14 @@ for name in ('qwen2.5-0.5b', 'llama3.1-8b'):
   OUT_DIR="$OUT" timeout 300 bash benchmarks/serve_bench.sh 2>&1 | quiet | tail -30 | tee "$OUT/serve.txt"
   timeout 200 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --num-requests 8 \
     --input-len 16 --output-len 8 2>&1 | quiet | grep startup_s | tee "$OUT/warm_startup.txt"
+  ;;
+4)
+  # Serving needs uvicorn/starlette (and llguidance, grpcio 1.85.1) from .whl/ (carried): see the
+  # device README's notes on wheels; this installs them into /tmp/site for this call.
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:.
+  OUT_DIR="$OUT" BACKENDS=openai PYTHON=python3 SERVE_ARGS="--max-num-batched-tokens 512 --max-num-seqs 16" \
+    timeout 330 bash benchmarks/serve_bench.sh 2>&1 | quiet | tail -20 | tee "$OUT/serve.txt"
   ;;
 esac
