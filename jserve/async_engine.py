@@ -212,6 +212,9 @@ class AsyncEngine:
         self.config = engine.config
         self.max_model_len: int = engine.max_model_len
         self.startup: StartupInfo = engine.startup
+        # Thread-safe: compiles a request's grammar into the engine's cache (call it off the
+        # event loop before ``add_request``, so the engine thread only finds it cached).
+        self.compile_grammar = engine.compile_grammar
         self._metrics = RequestMetrics(stats)
         self._stats_log = StatsLogger(log_stats_interval_s)   # one INFO line per interval while busy
         self._commands: queue.SimpleQueue = queue.SimpleQueue()

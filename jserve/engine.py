@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,8 @@ from jserve.scheduler import Scheduler
 from jserve.scheduler_output import SchedulerOutput
 from jserve.spec.verify_step import SpecStepHandle
 from jserve.stop_strings import StopStringMatcher
+from jserve.structured.constraints import ConstraintTracker
+from jserve.structured.grammar import GrammarCache, make_ll_tokenizer
 from jserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,30 @@ class LLMEngine:
         self._in_flight: StepHandle | None = None  # dispatched, results not yet read
         self._scorer: PromptScorer | None = None    # made on the first prompt_logprobs request
         self._last_step_tokens = 0                  # tokens of the last dispatched step (stats)
+        # Host-computed token masks (grammars, bad words): jserve/structured/constraints.py.
+        self._grammar_cache: GrammarCache | None = None
+        self._grammar_lock = threading.Lock()
+        self.constraints = ConstraintTracker(
+            self.grammar_cache, config.model.vocab_size,
+            (lambda t: tokenizer.encode(t, add_special_tokens=False)) if tokenizer else None)
+
+    def grammar_cache(self) -> GrammarCache:
+        """The grammar compiler of this model's tokenizer (built on first use, then cached;
+        thread-safe)."""
+        with self._grammar_lock:
+            if self._grammar_cache is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured_outputs: needs a tokenizer")
+                size = self.tokenizer.vocab_size  # EOS ids the tokenizer knows (else its own)
+                eos = tuple(t for t in self.eos_token_ids if t < size)
+                ll = make_ll_tokenizer(self.tokenizer.to_json(), self.config.model.vocab_size, eos)
+                self._grammar_cache = GrammarCache(ll)
+            return self._grammar_cache
+
+    def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile ``params``' grammar into the cache (ValueError if it is bad). Thread-safe:
+        front-ends call it off the engine thread, so ``add_request`` only hits the cache."""
+        self.constraints.compile(params)
 
     # ------------------------------------------------------------------ input
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -133,6 +160,11 @@ class LLMEngine:
         for t in params.stop_token_ids:
             if t >= vocab:
                 raise ValueError(f"stop_token_ids: {t} is out of range [0, {vocab})")
+        for name, ids in (("allowed_token_ids", params.allowed_token_ids or ()),
+                          ("logit_bias", [t for t, _ in params.logit_bias or ()])):
+            for t in ids:
+                if t >= vocab:
+                    raise ValueError(f"{name}: token id {t} is out of range [0, {vocab})")
         if not banned_ids_fit(params, self.eos_token_ids):
             raise ValueError(f"stop_token_ids: with min_tokens > 0 at most {MAX_BANNED_IDS} distinct "
                              "stop/eos ids are supported")
@@ -154,6 +186,8 @@ class LLMEngine:
         self.validate(ids, params)
         prompt_lps = (self._prompt_scorer().score(ids, params.prompt_logprobs)
                       if params.prompt_logprobs is not None else None)
+        grammar = self.constraints.compile(params)  # cached per spec; ValueError if bad
+        bad_words = self.constraints.bad_word_ids(params.bad_words)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         base_seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
         children = []
@@ -166,12 +200,17 @@ class LLMEngine:
             children.append(_Child(req, self._make_detok(ids, params), self._make_stops(params)))
         added: list[Request] = []
         try:
+            if params.uses_host_masks:
+                for ch in children:
+                    self.constraints.add(ch.request.request_id, params, grammar, bad_words)
             for ch in children:
                 self.scheduler.add_request(ch.request)
                 added.append(ch.request)
         except Exception:
             for req in added:
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
+            for ch in children:
+                self.constraints.remove(ch.request.request_id)
             raise
         self._parents[request_id] = _Parent(request_id, text, ids, params, children, arrival,
                                             prompt_logprobs=prompt_lps)
@@ -235,23 +274,24 @@ class LLMEngine:
         ``disable_by_batch_size`` the loop overlaps again).
         """
         touched: dict[str, None] = {}
-
-        def read(handle: StepHandle | SpecStepHandle | None) -> None:
-            if handle is not None:
-                for req in self.scheduler.update(handle.sched_out, handle.result()):
-                    touched[self._child_to_parent[req.request_id]] = None
-
-        if self._in_flight is not None and self.scheduler.spec_active():
-            read(self._in_flight)
+        if self._in_flight is not None and (self.scheduler.spec_active()
+                                            or self._needs_tokens(self._in_flight)):
+            # Speculation drafts from tokens on the host; a host-masked row's next mask needs
+            # the token it sampled: read the step in flight first (no overlap meanwhile).
+            self._consume(self._in_flight, touched)
             self._in_flight = None
         sched_out = self.scheduler.schedule()
+        if len(self.constraints):
+            self._attach_masks(sched_out)
         handle = self.runner.dispatch(sched_out) if not sched_out.is_empty else None
         self._stamp_scheduled(sched_out)
         done, self._in_flight = self._in_flight, handle
         if not self._overlap or sched_out.has_drafts:
-            read(done)
+            if done is not None:
+                self._consume(done, touched)
             done, self._in_flight = handle, None
-        read(done)
+        if done is not None:
+            self._consume(done, touched)
         # Requests finished outside update (aborts) must still report once.
         for pid, parent in self._parents.items():
             if all(ch.request.is_finished for ch in parent.children):
@@ -278,10 +318,40 @@ class LLMEngine:
                 parent.scheduled_time = now
         self._last_step_tokens = tokens
 
+    def _needs_tokens(self, handle: StepHandle | SpecStepHandle) -> bool:
+        cons = self.constraints
+        return bool(len(cons)) and any(c.samples and c.req_id in cons for c in handle.sched_out.chunks)
+
+    def _consume(self, handle: StepHandle | SpecStepHandle, touched: dict[str, None]) -> None:
+        """Commit a finished step's tokens; feed them to the host-mask matchers."""
+        cons = self.constraints
+        for req in self.scheduler.update(handle.sched_out, handle.result()):
+            touched[self._child_to_parent[req.request_id]] = None
+            rid = req.request_id
+            if rid in cons and cons.advance(rid, req.output_token_ids) and not req.is_finished:
+                err = cons.error(rid)
+                if err is not None:
+                    log.warning("request %s: grammar rejected a sampled token: %s", rid, err)
+                self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED if err
+                                              else RequestStatus.FINISHED_STOPPED)
+
+    def _attach_masks(self, sched_out: SchedulerOutput) -> None:
+        """Allowed-token bitmasks of this plan's host-masked sampling rows (their tokens are all
+        on the host: a step that sampled them is read before the next is planned)."""
+        cons = self.constraints
+        rows = []
+        for c in sched_out.chunks:
+            if c.samples and c.req_id in cons:
+                if c.num_placeholders:
+                    raise RuntimeError(f"request {c.req_id!r}: host-masked row over a placeholder")
+                rows.append((c.req_id, self.scheduler.get_request(c.req_id).output_token_ids))
+        sched_out.token_masks = cons.masks(rows)
+
     def _release(self, pid: str) -> None:
         parent = self._parents.pop(pid)
         for ch in parent.children:
             self._child_to_parent.pop(ch.request.request_id, None)
+            self.constraints.remove(ch.request.request_id)
 
     def _process(self, parent: _Parent) -> RequestOutput:
         now = time.monotonic()

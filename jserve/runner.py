@@ -68,6 +68,7 @@ from jserve.slot_table import SlotWriter
 from jserve.spec.draft import DraftModel
 from jserve.spec.verify_step import SpecStepHandle, SpecSteps
 from jserve.step_buffers import StepLayout
+from jserve.structured.logit_state import LogitState, masked_logits
 from sharding import host_to_global
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,14 @@ class StepVariant(NamedTuple):
 
 def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant, mesh: Mesh,
                params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
-               prev_tokens: jax.Array, ibuf: jax.Array, fbuf: jax.Array) -> tuple:
+               prev_tokens: jax.Array, ibuf: jax.Array, fbuf: jax.Array,
+               masks: jax.Array | None = None) -> tuple:
     """Model forward + sampler over one packed step. pen: int32[S_req, V] penalty state (None
     in the greedy variants); table: int32[S_req + 1, W] slot table (page rows, sampling params);
     prev_tokens: int32[S] (the previous step's sampled tokens by row) -> (kv, pen, table,
     tokens int32[S], logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
-    ``variant.greedy``: argmax only (top-N zeros), no penalties."""
+    ``variant.greedy``: argmax only (top-N zeros), no penalties; masks: int32[S_req + 1, W + 2B]
+    per-slot token masks / biases (``structured.logit_state``; None in the greedy variants)."""
     table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
     fed = prev_tokens[jnp.maximum(prev_index, 0)]
     batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
@@ -119,6 +122,9 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
         penalized = jax.lax.cond(jnp.any(pen_slot >= 0),
                                  lambda: penalized_logits(logits, pen, pen_slot, sbatch),
                                  lambda: logits)
+    if masks is not None:
+        penalized = masked_logits(logits if penalized is None else penalized, masks,
+                                  layout.read(ibuf, "mask_slot"))
     out = _sample_step(logits, penalized, sbatch, STEP_SAMPLER_FLAGS[variant.greedy])
     if pen is not None:
         pen = record_tokens(pen, pen_slot, out.token_ids)
@@ -182,6 +188,7 @@ class Runner:
         self.penalty_state = self._slot_init.zeros()  # int32[max_num_seqs, V], see penalty_state
         log.info("penalty state: %d slots x %d tokens = %.1f MB per device", sched.max_num_seqs,
                  config.model.vocab_size, state_bytes(sched.max_num_seqs, config.model.vocab_size) / 1e6)
+        self.logit_state = LogitState(sched.max_num_seqs, config.model.vocab_size, self._replicated)
         self._slot_writer = SlotWriter(sched.max_num_seqs, self.rows.table.shape[1], self._replicated)
         self.slot_table = self._slot_writer.zeros()  # int32[max_num_seqs + 1, W], see slot_table
         self._prev_tokens = jax.device_put(np.zeros(self._num_out, np.int32), self._replicated)
@@ -293,7 +300,12 @@ class Runner:
         f["output_index"][:n] = np.fromiter((c.output_index for c in chunks), np.int32, n)
         if out.has_drafts:
             f["num_draft"][:n] = np.fromiter((c.num_draft for c in chunks), np.int32, n)
+        lstate = self.logit_state
         for r, c in enumerate(chunks):
+            if c.new is not None:
+                lstate.on_new(int(slots[r]), c.new.params)
+            if c.samples:
+                f["mask_slot"][r] = lstate.row_for(int(slots[r]), out.token_masks.get(c.req_id))
             if c.banned_ids:
                 ban = np.unique(np.asarray(c.banned_ids, np.int32))
                 f["banned_ids"][r, :len(ban)] = ban
@@ -339,7 +351,8 @@ class Runner:
         fresh = (self.config.scheduler.flash_prefill(layout.num_tokens)
                  and all(c.start == 0 for c in out.chunks))
         params = [self.rows.params[s] for s in slots]
-        greedy = (not fresh and self._greedy_variant(layout.num_tokens)
+        masked = bool((layout.read(ibuf, "mask_slot") >= 0).any())
+        greedy = (not fresh and not masked and self._greedy_variant(layout.num_tokens)
                   and all(p.greedy and p.logprobs is None and not p.uses_penalties
                           for c, p in zip(out.chunks, params, strict=True) if c.samples))
         if out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
@@ -353,8 +366,10 @@ class Runner:
             raise RuntimeError(f"step variant {variant} was not compiled at warm-up")
         ibuf, fbuf = host_to_global((ibuf, fbuf), self._replicated)
         pen = None if greedy else self.penalty_state
+        self.logit_state.flush()
+        masks = None if greedy else self.logit_state.device
         self.kv, pen, self.slot_table, tokens, lp, top_ids, top_lp = step(
-            self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf)
+            self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf, masks)
         if pen is not None:
             self.penalty_state = pen
         self._prev_tokens = tokens
@@ -378,7 +393,8 @@ class Runner:
         ibuf, fbuf, _ = layout.new_buffers()
         pen = None if greedy else self.penalty_state
         args = (self.params, self.kv, pen, self.slot_table, self._prev_tokens,
-                jax.device_put(ibuf, rep), jax.device_put(fbuf, rep))
+                jax.device_put(ibuf, rep), jax.device_put(fbuf, rep),
+                None if greedy else self.logit_state.device)
         kv_sh = jax.tree.map(lambda a: a.sharding, self.kv)   # (k, v[, k_scales, v_scales]) per layer
         return jax.jit(fn, donate_argnums=(1, 2, 3),
                        out_shardings=(kv_sh, None if greedy else rep, rep, rep, rep, rep, rep)
@@ -425,8 +441,9 @@ class Runner:
             ibuf, fbuf, _ = layout.new_buffers()
             ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
             pen = None if variant.greedy else self.penalty_state
+            masks = None if variant.greedy else self.logit_state.device
             self.kv, pen, self.slot_table, _, _, _, _ = self._compiled[variant](
-                self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf)
+                self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf, masks)
             if pen is not None:
                 self.penalty_state = pen
         if self.spec_steps is not None:
@@ -436,6 +453,7 @@ class Runner:
             self.penalty_state = self._slot_init(self.penalty_state, 0, [0] * b)
         self.penalty_state = self._slot_init(self.penalty_state, 0, [])
         self._slot_writer.compile(self.slot_table)
+        self.logit_state.compile()
         width = self.rows.table.shape[1]
         for b in self._slot_writer.buckets:  # run each once; padding rows only: writes nothing
             self.slot_table = self._slot_writer(self.slot_table, np.full(b, -1),

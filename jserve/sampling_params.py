@@ -11,9 +11,21 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from jserve.structured.grammar import StructuredOutputsParams
+
+__all__ = ["MAX_LOGPROBS", "MAX_N", "SamplingParams", "StructuredOutputsParams"]
+
 MAX_LOGPROBS = 20
 MAX_N = 128
+MAX_LOGIT_BIAS = 300        # logit_bias entries per request (the per-slot sparse bias width)
+MAX_BAD_WORDS = 256
 _GREEDY_EPS = 1e-5
+
+
+def _token_id(name: str, t: object) -> int:
+    if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+        raise ValueError(f"SamplingParams.{name}: token ids must be integers >= 0, got {t!r}")
+    return t
 
 
 def _check_finite(name: str, value: float) -> None:
@@ -53,6 +65,13 @@ class SamplingParams:
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None          # per prompt token: its logprob + the top-N
     truncate_prompt_tokens: int | None = None   # keep the prompt's last k tokens (-1: max_model_len - 1)
+    # Token masks and biases, applied inside the on-device sampler (jserve/structured/):
+    # a grammar (StructuredOutputsParams or its dict form), {token id: bias in [-100, 100]},
+    # the only ids that may be sampled, words that must not appear.
+    structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: tuple[tuple[int, float], ...] | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept lists / a single string the way vLLM does, store tuples (frozen + hashable).
@@ -68,7 +87,43 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        self._normalize_masks()
         self._validate()
+
+    def _normalize_masks(self) -> None:
+        so = self.structured_outputs
+        if isinstance(so, dict):
+            object.__setattr__(self, "structured_outputs", StructuredOutputsParams.from_dict(so))
+        elif so is not None and not isinstance(so, StructuredOutputsParams):
+            raise ValueError("SamplingParams.structured_outputs must be a StructuredOutputsParams "
+                             f"or a dict, got {type(so).__name__}")
+        lb = self.logit_bias
+        if lb is not None:
+            items = lb.items() if isinstance(lb, dict) else lb
+            try:
+                pairs = tuple(sorted((_token_id("logit_bias", int(t) if isinstance(t, str)
+                                                and t.strip().lstrip("-").isdigit() else t),
+                                      float(v)) for t, v in items))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"SamplingParams.logit_bias: {e}") from None
+            if len(pairs) > MAX_LOGIT_BIAS:
+                raise ValueError(f"SamplingParams.logit_bias: at most {MAX_LOGIT_BIAS} entries, "
+                                 f"got {len(pairs)}")
+            for t, v in pairs:
+                if not (math.isfinite(v) and -100.0 <= v <= 100.0):
+                    raise ValueError(f"SamplingParams.logit_bias[{t}] must be in [-100, 100], got {v}")
+            object.__setattr__(self, "logit_bias", pairs or None)
+        if self.allowed_token_ids is not None:
+            ids = tuple(_token_id("allowed_token_ids", t) for t in self.allowed_token_ids)
+            if not ids:
+                raise ValueError("SamplingParams.allowed_token_ids must not be empty")
+            object.__setattr__(self, "allowed_token_ids", ids)
+        bw = self.bad_words
+        bw = () if bw is None else (bw,) if isinstance(bw, str) else tuple(bw)
+        if len(bw) > MAX_BAD_WORDS or not all(isinstance(w, str) and w for w in bw):
+            raise ValueError(f"SamplingParams.bad_words must be at most {MAX_BAD_WORDS} non-empty "
+                             "strings")
+        object.__setattr__(self, "bad_words", bw)
 
     def _validate(self) -> None:
         if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
@@ -123,6 +178,11 @@ class SamplingParams:
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or (k < 1 and k != -1)):
             raise ValueError(f"SamplingParams.truncate_prompt_tokens must be an integer >= 1 or -1, "
                              f"got {k!r}")
+
+    @property
+    def uses_host_masks(self) -> bool:
+        """A per-step mask the host computes from the tokens so far (a grammar, bad words)."""
+        return self.structured_outputs is not None or bool(self.bad_words)
 
     @property
     def greedy(self) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from jserve.sampling_params import SamplingParams
 
 
@@ -100,6 +102,9 @@ class SchedulerOutput:
     dropped: list[str] = field(default_factory=list)  # finished / preempted since the last plan
     transfers: KVTransfers = field(default_factory=KVTransfers)  # page moves before the forward
     num_preempted: int = 0
+    # Host-computed allowed-token bitmasks (int32[ceil(V / 32)]) of sampling rows, by request id
+    # (a grammar, bad words: ``jserve.structured``); filled by the engine before dispatch.
+    token_masks: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

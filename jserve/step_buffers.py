@@ -9,7 +9,7 @@ Fields for a bucket of T tokens, R rows, D page-table diff entries, K banned ids
 
     int32   token_ids[T] positions[T] slot_mapping[T] prev_index[T] row_slot[R] samples[R]
             pt_diff[D, 3] seq_lens[R] query_start_loc[R + 1] num_seqs[1] logits_indices[R]
-            output_index[R] banned_ids[R, K] pen_slot[R] num_draft[R]
+            output_index[R] banned_ids[R, K] pen_slot[R] num_draft[R] mask_slot[R]
     float32 repetition_penalty[R] presence_penalty[R] frequency_penalty[R]
 
 ``row_slot[r]``: the slot of row r in the device slot table (``jserve.slot_table``: its page
@@ -23,6 +23,8 @@ row r samples with penalties, from (and then into) that slot of the penalty stat
 (``jserve.penalty_state``); -1: no penalties (the three penalty fields are neutral).
 ``num_draft[r]``: speculative decoding: the last num_draft[r] tokens of row r are drafts that
 the speculative step variant verifies (``jserve.spec.verify_step``); 0 elsewhere.
+``mask_slot[r] >= 0``: row r samples under that slot's token mask / logit bias
+(``jserve.structured.logit_state``); -1: free row.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ _INT_FIELDS = (
     ("query_start_loc", ("R+1",), 0), ("num_seqs", (1,), 0), ("logits_indices", ("R",), 0),
     ("output_index", ("R",), 0), ("banned_ids", ("R", "K"), -1), ("pen_slot", ("R",), -1),
     ("num_draft", ("R",), 0),
+    ("mask_slot", ("R",), -1),
 )
 _FLOAT_FIELDS = (("repetition_penalty", ("R",), 1.0), ("presence_penalty", ("R",), 0.0),
                  ("frequency_penalty", ("R",), 0.0))
@@ -118,7 +121,7 @@ class StepLayout:
         return bufs[0], bufs[1], views
 
     def read(self, ibuf: jax.Array, name: str) -> jax.Array:
-        """Inside jit: one int32 field by name (static slice)."""
+        """One int32 field by name (a static slice; inside jit, or of the host buffer)."""
         off, shp, _ = self.ints[name]
         return ibuf[off:off + math.prod(shp)].reshape(shp)
 

@@ -291,6 +291,10 @@ class Tokenizer:
         table may be larger (padded); ids past this decode to nothing."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    def to_json(self) -> str:
+        """The tokenizers pipeline as tokenizer.json text (for the grammar engine's own wrap)."""
+        return self._backend.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """text -> token ids; with ``add_special_tokens`` BOS/EOS are added as the model expects."""
         if not isinstance(text, str):

@@ -25,6 +25,7 @@ from jserve.cli import (
     run_command,
 )
 from server.bench import add_bench_flags, cmd_bench
+from server.tool_parsers import PARSERS
 
 log = logging.getLogger("jserve.server")
 
@@ -41,7 +42,8 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         max_body_bytes=ns.max_body_bytes, shutdown_timeout_s=ns.shutdown_timeout,
         enable_metrics=not ns.disable_metrics, access_log=ns.access_log,
         header_timeout_s=ns.header_timeout, body_timeout_s=ns.body_timeout,
-        max_connections=ns.max_connections, tokenizer_threads=ns.tokenizer_threads)
+        max_connections=ns.max_connections, tokenizer_threads=ns.tokenizer_threads,
+        tool_call_parser=ns.tool_call_parser)
     args = engine_args_from(ns)
     t0 = time.perf_counter()
     engine = build_engine(args)
@@ -87,6 +89,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=D.shutdown_timeout_s,
                    help="seconds SIGTERM waits for in-flight requests before aborting them "
                    "(default: %(default)s)")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help="format of the model's tool calls, parsed out for tool_choice 'auto' "
+                   "(default: none: 'auto' is refused; 'required' and named functions always work)")
     p.add_argument("--disable-metrics", action="store_true",
                    help="no Prometheus /metrics (default: metrics on)")
     p.add_argument("--access-log", action="store_true",

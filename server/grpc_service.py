@@ -16,6 +16,7 @@ the .proto. The API key, when set, is checked on Generation's methods only (meta
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,6 +34,7 @@ from server.proto import jserve_pb2 as pb
 from server.proto import jserve_pb2_grpc as pb_grpc
 from server.protocol import check_n_greedy, get_stop, get_stop_token_ids
 from server.serving import Serving, new_id
+from server.structured_request import mask_fields
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,37 @@ def sampling_fields(sp: pb.SamplingParams) -> tuple[dict[str, Any], int | None, 
     if max_tokens == 0:
         raise bad_request("'max_tokens' must be >= 1, got 0", "max_tokens")
     logprobs = sp.logprobs if sp.HasField("logprobs") else None
+    fields.update(_mask_fields(sp))
     return fields, max_tokens, logprobs
+
+
+def _mask_fields(sp: pb.SamplingParams) -> dict[str, Any]:
+    """structured_outputs, logit_bias, allowed_token_ids, bad_words (checked as over HTTP)."""
+    body: dict[str, Any] = {}
+    if sp.HasField("structured_outputs"):
+        so = sp.structured_outputs
+        kind = so.WhichOneof("kind")
+        if kind is None:
+            raise bad_request("'structured_outputs' must set one of json, json_object, regex, "
+                              "choice, grammar", "structured_outputs")
+        if kind == "json":
+            try:
+                value: Any = json.loads(so.json)
+            except json.JSONDecodeError as e:
+                raise bad_request(f"'structured_outputs.json' is not valid JSON: {e}",
+                                  "structured_outputs") from None
+        elif kind == "choice":
+            value = list(so.choice.values)
+        else:
+            value = getattr(so, kind)
+        body["structured_outputs"] = {kind: value}
+    if sp.logit_bias:
+        body["logit_bias"] = {str(k): v for k, v in sp.logit_bias.items()}
+    if sp.allowed_token_ids:
+        body["allowed_token_ids"] = list(sp.allowed_token_ids)
+    if sp.bad_words:
+        body["bad_words"] = list(sp.bad_words)
+    return mask_fields(body)[0]
 
 
 def _choice(d: CompletionDelta) -> pb.Choice:

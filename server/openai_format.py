@@ -135,8 +135,10 @@ def completion_choice(index: int, text: str, finish_reason: str | None, stop_rea
 
 
 def chat_choice(index: int, text: str, finish_reason: str | None, stop_reason: Any,
-                logprobs: dict[str, Any] | None, token_ids: list[int] | None) -> dict[str, Any]:
-    choice = {"index": index, "message": {"role": "assistant", "content": text},
+                logprobs: dict[str, Any] | None, token_ids: list[int] | None,
+                message: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``message``: the assistant message when it is not plain ``text`` (tool calls)."""
+    choice = {"index": index, "message": message or {"role": "assistant", "content": text},
               "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids

@@ -27,6 +27,18 @@ from server.access_log import TokenCount
 from server.errors import from_exception
 from server.protocol import ChatRequest, CompletionRequest, Prompt
 from server.serving import Serving, new_id
+from server.tool_calls import (
+    AUTO,
+    NAMED,
+    NONE,
+    ToolSpec,
+    call_json,
+    forced_calls,
+    new_call_id,
+    parse_tools,
+    shape_message,
+)
+from server.tool_parsers import StreamingToolText, get_tool_parser
 
 
 @dataclass
@@ -40,6 +52,7 @@ class Started:
     prompt_ids: list[list[int]]
     echo_texts: list[str] = field(default_factory=list)
     tokens: TokenCount = field(default_factory=TokenCount)   # for the access log line
+    tools: ToolSpec | None = None   # chat: the request's tools and tool_choice
 
     def abort(self) -> None:
         for s in self.streams:
@@ -51,13 +64,14 @@ class Started:
 
 
 async def _start_all(serving: Serving, prefix: str, model: str, prompts: list[list[int]],
-                     params_list: list[Any], cache_salt: str | None = None, priority: int = 0) -> Started:
+                     params_list: list[Any], cache_salt: str | None = None, priority: int = 0,
+                     names: dict[str, str] | None = None) -> Started:
     started = Started(new_id(prefix), model, fmt.now(), [], prompts)
     started.tokens.prompt = started.prompt_tokens
     try:
         for i, (ids, params) in enumerate(zip(prompts, params_list, strict=True)):
             started.streams.append(await serving.start(ids, params, f"{started.rid}-{i}", cache_salt,
-                                                       priority))
+                                                       priority, names))
     except BaseException:
         started.abort()
         raise
@@ -148,7 +162,7 @@ class CompletionHandler:
                                                         self._prompt_top(req)))
             ids_list.append(ids)
         started = await _start_all(self.serving, "cmpl", model, ids_list, params_list, req.cache_salt,
-                                   req.priority)
+                                   req.priority, req.field_names)
         if req.echo:
             truncated = req.truncate_prompt_tokens is not None
             started.echo_texts = [self._echo_text(p, ids, truncated)
@@ -243,14 +257,29 @@ class ChatHandler:
     async def start(self, req: ChatRequest) -> Started:
         model = self.serving.check_model(req.model)
         self.serving.check_sequences(req.sampling["n"], 1)
+        spec = parse_tools({"tools": req.tools, "tool_choice": req.tool_choice},
+                           self.serving.tool_call_parser)
         ids = await self.serving.render_chat(req.messages, req.add_generation_prompt, req.tools,
                                              req.template_kwargs, req.continue_final_message)
         ids = self.serving.truncate(ids, req.truncate_prompt_tokens)
         top = req.top_logprobs if req.logprobs else None
-        params = self.serving.make_params(req.sampling, req.max_tokens, top, len(ids), "messages",
-                                          req.field_names, req.prompt_logprobs)
-        return await _start_all(self.serving, "chatcmpl", model, [ids], [params], req.cache_salt,
-                                req.priority)
+        sampling, names = req.sampling, req.field_names
+        forced = spec.structured_outputs() if spec is not None else None
+        if forced is not None:
+            sampling = {**sampling, "structured_outputs": forced}
+            names = {**names, "structured_outputs": "tools"}
+        params = self.serving.make_params(sampling, req.max_tokens, top, len(ids), "messages", names,
+                                          req.prompt_logprobs)
+        started = await _start_all(self.serving, "chatcmpl", model, [ids], [params], req.cache_salt,
+                                   req.priority, names)
+        started.tools = spec
+        return started
+
+    def _parser(self, started: Started):
+        spec = started.tools
+        if spec is None or spec.mode != AUTO:
+            return None
+        return get_tool_parser(self.serving.tool_call_parser)
 
     @staticmethod
     def _logprobs(req: ChatRequest, token_ids: list[int], lps: Any) -> dict[str, Any] | None:
@@ -260,9 +289,13 @@ class ChatHandler:
 
     async def full(self, req: ChatRequest, started: Started) -> dict[str, Any]:
         (out,) = await _gather_finals(started)
-        choices = [fmt.chat_choice(c.index, c.text, c.finish_reason, c.stop_reason,
-                                   self._logprobs(req, c.token_ids, c.logprobs),
-                                   c.token_ids if req.return_token_ids else None) for c in out.outputs]
+        parser = self._parser(started)
+        choices = []
+        for c in out.outputs:
+            message, finish = shape_message(started.tools, parser, c.text, c.finish_reason)
+            choices.append(fmt.chat_choice(c.index, c.text, finish, c.stop_reason,
+                                           self._logprobs(req, c.token_ids, c.logprobs),
+                                           c.token_ids if req.return_token_ids else None, message))
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
         started.tokens.completion = completion_tokens
         extra = {"prompt_token_ids": started.prompt_ids[0]} if req.return_token_ids else {}
@@ -279,6 +312,7 @@ class ChatHandler:
                                                started.created, choices, use))
 
         tracker, completion_tokens, last = DeltaTracker(), 0, None
+        tools = _StreamedTools(started.tools, self._parser(started), req.sampling["n"])
         try:
             for i in range(req.sampling["n"]):
                 yield chunk([fmt.chat_delta_choice(i, {"role": "assistant", "content": ""}, None, None,
@@ -288,8 +322,9 @@ class ChatHandler:
                 for d in tracker.update(out):
                     completion_tokens += len(d.token_ids)
                     started.tokens.completion = completion_tokens
+                    delta, finish = tools.delta(d.index, d.text, d.finish_reason)
                     choice = fmt.chat_delta_choice(
-                        d.index, {"content": d.text}, d.finish_reason, d.stop_reason,
+                        d.index, delta, finish, d.stop_reason,
                         self._logprobs(req, d.token_ids, d.logprobs),
                         d.token_ids if req.return_token_ids else None)
                     use = (fmt.usage(started.prompt_tokens, completion_tokens)
@@ -299,3 +334,50 @@ class ChatHandler:
                 yield chunk([], fmt.usage(started.prompt_tokens, completion_tokens, _cached([last])))
         finally:
             started.abort()
+
+
+class _StreamedTools:
+    """Per choice: turns text deltas into OpenAI chat deltas under the request's tool_choice.
+
+    none / no tools: ``content``. named: the function's arguments stream as
+    ``tool_calls[0].function.arguments`` deltas (the first carries id and name). required: the
+    forced JSON array is held and sent as tool-call deltas when the sequence ends. auto: content
+    until the parser sees a call may start (server/tool_parsers/), the calls at the end."""
+
+    def __init__(self, spec: ToolSpec | None, parser: Any, n: int) -> None:
+        self.spec = spec
+        self.mode = NONE if spec is None else spec.mode
+        self.text = [""] * n
+        self.started = [False] * n
+        self.auto = [StreamingToolText(parser) for _ in range(n)] if self.mode == AUTO else None
+
+    def delta(self, i: int, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        if self.mode == NONE:
+            return {"content": text}, finish
+        if self.mode == NAMED:
+            if not self.started[i]:
+                self.started[i] = True
+                call = {"index": 0, "id": new_call_id(), "type": "function",
+                        "function": {"name": self.spec.name, "arguments": text}}
+            else:
+                call = {"index": 0, "function": {"arguments": text}}
+            return {"tool_calls": [call]}, finish
+        self.text[i] += text
+        content, calls = "", []
+        if self.mode == AUTO:
+            content = self.auto[i].feed(text)
+            if finish is not None:
+                rest, calls = self.auto[i].finish()
+                content += rest
+        elif finish is not None:  # REQUIRED
+            calls = forced_calls(self.spec, self.text[i])
+            if not calls:
+                content = self.text[i]
+        delta: dict[str, Any] = {}
+        if content:
+            delta["content"] = content
+        if calls:
+            delta["tool_calls"] = [call_json(k, c) for k, c in enumerate(calls)]
+            if finish == "stop":
+                finish = "tool_calls"
+        return delta, finish

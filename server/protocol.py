@@ -36,6 +36,8 @@ from typing import Any
 from jserve.sampling_params import MAX_LOGPROBS
 from server.errors import bad_request
 from server.request_fields import CHAT, COMPLETIONS, check_fields
+from server.structured_request import mask_fields, structured_spec
+from server.tool_calls import parse_tools
 
 Prompt = str | list[int]
 
@@ -155,6 +157,8 @@ def _sampling_fields(d: dict) -> dict[str, Any]:
     best_of = get_int(d, "best_of")
     if best_of is not None and best_of != n:
         raise bad_request("'best_of' is not supported (it must equal n)", "best_of")
+    masks, _ = mask_fields(d)
+    out.update(masks)
     return out
 
 
@@ -265,6 +269,7 @@ class ChatRequest:
     add_generation_prompt: bool = True
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None         # resolved with the server's parser (server/tool_calls.py)
     return_token_ids: bool = False
     cache_salt: str | None = None
     priority: int = 0
@@ -325,7 +330,8 @@ def parse_completion_request(d: dict) -> CompletionRequest:
         max_tokens=max_tokens, logprobs=logprobs, stream=stream,
         include_usage=include_usage, continuous_usage=continuous, echo=echo,
         return_token_ids=get_bool(d, "return_token_ids", False), cache_salt=_cache_salt(d),
-        priority=_priority(d), prompt_logprobs=_prompt_logprobs(d), truncate_prompt_tokens=_truncate(d))
+        priority=_priority(d), prompt_logprobs=_prompt_logprobs(d), truncate_prompt_tokens=_truncate(d),
+        field_names=mask_fields(d)[1])
 
 
 def parse_chat_request(d: dict) -> ChatRequest:
@@ -341,16 +347,13 @@ def parse_chat_request(d: dict) -> ChatRequest:
     if top and not logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     max_tokens, max_name = _max_tokens(d, "max_completion_tokens", "max_tokens")
-    tools = d.get("tools") or None
-    if tools is not None:
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            raise bad_request("'tools' must be a list of objects", "tools")
-        if d.get("tool_choice", "auto") != "none":
-            raise bad_request("tool calling is not supported yet; with tool_choice='none' the tools "
-                              "are only rendered into the prompt", "tool_choice")
-    elif d.get("tool_choice") not in (None, "none", "auto"):
-        raise bad_request("tool calling is not supported yet ('tool_choice' needs 'tools')",
-                          "tool_choice")
+    spec = parse_tools(d, None, check_parser=False)
+    tools = list(spec.tools) if spec is not None else None
+    if spec is not None and spec.structured_outputs() is not None:
+        _, so_field = structured_spec(d)
+        if so_field is not None:
+            raise bad_request(f"tool_choice {d.get('tool_choice')!r} is enforced with structured "
+                              f"outputs and cannot be combined with '{so_field}'", so_field)
     kwargs = d.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs")
@@ -366,8 +369,9 @@ def parse_chat_request(d: dict) -> ChatRequest:
         model=_model(d), messages=messages, sampling=_sampling_fields(d), max_tokens=max_tokens,
         logprobs=logprobs, top_logprobs=top, stream=stream, include_usage=include_usage,
         continuous_usage=continuous, add_generation_prompt=add_gen,
-        template_kwargs=kwargs, tools=tools, return_token_ids=get_bool(d, "return_token_ids", False),
+        template_kwargs=kwargs, tools=tools, tool_choice=d.get("tool_choice"),
+        return_token_ids=get_bool(d, "return_token_ids", False),
         cache_salt=_cache_salt(d), priority=_priority(d),
-        field_names={"max_tokens": max_name, "logprobs": "top_logprobs"},
+        field_names={"max_tokens": max_name, "logprobs": "top_logprobs", **mask_fields(d)[1]},
         prompt_logprobs=_prompt_logprobs(d), truncate_prompt_tokens=_truncate(d),
         continue_final_message=cont)

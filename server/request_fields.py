@@ -11,8 +11,9 @@ field, so that nothing a client asks for is silently ignored (DESIGN invariant 7
     anything else                      400 "unknown field" naming it (OpenAI's behaviour), with
                                        the closest known name as a hint
 
-Structured outputs (``response_format`` json, ``guided_*``, ``structured_outputs``) and tool
-calling are refused here by name until they are implemented.
+Structured outputs (``response_format``, ``guided_json/regex/choice/grammar``,
+``structured_outputs``), ``logit_bias``, ``allowed_token_ids`` and ``bad_words`` are honoured
+(server/structured_request.py); tool calling on chat (server/tool_calls.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ _SAMPLING = frozenset({
     "n", "best_of", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "min_tokens", "max_tokens", "stop",
     "stop_token_ids", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+    # token masks and biases (server/structured_request.py)
+    "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+    "guided_grammar", "logit_bias", "allowed_token_ids", "bad_words",
 })
 _COMMON = frozenset({"model", "stream", "stream_options", "logprobs", "return_token_ids",
                      "cache_salt", "priority", "prompt_logprobs", "truncate_prompt_tokens"})
@@ -45,19 +49,9 @@ HONOURED: dict[str, frozenset[str]] = {
 
 NO_SEMANTICS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 
-_STRUCTURED = "structured outputs are not supported yet"
 NOT_SUPPORTED: dict[str, str] = {
-    "guided_json": _STRUCTURED,
-    "guided_regex": _STRUCTURED,
-    "guided_choice": _STRUCTURED,
-    "guided_grammar": _STRUCTURED,
-    "guided_decoding_backend": _STRUCTURED,
-    "guided_whitespace_pattern": _STRUCTURED,
-    "structured_outputs": _STRUCTURED,
-    "response_format": _STRUCTURED + " (only {'type': 'text'} is accepted)",
-    "logit_bias": "logit biasing is not supported yet",
-    "bad_words": "bad_words is not supported yet",
-    "allowed_token_ids": "allowed_token_ids is not supported yet",
+    "guided_decoding_backend": "the grammar engine is fixed (llguidance); leave it out",
+    "guided_whitespace_pattern": "a custom JSON whitespace pattern is not supported",
     "use_beam_search": "beam search is not supported",
     "length_penalty": "length_penalty (beam search) is not supported",
     "suffix": "suffix (fill-in-the-middle) is not supported",
@@ -67,11 +61,8 @@ NOT_SUPPORTED: dict[str, str] = {
 
 
 def _asks_for_nothing(name: str, value: Any) -> bool:
-    """A value that requests no behaviour: null, false, empty, or response_format text."""
-    if value is None or value is False or value == "" or value == [] or value == {}:
-        return True
-    return name == "response_format" and isinstance(value, dict) and value.get("type") == "text" \
-        and set(value) == {"type"}
+    """A value that requests no behaviour: null, false or empty."""
+    return value is None or value is False or value == "" or value == [] or value == {}
 
 
 def check_fields(d: dict[str, Any], endpoint: str) -> None:

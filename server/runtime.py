@@ -51,6 +51,7 @@ class ServerConfig:
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S   # the whole body must arrive within this (408)
     max_connections: int = 1024         # open HTTP connections; past it: 503 and closed
     tokenizer_threads: int = DEFAULT_TOKENIZER_THREADS
+    tool_call_parser: str | None = None  # server/tool_parsers/: hermes, llama3_json
 
     def __post_init__(self) -> None:
         for name in ("header_timeout_s", "body_timeout_s"):
@@ -96,7 +97,8 @@ class RunningServer:
         self.engine = engine
         self.config = config
         names = list(config.served_model_names) or [model]
-        self.serving = Serving(engine, names, root=model, tokenizer_threads=config.tokenizer_threads)
+        self.serving = Serving(engine, names, root=model, tokenizer_threads=config.tokenizer_threads,
+                               tool_call_parser=config.tool_call_parser)
         self.stats = stats
         self.http_port: int | None = None
         self.grpc_port: int | None = None

@@ -37,6 +37,7 @@ from jserve.outputs import Logprob
 from jserve.sampling_params import SamplingParams
 from server.errors import APIError, bad_request, from_exception
 from server.protocol import Prompt
+from server.tool_parsers import get_tool_parser
 
 MAX_N = 128          # sequences per request (OpenAI's limit); each one is a scheduler request
 DEFAULT_TOKENIZER_THREADS = 2
@@ -63,7 +64,8 @@ class Serving:
     """One served model over one AsyncEngine; ``names`` are the model ids clients may send."""
 
     def __init__(self, engine: AsyncEngine, names: list[str], root: str,
-                 tokenizer_threads: int = DEFAULT_TOKENIZER_THREADS) -> None:
+                 tokenizer_threads: int = DEFAULT_TOKENIZER_THREADS,
+                 tool_call_parser: str | None = None) -> None:
         if not names:
             raise ValueError("served model names: at least one is needed")
         if tokenizer_threads < 1:
@@ -78,6 +80,10 @@ class Serving:
                               int(time.time()))
         self.max_prompt_chars = self.max_model_len * _longest_token_chars(self.tokenizer) * 2
         self._pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="jserve-tokenize")
+        # --tool-call-parser (server/tool_parsers/): None = tool_choice "auto" is refused
+        self.tool_call_parser = tool_call_parser
+        if tool_call_parser is not None:
+            get_tool_parser(tool_call_parser)   # an unknown name is a start-up error
 
     def close(self) -> None:
         """Stop the tokenizer pool (front-ends stopped: nothing submits any more)."""
@@ -215,13 +221,20 @@ class Serving:
             raise bad_request(message, name) from e
 
     async def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                    cache_salt: str | None = None, priority: int = 0) -> RequestStream:
-        """Queue the request; engine errors become APIErrors (400 / 429 / 503)."""
+                    cache_salt: str | None = None, priority: int = 0,
+                    names: Mapping[str, str] | None = None) -> RequestStream:
+        """Queue the request; engine errors become APIErrors (400 / 429 / 503), a 400's param
+        renamed to the client's field through ``names`` (``response_format`` for a schema)."""
         try:
+            if params.structured_outputs is not None:   # compile on the pool, not the engine thread
+                await self._off_loop(self.engine.compile_grammar, params)
             return await self.engine.add_request(prompt_ids, params, request_id, cache_salt,
                                                  priority=priority)
         except Exception as e:
-            raise from_exception(e) from e
+            err = from_exception(e)
+            if names and err.param in names:
+                err.param = names[err.param]
+            raise err from e
 
 
 def _longest_token_chars(tokenizer: Any) -> int:

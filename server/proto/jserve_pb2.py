@@ -24,43 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19server/proto/jserve.proto\x12\tjserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xac\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\rH\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\rH\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\'\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x17\n\nignore_eos\x18\x0f \x01(\x08H\x0c\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\xe4\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.jserve.v1.TokenIdsH\x00\x12\x32\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x19.jserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x15\n\x08priority\x18\x07 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06promptB\x0b\n\t_priority\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.jserve.v1.TopLogprob\"\xb9\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\rstop_token_id\x18\x05 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.jserve.v1.TokenLogprobB\r\n\x0bstop_reason\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\x85\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x11.jserve.v1.Choice\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.jserve.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"o\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"b\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x10\n\x08owned_by\x18\x04 \x01(\t\x12\x0c\n\x04root\x18\x05 \x01(\t\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.jserve.v1.ModelInfo2\xae\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.jserve.v1.GenerateRequest\x1a\x1b.jserve.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.jserve.v1.TokenizeRequest\x1a\x1b.jserve.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.jserve.v1.DetokenizeRequest\x1a\x1d.jserve.v1.DetokenizeResponse\x12I\n\nListModels\x12\x1c.jserve.v1.ListModelsRequest\x1a\x1d.jserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19server/proto/jserve.proto\x12\tjserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x84\x07\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\rH\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\rH\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\'\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x17\n\nignore_eos\x18\x0f \x01(\x08H\x0c\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12\x38\n\x12structured_outputs\x18\x12 \x01(\x0b\x32\x1c.jserve.v1.StructuredOutputs\x12<\n\nlogit_bias\x18\x13 \x03(\x0b\x32(.jserve.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x14 \x03(\r\x12\x11\n\tbad_words\x18\x15 \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x8c\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x12.jserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xe4\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.jserve.v1.TokenIdsH\x00\x12\x32\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x19.jserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x15\n\x08priority\x18\x07 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06promptB\x0b\n\t_priority\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.jserve.v1.TopLogprob\"\xb9\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\rstop_token_id\x18\x05 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.jserve.v1.TokenLogprobB\r\n\x0bstop_reason\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\x85\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x11.jserve.v1.Choice\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.jserve.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"o\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"b\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x10\n\x08owned_by\x18\x04 \x01(\t\x12\x0c\n\x04root\x18\x05 \x01(\t\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.jserve.v1.ModelInfo2\xae\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.jserve.v1.GenerateRequest\x1a\x1b.jserve.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.jserve.v1.TokenizeRequest\x1a\x1b.jserve.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.jserve.v1.DetokenizeRequest\x1a\x1d.jserve.v1.DetokenizeResponse\x12I\n\nListModels\x12\x1c.jserve.v1.ListModelsRequest\x1a\x1d.jserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'server.proto.jserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TOKENIDS']._serialized_start=40
   _globals['_TOKENIDS']._serialized_end=63
   _globals['_SAMPLINGPARAMS']._serialized_start=66
-  _globals['_SAMPLINGPARAMS']._serialized_end=750
-  _globals['_GENERATEREQUEST']._serialized_start=753
-  _globals['_GENERATEREQUEST']._serialized_end=981
-  _globals['_TOPLOGPROB']._serialized_start=983
-  _globals['_TOPLOGPROB']._serialized_end=1045
-  _globals['_TOKENLOGPROB']._serialized_start=1047
-  _globals['_TOKENLOGPROB']._serialized_end=1132
-  _globals['_CHOICE']._serialized_start=1135
-  _globals['_CHOICE']._serialized_end=1320
-  _globals['_USAGE']._serialized_start=1322
-  _globals['_USAGE']._serialized_end=1424
-  _globals['_GENERATERESPONSE']._serialized_start=1427
-  _globals['_GENERATERESPONSE']._serialized_end=1560
-  _globals['_TOKENIZEREQUEST']._serialized_start=1562
-  _globals['_TOKENIZEREQUEST']._serialized_end=1664
-  _globals['_TOKENIZERESPONSE']._serialized_start=1666
-  _globals['_TOKENIZERESPONSE']._serialized_end=1741
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1743
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1854
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1856
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1890
-  _globals['_LISTMODELSREQUEST']._serialized_start=1892
-  _globals['_LISTMODELSREQUEST']._serialized_end=1911
-  _globals['_MODELINFO']._serialized_start=1913
-  _globals['_MODELINFO']._serialized_end=2011
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2013
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2071
-  _globals['_GENERATION']._serialized_start=2074
-  _globals['_GENERATION']._serialized_end=2376
+  _globals['_SAMPLINGPARAMS']._serialized_end=966
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=678
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=726
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=969
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1109
+  _globals['_CHOICES']._serialized_start=1111
+  _globals['_CHOICES']._serialized_end=1136
+  _globals['_GENERATEREQUEST']._serialized_start=1139
+  _globals['_GENERATEREQUEST']._serialized_end=1367
+  _globals['_TOPLOGPROB']._serialized_start=1369
+  _globals['_TOPLOGPROB']._serialized_end=1431
+  _globals['_TOKENLOGPROB']._serialized_start=1433
+  _globals['_TOKENLOGPROB']._serialized_end=1518
+  _globals['_CHOICE']._serialized_start=1521
+  _globals['_CHOICE']._serialized_end=1706
+  _globals['_USAGE']._serialized_start=1708
+  _globals['_USAGE']._serialized_end=1810
+  _globals['_GENERATERESPONSE']._serialized_start=1813
+  _globals['_GENERATERESPONSE']._serialized_end=1946
+  _globals['_TOKENIZEREQUEST']._serialized_start=1948
+  _globals['_TOKENIZEREQUEST']._serialized_end=2050
+  _globals['_TOKENIZERESPONSE']._serialized_start=2052
+  _globals['_TOKENIZERESPONSE']._serialized_end=2127
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2129
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2240
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2242
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2276
+  _globals['_LISTMODELSREQUEST']._serialized_start=2278
+  _globals['_LISTMODELSREQUEST']._serialized_end=2297
+  _globals['_MODELINFO']._serialized_start=2299
+  _globals['_MODELINFO']._serialized_end=2397
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2399
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2457
+  _globals['_GENERATION']._serialized_start=2460
+  _globals['_GENERATION']._serialized_end=2762
 # @@protoc_insertion_point(module_scope)

@@ -85,11 +85,12 @@ def test_openai_client_unsupported_field_is_refused_by_name(oai):
 
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=3,
-                                    response_format={"type": "json_object"})
-    assert e.value.body["param"] == "response_format"
+                                    extra_body={"continue_final_message": True})
+    assert e.value.body["param"] == "continue_final_message"
     with pytest.raises(openai.BadRequestError) as e:
-        oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, extra_body={"guided_regex": "a+"})
-    assert e.value.body["param"] == "guided_regex"
+        oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3,
+                               extra_body={"guided_decoding_backend": "xgrammar"})
+    assert e.value.body["param"] == "guided_decoding_backend"
 
 
 def test_retrieve_model(oai, served):

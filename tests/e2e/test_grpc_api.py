@@ -147,7 +147,10 @@ def test_committed_stubs_match_the_proto(tmp_path):
     out = tmp_path / "set.pb"
     protoc([f"--descriptor_set_out={out}"])
     fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
-    for message in fresh.message_type:          # protoc adds json names the embedded copy leaves out
+    messages = list(fresh.message_type)
+    while messages:                             # protoc adds json names the embedded copy leaves out
+        message = messages.pop()
+        messages.extend(message.nested_type)    # map fields are nested entry messages
         for f in message.field:
             f.ClearField("json_name")
     committed = descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb)

@@ -1,0 +1,125 @@
+"""Structured-output throughput: N concurrent json_schema requests vs N unconstrained ones.
+
+The constrained batch runs first (every output must parse and validate against the schema);
+the unconstrained batch then generates exactly the same number of tokens per request
+(``max_tokens`` = that request's constrained length, ``ignore_eos``), so both batches have the
+same shape over time and the ratio of their wall times is the cost of the constraint: the
+host's mask computation (llguidance), the per-slot mask upload and the in-jit mask, and the
+synchronous loop the engine runs while host-masked rows are in flight (docs/architecture.md,
+"Structured outputs"). Prints one markdown table for benchmarks/RESULTS.md.
+
+    # CPU, the bundled model
+    PYTHONPATH=. python3 benchmarks/structured_outputs.py
+    # GPU, the Qwen2.5-0.5B shape with random weights (the bundled tokenizer drives the grammar:
+    # its 8k ids are the only ones a grammar allows; the mask is the full 152k-token width)
+    PYTHONPATH=. python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+
+from jserve.builder import EngineArgs, build_engine, default_model_path
+from jserve.sampling_params import SamplingParams
+from jserve.tokenizer import Tokenizer
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "active": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+    },
+    "required": ["name", "age", "role", "active", "tags"],
+    "additionalProperties": False,
+}
+
+
+def _validate(text: str) -> None:
+    value = json.loads(text)
+    try:
+        import jsonschema
+    except ImportError:  # not a runtime dependency: fall back to the required keys
+        if set(value) != set(SCHEMA["required"]):
+            raise ValueError(f"keys {sorted(value)}") from None
+        return
+    jsonschema.validate(value, SCHEMA)
+
+
+def _run(engine, items) -> tuple[float, list]:
+    ids = [engine.add_request(None, p, sp) for p, sp in items]
+    done = {}
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+    return time.perf_counter() - t0, [done[i] for i in ids]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="HF dir or named shape (default: the bundled model)")
+    ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer dir when the model has none (default: the bundled model's)")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--rounds", type=int, default=2, help="timed rounds (the first round warms up)")
+    ns = ap.parse_args()
+    n = ns.num_requests
+    eng = build_engine(EngineArgs(model=ns.model, random_weights=ns.random_weights, dtype=ns.dtype,
+                                  max_num_seqs=n, max_model_len=512))
+    if eng.tokenizer is None:
+        eng.tokenizer = Tokenizer.from_dir(ns.tokenizer or default_model_path())
+    prompts = [f"# record {i}: a user of the system as JSON\nrecord = " for i in range(n)]
+    mask_s = [0.0]
+    masks = eng.constraints.masks
+
+    def timed_masks(rows):
+        t = time.perf_counter()
+        try:
+            return masks(rows)
+        finally:
+            mask_s[0] += time.perf_counter() - t
+
+    eng.constraints.masks = timed_masks
+    rows = []
+    for r in range(ns.rounds + 1):
+        mask_s[0] = 0.0
+        cons = [(p, SamplingParams(temperature=ns.temperature, seed=1000 * r + i, max_tokens=ns.max_tokens,
+                                   structured_outputs={"json": SCHEMA}))
+                for i, p in enumerate(prompts)]
+        t_cons, outs = _run(eng, cons)
+        lens = [len(o.outputs[0].token_ids) for o in outs]
+        bad = 0
+        for o in outs:
+            try:
+                _validate(o.outputs[0].text)
+            except Exception:   # noqa: BLE001 - counted and reported
+                bad += 1
+        free = [(p, SamplingParams(temperature=ns.temperature, seed=1000 * r + i, max_tokens=k,
+                                   ignore_eos=True))
+                for i, (p, k) in enumerate(zip(prompts, lens, strict=True))]
+        t_free, _ = _run(eng, free)
+        if r:
+            rows.append((t_cons, t_free, sum(lens), bad, mask_s[0]))
+    dev = jax.devices()[0]
+    print(f"\n## structured outputs: {n} json_schema requests vs {n} unconstrained, same tokens per "
+          f"request ({ns.model or 'code-small'}, {dev.platform} {dev.device_kind})")
+    print("| round | tokens | constrained tok/s | free tok/s | ratio | host mask s | invalid |")
+    print("|---|---|---|---|---|---|---|")
+    for k, (tc, tf, toks, bad, ms) in enumerate(rows, 1):
+        print(f"| {k} | {toks} | {toks / tc:.0f} | {toks / tf:.0f} | {tf / tc:.2f} | {ms:.2f} | {bad} |")
+
+
+if __name__ == "__main__":
+    main()

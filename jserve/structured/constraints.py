@@ -1,0 +1,132 @@
+"""ConstraintTracker: per-sequence host state of the masks computed from the tokens so far.
+
+Where it sits: owned by ``LLMEngine``. ``add`` runs at ``add_request`` (the grammar compile,
+cached per spec, raises the ValueError that rejects a bad spec before anything is queued);
+after ``Scheduler.update`` commits a step's tokens, ``advance`` feeds them to the sequence's
+matcher; before ``Runner.dispatch``, ``masks`` computes one packed bitmask int32[W] per
+constrained sampling row (llguidance's parallel mask call, which releases the GIL) into
+``SchedulerOutput.token_masks``, which the runner ANDs into the slot's device row
+(``logit_state``)::
+
+    step N tokens --update--> advance (consume) --> masks for step N+1 --dispatch N+1-->
+
+Kinds of host mask: a grammar (``structured_outputs``) and ``bad_words`` (vLLM's rule: the
+last token of a word's tokenization is banned when the tokens before it end the output; a
+one-token word is always banned; each word is tokenized with and without a leading space).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import llguidance
+import llguidance.numpy as llnp
+import numpy as np
+
+from jserve.sampling_params import SamplingParams
+from jserve.structured.grammar import GrammarCache
+from jserve.structured.logit_state import mask_words
+
+
+@dataclass
+class SeqConstraint:
+    """One sequence's host-mask state."""
+
+    matcher: llguidance.LLMatcher | None
+    bad_words: list[tuple[int, ...]] = field(default_factory=list)
+    consumed: int = 0               # output tokens fed to the matcher so far
+    error: str | None = None        # the matcher rejected a token (never with the mask applied)
+
+
+class ConstraintTracker:
+    """Matchers and bad-word lists of the running sequences, by request id."""
+
+    def __init__(self, grammars: Callable[[], GrammarCache], vocab_size: int,
+                 encode: Callable[[str], list[int]] | None) -> None:
+        self._grammars = grammars   # built on first use: the tokenizer wrap costs ~0.1-1 s
+        self.vocab_size = vocab_size
+        self.words = mask_words(vocab_size)
+        self._encode = encode
+        self._seqs: dict[str, SeqConstraint] = {}
+        self._executor: llguidance.LLExecutor | None = None
+
+    def compile(self, params: SamplingParams) -> str | None:
+        """The grammar of ``params`` (cached per spec) or None; ValueError if it is bad."""
+        if params.structured_outputs is None:
+            return None
+        return self._grammars().compile(params.structured_outputs)
+
+    def bad_word_ids(self, words: Sequence[str]) -> list[tuple[int, ...]]:
+        if not words:
+            return []
+        if self._encode is None:
+            raise ValueError("bad_words: needs a tokenizer")
+        out: set[tuple[int, ...]] = set()
+        for w in words:
+            for text in (w, " " + w.lstrip(" ")):
+                ids = tuple(self._encode(text))
+                if ids:
+                    out.add(ids)
+        return sorted(out)
+
+    def add(self, req_id: str, params: SamplingParams, grammar: str | None,
+            bad_words: list[tuple[int, ...]]) -> None:
+        """Start tracking a sequence (``grammar`` from ``compile``)."""
+        matcher = self._grammars().matcher(grammar) if grammar is not None else None
+        self._seqs[req_id] = SeqConstraint(matcher, bad_words)
+
+    def remove(self, req_id: str) -> None:
+        self._seqs.pop(req_id, None)
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self._seqs
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def advance(self, req_id: str, output_ids: Sequence[int]) -> bool:
+        """Feed the newly committed output tokens. -> True when the sequence must end now: its
+        grammar is complete (nothing but EOS may follow) or it rejected a token."""
+        s = self._seqs.get(req_id)
+        if s is None:
+            return False
+        new = list(output_ids[s.consumed:])
+        s.consumed = len(output_ids)
+        if s.matcher is None or s.error is not None:
+            return s.error is not None
+        for t in new:
+            if s.matcher.is_stopped():
+                break
+            if not s.matcher.consume_token(int(t)):
+                s.error = s.matcher.get_error() or f"token {t} not allowed by the grammar"
+                return True
+        return s.matcher.is_stopped()
+
+    def error(self, req_id: str) -> str | None:
+        s = self._seqs.get(req_id)
+        return None if s is None else s.error
+
+    def masks(self, rows: Sequence[tuple[str, Sequence[int]]]) -> dict[str, np.ndarray]:
+        """Allowed-token bitmasks int32[W] for the given (request id, output ids so far) rows."""
+        if not rows:
+            return {}
+        out = np.full((len(rows), self.words), -1, np.int32)
+        par = []
+        for i, (rid, _) in enumerate(rows):
+            s = self._seqs[rid]
+            if s.matcher is not None and s.error is None:
+                par.append((s.matcher, i))
+        if par:
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
+            llnp.fill_next_token_bitmask_par(self._executor, par, out)
+        bits = out.view(np.uint32)
+        for i, (rid, output) in enumerate(rows):
+            s = self._seqs[rid]
+            for word in s.bad_words:
+                k = len(word) - 1
+                if k == 0 or (len(output) >= k and tuple(output[len(output) - k:]) == word[:k]):
+                    t = word[-1]
+                    bits[i, t >> 5] &= np.uint32(~(1 << (t & 31)) & 0xFFFFFFFF)
+        return {rid: out[i] for i, (rid, _) in enumerate(rows)}

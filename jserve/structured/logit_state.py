@@ -1,0 +1,148 @@
+"""Per-slot token masks and logit biases on the device, applied inside the step jit.
+
+Where it sits: the runner holds one ``LogitState``. A slot's row is the packed bitmask of the
+tokens its request may sample (1 bit per token) followed by a sparse logit bias::
+
+    state int32[S + 1, W + 2B]    W = ceil(V / 32) mask words, B = MAX_LOGIT_BIAS
+      [:W]       allowed-token bits (bit t % 32 of word t // 32)    all ones: no mask
+      [W:W+B]    bias token ids (-1: unused)
+      [W+B:]     bias values (float32 bits)
+
+Static constraints (``allowed_token_ids``, ``logit_bias``) are written once, when a request
+takes its slot. Dynamic ones (a grammar, multi-token ``bad_words``) arrive per step from the
+host as ``SchedulerOutput.token_masks`` (the engine's ``ConstraintTracker``) and are ANDed with
+the static bits; only the rows that change are written (``SlotWriter``, a small program per
+row bucket), so the step buffer carries one int per row: ``mask_slot[r]`` (-1: free row).
+The step reads the rows it needs (``apply_logit_state``) only when some row is masked
+(``lax.cond``), so free batches pay nothing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Sharding
+
+from jserve.sampling_params import MAX_LOGIT_BIAS, SamplingParams
+from jserve.slot_table import SlotWriter
+
+_NEG_INF = float("-inf")
+
+
+def mask_words(vocab_size: int) -> int:
+    """W: int32 words of one packed token mask."""
+    return -(-vocab_size // 32)
+
+
+def pack_token_ids(ids: np.ndarray | list[int], vocab_size: int) -> np.ndarray:
+    """Bitmask int32[W] with the bits of ``ids`` set (host)."""
+    bits = np.zeros(mask_words(vocab_size) * 32, bool)
+    bits[np.asarray(ids, np.int64)] = True
+    return np.packbits(bits.reshape(-1, 8), axis=1, bitorder="little").reshape(-1).view(np.int32)
+
+
+def unpack_mask(words: jax.Array, vocab_size: int) -> jax.Array:
+    """Inside jit: int32[R, W] -> bool[R, V] (bit t % 32 of word t // 32)."""
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab_size] > 0
+
+
+def apply_logit_state(logits: jax.Array, state: jax.Array, mask_slot: jax.Array) -> jax.Array:
+    """Inside jit: biases then the allowed-token mask of each masked row. logits f32[R, V];
+    state int32[S + 1, W + 2B]; mask_slot int32[R] (-1: row unchanged) -> f32[R, V]."""
+    r, v = logits.shape
+    w = mask_words(v)
+    b = (state.shape[1] - w) // 2
+    on = mask_slot >= 0
+    rows = state[jnp.where(on, mask_slot, state.shape[0] - 1)]
+    ids = jnp.where(on[:, None] & (rows[:, w:w + b] >= 0), rows[:, w:w + b], v)
+    vals = jax.lax.bitcast_convert_type(rows[:, w + b:], jnp.float32)
+    ridx = jnp.broadcast_to(jnp.arange(r)[:, None], ids.shape)
+    logits = logits.at[ridx, ids].add(vals, mode="drop")
+    allowed = unpack_mask(rows[:, :w], v) | ~on[:, None]
+    return jnp.where(allowed, logits, _NEG_INF)
+
+
+def masked_logits(logits: jax.Array, state: jax.Array, mask_slot: jax.Array) -> jax.Array:
+    """Inside jit: ``apply_logit_state`` only when some row is masked (a run-time branch)."""
+    return jax.lax.cond(jnp.any(mask_slot >= 0),
+                        lambda: apply_logit_state(logits, state, mask_slot), lambda: logits)
+
+
+def has_static(p: SamplingParams) -> bool:
+    return bool(p.allowed_token_ids) or bool(p.logit_bias)
+
+
+class LogitState:
+    """Host mirror of the static part of each slot's row, and the device state it feeds."""
+
+    def __init__(self, num_slots: int, vocab_size: int, sharding: Sharding) -> None:
+        self.vocab_size = vocab_size
+        self.words = mask_words(vocab_size)
+        self.width = self.words + 2 * MAX_LOGIT_BIAS
+        self.static = np.zeros((num_slots, self.width), np.int32)
+        self.active = np.zeros(num_slots, bool)  # slot has a static constraint
+        self._writer = SlotWriter(num_slots, self.width, sharding)
+        self.device = self._writer.zeros()
+        self.buckets = self._writer.buckets
+        self._pending_slots: list[int] = []
+        self._pending_rows: list[np.ndarray] = []
+
+    def static_row(self, p: SamplingParams) -> np.ndarray:
+        row = np.zeros(self.width, np.int32)
+        w, b = self.words, MAX_LOGIT_BIAS
+        if p.allowed_token_ids:
+            row[:w] = pack_token_ids(list(p.allowed_token_ids), self.vocab_size)
+        else:
+            row[:w] = -1
+        row[w:w + b] = -1
+        if p.logit_bias:
+            ids = np.fromiter((t for t, _ in p.logit_bias), np.int32)
+            vals = np.fromiter((x for _, x in p.logit_bias), np.float32)
+            row[w:w + len(ids)] = ids
+            row[w + b:w + b + len(vals)] = vals.view(np.int32)
+        return row
+
+    def on_new(self, slot: int, p: SamplingParams) -> None:
+        """A request takes ``slot``: keep (and send) its static row, if it has one."""
+        self.active[slot] = has_static(p)
+        if self.active[slot]:
+            self.static[slot] = self.static_row(p)
+            self._pending_slots.append(slot)
+            self._pending_rows.append(self.static[slot])
+
+    def row_for(self, slot: int, dynamic: np.ndarray | None) -> int:
+        """The ``mask_slot`` value of a sampling row in ``slot`` (-1: free); a dynamic mask
+        int32[W] is ANDed with the static bits and queued for writing."""
+        if dynamic is None:
+            return slot if self.active[slot] else -1
+        row = self.static[slot].copy() if self.active[slot] else self.static_row(_FREE)
+        bits = row[:self.words] & dynamic
+        row[:self.words] = bits if bits.any() else dynamic  # an empty AND: the grammar wins
+        self._pending_slots.append(slot)
+        self._pending_rows.append(row)
+        return slot
+
+    def flush(self) -> None:
+        """Write the queued rows to the device (before the step that reads them)."""
+        if not self._pending_slots:
+            return
+        slots = np.asarray(self._pending_slots, np.int64)
+        rows = np.stack(self._pending_rows)
+        self._pending_slots, self._pending_rows = [], []
+        # a slot written twice (static, then dynamic in the same step): the last write wins
+        _, last = np.unique(slots[::-1], return_index=True)
+        keep = np.sort(len(slots) - 1 - last)
+        for i in range(0, len(keep), self.buckets[-1]):
+            part = keep[i:i + self.buckets[-1]]
+            self.device = self._writer(self.device, slots[part], rows[part])
+
+    def compile(self) -> None:
+        """Compile the row writer (one program per row bucket) and run each once."""
+        self._writer.compile(self.device)
+        for b in self.buckets:
+            self.device = self._writer(self.device, np.full(b, -1), np.zeros((b, self.width), np.int32))
+
+
+_FREE = SamplingParams()

@@ -1,0 +1,93 @@
+"""The mask / bias pieces without an engine: the in-jit application against a numpy
+reference, bitmask packing, the grammar cache, bad-word masks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from fixture_paths import GOLDEN
+
+from jserve.sampling_params import SamplingParams
+from jserve.structured.constraints import ConstraintTracker
+from jserve.structured.grammar import GrammarCache, StructuredOutputsParams, make_ll_tokenizer
+from jserve.structured.logit_state import LogitState, apply_logit_state, pack_token_ids, unpack_mask
+from jserve.tokenizer import Tokenizer
+
+V = 100
+
+
+def test_pack_unpack_roundtrip():
+    ids = [0, 31, 32, 63, 64, 99]
+    words = pack_token_ids(ids, V)
+    assert words.shape == (4,) and words.dtype == np.int32
+    bits = np.asarray(unpack_mask(jnp.asarray(words)[None], V))[0]
+    assert np.flatnonzero(bits).tolist() == ids
+
+
+def test_apply_logit_state_matches_reference():
+    rep = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    st = LogitState(4, V, rep)
+    st.compile()
+    st.on_new(1, SamplingParams(allowed_token_ids=[3, 4, 50], logit_bias={4: 2.5, 7: -1.0}))
+    st.on_new(2, SamplingParams(logit_bias={10: 5.0}))
+    st.on_new(3, SamplingParams())
+    mask_slot = np.array([st.row_for(1, None), st.row_for(3, None), st.row_for(2, None),
+                          st.row_for(0, pack_token_ids([8, 9], V))], np.int32)
+    st.flush()
+    assert mask_slot.tolist() == [1, -1, 2, 0]
+    logits = np.random.default_rng(0).normal(size=(4, V)).astype(np.float32)
+    got = np.asarray(apply_logit_state(jnp.asarray(logits), st.device, jnp.asarray(mask_slot)))
+    want = np.full_like(logits, -np.inf)
+    want[0, [3, 4, 50]] = logits[0, [3, 4, 50]] + np.array([0, 2.5, 0], np.float32)
+    want[1] = logits[1]
+    want[2] = logits[2]
+    want[2, 10] += 5.0
+    want[3, [8, 9]] = logits[3, [8, 9]]
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_dir(GOLDEN / "llama")
+
+
+@pytest.fixture(scope="module")
+def cache(tok):
+    return GrammarCache(make_ll_tokenizer(tok.to_json(), 512, tuple(tok.eos_token_ids)))
+
+
+def test_grammar_cache_compiles_once_per_spec(cache):
+    a = StructuredOutputsParams(json={"type": "object", "properties": {"k": {"type": "integer"}}})
+    b = StructuredOutputsParams(json='{"type": "object", "properties": {"k": {"type": "integer"}}}')
+    misses = cache.misses
+    g1, g2 = cache.compile(a), cache.compile(b)
+    assert g1 == g2 and cache.misses == misses + 1 and cache.hits >= 1
+
+
+def test_bad_words_mask(tok, cache):
+    tr = ConstraintTracker(lambda: cache, 512, lambda t: tok.encode(t, add_special_tokens=False))
+    words = tr.bad_word_ids(["return", "import os"])
+    tr.add("r", SamplingParams(bad_words=["return", "import os"]), None, words)
+    multi = [w for w in words if len(w) > 1]
+    single = [w for w in words if len(w) == 1]
+    assert multi
+    w = multi[0]
+    masks = tr.masks([("r", list(w[:-1]))])
+    bits = np.asarray(unpack_mask(jnp.asarray(masks["r"])[None], 512))[0]
+    assert not bits[w[-1]]
+    assert all(not bits[s[0]] for s in single)
+    free = np.asarray(unpack_mask(jnp.asarray(tr.masks([("r", [])])["r"])[None], 512))[0]
+    assert free.sum() == 512 - len({s[0] for s in single}) - sum(
+        1 for m in multi if len(m) == 1)
+
+
+def test_grammar_mask_and_completion(cache):
+    tr = ConstraintTracker(lambda: cache, 512, None)
+    sp = SamplingParams(structured_outputs={"choice": ["yes", "no"]})
+    tr.add("q", sp, tr.compile(sp), [])
+    ids = cache.tokenizer.tokenize_str("no")
+    bits = np.asarray(unpack_mask(jnp.asarray(tr.masks([("q", [])])["q"])[None], 512))[0]
+    assert bits[ids[0]] and bits.sum() < 512
+    assert tr.advance("q", ids) is True   # complete: the request ends here

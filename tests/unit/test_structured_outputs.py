@@ -1,0 +1,133 @@
+"""Structured outputs and token masks end to end on the tiny golden engine: JSON schema, regex,
+choice, grammar, allowed_token_ids, logit_bias, bad_words; constrained and free rows in one
+step, n > 1, the overlapped loop equal to the synchronous one, prefix caching, preemption."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+from engine_helpers import run_engine
+
+from jserve.sampling_params import SamplingParams
+
+SCHEMA = {"type": "object",
+          "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                         "b": {"enum": ["x", "yy"]},
+                         "c": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}},
+          "required": ["a", "b", "c"], "additionalProperties": False}
+PROMPTS = ["def f(x):", "import os\n", "class A:", "hello world"]
+
+
+@pytest.fixture(scope="module")
+def engine(make_engine):
+    return make_engine()
+
+
+@pytest.fixture(scope="module")
+def sync_engine(make_engine):
+    return make_engine(async_scheduling=False)
+
+
+def _texts(outs):
+    return [[c.text for c in o.outputs] for o in outs]
+
+
+def test_json_schema_rows_validate_and_free_rows_are_unchanged(engine):
+    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = run_engine(engine, [(p, free) for p in PROMPTS])
+    js = SamplingParams(temperature=0, max_tokens=60, structured_outputs={"json": SCHEMA})
+    mixed = run_engine(engine, [x for p in PROMPTS for x in ((p, js), (p, free))])
+    for i in range(len(PROMPTS)):
+        c = mixed[2 * i].outputs[0]
+        assert c.finish_reason == "stop", c
+        jsonschema.validate(json.loads(c.text), SCHEMA)
+        assert mixed[2 * i + 1].outputs[0].token_ids == alone[i].outputs[0].token_ids
+
+
+def test_sampled_n_regex_choice_and_grammar(engine):
+    pat = r"(cat|dog)s? [0-9]{2}"
+    outs = run_engine(engine, [
+        ("hello", SamplingParams(temperature=1.0, seed=5, n=4, max_tokens=30,
+                                 structured_outputs={"regex": pat})),
+        ("x", SamplingParams(temperature=0.8, seed=1, max_tokens=10,
+                             structured_outputs={"choice": ["alpha", "beta", "gamma"]})),
+        ("x", SamplingParams(temperature=0, max_tokens=20,
+                             structured_outputs={"grammar": 'root ::= "yes" | "no" | "maybe" [0-9]'})),
+        ("{", SamplingParams(temperature=0.7, seed=2, max_tokens=60, top_k=20,
+                             structured_outputs={"json_object": True})),
+    ])
+    assert len(outs[0].outputs) == 4
+    for c in outs[0].outputs:
+        assert re.fullmatch(pat, c.text), c.text
+    assert outs[1].outputs[0].text in ("alpha", "beta", "gamma")
+    assert re.fullmatch(r"yes|no|maybe[0-9]", outs[2].outputs[0].text)
+    if outs[3].outputs[0].finish_reason == "stop":
+        assert isinstance(json.loads(outs[3].outputs[0].text), dict)
+    else:  # ran out of tokens inside the object: still a valid prefix of one
+        assert outs[3].outputs[0].text.startswith("{")
+
+
+def test_overlapped_loop_equals_synchronous(engine, sync_engine):
+    items = [(p, SamplingParams(temperature=0.9, seed=i, max_tokens=40,
+                                structured_outputs={"json": SCHEMA}))
+             for i, p in enumerate(PROMPTS)]
+    items += [(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)) for p in PROMPTS]
+    assert _texts(run_engine(engine, items)) == _texts(run_engine(sync_engine, items))
+
+
+def test_token_masks_and_biases(engine):
+    tok = engine.tokenizer
+    bad = tok.decode(run_engine(engine, [("def f(x):", SamplingParams(
+        temperature=0, max_tokens=1))])[0].outputs[0].token_ids)
+    outs = run_engine(engine, [
+        ("x", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, allowed_token_ids=[5, 6, 7])),
+        ("x", SamplingParams(temperature=0.5, seed=0, max_tokens=6, ignore_eos=True,
+                             logit_bias={9: 100.0})),
+        ("def f(x):", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, bad_words=[bad])),
+    ])
+    assert set(outs[0].outputs[0].token_ids) <= {5, 6, 7}
+    assert outs[1].outputs[0].token_ids == [9] * 6
+    banned = {ids[-1] for w in (bad, " " + bad) if len(ids := tok.encode(w, add_special_tokens=False)) == 1}
+    assert banned and not banned & set(outs[2].outputs[0].token_ids)
+
+
+def test_prefix_cache_hit_keeps_constraint(engine):
+    sp = SamplingParams(temperature=0, max_tokens=60, structured_outputs={"json": SCHEMA})
+    prompt = "def long_prompt_for_the_cache(a, b, c):\n    return a + b + c\n" * 2
+    first = run_engine(engine, [(prompt, sp)])[0]
+    again = run_engine(engine, [(prompt, sp)])[0]
+    assert again.num_cached_tokens > 0
+    assert again.outputs[0].text == first.outputs[0].text
+    jsonschema.validate(json.loads(again.outputs[0].text), SCHEMA)
+
+
+def test_bad_specs_are_value_errors_naming_the_problem(engine):
+    with pytest.raises(ValueError, match="strin"):
+        engine.add_request(None, "x", SamplingParams(structured_outputs={
+            "json": {"type": "object", "properties": {"a": {"type": "strin"}}}}))
+    with pytest.raises(ValueError, match="regex"):
+        engine.add_request(None, "x", SamplingParams(structured_outputs={"regex": "a(b"}))
+    with pytest.raises(ValueError, match="grammar"):
+        engine.add_request(None, "x", SamplingParams(structured_outputs={"grammar": "root ::= foo"}))
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        engine.add_request(None, "x", SamplingParams(allowed_token_ids=[10**6]))
+    with pytest.raises(ValueError, match="exactly one"):
+        SamplingParams(structured_outputs={"regex": "a", "json_object": True})
+    with pytest.raises(ValueError, match="unknown key"):
+        SamplingParams(structured_outputs={"jsn": {}})
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 200})
+    assert not engine.has_unfinished_requests()
+
+
+def test_preempted_constrained_requests_still_validate(make_engine):
+    eng = make_engine(num_pages=14, max_num_seqs=4)
+    pat = r"(ab|cd){30}"
+    sp = SamplingParams(temperature=0, max_tokens=100, structured_outputs={"regex": pat})
+    outs = run_engine(eng, [(p, sp) for p in PROMPTS])
+    assert eng.stats().num_preemptions_total > 0
+    for o in outs:
+        assert re.fullmatch(pat, o.outputs[0].text), o.outputs[0].text
