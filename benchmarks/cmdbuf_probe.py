@@ -27,10 +27,11 @@ from benchmarks.step_floor import decode_inputs
 from jserve.builder import EngineArgs, build_engine
 
 
-def idle_call_ms(engine, step, chained: bool, n: int = 30) -> float:
-    """Median host ms of one call of ``step`` started on an idle device."""
+def idle_call_ms(engine, step, chained: bool, n: int = 30, context: int = 300) -> float:
+    """Median host ms of one call of ``step`` (a batch-1 decode at ``context``) started on an
+    idle device."""
     r = engine.runner
-    ibuf, fbuf = decode_inputs(engine)
+    ibuf, fbuf = decode_inputs(engine, context)
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
     fixed_tokens = jax.device_put(np.zeros(tokens.shape, np.int32))
     times = []
@@ -38,7 +39,7 @@ def idle_call_ms(engine, step, chained: bool, n: int = 30) -> float:
         prev = tokens if chained else fixed_tokens
         jax.block_until_ready((kv, table, prev))
         t0 = time.perf_counter()
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, prev, ibuf, fbuf)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, prev, ibuf, fbuf, None)
         if i >= 5:
             times.append(time.perf_counter() - t0)
     jax.block_until_ready(tokens)

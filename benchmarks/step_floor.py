@@ -76,14 +76,14 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     step = step or r._compiled[(r.bucket_for(1)[0], False, True, True)]
     ibuf, fbuf = decode_inputs(engine, context)
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
-    for _ in range(5):  # the greedy variant takes no penalty state (None)
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
+    for _ in range(5):  # the greedy variant takes no penalty or logit state (None)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf, None)
     jax.block_until_ready(tokens)
     host = 0.0
     t0 = time.perf_counter()
     for _ in range(n):
         th = time.perf_counter()
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf, None)
         host += time.perf_counter() - th
     jax.block_until_ready(tokens)
     dt = (time.perf_counter() - t0) / n
@@ -91,13 +91,13 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     for _ in range(20):  # the dispatch cost alone: each call starts with the device idle
         jax.block_until_ready(tokens)
         th = time.perf_counter()
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf, None)
         idle.append(time.perf_counter() - th)
     jax.block_until_ready(tokens)
     if trace:
         with jax.profiler.trace(trace):
             for _ in range(20):
-                kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
+                kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf, None)
             jax.block_until_ready(tokens)
     r.kv, r.slot_table, r._prev_tokens = kv, table, tokens
     text = step.as_text()
