@@ -5,10 +5,10 @@ loop (``LLMEngine.step``)::
 
     SchedulerOutput N+1 --RequestRows (per-request state: page rows, sampling params)-->
       [SlotWriter: whole rows of slots taken this step -> slot table]
-      pack two flat buffers (StepLayout) --device_put--> compiled step(params, kv [donated],
-      penalty state [donated], slot table [donated], tokens of step N [device], ibuf, fbuf)
-      = model + sampler in one executable -> (kv, penalty state, slot table, tokens[S],
-      logprobs, top-N)
+      pack two flat buffers (StepLayout) --> compiled step(params, kv [donated], penalty
+      state [donated], slot table [donated], tokens of step N [device, donated], ibuf, fbuf)
+      = model + sampler in one executable -> (kv, penalty state, slot table, tokens of step
+      N+1 [in place], the same tokens for the host, logprobs, top-N)
       --copy_to_host_async--> StepHandle
     StepHandle N .result() -> RunnerOutput N   (the host waits only here, one step late)
 
@@ -107,8 +107,10 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
                masks: jax.Array | None = None) -> tuple:
     """Model forward + sampler over one packed step. pen: int32[S_req, V] penalty state (None
     in the greedy variants); table: int32[S_req + 1, W] slot table (page rows, sampling params);
-    prev_tokens: int32[S] (the previous step's sampled tokens by row) -> (kv, pen, table,
-    tokens int32[S], logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
+    prev_tokens: int32[S] (the previous step's sampled tokens by row; donated) -> (kv, pen,
+    table, prev_tokens' int32[S] (this step's tokens, in the donated buffer: the next step reads
+    them from the same address), tokens int32[S] (the same values, a fresh buffer for the host),
+    logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
     ``variant.greedy``: argmax only (top-N zeros), no penalties; masks: int32[S_req + 1, W + 2B]
     per-slot token masks / biases (``structured.logit_state``; None in the greedy variants)."""
     table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
@@ -132,7 +134,7 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
     r = layout.num_rows
     top_ids = out.top_ids if out.top_ids is not None else jnp.zeros((r, TOP_N), jnp.int32)
     top_lp = out.top_logprobs if out.top_logprobs is not None else jnp.zeros((r, TOP_N), jnp.float32)
-    return kv, pen, table, tokens, out.logprobs, top_ids, top_lp
+    return kv, pen, table, tokens, tokens, out.logprobs, top_ids, top_lp
 
 
 @dataclass
@@ -364,15 +366,17 @@ class Runner:
         step = self._compiled.get(variant)
         if step is None:
             raise RuntimeError(f"step variant {variant} was not compiled at warm-up")
-        ibuf, fbuf = host_to_global((ibuf, fbuf), self._replicated)
+        if not self._replicated.is_fully_addressable:
+            ibuf, fbuf = host_to_global((ibuf, fbuf), self._replicated)
+        # Else the host buffers go in as they are: the executable's own argument transfer costs
+        # the host less than a device_put before the call (RESULTS.md, session 6).
         pen = None if greedy else self.penalty_state
         self.logit_state.flush()
         masks = None if greedy else self.logit_state.device
-        self.kv, pen, self.slot_table, tokens, lp, top_ids, top_lp = step(
+        self.kv, pen, self.slot_table, self._prev_tokens, tokens, lp, top_ids, top_lp = step(
             self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf, masks)
         if pen is not None:
             self.penalty_state = pen
-        self._prev_tokens = tokens
         self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
         top_n = tuple((p.logprobs or 0) if c.samples else 0 for c, p in zip(out.chunks, params, strict=True))
         want = any(c.samples and p.logprobs is not None for c, p in zip(out.chunks, params, strict=True))
@@ -396,8 +400,11 @@ class Runner:
                 jax.device_put(ibuf, rep), jax.device_put(fbuf, rep),
                 None if greedy else self.logit_state.device)
         kv_sh = jax.tree.map(lambda a: a.sharding, self.kv)   # (k, v[, k_scales, v_scales]) per layer
-        return jax.jit(fn, donate_argnums=(1, 2, 3),
-                       out_shardings=(kv_sh, None if greedy else rep, rep, rep, rep, rep, rep)
+        # Every buffer the step reads and writes across calls keeps its address (donated and
+        # aliased: kv, penalty state, slot table, prev tokens), so XLA's command buffer (CUDA
+        # graph) is not re-recorded for them on each call (RESULTS.md, session 6).
+        return jax.jit(fn, donate_argnums=(1, 2, 3, 4),
+                       out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 6
                        ).lower(*args)
 
     def compile_threads(self) -> int:
@@ -442,7 +449,7 @@ class Runner:
             ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
             pen = None if variant.greedy else self.penalty_state
             masks = None if variant.greedy else self.logit_state.device
-            self.kv, pen, self.slot_table, _, _, _, _ = self._compiled[variant](
+            self.kv, pen, self.slot_table, self._prev_tokens, *_ = self._compiled[variant](
                 self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf, masks)
             if pen is not None:
                 self.penalty_state = pen

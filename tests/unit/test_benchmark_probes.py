@@ -25,5 +25,5 @@ def test_step_floor_calls_the_decode_step(engine):
 def test_cmdbuf_probe_calls_the_decode_step(engine):
     r = engine.runner
     step = r._compiled[(r.bucket_for(1)[0], False, True, True)]
-    assert cmdbuf_probe.idle_call_ms(engine, step, chained=True, n=1, context=20) > 0
-    assert cmdbuf_probe.idle_call_ms(engine, step, chained=False, n=1, context=20) > 0
+    assert cmdbuf_probe.idle_call_ms(engine, step, in_place=True, n=1, context=20) > 0
+    assert cmdbuf_probe.idle_call_ms(engine, step, in_place=False, n=1, context=20) > 0
