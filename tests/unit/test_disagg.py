@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 from engine_helpers import CompileCounter, run_engine
 from fixture_paths import GOLDEN
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jserve.builder import default_model_path
 from jserve.cli import build_parser, engine_args_from
@@ -103,8 +103,8 @@ def _pool(device: jax.Device, num_pages: int, quantized: bool, seed: int) -> lis
     layers = []
     for _ in range(3):
         if quantized:
-            arrs = (rng.integers(-127, 127, shape).astype(np.int8), rng.integers(-127, 127, shape).astype(np.int8),
-                    rng.random((num_pages, 2)).astype(np.float32), rng.random((num_pages, 2)).astype(np.float32))
+            data = [rng.integers(-127, 127, shape).astype(np.int8) for _ in range(2)]
+            arrs = (*data, *[rng.random((num_pages, 2)).astype(np.float32) for _ in range(2)])
         else:
             arrs = (rng.random(shape).astype(np.float32), rng.random(shape).astype(np.float32))
         layers.append(tuple(jax.device_put(jnp.asarray(a), whole) for a in arrs))
