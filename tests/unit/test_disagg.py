@@ -249,3 +249,40 @@ def test_bundled_model_text_and_stop_strings_equal_colocated(make_engine):
     assert _tokens(got) == _tokens(want)
     assert [[c.text for c in o.outputs] for o in got] == [[c.text for c in o.outputs] for o in want]
     _assert_drained(dis)
+
+
+def test_llama_async_engine_streams_and_exports_group_metrics(llama_pair):
+    """The async front-end (what the HTTP and gRPC servers run on) over a disaggregated engine:
+    streams equal colocated serving; /metrics carries the per-group gauges and handoff counters."""
+    import asyncio
+
+    from jserve.async_engine import AsyncEngine
+    from server.metrics import PrometheusStats
+
+    ref, dis = llama_pair
+    prompts = _prompts(21, (4, 13, 29))
+    want = _tokens(run_engine(ref, [(p, GREEDY) for p in prompts]))
+    prom = PrometheusStats.for_engine("m", dis)
+
+    async def one(aeng, p):
+        firsts, last = [], None
+        async for out in aeng.generate(p, GREEDY):
+            firsts.append(len(out.outputs[0].token_ids))
+            last = out
+        return firsts[0], last
+
+    async def main():
+        aeng = AsyncEngine(dis, stats=prom)
+        try:
+            return await asyncio.gather(*[one(aeng, p) for p in prompts])
+        finally:
+            await aeng.shutdown(timeout_s=5.0)
+
+    results = asyncio.run(main())
+    assert [[r[1].outputs[0].token_ids] for r in results] == want
+    assert all(first == 1 for first, _ in results)          # the prefill group's token, alone
+    text = prom.render().decode()
+    assert 'jserve:disagg_handoffs_total{model_name="m"}' in text
+    assert 'jserve:disagg_decode_pages_total{model_name="m"} 23.0' in text
+    assert 'jserve:disagg_transfer_bytes_total{model_name="m"} 0.0' not in text
+    _assert_drained(dis)
