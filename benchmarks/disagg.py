@@ -151,7 +151,8 @@ def run_one(ns: argparse.Namespace, mode: str) -> dict:
     if mode == "disagg":
         s = engine.stats().kv_cache
         row["serving_transfer_gib"] = round(s["disagg_transfer_bytes"] / 2**30, 2)
-        row["serving_transfer_gb_s"] = round(s["disagg_transfer_bytes"] / max(s["disagg_transfer_us"], 1) / 1e3, 1)
+        us = max(s["disagg_transfer_us"], 1)
+        row["serving_transfer_gb_s"] = round(s["disagg_transfer_bytes"] / us / 1e3, 1)
         row.update(_transfer_rates(engine, ns.transfer_pages))
     return row
 
@@ -165,11 +166,13 @@ def _table(rows: list[dict]) -> str:
     for r in rows:
         if r["mode"] == "disagg":
             if colo is not None:
-                lines.append(f"\ndecode ITL p99 disagg / colocated: {r['itl_p99_ms'] / colo['itl_p99_ms']:.2f} "
+                itl = r["itl_p99_ms"] / colo["itl_p99_ms"]
+                lines.append(f"\ndecode ITL p99 disagg / colocated: {itl:.2f} "
                              f"(target <= 0.5); output tok/s: {r['out_tok_s'] / colo['out_tok_s']:.2f} "
                              f"(target >= 1.0)")
             lines.append(f"KV handoff: {r['transfer_pages']} pages ({r['transfer_mib']} MiB) at "
-                         f"{r['handoff_gb_s']} GB/s; device-to-device copy ceiling {r['d2d_ceiling_gb_s']} GB/s "
+                         f"{r['handoff_gb_s']} GB/s; device-to-device copy ceiling "
+                         f"{r['d2d_ceiling_gb_s']} GB/s "
                          f"({r['handoff_gb_s'] / r['d2d_ceiling_gb_s']:.0%}); while serving "
                          f"{r['serving_transfer_gib']} GiB moved, {r['serving_transfer_gb_s']} GB/s "
                          f"loop-observed (dispatch to bytes landed, queueing included)")
