@@ -135,13 +135,14 @@ def test_mover_copies_pages_and_scales_across_devices(quantized):
         KVHandoffMover(src, _pool(d1, 16, not quantized, 3), 4)
 
 
-# ---------------------------------------------------------------- greedy parity, qwen2 / mistral
+# ---------------------------------------------------------------- greedy parity, qwen2 / mistral (int8 KV)
 @needs_2
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
-def test_greedy_tokens_equal_colocated(make_engine, arch):
+@pytest.mark.parametrize("arch, kv", [("qwen2", "auto"), ("mistral", "int8")])
+def test_greedy_tokens_equal_colocated(make_engine, arch, kv):
+    """int8 KV: each page moves with its scales."""
     items = [(p, GREEDY) for p in _prompts(7, (3, 9, 17, 25, 31, 6, 40, 58))]
-    ref = _tokens(run_engine(make_engine(arch, **SMALL), items))
-    engine = make_engine(arch, **SMALL, **GROUPS)
+    ref = _tokens(run_engine(make_engine(arch, **SMALL, kv_cache_dtype=kv), items))
+    engine = make_engine(arch, **SMALL, kv_cache_dtype=kv, **GROUPS)
     assert isinstance(engine, DisaggEngine)
     assert {d.id for d in engine.prefill.runner.mesh.devices.flat} == {0}
     assert {d.id for d in engine.decode.runner.mesh.devices.flat} == {1}
