@@ -161,6 +161,7 @@ def llama_pair(make_engine):
 
 
 def test_llama_prefix_hits_n_stops_and_swap_equal_colocated(llama_pair):
+    """Also grammars (host masks), logit bias, penalties and logprobs across the handoff."""
     ref, dis = llama_pair
     shared = _prompts(11, (40,))[0]
     wave1 = [(shared + p, GREEDY) for p in _prompts(12, (5, 9, 20))]
@@ -176,7 +177,11 @@ def test_llama_prefix_hits_n_stops_and_swap_equal_colocated(llama_pair):
     stopped = [(text_prompt, SamplingParams(temperature=0.0, max_tokens=12, stop=[stop])),
                (text_prompt, SamplingParams(temperature=0.0, max_tokens=12, stop=[stop],
                                             include_stop_str_in_output=True))]
-    batches = [wave1, wave2, sampled, long, stopped]
+    masked = [(text_prompt, SamplingParams(temperature=0.0, max_tokens=20,
+                                           structured_outputs={"regex": "[a-z]{3,8}( [0-9]+)?"})),
+              (text_prompt, SamplingParams(temperature=0.0, max_tokens=12, logit_bias={7: 5.0},
+                                           repetition_penalty=1.3, logprobs=2))]
+    batches = [wave1, wave2, sampled, long, stopped, masked]
     want = [run_engine(ref, b) for b in batches]
     with CompileCounter() as counter:
         got = [run_engine(dis, b) for b in batches]
