@@ -16,9 +16,10 @@ outputs, stats) is ``LLMEngine``'s, over the ``TwoGroupScheduler`` facade; only 
       -> the outputs of every request that changed (as LLMEngine.step)
 
 Each group keeps up to two steps dispatched and reads one only once it has finished, so the
-groups run at their own pace: a long prefill chunk never delays a decode step. One host thread
-does all of it: the two schedulers never run concurrently with the handoff or with
-``add_request`` / ``abort_request``.
+groups run at their own pace: a long prefill chunk never delays a decode step. With
+``async_scheduling=False`` each group reads every step right after dispatching it (the
+synchronous reference). One host thread does all of it: the two schedulers never run
+concurrently with the handoff or with ``add_request`` / ``abort_request``.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class DisaggEngine(LLMEngine):
             self.groups.forget(out)
             return moved
         g.pending.append(handle)
+        if not self._overlap:   # async_scheduling=False: each step read right after dispatch
+            self._consume(g.pending.popleft(), touched)
         return True
 
     def _wait(self) -> bool:
