@@ -214,6 +214,11 @@ def test_llama_prefix_hits_n_stops_and_swap_equal_colocated(llama_pair):
             [[c.finish_reason for c in o.outputs] for o in w]
     assert got[1][0].num_cached_tokens > 0                                    # wave 2 hit the cache
     assert got[4][0].outputs[0].finish_reason == "stop" and stop not in got[4][0].outputs[0].text
+    dis._overlap = False                      # async_scheduling=False: each step read at once
+    try:
+        assert _tokens(run_engine(dis, wave1 + sampled)) == _tokens(want[0] + want[2])
+    finally:
+        dis._overlap = True
     s = dis.stats().kv_cache
     assert s["prefix_cache_hits_device"] > 0
     assert dis.decode.scheduler.kv_stats()["preemptions_swap"] > 0           # swap on the decode side
