@@ -49,7 +49,8 @@ def _serve(engine, ns: argparse.Namespace, schedule, rng) -> dict:
 
     vocab = engine.config.model.vocab_size
     kinds = {"decode": (ns.decode_in, ns.decode_out), "long": (ns.long_in, ns.long_out)}
-    prompts = {k: [rng.integers(10, vocab, n).tolist() for _ in range(16)] for k, (n, _) in kinds.items()}
+    # every request its own random prompt: no prefix-cache hit may skip a prefill
+    prompts = [rng.integers(10, vocab, kinds[kind][0]).tolist() for _, kind in schedule]
     params = {k: SamplingParams(temperature=0.0, max_tokens=out, ignore_eos=True)
               for k, (_, out) in kinds.items()}
     t0 = time.monotonic()
@@ -62,7 +63,7 @@ def _serve(engine, ns: argparse.Namespace, schedule, rng) -> dict:
         now = time.monotonic()
         while nxt < len(schedule) and t0 + schedule[nxt][0] <= now:
             offset, kind = schedule[nxt]
-            rid = engine.add_request(None, prompts[kind][nxt % 16], params[kind], arrival_time=t0 + offset)
+            rid = engine.add_request(None, prompts[nxt], params[kind], arrival_time=t0 + offset)
             arrivals[rid] = (kind, t0 + offset)
             nxt += 1
         if not engine.has_unfinished_requests():
