@@ -274,8 +274,8 @@ def test_llama_aborts_anywhere_leak_nothing(llama_pair):
 # ---------------------------------------------------------------- the bundled model
 @needs_2
 def test_bundled_model_text_and_stop_strings_equal_colocated(make_engine):
-    bundled = dict(model=str(default_model_path()), max_num_seqs=4, max_num_batched_tokens=32,
-                   num_pages=48)
+    bundled = dict(model=str(default_model_path()), max_model_len=96, max_num_seqs=4,
+                   max_num_batched_tokens=16, num_pages=40)   # one token bucket: few compiles
     prompts = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os\n"]
     params = [SamplingParams(temperature=0.0, max_tokens=24),
               SamplingParams(temperature=0.0, max_tokens=24, stop=["\n"]),
