@@ -124,6 +124,7 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
                                   flash_prefill_min_tokens=args.flash_prefill_min_tokens,
                                   async_scheduling=args.async_scheduling),
         parallel=ParallelConfig(args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+                                prefill_devices=args.prefill_devices, decode_devices=args.decode_devices,
                                 coordinator_address=args.coordinator_address,
                                 num_processes=args.num_processes, process_id=args.process_id,
                                 distributed_timeout_s=args.distributed_timeout_s),
@@ -246,6 +247,9 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     In a multi-process job (jserve/multiprocess.py) every process builds the same engine; on
     processes other than 0 this never returns: the process runs process 0's steps until
     process 0 stops, then exits (``SystemExit(0)``)."""
+    if args.prefill_devices is not None or args.decode_devices is not None:
+        from jserve.disagg.builder import build_disaggregated  # it builds one engine per group here
+        return build_disaggregated(args, progress)
     if args.data_parallel_size > 1:
         return _build_data_parallel(args, progress)
     t0 = time.perf_counter()

@@ -257,6 +257,8 @@ class ParallelConfig:
 
     tensor_parallel_size: int = default_of("tensor_parallel_size")
     data_parallel_size: int = default_of("data_parallel_size")
+    prefill_devices: tuple[int, ...] | None = default_of("prefill_devices")   # jserve/disagg/
+    decode_devices: tuple[int, ...] | None = default_of("decode_devices")
     coordinator_address: str | None = default_of("coordinator_address")
     num_processes: int | None = default_of("num_processes")
     process_id: int | None = default_of("process_id")

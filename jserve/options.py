@@ -34,7 +34,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 KV_QUANT_DTYPES = ("fp8", "int8")   # 1-byte KV pools with per-page, per-head scales
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16",
                   "fp32": "float32", "float": "float32"}
-_KINDS = {bool: "a bool", int: "an integer", float: "a number", str: "a string"}
+_KINDS = {bool: "a bool", int: "an integer", float: "a number", str: "a string",
+          tuple: "a list of integers"}   # tuple: a CLI value is comma-separated ("0,1")
 
 
 def normalize_dtype(name: str, field_name: str = "dtype") -> str:
@@ -82,7 +83,7 @@ class Option:
         if not self.name.isidentifier():
             raise ValueError(f"Option.name must be an identifier, got {self.name!r}")
         if self.type not in _KINDS:
-            raise ValueError(f"{self.name}: Option.type must be one of bool, int, float, str")
+            raise ValueError(f"{self.name}: Option.type must be one of bool, int, float, str, tuple")
         if not self.commands or set(self.commands) - set(COMMANDS):
             raise ValueError(f"{self.name}: Option.commands must be a non-empty subset of {COMMANDS}")
         if (self.rule is None) != (self.check is None):
@@ -106,7 +107,8 @@ class Option:
     @property
     def annotation(self) -> Any:
         """The field type of ``EngineArgs``: ``int``, or ``int | None`` when nullable."""
-        return self.type | None if self.nullable else self.type
+        kind = tuple[int, ...] if self.type is tuple else self.type
+        return kind | None if self.nullable else kind
 
     def flags(self, command: str) -> tuple[str, ...]:
         """The flag and the aliases ``command`` accepts."""
@@ -152,6 +154,11 @@ class Option:
             except ValueError:
                 raise self._error(text) from None
             return self.validate(number)
+        if self.type is tuple:
+            try:
+                return self.validate(tuple(int(t) for t in text.replace(" ", "").split(",")))
+            except ValueError:
+                raise self._error(text) from None
         return self.validate(text)
 
     def _typed(self, value: Any) -> Any:
@@ -164,6 +171,10 @@ class Option:
             ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
                   and math.isfinite(value))
             value = float(value) if ok else value
+        elif self.type is tuple:
+            ok = isinstance(value, (list, tuple)) and all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+            value = tuple(int(v) for v in value) if ok else value
         else:
             ok = isinstance(value, str) or (self.mapping and isinstance(value, Mapping))
         if not ok:
@@ -176,6 +187,10 @@ class Option:
 
 def _power_of_two(v: int) -> bool:
     return v >= 1 and not v & (v - 1)
+
+
+def _device_list(v: tuple[int, ...]) -> bool:
+    return len(v) > 0 and min(v) >= 0 and len(set(v)) == len(v)
 
 
 def _dtype_alias(v: str) -> str:
@@ -224,6 +239,15 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("data_parallel_size", int, 1, minimum=1, aliases=("--dp",),
            help="engine replicas (each on tensor_parallel_size devices of its own) behind one "
            "API; requests are routed by load and prompt-prefix affinity"),
+    Option("prefill_devices", tuple, None, nullable=True, rule="a non-empty list of distinct "
+           "device indices >= 0", check=_device_list, default_text="off (prefill and decode share devices)",
+           help="prefill/decode disaggregation: the device indices (comma-separated on the CLI) of "
+           "the prefill group, which prefills prompts and samples their first token; set with "
+           "decode_devices (docs/disaggregation.md)"),
+    Option("decode_devices", tuple, None, nullable=True, rule="a non-empty list of distinct "
+           "device indices >= 0", check=_device_list, default_text="off",
+           help="prefill/decode disaggregation: the device indices of the decode group, which "
+           "takes each prefilled request's KV pages and generates the rest"),
     Option("coordinator_address", str, None, nullable=True,
            default_text="$JSERVE_COORDINATOR_ADDRESS, else one process",
            help="host:port of process 0's coordinator, for a job of several processes "

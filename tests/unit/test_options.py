@@ -110,6 +110,8 @@ def _another_value(opt: Option):
     """A valid value other than the default (for a None default: a valid concrete one)."""
     if opt.type is bool:
         return not opt.default
+    if opt.type is tuple:
+        return (1,)
     if opt.choices:
         return next(c for c in opt.choices if c != opt.default)
     if opt.mapping:
@@ -129,6 +131,8 @@ def _another_value(opt: Option):
 def _argv(opt: Option, value) -> list[str]:
     if opt.type is bool:
         return [opt.flag if value else f"--no-{opt.flag[2:]}"]
+    if opt.type is tuple:
+        return [opt.flag, ",".join(map(str, value))]
     return [opt.flag, str(value)]
 
 
@@ -184,7 +188,7 @@ def test_bad_values_are_value_errors_naming_the_field(opt):
     import jserve.llm
 
     with pytest.raises(ValueError, match=f"^{opt.name} must be "):
-        jserve.llm.LLM(**{opt.name: [1]})
+        jserve.llm.LLM(**{opt.name: [1.5]})   # a list of a float: no option's value
 
 
 def test_canonical_values():
