@@ -111,7 +111,8 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
     table, prev_tokens' int32[S] (this step's tokens, in the donated buffer: the next step reads
     them from the same address), tokens int32[S] (the same values, a fresh buffer for the host),
     logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
-    ``variant.greedy``: argmax only (top-N zeros), no penalties; masks: int32[S_req + 1, W + 2B]
+    ``variant.greedy``: argmax only, no penalties, the last three outputs None (each output is
+    a buffer the CUDA graph must be re-pointed at on every call); masks: int32[S_req + 1, W + 2B]
     per-slot token masks / biases (``structured.logit_state``; None in the greedy variants)."""
     table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
     fed = prev_tokens[jnp.maximum(prev_index, 0)]
@@ -131,6 +132,8 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
     if pen is not None:
         pen = record_tokens(pen, pen_slot, out.token_ids)
     tokens = jnp.zeros((num_out,), jnp.int32).at[:layout.num_rows].set(out.token_ids)
+    if variant.greedy:  # no logprobs asked (the host picks this variant only then): no outputs
+        return kv, pen, table, tokens, tokens, None, None, None
     r = layout.num_rows
     top_ids = out.top_ids if out.top_ids is not None else jnp.zeros((r, TOP_N), jnp.int32)
     top_lp = out.top_logprobs if out.top_logprobs is not None else jnp.zeros((r, TOP_N), jnp.float32)
@@ -404,7 +407,8 @@ class Runner:
         # aliased: kv, penalty state, slot table, prev tokens), so XLA's command buffer (CUDA
         # graph) is not re-recorded for them on each call (RESULTS.md, session 6).
         return jax.jit(fn, donate_argnums=(1, 2, 3, 4),
-                       out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 6
+                       out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 3
+                       + ((None,) * 3 if greedy else (rep,) * 3)
                        ).lower(*args)
 
     def compile_threads(self) -> int:
