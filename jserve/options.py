@@ -206,12 +206,21 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            default_text="max(512, max_num_seqs)",
            help="token budget of one step (prefill chunks + decode tokens); a small budget "
            "compiles fewer step buckets"),
-    Option("num_pages", int, None, nullable=True, minimum=2, default_text="sized by kv_cache_memory_fraction",
+    Option("num_pages", int, None, nullable=True, minimum=2, default_text="sized by gpu_memory_utilization",
            help="KV pool size in pages, page 0 being the null page"),
-    Option("kv_cache_memory_fraction", float, 0.85, commands=COMMANDS, rule="a fraction in (0, 1)",
-           check=lambda v: 0.0 < v < 1.0,
-           help="share of device memory for weights + KV pool: the pool takes what the weights "
-           "leave of it"),
+    Option("gpu_memory_utilization", float, 0.9, commands=COMMANDS, rule="a fraction in (0, 1]",
+           check=lambda v: 0.0 < v <= 1.0,
+           help="share of each device's memory the engine may use for weights, activations and "
+           "the KV pool (vLLM's name): JAX's GPU allocator is set to it before the backend "
+           "starts, and the pool takes what the weights, the runner's state and the measured "
+           "activation peak leave of it"),
+    Option("activation_memory_bytes", int, None, nullable=True, minimum=0, commands=COMMANDS,
+           default_text="measured at start-up (the step programs' peak); plan: estimated",
+           help="device bytes kept free for a step's activations (temporaries, logits, sampler); "
+           "set it to skip the start-up measurement, or to plan with the figure start-up logs"),
+    Option("kv_cache_memory_fraction", float, None, nullable=True, commands=COMMANDS,
+           rule="a fraction in (0, 1]", check=lambda v: 0.0 < v <= 1.0, default_text="unset",
+           help="deprecated alias of gpu_memory_utilization (a warning says so)"),
     Option("page_size", int, 16, commands=COMMANDS, rule="a power of two >= 1", check=_power_of_two,
            help="tokens per KV page"),
     Option("kv_cache_dtype", str, "auto", commands=COMMANDS, choices=("auto", *DTYPES, *KV_QUANT_DTYPES),
