@@ -23,6 +23,7 @@ from the shapes (the engine logs the measured one; ``--activation-memory-bytes``
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 from typing import Any
 
@@ -59,8 +60,11 @@ def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
     if runner.spec_steps is not None:
         lowered.append(runner.spec_steps._lower(runner, (largest, False)))
     peak = max(compiled_extra_bytes(low.compile()) for low in lowered)
+    count = len(lowered)
+    del runner, lowered
+    gc.collect()   # the probe's slot and penalty state go before the pool is allocated
     log.info("activation peak: %.1f MiB per device (the largest of %d step programs of %d tokens)",
-             peak / 2**20, len(lowered), largest)
+             peak / 2**20, count, largest)
     return peak
 
 
