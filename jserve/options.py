@@ -202,7 +202,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            help="context length per sequence (prompt + output tokens)"),
     Option("max_num_seqs", int, 64, minimum=1, commands=COMMANDS, command_defaults={GENERATE: 8},
            help="most sequences running at once (request rows of a step)"),
-    Option("max_num_batched_tokens", int, None, nullable=True, minimum=1, command_defaults={GENERATE: 128},
+    Option("max_num_batched_tokens", int, None, nullable=True, minimum=1, commands=COMMANDS,
+           command_defaults={GENERATE: 128},
            default_text="max(512, max_num_seqs)",
            help="token budget of one step (prefill chunks + decode tokens); a small budget "
            "compiles fewer step buckets"),
@@ -254,11 +255,13 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            help="bounded waiting queue; requests past it get 429 / RESOURCE_EXHAUSTED"),
     Option("enable_prefix_caching", bool, True, help="reuse the KV of shared prompt prefixes"),
     Option("swap_space_gb", float, 4.0, aliases=("--swap-space",), rule="a number of GiB >= 0",
-           check=lambda v: v >= 0, help="host memory (GiB) for the KV pages of preempted requests"),
+           commands=COMMANDS, check=lambda v: v >= 0,
+           help="host memory (GiB) for the KV pages of preempted requests"),
     Option("host_kv_cache_gb", float, 0.0, rule="a number of GiB >= 0", check=lambda v: v >= 0,
+           commands=COMMANDS,
            help="host memory (GiB) that keeps KV pages evicted from the device prefix cache, "
            "for later hits (0 = off)"),
-    Option("preemption_mode", str, "swap", choices=("swap", "recompute"),
+    Option("preemption_mode", str, "swap", choices=("swap", "recompute"), commands=COMMANDS,
            help="what a preempted request's KV does: move to host memory, or be recomputed"),
     Option("flash_prefill_min_tokens", int, 1024, minimum=0,
            help="steps of at least this many tokens made only of fresh prompts attend with the "

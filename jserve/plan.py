@@ -35,6 +35,7 @@ from jserve.builder import (
 )
 from jserve.config import DTYPE_BYTES, EngineConfig, ModelConfig
 from jserve.gpus import Accelerator, lookup_accelerator
+from jserve.host_kv import host_slot_counts
 from jserve.kv_cache import (
     MemoryBudget,
     PoolPlan,
@@ -42,6 +43,7 @@ from jserve.kv_cache import (
     kv_scale_bytes_per_page,
     pages_for_budget,
 )
+from jserve.kv_transfer import transfer_buckets
 from jserve.model.quant_params import resolve_scheme
 from jserve.model.quant_params import weight_bytes as quantized_weight_bytes
 from jserve.options import PLAN, check_keywords, options_for
@@ -121,7 +123,7 @@ class CapacityPlan:
             + ("given (--activation-memory-bytes)" if c.cache.activation_memory_bytes is not None
                else f"estimated for a step of {c.scheduler.token_buckets[-1]:,} tokens "
                f"(--max-num-batched-tokens) and {c.scheduler.seq_bucket(c.scheduler.token_buckets[-1])} "
-               f"rows: start-up measures the real peak and logs it; plan with it via "
+               f"rows{_move_note(c)}: start-up measures the real peak and logs it; plan with it via "
                f"--activation-memory-bytes"),
             f"budget     {self.memory.usable_bytes:,} usable - {self.weight_bytes_per_device:,} weights - "
             f"{self.memory.runner_state_bytes:,} state - {self.memory.activation_bytes:,} activations "
@@ -202,7 +204,7 @@ def _plan(label: str, config: EngineConfig, acc: Accelerator, args: EngineArgs,
     tp = config.parallel.tensor_parallel_size
     total = _weights(config, draft, scheme)
     per_device = total // tp
-    budget = _memory(config, acc, per_device)
+    budget = _memory(config, acc, per_device, draft)
     try:
         pool: PoolPlan | None = pool_plan_for_budget(config, budget.kv_bytes, draft)
     except ValueError:   # PoolPlan: fewer than 2 pages
@@ -225,7 +227,7 @@ def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs,
         except ValueError:   # heads or MLP not divisible by tp
             continue
         per_device = _weights(config, draft, scheme) // tp
-        budget = _memory(bigger, acc, per_device)
+        budget = _memory(bigger, acc, per_device, draft)
         try:
             if pool_plan_for_budget(bigger, budget.kv_bytes, draft).max_concurrent_seqs >= 1:
                 return tp
@@ -234,12 +236,21 @@ def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs,
     return None
 
 
-def _memory(config: EngineConfig, acc: Accelerator, weights_per_device: int) -> MemoryBudget:
+def _memory(config: EngineConfig, acc: Accelerator, weights_per_device: int,
+            draft: ModelConfig | None) -> MemoryBudget:
     """Start-up's ``MemoryBudget`` without a device: activations given or estimated."""
     act = config.cache.activation_memory_bytes
     return MemoryBudget(acc.usable_bytes(config.cache.gpu_memory_utilization), weights_per_device,
                         runner_state_bytes(config),
-                        estimate_activation_bytes(config) if act is None else act)
+                        estimate_activation_bytes(config, draft) if act is None else act)
+
+
+def _move_note(c: EngineConfig) -> str:
+    if not host_slot_counts(c):
+        return ""
+    bucket = transfer_buckets(max(c.pages_per_seq, c.scheduler.max_num_seqs))[-1]
+    return (f", + {bucket} pages x 2 of the largest move to host memory (--swap-space 0 and "
+            f"--host-kv-cache-gb 0 drop it)")
 
 
 def _memory_line(acc: Accelerator, utilization: float, usable: int) -> str:

@@ -61,7 +61,9 @@ def test_the_probe_measures_the_largest_step_the_engine_compiles(make_engine):
     engine = make_engine("llama", max_num_batched_tokens=64, max_num_seqs=8, num_pages=100)
     r = engine.runner
     real = max(compiled_extra_bytes(c) for v, c in r._compiled.items() if v.tokens == 64)
-    assert measure_activation_bytes(engine.config, r.params, r.mesh) == real > 0
+    move = compiled_extra_bytes(r.mover.lower_largest_gather(r.kv).compile())   # swap is on
+    assert move > 0 and real > 0
+    assert measure_activation_bytes(engine.config, r.params, r.mesh) == real + move
     # The planner's shape estimate (GPU/TPU kernels read pages in place; CPU's reference
     # attention gathers each sequence's pages, so CPU measures more) is positive and grows
     # with the token budget.
