@@ -273,7 +273,8 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     In a multi-process job (jserve/multiprocess.py) every process builds the same engine; on
     processes other than 0 this never returns: the process runs process 0's steps until
     process 0 stops, then exits (``SystemExit(0)``)."""
-    allow_device_memory(memory_utilization(args))   # before any JAX device call
+    # Before any JAX device call (make_engine_config warns about the deprecated alias).
+    allow_device_memory(args.kv_cache_memory_fraction or args.gpu_memory_utilization)
     if args.data_parallel_size > 1:
         return _build_data_parallel(args, progress)
     t0 = time.perf_counter()
