@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from jserve.activation_peak import compiled_extra_bytes, estimate_activation_bytes, measure_activation_bytes
-from jserve.device_memory import FRACTION_VARS, allocator_fraction, allowed_bytes
+from jserve.device_memory import FRACTION_VARS, allocator_fraction, allowed_bytes, usable_device_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30
@@ -71,3 +71,23 @@ def test_the_probe_measures_the_largest_step_the_engine_compiles(make_engine):
     c = engine.config
     bigger = dataclasses.replace(c, scheduler=dataclasses.replace(c.scheduler, max_num_batched_tokens=128))
     assert estimate_activation_bytes(bigger) > estimate_activation_bytes(c)
+
+
+class _StartedGpu:
+    """A GPU whose allocator JAX created before the engine, with its default share (0.75)."""
+
+    platform = "gpu"
+
+    def memory_stats(self) -> dict[str, int]:
+        return {"bytes_limit": 75 * GIB, "bytes_in_use": 0}
+
+
+def test_a_started_allocator_is_used_as_it_is_with_a_warning(monkeypatch, caplog):
+    for name in FRACTION_VARS:
+        monkeypatch.delenv(name, raising=False)
+    with caplog.at_level("WARNING", logger="jserve.device_memory"):
+        assert usable_device_bytes(_StartedGpu(), 0.9) == 75 * GIB
+    assert "build the engine before any other JAX call" in caplog.text
+    caplog.clear()
+    assert usable_device_bytes(_StartedGpu(), 0.6) == 60 * GIB   # less than allowed: no warning
+    assert not caplog.text
