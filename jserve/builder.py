@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,14 +20,17 @@ from jax.sharding import Mesh
 
 from checkpoints import HFModelDir
 from checkpoints.orbax_dir import OrbaxModelDir, is_orbax_dir
+from jserve.activation_peak import measure_activation_bytes
 from jserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from jserve.data_parallel import DataParallelEngine
+from jserve.device_memory import allow_device_memory, usable_device_bytes
 from jserve.engine import LLMEngine
 from jserve.engine_api import BuildInfo
 from jserve.kv_cache import (
+    MemoryBudget,
     PoolPlan,
     allocate_kv_cache,
-    device_memory_budget,
+    device_bytes_in_use,
     kv_bytes_per_token,
     kv_scale_bytes_per_page,
     pages_for_budget,
@@ -103,6 +107,18 @@ def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | OrbaxMode
     return cfg, model_dir
 
 
+def memory_utilization(args: EngineArgs) -> float:
+    """``gpu_memory_utilization``, or the deprecated ``kv_cache_memory_fraction`` when given
+    (with a FutureWarning)."""
+    if args.kv_cache_memory_fraction is None:
+        return args.gpu_memory_utilization
+    warnings.warn(
+        f"kv_cache_memory_fraction is deprecated: it now sets gpu_memory_utilization, the share of "
+        f"each device's memory for weights, activations and the KV pool (default 0.9); using "
+        f"gpu_memory_utilization={args.kv_cache_memory_fraction}", FutureWarning, stacklevel=3)
+    return args.kv_cache_memory_fraction
+
+
 def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig:
     """The engine's configuration from the user's options (``EngineArgs``, declared in
     jserve/options.py) and the checkpoint's model; fills in the derived ``max_model_len`` and
@@ -114,7 +130,8 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
     return EngineConfig(
         model=model_cfg,
         cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages,
-                          kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+                          gpu_memory_utilization=memory_utilization(args),
+                          activation_memory_bytes=args.activation_memory_bytes,
                           kv_cache_dtype=args.kv_cache_dtype,
                           enable_prefix_caching=args.enable_prefix_caching,
                           swap_space_gb=args.swap_space_gb, host_kv_cache_gb=args.host_kv_cache_gb,
@@ -144,15 +161,25 @@ def runner_state_bytes(config: EngineConfig) -> int:
     return state_bytes(config.scheduler.max_num_seqs, config.model.vocab_size)
 
 
-def plan_pool(config: EngineConfig, weight_bytes: int, device: jax.Device,
+def memory_budget(config: EngineConfig, weight_bytes: int, device: jax.Device,
+                  activations: Callable[[], int]) -> MemoryBudget | None:
+    """The pool's memory budget on ``device`` (None: the backend reports no limit, CPU):
+    ``gpu_memory_utilization`` of it less the weights, the runner's state, the activation peak
+    (``activation_memory_bytes``, else ``activations()``: measured) and whatever else the device
+    holds beyond the weights."""
+    usable = usable_device_bytes(device, config.cache.gpu_memory_utilization)
+    if usable is None:
+        return None
+    other = max(0, device_bytes_in_use(device) - weight_bytes)
+    act = config.cache.activation_memory_bytes
+    return MemoryBudget(usable, weight_bytes, runner_state_bytes(config),
+                        activations() if act is None else act, other)
+
+
+def plan_pool(config: EngineConfig, budget: MemoryBudget | None,
               draft: ModelConfig | None = None) -> PoolPlan:
-    """Pages from ``num_pages`` or from the device memory left after the weights and the
-    runner's state."""
-    budget = None
-    if config.cache.num_pages is None:
-        budget = device_memory_budget(device, config.cache.kv_cache_memory_fraction,
-                                      weight_bytes + runner_state_bytes(config))
-    return pool_plan_for_budget(config, budget, draft)
+    """Pages from ``num_pages``, else from the budget's KV bytes (None: no device limit)."""
+    return pool_plan_for_budget(config, None if budget is None else budget.kv_bytes, draft)
 
 
 def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None,
@@ -247,6 +274,8 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     In a multi-process job (jserve/multiprocess.py) every process builds the same engine; on
     processes other than 0 this never returns: the process runs process 0's steps until
     process 0 stops, then exits (``SystemExit(0)``)."""
+    # Before any JAX device call (make_engine_config warns about the deprecated alias).
+    allow_device_memory(args.kv_cache_memory_fraction or args.gpu_memory_utilization)
     if args.prefill_devices is not None or args.decode_devices is not None:
         from jserve.disagg.builder import build_disaggregated  # it builds one engine per group here
         return build_disaggregated(args, progress)
@@ -276,7 +305,13 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     weight_bytes = params_bytes(params) // config.parallel.tensor_parallel_size
     if draft is not None:
         weight_bytes += params_bytes(draft.params) // config.parallel.tensor_parallel_size
-    plan = plan_pool(config, weight_bytes, _local_device(mesh), draft.cfg if draft else None)
+    budget = None
+    if config.cache.num_pages is None:
+        budget = memory_budget(config, weight_bytes, _local_device(mesh),
+                               lambda: measure_activation_bytes(config, params, mesh, draft))
+        if budget is not None:
+            log.info(budget.describe())
+    plan = plan_pool(config, budget, draft.cfg if draft else None)
     if channel is not None:   # every process must allocate the same pool
         plan = dataclasses.replace(plan, num_pages=channel.agree_min("num_pages", plan.num_pages))
     log.info("model %s (%s, %.2f GB of weights), %s",
@@ -295,7 +330,8 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
             follow(runner, channel)
             raise SystemExit(0)
         runner = LeaderRunner(runner, channel)
-    build = BuildInfo(plan, startup_seconds=time.perf_counter() - t0, compile_seconds=compile_s)
+    build = BuildInfo(plan, startup_seconds=time.perf_counter() - t0, compile_seconds=compile_s,
+                      memory=budget)
     engine = LLMEngine(config, runner, tokenizer, plan.num_pages, build)
     log.info("engine ready in %.1f s (compile %.1f s)", build.startup_seconds, compile_s)
     return engine

@@ -177,7 +177,9 @@ def _sliding_windows(cfg: dict[str, Any], arch: str, num_layers: int) -> tuple[i
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The KV page pool. Either ``num_pages`` or ``kv_cache_memory_fraction`` sizes it.
+    """The KV page pool. Either ``num_pages`` or the memory budget sizes it: the
+    ``gpu_memory_utilization`` share of each device, less the weights, the runner's state and the
+    activation peak (``activation_memory_bytes``; None: measured at start-up).
 
     Prefix caching keeps full pages for reuse by later requests; ``swap_space_gb`` of host
     memory holds preempted requests' pages (``preemption_mode="swap"``; recompute when it is
@@ -187,7 +189,8 @@ class CacheConfig:
 
     page_size: int = default_of("page_size")
     num_pages: int | None = default_of("num_pages")
-    kv_cache_memory_fraction: float = default_of("kv_cache_memory_fraction")
+    gpu_memory_utilization: float = default_of("gpu_memory_utilization")
+    activation_memory_bytes: int | None = default_of("activation_memory_bytes")
     kv_cache_dtype: str = default_of("kv_cache_dtype")  # "auto" = the model dtype
     enable_prefix_caching: bool = default_of("enable_prefix_caching")
     swap_space_gb: float = default_of("swap_space_gb")

@@ -99,30 +99,63 @@ def kv_scale_bytes_per_page(cfg: ModelConfig, kv_dtype: str, tensor_parallel_siz
     return 2 * cfg.num_layers * heads * 4
 
 
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Per device, what the KV pool may take (start-up and ``jserve plan`` alike)::
+
+        kv = usable - weights - runner state - activations - other
+
+    usable: ``gpu_memory_utilization`` of the device (jserve/device_memory.py); activations: the
+    step programs' peak beyond their arguments (jserve/activation_peak.py); other: memory the
+    device already holds beyond the weights at start-up (0 in a plan)."""
+
+    usable_bytes: int
+    weight_bytes: int
+    runner_state_bytes: int
+    activation_bytes: int
+    other_bytes: int = 0
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes left for the pool; negative when the rest does not fit."""
+        return (self.usable_bytes - self.weight_bytes - self.runner_state_bytes
+                - self.activation_bytes - self.other_bytes)
+
+    def describe(self) -> str:
+        return (f"memory per device: {self.usable_bytes / 2**30:.2f} GiB usable - "
+                f"{self.weight_bytes / 2**30:.2f} weights - {self.runner_state_bytes / 2**20:.1f} MiB "
+                f"runner state - {self.activation_bytes / 2**20:.1f} MiB activations"
+                + (f" - {self.other_bytes / 2**20:.1f} MiB other" if self.other_bytes else "")
+                + f" = {self.kv_bytes / 2**30:.2f} GiB for the KV pool")
+
+
 def pages_for_budget(budget_bytes: int, bytes_per_page: int) -> int:
     return max(0, budget_bytes // bytes_per_page)
 
 
-def memory_budget(bytes_limit: int, fraction: float, in_use_bytes: int) -> int:
-    """Bytes the pool may take: ``fraction`` of the allocator's limit minus what is in use (the
-    weights). Negative when the weights alone exceed it. Shared by start-up and ``jserve plan``."""
-    return int(bytes_limit * fraction) - in_use_bytes
-
-
-def device_memory_budget(device: jax.Device, fraction: float, used_bytes: int) -> int | None:
-    """Bytes the pool may take on ``device``: fraction of its memory minus what is in use.
-
-    None when the backend reports no memory limit (CPU). ``device`` must be one of this
-    process's devices (a multi-process mesh holds others': pass a local one).
-    """
+def device_bytes_in_use(device: jax.Device) -> int:
+    """What ``device`` holds now (0 where the backend does not say). ``device`` must be one of
+    this process's devices (a multi-process mesh holds others': pass a local one)."""
     owner = getattr(device, "process_index", jax.process_index())
     if owner != jax.process_index():
-        raise ValueError(f"device_memory_budget: {device} belongs to process {owner}, "
+        raise ValueError(f"device_bytes_in_use: {device} belongs to process {owner}, "
                          f"not this one ({jax.process_index()}); pass one of jax.local_devices()")
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if not stats or "bytes_limit" not in stats:
-        return None
-    return memory_budget(stats["bytes_limit"], fraction, max(stats.get("bytes_in_use", 0), used_bytes))
+    return int((stats or {}).get("bytes_in_use", 0))
+
+
+def abstract_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str,
+                      mesh: Mesh) -> KVCache:
+    """``allocate_kv_cache``'s shapes, dtypes and shardings, allocating nothing (for lowering)."""
+    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    pages = jax.ShapeDtypeStruct(shape, kv_storage_dtype(kv_dtype),
+                                 sharding=logical_sharding_for_shape(mesh, shape, KV_AXES))
+    if not kv_quantized(kv_dtype):
+        return [(pages, pages) for _ in range(cfg.num_layers)]
+    s_shape = (num_pages, cfg.num_kv_heads)
+    scales = jax.ShapeDtypeStruct(s_shape, jnp.float32,
+                                  sharding=logical_sharding_for_shape(mesh, s_shape, SCALE_AXES))
+    return [(pages, pages, scales, scales) for _ in range(cfg.num_layers)]
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str,

@@ -30,6 +30,7 @@ fits what is left (70 = 64 + 4 + 1 + 1), so nothing is padded and no byte moves 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +174,15 @@ class KVPageMover:
             pages = self._to_device([self.host.get(store, slot) for store, slot, _ in moves])
             kv = self._scatter(kv, self._ids([p for _, _, p in moves]), pages)
         return kv
+
+    def lower_largest_gather(self, kv: KVCache) -> Any:
+        """The lowered device -> host gather of the largest bucket over ``kv`` (arrays or their
+        ShapeDtypeStructs): its memory analysis is the mover's peak (jserve/activation_peak.py).
+        None without host moves."""
+        if not self.host_moves:
+            return None
+        ids = jax.ShapeDtypeStruct((self.buckets[-1],), jnp.int32, sharding=self._ids_sharding)
+        return self._gather.lower(kv, ids)
 
     def warmup(self, kv: KVCache) -> KVCache:
         """Compile (and run once, on the null page) every bucket of every move."""

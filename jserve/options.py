@@ -217,16 +217,26 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            help="context length per sequence (prompt + output tokens)"),
     Option("max_num_seqs", int, 64, minimum=1, commands=COMMANDS, command_defaults={GENERATE: 8},
            help="most sequences running at once (request rows of a step)"),
-    Option("max_num_batched_tokens", int, None, nullable=True, minimum=1, command_defaults={GENERATE: 128},
+    Option("max_num_batched_tokens", int, None, nullable=True, minimum=1, commands=COMMANDS,
+           command_defaults={GENERATE: 128},
            default_text="max(512, max_num_seqs)",
            help="token budget of one step (prefill chunks + decode tokens); a small budget "
            "compiles fewer step buckets"),
-    Option("num_pages", int, None, nullable=True, minimum=2, default_text="sized by kv_cache_memory_fraction",
+    Option("num_pages", int, None, nullable=True, minimum=2, default_text="sized by gpu_memory_utilization",
            help="KV pool size in pages, page 0 being the null page"),
-    Option("kv_cache_memory_fraction", float, 0.85, commands=COMMANDS, rule="a fraction in (0, 1)",
-           check=lambda v: 0.0 < v < 1.0,
-           help="share of device memory for weights + KV pool: the pool takes what the weights "
-           "leave of it"),
+    Option("gpu_memory_utilization", float, 0.9, commands=COMMANDS, rule="a fraction in (0, 1]",
+           check=lambda v: 0.0 < v <= 1.0,
+           help="share of each device's memory the engine may use for weights, activations and "
+           "the KV pool (vLLM's name): JAX's GPU allocator is set to it before the backend "
+           "starts, and the pool takes what the weights, the runner's state and the measured "
+           "activation peak leave of it"),
+    Option("activation_memory_bytes", int, None, nullable=True, minimum=0, commands=COMMANDS,
+           default_text="measured at start-up (the step programs' peak); plan: estimated",
+           help="device bytes kept free for a step's activations (temporaries, logits, sampler); "
+           "set it to skip the start-up measurement, or to plan with the figure start-up logs"),
+    Option("kv_cache_memory_fraction", float, None, nullable=True, commands=COMMANDS,
+           rule="a fraction in (0, 1]", check=lambda v: 0.0 < v <= 1.0, default_text="unset",
+           help="deprecated alias of gpu_memory_utilization (a warning says so)"),
     Option("page_size", int, 16, commands=COMMANDS, rule="a power of two >= 1", check=_power_of_two,
            help="tokens per KV page"),
     Option("kv_cache_dtype", str, "auto", commands=COMMANDS, choices=("auto", *DTYPES, *KV_QUANT_DTYPES),
@@ -269,11 +279,13 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            help="bounded waiting queue; requests past it get 429 / RESOURCE_EXHAUSTED"),
     Option("enable_prefix_caching", bool, True, help="reuse the KV of shared prompt prefixes"),
     Option("swap_space_gb", float, 4.0, aliases=("--swap-space",), rule="a number of GiB >= 0",
-           check=lambda v: v >= 0, help="host memory (GiB) for the KV pages of preempted requests"),
+           commands=COMMANDS, check=lambda v: v >= 0,
+           help="host memory (GiB) for the KV pages of preempted requests"),
     Option("host_kv_cache_gb", float, 0.0, rule="a number of GiB >= 0", check=lambda v: v >= 0,
+           commands=COMMANDS,
            help="host memory (GiB) that keeps KV pages evicted from the device prefix cache, "
            "for later hits (0 = off)"),
-    Option("preemption_mode", str, "swap", choices=("swap", "recompute"),
+    Option("preemption_mode", str, "swap", choices=("swap", "recompute"), commands=COMMANDS,
            help="what a preempted request's KV does: move to host memory, or be recomputed"),
     Option("flash_prefill_min_tokens", int, 1024, minimum=0,
            help="steps of at least this many tokens made only of fresh prompts attend with the "

@@ -113,7 +113,7 @@ def cache_config_labels(engine: Any) -> dict[str, str]:
     cache, startup = engine.config.cache, engine.startup
     return {"block_size": str(cache.page_size), "cache_dtype": str(engine.config.kv_dtype),
             "enable_prefix_caching": str(cache.enable_prefix_caching),
-            "gpu_memory_utilization": str(cache.kv_cache_memory_fraction),
+            "gpu_memory_utilization": str(cache.gpu_memory_utilization),
             "num_gpu_blocks": str(startup.kv_pages_total), "swap_space_gb": str(cache.swap_space_gb),
             "host_kv_cache_gb": str(cache.host_kv_cache_gb),
             "preemption_mode": str(cache.preemption_mode)}

@@ -65,11 +65,11 @@ def heldout_ids(max_tokens: int | None = None) -> np.ndarray:
     return np.asarray(ids if max_tokens is None else ids[:max_tokens + 1], np.int32)
 
 
-def load(quantization: str | None, dtype: str | None = None, path: Path | None = None
-         ) -> tuple[ModelConfig, dict]:
+def load(quantization: str | None, dtype: str | None = None, path: Path | None = None,
+         mesh: jax.sharding.Mesh | None = None) -> tuple[ModelConfig, dict]:
     mdir = HFModelDir(path or default_model_path())
     cfg = ModelConfig.from_hf_config(mdir.config, dtype=dtype)
-    return cfg, load_params(mdir, cfg, make_mesh(1), quantization)
+    return cfg, load_params(mdir, cfg, mesh or make_mesh(1), quantization)
 
 
 def mean_nll(cfg: ModelConfig, params: dict, ids: np.ndarray, batch: int = 4) -> float:
@@ -113,13 +113,14 @@ def perplexity(nll: float) -> float:
 
 
 def greedy(cfg: ModelConfig, params: dict, prompt: list[int], steps: int,
-           kv_dtype: str | None = None) -> list[int]:
-    """Greedy continuation of ``prompt`` (``steps`` tokens) through the paged forward."""
+           kv_dtype: str | None = None, mesh: jax.sharding.Mesh | None = None) -> list[int]:
+    """Greedy continuation of ``prompt`` (``steps`` tokens) through the paged forward (on
+    ``mesh``: tensor parallel when its tensor axis is > 1)."""
     total = len(prompt) + steps
     num_pages = -(-total // PAGE) + 1
-    kv = allocate_kv_cache(cfg, num_pages, PAGE, kv_dtype or cfg.dtype, make_mesh(1))
+    kv = allocate_kv_cache(cfg, num_pages, PAGE, kv_dtype or cfg.dtype, mesh or make_mesh(1))
     row = np.arange(1, num_pages, dtype=np.int32)[None]
-    fwd = jax.jit(lambda p, k, b: forward(cfg, p, k, b), donate_argnums=1)
+    fwd = jax.jit(lambda p, k, b: forward(cfg, p, k, b, mesh=mesh), donate_argnums=1)
 
     def step(kv, ids, start):
         pos = np.arange(start, start + len(ids), dtype=np.int32)
