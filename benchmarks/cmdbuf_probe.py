@@ -33,14 +33,14 @@ def idle_call_ms(engine, step, in_place: bool, n: int = 30, context: int = 300) 
     """Median host ms of one call of ``step`` (a batch-1 decode at ``context``) started on an
     idle device."""
     r = engine.runner
-    ibuf, fbuf = decode_inputs(engine, context)
+    joint = decode_inputs(engine, context)
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
     times = []
     for i in range(n + 5):
         prev = tokens if in_place else jnp.copy(tokens)
         jax.block_until_ready((kv, table, prev))
         t0 = time.perf_counter()
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, prev, ibuf, fbuf, None)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, prev, joint, None)
         if i >= 5:
             times.append(time.perf_counter() - t0)
     jax.block_until_ready(tokens)

@@ -48,9 +48,9 @@ def count_kernels(hlo_text: str) -> int:
     return n
 
 
-def decode_inputs(engine, context: int = 300) -> tuple[jax.Array, jax.Array]:
-    """The packed buffers of a batch-1 decode step at ``context`` (slot 0, its pages 1..), whose
-    input token is the previous call's row 0: (ibuf, fbuf) on the device."""
+def decode_inputs(engine, context: int = 300) -> jax.Array:
+    """The packed buffer of a batch-1 decode step at ``context`` (slot 0, its pages 1..), whose
+    input token is the previous call's row 0: ``StepLayout.joint`` on the device."""
     r = engine.runner
     layout = r.layout(r.bucket_for(1)[0])
     ibuf, fbuf, f = layout.new_buffers()
@@ -64,7 +64,7 @@ def decode_inputs(engine, context: int = 300) -> tuple[jax.Array, jax.Array]:
     f["seq_lens"][0] = context
     f["query_start_loc"][1:] = 1
     f["num_seqs"][0] = 1
-    return jax.device_put((ibuf, fbuf))
+    return jax.device_put(layout.joint(ibuf))
 
 
 def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | None = None,
@@ -74,16 +74,16 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     greedy decode-only variant."""
     r = engine.runner
     step = step or r._compiled[(r.bucket_for(1)[0], False, True, True)]
-    ibuf, fbuf = decode_inputs(engine, context)
+    joint = decode_inputs(engine, context)
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
     for _ in range(5):  # the greedy variant takes no penalty or logit state (None)
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf, None)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
     jax.block_until_ready(tokens)
     host = 0.0
     t0 = time.perf_counter()
     for _ in range(n):
         th = time.perf_counter()
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf, None)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
         host += time.perf_counter() - th
     jax.block_until_ready(tokens)
     dt = (time.perf_counter() - t0) / n
@@ -91,13 +91,13 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     for _ in range(20):  # the dispatch cost alone: each call starts with the device idle
         jax.block_until_ready(tokens)
         th = time.perf_counter()
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf, None)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
         idle.append(time.perf_counter() - th)
     jax.block_until_ready(tokens)
     if trace:
         with jax.profiler.trace(trace):
             for _ in range(20):
-                kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf, None)
+                kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
             jax.block_until_ready(tokens)
     r.kv, r.slot_table, r._prev_tokens = kv, table, tokens
     text = step.as_text()
