@@ -51,7 +51,8 @@ def gpipe(stage_fn: StageFn, mesh: Mesh, stage_params: Any, stage_state: Any, xs
     stage_state: pytree, every leaf sharded over ``stage`` on ``state_axis`` (size S there);
     xs: [M, Tm, H] the micro-batches' inputs to stage 0 (replicated over ``stage``);
     per_microbatch: pytree of [M, ...] leaves, micro-batch m's slice goes to ``stage_fn``
-    -> (ys [M, Tm, H] the last stage's outputs, replicated; stage_state updated).
+    -> (ys [M, Tm, H] the last stage's outputs, replicated; stage_state updated). Call it inside
+    ``jax.jit`` (a partially manual ``shard_map`` does not run eagerly).
     """
     s_count, m_count = num_stages(mesh), xs.shape[0]
     params_spec = jax.tree.map(lambda _: P(STAGE_AXIS), stage_params)

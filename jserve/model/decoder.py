@@ -36,6 +36,10 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 _LAYER_WEIGHTS = ("ln_attn", "wqkv", "bqkv", "wo", "ln_mlp", "wgu", "wd")
+# Pipeline micro-batches: S per step, doubled while each keeps at least this many tokens (up to
+# 4S): more micro-batches shrink the bubble ((S - 1) of M + S - 1 ticks), smaller ones run the
+# matmuls less efficiently.
+MICROBATCH_MIN_TOKENS = 256
 
 
 def _attention_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, pool: tuple[jax.Array, ...],
@@ -102,15 +106,27 @@ def _layers(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCache
     return x, new_kv
 
 
+def num_microbatches(num_tokens: int, stages: int, fresh_prefill: bool = False) -> int:
+    """Micro-batches of a pipelined step of ``num_tokens`` (a bucket) over ``stages`` stages:
+    1 for fresh-prompt steps (flash prefill reads a prompt's own K/V, so it must not be cut),
+    else S, doubled while each keeps ``MICROBATCH_MIN_TOKENS`` (at most 4S)."""
+    if fresh_prefill or num_tokens % stages:
+        return 1
+    m = stages
+    while m < 4 * stages and num_tokens % (2 * m) == 0 and num_tokens // (2 * m) >= MICROBATCH_MIN_TOKENS:
+        m *= 2
+    return m
+
+
 def _pipelined(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCache,
                batch: StepInput, rope: tuple[jax.Array, jax.Array], fresh_prefill: bool,
                mesh: Mesh, decode_only: bool) -> tuple[jax.Array, KVCache]:
     """The same ``_layers`` per pipeline stage under ``sharding.gpipe``: stage s runs layers
     [s*L/S, (s+1)*L/S) (its slice of the weights; its slice ``[:, s]`` of every pool entry
     [N, S, ...], see ``kv_cache``) on micro-batches of the step (``microbatch``). A step of fresh
-    prompts keeps M = 1 (flash prefill reads the chunk's own K/V, so a prompt must not be cut)."""
+    prompts keeps M = 1 (``num_microbatches``)."""
     stages, t = num_stages(mesh), x.shape[0]
-    m_count = 1 if fresh_prefill or t % stages else stages
+    m_count = num_microbatches(t, stages, fresh_prefill)
     windows = cfg.sliding_windows[:cfg.num_layers // stages]   # same on every stage (config check)
     mbs = split_microbatches(batch, m_count) if m_count > 1 else jax.tree.map(lambda a: a[None], batch)
     cos, sin = (a.reshape(m_count, t // m_count, *a.shape[1:]) for a in rope)
