@@ -63,18 +63,21 @@ def gpipe(stage_fn: StageFn, mesh: Mesh, stage_params: Any, stage_state: Any, xs
     def body(params: Any, state: Any, xs: jax.Array, per_mb: Any) -> tuple[jax.Array, Any]:
         stage = jax.lax.axis_index(STAGE_AXIS)
         last = stage == s_count - 1
-        carry = jnp.zeros_like(xs[0])
-        ys = jnp.zeros_like(xs)
-        for t in range(m_count + s_count - 1):
+
+        def tick(t: jax.Array, loop: tuple) -> tuple:
+            carry, ys, state = loop
             m = t - stage
             valid = (m >= 0) & (m < m_count)
             mc = jnp.clip(m, 0, m_count - 1)
             x = jnp.where(stage == 0, xs[mc], carry)
-            mb = jax.tree.map(lambda a, mc=mc: a[mc], per_mb)
+            mb = jax.tree.map(lambda a: a[mc], per_mb)
             y, state = stage_fn(params, state, x, mb, valid)
             ys = ys.at[mc].set(jnp.where(last & valid, y, ys[mc]))
-            if t < m_count + s_count - 2:
-                carry = jax.lax.ppermute(y, STAGE_AXIS, forward)
+            return jax.lax.ppermute(y, STAGE_AXIS, forward), ys, state
+
+        # One traced tick (a loop, not unrolled): the program holds each stage's layers once.
+        _, ys, state = jax.lax.fori_loop(0, m_count + s_count - 1, tick,
+                                         (jnp.zeros_like(xs[0]), jnp.zeros_like(xs), state))
         return jax.lax.psum(ys, STAGE_AXIS), state
 
     run = jax.shard_map(body, mesh=mesh, in_specs=(params_spec, state_spec, P(), rep),
