@@ -153,3 +153,44 @@ def test_pp2_swap_moves_every_stages_pages(make_engine):
     stats = engine.kv_cache_stats()
     assert stats["pages_swapped_in"] - before["pages_swapped_in"] > 0
     assert [o.outputs[0].token_ids for o in outs] == alone
+
+
+def test_plan_sizes_the_pool_per_stage():
+    """``jserve plan``: each device holds L/S layers' KV and weights, so per-token KV bytes halve
+    at pp=2 and the pool holds more tokens per device."""
+    from jserve.plan import plan_capacity
+
+    one = plan_capacity("llama3.1-8b", gpu="H200")
+    two = plan_capacity("llama3.1-8b", gpu="H200", pipeline_parallel_size=2)
+    both = plan_capacity("llama3.1-8b", gpu="H200", pipeline_parallel_size=2, tensor_parallel_size=2)
+    assert two.kv_bytes_per_token * 2 == one.kv_bytes_per_token
+    assert both.kv_bytes_per_token * 4 == one.kv_bytes_per_token
+    assert two.weight_bytes_per_device == one.weight_bytes_total // 2
+    assert two.pool.num_tokens > 2 * one.pool.num_tokens
+    text = two.render()
+    assert "pp=2" in text and "16 layers (of 32: this stage of pp 2)" in text
+    with pytest.raises(ValueError, match="pipeline_parallel_size"):
+        plan_capacity("llama3.1-8b", gpu="H200", pipeline_parallel_size=3)
+
+
+def test_config_refuses_what_pipelining_cannot_run():
+    import dataclasses
+
+    from jserve.config import EngineConfig, ModelConfig, ParallelConfig
+    from jserve.spec.config import SpeculativeConfig
+
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=64,
+                      intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16)
+    pp2 = ParallelConfig(pipeline_parallel_size=2)
+    EngineConfig(model=cfg, parallel=pp2)
+    with pytest.raises(ValueError, match=r"num_hidden_layers \(4\).*pipeline_parallel_size \(3\)"):
+        EngineConfig(model=cfg, parallel=ParallelConfig(pipeline_parallel_size=3))
+    windows = dataclasses.replace(cfg, sliding_windows=(8, 8, None, None))
+    with pytest.raises(ValueError, match="sliding windows differ between stages"):
+        EngineConfig(model=windows, parallel=pp2)
+    EngineConfig(model=dataclasses.replace(cfg, sliding_windows=(8, None, 8, None)), parallel=pp2)
+    with pytest.raises(ValueError, match="speculative_config"):
+        EngineConfig(model=cfg, parallel=pp2, speculative=SpeculativeConfig(
+            "ngram", 2, prompt_lookup_min=1, prompt_lookup_max=2))
+    with pytest.raises(ValueError, match="pipeline_parallel_size"):
+        ParallelConfig(pipeline_parallel_size=0)
