@@ -134,10 +134,11 @@ def _pipelined(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCa
     def stage_fn(w: dict[str, Any], pools: KVCache, x: jax.Array, mb: tuple, valid: jax.Array
                  ) -> tuple[jax.Array, KVCache]:
         step, rope_mb = mb
-        local = [tuple(a[:, 0] for a in layer) for layer in pools]   # [N, 1, ...] -> [N, ...]
+        # [N, 1, ...] -> [N, ...] and back: reshapes of a size-1 axis (bitcasts, no copy).
+        local = [tuple(jax.lax.squeeze(a, (1,)) for a in layer) for layer in pools]
         x, local = _layers(cfg, w, x, local, bubble(step, valid), rope_mb, windows, fresh_prefill,
                            mesh, decode_only)
-        return x, [tuple(a[:, None] for a in layer) for layer in local]
+        return x, [tuple(jnp.expand_dims(a, 1) for a in layer) for layer in local]
 
     xs = x.reshape(m_count, t // m_count, x.shape[-1])
     ys, kv = gpipe(stage_fn, mesh, weights, kv, xs, (mbs, (cos, sin)), state_axis=1)
