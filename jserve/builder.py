@@ -121,7 +121,10 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
                           preemption_mode=args.preemption_mode),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
                                   max_model_len=max_len, max_waiting=args.max_waiting,
-                                  flash_prefill_min_tokens=args.flash_prefill_min_tokens,
+                                  # pp > 1: micro-batches cut prompts, so the paged kernel
+                                  # reads them back (docs/architecture.md, pipeline parallelism)
+                                  flash_prefill_min_tokens=(args.flash_prefill_min_tokens
+                                                            if args.pipeline_parallel_size == 1 else 0),
                                   async_scheduling=args.async_scheduling),
         parallel=ParallelConfig(args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
                                 pipeline_parallel_size=args.pipeline_parallel_size,

@@ -20,7 +20,6 @@ from jserve.sampling_params import SamplingParams  # noqa: E402
 
 ENGINES = {"pp2": dict(pipeline_parallel_size=2),
            "tp2_pp2": dict(pipeline_parallel_size=2, tensor_parallel_size=2)}
-FLASH = {"pp2_flash": dict(pipeline_parallel_size=2, flash_prefill_min_tokens=16)}
 
 
 def _tokens(engine, prompts, prompt_logprobs=None):
@@ -53,8 +52,7 @@ def main() -> None:
         if k == 0:
             r["ref_prompt_lps"] = _tokens(ref_engine, prompts[:1], prompt_logprobs=2)[1]
         del ref_engine
-        engines = {**ENGINES, **(FLASH if k == 0 else {})}
-        for name, extra in engines.items():
+        for name, extra in ENGINES.items():
             engine = build_engine(EngineArgs(**args, **extra))
             tokens = _tokens(engine, prompts)
             k_pages = engine.runner.kv[0][0]   # (the pool is donated to each step: read it after)
