@@ -138,10 +138,14 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
                           preemption_mode=args.preemption_mode),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
                                   max_model_len=max_len, max_waiting=args.max_waiting,
-                                  flash_prefill_min_tokens=args.flash_prefill_min_tokens,
+                                  # pp > 1: micro-batches cut prompts, so the paged kernel
+                                  # reads them back (docs/architecture.md, pipeline parallelism)
+                                  flash_prefill_min_tokens=(args.flash_prefill_min_tokens
+                                                            if args.pipeline_parallel_size == 1 else 0),
                                   async_scheduling=args.async_scheduling),
         parallel=ParallelConfig(args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
                                 prefill_devices=args.prefill_devices, decode_devices=args.decode_devices,
+                                pipeline_parallel_size=args.pipeline_parallel_size,
                                 coordinator_address=args.coordinator_address,
                                 num_processes=args.num_processes, process_id=args.process_id,
                                 distributed_timeout_s=args.distributed_timeout_s),
@@ -189,9 +193,9 @@ def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None,
     sequence its full length. ``draft``: speculative decoding's draft model, whose pool has a
     twin page per page (its bytes count per token too). int8/fp8 pools add their per-page
     scales."""
-    tp = config.parallel.tensor_parallel_size
-    per_token = kv_bytes_per_token(config.model, config.kv_dtype, tp)
-    scale_bytes = kv_scale_bytes_per_page(config.model, config.kv_dtype, tp)
+    tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+    per_token = kv_bytes_per_token(config.model, config.kv_dtype, tp, pp)
+    scale_bytes = kv_scale_bytes_per_page(config.model, config.kv_dtype, tp, pp)
     if draft is not None:
         per_token += kv_bytes_per_token(draft, config.kv_dtype, tp)
         scale_bytes += kv_scale_bytes_per_page(draft, config.kv_dtype, tp)
@@ -220,13 +224,16 @@ def _load_checkpoint(model_dir: HFModelDir | OrbaxModelDir, cfg: ModelConfig, me
 
 def _build_data_parallel(args: EngineArgs, progress: Callable[[str], None] | None) -> DataParallelEngine:
     """``data_parallel_size`` replicas, replica i on devices ``[i*tp, (i+1)*tp)``."""
-    dp, tp = args.data_parallel_size, args.tensor_parallel_size
+    dp, tp = args.data_parallel_size, args.tensor_parallel_size * args.pipeline_parallel_size
     if check_launch(*launch_values(args.coordinator_address, args.num_processes, args.process_id)):
         raise ValueError("data_parallel_size > 1 is not supported in a multi-process job yet: run one "
                          "job per replica")
     devices = jax.devices()
     if dp * tp > len(devices):
-        raise ValueError(f"data_parallel_size={dp} x tensor_parallel_size={tp} needs {dp * tp} devices "
+        pp = (f" x pipeline_parallel_size={args.pipeline_parallel_size}"
+              if args.pipeline_parallel_size > 1 else "")
+        raise ValueError(f"data_parallel_size={dp} x tensor_parallel_size={args.tensor_parallel_size}"
+                         f"{pp} needs {dp * tp} devices "
                          f"but only {len(devices)} {devices[0].platform} device(s) are available")
     one = dataclasses.replace(args, data_parallel_size=1)
     replicas = []
@@ -286,7 +293,8 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     _enable_compilation_cache(args.compilation_cache_dir)
     model_cfg, model_dir = resolve_model(args)
     config = make_engine_config(args, model_cfg)
-    mesh = make_mesh(config.parallel.tensor_parallel_size, devices)
+    mesh = make_mesh(config.parallel.tensor_parallel_size, devices,
+                     config.parallel.pipeline_parallel_size)
     if channel is not None:
         _check_mesh_spans_job(mesh)
     if model_dir is not None:
@@ -302,7 +310,7 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
         dcfg, ddir = resolve_draft(spec, model_cfg, model_dir.path if model_dir else None,
                                    model_cfg.dtype)
         draft = DraftModel(dcfg, load_params(ddir, dcfg, mesh))
-    weight_bytes = params_bytes(params) // config.parallel.tensor_parallel_size
+    weight_bytes = params_bytes(params) // mesh.size   # layers split over stages, columns over tp
     if draft is not None:
         weight_bytes += params_bytes(draft.params) // config.parallel.tensor_parallel_size
     budget = None

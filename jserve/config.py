@@ -259,6 +259,7 @@ class ParallelConfig:
     are checked together when the job starts (``sharding.initialize_multihost``)."""
 
     tensor_parallel_size: int = default_of("tensor_parallel_size")
+    pipeline_parallel_size: int = default_of("pipeline_parallel_size")
     data_parallel_size: int = default_of("data_parallel_size")
     prefill_devices: tuple[int, ...] | None = default_of("prefill_devices")   # jserve/disagg/
     decode_devices: tuple[int, ...] | None = default_of("decode_devices")
@@ -290,6 +291,17 @@ class EngineConfig:
                             ("intermediate_size", m.intermediate_size)):
                 if v % tp:
                     raise ValueError(f"{name} ({v}) is not divisible by tensor_parallel_size ({tp})")
+        pp = self.parallel.pipeline_parallel_size
+        if pp > 1:
+            if m.num_layers % pp:
+                raise ValueError(f"num_hidden_layers ({m.num_layers}) is not divisible by "
+                                 f"pipeline_parallel_size ({pp})")
+            per = m.num_layers // pp
+            if any(m.sliding_windows[i] != m.sliding_windows[i % per] for i in range(m.num_layers)):
+                raise ValueError(f"pipeline_parallel_size={pp}: the model's sliding windows differ "
+                                 "between stages (every stage runs one layer program)")
+            if self.speculative is not None:
+                raise ValueError("speculative_config is not supported with pipeline_parallel_size > 1")
         if s.max_model_len > m.max_position_embeddings and m.rope_scaling is None:
             pass  # allowed (like vLLM with a warning); RoPE extrapolates.
 

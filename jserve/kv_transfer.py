@@ -88,9 +88,9 @@ def _scatter(kv: KVCache, ids: jax.Array, pages: tuple) -> KVCache:
 
 
 def page_shape(kv: KVCache) -> tuple[int, ...]:
-    """Shape of one page in host memory: (L, 2, page_size, Hkv, d)."""
-    _, ps, h, d = kv[0][0].shape
-    return (len(kv), 2, ps, h, d)
+    """Shape of one page in host memory: (L, 2, page_size, Hkv, d); a pipelined pool's
+    (L/S, 2, S, page_size, Hkv, d) (jserve/kv_cache.py)."""
+    return (len(kv), 2, *kv[0][0].shape[1:])
 
 
 def host_memory_kind(device: jax.Device) -> str:
@@ -106,15 +106,15 @@ def host_memory_kind(device: jax.Device) -> str:
 def _page_sharding(kv: KVCache) -> NamedSharding:
     """One page's device sharding: the pool's, with the page axis replaced by (L, 2)."""
     s = kv[0][0].sharding
-    spec = tuple(s.spec) + (None,) * (4 - len(s.spec))
+    spec = tuple(s.spec) + (None,) * (kv[0][0].ndim - len(s.spec))
     return NamedSharding(s.mesh, PartitionSpec(None, None, *spec[1:]))
 
 
 def _scale_sharding(kv: KVCache) -> NamedSharding:
-    """One page's scales [L, 2, Hkv]: split over kv heads like the pool."""
-    s = kv[0][0].sharding
-    spec = tuple(s.spec) + (None,) * (4 - len(s.spec))
-    return NamedSharding(s.mesh, PartitionSpec(None, None, spec[2]))
+    """One page's scales [L, 2, Hkv] (pipelined: [L/S, 2, S, Hkv]): split like the pool's."""
+    s = kv[0][2].sharding
+    spec = tuple(s.spec) + (None,) * (kv[0][2].ndim - len(s.spec))
+    return NamedSharding(s.mesh, PartitionSpec(None, None, *spec[1:]))
 
 
 class KVPageMover:

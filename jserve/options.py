@@ -246,6 +246,10 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "(pallas_kernels/kv_write/scales.py)"),
     Option("tensor_parallel_size", int, 1, minimum=1, commands=COMMANDS, aliases=("--tp",),
            help="devices of one host that shard attention heads and MLP columns"),
+    Option("pipeline_parallel_size", int, 1, minimum=1, commands=COMMANDS, aliases=("--pp",),
+           help="pipeline stages: the layers split into this many groups, each on its own "
+           "tensor_parallel_size devices (pp x tp in all); a step's tokens flow through the "
+           "stages in micro-batches (docs/architecture.md); pp > 1 turns flash prefill off"),
     Option("data_parallel_size", int, 1, minimum=1, aliases=("--dp",),
            help="engine replicas (each on tensor_parallel_size devices of its own) behind one "
            "API; requests are routed by load and prompt-prefix affinity"),

@@ -87,7 +87,8 @@ class CapacityPlan:
     def kv_bytes_per_token(self) -> int:
         """Target + draft KV bytes of one token, per device."""
         c = self.config
-        return kv_bytes_per_token(c.model, c.kv_dtype, c.parallel.tensor_parallel_size) + \
+        return kv_bytes_per_token(c.model, c.kv_dtype, c.parallel.tensor_parallel_size,
+                                  c.parallel.pipeline_parallel_size) + \
             self.draft_kv_bytes_per_token
 
     @property
@@ -99,23 +100,26 @@ class CapacityPlan:
     def render(self) -> str:
         """The plan with its arithmetic, one line per figure."""
         c, m, acc = self.config, self.config.model, self.accelerator
-        tp = c.parallel.tensor_parallel_size
+        tp, pp = c.parallel.tensor_parallel_size, c.parallel.pipeline_parallel_size
+        layers = m.num_layers // pp
         kv_heads = m.num_kv_heads // tp if tp > 1 and m.num_kv_heads % tp == 0 else m.num_kv_heads
         per_token, page_size = self.kv_bytes_per_token, c.cache.page_size
-        scale_bytes = kv_scale_bytes_per_page(m, c.kv_dtype, tp) + (
+        scale_bytes = kv_scale_bytes_per_page(m, c.kv_dtype, tp, pp) + (
             kv_scale_bytes_per_page(self.draft, c.kv_dtype, tp) if self.draft is not None else 0)
         page_bytes = per_token * page_size + scale_bytes
         ctx = c.scheduler.max_model_len
         lines = [
-            f"jserve plan: {self.model_label} on {acc.name}, tp={tp}, context {ctx:,} tokens",
+            f"jserve plan: {self.model_label} on {acc.name}, tp={tp}"
+            f"{f', pp={pp}' if pp > 1 else ''}, context {ctx:,} tokens",
             f"model      {m.architecture}: {m.num_layers} layers, {m.num_heads} q / {m.num_kv_heads} kv "
             f"heads x head_dim {m.head_dim}, hidden {m.hidden_size}, vocab {m.vocab_size:,}",
             (f"weights    {m.num_params():,} params x {DTYPE_BYTES[m.dtype]} B ({m.dtype}) = "
              if self.quantization is None else
              f"weights    {m.num_params():,} params, projections 8-bit + float32 scales "
              f"({self.quantization.describe()}; --quantization), the rest {m.dtype} = ")
-            + f"{_b(self.weight_bytes_total)}; / tp {tp} (--tp) = {_b(self.weight_bytes_per_device)} "
-            f"per device" + ("" if self.quantization is not None else " (8-bit: --quantization)"),
+            + f"{_b(self.weight_bytes_total)}; / tp {tp} (--tp){f' x pp {pp} (--pp)' if pp > 1 else ''} = "
+            f"{_b(self.weight_bytes_per_device)} per device"
+            + ("" if self.quantization is not None else " (8-bit: --quantization)"),
             f"memory     {_memory_line(acc, c.cache.gpu_memory_utilization, self.memory.usable_bytes)}",
             f"state      runner state (penalty statistics: {c.scheduler.max_num_seqs} seqs "
             f"(--max-num-seqs) x {m.vocab_size:,} x 4 B) = {_b(self.memory.runner_state_bytes)}",
@@ -128,7 +132,8 @@ class CapacityPlan:
             f"budget     {self.memory.usable_bytes:,} usable - {self.weight_bytes_per_device:,} weights - "
             f"{self.memory.runner_state_bytes:,} state - {self.memory.activation_bytes:,} activations "
             f"= {_b(self.budget_bytes)} per device for the KV pool",
-            f"KV/token   2 (K, V) x {m.num_layers} layers x {kv_heads} kv heads"
+            f"KV/token   2 (K, V) x {layers} layers"
+            f"{f' (of {m.num_layers}: this stage of pp {pp})' if pp > 1 else ''} x {kv_heads} kv heads"
             f"{' per device' if kv_heads != m.num_kv_heads else ''}"
             f"{' (replicated: kv heads do not divide tp)' if tp > 1 and kv_heads == m.num_kv_heads else ''}"
             f" x {m.head_dim} head_dim x {DTYPE_BYTES[c.kv_dtype]} B ({c.kv_dtype}; --kv-cache-dtype)"
@@ -173,9 +178,9 @@ def plan_capacity(model: str | None = None, gpu: str | int = "H100-80GB", **opti
     ``llama3.1-8b``) on ``gpu`` (a name from jserve/gpus.py or a byte count).
 
     ``options``: the engine options ``jserve plan`` exposes (jserve/options.py: max_model_len,
-    dtype, kv_cache_dtype, tensor_parallel_size, gpu_memory_utilization, activation_memory_bytes,
-    page_size, max_num_seqs, ...), with the engine's declared defaults; any other keyword is a
-    TypeError.
+    dtype, kv_cache_dtype, tensor_parallel_size, pipeline_parallel_size, gpu_memory_utilization,
+    activation_memory_bytes, page_size, max_num_seqs, ...), with the engine's declared defaults;
+    any other keyword is a TypeError.
     """
     check_keywords("plan_capacity", options, [o.name for o in options_for(PLAN)])
     acc = lookup_accelerator(gpu)
@@ -203,7 +208,7 @@ def _plan(label: str, config: EngineConfig, acc: Accelerator, args: EngineArgs,
           draft: ModelConfig | None = None, scheme: QuantScheme | None = None) -> CapacityPlan:
     tp = config.parallel.tensor_parallel_size
     total = _weights(config, draft, scheme)
-    per_device = total // tp
+    per_device = total // (tp * config.parallel.pipeline_parallel_size)
     budget = _memory(config, acc, per_device, draft)
     try:
         pool: PoolPlan | None = pool_plan_for_budget(config, budget.kv_bytes, draft)
@@ -226,7 +231,7 @@ def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs,
                                         config.model)
         except ValueError:   # heads or MLP not divisible by tp
             continue
-        per_device = _weights(config, draft, scheme) // tp
+        per_device = _weights(config, draft, scheme) // (tp * config.parallel.pipeline_parallel_size)
         budget = _memory(bigger, acc, per_device, draft)
         try:
             if pool_plan_for_budget(bigger, budget.kv_bytes, draft).max_concurrent_seqs >= 1:
