@@ -107,7 +107,8 @@ class CapacityPlan:
             f"budget     int({acc.bytes_limit:,} x {c.cache.kv_cache_memory_fraction} "
             f"kv_cache_memory_fraction) - {self.weight_bytes_per_device:,} weights - "
             f"{runner_state_bytes(c):,} runner state (penalty statistics: {c.scheduler.max_num_seqs} "
-            f"seqs x {m.vocab_size:,} x 4 B) = {_b(self.budget_bytes)} per device",
+            f"seqs x {m.vocab_size:,} x 4 B{'; speculative: draft q, verify masks' * bool(c.speculative)}"
+            f") = {_b(self.budget_bytes)} per device",
             f"KV/token   2 (K, V) x {m.num_layers} layers x {kv_heads} kv heads"
             f"{' per device' if kv_heads != m.num_kv_heads else ''}"
             f"{' (replicated: kv heads do not divide tp)' if tp > 1 and kv_heads == m.num_kv_heads else ''}"

@@ -90,6 +90,30 @@ def filter_mask(scaled: jax.Array, batch: SamplingBatch) -> jax.Array:
     return jnp.where(uses_sort[:, None], sorted_keep_, minp_keep)
 
 
+def filtered_logits(x: jax.Array, batch: SamplingBatch, any_filters: bool = True) -> jax.Array:
+    """The random rows' sampling transforms of the ordinary sampler: logits f32[N, V]
+    (penalised, banned) / temperature, then top-k -> top-p -> min-p survivors, others -inf
+    -> f32[N, V]. softmax of it is the distribution the sampler draws from (Gumbel-max over
+    it); the draft model's sampled drafts use it too (``jserve.spec.draft``)."""
+    n, v = x.shape
+    temp = jnp.where(batch.temperature > 0, batch.temperature, 1.0)
+    scaled = x / temp[:, None]
+    if not any_filters:
+        return scaled
+    uses = (batch.top_k > 0) | (batch.top_p < 1.0) | (batch.min_p > 0)
+    keep = jax.lax.cond(jnp.any(uses & (batch.temperature > 0)),
+                        lambda: filter_mask(scaled, batch), lambda: jnp.ones((n, v), bool))
+    return jnp.where(keep, scaled, _NEG_INF)
+
+
+def softmax_rows(masked: jax.Array) -> jax.Array:
+    """softmax over the vocabulary of f32[N, V] logits that may hold -inf -> f32[N, V]."""
+    m = jnp.max(masked, axis=1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(masked - m)
+    return e / jnp.sum(e, axis=1, keepdims=True)
+
+
 def _random_parts(x: jax.Array, vbatch: SamplingBatch, drafts_v: jax.Array,
                   draft_probs_v: jax.Array | None, any_filters: bool
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -97,21 +121,10 @@ def _random_parts(x: jax.Array, vbatch: SamplingBatch, drafts_v: jax.Array,
     row's draft int32[N], accept bool[N]). x: f32[N, V] penalised + banned logits;
     drafts_v: int32[N] (the draft at that position; anything where there is none)."""
     n, v = x.shape
-    temp = jnp.where(vbatch.temperature > 0, vbatch.temperature, 1.0)
-    scaled = x / temp[:, None]
-    if any_filters:
-        uses = (vbatch.top_k > 0) | (vbatch.top_p < 1.0) | (vbatch.min_p > 0)
-        keep = jax.lax.cond(jnp.any(uses & (vbatch.temperature > 0)),
-                            lambda: filter_mask(scaled, vbatch), lambda: jnp.ones((n, v), bool))
-        masked = jnp.where(keep, scaled, _NEG_INF)
-    else:
-        masked = scaled
+    masked = filtered_logits(x, vbatch, any_filters)
     noise = gumbel_noise(vbatch, v)
     plain = jnp.argmax(masked + noise, axis=1).astype(jnp.int32)
-    m = jnp.max(masked, axis=1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.exp(masked - m)
-    p = e / jnp.sum(e, axis=1, keepdims=True)                           # target probs [N, V]
+    p = softmax_rows(masked)                                            # target probs [N, V]
     d = jnp.clip(drafts_v, 0, v - 1)[:, None]
     p_d = jnp.take_along_axis(p, d, axis=1)[:, 0]
     u = uniforms(vbatch)
@@ -123,8 +136,10 @@ def _random_parts(x: jax.Array, vbatch: SamplingBatch, drafts_v: jax.Array,
         q_d = jnp.take_along_axis(draft_probs_v, d, axis=1)[:, 0]
         accept = u * q_d < p_d
         w = jnp.maximum(p - draft_probs_v, 0.0)
-        resample = jnp.argmax(jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), _NEG_INF) + noise,
-                              axis=1)
+        logw = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), _NEG_INF)
+        # p == q to the last bit leaves no residual (and no rejection, but for rounding): p
+        logw = jnp.where(jnp.any(w > 0, axis=1, keepdims=True), logw, masked)
+        resample = jnp.argmax(logw + noise, axis=1)
     return plain, resample.astype(jnp.int32), accept
 
 
