@@ -133,19 +133,21 @@ def _args() -> argparse.Namespace:
     for m in ns.methods.split(","):
         if m not in ("ngram", "draft_model"):
             ap.error(f"--methods: unknown method {m!r} (ngram, draft_model)")
+    if ns.concurrency and ns.sweep_workload not in ns.workloads.split(","):
+        ap.error(f"--sweep-workload {ns.sweep_workload!r} is not one of --workloads {ns.workloads!r}")
     return ns
 
 
-def _measure(engine, workloads: dict[str, list], sweep: list[int], sweep_workload: str) -> dict:
+def _measure(engine, workloads: dict[str, list], sweep: list[int], sweep_workload: str,
+             sweep_items: list) -> dict:
     """One engine over every workload at batch 1, and the sweep workload at each concurrency
+    (``sweep_items``: the sweep workload's prompts, 2 x the largest concurrency)
     -> {"b1": {workload: (s, tokens, counters)}, "sweep": {c: (s, tokens, counters)}}."""
     for items in workloads.values():   # warm-up: first-use costs out of the timings
         _run(engine, items[:1], 1)
     out = {"b1": {w: _run(engine, items, 1) for w, items in workloads.items()}, "sweep": {}}
-    for c in sweep:
-        items = workloads[sweep_workload]
-        if c > 1:
-            _run(engine, items[:c], c)     # warm the larger batch buckets too
+    for c in sweep:   # two waves of c requests (at least --num-prompts)
+        items = sweep_items[:max(2 * c, len(workloads[sweep_workload]))]
         out["sweep"][c] = _run(engine, items, c)
     return out
 
@@ -164,7 +166,7 @@ def main() -> None:
     methods = ns.methods.split(",")
     ks = [int(k) for k in ns.ks.split(",")]
     sp = SamplingParams(temperature=0.0, max_tokens=ns.max_tokens, ignore_eos=True)
-    n_sweep = max([ns.num_prompts, *sweep])
+    n_sweep = max([ns.num_prompts, *(2 * c for c in sweep)])
     workloads = {}
     for w in ns.workloads.split(","):
         n = n_sweep if w == ns.sweep_workload and sweep else ns.num_prompts
@@ -184,7 +186,8 @@ def main() -> None:
     def measured(args: EngineArgs) -> dict:
         engine = build_engine(args)
         try:
-            return _measure(engine, b1_loads, sweep, ns.sweep_workload)
+            return _measure(engine, b1_loads, sweep, ns.sweep_workload,
+                            workloads.get(ns.sweep_workload, []))
         finally:
             del engine
             gc.collect()
@@ -208,8 +211,8 @@ def main() -> None:
             print(f"{w:8} {m:11} {k:>2} {acc:7.3f} {mlen:8.2f} {row['tok_s']:9.1f} "
                   f"{row['base_tok_s']:8.1f} {row['speedup']:5.2f}")
     if sweep:
-        print(f"\nconcurrency sweep ({ns.sweep_workload}, {len(workloads[ns.sweep_workload])} prompts, "
-              "speculation always on)")
+        print(f"\nconcurrency sweep ({ns.sweep_workload}: two waves of requests per concurrency, "
+              f"at least {ns.num_prompts}; speculation always on)")
         print(f"{'method':11} {'k':>2} {'conc':>5} {'accept':>7} {'mean len':>8} {'tok/s':>9} "
               f"{'base':>9} {'ratio':>6}")
         for (m, k), res in results.items():

@@ -95,33 +95,37 @@ def resolve_draft(spec: SpeculativeConfig, target: ModelConfig, target_dir: Path
     return cfg, model_dir
 
 
+def _sample_random(logits: jax.Array, batch: SamplingBatch, greedy: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    masked = filtered_logits(logits, batch)
+    salt = jnp.asarray(DRAFT_SEED_SALT, jnp.uint32)
+    noise = gumbel_noise(dataclasses.replace(batch, seed=batch.seed ^ salt[None, :]), logits.shape[1])
+    tok = jnp.argmax(masked + noise, axis=1).astype(jnp.int32)
+    return jnp.where(batch.temperature > 0, tok, greedy), softmax_rows(masked)
+
+
 def draft_sample(logits: jax.Array, batch: SamplingBatch) -> tuple[jax.Array, jax.Array]:
     """Inside jit: one draft token per row from the draft's logits f32[R, V]; ``batch``: the
     rows' sampling parameters, ``output_index`` the draft's output index. Greedy rows: argmax;
     random rows: a sample of q = softmax(filtered_logits) drawn with the salted seed.
     -> (tokens int32[R], q f32[R, V] (meaningful for random rows only))."""
     greedy = jnp.argmax(logits, axis=1).astype(jnp.int32)
-    r, v = logits.shape
-
-    def random() -> tuple[jax.Array, jax.Array]:
-        masked = filtered_logits(logits, batch)
-        salt = jnp.asarray(DRAFT_SEED_SALT, jnp.uint32)
-        noise = gumbel_noise(dataclasses.replace(batch, seed=batch.seed ^ salt[None, :]), v)
-        tok = jnp.argmax(masked + noise, axis=1).astype(jnp.int32)
-        return jnp.where(batch.temperature > 0, tok, greedy), softmax_rows(masked)
-
-    return jax.lax.cond(jnp.any(batch.temperature > 0), random,
-                        lambda: (greedy, jnp.zeros((r, v), jnp.float32)))
+    return jax.lax.cond(jnp.any(batch.temperature > 0), lambda: _sample_random(logits, batch, greedy),
+                        lambda: (greedy, jnp.zeros(logits.shape, jnp.float32)))
 
 
 def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, samples: jax.Array,
                num_draft: jax.Array, tokens: jax.Array, num_emitted: jax.Array, num_spec: int,
-               page_size: int, mesh: Mesh | None, sbatch: SamplingBatch | None = None
+               page_size: int, mesh: Mesh | None, sbatch: SamplingBatch | None = None,
+               probs: jax.Array | None = None, slot: jax.Array | None = None
                ) -> tuple[KVCache, jax.Array, jax.Array | None]:
     """Inside jit. batch: the step's input (token ids fed); samples/num_draft/num_emitted:
     int32[R]; tokens: int32[R, K + 1] the verified tokens; sbatch: the rows' sampling
-    parameters (output_index: position 0's), or None: every row is greedy
-    -> (draft kv, drafts int32[R, K], their distributions f32[R, K, V] or None)."""
+    parameters (output_index: position 0's), or None: every row is greedy; probs: the per-slot
+    q table f32[S + 1, K, V] (with sbatch), where row r's q of draft i goes to
+    ``probs[slot[r], i]`` (slot: int32[R], the null row S for rows that do not sample)
+    -> (draft kv, drafts int32[R, K], probs). The random path (and its writes) runs only
+    when some row is random (``lax.cond``): greedy batches pay nothing for it."""
     _, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
     r = batch.num_rows
     p = batch.page_table.shape[1]
@@ -130,7 +134,7 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     live = (samples > 0) & (jnp.arange(r) < batch.num_seqs[0])
     rows = jnp.arange(r)
     qsl = jnp.minimum(jnp.arange(r + 1), batch.num_seqs[0]).astype(jnp.int32)
-    tok, drafts, probs = last, [], []
+    tok, drafts = last, []
     for i in range(num_spec):
         pos = pos0 + i
         idx = jnp.clip(pos // page_size, 0, p - 1)
@@ -146,11 +150,16 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
         h, kv = hidden_states(cfg, params, kv, step, fresh_prefill=False, mesh=mesh,
                               decode_only=True)
         logits = logits_from_hidden(cfg, params, h).astype(jnp.float32)
-        if sbatch is None:
-            tok = jnp.argmax(logits, axis=1).astype(jnp.int32)
-        else:   # draft i is output token output_index + num_emitted + i of the row
+        tok = jnp.argmax(logits, axis=1).astype(jnp.int32)
+        if sbatch is not None:   # draft i is output token output_index + num_emitted + i
             ib = dataclasses.replace(sbatch, output_index=sbatch.output_index + num_emitted + i)
-            tok, q = draft_sample(logits, ib)
-            probs.append(q)
+
+            def rnd(table: jax.Array, logits=logits, ib=ib, greedy=tok, i=i
+                    ) -> tuple[jax.Array, jax.Array]:
+                t, q = _sample_random(logits, ib, greedy)
+                return t, table.at[slot, i].set(q)
+
+            tok, probs = jax.lax.cond(jnp.any(ib.temperature > 0), rnd,
+                                      lambda table, greedy=tok: (greedy, table), probs)
         drafts.append(tok)
-    return kv, jnp.stack(drafts, axis=1), (jnp.stack(probs, axis=1) if probs else None)
+    return kv, jnp.stack(drafts, axis=1), probs

@@ -145,11 +145,14 @@ def _random_parts(x: jax.Array, vbatch: SamplingBatch, drafts_v: jax.Array,
 
 def rejection_sample(logits: jax.Array, draft_ids: jax.Array, num_draft: jax.Array,
                      batch: SamplingBatch, *, all_greedy: bool, any_filters: bool = True,
-                     draft_probs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                     draft_probs: jax.Array | None = None, draft_slot: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
     """Verify drafts against the target. logits: f32[R, K + 1, V] (penalties and bans already
     applied, as the ordinary sampler would before temperature); draft_ids: int32[R, K];
     num_draft: int32[R] in [0, K]; batch: R rows (their output_index is position 0's);
-    draft_probs: f32[R, K, V] the draft distributions, or None for point masses (n-gram).
+    draft_probs: f32[R, K, V] the draft distributions, or None for point masses (n-gram); with
+    ``draft_slot`` int32[R] a table f32[S, K, V] whose row draft_slot[r] is row r's (gathered
+    only on the random path).
     ``all_greedy`` (static): every row is greedy, no random path is traced; ``any_filters``
     (static): some row may use top-k / top-p / min-p.
     -> (tokens int32[R, K + 1], num_emitted int32[R]) as in the module docstring."""
@@ -165,13 +168,16 @@ def rejection_sample(logits: jax.Array, draft_ids: jax.Array, num_draft: jax.Arr
     else:
         vbatch = expand_rows(batch, k1)
         drafts_v = jnp.concatenate([draft_ids, jnp.zeros((r, 1), jnp.int32)], axis=1).reshape(-1)
-        dp = None
-        if draft_probs is not None:
-            dp = jnp.concatenate([draft_probs, jnp.zeros((r, 1, v), draft_probs.dtype)], axis=1)
-            dp = dp.reshape(r * k1, v)
+
+        def random() -> tuple[jax.Array, jax.Array, jax.Array]:
+            dp = None
+            if draft_probs is not None:
+                q = draft_probs if draft_slot is None else draft_probs[draft_slot]
+                dp = jnp.concatenate([q, jnp.zeros((r, 1, v), q.dtype)], axis=1).reshape(r * k1, v)
+            return _random_parts(x, vbatch, drafts_v, dp, any_filters)
+
         plain_v, res_v, acc_v = jax.lax.cond(
-            jnp.any(batch.temperature > 0),
-            lambda: _random_parts(x, vbatch, drafts_v, dp, any_filters),
+            jnp.any(batch.temperature > 0), random,
             lambda: (target.reshape(-1), target.reshape(-1), jnp.zeros((r * k1,), bool)))
         rand = (batch.temperature > 0)[:, None]
         plain = jnp.where(rand, plain_v.reshape(r, k1), target)

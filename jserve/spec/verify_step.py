@@ -92,14 +92,13 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
         vslot = jnp.where(mslot[:, None] >= 0, mslot[:, None] + cols * mstep[:, None], -1)
         x = masked_logits(x, masks, vslot.reshape(-1))
     x = apply_bans(x, vbatch.banned_ids)
-    q = slot = None
-    if draft_probs is not None:
-        null = draft_probs.shape[0] - 1
+    slot = None
+    samples = layout.read(ibuf, "samples")
+    if draft_probs is not None:   # row r's q is draft_probs[slot[r]] (null row: not sampling)
         row_slot = layout.read(ibuf, "row_slot")
-        slot = jnp.where(row_slot >= 0, row_slot, null)                         # [R]
-        q = draft_probs[slot]                                                  # [R, K, V]
+        slot = jnp.where((row_slot >= 0) & (samples > 0), row_slot, draft_probs.shape[0] - 1)
     tokens, num = rejection_sample(x.reshape(r, k1, v), drafts, num_draft, sbatch,
-                                   all_greedy=greedy, draft_probs=q)
+                                   all_greedy=greedy, draft_probs=draft_probs, draft_slot=slot)
     last_tok = jnp.take_along_axis(tokens, (num - 1)[:, None], axis=1)[:, 0]
     if pen is not None:
         pen = record_tokens(pen, pen_slot, last_tok)  # penalty rows carry no drafts: one token
@@ -123,12 +122,9 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
         lp, top_ids, top_lp = jax.lax.cond(jnp.any(sbatch.want_logprobs), with_logprobs, without)
     nxt = jnp.zeros((r, num_spec), jnp.int32)
     if draft_cfg is not None:
-        samples = layout.read(ibuf, "samples")
-        draft_kv, nxt, nq = draft_step(draft_cfg, draft_params, draft_kv, batch, samples,
-                                       num_draft, tokens, num, num_spec, layout.page_size, mesh,
-                                       None if greedy else sbatch)
-        if nq is not None:      # rows that sampled keep their drafts' q in their slot
-            draft_probs = draft_probs.at[jnp.where(samples > 0, slot, null)].set(nq)
+        draft_kv, nxt, draft_probs = draft_step(
+            draft_cfg, draft_params, draft_kv, batch, samples, num_draft, tokens, num, num_spec,
+            layout.page_size, mesh, None if greedy else sbatch, draft_probs, slot)
     return kv, pen, table, out, tokens, num, lp, top_ids, top_lp, draft_kv, nxt, draft_probs
 
 
