@@ -141,3 +141,34 @@ def test_draft_masks_follow_the_grammar_along_the_drafts(ngram):
         assert (again == masks[0]).all()
     finally:
         cons.remove("probe")
+
+
+def test_logit_state_rows_per_verify_position():
+    """LogitState(positions=K + 1): a verify row's position j reads row slot + j * S (its own
+    mask ANDed with the slot's static bits, biases kept); a static-only row reads the slot's
+    row at every position (mask_step 0)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jserve.structured.logit_state import LogitState, apply_logit_state, pack_token_ids
+
+    v, s, k1 = 70, 4, 3
+    st = LogitState(s, v, jax.sharding.SingleDeviceSharding(jax.devices()[0]), positions=k1)
+    st.compile()
+    st.on_new(1, SamplingParams(allowed_token_ids=[3, 4, 5, 6], logit_bias={4: 2.0}))
+    st.on_new(2, SamplingParams(logit_bias={9: 1.5}))
+    grammar = [pack_token_ids(ids, v) for ids in ([3, 4], [5, 60], [6])]
+    slot1, step1 = st.rows_for(1, grammar)
+    slot2, step2 = st.rows_for(2, grammar[:1])
+    st.flush()
+    assert (slot1, step1, slot2, step2) == (1, s, 2, 0)
+    rows = np.array([[slot1 + j * step1 for j in range(k1)], [slot2 + j * step2 for j in range(k1)]])
+    logits = np.random.default_rng(1).normal(size=(2 * k1, v)).astype(np.float32)
+    got = np.asarray(apply_logit_state(jnp.asarray(logits), st.device,
+                                       jnp.asarray(rows.reshape(-1), jnp.int32)))
+    want = np.full_like(logits, -np.inf)
+    for j, ids in enumerate(([3, 4], [5], [6])):     # ANDed with allowed_token_ids {3..6}
+        want[j, ids] = logits[j, ids] + np.where(np.array(ids) == 4, 2.0, 0.0)
+    for j in range(k1):                              # slot 2: its position-0 row everywhere
+        want[k1 + j, [3, 4]] = logits[k1 + j, [3, 4]]
+    np.testing.assert_allclose(got, want)
