@@ -406,8 +406,8 @@ class Scheduler:
             if chunk.num_draft:
                 self._rollback(req, chunk.num_draft, len(tokens))
             if runner_out.draft_token_ids is not None and req.status is RequestStatus.RUNNING:
-                # (a preempted request takes another runner slot: its drafts' q, kept in the
-                # old one, is gone; it drafts again from its next sampled row)
+                # (a preempted request takes another runner slot, where its drafts' q is not:
+                # it drafts again from its first sampled row there)
                 self._next_drafts[req.request_id] = (req.num_tokens, runner_out.draft_token_ids[row])
             if req.status is RequestStatus.RUNNING:
                 self.kv.on_computed(req)

@@ -58,7 +58,7 @@ def test_sampled_self_draft_is_accepted_and_reproducible(make_engine):
     """Random rows sample their drafts from the draft's q and verify with min(1, p/q): a draft
     that IS the target has q == p, so (almost) every draft is accepted at temperature 1 (as
     point masses they would be accepted with probability p(d) only, near 1/V on this random
-    model). Seeded rows reproduce, alone or batched with greedy rows."""
+    model). Seeded rows reproduce, alone or batched with greedy rows, and preemption keeps it."""
     eng = make_engine("llama", num_pages=24, swap_space_gb=0.001,
                       speculative_config=_draft(GOLDEN / "llama"))
     rng = np.random.default_rng(6)
@@ -75,6 +75,17 @@ def test_sampled_self_draft_is_accepted_and_reproducible(make_engine):
     alone = _tokens(eng, [(prompts[2], sp[2])])
     assert alone[0] == first[2]
     assert _tokens(eng, [(prompts[0], _greedy(10)), (prompts[2], sp[2])])[1] == first[2]
+    # through swap preemptions (a resumed request takes another runner slot; its drafts and
+    # their q then come from its first row there): still accepted
+    before = dict(eng.kv_cache_stats())
+    items = [(rng.integers(5, 500, 40).tolist(),
+              SamplingParams(temperature=1.0, seed=10 + i, max_tokens=50, ignore_eos=True))
+             for i in range(6)]
+    _tokens(eng, items)
+    s = {k: v - before.get(k, 0) for k, v in eng.kv_cache_stats().items()}
+    assert s["preemptions_swap"] > 0
+    assert s["spec_decode_num_accepted_tokens"] >= 0.95 * s["spec_decode_num_draft_tokens"] > 0
+    assert eng.scheduler.kv.pool.num_used == 0
 
 
 def test_bundled_pair_through_llm(xla_cache_dir):
