@@ -5,8 +5,9 @@ spending ~1 ms in ``command_buffer::update`` before ``cuGraphLaunch``: XLA re-re
 graph's nodes whose buffers moved since the last call. This probe times one call on an idle
 device with different inputs held fixed, to find which buffers move:
 
-  chained      the engine's way: the previous call's tokens feed the next (prev_tokens moves)
-  fixed        the same prev_tokens array every call (only fresh outputs move)
+  in place     the engine's way since session 6: prev_tokens is donated and the step writes the
+               new tokens into it, so its address never changes
+  moving       a new prev_tokens buffer each call (the engine's way before session 6)
   + the XLA option ``xla_gpu_command_buffer_update_mode`` for each of the above
 
 Run on the GPU (from the repository root, PYTHONPATH=.), optionally with
@@ -21,24 +22,25 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.step_floor import decode_inputs
 from jserve.builder import EngineArgs, build_engine
 
 
-def idle_call_ms(engine, step, chained: bool, n: int = 30) -> float:
-    """Median host ms of one call of ``step`` started on an idle device."""
+def idle_call_ms(engine, step, in_place: bool, n: int = 30, context: int = 300) -> float:
+    """Median host ms of one call of ``step`` (a batch-1 decode at ``context``) started on an
+    idle device."""
     r = engine.runner
-    ibuf, fbuf = decode_inputs(engine)
+    joint = decode_inputs(engine, context)
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
-    fixed_tokens = jax.device_put(np.zeros(tokens.shape, np.int32))
     times = []
     for i in range(n + 5):
-        prev = tokens if chained else fixed_tokens
+        prev = tokens if in_place else jnp.copy(tokens)
         jax.block_until_ready((kv, table, prev))
         t0 = time.perf_counter()
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, prev, ibuf, fbuf)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, prev, joint, None)
         if i >= 5:
             times.append(time.perf_counter() - t0)
     jax.block_until_ready(tokens)
@@ -59,7 +61,7 @@ def main() -> None:
         steps[mode] = r.lower_step(variant).compile(
             compiler_options={"xla_gpu_command_buffer_update_mode": mode})
     print(f"\n## {ns.model} ({jax.devices()[0].device_kind}): host ms of one decode-step call, idle device")
-    print("| compile | chained prev_tokens | fixed prev_tokens |")
+    print("| compile | prev_tokens in place | prev_tokens moving |")
     print("|---|---|---|")
     for name, step in steps.items():
         print(f"| {name} | {idle_call_ms(eng, step, True):.3f} | {idle_call_ms(eng, step, False):.3f} |",

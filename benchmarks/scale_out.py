@@ -1,12 +1,13 @@
-"""Scale-out benchmark: throughput and batch-1 decode for tp / dp / multi-process layouts.
+"""Scale-out benchmark: throughput and batch-1 decode for tp / pp / dp / multi-process layouts.
 
 Each layout runs in a fresh process (its own devices and memory) and prints one JSON line; the
 driver prints one table with the speed-up over the first layout (the one-device baseline)::
 
     PYTHONPATH=. python benchmarks/scale_out.py --model llama3.1-8b --random-weights \
-        --layouts tp1,tp2,dp2 --num-requests 500 --input-len 200 --output-len 180
+        --layouts tp1,tp2,pp2,dp2 --num-requests 500 --input-len 200 --output-len 180
 
-A layout is ``tp<N>``, ``dp<N>`` or ``tp<N>dp<M>``; ``mp<N>`` runs ``tp<N>`` as N processes of
+A layout is ``tp<N>``, ``pp<N>``, ``dp<N>`` or a combination in that order (``tp2pp2``,
+``tp<N>dp<M>``); ``mp<N>`` runs ``tp<N>`` as N processes of
 one job (one GPU each) through scripts/launch_multihost. One layout alone (``--one tp2``) runs
 in this process (the launcher starts that form).
 """
@@ -27,12 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _parse(layout: str) -> dict[str, int]:
-    m = re.fullmatch(r"(?:tp(\d+))?(?:dp(\d+))?|mp(\d+)", layout)
+    m = re.fullmatch(r"(?:tp(\d+))?(?:pp(\d+))?(?:dp(\d+))?|mp(\d+)", layout)
     if not m or not any(m.groups()):
-        raise SystemExit(f"bad layout {layout!r}: use tp<N>, dp<N>, tp<N>dp<M> or mp<N>")
-    if m.group(3):
-        return {"tp": int(m.group(3)), "dp": 1, "processes": int(m.group(3))}
-    return {"tp": int(m.group(1) or 1), "dp": int(m.group(2) or 1), "processes": 1}
+        raise SystemExit(f"bad layout {layout!r}: use tp<N>, pp<N>, dp<N>, tp<N>pp<M>dp<K> or mp<N>")
+    if m.group(4):
+        return {"tp": int(m.group(4)), "pp": 1, "dp": 1, "processes": int(m.group(4))}
+    return {"tp": int(m.group(1) or 1), "pp": int(m.group(2) or 1), "dp": int(m.group(3) or 1),
+            "processes": 1}
 
 
 def _run(engine, prompts, max_tokens):
@@ -61,7 +63,8 @@ def run_one(ns: argparse.Namespace, layout: str) -> dict:
     t0 = time.perf_counter()
     engine = build_engine(EngineArgs(
         model=ns.model, random_weights=ns.random_weights, dtype=ns.dtype,
-        tensor_parallel_size=lay["tp"], data_parallel_size=lay["dp"], max_num_seqs=ns.max_num_seqs,
+        tensor_parallel_size=lay["tp"], pipeline_parallel_size=lay["pp"],
+        data_parallel_size=lay["dp"], max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len))
     startup = time.perf_counter() - t0   # (processes other than 0 never get here)
     vocab = engine.config.model.vocab_size
@@ -71,7 +74,7 @@ def run_one(ns: argparse.Namespace, layout: str) -> dict:
     prompts = [rng.integers(10, vocab, ns.input_len).tolist() for _ in range(ns.num_requests)]
     _run(engine, prompts[:8], 8)
     dt2, n2, _ = _run(engine, prompts, ns.output_len)
-    return {"layout": layout, "devices": lay["tp"] * lay["dp"], "processes": jax.process_count(),
+    return {"layout": layout, "devices": lay["tp"] * lay["pp"] * lay["dp"], "processes": jax.process_count(),
             "device": getattr(jax.devices()[0], "device_kind", "cpu"), "startup_s": round(startup, 1),
             "batch1_decode_tok_s": round((n - 1) / (dt - ttft), 1),
             "throughput_out_tok_s": round(n2 / dt2, 1), "throughput_s": round(dt2, 2)}

@@ -8,8 +8,11 @@
 #   bash benchmarks/scale_out_runs.sh 3   # the same as 2 processes (mp2), one GPU each
 #   bash benchmarks/scale_out_runs.sh 4   # load time: safetensors vs orbax, 8B shape, tp=1 (writes the dirs)
 #   bash benchmarks/scale_out_runs.sh 5   # the same directories restored onto tp=2
+#   bash benchmarks/scale_out_runs.sh 6   # Llama-3.1-8B 500 x 200/180: tp1 vs pp2 (pipeline stages)
+#   bash benchmarks/scale_out_runs.sh 7   # correctness: pp=2 on 2 GPUs vs one (tests/gpu, pp only)
 #
-# Targets (issue 14): tp2 >= 1.7x tp1 throughput and >= 1.5x batch-1 decode; dp2 >= 1.9x.
+# Targets (issue 14): tp2 >= 1.7x tp1 throughput and >= 1.5x batch-1 decode; dp2 >= 1.9x;
+# pp2 >= 1.7x tp1 throughput.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -30,4 +33,9 @@ case "${1:-1}" in
   timeout 580 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 1 --keep 2>&1 | quiet | tail -8 ;;
 5)
   timeout 580 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 2 --reuse 2>&1 | quiet | tail -8 ;;
+6)
+  timeout 580 python3 benchmarks/scale_out.py --model llama3.1-8b --random-weights --layouts tp1,pp2 \
+    --num-requests 500 --input-len 200 --output-len 180 2>&1 | quiet | tail -12 ;;
+7)
+  python3 -m pytest -q tests/gpu/test_scale_out_gpu.py -k pipeline 2>&1 | tail -15 ;;
 esac

@@ -48,9 +48,9 @@ def count_kernels(hlo_text: str) -> int:
     return n
 
 
-def decode_inputs(engine, context: int = 300) -> tuple[jax.Array, jax.Array]:
-    """The packed buffers of a batch-1 decode step at ``context`` (slot 0, its pages 1..), whose
-    input token is the previous call's row 0: (ibuf, fbuf) on the device."""
+def decode_inputs(engine, context: int = 300) -> jax.Array:
+    """The packed buffer of a batch-1 decode step at ``context`` (slot 0, its pages 1..), whose
+    input token is the previous call's row 0: ``StepLayout.joint`` on the device."""
     r = engine.runner
     layout = r.layout(r.bucket_for(1)[0])
     ibuf, fbuf, f = layout.new_buffers()
@@ -64,7 +64,7 @@ def decode_inputs(engine, context: int = 300) -> tuple[jax.Array, jax.Array]:
     f["seq_lens"][0] = context
     f["query_start_loc"][1:] = 1
     f["num_seqs"][0] = 1
-    return jax.device_put((ibuf, fbuf))
+    return jax.device_put(layout.joint(ibuf))
 
 
 def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | None = None,
@@ -74,16 +74,16 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     greedy decode-only variant."""
     r = engine.runner
     step = step or r._compiled[(r.bucket_for(1)[0], False, True, True)]
-    ibuf, fbuf = decode_inputs(engine, context)
+    joint = decode_inputs(engine, context)
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
-    for _ in range(5):  # the greedy variant takes no penalty state (None)
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
+    for _ in range(5):  # the greedy variant takes no penalty or logit state (None)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
     jax.block_until_ready(tokens)
     host = 0.0
     t0 = time.perf_counter()
     for _ in range(n):
         th = time.perf_counter()
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
         host += time.perf_counter() - th
     jax.block_until_ready(tokens)
     dt = (time.perf_counter() - t0) / n
@@ -91,13 +91,13 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     for _ in range(20):  # the dispatch cost alone: each call starts with the device idle
         jax.block_until_ready(tokens)
         th = time.perf_counter()
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
         idle.append(time.perf_counter() - th)
     jax.block_until_ready(tokens)
     if trace:
         with jax.profiler.trace(trace):
             for _ in range(20):
-                kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, ibuf, fbuf)
+                kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
             jax.block_until_ready(tokens)
     r.kv, r.slot_table, r._prev_tokens = kv, table, tokens
     text = step.as_text()
@@ -146,11 +146,12 @@ def _recompiled(engine, variant, patch: str):
 
 
 def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
-          ab: tuple[str, ...] = (), max_tokens: int = 64) -> None:
+          ab: tuple[str, ...] = (), max_tokens: int = 64, quantization: str | None = None) -> None:
     res = {}
     t0 = time.perf_counter()
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
-                                  max_num_batched_tokens=max_tokens, max_model_len=1024, num_pages=512),
+                                  max_num_batched_tokens=max_tokens, max_model_len=1024, num_pages=512,
+                                  quantization=quantization),
                        progress=lambda line: print("  " + line, flush=True))
     build_s = time.perf_counter() - t0
     dump = f"{dump_dir}/{model.replace('/', '_')}.decode_step.hlo.txt" if dump_dir else None
@@ -175,7 +176,8 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
     leaves = len(jax.tree_util.tree_leaves(eng.runner.params)) + 2 * len(eng.runner.kv) + 4
     del eng
     floor = p_bytes / 3.3e12 * 1e3
-    print(f"\n## {model} ({jax.devices()[0].device_kind}): weights {p_bytes / 1e9:.2f} GB; "
+    print(f"\n## {model}, weights {quantization or 'bf16'} ({jax.devices()[0].device_kind}): "
+          f"{p_bytes / 1e9:.2f} GB; "
           f"{leaves} arrays per step call; HBM floor at 3.3 TB/s = {floor:.2f} ms/step; "
           f"engine build {build_s:.1f} s")
     print("| path | ms/step | tok/s | host ms in the call, back to back | host ms of one call, "
@@ -199,13 +201,17 @@ def main() -> None:
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,
                     help="step variants compiled at once at start-up (default: the runner's choice)")
+    ap.add_argument("--quantization", default="none",
+                    help="comma list of weight quantizations to probe in turn: none, int8, fp8, fp8_w8a8")
     ns = ap.parse_args()
     if ns.compile_threads is not None:
         from jserve.runner import Runner
 
         Runner.compile_threads = lambda self: ns.compile_threads  # benchmark A/B only
     for m in ns.models.split(","):
-        probe(m, ns.dump, ns.trace, tuple(p for p in ns.ab.split(",") if p), ns.max_num_batched_tokens)
+        for q in ns.quantization.split(","):
+            probe(m, ns.dump, ns.trace, tuple(p for p in ns.ab.split(",") if p), ns.max_num_batched_tokens,
+                  None if q == "none" else q)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,14 +20,17 @@ from jax.sharding import Mesh
 
 from checkpoints import HFModelDir
 from checkpoints.orbax_dir import OrbaxModelDir, is_orbax_dir
+from jserve.activation_peak import measure_activation_bytes
 from jserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from jserve.data_parallel import DataParallelEngine
+from jserve.device_memory import allow_device_memory, usable_device_bytes
 from jserve.engine import LLMEngine
 from jserve.engine_api import BuildInfo
 from jserve.kv_cache import (
+    MemoryBudget,
     PoolPlan,
     allocate_kv_cache,
-    device_memory_budget,
+    device_bytes_in_use,
     kv_bytes_per_token,
     kv_scale_bytes_per_page,
     pages_for_budget,
@@ -103,6 +107,18 @@ def resolve_model(args: EngineArgs) -> tuple[ModelConfig, HFModelDir | OrbaxMode
     return cfg, model_dir
 
 
+def memory_utilization(args: EngineArgs) -> float:
+    """``gpu_memory_utilization``, or the deprecated ``kv_cache_memory_fraction`` when given
+    (with a FutureWarning)."""
+    if args.kv_cache_memory_fraction is None:
+        return args.gpu_memory_utilization
+    warnings.warn(
+        f"kv_cache_memory_fraction is deprecated: it now sets gpu_memory_utilization, the share of "
+        f"each device's memory for weights, activations and the KV pool (default 0.9); using "
+        f"gpu_memory_utilization={args.kv_cache_memory_fraction}", FutureWarning, stacklevel=3)
+    return args.kv_cache_memory_fraction
+
+
 def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig:
     """The engine's configuration from the user's options (``EngineArgs``, declared in
     jserve/options.py) and the checkpoint's model; fills in the derived ``max_model_len`` and
@@ -114,16 +130,22 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
     return EngineConfig(
         model=model_cfg,
         cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages,
-                          kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+                          gpu_memory_utilization=memory_utilization(args),
+                          activation_memory_bytes=args.activation_memory_bytes,
                           kv_cache_dtype=args.kv_cache_dtype,
                           enable_prefix_caching=args.enable_prefix_caching,
                           swap_space_gb=args.swap_space_gb, host_kv_cache_gb=args.host_kv_cache_gb,
                           preemption_mode=args.preemption_mode),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
                                   max_model_len=max_len, max_waiting=args.max_waiting,
-                                  flash_prefill_min_tokens=args.flash_prefill_min_tokens,
+                                  # pp > 1: micro-batches cut prompts, so the paged kernel
+                                  # reads them back (docs/architecture.md, pipeline parallelism)
+                                  flash_prefill_min_tokens=(args.flash_prefill_min_tokens
+                                                            if args.pipeline_parallel_size == 1 else 0),
                                   async_scheduling=args.async_scheduling),
         parallel=ParallelConfig(args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+                                prefill_devices=args.prefill_devices, decode_devices=args.decode_devices,
+                                pipeline_parallel_size=args.pipeline_parallel_size,
                                 coordinator_address=args.coordinator_address,
                                 num_processes=args.num_processes, process_id=args.process_id,
                                 distributed_timeout_s=args.distributed_timeout_s),
@@ -146,15 +168,25 @@ def runner_state_bytes(config: EngineConfig) -> int:
                                config.model.vocab_size))
 
 
-def plan_pool(config: EngineConfig, weight_bytes: int, device: jax.Device,
+def memory_budget(config: EngineConfig, weight_bytes: int, device: jax.Device,
+                  activations: Callable[[], int]) -> MemoryBudget | None:
+    """The pool's memory budget on ``device`` (None: the backend reports no limit, CPU):
+    ``gpu_memory_utilization`` of it less the weights, the runner's state, the activation peak
+    (``activation_memory_bytes``, else ``activations()``: measured) and whatever else the device
+    holds beyond the weights."""
+    usable = usable_device_bytes(device, config.cache.gpu_memory_utilization)
+    if usable is None:
+        return None
+    other = max(0, device_bytes_in_use(device) - weight_bytes)
+    act = config.cache.activation_memory_bytes
+    return MemoryBudget(usable, weight_bytes, runner_state_bytes(config),
+                        activations() if act is None else act, other)
+
+
+def plan_pool(config: EngineConfig, budget: MemoryBudget | None,
               draft: ModelConfig | None = None) -> PoolPlan:
-    """Pages from ``num_pages`` or from the device memory left after the weights and the
-    runner's state."""
-    budget = None
-    if config.cache.num_pages is None:
-        budget = device_memory_budget(device, config.cache.kv_cache_memory_fraction,
-                                      weight_bytes + runner_state_bytes(config))
-    return pool_plan_for_budget(config, budget, draft)
+    """Pages from ``num_pages``, else from the budget's KV bytes (None: no device limit)."""
+    return pool_plan_for_budget(config, None if budget is None else budget.kv_bytes, draft)
 
 
 def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None,
@@ -164,9 +196,9 @@ def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None,
     sequence its full length. ``draft``: speculative decoding's draft model, whose pool has a
     twin page per page (its bytes count per token too). int8/fp8 pools add their per-page
     scales."""
-    tp = config.parallel.tensor_parallel_size
-    per_token = kv_bytes_per_token(config.model, config.kv_dtype, tp)
-    scale_bytes = kv_scale_bytes_per_page(config.model, config.kv_dtype, tp)
+    tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+    per_token = kv_bytes_per_token(config.model, config.kv_dtype, tp, pp)
+    scale_bytes = kv_scale_bytes_per_page(config.model, config.kv_dtype, tp, pp)
     if draft is not None:
         per_token += kv_bytes_per_token(draft, config.kv_dtype, tp)
         scale_bytes += kv_scale_bytes_per_page(draft, config.kv_dtype, tp)
@@ -195,13 +227,16 @@ def _load_checkpoint(model_dir: HFModelDir | OrbaxModelDir, cfg: ModelConfig, me
 
 def _build_data_parallel(args: EngineArgs, progress: Callable[[str], None] | None) -> DataParallelEngine:
     """``data_parallel_size`` replicas, replica i on devices ``[i*tp, (i+1)*tp)``."""
-    dp, tp = args.data_parallel_size, args.tensor_parallel_size
+    dp, tp = args.data_parallel_size, args.tensor_parallel_size * args.pipeline_parallel_size
     if check_launch(*launch_values(args.coordinator_address, args.num_processes, args.process_id)):
         raise ValueError("data_parallel_size > 1 is not supported in a multi-process job yet: run one "
                          "job per replica")
     devices = jax.devices()
     if dp * tp > len(devices):
-        raise ValueError(f"data_parallel_size={dp} x tensor_parallel_size={tp} needs {dp * tp} devices "
+        pp = (f" x pipeline_parallel_size={args.pipeline_parallel_size}"
+              if args.pipeline_parallel_size > 1 else "")
+        raise ValueError(f"data_parallel_size={dp} x tensor_parallel_size={args.tensor_parallel_size}"
+                         f"{pp} needs {dp * tp} devices "
                          f"but only {len(devices)} {devices[0].platform} device(s) are available")
     one = dataclasses.replace(args, data_parallel_size=1)
     replicas = []
@@ -249,6 +284,11 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     In a multi-process job (jserve/multiprocess.py) every process builds the same engine; on
     processes other than 0 this never returns: the process runs process 0's steps until
     process 0 stops, then exits (``SystemExit(0)``)."""
+    # Before any JAX device call (make_engine_config warns about the deprecated alias).
+    allow_device_memory(args.kv_cache_memory_fraction or args.gpu_memory_utilization)
+    if args.prefill_devices is not None or args.decode_devices is not None:
+        from jserve.disagg.builder import build_disaggregated  # it builds one engine per group here
+        return build_disaggregated(args, progress)
     if args.data_parallel_size > 1:
         return _build_data_parallel(args, progress)
     t0 = time.perf_counter()
@@ -256,7 +296,8 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     _enable_compilation_cache(args.compilation_cache_dir)
     model_cfg, model_dir = resolve_model(args)
     config = make_engine_config(args, model_cfg)
-    mesh = make_mesh(config.parallel.tensor_parallel_size, devices)
+    mesh = make_mesh(config.parallel.tensor_parallel_size, devices,
+                     config.parallel.pipeline_parallel_size)
     if channel is not None:
         _check_mesh_spans_job(mesh)
     if model_dir is not None:
@@ -272,10 +313,16 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
         dcfg, ddir = resolve_draft(spec, model_cfg, model_dir.path if model_dir else None,
                                    model_cfg.dtype)
         draft = DraftModel(dcfg, load_params(ddir, dcfg, mesh))
-    weight_bytes = params_bytes(params) // config.parallel.tensor_parallel_size
+    weight_bytes = params_bytes(params) // mesh.size   # layers split over stages, columns over tp
     if draft is not None:
         weight_bytes += params_bytes(draft.params) // config.parallel.tensor_parallel_size
-    plan = plan_pool(config, weight_bytes, _local_device(mesh), draft.cfg if draft else None)
+    budget = None
+    if config.cache.num_pages is None:
+        budget = memory_budget(config, weight_bytes, _local_device(mesh),
+                               lambda: measure_activation_bytes(config, params, mesh, draft))
+        if budget is not None:
+            log.info(budget.describe())
+    plan = plan_pool(config, budget, draft.cfg if draft else None)
     if channel is not None:   # every process must allocate the same pool
         plan = dataclasses.replace(plan, num_pages=channel.agree_min("num_pages", plan.num_pages))
     log.info("model %s (%s, %.2f GB of weights), %s",
@@ -294,7 +341,8 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
             follow(runner, channel)
             raise SystemExit(0)
         runner = LeaderRunner(runner, channel)
-    build = BuildInfo(plan, startup_seconds=time.perf_counter() - t0, compile_seconds=compile_s)
+    build = BuildInfo(plan, startup_seconds=time.perf_counter() - t0, compile_seconds=compile_s,
+                      memory=budget)
     engine = LLMEngine(config, runner, tokenizer, plan.num_pages, build)
     log.info("engine ready in %.1f s (compile %.1f s)", build.startup_seconds, compile_s)
     return engine

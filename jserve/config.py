@@ -177,7 +177,9 @@ def _sliding_windows(cfg: dict[str, Any], arch: str, num_layers: int) -> tuple[i
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The KV page pool. Either ``num_pages`` or ``kv_cache_memory_fraction`` sizes it.
+    """The KV page pool. Either ``num_pages`` or the memory budget sizes it: the
+    ``gpu_memory_utilization`` share of each device, less the weights, the runner's state and the
+    activation peak (``activation_memory_bytes``; None: measured at start-up).
 
     Prefix caching keeps full pages for reuse by later requests; ``swap_space_gb`` of host
     memory holds preempted requests' pages (``preemption_mode="swap"``; recompute when it is
@@ -187,7 +189,8 @@ class CacheConfig:
 
     page_size: int = default_of("page_size")
     num_pages: int | None = default_of("num_pages")
-    kv_cache_memory_fraction: float = default_of("kv_cache_memory_fraction")
+    gpu_memory_utilization: float = default_of("gpu_memory_utilization")
+    activation_memory_bytes: int | None = default_of("activation_memory_bytes")
     kv_cache_dtype: str = default_of("kv_cache_dtype")  # "auto" = the model dtype
     enable_prefix_caching: bool = default_of("enable_prefix_caching")
     swap_space_gb: float = default_of("swap_space_gb")
@@ -256,7 +259,10 @@ class ParallelConfig:
     are checked together when the job starts (``sharding.initialize_multihost``)."""
 
     tensor_parallel_size: int = default_of("tensor_parallel_size")
+    pipeline_parallel_size: int = default_of("pipeline_parallel_size")
     data_parallel_size: int = default_of("data_parallel_size")
+    prefill_devices: tuple[int, ...] | None = default_of("prefill_devices")   # jserve/disagg/
+    decode_devices: tuple[int, ...] | None = default_of("decode_devices")
     coordinator_address: str | None = default_of("coordinator_address")
     num_processes: int | None = default_of("num_processes")
     process_id: int | None = default_of("process_id")
@@ -285,6 +291,17 @@ class EngineConfig:
                             ("intermediate_size", m.intermediate_size)):
                 if v % tp:
                     raise ValueError(f"{name} ({v}) is not divisible by tensor_parallel_size ({tp})")
+        pp = self.parallel.pipeline_parallel_size
+        if pp > 1:
+            if m.num_layers % pp:
+                raise ValueError(f"num_hidden_layers ({m.num_layers}) is not divisible by "
+                                 f"pipeline_parallel_size ({pp})")
+            per = m.num_layers // pp
+            if any(m.sliding_windows[i] != m.sliding_windows[i % per] for i in range(m.num_layers)):
+                raise ValueError(f"pipeline_parallel_size={pp}: the model's sliding windows differ "
+                                 "between stages (every stage runs one layer program)")
+            if self.speculative is not None:
+                raise ValueError("speculative_config is not supported with pipeline_parallel_size > 1")
         if s.max_model_len > m.max_position_embeddings and m.rope_scaling is None:
             pass  # allowed (like vLLM with a warning); RoPE extrapolates.
 

@@ -73,13 +73,17 @@ class _Parent:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, runner: Runner, tokenizer: Tokenizer | None,
-                 num_pages: int, build: BuildInfo | None = None) -> None:
+                 num_pages: int, build: BuildInfo | None = None,
+                 scheduler: Scheduler | None = None) -> None:
+        """``scheduler``: one made by the caller (disaggregation's two-group scheduler,
+        jserve/disagg/); default: one over a pool of ``num_pages``."""
         self.config = config
         self.tokenizer = tokenizer
         self.runner = runner
-        kv_manager = make_kv_manager(config, num_pages)
-        self.pool = kv_manager.pool
-        self.scheduler = Scheduler(config.scheduler, kv_manager, config.speculative)
+        if scheduler is None:
+            scheduler = Scheduler(config.scheduler, make_kv_manager(config, num_pages), config.speculative)
+        self.scheduler = scheduler
+        self.pool = scheduler.pool
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, str] = {}
         self._rng = np.random.default_rng(config.seed)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from jserve.config import EngineConfig
-from jserve.kv_cache import PoolPlan, kv_bytes_per_token
+from jserve.kv_cache import MemoryBudget, PoolPlan, kv_bytes_per_token
 from jserve.scheduler import QueueFullError as QueueFullError  # re-export: add_request raises it
 
 
@@ -32,6 +32,7 @@ class BuildInfo:
     pool_plan: PoolPlan
     startup_seconds: float = 0.0    # load + compile, up to the engine's construction
     compile_seconds: float = 0.0    # the runner's warm-up (every bucket)
+    memory: MemoryBudget | None = None   # the pool's budget (None: num_pages given, or no limit)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class StartupInfo:
     startup_seconds: float
     compile_seconds: float
     max_waiting: int                # sequences the waiting queue holds (QueueFullError past it)
+    memory: MemoryBudget | None = None   # usable - weights - state - activations -> KV bytes
 
     @property
     def kv_pages_total(self) -> int:
@@ -68,7 +70,8 @@ class StartupInfo:
             build = BuildInfo(PoolPlan(per_token, config.cache.page_size, num_pages,
                                        config.scheduler.max_model_len))
         return StartupInfo(build.pool_plan, max_model_len, config.scheduler.max_num_seqs,
-                           build.startup_seconds, build.compile_seconds, config.scheduler.max_waiting)
+                           build.startup_seconds, build.compile_seconds, config.scheduler.max_waiting,
+                           build.memory)
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,19 @@
-"""Named accelerators and how much of their memory XLA hands to jserve, for ``jserve plan``.
+"""Named accelerators and how much of their memory the engine may use, for ``jserve plan``.
 
-Where it sits: beside the engine, never on the data path. At start-up the engine sizes its KV
-pool from ``device.memory_stats()["bytes_limit"]`` (``kv_cache.device_memory_budget``); the
-planner has no device, so it derives that same limit from a chip's memory::
+Where it sits: beside the engine, never on the data path. At start-up the engine sets JAX's GPU
+allocator to ``gpu_memory_utilization`` of the device and sizes its KV pool from what that
+allows (jserve/device_memory.py, ``kv_cache.MemoryBudget``); the planner has no device, so it
+takes the same share of a chip's memory::
 
-    bytes_limit = memory_bytes x allocator_fraction
+    usable = memory_bytes x gpu_memory_utilization
 
-``memory_bytes`` is the per-chip memory nvidia-smi reports (TPUs: HBM). On GPUs XLA's
-allocator takes ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (JAX's default 0.75) of the memory CUDA
-reports, which is a little less than nvidia-smi's total: on an H200 (measured with jax 0.11.2)
-nvidia-smi says 143,771 MiB, CUDA 150,109,880,320 B (143,156 MiB), and ``bytes_limit`` is
-112,583,507,968 B, so a named GPU plans about 0.4% more memory than the card gives. A plain
-byte count instead of a name is taken as ``bytes_limit`` itself (what
-``jax.devices()[0].memory_stats()["bytes_limit"]`` prints on the machine you plan for): then
-the plan is exact.
+``memory_bytes`` is the per-chip memory nvidia-smi reports (TPUs: HBM). XLA's GPU allocator
+takes its share of the memory CUDA reports, which is a little less than nvidia-smi's total: on
+an H200 (measured with jax 0.11.2) nvidia-smi says 143,771 MiB and CUDA 150,109,880,320 B
+(143,156 MiB), so a named GPU plans about 0.4% more memory than the card gives. A plain byte
+count instead of a name is taken as the usable bytes themselves (what start-up logs as
+``usable``, or ``jax.devices()[0].memory_stats()["bytes_limit"]`` prints in a process whose
+allocator share is ``gpu_memory_utilization``): then the plan is exact.
 """
 
 from __future__ import annotations
@@ -22,36 +22,34 @@ import re
 from dataclasses import dataclass
 
 MIB, GIB = 2**20, 2**30
-JAX_GPU_MEM_FRACTION = 0.75  # XLA_PYTHON_CLIENT_MEM_FRACTION when unset
 
 
 @dataclass(frozen=True)
 class Accelerator:
-    """One chip: its memory and the share of it XLA's allocator reports as ``bytes_limit``."""
+    """One chip and its memory (``platform`` "bytes": a byte count that is the usable memory)."""
 
     name: str
     platform: str                 # "gpu", "tpu" or "bytes" (a raw byte count)
     memory_bytes: int             # per chip
-    allocator_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.memory_bytes < 1:
             raise ValueError(f"gpu: memory must be a positive byte count, got {self.memory_bytes}")
-        if not 0.0 < self.allocator_fraction <= 1.0:
-            raise ValueError(f"gpu: allocator_fraction must be in (0, 1], got {self.allocator_fraction}")
 
-    @property
-    def bytes_limit(self) -> int:
-        """What ``memory_stats()["bytes_limit"]`` reports on this chip."""
-        return int(self.memory_bytes * self.allocator_fraction)
+    def usable_bytes(self, utilization: float) -> int:
+        """What the engine may use per device at ``gpu_memory_utilization``: that share of the
+        chip's memory; a byte count is taken as already the usable memory."""
+        if self.platform == "bytes":
+            return self.memory_bytes
+        return int(self.memory_bytes * utilization)
 
 
 def _gpu(name: str, mib: int) -> Accelerator:
-    return Accelerator(name, "gpu", mib * MIB, JAX_GPU_MEM_FRACTION)
+    return Accelerator(name, "gpu", mib * MIB)
 
 
 def _tpu(name: str, gib: int) -> Accelerator:
-    return Accelerator(name, "tpu", gib * GIB, 1.0)
+    return Accelerator(name, "tpu", gib * GIB)
 
 
 ACCELERATORS: dict[str, Accelerator] = {a.name: a for a in (
@@ -77,7 +75,7 @@ def _key(name: str) -> str:
 
 def lookup_accelerator(spec: str | int) -> Accelerator:
     """A chip name (``H100-80GB``, ``TPU v5e``, ...; case and spaces ignored) or a byte count
-    (``85899345920``, ``80GiB``, ``24GB``) taken as the allocator limit."""
+    (``85899345920``, ``80GiB``, ``24GB``) taken as the usable memory per device."""
     if isinstance(spec, int):
         return Accelerator(f"{spec} B", "bytes", spec)
     key = _key(spec)

@@ -4,6 +4,12 @@ Where it sits: allocated once at engine start-up (DESIGN invariant 1), donated i
 returned from every ``step_fn`` call, never reshaped. One ``(k_pages, v_pages)`` pair per
 layer, each ``[num_pages, page_size, num_kv_heads, head_dim]`` sharded over kv heads.
 Page 0 is the null page: padding tokens write there, nothing reads it.
+
+Pipeline parallelism (a mesh with S > 1 stages): one pair per layer *position within a stage*
+(L/S entries), each ``[num_pages, S, page_size, num_kv_heads, head_dim]`` sharded over ``stage``
+on axis 1: entry j, slice s is layer s*L/S + j, on stage s's devices only. Each device holds its
+own stage's layers; a page id still names the same page in every layer (page moves gather and
+scatter along axis 0 as before).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jserve.config import DTYPE_BYTES, ModelConfig
-from sharding import logical_sharding_for_shape
+from sharding import logical_sharding_for_shape, num_stages
 
 log = logging.getLogger(__name__)
 
@@ -81,61 +87,106 @@ class PoolPlan:
                 f"of {self.max_model_len} tokens")
 
 
-def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, tensor_parallel_size: int = 1) -> int:
-    """K and V bytes of one token over all layers, per device (kv heads split when they divide)."""
+def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, tensor_parallel_size: int = 1,
+                       pipeline_parallel_size: int = 1) -> int:
+    """K and V bytes of one token over the layers of one device's stage (all layers at pp=1),
+    per device (kv heads split when they divide)."""
     heads = cfg.num_kv_heads
     if tensor_parallel_size > 1 and heads % tensor_parallel_size == 0:
         heads //= tensor_parallel_size
-    return 2 * cfg.num_layers * heads * cfg.head_dim * DTYPE_BYTES[kv_dtype]
+    layers = cfg.num_layers // pipeline_parallel_size
+    return 2 * layers * heads * cfg.head_dim * DTYPE_BYTES[kv_dtype]
 
 
-def kv_scale_bytes_per_page(cfg: ModelConfig, kv_dtype: str, tensor_parallel_size: int = 1) -> int:
-    """Scale bytes of one page (K and V, all layers, per device): 0 unless int8 / fp8."""
+def kv_scale_bytes_per_page(cfg: ModelConfig, kv_dtype: str, tensor_parallel_size: int = 1,
+                            pipeline_parallel_size: int = 1) -> int:
+    """Scale bytes of one page (K and V, the stage's layers, per device): 0 unless int8 / fp8."""
     if not kv_quantized(kv_dtype):
         return 0
     heads = cfg.num_kv_heads
     if tensor_parallel_size > 1 and heads % tensor_parallel_size == 0:
         heads //= tensor_parallel_size
-    return 2 * cfg.num_layers * heads * 4
+    return 2 * (cfg.num_layers // pipeline_parallel_size) * heads * 4
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Per device, what the KV pool may take (start-up and ``jserve plan`` alike)::
+
+        kv = usable - weights - runner state - activations - other
+
+    usable: ``gpu_memory_utilization`` of the device (jserve/device_memory.py); activations: the
+    step programs' peak beyond their arguments (jserve/activation_peak.py); other: memory the
+    device already holds beyond the weights at start-up (0 in a plan)."""
+
+    usable_bytes: int
+    weight_bytes: int
+    runner_state_bytes: int
+    activation_bytes: int
+    other_bytes: int = 0
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes left for the pool; negative when the rest does not fit."""
+        return (self.usable_bytes - self.weight_bytes - self.runner_state_bytes
+                - self.activation_bytes - self.other_bytes)
+
+    def describe(self) -> str:
+        return (f"memory per device: {self.usable_bytes / 2**30:.2f} GiB usable - "
+                f"{self.weight_bytes / 2**30:.2f} weights - {self.runner_state_bytes / 2**20:.1f} MiB "
+                f"runner state - {self.activation_bytes / 2**20:.1f} MiB activations"
+                + (f" - {self.other_bytes / 2**20:.1f} MiB other" if self.other_bytes else "")
+                + f" = {self.kv_bytes / 2**30:.2f} GiB for the KV pool")
 
 
 def pages_for_budget(budget_bytes: int, bytes_per_page: int) -> int:
     return max(0, budget_bytes // bytes_per_page)
 
 
-def memory_budget(bytes_limit: int, fraction: float, in_use_bytes: int) -> int:
-    """Bytes the pool may take: ``fraction`` of the allocator's limit minus what is in use (the
-    weights). Negative when the weights alone exceed it. Shared by start-up and ``jserve plan``."""
-    return int(bytes_limit * fraction) - in_use_bytes
-
-
-def device_memory_budget(device: jax.Device, fraction: float, used_bytes: int) -> int | None:
-    """Bytes the pool may take on ``device``: fraction of its memory minus what is in use.
-
-    None when the backend reports no memory limit (CPU). ``device`` must be one of this
-    process's devices (a multi-process mesh holds others': pass a local one).
-    """
+def device_bytes_in_use(device: jax.Device) -> int:
+    """What ``device`` holds now (0 where the backend does not say). ``device`` must be one of
+    this process's devices (a multi-process mesh holds others': pass a local one)."""
     owner = getattr(device, "process_index", jax.process_index())
     if owner != jax.process_index():
-        raise ValueError(f"device_memory_budget: {device} belongs to process {owner}, "
+        raise ValueError(f"device_bytes_in_use: {device} belongs to process {owner}, "
                          f"not this one ({jax.process_index()}); pass one of jax.local_devices()")
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if not stats or "bytes_limit" not in stats:
-        return None
-    return memory_budget(stats["bytes_limit"], fraction, max(stats.get("bytes_in_use", 0), used_bytes))
+    return int((stats or {}).get("bytes_in_use", 0))
+
+
+def abstract_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str,
+                      mesh: Mesh) -> KVCache:
+    """``allocate_kv_cache``'s shapes, dtypes and shardings, allocating nothing (for lowering)."""
+    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    pages = jax.ShapeDtypeStruct(shape, kv_storage_dtype(kv_dtype),
+                                 sharding=logical_sharding_for_shape(mesh, shape, KV_AXES))
+    if not kv_quantized(kv_dtype):
+        return [(pages, pages) for _ in range(cfg.num_layers)]
+    s_shape = (num_pages, cfg.num_kv_heads)
+    scales = jax.ShapeDtypeStruct(s_shape, jnp.float32,
+                                  sharding=logical_sharding_for_shape(mesh, s_shape, SCALE_AXES))
+    return [(pages, pages, scales, scales) for _ in range(cfg.num_layers)]
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str,
                       mesh: Mesh) -> KVCache:
     """Zero-filled pool, created directly on device with its sharding (scales of a quantized
-    pool start at 1; every page's is set when the page is started)."""
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    sharding = logical_sharding_for_shape(mesh, shape, KV_AXES)
+    pool start at 1; every page's is set when the page is started). A mesh with S pipeline
+    stages gets the stage-major layout of the module docstring."""
+    stages = num_stages(mesh)
+    if cfg.num_layers % stages:
+        raise ValueError(f"num_hidden_layers ({cfg.num_layers}) is not divisible by "
+                         f"pipeline_parallel_size ({stages})")
+    lead, axes, s_axes = ((num_pages,), KV_AXES, SCALE_AXES) if stages == 1 else (
+        (num_pages, stages), (KV_AXES[0], "stage", *KV_AXES[1:]), (SCALE_AXES[0], "stage", *SCALE_AXES[1:]))
+    shape = (*lead, page_size, cfg.num_kv_heads, cfg.head_dim)
+    sharding = logical_sharding_for_shape(mesh, shape, axes)
     dtype = kv_storage_dtype(kv_dtype)
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    entries = cfg.num_layers // stages
     if not kv_quantized(kv_dtype):
-        return [(make(), make()) for _ in range(cfg.num_layers)]
-    s_shape = (num_pages, cfg.num_kv_heads)
+        return [(make(), make()) for _ in range(entries)]
+    s_shape = (*lead, cfg.num_kv_heads)
     ones = jax.jit(lambda: jnp.ones(s_shape, jnp.float32),
-                   out_shardings=logical_sharding_for_shape(mesh, s_shape, SCALE_AXES))
-    return [(make(), make(), ones(), ones()) for _ in range(cfg.num_layers)]
+                   out_shardings=logical_sharding_for_shape(mesh, s_shape, s_axes))
+    return [(make(), make(), ones(), ones()) for _ in range(entries)]

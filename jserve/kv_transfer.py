@@ -30,6 +30,7 @@ fits what is left (70 = 64 + 4 + 1 + 1), so nothing is padded and no byte moves 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,9 +88,9 @@ def _scatter(kv: KVCache, ids: jax.Array, pages: tuple) -> KVCache:
 
 
 def page_shape(kv: KVCache) -> tuple[int, ...]:
-    """Shape of one page in host memory: (L, 2, page_size, Hkv, d)."""
-    _, ps, h, d = kv[0][0].shape
-    return (len(kv), 2, ps, h, d)
+    """Shape of one page in host memory: (L, 2, page_size, Hkv, d); a pipelined pool's
+    (L/S, 2, S, page_size, Hkv, d) (jserve/kv_cache.py)."""
+    return (len(kv), 2, *kv[0][0].shape[1:])
 
 
 def host_memory_kind(device: jax.Device) -> str:
@@ -105,15 +106,15 @@ def host_memory_kind(device: jax.Device) -> str:
 def _page_sharding(kv: KVCache) -> NamedSharding:
     """One page's device sharding: the pool's, with the page axis replaced by (L, 2)."""
     s = kv[0][0].sharding
-    spec = tuple(s.spec) + (None,) * (4 - len(s.spec))
+    spec = tuple(s.spec) + (None,) * (kv[0][0].ndim - len(s.spec))
     return NamedSharding(s.mesh, PartitionSpec(None, None, *spec[1:]))
 
 
 def _scale_sharding(kv: KVCache) -> NamedSharding:
-    """One page's scales [L, 2, Hkv]: split over kv heads like the pool."""
-    s = kv[0][0].sharding
-    spec = tuple(s.spec) + (None,) * (4 - len(s.spec))
-    return NamedSharding(s.mesh, PartitionSpec(None, None, spec[2]))
+    """One page's scales [L, 2, Hkv] (pipelined: [L/S, 2, S, Hkv]): split like the pool's."""
+    s = kv[0][2].sharding
+    spec = tuple(s.spec) + (None,) * (kv[0][2].ndim - len(s.spec))
+    return NamedSharding(s.mesh, PartitionSpec(None, None, *spec[1:]))
 
 
 class KVPageMover:
@@ -173,6 +174,15 @@ class KVPageMover:
             pages = self._to_device([self.host.get(store, slot) for store, slot, _ in moves])
             kv = self._scatter(kv, self._ids([p for _, _, p in moves]), pages)
         return kv
+
+    def lower_largest_gather(self, kv: KVCache) -> Any:
+        """The lowered device -> host gather of the largest bucket over ``kv`` (arrays or their
+        ShapeDtypeStructs): its memory analysis is the mover's peak (jserve/activation_peak.py).
+        None without host moves."""
+        if not self.host_moves:
+            return None
+        ids = jax.ShapeDtypeStruct((self.buckets[-1],), jnp.int32, sharding=self._ids_sharding)
+        return self._gather.lower(kv, ids)
 
     def warmup(self, kv: KVCache) -> KVCache:
         """Compile (and run once, on the null page) every bucket of every move."""

@@ -27,7 +27,7 @@ PromptInput = Prompt | dict[str, Any]
 
 class LLM:
     """``LLM(model=path_or_named_shape, dtype=..., max_model_len=..., max_num_seqs=...,
-    kv_cache_memory_fraction=... or num_pages=..., tensor_parallel_size=...)``.
+    gpu_memory_utilization=... or num_pages=..., tensor_parallel_size=...)``.
 
     The keywords are the engine options declared in jserve/options.py (``EngineArgs`` fields),
     with their declared defaults: an unknown keyword is a ``TypeError`` naming it, a bad value

@@ -34,7 +34,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 KV_QUANT_DTYPES = ("fp8", "int8")   # 1-byte KV pools with per-page, per-head scales
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16",
                   "fp32": "float32", "float": "float32"}
-_KINDS = {bool: "a bool", int: "an integer", float: "a number", str: "a string"}
+_KINDS = {bool: "a bool", int: "an integer", float: "a number", str: "a string",
+          tuple: "a list of integers"}   # tuple: a CLI value is comma-separated ("0,1")
 
 
 def normalize_dtype(name: str, field_name: str = "dtype") -> str:
@@ -82,7 +83,7 @@ class Option:
         if not self.name.isidentifier():
             raise ValueError(f"Option.name must be an identifier, got {self.name!r}")
         if self.type not in _KINDS:
-            raise ValueError(f"{self.name}: Option.type must be one of bool, int, float, str")
+            raise ValueError(f"{self.name}: Option.type must be one of bool, int, float, str, tuple")
         if not self.commands or set(self.commands) - set(COMMANDS):
             raise ValueError(f"{self.name}: Option.commands must be a non-empty subset of {COMMANDS}")
         if (self.rule is None) != (self.check is None):
@@ -106,7 +107,8 @@ class Option:
     @property
     def annotation(self) -> Any:
         """The field type of ``EngineArgs``: ``int``, or ``int | None`` when nullable."""
-        return self.type | None if self.nullable else self.type
+        kind = tuple[int, ...] if self.type is tuple else self.type
+        return kind | None if self.nullable else kind
 
     def flags(self, command: str) -> tuple[str, ...]:
         """The flag and the aliases ``command`` accepts."""
@@ -152,6 +154,11 @@ class Option:
             except ValueError:
                 raise self._error(text) from None
             return self.validate(number)
+        if self.type is tuple:
+            try:
+                return self.validate(tuple(int(t) for t in text.replace(" ", "").split(",")))
+            except ValueError:
+                raise self._error(text) from None
         return self.validate(text)
 
     def _typed(self, value: Any) -> Any:
@@ -164,6 +171,10 @@ class Option:
             ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
                   and math.isfinite(value))
             value = float(value) if ok else value
+        elif self.type is tuple:
+            ok = isinstance(value, (list, tuple)) and all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+            value = tuple(int(v) for v in value) if ok else value
         else:
             ok = isinstance(value, str) or (self.mapping and isinstance(value, Mapping))
         if not ok:
@@ -176,6 +187,10 @@ class Option:
 
 def _power_of_two(v: int) -> bool:
     return v >= 1 and not v & (v - 1)
+
+
+def _device_list(v: tuple[int, ...]) -> bool:
+    return len(v) > 0 and min(v) >= 0 and len(set(v)) == len(v)
 
 
 def _dtype_alias(v: str) -> str:
@@ -202,16 +217,26 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            help="context length per sequence (prompt + output tokens)"),
     Option("max_num_seqs", int, 64, minimum=1, commands=COMMANDS, command_defaults={GENERATE: 8},
            help="most sequences running at once (request rows of a step)"),
-    Option("max_num_batched_tokens", int, None, nullable=True, minimum=1, command_defaults={GENERATE: 128},
+    Option("max_num_batched_tokens", int, None, nullable=True, minimum=1, commands=COMMANDS,
+           command_defaults={GENERATE: 128},
            default_text="max(512, max_num_seqs)",
            help="token budget of one step (prefill chunks + decode tokens); a small budget "
            "compiles fewer step buckets"),
-    Option("num_pages", int, None, nullable=True, minimum=2, default_text="sized by kv_cache_memory_fraction",
+    Option("num_pages", int, None, nullable=True, minimum=2, default_text="sized by gpu_memory_utilization",
            help="KV pool size in pages, page 0 being the null page"),
-    Option("kv_cache_memory_fraction", float, 0.85, commands=COMMANDS, rule="a fraction in (0, 1)",
-           check=lambda v: 0.0 < v < 1.0,
-           help="share of device memory for weights + KV pool: the pool takes what the weights "
-           "leave of it"),
+    Option("gpu_memory_utilization", float, 0.9, commands=COMMANDS, rule="a fraction in (0, 1]",
+           check=lambda v: 0.0 < v <= 1.0,
+           help="share of each device's memory the engine may use for weights, activations and "
+           "the KV pool (vLLM's name): JAX's GPU allocator is set to it before the backend "
+           "starts, and the pool takes what the weights, the runner's state and the measured "
+           "activation peak leave of it"),
+    Option("activation_memory_bytes", int, None, nullable=True, minimum=0, commands=COMMANDS,
+           default_text="measured at start-up (the step programs' peak); plan: estimated",
+           help="device bytes kept free for a step's activations (temporaries, logits, sampler); "
+           "set it to skip the start-up measurement, or to plan with the figure start-up logs"),
+    Option("kv_cache_memory_fraction", float, None, nullable=True, commands=COMMANDS,
+           rule="a fraction in (0, 1]", check=lambda v: 0.0 < v <= 1.0, default_text="unset",
+           help="deprecated alias of gpu_memory_utilization (a warning says so)"),
     Option("page_size", int, 16, commands=COMMANDS, rule="a power of two >= 1", check=_power_of_two,
            help="tokens per KV page"),
     Option("kv_cache_dtype", str, "auto", commands=COMMANDS, choices=("auto", *DTYPES, *KV_QUANT_DTYPES),
@@ -221,9 +246,22 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "(pallas_kernels/kv_write/scales.py)"),
     Option("tensor_parallel_size", int, 1, minimum=1, commands=COMMANDS, aliases=("--tp",),
            help="devices of one host that shard attention heads and MLP columns"),
+    Option("pipeline_parallel_size", int, 1, minimum=1, commands=COMMANDS, aliases=("--pp",),
+           help="pipeline stages: the layers split into this many groups, each on its own "
+           "tensor_parallel_size devices (pp x tp in all); a step's tokens flow through the "
+           "stages in micro-batches (docs/architecture.md); pp > 1 turns flash prefill off"),
     Option("data_parallel_size", int, 1, minimum=1, aliases=("--dp",),
            help="engine replicas (each on tensor_parallel_size devices of its own) behind one "
            "API; requests are routed by load and prompt-prefix affinity"),
+    Option("prefill_devices", tuple, None, nullable=True, rule="a non-empty list of distinct "
+           "device indices >= 0", check=_device_list, default_text="off (prefill and decode share devices)",
+           help="prefill/decode disaggregation: the device indices (comma-separated on the CLI) of "
+           "the prefill group, which prefills prompts and samples their first token; set with "
+           "decode_devices (docs/disaggregation.md)"),
+    Option("decode_devices", tuple, None, nullable=True, rule="a non-empty list of distinct "
+           "device indices >= 0", check=_device_list, default_text="off",
+           help="prefill/decode disaggregation: the device indices of the decode group, which "
+           "takes each prefilled request's KV pages and generates the rest"),
     Option("coordinator_address", str, None, nullable=True,
            default_text="$JSERVE_COORDINATOR_ADDRESS, else one process",
            help="host:port of process 0's coordinator, for a job of several processes "
@@ -245,11 +283,13 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            help="bounded waiting queue; requests past it get 429 / RESOURCE_EXHAUSTED"),
     Option("enable_prefix_caching", bool, True, help="reuse the KV of shared prompt prefixes"),
     Option("swap_space_gb", float, 4.0, aliases=("--swap-space",), rule="a number of GiB >= 0",
-           check=lambda v: v >= 0, help="host memory (GiB) for the KV pages of preempted requests"),
+           commands=COMMANDS, check=lambda v: v >= 0,
+           help="host memory (GiB) for the KV pages of preempted requests"),
     Option("host_kv_cache_gb", float, 0.0, rule="a number of GiB >= 0", check=lambda v: v >= 0,
+           commands=COMMANDS,
            help="host memory (GiB) that keeps KV pages evicted from the device prefix cache, "
            "for later hits (0 = off)"),
-    Option("preemption_mode", str, "swap", choices=("swap", "recompute"),
+    Option("preemption_mode", str, "swap", choices=("swap", "recompute"), commands=COMMANDS,
            help="what a preempted request's KV does: move to host memory, or be recomputed"),
     Option("flash_prefill_min_tokens", int, 1024, minimum=0,
            help="steps of at least this many tokens made only of fresh prompts attend with the "

@@ -3,14 +3,18 @@
 Where it sits: beside start-up, never on the data path. It runs the engine's own start-up
 arithmetic with no device and no weights loaded: the model resolves as ``build_engine`` resolves
 it (``resolve_model``, ``make_engine_config``), the pool comes from the same functions
-(``kv_cache.memory_budget`` -> ``builder.pool_plan_for_budget`` -> ``PoolPlan``), so its
+(``kv_cache.MemoryBudget`` -> ``builder.pool_plan_for_budget`` -> ``PoolPlan``), so its
 figures are the ones start-up logs for the same settings::
 
-    bytes_limit   = chip memory x allocator fraction         (jserve/gpus.py)
-    budget        = int(bytes_limit x kv_cache_memory_fraction) - weight bytes per device
+    usable        = chip memory x gpu_memory_utilization     (jserve/gpus.py)
+    budget        = usable - weights - runner state - activations    (per device)
     KV bytes/token = 2 (K, V) x layers x kv heads per device x head_dim x KV dtype bytes
     pages         = budget // (KV bytes/token x page_size)   (page 0 is the null page)
     sequences     = (pages - 1) // ceil(context / page_size)
+
+One figure differs: start-up measures the activation peak on the device
+(jserve/activation_peak.py); the planner estimates it from the shapes (an upper bound) unless
+``activation_memory_bytes`` gives the figure start-up logged.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from checkpoints import QuantScheme
+from jserve.activation_peak import estimate_activation_bytes
 from jserve.builder import (
     EngineArgs,
     make_engine_config,
@@ -29,14 +34,16 @@ from jserve.builder import (
     runner_state_bytes,
 )
 from jserve.config import DTYPE_BYTES, EngineConfig, ModelConfig
-from jserve.gpus import JAX_GPU_MEM_FRACTION, Accelerator, lookup_accelerator
+from jserve.gpus import Accelerator, lookup_accelerator
+from jserve.host_kv import host_slot_counts
 from jserve.kv_cache import (
+    MemoryBudget,
     PoolPlan,
     kv_bytes_per_token,
     kv_scale_bytes_per_page,
-    memory_budget,
     pages_for_budget,
 )
+from jserve.kv_transfer import transfer_buckets
 from jserve.model.quant_params import resolve_scheme
 from jserve.model.quant_params import weight_bytes as quantized_weight_bytes
 from jserve.options import PLAN, check_keywords, options_for
@@ -60,12 +67,17 @@ class CapacityPlan:
     accelerator: Accelerator
     weight_bytes_total: int
     weight_bytes_per_device: int
-    budget_bytes: int
+    memory: MemoryBudget         # usable - weights - runner state - activations
     pool: PoolPlan | None        # None: fewer than 2 pages fit (the weights take the memory)
     min_fitting_tp: int | None   # smallest tensor-parallel size that fits, when this one doesn't
     draft: ModelConfig | None = None  # speculative decoding's draft model (its weights and twin
                                       # KV pages are counted in the figures above)
     quantization: QuantScheme | None = None   # 8-bit projection weights
+
+    @property
+    def budget_bytes(self) -> int:
+        """Bytes left for the KV pool per device (negative: the rest does not fit)."""
+        return self.memory.kv_bytes
 
     @property
     def fits(self) -> bool:
@@ -75,7 +87,8 @@ class CapacityPlan:
     def kv_bytes_per_token(self) -> int:
         """Target + draft KV bytes of one token, per device."""
         c = self.config
-        return kv_bytes_per_token(c.model, c.kv_dtype, c.parallel.tensor_parallel_size) + \
+        return kv_bytes_per_token(c.model, c.kv_dtype, c.parallel.tensor_parallel_size,
+                                  c.parallel.pipeline_parallel_size) + \
             self.draft_kv_bytes_per_token
 
     @property
@@ -87,32 +100,46 @@ class CapacityPlan:
     def render(self) -> str:
         """The plan with its arithmetic, one line per figure."""
         c, m, acc = self.config, self.config.model, self.accelerator
-        tp = c.parallel.tensor_parallel_size
+        tp, pp = c.parallel.tensor_parallel_size, c.parallel.pipeline_parallel_size
+        layers = m.num_layers // pp
         kv_heads = m.num_kv_heads // tp if tp > 1 and m.num_kv_heads % tp == 0 else m.num_kv_heads
         per_token, page_size = self.kv_bytes_per_token, c.cache.page_size
-        scale_bytes = kv_scale_bytes_per_page(m, c.kv_dtype, tp) + (
+        scale_bytes = kv_scale_bytes_per_page(m, c.kv_dtype, tp, pp) + (
             kv_scale_bytes_per_page(self.draft, c.kv_dtype, tp) if self.draft is not None else 0)
         page_bytes = per_token * page_size + scale_bytes
         ctx = c.scheduler.max_model_len
         lines = [
-            f"jserve plan: {self.model_label} on {acc.name}, tp={tp}, context {ctx:,} tokens",
+            f"jserve plan: {self.model_label} on {acc.name}, tp={tp}"
+            f"{f', pp={pp}' if pp > 1 else ''}, context {ctx:,} tokens",
             f"model      {m.architecture}: {m.num_layers} layers, {m.num_heads} q / {m.num_kv_heads} kv "
             f"heads x head_dim {m.head_dim}, hidden {m.hidden_size}, vocab {m.vocab_size:,}",
             (f"weights    {m.num_params():,} params x {DTYPE_BYTES[m.dtype]} B ({m.dtype}) = "
              if self.quantization is None else
              f"weights    {m.num_params():,} params, projections 8-bit + float32 scales "
              f"({self.quantization.describe()}; --quantization), the rest {m.dtype} = ")
-            + f"{_b(self.weight_bytes_total)}; / tp {tp} = {_b(self.weight_bytes_per_device)} per device",
-            f"memory     {_memory_line(acc)}",
-            f"budget     int({acc.bytes_limit:,} x {c.cache.kv_cache_memory_fraction} "
-            f"kv_cache_memory_fraction) - {self.weight_bytes_per_device:,} weights - "
-            f"{runner_state_bytes(c):,} runner state (penalty statistics: {c.scheduler.max_num_seqs} "
-            f"seqs x {m.vocab_size:,} x 4 B{'; speculative: draft q, verify masks' * bool(c.speculative)}"
-            f") = {_b(self.budget_bytes)} per device",
-            f"KV/token   2 (K, V) x {m.num_layers} layers x {kv_heads} kv heads"
+            + f"{_b(self.weight_bytes_total)}; / tp {tp} (--tp){f' x pp {pp} (--pp)' if pp > 1 else ''} = "
+            f"{_b(self.weight_bytes_per_device)} per device"
+            + ("" if self.quantization is not None else " (8-bit: --quantization)"),
+            f"memory     {_memory_line(acc, c.cache.gpu_memory_utilization, self.memory.usable_bytes)}",
+            f"state      runner state (penalty statistics: {c.scheduler.max_num_seqs} seqs "
+            f"(--max-num-seqs) x {m.vocab_size:,} x 4 B"
+            f"{'; speculative: draft q, verify masks' * bool(c.speculative)}) = "
+            f"{_b(self.memory.runner_state_bytes)}",
+            f"activations {_b(self.memory.activation_bytes)} per device, "
+            + ("given (--activation-memory-bytes)" if c.cache.activation_memory_bytes is not None
+               else f"estimated for a step of {c.scheduler.token_buckets[-1]:,} tokens "
+               f"(--max-num-batched-tokens) and {c.scheduler.seq_bucket(c.scheduler.token_buckets[-1])} "
+               f"rows{_move_note(c)}: start-up measures the real peak and logs it; plan with it via "
+               f"--activation-memory-bytes"),
+            f"budget     {self.memory.usable_bytes:,} usable - {self.weight_bytes_per_device:,} weights - "
+            f"{self.memory.runner_state_bytes:,} state - {self.memory.activation_bytes:,} activations "
+            f"= {_b(self.budget_bytes)} per device for the KV pool",
+            f"KV/token   2 (K, V) x {layers} layers"
+            f"{f' (of {m.num_layers}: this stage of pp {pp})' if pp > 1 else ''} x {kv_heads} kv heads"
             f"{' per device' if kv_heads != m.num_kv_heads else ''}"
             f"{' (replicated: kv heads do not divide tp)' if tp > 1 and kv_heads == m.num_kv_heads else ''}"
-            f" x {m.head_dim} head_dim x {DTYPE_BYTES[c.kv_dtype]} B ({c.kv_dtype}) = {_b(per_token)}",
+            f" x {m.head_dim} head_dim x {DTYPE_BYTES[c.kv_dtype]} B ({c.kv_dtype}; --kv-cache-dtype)"
+            f" = {_b(per_token)}",
         ]
         if self.draft is not None:
             d = self.draft
@@ -121,7 +148,7 @@ class CapacityPlan:
                 f"head_dim {d.head_dim}, {_b(weight_bytes(d))} of weights (in the weights above); "
                 f"its KV pool has a twin page per page: + {_b(self.draft_kv_bytes_per_token)} "
                 f"per token = {_b(per_token)} per token"]
-        lines.append(f"KV/page    {per_token:,} B x {page_size} tokens"
+        lines.append(f"KV/page    {per_token:,} B x {page_size} tokens (--page-size)"
                      + (f" + {scale_bytes:,} B of float32 scales (per page and kv head, K and V, all "
                         "layers)" if scale_bytes else "") + f" = {_b(page_bytes)}")
         if self.pool is None:
@@ -136,7 +163,8 @@ class CapacityPlan:
                 f"(page 0 is the null page: {p.usable_pages:,} usable = {p.num_tokens:,} tokens, "
                 f"{_b(p.pool_bytes)} per device)",
                 f"sequences  {p.usable_pages:,} usable pages // (ceil({ctx:,} / {page_size}) = {per_seq:,} "
-                f"pages per sequence) = {p.max_concurrent_seqs:,} concurrent sequences of {ctx:,} tokens",
+                f"pages per sequence) = {p.max_concurrent_seqs:,} concurrent sequences of {ctx:,} tokens "
+                f"(--context)",
                 f"start-up   {p.describe()}",
             ]
         if not self.fits:
@@ -152,8 +180,9 @@ def plan_capacity(model: str | None = None, gpu: str | int = "H100-80GB", **opti
     ``llama3.1-8b``) on ``gpu`` (a name from jserve/gpus.py or a byte count).
 
     ``options``: the engine options ``jserve plan`` exposes (jserve/options.py: max_model_len,
-    dtype, kv_cache_dtype, tensor_parallel_size, kv_cache_memory_fraction, page_size,
-    max_num_seqs), with the engine's declared defaults; any other keyword is a TypeError.
+    dtype, kv_cache_dtype, tensor_parallel_size, pipeline_parallel_size, gpu_memory_utilization,
+    activation_memory_bytes, page_size, max_num_seqs, ...), with the engine's declared defaults;
+    any other keyword is a TypeError.
     """
     check_keywords("plan_capacity", options, [o.name for o in options_for(PLAN)])
     acc = lookup_accelerator(gpu)
@@ -181,11 +210,10 @@ def _plan(label: str, config: EngineConfig, acc: Accelerator, args: EngineArgs,
           draft: ModelConfig | None = None, scheme: QuantScheme | None = None) -> CapacityPlan:
     tp = config.parallel.tensor_parallel_size
     total = _weights(config, draft, scheme)
-    per_device = total // tp
-    budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction,
-                           per_device + runner_state_bytes(config))
+    per_device = total // (tp * config.parallel.pipeline_parallel_size)
+    budget = _memory(config, acc, per_device, draft)
     try:
-        pool: PoolPlan | None = pool_plan_for_budget(config, budget, draft)
+        pool: PoolPlan | None = pool_plan_for_budget(config, budget.kv_bytes, draft)
     except ValueError:   # PoolPlan: fewer than 2 pages
         pool = None
     plan = CapacityPlan(label, config, acc, total, per_device, budget, pool, None, draft, scheme)
@@ -205,26 +233,42 @@ def _min_fitting_tp(config: EngineConfig, acc: Accelerator, args: EngineArgs,
                                         config.model)
         except ValueError:   # heads or MLP not divisible by tp
             continue
-        per_device = _weights(config, draft, scheme) // tp
-        budget = memory_budget(acc.bytes_limit, config.cache.kv_cache_memory_fraction,
-                               per_device + runner_state_bytes(bigger))
+        per_device = _weights(config, draft, scheme) // (tp * config.parallel.pipeline_parallel_size)
+        budget = _memory(bigger, acc, per_device, draft)
         try:
-            if pool_plan_for_budget(bigger, budget, draft).max_concurrent_seqs >= 1:
+            if pool_plan_for_budget(bigger, budget.kv_bytes, draft).max_concurrent_seqs >= 1:
                 return tp
         except ValueError:
             continue
     return None
 
 
-def _memory_line(acc: Accelerator) -> str:
+def _memory(config: EngineConfig, acc: Accelerator, weights_per_device: int,
+            draft: ModelConfig | None) -> MemoryBudget:
+    """Start-up's ``MemoryBudget`` without a device: activations given or estimated."""
+    act = config.cache.activation_memory_bytes
+    return MemoryBudget(acc.usable_bytes(config.cache.gpu_memory_utilization), weights_per_device,
+                        runner_state_bytes(config),
+                        estimate_activation_bytes(config, draft) if act is None else act)
+
+
+def _move_note(c: EngineConfig) -> str:
+    if not host_slot_counts(c):
+        return ""
+    bucket = transfer_buckets(max(c.pages_per_seq, c.scheduler.max_num_seqs))[-1]
+    return (f", + {bucket} pages x 2 of the largest move to host memory (--swap-space 0 and "
+            f"--host-kv-cache-gb 0 drop it)")
+
+
+def _memory_line(acc: Accelerator, utilization: float, usable: int) -> str:
     if acc.platform == "bytes":
-        return f"{_b(acc.bytes_limit)} allocator limit per device (given as bytes)"
-    if acc.platform == "gpu":
-        return (f"{acc.memory_bytes // 2**20:,} MiB = {acc.memory_bytes:,} B x {acc.allocator_fraction} "
-                f"(XLA GPU allocator share, XLA_PYTHON_CLIENT_MEM_FRACTION; JAX default "
-                f"{JAX_GPU_MEM_FRACTION}) = {_b(acc.bytes_limit)} bytes_limit per device "
-                f"(nvidia-smi total; CUDA keeps ~0.4% of it: pass --gpu <bytes_limit> for exact)")
-    return f"{_b(acc.memory_bytes)} HBM per chip, all of it the XLA bytes_limit"
+        return f"{_b(usable)} usable per device (given as bytes: start-up logs it as usable)"
+    what = ("MiB nvidia-smi total; CUDA keeps ~0.4% of it: pass --gpu <usable bytes> for exact"
+            if acc.platform == "gpu" else "GiB HBM per chip")
+    size = acc.memory_bytes // (2**20 if acc.platform == "gpu" else 2**30)
+    return (f"{size:,} {what.split(' ', 1)[0]} = {acc.memory_bytes:,} B x {utilization} "
+            f"gpu_memory_utilization (--gpu-memory-utilization; start-up sets JAX's allocator to it) "
+            f"= {_b(usable)} usable per device ({what.split(' ', 1)[1]})")
 
 
 def _b(n: int) -> str:

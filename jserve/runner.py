@@ -5,10 +5,11 @@ loop (``LLMEngine.step``)::
 
     SchedulerOutput N+1 --RequestRows (per-request state: page rows, sampling params)-->
       [SlotWriter: whole rows of slots taken this step -> slot table]
-      pack two flat buffers (StepLayout) --device_put--> compiled step(params, kv [donated],
-      penalty state [donated], slot table [donated], tokens of step N [device], ibuf, fbuf)
-      = model + sampler in one executable -> (kv, penalty state, slot table, tokens[S],
-      logprobs, top-N)
+      pack two flat buffers (StepLayout) --> compiled step(params, kv [donated], penalty
+      state [donated], slot table [donated], tokens of step N [device, donated], both buffers
+      as one host array)
+      = model + sampler in one executable -> (kv, penalty state, slot table, tokens of step
+      N+1 [in place], the same tokens for the host, logprobs, top-N)
       --copy_to_host_async--> StepHandle
     StepHandle N .result() -> RunnerOutput N   (the host waits only here, one step late)
 
@@ -103,14 +104,18 @@ class StepVariant(NamedTuple):
 
 def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant, mesh: Mesh,
                params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
-               prev_tokens: jax.Array, ibuf: jax.Array, fbuf: jax.Array,
-               masks: jax.Array | None = None) -> tuple:
-    """Model forward + sampler over one packed step. pen: int32[S_req, V] penalty state (None
+               prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array | None = None) -> tuple:
+    """Model forward + sampler over one packed step (``joint``: the step's two buffers as one
+    int32 array, ``StepLayout.joint``). pen: int32[S_req, V] penalty state (None
     in the greedy variants); table: int32[S_req + 1, W] slot table (page rows, sampling params);
-    prev_tokens: int32[S] (the previous step's sampled tokens by row) -> (kv, pen, table,
-    tokens int32[S], logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
-    ``variant.greedy``: argmax only (top-N zeros), no penalties; masks: int32[S_req + 1, W + 2B]
+    prev_tokens: int32[S] (the previous step's sampled tokens by row; donated) -> (kv, pen,
+    table, prev_tokens' int32[S] (this step's tokens, in the donated buffer: the next step reads
+    them from the same address), tokens int32[S] (the same values, a fresh buffer for the host),
+    logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
+    ``variant.greedy``: argmax only, no penalties, the last three outputs None (each output is
+    a buffer the CUDA graph must be re-pointed at on every call); masks: int32[S_req + 1, W + 2B]
     per-slot token masks / biases (``structured.logit_state``; None in the greedy variants)."""
+    ibuf, fbuf = layout.split(joint)
     table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
     fed = prev_tokens[jnp.maximum(prev_index, 0)]
     batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
@@ -129,10 +134,12 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
     if pen is not None:
         pen = record_tokens(pen, pen_slot, out.token_ids)
     tokens = jnp.zeros((num_out,), jnp.int32).at[:layout.num_rows].set(out.token_ids)
+    if variant.greedy:  # no logprobs asked (the host picks this variant only then): no outputs
+        return kv, pen, table, tokens, tokens, None, None, None
     r = layout.num_rows
     top_ids = out.top_ids if out.top_ids is not None else jnp.zeros((r, TOP_N), jnp.int32)
     top_lp = out.top_logprobs if out.top_logprobs is not None else jnp.zeros((r, TOP_N), jnp.float32)
-    return kv, pen, table, tokens, out.logprobs, top_ids, top_lp
+    return kv, pen, table, tokens, tokens, out.logprobs, top_ids, top_lp
 
 
 @dataclass
@@ -369,15 +376,18 @@ class Runner:
         step = self._compiled.get(variant)
         if step is None:
             raise RuntimeError(f"step variant {variant} was not compiled at warm-up")
-        ibuf, fbuf = host_to_global((ibuf, fbuf), self._replicated)
+        joint = layout.joint(ibuf)
+        if not self._replicated.is_fully_addressable:
+            joint = host_to_global(joint, self._replicated)
+        # Else the host buffer goes in as it is: the executable's own argument transfer costs
+        # the host less than a device_put before the call (RESULTS.md, session 6).
         pen = None if greedy else self.penalty_state
         self.logit_state.flush()
         masks = None if greedy else self.logit_state.device
-        self.kv, pen, self.slot_table, tokens, lp, top_ids, top_lp = step(
-            self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf, masks)
+        self.kv, pen, self.slot_table, self._prev_tokens, tokens, lp, top_ids, top_lp = step(
+            self.params, self.kv, pen, self.slot_table, self._prev_tokens, joint, masks)
         if pen is not None:
             self.penalty_state = pen
-        self._prev_tokens = tokens
         self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
         top_n = tuple((p.logprobs or 0) if c.samples else 0 for c, p in zip(out.chunks, params, strict=True))
         want = any(c.samples and p.logprobs is not None for c, p in zip(out.chunks, params, strict=True))
@@ -395,14 +405,17 @@ class Runner:
         fn = functools.partial(fused_step, self.config.model, layout, self._num_out, variant,
                                self.mesh)
         rep = self._replicated
-        ibuf, fbuf, _ = layout.new_buffers()
+        ibuf, _, _ = layout.new_buffers()
         pen = None if greedy else self.penalty_state
         args = (self.params, self.kv, pen, self.slot_table, self._prev_tokens,
-                jax.device_put(ibuf, rep), jax.device_put(fbuf, rep),
-                None if greedy else self.logit_state.device)
+                jax.device_put(layout.joint(ibuf), rep), None if greedy else self.logit_state.device)
         kv_sh = jax.tree.map(lambda a: a.sharding, self.kv)   # (k, v[, k_scales, v_scales]) per layer
-        return jax.jit(fn, donate_argnums=(1, 2, 3),
-                       out_shardings=(kv_sh, None if greedy else rep, rep, rep, rep, rep, rep)
+        # Every buffer the step reads and writes across calls keeps its address (donated and
+        # aliased: kv, penalty state, slot table, prev tokens), so XLA's command buffer (CUDA
+        # graph) is not re-recorded for them on each call (RESULTS.md, session 6).
+        return jax.jit(fn, donate_argnums=(1, 2, 3, 4),
+                       out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 3
+                       + ((None,) * 3 if greedy else (rep,) * 3)
                        ).lower(*args)
 
     def compile_threads(self) -> int:
@@ -443,12 +456,12 @@ class Runner:
                     f"{self.config.scheduler.seq_bucket(t)}, {kind}) at {time.perf_counter() - t0:.1f} s")
         for variant in variants:
             layout = self.layout(variant[0])
-            ibuf, fbuf, _ = layout.new_buffers()
-            ibuf, fbuf = jax.device_put((ibuf, fbuf), self._replicated)
+            ibuf, _, _ = layout.new_buffers()
+            joint = jax.device_put(layout.joint(ibuf), self._replicated)
             pen = None if variant.greedy else self.penalty_state
             masks = None if variant.greedy else self.logit_state.device
-            self.kv, pen, self.slot_table, _, _, _, _ = self._compiled[variant](
-                self.params, self.kv, pen, self.slot_table, self._prev_tokens, ibuf, fbuf, masks)
+            self.kv, pen, self.slot_table, self._prev_tokens, *_ = self._compiled[variant](
+                self.params, self.kv, pen, self.slot_table, self._prev_tokens, joint, masks)
             if pen is not None:
                 self.penalty_state = pen
         if self.spec_steps is not None:

@@ -1,9 +1,12 @@
-"""StepLayout: one step's whole device input as two flat buffers (int32 and float32).
+"""StepLayout: one step's whole device input as two flat buffers (int32 and float32), both
+views of one int32 host array.
 
-Where it sits: ``Runner.dispatch`` fills the buffers on the host (numpy views per field), sends
-them with one ``device_put``, and the jitted step unpacks them with static slices into the
-``StepInput`` the model reads and the ``SamplingBatch`` the in-jit sampler reads. Two arrays
-instead of ~25: the host cost of a jitted call grows with the number of arrays passed.
+Where it sits: ``Runner.dispatch`` fills the buffers on the host (numpy views per field), hands
+the joint array (``joint``) to the compiled step as its one input, and the step splits it
+(``split``: a static slice and a bitcast) and unpacks it with static slices into the
+``StepInput`` the model reads and the ``SamplingBatch`` the in-jit sampler reads. One array
+instead of ~25: the host cost of a call grows with the arrays passed, and each one is a fresh
+buffer the step's CUDA graph is re-pointed at (benchmarks/RESULTS.md, session 6).
 
 Fields for a bucket of T tokens, R rows, D page-table diff entries, K banned ids::
 
@@ -114,13 +117,32 @@ class StepLayout:
                 spans.append((name, which, off, off + n, shp))
         return ibuf, fbuf, tuple(spans)
 
+    @cached_property
+    def _joint_template(self) -> np.ndarray:
+        itpl, ftpl, _ = self._templates
+        return np.concatenate((itpl, ftpl.view(np.int32)))
+
     def new_buffers(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Fresh all-padding host buffers (int32[n], float32[m]) and a writable view per field
-        (the step's hot path: two copies and a slice per field)."""
-        itpl, ftpl, spans = self._templates
-        bufs = (itpl.copy(), ftpl.copy())
-        views = {name: bufs[which][a:b].reshape(shp) for name, which, a, b, shp in spans}
+        """Fresh all-padding host buffers (int32[n], float32[m], views of one int32[n + m]
+        array: ``joint``) and a writable view per field (the step's hot path: one copy and a
+        slice per field)."""
+        joint = self._joint_template.copy()
+        n = self.int_size
+        bufs = (joint[:n], joint[n:].view(np.float32))
+        views = {name: bufs[which][a:b].reshape(shp) for name, which, a, b, shp in self._templates[2]}
         return bufs[0], bufs[1], views
+
+    def joint(self, ibuf: np.ndarray) -> np.ndarray:
+        """The int32[n + m] host array behind ``new_buffers``' int32 view ``ibuf``."""
+        base = ibuf.base
+        if base is None or base.shape != (self.int_size + self.float_size,) or ibuf.shape != (self.int_size,):
+            raise ValueError("ibuf is not the int32 view new_buffers() returned for this layout")
+        return base
+
+    def split(self, joint: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Inside jit: int32[n + m] -> (int32[n], float32[m])."""
+        n = self.int_size
+        return joint[:n], jax.lax.bitcast_convert_type(joint[n:], jnp.float32)
 
     def read(self, ibuf: jax.Array, name: str) -> jax.Array:
         """One int32 field by name (a static slice; inside jit, or of the host buffer)."""

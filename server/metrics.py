@@ -75,6 +75,25 @@ KV_GAUGES = {
     "swap_slots_total": "Host swap slots.",
 }
 
+# Disaggregation (jserve/disagg/, docs/disaggregation.md): per-group gauges and handoff counters,
+# exported as ``jserve:<key>`` (counters with ``_total``); 0 on a colocated engine.
+DISAGG_GAUGES = {
+    f"disagg_{group}_{key}": f"{group.capitalize()} group: {doc}"
+    for group in ("prefill", "decode")
+    for key, doc in (("num_running", "sequences running (prefill: including prefilled ones "
+                                     "waiting for the handoff)."),
+                     ("num_waiting", "sequences waiting (new or preempted)."),
+                     ("pages_used", "KV pages in use."), ("pages_total", "usable KV pages."))
+} | {"disagg_handoffs_waiting": "Prefilled sequences waiting for room on the decode group.",
+     "disagg_transfers_in_flight": "KV page transfers whose bytes have not reached the decode group."}
+DISAGG_COUNTERS = {
+    "disagg_handoffs": "Sequences handed from the prefill group to the decode group.",
+    "disagg_transfer_pages": "KV pages copied from the prefill group to the decode group.",
+    "disagg_transfer_bytes": "KV bytes copied from the prefill group to the decode group.",
+    "disagg_transfer_us": "Microseconds from dispatching a KV transfer to its bytes on the decode "
+                          "group, as the engine loop observes it (summed over transfers).",
+}
+
 
 def token_buckets(max_value: int) -> tuple[int, ...]:
     """vLLM's 1-2-5 series up to ``max_value``: 1, 2, 5, 10, 20, 50, ..."""
@@ -94,7 +113,7 @@ def cache_config_labels(engine: Any) -> dict[str, str]:
     cache, startup = engine.config.cache, engine.startup
     return {"block_size": str(cache.page_size), "cache_dtype": str(engine.config.kv_dtype),
             "enable_prefix_caching": str(cache.enable_prefix_caching),
-            "gpu_memory_utilization": str(cache.kv_cache_memory_fraction),
+            "gpu_memory_utilization": str(cache.gpu_memory_utilization),
             "num_gpu_blocks": str(startup.kv_pages_total), "swap_space_gb": str(cache.swap_space_gb),
             "host_kv_cache_gb": str(cache.host_kv_cache_gb),
             "preemption_mode": str(cache.preemption_mode)}
@@ -165,6 +184,8 @@ class PrometheusStats:
                   sorted(cache_config), registry=reg).labels(**cache_config).set(1)
         self._kv_counters = {k: counter(f"jserve:{k}", doc) for k, doc in KV_COUNTERS.items()}
         self._kv_gauges = {k: gauge(f"jserve:kv_{k}", doc) for k, doc in KV_GAUGES.items()}
+        self._kv_counters.update({k: counter(f"jserve:{k}", doc) for k, doc in DISAGG_COUNTERS.items()})
+        self._kv_gauges.update({k: gauge(f"jserve:{k}", doc) for k, doc in DISAGG_GAUGES.items()})
         self._kv_last: dict[str, int] = {}
         self._model = model_name
         self._last_preemptions = 0

@@ -1,7 +1,8 @@
 """Meshes, logical-axis partition rules and multi-host start-up. Depends on jax only."""
 
-from sharding.mesh import DATA_AXIS, MESH_AXES, TENSOR_AXIS, make_mesh
+from sharding.mesh import DATA_AXIS, MESH_AXES, STAGE_AXIS, TENSOR_AXIS, make_mesh
 from sharding.multihost import check_launch, host_to_global, initialize_multihost, launch_values
+from sharding.pipeline import gpipe, num_stages
 from sharding.rules import (
     DEFAULT_AXIS_RULES,
     AxisRules,
@@ -14,7 +15,8 @@ from sharding.rules import (
 )
 
 __all__ = [
-    "DATA_AXIS", "MESH_AXES", "TENSOR_AXIS", "make_mesh", "initialize_multihost",
+    "DATA_AXIS", "MESH_AXES", "STAGE_AXIS", "TENSOR_AXIS", "make_mesh", "gpipe", "num_stages",
+    "initialize_multihost",
     "check_launch", "host_to_global", "launch_values", "AxisRules",
     "DEFAULT_AXIS_RULES", "MeshAxes", "logical_constraint", "logical_sharding",
     "logical_sharding_for_shape", "logical_spec", "logical_spec_for_shape",

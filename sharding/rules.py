@@ -97,7 +97,8 @@ DEFAULT_AXIS_RULES = AxisRules((
     ("kv_heads", "tensor"),  # key/value heads (replicated when not divisible by tp)
     ("head_dim", None),
     ("mlp", "tensor"),       # MLP intermediate size
-    ("layers", None),        # stacked-layer axis
+    ("layers", "stage"),     # stacked-layer axis: stage s holds layers [s*L/pp, (s+1)*L/pp)
+    ("stage", "stage"),      # the stage axis of a pipelined KV pool ([N, pp, ...])
     ("kv_pages", None),      # pages of the KV pool
     ("page_slot", None),     # token slot inside a page
 ))

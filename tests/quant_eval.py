@@ -65,11 +65,11 @@ def heldout_ids(max_tokens: int | None = None) -> np.ndarray:
     return np.asarray(ids if max_tokens is None else ids[:max_tokens + 1], np.int32)
 
 
-def load(quantization: str | None, dtype: str | None = None, path: Path | None = None
-         ) -> tuple[ModelConfig, dict]:
+def load(quantization: str | None, dtype: str | None = None, path: Path | None = None,
+         mesh: jax.sharding.Mesh | None = None) -> tuple[ModelConfig, dict]:
     mdir = HFModelDir(path or default_model_path())
     cfg = ModelConfig.from_hf_config(mdir.config, dtype=dtype)
-    return cfg, load_params(mdir, cfg, make_mesh(1), quantization)
+    return cfg, load_params(mdir, cfg, mesh or make_mesh(1), quantization)
 
 
 def mean_nll(cfg: ModelConfig, params: dict, ids: np.ndarray, batch: int = 4) -> float:
@@ -113,13 +113,14 @@ def perplexity(nll: float) -> float:
 
 
 def greedy(cfg: ModelConfig, params: dict, prompt: list[int], steps: int,
-           kv_dtype: str | None = None) -> list[int]:
-    """Greedy continuation of ``prompt`` (``steps`` tokens) through the paged forward."""
+           kv_dtype: str | None = None, mesh: jax.sharding.Mesh | None = None) -> list[int]:
+    """Greedy continuation of ``prompt`` (``steps`` tokens) through the paged forward (on
+    ``mesh``: tensor parallel when its tensor axis is > 1)."""
     total = len(prompt) + steps
     num_pages = -(-total // PAGE) + 1
-    kv = allocate_kv_cache(cfg, num_pages, PAGE, kv_dtype or cfg.dtype, make_mesh(1))
+    kv = allocate_kv_cache(cfg, num_pages, PAGE, kv_dtype or cfg.dtype, mesh or make_mesh(1))
     row = np.arange(1, num_pages, dtype=np.int32)[None]
-    fwd = jax.jit(lambda p, k, b: forward(cfg, p, k, b), donate_argnums=1)
+    fwd = jax.jit(lambda p, k, b: forward(cfg, p, k, b, mesh=mesh), donate_argnums=1)
 
     def step(kv, ids, start):
         pos = np.arange(start, start + len(ids), dtype=np.int32)
@@ -147,3 +148,19 @@ def agreement(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+NEAR_TIE_NATS = 0.5
+
+
+def diverges_only_at_near_tie(base, got: list[int], min_agree: int = 4) -> bool:
+    """Greedy ``got`` against the unquantized ``base`` (a CompletionOutput with ``logprobs >= 2``):
+    true when both agree for ``min_agree`` tokens, or where they part first, ``got``'s token is
+    among the base model's top two there and the base's two best were within ``NEAR_TIE_NATS``
+    (a quantization error of the size the accuracy targets allow can flip such a tie, and every
+    later token then follows another text)."""
+    n = agreement(base.token_ids, got)
+    if n >= min(min_agree, len(base.token_ids), len(got)):
+        return True
+    top = sorted(base.logprobs[n].values(), key=lambda lp: -lp.logprob)[:2]
+    return got[n] in base.logprobs[n] and len(top) == 2 and top[0].logprob - top[1].logprob < NEAR_TIE_NATS

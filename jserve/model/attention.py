@@ -52,7 +52,11 @@ def _per_device(fn: Callable[..., Any], mesh: Mesh | None, num_kv_heads: int, in
                 out_specs: Any) -> Callable[..., Any]:
     if not head_parallel(mesh, num_kv_heads):
         return fn
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    # Inside a pipeline stage (``sharding.gpipe``: manual over ``stage``) the nested shard_map
+    # takes the context's abstract mesh, whose tensor axis is still under the partitioner.
+    ctx = jax.sharding.get_abstract_mesh()
+    return jax.shard_map(fn, mesh=ctx if ctx.manual_axes else mesh, in_specs=in_specs,
+                         out_specs=out_specs, check_vma=False)
 
 
 def write_kv(pool: tuple[jax.Array, ...], k: jax.Array, v: jax.Array, slot_mapping: jax.Array,

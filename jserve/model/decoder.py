@@ -3,7 +3,8 @@
 Where it sits: inside the jitted ``step_fn``: (params, kv pool, StepInput) -> (kv pool with this
 step's K/V written in place, logits for each request row). One code path for every
 architecture: Qwen2's qkv bias, tied embeddings and sliding windows are config switches read
-at trace time, never forks; tensor parallelism comes from the params' shardings. Every
+at trace time, never forks; tensor parallelism comes from the params' shardings, pipeline
+parallelism runs the same layer loop per stage (``_pipelined``). Every
 projection goes through ``linear`` (jserve/model/linear.py), the one seam where dense and
 quantized (int8 / fp8) weights part ways.
 """
@@ -21,8 +22,10 @@ from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache
 from jserve.model.attention import fresh_prefill_attention, paged_attention, write_kv
 from jserve.model.linear import linear
+from jserve.model.microbatch import bubble, split_microbatches
 from jserve.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from jserve.step_input import StepInput
+from sharding import gpipe, num_stages
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -33,6 +36,10 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 _LAYER_WEIGHTS = ("ln_attn", "wqkv", "bqkv", "wo", "ln_mlp", "wgu", "wd")
+# Pipeline micro-batches: S per step, doubled while each keeps at least this many tokens (up to
+# 4S): more micro-batches shrink the bubble ((S - 1) of M + S - 1 ticks), smaller ones run the
+# matmuls less efficiently.
+MICROBATCH_MIN_TOKENS = 256
 
 
 def _attention_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, pool: tuple[jax.Array, ...],
@@ -83,6 +90,61 @@ def _layer(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, pool: tuple[jax.Ar
     return x + _mlp_block(cfg, w, x, mesh), pool
 
 
+def _layers(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCache, batch: StepInput,
+            rope: tuple[jax.Array, jax.Array], windows: tuple[int | None, ...], fresh_prefill: bool,
+            mesh: Mesh | None, decode_only: bool) -> tuple[jax.Array, KVCache]:
+    """Run the layers whose stacked weights are ``weights`` ([n, ...] each) and whose pools are
+    ``kv`` (n entries) over x [T, H]: the unrolled loop over static slices, each layer one call
+    of the nested-jit ``_layer``."""
+    new_kv = []
+    for i in range(len(kv)):
+        # Layer i's weights, stacked with one layer (dense arrays and QuantizedWeight alike).
+        w = {name: jax.tree.map(lambda a, i=i: a[i:i + 1], a) for name, a in weights.items()}
+        x, pool = _layer(cfg, w, x, tuple(kv[i]), batch, rope, windows[i], fresh_prefill, mesh,
+                         decode_only)
+        new_kv.append(pool)
+    return x, new_kv
+
+
+def num_microbatches(num_tokens: int, stages: int, fresh_prefill: bool = False) -> int:
+    """Micro-batches of a pipelined step of ``num_tokens`` (a bucket) over ``stages`` stages:
+    1 for fresh-prompt steps (flash prefill reads a prompt's own K/V, so it must not be cut),
+    else S, doubled while each keeps ``MICROBATCH_MIN_TOKENS`` (at most 4S)."""
+    if fresh_prefill or num_tokens % stages:
+        return 1
+    m = stages
+    while m < 4 * stages and num_tokens % (2 * m) == 0 and num_tokens // (2 * m) >= MICROBATCH_MIN_TOKENS:
+        m *= 2
+    return m
+
+
+def _pipelined(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCache,
+               batch: StepInput, rope: tuple[jax.Array, jax.Array], fresh_prefill: bool,
+               mesh: Mesh, decode_only: bool) -> tuple[jax.Array, KVCache]:
+    """The same ``_layers`` per pipeline stage under ``sharding.gpipe``: stage s runs layers
+    [s*L/S, (s+1)*L/S) (its slice of the weights; its slice ``[:, s]`` of every pool entry
+    [N, S, ...], see ``kv_cache``) on micro-batches of the step (``microbatch``). A step of fresh
+    prompts keeps M = 1 (``num_microbatches``)."""
+    stages, t = num_stages(mesh), x.shape[0]
+    m_count = num_microbatches(t, stages, fresh_prefill)
+    windows = cfg.sliding_windows[:cfg.num_layers // stages]   # same on every stage (config check)
+    mbs = split_microbatches(batch, m_count) if m_count > 1 else jax.tree.map(lambda a: a[None], batch)
+    cos, sin = (a.reshape(m_count, t // m_count, *a.shape[1:]) for a in rope)
+
+    def stage_fn(w: dict[str, Any], pools: KVCache, x: jax.Array, mb: tuple, valid: jax.Array
+                 ) -> tuple[jax.Array, KVCache]:
+        step, rope_mb = mb
+        # [N, 1, ...] -> [N, ...] and back: reshapes of a size-1 axis (bitcasts, no copy).
+        local = [tuple(jax.lax.squeeze(a, (1,)) for a in layer) for layer in pools]
+        x, local = _layers(cfg, w, x, local, bubble(step, valid), rope_mb, windows, fresh_prefill,
+                           mesh, decode_only)
+        return x, [tuple(jnp.expand_dims(a, 1) for a in layer) for layer in local]
+
+    xs = x.reshape(m_count, t // m_count, x.shape[-1])
+    ys, kv = gpipe(stage_fn, mesh, weights, kv, xs, (mbs, (cos, sin)), state_axis=1)
+    return ys.reshape(t, x.shape[-1]), kv
+
+
 def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,
                   fresh_prefill: bool = False, mesh: Mesh | None = None,
                   decode_only: bool = False) -> tuple[jax.Array, KVCache]:
@@ -92,18 +154,17 @@ def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: 
     docstring), each layer one call of the nested-jit ``_layer``. ``fresh_prefill`` (static):
     every row is a fresh prompt, so attention runs over the step's own K/V (flash) instead of
     the pages; the K/V are written to the pages either way. ``mesh`` (static): the device mesh,
-    for the per-device attention calls under tensor parallelism. ``decode_only`` (static):
-    every request row is a single token."""
+    for the per-device attention calls under tensor parallelism; a mesh with several pipeline
+    stages runs the same layers per stage over micro-batches (``_pipelined``). ``decode_only``
+    (static): every request row is a single token."""
     x = params["embed"][batch.token_ids]
     rope = rope_cos_sin(batch.positions, inv_frequencies(cfg))
-    new_kv = []
-    for i in range(cfg.num_layers):
-        # Layer i's weights, stacked with one layer (dense arrays and QuantizedWeight alike).
-        w = {name: jax.tree.map(lambda a, i=i: a[i:i + 1], params[name])
-             for name in _LAYER_WEIGHTS if name in params}
-        x, pool = _layer(cfg, w, x, tuple(kv[i]), batch, rope, cfg.sliding_windows[i],
-                         fresh_prefill, mesh, decode_only)
-        new_kv.append(pool)
+    weights = {name: params[name] for name in _LAYER_WEIGHTS if name in params}
+    if num_stages(mesh) > 1:
+        x, new_kv = _pipelined(cfg, weights, x, kv, batch, rope, fresh_prefill, mesh, decode_only)
+    else:
+        x, new_kv = _layers(cfg, weights, x, kv, batch, rope, cfg.sliding_windows, fresh_prefill,
+                            mesh, decode_only)
     return rms_norm(x, params["norm"], cfg.rms_norm_eps), new_kv
 
 

@@ -17,9 +17,20 @@ checkpoint gave a static ``input_scale``. Output-major quantized weights keep K 
 8-bit tensor-core operands read); the stacked, fused structure of params.py is kept, only the
 contraction axis moves last.
 
-Tensor parallelism: a Pallas call is opaque to XLA's partitioner, so under a mesh with a tensor
-axis > 1 the quantized path runs the reference (XLA, dequantize fused into the dot), which the
-partitioner shards like the dense matmul.
+Tensor parallelism: a Pallas call is opaque to XLA's partitioner (left to it, the weight would be
+gathered whole onto every device), so under a mesh with a tensor axis > 1 the kernel runs per
+shard under ``shard_map``, with the specs the weight was laid out with (``spec``, the q stack's
+mesh axes, recorded at load)::
+
+    column-parallel (wqkv, wgu: an output axis sharded)   x [T, K] replicated
+        device j: y_j [T, *out/tp] = quant_matmul(x, q_j, scale_j)            out sharded as q
+    row-parallel (wo, wd: K sharded)                       x [T, K/tp] (its own columns)
+        device j: partial_j = quant_matmul(x_j, q_j, scale) in float32; y = psum_j -> x's dtype
+        w8a8 with dynamic scales: the per-token absmax is pmax'ed over the shards first, so
+        every shard quantizes with tp=1's scale (the result equals the unsharded kernel's)
+
+Block-scaled weights (``group``) and weights without a recorded ``spec`` run the reference,
+which the partitioner shards like the dense matmul.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 import pallas_kernels
 from pallas_kernels.quant_matmul import reference as qref
@@ -46,6 +57,12 @@ class QuantizedWeight:
     input_scale: jax.Array | None = None
     act_quant: bool = dataclasses.field(default=False, metadata=dict(static=True))
     group: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    # The mesh axis (or None) of each dim of ``q`` as laid out at load ([L, *out, K]); the
+    # tensor-parallel path runs the kernel per shard with it. None: not recorded.
+    spec: tuple[str | None, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
+    # "tpu" / "gpu": run that backend's Pallas kernel interpreted (CPU tests of the kernel in
+    # the model, tensor parallel included); None: the kernel of the backend the step runs on.
+    interpret: str | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -58,6 +75,18 @@ Weight = jax.Array | QuantizedWeight
 
 def _tensor_parallel(mesh: Mesh | None) -> bool:
     return mesh is not None and mesh.shape.get(TENSOR_AXIS, 1) > 1
+
+
+def mesh_axes_of(sharding: jax.sharding.Sharding, ndim: int) -> tuple[str | None, ...] | None:
+    """A ``NamedSharding``'s mesh axis per dim (``QuantizedWeight.spec``); None for any other
+    sharding or a dim over several mesh axes."""
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return None
+    axes = tuple(spec) + (None,) * (ndim - len(spec))
+    if not all(a is None or isinstance(a, str) for a in axes):
+        return None
+    return axes
 
 
 def linear(x: jax.Array, w: Weight, i: int, mesh: Mesh | None = None) -> jax.Array:
@@ -73,10 +102,42 @@ def linear(x: jax.Array, w: Weight, i: int, mesh: Mesh | None = None) -> jax.Arr
     else:
         scale = w.scale[i].reshape(n)
         input_scale = None if w.input_scale is None else w.input_scale[i]
+        if _tensor_parallel(mesh) and w.spec is not None:
+            return _per_shard(x, w, i, mesh)
         if _tensor_parallel(mesh):
             y = (qref.w8a8_matmul(x, q, scale, input_scale) if w.act_quant
                  else qref.w8a16_matmul(x, q, scale))
         else:
-            y = pallas_kernels.quant_matmul(x, q, scale, input_scale, act_quant=w.act_quant)
+            y = pallas_kernels.quant_matmul(x, q, scale, input_scale, act_quant=w.act_quant,
+                                            **_kernel_choice(w))
     return y.reshape(x.shape[0], *out)
+
+
+def _kernel_choice(w: QuantizedWeight) -> dict:
+    return {} if w.interpret is None else dict(interpret=True, backend=w.interpret)
+
+
+def _per_shard(x: jax.Array, w: QuantizedWeight, i: int, mesh: Mesh) -> jax.Array:
+    """The quantized matmul of layer ``i`` run per device on its shard (module docstring):
+    x [T, K] -> [T, *out]."""
+    q_axes = w.spec[1:]                      # [*out, K]
+    out_axes, k_axis = q_axes[:-1], q_axes[-1]
+    input_scale = None if w.input_scale is None else w.input_scale[i]
+
+    def body(x: jax.Array, q: jax.Array, scale: jax.Array, *static: jax.Array) -> jax.Array:
+        n = math.prod(q.shape[:-1])
+        input_scale = static[0] if static else None
+        if k_axis is not None and w.act_quant and input_scale is None:   # tp=1's per-token scales
+            input_scale = qref.token_scales(jax.lax.pmax(jnp.max(jnp.abs(x), axis=-1), k_axis))
+        y = pallas_kernels.quant_matmul(
+            x, q.reshape(n, q.shape[-1]), scale.reshape(n), input_scale, act_quant=w.act_quant,
+            out_dtype=jnp.float32 if k_axis is not None else None, **_kernel_choice(w))
+        y = y.reshape(x.shape[0], *q.shape[:-1])
+        return y if k_axis is None else jax.lax.psum(y, k_axis).astype(x.dtype)
+
+    args = (x, w.q[i], w.scale[i], *(() if input_scale is None else (input_scale,)))
+    specs = (PartitionSpec(None, k_axis), PartitionSpec(*q_axes), PartitionSpec(*out_axes),
+             *(() if input_scale is None else (PartitionSpec(),)))
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(None, *out_axes),
+                         check_vma=False)(*args)
 

@@ -45,7 +45,7 @@ from checkpoints import (
     on_load_scheme,
 )
 from jserve.config import ModelConfig
-from jserve.model.linear import QuantizedWeight
+from jserve.model.linear import QuantizedWeight, mesh_axes_of
 from pallas_kernels.quant_matmul.reference import quantize_weight
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,8 @@ def load_quantized_projections(model_dir: HFModelDir, cfg: ModelConfig, mesh: Me
             input_scale = jax.device_put(np.concatenate(input_scales), NamedSharding(mesh, PartitionSpec()))
         out[name] = QuantizedWeight(q_full, s_full, input_scale,
                                     act_quant=scheme.activations is not None and scheme.block is None,
-                                    group=None if scheme.block is None else scheme.block[1])
+                                    group=None if scheme.block is None else scheme.block[1],
+                                    spec=mesh_axes_of(q_shard, len(shape)))
     log.info("quantized projections: %s", scheme.describe())
     return out
 
@@ -239,7 +240,8 @@ def quantize_dense(params: dict, cfg: ModelConfig, mesh: Mesh, scheme: QuantSche
         q, s = jax.jit(lambda w: quantize_weight(jnp.moveaxis(w, 1, -1), dtype),
                        out_shardings=(q_sh, s_sh))(dense)
         del dense
-        out[name] = QuantizedWeight(q, s, act_quant=scheme.activations is not None)
+        out[name] = QuantizedWeight(q, s, act_quant=scheme.activations is not None,
+                                    spec=mesh_axes_of(q_sh, q.ndim))
     return out
 
 

@@ -67,15 +67,25 @@ def quantize_weight(w: jax.Array, dtype: jnp.dtype, axis: int = -1) -> tuple[jax
     return cast_to(wf / scale, dtype), jnp.squeeze(scale, axis)
 
 
+def token_scales(amax: jax.Array) -> jax.Array:
+    """Per-token absmax ``[M]`` -> the dynamic fp8 activation scales ``[M]`` (``amax / 448``,
+    floored). A tensor-parallel shard holding part of K passes the absmax reduced over shards."""
+    return jnp.maximum(amax.astype(jnp.float32), _TINY) / FP8_MAX
+
+
 def quantize_activations(x: jax.Array, input_scale: jax.Array | None = None
                          ) -> tuple[jax.Array, jax.Array]:
     """x: [M, K] -> (fp8 [M, K], float32 x_scale [M]). Dynamic per-token scales
-    (``max_k |x| / 448``) unless a static ``input_scale`` (float32 scalar) is given."""
+    (``token_scales(max_k |x|)``) unless ``input_scale`` is given: a float32 scalar (a
+    checkpoint's static scale) or per-token scales ``[M]``."""
     xf = x.astype(jnp.float32)
     if input_scale is None:
-        scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), _TINY) / FP8_MAX
+        scale = token_scales(jnp.max(jnp.abs(xf), axis=-1))
     else:
-        scale = jnp.broadcast_to(jnp.asarray(input_scale, jnp.float32).reshape(()), x.shape[:-1])
+        s = jnp.asarray(input_scale, jnp.float32)
+        if s.size != 1 and s.shape != x.shape[:-1]:
+            raise ValueError(f"input_scale must be a scalar or float32[M={x.shape[0]}], got shape {s.shape}")
+        scale = jnp.broadcast_to(s.reshape(()) if s.size == 1 else s, x.shape[:-1])
     return cast_to(xf / scale[:, None], FP8), scale
 
 

@@ -1,4 +1,4 @@
-"""Scale-out on 2 GPUs (skipped with fewer): tp=2, dp=2 and a 2-process job (one GPU each,
+"""Scale-out on 2 GPUs (skipped with fewer): tp=2, pp=2, dp=2 and a 2-process job (one GPU each,
 scripts/launch_multihost) give the greedy tokens of one GPU (float32, bundled model)."""
 
 import os
@@ -36,7 +36,9 @@ def _prompts():
     return [rng.integers(5, 8000, n).tolist() for n in (5, 40, 77, 130)]
 
 
-@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2), dict(data_parallel_size=2)])
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2), dict(data_parallel_size=2),
+                                    dict(pipeline_parallel_size=2)],
+                         ids=["tensor", "data", "pipeline"])
 def test_two_gpus_match_one(make_engine, layout):
     ref = run_tokens(make_engine(**SMALL), _prompts(), GREEDY)
     assert run_tokens(make_engine(**SMALL, **layout), _prompts(), GREEDY) == ref

@@ -46,7 +46,8 @@ def test_missing_field_names_file():
 @pytest.mark.parametrize("cls, kwargs, match", [
     (CacheConfig, {"page_size": 12}, "page_size"),
     (CacheConfig, {"num_pages": 1}, "num_pages"),
-    (CacheConfig, {"kv_cache_memory_fraction": 1.5}, "kv_cache_memory_fraction"),
+    (CacheConfig, {"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+    (CacheConfig, {"activation_memory_bytes": -1}, "activation_memory_bytes"),
     (SchedulerConfig, {"max_num_seqs": 0}, "max_num_seqs"),
     (SchedulerConfig, {"max_num_seqs": 600, "max_num_batched_tokens": 512}, "max_num_seqs"),
     (SchedulerConfig, {"async_scheduling": "yes"}, "async_scheduling must be a bool, got 'yes'"),

@@ -98,6 +98,7 @@ def test_plan_counts_one_byte_per_value_and_the_scales():
     bf16 = plan_capacity("llama3.1-8b", max_model_len=8192)
     fp8 = plan_capacity("llama3.1-8b", max_model_len=8192, kv_cache_dtype="fp8")
     assert fp8.kv_bytes_per_token * 2 == bf16.kv_bytes_per_token
-    assert 1.99 < fp8.pool.num_pages / bf16.pool.num_pages <= 2.0
-    assert "1 B (fp8)" in fp8.render()
+    # about 2x: scales cost a little, the smaller pages moved to host memory free a little
+    assert 1.99 < fp8.pool.num_pages / bf16.pool.num_pages <= 2.02
+    assert "1 B (fp8; --kv-cache-dtype)" in fp8.render()
     jax.clear_caches()

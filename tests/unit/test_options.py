@@ -6,6 +6,7 @@ is loaded or compiled here."""
 import dataclasses
 import inspect
 import re
+import warnings
 
 import pytest
 from fixture_paths import GOLDEN
@@ -110,6 +111,8 @@ def _another_value(opt: Option):
     """A valid value other than the default (for a None default: a valid concrete one)."""
     if opt.type is bool:
         return not opt.default
+    if opt.type is tuple:
+        return (1,)
     if opt.choices:
         return next(c for c in opt.choices if c != opt.default)
     if opt.mapping:
@@ -129,12 +132,16 @@ def _another_value(opt: Option):
 def _argv(opt: Option, value) -> list[str]:
     if opt.type is bool:
         return [opt.flag if value else f"--no-{opt.flag[2:]}"]
+    if opt.type is tuple:
+        return [opt.flag, ",".join(map(str, value))]
     return [opt.flag, str(value)]
 
 
 def _config_value(config: EngineConfig, name: str):
     if name == "speculative_config":   # parsed into EngineConfig.speculative
         return config.speculative.to_json()
+    if name == "kv_cache_memory_fraction":   # the deprecated alias sets gpu_memory_utilization
+        return config.cache.gpu_memory_utilization
     for part in (config.cache, config.scheduler, config.parallel, config):
         if name in {f.name for f in dataclasses.fields(part)}:
             return getattr(part, name)
@@ -151,7 +158,10 @@ def test_a_value_from_the_cli_reaches_engine_config(command):
         assert getattr(args, opt.name) == value, opt.name
         if opt.name in _BUILD_ONLY:
             continue
-        assert _config_value(make_engine_config(args, model_cfg), opt.name) == value, opt.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # kv_cache_memory_fraction: deprecated
+            config = make_engine_config(args, model_cfg)
+        assert _config_value(config, opt.name) == value, opt.name
 
 
 def test_async_scheduling_and_aliases():
@@ -173,8 +183,8 @@ def test_cli_usage_error_names_the_field(capsys):
     assert e.value.code == 2
     assert "argument --page-size: page_size must be a power of two >= 1, got 12" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["plan", "--kv-cache-memory-fraction", "1.5"])
-    assert "kv_cache_memory_fraction must be a fraction in (0, 1), got 1.5" in capsys.readouterr().err
+        main(["plan", "--gpu-memory-utilization", "1.5"])
+    assert "gpu_memory_utilization must be a fraction in (0, 1], got 1.5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("opt", ENGINE_OPTIONS, ids=lambda o: o.name)
@@ -184,7 +194,7 @@ def test_bad_values_are_value_errors_naming_the_field(opt):
     import jserve.llm
 
     with pytest.raises(ValueError, match=f"^{opt.name} must be "):
-        jserve.llm.LLM(**{opt.name: [1]})
+        jserve.llm.LLM(**{opt.name: [1.5]})   # a list of a float: no option's value
 
 
 def test_canonical_values():
@@ -203,14 +213,15 @@ def test_unknown_llm_keyword_is_a_type_error_naming_it():
     with pytest.raises(TypeError, match=r"LLM\(\) got an unexpected keyword argument 'max_num_seq'; "
                                         r"did you mean 'max_num_seqs'\?"):
         LLM(max_num_seq=4)
-    with pytest.raises(TypeError, match="unexpected keyword argument 'gpu_memory_utilization'"):
-        LLM(gpu_memory_utilization=0.9)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'gpu_memory_utilisation'; "
+                                        "did you mean 'gpu_memory_utilization'"):
+        LLM(gpu_memory_utilisation=0.9)
 
 
 def test_plan_uses_the_declared_defaults():
     assert list(inspect.signature(plan_capacity).parameters) == ["model", "gpu", "options"]
     c = plan_capacity("llama3.1-8b").config
-    assert c.cache.kv_cache_memory_fraction == default_of("kv_cache_memory_fraction")
+    assert c.cache.gpu_memory_utilization == default_of("gpu_memory_utilization") == 0.9
     assert c.cache.page_size == default_of("page_size")
     assert c.scheduler.max_num_seqs == default_of("max_num_seqs")
     assert c.cache.kv_cache_dtype == default_of("kv_cache_dtype")
@@ -240,3 +251,21 @@ def test_a_bad_declaration_fails_at_import(kwargs, match):
 def test_engine_config_lost_its_dead_fields():
     assert "compilation_cache_dir" not in {f.name for f in dataclasses.fields(EngineConfig)}
     assert not hasattr(EngineConfig, "replace")
+
+
+def test_kv_cache_memory_fraction_is_a_deprecated_alias():
+    """The old option still works, with a FutureWarning naming its replacement."""
+    model_cfg, _ = resolve_model(EngineArgs(model=str(GOLDEN / "llama")))
+    with pytest.warns(FutureWarning, match="kv_cache_memory_fraction is deprecated.*"
+                                           "gpu_memory_utilization=0.7"):
+        config = make_engine_config(EngineArgs(kv_cache_memory_fraction=0.7), model_cfg)
+    assert config.cache.gpu_memory_utilization == 0.7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # the new name alone: no warning
+        assert make_engine_config(EngineArgs(gpu_memory_utilization=0.7),
+                                  model_cfg).cache.gpu_memory_utilization == 0.7
+    ns = _parser_for("plan").parse_args(["plan", "--kv-cache-memory-fraction", "0.6"])
+    assert engine_args_from(ns).kv_cache_memory_fraction == 0.6
+    with pytest.warns(FutureWarning):
+        plan = plan_capacity("llama3.1-8b", kv_cache_memory_fraction=0.6)
+    assert plan.config.cache.gpu_memory_utilization == 0.6

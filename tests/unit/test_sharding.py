@@ -33,12 +33,15 @@ REPO = Path(__file__).resolve().parents[2]
 def test_make_mesh_shapes():
     assert len(jax.devices()) == 2
     m1 = make_mesh()
-    assert m1.axis_names == ("data", "tensor")
-    assert dict(m1.shape) == {"data": 1, "tensor": 1}
+    assert m1.axis_names == ("data", "stage", "tensor")
+    assert dict(m1.shape) == {"data": 1, "stage": 1, "tensor": 1}
     m2 = make_mesh(2)
-    assert dict(m2.shape) == {"data": 1, "tensor": 2}
-    assert m2.devices.shape == (1, 2)
+    assert dict(m2.shape) == {"data": 1, "stage": 1, "tensor": 2}
+    assert m2.devices.shape == (1, 1, 2)
     assert set(m2.devices.flat) == set(jax.devices())
+    m3 = make_mesh(1, pipeline_parallel_size=2)
+    assert dict(m3.shape) == {"data": 1, "stage": 2, "tensor": 1}
+    assert list(m3.devices.flat) == jax.devices()[:2]
 
 
 def test_make_mesh_explicit_devices():
@@ -52,6 +55,8 @@ def test_make_mesh_explicit_devices():
 def test_make_mesh_bad_tp(tp):
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         make_mesh(tp)
+    with pytest.raises(ValueError, match="pipeline_parallel_size"):
+        make_mesh(1, pipeline_parallel_size=tp)
 
 
 def test_make_mesh_too_many_devices():
@@ -59,6 +64,8 @@ def test_make_mesh_too_many_devices():
         make_mesh(4)
     with pytest.raises(ValueError, match="only 1"):
         make_mesh(2, devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=2 x tensor_parallel_size=2 needs 4"):
+        make_mesh(2, pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="empty"):
         make_mesh(1, devices=[])
 
@@ -67,7 +74,8 @@ def test_make_mesh_too_many_devices():
 
 EXPECTED_DEFAULTS = {
     "vocab": "tensor", "embed": None, "heads": "tensor", "kv_heads": "tensor", "head_dim": None,
-    "mlp": "tensor", "layers": None, "kv_pages": None, "page_slot": None, "batch": None, "tokens": None,
+    "mlp": "tensor", "layers": "stage", "stage": "stage", "kv_pages": None, "page_slot": None,
+    "batch": None, "tokens": None,
 }
 
 
@@ -86,7 +94,9 @@ def test_multi_dim_specs():
     assert logical_spec(mesh, ("embed", "mlp")) == PartitionSpec(None, "tensor")
     assert logical_spec(mesh, ("mlp", "embed")) == PartitionSpec("tensor", None)
     assert logical_spec(mesh, ("layers", "kv_pages", "page_slot", "kv_heads", "head_dim")) == \
-        PartitionSpec(None, None, None, "tensor", None)
+        PartitionSpec("stage", None, None, "tensor", None)
+    assert logical_spec(mesh, ("kv_pages", "stage", "page_slot", "kv_heads", "head_dim")) == \
+        PartitionSpec(None, "stage", None, "tensor", None)
     assert logical_spec(mesh, (None, "vocab")) == PartitionSpec(None, "tensor")
     assert logical_spec(mesh, ()) == PartitionSpec()
 

@@ -139,28 +139,30 @@ def test_bad_drafts_fail_at_start_up_naming_the_field(tmp_path):
 def test_plan_counts_the_draft_weights_and_twin_pages():
     """``jserve plan --speculative-config`` with the bundled pair: the planner's pool equals
     start-up's (plan_pool with the draft), and the draft's weights and KV bytes are in it."""
-    from jserve.builder import make_engine_config, plan_pool, resolve_model
+    from jserve.builder import make_engine_config, memory_budget, plan_pool, resolve_model
     from jserve.model.params import load_params, params_bytes
     from jserve.plan import plan_capacity
     from jserve.spec.draft import resolve_draft
     from sharding import make_mesh
 
     class _Device:
+        platform = "tpu"   # reports its whole memory: usable = gpu_memory_utilization of it
+
         def memory_stats(self):
             return {"bytes_limit": 96 * 2**20, "bytes_in_use": 0}
 
     spec = {"method": "draft_model", "model": "code-draft", "num_speculative_tokens": 4}
-    args = EngineArgs(model=None, max_model_len=512, kv_cache_memory_fraction=0.5,
-                      speculative_config=spec)
+    args = EngineArgs(model=None, max_model_len=512, gpu_memory_utilization=0.5,
+                      activation_memory_bytes=2**20, speculative_config=spec)
     cfg, model_dir = resolve_model(args)
     config = make_engine_config(args, cfg)
     dcfg, ddir = resolve_draft(config.speculative, cfg, model_dir.path, cfg.dtype)
     mesh = make_mesh(1)
     weights = params_bytes(load_params(model_dir, cfg, mesh)) + params_bytes(load_params(ddir, dcfg, mesh))
-    startup = plan_pool(config, weights, _Device(), dcfg)
-    plan = plan_capacity(None, gpu=96 * 2**20, max_model_len=512, kv_cache_memory_fraction=0.5,
+    startup = plan_pool(config, memory_budget(config, weights, _Device(), lambda: 1 / 0), dcfg)
+    plan = plan_capacity(None, gpu=48 * 2**20, max_model_len=512, activation_memory_bytes=2**20,
                          speculative_config=spec)
-    alone = plan_capacity(None, gpu=96 * 2**20, max_model_len=512, kv_cache_memory_fraction=0.5)
+    alone = plan_capacity(None, gpu=48 * 2**20, max_model_len=512, activation_memory_bytes=2**20)
     assert plan.weight_bytes_per_device == weights and plan.pool == startup
     assert plan.pool.num_pages < alone.pool.num_pages
     assert plan.kv_bytes_per_token == alone.kv_bytes_per_token + plan.draft_kv_bytes_per_token

@@ -1,0 +1,105 @@
+"""The activation peak: device bytes a step needs beyond its arguments, measured at start-up.
+
+Where it sits: start-up, between loading the weights and sizing the KV pool (DESIGN invariant
+1). The pool takes what the weights, the runner's state and this peak leave of the usable memory
+(``kv_cache.MemoryBudget``), instead of a fixed share held back for activations::
+
+    probe runner: the real params, an abstract pool of PROBE_PAGES pages (nothing allocated)
+    for each step program of the largest token bucket (general, greedy, flash, speculative):
+        lower -> compile -> memory_analysis(): temp + (outputs - outputs aliased to donated inputs)
+    + the page mover's largest gather to host memory (swap, host tier), measured the same way:
+      its pages wait on the device for their copy while the next step runs
+    activation bytes = the largest step + the largest move
+
+The steps' temporaries (hidden states, MLP activations, attention scratch, logits and the
+sampler's sorts) grow with the token and row buckets, not with the pool: the pool is donated
+and updated in place, so a 2-page probe measures what the real steps need (start-up logs both).
+The probe compiles are cached by JAX's persistent cache like the steps (a restart re-reads
+them). Steps of smaller buckets need less; slot writers and penalty inits need far less.
+Not counted: the extra prefill of a ``prompt_logprobs`` request (jserve/prompt_logprobs.py),
+compiled on first use, whose peak grows with the prompt; with long scored prompts keep room
+(a lower ``gpu_memory_utilization`` or a larger ``activation_memory_bytes``).
+
+``estimate_activation_bytes`` is ``jserve plan``'s figure without a device, from the shapes
+(the engine logs the measured one; ``--activation-memory-bytes`` plans with it). It models GPU
+and TPU steps, whose attention kernels read pages in place; CPU's reference attention gathers
+each sequence's pages and measures more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+from typing import Any
+
+from jax.sharding import Mesh
+
+from jserve.config import DTYPE_BYTES, EngineConfig, ModelConfig
+from jserve.host_kv import host_slot_counts
+from jserve.kv_cache import abstract_kv_cache, kv_bytes_per_token, kv_scale_bytes_per_page
+from jserve.kv_transfer import transfer_buckets
+from jserve.runner import Runner
+from jserve.spec.draft import DraftModel
+
+log = logging.getLogger(__name__)
+
+PROBE_PAGES = 2   # the probe's pool: page 0 (null) and one page; its shape is all that matters
+
+
+def compiled_extra_bytes(compiled: Any) -> int:
+    """Bytes a compiled program allocates while it runs, beyond its arguments: temporaries plus
+    the outputs that do not reuse a donated input's buffer."""
+    m = compiled.memory_analysis()
+    return int(m.temp_size_in_bytes) + max(0, int(m.output_size_in_bytes) - int(m.alias_size_in_bytes))
+
+
+def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
+                             draft: DraftModel | None = None) -> int:
+    """The activation peak of the engine's step programs (module docstring), per device."""
+    kv = abstract_kv_cache(config.model, PROBE_PAGES, config.cache.page_size, config.kv_dtype, mesh)
+    probe_draft = None
+    if draft is not None:
+        probe_draft = dataclasses.replace(draft, kv=abstract_kv_cache(
+            draft.cfg, PROBE_PAGES, config.cache.page_size, config.kv_dtype, mesh))
+    runner = Runner(config, params, kv, mesh, probe_draft)
+    largest = config.scheduler.token_buckets[-1]
+    lowered = [runner.lower_step(v) for v in runner.variants() if v.tokens == largest]
+    if runner.spec_steps is not None:
+        lowered.append(runner.spec_steps._lower(runner, (largest, False)))
+    peak = max(compiled_extra_bytes(low.compile()) for low in lowered)
+    count = len(lowered)
+    moves = [runner.mover.lower_largest_gather(runner.kv)]
+    if runner.spec_steps is not None and runner.spec_steps.mover is not None:
+        moves.append(runner.spec_steps.mover.lower_largest_gather(probe_draft.kv))
+    move = sum(compiled_extra_bytes(low.compile()) for low in moves if low is not None)
+    del runner, lowered, moves
+    gc.collect()   # the probe's slot and penalty state go before the pool is allocated
+    log.info("activation peak: %.1f MiB per device: the largest of %d step programs of %d tokens "
+             "(%.1f MiB) + the largest page move to host memory (%.1f MiB)",
+             (peak + move) / 2**20, count, largest, peak / 2**20, move / 2**20)
+    return peak + move
+
+
+def estimate_activation_bytes(config: EngineConfig, draft: ModelConfig | None = None) -> int:
+    """The measured peak estimated from the shapes alone (``jserve plan``), per device: the
+    largest token bucket T's hidden-size and MLP activations, the row bucket R's float32 logits
+    with the sampler's copies (softmax, sort values and indices, filtered logits), and, when
+    pages can move to host memory, the largest move's pages twice (stacked, then split)::
+
+        T x (2 x hidden + QKV + 3 x intermediate) / tp x dtype bytes + 6 x R x vocab x 4 B
+        + 2 x move bucket x page bytes (target + draft)
+    """
+    m, s = config.model, config.scheduler
+    tp = config.parallel.tensor_parallel_size
+    t = s.token_buckets[-1]
+    r = s.seq_bucket(t)
+    qkv = m.num_kv_heads * (m.q_per_kv_padded + 2) * m.head_dim
+    per_token = (2 * m.hidden_size + (qkv + 3 * m.intermediate_size) // tp) * DTYPE_BYTES[m.dtype]
+    step = t * per_token + 6 * r * m.vocab_size * 4
+    if not host_slot_counts(config):
+        return step
+    bucket = transfer_buckets(max(config.pages_per_seq, s.max_num_seqs))[-1]
+    page = sum(kv_bytes_per_token(c, config.kv_dtype, tp) * config.cache.page_size
+               + kv_scale_bytes_per_page(c, config.kv_dtype, tp) for c in (m, draft) if c is not None)
+    return step + 2 * bucket * page

@@ -1,0 +1,44 @@
+"""gpu_memory_utilization on a real GPU: the engine's allocator gets the share asked for, and
+``jserve plan`` gives the pool the engine allocates. Runs benchmarks/memory_budget.py in a fresh
+process (the share is set before JAX's backend starts, once per process); this pytest process
+already holds JAX's share of the GPU, so the child asks for a small one."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from jserve.device_memory import FRACTION_VARS, allocator_fraction
+
+pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[2]
+SHARE = 0.15
+
+
+def _child(model: str, context: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in FRACTION_VARS}
+    env.update(PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_budget.py"), "--model", model,
+                          "--context", str(context), "--gpu-memory-utilization", str(SHARE)],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    print(out.stdout)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("model,context", [("code-small", 512), ("qwen2.5-0.5b", 4096)])
+def test_plan_equals_the_pool_the_engine_allocates(model, context):
+    r = _child(model, context)
+    # This process's allocator: share x device memory -> the device's memory.
+    device_bytes = jax.devices()[0].memory_stats()["bytes_limit"] / allocator_fraction("gpu")
+    assert abs(r["bytes_limit"] - SHARE * device_bytes) < 0.005 * device_bytes   # the share was set
+    assert r["usable"] <= r["bytes_limit"]
+    assert (r["weights"], r["state"]) == (r["plan_weights"], r["plan_state"])
+    assert r["activations"] > 0
+    # Same arithmetic: equal pages, up to what the device held beyond the weights at start-up.
+    slack = -(-r["other"] // r["page_bytes"])
+    assert r["engine_pages"] <= r["plan_pages"] <= r["engine_pages"] + slack

@@ -1,0 +1,93 @@
+"""gpu_memory_utilization: JAX's allocator share set before the backend starts, the usable
+bytes where JAX started first, and the measured activation peak (jserve/device_memory.py,
+jserve/activation_peak.py)."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from jserve.activation_peak import compiled_extra_bytes, estimate_activation_bytes, measure_activation_bytes
+from jserve.device_memory import FRACTION_VARS, allocator_fraction, allowed_bytes, usable_device_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+GIB = 2**30
+
+
+def test_usable_bytes_are_the_share_of_the_device_capped_by_the_allocator():
+    # Allocator made with the engine's share: all of its limit.
+    assert allowed_bytes(int(90 * GIB * 0.9), 0.9, 0.9) == (int(90 * GIB * 0.9), None)
+    # A larger share (the user's XLA_CLIENT_MEM_FRACTION): only gpu_memory_utilization of the device.
+    assert allowed_bytes(int(100 * GIB * 0.95), 0.95, 0.9) == (int(100 * GIB * 0.9), None)
+    # JAX started first with its default 0.75 (a notebook): what the allocator allows, and why.
+    usable, warning = allowed_bytes(75 * GIB, 0.75, 0.9)
+    assert usable == 75 * GIB
+    assert "gpu_memory_utilization=0.9" in warning and "share of 0.75" in warning
+    assert "XLA_CLIENT_MEM_FRACTION=0.9" in warning
+
+
+def test_allocator_fraction_per_platform(monkeypatch):
+    for name in FRACTION_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert allocator_fraction("tpu") == allocator_fraction("cpu") == 1.0
+    assert allocator_fraction("gpu") == 0.75            # JAX's default share
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+    assert allocator_fraction("gpu") == 0.6
+
+
+def _fresh(code: str, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in FRACTION_VARS}
+    clean.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **env)
+    return subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True,
+                          check=True, timeout=120).stdout.strip()
+
+
+def test_share_is_set_before_the_backend_starts_and_never_overrides():
+    set_first = ("import os, jax; from jserve.device_memory import allow_device_memory; "
+                 "allow_device_memory(0.85); print(os.environ.get('XLA_CLIENT_MEM_FRACTION'))")
+    assert _fresh(set_first) == "0.85"
+    # The user's own share stays (the budget warns if it is smaller).
+    assert _fresh(set_first, XLA_PYTHON_CLIENT_MEM_FRACTION="0.5") == "None"
+    # JAX already started (a notebook): too late to change; nothing is set.
+    started = ("import os, jax; jax.devices(); from jserve.device_memory import allow_device_memory; "
+               "allow_device_memory(0.85); print(os.environ.get('XLA_CLIENT_MEM_FRACTION'))")
+    assert _fresh(started) == "None"
+
+
+def test_the_probe_measures_the_largest_step_the_engine_compiles(make_engine):
+    """The 2-page probe's figure is the real (100-page) largest step's: the pool is donated and
+    updated in place, so the activation peak does not grow with it."""
+    engine = make_engine("llama", max_num_batched_tokens=64, max_num_seqs=8, num_pages=100)
+    r = engine.runner
+    real = max(compiled_extra_bytes(c) for v, c in r._compiled.items() if v.tokens == 64)
+    move = compiled_extra_bytes(r.mover.lower_largest_gather(r.kv).compile())   # swap is on
+    assert move > 0 and real > 0
+    assert measure_activation_bytes(engine.config, r.params, r.mesh) == real + move
+    # The planner's shape estimate (GPU/TPU kernels read pages in place; CPU's reference
+    # attention gathers each sequence's pages, so CPU measures more) is positive and grows
+    # with the token budget.
+    assert 0 < estimate_activation_bytes(engine.config)
+    c = engine.config
+    bigger = dataclasses.replace(c, scheduler=dataclasses.replace(c.scheduler, max_num_batched_tokens=128))
+    assert estimate_activation_bytes(bigger) > estimate_activation_bytes(c)
+
+
+class _StartedGpu:
+    """A GPU whose allocator JAX created before the engine, with its default share (0.75)."""
+
+    platform = "gpu"
+
+    def memory_stats(self) -> dict[str, int]:
+        return {"bytes_limit": 75 * GIB, "bytes_in_use": 0}
+
+
+def test_a_started_allocator_is_used_as_it_is_with_a_warning(monkeypatch, caplog):
+    for name in FRACTION_VARS:
+        monkeypatch.delenv(name, raising=False)
+    with caplog.at_level("WARNING", logger="jserve.device_memory"):
+        assert usable_device_bytes(_StartedGpu(), 0.9) == 75 * GIB
+    assert "build the engine before any other JAX call" in caplog.text
+    caplog.clear()
+    assert usable_device_bytes(_StartedGpu(), 0.6) == 60 * GIB   # less than allowed: no warning
+    assert not caplog.text
