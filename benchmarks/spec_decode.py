@@ -1,12 +1,18 @@
 """Speculative decoding benchmark: acceptance, mean accepted length and speed-up, same run.
 
-For each workload and each k, one engine with ``speculative_config`` and one without (built
-once) decode the same greedy requests; the table gives the acceptance rate (accepted / draft
-tokens), the mean accepted length (tokens emitted per verify row = 1 + accepted / drafts),
-batch-1 decode tok/s and its speed-up over the engine without speculation, and throughput at
-``--concurrency`` requests at once with its ratio (the >= 0.95x target at high load, where
-``disable_by_batch_size`` should switch speculation off). Not a test: numbers go to
-benchmarks/RESULTS.md with the device and date.
+For each method (n-gram, draft model) and each k, an engine with ``speculative_config`` and one
+without decode the same greedy requests. Two tables:
+
+  per k     acceptance rate (accepted / draft tokens), mean accepted length (tokens emitted per
+            verify row = 1 + accepted / drafts), batch-1 decode tok/s and its speed-up over the
+            engine without speculation
+  sweep     ``--concurrency 1,8,32,...``: output tok/s with speculation always on (no
+            ``disable_by_batch_size``) against without, per concurrency; the last line per
+            (method, k) suggests ``disable_by_batch_size``: the largest concurrency measured
+            whose ratio is still >= 1 (above it speculation costs throughput)
+
+Engines are built one at a time and freed (each takes its KV pool from the same device
+memory). Not a test: numbers go to benchmarks/RESULTS.md with the device and date.
 
 Workloads (bundled ``code-small``, or ``--model``):
   code  code-completion prompts from the held-out 5% of the Python standard library (the split
@@ -14,14 +20,15 @@ Workloads (bundled ``code-small``, or ``--model``):
   copy  "rewrite this function with type hints": the function, then its header again; the
         output copies the prompt (what prompt-lookup drafts are for)
 
-    PYTHONPATH=. python benchmarks/spec_decode.py                      # n-gram, k = 2, 4, 6
-    PYTHONPATH=. python benchmarks/spec_decode.py --ks 4 --concurrency 256 --num-prompts 256 \
-        --disable-by-batch-size 32
+    PYTHONPATH=. python benchmarks/spec_decode.py                   # both methods, k = 2, 4, 6
+    PYTHONPATH=. python benchmarks/spec_decode.py --methods draft_model --ks 4 \
+        --concurrency 1,8,32,64,128,256 --num-prompts 256 --max-num-seqs 256
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import sysconfig
@@ -103,77 +110,129 @@ def _run(engine, items, concurrency: int) -> tuple[float, int, dict[str, int]]:
     return dt, tokens, {k: after[k] - before.get(k, 0) for k in after if k.startswith("spec_decode")}
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="target model (default: bundled code-small)")
-    ap.add_argument("--method", default="ngram", choices=("ngram", "draft_model"))
+    ap.add_argument("--methods", default="ngram,draft_model", help="comma list of ngram, draft_model")
     ap.add_argument("--draft-model", default="code-draft")
     ap.add_argument("--ks", default="2,4,6", help="num_speculative_tokens values")
     ap.add_argument("--workloads", default="code,copy")
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--context-lines", type=int, default=30)
-    ap.add_argument("--concurrency", type=int, default=0, help="also run all prompts this many at a "
-                    "time (0: batch 1 only)")
+    ap.add_argument("--concurrency", default="", help="comma list: also run the prompts this many "
+                    "at a time (speculation always on), e.g. 1,8,32,64,128,256 (empty: batch 1 only)")
+    ap.add_argument("--sweep-workload", default="code", help="the workload of the concurrency sweep")
     ap.add_argument("--prompt-lookup-min", type=int, default=2)
     ap.add_argument("--prompt-lookup-max", type=int, default=5)
-    ap.add_argument("--disable-by-batch-size", type=int, default=None)
-    ap.add_argument("--max-num-seqs", type=int, default=None)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: max(8, largest concurrency)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"])
     ap.add_argument("--json", default=None, help="also write the rows here")
     ns = ap.parse_args()
+    for m in ns.methods.split(","):
+        if m not in ("ngram", "draft_model"):
+            ap.error(f"--methods: unknown method {m!r} (ngram, draft_model)")
+    if ns.concurrency and ns.sweep_workload not in ns.workloads.split(","):
+        ap.error(f"--sweep-workload {ns.sweep_workload!r} is not one of --workloads {ns.workloads!r}")
+    return ns
 
-    seqs = ns.max_num_seqs or max(8, ns.concurrency)
+
+def _measure(engine, workloads: dict[str, list], sweep: list[int], sweep_workload: str,
+             sweep_items: list) -> dict:
+    """One engine over every workload at batch 1, and the sweep workload at each concurrency
+    (``sweep_items``: the sweep workload's prompts, 2 x the largest concurrency)
+    -> {"b1": {workload: (s, tokens, counters)}, "sweep": {c: (s, tokens, counters)}}."""
+    for items in workloads.values():   # warm-up: first-use costs out of the timings
+        _run(engine, items[:1], 1)
+    out = {"b1": {w: _run(engine, items, 1) for w, items in workloads.items()}, "sweep": {}}
+    for c in sweep:   # two waves of c requests (at least --num-prompts)
+        items = sweep_items[:max(2 * c, len(workloads[sweep_workload]))]
+        out["sweep"][c] = _run(engine, items, c)
+    return out
+
+
+def _rates(c: dict[str, int]) -> tuple[float, float]:
+    acc, drafted = c.get("spec_decode_num_accepted_tokens", 0), c.get("spec_decode_num_draft_tokens", 0)
+    return acc / max(1, drafted), c.get("spec_decode_num_emitted_tokens", 0) / max(1, c.get(
+        "spec_decode_num_drafts", 0))
+
+
+def main() -> None:
+    ns = _args()
+    sweep = [int(c) for c in ns.concurrency.split(",") if c.strip()]
+    seqs = ns.max_num_seqs or max([8, *sweep])
     common = dict(model=ns.model, max_model_len=ns.max_model_len, max_num_seqs=seqs)
+    methods = ns.methods.split(",")
+    ks = [int(k) for k in ns.ks.split(",")]
+    sp = SamplingParams(temperature=0.0, max_tokens=ns.max_tokens, ignore_eos=True)
+    n_sweep = max([ns.num_prompts, *(2 * c for c in sweep)])
+    workloads = {}
+    for w in ns.workloads.split(","):
+        n = n_sweep if w == ns.sweep_workload and sweep else ns.num_prompts
+        ps = prompts(w, n, Path(ns.stdlib), ns.context_lines)
+        workloads[w] = [(p, sp) for p in ps]
+    # batch 1 over num_prompts prompts; the sweep over all of the sweep workload's
+    b1_loads = {w: items[:ns.num_prompts] for w, items in workloads.items()}
 
-    def spec_cfg(k: int) -> dict:
-        d = {"method": ns.method, "num_speculative_tokens": k}
-        if ns.method == "ngram":
+    def spec_cfg(method: str, k: int) -> dict:
+        d = {"method": method, "num_speculative_tokens": k}
+        if method == "ngram":
             d.update(prompt_lookup_min=ns.prompt_lookup_min, prompt_lookup_max=ns.prompt_lookup_max)
         else:
             d["model"] = ns.draft_model
-        if ns.disable_by_batch_size is not None:
-            d["disable_by_batch_size"] = ns.disable_by_batch_size
         return d
 
-    ks = [int(k) for k in ns.ks.split(",")]
-    engines = {0: build_engine(EngineArgs(**common))}
-    for k in ks:
-        engines[k] = build_engine(EngineArgs(**common, speculative_config=spec_cfg(k)))
-    sp = SamplingParams(temperature=0.0, max_tokens=ns.max_tokens, ignore_eos=True)
+    def measured(args: EngineArgs) -> dict:
+        engine = build_engine(args)
+        try:
+            return _measure(engine, b1_loads, sweep, ns.sweep_workload,
+                            workloads.get(ns.sweep_workload, []))
+        finally:
+            del engine
+            gc.collect()
+
+    base = measured(EngineArgs(**common))
+    results = {(m, k): measured(EngineArgs(**common, speculative_config=spec_cfg(m, k)))
+               for m in methods for k in ks}
+
     rows = []
-    for workload in ns.workloads.split(","):
-        ps = prompts(workload, ns.num_prompts, Path(ns.stdlib), ns.context_lines)
-        items = [(p, sp) for p in ps]
-        for eng in engines.values():     # warm-up: first-use costs out of the timings
-            _run(eng, items[:1], 1)
-        base = _run(engines[0], items, 1)
-        base_n = _run(engines[0], items, ns.concurrency) if ns.concurrency else None
-        for k in ks:
-            dt, tok, c = _run(engines[k], items, 1)
-            acc, drafted = c["spec_decode_num_accepted_tokens"], c["spec_decode_num_draft_tokens"]
-            row = {"workload": workload, "method": ns.method, "k": k, "prompts": len(ps),
-                   "acceptance": acc / max(1, drafted),
-                   "mean_accepted_len": (c["spec_decode_num_emitted_tokens"]
-                                         / max(1, c["spec_decode_num_drafts"])),
-                   "tok_s_b1": tok / dt, "base_tok_s_b1": base[1] / base[0],
-                   "speedup_b1": (tok / dt) / (base[1] / base[0])}
-            if base_n is not None:
-                dtn, tokn, _ = _run(engines[k], items, ns.concurrency)
-                row.update(tok_s_bn=tokn / dtn, base_tok_s_bn=base_n[1] / base_n[0],
-                           ratio_bn=(tokn / dtn) / (base_n[1] / base_n[0]))
+    print(f"{'workload':8} {'method':11} {'k':>2} {'accept':>7} {'mean len':>8} {'b1 tok/s':>9} "
+          f"{'base':>8} {'x':>5}")
+    for w in b1_loads:
+        bdt, btok, _ = base["b1"][w]
+        for (m, k), res in results.items():
+            dt, tok, c = res["b1"][w]
+            acc, mlen = _rates(c)
+            row = {"table": "b1", "workload": w, "method": m, "k": k, "prompts": len(b1_loads[w]),
+                   "acceptance": acc, "mean_accepted_len": mlen, "tok_s": tok / dt,
+                   "base_tok_s": btok / bdt, "speedup": (tok / dt) / (btok / bdt)}
             rows.append(row)
-    hdr = f"{'workload':8} {'k':>2} {'accept':>7} {'mean len':>8} {'b1 tok/s':>9} {'base':>8} {'x':>5}"
-    if ns.concurrency:
-        hdr += f" {'bN tok/s':>9} {'base':>8} {'x':>5}"
-    print(hdr)
-    for r in rows:
-        line = (f"{r['workload']:8} {r['k']:>2} {r['acceptance']:7.3f} {r['mean_accepted_len']:8.2f} "
-                f"{r['tok_s_b1']:9.1f} {r['base_tok_s_b1']:8.1f} {r['speedup_b1']:5.2f}")
-        if ns.concurrency:
-            line += f" {r['tok_s_bn']:9.1f} {r['base_tok_s_bn']:8.1f} {r['ratio_bn']:5.2f}"
-        print(line)
+            print(f"{w:8} {m:11} {k:>2} {acc:7.3f} {mlen:8.2f} {row['tok_s']:9.1f} "
+                  f"{row['base_tok_s']:8.1f} {row['speedup']:5.2f}")
+    if sweep:
+        print(f"\nconcurrency sweep ({ns.sweep_workload}: two waves of requests per concurrency, "
+              f"at least {ns.num_prompts}; speculation always on)")
+        print(f"{'method':11} {'k':>2} {'conc':>5} {'accept':>7} {'mean len':>8} {'tok/s':>9} "
+              f"{'base':>9} {'ratio':>6}")
+        for (m, k), res in results.items():
+            best = None
+            for c in sweep:
+                dt, tok, cnt = res["sweep"][c]
+                bdt, btok, _ = base["sweep"][c]
+                acc, mlen = _rates(cnt)
+                ratio = (tok / dt) / (btok / bdt)
+                if ratio >= 1.0 and (best is None or c > best):
+                    best = c
+                rows.append({"table": "sweep", "method": m, "k": k, "concurrency": c,
+                             "acceptance": acc, "mean_accepted_len": mlen, "tok_s": tok / dt,
+                             "base_tok_s": btok / bdt, "ratio": ratio})
+                print(f"{m:11} {k:>2} {c:>5} {acc:7.3f} {mlen:8.2f} {tok / dt:9.1f} "
+                      f"{btok / bdt:9.1f} {ratio:6.2f}")
+            hint = (f"disable_by_batch_size = {best}" if best is not None and best != sweep[-1]
+                    else "no threshold needed up to the largest concurrency measured"
+                    if best is not None else "speculation never paid: leave it off")
+            print(f"{m:11} {k:>2} -> {hint}")
     if ns.json:
         Path(ns.json).write_text(json.dumps(rows, indent=1))
 

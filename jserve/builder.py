@@ -43,7 +43,7 @@ from jserve.multiprocess import LeaderRunner, StepChannel, follow
 from jserve.options import EngineArgs
 from jserve.penalty_state import state_bytes
 from jserve.runner import Runner
-from jserve.spec.config import SpeculativeConfig
+from jserve.spec.config import SpeculativeConfig, spec_state_bytes
 from jserve.spec.draft import DraftModel, resolve_draft
 from jserve.tokenizer import TOKENIZER_FILE, Tokenizer
 from sharding import make_mesh
@@ -161,8 +161,11 @@ def speculative_config(args: EngineArgs) -> SpeculativeConfig | None:
 
 def runner_state_bytes(config: EngineConfig) -> int:
     """Device bytes the runner allocates beside the weights and the pool (per device): the
-    per-slot penalty statistics. Start-up and ``jserve plan`` both take them off the budget."""
-    return state_bytes(config.scheduler.max_num_seqs, config.model.vocab_size)
+    per-slot penalty statistics (and speculative decoding's draft q and verify masks). Start-up
+    and ``jserve plan`` both take them off the budget."""
+    return (state_bytes(config.scheduler.max_num_seqs, config.model.vocab_size)
+            + spec_state_bytes(config.speculative, config.scheduler.max_num_seqs,
+                               config.model.vocab_size))
 
 
 def memory_budget(config: EngineConfig, weight_bytes: int, device: jax.Device,

@@ -343,13 +343,19 @@ class LLMEngine:
         """Allowed-token bitmasks of this plan's host-masked sampling rows (their tokens are all
         on the host: a step that sampled them is read before the next is planned)."""
         cons = self.constraints
-        rows = []
+        rows, verify = [], []
         for c in sched_out.chunks:
             if c.samples and c.req_id in cons:
                 if c.num_placeholders:
                     raise RuntimeError(f"request {c.req_id!r}: host-masked row over a placeholder")
-                rows.append((c.req_id, self.scheduler.get_request(c.req_id).output_token_ids))
+                out = self.scheduler.get_request(c.req_id).output_token_ids
+                if c.num_draft:   # speculative: a mask per verify position, along the drafts
+                    verify.append((c.req_id, out, c.token_ids[len(c.token_ids) - c.num_draft:]))
+                else:
+                    rows.append((c.req_id, out))
         sched_out.token_masks = cons.masks(rows)
+        if verify:
+            sched_out.token_masks.update(cons.draft_masks(verify))
 
     def _release(self, pid: str) -> None:
         parent = self._parents.pop(pid)

@@ -122,7 +122,9 @@ class CapacityPlan:
             + ("" if self.quantization is not None else " (8-bit: --quantization)"),
             f"memory     {_memory_line(acc, c.cache.gpu_memory_utilization, self.memory.usable_bytes)}",
             f"state      runner state (penalty statistics: {c.scheduler.max_num_seqs} seqs "
-            f"(--max-num-seqs) x {m.vocab_size:,} x 4 B) = {_b(self.memory.runner_state_bytes)}",
+            f"(--max-num-seqs) x {m.vocab_size:,} x 4 B"
+            f"{'; speculative: draft q, verify masks' * bool(c.speculative)}) = "
+            f"{_b(self.memory.runner_state_bytes)}",
             f"activations {_b(self.memory.activation_bytes)} per device, "
             + ("given (--activation-memory-bytes)" if c.cache.activation_memory_bytes is not None
                else f"estimated for a step of {c.scheduler.token_buckets[-1]:,} tokens "

@@ -195,7 +195,9 @@ class Runner:
         self.penalty_state = self._slot_init.zeros()  # int32[max_num_seqs, V], see penalty_state
         log.info("penalty state: %d slots x %d tokens = %.1f MB per device", sched.max_num_seqs,
                  config.model.vocab_size, state_bytes(sched.max_num_seqs, config.model.vocab_size) / 1e6)
-        self.logit_state = LogitState(sched.max_num_seqs, config.model.vocab_size, self._replicated)
+        spec = config.speculative   # a verify row has a mask per position (grammar + drafts)
+        self.logit_state = LogitState(sched.max_num_seqs, config.model.vocab_size, self._replicated,
+                                      1 + spec.num_speculative_tokens if spec else 1)
         self._slot_writer = SlotWriter(sched.max_num_seqs, self.rows.table.shape[1], self._replicated)
         self.slot_table = self._slot_writer.zeros()  # int32[max_num_seqs + 1, W], see slot_table
         self._prev_tokens = jax.device_put(np.zeros(self._num_out, np.int32), self._replicated)
@@ -203,7 +205,6 @@ class Runner:
         self.mover = KVPageMover(kv, max(self._pages_per_seq, sched.max_num_seqs),
                                  host_slot_counts(config))
         # Speculative decoding: the draft-verifying variants (jserve/spec/verify_step.py).
-        spec = config.speculative
         self.spec_steps = SpecSteps(self, spec.num_speculative_tokens, draft) if spec else None
 
     # ---------------------------------------------------------------- shapes
@@ -312,7 +313,11 @@ class Runner:
             if c.new is not None:
                 lstate.on_new(int(slots[r]), c.new.params)
             if c.samples:
-                f["mask_slot"][r] = lstate.row_for(int(slots[r]), out.token_masks.get(c.req_id))
+                m = out.token_masks.get(c.req_id)
+                if m is not None and m.ndim == 2:    # a verify row: one mask per position
+                    f["mask_slot"][r], f["mask_step"][r] = lstate.rows_for(int(slots[r]), list(m))
+                else:
+                    f["mask_slot"][r] = lstate.row_for(int(slots[r]), m)
             if c.banned_ids:
                 ban = np.unique(np.asarray(c.banned_ids, np.int32))
                 f["banned_ids"][r, :len(ban)] = ban
@@ -364,7 +369,7 @@ class Runner:
                           for c, p in zip(out.chunks, params, strict=True) if c.samples))
         if out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
             ibuf, fbuf = host_to_global((ibuf, fbuf), self._replicated)
-            return self.spec_steps.dispatch(self, out, layout, params, ibuf, fbuf)
+            return self.spec_steps.dispatch(self, out, layout, params, ibuf, fbuf, masked)
         decode_only = (greedy and layout.num_tokens == self._buckets[0]
                        and all(c.num_tokens == 1 for c in out.chunks))
         variant = StepVariant(layout.num_tokens, fresh, greedy, decode_only)

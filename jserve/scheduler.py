@@ -362,6 +362,7 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions_total += 1
         self.waiting.appendleft(req)
+        self._next_drafts.pop(req.request_id, None)
         self._drop(req.request_id)
         out.num_preempted += 1
 
@@ -404,7 +405,9 @@ class Scheduler:
                     break
             if chunk.num_draft:
                 self._rollback(req, chunk.num_draft, len(tokens))
-            if runner_out.draft_token_ids is not None and not req.is_finished:
+            if runner_out.draft_token_ids is not None and req.status is RequestStatus.RUNNING:
+                # (a preempted request takes another runner slot, where its drafts' q is not:
+                # it drafts again from its first sampled row there)
                 self._next_drafts[req.request_id] = (req.num_tokens, runner_out.draft_token_ids[row])
             if req.status is RequestStatus.RUNNING:
                 self.kv.on_computed(req)

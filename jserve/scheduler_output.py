@@ -103,7 +103,8 @@ class SchedulerOutput:
     transfers: KVTransfers = field(default_factory=KVTransfers)  # page moves before the forward
     num_preempted: int = 0
     # Host-computed allowed-token bitmasks (int32[ceil(V / 32)]) of sampling rows, by request id
-    # (a grammar, bad words: ``jserve.structured``); filled by the engine before dispatch.
+    # (a grammar, bad words: ``jserve.structured``); filled by the engine before dispatch. A row
+    # verifying k drafts has int32[k + 1, ceil(V / 32)]: one per position, along the drafts.
     token_masks: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property

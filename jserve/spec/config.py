@@ -107,3 +107,19 @@ def canonical_json(value: Any) -> str:
     cfg = (SpeculativeConfig.from_json(value) if isinstance(value, str)
            else SpeculativeConfig.from_mapping(value))
     return cfg.to_json()
+
+
+def spec_state_bytes(spec: SpeculativeConfig | None, max_num_seqs: int, vocab_size: int) -> int:
+    """Device bytes speculative decoding keeps beside the pools (per device): the draft
+    model's q of each slot's drafts, f32[max_num_seqs + 1, K, V] (``SpecSteps.draft_probs``),
+    and the token-mask rows of the K verify positions past the first (``LogitState``, int32
+    [max_num_seqs * K, ceil(V / 32) + 2 * MAX_LOGIT_BIAS])."""
+    if spec is None:
+        return 0
+    from jserve.sampling_params import MAX_LOGIT_BIAS
+
+    k = spec.num_speculative_tokens
+    masks = max_num_seqs * k * (-(-vocab_size // 32) + 2 * MAX_LOGIT_BIAS) * 4
+    probs = (max_num_seqs + 1) * k * vocab_size * 4 if spec.method == "draft_model" else 0
+    return masks + probs
+

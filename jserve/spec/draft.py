@@ -13,17 +13,24 @@ target's page tables, prefix-cache hits, copy-on-write copies and swaps (a secon
 
     step rows (prefill chunks, [last, d_1 .. d_k] verify rows)   -> draft K/V at the same slots
     per sampling row, after verification emitted t at position p (= start + 1 + accepted):
-        draft decode i = 0 .. K-1: token (t, then its own argmax) at p + i -> argmax -> draft i
+        draft decode i = 0 .. K-1: token (t, then draft i - 1) at p + i -> logits -> draft i
     positions past the row's pages (the scheduler reserves K lookahead positions when the pool
     has room; its page row is zero past the request's pages) write the null page
 
-Drafting is greedy (argmax): the drafts are point masses, which the rejection sampler verifies
-exactly for greedy and random rows alike. The catch-up over accepted tokens is the next step's
-verify row itself: it feeds [last token, d_1 .. d_k] through the draft at their positions.
+Greedy rows draft the argmax. Random rows (temperature > 0) sample draft i from the draft's own
+distribution q_i: its logits through the row's sampling transforms (/ temperature -> top-k ->
+top-p -> min-p, ``rejection.filtered_logits``), Gumbel-max with the row's seed salted
+(``DRAFT_SEED_SALT``: independent of the target's draws) at draft i's output index. q_i
+(f32[V]) is kept on the device per slot (``SpecSteps.draft_probs``, [S + 1, K, V]) until the
+next step verifies the drafts with min(1, p/q) and residual resampling: the output then
+follows the target's distribution exactly (Leviathan et al. 2023). The catch-up over accepted
+tokens is the next step's verify row itself: it feeds [last token, d_1 .. d_k] through the
+draft at their positions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -38,10 +45,16 @@ from checkpoints import HFModelDir
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache
 from jserve.model.decoder import hidden_states, logits_from_hidden
+from jserve.sampler import gumbel_noise
+from jserve.sampling_batch import SamplingBatch
 from jserve.spec.config import SpeculativeConfig
+from jserve.spec.rejection import filtered_logits, softmax_rows
 from jserve.step_input import StepInput
 
 log = logging.getLogger(__name__)
+
+# XORed into a row's seed for its drafts' draws: independent of the target's (same counters).
+DRAFT_SEED_SALT = (0x5EC0DE01, 0xD7AF7B0B)
 
 
 @dataclass
@@ -82,11 +95,37 @@ def resolve_draft(spec: SpeculativeConfig, target: ModelConfig, target_dir: Path
     return cfg, model_dir
 
 
+def _sample_random(logits: jax.Array, batch: SamplingBatch, greedy: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    masked = filtered_logits(logits, batch)
+    salt = jnp.asarray(DRAFT_SEED_SALT, jnp.uint32)
+    noise = gumbel_noise(dataclasses.replace(batch, seed=batch.seed ^ salt[None, :]), logits.shape[1])
+    tok = jnp.argmax(masked + noise, axis=1).astype(jnp.int32)
+    return jnp.where(batch.temperature > 0, tok, greedy), softmax_rows(masked)
+
+
+def draft_sample(logits: jax.Array, batch: SamplingBatch) -> tuple[jax.Array, jax.Array]:
+    """Inside jit: one draft token per row from the draft's logits f32[R, V]; ``batch``: the
+    rows' sampling parameters, ``output_index`` the draft's output index. Greedy rows: argmax;
+    random rows: a sample of q = softmax(filtered_logits) drawn with the salted seed.
+    -> (tokens int32[R], q f32[R, V] (meaningful for random rows only))."""
+    greedy = jnp.argmax(logits, axis=1).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(batch.temperature > 0), lambda: _sample_random(logits, batch, greedy),
+                        lambda: (greedy, jnp.zeros(logits.shape, jnp.float32)))
+
+
 def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, samples: jax.Array,
                num_draft: jax.Array, tokens: jax.Array, num_emitted: jax.Array, num_spec: int,
-               page_size: int, mesh: Mesh | None) -> tuple[KVCache, jax.Array]:
+               page_size: int, mesh: Mesh | None, sbatch: SamplingBatch | None = None,
+               probs: jax.Array | None = None, slot: jax.Array | None = None
+               ) -> tuple[KVCache, jax.Array, jax.Array | None]:
     """Inside jit. batch: the step's input (token ids fed); samples/num_draft/num_emitted:
-    int32[R]; tokens: int32[R, K + 1] the verified tokens -> (draft kv, drafts int32[R, K])."""
+    int32[R]; tokens: int32[R, K + 1] the verified tokens; sbatch: the rows' sampling
+    parameters (output_index: position 0's), or None: every row is greedy; probs: the per-slot
+    q table f32[S + 1, K, V] (with sbatch), where row r's q of draft i goes to
+    ``probs[slot[r], i]`` (slot: int32[R], the null row S for rows that do not sample)
+    -> (draft kv, drafts int32[R, K], probs). The random path (and its writes) runs only
+    when some row is random (``lax.cond``): greedy batches pay nothing for it."""
     _, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
     r = batch.num_rows
     p = batch.page_table.shape[1]
@@ -110,6 +149,17 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
                          logits_indices=rows.astype(jnp.int32))
         h, kv = hidden_states(cfg, params, kv, step, fresh_prefill=False, mesh=mesh,
                               decode_only=True)
-        tok = jnp.argmax(logits_from_hidden(cfg, params, h), axis=1).astype(jnp.int32)
+        logits = logits_from_hidden(cfg, params, h).astype(jnp.float32)
+        tok = jnp.argmax(logits, axis=1).astype(jnp.int32)
+        if sbatch is not None:   # draft i is output token output_index + num_emitted + i
+            ib = dataclasses.replace(sbatch, output_index=sbatch.output_index + num_emitted + i)
+
+            def rnd(table: jax.Array, logits=logits, ib=ib, greedy=tok, i=i
+                    ) -> tuple[jax.Array, jax.Array]:
+                t, q = _sample_random(logits, ib, greedy)
+                return t, table.at[slot, i].set(q)
+
+            tok, probs = jax.lax.cond(jnp.any(ib.temperature > 0), rnd,
+                                      lambda table, greedy=tok: (greedy, table), probs)
         drafts.append(tok)
-    return kv, jnp.stack(drafts, axis=1)
+    return kv, jnp.stack(drafts, axis=1), probs

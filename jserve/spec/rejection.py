@@ -90,6 +90,30 @@ def filter_mask(scaled: jax.Array, batch: SamplingBatch) -> jax.Array:
     return jnp.where(uses_sort[:, None], sorted_keep_, minp_keep)
 
 
+def filtered_logits(x: jax.Array, batch: SamplingBatch, any_filters: bool = True) -> jax.Array:
+    """The random rows' sampling transforms of the ordinary sampler: logits f32[N, V]
+    (penalised, banned) / temperature, then top-k -> top-p -> min-p survivors, others -inf
+    -> f32[N, V]. softmax of it is the distribution the sampler draws from (Gumbel-max over
+    it); the draft model's sampled drafts use it too (``jserve.spec.draft``)."""
+    n, v = x.shape
+    temp = jnp.where(batch.temperature > 0, batch.temperature, 1.0)
+    scaled = x / temp[:, None]
+    if not any_filters:
+        return scaled
+    uses = (batch.top_k > 0) | (batch.top_p < 1.0) | (batch.min_p > 0)
+    keep = jax.lax.cond(jnp.any(uses & (batch.temperature > 0)),
+                        lambda: filter_mask(scaled, batch), lambda: jnp.ones((n, v), bool))
+    return jnp.where(keep, scaled, _NEG_INF)
+
+
+def softmax_rows(masked: jax.Array) -> jax.Array:
+    """softmax over the vocabulary of f32[N, V] logits that may hold -inf -> f32[N, V]."""
+    m = jnp.max(masked, axis=1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(masked - m)
+    return e / jnp.sum(e, axis=1, keepdims=True)
+
+
 def _random_parts(x: jax.Array, vbatch: SamplingBatch, drafts_v: jax.Array,
                   draft_probs_v: jax.Array | None, any_filters: bool
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -97,21 +121,10 @@ def _random_parts(x: jax.Array, vbatch: SamplingBatch, drafts_v: jax.Array,
     row's draft int32[N], accept bool[N]). x: f32[N, V] penalised + banned logits;
     drafts_v: int32[N] (the draft at that position; anything where there is none)."""
     n, v = x.shape
-    temp = jnp.where(vbatch.temperature > 0, vbatch.temperature, 1.0)
-    scaled = x / temp[:, None]
-    if any_filters:
-        uses = (vbatch.top_k > 0) | (vbatch.top_p < 1.0) | (vbatch.min_p > 0)
-        keep = jax.lax.cond(jnp.any(uses & (vbatch.temperature > 0)),
-                            lambda: filter_mask(scaled, vbatch), lambda: jnp.ones((n, v), bool))
-        masked = jnp.where(keep, scaled, _NEG_INF)
-    else:
-        masked = scaled
+    masked = filtered_logits(x, vbatch, any_filters)
     noise = gumbel_noise(vbatch, v)
     plain = jnp.argmax(masked + noise, axis=1).astype(jnp.int32)
-    m = jnp.max(masked, axis=1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.exp(masked - m)
-    p = e / jnp.sum(e, axis=1, keepdims=True)                           # target probs [N, V]
+    p = softmax_rows(masked)                                            # target probs [N, V]
     d = jnp.clip(drafts_v, 0, v - 1)[:, None]
     p_d = jnp.take_along_axis(p, d, axis=1)[:, 0]
     u = uniforms(vbatch)
@@ -123,18 +136,23 @@ def _random_parts(x: jax.Array, vbatch: SamplingBatch, drafts_v: jax.Array,
         q_d = jnp.take_along_axis(draft_probs_v, d, axis=1)[:, 0]
         accept = u * q_d < p_d
         w = jnp.maximum(p - draft_probs_v, 0.0)
-        resample = jnp.argmax(jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), _NEG_INF) + noise,
-                              axis=1)
+        logw = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), _NEG_INF)
+        # p == q to the last bit leaves no residual (and no rejection, but for rounding): p
+        logw = jnp.where(jnp.any(w > 0, axis=1, keepdims=True), logw, masked)
+        resample = jnp.argmax(logw + noise, axis=1)
     return plain, resample.astype(jnp.int32), accept
 
 
 def rejection_sample(logits: jax.Array, draft_ids: jax.Array, num_draft: jax.Array,
                      batch: SamplingBatch, *, all_greedy: bool, any_filters: bool = True,
-                     draft_probs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                     draft_probs: jax.Array | None = None, draft_slot: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
     """Verify drafts against the target. logits: f32[R, K + 1, V] (penalties and bans already
     applied, as the ordinary sampler would before temperature); draft_ids: int32[R, K];
     num_draft: int32[R] in [0, K]; batch: R rows (their output_index is position 0's);
-    draft_probs: f32[R, K, V] the draft distributions, or None for point masses (n-gram).
+    draft_probs: f32[R, K, V] the draft distributions, or None for point masses (n-gram); with
+    ``draft_slot`` int32[R] a table f32[S, K, V] whose row draft_slot[r] is row r's (gathered
+    only on the random path).
     ``all_greedy`` (static): every row is greedy, no random path is traced; ``any_filters``
     (static): some row may use top-k / top-p / min-p.
     -> (tokens int32[R, K + 1], num_emitted int32[R]) as in the module docstring."""
@@ -150,13 +168,16 @@ def rejection_sample(logits: jax.Array, draft_ids: jax.Array, num_draft: jax.Arr
     else:
         vbatch = expand_rows(batch, k1)
         drafts_v = jnp.concatenate([draft_ids, jnp.zeros((r, 1), jnp.int32)], axis=1).reshape(-1)
-        dp = None
-        if draft_probs is not None:
-            dp = jnp.concatenate([draft_probs, jnp.zeros((r, 1, v), draft_probs.dtype)], axis=1)
-            dp = dp.reshape(r * k1, v)
+
+        def random() -> tuple[jax.Array, jax.Array, jax.Array]:
+            dp = None
+            if draft_probs is not None:
+                q = draft_probs if draft_slot is None else draft_probs[draft_slot]
+                dp = jnp.concatenate([q, jnp.zeros((r, 1, v), q.dtype)], axis=1).reshape(r * k1, v)
+            return _random_parts(x, vbatch, drafts_v, dp, any_filters)
+
         plain_v, res_v, acc_v = jax.lax.cond(
-            jnp.any(batch.temperature > 0),
-            lambda: _random_parts(x, vbatch, drafts_v, dp, any_filters),
+            jnp.any(batch.temperature > 0), random,
             lambda: (target.reshape(-1), target.reshape(-1), jnp.zeros((r * k1,), bool)))
         rand = (batch.temperature > 0)[:, None]
         plain = jnp.where(rand, plain_v.reshape(r, k1), target)

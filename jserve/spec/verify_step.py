@@ -8,8 +8,11 @@ buffer's ``num_draft[r]`` marks the last tokens of row r as drafts). The executa
     row r (K = num_speculative_tokens, k = num_draft[r] <= K, e = its last token):
         verify positions  e - k, e - k + 1, ..., e  (then e repeated up to K + 1 columns)
         logits [R, K + 1, V] at them; the drafts are the row's tokens e - k + 1 .. e
-    penalties (column 0 of rows that use them: they never carry drafts) and bans
-    -> jserve.spec.rejection.rejection_sample -> tokens [R, K + 1], num_emitted [R]
+    penalties (column 0 of rows that use them: they never carry drafts), token masks (position
+    j: the grammar advanced along the first j drafts, ``structured.logit_state``) and bans
+    -> jserve.spec.rejection.rejection_sample (q: the draft model's distributions of random
+       rows' drafts, kept per slot in ``draft_probs``; n-gram / greedy drafts: point masses)
+       -> tokens [R, K + 1], num_emitted [R]
     -> the S-vector of each row's last emitted token (feeds placeholders of the next step,
        as the ordinary variants' output does), the penalty counts of that token
 
@@ -43,6 +46,7 @@ from jserve.scheduler_output import RunnerOutput, SchedulerOutput
 from jserve.spec.draft import DraftModel, draft_step
 from jserve.spec.rejection import expand_rows, rejection_sample
 from jserve.step_buffers import StepLayout
+from jserve.structured.logit_state import masked_logits
 
 if TYPE_CHECKING:
     from jserve.runner import Runner
@@ -53,12 +57,17 @@ TOP_N = 20
 def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy: bool, mesh: Mesh,
               draft_cfg: Any, params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
               prev_tokens: jax.Array, ibuf: jax.Array, fbuf: jax.Array, draft_params: Any,
-              draft_kv: KVCache | None) -> tuple:
+              draft_kv: KVCache | None, draft_probs: jax.Array | None,
+              masks: jax.Array | None = None) -> tuple:
     """-> (kv, pen, table, last tokens int32[S], tokens int32[R, K + 1], num_emitted int32[R],
     logprobs f32[R, K + 1], top_ids int32[R, K + 1, N], top_logprobs f32[R, K + 1, N],
-    draft_kv, next drafts int32[R, K]). Arguments as ``runner.fused_step``; ``num_spec``
-    (static) is K; ``draft_cfg`` (static) the draft model's config, or None (n-gram: no draft
-    model, draft_kv None, next drafts zero)."""
+    draft_kv, next drafts int32[R, K], draft_probs). Arguments as ``runner.fused_step``;
+    ``num_spec`` (static) is K; ``draft_cfg`` (static) the draft model's config, or None
+    (n-gram: no draft model, draft_kv None, next drafts zero); draft_probs: f32[S + 1, K, V]
+    per slot, the distributions its random rows' drafts were sampled from (the draft model's
+    general variant; else None): read to verify this step's drafts, written with the next;
+    masks: the per-(slot, position) token masks / biases (``structured.logit_state``; None in
+    the greedy variants): position j of row r reads row mask_slot[r] + j * mask_step[r]."""
     table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
     num_draft = layout.read(ibuf, "num_draft")
     fed = prev_tokens[jnp.maximum(prev_index, 0)]
@@ -78,8 +87,18 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
         vslot = jnp.where(cols == 0, pen_slot[:, None], -1).reshape(-1)
         x = jax.lax.cond(jnp.any(pen_slot >= 0),
                          lambda: penalized_logits(logits, pen, vslot, vbatch), lambda: logits)
+    if masks is not None:
+        mslot, mstep = layout.read(ibuf, "mask_slot"), layout.read(ibuf, "mask_step")
+        vslot = jnp.where(mslot[:, None] >= 0, mslot[:, None] + cols * mstep[:, None], -1)
+        x = masked_logits(x, masks, vslot.reshape(-1))
     x = apply_bans(x, vbatch.banned_ids)
-    tokens, num = rejection_sample(x.reshape(r, k1, v), drafts, num_draft, sbatch, all_greedy=greedy)
+    slot = None
+    samples = layout.read(ibuf, "samples")
+    if draft_probs is not None:   # row r's q is draft_probs[slot[r]] (null row: not sampling)
+        row_slot = layout.read(ibuf, "row_slot")
+        slot = jnp.where((row_slot >= 0) & (samples > 0), row_slot, draft_probs.shape[0] - 1)
+    tokens, num = rejection_sample(x.reshape(r, k1, v), drafts, num_draft, sbatch,
+                                   all_greedy=greedy, draft_probs=draft_probs, draft_slot=slot)
     last_tok = jnp.take_along_axis(tokens, (num - 1)[:, None], axis=1)[:, 0]
     if pen is not None:
         pen = record_tokens(pen, pen_slot, last_tok)  # penalty rows carry no drafts: one token
@@ -103,10 +122,10 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
         lp, top_ids, top_lp = jax.lax.cond(jnp.any(sbatch.want_logprobs), with_logprobs, without)
     nxt = jnp.zeros((r, num_spec), jnp.int32)
     if draft_cfg is not None:
-        draft_kv, nxt = draft_step(draft_cfg, draft_params, draft_kv, batch,
-                                   layout.read(ibuf, "samples"), num_draft, tokens, num, num_spec,
-                                   layout.page_size, mesh)
-    return kv, pen, table, out, tokens, num, lp, top_ids, top_lp, draft_kv, nxt
+        draft_kv, nxt, draft_probs = draft_step(
+            draft_cfg, draft_params, draft_kv, batch, samples, num_draft, tokens, num, num_spec,
+            layout.page_size, mesh, None if greedy else sbatch, draft_probs, slot)
+    return kv, pen, table, out, tokens, num, lp, top_ids, top_lp, draft_kv, nxt, draft_probs
 
 
 @dataclass
@@ -159,6 +178,12 @@ class SpecSteps:
         self._greedy_buckets = frozenset(t for i, t in enumerate(buckets)
                                          if i == 0 or buckets[i - 1] < widest)
         self._compiled: dict[tuple[int, bool], Any] = {}
+        # The draft model's q of each slot's drafts (random rows), f32[S + 1, K, V]: written by
+        # the step that drafts them, read by the next that verifies them (general variants).
+        self.draft_probs = None
+        if draft is not None:
+            shape = (sched.max_num_seqs + 1, num_spec, runner.config.model.vocab_size)
+            self.draft_probs = jax.device_put(np.zeros(shape, np.float32), runner._replicated)
 
     def variants(self, runner: Runner) -> list[tuple[int, bool]]:
         out = []
@@ -182,6 +207,26 @@ class SpecSteps:
         d = self.draft
         return (None, None, None) if d is None else (d.cfg, d.params, d.kv)
 
+    def _args(self, runner: Runner, greedy: bool, ibuf: jax.Array, fbuf: jax.Array) -> tuple:
+        """The executable's arguments (params, kv, penalty state, slot table, previous tokens,
+        buffers, draft params, draft kv, draft_probs, token masks)."""
+        _, dparams, dkv = self._draft_args()
+        return (runner.params, runner.kv, None if greedy else runner.penalty_state,
+                runner.slot_table, runner._prev_tokens, ibuf, fbuf, dparams, dkv,
+                None if greedy else self.draft_probs,
+                None if greedy else runner.logit_state.device)
+
+    def _keep(self, runner: Runner, outs: tuple) -> tuple:
+        """Store the donated state an executable returned -> its other outputs."""
+        runner.kv, pen, runner.slot_table = outs[:3]
+        if pen is not None:
+            runner.penalty_state = pen
+        if self.draft is not None:
+            self.draft.kv = outs[9]
+        if outs[11] is not None:
+            self.draft_probs = outs[11]
+        return outs[3:9] + (outs[10],)
+
     def _lower(self, runner: Runner, variant: tuple[int, bool]) -> Any:
         t, greedy = variant
         layout = runner.layout(t)
@@ -190,14 +235,13 @@ class SpecSteps:
                                self.num_spec, greedy, runner.mesh, dcfg)
         rep = runner._replicated
         ibuf, fbuf, _ = layout.new_buffers()
-        pen = None if greedy else runner.penalty_state
-        args = (runner.params, runner.kv, pen, runner.slot_table, runner._prev_tokens,
-                jax.device_put(ibuf, rep), jax.device_put(fbuf, rep), dparams, dkv)
-        kv_sh = [(k.sharding, v.sharding) for k, v in runner.kv]
-        dkv_sh = None if dkv is None else [(k.sharding, v.sharding) for k, v in dkv]
-        return jax.jit(fn, donate_argnums=(1, 2, 3, 8),
-                       out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 7 + (dkv_sh, rep)
-                       ).lower(*args)
+        args = self._args(runner, greedy, jax.device_put(ibuf, rep), jax.device_put(fbuf, rep))
+        kv_sh = jax.tree.map(lambda a: a.sharding, runner.kv)
+        dkv_sh = None if dkv is None else jax.tree.map(lambda a: a.sharding, dkv)
+        dp_sh = None if args[9] is None else rep
+        return jax.jit(fn, donate_argnums=(1, 2, 3, 8, 9),
+                       out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 7
+                       + (dkv_sh, rep, dp_sh)).lower(*args)
 
     def warmup(self, runner: Runner, say: Callable[[str], None], threads: int) -> None:
         """Compile every speculative variant (``threads`` at once), then run each once."""
@@ -213,36 +257,25 @@ class SpecSteps:
         for v in variants:
             ibuf, fbuf, _ = runner.layout(v[0]).new_buffers()
             ibuf, fbuf = jax.device_put((ibuf, fbuf), runner._replicated)
-            pen = None if v[1] else runner.penalty_state
-            outs = self._compiled[v](runner.params, runner.kv, pen, runner.slot_table,
-                                     runner._prev_tokens, ibuf, fbuf, *self._draft_args()[1:])
-            runner.kv, pen, runner.slot_table = outs[:3]
-            if self.draft is not None:
-                self.draft.kv = outs[9]
-            if pen is not None:
-                runner.penalty_state = pen
+            self._keep(runner, self._compiled[v](*self._args(runner, v[1], ibuf, fbuf)))
         if self.draft is not None:
             self.draft.kv = self.mover.warmup(self.draft.kv)
 
     def dispatch(self, runner: Runner, out: SchedulerOutput, layout: StepLayout, params: list,
-                 ibuf: jax.Array, fbuf: jax.Array) -> SpecStepHandle:
-        """Run a packed step with draft rows (buffers already on the device)."""
+                 ibuf: jax.Array, fbuf: jax.Array, masked: bool = False) -> SpecStepHandle:
+        """Run a packed step with draft rows (buffers already on the device); ``masked``:
+        some row samples under a token mask / logit bias (the general variant applies it)."""
         t = layout.num_tokens
         sampling = [p for c, p in zip(out.chunks, params, strict=True) if c.samples]
-        greedy = (t in self._greedy_buckets
+        greedy = (t in self._greedy_buckets and not masked
                   and all(p.greedy and p.logprobs is None and not p.uses_penalties for p in sampling))
-        pen = None if greedy else runner.penalty_state
-        (runner.kv, pen, runner.slot_table, last, tokens, num, lp, top_ids, top_lp, dkv,
-         drafts) = self._compiled[(t, greedy)](runner.params, runner.kv, pen, runner.slot_table,
-                                               runner._prev_tokens, ibuf, fbuf,
-                                               *self._draft_args()[1:])
+        runner.logit_state.flush()
+        last, tokens, num, lp, top_ids, top_lp, drafts = self._keep(
+            runner, self._compiled[(t, greedy)](*self._args(runner, greedy, ibuf, fbuf)))
         if self.draft is not None:
-            self.draft.kv = dkv
             drafts.copy_to_host_async()
         else:
             drafts = None
-        if pen is not None:
-            runner.penalty_state = pen
         runner._prev_tokens = last
         runner._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
         top_n = tuple((p.logprobs or 0) if c.samples else 0

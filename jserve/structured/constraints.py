@@ -121,12 +121,59 @@ class ConstraintTracker:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor()
             llnp.fill_next_token_bitmask_par(self._executor, par, out)
-        bits = out.view(np.uint32)
         for i, (rid, output) in enumerate(rows):
-            s = self._seqs[rid]
-            for word in s.bad_words:
-                k = len(word) - 1
-                if k == 0 or (len(output) >= k and tuple(output[len(output) - k:]) == word[:k]):
-                    t = word[-1]
-                    bits[i, t >> 5] &= np.uint32(~(1 << (t & 31)) & 0xFFFFFFFF)
+            self._ban_bad_words(self._seqs[rid], output, out[i])
         return {rid: out[i] for i, (rid, _) in enumerate(rows)}
+
+    @staticmethod
+    def _ban_bad_words(s: SeqConstraint, output: Sequence[int], mask: np.ndarray) -> None:
+        bits = mask.view(np.uint32)
+        for word in s.bad_words:
+            k = len(word) - 1
+            if k == 0 or (len(output) >= k and tuple(output[len(output) - k:]) == word[:k]):
+                t = word[-1]
+                bits[t >> 5] &= np.uint32(~(1 << (t & 31)) & 0xFFFFFFFF)
+
+    def draft_masks(self, rows: Sequence[tuple[str, Sequence[int], Sequence[int]]]
+                    ) -> dict[str, np.ndarray]:
+        """Speculative decoding: for (request id, output ids so far, drafts d_1..d_k) rows, the
+        masks of the k + 1 verify positions int32[k + 1, W]: position j's is the mask after
+        the output and d_1..d_j (the matcher advanced along the drafts, then rolled back).
+        Past a draft the grammar rejects, positions are all ones: the verify step rejects that
+        draft (its target probability is 0 under its position's mask), so they are never
+        reached. One parallel mask fill per position over the rows."""
+        outs = {rid: np.full((len(d) + 1, self.words), -1, np.int32) for rid, _, d in rows}
+        live = []   # (rid, matcher, the drafts' prefix the grammar accepts (never consumes
+        #              a token it rejects: that would put the matcher in its error state))
+        for rid, _, d in rows:
+            m = self._seqs[rid].matcher
+            if m is not None and self._seqs[rid].error is None:
+                ok = m.validate_tokens([int(t) for t in d]) if d and not m.is_stopped() else 0
+                live.append((rid, m, [int(t) for t in d[:ok]]))
+        consumed = dict.fromkeys(outs, 0)
+        width = max((len(d) for _, _, d in rows), default=0)
+        for j in range(width + 1):
+            now = [(rid, m, d) for rid, m, d in live if consumed[rid] == j and j <= len(d)]
+            if not now:
+                break
+            buf = np.full((len(now), self.words), -1, np.int32)
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
+            llnp.fill_next_token_bitmask_par(self._executor, [(m, i) for i, (_, m, _) in
+                                                              enumerate(now)], buf)
+            for i, (rid, m, d) in enumerate(now):
+                outs[rid][j] = buf[i]
+                if j < len(d):
+                    if not m.consume_token(d[j]):
+                        raise RuntimeError(f"request {rid!r}: the grammar rejected draft {d[j]} "
+                                           "it had validated")
+                    consumed[rid] += 1
+        for rid, m, _ in live:
+            if consumed[rid]:
+                m.rollback(consumed[rid])
+        for rid, output, d in rows:
+            s = self._seqs[rid]
+            if s.bad_words:
+                for j in range(len(d) + 1):
+                    self._ban_bad_words(s, list(output) + list(d[:j]), outs[rid][j])
+        return outs

@@ -13,6 +13,12 @@ takes its slot. Dynamic ones (a grammar, multi-token ``bad_words``) arrive per s
 host as ``SchedulerOutput.token_masks`` (the engine's ``ConstraintTracker``) and are ANDed with
 the static bits; only the rows that change are written (``SlotWriter``, a small program per
 row bucket), so the step buffer carries one int per row: ``mask_slot[r]`` (-1: free row).
+
+Speculative decoding (``positions`` = K + 1): a verify row samples at 1 + k positions and a
+grammar's mask differs at each (the matcher advanced along the drafts), so the state has a row
+per (slot, position): slot s at position j is row ``s + j * S`` (position 0 is row s, as
+without speculation). ``rows_for`` writes them and the step buffer's ``mask_step[r]`` (S, or
+0: position 0's row at every position, a static constraint) gives the stride.
 The step reads the rows it needs (``apply_logit_state``) only when some row is masked
 (``lax.cond``), so free batches pay nothing.
 """
@@ -77,13 +83,16 @@ def has_static(p: SamplingParams) -> bool:
 class LogitState:
     """Host mirror of the static part of each slot's row, and the device state it feeds."""
 
-    def __init__(self, num_slots: int, vocab_size: int, sharding: Sharding) -> None:
+    def __init__(self, num_slots: int, vocab_size: int, sharding: Sharding,
+                 positions: int = 1) -> None:
+        """``positions``: mask rows per slot (K + 1 with speculative decoding, else 1)."""
+        self.num_slots = num_slots
         self.vocab_size = vocab_size
         self.words = mask_words(vocab_size)
         self.width = self.words + 2 * MAX_LOGIT_BIAS
         self.static = np.zeros((num_slots, self.width), np.int32)
         self.active = np.zeros(num_slots, bool)  # slot has a static constraint
-        self._writer = SlotWriter(num_slots, self.width, sharding)
+        self._writer = SlotWriter(num_slots * positions, self.width, sharding)
         self.device = self._writer.zeros()
         self.buckets = self._writer.buckets
         self._pending_slots: list[int] = []
@@ -123,6 +132,17 @@ class LogitState:
         self._pending_slots.append(slot)
         self._pending_rows.append(row)
         return slot
+
+    def rows_for(self, slot: int, dynamic: list[np.ndarray]) -> tuple[int, int]:
+        """A verify row's masks: ``dynamic[j]`` (int32[W]) is position j's host mask (the
+        grammar advanced along the first j drafts), each ANDed with the static bits and queued
+        for row ``slot + j * S`` -> (mask_slot, mask_step) of the row."""
+        if len(dynamic) == 1:
+            return self.row_for(slot, dynamic[0]), 0
+        for j, mask in enumerate(dynamic):
+            self.row_for(slot, mask)
+            self._pending_slots[-1] = slot + j * self.num_slots
+        return slot, self.num_slots
 
     def flush(self) -> None:
         """Write the queued rows to the device (before the step that reads them)."""

@@ -33,3 +33,31 @@ def test_speculative_greedy_matches_on_gpu(make_engine, arch, method):
     assert c.count == 0
     assert got == run_tokens(base, _prompts(), sp)
     assert spec.kv_cache_stats()["spec_decode_num_accepted_tokens"] > 0
+
+
+def test_sampled_self_draft_and_grammar_masks_on_gpu(make_engine):
+    """Random rows sample their drafts from q and verify with min(1, p/q): a draft that is the
+    target is accepted almost always; grammar rows verified per position stay valid and match
+    the engine without speculation (greedy)."""
+    import re
+
+    from engine_helpers import run_engine
+
+    draft = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 4}
+    spec = make_engine("llama", speculative_config=draft)
+    base = make_engine("llama")
+    s0 = dict(spec.kv_cache_stats())
+    with CompileCounter() as c:
+        run_tokens(spec, _prompts(), SamplingParams(temperature=1.0, seed=1, max_tokens=40,
+                                                    ignore_eos=True))
+    assert c.count == 0
+    s = spec.kv_cache_stats()
+    drafted = s["spec_decode_num_draft_tokens"] - s0["spec_decode_num_draft_tokens"]
+    accepted = s["spec_decode_num_accepted_tokens"] - s0["spec_decode_num_accepted_tokens"]
+    assert drafted > 0 and accepted >= 0.95 * drafted, (accepted, drafted)
+    pat = r"(ab|cd){2,6}x"
+    items = [(p, SamplingParams(temperature=0.0, max_tokens=30, structured_outputs={"regex": pat}))
+             for p in ("x", "hello", "def f():")]
+    got = [o.outputs[0].text for o in run_engine(spec, items)]
+    assert got == [o.outputs[0].text for o in run_engine(base, items)]
+    assert all(re.fullmatch(pat, t) for t in got), got

@@ -1,7 +1,8 @@
 """Speculative decoding with a draft model (jserve/spec/draft.py).
 
 The draft runs inside the speculative step over the same rows as the target (twin KV pages) and
-proposes K greedy drafts after verification. Greedy output is token-identical to the target
+proposes K drafts after verification (greedy rows: its argmax; random rows: samples of its q,
+verified with min(1, p/q)). Greedy output is token-identical to the target
 alone; a draft that IS the target is accepted almost always, across prefix hits, chunked
 prefill, n > 1 and swap preemption (its K/V follows the target's pages); the bundled
 ``code-small`` + ``code-draft`` pair works out of the box through ``LLM(...)``; bad drafts
@@ -50,6 +51,40 @@ def test_self_draft_is_accepted_and_tokens_match_through_preemption(make_engine)
     s = eng.kv_cache_stats()
     assert s["preemptions_swap"] > 0 and s["prefix_cache_hits_device"] > 0
     assert s["spec_decode_num_accepted_tokens"] >= 0.9 * s["spec_decode_num_draft_tokens"] > 0
+    assert eng.scheduler.kv.pool.num_used == 0
+
+
+def test_sampled_self_draft_is_accepted_and_reproducible(make_engine):
+    """Random rows sample their drafts from the draft's q and verify with min(1, p/q): a draft
+    that IS the target has q == p, so (almost) every draft is accepted at temperature 1 (as
+    point masses they would be accepted with probability p(d) only, near 1/V on this random
+    model). Seeded rows reproduce, alone or batched with greedy rows, and preemption keeps it."""
+    eng = make_engine("llama", num_pages=24, swap_space_gb=0.001,
+                      speculative_config=_draft(GOLDEN / "llama"))
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(5, 500, n).tolist() for n in (9, 20, 13)]
+    sp = [SamplingParams(temperature=1.0, seed=i, max_tokens=24, ignore_eos=True) for i in range(2)]
+    sp.append(SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7, max_tokens=24,
+                             ignore_eos=True))
+    before = dict(eng.kv_cache_stats())
+    first = _tokens(eng, list(zip(prompts, sp, strict=True)))
+    s = eng.kv_cache_stats()
+    drafted = s["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
+    accepted = s["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
+    assert drafted > 0 and accepted >= 0.95 * drafted, (accepted, drafted)
+    alone = _tokens(eng, [(prompts[2], sp[2])])
+    assert alone[0] == first[2]
+    assert _tokens(eng, [(prompts[0], _greedy(10)), (prompts[2], sp[2])])[1] == first[2]
+    # through swap preemptions (a resumed request takes another runner slot; its drafts and
+    # their q then come from its first row there): still accepted
+    before = dict(eng.kv_cache_stats())
+    items = [(rng.integers(5, 500, 40).tolist(),
+              SamplingParams(temperature=1.0, seed=10 + i, max_tokens=50, ignore_eos=True))
+             for i in range(6)]
+    _tokens(eng, items)
+    s = {k: v - before.get(k, 0) for k, v in eng.kv_cache_stats().items()}
+    assert s["preemptions_swap"] > 0
+    assert s["spec_decode_num_accepted_tokens"] >= 0.95 * s["spec_decode_num_draft_tokens"] > 0
     assert eng.scheduler.kv.pool.num_used == 0
 
 
