@@ -296,7 +296,11 @@ class LLMEngine:
             done, self._in_flight = handle, None
         if done is not None:
             self._consume(done, touched)
-        # Requests finished outside update (aborts) must still report once.
+        return self._outputs(touched)
+
+    def _outputs(self, touched: dict[str, None]) -> list[RequestOutput]:
+        """The outputs of a step's touched requests, plus those finished outside the scheduler's
+        update (aborts: each reports once); finished requests are released."""
         for pid, parent in self._parents.items():
             if all(ch.request.is_finished for ch in parent.children):
                 touched[pid] = None

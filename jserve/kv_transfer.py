@@ -117,6 +117,17 @@ def _scale_sharding(kv: KVCache) -> NamedSharding:
     return NamedSharding(s.mesh, PartitionSpec(None, None, *spec[1:]))
 
 
+def bucket_pieces(n: int, buckets: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
+    """[0, n) -> (start, stop) pieces, each exactly one bucket long, largest first (``buckets``
+    holds 1, so any n splits)."""
+    out, start = [], 0
+    while start < n:
+        b = max(b for b in buckets if b <= n - start)
+        out.append((start, start + b))
+        start += b
+    return out
+
+
 class KVPageMover:
     """Compiled page gather / copy / scatter over one KV pool (see the module docstring)."""
 
@@ -141,13 +152,7 @@ class KVPageMover:
         self._scatter = jax.jit(_scatter, donate_argnums=(0,), out_shardings=shardings)
 
     def _chunks(self, n: int) -> list[tuple[int, int]]:
-        """[0, n) -> (start, stop) pieces, each exactly one bucket long, largest first."""
-        out, start = [], 0
-        while start < n:
-            b = max(b for b in self.buckets if b <= n - start)
-            out.append((start, start + b))
-            start += b
-        return out
+        return bucket_pieces(n, self.buckets)
 
     def _ids(self, values: list[int]) -> jax.Array:
         return host_to_global(np.asarray(values, np.int32), self._ids_sharding)

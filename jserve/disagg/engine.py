@@ -53,16 +53,7 @@ class DisaggEngine(LLMEngine):
         touched: dict[str, None] = {}
         while not self._advance(touched) and not touched and self._wait():
             pass
-        for pid, parent in self._parents.items():   # finished outside update (aborts)
-            if all(ch.request.is_finished for ch in parent.children):
-                touched[pid] = None
-        outputs = []
-        for pid in touched:
-            out = self._process(self._parents[pid])
-            outputs.append(out)
-            if out.finished:
-                self._release(pid)
-        return outputs
+        return self._outputs(touched)
 
     def _advance(self, touched: dict[str, None]) -> bool:
         moved = self.handoff.release_ready()

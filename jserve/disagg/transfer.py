@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jserve.kv_cache import KVCache
+from jserve.kv_transfer import bucket_pieces
 from sharding import host_to_global
 
 MAX_HANDOFF_BUCKET = 128
@@ -108,12 +109,7 @@ class KVHandoffMover:
 
     def pieces(self, n: int) -> list[tuple[int, int]]:
         """[0, n) -> (start, stop) pieces, each exactly one bucket long, largest first."""
-        out, start = [], 0
-        while start < n:
-            b = max(b for b in self.buckets if b <= n - start)
-            out.append((start, start + b))
-            start += b
-        return out
+        return bucket_pieces(n, self.buckets)
 
     def send(self, src_kv: KVCache, src_pages: list[int], dst_kv: KVCache, dst_pages: list[int]
              ) -> tuple[KVCache, list[jax.Array]]:
