@@ -7,7 +7,8 @@ the decode group without a prefix cache (it lives on the prefill side); then the
 page mover is compiled for every bucket, and the two runners are wrapped in a ``DisaggEngine``::
 
     check_groups      both given, non-empty, distinct, disjoint, existing device indices
-    refuse            data parallelism, multi-process jobs, speculative decoding (not yet)
+    refuse            data parallelism, pipeline parallelism, multi-process jobs, speculative
+                      decoding (not yet)
     check_fits        weights per device of each group against that group's device memory
     build_engine x 2  prefill group (prefix cache on), decode group (prefix cache off)
     KVHandoffMover    compiled per page bucket, run once on the null pages
@@ -67,6 +68,9 @@ def check_supported(args: EngineArgs) -> None:
     if args.speculative_config is not None:
         raise ValueError("speculative_config cannot be combined with prefill_devices / "
                          "decode_devices yet")
+    if args.pipeline_parallel_size > 1:
+        raise ValueError("pipeline_parallel_size > 1 cannot be combined with prefill_devices / "
+                         "decode_devices yet")
     if check_launch(*launch_values(args.coordinator_address, args.num_processes, args.process_id)):
         raise ValueError("prefill_devices / decode_devices need a single-process job for now "
                          "(both groups on one host)")
@@ -80,7 +84,7 @@ def check_supported(args: EngineArgs) -> None:
 
 def check_fits(args: EngineArgs, groups: dict[str, tuple[int, ...]], devices: Sequence[jax.Device]) -> None:
     """The model's weights per device must fit each group's device memory (at
-    ``kv_cache_memory_fraction``); the served kv heads must agree between the groups (the
+    ``gpu_memory_utilization``); the served kv heads must agree between the groups (the
     handoff copies pages as they are). Devices that report no memory limit (CPU) pass."""
     from jserve.builder import resolve_model  # jserve.builder imports this module lazily
     from jserve.model.quant_params import resolve_scheme, weight_bytes
@@ -98,10 +102,11 @@ def check_fits(args: EngineArgs, groups: dict[str, tuple[int, ...]], devices: Se
         per_device = weight_bytes(serving_model_config(cfg, len(ids)), scheme) // len(ids)
         stats = devices[ids[0]].memory_stats() if hasattr(devices[ids[0]], "memory_stats") else None
         limit = (stats or {}).get("bytes_limit")
-        if limit is not None and per_device >= limit * args.kv_cache_memory_fraction:
+        share = args.kv_cache_memory_fraction or args.gpu_memory_utilization
+        if limit is not None and per_device >= limit * share:
             raise ValueError(f"{name}_devices: the model's weights take {per_device / 2**30:.1f} GiB per "
-                             f"device on {len(ids)} device(s), more than kv_cache_memory_fraction="
-                             f"{args.kv_cache_memory_fraction} of a device ({limit / 2**30:.1f} GiB); "
+                             f"device on {len(ids)} device(s), more than gpu_memory_utilization="
+                             f"{share} of a device ({limit / 2**30:.1f} GiB); "
                              f"give the {name} group more devices")
 
 

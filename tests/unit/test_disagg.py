@@ -67,6 +67,7 @@ def test_groups_are_checked():
     for extra, match in [(dict(data_parallel_size=2), "data_parallel_size > 1"),
                          (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
                           "speculative_config"),
+                         (dict(pipeline_parallel_size=2), "pipeline_parallel_size > 1"),
                          (dict(tensor_parallel_size=2), "tensor_parallel_size=2")]:
         with pytest.raises(ValueError, match=match):
             check_supported(EngineArgs(**base, **extra))
