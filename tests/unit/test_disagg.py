@@ -232,7 +232,7 @@ def test_llama_aborts_anywhere_leak_nothing(llama_pair):
     ref, dis = llama_pair
     rng = np.random.default_rng(3)
     items = []
-    for i in range(600):
+    for i in range(1000):   # the issue: 1,000 random requests with aborts
         p = rng.integers(5, 500, int(rng.integers(2, 60))).tolist()
         n = int(rng.integers(1, 3))
         sp = SamplingParams(temperature=0.0 if n == 1 else 0.8, seed=i, n=n,
