@@ -11,6 +11,12 @@
 #   c (nvidia-h200-x2): disaggregation correctness + benchmark (benchmarks/disagg.py, two runs).
 #   d (nvidia-h200-x2): pipeline parallelism correctness + throughput (scale_out_runs.sh 7, 6),
 #     quantized tp=2 through the Mosaic kernel per shard.
+#   e (1 GPU, ~4 min): A/B of branch stage-inputs-wip (the step input copied into a donated
+#     device buffer inside the step, so one CUDA-graph node reads the fresh upload). Prediction:
+#     the idle call -0.1 to -0.3 ms on Qwen, B -0.1 ms. Prepare here:
+#       rm -rf .before && mkdir .before && git archive main jserve pallas_kernels sharding \
+#         benchmarks checkpoints | tar -x -C .before && git checkout stage-inputs-wip
+#     then run with .whl and .before carried.
 #
 # Run from the repository root with .whl/ (and .before/ for a before/after) carried:
 #   bash benchmarks/owed_gpu_runs.sh a
@@ -45,6 +51,13 @@ c)
     --results "$OUT/disagg.jsonl" 2>&1 | table
   timeout 230 python3 benchmarks/disagg.py --model llama3.1-8b --random-weights --modes colo \
     --results "$OUT/disagg.jsonl" 2>&1 | table
+  ;;
+e)
+  for tree in . .before; do
+    echo "### $tree"
+    (cd "$tree" && timeout 120 python3 benchmarks/step_floor.py qwen2.5-0.5b --max-num-batched-tokens 16 \
+      2>&1 | table)
+  done
   ;;
 d)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_quant_engine_gpu.py -k tensor_parallel \
