@@ -37,5 +37,5 @@ def test_quickstart_notebook_executes():
     assert "[jserve] compiled step 1/" in _text(code[1], "stderr")  # LLM() shows its progress
     assert outputs[2].count("=" * 40) == 3
     assert outputs[3].startswith("def is_prime(n):") and "\n--- " in outputs[3]
-    assert "35 concurrent sequences of 8,192 tokens" in outputs[4]
+    assert "55 concurrent sequences of 8,192 tokens" in outputs[4]
     assert outputs[5] == ""   # the own-model cell does nothing until a path is set

@@ -17,7 +17,7 @@ import quant_eval as qe
 
 from jserve.model.linear import QuantizedWeight, linear
 from jserve.model.quant_params import PROJECTIONS
-from sharding import TENSOR_AXIS, make_mesh
+from sharding import STAGE_AXIS, TENSOR_AXIS, make_mesh
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (XLA_FLAGS host count)")
 
@@ -44,10 +44,11 @@ def loaded(request):
 
 def test_weights_record_their_layout(loaded):
     _, _, _, two, _ = loaded
-    assert two["wgu"].spec == (None, None, TENSOR_AXIS, None)           # column parallel: I
+    # The stacked-layer axis maps to the pipeline stage axis (size 1 here: pp=1).
+    assert two["wgu"].spec == (STAGE_AXIS, None, TENSOR_AXIS, None)     # column parallel: I
     assert two["wqkv"].spec[1] == TENSOR_AXIS and two["wqkv"].spec[-1] is None
-    assert two["wo"].spec == (None, None, TENSOR_AXIS)                  # row parallel: K
-    assert two["wd"].spec == (None, None, TENSOR_AXIS)
+    assert two["wo"].spec == (STAGE_AXIS, None, TENSOR_AXIS)            # row parallel: K
+    assert two["wd"].spec == (STAGE_AXIS, None, TENSOR_AXIS)
     for name in PROJECTIONS:
         assert not two[name].q.sharding.is_fully_replicated
 
