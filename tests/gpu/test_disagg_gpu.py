@@ -2,10 +2,10 @@
 GPU's tokens (float32, bundled model, bf16 KV and int8 KV with its scales), compile nothing
 while serving, and leave both pools empty."""
 
-import jax
 import numpy as np
 import pytest
 from engine_helpers import CompileCounter, run_engine
+from gpu_count import gpu_count
 
 from jserve.builder import default_model_path
 from jserve.sampling_params import SamplingParams
@@ -15,14 +15,7 @@ SMALL = dict(model=str(default_model_path()), max_model_len=256, max_num_seqs=8,
 GROUPS = dict(prefill_devices=(0,), decode_devices=(1,))
 
 
-def _gpus() -> int:
-    try:
-        return len(jax.devices("gpu"))
-    except RuntimeError:
-        return 0
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(gpu_count() < 2, reason="needs 2 GPUs")]
 
 
 def _items():

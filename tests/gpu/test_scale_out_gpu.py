@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from engine_helpers import run_tokens
+from gpu_count import gpu_count
 
 from jserve.builder import default_model_path
 from jserve.sampling_params import SamplingParams
@@ -21,14 +21,7 @@ SMALL = dict(model=MODEL, max_model_len=256, max_num_seqs=8, max_num_batched_tok
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
-def _gpus() -> int:
-    try:
-        return len(jax.devices("gpu"))
-    except RuntimeError:
-        return 0
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(gpu_count() < 2, reason="needs 2 GPUs")]
 
 
 def _prompts():

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from sampling_laws import l2, softmax
+from sampling_laws import top_p as top_p_law
 
 from jserve.sampler import sample
 from jserve.sampling_batch import SamplerFlags, SamplingRow, pack_sampling
@@ -22,26 +24,6 @@ VERIFY = jax.jit(rejection_sample, static_argnames=("all_greedy", "any_filters")
 def _batch(rows, vocab=V):
     batch, _ = pack_sampling(rows, len(rows), vocab, flags=FLAGS)
     return batch
-
-
-def _softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _top_p(p, top_p):
-    """The ordinary sampler's top-p over one distribution p[V] (ties: lower id first)."""
-    order = np.argsort(-p, kind="stable")
-    cum_before = np.concatenate([[0.0], np.cumsum(p[order])[:-1]])
-    keep = np.zeros_like(p, bool)
-    keep[order[cum_before < top_p]] = True
-    q = np.where(keep, p, 0.0)
-    return q / q.sum()
-
-
-def _l2(tokens, probs):
-    emp = np.bincount(tokens, minlength=len(probs)) / len(tokens)
-    return float(np.linalg.norm(emp - probs))
 
 
 def _run_random(target_logits, q, top_p=1.0, point_mass=False, seed0=0):
@@ -64,31 +46,31 @@ def _run_random(target_logits, q, top_p=1.0, point_mass=False, seed0=0):
 def _dists(seed):
     rng = np.random.default_rng(seed)
     target = rng.normal(0, 1.5, (K + 1, V)).astype(np.float32)
-    q = _softmax(rng.normal(0, 1.5, (K + 1, V)))
+    q = softmax(rng.normal(0, 1.5, (K + 1, V)))
     return target, q
 
 
 def test_samples_follow_the_target_not_the_draft():
     target, q = _dists(1)
     for top_p in (1.0, 0.8):
-        p = np.stack([_top_p(_softmax(target[j]), top_p) for j in range(K + 1)])
+        p = np.stack([top_p_law(softmax(target[j]), top_p) for j in range(K + 1)])
         tok, n = _run_random(target, q, top_p=top_p)
         # position 0 always emits; position 1 emits when draft 0 was accepted
-        d0_t, d0_q = _l2(tok[:, 0], p[0]), _l2(tok[:, 0], q[0])
+        d0_t, d0_q = l2(tok[:, 0], p[0]), l2(tok[:, 0], q[0])
         second = tok[n >= 2, 1]
-        d1_t, d1_q = _l2(second, p[1]), _l2(second, q[1])
+        d1_t, d1_q = l2(second, p[1]), l2(second, q[1])
         assert d0_t < 0.03 and d1_t < 0.05, (top_p, d0_t, d1_t)
         assert d0_q > 4 * d0_t and d1_q > 4 * d1_t, (top_p, d0_q, d1_q)
         # the distance to the target shrinks with the sample count (it is the target's law)
-        assert _l2(tok[:N // 16, 0], p[0]) > d0_t
+        assert l2(tok[:N // 16, 0], p[0]) > d0_t
         assert 1 <= n.min() and n.max() == K + 1
 
 
 def test_point_mass_drafts_follow_the_target():
     target, q = _dists(2)
-    p0 = _softmax(target[0])
+    p0 = softmax(target[0])
     tok, n = _run_random(target, q, point_mass=True)
-    assert _l2(tok[:, 0], p0) < 0.03
+    assert l2(tok[:, 0], p0) < 0.03
     d = q[0].argmax()
     # acceptance rate of draft 0 is p0(d)
     assert abs(np.mean(n >= 2) - p0[d]) < 0.03

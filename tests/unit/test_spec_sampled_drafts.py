@@ -12,6 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from sampling_laws import l2, softmax, top_p
 
 from jserve.sampling_batch import SamplerFlags, SamplingRow, pack_sampling
 from jserve.sampling_params import SamplingParams
@@ -25,24 +26,9 @@ VERIFY = jax.jit(rejection_sample, static_argnames=("all_greedy", "any_filters")
 DRAFT = jax.jit(draft_sample)
 
 
-def _softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def _transformed(logits):
     """The ordinary sampler's law of one row: / TEMP, then top-p (ties: lower id first)."""
-    p = _softmax(logits / TEMP)
-    order = np.argsort(-p, kind="stable")
-    before = np.concatenate([[0.0], np.cumsum(p[order])[:-1]])
-    keep = np.zeros(V, bool)
-    keep[order[before < TOP_P]] = True
-    q = np.where(keep, p, 0.0)
-    return q / q.sum()
-
-
-def _l2(tokens, probs):
-    return float(np.linalg.norm(np.bincount(tokens, minlength=len(probs)) / len(tokens) - probs))
+    return top_p(softmax(logits / TEMP), TOP_P)
 
 
 def _batch(output_index=0, temperature=TEMP):
@@ -83,8 +69,8 @@ def test_draft_sample_draws_from_the_transformed_draft_distribution():
     for j in range(K):
         want = _transformed(draft[j])
         np.testing.assert_allclose(q[0, j], want, atol=1e-5)        # q is the sampler's law
-        assert _l2(drafts[:, j], want) < 0.03
-        assert _l2(drafts[:, j], _softmax(draft[j])) > 0.05          # not the raw draft's
+        assert l2(drafts[:, j], want) < 0.03
+        assert l2(drafts[:, j], softmax(draft[j])) > 0.05          # not the raw draft's
     # the draws are the row's own (seeded) and independent of the target's: a target that IS
     # the draft accepts every draft
     same = np.concatenate([draft, draft[:1]])
@@ -101,24 +87,24 @@ def test_sampled_drafts_verified_with_q_follow_the_target_and_broken_rules_do_no
     batch = _batch()
     drafts, q = _drafts(draft, batch)
     tok, n = _verify(target, drafts, q, batch)
-    d0, d1 = _l2(tok[:, 0], p[0]), _l2(tok[n >= 2, 1], p[1])
+    d0, d1 = l2(tok[:, 0], p[0]), l2(tok[n >= 2, 1], p[1])
     assert d0 < 0.03 and d1 < 0.05, (d0, d1)
-    assert _l2(tok[:, 0], q[0, 0]) > 4 * d0                           # not the draft's law
+    assert l2(tok[:, 0], q[0, 0]) > 4 * d0                           # not the draft's law
     assert 1 <= n.min() and n.max() == K + 1
     # the acceptance rate of draft 0 is sum(min(p, q)) (Leviathan et al., theorem 3.5)
     assert abs(np.mean(n >= 2) - np.minimum(p[0], q[0, 0]).sum()) < 0.03
     # point-mass verification of sampled drafts (accept with p(d)) is also exact, but accepts
     # less: passing q is what buys the acceptance rate
     tok_pm, n_pm = _verify(target, drafts, None, batch)
-    assert _l2(tok_pm[:, 0], p[0]) < 0.03
+    assert l2(tok_pm[:, 0], p[0]) < 0.03
     assert np.mean(n_pm >= 2) < np.mean(n >= 2) - 0.05
     # broken: q without the sampling transforms (the raw draft softmax) -> biased output
-    raw = np.broadcast_to(_softmax(draft)[None], (N, K, V))
+    raw = np.broadcast_to(softmax(draft)[None], (N, K, V))
     tok_raw, _ = _verify(target, drafts, raw, batch)
-    assert _l2(tok_raw[:, 0], p[0]) > 3 * d0, (_l2(tok_raw[:, 0], p[0]), d0)
+    assert l2(tok_raw[:, 0], p[0]) > 3 * d0, (l2(tok_raw[:, 0], p[0]), d0)
     # broken: drafts drawn with the target's own noise (no seed salt) -> correlated, biased
     salt = jnp.asarray(DRAFT_SEED_SALT, jnp.uint32)
     unsalted = dataclasses.replace(batch, seed=batch.seed ^ salt[None, :])
     bad, bad_q = _drafts(draft, unsalted)
     tok_c, _ = _verify(target, bad, bad_q, batch)
-    assert _l2(tok_c[:, 0], p[0]) > 3 * d0, (_l2(tok_c[:, 0], p[0]), d0)
+    assert l2(tok_c[:, 0], p[0]) > 3 * d0, (l2(tok_c[:, 0], p[0]), d0)

@@ -21,18 +21,13 @@ import numpy as np
 import pytest
 from engine_helpers import CompileCounter, run_engine
 from fixture_paths import GOLDEN
+from structured_cases import PROMPTS, SCHEMA
 
 from jserve.sampling_params import SamplingParams
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
          "prompt_lookup_max": 3}
 DRAFT = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 3}
-SCHEMA = {"type": "object",
-          "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
-                         "b": {"enum": ["x", "yy"]},
-                         "c": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}},
-          "required": ["a", "b", "c"], "additionalProperties": False}
-PROMPTS = ["def f(x):", "import os\n", "class A:", "hello world"]
 
 
 @pytest.fixture(scope="module")

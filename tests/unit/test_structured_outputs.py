@@ -10,15 +10,9 @@ import re
 import jsonschema
 import pytest
 from engine_helpers import run_engine
+from structured_cases import PROMPTS, SCHEMA
 
 from jserve.sampling_params import SamplingParams
-
-SCHEMA = {"type": "object",
-          "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
-                         "b": {"enum": ["x", "yy"]},
-                         "c": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}},
-          "required": ["a", "b", "c"], "additionalProperties": False}
-PROMPTS = ["def f(x):", "import os\n", "class A:", "hello world"]
 
 
 @pytest.fixture(scope="module")
