@@ -4,13 +4,13 @@ process (the share is set before JAX's backend starts, once per process); this p
 already holds JAX's share of the GPU, so the child asks for a small one."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import pytest
+from child_env import child_env
 
 from jserve.device_memory import FRACTION_VARS, allocator_fraction
 
@@ -20,8 +20,7 @@ SHARE = 0.15
 
 
 def _child(model: str, context: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in FRACTION_VARS}
-    env.update(PYTHONPATH=str(ROOT))
+    env = child_env(drop=FRACTION_VARS)
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_budget.py"), "--model", model,
                           "--context", str(context), "--gpu-memory-utilization", str(SHARE)],
                          env=env, capture_output=True, text=True, timeout=900)

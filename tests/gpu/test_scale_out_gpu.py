@@ -1,7 +1,6 @@
 """Scale-out on 2 GPUs (skipped with fewer): tp=2, pp=2, dp=2 and a 2-process job (one GPU each,
 scripts/launch_multihost) give the greedy tokens of one GPU (float32, bundled model)."""
 
-import os
 import socket
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from child_env import child_env
 from engine_helpers import run_tokens
 from gpu_count import gpu_count
 
@@ -41,8 +41,7 @@ def test_two_process_job_matches_one_process(tmp_path):
     base = [sys.executable, "-m", "jserve", "generate", "--model", MODEL, "--dtype", "float32",
             "--num-pages", "128", "--max-tokens", "24", "--prompt", "def fibonacci(n):",
             "--prompt", "class Stack:", "--tp", "2"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JSERVE_", "XLA_FLAGS"))}
-    env.update(PYTHONPATH=str(ROOT), XLA_PYTHON_CLIENT_MEM_FRACTION="0.05")
+    env = child_env(drop=("JSERVE_", "XLA_FLAGS"), XLA_PYTHON_CLIENT_MEM_FRACTION="0.05")
     one = subprocess.run(base, env=env, capture_output=True, text=True, timeout=900)
     assert one.returncode == 0, one.stderr[-3000:]
     with socket.socket() as s:
