@@ -29,6 +29,7 @@ from jserve.engine_api import BuildInfo
 from jserve.kv_cache import (
     MemoryBudget,
     PoolPlan,
+    abstract_kv_cache,
     allocate_kv_cache,
     device_bytes_in_use,
     kv_bytes_per_token,
@@ -328,14 +329,20 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     log.info("model %s (%s, %.2f GB of weights), %s",
              model_dir.path if model_dir is not None else args.model, model_cfg.dtype,
              params_bytes(params) / 1e9, plan.describe())
-    kv = allocate_kv_cache(config.model, plan.num_pages, config.cache.page_size, config.kv_dtype, mesh)
+    # Compile over the pool's shapes first, then allocate it: XLA's GPU autotuner needs device
+    # memory for its trial buffers, which a pool sized to the budget would leave it without.
+    ps, kv_dtype = config.cache.page_size, config.kv_dtype
     if draft is not None:
-        draft.kv = allocate_kv_cache(draft.cfg, plan.num_pages, config.cache.page_size,
-                                     config.kv_dtype, mesh)
+        draft.kv = abstract_kv_cache(draft.cfg, plan.num_pages, ps, kv_dtype, mesh)
         log.info("draft model %s: %.1f MB of weights, a twin KV page per page", spec.model,
                  params_bytes(draft.params) / 1e6)
-    runner = Runner(config, params, kv, mesh, draft)
-    compile_s = runner.warmup(progress)
+    runner = Runner(config, params, abstract_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh),
+                    mesh, draft)
+    compile_s = runner.compile(progress)
+    runner.attach_pool(allocate_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh),
+                       None if draft is None else allocate_kv_cache(draft.cfg, plan.num_pages, ps,
+                                                                    kv_dtype, mesh))
+    compile_s += runner.warm()
     if channel is not None:
         if not channel.is_leader:
             follow(runner, channel)

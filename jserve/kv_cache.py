@@ -156,23 +156,9 @@ def device_bytes_in_use(device: jax.Device) -> int:
 
 def abstract_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str,
                       mesh: Mesh) -> KVCache:
-    """``allocate_kv_cache``'s shapes, dtypes and shardings, allocating nothing (for lowering)."""
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    pages = jax.ShapeDtypeStruct(shape, kv_storage_dtype(kv_dtype),
-                                 sharding=logical_sharding_for_shape(mesh, shape, KV_AXES))
-    if not kv_quantized(kv_dtype):
-        return [(pages, pages) for _ in range(cfg.num_layers)]
-    s_shape = (num_pages, cfg.num_kv_heads)
-    scales = jax.ShapeDtypeStruct(s_shape, jnp.float32,
-                                  sharding=logical_sharding_for_shape(mesh, s_shape, SCALE_AXES))
-    return [(pages, pages, scales, scales) for _ in range(cfg.num_layers)]
-
-
-def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str,
-                      mesh: Mesh) -> KVCache:
-    """Zero-filled pool, created directly on device with its sharding (scales of a quantized
-    pool start at 1; every page's is set when the page is started). A mesh with S pipeline
-    stages gets the stage-major layout of the module docstring."""
+    """``allocate_kv_cache``'s shapes, dtypes and shardings, allocating nothing (for lowering and
+    compiling before the pool exists). A mesh with S pipeline stages gets the stage-major layout
+    of the module docstring."""
     stages = num_stages(mesh)
     if cfg.num_layers % stages:
         raise ValueError(f"num_hidden_layers ({cfg.num_layers}) is not divisible by "
@@ -180,13 +166,26 @@ def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype
     lead, axes, s_axes = ((num_pages,), KV_AXES, SCALE_AXES) if stages == 1 else (
         (num_pages, stages), (KV_AXES[0], "stage", *KV_AXES[1:]), (SCALE_AXES[0], "stage", *SCALE_AXES[1:]))
     shape = (*lead, page_size, cfg.num_kv_heads, cfg.head_dim)
-    sharding = logical_sharding_for_shape(mesh, shape, axes)
-    dtype = kv_storage_dtype(kv_dtype)
-    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    pages = jax.ShapeDtypeStruct(shape, kv_storage_dtype(kv_dtype),
+                                 sharding=logical_sharding_for_shape(mesh, shape, axes))
     entries = cfg.num_layers // stages
     if not kv_quantized(kv_dtype):
-        return [(make(), make()) for _ in range(entries)]
+        return [(pages, pages) for _ in range(entries)]
     s_shape = (*lead, cfg.num_kv_heads)
-    ones = jax.jit(lambda: jnp.ones(s_shape, jnp.float32),
-                   out_shardings=logical_sharding_for_shape(mesh, s_shape, s_axes))
-    return [(make(), make(), ones(), ones()) for _ in range(entries)]
+    scales = jax.ShapeDtypeStruct(s_shape, jnp.float32,
+                                  sharding=logical_sharding_for_shape(mesh, s_shape, s_axes))
+    return [(pages, pages, scales, scales) for _ in range(entries)]
+
+
+def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str,
+                      mesh: Mesh) -> KVCache:
+    """Zero-filled pool with ``abstract_kv_cache``'s layout, created directly on device with its
+    sharding (scales of a quantized pool start at 1; every page's is set when the page is
+    started)."""
+    layout = abstract_kv_cache(cfg, num_pages, page_size, kv_dtype, mesh)
+    pages, scales = layout[0][0], layout[0][2] if len(layout[0]) == 4 else None
+    zeros = jax.jit(lambda: jnp.zeros(pages.shape, pages.dtype), out_shardings=pages.sharding)
+    if scales is None:
+        return [(zeros(), zeros()) for _ in layout]
+    ones = jax.jit(lambda: jnp.ones(scales.shape, scales.dtype), out_shardings=scales.sharding)
+    return [(zeros(), zeros(), ones(), ones()) for _ in layout]

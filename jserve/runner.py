@@ -429,10 +429,16 @@ class Runner:
         return min(4, os.cpu_count() or 1)
 
     def warmup(self, progress: Progress | None = None, threads: int | None = None) -> float:
-        """Compile every step variant ahead of time (lowered in turn, compiled on ``threads``
-        threads, through the persistent compilation cache), then run each once, and compile
-        the penalty slot init (one per id bucket) and the page mover. ``progress`` gets one
-        line per finished step."""
+        """``compile`` then ``warm``, for a runner built over an allocated pool."""
+        return self.compile(progress, threads) + self.warm()
+
+    def compile(self, progress: Progress | None = None, threads: int | None = None) -> float:
+        """Compile every step variant (and speculative variant) ahead of time: lowered in turn,
+        compiled on ``threads`` threads, through the persistent compilation cache. Needs only the
+        pool's shapes: the builder compiles over ``abstract_kv_cache`` before it allocates the
+        pool, so XLA's GPU autotuner has the memory the pool will take for its trial buffers
+        (with the pool allocated to ``gpu_memory_utilization`` it ran out). ``progress`` gets one
+        line per finished step. -> seconds taken."""
         t0 = time.perf_counter()
         variants = self.variants()
         say = progress or log.info
@@ -454,7 +460,27 @@ class Runner:
                         if variant.decode_only else "greedy" if variant.greedy else "general sampler")
                 say(f"compiled step {k}/{total} (tokens {t}, rows "
                     f"{self.config.scheduler.seq_bucket(t)}, {kind}) at {time.perf_counter() - t0:.1f} s")
-        for variant in variants:
+        if self.spec_steps is not None:
+            self.spec_steps.compile(self, say, threads)
+        return time.perf_counter() - t0
+
+    def attach_pool(self, kv: KVCache, draft_kv: KVCache | None = None) -> None:
+        """The allocated pool (and the draft model's) in place of the abstract one ``compile``
+        ran over: same shapes, dtypes and shardings."""
+        want = jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), self.kv)
+        got = jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), kv)
+        if want != got:
+            raise ValueError("attach_pool: the pool's layout differs from the one compiled for")
+        self.kv = kv
+        if draft_kv is not None:
+            self.spec_steps.draft.kv = draft_kv
+
+    def warm(self) -> float:
+        """Run each compiled step once over the allocated pool, then compile and run the small
+        programs (penalty slot init per id bucket, slot writer, logit state, page mover).
+        -> seconds taken."""
+        t0 = time.perf_counter()
+        for variant in self.variants():
             layout = self.layout(variant[0])
             ibuf, _, _ = layout.new_buffers()
             joint = jax.device_put(layout.joint(ibuf), self._replicated)
@@ -465,7 +491,7 @@ class Runner:
             if pen is not None:
                 self.penalty_state = pen
         if self.spec_steps is not None:
-            self.spec_steps.warmup(self, say, threads)
+            self.spec_steps.warm(self)
         self._slot_init.compile(self.penalty_state)
         for b in self._slot_init.buckets:  # run each once; the state is all zeros again after
             self.penalty_state = self._slot_init(self.penalty_state, 0, [0] * b)
@@ -479,5 +505,5 @@ class Runner:
         self.kv = self.mover.warmup(self.kv)
         jax.block_until_ready(self.kv)
         elapsed = time.perf_counter() - t0
-        log.info("compiled %d step variants (token buckets %s) in %.1f s", total, self._buckets, elapsed)
+        log.info("ran each step variant once (token buckets %s) in %.1f s", self._buckets, elapsed)
         return elapsed

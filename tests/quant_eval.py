@@ -154,13 +154,15 @@ NEAR_TIE_NATS = 0.5
 
 
 def diverges_only_at_near_tie(base, got: list[int], min_agree: int = 4) -> bool:
-    """Greedy ``got`` against the unquantized ``base`` (a CompletionOutput with ``logprobs >= 2``):
-    true when both agree for ``min_agree`` tokens, or where they part first, ``got``'s token is
-    among the base model's top two there and the base's two best were within ``NEAR_TIE_NATS``
-    (a quantization error of the size the accuracy targets allow can flip such a tie, and every
-    later token then follows another text)."""
+    """Greedy ``got`` against the unquantized ``base`` (a CompletionOutput with ``logprobs``, 5
+    in the tests): true when both agree for ``min_agree`` tokens, or where they part first,
+    ``got``'s token is among the base's listed candidates there and its base logprob is within
+    ``NEAR_TIE_NATS`` of the base's best (a quantization error of the size the accuracy targets
+    allow can reorder such near-equal candidates, two or more of them, and every later token
+    then follows another text)."""
     n = agreement(base.token_ids, got)
     if n >= min(min_agree, len(base.token_ids), len(got)):
         return True
-    top = sorted(base.logprobs[n].values(), key=lambda lp: -lp.logprob)[:2]
-    return got[n] in base.logprobs[n] and len(top) == 2 and top[0].logprob - top[1].logprob < NEAR_TIE_NATS
+    cands = base.logprobs[n]
+    best = max(lp.logprob for lp in cands.values())
+    return got[n] in cands and best - cands[got[n]].logprob < NEAR_TIE_NATS

@@ -243,8 +243,8 @@ class SpecSteps:
                        out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 7
                        + (dkv_sh, rep, dp_sh)).lower(*args)
 
-    def warmup(self, runner: Runner, say: Callable[[str], None], threads: int) -> None:
-        """Compile every speculative variant (``threads`` at once), then run each once."""
+    def compile(self, runner: Runner, say: Callable[[str], None], threads: int) -> None:
+        """Compile every speculative variant (``threads`` at once); the pools may be abstract."""
         t0 = time.perf_counter()
         variants = self.variants(runner)
         say(f"compiling {len(variants)} speculative step variants (k = {self.num_spec})")
@@ -254,7 +254,10 @@ class SpecSteps:
                 self._compiled[v] = fut.result()
                 say(f"compiled speculative step {k}/{len(variants)} (tokens {v[0]}, "
                     f"{'greedy' if v[1] else 'general sampler'}) at {time.perf_counter() - t0:.1f} s")
-        for v in variants:
+
+    def warm(self, runner: Runner) -> None:
+        """Run each compiled speculative variant once over the allocated pools."""
+        for v in self.variants(runner):
             ibuf, fbuf, _ = runner.layout(v[0]).new_buffers()
             ibuf, fbuf = jax.device_put((ibuf, fbuf), runner._replicated)
             self._keep(runner, self._compiled[v](*self._args(runner, v[1], ibuf, fbuf)))

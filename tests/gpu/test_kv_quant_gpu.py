@@ -30,7 +30,7 @@ def test_quantized_kv_perplexity_on_gpu(kv_dtype, heldout):
 
 @pytest.mark.parametrize("kv_dtype", ["fp8", "int8"])
 def test_engine_with_quantized_kv_on_gpu(kv_dtype):
-    sp = SamplingParams(temperature=0.0, max_tokens=48, logprobs=2)
+    sp = SamplingParams(temperature=0.0, max_tokens=48, logprobs=5)
     prompts = ["def fibonacci(n):", "import os\n\nclass Config:", "for i in range(10):"]
     bf16 = LLM(max_num_seqs=8, max_num_batched_tokens=128, num_pages=512)
     base = [o.outputs[0] for o in bf16.generate(prompts, sp)]

@@ -40,7 +40,7 @@ def test_kernel_path_matches_reference_path(method, monkeypatch):
 def test_engine_greedy_on_gpu(method):
     bf16 = LLM(max_num_seqs=8, max_num_batched_tokens=128, num_pages=512)
     quant = LLM(max_num_seqs=8, max_num_batched_tokens=128, num_pages=512, quantization=method)
-    sp = SamplingParams(temperature=0.0, max_tokens=32, logprobs=2)
+    sp = SamplingParams(temperature=0.0, max_tokens=32, logprobs=5)
     prompts = ["def fibonacci(n):", "import os\n\nclass Config:"]
     a = [o.outputs[0] for o in bf16.generate(prompts, sp)]
     b = [o.outputs[0].token_ids for o in quant.generate(prompts, sp)]

@@ -10,7 +10,7 @@ import quant_eval as qe
 from engine_helpers import CompileCounter, run_engine
 from fixture_paths import GOLDEN
 
-from jserve.kv_cache import allocate_kv_cache
+from jserve.kv_cache import abstract_kv_cache, allocate_kv_cache
 from jserve.options import EngineArgs
 from jserve.plan import plan_capacity
 from jserve.sampling_params import SamplingParams
@@ -28,6 +28,12 @@ def test_pool_layout():
     assert ks.shape == vs.shape == (5, cfg.num_kv_heads) and ks.dtype == jnp.float32
     assert allocate_kv_cache(cfg, 5, 16, "int8", make_mesh(1))[0][0].dtype == jnp.int8
     assert len(allocate_kv_cache(cfg, 5, 16, "bfloat16", make_mesh(1))[0]) == 2
+    assert float(ks[1, 0]) == 1.0 and float(jnp.abs(k.astype(jnp.float32)).max()) == 0.0
+    # The builder compiles over the abstract pool, then attaches the allocated one: same layout.
+    for dtype in ("fp8", "bfloat16"):
+        layout = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), tree)  # noqa: E731
+        assert layout(abstract_kv_cache(cfg, 5, 16, dtype, make_mesh(1))) == layout(
+            allocate_kv_cache(cfg, 5, 16, dtype, make_mesh(1)))
     assert EngineArgs(kv_cache_dtype="fp8_e4m3").kv_cache_dtype == "fp8"
     with pytest.raises(ValueError, match="kv_cache_dtype must be"):
         EngineArgs(kv_cache_dtype="int4")

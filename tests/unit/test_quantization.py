@@ -145,3 +145,21 @@ def test_engine_serves_quantized_weights(make_engine):
 def test_bad_quantization_is_named():
     with pytest.raises(ValueError, match="quantization must be .int8., .fp8., .fp8_w8a8. or None, got .awq."):
         LLM(quantization="awq")
+
+
+def test_near_tie_rule_of_the_gpu_greedy_checks():
+    """The rule the GPU quantized-greedy tests apply: a divergence passes only at a near tie
+    among the base's candidates (two or more), never at a clear winner or a token outside them."""
+    from jserve.outputs import CompletionOutput, Logprob
+
+    def out(ids, at, cands):
+        lps = [{t: Logprob(logprob=-0.1, rank=1)} for t in ids]
+        lps[at] = {t: Logprob(logprob=lp, rank=r) for r, (t, lp) in enumerate(cands, 1)}
+        return CompletionOutput(index=0, text="", token_ids=ids, cumulative_logprob=None, logprobs=lps)
+
+    three_way = out([5, 6, 7, 8], 2, [(7, -2.446), (1, -2.459), (9, -2.47)])
+    assert qe.diverges_only_at_near_tie(three_way, [5, 6, 9, 3])       # third of a near tie
+    assert not qe.diverges_only_at_near_tie(three_way, [5, 6, 4, 3])   # not a candidate
+    clear = out([5, 6, 7, 8], 2, [(7, -0.1), (1, -2.5)])
+    assert not qe.diverges_only_at_near_tie(clear, [5, 6, 1, 3])
+    assert qe.diverges_only_at_near_tie(clear, [5, 6, 7, 8, 1])        # agrees long enough
