@@ -207,6 +207,8 @@ class LLMEngine:
             if params.uses_host_masks:
                 for ch in children:
                     self.constraints.add(ch.request.request_id, params, grammar, bad_words)
+                if self._overlap:   # the split step, compiled in the background once
+                    self.runner.prepare_split()
             for ch in children:
                 self.scheduler.add_request(ch.request)
                 added.append(ch.request)
@@ -278,16 +280,28 @@ class LLMEngine:
         ``disable_by_batch_size`` the loop overlaps again).
         """
         touched: dict[str, None] = {}
-        if self._in_flight is not None and (self.scheduler.spec_active()
-                                            or self._needs_tokens(self._in_flight)):
-            # Speculation drafts from tokens on the host; a host-masked row's next mask needs
-            # the token it sampled: read the step in flight first (no overlap meanwhile).
+        if self._in_flight is not None and self.scheduler.spec_active():
+            # Speculation drafts from tokens on the host: read the step in flight first.
             self._consume(self._in_flight, touched)
             self._in_flight = None
         sched_out = self.scheduler.schedule()
-        if len(self.constraints):
+        if self._in_flight is not None and self._needs_tokens(self._in_flight):
+            # A host-masked row's next mask needs the token it sampled in the step in flight.
+            # Split step (jserve/split_step.py): the forward goes first and runs while the host
+            # reads that step and fills the masks; else read first, then the fused step.
+            handle = None
+            pending = self.runner.dispatch_forward(sched_out) if self.runner.can_split(sched_out) else None
+            self._consume(self._in_flight, touched)
+            self._in_flight = None
             self._attach_masks(sched_out)
-        handle = self.runner.dispatch(sched_out) if not sched_out.is_empty else None
+            if pending is not None:
+                handle = self.runner.dispatch_sample(pending, sched_out.token_masks)
+            elif not sched_out.is_empty:
+                handle = self.runner.dispatch(sched_out)
+        else:
+            if len(self.constraints):
+                self._attach_masks(sched_out)
+            handle = self.runner.dispatch(sched_out) if not sched_out.is_empty else None
         self._stamp_scheduled(sched_out)
         done, self._in_flight = self._in_flight, handle
         if not self._overlap or sched_out.has_drafts:
@@ -350,9 +364,10 @@ class LLMEngine:
         rows, verify = [], []
         for c in sched_out.chunks:
             if c.samples and c.req_id in cons:
-                if c.num_placeholders:
-                    raise RuntimeError(f"request {c.req_id!r}: host-masked row over a placeholder")
-                out = self.scheduler.get_request(c.req_id).output_token_ids
+                req = self.scheduler.get_request(c.req_id)
+                if req is None or req.is_finished:   # finished by the step just read: token dropped
+                    continue
+                out = req.output_token_ids
                 if c.num_draft:   # speculative: a mask per verify position, along the drafts
                     verify.append((c.req_id, out, c.token_ids[len(c.token_ids) - c.num_draft:]))
                 else:

@@ -183,6 +183,13 @@ class LeaderRunner:
         watched.watchdog = self._watchdog
         return watched
 
+    def prepare_split(self, wait: bool = False) -> None:
+        """No split step in a multi-process job: the followers replay whole plans (masks
+        included), so the leader reads the step in flight first (jserve/split_step.py)."""
+
+    def can_split(self, out: SchedulerOutput) -> bool:
+        return False
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
 

@@ -68,6 +68,7 @@ from jserve.scheduler_output import RunnerOutput, SchedulerOutput
 from jserve.slot_table import SlotWriter
 from jserve.spec.draft import DraftModel
 from jserve.spec.verify_step import SpecStepHandle, SpecSteps
+from jserve.split_step import SplitPrograms
 from jserve.step_buffers import StepLayout
 from jserve.structured.logit_state import LogitState, masked_logits
 from sharding import host_to_global
@@ -102,6 +103,43 @@ class StepVariant(NamedTuple):
     #                             attention runs the GPU kernel's decode launch alone
 
 
+def _forward_part(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh, params: Any,
+                  kv: KVCache, table: jax.Array, prev_tokens: jax.Array, joint: jax.Array) -> tuple:
+    """The model half of a step -> (kv, table with the step's diffs, logits f32[R, V],
+    SamplingBatch, pen_slot int32[R], ibuf)."""
+    ibuf, fbuf = layout.split(joint)
+    table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
+    fed = prev_tokens[jnp.maximum(prev_index, 0)]
+    batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
+    kv, logits = forward(cfg, params, kv, batch, fresh_prefill=variant.fresh_prefill, mesh=mesh,
+                         decode_only=variant.decode_only)
+    return kv, table, logits.astype(jnp.float32), sbatch, pen_slot, ibuf
+
+
+def _sample_part(layout: StepLayout, num_out: int, greedy: bool, logits: jax.Array, sbatch: Any,
+                 pen: jax.Array | None, pen_slot: jax.Array, masks: jax.Array | None,
+                 mask_slot: jax.Array) -> tuple:
+    """The sampler half of a step (penalties, token masks, sampling, penalty counts) ->
+    (pen, tokens int32[S], logprobs f32[R] | None, top_ids int32[R, N] | None, top_lp | None)."""
+    penalized = None
+    if pen is not None:
+        penalized = jax.lax.cond(jnp.any(pen_slot >= 0),
+                                 lambda: penalized_logits(logits, pen, pen_slot, sbatch),
+                                 lambda: logits)
+    if masks is not None:
+        penalized = masked_logits(logits if penalized is None else penalized, masks, mask_slot)
+    out = _sample_step(logits, penalized, sbatch, STEP_SAMPLER_FLAGS[greedy])
+    if pen is not None:
+        pen = record_tokens(pen, pen_slot, out.token_ids)
+    tokens = jnp.zeros((num_out,), jnp.int32).at[:layout.num_rows].set(out.token_ids)
+    if greedy:  # no logprobs asked (the host picks this variant only then): no outputs
+        return pen, tokens, None, None, None
+    r = layout.num_rows
+    top_ids = out.top_ids if out.top_ids is not None else jnp.zeros((r, TOP_N), jnp.int32)
+    top_lp = out.top_logprobs if out.top_logprobs is not None else jnp.zeros((r, TOP_N), jnp.float32)
+    return pen, tokens, out.logprobs, top_ids, top_lp
+
+
 def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant, mesh: Mesh,
                params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
                prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array | None = None) -> tuple:
@@ -115,31 +153,35 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
     ``variant.greedy``: argmax only, no penalties, the last three outputs None (each output is
     a buffer the CUDA graph must be re-pointed at on every call); masks: int32[S_req + 1, W + 2B]
     per-slot token masks / biases (``structured.logit_state``; None in the greedy variants)."""
+    kv, table, logits, sbatch, pen_slot, ibuf = _forward_part(cfg, layout, variant, mesh, params, kv,
+                                                              table, prev_tokens, joint)
+    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, variant.greedy, logits, sbatch,
+                                                    pen, pen_slot, masks, layout.read(ibuf, "mask_slot"))
+    return kv, pen, table, tokens, tokens, lp, top_ids, top_lp
+
+
+def forward_step(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh, params: Any,
+                 kv: KVCache, table: jax.Array, prev_tokens: jax.Array, joint: jax.Array) -> tuple:
+    """The split step's first program (jserve/split_step.py): ``fused_step``'s model half ->
+    (kv, table, logits f32[R, V]); prev_tokens is read, not donated."""
+    kv, table, logits, *_ = _forward_part(cfg, layout, variant, mesh, params, kv, table, prev_tokens,
+                                          joint)
+    return kv, table, logits
+
+
+def sample_step(layout: StepLayout, num_out: int, logits: jax.Array, pen: jax.Array, table: jax.Array,
+                prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array, mask_slot: jax.Array
+                ) -> tuple:
+    """The split step's second program: ``fused_step``'s general sampler over the forward's
+    logits f32[R, V], with the token masks the host computed meanwhile (mask_slot int32[R]
+    replaces the buffer's) -> (pen, prev_tokens' (donated), tokens, logprobs, top_ids, top_lp).
+    The table already carries the step's diffs (applying them again changes nothing)."""
+    del prev_tokens   # donated: this step's tokens take its buffer
     ibuf, fbuf = layout.split(joint)
-    table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
-    fed = prev_tokens[jnp.maximum(prev_index, 0)]
-    batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
-    kv, logits = forward(cfg, params, kv, batch, fresh_prefill=variant.fresh_prefill, mesh=mesh,
-                         decode_only=variant.decode_only)
-    logits = logits.astype(jnp.float32)
-    penalized = None
-    if pen is not None:
-        penalized = jax.lax.cond(jnp.any(pen_slot >= 0),
-                                 lambda: penalized_logits(logits, pen, pen_slot, sbatch),
-                                 lambda: logits)
-    if masks is not None:
-        penalized = masked_logits(logits if penalized is None else penalized, masks,
-                                  layout.read(ibuf, "mask_slot"))
-    out = _sample_step(logits, penalized, sbatch, STEP_SAMPLER_FLAGS[variant.greedy])
-    if pen is not None:
-        pen = record_tokens(pen, pen_slot, out.token_ids)
-    tokens = jnp.zeros((num_out,), jnp.int32).at[:layout.num_rows].set(out.token_ids)
-    if variant.greedy:  # no logprobs asked (the host picks this variant only then): no outputs
-        return kv, pen, table, tokens, tokens, None, None, None
-    r = layout.num_rows
-    top_ids = out.top_ids if out.top_ids is not None else jnp.zeros((r, TOP_N), jnp.int32)
-    top_lp = out.top_logprobs if out.top_logprobs is not None else jnp.zeros((r, TOP_N), jnp.float32)
-    return kv, pen, table, tokens, tokens, out.logprobs, top_ids, top_lp
+    _, _, sbatch, _, pen_slot = layout.unpack(ibuf, fbuf, table)
+    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, False, logits, sbatch, pen,
+                                                    pen_slot, masks, mask_slot)
+    return pen, tokens, tokens, lp, top_ids, top_lp
 
 
 @dataclass
@@ -164,6 +206,20 @@ class StepHandle:
                             top_ids=[[ids[r, :n].tolist()] for r, n in zip(rows, self.top_n, strict=True)],
                             top_logprobs=[[tlp[r, :n].tolist()] for r, n in zip(rows, self.top_n,
                                                                                  strict=True)])
+
+
+@dataclass
+class SplitPending:
+    """A split step between its halves: the forward is dispatched, the sampler waits for the
+    host masks (``Runner.dispatch_sample``)."""
+
+    sched_out: SchedulerOutput
+    layout: StepLayout
+    joint: Any                  # the step's input array, as the forward got it
+    slots: np.ndarray           # slot of each row
+    params: list                # SamplingParams of each row
+    logits: jax.Array           # f32[R, V], on the device
+    mask_slot: np.ndarray       # int32[R]: the packed mask rows (static masks; -1 free)
 
 
 class Runner:
@@ -206,6 +262,11 @@ class Runner:
                                  host_slot_counts(config))
         # Speculative decoding: the draft-verifying variants (jserve/spec/verify_step.py).
         self.spec_steps = SpecSteps(self, spec.num_speculative_tokens, draft) if spec else None
+        # Host-masked rows: forward and sampler as two programs, compiled on first use.
+        self.split = SplitPrograms(
+            [t for t in self._buckets if self._greedy_variant(t) and not sched.flash_prefill(t)],
+            self.lower_split, lambda: (self.params, self.kv, self.penalty_state, self.slot_table,
+                                       self._prev_tokens, self.logit_state.device))
 
     # ---------------------------------------------------------------- shapes
     def bucket_for(self, num_tokens: int) -> tuple[int, int]:
@@ -346,6 +407,37 @@ class Runner:
     # ---------------------------------------------------------------- device
     def dispatch(self, out: SchedulerOutput) -> StepHandle | SpecStepHandle | None:
         """Dispatch the step (page moves first); returns at once. None when there are no rows."""
+        prep = self._prepare(out)
+        if prep is None:
+            return None
+        layout, ibuf, fbuf, slots, params, fresh, masked = prep
+        greedy = (not fresh and not masked and self._greedy_variant(layout.num_tokens)
+                  and all(p.greedy and p.logprobs is None and not p.uses_penalties
+                          for c, p in zip(out.chunks, params, strict=True) if c.samples))
+        if out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
+            ibuf, fbuf = host_to_global((ibuf, fbuf), self._replicated)
+            return self.spec_steps.dispatch(self, out, layout, params, ibuf, fbuf, masked)
+        decode_only = (greedy and layout.num_tokens == self._buckets[0]
+                       and all(c.num_tokens == 1 for c in out.chunks))
+        variant = StepVariant(layout.num_tokens, fresh, greedy, decode_only)
+        step = self._compiled.get(variant)
+        if step is None:
+            raise RuntimeError(f"step variant {variant} was not compiled at warm-up")
+        pen = None if greedy else self.penalty_state
+        self.logit_state.flush()
+        masks = None if greedy else self.logit_state.device
+        self.kv, pen, self.slot_table, self._prev_tokens, tokens, lp, top_ids, top_lp = step(
+            self.params, self.kv, pen, self.slot_table, self._prev_tokens, self._joint(layout, ibuf),
+            masks)
+        if pen is not None:
+            self.penalty_state = pen
+        self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
+        return self._handle(out, params, tokens, lp, top_ids, top_lp)
+
+    def _prepare(self, out: SchedulerOutput) -> tuple | None:
+        """A step's host work before its programs: page moves, packing, slot-table rows of new
+        requests, penalty inits -> (layout, ibuf, fbuf, slots, params by row, fresh prefill,
+        some row masked), or None when there are no rows."""
         if out.transfers:
             self.kv = self.mover.move(self.kv, out.transfers)
             if self.spec_steps is not None:
@@ -364,31 +456,18 @@ class Runner:
                  and all(c.start == 0 for c in out.chunks))
         params = [self.rows.params[s] for s in slots]
         masked = bool((layout.read(ibuf, "mask_slot") >= 0).any())
-        greedy = (not fresh and not masked and self._greedy_variant(layout.num_tokens)
-                  and all(p.greedy and p.logprobs is None and not p.uses_penalties
-                          for c, p in zip(out.chunks, params, strict=True) if c.samples))
-        if out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
-            ibuf, fbuf = host_to_global((ibuf, fbuf), self._replicated)
-            return self.spec_steps.dispatch(self, out, layout, params, ibuf, fbuf, masked)
-        decode_only = (greedy and layout.num_tokens == self._buckets[0]
-                       and all(c.num_tokens == 1 for c in out.chunks))
-        variant = StepVariant(layout.num_tokens, fresh, greedy, decode_only)
-        step = self._compiled.get(variant)
-        if step is None:
-            raise RuntimeError(f"step variant {variant} was not compiled at warm-up")
+        return layout, ibuf, fbuf, slots, params, fresh, masked
+
+    def _joint(self, layout: StepLayout, ibuf: np.ndarray) -> np.ndarray | jax.Array:
+        """The step's one input array. A single process hands the host buffer to the executable
+        as it is: its own argument transfer costs the host less than a device_put before the
+        call (RESULTS.md, session 6)."""
         joint = layout.joint(ibuf)
-        if not self._replicated.is_fully_addressable:
-            joint = host_to_global(joint, self._replicated)
-        # Else the host buffer goes in as it is: the executable's own argument transfer costs
-        # the host less than a device_put before the call (RESULTS.md, session 6).
-        pen = None if greedy else self.penalty_state
-        self.logit_state.flush()
-        masks = None if greedy else self.logit_state.device
-        self.kv, pen, self.slot_table, self._prev_tokens, tokens, lp, top_ids, top_lp = step(
-            self.params, self.kv, pen, self.slot_table, self._prev_tokens, joint, masks)
-        if pen is not None:
-            self.penalty_state = pen
-        self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
+        return joint if self._replicated.is_fully_addressable else host_to_global(joint, self._replicated)
+
+    def _handle(self, out: SchedulerOutput, params: list, tokens: jax.Array, lp: jax.Array | None,
+                top_ids: jax.Array | None, top_lp: jax.Array | None) -> StepHandle:
+        """Start the step's outputs on their way to the host -> its handle."""
         top_n = tuple((p.logprobs or 0) if c.samples else 0 for c, p in zip(out.chunks, params, strict=True))
         want = any(c.samples and p.logprobs is not None for c, p in zip(out.chunks, params, strict=True))
         logprobs = (lp, top_ids, top_lp) if want else None
@@ -396,6 +475,73 @@ class Runner:
         for a in logprobs or ():
             a.copy_to_host_async()
         return StepHandle(out, tokens, logprobs, top_n)
+
+    # ---------------------------------------------------------------- split step
+    def prepare_split(self, wait: bool = False) -> None:
+        """Start compiling the split step's programs in the background (once; jserve/split_step.py);
+        ``wait``: until they are ready."""
+        for t in self.split.buckets:   # the layouts the background lowering reads
+            self.layout(t)
+        self.split.start()
+        if wait:
+            self.split.wait()
+
+    def can_split(self, out: SchedulerOutput) -> bool:
+        """Whether this plan can run as forward, then sampler (its bucket's split programs are
+        compiled; no draft rows, no flash prefill)."""
+        if not out.chunks or out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
+            return False
+        t, _ = self.bucket_for(out.num_tokens)
+        return self.split.ready(t) and not (self.config.scheduler.flash_prefill(t)
+                                            and all(c.start == 0 for c in out.chunks))
+
+    def dispatch_forward(self, out: SchedulerOutput) -> SplitPending:
+        """The split step's first half (``can_split`` holds): the host work and the forward,
+        whose placeholders read the step in flight's tokens on the device; returns at once."""
+        layout, ibuf, _, slots, params, _, _ = self._prepare(out)
+        fwd, _ = self.split.programs(layout.num_tokens)
+        joint = self._joint(layout, ibuf)
+        self.kv, self.slot_table, logits = fwd(self.params, self.kv, self.slot_table, self._prev_tokens,
+                                               joint)
+        self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
+        return SplitPending(out, layout, joint, slots, params, logits,
+                            np.array(layout.read(ibuf, "mask_slot")))
+
+    def dispatch_sample(self, pending: SplitPending, token_masks: dict[str, np.ndarray]) -> StepHandle:
+        """The split step's second half: the sampler with the host masks of its rows
+        (request id -> int32[W]; rows without one keep their static mask or none)."""
+        out, mask_slot = pending.sched_out, pending.mask_slot
+        lstate = self.logit_state
+        for r, c in enumerate(out.chunks):
+            m = token_masks.get(c.req_id) if c.samples else None
+            if m is not None:
+                mask_slot[r] = lstate.row_for(int(pending.slots[r]), m)
+        lstate.flush()
+        _, smp = self.split.programs(pending.layout.num_tokens)
+        self.penalty_state, self._prev_tokens, tokens, lp, top_ids, top_lp = smp(
+            pending.logits, self.penalty_state, self.slot_table, self._prev_tokens, pending.joint,
+            lstate.device, mask_slot)
+        self.split.steps += 1
+        return self._handle(out, pending.params, tokens, lp, top_ids, top_lp)
+
+    def lower_split(self, token_bucket: int, args: tuple) -> tuple[Any, Any]:
+        """Lower the split step's two programs of a bucket over ``args`` (abstract: params, kv,
+        penalty state, slot table, prev tokens, logit state) -> (forward, sampler) lowered."""
+        params, kv, pen, table, prev, masks = args
+        layout = self.layout(token_bucket)
+        rep = self._replicated
+        joint = jax.ShapeDtypeStruct(layout.joint(layout.new_buffers()[0]).shape, jnp.int32, sharding=rep)
+        kv_sh = jax.tree.map(lambda a: a.sharding, kv)
+        fwd = jax.jit(functools.partial(forward_step, self.config.model, layout,
+                                        StepVariant(token_bucket, False, False), self.mesh),
+                      donate_argnums=(1, 2), out_shardings=(kv_sh, rep, rep)
+                      ).lower(params, kv, table, prev, joint)
+        lo = fwd.out_info[2]
+        logits = jax.ShapeDtypeStruct(lo.shape, lo.dtype, sharding=rep)
+        mask_slot = jax.ShapeDtypeStruct((layout.num_rows,), jnp.int32, sharding=rep)
+        smp = jax.jit(functools.partial(sample_step, layout, self._num_out), donate_argnums=(1, 3),
+                      out_shardings=(rep,) * 6).lower(logits, pen, table, prev, joint, masks, mask_slot)
+        return fwd, smp
 
     # ---------------------------------------------------------------- start-up
     def lower_step(self, variant: StepVariant) -> Any:

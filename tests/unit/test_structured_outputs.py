@@ -125,3 +125,30 @@ def test_preempted_constrained_requests_still_validate(make_engine):
     assert eng.stats().num_preemptions_total > 0
     for o in outs:
         assert re.fullmatch(pat, o.outputs[0].text), o.outputs[0].text
+
+
+def test_split_step_equals_synchronous(engine, sync_engine):
+    """The split step (jserve/split_step.py: forward dispatched before the step in flight is
+    read, sampler after the host masks) gives the synchronous loop's tokens and logprobs, with
+    grammar rows over static masks, penalties, a row finishing mid-flight and free rows."""
+    engine.runner.prepare_split(wait=True)
+    before = engine.runner.split.steps
+    items = [(p, SamplingParams(temperature=0.9, seed=i, max_tokens=40, logprobs=2,
+                                structured_outputs={"json": SCHEMA}))
+             for i, p in enumerate(PROMPTS)]
+    items += [
+        ("x", SamplingParams(temperature=0.8, seed=1, max_tokens=10,
+                             structured_outputs={"choice": ["alpha", "beta", "gamma"]})),
+        ("y", SamplingParams(temperature=0.7, seed=3, max_tokens=12, repetition_penalty=1.3,
+                             logit_bias={9: 2.0}, structured_outputs={"regex": r"[a-z]{3,9}"})),
+        ("def f(x):", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, bad_words=["x"])),
+    ]
+    items += [(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)) for p in PROMPTS]
+
+    def tokens_and_logprobs(outs):
+        return [[(c.token_ids, [sorted((t, round(lp.logprob, 4)) for t, lp in d.items())
+                                for d in c.logprobs or []]) for c in o.outputs] for o in outs]
+
+    assert tokens_and_logprobs(run_engine(engine, items)) == tokens_and_logprobs(
+        run_engine(sync_engine, items))
+    assert engine.runner.split.steps > before
