@@ -1,22 +1,19 @@
-#!/usr/bin/env bash
-# The device calls owed after session 6 (2026-11-30), in the order to run them. Each case fits
+# The device calls owed after session 7 (2026-11-30), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
+# (Session 7 ran a and e: RESULTS.md "Session 7".)
 #
-#   a (1 GPU, ~8 min): the GPU tests whose tests were fixed or added after the last GPU run
-#     (quantized engine incl. the near-tie check, w8a8 tolerance, memory sizing, speculative
-#     sampled drafts + grammar rows) and the loop numbers after the stable-buffer changes
-#     (prev tokens in place, one joint step buffer, no greedy logprob outputs).
+#   f (1 GPU, ~9 min): the GPU tests that failed or were cut off in session 7, each alone with
+#     its full output (memory sizing: the code-small case failed with the output cut off; the
+#     quantized engines with the near-tie rule over 5 candidates), then the split step's A/B on
+#     the structured-output benchmark (Qwen2.5-0.5B shape): this tree against .before = the tree
+#     before the split (git archive ab22e4e ...). Prediction: constrained/free ratio from about
+#     0.6 to >= 0.85 on the H200 (the host's read + mask fill, ~1 ms for 64 rows, overlaps the
+#     forward instead of adding to it).
 #   b (1 GPU, ~9 min): speculative decoding tables (benchmarks/spec_decode.py) and the memory
 #     budget table (benchmarks/memory_budget.py).
 #   c (nvidia-h200-x2): disaggregation correctness + benchmark (benchmarks/disagg.py, two runs).
 #   d (nvidia-h200-x2): pipeline parallelism correctness + throughput (scale_out_runs.sh 7, 6),
 #     quantized tp=2 through the Mosaic kernel per shard.
-#   e (1 GPU, ~4 min): A/B of branch stage-inputs-wip (the step input copied into a donated
-#     device buffer inside the step, so one CUDA-graph node reads the fresh upload). Prediction:
-#     the idle call -0.1 to -0.3 ms on Qwen, B -0.1 ms. Prepare here:
-#       rm -rf .before && mkdir .before && git archive main jserve pallas_kernels sharding \
-#         benchmarks checkpoints | tar -x -C .before && git checkout stage-inputs-wip
-#     then run with .whl and .before carried.
 #
 # Run from the repository root with .whl/ (and .before/ for a before/after) carried:
 #   bash benchmarks/owed_gpu_runs.sh a
@@ -52,11 +49,16 @@ c)
   timeout 230 python3 benchmarks/disagg.py --model llama3.1-8b --random-weights --modes colo \
     --results "$OUT/disagg.jsonl" 2>&1 | table
   ;;
-e)
+f)
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/gpu/test_memory_gpu.py \
+    > "$OUT/memory_tests.txt" 2>&1; tail -c 2500 "$OUT/memory_tests.txt"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -rf --tb=line \
+    "tests/gpu/test_kv_quant_gpu.py::test_engine_with_quantized_kv_on_gpu" \
+    "tests/gpu/test_quant_engine_gpu.py::test_engine_greedy_on_gpu" 2>&1 | tail -4
   for tree in . .before; do
     echo "### $tree"
-    (cd "$tree" && timeout 120 python3 benchmarks/step_floor.py qwen2.5-0.5b --max-num-batched-tokens 16 \
-      2>&1 | table)
+    (cd "$tree" && timeout 100 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b \
+      --random-weights --rounds 3 2>&1 | table)
   done
   ;;
 d)
