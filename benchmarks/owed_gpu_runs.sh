@@ -9,6 +9,11 @@
 #     before the split (git archive ab22e4e ...). Prediction: constrained/free ratio from about
 #     0.6 to >= 0.85 on the H200 (the host's read + mask fill, ~1 ms for 64 rows, overlaps the
 #     forward instead of adding to it).
+#   g (1 GPU, ~4 min): does the per-call CUDA-graph update wait for the graph's previous launch?
+#     step_floor --twins (the decode step as two executables in turn) on Qwen2.5-0.5B, and the
+#     same step without command buffers. Session 7's numbers fit "fully serial": A 0.976 =
+#     device ~0.52 + the call's 0.46 host; B 1.496 = that + ~0.5 of engine work. Prediction if
+#     the update waits: A2 ~0.6 ms, B2 ~1.0 ms (>= 1000 tok/s); if not, A2 = A and B2 = B.
 #   b (1 GPU, ~9 min): speculative decoding tables (benchmarks/spec_decode.py) and the memory
 #     budget table (benchmarks/memory_budget.py).
 #   c (nvidia-h200-x2): disaggregation correctness + benchmark (benchmarks/disagg.py, two runs).
@@ -60,6 +65,12 @@ f)
     (cd "$tree" && timeout 100 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b \
       --random-weights --rounds 3 2>&1 | table)
   done
+  ;;
+g)
+  timeout 200 python3 benchmarks/step_floor.py qwen2.5-0.5b --max-num-batched-tokens 16 --twins \
+    2>&1 | table | tee "$OUT/twins.txt"
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 150 python3 benchmarks/step_floor.py \
+    qwen2.5-0.5b --max-num-batched-tokens 16 2>&1 | table | tee "$OUT/no_cmdbuf.txt"
   ;;
 d)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_quant_engine_gpu.py -k tensor_parallel \

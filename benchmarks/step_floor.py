@@ -11,6 +11,8 @@ For each model shape (random weights, bf16):
     PYTHONPATH=. python3 benchmarks/step_floor.py qwen2.5-0.5b,llama3.1-8b [--dump DIR]
         [--trace DIR] [--compile-threads N]
 
+--twins adds A2 and B2: the decode step as two executables called in turn (``Runner.compile_twins``:
+does the per-call CUDA-graph update wait for the graph's previous launch?).
 --dump writes the optimized program of each model's decode step (``<model>.decode_step.hlo.txt``)
 for reading its kernels offline; --trace records a profiler trace of 20 steps of A (host and
 device timelines: is the call waiting for the device?); --compile-threads overrides how many
@@ -74,16 +76,18 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     greedy decode-only variant."""
     r = engine.runner
     step = step or r._compiled[(r.bucket_for(1)[0], False, True, True)]
+    steps = step if isinstance(step, tuple) else (step,)   # a tuple: executables called in turn
+    step = steps[0]
     joint = decode_inputs(engine, context)
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
-    for _ in range(5):  # the greedy variant takes no penalty or logit state (None)
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
+    for i in range(6):  # the greedy variant takes no penalty or logit state (None)
+        kv, _, table, tokens, *_ = steps[i % len(steps)](r.params, kv, None, table, tokens, joint, None)
     jax.block_until_ready(tokens)
     host = 0.0
     t0 = time.perf_counter()
-    for _ in range(n):
+    for i in range(n):
         th = time.perf_counter()
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
+        kv, _, table, tokens, *_ = steps[i % len(steps)](r.params, kv, None, table, tokens, joint, None)
         host += time.perf_counter() - th
     jax.block_until_ready(tokens)
     dt = (time.perf_counter() - t0) / n
@@ -146,7 +150,8 @@ def _recompiled(engine, variant, patch: str):
 
 
 def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
-          ab: tuple[str, ...] = (), max_tokens: int = 64, quantization: str | None = None) -> None:
+          ab: tuple[str, ...] = (), max_tokens: int = 64, quantization: str | None = None,
+          twins: bool = False) -> None:
     res = {}
     t0 = time.perf_counter()
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
@@ -168,10 +173,18 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
             print(f"  A/B patch {patch} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
         extra[f"A + {patch} (recompiled in {time.perf_counter() - tc:.0f} s)"] = fn
+    decode = (t, False, True, True)
+    if twins:   # two executables of the decode step, called in turn (Runner.compile_twins)
+        eng.runner.compile_twins([decode])
+        extra["A2 two executables of the decode step in turn"] = (eng.runner._compiled[decode],
+                                                                   eng.runner._twins[decode])
     extra_res = {name: floor_a(eng, step=fn) for name, fn in extra.items()}
     for key, overlap in (("B", True), ("C", False)):
         eng._overlap = overlap   # the async_scheduling option, toggled on one engine (benchmark only)
         res[key] = engine_decode(eng)
+    if twins:
+        eng._overlap = True
+        res["B2"] = engine_decode(eng)
     p_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(eng.runner.params))
     leaves = len(jax.tree_util.tree_leaves(eng.runner.params)) + 2 * len(eng.runner.kv) + 4
     del eng
@@ -188,6 +201,9 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
         print(f"| {name} | {ms:.3f} | {1e3 / ms:.0f} | {host:.3f} | {idle:.3f} | {kernels} |")
     print(f"| B LLMEngine.step, overlapped | {res['B']:.3f} | {1e3 / res['B']:.0f} | | | |")
     print(f"| C LLMEngine.step, synchronous | {res['C']:.3f} | {1e3 / res['C']:.0f} | | | |", flush=True)
+    if "B2" in res:
+        print(f"| B2 LLMEngine.step, overlapped, decode step's twin in turn | {res['B2']:.3f} | "
+              f"{1e3 / res['B2']:.0f} | | | |", flush=True)
 
 
 def main() -> None:
@@ -203,6 +219,8 @@ def main() -> None:
                     help="step variants compiled at once at start-up (default: the runner's choice)")
     ap.add_argument("--quantization", default="none",
                     help="comma list of weight quantizations to probe in turn: none, int8, fp8, fp8_w8a8")
+    ap.add_argument("--twins", action="store_true",
+                    help="also time A2 and B2: two executables of the decode step called in turn")
     ns = ap.parse_args()
     if ns.compile_threads is not None:
         from jserve.runner import Runner
@@ -211,7 +229,7 @@ def main() -> None:
     for m in ns.models.split(","):
         for q in ns.quantization.split(","):
             probe(m, ns.dump, ns.trace, tuple(p for p in ns.ab.split(",") if p), ns.max_num_batched_tokens,
-                  None if q == "none" else q)
+                  None if q == "none" else q, twins=ns.twins)
 
 
 if __name__ == "__main__":

@@ -245,6 +245,8 @@ class Runner:
             t for i, t in enumerate(self._buckets) if i == 0 or self._buckets[i - 1] < sched.max_num_seqs)
         self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
         self._compiled: dict[StepVariant, Any] = {}
+        self._twins: dict[StepVariant, Any] = {}   # see compile_twins
+        self._twin_turn = False
         self._layouts: dict[int, StepLayout] = {}
         self._slot_init = SlotInit(sched.max_num_seqs, config.model.vocab_size, sched.max_model_len,
                                    self._replicated)
@@ -423,6 +425,10 @@ class Runner:
         step = self._compiled.get(variant)
         if step is None:
             raise RuntimeError(f"step variant {variant} was not compiled at warm-up")
+        twin = self._twins.get(variant)
+        if twin is not None:   # alternate calls go to the twin executable (``compile_twins``)
+            self._twin_turn = not self._twin_turn
+            step = twin if self._twin_turn else step
         pen = None if greedy else self.penalty_state
         self.logit_state.flush()
         masks = None if greedy else self.logit_state.device
@@ -563,6 +569,15 @@ class Runner:
                        out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 3
                        + ((None,) * 3 if greedy else (rep,) * 3)
                        ).lower(*args)
+
+    def compile_twins(self, variants: list[StepVariant]) -> None:
+        """Compile a second executable of each of ``variants``; dispatch then alternates between
+        the two. An experiment of benchmarks/step_floor.py: XLA re-points a step's CUDA graph on
+        every call (its input is a fresh upload); if that update waits for the same graph's
+        previous launch, the host's call cannot overlap the device's step, and two graphs used in
+        turn would let one be updated while the other runs. Each twin has its own graph."""
+        for v in variants:
+            self._twins[StepVariant(*v)] = self.lower_step(v).compile()
 
     def compile_threads(self) -> int:
         """Threads that compile step variants at once. One on GPU: XLA's GPU autotuner times

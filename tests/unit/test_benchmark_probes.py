@@ -27,3 +27,29 @@ def test_cmdbuf_probe_calls_the_decode_step(engine):
     step = r._compiled[(r.bucket_for(1)[0], False, True, True)]
     assert cmdbuf_probe.idle_call_ms(engine, step, in_place=True, n=1, context=20) > 0
     assert cmdbuf_probe.idle_call_ms(engine, step, in_place=False, n=1, context=20) > 0
+
+
+def test_twin_executables_give_the_same_tokens(engine):
+    """step_floor --twins: the decode step as two executables called in turn; the engine's
+    greedy tokens are those of one executable."""
+    from jserve.sampling_params import SamplingParams
+
+    def run():
+        engine.add_request("twins", list(range(10, 20)), SamplingParams(temperature=0, max_tokens=12,
+                                                                        ignore_eos=True))
+        out = None
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                out = o
+        return out.outputs[0].token_ids
+
+    r = engine.runner
+    decode = (r.bucket_for(1)[0], False, True, True)
+    one = run()
+    r.compile_twins([decode])
+    twin = r._twins[decode]
+    assert twin is not r._compiled[decode]
+    assert run() == one
+    ms, *_ = step_floor.floor_a(engine, step=(r._compiled[decode], twin), n=2, context=20)
+    assert ms > 0
+    r._twins.clear()
