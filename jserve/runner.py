@@ -623,7 +623,9 @@ class Runner:
                     f"{self.config.scheduler.seq_bucket(t)}, {kind}) at {time.perf_counter() - t0:.1f} s")
         if self.spec_steps is not None:
             self.spec_steps.compile(self, say, threads)
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        log.info("compiled %d step variants (token buckets %s) in %.1f s", total, self._buckets, elapsed)
+        return elapsed
 
     def attach_pool(self, kv: KVCache, draft_kv: KVCache | None = None) -> None:
         """The allocated pool (and the draft model's) in place of the abstract one ``compile``
