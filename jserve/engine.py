@@ -207,8 +207,6 @@ class LLMEngine:
             if params.uses_host_masks:
                 for ch in children:
                     self.constraints.add(ch.request.request_id, params, grammar, bad_words)
-                if self._overlap:   # the split step, compiled in the background once
-                    self.runner.prepare_split()
             for ch in children:
                 self.scheduler.add_request(ch.request)
                 added.append(ch.request)

@@ -492,6 +492,14 @@ class Runner:
         if wait:
             self.split.wait()
 
+    def split_wanted(self) -> bool:
+        """Whether warm-up compiles the split step: on a GPU or TPU with the overlapped loop
+        (there the forward runs on the device while the host fills masks; on CPU both share the
+        cores, measured: no gain) and not when a draft model runs in every step."""
+        sched = self.config.scheduler
+        return (self.mesh.devices.flat[0].platform in ("gpu", "tpu") and sched.async_scheduling
+                and not (self.spec_steps is not None and self.spec_steps.every_step))
+
     def can_split(self, out: SchedulerOutput) -> bool:
         """Whether this plan can run as forward, then sampler (its bucket's split programs are
         compiled; no draft rows, no flash prefill)."""
@@ -623,6 +631,9 @@ class Runner:
                     f"{self.config.scheduler.seq_bucket(t)}, {kind}) at {time.perf_counter() - t0:.1f} s")
         if self.spec_steps is not None:
             self.spec_steps.compile(self, say, threads)
+        if self.split_wanted():
+            say(f"compiling the split step (forward, sampler) for token buckets {self.split.buckets}")
+            self.prepare_split(wait=True)
         elapsed = time.perf_counter() - t0
         log.info("compiled %d step variants (token buckets %s) in %.1f s", total, self._buckets, elapsed)
         return elapsed
@@ -655,6 +666,16 @@ class Runner:
                 self.penalty_state = pen
         if self.spec_steps is not None:
             self.spec_steps.warm(self)
+        for t in self.split.buckets:   # each compiled split pair once, on padding rows only
+            if self.split.ready(t):
+                layout = self.layout(t)
+                fwd, smp = self.split.programs(t)
+                joint = jax.device_put(layout.joint(layout.new_buffers()[0]), self._replicated)
+                self.kv, self.slot_table, logits = fwd(self.params, self.kv, self.slot_table,
+                                                       self._prev_tokens, joint)
+                self.penalty_state, self._prev_tokens, *_ = smp(
+                    logits, self.penalty_state, self.slot_table, self._prev_tokens, joint,
+                    self.logit_state.device, np.full(layout.num_rows, -1, np.int32))
         self._slot_init.compile(self.penalty_state)
         for b in self._slot_init.buckets:  # run each once; the state is all zeros again after
             self.penalty_state = self._slot_init(self.penalty_state, 0, [0] * b)

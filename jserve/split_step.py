@@ -12,11 +12,12 @@ The forward's placeholders read step N's tokens on the device, as in the fused o
 the host fills the masks while the forward runs. The logits f32[R, V] stay on the device between
 the halves. A row whose request finished at step N gets no mask; its token is dropped.
 
-Compiled on first use, in the background: two programs per decode bucket (the buckets a pure
-decode step lands in: where the loop's overlap matters), started when the first host-masked
-request arrives, so start-up and the compile count of a server that never sees a grammar are
-unchanged. Until they are ready, and for larger steps (prefill chunks, flash prefill, draft
-rows), the engine reads the step in flight first, then dispatches the fused step.
+Compiled at warm-up on a GPU or TPU with the overlapped loop (``Runner.split_wanted``): two
+programs per decode bucket (the buckets a pure decode step lands in, where the loop's overlap
+matters). Not on CPU, where the "device" is the host's own cores and the overlap measured no gain
+(benchmarks/RESULTS.md, session 7); tests compile them there with ``Runner.prepare_split``. For
+larger steps (prefill chunks, flash prefill, draft rows) and multi-process jobs the engine reads
+the step in flight first, then dispatches the fused step.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def abstract(tree: Any) -> Any:
 
 
 class SplitPrograms:
-    """The split step's compiled (forward, sampler) pair per decode bucket, compiled in the
-    background on first use."""
+    """The split step's compiled (forward, sampler) pair per decode bucket (compiled on a
+    worker thread; ``wait`` joins it)."""
 
     def __init__(self, buckets: list[int], lower: Callable[[int, tuple], tuple[Any, Any]],
                  arguments: Callable[[], tuple]) -> None:
