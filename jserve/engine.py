@@ -291,7 +291,7 @@ class LLMEngine:
             pending = self.runner.dispatch_forward(sched_out) if self.runner.can_split(sched_out) else None
             self._consume(self._in_flight, touched)
             self._in_flight = None
-            self._attach_masks(sched_out)
+            self._attach_masks(sched_out, after_read=True)
             if pending is not None:
                 handle = self.runner.dispatch_sample(pending, sched_out.token_masks)
             elif not sched_out.is_empty:
@@ -355,13 +355,16 @@ class LLMEngine:
                 self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED if err
                                               else RequestStatus.FINISHED_STOPPED)
 
-    def _attach_masks(self, sched_out: SchedulerOutput) -> None:
-        """Allowed-token bitmasks of this plan's host-masked sampling rows (their tokens are all
-        on the host: a step that sampled them is read before the next is planned)."""
+    def _attach_masks(self, sched_out: SchedulerOutput, after_read: bool = False) -> None:
+        """Allowed-token bitmasks of this plan's host-masked sampling rows. Their tokens are all
+        on the host: either no step that sampled them is in flight, or (``after_read``) that
+        step was read after this plan was made, so a placeholder's token is known."""
         cons = self.constraints
         rows, verify = [], []
         for c in sched_out.chunks:
             if c.samples and c.req_id in cons:
+                if c.num_placeholders and not after_read:
+                    raise RuntimeError(f"request {c.req_id!r}: host-masked row over an unread placeholder")
                 req = self.scheduler.get_request(c.req_id)
                 if req is None or req.is_finished:   # finished by the step just read: token dropped
                     continue
