@@ -94,12 +94,12 @@ class StepLayout:
     def floats(self) -> dict[str, tuple[int, tuple[int, ...], float]]:
         return self._table(_FLOAT_FIELDS)
 
-    @property
+    @cached_property
     def int_size(self) -> int:
         off, shp, _ = list(self.ints.values())[-1]
         return off + math.prod(shp)
 
-    @property
+    @cached_property
     def float_size(self) -> int:
         off, shp, _ = list(self.floats.values())[-1]
         return off + math.prod(shp)
