@@ -183,11 +183,9 @@ class LeaderRunner:
         watched.watchdog = self._watchdog
         return watched
 
-    def prepare_split(self, wait: bool = False) -> None:
+    def can_split(self, out: SchedulerOutput) -> bool:
         """No split step in a multi-process job: the followers replay whole plans (masks
         included), so the leader reads the step in flight first (jserve/split_step.py)."""
-
-    def can_split(self, out: SchedulerOutput) -> bool:
         return False
 
     def __getattr__(self, name: str) -> Any:

@@ -1,7 +1,7 @@
 """Penalty state: per-request token statistics on the device, kept up to date by the step.
 
 Where it sits: the ``Runner`` owns one int32 array with a row per ``RequestRows`` slot. The
-general step variant (``runner.fused_step``) takes it donated, penalizes the logits of the rows
+general step variant (``step_program.fused_step``) takes it donated, penalizes the logits of the rows
 that use penalties from their slots' rows, and adds each such row's sampled token before it
 returns the array, so the next step (dispatched before this one's tokens reach the host) sees
 it. Nothing about penalties travels per step but the rows' slots and parameters::

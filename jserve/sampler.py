@@ -1,6 +1,6 @@
 """Sampler: logits -> one token per row, traced inside the step executable.
 
-Where it sits: ``runner.fused_step`` runs ``_sample_core`` on the model's ``logits: float32[R, V]``
+Where it sits: ``step_program.fused_step`` runs ``_sample_core`` on the model's ``logits: float32[R, V]``
 with the step's ``SamplingBatch`` and static ``SamplerFlags`` (``jserve.sampling_batch``); the
 penalties there come from the per-slot device state (``jserve.penalty_state``), which calls
 ``penalize_counts``. ``sample`` (penalties from ``SamplingBatch.history_ids``) is the pure

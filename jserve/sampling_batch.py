@@ -6,7 +6,7 @@ the per-slot device state, ``jserve.penalty_state``, so its ``history_ids`` is N
 ``pack_sampling`` packs host rows, one ``SamplingRow`` per row (``None`` for rows whose sampled
 token is discarded), with the whole penalty history, for the pure reference sampler
 (``sampler.sample``) that tests compare the engine with; ``SamplerFlags`` is its static
-argument (and the step's: ``runner.STEP_SAMPLER_FLAGS``)::
+argument (and the step's: ``step_program.STEP_SAMPLER_FLAGS``)::
 
     rows: [SamplingRow | None] * n --pack_sampling--> SamplingBatch (R rows) + SamplerFlags
     row r >= n and None rows are padding: greedy, no penalties, no bans, no logprobs

@@ -4,7 +4,7 @@ Where it sits: ``Runner.dispatch`` hands a step whose plan has draft rows
 (``SchedulerOutput.has_drafts``) to ``SpecSteps.dispatch`` after packing it as usual (the step
 buffer's ``num_draft[r]`` marks the last tokens of row r as drafts). The executable::
 
-    unpack, feed placeholders (as ``runner.fused_step``) -> hidden states of all T tokens
+    unpack, feed placeholders (as ``step_program.fused_step``) -> hidden states of all T tokens
     row r (K = num_speculative_tokens, k = num_draft[r] <= K, e = its last token):
         verify positions  e - k, e - k + 1, ..., e  (then e repeated up to K + 1 columns)
         logits [R, K + 1, V] at them; the drafts are the row's tokens e - k + 1 .. e
@@ -18,7 +18,7 @@ buffer's ``num_draft[r]`` marks the last tokens of row r as drafts). The executa
 
 Rows without drafts (prefill chunks, decode rows of requests that do not speculate) get
 exactly the ordinary sampler's token in column 0. Variants: (token bucket, greedy); the greedy
-one has no control flow (see ``runner.STEP_SAMPLER_FLAGS``) and exists for the buckets a pure
+one has no control flow (see ``step_program.STEP_SAMPLER_FLAGS``) and exists for the buckets a pure
 decode step with drafts lands in. All are compiled at start-up with the runner's variants.
 """
 
@@ -61,7 +61,7 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
               masks: jax.Array | None = None) -> tuple:
     """-> (kv, pen, table, last tokens int32[S], tokens int32[R, K + 1], num_emitted int32[R],
     logprobs f32[R, K + 1], top_ids int32[R, K + 1, N], top_logprobs f32[R, K + 1, N],
-    draft_kv, next drafts int32[R, K], draft_probs). Arguments as ``runner.fused_step``;
+    draft_kv, next drafts int32[R, K], draft_probs). Arguments as ``step_program.fused_step``;
     ``num_spec`` (static) is K; ``draft_cfg`` (static) the draft model's config, or None
     (n-gram: no draft model, draft_kv None, next drafts zero); draft_probs: f32[S + 1, K, V]
     per slot, the distributions its random rows' drafts were sampled from (the draft model's

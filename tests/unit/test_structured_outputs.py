@@ -131,7 +131,7 @@ def test_split_step_equals_synchronous(engine, sync_engine):
     """The split step (jserve/split_step.py: forward dispatched before the step in flight is
     read, sampler after the host masks) gives the synchronous loop's tokens and logprobs, with
     grammar rows over static masks, penalties, a row finishing mid-flight and free rows."""
-    engine.runner.prepare_split(wait=True)
+    engine.runner.compile_split()
     before = engine.runner.split.steps
     items = [(p, SamplingParams(temperature=0.9, seed=i, max_tokens=40, logprobs=2,
                                 structured_outputs={"json": SCHEMA}))

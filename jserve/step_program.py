@@ -1,0 +1,132 @@
+"""The step programs: the model forward and the in-step sampler over one packed step.
+
+Where it sits: the runner lowers and compiles these functions, one program per ``StepVariant``
+(``fused_step``: forward + sampler in one program), and for host-masked rows the split pair
+(``forward_step`` then ``sample_step``, jserve/split_step.py). They take the step's one int32
+input array (``StepLayout.joint``) and the runner's device state (KV pool, slot table, penalty
+state, previous tokens, logit state), all donated where they are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jserve.kv_cache import KVCache
+from jserve.model.decoder import forward
+from jserve.penalty_state import penalized_logits, record_tokens
+from jserve.sampler import _sample_core
+from jserve.sampling_batch import SamplerFlags
+from jserve.step_buffers import StepLayout
+from jserve.structured.logit_state import masked_logits
+
+# The in-step sampler's static flags, one compiled step per value:
+#  general: a superset whose unused work (random draws, filters, top-N logprobs) is skipped at
+#           run time by the batch's values (``lax.cond`` in ``sampler._sample_core``);
+#  greedy:  argmax only, no ``lax.cond``: an XLA GPU conditional reads its predicate on the host,
+#           which blocks the dispatching thread until the device reaches it, so the host could
+#           not run ahead of the device. Steps whose sampling rows are all greedy without
+#           logprobs or penalties (the common decode) take it; it neither reads nor passes the
+#           penalty state (applying penalties unconditionally would add a [R, V] gather and
+#           several [R, V] passes to every greedy decode step for a rare feature).
+STEP_SAMPLER_FLAGS = {False: SamplerFlags(all_greedy=False, any_filters=True, history_width=0,
+                                          max_logprobs=20),
+                      True: SamplerFlags(all_greedy=True, max_logprobs=0)}
+TOP_N = 20
+# The sampler as a nested jit: variants with the same row bucket share its trace (start-up).
+_sample_step = jax.jit(_sample_core, static_argnums=(3,))
+
+
+class StepVariant(NamedTuple):
+    """One compiled step program (all fields static)."""
+
+    tokens: int                 # the token bucket T
+    fresh_prefill: bool         # every chunk starts at token 0: flash attention over the chunk
+    greedy: bool                # argmax sampler: no conditionals, no penalty state
+    decode_only: bool = False   # greedy, and every row is one token (the smallest bucket only):
+    #                             attention runs the GPU kernel's decode launch alone
+
+
+def _forward_part(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh, params: Any,
+                  kv: KVCache, table: jax.Array, prev_tokens: jax.Array, joint: jax.Array) -> tuple:
+    """The model half of a step -> (kv, table with the step's diffs, logits f32[R, V],
+    SamplingBatch, pen_slot int32[R], ibuf)."""
+    ibuf, fbuf = layout.split(joint)
+    table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
+    fed = prev_tokens[jnp.maximum(prev_index, 0)]
+    batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
+    kv, logits = forward(cfg, params, kv, batch, fresh_prefill=variant.fresh_prefill, mesh=mesh,
+                         decode_only=variant.decode_only)
+    return kv, table, logits.astype(jnp.float32), sbatch, pen_slot, ibuf
+
+
+def _sample_part(layout: StepLayout, num_out: int, greedy: bool, logits: jax.Array, sbatch: Any,
+                 pen: jax.Array | None, pen_slot: jax.Array, masks: jax.Array | None,
+                 mask_slot: jax.Array) -> tuple:
+    """The sampler half of a step (penalties, token masks, sampling, penalty counts) ->
+    (pen, tokens int32[S], logprobs f32[R] | None, top_ids int32[R, N] | None, top_lp | None)."""
+    penalized = None
+    if pen is not None:
+        penalized = jax.lax.cond(jnp.any(pen_slot >= 0),
+                                 lambda: penalized_logits(logits, pen, pen_slot, sbatch),
+                                 lambda: logits)
+    if masks is not None:
+        penalized = masked_logits(logits if penalized is None else penalized, masks, mask_slot)
+    out = _sample_step(logits, penalized, sbatch, STEP_SAMPLER_FLAGS[greedy])
+    if pen is not None:
+        pen = record_tokens(pen, pen_slot, out.token_ids)
+    tokens = jnp.zeros((num_out,), jnp.int32).at[:layout.num_rows].set(out.token_ids)
+    if greedy:  # no logprobs asked (the host picks this variant only then): no outputs
+        return pen, tokens, None, None, None
+    r = layout.num_rows
+    top_ids = out.top_ids if out.top_ids is not None else jnp.zeros((r, TOP_N), jnp.int32)
+    top_lp = out.top_logprobs if out.top_logprobs is not None else jnp.zeros((r, TOP_N), jnp.float32)
+    return pen, tokens, out.logprobs, top_ids, top_lp
+
+
+def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant, mesh: Mesh,
+               params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
+               prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array | None = None) -> tuple:
+    """Model forward + sampler over one packed step (``joint``: the step's two buffers as one
+    int32 array, ``StepLayout.joint``). pen: int32[S_req, V] penalty state (None
+    in the greedy variants); table: int32[S_req + 1, W] slot table (page rows, sampling params);
+    prev_tokens: int32[S] (the previous step's sampled tokens by row; donated) -> (kv, pen,
+    table, prev_tokens' int32[S] (this step's tokens, in the donated buffer: the next step reads
+    them from the same address), tokens int32[S] (the same values, a fresh buffer for the host),
+    logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
+    ``variant.greedy``: argmax only, no penalties, the last three outputs None (each output is
+    a buffer the CUDA graph must be re-pointed at on every call); masks: int32[S_req + 1, W + 2B]
+    per-slot token masks / biases (``structured.logit_state``; None in the greedy variants)."""
+    kv, table, logits, sbatch, pen_slot, ibuf = _forward_part(cfg, layout, variant, mesh, params, kv,
+                                                              table, prev_tokens, joint)
+    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, variant.greedy, logits, sbatch,
+                                                    pen, pen_slot, masks, layout.read(ibuf, "mask_slot"))
+    return kv, pen, table, tokens, tokens, lp, top_ids, top_lp
+
+
+def forward_step(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh, params: Any,
+                 kv: KVCache, table: jax.Array, prev_tokens: jax.Array, joint: jax.Array) -> tuple:
+    """The split step's first program (jserve/split_step.py): ``fused_step``'s model half ->
+    (kv, table, logits f32[R, V]); prev_tokens is read, not donated."""
+    kv, table, logits, *_ = _forward_part(cfg, layout, variant, mesh, params, kv, table, prev_tokens,
+                                          joint)
+    return kv, table, logits
+
+
+def sample_step(layout: StepLayout, num_out: int, logits: jax.Array, pen: jax.Array, table: jax.Array,
+                prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array, mask_slot: jax.Array
+                ) -> tuple:
+    """The split step's second program: ``fused_step``'s general sampler over the forward's
+    logits f32[R, V], with the token masks the host computed meanwhile (mask_slot int32[R]
+    replaces the buffer's) -> (pen, prev_tokens' (donated), tokens, logprobs, top_ids, top_lp).
+    The table already carries the step's diffs (applying them again changes nothing)."""
+    del prev_tokens   # donated: this step's tokens take its buffer
+    ibuf, fbuf = layout.split(joint)
+    _, _, sbatch, _, pen_slot = layout.unpack(ibuf, fbuf, table)
+    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, False, logits, sbatch, pen,
+                                                    pen_slot, masks, mask_slot)
+    return pen, tokens, tokens, lp, top_ids, top_lp
