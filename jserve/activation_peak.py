@@ -5,10 +5,12 @@ Where it sits: start-up, between loading the weights and sizing the KV pool (DES
 (``kv_cache.MemoryBudget``), instead of a fixed share held back for activations::
 
     probe runner: the real params, an abstract pool of PROBE_PAGES pages (nothing allocated)
-    for each step program of the largest token bucket (general, greedy, flash, speculative):
+    for each step program of the largest token bucket (general, greedy, flash, speculative),
+    and the split step's pair of its largest bucket (GPU/TPU, jserve/split_step.py):
         lower -> compile -> memory_analysis(): temp + (outputs - outputs aliased to donated inputs)
     + the page mover's largest gather to host memory (swap, host tier), measured the same way:
-      its pages wait on the device for their copy while the next step runs
+      its pages wait on the device for their copy while the next step runs; plus as many bytes
+      uploaded from host memory and the largest scatter of them into the pool
     activation bytes = the largest step + the largest move
 
 The steps' temporaries (hidden states, MLP activations, attention scratch, logits and the
@@ -54,6 +56,27 @@ def compiled_extra_bytes(compiled: Any) -> int:
     return int(m.temp_size_in_bytes) + max(0, int(m.output_size_in_bytes) - int(m.alias_size_in_bytes))
 
 
+def mover_peak_bytes(moves: list[Any]) -> int:
+    """The page mover's peak from its lowered largest gather and scatter
+    (``KVPageMover.lower_largest_moves``; none without host moves): a step can swap pages out
+    and in at once, so the gathered pages wait for their copy to host memory while the pages
+    uploaded from it (as many bytes as the gather's output) are scattered into the pool."""
+    if not moves:
+        return 0
+    gather, scatter = (low.compile() for low in moves)
+    upload = int(gather.memory_analysis().output_size_in_bytes)
+    return compiled_extra_bytes(gather) + upload + compiled_extra_bytes(scatter)
+
+
+def split_peak_bytes(forward: Any, sampler: Any) -> int:
+    """The split step's peak (jserve/split_step.py) from its lowered pair: the forward's, or
+    its logits kept for the sampler plus the sampler's."""
+    fwd = forward.compile()
+    m = fwd.memory_analysis()
+    kept = int(m.output_size_in_bytes) - int(m.alias_size_in_bytes)   # the logits: the rest is donated
+    return max(compiled_extra_bytes(fwd), kept + compiled_extra_bytes(sampler.compile()))
+
+
 def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
                              draft: DraftModel | None = None) -> int:
     """The activation peak of the engine's step programs (module docstring), per device."""
@@ -69,11 +92,13 @@ def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
         lowered.append(runner.spec_steps._lower(runner, (largest, False)))
     peak = max(compiled_extra_bytes(low.compile()) for low in lowered)
     count = len(lowered)
-    moves = [runner.mover.lower_largest_gather(runner.kv)]
+    if runner.split_wanted() and runner.split.buckets:
+        peak = max(peak, split_peak_bytes(*runner.lower_split(max(runner.split.buckets))))
+        count += 1
+    move = mover_peak_bytes(runner.mover.lower_largest_moves(runner.kv))
     if runner.spec_steps is not None and runner.spec_steps.mover is not None:
-        moves.append(runner.spec_steps.mover.lower_largest_gather(probe_draft.kv))
-    move = sum(compiled_extra_bytes(low.compile()) for low in moves if low is not None)
-    del runner, lowered, moves
+        move += mover_peak_bytes(runner.spec_steps.mover.lower_largest_moves(probe_draft.kv))
+    del runner, lowered
     gc.collect()   # the probe's slot and penalty state go before the pool is allocated
     log.info("activation peak: %.1f MiB per device: the largest of %d step programs of %d tokens "
              "(%.1f MiB) + the largest page move to host memory (%.1f MiB)",
@@ -85,10 +110,11 @@ def estimate_activation_bytes(config: EngineConfig, draft: ModelConfig | None = 
     """The measured peak estimated from the shapes alone (``jserve plan``), per device: the
     largest token bucket T's hidden-size and MLP activations, the row bucket R's float32 logits
     with the sampler's copies (softmax, sort values and indices, filtered logits), and, when
-    pages can move to host memory, the largest move's pages twice (stacked, then split)::
+    pages can move to host memory, the largest move's pages five times (gathered: stacked, then
+    split; brought back: uploaded, stacked, then scattered)::
 
         T x (2 x hidden + QKV + 3 x intermediate) / tp x dtype bytes + 6 x R x vocab x 4 B
-        + 2 x move bucket x page bytes (target + draft)
+        + 5 x move bucket x page bytes (target + draft)
     """
     m, s = config.model, config.scheduler
     tp = config.parallel.tensor_parallel_size
@@ -102,4 +128,4 @@ def estimate_activation_bytes(config: EngineConfig, draft: ModelConfig | None = 
     bucket = transfer_buckets(max(config.pages_per_seq, s.max_num_seqs))[-1]
     page = sum(kv_bytes_per_token(c, config.kv_dtype, tp) * config.cache.page_size
                + kv_scale_bytes_per_page(c, config.kv_dtype, tp) for c in (m, draft) if c is not None)
-    return step + 2 * bucket * page
+    return step + 5 * bucket * page

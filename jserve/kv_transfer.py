@@ -22,7 +22,7 @@ the gather of a page that is handed out again runs before the step that overwrit
 (Measured on an H200 with Llama-8B pages, see benchmarks/RESULTS.md: the previous numpy
 store spent ~1 s per 512 MiB on host copies and a blocking wait after the step.)
 
-Buckets are powers of 4 (1, 4, 16, 64, 256); n pages go in calls of the largest bucket that
+Buckets are powers of 4 (1, 4, 16, 64); n pages go in calls of the largest bucket that
 fits what is left (70 = 64 + 4 + 1 + 1), so nothing is padded and no byte moves twice.
 (Warm-up runs each bucket on page 0, the null page, which nothing reads.)
 """
@@ -42,12 +42,14 @@ from jserve.kv_cache import KVCache
 from jserve.scheduler_output import KVTransfers
 from sharding import host_to_global
 
-MAX_TRANSFER_BUCKET = 256
+# 64 pages per call: each page is its own host array, so larger calls gain little, and the
+# activation budget holds the largest call's pages five times (jserve/activation_peak.py).
+MAX_TRANSFER_BUCKET = 64
 HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
 
 
 def transfer_buckets(max_pages: int) -> tuple[int, ...]:
-    """Powers of 4 from 1 up to the first >= ``max_pages`` (capped at 256)."""
+    """Powers of 4 from 1 up to the first >= ``max_pages`` (capped at ``MAX_TRANSFER_BUCKET``)."""
     out, b = [1], 1
     while b < min(max_pages, MAX_TRANSFER_BUCKET):
         b *= 4
@@ -180,14 +182,18 @@ class KVPageMover:
             kv = self._scatter(kv, self._ids([p for _, _, p in moves]), pages)
         return kv
 
-    def lower_largest_gather(self, kv: KVCache) -> Any:
-        """The lowered device -> host gather of the largest bucket over ``kv`` (arrays or their
-        ShapeDtypeStructs): its memory analysis is the mover's peak (jserve/activation_peak.py).
-        None without host moves."""
+    def lower_largest_moves(self, kv: KVCache) -> list[Any]:
+        """The lowered device -> host gather and host -> device scatter of the largest bucket
+        over ``kv`` (arrays or their ShapeDtypeStructs): with the uploaded pages (the gather's
+        output size) their memory analyses give the mover's peak (jserve/activation_peak.py).
+        Empty without host moves."""
         if not self.host_moves:
-            return None
+            return []
         ids = jax.ShapeDtypeStruct((self.buckets[-1],), jnp.int32, sharding=self._ids_sharding)
-        return self._gather.lower(kv, ids)
+        gather = self._gather.lower(kv, ids)
+        pages = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             gather.out_info, (self._on_device,) * len(gather.out_info))
+        return [gather, self._scatter.lower(kv, ids, pages)]
 
     def warmup(self, kv: KVCache) -> KVCache:
         """Compile (and run once, on the null page) every bucket of every move."""

@@ -256,7 +256,7 @@ def _move_note(c: EngineConfig) -> str:
     if not host_slot_counts(c):
         return ""
     bucket = transfer_buckets(max(c.pages_per_seq, c.scheduler.max_num_seqs))[-1]
-    return (f", + {bucket} pages x 2 of the largest move to host memory (--swap-space 0 and "
+    return (f", + {bucket} pages x 5 of the largest move to host memory (--swap-space 0 and "
             f"--host-kv-cache-gb 0 drop it)")
 
 

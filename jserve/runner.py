@@ -534,6 +534,18 @@ class Runner:
         if draft_kv is not None:
             self.spec_steps.draft.kv = draft_kv
 
+    def _warm_split(self, token_bucket: int) -> None:
+        """Run one bucket's split pair once on padding rows. (A method of its own so that the
+        logits die with it: left alive, they took the room of the page mover's warm-up.)"""
+        layout = self.layout(token_bucket)
+        fwd, smp = self.split.programs(token_bucket)
+        joint = jax.device_put(layout.joint(layout.new_buffers()[0]), self._replicated)
+        self.kv, self.slot_table, logits = fwd(self.params, self.kv, self.slot_table,
+                                               self._prev_tokens, joint)
+        self.penalty_state, self._prev_tokens, *_ = smp(
+            logits, self.penalty_state, self.slot_table, self._prev_tokens, joint,
+            self.logit_state.device, np.full(layout.num_rows, -1, np.int32))
+
     def warm(self) -> float:
         """Run each compiled step once over the allocated pool, then compile and run the small
         programs (penalty slot init per id bucket, slot writer, logit state, page mover).
@@ -553,14 +565,7 @@ class Runner:
             self.spec_steps.warm(self)
         for t in self.split.buckets:   # each compiled split pair once, on padding rows only
             if self.split.ready(t):
-                layout = self.layout(t)
-                fwd, smp = self.split.programs(t)
-                joint = jax.device_put(layout.joint(layout.new_buffers()[0]), self._replicated)
-                self.kv, self.slot_table, logits = fwd(self.params, self.kv, self.slot_table,
-                                                       self._prev_tokens, joint)
-                self.penalty_state, self._prev_tokens, *_ = smp(
-                    logits, self.penalty_state, self.slot_table, self._prev_tokens, joint,
-                    self.logit_state.device, np.full(layout.num_rows, -1, np.int32))
+                self._warm_split(t)
         self._slot_init.compile(self.penalty_state)
         for b in self._slot_init.buckets:  # run each once; the state is all zeros again after
             self.penalty_state = self._slot_init(self.penalty_state, 0, [0] * b)

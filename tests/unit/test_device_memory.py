@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jserve.activation_peak import compiled_extra_bytes, estimate_activation_bytes, measure_activation_bytes
+from jserve.activation_peak import (
+    compiled_extra_bytes,
+    estimate_activation_bytes,
+    measure_activation_bytes,
+    split_peak_bytes,
+)
 from jserve.device_memory import FRACTION_VARS, allocator_fraction, allowed_bytes, usable_device_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,9 +66,14 @@ def test_the_probe_measures_the_largest_step_the_engine_compiles(make_engine):
     engine = make_engine("llama", max_num_batched_tokens=64, max_num_seqs=8, num_pages=100)
     r = engine.runner
     real = max(compiled_extra_bytes(c) for v, c in r._compiled.items() if v.tokens == 64)
-    move = compiled_extra_bytes(r.mover.lower_largest_gather(r.kv).compile())   # swap is on
-    assert move > 0 and real > 0
+    gather, scatter = (low.compile() for low in r.mover.lower_largest_moves(r.kv))  # swap is on
+    upload = gather.memory_analysis().output_size_in_bytes   # the pages brought back to the device
+    move = compiled_extra_bytes(gather) + upload + compiled_extra_bytes(scatter)
+    assert move > compiled_extra_bytes(gather) > 0 and upload > 0 and real > 0
     assert measure_activation_bytes(engine.config, r.params, r.mesh) == real + move
+    # The split step (counted where it is compiled: GPU/TPU) keeps its logits for the sampler.
+    logits = r.layout(16).num_rows * engine.config.model.vocab_size * 4
+    assert split_peak_bytes(*r.lower_split(16)) >= logits
     # The planner's shape estimate (GPU/TPU kernels read pages in place; CPU's reference
     # attention gathers each sequence's pages, so CPU measures more) is positive and grows
     # with the token budget.
