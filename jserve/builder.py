@@ -184,6 +184,17 @@ def memory_budget(config: EngineConfig, weight_bytes: int, device: jax.Device,
                         activations() if act is None else act, other)
 
 
+def memory_after_warmup(device: jax.Device, budget: MemoryBudget) -> str:
+    """A start-up log line: the device's peak and current use after every program ran once,
+    against the usable bytes the pool was sized for (the activation budget's unused part is the
+    margin left to serving)."""
+    stats = device.memory_stats() or {}
+    peak, now = int(stats.get("peak_bytes_in_use", 0)), int(stats.get("bytes_in_use", 0))
+    return (f"device memory after warm-up: {now / 2**30:.2f} GiB in use, peak {peak / 2**30:.2f} "
+            f"GiB of {budget.usable_bytes / 2**30:.2f} GiB usable "
+            f"({(budget.usable_bytes - peak) / 2**20:.1f} MiB never touched)")
+
+
 def plan_pool(config: EngineConfig, budget: MemoryBudget | None,
               draft: ModelConfig | None = None) -> PoolPlan:
     """Pages from ``num_pages``, else from the budget's KV bytes (None: no device limit)."""
@@ -343,6 +354,8 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
                        None if draft is None else allocate_kv_cache(draft.cfg, plan.num_pages, ps,
                                                                     kv_dtype, mesh))
     compile_s += runner.warm()
+    if budget is not None:
+        log.info(memory_after_warmup(_local_device(mesh), budget))
     if channel is not None:
         if not channel.is_leader:
             follow(runner, channel)

@@ -561,6 +561,7 @@ class Runner:
                 self.params, self.kv, pen, self.slot_table, self._prev_tokens, joint, masks)
             if pen is not None:
                 self.penalty_state = pen
+            jax.block_until_ready(self.kv)   # one program's temporaries at a time, as in serving
         if self.spec_steps is not None:
             self.spec_steps.warm(self)
         for t in self.split.buckets:   # each compiled split pair once, on padding rows only

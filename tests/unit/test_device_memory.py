@@ -14,6 +14,8 @@ from jserve.activation_peak import (
     measure_activation_bytes,
     split_peak_bytes,
 )
+from jserve.builder import memory_after_warmup
+from jserve.kv_cache import MemoryBudget
 from jserve.device_memory import FRACTION_VARS, allocator_fraction, allowed_bytes, usable_device_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,3 +103,11 @@ def test_a_started_allocator_is_used_as_it_is_with_a_warning(monkeypatch, caplog
     caplog.clear()
     assert usable_device_bytes(_StartedGpu(), 0.6) == 60 * GIB   # less than allowed: no warning
     assert not caplog.text
+
+
+def test_warmup_memory_line_reports_the_peak_against_the_usable_bytes():
+    class Device:
+        def memory_stats(self) -> dict:
+            return {"bytes_in_use": 3 * 2**30, "peak_bytes_in_use": 4 * 2**30 - 2**20}
+    line = memory_after_warmup(Device(), MemoryBudget(4 * 2**30, 2**30, 0, 2**29))
+    assert "3.00 GiB in use, peak 4.00 GiB of 4.00 GiB usable (1.0 MiB never touched)" in line
