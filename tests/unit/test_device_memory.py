@@ -15,8 +15,8 @@ from jserve.activation_peak import (
     split_peak_bytes,
 )
 from jserve.builder import memory_after_warmup
-from jserve.kv_cache import MemoryBudget
 from jserve.device_memory import FRACTION_VARS, allocator_fraction, allowed_bytes, usable_device_bytes
+from jserve.kv_cache import MemoryBudget
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30
