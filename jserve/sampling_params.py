@@ -28,11 +28,15 @@ def _token_id(name: str, t: object) -> int:
     return t
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _check_finite(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(f"SamplingParams.{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"SamplingParams.{name} must be finite, got {value!r}")
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:   # the device samples in float32
+        raise ValueError(f"SamplingParams.{name} must be finite as a float32 (|x| <= 3.4e38), "
+                         f"got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ def test_bad_prompt(engine, prompt, params, field):
 @pytest.mark.parametrize("kwargs, field", [
     ({"max_tokens": 0}, "max_tokens"),
     ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": 1e308}, "temperature"),         # finite in Python, inf as the device's float32
+    ({"repetition_penalty": 1e39}, "repetition_penalty"),
     ({"top_p": 0.0}, "top_p"),
     ({"n": 0}, "n"),
     ({"logprobs": 1000}, "logprobs"),
