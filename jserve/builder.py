@@ -46,6 +46,7 @@ from jserve.penalty_state import state_bytes
 from jserve.runner import Runner
 from jserve.spec.config import SpeculativeConfig, spec_state_bytes
 from jserve.spec.draft import DraftModel, resolve_draft
+from jserve.structured.logit_state import logit_state_bytes
 from jserve.tokenizer import TOKENIZER_FILE, Tokenizer
 from sharding import make_mesh
 from sharding.multihost import check_launch, initialize_multihost, launch_values
@@ -162,9 +163,10 @@ def speculative_config(args: EngineArgs) -> SpeculativeConfig | None:
 
 def runner_state_bytes(config: EngineConfig) -> int:
     """Device bytes the runner allocates beside the weights and the pool (per device): the
-    per-slot penalty statistics (and speculative decoding's draft q and verify masks). Start-up
-    and ``jserve plan`` both take them off the budget."""
+    per-slot penalty statistics, token masks and logit biases (and speculative decoding's draft
+    q and verify masks). Start-up and ``jserve plan`` both take them off the budget."""
     return (state_bytes(config.scheduler.max_num_seqs, config.model.vocab_size)
+            + logit_state_bytes(config.scheduler.max_num_seqs, config.model.vocab_size)
             + spec_state_bytes(config.speculative, config.scheduler.max_num_seqs,
                                config.model.vocab_size))
 

@@ -47,7 +47,9 @@ from jserve.kv_transfer import transfer_buckets
 from jserve.model.quant_params import resolve_scheme
 from jserve.model.quant_params import weight_bytes as quantized_weight_bytes
 from jserve.options import PLAN, check_keywords, options_for
+from jserve.sampling_params import MAX_LOGIT_BIAS
 from jserve.spec.draft import resolve_draft
+from jserve.structured.logit_state import mask_words
 
 _TP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -122,7 +124,8 @@ class CapacityPlan:
             + ("" if self.quantization is not None else " (8-bit: --quantization)"),
             f"memory     {_memory_line(acc, c.cache.gpu_memory_utilization, self.memory.usable_bytes)}",
             f"state      runner state (penalty statistics: {c.scheduler.max_num_seqs} seqs "
-            f"(--max-num-seqs) x {m.vocab_size:,} x 4 B"
+            f"(--max-num-seqs) x {m.vocab_size:,} x 4 B, token masks and logit biases: "
+            f"{c.scheduler.max_num_seqs + 1} x {mask_words(m.vocab_size) + 2 * MAX_LOGIT_BIAS:,} x 4 B"
             f"{'; speculative: draft q, verify masks' * bool(c.speculative)}) = "
             f"{_b(self.memory.runner_state_bytes)}",
             f"activations {_b(self.memory.activation_bytes)} per device, "

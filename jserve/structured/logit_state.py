@@ -48,6 +48,12 @@ def pack_token_ids(ids: np.ndarray | list[int], vocab_size: int) -> np.ndarray:
     return np.packbits(bits.reshape(-1, 8), axis=1, bitorder="little").reshape(-1).view(np.int32)
 
 
+def logit_state_bytes(num_slots: int, vocab_size: int) -> int:
+    """Device bytes of the state's first position (per device: replicated): int32[S + 1, W + 2B]
+    (speculative decoding's extra positions: ``spec.config.spec_state_bytes``)."""
+    return (num_slots + 1) * (mask_words(vocab_size) + 2 * MAX_LOGIT_BIAS) * 4
+
+
 def unpack_mask(words: jax.Array, vocab_size: int) -> jax.Array:
     """Inside jit: int32[R, W] -> bool[R, V] (bit t % 32 of word t // 32)."""
     bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
