@@ -36,9 +36,10 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 _LAYER_WEIGHTS = ("ln_attn", "wqkv", "bqkv", "wo", "ln_mlp", "wgu", "wd")
-# Pipeline micro-batches: S per step, doubled while each keeps at least this many tokens (up to
-# 4S): more micro-batches shrink the bubble ((S - 1) of M + S - 1 ticks), smaller ones run the
-# matmuls less efficiently.
+# Pipeline micro-batches: 1 per step, doubled while each keeps at least this many tokens (up to
+# 4S). Every tick reads the stage's weights once, so a step costs (M + S - 1) weight reads: more
+# micro-batches only pay while each is compute bound (on an H100/H200 in bf16 a matmul turns
+# compute bound at ~200 tokens: ~800 TFLOP/s over ~4 TB/s, 1 FLOP per weight byte per token).
 MICROBATCH_MIN_TOKENS = 256
 
 
@@ -109,10 +110,12 @@ def _layers(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCache
 def num_microbatches(num_tokens: int, stages: int, fresh_prefill: bool = False) -> int:
     """Micro-batches of a pipelined step of ``num_tokens`` (a bucket) over ``stages`` stages:
     1 for fresh-prompt steps (flash prefill reads a prompt's own K/V, so it must not be cut),
-    else S, doubled while each keeps ``MICROBATCH_MIN_TOKENS`` (at most 4S)."""
-    if fresh_prefill or num_tokens % stages:
+    else 1 doubled while each keeps ``MICROBATCH_MIN_TOKENS`` (at most 4S). Per device a step
+    of M micro-batches reads its weights M + S - 1 times, so weight-bound steps (decode) run
+    M = 1: S ticks, one weight read per stage, against 1.5 reads at M = S = 2."""
+    if fresh_prefill or stages == 1:
         return 1
-    m = stages
+    m = 1
     while m < 4 * stages and num_tokens % (2 * m) == 0 and num_tokens // (2 * m) >= MICROBATCH_MIN_TOKENS:
         m *= 2
     return m

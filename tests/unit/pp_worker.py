@@ -15,6 +15,12 @@ import numpy as np
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+import jserve.model.decoder as decoder  # noqa: E402
+
+# The tiny buckets here (16 tokens) would run whole (M = 1); cut them into 4-token micro-batches
+# so that the engines below run the split path end to end (chunks crossing cuts included).
+decoder.MICROBATCH_MIN_TOKENS = 4
+
 from jserve.builder import EngineArgs, build_engine  # noqa: E402
 from jserve.sampling_params import SamplingParams  # noqa: E402
 

@@ -128,9 +128,12 @@ def test_pp2_and_tp2_pp2_match_pp1(xla_cache_dir):
 def test_microbatch_count_per_bucket():
     from jserve.model.decoder import num_microbatches
 
-    assert [num_microbatches(t, 2) for t in (8, 64, 512, 1024, 2048, 8192)] == [2, 2, 2, 4, 8, 8]
+    # Weight-bound steps (up to 2 x 256 tokens) run whole; larger ones cut into compute-bound
+    # micro-batches of >= 256 tokens, at most 4S.
+    assert [num_microbatches(t, 2) for t in (8, 64, 256, 512, 1024, 2048, 8192)] == [1, 1, 1, 2, 4, 8, 8]
     assert num_microbatches(2048, 2, fresh_prefill=True) == 1   # prompts are not cut for flash
-    assert num_microbatches(6, 4) == 1 and num_microbatches(16, 4) == 4
+    assert num_microbatches(6, 4) == 1 and num_microbatches(16, 4) == 1
+    assert num_microbatches(4096, 4) == 16 and num_microbatches(1000, 2) == 2
 
 
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (XLA_FLAGS host count)")
