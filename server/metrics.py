@@ -92,6 +92,8 @@ DISAGG_COUNTERS = {
     "disagg_transfer_bytes": "KV bytes copied from the prefill group to the decode group.",
     "disagg_transfer_us": "Microseconds from dispatching a KV transfer to its bytes on the decode "
                           "group, as the engine loop observes it (summed over transfers).",
+    "disagg_prefetched_handoffs": "Handoffs whose pages were gathered right behind the prefill "
+                                  "step that completed the prompt.",
 }
 
 

@@ -7,7 +7,8 @@ outputs, stats) is ``LLMEngine``'s, over the ``TwoGroupScheduler`` facade; only 
 
     step():
       release_ready     prefill pages of transfers whose bytes reached the decode group
-      prefill group     read its oldest step if finished; plan + dispatch its next step
+      prefill group     read its oldest step if finished; plan + dispatch its next step, then
+                        gather the pages of the prompts it completes (handoff.prefetch)
       handoff.move      prefilled requests (first token on the host, already streamed)
                         -> decode group, their KV pages copied device to device
       decode group      read its oldest step if finished; plan + dispatch its next step
@@ -86,6 +87,8 @@ class DisaggEngine(LLMEngine):
             self.groups.forget(out)
             return moved
         g.pending.append(handle)
+        if g is self.prefill:   # completed prompts' pages: gathered right behind this step
+            self.handoff.prefetch(out)
         if not self._overlap:   # async_scheduling=False: each step read right after dispatch
             self._consume(g.pending.popleft(), touched)
         return True

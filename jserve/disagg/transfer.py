@@ -118,11 +118,26 @@ class KVHandoffMover:
         are ready)."""
         if len(src_pages) != len(dst_pages):
             raise ValueError(f"send: {len(src_pages)} source pages for {len(dst_pages)} destinations")
+        return self.put(dst_kv, dst_pages, self.gather(src_kv, src_pages))
+
+    def gather(self, src_kv: KVCache, src_pages: list[int]) -> list[tuple[jax.Array, ...]]:
+        """Dispatch the gather of prefill pages ``src_pages`` into contiguous buffers on the
+        prefill mesh, one per piece (``pieces``); -> the buffers, for ``put``."""
+        return [self._gather(src_kv, host_to_global(np.asarray(src_pages[a:b], np.int32), self._src_ids))
+                for a, b in self.pieces(len(src_pages))]
+
+    def put(self, dst_kv: KVCache, dst_pages: list[int], gathered: list[tuple[jax.Array, ...]]
+            ) -> tuple[KVCache, list[jax.Array]]:
+        """Dispatch the copy of ``gather``'s buffers (of as many pages) to the decode mesh and
+        their scatter into decode pages ``dst_pages``; -> (the decode pool, the received
+        buffers)."""
+        pieces = self.pieces(len(dst_pages))
+        if len(pieces) != len(gathered):
+            raise ValueError(f"put: {len(gathered)} gathered pieces for {len(dst_pages)} pages")
         received: list[jax.Array] = []
-        for a, b in self.pieces(len(src_pages)):
-            src = host_to_global(np.asarray(src_pages[a:b], np.int32), self._src_ids)
+        for (a, b), buf in zip(pieces, gathered, strict=True):
             dst = host_to_global(np.asarray(dst_pages[a:b], np.int32), self._dst_ids)
-            buf = jax.device_put(self._gather(src_kv, src), self._dst_buffer)
+            buf = jax.device_put(buf, self._dst_buffer)
             dst_kv = self._scatter(dst_kv, dst, buf)
             received.extend(buf)
         return dst_kv, received

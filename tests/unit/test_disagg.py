@@ -47,7 +47,7 @@ def _assert_drained(engine: DisaggEngine) -> None:
     for g in (engine.prefill, engine.decode):
         assert g.scheduler.pool.num_used == 0, g.name
         assert not g.pending, g.name
-    assert not engine.handoff.in_flight
+    assert not engine.handoff.in_flight and not engine.handoff.prefetched
     s = engine.stats().kv_cache
     assert s["disagg_prefill_pages_used"] == 0 and s["disagg_decode_pages_used"] == 0
 
@@ -171,6 +171,8 @@ def test_greedy_tokens_equal_colocated(make_engine, arch, kv):
     assert _tokens(run_engine(engine, items)) == ref
     s = engine.stats().kv_cache
     assert s["disagg_handoffs"] == len(items) and s["disagg_transfer_bytes"] > 0
+    # The decode group had room: pages were gathered right behind the step sampling token 1.
+    assert 0 < s["disagg_prefetched_handoffs"] <= len(items)
     _assert_drained(engine)
 
 
