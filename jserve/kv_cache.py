@@ -113,10 +113,11 @@ def kv_scale_bytes_per_page(cfg: ModelConfig, kv_dtype: str, tensor_parallel_siz
 class MemoryBudget:
     """Per device, what the KV pool may take (start-up and ``jserve plan`` alike)::
 
-        kv = usable - weights - runner state - activations - other
+        kv = usable - weights - runner state - activations - headroom - other
 
     usable: ``gpu_memory_utilization`` of the device (jserve/device_memory.py); activations: the
-    step programs' peak beyond their arguments (jserve/activation_peak.py); other: memory the
+    step programs' peak beyond their arguments (jserve/activation_peak.py); headroom: room the
+    device allocator needs beyond the sum of the peaks (``headroom_bytes``); other: memory the
     device already holds beyond the weights at start-up (0 in a plan)."""
 
     usable_bytes: int
@@ -126,15 +127,26 @@ class MemoryBudget:
     other_bytes: int = 0
 
     @property
+    def headroom_bytes(self) -> int:
+        """Bytes kept free beyond the activation peak: a quarter of it, at least 1/256 of the
+        usable bytes. The device allocator (XLA's best-fit allocator on GPU) cannot
+        hand out the last bytes of its share: a step's temporaries need contiguous free blocks,
+        and the free bytes lie in holes between live buffers. With the pool sized to the exact
+        peak, the bundled model's start-up ran out of memory on an H200 (8 MiB short with 24
+        MiB free) and Qwen2.5-0.5B's warm-up peaked at the whole share."""
+        return max(self.activation_bytes // 4, self.usable_bytes // 256)
+
+    @property
     def kv_bytes(self) -> int:
         """Bytes left for the pool; negative when the rest does not fit."""
         return (self.usable_bytes - self.weight_bytes - self.runner_state_bytes
-                - self.activation_bytes - self.other_bytes)
+                - self.activation_bytes - self.headroom_bytes - self.other_bytes)
 
     def describe(self) -> str:
         return (f"memory per device: {self.usable_bytes / 2**30:.2f} GiB usable - "
                 f"{self.weight_bytes / 2**30:.2f} weights - {self.runner_state_bytes / 2**20:.1f} MiB "
-                f"runner state - {self.activation_bytes / 2**20:.1f} MiB activations"
+                f"runner state - {self.activation_bytes / 2**20:.1f} MiB activations - "
+                f"{self.headroom_bytes / 2**20:.1f} MiB allocator headroom"
                 + (f" - {self.other_bytes / 2**20:.1f} MiB other" if self.other_bytes else "")
                 + f" = {self.kv_bytes / 2**30:.2f} GiB for the KV pool")
 

@@ -7,7 +7,7 @@ it (``resolve_model``, ``make_engine_config``), the pool comes from the same fun
 figures are the ones start-up logs for the same settings::
 
     usable        = chip memory x gpu_memory_utilization     (jserve/gpus.py)
-    budget        = usable - weights - runner state - activations    (per device)
+    budget        = usable - weights - runner state - activations - headroom    (per device)
     KV bytes/token = 2 (K, V) x layers x kv heads per device x head_dim x KV dtype bytes
     pages         = budget // (KV bytes/token x page_size)   (page 0 is the null page)
     sequences     = (pages - 1) // ceil(context / page_size)
@@ -136,6 +136,7 @@ class CapacityPlan:
                f"--activation-memory-bytes"),
             f"budget     {self.memory.usable_bytes:,} usable - {self.weight_bytes_per_device:,} weights - "
             f"{self.memory.runner_state_bytes:,} state - {self.memory.activation_bytes:,} activations "
+            f"- {self.memory.headroom_bytes:,} allocator headroom (max(activations / 4, usable / 256)) "
             f"= {_b(self.budget_bytes)} per device for the KV pool",
             f"KV/token   2 (K, V) x {layers} layers"
             f"{f' (of {m.num_layers}: this stage of pp {pp})' if pp > 1 else ''} x {kv_heads} kv heads"

@@ -38,6 +38,8 @@ def test_plan_equals_the_pool_the_engine_allocates(model, context):
     assert r["usable"] <= r["bytes_limit"]
     assert (r["weights"], r["state"]) == (r["plan_weights"], r["plan_state"])
     assert r["activations"] > 0
+    # Warm-up ran every program over the full pool and stayed inside the share, with room left.
+    assert r["peak_bytes_in_use"] < r["usable"], r
     # Same arithmetic: equal pages, up to what the device held beyond the weights at start-up.
     slack = -(-r["other"] // r["page_bytes"])
     assert r["engine_pages"] <= r["plan_pages"] <= r["engine_pages"] + slack

@@ -42,13 +42,14 @@ def test_llama31_8b_on_h100_at_8k_bf16_kv_matches_hand_calculation(capsys):
     acts = 512 * (2 * h + kv_heads * (4 + 2) * hd + 3 * mlp) * 2 + 6 * 64 * vocab * 4
     acts += 5 * 64 * 16 * 2 * layers * kv_heads * hd * 2
     assert acts == 926_810_112
-    budget = usable - weights - state - acts
+    headroom = max(acts // 4, usable // 256)    # the allocator's room beyond the peaks
+    budget = usable - weights - state - acts - headroom
     kv_per_token = 2 * layers * kv_heads * hd * 2              # K and V, bf16
     assert kv_per_token == 131_072
     page_bytes = 16 * kv_per_token
     pages = budget // page_bytes
     seqs = (pages - 1) // (8192 // 16)                         # page 0 is the null page
-    assert (budget, pages, seqs) == (59_947_364_761, 28_585, 55)   # vLLM's figure: about 50
+    assert (budget, pages, seqs) == (59_646_705_664, 28_441, 55)   # vLLM's figure: about 50
 
     assert main(["plan", "--model", "llama3.1-8b", "--gpu", "H100-80GB", "--context", "8192",
                  "--kv-cache-dtype", "bfloat16", "--tp", "1"]) == 0
@@ -59,7 +60,7 @@ def test_llama31_8b_on_h100_at_8k_bf16_kv_matches_hand_calculation(capsys):
     assert f"activations {acts:,} B" in out and "--activation-memory-bytes" in out
     assert "+ 64 pages x 5 of the largest move to host memory (--swap-space 0" in out
     assert f"{usable:,} usable - {weights:,} weights - {state:,} state - {acts:,} activations " \
-           f"= {budget:,} B" in out
+           f"- {headroom:,} allocator headroom (max(activations / 4, usable / 256)) = {budget:,} B" in out
     assert f"x 2 B (bfloat16; --kv-cache-dtype) = {kv_per_token:,} B (128.00 KiB)" in out
     assert f"{kv_per_token:,} B x 16 tokens (--page-size) = {page_bytes:,} B (2.00 MiB)" in out
     assert f"{budget:,} // {page_bytes:,} = {pages:,} pages" in out
@@ -130,7 +131,8 @@ def test_planner_equals_startup_for_the_bundled_model(tp, monkeypatch):
     assert plan.weight_bytes_per_device == startup_weights
     assert plan.memory == budget and plan.pool == startup
     state = runner_state_bytes(config)   # the penalty statistics
-    assert plan.budget_bytes == limit - startup_weights - state - acts
+    headroom = max(acts // 4, limit // 256)    # the allocator's room beyond the peaks
+    assert plan.budget_bytes == limit - startup_weights - state - acts - headroom
     assert plan.pool.num_pages == plan.budget_bytes // (plan.kv_bytes_per_token * 16)
     assert plan.pool.max_concurrent_seqs == (plan.pool.num_pages - 1) // math.ceil(ctx / 16)
 
@@ -141,7 +143,7 @@ def test_startup_counts_what_the_device_already_holds(monkeypatch):
     config = make_engine_config(args, resolve_model(args)[0])
     budget = memory_budget(config, 10 * 2**20, _Device(64 * 2**20, 12 * 2**20), lambda: 1 / 0)
     assert budget.other_bytes == 2 * 2**20      # in use beyond the weights: not the pool's
-    assert budget.kv_bytes == 64 * 2**20 - 12 * 2**20 - runner_state_bytes(config)
+    assert budget.kv_bytes == 64 * 2**20 - 12 * 2**20 - runner_state_bytes(config) - 64 * 2**20 // 256
 
 
 def test_engine_allocates_the_planned_pool(xla_cache_dir):
