@@ -30,14 +30,6 @@ log = logging.getLogger(__name__)
 # Per layer (k_pages, v_pages), plus (k_scales, v_scales) float32[num_pages, Hkv] for an
 # int8 / fp8 pool (pallas_kernels/kv_write/scales.py chooses them).
 KVCache = list[tuple[jax.Array, ...]]
-
-# XLA options of every program that takes the pool as an argument (steps, page movers). XLA's
-# GPU compiler rematerializes a program whose arguments and temporaries exceed its memory limit
-# (80% of the device, or the allocator's share, minus the arguments' size): with the pool filling
-# the share that limit is negative, so the pass runs on every step program, cannot succeed, and
-# changes the program the 2-page probe measured (jserve/activation_peak.py). Measured on an H200
-# (Qwen2.5-0.5B shape, 10 step variants, cold cache): compile 139 s with the pass, 60 s without.
-POOL_PROGRAM_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 KV_AXES = ("kv_pages", "page_slot", "kv_heads", "head_dim")
 SCALE_AXES = ("kv_pages", "kv_heads")
 KV_STORAGE = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}

@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jserve.host_pages import HostPages
-from jserve.kv_cache import POOL_PROGRAM_COMPILER_OPTIONS, KVCache
+from jserve.kv_cache import KVCache
 from jserve.scheduler_output import KVTransfers
 from sharding import host_to_global
 
@@ -149,11 +149,9 @@ class KVPageMover:
             self._on_device = (self._on_device, scales)
             self._on_host = (self._on_host, scales.with_memory_kind(kind))
         self._ids_sharding = NamedSharding(_page_sharding(kv).mesh, PartitionSpec())
-        opts = POOL_PROGRAM_COMPILER_OPTIONS
-        self._gather = jax.jit(_gather, compiler_options=opts)
-        self._copy = jax.jit(_copy, donate_argnums=(0,), out_shardings=shardings, compiler_options=opts)
-        self._scatter = jax.jit(_scatter, donate_argnums=(0,), out_shardings=shardings,
-                                compiler_options=opts)
+        self._gather = jax.jit(_gather)
+        self._copy = jax.jit(_copy, donate_argnums=(0,), out_shardings=shardings)
+        self._scatter = jax.jit(_scatter, donate_argnums=(0,), out_shardings=shardings)
 
     def _chunks(self, n: int) -> list[tuple[int, int]]:
         return bucket_pieces(n, self.buckets)

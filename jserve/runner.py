@@ -56,7 +56,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jserve.config import EngineConfig
 from jserve.host_kv import host_slot_counts
-from jserve.kv_cache import POOL_PROGRAM_COMPILER_OPTIONS, KVCache
+from jserve.kv_cache import KVCache
 from jserve.kv_transfer import KVPageMover
 from jserve.penalty_state import SlotInit, state_bytes
 from jserve.runner_state import RequestRows
@@ -431,7 +431,7 @@ class Runner:
         table, prev = self.slot_table, self._prev_tokens
         fwd = jax.jit(functools.partial(forward_step, self.config.model, layout,
                                         StepVariant(token_bucket, False, False), self.mesh),
-                      donate_argnums=(1, 2), compiler_options=POOL_PROGRAM_COMPILER_OPTIONS,
+                      donate_argnums=(1, 2),
                       out_shardings=(jax.tree.map(lambda a: a.sharding, self.kv), rep, rep)
                       ).lower(self.params, self.kv, table, prev, joint)
         lo = fwd.out_info[2]
@@ -458,7 +458,7 @@ class Runner:
         # Every buffer the step reads and writes across calls keeps its address (donated and
         # aliased: kv, penalty state, slot table, prev tokens), so XLA's command buffer (CUDA
         # graph) is not re-recorded for them on each call (RESULTS.md, session 6).
-        return jax.jit(fn, donate_argnums=(1, 2, 3, 4), compiler_options=POOL_PROGRAM_COMPILER_OPTIONS,
+        return jax.jit(fn, donate_argnums=(1, 2, 3, 4),
                        out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 3
                        + ((None,) * 3 if greedy else (rep,) * 3)
                        ).lower(*args)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jserve.kv_cache import POOL_PROGRAM_COMPILER_OPTIONS, KVCache
+from jserve.kv_cache import KVCache
 from jserve.kv_transfer import bucket_pieces
 from sharding import host_to_global
 
@@ -103,9 +103,8 @@ class KVHandoffMover:
         self._src_ids = NamedSharding(src_kv[0][0].sharding.mesh, PartitionSpec())
         self._dst_ids = NamedSharding(dst_kv[0][0].sharding.mesh, PartitionSpec())
         self._dst_buffer = _buffer_shardings(dst_kv)
-        self._gather = jax.jit(_gather, out_shardings=_buffer_shardings(src_kv),
-                               compiler_options=POOL_PROGRAM_COMPILER_OPTIONS)
-        self._scatter = jax.jit(_scatter, donate_argnums=(0,), compiler_options=POOL_PROGRAM_COMPILER_OPTIONS,
+        self._gather = jax.jit(_gather, out_shardings=_buffer_shardings(src_kv))
+        self._scatter = jax.jit(_scatter, donate_argnums=(0,),
                                 out_shardings=jax.tree.map(lambda a: a.sharding, dst_kv))
 
     def pieces(self, n: int) -> list[tuple[int, int]]:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jserve.kv_cache import POOL_PROGRAM_COMPILER_OPTIONS, KVCache
+from jserve.kv_cache import KVCache
 from jserve.kv_transfer import KVPageMover
 from jserve.model.decoder import hidden_states, logits_from_hidden
 from jserve.penalty_state import penalized_logits, record_tokens
@@ -239,7 +239,7 @@ class SpecSteps:
         kv_sh = jax.tree.map(lambda a: a.sharding, runner.kv)
         dkv_sh = None if dkv is None else jax.tree.map(lambda a: a.sharding, dkv)
         dp_sh = None if args[9] is None else rep
-        return jax.jit(fn, donate_argnums=(1, 2, 3, 8, 9), compiler_options=POOL_PROGRAM_COMPILER_OPTIONS,
+        return jax.jit(fn, donate_argnums=(1, 2, 3, 8, 9),
                        out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 7
                        + (dkv_sh, rep, dp_sh)).lower(*args)
 
