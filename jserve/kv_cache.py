@@ -129,11 +129,11 @@ class MemoryBudget:
     @property
     def headroom_bytes(self) -> int:
         """Bytes kept free beyond the activation peak: a quarter of it, at least 1/256 of the
-        usable bytes. The device allocator (XLA's best-fit allocator on GPU) cannot
-        hand out the last bytes of its share: a step's temporaries need contiguous free blocks,
-        and the free bytes lie in holes between live buffers. With the pool sized to the exact
-        peak, the bundled model's start-up ran out of memory on an H200 (8 MiB short with 24
-        MiB free) and Qwen2.5-0.5B's warm-up peaked at the whole share."""
+        usable bytes (the allocator's fragmentation: a step's temporaries need one contiguous
+        block, and free bytes lie in holes between live buffers). With the pool sized to the
+        exact peak, Qwen2.5-0.5B's warm-up on an H200 peaked at the whole share (the allocator
+        waited for frees); with this headroom it left 527 MiB untouched. Not enough for the
+        bundled model at a 0.15 share, whose warm-up still runs out (RESULTS.md, session 9)."""
         return max(self.activation_bytes // 4, self.usable_bytes // 256)
 
     @property
