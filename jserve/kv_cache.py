@@ -132,7 +132,8 @@ class MemoryBudget:
         usable bytes (the allocator's fragmentation: a step's temporaries need one contiguous
         block, and free bytes lie in holes between live buffers). With the pool sized to the
         exact peak, Qwen2.5-0.5B's warm-up on an H200 peaked at the whole share (the allocator
-        waited for frees); with this headroom it left 527 MiB untouched. Not enough for the
+        waited for frees); with it (and XLA's rematerialization pass off: the run did not separate
+        the two) it left 527 MiB untouched. Not enough for the
         bundled model at a 0.15 share, whose warm-up still runs out (RESULTS.md, session 9)."""
         return max(self.activation_bytes // 4, self.usable_bytes // 256)
 
