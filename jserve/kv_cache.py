@@ -109,6 +109,12 @@ def kv_scale_bytes_per_page(cfg: ModelConfig, kv_dtype: str, tensor_parallel_siz
     return 2 * (cfg.num_layers // pipeline_parallel_size) * heads * 4
 
 
+# ``MemoryBudget.headroom_bytes`` = max(activations / HEADROOM_OF_ACTIVATIONS,
+# usable / HEADROOM_OF_USABLE): the one definition ``jserve plan``'s text also prints.
+HEADROOM_OF_ACTIVATIONS = 4
+HEADROOM_OF_USABLE = 256
+
+
 @dataclass(frozen=True)
 class MemoryBudget:
     """Per device, what the KV pool may take (start-up and ``jserve plan`` alike)::
@@ -133,9 +139,10 @@ class MemoryBudget:
         block, and free bytes lie in holes between live buffers). With the pool sized to the
         exact peak, Qwen2.5-0.5B's warm-up on an H200 peaked at the whole share (the allocator
         waited for frees); with it (and XLA's rematerialization pass off: the run did not separate
-        the two) it left 527 MiB untouched. Not enough for the
-        bundled model at a 0.15 share, whose warm-up still runs out (RESULTS.md, session 9)."""
-        return max(self.activation_bytes // 4, self.usable_bytes // 256)
+        the two) it left 527 MiB untouched. Not enough for the bundled model at a 0.15 share,
+        whose warm-up still runs out (RESULTS.md, session 9)."""
+        return max(self.activation_bytes // HEADROOM_OF_ACTIVATIONS,
+                   self.usable_bytes // HEADROOM_OF_USABLE)
 
     @property
     def kv_bytes(self) -> int:

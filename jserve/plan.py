@@ -37,6 +37,8 @@ from jserve.config import DTYPE_BYTES, EngineConfig, ModelConfig
 from jserve.gpus import Accelerator, lookup_accelerator
 from jserve.host_kv import host_slot_counts
 from jserve.kv_cache import (
+    HEADROOM_OF_ACTIVATIONS,
+    HEADROOM_OF_USABLE,
     MemoryBudget,
     PoolPlan,
     kv_bytes_per_token,
@@ -136,7 +138,8 @@ class CapacityPlan:
                f"--activation-memory-bytes"),
             f"budget     {self.memory.usable_bytes:,} usable - {self.weight_bytes_per_device:,} weights - "
             f"{self.memory.runner_state_bytes:,} state - {self.memory.activation_bytes:,} activations "
-            f"- {self.memory.headroom_bytes:,} allocator headroom (max(activations / 4, usable / 256)) "
+            f"- {self.memory.headroom_bytes:,} allocator headroom (max(activations / "
+            f"{HEADROOM_OF_ACTIVATIONS}, usable / {HEADROOM_OF_USABLE})) "
             f"= {_b(self.budget_bytes)} per device for the KV pool",
             f"KV/token   2 (K, V) x {layers} layers"
             f"{f' (of {m.num_layers}: this stage of pp {pp})' if pp > 1 else ''} x {kv_heads} kv heads"
