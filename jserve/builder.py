@@ -352,9 +352,10 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     runner = Runner(config, params, abstract_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh),
                     mesh, draft)
     compile_s = runner.compile(progress)
-    runner.attach_pool(allocate_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh),
-                       None if draft is None else allocate_kv_cache(draft.cfg, plan.num_pages, ps,
-                                                                    kv_dtype, mesh))
+    # The step programs' room stays free while the pool fills the rest (allocate_kv_cache).
+    free = 0 if budget is None else budget.pool_hold_bytes
+    draft_kv = None if draft is None else allocate_kv_cache(draft.cfg, plan.num_pages, ps, kv_dtype, mesh)
+    runner.attach_pool(allocate_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh, free), draft_kv)
     compile_s += runner.warm()
     if budget is not None:
         log.info(memory_after_warmup(_local_device(mesh), budget))

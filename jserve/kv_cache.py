@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jserve.config import DTYPE_BYTES, ModelConfig
 from sharding import logical_sharding_for_shape, num_stages
@@ -145,6 +145,14 @@ class MemoryBudget:
                    self.usable_bytes // HEADROOM_OF_USABLE)
 
     @property
+    def pool_hold_bytes(self) -> int:
+        """Bytes held free while the pool is allocated (``allocate_kv_cache``): the activations
+        and half the headroom. The other half is the pool's slack for holes earlier frees left
+        (6 MB on an H200 with the bundled model: the pool and a hold of the whole headroom did
+        not fit) and the last array's rounding (RESULTS.md, session 10)."""
+        return self.activation_bytes + self.headroom_bytes // 2
+
+    @property
     def kv_bytes(self) -> int:
         """Bytes left for the pool; negative when the rest does not fit."""
         return (self.usable_bytes - self.weight_bytes - self.runner_state_bytes
@@ -198,14 +206,33 @@ def abstract_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str,
-                      mesh: Mesh) -> KVCache:
+                      mesh: Mesh, keep_free_bytes: int = 0) -> KVCache:
     """Zero-filled pool with ``abstract_kv_cache``'s layout, created directly on device with its
     sharding (scales of a quantized pool start at 1; every page's is set when the page is
-    started)."""
+    started).
+
+    ``keep_free_bytes`` (per device): memory the step programs need after the pool, held by a
+    placeholder while the pool is allocated. Without it, the pool's last array takes the free
+    block at the end of the allocator's region, and the BFC allocator hands out a whole block
+    when the excess is under 128 MiB or under the request's own size: that array swallowed the
+    activations' and headroom's 108 MiB, and the bundled model's first step ran out of memory at
+    a 0.15 share (RESULTS.md, session 10). Start-up passes ``MemoryBudget.pool_hold_bytes``."""
     layout = abstract_kv_cache(cfg, num_pages, page_size, kv_dtype, mesh)
     pages, scales = layout[0][0], layout[0][2] if len(layout[0]) == 4 else None
+    hold = _placeholder(mesh, keep_free_bytes) if keep_free_bytes > 0 else None
     zeros = jax.jit(lambda: jnp.zeros(pages.shape, pages.dtype), out_shardings=pages.sharding)
     if scales is None:
-        return [(zeros(), zeros()) for _ in layout]
-    ones = jax.jit(lambda: jnp.ones(scales.shape, scales.dtype), out_shardings=scales.sharding)
-    return [(zeros(), zeros(), ones(), ones()) for _ in layout]
+        pool = [(zeros(), zeros()) for _ in layout]
+    else:
+        ones = jax.jit(lambda: jnp.ones(scales.shape, scales.dtype), out_shardings=scales.sharding)
+        pool = [(zeros(), zeros(), ones(), ones()) for _ in layout]
+    if hold is not None:
+        hold.delete()
+    return pool
+
+
+def _placeholder(mesh: Mesh, nbytes: int) -> jax.Array:
+    """uint8[mesh.size * nbytes], ``nbytes`` on each device of ``mesh``."""
+    sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+    n = mesh.size * nbytes
+    return jax.jit(lambda: jnp.zeros((n,), jnp.uint8), out_shardings=sharding)()
