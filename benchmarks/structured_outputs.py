@@ -23,6 +23,7 @@ import time
 
 import jax
 
+from benchmarks.step_trace import StepTrace
 from jserve.builder import EngineArgs, build_engine, default_model_path
 from jserve.sampling_params import SamplingParams
 from jserve.tokenizer import Tokenizer
@@ -74,6 +75,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds (the first round warms up)")
+    ap.add_argument("--trace", action="store_true",
+                    help="print where each batch's step time goes (benchmarks/step_trace.py)")
     ns = ap.parse_args()
     n = ns.num_requests
     eng = build_engine(EngineArgs(model=ns.model, random_weights=ns.random_weights, dtype=ns.dtype,
@@ -92,13 +95,20 @@ def main() -> None:
             mask_s[0] += time.perf_counter() - t
 
     eng.constraints.masks = timed_masks
+    trace = StepTrace.attach(eng) if ns.trace else None
+    traces = []
     rows = []
     for r in range(ns.rounds + 1):
         mask_s[0] = 0.0
         cons = [(p, SamplingParams(temperature=ns.temperature, seed=1000 * r + i, max_tokens=ns.max_tokens,
                                    structured_outputs={"json": SCHEMA}))
                 for i, p in enumerate(prompts)]
+        if trace:
+            trace.reset()
         t_cons, outs = _run(eng, cons)
+        if trace and r:
+            traces.append(trace.table(f"round {r}, constrained"))
+            trace.reset()
         lens = [len(o.outputs[0].token_ids) for o in outs]
         bad = 0
         for o in outs:
@@ -110,6 +120,8 @@ def main() -> None:
                                    ignore_eos=True))
                 for i, (p, k) in enumerate(zip(prompts, lens, strict=True))]
         t_free, _ = _run(eng, free)
+        if trace and r:
+            traces.append(trace.table(f"round {r}, free"))
         if r:
             rows.append((t_cons, t_free, sum(lens), bad, mask_s[0]))
     dev = jax.devices()[0]
@@ -119,6 +131,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for k, (tc, tf, toks, bad, ms) in enumerate(rows, 1):
         print(f"| {k} | {toks} | {toks / tc:.0f} | {toks / tf:.0f} | {tf / tc:.2f} | {ms:.2f} | {bad} |")
+    for t in traces:
+        print(t)
 
 
 if __name__ == "__main__":

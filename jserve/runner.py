@@ -262,18 +262,25 @@ class Runner:
         if out.has_drafts:
             f["num_draft"][:n] = np.fromiter((c.num_draft for c in chunks), np.int32, n)
         lstate = self.logit_state
+        masks = out.token_masks
+        dyn_rows: list[int] = []   # rows with one host mask: queued as one block
         for r, c in enumerate(chunks):
             if c.new is not None:
                 lstate.on_new(int(slots[r]), c.new.params)
             if c.samples:
-                m = out.token_masks.get(c.req_id)
-                if m is not None and m.ndim == 2:    # a verify row: one mask per position
+                m = masks.get(c.req_id) if masks else None
+                if m is None:
+                    f["mask_slot"][r] = lstate.row_for(int(slots[r]), None)
+                elif m.ndim == 2:    # a verify row: one mask per position
                     f["mask_slot"][r], f["mask_step"][r] = lstate.rows_for(int(slots[r]), list(m))
                 else:
-                    f["mask_slot"][r] = lstate.row_for(int(slots[r]), m)
+                    dyn_rows.append(r)
             if c.banned_ids:
                 ban = np.unique(np.asarray(c.banned_ids, np.int32))
                 f["banned_ids"][r, :len(ban)] = ban
+        if dyn_rows:
+            f["mask_slot"][dyn_rows] = lstate.masked_rows(
+                slots[dyn_rows], np.stack([masks[chunks[r].req_id] for r in dyn_rows]))
         return layout, ibuf, fbuf, slots, writes
 
     @staticmethod
@@ -411,10 +418,10 @@ class Runner:
         (request id -> int32[W]; rows without one keep their static mask or none)."""
         out, mask_slot = pending.sched_out, pending.mask_slot
         lstate = self.logit_state
-        for r, c in enumerate(out.chunks):
-            m = token_masks.get(c.req_id) if c.samples else None
-            if m is not None:
-                mask_slot[r] = lstate.row_for(int(pending.slots[r]), m)
+        rows = [r for r, c in enumerate(out.chunks) if c.samples and c.req_id in token_masks]
+        if rows:
+            mask_slot[rows] = lstate.masked_rows(
+                pending.slots[rows], np.stack([token_masks[out.chunks[r].req_id] for r in rows]))
         lstate.flush()
         _, smp = self.split.programs(pending.layout.num_tokens)
         self.penalty_state, self._prev_tokens, tokens, lp, top_ids, top_lp = smp(

@@ -101,8 +101,8 @@ class LogitState:
         self._writer = SlotWriter(num_slots * positions, self.width, sharding)
         self.device = self._writer.zeros()
         self.buckets = self._writer.buckets
-        self._pending_slots: list[int] = []
-        self._pending_rows: list[np.ndarray] = []
+        self._free_tail = self.static_row(_FREE)[self.words:]   # a row's bias part, no bias
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []   # (slots int[n], rows int32[n, width])
 
     def static_row(self, p: SamplingParams) -> np.ndarray:
         row = np.zeros(self.width, np.int32)
@@ -124,20 +124,35 @@ class LogitState:
         self.active[slot] = has_static(p)
         if self.active[slot]:
             self.static[slot] = self.static_row(p)
-            self._pending_slots.append(slot)
-            self._pending_rows.append(self.static[slot])
+            self._pending.append((np.array([slot]), self.static[slot][None].copy()))
 
     def row_for(self, slot: int, dynamic: np.ndarray | None) -> int:
         """The ``mask_slot`` value of a sampling row in ``slot`` (-1: free); a dynamic mask
         int32[W] is ANDed with the static bits and queued for writing."""
         if dynamic is None:
             return slot if self.active[slot] else -1
-        row = self.static[slot].copy() if self.active[slot] else self.static_row(_FREE)
-        bits = row[:self.words] & dynamic
-        row[:self.words] = bits if bits.any() else dynamic  # an empty AND: the grammar wins
-        self._pending_slots.append(slot)
-        self._pending_rows.append(row)
+        self.masked_rows(np.array([slot]), dynamic[None])
         return slot
+
+    def masked_rows(self, slots: np.ndarray, dynamic: np.ndarray) -> np.ndarray:
+        """Dynamic masks int32[n, W] of n sampling rows in ``slots`` int[n], each ANDed with its
+        slot's static bits and queued for writing (one block: the per-row work of a 64-row
+        grammar batch cost the H200's host ~1 ms per step, RESULTS.md session 10) -> their
+        ``mask_slot`` values (the slots)."""
+        n = len(slots)
+        rows = np.empty((n, self.width), np.int32)
+        rows[:, :self.words] = dynamic
+        rows[:, self.words:] = self._free_tail
+        act = self.active[slots]
+        if act.any():
+            static = self.static[slots[act]]
+            bits = static[:, :self.words] & dynamic[act]
+            empty = ~bits.any(axis=1)   # an empty AND: the grammar wins
+            bits[empty] = dynamic[act][empty]
+            static[:, :self.words] = bits
+            rows[act] = static
+        self._pending.append((np.asarray(slots), rows))
+        return np.asarray(slots, np.int32)
 
     def rows_for(self, slot: int, dynamic: list[np.ndarray]) -> tuple[int, int]:
         """A verify row's masks: ``dynamic[j]`` (int32[W]) is position j's host mask (the
@@ -147,16 +162,20 @@ class LogitState:
             return self.row_for(slot, dynamic[0]), 0
         for j, mask in enumerate(dynamic):
             self.row_for(slot, mask)
-            self._pending_slots[-1] = slot + j * self.num_slots
+            self._pending[-1] = (np.array([slot + j * self.num_slots]), self._pending[-1][1])
         return slot, self.num_slots
 
     def flush(self) -> None:
         """Write the queued rows to the device (before the step that reads them)."""
-        if not self._pending_slots:
+        if not self._pending:
             return
-        slots = np.asarray(self._pending_slots, np.int64)
-        rows = np.stack(self._pending_rows)
-        self._pending_slots, self._pending_rows = [], []
+        if len(self._pending) == 1:
+            (slots, rows), = self._pending
+            slots = slots.astype(np.int64)
+        else:
+            slots = np.concatenate([sl for sl, _ in self._pending]).astype(np.int64)
+            rows = np.concatenate([r for _, r in self._pending])
+        self._pending = []
         # a slot written twice (static, then dynamic in the same step): the last write wins
         _, last = np.unique(slots[::-1], return_index=True)
         keep = np.sort(len(slots) - 1 - last)

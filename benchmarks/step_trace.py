@@ -1,0 +1,110 @@
+"""Where an engine step's host time goes: a phase timer for benchmarks (not used by jserve).
+
+``StepTrace.attach(engine)`` wraps the engine loop's phases (schedule, the dispatches and
+inside them the runner's host work, the mask upload and the compiled calls, the host's wait for
+a step's tokens, the scheduler's update, the grammar's advance and masks, the outputs) with
+wall-clock timers (the compiled calls stay wrapped: attach once per engine). ``table()``
+prints seconds per phase and per step. The wait row is the time the host blocked on the
+device: when it is near zero, the host is the bottleneck and the other rows are what the device
+waited for.
+
+    trace = StepTrace.attach(engine)
+    ... run ...
+    print(trace.table("constrained")); trace.reset()
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from jserve.runner import StepHandle
+
+PHASES = ("step", "schedule", "dispatch", "dispatch_forward", "dispatch_sample", "prepare", "pack",
+          "flush", "launch", "wait", "result", "update", "advance", "masks", "outputs")
+
+
+class StepTrace:
+    """Per-phase wall time of ``LLMEngine.step`` (nested phases are counted in their parent too:
+    ``update`` holds nothing else; ``step`` holds everything)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._undo: list[Callable[[], None]] = []
+
+    @classmethod
+    def attach(cls, engine: Any) -> StepTrace:
+        tr = cls()
+        tr._wrap(engine, "step", "step")
+        tr._wrap(engine, "_outputs", "outputs")
+        tr._wrap(engine.scheduler, "schedule", "schedule")
+        tr._wrap(engine.scheduler, "update", "update")
+        for name in ("dispatch", "dispatch_forward", "dispatch_sample"):
+            tr._wrap(engine.runner, name, name)
+        tr._wrap(engine.constraints, "advance", "advance")
+        tr._wrap(engine.constraints, "masks", "masks")
+        runner = engine.runner   # inside the dispatches: host work, mask upload, the calls
+        tr._wrap(runner, "_prepare", "prepare")
+        tr._wrap(runner, "pack", "pack")
+        tr._wrap(runner.logit_state, "flush", "flush")
+        for table in (runner._compiled, runner._twins):
+            for key, fn in list(table.items()):
+                table[key] = tr._timed(fn, "launch")
+        split = runner.split._compiled
+        for key, (fwd, smp) in list(split.items()):
+            split[key] = (tr._timed(fwd, "launch"), tr._timed(smp, "launch"))
+        orig = StepHandle.result
+
+        def result(handle: StepHandle) -> Any:
+            t0 = time.perf_counter()
+            handle.tokens.block_until_ready()
+            t1 = time.perf_counter()
+            out = orig(handle)
+            tr._add("wait", t1 - t0)
+            tr._add("result", time.perf_counter() - t1)
+            return out
+
+        StepHandle.result = result
+        tr._undo.append(lambda: setattr(StepHandle, "result", orig))
+        return tr
+
+    def _add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds
+        self.calls[phase] += 1
+
+    def _timed(self, fn: Callable, phase: str) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._add(phase, time.perf_counter() - t0)
+
+        return timed
+
+    def _wrap(self, obj: Any, attr: str, phase: str) -> None:
+        setattr(obj, attr, self._timed(getattr(obj, attr), phase))
+        self._undo.append(lambda: delattr(obj, attr) if attr in vars(obj) else None)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    def detach(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+    def table(self, label: str) -> str:
+        """A markdown table: phase | calls | total ms | ms per step."""
+        steps = max(self.calls.get("step", 0), 1)
+        lines = [f"\n### step trace: {label} ({steps} engine steps)",
+                 "| phase | calls | total ms | ms per step |", "|---|---|---|---|"]
+        for p in PHASES:
+            if self.calls.get(p):
+                s = self.seconds[p]
+                lines.append(f"| {p} | {self.calls[p]} | {1e3 * s:.1f} | {1e3 * s / steps:.3f} |")
+        return "\n".join(lines)
