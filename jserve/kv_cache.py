@@ -139,8 +139,8 @@ class MemoryBudget:
         block, and free bytes lie in holes between live buffers). With the pool sized to the
         exact peak, Qwen2.5-0.5B's warm-up on an H200 peaked at the whole share (the allocator
         waited for frees); with it (and XLA's rematerialization pass off: the run did not separate
-        the two) it left 527 MiB untouched. Not enough for the bundled model at a 0.15 share,
-        whose warm-up still runs out (RESULTS.md, session 9)."""
+        the two) it left 527 MiB untouched (RESULTS.md, session 9). Start-up keeps it free only
+        with ``pool_hold_bytes`` held while the pool is allocated (session 10)."""
         return max(self.activation_bytes // HEADROOM_OF_ACTIVATIONS,
                    self.usable_bytes // HEADROOM_OF_USABLE)
 
