@@ -6,7 +6,8 @@ a step's tokens, the scheduler's update, the grammar's advance and masks, the ou
 wall-clock timers (the compiled calls stay wrapped: attach once per engine). ``table()``
 prints seconds per phase and per step. The wait row is the time the host blocked on the
 device: when it is near zero, the host is the bottleneck and the other rows are what the device
-waited for.
+waited for. Phases on the engine's grammar thread (advance, masks, stage_masks and its flush
+inside ``beside_grammar``) overlap the main thread's.
 
     trace = StepTrace.attach(engine)
     ... run ...
@@ -22,8 +23,9 @@ from typing import Any
 
 from jserve.runner import StepHandle
 
-PHASES = ("step", "schedule", "dispatch", "dispatch_forward", "dispatch_sample", "prepare", "pack",
-          "flush", "launch", "wait", "result", "update", "advance", "masks", "outputs")
+PHASES = ("step", "schedule", "dispatch", "dispatch_forward", "beside_grammar", "dispatch_sample",
+          "prepare", "pack", "stage_masks", "flush", "launch", "wait", "result", "update", "advance",
+          "masks", "outputs")
 
 
 class StepTrace:
@@ -40,6 +42,7 @@ class StepTrace:
         tr = cls()
         tr._wrap(engine, "step", "step")
         tr._wrap(engine, "_outputs", "outputs")
+        tr._wrap(engine, "_forward_beside_grammar", "beside_grammar")
         tr._wrap(engine.scheduler, "schedule", "schedule")
         tr._wrap(engine.scheduler, "update", "update")
         for name in ("dispatch", "dispatch_forward", "dispatch_sample"):
@@ -49,6 +52,7 @@ class StepTrace:
         runner = engine.runner   # inside the dispatches: host work, mask upload, the calls
         tr._wrap(runner, "_prepare", "prepare")
         tr._wrap(runner, "pack", "pack")
+        tr._wrap(runner, "stage_masks", "stage_masks")
         tr._wrap(runner.logit_state, "flush", "flush")
         for table in (runner._compiled, runner._twins):
             for key, fn in list(table.items()):

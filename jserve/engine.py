@@ -20,6 +20,7 @@ import itertools
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +32,7 @@ from jserve.kv_manager import make_kv_manager
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jserve.prompt_logprobs import PromptScorer
 from jserve.request import Request, RequestStatus
-from jserve.runner import Runner, StepHandle
+from jserve.runner import Runner, SplitPending, StepHandle
 from jserve.sampling_batch import MAX_BANNED_IDS, banned_ids_fit
 from jserve.sampling_params import SamplingParams
 from jserve.scheduler import Scheduler
@@ -102,6 +103,7 @@ class LLMEngine:
         # Host-computed token masks (grammars, bad words): jserve/structured/constraints.py.
         self._grammar_cache: GrammarCache | None = None
         self._grammar_lock = threading.Lock()
+        self._grammar_thread: ThreadPoolExecutor | None = None   # see _forward_beside_grammar
         self.constraints = ConstraintTracker(
             self.grammar_cache, config.model.vocab_size,
             (lambda t: tokenizer.encode(t, add_special_tokens=False)) if tokenizer else None)
@@ -286,14 +288,21 @@ class LLMEngine:
         if self._in_flight is not None and self._needs_tokens(self._in_flight):
             # A host-masked row's next mask needs the token it sampled in the step in flight.
             # Split step (jserve/split_step.py): the forward goes first and runs while the host
-            # reads that step and fills the masks; else read first, then the fused step.
+            # reads that step and fills the masks (when that step is already done, the masks
+            # fill on a helper thread during the forward's dispatch); else read first, then the
+            # fused step.
             handle = None
-            pending = self.runner.dispatch_forward(sched_out) if self.runner.can_split(sched_out) else None
-            self._consume(self._in_flight, touched)
+            split = self.runner.can_split(sched_out)
+            staged = split and self._in_flight_done()
+            if staged:
+                pending = self._forward_beside_grammar(sched_out, touched)
+            else:
+                pending = self.runner.dispatch_forward(sched_out) if split else None
+                self._consume(self._in_flight, touched)
+                self._attach_masks(sched_out, after_read=True)
             self._in_flight = None
-            self._attach_masks(sched_out, after_read=True)
             if pending is not None:
-                handle = self.runner.dispatch_sample(pending, sched_out.token_masks)
+                handle = self.runner.dispatch_sample(pending, None if staged else sched_out.token_masks)
             elif not sched_out.is_empty:
                 handle = self.runner.dispatch(sched_out)
         else:
@@ -344,21 +353,70 @@ class LLMEngine:
 
     def _consume(self, handle: StepHandle | SpecStepHandle, touched: dict[str, None]) -> None:
         """Commit a finished step's tokens; feed them to the host-mask matchers."""
-        cons = self.constraints
-        for req in self.scheduler.update(handle.sched_out, handle.result()):
-            touched[self._child_to_parent[req.request_id]] = None
-            rid = req.request_id
-            if rid in cons and cons.advance(rid, req.output_token_ids) and not req.is_finished:
-                err = cons.error(rid)
-                if err is not None:
-                    log.warning("request %s: grammar rejected a sampled token: %s", rid, err)
-                self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED if err
-                                              else RequestStatus.FINISHED_STOPPED)
+        self._end_by_grammar(self._advance_grammars(self._read(handle, touched)))
 
-    def _attach_masks(self, sched_out: SchedulerOutput, after_read: bool = False) -> None:
-        """Allowed-token bitmasks of this plan's host-masked sampling rows. Their tokens are all
-        on the host: either no step that sampled them is in flight, or (``after_read``) that
-        step was read after this plan was made, so a placeholder's token is known."""
+    def _read(self, handle: StepHandle | SpecStepHandle, touched: dict[str, None]) -> list[Request]:
+        """Commit a finished step's tokens -> the requests it updated."""
+        reqs = self.scheduler.update(handle.sched_out, handle.result())
+        for req in reqs:
+            touched[self._child_to_parent[req.request_id]] = None
+        return reqs
+
+    def _advance_grammars(self, reqs: list[Request]) -> list[str]:
+        """Feed the updated requests' new tokens to their host-mask matchers -> the ids of
+        requests whose grammar ended (accepted, or rejected a token). Touches no scheduler
+        state: it may run beside the forward's dispatch (``_forward_beside_grammar``)."""
+        cons = self.constraints
+        return [req.request_id for req in reqs
+                if req.request_id in cons and cons.advance(req.request_id, req.output_token_ids)
+                and not req.is_finished]
+
+    def _end_by_grammar(self, ended: list[str]) -> None:
+        for rid in ended:
+            err = self.constraints.error(rid)
+            if err is not None:
+                log.warning("request %s: grammar rejected a sampled token: %s", rid, err)
+            self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED if err
+                                          else RequestStatus.FINISHED_STOPPED)
+
+    def _in_flight_done(self) -> bool:
+        """Whether the step in flight has finished on the device (the host is the bottleneck)."""
+        handle = self._in_flight
+        return isinstance(handle, StepHandle) and handle.tokens.is_ready()
+
+    def _forward_beside_grammar(self, sched_out: SchedulerOutput, touched: dict[str, None]
+                                ) -> SplitPending:
+        """The split step when the step in flight is already done (the host is the bottleneck):
+        read it and prepare the forward, then advance the grammars, fill this plan's masks and
+        write them to the device on a helper thread while this thread launches the forward
+        (llguidance and the executable's launch both release the GIL) -> the forward's
+        ``SplitPending``, its masks staged. On an H200 the forward's launch (2 ms) and the grammar
+        work with its upload (2.4 ms for 64 rows) had run one after the other (RESULTS.md,
+        session 10)."""
+        reqs = self._read(self._in_flight, touched)
+        pending = self.runner.prepare_forward(sched_out)
+        if self._grammar_thread is None:
+            self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="jserve-grammar")
+
+        def grammar() -> tuple[list[str], dict[str, np.ndarray]]:
+            ended = self._advance_grammars(reqs)
+            masks = self.constraints.masks(self._mask_rows(sched_out, skip=frozenset(ended))[0])
+            self.runner.stage_masks(pending, masks)
+            return ended, masks
+
+        job = self._grammar_thread.submit(grammar)
+        try:
+            self.runner.launch_forward(pending)
+        finally:
+            ended, masks = job.result()
+        self._end_by_grammar(ended)
+        sched_out.token_masks = masks
+        return pending
+
+    def _mask_rows(self, sched_out: SchedulerOutput, after_read: bool = True,
+                   skip: frozenset[str] = frozenset()) -> tuple[list, list]:
+        """(rows, verify rows) of ``ConstraintTracker.masks`` / ``draft_masks`` for this plan's
+        host-masked sampling rows; ``skip``: requests about to finish."""
         cons = self.constraints
         rows, verify = [], []
         for c in sched_out.chunks:
@@ -366,13 +424,21 @@ class LLMEngine:
                 if c.num_placeholders and not after_read:
                     raise RuntimeError(f"request {c.req_id!r}: host-masked row over an unread placeholder")
                 req = self.scheduler.get_request(c.req_id)
-                if req is None or req.is_finished:   # finished by the step just read: token dropped
+                if req is None or req.is_finished or c.req_id in skip:   # token dropped
                     continue
                 out = req.output_token_ids
                 if c.num_draft:   # speculative: a mask per verify position, along the drafts
                     verify.append((c.req_id, out, c.token_ids[len(c.token_ids) - c.num_draft:]))
                 else:
                     rows.append((c.req_id, out))
+        return rows, verify
+
+    def _attach_masks(self, sched_out: SchedulerOutput, after_read: bool = False) -> None:
+        """Allowed-token bitmasks of this plan's host-masked sampling rows. Their tokens are all
+        on the host: either no step that sampled them is in flight, or (``after_read``) that
+        step was read after this plan was made, so a placeholder's token is known."""
+        cons = self.constraints
+        rows, verify = self._mask_rows(sched_out, after_read)
         sched_out.token_masks = cons.masks(rows)
         if verify:
             sched_out.token_masks.update(cons.draft_masks(verify))

@@ -109,7 +109,7 @@ class SplitPending:
     joint: Any                  # the step's input array, as the forward got it
     slots: np.ndarray           # slot of each row
     params: list                # SamplingParams of each row
-    logits: jax.Array           # f32[R, V], on the device
+    logits: jax.Array | None    # f32[R, V], on the device (None until ``launch_forward``)
     mask_slot: np.ndarray       # int32[R]: the packed mask rows (static masks; -1 free)
 
 
@@ -404,18 +404,27 @@ class Runner:
     def dispatch_forward(self, out: SchedulerOutput) -> SplitPending:
         """The split step's first half (``can_split`` holds): the host work and the forward,
         whose placeholders read the step in flight's tokens on the device; returns at once."""
+        pending = self.prepare_forward(out)
+        self.launch_forward(pending)
+        return pending
+
+    def prepare_forward(self, out: SchedulerOutput) -> SplitPending:
+        """``dispatch_forward``'s host work (page moves, packing, new slots), not yet launched."""
         layout, ibuf, _, slots, params, _, _ = self._prepare(out)
-        fwd, _ = self.split.programs(layout.num_tokens)
-        joint = self._joint(layout, ibuf)
-        self.kv, self.slot_table, logits = fwd(self.params, self.kv, self.slot_table, self._prev_tokens,
-                                               joint)
-        self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
-        return SplitPending(out, layout, joint, slots, params, logits,
+        return SplitPending(out, layout, self._joint(layout, ibuf), slots, params, None,
                             np.array(layout.read(ibuf, "mask_slot")))
 
-    def dispatch_sample(self, pending: SplitPending, token_masks: dict[str, np.ndarray]) -> StepHandle:
-        """The split step's second half: the sampler with the host masks of its rows
-        (request id -> int32[W]; rows without one keep their static mask or none)."""
+    def launch_forward(self, pending: SplitPending) -> None:
+        """Launch a prepared forward. Touches neither the logit state nor the pending's mask
+        rows, so ``stage_masks`` may run on another thread meanwhile."""
+        fwd, _ = self.split.programs(pending.layout.num_tokens)
+        self.kv, self.slot_table, pending.logits = fwd(self.params, self.kv, self.slot_table,
+                                                       self._prev_tokens, pending.joint)
+        self._prev_rows = {c.req_id: r for r, c in enumerate(pending.sched_out.chunks) if c.samples}
+
+    def stage_masks(self, pending: SplitPending, token_masks: dict[str, np.ndarray]) -> None:
+        """Write the host masks of the pending step's rows (request id -> int32[W]; rows without
+        one keep their static mask or none) to the device logit state."""
         out, mask_slot = pending.sched_out, pending.mask_slot
         lstate = self.logit_state
         rows = [r for r, c in enumerate(out.chunks) if c.samples and c.req_id in token_masks]
@@ -423,12 +432,18 @@ class Runner:
             mask_slot[rows] = lstate.masked_rows(
                 pending.slots[rows], np.stack([token_masks[out.chunks[r].req_id] for r in rows]))
         lstate.flush()
+
+    def dispatch_sample(self, pending: SplitPending, token_masks: dict[str, np.ndarray] | None) -> StepHandle:
+        """The split step's second half: the sampler, after ``stage_masks(pending, token_masks)``
+        (None: the masks are staged already)."""
+        if token_masks is not None:
+            self.stage_masks(pending, token_masks)
         _, smp = self.split.programs(pending.layout.num_tokens)
         self.penalty_state, self._prev_tokens, tokens, lp, top_ids, top_lp = smp(
             pending.logits, self.penalty_state, self.slot_table, self._prev_tokens, pending.joint,
-            lstate.device, mask_slot)
+            self.logit_state.device, pending.mask_slot)
         self.split.steps += 1
-        return self._handle(out, pending.params, tokens, lp, top_ids, top_lp)
+        return self._handle(pending.sched_out, pending.params, tokens, lp, top_ids, top_lp)
 
     def lower_split(self, token_bucket: int) -> tuple[Any, Any]:
         """Lower the split step's two programs of a bucket -> (forward, sampler) lowered."""

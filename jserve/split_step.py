@@ -9,7 +9,10 @@ the next, so the device idled while the host read, planned and filled masks. Spl
     device:  ... sample(N) | forward(N+1) ...........................| sample(N+1) | forward(N+2)
 
 The forward's placeholders read step N's tokens on the device, as in the fused overlapped step;
-the host fills the masks while the forward runs. The logits f32[R, V] stay on the device between
+the host fills the masks while the forward runs. When step N is already done at that point (the
+host, not the device, is the bottleneck: small models, many grammar rows), the engine reads it
+first and fills the masks on a helper thread while it dispatches the forward
+(``LLMEngine._forward_beside_grammar``). The logits f32[R, V] stay on the device between
 the halves. A row whose request finished at step N gets no mask; its token is dropped.
 
 Compiled at warm-up on a GPU or TPU with the overlapped loop (``Runner.split_wanted``): two

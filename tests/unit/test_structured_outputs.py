@@ -127,11 +127,18 @@ def test_preempted_constrained_requests_still_validate(make_engine):
         assert re.fullmatch(pat, o.outputs[0].text), o.outputs[0].text
 
 
-def test_split_step_equals_synchronous(engine, sync_engine):
+@pytest.mark.parametrize("in_flight_done", [False, True])
+def test_split_step_equals_synchronous(engine, sync_engine, monkeypatch, in_flight_done):
     """The split step (jserve/split_step.py: forward dispatched before the step in flight is
     read, sampler after the host masks) gives the synchronous loop's tokens and logprobs, with
-    grammar rows over static masks, penalties, a row finishing mid-flight and free rows."""
+    grammar rows over static masks, penalties, a row finishing mid-flight and free rows. Both
+    orders: the step in flight still running (forward, then read and masks), and already done
+    (read, then masks on the helper thread beside the forward's dispatch)."""
     engine.runner.compile_split()
+    monkeypatch.setattr(engine, "_in_flight_done", lambda: in_flight_done)
+    beside = engine._forward_beside_grammar
+    calls = []
+    monkeypatch.setattr(engine, "_forward_beside_grammar", lambda *a: calls.append(1) or beside(*a))
     before = engine.runner.split.steps
     items = [(p, SamplingParams(temperature=0.9, seed=i, max_tokens=40, logprobs=2,
                                 structured_outputs={"json": SCHEMA}))
@@ -152,3 +159,4 @@ def test_split_step_equals_synchronous(engine, sync_engine):
     assert tokens_and_logprobs(run_engine(engine, items)) == tokens_and_logprobs(
         run_engine(sync_engine, items))
     assert engine.runner.split.steps > before
+    assert bool(calls) == in_flight_done
