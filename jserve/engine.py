@@ -34,7 +34,7 @@ from jserve.prompt_logprobs import PromptScorer
 from jserve.request import Request, RequestStatus
 from jserve.runner import Runner, SplitPending, StepHandle
 from jserve.sampling_batch import MAX_BANNED_IDS, banned_ids_fit
-from jserve.sampling_params import SamplingParams
+from jserve.sampling_params import RequestOutputKind, SamplingParams
 from jserve.scheduler import Scheduler
 from jserve.scheduler_output import SchedulerOutput
 from jserve.spec.verify_step import SpecStepHandle
@@ -327,10 +327,20 @@ class LLMEngine:
                 touched[pid] = None
         outputs = []
         for pid in touched:
-            out = self._process(self._parents[pid])
-            outputs.append(out)
+            parent = self._parents[pid]
+            final_only = parent.params.output_kind is RequestOutputKind.FINAL_ONLY
+            if final_only and not parent.params.stop and not all(
+                    ch.request.is_finished for ch in parent.children):
+                # Nothing to report, and no stop string to look for: text waits for the end.
+                if parent.first_token_time is None and any(
+                        ch.request.output_token_ids for ch in parent.children):
+                    parent.first_token_time = time.monotonic()
+                continue
+            out = self._process(parent)
             if out.finished:
                 self._release(pid)
+            if out.finished or not final_only:
+                outputs.append(out)
         return outputs
 
     def _stamp_scheduled(self, sched_out: SchedulerOutput) -> None:

@@ -7,6 +7,7 @@ Jupyter/Colab's event loop untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from jserve.engine import LLMEngine, Prompt
 from jserve.options import EngineArgs, check_keywords
 from jserve.outputs import RequestOutput
 from jserve.request import RequestStatus
-from jserve.sampling_params import SamplingParams
+from jserve.sampling_params import RequestOutputKind, SamplingParams
 
 # What ``LLM.generate`` takes per prompt: text, token ids, or vLLM's prompt dict.
 PromptInput = Prompt | dict[str, Any]
@@ -83,8 +84,13 @@ class LLM:
              ) -> list[RequestOutput]:
         engine = self.engine
         order: list[str] = []
+        final_only: dict[int, SamplingParams] = {}   # only finished outputs are read here
         try:
             for prompt, sp in items:
+                if isinstance(sp, SamplingParams) and sp.output_kind is not RequestOutputKind.FINAL_ONLY:
+                    if id(sp) not in final_only:
+                        final_only[id(sp)] = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
+                    sp = final_only[id(sp)]
                 order.append(engine.add_request(None, prompt, sp))
         except Exception:
             for rid in order:

@@ -8,12 +8,13 @@ the runner into the sampler's per-row arrays.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass, field
 
 from jserve.structured.grammar import StructuredOutputsParams
 
-__all__ = ["MAX_LOGPROBS", "MAX_N", "SamplingParams", "StructuredOutputsParams"]
+__all__ = ["MAX_LOGPROBS", "MAX_N", "RequestOutputKind", "SamplingParams", "StructuredOutputsParams"]
 
 MAX_LOGPROBS = 20
 MAX_N = 128
@@ -29,6 +30,17 @@ def _token_id(name: str, t: object) -> int:
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+
+
+class RequestOutputKind(enum.Enum):
+    """Which ``RequestOutput``s a request reports (vLLM's names and values). CUMULATIVE: one at
+    every step that changed it, all tokens and text so far; FINAL_ONLY: only the finished one
+    (``LLM.generate``'s: the engine then turns tokens into text once, at the end, unless stop
+    strings need it at every step). vLLM's DELTA is not supported."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 def _check_finite(name: str, value: float) -> None:
@@ -76,6 +88,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] | None = None
     allowed_token_ids: tuple[int, ...] | None = None
     bad_words: tuple[str, ...] = ()
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         # Accept lists / a single string the way vLLM does, store tuples (frozen + hashable).
@@ -178,6 +191,9 @@ class SamplingParams:
                                   or not 0 <= v <= MAX_LOGPROBS):
                 raise ValueError(f"SamplingParams.{name} must be an integer in [0, {MAX_LOGPROBS}], "
                                  f"got {v!r}")
+        if self.output_kind not in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
+            raise ValueError("SamplingParams.output_kind must be RequestOutputKind.CUMULATIVE or "
+                             f"FINAL_ONLY, got {self.output_kind!r} (DELTA is not supported)")
         k = self.truncate_prompt_tokens
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or (k < 1 and k != -1)):
             raise ValueError(f"SamplingParams.truncate_prompt_tokens must be an integer >= 1 or -1, "

@@ -37,7 +37,7 @@ def test_pool_layout():
         # Start-up holds the step programs' room free while the pool is allocated, then frees it.
         held = allocate_kv_cache(cfg, 5, 16, dtype, make_mesh(1), keep_free_bytes=12345)
         assert layout(held) == layout(abstract_kv_cache(cfg, 5, 16, dtype, make_mesh(1)))
-        assert not [a for a in jax.live_arrays() if a.shape == (12345,) and not a.is_deleted()]
+        assert not [x for x in jax.live_arrays() if x.shape == (12345,) and not x.is_deleted()]
     assert EngineArgs(kv_cache_dtype="fp8_e4m3").kv_cache_dtype == "fp8"
     with pytest.raises(ValueError, match="kv_cache_dtype must be"):
         EngineArgs(kv_cache_dtype="int4")
