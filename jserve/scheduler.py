@@ -185,9 +185,11 @@ class Scheduler:
             if drafts and kv.demand(req, k + len(drafts)) > pool.num_free:
                 drafts = []  # drafts never preempt anyone: verify them when pages are free
             k += len(drafts)
-            while kv.demand(req, k) > pool.num_free and self.running[-1] is not req:
+            need = kv.demand(req, k)   # again only after a preemption (it may unshare req's pages)
+            while need > pool.num_free and self.running[-1] is not req:
                 self._preempt(self.running.pop(), out)
-            if kv.demand(req, k) > pool.num_free:  # req is the newest: it makes way itself
+                need = kv.demand(req, k)
+            if need > pool.num_free:  # req is the newest: it makes way itself
                 self._preempt(self.running.pop(), out)
                 break
             la = self._lookahead(req, k)
