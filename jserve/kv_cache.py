@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from jserve.config import DTYPE_BYTES, ModelConfig
 from sharding import logical_sharding_for_shape, num_stages
@@ -219,20 +219,20 @@ def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype
     a 0.15 share (RESULTS.md, session 10). Start-up passes ``MemoryBudget.pool_hold_bytes``."""
     layout = abstract_kv_cache(cfg, num_pages, page_size, kv_dtype, mesh)
     pages, scales = layout[0][0], layout[0][2] if len(layout[0]) == 4 else None
-    hold = _placeholder(mesh, keep_free_bytes) if keep_free_bytes > 0 else None
+    hold = _placeholders(mesh, keep_free_bytes) if keep_free_bytes > 0 else []
     zeros = jax.jit(lambda: jnp.zeros(pages.shape, pages.dtype), out_shardings=pages.sharding)
     if scales is None:
         pool = [(zeros(), zeros()) for _ in layout]
     else:
         ones = jax.jit(lambda: jnp.ones(scales.shape, scales.dtype), out_shardings=scales.sharding)
         pool = [(zeros(), zeros(), ones(), ones()) for _ in layout]
-    if hold is not None:
-        hold.delete()
+    for a in hold:
+        a.delete()
     return pool
 
 
-def _placeholder(mesh: Mesh, nbytes: int) -> jax.Array:
-    """uint8[mesh.size * nbytes], ``nbytes`` on each device of ``mesh``."""
-    sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
-    n = mesh.size * nbytes
-    return jax.jit(lambda: jnp.zeros((n,), jnp.uint8), out_shardings=sharding)()
+def _placeholders(mesh: Mesh, nbytes: int) -> list[jax.Array]:
+    """uint8[nbytes] on each of this process's devices of ``mesh`` (one program per device: the
+    size comes from this process's own budget, so no program may span processes)."""
+    return [jax.jit(lambda: jnp.zeros((nbytes,), jnp.uint8), out_shardings=SingleDeviceSharding(d))()
+            for d in mesh.devices.flat if d.process_index == jax.process_index()]

@@ -35,8 +35,8 @@ def test_pool_layout():
         assert layout(abstract_kv_cache(cfg, 5, 16, dtype, make_mesh(1))) == layout(
             allocate_kv_cache(cfg, 5, 16, dtype, make_mesh(1)))
         # Start-up holds the step programs' room free while the pool is allocated, then frees it.
-        held = allocate_kv_cache(cfg, 5, 16, dtype, make_mesh(1), keep_free_bytes=12345)
-        assert layout(held) == layout(abstract_kv_cache(cfg, 5, 16, dtype, make_mesh(1)))
+        held = allocate_kv_cache(cfg, 5, 16, dtype, make_mesh(2), keep_free_bytes=12345)
+        assert layout(held) == layout(abstract_kv_cache(cfg, 5, 16, dtype, make_mesh(2)))
         assert not [x for x in jax.live_arrays() if x.shape == (12345,) and not x.is_deleted()]
     assert EngineArgs(kv_cache_dtype="fp8_e4m3").kv_cache_dtype == "fp8"
     with pytest.raises(ValueError, match="kv_cache_dtype must be"):
