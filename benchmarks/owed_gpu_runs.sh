@@ -9,7 +9,9 @@
 #     constrained 7.8 ms per step against free 4.1, both host-bound, ratio 0.53). Prediction:
 #     constrained ~5.5-6 ms per step (the masks, the grammar advance and the mask upload leave the
 #     critical path; the sampler's launch stays), ratio ~0.7; 0.9 needs the sampler's launch off
-#     the critical path as well.
+#     the critical path as well. The trace's launch_on_idle row says how many launches the
+#     device waited for (session 10 could not tell a launch that blocks on a busy device from a
+#     host-bound one).
 #   m (1 GPU, ~8 min): a clean A/B of XLA's rematerialization pass (session 9's was confounded by
 #     a warm autotune cache). Qwen2.5-0.5B, share 0.9, a fresh compilation cache for each run:
 #     compile seconds and "MiB never touched" with the pass on and off. Prediction: the pass

@@ -6,8 +6,9 @@ a step's tokens, the scheduler's update, the grammar's advance and masks, the ou
 wall-clock timers (the compiled calls stay wrapped: attach once per engine). ``table()``
 prints seconds per phase and per step. The wait row is the time the host blocked on the
 device: when it is near zero, the host is the bottleneck and the other rows are what the device
-waited for. Phases on the engine's grammar thread (advance, masks, stage_masks and its flush
-inside ``beside_grammar``) overlap the main thread's.
+waited for. ``launch_on_idle`` counts the compiled calls made after the device had finished
+all earlier work (it then waited for that launch). Phases on the engine's grammar thread
+(advance, masks, stage_masks and its flush inside ``beside_grammar``) overlap the main thread's.
 
     trace = StepTrace.attach(engine)
     ... run ...
@@ -24,8 +25,8 @@ from typing import Any
 from jserve.runner import StepHandle
 
 PHASES = ("step", "schedule", "dispatch", "dispatch_forward", "beside_grammar", "dispatch_sample",
-          "prepare", "pack", "stage_masks", "flush", "launch", "wait", "result", "update", "advance",
-          "masks", "outputs")
+          "prepare", "pack", "stage_masks", "flush", "launch", "launch_on_idle", "wait", "result",
+          "update", "advance", "masks", "outputs")
 
 
 class StepTrace:
@@ -56,10 +57,10 @@ class StepTrace:
         tr._wrap(runner.logit_state, "flush", "flush")
         for table in (runner._compiled, runner._twins):
             for key, fn in list(table.items()):
-                table[key] = tr._timed(fn, "launch")
+                table[key] = tr._launch(runner, fn)
         split = runner.split._compiled
         for key, (fwd, smp) in list(split.items()):
-            split[key] = (tr._timed(fwd, "launch"), tr._timed(smp, "launch"))
+            split[key] = (tr._launch(runner, fwd), tr._launch(runner, smp))
         orig = StepHandle.result
 
         def result(handle: StepHandle) -> Any:
@@ -86,6 +87,23 @@ class StepTrace:
                 return fn(*args, **kwargs)
             finally:
                 self._add(phase, time.perf_counter() - t0)
+
+        return timed
+
+    def _launch(self, runner: Any, fn: Callable) -> Callable:
+        """A compiled call, timed as ``launch``; also as ``launch_on_idle`` when the device had
+        finished everything before it (the previous sampler's tokens were ready): those are the
+        launches the device waited for."""
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            idle = runner._prev_tokens.is_ready()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                self._add("launch", dt)
+                if idle:
+                    self._add("launch_on_idle", dt)
 
         return timed
 
