@@ -546,7 +546,7 @@ class LLMEngine:
     def _completion(index: int, ch: _Child, params: SamplingParams) -> CompletionOutput:
         req = ch.request
         return CompletionOutput(
-            index=index, text=ch.text, token_ids=list(req.output_token_ids[:ch.num_seen]),
+            index=index, text=ch.text, token_ids=req.output_token_ids[:ch.num_seen],
             cumulative_logprob=ch.cumulative_logprob if params.logprobs is not None else None,
             logprobs=list(ch.logprobs) if params.logprobs is not None else None,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason)

@@ -160,3 +160,14 @@ def test_split_step_equals_synchronous(engine, sync_engine, monkeypatch, in_flig
         run_engine(sync_engine, items))
     assert engine.runner.split.steps > before
     assert bool(calls) == in_flight_done
+
+
+def test_in_flight_done_asks_the_device(engine):
+    """The engine takes the helper-thread order only once the step in flight is done."""
+    assert not engine._in_flight_done()   # nothing in flight
+    engine.add_request("done?", "x", SamplingParams(max_tokens=3, structured_outputs={"choice": ["ab"]}))
+    engine.step()
+    assert engine._in_flight is not None
+    engine._in_flight.tokens.block_until_ready()
+    assert engine._in_flight_done()
+    run_engine(engine, [])
