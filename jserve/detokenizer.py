@@ -102,6 +102,19 @@ class IncrementalDetokenizer:
             out.append(self._emit(new_text))
         return "".join(out)
 
+    def finish(self, token_ids: Sequence[int]) -> str:
+        """``add(token_ids) + flush()`` in one decode of the window and the ids, instead of one
+        per id: the text of a sequence that reports only when finished (FINAL_ONLY, with no
+        stop string to look for on the way). The same text wherever the deltas concatenate to
+        the full decode (the module docstring's guarantee; tests/unit/test_detokenizer.py); past
+        ``max_held_tokens`` ids of invalid bytes, the deltas release U+FFFD where this decodes
+        the bytes together."""
+        if not token_ids:
+            return self.flush()
+        self._ids.extend(int(t) for t in token_ids)
+        self.num_output_tokens += len(token_ids)
+        return self._emit(self._decode(self._ids))
+
     def flush(self) -> str:
         """The sequence is finished: release any held text (U+FFFD for a truly cut character)."""
         if len(self._ids) == self._read:

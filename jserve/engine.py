@@ -100,6 +100,7 @@ class LLMEngine:
         self._in_flight: StepHandle | None = None  # dispatched, results not yet read
         self._scorer: PromptScorer | None = None    # made on the first prompt_logprobs request
         self._last_step_tokens = 0                  # tokens of the last dispatched step (stats)
+        self._aborted: dict[str, None] = {}         # parents aborted since the last outputs
         # Host-computed token masks (grammars, bad words): jserve/structured/constraints.py.
         self._grammar_cache: GrammarCache | None = None
         self._grammar_lock = threading.Lock()
@@ -249,6 +250,7 @@ class LLMEngine:
             return
         for ch in parent.children:
             self.scheduler.finish_request(ch.request.request_id, RequestStatus.FINISHED_ABORTED)
+        self._aborted[request_id] = None
 
     # ------------------------------------------------------------------ cache
     def kv_cache_stats(self) -> dict[str, int]:
@@ -321,10 +323,13 @@ class LLMEngine:
 
     def _outputs(self, touched: dict[str, None]) -> list[RequestOutput]:
         """The outputs of a step's touched requests, plus those finished outside the scheduler's
-        update (aborts: each reports once); finished requests are released."""
-        for pid, parent in self._parents.items():
-            if all(ch.request.is_finished for ch in parent.children):
+        update (aborts: each reports once); finished requests are released. (Every other finish
+        comes from a step's update, whose requests are touched: no scan over all requests, which
+        an offline batch of 1,000 queued requests would pay at every step.)"""
+        for pid in self._aborted:
+            if pid in self._parents:
                 touched[pid] = None
+        self._aborted.clear()
         outputs = []
         for pid in touched:
             parent = self._parents[pid]
@@ -515,9 +520,12 @@ class LLMEngine:
         ch.num_seen += len(new_ids)
         if ch.detok is None:
             return False
-        delta = ch.detok.add(new_ids) if new_ids else ""
-        if final:
-            delta += ch.detok.flush()
+        if final and ch.stops is None and len(new_ids) > 1:   # FINAL_ONLY's end: one decode
+            delta = ch.detok.finish(new_ids)
+        else:
+            delta = ch.detok.add(new_ids) if new_ids else ""
+            if final:
+                delta += ch.detok.flush()
         if ch.stops is None:
             ch.text += delta
             return False

@@ -97,6 +97,29 @@ def test_random_ids_concatenate_to_full_decode(bpe, skip, seed):
     assert det.num_output_tokens == len(ids)
 
 
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_finish_equals_add_then_flush(bpe, byte_fallback, skip, seed):
+    """``finish`` (one decode for the rest of a finished sequence) gives the text the streamed
+    deltas give, after any number of streamed ids, on both tokenizers."""
+    rng = random.Random(seed)
+    fallback_text = byte_fallback.encode("Hello world, Hello 😀 world! " * 4, add_special_tokens=False)
+    for tok, random_ids in ((bpe, True), (byte_fallback, False)):
+        for prompt in ("", "Prompt: 你好 😀", "Hello world"):
+            n = rng.choice([1, 5, 40, 200])
+            # byte fallback: valid text (random byte tokens need not concatenate to the full decode)
+            ids = ([rng.randrange(tok.vocab_size) for _ in range(n)] if random_ids
+                   else fallback_text[:n])
+            head = rng.randrange(len(ids) + 1)
+            p = tok.encode(prompt, add_special_tokens=False)
+            streamed = "".join(stream(IncrementalDetokenizer(tok, p, skip_special_tokens=skip), ids))
+            det = IncrementalDetokenizer(tok, p, skip_special_tokens=skip)
+            text = det.add(ids[:head]) + det.finish(ids[head:])
+            assert text == streamed and det.num_output_tokens == len(ids) and det.flush() == ""
+    valid = bpe.encode(TEXT, add_special_tokens=False)
+    assert IncrementalDetokenizer(bpe, []).finish(valid) == TEXT
+
+
 def test_special_tokens_skipped_or_kept(bpe):
     eos = bpe.eos_token_ids[0]
     ids = [*bpe.encode("ok 😀", add_special_tokens=False), eos]
