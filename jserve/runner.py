@@ -61,7 +61,7 @@ from jserve.kv_transfer import KVPageMover
 from jserve.penalty_state import SlotInit, state_bytes
 from jserve.runner_state import RequestRows
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
-from jserve.slot_table import SlotWriter
+from jserve.slot_table import SlotWriter, fill_page_diffs
 from jserve.spec.draft import DraftModel
 from jserve.spec.verify_step import SpecStepHandle, SpecSteps
 from jserve.split_step import SplitPrograms
@@ -222,7 +222,7 @@ class Runner:
         rows = self.rows
         slots = np.fromiter((rows.apply(c) for c in chunks), np.int64, n)
         f["row_slot"][:n] = slots
-        writes = self._page_diffs(chunks, slots, f["pt_diff"])
+        writes = fill_page_diffs(chunks, slots, f["pt_diff"])
         ns = np.fromiter((c.num_tokens for c in chunks), np.int32, n)
         starts = np.fromiter((c.start for c in chunks), np.int32, n)
         ends = np.cumsum(ns, dtype=np.int32)
@@ -282,26 +282,6 @@ class Runner:
             f["mask_slot"][dyn_rows] = lstate.masked_rows(
                 slots[dyn_rows], np.stack([masks[chunks[r].req_id] for r in dyn_rows]))
         return layout, ibuf, fbuf, slots, writes
-
-    @staticmethod
-    def _page_diffs(chunks: list, slots: np.ndarray, diff: np.ndarray) -> np.ndarray:
-        """Fill the step's page-table diff list (int32[D, 3], padding -1) with the changed
-        entries of rows that already hold their slot -> slots to write whole instead: rows
-        taking their slot, and rows whose entries no longer fit the list."""
-        writes, k, cap = [], 0, diff.shape[0]
-        for c, s in zip(chunks, slots, strict=True):
-            if c.new is not None:
-                writes.append(s)
-            elif c.page_ids:
-                m = len(c.page_ids)
-                if k + m > cap:
-                    writes.append(s)
-                    continue
-                diff[k:k + m, 0] = s
-                diff[k:k + m, 1] = np.arange(c.page_start, c.page_start + m)
-                diff[k:k + m, 2] = c.page_ids
-                k += m
-        return np.asarray(writes, np.int64)
 
     # ---------------------------------------------------------------- device
     def dispatch(self, out: SchedulerOutput) -> StepHandle | SpecStepHandle | None:

@@ -81,6 +81,26 @@ def gather_rows(table: jax.Array, row_slot: jax.Array, samples: jax.Array, pages
     return rows[:, :p], fields
 
 
+def fill_page_diffs(chunks: list, slots: np.ndarray, diff: np.ndarray) -> np.ndarray:
+    """Host side of a step (``Runner.pack``): fill the step's page-table diff list (int32[D, 3],
+    padding -1) with the changed entries of rows that already hold their slot -> slots to write
+    whole instead: rows taking their slot, and rows whose entries no longer fit the list."""
+    writes, k, cap = [], 0, diff.shape[0]
+    for c, s in zip(chunks, slots, strict=True):
+        if c.new is not None:
+            writes.append(s)
+        elif c.page_ids:
+            m = len(c.page_ids)
+            if k + m > cap:
+                writes.append(s)
+                continue
+            diff[k:k + m, 0] = s
+            diff[k:k + m, 1] = np.arange(c.page_start, c.page_start + m)
+            diff[k:k + m, 2] = c.page_ids
+            k += m
+    return np.asarray(writes, np.int64)
+
+
 def _write_rows(table: jax.Array, buf: jax.Array) -> jax.Array:
     slot = jnp.where(buf[:, 0] >= 0, buf[:, 0], table.shape[0])
     return table.at[slot].set(buf[:, 1:], mode="drop")
