@@ -7,7 +7,6 @@ Jupyter/Colab's event loop untouched.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -89,7 +88,7 @@ class LLM:
             for prompt, sp in items:
                 if isinstance(sp, SamplingParams) and sp.output_kind is not RequestOutputKind.FINAL_ONLY:
                     if id(sp) not in final_only:
-                        final_only[id(sp)] = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
+                        final_only[id(sp)] = sp.replace(output_kind=RequestOutputKind.FINAL_ONLY)
                     sp = final_only[id(sp)]
                 order.append(engine.add_request(None, prompt, sp))
         except Exception:
