@@ -8,6 +8,9 @@ device with different inputs held fixed, to find which buffers move:
   in place     the engine's way since session 6: prev_tokens is donated and the step writes the
                new tokens into it, so its address never changes
   moving       a new prev_tokens buffer each call (the engine's way before session 6)
+  held         the previous call's host-facing token output alive during the call (the
+               overlapped loop's way: a fresh output cannot take the address it had)
+  numpy input  the packed input handed over as a host array (the engine's way)
   + the XLA option ``xla_gpu_command_buffer_update_mode`` for each of the above
 
 Run on the GPU (from the repository root, PYTHONPATH=.), optionally with
@@ -27,23 +30,30 @@ import numpy as np
 
 from benchmarks.step_floor import decode_inputs
 from jserve.builder import EngineArgs, build_engine
+from jserve.step_program import StepVariant
 
 
-def idle_call_ms(engine, step, in_place: bool, n: int = 30, context: int = 300) -> float:
+def idle_call_ms(engine, step, in_place: bool, n: int = 30, context: int = 300, hold: bool = False,
+                 numpy_input: bool = False) -> float:
     """Median host ms of one call of ``step`` (a batch-1 decode at ``context``) started on an
-    idle device."""
+    idle device. ``hold``: the previous call's host-facing token output stays alive during the
+    call (the overlapped loop reads it only after dispatching the next step); ``numpy_input``:
+    the packed input goes to the call as a host array, uploaded by the call (the engine's way)."""
     r = engine.runner
     joint = decode_inputs(engine, context)
+    if numpy_input:
+        joint = np.asarray(joint)
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
-    times = []
+    times, held = [], None
     for i in range(n + 5):
         prev = tokens if in_place else jnp.copy(tokens)
         jax.block_until_ready((kv, table, prev))
         t0 = time.perf_counter()
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, prev, joint, None)
+        kv, _, table, tokens, out, *_ = step(r.params, kv, None, table, prev, joint, None)
         if i >= 5:
             times.append(time.perf_counter() - t0)
-    jax.block_until_ready(tokens)
+        held = out if hold else None
+    jax.block_until_ready((tokens, held))
     r.kv, r.slot_table, r._prev_tokens = kv, table, tokens
     return float(np.median(times)) * 1e3
 
@@ -55,17 +65,20 @@ def main() -> None:
     eng = build_engine(EngineArgs(model=ns.model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
                                   max_num_batched_tokens=16, max_model_len=1024, num_pages=512))
     r = eng.runner
-    variant = (r.bucket_for(1)[0], False, True, True)
+    variant = StepVariant(r.bucket_for(1)[0], False, True, True)
     steps = {"default": r._compiled[variant]}
     for mode in ("SKIP_TEMP", "SKIP_PROFILED"):
         steps[mode] = r.lower_step(variant).compile(
             compiler_options={"xla_gpu_command_buffer_update_mode": mode})
     print(f"\n## {ns.model} ({jax.devices()[0].device_kind}): host ms of one decode-step call, idle device")
-    print("| compile | prev_tokens in place | prev_tokens moving |")
-    print("|---|---|---|")
+    print("| compile | prev_tokens in place | prev_tokens moving | in place, previous output held | "
+          "in place, numpy input | held + numpy input (the engine's loop) |")
+    print("|---|---|---|---|---|---|")
     for name, step in steps.items():
-        print(f"| {name} | {idle_call_ms(eng, step, True):.3f} | {idle_call_ms(eng, step, False):.3f} |",
-              flush=True)
+        cols = [idle_call_ms(eng, step, True), idle_call_ms(eng, step, False),
+                idle_call_ms(eng, step, True, hold=True), idle_call_ms(eng, step, True, numpy_input=True),
+                idle_call_ms(eng, step, True, hold=True, numpy_input=True)]
+        print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cols) + " |", flush=True)
 
 
 if __name__ == "__main__":

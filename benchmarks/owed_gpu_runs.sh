@@ -1,17 +1,18 @@
-# The device calls owed after session 10 (2026-12-01), in the order to run them. Each case fits
+# The device calls owed after session 11 (2026-12-01), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
-# (Sessions 7-10 ran a, e, g, the 2-GPU correctness tests and the OOM diagnosis: RESULTS.md.)
+# (Sessions 7-11 ran a, e, g, t, the 2-GPU correctness tests and the OOM diagnosis: RESULTS.md.)
 #
+#   l (1 GPU, ~6 min): why the plain sampler's 64-row launch still costs ~2 ms (session 11: the
+#     general sampler's conditional held the launch 1.5 ms; removing it moved the sampler's launch
+#     1.1 -> 0.7 ms but not the free step's). benchmarks/launch_trace.py at temperature 0.8 and 0
+#     (profiled host events per step) and benchmarks/cmdbuf_probe.py (one call's host ms with the
+#     previous output held, with numpy input). Prediction: the held output makes every call
+#     re-record the graph (the held column ~0.5 ms above the in-place one).
 #   f (1 GPU, ~5 min): the GPU memory test on the pool-hold fix (session 10: the bundled model now
 #     starts at a 0.15 share, 5.8 MiB never touched; Qwen2.5-0.5B at 0.15 not yet re-run).
 #     Prediction: both pass (warm-up peak < usable).
-#   t (1 GPU, ~6 min): issue 16's ratio with the grammar beside the forward's launch (session 10:
-#     constrained 7.8 ms per step against free 4.1, both host-bound, ratio 0.53). Prediction:
-#     constrained ~5.5-6 ms per step (the masks, the grammar advance and the mask upload leave the
-#     critical path; the sampler's launch stays), ratio ~0.7; 0.9 needs the sampler's launch off
-#     the critical path as well. The trace's launch_on_idle row says how many launches the
-#     device waited for (session 10 could not tell a launch that blocks on a busy device from a
-#     host-bound one).
+#   t (1 GPU, ~6 min): issue 16's ratio (session 11 on the plain sampler: 0.70 / 0.58,
+#     constrained ~7 ms per step, free 4-5); re-run after case l's fix.
 #   m (1 GPU, ~8 min): a clean A/B of XLA's rematerialization pass (session 9's was confounded by
 #     a warm autotune cache). Qwen2.5-0.5B, share 0.9, a fresh compilation cache for each run:
 #     compile seconds and "MiB never touched" with the pass on and off. Prediction: the pass
@@ -49,6 +50,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror"; }
 
 case "${1:-a}" in
+l)
+  timeout 330 python3 benchmarks/launch_trace.py --model qwen2.5-0.5b --out /tmp/launch_trace \
+    > "$OUT/launch_trace.txt" 2>&1; grep "^|\|^##" "$OUT/launch_trace.txt" | head -60
+  timeout 200 python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b 2>&1 | table | tee "$OUT/cmdbuf.txt"
+  ;;
 a)
   timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_quant_engine_gpu.py \
     tests/gpu/test_kv_quant_gpu.py tests/gpu/test_memory_gpu.py tests/gpu/test_spec_gpu.py \

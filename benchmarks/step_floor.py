@@ -32,6 +32,7 @@ import numpy as np
 
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import SamplingParams
+from jserve.step_program import StepVariant
 
 _NOT_KERNELS = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
                 "partition-id", "replica-id")
@@ -75,7 +76,7 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     device, kernels per step) for the 1-token bucket; ``step`` defaults to the engine's own
     greedy decode-only variant."""
     r = engine.runner
-    step = step or r._compiled[(r.bucket_for(1)[0], False, True, True)]
+    step = step or r._compiled[StepVariant(r.bucket_for(1)[0], False, True, True)]
     steps = step if isinstance(step, tuple) else (step,)   # a tuple: executables called in turn
     step = steps[0]
     joint = decode_inputs(engine, context)
@@ -164,16 +165,16 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
     res["A"] = floor_a(eng, dump=dump, trace=trace)
     t = eng.runner.bucket_for(1)[0]
     extra = {"A' greedy variant with prefill launches (before: decode steps ran it)":
-             eng.runner._compiled[(t, False, True, False)]}
+             eng.runner._compiled[StepVariant(t, False, True, False)]}
     for patch in ab:
         tc = time.perf_counter()
         try:
-            fn = _recompiled(eng, (t, False, True, True), patch)
+            fn = _recompiled(eng, StepVariant(t, False, True, True), patch)
         except Exception as e:  # noqa: BLE001 - report the failed patch, keep the run going
             print(f"  A/B patch {patch} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
         extra[f"A + {patch} (recompiled in {time.perf_counter() - tc:.0f} s)"] = fn
-    decode = (t, False, True, True)
+    decode = StepVariant(t, False, True, True)
     if twins:   # two executables of the decode step, called in turn (Runner.compile_twins)
         eng.runner.compile_twins([decode])
         extra["A2 two executables of the decode step in turn"] = (eng.runner._compiled[decode],

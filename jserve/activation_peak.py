@@ -6,7 +6,8 @@ Where it sits: start-up, between loading the weights and sizing the KV pool (DES
 
     probe runner: the real params, an abstract pool of PROBE_PAGES pages (nothing allocated)
     for each step program of the largest token bucket (general, greedy, flash, speculative),
-    and the split step's pair of its largest bucket (GPU/TPU, jserve/split_step.py):
+    and the split step's pair of its largest bucket (GPU/TPU, jserve/split_step.py), or else
+    the plain-sampler step of the largest decode bucket (its sampler keeps every [R, V] pass):
         lower -> compile -> memory_analysis(): temp + (outputs - outputs aliased to donated inputs)
     + the page mover's largest gather to host memory (swap, host tier), measured the same way:
       its pages wait on the device for their copy while the next step runs; plus as many bytes
@@ -87,12 +88,17 @@ def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
             draft.cfg, PROBE_PAGES, config.cache.page_size, config.kv_dtype, mesh))
     runner = Runner(config, params, kv, mesh, probe_draft)
     largest = config.scheduler.token_buckets[-1]
-    lowered = [runner.lower_step(v) for v in runner.variants() if v.tokens == largest]
+    variants = runner.variants()
+    lowered = [runner.lower_step(v) for v in variants if v.tokens == largest]
+    split = runner.split_wanted() and runner.split.buckets
+    plain = [v for v in variants if v.plain and v.tokens != largest]
+    if plain and not split:   # else the split pair's plain sampler at that bucket stands for it
+        lowered.append(runner.lower_step(max(plain)))
     if runner.spec_steps is not None:
         lowered.append(runner.spec_steps._lower(runner, (largest, False)))
     peak = max(compiled_extra_bytes(low.compile()) for low in lowered)
     count = len(lowered)
-    if runner.split_wanted() and runner.split.buckets:
+    if split:
         peak = max(peak, split_peak_bytes(*runner.lower_split(max(runner.split.buckets))))
         count += 1
     move = mover_peak_bytes(runner.mover.lower_largest_moves(runner.kv))

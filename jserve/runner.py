@@ -187,14 +187,19 @@ class Runner:
         there would only slow start-up. Flash-prefill steps keep the general sampler too. The
         greedy decode-only variant exists for the smallest bucket: small-batch decode is
         launch-bound there, and the attention launch it saves per layer is a few percent of
-        the step (a larger decode batch's step is long enough not to need it)."""
+        the step (a larger decode batch's step is long enough not to need it). Decode buckets'
+        sampled steps take the plain sampler, which has no conditional (``step_program``); a
+        batch with top-k / top-p / min-p rows moves up to the next bucket with the general
+        sampler (the largest bucket always has it)."""
         sched = self.config.scheduler
         out = []
         if self.spec_steps is not None and self.spec_steps.every_step:
             return out  # a draft model runs in every step: only the speculative variants
         for t in self._buckets:
-            out.append(StepVariant(t, False, False))
+            if self._general_variant(t):
+                out.append(StepVariant(t, False, False))
             if self._greedy_variant(t):
+                out.append(StepVariant(t, False, False, plain=True))
                 out.append(StepVariant(t, False, True))
             if t == self._buckets[0]:
                 out.append(StepVariant(t, False, True, decode_only=True))
@@ -205,6 +210,32 @@ class Runner:
     def _greedy_variant(self, token_bucket: int) -> bool:
         return token_bucket in self._greedy_buckets
 
+    def _general_variant(self, token_bucket: int) -> bool:
+        return token_bucket not in self._greedy_buckets or token_bucket == self._buckets[-1]
+
+    def _sampling_filters(self, out: SchedulerOutput) -> bool:
+        """Whether a sampling row of the plan uses top-k, top-p or min-p (the plain sampler
+        has none of them)."""
+        rows = self.rows
+        for c in out.chunks:
+            if c.samples:
+                if c.new is not None:
+                    p = c.new.params
+                else:
+                    slot = rows.slot_of(c.req_id)
+                    p = None if slot is None else rows.params[slot]   # None: ``pack`` raises
+                if p is not None and not p.greedy and p.uses_filters:
+                    return True
+        return False
+
+    def step_bucket(self, out: SchedulerOutput) -> int:
+        """The token bucket a plan runs in: the smallest that holds its tokens, or for a batch
+        with filters the smallest of those with the general sampler."""
+        t, _ = self.bucket_for(out.num_tokens)
+        if not self._general_variant(t) and self._sampling_filters(out):
+            t = next(b for b in self._buckets if b > t and self._general_variant(b))
+        return t
+
     # ---------------------------------------------------------------- host packing
     def pack(self, out: SchedulerOutput
              ) -> tuple[StepLayout, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -214,7 +245,8 @@ class Runner:
         self.rows.drop(out.dropped)
         chunks = out.chunks
         n = len(chunks)
-        t_bucket, r_bucket = self.bucket_for(out.num_tokens)
+        t_bucket = self.step_bucket(out)
+        r_bucket = self.config.scheduler.seq_bucket(t_bucket)
         if n > r_bucket:
             raise ValueError(f"{n} rows exceed the row bucket {r_bucket}")
         layout = self.layout(t_bucket)
@@ -298,7 +330,10 @@ class Runner:
             return self.spec_steps.dispatch(self, out, layout, params, ibuf, fbuf, masked)
         decode_only = (greedy and layout.num_tokens == self._buckets[0]
                        and all(c.num_tokens == 1 for c in out.chunks))
-        variant = StepVariant(layout.num_tokens, fresh, greedy, decode_only)
+        t = layout.num_tokens   # a batch with filters is in a bucket with the general sampler
+        plain = (not greedy and not fresh and self._greedy_variant(t)
+                 and not (self._general_variant(t) and self._sampling_filters(out)))
+        variant = StepVariant(t, fresh, greedy, decode_only, plain)
         step = self._compiled.get(variant)
         if step is None:
             raise RuntimeError(f"step variant {variant} was not compiled at warm-up")
@@ -344,7 +379,7 @@ class Runner:
     def _joint(self, layout: StepLayout, ibuf: np.ndarray) -> np.ndarray | jax.Array:
         """The step's one input array. A single process hands the host buffer to the executable
         as it is: its own argument transfer costs the host less than a device_put before the
-        call (RESULTS.md, session 6)."""
+        call (RESULTS_v2_sessions_5-8.md, session 6)."""
         joint = layout.joint(ibuf)
         return joint if self._replicated.is_fully_addressable else host_to_global(joint, self._replicated)
 
@@ -374,8 +409,10 @@ class Runner:
 
     def can_split(self, out: SchedulerOutput) -> bool:
         """Whether this plan can run as forward, then sampler (its bucket's split programs are
-        compiled; no draft rows, no flash prefill)."""
+        compiled; no draft rows, no flash prefill, no top-k / top-p / min-p rows)."""
         if not out.chunks or out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
+            return False
+        if self._sampling_filters(out):   # the split's sampler is the plain one
             return False
         t, _ = self.bucket_for(out.num_tokens)
         return self.split.ready(t) and not (self.config.scheduler.flash_prefill(t)
@@ -459,7 +496,7 @@ class Runner:
         kv_sh = jax.tree.map(lambda a: a.sharding, self.kv)   # (k, v[, k_scales, v_scales]) per layer
         # Every buffer the step reads and writes across calls keeps its address (donated and
         # aliased: kv, penalty state, slot table, prev tokens), so XLA's command buffer (CUDA
-        # graph) is not re-recorded for them on each call (RESULTS.md, session 6).
+        # graph) is not re-recorded for them on each call (RESULTS_v2_sessions_5-8.md, session 6).
         return jax.jit(fn, donate_argnums=(1, 2, 3, 4),
                        out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 3
                        + ((None,) * 3 if greedy else (rep,) * 3)

@@ -251,15 +251,17 @@ def _sample_core(logits: jax.Array, penalized: jax.Array | None, batch: Sampling
 
     Work the batch does not need is skipped at run time: the random path only when some row
     samples, the top-N logprobs only when some row asked (``lax.cond`` on the batch values),
-    so one compiled superset variant serves every batch at little cost.
+    so one compiled superset variant serves every batch at little cost. ``flags.branch_free``
+    computes both for every batch instead (the same values, no conditional).
     """
     x = logits if penalized is None else penalized
     x = apply_bans(x, batch.banned_ids)
     greedy = jnp.argmax(x, axis=1).astype(jnp.int32)
     tok = greedy
     if not flags.all_greedy:
-        sampled = jax.lax.cond(jnp.any(batch.temperature > 0),
-                               lambda: _sample_random(x, batch, flags), lambda: greedy)
+        sampled = (_sample_random(x, batch, flags) if flags.branch_free else
+                   jax.lax.cond(jnp.any(batch.temperature > 0),
+                                lambda: _sample_random(x, batch, flags), lambda: greedy))
         tok = jnp.where(batch.temperature > 0, sampled, greedy)
     r = logits.shape[0]
     if flags.max_logprobs == 0:
@@ -278,7 +280,8 @@ def _sample_core(logits: jax.Array, penalized: jax.Array | None, batch: Sampling
         return (jnp.zeros((r,), jnp.float32), jnp.zeros((r, n), jnp.int32),
                 jnp.zeros((r, n), jnp.float32))
 
-    chosen, top_ids, top_lp = jax.lax.cond(jnp.any(batch.want_logprobs), with_logprobs, without)
+    chosen, top_ids, top_lp = (with_logprobs() if flags.branch_free else
+                               jax.lax.cond(jnp.any(batch.want_logprobs), with_logprobs, without))
     return SamplerOutput(token_ids=tok, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp)
 
 

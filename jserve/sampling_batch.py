@@ -6,7 +6,7 @@ the per-slot device state, ``jserve.penalty_state``, so its ``history_ids`` is N
 ``pack_sampling`` packs host rows, one ``SamplingRow`` per row (``None`` for rows whose sampled
 token is discarded), with the whole penalty history, for the pure reference sampler
 (``sampler.sample``) that tests compare the engine with; ``SamplerFlags`` is its static
-argument (and the step's: ``step_program.STEP_SAMPLER_FLAGS``)::
+argument (and the step's: ``step_program.step_sampler_flags``)::
 
     rows: [SamplingRow | None] * n --pack_sampling--> SamplingBatch (R rows) + SamplerFlags
     row r >= n and None rows are padding: greedy, no penalties, no bans, no logprobs
@@ -51,19 +51,28 @@ class SamplerFlags:
     history_width: H of ``SamplingBatch.history_ids``; 0 = no row uses penalties.
     max_logprobs:  N of the top-N logprob outputs (a LOGPROBS_BUCKETS value); 0 = no row
                    asked for logprobs (any row with logprobs >= 0 makes it > 0).
+    branch_free:   no ``lax.cond``: the random draw and the logprobs are computed for every
+                   batch, whether or not a row needs them (same values). On a GPU a conditional
+                   reads its predicate on the host, so the thread launching the step waits
+                   there for the device to finish the forward (RESULTS.md, session 11).
+                   Requires any_filters=False (the filters' full-sort fallback stays a branch).
     """
 
     all_greedy: bool = True
     any_filters: bool = False
     history_width: int = 0
     max_logprobs: int = 0
+    branch_free: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("all_greedy", "any_filters"):
+        for name in ("all_greedy", "any_filters", "branch_free"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SamplerFlags.{name} must be a bool, got {getattr(self, name)!r}")
         if self.all_greedy and self.any_filters:
             raise ValueError("SamplerFlags.any_filters requires all_greedy=False (greedy ignores filters)")
+        if self.branch_free and self.any_filters:
+            raise ValueError("SamplerFlags.branch_free requires any_filters=False (the filters' "
+                             "full-sort fallback is a run-time branch)")
         h = self.history_width
         if not isinstance(h, int) or (h != 0 and (h < MIN_HISTORY_WIDTH or h & (h - 1))):
             raise ValueError(f"SamplerFlags.history_width must be 0 or a power of two >= "

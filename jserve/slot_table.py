@@ -134,6 +134,6 @@ class SlotWriter:
         buf[:k, 0] = slots
         buf[:k, 1:] = rows
         # One process: the executable takes the host buffer as it is (its own transfer costs the
-        # host less than a device_put first, as the step's input: RESULTS.md, session 6).
+        # host less than a device_put first, as the step's input: RESULTS_v2_sessions_5-8.md, session 6).
         arg = buf if self._sharding.is_fully_addressable else host_to_global(buf, self._sharding)
         return self._compiled[b](table, arg)

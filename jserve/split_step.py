@@ -18,9 +18,10 @@ the halves. A row whose request finished at step N gets no mask; its token is dr
 Compiled at warm-up on a GPU or TPU with the overlapped loop (``Runner.split_wanted``): two
 programs per decode bucket (the buckets a pure decode step lands in, where the loop's overlap
 matters). Not on CPU, where the "device" is the host's own cores and the overlap measured no gain
-(benchmarks/RESULTS.md, session 7); tests compile them there with ``Runner.compile_split``. For
-larger steps (prefill chunks, flash prefill, draft rows) and multi-process jobs the engine reads
-the step in flight first, then dispatches the fused step.
+(benchmarks/RESULTS_v2_sessions_5-8.md, session 7); tests compile them there with
+``Runner.compile_split``. For larger steps (prefill chunks, flash prefill, draft rows), batches
+with top-k / top-p / min-p rows (the split's sampler is the plain one, ``step_program``) and
+multi-process jobs the engine reads the step in flight first, then dispatches the fused step.
 """
 
 from __future__ import annotations

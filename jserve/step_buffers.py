@@ -6,7 +6,7 @@ the joint array (``joint``) to the compiled step as its one input, and the step 
 (``split``: a static slice and a bitcast) and unpacks it with static slices into the
 ``StepInput`` the model reads and the ``SamplingBatch`` the in-jit sampler reads. One array
 instead of ~25: the host cost of a call grows with the arrays passed, and each one is a fresh
-buffer the step's CUDA graph is re-pointed at (benchmarks/RESULTS.md, session 6).
+buffer the step's CUDA graph is re-pointed at (benchmarks/RESULTS_v2_sessions_5-8.md, session 6).
 
 Fields for a bucket of T tokens, R rows, D page-table diff entries, K banned ids::
 

@@ -22,20 +22,32 @@ from jserve.penalty_state import penalized_logits, record_tokens
 from jserve.sampler import _sample_core
 from jserve.sampling_batch import SamplerFlags
 from jserve.step_buffers import StepLayout
-from jserve.structured.logit_state import masked_logits
+from jserve.structured.logit_state import apply_logit_state, masked_logits
 
-# The in-step sampler's static flags, one compiled step per value:
+# The in-step sampler's static flags, one compiled step per value (``step_sampler_flags``):
 #  general: a superset whose unused work (random draws, filters, top-N logprobs) is skipped at
-#           run time by the batch's values (``lax.cond`` in ``sampler._sample_core``);
-#  greedy:  argmax only, no ``lax.cond``: an XLA GPU conditional reads its predicate on the host,
-#           which blocks the dispatching thread until the device reaches it, so the host could
-#           not run ahead of the device. Steps whose sampling rows are all greedy without
-#           logprobs or penalties (the common decode) take it; it neither reads nor passes the
-#           penalty state (applying penalties unconditionally would add a [R, V] gather and
-#           several [R, V] passes to every greedy decode step for a rare feature).
-STEP_SAMPLER_FLAGS = {False: SamplerFlags(all_greedy=False, any_filters=True, history_width=0,
-                                          max_logprobs=20),
-                      True: SamplerFlags(all_greedy=True, max_logprobs=0)}
+#           run time by the batch's values (``lax.cond`` in ``sampler._sample_core``). An XLA
+#           GPU conditional reads its predicate on the host, which blocks the dispatching
+#           thread until the device reaches it (after the forward), so the host cannot run
+#           ahead of the device: a 64-row sampled Qwen2.5-0.5B step spent 1.5 ms of its 3.8 ms
+#           of host time there (RESULTS.md, session 11). Larger steps (prefill), flash prefill
+#           and batches with top-k / top-p / min-p rows take it;
+#  plain:   no filters and no ``lax.cond``: penalties, token masks, the random draw and the
+#           logprobs are computed for every row (rows that need none get the same values as
+#           from the general variant). Decode buckets' non-greedy steps without filters;
+#  greedy:  argmax only, no conditional, no penalty state: steps whose sampling rows are all
+#           greedy without logprobs or penalties (the common decode).
+_GENERAL = SamplerFlags(all_greedy=False, any_filters=True, history_width=0, max_logprobs=20)
+_PLAIN = SamplerFlags(all_greedy=False, any_filters=False, history_width=0, max_logprobs=20,
+                      branch_free=True)
+_GREEDY = SamplerFlags(all_greedy=True, max_logprobs=0)
+
+
+def step_sampler_flags(greedy: bool, plain: bool) -> SamplerFlags:
+    """The sampler flags of a step program (see above)."""
+    return _GREEDY if greedy else _PLAIN if plain else _GENERAL
+
+
 TOP_N = 20
 # The sampler as a nested jit: variants with the same row bucket share its trace (start-up).
 _sample_step = jax.jit(_sample_core, static_argnums=(3,))
@@ -49,6 +61,7 @@ class StepVariant(NamedTuple):
     greedy: bool                # argmax sampler: no conditionals, no penalty state
     decode_only: bool = False   # greedy, and every row is one token (the smallest bucket only):
     #                             attention runs the GPU kernel's decode launch alone
+    plain: bool = False         # not greedy: the plain sampler (no filters, no conditional)
 
 
 def _forward_part(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh, params: Any,
@@ -64,19 +77,22 @@ def _forward_part(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh
     return kv, table, logits.astype(jnp.float32), sbatch, pen_slot, ibuf
 
 
-def _sample_part(layout: StepLayout, num_out: int, greedy: bool, logits: jax.Array, sbatch: Any,
-                 pen: jax.Array | None, pen_slot: jax.Array, masks: jax.Array | None,
+def _sample_part(layout: StepLayout, num_out: int, greedy: bool, plain: bool, logits: jax.Array,
+                 sbatch: Any, pen: jax.Array | None, pen_slot: jax.Array, masks: jax.Array | None,
                  mask_slot: jax.Array) -> tuple:
     """The sampler half of a step (penalties, token masks, sampling, penalty counts) ->
-    (pen, tokens int32[S], logprobs f32[R] | None, top_ids int32[R, N] | None, top_lp | None)."""
+    (pen, tokens int32[S], logprobs f32[R] | None, top_ids int32[R, N] | None, top_lp | None).
+    ``plain``: penalties and masks apply to every row (neutral where a row has none)."""
     penalized = None
     if pen is not None:
-        penalized = jax.lax.cond(jnp.any(pen_slot >= 0),
-                                 lambda: penalized_logits(logits, pen, pen_slot, sbatch),
-                                 lambda: logits)
+        penalized = (penalized_logits(logits, pen, pen_slot, sbatch) if plain else
+                     jax.lax.cond(jnp.any(pen_slot >= 0),
+                                  lambda: penalized_logits(logits, pen, pen_slot, sbatch),
+                                  lambda: logits))
     if masks is not None:
-        penalized = masked_logits(logits if penalized is None else penalized, masks, mask_slot)
-    out = _sample_step(logits, penalized, sbatch, STEP_SAMPLER_FLAGS[greedy])
+        x = logits if penalized is None else penalized
+        penalized = apply_logit_state(x, masks, mask_slot) if plain else masked_logits(x, masks, mask_slot)
+    out = _sample_step(logits, penalized, sbatch, step_sampler_flags(greedy, plain))
     if pen is not None:
         pen = record_tokens(pen, pen_slot, out.token_ids)
     tokens = jnp.zeros((num_out,), jnp.int32).at[:layout.num_rows].set(out.token_ids)
@@ -103,8 +119,9 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
     per-slot token masks / biases (``structured.logit_state``; None in the greedy variants)."""
     kv, table, logits, sbatch, pen_slot, ibuf = _forward_part(cfg, layout, variant, mesh, params, kv,
                                                               table, prev_tokens, joint)
-    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, variant.greedy, logits, sbatch,
-                                                    pen, pen_slot, masks, layout.read(ibuf, "mask_slot"))
+    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, variant.greedy, variant.plain, logits,
+                                                    sbatch, pen, pen_slot, masks,
+                                                    layout.read(ibuf, "mask_slot"))
     return kv, pen, table, tokens, tokens, lp, top_ids, top_lp
 
 
@@ -120,13 +137,14 @@ def forward_step(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh,
 def sample_step(layout: StepLayout, num_out: int, logits: jax.Array, pen: jax.Array, table: jax.Array,
                 prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array, mask_slot: jax.Array
                 ) -> tuple:
-    """The split step's second program: ``fused_step``'s general sampler over the forward's
-    logits f32[R, V], with the token masks the host computed meanwhile (mask_slot int32[R]
-    replaces the buffer's) -> (pen, prev_tokens' (donated), tokens, logprobs, top_ids, top_lp).
-    The table already carries the step's diffs (applying them again changes nothing)."""
+    """The split step's second program: ``fused_step``'s plain sampler (no filters, no
+    conditional: its launch need not wait for the forward) over the forward's logits f32[R, V],
+    with the token masks the host computed meanwhile (mask_slot int32[R] replaces the
+    buffer's) -> (pen, prev_tokens' (donated), tokens, logprobs, top_ids, top_lp). The table
+    already carries the step's diffs (applying them again changes nothing)."""
     del prev_tokens   # donated: this step's tokens take its buffer
     ibuf, fbuf = layout.split(joint)
     _, _, sbatch, _, pen_slot = layout.unpack(ibuf, fbuf, table)
-    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, False, logits, sbatch, pen,
+    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, False, True, logits, sbatch, pen,
                                                     pen_slot, masks, mask_slot)
     return pen, tokens, tokens, lp, top_ids, top_lp

@@ -18,7 +18,7 @@ buffer's ``num_draft[r]`` marks the last tokens of row r as drafts). The executa
 
 Rows without drafts (prefill chunks, decode rows of requests that do not speculate) get
 exactly the ordinary sampler's token in column 0. Variants: (token bucket, greedy); the greedy
-one has no control flow (see ``step_program.STEP_SAMPLER_FLAGS``) and exists for the buckets a pure
+one has no control flow (see ``step_program.step_sampler_flags``) and exists for the buckets a pure
 decode step with drafts lands in. All are compiled at start-up with the runner's variants.
 """
 

@@ -14,6 +14,7 @@ import pytest
 from engine_helpers import run_engine
 
 from jserve.sampling_params import SamplingParams
+from jserve.step_program import StepVariant
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +138,26 @@ def test_greedy_steps_take_the_step_without_conditionals(engines):
 
 
 def test_greedy_variants_only_where_a_pure_decode_step_lands(engines):
+    """The greedy and the plain-sampler variants exist where a pure decode step lands; the
+    general sampler everywhere else (and in the largest bucket, for batches with filters)."""
     runner = engines[True].runner      # max_num_seqs 8, token buckets 16 / 32 / 64
-    assert runner.variants() == [(16, False, False, False), (16, False, True, False),
-                                 (16, False, True, True), (32, False, False, False),
-                                 (64, False, False, False)]
+    assert runner.variants() == [StepVariant(16, False, False, plain=True), StepVariant(16, False, True),
+                                 StepVariant(16, False, True, decode_only=True),
+                                 StepVariant(32, False, False), StepVariant(64, False, False)]
     assert set(runner._compiled) == set(runner.variants())
+
+
+def test_decode_variants_have_no_conditional(engines):
+    """An XLA GPU conditional reads its predicate on the host, so the thread launching the step
+    waits there for the device: the variants decode steps take (greedy, plain sampler, the split
+    step's sampler) have none; the general sampler has its run-time branches."""
+    runner = engines[True].runner
+
+    def branches(lowered) -> int:
+        text = lowered.as_text()
+        return text.count("stablehlo.if") + text.count("stablehlo.case")
+
+    assert branches(runner.lower_step(StepVariant(16, False, False, plain=True))) == 0
+    assert branches(runner.lower_step(StepVariant(16, False, True))) == 0
+    assert branches(runner.lower_split(16)[1]) == 0
+    assert branches(runner.lower_step(StepVariant(32, False, False))) > 0

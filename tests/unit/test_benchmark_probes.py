@@ -8,6 +8,7 @@ from fixture_paths import GOLDEN
 
 from benchmarks import cmdbuf_probe, step_floor
 from jserve.builder import EngineArgs, build_engine
+from jserve.step_program import StepVariant
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +25,11 @@ def test_step_floor_calls_the_decode_step(engine):
 
 def test_cmdbuf_probe_calls_the_decode_step(engine):
     r = engine.runner
-    step = r._compiled[(r.bucket_for(1)[0], False, True, True)]
+    step = r._compiled[StepVariant(r.bucket_for(1)[0], False, True, True)]
     assert cmdbuf_probe.idle_call_ms(engine, step, in_place=True, n=1, context=20) > 0
     assert cmdbuf_probe.idle_call_ms(engine, step, in_place=False, n=1, context=20) > 0
+    assert cmdbuf_probe.idle_call_ms(engine, step, in_place=True, n=1, context=20, hold=True,
+                                     numpy_input=True) > 0
 
 
 def test_twin_executables_give_the_same_tokens(engine):
@@ -44,7 +47,7 @@ def test_twin_executables_give_the_same_tokens(engine):
         return out.outputs[0].token_ids
 
     r = engine.runner
-    decode = (r.bucket_for(1)[0], False, True, True)
+    decode = StepVariant(r.bucket_for(1)[0], False, True, True)
     one = run()
     r.compile_twins([decode])
     twin = r._twins[decode]
@@ -53,3 +56,23 @@ def test_twin_executables_give_the_same_tokens(engine):
     ms, *_ = step_floor.floor_a(engine, step=(r._compiled[decode], twin), n=2, context=20)
     assert ms > 0
     r._twins.clear()
+
+
+def test_launch_trace_reads_a_profiler_trace(tmp_path):
+    """benchmarks/launch_trace.py's reader of the perfetto trace the profiler writes."""
+    import glob
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.launch_trace import top_host_events
+
+    f = jax.jit(lambda x: jnp.sin(x) @ x)
+    x = jnp.ones((64, 64))
+    f(x).block_until_ready()
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+        for _ in range(3):
+            f(x).block_until_ready()
+    rows = top_host_events(glob.glob(f"{tmp_path}/**/perfetto_trace.json.gz", recursive=True)[0], 3)
+    assert rows and all(n > 0 and ms >= 0 for _, _, n, ms in rows)
+    assert any("PjitFunction" in name for _, name, _, _ in rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -362,3 +364,29 @@ def test_required_flags_and_validation():
     assert batch.history_ids.shape == (4, 64) and batch.num_rows == 4
 
 
+
+
+def test_branch_free_flags_give_every_row_the_same_values():
+    """The step's plain sampler (``branch_free``: the random draw and the logprobs for every
+    batch, no lax.cond) gives each row what the run-time-branching sampler gives it."""
+    rng = np.random.default_rng(11)
+    base = SamplerFlags(all_greedy=False, any_filters=False, history_width=16, max_logprobs=20)
+    free = dataclasses.replace(base, branch_free=True)
+    batches = [
+        [row(seed=1, temperature=0.0, logprobs=3),
+         row(seed=2, idx=5, temperature=0.3, presence_penalty=1.5, prompt=[1, 2, 3], output=[4, 4]),
+         row(seed=3, idx=4, temperature=1.1, banned=[5]), None,
+         row(seed=4, temperature=0.6, repetition_penalty=1.5, output=[7, 7], logprobs=0)],
+        [row(temperature=0.0), row(temperature=0.0, banned=[2])],   # no random row: cond skips the draw
+        [row(seed=9, idx=3, temperature=0.7)],                      # no row asks for logprobs
+    ]
+    for rows in batches:
+        logits = rng.normal(size=(R_SMALL, V_SMALL)).astype(np.float32)
+        ref, _, _ = run(logits, rows, flags=base)
+        got, _, _ = run(logits, rows, flags=free)
+        np.testing.assert_array_equal(got.token_ids, ref.token_ids)
+        want = [i for i, r in enumerate(rows) if r is not None and r.params.logprobs is not None]
+        np.testing.assert_array_equal(got.logprobs[want], ref.logprobs[want])
+        np.testing.assert_array_equal(got.top_ids[want], ref.top_ids[want])
+    with pytest.raises(ValueError, match="branch_free requires any_filters=False"):
+        SamplerFlags(all_greedy=False, any_filters=True, branch_free=True)

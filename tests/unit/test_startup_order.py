@@ -1,5 +1,5 @@
 """Start-up compiles every step variant over the pool's abstract shapes before it allocates the
-pool (XLA's GPU autotuner needs the memory a full pool would take; RESULTS.md, session 7)."""
+pool (XLA's GPU autotuner needs the memory a full pool would take; RESULTS_v2_sessions_5-8.md, session 7)."""
 
 import jax
 

@@ -1,0 +1,89 @@
+"""Where a many-row decode step's host time goes: per-step time and a profiler trace, per sampler.
+
+Builds one engine (random weights), keeps ``--rows`` requests decoding, and for each
+temperature in ``--temperatures`` times ``--steps`` engine steps, then records a
+``jax.profiler`` trace of ``--trace-steps`` more and prints the host events that take the most
+time per step (Python frames of the engine, XLA's executable launch: the command buffer's
+update and ``cuGraphLaunch``, conditional thunks, uploads). Temperature 0 takes the greedy
+variant; a sampled batch the plain sampler in decode buckets (``step_program``). Session 11 used
+it to find the general sampler's conditional blocking the launch (benchmarks/RESULTS.md)::
+
+    PYTHONPATH=. python3 benchmarks/launch_trace.py --model qwen2.5-0.5b --out /tmp/trace
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import time
+from collections import defaultdict
+
+import jax
+import numpy as np
+
+from jserve.builder import EngineArgs, build_engine
+from jserve.sampling_params import SamplingParams
+
+
+def top_host_events(path: str, steps: int, rows: int = 40) -> list[tuple[str, str, int, float]]:
+    """A perfetto JSON trace (``create_perfetto_trace``) -> [(thread, event, count, ms per
+    step)] of the ``rows`` host events with the largest total time (nested events overlap)."""
+    with gzip.open(path) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    threads = {(e["pid"], e.get("tid")): e["args"].get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    hosts = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+             and "host" in e["args"].get("name", "")}
+    total: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("ph") == "X" and e["pid"] in hosts:
+            key = (threads.get((e["pid"], e.get("tid")), "?")[:24], e["name"][:80])
+            total[key][0] += 1
+            total[key][1] += e.get("dur", 0) / 1e3
+    ranked = sorted(total.items(), key=lambda kv: -kv[1][1])[:rows]
+    return [(t, name, n, ms / steps) for (t, name), (n, ms) in ranked]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--temperatures", default="0.8,0.0")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--trace-steps", type=int, default=8)
+    ap.add_argument("--out", default="/tmp/launch_trace", help="folder for the traces")
+    ns = ap.parse_args()
+    eng = build_engine(EngineArgs(model=ns.model, random_weights=True, dtype="bfloat16",
+                                  max_num_seqs=ns.rows, max_model_len=512))
+    rng = np.random.default_rng(0)
+    vocab = eng.config.model.vocab_size
+    for temp in (float(t) for t in ns.temperatures.split(",")):
+        for i in range(ns.rows):
+            eng.add_request(None, rng.integers(10, vocab, 30).tolist(), SamplingParams(
+                temperature=temp, seed=i, max_tokens=ns.steps + ns.trace_steps + 30, ignore_eos=True))
+        for _ in range(12):   # prefill and the first decode steps
+            eng.step()
+        t0 = time.perf_counter()
+        for _ in range(ns.steps):
+            eng.step()
+        ms = (time.perf_counter() - t0) / ns.steps * 1e3
+        folder = f"{ns.out}/t{temp}"
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            for _ in range(ns.trace_steps):
+                eng.step()
+        while eng.has_unfinished_requests():
+            eng.step()
+        trace = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)[0]
+        print(f"\n## {ns.model}, {ns.rows} decoding rows, temperature {temp} "
+              f"({jax.devices()[0].device_kind}): {ms:.3f} ms per engine step (no profiler)")
+        print("| thread | host event (profiled) | count | ms per step |")
+        print("|---|---|---|---|")
+        for thread, name, n, per_step in top_host_events(trace, ns.trace_steps):
+            print(f"| {thread} | {name} | {n} | {per_step:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
