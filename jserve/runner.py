@@ -67,6 +67,7 @@ from jserve.spec.verify_step import SpecStepHandle, SpecSteps
 from jserve.split_step import SplitPrograms
 from jserve.step_buffers import StepLayout
 from jserve.step_program import StepVariant, forward_step, fused_step, sample_step
+from jserve.step_variants import StepVariants, sampling_filters
 from jserve.structured.logit_state import LogitState
 from sharding import host_to_global
 
@@ -130,10 +131,7 @@ class Runner:
         self._pages_per_seq = config.pages_per_seq
         self._page_size = config.cache.page_size
         self._num_out = max(sched.seq_bucket(t) for t in self._buckets)
-        # Buckets a pure decode step (at most max_num_seqs tokens) lands in: the smallest, and
-        # each whose next smaller bucket is below max_num_seqs.
-        self._greedy_buckets = frozenset(
-            t for i, t in enumerate(self._buckets) if i == 0 or self._buckets[i - 1] < sched.max_num_seqs)
+        self.steps = StepVariants(sched)   # which program runs a plan (jserve/step_variants.py)
         self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
         self._compiled: dict[StepVariant, Any] = {}
         self._twins: dict[StepVariant, Any] = {}   # see compile_twins
@@ -157,17 +155,14 @@ class Runner:
         self.spec_steps = SpecSteps(self, spec.num_speculative_tokens, draft) if spec else None
         # Host-masked rows: forward and sampler as two programs, compiled on first use.
         self.split = SplitPrograms(
-            [t for t in self._buckets if self._greedy_variant(t) and not sched.flash_prefill(t)],
+            [t for t in self._buckets if t in self.steps.decode and not sched.flash_prefill(t)],
             self.lower_split)
 
     # ---------------------------------------------------------------- shapes
     def bucket_for(self, num_tokens: int) -> tuple[int, int]:
         """-> (token bucket T, row bucket R) for a step of ``num_tokens`` tokens."""
-        for t in self._buckets:
-            if num_tokens <= t:
-                return t, self.config.scheduler.seq_bucket(t)
-        raise ValueError(f"step of {num_tokens} tokens exceeds max_num_batched_tokens "
-                         f"({self._buckets[-1]})")
+        t = self.steps.smallest(num_tokens)
+        return t, self.config.scheduler.seq_bucket(t)
 
     def layout(self, token_bucket: int) -> StepLayout:
         """The buffer layout of a token bucket (one object per bucket: its tables are cached)."""
@@ -179,62 +174,15 @@ class Runner:
         return lay
 
     def variants(self) -> list[StepVariant]:
-        """Every compiled step program.
-
-        The greedy variant exists only for buckets a pure decode step can land in (at most
-        ``max_num_seqs`` tokens): a larger bucket always carries prefill work, whose device
-        time dwarfs the host's wait at the general sampler's conditional, so a second compile
-        there would only slow start-up. Flash-prefill steps keep the general sampler too. The
-        greedy decode-only variant exists for the smallest bucket: small-batch decode is
-        launch-bound there, and the attention launch it saves per layer is a few percent of
-        the step (a larger decode batch's step is long enough not to need it). Decode buckets'
-        sampled steps take the plain sampler, which has no conditional (``step_program``); a
-        batch with top-k / top-p / min-p rows moves up to the next bucket with the general
-        sampler (the largest bucket always has it)."""
-        sched = self.config.scheduler
-        out = []
+        """Every compiled step program (``StepVariants.all``; none when a draft model runs in
+        every step: only the speculative variants)."""
         if self.spec_steps is not None and self.spec_steps.every_step:
-            return out  # a draft model runs in every step: only the speculative variants
-        for t in self._buckets:
-            if self._general_variant(t):
-                out.append(StepVariant(t, False, False))
-            if self._greedy_variant(t):
-                out.append(StepVariant(t, False, False, plain=True))
-                out.append(StepVariant(t, False, True))
-            if t == self._buckets[0]:
-                out.append(StepVariant(t, False, True, decode_only=True))
-            if sched.flash_prefill(t):
-                out.append(StepVariant(t, True, False))
-        return out
-
-    def _greedy_variant(self, token_bucket: int) -> bool:
-        return token_bucket in self._greedy_buckets
-
-    def _general_variant(self, token_bucket: int) -> bool:
-        return token_bucket not in self._greedy_buckets or token_bucket == self._buckets[-1]
-
-    def _sampling_filters(self, out: SchedulerOutput) -> bool:
-        """Whether a sampling row of the plan uses top-k, top-p or min-p (the plain sampler
-        has none of them)."""
-        rows = self.rows
-        for c in out.chunks:
-            if c.samples:
-                if c.new is not None:
-                    p = c.new.params
-                else:
-                    slot = rows.slot_of(c.req_id)
-                    p = None if slot is None else rows.params[slot]   # None: ``pack`` raises
-                if p is not None and not p.greedy and p.uses_filters:
-                    return True
-        return False
+            return []
+        return self.steps.all()
 
     def step_bucket(self, out: SchedulerOutput) -> int:
-        """The token bucket a plan runs in: the smallest that holds its tokens, or for a batch
-        with filters the smallest of those with the general sampler."""
-        t, _ = self.bucket_for(out.num_tokens)
-        if not self._general_variant(t) and self._sampling_filters(out):
-            t = next(b for b in self._buckets if b > t and self._general_variant(b))
-        return t
+        """The token bucket a plan runs in (``StepVariants.bucket``)."""
+        return self.steps.bucket(out.num_tokens, lambda: sampling_filters(out, self.rows))
 
     # ---------------------------------------------------------------- host packing
     def pack(self, out: SchedulerOutput
@@ -322,18 +270,14 @@ class Runner:
         if prep is None:
             return None
         layout, ibuf, fbuf, slots, params, fresh, masked = prep
-        greedy = (not fresh and not masked and self._greedy_variant(layout.num_tokens)
-                  and all(p.greedy and p.logprobs is None and not p.uses_penalties
-                          for c, p in zip(out.chunks, params, strict=True) if c.samples))
         if out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
             ibuf, fbuf = host_to_global((ibuf, fbuf), self._replicated)
             return self.spec_steps.dispatch(self, out, layout, params, ibuf, fbuf, masked)
-        decode_only = (greedy and layout.num_tokens == self._buckets[0]
-                       and all(c.num_tokens == 1 for c in out.chunks))
-        t = layout.num_tokens   # a batch with filters is in a bucket with the general sampler
-        plain = (not greedy and not fresh and self._greedy_variant(t)
-                 and not (self._general_variant(t) and self._sampling_filters(out)))
-        variant = StepVariant(t, fresh, greedy, decode_only, plain)
+        variant = self.steps.choose(
+            layout.num_tokens, fresh, masked, all(c.num_tokens == 1 for c in out.chunks),
+            [p for c, p in zip(out.chunks, params, strict=True) if c.samples],
+            lambda: sampling_filters(out, self.rows))
+        greedy = variant.greedy
         step = self._compiled.get(variant)
         if step is None:
             raise RuntimeError(f"step variant {variant} was not compiled at warm-up")
@@ -412,7 +356,7 @@ class Runner:
         compiled; no draft rows, no flash prefill, no top-k / top-p / min-p rows)."""
         if not out.chunks or out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
             return False
-        if self._sampling_filters(out):   # the split's sampler is the plain one
+        if sampling_filters(out, self.rows):   # the split's sampler is the plain one
             return False
         t, _ = self.bucket_for(out.num_tokens)
         return self.split.ready(t) and not (self.config.scheduler.flash_prefill(t)

@@ -46,6 +46,7 @@ from jserve.scheduler_output import RunnerOutput, SchedulerOutput
 from jserve.spec.draft import DraftModel, draft_step
 from jserve.spec.rejection import expand_rows, rejection_sample
 from jserve.step_buffers import StepLayout
+from jserve.step_variants import decode_buckets, greedy_rows
 from jserve.structured.logit_state import masked_logits
 
 if TYPE_CHECKING:
@@ -175,8 +176,7 @@ class SpecSteps:
         sched = runner.config.scheduler
         buckets = sched.token_buckets
         widest = sched.max_num_seqs * (1 + num_spec)   # a pure decode step with drafts
-        self._greedy_buckets = frozenset(t for i, t in enumerate(buckets)
-                                         if i == 0 or buckets[i - 1] < widest)
+        self._greedy_buckets = decode_buckets(buckets, widest)
         self._compiled: dict[tuple[int, bool], Any] = {}
         # The draft model's q of each slot's drafts (random rows), f32[S + 1, K, V]: written by
         # the step that drafts them, read by the next that verifies them (general variants).
@@ -269,9 +269,8 @@ class SpecSteps:
         """Run a packed step with draft rows (buffers already on the device); ``masked``:
         some row samples under a token mask / logit bias (the general variant applies it)."""
         t = layout.num_tokens
-        sampling = [p for c, p in zip(out.chunks, params, strict=True) if c.samples]
         greedy = (t in self._greedy_buckets and not masked
-                  and all(p.greedy and p.logprobs is None and not p.uses_penalties for p in sampling))
+                  and greedy_rows(p for c, p in zip(out.chunks, params, strict=True) if c.samples))
         runner.logit_state.flush()
         last, tokens, num, lp, top_ids, top_lp, drafts = self._keep(
             runner, self._compiled[(t, greedy)](*self._args(runner, greedy, ibuf, fbuf)))

@@ -1,0 +1,114 @@
+"""Which compiled step program runs a plan: its token bucket and its step variant.
+
+Where it sits: start-up compiles ``StepVariants.all()`` (``Runner.compile``); ``Runner.pack``
+asks ``bucket`` for a plan's token bucket and ``Runner.dispatch`` asks ``choose`` for its
+variant. The speculative verify variants pick theirs with ``decode_buckets`` and
+``greedy_rows`` the same way (jserve/spec/verify_step.py)::
+
+    token bucket   a decode bucket (a pure decode step       a larger bucket (always carries
+                   of at most max_num_seqs rows lands in it)  prefill work)
+    variants       greedy; plain sampler; greedy decode-only  general sampler;
+                   (the smallest); general (the largest)      flash prefill (large enough)
+
+- Greedy (argmax, no penalty state, no conditional): steps whose sampling rows are all greedy
+  without logprobs or penalties. Only in decode buckets: a larger bucket's prefill work dwarfs
+  the host's wait at the general sampler's conditionals, and a second compile there would only
+  slow start-up. The decode-only greedy variant (attention's decode launch alone) exists for
+  the smallest bucket, where small-batch decode is launch-bound.
+- Plain sampler (no conditional, no filters; ``step_program``): decode buckets' other steps.
+  A batch with top-k / top-p / min-p rows moves up to the next bucket with the general
+  sampler; the largest bucket always has it.
+- General sampler: every other bucket, and flash-prefill steps (all chunks start at token 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from jserve.config import SchedulerConfig
+from jserve.runner_state import RequestRows
+from jserve.sampling_params import SamplingParams
+from jserve.scheduler_output import SchedulerOutput
+from jserve.step_program import StepVariant
+
+
+def decode_buckets(buckets: tuple[int, ...], widest: int) -> frozenset[int]:
+    """The buckets a pure decode step of at most ``widest`` tokens lands in: the smallest, and
+    each whose next smaller bucket is below ``widest``."""
+    return frozenset(t for i, t in enumerate(buckets) if i == 0 or buckets[i - 1] < widest)
+
+
+def greedy_rows(params: Iterable[SamplingParams]) -> bool:
+    """Whether sampling rows with these parameters can run a greedy variant (argmax; no
+    logprobs, no penalties)."""
+    return all(p.greedy and p.logprobs is None and not p.uses_penalties for p in params)
+
+
+def sampling_filters(out: SchedulerOutput, rows: RequestRows) -> bool:
+    """Whether a sampling row of the plan uses top-k, top-p or min-p (the plain sampler has
+    none of them). Works before and after ``rows`` applied the plan's new requests."""
+    for c in out.chunks:
+        if c.samples:
+            if c.new is not None:
+                p = c.new.params
+            else:
+                slot = rows.slot_of(c.req_id)
+                p = None if slot is None else rows.params[slot]   # None: ``Runner.pack`` raises
+            if p is not None and not p.greedy and p.uses_filters:
+                return True
+    return False
+
+
+class StepVariants:
+    """The step variants of one scheduler configuration (module docstring)."""
+
+    def __init__(self, sched: SchedulerConfig) -> None:
+        self._sched = sched
+        self.buckets = sched.token_buckets
+        self.decode = decode_buckets(self.buckets, sched.max_num_seqs)
+
+    def has_general(self, token_bucket: int) -> bool:
+        return token_bucket not in self.decode or token_bucket == self.buckets[-1]
+
+    def all(self) -> list[StepVariant]:
+        """Every variant start-up compiles."""
+        out = []
+        for t in self.buckets:
+            if self.has_general(t):
+                out.append(StepVariant(t, False, False))
+            if t in self.decode:
+                out.append(StepVariant(t, False, False, plain=True))
+                out.append(StepVariant(t, False, True))
+            if t == self.buckets[0]:
+                out.append(StepVariant(t, False, True, decode_only=True))
+            if self._sched.flash_prefill(t):
+                out.append(StepVariant(t, True, False))
+        return out
+
+    def smallest(self, num_tokens: int) -> int:
+        """The smallest token bucket holding ``num_tokens``."""
+        for t in self.buckets:
+            if num_tokens <= t:
+                return t
+        raise ValueError(f"step of {num_tokens} tokens exceeds max_num_batched_tokens "
+                         f"({self.buckets[-1]})")
+
+    def bucket(self, num_tokens: int, filters: Callable[[], bool]) -> int:
+        """The token bucket of a plan of ``num_tokens`` tokens; ``filters()``: whether some
+        sampling row uses top-k / top-p / min-p (asked only where it matters)."""
+        t = self.smallest(num_tokens)
+        if not self.has_general(t) and filters():
+            t = next(b for b in self.buckets if b > t and self.has_general(b))
+        return t
+
+    def choose(self, token_bucket: int, fresh: bool, masked: bool, one_token_rows: bool,
+               sampling: list[SamplingParams], filters: Callable[[], bool]) -> StepVariant:
+        """The variant of a plan packed in ``token_bucket``. fresh: every chunk starts at token
+        0 (flash prefill); masked: some row samples under a token mask or logit bias;
+        one_token_rows: every row computes one token; sampling: the sampling rows' params."""
+        t = token_bucket
+        greedy = not fresh and not masked and t in self.decode and greedy_rows(sampling)
+        decode_only = greedy and t == self.buckets[0] and one_token_rows
+        plain = (not greedy and not fresh and t in self.decode
+                 and not (self.has_general(t) and filters()))
+        return StepVariant(t, fresh, greedy, decode_only, plain)
