@@ -494,7 +494,8 @@ class Runner:
                 self._compiled[variant] = compiled
                 t = variant.tokens
                 kind = ("flash prefill" if variant.fresh_prefill else "greedy decode"
-                        if variant.decode_only else "greedy" if variant.greedy else "general sampler")
+                        if variant.decode_only else "greedy" if variant.greedy
+                        else "plain sampler" if variant.plain else "general sampler")
                 say(f"compiled step {k}/{total} (tokens {t}, rows "
                     f"{self.config.scheduler.seq_bucket(t)}, {kind}) at {time.perf_counter() - t0:.1f} s")
         if self.spec_steps is not None:
