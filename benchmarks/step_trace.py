@@ -22,6 +22,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import jax
+
 from jserve.runner import StepHandle
 
 PHASES = ("step", "schedule", "dispatch", "dispatch_forward", "beside_grammar", "dispatch_sample",
@@ -65,7 +67,7 @@ class StepTrace:
 
         def result(handle: StepHandle) -> Any:
             t0 = time.perf_counter()
-            handle.tokens.block_until_ready()
+            jax.block_until_ready(handle.tokens)   # numpy once landed
             t1 = time.perf_counter()
             out = orig(handle)
             tr._add("wait", t1 - t0)

@@ -287,6 +287,8 @@ class LLMEngine:
             self._consume(self._in_flight, touched)
             self._in_flight = None
         sched_out = self.scheduler.schedule()
+        if isinstance(self._in_flight, StepHandle):
+            self._in_flight.land()   # a finished step's outputs leave the device before the launch
         if self._in_flight is not None and self._needs_tokens(self._in_flight):
             # A host-masked row's next mask needs the token it sampled in the step in flight.
             # Split step (jserve/split_step.py): the forward goes first and runs while the host
@@ -397,7 +399,7 @@ class LLMEngine:
     def _in_flight_done(self) -> bool:
         """Whether the step in flight has finished on the device (the host is the bottleneck)."""
         handle = self._in_flight
-        return isinstance(handle, StepHandle) and handle.tokens.is_ready()
+        return isinstance(handle, StepHandle) and handle.ready()
 
     def _forward_beside_grammar(self, sched_out: SchedulerOutput, touched: dict[str, None]
                                 ) -> SplitPending:

@@ -9,6 +9,7 @@ rows are in flight, and check that no page or runner slot is left behind.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from engine_helpers import run_engine
@@ -161,3 +162,23 @@ def test_decode_variants_have_no_conditional(engines):
     assert branches(runner.lower_step(StepVariant(16, False, True))) == 0
     assert branches(runner.lower_split(16)[1]) == 0
     assert branches(runner.lower_step(StepVariant(32, False, False))) > 0
+
+
+def test_a_finished_step_lands_before_the_next_launch(engines):
+    """Before launching a step the engine takes the finished step in flight to the host and
+    lets go of its device outputs (a held output buffer makes XLA re-record the next step's
+    CUDA graph); reading it then gives what reading the device arrays gave."""
+    engine = engines[True]
+    engine.add_request("land", [3, 4, 5], SamplingParams(temperature=0.7, seed=1, max_tokens=4,
+                                                          logprobs=2, ignore_eos=True))
+    engine.step()
+    first = engine._in_flight
+    assert isinstance(first.tokens, jax.Array) and first.logprobs is not None
+    jax.block_until_ready((first.tokens, first.logprobs))
+    want = first.result()
+    assert first.ready()
+    engine.step()
+    assert isinstance(first.tokens, np.ndarray)
+    assert all(isinstance(a, np.ndarray) for a in first.logprobs)
+    assert first.result() == want and first.ready()
+    run_engine(engine, [])
