@@ -7,7 +7,9 @@
 #     1.1 -> 0.7 ms but not the free step's). benchmarks/launch_trace.py at temperature 0.8 and 0
 #     (profiled host events per step) and benchmarks/cmdbuf_probe.py (one call's host ms with the
 #     previous output held, with numpy input). Prediction: the held output makes every call
-#     re-record the graph (the held column ~0.5 ms above the in-place one).
+#     re-record the graph (the held column ~0.5 ms above the in-place one); with the engine now
+#     landing a finished step before the next launch (StepHandle.land), the 64-row launch falls
+#     from ~2 ms toward ~0.5 ms at both temperatures.
 #   f (1 GPU, ~5 min): the GPU memory test on the pool-hold fix (session 10: the bundled model now
 #     starts at a 0.15 share, 5.8 MiB never touched; Qwen2.5-0.5B at 0.15 not yet re-run).
 #     Prediction: both pass (warm-up peak < usable).
