@@ -10,6 +10,11 @@
 #     re-record the graph (the held column ~0.5 ms above the in-place one); with the engine now
 #     landing a finished step before the next launch (StepHandle.land), the 64-row launch falls
 #     from ~2 ms toward ~0.5 ms at both temperatures.
+#   x (1 GPU, ~9 min): issue 11's batch-1 floor: the decode step's GEMMs ran at 0.7-1.9 TB/s
+#     (session 5's trace: 22 of ~42 us per layer). step_floor.py recompiles the decode step with
+#     cuBLAS instead of XLA's Triton GEMMs, and with the autotuner at levels 0 and 1 (start-up
+#     time), beside the default. Prediction: cuBLAS -10% on Qwen's A (1.07 ms), ~0 on Llama's;
+#     autotune level 0 compiles 2-3x faster at a few % slower steps.
 #   f (1 GPU, ~5 min): the GPU memory test on the pool-hold fix (session 10: the bundled model now
 #     starts at a 0.15 share, 5.8 MiB never touched; Qwen2.5-0.5B at 0.15 not yet re-run).
 #     Prediction: both pass (warm-up peak < usable).
@@ -56,6 +61,13 @@ l)
   timeout 330 python3 benchmarks/launch_trace.py --model qwen2.5-0.5b --out /tmp/launch_trace \
     > "$OUT/launch_trace.txt" 2>&1; grep "^|\|^##" "$OUT/launch_trace.txt" | head -60
   timeout 200 python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b 2>&1 | table | tee "$OUT/cmdbuf.txt"
+  ;;
+x)
+  ab=xla:xla_gpu_enable_triton_gemm=false,xla:xla_gpu_autotune_level=0,xla:xla_gpu_autotune_level=1
+  timeout 270 python3 benchmarks/step_floor.py qwen2.5-0.5b --max-num-batched-tokens 16 --ab "$ab" \
+    2>&1 | table | tee "$OUT/floor_ab_qwen.txt"
+  timeout 290 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --ab xla:xla_gpu_enable_triton_gemm=false,xla:xla_gpu_autotune_level=0 2>&1 | table | tee "$OUT/floor_ab_llama.txt"
   ;;
 a)
   timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_quant_engine_gpu.py \
