@@ -6,8 +6,9 @@ Where it sits: start-up, between loading the weights and sizing the KV pool (DES
 
     probe runner: the real params, an abstract pool of PROBE_PAGES pages (nothing allocated)
     for each step program of the largest token bucket (general, greedy, flash, speculative),
-    and the split step's pair of its largest bucket (GPU/TPU, jserve/split_step.py), or else
-    the plain-sampler step of the largest decode bucket (its sampler keeps every [R, V] pass):
+    and the split step's pair of its largest bucket (GPU/TPU, jserve/split_step.py), and the
+    plain-sampler step of the largest decode bucket when that pair does not stand for it (its
+    sampler keeps every [R, V] pass):
         lower -> compile -> memory_analysis(): temp + (outputs - outputs aliased to donated inputs)
     + the page mover's largest gather to host memory (swap, host tier), measured the same way:
       its pages wait on the device for their copy while the next step runs; plus as many bytes
@@ -91,8 +92,9 @@ def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
     variants = runner.variants()
     lowered = [runner.lower_step(v) for v in variants if v.tokens == largest]
     split = runner.split_wanted() and runner.split.buckets
-    plain = [v for v in variants if v.plain and v.tokens != largest]
-    if plain and not split:   # else the split pair's plain sampler at that bucket stands for it
+    covered = max(runner.split.buckets) if split else 0   # the split pair's plain sampler
+    plain = [v for v in variants if v.plain and covered < v.tokens < largest]
+    if plain:
         lowered.append(runner.lower_step(max(plain)))
     if runner.spec_steps is not None:
         lowered.append(runner.spec_steps._lower(runner, (largest, False)))
