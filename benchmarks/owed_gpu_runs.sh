@@ -10,6 +10,11 @@
 #     re-record the graph (the held column ~0.5 ms above the in-place one); with the engine now
 #     landing a finished step before the next launch (StepHandle.land), the 64-row launch falls
 #     from ~2 ms toward ~0.5 ms at both temperatures.
+#   h (1 GPU, ~9 min): issue 11's throughput targets on the v2 loop: Qwen2.5-0.5B 1000 x 200/180
+#     (target 20k out tok/s; 13.6k on the old loop) and Llama-3.1-8B 500 x 200/180 (target 10k;
+#     9.0k). offline.py now asks for finished outputs only (FINAL_ONLY, as LLM.generate), which
+#     took the engine's output phase from 11.6 to 2.5 ms per step at 256 rows on CPU. Prediction:
+#     Qwen ~18-20k (host-bound: ~4 ms of host per 64-row step on the H200, session 10), Llama ~9.5k.
 #   x (1 GPU, ~9 min): issue 11's batch-1 floor: the decode step's GEMMs ran at 0.7-1.9 TB/s
 #     (session 5's trace: 22 of ~42 us per layer). step_floor.py recompiles the decode step with
 #     cuBLAS instead of XLA's Triton GEMMs, and with the autotuner at levels 0 and 1 (start-up
@@ -25,11 +30,6 @@
 #     compile seconds and "MiB never touched" with the pass on and off. Prediction: the pass
 #     runs on every step (its limit is negative with the pool filling the share); off, the
 #     warm-up peak matches the 2-page probe's figure.
-#   h (1 GPU, ~9 min): issue 11's throughput targets on the v2 loop: Qwen2.5-0.5B 1000 x 200/180
-#     (target 20k out tok/s; 13.6k on the old loop) and Llama-3.1-8B 500 x 200/180 (target 10k;
-#     9.0k). offline.py now asks for finished outputs only (FINAL_ONLY, as LLM.generate), which
-#     took the engine's output phase from 11.6 to 2.5 ms per step at 256 rows on CPU. Prediction:
-#     Qwen ~18-20k (host-bound: ~4 ms of host per 64-row step on the H200, session 10), Llama ~9.5k.
 #   b (1 GPU, ~9 min): speculative decoding tables (benchmarks/spec_decode.py) and the memory
 #     budget table (benchmarks/memory_budget.py). Expect batch-1 spec < 2x: a step with drafts
 #     is read right after dispatch (no overlap while speculating).
