@@ -198,10 +198,6 @@ class Runner:
             return []
         return self.steps.all()
 
-    def step_bucket(self, out: SchedulerOutput) -> int:
-        """The token bucket a plan runs in (``StepVariants.bucket``)."""
-        return self.steps.bucket(out.num_tokens, lambda: sampling_filters(out, self.rows))
-
     # ---------------------------------------------------------------- host packing
     def pack(self, out: SchedulerOutput
              ) -> tuple[StepLayout, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -211,14 +207,15 @@ class Runner:
         self.rows.drop(out.dropped)
         chunks = out.chunks
         n = len(chunks)
-        t_bucket = self.step_bucket(out)
-        r_bucket = self.config.scheduler.seq_bucket(t_bucket)
-        if n > r_bucket:
+        r_bucket = self.config.scheduler.seq_bucket(self.steps.smallest(out.num_tokens))
+        if n > r_bucket:   # (a bucket moved up for filters has at least as many rows)
             raise ValueError(f"{n} rows exceed the row bucket {r_bucket}")
-        layout = self.layout(t_bucket)
-        ibuf, fbuf, f = layout.new_buffers()
         rows = self.rows
         slots = np.fromiter((rows.apply(c) for c in chunks), np.int64, n)
+        samples = np.fromiter((c.samples for c in chunks), bool, n)
+        s = slots[samples]
+        layout = self.layout(self.steps.bucket(out.num_tokens, lambda: bool(rows.filtered[s].any())))
+        ibuf, fbuf, f = layout.new_buffers()
         f["row_slot"][:n] = slots
         writes = fill_page_diffs(chunks, slots, f["pt_diff"])
         ns = np.fromiter((c.num_tokens for c in chunks), np.int32, n)
@@ -246,9 +243,7 @@ class Runner:
         f["seq_lens"][:n] = starts + ns
         f["num_seqs"][0] = n
         f["logits_indices"][:n] = ends - 1
-        samples = np.fromiter((c.samples for c in chunks), bool, n)
         f["samples"][:n] = samples
-        s = slots[samples]
         pen = rows.uses_penalties[s]
         if pen.any():
             r_pen, s_pen = np.flatnonzero(samples)[pen], s[pen]

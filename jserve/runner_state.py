@@ -27,6 +27,11 @@ from jserve.scheduler_output import ScheduledChunk
 from jserve.slot_table import MIN_P, NUM_FIELDS, SEED, TEMP, TOP_K, TOP_P, WANT_LP
 
 
+def uses_filters(p: SamplingParams) -> bool:
+    """Whether a request samples with top-k, top-p or min-p (a greedy one ignores them)."""
+    return not p.greedy and p.uses_filters
+
+
 class RequestRows:
     """Slots for at most ``max_requests`` requests at once, ``pages_per_seq`` pages each."""
 
@@ -48,6 +53,7 @@ class RequestRows:
         self.presence_penalty = np.zeros(max_requests, np.float32)
         self.frequency_penalty = np.zeros(max_requests, np.float32)
         self.uses_penalties = np.zeros(max_requests, bool)
+        self.filtered = np.zeros(max_requests, bool)   # ``uses_filters`` of the slot's request
         self.params: list[SamplingParams | None] = [None] * max_requests
         self.seeds: list[int] = [0] * max_requests
         self._slot: dict[str, int] = {}
@@ -100,6 +106,7 @@ class RequestRows:
         self.seed[s] = (v >> 32, v & 0xFFFFFFFF)
         self.want_logprobs[s] = p.logprobs is not None
         self.uses_penalties[s] = p.uses_penalties
+        self.filtered[s] = uses_filters(p)
         self.repetition_penalty[s] = p.repetition_penalty
         self.presence_penalty[s] = p.presence_penalty
         self.frequency_penalty[s] = p.frequency_penalty

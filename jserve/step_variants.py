@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from jserve.config import SchedulerConfig
-from jserve.runner_state import RequestRows
+from jserve.runner_state import RequestRows, uses_filters
 from jserve.sampling_params import SamplingParams
 from jserve.scheduler_output import SchedulerOutput
 from jserve.step_program import StepVariant
@@ -46,16 +46,17 @@ def greedy_rows(params: Iterable[SamplingParams]) -> bool:
 
 def sampling_filters(out: SchedulerOutput, rows: RequestRows) -> bool:
     """Whether a sampling row of the plan uses top-k, top-p or min-p (the plain sampler has
-    none of them). Works before and after ``rows`` applied the plan's new requests."""
+    none of them), before or after ``rows`` applied the plan (``Runner.pack`` reads
+    ``rows.filtered`` of the applied slots instead: one gather, no loop)."""
     for c in out.chunks:
         if c.samples:
             if c.new is not None:
-                p = c.new.params
+                if uses_filters(c.new.params):
+                    return True
             else:
-                slot = rows.slot_of(c.req_id)
-                p = None if slot is None else rows.params[slot]   # None: ``Runner.pack`` raises
-            if p is not None and not p.greedy and p.uses_filters:
-                return True
+                slot = rows.slot_of(c.req_id)   # None: ``Runner.pack`` raises
+                if slot is not None and rows.filtered[slot]:
+                    return True
     return False
 
 
