@@ -11,7 +11,14 @@ device with different inputs held fixed, to find which buffers move:
   held         the previous call's host-facing token output alive during the call (the
                overlapped loop's way: a fresh output cannot take the address it had)
   numpy input  the packed input handed over as a host array (the engine's way)
-  + the XLA option ``xla_gpu_command_buffer_update_mode`` for each of the above
+  + the XLA option ``xla_gpu_command_buffer_update_mode`` for each of the above (``--modes``;
+    given only to the compile, the client keeps its BFC allocator; set in ``XLA_FLAGS`` before
+    the start, it switches the client to the VMM allocator, which the option's VA remapping needs)
+
+``--check`` also runs each executable over a chain of calls whose inputs change every call
+(numpy input, context 300, 301, ...; each call's token feeds the next) and compares its tokens
+with the first mode's: a mode that skips re-pointing a graph node at a moved buffer reads a stale
+input or scratch and diverges.
 
 Run on the GPU (from the repository root, PYTHONPATH=.), optionally with
 ``TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0`` to have XLA log the update:
@@ -58,18 +65,34 @@ def idle_call_ms(engine, step, in_place: bool, n: int = 30, context: int = 300, 
     return float(np.median(times)) * 1e3
 
 
+def chain_tokens(engine, step, n: int = 24) -> list[int]:
+    """The tokens of ``n`` chained batch-1 decode calls of ``step`` at contexts 300, 301, ...
+    (numpy input, a fresh one every call), from the same starting state each time it is run."""
+    r = engine.runner
+    kv, table = r.kv, r.slot_table
+    tokens = jnp.zeros_like(r._prev_tokens)
+    inputs = [np.asarray(decode_inputs(engine, 300 + i)) for i in range(n)]
+    out_tokens = []
+    for joint in inputs:
+        kv, _, table, tokens, out, *_ = step(r.params, kv, None, table, tokens, joint, None)
+        out_tokens.append(int(np.asarray(out).reshape(-1)[0]))
+    r.kv, r.slot_table, r._prev_tokens = kv, table, jnp.zeros_like(tokens)
+    return out_tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
+    ap.add_argument("--modes", default="default,SKIP_TEMP,SKIP_PROFILED",
+                    help="default: the engine's executable; else an update mode for a new compile")
+    ap.add_argument("--check", action="store_true", help="compare chained tokens across modes")
     ns = ap.parse_args()
     eng = build_engine(EngineArgs(model=ns.model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
                                   max_num_batched_tokens=16, max_model_len=1024, num_pages=512))
     r = eng.runner
     variant = StepVariant(r.bucket_for(1)[0], False, True, True)
-    steps = {"default": r._compiled[variant]}
-    for mode in ("SKIP_TEMP", "SKIP_PROFILED"):
-        steps[mode] = r.lower_step(variant).compile(
-            compiler_options={"xla_gpu_command_buffer_update_mode": mode})
+    steps = {mode: r._compiled[variant] if mode == "default" else r.lower_step(variant).compile(
+        compiler_options={"xla_gpu_command_buffer_update_mode": mode}) for mode in ns.modes.split(",")}
     print(f"\n## {ns.model} ({jax.devices()[0].device_kind}): host ms of one decode-step call, idle device")
     print("| compile | prev_tokens in place | prev_tokens moving | in place, previous output held | "
           "in place, numpy input | held + numpy input (the engine's loop) |")
@@ -79,6 +102,13 @@ def main() -> None:
                 idle_call_ms(eng, step, True, hold=True), idle_call_ms(eng, step, True, numpy_input=True),
                 idle_call_ms(eng, step, True, hold=True, numpy_input=True)]
         print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cols) + " |", flush=True)
+    if ns.check:
+        chains = {name: chain_tokens(eng, step) for name, step in steps.items()}
+        ref_name, ref = next(iter(chains.items()))
+        print(f"\n| mode | chained tokens equal to {ref_name}'s | first tokens |\n|---|---|---|")
+        for name, toks in chains.items():
+            same = sum(a == b for a, b in zip(toks, ref, strict=True))
+            print(f"| {name} | {toks == ref} ({same}/{len(ref)}) | {toks[:6]} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--temperatures", default="0.8,0.0")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--trace-steps", type=int, default=8)
+    ap.add_argument("--trace-steps", type=int, default=8, help="0: time only, no trace")
     ap.add_argument("--out", default="/tmp/launch_trace", help="folder for the traces")
     ns = ap.parse_args()
     eng = build_engine(EngineArgs(model=ns.model, random_weights=True, dtype="bfloat16",
@@ -71,14 +71,17 @@ def main() -> None:
             eng.step()
         ms = (time.perf_counter() - t0) / ns.steps * 1e3
         folder = f"{ns.out}/t{temp}"
-        with jax.profiler.trace(folder, create_perfetto_trace=True):
-            for _ in range(ns.trace_steps):
-                eng.step()
+        if ns.trace_steps:
+            with jax.profiler.trace(folder, create_perfetto_trace=True):
+                for _ in range(ns.trace_steps):
+                    eng.step()
         while eng.has_unfinished_requests():
             eng.step()
-        trace = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)[0]
         print(f"\n## {ns.model}, {ns.rows} decoding rows, temperature {temp} "
               f"({jax.devices()[0].device_kind}): {ms:.3f} ms per engine step (no profiler)")
+        if not ns.trace_steps:
+            continue
+        trace = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)[0]
         print("| thread | host event (profiled) | count | ms per step |")
         print("|---|---|---|---|")
         for thread, name, n, per_step in top_host_events(trace, ns.trace_steps):

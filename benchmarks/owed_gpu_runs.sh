@@ -62,6 +62,17 @@ l)
     > "$OUT/launch_trace.txt" 2>&1; grep "^|\|^##" "$OUT/launch_trace.txt" | head -60
   timeout 200 python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b 2>&1 | table | tee "$OUT/cmdbuf.txt"
   ;;
+v)
+  # The engine's 64-row step with XLA's VMM allocator and stable scratch addresses
+  # (xla_gpu_command_buffer_update_mode=SKIP_TEMP in XLA_FLAGS) against the default, same call.
+  vmm=--xla_gpu_command_buffer_update_mode=SKIP_TEMP
+  XLA_FLAGS=$vmm timeout 190 python3 benchmarks/launch_trace.py --trace-steps 0 > "$OUT/lt_vmm.txt" 2>&1
+  echo "### VMM"; grep "^##\|after warm-up\|engine ready\|pages\|VMM\|RESOURCE\|rror" "$OUT/lt_vmm.txt" | cut -c1-240
+  timeout 190 python3 benchmarks/launch_trace.py --trace-steps 0 > "$OUT/lt_bfc.txt" 2>&1
+  echo "### BFC"; grep "^##\|after warm-up\|engine ready\|pages\|rror" "$OUT/lt_bfc.txt" | cut -c1-240
+  XLA_FLAGS=$vmm timeout 150 python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b --modes default,ALWAYS_UPDATE \
+    --check 2>&1 | table | tee "$OUT/cmdbuf_vmm.txt"
+  ;;
 x)
   ab=xla:xla_gpu_enable_triton_gemm=false,xla:xla_gpu_autotune_level=0,xla:xla_gpu_autotune_level=1
   timeout 270 python3 benchmarks/step_floor.py qwen2.5-0.5b --max-num-batched-tokens 16 --ab "$ab" \

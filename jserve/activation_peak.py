@@ -18,8 +18,9 @@ Where it sits: start-up, between loading the weights and sizing the KV pool (DES
 The steps' temporaries (hidden states, MLP activations, attention scratch, logits and the
 sampler's sorts) grow with the token and row buckets, not with the pool: the pool is donated
 and updated in place, so a 2-page probe measures what the real steps need (start-up logs both).
-The probe compiles are cached by JAX's persistent cache like the steps (a restart re-reads
-them). Steps of smaller buckets need less; slot writers and penalty inits need far less.
+The probe compiles are cached by JAX's persistent cache like the steps, and its result is kept
+beside them (``jserve/startup_cache.py``): a restart of the same engine skips the probe.
+Steps of smaller buckets need less; slot writers and penalty inits need far less.
 Not counted: the extra prefill of a ``prompt_logprobs`` request (jserve/prompt_logprobs.py),
 compiled on first use, whose peak grows with the prompt; with long scored prompts keep room
 (a lower ``gpu_memory_utilization`` or a larger ``activation_memory_bytes``).
@@ -35,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import time
 from typing import Any
 
 from jax.sharding import Mesh
@@ -45,6 +47,7 @@ from jserve.kv_cache import abstract_kv_cache, kv_bytes_per_token, kv_scale_byte
 from jserve.kv_transfer import transfer_buckets
 from jserve.runner import Runner
 from jserve.spec.draft import DraftModel
+from jserve.startup_cache import StartupCache, engine_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,18 @@ def split_peak_bytes(forward: Any, sampler: Any) -> int:
 
 
 def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
-                             draft: DraftModel | None = None) -> int:
-    """The activation peak of the engine's step programs (module docstring), per device."""
+                             draft: DraftModel | None = None, cache: StartupCache | None = None) -> int:
+    """The activation peak of the engine's step programs (module docstring), per device;
+    ``cache``: kept there, and read back by a later start of the same engine."""
+    fingerprint = None
+    if cache is not None and cache.path is not None:
+        fingerprint = engine_fingerprint(config, params, mesh, None if draft is None else draft.cfg)
+        kept = cache.get(fingerprint, "activation_bytes")
+        if kept is not None:
+            log.info("activation peak: %.1f MiB per device, as measured by an earlier start of this "
+                     "engine (%s)", kept / 2**20, cache.path)
+            return kept
+    t0 = time.perf_counter()
     kv = abstract_kv_cache(config.model, PROBE_PAGES, config.cache.page_size, config.kv_dtype, mesh)
     probe_draft = None
     if draft is not None:
@@ -109,8 +122,11 @@ def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
     del runner, lowered
     gc.collect()   # the probe's slot and penalty state go before the pool is allocated
     log.info("activation peak: %.1f MiB per device: the largest of %d step programs of %d tokens "
-             "(%.1f MiB) + the largest page move to host memory (%.1f MiB)",
-             (peak + move) / 2**20, count, largest, peak / 2**20, move / 2**20)
+             "(%.1f MiB) + the largest page move to host memory (%.1f MiB); measured in %.1f s",
+             (peak + move) / 2**20, count, largest, peak / 2**20, move / 2**20,
+             time.perf_counter() - t0)
+    if fingerprint is not None:
+        cache.put(fingerprint, "activation_bytes", peak + move)
     return peak + move
 
 

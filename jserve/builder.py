@@ -46,6 +46,7 @@ from jserve.penalty_state import state_bytes
 from jserve.runner import Runner
 from jserve.spec.config import SpeculativeConfig, spec_state_bytes
 from jserve.spec.draft import DraftModel, resolve_draft
+from jserve.startup_cache import StartupCache
 from jserve.structured.logit_state import logit_state_bytes
 from jserve.tokenizer import TOKENIZER_FILE, Tokenizer
 from sharding import make_mesh
@@ -61,13 +62,17 @@ def default_cache_dir() -> str:
     return os.path.join(base, "jserve", "xla")
 
 
-def _enable_compilation_cache(path: str | None) -> None:
+def _enable_compilation_cache(path: str | None) -> str | None:
+    """Turn on JAX's persistent cache in ``path`` (None: ``default_cache_dir()``; "": off) -> the
+    folder, or None when off. Every program is kept, however fast it compiled: a warm start
+    would otherwise compile the small ones (slot writers, penalty inits, the page mover) again."""
     path = default_cache_dir() if path is None else path
     if not path:
-        return
+        return None
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
 
 
 def default_model_path(name: str = "code-small") -> Path:
@@ -307,7 +312,7 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
         return _build_data_parallel(args, progress)
     t0 = time.perf_counter()
     channel = _join_job(args)
-    _enable_compilation_cache(args.compilation_cache_dir)
+    cache_dir = _enable_compilation_cache(args.compilation_cache_dir)
     model_cfg, model_dir = resolve_model(args)
     config = make_engine_config(args, model_cfg)
     mesh = make_mesh(config.parallel.tensor_parallel_size, devices,
@@ -333,7 +338,8 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     budget = None
     if config.cache.num_pages is None:
         budget = memory_budget(config, weight_bytes, _local_device(mesh),
-                               lambda: measure_activation_bytes(config, params, mesh, draft))
+                               lambda: measure_activation_bytes(config, params, mesh, draft,
+                                                                StartupCache(cache_dir)))
         if budget is not None:
             log.info(budget.describe())
     plan = plan_pool(config, budget, draft.cfg if draft else None)

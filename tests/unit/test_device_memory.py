@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from jserve import activation_peak
 from jserve.activation_peak import (
     compiled_extra_bytes,
     estimate_activation_bytes,
@@ -17,6 +20,7 @@ from jserve.activation_peak import (
 from jserve.builder import memory_after_warmup
 from jserve.device_memory import FRACTION_VARS, allocator_fraction, allowed_bytes, usable_device_bytes
 from jserve.kv_cache import MemoryBudget
+from jserve.startup_cache import FILE_NAME, StartupCache
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30
@@ -62,10 +66,12 @@ def test_share_is_set_before_the_backend_starts_and_never_overrides():
     assert _fresh(started) == "None"
 
 
-def test_the_probe_measures_the_largest_step_the_engine_compiles(make_engine):
+def test_the_probe_measures_the_largest_step_the_engine_compiles(make_engine, tmp_path, monkeypatch):
     """The 2-page probe's figure is the real (100-page) largest steps': the pool is donated and
     updated in place, so the activation peak does not grow with it. The largest bucket's steps
-    and, where no split step stands for it (CPU), the largest decode bucket's plain sampler."""
+    and, where no split step stands for it (CPU), the largest decode bucket's plain sampler.
+    The figure is kept beside the compilation cache: a restart of the same engine reads it back
+    without building the probe, any other engine measures its own."""
     engine = make_engine("llama", max_num_batched_tokens=64, max_num_seqs=8, num_pages=100)
     r = engine.runner
     plain = max((v for v in r._compiled if v.plain), key=lambda v: v.tokens)
@@ -74,7 +80,22 @@ def test_the_probe_measures_the_largest_step_the_engine_compiles(make_engine):
     upload = gather.memory_analysis().output_size_in_bytes   # the pages brought back to the device
     move = compiled_extra_bytes(gather) + upload + compiled_extra_bytes(scatter)
     assert move > compiled_extra_bytes(gather) > 0 and upload > 0 and real > 0
-    assert measure_activation_bytes(engine.config, r.params, r.mesh) == real + move
+    cache = StartupCache(str(tmp_path))
+    assert measure_activation_bytes(engine.config, r.params, r.mesh, cache=cache) == real + move
+    assert (tmp_path / FILE_NAME).exists()
+
+    def no_probe(*a, **k):
+        raise AssertionError("the probe ran")
+
+    monkeypatch.setattr(activation_peak, "Runner", no_probe)
+    assert measure_activation_bytes(engine.config, r.params, r.mesh, cache=cache) == real + move
+    other = dataclasses.replace(engine.config, scheduler=dataclasses.replace(
+        engine.config.scheduler, max_num_batched_tokens=32))
+    with pytest.raises(AssertionError, match="the probe ran"):
+        measure_activation_bytes(other, r.params, r.mesh, cache=cache)
+    with pytest.raises(AssertionError, match="the probe ran"):   # no cache folder: nothing kept
+        measure_activation_bytes(engine.config, r.params, r.mesh, cache=StartupCache(None))
+    monkeypatch.undo()
     # The split step (counted where it is compiled: GPU/TPU) keeps its logits for the sampler.
     logits = r.layout(16).num_rows * engine.config.model.vocab_size * 4
     assert split_peak_bytes(*r.lower_split(16)) >= logits
@@ -113,3 +134,14 @@ def test_warmup_memory_line_reports_the_peak_against_the_usable_bytes():
             return {"bytes_in_use": 3 * 2**30, "peak_bytes_in_use": 4 * 2**30 - 2**20}
     line = memory_after_warmup(Device(), MemoryBudget(4 * 2**30, 2**30, 0, 2**29))
     assert "3.00 GiB in use, peak 4.00 GiB of 4.00 GiB usable (1.0 MiB never touched)" in line
+
+
+def test_startup_cache_survives_a_damaged_file(tmp_path):
+    cache = StartupCache(str(tmp_path))
+    assert cache.get("fp", "activation_bytes") is None
+    (tmp_path / FILE_NAME).write_text("{not json")
+    assert cache.get("fp", "activation_bytes") is None   # measured again, then rewritten
+    cache.put("fp", "activation_bytes", 123)
+    cache.put("other", "activation_bytes", 7)
+    assert cache.get("fp", "activation_bytes") == 123 and cache.get("other", "activation_bytes") == 7
+    assert not list(tmp_path.glob("*.tmp"))

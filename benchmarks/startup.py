@@ -1,0 +1,126 @@
+"""Cold and warm start-up of one engine shape, phase by phase (issue 11's start-up target).
+
+Each run builds the engine in a fresh process (random weights) and reads the builder's log: the
+first run over an empty compilation cache (cold: every step variant compiles, XLA's autotuner
+times its kernels), then runs over the cache the first one filled (warm: JAX's persistent
+cache serves the executables; tracing and lowering still run). Prints one table::
+
+    PYTHONPATH=. python3 benchmarks/startup.py --model llama3.1-8b [--runs cold,warm]
+
+Phases, from the log's timestamps: weights (process start to the activation probe's start,
+random weights made on the device), the activation probe (``jserve/activation_peak.py``), the
+step variants' compile (lowering included), warm-up (each program run once, the small programs
+compiled), and the engine's own ``startup_seconds``. ``--cache-dir`` keeps the cache (default: a
+new temporary folder, removed at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+_PHASES = (("probe", r"activation peak: .*measured in ([\d.]+) s"),
+           ("compile", r"compiled \d+ step variants .* in ([\d.]+) s"),
+           ("warm", r"ran each step variant once .* in ([\d.]+) s"),
+           ("ready", r"engine ready in ([\d.]+) s"))
+
+
+def child(ns: argparse.Namespace) -> None:
+    """Build one engine in this process, printing each phase as it ends ("PHASE name seconds",
+    and "STEP k/N at s" per compiled step variant), then "DONE" with the totals as JSON."""
+    import logging
+
+    t0 = time.perf_counter()
+
+    class Phases(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            for name, pattern in _PHASES:
+                if m := re.search(pattern, msg):
+                    print(f"PHASE {name} {m.group(1)} {time.perf_counter() - t0:.1f}", flush=True)
+            if m := re.search(r"compiled step (\d+/\d+) .* at ([\d.]+) s", msg):
+                print(f"STEP {m.group(1)} {m.group(2)}", flush=True)
+
+    logging.basicConfig(level=logging.INFO)
+    logging.getLogger().addHandler(Phases())
+    from jserve.builder import EngineArgs, build_engine
+    engine = build_engine(EngineArgs(
+        model=ns.model, random_weights=True, dtype="bfloat16", max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
+        compilation_cache_dir=ns.cache_dir))
+    print("DONE " + json.dumps({"process_s": time.perf_counter() - t0,
+                                "variants": len(engine.runner.variants())}), flush=True)
+
+
+def run_child(cmd: list[str], timeout: float) -> tuple[dict, str]:
+    """Run one child -> (phase seconds by name, plus process_s / variants when it finished; the
+    last compiled-step line, for a run that timed out)."""
+    out: dict = {}
+    last = ""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ))
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            kind, _, rest = line.strip().partition(" ")
+            if kind == "PHASE":
+                name, seconds, _ = rest.split()
+                out[name] = float(seconds)
+            elif kind == "STEP":
+                last = rest
+            elif kind == "DONE":
+                out.update(json.loads(rest))
+    finally:
+        timer.cancel()
+        proc.wait()
+    return out, last
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="llama3.1-8b")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--runs", default="cold,warm")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--timeout", type=float, default=400, help="seconds per run")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ns = ap.parse_args()
+    if ns.child:
+        return child(ns)
+    cache = ns.cache_dir or tempfile.mkdtemp(prefix="jserve_startup_")
+    print(f"\n## start-up of {ns.model} (max_num_seqs {ns.max_num_seqs}, budget "
+          f"{ns.max_num_batched_tokens} tokens, max_model_len {ns.max_model_len})")
+    print("| run | process s | engine startup_s | of it: activation probe | step variants compile "
+          "| warm-up | variants |\n|---|---|---|---|---|---|---|")
+    try:
+        for run in ns.runs.split(","):
+            cmd = [sys.executable, __file__, "--child", "--model", ns.model, "--max-num-seqs",
+                   str(ns.max_num_seqs), "--max-num-batched-tokens", str(ns.max_num_batched_tokens),
+                   "--max-model-len", str(ns.max_model_len), "--cache-dir", cache]
+            r, last = run_child(cmd, ns.timeout)
+            f = {k: ("-" if r.get(k) is None else f"{r[k]:.1f}")
+                 for k in ("process_s", "ready", "probe", "compile", "warm")}
+            total = (f["process_s"] if "process_s" in r
+                     else f"> {ns.timeout:.0f} (stopped; last step {last or '-'})")
+            print(f"| {run} | {total} | {f['ready']} | {f['probe']} | {f['compile']} | {f['warm']} | "
+                  f"{r.get('variants', '-')} |", flush=True)
+            if "process_s" not in r:
+                break
+    finally:
+        if ns.cache_dir is None:
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
