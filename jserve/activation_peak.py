@@ -34,6 +34,7 @@ each sequence's pages and measures more.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import logging
 import time
@@ -74,12 +75,11 @@ def mover_peak_bytes(moves: list[Any]) -> int:
 
 
 def split_peak_bytes(forward: Any, sampler: Any) -> int:
-    """The split step's peak (jserve/split_step.py) from its lowered pair: the forward's, or
+    """The split step's peak (jserve/split_step.py) from its compiled pair: the forward's, or
     its logits kept for the sampler plus the sampler's."""
-    fwd = forward.compile()
-    m = fwd.memory_analysis()
+    m = forward.memory_analysis()
     kept = int(m.output_size_in_bytes) - int(m.alias_size_in_bytes)   # the logits: the rest is donated
-    return max(compiled_extra_bytes(fwd), kept + compiled_extra_bytes(sampler.compile()))
+    return max(compiled_extra_bytes(forward), kept + compiled_extra_bytes(sampler))
 
 
 def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
@@ -103,23 +103,28 @@ def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
     runner = Runner(config, params, kv, mesh, probe_draft)
     largest = config.scheduler.token_buckets[-1]
     variants = runner.variants()
-    lowered = [runner.lower_step(v) for v in variants if v.tokens == largest]
+    steps = [v for v in variants if v.tokens == largest]
     split = runner.split_wanted() and runner.split.buckets
     covered = max(runner.split.buckets) if split else 0   # the split pair's plain sampler
     plain = [v for v in variants if v.plain and covered < v.tokens < largest]
     if plain:
-        lowered.append(runner.lower_step(max(plain)))
+        steps.append(max(plain))
+    programs = [(v.tokens, functools.partial(runner.lower_step, v)) for v in steps]
     if runner.spec_steps is not None:
-        lowered.append(runner.spec_steps._lower(runner, (largest, False)))
-    peak = max(compiled_extra_bytes(low.compile()) for low in lowered)
-    count = len(lowered)
+        programs.append((largest, functools.partial(runner.spec_steps._lower, runner, (largest, False))))
+    count = len(programs)
     if split:
-        peak = max(peak, split_peak_bytes(*runner.lower_split(max(runner.split.buckets))))
+        pair = runner.lower_split(covered)
+        programs += [(covered, lambda low=low: low) for low in pair]
+    compiled = runner.compile_programs(programs)   # on GPU each bucket's first alone: autotuning
+    peak = max(compiled_extra_bytes(c) for c in compiled[:count])
+    if split:
+        peak = max(peak, split_peak_bytes(*compiled[count:]))
         count += 1
     move = mover_peak_bytes(runner.mover.lower_largest_moves(runner.kv))
     if runner.spec_steps is not None and runner.spec_steps.mover is not None:
         move += mover_peak_bytes(runner.spec_steps.mover.lower_largest_moves(probe_draft.kv))
-    del runner, lowered
+    del runner, compiled
     gc.collect()   # the probe's slot and penalty state go before the pool is allocated
     log.info("activation peak: %.1f MiB per device: the largest of %d step programs of %d tokens "
              "(%.1f MiB) + the largest page move to host memory (%.1f MiB); measured in %.1f s",

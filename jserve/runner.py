@@ -17,8 +17,9 @@ The tokens of step N feed step N+1 on the device: a row over a placeholder takes
 token from step N's output (``prev_index``), so no host round trip sits on the critical path.
 
 Shapes are bucketed (DESIGN invariant 4): the token count pads to a power-of-two bucket and
-the rows to that bucket's row count; ``warmup()`` compiles every variant ahead of time (one at a
-time on GPU, threads elsewhere, through the persistent cache) and the runner calls the compiled
+the rows to that bucket's row count; ``compile()`` compiles every variant ahead of time (on GPU
+each token bucket's first one alone, for the autotuner, then the rest on threads; through the
+persistent cache) and the runner calls the compiled
 executables directly, so serving never compiles. Buckets of at least
 ``flash_prefill_min_tokens`` also have a ``fresh_prefill`` variant (flash attention over the
 chunk's own K/V), picked on the host for steps whose chunks all start at token 0.
@@ -352,9 +353,9 @@ class Runner:
         return StepHandle(out, tokens, logprobs, top_n)
 
     # ---------------------------------------------------------------- split step
-    def compile_split(self) -> None:
-        """Compile the split step's programs (once; jserve/split_step.py)."""
-        self.split.compile()
+    def compile_split(self, threads: int = 1) -> None:
+        """Compile the split step's programs (once, ``threads`` at a time; jserve/split_step.py)."""
+        self.split.compile(threads)
 
     def split_wanted(self) -> bool:
         """Whether warm-up compiles the split step: on a GPU or TPU with the overlapped loop
@@ -469,14 +470,42 @@ class Runner:
             self._twins[StepVariant(*v)] = self.lower_step(v).compile()
 
     def compile_threads(self) -> int:
-        """Threads that compile step variants at once. One on GPU: XLA's GPU autotuner times
-        candidate kernels on the device while it compiles, and concurrent compiles spoil each
-        other's timings (measured on an H200: 8 threads took 106 s for 6 Qwen-0.5B variants
-        with "Delay kernel timed out" warnings from the autotuner, against 16-28 s for 3 variants
-        on 4 threads). Elsewhere (CPU, TPU) compiles are independent host work."""
-        if self.mesh.devices.flat[0].platform == "gpu":
-            return 1
+        """Threads that compile programs at once. On GPU, XLA's autotuner times candidate
+        kernels on the device while it compiles, and concurrent compiles spoil each other's
+        timings (measured on an H200: 8 threads took 106 s for 6 Qwen-0.5B variants with "Delay
+        kernel timed out" warnings, against 16-28 s for 3 variants on 4 threads). So there each
+        token bucket's first program compiles alone, and the rest, whose kernels that one
+        tuned (XLA's per-fusion autotune cache), on these threads (``compile_programs``)."""
         return min(4, os.cpu_count() or 1)
+
+    def compile_programs(self, programs: list[tuple[int, Callable[[], Any]]], threads: int | None = None,
+                         done: Callable[[int, Any], None] | None = None) -> list[Any]:
+        """Compile ``(token bucket, lower)`` pairs -> their executables, in order; ``done(i,
+        executable)`` as each finishes. Lowering runs on this thread in turn (tracing holds the
+        GIL; XLA's compile does not). On GPU the first program of each token bucket compiles
+        alone (the autotuner times that bucket's matmuls, the same shapes in all its programs),
+        then the rest on ``threads`` (``compile_threads``), their kernels tuned already (XLA's
+        per-fusion autotune cache); elsewhere all on threads."""
+        threads = threads or self.compile_threads()
+        alone: dict[int, int] = {}
+        if self.mesh.devices.flat[0].platform == "gpu":
+            for i, (tokens, _) in enumerate(programs):
+                alone.setdefault(tokens, i)
+        out: list[Any] = [None] * len(programs)
+
+        def finish(i: int, compiled: Any) -> None:
+            out[i] = compiled
+            if done is not None:
+                done(i, compiled)
+
+        for i in alone.values():
+            finish(i, programs[i][1]().compile())
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            futures = [(i, pool.submit(lower().compile)) for i, (_, lower) in enumerate(programs)
+                       if i not in alone.values()]
+            for i, fut in futures:
+                finish(i, fut.result())
+        return out
 
     def warmup(self, progress: Progress | None = None, threads: int | None = None) -> float:
         """``compile`` then ``warm``, for a runner built over an allocated pool."""
@@ -500,22 +529,27 @@ class Runner:
 
         threads = threads or self.compile_threads()
         say(f"compiling {total} step variants on {threads} threads")
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            futures = [pool.submit(compile_one, (v, self.lower_step(v))) for v in variants]
-            for k, fut in enumerate(futures, 1):
-                variant, compiled = fut.result()
-                self._compiled[variant] = compiled
-                t = variant.tokens
-                kind = ("flash prefill" if variant.fresh_prefill else "greedy decode"
-                        if variant.decode_only else "greedy" if variant.greedy
-                        else "plain sampler" if variant.plain else "general sampler")
-                say(f"compiled step {k}/{total} (tokens {t}, rows "
-                    f"{self.config.scheduler.seq_bucket(t)}, {kind}) at {time.perf_counter() - t0:.1f} s")
+        count = 0
+
+        def done(i: int, compiled: Any) -> None:
+            nonlocal count
+            count += 1
+            variant = variants[i]
+            self._compiled[variant] = compiled
+            t = variant.tokens
+            kind = ("flash prefill" if variant.fresh_prefill else "greedy decode"
+                    if variant.decode_only else "greedy" if variant.greedy
+                    else "plain sampler" if variant.plain else "general sampler")
+            say(f"compiled step {count}/{total} (tokens {t}, rows "
+                f"{self.config.scheduler.seq_bucket(t)}, {kind}) at {time.perf_counter() - t0:.1f} s")
+
+        self.compile_programs([(v.tokens, functools.partial(self.lower_step, v)) for v in variants],
+                              threads, done)
         if self.spec_steps is not None:
             self.spec_steps.compile(self, say, threads)
         if self.split_wanted():
             say(f"compiling the split step (forward, sampler) for token buckets {self.split.buckets}")
-            self.compile_split()
+            self.compile_split(threads)
         elapsed = time.perf_counter() - t0
         log.info("compiled %d step variants (token buckets %s) in %.1f s", total, self._buckets, elapsed)
         return elapsed

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,16 @@ class SplitPrograms:
         self._compiled: dict[int, tuple[Any, Any]] = {}
         self.steps = 0   # split steps dispatched (tests and metrics)
 
-    def compile(self) -> None:
-        """Compile every bucket's pair (once)."""
+    def compile(self, threads: int = 1) -> None:
+        """Compile every bucket's pair (once), ``threads`` programs at a time (lowered in turn:
+        tracing holds the GIL, XLA's compile does not)."""
         if self._compiled or not self.buckets:
             return
         t0 = time.perf_counter()
-        for t in self.buckets:
-            fwd, smp = self._lower(t)
-            self._compiled[t] = (fwd.compile(), smp.compile())
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            futures = {t: tuple(pool.submit(low.compile) for low in self._lower(t)) for t in self.buckets}
+            for t, (fwd, smp) in futures.items():
+                self._compiled[t] = (fwd.result(), smp.result())
         log.info("split step (forward, sampler) compiled for token buckets %s in %.1f s",
                  self.buckets, time.perf_counter() - t0)
 

@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -248,12 +247,18 @@ class SpecSteps:
         t0 = time.perf_counter()
         variants = self.variants(runner)
         say(f"compiling {len(variants)} speculative step variants (k = {self.num_spec})")
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            futs = [(v, pool.submit(self._lower(runner, v).compile)) for v in variants]
-            for k, (v, fut) in enumerate(futs, 1):
-                self._compiled[v] = fut.result()
-                say(f"compiled speculative step {k}/{len(variants)} (tokens {v[0]}, "
-                    f"{'greedy' if v[1] else 'general sampler'}) at {time.perf_counter() - t0:.1f} s")
+        count = 0
+
+        def done(i: int, compiled: Any) -> None:
+            nonlocal count
+            count += 1
+            v = variants[i]
+            self._compiled[v] = compiled
+            say(f"compiled speculative step {count}/{len(variants)} (tokens {v[0]}, "
+                f"{'greedy' if v[1] else 'general sampler'}) at {time.perf_counter() - t0:.1f} s")
+
+        runner.compile_programs([(v[0], functools.partial(self._lower, runner, v)) for v in variants],
+                                threads, done)
 
     def warm(self, runner: Runner) -> None:
         """Run each compiled speculative variant once over the allocated pools."""

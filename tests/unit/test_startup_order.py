@@ -24,3 +24,37 @@ def test_steps_compile_before_the_pool_is_allocated(make_engine, monkeypatch):
     engine = make_engine(max_num_batched_tokens=16)
     assert events == [("compile", True), "allocate"]
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(engine.runner.kv))
+
+
+
+def test_on_gpu_each_token_bucket_compiles_first_alone():
+    """GPU start-up compiles each token bucket's first program alone (XLA's autotuner times that
+    bucket's matmuls on the device), then the rest on threads; elsewhere all on threads. The
+    executables come back in the programs' order."""
+    import threading
+    from types import SimpleNamespace
+
+    def run(platform):
+        events = []
+
+        class Lowered:
+            def __init__(self, name):
+                self.name = name
+
+            def compile(self):
+                events.append(("start", self.name, threading.current_thread() is threading.main_thread()))
+                return f"exe-{self.name}"
+
+        runner = SimpleNamespace(mesh=SimpleNamespace(devices=SimpleNamespace(
+            flat=[SimpleNamespace(platform=platform)])), compile_threads=lambda: 3)
+        programs = [(16, lambda n=n: Lowered(n)) for n in ("a", "b", "c")]
+        programs += [(64, lambda n=n: Lowered(n)) for n in ("d", "e")]
+        done = []
+        out = Runner.compile_programs(runner, programs, done=lambda i, exe: done.append(i))
+        assert out == ["exe-a", "exe-b", "exe-c", "exe-d", "exe-e"] and sorted(done) == [0, 1, 2, 3, 4]
+        return events
+
+    gpu = run("gpu")
+    assert gpu[:2] == [("start", "a", True), ("start", "d", True)]   # alone, in turn
+    assert {e[1] for e in gpu[2:]} == {"b", "c", "e"} and not any(e[2] for e in gpu[2:])
+    assert not any(e[2] for e in run("cpu"))   # all on the pool's threads
