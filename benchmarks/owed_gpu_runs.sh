@@ -1,20 +1,17 @@
-# The device calls owed after session 11 (2026-12-01), in the order to run them. Each case fits
+# The device calls owed after session 12 (2026-12-01), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
-# (Sessions 7-11 ran a, e, g, t, the 2-GPU correctness tests and the OOM diagnosis: RESULTS.md.)
+# (Sessions 7-12 ran a, e, g, t, l, v, the Qwen half of h, the 2-GPU correctness tests and the
+# OOM diagnosis: RESULTS.md.)
 #
-#   l (1 GPU, ~6 min): why the plain sampler's 64-row launch still costs ~2 ms (session 11: the
-#     general sampler's conditional held the launch 1.5 ms; removing it moved the sampler's launch
-#     1.1 -> 0.7 ms but not the free step's). benchmarks/launch_trace.py at temperature 0.8 and 0
-#     (profiled host events per step) and benchmarks/cmdbuf_probe.py (one call's host ms with the
-#     previous output held, with numpy input). Prediction: the held output makes every call
-#     re-record the graph (the held column ~0.5 ms above the in-place one); with the engine now
-#     landing a finished step before the next launch (StepHandle.land), the 64-row launch falls
-#     from ~2 ms toward ~0.5 ms at both temperatures.
-#   h (1 GPU, ~9 min): issue 11's throughput targets on the v2 loop: Qwen2.5-0.5B 1000 x 200/180
-#     (target 20k out tok/s; 13.6k on the old loop) and Llama-3.1-8B 500 x 200/180 (target 10k;
-#     9.0k). offline.py now asks for finished outputs only (FINAL_ONLY, as LLM.generate), which
-#     took the engine's output phase from 11.6 to 2.5 ms per step at 256 rows on CPU. Prediction:
-#     Qwen ~18-20k (host-bound: ~4 ms of host per 64-row step on the H200, session 10), Llama ~9.5k.
+#   u (1 GPU, ~9 min): start-up phase by phase (benchmarks/startup.py), Qwen2.5-0.5B at max_num_seqs
+#     256 / budget 2048: cold (empty cache), then warm. Session 12 changed three things, never
+#     timed on a GPU: each token bucket's first program compiles alone, the rest on 4 threads
+#     (was: all one at a time); the activation probe's result is kept for a warm start; every
+#     program is cached. Session 12's cold start did not finish in 290 s (offline.py reported
+#     234 s on a half-warm machine). Prediction: cold ~150-180 s, warm <= 30 s.
+#   u1 (1 GPU, ~6 min): the same cold start with one compile thread (the old order), the A/B.
+#   hl (1 GPU, ~10 min): the Llama-3.1-8B half of h (500 x 200/180, target 10k out tok/s; 9.0k
+#     on the old loop); in session 12 its start-up outlasted its 300 s.
 #   x (1 GPU, ~9 min): issue 11's batch-1 floor: the decode step's GEMMs ran at 0.7-1.9 TB/s
 #     (session 5's trace: 22 of ~42 us per layer). step_floor.py recompiles the decode step with
 #     cuBLAS instead of XLA's Triton GEMMs, and with the autotuner at levels 0 and 1 (start-up
@@ -41,10 +38,9 @@
 #     tp2 >= 1.7x, dp2 >= 1.9x).
 #   c (nvidia-h200-x2, ~9 min): disaggregation benchmark (benchmarks/disagg.py, two runs).
 #
-# Start-up on an H200 takes 90-210 s for Qwen2.5-0.5B at the default share (10 step variants,
-# 6-14 s each, one at a time, plus the activation probe's 50-75 s): give each engine start
-# >= 220 s of timeout, and more on a cold machine (session 10: a structured-outputs run with a cold
-# autotune cache did not start within 300 s).
+# Start-up on an H200 took 90-210 s for Qwen2.5-0.5B at the default share in sessions 9-10, and
+# over 290 s cold at max_num_seqs 256 / budget 2048 in session 12 (16 step variants, 10 split
+# programs, the probe's 4-5): give each engine start >= 250 s of timeout on a cold machine.
 # Run from the repository root with .whl/ carried:
 #   bash benchmarks/owed_gpu_runs.sh f
 set -uo pipefail
@@ -72,6 +68,16 @@ v)
   echo "### BFC"; grep "^##\|after warm-up\|engine ready\|pages\|rror" "$OUT/lt_bfc.txt" | cut -c1-240
   XLA_FLAGS=$vmm timeout 150 python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b --modes default,ALWAYS_UPDATE \
     --check 2>&1 | table | tee "$OUT/cmdbuf_vmm.txt"
+  ;;
+u)
+  # Start-up, phase by phase: cold (empty cache) and warm, then cold with one compile thread
+  # (session 11's order) in a fresh cache.
+  timeout 560 python3 benchmarks/startup.py --model qwen2.5-0.5b --max-model-len 512 --timeout 250 \
+    2>&1 | table | tee "$OUT/startup.txt"
+  ;;
+u1)
+  timeout 560 python3 benchmarks/startup.py --model qwen2.5-0.5b --max-model-len 512 --timeout 280 \
+    --compile-threads 1 --runs cold 2>&1 | table | tee "$OUT/startup_1thread.txt"
   ;;
 x)
   ab=xla:xla_gpu_enable_triton_gemm=false,xla:xla_gpu_autotune_level=0,xla:xla_gpu_autotune_level=1
@@ -127,6 +133,12 @@ g)
   ;;
 d)
   timeout 580 bash benchmarks/scale_out_runs.sh 6 2>&1 | tail -12
+  ;;
+hl)
+  timeout 580 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --num-requests 500 \
+    --input-len 200 --output-len 180 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+    --max-model-len 512 --json "$OUT/offline_llama.json" > "$OUT/offline_llama.txt" 2>&1
+  grep -v "^W\|WARNING" "$OUT/offline_llama.txt" | tail -8
   ;;
 h)
   timeout 280 python3 benchmarks/offline.py --model qwen2.5-0.5b --random-weights --num-requests 1000 \

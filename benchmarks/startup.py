@@ -52,6 +52,10 @@ def child(ns: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO)
     logging.getLogger().addHandler(Phases())
     from jserve.builder import EngineArgs, build_engine
+    if ns.compile_threads is not None:
+        from jserve.runner import Runner
+
+        Runner.compile_threads = lambda self: ns.compile_threads  # benchmark A/B only
     engine = build_engine(EngineArgs(
         model=ns.model, random_weights=True, dtype="bfloat16", max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
@@ -94,20 +98,24 @@ def main() -> None:
     ap.add_argument("--runs", default="cold,warm")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--timeout", type=float, default=400, help="seconds per run")
+    ap.add_argument("--compile-threads", type=int, default=None,
+                    help="programs compiled at once after each bucket's first (default: the runner's)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.child:
         return child(ns)
     cache = ns.cache_dir or tempfile.mkdtemp(prefix="jserve_startup_")
     print(f"\n## start-up of {ns.model} (max_num_seqs {ns.max_num_seqs}, budget "
-          f"{ns.max_num_batched_tokens} tokens, max_model_len {ns.max_model_len})")
+          f"{ns.max_num_batched_tokens} tokens, max_model_len {ns.max_model_len}, compile threads "
+          f"{ns.compile_threads or 'default'})")
     print("| run | process s | engine startup_s | of it: activation probe | step variants compile "
           "| warm-up | variants |\n|---|---|---|---|---|---|---|")
     try:
         for run in ns.runs.split(","):
             cmd = [sys.executable, __file__, "--child", "--model", ns.model, "--max-num-seqs",
                    str(ns.max_num_seqs), "--max-num-batched-tokens", str(ns.max_num_batched_tokens),
-                   "--max-model-len", str(ns.max_model_len), "--cache-dir", cache]
+                   "--max-model-len", str(ns.max_model_len), "--cache-dir", cache,
+                   *(["--compile-threads", str(ns.compile_threads)] if ns.compile_threads else [])]
             r, last = run_child(cmd, ns.timeout)
             f = {k: ("-" if r.get(k) is None else f"{r[k]:.1f}")
                  for k in ("process_s", "ready", "probe", "compile", "warm")}
