@@ -10,6 +10,9 @@
 #     program is cached. Session 12's cold start did not finish in 290 s (offline.py reported
 #     234 s on a half-warm machine). Prediction: cold ~150-180 s, warm <= 30 s.
 #   u1 (1 GPU, ~6 min): the same cold start with one compile thread (the old order), the A/B.
+#   u2 (1 GPU, ~6 min): the same cold start with cuBLAS for every matmul instead of XLA's Triton
+#     GEMMs (their autotuning compiles many candidate kernels per shape and bucket). Prediction:
+#     cold start -50% or more; whether the steps keep their speed is case x's question.
 #   hl (1 GPU, ~10 min): the Llama-3.1-8B half of h (500 x 200/180, target 10k out tok/s; 9.0k
 #     on the old loop); in session 12 its start-up outlasted its 300 s.
 #   x (1 GPU, ~9 min): issue 11's batch-1 floor: the decode step's GEMMs ran at 0.7-1.9 TB/s
@@ -78,6 +81,10 @@ u)
 u1)
   timeout 560 python3 benchmarks/startup.py --model qwen2.5-0.5b --max-model-len 512 --timeout 280 \
     --compile-threads 1 --runs cold 2>&1 | table | tee "$OUT/startup_1thread.txt"
+  ;;
+u2)
+  XLA_FLAGS=--xla_gpu_enable_triton_gemm=false timeout 560 python3 benchmarks/startup.py \
+    --model qwen2.5-0.5b --max-model-len 512 --timeout 280 --runs cold 2>&1 | table | tee "$OUT/startup_cublas.txt"
   ;;
 x)
   ab=xla:xla_gpu_enable_triton_gemm=false,xla:xla_gpu_autotune_level=0,xla:xla_gpu_autotune_level=1
