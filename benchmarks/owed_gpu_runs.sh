@@ -15,6 +15,12 @@
 #     cold start -50% or more; whether the steps keep their speed is case x's question.
 #   hl (1 GPU, ~10 min): the Llama-3.1-8B half of h (500 x 200/180, target 10k out tok/s; 9.0k
 #     on the old loop); in session 12 its start-up outlasted its 300 s.
+#   q (1 GPU, ~8 min): issue 13's quantized decode after split-K (session 12: a decode matmul with
+#     few output tiles cuts K into up to 8 CTAs; Llama-3.1-8B's o and down projections had 64
+#     CTAs on 132 SMs). quant_matmul.py at the o, down and up/gate shapes (the same kernel
+#     without split-K timed beside it), then step_floor.py on the 8B in bf16 and int8 (session 6:
+#     int8 A 6.14 ms vs bf16 4.56). Prediction: the 4096-wide shapes' int8 kernel at M=1 -35%
+#     or more against split_k 1; the int8 8B step A 6.1 -> ~5.0 ms (still launch-heavy: 629 kernels).
 #   x (1 GPU, ~9 min): issue 11's batch-1 floor: the decode step's GEMMs ran at 0.7-1.9 TB/s
 #     (session 5's trace: 22 of ~42 us per layer). step_floor.py recompiles the decode step with
 #     cuBLAS instead of XLA's Triton GEMMs, and with the autotuner at levels 0 and 1 (start-up
@@ -85,6 +91,14 @@ u1)
 u2)
   XLA_FLAGS=--xla_gpu_enable_triton_gemm=false timeout 560 python3 benchmarks/startup.py \
     --model qwen2.5-0.5b --max-model-len 512 --timeout 280 --runs cold 2>&1 | table | tee "$OUT/startup_cublas.txt"
+  ;;
+q)
+  for shape in 4096x4096 4096x14336 14336x4096; do
+    timeout 100 python3 benchmarks/quant_matmul.py --shape $shape --ms 1,16,64 2>&1 | grep "^|\|^x\[" \
+      | tee -a "$OUT/quant_shapes.txt"
+  done
+  timeout 260 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization none,int8 2>&1 | table | tee "$OUT/floor_quant.txt"
   ;;
 x)
   ab=xla:xla_gpu_enable_triton_gemm=false,xla:xla_gpu_autotune_level=0,xla:xla_gpu_autotune_level=1

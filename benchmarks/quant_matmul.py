@@ -1,4 +1,5 @@
-"""Quantized matmul benchmark: x[M, 4096] @ W[4096, 14336] (Llama-3.1-8B MLP up/gate shape).
+"""Quantized matmul benchmark: x[M, K] @ W[K, N], by default Llama-3.1-8B's MLP up/gate shape
+(``--shape 14336x4096``: N x K; its o projection is 4096x4096, its down projection 4096x14336).
 
 Rows M in {1, 16, 256, 4096}; columns, all in one process on the same inputs:
   bf16              x @ W_bf16 (XLA)
@@ -22,6 +23,7 @@ checked against the reference (relative error printed). Writes quant_matmul.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -92,7 +94,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--copies", type=int, default=2)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--shape", default=f"{N}x{K}", help="N x K of the weight")
     a = p.parse_args()
+    global N, K
+    N, K = (int(v) for v in a.shape.split("x"))
     print("device:", jax.devices()[0].device_kind, "hopper:", mgpu.on_hopper(), flush=True)
     read_gbs, rw_gbs = ceilings(a.reps)
     emit(kind="ceiling", hbm_read_gbs=round(read_gbs), hbm_rw_gbs=round(rw_gbs))
@@ -144,12 +149,17 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - a kernel that fails to compile is a result too
                 emit(kind="error", what=name, m=m, error=repr(e)[:500])
                 t[name] = float("nan")
+        base = mgpu.default_config(m, N, K)   # the same kernel without split-K: the A/B
+        t["k_int8_nosplit"] = (timed(kernel(False, dataclasses.replace(base, split_k=1)), x, ws("int8"),
+                                     a.iters, a.reps) if base.split_k > 1 else t["k_int8"])
         if a.sweep:
             best = None
-            for bn, bk, st in itertools.product((64, 128), (64, 128, 256), (2, 3, 4, 6)):
+            for bn, bk, st, sk in itertools.product((64, 128), (64, 128, 256), (2, 3, 4, 6), (1, 2, 4, 8)):
                 mp = mgpu.padded_tokens(m)
                 bm = mp if mp <= 64 else 128
-                cfg = mgpu.MgpuConfig(block_n=bn, block_m=bm, block_k=bk, stages=st)
+                cfg = mgpu.MgpuConfig(block_n=bn, block_m=bm, block_k=bk, stages=st, split_k=sk)
+                if K % (bk * sk) or K // bk // sk < st:
+                    continue
                 try:
                     us = timed(kernel(False, cfg), x, ws("int8"), a.iters, a.reps)
                 except Exception as e:  # noqa: BLE001
@@ -165,13 +175,14 @@ def main() -> None:
         emit(kind="row", m=m, **{k: round(v, 1) for k, v in t.items()})
 
     print(f"\nx[M,{K}] @ W[{K},{N}], us per call (HBM read {read_gbs:.0f} GB/s, r+w {rw_gbs:.0f} GB/s)")
-    print("| M | bf16 | xla int8 | xla fp8 | xla w8a8 | kernel int8 | kernel fp8 | kernel w8a8 "
-          "| best kernel vs bf16 | kernel int8 weight GB/s (% of read) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| M | bf16 | xla int8 | xla fp8 | xla w8a8 | kernel int8 (split_k) | kernel int8, split_k 1 "
+          "| kernel fp8 | kernel w8a8 | best kernel vs bf16 | kernel int8 weight GB/s (% of read) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for m, t, kbest, gbs in rows:
+        split = mgpu.default_config(m, N, K).split_k
         print(f"| {m} | {t['bf16']:.1f} | {t['xla_int8']:.1f} | {t['xla_fp8']:.1f} | {t['xla_w8a8']:.1f} "
-              f"| {t['k_int8']:.1f} | {t['k_fp8']:.1f} | {t['k_w8a8']:.1f} | {t['bf16'] / kbest:.2f}x "
-              f"| {gbs:.0f} ({100 * gbs / read_gbs:.0f}%) |")
+              f"| {t['k_int8']:.1f} ({split}) | {t['k_int8_nosplit']:.1f} | {t['k_fp8']:.1f} "
+              f"| {t['k_w8a8']:.1f} | {t['bf16'] / kbest:.2f}x | {gbs:.0f} ({100 * gbs / read_gbs:.0f}%) |")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "quant_matmul.json"), "w") as f:
             json.dump(RESULTS, f, indent=1)

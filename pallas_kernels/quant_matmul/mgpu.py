@@ -8,22 +8,26 @@ weight takes the wgmma M side and the tokens the N side (N may be as small as 8)
 
     out^T [N, Mp] = w [N, K] @ x^T [K, Mp]      (Mp = tokens padded to a multiple of 8)
 
-    grid (N / block_n, Mp / block_m), one warpgroup per CTA
-    pipeline over K / block_k: TMA w[block_n, block_k] and x[block_m, block_k] -> SMEM ring
+    grid (N / block_n, Mp / block_m, split_k), one warpgroup per CTA
+    pipeline over K / block_k / split_k: TMA w[block_n, block_k] and x[block_m, block_k] -> SMEM ring
       w8a16: w tile (int8 / e4m3) -> registers -> x's dtype -> SMEM (A operand), wgmma
              (e4m3 goes through f32 into bf16: Hopper's cvt has no e4m3 -> bf16)
              A [block_n, block_k] x B = x_tile^T (a transposed view: x is K-major)
       w8a8:  fp8 w tile and fp8 x tile straight from SMEM (both K-major, as 8-bit wgmma needs)
-    epilogue: float32 accumulator -> SMEM -> TMA -> out^T
+    epilogue: float32 accumulator -> SMEM -> TMA -> partial out^T [split_k, N, Mp]
 
-The per-channel weight scale, the per-token activation scale and the transpose back to [M, N]
-are one XLA fusion after the kernel (they touch only M x N values, not the weight). The
+Split-K: a decode matmul has few output tiles (N = 4096 at block_n 64 is 64 CTAs: half of an
+H100/H200's 132 SMs pull the weight), so the K range is cut into ``split_k`` parts, each a CTA of
+its own, until the grid has about two CTAs per SM; their float32 partials are summed in the XLA
+fusion after the kernel, which also applies the per-channel weight scale, the per-token
+activation scale and the transpose back to [M, N] (it touches only split_k x M x N values). The
 dequantized A tile goes through SMEM rather than straight from registers into wgmma: that is
 the form the Mosaic GPU interpreter runs on CPU (``tests/kernels``), and the weight read, not the
 SMEM round trip, bounds a decode matmul.
 
 Tile shapes (``default_config``): decode (Mp <= 64): block_n 64 (224 CTAs for N = 14336 on 132
-SMs), block_k 128, 4 stages; larger M: 128 x 128 x 64, 3 stages. Measured numbers belong in
+SMs), block_k 128, 4 stages, split_k up to 8 while each part keeps >= 4 pipeline steps; larger
+M: 128 x 128 x 64, 3 stages, no split. Measured numbers belong in
 benchmarks/KERNEL_NOTES.md (``benchmarks/quant_matmul.py`` prints the table).
 """
 
@@ -49,6 +53,7 @@ class MgpuConfig:
     block_m: int = 64      # tokens per CTA (wgmma N): a multiple of 8, at most 256
     block_k: int = 128     # contraction per pipeline step
     stages: int = 4        # TMA ring depth
+    split_k: int = 1       # K parts per output tile, each a CTA (partials summed after the kernel)
 
 
 def on_hopper() -> bool:
@@ -65,10 +70,18 @@ def padded_tokens(m: int) -> int:
     return max(8, -(-m // 8) * 8) if m <= 64 else -(-m // 64) * 64
 
 
+TARGET_CTAS = 256   # ~2 per SM of an H100 / H200 (132 SMs): decode matmuls split K up to this
+
+
 def default_config(m: int, n: int, k: int) -> MgpuConfig:
     mp = padded_tokens(m)
     if mp <= 64:
-        return MgpuConfig(block_n=64, block_m=mp, block_k=128 if k % 128 == 0 else 64, stages=4)
+        bk = 128 if k % 128 == 0 else 64
+        tiles, steps, split = max(1, n // 64), k // bk, 1
+        while (tiles * split < TARGET_CTAS and split < 8 and steps % (2 * split) == 0
+               and steps // (2 * split) >= 4):
+            split *= 2
+        return MgpuConfig(block_n=64, block_m=mp, block_k=bk, stages=4, split_k=split)
     block_m = 128 if mp % 128 == 0 else 64
     return MgpuConfig(block_n=128 if n % 128 == 0 else 64, block_m=block_m, block_k=64, stages=3)
 
@@ -82,7 +95,7 @@ def supports(x: jax.Array, w: jax.Array, act_quant: bool, config: MgpuConfig | N
         return False
     if not act_quant and jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return False
-    return n % cfg.block_n == 0 and k % cfg.block_k == 0
+    return n % cfg.block_n == 0 and k % (cfg.block_k * cfg.split_k) == 0
 
 
 def _transforms(dtype: jnp.dtype, cols: int) -> tuple:
@@ -92,19 +105,22 @@ def _transforms(dtype: jnp.dtype, cols: int) -> tuple:
 
 
 def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool = False) -> jax.Array:
-    """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit -> float32 out^T [N, Mp]
-    = w @ xp^T (no scales). Mp, N, K multiples of the config's blocks."""
+    """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit -> float32 partials
+    out^T [split_k, N, Mp], summing to w @ xp^T (no scales). Mp, N, K multiples of the config's
+    blocks (K of block_k x split_k)."""
     mp, k = xp.shape
     n = w.shape[0]
-    bn, bm, bk = config.block_n, config.block_m, config.block_k
-    if n % bn or k % bk or mp % bm or bm % 8 or bn % 64:
+    bn, bm, bk, split = config.block_n, config.block_m, config.block_k, config.split_k
+    if n % bn or k % (bk * split) or mp % bm or bm % 8 or bn % 64:
         raise ValueError(f"mgpu quant matmul: N={n}, K={k}, Mp={mp} do not tile by {config}")
+    steps = k // bk // split                 # pipeline steps of each CTA
     a_dtype = xp.dtype                       # the wgmma operand dtype (x's, or fp8 for w8a8)
     dequant = jnp.dtype(w.dtype) != jnp.dtype(a_dtype)
 
     def kernel(x_gmem, w_gmem, o_gmem):
         ni = lax.axis_index("n")
         mi = lax.axis_index("m")
+        k0 = lax.axis_index("s") * steps     # this CTA's first K block
 
         def with_smem(a_smem, o_smem):
             def with_acc(acc_ref):
@@ -122,10 +138,12 @@ def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool
                     plgpu.wgmma_wait(0)
 
                 plgpu.emit_pipeline(
-                    body, grid=(k // bk,),
+                    body, grid=(steps,),
                     in_specs=[
-                        plgpu.BlockSpec((bn, bk), lambda kk: (ni, kk), transforms=_transforms(w.dtype, bk)),
-                        plgpu.BlockSpec((bm, bk), lambda kk: (mi, kk), transforms=_transforms(a_dtype, bk)),
+                        plgpu.BlockSpec((bn, bk), lambda kk: (ni, k0 + kk),
+                                        transforms=_transforms(w.dtype, bk)),
+                        plgpu.BlockSpec((bm, bk), lambda kk: (mi, k0 + kk),
+                                        transforms=_transforms(a_dtype, bk)),
                     ],
                     max_concurrent_steps=config.stages,
                 )(w_gmem, x_gmem)
@@ -133,7 +151,8 @@ def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool
 
             pl.run_scoped(with_acc, plgpu.ACC((bn, bm), jnp.float32))
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)])
+            row = lax.axis_index("s") * n + ni * bn   # partial s's rows of [split_k * N, Mp]
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(row, bn), pl.ds(mi * bm, bm)])
             plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(
@@ -144,13 +163,13 @@ def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool
 
     f = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((n, mp), jnp.float32),
-        grid=(n // bn, mp // bm),
-        grid_names=("n", "m"),
+        out_type=jax.ShapeDtypeStruct((split * n, mp), jnp.float32),
+        grid=(n // bn, mp // bm, split),
+        grid_names=("n", "m", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    return f(xp, w)
+    return f(xp, w).reshape(split, n, mp)
 
 
 @functools.partial(jax.jit, static_argnames=("act_quant", "out_dtype", "config", "interpret"))
@@ -170,7 +189,7 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
     else:
         xq, x_scale = x, None
     xp = jnp.pad(xq, ((0, mp - m), (0, 0))) if mp != m else xq
-    out_t = matmul_t(xp, w, config=cfg, interpret=interpret)
+    out_t = matmul_t(xp, w, config=cfg, interpret=interpret).sum(axis=0)
     y = out_t[:, :m].T * w_scale[None, :]
     if x_scale is not None:
         y = y * x_scale[:, None]

@@ -106,6 +106,9 @@ MGPU_CASES = {
     "prefill_int8_m70": (70, 256, 128, jnp.int8, False, None),
     "w8a8_m130": (130, 128, 128, FP8, True, None),
     "int8_bn128_k64": (9, 256, 192, jnp.int8, False, mgpu.MgpuConfig(128, 16, 64, 2)),
+    # split-K: each K part a CTA, the float32 partials summed after the kernel
+    "split_default_int8_m1": (1, 64, 1024, jnp.int8, False, None),
+    "split4_w8a8_m5": (5, 64, 512, FP8, True, mgpu.MgpuConfig(64, 8, 64, 2, split_k=4)),
 }
 
 
@@ -121,6 +124,18 @@ def test_mgpu_kernel_interpret(case, out_dtype):
     want = f(x, q, s, out_dtype=jnp.float32)
     assert got.shape == (m, n) and got.dtype == out_dtype
     assert _rel(got, want) < (1e-5 if out_dtype == jnp.float32 else 4e-3)
+
+
+def test_decode_configs_split_k_to_fill_the_sms():
+    """Decode matmuls with few output tiles cut K until the grid has ~2 CTAs per SM, each part
+    keeping >= 4 pipeline steps; wide ones and prefill tiles do not split."""
+    assert mgpu.default_config(1, 64, 1024).split_k == 2
+    for n, k in ((4096, 4096), (4096, 14336), (6144, 4096)):   # Llama-3.1-8B o, down, qkv
+        cfg = mgpu.default_config(1, n, k)
+        assert cfg.split_k == 4 and n // cfg.block_n * cfg.split_k >= mgpu.TARGET_CTAS
+        assert k // cfg.block_k // cfg.split_k >= 4
+    assert mgpu.default_config(1, 28672, 4096).split_k == 1   # gate/up: 448 tiles already
+    assert mgpu.default_config(256, 4096, 4096).split_k == 1
 
 
 def test_mgpu_rows_are_independent():
