@@ -479,13 +479,13 @@ class Runner:
         return min(4, os.cpu_count() or 1)
 
     def compile_programs(self, programs: list[tuple[int, Callable[[], Any]]], threads: int | None = None,
-                         done: Callable[[int, Any], None] | None = None) -> list[Any]:
+                         done: Callable[[int, Any, int], None] | None = None) -> list[Any]:
         """Compile ``(token bucket, lower)`` pairs -> their executables, in order; ``done(i,
-        executable)`` as each finishes. Lowering runs on this thread in turn (tracing holds the
-        GIL; XLA's compile does not). On GPU the first program of each token bucket compiles
-        alone (the autotuner times that bucket's matmuls, the same shapes in all its programs),
-        then the rest on ``threads`` (``compile_threads``), their kernels tuned already (XLA's
-        per-fusion autotune cache); elsewhere all on threads."""
+        executable, how many have finished)`` as each finishes. Lowering runs on this thread in
+        turn (tracing holds the GIL; XLA's compile does not). On GPU the first program of each
+        token bucket compiles alone (the autotuner times that bucket's matmuls, the same shapes
+        in all its programs), then the rest on ``threads`` (``compile_threads``), their kernels
+        tuned already (XLA's per-fusion autotune cache); elsewhere all on threads."""
         threads = threads or self.compile_threads()
         alone: dict[int, int] = {}
         if self.mesh.devices.flat[0].platform == "gpu":
@@ -496,7 +496,7 @@ class Runner:
         def finish(i: int, compiled: Any) -> None:
             out[i] = compiled
             if done is not None:
-                done(i, compiled)
+                done(i, compiled, sum(x is not None for x in out))
 
         for i in alone.values():
             finish(i, programs[i][1]().compile())
@@ -523,17 +523,10 @@ class Runner:
         say = progress or log.info
         total = len(variants)
 
-        def compile_one(item: tuple[StepVariant, Any]) -> tuple[StepVariant, Any]:
-            variant, lowered = item
-            return variant, lowered.compile()
-
         threads = threads or self.compile_threads()
         say(f"compiling {total} step variants on {threads} threads")
-        count = 0
 
-        def done(i: int, compiled: Any) -> None:
-            nonlocal count
-            count += 1
+        def done(i: int, compiled: Any, count: int) -> None:
             variant = variants[i]
             self._compiled[variant] = compiled
             t = variant.tokens

@@ -247,11 +247,8 @@ class SpecSteps:
         t0 = time.perf_counter()
         variants = self.variants(runner)
         say(f"compiling {len(variants)} speculative step variants (k = {self.num_spec})")
-        count = 0
 
-        def done(i: int, compiled: Any) -> None:
-            nonlocal count
-            count += 1
+        def done(i: int, compiled: Any, count: int) -> None:
             v = variants[i]
             self._compiled[v] = compiled
             say(f"compiled speculative step {count}/{len(variants)} (tokens {v[0]}, "

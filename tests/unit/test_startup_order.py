@@ -50,8 +50,9 @@ def test_on_gpu_each_token_bucket_compiles_first_alone():
         programs = [(16, lambda n=n: Lowered(n)) for n in ("a", "b", "c")]
         programs += [(64, lambda n=n: Lowered(n)) for n in ("d", "e")]
         done = []
-        out = Runner.compile_programs(runner, programs, done=lambda i, exe: done.append(i))
-        assert out == ["exe-a", "exe-b", "exe-c", "exe-d", "exe-e"] and sorted(done) == [0, 1, 2, 3, 4]
+        out = Runner.compile_programs(runner, programs, done=lambda i, exe, k: done.append((i, k)))
+        assert out == ["exe-a", "exe-b", "exe-c", "exe-d", "exe-e"]
+        assert sorted(i for i, _ in done) == [0, 1, 2, 3, 4] and [k for _, k in done] == [1, 2, 3, 4, 5]
         return events
 
     gpu = run("gpu")
