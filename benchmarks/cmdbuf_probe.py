@@ -29,6 +29,7 @@ Run on the GPU (from the repository root, PYTHONPATH=.), optionally with
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import jax
@@ -40,7 +41,7 @@ from jserve.builder import EngineArgs, build_engine
 from jserve.step_program import StepVariant
 
 
-def idle_call_ms(engine, step, in_place: bool, n: int = 30, context: int = 300, hold: bool = False,
+def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int = 300, hold: bool = False,
                  numpy_input: bool = False) -> float:
     """Median host ms of one call of ``step`` (a batch-1 decode at ``context``) started on an
     idle device. ``hold``: the previous call's host-facing token output stays alive during the
@@ -97,10 +98,15 @@ def main() -> None:
     print("| compile | prev_tokens in place | prev_tokens moving | in place, previous output held | "
           "in place, numpy input | held + numpy input (the engine's loop) |")
     print("|---|---|---|---|---|---|")
+    columns = {"in place": dict(in_place=True), "moving": dict(in_place=False),
+               "held": dict(in_place=True, hold=True), "numpy": dict(in_place=True, numpy_input=True),
+               "held+numpy": dict(in_place=True, hold=True, numpy_input=True)}
     for name, step in steps.items():
-        cols = [idle_call_ms(eng, step, True), idle_call_ms(eng, step, False),
-                idle_call_ms(eng, step, True, hold=True), idle_call_ms(eng, step, True, numpy_input=True),
-                idle_call_ms(eng, step, True, hold=True, numpy_input=True)]
+        cols = []
+        for col, kw in columns.items():
+            # A marker between columns in the log (XLA's command-buffer log goes to stderr too).
+            print(f"COLUMN {name} / {col}", file=sys.stderr, flush=True)
+            cols.append(idle_call_ms(eng, step, **kw))
         print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cols) + " |", flush=True)
     if ns.check:
         chains = {name: chain_tokens(eng, step) for name, step in steps.items()}

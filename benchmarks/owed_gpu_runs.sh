@@ -1,7 +1,7 @@
 # The device calls owed after session 12 (2026-12-01), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
 # (Sessions 7-12 ran a, e, g, t, l, v, the Qwen half of h, the 2-GPU correctness tests and the
-# OOM diagnosis: RESULTS.md.)
+# OOM diagnosis: RESULTS.md.) Order: u, w, q, x, u2, u1, hl, t, f, m, b; then, on 2 GPUs, d, s, c.
 #
 #   u (1 GPU, ~9 min): start-up phase by phase (benchmarks/startup.py), Qwen2.5-0.5B at max_num_seqs
 #     256 / budget 2048: cold (empty cache), then warm. Session 12 changed three things, never
@@ -15,6 +15,12 @@
 #     cold start -50% or more; whether the steps keep their speed is case x's question.
 #   hl (1 GPU, ~10 min): the Llama-3.1-8B half of h (500 x 200/180, target 10k out tok/s; 9.0k
 #     on the old loop); in session 12 its start-up outlasted its 300 s.
+#   w (1 GPU, ~4 min): why a numpy step input costs ~1 ms per call with the BFC allocator (session
+#     12, call 1: 2.04 vs 1.08 ms) and whether the compile-option SKIP_TEMP that removed it is
+#     safe without the VMM allocator: cmdbuf_probe.py with XLA's command-buffer log on (which
+#     allocations move per call, column by column) and the chained-token check. Prediction: the
+#     numpy input moves the step's scratch (temp) allocation every call, so XLA re-records the
+#     whole graph; SKIP_TEMP then skips updating nodes whose scratch moved, which is unsafe.
 #   q (1 GPU, ~8 min): issue 13's quantized decode after split-K (session 12: a decode matmul with
 #     few output tiles cuts K into up to 8 CTAs; Llama-3.1-8B's o and down projections had 64
 #     CTAs on 132 SMs). quant_matmul.py at the o, down and up/gate shapes (the same kernel
@@ -91,6 +97,13 @@ u1)
 u2)
   XLA_FLAGS=--xla_gpu_enable_triton_gemm=false timeout 560 python3 benchmarks/startup.py \
     --model qwen2.5-0.5b --max-model-len 512 --timeout 280 --runs cold 2>&1 | table | tee "$OUT/startup_cublas.txt"
+  ;;
+w)
+  TF_CPP_VMODULE=command_buffer_thunk=3,command_buffer_cmd=3 TF_CPP_MIN_LOG_LEVEL=0 timeout 200 \
+    python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b --modes default,SKIP_TEMP --check > "$OUT/cmdbuf_log.txt" 2>&1
+  grep "^|\|^##" "$OUT/cmdbuf_log.txt"
+  awk '/^COLUMN/{col=$0; n=0} /[Uu]pdat|alloc/{if (n++ < 6) print col " :: " substr($0, 1, 200)}' \
+    "$OUT/cmdbuf_log.txt" | tail -80
   ;;
 q)
   for shape in 4096x4096 4096x14336 14336x4096; do
