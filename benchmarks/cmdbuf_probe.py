@@ -66,6 +66,14 @@ def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int 
     return float(np.median(times)) * 1e3
 
 
+def compile_options(mode: str) -> dict:
+    """A ``--modes`` entry -> XLA options: an update mode (``SKIP_TEMP``) or ``NAME=VALUE``."""
+    if "=" not in mode:
+        return {"xla_gpu_command_buffer_update_mode": mode}
+    name, _, value = mode.partition("=")
+    return {name: {"true": True, "false": False}.get(value.lower(), value)}
+
+
 def chain_tokens(engine, step, n: int = 24) -> list[int]:
     """The tokens of ``n`` chained batch-1 decode calls of ``step`` at contexts 300, 301, ...
     (numpy input, a fresh one every call), from the same starting state each time it is run."""
@@ -85,7 +93,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
     ap.add_argument("--modes", default="default,SKIP_TEMP,SKIP_PROFILED",
-                    help="default: the engine's executable; else an update mode for a new compile")
+                    help="default: the engine's executable; else a new compile with an update mode "
+                    "(SKIP_TEMP) or one XLA option (NAME=VALUE)")
     ap.add_argument("--check", action="store_true", help="compare chained tokens across modes")
     ns = ap.parse_args()
     eng = build_engine(EngineArgs(model=ns.model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
@@ -93,7 +102,7 @@ def main() -> None:
     r = eng.runner
     variant = StepVariant(r.bucket_for(1)[0], False, True, True)
     steps = {mode: r._compiled[variant] if mode == "default" else r.lower_step(variant).compile(
-        compiler_options={"xla_gpu_command_buffer_update_mode": mode}) for mode in ns.modes.split(",")}
+        compiler_options=compile_options(mode)) for mode in ns.modes.split(",")}
     print(f"\n## {ns.model} ({jax.devices()[0].device_kind}): host ms of one decode-step call, idle device")
     print("| compile | prev_tokens in place | prev_tokens moving | in place, previous output held | "
           "in place, numpy input | held + numpy input (the engine's loop) |")

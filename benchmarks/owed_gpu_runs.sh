@@ -20,7 +20,8 @@
 #     safe without the VMM allocator: cmdbuf_probe.py with XLA's command-buffer log on (which
 #     allocations move per call, column by column) and the chained-token check. Prediction: the
 #     numpy input moves the step's scratch (temp) allocation every call, so XLA re-records the
-#     whole graph; SKIP_TEMP then skips updating nodes whose scratch moved, which is unsafe.
+#     whole graph; SKIP_TEMP then skips updating nodes whose scratch moved, which is unsafe. Also
+#     xla_gpu_require_exclusive_lock ("reduces the cost of ... command buffer update").
 #   q (1 GPU, ~8 min): issue 13's quantized decode after split-K (session 12: a decode matmul with
 #     few output tiles cuts K into up to 8 CTAs; Llama-3.1-8B's o and down projections had 64
 #     CTAs on 132 SMs). quant_matmul.py at the o, down and up/gate shapes (the same kernel
@@ -100,7 +101,8 @@ u2)
   ;;
 w)
   TF_CPP_VMODULE=command_buffer_thunk=3,command_buffer_cmd=3 TF_CPP_MIN_LOG_LEVEL=0 timeout 200 \
-    python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b --modes default,SKIP_TEMP --check > "$OUT/cmdbuf_log.txt" 2>&1
+    python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b \
+    --modes default,SKIP_TEMP,xla_gpu_require_exclusive_lock=true --check > "$OUT/cmdbuf_log.txt" 2>&1
   grep "^|\|^##" "$OUT/cmdbuf_log.txt"
   awk '/^COLUMN/{col=$0; n=0} /[Uu]pdat|alloc/{if (n++ < 6) print col " :: " substr($0, 1, 200)}' \
     "$OUT/cmdbuf_log.txt" | tail -80
