@@ -11,6 +11,7 @@ device with different inputs held fixed, to find which buffers move:
   held         the previous call's host-facing token output alive during the call (the
                overlapped loop's way: a fresh output cannot take the address it had)
   numpy input  the packed input handed over as a host array (the engine's way)
+  device_put   the packed input uploaded by ``jax.device_put`` right before the call (timed too)
   + the XLA option ``xla_gpu_command_buffer_update_mode`` for each of the above (``--modes``;
     given only to the compile, the client keeps its BFC allocator; set in ``XLA_FLAGS`` before
     the start, it switches the client to the VMM allocator, which the option's VA remapping needs)
@@ -42,14 +43,15 @@ from jserve.step_program import StepVariant
 
 
 def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int = 300, hold: bool = False,
-                 numpy_input: bool = False) -> float:
+                 numpy_input: bool = False, put_input: bool = False) -> float:
     """Median host ms of one call of ``step`` (a batch-1 decode at ``context``) started on an
     idle device. ``hold``: the previous call's host-facing token output stays alive during the
     call (the overlapped loop reads it only after dispatching the next step); ``numpy_input``:
-    the packed input goes to the call as a host array, uploaded by the call (the engine's way)."""
+    the packed input goes to the call as a host array, uploaded by the call (the engine's way);
+    ``put_input``: uploaded by ``jax.device_put`` just before the call (timed with it)."""
     r = engine.runner
     joint = decode_inputs(engine, context)
-    if numpy_input:
+    if numpy_input or put_input:
         joint = np.asarray(joint)
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
     times, held = [], None
@@ -57,7 +59,8 @@ def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int 
         prev = tokens if in_place else jnp.copy(tokens)
         jax.block_until_ready((kv, table, prev))
         t0 = time.perf_counter()
-        kv, _, table, tokens, out, *_ = step(r.params, kv, None, table, prev, joint, None)
+        arg = jax.device_put(joint) if put_input else joint
+        kv, _, table, tokens, out, *_ = step(r.params, kv, None, table, prev, arg, None)
         if i >= 5:
             times.append(time.perf_counter() - t0)
         held = out if hold else None
@@ -105,11 +108,12 @@ def main() -> None:
         compiler_options=compile_options(mode)) for mode in ns.modes.split(",")}
     print(f"\n## {ns.model} ({jax.devices()[0].device_kind}): host ms of one decode-step call, idle device")
     print("| compile | prev_tokens in place | prev_tokens moving | in place, previous output held | "
-          "in place, numpy input | held + numpy input (the engine's loop) |")
-    print("|---|---|---|---|---|---|")
+          "in place, numpy input | held + numpy input (the engine's loop) | device_put input + call |")
+    print("|---|---|---|---|---|---|---|")
     columns = {"in place": dict(in_place=True), "moving": dict(in_place=False),
                "held": dict(in_place=True, hold=True), "numpy": dict(in_place=True, numpy_input=True),
-               "held+numpy": dict(in_place=True, hold=True, numpy_input=True)}
+               "held+numpy": dict(in_place=True, hold=True, numpy_input=True),
+               "device_put": dict(in_place=True, put_input=True)}
     for name, step in steps.items():
         cols = []
         for col, kw in columns.items():
