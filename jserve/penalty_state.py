@@ -29,11 +29,14 @@ step; a request resuming after preemption (it takes a new slot) sends its output
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Sharding
 
+from jserve.compile_pool import compile_each
 from jserve.sampler import penalize_counts
 from jserve.sampling_batch import SamplingBatch
 from sharding import host_to_global
@@ -100,11 +103,11 @@ class SlotInit:
         """A fresh state: int32[S, V] zeros."""
         return jax.device_put(np.zeros((self.num_slots, self.vocab_size), np.int32), self._sharding)
 
-    def compile(self, state: jax.Array) -> None:
-        for b in self.buckets:
-            buf = jax.device_put(np.zeros(2 + b, np.int32), self._sharding)
-            self._compiled[b] = jax.jit(_init_row, donate_argnums=(0,),
-                                        out_shardings=self._sharding).lower(state, buf).compile()
+    def compile(self, state: jax.Array, pool: Executor | None = None) -> None:
+        """One program per id bucket (compiled on ``pool`` when given: ``compile_each``)."""
+        init = jax.jit(_init_row, donate_argnums=(0,), out_shardings=self._sharding)
+        self._compiled.update(compile_each({b: init.lower(state, jax.ShapeDtypeStruct(
+            (2 + b,), jnp.int32, sharding=self._sharding)) for b in self.buckets}, pool))
 
     def __call__(self, state: jax.Array, slot: int, prompt_ids: tuple[int, ...] | list[int],
                  output_ids: tuple[int, ...] | list[int] = ()) -> jax.Array:

@@ -591,12 +591,13 @@ class Runner:
         for t in self.split.buckets:   # each compiled split pair once, on padding rows only
             if self.split.ready(t):
                 self._warm_split(t)
-        self._slot_init.compile(self.penalty_state)
+        with ThreadPoolExecutor(max_workers=self.compile_threads()) as pool:   # small programs
+            self._slot_init.compile(self.penalty_state, pool)
+            self._slot_writer.compile(self.slot_table, pool)
+            self.logit_state.compile(pool)
         for b in self._slot_init.buckets:  # run each once; the state is all zeros again after
             self.penalty_state = self._slot_init(self.penalty_state, 0, [0] * b)
         self.penalty_state = self._slot_init(self.penalty_state, 0, [])
-        self._slot_writer.compile(self.slot_table)
-        self.logit_state.compile()
         width = self.rows.table.shape[1]
         for b in self._slot_writer.buckets:  # run each once; padding rows only: writes nothing
             self.slot_table = self._slot_writer(self.slot_table, np.full(b, -1),

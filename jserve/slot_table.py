@@ -27,12 +27,14 @@ written whole by the ``SlotWriter`` before the step instead (never truncated, ne
 from __future__ import annotations
 
 import math
+from concurrent.futures import Executor
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Sharding
 
+from jserve.compile_pool import compile_each
 from sharding import host_to_global
 
 # Columns after the P page-table columns.
@@ -120,11 +122,11 @@ class SlotWriter:
         """A fresh table: int32[S + 1, W] zeros (the last row is the null row)."""
         return jax.device_put(np.zeros((self.num_slots + 1, self.width), np.int32), self._sharding)
 
-    def compile(self, table: jax.Array) -> None:
-        for b in self.buckets:
-            buf = jax.device_put(np.full((b, 1 + self.width), -1, np.int32), self._sharding)
-            self._compiled[b] = jax.jit(_write_rows, donate_argnums=(0,),
-                                        out_shardings=self._sharding).lower(table, buf).compile()
+    def compile(self, table: jax.Array, pool: Executor | None = None) -> None:
+        """One program per row bucket (compiled on ``pool`` when given: ``compile_each``)."""
+        write = jax.jit(_write_rows, donate_argnums=(0,), out_shardings=self._sharding)
+        self._compiled.update(compile_each({b: write.lower(table, jax.ShapeDtypeStruct(
+            (b, 1 + self.width), jnp.int32, sharding=self._sharding)) for b in self.buckets}, pool))
 
     def __call__(self, table: jax.Array, slots: np.ndarray, rows: np.ndarray) -> jax.Array:
         """-> table with ``table[slots[i]] = rows[i]`` (int32[k, W]; ``table`` is donated)."""

@@ -25,6 +25,8 @@ The step reads the rows it needs (``apply_logit_state``) only when some row is m
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,9 +185,10 @@ class LogitState:
             part = keep[i:i + self.buckets[-1]]
             self.device = self._writer(self.device, slots[part], rows[part])
 
-    def compile(self) -> None:
-        """Compile the row writer (one program per row bucket) and run each once."""
-        self._writer.compile(self.device)
+    def compile(self, pool: Executor | None = None) -> None:
+        """Compile the row writer (one program per row bucket, on ``pool`` when given) and run
+        each once."""
+        self._writer.compile(self.device, pool)
         for b in self.buckets:
             self.device = self._writer(self.device, np.full(b, -1), np.zeros((b, self.width), np.int32))
 
