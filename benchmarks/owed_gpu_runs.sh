@@ -1,7 +1,7 @@
 # The device calls owed after session 12 (2026-12-01), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
 # (Sessions 7-12 ran a, e, g, t, l, v, the Qwen half of h, the 2-GPU correctness tests and the
-# OOM diagnosis: RESULTS.md.) Order: u, w, q, x, u2, u1, hl, t, f, m, b; then, on 2 GPUs, d, s, c.
+# OOM diagnosis: RESULTS.md.) Order: u, w, q, x, u2, u1, hl, k, t, f, m, b; then, on 2 GPUs, d, s, c.
 #
 #   u (1 GPU, ~9 min): start-up phase by phase (benchmarks/startup.py), Qwen2.5-0.5B at max_num_seqs
 #     256 / budget 2048: cold (empty cache), then warm. Session 12 changed three things, never
@@ -46,6 +46,9 @@
 #   b (1 GPU, ~9 min): speculative decoding tables (benchmarks/spec_decode.py) and the memory
 #     budget table (benchmarks/memory_budget.py). Expect batch-1 spec < 2x: a step with drafts
 #     is read right after dispatch (no overlap while speculating).
+#   k (1 GPU, ~10 min): issue 12's real-scale target, never measured: one Llama-3.1-8B verify
+#     step with k = 4 against a 1-token decode step, batch 1 and 64 (spec_verify_step.py; target
+#     <= 1.15x at batch 1). Most of the call is the 8B's start-up.
 #   d (nvidia-h200-x2, ~10 min): Llama-3.1-8B 500 x 200/180 at tp1 vs pp2 (scale_out_runs.sh 6).
 #     Session 8 changed pp's micro-batching (decode steps run M = 1: S weight reads per step
 #     instead of M + S - 1 = 3). Prediction: pp2 ~1.0x tp1 (the 1.7x target needs cross-step
@@ -185,6 +188,10 @@ h)
     --input-len 200 --output-len 180 --max-num-seqs 256 --max-num-batched-tokens 2048 \
     --max-model-len 512 --json "$OUT/offline_llama.json" > "$OUT/offline_llama.txt" 2>&1
   grep -v "^W\|WARNING" "$OUT/offline_llama.txt" | tail -8
+  ;;
+k)
+  timeout 580 python3 benchmarks/spec_verify_step.py --model llama3.1-8b --k 4 --batches 1,64 \
+    2>&1 | table | tee "$OUT/spec_verify.txt"
   ;;
 s)
   timeout 580 bash benchmarks/scale_out_runs.sh 2 2>&1 | tail -12
