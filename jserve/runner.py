@@ -19,10 +19,10 @@ token from step N's output (``prev_index``), so no host round trip sits on the c
 Shapes are bucketed (DESIGN invariant 4): the token count pads to a power-of-two bucket and
 the rows to that bucket's row count; ``compile()`` compiles every variant ahead of time (on GPU
 each token bucket's first one alone, for the autotuner, then the rest on threads; through the
-persistent cache) and the runner calls the compiled
-executables directly, so serving never compiles. Buckets of at least
-``flash_prefill_min_tokens`` also have a ``fresh_prefill`` variant (flash attention over the
-chunk's own K/V), picked on the host for steps whose chunks all start at token 0.
+persistent cache) and the runner calls the compiled executables directly, so serving never
+compiles. Buckets of at least ``flash_prefill_min_tokens`` also have a ``fresh_prefill`` variant
+(flash attention over the chunk's own K/V), picked on the host for steps whose chunks all start
+at token 0.
 
 Slot table (``slot_table``): each slot's page-table row and sampling parameters live on the
 device; the step buffer carries each row's slot and the page-table entries changed since the
