@@ -1,4 +1,4 @@
-"""The scheduler -> runner -> scheduler contract (plain dataclasses, host side).
+"""The scheduler -> runner -> scheduler contract (plain values, host side).
 
 Where it sits: ``Scheduler.schedule()`` returns a ``SchedulerOutput`` (plain values: request ids,
 token ids, page ids; no live ``Request``); ``Runner.dispatch`` packs it into the device step
@@ -10,6 +10,7 @@ Orchestration tests build ``RunnerOutput`` by hand, no model needed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -59,11 +60,12 @@ class NewRequestData:
     num_prompt: int = 0
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
+class ScheduledChunk(NamedTuple):
     """One row of the ragged step: ``num_tokens`` tokens of request ``req_id`` from ``start``.
 
-    A value: the runner reads these fields and never the live ``Request``::
+    A value (a named tuple: the scheduler makes one per row per step, and a frozen dataclass's
+    construction cost 2.2 us against 0.8, a third of ``schedule``'s time at 256 rows); the runner
+    reads these fields and never the live ``Request``::
 
         positions   start ............................ start + num_tokens
         token_ids   |known on the host (this list)   |placeholder|   num_placeholders = 0 or 1
