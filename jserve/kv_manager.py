@@ -112,10 +112,13 @@ class KVCacheManager:
     # ------------------------------------------------------------- running
     def _writes_shared(self, req: Request, end: int) -> list[int]:
         """Indices of pages req holds that the chunk up to ``end`` writes but must not."""
-        pool, ps = self.pool, self.page_size
-        last = min(len(req.page_ids), self.pool.pages_needed(end))
-        return [i for i in range(req.num_computed_tokens // ps, last)
-                if pool.refcounts[req.page_ids[i]] > 1 or pool.cached[req.page_ids[i]]]
+        pool, ids = self.pool, req.page_ids
+        first = req.num_computed_tokens // pool.page_size
+        last = min(len(ids), pool.pages_needed(end))
+        if first >= last:   # the chunk writes only pages it has yet to get
+            return []
+        refcounts, cached = pool.refcounts, pool.cached
+        return [i for i in range(first, last) if refcounts[ids[i]] > 1 or cached[ids[i]]]
 
     def demand(self, req: Request, k: int) -> int:
         """Pool pages that computing the next ``k`` tokens of a running ``req`` takes."""

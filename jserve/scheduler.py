@@ -186,12 +186,13 @@ class Scheduler:
                 drafts = []  # drafts never preempt anyone: verify them when pages are free
             k += len(drafts)
             need = kv.demand(req, k)   # again only after a preemption (it may unshare req's pages)
-            while need > pool.num_free and self.running[-1] is not req:
-                self._preempt(self.running.pop(), out)
-                need = kv.demand(req, k)
-            if need > pool.num_free:  # req is the newest: it makes way itself
-                self._preempt(self.running.pop(), out)
-                break
+            if need:   # (most decode rows write into a page they hold)
+                while need > pool.num_free and self.running[-1] is not req:
+                    self._preempt(self.running.pop(), out)
+                    need = kv.demand(req, k)
+                if need > pool.num_free:  # req is the newest: it makes way itself
+                    self._preempt(self.running.pop(), out)
+                    break
             la = self._lookahead(req, k)
             kv.grow(req, k + la if la and kv.demand(req, k + la) <= pool.num_free else k)
             out.chunks.append(self._chunk(req, k, drafts))
@@ -304,10 +305,13 @@ class Scheduler:
         """The row value for ``k`` tokens of ``req`` from ``num_computed_tokens`` (the last
         ``len(drafts)`` of them draft tokens), with the page row diff against what the runner
         was last sent; then advance the request."""
+        # One row per running request per step: locals, not repeated property reads (at 256
+        # rows this function was a third of ``schedule``).
         start, ps = req.num_computed_tokens, self.pool.page_size
         nd = len(drafts)
         end = start + k
-        known = min(end - nd, req.num_tokens)
+        num_tokens = req.num_tokens
+        known = min(end - nd, num_tokens)
         rid = req.request_id
         new = None
         sent = self._sent_pages.get(rid)
@@ -315,23 +319,27 @@ class Scheduler:
             new = self._new_data(req)
             sent = self._sent_pages[rid] = []
         cur = req.page_ids
-        first = min(len(sent), start // ps)  # pages before the chunk never change while held
-        while first < len(sent) and first < len(cur) and sent[first] == cur[first]:
+        n_sent, n_cur = len(sent), len(cur)
+        first = min(n_sent, start // ps)  # pages before the chunk never change while held
+        while first < n_sent and first < n_cur and sent[first] == cur[first]:
             first += 1
-        page_ids = tuple(cur[first:])
-        if len(sent) > len(cur):  # pages given back (speculative rollback): null them too
-            page_ids += (0,) * (len(sent) - max(len(cur), first))
-        del sent[first:]
-        sent.extend(cur[first:])
-        samples = end - nd == req.num_tokens + req.num_placeholders
+        page_ids = tuple(cur[first:]) if first < n_cur else ()
+        if n_sent > n_cur:  # pages given back (speculative rollback): null them too
+            page_ids += (0,) * (n_sent - max(n_cur, first))
+        if first < n_sent or first < n_cur:
+            del sent[first:]
+            sent.extend(cur[first:])
+        placeholders = req.num_placeholders
+        samples = end - nd == num_tokens + placeholders
         sp = req.sampling_params
-        out_index = req.num_output_tokens + req.num_placeholders
+        out_index = num_tokens - req.num_prompt_tokens + placeholders
         banned: tuple[int, ...] = ()
         if samples and out_index < sp.min_tokens:
             banned = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(req.eos_token_ids))
+        token_ids = tuple(_tokens(req, start, known)) if known > start else ()
         chunk = ScheduledChunk(
             req_id=rid, start=start, num_tokens=k,
-            token_ids=tuple(_tokens(req, start, known)) + tuple(drafts),
+            token_ids=token_ids + tuple(drafts) if nd else token_ids,
             num_placeholders=end - nd - known, page_start=first, page_ids=page_ids, samples=samples,
             output_index=out_index, banned_ids=banned, new=new, num_draft=nd)
         req.num_computed_tokens = end
