@@ -232,15 +232,28 @@ class Runner:
         ps = self._page_size
         f["slot_mapping"][:total] = rows.page_table[slots[tok_row], pos // ps] * ps + pos % ps
         ids = f["token_ids"]
-        prev = f["prev_index"]
-        for r, c in enumerate(chunks):
-            a = int(ends[r] - ns[r])
-            ids[a:a + len(c.token_ids)] = c.token_ids
+        prev_rows = self._prev_rows
+        # One pass over the rows in Python (locals and lists; numpy takes the gathered values
+        # at once): a decode row over a placeholder has no token ids, only its feed index.
+        fed_at, fed_from, new_rows, banned_rows = [], [], [], []
+        for r, (c, end) in enumerate(zip(chunks, ends.tolist(), strict=True)):
+            tids = c.token_ids
+            if tids:
+                a = end - c.num_tokens
+                ids[a:a + len(tids)] = tids
             if c.num_placeholders:
-                if c.num_placeholders != 1 or c.req_id not in self._prev_rows:
+                src = prev_rows.get(c.req_id)
+                if c.num_placeholders != 1 or src is None:
                     raise ValueError(f"request {c.req_id!r}: a placeholder row with no sampled row "
                                      "for it in the step in flight")
-                prev[int(ends[r]) - 1] = self._prev_rows[c.req_id]
+                fed_at.append(end - 1)
+                fed_from.append(src)
+            if c.new is not None:
+                new_rows.append(r)
+            if c.banned_ids:
+                banned_rows.append(r)
+        if fed_at:
+            f["prev_index"][fed_at] = fed_from
         f["seq_lens"][:n] = starts + ns
         f["num_seqs"][0] = n
         f["logits_indices"][:n] = ends - 1
@@ -256,22 +269,26 @@ class Runner:
         if out.has_drafts:
             f["num_draft"][:n] = np.fromiter((c.num_draft for c in chunks), np.int32, n)
         lstate = self.logit_state
+        for r in new_rows:   # static constraints first: a sampling row's mask slot reads them
+            lstate.on_new(int(slots[r]), chunks[r].new.params)
         masks = out.token_masks
         dyn_rows: list[int] = []   # rows with one host mask: queued as one block
-        for r, c in enumerate(chunks):
-            if c.new is not None:
-                lstate.on_new(int(slots[r]), c.new.params)
-            if c.samples:
-                m = masks.get(c.req_id) if masks else None
+        unmasked = samples.copy()  # sampling rows without a host mask: their static one or none
+        if masks:
+            for r, c in enumerate(chunks):
+                m = masks.get(c.req_id) if c.samples else None
                 if m is None:
-                    f["mask_slot"][r] = lstate.row_for(int(slots[r]), None)
-                elif m.ndim == 2:    # a verify row: one mask per position
+                    continue
+                unmasked[r] = False
+                if m.ndim == 2:    # a verify row: one mask per position
                     f["mask_slot"][r], f["mask_step"][r] = lstate.rows_for(int(slots[r]), list(m))
                 else:
                     dyn_rows.append(r)
-            if c.banned_ids:
-                ban = np.unique(np.asarray(c.banned_ids, np.int32))
-                f["banned_ids"][r, :len(ban)] = ban
+        mask_slot = f["mask_slot"]
+        mask_slot[:n] = np.where(unmasked & lstate.active[slots], slots, mask_slot[:n])
+        for r in banned_rows:
+            ban = np.unique(np.asarray(chunks[r].banned_ids, np.int32))
+            f["banned_ids"][r, :len(ban)] = ban
         if dyn_rows:
             f["mask_slot"][dyn_rows] = lstate.masked_rows(
                 slots[dyn_rows], np.stack([masks[chunks[r].req_id] for r in dyn_rows]))
