@@ -273,8 +273,9 @@ class Runner:
             lstate.on_new(int(slots[r]), chunks[r].new.params)
         masks = out.token_masks
         dyn_rows: list[int] = []   # rows with one host mask: queued as one block
-        unmasked = samples.copy()  # sampling rows without a host mask: their static one or none
+        unmasked = samples         # sampling rows without a host mask: their static one or none
         if masks:
+            unmasked = samples.copy()
             for r, c in enumerate(chunks):
                 m = masks.get(c.req_id) if c.samples else None
                 if m is None:
@@ -284,8 +285,9 @@ class Runner:
                     f["mask_slot"][r], f["mask_step"][r] = lstate.rows_for(int(slots[r]), list(m))
                 else:
                     dyn_rows.append(r)
-        mask_slot = f["mask_slot"]
-        mask_slot[:n] = np.where(unmasked & lstate.active[slots], slots, mask_slot[:n])
+        if lstate.active.any():   # some slot has a static constraint (allowed ids, logit bias)
+            mask_slot = f["mask_slot"]
+            mask_slot[:n] = np.where(unmasked & lstate.active[slots], slots, mask_slot[:n])
         for r in banned_rows:
             ban = np.unique(np.asarray(chunks[r].banned_ids, np.int32))
             f["banned_ids"][r, :len(ban)] = ban
