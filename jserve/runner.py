@@ -92,10 +92,10 @@ class StepHandle:
 
     def land(self) -> None:
         """If the step has finished on the device, take its outputs to the host now and let go
-        of their device buffers. The engine calls it before launching the next step: an output
-        buffer still held then makes the next step's output take another address, and XLA
-        re-records every command of the step's CUDA graph for it (one moved allocation per
-        call on an H200, benchmarks/RESULTS.md, session 11)."""
+        of their device buffers. The engine calls it before launching the next step, so the
+        reading of a finished step never waits behind that launch. (It was meant to let the
+        next step's output take its old address; on an H200 a held output turned out to cost a
+        call nothing: benchmarks/RESULTS.md, session 12.)"""
         if isinstance(self.tokens, np.ndarray) or not self.tokens.is_ready():
             return
         if self.logprobs is not None and not all(a.is_ready() for a in self.logprobs):
@@ -107,8 +107,8 @@ class StepHandle:
     def result(self) -> RunnerOutput:
         """Wait for this step's tokens (the host's only wait) -> RunnerOutput, row order."""
         chunks = self.sched_out.chunks
-        tokens = np.asarray(self.tokens)
-        sampled = [[int(tokens[r])] if c.samples else [] for r, c in enumerate(chunks)]
+        tokens = np.asarray(self.tokens).tolist()
+        sampled = [[tokens[r]] if c.samples else [] for r, c in enumerate(chunks)]
         if self.logprobs is None:
             return RunnerOutput(sampled)
         lp, ids, tlp = (np.asarray(a) for a in self.logprobs)
