@@ -1,7 +1,7 @@
 # The device calls owed after session 12 (2026-12-01), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
 # (Sessions 7-12 ran a, e, g, t, l, v, the Qwen half of h, the 2-GPU correctness tests and the
-# OOM diagnosis: RESULTS.md.) Order: u, w, q, x, u2, u1, hl, k, t, f, m, b; then, on 2 GPUs, d, s, c.
+# OOM diagnosis: RESULTS.md.) Order: u, w, q, x, u2, u3, u1, hl, k, t, f, m, b; then, on 2 GPUs, d, s, c.
 #
 #   u (1 GPU, ~9 min): start-up phase by phase (benchmarks/startup.py), Qwen2.5-0.5B at max_num_seqs
 #     256 / budget 2048: cold (empty cache), then warm. Session 12 changed three things, never
@@ -13,6 +13,8 @@
 #   u2 (1 GPU, ~6 min): the same cold start with cuBLAS for every matmul instead of XLA's Triton
 #     GEMMs (their autotuning compiles many candidate kernels per shape and bucket). Prediction:
 #     cold start -50% or more; whether the steps keep their speed is case x's question.
+#   u3 (1 GPU, ~6 min): the same cold start with XLA's autotuner at level 1 (no result checks,
+#     no buffer re-initialization). Prediction: -30%.
 #   hl (1 GPU, ~10 min): the Llama-3.1-8B half of h (500 x 200/180, target 10k out tok/s; 9.0k
 #     on the old loop); in session 12 its start-up outlasted its 300 s.
 #   w (1 GPU, ~4 min): why a numpy step input costs ~1 ms per call with the BFC allocator (session
@@ -117,6 +119,10 @@ q)
   done
   timeout 260 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization none,int8 2>&1 | table | tee "$OUT/floor_quant.txt"
+  ;;
+u3)
+  XLA_FLAGS=--xla_gpu_autotune_level=1 timeout 560 python3 benchmarks/startup.py \
+    --model qwen2.5-0.5b --max-model-len 512 --timeout 280 --runs cold 2>&1 | table | tee "$OUT/startup_at1.txt"
   ;;
 x)
   ab=xla:xla_gpu_enable_triton_gemm=false,xla:xla_gpu_autotune_level=0,xla:xla_gpu_autotune_level=1
