@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jserve.compile_pool import compile_in_order
 from jserve.config import EngineConfig
 from jserve.host_kv import host_slot_counts
 from jserve.kv_cache import KVCache
@@ -489,46 +490,15 @@ class Runner:
             self._twins[StepVariant(*v)] = self.lower_step(v).compile()
 
     def compile_threads(self) -> int:
-        """Threads that compile programs at once. On GPU, XLA's autotuner times candidate
-        kernels on the device while it compiles, and concurrent compiles spoil each other's
-        timings (measured on an H200: 8 threads took 106 s for 6 Qwen-0.5B variants with "Delay
-        kernel timed out" warnings, against 16-28 s for 3 variants on 4 threads). So there each
-        token bucket's first program compiles alone, and the rest, whose kernels that one
-        tuned (XLA's per-fusion autotune cache), on these threads (``compile_programs``)."""
+        """Threads that compile programs at once (on GPU after each token bucket's first one:
+        ``compile_pool.compile_in_order``)."""
         return min(4, os.cpu_count() or 1)
 
     def compile_programs(self, programs: list[tuple[int, Callable[[], Any]]], threads: int | None = None,
                          done: Callable[[int, Any, int], None] | None = None) -> list[Any]:
-        """Compile ``(token bucket, lower)`` pairs -> their executables, in order; ``done(i,
-        executable, how many have finished)`` as each finishes. Lowering runs on this thread in
-        turn (tracing holds the GIL; XLA's compile does not). On GPU the first program of each
-        token bucket compiles alone (the autotuner times that bucket's matmuls, the same shapes
-        in all its programs), then the rest on ``threads`` (``compile_threads``), their kernels
-        tuned already (XLA's per-fusion autotune cache); elsewhere all on threads."""
-        threads = threads or self.compile_threads()
-        alone: dict[int, int] = {}
-        if self.mesh.devices.flat[0].platform == "gpu":
-            for i, (tokens, _) in enumerate(programs):
-                alone.setdefault(tokens, i)
-        out: list[Any] = [None] * len(programs)
-
-        def finish(i: int, compiled: Any) -> None:
-            out[i] = compiled
-            if done is not None:
-                done(i, compiled, sum(x is not None for x in out))
-
-        for i in alone.values():
-            finish(i, programs[i][1]().compile())
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            futures = [(i, pool.submit(lower().compile)) for i, (_, lower) in enumerate(programs)
-                       if i not in alone.values()]
-            for i, fut in futures:
-                finish(i, fut.result())
-        return out
-
-    def warmup(self, progress: Progress | None = None, threads: int | None = None) -> float:
-        """``compile`` then ``warm``, for a runner built over an allocated pool."""
-        return self.compile(progress, threads) + self.warm()
+        """``compile_pool.compile_in_order`` on this runner's devices and threads."""
+        return compile_in_order(programs, threads or self.compile_threads(),
+                                self.mesh.devices.flat[0].platform == "gpu", done)
 
     def compile(self, progress: Progress | None = None, threads: int | None = None) -> float:
         """Compile every step variant (and speculative variant) ahead of time: lowered in turn,
