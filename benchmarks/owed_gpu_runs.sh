@@ -1,7 +1,7 @@
 # The device calls owed after session 12 (2026-12-01), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
 # (Sessions 7-12 ran a, e, g, t, l, v, the Qwen half of h, the 2-GPU correctness tests and the
-# OOM diagnosis: RESULTS.md.) Order: u, w, q, x, u2, u3, u1, hl, kv, k, t, f, m, b; then, on 2 GPUs, d, s, c.
+# OOM diagnosis: RESULTS.md.) Order: u, w, q, x, u2, u3, u1, hl, kv, k, o, t, f, m, b; then, on 2 GPUs, d, s, c.
 #
 #   u (1 GPU, ~9 min): start-up phase by phase (benchmarks/startup.py), Qwen2.5-0.5B at max_num_seqs
 #     256 / budget 2048: cold (empty cache), then warm. Session 12 changed three things, never
@@ -51,6 +51,8 @@
 #   kv (1 GPU, ~9 min): issue 13's KV target, never measured: Qwen2.5-0.5B, 16 sequences decoding
 #     at 8k tokens, bf16 against fp8 pool (benchmarks/kv_dtype_step.py; target: 2x the pages at
 #     <= 3% extra step time). Prediction: 1.97x the pages (the scales take the rest), +2-5%.
+#   o (1 GPU, ~8 min): issue 14's orbax target on one GPU: Llama-3.1-8B restore vs safetensors
+#     load at tp 1 (benchmarks/orbax_load.py; the tp 2 half stays in scale_out_runs.sh).
 #   k (1 GPU, ~10 min): issue 12's real-scale target, never measured: one Llama-3.1-8B verify
 #     step with k = 4 against a 1-token decode step, batch 1 and 64 (spec_verify_step.py; target
 #     <= 1.15x at batch 1). Most of the call is the 8B's start-up.
@@ -201,6 +203,10 @@ h)
 kv)
   timeout 580 python3 benchmarks/kv_dtype_step.py --kv-dtypes auto,fp8 2>&1 | grep "^|\|^##\|  auto\|  fp8" \
     | tee "$OUT/kv_dtype.txt"
+  ;;
+o)
+  timeout 580 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 1 2>&1 \
+    | grep -v "^W\|WARNING" | tail -8
   ;;
 k)
   timeout 580 python3 benchmarks/spec_verify_step.py --model llama3.1-8b --k 4 --batches 1,64 \
