@@ -77,13 +77,14 @@ def compile_options(mode: str) -> dict:
     return {name: {"true": True, "false": False}.get(value.lower(), value)}
 
 
-def chain_tokens(engine, step, n: int = 24) -> list[int]:
-    """The tokens of ``n`` chained batch-1 decode calls of ``step`` at contexts 300, 301, ...
-    (numpy input, a fresh one every call), from the same starting state each time it is run."""
+def chain_tokens(engine, step, n: int = 24, context: int = 300) -> list[int]:
+    """The tokens of ``n`` chained batch-1 decode calls of ``step`` at contexts ``context``,
+    ``context`` + 1, ... (numpy input, a fresh one every call), from the same starting state
+    each time it is run."""
     r = engine.runner
     kv, table = r.kv, r.slot_table
     tokens = jnp.zeros_like(r._prev_tokens)
-    inputs = [np.asarray(decode_inputs(engine, 300 + i)) for i in range(n)]
+    inputs = [np.asarray(decode_inputs(engine, context + i)) for i in range(n)]
     out_tokens = []
     for joint in inputs:
         kv, _, table, tokens, out, *_ = step(r.params, kv, None, table, tokens, joint, None)

@@ -28,6 +28,10 @@ def test_cmdbuf_probe_calls_the_decode_step(engine):
     step = r._compiled[StepVariant(r.bucket_for(1)[0], False, True, True)]
     assert cmdbuf_probe.idle_call_ms(engine, step, in_place=True, n=1, context=20) > 0
     assert cmdbuf_probe.idle_call_ms(engine, step, in_place=False, n=1, context=20) > 0
+    assert cmdbuf_probe.idle_call_ms(engine, step, put_input=True, n=1, context=20) > 0
+    # The chained check: inputs that change every call give the same tokens on a second run.
+    first = cmdbuf_probe.chain_tokens(engine, step, n=3, context=20)
+    assert len(first) == 3 and cmdbuf_probe.chain_tokens(engine, step, n=3, context=20) == first
     assert cmdbuf_probe.idle_call_ms(engine, step, in_place=True, n=1, context=20, hold=True,
                                      numpy_input=True) > 0
 
