@@ -3,7 +3,7 @@
 Where it sits: start-up. Programs are lowered in turn on the calling thread (tracing holds the
 GIL) and compiled on a thread pool (XLA's compile releases it)::
 
-    compile_in_order   the step programs (``Runner.compile_programs``: step variants, split pairs,
+    compile_in_order   the step programs (``Runner.compile_programs``: step variants,
                        speculative variants, the activation probe's). On GPU, XLA's autotuner
                        times candidate kernels on the device while it compiles, and concurrent
                        compiles spoil each other's timings (an H200: 8 threads took 106 s for 6
@@ -11,8 +11,9 @@ GIL) and compiled on a thread pool (XLA's compile releases it)::
                        program of each token bucket compiles alone (that bucket's matmuls, the
                        same shapes in all its programs, are tuned there) and the rest on threads,
                        their kernels found in XLA's per-fusion autotune cache.
-    compile_each       warm-up's small programs (slot writers, penalty inits, logit state
-                       writers): no matmul for the autotuner, all on threads.
+    compile_each       all on threads: the split step's pairs (after the step variants, whose
+                       buckets' matmuls they share) and warm-up's small programs (slot writers,
+                       penalty inits, logit state writers: no matmul for the autotuner).
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from jserve.compile_pool import compile_each
+
 log = logging.getLogger(__name__)
 
 
@@ -52,9 +54,9 @@ class SplitPrograms:
             return
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            futures = {t: tuple(pool.submit(low.compile) for low in self._lower(t)) for t in self.buckets}
-            for t, (fwd, smp) in futures.items():
-                self._compiled[t] = (fwd.result(), smp.result())
+            done = compile_each({(t, j): low for t in self.buckets
+                                 for j, low in enumerate(self._lower(t))}, pool)
+        self._compiled = {t: (done[t, 0], done[t, 1]) for t in self.buckets}
         log.info("split step (forward, sampler) compiled for token buckets %s in %.1f s",
                  self.buckets, time.perf_counter() - t0)
 
