@@ -9,8 +9,9 @@ them again still costs seconds per program. Its result, one integer, is stored h
 
 The fingerprint covers everything the measured programs depend on: the engine configuration,
 the parameters' tree, shapes, dtypes and shardings, the mesh and its devices, the JAX, jaxlib
-and jserve versions, ``XLA_FLAGS`` / ``LIBTPU_INIT_ARGS``, and the source of the packages that
-build the programs (jserve, pallas_kernels, sharding). Any change to one of them is a new
+and jserve versions, JAX's x64 and matmul-precision settings, every ``XLA_*`` / ``JAX_*`` /
+``LIBTPU_*`` environment variable (``XLA_FLAGS`` among them), and the source of the packages
+that build the programs (jserve, pallas_kernels, sharding). Any change to one of them is a new
 fingerprint, measured again. With the compilation cache off (an empty
 ``compilation_cache_dir``) nothing is kept.
 """
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 FILE_NAME = "jserve_startup.json"
 _PACKAGES = ("jserve", "pallas_kernels", "sharding")   # the code that builds the step programs
-_ENV = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
+_ENV_PREFIXES = ("XLA_", "JAX_", "LIBTPU_")   # XLA_FLAGS, JAX's config variables, TPU flags
 
 
 def _source_digest() -> str:
@@ -65,7 +66,9 @@ def engine_fingerprint(config: Any, params: Any, mesh: Mesh, *extra: Any) -> str
     parts = [repr(config), str(treedef), *(_leaf_text(p, x) for p, x in leaves),
              repr(dict(mesh.shape)), *(f"{d.platform}:{d.device_kind}" for d in mesh.devices.flat),
              jax.__version__, jaxlib.__version__, __version__,
-             *(f"{k}={os.environ.get(k, '')}" for k in _ENV), _source_digest(), *map(repr, extra)]
+             f"x64={jax.config.jax_enable_x64} precision={jax.config.jax_default_matmul_precision}",
+             *(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)),
+             _source_digest(), *map(repr, extra)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

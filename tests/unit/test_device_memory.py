@@ -145,3 +145,21 @@ def test_startup_cache_survives_a_damaged_file(tmp_path):
     cache.put("other", "activation_bytes", 7)
     assert cache.get("fp", "activation_bytes") == 123 and cache.get("other", "activation_bytes") == 7
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_startup_fingerprint_follows_what_the_programs_depend_on(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+
+    from jserve.startup_cache import engine_fingerprint
+
+    mesh = Mesh(jax.devices()[:1], ("tensor",))
+    params = {"w": jnp.zeros((4, 8), jnp.bfloat16)}
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    base = engine_fingerprint("config-a", params, mesh)
+    assert engine_fingerprint("config-a", params, mesh) == base
+    assert engine_fingerprint("config-b", params, mesh) != base
+    assert engine_fingerprint("config-a", {"w": jnp.zeros((4, 8), jnp.float32)}, mesh) != base
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=1")
+    assert engine_fingerprint("config-a", params, mesh) != base
