@@ -34,7 +34,9 @@
 #     (session 5's trace: 22 of ~42 us per layer). step_floor.py recompiles the decode step with
 #     cuBLAS instead of XLA's Triton GEMMs, and with the autotuner at levels 0 and 1 (start-up
 #     time), beside the default. Prediction: cuBLAS -10% on Qwen's A (1.07 ms), ~0 on Llama's;
-#     autotune level 0 compiles 2-3x faster at a few % slower steps.
+#     autotune level 0 compiles 2-3x faster at a few % slower steps. Also read its "host ms of
+#     one call, device idle" column: 0.36-0.46 ms in session 7, while session 12's cmdbuf_probe
+#     put the same call at 1.08 ms (a regression since, or another machine?).
 #   f (1 GPU, ~5 min): the GPU memory test on the pool-hold fix (session 10: the bundled model now
 #     starts at a 0.15 share, 5.8 MiB never touched; Qwen2.5-0.5B at 0.15 not yet re-run).
 #     Prediction: both pass (warm-up peak < usable).
