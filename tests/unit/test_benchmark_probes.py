@@ -80,3 +80,20 @@ def test_launch_trace_reads_a_profiler_trace(tmp_path):
     rows = top_host_events(glob.glob(f"{tmp_path}/**/perfetto_trace.json.gz", recursive=True)[0], 3)
     assert rows and all(n > 0 and ms >= 0 for _, _, n, ms in rows)
     assert any("PjitFunction" in name for _, name, _, _ in rows)
+
+
+def test_startup_benchmark_reads_phases_even_from_a_stopped_run():
+    """benchmarks/startup.py reads each child's phase lines as they come, so a run stopped by
+    its timeout still reports the phases it reached (a cold GPU start-up can outlast a call)."""
+    import sys
+
+    from benchmarks import startup
+
+    done = ("print('STEP 1/2 3.0', flush=True); print('PHASE compile 4.5 9.0', flush=True); "
+            "print('DONE {\"process_s\": 12.0, \"variants\": 2}', flush=True)")
+    out, last = startup.run_child([sys.executable, "-c", done], timeout=60)
+    assert out == {"compile": 4.5, "process_s": 12.0, "variants": 2} and last == "1/2 3.0"
+    stuck = ("import time; print('PHASE probe 7.0 8.0', flush=True); "
+             "print('STEP 3/16 20.5', flush=True); time.sleep(60)")
+    out, last = startup.run_child([sys.executable, "-c", stuck], timeout=3)
+    assert out == {"probe": 7.0} and last == "3/16 20.5"
