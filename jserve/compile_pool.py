@@ -33,11 +33,13 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
         for i, (tokens, _) in enumerate(programs):
             alone.setdefault(tokens, i)
     out: list[Any] = [None] * len(programs)
+    finished = 0
 
     def finish(i: int, compiled: Any) -> None:
-        out[i] = compiled
+        nonlocal finished
+        out[i], finished = compiled, finished + 1
         if done is not None:
-            done(i, compiled, sum(x is not None for x in out))
+            done(i, compiled, finished)
 
     for i in alone.values():
         finish(i, programs[i][1]().compile())
