@@ -81,6 +81,16 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror"; }
 
 case "${1:-a}" in
+ca)
+  # Session 13: what the cold start's compiles cost under XLA's GEMM options (compile_ab.py:
+  # large buckets, fresh compiles) and what they do to the decode step (step_floor.py --ab).
+  timeout 300 python3 benchmarks/compile_ab.py --model qwen2.5-0.5b --buckets 2048,256 \
+    --modes xla_gpu_autotune_level=0,xla_gpu_enable_triton_gemm=false,default 2>&1 \
+    | grep "^|\|^##\|compiled in\|built in\|failed" | tee "$OUT/compile_ab.txt"
+  timeout 270 python3 benchmarks/step_floor.py qwen2.5-0.5b --max-num-batched-tokens 16 \
+    --ab xla:xla_gpu_enable_triton_gemm=false,xla:xla_gpu_autotune_level=0 2>&1 | table \
+    | tee "$OUT/floor_ab_qwen.txt"
+  ;;
 l)
   timeout 330 python3 benchmarks/launch_trace.py --model qwen2.5-0.5b --out /tmp/launch_trace \
     > "$OUT/launch_trace.txt" 2>&1; grep "^|\|^##" "$OUT/launch_trace.txt" | head -60

@@ -14,6 +14,14 @@ GIL) and compiled on a thread pool (XLA's compile releases it)::
     compile_each       all on threads: the split step's pairs (after the step variants, whose
                        buckets' matmuls they share) and warm-up's small programs (slot writers,
                        penalty inits, logit state writers: no matmul for the autotuner).
+
+GEMMs per token bucket on GPU (``compiler_options``): buckets of ``CUBLAS_MIN_TOKENS`` tokens
+and more run their matmuls through cuBLAS instead of XLA's Triton GEMMs. Measured on an H200
+(benchmarks/RESULTS.md, session 13, Qwen2.5-0.5B's greedy step, fresh compiles): at 2048 and
+256 tokens cuBLAS compiled in 3.9 / 3.6 s against 46.4 / 37.6 s (the autotuner compiles and
+times many Triton candidates per GEMM shape) and ran the step 8-11% faster; at 16 tokens (a
+decode step) the Triton GEMMs were 13% faster (1.104 vs 1.244 ms), so small buckets keep them.
+XLA's autotune level 0 (no autotuning, Triton kept) ran 6.5-21x slower: not an option.
 """
 
 from __future__ import annotations
@@ -21,6 +29,13 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
+
+CUBLAS_MIN_TOKENS = 256   # GPU token buckets from this size on: cuBLAS GEMMs (module docstring)
+
+
+def compiler_options(tokens: int, gpu: bool) -> dict[str, Any]:
+    """XLA options for compiling a program of a ``tokens`` bucket (module docstring)."""
+    return {"xla_gpu_enable_triton_gemm": False} if gpu and tokens >= CUBLAS_MIN_TOKENS else {}
 
 
 def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int, gpu: bool,
@@ -42,18 +57,24 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
             done(i, compiled, finished)
 
     for i in alone.values():
-        finish(i, programs[i][1]().compile())
+        tokens, lower = programs[i]
+        finish(i, lower().compile(compiler_options(tokens, gpu)))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        futures = [(i, pool.submit(lower().compile)) for i, (_, lower) in enumerate(programs)
-                   if i not in alone.values()]
+        futures = [(i, pool.submit(lower().compile, compiler_options(tokens, gpu)))
+                   for i, (tokens, lower) in enumerate(programs) if i not in alone.values()]
         for i, fut in futures:
             finish(i, fut.result())
     return out
 
 
-def compile_each(lowered: dict[Hashable, Any], pool: Executor | None = None) -> dict[Hashable, Any]:
-    """``{key: jax.stages.Lowered}`` -> ``{key: jax.stages.Compiled}``, on ``pool`` when given."""
+def compile_each(lowered: dict[Hashable, Any], pool: Executor | None = None,
+                 options: Callable[[Hashable], dict[str, Any]] | None = None) -> dict[Hashable, Any]:
+    """``{key: jax.stages.Lowered}`` -> ``{key: jax.stages.Compiled}``, on ``pool`` when given;
+    ``options(key)``: that program's XLA options (``compiler_options``)."""
+    def opts(k: Hashable) -> dict[str, Any]:
+        return {} if options is None else options(k)
+
     if pool is None:
-        return {k: low.compile() for k, low in lowered.items()}
-    futures = {k: pool.submit(low.compile) for k, low in lowered.items()}
+        return {k: low.compile(opts(k)) for k, low in lowered.items()}
+    futures = {k: pool.submit(low.compile, opts(k)) for k, low in lowered.items()}
     return {k: f.result() for k, f in futures.items()}

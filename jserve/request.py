@@ -18,6 +18,12 @@ Token accounting (the "no phases" invariant)::
         |<------ num_tokens ------------->|<-- 0 or 1 ->|
         |<------------ num_computed_tokens (incl. in-flight rows) ------------>|
 
+    Speculative decoding in the overlapped loop: an in-flight verify row's k drafts are
+    counted in ``num_computed_tokens`` and in ``spec_in_flight`` until its result says how
+    many were accepted; a row scheduled meanwhile starts at ``num_computed_tokens -
+    spec_in_flight`` (as if none were) and the device moves it by the accepted count
+    (``jserve/spec/chain.py``).
+
 KV state (kept by the ``KVCacheManager``): ``page_ids`` covers the computed tokens and the
 chunk in flight; ``page_entries[i]`` is the prefix-cache identity of full page i (computed
 pages only); ``swap_slots`` maps page index -> host swap slot while the request is swapped
@@ -61,6 +67,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_placeholders: int = 0     # sampled tokens of in-flight steps not yet on the host
+    # Drafts of in-flight verify rows, not yet accepted or rejected: ``num_computed_tokens``
+    # counts them (an upper bound for pages); the next row starts ``spec_in_flight`` earlier.
+    spec_in_flight: int = 0
     page_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None

@@ -62,12 +62,14 @@ from jserve.kv_cache import KVCache
 from jserve.kv_transfer import KVPageMover
 from jserve.penalty_state import SlotInit, state_bytes
 from jserve.runner_state import RequestRows
-from jserve.scheduler_output import RunnerOutput, SchedulerOutput
+from jserve.scheduler_output import SchedulerOutput
 from jserve.slot_table import SlotWriter, fill_page_diffs
+from jserve.spec import chain
 from jserve.spec.draft import DraftModel
 from jserve.spec.verify_step import SpecStepHandle, SpecSteps
 from jserve.split_step import SplitPrograms
 from jserve.step_buffers import StepLayout
+from jserve.step_handle import StepHandle
 from jserve.step_program import StepVariant, forward_step, fused_step, sample_step
 from jserve.step_variants import StepVariants, sampling_filters
 from jserve.structured.logit_state import LogitState
@@ -76,48 +78,6 @@ from sharding import host_to_global
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-
-
-@dataclass
-class StepHandle:
-    """A dispatched step: its plan and its device outputs, on their way to the host."""
-
-    sched_out: SchedulerOutput
-    tokens: jax.Array | np.ndarray          # int32[S] (numpy once ``land`` took it to the host)
-    logprobs: tuple[Any, ...] | None        # (chosen [R], top_ids [R, N], top_lp [R, N]) if asked
-    top_n: tuple[int, ...]                  # per row: top-N asked (0: none / not sampling)
-
-    def ready(self) -> bool:
-        """Whether reading the step will not wait for the device."""
-        return isinstance(self.tokens, np.ndarray) or self.tokens.is_ready()
-
-    def land(self) -> None:
-        """If the step has finished on the device, take its outputs to the host now and let go
-        of their device buffers. The engine calls it before launching the next step, so the
-        reading of a finished step never waits behind that launch. (It was meant to let the
-        next step's output take its old address; on an H200 a held output turned out to cost a
-        call nothing: benchmarks/RESULTS.md, session 12.)"""
-        if isinstance(self.tokens, np.ndarray) or not self.tokens.is_ready():
-            return
-        if self.logprobs is not None and not all(a.is_ready() for a in self.logprobs):
-            return
-        self.tokens = np.asarray(self.tokens)
-        if self.logprobs is not None:
-            self.logprobs = tuple(np.asarray(a) for a in self.logprobs)
-
-    def result(self) -> RunnerOutput:
-        """Wait for this step's tokens (the host's only wait) -> RunnerOutput, row order."""
-        chunks = self.sched_out.chunks
-        tokens = np.asarray(self.tokens).tolist()
-        sampled = [[tokens[r]] if c.samples else [] for r, c in enumerate(chunks)]
-        if self.logprobs is None:
-            return RunnerOutput(sampled)
-        lp, ids, tlp = (np.asarray(a) for a in self.logprobs)
-        rows = range(len(chunks))
-        return RunnerOutput(sampled, logprobs=[[float(lp[r])] for r in rows],
-                            top_ids=[[ids[r, :n].tolist()] for r, n in zip(rows, self.top_n, strict=True)],
-                            top_logprobs=[[tlp[r, :n].tolist()] for r, n in zip(rows, self.top_n,
-                                                                                 strict=True)])
 
 
 @dataclass
@@ -236,8 +196,9 @@ class Runner:
         prev_rows = self._prev_rows
         # One pass over the rows in Python (locals and lists; numpy takes the gathered values
         # at once): a decode row over a placeholder has no token ids, only its feed index.
-        fed_at, fed_from, new_rows, banned_rows = [], [], [], []
-        for r, (c, end) in enumerate(zip(chunks, ends.tolist(), strict=True)):
+        fed_at, fed_from, new_rows, banned_rows, chained = [], [], [], [], []
+        end_list = ends.tolist()
+        for r, (c, end) in enumerate(zip(chunks, end_list, strict=True)):
             tids = c.token_ids
             if tids:
                 a = end - c.num_tokens
@@ -247,14 +208,18 @@ class Runner:
                 if c.num_placeholders != 1 or src is None:
                     raise ValueError(f"request {c.req_id!r}: a placeholder row with no sampled row "
                                      "for it in the step in flight")
-                fed_at.append(end - 1)
+                fed_at.append(end - 1 - (c.num_draft if c.device_drafts else 0))
                 fed_from.append(src)
+                if c.device_drafts or c.shifted:
+                    chained.append((r, src))
             if c.new is not None:
                 new_rows.append(r)
             if c.banned_ids:
                 banned_rows.append(r)
         if fed_at:
             f["prev_index"][fed_at] = fed_from
+        if chained:   # speculative rows planned while the step feeding them was in flight
+            chain.pack_chained(f, chunks, end_list, chained, self._num_out, self.spec_steps.num_spec)
         f["seq_lens"][:n] = starts + ns
         f["num_seqs"][0] = n
         f["logits_indices"][:n] = ends - 1
@@ -375,7 +340,7 @@ class Runner:
     # ---------------------------------------------------------------- split step
     def compile_split(self, threads: int = 1) -> None:
         """Compile the split step's programs (once, ``threads`` at a time; jserve/split_step.py)."""
-        self.split.compile(threads)
+        self.split.compile(threads, self.mesh.devices.flat[0].platform == "gpu")
 
     def split_wanted(self) -> bool:
         """Whether warm-up compiles the split step: on a GPU or TPU with the overlapped loop

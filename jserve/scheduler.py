@@ -47,7 +47,9 @@ Overlap: ``schedule()`` advances ``num_computed_tokens`` as it plans (the step i
 and a row that samples leaves a placeholder; ``update()`` turns the placeholders of one step
 into tokens. The engine may call ``schedule()`` for step N+1 before ``update()`` of step N: a
 request whose token is in flight then gets a decode row over its placeholder, which the runner
-feeds from step N's device output. At most one step is in flight when ``schedule()`` runs::
+feeds from step N's device output (with a draft model, a verify row over the drafts step N
+made on the device, planned as if none of N's drafts were accepted: ``jserve/spec/chain.py``).
+At most one step is in flight when ``schedule()`` runs::
 
     schedule(N) -> dispatch(N) -> schedule(N+1) -> dispatch(N+1) -> update(N) -> schedule(N+2) ...
 
@@ -177,14 +179,16 @@ class Scheduler:
             if not self._schedulable(req):
                 i += 1
                 continue
-            k = min(req.num_tokens + req.num_placeholders - req.num_computed_tokens, budget)
+            start = req.num_computed_tokens - req.spec_in_flight
+            k = min(req.num_tokens + req.num_placeholders - start, budget)
             if k <= 0:
                 raise AssertionError(f"running request {req.request_id!r} has nothing to compute "
-                                     f"({req.num_computed_tokens}/{req.num_tokens} tokens)")
+                                     f"({start}/{req.num_tokens} tokens)")
             drafts = self._drafts(req, budget) if speculate else []
-            if drafts and kv.demand(req, k + len(drafts)) > pool.num_free:
-                drafts = []  # drafts never preempt anyone: verify them when pages are free
-            k += len(drafts)
+            nd = drafts if isinstance(drafts, int) else len(drafts)
+            if nd and kv.demand(req, k + nd) > pool.num_free:
+                drafts, nd = [], 0  # drafts never preempt anyone: verify them when pages are free
+            k += nd
             need = kv.demand(req, k)   # again only after a preemption (it may unshare req's pages)
             if need:   # (most decode rows write into a page they hold)
                 while need > pool.num_free and self.running[-1] is not req:
@@ -255,13 +259,15 @@ class Scheduler:
 
     def _schedulable(self, req: Request) -> bool:
         """False while the row would be wasted: the in-flight token ends the request for sure
-        (max_tokens / max_model_len)."""
+        (max_tokens / max_model_len); or, after an in-flight verify row, while the row could
+        pass max_model_len if all its drafts were accepted (it waits for the result)."""
         if not req.num_placeholders:
             return True
         sp = req.sampling_params
         n_out = req.num_output_tokens + req.num_placeholders
         return not ((sp.max_tokens is not None and n_out >= sp.max_tokens)
-                    or req.num_tokens + req.num_placeholders >= self.max_model_len)
+                    or req.num_tokens + req.num_placeholders >= self.max_model_len
+                    or req.num_computed_tokens >= self.max_model_len)
 
     def spec_active(self) -> bool:
         """Whether this step proposes drafts: speculation is configured and at most
@@ -272,20 +278,30 @@ class Scheduler:
                 and (spec.disable_by_batch_size is None
                      or len(self.running) <= spec.disable_by_batch_size))
 
-    def _drafts(self, req: Request, budget: int) -> list[int]:
-        """Draft tokens for a decoding ``req`` (its last token known, nothing in flight), at
-        most what can still be emitted; none for rows with penalties or ``min_tokens`` bans
-        (their statistics / bans change within the row), or past the budget."""
-        if req.num_placeholders or req.num_computed_tokens != req.num_tokens - 1:
-            return []
+    def _drafts(self, req: Request, budget: int) -> list[int] | int:
+        """Draft tokens for a decoding ``req``, at most what can still be emitted; none for
+        rows with penalties or ``min_tokens`` bans (their statistics / bans change within the
+        row), or past the budget. Its last token known and nothing in flight: the tokens. With
+        a draft model and the request's previous row in flight: how many of the drafts that
+        row's step makes on the device to verify (``device_drafts``, jserve/spec/chain.py;
+        never for host-masked rows, whose masks follow the drafts), bounded as if all of its
+        own drafts are accepted."""
         sp = req.sampling_params
         if sp.uses_penalties or req.num_output_tokens < sp.min_tokens:
             return []
-        k = min(self.spec.num_speculative_tokens, budget - 1, self.max_model_len - req.num_tokens)
+        chained = req.num_placeholders == 1 and self._draft_mode and not sp.uses_host_masks
+        if not chained and (req.num_placeholders or req.num_computed_tokens != req.num_tokens - 1):
+            return []
+        n_out = req.num_output_tokens + req.num_placeholders
+        k = min(self.spec.num_speculative_tokens, budget - 1,
+                self.max_model_len - req.num_computed_tokens - 1 if chained
+                else self.max_model_len - req.num_tokens)
         if sp.max_tokens is not None:
-            k = min(k, sp.max_tokens - req.num_output_tokens - 1)
+            k = min(k, sp.max_tokens - n_out - 1)
         if k <= 0:
             return []
+        if chained:
+            return k
         if self._draft_mode:
             n, drafts = self._next_drafts.get(req.request_id, (-1, []))
             return drafts[:k] if n == req.num_tokens else []
@@ -301,14 +317,17 @@ class Scheduler:
             return 0
         return max(0, min(self.spec.num_speculative_tokens, self.max_model_len - end))
 
-    def _chunk(self, req: Request, k: int, drafts: list[int] | tuple[int, ...] = ()) -> ScheduledChunk:
-        """The row value for ``k`` tokens of ``req`` from ``num_computed_tokens`` (the last
-        ``len(drafts)`` of them draft tokens), with the page row diff against what the runner
-        was last sent; then advance the request."""
+    def _chunk(self, req: Request, k: int, drafts: list[int] | int = ()) -> ScheduledChunk:
+        """The row value for ``k`` tokens of ``req`` from ``num_computed_tokens`` (less the
+        in-flight drafts: ``Request.spec_in_flight``), the last of them its drafts (tokens, or
+        a count of device drafts), with the page row diff against what the runner was last
+        sent; then advance the request."""
         # One row per running request per step: locals, not repeated property reads (at 256
         # rows this function was a third of ``schedule``).
-        start, ps = req.num_computed_tokens, self.pool.page_size
-        nd = len(drafts)
+        shifted = req.spec_in_flight
+        start, ps = req.num_computed_tokens - shifted, self.pool.page_size
+        device_drafts = isinstance(drafts, int)
+        nd = drafts if device_drafts else len(drafts)
         end = start + k
         num_tokens = req.num_tokens
         known = min(end - nd, num_tokens)
@@ -339,10 +358,12 @@ class Scheduler:
         token_ids = tuple(_tokens(req, start, known)) if known > start else ()
         chunk = ScheduledChunk(
             req_id=rid, start=start, num_tokens=k,
-            token_ids=token_ids + tuple(drafts) if nd else token_ids,
+            token_ids=token_ids + tuple(drafts) if nd and not device_drafts else token_ids,
             num_placeholders=end - nd - known, page_start=first, page_ids=page_ids, samples=samples,
-            output_index=out_index, banned_ids=banned, new=new, num_draft=nd)
-        req.num_computed_tokens = end
+            output_index=out_index, banned_ids=banned, new=new, num_draft=nd,
+            device_drafts=device_drafts and nd > 0, shifted=shifted > 0)
+        req.num_computed_tokens += k
+        req.spec_in_flight += nd
         if samples:
             req.num_placeholders += 1
         return chunk
@@ -436,6 +457,7 @@ class Scheduler:
         move ``num_computed_tokens`` back over the rejected ones (their K/V slots are written
         again later) and give back the pages past the accepted tokens; count the step."""
         accepted = num_emitted - 1
+        req.spec_in_flight -= num_draft
         c = self.spec_counters
         c["spec_decode_num_drafts"] += 1
         c["spec_decode_num_draft_tokens"] += num_draft

@@ -77,9 +77,14 @@ class ScheduledChunk(NamedTuple):
     ``samples``: the row's sampled token is kept (the chunk reaches the end of the request's
     tokens). ``output_index``: which output token it samples (the seed's counter).
     ``banned_ids``: ids forbidden this step (``min_tokens``).
-    ``num_draft``: speculative decoding: the row is ``[last known token, d_1 .. d_k]`` with its
-    k drafts at the end of ``token_ids`` (never with a placeholder); it samples up to k + 1
-    tokens (the accepted drafts and one more) and the scheduler rolls back the rejected ones.
+    ``num_draft``: speculative decoding: the row is ``[last token, d_1 .. d_k]``; it samples up
+    to k + 1 tokens (the accepted drafts and one more) and the scheduler rolls back the
+    rejected ones. The drafts are the last k of ``token_ids`` (the last token known too), or,
+    with ``device_drafts``, the draft model's output of the in-flight step for this request
+    (the last token is then its placeholder, the row's first token: ``[placeholder, d_1 .. d_k]``).
+    ``shifted``: the request's row in the in-flight step verified drafts: this row's
+    ``start`` (and ``output_index``) assume none were accepted, and the device adds the
+    accepted count (``jserve/spec/chain.py``).
     """
 
     req_id: str
@@ -93,7 +98,9 @@ class ScheduledChunk(NamedTuple):
     output_index: int = 0
     banned_ids: tuple[int, ...] = ()
     new: NewRequestData | None = None
-    num_draft: int = 0   # the last num_draft of token_ids are unverified drafts (jserve/spec/)
+    num_draft: int = 0   # unverified drafts at the row's end (jserve/spec/)
+    device_drafts: bool = False
+    shifted: bool = False
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Where it sits: start-up (``load_draft``: resolve, validate against the target, load the weights)
 and, in every step while it is configured, the speculative step executable
 (``verify_step.spec_step``) calls ``draft_step`` after verifying the row's drafts. The drafts it
-returns travel to the host with the step's tokens and are the next step's draft rows
-(``Scheduler`` keeps them per request; the engine reads every step synchronously in this mode).
+stay on the device and are the next step's draft rows when that step is planned while this one
+is in flight (``jserve/spec/chain.py``); they also travel to the host with the step's tokens,
+for a request whose next row is planned after the read (``Scheduler`` keeps them per request).
 
 KV: the draft has its own paged pool with the SAME page ids as the target's (a twin page per
 target page, sized from the same memory budget: each page costs target + draft bytes), so the

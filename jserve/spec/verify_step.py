@@ -14,7 +14,9 @@ buffer's ``num_draft[r]`` marks the last tokens of row r as drafts). The executa
        rows' drafts, kept per slot in ``draft_probs``; n-gram / greedy drafts: point masses)
        -> tokens [R, K + 1], num_emitted [R]
     -> the S-vector of each row's last emitted token (feeds placeholders of the next step,
-       as the ordinary variants' output does), the penalty counts of that token
+       as the ordinary variants' output does), the penalty counts of that token; with a draft
+       model also the next drafts and the accepted counts after it (``chain``: the next step,
+       planned while this one is in flight, is fed and moved from them)
 
 Rows without drafts (prefill chunks, decode rows of requests that do not speculate) get
 exactly the ordinary sampler's token in column 0. Variants: (token bucket, greedy); the greedy
@@ -42,6 +44,7 @@ from jserve.model.decoder import hidden_states, logits_from_hidden
 from jserve.penalty_state import penalized_logits, record_tokens
 from jserve.sampler import apply_bans, raw_logprobs, top_k_rows
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
+from jserve.spec import chain
 from jserve.spec.draft import DraftModel, draft_step
 from jserve.spec.rejection import expand_rows, rejection_sample
 from jserve.step_buffers import StepLayout
@@ -59,7 +62,8 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
               prev_tokens: jax.Array, ibuf: jax.Array, fbuf: jax.Array, draft_params: Any,
               draft_kv: KVCache | None, draft_probs: jax.Array | None,
               masks: jax.Array | None = None) -> tuple:
-    """-> (kv, pen, table, last tokens int32[S], tokens int32[R, K + 1], num_emitted int32[R],
+    """-> (kv, pen, table, previous-step output (last tokens int32[S]; with a draft model
+    int32[S (K + 2)], ``chain``), tokens int32[R, K + 1], num_emitted int32[R],
     logprobs f32[R, K + 1], top_ids int32[R, K + 1, N], top_logprobs f32[R, K + 1, N],
     draft_kv, next drafts int32[R, K], draft_probs). Arguments as ``step_program.fused_step``;
     ``num_spec`` (static) is K; ``draft_cfg`` (static) the draft model's config, or None
@@ -73,6 +77,9 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
     fed = prev_tokens[jnp.maximum(prev_index, 0)]
     token_ids = jnp.where(prev_index >= 0, fed, batch.token_ids)
     batch = dataclasses.replace(batch, token_ids=token_ids)
+    chained = draft_cfg is not None   # rows planned while the previous step was in flight
+    if chained:
+        batch, sbatch = chain.shift_rows(layout, ibuf, batch, sbatch, prev_tokens, num_out, num_spec)
     h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
     r, k1 = layout.num_rows, num_spec + 1
     last = batch.logits_indices[:, None]
@@ -102,7 +109,6 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
     last_tok = jnp.take_along_axis(tokens, (num - 1)[:, None], axis=1)[:, 0]
     if pen is not None:
         pen = record_tokens(pen, pen_slot, last_tok)  # penalty rows carry no drafts: one token
-    out = jnp.zeros((num_out,), jnp.int32).at[:r].set(last_tok)
     n = min(TOP_N, v)
 
     def with_logprobs() -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -125,6 +131,9 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
         draft_kv, nxt, draft_probs = draft_step(
             draft_cfg, draft_params, draft_kv, batch, samples, num_draft, tokens, num, num_spec,
             layout.page_size, mesh, None if greedy else sbatch, draft_probs, slot)
+        out = chain.prev_output(last_tok, nxt, num, num_draft, num_out)
+    else:
+        out = jnp.zeros((num_out,), jnp.int32).at[:r].set(last_tok)
     return kv, pen, table, out, tokens, num, lp, top_ids, top_lp, draft_kv, nxt, draft_probs
 
 
@@ -183,6 +192,9 @@ class SpecSteps:
         if draft is not None:
             shape = (sched.max_num_seqs + 1, num_spec, runner.config.model.vocab_size)
             self.draft_probs = jax.device_put(np.zeros(shape, np.float32), runner._replicated)
+            # Every step runs here and leaves the chained output (jserve/spec/chain.py).
+            runner._prev_tokens = jax.device_put(
+                np.zeros(chain.prev_size(runner._num_out, num_spec), np.int32), runner._replicated)
 
     def variants(self, runner: Runner) -> list[tuple[int, bool]]:
         out = []

@@ -36,26 +36,33 @@ def test_on_gpu_each_token_bucket_compiles_first_alone():
 
     def run(platform):
         events = []
+        opts.clear()
 
         class Lowered:
             def __init__(self, name):
                 self.name = name
 
-            def compile(self):
+            def compile(self, options=None):
                 events.append(("start", self.name, threading.current_thread() is threading.main_thread()))
+                opts[self.name] = options
                 return f"exe-{self.name}"
 
         runner = SimpleNamespace(mesh=SimpleNamespace(devices=SimpleNamespace(
             flat=[SimpleNamespace(platform=platform)])), compile_threads=lambda: 3)
         programs = [(16, lambda n=n: Lowered(n)) for n in ("a", "b", "c")]
-        programs += [(64, lambda n=n: Lowered(n)) for n in ("d", "e")]
+        programs += [(512, lambda n=n: Lowered(n)) for n in ("d", "e")]
         done = []
         out = Runner.compile_programs(runner, programs, done=lambda i, exe, k: done.append((i, k)))
         assert out == ["exe-a", "exe-b", "exe-c", "exe-d", "exe-e"]
         assert sorted(i for i, _ in done) == [0, 1, 2, 3, 4] and [k for _, k in done] == [1, 2, 3, 4, 5]
         return events
 
+    opts = {}
     gpu = run("gpu")
     assert gpu[:2] == [("start", "a", True), ("start", "d", True)]   # alone, in turn
     assert {e[1] for e in gpu[2:]} == {"b", "c", "e"} and not any(e[2] for e in gpu[2:])
+    # GPU: buckets of CUBLAS_MIN_TOKENS (256) and more compile with cuBLAS GEMMs
+    off = {"xla_gpu_enable_triton_gemm": False}
+    assert opts == {"a": {}, "b": {}, "c": {}, "d": off, "e": off}
     assert not any(e[2] for e in run("cpu"))   # all on the pool's threads
+    assert all(o == {} for o in opts.values())

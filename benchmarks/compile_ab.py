@@ -1,0 +1,105 @@
+"""How much of a GPU start-up is XLA's GEMM autotuning? Compile seconds and run ms of the step
+programs of large token buckets under XLA options, in one process.
+
+Session 13 (owed case u, H200): Qwen2.5-0.5B at max_num_seqs 256 / budget 2048 spent 75 s in
+the activation probe and then compiled 6 of its 16 step variants in the next 72 s. This
+benchmark builds a small engine (one 16-token bucket, 16 rows: none of the buckets below is
+compiled, or autotuned, while it starts), turns JAX's persistent compilation cache off, and
+for each token bucket in ``--buckets`` and each option set in ``--modes``, in that order::
+
+    lower the bucket's greedy step (16 rows) -> compile under the options (timed)
+    -> run it back to back on an all-padding input: every GEMM still runs the whole bucket;
+       attention has no rows -> ms per call
+
+Order matters: XLA keeps autotuning results in the process, so an autotuned compile of the same
+GEMMs after another autotuned one is cheaper. Put ``default`` last (the level-0 and cuBLAS modes
+autotune no Triton GEMMs before it). A mode is ``default`` or ``NAME=VALUE[+NAME=VALUE]``
+(XLA debug options given to that compile only), e.g.:
+
+    PYTHONPATH=. python3 benchmarks/compile_ab.py --model qwen2.5-0.5b --buckets 2048,256 \\
+        --modes xla_gpu_autotune_level=0,xla_gpu_enable_triton_gemm=false,default
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+
+from jserve.builder import EngineArgs, build_engine
+from jserve.step_program import StepVariant
+
+
+def options(mode: str) -> dict[str, object]:
+    """``NAME=VALUE[+NAME=VALUE]`` -> compiler options ({} for ``default``)."""
+    if mode == "default":
+        return {}
+    out: dict[str, object] = {}
+    for part in mode.split("+"):
+        name, sep, value = part.partition("=")
+        if not sep or not name:
+            raise ValueError(f"mode {mode!r}: expected NAME=VALUE")
+        out[name] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def run_ms(engine, step, bucket: int, n: int = 20) -> float:
+    """ms per call of ``step`` (a greedy step of ``bucket``) back to back, all-padding input."""
+    r = engine.runner
+    layout = r.layout(bucket)
+    joint = jax.device_put(layout.joint(layout.new_buffers()[0]))
+    kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
+    for _ in range(3):
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
+    jax.block_until_ready(tokens)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
+    jax.block_until_ready(tokens)
+    r.kv, r.slot_table, r._prev_tokens = kv, table, tokens
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--buckets", default="2048,256", help="comma list of token buckets")
+    ap.add_argument("--modes", default="xla_gpu_autotune_level=0,xla_gpu_enable_triton_gemm=false,default")
+    ns = ap.parse_args()
+    buckets = [int(b) for b in ns.buckets.split(",")]
+    modes = ns.modes.split(",")
+    for m in modes:
+        options(m)   # a bad mode fails before the engine builds
+    t0 = time.perf_counter()
+    eng = build_engine(EngineArgs(model=ns.model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
+                                  max_num_batched_tokens=16, max_model_len=max(1024, max(buckets)),
+                                  num_pages=512),
+                       progress=lambda line: print("  " + line, flush=True))
+    print(f"  engine built in {time.perf_counter() - t0:.1f} s", flush=True)
+    jax.config.update("jax_enable_compilation_cache", False)
+    rows = []
+    for t in buckets:
+        for m in modes:
+            lowered = eng.runner.lower_step(StepVariant(t, False, True, False))
+            tc = time.perf_counter()
+            try:
+                step = lowered.compile(compiler_options=options(m))
+            except Exception as e:  # noqa: BLE001 - report the failed mode, keep the run going
+                print(f"  {m} at {t} tokens failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            compile_s = time.perf_counter() - tc
+            ms = run_ms(eng, step, t)
+            print(f"  bucket {t}, {m}: compiled in {compile_s:.1f} s, {ms:.3f} ms per call", flush=True)
+            rows.append((t, m, compile_s, ms))
+    print(f"\n## compile A/B, {ns.model} ({jax.devices()[0].device_kind}), greedy step, 16 rows")
+    print("| token bucket | XLA options | compile s | ms per call | vs default |")
+    print("|---|---|---|---|---|")
+    base = {t: ms for t, m, _, ms in rows if m == "default"}
+    for t, m, cs, ms in rows:
+        ratio = f"{ms / base[t]:.3f}x" if t in base else "-"
+        print(f"| {t} | {m} | {cs:.1f} | {ms:.3f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""StepHandle: one dispatched ordinary step, its device outputs on their way to the host.
+
+Where it sits: ``Runner.dispatch`` returns it right after the launch; the engine's loop keeps it
+in flight while it schedules and dispatches the next step, then reads it (``result``: the
+host's only wait) and hands the ``RunnerOutput`` to ``Scheduler.update``. (The speculative
+step's handle is ``jserve.spec.verify_step.SpecStepHandle``.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from jserve.scheduler_output import RunnerOutput, SchedulerOutput
+
+
+@dataclass
+class StepHandle:
+    """A dispatched step: its plan and its device outputs, on their way to the host."""
+
+    sched_out: SchedulerOutput
+    tokens: jax.Array | np.ndarray          # int32[S] (numpy once ``land`` took it to the host)
+    logprobs: tuple[Any, ...] | None        # (chosen [R], top_ids [R, N], top_lp [R, N]) if asked
+    top_n: tuple[int, ...]                  # per row: top-N asked (0: none / not sampling)
+
+    def ready(self) -> bool:
+        """Whether reading the step will not wait for the device."""
+        return isinstance(self.tokens, np.ndarray) or self.tokens.is_ready()
+
+    def land(self) -> None:
+        """If the step has finished on the device, take its outputs to the host now and let go
+        of their device buffers. The engine calls it before launching the next step, so the
+        reading of a finished step never waits behind that launch. (It was meant to let the
+        next step's output take its old address; on an H200 a held output turned out to cost a
+        call nothing: benchmarks/RESULTS.md, session 12.)"""
+        if isinstance(self.tokens, np.ndarray) or not self.tokens.is_ready():
+            return
+        if self.logprobs is not None and not all(a.is_ready() for a in self.logprobs):
+            return
+        self.tokens = np.asarray(self.tokens)
+        if self.logprobs is not None:
+            self.logprobs = tuple(np.asarray(a) for a in self.logprobs)
+
+    def result(self) -> RunnerOutput:
+        """Wait for this step's tokens (the host's only wait) -> RunnerOutput, row order."""
+        chunks = self.sched_out.chunks
+        tokens = np.asarray(self.tokens).tolist()
+        sampled = [[tokens[r]] if c.samples else [] for r, c in enumerate(chunks)]
+        if self.logprobs is None:
+            return RunnerOutput(sampled)
+        lp, ids, tlp = (np.asarray(a) for a in self.logprobs)
+        rows = range(len(chunks))
+        return RunnerOutput(sampled, logprobs=[[float(lp[r])] for r in rows],
+                            top_ids=[[ids[r, :n].tolist()] for r, n in zip(rows, self.top_n, strict=True)],
+                            top_logprobs=[[tlp[r, :n].tolist()] for r, n in zip(rows, self.top_n,
+                                                                                 strict=True)])

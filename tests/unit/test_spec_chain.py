@@ -1,0 +1,162 @@
+"""Chained verify rows: draft-model speculation in the overlapped loop (jserve/spec/chain.py).
+
+While step N is in flight the scheduler plans the request's next row as if none of N's drafts
+were accepted: ``[placeholder, d_1 .. d_K]`` with the drafts the draft model made in step N on
+the device, and the device moves the row by N's accepted count. Checked here: the host's
+bookkeeping by hand (start, pages, ``spec_in_flight`` and the rollback, no model); the runner's
+packing of feed indices and shift fields; and, on the bundled pair (a draft that is right about
+half the time, so rows move by every count from 0 to K), that the overlapped loop's tokens equal
+the synchronous loop's for greedy and seeded random rows, up to ``max_model_len``, with no
+page left behind.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from jserve.builder import EngineArgs, build_engine
+from jserve.config import SchedulerConfig
+from jserve.page_pool import PagePool
+from jserve.request import Request
+from jserve.sampling_params import SamplingParams
+from jserve.scheduler import Scheduler
+from jserve.scheduler_output import RunnerOutput, ScheduledChunk
+from jserve.spec import chain
+from jserve.spec.config import SpeculativeConfig
+from jserve.step_buffers import StepLayout
+
+K = 3
+PS = 4
+
+
+def _sched(max_model_len: int = 64) -> Scheduler:
+    spec = SpeculativeConfig(method="draft_model", num_speculative_tokens=K, model="code-draft")
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=max_model_len)
+    return Scheduler(cfg, PagePool(40, PS), spec)
+
+
+def _out(sched_out, tokens: list[int]) -> RunnerOutput:
+    (c,) = sched_out.chunks
+    return RunnerOutput([tokens if c.samples else []], draft_token_ids=[[0] * K])
+
+
+def test_the_next_row_is_planned_as_if_no_draft_was_accepted():
+    s = _sched()
+    r = Request("a", list(range(10, 16)), SamplingParams(max_tokens=40, ignore_eos=True))
+    s.add_request(r)
+    n0 = s.schedule()                       # prefill 6 tokens, samples
+    (c0,) = n0.chunks
+    assert (c0.start, c0.num_tokens, c0.num_draft) == (0, 6, 0)
+    n1 = s.schedule()                       # step 0 in flight: [placeholder, 3 device drafts]
+    (c1,) = n1.chunks
+    assert (c1.start, c1.num_tokens, c1.num_placeholders, c1.num_draft) == (6, 4, 1, K)
+    assert c1.device_drafts and not c1.shifted and c1.token_ids == ()
+    assert r.num_computed_tokens == 10 and r.spec_in_flight == K
+    s.update(n0, _out(n0, [100]))           # step 0's token lands
+    n2 = s.schedule()                       # step 1 in flight: moved by its accepted count
+    (c2,) = n2.chunks
+    assert c2.shifted and c2.device_drafts and c2.start == 7 and c2.output_index == 2
+    assert r.num_computed_tokens == 14 and r.spec_in_flight == 2 * K
+    assert len(r.page_ids) >= s.pool.pages_needed(14 + K)   # room for all accepted + lookahead
+    s.update(n1, _out(n1, [101, 102, 103]))   # 2 of 3 drafts accepted: roll back 1
+    assert (r.num_tokens, r.num_computed_tokens, r.spec_in_flight) == (10, 13, K)
+    assert r.spec_num_accepted_tokens == 2
+    s.update(n2, _out(n2, [104]))           # none accepted
+    assert (r.num_tokens, r.num_computed_tokens, r.spec_in_flight) == (11, 10, 0)
+    assert len(r.page_ids) == s.pool.pages_needed(10)
+    assert r.output_token_ids == [100, 101, 102, 103, 104]
+
+
+def test_a_row_that_could_pass_max_model_len_waits_for_the_result():
+    s = _sched(max_model_len=10)
+    r = Request("a", list(range(10, 16)), SamplingParams(max_tokens=None, ignore_eos=True))
+    s.add_request(r)
+    n0 = s.schedule()
+    n1 = s.schedule()                       # 6 + 1 + 3 drafts: all accepted reaches 10
+    (c1,) = n1.chunks
+    assert c1.num_draft == K and r.num_computed_tokens == 10
+    s.update(n0, _out(n0, [100]))
+    n2 = s.schedule()                       # the next row could start at 10: not scheduled
+    assert not n2.chunks
+    s.update(n1, _out(n1, [101]))           # none accepted
+    n3 = s.schedule()                       # known again: the scheduler's own (host) drafts
+    (c3,) = n3.chunks
+    assert not c3.shifted and not c3.device_drafts and c3.start == 7
+    assert c3.num_draft == 2 and c3.start + c3.num_tokens <= 10
+
+
+def test_pack_feeds_device_drafts_and_marks_moved_rows():
+    layout = StepLayout(num_tokens=16, num_rows=4, pages_per_seq=8, page_size=PS)
+    _, _, f = layout.new_buffers()
+    chunks = [ScheduledChunk("x", 5, 3, (1, 2, 3)),
+              ScheduledChunk("a", 9, 1 + K, (), num_placeholders=1, samples=True, num_draft=K,
+                             device_drafts=True, shifted=True),
+              ScheduledChunk("b", 4, 1, (), num_placeholders=1, samples=True, shifted=True)]
+    ends = [3, 3 + 1 + K, 3 + 1 + K + 1]
+    num_out = 4
+    chain.pack_chained(f, chunks, ends, [(1, 2), (2, 0)], num_out, K)
+    assert f["prev_index"][4:7].tolist() == [num_out + 2 * K + j for j in range(K)]
+    assert f["shift_row"][:3].tolist() == [-1, 2, 0]
+    assert f["token_row"][:8].tolist() == [-1, -1, -1, 1, 1, 1, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def pair_engines(xla_cache_dir):
+    """The bundled code-small with code-draft, overlapped and synchronous (the second build
+    hits the first one's compilation cache)."""
+    args = dict(model="code-small", max_num_seqs=4, max_num_batched_tokens=64, max_model_len=96,
+                compilation_cache_dir=xla_cache_dir,
+                speculative_config={"method": "draft_model", "model": "code-draft",
+                                    "num_speculative_tokens": 4})
+    return (build_engine(EngineArgs(async_scheduling=True, **args)),
+            build_engine(EngineArgs(async_scheduling=False, **args)))
+
+
+def _generate(engine, items) -> tuple[list, Counter]:
+    rows = Counter()
+    orig = engine.scheduler.schedule
+
+    def schedule():
+        out = orig()
+        for c in out.chunks:
+            rows["device_drafts"] += c.device_drafts
+            rows["shifted"] += c.shifted
+            rows["accepted"] = engine.scheduler.spec_counters["spec_decode_num_accepted_tokens"]
+        return out
+
+    engine.scheduler.schedule = schedule
+    try:
+        for i, (prompt, sp) in enumerate(items):
+            engine.add_request(str(i), prompt, sp)
+        done = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    done[o.request_id] = [c.token_ids for c in o.outputs]
+    finally:
+        engine.scheduler.schedule = orig
+    return [done[str(i)] for i in range(len(items))], rows
+
+
+def test_overlapped_chained_rows_equal_the_synchronous_loop(pair_engines):
+    overlapped, sync = pair_engines
+    prompts = ["def fibonacci(n):\n", "import os\nimport sys\n\ndef main():\n",
+               "class Stack:\n    def __init__(self):\n", "for i in range(10):\n"]
+    items = [(prompts[0], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)),
+             (prompts[1], SamplingParams(temperature=1.0, seed=3, max_tokens=33, ignore_eos=True)),
+             (prompts[2], SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=None,
+                                         ignore_eos=True)),          # runs to max_model_len
+             (prompts[3], SamplingParams(temperature=0.0, max_tokens=37, n=2, ignore_eos=True))]
+    got, rows = _generate(overlapped, items)
+    want, sync_rows = _generate(sync, items)
+    assert got == want
+    assert rows["device_drafts"] > 10 and rows["shifted"] > 10 and rows["accepted"] > 0
+    assert sync_rows["device_drafts"] == 0
+    n_prompt = len(overlapped.tokenize_prompt(prompts[2])[1])
+    assert len(got[2][0]) == 96 - n_prompt
+    assert [len(t) for t in got[0] + got[1] + got[3]] == [40, 33, 37, 37]
+    assert overlapped.scheduler.kv.pool.num_used == 0
+    assert np.all([r.spec_in_flight == 0 for r in overlapped.scheduler.running])
