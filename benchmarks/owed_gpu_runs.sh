@@ -81,6 +81,37 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror"; }
 
 case "${1:-a}" in
+sd)
+  # Session 13, call 5: sb's speculation half at the default share, after the fix of the
+  # speculative step's pool copy (an optimization barrier in draft_step).
+  timeout 320 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code \
+    --num-prompts 8 --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 --sync-too \
+    --json "$OUT/spec_b1.json" > "$OUT/spec_b1.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_b1.txt" | tail -8; grep -c "rematerialization" "$OUT/spec_b1.txt"
+  ;;
+sc)
+  # Session 13, call 4: sb's speculation half at a 0.5 memory share (at 0.9 the speculative
+  # engine's warm-up ran out of memory in the page mover's scatter: a 12.53 GiB allocation, one
+  # target layer's pool array), then the cold start with cuBLAS GEMMs for buckets >= 128.
+  timeout 240 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code \
+    --num-prompts 8 --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 --sync-too \
+    --gpu-memory-utilization 0.5 --json "$OUT/spec_b1.json" > "$OUT/spec_b1.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_b1.txt" | tail -8
+  timeout 330 python3 benchmarks/startup.py --model qwen2.5-0.5b --max-model-len 512 --timeout 160 \
+    --runs cold,warm 2>&1 | table | tee "$OUT/startup.txt"
+  ;;
+sb)
+  # Session 13: batch-1 speculation with the bundled pair on the chained (overlapped) loop, the
+  # synchronous loop beside it (the draft model's only loop before), greedy tokens checked
+  # against the engine without speculation; then where cuBLAS starts to pay (small buckets).
+  timeout 330 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code \
+    --num-prompts 8 --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 --sync-too \
+    --json "$OUT/spec_b1.json" > "$OUT/spec_b1.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_b1.txt" | tail -8
+  timeout 220 python3 benchmarks/compile_ab.py --model qwen2.5-0.5b --buckets 128,64 \
+    --modes xla_gpu_enable_triton_gemm=false,default 2>&1 \
+    | grep "^|\|^##\|compiled in\|built in\|failed" | tee "$OUT/compile_ab_small.txt"
+  ;;
 ca)
   # Session 13: what the cold start's compiles cost under XLA's GEMM options (compile_ab.py:
   # large buckets, fresh compiles) and what they do to the decode step (step_floor.py --ab).

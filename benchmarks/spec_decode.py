@@ -89,23 +89,29 @@ def prompts(workload: str, n: int, stdlib: Path, context_lines: int) -> list[str
     return res
 
 
-def _run(engine, items, concurrency: int) -> tuple[float, int, dict[str, int]]:
-    """Greedy requests, ``concurrency`` at a time -> (seconds, output tokens, counter deltas)."""
+def _run(engine, items, concurrency: int, outputs: list | None = None) -> tuple[float, int, dict[str, int]]:
+    """Greedy requests, ``concurrency`` at a time -> (seconds, output tokens, counter deltas);
+    ``outputs``: filled with each request's token ids, in the items' order."""
     before = dict(engine.kv_cache_stats())
     t0 = time.perf_counter()
     tokens = 0
-    pending = list(items)
+    pending = list(enumerate(items))
     active = 0
+    got: dict[int, list[int]] = {}
+    ids: dict[str, int] = {}
     while pending or engine.has_unfinished_requests():
         while pending and active < concurrency:
-            p, sp = pending.pop(0)
-            engine.add_request(None, p, sp)
+            i, (p, sp) = pending.pop(0)
+            ids[engine.add_request(None, p, sp)] = i
             active += 1
         for o in engine.step():
             if o.finished:
                 active -= 1
                 tokens += len(o.outputs[0].token_ids)
+                got[ids[o.request_id]] = list(o.outputs[0].token_ids)
     dt = time.perf_counter() - t0
+    if outputs is not None:
+        outputs[:] = [got[i] for i in range(len(items))]
     after = engine.kv_cache_stats()
     return dt, tokens, {k: after[k] - before.get(k, 0) for k in after if k.startswith("spec_decode")}
 
@@ -127,6 +133,13 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--prompt-lookup-max", type=int, default=5)
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: max(8, largest concurrency)")
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="the engines' memory share (default: the engine's)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="the step budget (default: the engine's; smaller: fewer buckets to compile)")
+    ap.add_argument("--sync-too", action="store_true",
+                    help="also time batch 1 of each speculative engine with the synchronous loop "
+                         "(a draft model's only loop before chained rows, session 13)")
     ap.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"])
     ap.add_argument("--json", default=None, help="also write the rows here")
     ns = ap.parse_args()
@@ -145,7 +158,9 @@ def _measure(engine, workloads: dict[str, list], sweep: list[int], sweep_workloa
     -> {"b1": {workload: (s, tokens, counters)}, "sweep": {c: (s, tokens, counters)}}."""
     for items in workloads.values():   # warm-up: first-use costs out of the timings
         _run(engine, items[:1], 1)
-    out = {"b1": {w: _run(engine, items, 1) for w, items in workloads.items()}, "sweep": {}}
+    tokens: dict[str, list] = {w: [] for w in workloads}
+    out = {"b1": {w: _run(engine, items, 1, tokens[w]) for w, items in workloads.items()},
+           "sweep": {}, "tokens": tokens}
     for c in sweep:   # two waves of c requests (at least --num-prompts)
         items = sweep_items[:max(2 * c, len(workloads[sweep_workload]))]
         out["sweep"][c] = _run(engine, items, c)
@@ -163,6 +178,10 @@ def main() -> None:
     sweep = [int(c) for c in ns.concurrency.split(",") if c.strip()]
     seqs = ns.max_num_seqs or max([8, *sweep])
     common = dict(model=ns.model, max_model_len=ns.max_model_len, max_num_seqs=seqs)
+    if ns.max_num_batched_tokens:
+        common["max_num_batched_tokens"] = ns.max_num_batched_tokens
+    if ns.gpu_memory_utilization:
+        common["gpu_memory_utilization"] = ns.gpu_memory_utilization
     methods = ns.methods.split(",")
     ks = [int(k) for k in ns.ks.split(",")]
     sp = SamplingParams(temperature=0.0, max_tokens=ns.max_tokens, ignore_eos=True)
@@ -186,8 +205,12 @@ def main() -> None:
     def measured(args: EngineArgs) -> dict:
         engine = build_engine(args)
         try:
-            return _measure(engine, b1_loads, sweep, ns.sweep_workload,
-                            workloads.get(ns.sweep_workload, []))
+            out = _measure(engine, b1_loads, sweep, ns.sweep_workload,
+                           workloads.get(ns.sweep_workload, []))
+            if ns.sync_too and args.speculative_config is not None:
+                engine._overlap = False   # the async_scheduling option, toggled (benchmark only)
+                out["b1_sync"] = {w: _run(engine, items, 1) for w, items in b1_loads.items()}
+            return out
         finally:
             del engine
             gc.collect()
@@ -198,7 +221,7 @@ def main() -> None:
 
     rows = []
     print(f"{'workload':8} {'method':11} {'k':>2} {'accept':>7} {'mean len':>8} {'b1 tok/s':>9} "
-          f"{'base':>8} {'x':>5}")
+          f"{'base':>8} {'x':>5}" + (f" {'sync tok/s':>10} {'x':>5}" if ns.sync_too else ""))
     for w in b1_loads:
         bdt, btok, _ = base["b1"][w]
         for (m, k), res in results.items():
@@ -207,9 +230,17 @@ def main() -> None:
             row = {"table": "b1", "workload": w, "method": m, "k": k, "prompts": len(b1_loads[w]),
                    "acceptance": acc, "mean_accepted_len": mlen, "tok_s": tok / dt,
                    "base_tok_s": btok / bdt, "speedup": (tok / dt) / (btok / bdt)}
+            row["tokens_equal_base"] = res["tokens"][w] == base["tokens"][w]
+            if not row["tokens_equal_base"]:
+                print(f"  ({w}, {m}, k={k}: greedy tokens differ from the engine without speculation)")
+            sync = ""
+            if "b1_sync" in res:
+                sdt, stok, _ = res["b1_sync"][w]
+                row["sync_tok_s"] = stok / sdt
+                sync = f" {row['sync_tok_s']:10.1f} {row['sync_tok_s'] / row['base_tok_s']:5.2f}"
             rows.append(row)
             print(f"{w:8} {m:11} {k:>2} {acc:7.3f} {mlen:8.2f} {row['tok_s']:9.1f} "
-                  f"{row['base_tok_s']:8.1f} {row['speedup']:5.2f}")
+                  f"{row['base_tok_s']:8.1f} {row['speedup']:5.2f}" + sync)
     if sweep:
         print(f"\nconcurrency sweep ({ns.sweep_workload}: two waves of requests per concurrency, "
               f"at least {ns.num_prompts}; speculation always on)")

@@ -17,11 +17,12 @@ GIL) and compiled on a thread pool (XLA's compile releases it)::
 
 GEMMs per token bucket on GPU (``compiler_options``): buckets of ``CUBLAS_MIN_TOKENS`` tokens
 and more run their matmuls through cuBLAS instead of XLA's Triton GEMMs. Measured on an H200
-(benchmarks/RESULTS.md, session 13, Qwen2.5-0.5B's greedy step, fresh compiles): at 2048 and
-256 tokens cuBLAS compiled in 3.9 / 3.6 s against 46.4 / 37.6 s (the autotuner compiles and
-times many Triton candidates per GEMM shape) and ran the step 8-11% faster; at 16 tokens (a
-decode step) the Triton GEMMs were 13% faster (1.104 vs 1.244 ms), so small buckets keep them.
-XLA's autotune level 0 (no autotuning, Triton kept) ran 6.5-21x slower: not an option.
+(benchmarks/RESULTS.md, session 13, Qwen2.5-0.5B's greedy step, fresh compiles): at 2048, 256
+and 128 tokens cuBLAS compiled in 3.9 / 3.6 / 2.7 s against 46.4 / 37.6 / 28.9 s (the autotuner
+compiles and times many Triton candidates per GEMM shape) and ran the step 6-11% faster; at 64
+tokens it ran 3% slower (20.5 s of compile against 2.9) and at 16 (a decode step) 13% slower,
+so small buckets keep the autotuned Triton GEMMs. XLA's autotune level 0 (no autotuning, Triton
+kept) ran 6.5-21x slower: not an option.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
-CUBLAS_MIN_TOKENS = 256   # GPU token buckets from this size on: cuBLAS GEMMs (module docstring)
+CUBLAS_MIN_TOKENS = 128   # GPU token buckets from this size on: cuBLAS GEMMs (module docstring)
 
 
 def compiler_options(tokens: int, gpu: bool) -> dict[str, Any]:

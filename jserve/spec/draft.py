@@ -127,7 +127,12 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     ``probs[slot[r], i]`` (slot: int32[R], the null row S for rows that do not sample)
     -> (draft kv, drafts int32[R, K], probs). The random path (and its writes) runs only
     when some row is random (``lax.cond``): greedy batches pay nothing for it."""
-    _, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
+    h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
+    # The rows' hidden states are not needed, but their attention reads the pool that the
+    # decodes below write: without an order between them XLA copies a layer's pool arrays to
+    # keep the old version (a pool-sized temporary: the 0.9-share start-up ran out of memory on
+    # an H200, session 13). The barrier puts every read of this forward before those writes.
+    _, kv = jax.lax.optimization_barrier((h, kv))
     r = batch.num_rows
     p = batch.page_table.shape[1]
     last = jnp.take_along_axis(tokens, (num_emitted - 1)[:, None], axis=1)[:, 0]

@@ -108,6 +108,28 @@ def test_the_probe_measures_the_largest_step_the_engine_compiles(make_engine, tm
     assert estimate_activation_bytes(bigger) > estimate_activation_bytes(c)
 
 
+def test_the_probe_measures_the_speculative_step_of_a_draft_model(make_engine):
+    """The same with a draft model, whose step writes the draft's pool once for the rows and
+    again in each of its K decodes: a 100-page engine's speculative step needs what the 2-page
+    probe measured. Without an order between the rows' attention reads and the decodes' writes,
+    XLA copied a layer's pool arrays (a pool-sized temporary the probe cannot see: the 0.9-share
+    start-up of code-small + code-draft ran out of memory on an H200, session 13)."""
+    from fixture_paths import GOLDEN
+
+    draft = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 3}
+    engine = make_engine("llama", max_num_batched_tokens=64, max_num_seqs=8, num_pages=100,
+                         speculative_config=draft)
+    r = engine.runner
+    real = compiled_extra_bytes(r.spec_steps._compiled[(64, False)])
+    move = 0
+    for mover, kv in ((r.mover, r.kv), (r.spec_steps.mover, r.spec_steps.draft.kv)):
+        gather, scatter = (low.compile() for low in mover.lower_largest_moves(kv))
+        move += (compiled_extra_bytes(gather) + gather.memory_analysis().output_size_in_bytes
+                 + compiled_extra_bytes(scatter))
+    assert real > 0 and move > 0
+    assert measure_activation_bytes(engine.config, r.params, r.mesh, r.spec_steps.draft) == real + move
+
+
 class _StartedGpu:
     """A GPU whose allocator JAX created before the engine, with its default share (0.75)."""
 
