@@ -1,20 +1,23 @@
-# The device calls owed after session 12 (2026-12-01), in the order to run them. Each case fits
+# The device calls owed after session 13 (2026-12-01), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
-# (Sessions 7-12 ran a, e, g, t, l, v, the Qwen half of h, the 2-GPU correctness tests and the
-# OOM diagnosis: RESULTS.md.) Order: u, w, q, x, u2, u3, u1, hl, kv, k, o, t, f, m, b; then, on 2 GPUs, d, s, c.
+# (Sessions 7-13 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, the 2-GPU
+# correctness tests and the OOM diagnosis: RESULTS.md; session 13's sb, sc and qs are folded into
+# b and q.) Order: b, u, q, b2, k, hl, x, kv, w, t, f, m, o, u1; then, on 2 GPUs, d, s, c.
+# (u2 and u3 are answered by ca: compile_ab.py.)
 #
+#   b (1 GPU, ~9 min): speculative decoding tables (benchmarks/spec_decode.py, draft model, k = 2,
+#     4, 6, chained rows and the synchronous loop beside them) and the concurrency sweep that
+#     sets disable_by_batch_size. Session 13 (call 5): k = 4 1.22x at batch 1 (synchronous loop
+#     0.91x), acceptance 0.32. b2 (~9 min): the n-gram tables and the memory budget table.
 #   u (1 GPU, ~9 min): start-up phase by phase (benchmarks/startup.py), Qwen2.5-0.5B at max_num_seqs
-#     256 / budget 2048: cold (empty cache), then warm. Session 12 changed three things, never
-#     timed on a GPU: each token bucket's first program compiles alone, the rest on 4 threads
-#     (was: all one at a time); the activation probe's result is kept for a warm start; every
-#     program is cached. Session 12's cold start did not finish in 290 s (offline.py reported
-#     234 s on a half-warm machine). Prediction: cold ~150-180 s, warm <= 30 s.
+#     256 / budget 2048: cold (empty cache), then warm. Session 13: with cuBLAS GEMMs for buckets
+#     >= 128 the probe took 23 s (was 75) and the 16 variants were compiled at 122 s; the run was
+#     stopped at 160 s before the split pairs and warm-up. Prediction: cold ~150 s, warm <= 30 s.
+#   q (1 GPU, ~8 min): issue 13's quantized decode at the step level: step_floor.py on the 8B in
+#     bf16 and int8 (session 6: int8 A 6.14 ms vs bf16 4.56), and the two other 8B shapes of
+#     quant_matmul.py (session 13: split-K cut the o projection's M = 1 int8 call 34.8 -> 23.4 us).
+#     Prediction: int8 A 6.1 -> ~5.0 ms (still launch-heavy: 629 kernels).
 #   u1 (1 GPU, ~6 min): the same cold start with one compile thread (the old order), the A/B.
-#   u2 (1 GPU, ~6 min): the same cold start with cuBLAS for every matmul instead of XLA's Triton
-#     GEMMs (their autotuning compiles many candidate kernels per shape and bucket). Prediction:
-#     cold start -50% or more; whether the steps keep their speed is case x's question.
-#   u3 (1 GPU, ~6 min): the same cold start with XLA's autotuner at level 1 (no result checks,
-#     no buffer re-initialization). Prediction: -30%.
 #   hl (1 GPU, ~10 min): the Llama-3.1-8B half of h (500 x 200/180, target 10k out tok/s; 9.0k
 #     on the old loop); in session 12 its start-up outlasted its 300 s.
 #   w (1 GPU, ~4 min): why a numpy step input costs ~1 ms per call with the BFC allocator (session
@@ -24,19 +27,9 @@
 #     numpy input moves the step's scratch (temp) allocation every call, so XLA re-records the
 #     whole graph; SKIP_TEMP then skips updating nodes whose scratch moved, which is unsafe. Also
 #     xla_gpu_require_exclusive_lock ("reduces the cost of ... command buffer update").
-#   q (1 GPU, ~8 min): issue 13's quantized decode after split-K (session 12: a decode matmul with
-#     few output tiles cuts K into up to 8 CTAs; Llama-3.1-8B's o and down projections had 64
-#     CTAs on 132 SMs). quant_matmul.py at the o, down and up/gate shapes (the same kernel
-#     without split-K timed beside it), then step_floor.py on the 8B in bf16 and int8 (session 6:
-#     int8 A 6.14 ms vs bf16 4.56). Prediction: the 4096-wide shapes' int8 kernel at M=1 -35%
-#     or more against split_k 1; the int8 8B step A 6.1 -> ~5.0 ms (still launch-heavy: 629 kernels).
-#   x (1 GPU, ~9 min): issue 11's batch-1 floor: the decode step's GEMMs ran at 0.7-1.9 TB/s
-#     (session 5's trace: 22 of ~42 us per layer). step_floor.py recompiles the decode step with
-#     cuBLAS instead of XLA's Triton GEMMs, and with the autotuner at levels 0 and 1 (start-up
-#     time), beside the default. Prediction: cuBLAS -10% on Qwen's A (1.07 ms), ~0 on Llama's;
-#     autotune level 0 compiles 2-3x faster at a few % slower steps. Also read its "host ms of
-#     one call, device idle" column: 0.36-0.46 ms in session 7, while session 12's cmdbuf_probe
-#     put the same call at 1.08 ms (a regression since, or another machine?).
+#   x (1 GPU, ~6 min): the Llama-3.1-8B half of the decode-step GEMM A/B (session 13 ran Qwen's:
+#     cuBLAS +13% on the 16-token decode step, autotune level 0 equal there but 6.5-21x slower on
+#     large buckets). Prediction: cuBLAS ~0 on the 8B's decode (its GEMMs are weight-read bound).
 #   f (1 GPU, ~5 min): the GPU memory test on the pool-hold fix (session 10: the bundled model now
 #     starts at a 0.15 share, 5.8 MiB never touched; Qwen2.5-0.5B at 0.15 not yet re-run).
 #     Prediction: both pass (warm-up peak < usable).
@@ -47,9 +40,6 @@
 #     compile seconds and "MiB never touched" with the pass on and off. Prediction: the pass
 #     runs on every step (its limit is negative with the pool filling the share); off, the
 #     warm-up peak matches the 2-page probe's figure.
-#   b (1 GPU, ~9 min): speculative decoding tables (benchmarks/spec_decode.py) and the memory
-#     budget table (benchmarks/memory_budget.py). Expect batch-1 spec < 2x: a step with drafts
-#     is read right after dispatch (no overlap while speculating).
 #   kv (1 GPU, ~9 min): issue 13's KV target, never measured: Qwen2.5-0.5B, 16 sequences decoding
 #     at 8k tokens, bf16 against fp8 pool (benchmarks/kv_dtype_step.py; target: 2x the pages at
 #     <= 3% extra step time). Prediction: 1.97x the pages (the scales take the rest), +2-5%.
@@ -67,8 +57,8 @@
 #   c (nvidia-h200-x2, ~9 min): disaggregation benchmark (benchmarks/disagg.py, two runs).
 #
 # Start-up on an H200 took 90-210 s for Qwen2.5-0.5B at the default share in sessions 9-10, and
-# over 290 s cold at max_num_seqs 256 / budget 2048 in session 12 (16 step variants, 10 split
-# programs, the probe's 4-5): give each engine start >= 250 s of timeout on a cold machine.
+# over 290 s cold at max_num_seqs 256 / budget 2048 in session 12 (over 160 s in session 13 with
+# cuBLAS GEMMs for large buckets): give each engine start >= 200 s of timeout on a cold machine.
 # Run from the repository root with .whl/ carried:
 #   bash benchmarks/owed_gpu_runs.sh f
 set -uo pipefail
@@ -88,29 +78,6 @@ sd)
     --num-prompts 8 --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 --sync-too \
     --json "$OUT/spec_b1.json" > "$OUT/spec_b1.txt" 2>&1
   grep -v "^W\|WARNING\|^I" "$OUT/spec_b1.txt" | tail -8; grep -c "rematerialization" "$OUT/spec_b1.txt"
-  ;;
-sc)
-  # Session 13, call 4: sb's speculation half at a 0.5 memory share (at 0.9 the speculative
-  # engine's warm-up ran out of memory in the page mover's scatter: a 12.53 GiB allocation, one
-  # target layer's pool array), then the cold start with cuBLAS GEMMs for buckets >= 128.
-  timeout 240 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code \
-    --num-prompts 8 --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 --sync-too \
-    --gpu-memory-utilization 0.5 --json "$OUT/spec_b1.json" > "$OUT/spec_b1.txt" 2>&1
-  grep -v "^W\|WARNING\|^I" "$OUT/spec_b1.txt" | tail -8
-  timeout 330 python3 benchmarks/startup.py --model qwen2.5-0.5b --max-model-len 512 --timeout 160 \
-    --runs cold,warm 2>&1 | table | tee "$OUT/startup.txt"
-  ;;
-sb)
-  # Session 13: batch-1 speculation with the bundled pair on the chained (overlapped) loop, the
-  # synchronous loop beside it (the draft model's only loop before), greedy tokens checked
-  # against the engine without speculation; then where cuBLAS starts to pay (small buckets).
-  timeout 330 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code \
-    --num-prompts 8 --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 --sync-too \
-    --json "$OUT/spec_b1.json" > "$OUT/spec_b1.txt" 2>&1
-  grep -v "^W\|WARNING\|^I" "$OUT/spec_b1.txt" | tail -8
-  timeout 220 python3 benchmarks/compile_ab.py --model qwen2.5-0.5b --buckets 128,64 \
-    --modes xla_gpu_enable_triton_gemm=false,default 2>&1 \
-    | grep "^|\|^##\|compiled in\|built in\|failed" | tee "$OUT/compile_ab_small.txt"
   ;;
 ca)
   # Session 13: what the cold start's compiles cost under XLA's GEMM options (compile_ab.py:
@@ -148,10 +115,6 @@ u1)
   timeout 560 python3 benchmarks/startup.py --model qwen2.5-0.5b --max-model-len 512 --timeout 280 \
     --compile-threads 1 --runs cold 2>&1 | table | tee "$OUT/startup_1thread.txt"
   ;;
-u2)
-  XLA_FLAGS=--xla_gpu_enable_triton_gemm=false timeout 560 python3 benchmarks/startup.py \
-    --model qwen2.5-0.5b --max-model-len 512 --timeout 280 --runs cold 2>&1 | table | tee "$OUT/startup_cublas.txt"
-  ;;
 w)
   TF_CPP_VMODULE=command_buffer_thunk=3,command_buffer_cmd=3 TF_CPP_MIN_LOG_LEVEL=0 timeout 200 \
     python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b \
@@ -161,21 +124,14 @@ w)
     "$OUT/cmdbuf_log.txt" | tail -80
   ;;
 q)
-  for shape in 4096x4096 4096x14336 14336x4096; do
-    timeout 100 python3 benchmarks/quant_matmul.py --shape $shape --ms 1,16,64 2>&1 | grep "^|\|^x\[" \
+  for shape in 4096x14336 14336x4096; do
+    timeout 100 python3 benchmarks/quant_matmul.py --shape $shape --ms 1,16,64 2>&1 | grep "^|\|^x\[\|rror" \
       | tee -a "$OUT/quant_shapes.txt"
   done
-  timeout 260 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+  timeout 300 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization none,int8 2>&1 | table | tee "$OUT/floor_quant.txt"
   ;;
-u3)
-  XLA_FLAGS=--xla_gpu_autotune_level=1 timeout 560 python3 benchmarks/startup.py \
-    --model qwen2.5-0.5b --max-model-len 512 --timeout 280 --runs cold 2>&1 | table | tee "$OUT/startup_at1.txt"
-  ;;
 x)
-  ab=xla:xla_gpu_enable_triton_gemm=false,xla:xla_gpu_autotune_level=0,xla:xla_gpu_autotune_level=1
-  timeout 270 python3 benchmarks/step_floor.py qwen2.5-0.5b --max-num-batched-tokens 16 --ab "$ab" \
-    2>&1 | table | tee "$OUT/floor_ab_qwen.txt"
   timeout 290 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --ab xla:xla_gpu_enable_triton_gemm=false,xla:xla_gpu_autotune_level=0 2>&1 | table | tee "$OUT/floor_ab_llama.txt"
   ;;
@@ -188,10 +144,20 @@ a)
     2>&1 | table | tee "$OUT/floor.txt"
   ;;
 b)
-  timeout 250 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 2,4 --num-prompts 16 \
-    --max-tokens 128 --json "$OUT/spec.json" 2>&1 | table | tee "$OUT/spec.txt"
-  timeout 200 python3 benchmarks/spec_decode.py --methods ngram --ks 4 --workloads code --num-prompts 16 \
-    --concurrency 1,8,32,64,128,256 --max-num-seqs 256 --json "$OUT/spec_sweep.json" 2>&1 | table
+  timeout 330 python3 benchmarks/spec_decode.py --methods draft_model --ks 2,4,6 --num-prompts 8 \
+    --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 --sync-too \
+    --json "$OUT/spec.json" > "$OUT/spec.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec.txt" | tail -12
+  timeout 220 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code --num-prompts 16 \
+    --concurrency 1,8,32,64,128,256 --max-num-seqs 256 --max-model-len 1024 --json "$OUT/spec_sweep.json" \
+    > "$OUT/spec_sweep.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_sweep.txt" | tail -12
+  ;;
+b2)
+  timeout 400 python3 benchmarks/spec_decode.py --methods ngram --ks 2,4,6 --num-prompts 8 \
+    --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 \
+    --json "$OUT/spec_ngram.json" > "$OUT/spec_ngram.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_ngram.txt" | tail -12
   timeout 120 python3 benchmarks/memory_budget.py --model llama3.1-8b --context 8192 2>&1 | table
   ;;
 c)

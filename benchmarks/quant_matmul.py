@@ -88,6 +88,7 @@ def rel(got, want) -> float:
 
 
 def main() -> None:
+    global N, K
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,16,256,4096")
     p.add_argument("--iters", type=int, default=20)
@@ -96,7 +97,6 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--shape", default=f"{N}x{K}", help="N x K of the weight")
     a = p.parse_args()
-    global N, K
     N, K = (int(v) for v in a.shape.split("x"))
     print("device:", jax.devices()[0].device_kind, "hopper:", mgpu.on_hopper(), flush=True)
     read_gbs, rw_gbs = ceilings(a.reps)

@@ -270,8 +270,7 @@ class Runner:
             return None
         layout, ibuf, fbuf, slots, params, fresh, masked = prep
         if out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
-            ibuf, fbuf = host_to_global((ibuf, fbuf), self._replicated)
-            return self.spec_steps.dispatch(self, out, layout, params, ibuf, fbuf, masked)
+            return self.spec_steps.dispatch(self, out, layout, params, self._joint(layout, ibuf), masked)
         variant = self.steps.choose(
             layout.num_tokens, fresh, masked, all(c.num_tokens == 1 for c in out.chunks),
             [p for c, p in zip(out.chunks, params, strict=True) if c.samples],

@@ -59,7 +59,7 @@ TOP_N = 20
 
 def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy: bool, mesh: Mesh,
               draft_cfg: Any, params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
-              prev_tokens: jax.Array, ibuf: jax.Array, fbuf: jax.Array, draft_params: Any,
+              prev_tokens: jax.Array, joint: jax.Array, draft_params: Any,
               draft_kv: KVCache | None, draft_probs: jax.Array | None,
               masks: jax.Array | None = None) -> tuple:
     """-> (kv, pen, table, previous-step output (last tokens int32[S]; with a draft model
@@ -72,6 +72,7 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
     general variant; else None): read to verify this step's drafts, written with the next;
     masks: the per-(slot, position) token masks / biases (``structured.logit_state``; None in
     the greedy variants): position j of row r reads row mask_slot[r] + j * mask_step[r]."""
+    ibuf, fbuf = layout.split(joint)
     table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
     num_draft = layout.read(ibuf, "num_draft")
     fed = prev_tokens[jnp.maximum(prev_index, 0)]
@@ -218,25 +219,26 @@ class SpecSteps:
         d = self.draft
         return (None, None, None) if d is None else (d.cfg, d.params, d.kv)
 
-    def _args(self, runner: Runner, greedy: bool, ibuf: jax.Array, fbuf: jax.Array) -> tuple:
-        """The executable's arguments (params, kv, penalty state, slot table, previous tokens,
-        buffers, draft params, draft kv, draft_probs, token masks)."""
+    def _args(self, runner: Runner, greedy: bool, joint: Any) -> tuple:
+        """The executable's arguments (params, kv, penalty state, slot table, previous-step
+        output, the packed input, draft params, draft kv, draft_probs, token masks)."""
         _, dparams, dkv = self._draft_args()
         return (runner.params, runner.kv, None if greedy else runner.penalty_state,
-                runner.slot_table, runner._prev_tokens, ibuf, fbuf, dparams, dkv,
+                runner.slot_table, runner._prev_tokens, joint, dparams, dkv,
                 None if greedy else self.draft_probs,
                 None if greedy else runner.logit_state.device)
 
     def _keep(self, runner: Runner, outs: tuple) -> tuple:
-        """Store the donated state an executable returned -> its other outputs."""
-        runner.kv, pen, runner.slot_table = outs[:3]
+        """Store the donated state an executable returned (the previous-step output too) -> its
+        other outputs."""
+        runner.kv, pen, runner.slot_table, runner._prev_tokens = outs[:4]
         if pen is not None:
             runner.penalty_state = pen
         if self.draft is not None:
             self.draft.kv = outs[9]
         if outs[11] is not None:
             self.draft_probs = outs[11]
-        return outs[3:9] + (outs[10],)
+        return outs[4:9] + (outs[10],)
 
     def _lower(self, runner: Runner, variant: tuple[int, bool]) -> Any:
         t, greedy = variant
@@ -245,12 +247,12 @@ class SpecSteps:
         fn = functools.partial(spec_step, runner.config.model, layout, runner._num_out,
                                self.num_spec, greedy, runner.mesh, dcfg)
         rep = runner._replicated
-        ibuf, fbuf, _ = layout.new_buffers()
-        args = self._args(runner, greedy, jax.device_put(ibuf, rep), jax.device_put(fbuf, rep))
+        ibuf, _, _ = layout.new_buffers()
+        args = self._args(runner, greedy, jax.device_put(layout.joint(ibuf), rep))
         kv_sh = jax.tree.map(lambda a: a.sharding, runner.kv)
         dkv_sh = None if dkv is None else jax.tree.map(lambda a: a.sharding, dkv)
         dp_sh = None if args[9] is None else rep
-        return jax.jit(fn, donate_argnums=(1, 2, 3, 8, 9),
+        return jax.jit(fn, donate_argnums=(1, 2, 3, 4, 7, 8),
                        out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 7
                        + (dkv_sh, rep, dp_sh)).lower(*args)
 
@@ -272,27 +274,27 @@ class SpecSteps:
     def warm(self, runner: Runner) -> None:
         """Run each compiled speculative variant once over the allocated pools."""
         for v in self.variants(runner):
-            ibuf, fbuf, _ = runner.layout(v[0]).new_buffers()
-            ibuf, fbuf = jax.device_put((ibuf, fbuf), runner._replicated)
-            self._keep(runner, self._compiled[v](*self._args(runner, v[1], ibuf, fbuf)))
+            layout = runner.layout(v[0])
+            joint = jax.device_put(layout.joint(layout.new_buffers()[0]), runner._replicated)
+            self._keep(runner, self._compiled[v](*self._args(runner, v[1], joint)))
         if self.draft is not None:
             self.draft.kv = self.mover.warmup(self.draft.kv)
 
     def dispatch(self, runner: Runner, out: SchedulerOutput, layout: StepLayout, params: list,
-                 ibuf: jax.Array, fbuf: jax.Array, masked: bool = False) -> SpecStepHandle:
-        """Run a packed step with draft rows (buffers already on the device); ``masked``:
-        some row samples under a token mask / logit bias (the general variant applies it)."""
+                 joint: Any, masked: bool = False) -> SpecStepHandle:
+        """Run a packed step with draft rows (``joint``: its input, as ``Runner._joint`` gives
+        it: the host array itself in a single process); ``masked``: some row samples under a
+        token mask / logit bias (the general variant applies it)."""
         t = layout.num_tokens
         greedy = (t in self._greedy_buckets and not masked
                   and greedy_rows(p for c, p in zip(out.chunks, params, strict=True) if c.samples))
         runner.logit_state.flush()
-        last, tokens, num, lp, top_ids, top_lp, drafts = self._keep(
-            runner, self._compiled[(t, greedy)](*self._args(runner, greedy, ibuf, fbuf)))
+        tokens, num, lp, top_ids, top_lp, drafts = self._keep(
+            runner, self._compiled[(t, greedy)](*self._args(runner, greedy, joint)))
         if self.draft is not None:
             drafts.copy_to_host_async()
         else:
             drafts = None
-        runner._prev_tokens = last
         runner._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
         top_n = tuple((p.logprobs or 0) if c.samples else 0
                       for c, p in zip(out.chunks, params, strict=True))

@@ -2,6 +2,8 @@
 step directly, outside the runner, so a change of the step's arguments breaks them silently
 until the next GPU run. Run each once on the tiny llama fixture (one engine, CPU)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from fixture_paths import GOLDEN
@@ -97,3 +99,14 @@ def test_startup_benchmark_reads_phases_even_from_a_stopped_run():
              "print('STEP 3/16 20.5', flush=True); time.sleep(60)")
     out, last = startup.run_child([sys.executable, "-c", stuck], timeout=3)
     assert out == {"probe": 7.0} and last == "3/16 20.5"
+
+
+def test_every_benchmark_script_compiles():
+    """Benchmarks run on the GPU machine only, where a script that does not even compile costs a
+    call: session 12's quant_matmul.py declared ``global`` after using the names (a SyntaxError
+    that session 13's call found). Every script under benchmarks/ must at least compile."""
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    scripts = sorted(root.glob("*.py"))
+    assert len(scripts) > 20
+    for path in scripts:
+        compile(path.read_text(encoding="utf-8"), str(path), "exec")
