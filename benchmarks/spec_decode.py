@@ -151,6 +151,14 @@ def _args() -> argparse.Namespace:
     return ns
 
 
+def _best_of_two(engine, items, outputs: list | None = None) -> tuple[float, int, dict[str, int]]:
+    """Batch 1 over ``items`` twice -> the faster run (a process's first timed run was ~30%
+    slower on CPU, which would charge whichever configuration happened to run first)."""
+    first = _run(engine, items, 1, outputs)
+    second = _run(engine, items, 1)
+    return first if first[1] / first[0] >= second[1] / second[0] else second
+
+
 def _measure(engine, workloads: dict[str, list], sweep: list[int], sweep_workload: str,
              sweep_items: list) -> dict:
     """One engine over every workload at batch 1, and the sweep workload at each concurrency
@@ -159,7 +167,7 @@ def _measure(engine, workloads: dict[str, list], sweep: list[int], sweep_workloa
     for items in workloads.values():   # warm-up: first-use costs out of the timings
         _run(engine, items[:1], 1)
     tokens: dict[str, list] = {w: [] for w in workloads}
-    out = {"b1": {w: _run(engine, items, 1, tokens[w]) for w, items in workloads.items()},
+    out = {"b1": {w: _best_of_two(engine, items, tokens[w]) for w, items in workloads.items()},
            "sweep": {}, "tokens": tokens}
     for c in sweep:   # two waves of c requests (at least --num-prompts)
         items = sweep_items[:max(2 * c, len(workloads[sweep_workload]))]
@@ -209,7 +217,7 @@ def main() -> None:
                            workloads.get(ns.sweep_workload, []))
             if ns.sync_too and args.speculative_config is not None:
                 engine._overlap = False   # the async_scheduling option, toggled (benchmark only)
-                out["b1_sync"] = {w: _run(engine, items, 1) for w, items in b1_loads.items()}
+                out["b1_sync"] = {w: _best_of_two(engine, items) for w, items in b1_loads.items()}
             return out
         finally:
             del engine

@@ -160,3 +160,41 @@ def test_overlapped_chained_rows_equal_the_synchronous_loop(pair_engines):
     assert [len(t) for t in got[0] + got[1] + got[3]] == [40, 33, 37, 37]
     assert overlapped.scheduler.kv.pool.num_used == 0
     assert np.all([r.spec_in_flight == 0 for r in overlapped.scheduler.running])
+
+
+def test_aborts_and_recompute_preemption_while_chained_rows_are_in_flight(make_engine):
+    """A self-draft (accepted almost always: rows move by K) on a pool small enough to preempt
+    by recompute. One request is aborted while its chained row is in flight, another stops on
+    a stop token found inside accepted drafts: the others' tokens equal the synchronous
+    engine's, and every page comes back."""
+    from fixture_paths import GOLDEN
+
+    draft = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 3}
+    eng = make_engine("llama", num_pages=12, preemption_mode="recompute", speculative_config=draft)
+    sync = make_engine("llama", num_pages=12, preemption_mode="recompute", speculative_config=draft,
+                       async_scheduling=False)
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(5, 500, n).tolist() for n in (30, 22, 41, 17, 26)]
+    sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    want, _ = _generate(sync, [(p, sp) for p in prompts])
+    stop_at = want[1][0][12]   # request 1 stops on its 13th token (often inside accepted drafts)
+    items = [(p, sp) for p in prompts]
+    items[1] = (prompts[1], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                                           stop_token_ids=[stop_at]))
+    for i, (p, s) in enumerate(items):
+        eng.add_request(str(i), p, s)
+    done, steps = {}, 0
+    while eng.has_unfinished_requests():
+        steps += 1
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = [c.token_ids for c in o.outputs]
+        if steps == 6:
+            eng.abort_request("3")   # its next (chained) row is already planned and in flight
+    assert eng.scheduler.num_preemptions_total > 0
+    assert "3" not in done or len(done["3"][0]) < 40
+    first_stop = want[1][0].index(stop_at)
+    assert done["1"][0] == want[1][0][:first_stop + 1]
+    for i in (0, 2, 4):
+        assert done[str(i)] == want[i]
+    assert eng.scheduler.kv.pool.num_used == 0
