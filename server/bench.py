@@ -4,7 +4,9 @@ Where it sits: outside the server; it only talks HTTP (OpenAI completions, strea
 (jserve.v1.Generation). One run sends ``num_prompts`` requests with at most ``concurrency`` in
 flight (and, if ``request_rate`` is finite, Poisson arrivals at that rate); a sweep repeats the
 run for each concurrency. Per run it reports request/s, output tok/s and TTFT / TPOT / ITL / E2E
-(mean, p50, p95, p99), prints a table and can write everything as JSON.
+(mean, p50, p95, p99), prints a table and can write everything as JSON. Against a server with
+speculative decoding it also reports each run's acceptance rate and mean accepted length, read
+from the server's ``/metrics`` (server/bench_spec.py).
 
 Prompts: ``random`` makes token-id prompts of exactly ``input_len`` tokens (so a model without a
 tokenizer, e.g. ``--random-weights``, works), sent with ``ignore_eos`` so every request generates
@@ -32,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from server.bench_spec import format_spec, read_spec_counters, spec_summary
+
 BenchPrompt = tuple[str | list[int], int]        # (prompt, max output tokens)
 
 
@@ -55,6 +59,7 @@ class BenchConfig:
     api_key: str | None = None
     timeout_s: float = 600.0
     result_json: str | None = None
+    metrics_url: str | None = None                # None: <base_url>/metrics; "" = not read
 
     def __post_init__(self) -> None:
         if self.backend not in ("openai", "grpc"):
@@ -290,6 +295,8 @@ def format_table(runs: list[dict[str, Any]]) -> str:
             f"{r['output_throughput']:>10.1f} | {t['mean']:>9.1f} {t['p50']:>7.1f} {t['p95']:>7.1f} "
             f"{t['p99']:>7.1f} | {p['mean']:>9.2f} {p['p95']:>7.2f} | {i['mean']:>8.2f} {i['p95']:>7.2f} "
             f"{i['p99']:>7.2f} | {e['mean']:>8.1f} {e['p50']:>7.1f} {e['p95']:>7.1f} {e['p99']:>7.1f}")
+        if r.get("spec_decode"):
+            lines.append(format_spec(r["spec_decode"]))
         for err in r["errors"]:
             lines.append(f"      error: {err}")
     return "\n".join(lines)
@@ -315,10 +322,15 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             res = await send(prompts[i % len(prompts)])
             if not res.ok:
                 raise RuntimeError(f"warm-up request failed: {res.error}")
+        metrics = _metrics_reader(cfg)
         runs = []
         for conc in cfg.concurrency:
+            before = await metrics()
             results, duration = await run_load(send, prompts, conc, cfg.request_rate, cfg.seed)
             runs.append(summarize(results, duration, conc))
+            spec = spec_summary(before, await metrics())
+            if spec is not None:
+                runs[-1]["spec_decode"] = spec
         report = {"config": asdict(cfg), "model": model, "runs": runs}
         if cfg.result_json:
             path = Path(cfg.result_json)
@@ -327,6 +339,23 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         return report
     finally:
         await backend.close()
+
+
+def _metrics_reader(cfg: BenchConfig) -> Callable[[], Awaitable[dict[str, float] | None]]:
+    """-> an async reader of the server's speculative-decoding counters (server/bench_spec.py)
+    over HTTP, whichever backend loads the server; it returns None when there are none."""
+    url = f"{cfg.base_url}/metrics" if cfg.metrics_url is None else cfg.metrics_url
+
+    async def read() -> dict[str, float] | None:
+        if not url:
+            return None
+        import httpx
+
+        headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(30.0)) as client:
+            return await read_spec_counters(client, url)
+
+    return read
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -376,6 +405,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
                    help="seconds per request (default: %(default)s)")
     p.add_argument("--result-json", default=None,
                    help="write the config and every run here (default: not written)")
+    p.add_argument("--metrics-url", default=None,
+                   help="the server's Prometheus endpoint, read before and after each run for the "
+                   "speculative decoding figures (default: <base-url>/metrics; '' = not read)")
 
 
 def bench_config_from(ns: argparse.Namespace) -> BenchConfig:
@@ -384,7 +416,8 @@ def bench_config_from(ns: argparse.Namespace) -> BenchConfig:
         num_prompts=ns.num_prompts, input_len=ns.input_len, output_len=ns.output_len,
         concurrency=ns.concurrency, request_rate=ns.request_rate, dataset=ns.dataset,
         vocab_size=ns.vocab_size, temperature=ns.temperature, ignore_eos=ns.ignore_eos, seed=ns.seed,
-        warmup=ns.warmup, api_key=ns.api_key, timeout_s=ns.timeout_s, result_json=ns.result_json)
+        warmup=ns.warmup, api_key=ns.api_key, timeout_s=ns.timeout_s, result_json=ns.result_json,
+        metrics_url=ns.metrics_url)
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:

@@ -199,3 +199,27 @@ def test_serve_flag_reaches_the_engine_args():
     assert json.loads(engine_args_from(ns).speculative_config) == NGRAM
     with pytest.raises(SystemExit):
         build_full_parser().parse_args(["serve", "--speculative-config", '{"method": "medusa"}'])
+
+
+def test_bench_reports_acceptance_from_the_servers_metrics(spec_served, tmp_path, capsys):
+    """``jserve bench`` against a speculating server: each run's acceptance rate and mean accepted
+    length, from the server's counters before and after it (server/bench_spec.py)."""
+    from server.cli import main
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p * 4, "output_len": 16}) for p in PROMPTS) + "\n")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--base-url", spec_served.url, "--dataset", str(data), "--num-prompts", "3",
+                 "--concurrency", "1,2", "--result-json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    for run in runs:
+        s = run["spec_decode"]
+        assert s["draft_tokens"] > 0 and s["verify_rows"] > 0
+        assert 0.0 <= s["acceptance_rate"] <= 1.0
+        assert 1.0 <= s["mean_accepted_length"] <= 1 + 3   # k = 3
+    assert "speculative decoding: acceptance rate" in capsys.readouterr().out
+    # a server without speculation reports none
+    from server.bench_spec import parse_spec_counters, spec_summary
+
+    assert parse_spec_counters("jserve:num_requests_running 0\n") is None
+    assert spec_summary(None, {"x": 1.0}) is None
