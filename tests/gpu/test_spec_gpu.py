@@ -61,3 +61,33 @@ def test_sampled_self_draft_and_grammar_masks_on_gpu(make_engine):
     got = [o.outputs[0].text for o in run_engine(spec, items)]
     assert got == [o.outputs[0].text for o in run_engine(base, items)]
     assert all(re.fullmatch(pat, t) for t in got), got
+
+
+def test_chained_rows_equal_the_synchronous_loop_on_gpu(xla_cache_dir):
+    """The bundled pair (a draft right about half the time, so rows move by every count from 0
+    to K): the overlapped loop's chained rows (jserve/spec/chain.py) give the synchronous loop's
+    tokens for greedy and seeded random rows, at the default memory share (the speculative step
+    once copied a draft pool layer there and ran out of memory at start-up, session 13)."""
+    from jserve.builder import EngineArgs, build_engine
+
+    args = dict(model="code-small", max_num_seqs=4, max_num_batched_tokens=64, max_model_len=512,
+                compilation_cache_dir=xla_cache_dir,
+                speculative_config={"method": "draft_model", "model": "code-draft",
+                                    "num_speculative_tokens": 4})
+    engine = build_engine(EngineArgs(**args))
+    prompts = ["def fibonacci(n):\n", "import os\nimport sys\n\ndef main():\n",
+               "class Stack:\n    def __init__(self):\n"]
+    sps = [SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True),
+           SamplingParams(temperature=1.0, seed=3, max_tokens=64, ignore_eos=True),
+           SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=64, ignore_eos=True)]
+    from engine_helpers import run_engine
+
+    items = list(zip(prompts, sps, strict=True))
+    with CompileCounter() as c:
+        overlapped = [o.outputs[0].token_ids for o in run_engine(engine, items)]
+    assert c.count == 0
+    engine._overlap = False   # the async_scheduling option on the same engine (test only)
+    sync = [o.outputs[0].token_ids for o in run_engine(engine, items)]
+    assert overlapped == sync
+    assert engine.kv_cache_stats()["spec_decode_num_accepted_tokens"] > 0
+    assert engine.scheduler.kv.pool.num_used == 0
