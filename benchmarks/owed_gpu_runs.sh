@@ -8,7 +8,11 @@
 #   b (1 GPU, ~9 min): speculative decoding tables (benchmarks/spec_decode.py, draft model, k = 2,
 #     4, 6, chained rows and the synchronous loop beside them) and the concurrency sweep that
 #     sets disable_by_batch_size. Session 13 (call 5): k = 4 1.22x at batch 1 (synchronous loop
-#     0.91x), acceptance 0.32. b2 (~9 min): the n-gram tables and the memory budget table.
+#     0.91x), acceptance 0.32. Prediction (chained): k = 2 ~1.2x (a cheaper step, 1.94 tokens per
+#     step), k = 6 ~1.1x (2.38 tokens, two more draft decodes per step); at 256 concurrent requests
+#     below 0.95x without disable_by_batch_size (every step verifies K + 1 positions per row).
+#     b2 (~9 min): the n-gram tables (read while speculating: ~1.2-1.4x at batch 1) and the memory
+#     budget table.
 #   u (1 GPU, ~9 min): start-up phase by phase (benchmarks/startup.py), Qwen2.5-0.5B at max_num_seqs
 #     256 / budget 2048: cold (empty cache), then warm. Session 13: with cuBLAS GEMMs for buckets
 #     >= 128 the probe took 23 s (was 75) and the 16 variants were compiled at 122 s; the run was
