@@ -198,3 +198,44 @@ def test_aborts_and_recompute_preemption_while_chained_rows_are_in_flight(make_e
     for i in (0, 2, 4):
         assert done[str(i)] == want[i]
     assert eng.scheduler.kv.pool.num_used == 0
+
+
+def test_shift_rows_moves_positions_slots_lengths_and_output_index():
+    """The device half by hand: row 1 follows an out row that accepted 2 drafts; row 0 is not
+    moved. Its tokens' positions, KV slots (from its page-table row), its sequence length and
+    output index move by 2; row 0's stay as packed. ``prev_output`` leaves what it reads."""
+    import jax.numpy as jnp
+
+    from jserve.sampling_batch import SamplingBatch
+    from jserve.step_input import StepInput
+
+    num_out, k = 4, 3
+    layout = StepLayout(num_tokens=8, num_rows=4, pages_per_seq=4, page_size=PS)
+    ibuf, _, f = layout.new_buffers()
+    f["shift_row"][1] = 2                      # row 1 follows out row 2 of the previous step
+    f["token_row"][3:7] = 1                    # its 4 tokens
+    prev = chain.prev_output(jnp.array([7, 8, 9, 0]), jnp.arange(12).reshape(4, 3) + 100,
+                             jnp.array([1, 1, 3, 1]), jnp.array([0, 0, 3, 0]), num_out)
+    assert prev.shape == (chain.prev_size(num_out, k),)
+    assert prev[:4].tolist() == [7, 8, 9, 0]
+    assert prev[num_out + 2 * k:num_out + 3 * k].tolist() == [106, 107, 108]
+    assert prev[num_out * (k + 1):].tolist() == [0, 0, 2, 0]          # accepted counts
+    pos = jnp.array([0, 1, 2, 9, 10, 11, 12, 0], jnp.int32)
+    table = jnp.array([[1, 2, 3, 0], [5, 6, 7, 8], [0] * 4, [0] * 4], jnp.int32)
+    batch = StepInput(token_ids=jnp.zeros(8, jnp.int32), positions=pos,
+                      slot_mapping=jnp.full(8, -5, jnp.int32), page_table=table,
+                      seq_lens=jnp.array([3, 13, 0, 0], jnp.int32),
+                      query_start_loc=jnp.array([0, 3, 7, 7, 7], jnp.int32),
+                      num_seqs=jnp.array([2], jnp.int32), logits_indices=jnp.array([2, 6, 0, 0]))
+    z = jnp.zeros(4)
+    sbatch = SamplingBatch(temperature=z, top_k=z, top_p=z, min_p=z, repetition_penalty=z,
+                           presence_penalty=z, frequency_penalty=z, seed=jnp.zeros((4, 2), jnp.uint32),
+                           output_index=jnp.array([0, 5, 0, 0], jnp.int32), banned_ids=None,
+                           history_ids=None, num_prompt=None, want_logprobs=z > 0)
+    b, s = chain.shift_rows(layout, jnp.asarray(ibuf), batch, sbatch, prev, num_out, k)
+    moved = [11, 12, 13, 14]
+    assert b.positions.tolist() == [0, 1, 2, *moved, 0]
+    slots = [table[1, p // PS] * PS + p % PS for p in moved]
+    assert b.slot_mapping.tolist() == [-5, -5, -5, *[int(x) for x in slots], -5]
+    assert b.seq_lens.tolist() == [3, 15, 0, 0] and s.output_index.tolist() == [0, 7, 0, 0]
+    assert b.token_ids.tolist() == [0] * 8 and b.query_start_loc.tolist() == [0, 3, 7, 7, 7]
