@@ -143,10 +143,10 @@ def _recompiled(engine, variant, patch: str):
             return engine.runner.lower_step(variant).compile()
         finally:
             kv_write_api.GPU_KERNEL_MIN_TOKENS = saved
-    if patch.startswith("xla:"):  # one XLA debug option for this compile, e.g. xla:NAME=false
-        name, _, value = patch[4:].partition("=")
-        value = {"true": True, "false": False}.get(value.lower(), value)
-        return engine.runner.lower_step(variant).compile(compiler_options={name: value})
+    if patch.startswith("xla:"):  # XLA debug options for this compile, e.g. xla:NAME=false
+        from benchmarks.compile_ab import options
+
+        return engine.runner.lower_step(variant).compile(compiler_options=options(patch[4:]))
     raise ValueError(f"unknown A/B patch {patch!r}")
 
 

@@ -23,6 +23,12 @@ def test_step_floor_calls_the_decode_step(engine):
     ms, host_ms, idle_ms, kernels = step_floor.floor_a(engine, n=2, context=20)
     assert ms > 0 and host_ms > 0 and idle_ms > 0 and kernels >= 0
     assert np.asarray(engine.runner._prev_tokens).shape[0] >= 1
+    # --ab xla:NAME=VALUE recompiles the decode step with that XLA option (parsed as compile_ab's)
+    decode = StepVariant(engine.runner.bucket_for(1)[0], False, True, True)
+    patched = step_floor._recompiled(engine, decode, "xla:xla_gpu_enable_triton_gemm=false")
+    assert step_floor.floor_a(engine, step=patched, n=2, context=20)[0] > 0
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        step_floor._recompiled(engine, decode, "xla:no_value")
 
 
 def test_cmdbuf_probe_calls_the_decode_step(engine):
