@@ -76,6 +76,19 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror"; }
 
 case "${1:-a}" in
+e)
+  # Is the small model's batch-1 loop bound by XLA re-recording the CUDA graph each call? The
+  # bundled pair at batch 1 (plain, draft model k = 4, n-gram k = 4) with the default BFC client,
+  # the VMM client (SKIP_TEMP in XLA_FLAGS: scratch at fixed addresses) and command buffers off.
+  for mode in default vmm nocmdbuf; do
+    case $mode in default) flags="";; vmm) flags=--xla_gpu_command_buffer_update_mode=SKIP_TEMP;;
+      nocmdbuf) flags=--xla_gpu_enable_command_buffer=;; esac
+    XLA_FLAGS=$flags timeout 185 python3 benchmarks/spec_decode.py --methods draft_model,ngram --ks 4 \
+      --workloads code --num-prompts 8 --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 \
+      --json "$OUT/spec_$mode.json" > "$OUT/spec_$mode.txt" 2>&1
+    echo "### $mode"; grep -v "^W\|WARNING\|^I" "$OUT/spec_$mode.txt" | tail -5
+  done
+  ;;
 sd)
   # Session 13, call 5: sb's speculation half at the default share, after the fix of the
   # speculative step's pool copy (an optimization barrier in draft_step).
