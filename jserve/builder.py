@@ -173,7 +173,7 @@ def runner_state_bytes(config: EngineConfig) -> int:
     return (state_bytes(config.scheduler.max_num_seqs, config.model.vocab_size)
             + logit_state_bytes(config.scheduler.max_num_seqs, config.model.vocab_size)
             + spec_state_bytes(config.speculative, config.scheduler.max_num_seqs,
-                               config.model.vocab_size))
+                               config.model.vocab_size, config.scheduler.max_model_len))
 
 
 def memory_budget(config: EngineConfig, weight_bytes: int, device: jax.Device,

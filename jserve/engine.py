@@ -93,10 +93,6 @@ class LLMEngine:
         self.eos_token_ids: tuple[int, ...] = tuple(eos)
         # Start-up facts (banner, /metrics, jserve plan): ``build`` comes from builder.build_engine.
         self._startup = StartupInfo.create(build, config, num_pages, self.scheduler.max_model_len)
-        # N-gram drafts come from tokens on the host: a step with them is read at once. A
-        # draft model's drafts stay on the device and feed the next step (jserve/spec/chain.py).
-        spec = config.speculative
-        self._host_drafts = spec is not None and spec.method != "draft_model"
         self._overlap = config.scheduler.async_scheduling
         self._in_flight: StepHandle | None = None  # dispatched, results not yet read
         self._scorer: PromptScorer | None = None    # made on the first prompt_logprobs request
@@ -276,18 +272,16 @@ class LLMEngine:
         results of step N are read, so the device never waits for the host; the outputs
         returned are step N's. Synchronous: dispatch, then read the same step's results.
 
-        Speculative decoding (while ``Scheduler.spec_active``): n-gram drafts come from tokens
-        on the host: the step in flight is read first, and a step with draft rows is read right
-        after its dispatch (no overlap while speculating; above ``disable_by_batch_size`` the
-        loop overlaps again). A draft model's drafts are made in the step and stay on the
+        Speculative decoding (while ``Scheduler.spec_active``): the drafts (the draft model's,
+        or n-gram lookup over each slot's token history) are made in the step and stay on the
         device: the next step verifies them while the host reads this one (chained rows,
-        jserve/spec/chain.py), so that loop overlaps as it does without speculation, except
-        while host-masked requests run (their masks follow the drafts: read first, as n-gram).
+        jserve/spec/chain.py), so the loop overlaps as it does without speculation, except
+        while host-masked requests run: their masks follow the drafts, so the step in flight
+        is read first and drafts come from tokens on the host.
         """
         touched: dict[str, None] = {}
-        if (self._in_flight is not None and (self._host_drafts or len(self.constraints))
-                and self.scheduler.spec_active()):
-            # Speculation drafts from tokens on the host: read the step in flight first.
+        if self._in_flight is not None and len(self.constraints) and self.scheduler.spec_active():
+            # Host-masked rows draft from tokens on the host: read the step in flight first.
             self._consume(self._in_flight, touched)
             self._in_flight = None
         sched_out = self.scheduler.schedule()
@@ -319,7 +313,7 @@ class LLMEngine:
             handle = self.runner.dispatch(sched_out) if not sched_out.is_empty else None
         self._stamp_scheduled(sched_out)
         done, self._in_flight = self._in_flight, handle
-        if not self._overlap or (self._host_drafts and sched_out.has_drafts):
+        if not self._overlap:
             if done is not None:
                 self._consume(done, touched)
             done, self._in_flight = handle, None

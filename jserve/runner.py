@@ -132,7 +132,10 @@ class Runner:
         self.mover = KVPageMover(kv, max(self._pages_per_seq, sched.max_num_seqs),
                                  host_slot_counts(config))
         # Speculative decoding: the draft-verifying variants (jserve/spec/verify_step.py).
-        self.spec_steps = SpecSteps(self, spec.num_speculative_tokens, draft) if spec else None
+        self.spec_steps = None
+        if spec is not None:
+            lookup = (spec.prompt_lookup_min, spec.prompt_lookup_max) if spec.method == "ngram" else None
+            self.spec_steps = SpecSteps(self, spec.num_speculative_tokens, draft, lookup)
         # Host-masked rows: forward and sampler as two programs, compiled on first use.
         self.split = SplitPrograms(
             [t for t in self._buckets if t in self.steps.decode and not sched.flash_prefill(t)],
@@ -311,7 +314,10 @@ class Runner:
         for c, s in zip(out.chunks, slots, strict=True):
             if c.new is not None and c.new.history is not None:  # takes the slot: its own counts
                 h, n = c.new.history, c.new.num_prompt
-                self.penalty_state = self._slot_init(self.penalty_state, int(s), h[:n], h[n:])
+                if c.new.params.uses_penalties:
+                    self.penalty_state = self._slot_init(self.penalty_state, int(s), h[:n], h[n:])
+                if self.spec_steps is not None:
+                    self.spec_steps.take_slot(int(s), h)
         fresh = (self.config.scheduler.flash_prefill(layout.num_tokens)
                  and all(c.start == 0 for c in out.chunks))
         params = [self.rows.params[s] for s in slots]

@@ -110,6 +110,10 @@ class Scheduler:
         # draft_model: the drafts each step's result carries, per request: (num_tokens they
         # follow, drafts); the scheduler also reserves K lookahead positions for the draft.
         self._draft_mode = spec is not None and spec.method == "draft_model"
+        # Either proposer drafts on the device too (the draft model; n-gram lookup over the
+        # slot's token history, jserve/spec/token_history.py): a row planned while its
+        # request's previous row is in flight verifies those drafts (chained rows).
+        self._chained = spec is not None
         self._next_drafts: dict[str, tuple[int, list[int]]] = {}
         # Speculative decoding counters (monotonic): verify rows, drafts verified, accepted.
         self.spec_counters = dict(spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
@@ -289,7 +293,7 @@ class Scheduler:
         sp = req.sampling_params
         if sp.uses_penalties or req.num_output_tokens < sp.min_tokens:
             return []
-        chained = req.num_placeholders == 1 and self._draft_mode and not sp.uses_host_masks
+        chained = req.num_placeholders == 1 and self._chained and not sp.uses_host_masks
         if not chained and (req.num_placeholders or req.num_computed_tokens != req.num_tokens - 1):
             return []
         n_out = req.num_output_tokens + req.num_placeholders
@@ -368,13 +372,12 @@ class Scheduler:
             req.num_placeholders += 1
         return chunk
 
-    @staticmethod
-    def _new_data(req: Request) -> NewRequestData:
+    def _new_data(self, req: Request) -> NewRequestData:
         """The runner's per-request data when ``req`` takes a runner slot (admission, or again
-        after a preemption); the penalty history is complete: admission waits for tokens in
-        flight."""
+        after a preemption); the history (for penalties, and for the device n-gram lookup) is
+        complete: admission waits for tokens in flight."""
         sp = req.sampling_params
-        if not sp.uses_penalties:
+        if not (sp.uses_penalties or self._proposer is not None):
             return NewRequestData(req.request_id, sp, req.seed)
         if req.num_placeholders:
             raise AssertionError(f"request {req.request_id!r} takes a runner slot with a token "
@@ -435,7 +438,9 @@ class Scheduler:
                 if req.is_finished:
                     break
             if chunk.num_draft:
-                self._rollback(req, chunk.num_draft, len(tokens))
+                verified = (chunk.num_draft if runner_out.verified_drafts is None
+                            else runner_out.verified_drafts[row])
+                self._rollback(req, chunk.num_draft, len(tokens), verified)
             if runner_out.draft_token_ids is not None and req.status is RequestStatus.RUNNING:
                 # (a preempted request takes another runner slot, where its drafts' q is not:
                 # it drafts again from its first sampled row there)
@@ -452,18 +457,20 @@ class Scheduler:
             self.running = [r for r in self.running if not r.is_finished]
         return touched
 
-    def _rollback(self, req: Request, num_draft: int, num_emitted: int) -> None:
-        """After verifying ``num_draft`` drafts of ``req`` (``num_emitted`` = accepted + 1):
-        move ``num_computed_tokens`` back over the rejected ones (their K/V slots are written
-        again later) and give back the pages past the accepted tokens; count the step."""
+    def _rollback(self, req: Request, num_draft: int, num_emitted: int, verified: int) -> None:
+        """After a row with ``num_draft`` draft positions of ``req`` verified ``verified`` drafts
+        (fewer when the device n-gram lookup found fewer) and emitted ``num_emitted`` = accepted
+        + 1 tokens: move ``num_computed_tokens`` back over the rest (their K/V slots are written
+        again later) and give back the pages past the accepted tokens; count the drafts."""
         accepted = num_emitted - 1
         req.spec_in_flight -= num_draft
-        c = self.spec_counters
-        c["spec_decode_num_drafts"] += 1
-        c["spec_decode_num_draft_tokens"] += num_draft
-        c["spec_decode_num_accepted_tokens"] += accepted
-        c["spec_decode_num_emitted_tokens"] += num_emitted
-        req.spec_num_draft_tokens += num_draft
+        if verified:   # else the row decoded one token: no draft to count
+            c = self.spec_counters
+            c["spec_decode_num_drafts"] += 1
+            c["spec_decode_num_draft_tokens"] += verified
+            c["spec_decode_num_accepted_tokens"] += accepted
+            c["spec_decode_num_emitted_tokens"] += num_emitted
+        req.spec_num_draft_tokens += verified
         req.spec_num_accepted_tokens += accepted
         if req.is_finished:
             return  # its pages are released

@@ -47,10 +47,11 @@ class NewRequestData:
     """What the runner keeps per request from its first row on (and again after a preemption,
     which drops the runner's state): plain values, never the live ``Request``.
 
-    ``history``: only for requests that use penalties: the prompt then the outputs generated
-    so far (none in flight: a request takes a slot only with all its tokens on the host),
-    ``history[:num_prompt]`` the prompt. The runner fills the slot's penalty state from it once;
-    later tokens are counted on the device by the steps that sample them.
+    ``history``: only for requests that use penalties, or all with n-gram speculation: the
+    prompt then the outputs generated so far (none in flight: a request takes a slot only with
+    all its tokens on the host), ``history[:num_prompt]`` the prompt. The runner fills the
+    slot's penalty state (``params.uses_penalties``) and token history (n-gram) from it once;
+    later tokens are counted and recorded on the device by the steps that compute them.
     """
 
     req_id: str
@@ -145,6 +146,8 @@ class RunnerOutput:
     top_ids / top_logprobs: per row, per token: the top-N alternatives, or None
     draft_token_ids:   speculative decoding with a draft model: per row, the drafts it proposed
                        after this step's tokens (the next step's draft rows)
+    verified_drafts:   speculative decoding: per row, the drafts it verified (its ``num_draft``
+                       less the device n-gram lookup's missing ones); None: ``num_draft``
     """
 
     sampled_token_ids: list[list[int]]
@@ -152,3 +155,4 @@ class RunnerOutput:
     top_ids: list[list[list[int]]] | None = None
     top_logprobs: list[list[list[float]]] | None = None
     draft_token_ids: list[list[int]] | None = None  # per row: the draft model's next drafts
+    verified_drafts: list[int] | None = None

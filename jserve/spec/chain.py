@@ -1,4 +1,4 @@
-"""Chained verify rows: speculative decoding with a draft model in the overlapped loop.
+"""Chained verify rows: speculative decoding in the overlapped loop (draft model or n-gram).
 
 Where it sits: between the scheduler's plan for step N+1, made while step N is in flight, and
 the speculative step executable (``verify_step.spec_step``). A verify row emits 1 + a tokens
@@ -7,7 +7,8 @@ loop read every speculative step right after dispatching it. Instead the next ro
 is planned as if none of its in-flight drafts were accepted and the device moves it::
 
     step N (in flight)   row [t, d_1 .. d_K] at p .. p + K  -> emits 1 + a tokens; the draft model
-                         drafts e_1 .. e_K after them; out: last token, e_1 .. e_K, a (per row)
+                         (or the n-gram lookup, spec/token_history.py) drafts e_1 .. e_K after
+                         them; out: last token, e_1 .. e_K, a (per row)
     step N+1 (planned)   row [placeholder, e_1 .. e_K] at p + 1 ..   (the host's "a = 0")
                          on the device: tokens fed from step N's output (``prev_index``),
                          positions, KV slots, seq_len and output index + a
@@ -16,7 +17,7 @@ The previous-step output the runner feeds from (``Runner._prev_tokens``) holds, 
 of the step that wrote it::
 
     [0, S)                 last emitted token of row r            (every step variant)
-    [S + r K + j]          the draft model's draft j after it     (j < K)
+    [S + r K + j]          the next draft j after it (j < K; n-gram: -1 if none was found)
     [S (K + 1) + r]        a: the drafts row r accepted (0: it had none)
 
 Host fields (``StepLayout``): ``shift_row[r]``: the out row of step N whose a moves row r

@@ -109,9 +109,11 @@ def canonical_json(value: Any) -> str:
     return cfg.to_json()
 
 
-def spec_state_bytes(spec: SpeculativeConfig | None, max_num_seqs: int, vocab_size: int) -> int:
+def spec_state_bytes(spec: SpeculativeConfig | None, max_num_seqs: int, vocab_size: int,
+                     max_model_len: int) -> int:
     """Device bytes speculative decoding keeps beside the pools (per device): the draft
     model's q of each slot's drafts, f32[max_num_seqs + 1, K, V] (``SpecSteps.draft_probs``),
+    or n-gram's token history, int32[max_num_seqs + 1, max_model_len] (``token_history``),
     and the token-mask rows of the K verify positions past the first (``LogitState``, int32
     [max_num_seqs * K, ceil(V / 32) + 2 * MAX_LOGIT_BIAS])."""
     if spec is None:
@@ -120,6 +122,7 @@ def spec_state_bytes(spec: SpeculativeConfig | None, max_num_seqs: int, vocab_si
 
     k = spec.num_speculative_tokens
     masks = max_num_seqs * k * (-(-vocab_size // 32) + 2 * MAX_LOGIT_BIAS) * 4
-    probs = (max_num_seqs + 1) * k * vocab_size * 4 if spec.method == "draft_model" else 0
-    return masks + probs
+    if spec.method == "draft_model":
+        return masks + (max_num_seqs + 1) * k * vocab_size * 4
+    return masks + (max_num_seqs + 1) * max_model_len * 4
 

@@ -1,8 +1,11 @@
 """N-gram (prompt-lookup) proposer: draft tokens copied from earlier in the sequence, host side.
 
 Where it sits: ``Scheduler.schedule`` asks it for the drafts of a request whose tokens are all
-known on the host (no token in flight); the drafts become extra query rows of the request's
-step and are verified by the rejection sampler as point masses.
+known on the host (no token in flight: its first row in a runner slot, host-masked requests,
+the synchronous loop); the drafts become extra query rows of the request's step and are
+verified by the rejection sampler as point masses. Rows planned while the request's previous
+row is in flight take the drafts the step made on the device by the same rule
+(``token_history.propose``, tested against this).
 
 For n from ``prompt_lookup_max`` down to ``prompt_lookup_min``: take the last n tokens, find
 their most recent earlier occurrence in the sequence (prompt + outputs), and propose the (up to

@@ -15,8 +15,9 @@ buffer's ``num_draft[r]`` marks the last tokens of row r as drafts). The executa
        -> tokens [R, K + 1], num_emitted [R]
     -> the S-vector of each row's last emitted token (feeds placeholders of the next step,
        as the ordinary variants' output does), the penalty counts of that token; with a draft
-       model also the next drafts and the accepted counts after it (``chain``: the next step,
-       planned while this one is in flight, is fed and moved from them)
+       model or n-gram lookup (its token history recorded, ``token_history``) also the next
+       drafts and the accepted counts after it (``chain``: the next step, planned while this
+       one is in flight, is fed and moved from them)
 
 Rows without drafts (prefill chunks, decode rows of requests that do not speculate) get
 exactly the ordinary sampler's token in column 0. Variants: (token bucket, greedy); the greedy
@@ -44,7 +45,7 @@ from jserve.model.decoder import hidden_states, logits_from_hidden
 from jserve.penalty_state import penalized_logits, record_tokens
 from jserve.sampler import apply_bans, raw_logprobs, top_k_rows
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
-from jserve.spec import chain
+from jserve.spec import chain, token_history
 from jserve.spec.draft import DraftModel, draft_step
 from jserve.spec.rejection import expand_rows, rejection_sample
 from jserve.step_buffers import StepLayout
@@ -58,16 +59,18 @@ TOP_N = 20
 
 
 def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy: bool, mesh: Mesh,
-              draft_cfg: Any, params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
-              prev_tokens: jax.Array, joint: jax.Array, draft_params: Any,
-              draft_kv: KVCache | None, draft_probs: jax.Array | None,
-              masks: jax.Array | None = None) -> tuple:
+              draft_cfg: Any, lookup: tuple[int, int] | None, params: Any, kv: KVCache,
+              pen: jax.Array | None, table: jax.Array, prev_tokens: jax.Array, joint: jax.Array,
+              draft_params: Any, draft_kv: KVCache | None, draft_probs: jax.Array | None,
+              hist: jax.Array | None, masks: jax.Array | None = None) -> tuple:
     """-> (kv, pen, table, previous-step output (last tokens int32[S]; with a draft model
     int32[S (K + 2)], ``chain``), tokens int32[R, K + 1], num_emitted int32[R],
     logprobs f32[R, K + 1], top_ids int32[R, K + 1, N], top_logprobs f32[R, K + 1, N],
-    draft_kv, next drafts int32[R, K], draft_probs). Arguments as ``step_program.fused_step``;
-    ``num_spec`` (static) is K; ``draft_cfg`` (static) the draft model's config, or None
-    (n-gram: no draft model, draft_kv None, next drafts zero); draft_probs: f32[S + 1, K, V]
+    draft_kv, next drafts int32[R, K], draft_probs, hist, verified drafts int32[R]). Arguments
+    as ``step_program.fused_step``; ``num_spec`` (static) is K; ``draft_cfg`` (static) the draft
+    model's config, or None (n-gram: no draft model, draft_kv None); ``lookup`` (static):
+    n-gram on the device, (prompt_lookup_min, prompt_lookup_max), its token history ``hist``
+    int32[S + 1, L] (``token_history``; else None and next drafts zero); draft_probs: f32[S + 1, K, V]
     per slot, the distributions its random rows' drafts were sampled from (the draft model's
     general variant; else None): read to verify this step's drafts, written with the next;
     masks: the per-(slot, position) token masks / biases (``structured.logit_state``; None in
@@ -76,19 +79,21 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
     table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
     num_draft = layout.read(ibuf, "num_draft")
     fed = prev_tokens[jnp.maximum(prev_index, 0)]
-    token_ids = jnp.where(prev_index >= 0, fed, batch.token_ids)
-    batch = dataclasses.replace(batch, token_ids=token_ids)
-    chained = draft_cfg is not None   # rows planned while the previous step was in flight
-    if chained:
-        batch, sbatch = chain.shift_rows(layout, ibuf, batch, sbatch, prev_tokens, num_out, num_spec)
-    h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
+    token_ids = jnp.where(prev_index >= 0, fed, batch.token_ids)   # -1: a draft not found
     r, k1 = layout.num_rows, num_spec + 1
     last = batch.logits_indices[:, None]
     cols = jnp.arange(k1)[None, :]
     idx = jnp.clip(last - num_draft[:, None] + cols, 0, last)                  # [R, K + 1]
+    drafts = token_ids[idx[:, 1:]]                                             # [R, K]
+    verified = verified_drafts(drafts, num_draft)
+    drafts = jnp.maximum(drafts, 0)
+    batch = dataclasses.replace(batch, token_ids=jnp.maximum(token_ids, 0))
+    chained = draft_cfg is not None or lookup is not None   # planned while the previous step ran
+    if chained:
+        batch, sbatch = chain.shift_rows(layout, ibuf, batch, sbatch, prev_tokens, num_out, num_spec)
+    h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
     logits = logits_from_hidden(cfg, params, h[idx.reshape(-1)]).astype(jnp.float32)
     v = logits.shape[1]
-    drafts = token_ids[idx[:, 1:]]                                             # [R, K]
     vbatch = expand_rows(sbatch, k1)
     x = logits
     if pen is not None:
@@ -105,7 +110,7 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
     if draft_probs is not None:   # row r's q is draft_probs[slot[r]] (null row: not sampling)
         row_slot = layout.read(ibuf, "row_slot")
         slot = jnp.where((row_slot >= 0) & (samples > 0), row_slot, draft_probs.shape[0] - 1)
-    tokens, num = rejection_sample(x.reshape(r, k1, v), drafts, num_draft, sbatch,
+    tokens, num = rejection_sample(x.reshape(r, k1, v), drafts, verified, sbatch,
                                    all_greedy=greedy, draft_probs=draft_probs, draft_slot=slot)
     last_tok = jnp.take_along_axis(tokens, (num - 1)[:, None], axis=1)[:, 0]
     if pen is not None:
@@ -133,9 +138,28 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
             draft_cfg, draft_params, draft_kv, batch, samples, num_draft, tokens, num, num_spec,
             layout.page_size, mesh, None if greedy else sbatch, draft_probs, slot)
         out = chain.prev_output(last_tok, nxt, num, num_draft, num_out)
+    elif lookup is not None:
+        row_slot = layout.read(ibuf, "row_slot")
+        hist = token_history.record(
+            hist, token_history.token_slots(row_slot, batch.query_start_loc, layout.num_tokens),
+            batch.positions, batch.token_ids)
+        last_pos = batch.positions[batch.logits_indices] - num_draft + num
+        hist, nxt = token_history.step_drafts(hist, row_slot, samples, last_pos, last_tok,
+                                              num_spec, *lookup)
+        out = chain.prev_output(last_tok, nxt, num, num_draft, num_out)
     else:
         out = jnp.zeros((num_out,), jnp.int32).at[:r].set(last_tok)
-    return kv, pen, table, out, tokens, num, lp, top_ids, top_lp, draft_kv, nxt, draft_probs
+    return (kv, pen, table, out, tokens, num, lp, top_ids, top_lp, draft_kv, nxt, draft_probs,
+            hist, verified)
+
+
+def verified_drafts(drafts: jax.Array, num_draft: jax.Array) -> jax.Array:
+    """Inside jit: the drafts each row verifies: its first ``num_draft[r]`` up to the first
+    missing one (-1: the device n-gram lookup found fewer than K) -> int32[R].
+    drafts: int32[R, K]."""
+    k = drafts.shape[1]
+    known = (drafts >= 0) & (jnp.arange(k)[None, :] < num_draft[:, None])
+    return jnp.sum(jnp.cumprod(known.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
 
 
 @dataclass
@@ -148,21 +172,25 @@ class SpecStepHandle:
     logprobs: tuple[jax.Array, ...] | None  # ([R, K + 1], [R, K + 1, N], [R, K + 1, N]) if asked
     top_n: tuple[int, ...]
     drafts: jax.Array | None = None         # int32[R, K] the draft model's next drafts
+    verified: jax.Array | None = None       # int32[R] drafts verified (n-gram lookup)
 
     def result(self) -> RunnerOutput:
         chunks = self.sched_out.chunks
         tokens, num = np.asarray(self.tokens), np.asarray(self.num_emitted)
         sampled = [tokens[r, :num[r]].tolist() if c.samples else [] for r, c in enumerate(chunks)]
-        drafts = None
+        drafts = verified = None
         if self.drafts is not None:
             d = np.asarray(self.drafts)
             drafts = [d[r].tolist() if c.samples else [] for r, c in enumerate(chunks)]
+        if self.verified is not None:
+            verified = np.asarray(self.verified)[:len(chunks)].tolist()
         if self.logprobs is None:
-            return RunnerOutput(sampled, draft_token_ids=drafts)
+            return RunnerOutput(sampled, draft_token_ids=drafts, verified_drafts=verified)
         lp, ids, tlp = (np.asarray(a) for a in self.logprobs)
         rows = range(len(chunks))
         return RunnerOutput(
-            sampled, draft_token_ids=drafts, logprobs=[lp[r, :max(1, num[r])].tolist() for r in rows],
+            sampled, draft_token_ids=drafts, verified_drafts=verified,
+            logprobs=[lp[r, :max(1, num[r])].tolist() for r in rows],
             top_ids=[[ids[r, j, :t].tolist() for j in range(max(1, num[r]))]
                      for r, t in zip(rows, self.top_n, strict=True)],
             top_logprobs=[[tlp[r, j, :t].tolist() for j in range(max(1, num[r]))]
@@ -172,11 +200,15 @@ class SpecStepHandle:
 class SpecSteps:
     """The runner's speculative variants: compiled at warm-up, dispatched for draft steps."""
 
-    def __init__(self, runner: Runner, num_spec: int, draft: DraftModel | None = None) -> None:
+    def __init__(self, runner: Runner, num_spec: int, draft: DraftModel | None = None,
+                 lookup: tuple[int, int] | None = None) -> None:
         """``draft``: the draft model (its pool allocated): every step then runs here, the
-        draft's K/V kept in step with the target's (page moves mirrored by ``move``)."""
+        draft's K/V kept in step with the target's (page moves mirrored by ``move``).
+        ``lookup``: n-gram drafts on the device, (prompt_lookup_min, prompt_lookup_max): every
+        step runs here too and keeps each slot's tokens (``token_history``)."""
         self.num_spec = num_spec
         self.draft = draft
+        self.lookup = lookup
         self.mover = None
         if draft is not None:
             self.mover = KVPageMover(draft.kv, max(runner._pages_per_seq,
@@ -193,6 +225,12 @@ class SpecSteps:
         if draft is not None:
             shape = (sched.max_num_seqs + 1, num_spec, runner.config.model.vocab_size)
             self.draft_probs = jax.device_put(np.zeros(shape, np.float32), runner._replicated)
+        self.hist, self._hist_init = None, None
+        if lookup is not None:
+            self._hist_init = token_history.HistoryInit(sched.max_num_seqs, sched.max_model_len,
+                                                        runner._replicated)
+            self.hist = self._hist_init.zeros()
+        if self.every_step:
             # Every step runs here and leaves the chained output (jserve/spec/chain.py).
             runner._prev_tokens = jax.device_put(
                 np.zeros(chain.prev_size(runner._num_out, num_spec), np.int32), runner._replicated)
@@ -207,8 +245,14 @@ class SpecSteps:
 
     @property
     def every_step(self) -> bool:
-        """With a draft model every step runs here (the draft sees every token)."""
-        return self.draft is not None
+        """With a draft model or the device n-gram lookup every step runs here (the draft /
+        the token history sees every token)."""
+        return self.draft is not None or self.lookup is not None
+
+    def take_slot(self, slot: int, history: tuple[int, ...]) -> None:
+        """A request takes ``slot`` with these tokens (prompt + outputs): its token history."""
+        if self._hist_init is not None:
+            self.hist = self._hist_init(self.hist, slot, history)
 
     def move(self, transfers: Any) -> None:
         """Mirror the step's page moves on the draft's pool (twin pages)."""
@@ -221,11 +265,12 @@ class SpecSteps:
 
     def _args(self, runner: Runner, greedy: bool, joint: Any) -> tuple:
         """The executable's arguments (params, kv, penalty state, slot table, previous-step
-        output, the packed input, draft params, draft kv, draft_probs, token masks)."""
+        output, the packed input, draft params, draft kv, draft_probs, token history, token
+        masks)."""
         _, dparams, dkv = self._draft_args()
         return (runner.params, runner.kv, None if greedy else runner.penalty_state,
                 runner.slot_table, runner._prev_tokens, joint, dparams, dkv,
-                None if greedy else self.draft_probs,
+                None if greedy else self.draft_probs, self.hist,
                 None if greedy else runner.logit_state.device)
 
     def _keep(self, runner: Runner, outs: tuple) -> tuple:
@@ -238,23 +283,26 @@ class SpecSteps:
             self.draft.kv = outs[9]
         if outs[11] is not None:
             self.draft_probs = outs[11]
-        return outs[4:9] + (outs[10],)
+        if outs[12] is not None:
+            self.hist = outs[12]
+        return outs[4:9] + (outs[10], outs[13])
 
     def _lower(self, runner: Runner, variant: tuple[int, bool]) -> Any:
         t, greedy = variant
         layout = runner.layout(t)
         dcfg, dparams, dkv = self._draft_args()
         fn = functools.partial(spec_step, runner.config.model, layout, runner._num_out,
-                               self.num_spec, greedy, runner.mesh, dcfg)
+                               self.num_spec, greedy, runner.mesh, dcfg, self.lookup)
         rep = runner._replicated
         ibuf, _, _ = layout.new_buffers()
         args = self._args(runner, greedy, jax.device_put(layout.joint(ibuf), rep))
         kv_sh = jax.tree.map(lambda a: a.sharding, runner.kv)
         dkv_sh = None if dkv is None else jax.tree.map(lambda a: a.sharding, dkv)
-        dp_sh = None if args[9] is None else rep
-        return jax.jit(fn, donate_argnums=(1, 2, 3, 4, 7, 8),
+        dp_sh = None if args[8] is None else rep
+        hist_sh = None if self.hist is None else rep
+        return jax.jit(fn, donate_argnums=(1, 2, 3, 4, 7, 8, 9),
                        out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 7
-                       + (dkv_sh, rep, dp_sh)).lower(*args)
+                       + (dkv_sh, rep, dp_sh, hist_sh, rep)).lower(*args)
 
     def compile(self, runner: Runner, say: Callable[[str], None], threads: int) -> None:
         """Compile every speculative variant (``threads`` at once); the pools may be abstract."""
@@ -279,6 +327,10 @@ class SpecSteps:
             self._keep(runner, self._compiled[v](*self._args(runner, v[1], joint)))
         if self.draft is not None:
             self.draft.kv = self.mover.warmup(self.draft.kv)
+        if self._hist_init is not None:   # each history init once (row 0 written, then zeros)
+            self._hist_init.compile(self.hist)
+            for b in self._hist_init.buckets:
+                self.hist = self._hist_init(self.hist, 0, [0] * b)
 
     def dispatch(self, runner: Runner, out: SchedulerOutput, layout: StepLayout, params: list,
                  joint: Any, masked: bool = False) -> SpecStepHandle:
@@ -289,7 +341,7 @@ class SpecSteps:
         greedy = (t in self._greedy_buckets and not masked
                   and greedy_rows(p for c, p in zip(out.chunks, params, strict=True) if c.samples))
         runner.logit_state.flush()
-        tokens, num, lp, top_ids, top_lp, drafts = self._keep(
+        tokens, num, lp, top_ids, top_lp, drafts, verified = self._keep(
             runner, self._compiled[(t, greedy)](*self._args(runner, greedy, joint)))
         if self.draft is not None:
             drafts.copy_to_host_async()
@@ -300,6 +352,6 @@ class SpecSteps:
                       for c, p in zip(out.chunks, params, strict=True))
         want = any(c.samples and p.logprobs is not None for c, p in zip(out.chunks, params, strict=True))
         logprobs = (lp, top_ids, top_lp) if want else None
-        for a in (tokens, num, *(logprobs or ())):
+        for a in (tokens, num, verified, *(logprobs or ())):
             a.copy_to_host_async()
-        return SpecStepHandle(out, tokens, num, logprobs, top_n, drafts)
+        return SpecStepHandle(out, tokens, num, logprobs, top_n, drafts, verified)

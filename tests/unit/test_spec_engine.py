@@ -124,6 +124,42 @@ def test_rollback_leaves_exactly_the_accepted_tokens(base, spec):
     assert spec.kv_cache_stats()["prefix_cache_hits_device"] > hits
 
 
+def test_ngram_drafts_chain_in_the_overlapped_loop(spec):
+    """The lookup runs on the device: while speculating the loop keeps a step in flight, the
+    next rows verify drafts the in-flight step made (``device_drafts``), and each running
+    request's slot history holds its tokens (a prefix hit's cached prompt included)."""
+    ps = _prompts()
+    sched, runner = spec.scheduler, spec.runner
+    run_engine(spec, [(ps[0], _greedy(max_tokens=8))])
+    run_engine(spec, [(ps[3], _greedy(max_tokens=8))])   # its slot's history: other tokens
+    schedule, plans = sched.schedule, []
+
+    def counting():
+        out = schedule()
+        plans.append(out)
+        return out
+
+    sched.schedule = counting
+    try:
+        for p in (ps[0] + [7], ps[1]):                     # the first: a prefix hit
+            spec.add_request(None, p, _greedy(max_tokens=30))
+        in_flight = checked = 0
+        while spec.has_unfinished_requests():
+            spec.step()
+            if plans[-1].has_drafts:
+                in_flight += spec._in_flight is not None
+            hist = np.asarray(runner.spec_steps.hist)
+            for r in sched.running:
+                s = runner.rows.slot_of(r.request_id)
+                assert hist[s, :r.num_tokens].tolist() == list(r.all_token_ids), r.request_id
+                checked += 1
+    finally:
+        sched.schedule = schedule
+    chained = sum(c.device_drafts for out in plans for c in out.chunks)
+    drafted = sum(out.has_drafts for out in plans)
+    assert chained > 0 and in_flight == drafted > 0 and checked > 0
+
+
 def test_seeded_sampling_is_reproducible_and_batch_invariant(spec):
     ps = _prompts()
     sp = SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=20, ignore_eos=True)

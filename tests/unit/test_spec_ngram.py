@@ -1,9 +1,13 @@
-"""The n-gram (prompt-lookup) proposer."""
+"""The n-gram (prompt-lookup) proposer: on the host, and on the device over token histories."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from jserve.spec import token_history
 from jserve.spec.ngram import NgramProposer
 
 
@@ -40,3 +44,49 @@ def test_bad_lookup_window_names_the_field():
         NgramProposer(3, 2)
     with pytest.raises(ValueError, match="prompt_lookup_min"):
         NgramProposer(0, 2)
+
+
+@pytest.mark.parametrize("min_n,max_n,k", [(1, 3, 3), (2, 5, 4), (1, 1, 2), (3, 3, 6)])
+def test_device_lookup_proposes_what_the_host_proposer_does(min_n, max_n, k):
+    """``token_history.propose`` over padded histories (stale tokens past each length) gives
+    the host proposer's drafts, -1 past them, for random sequences over a small vocabulary
+    (many matches) and the hand-made cases above."""
+    rng = np.random.default_rng(min_n * 100 + max_n * 10 + k)
+    width = 40
+    seqs = [rng.integers(0, 4, rng.integers(1, width + 1)).tolist() for _ in range(60)]
+    seqs += [[1, 2, 3, 9, 8, 7, 5, 2, 3, 6, 1, 2, 3], [4, 5, 6, 4, 7, 4], [5], [5, 5], [1, 2, 1],
+             list(range(10, 30)) + [7] + list(range(10, 16))]
+    rows = rng.integers(0, 4, (len(seqs), width)).astype(np.int32)   # stale tails
+    for i, sq in enumerate(seqs):
+        rows[i, :len(sq)] = sq
+    lengths = np.array([len(sq) for sq in seqs], np.int32)
+    got = np.asarray(jax.jit(token_history.propose, static_argnums=(2, 3, 4))(
+        jnp.asarray(rows), jnp.asarray(lengths), k, min_n, max_n))
+    host = NgramProposer(min_n, max_n)
+    for i, sq in enumerate(seqs):
+        want = host.propose(sq, k)
+        assert got[i].tolist() == want + [-1] * (k - len(want)), (sq, got[i])
+
+
+def test_step_records_tokens_and_proposes_from_each_slots_history():
+    """``record`` puts a step's tokens at (slot, position), padding dropped; ``step_drafts``
+    records each sampling row's emitted token and proposes from its slot's row; the rows'
+    drafts verified stop at the first missing one."""
+    from jserve.spec.verify_step import verified_drafts
+
+    hist = jnp.zeros((3, 16), jnp.int32)     # 2 slots + the null row
+    row_slot = jnp.array([1, 0, -1], jnp.int32)
+    qsl = jnp.array([0, 5, 6, 6], jnp.int32)   # row 0: 5 tokens, row 1: 1 token, row 2: padding
+    slots = token_history.token_slots(row_slot, qsl, 8)
+    assert slots.tolist() == [1, 1, 1, 1, 1, 0, -1, -1]
+    hist = token_history.record(hist, slots, jnp.array([0, 1, 2, 3, 4, 7, 0, 0]),
+                                jnp.array([6, 7, 8, 6, 7, 9, 5, 5]))
+    assert np.asarray(hist)[1, :5].tolist() == [6, 7, 8, 6, 7] and int(hist[0, 7]) == 9
+    assert not np.asarray(hist)[2].any()     # padding tokens went nowhere
+    hist, drafts = token_history.step_drafts(
+        hist, row_slot, jnp.array([1, 0, 0]), jnp.array([5, 8, 0]), jnp.array([8, 4, 4]), 3, 1, 3)
+    assert np.asarray(hist)[1, :6].tolist() == [6, 7, 8, 6, 7, 8]
+    assert int(hist[0, 8]) == 0               # a row that does not sample records nothing
+    assert np.asarray(drafts).tolist() == [[6, 7, 8], [-1, -1, -1], [-1, -1, -1]]
+    assert verified_drafts(jnp.array([[4, 5, -1], [4, -1, 6], [1, 2, 3]]),
+                           jnp.array([3, 3, 2])).tolist() == [2, 1, 2]
