@@ -76,6 +76,16 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror"; }
 
 case "${1:-a}" in
+n)
+  # N-gram rows chained on the device (session 14) against the same engine's synchronous loop
+  # (host lookup, each step read before the next: the n-gram loop before), the draft model
+  # beside; share 0.5 (call e's default-client runs at 0.9 spent their 185 s in XLA's
+  # rematerialization pass and printed nothing).
+  timeout 450 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code,copy \
+    --num-prompts 8 --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 --sync-too \
+    --gpu-memory-utilization 0.5 --json "$OUT/spec_chain.json" > "$OUT/spec_chain.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_chain.txt" | tail -8
+  ;;
 e)
   # Is the small model's batch-1 loop bound by XLA re-recording the CUDA graph each call? The
   # bundled pair at batch 1 (plain, draft model k = 4, n-gram k = 4) with the default BFC client,

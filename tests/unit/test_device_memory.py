@@ -130,6 +130,23 @@ def test_the_probe_measures_the_speculative_step_of_a_draft_model(make_engine):
     assert measure_activation_bytes(engine.config, r.params, r.mesh, r.spec_steps.draft) == real + move
 
 
+def test_the_probe_measures_the_speculative_step_of_ngram_lookup(make_engine):
+    """With n-gram drafts every step runs the speculative variant, which records tokens into
+    the slot histories and looks up drafts: a 100-page engine's step needs what the 2-page
+    probe measured (the history is runner state, counted apart by ``spec_state_bytes``)."""
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+             "prompt_lookup_max": 3}
+    engine = make_engine("llama", max_num_batched_tokens=64, max_num_seqs=8, num_pages=100,
+                         speculative_config=ngram)
+    r = engine.runner
+    real = compiled_extra_bytes(r.spec_steps._compiled[(64, False)])
+    gather, scatter = (low.compile() for low in r.mover.lower_largest_moves(r.kv))
+    move = (compiled_extra_bytes(gather) + gather.memory_analysis().output_size_in_bytes
+            + compiled_extra_bytes(scatter))
+    assert real > 0 and move > 0
+    assert measure_activation_bytes(engine.config, r.params, r.mesh) == real + move
+
+
 class _StartedGpu:
     """A GPU whose allocator JAX created before the engine, with its default share (0.75)."""
 
