@@ -12,6 +12,8 @@ device with different inputs held fixed, to find which buffers move:
                overlapped loop's way: a fresh output cannot take the address it had)
   numpy input  the packed input handed over as a host array (the engine's way)
   device_put   the packed input uploaded by ``jax.device_put`` right before the call (timed too)
+  staged       the host array copied into a fixed device buffer (``jserve.staged_input``), then
+               the step called on that buffer (both timed): the step's graph sees no moved input
   + the XLA option ``xla_gpu_command_buffer_update_mode`` for each of the above (``--modes``;
     given only to the compile, the client keeps its BFC allocator; set in ``XLA_FLAGS`` before
     the start, it switches the client to the VMM allocator, which the option's VA remapping needs)
@@ -39,11 +41,12 @@ import numpy as np
 
 from benchmarks.step_floor import decode_inputs
 from jserve.builder import EngineArgs, build_engine
+from jserve.staged_input import StagedInputs
 from jserve.step_program import StepVariant
 
 
 def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int = 300, hold: bool = False,
-                 numpy_input: bool = False, put_input: bool = False) -> float:
+                 numpy_input: bool = False, put_input: bool = False, staged: bool = False) -> float:
     """Median host ms of one call of ``step`` (a batch-1 decode at ``context``) started on an
     idle device. ``hold``: the previous call's host-facing token output stays alive during the
     call (the overlapped loop reads it only after dispatching the next step); ``numpy_input``:
@@ -51,7 +54,8 @@ def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int 
     ``put_input``: uploaded by ``jax.device_put`` just before the call (timed with it)."""
     r = engine.runner
     joint = decode_inputs(engine, context)
-    if numpy_input or put_input:
+    stage = StagedInputs([joint.shape[0]], r._replicated) if staged else None
+    if numpy_input or put_input or staged:
         joint = np.asarray(joint)
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
     times, held = [], None
@@ -60,6 +64,8 @@ def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int 
         jax.block_until_ready((kv, table, prev))
         t0 = time.perf_counter()
         arg = jax.device_put(joint) if put_input else joint
+        if staged:
+            arg = stage.put(joint)
         kv, _, table, tokens, out, *_ = step(r.params, kv, None, table, prev, arg, None)
         if i >= 5:
             times.append(time.perf_counter() - t0)
@@ -109,12 +115,15 @@ def main() -> None:
         compiler_options=compile_options(mode)) for mode in ns.modes.split(",")}
     print(f"\n## {ns.model} ({jax.devices()[0].device_kind}): host ms of one decode-step call, idle device")
     print("| compile | prev_tokens in place | prev_tokens moving | in place, previous output held | "
-          "in place, numpy input | held + numpy input (the engine's loop) | device_put input + call |")
-    print("|---|---|---|---|---|---|---|")
+          "in place, numpy input | held + numpy input (the engine's loop) | device_put input + call | "
+          "staged input + call | held + staged |")
+    print("|---|---|---|---|---|---|---|---|---|")
     columns = {"in place": dict(in_place=True), "moving": dict(in_place=False),
                "held": dict(in_place=True, hold=True), "numpy": dict(in_place=True, numpy_input=True),
                "held+numpy": dict(in_place=True, hold=True, numpy_input=True),
-               "device_put": dict(in_place=True, put_input=True)}
+               "device_put": dict(in_place=True, put_input=True),
+               "staged": dict(in_place=True, staged=True),
+               "held+staged": dict(in_place=True, hold=True, staged=True)}
     for name, step in steps.items():
         cols = []
         for col, kw in columns.items():

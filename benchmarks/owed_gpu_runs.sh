@@ -76,6 +76,17 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror"; }
 
 case "${1:-a}" in
+st)
+  # Staged step inputs (session 14): each step's packed host input copied into a fixed device
+  # buffer, so the step's CUDA graph sees no moved input (XLA re-points every node that reads a
+  # moved buffer: ~1 ms per call on Qwen's decode step, session 12). A3/B3 beside A/B.
+  timeout 330 python3 benchmarks/step_floor.py code-small,qwen2.5-0.5b --max-num-batched-tokens 16 \
+    --staged 2>&1 | table | tee "$OUT/floor_staged.txt"
+  timeout 220 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
+    --num-prompts 8 --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 --staged \
+    --gpu-memory-utilization 0.5 --json "$OUT/spec_staged.json" > "$OUT/spec_staged.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_staged.txt" | tail -6
+  ;;
 n)
   # N-gram rows chained on the device (session 14) against the same engine's synchronous loop
   # (host lookup, each step read before the next: the n-gram loop before), the draft model

@@ -137,6 +137,9 @@ def _args() -> argparse.Namespace:
                     help="the engines' memory share (default: the engine's)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="the step budget (default: the engine's; smaller: fewer buckets to compile)")
+    ap.add_argument("--staged", action="store_true",
+                    help="every engine copies its step inputs into fixed device buffers "
+                    "(Runner.stage_inputs)")
     ap.add_argument("--sync-too", action="store_true",
                     help="also time batch 1 of each speculative engine with the synchronous loop "
                          "(a draft model's only loop before chained rows, session 13)")
@@ -212,6 +215,8 @@ def main() -> None:
 
     def measured(args: EngineArgs) -> dict:
         engine = build_engine(args)
+        if ns.staged:
+            engine.runner.stage_inputs()
         try:
             out = _measure(engine, b1_loads, sweep, ns.sweep_workload,
                            workloads.get(ns.sweep_workload, []))

@@ -12,7 +12,9 @@ For each model shape (random weights, bf16):
         [--trace DIR] [--compile-threads N]
 
 --twins adds A2 and B2: the decode step as two executables called in turn (``Runner.compile_twins``:
-does the per-call CUDA-graph update wait for the graph's previous launch?).
+does the per-call CUDA-graph update wait for the graph's previous launch?). --staged adds A3 and
+B3: each step's input copied into a fixed device buffer (``Runner.stage_inputs``), so the step's
+CUDA graph sees no moved input.
 --dump writes the optimized program of each model's decode step (``<model>.decode_step.hlo.txt``)
 for reading its kernels offline; --trace records a profiler trace of 20 steps of A (host and
 device timelines: is the call waiting for the device?); --compile-threads overrides how many
@@ -71,24 +73,30 @@ def decode_inputs(engine, context: int = 300) -> jax.Array:
 
 
 def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | None = None,
-            trace: str | None = None) -> tuple[float, float, float, int]:
+            trace: str | None = None, staged=None) -> tuple[float, float, float, int]:
     """-> (ms per step, host ms inside the call back to back, host ms of one call on an idle
     device, kernels per step) for the 1-token bucket; ``step`` defaults to the engine's own
-    greedy decode-only variant."""
+    greedy decode-only variant. ``staged``: a ``StagedInputs``: each call's input is the host
+    array copied into its fixed device buffer (timed with the call), else one device array."""
     r = engine.runner
     step = step or r._compiled[StepVariant(r.bucket_for(1)[0], False, True, True)]
     steps = step if isinstance(step, tuple) else (step,)   # a tuple: executables called in turn
     step = steps[0]
     joint = decode_inputs(engine, context)
+    host_joint = np.asarray(joint)
+
+    def arg():
+        return joint if staged is None else staged.put(host_joint)
+
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
     for i in range(6):  # the greedy variant takes no penalty or logit state (None)
-        kv, _, table, tokens, *_ = steps[i % len(steps)](r.params, kv, None, table, tokens, joint, None)
+        kv, _, table, tokens, *_ = steps[i % len(steps)](r.params, kv, None, table, tokens, arg(), None)
     jax.block_until_ready(tokens)
     host = 0.0
     t0 = time.perf_counter()
     for i in range(n):
         th = time.perf_counter()
-        kv, _, table, tokens, *_ = steps[i % len(steps)](r.params, kv, None, table, tokens, joint, None)
+        kv, _, table, tokens, *_ = steps[i % len(steps)](r.params, kv, None, table, tokens, arg(), None)
         host += time.perf_counter() - th
     jax.block_until_ready(tokens)
     dt = (time.perf_counter() - t0) / n
@@ -96,7 +104,7 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     for _ in range(20):  # the dispatch cost alone: each call starts with the device idle
         jax.block_until_ready(tokens)
         th = time.perf_counter()
-        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, arg(), None)
         idle.append(time.perf_counter() - th)
     jax.block_until_ready(tokens)
     if trace:
@@ -152,7 +160,7 @@ def _recompiled(engine, variant, patch: str):
 
 def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
           ab: tuple[str, ...] = (), max_tokens: int = 64, quantization: str | None = None,
-          twins: bool = False) -> None:
+          twins: bool = False, staged: bool = False) -> None:
     res = {}
     t0 = time.perf_counter()
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
@@ -186,6 +194,11 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
     if twins:
         eng._overlap = True
         res["B2"] = engine_decode(eng)
+    if staged:   # the step input copied into a fixed device buffer (jserve/staged_input.py)
+        eng._overlap = True
+        eng.runner.stage_inputs()
+        res["B3"] = engine_decode(eng)
+        res["A3"] = floor_a(eng, staged=eng.runner.staged_inputs)
     p_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(eng.runner.params))
     leaves = len(jax.tree_util.tree_leaves(eng.runner.params)) + 2 * len(eng.runner.kv) + 4
     del eng
@@ -205,6 +218,12 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
     if "B2" in res:
         print(f"| B2 LLMEngine.step, overlapped, decode step's twin in turn | {res['B2']:.3f} | "
               f"{1e3 / res['B2']:.0f} | | | |", flush=True)
+    if "B3" in res:
+        ms, host, idle, kernels = res["A3"]
+        print(f"| A3 as A, a numpy input staged into a fixed device buffer each call | {ms:.3f} | "
+              f"{1e3 / ms:.0f} | {host:.3f} | {idle:.3f} | {kernels} |")
+        print(f"| B3 LLMEngine.step, overlapped, inputs staged | {res['B3']:.3f} | "
+              f"{1e3 / res['B3']:.0f} | | | |", flush=True)
 
 
 def main() -> None:
@@ -222,6 +241,8 @@ def main() -> None:
                     help="comma list of weight quantizations to probe in turn: none, int8, fp8, fp8_w8a8")
     ap.add_argument("--twins", action="store_true",
                     help="also time A2 and B2: two executables of the decode step called in turn")
+    ap.add_argument("--staged", action="store_true",
+                    help="also time A3 and B3: each step's input staged into a fixed device buffer")
     ns = ap.parse_args()
     if ns.compile_threads is not None:
         from jserve.runner import Runner
@@ -230,7 +251,7 @@ def main() -> None:
     for m in ns.models.split(","):
         for q in ns.quantization.split(","):
             probe(m, ns.dump, ns.trace, tuple(p for p in ns.ab.split(",") if p), ns.max_num_batched_tokens,
-                  None if q == "none" else q, twins=ns.twins)
+                  None if q == "none" else q, twins=ns.twins, staged=ns.staged)
 
 
 if __name__ == "__main__":

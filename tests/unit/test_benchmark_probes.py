@@ -4,12 +4,14 @@ until the next GPU run. Run each once on the tiny llama fixture (one engine, CPU
 
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from fixture_paths import GOLDEN
 
 from benchmarks import cmdbuf_probe, step_floor
 from jserve.builder import EngineArgs, build_engine
+from jserve.staged_input import StagedInputs
 from jserve.step_program import StepVariant
 
 
@@ -22,6 +24,10 @@ def engine():
 def test_step_floor_calls_the_decode_step(engine):
     ms, host_ms, idle_ms, kernels = step_floor.floor_a(engine, n=2, context=20)
     assert ms > 0 and host_ms > 0 and idle_ms > 0 and kernels >= 0
+    staged = StagedInputs([engine.runner.layout(engine.runner.bucket_for(1)[0]).int_size
+                           + engine.runner.layout(engine.runner.bucket_for(1)[0]).float_size],
+                          engine.runner._replicated)
+    assert step_floor.floor_a(engine, n=2, context=20, staged=staged)[0] > 0
     assert np.asarray(engine.runner._prev_tokens).shape[0] >= 1
     # --ab xla:NAME=VALUE recompiles the decode step with that XLA option (parsed as compile_ab's)
     decode = StepVariant(engine.runner.bucket_for(1)[0], False, True, True)
@@ -42,6 +48,7 @@ def test_cmdbuf_probe_calls_the_decode_step(engine):
     assert len(first) == 3 and cmdbuf_probe.chain_tokens(engine, step, n=3, context=20) == first
     assert cmdbuf_probe.idle_call_ms(engine, step, in_place=True, n=1, context=20, hold=True,
                                      numpy_input=True) > 0
+    assert cmdbuf_probe.idle_call_ms(engine, step, n=2, context=20, hold=True, staged=True) > 0
 
 
 def test_twin_executables_give_the_same_tokens(engine):
@@ -75,7 +82,6 @@ def test_launch_trace_reads_a_profiler_trace(tmp_path):
     import glob
 
     import jax
-    import jax.numpy as jnp
 
     from benchmarks.launch_trace import top_host_events
 
