@@ -9,7 +9,7 @@ command-buffer log to see the moved allocations per call (`updated_allocs=N`):
       PYTHONPATH=. python3 benchmarks/cmdbuf_micro.py 2> cmdbuf.log
 
 Each variant's calls sit between `=== NAME start` and `=== NAME end` lines on stderr.
-Results: benchmarks/RESULTS.md (engine core v2, session 6).
+Results: benchmarks/RESULTS_v2_sessions_5-8.md (session 6).
 """
 
 from __future__ import annotations

@@ -139,8 +139,8 @@ class MemoryBudget:
         block, and free bytes lie in holes between live buffers). With the pool sized to the
         exact peak, Qwen2.5-0.5B's warm-up on an H200 peaked at the whole share (the allocator
         waited for frees); with it (and XLA's rematerialization pass off: the run did not separate
-        the two) it left 527 MiB untouched (RESULTS.md, session 9). Start-up keeps it free only
-        with ``pool_hold_bytes`` held while the pool is allocated (session 10)."""
+        the two) it left 527 MiB untouched (RESULTS_v2_sessions_9-12.md, session 9). Start-up
+        keeps it free only with ``pool_hold_bytes`` held while the pool is allocated (session 10)."""
         return max(self.activation_bytes // HEADROOM_OF_ACTIVATIONS,
                    self.usable_bytes // HEADROOM_OF_USABLE)
 
@@ -149,7 +149,7 @@ class MemoryBudget:
         """Bytes held free while the pool is allocated (``allocate_kv_cache``): the activations
         and half the headroom. The other half is the pool's slack for holes earlier frees left
         (6 MB on an H200 with the bundled model: the pool and a hold of the whole headroom did
-        not fit) and the last array's rounding (RESULTS.md, session 10)."""
+        not fit) and the last array's rounding (RESULTS_v2_sessions_9-12.md, session 10)."""
         return self.activation_bytes + self.headroom_bytes // 2
 
     @property
@@ -216,7 +216,8 @@ def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype
     block at the end of the allocator's region, and the BFC allocator hands out a whole block
     when the excess is under 128 MiB or under the request's own size: that array swallowed the
     activations' and headroom's 108 MiB, and the bundled model's first step ran out of memory at
-    a 0.15 share (RESULTS.md, session 10). Start-up passes ``MemoryBudget.pool_hold_bytes``."""
+    a 0.15 share (RESULTS_v2_sessions_9-12.md, session 10). Start-up passes
+    ``MemoryBudget.pool_hold_bytes``."""
     layout = abstract_kv_cache(cfg, num_pages, page_size, kv_dtype, mesh)
     pages, scales = layout[0][0], layout[0][2] if len(layout[0]) == 4 else None
     hold = _placeholders(mesh, keep_free_bytes) if keep_free_bytes > 0 else []

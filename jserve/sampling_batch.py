@@ -54,7 +54,7 @@ class SamplerFlags:
     branch_free:   no ``lax.cond``: the random draw and the logprobs are computed for every
                    batch, whether or not a row needs them (same values). On a GPU a conditional
                    reads its predicate on the host, so the thread launching the step waits
-                   there for the device to finish the forward (RESULTS.md, session 11).
+                   there for the device to finish the forward (RESULTS_v2_sessions_9-12.md, session 11).
                    Requires any_filters=False (the filters' full-sort fallback stays a branch).
     """
 

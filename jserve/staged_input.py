@@ -2,7 +2,7 @@
 
 Where it sits: ``Runner._joint`` hands each step its one packed int32 input. Handed over as a
 host array, the executable's argument is a fresh device buffer every call, and XLA then
-updates every CUDA-graph node that reads it before the launch (RESULTS.md, sessions 5-12: ~1
+updates every CUDA-graph node that reads it before the launch (RESULTS_v2_sessions_5-8.md and _9-12.md: ~1
 ms per call on the Qwen2.5-0.5B decode step). Staged, a one-copy program writes the host array
 into the bucket's donated device buffer in place, so the step's graph sees the same address on
 every call; only the copy program's single node moves::

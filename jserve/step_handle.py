@@ -35,7 +35,7 @@ class StepHandle:
         of their device buffers. The engine calls it before launching the next step, so the
         reading of a finished step never waits behind that launch. (It was meant to let the
         next step's output take its old address; on an H200 a held output turned out to cost a
-        call nothing: benchmarks/RESULTS.md, session 12.)"""
+        call nothing: benchmarks/RESULTS_v2_sessions_9-12.md, session 12.)"""
         if isinstance(self.tokens, np.ndarray) or not self.tokens.is_ready():
             return
         if self.logprobs is not None and not all(a.is_ready() for a in self.logprobs):

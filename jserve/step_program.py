@@ -30,8 +30,8 @@ from jserve.structured.logit_state import apply_logit_state, masked_logits
 #           GPU conditional reads its predicate on the host, which blocks the dispatching
 #           thread until the device reaches it (after the forward), so the host cannot run
 #           ahead of the device: a 64-row sampled Qwen2.5-0.5B step's launch spent 1.5 of its
-#           3.8 ms there (H200, profiled; RESULTS.md, session 11). Larger steps (prefill), flash
-#           prefill and batches with top-k / top-p / min-p rows take it;
+#           3.8 ms there (H200, profiled; RESULTS_v2_sessions_9-12.md, session 11). Larger
+#           steps (prefill), flash prefill and batches with top-k / top-p / min-p rows take it;
 #  plain:   no filters and no ``lax.cond``: penalties, token masks, the random draw and the
 #           logprobs are computed for every row (rows that need none get the same values as
 #           from the general variant). Decode buckets' non-greedy steps without filters;

@@ -139,7 +139,7 @@ class LogitState:
     def masked_rows(self, slots: np.ndarray, dynamic: np.ndarray) -> np.ndarray:
         """Dynamic masks int32[n, W] of n sampling rows in ``slots`` int[n], each ANDed with its
         slot's static bits and queued for writing (one block: the per-row work of a 64-row
-        grammar batch cost the H200's host ~1 ms per step, RESULTS.md session 10) -> their
+        grammar batch cost the H200's host ~1 ms per step, RESULTS_v2_sessions_9-12.md, session 10) -> their
         ``mask_slot`` values (the slots)."""
         n = len(slots)
         rows = np.empty((n, self.width), np.int32)
