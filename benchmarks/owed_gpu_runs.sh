@@ -76,6 +76,15 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror"; }
 
 case "${1:-a}" in
+sw)
+  # The concurrency sweep that sets disable_by_batch_size (issue 12: >= 0.95x at 256 concurrent
+  # requests), both proposers chained, share 0.5, budget 512 (fewer buckets to compile).
+  timeout 500 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
+    --num-prompts 8 --max-tokens 96 --concurrency 1,16,64,256 --max-num-seqs 256 --max-model-len 1024 \
+    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --json "$OUT/spec_sweep.json" \
+    > "$OUT/spec_sweep.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_sweep.txt" | tail -16
+  ;;
 st)
   # Staged step inputs (session 14): each step's packed host input copied into a fixed device
   # buffer, so the step's CUDA graph sees no moved input (XLA re-points every node that reads a
