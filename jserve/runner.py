@@ -329,7 +329,7 @@ class Runner:
 
     def stage_inputs(self) -> None:
         """From now on copy each step's input into a fixed device buffer per token bucket
-        (``staged_input``; single process)."""
+        (``staged_input``; single process). A benchmark A/B: the engine never calls it."""
         sizes = [self.layout(t).int_size + self.layout(t).float_size for t in self._buckets]
         self.staged_inputs = StagedInputs(sizes, self._replicated)
 

@@ -9,8 +9,10 @@ every call; only the copy program's single node moves::
 
     host int32[n]  --(copy program, dst donated)-->  buffer[bucket] (same address)  -> step
 
-The copy waits on the device for the previous step that read the buffer (the donation), never
-on the host. One compiled copy per token bucket (tiny; compiled at warm-up).
+One compiled copy per token bucket (tiny). A benchmark A/B, off in the engine
+(``Runner.stage_inputs`` turns it on): on an H200 it cut Qwen2.5-0.5B's overlapped batch-1 step
+1.369 -> 1.221 ms but the copy call itself costs the host ~0.35 ms, so code-small's step went
+0.958 -> 1.175 ms (benchmarks/RESULTS.md, session 14).
 """
 
 from __future__ import annotations
