@@ -76,6 +76,14 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror"; }
 
 case "${1:-a}" in
+sw2)
+  # disable_by_batch_size = 8 in effect: speculation at 1-8 running requests, off at 16 and 256.
+  timeout 420 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
+    --num-prompts 8 --max-tokens 96 --concurrency 1,2,4,8,16,256 --max-num-seqs 256 --max-model-len 1024 \
+    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --disable-by-batch-size 8 \
+    --json "$OUT/spec_sweep8.json" > "$OUT/spec_sweep8.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_sweep8.txt" | tail -20
+  ;;
 sw)
   # The concurrency sweep that sets disable_by_batch_size (issue 12: >= 0.95x at 256 concurrent
   # requests), both proposers chained, share 0.5, budget 512 (fewer buckets to compile).

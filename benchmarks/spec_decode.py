@@ -137,6 +137,8 @@ def _args() -> argparse.Namespace:
                     help="the engines' memory share (default: the engine's)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="the step budget (default: the engine's; smaller: fewer buckets to compile)")
+    ap.add_argument("--disable-by-batch-size", type=int, default=None,
+                    help="speculative_config.disable_by_batch_size of every speculating engine")
     ap.add_argument("--staged", action="store_true",
                     help="every engine copies its step inputs into fixed device buffers "
                     "(Runner.stage_inputs)")
@@ -207,6 +209,8 @@ def main() -> None:
 
     def spec_cfg(method: str, k: int) -> dict:
         d = {"method": method, "num_speculative_tokens": k}
+        if ns.disable_by_batch_size is not None:
+            d["disable_by_batch_size"] = ns.disable_by_batch_size
         if method == "ngram":
             d.update(prompt_lookup_min=ns.prompt_lookup_min, prompt_lookup_max=ns.prompt_lookup_max)
         else:
@@ -256,7 +260,9 @@ def main() -> None:
                   f"{row['base_tok_s']:8.1f} {row['speedup']:5.2f}" + sync)
     if sweep:
         print(f"\nconcurrency sweep ({ns.sweep_workload}: two waves of requests per concurrency, "
-              f"at least {ns.num_prompts}; speculation always on)")
+              f"at least {ns.num_prompts}; speculation "
+              + (f"off above {ns.disable_by_batch_size} running)" if ns.disable_by_batch_size
+                 else "always on)"))
         print(f"{'method':11} {'k':>2} {'conc':>5} {'accept':>7} {'mean len':>8} {'tok/s':>9} "
               f"{'base':>9} {'ratio':>6}")
         for (m, k), res in results.items():
