@@ -112,6 +112,9 @@ class Runner:
         self._pages_per_seq = config.pages_per_seq
         self._page_size = config.cache.page_size
         self._num_out = max(sched.seq_bucket(t) for t in self._buckets)
+        spec = config.speculative   # a verify row has a mask per position (grammar + drafts)
+        # A speculating engine's previous-step output has the chained layout (spec/chain.py).
+        self._num_spec = spec.num_speculative_tokens if spec is not None else 0
         self.steps = StepVariants(sched)   # which program runs a plan (jserve/step_variants.py)
         self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
         self._compiled: dict[StepVariant, Any] = {}
@@ -123,12 +126,12 @@ class Runner:
         self.penalty_state = self._slot_init.zeros()  # int32[max_num_seqs, V], see penalty_state
         log.info("penalty state: %d slots x %d tokens = %.1f MB per device", sched.max_num_seqs,
                  config.model.vocab_size, state_bytes(sched.max_num_seqs, config.model.vocab_size) / 1e6)
-        spec = config.speculative   # a verify row has a mask per position (grammar + drafts)
         self.logit_state = LogitState(sched.max_num_seqs, config.model.vocab_size, self._replicated,
                                       1 + spec.num_speculative_tokens if spec else 1)
         self._slot_writer = SlotWriter(sched.max_num_seqs, self.rows.table.shape[1], self._replicated)
         self.slot_table = self._slot_writer.zeros()  # int32[max_num_seqs + 1, W], see slot_table
-        self._prev_tokens = jax.device_put(np.zeros(self._num_out, np.int32), self._replicated)
+        prev = chain.prev_size(self._num_out, self._num_spec) if self._num_spec else self._num_out
+        self._prev_tokens = jax.device_put(np.zeros(prev, np.int32), self._replicated)
         self._prev_rows: dict[str, int] = {}
         # Inputs copied into fixed device buffers (jserve/staged_input.py); None: host arrays.
         self.staged_inputs: StagedInputs | None = None
@@ -269,13 +272,20 @@ class Runner:
         return layout, ibuf, fbuf, slots, writes
 
     # ---------------------------------------------------------------- device
+    def _speculative(self, out: SchedulerOutput) -> bool:
+        """Whether the plan runs a speculative variant: it has draft rows, a draft model runs
+        in every step, or n-gram speculation is on this step (its lookup drafts on the device)."""
+        s = self.spec_steps
+        return s is not None and (out.has_drafts or s.every_step
+                                  or (out.speculative and s.lookup is not None))
+
     def dispatch(self, out: SchedulerOutput) -> StepHandle | SpecStepHandle | None:
         """Dispatch the step (page moves first); returns at once. None when there are no rows."""
         prep = self._prepare(out)
         if prep is None:
             return None
         layout, ibuf, fbuf, slots, params, fresh, masked = prep
-        if out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
+        if self._speculative(out):
             return self.spec_steps.dispatch(self, out, layout, params, self._joint(layout, ibuf), masked)
         variant = self.steps.choose(
             layout.num_tokens, fresh, masked, all(c.num_tokens == 1 for c in out.chunks),
@@ -321,6 +331,8 @@ class Runner:
                     self.penalty_state = self._slot_init(self.penalty_state, int(s), h[:n], h[n:])
                 if self.spec_steps is not None:
                     self.spec_steps.take_slot(int(s), h)
+            if c.history is not None:   # n-gram: tokens the slot's history missed
+                self.spec_steps.take_slot(int(s), c.history)
         fresh = (self.config.scheduler.flash_prefill(layout.num_tokens)
                  and all(c.start == 0 for c in out.chunks))
         params = [self.rows.params[s] for s in slots]
@@ -369,7 +381,7 @@ class Runner:
     def can_split(self, out: SchedulerOutput) -> bool:
         """Whether this plan can run as forward, then sampler (its bucket's split programs are
         compiled; no draft rows, no flash prefill, no top-k / top-p / min-p rows)."""
-        if not out.chunks or out.has_drafts or (self.spec_steps is not None and self.spec_steps.every_step):
+        if not out.chunks or self._speculative(out):
             return False
         if sampling_filters(out, self.rows):   # the split's sampler is the plain one
             return False
@@ -435,7 +447,8 @@ class Runner:
         lo = fwd.out_info[2]
         logits = jax.ShapeDtypeStruct(lo.shape, lo.dtype, sharding=rep)
         mask_slot = jax.ShapeDtypeStruct((layout.num_rows,), jnp.int32, sharding=rep)
-        smp = jax.jit(functools.partial(sample_step, layout, self._num_out), donate_argnums=(1, 3),
+        smp = jax.jit(functools.partial(sample_step, layout, self._num_out, self._num_spec),
+                      donate_argnums=(1, 3),
                       out_shardings=(rep,) * 6).lower(logits, self.penalty_state, table, prev, joint,
                                                       self.logit_state.device, mask_slot)
         return fwd, smp
@@ -445,8 +458,8 @@ class Runner:
         variant = StepVariant(*variant)
         greedy = variant.greedy
         layout = self.layout(variant.tokens)
-        fn = functools.partial(fused_step, self.config.model, layout, self._num_out, variant,
-                               self.mesh)
+        fn = functools.partial(fused_step, self.config.model, layout, self._num_out, self._num_spec,
+                               variant, self.mesh)
         rep = self._replicated
         ibuf, _, _ = layout.new_buffers()
         pen = None if greedy else self.penalty_state

@@ -112,8 +112,13 @@ class Scheduler:
         self._draft_mode = spec is not None and spec.method == "draft_model"
         # Either proposer drafts on the device too (the draft model; n-gram lookup over the
         # slot's token history, jserve/spec/token_history.py): a row planned while its
-        # request's previous row is in flight verifies those drafts (chained rows).
+        # request's previous row is in flight verifies those drafts (chained rows). N-gram
+        # steps run the speculative variant only while speculation is on (``_spec_last``: the
+        # previous plan's), so a request scheduled meanwhile has a stale history, sent again
+        # when speculation resumes.
         self._chained = spec is not None
+        self._spec_last = self._spec_now = False
+        self._stale_history: set[str] = set()
         self._next_drafts: dict[str, tuple[int, list[int]]] = {}
         # Speculative decoding counters (monotonic): verify rows, drafts verified, accepted.
         self.spec_counters = dict(spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
@@ -175,7 +180,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         kv, pool = self.kv, self.pool
         kv.begin_step()
-        speculate = self.spec_active()
+        speculate = out.speculative = self._spec_now = self.spec_active()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -228,6 +233,7 @@ class Scheduler:
                 budget -= plan.num_tokens
         out.transfers = kv.take_transfers()
         out.dropped, self._dropped = self._dropped, []  # a plan with drops is never empty
+        self._spec_last = speculate
         return out
 
     def _next_waiting(self, running_per_group: Counter) -> Request:
@@ -293,7 +299,8 @@ class Scheduler:
         sp = req.sampling_params
         if sp.uses_penalties or req.num_output_tokens < sp.min_tokens:
             return []
-        chained = req.num_placeholders == 1 and self._chained and not sp.uses_host_masks
+        chained = (req.num_placeholders == 1 and self._chained and not sp.uses_host_masks
+                   and (self._draft_mode or self._spec_last))   # the row in flight drafts
         if not chained and (req.num_placeholders or req.num_computed_tokens != req.num_tokens - 1):
             return []
         n_out = req.num_output_tokens + req.num_placeholders
@@ -360,12 +367,20 @@ class Scheduler:
         if samples and out_index < sp.min_tokens:
             banned = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(req.eos_token_ids))
         token_ids = tuple(_tokens(req, start, known)) if known > start else ()
+        history = None
+        if self._proposer is not None:   # n-gram: is the slot's token history complete?
+            if new is not None or self._spec_now:
+                if new is None and rid in self._stale_history:
+                    history = tuple(req.all_token_ids)
+                self._stale_history.discard(rid)
+            else:
+                self._stale_history.add(rid)
         chunk = ScheduledChunk(
             req_id=rid, start=start, num_tokens=k,
             token_ids=token_ids + tuple(drafts) if nd and not device_drafts else token_ids,
             num_placeholders=end - nd - known, page_start=first, page_ids=page_ids, samples=samples,
             output_index=out_index, banned_ids=banned, new=new, num_draft=nd,
-            device_drafts=device_drafts and nd > 0, shifted=shifted > 0)
+            device_drafts=device_drafts and nd > 0, shifted=shifted > 0, history=history)
         req.num_computed_tokens += k
         req.spec_in_flight += nd
         if samples:
@@ -529,6 +544,7 @@ class Scheduler:
         """Forget a finished request and give its pages back (the caller updates the queues)."""
         self.kv.release(req)
         self._next_drafts.pop(req.request_id, None)
+        self._stale_history.discard(req.request_id)
         del self._requests[req.request_id]
         self._drop(req.request_id)
 

@@ -86,6 +86,8 @@ class ScheduledChunk(NamedTuple):
     ``shifted``: the request's row in the in-flight step verified drafts: this row's
     ``start`` (and ``output_index``) assume none were accepted, and the device adds the
     accepted count (``jserve/spec/chain.py``).
+    ``history``: n-gram speculation resumes for a request whose earlier steps ran without it:
+    its tokens on the host, for the slot's token history (``spec/token_history.py``).
     """
 
     req_id: str
@@ -102,6 +104,7 @@ class ScheduledChunk(NamedTuple):
     num_draft: int = 0   # unverified drafts at the row's end (jserve/spec/)
     device_drafts: bool = False
     shifted: bool = False
+    history: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -112,6 +115,9 @@ class SchedulerOutput:
     dropped: list[str] = field(default_factory=list)  # finished / preempted since the last plan
     transfers: KVTransfers = field(default_factory=KVTransfers)  # page moves before the forward
     num_preempted: int = 0
+    # Speculation is on this step (``Scheduler.spec_active``): with n-gram its rows run the
+    # speculative variant, whose lookup drafts on the device for the next step.
+    speculative: bool = False
     # Host-computed allowed-token bitmasks (int32[ceil(V / 32)]) of sampling rows, by request id
     # (a grammar, bad words: ``jserve.structured``); filled by the engine before dispatch. A row
     # verifying k drafts has int32[k + 1, ceil(V / 32)]: one per position, along the drafts.

@@ -21,6 +21,7 @@ from jserve.model.decoder import forward
 from jserve.penalty_state import penalized_logits, record_tokens
 from jserve.sampler import _sample_core
 from jserve.sampling_batch import SamplerFlags
+from jserve.spec import chain
 from jserve.step_buffers import StepLayout
 from jserve.structured.logit_state import apply_logit_state, masked_logits
 
@@ -77,12 +78,13 @@ def _forward_part(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh
     return kv, table, logits.astype(jnp.float32), sbatch, pen_slot, ibuf
 
 
-def _sample_part(layout: StepLayout, num_out: int, greedy: bool, plain: bool, logits: jax.Array,
-                 sbatch: Any, pen: jax.Array | None, pen_slot: jax.Array, masks: jax.Array | None,
-                 mask_slot: jax.Array) -> tuple:
+def _sample_part(layout: StepLayout, num_out: int, num_spec: int, greedy: bool, plain: bool,
+                 logits: jax.Array, sbatch: Any, pen: jax.Array | None, pen_slot: jax.Array,
+                 masks: jax.Array | None, mask_slot: jax.Array) -> tuple:
     """The sampler half of a step (penalties, token masks, sampling, penalty counts) ->
-    (pen, tokens int32[S], logprobs f32[R] | None, top_ids int32[R, N] | None, top_lp | None).
-    ``plain``: penalties and masks apply to every row (neutral where a row has none)."""
+    (pen, tokens int32[S] (a speculating engine, ``num_spec`` > 0: its chained layout,
+    ``spec.chain.plain_output``), logprobs f32[R] | None, top_ids int32[R, N] | None, top_lp |
+    None). ``plain``: penalties and masks apply to every row (neutral where a row has none)."""
     penalized = None
     if pen is not None:
         penalized = (penalized_logits(logits, pen, pen_slot, sbatch) if plain else
@@ -95,7 +97,7 @@ def _sample_part(layout: StepLayout, num_out: int, greedy: bool, plain: bool, lo
     out = _sample_step(logits, penalized, sbatch, step_sampler_flags(greedy, plain))
     if pen is not None:
         pen = record_tokens(pen, pen_slot, out.token_ids)
-    tokens = jnp.zeros((num_out,), jnp.int32).at[:layout.num_rows].set(out.token_ids)
+    tokens = chain.plain_output(out.token_ids, num_out, num_spec)
     if greedy:  # no logprobs asked (the host picks this variant only then): no outputs
         return pen, tokens, None, None, None
     r = layout.num_rows
@@ -104,8 +106,8 @@ def _sample_part(layout: StepLayout, num_out: int, greedy: bool, plain: bool, lo
     return pen, tokens, out.logprobs, top_ids, top_lp
 
 
-def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant, mesh: Mesh,
-               params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
+def fused_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, variant: StepVariant,
+               mesh: Mesh, params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
                prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array | None = None) -> tuple:
     """Model forward + sampler over one packed step (``joint``: the step's two buffers as one
     int32 array, ``StepLayout.joint``). pen: int32[S_req, V] penalty state (None
@@ -119,9 +121,9 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
     per-slot token masks / biases (``structured.logit_state``; None in the greedy variants)."""
     kv, table, logits, sbatch, pen_slot, ibuf = _forward_part(cfg, layout, variant, mesh, params, kv,
                                                               table, prev_tokens, joint)
-    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, variant.greedy, variant.plain, logits,
-                                                    sbatch, pen, pen_slot, masks,
-                                                    layout.read(ibuf, "mask_slot"))
+    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, num_spec, variant.greedy,
+                                                    variant.plain, logits, sbatch, pen, pen_slot,
+                                                    masks, layout.read(ibuf, "mask_slot"))
     return kv, pen, table, tokens, tokens, lp, top_ids, top_lp
 
 
@@ -134,9 +136,9 @@ def forward_step(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh,
     return kv, table, logits
 
 
-def sample_step(layout: StepLayout, num_out: int, logits: jax.Array, pen: jax.Array, table: jax.Array,
-                prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array, mask_slot: jax.Array
-                ) -> tuple:
+def sample_step(layout: StepLayout, num_out: int, num_spec: int, logits: jax.Array, pen: jax.Array,
+                table: jax.Array, prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array,
+                mask_slot: jax.Array) -> tuple:
     """The split step's second program: ``fused_step``'s plain sampler (no filters, no
     conditional: its launch need not wait for the forward) over the forward's logits f32[R, V],
     with the token masks the host computed meanwhile (mask_slot int32[R] replaces the
@@ -145,6 +147,6 @@ def sample_step(layout: StepLayout, num_out: int, logits: jax.Array, pen: jax.Ar
     del prev_tokens   # donated: this step's tokens take its buffer
     ibuf, fbuf = layout.split(joint)
     _, _, sbatch, _, pen_slot = layout.unpack(ibuf, fbuf, table)
-    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, False, True, logits, sbatch, pen,
-                                                    pen_slot, masks, mask_slot)
+    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, num_spec, False, True, logits,
+                                                    sbatch, pen, pen_slot, masks, mask_slot)
     return pen, tokens, tokens, lp, top_ids, top_lp

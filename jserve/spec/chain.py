@@ -82,6 +82,17 @@ def shift_rows(layout: StepLayout, ibuf: jax.Array, batch: StepInput, sbatch: Sa
     return batch, sbatch
 
 
+def plain_output(last: jax.Array, num_out: int, num_spec: int) -> jax.Array:
+    """Inside jit: the previous-step output of an ordinary step variant: last [R] at [0, R);
+    in a speculating engine (``num_spec`` K > 0) the chained layout with no drafts (-1: the
+    next row verifies none) and no accepted ones -> int32[S] or int32[prev_size]."""
+    r = last.shape[0]
+    if num_spec == 0:
+        return jnp.zeros((num_out,), jnp.int32).at[:r].set(last)
+    out = jnp.full((prev_size(num_out, num_spec),), -1, jnp.int32).at[:r].set(last)
+    return out.at[num_out * (num_spec + 1):].set(0)
+
+
 def prev_output(last: jax.Array, drafts: jax.Array, num_emitted: jax.Array, num_draft: jax.Array,
                 num_out: int) -> jax.Array:
     """Inside jit: the previous-step output a chained step leaves (module docstring) from

@@ -230,10 +230,6 @@ class SpecSteps:
             self._hist_init = token_history.HistoryInit(sched.max_num_seqs, sched.max_model_len,
                                                         runner._replicated)
             self.hist = self._hist_init.zeros()
-        if self.every_step:
-            # Every step runs here and leaves the chained output (jserve/spec/chain.py).
-            runner._prev_tokens = jax.device_put(
-                np.zeros(chain.prev_size(runner._num_out, num_spec), np.int32), runner._replicated)
 
     def variants(self, runner: Runner) -> list[tuple[int, bool]]:
         out = []
@@ -245,9 +241,11 @@ class SpecSteps:
 
     @property
     def every_step(self) -> bool:
-        """With a draft model or the device n-gram lookup every step runs here (the draft /
-        the token history sees every token)."""
-        return self.draft is not None or self.lookup is not None
+        """With a draft model every step runs here (the draft sees every token). N-gram steps
+        run here while speculation is on (``SchedulerOutput.speculative``): their token
+        histories miss what other steps compute, which the scheduler sends again
+        (``ScheduledChunk.history``) before speculation resumes."""
+        return self.draft is not None
 
     def take_slot(self, slot: int, history: tuple[int, ...]) -> None:
         """A request takes ``slot`` with these tokens (prompt + outputs): its token history."""

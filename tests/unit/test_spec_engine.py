@@ -160,6 +160,52 @@ def test_ngram_drafts_chain_in_the_overlapped_loop(spec):
     assert chained > 0 and in_flight == drafted > 0 and checked > 0
 
 
+def test_ngram_history_resumes_after_steps_without_speculation(base, make_engine):
+    """disable_by_batch_size=1: while two requests run, steps take the ordinary variants (no
+    lookup on the device); when one finishes speculation resumes, the other's slot history
+    is sent again first (``ScheduledChunk.history``) and then holds its tokens, and its drafts
+    get accepted. Tokens equal the engine without speculation."""
+    eng = make_engine("llama", speculative_config={**NGRAM, "disable_by_batch_size": 1})
+    ps = _prompts()
+    items = [(ps[0], _greedy(max_tokens=40)), (ps[3], _greedy(max_tokens=6))]
+    want = [o.outputs[0].token_ids for o in run_engine(base, items)]
+    sched, runner = eng.scheduler, eng.runner
+    schedule, dispatch, plans, spec_steps = sched.schedule, runner.spec_steps.dispatch, [], []
+
+    def counting():
+        out = schedule()
+        plans.append(out)
+        return out
+
+    def spec_dispatch(r, out, *a, **k):
+        spec_steps.append(out)
+        return dispatch(r, out, *a, **k)
+
+    sched.schedule, runner.spec_steps.dispatch = counting, spec_dispatch
+    try:
+        ids = [eng.add_request(None, p, sp) for p, sp in items]
+        got, checked = {}, 0
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    got[o.request_id] = o.outputs[0].token_ids
+            if plans[-1].speculative:
+                hist = np.asarray(runner.spec_steps.hist)
+                for r in sched.running:
+                    s = runner.rows.slot_of(r.request_id)
+                    assert hist[s, :r.num_tokens].tolist() == list(r.all_token_ids), r.request_id
+                    checked += 1
+    finally:
+        sched.schedule, runner.spec_steps.dispatch = schedule, dispatch
+    assert [got[i] for i in ids] == want
+    plain = [p for p in plans if p.chunks and not p.speculative]
+    refreshed = [c for p in plans for c in p.chunks if c.history is not None]
+    assert plain and refreshed and checked
+    assert all(p.speculative or p.has_drafts for p in spec_steps)   # the rest ran plain variants
+    assert len(spec_steps) < len([p for p in plans if p.chunks])
+    assert eng.kv_cache_stats()["spec_decode_num_accepted_tokens"] > 0
+
+
 def test_seeded_sampling_is_reproducible_and_batch_invariant(spec):
     ps = _prompts()
     sp = SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=20, ignore_eos=True)
