@@ -1,10 +1,15 @@
-# The device calls owed after session 13 (2026-12-01), in the order to run them. Each case fits
+# The device calls owed after session 14 (2026-12-01), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
-# (Sessions 7-13 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, the 2-GPU
-# correctness tests and the OOM diagnosis: RESULTS.md; session 13's sb, sc and qs are folded into
-# b and q.) Order: b, u, u8, q, b2, k, hl, x, kv, w, t, f, m, o, u1; then, on 2 GPUs, d, s, c.
-# (u2 and u3 are answered by ca: compile_ab.py.)
+# (Sessions 7-14 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
+# the 2-GPU correctness tests and the OOM diagnosis: RESULTS.md.) Order: sw3, b, u, u8, q, k, hl,
+# x, kv, w, t, f, m, o, u1; then, on 2 GPUs, d, s, c. Run spec cases at share 0.5 (at 0.9 XLA's
+# rematerialization pass made session 14's call 1 print nothing within 185 s).
 #
+#   sw3 (1 GPU, ~9 min): the speculation sweep after session 14's n-gram change, median of 3 runs
+#     per point, always on and off above 8 running. Prediction: n-gram with the threshold at 16
+#     and 256 running ~0.97-1.0x (ordinary variants now), always on at 256 ~1.0x (the budget
+#     leaves most rows without drafts); the draft model keeps ~0.6-0.75x at 16-256 either way
+#     (its speculative variant runs every step); batch 1 n-gram ~1.5x, draft model ~1.25x.
 #   b (1 GPU, ~9 min): speculative decoding tables (benchmarks/spec_decode.py, draft model, k = 2,
 #     4, 6, chained rows and the synchronous loop beside them) and the concurrency sweep that
 #     sets disable_by_batch_size. Session 13 (call 5): k = 4 1.22x at batch 1 (synchronous loop
@@ -76,6 +81,18 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror"; }
 
 case "${1:-a}" in
+sw3)
+  # Session 14's n-gram change (ordinary variants while speculation is off) and the threshold,
+  # each point the median of 3 runs: always on, then off above 8 running requests.
+  for dbs in 0 8; do
+    extra=""; [ "$dbs" != 0 ] && extra="--disable-by-batch-size $dbs"
+    timeout 280 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
+      --num-prompts 8 --max-tokens 96 --concurrency 1,4,16,64,256 --max-num-seqs 256 --max-model-len 1024 \
+      --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 $extra \
+      --json "$OUT/spec_sweep_$dbs.json" > "$OUT/spec_sweep_$dbs.txt" 2>&1
+    echo "### disable_by_batch_size $dbs"; grep -v "^W\|WARNING\|^I" "$OUT/spec_sweep_$dbs.txt" | tail -16
+  done
+  ;;
 sw2)
   # disable_by_batch_size = 8 in effect: speculation at 1-8 running requests, off at 16 and 256.
   timeout 420 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \

@@ -137,6 +137,8 @@ def _args() -> argparse.Namespace:
                     help="the engines' memory share (default: the engine's)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="the step budget (default: the engine's; smaller: fewer buckets to compile)")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="runs per measured point; the median-speed run is reported (of two: the faster)")
     ap.add_argument("--disable-by-batch-size", type=int, default=None,
                     help="speculative_config.disable_by_batch_size of every speculating engine")
     ap.add_argument("--staged", action="store_true",
@@ -148,6 +150,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"])
     ap.add_argument("--json", default=None, help="also write the rows here")
     ns = ap.parse_args()
+    if ns.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {ns.repeat}")
     for m in ns.methods.split(","):
         if m not in ("ngram", "draft_model"):
             ap.error(f"--methods: unknown method {m!r} (ngram, draft_model)")
@@ -156,27 +160,31 @@ def _args() -> argparse.Namespace:
     return ns
 
 
-def _best_of_two(engine, items, outputs: list | None = None) -> tuple[float, int, dict[str, int]]:
-    """Batch 1 over ``items`` twice -> the faster run (a process's first timed run was ~30%
-    slower on CPU, which would charge whichever configuration happened to run first)."""
-    first = _run(engine, items, 1, outputs)
-    second = _run(engine, items, 1)
-    return first if first[1] / first[0] >= second[1] / second[0] else second
+def _median_run(engine, items, concurrency: int, repeat: int, outputs: list | None = None
+                ) -> tuple[float, int, dict[str, int]]:
+    """``items`` at ``concurrency``, ``repeat`` times -> the run of median speed (the faster of
+    two: a process's first timed run was ~30% slower on CPU, which would charge whichever
+    configuration happened to run first; single runs of ~1 s disagreed by up to 1.5x on the
+    H200, RESULTS.md session 14)."""
+    runs = [_run(engine, items, concurrency, outputs if i == 0 else None) for i in range(repeat)]
+    runs.sort(key=lambda r: r[1] / r[0])
+    return runs[len(runs) // 2]
 
 
 def _measure(engine, workloads: dict[str, list], sweep: list[int], sweep_workload: str,
-             sweep_items: list) -> dict:
+             sweep_items: list, repeat: int) -> dict:
     """One engine over every workload at batch 1, and the sweep workload at each concurrency
-    (``sweep_items``: the sweep workload's prompts, 2 x the largest concurrency)
+    (``sweep_items``: the sweep workload's prompts, 2 x the largest concurrency), each point
+    ``repeat`` times (``_median_run``)
     -> {"b1": {workload: (s, tokens, counters)}, "sweep": {c: (s, tokens, counters)}}."""
     for items in workloads.values():   # warm-up: first-use costs out of the timings
         _run(engine, items[:1], 1)
     tokens: dict[str, list] = {w: [] for w in workloads}
-    out = {"b1": {w: _best_of_two(engine, items, tokens[w]) for w, items in workloads.items()},
+    out = {"b1": {w: _median_run(engine, items, 1, repeat, tokens[w]) for w, items in workloads.items()},
            "sweep": {}, "tokens": tokens}
     for c in sweep:   # two waves of c requests (at least --num-prompts)
         items = sweep_items[:max(2 * c, len(workloads[sweep_workload]))]
-        out["sweep"][c] = _run(engine, items, c)
+        out["sweep"][c] = _median_run(engine, items, c, repeat)
     return out
 
 
@@ -223,10 +231,11 @@ def main() -> None:
             engine.runner.stage_inputs()
         try:
             out = _measure(engine, b1_loads, sweep, ns.sweep_workload,
-                           workloads.get(ns.sweep_workload, []))
+                           workloads.get(ns.sweep_workload, []), ns.repeat)
             if ns.sync_too and args.speculative_config is not None:
                 engine._overlap = False   # the async_scheduling option, toggled (benchmark only)
-                out["b1_sync"] = {w: _best_of_two(engine, items) for w, items in b1_loads.items()}
+                out["b1_sync"] = {w: _median_run(engine, items, 1, ns.repeat)
+                                  for w, items in b1_loads.items()}
             return out
         finally:
             del engine
