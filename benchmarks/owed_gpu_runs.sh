@@ -16,8 +16,8 @@
 #     0.91x), acceptance 0.32. Prediction (chained): k = 2 ~1.2x (a cheaper step, 1.94 tokens per
 #     step), k = 6 ~1.1x (2.38 tokens, two more draft decodes per step); at 256 concurrent requests
 #     below 0.95x without disable_by_batch_size (every step verifies K + 1 positions per row).
-#     b2 (~9 min): the n-gram tables (read while speculating: ~1.2-1.4x at batch 1) and the memory
-#     budget table.
+#     b2 (~9 min): the n-gram tables (chained on the device since session 14: 1.74x at k = 4 on
+#     code in call 2; prediction k = 2 ~1.5x, k = 6 ~1.8x) and the memory budget table.
 #   u (1 GPU, ~9 min): start-up phase by phase (benchmarks/startup.py), Qwen2.5-0.5B at max_num_seqs
 #     256 / budget 2048: cold (empty cache), then warm. Session 13: with cuBLAS GEMMs for buckets
 #     >= 128 the probe took 23 s (was 75) and the 16 variants were compiled at 122 s; the run was
@@ -224,7 +224,7 @@ a)
   ;;
 b)
   timeout 330 python3 benchmarks/spec_decode.py --methods draft_model --ks 2,4,6 --num-prompts 8 \
-    --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 --sync-too \
+    --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 --sync-too --gpu-memory-utilization 0.5 \
     --json "$OUT/spec.json" > "$OUT/spec.txt" 2>&1
   grep -v "^W\|WARNING\|^I" "$OUT/spec.txt" | tail -12
   timeout 220 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code --num-prompts 16 \
@@ -234,7 +234,7 @@ b)
   ;;
 b2)
   timeout 400 python3 benchmarks/spec_decode.py --methods ngram --ks 2,4,6 --num-prompts 8 \
-    --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 \
+    --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 --gpu-memory-utilization 0.5 \
     --json "$OUT/spec_ngram.json" > "$OUT/spec_ngram.txt" 2>&1
   grep -v "^W\|WARNING\|^I" "$OUT/spec_ngram.txt" | tail -12
   timeout 120 python3 benchmarks/memory_budget.py --model llama3.1-8b --context 8192 2>&1 | table
