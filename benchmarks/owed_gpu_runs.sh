@@ -1,7 +1,7 @@
 # The device calls owed after session 14 (2026-12-01), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
 # (Sessions 7-14 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
-# the 2-GPU correctness tests and the OOM diagnosis: RESULTS.md.) Order: sw3, b, u, u8, q, k, hl,
+# the 2-GPU correctness tests and the OOM diagnosis: RESULTS.md.) Order: sw3, dk, b, u, u8, q, k, hl,
 # x, kv, w, t, f, m, o, u1; then, on 2 GPUs, d, s, c. Run spec cases at share 0.5 (at 0.9 XLA's
 # rematerialization pass made session 14's call 1 print nothing within 185 s).
 #
@@ -10,6 +10,11 @@
 #     and 256 running ~0.97-1.0x (ordinary variants now), always on at 256 ~1.0x (the budget
 #     leaves most rows without drafts); the draft model keeps ~0.6-0.75x at 16-256 either way
 #     (its speculative variant runs every step); batch 1 n-gram ~1.5x, draft model ~1.25x.
+#   dk (1 GPU, ~9 min): Qwen's decode step under A/B patches (kv-write-kernel, attn-nosplit,
+#     attn-fused-combine) and the 32/64-token buckets' compile at autotune level 0. Prediction
+#     (session 5's trace: two K/V scatters 4.4 us and the split merge 2.6 us per layer): the
+#     kernel K/V write -2 to -4% A, no split -3% to +5% at 300 keys, fused combine -1 to -3%;
+#     level 0 compiles 32/64 in ~5 s (default ~20 s) at <= 5% slower steps.
 #   b (1 GPU, ~9 min): speculative decoding tables (benchmarks/spec_decode.py, draft model, k = 2,
 #     4, 6, chained rows and the synchronous loop beside them) and the concurrency sweep that
 #     sets disable_by_batch_size. Session 13 (call 5): k = 4 1.22x at batch 1 (synchronous loop
@@ -81,6 +86,18 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror"; }
 
 case "${1:-a}" in
+dk)
+  # Issue 11: Qwen2.5-0.5B's decode step is the device's (A = 1.10 ms: 1000 tok/s needs < 1 ms).
+  # One call, A/B patches of the decode step: the Pallas K/V write (one launch instead of two
+  # XLA scatters per layer), attention without KV splits (no merge launch) and with the fused
+  # combine; then the small buckets' compile under autotune level 0 (start-up: their Triton
+  # GEMM autotuning is the cold start's critical path).
+  timeout 300 python3 benchmarks/step_floor.py qwen2.5-0.5b --max-num-batched-tokens 16 \
+    --ab kv-write-kernel,attn-nosplit,attn-fused-combine 2>&1 | table | tee "$OUT/floor_dk.txt"
+  timeout 250 python3 benchmarks/compile_ab.py --model qwen2.5-0.5b --buckets 64,32 \
+    --modes xla_gpu_autotune_level=0,default 2>&1 \
+    | grep "^|\|^##\|compiled in\|built in\|failed" | tee "$OUT/compile_ab_small.txt"
+  ;;
 sw3)
   # Session 14's n-gram change (ordinary variants while speculation is off) and the threshold,
   # each point the median of 3 runs: always on, then off above 8 running requests.

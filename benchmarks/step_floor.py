@@ -140,6 +140,24 @@ def engine_decode(engine, n_tokens: int = 128) -> float:
     return best
 
 
+def attention_plan(patch: str, default):
+    """The GPU attention kernel's ``default_config`` with the decode launch patched:
+    ``attn-nosplit`` (one program per item and kv head: no split merge) or
+    ``attn-fused-combine`` (the splits' last program merges them)."""
+    import dataclasses
+
+    from pallas_kernels.ragged_paged_attention.gpu import GpuPlan
+
+    def patched(*a, **k):
+        cfg = default(*a, **k)
+        dec = cfg.decode if isinstance(cfg, GpuPlan) else cfg
+        dec = (dataclasses.replace(dec, num_splits=1, num_warps=4) if patch == "attn-nosplit"
+               else dataclasses.replace(dec, fused_combine=True))
+        return dataclasses.replace(cfg, decode=dec) if isinstance(cfg, GpuPlan) else dec
+
+    return patched
+
+
 def _recompiled(engine, variant, patch: str):
     """The engine's ``variant`` compiled again under one named A/B patch (benchmark only)."""
     import pallas_kernels.kv_write.api as kv_write_api
@@ -151,6 +169,15 @@ def _recompiled(engine, variant, patch: str):
             return engine.runner.lower_step(variant).compile()
         finally:
             kv_write_api.GPU_KERNEL_MIN_TOKENS = saved
+    if patch in ("attn-nosplit", "attn-fused-combine"):   # the decode attention launch's plan
+        from pallas_kernels.ragged_paged_attention import gpu as attn_gpu
+
+        default = attn_gpu.default_config
+        attn_gpu.default_config = attention_plan(patch, default)
+        try:
+            return engine.runner.lower_step(variant).compile()
+        finally:
+            attn_gpu.default_config = default
     if patch.startswith("xla:"):  # XLA debug options for this compile, e.g. xla:NAME=false
         from benchmarks.compile_ab import options
 
@@ -232,7 +259,8 @@ def main() -> None:
     ap.add_argument("--dump", default=None, help="folder for the decode step's optimized program")
     ap.add_argument("--trace", default=None, help="folder for a profiler trace of 20 steps of A")
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
-                    "recompile and time beside it: kv-write-kernel, xla:OPTION=VALUE")
+                    "recompile and time beside it: kv-write-kernel, attn-nosplit, "
+                    "attn-fused-combine, xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,

@@ -35,6 +35,23 @@ def test_step_floor_calls_the_decode_step(engine):
     assert step_floor.floor_a(engine, step=patched, n=2, context=20)[0] > 0
     with pytest.raises(ValueError, match="NAME=VALUE"):
         step_floor._recompiled(engine, decode, "xla:no_value")
+    # --ab attn-nosplit / attn-fused-combine patch the GPU attention kernel's decode plan
+    from pallas_kernels.ragged_paged_attention import gpu as attn_gpu
+
+    def dec(c):
+        return c.decode if isinstance(c, attn_gpu.GpuPlan) else c
+
+    for shape in ((2, 16, 14, 2, 16, 64), (16, 16, 14, 2, 16, 64)):   # tokens, seqs, heads q/kv, ...
+        base = attn_gpu.default_config(*shape)
+        nosplit = step_floor.attention_plan("attn-nosplit", attn_gpu.default_config)(*shape)
+        fused = step_floor.attention_plan("attn-fused-combine", attn_gpu.default_config)(*shape)
+        assert dec(base).num_splits > 1 and dec(nosplit).num_splits == 1
+        assert dec(fused).fused_combine and dec(fused).num_splits == dec(base).num_splits
+        assert type(nosplit) is type(base)
+        if isinstance(base, attn_gpu.GpuPlan):
+            assert nosplit.prefill == base.prefill
+    assert step_floor.floor_a(engine, step=step_floor._recompiled(engine, decode, "attn-nosplit"),
+                              n=2, context=20)[0] > 0
 
 
 def test_cmdbuf_probe_calls_the_decode_step(engine):
