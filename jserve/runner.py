@@ -324,15 +324,17 @@ class Runner:
         layout, ibuf, fbuf, slots, writes = self.pack(out)
         if len(writes):
             self.slot_table = self._slot_writer(self.slot_table, writes, self.rows.table[writes])
+        histories = []   # n-gram: the token histories of slots taken or resuming speculation
         for c, s in zip(out.chunks, slots, strict=True):
             if c.new is not None and c.new.history is not None:  # takes the slot: its own counts
                 h, n = c.new.history, c.new.num_prompt
                 if c.new.params.uses_penalties:
                     self.penalty_state = self._slot_init(self.penalty_state, int(s), h[:n], h[n:])
-                if self.spec_steps is not None:
-                    self.spec_steps.take_slot(int(s), h)
-            if c.history is not None:   # n-gram: tokens the slot's history missed
-                self.spec_steps.take_slot(int(s), c.history)
+                histories.append((int(s), h))
+            elif c.history is not None:
+                histories.append((int(s), c.history))
+        if histories and self.spec_steps is not None:
+            self.spec_steps.write_histories(histories)
         fresh = (self.config.scheduler.flash_prefill(layout.num_tokens)
                  and all(c.start == 0 for c in out.chunks))
         params = [self.rows.params[s] for s in slots]

@@ -369,7 +369,7 @@ class Scheduler:
         token_ids = tuple(_tokens(req, start, known)) if known > start else ()
         history = None
         if self._proposer is not None:   # n-gram: is the slot's token history complete?
-            if new is not None or self._spec_now:
+            if self._spec_now:   # (a request taking a slot sends its history with ``new``)
                 if new is None and rid in self._stale_history:
                     history = tuple(req.all_token_ids)
                 self._stale_history.discard(rid)
@@ -392,7 +392,7 @@ class Scheduler:
         after a preemption); the history (for penalties, and for the device n-gram lookup) is
         complete: admission waits for tokens in flight."""
         sp = req.sampling_params
-        if not (sp.uses_penalties or self._proposer is not None):
+        if not (sp.uses_penalties or (self._proposer is not None and self._spec_now)):
             return NewRequestData(req.request_id, sp, req.seed)
         if req.num_placeholders:
             raise AssertionError(f"request {req.request_id!r} takes a runner slot with a token "

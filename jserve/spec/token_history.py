@@ -8,9 +8,10 @@ model. The host proposer (``ngram.NgramProposer``, the same rule) serves rows pl
 read (nothing in flight: a request's first row in a slot, host-masked requests)::
 
     hist int32[S + 1, L]   L = max_model_len; row S: the null row (rows without a slot)
-        admission / resumption (ScheduledChunk.new.history: prompt + outputs, all on the host)
-            HistoryInit: int32[1 + B] = [slot, ids..., -1 ...] -> hist[slot, :n] := ids
-            (own small executable per id bucket B, as ``penalty_state.SlotInit``)
+        a request takes a slot, or speculation resumes after steps without it
+        (ScheduledChunk.new.history / .history: prompt + outputs, all on the host)
+            HistoryWriter: int32[3, B] = (slot, position, id) for every such id of the step
+            -> hist[slot, position] := id     (one call per step; a program per size bucket)
         step: hist[slot of t, position of t] := token t   for every token t of the step
               hist[slot, p_r] := emitted token of row r     (p_r: its position)
               drafts[r] = lookup(hist[slot_r, :p_r + 1])   (rows that sample)
@@ -34,7 +35,6 @@ import numpy as np
 from jax.sharding import Sharding
 
 from jserve.compile_pool import compile_each
-from jserve.penalty_state import init_buckets
 from sharding import host_to_global
 
 
@@ -98,22 +98,33 @@ def step_drafts(hist: jax.Array, row_slot: jax.Array, samples: jax.Array, last_p
     return hist, jnp.where(on[:, None], drafts, -1)
 
 
-def _init_row(hist: jax.Array, buf: jax.Array) -> jax.Array:
-    """hist int32[S + 1, L] (donated), buf int32[1 + B] -> hist with row buf[0]'s first ids
-    written (padding -1 left out)."""
-    slot, ids = buf[0], buf[1:]
-    width = hist.shape[1]
-    cols = jnp.where(ids >= 0, jnp.arange(ids.shape[0]), width)
-    return hist.at[slot, cols].set(ids, mode="drop")
+# Token-count buckets of HistoryWriter: powers of 4 from 256 up to every slot's full history.
+MIN_WRITE_IDS = 256
+WRITE_GROWTH = 4
 
 
-class HistoryInit:
-    """Writes a slot's history from a request's prompt and output ids (compiled at warm-up, one
-    executable per id bucket; called when a request takes a slot)."""
+def write_buckets(num_slots: int, max_model_len: int) -> tuple[int, ...]:
+    """The token counts HistoryWriter compiles (one step's uploads, every slot at most full)."""
+    top, out, b = num_slots * max_model_len, [], MIN_WRITE_IDS
+    while b < top:
+        out.append(b)
+        b *= WRITE_GROWTH
+    return (*out, top)
+
+
+def _write(hist: jax.Array, buf: jax.Array) -> jax.Array:
+    """hist int32[S + 1, L] (donated), buf int32[3, B] = (slot, position, token) per id, slot
+    -1 padding -> hist with those ids written."""
+    return record(hist, buf[0], buf[1], buf[2])
+
+
+class HistoryWriter:
+    """Writes the histories of the slots requests take (prompt + outputs, from the host): all
+    of one step's in one call, compiled at warm-up per token-count bucket."""
 
     def __init__(self, num_slots: int, max_model_len: int, sharding: Sharding) -> None:
         self.num_slots, self.max_model_len = num_slots, max_model_len
-        self.buckets = init_buckets(max_model_len)
+        self.buckets = write_buckets(num_slots, max_model_len)
         self._sharding = sharding
         self._compiled: dict[int, jax.stages.Compiled] = {}
 
@@ -123,19 +134,25 @@ class HistoryInit:
                               self._sharding)
 
     def compile(self, hist: jax.Array, pool: Executor | None = None) -> None:
-        """One program per id bucket (compiled on ``pool`` when given: ``compile_each``)."""
-        init = jax.jit(_init_row, donate_argnums=(0,), out_shardings=self._sharding)
-        self._compiled.update(compile_each({b: init.lower(hist, jax.ShapeDtypeStruct(
-            (1 + b,), jnp.int32, sharding=self._sharding)) for b in self.buckets}, pool))
+        """One program per token-count bucket (compiled on ``pool`` when given)."""
+        write = jax.jit(_write, donate_argnums=(0,), out_shardings=self._sharding)
+        self._compiled.update(compile_each({b: write.lower(hist, jax.ShapeDtypeStruct(
+            (3, b), jnp.int32, sharding=self._sharding)) for b in self.buckets}, pool))
 
-    def __call__(self, hist: jax.Array, slot: int, ids: tuple[int, ...] | list[int]) -> jax.Array:
-        """-> hist with row ``slot`` starting with ``ids`` (``hist`` is donated)."""
-        n = len(ids)
+    def __call__(self, hist: jax.Array, rows: list[tuple[int, tuple[int, ...] | list[int]]]
+                 ) -> jax.Array:
+        """-> hist with each (slot, ids) row's first len(ids) tokens written (``hist`` is
+        donated); a slot appears at most once."""
+        n = sum(len(ids) for _, ids in rows)
         b = next((b for b in self.buckets if n <= b), None)
         if b is None:
-            raise ValueError(f"{n} prompt + output ids exceed the largest history bucket "
-                             f"({self.buckets[-1]})")
-        buf = np.full(1 + b, -1, np.int32)
-        buf[0] = slot
-        buf[1:1 + n] = ids
+            raise ValueError(f"{n} history ids exceed the largest history write ({self.buckets[-1]})")
+        buf = np.full((3, b), -1, np.int32)
+        at = 0
+        for slot, ids in rows:
+            k = len(ids)
+            buf[0, at:at + k] = slot
+            buf[1, at:at + k] = np.arange(k, dtype=np.int32)
+            buf[2, at:at + k] = ids
+            at += k
         return self._compiled[b](hist, host_to_global(buf, self._sharding))

@@ -225,11 +225,11 @@ class SpecSteps:
         if draft is not None:
             shape = (sched.max_num_seqs + 1, num_spec, runner.config.model.vocab_size)
             self.draft_probs = jax.device_put(np.zeros(shape, np.float32), runner._replicated)
-        self.hist, self._hist_init = None, None
+        self.hist, self._hist_writer = None, None
         if lookup is not None:
-            self._hist_init = token_history.HistoryInit(sched.max_num_seqs, sched.max_model_len,
+            self._hist_writer = token_history.HistoryWriter(sched.max_num_seqs, sched.max_model_len,
                                                         runner._replicated)
-            self.hist = self._hist_init.zeros()
+            self.hist = self._hist_writer.zeros()
 
     def variants(self, runner: Runner) -> list[tuple[int, bool]]:
         out = []
@@ -247,10 +247,11 @@ class SpecSteps:
         (``ScheduledChunk.history``) before speculation resumes."""
         return self.draft is not None
 
-    def take_slot(self, slot: int, history: tuple[int, ...]) -> None:
-        """A request takes ``slot`` with these tokens (prompt + outputs): its token history."""
-        if self._hist_init is not None:
-            self.hist = self._hist_init(self.hist, slot, history)
+    def write_histories(self, rows: list[tuple[int, tuple[int, ...]]]) -> None:
+        """Slots' token histories from the host, (slot, prompt + outputs) each: requests taking
+        a slot, or resuming speculation (n-gram; else nothing to keep)."""
+        if self._hist_writer is not None and rows:
+            self.hist = self._hist_writer(self.hist, rows)
 
     def move(self, transfers: Any) -> None:
         """Mirror the step's page moves on the draft's pool (twin pages)."""
@@ -325,10 +326,12 @@ class SpecSteps:
             self._keep(runner, self._compiled[v](*self._args(runner, v[1], joint)))
         if self.draft is not None:
             self.draft.kv = self.mover.warmup(self.draft.kv)
-        if self._hist_init is not None:   # each history init once (row 0 written, then zeros)
-            self._hist_init.compile(self.hist)
-            for b in self._hist_init.buckets:
-                self.hist = self._hist_init(self.hist, 0, [0] * b)
+        if self._hist_writer is not None:   # each history write once (zeros into row 0)
+            self._hist_writer.compile(self.hist)
+            width = self._hist_writer.max_model_len
+            for b in self._hist_writer.buckets:
+                rows = [(i, [0] * min(width, b - i * width)) for i in range(-(-b // width))]
+                self.hist = self._hist_writer(self.hist, rows)
 
     def dispatch(self, runner: Runner, out: SchedulerOutput, layout: StepLayout, params: list,
                  joint: Any, masked: bool = False) -> SpecStepHandle:

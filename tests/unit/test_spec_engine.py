@@ -133,6 +133,7 @@ def test_ngram_drafts_chain_in_the_overlapped_loop(spec):
     run_engine(spec, [(ps[0], _greedy(max_tokens=8))])
     run_engine(spec, [(ps[3], _greedy(max_tokens=8))])   # its slot's history: other tokens
     schedule, plans = sched.schedule, []
+    hits = spec.kv_cache_stats()["prefix_cache_hits_device"]
 
     def counting():
         out = schedule()
@@ -143,21 +144,31 @@ def test_ngram_drafts_chain_in_the_overlapped_loop(spec):
     try:
         for p in (ps[0] + [7], ps[1]):                     # the first: a prefix hit
             spec.add_request(None, p, _greedy(max_tokens=30))
-        in_flight = checked = 0
+        in_flight = checked = steps = 0
+        late = None
         while spec.has_unfinished_requests():
             spec.step()
+            steps += 1
+            if steps == 3:   # admitted while speculation is on, its history comes with it (a
+                # prefix hit on ps[1]'s first page: those tokens are never computed again)
+                late = spec.add_request(None, ps[1][:16] + [5, 6, 7], _greedy(max_tokens=20))
             if plans[-1].has_drafts:
                 in_flight += spec._in_flight is not None
             hist = np.asarray(runner.spec_steps.hist)
-            for r in sched.running:
-                s = runner.rows.slot_of(r.request_id)
-                assert hist[s, :r.num_tokens].tolist() == list(r.all_token_ids), r.request_id
-                checked += 1
+            for r in sched.running:   # (a stale history is sent again before speculation uses it)
+                if r.request_id not in sched._stale_history:
+                    s = runner.rows.slot_of(r.request_id)
+                    assert hist[s, :r.num_tokens].tolist() == list(r.all_token_ids), r.request_id
+                    checked += 1
     finally:
         sched.schedule = schedule
     chained = sum(c.device_drafts for out in plans for c in out.chunks)
     drafted = sum(out.has_drafts for out in plans)
     assert chained > 0 and in_flight == drafted > 0 and checked > 0
+    assert spec.kv_cache_stats()["prefix_cache_hits_device"] >= hits + 2
+    took = [c for out in plans for c in out.chunks if c.req_id == late and c.new is not None]
+    assert took and took[0].new.history is not None and not any(
+        c.history for out in plans for c in out.chunks if c.req_id == late)
 
 
 def test_ngram_history_resumes_after_steps_without_speculation(base, make_engine):
@@ -192,9 +203,10 @@ def test_ngram_history_resumes_after_steps_without_speculation(base, make_engine
             if plans[-1].speculative:
                 hist = np.asarray(runner.spec_steps.hist)
                 for r in sched.running:
-                    s = runner.rows.slot_of(r.request_id)
-                    assert hist[s, :r.num_tokens].tolist() == list(r.all_token_ids), r.request_id
-                    checked += 1
+                    if r.request_id not in sched._stale_history:
+                        s = runner.rows.slot_of(r.request_id)
+                        assert hist[s, :r.num_tokens].tolist() == list(r.all_token_ids), r.request_id
+                        checked += 1
     finally:
         sched.schedule, runner.spec_steps.dispatch = schedule, dispatch
     assert [got[i] for i in ids] == want
