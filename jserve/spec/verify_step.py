@@ -204,8 +204,9 @@ class SpecSteps:
                  lookup: tuple[int, int] | None = None) -> None:
         """``draft``: the draft model (its pool allocated): every step then runs here, the
         draft's K/V kept in step with the target's (page moves mirrored by ``move``).
-        ``lookup``: n-gram drafts on the device, (prompt_lookup_min, prompt_lookup_max): every
-        step runs here too and keeps each slot's tokens (``token_history``)."""
+        ``lookup``: n-gram drafts on the device, (prompt_lookup_min, prompt_lookup_max): the
+        steps run while speculation is on run here and keep each slot's tokens
+        (``token_history``)."""
         self.num_spec = num_spec
         self.draft = draft
         self.lookup = lookup
@@ -227,8 +228,8 @@ class SpecSteps:
             self.draft_probs = jax.device_put(np.zeros(shape, np.float32), runner._replicated)
         self.hist, self._hist_writer = None, None
         if lookup is not None:
-            self._hist_writer = token_history.HistoryWriter(sched.max_num_seqs, sched.max_model_len,
-                                                        runner._replicated)
+            self._hist_writer = token_history.HistoryWriter(
+                sched.max_num_seqs, sched.max_model_len, runner._replicated)
             self.hist = self._hist_writer.zeros()
 
     def variants(self, runner: Runner) -> list[tuple[int, bool]]:
