@@ -26,6 +26,7 @@ Failure: nothing hangs forever.
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import os
 import pickle
@@ -38,6 +39,7 @@ import jax
 
 from jserve.runner import Runner, StepHandle
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
+from jserve.spec.verify_step import SpecStepHandle
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +150,8 @@ class Watchdog:
                 os._exit(3)
 
 
-class _WatchedHandle(StepHandle):
-    """A StepHandle whose result wait is bounded by the watchdog."""
+class _Watched:
+    """A step handle (either kind, below) whose result wait is bounded by the watchdog."""
 
     watchdog: Watchdog
 
@@ -164,6 +166,22 @@ class _WatchedHandle(StepHandle):
             self.watchdog.disarm()
 
 
+class _WatchedStep(_Watched, StepHandle):
+    pass
+
+
+class _WatchedSpec(_Watched, SpecStepHandle):
+    pass
+
+
+def watched(handle: StepHandle | SpecStepHandle, watchdog: Watchdog) -> StepHandle | SpecStepHandle:
+    """The same handle (a copy) with its result wait bounded by ``watchdog``."""
+    out = copy.copy(handle)
+    out.__class__ = _WatchedSpec if isinstance(handle, SpecStepHandle) else _WatchedStep
+    out.watchdog = watchdog
+    return out
+
+
 class LeaderRunner:
     """Process 0's runner: publishes each plan to the followers, then dispatches it. Reads and
     attributes other than ``dispatch`` go to the wrapped ``Runner``."""
@@ -174,14 +192,12 @@ class LeaderRunner:
         self._watchdog = Watchdog(channel.timeout_s)
         atexit.register(channel.close)
 
-    def dispatch(self, out: SchedulerOutput) -> StepHandle | None:
+    def dispatch(self, out: SchedulerOutput) -> StepHandle | SpecStepHandle | None:
         self._channel.publish(out)
         handle = self._runner.dispatch(out)
         if handle is None:
             return None
-        watched = _WatchedHandle(handle.sched_out, handle.tokens, handle.logprobs, handle.top_n)
-        watched.watchdog = self._watchdog
-        return watched
+        return watched(handle, self._watchdog)
 
     def can_split(self, out: SchedulerOutput) -> bool:
         """No split step in a multi-process job: the followers replay whole plans (masks

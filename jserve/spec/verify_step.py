@@ -63,10 +63,10 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
               pen: jax.Array | None, table: jax.Array, prev_tokens: jax.Array, joint: jax.Array,
               draft_params: Any, draft_kv: KVCache | None, draft_probs: jax.Array | None,
               hist: jax.Array | None, masks: jax.Array | None = None) -> tuple:
-    """-> (kv, pen, table, previous-step output (last tokens int32[S]; with a draft model
-    int32[S (K + 2)], ``chain``), tokens int32[R, K + 1], num_emitted int32[R],
-    logprobs f32[R, K + 1], top_ids int32[R, K + 1, N], top_logprobs f32[R, K + 1, N],
-    draft_kv, next drafts int32[R, K], draft_probs, hist, verified drafts int32[R]). Arguments
+    """-> (kv, pen, table, previous-step output (last tokens int32[S]; chained: int32[S (K + 2)],
+    ``chain``), host: int32[R (K + 1) + 2R + RK] = tokens [R, K + 1], num_emitted [R], verified
+    drafts [R], next drafts [R, K] (``unpack_host``), logprobs f32[R, K + 1], top_ids
+    int32[R, K + 1, N], top_logprobs f32[R, K + 1, N], draft_kv, draft_probs, hist). Arguments
     as ``step_program.fused_step``; ``num_spec`` (static) is K; ``draft_cfg`` (static) the draft
     model's config, or None (n-gram: no draft model, draft_kv None); ``lookup`` (static):
     n-gram on the device, (prompt_lookup_min, prompt_lookup_max), its token history ``hist``
@@ -149,8 +149,18 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
         out = chain.prev_output(last_tok, nxt, num, num_draft, num_out)
     else:
         out = jnp.zeros((num_out,), jnp.int32).at[:r].set(last_tok)
-    return (kv, pen, table, out, tokens, num, lp, top_ids, top_lp, draft_kv, nxt, draft_probs,
-            hist, verified)
+    host = jnp.concatenate([tokens.reshape(-1), num, verified, nxt.reshape(-1)])
+    return kv, pen, table, out, host, lp, top_ids, top_lp, draft_kv, draft_probs, hist
+
+
+def unpack_host(host: np.ndarray, num_rows: int, num_spec: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The speculative step's one host-bound int32 output (one transfer per step) ->
+    (tokens [R, K + 1], num_emitted [R], verified drafts [R], next drafts [R, K])."""
+    r, k1 = num_rows, num_spec + 1
+    a = r * k1
+    return (host[:a].reshape(r, k1), host[a:a + r], host[a + r:a + 2 * r],
+            host[a + 2 * r:].reshape(r, num_spec))
 
 
 def verified_drafts(drafts: jax.Array, num_draft: jax.Array) -> jax.Array:
@@ -167,23 +177,21 @@ class SpecStepHandle:
     """A dispatched speculative step: per row up to K + 1 tokens, on their way to the host."""
 
     sched_out: SchedulerOutput
-    tokens: jax.Array                       # int32[R, K + 1]
-    num_emitted: jax.Array                  # int32[R]
+    host: jax.Array                         # int32: tokens, counts, drafts (``unpack_host``)
+    num_spec: int
     logprobs: tuple[jax.Array, ...] | None  # ([R, K + 1], [R, K + 1, N], [R, K + 1, N]) if asked
     top_n: tuple[int, ...]
-    drafts: jax.Array | None = None         # int32[R, K] the draft model's next drafts
-    verified: jax.Array | None = None       # int32[R] drafts verified (n-gram lookup)
+    with_drafts: bool                       # a draft model's next drafts go to the scheduler
 
     def result(self) -> RunnerOutput:
         chunks = self.sched_out.chunks
-        tokens, num = np.asarray(self.tokens), np.asarray(self.num_emitted)
+        num_rows = self.host.shape[0] // (3 + 2 * self.num_spec)
+        tokens, num, ver, nxt = unpack_host(np.asarray(self.host), num_rows, self.num_spec)
         sampled = [tokens[r, :num[r]].tolist() if c.samples else [] for r, c in enumerate(chunks)]
-        drafts = verified = None
-        if self.drafts is not None:
-            d = np.asarray(self.drafts)
-            drafts = [d[r].tolist() if c.samples else [] for r, c in enumerate(chunks)]
-        if self.verified is not None:
-            verified = np.asarray(self.verified)[:len(chunks)].tolist()
+        drafts = None
+        if self.with_drafts:
+            drafts = [nxt[r].tolist() if c.samples else [] for r, c in enumerate(chunks)]
+        verified = ver[:len(chunks)].tolist()
         if self.logprobs is None:
             return RunnerOutput(sampled, draft_token_ids=drafts, verified_drafts=verified)
         lp, ids, tlp = (np.asarray(a) for a in self.logprobs)
@@ -280,12 +288,12 @@ class SpecSteps:
         if pen is not None:
             runner.penalty_state = pen
         if self.draft is not None:
-            self.draft.kv = outs[9]
-        if outs[11] is not None:
-            self.draft_probs = outs[11]
-        if outs[12] is not None:
-            self.hist = outs[12]
-        return outs[4:9] + (outs[10], outs[13])
+            self.draft.kv = outs[8]
+        if outs[9] is not None:
+            self.draft_probs = outs[9]
+        if outs[10] is not None:
+            self.hist = outs[10]
+        return outs[4:8]
 
     def _lower(self, runner: Runner, variant: tuple[int, bool]) -> Any:
         t, greedy = variant
@@ -301,8 +309,8 @@ class SpecSteps:
         dp_sh = None if args[8] is None else rep
         hist_sh = None if self.hist is None else rep
         return jax.jit(fn, donate_argnums=(1, 2, 3, 4, 7, 8, 9),
-                       out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 7
-                       + (dkv_sh, rep, dp_sh, hist_sh, rep)).lower(*args)
+                       out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 6
+                       + (dkv_sh, dp_sh, hist_sh)).lower(*args)
 
     def compile(self, runner: Runner, say: Callable[[str], None], threads: int) -> None:
         """Compile every speculative variant (``threads`` at once); the pools may be abstract."""
@@ -343,17 +351,13 @@ class SpecSteps:
         greedy = (t in self._greedy_buckets and not masked
                   and greedy_rows(p for c, p in zip(out.chunks, params, strict=True) if c.samples))
         runner.logit_state.flush()
-        tokens, num, lp, top_ids, top_lp, drafts, verified = self._keep(
+        host, lp, top_ids, top_lp = self._keep(
             runner, self._compiled[(t, greedy)](*self._args(runner, greedy, joint)))
-        if self.draft is not None:
-            drafts.copy_to_host_async()
-        else:
-            drafts = None
         runner._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
         top_n = tuple((p.logprobs or 0) if c.samples else 0
                       for c, p in zip(out.chunks, params, strict=True))
         want = any(c.samples and p.logprobs is not None for c, p in zip(out.chunks, params, strict=True))
         logprobs = (lp, top_ids, top_lp) if want else None
-        for a in (tokens, num, verified, *(logprobs or ())):
+        for a in (host, *(logprobs or ())):
             a.copy_to_host_async()
-        return SpecStepHandle(out, tokens, num, logprobs, top_n, drafts, verified)
+        return SpecStepHandle(out, host, self.num_spec, logprobs, top_n, self.draft is not None)

@@ -53,11 +53,16 @@ def one_process_text(xla_cache_dir) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("source", ["safetensors", "orbax"])
+@pytest.mark.parametrize("source", ["safetensors", "orbax", "ngram"])
 def test_two_process_generate_equals_one_process(one_process_text, xla_cache_dir, tmp_path, source):
     """scripts/launch_multihost starts the job (launch values as JSERVE_* variables); the orbax
-    variant restores a `jserve convert` directory across the two processes."""
+    variant restores a `jserve convert` directory across the two processes; the n-gram one
+    speculates (greedy: the same text; process 0 reads the speculative steps' handles, which
+    it wrapped as plain ones before)."""
     argv = _generate_argv(xla_cache_dir) + ["--tp", "2"]
+    if source == "ngram":
+        argv += ["--speculative-config", json.dumps({"method": "ngram", "num_speculative_tokens": 2,
+                                                     "prompt_lookup_min": 1, "prompt_lookup_max": 2})]
     if source == "orbax":
         from jserve.convert import convert
 
