@@ -59,3 +59,27 @@ def test_setup_shows_pip_progress():
     setup = (ROOT / "scripts" / "setup").read_text()
     installs = [ln for ln in setup.splitlines() if "pip install" in ln]
     assert installs and not any(" -q" in ln for ln in installs)
+
+
+def test_the_feature_snippet_uses_real_options_and_fields():
+    """The speculative / quantization / structured-outputs snippet, run with ``LLM`` standing in
+    for an option check: every keyword is an engine option with a valid value, each
+    speculative config parses, and the structured-outputs request builds."""
+    from jserve import SamplingParams, StructuredOutputsParams
+    from jserve.options import EngineArgs
+    from jserve.spec.config import SpeculativeConfig
+
+    block = next(b for b in _python_blocks() if "speculative_config" in b)
+    seen = []
+
+    def llm(**kw):
+        EngineArgs(**kw)
+        if "speculative_config" in kw:
+            SpeculativeConfig.from_mapping(kw["speculative_config"])
+        seen.append(kw)
+
+    scope = {"LLM": llm, "SamplingParams": SamplingParams,
+             "StructuredOutputsParams": StructuredOutputsParams}
+    body = "\n".join(line for line in block.splitlines() if not line.startswith("from "))
+    exec(compile(body, "README.md", "exec"), scope)
+    assert len(seen) == 3 and scope["sp"].structured_outputs.json is not None
