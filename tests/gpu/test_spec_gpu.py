@@ -63,17 +63,21 @@ def test_sampled_self_draft_and_grammar_masks_on_gpu(make_engine):
     assert all(re.fullmatch(pat, t) for t in got), got
 
 
-def test_chained_rows_equal_the_synchronous_loop_on_gpu(xla_cache_dir):
+@pytest.mark.parametrize("method", ["draft_model", "ngram"])
+def test_chained_rows_equal_the_synchronous_loop_on_gpu(xla_cache_dir, method):
     """The bundled pair (a draft right about half the time, so rows move by every count from 0
-    to K): the overlapped loop's chained rows (jserve/spec/chain.py) give the synchronous loop's
-    tokens for greedy and seeded random rows, at the default memory share (the speculative step
-    once copied a draft pool layer there and ran out of memory at start-up, session 13)."""
+    to K), and n-gram lookup on the device: the overlapped loop's chained rows
+    (jserve/spec/chain.py) give the synchronous loop's tokens for greedy and seeded random
+    rows, at the default memory share (the speculative step once copied a draft pool layer
+    there and ran out of memory at start-up, session 13)."""
     from jserve.builder import EngineArgs, build_engine
 
+    spec = ({"method": "draft_model", "model": "code-draft", "num_speculative_tokens": 4}
+            if method == "draft_model" else
+            {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
+             "prompt_lookup_max": 3})
     args = dict(model="code-small", max_num_seqs=4, max_num_batched_tokens=64, max_model_len=512,
-                compilation_cache_dir=xla_cache_dir,
-                speculative_config={"method": "draft_model", "model": "code-draft",
-                                    "num_speculative_tokens": 4})
+                compilation_cache_dir=xla_cache_dir, speculative_config=spec)
     engine = build_engine(EngineArgs(**args))
     prompts = ["def fibonacci(n):\n", "import os\nimport sys\n\ndef main():\n",
                "class Stack:\n    def __init__(self):\n"]

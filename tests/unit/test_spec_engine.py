@@ -226,6 +226,11 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(spec):
     other = SamplingParams(temperature=1.0, seed=9, max_tokens=15, ignore_eos=True)
     batched = run_engine(spec, [(ps[1], other), (ps[0], sp), (ps[3], _greedy())])[1]
     assert alone == again == batched.outputs[0].token_ids
+    spec._overlap = False   # the synchronous loop (host lookup, no chained rows): the same draws
+    try:
+        assert run_engine(spec, [(ps[0], sp)])[0].outputs[0].token_ids == alone
+    finally:
+        spec._overlap = True
 
 
 def test_serving_with_speculation_never_compiles(spec):
