@@ -147,8 +147,8 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
         hist, nxt = token_history.step_drafts(hist, row_slot, samples, last_pos, last_tok,
                                               num_spec, *lookup)
         out = chain.prev_output(last_tok, nxt, num, num_draft, num_out)
-    else:
-        out = jnp.zeros((num_out,), jnp.int32).at[:r].set(last_tok)
+    else:   # (every speculating engine has a proposer on the device; the layout stays chained)
+        out = chain.plain_output(last_tok, num_out, num_spec)
     host = jnp.concatenate([tokens.reshape(-1), num, verified, nxt.reshape(-1)])
     return kv, pen, table, out, host, lp, top_ids, top_lp, draft_kv, draft_probs, hist
 
