@@ -1,17 +1,18 @@
 """N-gram drafts on the device: each slot's tokens, kept by the step, and prompt lookup over them.
 
-Where it sits: with ``{"method": "ngram"}`` every step runs the speculative executable
-(``verify_step.spec_step``), which records the tokens it computes and emits into a per-slot token
-history and proposes each sampling row's next drafts from it, so the next step, planned while
-this one is in flight, verifies them (chained rows, ``jserve/spec/chain.py``), as with a draft
-model. The host proposer (``ngram.NgramProposer``, the same rule) serves rows planned after a
-read (nothing in flight: a request's first row in a slot, host-masked requests)::
+Where it sits: with ``{"method": "ngram"}`` every step while speculation is on runs the
+speculative executable (``verify_step.spec_step``), which records the tokens it computes and
+emits into a per-slot token history and proposes each sampling row's next drafts from it, so
+the next step, planned while this one is in flight, verifies them (chained rows,
+``jserve/spec/chain.py``), as with a draft model. The host proposer (``ngram.NgramProposer``,
+the same rule) serves rows planned after a read (nothing in flight: host-masked requests, the
+synchronous loop)::
 
     hist int32[S + 1, L]   L = max_model_len; row S: the null row (rows without a slot)
         a request takes a slot, or speculation resumes after steps without it
         (ScheduledChunk.new.history / .history: prompt + outputs, all on the host)
             HistoryWriter: int32[3, B] = (slot, position, id) for every such id of the step
-            -> hist[slot, position] := id     (one call per step; a program per size bucket)
+            -> hist[slot, position] := id     (one call per B <= L ids; a program per bucket)
         step: hist[slot of t, position of t] := token t   for every token t of the step
               hist[slot, p_r] := emitted token of row r     (p_r: its position)
               drafts[r] = lookup(hist[slot_r, :p_r + 1])   (rows that sample)
@@ -35,6 +36,7 @@ import numpy as np
 from jax.sharding import Sharding
 
 from jserve.compile_pool import compile_each
+from jserve.penalty_state import init_buckets
 from sharding import host_to_global
 
 
@@ -98,20 +100,6 @@ def step_drafts(hist: jax.Array, row_slot: jax.Array, samples: jax.Array, last_p
     return hist, jnp.where(on[:, None], drafts, -1)
 
 
-# Token-count buckets of HistoryWriter: powers of 4 from 256 up to every slot's full history.
-MIN_WRITE_IDS = 256
-WRITE_GROWTH = 4
-
-
-def write_buckets(num_slots: int, max_model_len: int) -> tuple[int, ...]:
-    """The token counts HistoryWriter compiles (one step's uploads, every slot at most full)."""
-    top, out, b = num_slots * max_model_len, [], MIN_WRITE_IDS
-    while b < top:
-        out.append(b)
-        b *= WRITE_GROWTH
-    return (*out, top)
-
-
 def _write(hist: jax.Array, buf: jax.Array) -> jax.Array:
     """hist int32[S + 1, L] (donated), buf int32[3, B] = (slot, position, token) per id, slot
     -1 padding -> hist with those ids written."""
@@ -119,12 +107,13 @@ def _write(hist: jax.Array, buf: jax.Array) -> jax.Array:
 
 
 class HistoryWriter:
-    """Writes the histories of the slots requests take (prompt + outputs, from the host): all
-    of one step's in one call, compiled at warm-up per token-count bucket."""
+    """Writes the histories of the slots requests take (prompt + outputs, from the host): a
+    step's rows packed into as few calls as fit the largest bucket (one full history; nearly
+    always one call), compiled at warm-up per id bucket (``penalty_state.init_buckets``)."""
 
     def __init__(self, num_slots: int, max_model_len: int, sharding: Sharding) -> None:
         self.num_slots, self.max_model_len = num_slots, max_model_len
-        self.buckets = write_buckets(num_slots, max_model_len)
+        self.buckets = init_buckets(max_model_len)
         self._sharding = sharding
         self._compiled: dict[int, jax.stages.Compiled] = {}
 
@@ -142,11 +131,22 @@ class HistoryWriter:
     def __call__(self, hist: jax.Array, rows: list[tuple[int, tuple[int, ...] | list[int]]]
                  ) -> jax.Array:
         """-> hist with each (slot, ids) row's first len(ids) tokens written (``hist`` is
-        donated); a slot appears at most once."""
-        n = sum(len(ids) for _, ids in rows)
-        b = next((b for b in self.buckets if n <= b), None)
-        if b is None:
-            raise ValueError(f"{n} history ids exceed the largest history write ({self.buckets[-1]})")
+        donated); a slot appears at most once, each row holds at most max_model_len ids."""
+        top = self.buckets[-1]
+        batch: list[tuple[int, tuple[int, ...] | list[int]]] = []
+        n = 0
+        for slot, ids in rows:
+            if len(ids) > top:
+                raise ValueError(f"{len(ids)} history ids exceed max_model_len ({top})")
+            if n + len(ids) > top:
+                hist, batch, n = self._write(hist, batch, n), [], 0
+            batch.append((slot, ids))
+            n += len(ids)
+        return self._write(hist, batch, n) if batch else hist
+
+    def _write(self, hist: jax.Array, rows: list[tuple[int, tuple[int, ...] | list[int]]],
+               n: int) -> jax.Array:
+        b = next(b for b in self.buckets if n <= b)
         buf = np.full((3, b), -1, np.int32)
         at = 0
         for slot, ids in rows:

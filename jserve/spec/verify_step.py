@@ -68,9 +68,9 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
     drafts [R], next drafts [R, K] (``unpack_host``), logprobs f32[R, K + 1], top_ids
     int32[R, K + 1, N], top_logprobs f32[R, K + 1, N], draft_kv, draft_probs, hist). Arguments
     as ``step_program.fused_step``; ``num_spec`` (static) is K; ``draft_cfg`` (static) the draft
-    model's config, or None (n-gram: no draft model, draft_kv None); ``lookup`` (static):
-    n-gram on the device, (prompt_lookup_min, prompt_lookup_max), its token history ``hist``
-    int32[S + 1, L] (``token_history``; else None and next drafts zero); draft_probs: f32[S + 1, K, V]
+    model's config, or None (n-gram: draft_kv None); ``lookup`` (static, n-gram, exactly when
+    draft_cfg is None): (prompt_lookup_min, prompt_lookup_max), its token history ``hist``
+    int32[S + 1, L] (``token_history``; else None); draft_probs: f32[S + 1, K, V]
     per slot, the distributions its random rows' drafts were sampled from (the draft model's
     general variant; else None): read to verify this step's drafts, written with the next;
     masks: the per-(slot, position) token masks / biases (``structured.logit_state``; None in
@@ -88,9 +88,8 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
     verified = verified_drafts(drafts, num_draft)
     drafts = jnp.maximum(drafts, 0)
     batch = dataclasses.replace(batch, token_ids=jnp.maximum(token_ids, 0))
-    chained = draft_cfg is not None or lookup is not None   # planned while the previous step ran
-    if chained:
-        batch, sbatch = chain.shift_rows(layout, ibuf, batch, sbatch, prev_tokens, num_out, num_spec)
+    # rows planned while the previous step ran move by its accepted drafts (chain.py)
+    batch, sbatch = chain.shift_rows(layout, ibuf, batch, sbatch, prev_tokens, num_out, num_spec)
     h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
     logits = logits_from_hidden(cfg, params, h[idx.reshape(-1)]).astype(jnp.float32)
     v = logits.shape[1]
@@ -132,13 +131,11 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
         lp, top_ids, top_lp = without()
     else:
         lp, top_ids, top_lp = jax.lax.cond(jnp.any(sbatch.want_logprobs), with_logprobs, without)
-    nxt = jnp.zeros((r, num_spec), jnp.int32)
     if draft_cfg is not None:
         draft_kv, nxt, draft_probs = draft_step(
             draft_cfg, draft_params, draft_kv, batch, samples, num_draft, tokens, num, num_spec,
             layout.page_size, mesh, None if greedy else sbatch, draft_probs, slot)
-        out = chain.prev_output(last_tok, nxt, num, num_draft, num_out)
-    elif lookup is not None:
+    else:   # n-gram lookup over the slots' token histories
         row_slot = layout.read(ibuf, "row_slot")
         hist = token_history.record(
             hist, token_history.token_slots(row_slot, batch.query_start_loc, layout.num_tokens),
@@ -146,9 +143,7 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
         last_pos = batch.positions[batch.logits_indices] - num_draft + num
         hist, nxt = token_history.step_drafts(hist, row_slot, samples, last_pos, last_tok,
                                               num_spec, *lookup)
-        out = chain.prev_output(last_tok, nxt, num, num_draft, num_out)
-    else:   # (every speculating engine has a proposer on the device; the layout stays chained)
-        out = chain.plain_output(last_tok, num_out, num_spec)
+    out = chain.prev_output(last_tok, nxt, num, num_draft, num_out)
     host = jnp.concatenate([tokens.reshape(-1), num, verified, nxt.reshape(-1)])
     return kv, pen, table, out, host, lp, top_ids, top_lp, draft_kv, draft_probs, hist
 
@@ -215,6 +210,8 @@ class SpecSteps:
         ``lookup``: n-gram drafts on the device, (prompt_lookup_min, prompt_lookup_max): the
         steps run while speculation is on run here and keep each slot's tokens
         (``token_history``)."""
+        if (draft is None) == (lookup is None):
+            raise ValueError("SpecSteps needs exactly one proposer: a draft model or an n-gram lookup")
         self.num_spec = num_spec
         self.draft = draft
         self.lookup = lookup
@@ -337,10 +334,8 @@ class SpecSteps:
             self.draft.kv = self.mover.warmup(self.draft.kv)
         if self._hist_writer is not None:   # each history write once (zeros into row 0)
             self._hist_writer.compile(self.hist)
-            width = self._hist_writer.max_model_len
             for b in self._hist_writer.buckets:
-                rows = [(i, [0] * min(width, b - i * width)) for i in range(-(-b // width))]
-                self.hist = self._hist_writer(self.hist, rows)
+                self.hist = self._hist_writer(self.hist, [(0, [0] * b)])
 
     def dispatch(self, runner: Runner, out: SchedulerOutput, layout: StepLayout, params: list,
                  joint: Any, masked: bool = False) -> SpecStepHandle:
