@@ -93,7 +93,7 @@ dk)
   # combine; then the small buckets' compile under autotune level 0 (start-up: their Triton
   # GEMM autotuning is the cold start's critical path).
   timeout 300 python3 benchmarks/step_floor.py qwen2.5-0.5b --max-num-batched-tokens 16 \
-    --ab kv-write-kernel,attn-nosplit,attn-fused-combine 2>&1 | table | tee "$OUT/floor_dk.txt"
+    --ab kv-write-kernel,attn-nosplit,attn-fused-combine,kv-write-kernel/attn-nosplit,kv-write-kernel/attn-fused-combine 2>&1 | table | tee "$OUT/floor_dk.txt"
   timeout 250 python3 benchmarks/compile_ab.py --model qwen2.5-0.5b --buckets 64,32 \
     --modes xla_gpu_autotune_level=0,default 2>&1 \
     | grep "^|\|^##\|compiled in\|built in\|failed" | tee "$OUT/compile_ab_small.txt"

@@ -26,6 +26,7 @@ Command buffers are an XLA flag: run once more with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import time
 
@@ -158,31 +159,42 @@ def attention_plan(patch: str, default):
     return patched
 
 
-def _recompiled(engine, variant, patch: str):
-    """The engine's ``variant`` compiled again under one named A/B patch (benchmark only)."""
+@contextlib.contextmanager
+def _patched(patch: str):
+    """One named A/B patch of the decode step in effect while compiling; yields the compile
+    options it needs (benchmark only)."""
     import pallas_kernels.kv_write.api as kv_write_api
 
     if patch == "kv-write-kernel":  # the Pallas K/V write (one launch) instead of two XLA scatters
         saved = kv_write_api.GPU_KERNEL_MIN_TOKENS
         kv_write_api.GPU_KERNEL_MIN_TOKENS = 1
         try:
-            return engine.runner.lower_step(variant).compile()
+            yield None
         finally:
             kv_write_api.GPU_KERNEL_MIN_TOKENS = saved
-    if patch in ("attn-nosplit", "attn-fused-combine"):   # the decode attention launch's plan
+    elif patch in ("attn-nosplit", "attn-fused-combine"):   # the decode attention launch's plan
         from pallas_kernels.ragged_paged_attention import gpu as attn_gpu
 
         default = attn_gpu.default_config
         attn_gpu.default_config = attention_plan(patch, default)
         try:
-            return engine.runner.lower_step(variant).compile()
+            yield None
         finally:
             attn_gpu.default_config = default
-    if patch.startswith("xla:"):  # XLA debug options for this compile, e.g. xla:NAME=false
+    elif patch.startswith("xla:"):  # XLA debug options for this compile, e.g. xla:NAME=false
         from benchmarks.compile_ab import options
 
-        return engine.runner.lower_step(variant).compile(compiler_options=options(patch[4:]))
-    raise ValueError(f"unknown A/B patch {patch!r}")
+        yield options(patch[4:])
+    else:
+        raise ValueError(f"unknown A/B patch {patch!r}")
+
+
+def _recompiled(engine, variant, patch: str):
+    """The engine's ``variant`` compiled again under named A/B patches joined by ``/``."""
+    with contextlib.ExitStack() as stack:
+        opts = [stack.enter_context(_patched(p)) for p in patch.split("/")]
+        merged = {k: v for o in opts if o for k, v in o.items()}
+        return engine.runner.lower_step(variant).compile(compiler_options=merged or None)
 
 
 def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
@@ -259,7 +271,7 @@ def main() -> None:
     ap.add_argument("--dump", default=None, help="folder for the decode step's optimized program")
     ap.add_argument("--trace", default=None, help="folder for a profiler trace of 20 steps of A")
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
-                    "recompile and time beside it: kv-write-kernel, attn-nosplit, "
+                    "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
                     "attn-fused-combine, xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
