@@ -181,6 +181,14 @@ def _patched(patch: str):
             yield None
         finally:
             attn_gpu.default_config = default
+    elif patch == "small-m-kernel":   # dense projections through the Mosaic GPU small-M kernel
+        from pallas_kernels.small_m_matmul import api as small_m_api
+
+        small_m_api.DENSE_ON_HOPPER = True
+        try:
+            yield None
+        finally:
+            small_m_api.DENSE_ON_HOPPER = False
     elif patch.startswith("xla:"):  # XLA debug options for this compile, e.g. xla:NAME=false
         from benchmarks.compile_ab import options
 
@@ -194,7 +202,14 @@ def _recompiled(engine, variant, patch: str):
     with contextlib.ExitStack() as stack:
         opts = [stack.enter_context(_patched(p)) for p in patch.split("/")]
         merged = {k: v for o in opts if o for k, v in o.items()}
-        return engine.runner.lower_step(variant).compile(compiler_options=merged or None)
+        # The patches act at trace time: drop the traces cached before them (the nested-jit
+        # layer among them; session 15's first dk call recompiled the cached trace: 1 s, and
+        # the kernel counts did not move), and again after, so later compiles see no patch.
+        jax.clear_caches()
+        try:
+            return engine.runner.lower_step(variant).compile(compiler_options=merged or None)
+        finally:
+            jax.clear_caches()
 
 
 def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
@@ -272,7 +287,7 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="folder for a profiler trace of 20 steps of A")
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
-                    "attn-fused-combine, xla:OPTION=VALUE")
+                    "attn-fused-combine, small-m-kernel, xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,

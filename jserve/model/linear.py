@@ -6,6 +6,7 @@ runs through XLA exactly as before; a quantized one is a ``QuantizedWeight`` (a 
 pair, so the step still takes few arrays) and runs through ``pallas_kernels.quant_matmul``::
 
     dense      w [L, K, *out]           (params.py layout)        y = x @ w[i]
+                                        (few tokens on Hopper: ``small_m_matmul(x, w, i)``)
     quantized  q [L, *out, K] 8-bit     output-major, K last      y = quant_matmul(x, q[i], scale[i])
                scale [L, *out]          float32 per output channel
                scale [L, *out, K / g]   (``group`` g) per output channel and K-group of g
@@ -44,6 +45,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 import pallas_kernels
 from pallas_kernels.quant_matmul import reference as qref
+from pallas_kernels.small_m_matmul import api as small_m_api
 from sharding import TENSOR_AXIS
 
 
@@ -89,10 +91,18 @@ def mesh_axes_of(sharding: jax.sharding.Sharding, ndim: int) -> tuple[str | None
     return axes
 
 
-def linear(x: jax.Array, w: Weight, i: int, mesh: Mesh | None = None) -> jax.Array:
-    """x: [T, K] @ layer ``i`` (static) of the stacked weight ``w`` -> [T, *out] in x's dtype."""
+def linear(x: jax.Array, w: Weight, layer: jax.Array | int, mesh: Mesh | None = None) -> jax.Array:
+    """x: [T, K] @ layer ``layer`` (int32[1], or a Python int) of the stacked weight ``w`` ->
+    [T, *out] in x's dtype. A dense weight of a step with few tokens may run the small-M
+    kernel, which reads its layer from the whole stack (``pallas_kernels.small_m_matmul``)."""
+    if isinstance(layer, int):
+        layer = jnp.full((1,), layer, jnp.int32)
     if not isinstance(w, QuantizedWeight):
-        return jnp.tensordot(x, w[i], axes=1)
+        if not _tensor_parallel(mesh) and small_m_api.use_kernel(x, w):
+            y = pallas_kernels.small_m_matmul(x, w.reshape(*w.shape[:2], -1), layer)
+            return y.reshape(x.shape[0], *w.shape[2:])
+        return jnp.tensordot(x, w[layer[0]], axes=1)
+    i = layer[0]
     out = w.out_shape
     n = math.prod(out)
     q = w.q[i].reshape(n, w.q.shape[-1])
@@ -117,7 +127,7 @@ def _kernel_choice(w: QuantizedWeight) -> dict:
     return {} if w.interpret is None else dict(interpret=True, backend=w.interpret)
 
 
-def _per_shard(x: jax.Array, w: QuantizedWeight, i: int, mesh: Mesh) -> jax.Array:
+def _per_shard(x: jax.Array, w: QuantizedWeight, i: jax.Array, mesh: Mesh) -> jax.Array:
     """The quantized matmul of layer ``i`` run per device on its shard (module docstring):
     x [T, K] -> [T, *out]."""
     q_axes = w.spec[1:]                      # [*out, K]
