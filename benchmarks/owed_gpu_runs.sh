@@ -122,6 +122,13 @@ for f in glob.glob(sys.argv[1] + "/*.hlo.txt"):
     print("\n".join(made[:8]))
 PY
   ;;
+hp)
+  # Issue 11: where the batch-1 loop's host time goes (code-small: 0.20 ms on the device, 0.96 in
+  # the engine), cProfile per step, both small models.
+  for m in code-small qwen2.5-0.5b; do
+    timeout 150 python3 benchmarks/host_profile.py $m --tokens 256 --top 22 2>&1 | table | tee "$OUT/host_$m.txt"
+  done
+  ;;
 sw3)
   # Session 14's n-gram change (ordinary variants while speculation is off) and the threshold,
   # each point the median of 3 runs: always on, then off above 8 running requests.
