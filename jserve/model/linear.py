@@ -7,7 +7,7 @@ pair, so the step still takes few arrays) and runs through ``pallas_kernels.quan
 
     dense      w [L, K, *out]           (params.py layout)        y = x @ w[i]
                                         (few tokens on Hopper: ``small_m_matmul(x, w, i)``)
-    quantized  q [L, *out, K] 8-bit     output-major, K last      y = quant_matmul(x, q[i], scale[i])
+    quantized  q [L, *out, K] 8-bit     output-major, K last      y = quant_matmul(x, q, scale[i], layer=i)
                scale [L, *out]          float32 per output channel
                scale [L, *out, K / g]   (``group`` g) per output channel and K-group of g
                                         (block-scaled fp8 checkpoints; XLA path)
@@ -105,21 +105,21 @@ def linear(x: jax.Array, w: Weight, layer: jax.Array | int, mesh: Mesh | None = 
     i = layer[0]
     out = w.out_shape
     n = math.prod(out)
-    q = w.q[i].reshape(n, w.q.shape[-1])
     if w.group is not None:
         scale = w.scale[i].reshape(n, -1)
-        y = qref.group_matmul(x, q, scale, w.group)
+        y = qref.group_matmul(x, w.q[i].reshape(n, -1), scale, w.group)
     else:
         scale = w.scale[i].reshape(n)
         input_scale = None if w.input_scale is None else w.input_scale[i]
         if _tensor_parallel(mesh) and w.spec is not None:
             return _per_shard(x, w, i, mesh)
         if _tensor_parallel(mesh):
+            q = w.q[i].reshape(n, -1)
             y = (qref.w8a8_matmul(x, q, scale, input_scale) if w.act_quant
                  else qref.w8a16_matmul(x, q, scale))
-        else:
-            y = pallas_kernels.quant_matmul(x, q, scale, input_scale, act_quant=w.act_quant,
-                                            **_kernel_choice(w))
+        else:   # the whole stack and the layer: the kernel reads its layer (no copy of a slice)
+            y = pallas_kernels.quant_matmul(x, w.q.reshape(w.q.shape[0], n, -1), scale, input_scale,
+                                            act_quant=w.act_quant, layer=layer, **_kernel_choice(w))
     return y.reshape(x.shape[0], *out)
 
 
