@@ -98,29 +98,13 @@ dk)
     --modes xla_gpu_autotune_level=0,default 2>&1 \
     | grep "^|\|^##\|compiled in\|built in\|failed" | tee "$OUT/compile_ab_small.txt"
   ;;
-dk2)
-  # Issue 11 / 13, session 15: the dense small-M Mosaic GPU kernel against XLA's GEMMs (per shape,
-  # then a config sweep at Qwen's shapes, M = 16), the decode step's A/B patches again (call 1's
-  # recompiled the cached trace: every row equal, 327 kernels), and whether XLA copies each
-  # layer's int8 weight out of the stack before the quantized kernel (the int8 step's program).
-  timeout 150 python3 benchmarks/small_m_matmul.py --ms 1,16 2>&1 | table | tee "$OUT/small_m.txt"
-  timeout 120 python3 benchmarks/small_m_matmul.py --ms 16 --sweep \
-    --shapes "qwen0.5b qkv,qwen0.5b o,qwen0.5b gate/up,qwen0.5b down" 2>&1 | table \
-    | tee "$OUT/small_m_sweep.txt"
-  timeout 240 python3 benchmarks/step_floor.py qwen2.5-0.5b --max-num-batched-tokens 16 --dump "$OUT" \
-    --ab small-m-kernel,kv-write-kernel,attn-nosplit 2>&1 | table | tee "$OUT/floor_dk2.txt"
-  mkdir -p "$OUT/int8"
-  timeout 150 python3 benchmarks/step_floor.py qwen2.5-0.5b --max-num-batched-tokens 16 --dump "$OUT/int8" \
-    --quantization int8 2>&1 | table | tee "$OUT/floor_int8.txt"
-  python3 - "$OUT/int8" <<'PY'
-import glob, re, sys
-for f in glob.glob(sys.argv[1] + "/*.hlo.txt"):
-    entry = open(f).read().split("ENTRY", 1)[-1]
-    made = [ln.strip()[:160] for ln in entry.splitlines()
-            if re.search(r"= s8\[\d", ln) and " parameter(" not in ln]
-    print(f"## int8 arrays made inside the step ({f.rsplit('/', 1)[-1]}): {len(made)}")
-    print("\n".join(made[:8]))
-PY
+hq)
+  # Session 15, one call: the host profile of code-small's batch-1 loop, then issue 13's 8B step
+  # (bf16 and int8; int8 through the Mosaic kernel and through XLA's fused convert).
+  timeout 100 python3 benchmarks/host_profile.py code-small --tokens 256 --top 22 2>&1 | table \
+    | tee "$OUT/host_code-small.txt"
+  timeout 420 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8,none --ab quant-xla 2>&1 | table | tee "$OUT/floor_quant.txt"
   ;;
 hp)
   # Issue 11: where the batch-1 loop's host time goes (code-small: 0.20 ms on the device, 0.96 in
@@ -256,7 +240,7 @@ q)
       | tee -a "$OUT/quant_shapes.txt"
   done
   timeout 300 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization none,int8 2>&1 | table | tee "$OUT/floor_quant.txt"
+    --quantization none,int8 --ab quant-xla 2>&1 | table | tee "$OUT/floor_quant.txt"
   ;;
 x)
   timeout 290 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \

@@ -181,14 +181,15 @@ def _patched(patch: str):
             yield None
         finally:
             attn_gpu.default_config = default
-    elif patch == "small-m-kernel":   # dense projections through the Mosaic GPU small-M kernel
-        from pallas_kernels.small_m_matmul import api as small_m_api
+    elif patch == "quant-xla":   # quantized matmuls through XLA's fused convert, not the kernel
+        from pallas_kernels.quant_matmul import api as quant_api
 
-        small_m_api.DENSE_ON_HOPPER = True
+        saved = quant_api.MOSAIC_ON_HOPPER
+        quant_api.MOSAIC_ON_HOPPER = False
         try:
             yield None
         finally:
-            small_m_api.DENSE_ON_HOPPER = False
+            quant_api.MOSAIC_ON_HOPPER = saved
     elif patch.startswith("xla:"):  # XLA debug options for this compile, e.g. xla:NAME=false
         from benchmarks.compile_ab import options
 
@@ -287,7 +288,7 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="folder for a profiler trace of 20 steps of A")
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
-                    "attn-fused-combine, small-m-kernel, xla:OPTION=VALUE")
+                    "attn-fused-combine, quant-xla, xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,

@@ -7,11 +7,9 @@ gpu -> Pallas Triton-lowered kernel, tpu -> Pallas Mosaic TPU kernel):
   write_kv                new K/V rows into their slots of the pool (in place under donation)
   quant_matmul            x @ 8-bit weight (int8 / fp8, per-channel scales), w8a16 or fp8 w8a8
                           (gpu: Mosaic GPU kernel on Hopper)
-  small_m_matmul          x [M <= 64, K] @ one layer of a stacked dense weight [L, K, N]
-                          (gpu: Mosaic GPU kernel on Hopper; the layer read in the kernel)
 
 Sub-packages (``ragged_paged_attention/``, ``flash_attention/``, ``kv_write/``,
-``quant_matmul/``, ``small_m_matmul/``) hold
+``quant_matmul/``) hold
 ``reference.py``, ``gpu.py``, ``tpu.py`` and ``api.py``. The names above are the functions, which
 shadow the sub-package attributes: import modules as
 ``from pallas_kernels.ragged_paged_attention import reference``.
@@ -21,6 +19,5 @@ from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.kv_write.api import write_kv
 from pallas_kernels.quant_matmul.api import quant_matmul
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
-from pallas_kernels.small_m_matmul.api import small_m_matmul
 
-__all__ = ["flash_attention", "quant_matmul", "ragged_paged_attention", "small_m_matmul", "write_kv"]
+__all__ = ["flash_attention", "quant_matmul", "ragged_paged_attention", "write_kv"]

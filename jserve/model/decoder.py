@@ -43,18 +43,18 @@ _LAYER_WEIGHTS = ("ln_attn", "wqkv", "bqkv", "wo", "ln_mlp", "wgu", "wd")
 MICROBATCH_MIN_TOKENS = 256
 
 
-def _attention_block(cfg: ModelConfig, w: dict[str, Any], layer: jax.Array, x: jax.Array,
-                     pool: tuple[jax.Array, ...], batch: StepInput, cos: jax.Array, sin: jax.Array,
-                     window: int | None, fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
+def _attention_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, pool: tuple[jax.Array, ...],
+                     batch: StepInput, cos: jax.Array, sin: jax.Array, window: int | None,
+                     fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
                      ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """One layer's attention (``w``: the stacked weights, ``layer`` int32[1]: which of them):
-    one fused QKV matmul, RoPE, KV write, attention, wo. ``pool``: the layer's
-    ``(k_pages, v_pages)`` (+ ``(k_scales, v_scales)`` when int8/fp8)."""
+    """One layer's attention (``w``: its weights, stacked with one layer): one fused QKV
+    matmul, RoPE, KV write, attention, wo. ``pool``: the layer's ``(k_pages, v_pages)``
+    (+ ``(k_scales, v_scales)`` when int8/fp8)."""
     t, g, nq = x.shape[0], cfg.q_per_kv_padded, cfg.num_q_heads_padded
-    h = rms_norm(x, w["ln_attn"][layer[0]], cfg.rms_norm_eps)
-    qkv = linear(h, w["wqkv"], layer, mesh)                         # [T, Nkv, Gp + 2, d]
+    h = rms_norm(x, w["ln_attn"][0], cfg.rms_norm_eps)
+    qkv = linear(h, w["wqkv"], 0, mesh)                             # [T, Nkv, Gp + 2, d]
     if cfg.qkv_bias:
-        qkv = qkv + w["bqkv"][layer[0]]
+        qkv = qkv + w["bqkv"][0]
     # Gp query heads per kv head (zero-padded heads included: they add exactly 0 through wo).
     q = apply_rope(qkv[:, :, :g].reshape(t, nq, cfg.head_dim), cos, sin)
     k = apply_rope(qkv[:, :, g], cos, sin)
@@ -66,44 +66,43 @@ def _attention_block(cfg: ModelConfig, w: dict[str, Any], layer: jax.Array, x: j
     else:
         o = paged_attention(q, pool, batch, sm_scale=scale, sliding_window=window, mesh=mesh,
                             decode_only=decode_only)
-    return linear(o.reshape(t, nq * cfg.head_dim), w["wo"], layer, mesh), pool
+    return linear(o.reshape(t, nq * cfg.head_dim), w["wo"], 0, mesh), pool
 
 
-def _mlp_block(cfg: ModelConfig, w: dict[str, Any], layer: jax.Array, x: jax.Array,
-               mesh: Mesh | None) -> jax.Array:
+def _mlp_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, mesh: Mesh | None) -> jax.Array:
     """One layer's MLP: one fused gate/up matmul, SiLU-gate, down projection."""
-    h = rms_norm(x, w["ln_mlp"][layer[0]], cfg.rms_norm_eps)
-    gu = linear(h, w["wgu"], layer, mesh)                           # [T, 2, I]
-    return linear(jax.nn.silu(gu[:, 0]) * gu[:, 1], w["wd"], layer, mesh)
+    h = rms_norm(x, w["ln_mlp"][0], cfg.rms_norm_eps)
+    gu = linear(h, w["wgu"], 0, mesh)                               # [T, 2, I]
+    return linear(jax.nn.silu(gu[:, 0]) * gu[:, 1], w["wd"], 0, mesh)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
-def _layer(cfg: ModelConfig, w: dict[str, Any], layer: jax.Array, x: jax.Array,
-           pool: tuple[jax.Array, ...], batch: StepInput, rope: tuple[jax.Array, jax.Array],
-           window: int | None, fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
+def _layer(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, pool: tuple[jax.Array, ...],
+           batch: StepInput, rope: tuple[jax.Array, jax.Array], window: int | None,
+           fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
            ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """One decoder layer -> (x, pool). ``w``: the stacked weights whole, ``layer`` int32[1]:
-    the layer (an operand, so a Pallas matmul reads its layer from the stack instead of a
-    copy XLA would make of a slice; ``linear``). A nested jit: every layer with the same static
+    """One decoder layer -> (x, pool). A nested jit: every layer with the same static
     arguments shares one trace and one lowered function (the step's StableHLO calls it once per
-    layer and XLA inlines the calls, the layer index becoming a constant), so tracing and
-    Pallas lowering run once per step variant instead of once per layer."""
-    attn, pool = _attention_block(cfg, w, layer, x, pool, batch, *rope, window, fresh_prefill,
-                                  mesh, decode_only)
+    layer and XLA inlines the calls), so tracing and Pallas lowering run once per step variant
+    instead of once per layer."""
+    attn, pool = _attention_block(cfg, w, x, pool, batch, *rope, window, fresh_prefill, mesh,
+                                  decode_only)
     x = x + attn
-    return x + _mlp_block(cfg, w, layer, x, mesh), pool
+    return x + _mlp_block(cfg, w, x, mesh), pool
 
 
 def _layers(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCache, batch: StepInput,
             rope: tuple[jax.Array, jax.Array], windows: tuple[int | None, ...], fresh_prefill: bool,
             mesh: Mesh | None, decode_only: bool) -> tuple[jax.Array, KVCache]:
     """Run the layers whose stacked weights are ``weights`` ([n, ...] each) and whose pools are
-    ``kv`` (n entries) over x [T, H]: the unrolled loop over the layers, each one call of the
-    nested-jit ``_layer`` with the stacks whole and its index."""
+    ``kv`` (n entries) over x [T, H]: the unrolled loop over static slices, each layer one call
+    of the nested-jit ``_layer``."""
     new_kv = []
     for i in range(len(kv)):
-        x, pool = _layer(cfg, weights, jnp.full((1,), i, jnp.int32), x, tuple(kv[i]), batch, rope,
-                         windows[i], fresh_prefill, mesh, decode_only)
+        # Layer i's weights, stacked with one layer (dense arrays and QuantizedWeight alike).
+        w = {name: jax.tree.map(lambda a, i=i: a[i:i + 1], a) for name, a in weights.items()}
+        x, pool = _layer(cfg, w, x, tuple(kv[i]), batch, rope, windows[i], fresh_prefill, mesh,
+                         decode_only)
         new_kv.append(pool)
     return x, new_kv
 
@@ -154,8 +153,8 @@ def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: 
                   decode_only: bool = False) -> tuple[jax.Array, KVCache]:
     """Run every layer over the step's tokens: -> (final-normed hidden [T, H], updated kv).
 
-    The layer loop is unrolled over the stacked weights (``params`` module docstring), each
-    layer one call of the nested-jit ``_layer`` with its index. ``fresh_prefill`` (static):
+    The layer loop is unrolled over static slices of the stacked weights (``params`` module
+    docstring), each layer one call of the nested-jit ``_layer``. ``fresh_prefill`` (static):
     every row is a fresh prompt, so attention runs over the step's own K/V (flash) instead of
     the pages; the K/V are written to the pages either way. ``mesh`` (static): the device mesh,
     for the per-device attention calls under tensor parallelism; a mesh with several pipeline

@@ -6,8 +6,7 @@ runs through XLA exactly as before; a quantized one is a ``QuantizedWeight`` (a 
 pair, so the step still takes few arrays) and runs through ``pallas_kernels.quant_matmul``::
 
     dense      w [L, K, *out]           (params.py layout)        y = x @ w[i]
-                                        (few tokens on Hopper: ``small_m_matmul(x, w, i)``)
-    quantized  q [L, *out, K] 8-bit     output-major, K last      y = quant_matmul(x, q, scale[i], layer=i)
+    quantized  q [L, *out, K] 8-bit     output-major, K last      y = quant_matmul(x, q[i], scale[i])
                scale [L, *out]          float32 per output channel
                scale [L, *out, K / g]   (``group`` g) per output channel and K-group of g
                                         (block-scaled fp8 checkpoints; XLA path)
@@ -45,7 +44,6 @@ from jax.sharding import Mesh, PartitionSpec
 
 import pallas_kernels
 from pallas_kernels.quant_matmul import reference as qref
-from pallas_kernels.small_m_matmul import api as small_m_api
 from sharding import TENSOR_AXIS
 
 
@@ -91,35 +89,27 @@ def mesh_axes_of(sharding: jax.sharding.Sharding, ndim: int) -> tuple[str | None
     return axes
 
 
-def linear(x: jax.Array, w: Weight, layer: jax.Array | int, mesh: Mesh | None = None) -> jax.Array:
-    """x: [T, K] @ layer ``layer`` (int32[1], or a Python int) of the stacked weight ``w`` ->
-    [T, *out] in x's dtype. A dense weight of a step with few tokens may run the small-M
-    kernel, which reads its layer from the whole stack (``pallas_kernels.small_m_matmul``)."""
-    if isinstance(layer, int):
-        layer = jnp.full((1,), layer, jnp.int32)
+def linear(x: jax.Array, w: Weight, i: int, mesh: Mesh | None = None) -> jax.Array:
+    """x: [T, K] @ layer ``i`` (static) of the stacked weight ``w`` -> [T, *out] in x's dtype."""
     if not isinstance(w, QuantizedWeight):
-        if not _tensor_parallel(mesh) and small_m_api.use_kernel(x, w):
-            y = pallas_kernels.small_m_matmul(x, w.reshape(*w.shape[:2], -1), layer)
-            return y.reshape(x.shape[0], *w.shape[2:])
-        return jnp.tensordot(x, w[layer[0]], axes=1)
-    i = layer[0]
+        return jnp.tensordot(x, w[i], axes=1)
     out = w.out_shape
     n = math.prod(out)
+    q = w.q[i].reshape(n, w.q.shape[-1])
     if w.group is not None:
         scale = w.scale[i].reshape(n, -1)
-        y = qref.group_matmul(x, w.q[i].reshape(n, -1), scale, w.group)
+        y = qref.group_matmul(x, q, scale, w.group)
     else:
         scale = w.scale[i].reshape(n)
         input_scale = None if w.input_scale is None else w.input_scale[i]
         if _tensor_parallel(mesh) and w.spec is not None:
             return _per_shard(x, w, i, mesh)
         if _tensor_parallel(mesh):
-            q = w.q[i].reshape(n, -1)
             y = (qref.w8a8_matmul(x, q, scale, input_scale) if w.act_quant
                  else qref.w8a16_matmul(x, q, scale))
-        else:   # the whole stack and the layer: the kernel reads its layer (no copy of a slice)
-            y = pallas_kernels.quant_matmul(x, w.q.reshape(w.q.shape[0], n, -1), scale, input_scale,
-                                            act_quant=w.act_quant, layer=layer, **_kernel_choice(w))
+        else:
+            y = pallas_kernels.quant_matmul(x, q, scale, input_scale, act_quant=w.act_quant,
+                                            **_kernel_choice(w))
     return y.reshape(x.shape[0], *out)
 
 
@@ -127,7 +117,7 @@ def _kernel_choice(w: QuantizedWeight) -> dict:
     return {} if w.interpret is None else dict(interpret=True, backend=w.interpret)
 
 
-def _per_shard(x: jax.Array, w: QuantizedWeight, i: jax.Array, mesh: Mesh) -> jax.Array:
+def _per_shard(x: jax.Array, w: QuantizedWeight, i: int, mesh: Mesh) -> jax.Array:
     """The quantized matmul of layer ``i`` run per device on its shard (module docstring):
     x [T, K] -> [T, *out]."""
     q_axes = w.spec[1:]                      # [*out, K]

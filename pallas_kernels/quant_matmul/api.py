@@ -25,26 +25,20 @@ MOSAIC_ON_HOPPER = True
 
 def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax.Array | None = None,
                  *, act_quant: bool = False, out_dtype: jnp.dtype | None = None,
-                 layer: jax.Array | None = None, interpret: bool = False,
-                 backend: str | None = None) -> jax.Array:
+                 interpret: bool = False, backend: str | None = None) -> jax.Array:
     """``x: [M, K]``, ``w: [N, K]`` int8|float8_e4m3fn, ``w_scale: float32[N]`` -> ``[M, N]``.
 
     ``act_quant=False``: weight-only (w8a16, ``reference.w8a16_matmul``); ``True``: fp8 weights
     and activations (w8a8, ``reference.w8a8_matmul``) with dynamic per-token activation scales,
-    or the static ``input_scale`` when given. ``layer`` (int32[1]): ``w`` is a stack [L, N, K]
-    and the matmul uses that layer; the Mosaic GPU kernel reads it from the stack (a slice
-    handed to a custom call is a copy XLA makes first), the other paths slice it.
+    or the static ``input_scale`` when given.
     """
     backend = backend or jax.default_backend()
     kw = dict(act_quant=act_quant, out_dtype=out_dtype)
-    w2 = w if layer is None else jax.ShapeDtypeStruct(w.shape[1:], w.dtype)
-    if (backend == "gpu" or interpret) and backend != "tpu":
-        if (interpret or (MOSAIC_ON_HOPPER and mgpu.on_hopper())) and mgpu.supports(x, w2, act_quant):
-            return mgpu.quant_matmul(x, w, w_scale, input_scale, layer=layer, interpret=interpret, **kw)
-    if layer is not None:
-        w = jax.lax.dynamic_index_in_dim(w, layer[0], axis=0, keepdims=False)
     if backend == "tpu" and tpu.supports(x, w):
         return tpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, **kw)
+    if backend == "gpu" or interpret:
+        if (interpret or (MOSAIC_ON_HOPPER and mgpu.on_hopper())) and mgpu.supports(x, w, act_quant):
+            return mgpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, **kw)
     if act_quant:
         return reference.w8a8_matmul(x, w, w_scale, input_scale, out_dtype)
     return reference.w8a16_matmul(x, w, w_scale, out_dtype)

@@ -89,7 +89,7 @@ def default_config(m: int, n: int, k: int) -> MgpuConfig:
 def supports(x: jax.Array, w: jax.Array, act_quant: bool, config: MgpuConfig | None = None) -> bool:
     """Shapes and dtypes the kernel takes (else the dispatcher uses XLA)."""
     m, k = x.shape
-    n = w.shape[-2]
+    n = w.shape[0]
     cfg = config or default_config(m, n, k)
     if act_quant and jnp.dtype(w.dtype) != FP8:
         return False
@@ -104,14 +104,12 @@ def _transforms(dtype: jnp.dtype, cols: int) -> tuple:
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, layer: jax.Array | None = None,
-             interpret: bool = False) -> jax.Array:
-    """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit, or a stack [L, N, K]
-    with ``layer`` int32[1] picking one (read in the kernel: no copy of a slice) -> float32
-    partials out^T [split_k, N, Mp], summing to w @ xp^T (no scales). Mp, N, K multiples of the
-    config's blocks (K of block_k x split_k)."""
+def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool = False) -> jax.Array:
+    """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit -> float32 partials
+    out^T [split_k, N, Mp], summing to w @ xp^T (no scales). Mp, N, K multiples of the config's
+    blocks (K of block_k x split_k)."""
     mp, k = xp.shape
-    n = w.shape[-2]
+    n = w.shape[0]
     bn, bm, bk, split = config.block_n, config.block_m, config.block_k, config.split_k
     if n % bn or k % (bk * split) or mp % bm or bm % 8 or bn % 64:
         raise ValueError(f"mgpu quant matmul: N={n}, K={k}, Mp={mp} do not tile by {config}")
@@ -119,8 +117,7 @@ def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, layer: jax.Arra
     a_dtype = xp.dtype                       # the wgmma operand dtype (x's, or fp8 for w8a8)
     dequant = jnp.dtype(w.dtype) != jnp.dtype(a_dtype)
 
-    def kernel(layer_gmem, x_gmem, w_stack, o_gmem):
-        w_gmem = w_stack.at[layer_gmem[0]]
+    def kernel(x_gmem, w_gmem, o_gmem):
         ni = lax.axis_index("n")
         mi = lax.axis_index("m")
         k0 = lax.axis_index("s") * steps     # this CTA's first K block
@@ -172,23 +169,19 @@ def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, layer: jax.Arra
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    stack = w if w.ndim == 3 else w[None]
-    index = jnp.zeros((1,), jnp.int32) if layer is None else layer.astype(jnp.int32)
-    return f(index, xp, stack).reshape(split, n, mp)
+    return f(xp, w).reshape(split, n, mp)
 
 
 @functools.partial(jax.jit, static_argnames=("act_quant", "out_dtype", "config", "interpret"))
 def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax.Array | None = None,
                  *, act_quant: bool = False, out_dtype: jnp.dtype | None = None,
-                 config: MgpuConfig | None = None, layer: jax.Array | None = None,
-                 interpret: bool = False) -> jax.Array:
+                 config: MgpuConfig | None = None, interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.w8a16_matmul`` (``act_quant=False``) or
-    ``reference.w8a8_matmul`` (``act_quant=True``): x [M, K], w [N, K] (or a stack [L, N, K]
-    and ``layer`` int32[1]), w_scale f32[N] -> [M, N]. Under one jit so that every layer's call
-    site shares one lowering per shape."""
-    reference.validate_inputs(x, w if layer is None else w[0], w_scale)
+    ``reference.w8a8_matmul`` (``act_quant=True``): x [M, K], w [N, K], w_scale f32[N] -> [M, N].
+    Under one jit so that every layer's call site shares one lowering per shape."""
+    reference.validate_inputs(x, w, w_scale)
     m, k = x.shape
-    n = w.shape[-2]
+    n = w.shape[0]
     cfg = config or default_config(m, n, k)
     mp = -(-padded_tokens(m) // cfg.block_m) * cfg.block_m
     if act_quant:
@@ -196,7 +189,7 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
     else:
         xq, x_scale = x, None
     xp = jnp.pad(xq, ((0, mp - m), (0, 0))) if mp != m else xq
-    out_t = matmul_t(xp, w, config=cfg, layer=layer, interpret=interpret).sum(axis=0)
+    out_t = matmul_t(xp, w, config=cfg, interpret=interpret).sum(axis=0)
     y = out_t[:, :m].T * w_scale[None, :]
     if x_scale is not None:
         y = y * x_scale[:, None]

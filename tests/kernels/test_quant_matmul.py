@@ -198,22 +198,3 @@ def test_tpu_kernel_lowers_for_tpu(m, mode):
     s = jax.ShapeDtypeStruct((14336,), jnp.float32)
     fn = jax.jit(lambda x, w, s: qtpu.quant_matmul(x, w, s, act_quant=mode == "w8a8"))
     assert "tpu_custom_call" in fn.trace(x, w, s).lower(lowering_platforms=("tpu",)).as_text()
-
-
-@pytest.mark.parametrize("wdtype,act_quant", [(jnp.int8, False), (FP8, True)])
-def test_mgpu_reads_its_layer_from_the_stack(wdtype, act_quant):
-    """With ``layer``, the kernel takes the whole [L, N, K] stack and reads one layer: the other
-    layers are poisoned (fp8 NaN, int8 extreme values) and must not show."""
-    x, q, s, _ = _operands(9, 5, 64, 256, wdtype)
-    poison = jnp.full_like(q, jnp.nan) if wdtype == FP8 else jnp.full_like(q, 127)
-    stack = jnp.stack([poison, q, poison])
-    lay = jnp.array([1], jnp.int32)
-    f = ref.w8a8_matmul if act_quant else ref.w8a16_matmul
-    want = f(x, q, s, out_dtype=jnp.float32)
-    for got in (mgpu.quant_matmul(x, stack, s, act_quant=act_quant, layer=lay, out_dtype=jnp.float32,
-                                  interpret=True),
-                pallas_kernels.quant_matmul(x, stack, s, act_quant=act_quant, layer=lay,
-                                            out_dtype=jnp.float32, interpret=True),
-                pallas_kernels.quant_matmul(x, stack, s, act_quant=act_quant, layer=lay,
-                                            out_dtype=jnp.float32)):      # CPU: the reference, sliced
-        assert _rel(got, want) < 1e-5
