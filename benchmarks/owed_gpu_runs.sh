@@ -118,11 +118,11 @@ sw3)
   # each point the median of 3 runs: always on, then off above 8 running requests. First the
   # toy step's input paths (session 15: a numpy input handed over in pinned host memory and
   # copied in by the program, against the executable's own host-buffer transfer).
-  timeout 60 python3 benchmarks/cmdbuf_micro.py 2>/dev/null | tee "$OUT/input_paths.txt"
+  timeout 40 python3 benchmarks/cmdbuf_micro.py 2>/dev/null | tee "$OUT/input_paths.txt"
   for dbs in 0 8; do
     extra=""; [ "$dbs" != 0 ] && extra="--disable-by-batch-size $dbs"
-    timeout 250 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
-      --num-prompts 8 --max-tokens 96 --concurrency 1,4,16,64,256 --max-num-seqs 256 --max-model-len 1024 \
+    timeout 265 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
+      --num-prompts 8 --max-tokens 96 --concurrency 1,4,16,256 --max-num-seqs 256 --max-model-len 1024 \
       --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 $extra \
       --json "$OUT/spec_sweep_$dbs.json" > "$OUT/spec_sweep_$dbs.txt" 2>&1
     echo "### disable_by_batch_size $dbs"; grep -v "^W\|WARNING\|^I" "$OUT/spec_sweep_$dbs.txt" | tail -16
