@@ -22,27 +22,13 @@ class StepHandle:
     """A dispatched step: its plan and its device outputs, on their way to the host."""
 
     sched_out: SchedulerOutput
-    tokens: jax.Array | np.ndarray          # int32[S] (numpy once ``land`` took it to the host)
+    tokens: jax.Array                       # int32[S]
     logprobs: tuple[Any, ...] | None        # (chosen [R], top_ids [R, N], top_lp [R, N]) if asked
     top_n: tuple[int, ...]                  # per row: top-N asked (0: none / not sampling)
 
     def ready(self) -> bool:
         """Whether reading the step will not wait for the device."""
-        return isinstance(self.tokens, np.ndarray) or self.tokens.is_ready()
-
-    def land(self) -> None:
-        """If the step has finished on the device, take its outputs to the host now and let go
-        of their device buffers. The engine calls it before launching the next step, so the
-        reading of a finished step never waits behind that launch. (It was meant to let the
-        next step's output take its old address; on an H200 a held output turned out to cost a
-        call nothing: benchmarks/RESULTS_v2_sessions_9-12.md, session 12.)"""
-        if isinstance(self.tokens, np.ndarray) or not self.tokens.is_ready():
-            return
-        if self.logprobs is not None and not all(a.is_ready() for a in self.logprobs):
-            return
-        self.tokens = np.asarray(self.tokens)
-        if self.logprobs is not None:
-            self.logprobs = tuple(np.asarray(a) for a in self.logprobs)
+        return self.tokens.is_ready()
 
     def result(self) -> RunnerOutput:
         """Wait for this step's tokens (the host's only wait) -> RunnerOutput, row order."""

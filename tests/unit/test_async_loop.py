@@ -164,21 +164,26 @@ def test_decode_variants_have_no_conditional(engines):
     assert branches(runner.lower_step(StepVariant(32, False, False))) > 0
 
 
-def test_a_finished_step_lands_before_the_next_launch(engines):
-    """Before launching a step the engine takes the finished step in flight to the host and
-    lets go of its device outputs (a held output buffer makes XLA re-record the next step's
-    CUDA graph); reading it then gives what reading the device arrays gave."""
+def test_a_finished_step_is_read_after_the_next_launch(engines):
+    """A step in flight that has finished is read after the next step's launch, not before: its
+    tokens' copy to the host lands while the host launches (with the device idle, reading it
+    first made the launch wait for that copy). Its results are what the device arrays hold."""
     engine = engines[True]
-    engine.add_request("land", [3, 4, 5], SamplingParams(temperature=0.7, seed=1, max_tokens=4,
+    engine.add_request("late", [3, 4, 5], SamplingParams(temperature=0.7, seed=1, max_tokens=4,
                                                           logprobs=2, ignore_eos=True))
     engine.step()
     first = engine._in_flight
-    assert isinstance(first.tokens, jax.Array) and first.logprobs is not None
     jax.block_until_ready((first.tokens, first.logprobs))
-    want = first.result()
-    assert first.ready()
-    engine.step()
-    assert isinstance(first.tokens, np.ndarray)
-    assert all(isinstance(a, np.ndarray) for a in first.logprobs)
-    assert first.result() == want and first.ready()
+    want, want_tokens = first.result(), first.tokens
+    assert first.ready() and isinstance(want_tokens, jax.Array)
+    order = []
+    dispatch, update = engine.runner.dispatch, engine.scheduler.update
+    engine.runner.dispatch = lambda out: order.append(("launch", type(first.tokens))) or dispatch(out)
+    engine.scheduler.update = lambda so, ro: order.append("read") or update(so, ro)
+    try:
+        engine.step()
+    finally:
+        del engine.runner.dispatch, engine.scheduler.update
+    assert order == [("launch", type(want_tokens)), "read"]   # still on the device at the launch
+    assert first.result() == want
     run_engine(engine, [])
