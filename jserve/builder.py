@@ -149,7 +149,8 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
                                   # reads them back (docs/architecture.md, pipeline parallelism)
                                   flash_prefill_min_tokens=(args.flash_prefill_min_tokens
                                                             if args.pipeline_parallel_size == 1 else 0),
-                                  async_scheduling=args.async_scheduling),
+                                  async_scheduling=args.async_scheduling,
+                                  num_scheduler_steps=args.num_scheduler_steps),
         parallel=ParallelConfig(args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
                                 prefill_devices=args.prefill_devices, decode_devices=args.decode_devices,
                                 pipeline_parallel_size=args.pipeline_parallel_size,

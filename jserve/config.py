@@ -212,6 +212,9 @@ class SchedulerConfig:
     async_scheduling: overlap host scheduling of step N+1 with the device running step N (False:
     the synchronous reference loop).
 
+    num_scheduler_steps: N > 1 lets a plan of greedy one-token decode rows that fits the smallest
+    token bucket run N decode steps in one device program (a burst, ``Scheduler._burst``).
+
     ``max_num_batched_tokens`` and ``max_model_len`` are resolved values here (``EngineArgs``
     lets them be None: ``make_engine_config`` derives them).
     """
@@ -223,6 +226,7 @@ class SchedulerConfig:
     min_token_bucket: int = 16
     flash_prefill_min_tokens: int = default_of("flash_prefill_min_tokens")
     async_scheduling: bool = default_of("async_scheduling")
+    num_scheduler_steps: int = default_of("num_scheduler_steps")
 
     def __post_init__(self) -> None:
         validate_fields(self)   # the option fields; then the resolved and internal ones
@@ -251,6 +255,12 @@ class SchedulerConfig:
     def seq_bucket(self, token_bucket: int) -> int:
         """Request rows compiled with a token bucket: one seq bucket per token bucket."""
         return min(token_bucket, self.max_num_seqs)
+
+    @property
+    def burst_rows(self) -> int:
+        """The most rows a burst of ``num_scheduler_steps`` decode steps runs (the smallest
+        bucket's; 0 when bursts are off)."""
+        return self.seq_bucket(self.token_buckets[0]) if self.num_scheduler_steps > 1 else 0
 
 
 @dataclass(frozen=True)
@@ -302,6 +312,13 @@ class EngineConfig:
                                  "between stages (every stage runs one layer program)")
             if self.speculative is not None:
                 raise ValueError("speculative_config is not supported with pipeline_parallel_size > 1")
+        if s.num_scheduler_steps > 1:
+            if self.speculative is not None:
+                raise ValueError("num_scheduler_steps > 1 is not supported with speculative_config "
+                                 "(a speculative step already makes several tokens)")
+            if (self.parallel.num_processes or 1) > 1 or pp > 1:
+                raise ValueError("num_scheduler_steps > 1 needs a single process and "
+                                 "pipeline_parallel_size 1")
         if s.max_model_len > m.max_position_embeddings and m.rope_scaling is None:
             pass  # allowed (like vLLM with a warning); RoPE extrapolates.
 

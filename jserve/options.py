@@ -300,6 +300,12 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "\"num_speculative_tokens\": k, \"prompt_lookup_min\": a, \"prompt_lookup_max\": b} "
            "or {\"method\": \"draft_model\", \"model\": \"code-draft\", "
            "\"num_speculative_tokens\": k}; optional \"disable_by_batch_size\": N"),
+    Option("num_scheduler_steps", int, 1, minimum=1, commands=COMMANDS,
+           help="decode steps run by one device program when every running request is a plain "
+           "greedy decode and at most the smallest token bucket's rows run (vLLM's multi-step "
+           "scheduling: the host's per-step cost is paid once per N tokens; tokens after a stop "
+           "inside the N are computed and dropped; 1 = off; not with speculative decoding or "
+           "several processes)"),
     Option("async_scheduling", bool, True,
            help="overlap host scheduling of step N+1 with the device running step N (off: a "
            "synchronous loop, the reference)"),

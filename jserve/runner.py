@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jserve.burst_step import burst_step
 from jserve.compile_pool import compile_in_order
 from jserve.config import EngineConfig
 from jserve.host_kv import host_slot_counts
@@ -287,7 +288,7 @@ class Runner:
         layout, ibuf, fbuf, slots, params, fresh, masked = prep
         if self._speculative(out):
             return self.spec_steps.dispatch(self, out, layout, params, self._joint(layout, ibuf), masked)
-        variant = self.steps.choose(
+        variant = self.steps.burst(out.burst) if out.burst > 1 else self.steps.choose(
             layout.num_tokens, fresh, masked, all(c.num_tokens == 1 for c in out.chunks),
             [p for c, p in zip(out.chunks, params, strict=True) if c.samples],
             lambda: sampling_filters(out, self.rows))
@@ -460,8 +461,10 @@ class Runner:
         variant = StepVariant(*variant)
         greedy = variant.greedy
         layout = self.layout(variant.tokens)
-        fn = functools.partial(fused_step, self.config.model, layout, self._num_out, self._num_spec,
-                               variant, self.mesh)
+        fn = (functools.partial(burst_step, self.config.model, layout, self._num_out, variant, self.mesh)
+              if variant.burst > 1 else
+              functools.partial(fused_step, self.config.model, layout, self._num_out, self._num_spec,
+                                variant, self.mesh))
         rep = self._replicated
         ibuf, _, _ = layout.new_buffers()
         pen = None if greedy else self.penalty_state

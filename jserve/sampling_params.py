@@ -214,6 +214,13 @@ class SamplingParams:
                 or self.frequency_penalty != 0.0)
 
     @property
+    def argmax_only(self) -> bool:
+        """Greedy with nothing else per token: no logprobs, penalties, token masks, allowed ids
+        or logit bias (a burst of decode steps can run it: ``num_scheduler_steps``)."""
+        return (self.greedy and self.logprobs is None and not self.uses_penalties
+                and not self.uses_host_masks and not self.allowed_token_ids and not self.logit_bias)
+
+    @property
     def uses_filters(self) -> bool:
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
 

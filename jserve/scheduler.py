@@ -181,6 +181,7 @@ class Scheduler:
         kv, pool = self.kv, self.pool
         kv.begin_step()
         speculate = out.speculative = self._spec_now = self.spec_active()
+        burst = out.burst = self._burst()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -207,8 +208,12 @@ class Scheduler:
                     self._preempt(self.running.pop(), out)
                     break
             la = self._lookahead(req, k)
-            kv.grow(req, k + la if la and kv.demand(req, k + la) <= pool.num_free else k)
+            kv.grow(req, burst if burst > 1 else
+                    k + la if la and kv.demand(req, k + la) <= pool.num_free else k)
             out.chunks.append(self._chunk(req, k, drafts))
+            if burst > 1:   # the burst computes and samples ``burst`` tokens of the row
+                req.num_computed_tokens += burst - 1
+                req.num_placeholders += burst - 1
             budget -= k
             i += 1
 
@@ -235,6 +240,27 @@ class Scheduler:
         out.dropped, self._dropped = self._dropped, []  # a plan with drops is never empty
         self._spec_last = speculate
         return out
+
+    def _burst(self) -> int:
+        """How many decode steps this plan runs in one program: ``num_scheduler_steps`` when
+        nothing waits, at most the smallest bucket's rows run, and every running request is a
+        greedy one-token decode row without logprobs, penalties, token masks, logit biases or
+        ``min_tokens`` bans, has that many tokens left (``max_tokens``, ``max_model_len``),
+        and the pool holds their pages without preempting anyone; else 1."""
+        n = self.config.num_scheduler_steps
+        if n <= 1 or self.waiting or not self.running or len(self.running) > self.config.burst_rows:
+            return 1
+        need = 0
+        for req in self.running:
+            sp = req.sampling_params
+            n_out = req.num_output_tokens + req.num_placeholders
+            if (req.num_tokens + req.num_placeholders - req.num_computed_tokens != 1
+                    or req.spec_in_flight or not sp.argmax_only or n_out < sp.min_tokens
+                    or (sp.max_tokens is not None and sp.max_tokens - n_out < n)
+                    or req.num_tokens + req.num_placeholders + n > self.max_model_len):
+                return 1
+            need += self.kv.demand(req, n)
+        return n if need <= self.pool.num_free else 1
 
     def _next_waiting(self, running_per_group: Counter) -> Request:
         """The waiting request whose turn it is (fair admission).
@@ -378,8 +404,8 @@ class Scheduler:
         chunk = ScheduledChunk(
             req_id=rid, start=start, num_tokens=k,
             token_ids=token_ids + tuple(drafts) if nd and not device_drafts else token_ids,
-            num_placeholders=end - nd - known, page_start=first, page_ids=page_ids, samples=samples,
-            output_index=out_index, banned_ids=banned, new=new, num_draft=nd,
+            num_placeholders=end - nd - max(known, start), page_start=first, page_ids=page_ids,
+            samples=samples, output_index=out_index, banned_ids=banned, new=new, num_draft=nd,
             device_drafts=device_drafts and nd > 0, shifted=shifted > 0, history=history)
         req.num_computed_tokens += k
         req.spec_in_flight += nd
@@ -443,7 +469,7 @@ class Scheduler:
                 self.kv.on_computed(req)
             if not chunk.samples:
                 continue
-            req.num_placeholders -= 1
+            req.num_placeholders -= sched_out.burst
             tokens = runner_out.sampled_token_ids[row]
             for j, token in enumerate(tokens):
                 req.output_token_ids.append(int(token))

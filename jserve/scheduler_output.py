@@ -118,6 +118,9 @@ class SchedulerOutput:
     # Speculation is on this step (``Scheduler.spec_active``): with n-gram its rows run the
     # speculative variant, whose lookup drafts on the device for the next step.
     speculative: bool = False
+    # Decode steps the plan runs in one program (``num_scheduler_steps``; 1: an ordinary step):
+    # every row is a greedy one-token decode row and samples ``burst`` tokens.
+    burst: int = 1
     # Host-computed allowed-token bitmasks (int32[ceil(V / 32)]) of sampling rows, by request id
     # (a grammar, bad words: ``jserve.structured``); filled by the engine before dispatch. A row
     # verifying k drafts has int32[k + 1, ceil(V / 32)]: one per position, along the drafts.

@@ -22,7 +22,7 @@ class StepHandle:
     """A dispatched step: its plan and its device outputs, on their way to the host."""
 
     sched_out: SchedulerOutput
-    tokens: jax.Array                       # int32[S]
+    tokens: jax.Array                       # int32[S] (a burst's: int32[N, S])
     logprobs: tuple[Any, ...] | None        # (chosen [R], top_ids [R, N], top_lp [R, N]) if asked
     top_n: tuple[int, ...]                  # per row: top-N asked (0: none / not sampling)
 
@@ -33,7 +33,11 @@ class StepHandle:
     def result(self) -> RunnerOutput:
         """Wait for this step's tokens (the host's only wait) -> RunnerOutput, row order."""
         chunks = self.sched_out.chunks
-        tokens = np.asarray(self.tokens).tolist()
+        tokens = np.asarray(self.tokens)
+        if tokens.ndim == 2:   # a burst (jserve/burst_step.py): int32[N, S], N tokens per row
+            per_row = tokens.T.tolist()
+            return RunnerOutput([per_row[r] if c.samples else [] for r, c in enumerate(chunks)])
+        tokens = tokens.tolist()
         sampled = [[tokens[r]] if c.samples else [] for r, c in enumerate(chunks)]
         if self.logprobs is None:
             return RunnerOutput(sampled)

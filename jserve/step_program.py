@@ -63,6 +63,7 @@ class StepVariant(NamedTuple):
     decode_only: bool = False   # greedy, and every row is one token (the smallest bucket only):
     #                             attention runs the GPU kernel's decode launch alone
     plain: bool = False         # not greedy: the plain sampler (no filters, no conditional)
+    burst: int = 1              # > 1: that many greedy decode steps in one program (burst_step)
 
 
 def _forward_part(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh, params: Any,

@@ -19,6 +19,8 @@ variant. The speculative verify variants pick theirs with ``decode_buckets`` and
   A batch with top-k / top-p / min-p rows moves up to the next bucket with the general
   sampler; the largest bucket always has it.
 - General sampler: every other bucket, and flash-prefill steps (all chunks start at token 0).
+- Burst (``num_scheduler_steps`` N > 1): the smallest bucket's decode-only greedy variant run N
+  times in one program, for plans the scheduler made a burst (``SchedulerOutput.burst``).
 """
 
 from __future__ import annotations
@@ -82,9 +84,16 @@ class StepVariants:
                 out.append(StepVariant(t, False, True))
             if t == self.buckets[0]:
                 out.append(StepVariant(t, False, True, decode_only=True))
+                if self._sched.num_scheduler_steps > 1:
+                    out.append(self.burst(self._sched.num_scheduler_steps))
             if self._sched.flash_prefill(t):
                 out.append(StepVariant(t, True, False))
         return out
+
+    def burst(self, steps: int) -> StepVariant:
+        """The variant running ``steps`` greedy decode steps in one program (the smallest
+        bucket's decode-only variant, looped: jserve/burst_step.py)."""
+        return StepVariant(self.buckets[0], False, True, decode_only=True, burst=steps)
 
     def smallest(self, num_tokens: int) -> int:
         """The smallest token bucket holding ``num_tokens``."""

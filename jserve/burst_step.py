@@ -1,0 +1,74 @@
+"""The burst program: N greedy decode steps in one device program (``num_scheduler_steps``).
+
+Where it sits: the runner compiles it beside the step variants (``StepVariant.burst`` > 1, the
+smallest token bucket's greedy decode-only variant) and dispatches it for plans whose
+``SchedulerOutput.burst`` is N: every row is one greedy decode token with nothing the host adds
+per token (``SamplingParams.argmax_only``), so sub-step i's input follows from sub-step i - 1's
+on the device::
+
+    step input (packed once, as for the decode-only step) -> rows r < num_seqs, token r = row r
+    sub-step i:  token_ids  = the tokens sub-step i - 1 sampled (i = 0: the packed / fed ones)
+                 positions  = packed positions + i
+                 slot_mapping = page_table[r, pos // page_size] * page_size + pos % page_size
+                 seq_lens   = packed seq_lens + i             (padding rows and tokens unchanged)
+      forward (decode-only attention) -> argmax -> tokens_i int32[S]
+    outputs: the last sub-step's tokens in the donated previous-tokens buffer (the next step
+    feeds from them, as from an ordinary step) and all tokens int32[N, S] for the host
+
+The scheduler reserved the pages of all N positions of every row (``Scheduler._burst``), and
+``Scheduler.update`` takes the N tokens of a row like a speculative row's accepted ones, stop
+checks included: tokens after a stop are computed and dropped (never emitted). The loop is a
+``fori_loop`` with a static trip count: XLA runs its body N times without reading a predicate
+back from the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jserve.kv_cache import KVCache
+from jserve.model.decoder import forward
+from jserve.step_buffers import StepLayout
+from jserve.step_program import StepVariant, _sample_part
+
+
+def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant, mesh: Mesh,
+               params: Any, kv: KVCache, pen: None, table: jax.Array, prev_tokens: jax.Array,
+               joint: jax.Array, masks: None = None) -> tuple:
+    """``variant.burst`` greedy decode steps over one packed decode-only step (``fused_step``'s
+    arguments and outputs; pen, masks, logprobs None) -> (kv, None, table, prev_tokens' int32[S],
+    tokens int32[N, S], None, None, None)."""
+    del pen, masks
+    ibuf, fbuf = layout.split(joint)
+    table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
+    fed = prev_tokens[jnp.maximum(prev_index, 0)]
+    ids0 = jnp.where(prev_index >= 0, fed, batch.token_ids)
+    t, r, ps = layout.num_tokens, layout.num_rows, layout.page_size
+    row = jnp.minimum(jnp.arange(t), r - 1)              # decode-only: token t is row t
+    tok_valid = jnp.arange(t) < batch.num_seqs[0]
+    row_valid = jnp.arange(r) < batch.num_seqs[0]
+    mask_slot = layout.read(ibuf, "mask_slot")
+
+    def sub_step(i: jax.Array, carry: tuple) -> tuple:
+        kv, ids, out = carry
+        pos = jnp.where(tok_valid, batch.positions + i, batch.positions)
+        page = jnp.take_along_axis(batch.page_table[row], (pos // ps)[:, None], axis=1)[:, 0]
+        step = dataclasses.replace(
+            batch, token_ids=ids, positions=pos,
+            slot_mapping=jnp.where(tok_valid, page * ps + pos % ps, batch.slot_mapping),
+            seq_lens=jnp.where(row_valid, batch.seq_lens + i, batch.seq_lens))
+        kv, logits = forward(cfg, params, kv, step, fresh_prefill=False, mesh=mesh, decode_only=True)
+        sb = dataclasses.replace(sbatch, output_index=sbatch.output_index + i)
+        _, tokens, *_ = _sample_part(layout, num_out, 0, True, False, logits.astype(jnp.float32), sb,
+                                     None, pen_slot, None, mask_slot)
+        ids = jnp.where(tok_valid, tokens[row], ids)
+        return kv, ids, out.at[i].set(tokens)
+
+    out0 = jnp.zeros((variant.burst, num_out), jnp.int32)
+    kv, _, out = jax.lax.fori_loop(0, variant.burst, sub_step, (kv, ids0, out0))
+    return kv, None, table, out[variant.burst - 1], out, None, None, None

@@ -1,0 +1,122 @@
+"""Bursts (``num_scheduler_steps``): N greedy decode steps in one device program give exactly
+the tokens, texts, finish reasons and usage of one step at a time, stop mid-burst without
+emitting past the stop, fall back to ordinary steps for anything the host must touch per token,
+and leave no page behind. One engine per setting over the tiny golden llama."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from engine_helpers import run_engine
+
+from jserve.builder import EngineArgs, make_engine_config, resolve_model
+from jserve.sampling_params import SamplingParams
+
+N = 4
+
+
+@pytest.fixture(scope="module")
+def engines(make_engine):
+    return {n: make_engine("llama", num_scheduler_steps=n, enable_prefix_caching=True)
+            for n in (1, N)}
+
+
+def _summary(out):
+    return [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs]
+
+
+def _bursts(engine):
+    """Record each plan's burst (a wrapper around the engine's scheduler, for this test)."""
+    seen, plain = [], engine.scheduler.schedule
+
+    def schedule():
+        out = plain()
+        seen.append(out.burst)
+        return out
+
+    engine.scheduler.schedule = schedule
+    return seen
+
+
+def _run(engine, items, late=()):
+    """Run items; ``late`` ones are added after the third step (mid-burst arrivals)."""
+    ids = [engine.add_request(None, p, sp) for p, sp in items]
+    done, steps = {}, 0
+    while engine.has_unfinished_requests():
+        steps += 1
+        if steps == 3:
+            ids += [engine.add_request(None, p, sp) for p, sp in late]
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[i] for i in ids]
+
+
+def _items(engine):
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(5, 500, n).tolist() for n in (5, 11, 19, 7, 23)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=26, ignore_eos=True)
+    ref = [o.outputs[0] for o in run_engine(engine, [(p, greedy) for p in prompts[:2]])]
+    stop_tok = ref[0].token_ids[6]        # emitted inside a burst: the row stops there
+    stop_str = ref[1].text[5:9] if len(ref[1].text) > 9 else ref[1].text[-2:]
+    items = [
+        (prompts[0], SamplingParams(temperature=0.0, max_tokens=26, stop_token_ids=[stop_tok])),
+        (prompts[1], SamplingParams(temperature=0.0, max_tokens=26, stop=[stop_str])),
+        (prompts[2], SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)),  # not a multiple of N
+        (prompts[3], SamplingParams(temperature=0.0, max_tokens=30)),
+    ]
+    late = [(prompts[4], SamplingParams(temperature=0.0, max_tokens=17, ignore_eos=True)),
+            (prompts[0], SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True))]  # prefix hit
+    return items, late
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_bursts_equal_one_step_at_a_time(engines, overlap):
+    one, burst = engines[1], engines[N]
+    items, late = _items(one)
+    want = [_summary(o) for o in _run(one, items, late)]
+    free = burst.scheduler.pool.num_free
+    burst._overlap = overlap   # the async_scheduling option, toggled on one engine (test only)
+    seen = _bursts(burst)
+    try:
+        got = _run(burst, items, late)
+    finally:
+        burst._overlap = True
+        del burst.scheduler.schedule
+    assert [_summary(o) for o in got] == want   # tokens, text, finish and stop reasons
+    assert N in seen and 1 in seen          # bursts ran, and ordinary steps around them
+    assert burst.scheduler.pool.num_free == free
+
+
+def test_no_burst_for_rows_the_host_touches(engines):
+    """A sampled row, logprobs, penalties or min_tokens bans in the plan: ordinary steps."""
+    burst = engines[N]
+    p = [5, 6, 7, 8]
+    for sp in (SamplingParams(temperature=0.8, seed=1, max_tokens=12),
+               SamplingParams(temperature=0.0, max_tokens=12, logprobs=1),
+               SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.2),
+               SamplingParams(temperature=0.0, max_tokens=12, allowed_token_ids=[5, 6, 7])):
+        seen = _bursts(burst)
+        try:
+            run_engine(burst, [(p, sp), (p, SamplingParams(temperature=0.0, max_tokens=12))])
+        finally:
+            del burst.scheduler.schedule
+        assert set(seen) == {1}, sp
+    seen = _bursts(burst)
+    try:
+        out = run_engine(burst, [(p, SamplingParams(temperature=0.0, max_tokens=12, min_tokens=6,
+                                                    ignore_eos=True))])
+    finally:
+        del burst.scheduler.schedule
+    assert len(out[0].outputs[0].token_ids) == 12
+    assert seen[:3] == [1, 1, 1] and N in seen   # bans first, bursts once min_tokens is reached
+
+
+def test_option_checks():
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        EngineArgs(num_scheduler_steps=0)
+    spec = '{"method": "ngram", "num_speculative_tokens": 2}'
+    args = EngineArgs(model="code-small", num_scheduler_steps=4, speculative_config=spec)
+    model_cfg, _ = resolve_model(args)
+    with pytest.raises(ValueError, match="num_scheduler_steps > 1 is not supported with speculative"):
+        make_engine_config(args, model_cfg)
