@@ -106,6 +106,12 @@ hq)
   timeout 420 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8,none --ab quant-xla 2>&1 | table | tee "$OUT/floor_quant.txt"
   ;;
+bu)
+  # Session 15: bursts (num_scheduler_steps 8) against one step at a time, same engine, batch
+  # 1 / 4 / 16, code-small and Qwen2.5-0.5B (issue 11's batch-1 decode).
+  timeout 420 python3 benchmarks/burst_decode.py code-small,qwen2.5-0.5b --steps 8 2>&1 | table \
+    | tee "$OUT/burst.txt"
+  ;;
 hp)
   # Issue 11: where the batch-1 loop's host time goes (code-small: 0.20 ms on the device, 0.96 in
   # the engine), cProfile per step, both small models.
