@@ -48,7 +48,7 @@ def main() -> None:
     for model in a.models.split(","):
         t = time.perf_counter()
         eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
-                                      max_num_batched_tokens=64, max_model_len=1024,
+                                      max_num_batched_tokens=16, max_model_len=1024,
                                       gpu_memory_utilization=a.gpu_memory_utilization,
                                       num_scheduler_steps=a.steps))
         build = time.perf_counter() - t

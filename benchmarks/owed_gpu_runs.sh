@@ -109,7 +109,7 @@ hq)
 bu)
   # Session 15: bursts (num_scheduler_steps 8) against one step at a time, same engine, batch
   # 1 / 4 / 16, code-small and Qwen2.5-0.5B (issue 11's batch-1 decode).
-  timeout 420 python3 benchmarks/burst_decode.py code-small,qwen2.5-0.5b --steps 8 2>&1 | table \
+  timeout 370 python3 benchmarks/burst_decode.py code-small,qwen2.5-0.5b --steps 8 2>&1 | table \
     | tee "$OUT/burst.txt"
   ;;
 hp)
