@@ -5,7 +5,10 @@ the rows without bursts run the same engine with the scheduler's burst decision 
 (benchmark only), so both columns share the machine, the compile and the pool. Greedy, random
 weights, ``--tokens`` tokens per request, the first token excluded; tokens are checked equal.
 
-    PYTHONPATH=. python3 benchmarks/burst_decode.py code-small,qwen2.5-0.5b [--steps 8]
+    PYTHONPATH=. python3 benchmarks/burst_decode.py code-small [--steps 8]
+
+One model per process: a finished engine's pool stays allocated in its process, so a second
+model's memory budget would find none.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def decode(engine, rows: int, tokens: int) -> tuple[float, list]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("models")
+    ap.add_argument("models", help="a model, or a comma list with --num-pages set")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rows", default="1,4,16")

@@ -106,11 +106,19 @@ hq)
   timeout 420 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8,none --ab quant-xla 2>&1 | table | tee "$OUT/floor_quant.txt"
   ;;
+bu1)
+  # The Qwen half of bu alone, batch 1 and 4 (what session 15's device time had left).
+  timeout 175 python3 benchmarks/burst_decode.py qwen2.5-0.5b --steps 8 --rows 1,4 2>&1 | table \
+    | tee "$OUT/burst.txt"
+  ;;
 bu)
   # Session 15: bursts (num_scheduler_steps 8) against one step at a time, same engine, batch
   # 1 / 4 / 16, code-small and Qwen2.5-0.5B (issue 11's batch-1 decode).
-  timeout 370 python3 benchmarks/burst_decode.py code-small,qwen2.5-0.5b --steps 8 2>&1 | table \
-    | tee "$OUT/burst.txt"
+  # One process per model: a finished engine's pool stays allocated in its process (session 15's
+  # first bu call: the second model's budget found 0 pages).
+  for m in code-small qwen2.5-0.5b; do
+    timeout 185 python3 benchmarks/burst_decode.py $m --steps 8 2>&1 | table | tee -a "$OUT/burst.txt"
+  done
   ;;
 hp)
   # Issue 11: where the batch-1 loop's host time goes (code-small: 0.20 ms on the device, 0.96 in

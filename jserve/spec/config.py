@@ -10,7 +10,8 @@ option (jserve/options.py) stores its canonical JSON text (``canonical_json``), 
     {"method": "draft_model", "model": "code-draft", "num_speculative_tokens": 4}
     optional for both: "disable_by_batch_size": N   (no drafts in a step once more than N
                                                       requests run: speculation must not cost
-                                                      throughput at high load)
+                                                      throughput at high load; default
+                                                      ``DISABLE_BY_BATCH_SIZE``, null: never)
 
 Errors name the field: ``speculative_config.num_speculative_tokens must be an integer >= 1``.
 Imports nothing heavy (the option table reads it).
@@ -24,6 +25,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 METHODS = ("ngram", "draft_model")
+# Measured (benchmarks/RESULTS.md, session 15: bundled code-small + code-draft, H200, median of
+# 3 runs): with drafts at 1 and 4 running requests both proposers gain (n-gram 1.75x / 1.34x,
+# draft model 1.38x / 1.22x); at 16 always-on n-gram fell to 0.69x (session 14) and the
+# benchmark's rule (the largest concurrency still >= 1x) gave 4. vLLM's default is never.
+DISABLE_BY_BATCH_SIZE = 4
 MAX_SPECULATIVE_TOKENS = 16
 _FIELDS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
            "disable_by_batch_size")
@@ -46,7 +52,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
     model: str | None = None
-    disable_by_batch_size: int | None = None
+    disable_by_batch_size: int | None = DISABLE_BY_BATCH_SIZE   # None: speculate at any load
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -98,7 +104,8 @@ class SpeculativeConfig:
         return cls.from_mapping(d)
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, sort_keys=True)
+        return json.dumps({k: v for k, v in asdict(self).items()
+                           if v is not None or k == "disable_by_batch_size"}, sort_keys=True)
 
 
 def canonical_json(value: Any) -> str:

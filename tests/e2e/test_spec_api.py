@@ -25,9 +25,11 @@ from server.proto import jserve_pb2_grpc as pb_grpc
 
 openai = pytest.importorskip("openai")
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": None,
+         "prompt_lookup_min": 1,
          "prompt_lookup_max": 3}
-DRAFT = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 3}
+DRAFT = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 3,
+         "disable_by_batch_size": None}
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):"]
 MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
 TOKENS = {"return_token_ids": True, "ignore_eos": True}

@@ -22,7 +22,7 @@ def _prompts():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_speculative_greedy_matches_on_gpu(make_engine, arch, method):
-    cfg = {"method": method, "num_speculative_tokens": 4}
+    cfg = {"method": method, "num_speculative_tokens": 4, "disable_by_batch_size": None}
     cfg.update({"prompt_lookup_min": 1} if method == "ngram" else {"model": str(GOLDEN / arch)})
     base = make_engine(arch)
     spec = make_engine(arch, speculative_config=cfg)
@@ -43,7 +43,8 @@ def test_sampled_self_draft_and_grammar_masks_on_gpu(make_engine):
 
     from engine_helpers import run_engine
 
-    draft = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 4}
+    draft = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 4,
+             "disable_by_batch_size": None}
     spec = make_engine("llama", speculative_config=draft)
     base = make_engine("llama")
     s0 = dict(spec.kv_cache_stats())

@@ -116,7 +116,8 @@ def test_the_probe_measures_the_speculative_step_of_a_draft_model(make_engine):
     start-up of code-small + code-draft ran out of memory on an H200, session 13)."""
     from fixture_paths import GOLDEN
 
-    draft = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 3}
+    draft = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 3,
+             "disable_by_batch_size": None}
     engine = make_engine("llama", max_num_batched_tokens=64, max_num_seqs=8, num_pages=100,
                          speculative_config=draft)
     r = engine.runner
@@ -135,7 +136,7 @@ def test_the_probe_measures_the_speculative_step_of_ngram_lookup(make_engine):
     the slot histories and looks up drafts: a 100-page engine's step needs what the 2-page
     probe measured (the history is runner state, counted apart by ``spec_state_bytes``)."""
     ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
-             "prompt_lookup_max": 3}
+             "prompt_lookup_max": 3, "disable_by_batch_size": None}
     engine = make_engine("llama", max_num_batched_tokens=64, max_num_seqs=8, num_pages=100,
                          speculative_config=ngram)
     r = engine.runner

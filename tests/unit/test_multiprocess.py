@@ -62,7 +62,8 @@ def test_two_process_generate_equals_one_process(one_process_text, xla_cache_dir
     argv = _generate_argv(xla_cache_dir) + ["--tp", "2"]
     if source == "ngram":
         argv += ["--speculative-config", json.dumps({"method": "ngram", "num_speculative_tokens": 2,
-                                                     "prompt_lookup_min": 1, "prompt_lookup_max": 2})]
+                                                     "prompt_lookup_min": 1, "prompt_lookup_max": 2,
+                                                     "disable_by_batch_size": None})]
     if source == "orbax":
         from jserve.convert import convert
 

@@ -169,7 +169,8 @@ def test_aborts_and_recompute_preemption_while_chained_rows_are_in_flight(make_e
     engine's, and every page comes back."""
     from fixture_paths import GOLDEN
 
-    draft = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 3}
+    draft = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 3,
+             "disable_by_batch_size": None}
     eng = make_engine("llama", num_pages=12, preemption_mode="recompute", speculative_config=draft)
     sync = make_engine("llama", num_pages=12, preemption_mode="recompute", speculative_config=draft,
                        async_scheduling=False)

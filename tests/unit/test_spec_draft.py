@@ -24,7 +24,8 @@ from jserve.sampling_params import SamplingParams
 
 
 def _draft(model, k=3):
-    return {"method": "draft_model", "model": str(model), "num_speculative_tokens": k}
+    return {"method": "draft_model", "model": str(model), "num_speculative_tokens": k,
+            "disable_by_batch_size": None}
 
 
 def _greedy(max_tokens=30, **kw):
@@ -114,8 +115,9 @@ def test_cli_flag_reaches_the_engine_args():
     ns = build_parser().parse_args(["generate", "--speculative-config",
                                     '{"method": "draft_model", "model": "code-draft", '
                                     '"num_speculative_tokens": 4}'])
-    assert engine_args_from(ns).speculative_config == \
-        '{"method": "draft_model", "model": "code-draft", "num_speculative_tokens": 4}'
+    assert engine_args_from(ns).speculative_config == (   # the measured default filled in
+        '{"disable_by_batch_size": 4, "method": "draft_model", "model": "code-draft", '
+        '"num_speculative_tokens": 4}')
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--speculative-config", '{"method": "eagle"}'])
 

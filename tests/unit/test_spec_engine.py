@@ -18,7 +18,7 @@ from jserve.builder import EngineArgs
 from jserve.sampling_params import SamplingParams
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
-         "prompt_lookup_max": 3}
+         "prompt_lookup_max": 3, "disable_by_batch_size": None}   # drafts at any load
 
 
 @pytest.fixture(scope="module")

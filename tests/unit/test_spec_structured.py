@@ -25,9 +25,11 @@ from structured_cases import PROMPTS, SCHEMA
 
 from jserve.sampling_params import SamplingParams
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": None,
+         "prompt_lookup_min": 1,
          "prompt_lookup_max": 3}
-DRAFT = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 3}
+DRAFT = {"method": "draft_model", "model": str(GOLDEN / "llama"), "num_speculative_tokens": 3,
+         "disable_by_batch_size": None}
 
 
 @pytest.fixture(scope="module")
