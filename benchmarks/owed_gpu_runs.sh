@@ -1,10 +1,15 @@
-# The device calls owed after session 14 (2026-12-01), in the order to run them. Each case fits
+# The device calls owed after session 15 (2026-12-01), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
-# (Sessions 7-14 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
-# the 2-GPU correctness tests and the OOM diagnosis: RESULTS.md.) Order: sw3, dk, b, u, u8, q, k, hl,
-# x, kv, w, t, f, m, o, u1; then, on 2 GPUs, d, s, c. Run spec cases at share 0.5 (at 0.9 XLA's
-# rematerialization pass made session 14's call 1 print nothing within 185 s).
+# (Sessions 7-15 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
+# sw3 (its threshold half), dk, hq, bu (code-small), the 2-GPU correctness tests and the OOM
+# diagnosis: RESULTS.md.) Order: bu1, b, u, u8, q, k, hl, x, kv, w, t, f, m, o, u1; then, on
+# 2 GPUs, d, s, c. Run spec cases at share 0.5 (at 0.9 XLA's rematerialization pass made session
+# 14's call 1 print nothing within 185 s).
 #
+#   bu1 (1 GPU, ~4 min): Qwen2.5-0.5B's bursts (session 15: its burst program ran out of memory at
+#     share 0.5). First print the burst's memory analysis at the real pool size beside the decode
+#     step's. Prediction: bursts of 8 at batch 1 ~1.25x one step at a time (1.3 -> ~1.05 ms per
+#     token, device-bound).
 #   sw3 (1 GPU, ~9 min): the speculation sweep after session 14's n-gram change, median of 3 runs
 #     per point, always on and off above 8 running. Prediction: n-gram with the threshold at 16
 #     and 256 running ~0.97-1.0x (ordinary variants now), always on at 256 ~1.0x (the budget
