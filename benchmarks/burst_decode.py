@@ -56,6 +56,12 @@ def main() -> None:
                                       num_scheduler_steps=a.steps))
         build = time.perf_counter() - t
         burst = eng.scheduler._burst
+        one = eng.runner.steps.burst(a.steps)._replace(burst=1)
+        for v in (one, eng.runner.steps.burst(a.steps)):   # what each program allocates
+            m = eng.runner._compiled[v].memory_analysis()
+            print(f"  {'burst' if v.burst > 1 else 'decode step'}: temp {m.temp_size_in_bytes / 2**20:.1f} "
+                  f"MiB, outputs {m.output_size_in_bytes / 2**20:.1f} MiB, aliased "
+                  f"{m.alias_size_in_bytes / 2**20:.1f} MiB", flush=True)
         print(f"\n## {model}: bursts of {a.steps} against one step at a time (engine build {build:.0f} s)")
         print("| rows | one step at a time, out tok/s | bursts, out tok/s | speed-up | tokens equal |")
         print("|---|---|---|---|---|")

@@ -88,7 +88,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
-table() { grep "^|\|^##\|passed\|failed\|rror"; }
+table() { grep "^|\|^##\|passed\|failed\|rror\|  burst:\|  decode step:"; }
 
 case "${1:-a}" in
 dk)
