@@ -1,17 +1,18 @@
-"""The burst program: N greedy decode steps in one device program (``num_scheduler_steps``).
+"""The burst program: N decode steps in one device program (``num_scheduler_steps``).
 
-Where it sits: the runner compiles it beside the step variants (``StepVariant.burst`` > 1, the
-smallest token bucket's greedy decode-only variant) and dispatches it for plans whose
-``SchedulerOutput.burst`` is N: every row is one greedy decode token with nothing the host adds
-per token (``SamplingParams.argmax_only``), so sub-step i's input follows from sub-step i - 1's
-on the device::
+Where it sits: the runner compiles it beside the step variants (``StepVariant.burst`` > 1: the
+smallest token bucket's decode-only variant, greedy and with the plain sampler) and dispatches
+it for plans whose ``SchedulerOutput.burst`` is N: every row is one decode token with nothing
+the host adds per token (no logprobs, grammar masks, top-k / top-p / min-p or ``min_tokens``
+bans; ``Scheduler._burst``), so sub-step i's input follows from sub-step i - 1's on the device::
 
     step input (packed once, as for the decode-only step) -> rows r < num_seqs, token r = row r
     sub-step i:  token_ids  = the tokens sub-step i - 1 sampled (i = 0: the packed / fed ones)
                  positions  = packed positions + i
                  slot_mapping = page_table[r, pos // page_size] * page_size + pos % page_size
                  seq_lens   = packed seq_lens + i             (padding rows and tokens unchanged)
-      forward (decode-only attention) -> argmax -> tokens_i int32[S]
+      forward (decode-only attention) -> argmax, or the plain sampler (penalties and static
+      masks from the device state, the row's seed at output index + i) -> tokens_i int32[S]
     outputs: the last sub-step's tokens in the donated previous-tokens buffer (the next step
     feeds from them, as from an ordinary step) and all tokens int32[N, S] for the host
 
@@ -38,12 +39,13 @@ from jserve.step_program import StepVariant, _sample_part
 
 
 def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant, mesh: Mesh,
-               params: Any, kv: KVCache, pen: None, table: jax.Array, prev_tokens: jax.Array,
-               joint: jax.Array, masks: None = None) -> tuple:
-    """``variant.burst`` greedy decode steps over one packed decode-only step (``fused_step``'s
-    arguments and outputs; pen, masks, logprobs None) -> (kv, None, table, prev_tokens' int32[S],
-    tokens int32[N, S], None, None, None)."""
-    del pen, masks
+               params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
+               prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array | None = None) -> tuple:
+    """``variant.burst`` decode steps over one packed decode-only step, greedy or with the
+    plain sampler (``variant.greedy``; ``fused_step``'s arguments and outputs, no logprobs) ->
+    (kv, pen (None when greedy), table, prev_tokens' int32[S], tokens int32[N, S], None, None,
+    None). The plain sampler draws sub-step i's token with the row's seed at its output index
+    + i and counts it in the penalty state, as i ordinary steps would."""
     ibuf, fbuf = layout.split(joint)
     table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
     fed = prev_tokens[jnp.maximum(prev_index, 0)]
@@ -55,7 +57,7 @@ def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
     mask_slot = layout.read(ibuf, "mask_slot")
 
     def sub_step(i: jax.Array, carry: tuple) -> tuple:
-        kv, ids, out = carry
+        kv, pen, ids, out = carry
         pos = jnp.where(tok_valid, batch.positions + i, batch.positions)
         page = jnp.take_along_axis(batch.page_table[row], (pos // ps)[:, None], axis=1)[:, 0]
         step = dataclasses.replace(
@@ -64,11 +66,11 @@ def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
             seq_lens=jnp.where(row_valid, batch.seq_lens + i, batch.seq_lens))
         kv, logits = forward(cfg, params, kv, step, fresh_prefill=False, mesh=mesh, decode_only=True)
         sb = dataclasses.replace(sbatch, output_index=sbatch.output_index + i)
-        _, tokens, *_ = _sample_part(layout, num_out, 0, True, False, logits.astype(jnp.float32), sb,
-                                     None, pen_slot, None, mask_slot)
+        pen, tokens, *_ = _sample_part(layout, num_out, 0, variant.greedy, variant.plain,
+                                       logits.astype(jnp.float32), sb, pen, pen_slot, masks, mask_slot)
         ids = jnp.where(tok_valid, tokens[row], ids)
-        return kv, ids, out.at[i].set(tokens)
+        return kv, pen, ids, out.at[i].set(tokens)
 
     out0 = jnp.zeros((variant.burst, num_out), jnp.int32)
-    kv, _, out = jax.lax.fori_loop(0, variant.burst, sub_step, (kv, ids0, out0))
-    return kv, None, table, out[variant.burst - 1], out, None, None, None
+    kv, pen, _, out = jax.lax.fori_loop(0, variant.burst, sub_step, (kv, pen, ids0, out0))
+    return kv, pen, table, out[variant.burst - 1], out, None, None, None

@@ -73,7 +73,7 @@ from jserve.staged_input import StagedInputs
 from jserve.step_buffers import StepLayout
 from jserve.step_handle import StepHandle
 from jserve.step_program import StepVariant, forward_step, fused_step, sample_step
-from jserve.step_variants import StepVariants, sampling_filters
+from jserve.step_variants import StepVariants, greedy_rows, sampling_filters
 from jserve.structured.logit_state import LogitState
 from sharding import host_to_global
 
@@ -288,9 +288,10 @@ class Runner:
         layout, ibuf, fbuf, slots, params, fresh, masked = prep
         if self._speculative(out):
             return self.spec_steps.dispatch(self, out, layout, params, self._joint(layout, ibuf), masked)
-        variant = self.steps.burst(out.burst) if out.burst > 1 else self.steps.choose(
-            layout.num_tokens, fresh, masked, all(c.num_tokens == 1 for c in out.chunks),
-            [p for c, p in zip(out.chunks, params, strict=True) if c.samples],
+        sampling = [p for c, p in zip(out.chunks, params, strict=True) if c.samples]
+        variant = self.steps.burst(out.burst, not masked and greedy_rows(sampling)) if out.burst > 1 \
+            else self.steps.choose(
+            layout.num_tokens, fresh, masked, all(c.num_tokens == 1 for c in out.chunks), sampling,
             lambda: sampling_filters(out, self.rows))
         greedy = variant.greedy
         step = self._compiled.get(variant)
@@ -474,9 +475,10 @@ class Runner:
         # Every buffer the step reads and writes across calls keeps its address (donated and
         # aliased: kv, penalty state, slot table, prev tokens), so XLA's command buffer (CUDA
         # graph) is not re-recorded for them on each call (RESULTS_v2_sessions_5-8.md, session 6).
+        no_logprobs = greedy or variant.burst > 1   # (a burst's rows ask none)
         return jax.jit(fn, donate_argnums=(1, 2, 3, 4),
                        out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 3
-                       + ((None,) * 3 if greedy else (rep,) * 3)
+                       + ((None,) * 3 if no_logprobs else (rep,) * 3)
                        ).lower(*args)
 
     def compile_twins(self, variants: list[StepVariant]) -> None:

@@ -214,11 +214,10 @@ class SamplingParams:
                 or self.frequency_penalty != 0.0)
 
     @property
-    def argmax_only(self) -> bool:
-        """Greedy with nothing else per token: no logprobs, penalties, token masks, allowed ids
-        or logit bias (a burst of decode steps can run it: ``num_scheduler_steps``)."""
-        return (self.greedy and self.logprobs is None and not self.uses_penalties
-                and not self.uses_host_masks and not self.allowed_token_ids and not self.logit_bias)
+    def burstable(self) -> bool:
+        """Nothing the host adds per token: no logprobs, grammar masks or top-k / top-p / min-p
+        (a burst of decode steps can run it: ``num_scheduler_steps``)."""
+        return self.logprobs is None and not self.uses_host_masks and not self.uses_filters
 
     @property
     def uses_filters(self) -> bool:

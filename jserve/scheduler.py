@@ -244,7 +244,7 @@ class Scheduler:
     def _burst(self) -> int:
         """How many decode steps this plan runs in one program: ``num_scheduler_steps`` when
         nothing waits, at most the smallest bucket's rows run, and every running request is a
-        greedy one-token decode row without logprobs, penalties, token masks, logit biases or
+        one-token decode row without logprobs, grammar masks, top-k / top-p / min-p or
         ``min_tokens`` bans, has that many tokens left (``max_tokens``, ``max_model_len``),
         and the pool holds their pages without preempting anyone; else 1."""
         n = self.config.num_scheduler_steps
@@ -255,7 +255,7 @@ class Scheduler:
             sp = req.sampling_params
             n_out = req.num_output_tokens + req.num_placeholders
             if (req.num_tokens + req.num_placeholders - req.num_computed_tokens != 1
-                    or req.spec_in_flight or not sp.argmax_only or n_out < sp.min_tokens
+                    or req.spec_in_flight or not sp.burstable or n_out < sp.min_tokens
                     or (sp.max_tokens is not None and sp.max_tokens - n_out < n)
                     or req.num_tokens + req.num_placeholders + n > self.max_model_len):
                 return 1

@@ -19,8 +19,9 @@ variant. The speculative verify variants pick theirs with ``decode_buckets`` and
   A batch with top-k / top-p / min-p rows moves up to the next bucket with the general
   sampler; the largest bucket always has it.
 - General sampler: every other bucket, and flash-prefill steps (all chunks start at token 0).
-- Burst (``num_scheduler_steps`` N > 1): the smallest bucket's decode-only greedy variant run N
-  times in one program, for plans the scheduler made a burst (``SchedulerOutput.burst``).
+- Burst (``num_scheduler_steps`` N > 1): the smallest bucket's decode-only variant (greedy, and
+  with the plain sampler) run N times in one program, for plans the scheduler made a burst
+  (``SchedulerOutput.burst``).
 """
 
 from __future__ import annotations
@@ -85,15 +86,16 @@ class StepVariants:
             if t == self.buckets[0]:
                 out.append(StepVariant(t, False, True, decode_only=True))
                 if self._sched.num_scheduler_steps > 1:
-                    out.append(self.burst(self._sched.num_scheduler_steps))
+                    out += [self.burst(self._sched.num_scheduler_steps, g) for g in (True, False)]
             if self._sched.flash_prefill(t):
                 out.append(StepVariant(t, True, False))
         return out
 
-    def burst(self, steps: int) -> StepVariant:
-        """The variant running ``steps`` greedy decode steps in one program (the smallest
-        bucket's decode-only variant, looped: jserve/burst_step.py)."""
-        return StepVariant(self.buckets[0], False, True, decode_only=True, burst=steps)
+    def burst(self, steps: int, greedy: bool) -> StepVariant:
+        """The variant running ``steps`` decode steps in one program (the smallest bucket's
+        decode-only variant, looped: jserve/burst_step.py), greedy or with the plain sampler."""
+        return StepVariant(self.buckets[0], False, greedy, decode_only=True, plain=not greedy,
+                           burst=steps)
 
     def smallest(self, num_tokens: int) -> int:
         """The smallest token bucket holding ``num_tokens``."""

@@ -65,15 +65,26 @@ def _items(engine):
         (prompts[2], SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)),  # not a multiple of N
         (prompts[3], SamplingParams(temperature=0.0, max_tokens=30)),
     ]
+    sampled = [   # the plain sampler's bursts: seeds, penalties, allowed ids, logit bias
+        (prompts[2], SamplingParams(temperature=0.9, seed=5, max_tokens=21, ignore_eos=True)),
+        (prompts[3], SamplingParams(temperature=0.7, seed=8, repetition_penalty=1.3,
+                                    frequency_penalty=0.5, max_tokens=18, ignore_eos=True)),
+        (prompts[4], SamplingParams(temperature=1.0, seed=2, allowed_token_ids=list(range(40, 90)),
+                                    logit_bias={50: 5.0}, max_tokens=15, ignore_eos=True)),
+        (prompts[0], SamplingParams(temperature=0.0, max_tokens=19, presence_penalty=0.8,
+                                    ignore_eos=True)),
+    ]
     late = [(prompts[4], SamplingParams(temperature=0.0, max_tokens=17, ignore_eos=True)),
             (prompts[0], SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True))]  # prefix hit
-    return items, late
+    return items, late, sampled
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_bursts_equal_one_step_at_a_time(engines, overlap):
+@pytest.mark.parametrize("overlap,kind", [(True, "greedy"), (False, "greedy"), (True, "sampled")])
+def test_bursts_equal_one_step_at_a_time(engines, overlap, kind):
     one, burst = engines[1], engines[N]
-    items, late = _items(one)
+    items, late, sampled = _items(one)
+    if kind == "sampled":
+        items, late = sampled, late[:1]
     want = [_summary(o) for o in _run(one, items, late)]
     free = burst.scheduler.pool.num_free
     burst._overlap = overlap   # the async_scheduling option, toggled on one engine (test only)
@@ -89,13 +100,14 @@ def test_bursts_equal_one_step_at_a_time(engines, overlap):
 
 
 def test_no_burst_for_rows_the_host_touches(engines):
-    """A sampled row, logprobs, penalties or min_tokens bans in the plan: ordinary steps."""
+    """Logprobs, top-k / top-p / min-p, grammar masks (bad words) or min_tokens bans in the
+    plan: ordinary steps."""
     burst = engines[N]
     p = [5, 6, 7, 8]
-    for sp in (SamplingParams(temperature=0.8, seed=1, max_tokens=12),
+    for sp in (SamplingParams(temperature=0.8, seed=1, top_p=0.9, max_tokens=12),
+               SamplingParams(temperature=0.8, seed=1, top_k=5, max_tokens=12),
                SamplingParams(temperature=0.0, max_tokens=12, logprobs=1),
-               SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.2),
-               SamplingParams(temperature=0.0, max_tokens=12, allowed_token_ids=[5, 6, 7])):
+               SamplingParams(temperature=0.0, max_tokens=12, bad_words=["a"])):
         seen = _bursts(burst)
         try:
             run_engine(burst, [(p, sp), (p, SamplingParams(temperature=0.0, max_tokens=12))])
