@@ -6,9 +6,9 @@ Where it sits: start-up, between loading the weights and sizing the KV pool (DES
 
     probe runner: the real params, an abstract pool of PROBE_PAGES pages (nothing allocated)
     for each step program of the largest token bucket (general, greedy, flash, speculative),
-    and the split step's pair of its largest bucket (GPU/TPU, jserve/split_step.py), and the
+    and the split step's pair of its largest bucket (GPU/TPU, jserve/split_step.py), the
     plain-sampler step of the largest decode bucket when that pair does not stand for it (its
-    sampler keeps every [R, V] pass):
+    sampler keeps every [R, V] pass), and the burst programs (``num_scheduler_steps``):
         lower -> compile -> memory_analysis(): temp + (outputs - outputs aliased to donated inputs)
     + the page mover's largest gather to host memory (swap, host tier), measured the same way:
       its pages wait on the device for their copy while the next step runs; plus as many bytes
@@ -109,6 +109,7 @@ def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
     plain = [v for v in variants if v.plain and covered < v.tokens < largest]
     if plain:
         steps.append(max(plain))
+    steps += [v for v in variants if v.burst > 1 and v.tokens != largest]   # loops keep more live
     programs = [(v.tokens, functools.partial(runner.lower_step, v)) for v in steps]
     if runner.spec_steps is not None:
         programs.append((largest, functools.partial(runner.spec_steps._lower, runner, (largest, False))))

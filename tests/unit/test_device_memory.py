@@ -203,3 +203,24 @@ def test_startup_fingerprint_follows_what_the_programs_depend_on(monkeypatch):
     assert engine_fingerprint("config-a", {"w": jnp.zeros((4, 8), jnp.float32)}, mesh) != base
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=1")
     assert engine_fingerprint("config-a", params, mesh) != base
+
+
+def test_the_probe_compiles_the_burst_programs(make_engine, monkeypatch):
+    """Bursts (``num_scheduler_steps``) are loops over the smallest bucket's decode step: the
+    probe compiles them beside the largest bucket's steps (a loop can keep more alive)."""
+    engine = make_engine("llama", max_num_batched_tokens=64, max_num_seqs=8, num_pages=100,
+                         num_scheduler_steps=4)
+    r = engine.runner
+    bursts = {v for v in r._compiled if v.burst > 1}
+    assert len(bursts) == 2 and all(v.tokens == 16 for v in bursts)
+    lowered = []
+    plain = activation_peak.Runner.lower_step
+
+    def record(self, variant):
+        lowered.append(variant)
+        return plain(self, variant)
+
+    monkeypatch.setattr(activation_peak.Runner, "lower_step", record)
+    peak = measure_activation_bytes(engine.config, r.params, r.mesh)
+    assert bursts <= set(lowered)
+    assert peak >= max(compiled_extra_bytes(r._compiled[v]) for v in bursts)
