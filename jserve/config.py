@@ -316,9 +316,10 @@ class EngineConfig:
             if self.speculative is not None:
                 raise ValueError("num_scheduler_steps > 1 is not supported with speculative_config "
                                  "(a speculative step already makes several tokens)")
-            if (self.parallel.num_processes or 1) > 1 or pp > 1:
-                raise ValueError("num_scheduler_steps > 1 needs a single process and "
-                                 "pipeline_parallel_size 1")
+            par = self.parallel
+            if (par.num_processes or 1) > 1 or pp > 1 or par.prefill_devices is not None:
+                raise ValueError("num_scheduler_steps > 1 needs a single process, "
+                                 "pipeline_parallel_size 1 and no prefill/decode disaggregation")
         if s.max_model_len > m.max_position_embeddings and m.rope_scaling is None:
             pass  # allowed (like vLLM with a warning); RoPE extrapolates.
 

@@ -304,8 +304,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            help="decode steps run by one device program when every running request is a plain "
            "greedy decode and at most the smallest token bucket's rows run (vLLM's multi-step "
            "scheduling: the host's per-step cost is paid once per N tokens; tokens after a stop "
-           "inside the N are computed and dropped; 1 = off; not with speculative decoding or "
-           "several processes)"),
+           "inside the N are computed and dropped; 1 = off; not with speculative decoding, "
+           "several processes, pipeline parallelism or disaggregation)"),
     Option("async_scheduling", bool, True,
            help="overlap host scheduling of step N+1 with the device running step N (off: a "
            "synchronous loop, the reference)"),
