@@ -289,10 +289,12 @@ class Runner:
         if self._speculative(out):
             return self.spec_steps.dispatch(self, out, layout, params, self._joint(layout, ibuf), masked)
         sampling = [p for c, p in zip(out.chunks, params, strict=True) if c.samples]
-        variant = self.steps.burst(out.burst, not masked and greedy_rows(sampling)) if out.burst > 1 \
-            else self.steps.choose(
-            layout.num_tokens, fresh, masked, all(c.num_tokens == 1 for c in out.chunks), sampling,
-            lambda: sampling_filters(out, self.rows))
+        if out.burst > 1:   # N decode steps in one program (jserve/burst_step.py)
+            variant = self.steps.burst(out.burst, not masked and greedy_rows(sampling))
+        else:
+            variant = self.steps.choose(
+                layout.num_tokens, fresh, masked, all(c.num_tokens == 1 for c in out.chunks),
+                sampling, lambda: sampling_filters(out, self.rows))
         greedy = variant.greedy
         step = self._compiled.get(variant)
         if step is None:
@@ -483,10 +485,8 @@ class Runner:
 
     def compile_twins(self, variants: list[StepVariant]) -> None:
         """Compile a second executable of each of ``variants``; dispatch then alternates between
-        the two. An experiment of benchmarks/step_floor.py: XLA re-points a step's CUDA graph on
-        every call (its input is a fresh upload); if that update waits for the same graph's
-        previous launch, the host's call cannot overlap the device's step, and two graphs used in
-        turn would let one be updated while the other runs. Each twin has its own graph."""
+        the two (each its own CUDA graph, updated while the other runs). An experiment of
+        benchmarks/step_floor.py (RESULTS_v2_sessions_5-8.md)."""
         for v in variants:
             self._twins[StepVariant(*v)] = self.lower_step(v).compile()
 
