@@ -132,3 +132,45 @@ def test_option_checks():
     model_cfg, _ = resolve_model(args)
     with pytest.raises(ValueError, match="num_scheduler_steps > 1 is not supported with speculative"):
         make_engine_config(args, model_cfg)
+
+
+def test_aborts_mid_burst_lose_nothing_and_leak_nothing(engines):
+    burst = engines[N]
+    sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(5, 500, n).tolist() for n in (6, 14, 9)]
+    alone = [o.outputs[0].token_ids for o in run_engine(engines[1], [(p, sp) for p in prompts])]
+    seen = _bursts(burst)
+    try:
+        ids = [burst.add_request(None, p, sp) for p in prompts]
+        got: dict[str, list[int]] = {}
+        for step in range(200):
+            for out in burst.step():
+                got[out.request_id] = out.outputs[0].token_ids
+            if step == 3:   # a burst of it is in flight now
+                burst.abort_request(ids[1])
+            if not burst.has_unfinished_requests():
+                break
+    finally:
+        del burst.scheduler.schedule
+    assert N in seen[:4]
+    assert got[ids[0]] == alone[0] and got[ids[2]] == alone[2]
+    assert got[ids[1]] == alone[1][:len(got[ids[1]])]
+    burst.step()   # delivers the last drops to the runner
+    stats = burst.stats()
+    assert stats.num_running == stats.num_waiting == 0 and stats.kv_cache["pages_used"] == 0
+    assert len(burst.runner.rows) == 0
+
+
+def test_a_tight_pool_falls_back_to_single_steps(make_engine):
+    """Without pages for N more positions of every row a plan is not a burst (bursts never
+    preempt); with preemption in the ordinary steps the tokens still equal a roomy engine's."""
+    sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    prompts = [[7 + i, 8, 9, 10, 11] for i in range(4)]
+    want = [o.outputs[0].token_ids for o in run_engine(make_engine("llama"), [(p, sp) for p in prompts])]
+    tight = make_engine("llama", num_scheduler_steps=N, num_pages=12)
+    seen = _bursts(tight)
+    got = [o.outputs[0].token_ids for o in run_engine(tight, [(p, sp) for p in prompts])]
+    assert got == want
+    assert N in seen and 1 in seen
+    assert tight.scheduler.num_preemptions_total > 0
