@@ -274,10 +274,10 @@ class Runner:
 
     # ---------------------------------------------------------------- device
     def _speculative(self, out: SchedulerOutput) -> bool:
-        """Whether the plan runs a speculative variant: it has draft rows, a draft model runs
-        in every step, or n-gram speculation is on this step (its lookup drafts on the device)."""
+        """Whether the plan runs a speculative variant: draft or shifted rows (``moves_rows``),
+        a draft model in every step, or n-gram speculation on (its lookup on the device)."""
         s = self.spec_steps
-        return s is not None and (out.has_drafts or s.every_step
+        return s is not None and (out.moves_rows or s.every_step
                                   or (out.speculative and s.lookup is not None))
 
     def dispatch(self, out: SchedulerOutput) -> StepHandle | SpecStepHandle | None:

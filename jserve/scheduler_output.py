@@ -140,6 +140,13 @@ class SchedulerOutput:
         return any(c.num_draft for c in self.chunks)
 
     @property
+    def moves_rows(self) -> bool:
+        """Some row verifies drafts, or starts where its request's in-flight verify row left it
+        (``shifted``: moved on the device by that row's accepted count, jserve/spec/chain.py):
+        only the speculative variants do either, with speculation on this step or not."""
+        return any(c.num_draft or c.shifted for c in self.chunks)
+
+    @property
     def is_empty(self) -> bool:
         """Nothing for the runner: no rows, no page moves, no state to drop."""
         return not self.chunks and not self.transfers and not self.dropped

@@ -271,6 +271,40 @@ def test_overlapped_loop_above_the_batch_threshold(base, make_engine):
     assert s["spec_decode_num_drafts"] > 0
 
 
+def test_speculation_turning_off_with_a_verify_row_in_flight(base, make_engine):
+    """disable_by_batch_size=1 and a second request arriving while the first speculates: the
+    next plan (no drafts) is made while the first's verify row is in flight, so its row starts
+    where that row's accepted drafts leave it (``shifted``) and only the speculative variant
+    moves it. Tokens equal the engine without speculation (before the fix, the ordinary
+    variant ran such plans and the rows decoded at stale positions)."""
+    eng = make_engine("llama", speculative_config={**NGRAM, "disable_by_batch_size": 1})
+    ps = [[5, 6, 7, 8, 9] * 6, [11, 12, 13] * 3]    # the first's drafts get accepted at once
+    sp = _greedy(max_tokens=40)
+    schedule, off_shifted = eng.scheduler.schedule, []
+
+    def plans():
+        out = schedule()
+        off_shifted.extend(c for c in out.chunks if c.shifted and not out.speculative)
+        return out
+
+    def run(engine, late):
+        engine.add_request("first", ps[0], sp)
+        got, step = {}, 0
+        while engine.has_unfinished_requests():
+            step += 1
+            if step == late:
+                engine.add_request("second", ps[1], sp)
+            for o in engine.step():
+                if o.finished:
+                    got[o.request_id] = o.outputs[0].token_ids
+        return got
+
+    eng.scheduler.schedule = plans
+    for late in (3, 5, 8):
+        assert run(eng, late) == run(base, late), late
+    assert off_shifted   # the case happened: a shifted row in a plan without speculation
+
+
 def test_bad_speculative_configs_fail_at_start_up_naming_the_field():
     for bad, field in [({"method": "medusa", "num_speculative_tokens": 2}, "method"),
                        ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
