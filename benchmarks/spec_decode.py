@@ -37,6 +37,7 @@ from pathlib import Path
 
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import SamplingParams
+from jserve.staged_input import stage_inputs
 
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__"}
 
@@ -143,7 +144,7 @@ def _args() -> argparse.Namespace:
                     help="speculative_config.disable_by_batch_size of every speculating engine")
     ap.add_argument("--staged", action="store_true",
                     help="every engine copies its step inputs into fixed device buffers "
-                    "(Runner.stage_inputs)")
+                    "(staged_input.stage_inputs)")
     ap.add_argument("--sync-too", action="store_true",
                     help="also time batch 1 of each speculative engine with the synchronous loop "
                          "(a draft model's only loop before chained rows, session 13)")
@@ -228,7 +229,7 @@ def main() -> None:
     def measured(args: EngineArgs) -> dict:
         engine = build_engine(args)
         if ns.staged:
-            engine.runner.stage_inputs()
+            stage_inputs(engine.runner)
         try:
             out = _measure(engine, b1_loads, sweep, ns.sweep_workload,
                            workloads.get(ns.sweep_workload, []), ns.repeat)

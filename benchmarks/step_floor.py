@@ -13,7 +13,7 @@ For each model shape (random weights, bf16):
 
 --twins adds A2 and B2: the decode step as two executables called in turn (``Runner.compile_twins``:
 does the per-call CUDA-graph update wait for the graph's previous launch?). --staged adds A3 and
-B3: each step's input copied into a fixed device buffer (``Runner.stage_inputs``), so the step's
+B3: each step's input copied into a fixed device buffer (``staged_input.stage_inputs``), so the step's
 CUDA graph sees no moved input.
 --dump writes the optimized program of each model's decode step (``<model>.decode_step.hlo.txt``)
 for reading its kernels offline; --trace records a profiler trace of 20 steps of A (host and
@@ -35,6 +35,7 @@ import numpy as np
 
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import SamplingParams
+from jserve.staged_input import stage_inputs
 from jserve.step_program import StepVariant
 
 _NOT_KERNELS = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
@@ -276,7 +277,7 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
         res["B2"] = engine_decode(eng)
     if staged:   # the step input copied into a fixed device buffer (jserve/staged_input.py)
         eng._overlap = True
-        eng.runner.stage_inputs()
+        stage_inputs(eng.runner)
         res["B3"] = engine_decode(eng)
         res["A3"] = floor_a(eng, staged=eng.runner.staged_inputs)
     p_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(eng.runner.params))

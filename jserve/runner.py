@@ -134,7 +134,8 @@ class Runner:
         prev = chain.prev_size(self._num_out, self._num_spec) if self._num_spec else self._num_out
         self._prev_tokens = jax.device_put(np.zeros(prev, np.int32), self._replicated)
         self._prev_rows: dict[str, int] = {}
-        # Inputs copied into fixed device buffers (jserve/staged_input.py); None: host arrays.
+        # Inputs copied into fixed device buffers (``staged_input.stage_inputs``, a benchmark
+        # A/B); None: host arrays.
         self.staged_inputs: StagedInputs | None = None
         self.mover = KVPageMover(kv, max(self._pages_per_seq, sched.max_num_seqs),
                                  host_slot_counts(config))
@@ -344,12 +345,6 @@ class Runner:
         params = [self.rows.params[s] for s in slots]
         masked = bool((layout.read(ibuf, "mask_slot") >= 0).any())
         return layout, ibuf, fbuf, slots, params, fresh, masked
-
-    def stage_inputs(self) -> None:
-        """From now on copy each step's input into a fixed device buffer per token bucket
-        (``staged_input``; single process). A benchmark A/B: the engine never calls it."""
-        sizes = [self.layout(t).int_size + self.layout(t).float_size for t in self._buckets]
-        self.staged_inputs = StagedInputs(sizes, self._replicated)
 
     def _joint(self, layout: StepLayout, ibuf: np.ndarray) -> np.ndarray | jax.Array:
         """The step's one input array. A single process hands the host buffer to the executable

@@ -10,12 +10,14 @@ every call; only the copy program's single node moves::
     host int32[n]  --(copy program, dst donated)-->  buffer[bucket] (same address)  -> step
 
 One compiled copy per token bucket (tiny). A benchmark A/B, off in the engine
-(``Runner.stage_inputs`` turns it on): on an H200 it cut Qwen2.5-0.5B's overlapped batch-1 step
+(``stage_inputs(runner)`` turns it on): on an H200 it cut Qwen2.5-0.5B's overlapped batch-1 step
 1.369 -> 1.221 ms but the copy call itself costs the host ~0.35 ms, so code-small's step went
 0.958 -> 1.175 ms (benchmarks/RESULTS.md, session 14).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,3 +49,11 @@ class StagedInputs:
         n = host.shape[0]
         buf = self._bufs[n] = self._copy[n](self._bufs[n], host)
         return buf
+
+
+def stage_inputs(runner: Any) -> None:
+    """From now on ``runner`` (a single-process ``Runner``) copies each step's input into a
+    fixed device buffer per token bucket. A benchmark A/B: the engine never calls it."""
+    sizes = [runner.layout(t).int_size + runner.layout(t).float_size
+             for t in runner.config.scheduler.token_buckets]
+    runner.staged_inputs = StagedInputs(sizes, runner._replicated)

@@ -2,7 +2,9 @@
 
 Where it sits: start-up (``load_draft``: resolve, validate against the target, load the weights)
 and, in every step while it is configured, the speculative step executable
-(``verify_step.spec_step``) calls ``draft_step`` after verifying the row's drafts. The drafts it
+(``verify_step.spec_step``) calls ``draft_step`` after verifying the row's drafts (a step
+without speculation, above ``disable_by_batch_size``, runs the target's ordinary program after
+``catch_up``, the draft's forward over the step's tokens). The drafts it
 stay on the device and are the next step's draft rows when that step is planned while this one
 is in flight (``jserve/spec/chain.py``); they also travel to the host with the step's tokens,
 for a request whose next row is planned after the read (``Scheduler`` keeps them per request).
@@ -169,3 +171,19 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
                                       lambda table, greedy=tok: (greedy, table), probs)
         drafts.append(tok)
     return kv, jnp.stack(drafts, axis=1), probs
+
+
+def catch_up(cfg: ModelConfig, layout: Any, mesh: Mesh | None, params: Any, kv: KVCache,
+             table: jax.Array, prev_tokens: jax.Array, joint: jax.Array) -> KVCache:
+    """The draft's K/V for a step that runs without speculation (above ``disable_by_batch_size``):
+    the draft's forward over the step's tokens at their slots, nothing proposed, so that its
+    pool holds every token when speculation resumes. Runs before the target's step, reading
+    the same packed input (``layout``: its ``StepLayout``), the previous-step output it feeds
+    placeholders from and the slot table (the step's page diffs applied here too; the table
+    is not kept) -> the draft kv (donated)."""
+    ibuf, fbuf = layout.split(joint)
+    _, batch, _, prev_index, _ = layout.unpack(ibuf, fbuf, table)
+    fed = prev_tokens[jnp.maximum(prev_index, 0)]
+    batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
+    _, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
+    return kv

@@ -10,7 +10,7 @@ import pytest
 from engine_helpers import run_engine
 
 from jserve.sampling_params import SamplingParams
-from jserve.staged_input import StagedInputs
+from jserve.staged_input import StagedInputs, stage_inputs
 
 
 def test_the_buffer_keeps_its_address_and_takes_each_input():
@@ -42,6 +42,6 @@ def test_an_engine_with_staged_inputs_gives_the_same_tokens(make_engine):
                  for c in o.outputs] for o in run_engine(eng, items)]
 
     before = summary()
-    eng.runner.stage_inputs()
+    stage_inputs(eng.runner)
     assert eng.runner.staged_inputs is not None
     assert summary() == before
