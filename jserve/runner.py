@@ -143,7 +143,8 @@ class Runner:
         self.spec_steps = None
         if spec is not None:
             lookup = (spec.prompt_lookup_min, spec.prompt_lookup_max) if spec.method == "ngram" else None
-            self.spec_steps = SpecSteps(self, spec.num_speculative_tokens, draft, lookup)
+            self.spec_steps = SpecSteps(self, spec.num_speculative_tokens, draft, lookup,
+                                        pauses=spec.disable_by_batch_size is not None)
         # Host-masked rows: forward and sampler as two programs, compiled on first use.
         self.split = SplitPrograms(
             [t for t in self._buckets if t in self.steps.decode and not sched.flash_prefill(t)],
@@ -276,10 +277,9 @@ class Runner:
     # ---------------------------------------------------------------- device
     def _speculative(self, out: SchedulerOutput) -> bool:
         """Whether the plan runs a speculative variant: draft or shifted rows (``moves_rows``),
-        a draft model in every step, or n-gram speculation on (its lookup on the device)."""
+        a draft model that never pauses, or speculation on (drafts made on the device)."""
         s = self.spec_steps
-        return s is not None and (out.moves_rows or s.every_step
-                                  or (out.speculative and s.lookup is not None))
+        return s is not None and (out.moves_rows or s.every_step or out.speculative)
 
     def dispatch(self, out: SchedulerOutput) -> StepHandle | SpecStepHandle | None:
         """Dispatch the step (page moves first); returns at once. None when there are no rows."""
@@ -307,9 +307,11 @@ class Runner:
         pen = None if greedy else self.penalty_state
         self.logit_state.flush()
         masks = None if greedy else self.logit_state.device
+        joint = self._joint(layout, ibuf)
+        if self.spec_steps is not None:   # a pausing draft model sees the step's tokens first
+            self.spec_steps.catch_up(self, layout, joint)
         self.kv, pen, self.slot_table, self._prev_tokens, tokens, lp, top_ids, top_lp = step(
-            self.params, self.kv, pen, self.slot_table, self._prev_tokens, self._joint(layout, ibuf),
-            masks)
+            self.params, self.kv, pen, self.slot_table, self._prev_tokens, joint, masks)
         if pen is not None:
             self.penalty_state = pen
         self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
@@ -407,6 +409,8 @@ class Runner:
         """Launch a prepared forward. Touches neither the logit state nor the pending's mask
         rows, so ``stage_masks`` may run on another thread meanwhile."""
         fwd, _ = self.split.programs(pending.layout.num_tokens)
+        if self.spec_steps is not None:
+            self.spec_steps.catch_up(self, pending.layout, pending.joint)
         self.kv, self.slot_table, pending.logits = fwd(self.params, self.kv, self.slot_table,
                                                        self._prev_tokens, pending.joint)
         self._prev_rows = {c.req_id: r for r, c in enumerate(pending.sched_out.chunks) if c.samples}

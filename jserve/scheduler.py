@@ -242,11 +242,10 @@ class Scheduler:
         return out
 
     def _burst(self) -> int:
-        """How many decode steps this plan runs in one program: ``num_scheduler_steps`` when
-        nothing waits, at most the smallest bucket's rows run, and every running request is a
-        one-token decode row without logprobs, grammar masks, top-k / top-p / min-p or
-        ``min_tokens`` bans, has that many tokens left (``max_tokens``, ``max_model_len``),
-        and the pool holds their pages without preempting anyone; else 1."""
+        """Decode steps this plan runs in one program: ``num_scheduler_steps`` when nothing
+        waits, at most the smallest bucket's rows run, each a one-token decode row that is
+        ``SamplingParams.burstable``, past ``min_tokens`` and with that many tokens left, and
+        the pool holds their pages without preempting anyone; else 1."""
         n = self.config.num_scheduler_steps
         if n <= 1 or self.waiting or not self.running or len(self.running) > self.config.burst_rows:
             return 1
@@ -326,7 +325,8 @@ class Scheduler:
         if sp.uses_penalties or req.num_output_tokens < sp.min_tokens:
             return []
         chained = (req.num_placeholders == 1 and self._chained and not sp.uses_host_masks
-                   and (self._draft_mode or self._spec_last))   # the row in flight drafts
+                   and (self._spec_last or (self._draft_mode and self.spec.disable_by_batch_size
+                                            is None)))   # the row in flight drafts
         if not chained and (req.num_placeholders or req.num_computed_tokens != req.num_tokens - 1):
             return []
         n_out = req.num_output_tokens + req.num_placeholders

@@ -46,7 +46,7 @@ from jserve.penalty_state import penalized_logits, record_tokens
 from jserve.sampler import apply_bans, raw_logprobs, top_k_rows
 from jserve.scheduler_output import RunnerOutput, SchedulerOutput
 from jserve.spec import chain, token_history
-from jserve.spec.draft import DraftModel, draft_step
+from jserve.spec.draft import DraftModel, catch_up, draft_step
 from jserve.spec.rejection import expand_rows, rejection_sample
 from jserve.step_buffers import StepLayout
 from jserve.step_variants import decode_buckets, greedy_rows
@@ -204,17 +204,20 @@ class SpecSteps:
     """The runner's speculative variants: compiled at warm-up, dispatched for draft steps."""
 
     def __init__(self, runner: Runner, num_spec: int, draft: DraftModel | None = None,
-                 lookup: tuple[int, int] | None = None) -> None:
-        """``draft``: the draft model (its pool allocated): every step then runs here, the
-        draft's K/V kept in step with the target's (page moves mirrored by ``move``).
-        ``lookup``: n-gram drafts on the device, (prompt_lookup_min, prompt_lookup_max): the
-        steps run while speculation is on run here and keep each slot's tokens
-        (``token_history``)."""
+                 lookup: tuple[int, int] | None = None, pauses: bool = False) -> None:
+        """``draft``: the draft model (its pool allocated): steps run here, the draft's K/V kept
+        in step with the target's (page moves mirrored by ``move``); with ``pauses``
+        (``disable_by_batch_size`` set) a step without speculation runs the target's ordinary
+        program after the draft's ``catch_up`` instead. ``lookup``: n-gram drafts on the
+        device, (prompt_lookup_min, prompt_lookup_max): the steps run while speculation is on
+        run here and keep each slot's tokens (``token_history``)."""
         if (draft is None) == (lookup is None):
             raise ValueError("SpecSteps needs exactly one proposer: a draft model or an n-gram lookup")
         self.num_spec = num_spec
         self.draft = draft
         self.lookup = lookup
+        self.pauses = pauses
+        self._catch_up: dict[int, Any] = {}   # token bucket -> the draft's catch-up program
         self.mover = None
         if draft is not None:
             self.mover = KVPageMover(draft.kv, max(runner._pages_per_seq,
@@ -247,11 +250,29 @@ class SpecSteps:
 
     @property
     def every_step(self) -> bool:
-        """With a draft model every step runs here (the draft sees every token). N-gram steps
-        run here while speculation is on (``SchedulerOutput.speculative``): their token
-        histories miss what other steps compute, which the scheduler sends again
-        (``ScheduledChunk.history``) before speculation resumes."""
-        return self.draft is not None
+        """With a draft model that never pauses every step runs here (the draft sees every
+        token); a pausing one's steps without speculation run ``catch_up`` and the ordinary
+        program. N-gram steps run here while speculation is on (``SchedulerOutput
+        .speculative``): their token histories miss what other steps compute, which the
+        scheduler sends again (``ScheduledChunk.history``) before speculation resumes."""
+        return self.draft is not None and not self.pauses
+
+    def catch_up(self, runner: Runner, layout: StepLayout, joint: Any) -> None:
+        """Before a step without speculation (its input ``joint``): the draft's forward over the
+        step's tokens (``draft.catch_up``); nothing without a draft model."""
+        if self.draft is not None:
+            d = self.draft
+            d.kv = self._catch_up[layout.num_tokens](d.params, d.kv, runner.slot_table,
+                                                     runner._prev_tokens, joint)
+
+    def _lower_catch_up(self, runner: Runner, t: int) -> Any:
+        layout = runner.layout(t)
+        d = self.draft
+        fn = functools.partial(catch_up, d.cfg, layout, runner.mesh)
+        joint = jax.device_put(layout.joint(layout.new_buffers()[0]), runner._replicated)
+        return jax.jit(fn, donate_argnums=(1,),
+                       out_shardings=jax.tree.map(lambda a: a.sharding, d.kv)).lower(
+            d.params, d.kv, runner.slot_table, runner._prev_tokens, joint)
 
     def write_histories(self, rows: list[tuple[int, tuple[int, ...]]]) -> None:
         """Slots' token histories from the host, (slot, prompt + outputs) each: requests taking
@@ -323,6 +344,12 @@ class SpecSteps:
 
         runner.compile_programs([(v[0], functools.partial(self._lower, runner, v)) for v in variants],
                                 threads, done)
+        if self.draft is not None and self.pauses:   # the draft's catch-up, one per bucket
+            buckets = runner.config.scheduler.token_buckets
+            compiled = runner.compile_programs(
+                [(t, functools.partial(self._lower_catch_up, runner, t)) for t in buckets], threads)
+            self._catch_up = dict(zip(buckets, compiled, strict=True))
+            say(f"compiled {len(buckets)} draft catch-up programs at {time.perf_counter() - t0:.1f} s")
 
     def warm(self, runner: Runner) -> None:
         """Run each compiled speculative variant once over the allocated pools."""
@@ -330,6 +357,10 @@ class SpecSteps:
             layout = runner.layout(v[0])
             joint = jax.device_put(layout.joint(layout.new_buffers()[0]), runner._replicated)
             self._keep(runner, self._compiled[v](*self._args(runner, v[1], joint)))
+        for t in self._catch_up:
+            layout = runner.layout(t)
+            self.catch_up(runner, layout, jax.device_put(layout.joint(layout.new_buffers()[0]),
+                                                         runner._replicated))
         if self.draft is not None:
             self.draft.kv = self.mover.warmup(self.draft.kv)
         if self._hist_writer is not None:   # each history write once (zeros into row 0)

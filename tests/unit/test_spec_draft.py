@@ -180,3 +180,42 @@ def test_tensor_parallel_draft_model(make_engine):
     assert _tokens(eng, items) == _tokens(base, items)
     s = eng.kv_cache_stats()
     assert s["spec_decode_num_accepted_tokens"] >= 0.9 * s["spec_decode_num_draft_tokens"] > 0
+
+
+def test_a_pausing_draft_model_catches_up_while_speculation_is_off(make_engine):
+    """disable_by_batch_size=1: while a second request runs, steps take the target's ordinary
+    program and the draft's catch-up (its forward over the step's tokens, no proposals); when
+    speculation resumes the draft's pool holds every token, so a draft that IS the target is
+    accepted throughout (without the catch-up, ~9%). Tokens equal the target alone, with the
+    second request arriving while the first speculates (a shifted row in an off plan)."""
+    base = make_engine("llama")
+    eng = make_engine("llama", speculative_config={**_draft(GOLDEN / "llama"), "disable_by_batch_size": 1})
+    steps = eng.runner.spec_steps
+    assert not steps.every_step and sorted(steps._catch_up) == [16, 32, 64]
+    off, catch_up = [], steps.catch_up
+    steps.catch_up = lambda *a: off.append(1) or catch_up(*a)
+    first, second = [5, 6, 7, 8, 9] * 6, [11, 12, 13] * 3
+
+    def run(engine, late):
+        engine.add_request("a", first, _greedy(max_tokens=60))
+        got, step = {}, 0
+        while engine.has_unfinished_requests():
+            step += 1
+            if step == late:
+                engine.add_request("b", second, _greedy(max_tokens=12))
+            for o in engine.step():
+                if o.finished:
+                    got[o.request_id] = o.outputs[0].token_ids
+        return got
+
+    try:
+        for late in (3, 8):
+            before = eng.kv_cache_stats()
+            assert run(eng, late) == run(base, late), late
+            after = eng.kv_cache_stats()
+            drafted = after["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
+            accepted = after["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
+            assert drafted > 0 and accepted >= 0.9 * drafted, (late, drafted, accepted)
+    finally:
+        del steps.catch_up
+    assert off   # steps without speculation ran the catch-up
