@@ -33,7 +33,8 @@ PS = 4
 
 
 def _sched(max_model_len: int = 64) -> Scheduler:
-    spec = SpeculativeConfig(method="draft_model", num_speculative_tokens=K, model="code-draft")
+    spec = SpeculativeConfig(method="draft_model", num_speculative_tokens=K, model="code-draft",
+                             disable_by_batch_size=None)   # every step drafts
     cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=max_model_len)
     return Scheduler(cfg, PagePool(40, PS), spec)
 
