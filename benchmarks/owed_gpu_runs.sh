@@ -2,7 +2,7 @@
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
 # (Sessions 7-15 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
 # sw3 (its threshold half), dk, hq, bu (code-small), the 2-GPU correctness tests and the OOM
-# diagnosis: RESULTS.md.) Order: bu1, b, u, u8, q, k, hl, x, kv, w, t, f, m, o, u1; then, on
+# diagnosis: RESULTS.md.) Order: bu1, sw4, b, u, u8, q, k, hl, x, kv, w, t, f, m, o, u1; then, on
 # 2 GPUs, d, s, c. Run spec cases at share 0.5 (at 0.9 XLA's rematerialization pass made session
 # 14's call 1 print nothing within 185 s).
 #
@@ -10,6 +10,10 @@
 #     share 0.5). First print the burst's memory analysis at the real pool size beside the decode
 #     step's. Prediction: bursts of 8 at batch 1 ~1.25x one step at a time (1.3 -> ~1.05 ms per
 #     token, device-bound).
+#   sw4 (1 GPU, ~6 min): the sweep at the new default (disable_by_batch_size 4) after session 15's
+#     pausing draft model (steps without speculation: the ordinary target step + the draft's
+#     catch-up forward, no verify). Prediction: draft model at 16 / 256 running 0.92 / 0.76x ->
+#     ~0.95 / ~0.92x; n-gram unchanged (~1.0x above 4); batch 1 as in sw3.
 #   sw3 (1 GPU, ~9 min): the speculation sweep after session 14's n-gram change, median of 3 runs
 #     per point, always on and off above 8 running. Prediction: n-gram with the threshold at 16
 #     and 256 running ~0.97-1.0x (ordinary variants now), always on at 256 ~1.0x (the budget
@@ -131,6 +135,13 @@ hp)
   for m in code-small qwen2.5-0.5b; do
     timeout 150 python3 benchmarks/host_profile.py $m --tokens 256 --top 22 2>&1 | table | tee "$OUT/host_$m.txt"
   done
+  ;;
+sw4)
+  timeout 300 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
+    --num-prompts 8 --max-tokens 96 --concurrency 1,4,16,256 --max-num-seqs 256 --max-model-len 1024 \
+    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 \
+    --json "$OUT/spec_sweep_4.json" > "$OUT/spec_sweep_4.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_sweep_4.txt" | tail -16
   ;;
 sw3)
   # Session 14's n-gram change (ordinary variants while speculation is off) and the threshold,
