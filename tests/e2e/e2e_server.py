@@ -1,6 +1,7 @@
 """ServerThread: a real RunningServer (HTTP + gRPC on 127.0.0.1, free ports) on its own loop thread.
 
-Tests use blocking clients (openai, grpc) and asyncio clients (httpx) against it alike.
+Tests use blocking clients (openai, grpc) and asyncio clients (httpx) against it alike;
+``streamed_completion`` reads a streamed completion through the ``openai`` client.
 """
 
 from __future__ import annotations
@@ -61,3 +62,21 @@ class ServerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
+
+
+def streamed_completion(client, **kw) -> tuple[str, list[int], str | None, object]:
+    """A streamed ``/v1/completions`` call through the ``openai`` client -> (text, token ids
+    (``return_token_ids``), finish reason, usage); asserts nothing follows the finishing chunk."""
+    model = client.models.list().data[0].id
+    text, ids, finish, usage = "", [], None, None
+    for chunk in client.completions.create(model=model, stream=True,
+                                           stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage
+            continue
+        (c,) = chunk.choices
+        assert finish is None, "no chunk after the finishing one"
+        text += c.text
+        ids += c.model_extra.get("token_ids") or []
+        finish = c.finish_reason
+    return text, ids, finish, usage

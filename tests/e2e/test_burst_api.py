@@ -6,7 +6,7 @@ inside a burst; the ``serve`` flag reaches the engine arguments."""
 from __future__ import annotations
 
 import pytest
-from e2e_server import ENGINE_ARGS, ServerThread
+from e2e_server import ENGINE_ARGS, ServerThread, streamed_completion
 
 from jserve.async_engine import AsyncEngine
 from server.metrics import PrometheusStats
@@ -31,20 +31,6 @@ def _model(client):
     return client.models.list().data[0].id
 
 
-def _streamed(client, **kw):
-    text, ids, finish, usage = "", [], None, None
-    for chunk in client.completions.create(model=_model(client), stream=True,
-                                           stream_options={"include_usage": True}, **kw):
-        if chunk.usage is not None:
-            usage = chunk.usage
-            continue
-        (c,) = chunk.choices
-        text += c.text
-        ids += c.model_extra.get("token_ids") or []
-        finish = c.finish_reason
-    return text, ids, finish, usage
-
-
 def test_completions_match_one_step_at_a_time(oai, burst_oai):
     kw = dict(prompt=PROMPTS, max_tokens=22, temperature=0.0, extra_body=TOKENS)
     ref = oai.completions.create(model=_model(oai), **kw)
@@ -54,7 +40,7 @@ def test_completions_match_one_step_at_a_time(oai, burst_oai):
     assert [c.text for c in got.choices] == [c.text for c in ref.choices]
     assert got.usage.completion_tokens == ref.usage.completion_tokens == 3 * 22
     one = dict(prompt=PROMPTS[0], max_tokens=22, temperature=0.0, extra_body=TOKENS)
-    text, ids, finish, usage = _streamed(burst_oai, **one)
+    text, ids, finish, usage = streamed_completion(burst_oai, **one)
     assert (text, ids, finish) == (ref.choices[0].text, ref.choices[0].model_extra["token_ids"], "length")
     assert usage.completion_tokens == 22
     # a stop string that a burst passes: never emitted past it, the same text as without bursts

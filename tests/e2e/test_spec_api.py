@@ -15,7 +15,7 @@ import json
 import grpc
 import httpx
 import pytest
-from e2e_server import ENGINE_ARGS, ServerThread
+from e2e_server import ENGINE_ARGS, ServerThread, streamed_completion
 from fixture_paths import GOLDEN
 
 from jserve.async_engine import AsyncEngine
@@ -62,21 +62,6 @@ def _complete(client, **kw):
     return client.completions.create(model=_model(client), **kw)
 
 
-def _streamed(client, **kw):
-    text, ids, finish, usage = "", [], None, None
-    for chunk in client.completions.create(model=_model(client), stream=True,
-                                           stream_options={"include_usage": True}, **kw):
-        if chunk.usage is not None:
-            usage = chunk.usage
-            continue
-        (c,) = chunk.choices
-        assert finish is None, "no chunk after the finishing one"
-        text += c.text
-        ids += c.model_extra.get("token_ids") or []
-        finish = c.finish_reason
-    return text, ids, finish, usage
-
-
 def test_greedy_completions_match_no_speculation(oai, spec_oai, spec_served):
     kw = dict(prompt=PROMPTS, max_tokens=24, temperature=0.0, extra_body=TOKENS)
     ref = _complete(oai, **kw)
@@ -87,7 +72,7 @@ def test_greedy_completions_match_no_speculation(oai, spec_oai, spec_served):
     assert got.usage.completion_tokens == ref.usage.completion_tokens == 3 * 24
     # streamed: the same text and tokens, one finish, usage last
     one = dict(prompt=PROMPTS[0], max_tokens=24, temperature=0.0, extra_body=TOKENS)
-    text, ids, finish, usage = _streamed(spec_oai, **one)
+    text, ids, finish, usage = streamed_completion(spec_oai, **one)
     assert (text, ids, finish) == (ref.choices[0].text, ref.choices[0].model_extra["token_ids"],
                                    "length")
     assert usage.completion_tokens == 24
@@ -130,7 +115,7 @@ def test_stop_strings_streamed_and_not(oai, spec_oai):
     got = _complete(spec_oai, stop=[stop], **kw).choices[0]
     assert (got.text, got.finish_reason, got.model_extra["stop_reason"]) == (ref.text, "stop", stop)
     assert got.model_extra["token_ids"] == ref.model_extra["token_ids"]
-    s_text, s_ids, s_finish, _ = _streamed(spec_oai, stop=[stop], **kw)
+    s_text, s_ids, s_finish, _ = streamed_completion(spec_oai, stop=[stop], **kw)
     assert (s_text, s_ids, s_finish) == (ref.text, ref.model_extra["token_ids"], "stop")
 
 
