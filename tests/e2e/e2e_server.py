@@ -1,7 +1,8 @@
 """ServerThread: a real RunningServer (HTTP + gRPC on 127.0.0.1, free ports) on its own loop thread.
 
 Tests use blocking clients (openai, grpc) and asyncio clients (httpx) against it alike;
-``streamed_completion`` reads a streamed completion through the ``openai`` client.
+``streamed_completion`` reads a streamed completion through the ``openai`` client, and
+``assert_same_greedy_completions`` compares two servers' greedy completions, streamed too.
 """
 
 from __future__ import annotations
@@ -80,3 +81,23 @@ def streamed_completion(client, **kw) -> tuple[str, list[int], str | None, objec
         ids += c.model_extra.get("token_ids") or []
         finish = c.finish_reason
     return text, ids, finish, usage
+
+
+def assert_same_greedy_completions(ref_client, client, prompts: list[str], max_tokens: int,
+                                   extra_body: dict) -> Any:
+    """Greedy completions of ``prompts`` from two servers: equal token ids, text and usage,
+    and ``client``'s streamed completion of the first prompt equals ``ref_client``'s
+    non-streamed one -> the reference response."""
+    kw = dict(prompt=prompts, max_tokens=max_tokens, temperature=0.0, extra_body=extra_body)
+    ref = ref_client.completions.create(model=ref_client.models.list().data[0].id, **kw)
+    got = client.completions.create(model=client.models.list().data[0].id, **kw)
+    assert [c.model_extra["token_ids"] for c in got.choices] == \
+        [c.model_extra["token_ids"] for c in ref.choices]
+    assert [c.text for c in got.choices] == [c.text for c in ref.choices]
+    assert got.usage.completion_tokens == ref.usage.completion_tokens == len(prompts) * max_tokens
+    one = dict(kw, prompt=prompts[0])
+    text, ids, finish, usage = streamed_completion(client, **one)
+    assert (text, ids, finish) == (ref.choices[0].text, ref.choices[0].model_extra["token_ids"],
+                                   "length")
+    assert usage.completion_tokens == max_tokens
+    return ref

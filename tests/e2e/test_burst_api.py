@@ -6,7 +6,7 @@ inside a burst; the ``serve`` flag reaches the engine arguments."""
 from __future__ import annotations
 
 import pytest
-from e2e_server import ENGINE_ARGS, ServerThread, streamed_completion
+from e2e_server import ENGINE_ARGS, ServerThread, assert_same_greedy_completions
 
 from jserve.async_engine import AsyncEngine
 from server.metrics import PrometheusStats
@@ -32,17 +32,7 @@ def _model(client):
 
 
 def test_completions_match_one_step_at_a_time(oai, burst_oai):
-    kw = dict(prompt=PROMPTS, max_tokens=22, temperature=0.0, extra_body=TOKENS)
-    ref = oai.completions.create(model=_model(oai), **kw)
-    got = burst_oai.completions.create(model=_model(burst_oai), **kw)
-    assert [c.model_extra["token_ids"] for c in got.choices] == \
-        [c.model_extra["token_ids"] for c in ref.choices]
-    assert [c.text for c in got.choices] == [c.text for c in ref.choices]
-    assert got.usage.completion_tokens == ref.usage.completion_tokens == 3 * 22
-    one = dict(prompt=PROMPTS[0], max_tokens=22, temperature=0.0, extra_body=TOKENS)
-    text, ids, finish, usage = streamed_completion(burst_oai, **one)
-    assert (text, ids, finish) == (ref.choices[0].text, ref.choices[0].model_extra["token_ids"], "length")
-    assert usage.completion_tokens == 22
+    ref = assert_same_greedy_completions(oai, burst_oai, PROMPTS, 22, TOKENS)   # streamed too
     # a stop string that a burst passes: never emitted past it, the same text as without bursts
     stop = ref.choices[1].text[6:10]
     kw = dict(prompt=PROMPTS[1], max_tokens=22, temperature=0.0, stop=[stop])

@@ -15,7 +15,7 @@ import json
 import grpc
 import httpx
 import pytest
-from e2e_server import ENGINE_ARGS, ServerThread, streamed_completion
+from e2e_server import ENGINE_ARGS, ServerThread, assert_same_greedy_completions, streamed_completion
 from fixture_paths import GOLDEN
 
 from jserve.async_engine import AsyncEngine
@@ -63,19 +63,7 @@ def _complete(client, **kw):
 
 
 def test_greedy_completions_match_no_speculation(oai, spec_oai, spec_served):
-    kw = dict(prompt=PROMPTS, max_tokens=24, temperature=0.0, extra_body=TOKENS)
-    ref = _complete(oai, **kw)
-    got = _complete(spec_oai, **kw)
-    assert [c.model_extra["token_ids"] for c in got.choices] == \
-        [c.model_extra["token_ids"] for c in ref.choices]
-    assert [c.text for c in got.choices] == [c.text for c in ref.choices]
-    assert got.usage.completion_tokens == ref.usage.completion_tokens == 3 * 24
-    # streamed: the same text and tokens, one finish, usage last
-    one = dict(prompt=PROMPTS[0], max_tokens=24, temperature=0.0, extra_body=TOKENS)
-    text, ids, finish, usage = streamed_completion(spec_oai, **one)
-    assert (text, ids, finish) == (ref.choices[0].text, ref.choices[0].model_extra["token_ids"],
-                                   "length")
-    assert usage.completion_tokens == 24
+    assert_same_greedy_completions(oai, spec_oai, PROMPTS, 24, TOKENS)   # streamed too
     # drafts were verified on this server
     metrics = httpx.get(f"{spec_served.url}/metrics").text
     line = next(x for x in metrics.splitlines()
