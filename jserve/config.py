@@ -212,8 +212,9 @@ class SchedulerConfig:
     async_scheduling: overlap host scheduling of step N+1 with the device running step N (False:
     the synchronous reference loop).
 
-    num_scheduler_steps: N > 1 lets a plan of greedy one-token decode rows that fits the smallest
-    token bucket run N decode steps in one device program (a burst, ``Scheduler._burst``).
+    num_scheduler_steps: N > 1 lets a plan of one-token decode rows with nothing the host adds
+    per token that fits the smallest token bucket run N decode steps in one device program (a
+    burst, ``Scheduler._burst``).
 
     ``max_num_batched_tokens`` and ``max_model_len`` are resolved values here (``EngineArgs``
     lets them be None: ``make_engine_config`` derives them).

@@ -301,8 +301,9 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "or {\"method\": \"draft_model\", \"model\": \"code-draft\", "
            "\"num_speculative_tokens\": k}; optional \"disable_by_batch_size\": N"),
     Option("num_scheduler_steps", int, 1, minimum=1, commands=COMMANDS,
-           help="decode steps run by one device program when every running request is a plain "
-           "greedy decode and at most the smallest token bucket's rows run (vLLM's multi-step "
+           help="decode steps run by one device program when every running request decodes with "
+           "no logprobs, grammar or top-k/top-p/min-p and at most the smallest token bucket's "
+           "rows run (vLLM's multi-step "
            "scheduling: the host's per-step cost is paid once per N tokens; tokens after a stop "
            "inside the N are computed and dropped; 1 = off; not with speculative decoding, "
            "several processes, pipeline parallelism or disaggregation)"),

@@ -119,7 +119,7 @@ class SchedulerOutput:
     # speculative variant, whose lookup drafts on the device for the next step.
     speculative: bool = False
     # Decode steps the plan runs in one program (``num_scheduler_steps``; 1: an ordinary step):
-    # every row is a greedy one-token decode row and samples ``burst`` tokens.
+    # every row is a one-token decode row and samples ``burst`` tokens (jserve/burst_step.py).
     burst: int = 1
     # Host-computed allowed-token bitmasks (int32[ceil(V / 32)]) of sampling rows, by request id
     # (a grammar, bad words: ``jserve.structured``); filled by the engine before dispatch. A row

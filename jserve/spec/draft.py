@@ -52,6 +52,7 @@ from jserve.sampler import gumbel_noise
 from jserve.sampling_batch import SamplingBatch
 from jserve.spec.config import SpeculativeConfig
 from jserve.spec.rejection import filtered_logits, softmax_rows
+from jserve.step_buffers import StepLayout
 from jserve.step_input import StepInput
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     return kv, jnp.stack(drafts, axis=1), probs
 
 
-def catch_up(cfg: ModelConfig, layout: Any, mesh: Mesh | None, params: Any, kv: KVCache,
+def catch_up(cfg: ModelConfig, layout: StepLayout, mesh: Mesh | None, params: Any, kv: KVCache,
              table: jax.Array, prev_tokens: jax.Array, joint: jax.Array) -> KVCache:
     """The draft's K/V for a step that runs without speculation (above ``disable_by_batch_size``):
     the draft's forward over the step's tokens at their slots, nothing proposed, so that its
