@@ -8,8 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from engine_helpers import run_engine
+from fixture_paths import GOLDEN
 
 from jserve.builder import EngineArgs, make_engine_config, resolve_model
+from jserve.cli import build_parser, engine_args_from
+from jserve.llm import LLM
 from jserve.sampling_params import SamplingParams
 
 N = 4
@@ -174,3 +177,17 @@ def test_a_tight_pool_falls_back_to_single_steps(make_engine):
     assert got == want
     assert N in seen and 1 in seen
     assert tight.scheduler.num_preemptions_total > 0
+
+
+def test_the_llm_api_and_the_generate_flag_take_it(xla_cache_dir):
+    """``LLM(num_scheduler_steps=...)`` and ``jserve generate --num-scheduler-steps`` reach the
+    engine; the LLM's greedy output equals one step at a time."""
+    common = dict(model=str(GOLDEN / "llama"), dtype="float32", max_model_len=128, max_num_seqs=8,
+                  max_num_batched_tokens=64, num_pages=80, compilation_cache_dir=xla_cache_dir)
+    sp = SamplingParams(temperature=0.0, max_tokens=18, ignore_eos=True)
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    outs = {n: LLM(**common, num_scheduler_steps=n).generate(
+        [{"prompt_token_ids": p} for p in prompts], sp) for n in (1, 4)}
+    assert [o.outputs[0].token_ids for o in outs[4]] == [o.outputs[0].token_ids for o in outs[1]]
+    ns = build_parser().parse_args(["generate", "--num-scheduler-steps", "4"])
+    assert engine_args_from(ns).num_scheduler_steps == 4
