@@ -46,10 +46,7 @@ def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
     (kv, pen (None when greedy), table, prev_tokens' int32[S], tokens int32[N, S], None, None,
     None). The plain sampler draws sub-step i's token with the row's seed at its output index
     + i and counts it in the penalty state, as i ordinary steps would."""
-    ibuf, fbuf = layout.split(joint)
-    table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
-    fed = prev_tokens[jnp.maximum(prev_index, 0)]
-    ids0 = jnp.where(prev_index >= 0, fed, batch.token_ids)
+    table, batch, sbatch, pen_slot, ibuf = layout.unpack_fed(joint, table, prev_tokens)
     t, r, ps = layout.num_tokens, layout.num_rows, layout.page_size
     row = jnp.minimum(jnp.arange(t), r - 1)              # decode-only: token t is row t
     tok_valid = jnp.arange(t) < batch.num_seqs[0]
@@ -72,5 +69,5 @@ def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
         return kv, pen, ids, out.at[i].set(tokens)
 
     out0 = jnp.zeros((variant.burst, num_out), jnp.int32)
-    kv, pen, _, out = jax.lax.fori_loop(0, variant.burst, sub_step, (kv, pen, ids0, out0))
+    kv, pen, _, out = jax.lax.fori_loop(0, variant.burst, sub_step, (kv, pen, batch.token_ids, out0))
     return kv, pen, table, out[variant.burst - 1], out, None, None, None

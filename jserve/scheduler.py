@@ -207,9 +207,8 @@ class Scheduler:
                 if need > pool.num_free:  # req is the newest: it makes way itself
                     self._preempt(self.running.pop(), out)
                     break
-            la = self._lookahead(req, k)
-            kv.grow(req, burst if burst > 1 else
-                    k + la if la and kv.demand(req, k + la) <= pool.num_free else k)
+            la = self._lookahead(req, k)   # (0 in a burst: no draft model then)
+            kv.grow(req, k + la if la and kv.demand(req, k + la) <= pool.num_free else max(k, burst))
             out.chunks.append(self._chunk(req, k, drafts))
             if burst > 1:   # the burst computes and samples ``burst`` tokens of the row
                 req.num_computed_tokens += burst - 1

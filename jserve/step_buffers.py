@@ -36,6 +36,7 @@ row accepted (``jserve.spec.chain``); -1 elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -176,3 +177,14 @@ class StepLayout:
             output_index=f["output_index"], banned_ids=f["banned_ids"], history_ids=None,
             num_prompt=None, want_logprobs=s["want_logprobs"] > 0)
         return table, batch, sbatch, f["prev_index"], f["pen_slot"]
+
+    def unpack_fed(self, joint: jax.Array, table: jax.Array, prev_tokens: jax.Array
+                   ) -> tuple[jax.Array, StepInput, SamplingBatch, jax.Array, jax.Array]:
+        """Inside jit: ``split`` + ``unpack`` of the step's joint input, each placeholder token
+        fed from the previous step's output (``prev_index`` >= 0) -> (slot table with the diffs
+        applied, StepInput with its token ids fed, SamplingBatch, pen_slot int32[R], ibuf)."""
+        ibuf, fbuf = self.split(joint)
+        table, batch, sbatch, prev_index, pen_slot = self.unpack(ibuf, fbuf, table)
+        fed = prev_tokens[jnp.maximum(prev_index, 0)]
+        batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
+        return table, batch, sbatch, pen_slot, ibuf

@@ -9,7 +9,6 @@ state, previous tokens, logit state), all donated where they are written.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -70,10 +69,7 @@ def _forward_part(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh
                   kv: KVCache, table: jax.Array, prev_tokens: jax.Array, joint: jax.Array) -> tuple:
     """The model half of a step -> (kv, table with the step's diffs, logits f32[R, V],
     SamplingBatch, pen_slot int32[R], ibuf)."""
-    ibuf, fbuf = layout.split(joint)
-    table, batch, sbatch, prev_index, pen_slot = layout.unpack(ibuf, fbuf, table)
-    fed = prev_tokens[jnp.maximum(prev_index, 0)]
-    batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
+    table, batch, sbatch, pen_slot, ibuf = layout.unpack_fed(joint, table, prev_tokens)
     kv, logits = forward(cfg, params, kv, batch, fresh_prefill=variant.fresh_prefill, mesh=mesh,
                          decode_only=variant.decode_only)
     return kv, table, logits.astype(jnp.float32), sbatch, pen_slot, ibuf

@@ -182,9 +182,6 @@ def catch_up(cfg: ModelConfig, layout: StepLayout, mesh: Mesh | None, params: An
     the same packed input (``layout``: its ``StepLayout``), the previous-step output it feeds
     placeholders from and the slot table (the step's page diffs applied here too; the table
     is not kept) -> the draft kv (donated)."""
-    ibuf, fbuf = layout.split(joint)
-    _, batch, _, prev_index, _ = layout.unpack(ibuf, fbuf, table)
-    fed = prev_tokens[jnp.maximum(prev_index, 0)]
-    batch = dataclasses.replace(batch, token_ids=jnp.where(prev_index >= 0, fed, batch.token_ids))
+    _, batch, *_ = layout.unpack_fed(joint, table, prev_tokens)
     _, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
     return kv

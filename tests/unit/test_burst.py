@@ -5,6 +5,8 @@ and leave no page behind. One engine per setting over the tiny golden llama."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from engine_helpers import run_engine
@@ -28,8 +30,9 @@ def _summary(out):
     return [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs]
 
 
+@contextlib.contextmanager
 def _bursts(engine):
-    """Record each plan's burst (a wrapper around the engine's scheduler, for this test)."""
+    """Record each plan's burst while the block runs (a wrapper around the engine's scheduler)."""
     seen, plain = [], engine.scheduler.schedule
 
     def schedule():
@@ -38,7 +41,10 @@ def _bursts(engine):
         return out
 
     engine.scheduler.schedule = schedule
-    return seen
+    try:
+        yield seen
+    finally:
+        del engine.scheduler.schedule
 
 
 def _run(engine, items, late=()):
@@ -91,12 +97,11 @@ def test_bursts_equal_one_step_at_a_time(engines, overlap, kind):
     want = [_summary(o) for o in _run(one, items, late)]
     free = burst.scheduler.pool.num_free
     burst._overlap = overlap   # the async_scheduling option, toggled on one engine (test only)
-    seen = _bursts(burst)
     try:
-        got = _run(burst, items, late)
+        with _bursts(burst) as seen:
+            got = _run(burst, items, late)
     finally:
         burst._overlap = True
-        del burst.scheduler.schedule
     assert [_summary(o) for o in got] == want   # tokens, text, finish and stop reasons
     assert N in seen and 1 in seen          # bursts ran, and ordinary steps around them
     assert burst.scheduler.pool.num_free == free
@@ -111,18 +116,12 @@ def test_no_burst_for_rows_the_host_touches(engines):
                SamplingParams(temperature=0.8, seed=1, top_k=5, max_tokens=12),
                SamplingParams(temperature=0.0, max_tokens=12, logprobs=1),
                SamplingParams(temperature=0.0, max_tokens=12, bad_words=["a"])):
-        seen = _bursts(burst)
-        try:
+        with _bursts(burst) as seen:
             run_engine(burst, [(p, sp), (p, SamplingParams(temperature=0.0, max_tokens=12))])
-        finally:
-            del burst.scheduler.schedule
         assert set(seen) == {1}, sp
-    seen = _bursts(burst)
-    try:
+    with _bursts(burst) as seen:
         out = run_engine(burst, [(p, SamplingParams(temperature=0.0, max_tokens=12, min_tokens=6,
                                                     ignore_eos=True))])
-    finally:
-        del burst.scheduler.schedule
     assert len(out[0].outputs[0].token_ids) == 12
     assert seen[:3] == [1, 1, 1] and N in seen   # bans first, bursts once min_tokens is reached
 
@@ -143,8 +142,7 @@ def test_aborts_mid_burst_lose_nothing_and_leak_nothing(engines):
     rng = np.random.default_rng(5)
     prompts = [rng.integers(5, 500, n).tolist() for n in (6, 14, 9)]
     alone = [o.outputs[0].token_ids for o in run_engine(engines[1], [(p, sp) for p in prompts])]
-    seen = _bursts(burst)
-    try:
+    with _bursts(burst) as seen:
         ids = [burst.add_request(None, p, sp) for p in prompts]
         got: dict[str, list[int]] = {}
         for step in range(200):
@@ -154,8 +152,6 @@ def test_aborts_mid_burst_lose_nothing_and_leak_nothing(engines):
                 burst.abort_request(ids[1])
             if not burst.has_unfinished_requests():
                 break
-    finally:
-        del burst.scheduler.schedule
     assert N in seen[:4]
     assert got[ids[0]] == alone[0] and got[ids[2]] == alone[2]
     assert got[ids[1]] == alone[1][:len(got[ids[1]])]
@@ -172,8 +168,8 @@ def test_a_tight_pool_falls_back_to_single_steps(make_engine):
     prompts = [[7 + i, 8, 9, 10, 11] for i in range(4)]
     want = [o.outputs[0].token_ids for o in run_engine(make_engine("llama"), [(p, sp) for p in prompts])]
     tight = make_engine("llama", num_scheduler_steps=N, num_pages=12)
-    seen = _bursts(tight)
-    got = [o.outputs[0].token_ids for o in run_engine(tight, [(p, sp) for p in prompts])]
+    with _bursts(tight) as seen:
+        got = [o.outputs[0].token_ids for o in run_engine(tight, [(p, sp) for p in prompts])]
     assert got == want
     assert N in seen and 1 in seen
     assert tight.scheduler.num_preemptions_total > 0
