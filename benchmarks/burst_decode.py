@@ -6,6 +6,12 @@ the rows without bursts run the same engine with the scheduler's burst decision 
 weights, ``--tokens`` tokens per request, the first token excluded; tokens are checked equal.
 
     PYTHONPATH=. python3 benchmarks/burst_decode.py code-small [--steps 8]
+        [--num-pages 8192 --analysis-pages 2,8192,376139 --hlo-dir /tmp/burst_hlo]
+
+``--analysis-pages``: the burst and decode-step programs compiled again against abstract pools
+of those page counts (nothing allocated, as the start-up probe does at 2 pages), printing their
+``memory_analysis``: does a burst's scratch grow with the pool? ``--hlo-dir``: the optimized HLO
+of both programs at the largest of them, and their 12 largest temporaries by shape.
 
 One model per process: a finished engine's pool stays allocated in its process, so a second
 model's memory budget would find none.
@@ -19,6 +25,8 @@ import time
 import numpy as np
 
 from jserve.builder import EngineArgs, build_engine
+from jserve.kv_cache import abstract_kv_cache
+from jserve.runner import Runner
 from jserve.sampling_params import SamplingParams
 
 
@@ -40,6 +48,36 @@ def decode(engine, rows: int, tokens: int) -> tuple[float, list]:
     return rows * tokens / dt, [done[i] for i in ids]
 
 
+def analysis(eng, steps: int, pages: list[int], hlo_dir: str | None) -> None:
+    """The burst and the decode step compiled against abstract pools of ``pages`` pages."""
+    import os
+    import re
+    from collections import Counter
+    cfg = eng.config
+    burst = eng.runner.steps.burst(steps, True)
+    for n in pages:
+        kv = abstract_kv_cache(cfg.model, n, cfg.cache.page_size, cfg.kv_dtype, eng.runner.mesh)
+        probe = Runner(cfg, eng.runner.params, kv, eng.runner.mesh)
+        for v in (burst._replace(burst=1), burst):
+            c = probe.lower_step(v).compile()
+            m = c.memory_analysis()
+            name = "burst" if v.burst > 1 else "decode step"
+            print(f"  {name} at {n} pages: temp {m.temp_size_in_bytes / 2**20:.1f} MiB, arguments "
+                  f"{m.argument_size_in_bytes / 2**20:.1f} MiB, outputs {m.output_size_in_bytes / 2**20:.1f}"
+                  f" MiB, aliased {m.alias_size_in_bytes / 2**20:.1f} MiB", flush=True)
+            if hlo_dir and n == max(pages):
+                os.makedirs(hlo_dir, exist_ok=True)
+                text = c.as_text()
+                with open(f"{hlo_dir}/{name.replace(' ', '_')}_{n}.hlo", "w") as f:
+                    f.write(text)
+                shapes = Counter(re.findall(r"= ([a-z0-9]+\[[0-9,]+\])", text))
+                size = {sh: np.prod([int(d) for d in sh[sh.index("[") + 1:-1].split(",")]) for sh in shapes}
+                big = sorted(shapes, key=lambda sh: -size[sh])
+                print(f"    {name}: largest value shapes "
+                      + ", ".join(f"{sh} x{shapes[sh]}" for sh in big[:12]))
+        del probe
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", help="a model, or a comma list with --num-pages set")
@@ -47,21 +85,26 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rows", default="1,4,16")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    ap.add_argument("--num-pages", type=int, default=None, help="a fixed pool instead of the share")
+    ap.add_argument("--analysis-pages", default="", help="comma list of abstract pool sizes")
+    ap.add_argument("--hlo-dir", default=None)
     a = ap.parse_args()
     for model in a.models.split(","):
         t = time.perf_counter()
         eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
                                       max_num_batched_tokens=16, max_model_len=1024,
                                       gpu_memory_utilization=a.gpu_memory_utilization,
-                                      num_scheduler_steps=a.steps))
+                                      num_scheduler_steps=a.steps, num_pages=a.num_pages))
         build = time.perf_counter() - t
         burst = eng.scheduler._burst
-        one = eng.runner.steps.burst(a.steps)._replace(burst=1)
-        for v in (one, eng.runner.steps.burst(a.steps)):   # what each program allocates
+        one = eng.runner.steps.burst(a.steps, True)._replace(burst=1)
+        for v in (one, eng.runner.steps.burst(a.steps, True)):   # what each program allocates
             m = eng.runner._compiled[v].memory_analysis()
             print(f"  {'burst' if v.burst > 1 else 'decode step'}: temp {m.temp_size_in_bytes / 2**20:.1f} "
                   f"MiB, outputs {m.output_size_in_bytes / 2**20:.1f} MiB, aliased "
                   f"{m.alias_size_in_bytes / 2**20:.1f} MiB", flush=True)
+        if a.analysis_pages:
+            analysis(eng, a.steps, [int(n) for n in a.analysis_pages.split(",")], a.hlo_dir)
         print(f"\n## {model}: bursts of {a.steps} against one step at a time (engine build {build:.0f} s)")
         print("| rows | one step at a time, out tok/s | bursts, out tok/s | speed-up | tokens equal |")
         print("|---|---|---|---|---|")

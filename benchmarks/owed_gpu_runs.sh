@@ -92,7 +92,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
-table() { grep "^|\|^##\|passed\|failed\|rror\|  burst:\|  decode step:"; }
+table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
 
 case "${1:-a}" in
 dk)
@@ -114,6 +114,24 @@ hq)
     | tee "$OUT/host_code-small.txt"
   timeout 420 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8,none --ab quant-xla 2>&1 | table | tee "$OUT/floor_quant.txt"
+  ;;
+bu2)
+  # Session 16: Qwen2.5-0.5B's bursts on a fixed 8192-page pool (bu1 ran out of memory at share
+  # 0.5 in sessions 15 and 16: 384.62 MiB in jit_burst_step), the burst's and the decode step's
+  # memory analysis against abstract pools of 2 / 8192 / 376139 pages with the optimized HLO at the
+  # largest, then the HF peer's batch-1 decode in the same call (issue 11: >= 1000 tok/s, 2.5x HF).
+  # Call 2 found the loop's body copying weight slices (scratch growing with the pool) and 1.66 ms
+  # per token: the burst is unrolled since. Prediction: scratch ~ the step's at every pool size,
+  # Qwen batch 1 ~2.2x one step at a time (~1.0 ms per token), engine build 68 -> ~100 s.
+  timeout 330 python3 benchmarks/burst_decode.py qwen2.5-0.5b --steps 8 --rows 1,4,16 --num-pages 8192 \
+    --analysis-pages 2,8192,376139 2>&1 | table | tee "$OUT/burst_qwen.txt"
+  timeout 100 python3 benchmarks/burst_decode.py code-small --steps 8 --rows 1,16 --num-pages 8192 \
+    2>&1 | table | tee "$OUT/burst_small.txt"
+  timeout 150 python3 -c "
+import sys; sys.path.insert(0, '.anchors'); import hf_peer, torch, json
+m, cfg = hf_peer.build('qwen2.5-0.5b', 'cuda', torch.bfloat16, 'sdpa')
+print(json.dumps(dict(model='qwen2.5-0.5b', hf_static_bs1_tok_s=round(hf_peer.bs1(m, cfg, 'cuda', 128, 256, 'static'), 1))), flush=True)
+" 2>&1 | grep "^{" | tee "$OUT/hf.txt"
   ;;
 bu1)
   # The Qwen half of bu alone, batch 1 and 4 (what session 15's device time had left).

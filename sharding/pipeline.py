@@ -66,12 +66,15 @@ def gpipe(stage_fn: StageFn, mesh: Mesh, stage_params: Any, stage_state: Any, xs
 
         def tick(t: jax.Array, loop: tuple) -> tuple:
             carry, ys, state = loop
+            # The weights tied to the loop's activations: otherwise XLA hoists what it derives
+            # from them alone (a layer's weight slices) out of the loop as materialized copies.
+            params_t, carry = jax.lax.optimization_barrier((params, carry))
             m = t - stage
             valid = (m >= 0) & (m < m_count)
             mc = jnp.clip(m, 0, m_count - 1)
             x = jnp.where(stage == 0, xs[mc], carry)
             mb = jax.tree.map(lambda a: a[mc], per_mb)
-            y, state = stage_fn(params, state, x, mb, valid)
+            y, state = stage_fn(params_t, state, x, mb, valid)
             ys = ys.at[mc].set(jnp.where(last & valid, y, ys[mc]))
             return jax.lax.ppermute(y, STAGE_AXIS, forward), ys, state
 
