@@ -8,6 +8,9 @@ weights, ``--tokens`` tokens per request, the first token excluded; tokens are c
     PYTHONPATH=. python3 benchmarks/burst_decode.py code-small [--steps 8]
         [--num-pages 8192 --analysis-pages 2,8192,376139 --hlo-dir /tmp/burst_hlo]
 
+``--trace DIR``: a profiler trace of one batch-1 request's ``--tokens`` tokens each way, and per
+token: device kernel time, kernels, the span from first to last kernel, and the top host events.
+
 ``--analysis-pages``: the burst and decode-step programs compiled again against abstract pools
 of those page counts (nothing allocated, as the start-up probe does at 2 pages), printing their
 ``memory_analysis``: does a burst's scratch grow with the pool? ``--hlo-dir``: the optimized HLO
@@ -46,6 +49,55 @@ def decode(engine, rows: int, tokens: int) -> tuple[float, list]:
                 done[out.request_id] = out.outputs[0].token_ids
     dt = time.perf_counter() - t0
     return rows * tokens / dt, [done[i] for i in ids]
+
+
+def device_summary(path: str) -> tuple[float, int, float]:
+    """A perfetto trace -> (kernel ms summed, kernel count, ms from the first kernel's start to
+    the last one's end) over the device processes."""
+    import gzip
+    import json
+    with gzip.open(path) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    dev = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+           and "device" in e["args"].get("name", "").lower() and "host" not in e["args"].get("name", "")}
+    ks = [e for e in events if e.get("ph") == "X" and e["pid"] in dev and e.get("dur", 0) > 0]
+    if not ks:
+        return 0.0, 0, 0.0
+    span = max(e["ts"] + e["dur"] for e in ks) - min(e["ts"] for e in ks)
+    return sum(e["dur"] for e in ks) / 1e3, len(ks), span / 1e3
+
+
+def trace(eng, burst, tokens: int, folder: str) -> None:
+    """Profile one batch-1 request each way (module docstring)."""
+    import glob
+
+    import jax
+    from launch_trace import top_host_events
+    print(f"\n## trace, batch 1, {tokens} tokens per run: per token")
+    print("| mode | kernel ms | kernels | device span ms | wall ms |")
+    print("|---|---|---|---|---|")
+    hosts = {}
+    for on in (False, True):
+        eng.scheduler._burst = burst if on else (lambda: 1)
+        decode(eng, 1, tokens)
+        sub = f"{folder}/{'burst' if on else 'step'}"
+        t = time.perf_counter()
+        with jax.profiler.trace(sub, create_perfetto_trace=True):
+            decode(eng, 1, tokens)
+        wall = (time.perf_counter() - t) * 1e3
+        path = glob.glob(f"{sub}/**/perfetto_trace.json.gz", recursive=True)[0]
+        kms, n, span = device_summary(path)
+        print(f"| {'bursts' if on else 'one step'} | {kms / tokens:.3f} | {n / tokens:.0f} | "
+              f"{span / tokens:.3f} | {wall / tokens:.3f} |", flush=True)
+        hosts[on] = top_host_events(path, tokens, 12)
+    eng.scheduler._burst = burst
+    for on, rows in hosts.items():
+        print(f"\n## host events per token, {'bursts' if on else 'one step'}")
+        print("| thread | event | count | ms per token |")
+        print("|---|---|---|---|")
+        for th, name, cnt, ms in rows:
+            print(f"| {th} | {name} | {cnt} | {ms:.3f} |")
 
 
 def analysis(eng, steps: int, pages: list[int], hlo_dir: str | None) -> None:
@@ -88,6 +140,7 @@ def main() -> None:
     ap.add_argument("--num-pages", type=int, default=None, help="a fixed pool instead of the share")
     ap.add_argument("--analysis-pages", default="", help="comma list of abstract pool sizes")
     ap.add_argument("--hlo-dir", default=None)
+    ap.add_argument("--trace", default=None, help="a folder for profiler traces")
     a = ap.parse_args()
     for model in a.models.split(","):
         t = time.perf_counter()
@@ -118,6 +171,8 @@ def main() -> None:
             eng.scheduler._burst = burst
             (off, toks_off), (on, toks_on) = res[False], res[True]
             print(f"| {rows} | {off:.0f} | {on:.0f} | {on / off:.2f}x | {toks_on == toks_off} |", flush=True)
+        if a.trace:
+            trace(eng, burst, a.tokens, a.trace)
         del eng
 
 

@@ -133,6 +133,29 @@ m, cfg = hf_peer.build('qwen2.5-0.5b', 'cuda', torch.bfloat16, 'sdpa')
 print(json.dumps(dict(model='qwen2.5-0.5b', hf_static_bs1_tok_s=round(hf_peer.bs1(m, cfg, 'cuda', 128, 256, 'static'), 1))), flush=True)
 " 2>&1 | grep "^{" | tee "$OUT/hf.txt"
   ;;
+bt)
+  # Session 16, after bu2: where Qwen's burst token goes (1.62 ms against a ~1 ms decode step in
+  # step_floor's A), and XLA's rematerialization pass off for step programs (compile_pool) A/B
+  # on the engine build at share 0.5 (the full pool: the pass ran on every compile there).
+  # .before holds the tree before the pass was turned off (carry it). Prediction: trace kernel ms
+  # per burst token ~1.0 with the span ~1.6 (gaps: launches) or kernel ms ~1.6 (slower kernels);
+  # build at 0.5: remat on ~150 s, off ~100 s.
+  (cd .before && PYTHONPATH=/tmp/site:. timeout 220 python3 benchmarks/burst_decode.py qwen2.5-0.5b \
+    --steps 8 --rows 1 --tokens 64 2>&1 | table | sed 's/^/before: /' | tee "$OUT/burst_before.txt")
+  timeout 320 python3 benchmarks/burst_decode.py qwen2.5-0.5b --steps 8 --rows 1,16 --tokens 128 \
+    --trace /tmp/burst_trace 2>&1 | table | tee "$OUT/burst_trace.txt"
+  ;;
+bh)
+  # Issue 11's batch-1 row with its peer in one call: HF transformers' static-cache decode, then
+  # Qwen2.5-0.5B at share 0.5, one step at a time and in bursts of 8 (call 4: 771 / 1005 tok/s).
+  timeout 120 python3 -c "
+import sys; sys.path.insert(0, '.anchors'); import hf_peer, torch, json
+m, cfg = hf_peer.build('qwen2.5-0.5b', 'cuda', torch.bfloat16, 'sdpa')
+print(json.dumps(dict(model='qwen2.5-0.5b', hf_static_bs1_tok_s=round(hf_peer.bs1(m, cfg, 'cuda', 128, 256, 'static'), 1))), flush=True)
+" 2>&1 | grep "^{" | tee "$OUT/hf.txt"
+  timeout 220 python3 benchmarks/burst_decode.py qwen2.5-0.5b --steps 8 --rows 1 2>&1 | table \
+    | tee "$OUT/burst_qwen.txt"
+  ;;
 bu1)
   # The Qwen half of bu alone, batch 1 and 4 (what session 15's device time had left).
   timeout 175 python3 benchmarks/burst_decode.py qwen2.5-0.5b --steps 8 --rows 1,4 2>&1 | table \

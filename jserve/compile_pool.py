@@ -23,6 +23,16 @@ compiles and times many Triton candidates per GEMM shape) and ran the step 6-11%
 tokens it ran 3% slower (20.5 s of compile against 2.9) and at 16 (a decode step) 13% slower,
 so small buckets keep the autotuned Triton GEMMs. XLA's autotune level 0 (no autotuning, Triton
 kept) ran 6.5-21x slower: not an option.
+
+XLA's rematerialization pass is off for every step program on GPU. Its memory limit is the
+device's, and it counts the arguments: with the KV pool filling the share, every real-size step
+"exceeds" it ("Can't reduce memory use below 69.85GiB ... only reduced to 86.70GiB", an H200 at
+share 0.5), so the pass ran on each compile for nothing it could save (seconds per program) and
+rewrote programs that the start-up probe had measured without it (its 2-page pool never
+triggers the pass: the activation peak is the unrematerialized programs'). Session 16's burst
+loop came back with its layers' weight slices rematerialized ("remat2" copies). Measured (H200,
+same call, Qwen2.5-0.5B at share 0.5): the engine built in 99 s against 150 s with the pass, its
+steps as fast (batch-1 decode 771 / 745 tok/s, bursts 1005 / 983).
 """
 
 from __future__ import annotations
@@ -36,7 +46,12 @@ CUBLAS_MIN_TOKENS = 128   # GPU token buckets from this size on: cuBLAS GEMMs (m
 
 def compiler_options(tokens: int, gpu: bool) -> dict[str, Any]:
     """XLA options for compiling a program of a ``tokens`` bucket (module docstring)."""
-    return {"xla_gpu_enable_triton_gemm": False} if gpu and tokens >= CUBLAS_MIN_TOKENS else {}
+    if not gpu:
+        return {}
+    options: dict[str, Any] = {"xla_disable_hlo_passes": "rematerialization"}
+    if tokens >= CUBLAS_MIN_TOKENS:
+        options["xla_gpu_enable_triton_gemm"] = False
+    return options
 
 
 def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int, gpu: bool,
