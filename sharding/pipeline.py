@@ -83,7 +83,12 @@ def gpipe(stage_fn: StageFn, mesh: Mesh, stage_params: Any, stage_state: Any, xs
         # predicate back to the host (the host keeps running ahead of the device).
         _, ys, state = jax.lax.fori_loop(0, m_count + s_count - 1, tick,
                                          (jnp.zeros_like(xs[0]), jnp.zeros_like(xs), state))
-        return jax.lax.psum(ys, STAGE_AXIS), state
+        # Only the last stage's ys are nonzero: summing their bit patterns as unsigned integers
+        # is exact, and XLA:CPU aborts on a bfloat16 all-reduce here ("Invalid binary
+        # instruction opcode copy": its reduction ends in a copy).
+        bits = jnp.dtype(f"uint{8 * ys.dtype.itemsize}")
+        total = jax.lax.psum(jax.lax.bitcast_convert_type(ys, bits), STAGE_AXIS)
+        return jax.lax.bitcast_convert_type(total, ys.dtype), state
 
     run = jax.shard_map(body, mesh=mesh, in_specs=(params_spec, state_spec, P(), rep),
                         out_specs=(P(), state_spec), axis_names={STAGE_AXIS}, check_vma=False)
