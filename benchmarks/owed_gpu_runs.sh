@@ -1,19 +1,22 @@
-# The device calls owed after session 15 (2026-12-01), in the order to run them. Each case fits
+# The device calls owed after session 16 (2026-12-02), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
-# (Sessions 7-15 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
-# sw3 (its threshold half), dk, hq, bu (code-small), the 2-GPU correctness tests and the OOM
-# diagnosis: RESULTS.md.) Order: bu1, sw4, b, u, u8, q, k, hl, x, kv, w, t, f, m, o, u1; then, on
-# 2 GPUs, d, s, c. Run spec cases at share 0.5 (at 0.9 XLA's rematerialization pass made session
-# 14's call 1 print nothing within 185 s).
+# (Sessions 7-16 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
+# sw3 (its threshold half), dk, hq, bu, bu1, bu2, bt, bh, the 2-GPU correctness tests and the OOM
+# diagnosis: RESULTS.md.) Order: sw4, sv, u8, b, u, q, k, hl, x, kv, w, t, f, m, o, u1; then, on
+# 2 GPUs, d, s, c. Session 16 turned XLA's rematerialization pass off for step programs (its
+# compiles at a full share took ~10 s each for nothing): start-ups should now fit their timeouts
+# at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
-#   bu1 (1 GPU, ~4 min): Qwen2.5-0.5B's bursts (session 15: its burst program ran out of memory at
-#     share 0.5). First print the burst's memory analysis at the real pool size beside the decode
-#     step's. Prediction: bursts of 8 at batch 1 ~1.25x one step at a time (1.3 -> ~1.05 ms per
-#     token, device-bound).
-#   sw4 (1 GPU, ~6 min): the sweep at the new default (disable_by_batch_size 4) after session 15's
+#   sw4 (1 GPU, ~6 min; session 16's try timed out compiling under the rematerialization pass):
+#     the sweep at the new default (disable_by_batch_size 4) after session 15's
 #     pausing draft model (steps without speculation: the ordinary target step + the draft's
 #     catch-up forward, no verify). Prediction: draft model at 16 / 256 running 0.92 / 0.76x ->
 #     ~0.95 / ~0.92x; n-gram unchanged (~1.0x above 4); batch 1 as in sw3.
+#   sv (1 GPU, ~9 min): issue 11's serving row (Qwen2.5-0.5B shape, 16 requests 128 / 64, c = 1 / 2
+#     / 4, HTTP streamed) one step at a time, then with bursts of 8 (session 16: batch-1 decode
+#     642 -> 1023 tok/s). Sessions 5-8: 578 / 1321 / 2207 out tok/s, p95 E2E 141 / 109 / 128 ms
+#     (targets 1314 / 2349 / 4578, < 80 ms). Prediction with bursts: TPOT ~1.0 ms at c = 1, p95
+#     ~85 ms; c = 4 gains less (arrivals end bursts).
 #   sw3 (1 GPU, ~9 min): the speculation sweep after session 14's n-gram change, median of 3 runs
 #     per point, always on and off above 8 running. Prediction: n-gram with the threshold at 16
 #     and 256 running ~0.97-1.0x (ordinary variants now), always on at 256 ~1.0x (the budget
@@ -37,6 +40,7 @@
 #     >= 128 the probe took 23 s (was 75) and the 16 variants were compiled at 122 s; the run was
 #     stopped at 160 s before the split pairs and warm-up. Prediction: cold ~150 s, warm <= 30 s.
 #   u8 (1 GPU, ~10 min): the same for Llama-3.1-8B (issue 11's target: <= 60 s cold, <= 15 s warm).
+#     Prediction after the rematerialization pass went (Qwen 150 -> 99 s): cold ~90 s, warm ~20 s.
 #   q (1 GPU, ~8 min): issue 13's quantized decode at the step level: step_floor.py on the 8B in
 #     bf16 and int8 (session 6: int8 A 6.14 ms vs bf16 4.56), and the two other 8B shapes of
 #     quant_matmul.py (session 13: split-K cut the o projection's M = 1 int8 call 34.8 -> 23.4 us).
@@ -155,6 +159,13 @@ print(json.dumps(dict(model='qwen2.5-0.5b', hf_static_bs1_tok_s=round(hf_peer.bs
 " 2>&1 | grep "^{" | tee "$OUT/hf.txt"
   timeout 220 python3 benchmarks/burst_decode.py qwen2.5-0.5b --steps 8 --rows 1 2>&1 | table \
     | tee "$OUT/burst_qwen.txt"
+  ;;
+sv)
+  for steps in 1 8; do
+    OUT_DIR="$OUT/serve_$steps" PYTHON=python3 BACKENDS=openai SERVE_ARGS="--max-model-len 512 \
+      --max-num-seqs 4 --num-pages 512 --num-scheduler-steps $steps" timeout 270 bash benchmarks/serve_bench.sh \
+      2>&1 | grep -E "^==|^ +conc|^ +[0-9]+ |engine ready" | sed "s/^/steps $steps: /"
+  done
   ;;
 bu1)
   # The Qwen half of bu alone, batch 1 and 4 (what session 15's device time had left).

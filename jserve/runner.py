@@ -519,9 +519,10 @@ class Runner:
             variant = variants[i]
             self._compiled[variant] = compiled
             t = variant.tokens
-            kind = ("flash prefill" if variant.fresh_prefill else "greedy decode"
-                    if variant.decode_only else "greedy" if variant.greedy
-                    else "plain sampler" if variant.plain else "general sampler")
+            kind = (f"burst of {variant.burst}, " if variant.burst > 1 else "") + (
+                "flash prefill" if variant.fresh_prefill else "greedy decode"
+                if variant.decode_only and variant.greedy else "greedy" if variant.greedy
+                else "plain sampler" if variant.plain else "general sampler")
             say(f"compiled step {count}/{total} (tokens {t}, rows "
                 f"{self.config.scheduler.seq_bucket(t)}, {kind}) at {time.perf_counter() - t0:.1f} s")
 
