@@ -242,11 +242,12 @@ class Scheduler:
 
     def _burst(self) -> int:
         """Decode steps this plan runs in one program: ``num_scheduler_steps`` when nothing
-        waits, at most the smallest bucket's rows run, each a one-token decode row that is
-        ``SamplingParams.burstable``, past ``min_tokens`` and with that many tokens left, and
-        the pool holds their pages without preempting anyone; else 1."""
-        n = self.config.num_scheduler_steps
-        if n <= 1 or self.waiting or not self.running or len(self.running) > self.config.burst_rows:
+        waits or all ``max_num_seqs`` seats are taken, at most the smallest bucket's rows run,
+        each a one-token decode row that is ``SamplingParams.burstable``, past ``min_tokens``
+        and with that many tokens left, and the pool holds their pages unpreempted; else 1."""
+        n, cfg = self.config.num_scheduler_steps, self.config
+        if (n <= 1 or not self.running or len(self.running) > cfg.burst_rows
+                or (self.waiting and len(self.running) < cfg.max_num_seqs)):
             return 1
         need = 0
         for req in self.running:

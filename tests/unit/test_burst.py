@@ -6,6 +6,7 @@ and leave no page behind. One engine per setting over the tiny golden llama."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import pytest
@@ -159,6 +160,35 @@ def test_aborts_mid_burst_lose_nothing_and_leak_nothing(engines):
     stats = burst.stats()
     assert stats.num_running == stats.num_waiting == 0 and stats.kv_cache["pages_used"] == 0
     assert len(burst.runner.rows) == 0
+
+
+def test_bursts_while_requests_wait_for_a_seat(engines):
+    """With every ``max_num_seqs`` seat taken, a waiting request could not be admitted anyway:
+    the running rows burst, and the waiting one starts when a seat frees (tokens as one step at
+    a time). With a free seat, nothing bursts while a request waits."""
+    burst = engines[N]
+    sp = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (9, 22, 14)]
+    prompts = [[11, 12, 13], [21, 22, 23, 24, 25], [31, 32]]
+    items = list(zip(prompts, sp, strict=True))
+    want = [o.outputs[0].token_ids for o in run_engine(engines[1], items)]
+    sched, seen = burst.scheduler, []
+    config, plain = sched.config, sched.schedule
+
+    def schedule():
+        out = plain()
+        seen.append((out.burst, len(sched.waiting), len(sched.running)))
+        return out
+
+    sched.config = dataclasses.replace(config, max_num_seqs=2)   # two seats (test only)
+    sched.schedule = schedule
+    try:
+        got = [o.outputs[0].token_ids for o in run_engine(burst, items)]
+    finally:
+        sched.config = config
+        del sched.schedule
+    assert got == want
+    assert any(b == N and w > 0 for b, w, _ in seen)   # a burst while the third request waited
+    assert all(b == 1 for b, w, r in seen if w and r < 2)
 
 
 def test_a_tight_pool_falls_back_to_single_steps(make_engine):
