@@ -79,7 +79,9 @@
 #   d (nvidia-h200-x2, ~10 min): Llama-3.1-8B 500 x 200/180 at tp1 vs pp2 (scale_out_runs.sh 6).
 #     Session 8 changed pp's micro-batching (decode steps run M = 1: S weight reads per step
 #     instead of M + S - 1 = 3). Prediction: pp2 ~1.0x tp1 (the 1.7x target needs cross-step
-#     overlap, not built); before the change it would have been ~0.8x.
+#     overlap, not built); before the change it would have been ~0.8x. Session 16 unrolled the
+#     M = 1 tick loop (a loop's body copied weight slices on the H200 in the burst): prediction
+#     for the decode steps' share of it, from a copy of the stage's weights per tick, ~1.3x faster.
 #   s (nvidia-h200-x2, ~10 min): tp1 vs tp2 vs dp2 throughput (scale_out_runs.sh 2; targets
 #     tp2 >= 1.7x, dp2 >= 1.9x).
 #   c (nvidia-h200-x2, ~9 min): disaggregation benchmark (benchmarks/disagg.py, two runs).

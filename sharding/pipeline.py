@@ -78,11 +78,19 @@ def gpipe(stage_fn: StageFn, mesh: Mesh, stage_params: Any, stage_state: Any, xs
             ys = ys.at[mc].set(jnp.where(last & valid, y, ys[mc]))
             return jax.lax.ppermute(y, STAGE_AXIS, forward), ys, state
 
-        # One traced tick (a loop, not unrolled): the program holds each stage's layers once.
-        # Static bounds give XLA a known trip count, so the GPU runtime loops without reading a
-        # predicate back to the host (the host keeps running ahead of the device).
-        _, ys, state = jax.lax.fori_loop(0, m_count + s_count - 1, tick,
-                                         (jnp.zeros_like(xs[0]), jnp.zeros_like(xs), state))
+        ticks, loop = m_count + s_count - 1, (jnp.zeros_like(xs[0]), jnp.zeros_like(xs), state)
+        if m_count == 1:
+            # One micro-batch (decode: weight-bound) unrolls its S ticks. In a loop's body XLA
+            # on GPU copies the layers' weight slices every iteration (an H200, session 16: the
+            # burst loop's 16.6 MiB gate/up slices), more weight traffic than the step itself.
+            for t in range(ticks):
+                loop = tick(jnp.int32(t), loop)
+            _, ys, state = loop
+        else:
+            # One traced tick (a loop: the program holds each stage's layers once; its steps
+            # are compute-bound, see decoder.num_microbatches). Static bounds give XLA a known
+            # trip count: the GPU runtime loops without reading a predicate back to the host.
+            _, ys, state = jax.lax.fori_loop(0, ticks, tick, loop)
         # Only the last stage's ys are nonzero: summing their bit patterns as unsigned integers
         # is exact, and XLA:CPU aborts on a bfloat16 all-reduce here ("Invalid binary
         # instruction opcode copy": its reduction ends in a copy).
