@@ -39,9 +39,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jserve.kv_cache import KVCache
-from jserve.model.decoder import forward
+from jserve.model.decoder import forward, pipelined_burst
 from jserve.step_buffers import StepLayout
 from jserve.step_program import StepVariant, _sample_part
+from sharding import num_stages
 
 
 def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant, mesh: Mesh,
@@ -54,6 +55,13 @@ def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
     + i and counts it in the penalty state, as i ordinary steps would."""
     table, batch, sbatch, pen_slot, ibuf = layout.unpack_fed(joint, table, prev_tokens)
     t, r, ps = layout.num_tokens, layout.num_rows, layout.page_size
+    if num_stages(mesh) > 1:   # the row groups circle through the stages: greedy only
+        if not variant.greedy:
+            raise ValueError("a burst at pipeline_parallel_size > 1 is greedy only")
+        kv, tokens = pipelined_burst(cfg, params, kv, batch, variant.burst, ps, mesh)
+        n = min(tokens.shape[1], num_out)
+        out = jnp.zeros((variant.burst, num_out), jnp.int32).at[:, :n].set(tokens[:, :n])
+        return kv, pen, table, out[-1], out, None, None, None
     row = jnp.minimum(jnp.arange(t), r - 1)              # decode-only: token t is row t
     tok_valid = jnp.arange(t) < batch.num_seqs[0]
     row_valid = jnp.arange(r) < batch.num_seqs[0]

@@ -318,11 +318,18 @@ class EngineConfig:
                 raise ValueError("num_scheduler_steps > 1 is not supported with speculative_config "
                                  "(a speculative step already makes several tokens)")
             par = self.parallel
-            if (par.num_processes or 1) > 1 or pp > 1 or par.prefill_devices is not None:
-                raise ValueError("num_scheduler_steps > 1 needs a single process, "
-                                 "pipeline_parallel_size 1 and no prefill/decode disaggregation")
+            if (par.num_processes or 1) > 1 or par.prefill_devices is not None:
+                raise ValueError("num_scheduler_steps > 1 needs a single process and no "
+                                 "prefill/decode disaggregation")
         if s.max_model_len > m.max_position_embeddings and m.rope_scaling is None:
             pass  # allowed (like vLLM with a warning); RoPE extrapolates.
+
+    @property
+    def greedy_bursts_only(self) -> bool:
+        """Bursts at pipeline_parallel_size > 1 argmax on stage 0 (decoder.pipelined_burst):
+        there, rows that sample or move the argmax (penalties, allowed ids, logit bias) step
+        one at a time."""
+        return self.parallel.pipeline_parallel_size > 1
 
     @property
     def kv_dtype(self) -> str:

@@ -116,7 +116,7 @@ class Runner:
         spec = config.speculative   # a verify row has a mask per position (grammar + drafts)
         # A speculating engine's previous-step output has the chained layout (spec/chain.py).
         self._num_spec = spec.num_speculative_tokens if spec is not None else 0
-        self.steps = StepVariants(sched)   # which program runs a plan (jserve/step_variants.py)
+        self.steps = StepVariants(sched, config.greedy_bursts_only)   # (jserve/step_variants.py)
         self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
         self._compiled: dict[StepVariant, Any] = {}
         self._twins: dict[StepVariant, Any] = {}   # see compile_twins
@@ -188,7 +188,8 @@ class Runner:
         slots = np.fromiter((rows.apply(c) for c in chunks), np.int64, n)
         samples = np.fromiter((c.samples for c in chunks), bool, n)
         s = slots[samples]
-        layout = self.layout(self.steps.bucket(out.num_tokens, lambda: bool(rows.filtered[s].any())))
+        layout = self.layout(self.steps.bucket(out.num_tokens, lambda: bool(rows.filtered[s].any()),
+                                               out.burst))
         ibuf, fbuf, f = layout.new_buffers()
         f["row_slot"][:n] = slots
         writes = fill_page_diffs(chunks, slots, f["pt_diff"])
@@ -290,12 +291,11 @@ class Runner:
         if self._speculative(out):
             return self.spec_steps.dispatch(self, out, layout, params, self._joint(layout, ibuf), masked)
         sampling = [p for c, p in zip(out.chunks, params, strict=True) if c.samples]
-        if out.burst > 1:   # N decode steps in one program (jserve/burst_step.py)
-            variant = self.steps.burst(out.burst, not masked and greedy_rows(sampling))
-        else:
-            variant = self.steps.choose(
-                layout.num_tokens, fresh, masked, all(c.num_tokens == 1 for c in out.chunks),
-                sampling, lambda: sampling_filters(out, self.rows))
+        variant = (self.steps.burst(out.burst, not masked and greedy_rows(sampling), layout.num_tokens)
+                   if out.burst > 1 else   # N decode steps in one program (jserve/burst_step.py)
+                   self.steps.choose(layout.num_tokens, fresh, masked,
+                                     all(c.num_tokens == 1 for c in out.chunks), sampling,
+                                     lambda: sampling_filters(out, self.rows)))
         greedy = variant.greedy
         step = self._compiled.get(variant)
         if step is None:

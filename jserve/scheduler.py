@@ -99,7 +99,7 @@ class Scheduler:
         # Sequences of one request admitted per turn (``_next_waiting``): up to FAIR_TURN_SEQS,
         # and a quarter of the batch at most, so a small batch still takes strict turns.
         self._fair_quantum = max(1, min(FAIR_TURN_SEQS, config.max_num_seqs // 4))
-        self.num_preemptions_total = 0  # for metrics and tests
+        self.num_preemptions_total, self.greedy_bursts_only = 0, False   # (the engine sets it)
         self.running: list[Request] = []        # arrival order; the newest is last
         self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self._sent_pages: dict[str, list[int]] = {}  # page row the runner holds, per request
@@ -111,11 +111,10 @@ class Scheduler:
         # follow, drafts); the scheduler also reserves K lookahead positions for the draft.
         self._draft_mode = spec is not None and spec.method == "draft_model"
         # Either proposer drafts on the device too (the draft model; n-gram lookup over the
-        # slot's token history, jserve/spec/token_history.py): a row planned while its
-        # request's previous row is in flight verifies those drafts (chained rows). N-gram
-        # steps run the speculative variant only while speculation is on (``_spec_last``: the
-        # previous plan's), so a request scheduled meanwhile has a stale history, sent again
-        # when speculation resumes.
+        # slot's token history, jserve/spec/token_history.py): a row planned while its request's
+        # previous row is in flight verifies those drafts (chained rows). N-gram steps run the
+        # speculative variant only while speculation is on (``_spec_last``), so a request
+        # scheduled meanwhile has a stale history, sent again when speculation resumes.
         self._chained = spec is not None
         self._spec_last = self._spec_now = False
         self._stale_history: set[str] = set()
@@ -241,20 +240,21 @@ class Scheduler:
         return out
 
     def _burst(self) -> int:
-        """Decode steps this plan runs in one program: ``num_scheduler_steps`` when nothing
-        waits or all ``max_num_seqs`` seats are taken, at most the smallest bucket's rows run,
-        each a one-token decode row that is ``SamplingParams.burstable``, past ``min_tokens``
-        and with that many tokens left, and the pool holds their pages unpreempted; else 1."""
-        n, cfg = self.config.num_scheduler_steps, self.config
-        if (n <= 1 or not self.running or len(self.running) > cfg.burst_rows
-                or (self.waiting and len(self.running) < cfg.max_num_seqs)):
+        """Decode steps this plan runs in one program: ``num_scheduler_steps`` (N) when nothing
+        waits or all ``max_num_seqs`` seats are taken, each row a one-token decode row,
+        ``burstable``, past ``min_tokens``, N tokens left, pages free, and at most the smallest
+        bucket's rows (``greedy_bursts_only``: any number, ``plain_argmax``); else 1."""
+        n, cfg, argmax = self.config.num_scheduler_steps, self.config, self.greedy_bursts_only
+        if (n <= 1 or not self.running or (self.waiting and len(self.running) < cfg.max_num_seqs)
+                or len(self.running) > (cfg.max_num_seqs if argmax else cfg.burst_rows)):
             return 1
         need = 0
         for req in self.running:
             sp = req.sampling_params
             n_out = req.num_output_tokens + req.num_placeholders
             if (req.num_tokens + req.num_placeholders - req.num_computed_tokens != 1
-                    or req.spec_in_flight or not sp.burstable or n_out < sp.min_tokens
+                    or req.spec_in_flight or not sp.burstable or (argmax and not sp.plain_argmax)
+                    or n_out < sp.min_tokens
                     or (sp.max_tokens is not None and sp.max_tokens - n_out < n)
                     or req.num_tokens + req.num_placeholders + n > self.max_model_len):
                 return 1

@@ -66,8 +66,15 @@ def sampling_filters(out: SchedulerOutput, rows: RequestRows) -> bool:
 class StepVariants:
     """The step variants of one scheduler configuration (module docstring)."""
 
-    def __init__(self, sched: SchedulerConfig) -> None:
+    def __init__(self, sched: SchedulerConfig, greedy_bursts_only: bool = False) -> None:
+        """``greedy_bursts_only``: no plain-sampler burst (``EngineConfig.greedy_bursts_only``)."""
         self._sched = sched
+        self._burst_kinds = (True,) if greedy_bursts_only else (True, False)
+        # Buckets with burst programs: the smallest; at pp also the one of max_num_seqs rows
+        # (bursts of more rows pad up to it: decode is weight-bound, one compile instead of one
+        # per decode bucket of an unrolled (N + 1) * S-tick program).
+        self.burst_buckets = sorted({sched.token_buckets[0]} | (
+            {self.smallest_of(sched.token_buckets, sched.max_num_seqs)} if greedy_bursts_only else set()))
         self.buckets = sched.token_buckets
         self.decode = decode_buckets(self.buckets, sched.max_num_seqs)
 
@@ -85,29 +92,38 @@ class StepVariants:
                 out.append(StepVariant(t, False, True))
             if t == self.buckets[0]:
                 out.append(StepVariant(t, False, True, decode_only=True))
-                if self._sched.num_scheduler_steps > 1:
-                    out += [self.burst(self._sched.num_scheduler_steps, g) for g in (True, False)]
+            if t in self.burst_buckets and self._sched.num_scheduler_steps > 1:
+                out += [self.burst(self._sched.num_scheduler_steps, g, t) for g in self._burst_kinds]
             if self._sched.flash_prefill(t):
                 out.append(StepVariant(t, True, False))
         return out
 
-    def burst(self, steps: int, greedy: bool) -> StepVariant:
-        """The variant running ``steps`` decode steps in one program (the smallest bucket's
-        decode-only variant, looped: jserve/burst_step.py), greedy or with the plain sampler."""
-        return StepVariant(self.buckets[0], False, greedy, decode_only=True, plain=not greedy,
-                           burst=steps)
+    def burst(self, steps: int, greedy: bool, tokens: int | None = None) -> StepVariant:
+        """The variant running ``steps`` decode steps in one program (a burst bucket's
+        decode-only variant, unrolled: jserve/burst_step.py; the smallest by default), greedy
+        or with the plain sampler."""
+        return StepVariant(tokens or self.buckets[0], False, greedy, decode_only=True,
+                           plain=not greedy, burst=steps)
 
-    def smallest(self, num_tokens: int) -> int:
-        """The smallest token bucket holding ``num_tokens``."""
-        for t in self.buckets:
+    @staticmethod
+    def smallest_of(buckets: tuple[int, ...], num_tokens: int) -> int:
+        """The smallest of ``buckets`` holding ``num_tokens``."""
+        for t in buckets:
             if num_tokens <= t:
                 return t
         raise ValueError(f"step of {num_tokens} tokens exceeds max_num_batched_tokens "
-                         f"({self.buckets[-1]})")
+                         f"({buckets[-1]})")
 
-    def bucket(self, num_tokens: int, filters: Callable[[], bool]) -> int:
+    def smallest(self, num_tokens: int) -> int:
+        """The smallest token bucket holding ``num_tokens``."""
+        return self.smallest_of(self.buckets, num_tokens)
+
+    def bucket(self, num_tokens: int, filters: Callable[[], bool], burst: int = 1) -> int:
         """The token bucket of a plan of ``num_tokens`` tokens; ``filters()``: whether some
-        sampling row uses top-k / top-p / min-p (asked only where it matters)."""
+        sampling row uses top-k / top-p / min-p (asked only where it matters); ``burst`` > 1:
+        the plan is a burst, packed in a burst bucket."""
+        if burst > 1:
+            return self.smallest_of(self.burst_buckets, num_tokens)
         t = self.smallest(num_tokens)
         if not self.has_general(t) and filters():
             t = next(b for b in self.buckets if b > t and self.has_general(b))

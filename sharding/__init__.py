@@ -3,6 +3,7 @@
 from sharding.mesh import DATA_AXIS, MESH_AXES, STAGE_AXIS, TENSOR_AXIS, make_mesh
 from sharding.multihost import check_launch, host_to_global, initialize_multihost, launch_values
 from sharding.pipeline import gpipe, num_stages
+from sharding.pipeline_cycle import gpipe_cycle
 from sharding.rules import (
     DEFAULT_AXIS_RULES,
     AxisRules,
@@ -15,7 +16,7 @@ from sharding.rules import (
 )
 
 __all__ = [
-    "DATA_AXIS", "MESH_AXES", "STAGE_AXIS", "TENSOR_AXIS", "make_mesh", "gpipe", "num_stages",
+    "DATA_AXIS", "MESH_AXES", "STAGE_AXIS", "TENSOR_AXIS", "make_mesh", "gpipe", "gpipe_cycle", "num_stages",
     "initialize_multihost",
     "check_launch", "host_to_global", "launch_values", "AxisRules",
     "DEFAULT_AXIS_RULES", "MeshAxes", "logical_constraint", "logical_sharding",

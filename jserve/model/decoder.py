@@ -11,6 +11,7 @@ quantized (int8 / fp8) weights part ways.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -25,7 +26,7 @@ from jserve.model.linear import linear
 from jserve.model.microbatch import bubble, split_microbatches
 from jserve.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from jserve.step_input import StepInput
-from sharding import gpipe, num_stages
+from sharding import gpipe, gpipe_cycle, num_stages
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -146,6 +147,55 @@ def _pipelined(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCa
     xs = x.reshape(m_count, t // m_count, x.shape[-1])
     ys, kv = gpipe(stage_fn, mesh, weights, kv, xs, (mbs, (cos, sin)), state_axis=1)
     return ys.reshape(t, x.shape[-1]), kv
+
+
+def pipelined_burst(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,
+                    steps: int, page_size: int, mesh: Mesh) -> tuple[KVCache, jax.Array]:
+    """``steps`` greedy decode steps of a decode-only step (token r = row r) at S > 1 pipeline
+    stages, under ``sharding.gpipe_cycle``: the rows cut into S groups (``split_microbatches``)
+    circling through the stages, so every stage works on every tick. Group step i is the
+    step's input at positions + i (slots from the page rows; rows beyond the group's count
+    unchanged, their K/V to the slots packed for them); each output is normed, projected and
+    argmaxed on stage 0, and its token's embedding is the group's next input. The groups cut
+    the R rows (tokens past them are padding) when S divides R, else the T tokens
+    -> (kv, tokens int32[steps, R or T])."""
+    stages, t = num_stages(mesh), batch.num_tokens
+    if batch.num_rows % stages == 0 and batch.num_rows < t:
+        t = batch.num_rows
+        batch = dataclasses.replace(batch, token_ids=batch.token_ids[:t],
+                                    positions=batch.positions[:t], slot_mapping=batch.slot_mapping[:t])
+    groups = split_microbatches(batch, stages)          # leaves [S, ...]: t / S tokens each
+    tg = t // stages
+    windows = cfg.sliding_windows[:cfg.num_layers // stages]
+    inv = inv_frequencies(cfg)
+    weights = {name: params[name] for name in _LAYER_WEIGHTS if name in params}
+    head = {name: params[name] for name in ("embed", "norm", "lm_head") if name in params}
+
+    def stage_fn(w: dict[str, Any], pools: KVCache, x: jax.Array, g: jax.Array, i: jax.Array,
+                 valid: jax.Array) -> tuple[jax.Array, KVCache]:
+        b = jax.tree.map(lambda a: a[g], groups)
+        live = jnp.arange(tg) < b.num_seqs[0]
+        pos = jnp.where(live, b.positions + i, b.positions)
+        row = jnp.minimum(jnp.arange(tg), b.page_table.shape[0] - 1)
+        page = jnp.take_along_axis(b.page_table[row], (pos // page_size)[:, None], axis=1)[:, 0]
+        step = dataclasses.replace(
+            b, positions=pos, slot_mapping=jnp.where(live, page * page_size + pos % page_size,
+                                                     b.slot_mapping),
+            seq_lens=jnp.where(b.seq_lens > 0, b.seq_lens + i, 0))
+        local = [tuple(jax.lax.squeeze(a, (1,)) for a in layer) for layer in pools]
+        x, local = _layers(cfg, w, x, local, bubble(step, valid), rope_cos_sin(pos, inv), windows,
+                           False, mesh, True)
+        return x, [tuple(jnp.expand_dims(a, 1) for a in layer) for layer in local]
+
+    def feed_fn(head: dict[str, Any], y: jax.Array, g: jax.Array, i: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+        h = rms_norm(y, head["norm"], cfg.rms_norm_eps)
+        tokens = jnp.argmax(logits_from_hidden(cfg, head, h), axis=-1).astype(jnp.int32)
+        return head["embed"][tokens], tokens
+
+    x0 = params["embed"][groups.token_ids]              # [S, T / S, H]
+    outs, kv = gpipe_cycle(stage_fn, feed_fn, mesh, weights, kv, head, x0, steps, state_axis=1)
+    return kv, outs.reshape(steps, t)
 
 
 def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,

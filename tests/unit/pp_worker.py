@@ -24,7 +24,9 @@ decoder.MICROBATCH_MIN_TOKENS = 4
 from jserve.builder import EngineArgs, build_engine  # noqa: E402
 from jserve.sampling_params import SamplingParams  # noqa: E402
 
-ENGINES = {"pp2": dict(pipeline_parallel_size=2),
+# pp2 also bursts (num_scheduler_steps): its greedy decode rows circle through the stages in
+# row groups (decoder.pipelined_burst) once all four requests decode.
+ENGINES = {"pp2": dict(pipeline_parallel_size=2, num_scheduler_steps=4),
            "tp2_pp2": dict(pipeline_parallel_size=2, tensor_parallel_size=2)}
 
 
@@ -44,6 +46,18 @@ def _tokens(engine, prompts, prompt_logprobs=None):
                      for e in o.prompt_logprobs] for o in outs]
 
 
+def _record_plans(engine) -> list:
+    """Every plan the engine's scheduler makes from now on (until ``schedule`` is deleted)."""
+    plans, schedule = [], engine.scheduler.schedule
+
+    def recorded():
+        plans.append(schedule())
+        return plans[-1]
+
+    engine.scheduler.schedule = recorded
+    return plans
+
+
 def main() -> None:
     cache, models = sys.argv[1], sys.argv[2:]
     result = {}
@@ -60,12 +74,15 @@ def main() -> None:
         del ref_engine
         for name, extra in ENGINES.items():
             engine = build_engine(EngineArgs(**args, **extra))
+            plans = _record_plans(engine)
             tokens = _tokens(engine, prompts)
+            del engine.scheduler.schedule
             k_pages = engine.runner.kv[0][0]   # (the pool is donated to each step: read it after)
             r[name] = {"tokens": tokens, "kv_shape": list(k_pages.shape),
                        "kv_entries": len(engine.runner.kv),
                        "kv_shard": list(k_pages.addressable_shards[0].data.shape),
-                       "kv_devices": len(k_pages.sharding.device_set)}
+                       "kv_devices": len(k_pages.sharding.device_set),
+                       "bursts": sum(out.burst > 1 for out in plans)}
             if k == 0 and name == "pp2":
                 r[name]["prompt_lps"] = _tokens(engine, prompts[:1], prompt_logprobs=2)[1]
             del engine

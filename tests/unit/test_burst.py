@@ -15,8 +15,10 @@ from fixture_paths import GOLDEN
 
 from jserve.builder import EngineArgs, make_engine_config, resolve_model
 from jserve.cli import build_parser, engine_args_from
+from jserve.config import SchedulerConfig
 from jserve.llm import LLM
 from jserve.sampling_params import SamplingParams
+from jserve.step_variants import StepVariants
 
 N = 4
 
@@ -125,6 +127,40 @@ def test_no_burst_for_rows_the_host_touches(engines):
                                                     ignore_eos=True))])
     assert len(out[0].outputs[0].token_ids) == 12
     assert seen[:3] == [1, 1, 1] and N in seen   # bans first, bursts once min_tokens is reached
+
+
+def test_greedy_bursts_only_steps_rows_that_move_the_argmax(engines):
+    """With ``greedy_bursts_only`` (pipeline parallelism), sampled rows and greedy rows with a
+    penalty, allowed ids or a logit bias step one at a time; plain greedy rows still burst."""
+    burst = engines[N]
+    p = [5, 6, 7, 8]
+    burst.scheduler.greedy_bursts_only = True   # what the engine sets at pp > 1 (test only)
+    try:
+        for sp in (SamplingParams(temperature=0.8, seed=1, max_tokens=12),
+                   SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.2),
+                   SamplingParams(temperature=0.0, max_tokens=12, allowed_token_ids=[5, 9, 30]),
+                   SamplingParams(temperature=0.0, max_tokens=12, logit_bias={7: 2.0})):
+            with _bursts(burst) as seen:
+                run_engine(burst, [(p, sp)])
+            assert set(seen) == {1}, sp
+        with _bursts(burst) as seen:
+            run_engine(burst, [(p, SamplingParams(temperature=0.0, max_tokens=12))])
+        assert N in seen
+    finally:
+        burst.scheduler.greedy_bursts_only = False
+
+
+def test_pipelined_bursts_compile_greedy_programs_for_two_buckets():
+    """At pp > 1 (``greedy_bursts_only``) bursts are greedy and compiled for the smallest bucket
+    and the one holding ``max_num_seqs`` rows, which any larger burst pads up to; at pp = 1 the
+    smallest bucket's greedy and plain-sampler bursts."""
+    sched = SchedulerConfig(max_num_seqs=48, max_num_batched_tokens=128, num_scheduler_steps=4)
+    pp = StepVariants(sched, greedy_bursts_only=True)
+    assert [(v.tokens, v.greedy) for v in pp.all() if v.burst > 1] == [(16, True), (64, True)]
+    assert [pp.bucket(n, lambda: False, 4) for n in (3, 16, 17, 48)] == [16, 16, 64, 64]
+    assert pp.bucket(17, lambda: False) == 32   # an ordinary step keeps its own bucket
+    one = StepVariants(sched)
+    assert [(v.tokens, v.greedy) for v in one.all() if v.burst > 1] == [(16, True), (16, False)]
 
 
 def test_option_checks():

@@ -206,8 +206,9 @@ def test_startup_fingerprint_follows_what_the_programs_depend_on(monkeypatch):
 
 
 def test_the_probe_compiles_the_burst_programs(make_engine, monkeypatch):
-    """Bursts (``num_scheduler_steps``) are loops over the smallest bucket's decode step: the
-    probe compiles them beside the largest bucket's steps (a loop can keep more alive)."""
+    """Bursts (``num_scheduler_steps``) run the smallest bucket's decode step N times in one
+    program: the probe compiles them beside the largest bucket's steps (they can keep more
+    alive: their fori_loop form did on an H200, session 16)."""
     engine = make_engine("llama", max_num_batched_tokens=64, max_num_seqs=8, num_pages=100,
                          num_scheduler_steps=4)
     r = engine.runner

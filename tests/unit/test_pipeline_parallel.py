@@ -1,5 +1,6 @@
-"""Pipeline parallelism: the micro-batch split of a ragged step, the gpipe schedule, and
-pp=2 / tp=2 x pp=2 engines giving the same greedy tokens as pp=1/tp=1 (float32).
+"""Pipeline parallelism: the micro-batch split of a ragged step, the gpipe schedule and the
+interleaved one of bursts (gpipe_cycle), and pp=2 (with bursts) / tp=2 x pp=2 engines giving the
+same greedy tokens as pp=1/tp=1 (float32).
 
 The engines run in a subprocess with 4 forced host devices (this session has 2): one ref, one
 pp=2 and one tp=2 x pp=2 engine per model, small buckets to keep the compile count low."""
@@ -19,7 +20,7 @@ from fixture_paths import ARCHS, GOLDEN
 from jserve.builder import default_model_path
 from jserve.model.microbatch import bubble, split_microbatches
 from jserve.step_input import StepInput
-from sharding import gpipe, make_mesh
+from sharding import gpipe, gpipe_cycle, make_mesh
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = 4
@@ -106,6 +107,39 @@ def test_gpipe_matches_sequential_stages(dtype):
     np.testing.assert_allclose(new_state[:, 0], float(half.astype(jnp.float32).sum()))
 
 
+def test_gpipe_cycle_matches_groups_run_one_after_another():
+    """Two stages (x -> x * w + 1 each; state += the stage's valid inputs) and two row groups
+    circling for three steps, each step's output fed back as the next input (y mod 7, its int
+    the step's output), equal the groups' steps run one after another on one device."""
+    mesh = make_mesh(1, pipeline_parallel_size=2)
+    w = jnp.array([2.0, 3.0])                              # [L=2]: one layer per stage
+    x0 = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])     # [G=2, Tg=3]
+    state = jnp.zeros((1, 2))                              # [N, S]
+    steps = 3
+
+    def stage_fn(w, state, x, g, i, valid):
+        state = state + jnp.where(valid, x.sum() * (g + 1) + i + 1, 0.0)
+        return x * w[0] + 1.0, state
+
+    def feed_fn(head, y, g, i):
+        return jnp.mod(y, head), y.astype(jnp.int32)
+
+    run = jax.jit(lambda *a: gpipe_cycle(stage_fn, feed_fn, mesh, *a, steps=steps, state_axis=1))
+    outs, new_state = run(w, state, jnp.float32(7.0), x0)
+    want, seen = np.zeros((steps, 2, 3), np.int32), np.zeros(2)
+    for g in range(2):
+        x = np.asarray(x0[g])
+        for i in range(steps):
+            seen[0] += x.sum() * (g + 1) + i + 1
+            h = x * 2.0 + 1.0
+            seen[1] += h.sum() * (g + 1) + i + 1
+            y = h * 3.0 + 1.0
+            want[i, g] = y.astype(np.int32)
+            x = np.mod(y, 7.0)
+    np.testing.assert_array_equal(np.asarray(outs), want)
+    np.testing.assert_allclose(np.asarray(new_state)[0], seen)
+
+
 def test_pp2_and_tp2_pp2_match_pp1(xla_cache_dir):
     models = [str(default_model_path()), *(str(GOLDEN / a) for a in ARCHS)]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -124,6 +158,7 @@ def test_pp2_and_tp2_pp2_match_pp1(xla_cache_dir):
             assert e["kv_shape"][1] == 2 and e["kv_shard"][1] == 1, (model, name)
             assert e["kv_devices"] == (4 if name == "tp2_pp2" else 2), (model, name)
         assert r["pp2"]["kv_entries"] == r["tp2_pp2"]["kv_entries"] > 0
+        assert r["pp2"]["bursts"] > 0 and r["tp2_pp2"]["bursts"] == 0, model
     first = result[models[0]]
     assert first["pp2"]["prompt_lps"] == first["ref_prompt_lps"]
 
