@@ -24,10 +24,11 @@ decoder.MICROBATCH_MIN_TOKENS = 4
 from jserve.builder import EngineArgs, build_engine  # noqa: E402
 from jserve.sampling_params import SamplingParams  # noqa: E402
 
-# pp2 also bursts (num_scheduler_steps): its greedy decode rows circle through the stages in
-# row groups (decoder.pipelined_burst) once all four requests decode.
+# Both burst (num_scheduler_steps): greedy decode rows circle through the stages in row groups
+# (decoder.pipelined_burst) once all four requests decode with 4+ tokens left; the steps
+# before and after run the one-step schedule.
 ENGINES = {"pp2": dict(pipeline_parallel_size=2, num_scheduler_steps=4),
-           "tp2_pp2": dict(pipeline_parallel_size=2, tensor_parallel_size=2)}
+           "tp2_pp2": dict(pipeline_parallel_size=2, tensor_parallel_size=2, num_scheduler_steps=4)}
 
 
 def _tokens(engine, prompts, prompt_logprobs=None):

@@ -1,6 +1,6 @@
 """Pipeline parallelism: the micro-batch split of a ragged step, the gpipe schedule and the
-interleaved one of bursts (gpipe_cycle), and pp=2 (with bursts) / tp=2 x pp=2 engines giving the
-same greedy tokens as pp=1/tp=1 (float32).
+interleaved one of bursts (gpipe_cycle), and pp=2 / tp=2 x pp=2 engines (bursts included) giving
+the same greedy tokens as pp=1/tp=1 (float32).
 
 The engines run in a subprocess with 4 forced host devices (this session has 2): one ref, one
 pp=2 and one tp=2 x pp=2 engine per model, small buckets to keep the compile count low."""
@@ -158,7 +158,7 @@ def test_pp2_and_tp2_pp2_match_pp1(xla_cache_dir):
             assert e["kv_shape"][1] == 2 and e["kv_shard"][1] == 1, (model, name)
             assert e["kv_devices"] == (4 if name == "tp2_pp2" else 2), (model, name)
         assert r["pp2"]["kv_entries"] == r["tp2_pp2"]["kv_entries"] > 0
-        assert r["pp2"]["bursts"] > 0 and r["tp2_pp2"]["bursts"] == 0, model
+        assert r["pp2"]["bursts"] > 0 and r["tp2_pp2"]["bursts"] > 0, model
     first = result[models[0]]
     assert first["pp2"]["prompt_lps"] == first["ref_prompt_lps"]
 
