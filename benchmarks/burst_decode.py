@@ -138,14 +138,19 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,16")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--num-pages", type=int, default=None, help="a fixed pool instead of the share")
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--pipeline-parallel-size", type=int, default=1,
+                    help="> 1: greedy bursts circle through the stages in row groups")
     ap.add_argument("--analysis-pages", default="", help="comma list of abstract pool sizes")
     ap.add_argument("--hlo-dir", default=None)
     ap.add_argument("--trace", default=None, help="a folder for profiler traces")
     a = ap.parse_args()
     for model in a.models.split(","):
         t = time.perf_counter()
-        eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
-                                      max_num_batched_tokens=16, max_model_len=1024,
+        eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16",
+                                      max_num_seqs=a.max_num_seqs,
+                                      max_num_batched_tokens=max(16, a.max_num_seqs), max_model_len=1024,
+                                      pipeline_parallel_size=a.pipeline_parallel_size,
                                       gpu_memory_utilization=a.gpu_memory_utilization,
                                       num_scheduler_steps=a.steps, num_pages=a.num_pages))
         build = time.perf_counter() - t
@@ -158,7 +163,8 @@ def main() -> None:
                   f"{m.alias_size_in_bytes / 2**20:.1f} MiB", flush=True)
         if a.analysis_pages:
             analysis(eng, a.steps, [int(n) for n in a.analysis_pages.split(",")], a.hlo_dir)
-        print(f"\n## {model}: bursts of {a.steps} against one step at a time (engine build {build:.0f} s)")
+        print(f"\n## {model}, pp {a.pipeline_parallel_size}: bursts of {a.steps} against one step at a "
+              f"time (engine build {build:.0f} s)")
         print("| rows | one step at a time, out tok/s | bursts, out tok/s | speed-up | tokens equal |")
         print("|---|---|---|---|---|")
         for rows in (int(r) for r in a.rows.split(",")):

@@ -3,7 +3,7 @@
 # (Sessions 7-16 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
 # sw3 (its threshold half), dk, hq, bu, bu1, bu2, bt, bh, the 2-GPU correctness tests and the OOM
 # diagnosis: RESULTS.md.) Order: sw4, sv, u8, b, u, q, k, hl, x, kv, w, t, f, m, o, u1; then, on
-# 2 GPUs, d, s, c. Session 16 turned XLA's rematerialization pass off for step programs (its
+# 2 GPUs, pb, d, s, c. Session 16 turned XLA's rematerialization pass off for step programs (its
 # compiles at a full share took ~10 s each for nothing): start-ups should now fit their timeouts
 # at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -76,6 +76,12 @@
 #   k (1 GPU, ~10 min): issue 12's real-scale target, never measured: one Llama-3.1-8B verify
 #     step with k = 4 against a 1-token decode step, batch 1 and 64 (spec_verify_step.py; target
 #     <= 1.15x at batch 1). Most of the call is the 8B's start-up.
+#   pb (nvidia-h200-x2, ~10 min): session 16's pipelined bursts (issue 14's cross-step overlap:
+#     greedy rows in S groups circling through the stages). Llama-3.1-8B shape, greedy decode at
+#     1 / 64 / 256 rows, one GPU then pp 2, each one step at a time and in bursts of 8 (one GPU
+#     bursts only up to 16 rows). Prediction: pp2 bursts at 256 rows ~1.1-1.2x pp2 one step and
+#     ~1.1x one GPU (decode stays weight-bound at 128 rows a group; 1.7x needs compute-bound
+#     groups: 512+ running); at 1 row ~1.0x (one group holds the row, the other idles).
 #   d (nvidia-h200-x2, ~10 min): Llama-3.1-8B 500 x 200/180 at tp1 vs pp2 (scale_out_runs.sh 6).
 #     Session 8 changed pp's micro-batching (decode steps run M = 1: S weight reads per step
 #     instead of M + S - 1 = 3). Prediction: pp2 ~1.0x tp1 (the 1.7x target needs cross-step
@@ -161,6 +167,12 @@ print(json.dumps(dict(model='qwen2.5-0.5b', hf_static_bs1_tok_s=round(hf_peer.bs
 " 2>&1 | grep "^{" | tee "$OUT/hf.txt"
   timeout 220 python3 benchmarks/burst_decode.py qwen2.5-0.5b --steps 8 --rows 1 2>&1 | table \
     | tee "$OUT/burst_qwen.txt"
+  ;;
+pb)
+  CUDA_VISIBLE_DEVICES=0 timeout 280 python3 benchmarks/burst_decode.py llama3.1-8b --steps 8 \
+    --rows 1,64,256 --max-num-seqs 256 --tokens 128 2>&1 | table | tee "$OUT/pb_1gpu.txt"
+  timeout 300 python3 benchmarks/burst_decode.py llama3.1-8b --steps 8 --rows 1,64,256 \
+    --max-num-seqs 256 --tokens 128 --pipeline-parallel-size 2 2>&1 | table | tee "$OUT/pb_pp2.txt"
   ;;
 sv)
   for steps in 1 8; do
