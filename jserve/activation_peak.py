@@ -109,7 +109,7 @@ def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
     plain = [v for v in variants if v.plain and covered < v.tokens < largest]
     if plain:
         steps.append(max(plain))
-    steps += [v for v in variants if v.burst > 1 and v.tokens != largest]   # N sub-steps in one
+    steps += [v for v in variants if v.burst > 1 and v.tokens != largest]   # N steps in one program
     programs = [(v.tokens, functools.partial(runner.lower_step, v)) for v in steps]
     if runner.spec_steps is not None:
         programs.append((largest, functools.partial(runner.spec_steps._lower, runner, (largest, False))))

@@ -23,10 +23,14 @@ checks included: tokens after a stop are computed and dropped (never emitted).
 The N sub-steps are unrolled, not a ``fori_loop``: on an H200 (session 16, Qwen2.5-0.5B) XLA
 copied every layer's weight slices inside the loop's body (the straight-line step passes them
 to the GEMMs in place), 566-693 MiB of scratch that the start-up's 2-page probe did not see
-(the 0.5 share ran out of memory), and ran at 1.66 ms per token against the step's ~1 ms (its
-body's ~330 kernels launched one by one, we infer, not replayed as a CUDA graph). Unrolled, the burst is one
-straight-line program like the decode step (its scratch equals the step's on CPU); it compiles
-longer (the bundled model's engine build 5 -> 10 s on CPU at N = 8).
+(the 0.5 share ran out of memory), and ran at 1.66 ms per token against the step's ~1 ms.
+Unrolled, the burst is one straight-line program like the decode step: its scratch equals the
+step's (9.4 vs 9.3 MiB at every pool size) and a token costs the step's kernel time (1.096 vs
+1.087 ms); it compiles longer (the bundled model's engine build 5 -> 10 s on CPU at N = 8).
+
+At pipeline_parallel_size S > 1 a burst is greedy only and runs ``decoder.pipelined_burst``:
+the rows in S groups circling through the stages (``sharding.gpipe_cycle``), so that every
+stage works on every tick instead of one at a time.
 """
 
 from __future__ import annotations

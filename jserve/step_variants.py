@@ -21,7 +21,9 @@ variant. The speculative verify variants pick theirs with ``decode_buckets`` and
 - General sampler: every other bucket, and flash-prefill steps (all chunks start at token 0).
 - Burst (``num_scheduler_steps`` N > 1): the smallest bucket's decode-only variant (greedy, and
   with the plain sampler) run N times in one program, for plans the scheduler made a burst
-  (``SchedulerOutput.burst``).
+  (``SchedulerOutput.burst``). At pipeline parallelism greedy only, and also in the bucket of
+  ``max_num_seqs`` rows, which bursts of more rows than the smallest bucket's pad up to
+  (``bucket(..., burst)``; jserve/burst_step.py runs the rows in groups across the stages).
 """
 
 from __future__ import annotations
