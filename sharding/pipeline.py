@@ -91,12 +91,11 @@ def gpipe(stage_fn: StageFn, mesh: Mesh, stage_params: Any, stage_state: Any, xs
             # are compute-bound, see decoder.num_microbatches). Static bounds give XLA a known
             # trip count: the GPU runtime loops without reading a predicate back to the host.
             _, ys, state = jax.lax.fori_loop(0, ticks, tick, loop)
-        # Only the last stage's ys are nonzero: summing their bit patterns as unsigned integers
-        # is exact, and XLA:CPU aborts on a bfloat16 all-reduce here ("Invalid binary
-        # instruction opcode copy": its reduction ends in a copy).
-        bits = jnp.dtype(f"uint{8 * ys.dtype.itemsize}")
-        total = jax.lax.psum(jax.lax.bitcast_convert_type(ys, bits), STAGE_AXIS)
-        return jax.lax.bitcast_convert_type(total, ys.dtype), state
+        # Only the last stage's ys are nonzero, so a float32 sum is exact. XLA:CPU aborts on a
+        # bfloat16 all-reduce here ("Invalid binary instruction opcode copy": its reduction
+        # ends in a copy), and NCCL has no 16-bit integer type for summing the bits instead.
+        wide = ys.astype(jnp.float32) if ys.dtype.itemsize < 4 else ys
+        return jax.lax.psum(wide, STAGE_AXIS).astype(ys.dtype), state
 
     run = jax.shard_map(body, mesh=mesh, in_specs=(params_spec, state_spec, P(), rep),
                         out_specs=(P(), state_spec), axis_names={STAGE_AXIS}, check_vma=False)
