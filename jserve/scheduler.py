@@ -215,7 +215,7 @@ class Scheduler:
             budget -= k
             i += 1
 
-        if not out.num_preempted and self.waiting:
+        if not out.num_preempted and self.waiting and burst == 1:   # (a burst is decode rows only)
             per_group = Counter(_group(r) for r in self.running)
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self._next_waiting(per_group)
@@ -242,11 +242,11 @@ class Scheduler:
     def _burst(self) -> int:
         """Decode steps this plan runs in one program: ``num_scheduler_steps`` (N) when nothing
         waits or all ``max_num_seqs`` seats are taken, each row a one-token decode row,
-        ``burstable``, past ``min_tokens``, N tokens left, pages free, and at most the smallest
-        bucket's rows (``greedy_bursts_only``: any number, ``plain_argmax``); else 1."""
+        ``burstable``, past ``min_tokens``, N tokens left, pages free, at most the smallest
+        bucket's rows; else 1. ``greedy_bursts_only``: ``plain_argmax`` rows, any number, waiting or not."""
         n, cfg, argmax = self.config.num_scheduler_steps, self.config, self.greedy_bursts_only
-        if (n <= 1 or not self.running or (self.waiting and len(self.running) < cfg.max_num_seqs)
-                or len(self.running) > (cfg.max_num_seqs if argmax else cfg.burst_rows)):
+        if (n <= 1 or not self.running or len(self.running) > (cfg.max_num_seqs if argmax else cfg.burst_rows)
+                or (self.waiting and len(self.running) < cfg.max_num_seqs and not argmax)):
             return 1
         need = 0
         for req in self.running:

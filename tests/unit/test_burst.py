@@ -131,7 +131,8 @@ def test_no_burst_for_rows_the_host_touches(engines):
 
 def test_greedy_bursts_only_steps_rows_that_move_the_argmax(engines):
     """With ``greedy_bursts_only`` (pipeline parallelism), sampled rows and greedy rows with a
-    penalty, allowed ids or a logit bias step one at a time; plain greedy rows still burst."""
+    penalty, allowed ids or a logit bias step one at a time; plain greedy rows still burst, even
+    while a request waits with seats free."""
     burst = engines[N]
     p = [5, 6, 7, 8]
     burst.scheduler.greedy_bursts_only = True   # what the engine sets at pp > 1 (test only)
@@ -146,6 +147,20 @@ def test_greedy_bursts_only_steps_rows_that_move_the_argmax(engines):
         with _bursts(burst) as seen:
             run_engine(burst, [(p, SamplingParams(temperature=0.0, max_tokens=12))])
         assert N in seen
+        # A request arriving mid-run waits for the burst (the stages' overlap) even with seats
+        # free, and its tokens are what one step at a time gives.
+        greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+        items, late = [(p, greedy), ([9, 10, 11], greedy)], [([12, 13], greedy)]
+        want = [_summary(o) for o in _run(engines[1], items, late)]
+        sched, plans = burst.scheduler, []
+        plain = sched.schedule
+        sched.schedule = lambda: plans.append((plain(), len(sched.waiting))) or plans[-1][0]
+        try:
+            got = [_summary(o) for o in _run(burst, items, late)]
+        finally:
+            del sched.schedule
+        assert got == want
+        assert any(out.burst == N and waiting for out, waiting in plans)
     finally:
         burst.scheduler.greedy_bursts_only = False
 
