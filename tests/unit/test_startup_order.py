@@ -61,8 +61,10 @@ def test_on_gpu_each_token_bucket_compiles_first_alone():
     gpu = run("gpu")
     assert gpu[:2] == [("start", "a", True), ("start", "d", True)]   # alone, in turn
     assert {e[1] for e in gpu[2:]} == {"b", "c", "e"} and not any(e[2] for e in gpu[2:])
-    # GPU: buckets of CUBLAS_MIN_TOKENS (128) and more compile with cuBLAS GEMMs
-    off = {"xla_gpu_enable_triton_gemm": False}
-    assert opts == {"a": {}, "b": {}, "c": {}, "d": off, "e": off}
+    # GPU: no rematerialization pass; buckets of CUBLAS_MIN_TOKENS (128) and more compile with
+    # cuBLAS GEMMs
+    base = {"xla_disable_hlo_passes": "rematerialization"}
+    off = {**base, "xla_gpu_enable_triton_gemm": False}
+    assert opts == {"a": base, "b": base, "c": base, "d": off, "e": off}
     assert not any(e[2] for e in run("cpu"))   # all on the pool's threads
     assert all(o == {} for o in opts.values())
