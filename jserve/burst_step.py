@@ -28,9 +28,10 @@ Unrolled, the burst is one straight-line program like the decode step: its scrat
 step's (9.4 vs 9.3 MiB at every pool size) and a token costs the step's kernel time (1.096 vs
 1.087 ms); it compiles longer (the bundled model's engine build 5 -> 10 s on CPU at N = 8).
 
-At pipeline_parallel_size S > 1 a burst is greedy only and runs ``decoder.pipelined_burst``:
-the rows in S groups circling through the stages (``sharding.gpipe_cycle``), so that every
-stage works on every tick instead of one at a time.
+At pipeline_parallel_size S > 1 a burst runs ``decoder.pipelined_burst``: the rows in S groups
+circling through the stages (``sharding.gpipe_cycle``), so that every stage works on every
+tick instead of one at a time; only its plain-sampler variant is compiled there (greedy rows
+draw the argmax in it), in the smallest bucket and the one of ``max_num_seqs`` rows.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ from jax.sharding import Mesh
 
 from jserve.kv_cache import KVCache
 from jserve.model.decoder import forward, pipelined_burst
+from jserve.penalty_state import penalized_logits, record_tokens
 from jserve.step_buffers import StepLayout
-from jserve.step_program import StepVariant, _sample_part
+from jserve.step_program import StepVariant, _sample_part, _sample_step, step_sampler_flags
+from jserve.structured.logit_state import apply_logit_state
 from sharding import num_stages
 
 
@@ -59,17 +62,14 @@ def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
     + i and counts it in the penalty state, as i ordinary steps would."""
     table, batch, sbatch, pen_slot, ibuf = layout.unpack_fed(joint, table, prev_tokens)
     t, r, ps = layout.num_tokens, layout.num_rows, layout.page_size
-    if num_stages(mesh) > 1:   # the row groups circle through the stages: greedy only
-        if not variant.greedy:
-            raise ValueError("a burst at pipeline_parallel_size > 1 is greedy only")
-        kv, tokens = pipelined_burst(cfg, params, kv, batch, variant.burst, ps, mesh)
-        n = min(tokens.shape[1], num_out)
-        out = jnp.zeros((variant.burst, num_out), jnp.int32).at[:, :n].set(tokens[:, :n])
+    mask_slot = layout.read(ibuf, "mask_slot")
+    if num_stages(mesh) > 1:   # the rows circle through the stages in groups
+        kv, pen, out = _pipelined(cfg, layout, num_out, variant, mesh, params, kv, pen, batch,
+                                  sbatch, pen_slot, masks, mask_slot)
         return kv, pen, table, out[-1], out, None, None, None
     row = jnp.minimum(jnp.arange(t), r - 1)              # decode-only: token t is row t
     tok_valid = jnp.arange(t) < batch.num_seqs[0]
     row_valid = jnp.arange(r) < batch.num_seqs[0]
-    mask_slot = layout.read(ibuf, "mask_slot")
 
     ids, out = batch.token_ids, []
     for i in range(variant.burst):   # unrolled: see the module docstring
@@ -86,3 +86,41 @@ def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
         ids = jnp.where(tok_valid, tokens[row], ids)
         out.append(tokens)
     return kv, pen, table, out[-1], jnp.stack(out), None, None, None
+
+
+def _pipelined(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant, mesh: Mesh,
+               params: Any, kv: KVCache, pen: jax.Array | None, batch: Any, sbatch: Any,
+               pen_slot: jax.Array, masks: jax.Array | None, mask_slot: jax.Array) -> tuple:
+    """A burst at pipeline parallelism (``decoder.pipelined_burst``) -> (kv, pen, tokens
+    int32[N, num_out]). The plain sampler draws a group's tokens on stage 0 with the rows'
+    seeds at output index + i, their penalties counted in stage 0's copy of the penalty state
+    as it goes; the real state records the burst's tokens afterwards, as N steps would."""
+    r = layout.num_rows
+
+    def sample(inputs: tuple, pen_l: jax.Array, logits: jax.Array, row0: jax.Array, i: jax.Array,
+               fed: jax.Array) -> tuple[jax.Array, jax.Array]:
+        sbatch, pen_slot, masks, mask_slot, num_seqs = inputs
+        rows = row0 + jnp.arange(logits.shape[0])
+        idx = jnp.minimum(rows, r - 1)
+        sb = jax.tree.map(lambda a: a[idx], sbatch)
+        sb = dataclasses.replace(sb, output_index=sb.output_index + i)
+        slot = jnp.where(fed & (rows < num_seqs), pen_slot[idx], -1)
+        # The plain sampler's parts (``step_program._sample_part``), inline: through that
+        # function XLA:CPU's compile of this program segfaulted (jax 0.11.2).
+        x = penalized_logits(logits, pen_l, slot, sb)
+        if masks is not None:
+            x = apply_logit_state(x, masks, mask_slot[idx])
+        tokens = _sample_step(logits, x, sb, step_sampler_flags(False, True)).token_ids
+        return tokens, record_tokens(pen_l, slot, tokens)
+
+    plain = not variant.greedy
+    kv, tokens = pipelined_burst(cfg, params, kv, batch, variant.burst, layout.page_size, mesh,
+                                 sample if plain else None,
+                                 (sbatch, pen_slot, masks, mask_slot, batch.num_seqs[0]) if plain else None,
+                                 pen if plain else None)
+    n = min(tokens.shape[1], num_out)
+    out = jnp.zeros((variant.burst, num_out), jnp.int32).at[:, :n].set(tokens[:, :n])
+    if pen is not None:
+        for i in range(variant.burst):
+            pen = record_tokens(pen, pen_slot, out[i, :r])
+    return kv, pen, out

@@ -325,10 +325,10 @@ class EngineConfig:
             pass  # allowed (like vLLM with a warning); RoPE extrapolates.
 
     @property
-    def greedy_bursts_only(self) -> bool:
-        """Bursts at pipeline_parallel_size > 1 argmax on stage 0 (decoder.pipelined_burst):
-        there, rows that sample or move the argmax (penalties, allowed ids, logit bias) step
-        one at a time."""
+    def pipelined_bursts(self) -> bool:
+        """Bursts at pipeline_parallel_size > 1 are how the stages overlap (the rows circle
+        through them in groups: decoder.pipelined_burst): any number of rows, waiting requests
+        or not; one (plain-sampler) program per burst bucket."""
         return self.parallel.pipeline_parallel_size > 1
 
     @property

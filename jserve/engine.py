@@ -84,7 +84,7 @@ class LLMEngine:
         if scheduler is None:
             scheduler = Scheduler(config.scheduler, make_kv_manager(config, num_pages), config.speculative)
         self.scheduler = scheduler
-        scheduler.greedy_bursts_only = config.greedy_bursts_only
+        scheduler.pipelined_bursts = config.pipelined_bursts
         self.pool = scheduler.pool
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, str] = {}

@@ -305,8 +305,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "no logprobs, grammar or top-k/top-p/min-p and at most the smallest token bucket's "
            "rows run (vLLM's multi-step "
            "scheduling: the host's per-step cost is paid once per N tokens; tokens after a stop "
-           "inside the N are computed and dropped; 1 = off; greedy rows only at pipeline "
-           "parallelism, where the rows circle through the stages in groups; not with "
+           "inside the N are computed and dropped; 1 = off; at pipeline parallelism any number "
+           "of rows, circling through the stages in groups, even while requests wait; not with "
            "speculative decoding, several processes or disaggregation)"),
     Option("async_scheduling", bool, True,
            help="overlap host scheduling of step N+1 with the device running step N (off: a "

@@ -116,7 +116,7 @@ class Runner:
         spec = config.speculative   # a verify row has a mask per position (grammar + drafts)
         # A speculating engine's previous-step output has the chained layout (spec/chain.py).
         self._num_spec = spec.num_speculative_tokens if spec is not None else 0
-        self.steps = StepVariants(sched, config.greedy_bursts_only)   # (jserve/step_variants.py)
+        self.steps = StepVariants(sched, config.pipelined_bursts)   # (jserve/step_variants.py)
         self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
         self._compiled: dict[StepVariant, Any] = {}
         self._twins: dict[StepVariant, Any] = {}   # see compile_twins

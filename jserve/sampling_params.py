@@ -220,12 +220,6 @@ class SamplingParams:
         return self.logprobs is None and not self.uses_host_masks and not self.uses_filters
 
     @property
-    def plain_argmax(self) -> bool:
-        """Greedy with nothing that moves the argmax: no penalties, allowed ids or logit bias."""
-        return (self.greedy and not self.uses_penalties and self.allowed_token_ids is None
-                and not self.logit_bias)
-
-    @property
     def uses_filters(self) -> bool:
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
 

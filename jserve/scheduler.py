@@ -99,7 +99,7 @@ class Scheduler:
         # Sequences of one request admitted per turn (``_next_waiting``): up to FAIR_TURN_SEQS,
         # and a quarter of the batch at most, so a small batch still takes strict turns.
         self._fair_quantum = max(1, min(FAIR_TURN_SEQS, config.max_num_seqs // 4))
-        self.num_preemptions_total, self.greedy_bursts_only = 0, False   # (the engine sets it)
+        self.num_preemptions_total, self.pipelined_bursts = 0, False   # (the engine sets it)
         self.running: list[Request] = []        # arrival order; the newest is last
         self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self._sent_pages: dict[str, list[int]] = {}  # page row the runner holds, per request
@@ -243,18 +243,17 @@ class Scheduler:
         """Decode steps this plan runs in one program: ``num_scheduler_steps`` (N) when nothing
         waits or all ``max_num_seqs`` seats are taken, each row a one-token decode row,
         ``burstable``, past ``min_tokens``, N tokens left, pages free, at most the smallest
-        bucket's rows; else 1. ``greedy_bursts_only``: ``plain_argmax`` rows, any number, waiting or not."""
-        n, cfg, argmax = self.config.num_scheduler_steps, self.config, self.greedy_bursts_only
-        if (n <= 1 or not self.running or len(self.running) > (cfg.max_num_seqs if argmax else cfg.burst_rows)
-                or (self.waiting and len(self.running) < cfg.max_num_seqs and not argmax)):
+        bucket's rows; else 1. ``pipelined_bursts``: any number of rows, waiting requests or not."""
+        n, cfg, pp = self.config.num_scheduler_steps, self.config, self.pipelined_bursts
+        if (n <= 1 or not self.running or len(self.running) > (cfg.max_num_seqs if pp else cfg.burst_rows)
+                or (self.waiting and len(self.running) < cfg.max_num_seqs and not pp)):
             return 1
         need = 0
         for req in self.running:
             sp = req.sampling_params
             n_out = req.num_output_tokens + req.num_placeholders
             if (req.num_tokens + req.num_placeholders - req.num_computed_tokens != 1
-                    or req.spec_in_flight or not sp.burstable or (argmax and not sp.plain_argmax)
-                    or n_out < sp.min_tokens
+                    or req.spec_in_flight or not sp.burstable or n_out < sp.min_tokens
                     or (sp.max_tokens is not None and sp.max_tokens - n_out < n)
                     or req.num_tokens + req.num_placeholders + n > self.max_model_len):
                 return 1

@@ -21,9 +21,9 @@ variant. The speculative verify variants pick theirs with ``decode_buckets`` and
 - General sampler: every other bucket, and flash-prefill steps (all chunks start at token 0).
 - Burst (``num_scheduler_steps`` N > 1): the smallest bucket's decode-only variant (greedy, and
   with the plain sampler) run N times in one program, for plans the scheduler made a burst
-  (``SchedulerOutput.burst``). At pipeline parallelism greedy only, and also in the bucket of
-  ``max_num_seqs`` rows, which bursts of more rows than the smallest bucket's pad up to
-  (``bucket(..., burst)``; jserve/burst_step.py runs the rows in groups across the stages).
+  (``SchedulerOutput.burst``). At pipeline parallelism the plain sampler's only, also in the
+  bucket of ``max_num_seqs`` rows, which bursts of more rows than the smallest bucket's pad up
+  to (``bucket(..., burst)``; jserve/burst_step.py runs the rows in groups across the stages).
 """
 
 from __future__ import annotations
@@ -68,15 +68,15 @@ def sampling_filters(out: SchedulerOutput, rows: RequestRows) -> bool:
 class StepVariants:
     """The step variants of one scheduler configuration (module docstring)."""
 
-    def __init__(self, sched: SchedulerConfig, greedy_bursts_only: bool = False) -> None:
-        """``greedy_bursts_only``: no plain-sampler burst (``EngineConfig.greedy_bursts_only``)."""
+    def __init__(self, sched: SchedulerConfig, pipelined_bursts: bool = False) -> None:
+        """``pipelined_bursts``: ``EngineConfig.pipelined_bursts``."""
         self._sched = sched
-        self._burst_kinds = (True,) if greedy_bursts_only else (True, False)
+        self._pipelined = pipelined_bursts
         # Buckets with burst programs: the smallest; at pp also the one of max_num_seqs rows
         # (bursts of more rows pad up to it: decode is weight-bound, one compile instead of one
-        # per decode bucket of an unrolled (N + 1) * S-tick program).
+        # per decode bucket of an unrolled (N + 1) * S-tick program), the plain sampler's only.
         self.burst_buckets = sorted({sched.token_buckets[0]} | (
-            {self.smallest_of(sched.token_buckets, sched.max_num_seqs)} if greedy_bursts_only else set()))
+            {self.smallest_of(sched.token_buckets, sched.max_num_seqs)} if pipelined_bursts else set()))
         self.buckets = sched.token_buckets
         self.decode = decode_buckets(self.buckets, sched.max_num_seqs)
 
@@ -95,7 +95,8 @@ class StepVariants:
             if t == self.buckets[0]:
                 out.append(StepVariant(t, False, True, decode_only=True))
             if t in self.burst_buckets and self._sched.num_scheduler_steps > 1:
-                out += [self.burst(self._sched.num_scheduler_steps, g, t) for g in self._burst_kinds]
+                out += [self.burst(self._sched.num_scheduler_steps, g, t) for g in (True, False)
+                        if not (g and self._pipelined)]
             if self._sched.flash_prefill(t):
                 out.append(StepVariant(t, True, False))
         return out
@@ -103,7 +104,8 @@ class StepVariants:
     def burst(self, steps: int, greedy: bool, tokens: int | None = None) -> StepVariant:
         """The variant running ``steps`` decode steps in one program (a burst bucket's
         decode-only variant, unrolled: jserve/burst_step.py; the smallest by default), greedy
-        or with the plain sampler."""
+        or with the plain sampler (always at pp: greedy rows draw the argmax in it)."""
+        greedy = greedy and not self._pipelined
         return StepVariant(tokens or self.buckets[0], False, greedy, decode_only=True,
                            plain=not greedy, burst=steps)
 

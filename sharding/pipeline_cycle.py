@@ -39,19 +39,23 @@ from sharding.pipeline import num_stages
 # stage_fn(params, state, x [Tg, H], group g: int32[], step i: int32[], valid: bool[])
 #   -> (y [Tg, H], state)
 CycleStageFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
-# feed_fn(head, y [Tg, H] the last stage's output of (g, i), g, i) -> (x [Tg, H] the input of
-#   (g, i + 1), out int32[Tg] what step i of group g produced)
-FeedFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# feed_fn(head, feed_state, y [Tg, H] the last stage's output of (g, i), g, i, fed: bool[])
+#   -> (x [Tg, H] the input of (g, i + 1), out int32[Tg] what step i of group g produced,
+#   feed_state); ``fed``: this call counts (stage 0, a real unit): update the state only then
+FeedFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array, jax.Array],
+                  tuple[jax.Array, jax.Array, Any]]
 
 
 def gpipe_cycle(stage_fn: CycleStageFn, feed_fn: FeedFn, mesh: Mesh, stage_params: Any,
-                stage_state: Any, head: Any, x0: jax.Array, steps: int,
+                stage_state: Any, head: Any, feed_state: Any, x0: jax.Array, steps: int,
                 state_axis: int = 0) -> tuple[jax.Array, Any]:
     """Run ``steps`` steps of S row groups through S stages (module docstring).
 
     stage_params: pytree, every leaf [L, ...] sharded over ``stage`` on axis 0;
     stage_state: pytree, every leaf sharded over ``stage`` on ``state_axis`` (size S there);
-    head: pytree replicated over ``stage`` (``feed_fn``'s weights);
+    head: pytree replicated over ``stage`` (``feed_fn``'s weights and inputs);
+    feed_state: pytree replicated over ``stage``, scratch the feeds carry from tick to tick
+    (a sampler's penalty counts); stage 0's copy is the one that counts, and none is returned;
     x0: [G = S, Tg, H] each group's input to its first step (replicated over ``stage``)
     -> (outs int32[steps, G, Tg] replicated, stage_state updated). Call it inside ``jax.jit``.
     """
@@ -61,10 +65,11 @@ def gpipe_cycle(stage_fn: CycleStageFn, feed_fn: FeedFn, mesh: Mesh, stage_param
     params_spec = jax.tree.map(lambda _: P(STAGE_AXIS), stage_params)
     state_spec = jax.tree.map(lambda _: P(*(None,) * state_axis, STAGE_AXIS), stage_state)
     head_spec = jax.tree.map(lambda _: P(), head)
+    feed_spec = jax.tree.map(lambda _: P(), feed_state)
     cyclic = [(i, (i + 1) % s_count) for i in range(s_count)]
     units = steps * g_count
 
-    def body(params: Any, state: Any, head: Any, x0: jax.Array) -> tuple[jax.Array, Any]:
+    def body(params: Any, state: Any, head: Any, fstate: Any, x0: jax.Array) -> tuple[jax.Array, Any]:
         stage = jax.lax.axis_index(STAGE_AXIS)
         first = stage == 0
         carry = jnp.zeros_like(x0[0])
@@ -75,7 +80,7 @@ def gpipe_cycle(stage_fn: CycleStageFn, feed_fn: FeedFn, mesh: Mesh, stage_param
             # group, the step before), into this unit's input and that step's tokens.
             done = jnp.clip(k - g_count, 0, units - 1)
             fed = first & (k - g_count >= 0) & (k - g_count < units)
-            x_next, out = feed_fn(head, carry, done % g_count, done // g_count)
+            x_next, out, fstate = feed_fn(head, fstate, carry, done % g_count, done // g_count, fed)
             at = (done // g_count, done % g_count)
             outs = outs.at[at].set(jnp.where(fed, out, outs[at]))
             kc = jnp.clip(k, 0, units - 1)
@@ -85,6 +90,6 @@ def gpipe_cycle(stage_fn: CycleStageFn, feed_fn: FeedFn, mesh: Mesh, stage_param
             carry = jax.lax.ppermute(y, STAGE_AXIS, cyclic)
         return jax.lax.psum(outs, STAGE_AXIS), state   # stage 0's outs; the others' are zeros
 
-    run = jax.shard_map(body, mesh=mesh, in_specs=(params_spec, state_spec, head_spec, P()),
+    run = jax.shard_map(body, mesh=mesh, in_specs=(params_spec, state_spec, head_spec, feed_spec, P()),
                         out_specs=(P(), state_spec), axis_names={STAGE_AXIS}, check_vma=False)
-    return run(stage_params, stage_state, head, x0)
+    return run(stage_params, stage_state, head, feed_state, x0)

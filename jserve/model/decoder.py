@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -150,15 +151,19 @@ def _pipelined(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCa
 
 
 def pipelined_burst(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepInput,
-                    steps: int, page_size: int, mesh: Mesh) -> tuple[KVCache, jax.Array]:
-    """``steps`` greedy decode steps of a decode-only step (token r = row r) at S > 1 pipeline
-    stages, under ``sharding.gpipe_cycle``: the rows cut into S groups (``split_microbatches``)
+                    steps: int, page_size: int, mesh: Mesh, sample: Callable | None = None,
+                    sample_inputs: Any = None, sample_state: Any = None) -> tuple[KVCache, jax.Array]:
+    """``steps`` decode steps of a decode-only step (token r = row r) at S > 1 pipeline stages,
+    under ``sharding.gpipe_cycle``: the rows cut into S groups (``split_microbatches``)
     circling through the stages, so every stage works on every tick. Group step i is the
     step's input at positions + i (slots from the page rows; rows beyond the group's count
-    unchanged, their K/V to the slots packed for them); each output is normed, projected and
-    argmaxed on stage 0, and its token's embedding is the group's next input. The groups cut
-    the R rows (tokens past them are padding) when S divides R, else the T tokens
-    -> (kv, tokens int32[steps, R or T])."""
+    unchanged, their K/V to the slots packed for them); each output is normed and projected on
+    stage 0, its token drawn (argmax, or ``sample(sample_inputs, state, logits f32[Tg, V],
+    first row int32[], i, fed) -> (tokens int32[Tg], state)`` with ``sample_state`` carried
+    from draw to draw; the inputs enter the stages' program as arguments, not closures),
+    and the token's embedding is the group's next input. The groups cut the R rows (tokens
+    past them are padding) when S divides R, else the T tokens -> (kv, tokens int32[steps, R
+    or T])."""
     stages, t = num_stages(mesh), batch.num_tokens
     if batch.num_rows % stages == 0 and batch.num_rows < t:
         t = batch.num_rows
@@ -169,7 +174,8 @@ def pipelined_burst(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch
     windows = cfg.sliding_windows[:cfg.num_layers // stages]
     inv = inv_frequencies(cfg)
     weights = {name: params[name] for name in _LAYER_WEIGHTS if name in params}
-    head = {name: params[name] for name in ("embed", "norm", "lm_head") if name in params}
+    head = ({name: params[name] for name in ("embed", "norm", "lm_head") if name in params},
+            sample_inputs)
 
     def stage_fn(w: dict[str, Any], pools: KVCache, x: jax.Array, g: jax.Array, i: jax.Array,
                  valid: jax.Array) -> tuple[jax.Array, KVCache]:
@@ -187,14 +193,19 @@ def pipelined_burst(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch
                            False, mesh, True)
         return x, [tuple(jnp.expand_dims(a, 1) for a in layer) for layer in local]
 
-    def feed_fn(head: dict[str, Any], y: jax.Array, g: jax.Array, i: jax.Array
-                ) -> tuple[jax.Array, jax.Array]:
-        h = rms_norm(y, head["norm"], cfg.rms_norm_eps)
-        tokens = jnp.argmax(logits_from_hidden(cfg, head, h), axis=-1).astype(jnp.int32)
-        return head["embed"][tokens], tokens
+    def feed_fn(head: tuple, state: Any, y: jax.Array, g: jax.Array, i: jax.Array,
+                fed: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+        w, inputs = head
+        logits = logits_from_hidden(cfg, w, rms_norm(y, w["norm"], cfg.rms_norm_eps))
+        if sample is None:
+            tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            tokens, state = sample(inputs, state, logits, g * tg, i, fed)
+        return w["embed"][tokens], tokens, state
 
     x0 = params["embed"][groups.token_ids]              # [S, T / S, H]
-    outs, kv = gpipe_cycle(stage_fn, feed_fn, mesh, weights, kv, head, x0, steps, state_axis=1)
+    outs, kv = gpipe_cycle(stage_fn, feed_fn, mesh, weights, kv, head, sample_state, x0, steps,
+                           state_axis=1)
     return kv, outs.reshape(steps, t)
 
 

@@ -31,8 +31,12 @@ ENGINES = {"pp2": dict(pipeline_parallel_size=2, num_scheduler_steps=4),
            "tp2_pp2": dict(pipeline_parallel_size=2, tensor_parallel_size=2, num_scheduler_steps=4)}
 
 
-def _tokens(engine, prompts, prompt_logprobs=None):
-    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=prompt_logprobs)
+SAMPLED = SamplingParams(temperature=0.8, seed=11, max_tokens=8, ignore_eos=True,
+                         repetition_penalty=1.3, frequency_penalty=0.4)
+
+
+def _tokens(engine, prompts, prompt_logprobs=None, sp=None):
+    sp = sp or SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=prompt_logprobs)
     ids = [engine.add_request(None, p, sp) for p in prompts]
     done = {}
     while engine.has_unfinished_requests():
@@ -69,7 +73,8 @@ def main() -> None:
         vocab = ref_engine.config.model.vocab_size
         rng = np.random.default_rng(5)
         prompts = [rng.integers(3, vocab, n).tolist() for n in (3, 17, 29, 6)]
-        r = result[model] = {"ref": _tokens(ref_engine, prompts)}
+        r = result[model] = {"ref": _tokens(ref_engine, prompts),
+                             "ref_sampled": _tokens(ref_engine, prompts, sp=SAMPLED)}
         if k == 0:
             r["ref_prompt_lps"] = _tokens(ref_engine, prompts[:1], prompt_logprobs=2)[1]
         del ref_engine
@@ -77,9 +82,10 @@ def main() -> None:
             engine = build_engine(EngineArgs(**args, **extra))
             plans = _record_plans(engine)
             tokens = _tokens(engine, prompts)
+            sampled = _tokens(engine, prompts, sp=SAMPLED)   # seeded, penalized: the plain sampler
             del engine.scheduler.schedule
             k_pages = engine.runner.kv[0][0]   # (the pool is donated to each step: read it after)
-            r[name] = {"tokens": tokens, "kv_shape": list(k_pages.shape),
+            r[name] = {"tokens": tokens, "sampled": sampled, "kv_shape": list(k_pages.shape),
                        "kv_entries": len(engine.runner.kv),
                        "kv_shard": list(k_pages.addressable_shards[0].data.shape),
                        "kv_devices": len(k_pages.sharding.device_set),

@@ -129,49 +129,36 @@ def test_no_burst_for_rows_the_host_touches(engines):
     assert seen[:3] == [1, 1, 1] and N in seen   # bans first, bursts once min_tokens is reached
 
 
-def test_greedy_bursts_only_steps_rows_that_move_the_argmax(engines):
-    """With ``greedy_bursts_only`` (pipeline parallelism), sampled rows and greedy rows with a
-    penalty, allowed ids or a logit bias step one at a time; plain greedy rows still burst, even
-    while a request waits with seats free."""
+def test_pipelined_bursts_run_while_requests_wait(engines):
+    """With ``pipelined_bursts`` (pipeline parallelism: a burst is how the stages overlap) a
+    request arriving mid-run waits for the burst even with seats free, and is admitted after
+    it; its tokens are what one step at a time gives."""
     burst = engines[N]
-    p = [5, 6, 7, 8]
-    burst.scheduler.greedy_bursts_only = True   # what the engine sets at pp > 1 (test only)
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    items, late = [([5, 6, 7, 8], greedy), ([9, 10, 11], greedy)], [([12, 13], greedy)]
+    want = [_summary(o) for o in _run(engines[1], items, late)]
+    sched, plans = burst.scheduler, []
+    plain = sched.schedule
+    sched.schedule = lambda: plans.append((plain(), len(sched.waiting))) or plans[-1][0]
+    sched.pipelined_bursts = True   # what the engine sets at pp > 1 (test only)
     try:
-        for sp in (SamplingParams(temperature=0.8, seed=1, max_tokens=12),
-                   SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.2),
-                   SamplingParams(temperature=0.0, max_tokens=12, allowed_token_ids=[5, 9, 30]),
-                   SamplingParams(temperature=0.0, max_tokens=12, logit_bias={7: 2.0})):
-            with _bursts(burst) as seen:
-                run_engine(burst, [(p, sp)])
-            assert set(seen) == {1}, sp
-        with _bursts(burst) as seen:
-            run_engine(burst, [(p, SamplingParams(temperature=0.0, max_tokens=12))])
-        assert N in seen
-        # A request arriving mid-run waits for the burst (the stages' overlap) even with seats
-        # free, and its tokens are what one step at a time gives.
-        greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-        items, late = [(p, greedy), ([9, 10, 11], greedy)], [([12, 13], greedy)]
-        want = [_summary(o) for o in _run(engines[1], items, late)]
-        sched, plans = burst.scheduler, []
-        plain = sched.schedule
-        sched.schedule = lambda: plans.append((plain(), len(sched.waiting))) or plans[-1][0]
-        try:
-            got = [_summary(o) for o in _run(burst, items, late)]
-        finally:
-            del sched.schedule
-        assert got == want
-        assert any(out.burst == N and waiting for out, waiting in plans)
+        got = [_summary(o) for o in _run(burst, items, late)]
     finally:
-        burst.scheduler.greedy_bursts_only = False
+        sched.pipelined_bursts = False
+        del sched.schedule
+    assert got == want
+    assert any(out.burst == N and waiting for out, waiting in plans)
+    assert all(not (out.burst > 1 and any(c.start == 0 for c in out.chunks)) for out, _ in plans)
 
 
-def test_pipelined_bursts_compile_greedy_programs_for_two_buckets():
-    """At pp > 1 (``greedy_bursts_only``) bursts are greedy and compiled for the smallest bucket
-    and the one holding ``max_num_seqs`` rows, which any larger burst pads up to; at pp = 1 the
-    smallest bucket's greedy and plain-sampler bursts."""
+def test_pipelined_bursts_compile_plain_programs_for_two_buckets():
+    """At pp > 1 (``pipelined_bursts``) bursts run the plain sampler (greedy rows argmax in it),
+    compiled for the smallest bucket and the one holding ``max_num_seqs`` rows, which any larger
+    burst pads up to; at pp = 1 the smallest bucket's greedy and plain-sampler bursts."""
     sched = SchedulerConfig(max_num_seqs=48, max_num_batched_tokens=128, num_scheduler_steps=4)
-    pp = StepVariants(sched, greedy_bursts_only=True)
-    assert [(v.tokens, v.greedy) for v in pp.all() if v.burst > 1] == [(16, True), (64, True)]
+    pp = StepVariants(sched, pipelined_bursts=True)
+    assert [(v.tokens, v.greedy) for v in pp.all() if v.burst > 1] == [(16, False), (64, False)]
+    assert not pp.burst(4, True, 64).greedy
     assert [pp.bucket(n, lambda: False, 4) for n in (3, 16, 17, 48)] == [16, 16, 64, 64]
     assert pp.bucket(17, lambda: False) == 32   # an ordinary step keeps its own bucket
     one = StepVariants(sched)

@@ -1,6 +1,6 @@
 """Pipeline parallelism: the micro-batch split of a ragged step, the gpipe schedule and the
 interleaved one of bursts (gpipe_cycle), and pp=2 / tp=2 x pp=2 engines (bursts included) giving
-the same greedy tokens as pp=1/tp=1 (float32).
+the same greedy and seeded sampled tokens as pp=1/tp=1 (float32).
 
 The engines run in a subprocess with 4 forced host devices (this session has 2): one ref, one
 pp=2 and one tp=2 x pp=2 engine per model, small buckets to keep the compile count low."""
@@ -109,8 +109,9 @@ def test_gpipe_matches_sequential_stages(dtype):
 
 def test_gpipe_cycle_matches_groups_run_one_after_another():
     """Two stages (x -> x * w + 1 each; state += the stage's valid inputs) and two row groups
-    circling for three steps, each step's output fed back as the next input (y mod 7, its int
-    the step's output), equal the groups' steps run one after another on one device."""
+    circling for three steps, each step's output fed back as the next input (y mod 7; its int
+    plus the count of earlier feeds, a feed state, the step's output), equal the groups' steps
+    run one after another on one device."""
     mesh = make_mesh(1, pipeline_parallel_size=2)
     w = jnp.array([2.0, 3.0])                              # [L=2]: one layer per stage
     x0 = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])     # [G=2, Tg=3]
@@ -121,21 +122,24 @@ def test_gpipe_cycle_matches_groups_run_one_after_another():
         state = state + jnp.where(valid, x.sum() * (g + 1) + i + 1, 0.0)
         return x * w[0] + 1.0, state
 
-    def feed_fn(head, y, g, i):
-        return jnp.mod(y, head), y.astype(jnp.int32)
+    def feed_fn(head, fed_sum, y, g, i, fed):   # out: y's ints plus the outputs fed before
+        out = y.astype(jnp.int32) + fed_sum
+        return jnp.mod(y, head), out, fed_sum + jnp.where(fed, 1, 0)
 
     run = jax.jit(lambda *a: gpipe_cycle(stage_fn, feed_fn, mesh, *a, steps=steps, state_axis=1))
-    outs, new_state = run(w, state, jnp.float32(7.0), x0)
-    want, seen = np.zeros((steps, 2, 3), np.int32), np.zeros(2)
-    for g in range(2):
-        x = np.asarray(x0[g])
-        for i in range(steps):
+    outs, new_state = run(w, state, jnp.float32(7.0), jnp.int32(0), x0)
+    want, seen, fed = np.zeros((steps, 2, 3), np.int32), np.zeros(2), 0
+    xs = [np.asarray(x0[g]) for g in range(2)]
+    for i in range(steps):   # stage 0 feeds the groups' outputs in unit order: i, then g
+        for g in range(2):
+            x = xs[g]
             seen[0] += x.sum() * (g + 1) + i + 1
             h = x * 2.0 + 1.0
             seen[1] += h.sum() * (g + 1) + i + 1
             y = h * 3.0 + 1.0
-            want[i, g] = y.astype(np.int32)
-            x = np.mod(y, 7.0)
+            want[i, g] = y.astype(np.int32) + fed
+            fed += 1
+            xs[g] = np.mod(y, 7.0)
     np.testing.assert_array_equal(np.asarray(outs), want)
     np.testing.assert_allclose(np.asarray(new_state)[0], seen)
 
@@ -154,6 +158,7 @@ def test_pp2_and_tp2_pp2_match_pp1(xla_cache_dir):
         for name in ("pp2", "tp2_pp2"):
             e = r[name]
             assert e["tokens"] == r["ref"], (model, name)
+            assert e["sampled"] == r["ref_sampled"], (model, name)
             # each device holds only its stage's layers: [N, S=2, ...] split over the stage axis
             assert e["kv_shape"][1] == 2 and e["kv_shard"][1] == 1, (model, name)
             assert e["kv_devices"] == (4 if name == "tp2_pp2" else 2), (model, name)
