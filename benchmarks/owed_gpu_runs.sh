@@ -77,7 +77,7 @@
 #     step with k = 4 against a 1-token decode step, batch 1 and 64 (spec_verify_step.py; target
 #     <= 1.15x at batch 1). Most of the call is the 8B's start-up.
 #   pb (nvidia-h200-x2, ~10 min): session 16's pipelined bursts (issue 14's cross-step overlap:
-#     greedy rows in S groups circling through the stages). Llama-3.1-8B shape, greedy decode at
+#     the rows in S groups circling through the stages). Llama-3.1-8B shape, greedy decode at
 #     1 / 64 / 256 rows, one GPU then pp 2, each one step at a time and in bursts of 8 (one GPU
 #     bursts only up to 16 rows). Prediction: pp2 bursts at 256 rows ~1.1-1.2x pp2 one step and
 #     ~1.1x one GPU (decode stays weight-bound at 128 rows a group; 1.7x needs compute-bound
