@@ -23,8 +23,15 @@ model's memory budget would find none.
 from __future__ import annotations
 
 import argparse
+import glob
+import gzip
+import json
+import os
+import re
 import time
+from collections import Counter
 
+import jax
 import numpy as np
 
 from jserve.builder import EngineArgs, build_engine
@@ -54,8 +61,6 @@ def decode(engine, rows: int, tokens: int) -> tuple[float, list]:
 def device_summary(path: str) -> tuple[float, int, float]:
     """A perfetto trace -> (kernel ms summed, kernel count, ms from the first kernel's start to
     the last one's end) over the device processes."""
-    import gzip
-    import json
     with gzip.open(path) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
@@ -70,10 +75,7 @@ def device_summary(path: str) -> tuple[float, int, float]:
 
 def trace(eng, burst, tokens: int, folder: str) -> None:
     """Profile one batch-1 request each way (module docstring)."""
-    import glob
-
-    import jax
-    from launch_trace import top_host_events
+    from launch_trace import top_host_events  # (benchmarks/: the script's folder)
     print(f"\n## trace, batch 1, {tokens} tokens per run: per token")
     print("| mode | kernel ms | kernels | device span ms | wall ms |")
     print("|---|---|---|---|---|")
@@ -102,9 +104,6 @@ def trace(eng, burst, tokens: int, folder: str) -> None:
 
 def analysis(eng, steps: int, pages: list[int], hlo_dir: str | None) -> None:
     """The burst and the decode step compiled against abstract pools of ``pages`` pages."""
-    import os
-    import re
-    from collections import Counter
     cfg = eng.config
     burst = eng.runner.steps.burst(steps, True)
     for n in pages:

@@ -47,6 +47,7 @@ from jserve.kv_cache import KVCache
 from jserve.model.decoder import forward, pipelined_burst
 from jserve.penalty_state import penalized_logits, record_tokens
 from jserve.step_buffers import StepLayout
+from jserve.step_input import advance_decode
 from jserve.step_program import StepVariant, _sample_part, _sample_step, step_sampler_flags
 from jserve.structured.logit_state import apply_logit_state
 from sharding import num_stages
@@ -69,16 +70,10 @@ def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
         return kv, pen, table, out[-1], out, None, None, None
     row = jnp.minimum(jnp.arange(t), r - 1)              # decode-only: token t is row t
     tok_valid = jnp.arange(t) < batch.num_seqs[0]
-    row_valid = jnp.arange(r) < batch.num_seqs[0]
 
     ids, out = batch.token_ids, []
     for i in range(variant.burst):   # unrolled: see the module docstring
-        pos = jnp.where(tok_valid, batch.positions + i, batch.positions)
-        page = jnp.take_along_axis(batch.page_table[row], (pos // ps)[:, None], axis=1)[:, 0]
-        step = dataclasses.replace(
-            batch, token_ids=ids, positions=pos,
-            slot_mapping=jnp.where(tok_valid, page * ps + pos % ps, batch.slot_mapping),
-            seq_lens=jnp.where(row_valid, batch.seq_lens + i, batch.seq_lens))
+        step = dataclasses.replace(advance_decode(batch, i, ps), token_ids=ids)
         kv, logits = forward(cfg, params, kv, step, fresh_prefill=False, mesh=mesh, decode_only=True)
         sb = dataclasses.replace(sbatch, output_index=sbatch.output_index + i)
         pen, tokens, *_ = _sample_part(layout, num_out, 0, variant.greedy, variant.plain,

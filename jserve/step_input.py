@@ -15,9 +15,11 @@ Ragged layout (T = token bucket, R = request-row bucket, P = pages per sequence)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -70,3 +72,18 @@ class StepInput:
     @property
     def num_rows(self) -> int:
         return self.seq_lens.shape[0]
+
+
+def advance_decode(batch: StepInput, i: int | jax.Array, page_size: int) -> StepInput:
+    """Inside jit: a decode-only step (token r = row r, real rows first) ``i`` steps later, as a
+    burst's sub-step runs it: positions + i, slots from the rows' pages, seq_lens + i (padding
+    tokens and rows unchanged; token ids as they were)."""
+    t, r = batch.num_tokens, batch.num_rows
+    live = jnp.arange(t) < batch.num_seqs[0]
+    pos = jnp.where(live, batch.positions + i, batch.positions)
+    row = jnp.minimum(jnp.arange(t), r - 1)
+    page = jnp.take_along_axis(batch.page_table[row], (pos // page_size)[:, None], axis=1)[:, 0]
+    return dataclasses.replace(
+        batch, positions=pos,
+        slot_mapping=jnp.where(live, page * page_size + pos % page_size, batch.slot_mapping),
+        seq_lens=jnp.where(jnp.arange(r) < batch.num_seqs[0], batch.seq_lens + i, batch.seq_lens))

@@ -26,7 +26,7 @@ from jserve.model.attention import fresh_prefill_attention, paged_attention, wri
 from jserve.model.linear import linear
 from jserve.model.microbatch import bubble, split_microbatches
 from jserve.model.rope import apply_rope, inv_frequencies, rope_cos_sin
-from jserve.step_input import StepInput
+from jserve.step_input import StepInput, advance_decode
 from sharding import gpipe, gpipe_cycle, num_stages
 
 
@@ -179,18 +179,10 @@ def pipelined_burst(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch
 
     def stage_fn(w: dict[str, Any], pools: KVCache, x: jax.Array, g: jax.Array, i: jax.Array,
                  valid: jax.Array) -> tuple[jax.Array, KVCache]:
-        b = jax.tree.map(lambda a: a[g], groups)
-        live = jnp.arange(tg) < b.num_seqs[0]
-        pos = jnp.where(live, b.positions + i, b.positions)
-        row = jnp.minimum(jnp.arange(tg), b.page_table.shape[0] - 1)
-        page = jnp.take_along_axis(b.page_table[row], (pos // page_size)[:, None], axis=1)[:, 0]
-        step = dataclasses.replace(
-            b, positions=pos, slot_mapping=jnp.where(live, page * page_size + pos % page_size,
-                                                     b.slot_mapping),
-            seq_lens=jnp.where(b.seq_lens > 0, b.seq_lens + i, 0))
+        step = advance_decode(jax.tree.map(lambda a: a[g], groups), i, page_size)
         local = [tuple(jax.lax.squeeze(a, (1,)) for a in layer) for layer in pools]
-        x, local = _layers(cfg, w, x, local, bubble(step, valid), rope_cos_sin(pos, inv), windows,
-                           False, mesh, True)
+        x, local = _layers(cfg, w, x, local, bubble(step, valid), rope_cos_sin(step.positions, inv),
+                           windows, False, mesh, True)
         return x, [tuple(jnp.expand_dims(a, 1) for a in layer) for layer in local]
 
     def feed_fn(head: tuple, state: Any, y: jax.Array, g: jax.Array, i: jax.Array,
