@@ -242,8 +242,9 @@ class Scheduler:
     def _burst(self) -> int:
         """Decode steps this plan runs in one program: ``num_scheduler_steps`` (N) when nothing
         waits or all ``max_num_seqs`` seats are taken, each row a one-token decode row,
-        ``burstable``, past ``min_tokens``, N tokens left, pages free, at most the smallest
-        bucket's rows; else 1. ``pipelined_bursts``: any number of rows, waiting requests or not."""
+        ``burstable``, past ``min_tokens``, N - N // 4 tokens left (a last burst may overshoot
+        ``max_tokens``: ``update`` drops the extra tokens as after a stop), pages free, at most
+        the smallest bucket's rows; else 1. ``pipelined_bursts``: any rows, waiting or not."""
         n, cfg, pp = self.config.num_scheduler_steps, self.config, self.pipelined_bursts
         if (n <= 1 or not self.running or len(self.running) > (cfg.max_num_seqs if pp else cfg.burst_rows)
                 or (self.waiting and len(self.running) < cfg.max_num_seqs and not pp)):
@@ -254,7 +255,7 @@ class Scheduler:
             n_out = req.num_output_tokens + req.num_placeholders
             if (req.num_tokens + req.num_placeholders - req.num_computed_tokens != 1
                     or req.spec_in_flight or not sp.burstable or n_out < sp.min_tokens
-                    or (sp.max_tokens is not None and sp.max_tokens - n_out < n)
+                    or (sp.max_tokens is not None and sp.max_tokens - n_out < n - n // 4)
                     or req.num_tokens + req.num_placeholders + n > self.max_model_len):
                 return 1
             need += self.kv.demand(req, n)

@@ -229,6 +229,27 @@ def test_bursts_while_requests_wait_for_a_seat(engines):
     assert all(b == 1 for b, w, r in seen if w and r < 2)
 
 
+def test_a_last_burst_overshoots_max_tokens_and_emits_exactly_them(engines):
+    """With N - N // 4 tokens left a row still bursts: the burst computes one token past
+    ``max_tokens``, the row emits exactly ``max_tokens`` (usage, finish reason "length") and
+    frees every page; with fewer left it steps one at a time."""
+    burst = engines[N]
+    tail = N - N // 4                 # 3 of N = 4: the last burst computes one token too many
+    items = [([41, 42, 43, 44], SamplingParams(temperature=0.0, max_tokens=1 + N + tail, ignore_eos=True))]
+    want = run_engine(engines[1], items)[0].outputs[0]
+    free = burst.scheduler.pool.num_free
+    with _bursts(burst) as seen:
+        got = run_engine(burst, items)[0].outputs[0]
+    assert (got.token_ids, got.finish_reason) == (want.token_ids, "length")
+    assert len(got.token_ids) == 1 + N + tail
+    assert seen.count(N) == 2          # the prefill's token, a full burst, the overshooting one
+    assert burst.scheduler.pool.num_free == free
+    short = [(items[0][0], dataclasses.replace(items[0][1], max_tokens=1 + N + tail - 1))]
+    with _bursts(burst) as seen:
+        got = run_engine(burst, short)[0].outputs[0]
+    assert len(got.token_ids) == N + tail and seen.count(N) == 1
+
+
 def test_a_tight_pool_falls_back_to_single_steps(make_engine):
     """Without pages for N more positions of every row a plan is not a burst (bursts never
     preempt); with preemption in the ordinary steps the tokens still equal a roomy engine's."""
