@@ -121,15 +121,17 @@ i11)
   ;;
 b8)
   # Issue 11's 8B batch-1 row with its peer in one call: HF transformers' static-cache decode of the
-  # Llama-3.1-8B shape, then jserve one step at a time and in bursts of 8 (share 0.5). Prediction:
-  # HF ~135 tok/s, jserve ~215 (1.6x), bursts ~225 (the step is weight-bound at 4.7 ms).
-  timeout 330 python3 -c "
+  # Llama-3.1-8B shape, then jserve's decode step (A) and engine loop (B) with case x's GEMM A/B
+  # (cuBLAS, autotune level 0) on the decode step. Prediction: HF ~135 tok/s, B ~220 (1.6x);
+  # cuBLAS ~ Triton on the 8B's weight-bound decode (then cuBLAS everywhere would skip the
+  # autotuner: session 17's cold 8B start-up took 244 s).
+  timeout 270 python3 -c "
 import sys; sys.path.insert(0, '.anchors'); import hf_peer, torch, json
 m, cfg = hf_peer.build('llama3.1-8b', 'cuda', torch.bfloat16, 'sdpa')
 print(json.dumps(dict(model='llama3.1-8b', hf_static_bs1_tok_s=round(hf_peer.bs1(m, cfg, 'cuda', 128, 128, 'static'), 1))), flush=True)
 " 2>&1 | grep "^{\|rror" | tee "$OUT/hf8b.txt"
-  timeout 240 python3 benchmarks/burst_decode.py llama3.1-8b --steps 8 --rows 1 --tokens 128 2>&1 | table \
-    | tee "$OUT/burst_8b.txt"
+  timeout 290 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --ab xla:xla_gpu_enable_triton_gemm=false,xla:xla_gpu_autotune_level=0 2>&1 | table | tee "$OUT/floor_ab_llama.txt"
   ;;
 dk)
   # Issue 11: Qwen2.5-0.5B's decode step is the device's (A = 1.10 ms: 1000 tok/s needs < 1 ms).
