@@ -29,6 +29,7 @@ import time
 
 _PHASES = (("probe", r"activation peak: .*measured in ([\d.]+) s"),
            ("compile", r"compiled \d+ step variants .* in ([\d.]+) s"),
+           ("lower", r"tracing and lowering ([\d.]+) s"),
            ("warm", r"ran each step variant once .* in ([\d.]+) s"),
            ("ready", r"engine ready in ([\d.]+) s"))
 
@@ -109,7 +110,7 @@ def main() -> None:
           f"{ns.max_num_batched_tokens} tokens, max_model_len {ns.max_model_len}, compile threads "
           f"{ns.compile_threads or 'default'})")
     print("| run | process s | engine startup_s | of it: activation probe | step variants compile "
-          "| warm-up | variants |\n|---|---|---|---|---|---|---|")
+          "| of it: tracing and lowering | warm-up | variants |\n|---|---|---|---|---|---|---|---|")
     try:
         for run in ns.runs.split(","):
             cmd = [sys.executable, __file__, "--child", "--model", ns.model, "--max-num-seqs",
@@ -118,11 +119,11 @@ def main() -> None:
                    *(["--compile-threads", str(ns.compile_threads)] if ns.compile_threads else [])]
             r, last = run_child(cmd, ns.timeout)
             f = {k: ("-" if r.get(k) is None else f"{r[k]:.1f}")
-                 for k in ("process_s", "ready", "probe", "compile", "warm")}
+                 for k in ("process_s", "ready", "probe", "compile", "lower", "warm")}
             total = (f["process_s"] if "process_s" in r
                      else f"> {ns.timeout:.0f} (stopped; last step {last or '-'})")
-            print(f"| {run} | {total} | {f['ready']} | {f['probe']} | {f['compile']} | {f['warm']} | "
-                  f"{r.get('variants', '-')} |", flush=True)
+            print(f"| {run} | {total} | {f['ready']} | {f['probe']} | {f['compile']} | {f['lower']} "
+                  f"| {f['warm']} | {r.get('variants', '-')} |", flush=True)
             if "process_s" not in r:
                 break
     finally:

@@ -113,14 +113,13 @@ class Runner:
         self._pages_per_seq = config.pages_per_seq
         self._page_size = config.cache.page_size
         self._num_out = max(sched.seq_bucket(t) for t in self._buckets)
-        spec = config.speculative   # a verify row has a mask per position (grammar + drafts)
-        # A speculating engine's previous-step output has the chained layout (spec/chain.py).
+        spec = config.speculative   # (a speculating engine's previous output: spec/chain.py)
         self._num_spec = spec.num_speculative_tokens if spec is not None else 0
         self.steps = StepVariants(sched, config.pipelined_bursts)   # (jserve/step_variants.py)
         self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
         self._compiled: dict[StepVariant, Any] = {}
-        self._twins: dict[StepVariant, Any] = {}   # see compile_twins
-        self._twin_turn = False
+        self.compile_timings: dict[str, float] = {}   # compile_pool.compile_in_order's
+        self._twins, self._twin_turn = {}, False   # see compile_twins
         self._layouts: dict[int, StepLayout] = {}
         self._slot_init = SlotInit(sched.max_num_seqs, config.model.vocab_size, sched.max_model_len,
                                    self._replicated)
@@ -498,7 +497,7 @@ class Runner:
                          done: Callable[[int, Any, int], None] | None = None) -> list[Any]:
         """``compile_pool.compile_in_order`` on this runner's devices and threads."""
         return compile_in_order(programs, threads or self.compile_threads(),
-                                self.mesh.devices.flat[0].platform == "gpu", done)
+                                self.mesh.devices.flat[0].platform == "gpu", done, self.compile_timings)
 
     def compile(self, progress: Progress | None = None, threads: int | None = None) -> float:
         """Compile every step variant (and speculative variant) ahead of time: lowered in turn,
@@ -534,7 +533,8 @@ class Runner:
             say(f"compiling the split step (forward, sampler) for token buckets {self.split.buckets}")
             self.compile_split(threads)
         elapsed = time.perf_counter() - t0
-        log.info("compiled %d step variants (token buckets %s) in %.1f s", total, self._buckets, elapsed)
+        log.info("compiled %d step variants (token buckets %s) in %.1f s (tracing and lowering %.1f s)",
+                 total, self._buckets, elapsed, self.compile_timings.get("lower_s", 0.0))
         return elapsed
 
     def attach_pool(self, kv: KVCache, draft_kv: KVCache | None = None) -> None:

@@ -48,12 +48,13 @@ def test_on_gpu_each_token_bucket_compiles_first_alone():
                 return f"exe-{self.name}"
 
         runner = SimpleNamespace(mesh=SimpleNamespace(devices=SimpleNamespace(
-            flat=[SimpleNamespace(platform=platform)])), compile_threads=lambda: 3)
+            flat=[SimpleNamespace(platform=platform)])), compile_threads=lambda: 3, compile_timings={})
         programs = [(16, lambda n=n: Lowered(n)) for n in ("a", "b", "c")]
         programs += [(512, lambda n=n: Lowered(n)) for n in ("d", "e")]
         done = []
         out = Runner.compile_programs(runner, programs, done=lambda i, exe, k: done.append((i, k)))
         assert out == ["exe-a", "exe-b", "exe-c", "exe-d", "exe-e"]
+        assert runner.compile_timings["lower_s"] >= 0.0   # every lowering timed
         assert sorted(i for i, _ in done) == [0, 1, 2, 3, 4] and [k for _, k in done] == [1, 2, 3, 4, 5]
         return events
 
