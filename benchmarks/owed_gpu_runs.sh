@@ -107,6 +107,19 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
 
 case "${1:-a}" in
+u8c)
+  # Issue 11's 8B start-up, phase by phase (session 17: cold 244 s at the offline settings, warm
+  # 36 s, 26.5 of it the step variants' compile phase), with the tracing-and-lowering share and
+  # when each variant finished; then what cuBLAS would cost the 8B's 32 / 64-token buckets (their
+  # Triton GEMMs are autotuned, each bucket's first program alone: the cold start's critical path).
+  # Prediction: cold ~240 s, of it the probe ~60 s and the 16 / 32 / 64 buckets ~40 s each;
+  # warm: lowering ~20 of ~26 s; cuBLAS at 32 / 64 within 3% of Triton, compiled in ~5 s vs ~40.
+  timeout 340 python3 benchmarks/startup.py --model llama3.1-8b --max-model-len 512 --timeout 280 \
+    2>&1 | table | tee "$OUT/startup_8b.txt"
+  timeout 230 python3 benchmarks/compile_ab.py --model llama3.1-8b --buckets 64,32 \
+    --modes xla_gpu_enable_triton_gemm=false,default 2>&1 \
+    | grep "^|\|^##\|compiled in\|built in\|failed" | tee "$OUT/compile_ab_8b.txt"
+  ;;
 i11)
   # Issue 11's last three rows in one call on a fresh machine: Llama-3.1-8B 500 x 200/180 offline
   # (target 10k out tok/s) whose engine build over the empty default cache is the cold start-up at

@@ -47,8 +47,8 @@ def child(ns: argparse.Namespace) -> None:
             for name, pattern in _PHASES:
                 if m := re.search(pattern, msg):
                     print(f"PHASE {name} {m.group(1)} {time.perf_counter() - t0:.1f}", flush=True)
-            if m := re.search(r"compiled step (\d+/\d+) .* at ([\d.]+) s", msg):
-                print(f"STEP {m.group(1)} {m.group(2)}", flush=True)
+            if m := re.search(r"compiled step (\d+/\d+) \(tokens (\d+),.* at ([\d.]+) s", msg):
+                print(f"STEP {m.group(1)} t{m.group(2)} {m.group(3)}", flush=True)
 
     logging.basicConfig(level=logging.INFO)
     logging.getLogger().addHandler(Phases())
@@ -82,6 +82,7 @@ def run_child(cmd: list[str], timeout: float) -> tuple[dict, str]:
                 out[name] = float(seconds)
             elif kind == "STEP":
                 last = rest
+                out.setdefault("steps", []).append(rest)
             elif kind == "DONE":
                 out.update(json.loads(rest))
     finally:
@@ -124,6 +125,8 @@ def main() -> None:
                      else f"> {ns.timeout:.0f} (stopped; last step {last or '-'})")
             print(f"| {run} | {total} | {f['ready']} | {f['probe']} | {f['compile']} | {f['lower']} "
                   f"| {f['warm']} | {r.get('variants', '-')} |", flush=True)
+            if r.get("steps"):   # when each step variant finished (the compile's critical path)
+                print(f"| {run}: step k/N, bucket, at s | {'; '.join(r['steps'])} |", flush=True)
             if "process_s" not in r:
                 break
     finally:
