@@ -114,9 +114,9 @@ u8c)
   # Triton GEMMs are autotuned, each bucket's first program alone: the cold start's critical path).
   # Prediction: cold ~240 s, of it the probe ~60 s and the 16 / 32 / 64 buckets ~40 s each;
   # warm: lowering ~20 of ~26 s; cuBLAS at 32 / 64 within 3% of Triton, compiled in ~5 s vs ~40.
-  timeout 340 python3 benchmarks/startup.py --model llama3.1-8b --max-model-len 512 --timeout 280 \
+  timeout 355 python3 benchmarks/startup.py --model llama3.1-8b --max-model-len 512 --timeout 290 \
     2>&1 | table | tee "$OUT/startup_8b.txt"
-  timeout 230 python3 benchmarks/compile_ab.py --model llama3.1-8b --buckets 64,32 \
+  timeout 215 python3 benchmarks/compile_ab.py --model llama3.1-8b --buckets 64,32 \
     --modes xla_gpu_enable_triton_gemm=false,default 2>&1 \
     | grep "^|\|^##\|compiled in\|built in\|failed" | tee "$OUT/compile_ab_8b.txt"
   ;;
