@@ -8,8 +8,9 @@ GIL) and compiled on a thread pool (XLA's compile releases it)::
                        times candidate kernels on the device while it compiles, and concurrent
                        compiles spoil each other's timings (an H200: 8 threads took 106 s for 6
                        Qwen-0.5B variants, with "Delay kernel timed out" warnings), so the first
-                       program of each token bucket compiles alone (that bucket's matmuls, the
-                       same shapes in all its programs, are tuned there) and the rest on threads,
+                       program of each Triton-GEMM token bucket compiles alone (that bucket's
+                       matmuls, the same shapes in all its programs, are tuned there) and the
+                       rest on threads,
                        their kernels found in XLA's per-fusion autotune cache.
     compile_each       all on threads: the split step's pairs (after the step variants, whose
                        buckets' matmuls they share) and warm-up's small programs (slot writers,
@@ -23,6 +24,13 @@ compiles and times many Triton candidates per GEMM shape) and ran the step 6-11%
 tokens it ran 3% slower (20.5 s of compile against 2.9) and at 16 (a decode step) 13% slower,
 so small buckets keep the autotuned Triton GEMMs. XLA's autotune level 0 (no autotuning, Triton
 kept) ran 6.5-21x slower: not an option.
+
+Wide models (``WIDE_HIDDEN`` and more) take cuBLAS from ``CUBLAS_MIN_TOKENS_WIDE`` tokens on
+(``cublas_min_tokens``): on an H200 (session 17, Llama-3.1-8B's greedy step, fresh compiles)
+cuBLAS ran the 32 / 64-token buckets at 1.011x / 0.994x the autotuned Triton GEMMs' time and
+compiled them in 4.1 / 3.4 s against 38.2 / 32.7 s: those two buckets were 85 s of the cold
+start's 244 s. The 16-token (decode) bucket keeps Triton there too (cuBLAS +3.3%).
+Only the autotuned buckets' first programs compile alone; cuBLAS buckets go to the threads.
 
 XLA's rematerialization pass is off for every step program on GPU. Its memory limit is the
 device's, and it counts the arguments: with the KV pool filling the share, every real-size step
@@ -43,25 +51,34 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 CUBLAS_MIN_TOKENS = 128   # GPU token buckets from this size on: cuBLAS GEMMs (module docstring)
+CUBLAS_MIN_TOKENS_WIDE = 32   # the same for models of WIDE_HIDDEN or more
+WIDE_HIDDEN = 4096
 
 
-def compiler_options(tokens: int, gpu: bool) -> dict[str, Any]:
+def cublas_min_tokens(hidden_size: int) -> int:
+    """The smallest GPU token bucket whose GEMMs are cuBLAS's for a model of ``hidden_size``."""
+    return CUBLAS_MIN_TOKENS_WIDE if hidden_size >= WIDE_HIDDEN else CUBLAS_MIN_TOKENS
+
+
+def compiler_options(tokens: int, gpu: bool, cublas_from: int = CUBLAS_MIN_TOKENS) -> dict[str, Any]:
     """XLA options for compiling a program of a ``tokens`` bucket (module docstring)."""
     if not gpu:
         return {}
     options: dict[str, Any] = {"xla_disable_hlo_passes": "rematerialization"}
-    if tokens >= CUBLAS_MIN_TOKENS:
+    if tokens >= cublas_from:
         options["xla_gpu_enable_triton_gemm"] = False
     return options
 
 
 def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int, gpu: bool,
                      done: Callable[[int, Any, int], None] | None = None,
-                     timings: dict[str, float] | None = None) -> list[Any]:
+                     timings: dict[str, float] | None = None,
+                     cublas_from: int = CUBLAS_MIN_TOKENS) -> list[Any]:
     """Compile ``(token bucket, lower)`` pairs -> their executables, in order; ``done(i,
-    executable, how many have finished)`` as each finishes. ``gpu``: each bucket's first program
-    alone first (module docstring). ``timings["lower_s"]`` accumulates the seconds spent tracing
-    and lowering (on the calling thread: with warm caches most of a start-up's compile phase)."""
+    executable, how many have finished)`` as each finishes. ``gpu``: each autotuned bucket's
+    first program alone first (module docstring). ``timings["lower_s"]`` accumulates the
+    seconds spent tracing and lowering (on the calling thread: with warm caches most of a
+    start-up's compile phase)."""
     def lower(i: int) -> Any:
         t = time.perf_counter()
         try:
@@ -73,7 +90,8 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
     alone: dict[int, int] = {}
     if gpu:
         for i, (tokens, _) in enumerate(programs):
-            alone.setdefault(tokens, i)
+            if tokens < cublas_from:
+                alone.setdefault(tokens, i)
     out: list[Any] = [None] * len(programs)
     finished = 0
 
@@ -84,9 +102,9 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
             done(i, compiled, finished)
 
     for i in alone.values():
-        finish(i, lower(i).compile(compiler_options(programs[i][0], gpu)))
+        finish(i, lower(i).compile(compiler_options(programs[i][0], gpu, cublas_from)))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        futures = [(i, pool.submit(lower(i).compile, compiler_options(tokens, gpu)))
+        futures = [(i, pool.submit(lower(i).compile, compiler_options(tokens, gpu, cublas_from)))
                    for i, (tokens, _) in enumerate(programs) if i not in alone.values()]
         for i, fut in futures:
             finish(i, fut.result())

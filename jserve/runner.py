@@ -56,7 +56,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jserve.burst_step import burst_step
-from jserve.compile_pool import compile_in_order
+from jserve.compile_pool import compile_in_order, cublas_min_tokens
 from jserve.config import EngineConfig
 from jserve.host_kv import host_slot_counts
 from jserve.kv_cache import KVCache
@@ -370,7 +370,8 @@ class Runner:
     # ---------------------------------------------------------------- split step
     def compile_split(self, threads: int = 1) -> None:
         """Compile the split step's programs (once, ``threads`` at a time; jserve/split_step.py)."""
-        self.split.compile(threads, self.mesh.devices.flat[0].platform == "gpu")
+        self.split.compile(threads, self.mesh.devices.flat[0].platform == "gpu",
+                           cublas_min_tokens(self.config.model.hidden_size))
 
     def split_wanted(self) -> bool:
         """Whether warm-up compiles the split step: on a GPU or TPU with the overlapped loop
@@ -483,21 +484,20 @@ class Runner:
 
     def compile_twins(self, variants: list[StepVariant]) -> None:
         """Compile a second executable of each of ``variants``; dispatch then alternates between
-        the two (each its own CUDA graph, updated while the other runs). An experiment of
-        benchmarks/step_floor.py (RESULTS_v2_sessions_5-8.md)."""
+        the two (each its own CUDA graph). benchmarks/step_floor.py's experiment."""
         for v in variants:
             self._twins[StepVariant(*v)] = self.lower_step(v).compile()
 
     def compile_threads(self) -> int:
-        """Threads that compile programs at once (on GPU after each token bucket's first one:
-        ``compile_pool.compile_in_order``)."""
+        """Threads that compile programs at once (``compile_pool.compile_in_order``)."""
         return min(4, os.cpu_count() or 1)
 
     def compile_programs(self, programs: list[tuple[int, Callable[[], Any]]], threads: int | None = None,
                          done: Callable[[int, Any, int], None] | None = None) -> list[Any]:
         """``compile_pool.compile_in_order`` on this runner's devices and threads."""
         return compile_in_order(programs, threads or self.compile_threads(),
-                                self.mesh.devices.flat[0].platform == "gpu", done, self.compile_timings)
+                                self.mesh.devices.flat[0].platform == "gpu", done, self.compile_timings,
+                                cublas_min_tokens(self.config.model.hidden_size))
 
     def compile(self, progress: Progress | None = None, threads: int | None = None) -> float:
         """Compile every step variant (and speculative variant) ahead of time: lowered in turn,

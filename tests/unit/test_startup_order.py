@@ -28,13 +28,14 @@ def test_steps_compile_before_the_pool_is_allocated(make_engine, monkeypatch):
 
 
 def test_on_gpu_each_token_bucket_compiles_first_alone():
-    """GPU start-up compiles each token bucket's first program alone (XLA's autotuner times that
-    bucket's matmuls on the device), then the rest on threads; elsewhere all on threads. The
-    executables come back in the programs' order."""
+    """GPU start-up compiles each Triton-GEMM token bucket's first program alone (XLA's autotuner
+    times that bucket's matmuls on the device), then the rest on threads (cuBLAS buckets
+    included); elsewhere all on threads. The executables come back in the programs' order. A
+    wide model (hidden 4096) takes cuBLAS from 32 tokens on."""
     import threading
     from types import SimpleNamespace
 
-    def run(platform):
+    def run(platform, hidden=896):
         events = []
         opts.clear()
 
@@ -48,8 +49,9 @@ def test_on_gpu_each_token_bucket_compiles_first_alone():
                 return f"exe-{self.name}"
 
         runner = SimpleNamespace(mesh=SimpleNamespace(devices=SimpleNamespace(
-            flat=[SimpleNamespace(platform=platform)])), compile_threads=lambda: 3, compile_timings={})
-        programs = [(16, lambda n=n: Lowered(n)) for n in ("a", "b", "c")]
+            flat=[SimpleNamespace(platform=platform)])), compile_threads=lambda: 3, compile_timings={},
+            config=SimpleNamespace(model=SimpleNamespace(hidden_size=hidden)))
+        programs = [(16, lambda n=n: Lowered(n)) for n in ("a", "b")] + [(64, lambda: Lowered("c"))]
         programs += [(512, lambda n=n: Lowered(n)) for n in ("d", "e")]
         done = []
         out = Runner.compile_programs(runner, programs, done=lambda i, exe, k: done.append((i, k)))
@@ -60,12 +62,15 @@ def test_on_gpu_each_token_bucket_compiles_first_alone():
 
     opts = {}
     gpu = run("gpu")
-    assert gpu[:2] == [("start", "a", True), ("start", "d", True)]   # alone, in turn
-    assert {e[1] for e in gpu[2:]} == {"b", "c", "e"} and not any(e[2] for e in gpu[2:])
+    assert gpu[:2] == [("start", "a", True), ("start", "c", True)]   # alone, in turn
+    assert {e[1] for e in gpu[2:]} == {"b", "d", "e"} and not any(e[2] for e in gpu[2:])
     # GPU: no rematerialization pass; buckets of CUBLAS_MIN_TOKENS (128) and more compile with
     # cuBLAS GEMMs
     base = {"xla_disable_hlo_passes": "rematerialization"}
     off = {**base, "xla_gpu_enable_triton_gemm": False}
     assert opts == {"a": base, "b": base, "c": base, "d": off, "e": off}
+    wide = run("gpu", hidden=4096)
+    assert wide[0] == ("start", "a", True) and not any(e[2] for e in wide[1:])
+    assert opts == {"a": base, "b": base, "c": off, "d": off, "e": off}
     assert not any(e[2] for e in run("cpu"))   # all on the pool's threads
     assert all(o == {} for o in opts.values())
