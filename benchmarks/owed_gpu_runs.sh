@@ -107,6 +107,17 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
 
 case "${1:-a}" in
+u8w)
+  # Session 17's start-up changes on the 8B: cuBLAS from 32 tokens for wide models (85 s of the
+  # cold start were the 32 / 64-token buckets' Triton autotuning), cuBLAS buckets on the threads,
+  # and serialized step executables (a warm start skips tracing and lowering: 11.1 s of 29.7).
+  # Prediction: cold ~130 s (was 244), warm ~15 s (was 36.6), the same greedy tokens cold and warm;
+  # then the GPU test of the executable cache on the tiny llama.
+  timeout 250 python3 benchmarks/startup.py --model llama3.1-8b --max-model-len 512 --timeout 200 \
+    2>&1 | table | tee "$OUT/startup_8b.txt"
+  timeout 100 python3 -m pytest -q -x tests/gpu/test_engine_gpu.py -k warm_start -p no:cacheprovider \
+    2>&1 | tail -5 | tee "$OUT/gpu_test.txt"
+  ;;
 u8c)
   # Issue 11's 8B start-up, phase by phase (session 17: cold 244 s at the offline settings, warm
   # 36 s, 26.5 of it the step variants' compile phase), with the tracing-and-lowering share and

@@ -17,6 +17,7 @@ new temporary folder, removed at the end).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -61,8 +62,18 @@ def child(ns: argparse.Namespace) -> None:
         model=ns.model, random_weights=True, dtype="bfloat16", max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
         compilation_cache_dir=ns.cache_dir))
-    print("DONE " + json.dumps({"process_s": time.perf_counter() - t0,
-                                "variants": len(engine.runner.variants())}), flush=True)
+    process_s = time.perf_counter() - t0
+    from jserve.sampling_params import SamplingParams  # the engine then decodes: same tokens?
+
+    engine.add_request("check", list(range(100, 132)), SamplingParams(temperature=0.0, max_tokens=16,
+                                                                      ignore_eos=True))
+    tokens: list[int] = []
+    while engine.has_unfinished_requests():
+        tokens = next((o.outputs[0].token_ids for o in engine.step() if o.finished), tokens)
+    stored = engine.runner.executables
+    print("DONE " + json.dumps({"process_s": process_s, "variants": len(engine.runner.variants()),
+                                "tokens": hashlib.sha256(str(tokens).encode()).hexdigest()[:12],
+                                "loaded": stored.loaded if stored else "-"}), flush=True)
 
 
 def run_child(cmd: list[str], timeout: float) -> tuple[dict, str]:
@@ -111,7 +122,8 @@ def main() -> None:
           f"{ns.max_num_batched_tokens} tokens, max_model_len {ns.max_model_len}, compile threads "
           f"{ns.compile_threads or 'default'})")
     print("| run | process s | engine startup_s | of it: activation probe | step variants compile "
-          "| of it: tracing and lowering | warm-up | variants |\n|---|---|---|---|---|---|---|---|")
+          "| of it: tracing and lowering | warm-up | variants | stored executables loaded "
+          "| greedy tokens (digest) |\n|---|---|---|---|---|---|---|---|---|---|")
     try:
         for run in ns.runs.split(","):
             cmd = [sys.executable, __file__, "--child", "--model", ns.model, "--max-num-seqs",
@@ -124,7 +136,8 @@ def main() -> None:
             total = (f["process_s"] if "process_s" in r
                      else f"> {ns.timeout:.0f} (stopped; last step {last or '-'})")
             print(f"| {run} | {total} | {f['ready']} | {f['probe']} | {f['compile']} | {f['lower']} "
-                  f"| {f['warm']} | {r.get('variants', '-')} |", flush=True)
+                  f"| {f['warm']} | {r.get('variants', '-')} | {r.get('loaded', '-')} "
+                  f"| {r.get('tokens', '-')} |", flush=True)
             if r.get("steps"):   # when each step variant finished (the compile's critical path)
                 print(f"| {run}: step k/N, bucket, at s | {'; '.join(r['steps'])} |", flush=True)
             if "process_s" not in r:

@@ -11,8 +11,8 @@ For each model shape (random weights, bf16):
     PYTHONPATH=. python3 benchmarks/step_floor.py qwen2.5-0.5b,llama3.1-8b [--dump DIR]
         [--trace DIR] [--compile-threads N]
 
---twins adds A2 and B2: the decode step as two executables called in turn (``Runner.compile_twins``:
-does the per-call CUDA-graph update wait for the graph's previous launch?). --staged adds A3 and
+--twins adds A2: the decode step as two executables called in turn (does the per-call CUDA-graph
+update wait for the graph's previous launch? Session 8: no; the engine keeps one). --staged adds A3 and
 B3: each step's input copied into a fixed device buffer (``staged_input.stage_inputs``), so the step's
 CUDA graph sees no moved input.
 --dump writes the optimized program of each model's decode step (``<model>.decode_step.hlo.txt``)
@@ -261,10 +261,9 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
             continue
         extra[f"A + {patch} (recompiled in {time.perf_counter() - tc:.0f} s)"] = fn
     decode = StepVariant(t, False, True, True)
-    if twins:   # two executables of the decode step, called in turn (Runner.compile_twins)
-        eng.runner.compile_twins([decode])
+    if twins:   # two executables of the decode step, called in turn
         extra["A2 two executables of the decode step in turn"] = (eng.runner._compiled[decode],
-                                                                   eng.runner._twins[decode])
+                                                                   eng.runner.lower_step(decode).compile())
     extra_res = {name: floor_a(eng, step=fn) for name, fn in extra.items()}
     for key, overlap in (("B", True), ("C", False)):
         eng._overlap = overlap   # the async_scheduling option, toggled on one engine (benchmark only)
@@ -272,9 +271,6 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
     eng._overlap = True
     with read_first(eng):
         res["B5"] = engine_decode(eng)
-    if twins:
-        eng._overlap = True
-        res["B2"] = engine_decode(eng)
     if staged:   # the step input copied into a fixed device buffer (jserve/staged_input.py)
         eng._overlap = True
         stage_inputs(eng.runner)
@@ -298,9 +294,6 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
     print(f"| C LLMEngine.step, synchronous | {res['C']:.3f} | {1e3 / res['C']:.0f} | | | |", flush=True)
     print(f"| B5 as B, a finished step read before the next launch (the order before session 15) | "
           f"{res['B5']:.3f} | {1e3 / res['B5']:.0f} | | | |", flush=True)
-    if "B2" in res:
-        print(f"| B2 LLMEngine.step, overlapped, decode step's twin in turn | {res['B2']:.3f} | "
-              f"{1e3 / res['B2']:.0f} | | | |", flush=True)
     if "B3" in res:
         ms, host, idle, kernels = res["A3"]
         print(f"| A3 as A, a numpy input staged into a fixed device buffer each call | {ms:.3f} | "
@@ -324,7 +317,7 @@ def main() -> None:
     ap.add_argument("--quantization", default="none",
                     help="comma list of weight quantizations to probe in turn: none, int8, fp8, fp8_w8a8")
     ap.add_argument("--twins", action="store_true",
-                    help="also time A2 and B2: two executables of the decode step called in turn")
+                    help="also time A2: two executables of the decode step called in turn")
     ap.add_argument("--staged", action="store_true",
                     help="also time A3 and B3: each step's input staged into a fixed device buffer")
     ns = ap.parse_args()

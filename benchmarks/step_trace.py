@@ -57,9 +57,8 @@ class StepTrace:
         tr._wrap(runner, "pack", "pack")
         tr._wrap(runner, "stage_masks", "stage_masks")
         tr._wrap(runner.logit_state, "flush", "flush")
-        for table in (runner._compiled, runner._twins):
-            for key, fn in list(table.items()):
-                table[key] = tr._launch(runner, fn)
+        for key, fn in list(runner._compiled.items()):
+            runner._compiled[key] = tr._launch(runner, fn)
         split = runner.split._compiled
         for key, (fwd, smp) in list(split.items()):
             split[key] = (tr._launch(runner, fwd), tr._launch(runner, smp))

@@ -26,6 +26,7 @@ from jserve.data_parallel import DataParallelEngine
 from jserve.device_memory import allow_device_memory, usable_device_bytes
 from jserve.engine import LLMEngine
 from jserve.engine_api import BuildInfo
+from jserve.executable_cache import ExecutableCache
 from jserve.kv_cache import (
     MemoryBudget,
     PoolPlan,
@@ -46,7 +47,7 @@ from jserve.penalty_state import state_bytes
 from jserve.runner import Runner
 from jserve.spec.config import SpeculativeConfig, spec_state_bytes
 from jserve.spec.draft import DraftModel, resolve_draft
-from jserve.startup_cache import StartupCache
+from jserve.startup_cache import StartupCache, engine_fingerprint
 from jserve.structured.logit_state import logit_state_bytes
 from jserve.tokenizer import TOKENIZER_FILE, Tokenizer
 from sharding import make_mesh
@@ -358,6 +359,10 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
                  params_bytes(draft.params) / 1e6)
     runner = Runner(config, params, abstract_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh),
                     mesh, draft)
+    if cache_dir and channel is None and mesh.devices.flat[0].platform in ("gpu", "tpu"):
+        runner.executables = ExecutableCache(cache_dir, engine_fingerprint(
+            config, params, mesh, draft.cfg if draft else None, f"num_pages={plan.num_pages}",
+            [d.id for d in mesh.devices.flat]))   # (a data-parallel replica's own devices)
     compile_s = runner.compile(progress)
     # The step programs' room stays free while the pool fills the rest (allocate_kv_cache).
     free = 0 if budget is None else budget.pool_hold_bytes

@@ -48,7 +48,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jserve.executable_cache import ExecutableCache
 
 CUBLAS_MIN_TOKENS = 128   # GPU token buckets from this size on: cuBLAS GEMMs (module docstring)
 CUBLAS_MIN_TOKENS_WIDE = 32   # the same for models of WIDE_HIDDEN or more
@@ -73,12 +76,15 @@ def compiler_options(tokens: int, gpu: bool, cublas_from: int = CUBLAS_MIN_TOKEN
 def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int, gpu: bool,
                      done: Callable[[int, Any, int], None] | None = None,
                      timings: dict[str, float] | None = None,
-                     cublas_from: int = CUBLAS_MIN_TOKENS) -> list[Any]:
+                     cublas_from: int = CUBLAS_MIN_TOKENS, stored: ExecutableCache | None = None,
+                     names: list[str] | None = None) -> list[Any]:
     """Compile ``(token bucket, lower)`` pairs -> their executables, in order; ``done(i,
     executable, how many have finished)`` as each finishes. ``gpu``: each autotuned bucket's
     first program alone first (module docstring). ``timings["lower_s"]`` accumulates the
     seconds spent tracing and lowering (on the calling thread: with warm caches most of a
-    start-up's compile phase)."""
+    start-up's compile phase). ``stored`` with ``names`` (one per program): executables kept
+    there are loaded instead (no tracing, no lowering) and the others kept there once compiled
+    (jserve/executable_cache.py)."""
     def lower(i: int) -> Any:
         t = time.perf_counter()
         try:
@@ -87,25 +93,34 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
             if timings is not None:
                 timings["lower_s"] = timings.get("lower_s", 0.0) + time.perf_counter() - t
 
-    alone: dict[int, int] = {}
-    if gpu:
-        for i, (tokens, _) in enumerate(programs):
-            if tokens < cublas_from:
-                alone.setdefault(tokens, i)
+    options = [compiler_options(tokens, gpu, cublas_from) for tokens, _ in programs]
+    keep = stored is not None and names is not None
     out: list[Any] = [None] * len(programs)
     finished = 0
 
-    def finish(i: int, compiled: Any) -> None:
+    def finish(i: int, compiled: Any, fresh: bool = True) -> None:
         nonlocal finished
         out[i], finished = compiled, finished + 1
+        if fresh and keep:   # serialized and written beside the compiles (joined at the end)
+            pool.submit(stored.store, names[i], options[i], compiled)
         if done is not None:
             done(i, compiled, finished)
 
-    for i in alone.values():
-        finish(i, lower(i).compile(compiler_options(programs[i][0], gpu, cublas_from)))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        futures = [(i, pool.submit(lower(i).compile, compiler_options(tokens, gpu, cublas_from)))
-                   for i, (tokens, _) in enumerate(programs) if i not in alone.values()]
+        if keep:
+            loads = [pool.submit(stored.load, names[i], options[i]) for i in range(len(programs))]
+            for i, fut in enumerate(loads):
+                if (exe := fut.result()) is not None:
+                    finish(i, exe, fresh=False)
+        alone: dict[int, int] = {}
+        if gpu:
+            for i, (tokens, _) in enumerate(programs):
+                if tokens < cublas_from and out[i] is None:
+                    alone.setdefault(tokens, i)
+        for i in alone.values():
+            finish(i, lower(i).compile(options[i]))
+        futures = [(i, pool.submit(lower(i).compile, options[i])) for i in range(len(programs))
+                   if out[i] is None and i not in alone.values()]
         for i, fut in futures:
             finish(i, fut.result())
     return out

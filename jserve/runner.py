@@ -58,6 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jserve.burst_step import burst_step
 from jserve.compile_pool import compile_in_order, cublas_min_tokens
 from jserve.config import EngineConfig
+from jserve.executable_cache import ExecutableCache
 from jserve.host_kv import host_slot_counts
 from jserve.kv_cache import KVCache
 from jserve.kv_transfer import KVPageMover
@@ -119,7 +120,7 @@ class Runner:
         self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
         self._compiled: dict[StepVariant, Any] = {}
         self.compile_timings: dict[str, float] = {}   # compile_pool.compile_in_order's
-        self._twins, self._twin_turn = {}, False   # see compile_twins
+        self.executables: ExecutableCache | None = None   # the builder's (jserve/executable_cache.py)
         self._layouts: dict[int, StepLayout] = {}
         self._slot_init = SlotInit(sched.max_num_seqs, config.model.vocab_size, sched.max_model_len,
                                    self._replicated)
@@ -299,10 +300,6 @@ class Runner:
         step = self._compiled.get(variant)
         if step is None:
             raise RuntimeError(f"step variant {variant} was not compiled at warm-up")
-        twin = self._twins.get(variant)
-        if twin is not None:   # alternate calls go to the twin executable (``compile_twins``)
-            self._twin_turn = not self._twin_turn
-            step = twin if self._twin_turn else step
         pen = None if greedy else self.penalty_state
         self.logit_state.flush()
         masks = None if greedy else self.logit_state.device
@@ -482,22 +479,18 @@ class Runner:
                        + ((None,) * 3 if no_logprobs else (rep,) * 3)
                        ).lower(*args)
 
-    def compile_twins(self, variants: list[StepVariant]) -> None:
-        """Compile a second executable of each of ``variants``; dispatch then alternates between
-        the two (each its own CUDA graph). benchmarks/step_floor.py's experiment."""
-        for v in variants:
-            self._twins[StepVariant(*v)] = self.lower_step(v).compile()
-
     def compile_threads(self) -> int:
         """Threads that compile programs at once (``compile_pool.compile_in_order``)."""
         return min(4, os.cpu_count() or 1)
 
     def compile_programs(self, programs: list[tuple[int, Callable[[], Any]]], threads: int | None = None,
-                         done: Callable[[int, Any, int], None] | None = None) -> list[Any]:
-        """``compile_pool.compile_in_order`` on this runner's devices and threads."""
+                         done: Callable[[int, Any, int], None] | None = None,
+                         names: list[str] | None = None) -> list[Any]:
+        """``compile_pool.compile_in_order`` on this runner's devices and threads; ``names``:
+        the programs' names in ``self.executables`` (the builder's, or None)."""
         return compile_in_order(programs, threads or self.compile_threads(),
                                 self.mesh.devices.flat[0].platform == "gpu", done, self.compile_timings,
-                                cublas_min_tokens(self.config.model.hidden_size))
+                                cublas_min_tokens(self.config.model.hidden_size), self.executables, names)
 
     def compile(self, progress: Progress | None = None, threads: int | None = None) -> float:
         """Compile every step variant (and speculative variant) ahead of time: lowered in turn,
@@ -526,15 +519,16 @@ class Runner:
                 f"{self.config.scheduler.seq_bucket(t)}, {kind}) at {time.perf_counter() - t0:.1f} s")
 
         self.compile_programs([(v.tokens, functools.partial(self.lower_step, v)) for v in variants],
-                              threads, done)
+                              threads, done, [f"step {v}" for v in variants])
         if self.spec_steps is not None:
             self.spec_steps.compile(self, say, threads)
         if self.split_wanted():
             say(f"compiling the split step (forward, sampler) for token buckets {self.split.buckets}")
             self.compile_split(threads)
         elapsed = time.perf_counter() - t0
-        log.info("compiled %d step variants (token buckets %s) in %.1f s (tracing and lowering %.1f s)",
-                 total, self._buckets, elapsed, self.compile_timings.get("lower_s", 0.0))
+        log.info("compiled %d step variants (token buckets %s) in %.1f s (tracing and lowering %.1f s, "
+                 "%d stored executables loaded)", total, self._buckets, elapsed,
+                 self.compile_timings.get("lower_s", 0.0), self.executables.loaded if self.executables else 0)
         return elapsed
 
     def attach_pool(self, kv: KVCache, draft_kv: KVCache | None = None) -> None:

@@ -343,11 +343,12 @@ class SpecSteps:
                 f"{'greedy' if v[1] else 'general sampler'}) at {time.perf_counter() - t0:.1f} s")
 
         runner.compile_programs([(v[0], functools.partial(self._lower, runner, v)) for v in variants],
-                                threads, done)
+                                threads, done, [f"verify {v}" for v in variants])
         if self.draft is not None and self.pauses:   # the draft's catch-up, one per bucket
             buckets = runner.config.scheduler.token_buckets
             compiled = runner.compile_programs(
-                [(t, functools.partial(self._lower_catch_up, runner, t)) for t in buckets], threads)
+                [(t, functools.partial(self._lower_catch_up, runner, t)) for t in buckets], threads,
+                names=[f"draft catch-up {t}" for t in buckets])
             self._catch_up = dict(zip(buckets, compiled, strict=True))
             say(f"compiled {len(buckets)} draft catch-up programs at {time.perf_counter() - t0:.1f} s")
 

@@ -87,3 +87,21 @@ def test_bf16_fresh_step_runs_mosaic_kernel_once_and_matches_paged():
     paged = np.asarray(paged, np.float32)[:4]
     assert np.all(np.isfinite(fresh))
     assert np.linalg.norm(fresh - paged) / np.linalg.norm(paged) < 3e-2
+
+
+def test_a_warm_start_loads_its_stored_step_executables(make_engine, tmp_path):
+    """On a GPU the builder keeps each step variant serialized beside the compilation cache
+    (jserve/executable_cache.py); the next start of the same engine loads every one without
+    tracing or lowering and gives the same greedy and seeded sampled tokens."""
+    prompts = [[3, 4, 5, 6], list(range(10, 40))]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True)]
+    cold = make_engine("llama", compilation_cache_dir=str(tmp_path))
+    count = len(cold.runner.variants())
+    assert cold.runner.executables.stored == count and cold.runner.executables.loaded == 0
+    want = [run_tokens(cold, prompts, sp) for sp in params]
+    warm = make_engine("llama", compilation_cache_dir=str(tmp_path))
+    assert warm.runner.executables.loaded == count and "lower_s" not in warm.runner.compile_timings
+    assert [run_tokens(warm, prompts, sp) for sp in params] == want
+    other = make_engine("llama", compilation_cache_dir=str(tmp_path), num_pages=96)   # another pool
+    assert other.runner.executables.loaded == 0

@@ -50,6 +50,7 @@ def test_on_gpu_each_token_bucket_compiles_first_alone():
 
         runner = SimpleNamespace(mesh=SimpleNamespace(devices=SimpleNamespace(
             flat=[SimpleNamespace(platform=platform)])), compile_threads=lambda: 3, compile_timings={},
+            executables=None,
             config=SimpleNamespace(model=SimpleNamespace(hidden_size=hidden)))
         programs = [(16, lambda n=n: Lowered(n)) for n in ("a", "b")] + [(64, lambda: Lowered("c"))]
         programs += [(512, lambda n=n: Lowered(n)) for n in ("d", "e")]
