@@ -25,12 +25,14 @@ tokens it ran 3% slower (20.5 s of compile against 2.9) and at 16 (a decode step
 so small buckets keep the autotuned Triton GEMMs. XLA's autotune level 0 (no autotuning, Triton
 kept) ran 6.5-21x slower: not an option.
 
-Wide models (``WIDE_HIDDEN`` and more) take cuBLAS from ``CUBLAS_MIN_TOKENS_WIDE`` tokens on
-(``cublas_min_tokens``): on an H200 (session 17, Llama-3.1-8B's greedy step, fresh compiles)
-cuBLAS ran the 32 / 64-token buckets at 1.011x / 0.994x the autotuned Triton GEMMs' time and
-compiled them in 4.1 / 3.4 s against 38.2 / 32.7 s: those two buckets were 85 s of the cold
-start's 244 s. The 16-token (decode) bucket keeps Triton there too (cuBLAS +3.3%).
-Only the autotuned buckets' first programs compile alone; cuBLAS buckets go to the threads.
+Wide models (``WIDE_HIDDEN`` and more, ``gemm_policy``) take cuBLAS from 32 tokens on and
+XLA's default Triton GEMMs, not autotuned (``xla_gpu_autotune_level=0``), below. On an H200
+(session 17, Llama-3.1-8B, fresh compiles) cuBLAS ran the greedy step's 32 / 64-token buckets at
+1.011x / 0.994x the autotuned Triton GEMMs' time and compiled them in 4.1 / 3.4 s against 38.2
+/ 32.7 s (those two buckets were 85 s of a 244 s cold start); on the 16-token decode step cuBLAS
+was 3.3% slower but level 0 as fast as autotuning (4.518 / 4.519 ms; its autotuned first program
+took 43 s alone). On Qwen2.5-0.5B (hidden 896) level 0 ran the 32 / 64 buckets 2.4-3.6x slower,
+so narrow models keep the autotuner. Only autotuned buckets' first programs compile alone.
 
 XLA's rematerialization pass is off for every step program on GPU. Its memory limit is the
 device's, and it counts the arguments: with the KV pool filling the share, every real-size step
@@ -45,6 +47,7 @@ steps as fast (batch-1 decode 771 / 745 tok/s, bursts 1005 / 983).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -54,29 +57,43 @@ if TYPE_CHECKING:
     from jserve.executable_cache import ExecutableCache
 
 CUBLAS_MIN_TOKENS = 128   # GPU token buckets from this size on: cuBLAS GEMMs (module docstring)
-CUBLAS_MIN_TOKENS_WIDE = 32   # the same for models of WIDE_HIDDEN or more
-WIDE_HIDDEN = 4096
+WIDE_HIDDEN = 4096        # models this wide: cuBLAS from 32 tokens, no autotuning below
 
 
-def cublas_min_tokens(hidden_size: int) -> int:
-    """The smallest GPU token bucket whose GEMMs are cuBLAS's for a model of ``hidden_size``."""
-    return CUBLAS_MIN_TOKENS_WIDE if hidden_size >= WIDE_HIDDEN else CUBLAS_MIN_TOKENS
+@dataclasses.dataclass(frozen=True)
+class GemmPolicy:
+    """How a model's GPU step programs get their matmuls (module docstring)."""
+
+    cublas_from: int = CUBLAS_MIN_TOKENS   # the smallest token bucket with cuBLAS GEMMs
+    autotune: bool = True                  # whether the Triton GEMMs below it are autotuned
 
 
-def compiler_options(tokens: int, gpu: bool, cublas_from: int = CUBLAS_MIN_TOKENS) -> dict[str, Any]:
+NARROW = GemmPolicy()                 # (the default: Qwen2.5-0.5B-class models)
+WIDE = GemmPolicy(cublas_from=32, autotune=False)
+
+
+def gemm_policy(hidden_size: int) -> GemmPolicy:
+    """The GEMM policy of a model of ``hidden_size``: wide models take cuBLAS from 32 tokens on
+    and XLA's default Triton GEMMs (autotune level 0) below, which ran as fast there."""
+    return WIDE if hidden_size >= WIDE_HIDDEN else NARROW
+
+
+def compiler_options(tokens: int, gpu: bool, policy: GemmPolicy = NARROW) -> dict[str, Any]:
     """XLA options for compiling a program of a ``tokens`` bucket (module docstring)."""
     if not gpu:
         return {}
     options: dict[str, Any] = {"xla_disable_hlo_passes": "rematerialization"}
-    if tokens >= cublas_from:
+    if tokens >= policy.cublas_from:
         options["xla_gpu_enable_triton_gemm"] = False
+    elif not policy.autotune:
+        options["xla_gpu_autotune_level"] = 0
     return options
 
 
 def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int, gpu: bool,
                      done: Callable[[int, Any, int], None] | None = None,
                      timings: dict[str, float] | None = None,
-                     cublas_from: int = CUBLAS_MIN_TOKENS, stored: ExecutableCache | None = None,
+                     policy: GemmPolicy = NARROW, stored: ExecutableCache | None = None,
                      names: list[str] | None = None) -> list[Any]:
     """Compile ``(token bucket, lower)`` pairs -> their executables, in order; ``done(i,
     executable, how many have finished)`` as each finishes. ``gpu``: each autotuned bucket's
@@ -93,7 +110,7 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
             if timings is not None:
                 timings["lower_s"] = timings.get("lower_s", 0.0) + time.perf_counter() - t
 
-    options = [compiler_options(tokens, gpu, cublas_from) for tokens, _ in programs]
+    options = [compiler_options(tokens, gpu, policy) for tokens, _ in programs]
     keep = stored is not None and names is not None
     out: list[Any] = [None] * len(programs)
     finished = 0
@@ -115,7 +132,7 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
         alone: dict[int, int] = {}
         if gpu:
             for i, (tokens, _) in enumerate(programs):
-                if tokens < cublas_from and out[i] is None:
+                if tokens < policy.cublas_from and policy.autotune and out[i] is None:
                     alone.setdefault(tokens, i)
         for i in alone.values():
             finish(i, lower(i).compile(options[i]))
