@@ -195,8 +195,25 @@ class KVPageMover:
                              gather.out_info, (self._on_device,) * len(gather.out_info))
         return [gather, self._scatter.lower(kv, ids, pages)]
 
+    def compile(self, kv: KVCache) -> None:
+        """Compile every bucket's moves over ``kv`` (the pool's ShapeDtypeStructs at start-up,
+        beside the step variants) into JAX's persistent cache, so that ``warmup``'s calls load
+        them instead of compiling one after another. Nothing to do with the cache off."""
+        if not jax.config.jax_compilation_cache_dir:
+            return
+        for bucket in self.buckets:
+            ids = jax.ShapeDtypeStruct((bucket,), jnp.int32, sharding=self._ids_sharding)
+            self._copy.lower(kv, ids, ids).compile()
+            if self.host_moves:
+                gather = self._gather.lower(kv, ids)
+                gather.compile()
+                pages = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                     gather.out_info, (self._on_device,) * len(gather.out_info))
+                self._scatter.lower(kv, ids, pages).compile()
+
     def warmup(self, kv: KVCache) -> KVCache:
-        """Compile (and run once, on the null page) every bucket of every move."""
+        """Compile (or load, after ``compile``) and run once, on the null page, every bucket of
+        every move."""
         for bucket in self.buckets:
             ids = self._ids([0] * bucket)
             kv = self._copy(kv, ids, ids)

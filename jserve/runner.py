@@ -505,26 +505,36 @@ class Runner:
         total = len(variants)
 
         threads = threads or self.compile_threads()
-        say(f"compiling {total} step variants on {threads} threads")
+        programs = [(v.tokens, functools.partial(self.lower_step, v)) for v in variants]
+        names = [f"step {v}" for v in variants]
+        split = self.split.buckets if self.split_wanted() else ()
+        for t in split:   # the split step's (forward, sampler) pairs, lowered together
+            pair = functools.cache(functools.partial(self.lower_split, t))
+            programs += [(t, lambda pair=pair: pair()[0]), (t, lambda pair=pair: pair()[1])]
+            names += [f"split forward {t}", f"split sampler {t}"]
+        say(f"compiling {total} step variants on {threads} threads"
+            + (f" (and the split step for token buckets {split})" if split else ""))
+        count = 0
 
-        def done(i: int, compiled: Any, count: int) -> None:
-            variant = variants[i]
-            self._compiled[variant] = compiled
-            t = variant.tokens
-            kind = (f"burst of {variant.burst}, " if variant.burst > 1 else "") + (
-                "flash prefill" if variant.fresh_prefill else "greedy decode"
-                if variant.decode_only and variant.greedy else "greedy" if variant.greedy
-                else "plain sampler" if variant.plain else "general sampler")
-            say(f"compiled step {count}/{total} (tokens {t}, rows "
-                f"{self.config.scheduler.seq_bucket(t)}, {kind}) at {time.perf_counter() - t0:.1f} s")
+        def done(i: int, compiled: Any, _: int) -> None:
+            nonlocal count
+            if i >= total:
+                return self.split.put(split[(i - total) // 2], (i - total) % 2, compiled)
+            v, count = variants[i], count + 1
+            self._compiled[v] = compiled
+            rows = self.config.scheduler.seq_bucket(v.tokens)
+            say(f"compiled step {count}/{total} (tokens {v.tokens}, rows {rows}, {v.kind()}) at "
+                f"{time.perf_counter() - t0:.1f} s")
 
-        self.compile_programs([(v.tokens, functools.partial(self.lower_step, v)) for v in variants],
-                              threads, done, [f"step {v}" for v in variants])
+        with ThreadPoolExecutor(max_workers=2) as side:   # warm-up's small programs, beside them
+            jobs = [side.submit(self._slot_init.compile, self.penalty_state), side.submit(
+                self._slot_writer.compile, self.slot_table), side.submit(self.logit_state.compile),
+                side.submit(self.mover.compile, self.kv)]
+            self.compile_programs(programs, threads, done, names)
+        for job in jobs:
+            job.result()   # (their errors)
         if self.spec_steps is not None:
             self.spec_steps.compile(self, say, threads)
-        if self.split_wanted():
-            say(f"compiling the split step (forward, sampler) for token buckets {self.split.buckets}")
-            self.compile_split(threads)
         elapsed = time.perf_counter() - t0
         log.info("compiled %d step variants (token buckets %s) in %.1f s (tracing and lowering %.1f s, "
                  "%d stored executables loaded)", total, self._buckets, elapsed,
@@ -543,8 +553,7 @@ class Runner:
             self.spec_steps.draft.kv = draft_kv
 
     def _warm_split(self, token_bucket: int) -> None:
-        """Run one bucket's split pair once on padding rows. (A method of its own so that the
-        logits die with it: left alive, they took the room of the page mover's warm-up.)"""
+        """Run one bucket's split pair once on padding rows (its logits die with the call)."""
         layout = self.layout(token_bucket)
         fwd, smp = self.split.programs(token_bucket)
         joint = jax.device_put(layout.joint(layout.new_buffers()[0]), self._replicated)
@@ -555,9 +564,9 @@ class Runner:
             self.logit_state.device, np.full(layout.num_rows, -1, np.int32))
 
     def warm(self) -> float:
-        """Run each compiled step once over the allocated pool, then compile and run the small
-        programs (penalty slot init per id bucket, slot writer, logit state, page mover).
-        -> seconds taken."""
+        """Run each compiled step once over the allocated pool, then the small programs
+        (penalty slot init per id bucket, slot writer; ``compile`` compiled them, and the page
+        mover's into JAX's cache). -> seconds taken."""
         t0 = time.perf_counter()
         for variant in self.variants():
             layout = self.layout(variant[0])
@@ -575,10 +584,6 @@ class Runner:
         for t in self.split.buckets:   # each compiled split pair once, on padding rows only
             if self.split.ready(t):
                 self._warm_split(t)
-        with ThreadPoolExecutor(max_workers=self.compile_threads()) as pool:   # small programs
-            self._slot_init.compile(self.penalty_state, pool)
-            self._slot_writer.compile(self.slot_table, pool)
-            self.logit_state.compile(pool)
         for b in self._slot_init.buckets:  # run each once; the state is all zeros again after
             self.penalty_state = self._slot_init(self.penalty_state, 0, [0] * b)
         self.penalty_state = self._slot_init(self.penalty_state, 0, [])

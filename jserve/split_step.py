@@ -45,6 +45,7 @@ class SplitPrograms:
         self.buckets = tuple(buckets)
         self._lower = lower
         self._compiled: dict[int, tuple[Any, Any]] = {}
+        self._halves: dict[int, dict[int, Any]] = {}   # (``put``)
         self.steps = 0   # split steps dispatched (tests and metrics)
 
     def compile(self, threads: int = 1, gpu: bool = False, policy: GemmPolicy = NARROW) -> None:
@@ -61,6 +62,14 @@ class SplitPrograms:
         self._compiled = {t: (done[t, 0], done[t, 1]) for t in self.buckets}
         log.info("split step (forward, sampler) compiled for token buckets %s in %.1f s",
                  self.buckets, time.perf_counter() - t0)
+
+    def put(self, token_bucket: int, half: int, compiled: Any) -> None:
+        """One compiled half (0: forward, 1: sampler) of a bucket's pair, compiled by
+        ``Runner.compile`` beside the step variants; the pair is ready once both are in."""
+        pending = self._halves.setdefault(token_bucket, {})
+        pending[half] = compiled
+        if len(pending) == 2:
+            self._compiled[token_bucket] = (pending[0], pending[1])
 
     def ready(self, token_bucket: int) -> bool:
         return token_bucket in self._compiled

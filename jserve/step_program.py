@@ -64,6 +64,13 @@ class StepVariant(NamedTuple):
     plain: bool = False         # not greedy: the plain sampler (no filters, no conditional)
     burst: int = 1              # > 1: that many greedy decode steps in one program (burst_step)
 
+    def kind(self) -> str:
+        """What start-up's progress lines call it ("burst of 8, greedy decode", ...)."""
+        return (f"burst of {self.burst}, " if self.burst > 1 else "") + (
+            "flash prefill" if self.fresh_prefill else "greedy decode"
+            if self.decode_only and self.greedy else "greedy" if self.greedy
+            else "plain sampler" if self.plain else "general sampler")
+
 
 def _forward_part(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh, params: Any,
                   kv: KVCache, table: jax.Array, prev_tokens: jax.Array, joint: jax.Array) -> tuple:

@@ -170,3 +170,20 @@ def test_in_flight_done_asks_the_device(engine):
     engine._in_flight.tokens.block_until_ready()
     assert engine._in_flight_done()
     run_engine(engine, [])
+
+
+def test_start_up_compiles_the_split_pairs_beside_the_step_variants(make_engine, sync_engine,
+                                                                    monkeypatch):
+    """Where the split step is wanted (GPUs and TPUs), ``Runner.compile`` compiles each bucket's
+    (forward, sampler) pair in the same pool as the step variants: every pair is ready when the
+    engine is, and constrained requests then run split steps with the synchronous loop's tokens."""
+    from jserve.runner import Runner
+
+    monkeypatch.setattr(Runner, "split_wanted", lambda self: True)
+    eng = make_engine(max_num_batched_tokens=32)
+    assert eng.runner.split.buckets and all(eng.runner.split.ready(t) for t in eng.runner.split.buckets)
+    items = [(p, SamplingParams(temperature=0.9, seed=i, max_tokens=12, structured_outputs={"json": SCHEMA}))
+             for i, p in enumerate(PROMPTS[:2])]
+    assert [o.outputs[0].token_ids for o in run_engine(eng, items)] == [
+        o.outputs[0].token_ids for o in run_engine(sync_engine, items)]
+    assert eng.runner.split.steps > 0
