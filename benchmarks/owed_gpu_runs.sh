@@ -107,6 +107,17 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
 
 case "${1:-a}" in
+qs)
+  # Issue 13's quantized matrix-vector kernel (target >= 85% of the HBM read rate at M <= 16;
+  # the 8B's int8 decode is 1.12x bf16 of the 1.6x wanted): the config sweep, new in session 17
+  # with the overlapped pipeline (one wgmma in flight, the next tile dequantized meanwhile), at
+  # the 8B's fused gate/up and down shapes, M = 1. Prediction: default configs ~50-60% of the
+  # read rate; the best overlapped config ~70-80% (the per-step latency halved).
+  for shape in 28672x4096 4096x14336; do
+    timeout 280 python3 benchmarks/quant_matmul.py --shape $shape --ms 1 --sweep --reps 3 2>&1 \
+      | grep "^|\|^x\[\|sweep_best\|\"kernel\"\|error" | tee "$OUT/quant_sweep_$shape.txt"
+  done
+  ;;
 u8w)
   # Session 17's start-up changes on the 8B: cuBLAS from 32 tokens for wide models (85 s of the
   # cold start were the 32 / 64-token buckets' Triton autotuning), cuBLAS buckets on the threads,

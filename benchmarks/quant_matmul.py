@@ -16,8 +16,10 @@ weight (59 MB int8, 117 MB bf16) is not served from the 50 MB L2; median of ``--
 
     PYTHONPATH=. python3 benchmarks/quant_matmul.py [--sweep] [--ms 1,16,256,4096]
 
-``--sweep`` also times MgpuConfig variants at each M and prints the best. Every kernel result is
-checked against the reference (relative error printed). Writes quant_matmul.json under $OUT.
+``--sweep`` also times MgpuConfig variants at each M (block_n 64 / 128, block_k 128 / 256,
+3 / 4 stages, split-K 1 / 2 / 4, with and without the overlapped pipeline) and prints the best.
+Every kernel result is checked against the reference (relative error printed). Writes
+quant_matmul.json under $OUT.
 """
 
 from __future__ import annotations
@@ -154,10 +156,12 @@ def main() -> None:
                                      a.iters, a.reps) if base.split_k > 1 else t["k_int8"])
         if a.sweep:
             best = None
-            for bn, bk, st, sk in itertools.product((64, 128), (64, 128, 256), (2, 3, 4, 6), (1, 2, 4, 8)):
+            for bn, bk, st, sk, ov in itertools.product((64, 128), (128, 256), (3, 4), (1, 2, 4),
+                                                        (False, True)):
                 mp = mgpu.padded_tokens(m)
                 bm = mp if mp <= 64 else 128
-                cfg = mgpu.MgpuConfig(block_n=bn, block_m=bm, block_k=bk, stages=st, split_k=sk)
+                cfg = mgpu.MgpuConfig(block_n=bn, block_m=bm, block_k=bk, stages=st, split_k=sk,
+                                      overlap=ov)
                 if K % (bk * sk) or K // bk // sk < st:
                     continue
                 try:

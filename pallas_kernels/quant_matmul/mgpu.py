@@ -54,6 +54,8 @@ class MgpuConfig:
     block_k: int = 128     # contraction per pipeline step
     stages: int = 4        # TMA ring depth
     split_k: int = 1       # K parts per output tile, each a CTA (partials summed after the kernel)
+    overlap: bool = False  # one wgmma in flight: step i + 1's tile loads and dequantizes while
+    #                        step i's wgmma runs (double-buffered A tile, delayed slot release)
 
 
 def on_hopper() -> bool:
@@ -116,6 +118,8 @@ def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool
     steps = k // bk // split                 # pipeline steps of each CTA
     a_dtype = xp.dtype                       # the wgmma operand dtype (x's, or fp8 for w8a8)
     dequant = jnp.dtype(w.dtype) != jnp.dtype(a_dtype)
+    overlap = config.overlap and config.stages > 1 and steps > 1
+    a_slots = 2 if overlap else 1            # the dequantized A tile: step i + 1 fills the other
 
     def kernel(x_gmem, w_gmem, o_gmem):
         ni = lax.axis_index("n")
@@ -124,29 +128,31 @@ def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool
 
         def with_smem(a_smem, o_smem):
             def with_acc(acc_ref):
-                def body(_, w_smem, x_smem):
+                def body(idx, w_smem, x_smem):
                     if dequant:
                         w_reg = w_smem[...]
                         if jnp.dtype(w.dtype) == jnp.dtype(FP8) and jnp.dtype(a_dtype) != jnp.float16:
                             w_reg = w_reg.astype(jnp.float32)   # Hopper converts e4m3 only to f16/f32
-                        a_smem[...] = w_reg.astype(a_dtype)
+                        a = a_smem.at[lax.rem(idx[0], a_slots)]
+                        a[...] = w_reg.astype(a_dtype)
                         plgpu.commit_smem()
-                        a = a_smem
                     else:
                         a = w_smem
                     plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
-                    plgpu.wgmma_wait(0)
+                    plgpu.wgmma_wait(1 if overlap else 0)   # overlap: step i - 1's is done
 
+                release = 1 if overlap else 0   # overlap: a slot is refilled a step later
                 plgpu.emit_pipeline(
                     body, grid=(steps,),
                     in_specs=[
                         plgpu.BlockSpec((bn, bk), lambda kk: (ni, k0 + kk),
-                                        transforms=_transforms(w.dtype, bk)),
+                                        transforms=_transforms(w.dtype, bk), delay_release=release),
                         plgpu.BlockSpec((bm, bk), lambda kk: (mi, k0 + kk),
-                                        transforms=_transforms(a_dtype, bk)),
+                                        transforms=_transforms(a_dtype, bk), delay_release=release),
                     ],
                     max_concurrent_steps=config.stages,
                 )(w_gmem, x_gmem)
+                plgpu.wgmma_wait(0)
                 o_smem[...] = acc_ref[...]
 
             pl.run_scoped(with_acc, plgpu.ACC((bn, bm), jnp.float32))
@@ -157,7 +163,7 @@ def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool
 
         pl.run_scoped(
             with_smem,
-            plgpu.SMEM((bn, bk), a_dtype, transforms=_transforms(a_dtype, bk)),
+            plgpu.SMEM((a_slots, bn, bk), a_dtype, transforms=_transforms(a_dtype, bk)),
             plgpu.SMEM((bn, bm), jnp.float32, transforms=_transforms(jnp.float32, bm)),
         )
 

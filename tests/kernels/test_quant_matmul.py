@@ -1,6 +1,8 @@
 """Quantized matmul: the reference against float math, the Mosaic GPU and TPU kernels
 (interpret mode) against the reference."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,6 +111,11 @@ MGPU_CASES = {
     # split-K: each K part a CTA, the float32 partials summed after the kernel
     "split_default_int8_m1": (1, 64, 1024, jnp.int8, False, None),
     "split4_w8a8_m5": (5, 64, 512, FP8, True, mgpu.MgpuConfig(64, 8, 64, 2, split_k=4)),
+    # one wgmma in flight: double-buffered A tile, slots released a step late
+    "overlap_int8_m1": (1, 128, 512, jnp.int8, False, mgpu.MgpuConfig(64, 8, 64, 3, overlap=True)),
+    "overlap_fp8_split2_m13": (13, 64, 512, FP8, False,
+                               mgpu.MgpuConfig(64, 16, 64, 2, split_k=2, overlap=True)),
+    "overlap_w8a8_m5": (5, 64, 256, FP8, True, mgpu.MgpuConfig(64, 8, 64, 2, overlap=True)),
 }
 
 
@@ -174,6 +181,18 @@ def test_kernels_under_jit_with_traced_scale():
     x, q, s, _ = _operands(8, 2, 64, 128, jnp.int8)
     got = jax.jit(lambda x, q, s: mgpu.quant_matmul(x, q, s, interpret=True))(x, q, s)
     assert _rel(got, ref.w8a16_matmul(x, q, s)) < 4e-3
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_mgpu_overlap_kernel_lowers_for_cuda(overlap):
+    """The overlapped pipeline (delayed slot release, two A tiles) lowers for CUDA at the
+    Llama-3.1-8B MLP shape."""
+    cfg = dataclasses.replace(mgpu.default_config(1, 14336, 4096), overlap=overlap)
+    x = jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((14336, 4096), jnp.int8)
+    s = jax.ShapeDtypeStruct((14336,), jnp.float32)
+    fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s, config=cfg))
+    assert "mosaic_gpu" in fn.trace(x, w, s).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("m", [1, 16, 256, 4096])
