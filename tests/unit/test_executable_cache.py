@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jserve import executable_cache
 from jserve.compile_pool import compile_in_order
@@ -62,3 +64,26 @@ def test_a_program_xla_cannot_serialize_is_compiled_every_time(tmp_path, monkeyp
     (exe,) = compile_in_order([(16, _lowered)], 1, False, stored=cache, names=["p"])
     assert cache.stored == 0 and not (tmp_path / executable_cache.FOLDER).exists()
     assert float(exe(jnp.ones(4), jnp.ones(4))[0]) == 3.0
+
+
+def test_a_program_over_two_devices_loads_onto_the_same_two(tmp_path):
+    """A tensor-parallel program (its operands split over a 2-device mesh) is loaded onto the
+    devices it was compiled for, in their order, and computes the same values."""
+    devices = jax.devices()[:2]
+    if len(devices) < 2:
+        pytest.skip("needs 2 (forced host) devices")
+    mesh = Mesh(np.array(devices[::-1]), ("tp",))   # an order other than the devices' ids
+    split = NamedSharding(mesh, PartitionSpec("tp"))
+    arg = jax.ShapeDtypeStruct((8,), jnp.float32, sharding=split)
+
+    def lowered():
+        return jax.jit(lambda x: x * 3 - 1, out_shardings=split).lower(arg)
+
+    cache = ExecutableCache(tmp_path, "tp2")
+    (exe,) = compile_in_order([(16, lowered)], 1, False, stored=cache, names=["p"])
+    (loaded,) = compile_in_order([(16, _unloweable)], 1, False, stored=ExecutableCache(tmp_path, "tp2"),
+                                 names=["p"])
+    x = jax.device_put(jnp.arange(8.0), split)
+    got, want = loaded(x), exe(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.sharding.device_set == want.sharding.device_set == set(devices)
