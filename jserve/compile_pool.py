@@ -8,13 +8,13 @@ GIL) and compiled on a thread pool (XLA's compile releases it)::
                        times candidate kernels on the device while it compiles, and concurrent
                        compiles spoil each other's timings (an H200: 8 threads took 106 s for 6
                        Qwen-0.5B variants, with "Delay kernel timed out" warnings), so the first
-                       program of each Triton-GEMM token bucket compiles alone (that bucket's
-                       matmuls, the same shapes in all its programs, are tuned there) and the
-                       rest on threads,
-                       their kernels found in XLA's per-fusion autotune cache.
-    compile_each       all on threads: the split step's pairs (after the step variants, whose
-                       buckets' matmuls they share) and warm-up's small programs (slot writers,
-                       penalty inits, logit state writers: no matmul for the autotuner).
+                       program of each autotuned Triton-GEMM token bucket compiles alone
+                       (that bucket's matmuls, the same shapes in all its programs, are tuned
+                       there) and the rest on threads, their kernels found in XLA's per-fusion
+                       autotune cache. The split step's pairs come after the step variants.
+    compile_each       all on threads: warm-up's small programs (slot writers, penalty inits,
+                       logit state writers: no matmul for the autotuner) and the split step's
+                       pairs when compiled on their own (``Runner.compile_split``).
 
 GEMMs per token bucket on GPU (``compiler_options``): buckets of ``CUBLAS_MIN_TOKENS`` tokens
 and more run their matmuls through cuBLAS instead of XLA's Triton GEMMs. Measured on an H200

@@ -493,8 +493,9 @@ class Runner:
                                 gemm_policy(self.config.model.hidden_size), self.executables, names)
 
     def compile(self, progress: Progress | None = None, threads: int | None = None) -> float:
-        """Compile every step variant (and speculative variant) ahead of time: lowered in turn,
-        compiled on ``threads`` threads, through the persistent compilation cache. Needs only the
+        """Compile every step variant (speculative variants, the split step's pairs) ahead of
+        time: lowered in turn, compiled on ``threads`` threads, through the persistent compilation
+        cache (``self.executables``: loaded instead), warm-up's small programs beside. Needs only the
         pool's shapes: the builder compiles over ``abstract_kv_cache`` before it allocates the
         pool, so XLA's GPU autotuner has the memory the pool will take for its trial buffers
         (with the pool allocated to ``gpu_memory_utilization`` it ran out). ``progress`` gets one
