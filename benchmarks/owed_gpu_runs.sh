@@ -1,11 +1,12 @@
-# The device calls owed after session 16 (2026-12-02), in the order to run them. Each case fits
+# The device calls owed after session 17 (2026-12-02), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
-# (Sessions 7-16 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
-# sw3 (its threshold half), dk, hq, bu, bu1, bu2, bt, bh, the 2-GPU correctness tests and the OOM
-# diagnosis: RESULTS.md.) Order: sw4, sv, u8, b, u, q, k, hl, x, kv, w, t, f, m, o, u1; then, on
-# 2 GPUs, pb, d, s, c. Session 16 turned XLA's rematerialization pass off for step programs (its
-# compiles at a full share took ~10 s each for nothing): start-ups should now fit their timeouts
-# at share 0.9 too, but spec cases keep 0.5 until a run shows it.
+# (Sessions 7-17 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
+# sw3 (its threshold half), dk, hq, bu, bu1, bu2, bt, bh, sv, i11 (= hl + u8's warm half), b8
+# (= x + the 8B's HF peer), u8c, u8w, the 2-GPU correctness tests and the OOM diagnosis:
+# RESULTS.md.) Order: u8w (again, after session 17's last start-up changes), qs, kv, t, sw4, b,
+# k, o, q, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c. Session 16 turned XLA's
+# rematerialization pass off for step programs: start-ups should fit their timeouts at share 0.9
+# too, but spec cases keep 0.5 until a run shows it.
 #
 #   sw4 (1 GPU, ~6 min; session 16's try timed out compiling under the rematerialization pass):
 #     the sweep at the new default (disable_by_batch_size 4) after session 15's
