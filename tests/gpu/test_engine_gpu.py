@@ -97,11 +97,13 @@ def test_a_warm_start_loads_its_stored_step_executables(make_engine, tmp_path):
     params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True)]
     cold = make_engine("llama", compilation_cache_dir=str(tmp_path))
-    count = len(cold.runner.variants())
+    split = cold.runner.split.buckets if cold.runner.split_wanted() else ()
+    count = len(cold.runner.variants()) + 2 * len(split)   # the split step's pairs are kept too
     assert cold.runner.executables.stored == count and cold.runner.executables.loaded == 0
     want = [run_tokens(cold, prompts, sp) for sp in params]
     warm = make_engine("llama", compilation_cache_dir=str(tmp_path))
     assert warm.runner.executables.loaded == count and "lower_s" not in warm.runner.compile_timings
+    assert all(warm.runner.split.ready(t) for t in split)
     assert [run_tokens(warm, prompts, sp) for sp in params] == want
     other = make_engine("llama", compilation_cache_dir=str(tmp_path), num_pages=96)   # another pool
     assert other.runner.executables.loaded == 0
