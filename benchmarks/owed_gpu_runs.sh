@@ -114,8 +114,10 @@ qs)
   # with the overlapped pipeline (one wgmma in flight, the next tile dequantized meanwhile), at
   # the 8B's fused gate/up and down shapes, M = 1. Prediction: default configs ~50-60% of the
   # read rate; the best overlapped config ~70-80% (the per-step latency halved).
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py -k configs 2>&1 \
+    | tail -3 | tee "$OUT/quant_configs_test.txt"   # the overlapped configs on hardware first
   for shape in 28672x4096 4096x14336; do
-    timeout 280 python3 benchmarks/quant_matmul.py --shape $shape --ms 1 --sweep --reps 3 2>&1 \
+    timeout 240 python3 benchmarks/quant_matmul.py --shape $shape --ms 1 --sweep --reps 3 2>&1 \
       | grep "^|\|^x\[\|sweep_best\|\"kernel\"\|error" | tee "$OUT/quant_sweep_$shape.txt"
   done
   ;;

@@ -54,7 +54,10 @@ def test_mgpu_quant_matmul(m, mode, n, k):
 
 
 @pytest.mark.parametrize("cfg", [mgpu.MgpuConfig(128, 16, 64, 2), mgpu.MgpuConfig(64, 8, 256, 3),
-                                 mgpu.MgpuConfig(128, 128, 128, 2)])
+                                 mgpu.MgpuConfig(128, 128, 128, 2),
+                                 # the overlapped pipeline (a race shows only on hardware)
+                                 mgpu.MgpuConfig(64, 8, 128, 3, overlap=True),
+                                 mgpu.MgpuConfig(128, 16, 256, 4, split_k=2, overlap=True)])
 def test_mgpu_configs(cfg):
     rng = np.random.default_rng(1)
     m = min(cfg.block_m, 16)
