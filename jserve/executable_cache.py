@@ -36,6 +36,8 @@ from typing import Any
 import jax
 from jax.experimental import serialize_executable
 
+from jserve.startup_cache import write_atomically
+
 log = logging.getLogger(__name__)
 
 FOLDER = "jserve_executables"
@@ -84,15 +86,11 @@ class ExecutableCache:
         except Exception as e:  # noqa: BLE001 - XLA says which programs it cannot serialize
             log.debug("not keeping %s: %s: %s", name, type(e).__name__, str(e)[:200])
             return
-        path = self._path(name, options)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(blob)
-            os.replace(tmp, path)   # a concurrent start-up reads the old file or the new one
+            write_atomically(self._path(name, options), blob)
         except OSError as e:
             log.warning("could not keep the executable of %s in %s: %s", name, self.folder, e)
-            tmp.unlink(missing_ok=True)
             return
         with self._lock:
             self.stored += 1

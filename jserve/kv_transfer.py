@@ -182,18 +182,20 @@ class KVPageMover:
             kv = self._scatter(kv, self._ids([p for _, _, p in moves]), pages)
         return kv
 
-    def lower_largest_moves(self, kv: KVCache) -> list[Any]:
-        """The lowered device -> host gather and host -> device scatter of the largest bucket
-        over ``kv`` (arrays or their ShapeDtypeStructs): with the uploaded pages (the gather's
-        output size) their memory analyses give the mover's peak (jserve/activation_peak.py).
-        Empty without host moves."""
-        if not self.host_moves:
-            return []
-        ids = jax.ShapeDtypeStruct((self.buckets[-1],), jnp.int32, sharding=self._ids_sharding)
+    def _lower_host_moves(self, kv: KVCache, bucket: int) -> list[Any]:
+        """The lowered device -> host gather and host -> device scatter of ``bucket`` pages over
+        ``kv`` (arrays or their ShapeDtypeStructs; the scatter takes the gather's output size)."""
+        ids = jax.ShapeDtypeStruct((bucket,), jnp.int32, sharding=self._ids_sharding)
         gather = self._gather.lower(kv, ids)
         pages = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              gather.out_info, (self._on_device,) * len(gather.out_info))
         return [gather, self._scatter.lower(kv, ids, pages)]
+
+    def lower_largest_moves(self, kv: KVCache) -> list[Any]:
+        """The largest bucket's host moves (``_lower_host_moves``): with the uploaded pages their
+        memory analyses give the mover's peak (jserve/activation_peak.py). Empty without host
+        moves."""
+        return self._lower_host_moves(kv, self.buckets[-1]) if self.host_moves else []
 
     def compile(self, kv: KVCache) -> None:
         """Compile every bucket's moves over ``kv`` (the pool's ShapeDtypeStructs at start-up,
@@ -203,13 +205,11 @@ class KVPageMover:
             return
         for bucket in self.buckets:
             ids = jax.ShapeDtypeStruct((bucket,), jnp.int32, sharding=self._ids_sharding)
-            self._copy.lower(kv, ids, ids).compile()
+            lowered = [self._copy.lower(kv, ids, ids)]
             if self.host_moves:
-                gather = self._gather.lower(kv, ids)
-                gather.compile()
-                pages = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                     gather.out_info, (self._on_device,) * len(gather.out_info))
-                self._scatter.lower(kv, ids, pages).compile()
+                lowered += self._lower_host_moves(kv, bucket)
+            for low in lowered:
+                low.compile()
 
     def warmup(self, kv: KVCache) -> KVCache:
         """Compile (or load, after ``compile``) and run once, on the null page, every bucket of

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,18 @@ def engine_fingerprint(config: Any, params: Any, mesh: Mesh, *extra: Any) -> str
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: a concurrent start-up
+    reads the old file or the new one, never a part. Raises OSError (the temporary file gone)."""
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class StartupCache:
     """The measurements of ``FILE_NAME`` in a compilation cache folder (None: kept nowhere)."""
 
@@ -97,9 +110,7 @@ class StartupCache:
             return
         data = self._load()
         data.setdefault(fingerprint, {})[name] = int(value)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)   # atomic: a concurrent start-up reads the old or the new
+            write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
         except OSError as e:
             log.warning("could not keep the start-up measurement in %s: %s", self.path, e)
