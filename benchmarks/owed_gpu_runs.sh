@@ -132,6 +132,17 @@ u8w)
   timeout 100 python3 -m pytest -q -x tests/gpu/test_engine_gpu.py -k warm_start -p no:cacheprovider \
     2>&1 | tail -5 | tee "$OUT/gpu_test.txt"
   ;;
+u8t)
+  # Session 18 (after u8w's cold 87.8 s: probe 20.9, the variants' compile 58.9 with 26 programs on
+  # 4 threads): 8 compile threads, and the probe's programs compiled without code optimizations
+  # (their memory analysis is the same; the table shows the probe's figure, which adds the page
+  # mover's, beside the compiled steps'). Prediction: probe ~14 s, compile ~35 s (15 s of it
+  # lowering, serial), cold ~58 s; warm ~8 s. Then issue 16's ratio (case t).
+  timeout 200 python3 benchmarks/startup.py --model llama3.1-8b --max-model-len 512 --timeout 170 \
+    2>&1 | table | tee "$OUT/startup_8b.txt"
+  timeout 360 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights --rounds 2 \
+    --trace > "$OUT/so_trace.txt" 2>&1; grep "^|\|^##" "$OUT/so_trace.txt" | grep -v "|---"
+  ;;
 u8c)
   # Issue 11's 8B start-up, phase by phase (session 17: cold 244 s at the offline settings, warm
   # 36 s, 26.5 of it the step variants' compile phase), with the tracing-and-lowering share and

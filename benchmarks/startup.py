@@ -10,8 +10,9 @@ cache serves the executables; tracing and lowering still run). Prints one table:
 Phases, from the log's timestamps: weights (process start to the activation probe's start,
 random weights made on the device), the activation probe (``jserve/activation_peak.py``), the
 step variants' compile (lowering included), warm-up (each program run once, the small programs
-compiled), and the engine's own ``startup_seconds``. ``--cache-dir`` keeps the cache (default: a
-new temporary folder, removed at the end).
+compiled), and the engine's own ``startup_seconds``; beside them the activation peak the probe
+measured (its programs compiled without code optimizations) and the compiled steps' own.
+``--cache-dir`` keeps the cache (default: a new temporary folder, removed at the end).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ _PHASES = (("probe", r"activation peak: .*measured in ([\d.]+) s"),
            ("compile", r"compiled \d+ step variants .* in ([\d.]+) s"),
            ("lower", r"tracing and lowering ([\d.]+) s"),
            ("warm", r"ran each step variant once .* in ([\d.]+) s"),
-           ("ready", r"engine ready in ([\d.]+) s"))
+           ("ready", r"engine ready in ([\d.]+) s"),
+           ("probe_mib", r"^activation peak: ([\d.]+) MiB"),   # the probe's figure, or the kept one
+           ("steps_mib", r"compiled step programs' activation peak: ([\d.]+) MiB"))
 
 
 def child(ns: argparse.Namespace) -> None:
@@ -123,7 +126,8 @@ def main() -> None:
           f"{ns.compile_threads or 'default'})")
     print("| run | process s | engine startup_s | of it: activation probe | step variants compile "
           "| of it: tracing and lowering | warm-up | variants | stored executables loaded "
-          "| greedy tokens (digest) |\n|---|---|---|---|---|---|---|---|---|---|")
+          "| greedy tokens (digest) | activation peak MiB: probe / compiled steps |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|")
     try:
         for run in ns.runs.split(","):
             cmd = [sys.executable, __file__, "--child", "--model", ns.model, "--max-num-seqs",
@@ -132,12 +136,13 @@ def main() -> None:
                    *(["--compile-threads", str(ns.compile_threads)] if ns.compile_threads else [])]
             r, last = run_child(cmd, ns.timeout)
             f = {k: ("-" if r.get(k) is None else f"{r[k]:.1f}")
-                 for k in ("process_s", "ready", "probe", "compile", "lower", "warm")}
+                 for k in ("process_s", "ready", "probe", "compile", "lower", "warm", "probe_mib",
+                           "steps_mib")}
             total = (f["process_s"] if "process_s" in r
                      else f"> {ns.timeout:.0f} (stopped; last step {last or '-'})")
             print(f"| {run} | {total} | {f['ready']} | {f['probe']} | {f['compile']} | {f['lower']} "
                   f"| {f['warm']} | {r.get('variants', '-')} | {r.get('loaded', '-')} "
-                  f"| {r.get('tokens', '-')} |", flush=True)
+                  f"| {r.get('tokens', '-')} | {f['probe_mib']} / {f['steps_mib']} |", flush=True)
             if r.get("steps"):   # when each step variant finished (the compile's critical path)
                 print(f"| {run}: step k/N, bucket, at s | {'; '.join(r['steps'])} |", flush=True)
             if "process_s" not in r:

@@ -42,6 +42,7 @@ from typing import Any
 
 from jax.sharding import Mesh
 
+from jserve.compile_pool import compiled_extra_bytes, split_peak_bytes
 from jserve.config import DTYPE_BYTES, EngineConfig, ModelConfig
 from jserve.host_kv import host_slot_counts
 from jserve.kv_cache import abstract_kv_cache, kv_bytes_per_token, kv_scale_bytes_per_page
@@ -55,13 +56,6 @@ log = logging.getLogger(__name__)
 PROBE_PAGES = 2   # the probe's pool: page 0 (null) and one page; its shape is all that matters
 
 
-def compiled_extra_bytes(compiled: Any) -> int:
-    """Bytes a compiled program allocates while it runs, beyond its arguments: temporaries plus
-    the outputs that do not reuse a donated input's buffer."""
-    m = compiled.memory_analysis()
-    return int(m.temp_size_in_bytes) + max(0, int(m.output_size_in_bytes) - int(m.alias_size_in_bytes))
-
-
 def mover_peak_bytes(moves: list[Any]) -> int:
     """The page mover's peak from its lowered largest gather and scatter
     (``KVPageMover.lower_largest_moves``; none without host moves): a step can swap pages out
@@ -72,14 +66,6 @@ def mover_peak_bytes(moves: list[Any]) -> int:
     gather, scatter = (low.compile() for low in moves)
     upload = int(gather.memory_analysis().output_size_in_bytes)
     return compiled_extra_bytes(gather) + upload + compiled_extra_bytes(scatter)
-
-
-def split_peak_bytes(forward: Any, sampler: Any) -> int:
-    """The split step's peak (jserve/split_step.py) from its compiled pair: the forward's, or
-    its logits kept for the sampler plus the sampler's."""
-    m = forward.memory_analysis()
-    kept = int(m.output_size_in_bytes) - int(m.alias_size_in_bytes)   # the logits: the rest is donated
-    return max(compiled_extra_bytes(forward), kept + compiled_extra_bytes(sampler))
 
 
 def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
@@ -117,7 +103,7 @@ def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
     if split:
         pair = runner.lower_split(covered)
         programs += [(covered, lambda low=low: low) for low in pair]
-    compiled = runner.compile_programs(programs)   # on GPU each bucket's first alone: autotuning
+    compiled = runner.compile_programs(programs, measure_only=True)   # (GPU: no code optimization)
     peak = max(compiled_extra_bytes(c) for c in compiled[:count])
     if split:
         peak = max(peak, split_peak_bytes(*compiled[count:]))

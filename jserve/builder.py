@@ -364,6 +364,11 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
             config, params, mesh, draft.cfg if draft else None, f"num_pages={plan.num_pages}",
             [d.id for d in mesh.devices.flat]))   # (a data-parallel replica's own devices)
     compile_s = runner.compile(progress)
+    if budget is not None:
+        log.log(logging.WARNING if runner.steps_peak > budget.activation_bytes else logging.INFO,
+                "the compiled step programs' activation peak: %.1f MiB per device, of %.1f MiB held "
+                "for activations (activation_memory_bytes)", runner.steps_peak / 2**20,
+                budget.activation_bytes / 2**20)
     # The step programs' room stays free while the pool fills the rest (allocate_kv_cache).
     free = 0 if budget is None else budget.pool_hold_bytes
     draft_kv = None if draft is None else allocate_kv_cache(draft.cfg, plan.num_pages, ps, kv_dtype, mesh)

@@ -12,6 +12,9 @@ GIL) and compiled on a thread pool (XLA's compile releases it)::
                        (that bucket's matmuls, the same shapes in all its programs, are tuned
                        there) and the rest on threads, their kernels found in XLA's per-fusion
                        autotune cache. The split step's pairs come after the step variants.
+                       At most ``COMPILE_THREADS`` at once: an H200 host (16 cores) compiled
+                       the Llama-3.1-8B's 26 cold step programs in 59 s on 4 threads, each
+                       compile a single-threaded XLA pass pipeline for the most part.
     compile_each       all on threads: warm-up's small programs (slot writers, penalty inits,
                        logit state writers: no matmul for the autotuner) and the split step's
                        pairs when compiled on their own (``Runner.compile_split``).
@@ -57,7 +60,13 @@ if TYPE_CHECKING:
     from jserve.executable_cache import ExecutableCache
 
 CUBLAS_MIN_TOKENS = 128   # GPU token buckets from this size on: cuBLAS GEMMs (module docstring)
+COMPILE_THREADS = 8       # programs compiled at once, at most (``Runner.compile_threads``)
 WIDE_HIDDEN = 4096        # models this wide: cuBLAS from 32 tokens, no autotuning below
+# GPU programs compiled only for their memory analysis (the activation probe's): LLVM and ptxas
+# without optimizations. XLA assigns buffers after its HLO passes and before code generation, so
+# the temporaries are the optimized program's (start-up logs the real steps' figure beside it).
+MEASURE_ONLY = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                "xla_gpu_disable_gpuasm_optimizations": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +87,15 @@ def gemm_policy(hidden_size: int) -> GemmPolicy:
     return WIDE if hidden_size >= WIDE_HIDDEN else NARROW
 
 
-def compiler_options(tokens: int, gpu: bool, policy: GemmPolicy = NARROW) -> dict[str, Any]:
-    """XLA options for compiling a program of a ``tokens`` bucket (module docstring)."""
+def compiler_options(tokens: int, gpu: bool, policy: GemmPolicy = NARROW,
+                     measure_only: bool = False) -> dict[str, Any]:
+    """XLA options for compiling a program of a ``tokens`` bucket (module docstring);
+    ``measure_only``: compiled for its memory analysis alone (``MEASURE_ONLY``)."""
     if not gpu:
         return {}
     options: dict[str, Any] = {"xla_disable_hlo_passes": "rematerialization"}
+    if measure_only:
+        options.update(MEASURE_ONLY)
     if tokens >= policy.cublas_from:
         options["xla_gpu_enable_triton_gemm"] = False
     elif not policy.autotune:
@@ -94,14 +107,14 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
                      done: Callable[[int, Any, int], None] | None = None,
                      timings: dict[str, float] | None = None,
                      policy: GemmPolicy = NARROW, stored: ExecutableCache | None = None,
-                     names: list[str] | None = None) -> list[Any]:
+                     names: list[str] | None = None, measure_only: bool = False) -> list[Any]:
     """Compile ``(token bucket, lower)`` pairs -> their executables, in order; ``done(i,
     executable, how many have finished)`` as each finishes. ``gpu``: each autotuned bucket's
     first program alone first (module docstring). ``timings["lower_s"]`` accumulates the
     seconds spent tracing and lowering (on the calling thread: with warm caches most of a
     start-up's compile phase). ``stored`` with ``names`` (one per program): executables kept
     there are loaded instead (no tracing, no lowering) and the others kept there once compiled
-    (jserve/executable_cache.py)."""
+    (jserve/executable_cache.py). ``measure_only``: see ``compiler_options``."""
     def lower(i: int) -> Any:
         t = time.perf_counter()
         try:
@@ -110,7 +123,7 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
             if timings is not None:
                 timings["lower_s"] = timings.get("lower_s", 0.0) + time.perf_counter() - t
 
-    options = [compiler_options(tokens, gpu, policy) for tokens, _ in programs]
+    options = [compiler_options(tokens, gpu, policy, measure_only) for tokens, _ in programs]
     keep = stored is not None and names is not None
     out: list[Any] = [None] * len(programs)
     finished = 0
@@ -141,6 +154,27 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
         for i, fut in futures:
             finish(i, fut.result())
     return out
+
+
+def compiled_extra_bytes(compiled: Any) -> int:
+    """Bytes a compiled program allocates while it runs, beyond its arguments: temporaries plus
+    the outputs that do not reuse a donated input's buffer."""
+    m = compiled.memory_analysis()
+    return int(m.temp_size_in_bytes) + max(0, int(m.output_size_in_bytes) - int(m.alias_size_in_bytes))
+
+
+def split_peak_bytes(forward: Any, sampler: Any) -> int:
+    """The split step's peak (jserve/split_step.py) from its compiled pair: the forward's, or
+    its logits kept for the sampler plus the sampler's."""
+    m = forward.memory_analysis()
+    kept = int(m.output_size_in_bytes) - int(m.alias_size_in_bytes)   # the logits: the rest is donated
+    return max(compiled_extra_bytes(forward), kept + compiled_extra_bytes(sampler))
+
+
+def steps_peak_bytes(steps: list[Any], pairs: list[tuple[Any, Any]]) -> int:
+    """The activation peak of compiled step programs and split pairs (the activation probe's
+    figure, measured again on the real pool's programs)."""
+    return max([compiled_extra_bytes(c) for c in steps] + [split_peak_bytes(*p) for p in pairs], default=0)
 
 
 def compile_each(lowered: dict[Hashable, Any], pool: Executor | None = None,

@@ -109,6 +109,12 @@ class SlotInit:
         self._compiled.update(compile_each({b: init.lower(state, jax.ShapeDtypeStruct(
             (2 + b,), jnp.int32, sharding=self._sharding)) for b in self.buckets}, pool))
 
+    def warm(self, state: jax.Array) -> jax.Array:
+        """Run each bucket's program once (start-up); the state is all zeros again after."""
+        for b in self.buckets:
+            state = self(state, 0, [0] * b)
+        return self(state, 0, [])
+
     def __call__(self, state: jax.Array, slot: int, prompt_ids: tuple[int, ...] | list[int],
                  output_ids: tuple[int, ...] | list[int] = ()) -> jax.Array:
         """-> state with row ``slot`` = prompt bits + 2 * output counts (``state`` is donated)."""

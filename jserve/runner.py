@@ -56,7 +56,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jserve.burst_step import burst_step
-from jserve.compile_pool import compile_in_order, gemm_policy
+from jserve.compile_pool import COMPILE_THREADS, compile_in_order, gemm_policy, steps_peak_bytes
 from jserve.config import EngineConfig
 from jserve.executable_cache import ExecutableCache
 from jserve.host_kv import host_slot_counts
@@ -120,6 +120,7 @@ class Runner:
         self.rows = RequestRows(sched.max_num_seqs, self._pages_per_seq, config.model.vocab_size)
         self._compiled: dict[StepVariant, Any] = {}
         self.compile_timings: dict[str, float] = {}   # compile_pool.compile_in_order's
+        self.steps_peak = 0   # bytes: the compiled step variants' activation peak (``compile``)
         self.executables: ExecutableCache | None = None   # the builder's (jserve/executable_cache.py)
         self._layouts: dict[int, StepLayout] = {}
         self._slot_init = SlotInit(sched.max_num_seqs, config.model.vocab_size, sched.max_model_len,
@@ -481,16 +482,17 @@ class Runner:
 
     def compile_threads(self) -> int:
         """Threads that compile programs at once (``compile_pool.compile_in_order``)."""
-        return min(4, os.cpu_count() or 1)
+        return min(COMPILE_THREADS, os.cpu_count() or 1)
 
     def compile_programs(self, programs: list[tuple[int, Callable[[], Any]]], threads: int | None = None,
                          done: Callable[[int, Any, int], None] | None = None,
-                         names: list[str] | None = None) -> list[Any]:
+                         names: list[str] | None = None, measure_only: bool = False) -> list[Any]:
         """``compile_pool.compile_in_order`` on this runner's devices and threads; ``names``:
         the programs' names in ``self.executables`` (the builder's, or None)."""
         return compile_in_order(programs, threads or self.compile_threads(),
                                 self.mesh.devices.flat[0].platform == "gpu", done, self.compile_timings,
-                                gemm_policy(self.config.model.hidden_size), self.executables, names)
+                                gemm_policy(self.config.model.hidden_size), self.executables, names,
+                                measure_only)
 
     def compile(self, progress: Progress | None = None, threads: int | None = None) -> float:
         """Compile every step variant (speculative variants, the split step's pairs) ahead of
@@ -531,7 +533,8 @@ class Runner:
             jobs = [side.submit(self._slot_init.compile, self.penalty_state), side.submit(
                 self._slot_writer.compile, self.slot_table), side.submit(self.logit_state.compile),
                 side.submit(self.mover.compile, self.kv)]
-            self.compile_programs(programs, threads, done, names)
+            compiled = self.compile_programs(programs, threads, done, names)
+        self.steps_peak = steps_peak_bytes(compiled[:total], [self.split.programs(t) for t in split])
         for job in jobs:
             job.result()   # (their errors)
         if self.spec_steps is not None:
@@ -585,13 +588,8 @@ class Runner:
         for t in self.split.buckets:   # each compiled split pair once, on padding rows only
             if self.split.ready(t):
                 self._warm_split(t)
-        for b in self._slot_init.buckets:  # run each once; the state is all zeros again after
-            self.penalty_state = self._slot_init(self.penalty_state, 0, [0] * b)
-        self.penalty_state = self._slot_init(self.penalty_state, 0, [])
-        width = self.rows.table.shape[1]
-        for b in self._slot_writer.buckets:  # run each once; padding rows only: writes nothing
-            self.slot_table = self._slot_writer(self.slot_table, np.full(b, -1),
-                                                np.zeros((b, width), np.int32))
+        self.penalty_state = self._slot_init.warm(self.penalty_state)
+        self.slot_table = self._slot_writer.warm(self.slot_table)
         self.kv = self.mover.warmup(self.kv)
         jax.block_until_ready(self.kv)
         elapsed = time.perf_counter() - t0

@@ -128,6 +128,12 @@ class SlotWriter:
         self._compiled.update(compile_each({b: write.lower(table, jax.ShapeDtypeStruct(
             (b, 1 + self.width), jnp.int32, sharding=self._sharding)) for b in self.buckets}, pool))
 
+    def warm(self, table: jax.Array) -> jax.Array:
+        """Run each bucket's program once (start-up) on padding rows only: writes nothing."""
+        for b in self.buckets:
+            table = self(table, np.full(b, -1), np.zeros((b, self.width), np.int32))
+        return table
+
     def __call__(self, table: jax.Array, slots: np.ndarray, rows: np.ndarray) -> jax.Array:
         """-> table with ``table[slots[i]] = rows[i]`` (int32[k, W]; ``table`` is donated)."""
         k = len(slots)
