@@ -143,6 +143,20 @@ u8t)
   timeout 360 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights --rounds 2 \
     --trace > "$OUT/so_trace.txt" 2>&1; grep "^|\|^##" "$OUT/so_trace.txt" | grep -v "|---"
   ;;
+sk)
+  # Issue 12's two owed H200 rows in one call (session 18). sw4's sweep at the default
+  # disable_by_batch_size 4 (prediction: draft model at 16 / 256 running ~0.95 / ~0.92x, n-gram
+  # ~1.0x above 4; batch 1 n-gram ~1.5x, draft model ~1.25x), then k: one Llama-3.1-8B verify
+  # step (k = 4) against a 1-token decode step. Prediction: batch 1 ~1.05x (both read the weights
+  # once), batch 64 ~1.3x (320 query rows: the GEMMs near the H200's ridge).
+  timeout 290 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
+    --num-prompts 8 --max-tokens 96 --concurrency 1,4,16,256 --max-num-seqs 256 --max-model-len 1024 \
+    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 \
+    --json "$OUT/spec_sweep_4.json" > "$OUT/spec_sweep_4.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_sweep_4.txt" | tail -16
+  timeout 270 python3 benchmarks/spec_verify_step.py --model llama3.1-8b --k 4 --batches 1,64 \
+    > "$OUT/spec_verify.txt" 2>&1; grep -v "^W\|WARNING" "$OUT/spec_verify.txt" | tail -8
+  ;;
 u8c)
   # Issue 11's 8B start-up, phase by phase (session 17: cold 244 s at the offline settings, warm
   # 36 s, 26.5 of it the step variants' compile phase), with the tracing-and-lowering share and
