@@ -3,7 +3,7 @@
 The issue's real-scale target: on a Llama-3.1-8B shape (random weights), the device time of a
 step whose every request verifies k drafts (the speculative greedy variant: 1 + k tokens per
 row, logits and the rejection sampler at every position) relative to the plain greedy decode
-step (1 token per row), at each batch size, over a context of ``--context`` tokens. The steps
+step (1 token per row), at each batch size, over a context of each of ``--contexts`` tokens. The steps
 are packed by hand (``SchedulerOutput`` values: no scheduler, no proposer) and timed end to end
 (dispatch -> tokens on the host), median of ``--iters``.
 
@@ -60,33 +60,35 @@ def main() -> None:
     ap.add_argument("--random-weights", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--contexts", default="1024", help="comma list of context lengths (computed tokens)")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--acceptance", default="0.5,0.7,0.8", help="per-draft acceptance rates for "
                     "the implied speed-up column")
     ns = ap.parse_args()
     batches = [int(b) for b in ns.batches.split(",")]
+    contexts = [int(c) for c in ns.contexts.split(",")]
     seqs = max(batches)
     engine = build_engine(EngineArgs(
         model=ns.model, random_weights=ns.random_weights, max_num_seqs=seqs,
-        max_model_len=ns.context + 2 * ns.k + 16, max_num_batched_tokens=max(512, seqs * (1 + ns.k)),
+        max_model_len=max(contexts) + 2 * ns.k + 16, max_num_batched_tokens=max(512, seqs * (1 + ns.k)),
         speculative_config={"method": "ngram", "num_speculative_tokens": ns.k}))
     runner, ps = engine.runner, engine.config.cache.page_size
     rates = [float(a) for a in ns.acceptance.split(",")]
-    print(f"{ns.model}: context {ns.context}, k = {ns.k}; median of {ns.iters} steps")
-    print(f"{'batch':>5} {'decode ms':>10} {'verify ms':>10} {'ratio':>6}  "
+    print(f"{ns.model}: k = {ns.k}; median of {ns.iters} steps")
+    print(f"{'context':>7} {'batch':>5} {'decode ms':>10} {'verify ms':>10} {'ratio':>6}  "
           + "  ".join(f"x@a={a:g}" for a in rates))
-    for b in batches:
-        f0, s0, n = _steps(b, ns.context, 0, ps, 1)
-        f1, s1, _ = _steps(b, ns.context, ns.k, ps, 1)
-        if n >= engine.pool.num_total:
-            raise SystemExit(f"batch {b} needs {n} pages, the pool has {engine.pool.num_total}")
-        dec = _time(runner, f0, s0, ns.iters)
-        ver = _time(runner, f1, s1, ns.iters)
-        ratio = ver / dec
-        gains = [((1 - a ** (ns.k + 1)) / (1 - a)) / ratio for a in rates]
-        print(f"{b:>5} {dec * 1e3:10.2f} {ver * 1e3:10.2f} {ratio:6.2f}  "
-              + "  ".join(f"{g:7.2f}" for g in gains))
+    for context in contexts:
+        for b in batches:
+            f0, s0, n = _steps(b, context, 0, ps, 1)
+            f1, s1, _ = _steps(b, context, ns.k, ps, 1)
+            if n >= engine.pool.num_total:
+                raise SystemExit(f"batch {b} needs {n} pages, the pool has {engine.pool.num_total}")
+            dec = _time(runner, f0, s0, ns.iters)
+            ver = _time(runner, f1, s1, ns.iters)
+            ratio = ver / dec
+            gains = [((1 - a ** (ns.k + 1)) / (1 - a)) / ratio for a in rates]
+            print(f"{context:>7} {b:>5} {dec * 1e3:10.2f} {ver * 1e3:10.2f} {ratio:6.2f}  "
+                  + "  ".join(f"{g:7.2f}" for g in gains), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Phases, from the log's timestamps: weights (process start to the activation prob
 random weights made on the device), the activation probe (``jserve/activation_peak.py``), the
 step variants' compile (lowering included), warm-up (each program run once, the small programs
 compiled), and the engine's own ``startup_seconds``; beside them the activation peak the probe
-measured (its programs compiled without code optimizations) and the compiled steps' own.
+measured (fitted to the layer count where it may be) and the compiled steps' own, and the pool's
+pages (a fitted figure below the steps' own sizes the pool again: "sized again").
 ``--cache-dir`` keeps the cache (default: a new temporary folder, removed at the end).
 """
 
@@ -35,7 +36,9 @@ _PHASES = (("probe", r"activation peak: .*measured in ([\d.]+) s"),
            ("warm", r"ran each step variant once .* in ([\d.]+) s"),
            ("ready", r"engine ready in ([\d.]+) s"),
            ("probe_mib", r"^activation peak: ([\d.]+) MiB"),   # the probe's figure, or the kept one
-           ("steps_mib", r"compiled step programs' activation peak: ([\d.]+) MiB"))
+           ("steps_mib", r"compiled step programs' activation peak: ([\d.]+) MiB"),
+           ("pages", r"KV pool: (\d+) pages"),                  # the last plan's
+           ("resized", r"sized again \(KV pool: (\d+) pages"))   # a fitted probe that fell short
 
 
 def child(ns: argparse.Namespace) -> None:
@@ -126,8 +129,8 @@ def main() -> None:
           f"{ns.compile_threads or 'default'})")
     print("| run | process s | engine startup_s | of it: activation probe | step variants compile "
           "| of it: tracing and lowering | warm-up | variants | stored executables loaded "
-          "| greedy tokens (digest) | activation peak MiB: probe / compiled steps |"
-          "\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "| greedy tokens (digest) | activation peak MiB: probe / compiled steps | KV pages |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     try:
         for run in ns.runs.split(","):
             cmd = [sys.executable, __file__, "--child", "--model", ns.model, "--max-num-seqs",
@@ -142,7 +145,8 @@ def main() -> None:
                      else f"> {ns.timeout:.0f} (stopped; last step {last or '-'})")
             print(f"| {run} | {total} | {f['ready']} | {f['probe']} | {f['compile']} | {f['lower']} "
                   f"| {f['warm']} | {r.get('variants', '-')} | {r.get('loaded', '-')} "
-                  f"| {r.get('tokens', '-')} | {f['probe_mib']} / {f['steps_mib']} |", flush=True)
+                  f"| {r.get('tokens', '-')} | {f['probe_mib']} / {f['steps_mib']} "
+                  f"| {r.get('pages', 0):.0f}{' (sized again)' if 'resized' in r else ''} |", flush=True)
             if r.get("steps"):   # when each step variant finished (the compile's critical path)
                 print(f"| {run}: step k/N, bucket, at s | {'; '.join(r['steps'])} |", flush=True)
             if "process_s" not in r:

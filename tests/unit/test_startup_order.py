@@ -78,28 +78,3 @@ def test_on_gpu_each_token_bucket_compiles_first_alone():
     assert not any(e[2] for e in run("cpu"))   # all on the pool's threads
     assert all(o == {} for o in opts.values())
 
-
-def test_the_probe_compiles_for_its_memory_analysis_only(make_engine, monkeypatch):
-    """The activation probe's programs compile with XLA's code generation unoptimized on GPU
-    (``MEASURE_ONLY``: LLVM and ptxas only, after buffer assignment): XLA accepts the options,
-    the figure is the optimized program's, and only the probe asks for them. The real steps'
-    own peak is kept for the start-up log (``Runner.steps_peak``)."""
-    import jax.numpy as jnp
-
-    from jserve import compile_pool
-    from jserve.activation_peak import measure_activation_bytes
-
-    low = jax.jit(lambda x: jnp.tanh(x @ x).sum(0)).lower(jnp.ones((64, 64)))
-    assert compile_pool.compiled_extra_bytes(low.compile(compile_pool.MEASURE_ONLY)) == \
-        compile_pool.compiled_extra_bytes(low.compile())
-    assert compile_pool.MEASURE_ONLY.items() <= compile_pool.compiler_options(16, True, measure_only=True).items()
-    assert not compile_pool.MEASURE_ONLY.keys() & compile_pool.compiler_options(16, True).keys()
-    engine = make_engine(max_num_batched_tokens=16)
-    r = engine.runner
-    assert r.steps_peak == max(compile_pool.compiled_extra_bytes(c) for c in r._compiled.values()) > 0
-    asked = []
-    real = Runner.compile_programs
-    monkeypatch.setattr(Runner, "compile_programs",
-                        lambda self, *a, **k: asked.append(k.get("measure_only")) or real(self, *a, **k))
-    measure_activation_bytes(engine.config, r.params, r.mesh)
-    assert asked == [True]
