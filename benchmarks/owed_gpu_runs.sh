@@ -148,14 +148,11 @@ u8f)
   # probe took 21.8 s of a 72.6 s cold start). Prediction: probe ~5 s, cold ~56 s, the fitted
   # figure ~1383.6 MiB (u8t's whole-model probe) with no "sized again", warm ~7 s. Then why case
   # sk's 8B batch-1 decode step took 27.0 ms at 1024 tokens of context (batch 64: 8.9 ms):
-  # prediction: long-context attention with one live sequence (~5 ms at 128 tokens, ~27 at 1024);
-  # then the quant kernel's hardware tests of the overlapped configs (case qs's first half).
+  # prediction: long-context attention with one live sequence (~5 ms at 128 tokens, ~27 at 1024).
   timeout 200 python3 benchmarks/startup.py --model llama3.1-8b --max-model-len 512 --timeout 170 \
     2>&1 | table | tee "$OUT/startup_8b.txt"
   timeout 200 python3 benchmarks/spec_verify_step.py --model llama3.1-8b --k 4 --batches 1,64 \
     --contexts 128,1024 --iters 20 > "$OUT/spec_verify.txt" 2>&1; grep -v "^W\|WARNING" "$OUT/spec_verify.txt" | tail -7
-  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py -k configs 2>&1 \
-    | tail -3 | tee "$OUT/quant_configs_test.txt"
   ;;
 sk)
   # Issue 12's two owed H200 rows in one call (session 18). sw4's sweep at the default
