@@ -154,6 +154,18 @@ u8f)
   timeout 200 python3 benchmarks/spec_verify_step.py --model llama3.1-8b --k 4 --batches 1,64 \
     --contexts 128,1024 --iters 20 > "$OUT/spec_verify.txt" 2>&1; grep -v "^W\|WARNING" "$OUT/spec_verify.txt" | tail -7
   ;;
+d27)
+  # Session 18: why u8f's 8B batch-1 decode step took 27 ms at 128 and 1024 tokens of context in
+  # spec_verify_step.py's engine (ngram, max_num_seqs 64; batch 64: 6.8-8.8 ms). The plain
+  # engine's batch-1 step (step_floor A/B; session 17 call 3: 4.52 ms, before the 16-token bucket
+  # went to autotune level 0 for wide models), then the 16-token greedy step under level 0,
+  # cuBLAS and the autotuner. Prediction: step_floor ~4.5 ms and level 0 ~ autotuned: the 27 ms
+  # belongs to the speculative engine's batch-1 path.
+  timeout 160 python3 benchmarks/step_floor.py llama3.1-8b 2>&1 | table | tee "$OUT/step_floor_8b.txt"
+  timeout 150 python3 benchmarks/compile_ab.py --model llama3.1-8b --buckets 16 \
+    --modes xla_gpu_autotune_level=0,xla_gpu_enable_triton_gemm=false,default 2>&1 \
+    | grep "^|\|^##\|compiled in\|built in\|failed" | tee "$OUT/compile_ab_8b_16.txt"
+  ;;
 sk)
   # Issue 12's two owed H200 rows in one call (session 18). sw4's sweep at the default
   # disable_by_batch_size 4 (prediction: draft model at 16 / 256 running ~0.95 / ~0.92x, n-gram
