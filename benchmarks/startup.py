@@ -11,8 +11,8 @@ Phases, from the log's timestamps: weights (process start to the activation prob
 random weights made on the device), the activation probe (``jserve/activation_peak.py``), the
 step variants' compile (lowering included), warm-up (each program run once, the small programs
 compiled), and the engine's own ``startup_seconds``; beside them the activation peak the probe
-measured (fitted to the layer count where it may be) and the compiled steps' own, and the pool's
-pages (a fitted figure below the steps' own sizes the pool again: "sized again").
+measured (its programs compiled without code optimizations) and the compiled steps' own, and
+the pool's pages.
 ``--cache-dir`` keeps the cache (default: a new temporary folder, removed at the end).
 """
 
@@ -37,8 +37,7 @@ _PHASES = (("probe", r"activation peak: .*measured in ([\d.]+) s"),
            ("ready", r"engine ready in ([\d.]+) s"),
            ("probe_mib", r"^activation peak: ([\d.]+) MiB"),   # the probe's figure, or the kept one
            ("steps_mib", r"compiled step programs' activation peak: ([\d.]+) MiB"),
-           ("pages", r"KV pool: (\d+) pages"),                  # the last plan's
-           ("resized", r"sized again \(KV pool: (\d+) pages"))   # a fitted probe that fell short
+           ("pages", r"KV pool: (\d+) pages"))
 
 
 def child(ns: argparse.Namespace) -> None:
@@ -146,7 +145,7 @@ def main() -> None:
             print(f"| {run} | {total} | {f['ready']} | {f['probe']} | {f['compile']} | {f['lower']} "
                   f"| {f['warm']} | {r.get('variants', '-')} | {r.get('loaded', '-')} "
                   f"| {r.get('tokens', '-')} | {f['probe_mib']} / {f['steps_mib']} "
-                  f"| {r.get('pages', 0):.0f}{' (sized again)' if 'resized' in r else ''} |", flush=True)
+                  f"| {r.get('pages', 0):.0f} |", flush=True)
             if r.get("steps"):   # when each step variant finished (the compile's critical path)
                 print(f"| {run}: step k/N, bucket, at s | {'; '.join(r['steps'])} |", flush=True)
             if "process_s" not in r:

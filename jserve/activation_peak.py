@@ -20,17 +20,6 @@ sampler's sorts) grow with the token and row buckets, not with the pool: the poo
 and updated in place, so a 2-page probe measures what the real steps need (start-up logs both).
 The probe compiles are cached by JAX's persistent cache like the steps, and its result is kept
 beside them (``jserve/startup_cache.py``): a restart of the same engine skips the probe.
-
-Fitted (the builder's default where ``fit_layers`` allows): the probe runs twice, over the
-model's first 2 and first 4 layers (``PROBE_LAYERS``, the params cut as shapes), and extends both
-figures along the line through them to the model's layer count. Layers run one after another, so
-each adds the same bytes or none: on CPU, where XLA materializes each layer's weight slices,
-Qwen2.5-0.5B's figure grew 28.9 MiB a layer and the fit from 2 and 4 layers equalled the
-24-layer probe to the byte. Two small probes compile in a fraction of one whole-model probe
-(the Llama-3.1-8B's took 21.8 s of a 72.6 s cold start on an H200). The fit is checked: once the
-real step programs are compiled, their own peak (``Runner.steps_peak``) must not exceed the
-fitted one (``ActivationPeak.shortfall``); where it does, the builder sizes the pool again from
-it and compiles again, and keeps that figure for later starts.
 Steps of smaller buckets need less; slot writers and penalty inits need far less.
 Not counted: the extra prefill of a ``prompt_logprobs`` request (jserve/prompt_logprobs.py),
 compiled on first use, whose peak grows with the prompt; with long scored prompts keep room
@@ -51,7 +40,6 @@ import logging
 import time
 from typing import Any
 
-import jax
 from jax.sharding import Mesh
 
 from jserve.compile_pool import compiled_extra_bytes, split_peak_bytes
@@ -59,7 +47,6 @@ from jserve.config import DTYPE_BYTES, EngineConfig, ModelConfig
 from jserve.host_kv import host_slot_counts
 from jserve.kv_cache import abstract_kv_cache, kv_bytes_per_token, kv_scale_bytes_per_page
 from jserve.kv_transfer import transfer_buckets
-from jserve.model.params import param_specs
 from jserve.runner import Runner
 from jserve.spec.draft import DraftModel
 from jserve.startup_cache import StartupCache, engine_fingerprint
@@ -67,7 +54,6 @@ from jserve.startup_cache import StartupCache, engine_fingerprint
 log = logging.getLogger(__name__)
 
 PROBE_PAGES = 2   # the probe's pool: page 0 (null) and one page; its shape is all that matters
-PROBE_LAYERS = (2, 4)   # the layer counts a fitted probe measures (module docstring)
 
 
 def mover_peak_bytes(moves: list[Any]) -> int:
@@ -82,44 +68,10 @@ def mover_peak_bytes(moves: list[Any]) -> int:
     return compiled_extra_bytes(gather) + upload + compiled_extra_bytes(scatter)
 
 
-@dataclasses.dataclass(frozen=True)
-class ActivationPeak:
-    """The probe's figure, per device: the step programs' peak and the page mover's (bytes).
-    ``fitted``: both fitted to the model's layer count from ``PROBE_LAYERS``-layer probes, and
-    checked against the real steps once they are compiled (``shortfall``)."""
-
-    steps: int
-    moves: int
-    fitted: bool = False
-    cache: StartupCache | None = None   # where the figure is kept, under ``fingerprint``
-    fingerprint: str | None = None
-
-    @property
-    def total(self) -> int:
-        return self.steps + self.moves
-
-    def shortfall(self, compiled_steps: int) -> int | None:
-        """None when the compiled step programs' own peak (``Runner.steps_peak``) fits this
-        figure or it was not fitted; else the figure they need, kept in the cache instead."""
-        if not self.fitted or compiled_steps <= self.steps:
-            return None
-        need = compiled_steps + self.moves
-        if self.fingerprint is not None:
-            self.cache.put(self.fingerprint, "activation_bytes", need)
-        return need
-
-
 def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
                              draft: DraftModel | None = None, cache: StartupCache | None = None) -> int:
-    """``measure_activation_peak(...).total`` with every layer probed."""
-    return measure_activation_peak(config, params, mesh, draft, cache).total
-
-
-def measure_activation_peak(config: EngineConfig, params: Any, mesh: Mesh, draft: DraftModel | None = None,
-                            cache: StartupCache | None = None, fit: bool = False) -> ActivationPeak:
     """The activation peak of the engine's step programs (module docstring), per device;
-    ``cache``: kept there, and read back by a later start of the same engine; ``fit``: from
-    probes of the first ``PROBE_LAYERS`` layers where the model allows (``fit_layers``)."""
+    ``cache``: kept there, and read back by a later start of the same engine."""
     fingerprint = None
     if cache is not None and cache.path is not None:
         fingerprint = engine_fingerprint(config, params, mesh, None if draft is None else draft.cfg)
@@ -127,55 +79,8 @@ def measure_activation_peak(config: EngineConfig, params: Any, mesh: Mesh, draft
         if kept is not None:
             log.info("activation peak: %.1f MiB per device, as measured by an earlier start of this "
                      "engine (%s)", kept / 2**20, cache.path)
-            return ActivationPeak(kept, 0)
+            return kept
     t0 = time.perf_counter()
-    layers = fit_layers(config, draft) if fit else None
-    if layers:
-        (sa, ma, count), (sb, mb, _) = (_probe(*first_layers(config, params, n), mesh) for n in layers)
-        steps, moves = (max(yb, yb + -(-(yb - ya) * (config.model.num_layers - layers[1])
-                                       // (layers[1] - layers[0])))
-                        for ya, yb in ((sa, sb), (ma, mb)))
-        how = f"fitted to {config.model.num_layers} layers from probes of {layers[0]} and {layers[1]}"
-    else:
-        steps, moves, count = _probe(config, params, mesh, draft)
-        how = "measured"
-    log.info("activation peak: %.1f MiB per device: the largest of %d step programs of %d tokens "
-             "(%.1f MiB) + the largest page move to host memory (%.1f MiB); %s in %.1f s",
-             (steps + moves) / 2**20, count, config.scheduler.token_buckets[-1], steps / 2**20,
-             moves / 2**20, how, time.perf_counter() - t0)
-    if fingerprint is not None:
-        cache.put(fingerprint, "activation_bytes", steps + moves)
-    return ActivationPeak(steps, moves, bool(layers), cache, fingerprint)
-
-
-def fit_layers(config: EngineConfig, draft: DraftModel | None = None) -> tuple[int, int] | None:
-    """``PROBE_LAYERS`` when the probe may fit its figure to the layer count: a model of more
-    layers, one pipeline stage, no speculative decoding, and its first layers of every kind
-    (sliding windows)."""
-    m, n = config.model, PROBE_LAYERS[0]
-    if (draft is not None or config.speculative is not None or config.parallel.pipeline_parallel_size > 1
-            or m.num_layers <= PROBE_LAYERS[1] or set(m.sliding_windows[:n]) != set(m.sliding_windows)):
-        return None
-    return PROBE_LAYERS
-
-
-def first_layers(config: EngineConfig, params: Any, n: int) -> tuple[EngineConfig, Any]:
-    """(the engine's config, its params as shapes) cut to the model's first ``n`` layers."""
-    m = config.model
-    cut = dataclasses.replace(config, model=dataclasses.replace(m, num_layers=n,
-                                                                sliding_windows=m.sliding_windows[:n]))
-    stacked = {k for k, spec in param_specs(m).items() if spec.logical_axes[:1] == ("layers",)}
-
-    def first(a: Any) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype, sharding=a.sharding)
-
-    return cut, {k: jax.tree.map(first, v) if k in stacked else v for k, v in params.items()}
-
-
-def _probe(config: EngineConfig, params: Any, mesh: Mesh, draft: DraftModel | None = None
-           ) -> tuple[int, int, int]:
-    """One probe runner over a 2-page pool -> (the step programs' peak, the page mover's, how
-    many step programs it compiled)."""
     kv = abstract_kv_cache(config.model, PROBE_PAGES, config.cache.page_size, config.kv_dtype, mesh)
     probe_draft = None
     if draft is not None:
@@ -198,7 +103,7 @@ def _probe(config: EngineConfig, params: Any, mesh: Mesh, draft: DraftModel | No
     if split:
         pair = runner.lower_split(covered)
         programs += [(covered, lambda low=low: low) for low in pair]
-    compiled = runner.compile_programs(programs, measure_only=True)   # (GPU: no code optimization)
+    compiled = runner.compile_programs(programs)   # on GPU each bucket's first alone: autotuning
     peak = max(compiled_extra_bytes(c) for c in compiled[:count])
     if split:
         peak = max(peak, split_peak_bytes(*compiled[count:]))
@@ -208,7 +113,13 @@ def _probe(config: EngineConfig, params: Any, mesh: Mesh, draft: DraftModel | No
         move += mover_peak_bytes(runner.spec_steps.mover.lower_largest_moves(probe_draft.kv))
     del runner, compiled
     gc.collect()   # the probe's slot and penalty state go before the pool is allocated
-    return peak, move, count
+    log.info("activation peak: %.1f MiB per device: the largest of %d step programs of %d tokens "
+             "(%.1f MiB) + the largest page move to host memory (%.1f MiB); measured in %.1f s",
+             (peak + move) / 2**20, count, largest, peak / 2**20, move / 2**20,
+             time.perf_counter() - t0)
+    if fingerprint is not None:
+        cache.put(fingerprint, "activation_bytes", peak + move)
+    return peak + move
 
 
 def estimate_activation_bytes(config: EngineConfig, draft: ModelConfig | None = None) -> int:

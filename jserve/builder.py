@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from checkpoints import HFModelDir
 from checkpoints.orbax_dir import OrbaxModelDir, is_orbax_dir
-from jserve.activation_peak import measure_activation_peak
+from jserve.activation_peak import measure_activation_bytes
 from jserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from jserve.data_parallel import DataParallelEngine
 from jserve.device_memory import allow_device_memory, usable_device_bytes
@@ -293,25 +293,6 @@ def _local_device(mesh: Mesh) -> jax.Device:
     return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
 
 
-def _compiled_runner(config: EngineConfig, params: Params, mesh: Mesh, draft: DraftModel | None,
-                     num_pages: int, cache_dir: str | None, progress: Callable[[str], None] | None
-                     ) -> tuple[Runner, float]:
-    """A runner over the abstract pool of ``num_pages`` pages with every step compiled (its
-    executables kept under ``cache_dir`` on GPUs and TPUs) -> (runner, seconds). Compiled
-    before the pool is allocated: XLA's GPU autotuner needs device memory for its trial
-    buffers, which a pool sized to the budget would leave it without."""
-    ps, kv_dtype = config.cache.page_size, config.kv_dtype
-    if draft is not None:
-        draft.kv = abstract_kv_cache(draft.cfg, num_pages, ps, kv_dtype, mesh)
-    runner = Runner(config, params, abstract_kv_cache(config.model, num_pages, ps, kv_dtype, mesh), mesh,
-                    draft)
-    if cache_dir and mesh.devices.flat[0].platform in ("gpu", "tpu"):
-        runner.executables = ExecutableCache(cache_dir, engine_fingerprint(
-            config, params, mesh, draft.cfg if draft else None, f"num_pages={num_pages}",
-            [d.id for d in mesh.devices.flat]))   # (a data-parallel replica's own devices)
-    return runner, runner.compile(progress)
-
-
 def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None,
                  devices: Sequence[jax.Device] | None = None) -> LLMEngine | DataParallelEngine:
     """Load, size the pool, compile every step variant (``progress`` gets a line per compiled
@@ -356,15 +337,11 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     weight_bytes = params_bytes(params) // mesh.size   # layers split over stages, columns over tp
     if draft is not None:
         weight_bytes += params_bytes(draft.params) // config.parallel.tensor_parallel_size
-    budget = peak = None
+    budget = None
     if config.cache.num_pages is None:
-        def activations() -> int:
-            nonlocal peak   # (fitted to the layer count: checked once the steps are compiled)
-            peak = measure_activation_peak(config, params, mesh, draft, StartupCache(cache_dir),
-                                           fit=channel is None)
-            return peak.total
-
-        budget = memory_budget(config, weight_bytes, _local_device(mesh), activations)
+        budget = memory_budget(config, weight_bytes, _local_device(mesh),
+                               lambda: measure_activation_bytes(config, params, mesh, draft,
+                                                                StartupCache(cache_dir)))
         if budget is not None:
             log.info(budget.describe())
     plan = plan_pool(config, budget, draft.cfg if draft else None)
@@ -373,24 +350,25 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     log.info("model %s (%s, %.2f GB of weights), %s",
              model_dir.path if model_dir is not None else args.model, model_cfg.dtype,
              params_bytes(params) / 1e9, plan.describe())
+    # Compile over the pool's shapes first, then allocate it: XLA's GPU autotuner needs device
+    # memory for its trial buffers, which a pool sized to the budget would leave it without.
+    ps, kv_dtype = config.cache.page_size, config.kv_dtype
     if draft is not None:
+        draft.kv = abstract_kv_cache(draft.cfg, plan.num_pages, ps, kv_dtype, mesh)
         log.info("draft model %s: %.1f MB of weights, a twin KV page per page", spec.model,
                  params_bytes(draft.params) / 1e6)
-    runner, compile_s = _compiled_runner(config, params, mesh, draft, plan.num_pages,
-                                         cache_dir if channel is None else None, progress)
+    runner = Runner(config, params, abstract_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh),
+                    mesh, draft)
+    if cache_dir and channel is None and mesh.devices.flat[0].platform in ("gpu", "tpu"):
+        runner.executables = ExecutableCache(cache_dir, engine_fingerprint(
+            config, params, mesh, draft.cfg if draft else None, f"num_pages={plan.num_pages}",
+            [d.id for d in mesh.devices.flat]))   # (a data-parallel replica's own devices)
+    compile_s = runner.compile(progress)
     if budget is not None:
         log.log(logging.WARNING if runner.steps_peak > budget.activation_bytes else logging.INFO,
                 "the compiled step programs' activation peak: %.1f MiB per device, of %.1f MiB held "
                 "for activations (activation_memory_bytes)", runner.steps_peak / 2**20,
                 budget.activation_bytes / 2**20)
-        if peak is not None and (need := peak.shortfall(runner.steps_peak)) is not None:
-            budget = dataclasses.replace(budget, activation_bytes=need)
-            plan = plan_pool(config, budget, draft.cfg if draft else None)
-            log.warning("the compiled steps need more than the probe's fitted figure: the pool "
-                        "sized again (%s), the steps compiled again", plan.describe())
-            runner, more = _compiled_runner(config, params, mesh, draft, plan.num_pages, cache_dir, progress)
-            compile_s += more
-    ps, kv_dtype = config.cache.page_size, config.kv_dtype
     # The step programs' room stays free while the pool fills the rest (allocate_kv_cache).
     free = 0 if budget is None else budget.pool_hold_bytes
     draft_kv = None if draft is None else allocate_kv_cache(draft.cfg, plan.num_pages, ps, kv_dtype, mesh)

@@ -62,11 +62,6 @@ if TYPE_CHECKING:
 CUBLAS_MIN_TOKENS = 128   # GPU token buckets from this size on: cuBLAS GEMMs (module docstring)
 COMPILE_THREADS = 8       # programs compiled at once, at most (``Runner.compile_threads``)
 WIDE_HIDDEN = 4096        # models this wide: cuBLAS from 32 tokens, no autotuning below
-# GPU programs compiled only for their memory analysis (the activation probe's): LLVM and ptxas
-# without optimizations. XLA assigns buffers after its HLO passes and before code generation, so
-# the temporaries are the optimized program's (start-up logs the real steps' figure beside it).
-MEASURE_ONLY = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-                "xla_gpu_disable_gpuasm_optimizations": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,15 +82,11 @@ def gemm_policy(hidden_size: int) -> GemmPolicy:
     return WIDE if hidden_size >= WIDE_HIDDEN else NARROW
 
 
-def compiler_options(tokens: int, gpu: bool, policy: GemmPolicy = NARROW,
-                     measure_only: bool = False) -> dict[str, Any]:
-    """XLA options for compiling a program of a ``tokens`` bucket (module docstring);
-    ``measure_only``: compiled for its memory analysis alone (``MEASURE_ONLY``)."""
+def compiler_options(tokens: int, gpu: bool, policy: GemmPolicy = NARROW) -> dict[str, Any]:
+    """XLA options for compiling a program of a ``tokens`` bucket (module docstring)."""
     if not gpu:
         return {}
     options: dict[str, Any] = {"xla_disable_hlo_passes": "rematerialization"}
-    if measure_only:
-        options.update(MEASURE_ONLY)
     if tokens >= policy.cublas_from:
         options["xla_gpu_enable_triton_gemm"] = False
     elif not policy.autotune:
@@ -107,14 +98,14 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
                      done: Callable[[int, Any, int], None] | None = None,
                      timings: dict[str, float] | None = None,
                      policy: GemmPolicy = NARROW, stored: ExecutableCache | None = None,
-                     names: list[str] | None = None, measure_only: bool = False) -> list[Any]:
+                     names: list[str] | None = None) -> list[Any]:
     """Compile ``(token bucket, lower)`` pairs -> their executables, in order; ``done(i,
     executable, how many have finished)`` as each finishes. ``gpu``: each autotuned bucket's
     first program alone first (module docstring). ``timings["lower_s"]`` accumulates the
     seconds spent tracing and lowering (on the calling thread: with warm caches most of a
     start-up's compile phase). ``stored`` with ``names`` (one per program): executables kept
     there are loaded instead (no tracing, no lowering) and the others kept there once compiled
-    (jserve/executable_cache.py). ``measure_only``: see ``compiler_options``."""
+    (jserve/executable_cache.py)."""
     def lower(i: int) -> Any:
         t = time.perf_counter()
         try:
@@ -123,7 +114,7 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
             if timings is not None:
                 timings["lower_s"] = timings.get("lower_s", 0.0) + time.perf_counter() - t
 
-    options = [compiler_options(tokens, gpu, policy, measure_only) for tokens, _ in programs]
+    options = [compiler_options(tokens, gpu, policy) for tokens, _ in programs]
     keep = stored is not None and names is not None
     out: list[Any] = [None] * len(programs)
     finished = 0

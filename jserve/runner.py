@@ -486,13 +486,12 @@ class Runner:
 
     def compile_programs(self, programs: list[tuple[int, Callable[[], Any]]], threads: int | None = None,
                          done: Callable[[int, Any, int], None] | None = None,
-                         names: list[str] | None = None, measure_only: bool = False) -> list[Any]:
+                         names: list[str] | None = None) -> list[Any]:
         """``compile_pool.compile_in_order`` on this runner's devices and threads; ``names``:
         the programs' names in ``self.executables`` (the builder's, or None)."""
         return compile_in_order(programs, threads or self.compile_threads(),
                                 self.mesh.devices.flat[0].platform == "gpu", done, self.compile_timings,
-                                gemm_policy(self.config.model.hidden_size), self.executables, names,
-                                measure_only)
+                                gemm_policy(self.config.model.hidden_size), self.executables, names)
 
     def compile(self, progress: Progress | None = None, threads: int | None = None) -> float:
         """Compile every step variant (speculative variants, the split step's pairs) ahead of

@@ -78,3 +78,12 @@ def test_on_gpu_each_token_bucket_compiles_first_alone():
     assert not any(e[2] for e in run("cpu"))   # all on the pool's threads
     assert all(o == {} for o in opts.values())
 
+
+
+def test_the_compiled_steps_peak_is_kept_for_the_start_up_log(make_engine):
+    """``Runner.steps_peak``: the compiled step variants' own activation peak, which start-up
+    logs beside the probe's figure (a step above it is a warning)."""
+    from jserve.compile_pool import compiled_extra_bytes
+
+    r = make_engine(max_num_batched_tokens=16).runner
+    assert r.steps_peak == max(compiled_extra_bytes(c) for c in r._compiled.values()) > 0
