@@ -28,14 +28,18 @@ tokens it ran 3% slower (20.5 s of compile against 2.9) and at 16 (a decode step
 so small buckets keep the autotuned Triton GEMMs. XLA's autotune level 0 (no autotuning, Triton
 kept) ran 6.5-21x slower: not an option.
 
-Wide models (``WIDE_HIDDEN`` and more, ``gemm_policy``) take cuBLAS from 32 tokens on and
-XLA's default Triton GEMMs, not autotuned (``xla_gpu_autotune_level=0``), below. On an H200
-(session 17, Llama-3.1-8B, fresh compiles) cuBLAS ran the greedy step's 32 / 64-token buckets at
-1.011x / 0.994x the autotuned Triton GEMMs' time and compiled them in 4.1 / 3.4 s against 38.2
-/ 32.7 s (those two buckets were 85 s of a 244 s cold start); on the 16-token decode step cuBLAS
-was 3.3% slower but level 0 as fast as autotuning (4.518 / 4.519 ms; its autotuned first program
-took 43 s alone). On Qwen2.5-0.5B (hidden 896) level 0 ran the 32 / 64 buckets 2.4-3.6x slower,
-so narrow models keep the autotuner. Only autotuned buckets' first programs compile alone.
+Wide models (``WIDE_HIDDEN`` and more, ``gemm_policy``) take cuBLAS in every bucket. On an
+H200 (Llama-3.1-8B, fresh compiles) cuBLAS ran the greedy step's 32 / 64-token buckets at 1.011x
+/ 0.994x the autotuned Triton GEMMs' time and compiled them in 4.1 / 3.4 s against 38.2 / 32.7 s
+(session 17: those two buckets were 85 s of a 244 s cold start), and the 16-token decode step at
+1.044x (4.781 ms against 4.580; compiled in 3.3 s against 35.2 s alone). XLA's untuned Triton
+GEMMs (autotune level 0), which session 17 took for the 16-token bucket from an A/B where the
+level-0 compile followed an autotuned compile of the same step in the process (XLA keeps
+autotuning results per process, and the level-0 compile apparently found them), ran that step in
+24.4 ms (5.3x; session 18, `compile_ab.py` with level 0 first, and the engine's batch-1 decode
+at 41 tok/s) until it went. On Qwen2.5-0.5B (hidden 896) cuBLAS ran the 16-token step
+13% slower, so narrow models keep the autotuner below ``CUBLAS_MIN_TOKENS``. Only autotuned
+buckets' first programs compile alone.
 
 XLA's rematerialization pass is off for every step program on GPU. Its memory limit is the
 device's, and it counts the arguments: with the KV pool filling the share, every real-size step
@@ -61,24 +65,23 @@ if TYPE_CHECKING:
 
 CUBLAS_MIN_TOKENS = 128   # GPU token buckets from this size on: cuBLAS GEMMs (module docstring)
 COMPILE_THREADS = 8       # programs compiled at once, at most (``Runner.compile_threads``)
-WIDE_HIDDEN = 4096        # models this wide: cuBLAS from 32 tokens, no autotuning below
+WIDE_HIDDEN = 4096        # models this wide: cuBLAS in every bucket
 
 
 @dataclasses.dataclass(frozen=True)
 class GemmPolicy:
-    """How a model's GPU step programs get their matmuls (module docstring)."""
+    """How a model's GPU step programs get their matmuls (module docstring): cuBLAS from the
+    ``cublas_from`` token bucket on, XLA's autotuned Triton GEMMs below."""
 
-    cublas_from: int = CUBLAS_MIN_TOKENS   # the smallest token bucket with cuBLAS GEMMs
-    autotune: bool = True                  # whether the Triton GEMMs below it are autotuned
+    cublas_from: int = CUBLAS_MIN_TOKENS
 
 
 NARROW = GemmPolicy()                 # (the default: Qwen2.5-0.5B-class models)
-WIDE = GemmPolicy(cublas_from=32, autotune=False)
+WIDE = GemmPolicy(cublas_from=0)      # every bucket
 
 
 def gemm_policy(hidden_size: int) -> GemmPolicy:
-    """The GEMM policy of a model of ``hidden_size``: wide models take cuBLAS from 32 tokens on
-    and XLA's default Triton GEMMs (autotune level 0) below, which ran as fast there."""
+    """The GEMM policy of a model of ``hidden_size``: wide models take cuBLAS in every bucket."""
     return WIDE if hidden_size >= WIDE_HIDDEN else NARROW
 
 
@@ -89,8 +92,6 @@ def compiler_options(tokens: int, gpu: bool, policy: GemmPolicy = NARROW) -> dic
     options: dict[str, Any] = {"xla_disable_hlo_passes": "rematerialization"}
     if tokens >= policy.cublas_from:
         options["xla_gpu_enable_triton_gemm"] = False
-    elif not policy.autotune:
-        options["xla_gpu_autotune_level"] = 0
     return options
 
 
@@ -136,7 +137,7 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
         alone: dict[int, int] = {}
         if gpu:
             for i, (tokens, _) in enumerate(programs):
-                if tokens < policy.cublas_from and policy.autotune and out[i] is None:
+                if tokens < policy.cublas_from and out[i] is None:
                     alone.setdefault(tokens, i)
         for i in alone.values():
             finish(i, lower(i).compile(options[i]))
