@@ -1,12 +1,13 @@
-# The device calls owed after session 17 (2026-12-02), in the order to run them. Each case fits
+# The device calls owed after session 18 (2026-12-02), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
-# (Sessions 7-17 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
+# (Sessions 7-18 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
 # sw3 (its threshold half), dk, hq, bu, bu1, bu2, bt, bh, sv, i11 (= hl + u8's warm half), b8
-# (= x + the 8B's HF peer), u8c, u8w, the 2-GPU correctness tests and the OOM diagnosis:
-# RESULTS.md.) Order: u8w (again, after session 17's last start-up changes), qs, kv, t, sw4, b,
-# k, o, q, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c. Session 16 turned XLA's
-# rematerialization pass off for step programs: start-ups should fit their timeouts at share 0.9
-# too, but spec cases keep 0.5 until a run shows it.
+# (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (before its fixes), t, the 2-GPU
+# correctness tests and the OOM diagnosis: RESULTS.md.) Order: i11f (issue 11's batch-1 row and
+# start-up after session 18's cuBLAS fix), sk (again, after the draft model's admission rule and
+# that fix), qs, kv, b, o, q, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c. Session 16 turned
+# XLA's rematerialization pass off for step programs: start-ups should fit their timeouts at
+# share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
 #   sw4 (1 GPU, ~6 min; session 16's try timed out compiling under the rematerialization pass):
 #     the sweep at the new default (disable_by_batch_size 4) after session 15's
@@ -167,14 +168,17 @@ d27)
     | grep "^|\|^##\|compiled in\|built in\|failed" | tee "$OUT/compile_ab_8b_16.txt"
   ;;
 sk)
-  # Issue 12's two owed H200 rows in one call (session 18). sw4's sweep at the default
-  # disable_by_batch_size 4 (prediction: draft model at 16 / 256 running ~0.95 / ~0.92x, n-gram
-  # ~1.0x above 4; batch 1 n-gram ~1.5x, draft model ~1.25x), then k: one Llama-3.1-8B verify
-  # step (k = 4) against a 1-token decode step. Prediction: batch 1 ~1.05x (both read the weights
-  # once), batch 64 ~1.3x (320 query rows: the GEMMs near the H200's ridge).
+  # Issue 12's H200 rows again (session 18's call 3 ran them before two fixes): the sweep at the
+  # default disable_by_batch_size 4, where a draft model's requests admitted above that load now
+  # never draft and skip the draft's catch-up (call 3: draft model 0.53 / 0.76x at 16 / 256
+  # running, its catch-up run every step; n-gram 0.99 / 1.33x), then one Llama-3.1-8B verify step
+  # (k = 4) against a 1-token decode step, its 16-token bucket now on cuBLAS (call 3's batch-1
+  # steps ran the untuned Triton GEMMs: 27 ms). Prediction: draft model ~0.95 / ~1.0x at 16 /
+  # 256, n-gram ~1.0x above 4, batch 1 as before (n-gram ~1.5x, draft ~1.2x); 8B decode ~4.8 ms
+  # at batch 1, verify / decode ~1.1x there and ~2.0x at 64.
   timeout 290 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
     --num-prompts 8 --max-tokens 96 --concurrency 1,4,16,256 --max-num-seqs 256 --max-model-len 1024 \
-    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 \
+    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 --disable-by-batch-size default \
     --json "$OUT/spec_sweep_4.json" > "$OUT/spec_sweep_4.txt" 2>&1
   grep -v "^W\|WARNING\|^I" "$OUT/spec_sweep_4.txt" | tail -16
   timeout 270 python3 benchmarks/spec_verify_step.py --model llama3.1-8b --k 4 --batches 1,64 \
@@ -204,6 +208,21 @@ i11)
   grep -v "^W\|WARNING" "$OUT/offline_llama.txt" | grep -i "ready\|compiled .* variants\|tok/s\||" | tail -12
   timeout 170 python3 benchmarks/startup.py --model llama3.1-8b --max-model-len 512 --runs warm \
     --cache-dir "$HOME/.cache/jserve/xla" --timeout 160 2>&1 | table | tee "$OUT/startup_8b_warm.txt"
+  ;;
+i11f)
+  # Issue 11's last two rows after session 18's fix (wide models: cuBLAS in every bucket; the
+  # 16-token bucket had run untuned Triton GEMMs at 24.5 ms per batch-1 step): the 8B's batch-1
+  # decode with its HF peer in the same call, then its cold / warm start-up at the offline
+  # settings. Prediction: HF ~120 tok/s; jserve A ~4.8 ms, B ~205 tok/s (~1.7x HF); cold ~65 s
+  # (session 18 call 2: 72.6 s with the level-0 compiles, 14.5 s each), warm ~7 s.
+  timeout 150 python3 -c "
+import sys; sys.path.insert(0, '.anchors'); import hf_peer, torch, json
+m, cfg = hf_peer.build('llama3.1-8b', 'cuda', torch.bfloat16, 'sdpa')
+print(json.dumps(dict(model='llama3.1-8b', hf_static_bs1_tok_s=round(hf_peer.bs1(m, cfg, 'cuda', 128, 128, 'static'), 1))), flush=True)
+" 2>&1 | grep "^{\|rror" | tee "$OUT/hf8b.txt"
+  timeout 150 python3 benchmarks/step_floor.py llama3.1-8b 2>&1 | table | tee "$OUT/step_floor_8b.txt"
+  timeout 200 python3 benchmarks/startup.py --model llama3.1-8b --max-model-len 512 --timeout 170 \
+    2>&1 | table | tee "$OUT/startup_8b.txt"
   ;;
 b8)
   # Issue 11's 8B batch-1 row with its peer in one call: HF transformers' static-cache decode of the
@@ -317,7 +336,7 @@ hp)
 sw4)
   timeout 300 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
     --num-prompts 8 --max-tokens 96 --concurrency 1,4,16,256 --max-num-seqs 256 --max-model-len 1024 \
-    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 \
+    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 --disable-by-batch-size default \
     --json "$OUT/spec_sweep_4.json" > "$OUT/spec_sweep_4.txt" 2>&1
   grep -v "^W\|WARNING\|^I" "$OUT/spec_sweep_4.txt" | tail -16
   ;;

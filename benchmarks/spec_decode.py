@@ -37,6 +37,7 @@ from pathlib import Path
 
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import SamplingParams
+from jserve.spec.config import DISABLE_BY_BATCH_SIZE
 from jserve.staged_input import stage_inputs
 
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__"}
@@ -140,8 +141,9 @@ def _args() -> argparse.Namespace:
                     help="the step budget (default: the engine's; smaller: fewer buckets to compile)")
     ap.add_argument("--repeat", type=int, default=2,
                     help="runs per measured point; the median-speed run is reported (of two: the faster)")
-    ap.add_argument("--disable-by-batch-size", type=int, default=None,
-                    help="speculative_config.disable_by_batch_size of every speculating engine")
+    ap.add_argument("--disable-by-batch-size", default="none",
+                    help="speculative_config.disable_by_batch_size of every speculating engine: N, "
+                    "'none' (speculation always on) or 'default' (the engine's default)")
     ap.add_argument("--staged", action="store_true",
                     help="every engine copies its step inputs into fixed device buffers "
                     "(staged_input.stage_inputs)")
@@ -216,10 +218,12 @@ def main() -> None:
     # batch 1 over num_prompts prompts; the sweep over all of the sweep workload's
     b1_loads = {w: items[:ns.num_prompts] for w, items in workloads.items()}
 
+    threshold = None if ns.disable_by_batch_size in ("none", "default") else int(ns.disable_by_batch_size)
+
     def spec_cfg(method: str, k: int) -> dict:
         d = {"method": method, "num_speculative_tokens": k}
-        if ns.disable_by_batch_size is not None:
-            d["disable_by_batch_size"] = ns.disable_by_batch_size
+        if ns.disable_by_batch_size != "default":
+            d["disable_by_batch_size"] = threshold
         if method == "ngram":
             d.update(prompt_lookup_min=ns.prompt_lookup_min, prompt_lookup_max=ns.prompt_lookup_max)
         else:
@@ -271,8 +275,9 @@ def main() -> None:
     if sweep:
         print(f"\nconcurrency sweep ({ns.sweep_workload}: two waves of requests per concurrency, "
               f"at least {ns.num_prompts}; speculation "
-              + (f"off above {ns.disable_by_batch_size} running)" if ns.disable_by_batch_size
-                 else "always on)"))
+              + {"none": "always on)", "default": "off above the engine's default "
+                 f"disable_by_batch_size, {DISABLE_BY_BATCH_SIZE})"}.get(
+                  ns.disable_by_batch_size, f"off above {ns.disable_by_batch_size} running)"))
         print(f"{'method':11} {'k':>2} {'conc':>5} {'accept':>7} {'mean len':>8} {'tok/s':>9} "
               f"{'base':>9} {'ratio':>6}")
         for (m, k), res in results.items():

@@ -305,7 +305,7 @@ class Runner:
         self.logit_state.flush()
         masks = None if greedy else self.logit_state.device
         joint = self._joint(layout, ibuf)
-        if self.spec_steps is not None:   # a pausing draft model sees the step's tokens first
+        if self.spec_steps is not None and out.draft_catch_up:   # a pausing draft model's catch-up
             self.spec_steps.catch_up(self, layout, joint)
         self.kv, pen, self.slot_table, self._prev_tokens, tokens, lp, top_ids, top_lp = step(
             self.params, self.kv, pen, self.slot_table, self._prev_tokens, joint, masks)
@@ -407,7 +407,7 @@ class Runner:
         """Launch a prepared forward. Touches neither the logit state nor the pending's mask
         rows, so ``stage_masks`` may run on another thread meanwhile."""
         fwd, _ = self.split.programs(pending.layout.num_tokens)
-        if self.spec_steps is not None:
+        if self.spec_steps is not None and pending.sched_out.draft_catch_up:
             self.spec_steps.catch_up(self, pending.layout, pending.joint)
         self.kv, self.slot_table, pending.logits = fwd(self.params, self.kv, self.slot_table,
                                                        self._prev_tokens, pending.joint)

@@ -15,7 +15,7 @@ one ragged batch under a per-step token budget::
                                  E: ...       -> stop at the first whose turn it is that
                                                  doesn't fit (nobody overtakes it)
 
-Admission order (``_next_waiting``): preempted requests first, then by ``priority`` (lower
+Admission order (jserve/fair_admission.py): preempted requests first, then by ``priority`` (lower
 first), then fewest sequences of the same API request already running, then arrival: one
 request's ``n`` = 128 sequences cannot starve a request that arrives after them.
 
@@ -65,6 +65,7 @@ import logging
 from collections import Counter, deque
 
 from jserve.config import SchedulerConfig
+from jserve.fair_admission import api_request, fair_quantum, next_waiting
 from jserve.kv_manager import KVCacheManager
 from jserve.page_pool import PagePool
 from jserve.request import Request, RequestStatus
@@ -72,7 +73,6 @@ from jserve.scheduler_output import NewRequestData, RunnerOutput, ScheduledChunk
 from jserve.spec.config import SpeculativeConfig
 from jserve.spec.ngram import NgramProposer
 
-FAIR_TURN_SEQS = 4  # sequences of one request admitted per turn (n <= 4: the whole request)
 logger = logging.getLogger(__name__)
 
 
@@ -96,9 +96,7 @@ class Scheduler:
                            "are capped at %d tokens", config.max_model_len, pool.num_total,
                            pool.page_size, self.max_model_len)
         self.waiting: deque[Request] = deque()  # arrival order; preempted requests go to the front
-        # Sequences of one request admitted per turn (``_next_waiting``): up to FAIR_TURN_SEQS,
-        # and a quarter of the batch at most, so a small batch still takes strict turns.
-        self._fair_quantum = max(1, min(FAIR_TURN_SEQS, config.max_num_seqs // 4))
+        self._fair_quantum = fair_quantum(config.max_num_seqs)   # (jserve/fair_admission.py)
         self.num_preemptions_total, self.pipelined_bursts = 0, False   # (the engine sets it)
         self.running: list[Request] = []        # arrival order; the newest is last
         self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
@@ -119,6 +117,9 @@ class Scheduler:
         self._spec_last = self._spec_now = False
         self._stale_history: set[str] = set()
         self._next_drafts: dict[str, tuple[int, list[int]]] = {}
+        # draft_model with disable_by_batch_size N: requests admitted while more than N were
+        # queued or running never draft, so steps of theirs alone skip the draft's catch-up.
+        self._no_draft: set[str] = set()
         # Speculative decoding counters (monotonic): verify rows, drafts verified, accepted.
         self.spec_counters = dict(spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
                                   spec_decode_num_accepted_tokens=0,
@@ -216,9 +217,9 @@ class Scheduler:
             i += 1
 
         if not out.num_preempted and self.waiting and burst == 1:   # (a burst is decode rows only)
-            per_group = Counter(_group(r) for r in self.running)
+            per_group = Counter(api_request(r) for r in self.running)
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                req = self._next_waiting(per_group)
+                req = next_waiting(self.waiting, per_group, self._fair_quantum)
                 if req.num_placeholders:
                     break  # preempted with a token in flight: resumes once it has landed
                 plan = kv.plan_admission(req, budget)
@@ -228,8 +229,10 @@ class Scheduler:
                     self.waiting.popleft()
                 else:
                     self.waiting.remove(req)
-                per_group[_group(req)] += 1
+                per_group[api_request(req)] += 1
                 kv.admit(req, plan)
+                if self._draft_mode and self._busy(len(self.running) + len(self.waiting) + 1):
+                    self._no_draft.add(req.request_id)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
                 out.chunks.append(self._chunk(req, plan.num_tokens))
@@ -237,6 +240,9 @@ class Scheduler:
         out.transfers = kv.take_transfers()
         out.dropped, self._dropped = self._dropped, []  # a plan with drops is never empty
         self._spec_last = speculate
+        if self._no_draft:   # prompt chunks always: their pages may serve a drafting prefix hit
+            out.draft_catch_up = any(c.req_id not in self._no_draft or c.start
+                                     < self._requests[c.req_id].num_prompt_tokens for c in out.chunks)
         return out
 
     def _burst(self) -> int:
@@ -261,37 +267,6 @@ class Scheduler:
             need += self.kv.demand(req, n)
         return n if need <= self.pool.num_free else 1
 
-    def _next_waiting(self, running_per_group: Counter) -> Request:
-        """The waiting request whose turn it is (fair admission).
-
-        Preempted requests sit at the front and go first (they held pages already). Otherwise
-        the order is (priority, turns its request has had, queue position), over the first
-        waiting sequence of each request, where a turn is ``_fair_quantum`` running sequences:
-        the ``n`` sequences of one request take turns with other requests instead of filling
-        the batch first, and a lower priority value goes before a higher one. Within a request,
-        queue order holds (the leader before its siblings, which share its prompt pages). A
-        small ``n`` (up to the quantum) is admitted whole, so its siblings run beside the leader
-        and share its last, partly filled prompt page by copy-on-write::
-
-            quantum 4: waiting  A#0..A#127 (n=128, 8 running)   B (n=1, 0 running)
-                       next     B: key (0, 0, 128) < A#8's (0, 8 // 4, 0)
-        """
-        head = self.waiting[0]
-        if head.status is RequestStatus.PREEMPTED:
-            return head
-        q = self._fair_quantum
-        best, best_key = head, (head.priority, running_per_group[_group(head)] // q, 0)
-        seen = {_group(head)}
-        for pos, req in enumerate(self.waiting):
-            g = _group(req)
-            if g in seen:
-                continue
-            seen.add(g)
-            key = (req.priority, running_per_group[g] // q, pos)
-            if key < best_key:
-                best, best_key = req, key
-        return best
-
     def _schedulable(self, req: Request) -> bool:
         """False while the row would be wasted: the in-flight token ends the request for sure
         (max_tokens / max_model_len); or, after an in-flight verify row, while the row could
@@ -308,10 +283,13 @@ class Scheduler:
         """Whether this step proposes drafts: speculation is configured and at most
         ``disable_by_batch_size`` requests run (the engine drains the step in flight first:
         only requests with every token on the host get drafts)."""
-        spec = self.spec
         return ((self._proposer is not None or self._draft_mode) and bool(self.running)
-                and (spec.disable_by_batch_size is None
-                     or len(self.running) <= spec.disable_by_batch_size))
+                and not self._busy(len(self.running)))
+
+    def _busy(self, requests: int) -> bool:
+        """Whether ``requests`` is more than ``disable_by_batch_size``."""
+        n = self.spec.disable_by_batch_size
+        return n is not None and requests > n
 
     def _drafts(self, req: Request, budget: int) -> list[int] | int:
         """Draft tokens for a decoding ``req``, at most what can still be emitted; none for
@@ -322,7 +300,7 @@ class Scheduler:
         never for host-masked rows, whose masks follow the drafts), bounded as if all of its
         own drafts are accepted."""
         sp = req.sampling_params
-        if sp.uses_penalties or req.num_output_tokens < sp.min_tokens:
+        if sp.uses_penalties or req.num_output_tokens < sp.min_tokens or req.request_id in self._no_draft:
             return []
         chained = (req.num_placeholders == 1 and self._chained and not sp.uses_host_masks
                    and (self._spec_last or (self._draft_mode and self.spec.disable_by_batch_size
@@ -571,6 +549,7 @@ class Scheduler:
         self.kv.release(req)
         self._next_drafts.pop(req.request_id, None)
         self._stale_history.discard(req.request_id)
+        self._no_draft.discard(req.request_id)
         del self._requests[req.request_id]
         self._drop(req.request_id)
 
@@ -582,11 +561,6 @@ class Scheduler:
         if self.spec is not None:
             s.update(self.spec_counters)
         return s
-
-
-def _group(req: Request) -> str:
-    """The API request a sequence belongs to: ``n`` > 1 siblings share their leader's id."""
-    return req.fork_of.request_id if req.fork_of is not None else req.request_id
 
 
 def _tokens(req: Request, start: int, end: int) -> list[int]:

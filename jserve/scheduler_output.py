@@ -118,6 +118,10 @@ class SchedulerOutput:
     # Speculation is on this step (``Scheduler.spec_active``): with n-gram its rows run the
     # speculative variant, whose lookup drafts on the device for the next step.
     speculative: bool = False
+    # Whether a step without speculation runs the draft model's catch-up (its forward over the
+    # step's tokens): False when every row belongs to a request that never drafts
+    # (``disable_by_batch_size``) and none is a prompt chunk.
+    draft_catch_up: bool = True
     # Decode steps the plan runs in one program (``num_scheduler_steps``; 1: an ordinary step):
     # every row is a one-token decode row and samples ``burst`` tokens (jserve/burst_step.py).
     burst: int = 1

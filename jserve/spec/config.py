@@ -11,7 +11,11 @@ option (jserve/options.py) stores its canonical JSON text (``canonical_json``), 
     optional for both: "disable_by_batch_size": N   (no drafts in a step once more than N
                                                       requests run: speculation must not cost
                                                       throughput at high load; default
-                                                      ``DISABLE_BY_BATCH_SIZE``, null: never)
+                                                      ``DISABLE_BY_BATCH_SIZE``, null: never;
+                                                      with a draft model, as in vLLM, a request
+                                                      admitted while more than N are queued or
+                                                      running never drafts, so the draft skips
+                                                      its catch-up over steps of such requests)
 
 Errors name the field: ``speculative_config.num_speculative_tokens must be an integer >= 1``.
 Imports nothing heavy (the option table reads it).

@@ -4,7 +4,8 @@ Where it sits: start-up (``load_draft``: resolve, validate against the target, l
 and, in every step while it is configured, the speculative step executable
 (``verify_step.spec_step``) calls ``draft_step`` after verifying the row's drafts (a step
 without speculation, above ``disable_by_batch_size``, runs the target's ordinary program after
-``catch_up``, the draft's forward over the step's tokens). The drafts it
+``catch_up``, the draft's forward over the step's tokens, skipped when every row belongs to a
+request admitted above that load, which never drafts, and none is a prompt chunk). The drafts it
 stay on the device and are the next step's draft rows when that step is planned while this one
 is in flight (``jserve/spec/chain.py``); they also travel to the host with the step's tokens,
 for a request whose next row is planned after the read (``Scheduler`` keeps them per request).
@@ -12,7 +13,9 @@ for a request whose next row is planned after the read (``Scheduler`` keeps them
 KV: the draft has its own paged pool with the SAME page ids as the target's (a twin page per
 target page, sized from the same memory budget: each page costs target + draft bytes), so the
 target's page tables, prefix-cache hits, copy-on-write copies and swaps (a second
-``KVPageMover`` mirrors every move) all hold for the draft's K/V too::
+``KVPageMover`` mirrors every move) all hold for the draft's K/V too (except generated tokens of
+requests that never draft: a prefix hit on those pages finds no draft K/V, so its drafts are
+poor there, never wrong: they are verified)::
 
     step rows (prefill chunks, [last, d_1 .. d_k] verify rows)   -> draft K/V at the same slots
     per sampling row, after verification emitted t at position p (= start + 1 + accepted):

@@ -219,3 +219,41 @@ def test_a_pausing_draft_model_catches_up_while_speculation_is_off(make_engine):
     finally:
         del steps.catch_up
     assert off   # steps without speculation ran the catch-up
+
+
+def test_requests_admitted_at_load_never_draft_and_skip_the_catch_up(make_engine):
+    """disable_by_batch_size=1 with a draft model (vLLM's rule): three requests queued at once
+    are admitted above the load, never draft, and their decode steps skip the draft's catch-up
+    (only their prompt chunks run it); a request arriving alone afterwards drafts, and its prefix
+    hit on their prompt pages finds the draft's K/V (a self-draft is accepted). Tokens equal the
+    target alone."""
+    base = make_engine("llama")
+    eng = make_engine("llama", speculative_config={**_draft(GOLDEN / "llama"), "disable_by_batch_size": 1})
+    steps = eng.runner.spec_steps
+    calls, catch_up = [], steps.catch_up
+    steps.catch_up = lambda *a: calls.append(1) or catch_up(*a)
+    shared = [5, 6, 7, 8, 9, 10, 11, 12] * 4   # two full pages of 16 shared by every prompt
+
+    def run(engine, prompts):
+        for rid, tail in prompts.items():
+            engine.add_request(rid, shared + tail, _greedy(max_tokens=24))
+        got, n = {}, 0
+        while engine.has_unfinished_requests():
+            n += 1
+            got.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        return got, n
+
+    try:
+        busy = {"a": [20, 21], "b": [22, 23, 24], "c": [25]}
+        got, n = run(eng, busy)
+        assert got == run(base, busy)[0]
+        stats = eng.kv_cache_stats()
+        assert stats["spec_decode_num_draft_tokens"] == 0 and n >= 20 and len(calls) <= 2, (n, calls)
+        alone = {"d": [26, 27]}
+        assert run(eng, alone)[0] == run(base, alone)[0]
+        after = eng.kv_cache_stats()
+        assert after["prefix_cache_hits_device"] > stats["prefix_cache_hits_device"]
+        drafted, accepted = after["spec_decode_num_draft_tokens"], after["spec_decode_num_accepted_tokens"]
+        assert drafted > 0 and accepted >= 0.9 * drafted, (drafted, accepted)
+    finally:
+        del steps.catch_up
