@@ -13,8 +13,8 @@ GIL) and compiled on a thread pool (XLA's compile releases it)::
                        there) and the rest on threads, their kernels found in XLA's per-fusion
                        autotune cache. The split step's pairs come after the step variants.
                        At most ``COMPILE_THREADS`` at once: an H200 host (16 cores) compiled
-                       the Llama-3.1-8B's 26 cold step programs in 59 s on 4 threads, each
-                       compile a single-threaded XLA pass pipeline for the most part.
+                       the Llama-3.1-8B's 26 cold step programs in 58.9 s on 4 threads and in
+                       42.6 s on 8 (session 18; XLA's compiles use threads of their own too).
     compile_each       all on threads: warm-up's small programs (slot writers, penalty inits,
                        logit state writers: no matmul for the autotuner) and the split step's
                        pairs when compiled on their own (``Runner.compile_split``).
