@@ -107,6 +107,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
+sweep4() {   # the speculation sweep at the engine's default disable_by_batch_size (cases sk, sw4)
+  timeout 290 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
+    --num-prompts 8 --max-tokens 96 --concurrency 1,4,16,256 --max-num-seqs 256 --max-model-len 1024 \
+    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 --disable-by-batch-size default \
+    --json "$OUT/spec_sweep_4.json" > "$OUT/spec_sweep_4.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_sweep_4.txt" | tail -16
+}
 
 case "${1:-a}" in
 qs)
@@ -176,11 +183,7 @@ sk)
   # steps ran the untuned Triton GEMMs: 27 ms). Prediction: draft model ~0.95 / ~1.0x at 16 /
   # 256, n-gram ~1.0x above 4, batch 1 as before (n-gram ~1.5x, draft ~1.2x); 8B decode ~4.8 ms
   # at batch 1, verify / decode ~1.1x there and ~2.0x at 64.
-  timeout 290 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
-    --num-prompts 8 --max-tokens 96 --concurrency 1,4,16,256 --max-num-seqs 256 --max-model-len 1024 \
-    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 --disable-by-batch-size default \
-    --json "$OUT/spec_sweep_4.json" > "$OUT/spec_sweep_4.txt" 2>&1
-  grep -v "^W\|WARNING\|^I" "$OUT/spec_sweep_4.txt" | tail -16
+  sweep4
   timeout 270 python3 benchmarks/spec_verify_step.py --model llama3.1-8b --k 4 --batches 1,64 \
     > "$OUT/spec_verify.txt" 2>&1; grep -v "^W\|WARNING" "$OUT/spec_verify.txt" | tail -8
   ;;
@@ -334,11 +337,7 @@ hp)
   done
   ;;
 sw4)
-  timeout 300 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
-    --num-prompts 8 --max-tokens 96 --concurrency 1,4,16,256 --max-num-seqs 256 --max-model-len 1024 \
-    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 --disable-by-batch-size default \
-    --json "$OUT/spec_sweep_4.json" > "$OUT/spec_sweep_4.txt" 2>&1
-  grep -v "^W\|WARNING\|^I" "$OUT/spec_sweep_4.txt" | tail -16
+  sweep4
   ;;
 sw3)
   # Session 14's n-gram change (ordinary variants while speculation is off) and the threshold,
