@@ -34,6 +34,9 @@ class StepInput:
     query_start_loc: jax.Array  # int32[R + 1]
     num_seqs: jax.Array         # int32[1]   real rows; rows >= num_seqs are padding
     logits_indices: jax.Array   # int32[R]   token row whose hidden state is sampled
+    # (static) query rows per request the paged attention's decode class should hold: 1 + k in
+    # speculative verify steps (jserve/spec/verify_step.py), else 1
+    decode_rows: int = dataclasses.field(default=1, metadata=dict(static=True))
 
     @classmethod
     def empty(cls, num_tokens: int, num_rows: int, pages_per_seq: int) -> StepInput:

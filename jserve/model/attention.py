@@ -110,7 +110,8 @@ def paged_attention(q: jax.Array, pool: tuple[jax.Array, ...], batch: StepInput,
         return pallas_kernels.ragged_paged_attention(
             q, k_pages, v_pages, batch.page_table, batch.seq_lens, batch.query_start_loc,
             batch.num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
-            k_scales=k_scales, v_scales=v_scales, max_q_len=1 if decode_only else None)
+            k_scales=k_scales, v_scales=v_scales, max_q_len=1 if decode_only else None,
+            decode_rows=batch.decode_rows)
 
     k_pages, v_pages, *scales = pool
     specs = (_HEADS, _POOL, _POOL, P(), *(_SCALES,) * len(scales))

@@ -87,7 +87,7 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
     drafts = token_ids[idx[:, 1:]]                                             # [R, K]
     verified = verified_drafts(drafts, num_draft)
     drafts = jnp.maximum(drafts, 0)
-    batch = dataclasses.replace(batch, token_ids=jnp.maximum(token_ids, 0))
+    batch = dataclasses.replace(batch, token_ids=jnp.maximum(token_ids, 0), decode_rows=k1)
     # rows planned while the previous step ran move by its accepted drafts (chain.py)
     batch, sbatch = chain.shift_rows(layout, ibuf, batch, sbatch, prev_tokens, num_out, num_spec)
     h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)

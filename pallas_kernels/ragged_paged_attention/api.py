@@ -33,11 +33,15 @@ def ragged_paged_attention(
     v_scales: jax.Array | None = None,
     interpret: bool = False,
     max_q_len: int | None = None,
+    decode_rows: int = 1,
 ) -> jax.Array:
     """See ``reference.ragged_paged_attention`` for shapes and semantics.
 
     ``max_q_len`` (static): a promise that no sequence has more query rows than this (decode
-    steps: 1); the GPU kernel then runs its decode launch only. It never changes the result.
+    steps: 1); the GPU kernel then runs its decode launch only. ``decode_rows`` (static): query
+    rows per sequence the GPU kernel's decode class should hold (speculative verify rows: 1 +
+    k), so such sequences take its split-KV launch instead of the prefill tiles. Neither ever
+    changes the result.
 
     ``q: [num_tokens, num_q_heads, head_dim]``, ``k_pages/v_pages: [num_pages, page_size,
     num_kv_heads, head_dim]`` -> ``[num_tokens, num_q_heads, head_dim]``.
@@ -54,5 +58,6 @@ def ragged_paged_attention(
     if backend == "tpu":
         return tpu.ragged_paged_attention(*args, interpret=interpret, **kw)
     if backend == "gpu" or interpret:
-        return gpu.ragged_paged_attention(*args, interpret=interpret, max_q_len=max_q_len, **kw)
+        return gpu.ragged_paged_attention(*args, interpret=interpret, max_q_len=max_q_len,
+                                          decode_rows=decode_rows, **kw)
     return reference.ragged_paged_attention(*args, **kw)

@@ -146,19 +146,23 @@ def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: in
 
 
 def default_config(
-    num_tokens: int, max_seqs: int, num_q_heads: int, num_kv_heads: int, page_size: int, pages_per_seq: int
+    num_tokens: int, max_seqs: int, num_q_heads: int, num_kv_heads: int, page_size: int, pages_per_seq: int,
+    decode_rows: int = 1,
 ) -> GpuConfig | GpuPlan:
     """Heuristic static config from the shapes alone (the batch's composition is dynamic).
 
-    Decode class: ``block_q * G = 16`` score rows (the tensor-core minimum), ~64 keys per step,
-    splits (and 2-warp programs) when ``max_seqs x kv heads`` programs cannot fill the GPU.
+    Decode class: ``block_q * G = 16`` score rows (the tensor-core minimum), or ``block_q`` =
+    ``decode_rows`` rounded up to a power of two when that is more (speculative verify rows:
+    1 + k query rows, which then take this class's split-KV launch instead of the prefill
+    tiles), ~64 keys per step, splits (and 2-warp programs) when ``max_seqs x kv heads``
+    programs cannot fill the GPU.
     Prefill class (only if the bucket can hold a sequence with more than ``block_q`` rows):
     64-row tiles, 64 keys per step (measured best for the 8 x 512 chunks of the mixed
     benchmark; KERNEL_NOTES.md).
     """
     group = sp.pow2(num_q_heads // num_kv_heads)
     ppb = min(max(1, 64 // page_size), sp.pow2(pages_per_seq))
-    bq = max(1, 16 // group)
+    bq = max(1, 16 // group, sp.pow2(decode_rows))
     ctx_blocks = -(-pages_per_seq // ppb)
     items = min(max_seqs, num_tokens)
     partial_bytes = items * bq * num_kv_heads * group * 128 * 4  # [rows, kvh * G * D] float32, D <= 128
@@ -481,6 +485,7 @@ def ragged_paged_attention(
     interpret: bool = False,
     config: GpuConfig | GpuPlan | None = None,
     max_q_len: int | None = None,
+    decode_rows: int = 1,
 ) -> jax.Array:
     """GPU kernel with ``reference.ragged_paged_attention``'s signature and semantics.
 
@@ -490,6 +495,7 @@ def ragged_paged_attention(
     ``max_q_len`` (static): a promise that no sequence has more query rows (the engine's decode
     steps pass 1). When it fits the decode class's tile, the call is one direct decode launch
     (plus its split merge) whatever the token count: no prefill launch, no work list.
+    ``decode_rows`` (static): the heuristic's decode tile holds that many rows (``default_config``).
     """
     reference.validate_inputs(
         q, k_pages, v_pages, page_table, seq_lens, query_start_loc, num_seqs,
@@ -502,9 +508,12 @@ def ragged_paged_attention(
         return q
     if max_q_len is not None and (not isinstance(max_q_len, int) or max_q_len < 1):
         raise ValueError(f"max_q_len must be a positive int or None, got {max_q_len!r}")
+    if not isinstance(decode_rows, int) or decode_rows < 1:
+        raise ValueError(f"decode_rows must be a positive int, got {decode_rows!r}")
     if page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two for the GPU kernel, got {page_size}")
-    cfg = config or default_config(num_tokens, max_seqs, num_q_heads, num_kv_heads, page_size, pages_per_seq)
+    cfg = config or default_config(num_tokens, max_seqs, num_q_heads, num_kv_heads, page_size, pages_per_seq,
+                                   decode_rows if max_q_len is None else min(decode_rows, max_q_len))
     group = num_q_heads // num_kv_heads
     gp, dp = sp.pow2(group), sp.pow2(max(head_dim, 16))
     qx = q.reshape(num_tokens, num_kv_heads, group, head_dim)

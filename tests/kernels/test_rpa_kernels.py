@@ -173,3 +173,34 @@ def test_gpu_max_q_len_runs_the_decode_launch_alone(splits, monkeypatch):
     assert rel_err(got[:5], np.asarray(want, np.float32)[:5]) < 1e-5
     with pytest.raises(ValueError, match="max_q_len"):
         rpa_gpu.ragged_paged_attention(*b.args(), sm_scale=0.25, interpret=True, max_q_len=0)
+
+
+def test_gpu_decode_rows_put_verify_rows_in_the_decode_launch(monkeypatch):
+    """``decode_rows=5`` (speculative verify rows, k = 4): the heuristic's decode tile holds 8
+    rows (G = 4 would give 4), so sequences of 5 query rows take the decode class's direct
+    launch with its KV splits, not the prefill tiles; the output equals the reference with NaN
+    padding rows and NaN-poisoned unused pages."""
+    b = make_batch(np.random.default_rng(11), [5, 5, 1, 5], [40, 9, 23, 64], page_size=8, num_q_heads=8,
+                   num_kv_heads=2, head_dim=16, extra_seqs=3, extra_tokens=16)  # fmt: skip
+    n = int(b.query_start_loc[4])
+    b.q[n:] = np.nan
+    kw = dict(sm_scale=0.25)
+    want = jax.jit(lambda *a: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
+    t, s = b.q.shape[0], b.page_table.shape[0]
+    plain = rpa_gpu.default_config(t, s, 8, 2, 8, b.page_table.shape[1])
+    wide = rpa_gpu.default_config(t, s, 8, 2, 8, b.page_table.shape[1], decode_rows=5)
+    assert plain.decode.block_q == 4 and wide.decode.block_q == 8 and wide.decode.num_splits > 1
+    launches = []
+    launch = rpa_gpu._launch
+    monkeypatch.setattr(rpa_gpu, "_launch", lambda cfg, meta, *a, **k: launches.append((cfg, len(meta)))
+                        or launch(cfg, meta, *a, **k))
+    got = run_fast(lambda *a: rpa_gpu.ragged_paged_attention(*a, interpret=True, decode_rows=5, **kw),
+                   *b.args())
+    got = np.asarray(got, np.float32)
+    assert np.all(np.isfinite(got)) and np.all(got[n:] == 0)
+    assert rel_err(got[:n], np.asarray(want, np.float32)[:n]) < 1e-5
+    assert [cfg for cfg, _ in launches] == [wide.prefill, wide.decode]
+    items = np.asarray(work.work_items(t, wide.prefill.block_q, *b.args()[4:7], q_min=wide.decode.block_q))
+    assert not np.any((items[:, 2] >= 0) & (items[:, 1] > 0)), "a sequence in the prefill launch"
+    with pytest.raises(ValueError, match="decode_rows"):
+        rpa_gpu.ragged_paged_attention(*b.args(), sm_scale=0.25, interpret=True, decode_rows=0)

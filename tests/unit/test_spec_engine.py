@@ -346,3 +346,24 @@ def test_other_architectures_match_with_ngram_drafts(make_engine, arch):
     items = [(ps[0], _greedy()), (ps[2], _greedy(max_tokens=12)), (ps[1], _greedy(n=2))]
     _same(base, eng, items)
     assert eng.kv_cache_stats()["spec_decode_num_draft_tokens"] > 0   # drafts were verified
+
+
+def test_verify_steps_ask_the_attention_decode_tile_for_their_rows(monkeypatch, make_engine):
+    """Speculative verify variants tell the paged attention kernel their 1 + k query rows per
+    request (``StepInput.decode_rows``: on GPUs such rows then take its decode class's split-KV
+    launch, not the prefill tiles); every other step keeps 1."""
+    import jax
+
+    import pallas_kernels
+
+    asked = set()
+    kernel = pallas_kernels.ragged_paged_attention
+
+    def record(*a, **k):
+        asked.add(k["decode_rows"])
+        return kernel(*a, **k)
+
+    monkeypatch.setattr(pallas_kernels, "ragged_paged_attention", record)
+    jax.clear_caches()   # (other tests' engines traced the same layers)
+    make_engine("llama", max_num_batched_tokens=16, speculative_config={**NGRAM, "num_speculative_tokens": 3})
+    assert asked == {1, 4}
