@@ -56,7 +56,7 @@ def split_microbatches(batch: StepInput, num_microbatches: int) -> StepInput:
             slot_mapping=batch.slot_mapping[a:b], page_table=batch.page_table[idx_c],
             seq_lens=seq.astype(jnp.int32), query_start_loc=qsl,
             num_seqs=jnp.sum(n_tok > 0, dtype=jnp.int32)[None],
-            logits_indices=jnp.zeros((rm,), jnp.int32)))
+            logits_indices=jnp.zeros((rm,), jnp.int32), decode_rows=batch.decode_rows))
     return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
 
 
@@ -68,4 +68,5 @@ def bubble(batch: StepInput, valid: jax.Array) -> StepInput:
         slot_mapping=jnp.where(valid, batch.slot_mapping, 0), page_table=batch.page_table,
         seq_lens=jnp.where(valid, batch.seq_lens, 0),
         query_start_loc=jnp.where(valid, batch.query_start_loc, 0),
-        num_seqs=jnp.where(valid, batch.num_seqs, 0), logits_indices=batch.logits_indices)
+        num_seqs=jnp.where(valid, batch.num_seqs, 0), logits_indices=batch.logits_indices,
+        decode_rows=batch.decode_rows)
