@@ -280,11 +280,12 @@ class Scheduler:
                     or req.num_computed_tokens >= self.max_model_len)
 
     def spec_active(self) -> bool:
-        """Whether this step proposes drafts: speculation is configured and at most
-        ``disable_by_batch_size`` requests run (the engine drains the step in flight first:
-        only requests with every token on the host get drafts)."""
+        """Whether this step proposes drafts: speculation is configured, at most
+        ``disable_by_batch_size`` requests run and one of them may draft (the engine drains the
+        step in flight first: only requests with every token on the host get drafts)."""
         return ((self._proposer is not None or self._draft_mode) and bool(self.running)
-                and not self._busy(len(self.running)))
+                and not self._busy(len(self.running))
+                and not all(r.request_id in self._no_draft for r in self.running))
 
     def _busy(self, requests: int) -> bool:
         """Whether ``requests`` is more than ``disable_by_batch_size``."""

@@ -111,7 +111,8 @@ def pair_engines(xla_cache_dir):
     args = dict(model="code-small", max_num_seqs=4, max_num_batched_tokens=64, max_model_len=96,
                 compilation_cache_dir=xla_cache_dir,
                 speculative_config={"method": "draft_model", "model": "code-draft",
-                                    "num_speculative_tokens": 4})
+                                    "num_speculative_tokens": 4,   # every request may draft:
+                                    "disable_by_batch_size": 8})   # 5 arrive at once
     return (build_engine(EngineArgs(async_scheduling=True, **args)),
             build_engine(EngineArgs(async_scheduling=False, **args)))
 

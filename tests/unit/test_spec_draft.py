@@ -230,13 +230,14 @@ def test_requests_admitted_at_load_never_draft_and_skip_the_catch_up(make_engine
     base = make_engine("llama")
     eng = make_engine("llama", speculative_config={**_draft(GOLDEN / "llama"), "disable_by_batch_size": 1})
     steps = eng.runner.spec_steps
-    calls, catch_up = [], steps.catch_up
+    calls, catch_up, verified, dispatch = [], steps.catch_up, [], steps.dispatch
     steps.catch_up = lambda *a: calls.append(1) or catch_up(*a)
+    steps.dispatch = lambda *a: verified.append(1) or dispatch(*a)
     shared = [5, 6, 7, 8, 9, 10, 11, 12] * 4   # two full pages of 16 shared by every prompt
 
     def run(engine, prompts):
-        for rid, tail in prompts.items():
-            engine.add_request(rid, shared + tail, _greedy(max_tokens=24))
+        for rid, (tail, n) in prompts.items():
+            engine.add_request(rid, shared + tail, _greedy(max_tokens=n))
         got, n = {}, 0
         while engine.has_unfinished_requests():
             n += 1
@@ -244,16 +245,17 @@ def test_requests_admitted_at_load_never_draft_and_skip_the_catch_up(make_engine
         return got, n
 
     try:
-        busy = {"a": [20, 21], "b": [22, 23, 24], "c": [25]}
+        busy = {"a": ([20, 21], 24), "b": ([22, 23, 24], 10), "c": ([25], 6)}   # a runs alone last
         got, n = run(eng, busy)
         assert got == run(base, busy)[0]
         stats = eng.kv_cache_stats()
         assert stats["spec_decode_num_draft_tokens"] == 0 and n >= 20 and len(calls) <= 2, (n, calls)
-        alone = {"d": [26, 27]}
+        assert not verified   # no speculative step while none of the running may draft (a alone)
+        alone = {"d": ([26, 27], 24)}
         assert run(eng, alone)[0] == run(base, alone)[0]
         after = eng.kv_cache_stats()
         assert after["prefix_cache_hits_device"] > stats["prefix_cache_hits_device"]
         drafted, accepted = after["spec_decode_num_draft_tokens"], after["spec_decode_num_accepted_tokens"]
         assert drafted > 0 and accepted >= 0.9 * drafted, (drafted, accepted)
     finally:
-        del steps.catch_up
+        del steps.catch_up, steps.dispatch
