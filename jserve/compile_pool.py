@@ -28,7 +28,7 @@ tokens it ran 3% slower (20.5 s of compile against 2.9) and at 16 (a decode step
 so small buckets keep the autotuned Triton GEMMs. XLA's autotune level 0 (no autotuning, Triton
 kept) ran 6.5-21x slower: not an option.
 
-Wide models (``WIDE_HIDDEN`` and more, ``gemm_policy``) take cuBLAS in every bucket. On an
+Wide models (``WIDE_HIDDEN`` and more, ``cublas_min_tokens``) take cuBLAS in every bucket. On an
 H200 (Llama-3.1-8B, fresh compiles) cuBLAS ran the greedy step's 32 / 64-token buckets at 1.011x
 / 0.994x the autotuned Triton GEMMs' time and compiled them in 4.1 / 3.4 s against 38.2 / 32.7 s
 (session 17: those two buckets were 85 s of a 244 s cold start), and the 16-token decode step at
@@ -54,7 +54,6 @@ steps as fast (batch-1 decode 771 / 745 tok/s, bursts 1005 / 983).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -68,29 +67,19 @@ COMPILE_THREADS = 8       # programs compiled at once, at most (``Runner.compile
 WIDE_HIDDEN = 4096        # models this wide: cuBLAS in every bucket
 
 
-@dataclasses.dataclass(frozen=True)
-class GemmPolicy:
-    """How a model's GPU step programs get their matmuls (module docstring): cuBLAS from the
-    ``cublas_from`` token bucket on, XLA's autotuned Triton GEMMs below."""
-
-    cublas_from: int = CUBLAS_MIN_TOKENS
-
-
-NARROW = GemmPolicy()                 # (the default: Qwen2.5-0.5B-class models)
-WIDE = GemmPolicy(cublas_from=0)      # every bucket
+def cublas_min_tokens(hidden_size: int) -> int:
+    """The smallest GPU token bucket whose matmuls go to cuBLAS for a model of ``hidden_size``
+    (module docstring): every bucket for wide models, ``CUBLAS_MIN_TOKENS`` for narrow ones
+    (XLA's autotuned Triton GEMMs below)."""
+    return 0 if hidden_size >= WIDE_HIDDEN else CUBLAS_MIN_TOKENS
 
 
-def gemm_policy(hidden_size: int) -> GemmPolicy:
-    """The GEMM policy of a model of ``hidden_size``: wide models take cuBLAS in every bucket."""
-    return WIDE if hidden_size >= WIDE_HIDDEN else NARROW
-
-
-def compiler_options(tokens: int, gpu: bool, policy: GemmPolicy = NARROW) -> dict[str, Any]:
+def compiler_options(tokens: int, gpu: bool, cublas_from: int = CUBLAS_MIN_TOKENS) -> dict[str, Any]:
     """XLA options for compiling a program of a ``tokens`` bucket (module docstring)."""
     if not gpu:
         return {}
     options: dict[str, Any] = {"xla_disable_hlo_passes": "rematerialization"}
-    if tokens >= policy.cublas_from:
+    if tokens >= cublas_from:
         options["xla_gpu_enable_triton_gemm"] = False
     return options
 
@@ -98,7 +87,7 @@ def compiler_options(tokens: int, gpu: bool, policy: GemmPolicy = NARROW) -> dic
 def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int, gpu: bool,
                      done: Callable[[int, Any, int], None] | None = None,
                      timings: dict[str, float] | None = None,
-                     policy: GemmPolicy = NARROW, stored: ExecutableCache | None = None,
+                     cublas_from: int = CUBLAS_MIN_TOKENS, stored: ExecutableCache | None = None,
                      names: list[str] | None = None) -> list[Any]:
     """Compile ``(token bucket, lower)`` pairs -> their executables, in order; ``done(i,
     executable, how many have finished)`` as each finishes. ``gpu``: each autotuned bucket's
@@ -115,7 +104,7 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
             if timings is not None:
                 timings["lower_s"] = timings.get("lower_s", 0.0) + time.perf_counter() - t
 
-    options = [compiler_options(tokens, gpu, policy) for tokens, _ in programs]
+    options = [compiler_options(tokens, gpu, cublas_from) for tokens, _ in programs]
     keep = stored is not None and names is not None
     out: list[Any] = [None] * len(programs)
     finished = 0
@@ -137,7 +126,7 @@ def compile_in_order(programs: list[tuple[int, Callable[[], Any]]], threads: int
         alone: dict[int, int] = {}
         if gpu:
             for i, (tokens, _) in enumerate(programs):
-                if tokens < policy.cublas_from and out[i] is None:
+                if tokens < cublas_from and out[i] is None:
                     alone.setdefault(tokens, i)
         for i in alone.values():
             finish(i, lower(i).compile(options[i]))

@@ -56,7 +56,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jserve.burst_step import burst_step
-from jserve.compile_pool import COMPILE_THREADS, compile_in_order, gemm_policy, steps_peak_bytes
+from jserve.compile_pool import COMPILE_THREADS, compile_in_order, cublas_min_tokens, steps_peak_bytes
 from jserve.config import EngineConfig
 from jserve.executable_cache import ExecutableCache
 from jserve.host_kv import host_slot_counts
@@ -369,7 +369,7 @@ class Runner:
     def compile_split(self, threads: int = 1) -> None:
         """Compile the split step's programs (once, ``threads`` at a time; jserve/split_step.py)."""
         self.split.compile(threads, self.mesh.devices.flat[0].platform == "gpu",
-                           gemm_policy(self.config.model.hidden_size))
+                           cublas_min_tokens(self.config.model.hidden_size))
 
     def split_wanted(self) -> bool:
         """Whether warm-up compiles the split step: on a GPU or TPU with the overlapped loop
@@ -491,7 +491,7 @@ class Runner:
         the programs' names in ``self.executables`` (the builder's, or None)."""
         return compile_in_order(programs, threads or self.compile_threads(),
                                 self.mesh.devices.flat[0].platform == "gpu", done, self.compile_timings,
-                                gemm_policy(self.config.model.hidden_size), self.executables, names)
+                                cublas_min_tokens(self.config.model.hidden_size), self.executables, names)
 
     def compile(self, progress: Progress | None = None, threads: int | None = None) -> float:
         """Compile every step variant (speculative variants, the split step's pairs) ahead of

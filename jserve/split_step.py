@@ -32,7 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from jserve.compile_pool import NARROW, GemmPolicy, compile_each, compiler_options
+from jserve.compile_pool import CUBLAS_MIN_TOKENS, compile_each, compiler_options
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +48,17 @@ class SplitPrograms:
         self._halves: dict[int, dict[int, Any]] = {}   # (``put``)
         self.steps = 0   # split steps dispatched (tests and metrics)
 
-    def compile(self, threads: int = 1, gpu: bool = False, policy: GemmPolicy = NARROW) -> None:
+    def compile(self, threads: int = 1, gpu: bool = False, cublas_from: int = CUBLAS_MIN_TOKENS) -> None:
         """Compile every bucket's pair (once), ``threads`` programs at a time (lowered in turn:
         tracing holds the GIL, XLA's compile does not); ``gpu``: with the GPU's per-bucket XLA
-        options (``compile_pool.compiler_options`` under the model's GEMM ``policy``)."""
+        options (``compile_pool.compiler_options``, cuBLAS from ``cublas_from`` tokens)."""
         if self._compiled or not self.buckets:
             return
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=threads) as pool:
             done = compile_each({(t, j): low for t in self.buckets
                                  for j, low in enumerate(self._lower(t))}, pool,
-                                lambda key: compiler_options(key[0], gpu, policy))
+                                lambda key: compiler_options(key[0], gpu, cublas_from))
         self._compiled = {t: (done[t, 0], done[t, 1]) for t in self.buckets}
         log.info("split step (forward, sampler) compiled for token buckets %s in %.1f s",
                  self.buckets, time.perf_counter() - t0)
