@@ -212,6 +212,19 @@ i11)
   timeout 170 python3 benchmarks/startup.py --model llama3.1-8b --max-model-len 512 --runs warm \
     --cache-dir "$HOME/.cache/jserve/xla" --timeout 160 2>&1 | table | tee "$OUT/startup_8b_warm.txt"
   ;;
+mu)
+  # Issue 16 (session 19): the split step's sampler takes the grammar rows' host masks as its own
+  # argument (int32[R, W], filled in place by llguidance), no longer the row writer's program over
+  # the logit state (session 18 call 2: staging 0.39 + LogitState.flush 0.97 ms of the grammar
+  # thread's 2.7 ms per 64-row step; constrained 5.51 ms / free 2.34 ms per step, ratio 0.38 /
+  # 0.43). First the upload paths apart (mask_upload.py), then case t. Prediction: the host
+  # argument ~0.3 ms against logit_state ~1.3; the grammar path ~1.6 ms, constrained ~4.2 ms,
+  # ratio ~0.55.
+  timeout 60 python3 benchmarks/mask_upload.py --rows 64 --vocab 151936 2>&1 | grep "^|\|^##" \
+    | tee "$OUT/mask_upload.txt"
+  timeout 420 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights --rounds 2 \
+    --trace > "$OUT/so_trace.txt" 2>&1; grep "^|\|^##" "$OUT/so_trace.txt" | grep -v "|---"
+  ;;
 i11f)
   # Issue 11's last two rows after session 18's fix (wide models: cuBLAS in every bucket; the
   # 16-token bucket had run untuned Triton GEMMs at 24.5 ms per batch-1 step): the 8B's batch-1

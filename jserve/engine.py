@@ -32,12 +32,13 @@ from jserve.kv_manager import make_kv_manager
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jserve.prompt_logprobs import PromptScorer
 from jserve.request import Request, RequestStatus
-from jserve.runner import Runner, SplitPending, StepHandle
+from jserve.runner import Runner, StepHandle
 from jserve.sampling_batch import MAX_BANNED_IDS, banned_ids_fit
 from jserve.sampling_params import RequestOutputKind, SamplingParams
 from jserve.scheduler import Scheduler
 from jserve.scheduler_output import SchedulerOutput
 from jserve.spec.verify_step import SpecStepHandle
+from jserve.split_step import SplitPending
 from jserve.stop_strings import StopStringMatcher
 from jserve.structured.constraints import ConstraintTracker
 from jserve.structured.grammar import GrammarCache, make_ll_tokenizer
@@ -404,12 +405,12 @@ class LLMEngine:
     def _forward_beside_grammar(self, sched_out: SchedulerOutput, touched: dict[str, None]
                                 ) -> SplitPending:
         """The split step when the step in flight is already done (the host is the bottleneck):
-        read it and prepare the forward, then advance the grammars, fill this plan's masks and
-        write them to the device on a helper thread while this thread launches the forward
-        (llguidance and the executable's launch both release the GIL) -> the forward's
-        ``SplitPending``, its masks staged. On an H200 the forward's launch (2 ms) and the grammar
-        work with its upload (2.4 ms for 64 rows) had run one after the other (RESULTS.md,
-        session 10)."""
+        read it and prepare the forward, then advance the grammars and fill this plan's masks
+        into the pending step's host masks (the sampler's argument) on a helper thread while this
+        thread launches the forward (llguidance and the executable's launch both release the
+        GIL) -> the forward's ``SplitPending``, its masks in place. On an H200 the forward's
+        launch (2 ms) and the grammar work with its upload (2.4 ms for 64 rows) had run one after
+        the other (RESULTS_v2_sessions_9-12.md, session 10)."""
         reqs = self._read(self._in_flight, touched)
         pending = self.runner.prepare_forward(sched_out)
         if self._grammar_thread is None:
@@ -417,8 +418,9 @@ class LLMEngine:
 
         def grammar() -> tuple[list[str], dict[str, np.ndarray]]:
             ended = self._advance_grammars(reqs)
-            masks = self.constraints.masks(self._mask_rows(sched_out, skip=frozenset(ended))[0])
-            self.runner.stage_masks(pending, masks)
+            rows = self._mask_rows(sched_out, skip=frozenset(ended))[0]
+            masks = self.constraints.masks(rows, pending.host_masks,
+                                           [pending.mask_row[rid] for rid, _ in rows])
             return ended, masks
 
         job = self._grammar_thread.submit(grammar)

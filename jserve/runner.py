@@ -47,7 +47,6 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -69,7 +68,7 @@ from jserve.slot_table import SlotWriter, fill_page_diffs
 from jserve.spec import chain
 from jserve.spec.draft import DraftModel
 from jserve.spec.verify_step import SpecStepHandle, SpecSteps
-from jserve.split_step import SplitPrograms
+from jserve.split_step import SplitPending, SplitPrograms
 from jserve.staged_input import StagedInputs
 from jserve.step_buffers import StepLayout
 from jserve.step_handle import StepHandle
@@ -81,20 +80,6 @@ from sharding import host_to_global
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-
-
-@dataclass
-class SplitPending:
-    """A split step between its halves: the forward is dispatched, the sampler waits for the
-    host masks (``Runner.dispatch_sample``)."""
-
-    sched_out: SchedulerOutput
-    layout: StepLayout
-    joint: Any                  # the step's input array, as the forward got it
-    slots: np.ndarray           # slot of each row
-    params: list                # SamplingParams of each row
-    logits: jax.Array | None    # f32[R, V], on the device (None until ``launch_forward``)
-    mask_slot: np.ndarray       # int32[R]: the packed mask rows (static masks; -1 free)
 
 
 class Runner:
@@ -401,11 +386,13 @@ class Runner:
         """``dispatch_forward``'s host work (page moves, packing, new slots), not yet launched."""
         layout, ibuf, _, slots, params, _, _ = self._prepare(out)
         return SplitPending(out, layout, self._joint(layout, ibuf), slots, params, None,
-                            np.array(layout.read(ibuf, "mask_slot")))
+                            np.array(layout.read(ibuf, "mask_slot")),
+                            np.full((layout.num_rows, self.logit_state.words), -1, np.int32),
+                            {c.req_id: r for r, c in enumerate(out.chunks) if c.samples})
 
     def launch_forward(self, pending: SplitPending) -> None:
-        """Launch a prepared forward. Touches neither the logit state nor the pending's mask
-        rows, so ``stage_masks`` may run on another thread meanwhile."""
+        """Launch a prepared forward. Touches neither the logit state nor the pending's host
+        masks, so the grammar may fill them on another thread meanwhile."""
         fwd, _ = self.split.programs(pending.layout.num_tokens)
         if self.spec_steps is not None and pending.sched_out.draft_catch_up:
             self.spec_steps.catch_up(self, pending.layout, pending.joint)
@@ -414,25 +401,23 @@ class Runner:
         self._prev_rows = {c.req_id: r for r, c in enumerate(pending.sched_out.chunks) if c.samples}
 
     def stage_masks(self, pending: SplitPending, token_masks: dict[str, np.ndarray]) -> None:
-        """Write the host masks of the pending step's rows (request id -> int32[W]; rows without
-        one keep their static mask or none) to the device logit state."""
-        out, mask_slot = pending.sched_out, pending.mask_slot
-        lstate = self.logit_state
-        rows = [r for r, c in enumerate(out.chunks) if c.samples and c.req_id in token_masks]
-        if rows:
-            mask_slot[rows] = lstate.masked_rows(
-                pending.slots[rows], np.stack([token_masks[out.chunks[r].req_id] for r in rows]))
-        lstate.flush()
+        """Copy host masks (request id -> int32[W]) into the pending step's rows; rows without
+        one keep their static mask or none. (The engine's grammar thread fills
+        ``pending.host_masks`` in place instead: ``ConstraintTracker.masks``' ``out``.)"""
+        for rid, m in token_masks.items():
+            if rid in pending.mask_row:
+                pending.host_masks[pending.mask_row[rid]] = m
 
     def dispatch_sample(self, pending: SplitPending, token_masks: dict[str, np.ndarray] | None) -> StepHandle:
         """The split step's second half: the sampler, after ``stage_masks(pending, token_masks)``
-        (None: the masks are staged already)."""
+        (None: the masks are in ``pending.host_masks`` already)."""
         if token_masks is not None:
             self.stage_masks(pending, token_masks)
+        self.logit_state.flush()   # static rows of requests new in this step
         _, smp = self.split.programs(pending.layout.num_tokens)
         self.penalty_state, self._prev_tokens, tokens, lp, top_ids, top_lp = smp(
             pending.logits, self.penalty_state, self.slot_table, self._prev_tokens, pending.joint,
-            self.logit_state.device, pending.mask_slot)
+            self.logit_state.device, pending.mask_slot, pending.host_masks)
         self.split.steps += 1
         return self._handle(pending.sched_out, pending.params, tokens, lp, top_ids, top_lp)
 
@@ -450,10 +435,11 @@ class Runner:
         lo = fwd.out_info[2]
         logits = jax.ShapeDtypeStruct(lo.shape, lo.dtype, sharding=rep)
         mask_slot = jax.ShapeDtypeStruct((layout.num_rows,), jnp.int32, sharding=rep)
+        host = jax.ShapeDtypeStruct((layout.num_rows, self.logit_state.words), jnp.int32, sharding=rep)
         smp = jax.jit(functools.partial(sample_step, layout, self._num_out, self._num_spec),
                       donate_argnums=(1, 3),
                       out_shardings=(rep,) * 6).lower(logits, self.penalty_state, table, prev, joint,
-                                                      self.logit_state.device, mask_slot)
+                                                      self.logit_state.device, mask_slot, host)
         return fwd, smp
 
     # ---------------------------------------------------------------- start-up
@@ -564,7 +550,8 @@ class Runner:
                                                self._prev_tokens, joint)
         self.penalty_state, self._prev_tokens, *_ = smp(
             logits, self.penalty_state, self.slot_table, self._prev_tokens, joint,
-            self.logit_state.device, np.full(layout.num_rows, -1, np.int32))
+            self.logit_state.device, np.full(layout.num_rows, -1, np.int32),
+            np.full((layout.num_rows, self.logit_state.words), -1, np.int32))
 
     def warm(self) -> float:
         """Run each compiled step once over the allocated pool, then the small programs

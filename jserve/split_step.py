@@ -30,11 +30,33 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+import jax
+import numpy as np
+
 from jserve.compile_pool import CUBLAS_MIN_TOKENS, compile_each, compiler_options
+from jserve.scheduler_output import SchedulerOutput
+from jserve.step_buffers import StepLayout
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitPending:
+    """A split step between its halves: the forward is dispatched, the sampler waits for the
+    host masks (``Runner.dispatch_sample``)."""
+
+    sched_out: SchedulerOutput
+    layout: StepLayout
+    joint: Any                  # the step's input array, as the forward got it
+    slots: np.ndarray           # slot of each row
+    params: list                # SamplingParams of each row
+    logits: jax.Array | None    # f32[R, V], on the device (None until ``launch_forward``)
+    mask_slot: np.ndarray       # int32[R]: the packed mask rows (static masks; -1 free)
+    host_masks: np.ndarray      # int32[R, W]: each row's host mask (all ones: none)
+    mask_row: dict[str, int]    # request id -> its sampling row
 
 
 class SplitPrograms:

@@ -84,11 +84,13 @@ def _forward_part(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh
 
 def _sample_part(layout: StepLayout, num_out: int, num_spec: int, greedy: bool, plain: bool,
                  logits: jax.Array, sbatch: Any, pen: jax.Array | None, pen_slot: jax.Array,
-                 masks: jax.Array | None, mask_slot: jax.Array) -> tuple:
+                 masks: jax.Array | None, mask_slot: jax.Array, host_masks: jax.Array | None = None
+                 ) -> tuple:
     """The sampler half of a step (penalties, token masks, sampling, penalty counts) ->
     (pen, tokens int32[S] (a speculating engine, ``num_spec`` > 0: its chained layout,
     ``spec.chain.plain_output``), logprobs f32[R] | None, top_ids int32[R, N] | None, top_lp |
-    None). ``plain``: penalties and masks apply to every row (neutral where a row has none)."""
+    None). ``plain``: penalties and masks apply to every row (neutral where a row has none);
+    ``host_masks`` int32[R, W]: the split step's per-row host masks (``apply_logit_state``)."""
     penalized = None
     if pen is not None:
         penalized = (penalized_logits(logits, pen, pen_slot, sbatch) if plain else
@@ -97,7 +99,8 @@ def _sample_part(layout: StepLayout, num_out: int, num_spec: int, greedy: bool, 
                                   lambda: logits))
     if masks is not None:
         x = logits if penalized is None else penalized
-        penalized = apply_logit_state(x, masks, mask_slot) if plain else masked_logits(x, masks, mask_slot)
+        penalized = (apply_logit_state(x, masks, mask_slot, host_masks) if plain else
+                     masked_logits(x, masks, mask_slot))
     out = _sample_step(logits, penalized, sbatch, step_sampler_flags(greedy, plain))
     if pen is not None:
         pen = record_tokens(pen, pen_slot, out.token_ids)
@@ -142,15 +145,18 @@ def forward_step(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh,
 
 def sample_step(layout: StepLayout, num_out: int, num_spec: int, logits: jax.Array, pen: jax.Array,
                 table: jax.Array, prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array,
-                mask_slot: jax.Array) -> tuple:
+                mask_slot: jax.Array, host_masks: jax.Array) -> tuple:
     """The split step's second program: ``fused_step``'s plain sampler (no filters, no
     conditional: its launch need not wait for the forward) over the forward's logits f32[R, V],
-    with the token masks the host computed meanwhile (mask_slot int32[R] replaces the
-    buffer's) -> (pen, prev_tokens' (donated), tokens, logprobs, top_ids, top_lp). The table
-    already carries the step's diffs (applying them again changes nothing)."""
+    with the token masks the host computed meanwhile: host_masks int32[R, W], one row per step
+    row (all ones: none), passed as the call's own argument (its transfer rides the launch: no
+    row-writer program, no copy into the logit state), ANDed with the static masks of
+    mask_slot int32[R] -> (pen, prev_tokens' (donated), tokens, logprobs, top_ids, top_lp). The
+    table already carries the step's diffs (applying them again changes nothing)."""
     del prev_tokens   # donated: this step's tokens take its buffer
     ibuf, fbuf = layout.split(joint)
     _, _, sbatch, _, pen_slot = layout.unpack(ibuf, fbuf, table)
     pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, num_spec, False, True, logits,
-                                                    sbatch, pen, pen_slot, masks, mask_slot)
+                                                    sbatch, pen, pen_slot, masks, mask_slot,
+                                                    host_masks)
     return pen, tokens, tokens, lp, top_ids, top_lp

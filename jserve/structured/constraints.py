@@ -107,23 +107,28 @@ class ConstraintTracker:
         s = self._seqs.get(req_id)
         return None if s is None else s.error
 
-    def masks(self, rows: Sequence[tuple[str, Sequence[int]]]) -> dict[str, np.ndarray]:
-        """Allowed-token bitmasks int32[W] for the given (request id, output ids so far) rows."""
+    def masks(self, rows: Sequence[tuple[str, Sequence[int]]], out: np.ndarray | None = None,
+              at: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """Allowed-token bitmasks int32[W] for the given (request id, output ids so far) rows ->
+        request id -> its mask. ``out`` int32[R, W] (all ones where no mask goes) and ``at``
+        (row i's mask goes to ``out[at[i]]``): filled in place, e.g. the split step's host masks
+        (no copy on the way to the device); else a fresh block."""
         if not rows:
             return {}
-        out = np.full((len(rows), self.words), -1, np.int32)
+        if out is None:
+            out, at = np.full((len(rows), self.words), -1, np.int32), range(len(rows))
         par = []
-        for i, (rid, _) in enumerate(rows):
+        for (rid, _), r in zip(rows, at, strict=True):
             s = self._seqs[rid]
             if s.matcher is not None and s.error is None:
-                par.append((s.matcher, i))
+                par.append((s.matcher, r))
         if par:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor()
             llnp.fill_next_token_bitmask_par(self._executor, par, out)
-        for i, (rid, output) in enumerate(rows):
-            self._ban_bad_words(self._seqs[rid], output, out[i])
-        return {rid: out[i] for i, (rid, _) in enumerate(rows)}
+        for (rid, output), r in zip(rows, at, strict=True):
+            self._ban_bad_words(self._seqs[rid], output, out[r])
+        return {rid: out[r] for (rid, _), r in zip(rows, at, strict=True)}
 
     @staticmethod
     def _ban_bad_words(s: SeqConstraint, output: Sequence[int], mask: np.ndarray) -> None:

@@ -62,9 +62,13 @@ def unpack_mask(words: jax.Array, vocab_size: int) -> jax.Array:
     return bits.reshape(words.shape[0], -1)[:, :vocab_size] > 0
 
 
-def apply_logit_state(logits: jax.Array, state: jax.Array, mask_slot: jax.Array) -> jax.Array:
+def apply_logit_state(logits: jax.Array, state: jax.Array, mask_slot: jax.Array,
+                      host: jax.Array | None = None) -> jax.Array:
     """Inside jit: biases then the allowed-token mask of each masked row. logits f32[R, V];
-    state int32[S + 1, W + 2B]; mask_slot int32[R] (-1: row unchanged) -> f32[R, V]."""
+    state int32[S + 1, W + 2B]; mask_slot int32[R] (-1: no static mask or bias); host
+    int32[R, W] | None: each row's host mask (all ones: none; the split step's sampler),
+    ANDed with the row's static bits (an empty AND: the host mask wins, as ``masked_rows``)
+    -> f32[R, V]."""
     r, v = logits.shape
     w = mask_words(v)
     b = (state.shape[1] - w) // 2
@@ -74,8 +78,11 @@ def apply_logit_state(logits: jax.Array, state: jax.Array, mask_slot: jax.Array)
     vals = jax.lax.bitcast_convert_type(rows[:, w + b:], jnp.float32)
     ridx = jnp.broadcast_to(jnp.arange(r)[:, None], ids.shape)
     logits = logits.at[ridx, ids].add(vals, mode="drop")
-    allowed = unpack_mask(rows[:, :w], v) | ~on[:, None]
-    return jnp.where(allowed, logits, _NEG_INF)
+    words = jnp.where(on[:, None], rows[:, :w], -1)
+    if host is not None:
+        both = words & host
+        words = jnp.where(jnp.any(both != 0, axis=1, keepdims=True), both, host)
+    return jnp.where(unpack_mask(words, v), logits, _NEG_INF)
 
 
 def masked_logits(logits: jax.Array, state: jax.Array, mask_slot: jax.Array) -> jax.Array:

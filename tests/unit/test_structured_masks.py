@@ -48,6 +48,39 @@ def test_apply_logit_state_matches_reference():
     np.testing.assert_array_equal(got, want)
 
 
+def test_host_mask_argument_matches_the_written_rows():
+    """The split step's sampler takes each row's host mask as an argument (int32[R, W], all ones:
+    none) and ANDs it with the row's static bits on the device; the fused step's path writes the
+    AND into the state on the host (``masked_rows``). Same logits either way, including the
+    empty AND (the host mask wins) and a row without any mask."""
+    rep = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    st = LogitState(4, V, rep)
+    st.compile()
+    st.on_new(1, SamplingParams(allowed_token_ids=[3, 4, 50], logit_bias={4: 2.5, 7: -1.0}))
+    st.on_new(2, SamplingParams(logit_bias={10: 5.0}))
+    st.on_new(3, SamplingParams(allowed_token_ids=[3, 4, 50]))
+    st.flush()
+    host = np.full((4, st.words), -1, np.int32)
+    host[0] = pack_token_ids([4, 50, 60], V)    # slot 1: AND -> {4, 50}, 4 biased
+    host[1] = pack_token_ids([8, 9, 10], V)     # slot 2: bias only -> {8, 9, 10}, 10 biased
+    host[2] = pack_token_ids([60, 61], V)       # slot 3: empty AND -> {60, 61}
+    slots = np.array([1, 2, 3, 0])
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, V)).astype(np.float32))
+    static = np.array([st.row_for(int(s), None) for s in slots], np.int32)
+    got = np.asarray(apply_logit_state(logits, st.device, jnp.asarray(static), jnp.asarray(host)))
+    want = np.full((4, V), -np.inf, np.float32)
+    lg = np.asarray(logits)
+    want[0, [4, 50]] = lg[0, [4, 50]] + np.array([2.5, 0], np.float32)
+    want[1, [8, 9, 10]] = lg[1, [8, 9, 10]] + np.array([0, 0, 5.0], np.float32)
+    want[2, [60, 61]] = lg[2, [60, 61]]
+    want[3] = lg[3]
+    np.testing.assert_array_equal(got, want)
+    written = st.masked_rows(slots[:3], host[:3])   # the fused step's path: the AND on the host
+    st.flush()
+    ref = np.asarray(apply_logit_state(logits, st.device, jnp.asarray(np.append(written, -1))))
+    np.testing.assert_array_equal(got, ref)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.from_dir(GOLDEN / "llama")
