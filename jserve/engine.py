@@ -385,9 +385,9 @@ class LLMEngine:
         requests whose grammar ended (accepted, or rejected a token). Touches no scheduler
         state: it may run beside the forward's dispatch (``_forward_beside_grammar``)."""
         cons = self.constraints
-        return [req.request_id for req in reqs
-                if req.request_id in cons and cons.advance(req.request_id, req.output_token_ids)
-                and not req.is_finished]
+        live = {req.request_id: req for req in reqs if req.request_id in cons}
+        ended = cons.advance_all([(rid, req.output_token_ids) for rid, req in live.items()])
+        return [rid for rid in ended if not live[rid].is_finished]
 
     def _end_by_grammar(self, ended: list[str]) -> None:
         for rid in ended:

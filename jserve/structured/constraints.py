@@ -103,6 +103,31 @@ class ConstraintTracker:
                 return True
         return s.matcher.is_stopped()
 
+    def advance_all(self, items: Sequence[tuple[str, Sequence[int]]]) -> list[str]:
+        """``advance`` for many sequences -> the ids that must end now. A sequence with one new
+        token (a plain decode step) consumes it in llguidance's parallel call, which releases
+        the GIL (the grammar thread runs beside the forward's launch); others one by one."""
+        ended, par, owners = [], [], []
+        for rid, output in items:
+            s = self._seqs.get(rid)
+            if (s is not None and s.matcher is not None and s.error is None
+                    and len(output) == s.consumed + 1 and not s.matcher.is_stopped()):
+                s.consumed = len(output)
+                par.append((s.matcher, int(output[-1])))
+                owners.append((rid, s))
+            elif self.advance(rid, output):
+                ended.append(rid)
+        if par:
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
+            oks = self._executor.consume_token_par(par)
+            for (rid, s), (_, t), ok in zip(owners, par, oks, strict=True):
+                if not ok:
+                    s.error = s.matcher.get_error() or f"token {t} not allowed by the grammar"
+                if not ok or s.matcher.is_stopped():
+                    ended.append(rid)
+        return ended
+
     def error(self, req_id: str) -> str | None:
         s = self._seqs.get(req_id)
         return None if s is None else s.error

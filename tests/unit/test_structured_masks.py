@@ -124,3 +124,33 @@ def test_grammar_mask_and_completion(cache):
     bits = np.asarray(unpack_mask(jnp.asarray(tr.masks([("q", [])])["q"])[None], 512))[0]
     assert bits[ids[0]] and bits.sum() < 512
     assert tr.advance("q", ids) is True   # complete: the request ends here
+
+
+def test_advance_all_matches_advance_one_by_one(cache):
+    """The batched advance (one new token each: llguidance's parallel consume) ends and errs the
+    same sequences as ``advance`` one by one: a completed choice, a rejected token, a sequence
+    mid-way, one given two tokens at once, an unconstrained one and an unknown id."""
+    yes, no = cache.tokenizer.tokenize_str("yes"), cache.tokenizer.tokenize_str("no")
+    bad = next(t for t in range(512) if t not in (yes[0], no[0]))
+    sp = SamplingParams(structured_outputs={"choice": ["yes", "no", "yes yes yes"]})
+
+    def run(batched: bool) -> tuple[list[str], dict[str, str | None]]:
+        tr = ConstraintTracker(lambda: cache, 512, None)
+        for rid in ("done", "bad", "mid", "two"):
+            tr.add(rid, sp, tr.compile(sp), [])
+        tr.add("free", SamplingParams(), None, [])
+        steps = [{"done": no[:1], "bad": [bad], "mid": yes[:1], "two": yes[:2], "free": [7],
+                  "unknown": [1]}]
+        if len(no) > 1:
+            steps.append({"done": no})
+        ended: list[str] = []
+        for outputs in steps:
+            items = list(outputs.items())
+            ended += (tr.advance_all(items) if batched else
+                      [rid for rid, out in items if tr.advance(rid, out)])
+        return sorted(set(ended)), {rid: tr.error(rid) for rid in ("done", "bad", "mid", "two")}
+
+    one, many = run(False), run(True)
+    assert many == one
+    assert "bad" in one[0] and one[1]["bad"] and "mid" not in one[0] and one[1]["mid"] is None
+    assert "done" in one[0]
