@@ -50,7 +50,7 @@ class StepTrace:
         tr._wrap(engine.scheduler, "update", "update")
         for name in ("dispatch", "dispatch_forward", "dispatch_sample"):
             tr._wrap(engine.runner, name, name)
-        tr._wrap(engine.constraints, "advance", "advance")
+        tr._wrap(engine.constraints, "advance_all", "advance")
         tr._wrap(engine.constraints, "masks", "masks")
         runner = engine.runner   # inside the dispatches: host work, mask upload, the calls
         tr._wrap(runner, "_prepare", "prepare")
