@@ -225,6 +225,25 @@ mu)
   timeout 420 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights --rounds 2 \
     --trace > "$OUT/so_trace.txt" 2>&1; grep "^|\|^##" "$OUT/so_trace.txt" | grep -v "|---"
   ;;
+mus)
+  # Case mu's trace again (call 2's crashed in the benchmark's mask timer, which took one
+  # argument), then case sk's sweep. Predictions: mu's (ratio ~0.55) and sk's (draft model
+  # ~0.95 / ~1.0x at 16 / 256 running, n-gram ~1.0x above 4).
+  timeout 210 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights --rounds 2 \
+    --trace > "$OUT/so_trace.txt" 2>&1; grep "^|\|^##\|rror" "$OUT/so_trace.txt" | grep -v "|---"
+  sweep4
+  ;;
+vb)
+  # Case sk's 8B verify step (k = 4) against the 1-token decode step at batch 1 and 64 (target
+  # <= 1.15x at batch 1; prediction ~1.1x, ~2.0x at 64), then issue 12's k = 2 / 4 / 6 table for
+  # the bundled pair at batch 1 (prediction: acceptance ~0.40 / 0.29 / 0.23, ~1.2x / 1.2x / 1.1x).
+  timeout 260 python3 benchmarks/spec_verify_step.py --model llama3.1-8b --k 4 --batches 1,64 \
+    > "$OUT/spec_verify.txt" 2>&1; grep -v "^W\|WARNING" "$OUT/spec_verify.txt" | tail -8
+  timeout 300 python3 benchmarks/spec_decode.py --methods draft_model --ks 2,4,6 --workloads code \
+    --num-prompts 8 --max-tokens 96 --max-num-batched-tokens 256 --max-model-len 1024 \
+    --gpu-memory-utilization 0.5 --json "$OUT/spec_k.json" > "$OUT/spec_k.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_k.txt" | tail -8
+  ;;
 i11f)
   # Issue 11's last two rows after session 18's fix (wide models: cuBLAS in every bucket; the
   # 16-token bucket had run untuned Triton GEMMs at 24.5 ms per batch-1 step): the 8B's batch-1
