@@ -233,6 +233,21 @@ mus)
     --trace > "$OUT/so_trace.txt" 2>&1; grep "^|\|^##\|rror" "$OUT/so_trace.txt" | grep -v "|---"
   sweep4
   ;;
+vt)
+  # Session 19: why speculating engines with speculation off ran 0.73-0.79x of the engine
+  # without speculation at 16 / 256 running in case mus (n-gram 9,682 / 20,459 against 12,474 /
+  # 26,040 tok/s; draft model 9,094 / 16,064), where a CPU run of the tiny llama found their host
+  # phases equal: the same sweep at 16 and 256 with each engine's step trace. Prediction: the
+  # traces differ in the device's share (wait) or the step count, not in the host phases. Then
+  # case vb's 8B verify step.
+  timeout 230 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
+    --num-prompts 8 --max-tokens 96 --concurrency 16,256 --max-num-seqs 256 --max-model-len 1024 \
+    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 --disable-by-batch-size default \
+    --trace > "$OUT/spec_off_trace.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_off_trace.txt" | grep -v "|---" | tail -110
+  timeout 250 python3 benchmarks/spec_verify_step.py --model llama3.1-8b --k 4 --batches 1,64 \
+    > "$OUT/spec_verify.txt" 2>&1; grep -v "^W\|WARNING" "$OUT/spec_verify.txt" | tail -8
+  ;;
 vb)
   # Case sk's 8B verify step (k = 4) against the 1-token decode step at batch 1 and 64 (target
   # <= 1.15x at batch 1; prediction ~1.1x, ~2.0x at 64), then issue 12's k = 2 / 4 / 6 table for

@@ -35,6 +35,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+from benchmarks.step_trace import StepTrace
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import SamplingParams
 from jserve.spec.config import DISABLE_BY_BATCH_SIZE
@@ -147,6 +148,9 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--staged", action="store_true",
                     help="every engine copies its step inputs into fixed device buffers "
                     "(staged_input.stage_inputs)")
+    ap.add_argument("--trace", action="store_true",
+                    help="print where each engine's step time goes at each sweep point "
+                         "(benchmarks/step_trace.py)")
     ap.add_argument("--sync-too", action="store_true",
                     help="also time batch 1 of each speculative engine with the synchronous loop "
                          "(a draft model's only loop before chained rows, session 13)")
@@ -175,19 +179,24 @@ def _median_run(engine, items, concurrency: int, repeat: int, outputs: list | No
 
 
 def _measure(engine, workloads: dict[str, list], sweep: list[int], sweep_workload: str,
-             sweep_items: list, repeat: int) -> dict:
+             sweep_items: list, repeat: int, trace: StepTrace | None = None) -> dict:
     """One engine over every workload at batch 1, and the sweep workload at each concurrency
     (``sweep_items``: the sweep workload's prompts, 2 x the largest concurrency), each point
-    ``repeat`` times (``_median_run``)
-    -> {"b1": {workload: (s, tokens, counters)}, "sweep": {c: (s, tokens, counters)}}."""
+    ``repeat`` times (``_median_run``); ``trace``: attached to the engine, its table of each
+    sweep point's runs under "traces"
+    -> {"b1": {workload: (s, tokens, counters)}, "sweep": {c: (s, tokens, counters)}, ...}."""
     for items in workloads.values():   # warm-up: first-use costs out of the timings
         _run(engine, items[:1], 1)
     tokens: dict[str, list] = {w: [] for w in workloads}
     out = {"b1": {w: _median_run(engine, items, 1, repeat, tokens[w]) for w, items in workloads.items()},
-           "sweep": {}, "tokens": tokens}
+           "sweep": {}, "tokens": tokens, "traces": {}}
     for c in sweep:   # two waves of c requests (at least --num-prompts)
         items = sweep_items[:max(2 * c, len(workloads[sweep_workload]))]
+        if trace is not None:
+            trace.reset()
         out["sweep"][c] = _median_run(engine, items, c, repeat)
+        if trace is not None:
+            out["traces"][c] = trace.table(f"concurrency {c}, all {repeat} runs")
     return out
 
 
@@ -236,7 +245,8 @@ def main() -> None:
             stage_inputs(engine.runner)
         try:
             out = _measure(engine, b1_loads, sweep, ns.sweep_workload,
-                           workloads.get(ns.sweep_workload, []), ns.repeat)
+                           workloads.get(ns.sweep_workload, []), ns.repeat,
+                           StepTrace.attach(engine) if ns.trace else None)
             if ns.sync_too and args.speculative_config is not None:
                 engine._overlap = False   # the async_scheduling option, toggled (benchmark only)
                 out["b1_sync"] = {w: _median_run(engine, items, 1, ns.repeat)
@@ -298,6 +308,10 @@ def main() -> None:
                     else "no threshold needed up to the largest concurrency measured"
                     if best is not None else "speculation never paid: leave it off")
             print(f"{m:11} {k:>2} -> {hint}")
+        for name, res in [("no speculation", base),
+                          *((f"{m}, k = {k}", r) for (m, k), r in results.items())]:
+            for table in res["traces"].values():
+                print(table.replace("### step trace:", f"### step trace, {name}:"))
     if ns.json:
         Path(ns.json).write_text(json.dumps(rows, indent=1))
 
