@@ -233,6 +233,20 @@ mus)
     --trace > "$OUT/so_trace.txt" 2>&1; grep "^|\|^##\|rror" "$OUT/so_trace.txt" | grep -v "|---"
   sweep4
   ;;
+sa)
+  # Issue 16 (session 19): why the split step's forward launch takes ~1.8 ms beside the grammar
+  # thread against the fused step's 0.86 ms (case mus, round 2): CPU contention with
+  # llguidance's executor (80% of the cores) or the GIL (Python's 5 ms switch interval once the
+  # launch returns while the grammar thread runs Python). A/B in one call, same engine settings:
+  # default, 4 grammar threads, switch interval 0.2 ms. Prediction: one of the two cuts the
+  # launch to ~1.0 ms and the ratio to ~0.65.
+  for ab in "" "--grammar-threads 4" "--switch-interval 0.0002"; do
+    echo "### structured outputs ${ab:-default}"
+    timeout 170 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights --rounds 1 \
+      --trace $ab > "$OUT/so_ab.txt" 2>&1
+    grep "^|\|^##" "$OUT/so_ab.txt" | grep -v "|---" | grep "^| [0-9]\|launch\|beside\|masks\|advance\|^| step"
+  done
+  ;;
 vt)
   # Session 19: why speculating engines with speculation off ran 0.73-0.79x of the engine
   # without speculation at 16 / 256 running in case mus (n-gram 9,682 / 20,459 against 12,474 /

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import jax
+import llguidance
 
 from benchmarks.step_trace import StepTrace
 from jserve.builder import EngineArgs, build_engine, default_model_path
@@ -77,7 +79,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds (the first round warms up)")
     ap.add_argument("--trace", action="store_true",
                     help="print where each batch's step time goes (benchmarks/step_trace.py)")
+    ap.add_argument("--grammar-threads", type=int, default=None,
+                    help="A/B: llguidance's executor threads (default: its own, 80%% of the cores)")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="A/B: sys.setswitchinterval seconds (Python's default 0.005): how long a "
+                         "thread returning from a launch may wait for the GIL")
     ns = ap.parse_args()
+    if ns.switch_interval is not None:
+        sys.setswitchinterval(ns.switch_interval)
     n = ns.num_requests
     eng = build_engine(EngineArgs(model=ns.model, random_weights=ns.random_weights, dtype=ns.dtype,
                                   max_num_seqs=n, max_model_len=512))
@@ -95,6 +104,8 @@ def main() -> None:
             mask_s[0] += time.perf_counter() - t
 
     eng.constraints.masks = timed_masks
+    if ns.grammar_threads is not None:
+        eng.constraints._executor = llguidance.LLExecutor(num_threads=ns.grammar_threads)
     trace = StepTrace.attach(eng) if ns.trace else None
     traces = []
     rows = []
