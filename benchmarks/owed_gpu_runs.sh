@@ -262,6 +262,22 @@ vt)
   timeout 250 python3 benchmarks/spec_verify_step.py --model llama3.1-8b --k 4 --batches 1,64 \
     > "$OUT/spec_verify.txt" 2>&1; grep -v "^W\|WARNING" "$OUT/spec_verify.txt" | tail -8
   ;;
+vt2)
+  # Case vt's trace sweep again (its first engine's trace kept the engine alive: the next one
+  # found a 0-page pool; spec_decode.py detaches it now), then issue 12's k = 2 / 4 / 6 table for
+  # the bundled pair at batch 1. Predictions: as vt; acceptance ~0.40 / 0.29 / 0.23, speed-up
+  # ~1.2-1.4x at each k.
+  timeout 215 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
+    --num-prompts 8 --max-tokens 96 --concurrency 16,256 --max-num-seqs 256 --max-model-len 1024 \
+    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 --disable-by-batch-size default \
+    --trace > "$OUT/spec_off_trace.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_off_trace.txt" | grep -v "|---" | grep -v "^| \(flush\|advance\|pack\) " \
+    | tail -100
+  timeout 245 python3 benchmarks/spec_decode.py --methods draft_model --ks 2,4,6 --workloads code \
+    --num-prompts 8 --max-tokens 96 --max-num-batched-tokens 256 --max-model-len 1024 \
+    --gpu-memory-utilization 0.5 --json "$OUT/spec_k.json" > "$OUT/spec_k.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_k.txt" | tail -8
+  ;;
 vb)
   # Case sk's 8B verify step (k = 4) against the 1-token decode step at batch 1 and 64 (target
   # <= 1.15x at batch 1; prediction ~1.1x, ~2.0x at 64), then issue 12's k = 2 / 4 / 6 table for

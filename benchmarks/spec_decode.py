@@ -243,17 +243,19 @@ def main() -> None:
         engine = build_engine(args)
         if ns.staged:
             stage_inputs(engine.runner)
+        trace = StepTrace.attach(engine) if ns.trace else None
         try:
             out = _measure(engine, b1_loads, sweep, ns.sweep_workload,
-                           workloads.get(ns.sweep_workload, []), ns.repeat,
-                           StepTrace.attach(engine) if ns.trace else None)
+                           workloads.get(ns.sweep_workload, []), ns.repeat, trace)
             if ns.sync_too and args.speculative_config is not None:
                 engine._overlap = False   # the async_scheduling option, toggled (benchmark only)
                 out["b1_sync"] = {w: _median_run(engine, items, 1, ns.repeat)
                                   for w, items in b1_loads.items()}
             return out
         finally:
-            del engine
+            if trace is not None:   # its class-level patch would keep the engine (and its pool) alive
+                trace.detach()
+            del engine, trace
             gc.collect()
 
     base = measured(EngineArgs(**common))
