@@ -325,8 +325,9 @@ class Scheduler:
 
     def _lookahead(self, req: Request, k: int) -> int:
         """draft_model: positions past a sampling row's end whose pages the draft's decode
-        steps write (at most K, within max_model_len; 0 when the row does not sample)."""
-        if not self._draft_mode:
+        steps write (at most K, within max_model_len; 0 when the row does not sample, and for
+        requests that never draft: their rows' draft decodes write the null page there)."""
+        if not self._draft_mode or req.request_id in self._no_draft:
             return 0
         end = req.num_computed_tokens + k
         if end < req.num_tokens + req.num_placeholders:

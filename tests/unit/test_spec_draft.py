@@ -242,6 +242,10 @@ def test_requests_admitted_at_load_never_draft_and_skip_the_catch_up(make_engine
         while engine.has_unfinished_requests():
             n += 1
             got.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+            sched = engine.scheduler   # requests that never draft hold no lookahead pages
+            for r in sched.running:
+                if r.request_id in getattr(sched, "_no_draft", ()):
+                    assert len(r.page_ids) == sched.pool.pages_needed(r.num_computed_tokens), r.request_id
         return got, n
 
     try:
