@@ -4,7 +4,7 @@ without tracing or lowering.
 Where it sits: start-up (``Runner.compile`` -> ``compile_pool.compile_in_order``). JAX's
 persistent cache serves an executable only for a program that was traced, lowered and hashed
 again: on an H200 a warm start of Llama-3.1-8B spent 11.1 of its 29.7 s compile phase tracing
-and lowering its 16 step variants (benchmarks/RESULTS.md, session 17). Each step program that
+and lowering its 16 step variants (benchmarks/RESULTS_v2_sessions_16-18.md, session 17). Each step program that
 start-up compiles is also kept here, serialized (``jax.experimental.serialize_executable``),
 under a key that covers what the program depends on::
 
