@@ -278,6 +278,22 @@ vt2)
     --gpu-memory-utilization 0.5 --json "$OUT/spec_k.json" > "$OUT/spec_k.txt" 2>&1
   grep -v "^W\|WARNING\|^I" "$OUT/spec_k.txt" | tail -8
   ;;
+vt3)
+  # Session 19 (case vt2): at 256 running with speculation off the draft model's engine ran
+  # 0.71x, slower in every host phase (outputs +0.44 ms per step doing the same work), the n-gram
+  # engine 0.99x; since then requests that never draft reserve no lookahead pages. The same
+  # sweep, draft model only, first with the base engine first, then with it last. Prediction:
+  # schedule within 0.2 ms of the base's; if the order flips the rest, a process effect (the
+  # earlier engines' state), else the draft engine's own.
+  for order in "" "--base-last"; do
+    echo "### order: ${order:-base first}"
+    timeout 150 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code \
+      --num-prompts 8 --max-tokens 96 --concurrency 256 --max-num-seqs 256 --max-model-len 1024 \
+      --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 --disable-by-batch-size default \
+      --trace $order > "$OUT/spec_order.txt" 2>&1
+    grep -v "^W\|WARNING\|^I" "$OUT/spec_order.txt" | grep -v "|---" | grep "^draft\|^| \(step\|schedule\|dispatch\|update\|outputs\) \|^###"
+  done
+  ;;
 vb)
   # Case sk's 8B verify step (k = 4) against the 1-token decode step at batch 1 and 64 (target
   # <= 1.15x at batch 1; prediction ~1.1x, ~2.0x at 64), then issue 12's k = 2 / 4 / 6 table for

@@ -148,6 +148,9 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--staged", action="store_true",
                     help="every engine copies its step inputs into fixed device buffers "
                     "(staged_input.stage_inputs)")
+    ap.add_argument("--base-last", action="store_true",
+                    help="build the engine without speculation after the speculating ones (an "
+                         "A/B of the order: each engine is built in the same process)")
     ap.add_argument("--trace", action="store_true",
                     help="print where each engine's step time goes at each sweep point "
                          "(benchmarks/step_trace.py)")
@@ -258,9 +261,12 @@ def main() -> None:
             del engine, trace
             gc.collect()
 
-    base = measured(EngineArgs(**common))
+    if not ns.base_last:
+        base = measured(EngineArgs(**common))
     results = {(m, k): measured(EngineArgs(**common, speculative_config=spec_cfg(m, k)))
                for m in methods for k in ks}
+    if ns.base_last:
+        base = measured(EngineArgs(**common))
 
     rows = []
     print(f"{'workload':8} {'method':11} {'k':>2} {'accept':>7} {'mean len':>8} {'b1 tok/s':>9} "
