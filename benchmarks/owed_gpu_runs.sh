@@ -1,13 +1,13 @@
-# The device calls owed after session 18 (2026-12-02), in the order to run them. Each case fits
+# The device calls owed after session 19 (2026-12-02), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
-# (Sessions 7-18 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
+# (Sessions 7-19 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
 # sw3 (its threshold half), dk, hq, bu, bu1, bu2, bt, bh, sv, i11 (= hl + u8's warm half), b8
-# (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (before its fixes), t, the 2-GPU
-# correctness tests and the OOM diagnosis: RESULTS.md.) Order: i11f (issue 11's batch-1 row and
-# start-up after session 18's cuBLAS fix), sk (again, after the draft model's admission rule and
-# that fix), qs, kv, b, o, q, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c. Session 16 turned
-# XLA's rematerialization pass off for step programs: start-ups should fit their timeouts at
-# share 0.9 too, but spec cases keep 0.5 until a run shows it.
+# (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (as mus + vt), t, i11f, mu, vt2 (which
+# holds b's k table), the 2-GPU correctness tests and the OOM diagnosis: RESULTS*.md.) Order: sa
+# (issue 16: the split forward's launch beside the grammar thread), vt3 (issue 12: the draft
+# engine's host excess at 256 running), qs, kv, b2, o, q, u, w, f, m, u1; then, on 2 GPUs, pb,
+# d, s, c. Session 16 turned XLA's rematerialization pass off for step programs: start-ups should
+# fit their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
 #   sw4 (1 GPU, ~6 min; session 16's try timed out compiling under the rematerialization pass):
 #     the sweep at the new default (disable_by_batch_size 4) after session 15's
