@@ -4,9 +4,9 @@ without tracing or lowering.
 Where it sits: start-up (``Runner.compile`` -> ``compile_pool.compile_in_order``). JAX's
 persistent cache serves an executable only for a program that was traced, lowered and hashed
 again: on an H200 a warm start of Llama-3.1-8B spent 11.1 of its 29.7 s compile phase tracing
-and lowering its 16 step variants (benchmarks/RESULTS_v2_sessions_16-18.md, session 17). Each step program that
-start-up compiles is also kept here, serialized (``jax.experimental.serialize_executable``),
-under a key that covers what the program depends on::
+and lowering its 16 step variants (benchmarks/RESULTS_v2_sessions_16-18.md, session 17). Each
+step program that start-up compiles is also kept here, serialized
+(``jax.experimental.serialize_executable``), under a key that covers what the program depends on::
 
     <compilation_cache_dir>/jserve_executables/<sha256 of the key>.exe
         key: the engine's fingerprint (``startup_cache.engine_fingerprint``: configuration,
