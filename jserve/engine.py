@@ -420,7 +420,7 @@ class LLMEngine:
             ended = self._advance_grammars(reqs)
             rows = self._mask_rows(sched_out, skip=frozenset(ended))[0]
             masks = self.constraints.masks(rows, pending.host_masks,
-                                           [pending.mask_row[rid] for rid, _ in rows])
+                                           [pending.sample_rows[rid] for rid, _ in rows])
             return ended, masks
 
         job = self._grammar_thread.submit(grammar)

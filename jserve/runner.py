@@ -398,15 +398,15 @@ class Runner:
             self.spec_steps.catch_up(self, pending.layout, pending.joint)
         self.kv, self.slot_table, pending.logits = fwd(self.params, self.kv, self.slot_table,
                                                        self._prev_tokens, pending.joint)
-        self._prev_rows = {c.req_id: r for r, c in enumerate(pending.sched_out.chunks) if c.samples}
+        self._prev_rows = pending.sample_rows   # (read only: the grammar thread reads it too)
 
     def stage_masks(self, pending: SplitPending, token_masks: dict[str, np.ndarray]) -> None:
         """Copy host masks (request id -> int32[W]) into the pending step's rows; rows without
         one keep their static mask or none. (The engine's grammar thread fills
         ``pending.host_masks`` in place instead: ``ConstraintTracker.masks``' ``out``.)"""
         for rid, m in token_masks.items():
-            if rid in pending.mask_row:
-                pending.host_masks[pending.mask_row[rid]] = m
+            if rid in pending.sample_rows:
+                pending.host_masks[pending.sample_rows[rid]] = m
 
     def dispatch_sample(self, pending: SplitPending, token_masks: dict[str, np.ndarray] | None) -> StepHandle:
         """The split step's second half: the sampler, after ``stage_masks(pending, token_masks)``

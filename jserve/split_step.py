@@ -56,7 +56,7 @@ class SplitPending:
     logits: jax.Array | None    # f32[R, V], on the device (None until ``launch_forward``)
     mask_slot: np.ndarray       # int32[R]: the packed mask rows (static masks; -1 free)
     host_masks: np.ndarray      # int32[R, W]: each row's host mask (all ones: none)
-    mask_row: dict[str, int]    # request id -> its sampling row
+    sample_rows: dict[str, int]  # request id -> its sampling row
 
 
 class SplitPrograms:

@@ -39,6 +39,11 @@ class SeqConstraint:
     error: str | None = None        # the matcher rejected a token (never with the mask applied)
 
 
+def _rejected(s: SeqConstraint, token: int) -> None:
+    """The matcher refused ``token`` (it is in its error state now): keep why."""
+    s.error = s.matcher.get_error() or f"token {token} not allowed by the grammar"
+
+
 class ConstraintTracker:
     """Matchers and bad-word lists of the running sequences, by request id."""
 
@@ -99,7 +104,7 @@ class ConstraintTracker:
             if s.matcher.is_stopped():
                 break
             if not s.matcher.consume_token(int(t)):
-                s.error = s.matcher.get_error() or f"token {t} not allowed by the grammar"
+                _rejected(s, t)
                 return True
         return s.matcher.is_stopped()
 
@@ -123,7 +128,7 @@ class ConstraintTracker:
             oks = self._executor.consume_token_par(par)
             for (rid, s), (_, t), ok in zip(owners, par, oks, strict=True):
                 if not ok:
-                    s.error = s.matcher.get_error() or f"token {t} not allowed by the grammar"
+                    _rejected(s, t)
                 if not ok or s.matcher.is_stopped():
                     ended.append(rid)
         return ended
