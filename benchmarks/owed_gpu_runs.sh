@@ -116,6 +116,22 @@ sweep4() {   # the speculation sweep at the engine's default disable_by_batch_si
 }
 
 case "${1:-a}" in
+qd)
+  # Issue 13 (session 20): the persistent decode kernel (mgpu_decode.py: balanced units on
+  # resident CTAs, one TMA pipeline per CTA, the dequantized tile in registers) against the tiled
+  # grid (session 19's case qs: gate/up M = 1 64.7 us default, 57.6 best; down 42.3 / 39.7), and
+  # the 8B's decode step in int8 against bf16 (session 13: 4.180 vs 4.667 ms, 1.12x; target 1.6x).
+  # Prediction: gate/up M = 1 ~38 us, down ~24 us, registers ~10% under SMEM A; the 8B's int8
+  # step ~3.3 ms (~1.4x bf16).
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
+    -k "persistent or configs or int8" 2>&1 | tail -3 | tee "$OUT/quant_tests.txt"
+  timeout 180 python3 benchmarks/quant_matmul.py --shape 28672x4096 --ms 1,16 --sweep --reps 3 2>&1 \
+    | grep "^|\|^x\[\|sweep_best\|\"kernel\"\|error" | tee "$OUT/quant_28672x4096.txt"
+  timeout 80 python3 benchmarks/quant_matmul.py --shape 4096x14336 --ms 1,16 --reps 3 2>&1 \
+    | grep "^|\|^x\[\|error" | tee "$OUT/quant_4096x14336.txt"
+  timeout 200 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8,none 2>&1 | table | tee "$OUT/floor_quant.txt"
+  ;;
 qs)
   # Issue 13's quantized matrix-vector kernel (target >= 85% of the HBM read rate at M <= 16;
   # the 8B's int8 decode is 1.12x bf16 of the 1.6x wanted): the config sweep, new in session 17

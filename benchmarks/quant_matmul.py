@@ -5,10 +5,16 @@ Rows M in {1, 16, 256, 4096}; columns, all in one process on the same inputs:
   bf16              x @ W_bf16 (XLA)
   xla int8 / fp8    (x @ W_8bit.astype(bf16)) * scale (XLA's fused convert, the anchors' path)
   xla w8a8          dot_general(fp8(x), W_fp8, f32) * scales (XLA, dynamic per-token scales)
-  kernel int8 / fp8 / w8a8   pallas_kernels.quant_matmul.mgpu (Mosaic GPU), weights [N, K]
+  kernel int8 / fp8 / w8a8   pallas_kernels.quant_matmul.mgpu (Mosaic GPU) at its default config,
+                    weights [N, K]: the persistent decode kernel (mgpu_decode) at M <= 64
+  kernel int8, tiled   the tiled grid's config (``mgpu.default_config``: the decode default
+                    before session 20) - the A/B of the persistent kernel
+  kernel int8, SMEM A  the persistent kernel with its dequantized tile through SMEM (the
+                    interpreter's form) instead of registers - the A/B of register operands
 Ceilings measured in the same run: HBM read (a sum over 2 GiB) and read+write (x * 1 over 2 GiB).
 The last columns: the best kernel's speed-up over bf16, and the int8 kernel's weight-read
-bandwidth as a share of the measured HBM read ceiling (the issue's target: >= 85% at M <= 16).
+bandwidth as a share of the measured HBM read ceiling (the issue's target: >= 85% at M <= 16)
+and of the bf16 GEMV's own weight-read rate (2 bytes per weight) in the same row.
 
 Timing: ``--iters`` calls chained inside one jit (each call's input depends on the previous
 output, so nothing is hoisted or merged), rotating over ``--copies`` weight copies so that the
@@ -16,10 +22,11 @@ weight (59 MB int8, 117 MB bf16) is not served from the 50 MB L2; median of ``--
 
     PYTHONPATH=. python3 benchmarks/quant_matmul.py [--sweep] [--ms 1,16,256,4096]
 
-``--sweep`` also times MgpuConfig variants at each M (block_n 64 / 128, block_k 128 / 256,
-3 / 4 stages, split-K 1 / 2 / 4, with and without the overlapped pipeline) and prints the best.
-Every kernel result is checked against the reference (relative error printed). Writes
-quant_matmul.json under $OUT.
+``--sweep`` also times variants at each M: for M <= 64 the persistent kernel's DecodeConfig
+(block_n 64 / 128, block_k 128 / 256, 4 / 6 stages, 1 / 2 / 4 CTAs per SM), else the tiled
+MgpuConfig (block_n 64 / 128, block_k 128 / 256, 3 / 4 stages, split-K 1 / 2 / 4, with and
+without the overlapped pipeline), at the Ms of ``--sweep-ms``; it prints the best. Every kernel
+result is checked against the reference (relative error printed). Writes quant_matmul_<N>x<K>.json under $OUT.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.quant_matmul import mgpu
+from pallas_kernels.quant_matmul import mgpu, mgpu_decode
 from pallas_kernels.quant_matmul import reference as ref
 
 K, N = 4096, 14336
@@ -89,6 +96,25 @@ def rel(got, want) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
+def sweep_configs(m: int) -> list:
+    """The configs ``--sweep`` times at M tokens (the kernel's own tiling rules apply)."""
+    mp = mgpu.padded_tokens(m)
+    out: list = []
+    if mp <= 64:
+        for bn, bk, st, cps in itertools.product((64, 128), (128, 256), (4, 6), (1, 2, 4)):
+            if N % bn or K % bk:
+                continue
+            cfg = mgpu_decode.decode_config(N, K, block_n=bn, block_k=bk, stages=st, ctas_per_sm=cps)
+            if cfg not in out:
+                out.append(cfg)
+        return out
+    bm = 128
+    for bn, bk, st, sk, ov in itertools.product((64, 128), (128, 256), (3, 4), (1, 2, 4), (False, True)):
+        if K % (bk * sk) == 0 and K // bk // sk >= st:
+            out.append(mgpu.MgpuConfig(block_n=bn, block_m=bm, block_k=bk, stages=st, split_k=sk, overlap=ov))
+    return out
+
+
 def main() -> None:
     global N, K
     p = argparse.ArgumentParser()
@@ -97,9 +123,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--copies", type=int, default=2)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-ms", default="1", help="the Ms that --sweep covers")
     p.add_argument("--shape", default=f"{N}x{K}", help="N x K of the weight")
     a = p.parse_args()
     N, K = (int(v) for v in a.shape.split("x"))
+    sweep_ms = {int(v) for v in a.sweep_ms.split(",")}
     print("device:", jax.devices()[0].device_kind, "hopper:", mgpu.on_hopper(), flush=True)
     read_gbs, rw_gbs = ceilings(a.reps)
     emit(kind="ceiling", hbm_read_gbs=round(read_gbs), hbm_rw_gbs=round(rw_gbs))
@@ -147,23 +175,25 @@ def main() -> None:
                 err = rel(jnp.asarray(got, jnp.float32), want)
                 t[name] = timed(kernel(aq), x, ws(wname), a.iters, a.reps)
                 emit(kind="kernel", name=name, m=m, us=round(t[name], 1), rel_err=err,
-                     config=str(mgpu.default_config(m, N, K)))
+                     config=str(mgpu.kernel_config(m, N, K)))
             except Exception as e:  # noqa: BLE001 - a kernel that fails to compile is a result too
                 emit(kind="error", what=name, m=m, error=repr(e)[:500])
                 t[name] = float("nan")
-        base = mgpu.default_config(m, N, K)   # the same kernel without split-K: the A/B
-        t["k_int8_nosplit"] = (timed(kernel(False, dataclasses.replace(base, split_k=1)), x, ws("int8"),
-                                     a.iters, a.reps) if base.split_k > 1 else t["k_int8"])
-        if a.sweep:
+        tiled = mgpu.default_config(m, N, K)   # the tiled grid: the A/B of the persistent kernel
+        default = mgpu.kernel_config(m, N, K)
+        persistent = isinstance(default, mgpu_decode.DecodeConfig)
+        for name, cfg in (("k_int8_tiled", tiled),
+                          ("k_int8_smem_a", dataclasses.replace(default, a_in_registers=False)
+                           if persistent else None)):
+            try:
+                t[name] = (timed(kernel(False, cfg), x, ws("int8"), a.iters, a.reps) if persistent
+                           else t["k_int8"])
+            except Exception as e:  # noqa: BLE001
+                emit(kind="error", what=name, m=m, error=repr(e)[:500])
+                t[name] = float("nan")
+        if a.sweep and m in sweep_ms:
             best = None
-            for bn, bk, st, sk, ov in itertools.product((64, 128), (128, 256), (3, 4), (1, 2, 4),
-                                                        (False, True)):
-                mp = mgpu.padded_tokens(m)
-                bm = mp if mp <= 64 else 128
-                cfg = mgpu.MgpuConfig(block_n=bn, block_m=bm, block_k=bk, stages=st, split_k=sk,
-                                      overlap=ov)
-                if K % (bk * sk) or K // bk // sk < st:
-                    continue
+            for cfg in sweep_configs(m):
                 try:
                     q, sc = copies[0]["int8"]   # checked first: a racy pipeline must not win
                     err = rel(jnp.asarray(jax.jit(kernel(False, cfg))(x, q, sc), jnp.float32),
@@ -179,20 +209,21 @@ def main() -> None:
                 emit(kind="sweep_best", m=m, us=round(best[0], 1), config=str(best[1]))
         kbest = min(t["k_int8"], t["k_fp8"], t["k_w8a8"])
         wbytes = N * K  # int8 weight bytes
-        rows.append((m, t, kbest, wbytes / t["k_int8"] / 1e3))
+        rows.append((m, t, kbest, wbytes / t["k_int8"] / 1e3, 2 * wbytes / t["bf16"] / 1e3))
         emit(kind="row", m=m, **{k: round(v, 1) for k, v in t.items()})
 
     print(f"\nx[M,{K}] @ W[{K},{N}], us per call (HBM read {read_gbs:.0f} GB/s, r+w {rw_gbs:.0f} GB/s)")
-    print("| M | bf16 | xla int8 | xla fp8 | xla w8a8 | kernel int8 (split_k) | kernel int8, split_k 1 "
-          "| kernel fp8 | kernel w8a8 | best kernel vs bf16 | kernel int8 weight GB/s (% of read) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for m, t, kbest, gbs in rows:
-        split = mgpu.default_config(m, N, K).split_k
+    print("| M | bf16 | xla int8 | xla fp8 | xla w8a8 | kernel int8 | kernel int8, tiled "
+          "| kernel int8, SMEM A | kernel fp8 | kernel w8a8 | best kernel vs bf16 "
+          "| kernel int8 weight GB/s (% of read, % of bf16's) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for m, t, kbest, gbs, bf16_gbs in rows:
         print(f"| {m} | {t['bf16']:.1f} | {t['xla_int8']:.1f} | {t['xla_fp8']:.1f} | {t['xla_w8a8']:.1f} "
-              f"| {t['k_int8']:.1f} ({split}) | {t['k_int8_nosplit']:.1f} | {t['k_fp8']:.1f} "
-              f"| {t['k_w8a8']:.1f} | {t['bf16'] / kbest:.2f}x | {gbs:.0f} ({100 * gbs / read_gbs:.0f}%) |")
+              f"| {t['k_int8']:.1f} | {t['k_int8_tiled']:.1f} | {t['k_int8_smem_a']:.1f} | {t['k_fp8']:.1f} "
+              f"| {t['k_w8a8']:.1f} | {t['bf16'] / kbest:.2f}x | {gbs:.0f} ({100 * gbs / read_gbs:.0f}%, "
+              f"{100 * gbs / bf16_gbs:.0f}%) |")
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "quant_matmul.json"), "w") as f:
+        with open(os.path.join(os.environ["OUT"], f"quant_matmul_{N}x{K}.json"), "w") as f:
             json.dump(RESULTS, f, indent=1)
 
 

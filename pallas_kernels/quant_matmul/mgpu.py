@@ -42,7 +42,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.quant_matmul import reference
+from pallas_kernels.quant_matmul import mgpu_decode, reference
+from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig
 
 FP8 = reference.FP8
 
@@ -88,15 +89,29 @@ def default_config(m: int, n: int, k: int) -> MgpuConfig:
     return MgpuConfig(block_n=128 if n % 128 == 0 else 64, block_m=block_m, block_k=64, stages=3)
 
 
-def supports(x: jax.Array, w: jax.Array, act_quant: bool, config: MgpuConfig | None = None) -> bool:
+def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
+    """The default kernel for x [M, K] @ w [N, K]^T: the persistent decode kernel
+    (``mgpu_decode``) where M pads to <= 64 tokens and it tiles, else the tiled grid."""
+    mp = padded_tokens(m)
+    if mp <= 64 and n % 64 == 0 and k % 128 == 0:
+        dec = mgpu_decode.decode_config(n, k)
+        if mgpu_decode.supports(mp, n, k, dec):
+            return dec
+    return default_config(m, n, k)
+
+
+def supports(x: jax.Array, w: jax.Array, act_quant: bool,
+             config: MgpuConfig | DecodeConfig | None = None) -> bool:
     """Shapes and dtypes the kernel takes (else the dispatcher uses XLA)."""
     m, k = x.shape
     n = w.shape[0]
-    cfg = config or default_config(m, n, k)
+    cfg = config or kernel_config(m, n, k)
     if act_quant and jnp.dtype(w.dtype) != FP8:
         return False
     if not act_quant and jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return False
+    if isinstance(cfg, DecodeConfig):
+        return mgpu_decode.supports(padded_tokens(m), n, k, cfg)
     return n % cfg.block_n == 0 and k % (cfg.block_k * cfg.split_k) == 0
 
 
@@ -181,21 +196,26 @@ def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool
 @functools.partial(jax.jit, static_argnames=("act_quant", "out_dtype", "config", "interpret"))
 def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax.Array | None = None,
                  *, act_quant: bool = False, out_dtype: jnp.dtype | None = None,
-                 config: MgpuConfig | None = None, interpret: bool = False) -> jax.Array:
+                 config: MgpuConfig | DecodeConfig | None = None, interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.w8a16_matmul`` (``act_quant=False``) or
     ``reference.w8a8_matmul`` (``act_quant=True``): x [M, K], w [N, K], w_scale f32[N] -> [M, N].
     Under one jit so that every layer's call site shares one lowering per shape."""
     reference.validate_inputs(x, w, w_scale)
     m, k = x.shape
     n = w.shape[0]
-    cfg = config or default_config(m, n, k)
-    mp = -(-padded_tokens(m) // cfg.block_m) * cfg.block_m
+    cfg = config or kernel_config(m, n, k)
+    decode = isinstance(cfg, DecodeConfig)
+    mp = padded_tokens(m) if decode else -(-padded_tokens(m) // cfg.block_m) * cfg.block_m
     if act_quant:
         xq, x_scale = reference.quantize_activations(x, input_scale)
     else:
         xq, x_scale = x, None
     xp = jnp.pad(xq, ((0, mp - m), (0, 0))) if mp != m else xq
-    out_t = matmul_t(xp, w, config=cfg, interpret=interpret).sum(axis=0)
+    if decode:
+        parts = mgpu_decode.decode_matmul_t(xp, w, config=cfg, fp8=FP8, interpret=interpret)
+    else:
+        parts = matmul_t(xp, w, config=cfg, interpret=interpret)
+    out_t = parts.sum(axis=0)
     y = out_t[:, :m].T * w_scale[None, :]
     if x_scale is not None:
         y = y * x_scale[:, None]

@@ -12,6 +12,7 @@ import pytest
 import pallas_kernels
 from pallas_kernels.quant_matmul import mgpu
 from pallas_kernels.quant_matmul import reference as ref
+from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig
 
 pytestmark = pytest.mark.gpu
 FP8 = ref.FP8
@@ -65,3 +66,20 @@ def test_mgpu_configs(cfg):
     q, s = ref.quantize_weight(jnp.asarray(rng.standard_normal((512, 1024)), jnp.float32), jnp.int8)
     got = mgpu.quant_matmul(x, q, s, config=cfg, out_dtype=jnp.float32)
     assert _rel(got, ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32)) < 1e-4
+
+
+@pytest.mark.parametrize("cfg", [DecodeConfig(64, 128, 4, split_k=2, per_cta=3),       # ragged grid
+                                 DecodeConfig(64, 128, 4, per_cta=2, a_in_registers=False),
+                                 DecodeConfig(128, 256, 6, split_k=2, per_cta=2)])
+@pytest.mark.parametrize("mode", ["int8", "fp8", "w8a8"])
+def test_persistent_decode_configs(cfg, mode):
+    """The persistent decode kernel (the default at M <= 64, the register-A form checked here
+    and by test_mgpu_quant_matmul) at explicit configs, one of them with a shorter last CTA."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((5, 2048)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((1280, 2048)) * 0.02, jnp.float32)
+    q, s = ref.quantize_weight(w, jnp.int8 if mode == "int8" else FP8)
+    aq = mode == "w8a8"
+    got = mgpu.quant_matmul(x, q, s, act_quant=aq, config=cfg, out_dtype=jnp.float32)
+    want = (ref.w8a8_matmul if aq else ref.w8a16_matmul)(x, q, s, out_dtype=jnp.float32)
+    assert _rel(got, want) < (W8A8_REL_PER_SQRT_K * 2048**0.5 if aq else 1e-4)

@@ -12,6 +12,7 @@ import pallas_kernels
 from pallas_kernels.quant_matmul import mgpu
 from pallas_kernels.quant_matmul import reference as ref
 from pallas_kernels.quant_matmul import tpu as qtpu
+from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig, decode_config
 
 FP8 = ref.FP8
 
@@ -116,6 +117,14 @@ MGPU_CASES = {
     "overlap_fp8_split2_m13": (13, 64, 512, FP8, False,
                                mgpu.MgpuConfig(64, 16, 64, 2, split_k=2, overlap=True)),
     "overlap_w8a8_m5": (5, 64, 256, FP8, True, mgpu.MgpuConfig(64, 8, 64, 2, overlap=True)),
+    # the persistent decode kernel: several units per CTA in one pipeline, carries flushed per unit
+    "persistent_int8_m1": (1, 128, 512, jnp.int8, False, DecodeConfig(64, 128, 3, split_k=2, per_cta=2)),
+    "persistent_fp8_m13": (13, 128, 512, FP8, False, DecodeConfig(64, 64, 2, split_k=2, per_cta=1)),
+    "persistent_w8a8_m5_one_cta": (5, 192, 256, FP8, True, DecodeConfig(64, 64, 2, per_cta=3)),
+    "persistent_int8_m64_bn128": (64, 256, 256, jnp.int8, False,
+                                  DecodeConfig(128, 64, 4, split_k=4, per_cta=4)),
+    # 7 units on 3 CTAs: the last one owns one (a shorter, dynamic pipeline)
+    "persistent_ragged_int8_m8": (8, 448, 256, jnp.int8, False, DecodeConfig(64, 128, 2, per_cta=3)),
 }
 
 
@@ -134,8 +143,8 @@ def test_mgpu_kernel_interpret(case, out_dtype):
 
 
 def test_decode_configs_split_k_to_fill_the_sms():
-    """Decode matmuls with few output tiles cut K until the grid has ~2 CTAs per SM, each part
-    keeping >= 4 pipeline steps; wide ones and prefill tiles do not split."""
+    """The tiled grid: decode matmuls with few output tiles cut K until the grid has ~2 CTAs
+    per SM, each part keeping >= 4 pipeline steps; wide ones and prefill tiles do not split."""
     assert mgpu.default_config(1, 64, 1024).split_k == 2
     for n, k in ((4096, 4096), (4096, 14336), (6144, 4096)):   # Llama-3.1-8B o, down, qkv
         cfg = mgpu.default_config(1, n, k)
@@ -143,6 +152,26 @@ def test_decode_configs_split_k_to_fill_the_sms():
         assert k // cfg.block_k // cfg.split_k >= 4
     assert mgpu.default_config(1, 28672, 4096).split_k == 1   # gate/up: 448 tiles already
     assert mgpu.default_config(256, 4096, 4096).split_k == 1
+
+
+def test_persistent_decode_configs_balance_the_sms():
+    """Decode sizes take the persistent kernel: at most 2 CTAs per SM, the longest CTA as short
+    as any split of K allows, on the fewest CTAs that keep it; prefill sizes keep the tiled
+    grid."""
+    for n, k in ((28672, 4096), (6144, 4096), (4096, 4096), (4096, 14336)):   # the 8B's four
+        for m in (1, 16, 64):
+            cfg = mgpu.kernel_config(m, n, k)
+            assert isinstance(cfg, DecodeConfig) and cfg.ctas(n) == 256   # balanced, 97% of 264
+            assert (n // cfg.block_n * cfg.split_k) % cfg.per_cta == 0
+    cfg = decode_config(28672, 4096, sms=132)
+    assert (cfg.split_k, cfg.per_cta) == (4, 7)             # 1792 units of 8 steps, 7 per CTA
+    cfg = decode_config(896 * 2, 4864, sms=132)             # 28 tiles x 38 K blocks: 1064 steps
+    steps = cfg.per_cta * 38 // cfg.split_k
+    assert cfg.ctas(1792) <= 264 and steps <= 1.03 * 1064 / 264 + 38 / cfg.split_k
+    cfg = decode_config(151936, 896, sms=132)               # 2374 tiles (2 x a prime)
+    assert cfg.ctas(151936) <= 264 and cfg.per_cta * 7 // cfg.split_k <= 1.1 * 2374 * 7 / 264
+    assert isinstance(mgpu.kernel_config(65, 4096, 4096), mgpu.MgpuConfig)
+    assert isinstance(mgpu.kernel_config(1, 4096, 4000), mgpu.MgpuConfig)   # K not in 128s
 
 
 def test_mgpu_rows_are_independent():
@@ -207,6 +236,18 @@ def test_mgpu_kernel_lowers_for_cuda(m, mode):
     fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s, act_quant=mode == "w8a8"))
     text = fn.trace(x, w, s).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("cfg", [DecodeConfig(64, 128, 2, per_cta=3),
+                                 DecodeConfig(64, 128, 4, per_cta=3, a_in_registers=False)])
+def test_persistent_kernel_with_a_ragged_grid_lowers_for_cuda(cfg):
+    """7 units on 3 CTAs (a dynamic pipeline length in the last), with the dequantized tile
+    from registers (the GPU's form, which the interpreter cannot run) and through SMEM."""
+    x = jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((448, 4096), jnp.int8)
+    s = jax.ShapeDtypeStruct((448,), jnp.float32)
+    fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s, config=cfg))
+    assert "mosaic_gpu" in fn.trace(x, w, s).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("m,mode", [(1, "int8"), (16, "fp8"), (300, "w8a8")])

@@ -1,0 +1,194 @@
+"""Persistent decode variant of the Hopper quantized matmul: balanced work units, one pipeline.
+
+Where it sits: ``mgpu.quant_matmul`` calls ``decode_matmul_t`` for decode steps (tokens padded
+to Mp <= 64) when given a ``DecodeConfig`` (its default at those sizes); prefill sizes keep
+``mgpu.matmul_t``'s tiled grid. Semantics are ``reference.py``'s; the partials it returns are
+summed and scaled by the same XLA epilogue as ``mgpu.matmul_t``'s.
+
+Why: a decode matmul streams its weight once (H200, 2026-12-02, 8B gate/up, M = 1: the tiled
+grid of ``matmul_t`` ran 448 CTAs of 32 steps in 64.7 us, two waves for 1.13 waves of work,
+and its best split-K config 57.6 us, still 4.5 waves of short CTAs, each paying its pipeline's
+fill; XLA's bf16 GEMV 69.5 us for twice the bytes). Here every CTA is resident from start to
+end and owns the same number of work units::
+
+    unit g (0 <= g < U = N / block_n * split_k): output rows [n0, n0 + block_n) = tile g // split_k,
+        K blocks [s * steps, (s + 1) * steps) with s = g % split_k, steps = K / block_k / split_k
+    grid (ctas = ceil(U / per_cta),): CTA c owns units [c * per_cta, min(U, (c + 1) * per_cta))
+    one TMA pipeline per CTA over its units' steps back to back (the ring never drains between
+        units): step i -> unit i // steps, K block i % steps
+      w8a16: weight tile (int8 / e4m3) -> registers -> x's dtype -> wgmma A operand
+             (from registers on a GPU; through SMEM when interpreted: the interpreter's wgmma
+             reads SMEM only), B = the x tile transposed (a view)
+      w8a8:  both fp8 tiles straight from SMEM
+      each step's product lands in a fresh accumulator and is added to a register carry
+      [block_n, Mp]; a unit's last step writes the carry to partial s's rows of
+      out^T [split_k * N, Mp] (SMEM -> TMA) and zeroes it
+
+``decode_config`` picks ``split_k`` and ``per_cta`` for at most ``ctas_per_sm`` x the SM count
+CTAs, the longest CTA as short as the shapes allow (Llama-3.1-8B on 132 SMs: 256 balanced CTAs
+for each of its four projections).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+DEFAULT_SMS = 132   # H100 SXM / H200 (the device's own count is used when it reports one)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int = 64      # weight rows (output channels) per unit: 64 or 128
+    block_k: int = 128     # contraction per pipeline step
+    stages: int = 4        # TMA ring depth
+    split_k: int = 1       # K parts per output tile (units per tile; partials summed after)
+    per_cta: int = 1       # work units per CTA (the grid: ceil(units / per_cta) CTAs, the last
+    #                        one may own fewer)
+    a_in_registers: bool = True   # w8a16 on a GPU: the dequantized tile feeds wgmma from registers
+
+    def ctas(self, n: int) -> int:
+        """The grid for N output channels."""
+        return -(-(n // self.block_n * self.split_k) // self.per_cta)
+
+
+def sm_count() -> int:
+    """SMs of the default device (``DEFAULT_SMS`` where it reports none, e.g. on CPU)."""
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or DEFAULT_SMS
+    except RuntimeError:
+        return DEFAULT_SMS
+
+
+def decode_config(n: int, k: int, *, block_n: int = 64, block_k: int = 128, stages: int = 4,
+                  ctas_per_sm: int = 2, sms: int | None = None, max_split: int = 64) -> DecodeConfig:
+    """The split of K and the units per CTA for w [N, K], with at most ``ctas_per_sm`` x SMs
+    CTAs: the longest CTA's pipeline steps (units per CTA x steps per unit) as few as any
+    split gives, within 3%, at the smallest such split (fewer partials to sum); the CTA count
+    is then the fewest that keep that length (balanced: 1792 units of the 8B's gate/up on 264
+    CTAs -> 7 per CTA on 256)."""
+    if n % block_n or k % block_k:
+        raise ValueError(f"mgpu decode matmul: N={n}, K={k} do not tile by {block_n} x {block_k}")
+    target = ctas_per_sm * (sms or sm_count())
+    tiles, blocks = n // block_n, k // block_k
+    options = []
+    for split in range(1, min(blocks, max_split) + 1):
+        if blocks % split == 0:
+            units = tiles * split
+            per = -(-units // min(target, units))
+            options.append((per * (blocks // split), split, per))
+    best = min(cost for cost, _, _ in options)
+    split, per = min((sp, per) for cost, sp, per in options if cost <= best * 1.03)
+    return DecodeConfig(block_n=block_n, block_k=block_k, stages=stages, split_k=split, per_cta=per)
+
+
+def supports(mp: int, n: int, k: int, config: DecodeConfig) -> bool:
+    """Whether the config tiles x [Mp, K] @ w [N, K]^T (Mp: padded tokens, <= 64)."""
+    return (mp <= 64 and mp % 8 == 0 and n % config.block_n == 0 and config.block_n % 64 == 0
+            and k % (config.block_k * config.split_k) == 0 and config.per_cta > 0)
+
+
+def _transforms(dtype: jnp.dtype, cols: int) -> tuple:
+    bits = jnp.dtype(dtype).itemsize * 8
+    swizzle = plgpu.find_swizzle(cols * bits)
+    return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+
+
+def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: jnp.dtype,
+                    interpret: bool = False) -> jax.Array:
+    """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit -> float32 partials
+    out^T [split_k, N, Mp] summing to w @ xp^T (no scales). ``supports(...)`` must hold."""
+    mp, k = xp.shape
+    n = w.shape[0]
+    cfg = config
+    if not supports(mp, n, k, cfg):
+        raise ValueError(f"mgpu decode matmul: N={n}, K={k}, Mp={mp} do not tile by {cfg}")
+    bn, bk, split = cfg.block_n, cfg.block_k, cfg.split_k
+    steps = k // bk // split                     # K blocks per unit
+    units, per_cta = n // bn * split, cfg.per_cta
+    ctas = cfg.ctas(n)
+    a_dtype = xp.dtype
+    dequant = jnp.dtype(w.dtype) != jnp.dtype(a_dtype)
+    via_smem = dequant and (interpret or not cfg.a_in_registers)
+
+    def unit(c, i):   # -> (tile, part) of CTA c's step i
+        g = c * per_cta + i // steps
+        return g // split, lax.rem(g, split)
+
+    def zero() -> jax.Array:
+        return plgpu.layout_cast(jnp.zeros((bn, mp), jnp.float32), plgpu.Layout.WGMMA)
+
+    def kernel(x_gmem, w_gmem, o_gmem):
+        c = lax.axis_index("c")
+
+        def w_block(i):
+            tile, part = unit(c, i)
+            return tile, part * steps + lax.rem(i, steps)
+
+        def x_block(i):
+            return 0, unit(c, i)[1] * steps + lax.rem(i, steps)
+
+        def with_smem(o_smem, *a_smem):
+            def body(idx, w_smem, x_smem, carry):
+                i = idx[0]
+
+                def product(acc_ref):
+                    if not dequant:
+                        a = w_smem
+                    else:
+                        w_reg = w_smem[...]
+                        if jnp.dtype(w.dtype) == jnp.dtype(fp8) and jnp.dtype(a_dtype) != jnp.float16:
+                            w_reg = w_reg.astype(jnp.float32)   # Hopper converts e4m3 only to f16/f32
+                        a = w_reg.astype(a_dtype)
+                        if via_smem:
+                            a_smem[0][...] = a
+                            plgpu.commit_smem()
+                            a = a_smem[0]
+                    plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+                    return acc_ref[...]
+
+                carry = carry + pl.run_scoped(product, plgpu.ACC((bn, mp), jnp.float32))
+                last = lax.rem(i, steps) == steps - 1
+
+                @pl.when(last)
+                def _flush():
+                    tile, part = unit(c, i)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous flush read o_smem
+                    o_smem[...] = carry
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(part * n + tile * bn, bn), :])
+
+                return lax.cond(last, lambda c: zero(), lambda c: c, carry)
+
+            # The last CTA may own fewer units (a dynamic pipeline length).
+            count = per_cta if units % per_cta == 0 else jnp.minimum(per_cta, units - c * per_cta)
+            plgpu.emit_pipeline(
+                body, grid=(count * steps,),
+                in_specs=[
+                    plgpu.BlockSpec((bn, bk), w_block, transforms=_transforms(w.dtype, bk)),
+                    plgpu.BlockSpec((mp, bk), x_block, transforms=_transforms(a_dtype, bk)),
+                ],
+                max_concurrent_steps=cfg.stages,
+                init_carry=zero(),
+            )(w_gmem, x_gmem)
+            plgpu.wait_smem_to_gmem(0)
+
+        scratch = [plgpu.SMEM((bn, mp), jnp.float32, transforms=_transforms(jnp.float32, mp))]
+        if via_smem:
+            scratch.append(plgpu.SMEM((bn, bk), a_dtype, transforms=_transforms(a_dtype, bk)))
+        pl.run_scoped(with_smem, *scratch)
+
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((split * n, mp), jnp.float32),
+        grid=(ctas,),
+        grid_names=("c",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    return f(xp, w).reshape(split, n, mp)
