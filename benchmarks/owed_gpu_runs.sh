@@ -132,6 +132,40 @@ qd)
   timeout 200 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8,none 2>&1 | table | tee "$OUT/floor_quant.txt"
   ;;
+qe)
+  # Issue 13 (session 20, after case qd: the persistent kernel 54.9 us at gate/up M = 1 and 41.8
+  # at down, ~1 us per 8 KB pipeline step per CTA whatever the CTA count or ring depth, noisy
+  # +-20% between configs): long K tiles (block_k up to 1024: a weight row's 128 B runs were
+  # 4,096 / 14,336 B apart) with more timed calls, then case q3's w8a8 half. Prediction: block_k
+  # 512 gives ~45 us at gate/up and ~30 at down (longer contiguous runs per row); w8a8 ~1.0-1.1x.
+  for shape in 28672x4096 4096x14336; do
+    timeout 130 python3 benchmarks/quant_matmul.py --shape $shape --ms 1,16 --sweep --iters 40 --reps 5 2>&1 \
+      | grep "^|\|^x\[\|sweep_best\|error" | tee "$OUT/quant_$shape.txt"
+  done
+  for qz in none fp8_w8a8; do
+    qa=""; [ "$qz" != none ] && qa="--quantization $qz"
+    timeout 150 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --num-requests 500 \
+      --input-len 200 --output-len 180 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+      --max-model-len 512 $qa --json "$OUT/offline_8b_$qz.json" > "$OUT/offline_8b_$qz.txt" 2>&1
+    echo "### quantization $qz"; grep "^| \(startup\|batch1\|throughput_out\|pool\)" "$OUT/offline_8b_$qz.txt"
+  done
+  ;;
+q3)
+  # Issue 13's two never-measured targets (session 20): Llama-3.1-8B 500 x 200/180 offline with
+  # w8a8 fp8 against bf16 (target >= 1.3x; the large-M tiles are the tiled grid's, one
+  # warpgroup per CTA), then the fp8 KV pool's step at 8k context (case kv: 2x the pages at
+  # <= 3% step time). Prediction: w8a8 ~1.0-1.1x (its tiles are not warp-specialized), fp8 KV
+  # 1.97x the pages, +2-5% step time.
+  for qz in none fp8_w8a8; do
+    qa=""; [ "$qz" != none ] && qa="--quantization $qz"
+    timeout 170 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --num-requests 500 \
+      --input-len 200 --output-len 180 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+      --max-model-len 512 $qa --json "$OUT/offline_8b_$qz.json" > "$OUT/offline_8b_$qz.txt" 2>&1
+    echo "### quantization $qz"; grep "^| \(startup\|batch1\|throughput_out\|pool\)" "$OUT/offline_8b_$qz.txt"
+  done
+  timeout 280 python3 benchmarks/kv_dtype_step.py --kv-dtypes auto,fp8 2>&1 | grep "^|\|^##\|  auto\|  fp8" \
+    | tee "$OUT/kv_dtype.txt"
+  ;;
 qs)
   # Issue 13's quantized matrix-vector kernel (target >= 85% of the HBM read rate at M <= 16;
   # the 8B's int8 decode is 1.12x bf16 of the 1.6x wanted): the config sweep, new in session 17

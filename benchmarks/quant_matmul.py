@@ -23,7 +23,7 @@ weight (59 MB int8, 117 MB bf16) is not served from the 50 MB L2; median of ``--
     PYTHONPATH=. python3 benchmarks/quant_matmul.py [--sweep] [--ms 1,16,256,4096]
 
 ``--sweep`` also times variants at each M: for M <= 64 the persistent kernel's DecodeConfig
-(block_n 64 / 128, block_k 128 / 256, 4 / 6 stages, 1 / 2 / 4 CTAs per SM), else the tiled
+(block_n 64, block_k 128-1024, 2-6 stages, 1 / 2 CTAs per SM, as SMEM allows), else the tiled
 MgpuConfig (block_n 64 / 128, block_k 128 / 256, 3 / 4 stages, split-K 1 / 2 / 4, with and
 without the overlapped pipeline), at the Ms of ``--sweep-ms``; it prints the best. Every kernel
 result is checked against the reference (relative error printed). Writes quant_matmul_<N>x<K>.json under $OUT.
@@ -101,8 +101,8 @@ def sweep_configs(m: int) -> list:
     mp = mgpu.padded_tokens(m)
     out: list = []
     if mp <= 64:
-        for bn, bk, st, cps in itertools.product((64, 128), (128, 256), (4, 6), (1, 2, 4)):
-            if N % bn or K % bk:
+        for bn, bk, st, cps in itertools.product((64,), (128, 256, 512, 1024), (2, 3, 4, 6), (1, 2)):
+            if N % bn or K % bk or cps * st * (bn + 2 * mp) * bk > 200 * 1024:   # SMEM per SM
                 continue
             cfg = mgpu_decode.decode_config(N, K, block_n=bn, block_k=bk, stages=st, ctas_per_sm=cps)
             if cfg not in out:

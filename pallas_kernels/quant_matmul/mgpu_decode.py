@@ -45,7 +45,7 @@ DEFAULT_SMS = 132   # H100 SXM / H200 (the device's own count is used when it re
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     block_n: int = 64      # weight rows (output channels) per unit: 64 or 128
-    block_k: int = 128     # contraction per pipeline step
+    block_k: int = 128     # contraction per pipeline step (one TMA tile; wgmma in 128-column chunks)
     stages: int = 4        # TMA ring depth
     split_k: int = 1       # K parts per output tile (units per tile; partials summed after)
     per_cta: int = 1       # work units per CTA (the grid: ceil(units / per_cta) CTAs, the last
@@ -90,7 +90,8 @@ def decode_config(n: int, k: int, *, block_n: int = 64, block_k: int = 128, stag
 def supports(mp: int, n: int, k: int, config: DecodeConfig) -> bool:
     """Whether the config tiles x [Mp, K] @ w [N, K]^T (Mp: padded tokens, <= 64)."""
     return (mp <= 64 and mp % 8 == 0 and n % config.block_n == 0 and config.block_n % 64 == 0
-            and k % (config.block_k * config.split_k) == 0 and config.per_cta > 0)
+            and k % (config.block_k * config.split_k) == 0 and config.per_cta > 0
+            and (config.block_k <= 128 or config.block_k % 128 == 0))
 
 
 def _transforms(dtype: jnp.dtype, cols: int) -> tuple:
@@ -115,6 +116,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
     a_dtype = xp.dtype
     dequant = jnp.dtype(w.dtype) != jnp.dtype(a_dtype)
     via_smem = dequant and (interpret or not cfg.a_in_registers)
+    chunk = min(bk, 128)   # K per wgmma group: a long tile (block_k 256-1024) in 128-column chunks
 
     def unit(c, i):   # -> (tile, part) of CTA c's step i
         g = c * per_cta + i // steps
@@ -138,18 +140,20 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                 i = idx[0]
 
                 def product(acc_ref):
-                    if not dequant:
-                        a = w_smem
-                    else:
-                        w_reg = w_smem[...]
-                        if jnp.dtype(w.dtype) == jnp.dtype(fp8) and jnp.dtype(a_dtype) != jnp.float16:
-                            w_reg = w_reg.astype(jnp.float32)   # Hopper converts e4m3 only to f16/f32
-                        a = w_reg.astype(a_dtype)
-                        if via_smem:
-                            a_smem[0][...] = a
-                            plgpu.commit_smem()
-                            a = a_smem[0]
-                    plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+                    for j in range(bk // chunk):   # the tile's K chunks (registers hold one)
+                        cols = pl.ds(j * chunk, chunk)
+                        if not dequant:
+                            a = w_smem.at[:, cols]
+                        else:
+                            w_reg = w_smem[:, cols]
+                            if jnp.dtype(w.dtype) == jnp.dtype(fp8) and jnp.dtype(a_dtype) != jnp.float16:
+                                w_reg = w_reg.astype(jnp.float32)   # Hopper converts e4m3 only to f16/f32
+                            a = w_reg.astype(a_dtype)
+                            if via_smem:
+                                a_smem[0][...] = a
+                                plgpu.commit_smem()
+                                a = a_smem[0]
+                        plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].transpose((1, 0)))
                     return acc_ref[...]
 
                 carry = carry + pl.run_scoped(product, plgpu.ACC((bn, mp), jnp.float32))
@@ -180,7 +184,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
 
         scratch = [plgpu.SMEM((bn, mp), jnp.float32, transforms=_transforms(jnp.float32, mp))]
         if via_smem:
-            scratch.append(plgpu.SMEM((bn, bk), a_dtype, transforms=_transforms(a_dtype, bk)))
+            scratch.append(plgpu.SMEM((bn, chunk), a_dtype, transforms=_transforms(a_dtype, chunk)))
         pl.run_scoped(with_smem, *scratch)
 
     f = plgpu.kernel(

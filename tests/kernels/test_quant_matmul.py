@@ -123,6 +123,9 @@ MGPU_CASES = {
     "persistent_w8a8_m5_one_cta": (5, 192, 256, FP8, True, DecodeConfig(64, 64, 2, per_cta=3)),
     "persistent_int8_m64_bn128": (64, 256, 256, jnp.int8, False,
                                   DecodeConfig(128, 64, 4, split_k=4, per_cta=4)),
+    # long tiles: wgmma over 128-column chunks of each
+    "persistent_int8_bk512_m3": (3, 128, 1024, jnp.int8, False, DecodeConfig(64, 512, 2, per_cta=1)),
+    "persistent_w8a8_bk256_m9": (9, 64, 512, FP8, True, DecodeConfig(64, 256, 2, split_k=2, per_cta=2)),
     # 7 units on 3 CTAs: the last one owns one (a shorter, dynamic pipeline)
     "persistent_ragged_int8_m8": (8, 448, 256, jnp.int8, False, DecodeConfig(64, 128, 2, per_cta=3)),
 }
