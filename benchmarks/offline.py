@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 import jax
@@ -96,14 +97,19 @@ def main() -> None:
     ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     ap.add_argument("--quantization", default=None, help="int8 | fp8 | fp8_w8a8 (8-bit projections)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | int8 (1-byte KV pages)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--log-level", default="WARNING", help="jserve's log level (INFO: start-up memory)")
     ns = ap.parse_args()
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jserve").setLevel(ns.log_level)
 
     t0 = time.perf_counter()
     engine = build_engine(EngineArgs(
         model=ns.model, random_weights=ns.random_weights, dtype=ns.dtype,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
         max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling,
-        quantization=ns.quantization, kv_cache_dtype=ns.kv_cache_dtype))
+        quantization=ns.quantization, kv_cache_dtype=ns.kv_cache_dtype,
+        gpu_memory_utilization=ns.gpu_memory_utilization))
     startup = time.perf_counter() - t0
     vocab = engine.config.model.vocab_size
     rng = np.random.default_rng(0)

@@ -150,6 +150,25 @@ qe)
     echo "### quantization $qz"; grep "^| \(startup\|batch1\|throughput_out\|pool\)" "$OUT/offline_8b_$qz.txt"
   done
   ;;
+qm)
+  # Issue 13 (session 20): case qe's w8a8 engine ran out of memory in its warm-up at share 0.9
+  # (1.80 GiB for jit_fused_step, no warning that the compiled steps' peak passed the probe's).
+  # Here both engines at share 0.8 with jserve's INFO lines (probe, steps' peak, memory after
+  # warm-up), then the 8B's int8 decode step with the new decode default (block_k 512, 2
+  # stages). Prediction: w8a8 starts at 0.8, ~1.0-1.1x bf16's throughput; int8 step ~3.8 ms.
+  for qz in none fp8_w8a8; do
+    qa=""; [ "$qz" != none ] && qa="--quantization $qz"
+    timeout 150 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --num-requests 500 \
+      --input-len 200 --output-len 180 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+      --max-model-len 512 $qa --gpu-memory-utilization 0.8 --log-level INFO \
+      --json "$OUT/offline_8b_$qz.json" > "$OUT/offline_8b_$qz.txt" 2>&1
+    echo "### quantization $qz"
+    grep "^| \(startup\|batch1\|throughput_out\|pool\)\|activation\|after warm-up\|KV pool\|RESOURCE" \
+      "$OUT/offline_8b_$qz.txt" | cut -c1-260
+  done
+  timeout 150 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8,none 2>&1 | table | grep "^##\|^| A \|^| B " | tee "$OUT/floor_quant.txt"
+  ;;
 q3)
   # Issue 13's two never-measured targets (session 20): Llama-3.1-8B 500 x 200/180 offline with
   # w8a8 fp8 against bf16 (target >= 1.3x; the large-M tiles are the tiled grid's, one
