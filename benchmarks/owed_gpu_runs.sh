@@ -169,6 +169,18 @@ qm)
   timeout 150 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8,none 2>&1 | table | grep "^##\|^| A \|^| B " | tee "$OUT/floor_quant.txt"
   ;;
+qo)
+  # Issue 13 (session 20): case qe's w8a8 out-of-memory at share 0.9 again, with jserve's INFO
+  # lines and the warm-up's new error naming the variant and its compiled sizes (case qm: at 0.8
+  # both engines started; the probe measured 1127.6 MiB for both). Prediction: it reproduces,
+  # in a variant whose run allocates more than its memory analysis says (a Mosaic custom call's
+  # scratch outside XLA's accounting).
+  timeout 140 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --num-requests 50 \
+    --input-len 200 --output-len 20 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+    --max-model-len 512 --quantization fp8_w8a8 --log-level INFO > "$OUT/offline_8b_w8a8_09.txt" 2>&1
+  grep "activation\|after warm-up\|KV pool\|memory per\|RESOURCE\|MemoryError\|^| startup" \
+    "$OUT/offline_8b_w8a8_09.txt" | cut -c1-700
+  ;;
 q3)
   # Issue 13's two never-measured targets (session 20): Llama-3.1-8B 500 x 200/180 offline with
   # w8a8 fp8 against bf16 (target >= 1.3x; the large-M tiles are the tiled grid's, one

@@ -144,6 +144,22 @@ def compiled_extra_bytes(compiled: Any) -> int:
     return int(m.temp_size_in_bytes) + max(0, int(m.output_size_in_bytes) - int(m.alias_size_in_bytes))
 
 
+def out_of_memory_note(what: str, compiled: Any, device: Any) -> str:
+    """A warm-up out-of-memory error's context: the program, what its compile measured and
+    what the device's allocator held (the activation budget is the fix's lever)."""
+    try:
+        m = compiled.memory_analysis()
+        measured = (f"its compile measured {m.temp_size_in_bytes / 2**20:.1f} MiB of temporaries, "
+                    f"{m.output_size_in_bytes / 2**20:.1f} MiB of outputs "
+                    f"({m.alias_size_in_bytes / 2**20:.1f} MiB aliased to donated inputs)")
+    except (AttributeError, RuntimeError, TypeError):   # a loaded executable may keep no analysis
+        measured = "its compile's memory analysis is not available"
+    stats = (device.memory_stats() if hasattr(device, "memory_stats") else None) or {}
+    return (f"{what} ran out of device memory in its first run: {measured}; the device held "
+            f"{stats.get('bytes_in_use', 0) / 2**30:.2f} GiB of {stats.get('bytes_limit', 0) / 2**30:.2f} "
+            "GiB. Lower gpu_memory_utilization or raise activation_memory_bytes")
+
+
 def split_peak_bytes(forward: Any, sampler: Any) -> int:
     """The split step's peak (jserve/split_step.py) from its compiled pair: the forward's, or
     its logits kept for the sampler plus the sampler's."""

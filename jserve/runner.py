@@ -55,7 +55,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jserve.burst_step import burst_step
-from jserve.compile_pool import COMPILE_THREADS, compile_in_order, cublas_min_tokens, steps_peak_bytes
+from jserve.compile_pool import (
+    COMPILE_THREADS,
+    compile_in_order,
+    cublas_min_tokens,
+    out_of_memory_note,
+    steps_peak_bytes,
+)
 from jserve.config import EngineConfig
 from jserve.executable_cache import ExecutableCache
 from jserve.host_kv import host_slot_counts
@@ -564,11 +570,17 @@ class Runner:
             joint = jax.device_put(layout.joint(ibuf), self._replicated)
             pen = None if variant.greedy else self.penalty_state
             masks = None if variant.greedy else self.logit_state.device
-            self.kv, pen, self.slot_table, self._prev_tokens, *_ = self._compiled[variant](
-                self.params, self.kv, pen, self.slot_table, self._prev_tokens, joint, masks)
+            try:
+                self.kv, pen, self.slot_table, self._prev_tokens, *_ = self._compiled[variant](
+                    self.params, self.kv, pen, self.slot_table, self._prev_tokens, joint, masks)
+                jax.block_until_ready(self.kv)   # one program's temporaries at a time, as in serving
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                raise MemoryError(out_of_memory_note(f"step variant {variant}", self._compiled[variant],
+                                                     jax.devices()[0])) from e
             if pen is not None:
                 self.penalty_state = pen
-            jax.block_until_ready(self.kv)   # one program's temporaries at a time, as in serving
         if self.spec_steps is not None:
             self.spec_steps.warm(self)
         for t in self.split.buckets:   # each compiled split pair once, on padding rows only
