@@ -169,6 +169,34 @@ qm)
   timeout 150 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8,none 2>&1 | table | grep "^##\|^| A \|^| B " | tee "$OUT/floor_quant.txt"
   ;;
+qx)
+  # Issue 13's w8a8 throughput (session 20, case qm: 500 x 200/180 at share 0.8, w8a8 10,428 out
+  # tok/s against bf16's 13,505 = 0.77x; target 1.3x): the large-M matmuls, where the tiled grid
+  # (one warpgroup per CTA) runs, against XLA's fp8 dot with the weight as the engine keeps it,
+  # [N, K] (both operands K-major: cuBLASLt's fp8 layout; the anchors' 426 us at M = 256 had
+  # the weight [K, N]). Prediction: XLA [N, K] at M >= 256 within 0.6x of bf16's time, the
+  # tiled kernel 1.2-2x bf16's (so the dispatcher should route large M to XLA's fp8 GEMM).
+  for shape in 28672x4096 4096x14336 6144x4096; do
+    timeout 150 python3 benchmarks/quant_matmul.py --shape $shape --ms 256,2048 --reps 5 2>&1 \
+      | grep "^|\|^x\[\|error" | tee "$OUT/quant_large_m_$shape.txt"
+  done
+  ;;
+qp)
+  # Issue 13 (session 20, cases qe / qo): the 8B w8a8 engine runs out of memory at share 0.9 in
+  # its first warm-up step (tokens 16, plain: 40 MiB of temporaries measured) asking for 1.80
+  # GiB, exactly one pool array (59,079 pages x 32 KiB); at 0.8 both engines start but their
+  # warm-up peak leaves 130 MiB of the 1.8 GiB held. Hypothesis: a step copies one donated pool
+  # array instead of updating it in place. The warm-up's debug lines count pool arrays whose
+  # buffer moved in each variant. Prediction: one variant (the first) moves one array, bf16 and
+  # w8a8 alike.
+  for qz in none fp8_w8a8; do
+    qa=""; [ "$qz" != none ] && qa="--quantization $qz"
+    timeout 150 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --num-requests 20 \
+      --input-len 200 --output-len 20 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+      --max-model-len 512 $qa --gpu-memory-utilization 0.8 --log-level DEBUG > "$OUT/warm_$qz.txt" 2>&1
+    echo "### quantization $qz"; grep "warm-up\|activation peak\|RESOURCE\|MemoryError" "$OUT/warm_$qz.txt" | cut -c1-300
+  done
+  ;;
 qo)
   # Issue 13 (session 20): case qe's w8a8 out-of-memory at share 0.9 again, with jserve's INFO
   # lines and the warm-up's new error naming the variant and its compiled sizes (case qm: at 0.8

@@ -4,7 +4,10 @@
 Rows M in {1, 16, 256, 4096}; columns, all in one process on the same inputs:
   bf16              x @ W_bf16 (XLA)
   xla int8 / fp8    (x @ W_8bit.astype(bf16)) * scale (XLA's fused convert, the anchors' path)
-  xla w8a8          dot_general(fp8(x), W_fp8, f32) * scales (XLA, dynamic per-token scales)
+  xla w8a8          dot_general(fp8(x), W_fp8, f32) * scales (XLA, dynamic per-token scales), the
+                    weight [K, N] as in the anchors' fp8_gemm.py
+  xla w8a8 [N, K]   the same with the weight as the engine keeps it, [N, K] (both operands
+                    K-major: the layout Hopper's fp8 GEMMs (cuBLASLt) take without a transpose)
   kernel int8 / fp8 / w8a8   pallas_kernels.quant_matmul.mgpu (Mosaic GPU) at its default config,
                     weights [N, K]: the persistent decode kernel (mgpu_decode) at M <= 64
   kernel int8, tiled   the tiled grid's config (``mgpu.default_config``: the decode default
@@ -150,6 +153,11 @@ def main() -> None:
         y = jax.lax.dot_general(xq, wkn, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return (y * xs[:, None] * s[None]).astype(jnp.bfloat16)
 
+    def xla_w8a8_nk(x, wnk, s):
+        xq, xs = ref.quantize_activations(x)
+        y = jax.lax.dot_general(xq, wnk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return (y * xs[:, None] * s[None]).astype(jnp.bfloat16)
+
     def kernel(act_quant, cfg=None):
         return lambda x, q, s: mgpu.quant_matmul(x, q, s, act_quant=act_quant, config=cfg)
 
@@ -162,11 +170,12 @@ def main() -> None:
             xla_int8=timed(xla_wonly, x, ws("int8_kn"), a.iters, a.reps),
             xla_fp8=timed(xla_wonly, x, ws("fp8_kn"), a.iters, a.reps),
         )
-        try:
-            t["xla_w8a8"] = timed(xla_w8a8, x, ws("fp8_kn"), a.iters, a.reps)
-        except Exception as e:  # noqa: BLE001 - report and keep going
-            emit(kind="error", what="xla_w8a8", m=m, error=repr(e)[:300])
-            t["xla_w8a8"] = float("nan")
+        for name, fn, wname in (("xla_w8a8", xla_w8a8, "fp8_kn"), ("xla_w8a8_nk", xla_w8a8_nk, "fp8")):
+            try:
+                t[name] = timed(fn, x, ws(wname), a.iters, a.reps)
+            except Exception as e:  # noqa: BLE001 - report and keep going
+                emit(kind="error", what=name, m=m, error=repr(e)[:300])
+                t[name] = float("nan")
         for name, wname, aq in (("k_int8", "int8", False), ("k_fp8", "fp8", False), ("k_w8a8", "fp8", True)):
             try:
                 q, s = copies[0][wname]
@@ -213,12 +222,13 @@ def main() -> None:
         emit(kind="row", m=m, **{k: round(v, 1) for k, v in t.items()})
 
     print(f"\nx[M,{K}] @ W[{K},{N}], us per call (HBM read {read_gbs:.0f} GB/s, r+w {rw_gbs:.0f} GB/s)")
-    print("| M | bf16 | xla int8 | xla fp8 | xla w8a8 | kernel int8 | kernel int8, tiled "
+    print("| M | bf16 | xla int8 | xla fp8 | xla w8a8 | xla w8a8 [N, K] | kernel int8 | kernel int8, tiled "
           "| kernel int8, SMEM A | kernel fp8 | kernel w8a8 | best kernel vs bf16 "
           "| kernel int8 weight GB/s (% of read, % of bf16's) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m, t, kbest, gbs, bf16_gbs in rows:
         print(f"| {m} | {t['bf16']:.1f} | {t['xla_int8']:.1f} | {t['xla_fp8']:.1f} | {t['xla_w8a8']:.1f} "
+              f"| {t['xla_w8a8_nk']:.1f} "
               f"| {t['k_int8']:.1f} | {t['k_int8_tiled']:.1f} | {t['k_int8_smem_a']:.1f} | {t['k_fp8']:.1f} "
               f"| {t['k_w8a8']:.1f} | {t['bf16'] / kbest:.2f}x | {gbs:.0f} ({100 * gbs / read_gbs:.0f}%, "
               f"{100 * gbs / bf16_gbs:.0f}%) |")

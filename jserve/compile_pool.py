@@ -160,6 +160,20 @@ def out_of_memory_note(what: str, compiled: Any, device: Any) -> str:
             "GiB. Lower gpu_memory_utilization or raise activation_memory_bytes")
 
 
+def warm_memory_line(pool_before: list[int], pool: Any, device: Any) -> str:
+    """A warm-up step's debug line: the pool arrays the step did not update in place (a donated
+    array copied: a pool array's bytes the activation budget does not hold) and the device's
+    use and peak so far. ``pool_before``: the pool's buffer addresses before the step."""
+    import jax
+
+    after = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(pool)]
+    moved = sum(a != b for a, b in zip(pool_before, after, strict=True))
+    stats = (device.memory_stats() if hasattr(device, "memory_stats") else None) or {}
+    return (f"{moved} of {len(after)} pool arrays moved; device in use "
+            f"{stats.get('bytes_in_use', 0) / 2**30:.2f} GiB, "
+            f"peak {stats.get('peak_bytes_in_use', 0) / 2**30:.2f}")
+
+
 def split_peak_bytes(forward: Any, sampler: Any) -> int:
     """The split step's peak (jserve/split_step.py) from its compiled pair: the forward's, or
     its logits kept for the sampler plus the sampler's."""

@@ -61,6 +61,7 @@ from jserve.compile_pool import (
     cublas_min_tokens,
     out_of_memory_note,
     steps_peak_bytes,
+    warm_memory_line,
 )
 from jserve.config import EngineConfig
 from jserve.executable_cache import ExecutableCache
@@ -565,6 +566,7 @@ class Runner:
         mover's into JAX's cache). -> seconds taken."""
         t0 = time.perf_counter()
         for variant in self.variants():
+            pool = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(self.kv)]
             layout = self.layout(variant[0])
             ibuf, _, _ = layout.new_buffers()
             joint = jax.device_put(layout.joint(ibuf), self._replicated)
@@ -581,6 +583,7 @@ class Runner:
                                                      jax.devices()[0])) from e
             if pen is not None:
                 self.penalty_state = pen
+            log.debug("warm-up %s: %s", variant, warm_memory_line(pool, self.kv, jax.devices()[0]))
         if self.spec_steps is not None:
             self.spec_steps.warm(self)
         for t in self.split.buckets:   # each compiled split pair once, on padding rows only

@@ -225,3 +225,40 @@ def test_the_probe_compiles_the_burst_programs(make_engine, monkeypatch):
     peak = measure_activation_bytes(engine.config, r.params, r.mesh)
     assert bursts <= set(lowered)
     assert peak >= max(compiled_extra_bytes(r._compiled[v]) for v in bursts)
+
+
+def test_an_out_of_memory_warmup_names_the_program_and_its_measured_sizes():
+    """A step that runs out of memory in the warm-up is reported with what its compile measured
+    and the allocator's use, and the two levers; an executable without an analysis still gets
+    the message."""
+    import jax
+    import jax.numpy as jnp
+
+    from jserve.compile_pool import out_of_memory_note
+
+    class Device:
+        def memory_stats(self):
+            return {"bytes_in_use": 3 * 2**30, "bytes_limit": 4 * 2**30}
+
+    compiled = jax.jit(lambda x: x @ x).lower(jnp.ones((512, 512), jnp.float32)).compile()
+    note = out_of_memory_note("step variant v", compiled, Device())
+    assert note.startswith("step variant v ran out of device memory")
+    assert "1.0 MiB of outputs" in note and "3.00 GiB of 4.00 GiB" in note
+    assert "gpu_memory_utilization" in note and "activation_memory_bytes" in note
+    assert "not available" in out_of_memory_note("step variant v", object(), Device())
+
+
+def test_the_warmup_debug_line_counts_pool_arrays_a_step_did_not_update_in_place():
+    import jax
+    import jax.numpy as jnp
+
+    from jserve.compile_pool import warm_memory_line
+
+    pool = [(jnp.zeros((4, 8)), jnp.zeros((4, 8)))]
+    before = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(pool)]
+    step = jax.jit(lambda kv: [(k + 1, v) for k, v in kv], donate_argnums=0)
+    after = step(pool)
+    line = warm_memory_line(before, after, jax.devices()[0])
+    assert line.startswith("0 of 2 pool arrays moved")      # donated: updated in place
+    assert warm_memory_line(before, [(jnp.ones((4, 8)), jnp.ones((4, 8)))], object()).startswith(
+        "2 of 2 pool arrays moved; device in use 0.00 GiB")
