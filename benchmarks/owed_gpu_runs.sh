@@ -1,12 +1,14 @@
-# The device calls owed after session 19 (2026-12-02), in the order to run them. Each case fits
+# The device calls owed after session 20 (2026-12-02), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
-# (Sessions 7-19 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
+# (Sessions 7-20 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
 # sw3 (its threshold half), dk, hq, bu, bu1, bu2, bt, bh, sv, i11 (= hl + u8's warm half), b8
 # (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (as mus + vt), t, i11f, mu, vt2 (which
-# holds b's k table), the 2-GPU correctness tests and the OOM diagnosis: RESULTS*.md.) Order: sa
-# (issue 16: the split forward's launch beside the grammar thread), vt3 (issue 12: the draft
-# engine's host excess at 256 running), qs, kv, b2, o, q, u, w, f, m, u1; then, on 2 GPUs, pb,
-# d, s, c. Session 16 turned XLA's rematerialization pass off for step programs: start-ups should
+# holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
+# OOM diagnosis: RESULTS*.md.) Order: qp (issue 13: the warm-up's moved pool array), qx (issue
+# 13: large-M w8a8, XLA's fp8 dot with [N, K] weights), sa (issue 16: the split forward's launch
+# beside the grammar thread), vt3 (issue 12: the draft engine's host excess at 256 running), kv,
+# b2, o, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c. Session 16 turned XLA's
+# rematerialization pass off for step programs: start-ups should
 # fit their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
 #   sw4 (1 GPU, ~6 min; session 16's try timed out compiling under the rematerialization pass):
@@ -107,6 +109,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
+offline_8b() {   # Llama-3.1-8B offline (cases qm, qp, qo): $1 none or a quantization, $2 the output's
+  local qz=$1 name=$2 qa=""   # name under $OUT; the rest: offline.py's flags
+  shift 2
+  [ "$qz" != none ] && qa="--quantization $qz"
+  timeout 150 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --max-num-seqs 256 \
+    --max-num-batched-tokens 2048 --max-model-len 512 $qa "$@" > "$OUT/$name.txt" 2>&1
+}
 sweep4() {   # the speculation sweep at the engine's default disable_by_batch_size (cases sk, sw4)
   timeout 290 python3 benchmarks/spec_decode.py --methods ngram,draft_model --ks 4 --workloads code \
     --num-prompts 8 --max-tokens 96 --concurrency 1,4,16,256 --max-num-seqs 256 --max-model-len 1024 \
@@ -136,18 +145,11 @@ qe)
   # Issue 13 (session 20, after case qd: the persistent kernel 54.9 us at gate/up M = 1 and 41.8
   # at down, ~1 us per 8 KB pipeline step per CTA whatever the CTA count or ring depth, noisy
   # +-20% between configs): long K tiles (block_k up to 1024: a weight row's 128 B runs were
-  # 4,096 / 14,336 B apart) with more timed calls, then case q3's w8a8 half. Prediction: block_k
-  # 512 gives ~45 us at gate/up and ~30 at down (longer contiguous runs per row); w8a8 ~1.0-1.1x.
+  # 4,096 / 14,336 B apart) with more timed calls (its w8a8 offline half became case qm).
+  # Prediction: block_k 512 gives ~45 us at gate/up and ~30 at down (longer contiguous runs).
   for shape in 28672x4096 4096x14336; do
     timeout 130 python3 benchmarks/quant_matmul.py --shape $shape --ms 1,16 --sweep --iters 40 --reps 5 2>&1 \
       | grep "^|\|^x\[\|sweep_best\|error" | tee "$OUT/quant_$shape.txt"
-  done
-  for qz in none fp8_w8a8; do
-    qa=""; [ "$qz" != none ] && qa="--quantization $qz"
-    timeout 150 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --num-requests 500 \
-      --input-len 200 --output-len 180 --max-num-seqs 256 --max-num-batched-tokens 2048 \
-      --max-model-len 512 $qa --json "$OUT/offline_8b_$qz.json" > "$OUT/offline_8b_$qz.txt" 2>&1
-    echo "### quantization $qz"; grep "^| \(startup\|batch1\|throughput_out\|pool\)" "$OUT/offline_8b_$qz.txt"
   done
   ;;
 qm)
@@ -157,11 +159,8 @@ qm)
   # warm-up), then the 8B's int8 decode step with the new decode default (block_k 512, 2
   # stages). Prediction: w8a8 starts at 0.8, ~1.0-1.1x bf16's throughput; int8 step ~3.8 ms.
   for qz in none fp8_w8a8; do
-    qa=""; [ "$qz" != none ] && qa="--quantization $qz"
-    timeout 150 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --num-requests 500 \
-      --input-len 200 --output-len 180 --max-num-seqs 256 --max-num-batched-tokens 2048 \
-      --max-model-len 512 $qa --gpu-memory-utilization 0.8 --log-level INFO \
-      --json "$OUT/offline_8b_$qz.json" > "$OUT/offline_8b_$qz.txt" 2>&1
+    offline_8b $qz offline_8b_$qz --num-requests 500 --input-len 200 --output-len 180 \
+      --gpu-memory-utilization 0.8 --log-level INFO --json "$OUT/offline_8b_$qz.json"
     echo "### quantization $qz"
     grep "^| \(startup\|batch1\|throughput_out\|pool\)\|activation\|after warm-up\|KV pool\|RESOURCE" \
       "$OUT/offline_8b_$qz.txt" | cut -c1-260
@@ -190,10 +189,8 @@ qp)
   # buffer moved in each variant. Prediction: one variant (the first) moves one array, bf16 and
   # w8a8 alike.
   for qz in none fp8_w8a8; do
-    qa=""; [ "$qz" != none ] && qa="--quantization $qz"
-    timeout 150 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --num-requests 20 \
-      --input-len 200 --output-len 20 --max-num-seqs 256 --max-num-batched-tokens 2048 \
-      --max-model-len 512 $qa --gpu-memory-utilization 0.8 --log-level DEBUG > "$OUT/warm_$qz.txt" 2>&1
+    offline_8b $qz warm_$qz --num-requests 20 --input-len 200 --output-len 20 --gpu-memory-utilization 0.8 \
+      --log-level DEBUG
     echo "### quantization $qz"; grep "warm-up\|activation peak\|RESOURCE\|MemoryError" "$OUT/warm_$qz.txt" | cut -c1-300
   done
   ;;
@@ -203,27 +200,9 @@ qo)
   # both engines started; the probe measured 1127.6 MiB for both). Prediction: it reproduces,
   # in a variant whose run allocates more than its memory analysis says (a Mosaic custom call's
   # scratch outside XLA's accounting).
-  timeout 140 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --num-requests 50 \
-    --input-len 200 --output-len 20 --max-num-seqs 256 --max-num-batched-tokens 2048 \
-    --max-model-len 512 --quantization fp8_w8a8 --log-level INFO > "$OUT/offline_8b_w8a8_09.txt" 2>&1
+  offline_8b fp8_w8a8 offline_8b_w8a8_09 --num-requests 50 --input-len 200 --output-len 20 --log-level INFO
   grep "activation\|after warm-up\|KV pool\|memory per\|RESOURCE\|MemoryError\|^| startup" \
     "$OUT/offline_8b_w8a8_09.txt" | cut -c1-700
-  ;;
-q3)
-  # Issue 13's two never-measured targets (session 20): Llama-3.1-8B 500 x 200/180 offline with
-  # w8a8 fp8 against bf16 (target >= 1.3x; the large-M tiles are the tiled grid's, one
-  # warpgroup per CTA), then the fp8 KV pool's step at 8k context (case kv: 2x the pages at
-  # <= 3% step time). Prediction: w8a8 ~1.0-1.1x (its tiles are not warp-specialized), fp8 KV
-  # 1.97x the pages, +2-5% step time.
-  for qz in none fp8_w8a8; do
-    qa=""; [ "$qz" != none ] && qa="--quantization $qz"
-    timeout 170 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --num-requests 500 \
-      --input-len 200 --output-len 180 --max-num-seqs 256 --max-num-batched-tokens 2048 \
-      --max-model-len 512 $qa --json "$OUT/offline_8b_$qz.json" > "$OUT/offline_8b_$qz.txt" 2>&1
-    echo "### quantization $qz"; grep "^| \(startup\|batch1\|throughput_out\|pool\)" "$OUT/offline_8b_$qz.txt"
-  done
-  timeout 280 python3 benchmarks/kv_dtype_step.py --kv-dtypes auto,fp8 2>&1 | grep "^|\|^##\|  auto\|  fp8" \
-    | tee "$OUT/kv_dtype.txt"
   ;;
 qs)
   # Issue 13's quantized matrix-vector kernel (target >= 85% of the HBM read rate at M <= 16;
