@@ -4,8 +4,8 @@
 # sw3 (its threshold half), dk, hq, bu, bu1, bu2, bt, bh, sv, i11 (= hl + u8's warm half), b8
 # (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (as mus + vt), t, i11f, mu, vt2 (which
 # holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
-# OOM diagnosis: RESULTS*.md.) Order: qp (issue 13: the warm-up's moved pool array), qx (issue
-# 13: large-M w8a8, XLA's fp8 dot with [N, K] weights), sa (issue 16: the split forward's launch
+# OOM diagnosis: RESULTS*.md.) Order: qp (issue 13: the warm-up's moved pool array), qt, qx (issue
+# 13: pre-tiled decode weights; large-M w8a8, XLA's fp8 dot with [N, K] weights), sa (issue 16: the split forward's launch
 # beside the grammar thread), vt3 (issue 12: the draft engine's host excess at 256 running), kv,
 # b2, o, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c. Session 16 turned XLA's
 # rematerialization pass off for step programs: start-ups should
@@ -167,6 +167,17 @@ qm)
   done
   timeout 150 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8,none 2>&1 | table | grep "^##\|^| A \|^| B " | tee "$OUT/floor_quant.txt"
+  ;;
+qt)
+  # Issue 13 (session 20, case qe: 512-column K tiles beat 128-column ones at gate/up, 43.4 vs
+  # >= 50.6 us, i.e. each weight row's contiguous run matters): the persistent kernel over a
+  # pre-tiled weight (each TMA tile one contiguous block) against the plain [N, K] layout, the
+  # 8B's four decode shapes, M = 1 / 16. Prediction: pre-tiled 10-20% faster at gate/up and
+  # down (if so, quantize-on-load stores the tiled layout), ~0 at qkv / o (latency-bound).
+  for shape in 28672x4096 4096x14336 6144x4096 4096x4096; do
+    timeout 120 python3 benchmarks/quant_matmul.py --shape $shape --ms 1,16 --iters 40 --reps 5 2>&1 \
+      | grep "^|\|^x\[\|error" | tee "$OUT/quant_pretiled_$shape.txt"
+  done
   ;;
 qx)
   # Issue 13's w8a8 throughput (session 20, case qm: 500 x 200/180 at share 0.8, w8a8 10,428 out

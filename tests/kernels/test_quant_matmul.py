@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels.quant_matmul import mgpu
+from pallas_kernels.quant_matmul import mgpu, mgpu_decode
 from pallas_kernels.quant_matmul import reference as ref
 from pallas_kernels.quant_matmul import tpu as qtpu
 from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig, decode_config
@@ -239,6 +239,19 @@ def test_mgpu_kernel_lowers_for_cuda(m, mode):
     fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s, act_quant=mode == "w8a8"))
     text = fn.trace(x, w, s).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_persistent_kernel_over_a_pretiled_weight():
+    """``pretile``'s layout (each TMA tile one contiguous block) gives the plain layout's
+    partials bit for bit (the same tiles in the same order)."""
+    x, q, _, _ = _operands(9, 8, 128, 1024, jnp.int8)
+    cfg = DecodeConfig(64, 256, 2, split_k=2, per_cta=2)
+    plain = mgpu_decode.decode_matmul_t(x, q, config=cfg, fp8=FP8, interpret=True)
+    tiled = mgpu_decode.decode_matmul_t(x, mgpu_decode.pretile(q, 64, 256), config=cfg, fp8=FP8,
+                                        interpret=True)
+    np.testing.assert_array_equal(np.asarray(tiled), np.asarray(plain))
+    with pytest.raises(ValueError, match="do not tile"):
+        mgpu_decode.decode_matmul_t(x, mgpu_decode.pretile(q, 64, 128), config=cfg, fp8=FP8)
 
 
 @pytest.mark.parametrize("cfg", [DecodeConfig(64, 128, 2, per_cta=3),
