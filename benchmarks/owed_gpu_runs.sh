@@ -4,10 +4,11 @@
 # sw3 (its threshold half), dk, hq, bu, bu1, bu2, bt, bh, sv, i11 (= hl + u8's warm half), b8
 # (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (as mus + vt), t, i11f, mu, vt2 (which
 # holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
-# OOM diagnosis: RESULTS*.md.) Order: qp (issue 13: the warm-up's moved pool array), qt, qx (issue
-# 13: pre-tiled decode weights; large-M w8a8, XLA's fp8 dot with [N, K] weights), sa (issue 16: the split forward's launch
-# beside the grammar thread), vt3 (issue 12: the draft engine's host excess at 256 running), kv,
-# b2, o, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c. Session 16 turned XLA's
+# OOM diagnosis: RESULTS*.md.) Order: qp (issue 13: the warm-up's moved pool array), qt
+# (issue 13: pre-tiled decode weights), qx (issue 13: large-M w8a8, XLA's fp8 dot with [N, K]
+# weights), sa (issue 16: the split forward's launch beside the grammar thread), vt3 (issue 12:
+# the draft engine's host excess at 256 running), kv, b2, o, u, w, f, m, u1; then, on 2 GPUs,
+# pb, d, s, c. Session 16 turned XLA's
 # rematerialization pass off for step programs: start-ups should
 # fit their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
