@@ -198,7 +198,7 @@ qp)
   # GiB, exactly one pool array (59,079 pages x 32 KiB); at 0.8 both engines start but their
   # warm-up peak leaves 130 MiB of the 1.8 GiB held. Hypothesis: a step copies one donated pool
   # array instead of updating it in place. The warm-up's debug lines count pool arrays whose
-  # buffer moved in each variant. Prediction: one variant (the first) moves one array, bf16 and
+  # buffer moved in each variant. Prediction: one variant (the first) moves one buffer, bf16 and
   # w8a8 alike.
   for qz in none fp8_w8a8; do
     offline_8b $qz warm_$qz --num-requests 20 --input-len 200 --output-len 20 --gpu-memory-utilization 0.8 \

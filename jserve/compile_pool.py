@@ -54,8 +54,9 @@ steps as fast (batch-1 decode 771 / 745 tok/s, bursts 1005 / 983).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -160,16 +161,35 @@ def out_of_memory_note(what: str, compiled: Any, device: Any) -> str:
             "GiB. Lower gpu_memory_utilization or raise activation_memory_bytes")
 
 
-def warm_memory_line(pool_before: list[int], pool: Any, device: Any) -> str:
-    """A warm-up step's debug line: the pool arrays the step did not update in place (a donated
-    array copied: a pool array's bytes the activation budget does not hold) and the device's
-    use and peak so far. ``pool_before``: the pool's buffer addresses before the step."""
+def buffer_addresses(tree: Any) -> list[int]:
+    """Device addresses of every local shard of the arrays in ``tree`` (sharded pools too)."""
     import jax
 
-    after = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(pool)]
+    return [s.data.unsafe_buffer_pointer() for a in jax.tree.leaves(tree) for s in a.addressable_shards]
+
+
+@contextlib.contextmanager
+def out_of_memory_named(what: str, compiled: Any, device: Any) -> Iterator[None]:
+    """Around a program's first run: a device out-of-memory error becomes a MemoryError with
+    ``out_of_memory_note``'s context; other errors pass unchanged."""
+    import jax
+
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise MemoryError(out_of_memory_note(what, compiled, device)) from e
+
+
+def warm_memory_line(pool_before: list[int], pool: Any, device: Any) -> str:
+    """A warm-up step's debug line: the pool shards the step did not update in place (a donated
+    array copied: a pool array's bytes the activation budget does not hold) and the device's
+    use and peak so far. ``pool_before``: ``buffer_addresses`` of the pool before the step."""
+    after = buffer_addresses(pool)
     moved = sum(a != b for a, b in zip(pool_before, after, strict=True))
     stats = (device.memory_stats() if hasattr(device, "memory_stats") else None) or {}
-    return (f"{moved} of {len(after)} pool arrays moved; device in use "
+    return (f"{moved} of {len(after)} pool buffers moved; device in use "
             f"{stats.get('bytes_in_use', 0) / 2**30:.2f} GiB, "
             f"peak {stats.get('peak_bytes_in_use', 0) / 2**30:.2f}")
 

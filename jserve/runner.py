@@ -57,9 +57,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jserve.burst_step import burst_step
 from jserve.compile_pool import (
     COMPILE_THREADS,
+    buffer_addresses,
     compile_in_order,
     cublas_min_tokens,
-    out_of_memory_note,
+    out_of_memory_named,
     steps_peak_bytes,
     warm_memory_line,
 )
@@ -566,24 +567,20 @@ class Runner:
         mover's into JAX's cache). -> seconds taken."""
         t0 = time.perf_counter()
         for variant in self.variants():
-            pool = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(self.kv)]
+            pool = buffer_addresses(self.kv) if log.isEnabledFor(logging.DEBUG) else None
             layout = self.layout(variant[0])
             ibuf, _, _ = layout.new_buffers()
             joint = jax.device_put(layout.joint(ibuf), self._replicated)
             pen = None if variant.greedy else self.penalty_state
             masks = None if variant.greedy else self.logit_state.device
-            try:
+            with out_of_memory_named(f"step variant {variant}", self._compiled[variant], jax.devices()[0]):
                 self.kv, pen, self.slot_table, self._prev_tokens, *_ = self._compiled[variant](
                     self.params, self.kv, pen, self.slot_table, self._prev_tokens, joint, masks)
                 jax.block_until_ready(self.kv)   # one program's temporaries at a time, as in serving
-            except jax.errors.JaxRuntimeError as e:
-                if "RESOURCE_EXHAUSTED" not in str(e):
-                    raise
-                raise MemoryError(out_of_memory_note(f"step variant {variant}", self._compiled[variant],
-                                                     jax.devices()[0])) from e
             if pen is not None:
                 self.penalty_state = pen
-            log.debug("warm-up %s: %s", variant, warm_memory_line(pool, self.kv, jax.devices()[0]))
+            if pool is not None:
+                log.debug("warm-up %s: %s", variant, warm_memory_line(pool, self.kv, jax.devices()[0]))
         if self.spec_steps is not None:
             self.spec_steps.warm(self)
         for t in self.split.buckets:   # each compiled split pair once, on padding rows only

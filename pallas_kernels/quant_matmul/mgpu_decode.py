@@ -9,7 +9,7 @@ Why: a decode matmul streams its weight once (H200, 2026-12-02, 8B gate/up, M = 
 grid of ``matmul_t`` ran 448 CTAs of 32 steps in 64.7 us, two waves for 1.13 waves of work,
 and its best split-K config 57.6 us, still 4.5 waves of short CTAs, each paying its pipeline's
 fill; XLA's bf16 GEMV 69.5 us for twice the bytes). Here every CTA is resident from start to
-end and owns the same number of work units::
+end and owns a balanced share of the work units (the last one may own fewer)::
 
     unit g (0 <= g < U = N / block_n * split_k): output rows [n0, n0 + block_n) = tile g // split_k,
         K blocks [s * steps, (s + 1) * steps) with s = g % split_k, steps = K / block_k / split_k
@@ -160,6 +160,8 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                                 w_reg = w_reg.astype(jnp.float32)   # Hopper converts e4m3 only to f16/f32
                             a = w_reg.astype(a_dtype)
                             if via_smem:
+                                if j:   # the previous chunk's wgmma may still read the A tile
+                                    plgpu.wgmma_wait(0)
                                 a_smem[0][...] = a
                                 plgpu.commit_smem()
                                 a = a_smem[0]

@@ -234,7 +234,7 @@ def test_an_out_of_memory_warmup_names_the_program_and_its_measured_sizes():
     import jax
     import jax.numpy as jnp
 
-    from jserve.compile_pool import out_of_memory_note
+    from jserve.compile_pool import out_of_memory_named, out_of_memory_note
 
     class Device:
         def memory_stats(self):
@@ -246,19 +246,25 @@ def test_an_out_of_memory_warmup_names_the_program_and_its_measured_sizes():
     assert "1.0 MiB of outputs" in note and "3.00 GiB of 4.00 GiB" in note
     assert "gpu_memory_utilization" in note and "activation_memory_bytes" in note
     assert "not available" in out_of_memory_note("step variant v", object(), Device())
+    with pytest.raises(MemoryError, match="step variant v ran out of device memory"):
+        with out_of_memory_named("step variant v", compiled, Device()):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        with out_of_memory_named("step variant v", compiled, Device()):
+            raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
 
 def test_the_warmup_debug_line_counts_pool_arrays_a_step_did_not_update_in_place():
     import jax
     import jax.numpy as jnp
 
-    from jserve.compile_pool import warm_memory_line
+    from jserve.compile_pool import buffer_addresses, warm_memory_line
 
     pool = [(jnp.zeros((4, 8)), jnp.zeros((4, 8)))]
-    before = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(pool)]
+    before = buffer_addresses(pool)
     step = jax.jit(lambda kv: [(k + 1, v) for k, v in kv], donate_argnums=0)
     after = step(pool)
     line = warm_memory_line(before, after, jax.devices()[0])
-    assert line.startswith("0 of 2 pool arrays moved")      # donated: updated in place
+    assert line.startswith("0 of 2 pool buffers moved")      # donated: updated in place
     assert warm_memory_line(before, [(jnp.ones((4, 8)), jnp.ones((4, 8)))], object()).startswith(
-        "2 of 2 pool arrays moved; device in use 0.00 GiB")
+        "2 of 2 pool buffers moved; device in use 0.00 GiB")
