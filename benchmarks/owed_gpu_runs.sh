@@ -173,12 +173,16 @@ qt)
   # Issue 13 (session 20, case qe: 512-column K tiles beat 128-column ones at gate/up, 43.4 vs
   # >= 50.6 us, i.e. each weight row's contiguous run matters): the persistent kernel over a
   # pre-tiled weight (each TMA tile one contiguous block) against the plain [N, K] layout, the
-  # 8B's four decode shapes, M = 1 / 16. Prediction: pre-tiled 10-20% faster at gate/up and
-  # down (if so, quantize-on-load stores the tiled layout), ~0 at qkv / o (latency-bound).
-  for shape in 28672x4096 4096x14336 6144x4096 4096x4096; do
+  # 8B's gate/up and down shapes, M = 1 / 16. Prediction: pre-tiled 10-20% faster at gate/up and
+  # down (if so, quantize-on-load stores the tiled layout). Then the int8 step's optimized
+  # program (what the 128 kernels the int8 step has beyond bf16's are: the partial sums?).
+  for shape in 28672x4096 4096x14336; do
     timeout 120 python3 benchmarks/quant_matmul.py --shape $shape --ms 1,16 --iters 40 --reps 5 2>&1 \
       | grep "^|\|^x\[\|error" | tee "$OUT/quant_pretiled_$shape.txt"
   done
+  timeout 120 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 --quantization int8 \
+    --dump "$OUT" 2>&1 | table | grep "^##\|^| A "
+  gzip "$OUT"/*.hlo.txt
   ;;
 qx)
   # Issue 13's w8a8 throughput (session 20, case qm: 500 x 200/180 at share 0.8, w8a8 10,428 out
