@@ -203,7 +203,11 @@ qp)
   # warm-up peak leaves 130 MiB of the 1.8 GiB held. Hypothesis: a step copies one donated pool
   # array instead of updating it in place. The warm-up's debug lines count pool arrays whose
   # buffer moved in each variant. Prediction: one variant (the first) moves one buffer, bf16 and
-  # w8a8 alike.
+  # w8a8 alike. First, the decode kernel's new default (512-column tiles, registers) in every
+  # mode against the reference on hardware (session 20 checked int8 there, fp8 / w8a8 only at
+  # 128-column tiles).
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py -k "6144" 2>&1 \
+    | tail -3 | tee "$OUT/quant_tests.txt"
   for qz in none fp8_w8a8; do
     offline_8b $qz warm_$qz --num-requests 20 --input-len 200 --output-len 20 --gpu-memory-utilization 0.8 \
       --log-level DEBUG
