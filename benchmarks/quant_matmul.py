@@ -166,7 +166,7 @@ def main() -> None:
             m = x.shape[0]
             xp = jnp.pad(x, ((0, mgpu.padded_tokens(m) - m), (0, 0)))
             parts = mgpu_decode.decode_matmul_t(xp, wt, config=cfg, fp8=FP8)
-            return (parts.sum(axis=0)[:, :m].T * s[None, :]).astype(x.dtype)
+            return mgpu_decode.finish(parts, m, s, None, x.dtype)
         return run
 
     def kernel(act_quant, cfg=None):

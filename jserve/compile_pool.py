@@ -145,6 +145,11 @@ def compiled_extra_bytes(compiled: Any) -> int:
     return int(m.temp_size_in_bytes) + max(0, int(m.output_size_in_bytes) - int(m.alias_size_in_bytes))
 
 
+def _memory_stats(device: Any) -> dict:
+    """The allocator's statistics of ``device`` ({} where the backend keeps none)."""
+    return (device.memory_stats() if hasattr(device, "memory_stats") else None) or {}
+
+
 def out_of_memory_note(what: str, compiled: Any, device: Any) -> str:
     """A warm-up out-of-memory error's context: the program, what its compile measured and
     what the device's allocator held (the activation budget is the fix's lever)."""
@@ -155,7 +160,7 @@ def out_of_memory_note(what: str, compiled: Any, device: Any) -> str:
                     f"({m.alias_size_in_bytes / 2**20:.1f} MiB aliased to donated inputs)")
     except (AttributeError, RuntimeError, TypeError):   # a loaded executable may keep no analysis
         measured = "its compile's memory analysis is not available"
-    stats = (device.memory_stats() if hasattr(device, "memory_stats") else None) or {}
+    stats = _memory_stats(device)
     return (f"{what} ran out of device memory in its first run: {measured}; the device held "
             f"{stats.get('bytes_in_use', 0) / 2**30:.2f} GiB of {stats.get('bytes_limit', 0) / 2**30:.2f} "
             "GiB. Lower gpu_memory_utilization or raise activation_memory_bytes")
@@ -188,7 +193,7 @@ def warm_memory_line(pool_before: list[int], pool: Any, device: Any) -> str:
     use and peak so far. ``pool_before``: ``buffer_addresses`` of the pool before the step."""
     after = buffer_addresses(pool)
     moved = sum(a != b for a, b in zip(pool_before, after, strict=True))
-    stats = (device.memory_stats() if hasattr(device, "memory_stats") else None) or {}
+    stats = _memory_stats(device)
     return (f"{moved} of {len(after)} pool buffers moved; device in use "
             f"{stats.get('bytes_in_use', 0) / 2**30:.2f} GiB, "
             f"peak {stats.get('peak_bytes_in_use', 0) / 2**30:.2f}")

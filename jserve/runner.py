@@ -566,6 +566,7 @@ class Runner:
         (penalty slot init per id bucket, slot writer; ``compile`` compiled them, and the page
         mover's into JAX's cache). -> seconds taken."""
         t0 = time.perf_counter()
+        device = jax.local_devices()[0]   # this process's: another's keeps no statistics here
         for variant in self.variants():
             pool = buffer_addresses(self.kv) if log.isEnabledFor(logging.DEBUG) else None
             layout = self.layout(variant[0])
@@ -573,14 +574,14 @@ class Runner:
             joint = jax.device_put(layout.joint(ibuf), self._replicated)
             pen = None if variant.greedy else self.penalty_state
             masks = None if variant.greedy else self.logit_state.device
-            with out_of_memory_named(f"step variant {variant}", self._compiled[variant], jax.devices()[0]):
+            with out_of_memory_named(f"step variant {variant}", self._compiled[variant], device):
                 self.kv, pen, self.slot_table, self._prev_tokens, *_ = self._compiled[variant](
                     self.params, self.kv, pen, self.slot_table, self._prev_tokens, joint, masks)
                 jax.block_until_ready(self.kv)   # one program's temporaries at a time, as in serving
             if pen is not None:
                 self.penalty_state = pen
             if pool is not None:
-                log.debug("warm-up %s: %s", variant, warm_memory_line(pool, self.kv, jax.devices()[0]))
+                log.debug("warm-up %s: %s", variant, warm_memory_line(pool, self.kv, device))
         if self.spec_steps is not None:
             self.spec_steps.warm(self)
         for t in self.split.buckets:   # each compiled split pair once, on padding rows only

@@ -94,7 +94,8 @@ def supports(mp: int, n: int, k: int, config: DecodeConfig) -> bool:
             and (config.block_k <= 128 or config.block_k % 128 == 0))
 
 
-def _transforms(dtype: jnp.dtype, cols: int) -> tuple:
+def smem_transforms(dtype: jnp.dtype, cols: int) -> tuple:
+    """The SMEM tiling and swizzle of a tile with ``cols`` columns of ``dtype`` (TMA, wgmma)."""
     bits = jnp.dtype(dtype).itemsize * 8
     swizzle = plgpu.find_swizzle(cols * bits)
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
@@ -106,6 +107,17 @@ def pretile(w: jax.Array, block_n: int, block_k: int) -> jax.Array:
     the plain layout is 64 runs of 128 B, K bytes apart)."""
     n, k = w.shape
     return w.reshape(n // block_n, block_n, k // block_k, block_k).transpose(0, 2, 1, 3)
+
+
+def finish(parts: jax.Array, m: int, w_scale: jax.Array, x_scale: jax.Array | None,
+           out_dtype: jnp.dtype) -> jax.Array:
+    """Inside jit, after either kernel: float32 partials out^T [split_k, N, Mp] -> y [m, N] =
+    their sum, transposed, times the per-channel weight scale (and the per-token activation
+    scale of w8a8), in ``out_dtype``."""
+    y = parts.sum(axis=0)[:, :m].T * w_scale[None, :]
+    if x_scale is not None:
+        y = y * x_scale[:, None]
+    return y.astype(out_dtype)
 
 
 def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: jnp.dtype,
@@ -187,18 +199,18 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                 body, grid=(count * steps,),
                 in_specs=[
                     plgpu.BlockSpec((None, None, bn, bk), lambda i: (*w_block(i), 0, 0),
-                                    transforms=_transforms(w.dtype, bk)) if tiled else
-                    plgpu.BlockSpec((bn, bk), w_block, transforms=_transforms(w.dtype, bk)),
-                    plgpu.BlockSpec((mp, bk), x_block, transforms=_transforms(a_dtype, bk)),
+                                    transforms=smem_transforms(w.dtype, bk)) if tiled else
+                    plgpu.BlockSpec((bn, bk), w_block, transforms=smem_transforms(w.dtype, bk)),
+                    plgpu.BlockSpec((mp, bk), x_block, transforms=smem_transforms(a_dtype, bk)),
                 ],
                 max_concurrent_steps=cfg.stages,
                 init_carry=zero(),
             )(w_gmem, x_gmem)
             plgpu.wait_smem_to_gmem(0)
 
-        scratch = [plgpu.SMEM((bn, mp), jnp.float32, transforms=_transforms(jnp.float32, mp))]
+        scratch = [plgpu.SMEM((bn, mp), jnp.float32, transforms=smem_transforms(jnp.float32, mp))]
         if via_smem:
-            scratch.append(plgpu.SMEM((bn, chunk), a_dtype, transforms=_transforms(a_dtype, chunk)))
+            scratch.append(plgpu.SMEM((bn, chunk), a_dtype, transforms=smem_transforms(a_dtype, chunk)))
         pl.run_scoped(with_smem, *scratch)
 
     f = plgpu.kernel(
