@@ -169,6 +169,35 @@ qm)
   timeout 150 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8,none 2>&1 | table | grep "^##\|^| A \|^| B " | tee "$OUT/floor_quant.txt"
   ;;
+q21)
+  # Session 21, call 2 (call 1's case qt timed out: each quant_matmul.py run printed nothing in
+  # 120 s on a cold machine). (1) The pre-tiled decode weight against the plain layout, M = 1
+  # only (prediction: 10-20% faster at gate/up and down). (2) The int8 step with the partial
+  # sums as elementwise adds against the reduce (prediction: 527 -> ~400 kernels, 3.80 -> ~3.5
+  # ms). (3) The 8B w8a8 start-up at share 0.9 (session 20: out of memory in the first warm-up
+  # step asking 1.80 GiB = one pool array; call 1 at 0.8: no pool buffer moved in any step, peak
+  # 1.57 GiB over the use after warm-up): the debug line before the first step (use, peak,
+  # largest free block) and XLA's buffer assignment of the step programs, searched for a buffer
+  # of one pool array's size that is not a parameter. Prediction: a temporary of that size in
+  # the first variant (a copy of a pool array that the memory analysis does not count).
+  for shape in 28672x4096 4096x14336; do
+    timeout 100 python3 benchmarks/quant_matmul.py --shape $shape --ms 1 --iters 40 --reps 3 2>&1 \
+      | grep "^|\|^x\[\|rror" | tee "$OUT/quant_pretiled_$shape.txt"
+  done
+  timeout 150 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 --quantization int8 \
+    --ab quant-finish-reduce 2>&1 | table | grep "^##\|^| A " | tee "$OUT/floor_finish.txt"
+  XLA_FLAGS="--xla_dump_to=/tmp/xla --xla_dump_hlo_module_re=.*fused_step.*" \
+    offline_8b fp8_w8a8 warm_09 --num-requests 20 --input-len 200 --output-len 20 --log-level DEBUG
+  grep "warm-up\|RESOURCE\|MemoryError\|KV pool:" "$OUT/warm_09.txt" | cut -c1-300 | head -8
+  pool=$(grep -o "KV pool: [0-9]* pages" "$OUT/warm_09.txt" | grep -o "[0-9]*" | head -1)
+  size=$((pool * 32768)); echo "pool array bytes: $size"
+  for f in /tmp/xla/*buffer-assignment.txt; do
+    n=$(grep -c "size $size" "$f"); [ "$n" -gt 0 ] || continue
+    echo "## $(basename "$f"): $n allocations of that size"
+    grep "^allocation [0-9]*: size $size" "$f" | grep -v "parameter" | head -4
+  done 2>&1 | tee "$OUT/ba_pool_sized.txt" | head -40
+  ls /tmp/xla | head -3; ls /tmp/xla | wc -l
+  ;;
 qt)
   # Issue 13 (session 20, case qe: 512-column K tiles beat 128-column ones at gate/up, 43.4 vs
   # >= 50.6 us, i.e. each weight row's contiguous run matters): the persistent kernel over a

@@ -187,16 +187,20 @@ def out_of_memory_named(what: str, compiled: Any, device: Any) -> Iterator[None]
         raise MemoryError(out_of_memory_note(what, compiled, device)) from e
 
 
-def warm_memory_line(pool_before: list[int], pool: Any, device: Any) -> str:
+def warm_memory_line(pool_before: list[int] | None, pool: Any, device: Any) -> str:
     """A warm-up step's debug line: the pool shards the step did not update in place (a donated
     array copied: a pool array's bytes the activation budget does not hold) and the device's
-    use and peak so far. ``pool_before``: ``buffer_addresses`` of the pool before the step."""
+    use, peak so far and largest free block. ``pool_before``: ``buffer_addresses`` of the pool
+    before the step (None: the line before the first step, no count)."""
+    stats = _memory_stats(device)
+    line = (f"device in use {stats.get('bytes_in_use', 0) / 2**30:.2f} GiB, "
+            f"peak {stats.get('peak_bytes_in_use', 0) / 2**30:.2f}, "
+            f"largest free block {stats.get('largest_free_block_bytes', 0) / 2**30:.2f}")
+    if pool_before is None:
+        return line
     after = buffer_addresses(pool)
     moved = sum(a != b for a, b in zip(pool_before, after, strict=True))
-    stats = _memory_stats(device)
-    return (f"{moved} of {len(after)} pool buffers moved; device in use "
-            f"{stats.get('bytes_in_use', 0) / 2**30:.2f} GiB, "
-            f"peak {stats.get('peak_bytes_in_use', 0) / 2**30:.2f}")
+    return f"{moved} of {len(after)} pool buffers moved; {line}"
 
 
 def split_peak_bytes(forward: Any, sampler: Any) -> int:

@@ -567,6 +567,8 @@ class Runner:
         mover's into JAX's cache). -> seconds taken."""
         t0 = time.perf_counter()
         device = jax.local_devices()[0]   # this process's: another's keeps no statistics here
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("warm-up: before the first step: %s", warm_memory_line(None, self.kv, device))
         for variant in self.variants():
             pool = buffer_addresses(self.kv) if log.isEnabledFor(logging.DEBUG) else None
             layout = self.layout(variant[0])

@@ -268,3 +268,5 @@ def test_the_warmup_debug_line_counts_pool_arrays_a_step_did_not_update_in_place
     assert line.startswith("0 of 2 pool buffers moved")      # donated: updated in place
     assert warm_memory_line(before, [(jnp.ones((4, 8)), jnp.ones((4, 8)))], object()).startswith(
         "2 of 2 pool buffers moved; device in use 0.00 GiB")
+    assert warm_memory_line(None, after, object()) == (
+        "device in use 0.00 GiB, peak 0.00, largest free block 0.00")   # the line before the first step
