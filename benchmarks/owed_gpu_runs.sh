@@ -198,6 +198,27 @@ q21)
   done 2>&1 | tee "$OUT/ba_pool_sized.txt" | head -40
   ls /tmp/xla | head -3; ls /tmp/xla | wc -l
   ;;
+q21b)
+  # Session 21, call 3. (1) The pool's hold now outlives its asynchronous allocations (call 2:
+  # before the first warm-up step one 1.80 GiB pool array was missing, 3.64 GiB free in blocks
+  # of <= 1.60 GiB). Prediction: the 8B w8a8 engine starts at the default share 0.9, and its
+  # 500 x 200/180 runs (session 20 at 0.8: 10,428 out tok/s, 0.77x bf16). (2) Case qx with
+  # M = 1 / 16 too: XLA's fp8 dot with the weight [N, K] (call 2: 47.6 us at the 8B's gate/up,
+  # M = 1, against the w8a8 kernel's 58.9). Prediction: XLA [N, K] within 0.6x of bf16's time
+  # at M >= 256, the tiled kernel 1.2-2x bf16's. (3) bf16 at 0.9, the same run, last.
+  offline_8b fp8_w8a8 offline_8b_w8a8_09 --num-requests 500 --input-len 200 --output-len 180 --log-level DEBUG \
+    --json "$OUT/offline_8b_w8a8_09.json"
+  grep "warm-up: before\|after warm-up\|RESOURCE\|MemoryError\|^| \(startup\|batch1\|throughput_out\)" \
+    "$OUT/offline_8b_w8a8_09.txt" | cut -c1-300
+  for shape in 28672x4096 4096x14336; do
+    timeout 100 python3 benchmarks/quant_matmul.py --shape $shape --ms 1,16,256,2048 --reps 3 2>&1 \
+      | grep "^|\|^x\[\|rror" | tee "$OUT/quant_large_m_$shape.txt"
+  done
+  offline_8b none offline_8b_none_09 --num-requests 500 --input-len 200 --output-len 180 --log-level INFO \
+    --json "$OUT/offline_8b_none_09.json"
+  grep "after warm-up\|RESOURCE\|MemoryError\|^| \(startup\|batch1\|throughput_out\)" \
+    "$OUT/offline_8b_none_09.txt" | cut -c1-300
+  ;;
 qt)
   # Issue 13 (session 20, case qe: 512-column K tiles beat 128-column ones at gate/up, 43.4 vs
   # >= 50.6 us, i.e. each weight row's contiguous run matters): the persistent kernel over a

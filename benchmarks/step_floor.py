@@ -191,14 +191,6 @@ def _patched(patch: str):
             yield None
         finally:
             quant_api.MOSAIC_ON_HOPPER = saved
-    elif patch == "quant-finish-reduce":   # the split-K partials summed by a reduce (before session 21)
-        from pallas_kernels.quant_matmul import mgpu_decode
-
-        mgpu_decode.UNROLLED_PARTIAL_SUM = False
-        try:
-            yield None
-        finally:
-            mgpu_decode.UNROLLED_PARTIAL_SUM = True
     elif patch.startswith("xla:"):  # XLA debug options for this compile, e.g. xla:NAME=false
         from benchmarks.compile_ab import options
 
@@ -317,7 +309,7 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="folder for a profiler trace of 20 steps of A")
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
-                    "attn-fused-combine, quant-xla, quant-finish-reduce, xla:OPTION=VALUE")
+                    "attn-fused-combine, quant-xla, xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,

@@ -227,6 +227,12 @@ def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype
     else:
         ones = jax.jit(lambda: jnp.ones(scales.shape, scales.dtype), out_shardings=scales.sharding)
         pool = [(zeros(), zeros(), ones(), ones()) for _ in layout]
+    # The allocations above run asynchronously: release the hold only once every pool array
+    # exists. Released earlier, the compiles that follow (their autotuners' buffers) took the
+    # hold's block while the pool's last arrays were still pending, and the last array no longer
+    # fit (H200, session 21: the 8B at share 0.9, 3.64 GiB free in blocks of <= 1.60 GiB, one
+    # 1.80 GiB pool array missing; its error surfaced in the first warm-up step).
+    jax.block_until_ready(pool)
     for a in hold:
         a.delete()
     return pool

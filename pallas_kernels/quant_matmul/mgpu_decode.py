@@ -32,7 +32,6 @@ for each of its four projections).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +40,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 DEFAULT_SMS = 132   # H100 SXM / H200 (the device's own count is used when it reports one)
-# ``finish`` sums the split-K partials as a chain of elementwise adds (a loop XLA fuses into the
-# matmul's consumer, e.g. the residual add and the next norm) rather than a reduce (a kernel of
-# its own per matmul); the benchmarks' A/B switch (``step_floor.py --ab quant-finish-reduce``).
-UNROLLED_PARTIAL_SUM = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +114,7 @@ def finish(parts: jax.Array, m: int, w_scale: jax.Array, x_scale: jax.Array | No
     """Inside jit, after either kernel: float32 partials out^T [split_k, N, Mp] -> y [m, N] =
     their sum, transposed, times the per-channel weight scale (and the per-token activation
     scale of w8a8), in ``out_dtype``."""
-    if UNROLLED_PARTIAL_SUM:   # elementwise adds: XLA fuses them into the consumer's kernel
-        y = functools.reduce(jnp.add, [parts[i] for i in range(parts.shape[0])])
-    else:
-        y = parts.sum(axis=0)
-    y = y[:, :m].T * w_scale[None, :]
+    y = parts.sum(axis=0)[:, :m].T * w_scale[None, :]
     if x_scale is not None:
         y = y * x_scale[:, None]
     return y.astype(out_dtype)

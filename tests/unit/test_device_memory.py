@@ -270,3 +270,33 @@ def test_the_warmup_debug_line_counts_pool_arrays_a_step_did_not_update_in_place
         "2 of 2 pool buffers moved; device in use 0.00 GiB")
     assert warm_memory_line(None, after, object()) == (
         "device in use 0.00 GiB, peak 0.00, largest free block 0.00")   # the line before the first step
+
+
+def test_the_pool_hold_is_released_only_after_every_pool_array_exists(monkeypatch):
+    """The pool's allocations run asynchronously; the hold that keeps the step programs' room
+    must outlive them (H200, session 21: released at dispatch, the 8B's last pool array at a
+    0.9 share found no block left and the first warm-up step ran out of memory)."""
+    import jax
+    from quant_fixtures import tiny_config
+
+    from jserve import kv_cache
+    from jserve.config import ModelConfig
+    from sharding import make_mesh
+
+    events = []
+
+    class Hold:
+        def delete(self) -> None:
+            events.append("hold released")
+
+    real = jax.block_until_ready
+
+    def waited(tree):
+        events.append(f"waited for {len(jax.tree.leaves(tree))} arrays")
+        return real(tree)
+
+    monkeypatch.setattr(kv_cache, "_placeholders", lambda mesh, nbytes: [Hold()])
+    monkeypatch.setattr(jax, "block_until_ready", waited)
+    cfg = ModelConfig.from_hf_config(tiny_config(), dtype="float32")
+    kv_cache.allocate_kv_cache(cfg, 4, 16, "float32", make_mesh(1), keep_free_bytes=1 << 20)
+    assert events == [f"waited for {2 * cfg.num_layers} arrays", "hold released"]
