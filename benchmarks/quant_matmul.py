@@ -7,7 +7,8 @@ Rows M in {1, 16, 256, 4096}; columns, all in one process on the same inputs:
   xla w8a8          dot_general(fp8(x), W_fp8, f32) * scales (XLA, dynamic per-token scales), the
                     weight [K, N] as in the anchors' fp8_gemm.py
   xla w8a8 [N, K]   the same with the weight as the engine keeps it, [N, K] (both operands
-                    K-major: the layout Hopper's fp8 GEMMs (cuBLASLt) take without a transpose)
+                    K-major: the layout Hopper's fp8 GEMMs (cuBLASLt) take without a transpose):
+                    ``reference.w8a8_matmul(native=True)``, the dispatcher's XLA route
   kernel int8 / fp8 / w8a8   pallas_kernels.quant_matmul.mgpu (Mosaic GPU) at its default config,
                     weights [N, K]: the persistent decode kernel (mgpu_decode) at M <= 64
   kernel int8, tiled   the tiled grid's config (``mgpu.default_config``: the decode default
@@ -156,10 +157,8 @@ def main() -> None:
         y = jax.lax.dot_general(xq, wkn, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return (y * xs[:, None] * s[None]).astype(jnp.bfloat16)
 
-    def xla_w8a8_nk(x, wnk, s):
-        xq, xs = ref.quantize_activations(x)
-        y = jax.lax.dot_general(xq, wnk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        return (y * xs[:, None] * s[None]).astype(jnp.bfloat16)
+    def xla_w8a8_nk(x, wnk, s):   # the dispatcher's XLA route for w8a8 (reference, native fp8 dot)
+        return ref.w8a8_matmul(x, wnk, s, native=True)
 
     def pretiled(cfg):
         def run(x, wt, s):   # mgpu.quant_matmul's w8a16 path over the pre-tiled weight

@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 from jax.sharding import Mesh
@@ -28,7 +29,9 @@ from jserve.engine import LLMEngine
 from jserve.engine_api import BuildInfo
 from jserve.executable_cache import ExecutableCache
 from jserve.kv_cache import (
+    KVCache,
     MemoryBudget,
+    PoolDoesNotFit,
     PoolPlan,
     abstract_kv_cache,
     allocate_kv_cache,
@@ -293,6 +296,49 @@ def _local_device(mesh: Mesh) -> jax.Device:
     return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
 
 
+POOL_ATTEMPTS = 3   # pool allocations tried (each after the first with fewer pages, compiled again)
+
+
+def _compiled_runner(config: EngineConfig, params: Any, mesh: Mesh, draft: DraftModel | None,
+                     plan: PoolPlan, budget: MemoryBudget | None, cache_dir: str | None,
+                     channel: Any, progress: Callable[[str], None] | None) -> tuple[Runner, float]:
+    """A runner with every step variant compiled over ``plan``'s pool shapes (not allocated yet:
+    XLA's GPU autotuner needs device memory for its trial buffers, which a pool sized to the
+    budget would leave it without) -> (runner, seconds)."""
+    ps, kv_dtype = config.cache.page_size, config.kv_dtype
+    if draft is not None:
+        draft.kv = abstract_kv_cache(draft.cfg, plan.num_pages, ps, kv_dtype, mesh)
+    runner = Runner(config, params, abstract_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh),
+                    mesh, draft)
+    if cache_dir and channel is None and mesh.devices.flat[0].platform in ("gpu", "tpu"):
+        runner.executables = ExecutableCache(cache_dir, engine_fingerprint(
+            config, params, mesh, draft.cfg if draft else None, f"num_pages={plan.num_pages}",
+            [d.id for d in mesh.devices.flat]))   # (a data-parallel replica's own devices)
+    compile_s = runner.compile(progress)
+    if budget is not None:
+        log.log(logging.WARNING if runner.steps_peak > budget.activation_bytes else logging.INFO,
+                "the compiled step programs' activation peak: %.1f MiB per device, of %.1f MiB held "
+                "for activations (activation_memory_bytes)", runner.steps_peak / 2**20,
+                budget.activation_bytes / 2**20)
+    return runner, compile_s
+
+
+def _allocated_pool(config: EngineConfig, mesh: Mesh, draft: DraftModel | None, plan: PoolPlan,
+                    budget: MemoryBudget | None) -> tuple[KVCache, KVCache | None]:
+    """The target's pool and the draft model's (or None), allocated; ``PoolDoesNotFit`` with
+    neither left allocated. The step programs' room stays free while the pool fills the rest
+    (``allocate_kv_cache``'s hold)."""
+    ps, kv_dtype = config.cache.page_size, config.kv_dtype
+    draft_kv = None if draft is None else allocate_kv_cache(draft.cfg, plan.num_pages, ps, kv_dtype, mesh)
+    try:
+        free = 0 if budget is None else budget.pool_hold_bytes
+        return allocate_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh, free), draft_kv
+    except PoolDoesNotFit:
+        for a in jax.tree.leaves(draft_kv):
+            a.delete()
+        raise
+
+
 def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None,
                  devices: Sequence[jax.Device] | None = None) -> LLMEngine | DataParallelEngine:
     """Load, size the pool, compile every step variant (``progress`` gets a line per compiled
@@ -350,29 +396,28 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     log.info("model %s (%s, %.2f GB of weights), %s",
              model_dir.path if model_dir is not None else args.model, model_cfg.dtype,
              params_bytes(params) / 1e9, plan.describe())
-    # Compile over the pool's shapes first, then allocate it: XLA's GPU autotuner needs device
-    # memory for its trial buffers, which a pool sized to the budget would leave it without.
-    ps, kv_dtype = config.cache.page_size, config.kv_dtype
     if draft is not None:
-        draft.kv = abstract_kv_cache(draft.cfg, plan.num_pages, ps, kv_dtype, mesh)
         log.info("draft model %s: %.1f MB of weights, a twin KV page per page", spec.model,
                  params_bytes(draft.params) / 1e6)
-    runner = Runner(config, params, abstract_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh),
-                    mesh, draft)
-    if cache_dir and channel is None and mesh.devices.flat[0].platform in ("gpu", "tpu"):
-        runner.executables = ExecutableCache(cache_dir, engine_fingerprint(
-            config, params, mesh, draft.cfg if draft else None, f"num_pages={plan.num_pages}",
-            [d.id for d in mesh.devices.flat]))   # (a data-parallel replica's own devices)
-    compile_s = runner.compile(progress)
-    if budget is not None:
-        log.log(logging.WARNING if runner.steps_peak > budget.activation_bytes else logging.INFO,
-                "the compiled step programs' activation peak: %.1f MiB per device, of %.1f MiB held "
-                "for activations (activation_memory_bytes)", runner.steps_peak / 2**20,
-                budget.activation_bytes / 2**20)
-    # The step programs' room stays free while the pool fills the rest (allocate_kv_cache).
-    free = 0 if budget is None else budget.pool_hold_bytes
-    draft_kv = None if draft is None else allocate_kv_cache(draft.cfg, plan.num_pages, ps, kv_dtype, mesh)
-    runner.attach_pool(allocate_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh, free), draft_kv)
+
+    def compiled(plan: PoolPlan) -> tuple[Runner, float]:
+        return _compiled_runner(config, params, mesh, draft, plan, budget, cache_dir, channel, progress)
+
+    runner, compile_s = compiled(plan)   # over the pool's shapes, then the pool (_compiled_runner)
+    for attempt in range(POOL_ATTEMPTS):
+        try:
+            runner.attach_pool(*_allocated_pool(config, mesh, draft, plan, budget))
+            break
+        except PoolDoesNotFit as e:
+            pages = e.pages_that_fit(plan.num_pages)
+            if channel is not None or attempt == POOL_ATTEMPTS - 1 or pages < 2:
+                raise MemoryError(f"{e}; lower gpu_memory_utilization or set num_pages") from e
+            log.warning("%s: allocating %d pages instead of %d (%.1f%% fewer) and compiling the step "
+                        "programs again for them", e, pages, plan.num_pages,
+                        100 * (1 - pages / plan.num_pages))
+            plan = dataclasses.replace(plan, num_pages=pages)
+            runner, more = compiled(plan)
+            compile_s += more
     compile_s += runner.warm()
     if budget is not None:
         log.info(memory_after_warmup(_local_device(mesh), budget))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -205,11 +206,27 @@ def abstract_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype
     return [(pages, pages, scales, scales) for _ in range(entries)]
 
 
+class PoolDoesNotFit(MemoryError):
+    """``allocate_kv_cache``: the allocator had no free block for one of the pool's arrays
+    although the budget's sum fits (its free memory is fragmented). ``fitted`` of ``total``
+    arrays were allocated (and freed again) before the one that failed."""
+
+    def __init__(self, fitted: int, total: int, array_bytes: int) -> None:
+        super().__init__(f"the KV pool's arrays of {array_bytes / 2**30:.2f} GiB: {fitted} of {total} "
+                         "found a free block in the device allocator (its free memory is fragmented)")
+        self.fitted, self.total, self.array_bytes = fitted, total, array_bytes
+
+    def pages_that_fit(self, num_pages: int) -> int:
+        """A smaller page count to try: the pool shrunk by the arrays that found no block plus
+        one (the arrays that did fit, each a little smaller, leave room for the rest)."""
+        return num_pages * (self.fitted - 1) // self.total
+
+
 def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str,
                       mesh: Mesh, keep_free_bytes: int = 0) -> KVCache:
     """Zero-filled pool with ``abstract_kv_cache``'s layout, created directly on device with its
     sharding (scales of a quantized pool start at 1; every page's is set when the page is
-    started).
+    started). Raises ``PoolDoesNotFit`` (nothing left allocated) when an array finds no block.
 
     ``keep_free_bytes`` (per device): memory the step programs need after the pool, held by a
     placeholder while the pool is allocated. Without it, the pool's last array takes the free
@@ -217,25 +234,41 @@ def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype
     when the excess is under 128 MiB or under the request's own size: that array swallowed the
     activations' and headroom's 108 MiB, and the bundled model's first step ran out of memory at
     a 0.15 share (RESULTS_v2_sessions_9-12.md, session 10). Start-up passes
-    ``MemoryBudget.pool_hold_bytes``."""
+    ``MemoryBudget.pool_hold_bytes``. The allocations run asynchronously: each layer's arrays
+    are waited for before the next (so that a failure names its array) and the hold is
+    released only after the last (H200, session 21: released at dispatch, the 8B's last array
+    at a 0.9 share surfaced its out-of-memory error in the first warm-up step)."""
     layout = abstract_kv_cache(cfg, num_pages, page_size, kv_dtype, mesh)
-    pages, scales = layout[0][0], layout[0][2] if len(layout[0]) == 4 else None
+    # One program per array kind: pages start at 0, a quantized pool's scales at 1.
+    fills = [_filler(a, 1 if i >= 2 else 0) for i, a in enumerate(layout[0])]
     hold = _placeholders(mesh, keep_free_bytes) if keep_free_bytes > 0 else []
-    zeros = jax.jit(lambda: jnp.zeros(pages.shape, pages.dtype), out_shardings=pages.sharding)
-    if scales is None:
-        pool = [(zeros(), zeros()) for _ in layout]
-    else:
-        ones = jax.jit(lambda: jnp.ones(scales.shape, scales.dtype), out_shardings=scales.sharding)
-        pool = [(zeros(), zeros(), ones(), ones()) for _ in layout]
-    # The allocations above run asynchronously: release the hold only once every pool array
-    # exists. Released earlier, the compiles that follow (their autotuners' buffers) took the
-    # hold's block while the pool's last arrays were still pending, and the last array no longer
-    # fit (H200, session 21: the 8B at share 0.9, 3.64 GiB free in blocks of <= 1.60 GiB, one
-    # 1.80 GiB pool array missing; its error surfaced in the first warm-up step).
-    jax.block_until_ready(pool)
-    for a in hold:
-        a.delete()
-    return pool
+    pool: list[list[jax.Array]] = []
+    fitted = 0
+    try:
+        for _ in layout:
+            pool.append([])
+            for fill in fills:
+                pool[-1].append(fill())
+            jax.block_until_ready(pool[-1])
+            fitted += len(fills)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        for a in jax.tree.leaves(pool):
+            a.delete()
+        pages = layout[0][0]
+        shard = math.prod(pages.sharding.shard_shape(pages.shape)) * pages.dtype.itemsize
+        raise PoolDoesNotFit(fitted, len(fills) * len(layout), shard) from e
+    finally:
+        for a in hold:
+            a.delete()
+    return [tuple(entry) for entry in pool]
+
+
+def _filler(like: jax.ShapeDtypeStruct, value: int) -> Callable[[], jax.Array]:
+    """A program that creates an array of ``like``'s shape, dtype and sharding filled with
+    ``value`` on its devices."""
+    return jax.jit(lambda: jnp.full(like.shape, value, like.dtype), out_shardings=like.sharding)
 
 
 def _placeholders(mesh: Mesh, nbytes: int) -> list[jax.Array]:

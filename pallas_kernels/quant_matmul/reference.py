@@ -113,15 +113,18 @@ def w8a16_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array,
 
 
 def w8a8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax.Array | None = None,
-                out_dtype: jnp.dtype | None = None) -> jax.Array:
+                out_dtype: jnp.dtype | None = None, native: bool = False) -> jax.Array:
     """x: [M, K], w: [N, K] fp8, w_scale: f32[N] -> [M, N]: x quantized to fp8 per token (or with
-    the static ``input_scale``), fp8 x fp8 products accumulated in float32, both scales applied."""
+    the static ``input_scale``), fp8 x fp8 products accumulated in float32, both scales applied.
+    ``native``: the fp8 operands go to XLA's dot as they are (on Hopper cuBLASLt's fp8 GEMM, both
+    operands K-major as stored); else both are upcast to float32 first (the same products, exact
+    on every backend)."""
     validate_inputs(x, w, w_scale)
     if jnp.dtype(w.dtype) != FP8:
         raise ValueError(f"w8a8 needs float8_e4m3fn weights, got {w.dtype}")
     xq, x_scale = quantize_activations(x, input_scale)
-    acc = jax.lax.dot_general(xq.astype(jnp.float32), w.astype(jnp.float32),
-                              (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    a, b = (xq, w) if native else (xq.astype(jnp.float32), w.astype(jnp.float32))
+    acc = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return (acc * x_scale[:, None] * w_scale[None, :]).astype(out_dtype or x.dtype)
 
 

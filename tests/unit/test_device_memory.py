@@ -299,4 +299,65 @@ def test_the_pool_hold_is_released_only_after_every_pool_array_exists(monkeypatc
     monkeypatch.setattr(jax, "block_until_ready", waited)
     cfg = ModelConfig.from_hf_config(tiny_config(), dtype="float32")
     kv_cache.allocate_kv_cache(cfg, 4, 16, "float32", make_mesh(1), keep_free_bytes=1 << 20)
-    assert events == [f"waited for {2 * cfg.num_layers} arrays", "hold released"]
+    assert events == ["waited for 2 arrays"] * cfg.num_layers + ["hold released"]   # layer by layer
+
+
+def _fail_once_at(monkeypatch, n: int) -> None:
+    """The pool's n-th array (1-based, counted over allocations) fails once as the allocator
+    fails when no free block fits it."""
+    import jax
+
+    from jserve import kv_cache
+
+    real, calls = kv_cache._filler, []
+
+    def filler(like, value):
+        fill = real(like, value)
+
+        def maybe_fail():
+            calls.append(1)
+            if len(calls) == n:
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                                 "allocate (test)")
+            return fill()
+        return maybe_fail
+
+    monkeypatch.setattr(kv_cache, "_filler", filler)
+
+
+def test_a_pool_array_without_a_free_block_leaves_nothing_allocated(monkeypatch):
+    import jax
+    from quant_fixtures import tiny_config
+
+    from jserve import kv_cache
+    from jserve.config import ModelConfig
+    from sharding import make_mesh
+
+    cfg = ModelConfig.from_hf_config(tiny_config(layers=4), dtype="float32")
+    made = []
+    real = kv_cache._filler
+    monkeypatch.setattr(kv_cache, "_filler", lambda like, v: (lambda f: lambda: made.append(f()) or made[-1])(
+        real(like, v)))
+    _fail_once_at(monkeypatch, 6)   # layer 2's V pages
+    with pytest.raises(kv_cache.PoolDoesNotFit, match="4 of 8 found a free block") as e:
+        kv_cache.allocate_kv_cache(cfg, 40, 16, "float32", make_mesh(1))
+    assert len(made) == 5 and all(a.is_deleted() for a in made)
+    assert e.value.array_bytes == 40 * 16 * cfg.num_kv_heads * cfg.head_dim * 4
+    assert e.value.pages_that_fit(40) == 15   # 3 of the 8 arrays' worth of pages: 4 fitted, less one
+    assert len(jax.tree.leaves(kv_cache.allocate_kv_cache(cfg, 15, 16, "float32", make_mesh(1)))) == 8
+
+
+def test_start_up_retries_a_fragmented_pool_with_fewer_pages_and_compiles_for_them(make_engine, monkeypatch,
+                                                                                   caplog):
+    """The one recovery that compiles an engine twice: the pool's third array finds no block,
+    the engine starts over 80 * (2 - 1) / 4 = 20 pages, compiled for them, and serves."""
+    from engine_helpers import run_tokens
+
+    from jserve.sampling_params import SamplingParams
+
+    _fail_once_at(monkeypatch, 3)
+    with caplog.at_level("WARNING", logger="jserve.builder"):
+        engine = make_engine("llama", num_pages=80, max_num_batched_tokens=16, max_num_seqs=4)
+    assert "allocating 20 pages instead of 80" in caplog.text
+    assert engine.runner.kv[0][0].shape[0] == 20 and engine.scheduler.kv.pool.num_pages == 20
+    assert run_tokens(engine, [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0]
