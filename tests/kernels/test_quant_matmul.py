@@ -71,6 +71,8 @@ def test_w8a8_reference_quantizes_each_token_alone():
     # A static input scale applies to every token.
     xq, xs = ref.quantize_activations(x, jnp.float32(0.5))
     np.testing.assert_array_equal(np.asarray(xs), 0.5)
+    # The native route hands the fp8 operands to XLA's dot: the same products and float32 sums.
+    np.testing.assert_allclose(np.asarray(ref.w8a8_matmul(x, q, s, native=True)), got, rtol=1e-5, atol=1e-5)
 
 
 def test_group_dequant_and_block_scales():
