@@ -51,6 +51,8 @@ class DecodeConfig:
     per_cta: int = 1       # work units per CTA (the grid: ceil(units / per_cta) CTAs, the last
     #                        one may own fewer)
     a_in_registers: bool = True   # w8a16 on a GPU: the dequantized tile feeds wgmma from registers
+    x_resident: bool = False   # units in part-major order and each CTA's x slices (at most two K
+    #                            parts) loaded into SMEM once: the ring streams the weight alone
 
     def ctas(self, n: int) -> int:
         """The grid for N output channels."""
@@ -87,11 +89,22 @@ def decode_config(n: int, k: int, *, block_n: int = 64, block_k: int = 128, stag
     return DecodeConfig(block_n=block_n, block_k=block_k, stages=stages, split_k=split, per_cta=per)
 
 
+X_RESIDENT_BYTES = 48 * 1024   # the most SMEM a CTA's resident x slices may take (2 B per value)
+
+
+def x_resident_bytes(mp: int, k: int, config: DecodeConfig) -> int:
+    """SMEM of ``x_resident``'s two K-part slices of x [Mp, K] (2 bytes per value)."""
+    return 2 * mp * (k // config.split_k) * 2
+
+
 def supports(mp: int, n: int, k: int, config: DecodeConfig) -> bool:
-    """Whether the config tiles x [Mp, K] @ w [N, K]^T (Mp: padded tokens, <= 64)."""
-    return (mp <= 64 and mp % 8 == 0 and n % config.block_n == 0 and config.block_n % 64 == 0
-            and k % (config.block_k * config.split_k) == 0 and config.per_cta > 0
-            and (config.block_k <= 128 or config.block_k % 128 == 0))
+    """Whether the config tiles x [Mp, K] @ w [N, K]^T (Mp: padded tokens, <= 64); with
+    ``x_resident`` a CTA's units span at most two K parts and their x slices fit in SMEM."""
+    tiles = (mp <= 64 and mp % 8 == 0 and n % config.block_n == 0 and config.block_n % 64 == 0
+             and k % (config.block_k * config.split_k) == 0 and config.per_cta > 0
+             and (config.block_k <= 128 or config.block_k % 128 == 0))
+    return tiles and (not config.x_resident or (config.per_cta <= n // config.block_n
+                                                and x_resident_bytes(mp, k, config) <= X_RESIDENT_BYTES))
 
 
 def smem_transforms(dtype: jnp.dtype, cols: int) -> tuple:
@@ -140,9 +153,11 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
     via_smem = dequant and (interpret or not cfg.a_in_registers)
     chunk = min(bk, 128)   # K per wgmma group: a long tile (block_k 256-1024) in 128-column chunks
 
-    def unit(c, i):   # -> (tile, part) of CTA c's step i
+    tiles, resident = n // bn, cfg.x_resident
+
+    def unit(c, i):   # -> (tile, part) of CTA c's step i (x_resident: part-major unit order)
         g = c * per_cta + i // steps
-        return g // split, lax.rem(g, split)
+        return (lax.rem(g, tiles), g // tiles) if resident else (g // split, lax.rem(g, split))
 
     def zero() -> jax.Array:
         return plgpu.layout_cast(jnp.zeros((bn, mp), jnp.float32), plgpu.Layout.WGMMA)
@@ -157,9 +172,25 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
         def x_block(i):
             return 0, unit(c, i)[1] * steps + lax.rem(i, steps)
 
-        def with_smem(o_smem, *a_smem):
-            def body(idx, w_smem, x_smem, carry):
+        def with_smem(o_smem, *scratch):
+            x_res, x_bar, *a_smem = scratch if resident else (None, None, *scratch)
+            first = c * per_cta // tiles   # x_resident: this CTA's first K part (its last <= first + 1)
+            if resident:   # both parts' slices, one TMA tile (and barrier) per K block
+                for b in range(2):
+                    part = jnp.minimum(first + b, split - 1)
+                    for kb in range(steps):
+                        plgpu.copy_gmem_to_smem(x_gmem.at[:, pl.ds((part * steps + kb) * bk, bk)],
+                                                x_res.at[b, kb], x_bar.at[b * steps + kb])
+                for j in range(2 * steps):
+                    plgpu.barrier_wait(x_bar.at[j])
+
+            def body(idx, w_smem, *rest):
                 i = idx[0]
+                if resident:
+                    (carry,) = rest
+                    x_smem = x_res.at[unit(c, i)[1] - first, lax.rem(i, steps)]
+                else:
+                    x_smem, carry = rest
 
                 def product(acc_ref):
                     for j in range(bk // chunk):   # the tile's K chunks (registers hold one)
@@ -195,20 +226,22 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
 
             # The last CTA may own fewer units (a dynamic pipeline length).
             count = per_cta if units % per_cta == 0 else jnp.minimum(per_cta, units - c * per_cta)
+            w_spec = (plgpu.BlockSpec((None, None, bn, bk), lambda i: (*w_block(i), 0, 0),
+                                      transforms=smem_transforms(w.dtype, bk)) if tiled else
+                      plgpu.BlockSpec((bn, bk), w_block, transforms=smem_transforms(w.dtype, bk)))
+            x_spec = plgpu.BlockSpec((mp, bk), x_block, transforms=smem_transforms(a_dtype, bk))
             plgpu.emit_pipeline(
                 body, grid=(count * steps,),
-                in_specs=[
-                    plgpu.BlockSpec((None, None, bn, bk), lambda i: (*w_block(i), 0, 0),
-                                    transforms=smem_transforms(w.dtype, bk)) if tiled else
-                    plgpu.BlockSpec((bn, bk), w_block, transforms=smem_transforms(w.dtype, bk)),
-                    plgpu.BlockSpec((mp, bk), x_block, transforms=smem_transforms(a_dtype, bk)),
-                ],
+                in_specs=[w_spec] if resident else [w_spec, x_spec],
                 max_concurrent_steps=cfg.stages,
                 init_carry=zero(),
-            )(w_gmem, x_gmem)
+            )(*((w_gmem,) if resident else (w_gmem, x_gmem)))
             plgpu.wait_smem_to_gmem(0)
 
         scratch = [plgpu.SMEM((bn, mp), jnp.float32, transforms=smem_transforms(jnp.float32, mp))]
+        if resident:
+            scratch += [plgpu.SMEM((2, steps, mp, bk), a_dtype, transforms=smem_transforms(a_dtype, bk)),
+                        plgpu.Barrier(num_barriers=2 * steps)]
         if via_smem:
             scratch.append(plgpu.SMEM((bn, chunk), a_dtype, transforms=smem_transforms(a_dtype, chunk)))
         pl.run_scoped(with_smem, *scratch)

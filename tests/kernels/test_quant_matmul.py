@@ -130,6 +130,14 @@ MGPU_CASES = {
     "persistent_w8a8_bk256_m9": (9, 64, 512, FP8, True, DecodeConfig(64, 256, 2, split_k=2, per_cta=2)),
     # 7 units on 3 CTAs: the last one owns one (a shorter, dynamic pipeline)
     "persistent_ragged_int8_m8": (8, 448, 256, jnp.int8, False, DecodeConfig(64, 128, 2, per_cta=3)),
+    # x resident: part-major units, each CTA's x slices in SMEM (CTA 1 of 3 spans parts 0 and 1;
+    # the ragged last CTA owns one unit)
+    "resident_int8_m1": (1, 192, 1024, jnp.int8, False,
+                         DecodeConfig(64, 256, 2, split_k=2, per_cta=2, x_resident=True)),
+    "resident_w8a8_m13": (13, 192, 768, FP8, True,
+                          DecodeConfig(64, 128, 2, split_k=3, per_cta=2, x_resident=True)),
+    "resident_ragged_fp8_m8": (8, 320, 512, FP8, False,
+                               DecodeConfig(64, 128, 3, split_k=2, per_cta=3, x_resident=True)),
 }
 
 
