@@ -5,7 +5,7 @@
 # (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (as mus + vt), t, i11f, mu, vt2 (which
 # holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
 # OOM diagnosis, qp, qt (as q21) and q21b: RESULTS*.md.) Order: w21 (issue 13: the 8B w8a8 at
-# share 0.9, the fragmented pool's retry), qx (issue 13: large-M w8a8, XLA's fp8 dot with [N, K]
+# share 0.9, the fragmented pool's retry), qr (issue 13: x resident in SMEM), qx (issue 13: large-M w8a8, XLA's fp8 dot with [N, K]
 # weights), sa (issue 16: the split forward's launch beside the grammar thread), vt3 (issue 12:
 # the draft engine's host excess at 256 running), kv, b2, o, u, w, f, m, u1; then, on 2 GPUs,
 # pb, d, s, c. Session 16 turned XLA's
@@ -168,6 +168,20 @@ qm)
   done
   timeout 150 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8,none 2>&1 | table | grep "^##\|^| A \|^| B " | tee "$OUT/floor_quant.txt"
+  ;;
+qr)
+  # Issue 13 (session 21, KERNEL_NOTES run 14: pre-tiled weights changed nothing, so the run
+  # length of each weight row does not bound the decode kernel): each CTA's x slices resident
+  # in SMEM (``DecodeConfig.x_resident``: part-major units, the ring streams the weight alone;
+  # at M = 1 and 512-column tiles x was 8 KB of every 40 KB step), the GPU tests first, then
+  # the column beside the default at the 8B's gate/up and down. Prediction: 10-15% faster at
+  # gate/up and down (47.2 -> ~41 us, 33.2 -> ~29); if so, the default.
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py -k "persistent" 2>&1 \
+    | tail -3 | tee "$OUT/quant_tests.txt"
+  for shape in 28672x4096 4096x14336; do
+    timeout 150 python3 benchmarks/quant_matmul.py --shape $shape --ms 1,16 --iters 40 --reps 3 2>&1 \
+      | grep "^|\|^x\[\|rror" | tee "$OUT/quant_resident_$shape.txt"
+  done
   ;;
 w21)
   # Issue 13 (session 21): the 8B w8a8 engine at the default share 0.9. Call 3 found the cause of

@@ -15,9 +15,10 @@ Rows M in {1, 16, 256, 4096}; columns, all in one process on the same inputs:
                     before session 20) - the A/B of the persistent kernel
   kernel int8, SMEM A  the persistent kernel with its dequantized tile through SMEM (the
                     interpreter's form) instead of registers - the A/B of register operands
-  kernel int8, pre-tiled  the persistent kernel's default config over the weight re-laid out
-                    as [N / block_n, K / block_k, block_n, block_k] (``mgpu_decode.pretile``:
-                    each TMA tile one contiguous block) - the A/B of the weight layout
+  kernel int8, x in SMEM  the persistent kernel's default config with ``x_resident`` (each
+                    CTA's x slices loaded into SMEM once, the ring streaming the weight alone) -
+                    the A/B of re-reading x every step (where the config allows it, else nan).
+                    (Session 21 measured a pre-tiled weight layout here: no change; dropped.)
 Ceilings measured in the same run: HBM read (a sum over 2 GiB) and read+write (x * 1 over 2 GiB).
 The last columns: the best kernel's speed-up over bf16, and the int8 kernel's weight-read
 bandwidth as a share of the measured HBM read ceiling (the issue's target: >= 85% at M <= 16)
@@ -160,14 +161,6 @@ def main() -> None:
     def xla_w8a8_nk(x, wnk, s):   # the dispatcher's XLA route for w8a8 (reference, native fp8 dot)
         return ref.w8a8_matmul(x, wnk, s, native=True)
 
-    def pretiled(cfg):
-        def run(x, wt, s):   # mgpu.quant_matmul's w8a16 path over the pre-tiled weight
-            m = x.shape[0]
-            xp = jnp.pad(x, ((0, mgpu.padded_tokens(m) - m), (0, 0)))
-            parts = mgpu_decode.decode_matmul_t(xp, wt, config=cfg, fp8=FP8)
-            return mgpu_decode.finish(parts, m, s, None, x.dtype)
-        return run
-
     def kernel(act_quant, cfg=None):
         return lambda x, q, s: mgpu.quant_matmul(x, q, s, act_quant=act_quant, config=cfg)
 
@@ -201,24 +194,24 @@ def main() -> None:
         tiled = mgpu.default_config(m, N, K)   # the tiled grid: the A/B of the persistent kernel
         default = mgpu.kernel_config(m, N, K)
         persistent = isinstance(default, mgpu_decode.DecodeConfig)
-        pre = [(mgpu_decode.pretile(c["int8"][0], default.block_n, default.block_k), c["int8"][1])
-               for c in copies] if persistent else []
-        for name, fn, weights in (
-                ("k_int8_tiled", kernel(False, tiled), ws("int8")),
-                ("k_int8_smem_a", kernel(False, dataclasses.replace(default, a_in_registers=False))
-                 if persistent else None, ws("int8")),
-                ("k_int8_pretiled", pretiled(default) if persistent else None, pre)):
+        resident = dataclasses.replace(default, x_resident=True) if persistent else None
+        resident_ok = persistent and mgpu_decode.supports(mgpu.padded_tokens(m), N, K, resident)
+        for name, cfg, ok in (("k_int8_tiled", tiled, True),
+                              ("k_int8_smem_a", dataclasses.replace(default, a_in_registers=False)
+                               if persistent else None, persistent),
+                              ("k_int8_x_smem", resident, resident_ok)):
             try:
-                t[name] = timed(fn, x, weights, a.iters, a.reps) if persistent else t["k_int8"]
-                if name == "k_int8_pretiled" and persistent:
-                    q, sc = copies[0]["int8"]
-                    emit(kind="kernel", name=name, m=m, us=round(t[name], 1), rel_err=rel(
-                        jnp.asarray(jax.jit(fn)(x, *pre[0]), jnp.float32),
-                        ref.w8a16_matmul(x, q, sc, out_dtype=jnp.float32)))
+                if not ok:
+                    t[name] = t["k_int8"] if persistent or name != "k_int8_x_smem" else float("nan")
+                    continue
+                q, sc = copies[0]["int8"]   # checked first: a racy pipeline must not win
+                err = rel(jnp.asarray(jax.jit(kernel(False, cfg))(x, q, sc), jnp.float32),
+                          ref.w8a16_matmul(x, q, sc, out_dtype=jnp.float32))
+                t[name] = timed(kernel(False, cfg), x, ws("int8"), a.iters, a.reps)
+                emit(kind="kernel", name=name, m=m, us=round(t[name], 1), rel_err=err, config=str(cfg))
             except Exception as e:  # noqa: BLE001
                 emit(kind="error", what=name, m=m, error=repr(e)[:500])
                 t[name] = float("nan")
-        del pre
         if a.sweep and m in sweep_ms:
             best = None
             for cfg in sweep_configs(m):
@@ -242,14 +235,14 @@ def main() -> None:
 
     print(f"\nx[M,{K}] @ W[{K},{N}], us per call (HBM read {read_gbs:.0f} GB/s, r+w {rw_gbs:.0f} GB/s)")
     print("| M | bf16 | xla int8 | xla fp8 | xla w8a8 | xla w8a8 [N, K] | kernel int8 | kernel int8, tiled "
-          "| kernel int8, SMEM A | kernel int8, pre-tiled | kernel fp8 | kernel w8a8 | best kernel vs bf16 "
+          "| kernel int8, SMEM A | kernel int8, x in SMEM | kernel fp8 | kernel w8a8 | best kernel vs bf16 "
           "| kernel int8 weight GB/s (% of read, % of bf16's) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m, t, kbest, gbs, bf16_gbs in rows:
         print(f"| {m} | {t['bf16']:.1f} | {t['xla_int8']:.1f} | {t['xla_fp8']:.1f} | {t['xla_w8a8']:.1f} "
               f"| {t['xla_w8a8_nk']:.1f} "
               f"| {t['k_int8']:.1f} | {t['k_int8_tiled']:.1f} | {t['k_int8_smem_a']:.1f} "
-              f"| {t['k_int8_pretiled']:.1f} | {t['k_fp8']:.1f} "
+              f"| {t['k_int8_x_smem']:.1f} | {t['k_fp8']:.1f} "
               f"| {t['k_w8a8']:.1f} | {t['bf16'] / kbest:.2f}x | {gbs:.0f} ({100 * gbs / read_gbs:.0f}%, "
               f"{100 * gbs / bf16_gbs:.0f}%) |")
     if os.environ.get("OUT"):

@@ -114,14 +114,6 @@ def smem_transforms(dtype: jnp.dtype, cols: int) -> tuple:
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-def pretile(w: jax.Array, block_n: int, block_k: int) -> jax.Array:
-    """w [N, K] -> [N / block_n, K / block_k, block_n, block_k]: each TMA tile one contiguous
-    block (the experiment of benchmarks/quant_matmul.py's pre-tiled column: a [64, 128] tile of
-    the plain layout is 64 runs of 128 B, K bytes apart)."""
-    n, k = w.shape
-    return w.reshape(n // block_n, block_n, k // block_k, block_k).transpose(0, 2, 1, 3)
-
-
 def finish(parts: jax.Array, m: int, w_scale: jax.Array, x_scale: jax.Array | None,
            out_dtype: jnp.dtype) -> jax.Array:
     """Inside jit, after either kernel: float32 partials out^T [split_k, N, Mp] -> y [m, N] =
@@ -135,14 +127,12 @@ def finish(parts: jax.Array, m: int, w_scale: jax.Array, x_scale: jax.Array | No
 
 def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: jnp.dtype,
                     interpret: bool = False) -> jax.Array:
-    """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit, or ``pretile``'s
-    [N / block_n, K / block_k, block_n, block_k] of it -> float32 partials out^T [split_k, N, Mp]
-    summing to w @ xp^T (no scales). ``supports(...)`` must hold."""
+    """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit -> float32 partials
+    out^T [split_k, N, Mp] summing to w @ xp^T (no scales). ``supports(...)`` must hold."""
     mp, k = xp.shape
-    tiled = w.ndim == 4
-    n = w.shape[0] * w.shape[2] if tiled else w.shape[0]
+    n = w.shape[0]
     cfg = config
-    if not supports(mp, n, k, cfg) or (tiled and w.shape[2:] != (cfg.block_n, cfg.block_k)):
+    if not supports(mp, n, k, cfg):
         raise ValueError(f"mgpu decode matmul: N={n}, K={k}, Mp={mp} do not tile by {cfg}")
     bn, bk, split = cfg.block_n, cfg.block_k, cfg.split_k
     steps = k // bk // split                     # K blocks per unit
@@ -226,9 +216,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
 
             # The last CTA may own fewer units (a dynamic pipeline length).
             count = per_cta if units % per_cta == 0 else jnp.minimum(per_cta, units - c * per_cta)
-            w_spec = (plgpu.BlockSpec((None, None, bn, bk), lambda i: (*w_block(i), 0, 0),
-                                      transforms=smem_transforms(w.dtype, bk)) if tiled else
-                      plgpu.BlockSpec((bn, bk), w_block, transforms=smem_transforms(w.dtype, bk)))
+            w_spec = plgpu.BlockSpec((bn, bk), w_block, transforms=smem_transforms(w.dtype, bk))
             x_spec = plgpu.BlockSpec((mp, bk), x_block, transforms=smem_transforms(a_dtype, bk))
             plgpu.emit_pipeline(
                 body, grid=(count * steps,),

@@ -70,11 +70,13 @@ def test_mgpu_configs(cfg):
 
 @pytest.mark.parametrize("cfg", [DecodeConfig(64, 128, 4, split_k=2, per_cta=3),       # ragged grid
                                  DecodeConfig(64, 128, 4, per_cta=2, a_in_registers=False),
-                                 DecodeConfig(128, 256, 6, split_k=2, per_cta=2)])
+                                 DecodeConfig(128, 256, 6, split_k=2, per_cta=2),
+                                 DecodeConfig(64, 256, 3, split_k=4, per_cta=7, x_resident=True)])
 @pytest.mark.parametrize("mode", ["int8", "fp8", "w8a8"])
 def test_persistent_decode_configs(cfg, mode):
     """The persistent decode kernel (the default at M <= 64, the register-A form checked here
-    and by test_mgpu_quant_matmul) at explicit configs, one of them with a shorter last CTA."""
+    and by test_mgpu_quant_matmul) at explicit configs, one of them with a shorter last CTA, one
+    with x resident in SMEM (80 units on 12 CTAs, some spanning two K parts)."""
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((5, 2048)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((1280, 2048)) * 0.02, jnp.float32)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels.quant_matmul import mgpu, mgpu_decode
+from pallas_kernels.quant_matmul import mgpu
 from pallas_kernels.quant_matmul import reference as ref
 from pallas_kernels.quant_matmul import tpu as qtpu
 from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig, decode_config
@@ -251,24 +251,13 @@ def test_mgpu_kernel_lowers_for_cuda(m, mode):
     assert "mosaic_gpu" in text
 
 
-def test_persistent_kernel_over_a_pretiled_weight():
-    """``pretile``'s layout (each TMA tile one contiguous block) gives the plain layout's
-    partials bit for bit (the same tiles in the same order)."""
-    x, q, _, _ = _operands(9, 8, 128, 1024, jnp.int8)
-    cfg = DecodeConfig(64, 256, 2, split_k=2, per_cta=2)
-    plain = mgpu_decode.decode_matmul_t(x, q, config=cfg, fp8=FP8, interpret=True)
-    tiled = mgpu_decode.decode_matmul_t(x, mgpu_decode.pretile(q, 64, 256), config=cfg, fp8=FP8,
-                                        interpret=True)
-    np.testing.assert_array_equal(np.asarray(tiled), np.asarray(plain))
-    with pytest.raises(ValueError, match="do not tile"):
-        mgpu_decode.decode_matmul_t(x, mgpu_decode.pretile(q, 64, 128), config=cfg, fp8=FP8)
-
-
 @pytest.mark.parametrize("cfg", [DecodeConfig(64, 128, 2, per_cta=3),
-                                 DecodeConfig(64, 128, 4, per_cta=3, a_in_registers=False)])
+                                 DecodeConfig(64, 128, 4, per_cta=3, a_in_registers=False),
+                                 DecodeConfig(64, 512, 2, split_k=4, per_cta=3, x_resident=True)])
 def test_persistent_kernel_with_a_ragged_grid_lowers_for_cuda(cfg):
     """7 units on 3 CTAs (a dynamic pipeline length in the last), with the dequantized tile
-    from registers (the GPU's form, which the interpreter cannot run) and through SMEM."""
+    from registers (the GPU's form, which the interpreter cannot run) and through SMEM, and
+    with x resident in SMEM (28 units, the 8B gate/up's K parts: CTA 2 spans two parts)."""
     x = jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((448, 4096), jnp.int8)
     s = jax.ShapeDtypeStruct((448,), jnp.float32)
