@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from checkpoints import HFModelDir
 from checkpoints.orbax_dir import OrbaxModelDir, is_orbax_dir
+from jserve import gc_heap
 from jserve.activation_peak import measure_activation_bytes
 from jserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from jserve.data_parallel import DataParallelEngine
@@ -351,6 +352,15 @@ def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None
     In a multi-process job (jserve/multiprocess.py) every process builds the same engine; on
     processes other than 0 this never returns: the process runs process 0's steps until
     process 0 stops, then exits (``SystemExit(0)``)."""
+    gc_heap.thaw()   # an earlier engine's cyclic garbage (and its device buffers) goes first
+    engine = _build_engine(args, progress, devices)
+    gc_heap.freeze()   # start-up's long-lived objects out of every later collection (gc_heap.py)
+    return engine
+
+
+def _build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None,
+                  devices: Sequence[jax.Device] | None = None) -> LLMEngine | DataParallelEngine:
+    """``build_engine`` without the heap's collection and freeze."""
     # Before any JAX device call (make_engine_config warns about the deprecated alias).
     allow_device_memory(args.kv_cache_memory_fraction or args.gpu_memory_utilization)
     if args.prefill_devices is not None or args.decode_devices is not None:
