@@ -388,7 +388,9 @@ vt3)
   # engine 0.99x; since then requests that never draft reserve no lookahead pages. The same
   # sweep, draft model only, first with the base engine first, then with it last. Prediction:
   # schedule within 0.2 ms of the base's; if the order flips the rest, a process effect (the
-  # earlier engines' state), else the draft engine's own.
+  # earlier engines' state), else the draft engine's own. Session 21 (CPU): the later engine's
+  # full garbage collections (2.9 ms per step of outputs at 64 running); start-up now freezes the
+  # heap. Prediction: schedule and outputs within 0.1 ms of the base's either order, ratio ~0.9.
   for order in "" "--base-last"; do
     echo "### order: ${order:-base first}"
     timeout 150 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code \
