@@ -27,6 +27,12 @@ end and owns a balanced share of the work units (the last one may own fewer)::
 ``decode_config`` picks ``split_k`` and ``per_cta`` for at most ``ctas_per_sm`` x the SM count
 CTAs, the longest CTA as short as the shapes allow (Llama-3.1-8B on 132 SMs: 256 balanced CTAs
 for each of its four projections).
+
+``x_resident`` (an A/B config, not the default until measured): units in part-major order
+(tile g % tiles, part g // tiles), so a CTA's units span at most two K parts (per_cta <= tiles);
+their x slices, [2, steps, Mp, block_k], are loaded into SMEM before the pipeline (one TMA tile
+and barrier per K block) and the ring streams the weight alone (at M = 1 and 512-column tiles
+the x tile was 8 KB of each 40 KB step, re-read from L2 by every step).
 """
 
 from __future__ import annotations
