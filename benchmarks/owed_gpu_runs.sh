@@ -5,7 +5,8 @@
 # (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (as mus + vt), t, i11f, mu, vt2 (which
 # holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
 # OOM diagnosis, qp, qt (as q21) and q21b: RESULTS*.md.) Order: w21 (issue 13: the 8B w8a8 at
-# share 0.9, the fragmented pool's retry), qr (issue 13: x resident in SMEM), qx (issue 13: large-M w8a8, XLA's fp8 dot with [N, K]
+# share 0.9, the fragmented pool's retry), qf (issue 13: fp8 and int8 decode against bf16 in one
+# call), qr (issue 13: x resident in SMEM), qx (issue 13: large-M w8a8, XLA's fp8 dot with [N, K]
 # weights), sa (issue 16: the split forward's launch beside the grammar thread), vt3 (issue 12:
 # the draft engine's host excess at 256 running), kv, b2, o, u, w, f, m, u1; then, on 2 GPUs,
 # pb, d, s, c. Session 16 turned XLA's
@@ -168,6 +169,14 @@ qm)
   done
   timeout 150 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8,none 2>&1 | table | grep "^##\|^| A \|^| B " | tee "$OUT/floor_quant.txt"
+  ;;
+qf)
+  # Issue 13's decode target (>= 1.6x bf16 with fp8 or int8 weights) in one call for both 8-bit
+  # formats: session 21's call 2 ran the fp8 weight-only kernel 8-14% under int8's (gate/up 43.7
+  # vs 47.2 us, down 28.5 vs 33.2, M = 1), and session 20's same-call ratio is int8's alone
+  # (3.804 vs 4.656 ms = 1.22x). Prediction: fp8 ~3.5 ms (~1.33x), int8 ~3.7 ms (~1.26x).
+  timeout 280 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization fp8,int8,none 2>&1 | table | grep "^##\|^| A \|^| B " | tee "$OUT/floor_fp8_int8.txt"
   ;;
 qr)
   # Issue 13 (session 21, KERNEL_NOTES run 14: pre-tiled weights changed nothing, so the run
