@@ -196,13 +196,13 @@ def main() -> None:
         persistent = isinstance(default, mgpu_decode.DecodeConfig)
         resident = dataclasses.replace(default, x_resident=True) if persistent else None
         resident_ok = persistent and mgpu_decode.supports(mgpu.padded_tokens(m), N, K, resident)
-        for name, cfg, ok in (("k_int8_tiled", tiled, True),
+        for name, cfg, ok in (("k_int8_tiled", tiled, persistent),   # else the default is the tiled grid
                               ("k_int8_smem_a", dataclasses.replace(default, a_in_registers=False)
                                if persistent else None, persistent),
                               ("k_int8_x_smem", resident, resident_ok)):
             try:
-                if not ok:
-                    t[name] = t["k_int8"] if persistent or name != "k_int8_x_smem" else float("nan")
+                if not ok:   # the same kernel as the default's column, or no such config
+                    t[name] = float("nan") if name == "k_int8_x_smem" else t["k_int8"]
                     continue
                 q, sc = copies[0]["int8"]   # checked first: a racy pipeline must not win
                 err = rel(jnp.asarray(jax.jit(kernel(False, cfg))(x, q, sc), jnp.float32),

@@ -171,7 +171,8 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
         def with_smem(o_smem, *scratch):
             x_res, x_bar, *a_smem = scratch if resident else (None, None, *scratch)
             first = c * per_cta // tiles   # x_resident: this CTA's first K part (its last <= first + 1)
-            if resident:   # both parts' slices, one TMA tile (and barrier) per K block
+            if resident:   # both parts' slices, one TMA tile (and barrier) per K block (the second
+                #            loaded even where the CTA stays in one part: a fixed set of barriers)
                 for b in range(2):
                     part = jnp.minimum(first + b, split - 1)
                     for kb in range(steps):

@@ -334,10 +334,17 @@ def test_a_pool_array_without_a_free_block_leaves_nothing_allocated(monkeypatch)
     from sharding import make_mesh
 
     cfg = ModelConfig.from_hf_config(tiny_config(layers=4), dtype="float32")
-    made = []
-    real = kv_cache._filler
-    monkeypatch.setattr(kv_cache, "_filler", lambda like, v: (lambda f: lambda: made.append(f()) or made[-1])(
-        real(like, v)))
+    made, real = [], kv_cache._filler
+
+    def recording(like, value):   # every array the pool creates, kept to check it was freed
+        fill = real(like, value)
+
+        def make():
+            made.append(fill())
+            return made[-1]
+        return make
+
+    monkeypatch.setattr(kv_cache, "_filler", recording)
     _fail_once_at(monkeypatch, 6)   # layer 2's V pages
     with pytest.raises(kv_cache.PoolDoesNotFit, match="4 of 8 found a free block") as e:
         kv_cache.allocate_kv_cache(cfg, 40, 16, "float32", make_mesh(1))
