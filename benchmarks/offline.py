@@ -20,6 +20,7 @@ import numpy as np
 
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import RequestOutputKind, SamplingParams
+from pallas_kernels.quant_matmul import api as quant_api
 
 
 def _run(engine, prompts, max_tokens):
@@ -99,7 +100,12 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | int8 (1-byte KV pages)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--log-level", default="WARNING", help="jserve's log level (INFO: start-up memory)")
+    ap.add_argument("--w8a8-xla-min-m", type=int, default=None,
+                    help="A/B: w8a8 matmuls of this many tokens and more take XLA's fp8 dot "
+                         "(pallas_kernels.quant_matmul.api.W8A8_XLA_MIN_M; default: the dispatcher's)")
     ns = ap.parse_args()
+    if ns.w8a8_xla_min_m is not None:
+        quant_api.W8A8_XLA_MIN_M = ns.w8a8_xla_min_m
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("jserve").setLevel(ns.log_level)
 
@@ -125,6 +131,7 @@ def main() -> None:
 
     dev = jax.devices()[0]
     rows = {
+        "w8a8_xla_min_m": quant_api.W8A8_XLA_MIN_M,
         "device": getattr(dev, "device_kind", str(dev)), "model": ns.model, "dtype": ns.dtype,
         "startup_s": round(startup, 1), "batch1_decode_tok_s": round(b1, 1),
         "throughput_requests": ns.num_requests, "input_len": ns.input_len,

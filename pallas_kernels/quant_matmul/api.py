@@ -11,6 +11,12 @@ Why not XLA alone on GPU: measured on an H200 (shared/ANCHORS.md), XLA's fused c
 weight-only 8-bit matmuls 0.73-1.44x of bf16 and its fp8 x fp8 dot_general is 1.3-7x slower
 than bf16; the gains have to come from the kernel. ``MOSAIC_ON_HOPPER`` is the benchmarks' A/B
 switch (``benchmarks/quant_matmul.py`` times both paths).
+
+w8a8 on a GPU from ``W8A8_XLA_MIN_M`` tokens up goes to XLA's own fp8 dot with both operands
+as stored, K-major (``reference.w8a8_matmul(native=True)``: on Hopper cuBLASLt's fp8 GEMM),
+not the kernel: the anchors' 1.3-7x slower fp8 dot_general took the weight [K, N]; the engine
+keeps it [N, K], and at M = 1 that dot ran 47.6 / 32.4 us at the 8B's gate/up / down against
+the kernel's 58.9 / 35.4 (H200, session 21). None: the kernel at every M.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 from pallas_kernels.quant_matmul import mgpu, reference, tpu
 
 MOSAIC_ON_HOPPER = True
+W8A8_XLA_MIN_M: int | None = None
 
 
 def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax.Array | None = None,
@@ -36,9 +43,16 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
     kw = dict(act_quant=act_quant, out_dtype=out_dtype)
     if backend == "tpu" and tpu.supports(x, w):
         return tpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, **kw)
+    if backend == "gpu" and act_quant and _xla_fp8(x.shape[0]):
+        return reference.w8a8_matmul(x, w, w_scale, input_scale, out_dtype, native=True)
     if backend == "gpu" or interpret:
         if (interpret or (MOSAIC_ON_HOPPER and mgpu.on_hopper())) and mgpu.supports(x, w, act_quant):
             return mgpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, **kw)
     if act_quant:
         return reference.w8a8_matmul(x, w, w_scale, input_scale, out_dtype)
     return reference.w8a16_matmul(x, w, w_scale, out_dtype)
+
+
+def _xla_fp8(m: int) -> bool:
+    """Whether a w8a8 matmul of ``m`` tokens takes XLA's fp8 dot on a GPU (module docstring)."""
+    return W8A8_XLA_MIN_M is not None and m >= W8A8_XLA_MIN_M

@@ -273,3 +273,28 @@ def test_tpu_kernel_lowers_for_tpu(m, mode):
     s = jax.ShapeDtypeStruct((14336,), jnp.float32)
     fn = jax.jit(lambda x, w, s: qtpu.quant_matmul(x, w, s, act_quant=mode == "w8a8"))
     assert "tpu_custom_call" in fn.trace(x, w, s).lower(lowering_platforms=("tpu",)).as_text()
+
+
+def test_w8a8_route_to_xla_fp8_dot_from_min_m(monkeypatch):
+    # The dispatcher hands GPU w8a8 matmuls of W8A8_XLA_MIN_M tokens and more to XLA's fp8 dot
+    # (native=True); fewer tokens keep the kernel's route (here, off Hopper, the reference).
+    from pallas_kernels.quant_matmul import api as qapi
+
+    seen = []
+    real = ref.w8a8_matmul
+
+    def spy(*a, native=False, **kw):
+        seen.append(native)
+        return real(*a, native=native, **kw)
+
+    monkeypatch.setattr(ref, "w8a8_matmul", spy)
+    monkeypatch.setattr(qapi, "W8A8_XLA_MIN_M", 16)
+    for m in (8, 16):
+        x, q, s, _ = _operands(5, m, 64, 128, FP8, jnp.bfloat16)
+        got = qapi.quant_matmul(x, q, s, act_quant=True, backend="gpu")
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(real(x, q, s), np.float32),
+                                   rtol=2e-2, atol=2e-2)
+    assert seen == [False, True]
+    monkeypatch.setattr(qapi, "W8A8_XLA_MIN_M", None)
+    qapi.quant_matmul(x, q, s, act_quant=True, backend="gpu")
+    assert seen[-1] is False
