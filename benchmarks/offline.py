@@ -23,9 +23,12 @@ from jserve.sampling_params import RequestOutputKind, SamplingParams
 from pallas_kernels.quant_matmul import api as quant_api
 
 
-def _run(engine, prompts, max_tokens):
+def _run(engine, prompts, max_tokens, buckets=None):
     """Only finished outputs, as ``LLM.generate`` asks for them (output_kind FINAL_ONLY); the
-    first token's time comes from the outputs' metrics."""
+    first token's time comes from the outputs' metrics. ``buckets``: a dict that collects, per
+    token bucket, the seconds of the ``engine.step`` calls that waited for a step of it (the
+    overlapped loop reads step N in the call that dispatches step N + 1, so each call's time is
+    put on the bucket the previous call dispatched; device-bound steps: their device time)."""
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                         output_kind=RequestOutputKind.FINAL_ONLY)
     for p in prompts:
@@ -34,15 +37,45 @@ def _run(engine, prompts, max_tokens):
     first = None
     out_tokens = 0
     steps = 0
+    dispatched = _dispatch_log(engine) if buckets is not None else None
     while engine.has_unfinished_requests():
-        for o in engine.step():
+        t_step = time.perf_counter()
+        outs = engine.step()
+        if dispatched is not None and len(dispatched) >= 2:
+            b = dispatched[-2]
+            buckets.setdefault(b, []).append(time.perf_counter() - t_step)
+        for o in outs:
             if o.finished:
                 out_tokens += len(o.outputs[0].token_ids)
                 ft = o.metrics.get("first_token_time")
                 if ft is not None and (first is None or ft - m0 < first):
                     first = ft - m0
         steps += 1
+    if dispatched is not None:
+        del engine.runner.dispatch   # the instance attribute _dispatch_log set: the method again
     return time.perf_counter() - t0, out_tokens, steps, first
+
+
+def _dispatch_log(engine) -> list[int]:
+    """Record the token bucket of every plan the runner dispatches (-> the growing list)."""
+    runner, log = engine.runner, []
+    sizes = engine.config.scheduler.token_buckets
+    real = runner.dispatch
+
+    def dispatch(out):
+        log.append(next((b for b in sizes if b >= out.num_tokens), out.num_tokens))
+        return real(out)
+
+    runner.dispatch = dispatch
+    return log
+
+
+def _bucket_table(buckets: dict[int, list[float]]) -> None:
+    print("\n| token bucket (throughput run) | steps | ms per step (median) | s in all |")
+    print("|---|---|---|---|")
+    for b in sorted(buckets):
+        v = sorted(buckets[b])
+        print(f"| {b} | {len(v)} | {v[len(v) // 2] * 1e3:.2f} | {sum(v):.2f} |")
 
 
 class _Timer:
@@ -103,6 +136,8 @@ def main() -> None:
     ap.add_argument("--w8a8-xla-min-m", type=int, default=None,
                     help="A/B: w8a8 matmuls of this many tokens and more take XLA's fp8 dot "
                          "(pallas_kernels.quant_matmul.api.W8A8_XLA_MIN_M; default: the dispatcher's)")
+    ap.add_argument("--bucket-times", action="store_true",
+                    help="also print the throughput run's step time per token bucket")
     ns = ap.parse_args()
     if ns.w8a8_xla_min_m is not None:
         quant_api.W8A8_XLA_MIN_M = ns.w8a8_xla_min_m
@@ -127,7 +162,10 @@ def main() -> None:
     _decode_breakdown(engine, rng.integers(10, vocab, 16).tolist(), ns.decode_len)
 
     prompts = [rng.integers(10, vocab, ns.input_len).tolist() for _ in range(ns.num_requests)]
-    dt2, n2, steps2, _ = _run(engine, prompts, ns.output_len)
+    buckets = {} if ns.bucket_times else None
+    dt2, n2, steps2, _ = _run(engine, prompts, ns.output_len, buckets)
+    if buckets:
+        _bucket_table(buckets)
 
     dev = jax.devices()[0]
     rows = {

@@ -204,6 +204,25 @@ w21)
   grep "fragmented\|after warm-up\|RESOURCE\|MemoryError\|^| \(startup\|batch1\|throughput_out\)" \
     "$OUT/offline_8b_w8a8_09.txt" | cut -c1-300
   ;;
+qx3)
+  # Issue 13's w8a8 throughput (session 22, call 2, case qx2: every w8a8 matmul through XLA's fp8
+  # dot: 13,608 out tok/s against bf16's 13,516 = 1.01x, batch 1 144.8 against 215.2: below 128
+  # tokens the step programs take XLA's Triton GEMMs, where the fp8 dot is slow; the matmul table
+  # put XLA's [N, K] fp8 dot at 1.48x / 1.80x bf16 at M = 256 / 2048). Here XLA's dot from 128
+  # tokens up (the kernels below), each step's time per token bucket, and the same with an fp8
+  # KV pool (at 256 running the pages read per step rival the weights). Prediction: batch 1 back
+  # to ~278 tok/s (the kernel), throughput ~1.05-1.1x (the decode steps' attention and the
+  # sampler unchanged), ~1.25x with fp8 KV; the 2048 bucket ~1.6x faster than bf16's.
+  for arm in none:auto fp8_w8a8:auto fp8_w8a8:fp8; do
+    qz=${arm%:*} kvd=${arm#*:} name=x3_${arm/:/_}
+    T8=170 offline_8b $qz $name --num-requests 500 --input-len 200 --output-len 180 --kv-cache-dtype $kvd \
+      --gpu-memory-utilization 0.8 --w8a8-xla-min-m 128 --bucket-times --json "$OUT/$name.json"
+    echo "### weights $qz, KV $kvd (w8a8: XLA's fp8 dot from 128 tokens)"
+    grep "^| \(startup\|batch1\|throughput_out\|pool\|[0-9]\)\|RESOURCE\|rror" "$OUT/$name.txt" | cut -c1-200
+  done
+  timeout 110 python3 benchmarks/quant_matmul.py --shape 28672x4096 --ms 1 --iters 40 --reps 3 2>&1 \
+    | grep "^|\|^x\[\|rror" | tee "$OUT/quant_resident_28672x4096.txt"
+  ;;
 qx2)
   # Issue 13's w8a8 throughput target (>= 1.3x bf16; session 21, call 1 (w21): w8a8 through the
   # kernels 10,295 out tok/s at share 0.9 after the fragmented pool's retry, bf16 14,205 in an
