@@ -14,9 +14,13 @@ switch (``benchmarks/quant_matmul.py`` times both paths).
 
 w8a8 on a GPU from ``W8A8_XLA_MIN_M`` tokens up goes to XLA's own fp8 dot with both operands
 as stored, K-major (``reference.w8a8_matmul(native=True)``: on Hopper cuBLASLt's fp8 GEMM),
-not the kernel: the anchors' 1.3-7x slower fp8 dot_general took the weight [K, N]; the engine
-keeps it [N, K], and at M = 1 that dot ran 47.6 / 32.4 us at the 8B's gate/up / down against
-the kernel's 58.9 / 35.4 (H200, session 21). None: the kernel at every M.
+not the kernel. The anchors' 1.3-7x slower fp8 dot_general took the weight [K, N]; with the
+engine's [N, K] the dot ran the 8B's gate/up (H200, session 22) at 73.4 / 360.3 us for 256 /
+2048 tokens against bf16's 108.8 / 649.5 and the w8a8 tiled grid's 141.8 / 696.7, and the 8B's
+500 x 200/180 throughput went from ~0.72x bf16's (every matmul in the kernels) to 1.01x (every
+one through XLA). Below 128 tokens the kernel stays: the engine compiles the 8B's small buckets
+for cuBLAS GEMMs (``jserve/compile_pool.py``), where the fp8 dot ran batch-1 decode at 0.67x
+bf16's. None: the kernel at every M.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import jax.numpy as jnp
 from pallas_kernels.quant_matmul import mgpu, reference, tpu
 
 MOSAIC_ON_HOPPER = True
-W8A8_XLA_MIN_M: int | None = None
+W8A8_XLA_MIN_M: int | None = 128   # (module docstring)
 
 
 def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax.Array | None = None,
@@ -43,7 +47,7 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
     kw = dict(act_quant=act_quant, out_dtype=out_dtype)
     if backend == "tpu" and tpu.supports(x, w):
         return tpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, **kw)
-    if backend == "gpu" and act_quant and _xla_fp8(x.shape[0]):
+    if backend == "gpu" and act_quant and not interpret and _xla_fp8(x.shape[0]):
         return reference.w8a8_matmul(x, w, w_scale, input_scale, out_dtype, native=True)
     if backend == "gpu" or interpret:
         if (interpret or (MOSAIC_ON_HOPPER and mgpu.on_hopper())) and mgpu.supports(x, w, act_quant):
