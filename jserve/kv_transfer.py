@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jserve.host_pages import HostPages
 from jserve.kv_cache import KVCache
 from jserve.scheduler_output import KVTransfers
+from pallas_kernels.kv_write import scatter_rows
 from sharding import host_to_global
 
 # 64 pages per call: each page is its own host array, so larger calls gain little, and the
@@ -73,18 +74,18 @@ def _gather(kv: KVCache, ids: jax.Array) -> tuple:
 
 def _copy(kv: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
     """Page ``src[i]`` -> page ``dst[i]`` in every layer (scales too); src/dst: int32[B]."""
-    return [tuple(a.at[dst].set(a[src]) for a in layer) for layer in kv]
+    return [tuple(scatter_rows(a, dst, a[src]) for a in layer) for layer in kv]
 
 
 def _scatter(kv: KVCache, ids: jax.Array, pages: tuple) -> KVCache:
     """pages: B x [L, 2, page_size, Hkv, d] (or (data, scales) pairs) -> pool pages ``ids``."""
     if not _quantized(kv):
         data = jnp.stack(pages)
-        return [(k.at[ids].set(data[:, i, 0].astype(k.dtype)), v.at[ids].set(data[:, i, 1].astype(v.dtype)))
-                for i, (k, v) in enumerate(kv)]
+        return [(scatter_rows(k, ids, data[:, i, 0].astype(k.dtype)),
+                 scatter_rows(v, ids, data[:, i, 1].astype(v.dtype))) for i, (k, v) in enumerate(kv)]
     data = jnp.stack([p[0] for p in pages])
     sc = jnp.stack([p[1] for p in pages])
-    return [(k.at[ids].set(data[:, i, 0]), v.at[ids].set(data[:, i, 1]),
+    return [(scatter_rows(k, ids, data[:, i, 0]), scatter_rows(v, ids, data[:, i, 1]),
              ks.at[ids].set(sc[:, i, 0]), vs.at[ids].set(sc[:, i, 1]))
             for i, (k, v, ks, vs) in enumerate(kv)]
 

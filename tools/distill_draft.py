@@ -19,6 +19,11 @@ Why: speculative decoding accepts a drafted token when it matches the target's c
 that imitates code-small's distribution (rather than the data's) gets more tokens accepted per
 target step. Greedy agreement is the teacher-forced proxy for greedy acceptance.
 
+``prepare`` reads the running interpreter's stdlib, like ``train_default_model.py``; the bundled
+models were trained on CPython 3.12.1's, and ``prepare`` says whether its train/test token counts
+match theirs. If not (another Python), the sanity check only warns and the figures are not the
+READMEs'; the arrays of a 3.12.1 ``prepare`` can be copied instead.
+
 Run (needs only jax, optax, numpy, tokenizers, safetensors and ml_dtypes; no network)::
 
     # CPU smoke run (a few minutes)
@@ -53,7 +58,6 @@ TOKENIZER = tdm.INSTALL_DIR / TEACHER / "tokenizer.json"
 DEFAULT_DATA = tdm.REPO / ".distill_data"
 HF_LINEAR = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
              "wo": "self_attn.o_proj", "wg": "mlp.gate_proj", "wu": "mlp.up_proj", "wd": "mlp.down_proj"}
-ST_DTYPES = {"BF16": "bfloat16", "F32": "float32", "F16": "float16"}
 METRICS = ("agreement", "kl", "ce", "teacher_ce")
 log = tdm.log
 
@@ -98,8 +102,9 @@ def windows(ids: np.ndarray, limit: int | None) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ models
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Minimal reader (``safetensors.numpy`` cannot return bf16): 8-byte header size, JSON, data."""
-    import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype name)
+    import ml_dtypes
 
+    dtypes = {"BF16": np.dtype(ml_dtypes.bfloat16), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
     raw = path.read_bytes()
     (size,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + size])
@@ -107,8 +112,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     out = {}
     for name, info in header.items():
         begin, end = (8 + size + o for o in info["data_offsets"])
-        dtype = np.dtype(getattr(ml_dtypes, "bfloat16") if info["dtype"] == "BF16" else ST_DTYPES[info["dtype"]])
-        out[name] = np.frombuffer(raw[begin:end], dtype).reshape(info["shape"])
+        out[name] = np.frombuffer(raw[begin:end], dtypes[info["dtype"]]).reshape(info["shape"])
     return out
 
 
@@ -144,11 +148,14 @@ def sanity_check(teacher: dict, student: dict, data: Path, batch: int) -> dict[s
         ref = bundled_metrics(name)
         for split in ("val", "test"):
             loss = tdm.eval_loss(tdm.SPECS[name], params, np.load(data / f"{split}.npy"), batch)
-            diff = loss - ref[f"{split}_loss"]
+            want = ref[f"{split}_loss"]
+            diff = loss - want
             out[f"{name}_{split}_loss"] = round(loss, 4)
-            log(f"check {name} {split} loss {loss:.4f} (bundled {ref[f'{split}_loss']:.4f}, diff {diff:+.4f})")
+            log(f"check {name} {split} loss {loss:.4f} (bundled {want:.4f}, diff {diff:+.4f})")
             if abs(diff) > 2e-3 and meta.get("matches_bundled"):
                 raise RuntimeError(f"{name}: loaded weights do not reproduce the bundled {split} loss")
+            if abs(diff) > 2e-3:
+                log("  warning: --data was not prepared from the bundled models' corpus (see prepare)")
     return out
 
 
@@ -235,8 +242,9 @@ def make_run_steps(ns: argparse.Namespace, lr: float, chunk: int) -> tuple[Any, 
 
 
 def distill(ns: argparse.Namespace, teacher: Any, student: Any, evaluate: Any,
-            val: np.ndarray) -> tuple[dict, list[dict]]:
-    """Train; -> (bf16-rounded params of the best-val-agreement checkpoint, history)."""
+            val: np.ndarray) -> tuple[dict, dict[str, Any]]:
+    """Train; -> (bf16-rounded params of the best-val-agreement checkpoint (step 0, the start,
+    included), {"peak_lr", "best_step", "best_val_agreement", "history"})."""
     import jax
     import jax.numpy as jnp
 
@@ -253,8 +261,9 @@ def distill(ns: argparse.Namespace, teacher: Any, student: Any, evaluate: Any,
     for first in range(0, ns.steps, ns.eval_every):
         params, opt_state, stats = run_steps(params, opt_state, teacher, ids, starts, first)
         shipped = as_bf16(params)
-        row = {"step": first + ns.eval_every, **dict(zip(("train_loss", "train_kl", "train_ce"),
-                                                         np.round(np.asarray(stats), 4).tolist(), strict=True)),
+        train = np.round(np.asarray(stats), 4).tolist()
+        row = {"step": first + ns.eval_every,
+               **dict(zip(("train_loss", "train_kl", "train_ce"), train, strict=True)),
                **{f"val_{k}": v for k, v in evaluate(teacher, shipped, val).items()},
                "seconds": round(time.perf_counter() - t0, 1)}
         history.append(row)
@@ -264,8 +273,7 @@ def distill(ns: argparse.Namespace, teacher: Any, student: Any, evaluate: Any,
         if row["val_agreement"] > best[0]:
             best = (row["val_agreement"], row["step"], jax.device_get(shipped))
     log(f"best val agreement {best[0]:.4f} at step {best[1]}")
-    history.append({"best_step": best[1], "lr": lr})
-    return best[2], history
+    return best[2], {"peak_lr": lr, "best_step": best[1], "best_val_agreement": best[0], "history": history}
 
 
 def table(before: dict[str, float], after: dict[str, float], n_windows: int) -> str:
@@ -292,13 +300,13 @@ def cmd_distill(ns: argparse.Namespace) -> None:
     start = tdm.init_params(tdm.SPECS[STUDENT], ns.seed) if ns.from_scratch else bundled
     val, test = (windows(np.load(data / f"{s}.npy"), ns.eval_windows) for s in ("val", "test"))
     evaluate = make_evaluator(ns.batch)
-    best, history = distill(ns, teacher, start, evaluate, val)
+    best, run = distill(ns, teacher, start, evaluate, val)
     before, after = evaluate(teacher, bundled, test), evaluate(teacher, best, test)
     report = table(before, after, len(test))
     log("\n" + report)
     metrics = {"flags": {k: v for k, v in vars(ns).items() if k != "func"}, "sanity_check": check,
                "test_before": before, "test_after": after, "test_windows": len(test),
-               "val_windows": len(val), "table": report, "history": history,
+               "val_windows": len(val), "table": report, **run,
                "seconds": round(time.perf_counter() - t0, 1), "device": str(jax.devices()[0].device_kind)}
     spec = tdm.SPECS[STUDENT]
     tdm.write_static_files(spec, tdm.INSTALL_DIR / STUDENT, out)  # config + bundled tokenizer files
@@ -329,7 +337,7 @@ def main() -> None:
     d.add_argument("--eval-every", type=int, default=200)
     d.add_argument("--eval-windows", type=int, default=None, help="limit val/test windows (smoke runs)")
     d.add_argument("--seed", type=int, default=3)
-    d.add_argument("--from-scratch", action="store_true", help="start from init_params, not the bundled draft")
+    d.add_argument("--from-scratch", action="store_true", help="start from init_params, not code-draft")
     d.add_argument("--skip-check", action="store_true", help="skip the bundled-loss sanity check")
     d.add_argument("--install", action="store_true",
                    help="copy model.safetensors + distill_metrics.json into jserve/default_model/code-draft/")

@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jserve.kv_cache import KVCache
 from jserve.kv_transfer import bucket_pieces
+from pallas_kernels.kv_write import scatter_rows
 from sharding import host_to_global
 
 MAX_HANDOFF_BUCKET = 128
@@ -63,10 +64,10 @@ def _scatter(kv: KVCache, ids: jax.Array, buf: tuple[jax.Array, ...]) -> KVCache
     """The buffer's B pages (and scales) -> pool pages ``ids`` of every layer."""
     data = buf[0]
     if not _quantized(kv):
-        return [(k.at[ids].set(data[:, i, 0]), v.at[ids].set(data[:, i, 1]))
+        return [(scatter_rows(k, ids, data[:, i, 0]), scatter_rows(v, ids, data[:, i, 1]))
                 for i, (k, v) in enumerate(kv)]
     sc = buf[1]
-    return [(k.at[ids].set(data[:, i, 0]), v.at[ids].set(data[:, i, 1]),
+    return [(scatter_rows(k, ids, data[:, i, 0]), scatter_rows(v, ids, data[:, i, 1]),
              ks.at[ids].set(sc[:, i, 0]), vs.at[ids].set(sc[:, i, 1]))
             for i, (k, v, ks, vs) in enumerate(kv)]
 

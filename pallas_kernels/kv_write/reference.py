@@ -114,6 +114,19 @@ def write_kv(
     num_pages, page_size, kvh, d = k_pages.shape
     flat_k = k_pages.reshape(num_pages * page_size, kvh, d)
     flat_v = v_pages.reshape(num_pages * page_size, kvh, d)
-    flat_k = flat_k.at[slot_mapping].set(k_new, mode="drop")
-    flat_v = flat_v.at[slot_mapping].set(v_new, mode="drop")
+    flat_k = scatter_rows(flat_k, slot_mapping, k_new)
+    flat_v = scatter_rows(flat_v, slot_mapping, v_new)
     return flat_k.reshape(k_pages.shape), flat_v.reshape(v_pages.shape)
+
+
+def scatter_rows(pool: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
+    """``pool.at[index].set(rows, mode="drop")``, in place under donation for every pool dtype.
+    An fp8 pool is scattered as its bytes (a uint8 view of both sides, a free bitcast): XLA
+    normalizes fp8 scatters to f16, i.e. converts the whole pool to f16 and back around every
+    write (a temporary twice the pool's size per layer: the 8B's fp8 pool ran out of memory in
+    its start-up on an H200, session 22)."""
+    if jnp.issubdtype(pool.dtype, jnp.floating) and jnp.dtype(pool.dtype).itemsize == 1:
+        raw = scatter_rows(jax.lax.bitcast_convert_type(pool, jnp.uint8), index,
+                           jax.lax.bitcast_convert_type(rows, jnp.uint8))
+        return jax.lax.bitcast_convert_type(raw, pool.dtype)
+    return pool.at[index].set(rows, mode="drop")
