@@ -136,9 +136,16 @@ def main() -> None:
     ap.add_argument("--w8a8-xla-min-m", type=int, default=None,
                     help="A/B: w8a8 matmuls of this many tokens and more take XLA's fp8 dot "
                          "(pallas_kernels.quant_matmul.api.W8A8_XLA_MIN_M; default: the dispatcher's)")
+    ap.add_argument("--triton-gemm-all", action="store_true",
+                    help="A/B: XLA's autotuned Triton GEMMs allowed in every bucket (the engine gives "
+                         "wide models' buckets cuBLAS only: jserve/compile_pool.py)")
     ap.add_argument("--bucket-times", action="store_true",
                     help="also print the throughput run's step time per token bucket")
     ns = ap.parse_args()
+    if ns.triton_gemm_all:
+        import jserve.runner
+
+        jserve.runner.cublas_min_tokens = lambda hidden_size: 1 << 30
     if ns.w8a8_xla_min_m is not None:
         quant_api.W8A8_XLA_MIN_M = ns.w8a8_xla_min_m
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
@@ -169,7 +176,7 @@ def main() -> None:
 
     dev = jax.devices()[0]
     rows = {
-        "w8a8_xla_min_m": quant_api.W8A8_XLA_MIN_M,
+        "w8a8_xla_min_m": quant_api.W8A8_XLA_MIN_M, "triton_gemm_all": ns.triton_gemm_all,
         "device": getattr(dev, "device_kind", str(dev)), "model": ns.model, "dtype": ns.dtype,
         "startup_s": round(startup, 1), "batch1_decode_tok_s": round(b1, 1),
         "throughput_requests": ns.num_requests, "input_len": ns.input_len,

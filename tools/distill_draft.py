@@ -34,6 +34,11 @@ Run (needs only jax, optax, numpy, tokenizers, safetensors and ml_dtypes; no net
     python tools/distill_draft.py prepare && python tools/distill_draft.py distill --out /tmp/dd
     # optional: copy model.safetensors + distill_metrics.json into jserve/default_model/code-draft/
     python tools/distill_draft.py distill --out /tmp/dd --install
+
+The shipped code-draft is this tool's output (session 22: 3,000 steps from the from-scratch draft
+on one H200); ``distill`` now starts from it. To reproduce it, train the from-scratch base first
+(``train_default_model.py train --models code-draft --out /tmp/dm``) and distill from that
+(``--student /tmp/dm/code-draft``).
 """
 
 from __future__ import annotations
@@ -65,6 +70,16 @@ log = tdm.log
 # -------------------------------------------------------------------------------------------- data
 def bundled_metrics(name: str) -> dict[str, Any]:
     return json.loads((tdm.INSTALL_DIR / name / "training_metrics.json").read_text())
+
+
+def expected_losses(model_dir: Path) -> dict[str, float]:
+    """The held-out losses a model directory's weights should reproduce: a distilled draft's
+    ``distill_metrics.json`` (test only), else its ``training_metrics.json`` (val and test)."""
+    distilled = model_dir / "distill_metrics.json"
+    if distilled.is_file():
+        return {"test": json.loads(distilled.read_text())["test_after"]["ce"]}
+    m = json.loads((model_dir / "training_metrics.json").read_text())
+    return {"val": m["val_loss"], "test": m["test_loss"]}
 
 
 def cmd_prepare(ns: argparse.Namespace) -> None:
@@ -116,12 +131,13 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def load_params(name: str) -> dict[str, Any]:
-    """Bundled HF weights -> ``train_default_model``'s float32 ``[in, out]`` tree (bf16 values),
-    checked to be the exact inverse of its ``hf_tensors`` and to match ``init_params``' shapes."""
+def load_params(name: str, model_dir: Path | None = None) -> dict[str, Any]:
+    """HF weights of model ``name``'s architecture (from ``model_dir``, default the bundled
+    directory) -> ``train_default_model``'s float32 ``[in, out]`` tree (bf16 values), checked to
+    be the exact inverse of its ``hf_tensors`` and to match ``init_params``' shapes."""
     import jax
 
-    tensors = read_safetensors(tdm.INSTALL_DIR / name / "model.safetensors")
+    tensors = read_safetensors((model_dir or tdm.INSTALL_DIR / name) / "model.safetensors")
     f32 = lambda key: np.asarray(tensors[key], np.float32)
     layers = []
     for i in range(tdm.SPECS[name].num_hidden_layers):
@@ -140,15 +156,15 @@ def load_params(name: str) -> dict[str, Any]:
     return params
 
 
-def sanity_check(teacher: dict, student: dict, data: Path, batch: int) -> dict[str, Any]:
-    """``eval_loss`` of the loaded models on val/test vs. the bundled ``training_metrics.json``."""
+def sanity_check(teacher: dict, student: dict, student_dir: Path, data: Path, batch: int) -> dict[str, Any]:
+    """``eval_loss`` of the loaded models on val/test vs. the losses their directories record
+    (``expected_losses``)."""
     meta = json.loads((data / "meta.json").read_text())
     out: dict[str, Any] = {}
-    for name, params in ((TEACHER, teacher), (STUDENT, student)):
-        ref = bundled_metrics(name)
-        for split in ("val", "test"):
+    for name, params, model_dir in ((TEACHER, teacher, tdm.INSTALL_DIR / TEACHER),
+                                    (STUDENT, student, student_dir)):
+        for split, want in expected_losses(model_dir).items():
             loss = tdm.eval_loss(tdm.SPECS[name], params, np.load(data / f"{split}.npy"), batch)
-            want = ref[f"{split}_loss"]
             diff = loss - want
             out[f"{name}_{split}_loss"] = round(loss, 4)
             log(f"check {name} {split} loss {loss:.4f} (bundled {want:.4f}, diff {diff:+.4f})")
@@ -293,9 +309,10 @@ def cmd_distill(ns: argparse.Namespace) -> None:
         raise SystemExit("--steps must be a multiple of --eval-every")
     t0, data, out = time.perf_counter(), Path(ns.data), Path(ns.out)
     log(f"jax {jax.__version__} on {jax.devices()}")
-    bundled = load_params(STUDENT)
+    student_dir = Path(ns.student) if ns.student else tdm.INSTALL_DIR / STUDENT
+    bundled = load_params(STUDENT, student_dir)
     teacher_f32 = load_params(TEACHER)
-    check = {} if ns.skip_check else sanity_check(teacher_f32, bundled, data, ns.batch)
+    check = {} if ns.skip_check else sanity_check(teacher_f32, bundled, student_dir, data, ns.batch)
     teacher = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), teacher_f32)  # exact: bf16 values
     start = tdm.init_params(tdm.SPECS[STUDENT], ns.seed) if ns.from_scratch else bundled
     val, test = (windows(np.load(data / f"{s}.npy"), ns.eval_windows) for s in ("val", "test"))
@@ -337,6 +354,10 @@ def main() -> None:
     d.add_argument("--eval-every", type=int, default=200)
     d.add_argument("--eval-windows", type=int, default=None, help="limit val/test windows (smoke runs)")
     d.add_argument("--seed", type=int, default=3)
+    d.add_argument("--student", default=None,
+                   help="HF directory of the draft to start from (default the bundled code-draft, "
+                        "which ships distilled; its from-scratch base: train_default_model.py train "
+                        "--models code-draft)")
     d.add_argument("--from-scratch", action="store_true", help="start from init_params, not code-draft")
     d.add_argument("--skip-check", action="store_true", help="skip the bundled-loss sanity check")
     d.add_argument("--install", action="store_true",

@@ -40,3 +40,24 @@ def test_engine_with_quantized_kv_on_gpu(kv_dtype):
     # 1 byte per value: half the bytes per token of the bf16 pool (scales are per page).
     plan, bf16_plan = llm.engine.startup.pool_plan, bf16.engine.startup.pool_plan
     assert 2 * plan.kv_bytes_per_token == bf16_plan.kv_bytes_per_token
+
+
+def test_fp8_pool_writes_and_moves_allocate_no_pool_sized_scratch():
+    """An fp8 pool's row scatter (decode-sized steps take XLA's) and page copy run in place: XLA
+    normalizes fp8 scatters to f16 (a converted copy of the whole pool array), so both go through
+    ``scatter_rows``'s byte view, whose bitcasts must cost no copy here (on CPU they cost one)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.kv_write import scatter_rows
+
+    pool = jax.ShapeDtypeStruct((4096, 16, 8, 128), jnp.float8_e4m3fn)     # 64 MiB
+    ids = jax.ShapeDtypeStruct((64,), jnp.int32)
+    rows = jax.ShapeDtypeStruct((64, 16, 8, 128), jnp.float8_e4m3fn)
+
+    def temp(f, *args):
+        return jax.jit(f, donate_argnums=0).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    limit = 4096 * 16 * 8 * 128 // 16
+    assert temp(scatter_rows, pool, ids, rows) < limit
+    assert temp(lambda a, src, dst: scatter_rows(a, dst, a[src]), pool, ids, ids) < limit

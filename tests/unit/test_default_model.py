@@ -3,6 +3,7 @@ deterministic greedy text that parses as Python, and the no-argument entry point
 
 import ast
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,11 @@ def test_hf_layout_size_cap_and_reported_figures():
         readme = (d / "README.md").read_text()
         assert "Held-out evaluation" in readme
         assert f"| {metrics['test_loss']:.4f} | {metrics['test_perplexity']:.2f} |" in readme
+        distilled = d / "distill_metrics.json"   # code-draft: distilled from code-small after training
+        if distilled.is_file():
+            after = json.loads(distilled.read_text())["test_after"]
+            assert f"| as shipped (distilled) | {after['ce']:.4f} | {math.exp(after['ce']):.2f} |" in readme
+            assert f"{after['agreement']:.4f} as shipped" in readme
     assert total <= SIZE_CAP_BYTES, f"bundled safetensors are {total} B, cap {SIZE_CAP_BYTES}"
     with pytest.raises(ValueError, match="no bundled model 'code-huge'"):
         default_model_path("code-huge")
