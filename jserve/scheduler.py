@@ -270,14 +270,22 @@ class Scheduler:
     def _schedulable(self, req: Request) -> bool:
         """False while the row would be wasted: the in-flight token ends the request for sure
         (max_tokens / max_model_len); or, after an in-flight verify row, while the row could
-        pass max_model_len if all its drafts were accepted (it waits for the result)."""
+        pass max_model_len if all its drafts were accepted, or while how many drafts the next
+        row may take depends on how many of them are (it waits for the result: the overlapped
+        loop then drafts as the synchronous one does, so seeded samples come out the same)."""
         if not req.num_placeholders:
             return True
         sp = req.sampling_params
         n_out = req.num_output_tokens + req.num_placeholders
-        return not ((sp.max_tokens is not None and n_out >= sp.max_tokens)
-                    or req.num_tokens + req.num_placeholders >= self.max_model_len
-                    or req.num_computed_tokens >= self.max_model_len)
+        if ((sp.max_tokens is not None and n_out >= sp.max_tokens)
+                or req.num_tokens + req.num_placeholders >= self.max_model_len
+                or req.num_computed_tokens >= self.max_model_len):
+            return False
+        if not req.spec_in_flight:
+            return True
+        k, a = self.spec.num_speculative_tokens, req.spec_in_flight   # all accepted: a more tokens
+        return (req.num_tokens + req.num_placeholders + a + k <= self.max_model_len
+                and (sp.max_tokens is None or n_out + a + k < sp.max_tokens))
 
     def spec_active(self) -> bool:
         """Whether this step proposes drafts: speculation is configured, at most

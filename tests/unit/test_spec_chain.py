@@ -89,6 +89,26 @@ def test_a_row_that_could_pass_max_model_len_waits_for_the_result():
     assert c3.num_draft == 2 and c3.start + c3.num_tokens <= 10
 
 
+def test_a_row_whose_draft_count_depends_on_the_result_waits_for_it():
+    # Near max_tokens (or max_model_len) the synchronous loop drafts min(K, what is left) for
+    # the tokens it knows; a row chained behind an in-flight verify row would have to guess
+    # them (its draft count, hence how its seeded samples are drawn, would differ): it waits.
+    s = _sched()
+    r = Request("a", list(range(10, 16)), SamplingParams(max_tokens=8, ignore_eos=True))
+    s.add_request(r)
+    n0 = s.schedule()
+    n1 = s.schedule()                       # 1 out (in flight) + K drafts: chained
+    (c1,) = n1.chunks
+    assert c1.device_drafts and c1.num_draft == K
+    s.update(n0, _out(n0, [100]))
+    n2 = s.schedule()                       # 2 out + K (if all accepted) + K more >= 8: waits
+    assert not n2.chunks                    # (the synchronous loop drafts min(K, 5 - accepted))
+    s.update(n1, _out(n1, [101, 102]))      # 1 of K accepted: 3 tokens out
+    n3 = s.schedule()                       # known again: min(K, 8 - 3 - 1) drafts on the host
+    (c3,) = n3.chunks
+    assert not c3.shifted and not c3.device_drafts and c3.num_draft == K
+
+
 def test_pack_feeds_device_drafts_and_marks_moved_rows():
     layout = StepLayout(num_tokens=16, num_rows=4, pages_per_seq=8, page_size=PS)
     _, _, f = layout.new_buffers()
