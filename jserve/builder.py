@@ -221,13 +221,8 @@ def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None,
     sequence its full length. ``draft``: speculative decoding's draft model, whose pool has a
     twin page per page (its bytes count per token too). int8/fp8 pools add their per-page
     scales."""
-    tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
-    per_token = kv_bytes_per_token(config.model, config.kv_dtype, tp, pp)
-    scale_bytes = kv_scale_bytes_per_page(config.model, config.kv_dtype, tp, pp)
-    if draft is not None:
-        per_token += kv_bytes_per_token(draft, config.kv_dtype, tp)
-        scale_bytes += kv_scale_bytes_per_page(draft, config.kv_dtype, tp)
-    page_bytes = per_token * config.cache.page_size + scale_bytes
+    per_token = _bytes_per_token(config, draft)
+    page_bytes = pool_page_bytes(config, draft)
     if config.cache.num_pages is not None:
         num_pages = config.cache.num_pages
     elif budget_bytes is None:
@@ -235,6 +230,23 @@ def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None,
     else:
         num_pages = pages_for_budget(budget_bytes, page_bytes)
     return PoolPlan(per_token, config.cache.page_size, num_pages, config.scheduler.max_model_len)
+
+
+def _bytes_per_token(config: EngineConfig, draft: ModelConfig | None) -> int:
+    """K and V bytes of a token per device, the draft model's twin pool's included."""
+    tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+    per_token = kv_bytes_per_token(config.model, config.kv_dtype, tp, pp)
+    return per_token + (0 if draft is None else kv_bytes_per_token(draft, config.kv_dtype, tp))
+
+
+def pool_page_bytes(config: EngineConfig, draft: ModelConfig | None = None) -> int:
+    """Device bytes of one pool page per device: K and V of its tokens (the draft's twin page
+    too) and, for int8 / fp8 pools, its per-page scales."""
+    tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+    scale_bytes = kv_scale_bytes_per_page(config.model, config.kv_dtype, tp, pp)
+    if draft is not None:
+        scale_bytes += kv_scale_bytes_per_page(draft, config.kv_dtype, tp)
+    return _bytes_per_token(config, draft) * config.cache.page_size + scale_bytes
 
 
 def _load_checkpoint(model_dir: HFModelDir | OrbaxModelDir, cfg: ModelConfig, mesh: Mesh,
@@ -414,20 +426,32 @@ def _build_engine(args: EngineArgs, progress: Callable[[str], None] | None = Non
         return _compiled_runner(config, params, mesh, draft, plan, budget, cache_dir, channel, progress)
 
     runner, compile_s = compiled(plan)   # over the pool's shapes, then the pool (_compiled_runner)
+    first_pages, page_bytes = plan.num_pages, pool_page_bytes(config, draft.cfg if draft else None)
     for attempt in range(POOL_ATTEMPTS):
-        try:
-            runner.attach_pool(*_allocated_pool(config, mesh, draft, plan, budget))
-            break
-        except PoolDoesNotFit as e:
-            pages = e.pages_that_fit(plan.num_pages)
-            if channel is not None or attempt == POOL_ATTEMPTS - 1 or pages < 2:
-                raise MemoryError(f"{e}; lower gpu_memory_utilization or set num_pages") from e
-            log.warning("%s: allocating %d pages instead of %d (%.1f%% fewer) and compiling the step "
-                        "programs again for them", e, pages, plan.num_pages,
-                        100 * (1 - pages / plan.num_pages))
-            plan = dataclasses.replace(plan, num_pages=pages)
-            runner, more = compiled(plan)
-            compile_s += more
+        last = attempt == POOL_ATTEMPTS - 1
+        # Room for the compiled programs' temporaries: the activations held, plus the pages a
+        # retry dropped (a temporary that grows with the pool escapes the 2-page probe).
+        over = (0 if budget is None else
+                runner.steps_peak - budget.activation_bytes - (first_pages - plan.num_pages) * page_bytes)
+        if over > 0 and channel is None and not last:
+            pages = plan.num_pages - -(-over // page_bytes) - 1
+            why = (f"the compiled step programs' activation peak passes the activations held by "
+                   f"{over / 2**20:.1f} MiB")
+        else:
+            try:
+                runner.attach_pool(*_allocated_pool(config, mesh, draft, plan, budget))
+                break
+            except PoolDoesNotFit as e:
+                pages, why = e.pages_that_fit(plan.num_pages), str(e)
+                if channel is not None or last:
+                    raise MemoryError(f"{e}; lower gpu_memory_utilization or set num_pages") from e
+        if pages < 2:
+            raise MemoryError(f"{why}: no pool fits; lower gpu_memory_utilization or set num_pages")
+        log.warning("%s: allocating %d pages instead of %d (%.1f%% fewer) and compiling the step "
+                    "programs again for them", why, pages, plan.num_pages, 100 * (1 - pages / plan.num_pages))
+        plan = dataclasses.replace(plan, num_pages=pages)
+        runner, more = compiled(plan)
+        compile_s += more
     compile_s += runner.warm()
     if budget is not None:
         log.info(memory_after_warmup(_local_device(mesh), budget))

@@ -368,3 +368,30 @@ def test_start_up_retries_a_fragmented_pool_with_fewer_pages_and_compiles_for_th
     assert "allocating 20 pages instead of 80" in caplog.text
     assert engine.runner.kv[0][0].shape[0] == 20 and engine.scheduler.kv.pool.num_pages == 20
     assert run_tokens(engine, [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0]
+
+
+def test_start_up_shrinks_the_pool_when_the_compiled_programs_outgrow_the_activations_held(
+        make_engine, monkeypatch, caplog):
+    """A temporary that grows with the pool escapes the probe's 2-page pool (session 22: fp8
+    pool writes through XLA's f16 scatter): when the compiled programs' peak passes the
+    activations held, the excess comes out of the pool, compiled again for it, instead of a
+    warm-up out of memory. Here the budget holds no activations at all."""
+    from engine_helpers import run_tokens
+
+    from jserve import builder
+    from jserve.sampling_params import SamplingParams
+
+    def budget(config, weight_bytes, device, activations):
+        return MemoryBudget(weight_bytes + 64 * 2**20, weight_bytes, 0, 0)
+
+    monkeypatch.setattr(builder, "memory_budget", budget)
+    with caplog.at_level("WARNING", logger="jserve.builder"):
+        engine = make_engine("llama", num_pages=None, max_num_batched_tokens=16, max_num_seqs=4)
+    import re
+
+    runner, pages = engine.runner, engine.scheduler.kv.pool.num_pages
+    (to, first), = re.findall(r"activation peak passes the activations held by [0-9.]+ MiB: "
+                              r"allocating (\d+) pages instead of (\d+)", caplog.text)
+    dropped = -(-runner.steps_peak // builder.pool_page_bytes(engine.config)) + 1
+    assert int(first) - int(to) == dropped and pages == int(to) and runner.kv[0][0].shape[0] == pages
+    assert run_tokens(engine, [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0]
