@@ -5,7 +5,8 @@
 # (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (as mus + vt), t, i11f, mu, vt2 (which
 # holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
 # OOM diagnosis, qp, qt (as q21), q21b, w21, qf, qx2, qx3 (with qr's M = 1 column) and dd's
-# distillation: RESULTS*.md.) Order: dd (issue 12: the distilled draft at batch 1), kvf
+# distillation: RESULTS*.md.) Order: dd (issue 12: the distilled draft at batch 1), qb
+# (issue 13: the decode step over an 8-token bucket), kvf
 # (issue 13: fp8 KV pool writes in place, the 8B with an fp8 pool), qx4 (issue 13: w8a8 with
 # Triton GEMMs), sa (issue 16: the split forward's launch beside the grammar thread), vt3
 # (issue 12: the draft engine's host excess at 256 running), b2, o, u, w, f, m, u1; then, on 2
@@ -203,6 +204,18 @@ w21)
     --log-level INFO --json "$OUT/offline_8b_w8a8_09.json"   # (a retry compiles twice: ~100 s more)
   grep "fragmented\|after warm-up\|RESOURCE\|MemoryError\|^| \(startup\|batch1\|throughput_out\)" \
     "$OUT/offline_8b_w8a8_09.txt" | cut -c1-300
+  ;;
+qb)
+  # Issue 13's decode target (>= 1.6x bf16; session 22, call 1: int8 1.29x, fp8 1.25x). The
+  # engine's batch-1 decode runs the smallest token bucket, 16 tokens: the kernel pads 1 token to
+  # 8 but 16 stay 16, and call 2/3's table ran the 8B's gate/up at 45.1 us for M = 1 against 56.9
+  # for M = 16 (bf16 65.3 / 87.3). The decode step with an 8-token bucket (max_num_batched_tokens
+  # 8 here; the engine's min_token_bucket) against 16, int8 and bf16 each. Prediction: int8 3.57
+  # -> ~3.1 ms, bf16 4.76 -> ~4.4: ~1.4x; then min_token_bucket 8 by default for wide models.
+  for mt in 8 16; do
+    timeout 140 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens $mt \
+      --quantization int8,none 2>&1 | table | grep "^##\|^| A \|^| B " | tee "$OUT/floor_bucket_$mt.txt"
+  done
   ;;
 qx4)
   # Issue 13's w8a8 throughput (session 22, call 3: XLA's fp8 dot from 128 tokens made the 8B's

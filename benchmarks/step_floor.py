@@ -62,6 +62,7 @@ def decode_inputs(engine, context: int = 300) -> jax.Array:
     layout = r.layout(r.bucket_for(1)[0])
     ibuf, fbuf, f = layout.new_buffers()
     ps = engine.config.cache.page_size
+    context = min(context, len(f["pt_diff"]) * ps)   # (a small bucket's diff list holds fewer pages)
     pages = np.arange(1, 1 + -(-context // ps), dtype=np.int32)
     f["positions"][0] = context - 1
     f["slot_mapping"][0] = pages[(context - 1) // ps] * ps + (context - 1) % ps
@@ -241,9 +242,9 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
           twins: bool = False, staged: bool = False) -> None:
     res = {}
     t0 = time.perf_counter()
-    eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
-                                  max_num_batched_tokens=max_tokens, max_model_len=1024, num_pages=512,
-                                  quantization=quantization),
+    eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16",
+                                  max_num_seqs=min(16, max_tokens), max_num_batched_tokens=max_tokens,
+                                  max_model_len=1024, num_pages=512, quantization=quantization),
                        progress=lambda line: print("  " + line, flush=True))
     build_s = time.perf_counter() - t0
     dump = f"{dump_dir}/{model.replace('/', '_')}.decode_step.hlo.txt" if dump_dir else None
