@@ -120,11 +120,12 @@ def write_kv(
 
 
 def scatter_rows(pool: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
-    """``pool.at[index].set(rows, mode="drop")``, in place under donation for every pool dtype.
-    An fp8 pool is scattered as its bytes (a uint8 view of both sides, a free bitcast): XLA
-    normalizes fp8 scatters to f16, i.e. converts the whole pool to f16 and back around every
-    write (a temporary twice the pool's size per layer: the 8B's fp8 pool ran out of memory in
-    its start-up on an H200, session 22)."""
+    """``pool.at[index].set(rows, mode="drop")`` (in place under donation). An fp8 pool is
+    scattered as its bytes, through a uint8 view of both sides: XLA normalizes fp8 scatters to
+    f16, i.e. converts the whole pool array to f16 and back around every write (on CPU a
+    temporary twice the array; measured in session 22). XLA on CPU still copies the view once
+    (half that scratch); where its bitcast is free (tests/gpu/test_kv_quant_gpu.py checks the
+    GPU) the write is in place."""
     if jnp.issubdtype(pool.dtype, jnp.floating) and jnp.dtype(pool.dtype).itemsize == 1:
         raw = scatter_rows(jax.lax.bitcast_convert_type(pool, jnp.uint8), index,
                            jax.lax.bitcast_convert_type(rows, jnp.uint8))
