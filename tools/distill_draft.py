@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import struct
 import sys
 import sysconfig
 import time
@@ -57,6 +56,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_default_model as tdm  # noqa: E402
+
+sys.path.insert(0, str(tdm.REPO))   # (checkpoints/: the project's safetensors header parser)
 
 TEACHER, STUDENT = "code-small", "code-draft"
 TOKENIZER = tdm.INSTALL_DIR / TEACHER / "tokenizer.json"
@@ -116,19 +117,13 @@ def windows(ids: np.ndarray, limit: int | None) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ models
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Minimal reader (``safetensors.numpy`` cannot return bf16): 8-byte header size, JSON, data."""
-    import ml_dtypes
+    """Every tensor of one ``.safetensors`` file as numpy (bf16 included: ``safetensors.numpy``
+    cannot return it), through the header parser jserve's own loader uses."""
+    from checkpoints.safetensors_header import read_safetensors_header
 
-    dtypes = {"BF16": np.dtype(ml_dtypes.bfloat16), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
     raw = path.read_bytes()
-    (size,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + size])
-    header.pop("__metadata__", None)
-    out = {}
-    for name, info in header.items():
-        begin, end = (8 + size + o for o in info["data_offsets"])
-        out[name] = np.frombuffer(raw[begin:end], dtypes[info["dtype"]]).reshape(info["shape"])
-    return out
+    return {name: np.frombuffer(raw[e.data_start:e.data_end], e.numpy_dtype).reshape(e.shape)
+            for name, e in read_safetensors_header(path).items()}
 
 
 def load_params(name: str, model_dir: Path | None = None) -> dict[str, Any]:
