@@ -128,6 +128,14 @@ sweep4() {   # the speculation sweep at the engine's default disable_by_batch_si
 }
 
 case "${1:-a}" in
+fp8s)
+  # Issue 13's fp8 KV (session 23, call 2: the GPU test of scatter_rows' byte view failed and the
+  # 8B with an fp8 pool ran out of memory in a page move's jit__scatter, a pool array's 1.48 GiB).
+  # Which writes, copies and reads of an fp8 pool run in place, by compiled scratch. Prediction
+  # (CPU: only uint8-stored pools are in place): the same on the GPU; then fp8 pools are stored
+  # as uint8 and bitcast where read.
+  python3 benchmarks/fp8_pool_scratch.py --pages 4096 2>&1 | grep "^|\|^##\|rror" | tee "$OUT/fp8_scratch.txt"
+  ;;
 qd)
   # Issue 13 (session 20): the persistent decode kernel (mgpu_decode.py: balanced units on
   # resident CTAs, one TMA pipeline per CTA, the dequantized tile in registers) against the tiled
