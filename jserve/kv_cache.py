@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from jserve.config import DTYPE_BYTES, ModelConfig
+from pallas_kernels import kv_format
 from sharding import logical_sharding_for_shape, num_stages
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 KVCache = list[tuple[jax.Array, ...]]
 KV_AXES = ("kv_pages", "page_slot", "kv_heads", "head_dim")
 SCALE_AXES = ("kv_pages", "kv_heads")
-KV_STORAGE = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
+# fp8 pools are uint8 arrays of e4m3 bits (pallas_kernels/kv_format.py says why).
+KV_STORAGE = {"fp8": kv_format.FP8_BITS, "int8": jnp.int8}
 
 
 def kv_storage_dtype(kv_dtype: str) -> jnp.dtype:

@@ -7,15 +7,19 @@ the ``.at[].set`` scatter in place: the pool is never copied.
 Slots are flat: ``slot = page * page_size + offset``. Padding tokens carry a slot inside
 page 0 (the null page) so their writes land where nothing reads.
 
-Quantized pools (int8 / fp8) take per-page-per-head scales ``float32[num_pages, num_kv_heads]``
-fixed before the write (the quantization work owns choosing them); values are divided by the
-scale of their page, rounded (int8) and clipped to the dtype's range.
+Quantized pools (int8 / fp8, the latter stored as uint8 bits: ``pallas_kernels/kv_format.py``)
+take per-page-per-head scales ``float32[num_pages, num_kv_heads]`` fixed before the write
+(``scales.py`` chooses them); values are divided by the scale of their page, rounded (int8) and
+clipped to the value dtype's range.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import kv_format
+from pallas_kernels.kv_format import is_quantized
 
 
 def validate_inputs(
@@ -57,11 +61,6 @@ def validate_inputs(
                 raise ValueError(f"{name} must be float32[num_pages, num_kv_heads]={want}, got {s.shape}")
 
 
-def is_quantized(dtype: jnp.dtype) -> bool:
-    """True for the 1-byte KV dtypes (int8 and the fp8 formats) that need scales."""
-    return jnp.dtype(dtype).itemsize == 1
-
-
 def quantize_rows(x: jax.Array, scales: jax.Array, page_ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """``x: [num_tokens, kvh, d]`` -> ``dtype`` using the scale of each row's page and head."""
     s = scales[page_ids].astype(jnp.float32)[:, :, None]  # [num_tokens, kvh, 1]
@@ -84,14 +83,15 @@ def rows_in_pool_dtype(
     k_scales: jax.Array | None,
     v_scales: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
-    """-> ``k_new/v_new: [num_tokens, kvh, d]`` in the pool's dtype (quantized with their page's
-    scales for int8/fp8 pools). Shared by the reference and every kernel; inputs already validated
-    with ``validate_inputs``."""
+    """-> ``k_new/v_new: [num_tokens, kvh, d]`` in the pool's storage dtype (quantized with their
+    page's scales for int8/fp8 pools; fp8 as its uint8 bits). Shared by the reference and every
+    kernel; inputs already validated with ``validate_inputs``."""
     if is_quantized(k_pages.dtype):
         page_ids = slot_mapping // k_pages.shape[1]
-        k_new = quantize_rows(k_new, k_scales, page_ids, k_pages.dtype)
-        v_new = quantize_rows(v_new, v_scales, page_ids, v_pages.dtype)
-    return k_new.astype(k_pages.dtype), v_new.astype(v_pages.dtype)
+        vd = kv_format.value_dtype(k_pages.dtype)
+        k_new = quantize_rows(k_new, k_scales, page_ids, vd)
+        v_new = quantize_rows(v_new, v_scales, page_ids, vd)
+    return kv_format.bits(k_new, k_pages.dtype), kv_format.bits(v_new, v_pages.dtype)
 
 
 def write_kv(
@@ -120,14 +120,8 @@ def write_kv(
 
 
 def scatter_rows(pool: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
-    """``pool.at[index].set(rows, mode="drop")`` (in place under donation). An fp8 pool is
-    scattered as its bytes, through a uint8 view of both sides: XLA normalizes fp8 scatters to
-    f16, i.e. converts the whole pool array to f16 and back around every write (on CPU a
-    temporary twice the array; measured in session 22). XLA on CPU still copies the view once
-    (half that scratch); where its bitcast is free (tests/gpu/test_kv_quant_gpu.py checks the
-    GPU) the write is in place."""
-    if jnp.issubdtype(pool.dtype, jnp.floating) and jnp.dtype(pool.dtype).itemsize == 1:
-        raw = scatter_rows(jax.lax.bitcast_convert_type(pool, jnp.uint8), index,
-                           jax.lax.bitcast_convert_type(rows, jnp.uint8))
-        return jax.lax.bitcast_convert_type(raw, pool.dtype)
+    """``pool.at[index].set(rows, mode="drop")``: the row scatter of every pool write and page
+    move, in place under donation for every pool the engine allocates (fp8 ones are uint8
+    arrays: an fp8-typed array would be converted to f16 around the scatter,
+    ``pallas_kernels/kv_format.py``)."""
     return pool.at[index].set(rows, mode="drop")

@@ -33,6 +33,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import kv_format
+
 FP8_HEADROOM = 4.0
 INT8_HEADROOM = 2.0
 _TINY = 1e-8
@@ -48,7 +50,8 @@ def page_scales(scales: jax.Array, x: jax.Array, slot_mapping: jax.Array, page_s
     """scales: float32[num_pages, kvh], x: [T, kvh, d] (this step's K or V rows), slot_mapping
     int32[T] -> scales with every page whose first slot this step writes set from that row
     (module docstring); other pages keep theirs. Padding rows (page 0) may set page 0's scale,
-    which nothing reads."""
+    which nothing reads. ``dtype``: the pool's (an fp8 pool's uint8 means e4m3 values)."""
+    dtype = kv_format.value_dtype(dtype)
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)                 # [T, kvh]
     room = FP8_HEADROOM if jnp.issubdtype(dtype, jnp.floating) else INT8_HEADROOM
     new = jnp.maximum(amax * room, _TINY) / qmax(dtype)

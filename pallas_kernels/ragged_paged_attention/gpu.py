@@ -62,6 +62,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import kv_format
 from pallas_kernels.ragged_paged_attention import gpu_splits as sp
 from pallas_kernels.ragged_paged_attention import reference
 from pallas_kernels.ragged_paged_attention.gpu_splits import active_splits
@@ -265,8 +266,8 @@ def _kernel(
         acc, m_prev, l_prev = carry
         pages = page_table_ref[seq_c, pl.ds(b * pages_per_block, pages_per_block)]
         krow = (pages[:, None] * page_size + offs[None, :]).reshape(block_k)
-        k = k_ref[krow, kcols]
-        v = v_ref[krow, kcols]
+        k = kv_format.values(k_ref[krow, kcols])   # fp8 pools hold uint8 bits: a register bitcast
+        v = kv_format.values(v_ref[krow, kcols])
         kpos = b * block_k + jnp.arange(block_k, dtype=jnp.int32)
         if quantized:
             kscale = jnp.broadcast_to(ks_ref[pages, h][:, None], (pages_per_block, page_size)).reshape(

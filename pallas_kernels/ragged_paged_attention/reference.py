@@ -30,6 +30,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import kv_format
+
 # Bytes of gathered float32 K (or V) one token chunk may hold; bounds the reference's memory.
 _CHUNK_BYTES = 64 * 1024 * 1024
 _NEG = -1e30
@@ -89,7 +91,7 @@ def validate_inputs(
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
     if soft_cap is not None and not soft_cap > 0:
         raise ValueError(f"soft_cap must be > 0 or None, got {soft_cap}")
-    quantized = jnp.issubdtype(k_pages.dtype, jnp.integer) or k_pages.dtype.itemsize == 1
+    quantized = kv_format.is_quantized(k_pages.dtype)
     if (k_scales is None) != (v_scales is None):
         raise ValueError("k_scales and v_scales must be given together")
     if quantized and k_scales is None:
@@ -135,7 +137,7 @@ def _dequant(pages: jax.Array, scales: jax.Array | None, page_ids: jax.Array) ->
     """
     c, pps = page_ids.shape
     _, page_size, kvh, d = pages.shape
-    x = pages[page_ids].astype(jnp.float32)  # [c, pps, page_size, kvh, d]
+    x = kv_format.values(pages[page_ids]).astype(jnp.float32)  # [c, pps, page_size, kvh, d]
     if scales is not None:
         x = x * scales[page_ids][:, :, None, :, None].astype(jnp.float32)
     return x.reshape(c, pps * page_size, kvh, d)

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import kv_format
 from pallas_kernels.ragged_paged_attention import reference
 from pallas_kernels.ragged_paged_attention.work import item_rows, work_items
 
@@ -154,8 +155,8 @@ def _kernel(
         # Keys past the context may be garbage / NaN: zero their V rows (and V scales).
         live = b * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0) < kv_hi
         for h in range(num_kv_heads):
-            k = k_buf[slot, :, pl.ds(h * d, d)]
-            v = v_buf[slot, :, pl.ds(h * d, d)]
+            k = kv_format.values(k_buf[slot, :, pl.ds(h * d, d)])   # fp8 pools hold uint8 bits
+            v = kv_format.values(v_buf[slot, :, pl.ds(h * d, d)])
             q = q_ref[h]
             if quantized:
                 k = k.astype(q.dtype)

@@ -43,21 +43,28 @@ def test_engine_with_quantized_kv_on_gpu(kv_dtype):
 
 
 def test_fp8_pool_writes_and_moves_allocate_no_pool_sized_scratch():
-    """An fp8 pool's row scatter (decode-sized steps take XLA's) and page copy run in place: XLA
-    normalizes fp8 scatters to f16 (a converted copy of the whole pool array), so both go through
-    ``scatter_rows``'s byte view, whose bitcasts must cost no copy here (on CPU they cost one)."""
+    """The engine's fp8 pool (uint8 e4m3 bits, pallas_kernels/kv_format.py) takes its row writes
+    (XLA's scatter below GPU_KERNEL_MIN_TOKENS, the Pallas kernel above) and page copies in place:
+    session 23 found an fp8-typed array's scatter, bitcast or not, copying the array per write."""
     import jax
     import jax.numpy as jnp
 
+    from jserve.kv_cache import kv_storage_dtype
+    from pallas_kernels import write_kv
     from pallas_kernels.kv_write import scatter_rows
 
-    pool = jax.ShapeDtypeStruct((4096, 16, 8, 128), jnp.float8_e4m3fn)     # 64 MiB
-    ids = jax.ShapeDtypeStruct((64,), jnp.int32)
-    rows = jax.ShapeDtypeStruct((64, 16, 8, 128), jnp.float8_e4m3fn)
+    assert kv_storage_dtype("fp8") == jnp.uint8
+    pages, sds = 4096, jax.ShapeDtypeStruct
+    pool = sds((pages, 16, 8, 128), jnp.uint8)                               # 64 MiB
+    scales = sds((pages, 8), jnp.float32)
+    ids = sds((64,), jnp.int32)
 
-    def temp(f, *args):
-        return jax.jit(f, donate_argnums=0).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    def temp(f, *args, donate=(0,)):
+        return jax.jit(f, donate_argnums=donate).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
-    limit = 4096 * 16 * 8 * 128 // 16
-    assert temp(scatter_rows, pool, ids, rows) < limit
+    limit = pages * 16 * 8 * 128 // 16
+    for tokens in (64, 2048):   # XLA's scatter, then the Pallas kernel
+        rows, slots = sds((tokens, 8, 128), jnp.bfloat16), sds((tokens,), jnp.int32)
+        assert temp(lambda k, v, r, s, ks, vs: write_kv(k, v, r, r, s, k_scales=ks, v_scales=vs),
+                    pool, pool, rows, slots, scales, scales, donate=(0, 1)) < limit, tokens
     assert temp(lambda a, src, dst: scatter_rows(a, dst, a[src]), pool, ids, ids) < limit

@@ -13,6 +13,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import kv_format
+
 
 @dataclasses.dataclass
 class Batch:
@@ -81,6 +83,9 @@ def make_batch(
     num_tokens = int(qsl[n]) + extra_tokens
 
     kv_dtype = jnp.dtype(dtype)
+    as_bits = kv_dtype == kv_format.FP8_BITS   # the engine's fp8 pool: uint8 e4m3 bits
+    if as_bits:
+        kv_dtype = kv_format.FP8
     quant = kv_dtype.itemsize == 1
     shape = (num_pages, page_size, num_kv_heads, head_dim)
     k_scales = v_scales = None
@@ -123,6 +128,8 @@ def make_batch(
                 k_scales[unused] = np.nan
                 v_scales[unused] = np.nan
         q[qsl[n] :] = np.array(np.nan, np.float32).astype(q.dtype)  # padding rows hold garbage
+    if as_bits:
+        k, v = k.view(np.uint8), v.view(np.uint8)
     return Batch(
         q=q, k_pages=k, v_pages=v, page_table=page_table, seq_lens=seq_lens, query_start_loc=qsl,
         num_seqs=np.array([n], np.int32), k_scales=k_scales, v_scales=v_scales,
@@ -135,8 +142,8 @@ def numpy_attention(
 ) -> np.ndarray:
     """The dumbest correct answer: one query row and one head at a time, float64."""
     q = b.q.astype(np.float64)
-    k = np.asarray(jnp.asarray(b.k_pages).astype(jnp.float32), np.float64)
-    v = np.asarray(jnp.asarray(b.v_pages).astype(jnp.float32), np.float64)
+    k = np.asarray(kv_format.values(jnp.asarray(b.k_pages)).astype(jnp.float32), np.float64)
+    v = np.asarray(kv_format.values(jnp.asarray(b.v_pages)).astype(jnp.float32), np.float64)
     num_tokens, hq, _ = q.shape
     ps, hkv = k.shape[1], k.shape[2]
     out = np.zeros(q.shape, np.float64)

@@ -13,7 +13,7 @@ from pallas_kernels.kv_write import tpu as kv_tpu
 
 @pytest.mark.parametrize("kernel", [kv_gpu, kv_tpu], ids=["gpu", "tpu"])
 @pytest.mark.parametrize("dtype,num_pages", [(jnp.float32, 70_001), (jnp.bfloat16, 9), (jnp.int8, 9),
-                                             (jnp.float8_e4m3fn, 9)])
+                                             (jnp.float8_e4m3fn, 9), (jnp.uint8, 9)])
 def test_write_kv_kernels(kernel, dtype, num_pages):
     rng = np.random.default_rng(0)
     shape = (num_pages, 4, 2, 8)
@@ -72,23 +72,29 @@ def test_ragged_entry_point_is_the_reference_on_cpu():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_scatter_rows_on_fp8_pool_is_exact_and_not_normalized_to_f16():
-    # XLA converts an fp8 scatter's whole operand to f16 and back (a temporary twice the pool);
-    # scatter_rows writes the bytes instead. Same values as the plain scatter, half the scratch
-    # at most (CPU: one byte view of the pool; 0 where the bitcast is free).
-    from pallas_kernels.kv_write import scatter_rows
+def test_fp8_pool_stored_as_uint8_is_written_exactly_and_in_place():
+    # An fp8 pool is a uint8 array of e4m3 bits (pallas_kernels/kv_format.py): its writes equal
+    # those into an fp8-typed array bit for bit, and run in place, where XLA converts an
+    # fp8-typed array's scatter operand to f16 and back (scratch of twice the array).
+    from pallas_kernels import kv_format
 
-    fp8 = jnp.float8_e4m3fn
     rng = np.random.default_rng(0)
-    pool = jnp.asarray(rng.standard_normal((512, 16, 2, 64)), fp8)
-    rows = jnp.asarray(rng.standard_normal((6, 16, 2, 64)), fp8)
-    ids = jnp.asarray([3, 0, 511, 7, 600, -600], jnp.int32)   # out of range: dropped
-    want = pool.at[ids].set(rows, mode="drop")
-    got = scatter_rows(pool, ids, rows)
-    assert got.dtype == fp8
-    np.testing.assert_array_equal(np.asarray(got.view(jnp.uint8)), np.asarray(want.view(jnp.uint8)))
-    pool_bytes = pool.size
-    lower = lambda f: jax.jit(f, donate_argnums=0).lower(pool, ids, rows).compile().memory_analysis()
-    plain = lower(lambda a, i, r: a.at[i].set(r, mode="drop")).temp_size_in_bytes
-    ours = lower(scatter_rows).temp_size_in_bytes
-    assert ours <= pool_bytes * 1.05 and ours < plain, (ours, plain, pool_bytes)
+    shape = (512, 16, 2, 64)
+    fp8_pool = jnp.asarray(rng.standard_normal(shape), kv_format.FP8)
+    bits_pool = jax.lax.bitcast_convert_type(fp8_pool, jnp.uint8)
+    kn = jnp.asarray(rng.standard_normal((6, 2, 64)), jnp.float32)
+    slots = jnp.asarray([3, 17, 511 * 16 + 15, 70, 0, 1], jnp.int32)
+    sc = dict(k_scales=jnp.full((512, 2), 0.05), v_scales=jnp.full((512, 2), 0.07))
+    want = kv_ref.write_kv(fp8_pool, fp8_pool, kn, kn, slots, **sc)
+    got = kv_ref.write_kv(bits_pool, bits_pool, kn, kn, slots, **sc)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == jnp.uint8
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w.view(jnp.uint8)))
+
+    def scratch(pool):
+        f = jax.jit(lambda k, v, kn, s, ks, vs: kv_ref.write_kv(k, v, kn, kn, s, k_scales=ks, v_scales=vs),
+                    donate_argnums=(0, 1))
+        a = f.lower(pool, pool, kn, slots, sc["k_scales"], sc["v_scales"]).compile().memory_analysis()
+        return a.temp_size_in_bytes
+
+    assert scratch(bits_pool) < bits_pool.size // 8 < bits_pool.size <= scratch(fp8_pool)
