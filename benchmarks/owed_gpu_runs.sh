@@ -136,6 +136,15 @@ fp8s)
   # as uint8 and bitcast where read.
   python3 benchmarks/fp8_pool_scratch.py --pages 4096 2>&1 | grep "^|\|^##\|rror" | tee "$OUT/fp8_scratch.txt"
   ;;
+kvt)
+  # Issue 13's fp8 KV after session 23 stored fp8 pools as uint8 (the 8B's fp8-pool start-up
+  # now fits): the GPU scratch test (its session-23 limit was below its own rows' temporaries),
+  # then case kv's step time at 8k context, 300 s. Prediction: the test passes; 2.0x the pages,
+  # fp8 step time within +-3% of bf16's (the attention reads half the bytes, dequantizes them).
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kv_quant_gpu.py -k scratch 2>&1 | tail -2
+  timeout 300 python3 benchmarks/kv_dtype_step.py --kv-dtypes auto,fp8 2>&1 | grep "^|\|^##\|  auto\|  fp8" \
+    | tee "$OUT/kv_dtype.txt"
+  ;;
 qd)
   # Issue 13 (session 20): the persistent decode kernel (mgpu_decode.py: balanced units on
   # resident CTAs, one TMA pipeline per CTA, the dequantized tile in registers) against the tiled
