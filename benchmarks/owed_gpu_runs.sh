@@ -5,12 +5,11 @@
 # (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (as mus + vt), t, i11f, mu, vt2 (which
 # holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
 # OOM diagnosis, qp, qt (as q21), q21b, w21, qf, qx2, qx3 (with qr's M = 1 column) and dd's
-# distillation: RESULTS*.md.) Order: dd (issue 12: the distilled draft at batch 1), qb
-# (issue 13: the decode step over an 8-token bucket), kvf
-# (issue 13: fp8 KV pool writes in place, the 8B with an fp8 pool), qx4 (issue 13: w8a8 with
-# Triton GEMMs), sa (issue 16: the split forward's launch beside the grammar thread), vt3
-# (issue 12: the draft engine's host excess at 256 running), b2, o, u, w, f, m, u1; then, on 2
-# GPUs, pb, d, s, c. Session 16 turned XLA's
+# distillation, and in session 23 dd, qb, kvf, vt3, sa, fp8s: RESULTS*.md.) Order: kvt (issue
+# 13: the scratch test and fp8 KV at 8k context, if session 23 did not finish it), dd2 (issue
+# 12: batch 1 with the base measured twice), qx4 (issue 13: w8a8 with Triton GEMMs), sa2
+# (issue 16: to be written: the arms interleaved in one process), b2, o, u, w, f, m, u1; then,
+# on 2 GPUs, pb, d, s, c. Session 16 turned XLA's
 # rematerialization pass off for step programs: start-ups should
 # fit their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -135,6 +134,17 @@ fp8s)
   # (CPU: only uint8-stored pools are in place): the same on the GPU; then fp8 pools are stored
   # as uint8 and bitcast where read.
   python3 benchmarks/fp8_pool_scratch.py --pages 4096 2>&1 | grep "^|\|^##\|rror" | tee "$OUT/fp8_scratch.txt"
+  ;;
+dd2)
+  # Issue 12's batch-1 target (session 23, call 1: 2.28x at k = 4 with the distilled draft, but
+  # that call's engine without speculation ran 870.7 tok/s against 1,102-1,120 in sessions 19
+  # and 22; against those the speculating engine's 1,986 is ~1.8x). The same table with the
+  # base built before and after the speculating engines, each ratio against the faster.
+  # Prediction: bases ~1,000-1,100 tok/s, k = 4 ~1.9-2.0x.
+  timeout 330 python3 benchmarks/spec_decode.py --methods draft_model --ks 2,4 --workloads code \
+    --num-prompts 8 --max-tokens 96 --max-num-batched-tokens 256 --max-model-len 1024 \
+    --gpu-memory-utilization 0.5 --base-twice --json "$OUT/spec_dd2.json" > "$OUT/spec_dd2.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_dd2.txt" | tail -8
   ;;
 kvt)
   # Issue 13's fp8 KV after session 23 stored fp8 pools as uint8 (the 8B's fp8-pool start-up
