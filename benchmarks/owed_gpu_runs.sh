@@ -5,10 +5,9 @@
 # (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (as mus + vt), t, i11f, mu, vt2 (which
 # holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
 # OOM diagnosis, qp, qt (as q21), q21b, w21, qf, qx2, qx3 (with qr's M = 1 column) and dd's
-# distillation, and in session 23 dd, qb, kvf, vt3, sa, fp8s: RESULTS*.md.) Order: kvt (issue
-# 13: the scratch test and fp8 KV at 8k context, if session 23 did not finish it), dd2 (issue
-# 12: batch 1 with the base measured twice), qx4 (issue 13: w8a8 with Triton GEMMs), sa2
-# (issue 16: to be written: the arms interleaved in one process), b2, o, u, w, f, m, u1; then,
+# distillation, and in session 23 dd, qb, kvf, vt3, sa, fp8s, kvt: RESULTS*.md.) Order: dd2
+# (issue 12: batch 1 with the base measured twice), qx4 (issue 13: w8a8 with Triton GEMMs), sa2
+# (issue 16: the arms interleaved in one process), b2, o, u, w, f, m, u1; then,
 # on 2 GPUs, pb, d, s, c. Session 16 turned XLA's
 # rematerialization pass off for step programs: start-ups should
 # fit their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
@@ -145,6 +144,17 @@ dd2)
     --num-prompts 8 --max-tokens 96 --max-num-batched-tokens 256 --max-model-len 1024 \
     --gpu-memory-utilization 0.5 --base-twice --json "$OUT/spec_dd2.json" > "$OUT/spec_dd2.txt" 2>&1
   grep -v "^W\|WARNING\|^I" "$OUT/spec_dd2.txt" | tail -8
+  ;;
+sa2)
+  # Issue 16 (session 23, case sa: inconclusive, the machine slowed between the arms' processes:
+  # the free run's launch 0.76 -> 1.59 ms). The same arms interleaved within every round of one
+  # process (--arms). Prediction: if llguidance's threads crowd XLA's, threads=4 cuts the split
+  # forward's launch beside the grammar (2.2 ms) toward the free step's (~0.8) and the ratio to
+  # ~0.65-0.7; if the GIL, switch=0.0002 does; if neither moves it, the launch's own cost (its
+  # arguments) is the lead.
+  timeout 300 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights --rounds 2 \
+    --trace --arms default,threads=4,switch=0.0002 > "$OUT/so_arms.txt" 2>&1
+  grep "^|\|^##" "$OUT/so_arms.txt" | grep -v "|---" | grep "^| [0-9]\|launch\|beside\|masks\|advance\|^| step\|^##"
   ;;
 kvt)
   # Issue 13's fp8 KV after session 23 stored fp8 pools as uint8 (the 8B's fp8-pool start-up
@@ -476,7 +486,7 @@ sa)
   # launch to ~1.0 ms and the ratio to ~0.65. Session 21 (CPU): both llguidance calls release
   # the GIL, so the thread count should matter and the switch interval little; start-up now
   # freezes the heap (full collections no longer land in a step).
-  for ab in "" "--grammar-threads 4" "--switch-interval 0.0002"; do
+  for ab in "" "--arms threads=4" "--arms switch=0.0002"; do
     echo "### structured outputs ${ab:-default}"
     timeout 170 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights --rounds 1 \
       --trace $ab > "$OUT/so_ab.txt" 2>&1

@@ -30,6 +30,8 @@ from jserve.builder import EngineArgs, build_engine, default_model_path
 from jserve.sampling_params import SamplingParams
 from jserve.tokenizer import Tokenizer
 
+DEFAULT_SWITCH = sys.getswitchinterval()   # 0.005 s unless the interpreter was told otherwise
+
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -66,6 +68,18 @@ def _run(engine, items) -> tuple[float, list]:
     return time.perf_counter() - t0, [done[i] for i in ids]
 
 
+def _arm(spec: str) -> tuple[str, int | None, float]:
+    """'default' | 'threads=N' | 'switch=S' -> (name, executor threads or None, switch interval)."""
+    key, _, value = spec.partition("=")
+    if key == "default" and not value:
+        return spec, None, DEFAULT_SWITCH
+    if key == "threads" and value.isdigit():
+        return spec, int(value), DEFAULT_SWITCH
+    if key == "switch" and value:
+        return spec, None, float(value)
+    raise SystemExit(f"--arms: unknown arm {spec!r} (default, threads=N, switch=S)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="HF dir or named shape (default: the bundled model)")
@@ -79,14 +93,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds (the first round warms up)")
     ap.add_argument("--trace", action="store_true",
                     help="print where each batch's step time goes (benchmarks/step_trace.py)")
-    ap.add_argument("--grammar-threads", type=int, default=None,
-                    help="A/B: llguidance's executor threads (default: its own, 80%% of the cores)")
-    ap.add_argument("--switch-interval", type=float, default=None,
-                    help="A/B: sys.setswitchinterval seconds (Python's default 0.005): how long a "
-                         "thread returning from a launch may wait for the GIL")
+    ap.add_argument("--arms", default="default",
+                    help="A/B arms, run in turn within every round of the one process (a machine "
+                         "that drifts during the call moves every arm alike): 'default', "
+                         "'threads=N' (llguidance's executor threads; default 80%% of the cores), "
+                         "'switch=S' (sys.setswitchinterval seconds; Python's default 0.005: how "
+                         "long a thread returning from a launch may wait for the GIL)")
     ns = ap.parse_args()
-    if ns.switch_interval is not None:
-        sys.setswitchinterval(ns.switch_interval)
+    arms = [_arm(a) for a in ns.arms.split(",")]
     n = ns.num_requests
     eng = build_engine(EngineArgs(model=ns.model, random_weights=ns.random_weights, dtype=ns.dtype,
                                   max_num_seqs=n, max_model_len=512))
@@ -104,12 +118,13 @@ def main() -> None:
             mask_s[0] += time.perf_counter() - t
 
     eng.constraints.masks = timed_masks
-    if ns.grammar_threads is not None:
-        eng.constraints._executor = llguidance.LLExecutor(num_threads=ns.grammar_threads)
     trace = StepTrace.attach(eng) if ns.trace else None
     traces = []
     rows = []
-    for r in range(ns.rounds + 1):
+    for r, (name, threads, switch) in ((r, a) for r in range(ns.rounds + 1) for a in arms):
+        eng.constraints._executor = (llguidance.LLExecutor() if threads is None
+                                     else llguidance.LLExecutor(num_threads=threads))
+        sys.setswitchinterval(switch)
         mask_s[0] = 0.0
         cons = [(p, SamplingParams(temperature=ns.temperature, seed=1000 * r + i, max_tokens=ns.max_tokens,
                                    structured_outputs={"json": SCHEMA}))
@@ -118,7 +133,7 @@ def main() -> None:
             trace.reset()
         t_cons, outs = _run(eng, cons)
         if trace and r:
-            traces.append(trace.table(f"round {r}, constrained"))
+            traces.append(trace.table(f"round {r}, {name}, constrained"))
             trace.reset()
         lens = [len(o.outputs[0].token_ids) for o in outs]
         bad = 0
@@ -132,15 +147,15 @@ def main() -> None:
                 for i, (p, k) in enumerate(zip(prompts, lens, strict=True))]
         t_free, _ = _run(eng, free)
         if trace and r:
-            traces.append(trace.table(f"round {r}, free"))
+            traces.append(trace.table(f"round {r}, {name}, free"))
         if r:
-            rows.append((t_cons, t_free, sum(lens), bad, mask_s[0]))
+            rows.append((f"{r} {name}", t_cons, t_free, sum(lens), bad, mask_s[0]))
     dev = jax.devices()[0]
     print(f"\n## structured outputs: {n} json_schema requests vs {n} unconstrained, same tokens per "
           f"request ({ns.model or 'code-small'}, {dev.platform} {dev.device_kind})")
     print("| round | tokens | constrained tok/s | free tok/s | ratio | host mask s | invalid |")
     print("|---|---|---|---|---|---|---|")
-    for k, (tc, tf, toks, bad, ms) in enumerate(rows, 1):
+    for k, tc, tf, toks, bad, ms in rows:
         print(f"| {k} | {toks} | {toks / tc:.0f} | {toks / tf:.0f} | {tf / tc:.2f} | {ms:.2f} | {bad} |")
     for t in traces:
         print(t)
