@@ -6,7 +6,8 @@
 # holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
 # OOM diagnosis, qp, qt (as q21), q21b, w21, qf, qx2, qx3 (with qr's M = 1 column) and dd's
 # distillation, and in session 23 dd, qb, kvf, vt3, sa, fp8s, kvt: RESULTS*.md.) Order: dd2
-# (issue 12: batch 1 with the base measured twice), qx4 (issue 13: w8a8 with Triton GEMMs), sa2
+# (issue 12: batch 1 with the base measured twice), kva (issue 13: the fp8-pool attention kernel's
+# options, then kvt again if one wins), qx4 (issue 13: w8a8 with Triton GEMMs), sa2
 # (issue 16: the arms interleaved in one process), b2, o, u, w, f, m, u1; then,
 # on 2 GPUs, pb, d, s, c. Session 16 turned XLA's
 # rematerialization pass off for step programs: start-ups should
@@ -155,6 +156,15 @@ sa2)
   timeout 300 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights --rounds 2 \
     --trace --arms default,threads=4,switch=0.0002 > "$OUT/so_arms.txt" 2>&1
   grep "^|\|^##" "$OUT/so_arms.txt" | grep -v "|---" | grep "^| [0-9]\|launch\|beside\|masks\|advance\|^| step\|^##"
+  ;;
+kva)
+  # Issue 13's fp8 KV step time (session 23, case kvt: +28.8% per decode step at 16 x 8k with an
+  # fp8 pool, Qwen2.5-0.5B shape, target <= 3%). The attention kernel alone per layer call, bf16
+  # pool against fp8 (uint8) with GpuConfig.kv_compute "float16" (K/V convert to f16 only) and
+  # 2x keys per inner step. Prediction: fp8 default ~1.3-1.5x bf16's kernel time (the step's
+  # +29% is mostly attention at 8k); float16 -15-25% of that; 2x keys -10-20%; both ~1.0-1.1x.
+  # If so: default_config takes both for 1-byte pools, then kvt again.
+  timeout 300 python3 benchmarks/kv_dtype_attention.py 2>&1 | grep "^|\|^##\|rror" | tee "$OUT/kv_attn.txt"
   ;;
 kvt)
   # Issue 13's fp8 KV after session 23 stored fp8 pools as uint8 (the 8B's fp8-pool start-up

@@ -82,6 +82,10 @@ class GpuConfig:
     fused_combine: with splits, the last program of each (item, kv head) to finish (an atomic
       counter) merges the partials and writes the output rows itself, instead of the XLA combine +
       scatter after the launch (fewer launches: matters for latency-bound batch-1 decode).
+    kv_compute: the dtype the two dots of an int8 / fp8 pool run in. None: q's (bf16 in the
+      engine: every K and V element converts fp8 -> f16 -> bf16 in the inner loop); "float16":
+      K and V convert to f16 only (one instruction per pair on Hopper for e4m3), q converts once
+      per program, saturated to f16's range. Unquantized pools ignore it.
     """
 
     block_q: int = 16
@@ -91,6 +95,7 @@ class GpuConfig:
     num_stages: int = 2
     fused_combine: bool = False
     min_blocks_per_split: int = 2
+    kv_compute: str | None = None
 
     def __post_init__(self) -> None:
         ints = ("block_q", "pages_per_block", "num_splits", "num_warps", "num_stages", "min_blocks_per_split")
@@ -102,6 +107,8 @@ class GpuConfig:
             v = getattr(self, name)
             if v & (v - 1):
                 raise ValueError(f"GpuConfig.{name} must be a power of two, got {v}")
+        if self.kv_compute not in (None, "float16"):
+            raise ValueError(f"GpuConfig.kv_compute must be None or 'float16', got {self.kv_compute!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +129,7 @@ class GpuPlan:
             raise ValueError("GpuPlan.prefill.block_q must exceed decode.block_q (the class threshold)")
 
 
+F16_MAX = 65504.0
 _PARTIALS_BYTES = 64 << 20
 _MAX_SPLITS = 32
 _SPLIT_DECODE_WARPS = 2  # smaller programs, more of them in flight per SM (few live sequences)
@@ -195,6 +203,7 @@ def _kernel(
     sliding_window: int | None,
     soft_cap: float | None,
     quantized: bool,
+    kv_compute: str | None,
     aliased: bool,
     per_item: bool,
     fused: bool,
@@ -239,6 +248,10 @@ def _kernel(
     row_ok = r < nrows
     qcols = pl.ds(h * group * head_dim, group * head_dim)
     q = q_ref[rows, qcols].reshape(m_rows, head_dim)
+    dot_dtype = q.dtype
+    if quantized and kv_compute == "float16":
+        dot_dtype = jnp.float16
+        q = jnp.clip(q.astype(jnp.float32), -F16_MAX, F16_MAX).astype(jnp.float16)
     qpos = pos0 + jnp.arange(m_rows, dtype=jnp.int32) // group  # [M]
 
     # Visible keys of the item: [kv_lo, kv_hi); keys in [full_lo, pos0] are visible to every row.
@@ -276,8 +289,8 @@ def _kernel(
             vscale = jnp.broadcast_to(vs_ref[pages, h][:, None], (pages_per_block, page_size)).reshape(
                 block_k
             )
-            k = k.astype(q.dtype)
-            v = v.astype(q.dtype)
+            k = k.astype(dot_dtype)
+            v = v.astype(dot_dtype)
         s = plgpu.dot(q, k, trans_b=True)  # [M, block_k] float32
         if quantized:
             s = s * kscale[None, :]
@@ -429,7 +442,8 @@ def _launch(
     kernel = functools.partial(
         _kernel, direct=direct, max_seqs=max_seqs, num_tokens=num_tokens, group=group, head_dim=head_dim,
         page_size=page_size, block_q=bq, pages_per_block=cfg.pages_per_block, num_splits=ns,
-        quantized=bool(scales), aliased=bool(aliases) and not fused, per_item=per_item, fused=fused,
+        quantized=bool(scales), kv_compute=cfg.kv_compute, aliased=bool(aliases) and not fused,
+        per_item=per_item, fused=fused,
         barriers=not interpret, min_blocks=cfg.min_blocks_per_split, num_kv_heads=num_kv_heads, **static,
     )  # fmt: skip
     out = pl.pallas_call(

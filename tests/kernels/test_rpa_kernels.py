@@ -46,8 +46,8 @@ GPU_CONFIGS = {
         decode=rpa_gpu.GpuConfig(block_q=1, pages_per_block=1, num_splits=2),
         prefill=rpa_gpu.GpuConfig(block_q=4, pages_per_block=2),
     ),
-    "int8_kv": rpa_gpu.GpuConfig(block_q=2, pages_per_block=1),
-    "fp8_kv": None,
+    "int8_kv": rpa_gpu.GpuConfig(block_q=2, pages_per_block=1, kv_compute="float16"),
+    "fp8_kv": None,   # the default: dots in q's dtype
     "pool_70k_pages": None,
 }
 

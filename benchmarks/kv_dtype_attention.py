@@ -1,0 +1,101 @@
+"""Decode attention over a bf16 pool against an fp8 (uint8 e4m3) pool: the GPU kernel's configs.
+
+Where it sits: issue 13's fp8 KV step-time target (<= 3% over bf16 at 8k context). Session 23
+measured the engine's decode step +28.8% with an fp8 pool (Qwen2.5-0.5B shape, 16 x 8k:
+``kv_dtype_step.py``), though the attention reads half the bytes. This times the attention
+kernel alone, per layer call, for the pool formats and the kernel options that bear on the
+per-key work: ``GpuConfig.kv_compute`` ("float16": K/V convert to f16 only, not on to bf16)
+and more keys per inner step (``pages_per_block``, 1-byte pages: the same bytes per step as
+bf16's default). Timing as ``benchmarks/kernels.py`` (``loop_time``: one jit, unrolled calls,
+median of 5; page tables rotate over a pool 4x the footprint).
+
+    PYTHONPATH=. python3 benchmarks/kv_dtype_attention.py [--layouts qwen,8b] [--batch 16]
+        [--context 8192]
+    PYTHONPATH=. python3 benchmarks/kv_dtype_attention.py --smoke   # CPU, interpret mode
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.kernels import loop_time
+from pallas_kernels import kv_format
+from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
+from pallas_kernels.ragged_paged_attention import reference as rpa_ref
+
+LAYOUTS = {"qwen": (14, 2, 64), "8b": (32, 8, 128)}   # q heads, kv heads, head_dim
+PAGE, ROT = 16, 4
+
+
+def inputs(hq: int, hkv: int, d: int, batch: int, context: int, fp8: bool, key: int) -> tuple:
+    """(q, k pool, v pool, page tables [ROT, batch, pps], seq_lens, query_start_loc, num_seqs,
+    scales kwargs): one decode row per sequence; fp8 pools as the engine stores them."""
+    pps = -(-context // PAGE)
+    num_pages = 1 + ROT * batch * pps
+    ks = jax.random.split(jax.random.key(key), 3)
+    shape = (num_pages, PAGE, hkv, d)
+    kp = jax.random.normal(ks[0], shape, jnp.float32)
+    vp = jax.random.normal(ks[1], shape, jnp.float32)
+    scales = {}
+    if fp8:
+        kp = jax.lax.bitcast_convert_type((kp * 8).astype(kv_format.FP8), jnp.uint8)
+        vp = jax.lax.bitcast_convert_type((vp * 8).astype(kv_format.FP8), jnp.uint8)
+        one = jnp.full((num_pages, hkv), 0.125)
+        scales = {"k_scales": one, "v_scales": one}
+    else:
+        kp, vp = kp.astype(jnp.bfloat16), vp.astype(jnp.bfloat16)
+    perm = np.random.default_rng(key).permutation(np.arange(1, num_pages))
+    pts = jnp.asarray(perm.reshape(ROT, batch, pps).astype(np.int32))
+    q = jax.random.normal(ks[2], (batch, hq, d), jnp.bfloat16)
+    meta = (jnp.full((batch,), context, jnp.int32), jnp.arange(batch + 1, dtype=jnp.int32),
+            jnp.asarray([batch], jnp.int32))
+    return q, kp, vp, pts, meta, scales
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layouts", default="qwen,8b", help=f"comma list of {', '.join(LAYOUTS)}")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU check)")
+    a = ap.parse_args()
+    batch, context, interpret = (2, 64, True) if a.smoke else (a.batch, a.context, False)
+    print(f"## decode attention, {batch} sequences x {context} tokens, page {PAGE} "
+          f"({jax.devices()[0].device_kind}, jax {jax.__version__})")
+    print("| layout (q / kv heads, d) | pool | config | us per call | vs bf16 | max abs err vs reference |")
+    print("|---|---|---|---|---|---|")
+    for name in a.layouts.split(","):
+        hq, hkv, d = LAYOUTS[name]
+        base = None
+        for fp8 in (False, True):
+            q, kp, vp, pts, meta, sc = inputs(hq, hkv, d, batch, context, fp8, key=7)
+            dflt = rpa_gpu.default_config(batch, batch, hq, hkv, PAGE, pts.shape[2])
+            configs = [("default", dflt)]
+            if fp8:
+                wide = dataclasses.replace(dflt, pages_per_block=2 * dflt.pages_per_block)
+                configs += [("kv_compute float16", dataclasses.replace(dflt, kv_compute="float16")),
+                            ("2x keys per step", wide),
+                            ("both", dataclasses.replace(wide, kv_compute="float16"))]
+            want = rpa_ref.ragged_paged_attention(q, kp, vp, pts[0], *meta, sm_scale=d**-0.5, **sc)
+            for label, cfg in configs:
+                f = functools.partial(rpa_gpu.ragged_paged_attention, sm_scale=d**-0.5, config=cfg,
+                                      interpret=interpret, **sc)
+                got = jax.jit(f)(q, kp, vp, pts[0], *meta)
+                err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+                t = loop_time(lambda i, q, kp, vp, pts, f=f, meta=meta: f(q, kp, vp, pts[i], *meta),
+                              (q, kp, vp, pts), rotate=ROT, iters=2 if a.smoke else 20,
+                              reps=1 if a.smoke else 5)
+                base = t if base is None else base
+                ppb = cfg.pages_per_block
+                print(f"| {name} ({hq} / {hkv}, {d}) | {'fp8 (uint8)' if fp8 else 'bf16'} | {label} "
+                      f"(ppb {ppb}, splits {cfg.num_splits}) | {t * 1e6:.1f} | {t / base:.3f}x | {err:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
