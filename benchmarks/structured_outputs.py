@@ -21,6 +21,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 import jax
 import llguidance
@@ -68,16 +71,27 @@ def _run(engine, items) -> tuple[float, list]:
     return time.perf_counter() - t0, [done[i] for i in ids]
 
 
-def _arm(spec: str) -> tuple[str, int | None, float]:
-    """'default' | 'threads=N' | 'switch=S' -> (name, executor threads or None, switch interval)."""
+class _Inline:
+    """An executor that runs each job at submit: the engine's grammar work then runs before the
+    split forward's launch instead of beside it (arm 'serial')."""
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        f: Future = Future()
+        f.set_result(fn())
+        return f
+
+
+def _arm(spec: str) -> tuple[str, int | None, float, bool]:
+    """'default' | 'threads=N' | 'switch=S' | 'serial' -> (name, executor threads or None,
+    switch interval, grammar serial)."""
     key, _, value = spec.partition("=")
-    if key == "default" and not value:
-        return spec, None, DEFAULT_SWITCH
+    if key in ("default", "serial") and not value:
+        return spec, None, DEFAULT_SWITCH, key == "serial"
     if key == "threads" and value.isdigit():
-        return spec, int(value), DEFAULT_SWITCH
+        return spec, int(value), DEFAULT_SWITCH, False
     if key == "switch" and value:
-        return spec, None, float(value)
-    raise SystemExit(f"--arms: unknown arm {spec!r} (default, threads=N, switch=S)")
+        return spec, None, float(value), False
+    raise SystemExit(f"--arms: unknown arm {spec!r} (default, threads=N, switch=S, serial)")
 
 
 def main() -> None:
@@ -98,7 +112,9 @@ def main() -> None:
                          "that drifts during the call moves every arm alike): 'default', "
                          "'threads=N' (llguidance's executor threads; default 80%% of the cores), "
                          "'switch=S' (sys.setswitchinterval seconds; Python's default 0.005: how "
-                         "long a thread returning from a launch may wait for the GIL)")
+                         "long a thread returning from a launch may wait for the GIL), 'serial' "
+                         "(the grammar work before the split forward's launch, not beside it: "
+                         "the launch's own cost)")
     ns = ap.parse_args()
     arms = [_arm(a) for a in ns.arms.split(",")]
     n = ns.num_requests
@@ -121,10 +137,14 @@ def main() -> None:
     trace = StepTrace.attach(eng) if ns.trace else None
     traces = []
     rows = []
-    for r, (name, threads, switch) in ((r, a) for r in range(ns.rounds + 1) for a in arms):
+    for r, (name, threads, switch, serial) in ((r, a) for r in range(ns.rounds + 1) for a in arms):
         eng.constraints._executor = (llguidance.LLExecutor() if threads is None
                                      else llguidance.LLExecutor(num_threads=threads))
         sys.setswitchinterval(switch)
+        if serial:
+            eng._grammar_thread = _Inline()
+        elif isinstance(eng._grammar_thread, _Inline):
+            eng._grammar_thread = None   # the engine starts its own thread again
         mask_s[0] = 0.0
         cons = [(p, SamplingParams(temperature=ns.temperature, seed=1000 * r + i, max_tokens=ns.max_tokens,
                                    structured_outputs={"json": SCHEMA}))
