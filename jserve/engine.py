@@ -481,9 +481,11 @@ class LLMEngine:
             metrics["scheduled_time"] = parent.scheduled_time
         if parent.first_token_time is not None:
             metrics["first_token_time"] = parent.first_token_time
-        if self.config.speculative is not None:
-            drafts = sum(ch.request.spec_num_draft_tokens for ch in parent.children)
-            accepted = sum(ch.request.spec_num_accepted_tokens for ch in parent.children)
+        if self.config.speculative is not None:   # (plain loops: every output of a step pays this)
+            drafts = accepted = 0
+            for ch in parent.children:
+                drafts += ch.request.spec_num_draft_tokens
+                accepted += ch.request.spec_num_accepted_tokens
             metrics["spec_num_draft_tokens"] = drafts
             metrics["spec_num_accepted_tokens"] = accepted
             if drafts:

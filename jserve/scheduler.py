@@ -182,6 +182,8 @@ class Scheduler:
         kv.begin_step()
         speculate = out.speculative = self._spec_now = self.spec_active()
         burst = out.burst = self._burst()
+        no_draft = self._no_draft
+        catch_up = False   # a row of a request that may draft, or a prompt chunk (below)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -210,6 +212,8 @@ class Scheduler:
             la = self._lookahead(req, k)   # (0 in a burst: no draft model then)
             kv.grow(req, k + la if la and kv.demand(req, k + la) <= pool.num_free else max(k, burst))
             out.chunks.append(self._chunk(req, k, drafts))
+            if not catch_up and (start < req.num_prompt_tokens or req.request_id not in no_draft):
+                catch_up = True
             if burst > 1:   # the burst computes and samples ``burst`` tokens of the row
                 req.num_computed_tokens += burst - 1
                 req.num_placeholders += burst - 1
@@ -235,14 +239,17 @@ class Scheduler:
                     self._no_draft.add(req.request_id)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                out.chunks.append(self._chunk(req, plan.num_tokens))
+                chunk = self._chunk(req, plan.num_tokens)
+                out.chunks.append(chunk)
+                if chunk.start < req.num_prompt_tokens or req.request_id not in no_draft:
+                    catch_up = True
                 budget -= plan.num_tokens
         out.transfers = kv.take_transfers()
         out.dropped, self._dropped = self._dropped, []  # a plan with drops is never empty
         self._spec_last = speculate
-        if self._no_draft:   # prompt chunks always: their pages may serve a drafting prefix hit
-            out.draft_catch_up = any(c.req_id not in self._no_draft or c.start
-                                     < self._requests[c.req_id].num_prompt_tokens for c in out.chunks)
+        if no_draft:   # prompt chunks always: their pages may serve a drafting prefix hit
+            out.draft_catch_up = catch_up   # (tracked per row above: a scan of 256 rows here
+            #                                 took ~47 us per step on the 2-core CI machine)
         return out
 
     def _burst(self) -> int:
