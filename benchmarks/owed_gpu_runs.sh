@@ -155,9 +155,10 @@ sa2)
   # forward's launch beside the grammar (2.2 ms) toward the free step's (~0.8) and the ratio to
   # ~0.65-0.7; if the GIL, switch=0.0002 does; if neither moves it, the launch's own cost is
   # the lead: arm serial runs the grammar before the forward's launch (beside_grammar = advance
-  # + masks + the launch alone on an idle device; session 10 had it at ~2 ms).
+  # + masks + the launch alone on an idle device; session 10 had it at ~2 ms); arm fused runs
+  # without the split step (read, masks, one launch; predicted ~0.70 in session 21).
   timeout 300 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights --rounds 2 \
-    --trace --arms default,threads=4,switch=0.0002,serial > "$OUT/so_arms.txt" 2>&1
+    --trace --arms default,threads=4,switch=0.0002,serial,fused > "$OUT/so_arms.txt" 2>&1
   grep "^|\|^##" "$OUT/so_arms.txt" | grep -v "|---" | grep "^| [0-9]\|launch\|beside\|masks\|advance\|^| step\|^##"
   ;;
 kva)

@@ -81,17 +81,17 @@ class _Inline:
         return f
 
 
-def _arm(spec: str) -> tuple[str, int | None, float, bool]:
-    """'default' | 'threads=N' | 'switch=S' | 'serial' -> (name, executor threads or None,
-    switch interval, grammar serial)."""
+def _arm(spec: str) -> tuple[str, int | None, float, str]:
+    """'default' | 'threads=N' | 'switch=S' | 'serial' | 'fused' -> (name, executor threads or
+    None, switch interval, the split step's mode: 'beside', 'serial' or 'fused')."""
     key, _, value = spec.partition("=")
-    if key in ("default", "serial") and not value:
-        return spec, None, DEFAULT_SWITCH, key == "serial"
+    if key in ("default", "serial", "fused") and not value:
+        return spec, None, DEFAULT_SWITCH, "beside" if key == "default" else key
     if key == "threads" and value.isdigit():
-        return spec, int(value), DEFAULT_SWITCH, False
+        return spec, int(value), DEFAULT_SWITCH, "beside"
     if key == "switch" and value:
-        return spec, None, float(value), False
-    raise SystemExit(f"--arms: unknown arm {spec!r} (default, threads=N, switch=S, serial)")
+        return spec, None, float(value), "beside"
+    raise SystemExit(f"--arms: unknown arm {spec!r} (default, threads=N, switch=S, serial, fused)")
 
 
 def main() -> None:
@@ -114,7 +114,8 @@ def main() -> None:
                          "'switch=S' (sys.setswitchinterval seconds; Python's default 0.005: how "
                          "long a thread returning from a launch may wait for the GIL), 'serial' "
                          "(the grammar work before the split forward's launch, not beside it: "
-                         "the launch's own cost)")
+                         "the launch's own cost), 'fused' (no split step: the engine reads the "
+                         "step in flight, fills the masks, then launches the fused step)")
     ns = ap.parse_args()
     arms = [_arm(a) for a in ns.arms.split(",")]
     n = ns.num_requests
@@ -137,14 +138,16 @@ def main() -> None:
     trace = StepTrace.attach(eng) if ns.trace else None
     traces = []
     rows = []
-    for r, (name, threads, switch, serial) in ((r, a) for r in range(ns.rounds + 1) for a in arms):
+    can_split = eng.runner.can_split
+    for r, (name, threads, switch, mode) in ((r, a) for r in range(ns.rounds + 1) for a in arms):
         eng.constraints._executor = (llguidance.LLExecutor() if threads is None
                                      else llguidance.LLExecutor(num_threads=threads))
         sys.setswitchinterval(switch)
-        if serial:
+        if mode == "serial":
             eng._grammar_thread = _Inline()
         elif isinstance(eng._grammar_thread, _Inline):
             eng._grammar_thread = None   # the engine starts its own thread again
+        eng.runner.can_split = (lambda out: False) if mode == "fused" else can_split
         mask_s[0] = 0.0
         cons = [(p, SamplingParams(temperature=ns.temperature, seed=1000 * r + i, max_tokens=ns.max_tokens,
                                    structured_outputs={"json": SCHEMA}))
