@@ -1,16 +1,17 @@
 """Storage formats of the KV page pool: which array dtypes hold quantized K/V, and how fp8 is kept.
 
 Where it sits: shared by the KV write (``kv_write``) and the paged attention kernels
-(``ragged_paged_attention``); the engine allocates pools in ``storage_dtype(...)``.
+(``ragged_paged_attention``); the engine allocates fp8 pools as ``FP8_BITS`` arrays
+(``jserve/kv_cache.py``).
 
 An fp8 (e4m3) pool is stored as ``uint8``: the e4m3 bits, viewed as fp8 where they are read
-(``values``: inside a kernel, a free register bitcast) and produced from fp8 values where they
-are written (``bits``). Why not an fp8-typed array: XLA has no fp8 scatter, so it converts the
-whole pool array to f16 and back around each row write, and a ``bitcast_convert`` of the donated
-array around a uint8 scatter is no cheaper: the scatter no longer aliases its operand, so the
-compiled program copies the array once per write (a pool layer's 1.48 GiB for the 8B at share
-0.8: session 23 on an H200; ``benchmarks/fp8_pool_scratch.py``). Scatters and page copies on a
-uint8 array run in place.
+(``values``: inside a kernel, a register bitcast) and produced from fp8 values where they are
+written (``bits``). Why not an fp8-typed array (``benchmarks/fp8_pool_scratch.py``, compiled
+scratch per write): on CPU XLA converts an fp8 scatter's whole operand to f16 and back, and a
+scatter through a uint8 view of the donated array still copies it once; on an H200 (session 23)
+a page copy through that view copied the array in one compile and not in another, and the 8B's
+fp8 pool ran out of memory in a page move that allocated one pool array (1.48 GiB). Scatters,
+page copies and reads of a uint8 array ran in place in every variant, on both.
 
     pool dtype   values     scales
     bf16/f16/f32 itself     none
@@ -25,16 +26,6 @@ import jax.numpy as jnp
 
 FP8 = jnp.dtype(jnp.float8_e4m3fn)
 FP8_BITS = jnp.dtype(jnp.uint8)   # the storage dtype of an fp8 pool
-
-
-def storage_dtype(value_dtype: jnp.dtype) -> jnp.dtype:
-    """The pool array dtype for K/V values of ``value_dtype`` (fp8 e4m3 -> uint8)."""
-    d = jnp.dtype(value_dtype)
-    if d == FP8:
-        return FP8_BITS
-    if d.itemsize == 1 and d != jnp.int8:
-        raise ValueError(f"KV pools hold bf16/f16/f32, int8 or fp8 e4m3 values, got {d}")
-    return d
 
 
 def value_dtype(pool_dtype: jnp.dtype) -> jnp.dtype:

@@ -82,10 +82,11 @@ class GpuConfig:
     fused_combine: with splits, the last program of each (item, kv head) to finish (an atomic
       counter) merges the partials and writes the output rows itself, instead of the XLA combine +
       scatter after the launch (fewer launches: matters for latency-bound batch-1 decode).
-    kv_compute: the dtype the two dots of an int8 / fp8 pool run in. None: q's (bf16 in the
-      engine: every K and V element converts fp8 -> f16 -> bf16 in the inner loop); "float16":
-      K and V convert to f16 only (one instruction per pair on Hopper for e4m3), q converts once
-      per program, saturated to f16's range. Unquantized pools ignore it.
+    kv_compute: the dtype the two dots of an int8 / fp8 pool run in, i.e. what every K and V
+      element converts to in the inner loop. None: q's (bf16 in the engine); "float16": f16,
+      which Hopper converts e4m3 to in hardware (``cvt.rn.f16x2.e4m3x2``; it has no e4m3 ->
+      bf16 instruction), q converted once per program, saturated to f16's range. Unquantized
+      pools ignore it. The A/B: ``benchmarks/kv_dtype_attention.py``.
     """
 
     block_q: int = 16

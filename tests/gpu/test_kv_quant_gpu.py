@@ -45,7 +45,8 @@ def test_engine_with_quantized_kv_on_gpu(kv_dtype):
 def test_fp8_pool_writes_and_moves_allocate_no_pool_sized_scratch():
     """The engine's fp8 pool (uint8 e4m3 bits, pallas_kernels/kv_format.py) takes its row writes
     (XLA's scatter below GPU_KERNEL_MIN_TOKENS, the Pallas kernel above) and page copies in place:
-    session 23 found an fp8-typed array's scatter, bitcast or not, copying the array per write."""
+    session 23 found a page copy through a uint8 view of an fp8-typed array copying the whole
+    array, and the 8B's fp8 pool running out of memory in a page move."""
     import jax
     import jax.numpy as jnp
 
