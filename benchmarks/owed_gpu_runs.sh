@@ -7,7 +7,7 @@
 # OOM diagnosis, qp, qt (as q21), q21b, w21, qf, qx2, qx3 (with qr's M = 1 column) and dd's
 # distillation, and in session 23 dd, qb, kvf, vt3, sa, fp8s, kvt: RESULTS*.md.) Order: dd2
 # (issue 12: batch 1 with the base measured twice), kva (issue 13: the fp8-pool attention kernel's
-# options, then kvt again if one wins), vt3 again (issue 12: after session 23's cheaper per-output
+# options, then kvt again if one wins), qk (issue 13: the int8 step's extra kernels), vt3 again (issue 12: after session 23's cheaper per-output
 # spec metrics and catch-up flag; prediction: outputs -0.1-0.2 ms per step, ratio ~0.93 base
 # first), qx4 (issue 13: w8a8 with Triton GEMMs), sa2
 # (issue 16: the arms interleaved in one process), b2, o, u, w, f, m, u1; then,
@@ -160,6 +160,16 @@ sa2)
   timeout 300 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights --rounds 2 \
     --trace --arms default,threads=4,switch=0.0002,serial,fused > "$OUT/so_arms.txt" 2>&1
   grep "^|\|^##" "$OUT/so_arms.txt" | grep -v "|---" | grep "^| [0-9]\|launch\|beside\|masks\|advance\|^| step\|^##"
+  ;;
+qk)
+  # Issue 13's int8 decode (session 23, case qb: the 8B int8 step at 76% of its HBM floor, 527
+  # kernels against bf16's 399). Dump both decode steps (16-token bucket) and count the kernels
+  # by kind (benchmarks/hlo_kernels.py), ~3 min. Prediction: +128 = one epilogue fusion per
+  # quantized matmul (split-K sum, transpose, scale: mgpu_decode.finish) and a cast of x.
+  timeout 200 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8,none --dump "$OUT" 2>&1 | table | grep "^##\|^| A "
+  python3 benchmarks/hlo_kernels.py "$OUT/llama3.1-8b.int8.decode_step.hlo.txt" \
+    "$OUT/llama3.1-8b.decode_step.hlo.txt" | tee "$OUT/hlo_kernels.txt" | head -30
   ;;
 kva)
   # Issue 13's fp8 KV step time (session 23, case kvt: +28.8% per decode step at 16 x 8k with an

@@ -15,7 +15,8 @@ For each model shape (random weights, bf16):
 update wait for the graph's previous launch? Session 8: no; the engine keeps one). --staged adds A3 and
 B3: each step's input copied into a fixed device buffer (``staged_input.stage_inputs``), so the step's
 CUDA graph sees no moved input.
---dump writes the optimized program of each model's decode step (``<model>.decode_step.hlo.txt``)
+--dump writes the optimized program of each model's decode step
+(``<model>[.<quantization>].decode_step.hlo.txt``; ``hlo_kernels.py`` compares two of them)
 for reading its kernels offline; --trace records a profiler trace of 20 steps of A (host and
 device timelines: is the call waiting for the device?); --compile-threads overrides how many
 step variants start-up compiles at once (an A/B of the GPU autotuner under concurrent compiles).
@@ -247,7 +248,8 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
                                   max_model_len=1024, num_pages=512, quantization=quantization),
                        progress=lambda line: print("  " + line, flush=True))
     build_s = time.perf_counter() - t0
-    dump = f"{dump_dir}/{model.replace('/', '_')}.decode_step.hlo.txt" if dump_dir else None
+    tag = model.replace("/", "_") + (f".{quantization}" if quantization else "")
+    dump = f"{dump_dir}/{tag}.decode_step.hlo.txt" if dump_dir else None
     trace = f"{trace_dir}/{model.replace('/', '_')}" if trace_dir else None
     res["A"] = floor_a(eng, dump=dump, trace=trace)
     t = eng.runner.bucket_for(1)[0]
