@@ -165,7 +165,7 @@ qk)
   # Issue 13's int8 decode (session 23, case qb: the 8B int8 step at 76% of its HBM floor, 527
   # kernels against bf16's 399). Dump both decode steps (16-token bucket) and count the kernels
   # by kind (benchmarks/hlo_kernels.py), ~3 min. Prediction: +128 = one epilogue fusion per
-  # quantized matmul (split-K sum, transpose, scale: mgpu_decode.finish) and a cast of x.
+  # quantized matmul (split-K sum, transpose, scale: mgpu_decode.finish), 4 per layer.
   timeout 200 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8,none --dump "$OUT" 2>&1 | table | grep "^##\|^| A "
   python3 benchmarks/hlo_kernels.py "$OUT/llama3.1-8b.int8.decode_step.hlo.txt" \
