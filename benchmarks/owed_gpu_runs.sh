@@ -7,9 +7,10 @@
 # OOM diagnosis, qp, qt (as q21), q21b, w21, qf, qx2, qx3 (with qr's M = 1 column) and dd's
 # distillation, and in session 23 dd, qb, kvf, vt3, sa, fp8s, kvt: RESULTS*.md.) Order: dd2
 # (issue 12: batch 1 with the base measured twice), kva (issue 13: the fp8-pool attention kernel's
-# options, then kvt again if one wins), qk (issue 13: the int8 step's extra kernels), vt3 again (issue 12: after session 23's cheaper per-output
-# spec metrics and catch-up flag; prediction: outputs -0.1-0.2 ms per step, ratio ~0.93 base
-# first), qx4 (issue 13: w8a8 with Triton GEMMs), sa2
+# options, then kvt again if one wins), qk (issue 13: the int8 step's extra kernels), vt3 again
+# (issue 12: after session 23's cheaper per-output spec metrics and no catch-up for requests
+# that never draft; prediction: dispatch and outputs within ~0.05 ms of the base's, ratio
+# ~0.95-0.97 base first), qx4 (issue 13: w8a8 with Triton GEMMs), sa2
 # (issue 16: the arms interleaved in one process), b2, o, u, w, f, m, u1; then,
 # on 2 GPUs, pb, d, s, c. Session 16 turned XLA's
 # rematerialization pass off for step programs: start-ups should

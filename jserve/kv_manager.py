@@ -370,7 +370,10 @@ class KVCacheManager:
 
 
 def _extra(req: Request) -> Hashable:
-    return req.cache_salt
+    """The prefix cache's namespace of ``req``'s pages: its ``cache_salt``, and apart for a
+    request that never drafts (its pages hold no draft-model K/V: a drafting request must not
+    hit them, jserve/spec/draft.py)."""
+    return (req.cache_salt, "no draft K/V") if req.no_draft else req.cache_salt
 
 
 class _TokenView:

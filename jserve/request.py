@@ -84,6 +84,10 @@ class Request:
     swap_slots: dict[int, int] = field(default_factory=dict)  # page index -> swap slot (swapped out)
     spec_num_draft_tokens: int = 0      # speculative decoding: drafts verified for this request
     spec_num_accepted_tokens: int = 0   # ... and accepted
+    # draft_model with disable_by_batch_size: admitted above that load, the request never
+    # drafts; the draft model skips its tokens, and its pages are prefix-cached apart from
+    # those that carry the draft's K/V (jserve/kv_manager.py ``_extra``).
+    no_draft: bool = False
 
     def __post_init__(self) -> None:
         # A copy: the caller's list must never alias our growing state.

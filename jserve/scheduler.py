@@ -118,8 +118,8 @@ class Scheduler:
         self._stale_history: set[str] = set()
         self._next_drafts: dict[str, tuple[int, list[int]]] = {}
         # draft_model with disable_by_batch_size N: requests admitted while more than N were
-        # queued or running never draft, so steps of theirs alone skip the draft's catch-up.
-        self._no_draft: set[str] = set()
+        # queued or running never draft (``Request.no_draft``): the draft's catch-up skips
+        # their rows, and their pages are prefix-cached apart.
         # Speculative decoding counters (monotonic): verify rows, drafts verified, accepted.
         self.spec_counters = dict(spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
                                   spec_decode_num_accepted_tokens=0,
@@ -182,8 +182,7 @@ class Scheduler:
         kv.begin_step()
         speculate = out.speculative = self._spec_now = self.spec_active()
         burst = out.burst = self._burst()
-        no_draft = self._no_draft
-        catch_up = False   # a row of a request that may draft, or a prompt chunk (below)
+        catch_up = False   # a row of a request that may draft (below)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -212,8 +211,7 @@ class Scheduler:
             la = self._lookahead(req, k)   # (0 in a burst: no draft model then)
             kv.grow(req, k + la if la and kv.demand(req, k + la) <= pool.num_free else max(k, burst))
             out.chunks.append(self._chunk(req, k, drafts))
-            if not catch_up and (start < req.num_prompt_tokens or req.request_id not in no_draft):
-                catch_up = True
+            catch_up = catch_up or not req.no_draft
             if burst > 1:   # the burst computes and samples ``burst`` tokens of the row
                 req.num_computed_tokens += burst - 1
                 req.num_placeholders += burst - 1
@@ -226,8 +224,13 @@ class Scheduler:
                 req = next_waiting(self.waiting, per_group, self._fair_quantum)
                 if req.num_placeholders:
                     break  # preempted with a token in flight: resumes once it has landed
+                was = req.no_draft   # decided before the plan: it picks the prefix namespace
+                if self._draft_mode and (self._busy(len(self.running) + len(self.waiting))
+                                         or (req.fork_of is not None and req.fork_of.no_draft)):
+                    req.no_draft = True
                 plan = kv.plan_admission(req, budget)
                 if plan is None or plan.pool_pages > pool.num_free:
+                    req.no_draft = was
                     break  # nobody overtakes the request whose turn it is
                 if req is self.waiting[0]:
                     self.waiting.popleft()
@@ -235,21 +238,16 @@ class Scheduler:
                     self.waiting.remove(req)
                 per_group[api_request(req)] += 1
                 kv.admit(req, plan)
-                if self._draft_mode and self._busy(len(self.running) + len(self.waiting) + 1):
-                    self._no_draft.add(req.request_id)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                chunk = self._chunk(req, plan.num_tokens)
-                out.chunks.append(chunk)
-                if chunk.start < req.num_prompt_tokens or req.request_id not in no_draft:
-                    catch_up = True
+                out.chunks.append(self._chunk(req, plan.num_tokens))
+                catch_up = catch_up or not req.no_draft
                 budget -= plan.num_tokens
         out.transfers = kv.take_transfers()
         out.dropped, self._dropped = self._dropped, []  # a plan with drops is never empty
         self._spec_last = speculate
-        if no_draft:   # prompt chunks always: their pages may serve a drafting prefix hit
-            out.draft_catch_up = catch_up   # (tracked per row above: a scan of 256 rows here
-            #                                 took ~47 us per step on the 2-core CI machine)
+        out.draft_catch_up = catch_up   # (per row above: a scan of 256 rows after planning
+        #                                 took ~47 us per step on the 2-core CI machine)
         return out
 
     def _burst(self) -> int:
@@ -300,7 +298,7 @@ class Scheduler:
         step in flight first: only requests with every token on the host get drafts)."""
         return ((self._proposer is not None or self._draft_mode) and bool(self.running)
                 and not self._busy(len(self.running))
-                and not all(r.request_id in self._no_draft for r in self.running))
+                and not all(r.no_draft for r in self.running))
 
     def _busy(self, requests: int) -> bool:
         """Whether ``requests`` is more than ``disable_by_batch_size``."""
@@ -316,7 +314,7 @@ class Scheduler:
         never for host-masked rows, whose masks follow the drafts), bounded as if all of its
         own drafts are accepted."""
         sp = req.sampling_params
-        if sp.uses_penalties or req.num_output_tokens < sp.min_tokens or req.request_id in self._no_draft:
+        if sp.uses_penalties or req.num_output_tokens < sp.min_tokens or req.no_draft:
             return []
         chained = (req.num_placeholders == 1 and self._chained and not sp.uses_host_masks
                    and (self._spec_last or (self._draft_mode and self.spec.disable_by_batch_size
@@ -342,7 +340,7 @@ class Scheduler:
         """draft_model: positions past a sampling row's end whose pages the draft's decode
         steps write (at most K, within max_model_len; 0 when the row does not sample, and for
         requests that never draft: their rows' draft decodes write the null page there)."""
-        if not self._draft_mode or req.request_id in self._no_draft:
+        if not self._draft_mode or req.no_draft:
             return 0
         end = req.num_computed_tokens + k
         if end < req.num_tokens + req.num_placeholders:
@@ -566,7 +564,6 @@ class Scheduler:
         self.kv.release(req)
         self._next_drafts.pop(req.request_id, None)
         self._stale_history.discard(req.request_id)
-        self._no_draft.discard(req.request_id)
         del self._requests[req.request_id]
         self._drop(req.request_id)
 

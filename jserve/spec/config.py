@@ -14,8 +14,9 @@ option (jserve/options.py) stores its canonical JSON text (``canonical_json``), 
                                                       ``DISABLE_BY_BATCH_SIZE``, null: never;
                                                       with a draft model, as in vLLM, a request
                                                       admitted while more than N are queued or
-                                                      running never drafts, so the draft skips
-                                                      its catch-up over steps of such requests)
+                                                      running never drafts: the draft skips its
+                                                      tokens, and its pages are prefix-cached
+                                                      apart from those with the draft's K/V)
 
 Errors name the field: ``speculative_config.num_speculative_tokens must be an integer >= 1``.
 Imports nothing heavy (the option table reads it).
