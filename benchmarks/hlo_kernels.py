@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 NOT_KERNELS = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
-               "partition-id", "replica-id", "call")
-_INSTR = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = [^=]*? ([\w\-]+)\((.*)$")
+               "partition-id", "replica-id")
+INSTR = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = [^=]*? ([\w\-]+)\((.*)$")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 
 
@@ -52,7 +52,7 @@ def census(text: str) -> Counter:
     todo = [entry]
     while todo:
         for line in bodies.get(todo.pop(), []):
-            m = _INSTR.match(line)
+            m = INSTR.match(line)
             if not m:
                 continue
             name, op, rest = m.groups()

@@ -28,32 +28,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import time
 
 import jax
 import numpy as np
 
+from benchmarks.hlo_kernels import INSTR, NOT_KERNELS, computations
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import SamplingParams
 from jserve.staged_input import stage_inputs
 from jserve.step_program import StepVariant
 
-_NOT_KERNELS = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
-                "partition-id", "replica-id")
-
 
 def count_kernels(hlo_text: str) -> int:
     """Instructions of the ENTRY computation that launch device work (fusions, library calls,
-    copies); command buffers group launches but not the kernels they run."""
-    entry = hlo_text[hlo_text.index("\nENTRY"):]
-    body = entry[entry.index("{") + 1:entry.index("\n}")]
-    n = 0
-    for line in body.splitlines():
-        m = re.match(r"\s*(ROOT\s+)?%?[\w.\-]+ = [^=]*? ([\w\-]+)\(", line)
-        if m and m.group(2) not in _NOT_KERNELS:
-            n += 1
-    return n
+    copies; a command buffer's call counts once: ``hlo_kernels.census`` opens it)."""
+    entry, bodies = computations(hlo_text)
+    return sum(1 for line in bodies[entry]
+               if (m := INSTR.match(line)) and m.group(2) not in NOT_KERNELS)
 
 
 def decode_inputs(engine, context: int = 300) -> jax.Array:

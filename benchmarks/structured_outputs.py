@@ -139,9 +139,10 @@ def main() -> None:
     traces = []
     rows = []
     can_split = eng.runner.can_split
+    executors = {t: llguidance.LLExecutor() if t is None else llguidance.LLExecutor(num_threads=t)
+                 for t in {a[1] for a in arms}}   # one per thread count, kept across rounds
     for r, (name, threads, switch, mode) in ((r, a) for r in range(ns.rounds + 1) for a in arms):
-        eng.constraints._executor = (llguidance.LLExecutor() if threads is None
-                                     else llguidance.LLExecutor(num_threads=threads))
+        eng.constraints._executor = executors[threads]
         sys.setswitchinterval(switch)
         if mode == "serial":
             eng._grammar_thread = _Inline()
