@@ -5,6 +5,7 @@ gpu -> Pallas Triton-lowered kernel, tpu -> Pallas Mosaic TPU kernel):
   ragged_paged_attention  ragged batch of query chunks over the paged KV pool
   flash_attention         causal attention over packed segments (long fresh prompts)
   write_kv                new K/V rows into their slots of the pool (in place under donation)
+  write_kv_quantized      the same into an int8 / fp8 pool, setting the started pages' scales
   quant_matmul            x @ 8-bit weight (int8 / fp8, per-channel scales), w8a16 or fp8 w8a8
                           (gpu: Mosaic GPU kernel on Hopper)
 
@@ -16,8 +17,8 @@ shadow the sub-package attributes: import modules as
 """
 
 from pallas_kernels.flash_attention.api import flash_attention
-from pallas_kernels.kv_write.api import write_kv
+from pallas_kernels.kv_write.api import write_kv, write_kv_quantized
 from pallas_kernels.quant_matmul.api import quant_matmul
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
 
-__all__ = ["flash_attention", "quant_matmul", "ragged_paged_attention", "write_kv"]
+__all__ = ["flash_attention", "quant_matmul", "ragged_paged_attention", "write_kv", "write_kv_quantized"]

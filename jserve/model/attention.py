@@ -32,7 +32,6 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from jserve.step_input import StepInput
-from pallas_kernels.kv_write import scales as kv_scales
 from sharding import TENSOR_AXIS
 
 _HEADS = P(None, TENSOR_AXIS, None)
@@ -63,23 +62,15 @@ def write_kv(pool: tuple[jax.Array, ...], k: jax.Array, v: jax.Array, slot_mappi
              mesh: Mesh | None = None) -> tuple[jax.Array, ...]:
     """k/v: [T, Nkv, d] into one layer's pool ``(k_pages, v_pages)`` [num_pages, page_size, Nkv, d]
     at ``slot_mapping`` int32[T]. A quantized pool ``(k_pages, v_pages, k_scales, v_scales)``
-    first sets the scales of the pages this step starts (``pallas_kernels.kv_write.scales``),
-    then writes with them; -> the updated pool tuple."""
+    also sets the scales of the pages this step starts (``pallas_kernels.write_kv_quantized``);
+    -> the updated pool tuple."""
     if len(pool) == 2:
         fn = _per_device(pallas_kernels.write_kv, mesh, k.shape[1],
                          (_POOL, _POOL, _HEADS, _HEADS, P()), (_POOL, _POOL))
         return fn(pool[0], pool[1], k, v, slot_mapping)
 
-    def write(k_pages, v_pages, k_scales, v_scales, k, v, slots):
-        ps, dtype = k_pages.shape[1], k_pages.dtype
-        k_scales = kv_scales.page_scales(k_scales, k, slots, ps, dtype)
-        v_scales = kv_scales.page_scales(v_scales, v, slots, ps, dtype)
-        k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k, v, slots,
-                                                   k_scales=k_scales, v_scales=v_scales)
-        return k_pages, v_pages, k_scales, v_scales
-
-    fn = _per_device(write, mesh, k.shape[1], (_POOL, _POOL, _SCALES, _SCALES, _HEADS, _HEADS, P()),
-                     (_POOL, _POOL, _SCALES, _SCALES))
+    fn = _per_device(pallas_kernels.write_kv_quantized, mesh, k.shape[1],
+                     (_POOL, _POOL, _SCALES, _SCALES, _HEADS, _HEADS, P()), (_POOL, _POOL, _SCALES, _SCALES))
     return fn(*pool, k, v, slot_mapping)
 
 

@@ -5,6 +5,11 @@ the layer's donated pool. cpu -> ``reference`` (XLA scatter, in place under dona
 ``tpu``, gpu -> ``gpu`` for steps of at least ``GPU_KERNEL_MIN_TOKENS`` new tokens and the
 scatter below that; ``interpret=True`` runs the backend's kernel (the GPU one on CPU) interpreted.
 
+Quantized pools (int8, fp8 as uint8) write through ``write_kv_quantized``, which also sets the
+scales of the pages the step starts: on GPU one fused kernel at every token count
+(``gpu_quant``: it replaces 16 XLA kernels per layer), elsewhere ``scales.page_scales`` and then
+the backend's ``write_kv`` (``reference.write_kv_quantized``).
+
 Why the split on GPU (H200, same run, pools of 20000 pages, KERNEL_NOTES.md run 4): 4096 tokens
 take 20.3 us through the Pallas kernel and 76.5 us through XLA's scatter, 256 tokens 18.3 us
 against 14.9 us: the kernel's fixed cost loses on decode-sized steps. The kernel passes its
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.kv_write import gpu, reference, tpu
+from pallas_kernels.kv_write import gpu, gpu_quant, reference, tpu
 
 GPU_KERNEL_MIN_TOKENS = 1024
 
@@ -42,3 +47,24 @@ def write_kv(
     if interpret or (backend == "gpu" and k_new.shape[0] >= GPU_KERNEL_MIN_TOKENS):
         return gpu.write_kv(*args, k_scales=k_scales, v_scales=v_scales, interpret=interpret)
     return reference.write_kv(*args, k_scales=k_scales, v_scales=v_scales)
+
+
+def write_kv_quantized(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k_scales: jax.Array,
+    v_scales: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    slot_mapping: jax.Array,
+    *,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A quantized pool's write (``reference.write_kv_quantized``): pools ``[num_pages, page_size,
+    kvh, d]``, scales ``float32[num_pages, kvh]``, ``k_new/v_new: [T, kvh, d]`` -> all four updated."""
+    backend = jax.default_backend()
+    if interpret or backend == "gpu":
+        return gpu_quant.write_kv_quantized(k_pages, v_pages, k_scales, v_scales, k_new, v_new,
+                                            slot_mapping, interpret=interpret)
+    return reference.write_kv_quantized(k_pages, v_pages, k_scales, v_scales, k_new, v_new,
+                                        slot_mapping, write=write_kv)

@@ -15,11 +15,14 @@ clipped to the value dtype's range.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import kv_format
 from pallas_kernels.kv_format import is_quantized
+from pallas_kernels.kv_write import scales
 
 
 def validate_inputs(
@@ -117,6 +120,31 @@ def write_kv(
     flat_k = scatter_rows(flat_k, slot_mapping, k_new)
     flat_v = scatter_rows(flat_v, slot_mapping, v_new)
     return flat_k.reshape(k_pages.shape), flat_v.reshape(v_pages.shape)
+
+
+def write_kv_quantized(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k_scales: jax.Array,
+    v_scales: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    slot_mapping: jax.Array,
+    *,
+    write: Callable[..., tuple[jax.Array, jax.Array]] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A quantized pool's whole write: set the scales of the pages this step starts
+    (``scales.page_scales``: from the row at each page's first slot), then write the rows with
+    them. Pools ``[num_pages, page_size, kvh, d]`` (int8, or uint8 e4m3 bits), scales
+    ``float32[num_pages, kvh]``, ``k_new/v_new: [T, kvh, d]``, ``slot_mapping: int32[T]`` ->
+    ``(k_pages, v_pages, k_scales, v_scales)`` updated. ``write``: the row write (default this
+    module's ``write_kv``; the dispatcher passes the backend's)."""
+    ps, dtype = k_pages.shape[1], k_pages.dtype
+    k_scales = scales.page_scales(k_scales, k_new, slot_mapping, ps, dtype)
+    v_scales = scales.page_scales(v_scales, v_new, slot_mapping, ps, dtype)
+    k_pages, v_pages = (write or write_kv)(k_pages, v_pages, k_new, v_new, slot_mapping,
+                                k_scales=k_scales, v_scales=v_scales)
+    return k_pages, v_pages, k_scales, v_scales
 
 
 def scatter_rows(pool: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:

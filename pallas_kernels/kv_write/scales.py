@@ -37,12 +37,17 @@ from pallas_kernels import kv_format
 
 FP8_HEADROOM = 4.0
 INT8_HEADROOM = 2.0
-_TINY = 1e-8
+TINY = 1e-8
 
 
 def qmax(dtype: jnp.dtype) -> float:
     dtype = jnp.dtype(dtype)
     return float(jnp.iinfo(dtype).max) if jnp.issubdtype(dtype, jnp.integer) else float(jnp.finfo(dtype).max)
+
+
+def headroom(dtype: jnp.dtype) -> float:
+    """The headroom of a pool whose values are ``dtype`` (module docstring)."""
+    return FP8_HEADROOM if jnp.issubdtype(dtype, jnp.floating) else INT8_HEADROOM
 
 
 def page_scales(scales: jax.Array, x: jax.Array, slot_mapping: jax.Array, page_size: int,
@@ -53,8 +58,7 @@ def page_scales(scales: jax.Array, x: jax.Array, slot_mapping: jax.Array, page_s
     which nothing reads. ``dtype``: the pool's (an fp8 pool's uint8 means e4m3 values)."""
     dtype = kv_format.value_dtype(dtype)
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)                 # [T, kvh]
-    room = FP8_HEADROOM if jnp.issubdtype(dtype, jnp.floating) else INT8_HEADROOM
-    new = jnp.maximum(amax * room, _TINY) / qmax(dtype)
+    new = jnp.maximum(amax * headroom(dtype), TINY) / qmax(dtype)
     first = slot_mapping % page_size == 0
     target = jnp.where(first, slot_mapping // page_size, scales.shape[0])  # others: dropped
     return scales.at[target].set(new.astype(scales.dtype), mode="drop")

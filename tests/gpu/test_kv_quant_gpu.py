@@ -51,7 +51,7 @@ def test_fp8_pool_writes_and_moves_allocate_no_pool_sized_scratch():
     import jax.numpy as jnp
 
     from jserve.kv_cache import kv_storage_dtype
-    from pallas_kernels import write_kv
+    from pallas_kernels import write_kv, write_kv_quantized
     from pallas_kernels.kv_write import scatter_rows
 
     assert kv_storage_dtype("fp8") == jnp.uint8
@@ -69,3 +69,40 @@ def test_fp8_pool_writes_and_moves_allocate_no_pool_sized_scratch():
         assert temp(lambda k, v, r, s, ks, vs: write_kv(k, v, r, r, s, k_scales=ks, v_scales=vs),
                     pool, pool, rows, slots, scales, scales, donate=(0, 1)) < limit, tokens
     assert temp(lambda a, src, dst: scatter_rows(a, dst, a[src]), pool, ids, ids) < limit
+    for tokens in (1, 64, 2048):   # the fused quantizing write (pages, scales and rows in place)
+        rows, slots = sds((tokens, 8, 128), jnp.bfloat16), sds((tokens,), jnp.int32)
+        assert temp(write_kv_quantized, pool, pool, scales, scales, rows, rows, slots,
+                    donate=(0, 1, 2, 3)) < limit, tokens
+
+
+@pytest.mark.parametrize("pool_dtype", ["int8", "uint8"])
+def test_fused_quantized_write_compiles_and_matches_the_reference_on_gpu(pool_dtype):
+    """pallas_kernels/kv_write/gpu_quant.py lowered by Triton: scales equal the reference's and
+    rows within one quantization step (the kernel's f32 division may round differently)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import kv_format
+    from pallas_kernels.kv_write import gpu_quant
+    from pallas_kernels.kv_write import reference as kv_ref
+
+    rng = np.random.default_rng(0)
+    num_pages, ps, kvh, d, t = 64, 16, 8, 128, 300
+    slots = np.concatenate([np.arange(16 * ps, 16 * ps + 200),            # a prompt over fresh pages
+                            np.arange(40 * ps + 5, 40 * ps + 5 + 97),     # a chunk continuing a page
+                            [50 * ps, 51 * ps + 7, 0]]).astype(np.int32)  # two decodes, padding
+    assert slots.size == t
+    dtype = jnp.dtype(pool_dtype)
+    k = jnp.zeros((num_pages, ps, kvh, d), dtype)
+    sc = jnp.asarray(rng.uniform(0.01, 0.05, (num_pages, kvh)), jnp.float32)
+    kn = jnp.asarray(rng.standard_normal((t, kvh, d)) * rng.uniform(0.1, 30, (1, kvh, 1)), jnp.bfloat16)
+    args = (k, k, sc, sc * 2, kn, kn * 0.5, jnp.asarray(slots))
+    want = jax.jit(kv_ref.write_kv_quantized)(*args)
+    got = jax.jit(gpu_quant.write_kv_quantized)(*args)
+    for i in (2, 3):
+        np.testing.assert_allclose(np.asarray(got[i])[1:], np.asarray(want[i])[1:], rtol=1e-6)
+    for i, s in ((0, want[2]), (1, want[3])):
+        scale = np.asarray(s)[1:, None, :, None]
+        g, w = (np.asarray(kv_format.values(p).astype(jnp.float32))[1:] * scale for p in (got[i], want[i]))
+        step = scale * (1.0 if pool_dtype == "int8" else 32.0)   # e4m3's widest spacing: 32 at 448
+        assert (np.abs(g - w) <= step * 1.001).all()
