@@ -6,7 +6,8 @@
 # holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
 # OOM diagnosis, qp, qt (as q21), q21b, w21, qf, qx2, qx3 (with qr's M = 1 column) and dd's
 # distillation, and in session 23 dd, qb, kvf, vt3, sa, fp8s, kvt: RESULTS*.md.) Order: dd2
-# (issue 12: batch 1 with the base measured twice), kva (issue 13: the fp8-pool attention kernel's
+# (issue 12: batch 1 with the base measured twice), kvw (issue 13: session 24's fused
+# quantizing KV write, its GPU tests and the 8k step), kva (issue 13: the fp8-pool attention kernel's
 # options, then kvt again if one wins), qk (issue 13: the int8 step's extra kernels), vt3 again
 # (issue 12: after session 23's cheaper per-output spec metrics and no catch-up for requests
 # that never draft; prediction: dispatch and outputs within ~0.05 ms of the base's, ratio
@@ -171,6 +172,17 @@ qk)
     --quantization int8,none --dump "$OUT" 2>&1 | table | grep "^##\|^| A "
   python3 benchmarks/hlo_kernels.py "$OUT/llama3.1-8b.int8.decode_step.hlo.txt" \
     "$OUT/llama3.1-8b.decode_step.hlo.txt" | tee "$OUT/hlo_kernels.txt" | head -30
+  ;;
+kvw)
+  # Issue 13's fp8 KV after session 24's fused quantizing write (pallas_kernels/kv_write/
+  # gpu_quant.py: one launch per layer for the started pages' scales, K and V, where XLA ran 16
+  # kernels). Its GPU tests (Triton lowering, against the reference; in place), then case kvt's
+  # step time at 8k. Prediction: the tests pass; fp8 step +28.8% -> ~+10-15% (24 layers x 15
+  # fewer kernels ~0.3-0.4 ms of session 23's +0.53 ms; the rest is the dequantizing attention).
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kv_quant_gpu.py -k "fused or scratch" \
+    2>&1 | tail -3
+  timeout 300 python3 benchmarks/kv_dtype_step.py --kv-dtypes auto,fp8 2>&1 | grep "^|\|^##\|  auto\|  fp8" \
+    | tee "$OUT/kv_dtype.txt"
   ;;
 kva)
   # Issue 13's fp8 KV step time (session 23, case kvt: +28.8% per decode step at 16 x 8k with an
@@ -548,6 +560,21 @@ vt2)
     --num-prompts 8 --max-tokens 96 --max-num-batched-tokens 256 --max-model-len 1024 \
     --gpu-memory-utilization 0.5 --json "$OUT/spec_k.json" > "$OUT/spec_k.txt" 2>&1
   grep -v "^W\|WARNING\|^I" "$OUT/spec_k.txt" | tail -8
+  ;;
+vt4)
+  # Issue 12 (session 24): batch 1 and 256 running in one sweep, the base engine built before
+  # and after the draft model's (--base-twice: each ratio against the faster base; case dd2 found
+  # 947.8 vs 1,149.1 tok/s for the same engine built first and last), with each engine's step
+  # trace. Prediction: 256 running (speculation off above 4) ~0.95-0.97x after session 23's
+  # cheaper spec metrics and no catch-up for requests that never draft; batch 1 ~1.7x, and the
+  # trace says whether the speculating step at batch 1 waits on the device (its "wait" phase)
+  # or the host (the base's 0.87 ms step is host-bound: code-small is 8 layers of 256).
+  timeout 290 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code \
+    --num-prompts 8 --max-tokens 96 --concurrency 1,256 --max-num-seqs 256 --max-model-len 1024 \
+    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 --disable-by-batch-size default \
+    --trace --base-twice --json "$OUT/spec_vt4.json" > "$OUT/spec_vt4.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_vt4.txt" | grep -v "|---" \
+    | grep "^base\|^draft\|^code\|^| \(step\|schedule\|dispatch\|launch\|wait\|result\|update\|outputs\) \|^###"
   ;;
 vt3)
   # Session 19 (case vt2): at 256 running with speculation off the draft model's engine ran

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 
 from jserve.runner import StepHandle
+from jserve.spec.verify_step import SpecStepHandle
 
 PHASES = ("step", "schedule", "dispatch", "dispatch_forward", "beside_grammar", "dispatch_sample",
           "prepare", "pack", "stage_masks", "flush", "launch", "launch_on_idle", "wait", "result",
@@ -62,20 +63,30 @@ class StepTrace:
         split = runner.split._compiled
         for key, (fwd, smp) in list(split.items()):
             split[key] = (tr._launch(runner, fwd), tr._launch(runner, smp))
-        orig = StepHandle.result
+        spec = runner.spec_steps   # a speculating engine's verify programs and their handles
+        if spec is not None:
+            for key, fn in list(spec._compiled.items()):
+                spec._compiled[key] = tr._launch(runner, fn)
+        tr._wait(StepHandle, "tokens")
+        tr._wait(SpecStepHandle, "host")
+        return tr
 
-        def result(handle: StepHandle) -> Any:
+    def _wait(self, handle_cls: type, attr: str) -> None:
+        """Split ``handle_cls.result`` into the host's wait for the device array ``attr`` and
+        the rest (class-level: undone by ``detach``)."""
+        orig = handle_cls.result
+
+        def result(handle: Any) -> Any:
             t0 = time.perf_counter()
-            jax.block_until_ready(handle.tokens)   # numpy once landed
+            jax.block_until_ready(getattr(handle, attr))   # numpy once landed
             t1 = time.perf_counter()
             out = orig(handle)
-            tr._add("wait", t1 - t0)
-            tr._add("result", time.perf_counter() - t1)
+            self._add("wait", t1 - t0)
+            self._add("result", time.perf_counter() - t1)
             return out
 
-        StepHandle.result = result
-        tr._undo.append(lambda: setattr(StepHandle, "result", orig))
-        return tr
+        handle_cls.result = result
+        self._undo.append(lambda: setattr(handle_cls, "result", orig))
 
     def _add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] += seconds
