@@ -1,21 +1,19 @@
-# The device calls owed after session 22 (2026-12-02), in the order to run them. Each case fits
+# The device calls owed after session 24 (2026-12-03), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
-# (Sessions 7-22 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
+# (Sessions 7-23 ran a, e, g, t, l, v, the Qwen half of h, u (partly), ca, sd, e, n, st, sw, sw2,
 # sw3 (its threshold half), dk, hq, bu, bu1, bu2, bt, bh, sv, i11 (= hl + u8's warm half), b8
 # (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (as mus + vt), t, i11f, mu, vt2 (which
 # holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
 # OOM diagnosis, qp, qt (as q21), q21b, w21, qf, qx2, qx3 (with qr's M = 1 column) and dd's
-# distillation, and in session 23 dd, qb, kvf, vt3, sa, fp8s, kvt: RESULTS*.md.) Order: dd2
-# (issue 12: batch 1 with the base measured twice), kvw (issue 13: session 24's fused
-# quantizing KV write, its GPU tests and the 8k step), kva (issue 13: the fp8-pool attention kernel's
-# options, then kvt again if one wins), qk (issue 13: the int8 step's extra kernels), vt3 again
-# (issue 12: after session 23's cheaper per-output spec metrics and no catch-up for requests
-# that never draft; prediction: dispatch and outputs within ~0.05 ms of the base's, ratio
-# ~0.95-0.97 base first), qx4 (issue 13: w8a8 with Triton GEMMs), sa2
-# (issue 16: the arms interleaved in one process), b2, o, u, w, f, m, u1; then,
-# on 2 GPUs, pb, d, s, c. Session 16 turned XLA's
-# rematerialization pass off for step programs: start-ups should
-# fit their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
+# distillation, dd, qb, kvf, vt3, sa, fp8s, kvt; session 24 dd2 and qk: RESULTS*.md.) Order:
+# kvw (issue 13: session 24's fused quantizing KV write, its GPU tests and the 8k step), qmn
+# (issue 13: the int8 step without its epilogue transposes), vt4 (issue 12: batch 1 and 256
+# running with the base built twice and each engine's trace; replaces vt3), kva (issue 13: the
+# fp8-pool attention kernel's options, then kvt again if one wins), sa2 (issue 16: the arms
+# interleaved in one process), qx4 (issue 13: w8a8 with Triton GEMMs), b2, o, u, w, f, m, u1;
+# then, on 2 GPUs, pb, d, s, c. Session 16 turned XLA's rematerialization pass off for step
+# programs: start-ups should fit their timeouts at share 0.9 too, but spec cases keep 0.5 until
+# a run shows it.
 #
 #   sw4 (1 GPU, ~6 min; session 16's try timed out compiling under the rematerialization pass):
 #     the sweep at the new default (disable_by_batch_size 4) after session 15's
@@ -162,6 +160,18 @@ sa2)
   timeout 300 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights --rounds 2 \
     --trace --arms default,threads=4,switch=0.0002,serial,fused > "$OUT/so_arms.txt" 2>&1
   grep "^|\|^##" "$OUT/so_arms.txt" | grep -v "|---" | grep "^| [0-9]\|launch\|beside\|masks\|advance\|^| step\|^##"
+  ;;
+qmn)
+  # Issue 13's int8 decode (session 24, case qk: the int8 step's 128 extra kernels are one
+  # input_transpose_fusion per quantized matmul, the epilogue turning out^T [split_k, N, Mp]
+  # back into [M, N]). DecodeConfig.store_mn stores each tile as [Mp, block_n] (WGMMA_TRANSPOSED
+  # registers into a transposed SMEM view), so no transpose follows. Its GPU tests, then the 8B's
+  # int8 decode step with and without it. Prediction: the tests pass; 527 kernels -> 399-495
+  # (the sums over split_k > 1 may stay kernels of their own), 3.62 -> ~3.3-3.5 ms.
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
+    -k "persistent_decode_configs" 2>&1 | tail -3
+  timeout 240 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8 --ab quant-store-mn 2>&1 | table | grep "^##\|^| A \|failed"
   ;;
 qk)
   # Issue 13's int8 decode (session 23, case qb: the 8B int8 step at 76% of its HBM floor, 527

@@ -93,6 +93,7 @@ def default_config(m: int, n: int, k: int) -> MgpuConfig:
 
 
 DECODE_SMEM_PER_CTA = 100 * 1024   # the persistent kernel's TMA ring: two CTAs per SM fit
+DECODE_STORE_MN = False   # the persistent kernel's ``store_mn`` A/B (benchmarks/step_floor.py)
 
 
 def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
@@ -105,7 +106,7 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
     if mp <= 64 and n % 64 == 0 and k % 128 == 0:
         bk = next(b for b in ((512, 256, 128) if mp <= 16 else (256, 128)) if k % b == 0)
         stages = max(2, min(4, DECODE_SMEM_PER_CTA // ((64 + 2 * mp) * bk)))
-        dec = mgpu_decode.decode_config(n, k, block_k=bk, stages=stages)
+        dec = mgpu_decode.decode_config(n, k, block_k=bk, stages=stages, store_mn=DECODE_STORE_MN)
         if mgpu_decode.supports(mp, n, k, dec):
             return dec
     return default_config(m, n, k)
@@ -220,4 +221,4 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
         parts = mgpu_decode.decode_matmul_t(xp, w, config=cfg, fp8=FP8, interpret=interpret)
     else:
         parts = matmul_t(xp, w, config=cfg, interpret=interpret)
-    return finish(parts, m, w_scale, x_scale, out_dtype or x.dtype)
+    return finish(parts, m, w_scale, x_scale, out_dtype or x.dtype, store_mn=decode and cfg.store_mn)

@@ -28,6 +28,14 @@ end and owns a balanced share of the work units (the last one may own fewer)::
 CTAs, the longest CTA as short as the shapes allow (Llama-3.1-8B on 132 SMs: 256 balanced CTAs
 for each of its four projections).
 
+``store_mn`` (an A/B config, not the default until measured on a GPU): the flush casts the carry
+to the WGMMA_TRANSPOSED register layout and stores it through a transposed view of a [Mp,
+block_n] SMEM tile, so the partials come out as [split_k, Mp, N]. With out^T the epilogue
+(``finish``) transposes back to [M, N] in a kernel of its own: XLA does not fuse that transpose
+into the consumer, one extra kernel per quantized matmul (the 8B's int8 step: 527 kernels
+against bf16's 399, all 128 extra ``input_transpose_fusion``; H200, session 24). Without the
+transpose the epilogue is a sum over split_k and a scale, which XLA may fuse into the consumer.
+
 ``x_resident`` (an A/B config, not the default until measured): units in part-major order
 (tile g % tiles, part g // tiles), so a CTA's units span at most two K parts (per_cta <= tiles);
 their x slices, [2, steps, Mp, block_k], are loaded into SMEM before the pipeline (one TMA tile
@@ -59,6 +67,8 @@ class DecodeConfig:
     a_in_registers: bool = True   # w8a16 on a GPU: the dequantized tile feeds wgmma from registers
     x_resident: bool = False   # units in part-major order and each CTA's x slices (at most two K
     #                            parts) loaded into SMEM once: the ring streams the weight alone
+    store_mn: bool = False     # a unit's tile stored as [Mp, block_n] (parts [split_k, Mp, N]):
+    #                            the epilogue then needs no transpose (module docstring)
 
     def ctas(self, n: int) -> int:
         """The grid for N output channels."""
@@ -74,7 +84,8 @@ def sm_count() -> int:
 
 
 def decode_config(n: int, k: int, *, block_n: int = 64, block_k: int = 128, stages: int = 4,
-                  ctas_per_sm: int = 2, sms: int | None = None, max_split: int = 64) -> DecodeConfig:
+                  ctas_per_sm: int = 2, sms: int | None = None, max_split: int = 64,
+                  store_mn: bool = False) -> DecodeConfig:
     """The split of K and the units per CTA for w [N, K], with at most ``ctas_per_sm`` x SMs
     CTAs: the longest CTA's pipeline steps (units per CTA x steps per unit) as few as any
     split gives, within 3%, at the smallest such split (fewer partials to sum); the CTA count
@@ -92,7 +103,8 @@ def decode_config(n: int, k: int, *, block_n: int = 64, block_k: int = 128, stag
             options.append((per * (blocks // split), split, per))
     best = min(cost for cost, _, _ in options)
     split, per = min((sp, per) for cost, sp, per in options if cost <= best * 1.03)
-    return DecodeConfig(block_n=block_n, block_k=block_k, stages=stages, split_k=split, per_cta=per)
+    return DecodeConfig(block_n=block_n, block_k=block_k, stages=stages, split_k=split, per_cta=per,
+                        store_mn=store_mn)
 
 
 X_RESIDENT_BYTES = 48 * 1024   # the most SMEM a CTA's resident x slices may take (2 B per value)
@@ -121,11 +133,12 @@ def smem_transforms(dtype: jnp.dtype, cols: int) -> tuple:
 
 
 def finish(parts: jax.Array, m: int, w_scale: jax.Array, x_scale: jax.Array | None,
-           out_dtype: jnp.dtype) -> jax.Array:
-    """Inside jit, after either kernel: float32 partials out^T [split_k, N, Mp] -> y [m, N] =
-    their sum, transposed, times the per-channel weight scale (and the per-token activation
-    scale of w8a8), in ``out_dtype``."""
-    y = parts.sum(axis=0)[:, :m].T * w_scale[None, :]
+           out_dtype: jnp.dtype, *, store_mn: bool = False) -> jax.Array:
+    """Inside jit, after either kernel: float32 partials out^T [split_k, N, Mp] (or [split_k,
+    Mp, N] with ``store_mn``) -> y [m, N] = their sum (transposed) times the per-channel weight
+    scale (and the per-token activation scale of w8a8), in ``out_dtype``."""
+    total = parts.sum(axis=0)
+    y = (total[:m] if store_mn else total[:, :m].T) * w_scale[None, :]
     if x_scale is not None:
         y = y * x_scale[:, None]
     return y.astype(out_dtype)
@@ -134,7 +147,8 @@ def finish(parts: jax.Array, m: int, w_scale: jax.Array, x_scale: jax.Array | No
 def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: jnp.dtype,
                     interpret: bool = False) -> jax.Array:
     """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit -> float32 partials
-    out^T [split_k, N, Mp] summing to w @ xp^T (no scales). ``supports(...)`` must hold."""
+    out^T [split_k, N, Mp] summing to w @ xp^T (``config.store_mn``: out [split_k, Mp, N] summing
+    to xp @ w^T), no scales. ``supports(...)`` must hold."""
     mp, k = xp.shape
     n = w.shape[0]
     cfg = config
@@ -215,9 +229,15 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                 def _flush():
                     tile, part = unit(c, i)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous flush read o_smem
-                    o_smem[...] = carry
+                    if cfg.store_mn:   # [bn, Mp] registers -> the [Mp, bn] tile, transposed
+                        t_regs = plgpu.layout_cast(carry, plgpu.Layout.WGMMA_TRANSPOSED)
+                        o_smem.transpose((1, 0))[...] = t_regs
+                        dst = o_gmem.at[pl.ds(part * mp, mp), pl.ds(tile * bn, bn)]
+                    else:
+                        o_smem[...] = carry
+                        dst = o_gmem.at[pl.ds(part * n + tile * bn, bn), :]
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(part * n + tile * bn, bn), :])
+                    plgpu.copy_smem_to_gmem(o_smem, dst)
 
                 return lax.cond(last, lambda c: zero(), lambda c: c, carry)
 
@@ -233,7 +253,9 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
             )(*((w_gmem,) if resident else (w_gmem, x_gmem)))
             plgpu.wait_smem_to_gmem(0)
 
-        scratch = [plgpu.SMEM((bn, mp), jnp.float32, transforms=smem_transforms(jnp.float32, mp))]
+        tile_shape = (mp, bn) if cfg.store_mn else (bn, mp)
+        scratch = [plgpu.SMEM(tile_shape, jnp.float32,
+                              transforms=smem_transforms(jnp.float32, tile_shape[1]))]
         if resident:
             scratch += [plgpu.SMEM((2, steps, mp, bk), a_dtype, transforms=smem_transforms(a_dtype, bk)),
                         plgpu.Barrier(num_barriers=2 * steps)]
@@ -243,10 +265,10 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
 
     f = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((split * n, mp), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((split * mp, n) if cfg.store_mn else (split * n, mp), jnp.float32),
         grid=(ctas,),
         grid_names=("c",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    return f(xp, w).reshape(split, n, mp)
+    return f(xp, w).reshape((split, mp, n) if cfg.store_mn else (split, n, mp))

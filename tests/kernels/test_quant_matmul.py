@@ -138,6 +138,13 @@ MGPU_CASES = {
                           DecodeConfig(64, 128, 2, split_k=3, per_cta=2, x_resident=True)),
     "resident_ragged_fp8_m8": (8, 320, 512, FP8, False,
                                DecodeConfig(64, 128, 3, split_k=2, per_cta=3, x_resident=True)),
+    # tiles stored as [Mp, block_n]: partials [split_k, Mp, N], no transpose after the kernel
+    "store_mn_int8_m5_split": (5, 448, 512, jnp.int8, False,
+                               DecodeConfig(64, 128, 2, split_k=2, per_cta=3, store_mn=True)),
+    "store_mn_w8a8_m16_bn128": (16, 256, 256, FP8, True, DecodeConfig(128, 128, 2, store_mn=True)),
+    "store_mn_resident_fp8_m1": (1, 192, 1024, FP8, False,
+                                 DecodeConfig(64, 256, 2, split_k=2, per_cta=2, x_resident=True,
+                                              store_mn=True)),
 }
 
 
