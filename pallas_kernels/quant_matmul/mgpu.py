@@ -24,7 +24,8 @@ H100/H200's 132 SMs pull the weight), so the K range is cut into ``split_k`` par
 its own, until the grid has about two CTAs per SM; their float32 partials are summed in the XLA
 fusion after the kernel (``mgpu_decode.finish``), which also applies the per-channel weight
 scale, the per-token activation scale and the transpose back to [M, N] (it touches only
-split_k x M x N values). Here the dequantized A tile goes through SMEM (the form the Mosaic GPU
+split_k x M x N values; the persistent decode kernel stores [split_k, Mp, N] and needs no
+transpose: ``mgpu_decode``'s ``store_mn``). Here the dequantized A tile goes through SMEM (the form the Mosaic GPU
 interpreter runs on CPU); the persistent kernel feeds it from registers on a GPU (-11% at the
 8B's gate/up, H200, session 20).
 
@@ -93,7 +94,7 @@ def default_config(m: int, n: int, k: int) -> MgpuConfig:
 
 
 DECODE_SMEM_PER_CTA = 100 * 1024   # the persistent kernel's TMA ring: two CTAs per SM fit
-DECODE_STORE_MN = False   # the persistent kernel's ``store_mn`` A/B (benchmarks/step_floor.py)
+DECODE_STORE_MN = True    # the persistent kernel's ``store_mn`` (off: the A/B in benchmarks/step_floor.py)
 
 
 def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
