@@ -25,9 +25,9 @@ its own, until the grid has about two CTAs per SM; their float32 partials are su
 fusion after the kernel (``mgpu_decode.finish``), which also applies the per-channel weight
 scale, the per-token activation scale and the transpose back to [M, N] (it touches only
 split_k x M x N values; the persistent decode kernel stores [split_k, Mp, N] and needs no
-transpose: ``mgpu_decode``'s ``store_mn``). Here the dequantized A tile goes through SMEM (the form the Mosaic GPU
-interpreter runs on CPU); the persistent kernel feeds it from registers on a GPU (-11% at the
-8B's gate/up, H200, session 20).
+transpose: ``mgpu_decode``'s ``store_mn``). Here the dequantized A tile goes through SMEM (the
+form the Mosaic GPU interpreter runs on CPU); the persistent kernel feeds it from registers on
+a GPU (-11% at the 8B's gate/up, H200, session 20).
 
 Tile shapes (``default_config``): decode (Mp <= 64): block_n 64 (224 CTAs for N = 14336 on 132
 SMs), block_k 128, 4 stages, split_k up to 8 while each part keeps >= 4 pipeline steps; larger
@@ -95,6 +95,7 @@ def default_config(m: int, n: int, k: int) -> MgpuConfig:
 
 DECODE_SMEM_PER_CTA = 100 * 1024   # the persistent kernel's TMA ring: two CTAs per SM fit
 DECODE_STORE_MN = True    # the persistent kernel's ``store_mn`` (off: the A/B in benchmarks/step_floor.py)
+DECODE_SUM_ADDS = False   # its epilogue's ``sum_by_adds`` A/B (benchmarks/step_floor.py)
 
 
 def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
@@ -222,4 +223,5 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
         parts = mgpu_decode.decode_matmul_t(xp, w, config=cfg, fp8=FP8, interpret=interpret)
     else:
         parts = matmul_t(xp, w, config=cfg, interpret=interpret)
-    return finish(parts, m, w_scale, x_scale, out_dtype or x.dtype, store_mn=decode and cfg.store_mn)
+    return finish(parts, m, w_scale, x_scale, out_dtype or x.dtype, store_mn=decode and cfg.store_mn,
+                  sum_by_adds=DECODE_SUM_ADDS)
