@@ -4,7 +4,8 @@ Where it sits: issue 13's fp8 KV step-time target (<= 3% over bf16 at 8k context
 measured the engine's decode step +28.8% with an fp8 pool (Qwen2.5-0.5B shape, 16 x 8k:
 ``kv_dtype_step.py``), though the attention reads half the bytes. This times the attention
 kernel alone, per layer call, for the pool formats and the kernel options that bear on the
-per-key work: ``GpuConfig.kv_compute`` ("float16": K/V convert to f16 only, not on to bf16)
+per-key work: ``GpuConfig.kv_compute`` ("float16": K/V convert to f16 only, not on to bf16;
+"float8": the QK dot in e4m3 against K as stored)
 and more keys per inner step (``pages_per_block``, 1-byte pages: the same bytes per step as
 bf16's default). Timing as ``benchmarks/kernels.py`` (``loop_time``: one jit, unrolled calls,
 median of 5; page tables rotate over a pool 4x the footprint).
@@ -81,7 +82,9 @@ def main() -> None:
                 wide = dataclasses.replace(dflt, pages_per_block=2 * dflt.pages_per_block)
                 configs += [("kv_compute float16", dataclasses.replace(dflt, kv_compute="float16")),
                             ("2x keys per step", wide),
-                            ("both", dataclasses.replace(wide, kv_compute="float16"))]
+                            ("both", dataclasses.replace(wide, kv_compute="float16")),
+                            ("kv_compute float8", dataclasses.replace(dflt, kv_compute="float8")),
+                            ("float8, 2x keys", dataclasses.replace(wide, kv_compute="float8"))]
             want = rpa_ref.ragged_paged_attention(q, kp, vp, pts[0], *meta, sm_scale=d**-0.5, **sc)
             for label, cfg in configs:
                 f = functools.partial(rpa_gpu.ragged_paged_attention, sm_scale=d**-0.5, config=cfg,

@@ -85,7 +85,9 @@ class GpuConfig:
     kv_compute: the dtype the two dots of an int8 / fp8 pool run in, i.e. what every K and V
       element converts to in the inner loop. None: q's (bf16 in the engine); "float16": f16,
       which Hopper converts e4m3 to in hardware (``cvt.rn.f16x2.e4m3x2``; it has no e4m3 ->
-      bf16 instruction), q converted once per program, saturated to f16's range. Unquantized
+      bf16 instruction), q converted once per program, saturated to f16's range; "float8"
+      (fp8 pools): the QK dot in e4m3 with K as stored (no conversion) against q quantized
+      once per program with a scale per row (absmax / 448), PV as "float16". Unquantized
       pools ignore it. The A/B: ``benchmarks/kv_dtype_attention.py``.
     """
 
@@ -108,8 +110,9 @@ class GpuConfig:
             v = getattr(self, name)
             if v & (v - 1):
                 raise ValueError(f"GpuConfig.{name} must be a power of two, got {v}")
-        if self.kv_compute not in (None, "float16"):
-            raise ValueError(f"GpuConfig.kv_compute must be None or 'float16', got {self.kv_compute!r}")
+        if self.kv_compute not in (None, "float16", "float8"):
+            raise ValueError("GpuConfig.kv_compute must be None, 'float16' or 'float8', "
+                             f"got {self.kv_compute!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +134,7 @@ class GpuPlan:
 
 
 F16_MAX = 65504.0
+FP8_MAX = 448.0   # e4m3's largest finite value
 _PARTIALS_BYTES = 64 << 20
 _MAX_SPLITS = 32
 _SPLIT_DECODE_WARPS = 2  # smaller programs, more of them in flight per SM (few live sequences)
@@ -250,7 +254,12 @@ def _kernel(
     qcols = pl.ds(h * group * head_dim, group * head_dim)
     q = q_ref[rows, qcols].reshape(m_rows, head_dim)
     dot_dtype = q.dtype
-    if quantized and kv_compute == "float16":
+    qk8 = quantized and kv_compute == "float8" and k_ref.dtype == kv_format.FP8_BITS
+    if qk8:   # q in e4m3 with a scale per row; K as stored
+        qf = q.astype(jnp.float32)
+        q_scale = jnp.maximum(jnp.max(jnp.abs(qf), axis=1), 1e-30) / FP8_MAX
+        q8 = (qf / q_scale[:, None]).astype(kv_format.FP8)
+    if quantized and kv_compute in ("float16", "float8"):
         dot_dtype = jnp.float16
         q = jnp.clip(q.astype(jnp.float32), -F16_MAX, F16_MAX).astype(jnp.float16)
     qpos = pos0 + jnp.arange(m_rows, dtype=jnp.int32) // group  # [M]
@@ -290,11 +299,15 @@ def _kernel(
             vscale = jnp.broadcast_to(vs_ref[pages, h][:, None], (pages_per_block, page_size)).reshape(
                 block_k
             )
-            k = k.astype(dot_dtype)
             v = v.astype(dot_dtype)
-        s = plgpu.dot(q, k, trans_b=True)  # [M, block_k] float32
-        if quantized:
-            s = s * kscale[None, :]
+        if qk8:
+            s = plgpu.dot(q8, k, trans_b=True) * (q_scale[:, None] * kscale[None, :])
+        else:
+            if quantized:
+                k = k.astype(dot_dtype)
+            s = plgpu.dot(q, k, trans_b=True)  # [M, block_k] float32
+            if quantized:
+                s = s * kscale[None, :]
         s = s * sm_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)

@@ -41,6 +41,8 @@ CASES = {
     # quantized pools with per-page-per-head scales.
     "int8_kv": Case((1, 5, 1), (19, 7, 40), 16, 4, 2, 64, jnp.int8),
     "fp8_kv": Case((2, 1), (9, 30), 8, 4, 2, 32, jnp.uint8),   # e4m3 bits, as the engine stores fp8
+    # the GPU kernel's QK dot in e4m3 (q rounded to 3 mantissa bits per element)
+    "fp8_kv_qk8": Case((1, 3, 1), (26, 9, 40), 16, 4, 2, 64, jnp.uint8),
     # pool of more than 2^16 pages: page ids and slot offsets past 16 bits.
     "pool_70k_pages": Case((1, 3), (20, 9), 8, 2, 1, 16, num_pages=70_001),
 }

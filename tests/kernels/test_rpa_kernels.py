@@ -48,6 +48,7 @@ GPU_CONFIGS = {
     ),
     "int8_kv": rpa_gpu.GpuConfig(block_q=2, pages_per_block=1, kv_compute="float16"),
     "fp8_kv": None,   # the default: dots in q's dtype
+    "fp8_kv_qk8": rpa_gpu.GpuConfig(block_q=2, pages_per_block=2, kv_compute="float8"),
     "pool_70k_pages": None,
 }
 
