@@ -210,9 +210,12 @@ kva)
   # Issue 13's fp8 KV step time (session 23, case kvt: +28.8% per decode step at 16 x 8k with an
   # fp8 pool, Qwen2.5-0.5B shape, target <= 3%). The attention kernel alone per layer call, bf16
   # pool against fp8 (uint8) with GpuConfig.kv_compute "float16" (K/V convert to f16 only) and
-  # 2x keys per inner step. Prediction: fp8 default ~1.3-1.5x bf16's kernel time (the step's
-  # +29% is mostly attention at 8k); float16 -15-25% of that; 2x keys -10-20%; both ~1.0-1.1x.
-  # If so: default_config takes both for 1-byte pools, then kvt again.
+  # 2x keys per inner step, and (session 24) "float8": the QK dot in e4m3 against K as stored.
+  # First the GPU tests of kv_compute. Prediction: fp8 default ~1.3-1.5x bf16's kernel time
+  # (session 24's kvw: +35% per step at 8k, the write ruled out); float16 -15-25% of that; 2x
+  # keys -10-20%; float8 below float16 (no K conversion at all); the best ~1.0-1.1x. If so:
+  # default_config takes it for 1-byte pools, then kvt again.
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py -k kv_compute 2>&1 | tail -2
   timeout 300 python3 benchmarks/kv_dtype_attention.py 2>&1 | grep "^|\|^##\|rror" | tee "$OUT/kv_attn.txt"
   ;;
 kvt)
