@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU check)")
     a = ap.parse_args()
-    batch, context, interpret = (2, 64, True) if a.smoke else (a.batch, a.context, False)
+    batch, context, interpret = (4, 64, True) if a.smoke else (a.batch, a.context, False)
     print(f"## decode attention, {batch} sequences x {context} tokens, page {PAGE} "
           f"({jax.devices()[0].device_kind}, jax {jax.__version__})")
     print("| layout (q / kv heads, d) | pool | config | us per call | vs bf16 | max abs err vs reference |")
@@ -77,18 +77,24 @@ def main() -> None:
         for fp8 in (False, True):
             q, kp, vp, pts, meta, sc = inputs(hq, hkv, d, batch, context, fp8, key=7)
             dflt = rpa_gpu.default_config(batch, batch, hq, hkv, PAGE, pts.shape[2])
-            configs = [("default", dflt)]
+            plan = isinstance(dflt, rpa_gpu.GpuPlan)   # every row decodes: its decode launch runs
+            dec = dflt.decode if plan else dflt
+
+            def launch(c, dflt=dflt, plan=plan):
+                return dataclasses.replace(dflt, decode=c) if plan else c
+
+            configs = [("default", dec)]
             if fp8:
-                wide = dataclasses.replace(dflt, pages_per_block=2 * dflt.pages_per_block)
-                configs += [("kv_compute float16", dataclasses.replace(dflt, kv_compute="float16")),
+                wide = dataclasses.replace(dec, pages_per_block=2 * dec.pages_per_block)
+                configs += [("kv_compute float16", dataclasses.replace(dec, kv_compute="float16")),
                             ("2x keys per step", wide),
                             ("both", dataclasses.replace(wide, kv_compute="float16")),
-                            ("kv_compute float8", dataclasses.replace(dflt, kv_compute="float8")),
+                            ("kv_compute float8", dataclasses.replace(dec, kv_compute="float8")),
                             ("float8, 2x keys", dataclasses.replace(wide, kv_compute="float8"))]
             want = rpa_ref.ragged_paged_attention(q, kp, vp, pts[0], *meta, sm_scale=d**-0.5, **sc)
             for label, cfg in configs:
-                f = functools.partial(rpa_gpu.ragged_paged_attention, sm_scale=d**-0.5, config=cfg,
-                                      interpret=interpret, **sc)
+                f = functools.partial(rpa_gpu.ragged_paged_attention, sm_scale=d**-0.5,
+                                      config=launch(cfg), interpret=interpret, **sc)
                 got = jax.jit(f)(q, kp, vp, pts[0], *meta)
                 err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
                 t = loop_time(lambda i, q, kp, vp, pts, f=f, meta=meta: f(q, kp, vp, pts[i], *meta),
