@@ -5,11 +5,8 @@
 # (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (as mus + vt), t, i11f, mu, vt2 (which
 # holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
 # OOM diagnosis, qp, qt (as q21), q21b, w21, qf, qx2, qx3 (with qr's M = 1 column) and dd's
-# distillation, dd, qb, kvf, vt3, sa, fp8s, kvt; session 24 dd2, qk, kvw, qmn: RESULTS*.md.) Order:
-# kva (issue 13: the fp8-pool attention kernel's options, then kvt again if one wins), qk2
-# (issue 13: int8 against bf16 decode with store_mn the default; the split-K sums as
-# elementwise adds), vt4 (issue 12: batch 1 and 256 running with the base built twice and each
-# engine's trace; replaces vt3), sa2 (issue 16: the arms interleaved in one process), qx4
+# distillation, dd, qb, kvf, vt3, sa, fp8s, kvt; session 24 dd2, qk, kvw, qmn, qk2, vt4: RESULTS*.md.) Order:
+# kva (issue 13: the fp8-pool attention kernel's options, then kvt again if one wins), sa2 (issue 16: the arms interleaved in one process), qx4
 # (issue 13: w8a8 with Triton GEMMs), b2, o, u, w, f, m, u1;
 # then, on 2 GPUs, pb, d, s, c. Session 16 turned XLA's rematerialization pass off for step
 # programs: start-ups should fit their timeouts at share 0.9 too, but spec cases keep 0.5 until
@@ -177,13 +174,9 @@ qk2)
   # Issue 13's int8 decode target (1.6x bf16) after session 24's store_mn became the default
   # (case qmn: 3.819 -> 3.376 ms, 527 -> 462 kernels; bf16 not in that call). The 8B's int8
   # and bf16 decode steps in one call. Prediction: int8 ~3.4 ms, bf16 ~4.7-5.0: ~1.4-1.45x.
-  # With the A/B quant-sum-adds: the 63 kernels left over bf16's are the o and down
-  # projections' split-K sums, which XLA keeps apart from their consumer (the residual add into
-  # RMSNorm's row reduction); summed by elementwise adds instead (session 20 tried that in the
-  # out^T layout, where each add sliced a transpose: 622 kernels). Prediction: 462 -> ~400
-  # kernels and ~-0.3 ms, or refuted again (the patch does nothing to bf16's step).
-  timeout 230 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8,none --ab quant-sum-adds 2>&1 | table | grep "^##\|^| A "
+  # (Session 24 ran it with the A/B quant-sum-adds, since refuted and removed.)
+  timeout 200 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8,none 2>&1 | table | grep "^##\|^| A "
   ;;
 qk)
   # Issue 13's int8 decode (session 23, case qb: the 8B int8 step at 76% of its HBM floor, 527

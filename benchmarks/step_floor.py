@@ -194,15 +194,6 @@ def _patched(patch: str):
             yield None
         finally:
             mgpu.DECODE_STORE_MN = saved
-    elif patch == "quant-sum-adds":   # the decode kernel's split-K parts summed by elementwise adds
-        from pallas_kernels.quant_matmul import mgpu
-
-        saved = mgpu.DECODE_SUM_ADDS
-        mgpu.DECODE_SUM_ADDS = True
-        try:
-            yield None
-        finally:
-            mgpu.DECODE_SUM_ADDS = saved
     elif patch.startswith("xla:"):  # XLA debug options for this compile, e.g. xla:NAME=false
         from benchmarks.compile_ab import options
 
@@ -322,7 +313,7 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="folder for a profiler trace of 20 steps of A")
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
-                    "attn-fused-combine, quant-xla, quant-out-t, quant-sum-adds, xla:OPTION=VALUE")
+                    "attn-fused-combine, quant-xla, quant-out-t, xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,

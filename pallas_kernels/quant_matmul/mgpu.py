@@ -95,7 +95,6 @@ def default_config(m: int, n: int, k: int) -> MgpuConfig:
 
 DECODE_SMEM_PER_CTA = 100 * 1024   # the persistent kernel's TMA ring: two CTAs per SM fit
 DECODE_STORE_MN = True    # the persistent kernel's ``store_mn`` (off: the A/B in benchmarks/step_floor.py)
-DECODE_SUM_ADDS = False   # its epilogue's ``sum_by_adds`` A/B (benchmarks/step_floor.py)
 
 
 def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
@@ -223,5 +222,4 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
         parts = mgpu_decode.decode_matmul_t(xp, w, config=cfg, fp8=FP8, interpret=interpret)
     else:
         parts = matmul_t(xp, w, config=cfg, interpret=interpret)
-    return finish(parts, m, w_scale, x_scale, out_dtype or x.dtype, store_mn=decode and cfg.store_mn,
-                  sum_by_adds=DECODE_SUM_ADDS)
+    return finish(parts, m, w_scale, x_scale, out_dtype or x.dtype, store_mn=decode and cfg.store_mn)

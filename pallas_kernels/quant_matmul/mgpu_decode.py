@@ -135,20 +135,13 @@ def smem_transforms(dtype: jnp.dtype, cols: int) -> tuple:
 
 
 def finish(parts: jax.Array, m: int, w_scale: jax.Array, x_scale: jax.Array | None,
-           out_dtype: jnp.dtype, *, store_mn: bool = False, sum_by_adds: bool = False) -> jax.Array:
+           out_dtype: jnp.dtype, *, store_mn: bool = False) -> jax.Array:
     """Inside jit, after either kernel: float32 partials out^T [split_k, N, Mp] (or [split_k,
     Mp, N] with ``store_mn``) -> y [m, N] = their sum (transposed) times the per-channel weight
-    scale (and the per-token activation scale of w8a8), in ``out_dtype``. ``sum_by_adds``
-    (``store_mn`` only): the parts' rows summed by a chain of elementwise adds, not a reduce (an
-    A/B: whether XLA then fuses the sum into a consumer that is itself a reduction)."""
-    if store_mn and sum_by_adds:
-        total = parts[0, :m]
-        for i in range(1, parts.shape[0]):
-            total = total + parts[i, :m]
-        y = total * w_scale[None, :]
-    else:
-        total = parts.sum(axis=0)
-        y = (total[:m] if store_mn else total[:, :m].T) * w_scale[None, :]
+    scale (and the per-token activation scale of w8a8), in ``out_dtype``. (The sum as a chain
+    of elementwise adds instead was refuted twice: sessions 20 and 24, RESULTS.md.)"""
+    total = parts.sum(axis=0)
+    y = (total[:m] if store_mn else total[:, :m].T) * w_scale[None, :]
     if x_scale is not None:
         y = y * x_scale[:, None]
     return y.astype(out_dtype)
