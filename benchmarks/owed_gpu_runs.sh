@@ -5,10 +5,10 @@
 # (= x + the 8B's HF peer), u8c, u8w, u8t, u8f, d27, sk (as mus + vt), t, i11f, mu, vt2 (which
 # holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
 # OOM diagnosis, qp, qt (as q21), q21b, w21, qf, qx2, qx3 (with qr's M = 1 column) and dd's
-# distillation, dd, qb, kvf, vt3, sa, fp8s, kvt; session 24 dd2, qk, kvw, qmn, qk2, vt4: RESULTS*.md.) Order:
-# kva (issue 13: the fp8-pool attention kernel's options, then kvt again if one wins), sa2 (issue 16: the arms interleaved in one process), qx4
-# (issue 13: w8a8 with Triton GEMMs), b2, o, u, w, f, m, u1;
-# then, on 2 GPUs, pb, d, s, c. Session 16 turned XLA's rematerialization pass off for step
+# distillation, dd, qb, kvf, vt3, sa, fp8s, kvt; session 24 dd2, qk, kvw, qmn, qk2, vt4:
+# RESULTS*.md.) Order: kva (issue 13: the fp8-pool attention kernel's options, then kvt again if
+# one wins), sa2 (issue 16: the arms interleaved in one process), qx4 (issue 13: w8a8 with
+# Triton GEMMs), b2, o, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c. Session 16 turned XLA's rematerialization pass off for step
 # programs: start-ups should fit their timeouts at share 0.9 too, but spec cases keep 0.5 until
 # a run shows it.
 #
