@@ -8,9 +8,9 @@
 # distillation, dd, qb, kvf, vt3, sa, fp8s, kvt; session 24 dd2, qk, kvw, qmn, qk2, vt4:
 # RESULTS*.md.) Order: kva (issue 13: the fp8-pool attention kernel's options, then kvt again if
 # one wins), sa2 (issue 16: the arms interleaved in one process), qx4 (issue 13: w8a8 with
-# Triton GEMMs), b2, o, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c. Session 16 turned XLA's rematerialization pass off for step
-# programs: start-ups should fit their timeouts at share 0.9 too, but spec cases keep 0.5 until
-# a run shows it.
+# Triton GEMMs), b2, o, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c. Session 16 turned XLA's
+# rematerialization pass off for step programs: start-ups should fit their timeouts at share
+# 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
 #   sw4 (1 GPU, ~6 min; session 16's try timed out compiling under the rematerialization pass):
 #     the sweep at the new default (disable_by_batch_size 4) after session 15's
