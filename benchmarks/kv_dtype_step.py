@@ -20,16 +20,21 @@ import argparse
 import gc
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import SamplingParams
+from jserve.step_program import StepVariant
 
 
-def one(model: str, kv: str, context: int, batch: int, steps: int) -> tuple[int, float, int]:
-    """-> (pool pages, median ms per decode step, page size) for one KV dtype."""
+def one(model: str, kv: str, context: int, batch: int, steps: int,
+        dump: str | None = None) -> tuple[int, float, int]:
+    """-> (pool pages, median ms per decode step, page size) for one KV dtype; ``dump``: a
+    folder for the greedy decode step's optimized program (``<kv>.decode_step.hlo.txt``, for
+    ``hlo_kernels.py``)."""
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16",
                                   kv_cache_dtype=kv, max_num_seqs=batch, max_num_batched_tokens=2048,
                                   max_model_len=context + steps * 5 + 16))
@@ -50,6 +55,10 @@ def one(model: str, kv: str, context: int, batch: int, steps: int) -> tuple[int,
             eng.step()
         runs.append((time.perf_counter() - t0) / steps * 1e3)
     pages, page_size = eng.startup.pool_plan.num_pages, eng.config.cache.page_size
+    if dump:
+        r = eng.runner
+        step = r._compiled[StepVariant(r.bucket_for(batch)[0], False, True, True)]
+        Path(dump, f"{kv}.decode_step.hlo.txt").write_text(step.as_text())
     while eng.has_unfinished_requests():
         eng.step()
     del eng
@@ -64,10 +73,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--kv-dtypes", default="auto,fp8")
+    ap.add_argument("--dump", default=None, help="folder for each decode step's optimized program")
     ns = ap.parse_args()
     rows = []
     for kv in ns.kv_dtypes.split(","):
-        rows.append((kv, *one(ns.model, kv, ns.context, ns.batch, ns.steps)))
+        rows.append((kv, *one(ns.model, kv, ns.context, ns.batch, ns.steps, ns.dump)))
         print(f"  {kv}: {rows[-1][1]} pages, {rows[-1][2]:.3f} ms per decode step", flush=True)
     print(f"\n## {ns.model}, {ns.batch} sequences decoding at {ns.context} tokens "
           f"({jax.devices()[0].device_kind})")

@@ -85,7 +85,8 @@ class GpuConfig:
     kv_compute: the dtype the two dots of an int8 / fp8 pool run in, i.e. what every K and V
       element converts to in the inner loop. None: q's (bf16 in the engine); "float16": f16,
       which Hopper converts e4m3 to in hardware (``cvt.rn.f16x2.e4m3x2``; it has no e4m3 ->
-      bf16 instruction), q converted once per program, saturated to f16's range; "float8"
+      bf16 instruction; ``default_config``'s choice for quantized pools), q converted once per
+      program, saturated to f16's range; "float8"
       (fp8 pools): the QK dot in e4m3 with K as stored (no conversion) against q quantized
       once per program with a scale per row (absmax / 448), PV as "float16". Unquantized
       pools ignore it. The A/B: ``benchmarks/kv_dtype_attention.py``.
@@ -161,9 +162,14 @@ def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: in
 
 def default_config(
     num_tokens: int, max_seqs: int, num_q_heads: int, num_kv_heads: int, page_size: int, pages_per_seq: int,
-    decode_rows: int = 1,
+    decode_rows: int = 1, quantized: bool = False,
 ) -> GpuConfig | GpuPlan:
     """Heuristic static config from the shapes alone (the batch's composition is dynamic).
+
+    ``quantized`` (an int8 / fp8 pool): both classes take ``kv_compute="float16"`` (H200,
+    session 24, 16 x 8k decode attention per layer call: fp8 pool 1.081x / 1.334x the bf16
+    pool's time with bf16 dots for the Qwen2.5-0.5B / Llama-3.1-8B layouts, 0.979x / 0.954x with
+    f16 dots; "float8" 0.898x / 0.944x, not the default until its accuracy is measured on a GPU).
 
     Decode class: ``block_q * G = 16`` score rows (the tensor-core minimum), or ``block_q`` =
     ``decode_rows`` rounded up to a power of two when that is more (speculative verify rows:
@@ -181,15 +187,18 @@ def default_config(
     items = min(max_seqs, num_tokens)
     partial_bytes = items * bq * num_kv_heads * group * 128 * 4  # [rows, kvh * G * D] float32, D <= 128
     splits = _splits(items * num_kv_heads, num_kv_heads, ctx_blocks, partial_bytes)
+    compute = "float16" if quantized else None
     dec = GpuConfig(
         block_q=bq,
         pages_per_block=ppb,
         num_splits=splits,
         num_warps=_SPLIT_DECODE_WARPS if splits > 1 else 4,
+        kv_compute=compute,
     )
     if num_tokens <= bq:
         return dec
-    pre = GpuConfig(block_q=max(bq * 2, 64 // group), pages_per_block=ppb, num_warps=4, num_stages=2)
+    pre = GpuConfig(block_q=max(bq * 2, 64 // group), pages_per_block=ppb, num_warps=4, num_stages=2,
+                    kv_compute=compute)
     return GpuPlan(decode=dec, prefill=pre)
 
 
@@ -542,7 +551,8 @@ def ragged_paged_attention(
     if page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two for the GPU kernel, got {page_size}")
     cfg = config or default_config(num_tokens, max_seqs, num_q_heads, num_kv_heads, page_size, pages_per_seq,
-                                   decode_rows if max_q_len is None else min(decode_rows, max_q_len))
+                                   decode_rows if max_q_len is None else min(decode_rows, max_q_len),
+                                   quantized=k_scales is not None)
     group = num_q_heads // num_kv_heads
     gp, dp = sp.pow2(group), sp.pow2(max(head_dim, 16))
     qx = q.reshape(num_tokens, num_kv_heads, group, head_dim)
