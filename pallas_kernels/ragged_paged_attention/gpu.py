@@ -86,10 +86,10 @@ class GpuConfig:
       element converts to in the inner loop. None: q's (bf16 in the engine); "float16": f16,
       which Hopper converts e4m3 to in hardware (``cvt.rn.f16x2.e4m3x2``; it has no e4m3 ->
       bf16 instruction; ``default_config``'s choice for quantized pools), q converted once per
-      program, saturated to f16's range; "float8"
-      (fp8 pools): the QK dot in e4m3 with K as stored (no conversion) against q quantized
-      once per program with a scale per row (absmax / 448), PV as "float16". Unquantized
-      pools ignore it. The A/B: ``benchmarks/kv_dtype_attention.py``.
+      program, saturated to f16's range; "float8" (fp8 pools; int8 pools take "float16"): the
+      QK dot in e4m3 with K as stored (no conversion) against q quantized once per program
+      with a scale per row (absmax / 448), PV as "float16". Unquantized pools ignore it. The
+      A/B: ``benchmarks/kv_dtype_attention.py``.
     """
 
     block_q: int = 16
