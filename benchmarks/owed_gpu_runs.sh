@@ -6,7 +6,7 @@
 # holds b's k table), qs, qd, qe, qm (q's step half), qo, the 2-GPU correctness tests and the
 # OOM diagnosis, qp, qt (as q21), q21b, w21, qf, qx2, qx3 (with qr's M = 1 column) and dd's
 # distillation, dd, qb, kvf, vt3, sa, fp8s, kvt; session 24 dd2, qk, kvw, qmn, qk2, vt4,
-# kva: RESULTS*.md.) Order: kvt2 (issue 13: the fp8 KV step at 8k with f16 dots, and where
+# kva: RESULTS*.md.) Order: vmm (issue 12: batch 1 under XLA's VMM client), kvt2 (issue 13: the fp8 KV step at 8k with f16 dots, and where
 # the rest of its extra time goes), sa2 (issue 16: the arms interleaved in one process), qx4
 # (issue 13: w8a8 with Triton GEMMs), b2, o, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
@@ -126,6 +126,33 @@ sweep4() {   # the speculation sweep at the engine's default disable_by_batch_si
 }
 
 case "${1:-a}" in
+vmm)
+  # Issue 12's batch 1 (session 24, vt4: 1.45-1.80x; target 2x). vt4's traces: the speculating
+  # step's launch took 0.198 ms when the device was idle but 0.548 ms when it was busy (653 of
+  # 1,017 launches), the base's 0.406 ms (idle). Suspect: the per-call CUDA-graph update (moved
+  # buffers) cannot overlap the graph's previous run, so the launch waits for the device and the
+  # update lands on the critical path. XLA's VMM client (XLA_FLAGS update mode SKIP_TEMP, sessions
+  # 12 / 14: the numpy input's ~1 ms update gone on Qwen) in a second process beside the default
+  # one; spec_verify_step times both steps alone (read each step, and back to back). Prediction:
+  # default as vt4 (~1.8x at concurrency 1), its verify step back to back ~0.8-1.0 ms (device-
+  # bound: ~300 small kernels); VMM: the busy launches fall to ~0.25 ms, the spec step to
+  # ~0.85 ms, the base step ~0.75 ms, ratio ~2.0-2.1x.
+  XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP XLA_CLIENT_MEM_FRACTION=0.5 timeout 60 python3 -c \
+    "import jax; s = jax.devices()[0].memory_stats(); print('VMM memory_stats:', {k: s[k] for k in sorted(s) if 'limit' in k or 'in_use' in k})"
+  for arm in default vmm; do
+    xf=""; [ $arm = vmm ] && xf="--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+    echo "## arm $arm"
+    XLA_FLAGS="$xf" timeout 120 python3 benchmarks/spec_verify_step.py --model code-small --no-random-weights \
+      --draft-model code-draft --k 4 --batches 1 --contexts 256 --iters 50 2>&1 | grep -v "^W\|WARNING\|^I"
+    XLA_FLAGS="$xf" timeout 180 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 \
+      --workloads code --num-prompts 8 --max-tokens 96 --concurrency 1 --max-num-seqs 8 \
+      --max-model-len 1024 --max-num-batched-tokens 256 --gpu-memory-utilization 0.5 --repeat 2 \
+      --trace --json "$OUT/spec_$arm.json" > "$OUT/spec_$arm.txt" 2>&1
+    echo "(rc $?)"
+    grep -v "^W\|WARNING\|^I" "$OUT/spec_$arm.txt" | grep -v "|---" \
+      | grep "^base\|^draft\|^code\|^| \(step\|dispatch\|launch\|launch_on_idle\|wait\|prepare\) \|^###\|rror"
+  done
+  ;;
 fp8s)
   # Issue 13's fp8 KV (session 23, call 2: the GPU test of scatter_rows' byte view failed and the
   # 8B with an fp8 pool ran out of memory in a page move's jit__scatter, a pool array's 1.48 GiB).
