@@ -133,25 +133,30 @@ vmm)
   # buffers) cannot overlap the graph's previous run, so the launch waits for the device and the
   # update lands on the critical path. XLA's VMM client (XLA_FLAGS update mode SKIP_TEMP, sessions
   # 12 / 14: the numpy input's ~1 ms update gone on Qwen) in a second process beside the default
-  # one; spec_verify_step times both steps alone (read each step, and back to back). Prediction:
-  # default as vt4 (~1.8x at concurrency 1), its verify step back to back ~0.8-1.0 ms (device-
-  # bound: ~300 small kernels); VMM: the busy launches fall to ~0.25 ms, the spec step to
-  # ~0.85 ms, the base step ~0.75 ms, ratio ~2.0-2.1x.
-  XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP XLA_CLIENT_MEM_FRACTION=0.5 timeout 60 python3 -c \
-    "import jax; s = jax.devices()[0].memory_stats(); print('VMM memory_stats:', {k: s[k] for k in sorted(s) if 'limit' in k or 'in_use' in k})"
-  for arm in default vmm; do
-    xf=""; [ $arm = vmm ] && xf="--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
-    echo "## arm $arm"
-    XLA_FLAGS="$xf" timeout 120 python3 benchmarks/spec_verify_step.py --model code-small --no-random-weights \
-      --draft-model code-draft --k 4 --batches 1 --contexts 256 --iters 50 2>&1 | grep -v "^W\|WARNING\|^I"
-    XLA_FLAGS="$xf" timeout 180 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 \
+  # one; spec_verify_step times both steps alone (read each step, and back to back). Also new in
+  # session 25: the draft's forward over the step's tokens carries the emitted token, so a
+  # speculative step runs K - 1 draft decodes instead of K (draft.draft_step). Predictions:
+  # old as vt4 (~1.8x at concurrency 1); the verify step back to back ~0.8-1.0 ms (device-bound:
+  # ~300 small kernels); new: the spec step -8-10% (one of ~11 small forwards gone), ~1.95x;
+  # VMM: the busy launches fall to ~0.25 ms, the spec step to ~0.85 ms, the base ~0.75 ms.
+  # Arms: "new" this tree, "old" the tree before the draft's merged first forward (.before/, carried:
+  # git archive of 76c6849), "vmm" this tree under the VMM client.
+  spec_b1() {   # $1 arm name; run from the tree to time
+    timeout 170 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 \
       --workloads code --num-prompts 8 --max-tokens 96 --concurrency 1 --max-num-seqs 8 \
       --max-model-len 1024 --max-num-batched-tokens 256 --gpu-memory-utilization 0.5 --repeat 2 \
-      --trace --json "$OUT/spec_$arm.json" > "$OUT/spec_$arm.txt" 2>&1
-    echo "(rc $?)"
-    grep -v "^W\|WARNING\|^I" "$OUT/spec_$arm.txt" | grep -v "|---" \
+      --trace --json "$OUT/spec_$1.json" > "$OUT/spec_$1.txt" 2>&1
+    echo "## arm $1 (rc $?)"
+    grep -v "^W\|WARNING\|^I" "$OUT/spec_$1.txt" | grep -v "|---" \
       | grep "^base\|^draft\|^code\|^| \(step\|dispatch\|launch\|launch_on_idle\|wait\|prepare\) \|^###\|rror"
-  done
+  }
+  spec_b1 new
+  [ -d .before ] && (cd .before && PYTHONPATH=/tmp/site:. spec_b1 old)
+  XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP spec_b1 vmm
+  timeout 110 python3 benchmarks/spec_verify_step.py --model code-small --no-random-weights \
+    --draft-model code-draft --k 4 --batches 1 --contexts 256 --iters 50 2>&1 | grep -v "^W\|WARNING\|^I"
+  XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP XLA_CLIENT_MEM_FRACTION=0.5 timeout 40 python3 -c \
+    "import jax; s = jax.devices()[0].memory_stats(); print('VMM memory_stats:', {k: s[k] for k in sorted(s) if 'limit' in k or 'in_use' in k})"
   ;;
 fp8s)
   # Issue 13's fp8 KV (session 23, call 2: the GPU test of scatter_rows' byte view failed and the

@@ -20,9 +20,13 @@ the catch-up then runs for no step (at 256 running, speculation off, the draft m
 engine dispatched 0.19-0.34 ms per step more than the base's, its catch-up launches: sessions
 19 and 23 on an H200)::
 
-    step rows (prefill chunks, [last, d_1 .. d_k] verify rows)   -> draft K/V at the same slots
-    per sampling row, after verification emitted t at position p (= start + 1 + accepted):
-        draft decode i = 0 .. K-1: token (t, then draft i - 1) at p + i -> logits -> draft i
+    step rows (prefill chunks, [last, d_1 .. d_k] verify rows), after verification emitted
+    t at position p (= start + 1 + accepted a), t put in the place of the first rejected draft
+    (rows with a < k)                              -> draft K/V at the same slots; logits at
+                                                      t's place -> draft 0 of those rows
+    draft decodes i = 1 .. K-1, per sampling row: rows with t placed: draft i - 1 at p + i ->
+        draft i; the others (every draft accepted, or none): t at p, then draft i - 2 at
+        p + i - 1 -> draft i - 1 (K - 1 drafts; the K-th is -1, none)
     positions past the row's pages (the scheduler reserves K lookahead positions when the pool
     has room; its page row is zero past the request's pages) write the null page
 
@@ -34,7 +38,10 @@ top-p -> min-p, ``rejection.filtered_logits``), Gumbel-max with the row's seed s
 next step verifies the drafts with min(1, p/q) and residual resampling: the output then
 follows the target's distribution exactly (Leviathan et al. 2023). The catch-up over accepted
 tokens is the next step's verify row itself: it feeds [last token, d_1 .. d_k] through the
-draft at their positions.
+draft at their positions, with that step's emitted token in the first rejected draft's place,
+so that one forward both catches up and proposes (one small forward fewer per step than a
+catch-up forward followed by K decodes: the batch-1 speculative step is a few hundred small
+kernels, bound by their count).
 """
 
 from __future__ import annotations
@@ -132,26 +139,47 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     """Inside jit. batch: the step's input (token ids fed); samples/num_draft/num_emitted:
     int32[R]; tokens: int32[R, K + 1] the verified tokens; sbatch: the rows' sampling
     parameters (output_index: position 0's), or None: every row is greedy; probs: the per-slot
-    q table f32[S + 1, K, V] (with sbatch), where row r's q of draft i goes to
-    ``probs[slot[r], i]`` (slot: int32[R], the null row S for rows that do not sample)
-    -> (draft kv, drafts int32[R, K], probs). The random path (and its writes) runs only
-    when some row is random (``lax.cond``): greedy batches pay nothing for it."""
-    h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
-    # The rows' hidden states are not needed, but their attention reads the pool that the
-    # decodes below write: without an order between them XLA copies a layer's pool arrays to
-    # keep the old version (a pool-sized temporary: the 0.9-share start-up ran out of memory on
-    # an H200, session 13). The barrier puts every read of this forward before those writes.
-    _, kv = jax.lax.optimization_barrier((h, kv))
+    q table f32[S + 1, K, V] (with sbatch), where row r's q of draft j goes to
+    ``probs[slot[r], j]`` (slot: int32[R], the null row S for rows that do not sample)
+    -> (draft kv, drafts int32[R, K] (-1: none), probs). The random path (and its writes) runs
+    only when some row is random (``lax.cond``): greedy batches pay nothing for it.
+
+    The forward over the step's tokens carries the new token: a row whose window held a
+    rejected draft (``full``: a + 1 <= num_draft) gets its emitted token t in that draft's
+    place, so this forward's logits there give draft 0 and K - 1 decodes follow; a row that
+    accepted every draft (or had none) has no place for t inside it: its first decode takes t,
+    and it proposes K - 1 drafts (the last is -1). The tokens after t's place are rejected
+    drafts: causal attention keeps them out of t's logits, and the decodes overwrite their K/V
+    (they sit at positions p + a + 2 .. p + k, below the last decode's p + a + K)."""
     r = batch.num_rows
-    p = batch.page_table.shape[1]
-    last = jnp.take_along_axis(tokens, (num_emitted - 1)[:, None], axis=1)[:, 0]
-    pos0 = batch.positions[batch.logits_indices] - num_draft + num_emitted
-    live = (samples > 0) & (jnp.arange(r) < batch.num_seqs[0])
     rows = jnp.arange(r)
+    t_new = jnp.take_along_axis(tokens, (num_emitted - 1)[:, None], axis=1)[:, 0]
+    live = (samples > 0) & (rows < batch.num_seqs[0])
+    full = live & (num_emitted <= num_draft)
+    at = batch.logits_indices - num_draft + num_emitted     # t's index in the step's tokens
+    n = batch.token_ids.shape[0]
+    sub = jnp.full((n,), -1, jnp.int32).at[jnp.where(full, at, n)].set(rows.astype(jnp.int32),
+                                                                       mode="drop")
+    ids = jnp.where(sub >= 0, t_new[jnp.maximum(sub, 0)], batch.token_ids)
+    h, kv = hidden_states(cfg, params, kv, dataclasses.replace(batch, token_ids=ids),
+                          fresh_prefill=False, mesh=mesh)
+    # This forward's attention reads the pool that the decodes below write: without an order
+    # between them XLA copies a layer's pool arrays to keep the old version (a pool-sized
+    # temporary: the 0.9-share start-up ran out of memory on an H200, session 13). The barrier
+    # puts every read of this forward before those writes.
+    h, kv = jax.lax.optimization_barrier((h, kv))
+    logits = logits_from_hidden(cfg, params, h[jnp.where(full, at, 0)]).astype(jnp.float32)
+    null = None if probs is None else jnp.full_like(slot, probs.shape[0] - 1)
+    emitted = num_emitted   # draft j is output token output_index + num_emitted + j
+    first, probs = _draw(logits, sbatch, emitted, 0, probs,
+                         None if slot is None else jnp.where(full, slot, null))
+    shift = full.astype(jnp.int32)
+    p = batch.page_table.shape[1]
+    pos0 = batch.positions[batch.logits_indices] - num_draft + num_emitted   # t's position
     qsl = jnp.minimum(jnp.arange(r + 1), batch.num_seqs[0]).astype(jnp.int32)
-    tok, drafts = last, []
-    for i in range(num_spec):
-        pos = pos0 + i
+    tok, outs = jnp.where(full, first, t_new), []
+    for i in range(1, num_spec):
+        pos = pos0 + i - 1 + shift
         idx = jnp.clip(pos // page_size, 0, p - 1)
         page = batch.page_table[rows, idx]
         ok = live & (pos // page_size < p) & (page > 0)
@@ -165,19 +193,31 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
         h, kv = hidden_states(cfg, params, kv, step, fresh_prefill=False, mesh=mesh,
                               decode_only=True)
         logits = logits_from_hidden(cfg, params, h).astype(jnp.float32)
-        tok = jnp.argmax(logits, axis=1).astype(jnp.int32)
-        if sbatch is not None:   # draft i is output token output_index + num_emitted + i
-            ib = dataclasses.replace(sbatch, output_index=sbatch.output_index + num_emitted + i)
+        j = i - 1 + shift                                      # this draft's index in the row
+        tok, probs = _draw(logits, sbatch, emitted + j, j, probs, slot)
+        outs.append(tok)
+    drafts = jnp.stack([first] + outs, axis=1) if outs else first[:, None]        # full rows
+    short = jnp.concatenate([jnp.stack(outs, axis=1), jnp.full((r, 1), -1, jnp.int32)], axis=1) \
+        if outs else jnp.full((r, 1), -1, jnp.int32)
+    return kv, jnp.where(full[:, None], drafts, short), probs
 
-            def rnd(table: jax.Array, logits=logits, ib=ib, greedy=tok, i=i
-                    ) -> tuple[jax.Array, jax.Array]:
-                t, q = _sample_random(logits, ib, greedy)
-                return t, table.at[slot, i].set(q)
 
-            tok, probs = jax.lax.cond(jnp.any(ib.temperature > 0), rnd,
-                                      lambda table, greedy=tok: (greedy, table), probs)
-        drafts.append(tok)
-    return kv, jnp.stack(drafts, axis=1), probs
+def _draw(logits: jax.Array, sbatch: SamplingBatch | None, offset: jax.Array, j: jax.Array | int,
+          probs: jax.Array | None, slot: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """One draft per row from the draft's logits f32[R, V]: the argmax, or (``sbatch`` given:
+    some rows may be random) ``draft_sample`` at output index ``output_index + offset`` [R],
+    its q written to ``probs[slot[r], j[r]]`` (j: int32[R] or an int) -> (tokens int32[R],
+    probs)."""
+    greedy = jnp.argmax(logits, axis=1).astype(jnp.int32)
+    if sbatch is None:
+        return greedy, probs
+    ib = dataclasses.replace(sbatch, output_index=sbatch.output_index + offset)
+
+    def rnd(table: jax.Array) -> tuple[jax.Array, jax.Array]:
+        t, q = _sample_random(logits, ib, greedy)
+        return t, table.at[slot, j].set(q)
+
+    return jax.lax.cond(jnp.any(ib.temperature > 0), rnd, lambda table: (greedy, table), probs)
 
 
 def catch_up(cfg: ModelConfig, layout: StepLayout, mesh: Mesh | None, params: Any, kv: KVCache,
