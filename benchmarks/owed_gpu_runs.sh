@@ -126,6 +126,19 @@ sweep4() {   # the speculation sweep at the engine's default disable_by_batch_si
 }
 
 case "${1:-a}" in
+vt5)
+  # Issue 12 after session 25's merged draft forward (case vmm: the spec step 1.135 -> 1.046 ms;
+  # 2.47x against its own process's base, 2.05-2.12x against the faster base of that call, whose
+  # bases ran 0.81-1.22 ms per step). vt4's run on this tree: batch 1 and 256 running, the base
+  # built before and after (each ratio against the faster). Prediction: batch 1 ~2.0-2.2x, 256
+  # running ~1.0x (speculation off there: the change does not act).
+  timeout 290 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code \
+    --num-prompts 8 --max-tokens 96 --concurrency 1,256 --max-num-seqs 256 --max-model-len 1024 \
+    --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --repeat 3 --disable-by-batch-size default \
+    --trace --base-twice --json "$OUT/spec_vt5.json" > "$OUT/spec_vt5.txt" 2>&1
+  grep -v "^W\|WARNING\|^I" "$OUT/spec_vt5.txt" | grep -v "|---" \
+    | grep "^base\|^draft\|^code\|^| \(step\|schedule\|dispatch\|launch\|launch_on_idle\|wait\|prepare\) \|^###\|rror"
+  ;;
 vmm)
   # Issue 12's batch 1 (session 24, vt4: 1.45-1.80x; target 2x). vt4's traces: the speculating
   # step's launch took 0.198 ms when the device was idle but 0.548 ms when it was busy (653 of
