@@ -126,6 +126,11 @@ sweep4() {   # the speculation sweep at the engine's default disable_by_batch_si
 }
 
 case "${1:-a}" in
+kvq)
+  # kvt2's first half: the quantized-KV GPU tests (held-out perplexity and the engine) on the f16
+  # dots that session 24 made the quantized pools' default. Prediction: they pass.
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kv_quant_gpu.py 2>&1 | tail -3
+  ;;
 vt5)
   # Issue 12 after session 25's merged draft forward (case vmm: the spec step 1.135 -> 1.046 ms;
   # 2.47x against its own process's base, 2.05-2.12x against the faster base of that call, whose
