@@ -52,6 +52,9 @@ def test_self_draft_is_accepted_and_tokens_match_through_preemption(make_engine)
     s = eng.kv_cache_stats()
     assert s["preemptions_swap"] > 0 and s["prefix_cache_hits_device"] > 0
     assert s["spec_decode_num_accepted_tokens"] >= 0.9 * s["spec_decode_num_draft_tokens"] > 0
+    # A row that accepted every draft proposes K - 1 (its emitted token has no place in the
+    # draft's forward over the step), the next row K again: between K - 1 and K per verify row.
+    assert 2 * s["spec_decode_num_drafts"] < s["spec_decode_num_draft_tokens"] < 3 * s["spec_decode_num_drafts"]
     assert eng.scheduler.kv.pool.num_used == 0
 
 
