@@ -55,9 +55,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--trace-steps", type=int, default=8, help="0: time only, no trace")
     ap.add_argument("--out", default="/tmp/launch_trace", help="folder for the traces")
+    ap.add_argument("--random-weights", action=argparse.BooleanOptionalAction, default=True,
+                    help="--no-random-weights: a bundled model's own (code-small)")
+    ap.add_argument("--speculative-config", default=None,
+                    help='JSON, as jserve serve\'s (e.g. {"method": "draft_model", "model": '
+                         '"code-draft", "num_speculative_tokens": 4})')
     ns = ap.parse_args()
-    eng = build_engine(EngineArgs(model=ns.model, random_weights=True, dtype="bfloat16",
-                                  max_num_seqs=ns.rows, max_model_len=512))
+    eng = build_engine(EngineArgs(model=ns.model, random_weights=ns.random_weights, dtype="bfloat16",
+                                  max_num_seqs=max(ns.rows, 8), max_model_len=512,
+                                  gpu_memory_utilization=0.5,
+                                  speculative_config=json.loads(ns.speculative_config)
+                                  if ns.speculative_config else None))
     rng = np.random.default_rng(0)
     vocab = eng.config.model.vocab_size
     for temp in (float(t) for t in ns.temperatures.split(",")):

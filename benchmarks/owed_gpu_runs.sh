@@ -3,7 +3,7 @@
 # Cases are removed here once run: their results are in RESULTS*.md and their commands in this
 # file's git history (session 25 removed the 70 run in sessions 7-24; vmm, run in session 25,
 # stays as the record of its arms). Order: vt5 + kvq (issue 12 after the merged draft forward;
-# the quantized-KV GPU tests), kvt2 (issue 13: the fp8 KV step at 8k with f16 dots, and where
+# the quantized-KV GPU tests), lt (issue 12: where the speculating step's launch waits), kvt2 (issue 13: the fp8 KV step at 8k with f16 dots, and where
 # the rest of its extra time goes), sa2 (issue 16: the arms interleaved in one process), qx4
 # (issue 13: w8a8 with Triton GEMMs), b2, o, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
@@ -69,6 +69,21 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 }
 
 case "${1:-}" in
+lt)
+  # Issue 12: where the speculating step's launch waits (sessions 24-25: 0.24 ms when the device
+  # was idle, ~0.53 ms when busy; the base's 0.41-0.57 ms, nearly always idle). Profiler traces
+  # of code-small at batch 1, greedy, without and with the draft model (k = 4): the host events
+  # inside the executable's call. Prediction: the busy launches wait in the command buffer's
+  # update (cuGraphExecUpdate / node updates while the graph's previous launch runs), not in
+  # Python; the idle ones are the update itself.
+  for sc in none '{"method": "draft_model", "model": "code-draft", "num_speculative_tokens": 4}'; do
+    sa=(); [ "$sc" != none ] && sa=(--speculative-config "$sc")
+    echo "### speculative_config: $sc"
+    timeout 200 python3 benchmarks/launch_trace.py --model code-small --no-random-weights --rows 1 \
+      --temperatures 0.0 --steps 200 --trace-steps 20 --out "$OUT/lt" "${sa[@]}" 2>&1 \
+      | grep "^|\|^##" | grep -v "|---" | head -32
+  done
+  ;;
 vt5)
   # Issue 12 after session 25's merged draft forward (case vmm: the spec step 1.135 -> 1.046 ms;
   # 2.47x against its own process's base, 2.05-2.12x against the faster base of that call, whose
