@@ -17,6 +17,7 @@ import argparse
 import glob
 import gzip
 import json
+import os
 import time
 from collections import defaultdict
 
@@ -89,10 +90,10 @@ def main() -> None:
               f"({jax.devices()[0].device_kind}): {ms:.3f} ms per engine step (no profiler)")
         if not ns.trace_steps:
             continue
-        trace = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)[0]
+        trace = max(glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True), key=os.path.getmtime)
         print("| thread | host event (profiled) | count | ms per step |")
         print("|---|---|---|---|")
-        for thread, name, n, per_step in top_host_events(trace, ns.trace_steps):
+        for thread, name, n, per_step in top_host_events(trace, ns.trace_steps, 80):
             print(f"| {thread} | {name} | {n} | {per_step:.3f} |", flush=True)
 
 

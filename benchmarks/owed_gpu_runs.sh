@@ -77,11 +77,12 @@ lt)
   # update (cuGraphExecUpdate / node updates while the graph's previous launch runs), not in
   # Python; the idle ones are the update itself.
   for sc in none '{"method": "draft_model", "model": "code-draft", "num_speculative_tokens": 4}'; do
-    sa=(); [ "$sc" != none ] && sa=(--speculative-config "$sc")
+    sa=(); name=base; [ "$sc" != none ] && sa=(--speculative-config "$sc") && name=spec
     echo "### speculative_config: $sc"
     timeout 200 python3 benchmarks/launch_trace.py --model code-small --no-random-weights --rows 1 \
-      --temperatures 0.0 --steps 200 --trace-steps 20 --out "$OUT/lt" "${sa[@]}" 2>&1 \
-      | grep "^|\|^##" | grep -v "|---" | head -32
+      --temperatures 0.0 --steps 200 --trace-steps 20 --out "/tmp/lt_$name" "${sa[@]}" 2>&1 \
+      | grep "^##\|Execute\|command_buffer\|cuGraph\|DevicePut\|Thunk\|cond\|Wait\|wait\|Await\|__call__\|dispatch\|_prepare\|alloc\|Alloc" \
+      | head -40
   done
   ;;
 vt5)
