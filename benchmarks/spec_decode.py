@@ -31,6 +31,8 @@ import argparse
 import gc
 import hashlib
 import json
+import os
+import statistics
 import sysconfig
 import time
 from pathlib import Path
@@ -155,6 +157,11 @@ def _args() -> argparse.Namespace:
                     help="build the engine without speculation before and after the speculating "
                          "ones; every ratio takes the faster of the two measurements (the order "
                          "moved a same-call ratio by 10%% in session 23)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="batch 1 only: build the engine without speculation and the speculating ones "
+                         "side by side (give each --gpu-memory-utilization <= 0.3) and run them in turn "
+                         "in each of --repeat rounds: each round's ratio compares runs minutes apart, "
+                         "so a slow build or a slow minute of the machine shows as such")
     ap.add_argument("--trace", action="store_true",
                     help="print where each engine's step time goes at each sweep point "
                          "(benchmarks/step_trace.py)")
@@ -226,6 +233,34 @@ def _faster(first: dict, last: dict) -> dict:
     return out
 
 
+def _interleaved(ns: argparse.Namespace, common: dict, loads: dict[str, list], specs: dict) -> None:
+    """``--interleave``: every engine alive at once, run in turn at batch 1 in each round; prints
+    per round each engine's tok/s and each speculating engine's ratio to the base, then medians."""
+    os.environ.setdefault("XLA_CLIENT_MEM_FRACTION", "0.9")   # room for all (device_memory.py)
+    engines = {"base": build_engine(EngineArgs(**common))}
+    for (m, k), cfg in specs.items():
+        engines[f"{m} k={k}"] = build_engine(EngineArgs(**common, speculative_config=cfg))
+    for eng in engines.values():   # warm-up: first-use costs out of the timings
+        for items in loads.values():
+            _run(eng, items[:1], 1)
+    names = list(engines)
+    print(f"{'round':>5} {'workload':8} " + " ".join(f"{n:>18}" for n in names) + "  ratios to base")
+    ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
+    for r in range(ns.repeat):
+        for w, items in loads.items():
+            rate = {}
+            for n, eng in engines.items():
+                dt, tok, _ = _run(eng, items, 1)
+                rate[n] = tok / dt
+            for n in names[1:]:
+                ratios[n].append(rate[n] / rate["base"])
+            print(f"{r:>5} {w:8} " + " ".join(f"{rate[n]:18.1f}" for n in names) + "  "
+                  + " ".join(f"{rate[n] / rate['base']:.2f}" for n in names[1:]), flush=True)
+    for n, xs in ratios.items():
+        print(f"{n}: median ratio {statistics.median(xs):.2f} over {len(xs)} rounds "
+              f"(min {min(xs):.2f}, max {max(xs):.2f})")
+
+
 def main() -> None:
     ns = _args()
     sweep = [int(c) for c in ns.concurrency.split(",") if c.strip()]
@@ -278,6 +313,9 @@ def main() -> None:
             del engine, trace
             gc.collect()
 
+    if ns.interleave:
+        _interleaved(ns, common, b1_loads, {(m, k): spec_cfg(m, k) for m in methods for k in ks})
+        return
     if not ns.base_last:
         base = measured(EngineArgs(**common))
     results = {(m, k): measured(EngineArgs(**common, speculative_config=spec_cfg(m, k)))
