@@ -158,10 +158,11 @@ def _args() -> argparse.Namespace:
                          "ones; every ratio takes the faster of the two measurements (the order "
                          "moved a same-call ratio by 10%% in session 23)")
     ap.add_argument("--interleave", action="store_true",
-                    help="batch 1 only: build the engine without speculation and the speculating ones "
+                    help="build the engine without speculation and the speculating ones "
                          "side by side (give each --gpu-memory-utilization <= 0.3) and run them in turn "
-                         "in each of --repeat rounds: each round's ratio compares runs minutes apart, "
-                         "so a slow build or a slow minute of the machine shows as such")
+                         "in each of --repeat rounds (batch 1, then each --concurrency): each round's "
+                         "ratio compares runs seconds apart, so a slow build or a slow minute of the "
+                         "machine shows as such")
     ap.add_argument("--trace", action="store_true",
                     help="print where each engine's step time goes at each sweep point "
                          "(benchmarks/step_trace.py)")
@@ -233,9 +234,11 @@ def _faster(first: dict, last: dict) -> dict:
     return out
 
 
-def _interleaved(ns: argparse.Namespace, common: dict, loads: dict[str, list], specs: dict) -> None:
-    """``--interleave``: every engine alive at once, run in turn at batch 1 in each round; prints
-    per round each engine's tok/s and each speculating engine's ratio to the base, then medians."""
+def _interleaved(ns: argparse.Namespace, common: dict, loads: dict[str, list], specs: dict,
+                 sweep: dict[int, list]) -> None:
+    """``--interleave``: every engine alive at once, run in turn in each round at batch 1 (each
+    workload) and at each sweep concurrency (``sweep``: concurrency -> its requests); prints per
+    round each engine's tok/s and each speculating engine's ratio to the base, then medians."""
     os.environ.setdefault("XLA_CLIENT_MEM_FRACTION", "0.9")   # room for all (device_memory.py)
     engines = {"base": build_engine(EngineArgs(**common))}
     for (m, k), cfg in specs.items():
@@ -245,19 +248,21 @@ def _interleaved(ns: argparse.Namespace, common: dict, loads: dict[str, list], s
             _run(eng, items[:1], 1)
     names = list(engines)
     print(f"{'round':>5} {'workload':8} " + " ".join(f"{n:>18}" for n in names) + "  ratios to base")
-    ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
+    points = [(w, 1, items) for w, items in loads.items()]
+    points += [(f"c={c}", c, items) for c, items in sweep.items()]
+    ratios: dict[tuple[str, str], list[float]] = {(n, p[0]): [] for n in names[1:] for p in points}
     for r in range(ns.repeat):
-        for w, items in loads.items():
+        for label, conc, items in points:
             rate = {}
             for n, eng in engines.items():
-                dt, tok, _ = _run(eng, items, 1)
+                dt, tok, _ = _run(eng, items, conc)
                 rate[n] = tok / dt
             for n in names[1:]:
-                ratios[n].append(rate[n] / rate["base"])
-            print(f"{r:>5} {w:8} " + " ".join(f"{rate[n]:18.1f}" for n in names) + "  "
+                ratios[(n, label)].append(rate[n] / rate["base"])
+            print(f"{r:>5} {label:8} " + " ".join(f"{rate[n]:18.1f}" for n in names) + "  "
                   + " ".join(f"{rate[n] / rate['base']:.2f}" for n in names[1:]), flush=True)
-    for n, xs in ratios.items():
-        print(f"{n}: median ratio {statistics.median(xs):.2f} over {len(xs)} rounds "
+    for (n, label), xs in ratios.items():
+        print(f"{n}, {label}: median ratio {statistics.median(xs):.2f} over {len(xs)} rounds "
               f"(min {min(xs):.2f}, max {max(xs):.2f})")
 
 
@@ -314,7 +319,9 @@ def main() -> None:
             gc.collect()
 
     if ns.interleave:
-        _interleaved(ns, common, b1_loads, {(m, k): spec_cfg(m, k) for m in methods for k in ks})
+        sweep_items = workloads.get(ns.sweep_workload, [])
+        _interleaved(ns, common, b1_loads, {(m, k): spec_cfg(m, k) for m in methods for k in ks},
+                     {c: sweep_items[:max(2 * c, ns.num_prompts)] for c in sweep})
         return
     if not ns.base_last:
         base = measured(EngineArgs(**common))
