@@ -150,7 +150,8 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     accepted every draft (or had none) has no place for t inside it: its first decode takes t,
     and it proposes K - 1 drafts (the last is -1). The tokens after t's place are rejected
     drafts: causal attention keeps them out of t's logits, and the decodes overwrite their K/V
-    (they sit at positions p + a + 2 .. p + k, below the last decode's p + a + K)."""
+    (with the row's window at s .. s + k: they sit at s + a + 2 .. s + k, at or below the last
+    decode's s + a + K)."""
     r = batch.num_rows
     rows = jnp.arange(r)
     t_new = jnp.take_along_axis(tokens, (num_emitted - 1)[:, None], axis=1)[:, 0]
@@ -170,8 +171,8 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     h, kv = jax.lax.optimization_barrier((h, kv))
     logits = logits_from_hidden(cfg, params, h[jnp.where(full, at, 0)]).astype(jnp.float32)
     null = None if probs is None else jnp.full_like(slot, probs.shape[0] - 1)
-    emitted = num_emitted   # draft j is output token output_index + num_emitted + j
-    first, probs = _draw(logits, sbatch, emitted, 0, probs,
+    # draft j is output token output_index + num_emitted + j
+    first, probs = _draw(logits, sbatch, num_emitted, 0, probs,
                          None if slot is None else jnp.where(full, slot, null))
     shift = full.astype(jnp.int32)
     p = batch.page_table.shape[1]
@@ -194,7 +195,7 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
                               decode_only=True)
         logits = logits_from_hidden(cfg, params, h).astype(jnp.float32)
         j = i - 1 + shift                                      # this draft's index in the row
-        tok, probs = _draw(logits, sbatch, emitted + j, j, probs, slot)
+        tok, probs = _draw(logits, sbatch, num_emitted + j, j, probs, slot)
         outs.append(tok)
     drafts = jnp.stack([first] + outs, axis=1) if outs else first[:, None]        # full rows
     short = jnp.concatenate([jnp.stack(outs, axis=1), jnp.full((r, 1), -1, jnp.int32)], axis=1) \
