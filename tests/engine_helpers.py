@@ -48,3 +48,24 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self.on_duration)
         jax.monitoring.unregister_event_listener(self.on_event)
         return False
+
+
+CONTROL_FLOW = ("stablehlo.if", "stablehlo.case", "stablehlo.while")
+
+
+def assert_greedy_spec_variants_lean(engine) -> None:
+    """A speculating engine's greedy verify variants lower with no conditional or loop and
+    return no logprob arrays; its general variants keep their branches (a check that the
+    lowering is what we think it is)."""
+    runner = engine.runner
+    spec = runner.spec_steps
+    variants = spec.variants(runner)
+    greedy = [v for v in variants if v[1]]
+    assert greedy, variants
+    for v in variants:
+        lowered = spec._lower(runner, v)
+        text = lowered.as_text()
+        has_branches = any(op in text for op in CONTROL_FLOW)
+        assert has_branches != v[1], (v, [op for op in CONTROL_FLOW if op in text])
+        logprob_outputs = jax.tree.leaves(lowered.out_info[5:8])
+        assert (len(logprob_outputs) == 0) == v[1], (v, logprob_outputs)

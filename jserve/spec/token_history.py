@@ -52,7 +52,9 @@ def token_slots(row_slot: jax.Array, query_start_loc: jax.Array, num_tokens: int
     """Inside jit: the slot of each of the step's ``num_tokens`` tokens (-1: padding) from the
     rows' slots int32[R] and query_start_loc int32[R + 1]."""
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    row = jnp.searchsorted(query_start_loc[1:], t, side="right")
+    # (compare_all: no loop. The default scan method is a while loop, whose predicate XLA's GPU
+    # runtime may read on the host, holding the launching thread until the device gets there.)
+    row = jnp.searchsorted(query_start_loc[1:], t, side="right", method="compare_all")
     r = row_slot.shape[0]
     return jnp.where(row < r, row_slot[jnp.minimum(row, r - 1)], -1)
 

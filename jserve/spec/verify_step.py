@@ -66,7 +66,8 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
     """-> (kv, pen, table, previous-step output (last tokens int32[S]; chained: int32[S (K + 2)],
     ``chain``), host: int32[R (K + 1) + 2R + RK] = tokens [R, K + 1], num_emitted [R], verified
     drafts [R], next drafts [R, K] (``unpack_host``), logprobs f32[R, K + 1], top_ids
-    int32[R, K + 1, N], top_logprobs f32[R, K + 1, N], draft_kv, draft_probs, hist). Arguments
+    int32[R, K + 1, N], top_logprobs f32[R, K + 1, N] (the three None in the greedy variant),
+    draft_kv, draft_probs, hist). Arguments
     as ``step_program.fused_step``; ``num_spec`` (static) is K; ``draft_cfg`` (static) the draft
     model's config, or None (n-gram: draft_kv None); ``lookup`` (static, n-gram, exactly when
     draft_cfg is None): (prompt_lookup_min, prompt_lookup_max), its token history ``hist``
@@ -127,8 +128,8 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
         return (jnp.zeros((r, k1), jnp.float32), jnp.zeros((r, k1, n), jnp.int32),
                 jnp.zeros((r, k1, n), jnp.float32))
 
-    if greedy:
-        lp, top_ids, top_lp = without()
+    if greedy:   # no row asks for logprobs: no arrays (each output is a node and a buffer per call)
+        lp = top_ids = top_lp = None
     else:
         lp, top_ids, top_lp = jax.lax.cond(jnp.any(sbatch.want_logprobs), with_logprobs, without)
     if draft_cfg is not None:
@@ -333,9 +334,10 @@ class SpecSteps:
         dkv_sh = None if dkv is None else jax.tree.map(lambda a: a.sharding, dkv)
         dp_sh = None if args[8] is None else rep
         hist_sh = None if self.hist is None else rep
+        gen = None if greedy else rep   # penalty state and logprobs: general variants only
         return jax.jit(fn, donate_argnums=(1, 2, 3, 4, 7, 8, 9),
-                       out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 6
-                       + (dkv_sh, dp_sh, hist_sh)).lower(*args)
+                       out_shardings=(kv_sh, gen, rep, rep, rep, gen, gen, gen, dkv_sh, dp_sh, hist_sh)
+                       ).lower(*args)
 
     def compile(self, runner: Runner, say: Callable[[str], None], threads: int) -> None:
         """Compile every speculative variant (``threads`` at once); the pools may be abstract."""

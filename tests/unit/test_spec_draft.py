@@ -15,7 +15,7 @@ import shutil
 
 import numpy as np
 import pytest
-from engine_helpers import CompileCounter, run_engine
+from engine_helpers import CompileCounter, assert_greedy_spec_variants_lean, run_engine
 from fixture_paths import GOLDEN
 
 from jserve.builder import EngineArgs, build_engine
@@ -56,6 +56,7 @@ def test_self_draft_is_accepted_and_tokens_match_through_preemption(make_engine)
     # draft's forward over the step), the next row K again: between K - 1 and K per verify row.
     rows = s["spec_decode_num_drafts"]
     assert 2 * rows < s["spec_decode_num_draft_tokens"] < 3 * rows
+    assert_greedy_spec_variants_lean(eng)   # the draft's loop, unrolled: no conditional either
     assert eng.scheduler.kv.pool.num_used == 0
 
 

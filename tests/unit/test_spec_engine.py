@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from engine_helpers import CompileCounter, run_engine
+from engine_helpers import CompileCounter, assert_greedy_spec_variants_lean, run_engine
 
 from jserve.builder import EngineArgs
 from jserve.sampling_params import SamplingParams
@@ -242,6 +242,14 @@ def test_serving_with_speculation_never_compiles(spec):
     with CompileCounter() as c:
         run_engine(spec, items)
     assert c.count == 0
+
+
+def test_greedy_speculative_variants_have_no_control_flow(spec):
+    """An XLA GPU conditional or while loop reads its predicate on the host, holding the thread
+    that launches the step until the device gets there: the greedy speculative variants (the
+    ones batch-1 greedy decoding takes) have none, and return no logprob arrays; the general
+    ones keep their run-time branches."""
+    assert_greedy_spec_variants_lean(spec)
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
