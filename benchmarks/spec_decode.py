@@ -159,7 +159,8 @@ def _args() -> argparse.Namespace:
                          "moved a same-call ratio by 10%% in session 23)")
     ap.add_argument("--interleave", action="store_true",
                     help="build the engine without speculation and the speculating ones "
-                         "side by side (give each --gpu-memory-utilization <= 0.3) and run them in turn "
+                         "side by side (--gpu-memory-utilization: each engine's share; their sum "
+                         "must stay under 0.9) and run them in turn "
                          "in each of --repeat rounds (batch 1, then each --concurrency): each round's "
                          "ratio compares runs seconds apart, so a slow build or a slow minute of the "
                          "machine shows as such")
@@ -240,9 +241,17 @@ def _interleaved(ns: argparse.Namespace, common: dict, loads: dict[str, list], s
     workload) and at each sweep concurrency (``sweep``: concurrency -> its requests); prints per
     round each engine's tok/s and each speculating engine's ratio to the base, then medians."""
     os.environ.setdefault("XLA_CLIENT_MEM_FRACTION", "0.9")   # room for all (device_memory.py)
-    engines = {"base": build_engine(EngineArgs(**common))}
-    for (m, k), cfg in specs.items():
-        engines[f"{m} k={k}"] = build_engine(EngineArgs(**common, speculative_config=cfg))
+    share = common.get("gpu_memory_utilization")
+
+    def args(i: int, cfg: dict | None) -> EngineArgs:
+        # An engine's budget counts what the device already holds (builder.memory_budget): the
+        # i-th engine's share is i + 1 engines' worth.
+        over = {} if share is None else {"gpu_memory_utilization": share * (i + 1)}
+        return EngineArgs(**{**common, **over}, speculative_config=cfg)
+
+    engines = {"base": build_engine(args(0, None))}
+    for i, ((m, k), cfg) in enumerate(specs.items(), start=1):
+        engines[f"{m} k={k}"] = build_engine(args(i, cfg))
     for eng in engines.values():   # warm-up: first-use costs out of the timings
         for items in loads.values():
             _run(eng, items[:1], 1)
