@@ -1,11 +1,12 @@
 # The device calls owed after session 25 (2026-12-03), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table.
 # Cases are removed here once run: their results are in RESULTS*.md and their commands in this
-# file's git history (session 25 removed the 70 run in sessions 7-24, and its own vt5 and kvq; vmm
-# stays as the record of its arms). Order: vt6 (issue 12: batch 1 with the engines interleaved),
-# kvt2 (issue 13: the fp8 KV step at 8k with f16 dots, and where
-# the rest of its extra time goes), sa2 (issue 16: the arms interleaved in one process), qx4
-# (issue 13: w8a8 with Triton GEMMs), b2, o, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c.
+# file's git history (session 25 removed the 70 run in sessions 7-24, and its own vt5, kvq and
+# vt6b; vmm stays as the record of its arms). Order: vt6 (issue 12: 256 running with the engines
+# interleaved), lt (issue 12: where the speculating step's launch goes; session 25 got only the
+# base's), kvt2 (issue 13: the fp8 KV step at 8k with f16 dots, and where the rest of its extra
+# time goes), sa2 (issue 16: the arms interleaved in one process), qx4 (issue 13: w8a8 with
+# Triton GEMMs), b2, o, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -69,22 +70,12 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 }
 
 case "${1:-}" in
-vt6b)
-  # vt6's batch-1 half alone (a call with little device time left): the two engines at
-  # max_num_seqs 8 start faster. Prediction: per-round ratios within ~10%, median ~1.8-2.1x.
-  # (Session 25's first try stopped at the second engine's start-up: its budget counts what the
-  # first holds, so --interleave now gives engine i a share of (i + 1) x 0.3.)
-  timeout 150 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code \
-    --num-prompts 6 --max-tokens 96 --max-num-seqs 8 --max-model-len 1024 --max-num-batched-tokens 256 \
-    --gpu-memory-utilization 0.3 --repeat 4 --interleave > "$OUT/spec_vt6b.txt" 2>&1
-  grep -v "^W\|WARNING\|^I" "$OUT/spec_vt6b.txt" | tail -10
-  ;;
 vt6)
   # Issue 12's targets with the base and the speculating engine alive at once, run in turn in 6
   # rounds (spec_decode.py --interleave, session 25): calls 1-2 of session 25 put the same tree
   # at 2.05-2.48x and 1.33-1.39x at batch 1 and 0.72x at 256 running (vt4: 1.02x), the engines'
-  # host speed moving 20-40% from build to build. Prediction: per-round ratios within ~10% of
-  # each other; medians: batch 1 ~1.8-2.1x, 256 running ~1.0x (speculation off there).
+  # host speed moving 20-40% from build to build; vt6b (batch 1 alone, interleaved) 1.82x.
+  # Prediction: medians: batch 1 ~1.8x, 256 running ~1.0x (speculation off there).
   timeout 290 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code \
     --num-prompts 8 --max-tokens 96 --concurrency 256 --max-num-seqs 256 --max-model-len 1024 \
     --max-num-batched-tokens 512 --gpu-memory-utilization 0.3 --repeat 6 --disable-by-batch-size default \
