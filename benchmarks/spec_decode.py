@@ -12,7 +12,10 @@ without decode the same greedy requests. Two tables:
             whose ratio is still >= 1 (above it speculation costs throughput)
 
 Engines are built one at a time and freed (each takes its KV pool from the same device
-memory). Not a test: numbers go to benchmarks/RESULTS.md with the device and date.
+memory). With ``--interleave`` they are built side by side instead and run in turn in each
+round, one table of per-round ratios: the same engine's host speed moved 20-40% from build to
+build on the H200 (session 25), which the one-at-a-time tables cannot tell from a real effect.
+Not a test: numbers go to benchmarks/RESULTS.md with the device and date.
 
 Workloads (bundled ``code-small``, or ``--model``):
   code  code-completion prompts from the held-out 5% of the Python standard library (the split
