@@ -170,10 +170,10 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     # puts every read of this forward before those writes.
     h, kv = jax.lax.optimization_barrier((h, kv))
     logits = logits_from_hidden(cfg, params, h[jnp.where(full, at, 0)]).astype(jnp.float32)
-    null = None if probs is None else jnp.full_like(slot, probs.shape[0] - 1)
-    # draft j is output token output_index + num_emitted + j
+    # draft j is output token output_index + num_emitted + j; rows without t's place write
+    # this draw's q to the null slot (their draft 0 comes from the first decode)
     first, probs = _draw(logits, sbatch, num_emitted, 0, probs,
-                         None if slot is None else jnp.where(full, slot, null))
+                         None if slot is None else jnp.where(full, slot, probs.shape[0] - 1))
     shift = full.astype(jnp.int32)
     p = batch.page_table.shape[1]
     pos0 = batch.positions[batch.logits_indices] - num_draft + num_emitted   # t's position
