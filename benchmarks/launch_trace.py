@@ -69,10 +69,14 @@ def main() -> None:
                                   if ns.speculative_config else None))
     rng = np.random.default_rng(0)
     vocab = eng.config.model.vocab_size
+    # a speculating step emits up to k + 1 tokens: enough for every step, within the context
+    per_step = 1 + (json.loads(ns.speculative_config).get("num_speculative_tokens", 0)
+                    if ns.speculative_config else 0)
+    max_tokens = min((ns.steps + ns.trace_steps + 30) * per_step, 512 - 30 - 1)
     for temp in (float(t) for t in ns.temperatures.split(",")):
         for i in range(ns.rows):
             eng.add_request(None, rng.integers(10, vocab, 30).tolist(), SamplingParams(
-                temperature=temp, seed=i, max_tokens=ns.steps + ns.trace_steps + 30, ignore_eos=True))
+                temperature=temp, seed=i, max_tokens=max_tokens, ignore_eos=True))
         for _ in range(12):   # prefill and the first decode steps
             eng.step()
         t0 = time.perf_counter()
@@ -80,6 +84,8 @@ def main() -> None:
             eng.step()
         ms = (time.perf_counter() - t0) / ns.steps * 1e3
         folder = f"{ns.out}/t{temp}"
+        if not eng.has_unfinished_requests():
+            raise SystemExit("the requests finished before the timed steps did: lower --steps")
         if ns.trace_steps:
             with jax.profiler.trace(folder, create_perfetto_trace=True):
                 for _ in range(ns.trace_steps):

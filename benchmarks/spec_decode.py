@@ -97,8 +97,11 @@ def prompts(workload: str, n: int, stdlib: Path, context_lines: int) -> list[str
     return res
 
 
-def _run(engine, items, concurrency: int, outputs: list | None = None) -> tuple[float, int, dict[str, int]]:
-    """Greedy requests, ``concurrency`` at a time -> (seconds, output tokens, counter deltas);
+def _run(engine, items, concurrency: int, outputs: list | None = None) -> tuple[float, int, dict[str, float]]:
+    """Greedy requests, ``concurrency`` at a time -> (seconds, output tokens, counters): the spec
+    counters' deltas, and ``decode_s`` / ``decode_tokens``: each request's time from its first
+    output token to its last, and its tokens after the first, summed over requests (the decode
+    rate, prefill and admission left out: at batch 1, 1 / the mean time per output token);
     ``outputs``: filled with each request's token ids, in the items' order."""
     before = dict(engine.kv_cache_stats())
     t0 = time.perf_counter()
@@ -107,21 +110,40 @@ def _run(engine, items, concurrency: int, outputs: list | None = None) -> tuple[
     active = 0
     got: dict[int, list[int]] = {}
     ids: dict[str, int] = {}
+    first: dict[str, float] = {}
+    decode_s, decode_tokens = 0.0, 0
     while pending or engine.has_unfinished_requests():
         while pending and active < concurrency:
             i, (p, sp) = pending.pop(0)
             ids[engine.add_request(None, p, sp)] = i
             active += 1
-        for o in engine.step():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            if o.outputs and o.outputs[0].token_ids:
+                first.setdefault(o.request_id, now)
             if o.finished:
                 active -= 1
-                tokens += len(o.outputs[0].token_ids)
+                n = len(o.outputs[0].token_ids)
+                tokens += n
+                decode_s += now - first.get(o.request_id, now)
+                decode_tokens += max(0, n - 1)
                 got[ids[o.request_id]] = list(o.outputs[0].token_ids)
     dt = time.perf_counter() - t0
     if outputs is not None:
         outputs[:] = [got[i] for i in range(len(items))]
     after = engine.kv_cache_stats()
-    return dt, tokens, {k: after[k] - before.get(k, 0) for k in after if k.startswith("spec_decode")}
+    counters: dict[str, float] = {k: after[k] - before.get(k, 0) for k in after
+                                  if k.startswith("spec_decode")}
+    counters.update(decode_s=decode_s, decode_tokens=decode_tokens)
+    return dt, tokens, counters
+
+
+def _decode_rate(run: tuple[float, int, dict[str, float]]) -> float:
+    """A ``_run`` result -> its decode tok/s (tokens after each request's first, over the time
+    from first to last)."""
+    c = run[2]
+    return c["decode_tokens"] / max(c["decode_s"], 1e-9)
 
 
 def _args() -> argparse.Namespace:
@@ -262,17 +284,21 @@ def _interleaved(ns: argparse.Namespace, common: dict, loads: dict[str, list], s
     print(f"{'round':>5} {'workload':8} " + " ".join(f"{n:>18}" for n in names) + "  ratios to base")
     points = [(w, 1, items) for w, items in loads.items()]
     points += [(f"c={c}", c, items) for c, items in sweep.items()]
-    ratios: dict[tuple[str, str], list[float]] = {(n, p[0]): [] for n in names[1:] for p in points}
+    ratios: dict[tuple[str, str], list[float]] = {(n, p[0] + d): [] for n in names[1:] for p in points
+                                                  for d in ("", " decode")}
     for r in range(ns.repeat):
         for label, conc, items in points:
-            rate = {}
+            rate, dec = {}, {}
             for n, eng in engines.items():
-                dt, tok, _ = _run(eng, items, conc)
-                rate[n] = tok / dt
+                run = _run(eng, items, conc)
+                rate[n], dec[n] = run[1] / run[0], _decode_rate(run)
             for n in names[1:]:
                 ratios[(n, label)].append(rate[n] / rate["base"])
+                ratios[(n, label + " decode")].append(dec[n] / dec["base"])
             print(f"{r:>5} {label:8} " + " ".join(f"{rate[n]:18.1f}" for n in names) + "  "
-                  + " ".join(f"{rate[n] / rate['base']:.2f}" for n in names[1:]), flush=True)
+                  + " ".join(f"{rate[n] / rate['base']:.2f}" for n in names[1:]) + "  decode tok/s "
+                  + " ".join(f"{dec[n]:.1f}" for n in names) + "  "
+                  + " ".join(f"{dec[n] / dec['base']:.2f}" for n in names[1:]), flush=True)
     for (n, label), xs in ratios.items():
         print(f"{n}, {label}: median ratio {statistics.median(xs):.2f} over {len(xs)} rounds "
               f"(min {min(xs):.2f}, max {max(xs):.2f})")
@@ -346,7 +372,7 @@ def main() -> None:
 
     rows = []
     print(f"{'workload':8} {'method':11} {'k':>2} {'accept':>7} {'mean len':>8} {'b1 tok/s':>9} "
-          f"{'base':>8} {'x':>5}" + (f" {'sync tok/s':>10} {'x':>5}" if ns.sync_too else ""))
+          f"{'base':>8} {'x':>5} {'decode x':>8}" + (f" {'sync tok/s':>10} {'x':>5}" if ns.sync_too else ""))
     for w in b1_loads:
         bdt, btok, _ = base["b1"][w]
         for (m, k), res in results.items():
@@ -354,7 +380,8 @@ def main() -> None:
             acc, mlen = _rates(c)
             row = {"table": "b1", "workload": w, "method": m, "k": k, "prompts": len(b1_loads[w]),
                    "acceptance": acc, "mean_accepted_len": mlen, "tok_s": tok / dt,
-                   "base_tok_s": btok / bdt, "speedup": (tok / dt) / (btok / bdt)}
+                   "base_tok_s": btok / bdt, "speedup": (tok / dt) / (btok / bdt),
+                   "decode_speedup": _decode_rate(res["b1"][w]) / _decode_rate(base["b1"][w])}
             row["tokens_equal_base"] = res["tokens"][w] == base["tokens"][w]
             if not row["tokens_equal_base"]:
                 print(f"  ({w}, {m}, k={k}: greedy tokens differ from the engine without speculation)")
@@ -365,7 +392,7 @@ def main() -> None:
                 sync = f" {row['sync_tok_s']:10.1f} {row['sync_tok_s'] / row['base_tok_s']:5.2f}"
             rows.append(row)
             print(f"{w:8} {m:11} {k:>2} {acc:7.3f} {mlen:8.2f} {row['tok_s']:9.1f} "
-                  f"{row['base_tok_s']:8.1f} {row['speedup']:5.2f}" + sync)
+                  f"{row['base_tok_s']:8.1f} {row['speedup']:5.2f} {row['decode_speedup']:8.2f}" + sync)
     if sweep:
         print(f"\nconcurrency sweep ({ns.sweep_workload}: two waves of requests per concurrency, "
               f"at least {ns.num_prompts}; speculation "
