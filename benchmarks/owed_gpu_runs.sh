@@ -3,7 +3,7 @@
 # Cases are removed here once run: their results are in RESULTS*.md and their commands in this
 # file's git history (sessions 7-26 removed the ones they ran; vmm stays as the record of its
 # arms). Order: vt7 (issue 12: batch 1's decode rate, k = 3 and 4, interleaved), lt (issue 12:
-# where the speculating step's launch goes), kvt2 (issue 13: the fp8 KV step at 8k with f16
+# where the speculating step's launch goes), sc (issue 12: its kernels by kind), kvt2 (issue 13: the fp8 KV step at 8k with f16
 # dots, and where the rest of its extra time goes), sa2 (issue 16: the arms interleaved in one
 # process), qx4 (issue 13: w8a8 with Triton GEMMs), b2, o, u, w, f, m, u1; then, on 2 GPUs, pb,
 # d, s, c.
@@ -91,6 +91,16 @@ lt)
     --temperatures 0.0 --steps 50 --trace-steps 20 --out /tmp/lt_spec --speculative-config "$sc" 2>&1 \
     | grep "^##\|Execute\|command_buffer\|cuGraph\|DevicePut\|Thunk\|cond\|Wait\|wait\|Await\|__call__\|dispatch\|_prepare\|alloc\|Alloc\|Transpose\|copy" \
     | head -40
+  ;;
+sc)
+  # Issue 12: the speculating step's kernels on the GPU by kind against the decode step's (the
+  # CPU census: 631 against 284, the draft's four forwards of 2 layers as many layer instances as
+  # the target's 8). spec_verify_step.py --dump (new), code-small + code-draft, k = 4, batch 1.
+  # Prediction: ~250 kernels against ~114; the draft's share ~110.
+  timeout 150 python3 benchmarks/spec_verify_step.py --model code-small --no-random-weights \
+    --draft-model code-draft --batches 1 --contexts 256 --iters 30 --dump "$OUT" 2>&1 | grep -v "^W\|WARN" | tail -3
+  python3 benchmarks/hlo_kernels.py "$OUT/verify.hlo.txt" "$OUT/decode.hlo.txt" --all > "$OUT/sc_kernels.txt"
+  head -45 "$OUT/sc_kernels.txt"
   ;;
 kvt2)
   # Issue 13's fp8 KV at 8k (session 24, call 2: fp8 step 1.354x bf16's; call 4: the attention

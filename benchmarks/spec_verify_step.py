@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import SamplingParams
@@ -60,6 +61,17 @@ def _time(runner, first: SchedulerOutput, steady: SchedulerOutput, iters: int) -
     return statistics.median(times), chained
 
 
+def _dump(runner, folder: Path) -> None:
+    """The smallest bucket's greedy verify and greedy decode-only programs, optimized HLO."""
+    folder.mkdir(parents=True, exist_ok=True)
+    t = min(tokens for tokens, greedy in runner.spec_steps._compiled if greedy)
+    (folder / "verify.hlo.txt").write_text(runner.spec_steps._compiled[(t, True)].as_text())
+    decode = [c for v, c in runner._compiled.items()
+              if v.tokens == t and v.greedy and v.decode_only and v.burst == 1]
+    (folder / "decode.hlo.txt").write_text(decode[0].as_text())
+    print(f"wrote {folder}/verify.hlo.txt and decode.hlo.txt ({t}-token bucket)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama3.1-8b")
@@ -73,6 +85,10 @@ def main() -> None:
                          "default: n-gram, whose lookup is part of the step)")
     ap.add_argument("--acceptance", default="0.5,0.7,0.8", help="per-draft acceptance rates for "
                     "the implied speed-up column")
+    ap.add_argument("--dump", default=None, metavar="DIR",
+                    help="write the optimized programs of the smallest bucket's greedy verify "
+                         "step and greedy decode step (verify.hlo.txt, decode.hlo.txt) for "
+                         "benchmarks/hlo_kernels.py")
     ns = ap.parse_args()
     batches = [int(b) for b in ns.batches.split(",")]
     contexts = [int(c) for c in ns.contexts.split(",")]
@@ -83,6 +99,8 @@ def main() -> None:
         speculative_config=({"method": "draft_model", "model": ns.draft_model, "num_speculative_tokens": ns.k}
                             if ns.draft_model else {"method": "ngram", "num_speculative_tokens": ns.k})))
     runner, ps = engine.runner, engine.config.cache.page_size
+    if ns.dump:
+        _dump(runner, Path(ns.dump))
     rates = [float(a) for a in ns.acceptance.split(",")]
     print(f"{ns.model}: k = {ns.k}; median of {ns.iters} steps")
     print(f"{'context':>7} {'batch':>5} {'decode ms':>10} {'verify ms':>10} {'ratio':>6}  "
