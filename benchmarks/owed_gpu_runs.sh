@@ -3,10 +3,10 @@
 # Cases are removed here once run: their results are in RESULTS*.md and their commands in this
 # file's git history (sessions 7-26 removed the ones they ran; vmm stays as the record of its
 # arms). Order: vt7 (issue 12: batch 1's decode rate, k = 3 and 4, interleaved), lt (issue 12:
-# where the speculating step's launch goes), sc (issue 12: its kernels by kind), kvt2 (issue 13: the fp8 KV step at 8k with f16
-# dots, and where the rest of its extra time goes), sa2 (issue 16: the arms interleaved in one
-# process), qx4 (issue 13: w8a8 with Triton GEMMs), b2, o, u, w, f, m, u1; then, on 2 GPUs, pb,
-# d, s, c.
+# where the speculating step's launch goes), sc (issue 12: its kernels by kind), kvt2 (issue
+# 13: the fp8 KV step at 8k with f16 dots, and where the rest of its extra time goes), sa2
+# (issue 16: the arms interleaved in one process), qx4 (issue 13: w8a8 with Triton GEMMs), b2,
+# o, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
