@@ -93,15 +93,16 @@ def paged_attention(q: jax.Array, pool: tuple[jax.Array, ...], batch: StepInput,
                     mesh: Mesh | None = None, decode_only: bool = False) -> jax.Array:
     """q: [T, Nq, d] -> [T, Nq, d], each token attending causally to its request's pages
     (``pool``: one layer's ``(k_pages, v_pages[, k_scales, v_scales])``). ``decode_only``
-    (static): every request has one query token (the GPU kernel then runs its decode launch
-    only)."""
+    (static): no request has more query tokens than ``batch.decode_rows`` (1, or 1 + k in a
+    speculative step made only of verify rows); the GPU kernel then runs its decode launch only
+    (no prefill tiles, no work list)."""
 
     def attend(q, k_pages, v_pages, batch, *scales):
         k_scales, v_scales = scales if scales else (None, None)
         return pallas_kernels.ragged_paged_attention(
             q, k_pages, v_pages, batch.page_table, batch.seq_lens, batch.query_start_loc,
             batch.num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
-            k_scales=k_scales, v_scales=v_scales, max_q_len=1 if decode_only else None,
+            k_scales=k_scales, v_scales=v_scales, max_q_len=batch.decode_rows if decode_only else None,
             decode_rows=batch.decode_rows)
 
     k_pages, v_pages, *scales = pool

@@ -212,7 +212,8 @@ def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: 
     the pages; the K/V are written to the pages either way. ``mesh`` (static): the device mesh,
     for the per-device attention calls under tensor parallelism; a mesh with several pipeline
     stages runs the same layers per stage over micro-batches (``_pipelined``). ``decode_only``
-    (static): every request row is a single token."""
+    (static): no request row has more tokens than ``batch.decode_rows`` (1 in a decode step,
+    1 + k in a speculative step of verify rows only)."""
     x = params["embed"][batch.token_ids]
     rope = rope_cos_sin(batch.positions, inv_frequencies(cfg))
     weights = {name: params[name] for name in _LAYER_WEIGHTS if name in params}

@@ -134,13 +134,15 @@ def draft_sample(logits: jax.Array, batch: SamplingBatch) -> tuple[jax.Array, ja
 def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, samples: jax.Array,
                num_draft: jax.Array, tokens: jax.Array, num_emitted: jax.Array, num_spec: int,
                page_size: int, mesh: Mesh | None, sbatch: SamplingBatch | None = None,
-               probs: jax.Array | None = None, slot: jax.Array | None = None
-               ) -> tuple[KVCache, jax.Array, jax.Array | None]:
+               probs: jax.Array | None = None, slot: jax.Array | None = None,
+               short_rows: bool = False) -> tuple[KVCache, jax.Array, jax.Array | None]:
     """Inside jit. batch: the step's input (token ids fed); samples/num_draft/num_emitted:
     int32[R]; tokens: int32[R, K + 1] the verified tokens; sbatch: the rows' sampling
     parameters (output_index: position 0's), or None: every row is greedy; probs: the per-slot
     q table f32[S + 1, K, V] (with sbatch), where row r's q of draft j goes to
-    ``probs[slot[r], j]`` (slot: int32[R], the null row S for rows that do not sample)
+    ``probs[slot[r], j]`` (slot: int32[R], the null row S for rows that do not sample);
+    short_rows (static): no row has more than ``batch.decode_rows`` tokens (the forward over
+    them runs attention's decode launch alone, ``hidden_states``' decode_only)
     -> (draft kv, drafts int32[R, K] (-1: none), probs). The random path (and its writes) runs
     only when some row is random (``lax.cond``): greedy batches pay nothing for it.
 
@@ -163,7 +165,7 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
                                                                        mode="drop")
     ids = jnp.where(sub >= 0, t_new[jnp.maximum(sub, 0)], batch.token_ids)
     h, kv = hidden_states(cfg, params, kv, dataclasses.replace(batch, token_ids=ids),
-                          fresh_prefill=False, mesh=mesh)
+                          fresh_prefill=False, mesh=mesh, decode_only=short_rows)
     # This forward's attention reads the pool that the decodes below write: without an order
     # between them XLA copies a layer's pool arrays to keep the old version (a pool-sized
     # temporary: the 0.9-share start-up ran out of memory on an H200, session 13). The barrier

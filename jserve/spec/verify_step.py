@@ -22,7 +22,10 @@ buffer's ``num_draft[r]`` marks the last tokens of row r as drafts). The executa
 Rows without drafts (prefill chunks, decode rows of requests that do not speculate) get
 exactly the ordinary sampler's token in column 0. Variants: (token bucket, greedy); the greedy
 one has no control flow (see ``step_program.step_sampler_flags``) and exists for the buckets a pure
-decode step with drafts lands in. All are compiled at start-up with the runner's variants.
+decode step with drafts lands in. It takes only steps whose rows are verify or decode rows (at
+most 1 + k tokens each, no prompt chunk): its attention runs the paged kernel's decode launch
+alone (``decode_only``: no prefill tiles and no work list per layer), the target's and the
+draft's. All are compiled at start-up with the runner's variants.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
     batch = dataclasses.replace(batch, token_ids=jnp.maximum(token_ids, 0), decode_rows=k1)
     # rows planned while the previous step ran move by its accepted drafts (chain.py)
     batch, sbatch = chain.shift_rows(layout, ibuf, batch, sbatch, prev_tokens, num_out, num_spec)
-    h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh)
+    h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh, decode_only=greedy)
     logits = logits_from_hidden(cfg, params, h[idx.reshape(-1)]).astype(jnp.float32)
     v = logits.shape[1]
     vbatch = expand_rows(sbatch, k1)
@@ -135,7 +138,8 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
     if draft_cfg is not None:
         draft_kv, nxt, draft_probs = draft_step(
             draft_cfg, draft_params, draft_kv, batch, samples, num_draft, tokens, num, num_spec,
-            layout.page_size, mesh, None if greedy else sbatch, draft_probs, slot)
+            layout.page_size, mesh, None if greedy else sbatch, draft_probs, slot,
+            short_rows=greedy)
     else:   # n-gram lookup over the slots' token histories
         row_slot = layout.read(ibuf, "row_slot")
         hist = token_history.record(
@@ -385,6 +389,7 @@ class SpecSteps:
         token mask / logit bias (the general variant applies it)."""
         t = layout.num_tokens
         greedy = (t in self._greedy_buckets and not masked
+                  and all(c.num_tokens <= self.num_spec + 1 for c in out.chunks)
                   and greedy_rows(p for c, p in zip(out.chunks, params, strict=True) if c.samples))
         runner.logit_state.flush()
         host, lp, top_ids, top_lp = self._keep(

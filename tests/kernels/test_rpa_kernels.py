@@ -203,5 +203,14 @@ def test_gpu_decode_rows_put_verify_rows_in_the_decode_launch(monkeypatch):
     assert [cfg for cfg, _ in launches] == [wide.prefill, wide.decode]
     items = np.asarray(work.work_items(t, wide.prefill.block_q, *b.args()[4:7], q_min=wide.decode.block_q))
     assert not np.any((items[:, 2] >= 0) & (items[:, 1] > 0)), "a sequence in the prefill launch"
+    # max_q_len=5 (a speculative step of verify rows only, ``decode_only``): the decode class's
+    # direct launch alone: no prefill tiles, no work list
+    launches.clear()
+    got = run_fast(lambda *a: rpa_gpu.ragged_paged_attention(*a, interpret=True, decode_rows=5, max_q_len=5,
+                                                             **kw), *b.args())
+    got = np.asarray(got, np.float32)
+    assert launches == [(wide.decode, 3)]
+    assert np.all(np.isfinite(got)) and np.all(got[n:] == 0)
+    assert rel_err(got[:n], np.asarray(want, np.float32)[:n]) < 1e-5
     with pytest.raises(ValueError, match="decode_rows"):
         rpa_gpu.ragged_paged_attention(*b.args(), sm_scale=0.25, interpret=True, decode_rows=0)

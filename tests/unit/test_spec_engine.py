@@ -368,10 +368,46 @@ def test_verify_steps_ask_the_attention_decode_tile_for_their_rows(monkeypatch, 
     kernel = pallas_kernels.ragged_paged_attention
 
     def record(*a, **k):
-        asked.add(k["decode_rows"])
+        asked.add((k["decode_rows"], k["max_q_len"]))
         return kernel(*a, **k)
 
     monkeypatch.setattr(pallas_kernels, "ragged_paged_attention", record)
     jax.clear_caches()   # (other tests' engines traced the same layers)
     make_engine("llama", max_num_batched_tokens=16, speculative_config={**NGRAM, "num_speculative_tokens": 3})
-    assert asked == {1, 4}
+    # greedy verify variants promise at most 1 + k rows (the decode launch alone on GPUs); the
+    # general ones may hold prompt chunks; plain decode-only steps promise 1
+    assert asked == {(1, None), (1, 1), (4, None), (4, 4)}
+
+
+def test_greedy_verify_variant_takes_only_short_rows(monkeypatch, spec):
+    """A step with a prompt chunk longer than 1 + k tokens runs the general verify variant even
+    when every row is greedy (the greedy one runs attention's decode launch alone); steps of
+    verify and decode rows run the greedy one."""
+    ss = spec.runner.spec_steps
+    k1 = ss.num_spec + 1
+    seen: list[list] = []
+
+    def wrap(key, fn):
+        def call(*a):
+            seen[-1].append(key[1])
+            return fn(*a)
+        return call
+
+    monkeypatch.setattr(ss, "_compiled", {key: wrap(key, fn) for key, fn in ss._compiled.items()})
+    dispatch = ss.dispatch
+
+    def spy(runner, out, *a, **k):
+        seen.append([max(c.num_tokens for c in out.chunks)])
+        return dispatch(runner, out, *a, **k)
+
+    monkeypatch.setattr(ss, "dispatch", spy)
+    rng = np.random.default_rng(99)   # fresh prompts (no prefix hits): small buckets
+    spec.add_request(None, _prompts()[0], _greedy(max_tokens=16))
+    for _ in range(4):
+        spec.step()
+    spec.add_request(None, rng.integers(5, 500, 9).tolist(), _greedy(max_tokens=8))  # beside it
+    while spec.has_unfinished_requests():
+        spec.step()
+    assert all(len(s) == 2 for s in seen), seen
+    assert any(n > k1 for n, _ in seen) and any(g for _, g in seen), seen
+    assert not any(g for n, g in seen if n > k1), seen
