@@ -5,7 +5,8 @@ temperature in ``--temperatures`` times ``--steps`` engine steps, then records a
 ``jax.profiler`` trace of ``--trace-steps`` more and prints the host events that take the most
 time per step (Python frames of the engine, XLA's executable launch: the command buffer's
 update and ``cuGraphLaunch``, conditional thunks, uploads). Temperature 0 takes the greedy
-variant; a sampled batch the plain sampler in decode buckets (``step_program``). Session 11 used
+variant; a sampled batch the plain sampler in decode buckets (``step_program``); ``--regex``
+constrains every row (the split step's two programs, ``jserve/split_step.py``). Session 11 used
 it to find the general sampler's conditional blocking the launch (benchmarks/RESULTS.md)::
 
     PYTHONPATH=. python3 benchmarks/launch_trace.py --model qwen2.5-0.5b --out /tmp/trace
@@ -58,6 +59,9 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/launch_trace", help="folder for the traces")
     ap.add_argument("--random-weights", action=argparse.BooleanOptionalAction, default=True,
                     help="--no-random-weights: a bundled model's own (code-small)")
+    ap.add_argument("--regex", default=None,
+                    help="constrain every request to this regex (host-masked rows: the split step, "
+                         "e.g. '[a-z ]{400}')")
     ap.add_argument("--speculative-config", default=None,
                     help='JSON, as jserve serve\'s (e.g. {"method": "draft_model", "model": '
                          '"code-draft", "num_speculative_tokens": 4})')
@@ -76,7 +80,8 @@ def main() -> None:
     for temp in (float(t) for t in ns.temperatures.split(",")):
         for i in range(ns.rows):
             eng.add_request(None, rng.integers(10, vocab, 30).tolist(), SamplingParams(
-                temperature=temp, seed=i, max_tokens=max_tokens, ignore_eos=True))
+                temperature=temp, seed=i, max_tokens=max_tokens, ignore_eos=True,
+                structured_outputs={"regex": ns.regex} if ns.regex else None))
         for _ in range(12):   # prefill and the first decode steps
             eng.step()
         t0 = time.perf_counter()

@@ -1,12 +1,12 @@
 # The device calls owed after session 26 (2026-12-03), in the order to run them. Each case fits
-# one 10-minute call; every case writes its full output under $OUT and prints a short table.
-# Cases are removed here once run: their results are in RESULTS*.md and their commands in this
-# file's git history (sessions 7-26 removed the ones they ran; vmm stays as the record of its
-# arms). Order: vt7 (issue 12: batch 1's decode rate, k = 3 and 4, interleaved), lt (issue 12:
-# where the speculating step's launch goes), sc (issue 12: its kernels by kind), kvt2 (issue
-# 13: the fp8 KV step at 8k with f16 dots, and where the rest of its extra time goes), sa2
-# (issue 16: the arms interleaved in one process), qx4 (issue 13: w8a8 with Triton GEMMs), b2,
-# o, u, w, f, m, u1; then, on 2 GPUs, pb, d, s, c.
+# one 10-minute call; every case writes its full output under $OUT and prints a short table
+# (a call killed at its limit returns no output tail: the files are what comes back). Cases are
+# removed here once run: their results are in RESULTS*.md and their commands in this file's git
+# history (sessions 7-26 removed the ones they ran; vmm stays as the record of its arms).
+# Order: lt (issue 12: where the speculating step's launch goes), slt (issue 16: where the split
+# step's launches go), kvt2 (issue 13: the fp8 KV step at 8k with f16 dots, and where the rest
+# of its extra time goes), qx4 (issue 13: w8a8 with Triton GEMMs), b2, o, u, w, f, m, u1; then,
+# on 2 GPUs, pb, d, s, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -70,16 +70,6 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 }
 
 case "${1:-}" in
-vt7)
-  # Issue 12, batch 1 (session 26, vt6: whole-request median 1.82x again, 256 running 0.99x). The
-  # target names decode: spec_decode.py now also reports each request's rate after its first
-  # token (prefill and admission out), and k = 3 beside k = 4 (one draft decode fewer per step).
-  # Prediction: whole-request ~1.8x as before; decode ~1.9-2.0x; k = 3 within 5% of k = 4.
-  timeout 240 python3 benchmarks/spec_decode.py --methods draft_model --ks 3,4 --workloads code \
-    --num-prompts 8 --max-tokens 96 --max-num-seqs 8 --max-model-len 1024 --max-num-batched-tokens 256 \
-    --gpu-memory-utilization 0.2 --repeat 8 --interleave > "$OUT/spec_vt7.txt" 2>&1
-  grep -v "^W\|WARNING\|^I" "$OUT/spec_vt7.txt" | tail -14
-  ;;
 lt)
   # Issue 12: where the speculating step's launch goes (session 26's call 1 ran the base's again,
   # 0.80 ms per step, cuGraphLaunch 0.313 ms for ~114 kernels; the speculating engine's requests
@@ -88,19 +78,27 @@ lt)
   # of ~250 kernels), the command buffer's update ~0.15 ms.
   sc='{"method": "draft_model", "model": "code-draft", "num_speculative_tokens": 4}'
   timeout 200 python3 benchmarks/launch_trace.py --model code-small --no-random-weights --rows 1 \
-    --temperatures 0.0 --steps 50 --trace-steps 20 --out /tmp/lt_spec --speculative-config "$sc" 2>&1 \
-    | grep "^##\|Execute\|command_buffer\|cuGraph\|DevicePut\|Thunk\|cond\|Wait\|wait\|Await\|__call__\|dispatch\|_prepare\|alloc\|Alloc\|Transpose\|copy" \
-    | head -40
+    --temperatures 0.0 --steps 50 --trace-steps 20 --out /tmp/lt_spec --speculative-config "$sc" \
+    > "$OUT/lt_spec.txt" 2>&1
+  grep "^##\|Execute\|command_buffer\|cuGraph\|DevicePut\|Thunk\|cond\|Wait\|wait\|Await\|__call__\|dispatch\|_prepare\|alloc\|Alloc\|Transpose\|copy" \
+    "$OUT/lt_spec.txt" | head -40
   ;;
-sc)
-  # Issue 12: the speculating step's kernels on the GPU by kind against the decode step's (the
-  # CPU census: 631 against 284, the draft's four forwards of 2 layers as many layer instances as
-  # the target's 8). spec_verify_step.py --dump (new), code-small + code-draft, k = 4, batch 1.
-  # Prediction: ~250 kernels against ~114; the draft's share ~110.
-  timeout 150 python3 benchmarks/spec_verify_step.py --model code-small --no-random-weights \
-    --draft-model code-draft --batches 1 --contexts 256 --iters 30 --dump "$OUT" 2>&1 | grep -v "^W\|WARN" | tail -3
-  python3 benchmarks/hlo_kernels.py "$OUT/verify.hlo.txt" "$OUT/decode.hlo.txt" --all > "$OUT/sc_kernels.txt"
-  head -45 "$OUT/sc_kernels.txt"
+slt)
+  # Issue 16 (session 26, case sa2: in every arm the constrained loop's launches cost 2.2-2.6 ms
+  # per step against the free step's 0.67-0.89, on an idle device and also with the grammar run
+  # before them (arm serial): neither the GIL nor llguidance's threads; the fused arm's mask
+  # upload (flush) 0.96 ms). Where the split step's launches go: profiler traces of Qwen2.5-0.5B
+  # (random weights), 64 sampled rows, free and regex-constrained (the split step), same call.
+  # Prediction: the split forward's Execute shows a per-call cost the fused step's lacks (its
+  # f32[64, 151936] logits output allocated per call, or its command buffer re-recorded).
+  for re in none '[a-z ]{400}'; do
+    ra=(); [ "$re" != none ] && ra=(--regex "$re")
+    echo "### regex: $re"
+    timeout 240 python3 benchmarks/launch_trace.py --model qwen2.5-0.5b --rows 64 --temperatures 0.8 \
+      --steps 30 --trace-steps 10 --out "/tmp/slt_${#ra[@]}" "${ra[@]}" > "$OUT/slt_${#ra[@]}.txt" 2>&1
+    grep "^##\|Execute\|command_buffer\|cuGraph\|DevicePut\|Thunk\|cond\|Wait\|wait\|__call__\|dispatch\|alloc\|Alloc\|Transpose\|copy\|launch\|masks" \
+      "$OUT/slt_${#ra[@]}.txt" | head -30
+  done
   ;;
 kvt2)
   # Issue 13's fp8 KV at 8k (session 24, call 2: fp8 step 1.354x bf16's; call 4: the attention
@@ -115,19 +113,6 @@ kvt2)
     | grep "^|\|^##\|  auto\|  fp8" | tee "$OUT/kv_dtype.txt"
   python3 benchmarks/hlo_kernels.py "$OUT/fp8.decode_step.hlo.txt" "$OUT/auto.decode_step.hlo.txt" \
     | tee "$OUT/hlo_kernels.txt" | head -30
-  ;;
-sa2)
-  # Issue 16 (session 23, case sa: inconclusive, the machine slowed between the arms' processes:
-  # the free run's launch 0.76 -> 1.59 ms). The same arms interleaved within every round of one
-  # process (--arms). Prediction: if llguidance's threads crowd XLA's, threads=4 cuts the split
-  # forward's launch beside the grammar (2.2 ms) toward the free step's (~0.8) and the ratio to
-  # ~0.65-0.7; if the GIL, switch=0.0002 does; if neither moves it, the launch's own cost is
-  # the lead: arm serial runs the grammar before the forward's launch (beside_grammar = advance
-  # + masks + the launch alone on an idle device; session 10 had it at ~2 ms); arm fused runs
-  # without the split step (read, masks, one launch; predicted ~0.70 in session 21).
-  timeout 300 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights --rounds 2 \
-    --trace --arms default,threads=4,switch=0.0002,serial,fused > "$OUT/so_arms.txt" 2>&1
-  grep "^|\|^##" "$OUT/so_arms.txt" | grep -v "|---" | grep "^| [0-9]\|launch\|beside\|masks\|advance\|^| step\|^##"
   ;;
 qx4)
   # Issue 13's w8a8 throughput (session 22, call 3: XLA's fp8 dot from 128 tokens made the 8B's
