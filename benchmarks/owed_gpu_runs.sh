@@ -70,6 +70,13 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 }
 
 case "${1:-}" in
+spt)
+  # The speculative GPU tests (session 26: greedy verify variants now run attention's decode
+  # launch alone, max_q_len = 1 + k). ${SPT_K:-greedy_matches} picks tests (pytest -k).
+  timeout 400 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_spec_gpu.py -k "${SPT_K:-greedy_matches}" \
+    > "$OUT/spec_gpu.txt" 2>&1
+  tail -4 "$OUT/spec_gpu.txt"
+  ;;
 lt)
   # Issue 12: where the speculating step's launch goes (session 26's call 1 ran the base's again,
   # 0.80 ms per step, cuGraphLaunch 0.313 ms for ~114 kernels; the speculating engine's requests
