@@ -3,7 +3,8 @@
 # (a call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-26 removed the ones they ran; vmm stays as the record of its arms).
-# Order: lt (issue 12: where the speculating step's launch goes), slt (issue 16: where the split
+# Order: spt (issue 12: the speculative GPU tests on session 26's greedy verify variants), lt
+# (issue 12: where the speculating step's launch goes), slt (issue 16: where the split
 # step's launches go), kvt2 (issue 13: the fp8 KV step at 8k with f16 dots, and where the rest
 # of its extra time goes), qx4 (issue 13: w8a8 with Triton GEMMs), b2, o, u, w, f, m, u1; then,
 # on 2 GPUs, pb, d, s, c.
