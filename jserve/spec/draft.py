@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 
 # XORed into a row's seed for its drafts' draws: independent of the target's (same counters).
 DRAFT_SEED_SALT = (0x5EC0DE01, 0xD7AF7B0B)
+# The draft's decodes run at least this many rows (``draft_step``).
+MIN_DECODE_ROWS = 2
 
 
 @dataclass
@@ -179,7 +181,12 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     shift = full.astype(jnp.int32)
     p = batch.page_table.shape[1]
     pos0 = batch.positions[batch.logits_indices] - num_draft + num_emitted   # t's position
-    qsl = jnp.minimum(jnp.arange(r + 1), batch.num_seqs[0]).astype(jnp.int32)
+    # The decodes run at least MIN_DECODE_ROWS rows (idle ones past num_seqs write the null
+    # page): with one row XLA turns every matrix-vector product into a multiply and a reduce,
+    # two kernels each over a weight-sized temporary (H200 census, RESULTS.md session 26).
+    rd = max(r, MIN_DECODE_ROWS)
+    qsl = jnp.minimum(jnp.arange(rd + 1), batch.num_seqs[0]).astype(jnp.int32)
+    table = _pad_rows(batch.page_table, rd)
     tok, outs = jnp.where(full, first, t_new), []
     for i in range(1, num_spec):
         pos = pos0 + i - 1 + shift
@@ -187,15 +194,15 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
         page = batch.page_table[rows, idx]
         ok = live & (pos // page_size < p) & (page > 0)
         pos = jnp.where(live, jnp.clip(pos, 0, p * page_size - 1), 0)
-        step = StepInput(token_ids=tok, positions=pos,
-                         slot_mapping=jnp.where(ok, page * page_size + pos % page_size, 0),
-                         page_table=batch.page_table,
-                         seq_lens=jnp.where(rows < batch.num_seqs[0], pos + 1, 0).astype(jnp.int32),
+        seq_lens = jnp.where(rows < batch.num_seqs[0], pos + 1, 0).astype(jnp.int32)
+        step = StepInput(token_ids=_pad_rows(tok, rd), positions=_pad_rows(pos, rd),
+                         slot_mapping=_pad_rows(jnp.where(ok, page * page_size + pos % page_size, 0), rd),
+                         page_table=table, seq_lens=_pad_rows(seq_lens, rd),
                          query_start_loc=qsl, num_seqs=batch.num_seqs,
-                         logits_indices=rows.astype(jnp.int32))
+                         logits_indices=jnp.arange(rd, dtype=jnp.int32))
         h, kv = hidden_states(cfg, params, kv, step, fresh_prefill=False, mesh=mesh,
                               decode_only=True)
-        logits = logits_from_hidden(cfg, params, h).astype(jnp.float32)
+        logits = logits_from_hidden(cfg, params, h[:r]).astype(jnp.float32)
         j = i - 1 + shift                                      # this draft's index in the row
         tok, probs = _draw(logits, sbatch, num_emitted + j, j, probs, slot)
         outs.append(tok)
@@ -203,6 +210,12 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     short = jnp.concatenate([jnp.stack(outs, axis=1), jnp.full((r, 1), -1, jnp.int32)], axis=1) \
         if outs else jnp.full((r, 1), -1, jnp.int32)
     return kv, jnp.where(full[:, None], drafts, short), probs
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    """x [R, ...] -> [rows, ...] (rows >= R): zero rows appended."""
+    extra = rows - x.shape[0]
+    return x if extra == 0 else jnp.concatenate([x, jnp.zeros((extra, *x.shape[1:]), x.dtype)])
 
 
 def _draw(logits: jax.Array, sbatch: SamplingBatch | None, offset: jax.Array, j: jax.Array | int,

@@ -60,6 +60,34 @@ def test_self_draft_is_accepted_and_tokens_match_through_preemption(make_engine)
     assert eng.scheduler.kv.pool.num_used == 0
 
 
+def test_one_row_engine_pads_the_draft_decodes(monkeypatch, make_engine):
+    """max_num_seqs 1: the draft's decodes run two rows, the second idle (one row would make
+    every matrix-vector product XLA's multiply + reduce on the GPU); greedy tokens equal the
+    target alone's, and a self-draft is still accepted."""
+    import jax
+
+    from jserve.spec import draft
+
+    rows = set()
+    forward = draft.hidden_states
+
+    def record(cfg, params, kv, batch, **kw):
+        if kw.get("decode_only") and batch.decode_rows == 1:   # the decodes (not the first forward)
+            rows.add(batch.token_ids.shape[0])
+        return forward(cfg, params, kv, batch, **kw)
+
+    monkeypatch.setattr(draft, "hidden_states", record)
+    jax.clear_caches()   # (other tests' engines traced the same step)
+    base = make_engine("llama", max_num_seqs=1, async_scheduling=False)
+    eng = make_engine("llama", max_num_seqs=1, speculative_config=_draft(GOLDEN / "llama"))
+    assert rows == {2}
+    rng = np.random.default_rng(8)
+    items = [(rng.integers(5, 500, n).tolist(), _greedy(24)) for n in (12, 30)]
+    assert _tokens(eng, items) == _tokens(base, items)
+    s = eng.kv_cache_stats()
+    assert s["spec_decode_num_accepted_tokens"] >= 0.9 * s["spec_decode_num_draft_tokens"] > 0
+
+
 def test_sampled_self_draft_is_accepted_and_reproducible(make_engine):
     """Random rows sample their drafts from the draft's q and verify with min(1, p/q): a draft
     that IS the target has q == p, so (almost) every draft is accepted at temperature 1 (as
