@@ -28,6 +28,9 @@ import numpy as np
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import SamplingParams
 
+MAX_MODEL_LEN = 512
+PROMPT_LEN = 30
+
 
 def top_host_events(path: str, steps: int, rows: int = 40) -> list[tuple[str, str, int, float]]:
     """A perfetto JSON trace (``create_perfetto_trace``) -> [(thread, event, count, ms per
@@ -67,7 +70,7 @@ def main() -> None:
                          '"code-draft", "num_speculative_tokens": 4})')
     ns = ap.parse_args()
     eng = build_engine(EngineArgs(model=ns.model, random_weights=ns.random_weights, dtype="bfloat16",
-                                  max_num_seqs=max(ns.rows, 8), max_model_len=512,
+                                  max_num_seqs=max(ns.rows, 8), max_model_len=MAX_MODEL_LEN,
                                   gpu_memory_utilization=0.5,
                                   speculative_config=json.loads(ns.speculative_config)
                                   if ns.speculative_config else None))
@@ -76,10 +79,10 @@ def main() -> None:
     # a speculating step emits up to k + 1 tokens: enough for every step, within the context
     per_step = 1 + (json.loads(ns.speculative_config).get("num_speculative_tokens", 0)
                     if ns.speculative_config else 0)
-    max_tokens = min((ns.steps + ns.trace_steps + 30) * per_step, 512 - 30 - 1)
+    max_tokens = min((ns.steps + ns.trace_steps + 30) * per_step, MAX_MODEL_LEN - PROMPT_LEN - 1)
     for temp in (float(t) for t in ns.temperatures.split(",")):
         for i in range(ns.rows):
-            eng.add_request(None, rng.integers(10, vocab, 30).tolist(), SamplingParams(
+            eng.add_request(None, rng.integers(10, vocab, PROMPT_LEN).tolist(), SamplingParams(
                 temperature=temp, seed=i, max_tokens=max_tokens, ignore_eos=True,
                 structured_outputs={"regex": ns.regex} if ns.regex else None))
         for _ in range(12):   # prefill and the first decode steps
