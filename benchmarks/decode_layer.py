@@ -1,0 +1,104 @@
+"""The draft's decode forward with fused decode layers against the unfused layers, on the GPU.
+
+Where it sits: the A/B behind ``jserve/model/fused_decode.py`` (issue 12, batch 1). One jit runs
+``--reps`` decode forwards back to back (unrolled, each feeding the next its K/V pool), so the
+time per forward is the device's including its launch gaps, as inside the speculative step.
+Columns: kernels per forward (``hlo_kernels.census`` of the optimized program / reps) and us
+per forward, fused and unfused, per row count and context length. Random weights of the model's
+real shapes (default: the bundled ``code-draft``)::
+
+    PYTHONPATH=. python3 benchmarks/decode_layer.py --rows 1,2,8 --contexts 64,300,1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from benchmarks.hlo_kernels import census
+from jserve.builder import DEFAULT_MODELS, default_model_path
+from jserve.config import ModelConfig
+from jserve.kv_cache import allocate_kv_cache
+from jserve.model.decoder import hidden_states
+from jserve.model.fused_decode import fused_decode_hidden
+from jserve.model.params import random_params
+from jserve.step_input import StepInput
+from sharding import make_mesh
+
+
+def _step(rows: int, context: int, ps: int, pages_per_seq: int) -> StepInput:
+    """Each row's next token at ``context``, its pages consecutive from page 1 + row * pages."""
+    b = StepInput.empty(rows, rows, pages_per_seq)
+    for r in range(rows):
+        b.page_table[r] = 1 + r * pages_per_seq + np.arange(pages_per_seq)
+        b.token_ids[r], b.positions[r] = 100 + r, context
+        b.slot_mapping[r] = b.page_table[r, context // ps] * ps + context % ps
+        b.seq_lens[r] = context + 1
+        b.query_start_loc[r + 1] = r + 1
+        b.logits_indices[r] = r
+    b.num_seqs[0] = rows
+    return b
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="code-draft")
+    ap.add_argument("--rows", default="1,2,8")
+    ap.add_argument("--contexts", default="64,300,1000")
+    ap.add_argument("--reps", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=20)
+    ns = ap.parse_args()
+    from checkpoints import HFModelDir
+    path = default_model_path(ns.model) if ns.model in DEFAULT_MODELS else ns.model
+    cfg = ModelConfig.from_hf_config(HFModelDir(str(path)).config, dtype="bfloat16")
+    mesh = make_mesh(1)
+    params = random_params(cfg, mesh)
+    ps, contexts = 16, [int(c) for c in ns.contexts.split(",")]
+    per_seq = -(-(max(contexts) + 1) // ps)
+    rows_list = [int(r) for r in ns.rows.split(",")]
+    kv0 = allocate_kv_cache(cfg, 1 + max(rows_list) * per_seq, ps, "bfloat16", mesh)
+    print(f"{ns.model} on {jax.devices()[0].device_kind}: {ns.reps} decode forwards per call, "
+          f"median of {ns.iters}")
+    print("| rows | context | kernels fused | kernels unfused | us fused | us unfused | x |")
+    print("|---|---|---|---|---|---|---|")
+
+    def chain(forward):
+        def run(kv, step):
+            h = None
+            for _ in range(ns.reps):
+                h, kv = forward(kv, step)
+            return h, kv
+        return jax.jit(run, donate_argnums=0)
+
+    arms = {"fused": lambda kv, s: fused_decode_hidden(cfg, params, kv, s),
+            "unfused": lambda kv, s: hidden_states(cfg, params, kv, s, decode_only=True)}
+    for rows in rows_list:
+        for context in contexts:
+            step = jax.device_put(_step(rows, context, ps, per_seq))
+            res = {}
+            for name, fwd in arms.items():
+                fn = chain(fwd)
+                compiled = fn.lower(kv0, step).compile()
+                kernels = sum(census(compiled.as_text()).values()) / ns.reps
+                kv = jax.tree.map(lambda a: a.copy(), kv0)
+                h, kv = compiled(kv, step)
+                h.block_until_ready()
+                times = []
+                for _ in range(ns.iters):
+                    t0 = time.perf_counter()
+                    h, kv = compiled(kv, step)
+                    h.block_until_ready()
+                    times.append((time.perf_counter() - t0) / ns.reps)
+                res[name] = (kernels, statistics.median(times))
+                del kv
+            (kf, tf), (ku, tu) = res["fused"], res["unfused"]
+            print(f"| {rows} | {context} | {kf:.1f} | {ku:.1f} | {tf * 1e6:.1f} | {tu * 1e6:.1f} | "
+                  f"{tu / tf:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
