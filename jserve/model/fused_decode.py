@@ -1,19 +1,21 @@
-"""The draft model's decode forward with one fused kernel per layer (``pallas_kernels.decode_layer``).
+"""The draft model's forwards over short rows: one ``pallas_kernels.decode_layer`` launch per layer.
 
-Where it sits: inside the speculative step executable, ``spec.draft.draft_step``'s K - 1 draft
-decodes call ``fused_decode_hidden`` instead of ``decoder.hidden_states`` when
-``fused_decode_fits`` (decided at trace time from the shapes and the backend). Same inputs and
-outputs: the decode step's ``StepInput`` (one token per row, rows past ``num_seqs`` idle) ->
-(final-normed hidden [R, H], kv with each row's K/V written at its slot).
+Where it sits: inside the speculative step executable, ``spec.draft.draft_step`` calls
+``fused_decode_hidden`` instead of ``decoder.hidden_states`` when ``fused_decode_fits``
+(decided at trace time from the shapes and the backend) for its forwards whose rows are all
+short: the K - 1 decodes (one token per row) and, in the greedy variants, the first forward
+over the verify rows (at most 1 + k tokens per row). Same inputs and outputs: the step's
+``StepInput`` (ragged rows, rows past ``num_seqs`` idle) -> (final-normed hidden [T, H], kv
+with each token's K/V written at its slot).
 
 Why: at batch 1 the speculative step is bound by its kernel count (host launch ~2.7 us per CUDA
 graph node, H200 census, benchmarks/RESULTS.md session 26); each draft layer instance was ~13
 kernels, one per layer here. The kernel runs one program per row that streams the whole layer's
-weights, so it is kept to small layers and few rows, where that costs less than the launches it
-removes (``FUSED_MAX_LAYER_BYTES``, ``FUSED_MAX_ROWS``). Its numerics differ from the unfused
-layer's by summation order only; the draft only proposes (the target verifies), so greedy
-output is unchanged either way. GPU only: on TPU the unfused layer is XLA-fused anyway, and on
-CPU the reference would only repeat the unfused math.
+weights once per token, so it is kept to small layers and few rows, where that costs less than
+the launches it removes (``FUSED_MAX_LAYER_BYTES``, ``FUSED_MAX_ROWS``). Its numerics differ
+from the unfused layer's by summation order only; the draft only proposes (the target
+verifies), so greedy output is unchanged either way. GPU only: on TPU the unfused layer is
+XLA-fused anyway, and on CPU the reference would only repeat the unfused math.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ _WEIGHTS = ("ln_attn", "wqkv", "wo", "ln_mlp", "wgu", "wd")
 
 def fused_decode_fits(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, mesh: Mesh | None,
                       rows: int, backend: str | None = None) -> bool:
-    """Whether a decode step of ``rows`` rows runs the fused layers: a GPU backend (``backend``,
+    """Whether a forward over ``rows`` short rows runs the fused layers: a GPU backend (``backend``,
     default ``jax.default_backend()``), one device, dense weights, unquantized pools, no
     sliding window, shapes the kernel takes, layers of at most ``FUSED_MAX_LAYER_BYTES`` and
     at most ``FUSED_MAX_ROWS`` rows."""
@@ -62,8 +64,9 @@ def fused_decode_fits(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, mes
 
 def fused_decode_hidden(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, step: StepInput
                         ) -> tuple[jax.Array, KVCache]:
-    """Inside jit: every layer over the decode step's rows, one ``pallas_kernels.decode_layer``
-    launch each -> (final-normed hidden [R, H], updated kv)."""
+    """Inside jit: every layer over the step's short rows (the caller's promise: few tokens per
+    row), one ``pallas_kernels.decode_layer`` launch each -> (final-normed hidden [T, H],
+    updated kv)."""
     x = params["embed"][step.token_ids]
     cos, sin = rope_cos_sin(step.positions, inv_frequencies(cfg))
     w = [params[n] for n in _WEIGHTS]
@@ -72,7 +75,8 @@ def fused_decode_hidden(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, s
     for i, (k_pages, v_pages) in enumerate(kv):
         x, k_pages, v_pages = pallas_kernels.decode_layer(
             x, w[0], w[1], bias, w[2], w[3], w[4], w[5], cos, sin, k_pages, v_pages,
-            step.page_table, step.positions, step.slot_mapping, step.num_seqs, layer=i,
+            step.page_table, step.query_start_loc, step.positions, step.slot_mapping,
+            step.num_seqs, layer=i,
             eps=cfg.rms_norm_eps, sm_scale=cfg.head_dim ** -0.5)
         new_kv.append((k_pages, v_pages))
     return rms_norm(x, params["norm"], cfg.rms_norm_eps), new_kv

@@ -41,8 +41,9 @@ tokens is the next step's verify row itself: it feeds [last token, d_1 .. d_k] t
 draft at their positions, with that step's emitted token in the first rejected draft's place,
 so that one forward both catches up and proposes (one small forward fewer per step than a
 catch-up forward followed by K decodes: the batch-1 speculative step is a few hundred small
-kernels, bound by their count). For the same reason the K - 1 decodes of a small draft on a
-GPU run one fused kernel per layer (``jserve/model/fused_decode.py``) instead of ~13.
+kernels, bound by their count). For the same reason a small draft's forwards over short rows
+on a GPU (the K - 1 decodes, and the first forward in the greedy variants) run one fused kernel
+per layer (``jserve/model/fused_decode.py``) instead of ~13.
 """
 
 from __future__ import annotations
@@ -168,8 +169,12 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     sub = jnp.full((n,), -1, jnp.int32).at[jnp.where(full, at, n)].set(rows.astype(jnp.int32),
                                                                        mode="drop")
     ids = jnp.where(sub >= 0, t_new[jnp.maximum(sub, 0)], batch.token_ids)
-    h, kv = hidden_states(cfg, params, kv, dataclasses.replace(batch, token_ids=ids),
-                          fresh_prefill=False, mesh=mesh, decode_only=short_rows)
+    fed = dataclasses.replace(batch, token_ids=ids)
+    if short_rows and fused_decode_fits(cfg, params, kv, mesh, r):   # one kernel per layer
+        h, kv = fused_decode_hidden(cfg, params, kv, fed)
+    else:
+        h, kv = hidden_states(cfg, params, kv, fed, fresh_prefill=False, mesh=mesh,
+                              decode_only=short_rows)
     # This forward's attention reads the pool that the decodes below write: without an order
     # between them XLA copies a layer's pool arrays to keep the old version (a pool-sized
     # temporary: the 0.9-share start-up ran out of memory on an H200, session 13). The barrier

@@ -1,6 +1,6 @@
 """Dispatching entry point for the fused decode layer: picks reference or kernel by backend.
 
-Where it sits: called by ``jserve/model/fused_decode.py`` (the draft model's decodes) inside the
+Where it sits: called by ``jserve/model/fused_decode.py`` (the draft model's short rows) inside the
 jitted step, once per layer. cpu (and tpu: no TPU kernel, the layer's XLA ops are what a TPU
 fuses anyway) -> ``reference.py``; gpu -> ``gpu.py`` (Pallas, Triton lowering).
 ``interpret=True`` runs the GPU kernel in Pallas interpret mode.
@@ -16,16 +16,16 @@ from pallas_kernels.decode_layer import gpu, reference
 def decode_layer(x: jax.Array, ln_attn: jax.Array, wqkv: jax.Array, bqkv: jax.Array | None,
                  wo: jax.Array, ln_mlp: jax.Array, wgu: jax.Array, wd: jax.Array,
                  cos: jax.Array, sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                 page_table: jax.Array, positions: jax.Array, slot_mapping: jax.Array,
-                 num_rows: jax.Array, *, layer: int, eps: float, sm_scale: float,
-                 interpret: bool = False
+                 page_table: jax.Array, query_start_loc: jax.Array, positions: jax.Array,
+                 slot_mapping: jax.Array, num_rows: jax.Array, *, layer: int, eps: float,
+                 sm_scale: float, interpret: bool = False
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder layer over decode rows; shapes and semantics in ``reference``'s docstring:
-    x [R, H], every layer's weights stacked ([L, ...]; ``layer`` picks one) and the layer's
-    ``(k_pages, v_pages)`` [N, ps, Nkv, d] -> (x [R, H], k_pages, v_pages). The GPU kernel
-    takes the shapes ``gpu.unsupported`` accepts; others run the reference."""
+    """One decoder layer over short ragged rows; shapes and semantics in ``reference``'s
+    docstring: x [T, H], every layer's weights stacked ([L, ...]; ``layer`` picks one) and the
+    layer's ``(k_pages, v_pages)`` [N, ps, Nkv, d] -> (x [T, H], k_pages, v_pages). The GPU
+    kernel takes the shapes ``gpu.unsupported`` accepts; others run the reference."""
     args = (x, ln_attn, wqkv, bqkv, wo, ln_mlp, wgu, wd, cos, sin, k_pages, v_pages, page_table,
-            positions, slot_mapping, num_rows)
+            query_start_loc, positions, slot_mapping, num_rows)
     fits = gpu.unsupported(x.shape[1], wqkv.shape[4], wqkv.shape[3] - 2, wgu.shape[3],
                            k_pages.shape[1], k_pages.dtype) is None
     if fits and (interpret or jax.default_backend() == "gpu"):

@@ -1,26 +1,31 @@
 """The fused decode layer on CUDA GPUs: one Llama-family decoder layer in one Pallas launch.
 
 Where it sits: ``pallas_kernels.decode_layer`` dispatches here on GPU; the engine runs it for
-the draft model's decodes (``jserve/model/fused_decode.py``). Semantics are ``reference.py``'s.
+the draft model's forwards over short rows (``jserve/model/fused_decode.py``). Semantics are
+``reference.py``'s.
 
 Why: a small draft's decode is bound by kernel count, not bytes. Unfused, each layer is ~13
 kernels (norms, QKV, RoPE, KV write, attention, o-proj, MLP, residuals), each a CUDA graph node
 costing ~2.7 us of host launch (H200 census, ``benchmarks/RESULTS.md`` session 26), for a layer
 of 0.4 MiB of weights (``code-draft``). One program per row does the whole layer, streaming the
-weights in tiles; so it only pays for layers small enough that one SM streams them faster than
-a dozen launches (``jserve/model/fused_decode.py`` keeps it to those)::
+weights in tiles once per token; so it only pays for layers small enough that one SM streams
+them faster than a dozen launches, and for short rows (``jserve/model/fused_decode.py`` keeps
+it to those)::
 
-    program r (row r; rows >= num_rows copy x and write nothing):
+    program r < R (row r; rows >= num_rows idle): its tokens t in [qsl[r], qsl[r + 1]) in turn:
       x chunks [CH] (H / CH of them, registers) -> RMSNorm -> h
       per kv head j:  q [G, d/2] x 2 halves, k [d/2] x 2, v [d] = sum over H chunks of
                       h_c[:, None] * W tile (broadcast-multiply-reduce: no tensor cores at one
-                      row) -> RoPE on the halves (no in-register concatenation) -> k, v stored
-                      at the row's slot -> online softmax over the row's pages (``ppb`` pages
-                      a step, gathered rows of the pool's [N * ps, Nkv * d] view; keys at or
-                      past pos masked, their V zeroed: NaN pages cannot leak) and the new key
-                      from registers -> o [G, d] -> o @ wo's [G, d, CH] tiles into attn
+                      token) -> RoPE on the halves (no in-register concatenation) -> k, v
+                      stored at the token's slot -> online softmax over the row's pages below
+                      its position (``ppb`` pages a step, gathered rows of the pool's
+                      [N * ps, Nkv * d] view; keys at or past pos masked, their V zeroed: NaN
+                      pages cannot leak) and the new key from registers -> o [G, d] -> o @ wo's
+                      [G, d, CH] tiles into attn
       x1 = x + attn -> RMSNorm -> per I tile (a loop): gate, up -> silu(gate) * up ->
       added into the H / CH down-projection accumulators -> x + down stored
+      a barrier: the token's K/V stores land before the next token of the row reads them
+    program R: the tokens past the live rows' copy x
 
 Triton lowering (not Mosaic GPU): the work is row gathers and reductions over tiles smaller
 than a warpgroup's 64-row MMA, which Triton's pointer loads and reductions express directly.
@@ -68,19 +73,21 @@ def pages_per_step(pages: int) -> int:
     return next(n for n in (4, 2, 1) if pages % n == 0)
 
 
-def _kernel(pos_ref, slot_ref, nrows_ref, pt_ref, cos_ref, sin_ref, x_ref, ln1_ref, wqkv_ref,
-            *rest, eps: float, sm_scale: float, has_bias: bool, nkv: int, group: int,
-            page_size: int, ppb: int, layer: int):
+def _kernel(qsl_ref, pos_ref, slot_ref, nrows_ref, pt_ref, cos_ref, sin_ref, x_ref, ln1_ref,
+            wqkv_ref, *rest, eps: float, sm_scale: float, has_bias: bool, nkv: int, group: int,
+            page_size: int, ppb: int, layer: int, barriers: bool):
     if has_bias:
         b_ref, *rest = rest
     wo_ref, ln2_ref, wgu_ref, wd_ref, k_in, v_in, x_out, k_out, v_out = rest
     del k_in, v_in   # aliased to k_out / v_out
-    row = pl.program_id(0)
+    row, rows = pl.program_id(0), pl.num_programs(0) - 1
     hs, d = x_ref.shape[1], wqkv_ref.shape[3]
     inter = wd_ref.shape[1]
     half, ch, ni = d // 2, chunk(hs), chunk(inter)
     dt = x_ref.dtype
     hcols = [pl.ds(c * ch, ch) for c in range(hs // ch)]
+    live_rows = jnp.minimum(nrows_ref[0], rows)
+    end = qsl_ref[live_rows]
 
     def rnd(a):   # a rounding to the stream's dtype, as the unfused layer's ops do
         return a.astype(dt).astype(F32)
@@ -90,18 +97,21 @@ def _kernel(pos_ref, slot_ref, nrows_ref, pt_ref, cos_ref, sin_ref, x_ref, ln1_r
         r = jax.lax.rsqrt(ss + eps)
         return [rnd(w_ref[layer, c].astype(F32) * rnd(xc * r)) for xc, c in zip(xs, hcols, strict=True)]
 
-    @pl.when(row >= nrows_ref[0])
-    def _idle():
-        for c in hcols:
-            x_out[row, c] = x_ref[row, c]
+    @pl.when(row == rows)   # the extra program: tokens past the live rows' pass through
+    def _padding():
+        def copy(t, carry):
+            for c in hcols:
+                x_out[t, c] = x_ref[t, c]
+            return carry
 
-    @pl.when(row < nrows_ref[0])
-    def _live():
-        xs = [x_ref[row, c].astype(F32) for c in hcols]
+        jax.lax.fori_loop(end, x_ref.shape[0], copy, 0)
+
+    def token(t, carry):   # the whole layer for token t of this row
+        xs = [x_ref[t, c].astype(F32) for c in hcols]
         hv = norm(xs, ln1_ref)
-        pos, slot = pos_ref[row], slot_ref[row]
-        cos_lo, cos_hi = cos_ref[row, pl.ds(0, half)], cos_ref[row, pl.ds(half, half)]
-        sin_lo, sin_hi = sin_ref[row, pl.ds(0, half)], sin_ref[row, pl.ds(half, half)]
+        pos, slot = pos_ref[t], slot_ref[t]
+        cos_lo, cos_hi = cos_ref[t, pl.ds(0, half)], cos_ref[t, pl.ds(half, half)]
+        sin_lo, sin_hi = sin_ref[t, pl.ds(0, half)], sin_ref[t, pl.ds(half, half)]
 
         def proj(heads, cols):   # sum over H chunks of h_c * W[chunk, heads, cols] -> [.., cols]
             acc = None
@@ -156,9 +166,9 @@ def _kernel(pos_ref, slot_ref, nrows_ref, pt_ref, cos_ref, sin_ref, x_ref, ln1_r
             m_new = jnp.maximum(m, s_new)
             alpha, p_new = jnp.exp(m - m_new), jnp.exp(s_new - m_new)
             acc = acc * alpha[:, None] + p_new[:, None] * vn.astype(F32)[None]
-            o = rnd(acc / (lsum * alpha + p_new)[:, None])                           # [G, d]
+            o = rnd(acc / (lsum * alpha + p_new)[:, None])                        # [G, d]
             for n, c in enumerate(hcols):
-                w = wo_ref[layer, pl.ds(j * group, group), :, c].astype(F32)              # [G, d, CH]
+                w = wo_ref[layer, pl.ds(j * group, group), :, c].astype(F32)       # [G, d, CH]
                 attn[n] = attn[n] + jnp.sum(jnp.sum(o[:, :, None] * w, axis=1), axis=0)
         x1 = [rnd(xc + rnd(a)) for xc, a in zip(xs, attn, strict=True)]
         h2 = norm(x1, ln2_ref)
@@ -177,17 +187,25 @@ def _kernel(pos_ref, slot_ref, nrows_ref, pt_ref, cos_ref, sin_ref, x_ref, ln1_r
 
         downs = jax.lax.fori_loop(0, inter // ni, mlp, tuple(jnp.zeros((ch,), F32) for _ in hcols))
         for xc, dn, c in zip(x1, downs, hcols, strict=True):
-            x_out[row, c] = rnd(xc + rnd(dn)).astype(dt)
+            x_out[t, c] = rnd(xc + rnd(dn)).astype(dt)
+        if barriers:   # this token's K/V stores land before the next token's attention reads
+            plgpu.debug_barrier()
+        return carry
+
+    @pl.when(row < live_rows)
+    def _live():
+        jax.lax.fori_loop(qsl_ref[row], qsl_ref[row + 1], token, 0)
 
 
 def decode_layer(x: jax.Array, ln_attn: jax.Array, wqkv: jax.Array, bqkv: jax.Array | None,
                  wo: jax.Array, ln_mlp: jax.Array, wgu: jax.Array, wd: jax.Array,
                  cos: jax.Array, sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                 page_table: jax.Array, positions: jax.Array, slot_mapping: jax.Array,
-                 num_rows: jax.Array, *, layer: int, eps: float, sm_scale: float, interpret: bool = False,
+                 page_table: jax.Array, query_start_loc: jax.Array, positions: jax.Array,
+                 slot_mapping: jax.Array, num_rows: jax.Array, *, layer: int, eps: float,
+                 sm_scale: float, interpret: bool = False,
                  num_warps: int = 4, num_stages: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Same contract as ``reference.decode_layer``; ValueError when ``unsupported``."""
-    r, hs = x.shape
+    hs = x.shape[1]
     nl, _, nkv, gp2, d = wqkv.shape
     group, inter = gp2 - 2, wgu.shape[3]
     n, ps = k_pages.shape[:2]
@@ -195,7 +213,8 @@ def decode_layer(x: jax.Array, ln_attn: jax.Array, wqkv: jax.Array, bqkv: jax.Ar
     if why:
         raise ValueError(f"decode_layer: {why}")
     flat = (n * ps, nkv * d)
-    args = [positions, slot_mapping, num_rows, page_table, cos.astype(F32), sin.astype(F32), x,
+    args = [query_start_loc, positions, slot_mapping, num_rows, page_table, cos.astype(F32),
+            sin.astype(F32), x,
             ln_attn, wqkv.reshape(nl, hs, nkv * gp2, d)]
     if bqkv is not None:
         args.append(bqkv.reshape(nl, nkv * gp2, d))
@@ -203,10 +222,11 @@ def decode_layer(x: jax.Array, ln_attn: jax.Array, wqkv: jax.Array, bqkv: jax.Ar
              v_pages.reshape(flat)]
     kernel = functools.partial(_kernel, eps=eps, sm_scale=sm_scale, has_bias=bqkv is not None,
                                nkv=nkv, group=group, page_size=ps,
-                               ppb=pages_per_step(page_table.shape[1]), layer=layer)
+                               ppb=pages_per_step(page_table.shape[1]), layer=layer,
+                               barriers=not interpret)
     out, k2, v2 = pl.pallas_call(
         kernel,
-        grid=(r,),
+        grid=(page_table.shape[0] + 1,),
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct(flat, k_pages.dtype), jax.ShapeDtypeStruct(flat, v_pages.dtype)),
         input_output_aliases={len(args) - 2: 1, len(args) - 1: 2},

@@ -1,16 +1,17 @@
-"""Pure-jnp reference of the fused decode layer: one Llama-family decoder layer over decode rows.
+"""Pure-jnp reference of the fused decode layer: one Llama-family decoder layer over short rows.
 
 Where it sits: ``pallas_kernels.decode_layer`` runs it on CPU (and anywhere the GPU kernel,
 ``gpu.py``, does not apply); the kernel's tests compare against it. The engine calls the entry
-point for the draft model's decodes (``jserve/model/fused_decode.py``), where a whole layer in
-one launch replaces ~13 small kernels.
+point for the draft model's forwards over short rows (``jserve/model/fused_decode.py``), where
+a whole layer in one launch replaces ~13 small kernels.
 
-One row = one sequence's next token at ``positions[r]``; its context (positions < pos) is in
-the row's pages of the pool; the new token's K/V are written at ``slot_mapping[r]`` and
-attended from registers (so a write to the null page still attends the token's own K/V).
-Rows at or past ``num_rows[0]`` are idle: x passes through, nothing is written. Shapes::
+Rows are ragged (``query_start_loc``): row r's tokens are ``[qsl[r], qsl[r + 1])``, at
+``positions``; a token attends its row's pages at positions below its own (the context and
+the row's earlier tokens, whose K/V this layer writes first) and its own new K/V. Every token's
+K/V is written at ``slot_mapping[t]``. Rows at or past ``num_rows[0]`` are idle, and so are the
+tokens past the live rows': x passes through, nothing is written. Shapes::
 
-    x              [R, H]                  the residual stream (bf16 / f32)
+    x              [T, H]                  the residual stream (bf16 / f32)
     weights: every layer's, stacked ([L, ...]); ``layer`` (static) picks one (a slice of a
     stacked array passed to a custom call would be a copy kernel per weight)
     ln_attn, ln_mlp [L, H]                 RMSNorm weights
@@ -19,11 +20,11 @@ Rows at or past ``num_rows[0]`` are idle: x passes through, nothing is written. 
     wo             [L, Nkv * G * d, H]
     wgu            [L, H, 2, I]            gate, up
     wd             [L, I, H]
-    cos, sin       f32[R, d]               RoPE at each row's position ("rotate half" layout)
+    cos, sin       f32[T, d]               RoPE at each token's position ("rotate half" layout)
     k/v_pages      [N, ps, Nkv, d]         the layer's pool (16-bit; page 0 is the null page)
-    page_table     int32[R, P]
-    positions, slot_mapping  int32[R]; num_rows int32[1]
-    -> (x [R, H], k_pages, v_pages)
+    page_table     int32[R, P]; query_start_loc int32[R + 1]
+    positions, slot_mapping  int32[T]; num_rows int32[1]
+    -> (x [T, H], k_pages, v_pages)
 
 Roundings follow the unfused layer: every projection's output, the RoPE'd q/k, the attention
 output and each residual sum are rounded to x's dtype; statistics and dot products in f32.
@@ -52,16 +53,17 @@ def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
-            v_pages: jax.Array, page_table: jax.Array, positions: jax.Array,
+            v_pages: jax.Array, tables: jax.Array, positions: jax.Array,
             sm_scale: float) -> jax.Array:
-    """q f32[R, Nkv, G, d], k_new/v_new [R, Nkv, d] -> f32[R, Nkv, G, d]: softmax over the
-    row's context keys (positions < pos, from its pages) and its own new key."""
-    r, p = page_table.shape
+    """q f32[T, Nkv, G, d], k_new/v_new [T, Nkv, d], tables int32[T, P] (each token's row's
+    pages) -> f32[T, Nkv, G, d]: softmax over the keys below the token's position in those
+    pages and its own new key."""
+    t, p = tables.shape
     ps = k_pages.shape[1]
     kpos = jnp.arange(p * ps)
-    k = k_pages[page_table].reshape(r, p * ps, *k_pages.shape[2:]).astype(jnp.float32)
-    v = v_pages[page_table].reshape(r, p * ps, *v_pages.shape[2:]).astype(jnp.float32)
-    ctx = kpos[None, :] < positions[:, None]                                  # [R, K]
+    k = k_pages[tables].reshape(t, p * ps, *k_pages.shape[2:]).astype(jnp.float32)
+    v = v_pages[tables].reshape(t, p * ps, *v_pages.shape[2:]).astype(jnp.float32)
+    ctx = kpos[None, :] < positions[:, None]                                  # [T, K]
     s = jnp.einsum("rjgd,rkjd->rjgk", q, k) * sm_scale
     s = jnp.where(ctx[:, None, None, :], s, NEG)
     s_new = jnp.einsum("rjgd,rjd->rjg", q, k_new.astype(jnp.float32))[..., None] * sm_scale
@@ -76,33 +78,36 @@ def _attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array
 def decode_layer(x: jax.Array, ln_attn: jax.Array, wqkv: jax.Array, bqkv: jax.Array | None,
                  wo: jax.Array, ln_mlp: jax.Array, wgu: jax.Array, wd: jax.Array,
                  cos: jax.Array, sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                 page_table: jax.Array, positions: jax.Array, slot_mapping: jax.Array,
-                 num_rows: jax.Array, *, layer: int, eps: float, sm_scale: float
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 page_table: jax.Array, query_start_loc: jax.Array, positions: jax.Array,
+                 slot_mapping: jax.Array, num_rows: jax.Array, *, layer: int, eps: float,
+                 sm_scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """See the module docstring."""
     ln_attn, wqkv, wo, ln_mlp, wgu, wd = (a[layer] for a in (ln_attn, wqkv, wo, ln_mlp, wgu, wd))
     bqkv = None if bqkv is None else bqkv[layer]
-    r, _ = x.shape
+    t, r = x.shape[0], page_table.shape[0]
     g = wqkv.shape[2] - 2
     dt = x.dtype
-    live = jnp.arange(r) < num_rows[0]
+    tok = jnp.arange(t)
+    live = tok < query_start_loc[jnp.minimum(num_rows[0], r)]
+    row_of = jnp.clip(jnp.searchsorted(query_start_loc, tok, side="right") - 1, 0, r - 1)
     h = rms(x, ln_attn, eps)
     qkv = jnp.einsum("rh,hjcd->rjcd", h, wqkv, preferred_element_type=jnp.float32).astype(dt)
     if bqkv is not None:
         qkv = qkv + bqkv[None]
     nkv, d = qkv.shape[1], qkv.shape[3]
-    q = rope(qkv[:, :, :g].reshape(r, nkv * g, d), cos, sin).reshape(r, nkv, g, d)
+    q = rope(qkv[:, :, :g].reshape(t, nkv * g, d), cos, sin).reshape(t, nkv, g, d)
     k = rope(qkv[:, :, g], cos, sin).astype(k_pages.dtype)
     v = qkv[:, :, g + 1].astype(v_pages.dtype)
-    o = _attend(q.astype(jnp.float32), k, v, k_pages, v_pages, page_table, positions, sm_scale)
-    attn = jnp.dot(o.astype(dt).reshape(r, -1), wo, preferred_element_type=jnp.float32).astype(dt)
+    ps = k_pages.shape[1]
+    slots = jnp.where(live, slot_mapping, k_pages.shape[0] * ps)             # idle: dropped
+    k_pages = k_pages.at[slots // ps, slots % ps].set(k, mode="drop")
+    v_pages = v_pages.at[slots // ps, slots % ps].set(v, mode="drop")
+    o = _attend(q.astype(jnp.float32), k, v, k_pages, v_pages, page_table[row_of], positions,
+                sm_scale)
+    attn = jnp.dot(o.astype(dt).reshape(t, -1), wo, preferred_element_type=jnp.float32).astype(dt)
     x1 = x + attn
     h2 = rms(x1, ln_mlp, eps)
     gu = jnp.einsum("rh,hci->rci", h2, wgu, preferred_element_type=jnp.float32).astype(dt)
     act = jax.nn.silu(gu[:, 0]) * gu[:, 1]
     out = x1 + jnp.dot(act, wd, preferred_element_type=jnp.float32).astype(dt)
-    slots = jnp.where(live, slot_mapping, k_pages.shape[0] * k_pages.shape[1])  # idle: dropped
-    ps = k_pages.shape[1]
-    k_pages = k_pages.at[slots // ps, slots % ps].set(k, mode="drop")
-    v_pages = v_pages.at[slots // ps, slots % ps].set(v, mode="drop")
     return jnp.where(live[:, None], out, x), k_pages, v_pages

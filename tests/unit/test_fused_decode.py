@@ -3,6 +3,8 @@ as the unfused decode forward, the trace-time gate, and the draft loop's wiring.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from engine_helpers import run_engine
@@ -27,33 +29,42 @@ def _setup(arch: str, pages: int = 12, ps: int = 4):
     return cfg, params, kv
 
 
-def _decode_step(prompts, ps=4, pages_per_seq=4, rows=3):
-    """Prefill the prompts (fresh, pages from 1), then the decode step of each row's next token."""
+def _short_step(prompts, counts, ps=4, pages_per_seq=4, rows=3, tokens=8):
+    """Prefill the prompts (fresh, pages from 1), then a step of ``counts[r]`` new tokens per
+    row after each prompt (1: a decode row; more: a verify row), padded to ``tokens``."""
     prefill = StepInput.fresh_prompts([np.asarray(p, np.int32) for p in prompts], 32, rows,
                                       pages_per_seq, ps)
     table = prefill.page_table
-    pos = np.array([len(p) for p in prompts] + [0] * (rows - len(prompts)), np.int32)
-    slots = np.array([table[r, pos[r] // ps] * ps + pos[r] % ps for r in range(len(prompts))]
-                     + [0] * (rows - len(prompts)), np.int32)
-    step = StepInput(token_ids=np.array([7, 11, 0][:rows], np.int32), positions=pos,
-                     slot_mapping=slots, page_table=table, seq_lens=np.where(slots > 0, pos + 1, 0),
-                     query_start_loc=np.minimum(np.arange(rows + 1), len(prompts)).astype(np.int32),
-                     num_seqs=np.array([len(prompts)], np.int32),
-                     logits_indices=np.arange(rows, dtype=np.int32))
-    return prefill, step
+    b = StepInput.empty(tokens, rows, pages_per_seq)
+    t = 0
+    for r, (p, n) in enumerate(zip(prompts, counts, strict=True)):
+        for i in range(n):
+            pos = len(p) + i
+            b.token_ids[t], b.positions[t] = 7 + 3 * t, pos
+            b.slot_mapping[t] = table[r, pos // ps] * ps + pos % ps
+            t += 1
+        b.page_table[r] = table[r]
+        b.seq_lens[r] = len(p) + n
+        b.query_start_loc[r + 1:] = t
+        b.logits_indices[r] = t - 1
+    b.num_seqs[0] = len(prompts)
+    return prefill, dataclasses.replace(b, decode_rows=max(counts))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_fused_layers_equal_the_decode_forward(arch):
-    """Two live rows (contexts 5 and 9) and an idle one: the normed hidden states and the K/V
-    written agree with ``hidden_states(decode_only=True)`` (f32; the idle row is not compared:
-    the unfused forward computes garbage there, the fused one passes x through)."""
+@pytest.mark.parametrize("arch,counts", [("llama", (1, 1)), ("qwen2", (1, 1)), ("llama", (1, 3))])
+def test_fused_layers_equal_the_short_row_forward(arch, counts):
+    """Two live rows after contexts of 5 and 9 tokens (decode rows, or a 3-token verify row
+    whose tokens attend each other), an idle row and padding tokens: the normed hidden states
+    and the K/V written agree with ``hidden_states(decode_only=True)`` (f32; idle rows and
+    padding tokens are not compared: the unfused forward computes garbage there, the fused one
+    passes x through)."""
     cfg, params, kv = _setup(arch)
-    prefill, step = _decode_step([list(range(3, 8)), list(range(20, 29))])
+    prefill, step = _short_step([list(range(3, 8)), list(range(20, 29))], counts)
     _, kv = hidden_states(cfg, params, kv, prefill)
     want_h, want_kv = hidden_states(cfg, params, kv, step, decode_only=True)
     got_h, got_kv = fused_decode.fused_decode_hidden(cfg, params, kv, step)
-    np.testing.assert_allclose(np.asarray(got_h)[:2], np.asarray(want_h)[:2], rtol=1e-4, atol=1e-4)
+    n = sum(counts)
+    np.testing.assert_allclose(np.asarray(got_h)[:n], np.asarray(want_h)[:n], rtol=1e-4, atol=1e-4)
     for (gk, gv), (wk, wv) in zip(got_kv, want_kv, strict=True):
         np.testing.assert_allclose(np.asarray(gk)[1:], np.asarray(wk)[1:], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(np.asarray(gv)[1:], np.asarray(wv)[1:], rtol=1e-4, atol=1e-5)
@@ -79,7 +90,8 @@ def test_gate():
 
 def test_draft_loop_runs_the_fused_layers(monkeypatch, make_engine):
     """The gate forced open on CPU (the entry point runs the kernel's reference): the draft's
-    decodes go through ``fused_decode_hidden``; greedy output equals the target alone's and a
+    decodes and its first forward over verify rows (greedy variants) go through
+    ``fused_decode_hidden``; greedy output equals the target alone's and a
     self-draft is still accepted (the drafts are the target's own argmaxes)."""
     import jax
 
@@ -89,7 +101,7 @@ def test_draft_loop_runs_the_fused_layers(monkeypatch, make_engine):
     fused = fused_decode.fused_decode_hidden
 
     def record(cfg, params, kv, step):
-        calls.append(step.token_ids.shape[0])
+        calls.append(step.decode_rows)
         return fused(cfg, params, kv, step)
 
     monkeypatch.setattr(draft, "fused_decode_fits", lambda *a: True)
@@ -99,7 +111,7 @@ def test_draft_loop_runs_the_fused_layers(monkeypatch, make_engine):
             "disable_by_batch_size": None}
     base = make_engine("llama", max_num_seqs=2, async_scheduling=False)
     eng = make_engine("llama", max_num_seqs=2, speculative_config=spec)
-    assert calls
+    assert set(calls) == {1, 4}   # the decodes and the greedy variants' first forward
     rng = np.random.default_rng(4)
     sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     items = [(rng.integers(5, 500, n).tolist(), sp) for n in (9, 23)]
