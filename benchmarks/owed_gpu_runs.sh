@@ -73,11 +73,12 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 case "${1:-}" in
 fd1)
   # Issue 12, batch 1 (session 27): the draft's decodes through the fused decode layer (one
-  # Pallas launch per layer instead of ~13). The kernel's GPU test; the decode forward fused vs
-  # unfused (benchmarks/decode_layer.py); the greedy verify step's kernels and time, fused vs
-  # unfused, code-small + code-draft, k = 4, batch 1. Predictions: a code-draft forward ~5
-  # kernels against ~30 and 2-3x faster at 1-2 rows and context 300, ~1.5x at 1000 (the
-  # kernel's serial page loop); the verify step ~239 -> ~170 kernels, 1.34 -> ~1.05 ms.
+  # Pallas launch per layer instead of ~13; the greedy variants' first draft forward over the
+  # verify rows too). The kernel's GPU test; the decode forward fused vs unfused
+  # (benchmarks/decode_layer.py); the greedy verify step's kernels and time, fused vs unfused,
+  # code-small + code-draft, k = 4, batch 1. Predictions: a code-draft forward ~5 kernels
+  # against ~30 and 2-3x faster at 1-2 rows and context 300, ~1.5x at 1000 (the kernel's
+  # serial page loop); the verify step ~239 -> ~145 kernels, 1.34 -> ~0.95 ms.
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_layer_gpu.py > "$OUT/fd_test.txt" 2>&1
   tail -3 "$OUT/fd_test.txt"
   timeout 150 python3 benchmarks/decode_layer.py --rows 1,2,8 --contexts 64,300,1000 > "$OUT/fd_kernel.txt" 2>&1
@@ -95,7 +96,7 @@ fd1)
   ;;
 fd2)
   # Issue 12, batch 1: the interleaved run (session 26, vt7: decode 1.80x at k = 4) with the
-  # fused draft layers and the unfused arm beside them. Prediction: decode ~2.1x fused, ~1.8x
+  # fused draft layers and the unfused arm beside them. Prediction: decode ~2.2x fused, ~1.8x
   # unfused. Then the speculative GPU tests owed since session 26 (case spt).
   timeout 300 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code \
     --num-prompts 8 --max-tokens 96 --max-num-seqs 8 --max-model-len 1024 --max-num-batched-tokens 256 \
