@@ -5,9 +5,12 @@ Where it sits: the A/B behind ``jserve/model/fused_decode.py`` (issue 12, batch 
 time per forward is the device's including its launch gaps, as inside the speculative step.
 Columns: kernels per forward (``hlo_kernels.census`` of the optimized program / reps) and us
 per forward, fused and unfused, per row count and context length. Random weights of the model's
-real shapes (default: the bundled ``code-draft``)::
+real shapes (default: the bundled ``code-draft``). ``--sweep`` times the GPU kernel alone (one
+layer, one row) per launch configuration instead: Triton's warps and stages and the widest
+weight tile::
 
     PYTHONPATH=. python3 benchmarks/decode_layer.py --rows 1,2,8 --contexts 64,300,1000
+    PYTHONPATH=. python3 benchmarks/decode_layer.py --sweep --contexts 0,64,1000
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from jserve.model.decoder import hidden_states
 from jserve.model.fused_decode import fused_decode_hidden
 from jserve.model.params import random_params
 from jserve.step_input import StepInput
+from pallas_kernels.decode_layer import gpu
 from sharding import make_mesh
 
 
@@ -44,6 +48,49 @@ def _step(rows: int, context: int, ps: int, pages_per_seq: int) -> StepInput:
     return b
 
 
+def _timed(compiled, kv, *rest, iters: int, reps: int) -> float:
+    """Median seconds per rep of ``compiled(kv, *rest) -> (out, kv)``, kv fed back."""
+    out, kv = compiled(kv, *rest)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        out, kv = compiled(kv, *rest)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / reps)
+    return statistics.median(times)
+
+
+def _sweep(ns: argparse.Namespace, cfg: ModelConfig, params: dict, kv0: list, contexts: list[int],
+           ps: int, per_seq: int) -> None:
+    """One layer's kernel, one row, ``reps`` launches per call, per configuration and context."""
+    rope = jax.numpy.ones((1, cfg.head_dim), jax.numpy.float32)
+    w = [params[n] for n in ("ln_attn", "wqkv", "wo", "ln_mlp", "wgu", "wd")]
+    print("| warps:stages:widest | " + " | ".join(f"us at {c}" for c in contexts) + " |")
+    print("|---|" + "---|" * len(contexts))
+    for conf in ns.configs.split(","):
+        warps, stages, widest = (int(v) for v in conf.split(":"))
+        cells = []
+        for context in contexts:
+            st = jax.device_put(_step(1, context, ps, per_seq))
+
+            def run(pool, st=st, warps=warps, stages=stages, widest=widest):
+                x = params["embed"][st.token_ids]
+                for _ in range(ns.reps):
+                    x, k, v = gpu.decode_layer(
+                        x, w[0], w[1], None, w[2], w[3], w[4], w[5], rope, rope, pool[0], pool[1],
+                        st.page_table, st.query_start_loc, st.positions, st.slot_mapping,
+                        st.num_seqs, layer=0, eps=cfg.rms_norm_eps, sm_scale=0.125,
+                        num_warps=warps, num_stages=stages, widest=widest)
+                    pool = (k, v)
+                return x, pool
+
+            fn = jax.jit(run, donate_argnums=0)
+            pool = tuple(a.copy() for a in kv0[0])
+            cells.append(f"{_timed(fn, pool, iters=ns.iters, reps=ns.reps) * 1e6:.1f}")
+        print(f"| {conf} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="code-draft")
@@ -51,6 +98,9 @@ def main() -> None:
     ap.add_argument("--contexts", default="64,300,1000")
     ap.add_argument("--reps", type=int, default=16)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="the kernel alone per launch configuration")
+    ap.add_argument("--configs", default="4:2:64,2:2:64,1:2:64,1:1:64,1:3:64,1:2:128,2:2:128",
+                    help="with --sweep: num_warps:num_stages:widest, comma separated")
     ns = ap.parse_args()
     from checkpoints import HFModelDir
     path = default_model_path(ns.model) if ns.model in DEFAULT_MODELS else ns.model
@@ -74,6 +124,9 @@ def main() -> None:
             return h, kv
         return jax.jit(run, donate_argnums=0)
 
+    if ns.sweep:
+        _sweep(ns, cfg, params, kv0, contexts, ps, per_seq)
+        return
     arms = {"fused": lambda kv, s: fused_decode_hidden(cfg, params, kv, s),
             "unfused": lambda kv, s: hidden_states(cfg, params, kv, s, decode_only=True)}
     for rows in rows_list:

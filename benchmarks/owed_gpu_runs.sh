@@ -94,6 +94,25 @@ fd1)
     > "$OUT/fd_census.txt" 2>&1
   head -16 "$OUT/fd_census.txt"
   ;;
+fd3)
+  # Issue 12 (session 27, fd1: the fused layer ran 55-200 us per layer, 0.1-0.57x the unfused
+  # forward; its unfused arm loaded the fused programs from the executable cache). The kernel
+  # alone per launch configuration (warps, stages, widest tile) at contexts 0 / 64 / 1000, then
+  # the verify step fused vs unfused again (the unfused arm without the caches). Prediction:
+  # one warp (reductions in-warp, no bar.sync between the loads) ~3x faster at context 0.
+  timeout 200 python3 benchmarks/decode_layer.py --sweep --contexts 0,64,1000 > "$OUT/fd_sweep.txt" 2>&1
+  grep "^|\|rror" "$OUT/fd_sweep.txt" | head -12
+  for arm in fused unfused; do
+    fa=(); [ $arm = unfused ] && fa=(--unfused-draft)
+    timeout 150 python3 benchmarks/spec_verify_step.py --model code-small --no-random-weights \
+      --draft-model code-draft --batches 1 --contexts 256 --iters 30 --dump "$OUT/sc_$arm" "${fa[@]}" \
+      > "$OUT/fd_verify_$arm.txt" 2>&1
+    echo "### $arm"; grep -v "^W\|WARN" "$OUT/fd_verify_$arm.txt" | tail -2
+  done
+  python3 benchmarks/hlo_kernels.py "$OUT/sc_fused/verify.hlo.txt" "$OUT/sc_unfused/verify.hlo.txt" \
+    > "$OUT/fd_census.txt" 2>&1
+  head -12 "$OUT/fd_census.txt"; rm -rf "$OUT"/sc_*
+  ;;
 fd2)
   # Issue 12, batch 1: the interleaved run (session 26, vt7: decode 1.80x at k = 4) with the
   # fused draft layers and the unfused arm beside them. Prediction: decode ~2.2x fused, ~1.8x

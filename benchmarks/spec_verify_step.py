@@ -32,7 +32,9 @@ from jserve.scheduler_output import NewRequestData, ScheduledChunk, SchedulerOut
 @contextlib.contextmanager
 def unfused_draft_layers() -> Iterator[None]:
     """The A/B arm: engines built inside run the draft's decodes unfused (no layer fits
-    ``fused_decode.FUSED_MAX_LAYER_BYTES``); the step programs are traced at build."""
+    ``fused_decode.FUSED_MAX_LAYER_BYTES``); the step programs are traced at build. Build them
+    with ``compilation_cache_dir=""``: the executable cache's key (the engine's fingerprint:
+    configuration and source) cannot see this patch, and would hand back the fused programs."""
     old = fused_decode.FUSED_MAX_LAYER_BYTES
     fused_decode.FUSED_MAX_LAYER_BYTES = -1
     try:
@@ -110,9 +112,11 @@ def main() -> None:
     batches = [int(b) for b in ns.batches.split(",")]
     contexts = [int(c) for c in ns.contexts.split(",")]
     seqs = max(batches)
+    # (the unfused arm compiles afresh: the executable cache's key does not see the constant)
+    cache = {"compilation_cache_dir": ""} if ns.unfused_draft else {}
     with unfused_draft_layers() if ns.unfused_draft else contextlib.nullcontext():
         engine = build_engine(EngineArgs(
-            model=ns.model, random_weights=ns.random_weights, max_num_seqs=seqs,
+            **cache, model=ns.model, random_weights=ns.random_weights, max_num_seqs=seqs,
             max_model_len=max(contexts) + 2 * ns.k + 16, max_num_batched_tokens=max(512, seqs * (1 + ns.k)),
             speculative_config=({"method": "draft_model", "model": ns.draft_model,
                                  "num_speculative_tokens": ns.k}

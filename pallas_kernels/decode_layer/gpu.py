@@ -49,9 +49,10 @@ def _pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def chunk(n: int) -> int | None:
-    """The tile width along a dimension of size n: 64 or 32 dividing it, else None."""
-    return next((c for c in (64, 32) if n % c == 0), None)
+def chunk(n: int, widest: int = 64) -> int | None:
+    """The tile width along a dimension of size n: the widest of ``widest``, 64 and 32 (at most
+    ``widest``) dividing it, else None."""
+    return next((c for c in (widest, 64, 32) if c <= widest and n % c == 0), None)
 
 
 def unsupported(hidden: int, head_dim: int, group: int, intermediate: int, page_size: int,
@@ -75,7 +76,7 @@ def pages_per_step(pages: int) -> int:
 
 def _kernel(qsl_ref, pos_ref, slot_ref, nrows_ref, pt_ref, cos_ref, sin_ref, x_ref, ln1_ref,
             wqkv_ref, *rest, eps: float, sm_scale: float, has_bias: bool, nkv: int, group: int,
-            page_size: int, ppb: int, layer: int, barriers: bool):
+            page_size: int, ppb: int, layer: int, barriers: bool, widest: int):
     if has_bias:
         b_ref, *rest = rest
     wo_ref, ln2_ref, wgu_ref, wd_ref, k_in, v_in, x_out, k_out, v_out = rest
@@ -83,7 +84,7 @@ def _kernel(qsl_ref, pos_ref, slot_ref, nrows_ref, pt_ref, cos_ref, sin_ref, x_r
     row, rows = pl.program_id(0), pl.num_programs(0) - 1
     hs, d = x_ref.shape[1], wqkv_ref.shape[3]
     inter = wd_ref.shape[1]
-    half, ch, ni = d // 2, chunk(hs), chunk(inter)
+    half, ch, ni = d // 2, chunk(hs, widest), chunk(inter, widest)
     dt = x_ref.dtype
     hcols = [pl.ds(c * ch, ch) for c in range(hs // ch)]
     live_rows = jnp.minimum(nrows_ref[0], rows)
@@ -202,9 +203,11 @@ def decode_layer(x: jax.Array, ln_attn: jax.Array, wqkv: jax.Array, bqkv: jax.Ar
                  cos: jax.Array, sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                  page_table: jax.Array, query_start_loc: jax.Array, positions: jax.Array,
                  slot_mapping: jax.Array, num_rows: jax.Array, *, layer: int, eps: float,
-                 sm_scale: float, interpret: bool = False,
-                 num_warps: int = 4, num_stages: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Same contract as ``reference.decode_layer``; ValueError when ``unsupported``."""
+                 sm_scale: float, interpret: bool = False, num_warps: int = 4,
+                 num_stages: int = 2, widest: int = 64) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Same contract as ``reference.decode_layer``; ValueError when ``unsupported``.
+    ``num_warps``, ``num_stages``: Triton's; ``widest``: the widest weight tile (a power of two
+    >= 32)."""
     hs = x.shape[1]
     nl, _, nkv, gp2, d = wqkv.shape
     group, inter = gp2 - 2, wgu.shape[3]
@@ -223,7 +226,7 @@ def decode_layer(x: jax.Array, ln_attn: jax.Array, wqkv: jax.Array, bqkv: jax.Ar
     kernel = functools.partial(_kernel, eps=eps, sm_scale=sm_scale, has_bias=bqkv is not None,
                                nkv=nkv, group=group, page_size=ps,
                                ppb=pages_per_step(page_table.shape[1]), layer=layer,
-                               barriers=not interpret)
+                               barriers=not interpret, widest=widest)
     out, k2, v2 = pl.pallas_call(
         kernel,
         grid=(page_table.shape[0] + 1,),
