@@ -1,13 +1,15 @@
-"""The draft's decode forward with fused decode layers against the unfused layers, on the GPU.
+"""The draft's decode forward through the fused decode layer against the unfused layers, on the GPU.
 
-Where it sits: the A/B behind ``jserve/model/fused_decode.py`` (issue 12, batch 1). One jit runs
-``--reps`` decode forwards back to back (unrolled, each feeding the next its K/V pool), so the
-time per forward is the device's including its launch gaps, as inside the speculative step.
-Columns: kernels per forward (``hlo_kernels.census`` of the optimized program / reps) and us
-per forward, fused and unfused, per row count and context length. Random weights of the model's
-real shapes (default: the bundled ``code-draft``). ``--sweep`` times the GPU kernel alone (one
-layer, one row) per launch configuration instead: Triton's warps and stages and the widest
-weight tile::
+Where it sits: the A/B that decides whether ``pallas_kernels.decode_layer`` replaces the draft
+model's decode layers (issue 12, batch 1: the speculative step is bound by its kernel count).
+It does not yet: session 27 (H200) measured it 0.1-0.57x the unfused forward (RESULTS.md).
+One jit runs ``--reps`` decode forwards back to back (unrolled, each feeding the next its K/V
+pool), so the time per forward is the device's including its launch gaps, as inside the
+speculative step. Columns: kernels per forward (``hlo_kernels.census`` of the optimized
+program / reps) and us per forward, fused and unfused, per row count and context length.
+Random weights of the model's real shapes (default: the bundled ``code-draft``). ``--sweep``
+times the GPU kernel alone (one layer, one row) per launch configuration instead: Triton's
+warps and stages and the widest weight tile::
 
     PYTHONPATH=. python3 benchmarks/decode_layer.py --rows 1,2,8 --contexts 64,300,1000
     PYTHONPATH=. python3 benchmarks/decode_layer.py --sweep --contexts 0,64,1000
@@ -22,13 +24,14 @@ import time
 import jax
 import numpy as np
 
+import pallas_kernels
 from benchmarks.hlo_kernels import census
 from jserve.builder import DEFAULT_MODELS, default_model_path
 from jserve.config import ModelConfig
 from jserve.kv_cache import allocate_kv_cache
-from jserve.model.decoder import hidden_states
-from jserve.model.fused_decode import fused_decode_hidden
+from jserve.model.decoder import hidden_states, rms_norm
 from jserve.model.params import random_params
+from jserve.model.rope import inv_frequencies, rope_cos_sin
 from jserve.step_input import StepInput
 from pallas_kernels.decode_layer import gpu
 from sharding import make_mesh
@@ -46,6 +49,23 @@ def _step(rows: int, context: int, ps: int, pages_per_seq: int) -> StepInput:
         b.logits_indices[r] = r
     b.num_seqs[0] = rows
     return b
+
+
+def fused_forward(cfg: ModelConfig, params: dict, kv: list, step: StepInput) -> tuple[jax.Array, list]:
+    """The decode forward with one ``pallas_kernels.decode_layer`` launch per layer ->
+    (final-normed hidden [T, H], kv)."""
+    x = params["embed"][step.token_ids]
+    cos, sin = rope_cos_sin(step.positions, inv_frequencies(cfg))
+    w = [params[n] for n in ("ln_attn", "wqkv", "wo", "ln_mlp", "wgu", "wd")]
+    new_kv = []
+    for i, (k_pages, v_pages) in enumerate(kv):
+        x, k_pages, v_pages = pallas_kernels.decode_layer(
+            x, w[0], w[1], params["bqkv"] if cfg.qkv_bias else None, w[2], w[3], w[4], w[5], cos,
+            sin, k_pages, v_pages, step.page_table, step.query_start_loc, step.positions,
+            step.slot_mapping, step.num_seqs, layer=i, eps=cfg.rms_norm_eps,
+            sm_scale=cfg.head_dim ** -0.5)
+        new_kv.append((k_pages, v_pages))
+    return rms_norm(x, params["norm"], cfg.rms_norm_eps), new_kv
 
 
 def _timed(compiled, kv, *rest, iters: int, reps: int) -> float:
@@ -127,7 +147,7 @@ def main() -> None:
     if ns.sweep:
         _sweep(ns, cfg, params, kv0, contexts, ps, per_seq)
         return
-    arms = {"fused": lambda kv, s: fused_decode_hidden(cfg, params, kv, s),
+    arms = {"fused": lambda kv, s: fused_forward(cfg, params, kv, s),
             "unfused": lambda kv, s: hidden_states(cfg, params, kv, s, decode_only=True)}
     for rows in rows_list:
         for context in contexts:

@@ -71,60 +71,6 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 }
 
 case "${1:-}" in
-fd1)
-  # Issue 12, batch 1 (session 27): the draft's decodes through the fused decode layer (one
-  # Pallas launch per layer instead of ~13; the greedy variants' first draft forward over the
-  # verify rows too). The kernel's GPU test; the decode forward fused vs unfused
-  # (benchmarks/decode_layer.py); the greedy verify step's kernels and time, fused vs unfused,
-  # code-small + code-draft, k = 4, batch 1. Predictions: a code-draft forward ~5 kernels
-  # against ~30 and 2-3x faster at 1-2 rows and context 300, ~1.5x at 1000 (the kernel's
-  # serial page loop); the verify step ~239 -> ~145 kernels, 1.34 -> ~0.95 ms.
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_layer_gpu.py > "$OUT/fd_test.txt" 2>&1
-  tail -3 "$OUT/fd_test.txt"
-  timeout 150 python3 benchmarks/decode_layer.py --rows 1,2,8 --contexts 64,300,1000 > "$OUT/fd_kernel.txt" 2>&1
-  grep "^|\|rror" "$OUT/fd_kernel.txt" | head -14
-  for arm in fused unfused; do
-    fa=(); [ $arm = unfused ] && fa=(--unfused-draft)
-    timeout 130 python3 benchmarks/spec_verify_step.py --model code-small --no-random-weights \
-      --draft-model code-draft --batches 1 --contexts 256 --iters 30 --dump "$OUT/sc_$arm" "${fa[@]}" \
-      > "$OUT/fd_verify_$arm.txt" 2>&1
-    echo "### $arm"; grep -v "^W\|WARN" "$OUT/fd_verify_$arm.txt" | tail -3
-  done
-  python3 benchmarks/hlo_kernels.py "$OUT/sc_fused/verify.hlo.txt" "$OUT/sc_unfused/verify.hlo.txt" \
-    > "$OUT/fd_census.txt" 2>&1
-  head -16 "$OUT/fd_census.txt"
-  ;;
-fd3)
-  # Issue 12 (session 27, fd1: the fused layer ran 55-200 us per layer, 0.1-0.57x the unfused
-  # forward; its unfused arm loaded the fused programs from the executable cache). The kernel
-  # alone per launch configuration (warps, stages, widest tile) at contexts 0 / 64 / 1000, then
-  # the verify step fused vs unfused again (the unfused arm without the caches). Prediction:
-  # one warp (reductions in-warp, no bar.sync between the loads) ~3x faster at context 0.
-  timeout 200 python3 benchmarks/decode_layer.py --sweep --contexts 0,64,1000 > "$OUT/fd_sweep.txt" 2>&1
-  grep "^|\|rror" "$OUT/fd_sweep.txt" | head -12
-  for arm in fused unfused; do
-    fa=(); [ $arm = unfused ] && fa=(--unfused-draft)
-    timeout 150 python3 benchmarks/spec_verify_step.py --model code-small --no-random-weights \
-      --draft-model code-draft --batches 1 --contexts 256 --iters 30 --dump "$OUT/sc_$arm" "${fa[@]}" \
-      > "$OUT/fd_verify_$arm.txt" 2>&1
-    echo "### $arm"; grep -v "^W\|WARN" "$OUT/fd_verify_$arm.txt" | tail -2
-  done
-  python3 benchmarks/hlo_kernels.py "$OUT/sc_fused/verify.hlo.txt" "$OUT/sc_unfused/verify.hlo.txt" \
-    > "$OUT/fd_census.txt" 2>&1
-  head -12 "$OUT/fd_census.txt"; rm -rf "$OUT"/sc_*
-  ;;
-fd2)
-  # Issue 12, batch 1: the interleaved run (session 26, vt7: decode 1.80x at k = 4) with the
-  # fused draft layers and the unfused arm beside them. Prediction: decode ~2.2x fused, ~1.8x
-  # unfused. Then the speculative GPU tests owed since session 26 (case spt).
-  timeout 300 python3 benchmarks/spec_decode.py --methods draft_model --ks 4 --workloads code \
-    --num-prompts 8 --max-tokens 96 --max-num-seqs 8 --max-model-len 1024 --max-num-batched-tokens 256 \
-    --gpu-memory-utilization 0.2 --repeat 6 --interleave --unfused-arm > "$OUT/fd_spec.txt" 2>&1
-  grep -v "^W\|WARNING\|^I" "$OUT/fd_spec.txt" | tail -14
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_spec_gpu.py -k "${SPT_K:-greedy_matches}" \
-    > "$OUT/spec_gpu.txt" 2>&1
-  tail -4 "$OUT/spec_gpu.txt"
-  ;;
 spt)
   # The speculative GPU tests (session 26: greedy verify variants now run attention's decode
   # launch alone, max_q_len = 1 + k). ${SPT_K:-greedy_matches} picks tests (pytest -k).

@@ -31,7 +31,6 @@ Workloads (bundled ``code-small``, or ``--model``):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import hashlib
 import json
@@ -41,7 +40,6 @@ import sysconfig
 import time
 from pathlib import Path
 
-from benchmarks.spec_verify_step import unfused_draft_layers
 from benchmarks.step_trace import StepTrace
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import SamplingParams
@@ -191,9 +189,6 @@ def _args() -> argparse.Namespace:
                          "in each of --repeat rounds (batch 1, then each --concurrency): each round's "
                          "ratio compares runs seconds apart, so a slow build or a slow minute of the "
                          "machine shows as such")
-    ap.add_argument("--unfused-arm", action="store_true",
-                    help="with --interleave: each draft-model engine also without the fused decode "
-                         "layer (jserve/model/fused_decode.py), the A/B arm")
     ap.add_argument("--trace", action="store_true",
                     help="print where each engine's step time goes at each sweep point "
                          "(benchmarks/step_trace.py)")
@@ -282,12 +277,6 @@ def _interleaved(ns: argparse.Namespace, common: dict, loads: dict[str, list], s
     engines = {"base": build_engine(args(0, None))}
     for i, ((m, k), cfg) in enumerate(specs.items(), start=1):
         engines[f"{m} k={k}"] = build_engine(args(i, cfg))
-    if ns.unfused_arm:   # each draft-model engine again, its decodes without the fused layer
-        for i, ((m, k), cfg) in enumerate(list(specs.items()), start=len(engines)):
-            if m == "draft_model":
-                with unfused_draft_layers():
-                    a = dataclasses.replace(args(i, cfg), compilation_cache_dir="")
-                    engines[f"{m} k={k} unf"] = build_engine(a)
     for eng in engines.values():   # warm-up: first-use costs out of the timings
         for items in loads.values():
             _run(eng, items[:1], 1)

@@ -17,30 +17,13 @@ average (1 - a^(k+1)) / (1 - a) tokens; the implied speed-up over plain decode i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from jserve.builder import EngineArgs, build_engine
-from jserve.model import fused_decode
 from jserve.sampling_params import SamplingParams
 from jserve.scheduler_output import NewRequestData, ScheduledChunk, SchedulerOutput
-
-
-@contextlib.contextmanager
-def unfused_draft_layers() -> Iterator[None]:
-    """The A/B arm: engines built inside run the draft's decodes unfused (no layer fits
-    ``fused_decode.FUSED_MAX_LAYER_BYTES``); the step programs are traced at build. Build them
-    with ``compilation_cache_dir=""``: the executable cache's key (the engine's fingerprint:
-    configuration and source) cannot see this patch, and would hand back the fused programs."""
-    old = fused_decode.FUSED_MAX_LAYER_BYTES
-    fused_decode.FUSED_MAX_LAYER_BYTES = -1
-    try:
-        yield
-    finally:
-        fused_decode.FUSED_MAX_LAYER_BYTES = old
 
 
 def _steps(batch: int, context: int, k: int, page_size: int, first_page: int):
@@ -106,21 +89,15 @@ def main() -> None:
                     help="write the optimized programs of the smallest bucket's greedy verify "
                          "step and greedy decode step (verify.hlo.txt, decode.hlo.txt) for "
                          "benchmarks/hlo_kernels.py")
-    ap.add_argument("--unfused-draft", action="store_true",
-                    help="the draft's decodes without the fused decode layer (the A/B arm)")
     ns = ap.parse_args()
     batches = [int(b) for b in ns.batches.split(",")]
     contexts = [int(c) for c in ns.contexts.split(",")]
     seqs = max(batches)
-    # (the unfused arm compiles afresh: the executable cache's key does not see the constant)
-    cache = {"compilation_cache_dir": ""} if ns.unfused_draft else {}
-    with unfused_draft_layers() if ns.unfused_draft else contextlib.nullcontext():
-        engine = build_engine(EngineArgs(
-            **cache, model=ns.model, random_weights=ns.random_weights, max_num_seqs=seqs,
-            max_model_len=max(contexts) + 2 * ns.k + 16, max_num_batched_tokens=max(512, seqs * (1 + ns.k)),
-            speculative_config=({"method": "draft_model", "model": ns.draft_model,
-                                 "num_speculative_tokens": ns.k}
-                                if ns.draft_model else {"method": "ngram", "num_speculative_tokens": ns.k})))
+    engine = build_engine(EngineArgs(
+        model=ns.model, random_weights=ns.random_weights, max_num_seqs=seqs,
+        max_model_len=max(contexts) + 2 * ns.k + 16, max_num_batched_tokens=max(512, seqs * (1 + ns.k)),
+        speculative_config=({"method": "draft_model", "model": ns.draft_model, "num_speculative_tokens": ns.k}
+                            if ns.draft_model else {"method": "ngram", "num_speculative_tokens": ns.k})))
     runner, ps = engine.runner, engine.config.cache.page_size
     if ns.dump:
         _dump(runner, Path(ns.dump))

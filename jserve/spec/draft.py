@@ -41,9 +41,7 @@ tokens is the next step's verify row itself: it feeds [last token, d_1 .. d_k] t
 draft at their positions, with that step's emitted token in the first rejected draft's place,
 so that one forward both catches up and proposes (one small forward fewer per step than a
 catch-up forward followed by K decodes: the batch-1 speculative step is a few hundred small
-kernels, bound by their count). For the same reason a small draft's forwards over short rows
-on a GPU (the K - 1 decodes, and the first forward in the greedy variants) run one fused kernel
-per layer (``jserve/model/fused_decode.py``) instead of ~13.
+kernels, bound by their count).
 """
 
 from __future__ import annotations
@@ -63,7 +61,6 @@ from checkpoints import HFModelDir
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache
 from jserve.model.decoder import hidden_states, logits_from_hidden
-from jserve.model.fused_decode import fused_decode_fits, fused_decode_hidden
 from jserve.sampler import gumbel_noise
 from jserve.sampling_batch import SamplingBatch
 from jserve.spec.config import SpeculativeConfig
@@ -169,12 +166,8 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     sub = jnp.full((n,), -1, jnp.int32).at[jnp.where(full, at, n)].set(rows.astype(jnp.int32),
                                                                        mode="drop")
     ids = jnp.where(sub >= 0, t_new[jnp.maximum(sub, 0)], batch.token_ids)
-    fed = dataclasses.replace(batch, token_ids=ids)
-    if short_rows and fused_decode_fits(cfg, params, kv, mesh, r):   # one kernel per layer
-        h, kv = fused_decode_hidden(cfg, params, kv, fed)
-    else:
-        h, kv = hidden_states(cfg, params, kv, fed, fresh_prefill=False, mesh=mesh,
-                              decode_only=short_rows)
+    h, kv = hidden_states(cfg, params, kv, dataclasses.replace(batch, token_ids=ids),
+                          fresh_prefill=False, mesh=mesh, decode_only=short_rows)
     # This forward's attention reads the pool that the decodes below write: without an order
     # between them XLA copies a layer's pool arrays to keep the old version (a pool-sized
     # temporary: the 0.9-share start-up ran out of memory on an H200, session 13). The barrier
@@ -195,7 +188,6 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     qsl = jnp.minimum(jnp.arange(rd + 1), batch.num_seqs[0]).astype(jnp.int32)
     table = _pad_rows(batch.page_table, rd)
     tok, outs = jnp.where(full, first, t_new), []
-    fused = fused_decode_fits(cfg, params, kv, mesh, rd)   # one kernel per layer (GPU, small drafts)
     for i in range(1, num_spec):
         pos = pos0 + i - 1 + shift
         idx = jnp.clip(pos // page_size, 0, p - 1)
@@ -208,11 +200,8 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
                          page_table=table, seq_lens=_pad_rows(seq_lens, rd),
                          query_start_loc=qsl, num_seqs=batch.num_seqs,
                          logits_indices=jnp.arange(rd, dtype=jnp.int32))
-        if fused:
-            h, kv = fused_decode_hidden(cfg, params, kv, step)
-        else:
-            h, kv = hidden_states(cfg, params, kv, step, fresh_prefill=False, mesh=mesh,
-                                  decode_only=True)
+        h, kv = hidden_states(cfg, params, kv, step, fresh_prefill=False, mesh=mesh,
+                              decode_only=True)
         logits = logits_from_hidden(cfg, params, h[:r]).astype(jnp.float32)
         j = i - 1 + shift                                      # this draft's index in the row
         tok, probs = _draw(logits, sbatch, num_emitted + j, j, probs, slot)

@@ -1,9 +1,13 @@
 """Dispatching entry point for the fused decode layer: picks reference or kernel by backend.
 
-Where it sits: called by ``jserve/model/fused_decode.py`` (the draft model's short rows) inside the
-jitted step, once per layer. cpu (and tpu: no TPU kernel, the layer's XLA ops are what a TPU
-fuses anyway) -> ``reference.py``; gpu -> ``gpu.py`` (Pallas, Triton lowering).
-``interpret=True`` runs the GPU kernel in Pallas interpret mode.
+Where it sits: not called by the engine yet. It was built to replace the draft model's layers
+in its forwards over short rows (one launch per layer instead of ~13: the batch-1 speculative
+step is bound by its kernel count), and on an H200 (session 27) it ran 0.1-0.57x the unfused
+layers' device time (one SM per row streams the layer and walks the pages serially), more than
+the ~2.7 us of host launch saved per kernel; ``benchmarks/decode_layer.py`` is the A/B any
+faster version must pass before it is wired in. Dispatch: cpu (and tpu: no TPU kernel, the
+layer's XLA ops are what a TPU fuses anyway) -> ``reference.py``; gpu -> ``gpu.py`` (Pallas,
+Triton lowering). ``interpret=True`` runs the GPU kernel in Pallas interpret mode.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Pure-jnp reference of the fused decode layer: one Llama-family decoder layer over short rows.
 
 Where it sits: ``pallas_kernels.decode_layer`` runs it on CPU (and anywhere the GPU kernel,
-``gpu.py``, does not apply); the kernel's tests compare against it. The engine calls the entry
-point for the draft model's forwards over short rows (``jserve/model/fused_decode.py``), where
-a whole layer in one launch replaces ~13 small kernels.
+``gpu.py``, does not apply); the kernel's tests compare against it. Built for the draft
+model's forwards over short rows, where a whole layer in one launch would replace ~13 small
+kernels (not wired into the engine: ``api.py`` says why).
 
 Rows are ragged (``query_start_loc``): row r's tokens are ``[qsl[r], qsl[r + 1])``, at
 ``positions``; a token attends its row's pages at positions below its own (the context and
