@@ -183,7 +183,7 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     pos0 = batch.positions[batch.logits_indices] - num_draft + num_emitted   # t's position
     # The decodes run at least MIN_DECODE_ROWS rows (idle ones past num_seqs write the null
     # page): with one row XLA turns every matrix-vector product into a multiply and a reduce,
-    # two kernels each over a weight-sized temporary (H200 census, RESULTS.md session 26).
+    # two kernels each over a weight-sized temporary (H200 census, RESULTS_v2_sessions_24-26.md).
     rd = max(r, MIN_DECODE_ROWS)
     qsl = jnp.minimum(jnp.arange(rd + 1), batch.num_seqs[0]).astype(jnp.int32)
     table = _pad_rows(batch.page_table, rd)

@@ -5,14 +5,14 @@ engine yet: ``api.py`` says why). Semantics are ``reference.py``'s.
 
 Why: a small draft's decode is bound by kernel count, not bytes. Unfused, each layer is ~13
 kernels (norms, QKV, RoPE, KV write, attention, o-proj, MLP, residuals), each a CUDA graph node
-costing ~2.7 us of host launch (H200 census, ``benchmarks/RESULTS.md`` session 26), for a layer
-of 0.4 MiB of weights (``code-draft``). One program per row does the whole layer, streaming the
-weights in tiles once per token. Measured (H200, session 27, ``benchmarks/decode_layer.py
---sweep``): one code-draft layer for one row took 46-88 us at context 0 over the launch
-configurations (4 warps best; 1 warp slowest) and 215-300 us at context 1000, against ~25 us
-for the whole unfused layer: the chain of dependent tile loads and reductions on one SM, and
-~5 us per step of the serial page walk, are its cost (a faster design would spread a layer
-over CTAs). This one::
+costing ~2.7 us of host launch (H200 census, ``benchmarks/RESULTS_v2_sessions_24-26.md``,
+session 26), for a layer of 0.4 MiB of weights (``code-draft``). One program per row does the
+whole layer, streaming the weights in tiles once per token. Measured (H200, session 27,
+``benchmarks/decode_layer.py --sweep``): one code-draft layer for one row took 46-88 us at
+context 0 over the launch configurations (4 warps best; 1 warp slowest) and 215-300 us at
+context 1000, against ~25 us for the whole unfused layer: the chain of dependent tile loads and
+reductions on one SM, and ~5 us per step of the serial page walk, are its cost (a faster design
+would spread a layer over CTAs). This one::
 
     program r < R (row r; rows >= num_rows idle): its tokens t in [qsl[r], qsl[r + 1]) in turn:
       x chunks [CH] (H / CH of them, registers) -> RMSNorm -> h
