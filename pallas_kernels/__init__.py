@@ -8,21 +8,17 @@ gpu -> Pallas Triton-lowered kernel, tpu -> Pallas Mosaic TPU kernel):
   write_kv_quantized      the same into an int8 / fp8 pool, setting the started pages' scales
   quant_matmul            x @ 8-bit weight (int8 / fp8, per-channel scales), w8a16 or fp8 w8a8
                           (gpu: Mosaic GPU kernel on Hopper)
-  decode_layer            one whole decoder layer over decode rows (gpu: one launch; the
-                          draft model's decodes; tpu and cpu: the reference)
 
 Sub-packages (``ragged_paged_attention/``, ``flash_attention/``, ``kv_write/``,
-``quant_matmul/``, ``decode_layer/``) hold
+``quant_matmul/``) hold
 ``reference.py``, ``gpu.py``, ``tpu.py`` and ``api.py``. The names above are the functions, which
 shadow the sub-package attributes: import modules as
 ``from pallas_kernels.ragged_paged_attention import reference``.
 """
 
-from pallas_kernels.decode_layer.api import decode_layer
 from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.kv_write.api import write_kv, write_kv_quantized
 from pallas_kernels.quant_matmul.api import quant_matmul
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
 
-__all__ = ["decode_layer", "flash_attention", "quant_matmul", "ragged_paged_attention", "write_kv",
-           "write_kv_quantized"]
+__all__ = ["flash_attention", "quant_matmul", "ragged_paged_attention", "write_kv", "write_kv_quantized"]
