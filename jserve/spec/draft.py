@@ -184,22 +184,25 @@ def draft_step(cfg: ModelConfig, params: Any, kv: KVCache, batch: StepInput, sam
     # The decodes run at least MIN_DECODE_ROWS rows (idle ones past num_seqs write the null
     # page): with one row XLA turns every matrix-vector product into a multiply and a reduce,
     # two kernels each over a weight-sized temporary (H200 census, RESULTS_v2_sessions_24-26.md).
+    # The row inputs are padded once, before the loop; an idle row is not live (position 0,
+    # the null slot).
     rd = max(r, MIN_DECODE_ROWS)
+    rows_d = jnp.arange(rd)
     qsl = jnp.minimum(jnp.arange(rd + 1), batch.num_seqs[0]).astype(jnp.int32)
-    table = _pad_rows(batch.page_table, rd)
+    table, pos0, shift_d, live_d = (_pad_rows(a, rd) for a in (batch.page_table, pos0, shift, live))
     tok, outs = jnp.where(full, first, t_new), []
     for i in range(1, num_spec):
-        pos = pos0 + i - 1 + shift
+        pos = pos0 + i - 1 + shift_d
         idx = jnp.clip(pos // page_size, 0, p - 1)
-        page = batch.page_table[rows, idx]
-        ok = live & (pos // page_size < p) & (page > 0)
-        pos = jnp.where(live, jnp.clip(pos, 0, p * page_size - 1), 0)
-        seq_lens = jnp.where(rows < batch.num_seqs[0], pos + 1, 0).astype(jnp.int32)
-        step = StepInput(token_ids=_pad_rows(tok, rd), positions=_pad_rows(pos, rd),
-                         slot_mapping=_pad_rows(jnp.where(ok, page * page_size + pos % page_size, 0), rd),
-                         page_table=table, seq_lens=_pad_rows(seq_lens, rd),
+        page = table[rows_d, idx]
+        ok = live_d & (pos // page_size < p) & (page > 0)
+        pos = jnp.where(live_d, jnp.clip(pos, 0, p * page_size - 1), 0)
+        step = StepInput(token_ids=_pad_rows(tok, rd), positions=pos,
+                         slot_mapping=jnp.where(ok, page * page_size + pos % page_size, 0),
+                         page_table=table,
+                         seq_lens=jnp.where(rows_d < batch.num_seqs[0], pos + 1, 0).astype(jnp.int32),
                          query_start_loc=qsl, num_seqs=batch.num_seqs,
-                         logits_indices=jnp.arange(rd, dtype=jnp.int32))
+                         logits_indices=rows_d.astype(jnp.int32))
         h, kv = hidden_states(cfg, params, kv, step, fresh_prefill=False, mesh=mesh,
                               decode_only=True)
         logits = logits_from_hidden(cfg, params, h[:r]).astype(jnp.float32)
