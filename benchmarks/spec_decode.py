@@ -150,7 +150,8 @@ def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="target model (default: bundled code-small)")
     ap.add_argument("--methods", default="ngram,draft_model", help="comma list of ngram, draft_model")
-    ap.add_argument("--draft-model", default="code-draft")
+    ap.add_argument("--draft-model", default="code-draft",
+                    help="comma list of draft models (bundled names or paths): one engine each")
     ap.add_argument("--ks", default="2,4,6", help="num_speculative_tokens values")
     ap.add_argument("--workloads", default="code,copy")
     ap.add_argument("--num-prompts", type=int, default=16)
@@ -286,12 +287,16 @@ def _interleaved(ns: argparse.Namespace, common: dict, loads: dict[str, list], s
     points += [(f"c={c}", c, items) for c, items in sweep.items()]
     ratios: dict[tuple[str, str], list[float]] = {(n, p[0] + d): [] for n in names[1:] for p in points
                                                   for d in ("", " decode")}
+    counts: dict[tuple[str, str], dict[str, float]] = {}
     for r in range(ns.repeat):
         for label, conc, items in points:
             rate, dec = {}, {}
             for n, eng in engines.items():
                 run = _run(eng, items, conc)
                 rate[n], dec[n] = run[1] / run[0], _decode_rate(run)
+                acc = counts.setdefault((n, label), {})
+                for key, v in run[2].items():
+                    acc[key] = acc.get(key, 0) + v
             for n in names[1:]:
                 ratios[(n, label)].append(rate[n] / rate["base"])
                 ratios[(n, label + " decode")].append(dec[n] / dec["base"])
@@ -300,8 +305,9 @@ def _interleaved(ns: argparse.Namespace, common: dict, loads: dict[str, list], s
                   + " ".join(f"{dec[n]:.1f}" for n in names) + "  "
                   + " ".join(f"{dec[n] / dec['base']:.2f}" for n in names[1:]), flush=True)
     for (n, label), xs in ratios.items():
+        acc, mlen = _rates(counts[(n, label.removesuffix(" decode"))])
         print(f"{n}, {label}: median ratio {statistics.median(xs):.2f} over {len(xs)} rounds "
-              f"(min {min(xs):.2f}, max {max(xs):.2f})")
+              f"(min {min(xs):.2f}, max {max(xs):.2f}); acceptance {acc:.3f}, mean length {mlen:.2f}")
 
 
 def main() -> None:
@@ -327,14 +333,26 @@ def main() -> None:
 
     threshold = None if ns.disable_by_batch_size in ("none", "default") else int(ns.disable_by_batch_size)
 
-    def spec_cfg(method: str, k: int) -> dict:
-        d = {"method": method, "num_speculative_tokens": k}
+    drafts = ns.draft_model.split(",")
+
+    def variants() -> list[tuple[str, str | None]]:
+        """(label, draft model or None) per method: one per draft when several are given."""
+        out = []
+        for m in methods:
+            if m != "draft_model":
+                out.append((m, None))
+            else:
+                out += [(m if len(drafts) == 1 else f"{m}:{Path(d).name}", d) for d in drafts]
+        return out
+
+    def spec_cfg(method: str, k: int, draft: str | None) -> dict:
+        d = {"method": method.split(":")[0], "num_speculative_tokens": k}
         if ns.disable_by_batch_size != "default":
             d["disable_by_batch_size"] = threshold
         if method == "ngram":
             d.update(prompt_lookup_min=ns.prompt_lookup_min, prompt_lookup_max=ns.prompt_lookup_max)
         else:
-            d["model"] = ns.draft_model
+            d["model"] = draft
         return d
 
     def measured(args: EngineArgs) -> dict:
@@ -358,13 +376,13 @@ def main() -> None:
 
     if ns.interleave:
         sweep_items = workloads.get(ns.sweep_workload, [])
-        _interleaved(ns, common, b1_loads, {(m, k): spec_cfg(m, k) for m in methods for k in ks},
+        _interleaved(ns, common, b1_loads, {(m, k): spec_cfg(m, k, d) for m, d in variants() for k in ks},
                      {c: sweep_items[:max(2 * c, ns.num_prompts)] for c in sweep})
         return
     if not ns.base_last:
         base = measured(EngineArgs(**common))
-    results = {(m, k): measured(EngineArgs(**common, speculative_config=spec_cfg(m, k)))
-               for m in methods for k in ks}
+    results = {(m, k): measured(EngineArgs(**common, speculative_config=spec_cfg(m, k, d)))
+               for m, d in variants() for k in ks}
     if ns.base_last:
         base = measured(EngineArgs(**common))
     elif ns.base_twice:

@@ -332,8 +332,12 @@ class Scheduler:
         if chained:
             return k
         if self._draft_mode:
+            # The drafts as the device left them, a last -1 included: the row is then the one a
+            # chained row verifies, so both loops draw the same seeded samples (``RunnerOutput.
+            # draft_token_ids``). Host masks follow real drafts only.
             n, drafts = self._next_drafts.get(req.request_id, (-1, []))
-            return drafts[:k] if n == req.num_tokens else []
+            drafts = drafts[:k] if n == req.num_tokens else []
+            return drafts[:drafts.index(-1)] if sp.uses_host_masks and -1 in drafts else drafts
         return self._proposer.propose(req.all_token_ids, k)
 
     def _lookahead(self, req: Request, k: int) -> int:

@@ -164,8 +164,10 @@ class RunnerOutput:
     sampled_token_ids: one list of token ids per row (empty for rows that do not sample)
     logprobs:          per row, per token: logprob of the sampled token, or None
     top_ids / top_logprobs: per row, per token: the top-N alternatives, or None
-    draft_token_ids:   speculative decoding with a draft model: per row, the drafts it proposed
-                       after this step's tokens (the next step's draft rows)
+    draft_token_ids:   speculative decoding with a draft model: per row, the K drafts it proposed
+                       after this step's tokens (the next step's draft rows); a row that
+                       accepted every draft proposes K - 1 and a last -1: a place the next row
+                       verifies nothing at, where its draft forward puts its emitted token
     verified_drafts:   speculative decoding: per row, the drafts it verified (its ``num_draft``
                        less the device n-gram lookup's missing ones); None: ``num_draft``
     """

@@ -8,7 +8,8 @@ What it does: ``prepare`` encodes the same stdlib corpus and file splits with th
 ``train_default_model.py prepare`` builds its arrays. ``distill`` loads both bundled models from
 their ``model.safetensors`` (checking the loader is the exact inverse of ``hf_tensors`` and that the
 held-out losses in the READMEs are reproduced), then trains the student (code-draft's architecture,
-started from the bundled draft unless ``--from-scratch``) against the frozen teacher, whose logits
+started from the bundled draft, from random weights with ``--from-scratch``, or from code-small's
+own embedding and chosen layers with ``--init-from-teacher``) against the frozen teacher, whose logits
 are computed on the fly in the same jitted step. Loss per position: ``alpha * KL(teacher||student)
 + (1 - alpha) * CE(data)`` at temperature 1. Every ``--eval-every`` steps it measures on the
 validation split the greedy agreement (argmax student == argmax teacher, teacher-forced), the mean
@@ -35,10 +36,14 @@ Run (needs only jax, optax, numpy, tokenizers, safetensors and ml_dtypes; no net
     # optional: copy model.safetensors + distill_metrics.json into jserve/default_model/code-draft/
     python tools/distill_draft.py distill --out /tmp/dd --install
 
-The shipped code-draft is this tool's output (session 22: 3,000 steps from the from-scratch draft
-on one H200); ``distill`` now starts from it. To reproduce it, train the from-scratch base first
-(``train_default_model.py train --models code-draft --out /tmp/dm``) and distill from that
-(``--student /tmp/dm/code-draft``).
+The shipped code-draft is this tool's output (session 28, one H200, 62 s): code-small's widths
+with two layers, cut from its layers 0 and 4 and distilled for 3,000 steps at peak lr 2e-3::
+
+    python tools/distill_draft.py distill --out /tmp/dd --init-from-teacher 0,4 --lr 2e-3 --eval-every 500
+
+(the session-22 draft, hidden 128 and trained from scratch first, had test agreement 0.524 against
+0.617: at batch 1 on a GPU a draft's cost is its kernel count, so the wider layers are free).
+``distill`` with no ``--init-from-teacher`` starts from the shipped draft.
 """
 
 from __future__ import annotations
@@ -151,13 +156,15 @@ def load_params(name: str, model_dir: Path | None = None) -> dict[str, Any]:
     return params
 
 
-def sanity_check(teacher: dict, student: dict, student_dir: Path, data: Path, batch: int) -> dict[str, Any]:
+def sanity_check(teacher: dict, student: dict | None, student_dir: Path | None, data: Path,
+                 batch: int) -> dict[str, Any]:
     """``eval_loss`` of the loaded models on val/test vs. the losses their directories record
-    (``expected_losses``)."""
+    (``expected_losses``); the teacher alone when ``student`` is None."""
     meta = json.loads((data / "meta.json").read_text())
     out: dict[str, Any] = {}
-    for name, params, model_dir in ((TEACHER, teacher, tdm.INSTALL_DIR / TEACHER),
-                                    (STUDENT, student, student_dir)):
+    pairs = [(TEACHER, teacher, tdm.INSTALL_DIR / TEACHER)] + ([] if student is None else
+                                                              [(STUDENT, student, student_dir)])
+    for name, params, model_dir in pairs:
         for split, want in expected_losses(model_dir).items():
             loss = tdm.eval_loss(tdm.SPECS[name], params, np.load(data / f"{split}.npy"), batch)
             diff = loss - want
@@ -171,16 +178,16 @@ def sanity_check(teacher: dict, student: dict, student_dir: Path, data: Path, ba
 
 
 # ---------------------------------------------------------------------------------------- distill
-def position_terms(teacher: Any, student: Any, seqs: Any) -> tuple[Any, Any, Any, Any]:
+def position_terms(spec: Any, teacher: Any, student: Any, seqs: Any) -> tuple[Any, Any, Any, Any]:
     """seqs int32[B, T + 1] -> float32[B, T] each: KL(teacher||student), student CE, agreement,
-    teacher CE (bf16 matmuls, temperature 1)."""
+    teacher CE (bf16 matmuls, temperature 1); ``spec``: the student's ``ModelSpec``."""
     import jax
     import jax.numpy as jnp
     import optax
 
     inputs, labels = seqs[:, :-1], seqs[:, 1:]
     t_logits = jax.lax.stop_gradient(tdm.forward(tdm.SPECS[TEACHER], teacher, inputs, jnp.bfloat16))
-    s_logits = tdm.forward(tdm.SPECS[STUDENT], student, inputs, jnp.bfloat16)
+    s_logits = tdm.forward(spec, student, inputs, jnp.bfloat16)
     t_lp, s_lp = jax.nn.log_softmax(t_logits), jax.nn.log_softmax(s_logits)
     kl = jnp.sum(jnp.exp(t_lp) * (t_lp - s_lp), axis=-1)
     ce = optax.softmax_cross_entropy_with_integer_labels(s_logits, labels)
@@ -188,14 +195,15 @@ def position_terms(teacher: Any, student: Any, seqs: Any) -> tuple[Any, Any, Any
     return kl, ce, agree, optax.softmax_cross_entropy_with_integer_labels(t_logits, labels)
 
 
-def make_evaluator(batch: int) -> Any:
-    """-> evaluate(teacher, student, windows) = {metric: mean over all positions}."""
+def make_evaluator(spec: Any, batch: int) -> Any:
+    """-> evaluate(teacher, student, windows) = {metric: mean over all positions} for a student
+    of ``spec``'s architecture."""
     import jax
     import jax.numpy as jnp
 
     @jax.jit
     def rows(teacher: Any, student: Any, seqs: Any) -> Any:
-        kl, ce, agree, t_ce = position_terms(teacher, student, seqs)
+        kl, ce, agree, t_ce = position_terms(spec, teacher, student, seqs)
         return jnp.stack([agree.mean(-1), kl.mean(-1), ce.mean(-1), t_ce.mean(-1)], -1)
 
     def evaluate(teacher: Any, student: Any, wins: np.ndarray) -> dict[str, float]:
@@ -209,7 +217,7 @@ def make_evaluator(batch: int) -> Any:
     return evaluate
 
 
-def make_run_steps(ns: argparse.Namespace, lr: float, chunk: int) -> tuple[Any, Any]:
+def make_run_steps(ns: argparse.Namespace, spec: Any, lr: float, chunk: int) -> tuple[Any, Any]:
     """(optimizer, jitted run_steps(params, opt_state, teacher, ids, starts, first)) in
     ``train_one``'s style: AdamW, warm-up + cosine, clip 1.0, sampler keyed by the step."""
     import jax
@@ -220,7 +228,7 @@ def make_run_steps(ns: argparse.Namespace, lr: float, chunk: int) -> tuple[Any, 
                                                end_value=lr * 0.05)
     decay_mask = lambda p: jax.tree.map(lambda a: a.ndim == 2, p)  # no decay on norms
     opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=tdm.SPECS[STUDENT].weight_decay,
+                      optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=spec.weight_decay,
                                   mask=decay_mask))
     data_key = jax.random.key(ns.seed)
 
@@ -234,7 +242,7 @@ def make_run_steps(ns: argparse.Namespace, lr: float, chunk: int) -> tuple[Any, 
         return ids[first[:, None] + jnp.arange(tdm.SEQ_LEN + 1)[None, :]]
 
     def loss_fn(student: Any, teacher: Any, seqs: Any) -> tuple[Any, Any]:
-        kl, ce, _, _ = position_terms(teacher, student, seqs)
+        kl, ce, _, _ = position_terms(spec, teacher, student, seqs)
         return jnp.mean(ns.alpha * kl + (1.0 - ns.alpha) * ce), jnp.stack([kl.mean(), ce.mean()])
 
     @jax.jit
@@ -252,15 +260,15 @@ def make_run_steps(ns: argparse.Namespace, lr: float, chunk: int) -> tuple[Any, 
     return opt, run_steps
 
 
-def distill(ns: argparse.Namespace, teacher: Any, student: Any, evaluate: Any,
+def distill(ns: argparse.Namespace, spec: Any, teacher: Any, student: Any, evaluate: Any,
             val: np.ndarray) -> tuple[dict, dict[str, Any]]:
     """Train; -> (bf16-rounded params of the best-val-agreement checkpoint (step 0, the start,
     included), {"peak_lr", "best_step", "best_val_agreement", "history"})."""
     import jax
     import jax.numpy as jnp
 
-    lr = ns.lr or (tdm.SPECS[STUDENT].peak_lr if ns.from_scratch else 1e-3)
-    opt, run_steps = make_run_steps(ns, lr, ns.eval_every)
+    lr = ns.lr or (spec.peak_lr if ns.from_scratch else 1e-3)
+    opt, run_steps = make_run_steps(ns, spec, lr, ns.eval_every)
     train_ids = np.load(Path(ns.data) / "train.npy").astype(np.int32)
     ids, starts = jnp.asarray(train_ids), jnp.asarray(np.flatnonzero(train_ids == 0).astype(np.int32))
     as_bf16 = lambda p: jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), p)
@@ -287,13 +295,30 @@ def distill(ns: argparse.Namespace, teacher: Any, student: Any, evaluate: Any,
     return best[2], {"peak_lr": lr, "best_step": best[1], "best_val_agreement": best[0], "history": history}
 
 
-def table(before: dict[str, float], after: dict[str, float], n_windows: int) -> str:
+def table(start: str, before: dict[str, float], after: dict[str, float], n_windows: int) -> str:
     rows = [f"| {name} | {m['agreement']:.4f} | {m['kl']:.4f} | {m['ce']:.4f} |"
-            for name, m in (("bundled code-draft (before)", before), ("distilled (after)", after))]
+            for name, m in ((f"{start} (before)", before), ("distilled (after)", after))]
     return "\n".join([f"Test split, {n_windows} windows x {tdm.SEQ_LEN} tokens, teacher code-small "
                       f"CE {after['teacher_ce']:.4f}:", "",
                       "| draft | greedy agreement | KL(teacher‖draft) | CE |", "| --- | --- | --- | --- |",
                       *rows])
+
+
+def from_teacher(teacher: dict[str, Any], layers: list[int]) -> dict[str, Any]:
+    """A student cut from the teacher: its embedding, final norm and ``layers`` (indices into its
+    stack, in order) -> float32 params of code-draft's architecture, which must have the
+    teacher's widths and ``len(layers)`` layers."""
+    t_spec, s_spec = tdm.SPECS[TEACHER], tdm.SPECS[STUDENT]
+    widths = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+    differ = [w for w in widths if getattr(t_spec, w) != getattr(s_spec, w)]
+    if differ:
+        raise SystemExit(f"--init-from-teacher: {STUDENT}'s {', '.join(differ)} differ from {TEACHER}'s")
+    bad = [i for i in layers if not 0 <= i < t_spec.num_hidden_layers]
+    if len(layers) != s_spec.num_hidden_layers or bad:
+        raise SystemExit(f"--init-from-teacher: {layers} must be {s_spec.num_hidden_layers} indices into "
+                         f"{TEACHER}'s {t_spec.num_hidden_layers} layers")
+    return {"embed": teacher["embed"], "norm": teacher["norm"],
+            "layers": [dict(teacher["layers"][i]) for i in layers]}
 
 
 def cmd_distill(ns: argparse.Namespace) -> None:
@@ -304,23 +329,29 @@ def cmd_distill(ns: argparse.Namespace) -> None:
         raise SystemExit("--steps must be a multiple of --eval-every")
     t0, data, out = time.perf_counter(), Path(ns.data), Path(ns.out)
     log(f"jax {jax.__version__} on {jax.devices()}")
-    student_dir = Path(ns.student) if ns.student else tdm.INSTALL_DIR / STUDENT
-    bundled = load_params(STUDENT, student_dir)
     teacher_f32 = load_params(TEACHER)
-    check = {} if ns.skip_check else sanity_check(teacher_f32, bundled, student_dir, data, ns.batch)
+    spec = tdm.SPECS[STUDENT]
+    if ns.init_from_teacher:
+        start = from_teacher(teacher_f32, [int(i) for i in ns.init_from_teacher.split(",")])
+        start_name = f"{TEACHER}'s layers {ns.init_from_teacher}"
+        check = {} if ns.skip_check else sanity_check(teacher_f32, None, None, data, ns.batch)
+    else:
+        student_dir = Path(ns.student) if ns.student else tdm.INSTALL_DIR / STUDENT
+        bundled = load_params(STUDENT, student_dir)
+        check = {} if ns.skip_check else sanity_check(teacher_f32, bundled, student_dir, data, ns.batch)
+        start = tdm.init_params(spec, ns.seed) if ns.from_scratch else bundled
+        start_name = "random init" if ns.from_scratch else f"draft {student_dir.name}"
     teacher = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), teacher_f32)  # exact: bf16 values
-    start = tdm.init_params(tdm.SPECS[STUDENT], ns.seed) if ns.from_scratch else bundled
     val, test = (windows(np.load(data / f"{s}.npy"), ns.eval_windows) for s in ("val", "test"))
-    evaluate = make_evaluator(ns.batch)
-    best, run = distill(ns, teacher, start, evaluate, val)
-    before, after = evaluate(teacher, bundled, test), evaluate(teacher, best, test)
-    report = table(before, after, len(test))
+    evaluate = make_evaluator(spec, ns.batch)
+    best, run = distill(ns, spec, teacher, start, evaluate, val)
+    before, after = evaluate(teacher, start, test), evaluate(teacher, best, test)
+    report = table(start_name, before, after, len(test))
     log("\n" + report)
     metrics = {"flags": {k: v for k, v in vars(ns).items() if k != "func"}, "sanity_check": check,
                "test_before": before, "test_after": after, "test_windows": len(test),
                "val_windows": len(val), "table": report, **run,
                "seconds": round(time.perf_counter() - t0, 1), "device": str(jax.devices()[0].device_kind)}
-    spec = tdm.SPECS[STUDENT]
     tdm.write_static_files(spec, tdm.INSTALL_DIR / STUDENT, out)  # config + bundled tokenizer files
     tdm.write_weights(spec, best, metrics, out)
     (out / "training_metrics.json").replace(out / "distill_metrics.json")
@@ -354,6 +385,9 @@ def main() -> None:
                         "which ships distilled; its from-scratch base: train_default_model.py train "
                         "--models code-draft)")
     d.add_argument("--from-scratch", action="store_true", help="start from init_params, not code-draft")
+    d.add_argument("--init-from-teacher", default=None, metavar="LAYERS",
+                   help="start from code-small's embedding, final norm and these layers (comma list of "
+                        "indices): a student of code-small's widths with that many layers")
     d.add_argument("--skip-check", action="store_true", help="skip the bundled-loss sanity check")
     d.add_argument("--install", action="store_true",
                    help="copy model.safetensors + distill_metrics.json into jserve/default_model/code-draft/")

@@ -100,8 +100,11 @@ SPECS = {
                             num_key_value_heads=2, head_dim=64, intermediate_size=768,
                             recipes=((1000, 0.0), (1600, 0.1), (2400, 0.2)),
                             batch=32, peak_lr=2e-3, warmup=200, seed=1),
-    "code-draft": ModelSpec("code-draft", hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                            num_key_value_heads=2, head_dim=64, intermediate_size=384,
+    # The draft: code-small's widths, two layers (at batch 1 a draft's cost on a GPU is its kernel
+    # count, so depth costs and width does not). The shipped one is cut from code-small's layers
+    # 0 and 4 and distilled (tools/distill_draft.py --init-from-teacher 0,4), not trained here.
+    "code-draft": ModelSpec("code-draft", hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=64, intermediate_size=768,
                             recipes=((3000, 0.0),),
                             batch=32, peak_lr=3e-3, warmup=200, seed=2),
 }

@@ -163,13 +163,6 @@ def unpack_host(host: np.ndarray, num_rows: int, num_spec: int
             host[a + 2 * r:].reshape(r, num_spec))
 
 
-def _known(drafts: np.ndarray) -> list[int]:
-    """A row's next drafts up to the first missing one (-1: a draft model's row that accepted
-    every draft proposes one fewer, ``draft.draft_step``)."""
-    missing = np.flatnonzero(drafts < 0)
-    return drafts[:missing[0] if len(missing) else len(drafts)].tolist()
-
-
 def verified_drafts(drafts: jax.Array, num_draft: jax.Array) -> jax.Array:
     """Inside jit: the drafts each row verifies: its first ``num_draft[r]`` up to the first
     missing one (-1: the device n-gram lookup found fewer than K) -> int32[R].
@@ -197,7 +190,7 @@ class SpecStepHandle:
         sampled = [tokens[r, :num[r]].tolist() if c.samples else [] for r, c in enumerate(chunks)]
         drafts = None
         if self.with_drafts:
-            drafts = [_known(nxt[r]) if c.samples else [] for r, c in enumerate(chunks)]
+            drafts = [nxt[r].tolist() if c.samples else [] for r, c in enumerate(chunks)]
         verified = ver[:len(chunks)].tolist()
         if self.logprobs is None:
             return RunnerOutput(sampled, draft_token_ids=drafts, verified_drafts=verified)

@@ -41,15 +41,16 @@ def test_hf_layout_size_cap_and_reported_figures():
         for f in HF_FILES:
             assert (d / f).is_file(), f"{d / f} missing"
         total += sum(p.stat().st_size for p in d.glob("*.safetensors"))
-        metrics = json.loads((d / "training_metrics.json").read_text())
         readme = (d / "README.md").read_text()
         assert "Held-out evaluation" in readme
-        assert f"| {metrics['test_loss']:.4f} | {metrics['test_perplexity']:.2f} |" in readme
-        distilled = d / "distill_metrics.json"   # code-draft: distilled from code-small after training
+        distilled = d / "distill_metrics.json"   # code-draft: layers of code-small, distilled from it
         if distilled.is_file():
             after = json.loads(distilled.read_text())["test_after"]
             assert f"| as shipped (distilled) | {after['ce']:.4f} | {math.exp(after['ce']):.2f} |" in readme
             assert f"{after['agreement']:.4f} as shipped" in readme
+        else:                                    # code-small: trained from scratch
+            metrics = json.loads((d / "training_metrics.json").read_text())
+            assert f"| {metrics['test_loss']:.4f} | {metrics['test_perplexity']:.2f} |" in readme
     assert total <= SIZE_CAP_BYTES, f"bundled safetensors are {total} B, cap {SIZE_CAP_BYTES}"
     with pytest.raises(ValueError, match="no bundled model 'code-huge'"):
         default_model_path("code-huge")
@@ -65,7 +66,8 @@ def test_models_load_through_checkpoints_and_share_one_tokenizer():
         assert params_bytes(params) == 2 * cfg.num_params()
         configs.append(cfg)
     small, draft = configs
-    assert draft.num_params() < small.num_params() / 4
+    # A draft's cost at batch 1 is its depth (kernels per forward), not its width.
+    assert draft.num_layers * 4 <= small.num_layers and draft.num_params() < small.num_params() / 2
     assert small.vocab_size == draft.vocab_size
     tok = [(default_model_path(n) / "tokenizer.json").read_bytes() for n in DEFAULT_MODELS]
     assert tok[0] == tok[1]

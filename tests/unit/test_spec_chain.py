@@ -26,6 +26,7 @@ from jserve.scheduler import Scheduler
 from jserve.scheduler_output import RunnerOutput, ScheduledChunk
 from jserve.spec import chain
 from jserve.spec.config import SpeculativeConfig
+from jserve.spec.verify_step import SpecStepHandle
 from jserve.step_buffers import StepLayout
 
 K = 3
@@ -69,6 +70,29 @@ def test_the_next_row_is_planned_as_if_no_draft_was_accepted():
     assert (r.num_tokens, r.num_computed_tokens, r.spec_in_flight) == (11, 10, 0)
     assert len(r.page_ids) == s.pool.pages_needed(10)
     assert r.output_token_ids == [100, 101, 102, 103, 104]
+
+
+@pytest.mark.parametrize("host_masks", [False, True])
+def test_a_row_read_before_planning_keeps_the_drafts_missing_place(host_masks):
+    """A row that accepted every draft proposes K - 1 and a last -1 (draft.draft_step). Planned
+    after its step was read (the synchronous loop), the next row still verifies K places, the
+    -1 among them, as a row chained while the step was in flight does: the draft forward puts
+    its emitted token there, so both loops draft alike (seeded samples equal). Rows whose host
+    masks follow the drafts take the real ones only."""
+    s = _sched()
+    sp = SamplingParams(max_tokens=40, ignore_eos=True, bad_words=["x"] if host_masks else None)
+    r = Request("a", list(range(10, 16)), sp)
+    s.add_request(r)
+    n0 = s.schedule()
+    # the step's one host output: tokens [1, K + 1], emitted, verified, next drafts [1, K]
+    host = np.array([100, 0, 0, 0, 1, 0, 7, 8, -1], np.int32)
+    out = SpecStepHandle(n0, host, K, None, (0,), True).result()
+    assert out.sampled_token_ids == [[100]] and out.draft_token_ids == [[7, 8, -1]]
+    s.update(n0, out)
+    (c1,) = s.schedule().chunks
+    want = (7, 8) if host_masks else (7, 8, -1)
+    assert c1.token_ids == (100, *want) and c1.num_draft == len(want) and not c1.device_drafts
+    assert r.spec_in_flight == len(want)
 
 
 def test_a_row_that_could_pass_max_model_len_waits_for_the_result():
