@@ -70,6 +70,22 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 }
 
 case "${1:-}" in
+so3)
+  # Issue 16 (session 29): the split step's inputs staged into fixed device buffers (the packed
+  # input once for both programs, the host masks copied on the grammar thread, the mask slots
+  # read from the packed input), the grammar's advance beside the forward's preparation. A/B in
+  # one call: this tree, session 28's (.before, c59e257: host arrays, a fresh buffer every
+  # call), this tree again. Prediction: the forward's launch beside the grammar 1.6-2.2 -> ~0.9
+  # ms, the sampler's dispatch 0.67 -> ~0.35, the constrained step 5.2-5.5 -> ~4.0 ms, the
+  # ratio 0.56-0.62 -> ~0.72-0.78.
+  for arm in new old new2; do
+    d=.; [ "$arm" = old ] && d=.before
+    (cd "$d" && timeout 170 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
+      --rounds 3 --trace) > "$OUT/so3_$arm.txt" 2>&1
+    echo "### $arm"
+    grep "^|\|^##" "$OUT/so3_$arm.txt" | grep -v "|---" | grep "^| [0-9]\|launch\|beside\|sample\|masks\|advance\|^| step\|^##"
+  done
+  ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify
   # variants: 6 passed). ${SPT_K:-not greedy_matches} picks tests (pytest -k).

@@ -8,7 +8,7 @@ prints seconds per phase and per step. The wait row is the time the host blocked
 device: when it is near zero, the host is the bottleneck and the other rows are what the device
 waited for. ``launch_on_idle`` counts the compiled calls made after the device had finished
 all earlier work (it then waited for that launch). Phases on the engine's grammar thread
-(advance, masks, stage_masks and its flush inside ``beside_grammar``) overlap the main thread's.
+(advance, masks, upload_masks inside ``beside_grammar``) overlap the main thread's.
 
     trace = StepTrace.attach(engine)
     ... run ...
@@ -28,8 +28,8 @@ from jserve.runner import StepHandle
 from jserve.spec.verify_step import SpecStepHandle
 
 PHASES = ("step", "schedule", "dispatch", "dispatch_forward", "beside_grammar", "dispatch_sample",
-          "prepare", "pack", "stage_masks", "flush", "launch", "launch_on_idle", "wait", "result",
-          "update", "advance", "masks", "outputs")
+          "prepare_forward", "prepare", "pack", "stage_masks", "upload_masks", "flush", "launch",
+          "launch_on_idle", "wait", "result", "update", "advance", "masks", "outputs")
 
 
 class StepTrace:
@@ -57,6 +57,9 @@ class StepTrace:
         tr._wrap(runner, "_prepare", "prepare")
         tr._wrap(runner, "pack", "pack")
         tr._wrap(runner, "stage_masks", "stage_masks")
+        for name in ("prepare_forward", "upload_masks"):   # (the split step's, where it has them)
+            if hasattr(runner, name):
+                tr._wrap(runner, name, name)
         tr._wrap(runner.logit_state, "flush", "flush")
         for key, fn in list(runner._compiled.items()):
             runner._compiled[key] = tr._launch(runner, fn)

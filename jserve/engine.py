@@ -405,31 +405,36 @@ class LLMEngine:
     def _forward_beside_grammar(self, sched_out: SchedulerOutput, touched: dict[str, None]
                                 ) -> SplitPending:
         """The split step when the step in flight is already done (the host is the bottleneck):
-        read it and prepare the forward, then advance the grammars and fill this plan's masks
-        into the pending step's host masks (the sampler's argument) on a helper thread while this
-        thread launches the forward (llguidance and the executable's launch both release the
-        GIL) -> the forward's ``SplitPending``, its masks in place. On an H200 the forward's
-        launch (2 ms) and the grammar work with its upload (2.4 ms for 64 rows) had run one after
-        the other (RESULTS_v2_sessions_9-12.md, session 10)."""
+        read it, then on a helper thread advance the grammars (while this thread prepares the
+        forward), fill this plan's masks into the pending step's host masks and upload them
+        (while this thread launches the forward; llguidance, the uploads and the executable's
+        launch release the GIL) -> the forward's ``SplitPending``, its masks on the device. On
+        an H200 the forward's launch (2 ms) and the grammar work with its upload (2.4 ms for 64
+        rows) had run one after the other (RESULTS_v2_sessions_9-12.md, session 10)."""
         reqs = self._read(self._in_flight, touched)
-        pending = self.runner.prepare_forward(sched_out)
         if self._grammar_thread is None:
             self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="jserve-grammar")
+        advanced = self._grammar_thread.submit(self._advance_grammars, reqs)
+        try:
+            pending = self.runner.prepare_forward(sched_out)
+        except BaseException:
+            advanced.result()   # (the matchers stay consistent with the committed tokens)
+            raise
 
-        def grammar() -> tuple[list[str], dict[str, np.ndarray]]:
-            ended = self._advance_grammars(reqs)
-            rows = self._mask_rows(sched_out, skip=frozenset(ended))[0]
-            masks = self.constraints.masks(rows, pending.host_masks,
-                                           [pending.sample_rows[rid] for rid, _ in rows])
-            return ended, masks
+        def masks() -> dict[str, np.ndarray]:   # (after ``advanced``: one thread, in order)
+            rows = self._mask_rows(sched_out, skip=frozenset(advanced.result()))[0]
+            filled = self.constraints.masks(rows, pending.host_masks,
+                                            [pending.sample_rows[rid] for rid, _ in rows])
+            self.runner.upload_masks(pending)
+            return filled
 
-        job = self._grammar_thread.submit(grammar)
+        job = self._grammar_thread.submit(masks)
         try:
             self.runner.launch_forward(pending)
         finally:
-            ended, masks = job.result()
-        self._end_by_grammar(ended)
-        sched_out.token_masks = masks
+            filled = job.result()
+        self._end_by_grammar(advanced.result())
+        sched_out.token_masks = filled
         return pending
 
     def _mask_rows(self, sched_out: SchedulerOutput, after_read: bool = True,

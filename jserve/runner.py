@@ -50,7 +50,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -76,11 +75,11 @@ from jserve.slot_table import SlotWriter, fill_page_diffs
 from jserve.spec import chain
 from jserve.spec.draft import DraftModel
 from jserve.spec.verify_step import SpecStepHandle, SpecSteps
-from jserve.split_step import SplitPending, SplitPrograms
+from jserve.split_step import SplitPending, SplitPrograms, lower_pair, warm_pair
 from jserve.staged_input import StagedInputs
 from jserve.step_buffers import StepLayout
 from jserve.step_handle import StepHandle
-from jserve.step_program import StepVariant, forward_step, fused_step, sample_step
+from jserve.step_program import StepVariant, fused_step
 from jserve.step_variants import StepVariants, greedy_rows, sampling_filters
 from jserve.structured.logit_state import LogitState
 from sharding import host_to_global
@@ -142,7 +141,7 @@ class Runner:
         # Host-masked rows: forward and sampler as two programs, compiled on first use.
         self.split = SplitPrograms(
             [t for t in self._buckets if t in self.steps.decode and not sched.flash_prefill(t)],
-            self.lower_split)
+            self.lower_split, self._split_shapes, self._replicated)
 
     # ---------------------------------------------------------------- shapes
     def bucket_for(self, num_tokens: int) -> tuple[int, int]:
@@ -391,12 +390,24 @@ class Runner:
         return pending
 
     def prepare_forward(self, out: SchedulerOutput) -> SplitPending:
-        """``dispatch_forward``'s host work (page moves, packing, new slots), not yet launched."""
+        """``dispatch_forward``'s host work (page moves, packing, new slots, the packed input
+        staged on the device), not yet launched."""
         layout, ibuf, _, slots, params, _, _ = self._prepare(out)
-        return SplitPending(out, layout, self._joint(layout, ibuf), slots, params, None,
-                            np.array(layout.read(ibuf, "mask_slot")),
+        joint = self._joint(layout, ibuf)
+        if isinstance(joint, np.ndarray):   # into its bucket's fixed buffer (jserve/split_step.py)
+            joint = self.split.stage_joint(joint)
+        return SplitPending(out, layout, joint, slots, params, None,
                             np.full((layout.num_rows, self.logit_state.words), -1, np.int32),
                             {c.req_id: r for r, c in enumerate(out.chunks) if c.samples})
+
+    def lower_split(self, token_bucket: int) -> tuple[Any, Any]:
+        """Lower a bucket's split pair -> (forward, sampler) lowered (``split_step.lower_pair``)."""
+        return lower_pair(self, token_bucket)
+
+    def _split_shapes(self, token_bucket: int) -> tuple[int, tuple[int, int]]:
+        """A split bucket's staged buffers: (packed input length, host masks (R, W))."""
+        layout = self.layout(token_bucket)
+        return layout.int_size + layout.float_size, (layout.num_rows, self.logit_state.words)
 
     def launch_forward(self, pending: SplitPending) -> None:
         """Launch a prepared forward. Touches neither the logit state nor the pending's host
@@ -416,39 +427,27 @@ class Runner:
             if rid in pending.sample_rows:
                 pending.host_masks[pending.sample_rows[rid]] = m
 
+    def upload_masks(self, pending: SplitPending) -> None:
+        """Copy the pending step's filled host masks into their fixed device buffer (the
+        grammar thread does, beside the forward's launch; else ``dispatch_sample``)."""
+        pending.device_masks = self.split.stage_masks(pending.host_masks)
+
     def dispatch_sample(self, pending: SplitPending, token_masks: dict[str, np.ndarray] | None) -> StepHandle:
         """The split step's second half: the sampler, after ``stage_masks(pending, token_masks)``
-        (None: the masks are in ``pending.host_masks`` already)."""
+        and ``upload_masks`` (None: the masks are in ``pending.host_masks`` already, uploaded
+        or not)."""
         if token_masks is not None:
             self.stage_masks(pending, token_masks)
+            pending.device_masks = None
+        if pending.device_masks is None:
+            self.upload_masks(pending)
         self.logit_state.flush()   # static rows of requests new in this step
         _, smp = self.split.programs(pending.layout.num_tokens)
         self.penalty_state, self._prev_tokens, tokens, lp, top_ids, top_lp = smp(
             pending.logits, self.penalty_state, self.slot_table, self._prev_tokens, pending.joint,
-            self.logit_state.device, pending.mask_slot, pending.host_masks)
+            self.logit_state.device, pending.device_masks)
         self.split.steps += 1
         return self._handle(pending.sched_out, pending.params, tokens, lp, top_ids, top_lp)
-
-    def lower_split(self, token_bucket: int) -> tuple[Any, Any]:
-        """Lower the split step's two programs of a bucket -> (forward, sampler) lowered."""
-        layout = self.layout(token_bucket)
-        rep = self._replicated
-        joint = jax.ShapeDtypeStruct((layout.int_size + layout.float_size,), jnp.int32, sharding=rep)
-        table, prev = self.slot_table, self._prev_tokens
-        fwd = jax.jit(functools.partial(forward_step, self.config.model, layout,
-                                        StepVariant(token_bucket, False, False), self.mesh),
-                      donate_argnums=(1, 2),
-                      out_shardings=(jax.tree.map(lambda a: a.sharding, self.kv), rep, rep)
-                      ).lower(self.params, self.kv, table, prev, joint)
-        lo = fwd.out_info[2]
-        logits = jax.ShapeDtypeStruct(lo.shape, lo.dtype, sharding=rep)
-        mask_slot = jax.ShapeDtypeStruct((layout.num_rows,), jnp.int32, sharding=rep)
-        host = jax.ShapeDtypeStruct((layout.num_rows, self.logit_state.words), jnp.int32, sharding=rep)
-        smp = jax.jit(functools.partial(sample_step, layout, self._num_out, self._num_spec),
-                      donate_argnums=(1, 3),
-                      out_shardings=(rep,) * 6).lower(logits, self.penalty_state, table, prev, joint,
-                                                      self.logit_state.device, mask_slot, host)
-        return fwd, smp
 
     # ---------------------------------------------------------------- start-up
     def lower_step(self, variant: StepVariant) -> Any:
@@ -549,18 +548,6 @@ class Runner:
         if draft_kv is not None:
             self.spec_steps.draft.kv = draft_kv
 
-    def _warm_split(self, token_bucket: int) -> None:
-        """Run one bucket's split pair once on padding rows (its logits die with the call)."""
-        layout = self.layout(token_bucket)
-        fwd, smp = self.split.programs(token_bucket)
-        joint = jax.device_put(layout.joint(layout.new_buffers()[0]), self._replicated)
-        self.kv, self.slot_table, logits = fwd(self.params, self.kv, self.slot_table,
-                                               self._prev_tokens, joint)
-        self.penalty_state, self._prev_tokens, *_ = smp(
-            logits, self.penalty_state, self.slot_table, self._prev_tokens, joint,
-            self.logit_state.device, np.full(layout.num_rows, -1, np.int32),
-            np.full((layout.num_rows, self.logit_state.words), -1, np.int32))
-
     def warm(self) -> float:
         """Run each compiled step once over the allocated pool, then the small programs
         (penalty slot init per id bucket, slot writer; ``compile`` compiled them, and the page
@@ -588,7 +575,7 @@ class Runner:
             self.spec_steps.warm(self)
         for t in self.split.buckets:   # each compiled split pair once, on padding rows only
             if self.split.ready(t):
-                self._warm_split(t)
+                warm_pair(self, t)
         self.penalty_state = self._slot_init.warm(self.penalty_state)
         self.slot_table = self._slot_writer.warm(self.slot_table)
         self.kv = self.mover.warmup(self.kv)

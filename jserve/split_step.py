@@ -8,6 +8,14 @@ the next, so the device idled while the host read, planned and filled masks. Spl
     engine:  schedule N+1 | forward(N+1) | read N, fill masks(N+1) | sample(N+1) | schedule N+2 ...
     device:  ... sample(N) | forward(N+1) ...........................| sample(N+1) | forward(N+2)
 
+Both programs take only device buffers that keep their address from call to call: the step's
+packed input and the host masks are copied into fixed buffers (``staged_input.StagedInputs``,
+the masks on the thread that filled them), and the mask slots are read from the packed input.
+A host array handed to an executable is a fresh buffer every call, and the CUDA graph of a
+program that reads one is updated before each launch (RESULTS_v2_sessions_9-12.md: ~1 ms of a
+64-row Qwen2.5-0.5B step; the split's two launches took 2.6 ms against the fused step's 0.85,
+RESULTS_v2_sessions_24-26.md).
+
 The forward's placeholders read step N's tokens on the device, as in the fused overlapped step;
 the host fills the masks while the forward runs. When step N is already done at that point (the
 host, not the device, is the bottleneck: small models, many grammar rows), the engine reads it
@@ -26,6 +34,7 @@ multi-process jobs the engine reads the step in flight first, then dispatches th
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -34,11 +43,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jserve.compile_pool import CUBLAS_MIN_TOKENS, compile_each, compiler_options
 from jserve.scheduler_output import SchedulerOutput
+from jserve.staged_input import StagedInputs
 from jserve.step_buffers import StepLayout
+from jserve.step_program import StepVariant, forward_step, sample_step
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +62,49 @@ class SplitPending:
 
     sched_out: SchedulerOutput
     layout: StepLayout
-    joint: Any                  # the step's input array, as the forward got it
+    joint: Any                  # the step's input array on the device, as the forward got it
     slots: np.ndarray           # slot of each row
     params: list                # SamplingParams of each row
     logits: jax.Array | None    # f32[R, V], on the device (None until ``launch_forward``)
-    mask_slot: np.ndarray       # int32[R]: the packed mask rows (static masks; -1 free)
     host_masks: np.ndarray      # int32[R, W]: each row's host mask (all ones: none)
     sample_rows: dict[str, int]  # request id -> its sampling row
+    device_masks: jax.Array | None = None   # host_masks on the device (``Runner.upload_masks``)
 
 
 class SplitPrograms:
     """The split step's compiled (forward, sampler) pair per decode bucket."""
 
-    def __init__(self, buckets: list[int], lower: Callable[[int], tuple[Any, Any]]) -> None:
-        """``lower(bucket)`` -> the bucket's two lowered programs."""
+    def __init__(self, buckets: list[int], lower: Callable[[int], tuple[Any, Any]],
+                 shapes: Callable[[int], tuple[int, tuple[int, int]]], sharding: Any) -> None:
+        """``lower(bucket)`` -> the bucket's two lowered programs; ``shapes(bucket)`` -> (the
+        length of its packed input, the shape (R, W) of its host masks): the staged buffers'."""
         self.buckets = tuple(buckets)
         self._lower = lower
+        self._shapes = shapes
+        self._sharding = sharding
         self._compiled: dict[int, tuple[Any, Any]] = {}
         self._halves: dict[int, dict[int, Any]] = {}   # (``put``)
+        self._joints: StagedInputs | None = None   # the engine's thread stages the inputs,
+        self._masks: StagedInputs | None = None    # whichever thread filled them the masks
         self.steps = 0   # split steps dispatched (tests and metrics)
+
+    def _staging(self) -> tuple[StagedInputs, StagedInputs]:
+        """The staged buffers of every bucket (their copy programs compiled on first use:
+        warm-up's ``warm_pair``, or a test's first split step)."""
+        if self._joints is None:
+            shapes = [self._shapes(t) for t in self.buckets]
+            self._masks = StagedInputs([m for _, m in shapes], self._sharding)
+            self._joints = StagedInputs([j for j, _ in shapes], self._sharding)
+        return self._joints, self._masks
+
+    def stage_joint(self, host: np.ndarray) -> jax.Array:
+        """A step's packed input int32[n] -> its bucket's fixed device buffer holding it."""
+        return self._staging()[0].put(host)
+
+    def stage_masks(self, host: np.ndarray) -> jax.Array:
+        """A step's host masks int32[R, W] -> its bucket's fixed device buffer holding them
+        (one thread at a time: the grammar thread, or the engine's after it)."""
+        return self._staging()[1].put(host)
 
     def compile(self, threads: int = 1, gpu: bool = False, cublas_from: int = CUBLAS_MIN_TOKENS) -> None:
         """Compile every bucket's pair (once), ``threads`` programs at a time (lowered in turn:
@@ -98,3 +134,41 @@ class SplitPrograms:
 
     def programs(self, token_bucket: int) -> tuple[Any, Any]:
         return self._compiled[token_bucket]
+
+
+def lower_pair(runner: Any, token_bucket: int) -> tuple[Any, Any]:
+    """Lower a bucket's two programs over ``runner``'s state -> (forward, sampler) lowered. The
+    forward donates the pool and the slot table; the sampler the penalty state and the previous
+    tokens (the next step's placeholders read this step's tokens from the same buffer)."""
+    layout = runner.layout(token_bucket)
+    rep = runner._replicated
+    joint = jax.ShapeDtypeStruct((layout.int_size + layout.float_size,), jnp.int32, sharding=rep)
+    table, prev = runner.slot_table, runner._prev_tokens
+    fwd = jax.jit(functools.partial(forward_step, runner.config.model, layout,
+                                    StepVariant(token_bucket, False, False), runner.mesh),
+                  donate_argnums=(1, 2),
+                  out_shardings=(jax.tree.map(lambda a: a.sharding, runner.kv), rep, rep)
+                  ).lower(runner.params, runner.kv, table, prev, joint)
+    lo = fwd.out_info[2]
+    logits = jax.ShapeDtypeStruct(lo.shape, lo.dtype, sharding=rep)
+    host = jax.ShapeDtypeStruct((layout.num_rows, runner.logit_state.words), jnp.int32, sharding=rep)
+    smp = jax.jit(functools.partial(sample_step, layout, runner._num_out, runner._num_spec),
+                  donate_argnums=(1, 3),
+                  out_shardings=(rep,) * 6).lower(logits, runner.penalty_state, table, prev, joint,
+                                                  runner.logit_state.device, host)
+    return fwd, smp
+
+
+def warm_pair(runner: Any, token_bucket: int) -> None:
+    """Run one bucket's compiled pair once on padding rows, its staged buffers with it (its
+    logits die with the call)."""
+    layout = runner.layout(token_bucket)
+    split = runner.split
+    fwd, smp = split.programs(token_bucket)
+    joint = split.stage_joint(layout.joint(layout.new_buffers()[0]))
+    runner.kv, runner.slot_table, logits = fwd(runner.params, runner.kv, runner.slot_table,
+                                               runner._prev_tokens, joint)
+    masks = split.stage_masks(np.full((layout.num_rows, runner.logit_state.words), -1, np.int32))
+    runner.penalty_state, runner._prev_tokens, *_ = smp(
+        logits, runner.penalty_state, runner.slot_table, runner._prev_tokens, joint,
+        runner.logit_state.device, masks)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import jax
 import jsonschema
 import pytest
 from engine_helpers import run_engine
@@ -140,6 +141,20 @@ def test_split_step_equals_synchronous(engine, sync_engine, monkeypatch, in_flig
     calls = []
     monkeypatch.setattr(engine, "_forward_beside_grammar", lambda *a: calls.append(1) or beside(*a))
     before = engine.runner.split.steps
+    # Both programs take the packed input and the host masks as device buffers that keep their
+    # address from call to call (a host array would be a fresh buffer: a CUDA-graph update).
+    programs, addresses = engine.runner.split.programs, {}
+
+    def recorded(fn, name):
+        def call(*args):
+            for i in ((4,) if name == "forward" else (4, 6)):
+                assert isinstance(args[i], jax.Array), (name, i, type(args[i]))
+                addresses.setdefault((name, i, args[i].shape), set()).add(args[i].unsafe_buffer_pointer())
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(engine.runner.split, "programs", lambda t: tuple(
+        recorded(fn, name) for fn, name in zip(programs(t), ("forward", "sampler"), strict=True)))
     items = [(p, SamplingParams(temperature=0.9, seed=i, max_tokens=40, logprobs=2,
                                 structured_outputs={"json": SCHEMA}))
              for i, p in enumerate(PROMPTS)]
@@ -160,6 +175,7 @@ def test_split_step_equals_synchronous(engine, sync_engine, monkeypatch, in_flig
         run_engine(sync_engine, items))
     assert engine.runner.split.steps > before
     assert bool(calls) == in_flight_done
+    assert addresses and all(len(a) == 1 for a in addresses.values()), addresses
 
 
 def test_in_flight_done_asks_the_device(engine):
