@@ -70,6 +70,25 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 }
 
 case "${1:-}" in
+so4)
+  # Issue 16 (session 29, case so3: the split step's two launches 2.57-2.75 -> 0.83-0.89 ms per
+  # step with staged inputs, yet the constrained step only 5.0-5.6 -> 4.4-4.9 ms: the grammar
+  # thread's masks 0.73 + upload 0.47 ms and the joint's staging 0.47 ms became the path). Now
+  # the read step's outputs are made beside the mask fill. Arms in one process: default,
+  # put-joint / put-masks (jax.device_put, a fresh buffer each call, instead of the staged
+  # copy), then session 28's tree (.before). Prediction: default's constrained step ~0.5 ms
+  # under so3's (outputs 0.64 hidden), ratio ~0.78; put-joint no better (the forward's graph
+  # updated per call); put-masks upload ~0.25 ms but the sampler's launch +0.1-0.3.
+  timeout 220 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
+    --rounds 3 --trace --arms default,put-joint,put-masks > "$OUT/so4.txt" 2>&1
+  (cd .before && timeout 120 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
+    --rounds 2) > "$OUT/so4_old.txt" 2>&1
+  for f in so4 so4_old; do
+    echo "### $f"
+    grep "^| [0-9] \|^##\|step trace\|^| step \|beside\|dispatch_sample\|prepare_forward\|upload\|^| launch \|^| masks\|^| outputs" \
+      "$OUT/$f.txt" | head -120
+  done
+  ;;
 so3)
   # Issue 16 (session 29): the split step's inputs staged into fixed device buffers (the packed
   # input once for both programs, the host masks copied on the grammar thread, the mask slots

@@ -81,17 +81,22 @@ class _Inline:
         return f
 
 
+PUT_ARMS = ("put-joint", "put-masks", "put-both")
+
+
 def _arm(spec: str) -> tuple[str, int | None, float, str]:
-    """'default' | 'threads=N' | 'switch=S' | 'serial' | 'fused' -> (name, executor threads or
-    None, switch interval, the split step's mode: 'beside', 'serial' or 'fused')."""
+    """'default' | 'threads=N' | 'switch=S' | 'serial' | 'fused' | 'put-joint' | 'put-masks' |
+    'put-both' -> (name, executor threads or None, switch interval, the split step's mode:
+    'beside', 'serial', 'fused' or one of PUT_ARMS)."""
     key, _, value = spec.partition("=")
-    if key in ("default", "serial", "fused") and not value:
+    if key in ("default", "serial", "fused", *PUT_ARMS) and not value:
         return spec, None, DEFAULT_SWITCH, "beside" if key == "default" else key
     if key == "threads" and value.isdigit():
         return spec, int(value), DEFAULT_SWITCH, "beside"
     if key == "switch" and value:
         return spec, None, float(value), "beside"
-    raise SystemExit(f"--arms: unknown arm {spec!r} (default, threads=N, switch=S, serial, fused)")
+    raise SystemExit(f"--arms: unknown arm {spec!r} (default, threads=N, switch=S, serial, fused, "
+                     f"{', '.join(PUT_ARMS)})")
 
 
 def main() -> None:
@@ -115,7 +120,10 @@ def main() -> None:
                          "long a thread returning from a launch may wait for the GIL), 'serial' "
                          "(the grammar work before the split forward's launch, not beside it: "
                          "the launch's own cost), 'fused' (no split step: the engine reads the "
-                         "step in flight, fills the masks, then launches the fused step)")
+                         "step in flight, fills the masks, then launches the fused step), "
+                         "'put-joint' / 'put-masks' / 'put-both' (the split step's packed input / "
+                         "host masks / both uploaded by jax.device_put, a fresh buffer each call, "
+                         "instead of copied into the bucket's fixed buffer)")
     ns = ap.parse_args()
     arms = [_arm(a) for a in ns.arms.split(",")]
     n = ns.num_requests
@@ -139,6 +147,11 @@ def main() -> None:
     traces = []
     rows = []
     can_split = eng.runner.can_split
+    split = eng.runner.split
+    staged = {"joint": split.stage_joint, "masks": split.stage_masks}
+
+    def put(host):
+        return jax.device_put(host, eng.runner._replicated)
     executors = {t: llguidance.LLExecutor() if t is None else llguidance.LLExecutor(num_threads=t)
                  for t in {a[1] for a in arms}}   # one per thread count, kept across rounds
     for r, (name, threads, switch, mode) in ((r, a) for r in range(ns.rounds + 1) for a in arms):
@@ -149,6 +162,8 @@ def main() -> None:
         elif isinstance(eng._grammar_thread, _Inline):
             eng._grammar_thread = None   # the engine starts its own thread again
         eng.runner.can_split = (lambda out: False) if mode == "fused" else can_split
+        split.stage_joint = put if mode in ("put-joint", "put-both") else staged["joint"]
+        split.stage_masks = put if mode in ("put-masks", "put-both") else staged["masks"]
         mask_s[0] = 0.0
         cons = [(p, SamplingParams(temperature=ns.temperature, seed=1000 * r + i, max_tokens=ns.max_tokens,
                                    structured_outputs={"json": SCHEMA}))
