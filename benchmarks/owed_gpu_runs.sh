@@ -1,11 +1,10 @@
-# The device calls owed after session 28 (2026-12-03), in the order to run them. Each case fits
+# The device calls owed after session 29 (2026-12-04), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table
 # (a call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-28 removed the ones they ran; vmm stays as the record of its arms).
-# Order: kva3 (issue 13: fp8 KV at 8k, A/B/A), lt (issue 12: where the speculating step's launch
-# goes), slt (issue 16: where the split step's launches go), qx4 (issue 13: w8a8 with Triton
-# GEMMs), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session
+# history (sessions 7-29 removed the ones they ran; vmm stays as the record of its arms).
+# Order: so5 (issue 16: the final split step, arms in one process), lt (issue 12: where the
+# speculating step's launch goes), qx4 (issue 13: w8a8 with Triton GEMMs), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session
 # 28's wider code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb, d, s, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
@@ -70,40 +69,16 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 }
 
 case "${1:-}" in
-so4)
-  # Issue 16 (session 29, case so3: the split step's two launches 2.57-2.75 -> 0.83-0.89 ms per
-  # step with staged inputs, yet the constrained step only 5.0-5.6 -> 4.4-4.9 ms: the grammar
-  # thread's masks 0.73 + upload 0.47 ms and the joint's staging 0.47 ms became the path). Now
-  # the read step's outputs are made beside the mask fill. Arms in one process: default,
-  # put-joint / put-masks (jax.device_put, a fresh buffer each call, instead of the staged
-  # copy), then session 28's tree (.before). Prediction: default's constrained step ~0.5 ms
-  # under so3's (outputs 0.64 hidden), ratio ~0.78; put-joint no better (the forward's graph
-  # updated per call); put-masks upload ~0.25 ms but the sampler's launch +0.1-0.3.
-  timeout 220 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
-    --rounds 3 --trace --arms default,put-joint,put-masks > "$OUT/so4.txt" 2>&1
-  (cd .before && timeout 120 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
-    --rounds 2) > "$OUT/so4_old.txt" 2>&1
-  for f in so4 so4_old; do
-    echo "### $f"
-    grep "^| [0-9] \|^##\|step trace\|^| step \|beside\|dispatch_sample\|prepare_forward\|upload\|^| launch \|^| masks\|^| outputs" \
-      "$OUT/$f.txt" | head -120
-  done
-  ;;
-so3)
-  # Issue 16 (session 29): the split step's inputs staged into fixed device buffers (the packed
-  # input once for both programs, the host masks copied on the grammar thread, the mask slots
-  # read from the packed input), the grammar's advance beside the forward's preparation. A/B in
-  # one call: this tree, session 28's (.before, c59e257: host arrays, a fresh buffer every
-  # call), this tree again. Prediction: the forward's launch beside the grammar 1.6-2.2 -> ~0.9
-  # ms, the sampler's dispatch 0.67 -> ~0.35, the constrained step 5.2-5.5 -> ~4.0 ms, the
-  # ratio 0.56-0.62 -> ~0.72-0.78.
-  for arm in new old new2; do
-    d=.; [ "$arm" = old ] && d=.before
-    (cd "$d" && timeout 170 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
-      --rounds 3 --trace) > "$OUT/so3_$arm.txt" 2>&1
-    echo "### $arm"
-    grep "^|\|^##" "$OUT/so3_$arm.txt" | grep -v "|---" | grep "^| [0-9]\|launch\|beside\|sample\|masks\|advance\|^| step\|^##"
-  done
+so5)
+  # Issue 16 (session 29, cases so3 / so4: staged packed input, the split's two launches 2.6-2.7
+  # -> 0.8-0.9 ms; host masks by jax.device_put beat a staged copy, +8-11% constrained tok/s in
+  # every round). The final tree, arms in one process: default, put-joint (the packed input as a
+  # fresh buffer), fused (no split step). Prediction: default's constrained step ~0.2-0.3 ms
+  # under so4's default arm; put-joint's launches +0.3 ms; fused slower than both.
+  timeout 230 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
+    --rounds 2 --trace --arms default,put-joint,fused > "$OUT/so5.txt" 2>&1
+  grep "^| [0-9] \|^##\|step trace\|^| step \|beside\|dispatch_sample\|prepare_forward\|upload\|^| launch \|^| masks" \
+    "$OUT/so5.txt" | head -80
   ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify
@@ -124,32 +99,6 @@ lt)
     > "$OUT/lt_spec.txt" 2>&1
   grep "^##\|Execute\|command_buffer\|cuGraph\|DevicePut\|Thunk\|cond\|Wait\|wait\|Await\|__call__\|dispatch\|_prepare\|alloc\|Alloc\|Transpose\|copy" \
     "$OUT/lt_spec.txt" | head -40
-  ;;
-slt)
-  # Issue 16 (session 26, case sa2: in every arm the constrained loop's launches cost 2.2-2.6 ms
-  # per step against the free step's 0.67-0.89, on an idle device and also with the grammar run
-  # before them (arm serial): neither the GIL nor llguidance's threads; the fused arm's mask
-  # upload (flush) 0.96 ms). Where the split step's launches go: profiler traces of Qwen2.5-0.5B
-  # (random weights), 64 sampled rows, free and regex-constrained (the split step), same call.
-  # Prediction: the split forward's Execute shows a per-call cost the fused step's lacks (its
-  # f32[64, 151936] logits output allocated per call, or its command buffer re-recorded).
-  for re in none '[a-z ]{400}'; do
-    ra=(); [ "$re" != none ] && ra=(--regex "$re")
-    echo "### regex: $re"
-    timeout 240 python3 benchmarks/launch_trace.py --model qwen2.5-0.5b --rows 64 --temperatures 0.8 \
-      --steps 30 --trace-steps 10 --out "/tmp/slt_${#ra[@]}" "${ra[@]}" > "$OUT/slt_${#ra[@]}.txt" 2>&1
-    grep "^##\|Execute\|command_buffer\|cuGraph\|DevicePut\|Thunk\|cond\|Wait\|wait\|__call__\|dispatch\|alloc\|Alloc\|Transpose\|copy\|launch\|masks" \
-      "$OUT/slt_${#ra[@]}.txt" | head -30
-  done
-  ;;
-kva3)
-  # Issue 13's fp8 KV at 8k (session 28, case kvt2: fp8 1.011x bf16's step, 2.459 vs 2.431 ms,
-  # but bf16's step was 1.790 ms in session 24 with nothing changed in its path, fp8's 2.424).
-  # The two pools in turn in one process, bf16 first and last (A/B/A), 2 x more steps timed.
-  # Prediction: the two bf16 arms within 5% of each other; fp8 within 3% of their mean if the
-  # 36% move was bf16's (a machine or plan effect), else ~1.3x as in session 24.
-  timeout 480 python3 benchmarks/kv_dtype_step.py --kv-dtypes auto,fp8,auto --steps 64 2>&1 \
-    | grep "^|\|^##\|  auto\|  fp8" | tee "$OUT/kv_dtype_aba.txt"
   ;;
 qx4)
   # Issue 13's w8a8 throughput (session 22, call 3: XLA's fp8 dot from 128 tokens made the 8B's

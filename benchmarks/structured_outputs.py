@@ -81,13 +81,13 @@ class _Inline:
         return f
 
 
-PUT_ARMS = ("put-joint", "put-masks", "put-both")
+PUT_ARMS = ("put-joint",)
 
 
 def _arm(spec: str) -> tuple[str, int | None, float, str]:
-    """'default' | 'threads=N' | 'switch=S' | 'serial' | 'fused' | 'put-joint' | 'put-masks' |
-    'put-both' -> (name, executor threads or None, switch interval, the split step's mode:
-    'beside', 'serial', 'fused' or one of PUT_ARMS)."""
+    """'default' | 'threads=N' | 'switch=S' | 'serial' | 'fused' | 'put-joint' -> (name,
+    executor threads or None, switch interval, the split step's mode: 'beside', 'serial',
+    'fused' or 'put-joint')."""
     key, _, value = spec.partition("=")
     if key in ("default", "serial", "fused", *PUT_ARMS) and not value:
         return spec, None, DEFAULT_SWITCH, "beside" if key == "default" else key
@@ -121,9 +121,9 @@ def main() -> None:
                          "(the grammar work before the split forward's launch, not beside it: "
                          "the launch's own cost), 'fused' (no split step: the engine reads the "
                          "step in flight, fills the masks, then launches the fused step), "
-                         "'put-joint' / 'put-masks' / 'put-both' (the split step's packed input / "
-                         "host masks / both uploaded by jax.device_put, a fresh buffer each call, "
-                         "instead of copied into the bucket's fixed buffer)")
+                         "'put-joint' (the split step's packed input uploaded by jax.device_put, "
+                         "a fresh buffer each call, instead of copied into the bucket's fixed "
+                         "buffer)")
     ns = ap.parse_args()
     arms = [_arm(a) for a in ns.arms.split(",")]
     n = ns.num_requests
@@ -148,7 +148,7 @@ def main() -> None:
     rows = []
     can_split = eng.runner.can_split
     split = eng.runner.split
-    staged = {"joint": split.stage_joint, "masks": split.stage_masks}
+    staged = split.stage_joint
 
     def put(host):
         return jax.device_put(host, eng.runner._replicated)
@@ -162,8 +162,7 @@ def main() -> None:
         elif isinstance(eng._grammar_thread, _Inline):
             eng._grammar_thread = None   # the engine starts its own thread again
         eng.runner.can_split = (lambda out: False) if mode == "fused" else can_split
-        split.stage_joint = put if mode in ("put-joint", "put-both") else staged["joint"]
-        split.stage_masks = put if mode in ("put-masks", "put-both") else staged["masks"]
+        split.stage_joint = put if mode == "put-joint" else staged
         mask_s[0] = 0.0
         cons = [(p, SamplingParams(temperature=ns.temperature, seed=1000 * r + i, max_tokens=ns.max_tokens,
                                    structured_outputs={"json": SCHEMA}))

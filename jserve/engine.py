@@ -282,7 +282,6 @@ class LLMEngine:
         is read first and drafts come from tokens on the host.
         """
         touched: dict[str, None] = {}
-        early: list[RequestOutput] = []   # outputs made while the grammar thread filled masks
         if self._in_flight is not None and len(self.constraints) and self.scheduler.spec_active():
             # Host-masked rows draft from tokens on the host: read the step in flight first.
             self._consume(self._in_flight, touched)
@@ -301,7 +300,7 @@ class LLMEngine:
             split = self.runner.can_split(sched_out)
             staged = split and self._in_flight_done()
             if staged:
-                pending, early = self._forward_beside_grammar(sched_out, touched)
+                pending = self._forward_beside_grammar(sched_out, touched)
             else:
                 pending = self.runner.dispatch_forward(sched_out) if split else None
                 self._consume(self._in_flight, touched)
@@ -323,14 +322,13 @@ class LLMEngine:
             done, self._in_flight = handle, None
         if done is not None:
             self._consume(done, touched)
-        return early + self._outputs(touched) if early else self._outputs(touched)
+        return self._outputs(touched)
 
-    def _outputs(self, touched: dict[str, None], defer: list[str] | None = None) -> list[RequestOutput]:
+    def _outputs(self, touched: dict[str, None]) -> list[RequestOutput]:
         """The outputs of a step's touched requests, plus those finished outside the scheduler's
-        update (aborts: each reports once); finished requests are released (``defer``: their
-        ids are added to it instead, for the caller to release). (Every other finish comes from
-        a step's update, whose requests are touched: no scan over all requests, which an offline
-        batch of 1,000 queued requests would pay at every step.)"""
+        update (aborts: each reports once); finished requests are released. (Every other finish
+        comes from a step's update, whose requests are touched: no scan over all requests, which
+        an offline batch of 1,000 queued requests would pay at every step.)"""
         for pid in self._aborted:
             if pid in self._parents:
                 touched[pid] = None
@@ -348,10 +346,7 @@ class LLMEngine:
                 continue
             out = self._process(parent)
             if out.finished:
-                if defer is None:
-                    self._release(pid)
-                else:
-                    defer.append(pid)
+                self._release(pid)
             if out.finished or not final_only:
                 outputs.append(out)
         return outputs
@@ -408,18 +403,14 @@ class LLMEngine:
         return isinstance(handle, StepHandle) and handle.ready()
 
     def _forward_beside_grammar(self, sched_out: SchedulerOutput, touched: dict[str, None]
-                                ) -> tuple[SplitPending, list[RequestOutput]]:
+                                ) -> SplitPending:
         """The split step when the step in flight is already done (the host is the bottleneck):
         read it, then on a helper thread advance the grammars (while this thread prepares the
         forward), fill this plan's masks into the pending step's host masks and upload them
-        (while this thread launches the forward and makes the read step's outputs; llguidance,
-        the uploads and the executable's launch release the GIL) -> (the forward's
-        ``SplitPending``, its masks on the device; the read step's outputs, ``touched``
-        cleared). On an H200 the forward's launch (2 ms) and the grammar work with its upload
-        (2.4 ms for 64 rows) had run one after the other (RESULTS_v2_sessions_9-12.md,
-        session 10). The outputs' finished requests are released only after the masks are
-        filled (releasing drops a request's matcher; a stop string can finish a request the
-        mask fill is reading)."""
+        (while this thread launches the forward; llguidance, the uploads and the executable's
+        launch release the GIL) -> the forward's ``SplitPending``, its masks on the device. On
+        an H200 the forward's launch (2 ms) and the grammar work with its upload (2.4 ms for 64
+        rows) had run one after the other (RESULTS_v2_sessions_9-12.md, session 10)."""
         reqs = self._read(self._in_flight, touched)
         if self._grammar_thread is None:
             self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="jserve-grammar")
@@ -438,17 +429,13 @@ class LLMEngine:
             return filled
 
         job = self._grammar_thread.submit(masks)
-        finished: list[str] = []
         try:
             self.runner.launch_forward(pending)
-            self._end_by_grammar(advanced.result())
-            outputs = self._outputs(touched, defer=finished)
-            touched.clear()
         finally:
-            sched_out.token_masks = job.result()
-            for pid in finished:
-                self._release(pid)
-        return pending, outputs
+            filled = job.result()
+        self._end_by_grammar(advanced.result())
+        sched_out.token_masks = filled
+        return pending
 
     def _mask_rows(self, sched_out: SchedulerOutput, after_read: bool = True,
                    skip: frozenset[str] = frozenset()) -> tuple[list, list]:

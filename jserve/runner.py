@@ -141,7 +141,7 @@ class Runner:
         # Host-masked rows: forward and sampler as two programs, compiled on first use.
         self.split = SplitPrograms(
             [t for t in self._buckets if t in self.steps.decode and not sched.flash_prefill(t)],
-            self.lower_split, self._split_shapes, self._replicated)
+            self.lower_split, self._split_input_size, self._replicated)
 
     # ---------------------------------------------------------------- shapes
     def bucket_for(self, num_tokens: int) -> tuple[int, int]:
@@ -404,10 +404,10 @@ class Runner:
         """Lower a bucket's split pair -> (forward, sampler) lowered (``split_step.lower_pair``)."""
         return lower_pair(self, token_bucket)
 
-    def _split_shapes(self, token_bucket: int) -> tuple[int, tuple[int, int]]:
-        """A split bucket's staged buffers: (packed input length, host masks (R, W))."""
+    def _split_input_size(self, token_bucket: int) -> int:
+        """The length of a split bucket's packed input (its staged buffer's)."""
         layout = self.layout(token_bucket)
-        return layout.int_size + layout.float_size, (layout.num_rows, self.logit_state.words)
+        return layout.int_size + layout.float_size
 
     def launch_forward(self, pending: SplitPending) -> None:
         """Launch a prepared forward. Touches neither the logit state nor the pending's host
@@ -428,9 +428,9 @@ class Runner:
                 pending.host_masks[pending.sample_rows[rid]] = m
 
     def upload_masks(self, pending: SplitPending) -> None:
-        """Copy the pending step's filled host masks into their fixed device buffer (the
-        grammar thread does, beside the forward's launch; else ``dispatch_sample``)."""
-        pending.device_masks = self.split.stage_masks(pending.host_masks)
+        """Put the pending step's filled host masks on the device (the grammar thread does,
+        beside the forward's launch; else ``dispatch_sample``)."""
+        pending.device_masks = jax.device_put(pending.host_masks, self._replicated)
 
     def dispatch_sample(self, pending: SplitPending, token_masks: dict[str, np.ndarray] | None) -> StepHandle:
         """The split step's second half: the sampler, after ``stage_masks(pending, token_masks)``

@@ -8,13 +8,13 @@ the next, so the device idled while the host read, planned and filled masks. Spl
     engine:  schedule N+1 | forward(N+1) | read N, fill masks(N+1) | sample(N+1) | schedule N+2 ...
     device:  ... sample(N) | forward(N+1) ...........................| sample(N+1) | forward(N+2)
 
-Both programs take only device buffers that keep their address from call to call: the step's
-packed input and the host masks are copied into fixed buffers (``staged_input.StagedInputs``,
-the masks on the thread that filled them), and the mask slots are read from the packed input.
-A host array handed to an executable is a fresh buffer every call, and the CUDA graph of a
-program that reads one is updated before each launch (RESULTS_v2_sessions_9-12.md: ~1 ms of a
-64-row Qwen2.5-0.5B step; the split's two launches took 2.6 ms against the fused step's 0.85,
-RESULTS_v2_sessions_24-26.md).
+Both programs take device buffers only. The step's packed input is copied into a fixed buffer
+per bucket (``staged_input.StagedInputs``) that both read, so neither's CUDA graph is updated
+for it before a launch: a host array handed to an executable is a fresh buffer every call
+(H200, 64 rows of Qwen2.5-0.5B: the two launches 2.6-2.7 -> 0.8-0.9 ms per step, RESULTS.md
+session 29). The host masks go up by ``jax.device_put`` on the thread that filled them (a
+fresh buffer: the sampler's small graph is updated, which cost less than a staged copy of
+1.2 MiB, measured), and the sampler reads the mask slots from the packed input.
 
 The forward's placeholders read step N's tokens on the device, as in the fused overlapped step;
 the host fills the masks while the forward runs. When step N is already done at that point (the
@@ -75,36 +75,25 @@ class SplitPrograms:
     """The split step's compiled (forward, sampler) pair per decode bucket."""
 
     def __init__(self, buckets: list[int], lower: Callable[[int], tuple[Any, Any]],
-                 shapes: Callable[[int], tuple[int, tuple[int, int]]], sharding: Any) -> None:
-        """``lower(bucket)`` -> the bucket's two lowered programs; ``shapes(bucket)`` -> (the
-        length of its packed input, the shape (R, W) of its host masks): the staged buffers'."""
+                 input_size: Callable[[int], int], sharding: Any) -> None:
+        """``lower(bucket)`` -> the bucket's two lowered programs; ``input_size(bucket)`` -> the
+        length of its packed input (its staged buffer's)."""
         self.buckets = tuple(buckets)
         self._lower = lower
-        self._shapes = shapes
+        self._input_size = input_size
         self._sharding = sharding
         self._compiled: dict[int, tuple[Any, Any]] = {}
         self._halves: dict[int, dict[int, Any]] = {}   # (``put``)
-        self._joints: StagedInputs | None = None   # the engine's thread stages the inputs,
-        self._masks: StagedInputs | None = None    # whichever thread filled them the masks
+        self._joints: StagedInputs | None = None   # (``stage_joint``)
         self.steps = 0   # split steps dispatched (tests and metrics)
 
-    def _staging(self) -> tuple[StagedInputs, StagedInputs]:
-        """The staged buffers of every bucket (their copy programs compiled on first use:
-        warm-up's ``warm_pair``, or a test's first split step)."""
-        if self._joints is None:
-            shapes = [self._shapes(t) for t in self.buckets]
-            self._masks = StagedInputs([m for _, m in shapes], self._sharding)
-            self._joints = StagedInputs([j for j, _ in shapes], self._sharding)
-        return self._joints, self._masks
-
     def stage_joint(self, host: np.ndarray) -> jax.Array:
-        """A step's packed input int32[n] -> its bucket's fixed device buffer holding it."""
-        return self._staging()[0].put(host)
-
-    def stage_masks(self, host: np.ndarray) -> jax.Array:
-        """A step's host masks int32[R, W] -> its bucket's fixed device buffer holding them
-        (one thread at a time: the grammar thread, or the engine's after it)."""
-        return self._staging()[1].put(host)
+        """A step's packed input int32[n] -> its bucket's fixed device buffer holding it (the
+        buffers' copy programs compiled on first use: warm-up's ``warm_pair``, or a test's
+        first split step)."""
+        if self._joints is None:
+            self._joints = StagedInputs([self._input_size(t) for t in self.buckets], self._sharding)
+        return self._joints.put(host)
 
     def compile(self, threads: int = 1, gpu: bool = False, cublas_from: int = CUBLAS_MIN_TOKENS) -> None:
         """Compile every bucket's pair (once), ``threads`` programs at a time (lowered in turn:
@@ -160,7 +149,7 @@ def lower_pair(runner: Any, token_bucket: int) -> tuple[Any, Any]:
 
 
 def warm_pair(runner: Any, token_bucket: int) -> None:
-    """Run one bucket's compiled pair once on padding rows, its staged buffers with it (its
+    """Run one bucket's compiled pair once on padding rows, its staged input with it (its
     logits die with the call)."""
     layout = runner.layout(token_bucket)
     split = runner.split
@@ -168,7 +157,8 @@ def warm_pair(runner: Any, token_bucket: int) -> None:
     joint = split.stage_joint(layout.joint(layout.new_buffers()[0]))
     runner.kv, runner.slot_table, logits = fwd(runner.params, runner.kv, runner.slot_table,
                                                runner._prev_tokens, joint)
-    masks = split.stage_masks(np.full((layout.num_rows, runner.logit_state.words), -1, np.int32))
+    masks = jax.device_put(np.full((layout.num_rows, runner.logit_state.words), -1, np.int32),
+                           runner._replicated)
     runner.penalty_state, runner._prev_tokens, *_ = smp(
         logits, runner.penalty_state, runner.slot_table, runner._prev_tokens, joint,
         runner.logit_state.device, masks)

@@ -9,8 +9,8 @@ every call; only the copy program's single node moves::
 
     host int32[n]  --(copy program, dst donated)-->  buffer[bucket] (same address)  -> step
 
-One compiled copy per shape (tiny). The split step (jserve/split_step.py) stages its packed
-input and its host masks this way. For the fused step it is a benchmark A/B, off in the engine
+One compiled copy per token bucket (tiny). The split step (jserve/split_step.py) stages its
+packed input this way. For the fused step it is a benchmark A/B, off in the engine
 (``stage_inputs(runner)`` turns it on): on an H200 it cut Qwen2.5-0.5B's overlapped batch-1 step
 1.369 -> 1.221 ms but the copy call itself costs the host ~0.35 ms, so code-small's step went
 0.958 -> 1.175 ms (benchmarks/RESULTS.md, session 14).
@@ -33,26 +33,22 @@ def _copy_into(dst: jax.Array, src: jax.Array) -> jax.Array:
 
 
 class StagedInputs:
-    """Per input shape one int32 device buffer and the compiled copy into it (a shape given as
-    an int: a vector of that length). Not shared between threads: each thread that stages
-    inputs owns its instance (the split step: the step's input on the engine's thread, the
-    grammar masks on its grammar thread)."""
+    """Per input length one device buffer and the compiled copy into it."""
 
-    def __init__(self, shapes: list[int | tuple[int, ...]], sharding: Sharding) -> None:
+    def __init__(self, sizes: list[int], sharding: Sharding) -> None:
         self._sharding = sharding
-        self._bufs: dict[tuple[int, ...], jax.Array] = {}
-        self._copy: dict[tuple[int, ...], jax.stages.Compiled] = {}
+        self._bufs: dict[int, jax.Array] = {}
+        self._copy: dict[int, jax.stages.Compiled] = {}
         fn = jax.jit(_copy_into, donate_argnums=0, out_shardings=sharding)
-        for shape in sorted({(s,) if isinstance(s, int) else tuple(s) for s in shapes}):
-            self._bufs[shape] = jax.device_put(np.zeros(shape, np.int32), sharding)
-            spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
-            self._copy[shape] = fn.lower(spec, spec).compile()
+        for n in sorted(set(sizes)):
+            self._bufs[n] = jax.device_put(np.zeros(n, np.int32), sharding)
+            spec = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding)
+            self._copy[n] = fn.lower(spec, spec).compile()
 
     def put(self, host: np.ndarray) -> jax.Array:
-        """-> the device buffer of ``host``'s shape holding ``host`` (int32, a shape given at
-        construction; the buffer the previous ``put`` of that shape returned is donated)."""
-        shape = tuple(host.shape)
-        buf = self._bufs[shape] = self._copy[shape](self._bufs[shape], host)
+        """-> the device buffer of ``host``'s length holding ``host`` (int32[n])."""
+        n = host.shape[0]
+        buf = self._bufs[n] = self._copy[n](self._bufs[n], host)
         return buf
 
 
