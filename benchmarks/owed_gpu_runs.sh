@@ -3,9 +3,10 @@
 # (a call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-29 removed the ones they ran; vmm stays as the record of its arms).
-# Order: so5 (issue 16: the final split step, arms in one process), lt (issue 12: where the
-# speculating step's launch goes), qx4 (issue 13: w8a8 with Triton GEMMs), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session
-# 28's wider code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb, d, s, c.
+# Order: so6 (issue 16: the grammars advanced beside the plan, arms in one process), lt (issue
+# 12: where the speculating step's launch goes), qx4 (issue 13: w8a8 with Triton GEMMs), b2, o,
+# u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider
+# code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb, d, s, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -69,16 +70,17 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 }
 
 case "${1:-}" in
-so5)
-  # Issue 16 (session 29, cases so3 / so4: staged packed input, the split's two launches 2.6-2.7
-  # -> 0.8-0.9 ms; host masks by jax.device_put beat a staged copy, +8-11% constrained tok/s in
-  # every round). The final tree, arms in one process: default, put-joint (the packed input as a
-  # fresh buffer), fused (no split step). Prediction: default's constrained step ~0.2-0.3 ms
-  # under so4's default arm; put-joint's launches +0.3 ms; fused slower than both.
+so6)
+  # Issue 16 (session 29, case so5: the split step with its packed input staged and the masks by
+  # device_put, constrained step 4.19 / 3.94 ms, the grammar thread's advance 0.38 + fill 0.71 +
+  # upload 0.24 ms the critical path beside the forward; ratio 0.57 / 0.85 as the machine
+  # slowed). Since: a finished step in flight is read before the plan and the grammars advance
+  # beside the plan. Arms in one process: default, fused (no split step), serial (the grammar
+  # work inline). Prediction: default's constrained step ~0.3-0.4 ms under so5's, ratio ~+0.05-0.1.
   timeout 230 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
-    --rounds 2 --trace --arms default,put-joint,fused > "$OUT/so5.txt" 2>&1
-  grep "^| [0-9] \|^##\|step trace\|^| step \|beside\|dispatch_sample\|prepare_forward\|upload\|^| launch \|^| masks" \
-    "$OUT/so5.txt" | head -80
+    --rounds 2 --trace --arms default,fused,serial > "$OUT/so6.txt" 2>&1
+  grep "^| [0-9] \|^##\|step trace\|^| step \|^| schedule \|beside\|dispatch_sample\|prepare_forward\|upload\|^| launch \|^| masks\|^| advance" \
+    "$OUT/so6.txt" | head -80
   ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify

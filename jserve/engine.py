@@ -20,7 +20,7 @@ import itertools
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -282,32 +282,45 @@ class LLMEngine:
         is read first and drafts come from tokens on the host.
         """
         touched: dict[str, None] = {}
+        advanced: Future | None = None   # the grammars advancing on the helper thread
         if self._in_flight is not None and len(self.constraints) and self.scheduler.spec_active():
             # Host-masked rows draft from tokens on the host: read the step in flight first.
             self._consume(self._in_flight, touched)
             self._in_flight = None
-        # A finished step in flight is read after the next launch, not before: its tokens' copy
-        # to the host lands while the host launches (H200, session 15: reading it first waited
-        # ~0.14 ms of code-small's 0.88 ms step for that copy, with the device idle).
+        elif (self._in_flight is not None and self._needs_tokens(self._in_flight)
+              and self._in_flight_done()):
+            # The host is the bottleneck (the device is done): read that step now and advance
+            # the grammars with its tokens on the helper thread while this one plans the next.
+            advanced = self._grammar_pool().submit(self._advance_grammars,
+                                                   self._read(self._in_flight, touched))
+            self._in_flight = None
+        # Else a finished step in flight is read after the next launch, not before: its tokens'
+        # copy to the host lands while the host launches (H200, session 15: reading it first
+        # waited ~0.14 ms of code-small's 0.88 ms step for that copy, with the device idle).
         sched_out = self.scheduler.schedule()
-        if self._in_flight is not None and self._needs_tokens(self._in_flight):
+        if advanced is not None:
+            # Split step (jserve/split_step.py) with the masks filled on the helper thread while
+            # this one launches the forward; else the fused step once the masks are in.
+            handle = None
+            if self.runner.can_split(sched_out):
+                handle = self.runner.dispatch_sample(self._forward_beside_grammar(sched_out, advanced),
+                                                     None)
+            else:
+                self._end_by_grammar(advanced.result())
+                self._attach_masks(sched_out)
+                handle = self.runner.dispatch(sched_out) if not sched_out.is_empty else None
+        elif self._in_flight is not None and self._needs_tokens(self._in_flight):
             # A host-masked row's next mask needs the token it sampled in the step in flight.
             # Split step (jserve/split_step.py): the forward goes first and runs while the host
-            # reads that step and fills the masks (when that step is already done, the masks
-            # fill on a helper thread during the forward's dispatch); else read first, then the
-            # fused step.
+            # reads that step and fills the masks; else read first, then the fused step.
             handle = None
             split = self.runner.can_split(sched_out)
-            staged = split and self._in_flight_done()
-            if staged:
-                pending = self._forward_beside_grammar(sched_out, touched)
-            else:
-                pending = self.runner.dispatch_forward(sched_out) if split else None
-                self._consume(self._in_flight, touched)
-                self._attach_masks(sched_out, after_read=True)
+            pending = self.runner.dispatch_forward(sched_out) if split else None
+            self._consume(self._in_flight, touched)
+            self._attach_masks(sched_out, after_read=True)
             self._in_flight = None
             if pending is not None:
-                handle = self.runner.dispatch_sample(pending, None if staged else sched_out.token_masks)
+                handle = self.runner.dispatch_sample(pending, sched_out.token_masks)
             elif not sched_out.is_empty:
                 handle = self.runner.dispatch(sched_out)
         else:
@@ -402,19 +415,21 @@ class LLMEngine:
         handle = self._in_flight
         return isinstance(handle, StepHandle) and handle.ready()
 
-    def _forward_beside_grammar(self, sched_out: SchedulerOutput, touched: dict[str, None]
-                                ) -> SplitPending:
-        """The split step when the step in flight is already done (the host is the bottleneck):
-        read it, then on a helper thread advance the grammars (while this thread prepares the
-        forward), fill this plan's masks into the pending step's host masks and upload them
-        (while this thread launches the forward; llguidance, the uploads and the executable's
-        launch release the GIL) -> the forward's ``SplitPending``, its masks on the device. On
-        an H200 the forward's launch (2 ms) and the grammar work with its upload (2.4 ms for 64
-        rows) had run one after the other (RESULTS_v2_sessions_9-12.md, session 10)."""
-        reqs = self._read(self._in_flight, touched)
+    def _grammar_pool(self) -> ThreadPoolExecutor:
+        """The helper thread of the grammar work beside the engine's (started on first use)."""
         if self._grammar_thread is None:
             self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="jserve-grammar")
-        advanced = self._grammar_thread.submit(self._advance_grammars, reqs)
+        return self._grammar_thread
+
+    def _forward_beside_grammar(self, sched_out: SchedulerOutput, advanced: Future) -> SplitPending:
+        """The split step when the step in flight was read before this plan was made (the host
+        is the bottleneck) and ``advanced`` is advancing the grammars with its tokens on the
+        helper thread: prepare the forward, then on the helper thread fill this plan's masks
+        into the pending step's host masks and put them on the device while this thread
+        launches the forward (llguidance, the upload and the executable's launch release the
+        GIL) -> the forward's ``SplitPending``, its masks on the device. On an H200 the
+        forward's launch (2 ms) and the grammar work with its upload (2.4 ms for 64 rows) had
+        run one after the other (RESULTS_v2_sessions_9-12.md, session 10)."""
         try:
             pending = self.runner.prepare_forward(sched_out)
         except BaseException:
@@ -428,7 +443,7 @@ class LLMEngine:
             self.runner.upload_masks(pending)
             return filled
 
-        job = self._grammar_thread.submit(masks)
+        job = self._grammar_pool().submit(masks)
         try:
             self.runner.launch_forward(pending)
         finally:

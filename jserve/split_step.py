@@ -17,11 +17,12 @@ fresh buffer: the sampler's small graph is updated, which cost less than a stage
 1.2 MiB, measured), and the sampler reads the mask slots from the packed input.
 
 The forward's placeholders read step N's tokens on the device, as in the fused overlapped step;
-the host fills the masks while the forward runs. When step N is already done at that point (the
-host, not the device, is the bottleneck: small models, many grammar rows), the engine reads it
-first and fills the masks on a helper thread while it dispatches the forward
-(``LLMEngine._forward_beside_grammar``). The logits f32[R, V] stay on the device between
-the halves. A row whose request finished at step N gets no mask; its token is dropped.
+the host fills the masks while the forward runs. When step N is already done before the plan
+(the host, not the device, is the bottleneck: small models, many grammar rows), the engine reads
+it first, advances the grammars on a helper thread while it plans step N+1, and fills the masks
+there while it dispatches the forward (``LLMEngine._forward_beside_grammar``). The logits
+f32[R, V] stay on the device between the halves. A row whose request finished at step N gets
+no mask; its token is dropped.
 
 Compiled at warm-up on a GPU or TPU with the overlapped loop (``Runner.split_wanted``): two
 programs per decode bucket (the buckets a pure decode step lands in, where the loop's overlap
