@@ -81,22 +81,19 @@ class _Inline:
         return f
 
 
-PUT_ARMS = ("put-joint",)
-
-
 def _arm(spec: str) -> tuple[str, int | None, float, str]:
     """'default' | 'threads=N' | 'switch=S' | 'serial' | 'fused' | 'put-joint' -> (name,
     executor threads or None, switch interval, the split step's mode: 'beside', 'serial',
     'fused' or 'put-joint')."""
     key, _, value = spec.partition("=")
-    if key in ("default", "serial", "fused", *PUT_ARMS) and not value:
+    if key in ("default", "serial", "fused", "put-joint") and not value:
         return spec, None, DEFAULT_SWITCH, "beside" if key == "default" else key
     if key == "threads" and value.isdigit():
         return spec, int(value), DEFAULT_SWITCH, "beside"
     if key == "switch" and value:
         return spec, None, float(value), "beside"
     raise SystemExit(f"--arms: unknown arm {spec!r} (default, threads=N, switch=S, serial, fused, "
-                     f"{', '.join(PUT_ARMS)})")
+                     "put-joint)")
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jax
 import jsonschema
@@ -65,12 +66,21 @@ def test_sampled_n_regex_choice_and_grammar(engine):
         assert outs[3].outputs[0].text.startswith("{")
 
 
-def test_overlapped_loop_equals_synchronous(engine, sync_engine):
+@pytest.mark.parametrize("in_flight_done", [False, True])
+def test_overlapped_loop_equals_synchronous(engine, sync_engine, monkeypatch, in_flight_done):
+    """The fused step (no split programs on CPU) gives the synchronous loop's texts in both
+    orders: the step in flight read after the plan, or (done already) before it, its grammars
+    advancing on the helper thread while the engine plans."""
+    monkeypatch.setattr(engine, "_in_flight_done", lambda: in_flight_done)
+    advance, threads = engine._advance_grammars, set()
+    monkeypatch.setattr(engine, "_advance_grammars",
+                        lambda reqs: threads.add(threading.current_thread().name) or advance(reqs))
     items = [(p, SamplingParams(temperature=0.9, seed=i, max_tokens=40,
                                 structured_outputs={"json": SCHEMA}))
              for i, p in enumerate(PROMPTS)]
     items += [(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)) for p in PROMPTS]
     assert _texts(run_engine(engine, items)) == _texts(run_engine(sync_engine, items))
+    assert any(t.startswith("jserve-grammar") for t in threads) == in_flight_done, threads
 
 
 def test_token_masks_and_biases(engine):
