@@ -437,7 +437,8 @@ class LLMEngine:
             raise
 
         def masks() -> dict[str, np.ndarray]:   # (after ``advanced``: one thread, in order)
-            rows = self._mask_rows(sched_out, skip=frozenset(advanced.result()))[0]
+            rows = self.constraints.mask_rows(sched_out.chunks, self.scheduler.get_request,
+                                              skip=frozenset(advanced.result()))[0]
             filled = self.constraints.masks(rows, pending.host_masks,
                                             [pending.sample_rows[rid] for rid, _ in rows])
             self.runner.upload_masks(pending)
@@ -452,32 +453,12 @@ class LLMEngine:
         sched_out.token_masks = filled
         return pending
 
-    def _mask_rows(self, sched_out: SchedulerOutput, after_read: bool = True,
-                   skip: frozenset[str] = frozenset()) -> tuple[list, list]:
-        """(rows, verify rows) of ``ConstraintTracker.masks`` / ``draft_masks`` for this plan's
-        host-masked sampling rows; ``skip``: requests about to finish."""
-        cons = self.constraints
-        rows, verify = [], []
-        for c in sched_out.chunks:
-            if c.samples and c.req_id in cons:
-                if c.num_placeholders and not after_read:
-                    raise RuntimeError(f"request {c.req_id!r}: host-masked row over an unread placeholder")
-                req = self.scheduler.get_request(c.req_id)
-                if req is None or req.is_finished or c.req_id in skip:   # token dropped
-                    continue
-                out = req.output_token_ids
-                if c.num_draft:   # speculative: a mask per verify position, along the drafts
-                    verify.append((c.req_id, out, c.token_ids[len(c.token_ids) - c.num_draft:]))
-                else:
-                    rows.append((c.req_id, out))
-        return rows, verify
-
     def _attach_masks(self, sched_out: SchedulerOutput, after_read: bool = False) -> None:
         """Allowed-token bitmasks of this plan's host-masked sampling rows. Their tokens are all
         on the host: either no step that sampled them is in flight, or (``after_read``) that
         step was read after this plan was made, so a placeholder's token is known."""
         cons = self.constraints
-        rows, verify = self._mask_rows(sched_out, after_read)
+        rows, verify = cons.mask_rows(sched_out.chunks, self.scheduler.get_request, after_read)
         sched_out.token_masks = cons.masks(rows)
         if verify:
             sched_out.token_masks.update(cons.draft_masks(verify))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import llguidance
 import llguidance.numpy as llnp
@@ -136,6 +137,27 @@ class ConstraintTracker:
     def error(self, req_id: str) -> str | None:
         s = self._seqs.get(req_id)
         return None if s is None else s.error
+
+    def mask_rows(self, chunks: Sequence[Any], get_request: Callable[[str], Any], after_read: bool = True,
+                  skip: frozenset[str] = frozenset()) -> tuple[list, list]:
+        """A plan's host-masked sampling rows (``SchedulerOutput.chunks``; ``get_request``: the
+        scheduler's live request by id) -> (rows of ``masks``, verify rows of ``draft_masks``).
+        Finished requests and ``skip`` (about to finish) get none: their tokens are dropped.
+        ``after_read``: the step that sampled a placeholder row's last token has been read."""
+        rows, verify = [], []
+        for c in chunks:
+            if c.samples and c.req_id in self._seqs:
+                if c.num_placeholders and not after_read:
+                    raise RuntimeError(f"request {c.req_id!r}: host-masked row over an unread placeholder")
+                req = get_request(c.req_id)
+                if req is None or req.is_finished or c.req_id in skip:
+                    continue
+                out = req.output_token_ids
+                if c.num_draft:   # speculative: a mask per verify position, along the drafts
+                    verify.append((c.req_id, out, c.token_ids[len(c.token_ids) - c.num_draft:]))
+                else:
+                    rows.append((c.req_id, out))
+        return rows, verify
 
     def masks(self, rows: Sequence[tuple[str, Sequence[int]]], out: np.ndarray | None = None,
               at: Sequence[int] | None = None) -> dict[str, np.ndarray]:
