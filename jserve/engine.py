@@ -301,7 +301,6 @@ class LLMEngine:
         if advanced is not None:
             # Split step (jserve/split_step.py) with the masks filled on the helper thread while
             # this one launches the forward; else the fused step once the masks are in.
-            handle = None
             if self.runner.can_split(sched_out):
                 handle = self.runner.dispatch_sample(self._forward_beside_grammar(sched_out, advanced),
                                                      None)
@@ -430,11 +429,7 @@ class LLMEngine:
         GIL) -> the forward's ``SplitPending``, its masks on the device. On an H200 the
         forward's launch (2 ms) and the grammar work with its upload (2.4 ms for 64 rows) had
         run one after the other (RESULTS_v2_sessions_9-12.md, session 10)."""
-        try:
-            pending = self.runner.prepare_forward(sched_out)
-        except BaseException:
-            advanced.result()   # (the matchers stay consistent with the committed tokens)
-            raise
+        pending = self.runner.prepare_forward(sched_out)
 
         def masks() -> dict[str, np.ndarray]:   # (after ``advanced``: one thread, in order)
             rows = self.constraints.mask_rows(sched_out.chunks, self.scheduler.get_request,
