@@ -74,13 +74,17 @@ so6)
   # Issue 16 (session 29, case so5: the split step with its packed input staged and the masks by
   # device_put, constrained step 4.19 / 3.94 ms, the grammar thread's advance 0.38 + fill 0.71 +
   # upload 0.24 ms the critical path beside the forward; ratio 0.57 / 0.85 as the machine
-  # slowed). Since: a finished step in flight is read before the plan and the grammars advance
-  # beside the plan. Arms in one process: default, fused (no split step), serial (the grammar
-  # work inline). Prediction: default's constrained step ~0.3-0.4 ms under so5's, ratio ~+0.05-0.1.
-  timeout 230 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
-    --rounds 2 --trace --arms default,fused,serial > "$OUT/so6.txt" 2>&1
-  grep "^| [0-9] \|^##\|step trace\|^| step \|^| schedule \|beside\|dispatch_sample\|prepare_forward\|upload\|^| launch \|^| masks\|^| advance" \
-    "$OUT/so6.txt" | head -80
+  # slowed). Since: a finished step in flight is read before the plan, and the helper thread
+  # advances the grammars, fills the next masks and writes them into the logit state while the
+  # engine plans and packs; then one fused launch (jserve/grammar_steps.py). Arms in one process:
+  # default; no-ahead (session 29's split step beside the grammar, with the read-before-plan);
+  # fused (read, fill, fused step). Prediction: default's constrained step 0.4-0.6 ms under
+  # no-ahead's (no staging copy, no sampler launch; the engine waits ~0.5 ms for the helper),
+  # ratio +0.1-0.15.
+  timeout 300 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
+    --rounds 3 --trace --arms default,no-ahead,fused > "$OUT/so6.txt" 2>&1
+  grep "^| [0-9] \|^##\|step trace\|^| step \|^| schedule \|beside\|ahead\|dispatch\|prepare\|upload\|^| launch \|^| masks\|^| advance\|^| wait \|^| outputs \|^| update \|^| pack " \
+    "$OUT/so6.txt" | head -150
   ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify

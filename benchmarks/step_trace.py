@@ -8,7 +8,8 @@ prints seconds per phase and per step. The wait row is the time the host blocked
 device: when it is near zero, the host is the bottleneck and the other rows are what the device
 waited for. ``launch_on_idle`` counts the compiled calls made after the device had finished
 all earlier work (it then waited for that launch). Phases on the engine's grammar thread
-(advance, masks, upload_masks inside ``beside_grammar``) overlap the main thread's.
+(advance, masks, upload_masks inside ``beside_grammar``; ``ahead`` with its advance, masks and
+``write_ahead``) overlap the main thread's.
 
     trace = StepTrace.attach(engine)
     ... run ...
@@ -27,9 +28,9 @@ import jax
 from jserve.runner import StepHandle
 from jserve.spec.verify_step import SpecStepHandle
 
-PHASES = ("step", "schedule", "dispatch", "dispatch_forward", "beside_grammar", "dispatch_sample",
-          "prepare_forward", "prepare", "pack", "stage_masks", "upload_masks", "flush", "launch",
-          "launch_on_idle", "wait", "result", "update", "advance", "masks", "outputs")
+PHASES = ("step", "schedule", "dispatch", "dispatch_forward", "beside_grammar", "ahead", "write_ahead",
+          "dispatch_sample", "prepare_forward", "prepare", "pack", "stage_masks", "upload_masks", "flush",
+          "launch", "launch_on_idle", "wait", "result", "update", "advance", "masks", "outputs")
 
 
 class StepTrace:
@@ -46,7 +47,9 @@ class StepTrace:
         tr = cls()
         tr._wrap(engine, "step", "step")
         tr._wrap(engine, "_outputs", "outputs")
-        tr._wrap(engine, "_forward_beside_grammar", "beside_grammar")
+        tr._wrap(engine.grammar, "forward_beside", "beside_grammar")
+        tr._wrap(engine.grammar, "_advance_and_write", "ahead")   # (on the grammar thread)
+        tr._wrap(engine.runner.logit_state, "write", "write_ahead")
         tr._wrap(engine.scheduler, "schedule", "schedule")
         tr._wrap(engine.scheduler, "update", "update")
         for name in ("dispatch", "dispatch_forward", "dispatch_sample"):
@@ -54,7 +57,7 @@ class StepTrace:
         tr._wrap(engine.constraints, "advance_all", "advance")
         tr._wrap(engine.constraints, "masks", "masks")
         runner = engine.runner   # inside the dispatches: host work, mask upload, the calls
-        tr._wrap(runner, "_prepare", "prepare")
+        tr._wrap(runner, "prepare", "prepare")
         tr._wrap(runner, "pack", "pack")
         tr._wrap(runner, "stage_masks", "stage_masks")
         for name in ("prepare_forward", "upload_masks"):   # (the split step's, where it has them)

@@ -75,25 +75,25 @@ class _Inline:
     """An executor that runs each job at submit: the engine's grammar work then runs before the
     split forward's launch instead of beside it (arm 'serial')."""
 
-    def submit(self, fn: Callable[[], Any]) -> Future:
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         f: Future = Future()
-        f.set_result(fn())
+        f.set_result(fn(*args))
         return f
 
 
 def _arm(spec: str) -> tuple[str, int | None, float, str]:
-    """'default' | 'threads=N' | 'switch=S' | 'serial' | 'fused' | 'put-joint' -> (name,
+    """'default' | 'threads=N' | 'switch=S' | 'serial' | 'fused' | 'put-joint' | 'no-ahead' -> (name,
     executor threads or None, switch interval, the split step's mode: 'beside', 'serial',
-    'fused' or 'put-joint')."""
+    'fused', 'put-joint' or 'no-ahead')."""
     key, _, value = spec.partition("=")
-    if key in ("default", "serial", "fused", "put-joint") and not value:
+    if key in ("default", "serial", "fused", "put-joint", "no-ahead") and not value:
         return spec, None, DEFAULT_SWITCH, "beside" if key == "default" else key
     if key == "threads" and value.isdigit():
         return spec, int(value), DEFAULT_SWITCH, "beside"
     if key == "switch" and value:
         return spec, None, float(value), "beside"
     raise SystemExit(f"--arms: unknown arm {spec!r} (default, threads=N, switch=S, serial, fused, "
-                     "put-joint)")
+                     "put-joint, no-ahead)")
 
 
 def main() -> None:
@@ -116,8 +116,11 @@ def main() -> None:
                          "'switch=S' (sys.setswitchinterval seconds; Python's default 0.005: how "
                          "long a thread returning from a launch may wait for the GIL), 'serial' "
                          "(the grammar work before the split forward's launch, not beside it: "
-                         "the launch's own cost), 'fused' (no split step: the engine reads the "
-                         "step in flight, fills the masks, then launches the fused step), "
+                         "the launch's own cost), 'fused' (neither the masks written ahead nor "
+                         "the split step: the engine reads the step in flight, fills the masks, "
+                         "then launches the fused step), 'no-ahead' (no masks written ahead "
+                         "beside the plan: the split step with the masks filled beside the "
+                         "forward's launch, session 29's order), "
                          "'put-joint' (the split step's packed input uploaded by jax.device_put, "
                          "a fresh buffer each call, instead of copied into the bucket's fixed "
                          "buffer)")
@@ -143,7 +146,7 @@ def main() -> None:
     trace = StepTrace.attach(eng) if ns.trace else None
     traces = []
     rows = []
-    can_split = eng.runner.can_split
+    can_split, covers = eng.runner.can_split, eng.grammar.covers
     split = eng.runner.split
     staged = split.stage_joint
 
@@ -155,10 +158,11 @@ def main() -> None:
         eng.constraints._executor = executors[threads]
         sys.setswitchinterval(switch)
         if mode == "serial":
-            eng._grammar_thread = _Inline()
-        elif isinstance(eng._grammar_thread, _Inline):
-            eng._grammar_thread = None   # the engine starts its own thread again
+            eng.grammar.thread = _Inline()
+        elif isinstance(eng.grammar.thread, _Inline):
+            eng.grammar.thread = None   # the engine starts its own thread again
         eng.runner.can_split = (lambda out: False) if mode == "fused" else can_split
+        eng.grammar.covers = (lambda *_: False) if mode in ("fused", "no-ahead") else covers
         split.stage_joint = put if mode == "put-joint" else staged
         mask_s[0] = 0.0
         cons = [(p, SamplingParams(temperature=ns.temperature, seed=1000 * r + i, max_tokens=ns.max_tokens,

@@ -20,7 +20,6 @@ import itertools
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +27,7 @@ import numpy as np
 from jserve.config import EngineConfig
 from jserve.detokenizer import IncrementalDetokenizer
 from jserve.engine_api import BuildInfo, EngineStats, StartupInfo
+from jserve.grammar_steps import Ahead, GrammarSteps
 from jserve.kv_manager import make_kv_manager
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jserve.prompt_logprobs import PromptScorer
@@ -38,7 +38,6 @@ from jserve.sampling_params import RequestOutputKind, SamplingParams
 from jserve.scheduler import Scheduler
 from jserve.scheduler_output import SchedulerOutput
 from jserve.spec.verify_step import SpecStepHandle
-from jserve.split_step import SplitPending
 from jserve.stop_strings import StopStringMatcher
 from jserve.structured.constraints import ConstraintTracker
 from jserve.structured.grammar import GrammarCache, make_ll_tokenizer
@@ -103,10 +102,10 @@ class LLMEngine:
         # Host-computed token masks (grammars, bad words): jserve/structured/constraints.py.
         self._grammar_cache: GrammarCache | None = None
         self._grammar_lock = threading.Lock()
-        self._grammar_thread: ThreadPoolExecutor | None = None   # see _forward_beside_grammar
         self.constraints = ConstraintTracker(
             self.grammar_cache, config.model.vocab_size,
             (lambda t: tokenizer.encode(t, add_special_tokens=False)) if tokenizer else None)
+        self.grammar = GrammarSteps(self.constraints, scheduler, runner)   # their part of a step
 
     def grammar_cache(self) -> GrammarCache:
         """The grammar compiler of this model's tokenizer (built on first use, then cached;
@@ -282,33 +281,24 @@ class LLMEngine:
         is read first and drafts come from tokens on the host.
         """
         touched: dict[str, None] = {}
-        advanced: Future | None = None   # the grammars advancing on the helper thread
+        ahead: Ahead | None = None   # the grammars advancing on the helper thread
         if self._in_flight is not None and len(self.constraints) and self.scheduler.spec_active():
             # Host-masked rows draft from tokens on the host: read the step in flight first.
             self._consume(self._in_flight, touched)
             self._in_flight = None
-        elif (self._in_flight is not None and self._needs_tokens(self._in_flight)
+        elif (self._in_flight is not None and self.grammar.needs_tokens(self._in_flight)
               and self._in_flight_done()):
-            # The host is the bottleneck (the device is done): read that step now and advance
-            # the grammars with its tokens on the helper thread while this one plans the next.
-            advanced = self._grammar_pool().submit(self._advance_grammars,
-                                                   self._read(self._in_flight, touched))
+            # The host is the bottleneck (the device is done): read that step now; the helper
+            # thread advances the grammars and writes the next masks while this one plans.
+            ahead = self.grammar.ahead(self._read(self._in_flight, touched))
             self._in_flight = None
         # Else a finished step in flight is read after the next launch, not before: its tokens'
         # copy to the host lands while the host launches (H200, session 15: reading it first
         # waited ~0.14 ms of code-small's 0.88 ms step for that copy, with the device idle).
         sched_out = self.scheduler.schedule()
-        if advanced is not None:
-            # Split step (jserve/split_step.py) with the masks filled on the helper thread while
-            # this one launches the forward; else the fused step once the masks are in.
-            if self.runner.can_split(sched_out):
-                handle = self.runner.dispatch_sample(self._forward_beside_grammar(sched_out, advanced),
-                                                     None)
-            else:
-                self._end_by_grammar(advanced.result())
-                self._attach_masks(sched_out)
-                handle = self.runner.dispatch(sched_out) if not sched_out.is_empty else None
-        elif self._in_flight is not None and self._needs_tokens(self._in_flight):
+        if ahead is not None:   # (jserve/grammar_steps.py)
+            handle = self.grammar.dispatch_read(sched_out, ahead)
+        elif self._in_flight is not None and self.grammar.needs_tokens(self._in_flight):
             # A host-masked row's next mask needs the token it sampled in the step in flight.
             # Split step (jserve/split_step.py): the forward goes first and runs while the host
             # reads that step and fills the masks; else read first, then the fused step.
@@ -316,7 +306,7 @@ class LLMEngine:
             split = self.runner.can_split(sched_out)
             pending = self.runner.dispatch_forward(sched_out) if split else None
             self._consume(self._in_flight, touched)
-            self._attach_masks(sched_out, after_read=True)
+            self.grammar.attach(sched_out, after_read=True)
             self._in_flight = None
             if pending is not None:
                 handle = self.runner.dispatch_sample(pending, sched_out.token_masks)
@@ -324,7 +314,7 @@ class LLMEngine:
                 handle = self.runner.dispatch(sched_out)
         else:
             if len(self.constraints):
-                self._attach_masks(sched_out)
+                self.grammar.attach(sched_out)
             handle = self.runner.dispatch(sched_out) if not sched_out.is_empty else None
         self._stamp_scheduled(sched_out)
         done, self._in_flight = self._in_flight, handle
@@ -377,13 +367,9 @@ class LLMEngine:
                 parent.scheduled_time = now
         self._last_step_tokens = tokens
 
-    def _needs_tokens(self, handle: StepHandle | SpecStepHandle) -> bool:
-        cons = self.constraints
-        return bool(len(cons)) and any(c.samples and c.req_id in cons for c in handle.sched_out.chunks)
-
     def _consume(self, handle: StepHandle | SpecStepHandle, touched: dict[str, None]) -> None:
         """Commit a finished step's tokens; feed them to the host-mask matchers."""
-        self._end_by_grammar(self._advance_grammars(self._read(handle, touched)))
+        self.grammar.end(self.grammar.advance(self._read(handle, touched)))
 
     def _read(self, handle: StepHandle | SpecStepHandle, touched: dict[str, None]) -> list[Request]:
         """Commit a finished step's tokens -> the requests it updated."""
@@ -392,71 +378,10 @@ class LLMEngine:
             touched[self._child_to_parent[req.request_id]] = None
         return reqs
 
-    def _advance_grammars(self, reqs: list[Request]) -> list[str]:
-        """Feed the updated requests' new tokens to their host-mask matchers -> the ids of
-        requests whose grammar ended (accepted, or rejected a token). Touches no scheduler
-        state: it may run beside the forward's dispatch (``_forward_beside_grammar``)."""
-        cons = self.constraints
-        live = {req.request_id: req for req in reqs if req.request_id in cons}
-        ended = cons.advance_all([(rid, req.output_token_ids) for rid, req in live.items()])
-        return [rid for rid in ended if not live[rid].is_finished]
-
-    def _end_by_grammar(self, ended: list[str]) -> None:
-        for rid in ended:
-            err = self.constraints.error(rid)
-            if err is not None:
-                log.warning("request %s: grammar rejected a sampled token: %s", rid, err)
-            self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED if err
-                                          else RequestStatus.FINISHED_STOPPED)
-
     def _in_flight_done(self) -> bool:
         """Whether the step in flight has finished on the device (the host is the bottleneck)."""
         handle = self._in_flight
         return isinstance(handle, StepHandle) and handle.ready()
-
-    def _grammar_pool(self) -> ThreadPoolExecutor:
-        """The helper thread of the grammar work beside the engine's (started on first use)."""
-        if self._grammar_thread is None:
-            self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="jserve-grammar")
-        return self._grammar_thread
-
-    def _forward_beside_grammar(self, sched_out: SchedulerOutput, advanced: Future) -> SplitPending:
-        """The split step when the step in flight was read before this plan was made (the host
-        is the bottleneck) and ``advanced`` is advancing the grammars with its tokens on the
-        helper thread: prepare the forward, then on the helper thread fill this plan's masks
-        into the pending step's host masks and put them on the device while this thread
-        launches the forward (llguidance, the upload and the executable's launch release the
-        GIL) -> the forward's ``SplitPending``, its masks on the device. On an H200 the
-        forward's launch (2 ms) and the grammar work with its upload (2.4 ms for 64 rows) had
-        run one after the other (RESULTS_v2_sessions_9-12.md, session 10)."""
-        pending = self.runner.prepare_forward(sched_out)
-
-        def masks() -> dict[str, np.ndarray]:   # (after ``advanced``: one thread, in order)
-            rows = self.constraints.mask_rows(sched_out.chunks, self.scheduler.get_request,
-                                              skip=frozenset(advanced.result()))[0]
-            filled = self.constraints.masks(rows, pending.host_masks,
-                                            [pending.sample_rows[rid] for rid, _ in rows])
-            self.runner.upload_masks(pending)
-            return filled
-
-        job = self._grammar_pool().submit(masks)
-        try:
-            self.runner.launch_forward(pending)
-        finally:
-            filled = job.result()
-        self._end_by_grammar(advanced.result())
-        sched_out.token_masks = filled
-        return pending
-
-    def _attach_masks(self, sched_out: SchedulerOutput, after_read: bool = False) -> None:
-        """Allowed-token bitmasks of this plan's host-masked sampling rows. Their tokens are all
-        on the host: either no step that sampled them is in flight, or (``after_read``) that
-        step was read after this plan was made, so a placeholder's token is known."""
-        cons = self.constraints
-        rows, verify = cons.mask_rows(sched_out.chunks, self.scheduler.get_request, after_read)
-        sched_out.token_masks = cons.masks(rows)
-        if verify:
-            sched_out.token_masks.update(cons.draft_masks(verify))
 
     def _release(self, pid: str) -> None:
         parent = self._parents.pop(pid)

@@ -243,13 +243,15 @@ class Runner:
         lstate = self.logit_state
         for r in new_rows:   # static constraints first: a sampling row's mask slot reads them
             lstate.on_new(int(slots[r]), chunks[r].new.params)
-        masks = out.token_masks
+        masks, ahead = out.token_masks, out.masks_on_device
         dyn_rows: list[int] = []   # rows with one host mask: queued as one block
         unmasked = samples         # sampling rows without a host mask: their static one or none
-        if masks:
+        if masks or ahead:
             unmasked = samples.copy()
             for r, c in enumerate(chunks):
                 m = masks.get(c.req_id) if c.samples else None
+                if c.samples and c.req_id in ahead:   # written at the slot already
+                    unmasked[r], f["mask_slot"][r] = False, slots[r]
                 if m is None:
                     continue
                 unmasked[r] = False
@@ -277,7 +279,11 @@ class Runner:
 
     def dispatch(self, out: SchedulerOutput) -> StepHandle | SpecStepHandle | None:
         """Dispatch the step (page moves first); returns at once. None when there are no rows."""
-        prep = self._prepare(out)
+        return self.launch(out, self.prepare(out))
+
+    def launch(self, out: SchedulerOutput, prep: tuple | None) -> StepHandle | SpecStepHandle | None:
+        """``dispatch``'s launch of a prepared step (``prepare(out)``: the logit state's device
+        rows are read only here, so another thread may write them until then)."""
         if prep is None:
             return None
         layout, ibuf, fbuf, slots, params, fresh, masked = prep
@@ -306,7 +312,7 @@ class Runner:
         self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
         return self._handle(out, params, tokens, lp, top_ids, top_lp)
 
-    def _prepare(self, out: SchedulerOutput) -> tuple | None:
+    def prepare(self, out: SchedulerOutput) -> tuple | None:
         """A step's host work before its programs: page moves, packing, slot-table rows of new
         requests, penalty inits -> (layout, ibuf, fbuf, slots, params by row, fresh prefill,
         some row masked), or None when there are no rows."""
@@ -392,7 +398,7 @@ class Runner:
     def prepare_forward(self, out: SchedulerOutput) -> SplitPending:
         """``dispatch_forward``'s host work (page moves, packing, new slots, the packed input
         staged on the device), not yet launched."""
-        layout, ibuf, _, slots, params, _, _ = self._prepare(out)
+        layout, ibuf, _, slots, params, _, _ = self.prepare(out)
         joint = self._joint(layout, ibuf)
         if isinstance(joint, np.ndarray):   # into its bucket's fixed buffer (jserve/split_step.py)
             joint = self.split.stage_joint(joint)

@@ -20,7 +20,7 @@ The forward's placeholders read step N's tokens on the device, as in the fused o
 the host fills the masks while the forward runs. When step N is already done before the plan
 (the host, not the device, is the bottleneck: small models, many grammar rows), the engine reads
 it first, advances the grammars on a helper thread while it plans step N+1, and fills the masks
-there while it dispatches the forward (``LLMEngine._forward_beside_grammar``). The logits
+there while it dispatches the forward (``GrammarSteps.forward_beside``). The logits
 f32[R, V] stay on the device between the halves. A row whose request finished at step N gets
 no mask; its token is dropped.
 

@@ -69,7 +69,7 @@ class DisaggEngine(LLMEngine):
         while g.oldest_ready():
             self._consume(g.pending.popleft(), touched)
             moved = True
-        if any(self._needs_tokens(h) for h in g.pending):
+        if any(self.grammar.needs_tokens(h) for h in g.pending):
             return moved   # a host-masked row's token must land before the next plan
         if not g.can_plan():
             return moved
@@ -78,7 +78,7 @@ class DisaggEngine(LLMEngine):
             self.groups.forget(out)
             return moved
         if len(self.constraints):
-            self._attach_masks(out)
+            self.grammar.attach(out)
         handle = g.runner.dispatch(out)
         self._stamp_scheduled(out)
         g.last_step_tokens = out.num_tokens

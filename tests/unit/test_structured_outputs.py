@@ -70,17 +70,26 @@ def test_sampled_n_regex_choice_and_grammar(engine):
 def test_overlapped_loop_equals_synchronous(engine, sync_engine, monkeypatch, in_flight_done):
     """The fused step (no split programs on CPU) gives the synchronous loop's texts in both
     orders: the step in flight read after the plan, or (done already) before it, its grammars
-    advancing on the helper thread while the engine plans."""
+    advancing and the next masks written into the logit state (over static masks and biases)
+    on the helper thread while the engine plans."""
     monkeypatch.setattr(engine, "_in_flight_done", lambda: in_flight_done)
-    advance, threads = engine._advance_grammars, set()
-    monkeypatch.setattr(engine, "_advance_grammars",
+    advance, threads = engine.grammar.advance, set()
+    monkeypatch.setattr(engine.grammar, "advance",
                         lambda reqs: threads.add(threading.current_thread().name) or advance(reqs))
+    before = engine.grammar.ahead_steps
     items = [(p, SamplingParams(temperature=0.9, seed=i, max_tokens=40,
                                 structured_outputs={"json": SCHEMA}))
              for i, p in enumerate(PROMPTS)]
+    items += [
+        ("y", SamplingParams(temperature=0.7, seed=3, max_tokens=12, logit_bias={86: 3.0},  # 'q'
+                             allowed_token_ids=list(range(40, 400)),
+                             structured_outputs={"regex": r"[a-z]{3,9}"})),
+        ("def f(x):", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, bad_words=["x"])),
+    ]
     items += [(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)) for p in PROMPTS]
     assert _texts(run_engine(engine, items)) == _texts(run_engine(sync_engine, items))
     assert any(t.startswith("jserve-grammar") for t in threads) == in_flight_done, threads
+    assert (engine.grammar.ahead_steps > before) == in_flight_done
 
 
 def test_token_masks_and_biases(engine):
@@ -138,19 +147,23 @@ def test_preempted_constrained_requests_still_validate(make_engine):
         assert re.fullmatch(pat, o.outputs[0].text), o.outputs[0].text
 
 
-@pytest.mark.parametrize("in_flight_done", [False, True])
-def test_split_step_equals_synchronous(engine, sync_engine, monkeypatch, in_flight_done):
+@pytest.mark.parametrize("order", ["forward first", "beside", "ahead"])
+def test_split_step_equals_synchronous(engine, sync_engine, monkeypatch, order):
     """The split step (jserve/split_step.py: forward dispatched before the step in flight is
     read, sampler after the host masks) gives the synchronous loop's tokens and logprobs, with
-    grammar rows over static masks, penalties, a row finishing mid-flight and free rows. Both
-    orders: the step in flight still running (forward, then read and masks), and already done
-    (read, then masks on the helper thread beside the forward's dispatch)."""
+    grammar rows over static masks, penalties, a row finishing mid-flight and free rows. The
+    orders: the step in flight still running (forward, then read and masks); already done (read,
+    then masks on the helper thread beside the forward's dispatch); and already done with the
+    masks written ahead beside the plan (then the fused step, the split one only for rows the
+    helper could not cover: a request's first token)."""
     engine.runner.compile_split()
-    monkeypatch.setattr(engine, "_in_flight_done", lambda: in_flight_done)
-    beside = engine._forward_beside_grammar
+    monkeypatch.setattr(engine, "_in_flight_done", lambda: order != "forward first")
+    if order == "beside":
+        monkeypatch.setattr(engine.grammar, "covers", lambda *_: False)
+    beside = engine.grammar.forward_beside
     calls = []
-    monkeypatch.setattr(engine, "_forward_beside_grammar", lambda *a: calls.append(1) or beside(*a))
-    before = engine.runner.split.steps
+    monkeypatch.setattr(engine.grammar, "forward_beside", lambda *a: calls.append(1) or beside(*a))
+    before, ahead = engine.runner.split.steps, engine.grammar.ahead_steps
     # Both programs take the packed input as a device buffer that keeps its address from call
     # to call (a host array would be a fresh buffer: a CUDA-graph update); the sampler gets the
     # host masks on the device (uploaded beside the forward's launch in the helper-thread order).
@@ -184,9 +197,11 @@ def test_split_step_equals_synchronous(engine, sync_engine, monkeypatch, in_flig
 
     assert tokens_and_logprobs(run_engine(engine, items)) == tokens_and_logprobs(
         run_engine(sync_engine, items))
-    assert engine.runner.split.steps > before
-    assert bool(calls) == in_flight_done
-    assert addresses and all(len(a) == 1 for a in addresses.values()), addresses
+    assert (engine.runner.split.steps > before) == (order != "ahead")
+    assert bool(calls) == (order == "beside")
+    assert (engine.grammar.ahead_steps > ahead) == (order == "ahead")
+    assert all(len(a) == 1 for a in addresses.values()), addresses
+    assert bool(addresses) == (order != "ahead")
 
 
 def test_in_flight_done_asks_the_device(engine):

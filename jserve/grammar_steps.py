@@ -1,0 +1,175 @@
+"""GrammarSteps: the engine loop's host-masked rows (grammars, bad words) around each step.
+
+Where it sits: owned by ``LLMEngine`` (``engine.grammar``), between the scheduler, the
+``ConstraintTracker`` (jserve/structured/constraints.py) and the runner. A host-masked row's
+mask for step N+1 needs the token it sampled in step N, so the loop orders the work three ways:
+
+- the step in flight still runs on the device (the device is the bottleneck): the split step
+  (jserve/split_step.py) dispatches step N+1's forward, reads step N, fills the masks, then
+  dispatches the sampler (``LLMEngine.step``);
+- the step in flight is done already (the host is the bottleneck: small models, many grammar
+  rows): the engine reads it first and ``ahead`` hands its tokens to the helper thread, which
+  advances the grammars, fills every continuing row's next mask and writes it into the logit
+  state at the request's slot while the engine thread plans and packs step N+1. When the plan's
+  host-masked rows are all covered (``covers``) the fused step runs with their ``mask_slot`` on
+  those rows (``SchedulerOutput.masks_on_device``): one launch, no mask work left on the
+  engine thread. Else (a new request's first token, drafts) the split step with the masks filled
+  beside the forward's launch (``forward_beside``), or the fused step after them;
+- no constrained request in flight: masks for the plan, then the fused step (``attach``).
+
+    read N --> helper: advance(N) -> fill masks(N+1) -> LogitState.write   (one thread, in order)
+           \\-> engine: schedule N+1 -> pack N+1 ........ join -> launch fused N+1
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from jserve.request import Request, RequestStatus
+from jserve.scheduler_output import SchedulerOutput
+from jserve.split_step import SplitPending
+from jserve.structured.constraints import ConstraintTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ahead:
+    """The helper thread's work on a read step's tokens (``GrammarSteps.ahead``)."""
+
+    job: Future            # -> the ids of requests whose grammar ended (accepted or rejected)
+    slots: dict[str, int]  # request id -> the slot whose logit-state row gets its next mask
+
+
+class GrammarSteps:
+    """The host-masked rows' part of ``LLMEngine.step`` (see the module docstring)."""
+
+    def __init__(self, constraints: ConstraintTracker, scheduler: Any, runner: Any) -> None:
+        self.constraints = constraints
+        self.scheduler = scheduler
+        self.runner = runner
+        self.thread: Any = None   # the helper's executor (started on first use; benchmarks swap it)
+        self.ahead_steps = 0      # fused steps launched on masks written ahead (tests, benchmarks)
+
+    def pool(self) -> ThreadPoolExecutor:
+        """The helper thread of the grammar work beside the engine's (started on first use)."""
+        if self.thread is None:
+            self.thread = ThreadPoolExecutor(1, thread_name_prefix="jserve-grammar")
+        return self.thread
+
+    def needs_tokens(self, handle: Any) -> bool:
+        """Whether a step's tokens feed some host-masked row's next mask."""
+        cons = self.constraints
+        return bool(len(cons)) and any(c.samples and c.req_id in cons for c in handle.sched_out.chunks)
+
+    def advance(self, reqs: list[Request]) -> list[str]:
+        """Feed the updated requests' new tokens to their host-mask matchers -> the ids of
+        requests whose grammar ended (accepted, or rejected a token). Touches no scheduler
+        state: it may run on the helper thread while the engine plans."""
+        cons = self.constraints
+        live = {req.request_id: req for req in reqs if req.request_id in cons}
+        ended = cons.advance_all([(rid, req.output_token_ids) for rid, req in live.items()])
+        return [rid for rid in ended if not live[rid].is_finished]
+
+    def end(self, ended: list[str]) -> None:
+        """Finish the requests whose grammar ended (stopped, or aborted with the reason logged)."""
+        for rid in ended:
+            err = self.constraints.error(rid)
+            if err is not None:
+                log.warning("request %s: grammar rejected a sampled token: %s", rid, err)
+            self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED if err
+                                          else RequestStatus.FINISHED_STOPPED)
+
+    def attach(self, sched_out: SchedulerOutput, after_read: bool = False) -> None:
+        """Allowed-token bitmasks of this plan's host-masked sampling rows. Their tokens are all
+        on the host: either no step that sampled them is in flight, or (``after_read``) that
+        step was read after this plan was made, so a placeholder's token is known."""
+        cons = self.constraints
+        rows, verify = cons.mask_rows(sched_out.chunks, self.scheduler.get_request, after_read)
+        sched_out.token_masks = cons.masks(rows)
+        if verify:
+            sched_out.token_masks.update(cons.draft_masks(verify))
+
+    # ---------------------------------------------------------------- the step read first
+    def ahead(self, reqs: list[Request]) -> Ahead:
+        """A read step's updated requests -> the helper thread advancing their grammars and
+        writing each unfinished one's next mask at its slot, begun now (before the plan)."""
+        cons, rows = self.constraints, self.runner.rows
+        slots = {}
+        for req in reqs:
+            rid = req.request_id
+            slot = rows.slot_of(rid) if rid in cons and not req.is_finished else None
+            if slot is not None:
+                slots[rid] = slot
+        live = [req for req in reqs if req.request_id in slots]
+        return Ahead(self.pool().submit(self._advance_and_write, reqs, live, slots), slots)
+
+    def _advance_and_write(self, reqs: list[Request], live: list[Request], slots: dict[str, int]
+                           ) -> list[str]:
+        """(Helper thread.) Advance, then fill the next masks of ``live`` (a grammar that ended
+        allows EOS only; one that rejected a token, everything) and write them into the logit
+        state: the engine thread leaves the state's device array alone until this returns."""
+        ended = self.advance(reqs)
+        if live:
+            out = np.full((len(live), self.constraints.words), -1, np.int32)
+            self.constraints.masks([(r.request_id, r.output_token_ids) for r in live], out, range(len(live)))
+            self.runner.logit_state.write(np.fromiter((slots[r.request_id] for r in live), np.int64,
+                                                      len(live)), out)
+        return ended
+
+    def covers(self, sched_out: SchedulerOutput, ahead: Ahead) -> bool:
+        """Whether every host-masked sampling row of the plan has its mask written ahead (no
+        request new to its slot in this plan, no drafts to verify)."""
+        cons = self.constraints
+        return all(not c.samples or c.req_id not in cons
+                   or (c.req_id in ahead.slots and c.new is None and not c.num_draft)
+                   for c in sched_out.chunks)
+
+    def dispatch_read(self, sched_out: SchedulerOutput, ahead: Ahead) -> Any:
+        """Dispatch the plan made while ``ahead`` ran -> the step's handle (None: no rows)."""
+        runner = self.runner
+        if sched_out.is_empty:
+            self.end(ahead.job.result())
+            return None
+        if self.covers(sched_out, ahead):
+            sched_out.masks_on_device = frozenset(ahead.slots)
+            prep = runner.prepare(sched_out)    # packing beside the helper's masks
+            self.end(ahead.job.result())
+            self.ahead_steps += 1
+            return runner.launch(sched_out, prep)
+        if runner.can_split(sched_out):
+            return runner.dispatch_sample(self.forward_beside(sched_out, ahead.job), None)
+        self.end(ahead.job.result())
+        self.attach(sched_out)
+        return runner.dispatch(sched_out)
+
+    def forward_beside(self, sched_out: SchedulerOutput, advanced: Future) -> SplitPending:
+        """The split step when the step in flight was read before this plan was made and
+        ``advanced`` is advancing the grammars with its tokens on the helper thread: prepare the
+        forward, then on the helper thread fill this plan's masks into the pending step's host
+        masks and put them on the device while this thread launches the forward (llguidance,
+        the upload and the executable's launch release the GIL) -> the forward's
+        ``SplitPending``, its masks on the device."""
+        pending = self.runner.prepare_forward(sched_out)
+
+        def masks() -> dict[str, np.ndarray]:   # (after ``advanced``: one thread, in order)
+            rows = self.constraints.mask_rows(sched_out.chunks, self.scheduler.get_request,
+                                              skip=frozenset(advanced.result()))[0]
+            filled = self.constraints.masks(rows, pending.host_masks,
+                                            [pending.sample_rows[rid] for rid, _ in rows])
+            self.runner.upload_masks(pending)
+            return filled
+
+        job = self.pool().submit(masks)
+        try:
+            self.runner.launch_forward(pending)
+        finally:
+            filled = job.result()
+        self.end(advanced.result())
+        sched_out.token_masks = filled
+        return pending
