@@ -75,12 +75,13 @@ so6)
   # device_put, constrained step 4.19 / 3.94 ms, the grammar thread's advance 0.38 + fill 0.71 +
   # upload 0.24 ms the critical path beside the forward; ratio 0.57 / 0.85 as the machine
   # slowed). Since: a finished step in flight is read before the plan, and the helper thread
-  # advances the grammars, fills the next masks and writes them into the logit state while the
-  # engine plans and packs; then one fused launch (jserve/grammar_steps.py). Arms in one process:
-  # default; no-ahead (session 29's split step beside the grammar, with the read-before-plan);
-  # fused (read, fill, fused step). Prediction: default's constrained step 0.4-0.6 ms under
-  # no-ahead's (no staging copy, no sampler launch; the engine waits ~0.5 ms for the helper),
-  # ratio +0.1-0.15.
+  # advances the grammars, fills the next masks in request order and puts them on the device
+  # while the engine plans, stages and launches the forward; the sampler reads each row's mask
+  # from its row of them (jserve/grammar_steps.py). Session 30's first call refuted the same with
+  # the masks written into the logit state and one fused launch (the step's device time lands on
+  # the chain: 5.1 ms per constrained step, no gain). Arms in one process: default; no-ahead
+  # (session 29's split beside the grammar after the read-before-plan); fused (read, fill, fused
+  # step). Prediction: default ~0.5 ms per constrained step under no-ahead, ratio +0.08.
   timeout 300 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
     --rounds 3 --trace --arms default,no-ahead,fused > "$OUT/so6.txt" 2>&1
   grep "^| [0-9] \|^##\|step trace\|^| step \|^| schedule \|beside\|ahead\|dispatch\|prepare\|upload\|^| launch \|^| masks\|^| advance\|^| wait \|^| outputs \|^| update \|^| pack " \

@@ -9,7 +9,7 @@ device: when it is near zero, the host is the bottleneck and the other rows are 
 waited for. ``launch_on_idle`` counts the compiled calls made after the device had finished
 all earlier work (it then waited for that launch). Phases on the engine's grammar thread
 (advance, masks, upload_masks inside ``beside_grammar``; ``ahead`` with its advance, masks and
-``write_ahead``) overlap the main thread's.
+``put_masks``) overlap the main thread's.
 
     trace = StepTrace.attach(engine)
     ... run ...
@@ -28,7 +28,7 @@ import jax
 from jserve.runner import StepHandle
 from jserve.spec.verify_step import SpecStepHandle
 
-PHASES = ("step", "schedule", "dispatch", "dispatch_forward", "beside_grammar", "ahead", "write_ahead",
+PHASES = ("step", "schedule", "dispatch", "dispatch_forward", "beside_grammar", "ahead", "put_masks",
           "dispatch_sample", "prepare_forward", "prepare", "pack", "stage_masks", "upload_masks", "flush",
           "launch", "launch_on_idle", "wait", "result", "update", "advance", "masks", "outputs")
 
@@ -48,8 +48,7 @@ class StepTrace:
         tr._wrap(engine, "step", "step")
         tr._wrap(engine, "_outputs", "outputs")
         tr._wrap(engine.grammar, "forward_beside", "beside_grammar")
-        tr._wrap(engine.grammar, "_advance_and_write", "ahead")   # (on the grammar thread)
-        tr._wrap(engine.runner.logit_state, "write", "write_ahead")
+        tr._wrap(engine.grammar, "_advance_and_put", "ahead")   # (on the grammar thread)
         tr._wrap(engine.scheduler, "schedule", "schedule")
         tr._wrap(engine.scheduler, "update", "update")
         for name in ("dispatch", "dispatch_forward", "dispatch_sample"):
@@ -60,7 +59,7 @@ class StepTrace:
         tr._wrap(runner, "prepare", "prepare")
         tr._wrap(runner, "pack", "pack")
         tr._wrap(runner, "stage_masks", "stage_masks")
-        for name in ("prepare_forward", "upload_masks"):   # (the split step's, where it has them)
+        for name in ("prepare_forward", "upload_masks", "put_masks"):   # (the split step's)
             if hasattr(runner, name):
                 tr._wrap(runner, name, name)
         tr._wrap(runner.logit_state, "flush", "flush")

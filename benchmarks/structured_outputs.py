@@ -116,9 +116,9 @@ def main() -> None:
                          "'switch=S' (sys.setswitchinterval seconds; Python's default 0.005: how "
                          "long a thread returning from a launch may wait for the GIL), 'serial' "
                          "(the grammar work before the split forward's launch, not beside it: "
-                         "the launch's own cost), 'fused' (neither the masks written ahead nor "
+                         "the launch's own cost), 'fused' (neither the masks put ahead nor "
                          "the split step: the engine reads the step in flight, fills the masks, "
-                         "then launches the fused step), 'no-ahead' (no masks written ahead "
+                         "then launches the fused step), 'no-ahead' (no masks put ahead "
                          "beside the plan: the split step with the masks filled beside the "
                          "forward's launch, session 29's order), "
                          "'put-joint' (the split step's packed input uploaded by jax.device_put, "
@@ -146,7 +146,7 @@ def main() -> None:
     trace = StepTrace.attach(eng) if ns.trace else None
     traces = []
     rows = []
-    can_split, covers = eng.runner.can_split, eng.grammar.covers
+    can_split, covers, ahead = eng.runner.can_split, eng.grammar.covers, eng.grammar._advance_and_put
     split = eng.runner.split
     staged = split.stage_joint
 
@@ -162,7 +162,9 @@ def main() -> None:
         elif isinstance(eng.grammar.thread, _Inline):
             eng.grammar.thread = None   # the engine starts its own thread again
         eng.runner.can_split = (lambda out: False) if mode == "fused" else can_split
-        eng.grammar.covers = (lambda *_: False) if mode in ("fused", "no-ahead") else covers
+        no_ahead = mode in ("fused", "no-ahead")
+        eng.grammar.covers = (lambda *_: False) if no_ahead else covers
+        eng.grammar._advance_and_put = (lambda _, reqs, __: eng.grammar.advance(reqs)) if no_ahead else ahead
         split.stage_joint = put if mode == "put-joint" else staged
         mask_s[0] = 0.0
         cons = [(p, SamplingParams(temperature=ns.temperature, seed=1000 * r + i, max_tokens=ns.max_tokens,

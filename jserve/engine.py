@@ -289,8 +289,8 @@ class LLMEngine:
         elif (self._in_flight is not None and self.grammar.needs_tokens(self._in_flight)
               and self._in_flight_done()):
             # The host is the bottleneck (the device is done): read that step now; the helper
-            # thread advances the grammars and writes the next masks while this one plans.
-            ahead = self.grammar.ahead(self._read(self._in_flight, touched))
+            # thread advances the grammars and puts the next masks up while this one plans.
+            ahead = self.grammar.ahead(self._in_flight, self._read(self._in_flight, touched))
             self._in_flight = None
         # Else a finished step in flight is read after the next launch, not before: its tokens'
         # copy to the host lands while the host launches (H200, session 15: reading it first

@@ -9,16 +9,17 @@ mask for step N+1 needs the token it sampled in step N, so the loop orders the w
   dispatches the sampler (``LLMEngine.step``);
 - the step in flight is done already (the host is the bottleneck: small models, many grammar
   rows): the engine reads it first and ``ahead`` hands its tokens to the helper thread, which
-  advances the grammars, fills every continuing row's next mask and writes it into the logit
-  state at the request's slot while the engine thread plans and packs step N+1. When the plan's
-  host-masked rows are all covered (``covers``) the fused step runs with their ``mask_slot`` on
-  those rows (``SchedulerOutput.masks_on_device``): one launch, no mask work left on the
-  engine thread. Else (a new request's first token, drafts) the split step with the masks filled
-  beside the forward's launch (``forward_beside``), or the fused step after them;
+  advances the grammars, fills every continuing request's next mask into a block in request
+  order and puts the block on the device, while the engine thread plans step N+1, stages its
+  input and launches its forward. When the plan's host-masked rows are all in the block
+  (``covers``), the sampler reads each row's mask from its row of the block
+  (``SchedulerOutput.host_mask_rows``). Else (a request's first token, drafts, a row bucket
+  that moved) the masks are filled in row order beside the forward's launch
+  (``forward_beside``), or before the fused step;
 - no constrained request in flight: masks for the plan, then the fused step (``attach``).
 
-    read N --> helper: advance(N) -> fill masks(N+1) -> LogitState.write   (one thread, in order)
-           \\-> engine: schedule N+1 -> pack N+1 ........ join -> launch fused N+1
+    read N -+-> helper: advance(N) -> fill masks(N+1) -> device_put   (one thread, in order)
+            +-> engine: schedule N+1 -> stage, launch forward N+1 -> join -> launch sampler N+1
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ log = logging.getLogger(__name__)
 class Ahead:
     """The helper thread's work on a read step's tokens (``GrammarSteps.ahead``)."""
 
-    job: Future            # -> the ids of requests whose grammar ended (accepted or rejected)
-    slots: dict[str, int]  # request id -> the slot whose logit-state row gets its next mask
+    job: Future | None       # -> the ids of requests whose grammar ended (accepted or rejected)
+    rows_of: dict[str, int]  # request id -> its row of the block
+    rows: int                # the block's rows (the read step's row bucket; 0: no block)
+    masks: Any = None        # the block int32[rows, W] on the device, once ``job`` is done
 
 
 class GrammarSteps:
@@ -54,7 +57,7 @@ class GrammarSteps:
         self.scheduler = scheduler
         self.runner = runner
         self.thread: Any = None   # the helper's executor (started on first use; benchmarks swap it)
-        self.ahead_steps = 0      # fused steps launched on masks written ahead (tests, benchmarks)
+        self.ahead_steps = 0      # split steps sampled under masks put ahead (tests, benchmarks)
 
     def pool(self) -> ThreadPoolExecutor:
         """The helper thread of the grammar work beside the engine's (started on first use)."""
@@ -96,39 +99,40 @@ class GrammarSteps:
             sched_out.token_masks.update(cons.draft_masks(verify))
 
     # ---------------------------------------------------------------- the step read first
-    def ahead(self, reqs: list[Request]) -> Ahead:
-        """A read step's updated requests -> the helper thread advancing their grammars and
-        writing each unfinished one's next mask at its slot, begun now (before the plan)."""
-        cons, rows = self.constraints, self.runner.rows
-        slots = {}
-        for req in reqs:
-            rid = req.request_id
-            slot = rows.slot_of(rid) if rid in cons and not req.is_finished else None
-            if slot is not None:
-                slots[rid] = slot
-        live = [req for req in reqs if req.request_id in slots]
-        return Ahead(self.pool().submit(self._advance_and_write, reqs, live, slots), slots)
+    def ahead(self, handle: Any, reqs: list[Request]) -> Ahead:
+        """A read step (``handle``) and its updated requests -> the helper thread advancing
+        their grammars and putting each unfinished one's next mask on the device, in request
+        order, in a block of the read step's row bucket (begun now, before the plan)."""
+        cons = self.constraints
+        live = [req for req in reqs if req.request_id in cons and not req.is_finished]
+        bucket, rows = self.runner.bucket_for(handle.sched_out.num_tokens)
+        ahead = Ahead(None, {req.request_id: i for i, req in enumerate(live)}, rows)
+        if len(live) >= rows or not self.runner.split.ready(bucket):   # (the last row stays all
+            live, ahead.rows = [], 0                                     # ones: rows without)
+        ahead.job = self.pool().submit(self._advance_and_put, ahead, reqs, live)
+        return ahead
 
-    def _advance_and_write(self, reqs: list[Request], live: list[Request], slots: dict[str, int]
-                           ) -> list[str]:
+    def _advance_and_put(self, ahead: Ahead, reqs: list[Request], live: list[Request]) -> list[str]:
         """(Helper thread.) Advance, then fill the next masks of ``live`` (a grammar that ended
-        allows EOS only; one that rejected a token, everything) and write them into the logit
-        state: the engine thread leaves the state's device array alone until this returns."""
+        allows EOS only; one that rejected a token, everything) and put them on the device."""
         ended = self.advance(reqs)
         if live:
-            out = np.full((len(live), self.constraints.words), -1, np.int32)
-            self.constraints.masks([(r.request_id, r.output_token_ids) for r in live], out, range(len(live)))
-            self.runner.logit_state.write(np.fromiter((slots[r.request_id] for r in live), np.int64,
-                                                      len(live)), out)
+            block = np.full((ahead.rows, self.constraints.words), -1, np.int32)
+            self.constraints.masks([(r.request_id, r.output_token_ids) for r in live], block,
+                                   range(len(live)))
+            ahead.masks = self.runner.put_masks(block)
         return ended
 
     def covers(self, sched_out: SchedulerOutput, ahead: Ahead) -> bool:
-        """Whether every host-masked sampling row of the plan has its mask written ahead (no
-        request new to its slot in this plan, no drafts to verify)."""
+        """Whether the plan runs as a split step whose sampler can take the masks put ahead:
+        every host-masked sampling row's mask is in the block (no request new to the plan's
+        rows, no drafts) and the plan's row bucket is the block's."""
         cons = self.constraints
-        return all(not c.samples or c.req_id not in cons
-                   or (c.req_id in ahead.slots and c.new is None and not c.num_draft)
-                   for c in sched_out.chunks)
+        return (ahead.rows > 0 and self.runner.can_split(sched_out)
+                and self.runner.bucket_for(sched_out.num_tokens)[1] == ahead.rows
+                and all(not c.samples or c.req_id not in cons
+                        or (c.req_id in ahead.rows_of and c.new is None and not c.num_draft)
+                        for c in sched_out.chunks))
 
     def dispatch_read(self, sched_out: SchedulerOutput, ahead: Ahead) -> Any:
         """Dispatch the plan made while ``ahead`` ran -> the step's handle (None: no rows)."""
@@ -137,11 +141,12 @@ class GrammarSteps:
             self.end(ahead.job.result())
             return None
         if self.covers(sched_out, ahead):
-            sched_out.masks_on_device = frozenset(ahead.slots)
-            prep = runner.prepare(sched_out)    # packing beside the helper's masks
+            sched_out.host_mask_rows = ahead.rows_of
+            pending = runner.dispatch_forward(sched_out)
             self.end(ahead.job.result())
+            pending.device_masks = ahead.masks
             self.ahead_steps += 1
-            return runner.launch(sched_out, prep)
+            return runner.dispatch_sample(pending, None)
         if runner.can_split(sched_out):
             return runner.dispatch_sample(self.forward_beside(sched_out, ahead.job), None)
         self.end(ahead.job.result())

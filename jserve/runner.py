@@ -243,15 +243,13 @@ class Runner:
         lstate = self.logit_state
         for r in new_rows:   # static constraints first: a sampling row's mask slot reads them
             lstate.on_new(int(slots[r]), chunks[r].new.params)
-        masks, ahead = out.token_masks, out.masks_on_device
+        masks = out.token_masks
         dyn_rows: list[int] = []   # rows with one host mask: queued as one block
         unmasked = samples         # sampling rows without a host mask: their static one or none
-        if masks or ahead:
+        if masks:
             unmasked = samples.copy()
             for r, c in enumerate(chunks):
                 m = masks.get(c.req_id) if c.samples else None
-                if c.samples and c.req_id in ahead:   # written at the slot already
-                    unmasked[r], f["mask_slot"][r] = False, slots[r]
                 if m is None:
                     continue
                 unmasked[r] = False
@@ -268,6 +266,10 @@ class Runner:
         if dyn_rows:
             f["mask_slot"][dyn_rows] = lstate.masked_rows(
                 slots[dyn_rows], np.stack([masks[chunks[r].req_id] for r in dyn_rows]))
+        if out.host_mask_rows is not None:   # (the split sampler's rows of its host masks)
+            last = layout.num_rows - 1
+            rows_of = out.host_mask_rows
+            f["host_row"][:] = [rows_of.get(c.req_id, last) for c in chunks] + [last] * (last + 1 - n)
         return layout, ibuf, fbuf, slots, writes
 
     # ---------------------------------------------------------------- device
@@ -279,11 +281,7 @@ class Runner:
 
     def dispatch(self, out: SchedulerOutput) -> StepHandle | SpecStepHandle | None:
         """Dispatch the step (page moves first); returns at once. None when there are no rows."""
-        return self.launch(out, self.prepare(out))
-
-    def launch(self, out: SchedulerOutput, prep: tuple | None) -> StepHandle | SpecStepHandle | None:
-        """``dispatch``'s launch of a prepared step (``prepare(out)``: the logit state's device
-        rows are read only here, so another thread may write them until then)."""
+        prep = self._prepare(out)
         if prep is None:
             return None
         layout, ibuf, fbuf, slots, params, fresh, masked = prep
@@ -312,7 +310,7 @@ class Runner:
         self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
         return self._handle(out, params, tokens, lp, top_ids, top_lp)
 
-    def prepare(self, out: SchedulerOutput) -> tuple | None:
+    def _prepare(self, out: SchedulerOutput) -> tuple | None:
         """A step's host work before its programs: page moves, packing, slot-table rows of new
         requests, penalty inits -> (layout, ibuf, fbuf, slots, params by row, fresh prefill,
         some row masked), or None when there are no rows."""
@@ -398,7 +396,7 @@ class Runner:
     def prepare_forward(self, out: SchedulerOutput) -> SplitPending:
         """``dispatch_forward``'s host work (page moves, packing, new slots, the packed input
         staged on the device), not yet launched."""
-        layout, ibuf, _, slots, params, _, _ = self.prepare(out)
+        layout, ibuf, _, slots, params, _, _ = self._prepare(out)
         joint = self._joint(layout, ibuf)
         if isinstance(joint, np.ndarray):   # into its bucket's fixed buffer (jserve/split_step.py)
             joint = self.split.stage_joint(joint)
@@ -436,7 +434,11 @@ class Runner:
     def upload_masks(self, pending: SplitPending) -> None:
         """Put the pending step's filled host masks on the device (the grammar thread does,
         beside the forward's launch; else ``dispatch_sample``)."""
-        pending.device_masks = jax.device_put(pending.host_masks, self._replicated)
+        pending.device_masks = self.put_masks(pending.host_masks)
+
+    def put_masks(self, host: np.ndarray) -> jax.Array:
+        """Host masks int32[R, W] on the device, for the split step's sampler."""
+        return jax.device_put(host, self._replicated)
 
     def dispatch_sample(self, pending: SplitPending, token_masks: dict[str, np.ndarray] | None) -> StepHandle:
         """The split step's second half: the sampler, after ``stage_masks(pending, token_masks)``

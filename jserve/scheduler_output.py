@@ -129,9 +129,9 @@ class SchedulerOutput:
     # (a grammar, bad words: ``jserve.structured``); filled by the engine before dispatch. A row
     # verifying k drafts has int32[k + 1, ceil(V / 32)]: one per position, along the drafts.
     token_masks: dict[str, np.ndarray] = field(default_factory=dict)
-    # Requests whose sampling row's host mask the logit state holds at their slot already,
-    # written ahead by the engine's grammar thread (jserve/grammar_steps.py): no copy in the plan.
-    masks_on_device: frozenset[str] = frozenset()
+    # The split step's host masks written ahead in request order (jserve/grammar_steps.py):
+    # request id -> its row of them; other rows take the last row (all ones). None: row order.
+    host_mask_rows: dict[str, int] | None = None
 
     @property
     def num_tokens(self) -> int:

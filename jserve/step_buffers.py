@@ -13,7 +13,7 @@ Fields for a bucket of T tokens, R rows, D page-table diff entries, K banned ids
     int32   token_ids[T] positions[T] slot_mapping[T] prev_index[T] row_slot[R] samples[R]
             pt_diff[D, 3] seq_lens[R] query_start_loc[R + 1] num_seqs[1] logits_indices[R]
             output_index[R] banned_ids[R, K] pen_slot[R] num_draft[R] mask_slot[R]
-            mask_step[R] shift_row[R] token_row[T]
+            mask_step[R] shift_row[R] token_row[T] host_row[R]
     float32 repetition_penalty[R] presence_penalty[R] frequency_penalty[R]
 
 ``row_slot[r]``: the slot of row r in the device slot table (``jserve.slot_table``: its page
@@ -30,6 +30,8 @@ the speculative step variant verifies (``jserve.spec.verify_step``); 0 elsewhere
 ``mask_slot[r] >= 0``: row r samples under that slot's token mask / logit bias
 (``jserve.structured.logit_state``); -1: free row. ``mask_step[r]``: a verify row's position j
 reads mask row ``mask_slot[r] + j * mask_step[r]`` (0: the same row at every position).
+``host_row[r] >= 0``: the split step's sampler takes row r's host mask from that row of its
+host masks (written ahead in request order, jserve/grammar_steps.py); -1: from row r.
 ``shift_row`` / ``token_row``: rows moved on the device by the drafts their request's previous
 row accepted (``jserve.spec.chain``); -1 elsewhere.
 """
@@ -58,7 +60,7 @@ _INT_FIELDS = (
     ("output_index", ("R",), 0), ("banned_ids", ("R", "K"), -1), ("pen_slot", ("R",), -1),
     ("num_draft", ("R",), 0),
     ("mask_slot", ("R",), -1), ("mask_step", ("R",), 0), ("shift_row", ("R",), -1),
-    ("token_row", ("T",), -1),
+    ("token_row", ("T",), -1), ("host_row", ("R",), -1),
 )
 _FLOAT_FIELDS = (("repetition_penalty", ("R",), 1.0), ("presence_penalty", ("R",), 0.0),
                  ("frequency_penalty", ("R",), 0.0))

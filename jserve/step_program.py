@@ -148,14 +148,16 @@ def sample_step(layout: StepLayout, num_out: int, num_spec: int, logits: jax.Arr
                 host_masks: jax.Array) -> tuple:
     """The split step's second program: ``fused_step``'s plain sampler (no filters, no
     conditional: its launch need not wait for the forward) over the forward's logits f32[R, V],
-    with the token masks the host computed meanwhile: host_masks int32[R, W], one row per step
-    row (all ones: none), a buffer of its own (no row-writer program, no copy into the logit
-    state), ANDed with the static masks of the packed input's mask slots -> (pen, prev_tokens'
-    (donated), tokens, logprobs, top_ids, top_lp). The table already carries the step's diffs
-    (applying them again changes nothing)."""
+    with the token masks the host computed meanwhile: host_masks int32[R, W] (all ones: none),
+    row r's in row ``host_row[r]`` of them (-1: row r; the packed input's), a buffer of its own
+    (no row-writer program, no copy into the logit state), ANDed with the static masks of the
+    packed input's mask slots -> (pen, prev_tokens' (donated), tokens, logprobs, top_ids,
+    top_lp). The table already carries the step's diffs (applying them again changes nothing)."""
     del prev_tokens   # donated: this step's tokens take its buffer
     ibuf, fbuf = layout.split(joint)
     _, _, sbatch, _, pen_slot = layout.unpack(ibuf, fbuf, table)
+    row = layout.read(ibuf, "host_row")
+    host_masks = host_masks[jnp.where(row >= 0, row, jnp.arange(layout.num_rows))]
     pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, num_spec, False, True, logits,
                                                     sbatch, pen, pen_slot, masks,
                                                     layout.read(ibuf, "mask_slot"), host_masks)

@@ -148,22 +148,6 @@ class LogitState:
         slot's static bits and queued for writing (one block: the per-row work of a 64-row
         grammar batch cost the H200's host ~1 ms per step, RESULTS_v2_sessions_9-12.md, session 10) -> their
         ``mask_slot`` values (the slots)."""
-        rows = self._anded(slots, dynamic)
-        self._pending.append((np.asarray(slots), rows))
-        return np.asarray(slots, np.int32)
-
-    def write(self, slots: np.ndarray, dynamic: np.ndarray) -> None:
-        """Write dynamic masks int32[n, W] of n sampling rows in ``slots`` int[n] (each ANDed
-        with its slot's static bits) to the device now, not queued: the engine's grammar thread
-        does, ahead of the plan (jserve/grammar_steps.py), and the engine thread leaves
-        ``device`` alone meanwhile. A later ``flush`` (queued rows) writes over them."""
-        rows = self._anded(np.asarray(slots), dynamic)
-        for i in range(0, len(slots), self.buckets[-1]):
-            part = slice(i, i + self.buckets[-1])
-            self.device = self._writer(self.device, slots[part], rows[part])
-
-    def _anded(self, slots: np.ndarray, dynamic: np.ndarray) -> np.ndarray:
-        """Whole rows int32[n, width] of dynamic masks over their slots' static bits."""
         n = len(slots)
         rows = np.empty((n, self.width), np.int32)
         rows[:, :self.words] = dynamic
@@ -176,7 +160,8 @@ class LogitState:
             bits[empty] = dynamic[act][empty]
             static[:, :self.words] = bits
             rows[act] = static
-        return rows
+        self._pending.append((np.asarray(slots), rows))
+        return np.asarray(slots, np.int32)
 
     def rows_for(self, slot: int, dynamic: list[np.ndarray]) -> tuple[int, int]:
         """A verify row's masks: ``dynamic[j]`` (int32[W]) is position j's host mask (the
