@@ -56,7 +56,7 @@ class StepTrace:
         tr._wrap(engine.constraints, "advance_all", "advance")
         tr._wrap(engine.constraints, "masks", "masks")
         runner = engine.runner   # inside the dispatches: host work, mask upload, the calls
-        tr._wrap(runner, "prepare", "prepare")
+        tr._wrap(runner, "_prepare", "prepare")
         tr._wrap(runner, "pack", "pack")
         tr._wrap(runner, "stage_masks", "stage_masks")
         for name in ("prepare_forward", "upload_masks", "put_masks"):   # (the split step's)
