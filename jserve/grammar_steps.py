@@ -107,8 +107,8 @@ class GrammarSteps:
         live = [req for req in reqs if req.request_id in cons and not req.is_finished]
         bucket, rows = self.runner.bucket_for(handle.sched_out.num_tokens)
         ahead = Ahead(None, {req.request_id: i for i, req in enumerate(live)}, rows)
-        if len(live) >= rows or not self.runner.split.ready(bucket):   # (the last row stays all
-            live, ahead.rows = [], 0                                     # ones: rows without)
+        if len(live) > rows or not self.runner.split.ready(bucket):
+            live, ahead.rows = [], 0
         ahead.job = self.pool().submit(self._advance_and_put, ahead, reqs, live)
         return ahead
 
@@ -126,12 +126,15 @@ class GrammarSteps:
     def covers(self, sched_out: SchedulerOutput, ahead: Ahead) -> bool:
         """Whether the plan runs as a split step whose sampler can take the masks put ahead:
         every host-masked sampling row's mask is in the block (no request new to the plan's
-        rows, no drafts) and the plan's row bucket is the block's."""
-        cons = self.constraints
+        rows, no drafts), the plan's row bucket is the block's, and a free sampling row has
+        the block's last row, all ones (a block full of masks: no free sampling row)."""
+        cons, rows_of = self.constraints, ahead.rows_of
+        full = len(rows_of) == ahead.rows
         return (ahead.rows > 0 and self.runner.can_split(sched_out)
                 and self.runner.bucket_for(sched_out.num_tokens)[1] == ahead.rows
-                and all(not c.samples or c.req_id not in cons
-                        or (c.req_id in ahead.rows_of and c.new is None and not c.num_draft)
+                and all(not c.samples
+                        or (c.req_id in rows_of and c.new is None and not c.num_draft)
+                        or (c.req_id not in cons and not full)
                         for c in sched_out.chunks))
 
     def dispatch_read(self, sched_out: SchedulerOutput, ahead: Ahead) -> Any:

@@ -229,3 +229,18 @@ def test_start_up_compiles_the_split_pairs_beside_the_step_variants(make_engine,
     assert [o.outputs[0].token_ids for o in run_engine(eng, items)] == [
         o.outputs[0].token_ids for o in run_engine(sync_engine, items)]
     assert eng.runner.split.steps > 0
+
+
+def test_masks_put_ahead_fill_every_row(engine, sync_engine, monkeypatch):
+    """Every row of the split step host-masked (the block of masks put ahead full, no all-ones
+    row left): the sampler still takes each row's own mask, as the synchronous loop does."""
+    engine.runner.compile_split()
+    monkeypatch.setattr(engine, "_in_flight_done", lambda: True)
+    covers, full = engine.grammar.covers, []
+    monkeypatch.setattr(engine.grammar, "covers", lambda out, ahead: full.append(
+        len(ahead.rows_of) == ahead.rows) or covers(out, ahead))
+    items = [(f"{i}", SamplingParams(temperature=0.9, seed=i, max_tokens=24,
+                                     structured_outputs={"regex": r"[a-z]{4,12}( [0-9]{2})?"}))
+             for i in range(engine.runner.bucket_for(1)[1])]
+    assert _texts(run_engine(engine, items)) == _texts(run_engine(sync_engine, items))
+    assert any(full), full
