@@ -83,7 +83,7 @@ so6)
   # (session 29's split beside the grammar after the read-before-plan); fused (read, fill, fused
   # step). Prediction: default ~0.5 ms per constrained step under no-ahead, ratio +0.08.
   timeout 300 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
-    --rounds 3 --trace --arms default,no-ahead,fused > "$OUT/so6.txt" 2>&1
+    --rounds 4 --trace --arms default,no-ahead > "$OUT/so6.txt" 2>&1
   grep "^| [0-9] \|^##\|step trace\|^| step \|^| schedule \|beside\|ahead\|dispatch\|prepare\|upload\|^| launch \|^| masks\|^| advance\|^| wait \|^| outputs \|^| update \|^| pack " \
     "$OUT/so6.txt" | head -150
   ;;
