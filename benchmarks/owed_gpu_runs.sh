@@ -82,8 +82,12 @@ so6)
   # the chain: 5.1 ms per constrained step, no gain). Arms in one process: default; no-ahead
   # (session 29's split beside the grammar after the read-before-plan); fused (read, fill, fused
   # step). Prediction: default ~0.5 ms per constrained step under no-ahead, ratio +0.08.
+  # Session 30's third call: no gain (default 4.7-5.5 ms, no-ahead 4.3-5.4). On CPU, a 64-row
+  # mask fill took 0.49 ms alone, 5.2 ms beside a busy Python thread, 0.45 ms so with a 0.2 ms
+  # switch interval: the helper waits for the interpreter lock. Arms switch=0.0002 and 0.001:
+  # prediction: the constrained step 0.8-1.2 ms under default's, ratio +0.1-0.15.
   timeout 300 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
-    --rounds 4 --trace --arms default,no-ahead > "$OUT/so6.txt" 2>&1
+    --rounds 3 --trace --arms default,switch=0.0002,switch=0.001,no-ahead > "$OUT/so6.txt" 2>&1
   grep "^| [0-9] \|^##\|step trace\|^| step \|^| schedule \|beside\|ahead\|dispatch\|prepare\|upload\|^| launch \|^| masks\|^| advance\|^| wait \|^| outputs \|^| update \|^| pack " \
     "$OUT/so6.txt" | head -150
   ;;
