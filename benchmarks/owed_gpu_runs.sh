@@ -1,9 +1,9 @@
-# The device calls owed after session 29 (2026-12-04), in the order to run them. Each case fits
+# The device calls owed after session 30 (2026-12-04), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table
 # (a call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-29 removed the ones they ran; vmm stays as the record of its arms).
-# Order: so6 (issue 16: the grammars advanced beside the plan, arms in one process), lt (issue
+# history (sessions 7-30 removed the ones they ran; vmm stays as the record of its arms).
+# Order: eg (a GPU engine test that failed in session 30, with its traceback), lt (issue
 # 12: where the speculating step's launch goes), qx4 (issue 13: w8a8 with Triton GEMMs), b2, o,
 # u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider
 # code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb, d, s, c.
@@ -70,26 +70,14 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 }
 
 case "${1:-}" in
-so6)
-  # Issue 16 (session 29, case so5: the split step with its packed input staged and the masks by
-  # device_put, constrained step 4.19 / 3.94 ms, the grammar thread's advance 0.38 + fill 0.71 +
-  # upload 0.24 ms the critical path beside the forward; ratio 0.57 / 0.85 as the machine
-  # slowed). Since: a finished step in flight is read before the plan, and the helper thread
-  # advances the grammars, fills the next masks in request order and puts them on the device
-  # while the engine plans, stages and launches the forward; the sampler reads each row's mask
-  # from its row of them (jserve/grammar_steps.py). Session 30's first call refuted the same with
-  # the masks written into the logit state and one fused launch (the step's device time lands on
-  # the chain: 5.1 ms per constrained step, no gain). Arms in one process: default; no-ahead
-  # (session 29's split beside the grammar after the read-before-plan); fused (read, fill, fused
-  # step). Prediction: default ~0.5 ms per constrained step under no-ahead, ratio +0.08.
-  # Session 30's third call: no gain (default 4.7-5.5 ms, no-ahead 4.3-5.4). On CPU, a 64-row
-  # mask fill took 0.49 ms alone, 5.2 ms beside a busy Python thread, 0.45 ms so with a 0.2 ms
-  # switch interval: the helper waits for the interpreter lock. Arms switch=0.0002 and 0.001:
-  # prediction: the constrained step 0.8-1.2 ms under default's, ratio +0.1-0.15.
-  timeout 300 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
-    --rounds 3 --trace --arms default,switch=0.0002,switch=0.001,no-ahead > "$OUT/so6.txt" 2>&1
-  grep "^| [0-9] \|^##\|step trace\|^| step \|^| schedule \|beside\|ahead\|dispatch\|prepare\|upload\|^| launch \|^| masks\|^| advance\|^| wait \|^| outputs \|^| update \|^| pack " \
-    "$OUT/so6.txt" | head -150
+eg)
+  # Session 30: tests/gpu/test_engine_gpu.py::test_bf16_fresh_step_runs_mosaic_kernel_once_and_matches_paged
+  # failed on an H200 (the call's tail kept no traceback); the other 10 tests of that file and
+  # test_structured_gpu.py passed. A model forward, no engine step: not this session's diff.
+  # Its traceback, then the whole GPU engine file again.
+  timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=long tests/gpu/test_engine_gpu.py \
+    > "$OUT/engine_gpu.txt" 2>&1
+  grep -v "^W\|WARNING" "$OUT/engine_gpu.txt" | grep -B2 -A30 "^____\|^E " | head -120; tail -3 "$OUT/engine_gpu.txt"
   ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify
