@@ -145,8 +145,11 @@ class GrammarSteps:
             return None
         if self.covers(sched_out, ahead):
             sched_out.host_mask_rows = ahead.rows_of
-            pending = runner.dispatch_forward(sched_out)
-            self.end(ahead.job.result())
+            try:
+                pending = runner.dispatch_forward(sched_out)
+            finally:   # (never a helper still at work when this returns or raises)
+                ended = ahead.job.result()
+            self.end(ended)
             pending.device_masks = ahead.masks
             self.ahead_steps += 1
             return runner.dispatch_sample(pending, None)

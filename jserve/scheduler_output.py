@@ -129,7 +129,7 @@ class SchedulerOutput:
     # (a grammar, bad words: ``jserve.structured``); filled by the engine before dispatch. A row
     # verifying k drafts has int32[k + 1, ceil(V / 32)]: one per position, along the drafts.
     token_masks: dict[str, np.ndarray] = field(default_factory=dict)
-    # The split step's host masks written ahead in request order (jserve/grammar_steps.py):
+    # The split step's host masks put ahead in request order (jserve/grammar_steps.py):
     # request id -> its row of them; other rows take the last row (all ones, or a row that
     # does not sample when every row of them holds a mask). None: row order.
     host_mask_rows: dict[str, int] | None = None

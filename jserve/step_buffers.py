@@ -31,7 +31,7 @@ the speculative step variant verifies (``jserve.spec.verify_step``); 0 elsewhere
 (``jserve.structured.logit_state``); -1: free row. ``mask_step[r]``: a verify row's position j
 reads mask row ``mask_slot[r] + j * mask_step[r]`` (0: the same row at every position).
 ``host_row[r] >= 0``: the split step's sampler takes row r's host mask from that row of its
-host masks (written ahead in request order, jserve/grammar_steps.py); -1: from row r.
+host masks (put ahead in request order, jserve/grammar_steps.py); -1: from row r.
 ``shift_row`` / ``token_row``: rows moved on the device by the drafts their request's previous
 row accepted (``jserve.spec.chain``); -1 elsewhere.
 """
