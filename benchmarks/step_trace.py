@@ -28,9 +28,10 @@ import jax
 from jserve.runner import StepHandle
 from jserve.spec.verify_step import SpecStepHandle
 
-PHASES = ("step", "schedule", "dispatch", "dispatch_forward", "beside_grammar", "ahead", "put_masks",
-          "dispatch_sample", "prepare_forward", "prepare", "pack", "stage_masks", "upload_masks", "flush",
-          "launch", "launch_on_idle", "wait", "result", "update", "advance", "masks", "outputs")
+PHASES = ("step", "read_first", "schedule", "dispatch", "dispatch_forward", "beside_grammar", "ahead",
+          "put_masks", "dispatch_sample", "prepare_forward", "prepare", "pack", "stage_masks",
+          "upload_masks", "flush", "launch", "launch_on_idle", "wait", "result", "update", "advance",
+          "masks", "outputs")
 
 
 class StepTrace:
@@ -47,6 +48,7 @@ class StepTrace:
         tr = cls()
         tr._wrap(engine, "step", "step")
         tr._wrap(engine, "_outputs", "outputs")
+        tr._wrap(engine, "_read_first", "read_first")   # (with its wait for a step in flight)
         tr._wrap(engine.grammar, "forward_beside", "beside_grammar")
         tr._wrap(engine.grammar, "_advance_and_put", "ahead")   # (on the grammar thread)
         tr._wrap(engine.scheduler, "schedule", "schedule")

@@ -82,18 +82,18 @@ class _Inline:
 
 
 def _arm(spec: str) -> tuple[str, int | None, float, str]:
-    """'default' | 'threads=N' | 'switch=S' | 'serial' | 'fused' | 'put-joint' | 'no-ahead' -> (name,
-    executor threads or None, switch interval, the split step's mode: 'beside', 'serial',
-    'fused', 'put-joint' or 'no-ahead')."""
+    """'default' | 'threads=N' | 'switch=S' | 'serial' | 'fused' | 'put-joint' | 'no-ahead' |
+    'no-read-first' -> (name, executor threads or None, switch interval, the split step's mode:
+    'beside', 'serial', 'fused', 'put-joint', 'no-ahead' or 'no-read-first')."""
     key, _, value = spec.partition("=")
-    if key in ("default", "serial", "fused", "put-joint", "no-ahead") and not value:
+    if key in ("default", "serial", "fused", "put-joint", "no-ahead", "no-read-first") and not value:
         return spec, None, DEFAULT_SWITCH, "beside" if key == "default" else key
     if key == "threads" and value.isdigit():
         return spec, int(value), DEFAULT_SWITCH, "beside"
     if key == "switch" and value:
         return spec, None, float(value), "beside"
     raise SystemExit(f"--arms: unknown arm {spec!r} (default, threads=N, switch=S, serial, fused, "
-                     "put-joint, no-ahead)")
+                     "put-joint, no-ahead, no-read-first)")
 
 
 def main() -> None:
@@ -120,7 +120,8 @@ def main() -> None:
                          "the split step: the engine reads the step in flight, fills the masks, "
                          "then launches the fused step), 'no-ahead' (no masks put ahead "
                          "beside the plan: the split step with the masks filled beside the "
-                         "forward's launch, session 29's order), "
+                         "forward's launch, session 29's order), 'no-read-first' (a step in "
+                         "flight still running is never waited for before the plan), "
                          "'put-joint' (the split step's packed input uploaded by jax.device_put, "
                          "a fresh buffer each call, instead of copied into the bucket's fixed "
                          "buffer)")
@@ -147,6 +148,7 @@ def main() -> None:
     traces = []
     rows = []
     can_split, covers, ahead = eng.runner.can_split, eng.grammar.covers, eng.grammar._advance_and_put
+    read_first = eng._read_first
     split = eng.runner.split
     staged = split.stage_joint
 
@@ -166,6 +168,7 @@ def main() -> None:
         eng.grammar.covers = (lambda *_: False) if no_ahead else covers
         eng.grammar._advance_and_put = (lambda _, reqs, __: eng.grammar.advance(reqs)) if no_ahead else ahead
         split.stage_joint = put if mode == "put-joint" else staged
+        eng._read_first = eng._in_flight_done if mode == "no-read-first" else read_first
         mask_s[0] = 0.0
         cons = [(p, SamplingParams(temperature=ns.temperature, seed=1000 * r + i, max_tokens=ns.max_tokens,
                                    structured_outputs={"json": SCHEMA}))

@@ -287,9 +287,10 @@ class LLMEngine:
             self._consume(self._in_flight, touched)
             self._in_flight = None
         elif (self._in_flight is not None and self.grammar.needs_tokens(self._in_flight)
-              and self._in_flight_done()):
-            # The host is the bottleneck (the device is done): read that step now; the helper
-            # thread advances the grammars and puts the next masks up while this one plans.
+              and self._read_first()):
+            # The host is the bottleneck (the device is done, or nearly): read that step now;
+            # the helper thread advances the grammars and puts the next masks up while this
+            # one plans.
             ahead = self.grammar.ahead(self._in_flight, self._read(self._in_flight, touched))
             self._in_flight = None
         # Else a finished step in flight is read after the next launch, not before: its tokens'
@@ -305,8 +306,12 @@ class LLMEngine:
             handle = None
             split = self.runner.can_split(sched_out)
             pending = self.runner.dispatch_forward(sched_out) if split else None
+            t = time.perf_counter()
+            if split:   # done before its read: the host, not the device, is the bottleneck
+                self.grammar.read_first = self._in_flight_done()
             self._consume(self._in_flight, touched)
             self.grammar.attach(sched_out, after_read=True)
+            self.grammar.seconds = time.perf_counter() - t
             self._in_flight = None
             if pending is not None:
                 handle = self.runner.dispatch_sample(pending, sched_out.token_masks)
@@ -382,6 +387,22 @@ class LLMEngine:
         """Whether the step in flight has finished on the device (the host is the bottleneck)."""
         handle = self._in_flight
         return isinstance(handle, StepHandle) and handle.ready()
+
+    def _read_first(self) -> bool:
+        """Whether to read the step in flight (its host-masked rows' tokens) before planning the
+        next: it is done; or the loop found it done whenever it read it after the next forward
+        (``grammar.read_first``), so wait for it: the grammar work then runs beside the plan
+        instead of after the read, on the host's critical path (benchmarks/RESULTS.md,
+        session 30). A wait longer than that work (the device, not the host, is the
+        bottleneck) turns this off until a step is found done again."""
+        if self._in_flight_done():
+            return True
+        if not (self.grammar.read_first and isinstance(self._in_flight, StepHandle)):
+            return False
+        t = time.perf_counter()
+        self._in_flight.tokens.block_until_ready()
+        self.grammar.read_first = time.perf_counter() - t < self.grammar.seconds
+        return True
 
     def _release(self, pid: str) -> None:
         parent = self._parents.pop(pid)

@@ -25,6 +25,7 @@ mask for step N+1 needs the token it sampled in step N, so the loop orders the w
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,10 @@ class GrammarSteps:
         self.runner = runner
         self.thread: Any = None   # the helper's executor (started on first use; benchmarks swap it)
         self.ahead_steps = 0      # split steps sampled under masks put ahead (tests, benchmarks)
+        # The loop's order (``LLMEngine._read_first``): the step in flight was found done when
+        # read after the next forward; the grammar work's last seconds (advance and masks).
+        self.read_first = False
+        self.seconds = 0.0
 
     def pool(self) -> ThreadPoolExecutor:
         """The helper thread of the grammar work beside the engine's (started on first use)."""
@@ -115,12 +120,14 @@ class GrammarSteps:
     def _advance_and_put(self, ahead: Ahead, reqs: list[Request], live: list[Request]) -> list[str]:
         """(Helper thread.) Advance, then fill the next masks of ``live`` (a grammar that ended
         allows EOS only; one that rejected a token, everything) and put them on the device."""
+        t = time.perf_counter()
         ended = self.advance(reqs)
         if live:
             block = np.full((ahead.rows, self.constraints.words), -1, np.int32)
             self.constraints.masks([(r.request_id, r.output_token_ids) for r in live], block,
                                    range(len(live)))
             ahead.masks = self.runner.put_masks(block)
+        self.seconds = time.perf_counter() - t
         return ended
 
     def covers(self, sched_out: SchedulerOutput, ahead: Ahead) -> bool:

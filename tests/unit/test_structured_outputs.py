@@ -145,7 +145,7 @@ def test_preempted_constrained_requests_still_validate(make_engine):
         assert re.fullmatch(pat, o.outputs[0].text), o.outputs[0].text
 
 
-@pytest.mark.parametrize("order", ["forward first", "beside", "ahead"])
+@pytest.mark.parametrize("order", ["forward first", "beside", "ahead", "read first"])
 def test_split_step_equals_synchronous(engine, sync_engine, monkeypatch, order):
     """The split step (jserve/split_step.py: forward dispatched before the step in flight is
     read, sampler after the host masks) gives the synchronous loop's tokens and logprobs, with
@@ -153,11 +153,18 @@ def test_split_step_equals_synchronous(engine, sync_engine, monkeypatch, order):
     orders: the step in flight still running (forward, then read and masks); already done (read,
     then masks on the helper thread beside the forward's dispatch); and already done with the
     masks filled ahead in request order and put on the device beside the plan (the sampler
-    reads each row's mask from its row of them)."""
+    reads each row's mask from its row of them); and the last one with the step in flight still
+    running, waited for (waiting costs less than the grammar work it lets run beside the plan)."""
     engine.runner.compile_split()
-    monkeypatch.setattr(engine, "_in_flight_done", lambda: order != "forward first")
+    monkeypatch.setattr(engine, "_in_flight_done", lambda: order in ("beside", "ahead"))
     if order == "beside":
         monkeypatch.setattr(engine.grammar, "covers", lambda *_: False)
+    if order == "read first":
+        put = engine.grammar._advance_and_put
+        monkeypatch.setattr(engine.grammar, "_advance_and_put", lambda *a: (
+            put(*a), setattr(engine.grammar, "seconds", 1e9))[0])
+        monkeypatch.setattr(engine.grammar, "read_first", True)
+        monkeypatch.setattr(engine.grammar, "seconds", 1e9)
     beside = engine.grammar.forward_beside
     calls = []
     monkeypatch.setattr(engine.grammar, "forward_beside", lambda *a: calls.append(1) or beside(*a))
@@ -198,8 +205,8 @@ def test_split_step_equals_synchronous(engine, sync_engine, monkeypatch, order):
     assert tokens_and_logprobs(run_engine(engine, items)) == tokens_and_logprobs(
         run_engine(sync_engine, items))
     assert engine.runner.split.steps > before
-    assert (engine.grammar.ahead_steps > ahead) == (order == "ahead")
-    if order != "ahead":   # (with masks put ahead: only for steps they cannot cover)
+    assert (engine.grammar.ahead_steps > ahead) == (order in ("ahead", "read first"))
+    if order in ("forward first", "beside"):   # (with masks put ahead: steps they cannot cover)
         assert bool(calls) == (order == "beside")
     assert addresses and all(len(a) == 1 for a in addresses.values()), addresses
 
