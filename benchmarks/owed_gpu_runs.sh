@@ -3,8 +3,7 @@
 # (a call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-30 removed the ones they ran; vmm stays as the record of its arms).
-# Order: so7 (issue 16: the step in flight waited for), eg (a GPU engine test that failed in
-# session 30, with its traceback), lt (issue
+# Order: eg (a GPU engine test that failed in session 30, with its traceback), lt (issue
 # 12: where the speculating step's launch goes), qx4 (issue 13: w8a8 with Triton GEMMs), b2, o,
 # u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider
 # code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb, d, s, c.
@@ -71,21 +70,6 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 }
 
 case "${1:-}" in
-so7)
-  # Issue 16 (session 30, calls 5-6: with the masks put ahead, 21-29 of 50 constrained steps still
-  # found the step in flight running and read it after the next forward, the grammar work then
-  # serial on the engine thread, ~1.4 ms, though that read waited only ~0.01 ms). Since: once a
-  # read after the forward finds the step done, the loop waits for the step in flight before the
-  # plan while the wait stays shorter than the grammar work. Arms in one process: default,
-  # no-read-first. Prediction: ahead steps ~29 -> ~48 of 50; constrained step 0.2-0.35 ms under
-  # no-read-first's; ratio +0.03-0.05.
-  timeout 200 python3 benchmarks/structured_outputs.py --model qwen2.5-0.5b --random-weights \
-    --rounds 2 --trace --arms default,no-read-first > "$OUT/so7.txt" 2>&1
-  grep "^| [0-9] \|^##\|rror" "$OUT/so7.txt"
-  for a in default no-read-first; do
-    awk "/round 2, $a, constrained/,/free/" "$OUT/so7.txt" | grep "^| \(step\|read_first\|ahead\|dispatch_forward\|stage_masks\|wait\) "
-  done
-  ;;
 eg)
   # Session 30: tests/gpu/test_engine_gpu.py::test_bf16_fresh_step_runs_mosaic_kernel_once_and_matches_paged
   # failed on an H200 (the call's tail kept no traceback); the other 10 tests of that file and
