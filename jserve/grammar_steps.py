@@ -107,12 +107,14 @@ class GrammarSteps:
     def ahead(self, handle: Any, reqs: list[Request]) -> Ahead:
         """A read step (``handle``) and its updated requests -> the helper thread advancing
         their grammars and putting each unfinished one's next mask on the device, in request
-        order, in a block of the read step's row bucket (begun now, before the plan)."""
+        order, in a block of the read step's row bucket (begun now, before the plan). No block
+        when the read step could not split (top-k rows, drafts, a prefill bucket): the next
+        one most likely cannot either, and its masks would be filled twice."""
         cons = self.constraints
         live = [req for req in reqs if req.request_id in cons and not req.is_finished]
-        bucket, rows = self.runner.bucket_for(handle.sched_out.num_tokens)
+        rows = self.runner.bucket_for(handle.sched_out.num_tokens)[1]
         ahead = Ahead(None, {req.request_id: i for i, req in enumerate(live)}, rows)
-        if len(live) > rows or not self.runner.split.ready(bucket):
+        if len(live) > rows or not self.runner.can_split(handle.sched_out):
             live, ahead.rows = [], 0
         ahead.job = self.pool().submit(self._advance_and_put, ahead, reqs, live)
         return ahead
