@@ -63,7 +63,7 @@ def test_large_steps_use_kernels_and_match_small_steps(make_engine):
 
 def test_bf16_fresh_step_runs_mosaic_kernel_once_and_matches_paged():
     """On Hopper the model's bf16 fresh-prompt step (the engine's ``_step_fresh``) embeds the
-    Mosaic GPU flash kernel once for all layers (the dispatcher's jit wrapper), and its logits
+    Mosaic GPU flash kernel once for all layers (the dispatcher's jit wrapper, in the layer's), and its logits
     match the paged step's. A small random model with head_dim 64 (the golden ones use 16)."""
     if not mgpu.on_hopper():
         pytest.skip("Mosaic GPU kernel needs a Hopper (sm_90) GPU")
@@ -79,8 +79,11 @@ def test_bf16_fresh_step_runs_mosaic_kernel_once_and_matches_paged():
     fresh_step = jax.jit(functools.partial(forward, cfg, fresh_prefill=True, mesh=mesh), donate_argnums=(1,))
     paged_step = jax.jit(functools.partial(forward, cfg, mesh=mesh), donate_argnums=(1,))
     text = fresh_step.lower(params, kv, batch).as_text()
+    # One kernel build, called from the nested-jit layer (jserve/model/decoder.py ``_layer``),
+    # which every layer calls.
     assert text.count("custom_call @mosaic_gpu") == 1
-    assert text.count("call @_mgpu_jit(") == cfg.num_layers
+    assert text.count("call @_mgpu_jit(") == 1
+    assert text.count("call @_layer(") == cfg.num_layers
     kv, fresh = fresh_step(params, kv, batch)
     kv, paged = paged_step(params, kv, batch)
     fresh = np.asarray(fresh, np.float32)[:4]

@@ -1,0 +1,161 @@
+"""What caps the persistent quantized decode matmul: its TMA weight stream alone, against the
+kernel, at the engine's decode sizes.
+
+Where it sits: beside benchmarks/quant_matmul.py (which times the kernel against XLA). The
+decode kernel (pallas_kernels/quant_matmul/mgpu_decode.py) reads the 8B's int8 weights at
+~2.6 TB/s at M = 1 and less at M = 16, while XLA's bf16 GEMVs in the same step reach ~3.4 TB/s.
+This script separates the pipeline from the work in it:
+
+  stream   the same ``emit_pipeline`` ring over the same [block_n, block_k] int8 weight tiles
+           (persistent CTAs, each a balanced share of the (tile, K block) work in K-major
+           order), with a body that only waits for each tile (no register load, no conversion,
+           no wgmma, no partial store); each CTA copies its last tile out so the loads are used.
+           Its rate is the ceiling of any kernel built on this ring at that tile, depth and
+           CTA count.
+  kernel   ``mgpu.quant_matmul`` (int8 weights, bf16 x) at its default config and at every
+           split of K for the default's tile (the split sets how many partial tiles each CTA
+           stores: a unit of one K block stores after every step), and 128-row tiles (one CTA
+           per SM, or two at 256 columns).
+
+Rows: the tile (block_n x block_k), ring depth, CTAs; the weight read in GB/s. Timing as in
+quant_matmul.py: ``--iters`` calls chained in one jit over ``--copies`` weight copies (the
+weight is not served from L2), median of ``--reps``.
+
+    PYTHONPATH=. python3 benchmarks/decode_stream.py [--shape 14336x4096] [--ms 1,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from benchmarks.quant_matmul import ceilings, rel, timed
+from pallas_kernels.quant_matmul import mgpu, mgpu_decode
+from pallas_kernels.quant_matmul import reference as ref
+
+
+def stream(w: jax.Array, tag: jax.Array, *, bn: int, bk: int, stages: int, ctas: int,
+           interpret: bool = False) -> jax.Array:
+    """w int8 [N, K], tag int32[ctas] (a per-call operand, so that chained calls differ) ->
+    int8 [ctas * bn, bk]: each CTA's last streamed tile (the loads' one use)."""
+    n, k = w.shape
+    blocks, total = k // bk, (n // bn) * (k // bk)
+    per = -(-total // ctas)
+
+    def kernel(w_gmem, tag_gmem, o_gmem):
+        del tag_gmem
+        c = lax.axis_index("c")
+        count = jnp.minimum(per, total - c * per)
+
+        def body(idx, w_smem):
+            @pl.when(idx[0] == count - 1)
+            def _out():
+                plgpu.copy_smem_to_gmem(w_smem, o_gmem.at[pl.ds(c * bn, bn), :])
+
+        def block(i):
+            g = c * per + i
+            return g // blocks, lax.rem(g, blocks)
+
+        spec = plgpu.BlockSpec((bn, bk), block, transforms=mgpu_decode.smem_transforms(w.dtype, bk))
+        plgpu.emit_pipeline(body, grid=(count,), in_specs=[spec], max_concurrent_steps=stages)(w_gmem)
+        plgpu.wait_smem_to_gmem(0)
+
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((ctas * bn, bk), w.dtype),
+        grid=(ctas,), grid_names=("c",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    return f(w, tag)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="14336x4096", help="N x K of the weight")
+    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--copies", type=int, default=2)
+    ns = ap.parse_args()
+    n, k = (int(v) for v in ns.shape.split("x"))
+    sms = mgpu_decode.sm_count()
+    print("device:", jax.devices()[0].device_kind, "SMs:", sms, flush=True)
+    read_gbs, _ = ceilings(ns.reps)
+    key = jax.random.PRNGKey(0)
+    copies = []
+    for c in range(ns.copies):
+        wf = jax.random.normal(jax.random.fold_in(key, c), (n, k), jnp.float32) * 0.02
+        copies.append(ref.quantize_weight(wf, jnp.int8))
+        del wf
+    nbytes = n * k
+    rows: list[tuple[str, str, float]] = []
+
+    def add(what: str, cfg: str, us: float) -> None:
+        rows.append((what, cfg, us))
+        print(f"  {what} {cfg}: {us:.1f} us, {nbytes / us / 1e3:.0f} GB/s", flush=True)
+
+    # The ring alone: tile, depth and CTA count.
+    for bn, bk, stages, per_sm in ((64, 128, 4, 2), (64, 256, 4, 2), (64, 512, 2, 2), (64, 512, 3, 1),
+                                   (64, 512, 4, 1), (128, 512, 2, 1), (64, 256, 6, 2), (64, 128, 8, 2),
+                                   (64, 512, 3, 2), (64, 1024, 2, 1)):
+        ctas = per_sm * sms
+
+        def fn(x, w, _s, bn=bn, bk=bk, stages=stages, ctas=ctas):
+            tag = jnp.zeros((ctas,), jnp.int32) + x[0, 0].astype(jnp.int32)   # chained: no CSE
+            out = stream(w, tag, bn=bn, bk=bk, stages=stages, ctas=ctas)
+            return jnp.broadcast_to(out[:1, :1].astype(x.dtype), (x.shape[0], 1))
+        try:
+            us = timed(fn, jnp.zeros((8, k), jnp.bfloat16), copies, ns.iters, ns.reps)
+        except Exception as e:  # noqa: BLE001 - a config that fails to build is a result too
+            print(f"  stream {bn}x{bk} x{stages} {ctas}: error {e!r:.300}", flush=True)
+            continue
+        add("stream", f"{bn}x{bk}, {stages} stages, {ctas} CTAs", us)
+
+    # The kernel: its default and every split of K for the default's tile.
+    for m in (int(v) for v in ns.ms.split(",")):
+        x = jax.random.normal(jax.random.fold_in(key, 7 + m), (m, k), jnp.bfloat16)
+        default = mgpu.kernel_config(m, n, k)
+        cfgs = [default]
+        if isinstance(default, mgpu_decode.DecodeConfig):
+            blocks = k // default.block_k
+            for split in (s for s in (1, 2, 4, 8, 16) if blocks % s == 0 and s != default.split_k):
+                units = n // default.block_n * split
+                per = -(-units // min(2 * sms, units))
+                cfgs.append(dataclasses.replace(default, split_k=split, per_cta=per))
+            for bn, bk, stages, per_sm in ((128, 512, 2, 1), (128, 256, 3, 1), (128, 256, 2, 2)):
+                cfg = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages,
+                                                ctas_per_sm=per_sm, store_mn=default.store_mn)
+                if mgpu_decode.supports(mgpu.padded_tokens(m), n, k, cfg):
+                    cfgs.append(cfg)
+        for cfg in cfgs:
+            q, s = copies[0]
+            try:
+                fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731
+                err = rel(jnp.asarray(jax.jit(fn)(x, q, s), jnp.float32),
+                          ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32))
+                us = timed(fn, x, copies, ns.iters, ns.reps)
+            except Exception as e:  # noqa: BLE001
+                print(f"  kernel M={m} {cfg}: error {e!r:.300}", flush=True)
+                continue
+            tag = "default" if cfg == default else "variant"
+            add(f"kernel M={m} ({tag}, rel err {err:.1e})",
+                f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, "
+                f"{cfg.ctas(n)} CTAs", us)
+
+    print(f"\nint8 weight [{n}, {k}] ({nbytes / 1e6:.1f} MB), HBM read ceiling {read_gbs:.0f} GB/s")
+    print("| what | tile, ring, CTAs | us | GB/s | % of read ceiling |")
+    print("|---|---|---|---|---|")
+    for what, cfg, us in rows:
+        gbs = nbytes / us / 1e3
+        print(f"| {what} | {cfg} | {us:.1f} | {gbs:.0f} | {100 * gbs / read_gbs:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
