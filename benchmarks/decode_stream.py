@@ -6,7 +6,9 @@ decode kernel (pallas_kernels/quant_matmul/mgpu_decode.py) reads the 8B's int8 w
 ~2.6 TB/s at M = 1 and less at M = 16, while XLA's bf16 GEMVs in the same step reach ~3.4 TB/s.
 This script separates the pipeline from the work in it:
 
-  stream   the same ``emit_pipeline`` ring over the same [block_n, block_k] int8 weight tiles
+  stream   (``rows``: the weight as the engine keeps it, [N, K]; ``tiled``: pre-tiled, each
+           tile one contiguous block and each CTA's share one contiguous range) the same
+           ``emit_pipeline`` ring over the same [block_n, block_k] int8 weight tiles
            (persistent CTAs, each a balanced share of the (tile, K block) work in K-major
            order), with a body that only waits for each tile (no register load, no conversion,
            no wgmma, no partial store); each CTA copies its last tile out so the loads are used.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +43,21 @@ from pallas_kernels.quant_matmul import mgpu, mgpu_decode
 from pallas_kernels.quant_matmul import reference as ref
 
 
-def stream(w: jax.Array, tag: jax.Array, *, bn: int, bk: int, stages: int, ctas: int,
-           interpret: bool = False) -> jax.Array:
-    """w int8 [N, K], tag int32[ctas] (a per-call operand, so that chained calls differ) ->
-    int8 [ctas * bn, bk]: each CTA's last streamed tile (the loads' one use)."""
+def pretile(w: jax.Array, bn: int, bk: int) -> jax.Array:
+    """w [N, K] -> [N / bn * K / bk, bn, bk]: tile (t, kb) at index t * K / bk + kb, each tile
+    one contiguous block and a CTA's share (consecutive units) one contiguous range."""
     n, k = w.shape
+    return w.reshape(n // bn, bn, k // bk, bk).transpose(0, 2, 1, 3).reshape(-1, bn, bk)
+
+
+def stream(w: jax.Array, tag: jax.Array, *, bn: int, bk: int, stages: int, ctas: int,
+           swizzle: bool = True, interpret: bool = False) -> jax.Array:
+    """w int8 [N, K] (or ``pretile``'s [units, bn, bk]), tag int32[ctas] (a per-call operand,
+    so that chained calls differ) -> int8 [ctas * bn, bk]: each CTA's last streamed tile (the
+    loads' one use). ``swizzle=False``: plain TMA boxes (no SMEM tiling or swizzle, which the
+    kernel's register loads need)."""
+    tiled = w.ndim == 3
+    n, k = (w.shape[0] * bn, bk) if tiled else w.shape   # (tiled: units of one K block each)
     blocks, total = k // bk, (n // bn) * (k // bk)
     per = -(-total // ctas)
 
@@ -56,13 +69,16 @@ def stream(w: jax.Array, tag: jax.Array, *, bn: int, bk: int, stages: int, ctas:
         def body(idx, w_smem):
             @pl.when(idx[0] == count - 1)
             def _out():
-                plgpu.copy_smem_to_gmem(w_smem, o_gmem.at[pl.ds(c * bn, bn), :])
+                plgpu.copy_smem_to_gmem(w_smem.at[0] if tiled else w_smem,
+                                        o_gmem.at[pl.ds(c * bn, bn), :])
 
         def block(i):
             g = c * per + i
-            return g // blocks, lax.rem(g, blocks)
+            return (g, 0, 0) if tiled else (g // blocks, lax.rem(g, blocks))
 
-        spec = plgpu.BlockSpec((bn, bk), block, transforms=mgpu_decode.smem_transforms(w.dtype, bk))
+        shape = (1, bn, bk) if tiled else (bn, bk)
+        spec = plgpu.BlockSpec(shape, block,
+                               transforms=mgpu_decode.smem_transforms(w.dtype, bk) if swizzle else ())
         plgpu.emit_pipeline(body, grid=(count,), in_specs=[spec], max_concurrent_steps=stages)(w_gmem)
         plgpu.wait_smem_to_gmem(0)
 
@@ -83,10 +99,16 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--copies", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the stream rows (A/B/A/B)")
+    ap.add_argument("--kernel-rounds", type=int, default=1, help="rounds of the kernel rows, in turn")
+    ap.add_argument("--layouts", default="rows,tiled,rows, no swizzle".replace(", ", "+"),
+                    help="stream layouts: rows, tiled, rows+no swizzle ('': no stream rows)")
     ns = ap.parse_args()
+    ns.layouts = ns.layouts.replace("+", ", ")
     n, k = (int(v) for v in ns.shape.split("x"))
     sms = mgpu_decode.sm_count()
     print("device:", jax.devices()[0].device_kind, "SMs:", sms, flush=True)
+    ceilings(ns.reps)   # (a warm-up: the first reading after an idle spell ran up to 18% low)
     read_gbs, _ = ceilings(ns.reps)
     key = jax.random.PRNGKey(0)
     copies = []
@@ -101,25 +123,47 @@ def main() -> None:
         rows.append((what, cfg, us))
         print(f"  {what} {cfg}: {us:.1f} us, {nbytes / us / 1e3:.0f} GB/s", flush=True)
 
-    # The ring alone: tile, depth and CTA count.
-    for bn, bk, stages, per_sm in ((64, 128, 4, 2), (64, 256, 4, 2), (64, 512, 2, 2), (64, 512, 3, 1),
-                                   (64, 512, 4, 1), (128, 512, 2, 1), (64, 256, 6, 2), (64, 128, 8, 2),
-                                   (64, 512, 3, 2), (64, 1024, 2, 1)):
-        ctas = per_sm * sms
+    # The ring alone: tile, depth and CTA count, over the [N, K] weight and over pre-tiled
+    # copies (each tile, and each CTA's share, contiguous); every config twice, in turn (A/B/A/B:
+    # the spread between the rounds is the noise).
+    configs = [(64, 128, 4, 2), (64, 128, 4, 4), (64, 256, 4, 2), (64, 512, 2, 2), (64, 512, 3, 2),
+               (64, 512, 4, 1)]
+    def xla_read(x, w, _s):   # the same chained harness around XLA reading the whole weight
+        # (the chained x enters the sum, so no call is hoisted out of the chain or merged)
+        total = jnp.sum(w.astype(jnp.int32) + x[0, 0].astype(jnp.int32), axis=1)
+        return jnp.broadcast_to(total[:1, None].astype(x.dtype), (x.shape[0], 1))
 
-        def fn(x, w, _s, bn=bn, bk=bk, stages=stages, ctas=ctas):
-            tag = jnp.zeros((ctas,), jnp.int32) + x[0, 0].astype(jnp.int32)   # chained: no CSE
-            out = stream(w, tag, bn=bn, bk=bk, stages=stages, ctas=ctas)
-            return jnp.broadcast_to(out[:1, :1].astype(x.dtype), (x.shape[0], 1))
-        try:
-            us = timed(fn, jnp.zeros((8, k), jnp.bfloat16), copies, ns.iters, ns.reps)
-        except Exception as e:  # noqa: BLE001 - a config that fails to build is a result too
-            print(f"  stream {bn}x{bk} x{stages} {ctas}: error {e!r:.300}", flush=True)
-            continue
-        add("stream", f"{bn}x{bk}, {stages} stages, {ctas} CTAs", us)
+    bf16 = [(jax.random.normal(jax.random.fold_in(key, 50 + c), (k, n), jnp.bfloat16),)
+            for c in range(ns.copies)]
+    for rnd in range(1, ns.rounds + 1):
+        add(f"XLA's row sum of the weight, round {rnd}", "-",
+            timed(xla_read, jnp.zeros((8, k), jnp.bfloat16), copies, ns.iters, ns.reps))
+        us = timed(lambda x, w: x @ w, jnp.zeros((16, k), jnp.bfloat16), bf16, ns.iters, ns.reps)
+        add(f"XLA's bf16 x[16, K] @ w[K, N], round {rnd} (GB/s: half its bytes)", "-", 2 * us)
+    del bf16
+    layouts = [v for v in ns.layouts.split(",") if v]
+    for rnd, layout in itertools.product(range(1, ns.rounds + 1), layouts):
+        for bn, bk, stages, per_sm in configs:
+            ctas = per_sm * sms
+            if layout.endswith("no swizzle") and bk > 256:   # (a TMA box dimension: <= 256)
+                continue
+            ws = ([(pretile(q, bn, bk), s) for q, s in copies] if layout == "tiled" else copies)
+
+            def fn(x, w, _s, bn=bn, bk=bk, stages=stages, ctas=ctas, sw=layout != "rows, no swizzle"):
+                tag = jnp.zeros((ctas,), jnp.int32) + x[0, 0].astype(jnp.int32)   # chained: no CSE
+                out = stream(w, tag, bn=bn, bk=bk, stages=stages, ctas=ctas, swizzle=sw)
+                return jnp.broadcast_to(out[:1, :1].astype(x.dtype), (x.shape[0], 1))
+            try:
+                us = timed(fn, jnp.zeros((8, k), jnp.bfloat16), ws, ns.iters, ns.reps)
+            except Exception as e:  # noqa: BLE001 - a config that fails to build is a result too
+                print(f"  stream {layout} {bn}x{bk} x{stages} {ctas}: error {e!r:.300}", flush=True)
+                continue
+            finally:
+                del ws
+            add(f"stream, {layout}, round {rnd}", f"{bn}x{bk}, {stages} stages, {ctas} CTAs", us)
 
     # The kernel: its default and every split of K for the default's tile.
-    for m in (int(v) for v in ns.ms.split(",")):
+    for m in (int(v) for v in ns.ms.split(",") if v):
         x = jax.random.normal(jax.random.fold_in(key, 7 + m), (m, k), jnp.bfloat16)
         default = mgpu.kernel_config(m, n, k)
         cfgs = [default]
@@ -134,7 +178,7 @@ def main() -> None:
                                                 ctas_per_sm=per_sm, store_mn=default.store_mn)
                 if mgpu_decode.supports(mgpu.padded_tokens(m), n, k, cfg):
                     cfgs.append(cfg)
-        for cfg in cfgs:
+        for cfg in [c for _ in range(ns.kernel_rounds) for c in cfgs]:   # (rounds in turn)
             q, s = copies[0]
             try:
                 fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731

@@ -1,9 +1,9 @@
-# The device calls owed after session 30 (2026-12-04), in the order to run them. Each case fits
+# The device calls owed after session 31 (2026-12-04), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table
 # (a call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-30 removed the ones they ran; vmm stays as the record of its arms).
-# Order: eg (a GPU engine test that failed in session 30, with its traceback), lt (issue
+# history (sessions 7-31 removed the ones they ran; vmm stays as the record of its arms).
+# Order: eg (the whole GPU engine test file after session 31's fix of its Mosaic test), lt (issue
 # 12: where the speculating step's launch goes), qx4 (issue 13: w8a8 with Triton GEMMs), b2, o,
 # u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider
 # code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb, d, s, c.
@@ -71,10 +71,9 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 
 case "${1:-}" in
 eg)
-  # Session 30: tests/gpu/test_engine_gpu.py::test_bf16_fresh_step_runs_mosaic_kernel_once_and_matches_paged
-  # failed on an H200 (the call's tail kept no traceback); the other 10 tests of that file and
-  # test_structured_gpu.py passed. A model forward, no engine step: not this session's diff.
-  # Its traceback, then the whole GPU engine file again.
+  # Session 31 ran test_bf16_fresh_step_runs_mosaic_kernel_once_and_matches_paged alone after
+  # fixing its count of the kernel's call (once, inside the nested-jit layer): passed. The whole
+  # file again (session 30: the other 10 passed).
   timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=long tests/gpu/test_engine_gpu.py \
     > "$OUT/engine_gpu.txt" 2>&1
   grep -v "^W\|WARNING" "$OUT/engine_gpu.txt" | grep -B2 -A30 "^____\|^E " | head -120; tail -3 "$OUT/engine_gpu.txt"
