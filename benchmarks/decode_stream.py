@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 
 import jax
@@ -103,7 +104,11 @@ def main() -> None:
     ap.add_argument("--kernel-rounds", type=int, default=1, help="rounds of the kernel rows, in turn")
     ap.add_argument("--layouts", default="rows,tiled,rows, no swizzle".replace(", ", "+"),
                     help="stream layouts: rows, tiled, rows+no swizzle ('': no stream rows)")
+    ap.add_argument("--wall-clock", action="store_true",
+                    help="time a call as one reading of a chain over its length (sessions 13-31), "
+                         "not the difference of two chain lengths")
     ns = ap.parse_args()
+    clock = functools.partial(timed, differential=not ns.wall_clock)
     ns.layouts = ns.layouts.replace("+", ", ")
     n, k = (int(v) for v in ns.shape.split("x"))
     sms = mgpu_decode.sm_count()
@@ -137,8 +142,8 @@ def main() -> None:
             for c in range(ns.copies)]
     for rnd in range(1, ns.rounds + 1):
         add(f"XLA's row sum of the weight, round {rnd}", "-",
-            timed(xla_read, jnp.zeros((8, k), jnp.bfloat16), copies, ns.iters, ns.reps))
-        us = timed(lambda x, w: x @ w, jnp.zeros((16, k), jnp.bfloat16), bf16, ns.iters, ns.reps)
+            clock(xla_read, jnp.zeros((8, k), jnp.bfloat16), copies, ns.iters, ns.reps))
+        us = clock(lambda x, w: x @ w, jnp.zeros((16, k), jnp.bfloat16), bf16, ns.iters, ns.reps)
         add(f"XLA's bf16 x[16, K] @ w[K, N], round {rnd} (GB/s: half its bytes)", "-", 2 * us)
     del bf16
     layouts = [v for v in ns.layouts.split(",") if v]
@@ -154,7 +159,7 @@ def main() -> None:
                 out = stream(w, tag, bn=bn, bk=bk, stages=stages, ctas=ctas, swizzle=sw)
                 return jnp.broadcast_to(out[:1, :1].astype(x.dtype), (x.shape[0], 1))
             try:
-                us = timed(fn, jnp.zeros((8, k), jnp.bfloat16), ws, ns.iters, ns.reps)
+                us = clock(fn, jnp.zeros((8, k), jnp.bfloat16), ws, ns.iters, ns.reps)
             except Exception as e:  # noqa: BLE001 - a config that fails to build is a result too
                 print(f"  stream {layout} {bn}x{bk} x{stages} {ctas}: error {e!r:.300}", flush=True)
                 continue
@@ -184,7 +189,7 @@ def main() -> None:
                 fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731
                 err = rel(jnp.asarray(jax.jit(fn)(x, q, s), jnp.float32),
                           ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32))
-                us = timed(fn, x, copies, ns.iters, ns.reps)
+                us = clock(fn, x, copies, ns.iters, ns.reps)
             except Exception as e:  # noqa: BLE001
                 print(f"  kernel M={m} {cfg}: error {e!r:.300}", flush=True)
                 continue

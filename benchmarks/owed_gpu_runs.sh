@@ -3,7 +3,8 @@
 # (a call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-31 removed the ones they ran; vmm stays as the record of its arms).
-# Order: eg (the whole GPU engine test file after session 31's fix of its Mosaic test), lt (issue
+# Order: eg (the whole GPU engine test file after session 31's fix of its Mosaic test), qd (issue
+# 13: the decode matmul at the 8B's shapes, timed by the difference of two chain lengths), lt (issue
 # 12: where the speculating step's launch goes), qx4 (issue 13: w8a8 with Triton GEMMs), b2, o,
 # u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider
 # code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb, d, s, c.
@@ -84,6 +85,18 @@ spt)
   timeout 400 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_spec_gpu.py -k "${SPT_K:-not greedy_matches}" \
     > "$OUT/spec_gpu.txt" 2>&1
   tail -4 "$OUT/spec_gpu.txt"
+  ;;
+qd)
+  # Session 31 timed the decode kernel, its bare TMA ring and XLA's read of the same weight with
+  # one wall-clock reading per chain (the reading's fixed cost inside every per-call figure, and
+  # +-20-30% between rounds). Now the difference of chains of N and 2N calls. Prediction: every
+  # figure ~5-10% lower and the rounds within ~10%; the kernel's share of the read ceiling at the
+  # 8B's gate/up M = 1 ~88-92% (was 85%), M = 16 ~83-88% (was 75-80%); split 1-2 still <= split 4.
+  for sh in 28672x4096 4096x14336 6144x4096 4096x4096; do
+    timeout 130 python3 benchmarks/decode_stream.py --shape $sh --ms 1,16 --layouts rows --rounds 1 \
+      --kernel-rounds 2 --iters 40 > "$OUT/decode_stream_$sh.txt" 2>&1
+    grep "^|\|^int8\|rror" "$OUT/decode_stream_$sh.txt" | head -40
+  done
   ;;
 lt)
   # Issue 12: where the speculating step's launch goes (session 26's call 1 ran the base's again,

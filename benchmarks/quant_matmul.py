@@ -26,7 +26,9 @@ and of the bf16 GEMV's own weight-read rate (2 bytes per weight) in the same row
 
 Timing: ``--iters`` calls chained inside one jit (each call's input depends on the previous
 output, so nothing is hoisted or merged), rotating over ``--copies`` weight copies so that the
-weight (59 MB int8, 117 MB bf16) is not served from the 50 MB L2; median of ``--reps``.
+weight (59 MB int8, 117 MB bf16) is not served from the 50 MB L2; median of ``--reps``, and
+(``timed``'s default since session 31; ``--wall-clock`` for the old quotient) the difference
+of chains of ``iters`` and ``2 * iters`` calls, so the reading's fixed cost cancels.
 
     PYTHONPATH=. python3 benchmarks/quant_matmul.py [--sweep] [--ms 1,16,256,4096]
 
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -64,23 +67,37 @@ def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
 
-def timed(fn, x, weights, iters: int, reps: int) -> float:
-    """Median per-call microseconds of ``fn(x, *w)`` chained ``iters`` times in one jit."""
-    def loop(x, weights):
-        acc = jnp.zeros((), jnp.float32)
-        for i in range(iters):
-            y = fn(x, *weights[i % len(weights)])
-            x = x + (y[:, :1] * 1e-6).astype(x.dtype)    # depend on the previous call
-            acc = acc + y[0, 0].astype(jnp.float32)
-        return acc
-    f = jax.jit(loop)
-    jax.block_until_ready(f(x, weights))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
+def timed(fn, x, weights, iters: int, reps: int, differential: bool = True) -> float:
+    """Median per-call microseconds of ``fn(x, *w)`` chained ``iters`` times in one jit.
+
+    ``differential`` (the default since session 31): the chain is also run ``2 * iters`` long,
+    the two lengths in turn, and a call's time is the difference of the medians over ``iters``:
+    what one wall-clock reading carries besides the calls (the jit's dispatch, the first
+    launch, the host's wait for the device: tens of us, 5-15% of a 20-call chain of 30-50 us
+    kernels) cancels. Else the plain quotient of one reading (sessions 13-31's figures)."""
+    def chain(n):
+        def loop(x, weights):
+            acc = jnp.zeros((), jnp.float32)
+            for i in range(n):
+                y = fn(x, *weights[i % len(weights)])
+                x = x + (y[:, :1] * 1e-6).astype(x.dtype)    # depend on the previous call
+                acc = acc + y[0, 0].astype(jnp.float32)
+            return acc
+        f = jax.jit(loop)
         jax.block_until_ready(f(x, weights))
-        times.append((time.perf_counter() - t) / iters * 1e6)
-    return statistics.median(times)
+        return f
+
+    lengths = (iters, 2 * iters) if differential else (iters,)
+    fs = [chain(n) for n in lengths]
+    times: list[list[float]] = [[] for _ in lengths]
+    for _ in range(reps):
+        for f, out in zip(fs, times, strict=True):
+            t = time.perf_counter()
+            jax.block_until_ready(f(x, weights))
+            out.append(time.perf_counter() - t)
+    if differential:
+        return (statistics.median(times[1]) - statistics.median(times[0])) / iters * 1e6
+    return statistics.median(times[0]) / iters * 1e6
 
 
 def ceilings(reps: int) -> tuple[float, float]:
@@ -133,7 +150,11 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-ms", default="1", help="the Ms that --sweep covers")
     p.add_argument("--shape", default=f"{N}x{K}", help="N x K of the weight")
+    p.add_argument("--wall-clock", action="store_true",
+                   help="time a call as one reading of a chain over its length (sessions 13-31), "
+                        "not the difference of two chain lengths")
     a = p.parse_args()
+    clock = functools.partial(timed, differential=not a.wall_clock)
     N, K = (int(v) for v in a.shape.split("x"))
     sweep_ms = {int(v) for v in a.sweep_ms.split(",")}
     print("device:", jax.devices()[0].device_kind, "hopper:", mgpu.on_hopper(), flush=True)
@@ -169,13 +190,13 @@ def main() -> None:
         x = jax.random.normal(jax.random.fold_in(key, 99 + m), (m, K), jnp.bfloat16)
         ws = lambda name: [c[name] for c in copies]  # noqa: E731
         t = dict(
-            bf16=timed(lambda x, w: x @ w, x, ws("bf16"), a.iters, a.reps),
-            xla_int8=timed(xla_wonly, x, ws("int8_kn"), a.iters, a.reps),
-            xla_fp8=timed(xla_wonly, x, ws("fp8_kn"), a.iters, a.reps),
+            bf16=clock(lambda x, w: x @ w, x, ws("bf16"), a.iters, a.reps),
+            xla_int8=clock(xla_wonly, x, ws("int8_kn"), a.iters, a.reps),
+            xla_fp8=clock(xla_wonly, x, ws("fp8_kn"), a.iters, a.reps),
         )
         for name, fn, wname in (("xla_w8a8", xla_w8a8, "fp8_kn"), ("xla_w8a8_nk", xla_w8a8_nk, "fp8")):
             try:
-                t[name] = timed(fn, x, ws(wname), a.iters, a.reps)
+                t[name] = clock(fn, x, ws(wname), a.iters, a.reps)
             except Exception as e:  # noqa: BLE001 - report and keep going
                 emit(kind="error", what=name, m=m, error=repr(e)[:300])
                 t[name] = float("nan")
@@ -185,7 +206,7 @@ def main() -> None:
                 got = jax.jit(kernel(aq))(x, q, s)
                 want = (ref.w8a8_matmul if aq else ref.w8a16_matmul)(x, q, s, out_dtype=jnp.float32)
                 err = rel(jnp.asarray(got, jnp.float32), want)
-                t[name] = timed(kernel(aq), x, ws(wname), a.iters, a.reps)
+                t[name] = clock(kernel(aq), x, ws(wname), a.iters, a.reps)
                 emit(kind="kernel", name=name, m=m, us=round(t[name], 1), rel_err=err,
                      config=str(mgpu.kernel_config(m, N, K)))
             except Exception as e:  # noqa: BLE001 - a kernel that fails to compile is a result too
@@ -207,7 +228,7 @@ def main() -> None:
                 q, sc = copies[0]["int8"]   # checked first: a racy pipeline must not win
                 err = rel(jnp.asarray(jax.jit(kernel(False, cfg))(x, q, sc), jnp.float32),
                           ref.w8a16_matmul(x, q, sc, out_dtype=jnp.float32))
-                t[name] = timed(kernel(False, cfg), x, ws("int8"), a.iters, a.reps)
+                t[name] = clock(kernel(False, cfg), x, ws("int8"), a.iters, a.reps)
                 emit(kind="kernel", name=name, m=m, us=round(t[name], 1), rel_err=err, config=str(cfg))
             except Exception as e:  # noqa: BLE001
                 emit(kind="error", what=name, m=m, error=repr(e)[:500])
@@ -219,7 +240,7 @@ def main() -> None:
                     q, sc = copies[0]["int8"]   # checked first: a racy pipeline must not win
                     err = rel(jnp.asarray(jax.jit(kernel(False, cfg))(x, q, sc), jnp.float32),
                               ref.w8a16_matmul(x, q, sc, out_dtype=jnp.float32))
-                    us = timed(kernel(False, cfg), x, ws("int8"), a.iters, a.reps)
+                    us = clock(kernel(False, cfg), x, ws("int8"), a.iters, a.reps)
                 except Exception as e:  # noqa: BLE001
                     emit(kind="sweep_error", m=m, config=str(cfg), error=repr(e)[:200])
                     continue
