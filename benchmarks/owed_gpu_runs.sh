@@ -4,7 +4,8 @@
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-31 removed the ones they ran; vmm stays as the record of its arms).
 # Order: eg (the whole GPU engine test file after session 31's fix of its Mosaic test), qd (issue
-# 13: the decode matmul at the 8B's shapes, timed by the difference of two chain lengths), lt (issue
+# 13: the decode matmul at the 8B's shapes, timed by the difference of two chain lengths), qh (issue
+# 13: the 8B's batch-1 decode with the lm_head quantized too), lt (issue
 # 12: where the speculating step's launch goes), qx4 (issue 13: w8a8 with Triton GEMMs), b2, o,
 # u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider
 # code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb, d, s, c.
@@ -97,6 +98,15 @@ qd)
       --kernel-rounds 2 --iters 40 > "$OUT/decode_stream_$sh.txt" 2>&1
     grep "^|\|^int8\|rror" "$OUT/decode_stream_$sh.txt" | head -40
   done
+  ;;
+qh)
+  # Session 31 added quantize_lm_head: the 8B's bf16 lm_head (1.05 GB, ~0.33 ms of a 3.41 ms int8
+  # batch-1 step, session 24) becomes int8 (0.53 GB). bf16, int8 and int8 + lm_head in one call
+  # (the 16-token bucket, as session 24's qk2). Prediction: int8 + lm_head 0.12-0.16 ms under int8
+  # (~1.41-1.43x bf16 against int8's ~1.36x); kernels per step unchanged but for the head's sum.
+  timeout 560 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization none,int8,int8+lm_head > "$OUT/step_floor_lm_head.txt" 2>&1
+  grep "^##\|^| A \|^| B \|rror" "$OUT/step_floor_lm_head.txt" | head -20
   ;;
 lt)
   # Issue 12: where the speculating step's launch goes (session 26's call 1 ran the base's again,

@@ -1,7 +1,8 @@
 """Accuracy of quantized weights and KV on the bundled code-small (CPU is fine): held-out
-perplexity for bf16, int8, fp8 and fp8_w8a8 weights (and, with ``--kv``, bf16 weights over a
-bf16 / fp8 / int8 KV pool, attention reading the windows back from the pages), greedy agreement
-with bf16 over 64 tokens.
+perplexity for bf16, int8, fp8 and fp8_w8a8 weights, int8 and fp8 with the lm_head quantized
+too (``quantize_lm_head``; code-small ties it to the embedding: an 8-bit copy) (and, with
+``--kv``, bf16 weights over a bf16 / fp8 / int8 KV pool, attention reading the windows back from
+the pages), greedy agreement with bf16 over 64 tokens.
 
 Held-out text and evaluation: tests/quant_eval.py (the model card's test split and windows).
 Greedy prompts: the first ``--prompt-tokens`` tokens of each held-out file.
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import quant_eval as qe  # noqa: E402
 
-METHODS = (None, "int8", "fp8", "fp8_w8a8")
+METHODS = (None, "int8", "fp8", "fp8_w8a8", "int8+lm_head", "fp8+lm_head")   # (+lm_head: quantize_lm_head)
 KV_DTYPES = ("bfloat16", "fp8", "int8")
 
 

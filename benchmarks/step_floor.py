@@ -244,9 +244,12 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
           twins: bool = False, staged: bool = False) -> None:
     res = {}
     t0 = time.perf_counter()
+    lm_head = quantization is not None and quantization.endswith("+lm_head")   # quantize_lm_head
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16",
                                   max_num_seqs=min(16, max_tokens), max_num_batched_tokens=max_tokens,
-                                  max_model_len=1024, num_pages=512, quantization=quantization),
+                                  max_model_len=1024, num_pages=512, quantize_lm_head=lm_head,
+                                  quantization=quantization.removesuffix("+lm_head") if lm_head
+                                  else quantization),
                        progress=lambda line: print("  " + line, flush=True))
     build_s = time.perf_counter() - t0
     tag = model.replace("/", "_") + (f".{quantization}" if quantization else "")
@@ -319,7 +322,8 @@ def main() -> None:
     ap.add_argument("--compile-threads", type=int, default=None,
                     help="step variants compiled at once at start-up (default: the runner's choice)")
     ap.add_argument("--quantization", default="none",
-                    help="comma list of weight quantizations to probe in turn: none, int8, fp8, fp8_w8a8")
+                    help="comma list of weight quantizations to probe in turn: none, int8, fp8, "
+                         "fp8_w8a8, each with '+lm_head' for quantize_lm_head (int8+lm_head)")
     ap.add_argument("--twins", action="store_true",
                     help="also time A2: two executables of the decode step called in turn")
     ap.add_argument("--staged", action="store_true",

@@ -21,7 +21,8 @@ Supported pre-quantized formats (8-bit weights stored ``[out, in]`` like every H
 
 Quantize-on-load (``LLM(quantization=...)`` on a float checkpoint): ``"int8"`` and ``"fp8"``
 are weight-only with per-output-channel scales (w8a16); ``"fp8_w8a8"`` also quantizes the
-activations to fp8 per token at run time (dynamic scales).
+activations to fp8 per token at run time (dynamic scales). ``quantize_lm_head`` adds the lm_head
+(``QuantScheme.lm_head``), quantized on load from its float weights under any of these.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ class QuantScheme:
     stored form; the model holds channel or row x K-group scales). block: (bn, bk) for "block".
     activations: None (weight-only), "dynamic" (per-token fp8 at run time), "static" (the
     checkpoint's ``input_scale``). prequantized: tensors are stored 8-bit (else quantize on
-    load). ignore: module names the checkpoint left unquantized.
+    load). ignore: module names the checkpoint left unquantized. lm_head: the lm_head (the
+    embedding's transpose for tied models) is quantized on load too, weight-only with
+    per-vocab-row scales in ``weight_dtype`` (``quantize_lm_head``), whatever the activations.
     """
 
     method: str
@@ -57,6 +60,7 @@ class QuantScheme:
     activations: str | None = None
     prequantized: bool = False
     ignore: tuple[str, ...] = ()
+    lm_head: bool = False
 
     @property
     def scale_name(self) -> str:
@@ -68,7 +72,9 @@ class QuantScheme:
                "static": "fp8 activations (static input_scale)"}[self.activations]
         scales = f"block {self.block[0]}x{self.block[1]}" if self.block else f"per-{self.weight_scales}"
         where = "pre-quantized checkpoint" if self.prequantized else "quantized on load"
-        return f"{self.method}: {self.weight_dtype} weights, {scales} scales, {act} ({where})"
+        head = f"; lm_head {self.weight_dtype} weight-only, per-row scales (quantized on load)" \
+            if self.lm_head else ""
+        return f"{self.method}: {self.weight_dtype} weights, {scales} scales, {act} ({where}){head}"
 
 
 def on_load_scheme(method: str) -> QuantScheme:

@@ -250,16 +250,17 @@ def pool_page_bytes(config: EngineConfig, draft: ModelConfig | None = None) -> i
 
 
 def _load_checkpoint(model_dir: HFModelDir | OrbaxModelDir, cfg: ModelConfig, mesh: Mesh,
-                     quantization: str | None) -> Params:
+                     quantization: str | None, quantize_lm_head: bool = False) -> Params:
     """The checkpoint layout of ``cfg`` on ``mesh``: restored from orbax, or streamed from HF
-    (quantized on load when ``quantization`` is set)."""
+    (quantized on load when ``quantization`` is set; the lm_head too with ``quantize_lm_head``)."""
     if isinstance(model_dir, OrbaxModelDir):
-        if quantization is not None:
-            raise ValueError(f"quantization={quantization!r} quantizes on load from a Hugging Face "
-                             f"checkpoint; {model_dir.path} is an orbax checkpoint (convert the HF "
-                             "checkpoint instead)")
+        for name, value in (("quantization", quantization), ("quantize_lm_head", quantize_lm_head)):
+            if value not in (None, False):
+                raise ValueError(f"{name}={value!r} quantizes on load from a Hugging Face "
+                                 f"checkpoint; {model_dir.path} is an orbax checkpoint (convert the "
+                                 "HF checkpoint instead)")
         return restore_params(model_dir, cfg, mesh)
-    return load_params(model_dir, cfg, mesh, quantization)
+    return load_params(model_dir, cfg, mesh, quantization, quantize_lm_head)
 
 
 def _build_data_parallel(args: EngineArgs, progress: Callable[[str], None] | None) -> DataParallelEngine:
@@ -390,11 +391,13 @@ def _build_engine(args: EngineArgs, progress: Callable[[str], None] | None = Non
     if channel is not None:
         _check_mesh_spans_job(mesh)
     if model_dir is not None:
-        params = replicate_kv_heads(_load_checkpoint(model_dir, model_cfg, mesh, args.quantization),
+        params = replicate_kv_heads(_load_checkpoint(model_dir, model_cfg, mesh, args.quantization,
+                                                     args.quantize_lm_head),
                                     model_cfg, config.model, mesh)
         tokenizer = Tokenizer.from_dir(model_dir.path)
     else:
-        params = random_params(config.model, mesh, seed=args.seed, quantization=args.quantization)
+        params = random_params(config.model, mesh, seed=args.seed, quantization=args.quantization,
+                               quantize_lm_head=args.quantize_lm_head)
         tokenizer = None
     draft = None
     spec = config.speculative

@@ -212,6 +212,10 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            default_text="none, or a pre-quantized checkpoint's own",
            help="quantize the projection weights on load: int8 or fp8 weight-only (per-channel "
            "scales), or fp8_w8a8 (fp8 weights and per-token fp8 activations)"),
+    Option("quantize_lm_head", bool, False, commands=COMMANDS,
+           help="quantize the lm_head (the tied embedding's copy) on load too, weight-only with "
+           "per-row scales in the quantization's 8-bit dtype: a batch-1 decode step streams it "
+           "every step (needs --quantization or a pre-quantized checkpoint)"),
     Option("max_model_len", int, None, nullable=True, minimum=1, commands=COMMANDS,
            aliases=(Alias("--context", (PLAN,)),), default_text="min(model max positions, 4096)",
            help="context length per sequence (prompt + output tokens)"),

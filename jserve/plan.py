@@ -123,7 +123,8 @@ class CapacityPlan:
              f"({self.quantization.describe()}; --quantization), the rest {m.dtype} = ")
             + f"{_b(self.weight_bytes_total)}; / tp {tp} (--tp){f' x pp {pp} (--pp)' if pp > 1 else ''} = "
             f"{_b(self.weight_bytes_per_device)} per device"
-            + ("" if self.quantization is not None else " (8-bit: --quantization)"),
+            + (" (8-bit: --quantization)" if self.quantization is None else
+               "" if self.quantization.lm_head else " (the lm_head 8-bit too: --quantize-lm-head)"),
             f"memory     {_memory_line(acc, c.cache.gpu_memory_utilization, self.memory.usable_bytes)}",
             f"state      runner state (penalty statistics: {c.scheduler.max_num_seqs} seqs "
             f"(--max-num-seqs) x {m.vocab_size:,} x 4 B, token masks and logit biases: "
@@ -204,7 +205,8 @@ def plan_capacity(model: str | None = None, gpu: str | int = "H100-80GB", **opti
     if spec is not None and spec.method == "draft_model":
         draft, _ = resolve_draft(spec, model_cfg, model_dir.path if model_dir else None,
                                  model_cfg.dtype)
-    scheme = resolve_scheme(model_dir.config if model_dir is not None else {}, args.quantization, label)
+    scheme = resolve_scheme(model_dir.config if model_dir is not None else {}, args.quantization, label,
+                            args.quantize_lm_head)
     return _plan(label, config, acc, args, draft, scheme)
 
 

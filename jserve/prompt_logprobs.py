@@ -59,7 +59,7 @@ def _score(cfg: ModelConfig, mesh: Mesh | None, params: Any, kv: Any, batch: Ste
 
     def chunk(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         hc, tc = args
-        lp = jax.nn.log_softmax(logits_from_hidden(cfg, params, hc), axis=-1)   # [C, V]
+        lp = jax.nn.log_softmax(logits_from_hidden(cfg, params, hc, mesh), axis=-1)   # [C, V]
         chosen = jnp.take_along_axis(lp, tc[:, None], axis=1)[:, 0]
         rank = 1 + jnp.sum(lp > chosen[:, None], axis=1, dtype=jnp.int32)
         top_lp, top_ids = jax.lax.top_k(lp, n)

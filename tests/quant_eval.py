@@ -66,10 +66,13 @@ def heldout_ids(max_tokens: int | None = None) -> np.ndarray:
 
 
 def load(quantization: str | None, dtype: str | None = None, path: Path | None = None,
-         mesh: jax.sharding.Mesh | None = None) -> tuple[ModelConfig, dict]:
+         mesh: jax.sharding.Mesh | None = None, lm_head: bool = False) -> tuple[ModelConfig, dict]:
+    """``quantization``: a quantize-on-load method, or one with "+lm_head" (the lm_head too)."""
+    if quantization is not None and quantization.endswith("+lm_head"):
+        quantization, lm_head = quantization.removesuffix("+lm_head"), True
     mdir = HFModelDir(path or default_model_path())
     cfg = ModelConfig.from_hf_config(mdir.config, dtype=dtype)
-    return cfg, load_params(mdir, cfg, mesh or make_mesh(1), quantization)
+    return cfg, load_params(mdir, cfg, mesh or make_mesh(1), quantization, lm_head)
 
 
 def mean_nll(cfg: ModelConfig, params: dict, ids: np.ndarray, batch: int = 4) -> float:

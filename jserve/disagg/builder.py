@@ -97,7 +97,7 @@ def check_fits(args: EngineArgs, groups: dict[str, tuple[int, ...]], devices: Se
                          f"and {heads['decode']} kv heads; pick sizes that serve the same (the "
                          f"model has {cfg.num_kv_heads})")
     config = getattr(model_dir, "config", {}) if model_dir is not None else {}
-    scheme = resolve_scheme(config, args.quantization, args.model or "the model")
+    scheme = resolve_scheme(config, args.quantization, args.model or "the model", args.quantize_lm_head)
     for name, ids in groups.items():
         per_device = weight_bytes(serving_model_config(cfg, len(ids)), scheme) // len(ids)
         stats = devices[ids[0]].memory_stats() if hasattr(devices[ids[0]], "memory_stats") else None

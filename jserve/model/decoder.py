@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache
 from jserve.model.attention import fresh_prefill_attention, paged_attention, write_kv
-from jserve.model.linear import linear
+from jserve.model.linear import QuantizedWeight, linear
 from jserve.model.microbatch import bubble, split_microbatches
 from jserve.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from jserve.step_input import StepInput, advance_decode
@@ -188,7 +188,7 @@ def pipelined_burst(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch
     def feed_fn(head: tuple, state: Any, y: jax.Array, g: jax.Array, i: jax.Array,
                 fed: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
         w, inputs = head
-        logits = logits_from_hidden(cfg, w, rms_norm(y, w["norm"], cfg.rms_norm_eps))
+        logits = logits_from_hidden(cfg, w, rms_norm(y, w["norm"], cfg.rms_norm_eps), mesh)
         if sample is None:
             tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
@@ -225,9 +225,14 @@ def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: 
     return rms_norm(x, params["norm"], cfg.rms_norm_eps), new_kv
 
 
-def logits_from_hidden(cfg: ModelConfig, params: dict[str, Any], h: jax.Array) -> jax.Array:
-    """h: [R, H] -> float32 logits [R, V] (tied embeddings use embed^T)."""
-    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+def logits_from_hidden(cfg: ModelConfig, params: dict[str, Any], h: jax.Array,
+                       mesh: Mesh | None = None) -> jax.Array:
+    """h: [R, H] -> float32 logits [R, V] (tied embeddings use embed^T; an 8-bit lm_head, tied
+    or not, runs through ``linear``: ``quantize_lm_head``)."""
+    head = params.get("lm_head")
+    if isinstance(head, QuantizedWeight):
+        return linear(h, head, 0, mesh, out_dtype=jnp.float32)
+    w = params["embed"].T if cfg.tie_word_embeddings else head
     return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
 
@@ -236,4 +241,4 @@ def forward(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: StepIn
             decode_only: bool = False) -> tuple[KVCache, jax.Array]:
     """-> (kv with this step's K/V written, float32 logits [R, V] at ``batch.logits_indices``)."""
     h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill, mesh, decode_only)
-    return kv, logits_from_hidden(cfg, params, h[batch.logits_indices])
+    return kv, logits_from_hidden(cfg, params, h[batch.logits_indices], mesh)

@@ -89,37 +89,40 @@ def mesh_axes_of(sharding: jax.sharding.Sharding, ndim: int) -> tuple[str | None
     return axes
 
 
-def linear(x: jax.Array, w: Weight, i: int, mesh: Mesh | None = None) -> jax.Array:
-    """x: [T, K] @ layer ``i`` (static) of the stacked weight ``w`` -> [T, *out] in x's dtype."""
+def linear(x: jax.Array, w: Weight, i: int, mesh: Mesh | None = None,
+           out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """x: [T, K] @ layer ``i`` (static) of the stacked weight ``w`` -> [T, *out] in ``out_dtype``
+    (None: x's dtype; the product accumulates in float32 either way)."""
     if not isinstance(w, QuantizedWeight):
-        return jnp.tensordot(x, w[i], axes=1)
+        return jnp.tensordot(x, w[i], axes=1, preferred_element_type=out_dtype)
     out = w.out_shape
     n = math.prod(out)
     q = w.q[i].reshape(n, w.q.shape[-1])
     if w.group is not None:
         scale = w.scale[i].reshape(n, -1)
-        y = qref.group_matmul(x, q, scale, w.group)
+        y = qref.group_matmul(x, q, scale, w.group, out_dtype=out_dtype)
     else:
         scale = w.scale[i].reshape(n)
         input_scale = None if w.input_scale is None else w.input_scale[i]
         if _tensor_parallel(mesh) and w.spec is not None:
-            return _per_shard(x, w, i, mesh)
+            return _per_shard(x, w, i, mesh, out_dtype)
         if _tensor_parallel(mesh):
-            y = (qref.w8a8_matmul(x, q, scale, input_scale) if w.act_quant
-                 else qref.w8a16_matmul(x, q, scale))
+            y = (qref.w8a8_matmul(x, q, scale, input_scale, out_dtype=out_dtype) if w.act_quant
+                 else qref.w8a16_matmul(x, q, scale, out_dtype=out_dtype))
         else:
             y = pallas_kernels.quant_matmul(x, q, scale, input_scale, act_quant=w.act_quant,
-                                            **_kernel_choice(w))
-    return y.reshape(x.shape[0], *out)
+                                            out_dtype=out_dtype, **_kernel_choice(w))
+    return y.astype(out_dtype or x.dtype).reshape(x.shape[0], *out)
 
 
 def _kernel_choice(w: QuantizedWeight) -> dict:
     return {} if w.interpret is None else dict(interpret=True, backend=w.interpret)
 
 
-def _per_shard(x: jax.Array, w: QuantizedWeight, i: int, mesh: Mesh) -> jax.Array:
+def _per_shard(x: jax.Array, w: QuantizedWeight, i: int, mesh: Mesh,
+               out_dtype: jnp.dtype | None = None) -> jax.Array:
     """The quantized matmul of layer ``i`` run per device on its shard (module docstring):
-    x [T, K] -> [T, *out]."""
+    x [T, K] -> [T, *out] in ``out_dtype`` (None: x's)."""
     q_axes = w.spec[1:]                      # [*out, K]
     out_axes, k_axis = q_axes[:-1], q_axes[-1]
     input_scale = None if w.input_scale is None else w.input_scale[i]
@@ -131,9 +134,9 @@ def _per_shard(x: jax.Array, w: QuantizedWeight, i: int, mesh: Mesh) -> jax.Arra
             input_scale = qref.token_scales(jax.lax.pmax(jnp.max(jnp.abs(x), axis=-1), k_axis))
         y = pallas_kernels.quant_matmul(
             x, q.reshape(n, q.shape[-1]), scale.reshape(n), input_scale, act_quant=w.act_quant,
-            out_dtype=jnp.float32 if k_axis is not None else None, **_kernel_choice(w))
+            out_dtype=jnp.float32 if k_axis is not None else out_dtype, **_kernel_choice(w))
         y = y.reshape(x.shape[0], *q.shape[:-1])
-        return y if k_axis is None else jax.lax.psum(y, k_axis).astype(x.dtype)
+        return y if k_axis is None else jax.lax.psum(y, k_axis).astype(out_dtype or x.dtype)
 
     args = (x, w.q[i], w.scale[i], *(() if input_scale is None else (input_scale,)))
     specs = (PartitionSpec(None, k_axis), PartitionSpec(*q_axes), PartitionSpec(*out_axes),

@@ -11,7 +11,8 @@ per-layer weight is one ``[L, ...]`` array the decoder slices statically inside 
 layer loop stays unrolled: a ``lax.scan`` over layers measured 2.2x slower on the 8B decode),
 and the projections that read the same input are fused into one matmul each (fewer kernels)::
 
-    embed [V, H]   norm [H]   lm_head [H, V] (absent when tied)
+    embed [V, H]   norm [H]   lm_head [H, V] (absent when tied; 8-bit [1, V, H] under
+                                                quantize_lm_head: quant_params.quantize_head)
     ln_attn, ln_mlp [L, H]
     wqkv  [L, H, Nkv, Gp + 2, d]  per kv head j: its G query heads (zero-padded to Gp), k_j, v_j
     bqkv  [L, Nkv, Gp + 2, d]     (qkv_bias only)
@@ -35,9 +36,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from checkpoints import HFModelDir, load_stacked, load_tensor, on_load_scheme
+from checkpoints import HFModelDir, load_stacked, load_tensor
 from jserve.config import ModelConfig
-from jserve.model.quant_params import load_quantized_projections, quantize_dense, resolve_scheme
+from jserve.model.quant_params import (
+    load_quantized_projections,
+    quantize_dense,
+    quantize_head,
+    resolve_scheme,
+)
 from sharding import TENSOR_AXIS, logical_sharding_for_shape
 
 Params = dict[str, jax.Array]
@@ -109,7 +115,7 @@ def _pad_wo(cfg: ModelConfig) -> Callable[[jax.Array], jax.Array]:
 
 
 def load_params(model_dir: HFModelDir, cfg: ModelConfig, mesh: Mesh,
-                quantization: str | None = None) -> Params:
+                quantization: str | None = None, quantize_lm_head: bool = False) -> Params:
     """Stream every tensor of an HF checkpoint into the stacked, sharded layout, in ``cfg.dtype``.
 
     Per-layer tensors are read stacked (each device reads its slice), then fused on device.
@@ -118,8 +124,10 @@ def load_params(model_dir: HFModelDir, cfg: ModelConfig, mesh: Mesh,
     ``quantization`` ("int8", "fp8", "fp8_w8a8") or a checkpoint that carries a
     ``quantization_config``, the four projections are 8-bit ``QuantizedWeight`` s instead
     (jserve/model/quant_params.py); an unsupported ``quantization_config`` is a CheckpointError.
+    ``quantize_lm_head`` quantizes the lm_head too (``quant_params.quantize_head``).
     """
-    scheme = resolve_scheme(model_dir.config, quantization, str(model_dir.path / "config.json"))
+    scheme = resolve_scheme(model_dir.config, quantization, str(model_dir.path / "config.json"),
+                            quantize_lm_head)
     dtype = jnp.dtype(cfg.dtype)
     specs = param_specs(cfg)
     shard = {k: spec_sharding(cfg, mesh, s) for k, s in specs.items()}
@@ -153,7 +161,7 @@ def load_params(model_dir: HFModelDir, cfg: ModelConfig, mesh: Mesh,
         p["lm_head"] = one("lm_head.weight", "lm_head", transpose=True)
     if scheme is not None:
         p.update(load_quantized_projections(model_dir, cfg, mesh, scheme))
-        return p
+        return quantize_head(p, cfg, mesh, scheme) if scheme.lm_head else p
     p["wd"] = layers("mlp.down_proj.weight", (inter, h), ("mlp", "embed"))
     wo = layers("self_attn.o_proj.weight", (q, h), ("heads", "embed"))
     p["wo"] = wo if cfg.q_per_kv_padded == cfg.q_per_kv else jax.jit(
@@ -169,9 +177,10 @@ def load_params(model_dir: HFModelDir, cfg: ModelConfig, mesh: Mesh,
 
 
 def random_params(cfg: ModelConfig, mesh: Mesh, seed: int = 0, scale: float = 0.02,
-                  quantization: str | None = None) -> Params:
+                  quantization: str | None = None, quantize_lm_head: bool = False) -> Params:
     """Random weights of the real shapes, generated on device already sharded (benchmarks);
-    ``quantization`` quantizes the four projections (``quantize_dense``)."""
+    ``quantization`` quantizes the four projections (``quantize_dense``), and the lm_head with
+    ``quantize_lm_head``."""
     dtype = jnp.dtype(cfg.dtype)
     out: Params = {}
     for i, (name, spec) in enumerate(sorted(param_specs(cfg).items())):
@@ -182,9 +191,8 @@ def random_params(cfg: ModelConfig, mesh: Mesh, seed: int = 0, scale: float = 0.
             fn = lambda k, shape=spec.shape: (jax.random.normal(k, shape, jnp.float32)
                                               * scale).astype(dtype)
         out[name] = jax.jit(fn, out_shardings=sharding)(jax.random.key(seed * 100003 + i))
-    if quantization is not None:
-        out = quantize_dense(out, cfg, mesh, on_load_scheme(quantization))
-    return out
+    scheme = resolve_scheme({}, quantization, "random weights", quantize_lm_head)
+    return out if scheme is None else quantize_dense(out, cfg, mesh, scheme)
 
 
 def params_bytes(params: Any) -> int:

@@ -4,7 +4,8 @@ pre-quantized one, into the stacked, fused, output-major layout ``linear()`` tak
 Where it sits: start-up, called by ``params.load_params`` (and ``random_params`` for benchmarks)
 when ``LLM(quantization=...)`` is set or the checkpoint carries a ``quantization_config``
 (``checkpoints.checkpoint_scheme``). The four projections become ``QuantizedWeight`` s
-(jserve/model/linear.py); embeddings, norms, biases and the lm_head stay in the model dtype::
+(jserve/model/linear.py); embeddings, norms, biases and the lm_head stay in the model dtype
+(the lm_head too is 8-bit under ``quantize_lm_head``: ``quantize_head``)::
 
     wqkv  q [L, Nkv, Gp + 2, d, H]   scale [L, Nkv, Gp + 2, d]     (per kv head: its q heads,
                                                                       zero heads up to Gp, k, v)
@@ -25,6 +26,7 @@ quantize to exact zeros.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -36,6 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from checkpoints import (
+    ON_LOAD_METHODS,
     CheckpointError,
     HFModelDir,
     QuantScheme,
@@ -54,16 +57,27 @@ CHUNK_BYTES = 1 << 30
 PROJECTIONS = ("wqkv", "wo", "wgu", "wd")
 
 
-def resolve_scheme(config: dict, quantization: str | None, source: str) -> QuantScheme | None:
-    """The checkpoint's own scheme, else quantize-on-load by ``quantization``, else None.
-    ValueError when the user asks for a method other than the one a checkpoint carries."""
+def resolve_scheme(config: dict, quantization: str | None, source: str,
+                   lm_head: bool = False) -> QuantScheme | None:
+    """The checkpoint's own scheme, else quantize-on-load by ``quantization``, else None;
+    ``lm_head`` (``quantize_lm_head``) marks the lm_head for quantize-on-load too. ValueError
+    when the user asks for a method other than the one a checkpoint carries, or for the lm_head
+    alone."""
     ckpt = checkpoint_scheme(config, source)
     if ckpt is not None:
         if quantization is not None and quantization != ckpt.method:
             raise ValueError(f"quantization={quantization!r}, but {source} is a pre-quantized "
                              f"checkpoint ({ckpt.describe()}); leave quantization unset")
-        return ckpt
-    return None if quantization is None else on_load_scheme(quantization)
+        scheme = ckpt
+    else:
+        scheme = None if quantization is None else on_load_scheme(quantization)
+    if not lm_head:
+        return scheme
+    if scheme is None:
+        raise ValueError("quantize_lm_head: quantizes the lm_head in the projections' 8-bit format; "
+                         f"set quantization ({', '.join(ON_LOAD_METHODS)}) or load a pre-quantized "
+                         "checkpoint")
+    return dataclasses.replace(scheme, lm_head=True)
 
 
 def _parts(cfg: ModelConfig) -> dict[str, list[tuple[str, int, int, tuple]]]:
@@ -228,9 +242,30 @@ def _load_chunk(model_dir: HFModelDir, cfg: ModelConfig, mesh: Mesh, scheme: Qua
     return q, s, None
 
 
+def quantize_head(params: dict, cfg: ModelConfig, mesh: Mesh, scheme: QuantScheme) -> dict:
+    """``params`` with ``lm_head`` an 8-bit ``QuantizedWeight`` (``scheme.lm_head``): q [1, V, H]
+    in the scheme's weight dtype, scale [1, V] per vocabulary row, weight-only (w8a16 whatever
+    the projections' activations: logits keep the activations' precision); from the dense
+    lm_head [H, V] (dropped), or a copy of the tied embedding [V, H] (kept: the step gathers
+    its rows). Why: at batch 1 a decode step streams every weight once, and the 8B's bf16
+    lm_head (1.05 GB) is a tenth of its int8 step (benchmarks/RESULTS.md, session 31)."""
+    out = dict(params)
+    w = out["embed"] if cfg.tie_word_embeddings else out.pop("lm_head")
+    shape = (1, cfg.vocab_size, cfg.hidden_size)
+    q_sh = _sharding(cfg, mesh, shape, (None, "vocab", "embed"))
+    s_sh = _sharding(cfg, mesh, shape[:2], (None, "vocab"))
+    dtype, tied = jnp.dtype(scheme.weight_dtype), cfg.tie_word_embeddings
+    q, s = jax.jit(lambda w: quantize_weight((w if tied else w.T)[None], dtype),
+                   out_shardings=(q_sh, s_sh))(w)
+    del w
+    out["lm_head"] = QuantizedWeight(q, s, spec=mesh_axes_of(q_sh, q.ndim))
+    return out
+
+
 def quantize_dense(params: dict, cfg: ModelConfig, mesh: Mesh, scheme: QuantScheme) -> dict:
     """A dense param tree (params.py layout, ``[L, K, *out]``) with its four projections
-    quantized (``[L, *out, K]`` + per-channel scales); the dense arrays are dropped one at a time."""
+    quantized (``[L, *out, K]`` + per-channel scales), and the lm_head under ``scheme.lm_head``
+    (``quantize_head``); the dense arrays are dropped one at a time."""
     out = dict(params)
     dtype = jnp.dtype(scheme.weight_dtype)
     for name in PROJECTIONS:
@@ -242,20 +277,25 @@ def quantize_dense(params: dict, cfg: ModelConfig, mesh: Mesh, scheme: QuantSche
         del dense
         out[name] = QuantizedWeight(q, s, act_quant=scheme.activations is not None,
                                     spec=mesh_axes_of(q_sh, q.ndim))
-    return out
+    return quantize_head(out, cfg, mesh, scheme) if scheme.lm_head else out
 
 
 def weight_bytes(cfg: ModelConfig, scheme: QuantScheme | None) -> int:
     """Bytes of every weight as the engine holds them (what ``params_bytes`` of the loaded
     tree gives): ``cfg.dtype`` for all but the quantized projections, which take 1 byte per
-    element plus their float32 scales (and static input scales)."""
-    total = cfg.num_weight_elements() * jnp.dtype(cfg.dtype).itemsize
+    element plus their float32 scales (and static input scales); a quantized lm_head likewise
+    (tied: an 8-bit copy beside the embedding)."""
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    total = cfg.num_weight_elements() * itemsize
     if scheme is None:
         return total
+    if scheme.lm_head:
+        head = cfg.vocab_size * cfg.hidden_size
+        total += head * (1 if cfg.tie_word_embeddings else 1 - itemsize) + 4 * cfg.vocab_size
     for shape, _, k in quant_layout(cfg).values():
         elems = math.prod(shape)
         groups = 1 if scheme.block is None else -(-k // scheme.block[1])
         scales = elems // k * groups
-        total += elems * (1 - jnp.dtype(cfg.dtype).itemsize) + 4 * scales
+        total += elems * (1 - itemsize) + 4 * scales
         total += 4 * cfg.num_layers if scheme.activations == "static" else 0
     return total

@@ -95,7 +95,7 @@ def spec_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, greedy:
     # rows planned while the previous step ran move by its accepted drafts (chain.py)
     batch, sbatch = chain.shift_rows(layout, ibuf, batch, sbatch, prev_tokens, num_out, num_spec)
     h, kv = hidden_states(cfg, params, kv, batch, fresh_prefill=False, mesh=mesh, decode_only=greedy)
-    logits = logits_from_hidden(cfg, params, h[idx.reshape(-1)]).astype(jnp.float32)
+    logits = logits_from_hidden(cfg, params, h[idx.reshape(-1)], mesh).astype(jnp.float32)
     v = logits.shape[1]
     vbatch = expand_rows(sbatch, k1)
     x = logits

@@ -1,6 +1,6 @@
 """Quantized weights on a real GPU: the bundled code-small through the Mosaic GPU quantized
-matmul (its projections tile: K 256 / 768, N 512 / 256 / 1536) gives the logits of the XLA
-reference path, and the engine serves it. Skipped without a Hopper GPU."""
+matmul (its projections tile: K 256 / 768, N 512 / 256 / 1536; a quantized lm_head K 256, N
+8192) gives the logits of the XLA reference path, and the engine serves it. Skipped without a Hopper GPU."""
 
 import jax
 import numpy as np
@@ -21,7 +21,7 @@ def _hopper():
         pytest.skip("needs a Hopper GPU")
 
 
-@pytest.mark.parametrize("method", ["int8", "fp8", "fp8_w8a8"])
+@pytest.mark.parametrize("method", ["int8", "fp8", "fp8_w8a8", "int8+lm_head"])
 def test_kernel_path_matches_reference_path(method, monkeypatch):
     ids = qe.heldout_ids(2 * qe.SEQ_LEN)
     cfg, params = qe.load(method)

@@ -27,7 +27,8 @@ from jserve.plan import plan_capacity
 from server.cli import build_full_parser
 
 # Options start-up reads directly (model loading, compile cache) instead of EngineConfig.
-_BUILD_ONLY = {"model", "dtype", "quantization", "random_weights", "compilation_cache_dir"}
+_BUILD_ONLY = {"model", "dtype", "quantization", "quantize_lm_head", "random_weights",
+               "compilation_cache_dir"}
 
 
 def _parser_for(command: str):

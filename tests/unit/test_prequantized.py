@@ -130,3 +130,17 @@ def test_missing_scale_names_the_tensor(tmp_path):
     broken = HFModelDir(tmp_path / "broken")
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight_scale"):
         load_params(broken, ModelConfig.from_hf_config(broken.config), make_mesh(1))
+
+
+def test_prequantized_checkpoint_quantizes_its_float_lm_head_on_request(tmp_path):
+    """``quantize_lm_head`` on a pre-quantized checkpoint (its lm_head stored in float, as FP8
+    checkpoints leave it): the head is quantized on load in the checkpoint's fp8, the block-scaled
+    projections are untouched, and the plan counts what the tree holds."""
+    quant, _, _, _ = _pair(tmp_path, "fp8_block")
+    qdir = HFModelDir(quant)
+    cfg = ModelConfig.from_hf_config(qdir.config, dtype="float32")
+    qp = load_params(qdir, cfg, make_mesh(1), quantize_lm_head=True)
+    head = qp["lm_head"]
+    assert isinstance(head, QuantizedWeight) and head.q.dtype == jnp.float8_e4m3fn and head.group is None
+    assert qp["wgu"].group is not None
+    assert params_bytes(qp) == weight_bytes(cfg, resolve_scheme(qdir.config, None, "x", lm_head=True))

@@ -46,7 +46,7 @@ def prefill_logits(cfg, params, prompt, mesh=None):
 
     kv = allocate_kv_cache(cfg, -(-len(prompt) // page) + 1, page, cfg.dtype, mesh or make_mesh(1))
     h, _ = jax.jit(lambda p, k, b: hidden_states(cfg, p, k, b, mesh=mesh))(params, kv, b)
-    return np.asarray(jax.jit(lambda p, h: logits_from_hidden(cfg, p, h))(params, h))
+    return np.asarray(jax.jit(lambda p, h: logits_from_hidden(cfg, p, h, mesh))(params, h))
 
 
 @pytest.fixture(scope="module")
@@ -86,19 +86,55 @@ def test_layout_is_the_dense_model_with_quantized_values(model, method, uneven_m
     assert params_bytes(qp) == weight_bytes(cfg, resolve_scheme(mdir.config, method, "x"))
 
 
+@pytest.mark.parametrize("model,method", [("llama", "int8"), ("llama", "fp8_w8a8"), ("qwen2", "fp8")])
+def test_quantized_lm_head_is_the_dense_head_with_quantized_values(model, method):
+    """``quantize_lm_head``: the lm_head (qwen2: a copy of the tied embedding, which stays for
+    the token gather) is 8-bit [1, V, H] with per-row scales, weight-only under any method, and
+    the logits are the hidden states times its dequantized values, in float32; the plan's
+    weight bytes are what the tree holds."""
+    mdir = HFModelDir(GOLDEN / model)
+    cfg = ModelConfig.from_hf_config(mdir.config, dtype="float32")
+    qp = load_params(mdir, cfg, make_mesh(1), method, quantize_lm_head=True)
+    head = qp["lm_head"]
+    assert isinstance(head, QuantizedWeight) and not head.act_quant
+    assert head.q.shape == (1, cfg.vocab_size, cfg.hidden_size) and head.scale.shape == (1, cfg.vocab_size)
+    assert head.q.dtype == (jnp.int8 if method == "int8" else jnp.float8_e4m3fn)
+    assert isinstance(qp["embed"], jax.Array) and qp["embed"].dtype == jnp.float32
+    from jserve.model.decoder import logits_from_hidden
+
+    h = jax.random.normal(jax.random.key(0), (5, cfg.hidden_size), jnp.float32)
+    got = np.asarray(jax.jit(lambda p, h: logits_from_hidden(cfg, p, h))(qp, h))
+    real = np.asarray(head.q[0], np.float32) * np.asarray(head.scale[0])[:, None]   # [V, H]
+    want = np.asarray(h) @ real.T
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    dense = np.asarray(qp["embed"]).T if cfg.tie_word_embeddings else None
+    if dense is not None:   # the copy quantizes the embedding itself
+        assert np.abs(real.T - dense).max() <= np.abs(dense).max() / (127 if method == "int8" else 8)
+    scheme = resolve_scheme(mdir.config, method, "x", lm_head=True)
+    assert params_bytes(qp) == weight_bytes(cfg, scheme) and "lm_head" in scheme.describe()
+
+
+def test_quantize_lm_head_alone_is_refused_by_name():
+    with pytest.raises(ValueError, match="quantize_lm_head: .*set quantization"):
+        load_params(HFModelDir(GOLDEN / "llama"), ModelConfig.from_hf_config(
+            HFModelDir(GOLDEN / "llama").config, dtype="float32"), make_mesh(1), quantize_lm_head=True)
+
+
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (XLA_FLAGS host count)")
-@pytest.mark.parametrize("method", ["int8", "fp8_w8a8"])
-def test_tensor_parallel_quantized_matches_tp1(method):
-    """tp=2: the 8-bit stacks shard like the dense ones (kv heads / MLP columns / rows) and the
-    logits equal tp=1's (per-token activation scales reduce over the whole hidden size)."""
+@pytest.mark.parametrize("method,lm_head", [("int8", False), ("fp8_w8a8", False), ("int8", True)])
+def test_tensor_parallel_quantized_matches_tp1(method, lm_head):
+    """tp=2: the 8-bit stacks shard like the dense ones (kv heads / MLP columns / rows; a
+    quantized lm_head by vocabulary rows) and the logits equal tp=1's (per-token activation
+    scales reduce over the whole hidden size)."""
     mdir = HFModelDir(GOLDEN / "llama")
     cfg = ModelConfig.from_hf_config(mdir.config, dtype="float32")
     mesh = make_mesh(2)
-    p2 = load_params(mdir, cfg, mesh, method)
-    for name in PROJECTIONS:
+    p2 = load_params(mdir, cfg, mesh, method, lm_head)
+    for name in PROJECTIONS + (("lm_head",) if lm_head else ()):
         assert len(p2[name].q.sharding.device_set) == 2 and not p2[name].q.sharding.is_fully_replicated
     prompt = list(range(5, 30))
-    one = prefill_logits(cfg, load_params(mdir, cfg, make_mesh(1), method), prompt)
+    one = prefill_logits(cfg, load_params(mdir, cfg, make_mesh(1), method, lm_head), prompt)
     two = prefill_logits(cfg, p2, prompt, mesh)
     np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-4)
 
@@ -127,19 +163,24 @@ def test_code_small_quantized_accuracy(method, base):
     assert qe.agreement(tokens, base_tokens) >= 8, (tokens, base_tokens)
 
 
-def test_engine_serves_quantized_weights(make_engine):
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_engine_serves_quantized_weights(make_engine, lm_head):
     """LLM/engine path: the engine's greedy tokens are the quantized model's own, and the
-    plan's weight bytes are what the engine holds."""
-    engine = make_engine("llama", quantization="int8")
+    plan's weight bytes are what the engine holds (``quantize_lm_head``: the option reaches
+    the loaded tree and the plan)."""
+    engine = make_engine("llama", quantization="int8", quantize_lm_head=lm_head)
     assert isinstance(engine.runner.params["wgu"], QuantizedWeight)
+    assert isinstance(engine.runner.params["lm_head"], QuantizedWeight) == lm_head
     prompts = [[5, 9, 11, 3], list(range(20, 45))]
     got = run_tokens(engine, prompts, SamplingParams(temperature=0.0, max_tokens=12))
-    cfg, params = qe.load("int8", "float32", GOLDEN / "llama")
+    cfg, params = qe.load("int8", "float32", GOLDEN / "llama", lm_head=lm_head)
     for p, toks in zip(prompts, got, strict=True):
         assert toks == qe.greedy(cfg, params, p, 12)
-    plan = plan_capacity(str(GOLDEN / "llama"), dtype="float32", quantization="int8")
+    plan = plan_capacity(str(GOLDEN / "llama"), dtype="float32", quantization="int8",
+                         quantize_lm_head=lm_head)
     assert plan.weight_bytes_total == params_bytes(engine.runner.params)
     assert "projections 8-bit" in plan.render()
+    assert ("--quantize-lm-head" in plan.render()) != lm_head
 
 
 def test_bad_quantization_is_named():
