@@ -19,9 +19,10 @@ This script separates the pipeline from the work in it:
            stores: a unit of one K block stores after every step), and 128-row tiles (one CTA
            per SM, or two at 256 columns).
 
-Rows: the tile (block_n x block_k), ring depth, CTAs; the weight read in GB/s. Timing as in
-quant_matmul.py: ``--iters`` calls chained in one jit over ``--copies`` weight copies (the
-weight is not served from L2), median of ``--reps``.
+Also in the same harness: XLA reading the same weight (a row sum) and XLA's bf16 GEMM of the
+same shape at 16 tokens. Rows: the tile (block_n x block_k), ring depth, CTAs; the weight read in
+GB/s. Timing as in quant_matmul.py (``timed``): ``--iters`` calls chained in one jit over
+``--copies`` weight copies (the weight is not served from L2), median of ``--reps``.
 
     PYTHONPATH=. python3 benchmarks/decode_stream.py [--shape 14336x4096] [--ms 1,16]
 """
@@ -102,7 +103,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the stream rows (A/B/A/B)")
     ap.add_argument("--kernel-rounds", type=int, default=1, help="rounds of the kernel rows, in turn")
-    ap.add_argument("--layouts", default="rows,tiled,rows, no swizzle".replace(", ", "+"),
+    ap.add_argument("--layouts", default="rows,tiled,rows+no swizzle",
                     help="stream layouts: rows, tiled, rows+no swizzle ('': no stream rows)")
     ap.add_argument("--wall-clock", action="store_true",
                     help="time a call as one reading of a chain over its length (sessions 13-31), "
@@ -122,17 +123,12 @@ def main() -> None:
         copies.append(ref.quantize_weight(wf, jnp.int8))
         del wf
     nbytes = n * k
-    rows: list[tuple[str, str, float]] = []
+    rows: list[tuple[str, str, float, int]] = []
 
-    def add(what: str, cfg: str, us: float) -> None:
-        rows.append((what, cfg, us))
-        print(f"  {what} {cfg}: {us:.1f} us, {nbytes / us / 1e3:.0f} GB/s", flush=True)
+    def add(what: str, cfg: str, us: float, read: int = nbytes) -> None:   # read: weight bytes
+        rows.append((what, cfg, us, read))
+        print(f"  {what} {cfg}: {us:.1f} us, {read / us / 1e3:.0f} GB/s", flush=True)
 
-    # The ring alone: tile, depth and CTA count, over the [N, K] weight and over pre-tiled
-    # copies (each tile, and each CTA's share, contiguous); every config twice, in turn (A/B/A/B:
-    # the spread between the rounds is the noise).
-    configs = [(64, 128, 4, 2), (64, 128, 4, 4), (64, 256, 4, 2), (64, 512, 2, 2), (64, 512, 3, 2),
-               (64, 512, 4, 1)]
     def xla_read(x, w, _s):   # the same chained harness around XLA reading the whole weight
         # (the chained x enters the sum, so no call is hoisted out of the chain or merged)
         total = jnp.sum(w.astype(jnp.int32) + x[0, 0].astype(jnp.int32), axis=1)
@@ -144,8 +140,13 @@ def main() -> None:
         add(f"XLA's row sum of the weight, round {rnd}", "-",
             clock(xla_read, jnp.zeros((8, k), jnp.bfloat16), copies, ns.iters, ns.reps))
         us = clock(lambda x, w: x @ w, jnp.zeros((16, k), jnp.bfloat16), bf16, ns.iters, ns.reps)
-        add(f"XLA's bf16 x[16, K] @ w[K, N], round {rnd} (GB/s: half its bytes)", "-", 2 * us)
+        add(f"XLA's bf16 x[16, K] @ w[K, N], round {rnd}", "-", us, 2 * nbytes)
     del bf16
+    # The ring alone: tile, depth and CTA count, over the [N, K] weight and over pre-tiled
+    # copies (each tile, and each CTA's share, contiguous); each config once per round, the
+    # rounds in turn (A/B/A/B: the spread between the rounds is the noise).
+    configs = [(64, 128, 4, 2), (64, 128, 4, 4), (64, 256, 4, 2), (64, 512, 2, 2), (64, 512, 3, 2),
+               (64, 512, 4, 1)]
     layouts = [v for v in ns.layouts.split(",") if v]
     for rnd, layout in itertools.product(range(1, ns.rounds + 1), layouts):
         for bn, bk, stages, per_sm in configs:
@@ -201,8 +202,8 @@ def main() -> None:
     print(f"\nint8 weight [{n}, {k}] ({nbytes / 1e6:.1f} MB), HBM read ceiling {read_gbs:.0f} GB/s")
     print("| what | tile, ring, CTAs | us | GB/s | % of read ceiling |")
     print("|---|---|---|---|---|")
-    for what, cfg, us in rows:
-        gbs = nbytes / us / 1e3
+    for what, cfg, us, read in rows:
+        gbs = read / us / 1e3
         print(f"| {what} | {cfg} | {us:.1f} | {gbs:.0f} | {100 * gbs / read_gbs:.0f}% |")
 
 
