@@ -74,7 +74,8 @@ def timed(fn, x, weights, iters: int, reps: int, differential: bool = True) -> f
     the two lengths in turn, and a call's time is the difference of the medians over ``iters``:
     what one wall-clock reading carries besides the calls (the jit's dispatch, the first
     launch, the host's wait for the device: tens of us, 5-15% of a 20-call chain of 30-50 us
-    kernels) cancels. Else the plain quotient of one reading (sessions 13-31's figures)."""
+    kernels) cancels; noise larger than ``iters`` calls can leave it <= 0 (a loaded CPU: raise
+    ``iters`` and ``reps``). Else the plain quotient of one reading (sessions 13-31's figures)."""
     def chain(n):
         def loop(x, weights):
             acc = jnp.zeros((), jnp.float32)
