@@ -11,8 +11,8 @@ the next, so the device idled while the host read, planned and filled masks. Spl
 Both programs take device buffers only. The step's packed input is copied into a fixed buffer
 per bucket (``staged_input.StagedInputs``) that both read, so neither's CUDA graph is updated
 for it before a launch: a host array handed to an executable is a fresh buffer every call
-(H200, 64 rows of Qwen2.5-0.5B: the two launches 2.6-2.7 -> 0.8-0.9 ms per step, RESULTS.md
-session 29). The host masks go up by ``jax.device_put`` on the thread that filled them (a
+(H200, 64 rows of Qwen2.5-0.5B: the two launches 2.6-2.7 -> 0.8-0.9 ms per step,
+benchmarks/RESULTS_v2_sessions_27-29.md, session 29). The host masks go up by ``jax.device_put`` on the thread that filled them (a
 fresh buffer: the sampler's small graph is updated, which cost less than a staged copy of
 1.2 MiB, measured), and the sampler reads the mask slots from the packed input.
 
