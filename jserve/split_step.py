@@ -12,9 +12,10 @@ Both programs take device buffers only. The step's packed input is copied into a
 per bucket (``staged_input.StagedInputs``) that both read, so neither's CUDA graph is updated
 for it before a launch: a host array handed to an executable is a fresh buffer every call
 (H200, 64 rows of Qwen2.5-0.5B: the two launches 2.6-2.7 -> 0.8-0.9 ms per step,
-benchmarks/RESULTS_v2_sessions_27-29.md, session 29). The host masks go up by ``jax.device_put`` on the thread that filled them (a
-fresh buffer: the sampler's small graph is updated, which cost less than a staged copy of
-1.2 MiB, measured), and the sampler reads the mask slots from the packed input.
+benchmarks/RESULTS_v2_sessions_27-29.md, session 29). The host masks go up by
+``jax.device_put`` on the thread that filled them (a fresh buffer: the sampler's small graph is
+updated, which cost less than a staged copy of 1.2 MiB, measured), and the sampler reads the
+mask slots from the packed input.
 
 The forward's placeholders read step N's tokens on the device, as in the fused overlapped step;
 the host fills the masks while the forward runs. When step N is already done before the plan
