@@ -93,7 +93,9 @@ qd)
   # +-20-30% between rounds). Now the difference of chains of N and 2N calls. Prediction: every
   # figure ~5-10% lower and the rounds within ~10%; the kernel's share of the read ceiling at the
   # 8B's gate/up M = 1 ~88-92% (was 85%), M = 16 ~83-88% (was 75-80%); split 1-2 still <= split 4.
-  for sh in 28672x4096 4096x14336 6144x4096 4096x4096; do
+  # The lm_head (128256x4096, quantize_lm_head): its default split 4 writes 4 x 16 x 128256 f32
+  # partials (33 MB, 6% of its 525 MB) at M = 16; prediction: split 1 ~5% faster there.
+  for sh in 28672x4096 4096x14336 6144x4096 128256x4096; do
     timeout 130 python3 benchmarks/decode_stream.py --shape $sh --ms 1,16 --layouts rows --rounds 1 \
       --kernel-rounds 2 --iters 40 > "$OUT/decode_stream_$sh.txt" 2>&1
     grep "^|\|^int8\|rror" "$OUT/decode_stream_$sh.txt" | head -40
