@@ -2,7 +2,8 @@
 (and tensor) parallelism, on forced host devices (``XLA_FLAGS`` is set by the caller before jax
 imports).
 
-Usage: python pp_worker.py CACHE_DIR MODEL_DIR... -> one JSON line
+Usage: python pp_worker.py CACHE_DIR MODEL_DIR[::int8+lm_head]... -> one JSON line (the suffix:
+the model with int8 weights and lm_head, quantized on load)
 {model: {"ref": tokens, "<name>": {"tokens": ..., "kv_shape": ..., "kv_shard": ...}, ...}}
 for the engines named in ``ENGINES``.
 """
@@ -66,14 +67,16 @@ def _record_plans(engine) -> list:
 def main() -> None:
     cache, models = sys.argv[1], sys.argv[2:]
     result = {}
-    for k, model in enumerate(models):
+    for k, name_arg in enumerate(models):
+        model, _, variant = name_arg.partition("::")   # "::int8+lm_head": quantized weights + head
+        quant = dict(quantization="int8", quantize_lm_head=True) if variant == "int8+lm_head" else {}
         args = dict(model=model, dtype="float32", max_model_len=64, max_num_seqs=4,
-                    max_num_batched_tokens=16, num_pages=40, compilation_cache_dir=cache)
+                    max_num_batched_tokens=16, num_pages=40, compilation_cache_dir=cache, **quant)
         ref_engine = build_engine(EngineArgs(**args))
         vocab = ref_engine.config.model.vocab_size
         rng = np.random.default_rng(5)
         prompts = [rng.integers(3, vocab, n).tolist() for n in (3, 17, 29, 6)]
-        r = result[model] = {"ref": _tokens(ref_engine, prompts),
+        r = result[name_arg] = {"ref": _tokens(ref_engine, prompts),
                              "ref_sampled": _tokens(ref_engine, prompts, sp=SAMPLED)}
         if k == 0:
             r["ref_prompt_lps"] = _tokens(ref_engine, prompts[:1], prompt_logprobs=2)[1]

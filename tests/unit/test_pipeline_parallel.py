@@ -145,7 +145,10 @@ def test_gpipe_cycle_matches_groups_run_one_after_another():
 
 
 def test_pp2_and_tp2_pp2_match_pp1(xla_cache_dir):
-    models = [str(default_model_path()), *(str(GOLDEN / a) for a in ARCHS)]
+    """Also with int8 weights and lm_head (the quantized matmul's per-shard call nested inside a
+    stage's shard_map at tp2 x pp2; it crashed there before session 31)."""
+    models = [str(default_model_path()), *(str(GOLDEN / a) for a in ARCHS),
+              f"{GOLDEN / 'llama'}::int8+lm_head"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("pp_worker.py")),
