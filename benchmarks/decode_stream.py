@@ -14,6 +14,8 @@ This script separates the pipeline from the work in it:
            no wgmma, no partial store); each CTA copies its last tile out so the loads are used.
            Its rate is the ceiling of any kernel built on this ring at that tile, depth and
            CTA count.
+  triton   ``triton_decode.quant_matmul`` (plain pipelined loads, mma.sync; ``--kernels``) at
+           its default and ``--triton-configs``.
   kernel   ``mgpu.quant_matmul`` (int8 weights, bf16 x) at its default config and at every
            split of K for the default's tile (the split sets how many partial tiles each CTA
            stores: a unit of one K block stores after every step), and 128-row tiles (one CTA
@@ -41,7 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.quant_matmul import ceilings, rel, timed
-from pallas_kernels.quant_matmul import mgpu, mgpu_decode
+from pallas_kernels.quant_matmul import mgpu, mgpu_decode, triton_decode
 from pallas_kernels.quant_matmul import reference as ref
 
 
@@ -94,6 +96,23 @@ def stream(w: jax.Array, tag: jax.Array, *, bn: int, bk: int, stages: int, ctas:
     return f(w, tag)
 
 
+TRITON_SWEEP = ("64,256,0,4,4;32,512,0,4,4;128,256,0,4,3;128,512,0,8,3;64,512,0,4,6;64,512,0,8,4;"
+                "64,256,0,4,8;64,512,1,4,4;64,512,8,4,4;32,256,0,4,4")
+
+
+def triton_configs(m: int, n: int, k: int, spec: str) -> list[triton_decode.TritonDecodeConfig]:
+    """triton_decode's default at M tokens, then ``spec``'s variants that tile [N, K]."""
+    default = triton_decode.default_config(m, n, k)
+    out = [default]
+    for item in (v for v in spec.split(";") if v):
+        bn, bk, split, warps, stages = (int(v) for v in item.split(","))
+        split = split or triton_decode.default_config(m, n, k, bn, bk).split_k
+        cfg = triton_decode.TritonDecodeConfig(bn, bk, split, warps, stages)
+        if triton_decode.supports(m, n, k, cfg) and cfg not in out:
+            out.append(cfg)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="14336x4096", help="N x K of the weight")
@@ -105,6 +124,13 @@ def main() -> None:
     ap.add_argument("--kernel-rounds", type=int, default=1, help="rounds of the kernel rows, in turn")
     ap.add_argument("--layouts", default="rows,tiled,rows+no swizzle",
                     help="stream layouts: rows, tiled, rows+no swizzle ('': no stream rows)")
+    ap.add_argument("--kernels", default="mosaic",
+                    help="kernel rows: mosaic (mgpu_decode: default, splits, 128-row tiles), mosaic1 (its "
+                         "default only), triton "
+                         "(triton_decode: default and --triton-configs), both as mosaic,triton")
+    ap.add_argument("--triton-configs", default=TRITON_SWEEP,
+                    help="triton_decode variants, ';'-separated block_n,block_k,split_k,warps,stages "
+                         "(split_k 0: the default's split for that tile)")
     ap.add_argument("--wall-clock", action="store_true",
                     help="time a call as one reading of a chain over its length (sessions 13-31), "
                          "not the difference of two chain lengths")
@@ -169,11 +195,14 @@ def main() -> None:
             add(f"stream, {layout}, round {rnd}", f"{bn}x{bk}, {stages} stages, {ctas} CTAs", us)
 
     # The kernel: its default and every split of K for the default's tile.
+    kernels = ns.kernels.split(",")
     for m in (int(v) for v in ns.ms.split(",") if v):
         x = jax.random.normal(jax.random.fold_in(key, 7 + m), (m, k), jnp.bfloat16)
         default = mgpu.kernel_config(m, n, k)
-        cfgs = [default]
-        if isinstance(default, mgpu_decode.DecodeConfig):
+        cfgs = [default] if {"mosaic", "mosaic1"} & set(kernels) else []   # mosaic1: the default only
+        if "triton" in kernels:
+            cfgs += triton_configs(m, n, k, ns.triton_configs)
+        if "mosaic" in kernels and isinstance(default, mgpu_decode.DecodeConfig):
             blocks = k // default.block_k
             for split in (s for s in (1, 2, 4, 8, 16) if blocks % s == 0 and s != default.split_k):
                 units = n // default.block_n * split
@@ -186,13 +215,21 @@ def main() -> None:
                     cfgs.append(cfg)
         for cfg in [c for _ in range(ns.kernel_rounds) for c in cfgs]:   # (rounds in turn)
             q, s = copies[0]
+            tri = isinstance(cfg, triton_decode.TritonDecodeConfig)
+            mod = triton_decode if tri else mgpu
             try:
-                fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731
+                fn = lambda x, q, s, cfg=cfg, mod=mod: mod.quant_matmul(x, q, s, config=cfg)  # noqa: E731
                 err = rel(jnp.asarray(jax.jit(fn)(x, q, s), jnp.float32),
                           ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32))
                 us = clock(fn, x, copies, ns.iters, ns.reps)
             except Exception as e:  # noqa: BLE001
                 print(f"  kernel M={m} {cfg}: error {e!r:.300}", flush=True)
+                continue
+            if tri:
+                tag = "default" if cfg == triton_decode.default_config(m, n, k) else "variant"
+                add(f"triton M={m} ({tag}, rel err {err:.1e})",
+                    f"{cfg.block_n}x{cfg.block_k}, {cfg.num_warps} warps, {cfg.num_stages} stages, "
+                    f"split {cfg.split_k}, {n // cfg.block_n * cfg.split_k} programs", us)
                 continue
             tag = "default" if cfg == default else "variant"
             add(f"kernel M={m} ({tag}, rel err {err:.1e})",

@@ -72,6 +72,19 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 }
 
 case "${1:-}" in
+tq)
+  # Session 32: triton_decode (Pallas Triton lowering: cp.async-pipelined plain loads, mma.sync on
+  # the upcast tile) against the Mosaic kernel's default and XLA's read, three of the 8B's shapes.
+  # Prediction: plain loads near XLA's read (session 31: 37.3 us at gate/up against the TMA
+  # ring's 42.0 and the kernel's 46.7 / 49.6 at M = 1 / 16): the best config within ~10% of XLA's
+  # read, i.e. ~40-42 us at gate/up M = 16 (>= 1.15x the Mosaic default), if the mma.sync and
+  # the layout conversion of the upcast tile hide under the loads.
+  for sh in 28672x4096 4096x14336 6144x4096; do
+    timeout 160 python3 benchmarks/decode_stream.py --shape $sh --ms 16,1 --layouts "" --rounds 1 \
+      --kernels mosaic1,triton --iters 40 > "$OUT/tq_$sh.txt" 2>&1
+    grep "^|\|^int8\|rror" "$OUT/tq_$sh.txt" | head -40
+  done
+  ;;
 eg)
   # Session 31 ran test_bf16_fresh_step_runs_mosaic_kernel_once_and_matches_paged alone after
   # fixing its count of the kernel's call (once, inside the nested-jit layer): passed. The whole
