@@ -24,7 +24,9 @@ This script separates the pipeline from the work in it:
 Also in the same harness: XLA reading the same weight (a row sum) and XLA's bf16 GEMM of the
 same shape at 16 tokens. Rows: the tile (block_n x block_k), ring depth, CTAs; the weight read in
 GB/s. Timing as in quant_matmul.py (``timed``): ``--iters`` calls chained in one jit over
-``--copies`` weight copies (the weight is not served from L2), median of ``--reps``.
+``--copies`` weight copies (the weight is not served from L2), median of ``--reps``; by default
+(``--clock device``) each kernel's own duration on the device, from one profiler trace
+(``device_clock.py``), against a 2 GiB int8 row-sum read timed the same way.
 
     PYTHONPATH=. python3 benchmarks/decode_stream.py [--shape 14336x4096] [--ms 1,16]
 """
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import itertools
 
 import jax
@@ -42,7 +43,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from benchmarks.quant_matmul import ceilings, rel, timed
+from benchmarks.device_clock import DeviceClock
+from benchmarks.quant_matmul import ceilings, chained, rel, timed
 from pallas_kernels.quant_matmul import mgpu, mgpu_decode, triton_decode
 from pallas_kernels.quant_matmul import reference as ref
 
@@ -96,8 +98,8 @@ def stream(w: jax.Array, tag: jax.Array, *, bn: int, bk: int, stages: int, ctas:
     return f(w, tag)
 
 
-TRITON_SWEEP = ("64,256,0,4,4;32,512,0,4,4;128,256,0,4,3;128,512,0,8,3;64,512,0,4,6;64,512,0,8,4;"
-                "64,256,0,4,8;64,512,1,4,4;64,512,8,4,4;32,256,0,4,4")
+TRITON_SWEEP = ("64,256,0,4,4;32,256,0,4,4;32,512,0,4,4;128,256,0,4,3;128,256,0,8,3;128,256,0,8,4;"
+                "128,512,0,8,2;128,512,0,8,3;256,256,0,8,3;64,256,0,8,4;64,512,0,8,4;64,512,1,4,4")
 
 
 def triton_configs(m: int, n: int, k: int, spec: str) -> list[triton_decode.TritonDecodeConfig]:
@@ -119,7 +121,7 @@ def main() -> None:
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--copies", type=int, default=2)
+    ap.add_argument("--copies", type=int, default=0, help="weight copies (0: >= 150 MB of them)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the stream rows (A/B/A/B)")
     ap.add_argument("--kernel-rounds", type=int, default=1, help="rounds of the kernel rows, in turn")
     ap.add_argument("--layouts", default="rows,tiled,rows+no swizzle",
@@ -131,19 +133,33 @@ def main() -> None:
     ap.add_argument("--triton-configs", default=TRITON_SWEEP,
                     help="triton_decode variants, ';'-separated block_n,block_k,split_k,warps,stages "
                          "(split_k 0: the default's split for that tile)")
-    ap.add_argument("--wall-clock", action="store_true",
-                    help="time a call as one reading of a chain over its length (sessions 13-31), "
-                         "not the difference of two chain lengths")
+    ap.add_argument("--clock", choices=("device", "chain", "wall"), default="device",
+                    help="device: each kernel's own duration from one profiler trace "
+                         "(benchmarks/device_clock.py; session 32 on); chain: the difference of "
+                         "two chain lengths' wall clock (session 31); wall: one chain's wall "
+                         "clock over its length (sessions 13-30)")
+    ap.add_argument("--trace-dir", default="/tmp/decode_stream_trace")
     ns = ap.parse_args()
-    clock = functools.partial(timed, differential=not ns.wall_clock)
+    dclock = DeviceClock(ns.trace_dir) if ns.clock == "device" else None
+
+    def clock(fn, x, weights, iters, reps):
+        """A float (us per call), or with the device clock the label to read after the trace."""
+        if dclock is None:
+            return timed(fn, x, weights, iters, reps, differential=ns.clock == "chain")
+        return dclock.run(f"m{len(dclock.labels)}", chained(fn, iters), x, weights, reps=reps)
     ns.layouts = ns.layouts.replace("+", ", ")
     n, k = (int(v) for v in ns.shape.split("x"))
     sms = mgpu_decode.sm_count()
     print("device:", jax.devices()[0].device_kind, "SMs:", sms, flush=True)
     ceilings(ns.reps)   # (a warm-up: the first reading after an idle spell ran up to 18% low)
     read_gbs, _ = ceilings(ns.reps)
+    big = jnp.ones((2**19, 4096), jnp.int8)   # 2 GiB of int8, read as the weight is (row sums)
+    big_read = dclock and dclock.run("ceiling", jax.jit(lambda a: jnp.sum(a.astype(jnp.int32), axis=1)),
+                                     big, reps=ns.reps)
+    del big
     key = jax.random.PRNGKey(0)
     copies = []
+    ns.copies = ns.copies or max(2, -(-150_000_000 // (n * k)))   # >= 150 MB: not served from L2
     for c in range(ns.copies):
         wf = jax.random.normal(jax.random.fold_in(key, c), (n, k), jnp.float32) * 0.02
         copies.append(ref.quantize_weight(wf, jnp.int8))
@@ -151,9 +167,10 @@ def main() -> None:
     nbytes = n * k
     rows: list[tuple[str, str, float, int]] = []
 
-    def add(what: str, cfg: str, us: float, read: int = nbytes) -> None:   # read: weight bytes
+    def add(what: str, cfg: str, us: float | str, read: int = nbytes) -> None:   # read: weight bytes
         rows.append((what, cfg, us, read))
-        print(f"  {what} {cfg}: {us:.1f} us, {read / us / 1e3:.0f} GB/s", flush=True)
+        if not isinstance(us, str):
+            print(f"  {what} {cfg}: {us:.1f} us, {read / us / 1e3:.0f} GB/s", flush=True)
 
     def xla_read(x, w, _s):   # the same chained harness around XLA reading the whole weight
         # (the chained x enters the sum, so no call is hoisted out of the chain or merged)
@@ -236,12 +253,21 @@ def main() -> None:
                 f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, "
                 f"{cfg.ctas(n)} CTAs", us)
 
-    print(f"\nint8 weight [{n}, {k}] ({nbytes / 1e6:.1f} MB), HBM read ceiling {read_gbs:.0f} GB/s")
-    print("| what | tile, ring, CTAs | us | GB/s | % of read ceiling |")
-    print("|---|---|---|---|---|")
+    stats = dclock.finish() if dclock else {}
+    if big_read:   # the device's own time for the 2 GiB read: the ceiling the rows are read against
+        read_gbs = 2**31 / stats[big_read].median_us / 1e3
+    print(f"\nint8 weight [{n}, {k}] ({nbytes / 1e6:.1f} MB), HBM read ceiling {read_gbs:.0f} GB/s"
+          + (f"; clock: the device (lanes {dclock.lanes})" if dclock else f"; clock: {ns.clock}"))
+    print("| what | tile, ring, CTAs | us | GB/s | % of read ceiling | device: kernel, runs, "
+          "all kernels us per run |")
+    print("|---|---|---|---|---|---|")
     for what, cfg, us, read in rows:
+        extra = ""
+        if isinstance(us, str):
+            st = stats[us]
+            us, extra = st.median_us, f"{st.kernel}, {st.count}, {st.all_us:.1f}"
         gbs = read / us / 1e3
-        print(f"| {what} | {cfg} | {us:.1f} | {gbs:.0f} | {100 * gbs / read_gbs:.0f}% |")
+        print(f"| {what} | {cfg} | {us:.1f} | {gbs:.0f} | {100 * gbs / read_gbs:.0f}% | {extra} |")
 
 
 if __name__ == "__main__":

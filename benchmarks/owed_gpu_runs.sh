@@ -74,14 +74,15 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 case "${1:-}" in
 tq)
   # Session 32: triton_decode (Pallas Triton lowering: cp.async-pipelined plain loads, mma.sync on
-  # the upcast tile) against the Mosaic kernel's default and XLA's read, three of the 8B's shapes.
-  # Prediction: plain loads near XLA's read (session 31: 37.3 us at gate/up against the TMA
-  # ring's 42.0 and the kernel's 46.7 / 49.6 at M = 1 / 16): the best config within ~10% of XLA's
-  # read, i.e. ~40-42 us at gate/up M = 16 (>= 1.15x the Mosaic default), if the mma.sync and
-  # the layout conversion of the upcast tile hide under the loads.
-  for sh in 28672x4096 4096x14336 6144x4096; do
-    timeout 160 python3 benchmarks/decode_stream.py --shape $sh --ms 16,1 --layouts "" --rounds 1 \
-      --kernels mosaic1,triton --iters 40 > "$OUT/tq_$sh.txt" 2>&1
+  # the upcast tile) against the Mosaic kernel's default and XLA's read, the 8B's four shapes.
+  # Call 1 timed by the difference of chain lengths read impossible rates (XLA's 117 MB row sum
+  # at 4.5 TB/s, a Triton config at 6.3 TB/s with two 25 MB copies in L2): now each kernel's own
+  # duration from a profiler trace (benchmarks/device_clock.py), >= 150 MB of weight copies.
+  # Prediction: plain loads near XLA's read; the best Triton config >= 1.1x the Mosaic default at
+  # M = 16 on every shape (call 1's hint: 128-row tiles, 8 warps at the down projection).
+  for sh in 28672x4096 4096x14336 6144x4096 128256x4096; do
+    timeout 140 python3 benchmarks/decode_stream.py --shape $sh --ms 16,1 --layouts "" --rounds 1 \
+      --kernels mosaic1,triton --iters 20 --trace-dir /tmp/tq_$sh > "$OUT/tq_$sh.txt" 2>&1
     grep "^|\|^int8\|rror" "$OUT/tq_$sh.txt" | head -40
   done
   ;;

@@ -67,6 +67,19 @@ def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
 
+def chained(fn, n: int):
+    """A jit of ``n`` calls ``fn(x, *weights[i % len(weights)])`` in a chain: each call's x
+    depends on the previous output, so nothing is hoisted or merged."""
+    def loop(x, weights):
+        acc = jnp.zeros((), jnp.float32)
+        for i in range(n):
+            y = fn(x, *weights[i % len(weights)])
+            x = x + (y[:, :1] * 1e-6).astype(x.dtype)    # depend on the previous call
+            acc = acc + y[0, 0].astype(jnp.float32)
+        return acc
+    return jax.jit(loop)
+
+
 def timed(fn, x, weights, iters: int, reps: int, differential: bool = True) -> float:
     """Median per-call microseconds of ``fn(x, *w)`` chained ``iters`` times in one jit.
 
@@ -77,14 +90,7 @@ def timed(fn, x, weights, iters: int, reps: int, differential: bool = True) -> f
     kernels) cancels; noise larger than ``iters`` calls can leave it <= 0 (a loaded CPU: raise
     ``iters`` and ``reps``). Else the plain quotient of one reading (sessions 13-31's figures)."""
     def chain(n):
-        def loop(x, weights):
-            acc = jnp.zeros((), jnp.float32)
-            for i in range(n):
-                y = fn(x, *weights[i % len(weights)])
-                x = x + (y[:, :1] * 1e-6).astype(x.dtype)    # depend on the previous call
-                acc = acc + y[0, 0].astype(jnp.float32)
-            return acc
-        f = jax.jit(loop)
+        f = chained(fn, n)
         jax.block_until_ready(f(x, weights))
         return f
 

@@ -1,0 +1,99 @@
+"""Device-side kernel times for the kernel benchmarks, read from one profiler trace.
+
+Where it sits: beside ``quant_matmul.timed`` (wall-clock chains) for benchmarks that compare
+kernels of 5-50 us, where the host's reading of a chain carried +-20-30% between rounds (session
+31) and a differential of two chain lengths went wrong both ways (session 32, call 1: reads of
+117 MB "faster" than HBM at one config, a 2 GiB sum at 60% of another reading). Here each
+measurement runs its chained jit inside a named ``TraceAnnotation`` of one ``jax.profiler``
+trace; afterwards every GPU kernel that ran inside that window is attributed to it, so a figure
+is the device's own duration of the kernels, whatever the host did::
+
+    clock = DeviceClock("/tmp/trace")
+    label = clock.run("kernel M=16", chained_fn, *args, reps=5)   # after a warm-up call
+    ...
+    stats = clock.finish()      # {label: Stats(kernel, median_us, count, all_us)}
+
+``Stats.median_us``: the median duration of the label's heaviest kernel (the name with the most
+total time in the window: the matmul, not the chain's glue); ``all_us``: every kernel's time in
+the window divided by the heaviest kernel's count (the matmul plus its epilogue and the glue).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    kernel: str        # the heaviest kernel's name in the window
+    median_us: float   # its median duration
+    count: int         # how many times it ran in the window
+    all_us: float      # every kernel's total in the window / count
+
+
+class DeviceClock:
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.labels: list[str] = []
+        self.lanes: list[str] = []   # the device lanes the trace had (``finish``; a check)
+        jax.profiler.start_trace(out_dir, create_perfetto_trace=True)
+
+    def run(self, label: str, fn: Callable, *args, reps: int = 5) -> str:
+        """``fn(*args)`` once untimed (compile, first launch), then ``reps`` times inside the
+        annotation ``label`` (unique per measurement), each waited for."""
+        if label in self.labels:
+            raise ValueError(f"label {label!r} used twice")
+        jax.block_until_ready(fn(*args))
+        with jax.profiler.TraceAnnotation(label):
+            for _ in range(reps):
+                jax.block_until_ready(fn(*args))
+        self.labels.append(label)
+        return label
+
+    def finish(self) -> dict[str, Stats]:
+        """Stop the trace and attribute its GPU kernels to the annotated windows."""
+        jax.profiler.stop_trace()
+        paths = sorted(glob.glob(os.path.join(self.out_dir, "**", "perfetto_trace.json.gz"),
+                                 recursive=True), key=os.path.getmtime)
+        if not paths:
+            raise RuntimeError(f"no perfetto trace under {self.out_dir}")
+        with gzip.open(paths[-1]) as f:
+            data = json.load(f)
+        events = data["traceEvents"] if isinstance(data, dict) else data
+        procs = {e["pid"]: e["args"].get("name", "") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+        gpu = {pid for pid, name in procs.items() if "GPU" in name or "gpu" in name}
+        # the device's stream lanes hold the kernels; its "XLA Modules" / "XLA Ops" lanes repeat
+        # them as programs and HLO ops (counted once: the streams only, when the trace has them)
+        lanes = {(e["pid"], e.get("tid")): e["args"].get("name", "") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in gpu}
+        streams = {key for key, name in lanes.items() if "Stream" in name}
+        self.lanes = sorted(set(lanes.values()))
+        windows = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("ph") == "X" and e.get("name") in self.labels and e["pid"] not in gpu}
+        kernels = [(e["ts"], e.get("dur", 0.0), e["name"]) for e in events
+                   if e.get("ph") == "X" and e["pid"] in gpu and e.get("dur", 0.0) > 0
+                   and (not streams or (e["pid"], e.get("tid")) in streams)]
+        out: dict[str, Stats] = {}
+        for label in self.labels:
+            lo, hi = windows.get(label, (0.0, -1.0))
+            by_name: dict[str, list[float]] = defaultdict(list)
+            for ts, dur, name in kernels:
+                if lo <= ts <= hi:
+                    by_name[name].append(dur)
+            if not by_name:
+                out[label] = Stats("-", float("nan"), 0, float("nan"))
+                continue
+            name, durs = max(by_name.items(), key=lambda kv: sum(kv[1]))
+            total = sum(sum(v) for v in by_name.values())
+            out[label] = Stats(name[:60], statistics.median(durs), len(durs), total / len(durs))
+        return out
