@@ -62,32 +62,14 @@ class DeviceClock:
     def finish(self) -> dict[str, Stats]:
         """Stop the trace and attribute its GPU kernels to the annotated windows."""
         jax.profiler.stop_trace()
-        paths = sorted(glob.glob(os.path.join(self.out_dir, "**", "perfetto_trace.json.gz"),
-                                 recursive=True), key=os.path.getmtime)
-        if not paths:
-            raise RuntimeError(f"no perfetto trace under {self.out_dir}")
-        with gzip.open(paths[-1]) as f:
-            data = json.load(f)
-        events = data["traceEvents"] if isinstance(data, dict) else data
-        procs = {e["pid"]: e["args"].get("name", "") for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
-        gpu = {pid for pid, name in procs.items() if "GPU" in name or "gpu" in name}
-        # the device's stream lanes hold the kernels; its "XLA Modules" / "XLA Ops" lanes repeat
-        # them as programs and HLO ops (counted once: the streams only, when the trace has them)
-        lanes = {(e["pid"], e.get("tid")): e["args"].get("name", "") for e in events
-                 if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in gpu}
-        streams = {key for key, name in lanes.items() if "Stream" in name}
-        self.lanes = sorted(set(lanes.values()))
-        windows = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in events
-                   if e.get("ph") == "X" and e.get("name") in self.labels and e["pid"] not in gpu}
-        kernels = [(e["ts"], e.get("dur", 0.0), e["name"]) for e in events
-                   if e.get("ph") == "X" and e["pid"] in gpu and e.get("dur", 0.0) > 0
-                   and (not streams or (e["pid"], e.get("tid")) in streams)]
+        trace = read_trace(self.out_dir)
+        self.lanes = trace.lanes
+        windows = {name: span for name, span in trace.host_spans.items() if name in self.labels}
         out: dict[str, Stats] = {}
         for label in self.labels:
             lo, hi = windows.get(label, (0.0, -1.0))
             by_name: dict[str, list[float]] = defaultdict(list)
-            for ts, dur, name in kernels:
+            for ts, dur, name in trace.kernels:
                 if lo <= ts <= hi:
                     by_name[name].append(dur)
             if not by_name:
@@ -97,3 +79,35 @@ class DeviceClock:
             total = sum(sum(v) for v in by_name.values())
             out[label] = Stats(name[:60], statistics.median(durs), len(durs), total / len(durs))
         return out
+
+
+@dataclasses.dataclass
+class Trace:
+    kernels: list[tuple[float, float, str]]        # (start us, duration us, name), by start
+    host_spans: dict[str, tuple[float, float]]     # host event name -> (start, end) of its last
+    lanes: list[str]                               # the device lanes the trace had (a check)
+
+
+def read_trace(out_dir: str) -> Trace:
+    """The newest perfetto trace under ``out_dir`` -> its GPU kernels and host spans."""
+    paths = sorted(glob.glob(os.path.join(out_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not paths:
+        raise RuntimeError(f"no perfetto trace under {out_dir}")
+    with gzip.open(paths[-1]) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    procs = {e["pid"]: e["args"].get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in procs.items() if "GPU" in name or "gpu" in name}
+    # the device's stream lanes hold the kernels; its "XLA Modules" / "XLA Ops" lanes repeat
+    # them as programs and HLO ops (counted once: the streams only, when the trace has them)
+    lanes = {(e["pid"], e.get("tid")): e["args"].get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in gpu}
+    streams = {key for key, name in lanes.items() if "Stream" in name}
+    kernels = sorted((e["ts"], e.get("dur", 0.0), e["name"]) for e in events
+                     if e.get("ph") == "X" and e["pid"] in gpu and e.get("dur", 0.0) > 0
+                     and (not streams or (e["pid"], e.get("tid")) in streams))
+    spans = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in events
+             if e.get("ph") == "X" and e["pid"] not in gpu and "dur" in e}
+    return Trace(kernels, spans, sorted(set(lanes.values())))

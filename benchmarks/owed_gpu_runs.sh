@@ -116,13 +116,20 @@ qd)
   done
   ;;
 qh)
-  # Session 31 added quantize_lm_head: the 8B's bf16 lm_head (1.05 GB, ~0.33 ms of a 3.41 ms int8
-  # batch-1 step, session 24) becomes int8 (0.53 GB). bf16, int8 and int8 + lm_head in one call
-  # (the 16-token bucket, as session 24's qk2). Prediction: int8 + lm_head 0.12-0.16 ms under int8
-  # (~1.41-1.43x bf16 against int8's ~1.36x); kernels per step unchanged but for the head's sum.
-  timeout 560 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization none,int8,int8+lm_head > "$OUT/step_floor_lm_head.txt" 2>&1
+  # Session 31 added quantize_lm_head: the 8B's bf16 lm_head (1.05 GB) becomes int8 (0.53 GB).
+  # Session 32's device clock put the lm_head's XLA read at ~4.3 TB/s (0.25 ms) and the kernel's
+  # int8 read at ~3.9 TB/s (0.13 ms). int8 + lm_head, bf16 and int8 (the 16-token bucket, as
+  # session 24's qk2), each with a profiler trace of 20 steps read by trace_kernels.py (device
+  # busy, gaps between kernels, kernel groups). Prediction: int8 + lm_head ~0.12 ms under int8
+  # (~1.40x bf16 against int8's ~1.36x); the int8 step's matmuls ~2.3 ms of device time (session
+  # 32's per-kernel figures: ~69 us per layer + the head), the rest of its ~3.4 ms gaps and the
+  # small kernels.
+  timeout 570 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8+lm_head,none,int8 --trace /tmp/sf_trace > "$OUT/step_floor_lm_head.txt" 2>&1
   grep "^##\|^| A \|^| B \|rror" "$OUT/step_floor_lm_head.txt" | head -20
+  for d in /tmp/sf_trace/*; do
+    timeout 60 python3 benchmarks/trace_kernels.py "$d" --steps 20 --top 20 | tee "$OUT/kernels_$(basename "$d").txt"
+  done
   ;;
 lt)
   # Issue 12: where the speculating step's launch goes (session 26's call 1 ran the base's again,

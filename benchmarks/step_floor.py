@@ -104,7 +104,7 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
         idle.append(time.perf_counter() - th)
     jax.block_until_ready(tokens)
     if trace:
-        with jax.profiler.trace(trace):
+        with jax.profiler.trace(trace, create_perfetto_trace=True):   # (trace_kernels.py reads it)
             for _ in range(20):
                 kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, None)
             jax.block_until_ready(tokens)
@@ -263,7 +263,7 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
     build_s = time.perf_counter() - t0
     tag = model.replace("/", "_") + (f".{quantization}" if quantization else "")
     dump = f"{dump_dir}/{tag}.decode_step.hlo.txt" if dump_dir else None
-    trace = f"{trace_dir}/{model.replace('/', '_')}" if trace_dir else None
+    trace = f"{trace_dir}/{tag}" if trace_dir else None
     res["A"] = floor_a(eng, dump=dump, trace=trace)
     t = eng.runner.bucket_for(1)[0]
     extra = {"A' greedy variant with prefill launches (before: decode steps ran it)":
