@@ -1,9 +1,10 @@
 """What caps the persistent quantized decode matmul: its TMA weight stream alone, against the
 kernel, at the engine's decode sizes.
 
-Where it sits: beside benchmarks/quant_matmul.py (which times the kernel against XLA). The
-decode kernel (pallas_kernels/quant_matmul/mgpu_decode.py) reads the 8B's int8 weights at
-~2.6 TB/s at M = 1 and less at M = 16, while XLA's bf16 GEMVs in the same step reach ~3.4 TB/s.
+Where it sits: beside benchmarks/quant_matmul.py (which times the kernel against XLA). Timed
+on the device (session 32, H200, 2 GiB int8 read 4.6 TB/s), the decode kernel
+(pallas_kernels/quant_matmul/mgpu_decode.py) read the 8B's gate/up at 77-79% of that, its down
+projection at 71-73% and its qkv at 54-57%, where XLA's bf16 GEMM of gate/up reached 93%.
 This script separates the pipeline from the work in it:
 
   stream   (``rows``: the weight as the engine keeps it, [N, K]; ``tiled``: pre-tiled, each
@@ -14,12 +15,11 @@ This script separates the pipeline from the work in it:
            no wgmma, no partial store); each CTA copies its last tile out so the loads are used.
            Its rate is the ceiling of any kernel built on this ring at that tile, depth and
            CTA count.
-  triton   ``triton_decode.quant_matmul`` (plain pipelined loads, mma.sync; ``--kernels``) at
-           its default and ``--triton-configs``.
   kernel   ``mgpu.quant_matmul`` (int8 weights, bf16 x) at its default config and at every
            split of K for the default's tile (the split sets how many partial tiles each CTA
-           stores: a unit of one K block stores after every step), and 128-row tiles (one CTA
-           per SM, or two at 256 columns).
+           stores: a unit of one K block stores after every step), 128-row tiles (one CTA
+           per SM, or two at 256 columns), and deep rings on one CTA per SM at splits 1-2
+           (``deep_rings``: split 1 needs no partial sum after the kernel).
 
 Also in the same harness: XLA reading the same weight (a row sum) and XLA's bf16 GEMM of the
 same shape at 16 tokens. Rows: the tile (block_n x block_k), ring depth, CTAs; the weight read in
@@ -45,7 +45,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.device_clock import DeviceClock
 from benchmarks.quant_matmul import ceilings, chained, rel, timed
-from pallas_kernels.quant_matmul import mgpu, mgpu_decode, triton_decode
+from pallas_kernels.quant_matmul import mgpu, mgpu_decode
 from pallas_kernels.quant_matmul import reference as ref
 
 
@@ -98,19 +98,19 @@ def stream(w: jax.Array, tag: jax.Array, *, bn: int, bk: int, stages: int, ctas:
     return f(w, tag)
 
 
-TRITON_SWEEP = ("64,256,0,4,4;32,256,0,4,4;32,512,0,4,4;128,256,0,4,3;128,256,0,8,3;128,256,0,8,4;"
-                "128,512,0,8,2;128,512,0,8,3;256,256,0,8,3;64,256,0,8,4;64,512,0,8,4;64,512,1,4,4")
-
-
-def triton_configs(m: int, n: int, k: int, spec: str) -> list[triton_decode.TritonDecodeConfig]:
-    """triton_decode's default at M tokens, then ``spec``'s variants that tile [N, K]."""
-    default = triton_decode.default_config(m, n, k)
-    out = [default]
-    for item in (v for v in spec.split(";") if v):
-        bn, bk, split, warps, stages = (int(v) for v in item.split(","))
-        split = split or triton_decode.default_config(m, n, k, bn, bk).split_k
-        cfg = triton_decode.TritonDecodeConfig(bn, bk, split, warps, stages)
-        if triton_decode.supports(m, n, k, cfg) and cfg not in out:
+def deep_rings(m: int, n: int, k: int, store_mn: bool, sms: int) -> list[mgpu_decode.DecodeConfig]:
+    """One CTA per SM with a deep ring (the most bytes in flight per SM), at splits 1 and 2: with
+    split 1 no partial sum follows the kernel (the o and down projections' sums are kernels of
+    their own in the engine's step, session 24)."""
+    mp, out = mgpu.padded_tokens(m), []
+    for split, bk in ((1, 512), (2, 512), (1, 256)):
+        stages = min(6, 200 * 1024 // ((64 + 2 * mp) * bk))
+        if k % (bk * split):
+            continue
+        units = n // 64 * split
+        cfg = mgpu_decode.DecodeConfig(64, bk, stages, split_k=split, per_cta=-(-units // min(sms, units)),
+                                       store_mn=store_mn)
+        if mgpu_decode.supports(mp, n, k, cfg):
             out.append(cfg)
     return out
 
@@ -127,12 +127,8 @@ def main() -> None:
     ap.add_argument("--layouts", default="rows,tiled,rows+no swizzle",
                     help="stream layouts: rows, tiled, rows+no swizzle ('': no stream rows)")
     ap.add_argument("--kernels", default="mosaic",
-                    help="kernel rows: mosaic (mgpu_decode: default, splits, 128-row tiles), mosaic1 (its "
-                         "default only), triton "
-                         "(triton_decode: default and --triton-configs), both as mosaic,triton")
-    ap.add_argument("--triton-configs", default=TRITON_SWEEP,
-                    help="triton_decode variants, ';'-separated block_n,block_k,split_k,warps,stages "
-                         "(split_k 0: the default's split for that tile)")
+                    help="kernel rows: mosaic (the default, every split of K, 128-row tiles, deep rings "
+                         "on one CTA per SM), mosaic1 (the default only)")
     ap.add_argument("--clock", choices=("device", "chain", "wall"), default="device",
                     help="device: each kernel's own duration from one profiler trace "
                          "(benchmarks/device_clock.py; session 32 on); chain: the difference of "
@@ -156,7 +152,10 @@ def main() -> None:
     big = jnp.ones((2**19, 4096), jnp.int8)   # 2 GiB of int8, read as the weight is (row sums)
     big_read = dclock and dclock.run("ceiling", jax.jit(lambda a: jnp.sum(a.astype(jnp.int32), axis=1)),
                                      big, reps=ns.reps)
+    if dclock:   # the device's own time for the 2 GiB read: the ceiling the rows are read against
+        read_gbs = 2**31 / dclock.flush()[big_read].median_us / 1e3
     del big
+    print(f"HBM read ceiling {read_gbs:.0f} GB/s", flush=True)
     key = jax.random.PRNGKey(0)
     copies = []
     ns.copies = ns.copies or max(2, -(-150_000_000 // (n * k)))   # >= 150 MB: not served from L2
@@ -172,6 +171,30 @@ def main() -> None:
         if not isinstance(us, str):
             print(f"  {what} {cfg}: {us:.1f} us, {read / us / 1e3:.0f} GB/s", flush=True)
 
+    printed = [0]
+
+    def table(rows_: list, header: bool) -> None:
+        """Print rows (a device-clock row's label resolved from the stats)."""
+        stats = dclock.flush() if dclock else {}
+        if header:
+            print(f"\nint8 weight [{n}, {k}] ({nbytes / 1e6:.1f} MB), HBM read ceiling {read_gbs:.0f} GB/s"
+                  + (f"; clock: the device (lanes {dclock.lanes})" if dclock else f"; clock: {ns.clock}"))
+            print("| what | tile, ring, CTAs | us | GB/s | % of read ceiling | device: kernel, runs, "
+                  "all kernels us per run |")
+            print("|---|---|---|---|---|---|")
+        for what, cfg, us, read in rows_:
+            extra = ""
+            if isinstance(us, str):
+                st = stats[us]
+                us, extra = st.median_us, f"{st.kernel}, {st.count}, {st.all_us:.1f}"
+            gbs = read / us / 1e3
+            print(f"| {what} | {cfg} | {us:.1f} | {gbs:.0f} | {100 * gbs / read_gbs:.0f}% | {extra} |",
+                  flush=True)
+
+    def section() -> None:   # the rows measured since the last section, printed now
+        table(rows[printed[0]:], header=printed[0] == 0)
+        printed[0] = len(rows)
+
     def xla_read(x, w, _s):   # the same chained harness around XLA reading the whole weight
         # (the chained x enters the sum, so no call is hoisted out of the chain or merged)
         total = jnp.sum(w.astype(jnp.int32) + x[0, 0].astype(jnp.int32), axis=1)
@@ -184,6 +207,7 @@ def main() -> None:
             clock(xla_read, jnp.zeros((8, k), jnp.bfloat16), copies, ns.iters, ns.reps))
         us = clock(lambda x, w: x @ w, jnp.zeros((16, k), jnp.bfloat16), bf16, ns.iters, ns.reps)
         add(f"XLA's bf16 x[16, K] @ w[K, N], round {rnd}", "-", us, 2 * nbytes)
+    section()
     del bf16
     # The ring alone: tile, depth and CTA count, over the [N, K] weight and over pre-tiled
     # copies (each tile, and each CTA's share, contiguous); each config once per round, the
@@ -210,6 +234,7 @@ def main() -> None:
             finally:
                 del ws
             add(f"stream, {layout}, round {rnd}", f"{bn}x{bk}, {stages} stages, {ctas} CTAs", us)
+        section()
 
     # The kernel: its default and every split of K for the default's tile.
     kernels = ns.kernels.split(",")
@@ -217,8 +242,6 @@ def main() -> None:
         x = jax.random.normal(jax.random.fold_in(key, 7 + m), (m, k), jnp.bfloat16)
         default = mgpu.kernel_config(m, n, k)
         cfgs = [default] if {"mosaic", "mosaic1"} & set(kernels) else []   # mosaic1: the default only
-        if "triton" in kernels:
-            cfgs += triton_configs(m, n, k, ns.triton_configs)
         if "mosaic" in kernels and isinstance(default, mgpu_decode.DecodeConfig):
             blocks = k // default.block_k
             for split in (s for s in (1, 2, 4, 8, 16) if blocks % s == 0 and s != default.split_k):
@@ -230,44 +253,25 @@ def main() -> None:
                                                 ctas_per_sm=per_sm, store_mn=default.store_mn)
                 if mgpu_decode.supports(mgpu.padded_tokens(m), n, k, cfg):
                     cfgs.append(cfg)
+            cfgs += deep_rings(m, n, k, default.store_mn, sms)
         for cfg in [c for _ in range(ns.kernel_rounds) for c in cfgs]:   # (rounds in turn)
             q, s = copies[0]
-            tri = isinstance(cfg, triton_decode.TritonDecodeConfig)
-            mod = triton_decode if tri else mgpu
             try:
-                fn = lambda x, q, s, cfg=cfg, mod=mod: mod.quant_matmul(x, q, s, config=cfg)  # noqa: E731
+                fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731
                 err = rel(jnp.asarray(jax.jit(fn)(x, q, s), jnp.float32),
                           ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32))
                 us = clock(fn, x, copies, ns.iters, ns.reps)
             except Exception as e:  # noqa: BLE001
                 print(f"  kernel M={m} {cfg}: error {e!r:.300}", flush=True)
                 continue
-            if tri:
-                tag = "default" if cfg == triton_decode.default_config(m, n, k) else "variant"
-                add(f"triton M={m} ({tag}, rel err {err:.1e})",
-                    f"{cfg.block_n}x{cfg.block_k}, {cfg.num_warps} warps, {cfg.num_stages} stages, "
-                    f"split {cfg.split_k}, {n // cfg.block_n * cfg.split_k} programs", us)
-                continue
             tag = "default" if cfg == default else "variant"
             add(f"kernel M={m} ({tag}, rel err {err:.1e})",
                 f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, "
                 f"{cfg.ctas(n)} CTAs", us)
+        section()
 
-    stats = dclock.finish() if dclock else {}
-    if big_read:   # the device's own time for the 2 GiB read: the ceiling the rows are read against
-        read_gbs = 2**31 / stats[big_read].median_us / 1e3
-    print(f"\nint8 weight [{n}, {k}] ({nbytes / 1e6:.1f} MB), HBM read ceiling {read_gbs:.0f} GB/s"
-          + (f"; clock: the device (lanes {dclock.lanes})" if dclock else f"; clock: {ns.clock}"))
-    print("| what | tile, ring, CTAs | us | GB/s | % of read ceiling | device: kernel, runs, "
-          "all kernels us per run |")
-    print("|---|---|---|---|---|---|")
-    for what, cfg, us, read in rows:
-        extra = ""
-        if isinstance(us, str):
-            st = stats[us]
-            us, extra = st.median_us, f"{st.kernel}, {st.count}, {st.all_us:.1f}"
-        gbs = read / us / 1e3
-        print(f"| {what} | {cfg} | {us:.1f} | {gbs:.0f} | {100 * gbs / read_gbs:.0f}% | {extra} |")
+    print("\n## all rows")
+    table(rows, header=True)
 
 
 if __name__ == "__main__":

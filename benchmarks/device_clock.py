@@ -4,14 +4,17 @@ Where it sits: beside ``quant_matmul.timed`` (wall-clock chains) for benchmarks 
 kernels of 5-50 us, where the host's reading of a chain carried +-20-30% between rounds (session
 31) and a differential of two chain lengths went wrong both ways (session 32, call 1: reads of
 117 MB "faster" than HBM at one config, a 2 GiB sum at 60% of another reading). Here each
-measurement runs its chained jit inside a named ``TraceAnnotation`` of one ``jax.profiler``
+measurement runs its chained jit inside a named ``TraceAnnotation`` of a ``jax.profiler``
 trace; afterwards every GPU kernel that ran inside that window is attributed to it, so a figure
 is the device's own duration of the kernels, whatever the host did::
 
     clock = DeviceClock("/tmp/trace")
-    label = clock.run("kernel M=16", chained_fn, *args, reps=5)   # after a warm-up call
+    label = clock.run("kernel M=16", chained_fn, *args, reps=5)   # warm-up now, timed at flush
     ...
-    stats = clock.finish()      # {label: Stats(kernel, median_us, count, all_us)}
+    stats = clock.flush()       # {label: Stats(kernel, median_us, count, all_us)}
+
+Nothing compiles inside the trace (``run`` calls the function once before queueing it), and
+``flush`` may be called after each section so that a run cut short keeps what it measured.
 
 ``Stats.median_us``: the median duration of the label's heaviest kernel (the name with the most
 total time in the window: the matmul, not the chain's glue); ``all_us``: every kernel's time in
@@ -44,41 +47,50 @@ class DeviceClock:
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
         self.labels: list[str] = []
-        self.lanes: list[str] = []   # the device lanes the trace had (``finish``; a check)
-        jax.profiler.start_trace(out_dir, create_perfetto_trace=True)
+        self.lanes: list[str] = []   # the device lanes the last trace had (a check)
+        self.stats: dict[str, Stats] = {}
+        self._queued: list[tuple[str, Callable, tuple, int]] = []
 
     def run(self, label: str, fn: Callable, *args, reps: int = 5) -> str:
-        """``fn(*args)`` once untimed (compile, first launch), then ``reps`` times inside the
-        annotation ``label`` (unique per measurement), each waited for."""
+        """Call ``fn(*args)`` once now, untraced (compile, first launch), and queue ``reps``
+        timed calls under the annotation ``label`` (unique) for the next ``flush``."""
         if label in self.labels:
             raise ValueError(f"label {label!r} used twice")
         jax.block_until_ready(fn(*args))
-        with jax.profiler.TraceAnnotation(label):
-            for _ in range(reps):
-                jax.block_until_ready(fn(*args))
         self.labels.append(label)
+        self._queued.append((label, fn, args, reps))
         return label
 
-    def finish(self) -> dict[str, Stats]:
-        """Stop the trace and attribute its GPU kernels to the annotated windows."""
-        jax.profiler.stop_trace()
-        trace = read_trace(self.out_dir)
+    def flush(self) -> dict[str, Stats]:
+        """Run the queued measurements inside one profiler trace (nothing compiles in it) and
+        attribute its GPU kernels to their windows; -> every label's stats so far."""
+        if not self._queued:
+            return self.stats
+        out_dir = os.path.join(self.out_dir, f"part{len(self.stats)}")
+        jax.profiler.start_trace(out_dir, create_perfetto_trace=True)
+        try:
+            for label, fn, args, reps in self._queued:
+                with jax.profiler.TraceAnnotation(label):
+                    for _ in range(reps):
+                        jax.block_until_ready(fn(*args))
+        finally:
+            jax.profiler.stop_trace()
+        trace = read_trace(out_dir)
         self.lanes = trace.lanes
-        windows = {name: span for name, span in trace.host_spans.items() if name in self.labels}
-        out: dict[str, Stats] = {}
-        for label in self.labels:
-            lo, hi = windows.get(label, (0.0, -1.0))
+        for label, *_ in self._queued:
+            lo, hi = trace.host_spans.get(label, (0.0, -1.0))
             by_name: dict[str, list[float]] = defaultdict(list)
             for ts, dur, name in trace.kernels:
                 if lo <= ts <= hi:
                     by_name[name].append(dur)
             if not by_name:
-                out[label] = Stats("-", float("nan"), 0, float("nan"))
+                self.stats[label] = Stats("-", float("nan"), 0, float("nan"))
                 continue
             name, durs = max(by_name.items(), key=lambda kv: sum(kv[1]))
             total = sum(sum(v) for v in by_name.values())
-            out[label] = Stats(name[:60], statistics.median(durs), len(durs), total / len(durs))
-        return out
+            self.stats[label] = Stats(name[:60], statistics.median(durs), len(durs), total / len(durs))
+        self._queued = []
+        return self.stats
 
 
 @dataclasses.dataclass

@@ -28,12 +28,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.quant_matmul import mgpu, reference, tpu, triton_decode
+from pallas_kernels.quant_matmul import mgpu, reference, tpu
 
 MOSAIC_ON_HOPPER = True
 W8A8_XLA_MIN_M: int | None = 128   # (module docstring)
-DECODE_KERNEL = "mosaic"   # w8a16 decode matmuls on a GPU: "mosaic" (mgpu_decode) or "triton"
-#                            (triton_decode; the A/B of benchmarks/step_floor.py --ab quant-triton)
 
 
 def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax.Array | None = None,
@@ -51,9 +49,6 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
         return tpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, **kw)
     if backend == "gpu" and act_quant and not interpret and _xla_fp8(x.shape[0]):
         return reference.w8a8_matmul(x, w, w_scale, input_scale, out_dtype, native=True)
-    if (backend == "gpu" and not interpret and not act_quant and DECODE_KERNEL == "triton"
-            and triton_decode.supports(x.shape[0], w.shape[0], x.shape[1])):
-        return triton_decode.quant_matmul(x, w, w_scale, out_dtype=out_dtype)
     if backend == "gpu" or interpret:
         if (interpret or (MOSAIC_ON_HOPPER and mgpu.on_hopper())) and mgpu.supports(x, w, act_quant):
             return mgpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, **kw)

@@ -95,6 +95,8 @@ def default_config(m: int, n: int, k: int) -> MgpuConfig:
 
 DECODE_SMEM_PER_CTA = 100 * 1024   # the persistent kernel's TMA ring: two CTAs per SM fit
 DECODE_STORE_MN = True    # the persistent kernel's ``store_mn`` (off: the A/B in benchmarks/step_floor.py)
+DECODE_SPLIT1_MAX_N = 0   # decode matmuls with N <= this: K unsplit, one CTA per SM, a ring twice
+#                           as deep (no partial sum after the kernel; step_floor --ab quant-split1)
 
 
 def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
@@ -106,8 +108,13 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
     mp = padded_tokens(m)
     if mp <= 64 and n % 64 == 0 and k % 128 == 0:
         bk = next(b for b in ((512, 256, 128) if mp <= 16 else (256, 128)) if k % b == 0)
-        stages = max(2, min(4, DECODE_SMEM_PER_CTA // ((64 + 2 * mp) * bk)))
-        dec = mgpu_decode.decode_config(n, k, block_k=bk, stages=stages, store_mn=DECODE_STORE_MN)
+        if n <= DECODE_SPLIT1_MAX_N:
+            stages = max(2, min(6, 2 * DECODE_SMEM_PER_CTA // ((64 + 2 * mp) * bk)))
+            dec = mgpu_decode.decode_config(n, k, block_k=bk, stages=stages, ctas_per_sm=1, max_split=1,
+                                            store_mn=DECODE_STORE_MN)
+        else:
+            stages = max(2, min(4, DECODE_SMEM_PER_CTA // ((64 + 2 * mp) * bk)))
+            dec = mgpu_decode.decode_config(n, k, block_k=bk, stages=stages, store_mn=DECODE_STORE_MN)
         if mgpu_decode.supports(mp, n, k, dec):
             return dec
     return default_config(m, n, k)
