@@ -270,9 +270,6 @@ def main() -> None:
                 f"{cfg.ctas(n)} CTAs", us)
         section()
 
-    print("\n## all rows")
-    table(rows, header=True)
-
 
 if __name__ == "__main__":
     main()

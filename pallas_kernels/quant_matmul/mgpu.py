@@ -95,8 +95,6 @@ def default_config(m: int, n: int, k: int) -> MgpuConfig:
 
 DECODE_SMEM_PER_CTA = 100 * 1024   # the persistent kernel's TMA ring: two CTAs per SM fit
 DECODE_STORE_MN = True    # the persistent kernel's ``store_mn`` (off: the A/B in benchmarks/step_floor.py)
-DECODE_SPLIT1_MAX_N = 0   # decode matmuls with N <= this: K unsplit, one CTA per SM, a ring twice
-#                           as deep (no partial sum after the kernel; step_floor --ab quant-split1)
 
 
 def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
@@ -104,17 +102,15 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
     (``mgpu_decode``) where M pads to <= 64 tokens and it tiles, else the tiled grid. Its K tile
     is 512 columns up to 16 tokens, else 256 (long contiguous runs of each weight row: H200,
     session 20, gate/up M = 1 43.4 us at 512 / 2 stages against 50.6 at 128), and its ring as
-    deep as ``DECODE_SMEM_PER_CTA`` allows (2-4 stages)."""
+    deep as ``DECODE_SMEM_PER_CTA`` allows (2-4 stages). K is split to keep two CTAs per SM:
+    unsplit on one CTA per SM with a ring twice as deep (no partial sum after the kernel), the
+    8B's qkv, o and down projections made its batch-1 int8 step 3.94 ms against 3.31 (H200,
+    session 32)."""
     mp = padded_tokens(m)
     if mp <= 64 and n % 64 == 0 and k % 128 == 0:
         bk = next(b for b in ((512, 256, 128) if mp <= 16 else (256, 128)) if k % b == 0)
-        if n <= DECODE_SPLIT1_MAX_N:
-            stages = max(2, min(6, 2 * DECODE_SMEM_PER_CTA // ((64 + 2 * mp) * bk)))
-            dec = mgpu_decode.decode_config(n, k, block_k=bk, stages=stages, ctas_per_sm=1, max_split=1,
-                                            store_mn=DECODE_STORE_MN)
-        else:
-            stages = max(2, min(4, DECODE_SMEM_PER_CTA // ((64 + 2 * mp) * bk)))
-            dec = mgpu_decode.decode_config(n, k, block_k=bk, stages=stages, store_mn=DECODE_STORE_MN)
+        stages = max(2, min(4, DECODE_SMEM_PER_CTA // ((64 + 2 * mp) * bk)))
+        dec = mgpu_decode.decode_config(n, k, block_k=bk, stages=stages, store_mn=DECODE_STORE_MN)
         if mgpu_decode.supports(mp, n, k, dec):
             return dec
     return default_config(m, n, k)

@@ -306,18 +306,3 @@ def test_w8a8_route_to_xla_fp8_dot_from_min_m(monkeypatch):
     qapi.quant_matmul(x, q, s, act_quant=True, backend="gpu")
     assert seen[-1] is False
 
-
-def test_split1_deep_ring_configs(monkeypatch):
-    """DECODE_SPLIT1_MAX_N (the A/B of unsplit decode matmuls): N up to it keeps K whole on at
-    most one CTA per SM with a deeper ring, and the kernel still matches the reference."""
-    monkeypatch.setattr(mgpu, "DECODE_SPLIT1_MAX_N", 8192)
-    for n, k in ((4096, 4096), (6144, 4096), (4096, 14336)):
-        cfg = mgpu.kernel_config(16, n, k)
-        assert isinstance(cfg, DecodeConfig) and cfg.split_k == 1 and cfg.ctas(n) <= 132
-        assert cfg.stages == 4 and cfg.per_cta == 1
-    assert mgpu.kernel_config(16, 28672, 4096).split_k > 1   # wider matmuls keep their split
-    x, q, s, _ = _operands(9, 5, 256, 1024, jnp.int8)
-    cfg = mgpu.kernel_config(5, 256, 1024)
-    assert cfg.split_k == 1 and cfg.stages > 2
-    got = mgpu.quant_matmul(x, q, s, config=cfg, interpret=True)
-    assert _rel(got, ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32)) < 4e-3
