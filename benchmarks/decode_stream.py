@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from benchmarks.device_clock import DeviceClock
+from benchmarks.device_clock import DeviceClock, read_ceiling
 from benchmarks.quant_matmul import ceilings, chained, rel, timed
 from pallas_kernels.quant_matmul import mgpu, mgpu_decode
 from pallas_kernels.quant_matmul import reference as ref
@@ -149,12 +149,8 @@ def main() -> None:
     print("device:", jax.devices()[0].device_kind, "SMs:", sms, flush=True)
     ceilings(ns.reps)   # (a warm-up: the first reading after an idle spell ran up to 18% low)
     read_gbs, _ = ceilings(ns.reps)
-    big = jnp.ones((2**19, 4096), jnp.int8)   # 2 GiB of int8, read as the weight is (row sums)
-    big_read = dclock and dclock.run("ceiling", jax.jit(lambda a: jnp.sum(a.astype(jnp.int32), axis=1)),
-                                     big, reps=ns.reps)
-    if dclock:   # the device's own time for the 2 GiB read: the ceiling the rows are read against
-        read_gbs = 2**31 / dclock.flush()[big_read].median_us / 1e3
-    del big
+    if dclock:   # the device's own time for a 2 GiB read: the ceiling the rows are read against
+        read_gbs = read_ceiling(dclock, ns.reps)
     print(f"HBM read ceiling {read_gbs:.0f} GB/s", flush=True)
     key = jax.random.PRNGKey(0)
     copies = []

@@ -33,6 +33,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,3 +124,13 @@ def read_trace(out_dir: str) -> Trace:
     spans = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in events
              if e.get("ph") == "X" and e["pid"] not in gpu and "dur" in e}
     return Trace(kernels, spans, sorted(set(lanes.values())))
+
+
+def read_ceiling(clock: DeviceClock, reps: int = 5) -> float:
+    """GB/s of a 2 GiB int8 read (row sums of [2^19, 4096]) on the device clock: the HBM read
+    ceiling the kernel benchmarks quote (session 32, H200: 4.61 TB/s)."""
+    big = jnp.ones((2**19, 4096), jnp.int8)
+    label = clock.run(f"ceiling{len(clock.labels)}", jax.jit(lambda a: jnp.sum(a.astype(jnp.int32), axis=1)),
+                      big, reps=reps)
+    us = clock.flush()[label].median_us
+    return 2**31 / us / 1e3

@@ -26,9 +26,12 @@ and of the bf16 GEMV's own weight-read rate (2 bytes per weight) in the same row
 
 Timing: ``--iters`` calls chained inside one jit (each call's input depends on the previous
 output, so nothing is hoisted or merged), rotating over ``--copies`` weight copies so that the
-weight (59 MB int8, 117 MB bf16) is not served from the 50 MB L2; median of ``--reps``, and
-(``timed``'s default since session 31; ``--wall-clock`` for the old quotient) the difference
-of chains of ``iters`` and ``2 * iters`` calls, so the reading's fixed cost cancels.
+weight (59 MB int8, 117 MB bf16) is not served from the 50 MB L2; median of ``--reps``. By
+default (``--clock device``, session 32) a call's time is its heaviest kernel's own duration
+on the device, read from a profiler trace (``device_clock.py``), and the read ceiling is a
+2 GiB int8 read timed the same way; ``--clock chain`` takes the difference of chains of
+``iters`` and ``2 * iters`` calls' wall clock (session 31), ``--clock wall`` one chain's
+(sessions 13-30): both read +-20-30% between rounds and ran ~25% slow against the device.
 
     PYTHONPATH=. python3 benchmarks/quant_matmul.py [--sweep] [--ms 1,16,256,4096]
 
@@ -43,9 +46,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import itertools
 import json
+import math
 import os
 import statistics
 import time
@@ -54,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.device_clock import DeviceClock, read_ceiling
 from pallas_kernels.quant_matmul import mgpu, mgpu_decode
 from pallas_kernels.quant_matmul import reference as ref
 
@@ -157,15 +161,29 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-ms", default="1", help="the Ms that --sweep covers")
     p.add_argument("--shape", default=f"{N}x{K}", help="N x K of the weight")
-    p.add_argument("--wall-clock", action="store_true",
-                   help="time a call as one reading of a chain over its length (sessions 13-31), "
-                        "not the difference of two chain lengths")
+    p.add_argument("--clock", choices=("device", "chain", "wall"), default="device",
+                   help="device: each kernel's own duration from a profiler trace "
+                        "(benchmarks/device_clock.py; session 32 on); chain: the difference of two "
+                        "chain lengths' wall clock (session 31); wall: one chain's wall clock over "
+                        "its length (sessions 13-30)")
+    p.add_argument("--trace-dir", default="/tmp/quant_matmul_trace")
     a = p.parse_args()
-    clock = functools.partial(timed, differential=not a.wall_clock)
+    dclock = DeviceClock(a.trace_dir) if a.clock == "device" else None
+
+    def clock(fn, x, weights, iters, reps) -> float:
+        """Microseconds per call (on the device clock: the heaviest kernel's median duration)."""
+        if dclock is None:
+            return timed(fn, x, weights, iters, reps, differential=a.clock == "chain")
+        label = dclock.run(f"m{len(dclock.labels)}", chained(fn, iters), x, weights, reps=reps)
+        return dclock.flush()[label].median_us
+
     N, K = (int(v) for v in a.shape.split("x"))
     sweep_ms = {int(v) for v in a.sweep_ms.split(",")}
     print("device:", jax.devices()[0].device_kind, "hopper:", mgpu.on_hopper(), flush=True)
     read_gbs, rw_gbs = ceilings(a.reps)
+    if dclock:   # (no GPU kernels, e.g. a CPU smoke run: NaN, the wall-clock figure stays)
+        dev = read_ceiling(dclock, a.reps)
+        read_gbs = dev if math.isfinite(dev) else read_gbs
     emit(kind="ceiling", hbm_read_gbs=round(read_gbs), hbm_rw_gbs=round(rw_gbs))
 
     key = jax.random.PRNGKey(0)
