@@ -81,9 +81,16 @@ qs)
   # CTA per SM, M = 16 then 1, each section printed as it is timed. Prediction: the bare ring
   # within ~5-10% of XLA's read at gate/up and down; at qkv and o a short call's ramp and tail
   # (two to four 32 KB steps per CTA) hold the ring itself under ~65%, so the lever there is
-  # fewer, longer CTAs or cross-call overlap, not the body.
-  for sh in 4096x4096 6144x4096 4096x14336 28672x4096; do
-    timeout 140 python3 benchmarks/decode_stream.py --shape $sh --ms 16,1 --layouts rows --rounds 1 \
+  # fewer, longer CTAs or cross-call overlap, not the body. First the step's kernels in launch
+  # order (one layer's chain with the gaps before each kernel) from a 20-step trace.
+  timeout 150 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8+lm_head --trace /tmp/qs_trace > "$OUT/qs_step.txt" 2>&1
+  grep "^##\|^| A \|rror" "$OUT/qs_step.txt" | head
+  timeout 30 python3 benchmarks/trace_kernels.py /tmp/qs_trace/llama3.1-8b.int8+lm_head --steps 20 \
+    --top 40 --sequence 32 > "$OUT/qs_kernels.txt" 2>&1
+  head -60 "$OUT/qs_kernels.txt"
+  for sh in 4096x4096 6144x4096 4096x14336; do   # (gate/up, 28672x4096: the next call)
+    timeout 120 python3 benchmarks/decode_stream.py --shape $sh --ms 16,1 --layouts rows --rounds 1 \
       --kernels mosaic --iters 20 --trace-dir /tmp/qs_$sh > "$OUT/qs_$sh.txt" 2>&1
     grep "^|\|^int8\|rror" "$OUT/qs_$sh.txt" | head -40
   done

@@ -36,6 +36,9 @@ def main() -> None:
     ap.add_argument("trace_dir")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--sequence", type=int, default=0,
+                    help="also list this many kernels in launch order from the second step's start "
+                         "(name, us, the idle gap before it): one layer's chain")
     ns = ap.parse_args()
     tr = read_trace(ns.trace_dir)
     ks = tr.kernels
@@ -67,6 +70,13 @@ def main() -> None:
     print("\n| kernel group | per step | ms per step | us each |\n|---|---|---|---|")
     for g, (c, d) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
         print(f"| {g} | {c / ns.steps:.0f} | {d * per:.3f} | {d / c:.1f} |")
+    if ns.sequence:
+        per_step = len(ks) // ns.steps
+        first = per_step if len(ks) > per_step else 0
+        print("\n| # | kernel (launch order, second step) | us | gap before, us |\n|---|---|---|---|")
+        for i in range(first, min(len(ks), first + ns.sequence)):
+            gap = ks[i][0] - (ks[i - 1][0] + ks[i - 1][1]) if i else 0.0
+            print(f"| {i - first} | {ks[i][2][:70]} | {ks[i][1]:.1f} | {gap:.2f} |")
     print("\n| kernel | per step | ms per step | us each |\n|---|---|---|---|")
     for name, (c, d) in sorted(names.items(), key=lambda kv: -kv[1][1])[:ns.top]:
         print(f"| {name} | {c / ns.steps:.1f} | {d * per:.3f} | {d / c:.1f} |")
