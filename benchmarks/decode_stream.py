@@ -99,9 +99,9 @@ def stream(w: jax.Array, tag: jax.Array, *, bn: int, bk: int, stages: int, ctas:
 
 
 def deep_rings(m: int, n: int, k: int, store_mn: bool, sms: int) -> list[mgpu_decode.DecodeConfig]:
-    """One CTA per SM with a deep ring (the most bytes in flight per SM), at splits 1 and 2: with
-    split 1 no partial sum follows the kernel (the o and down projections' sums are kernels of
-    their own in the engine's step, session 24)."""
+    """One CTA per SM with a deep ring (the most bytes in flight per SM), at splits 1 and 2 (with
+    split 1 no partial sum follows the kernel: the o and down projections' sums are kernels of
+    their own in the engine's step, session 24) and at ``decode_config``'s own split."""
     mp, out = mgpu.padded_tokens(m), []
     for split, bk in ((1, 512), (2, 512), (1, 256)):
         stages = min(6, 200 * 1024 // ((64 + 2 * mp) * bk))
@@ -111,6 +111,11 @@ def deep_rings(m: int, n: int, k: int, store_mn: bool, sms: int) -> list[mgpu_de
         cfg = mgpu_decode.DecodeConfig(64, bk, stages, split_k=split, per_cta=-(-units // min(sms, units)),
                                        store_mn=store_mn)
         if mgpu_decode.supports(mp, n, k, cfg):
+            out.append(cfg)
+    for bk in (512, 256):   # decode_config's own split for one CTA per SM, the ring as deep
+        cfg = mgpu_decode.decode_config(n, k, block_k=bk, stages=min(6, 200 * 1024 // ((64 + 2 * mp) * bk)),
+                                        ctas_per_sm=1, store_mn=store_mn)
+        if mgpu_decode.supports(mp, n, k, cfg) and cfg not in out:
             out.append(cfg)
     return out
 
