@@ -38,6 +38,15 @@ out^T; 462 kernels and 3.376 ms (-11.6%) with ``store_mn``. The 63 left are the 
 split_k of the o and down projections, whose consumer (residual add, then RMSNorm's row
 reduction) cannot take a column reduction in; the qkv and gate/up sums fuse into theirs.
 
+``pdl`` (an A/B config, ``mgpu.DECODE_PDL``): programmatic dependent launch. A decode step is
+a chain of ~460 kernels of 2-35 us on the 8B, and each matmul spends its first ~1-2 us filling
+its TMA ring (session 32's device clock: ~4-6 us of a 10-33 us call is more than its bytes at
+the HBM read rate). With ``pdl`` the kernel executes ``griddepcontrol.wait`` before its first
+load and ``griddepcontrol.launch_dependents`` once its pipeline is done; Mosaic GPU then launches
+it with the programmatic-serialization attribute, so its launch and CTA set-up overlap the tail
+of the kernel ahead, and (with XLA's ``xla_gpu_enable_pdl`` for XLA's own kernels) the next
+kernel's set-up overlaps this one's last stores.
+
 ``x_resident`` (an A/B config, not the default until measured): units in part-major order
 (tile g % tiles, part g // tiles), so a CTA's units span at most two K parts (per_cta <= tiles);
 their x slices, [2, steps, Mp, block_k], are loaded into SMEM before the pipeline (one TMA tile
@@ -71,6 +80,10 @@ class DecodeConfig:
     #                            parts) loaded into SMEM once: the ring streams the weight alone
     store_mn: bool = False     # a unit's tile stored as [Mp, block_n] (parts [split_k, Mp, N]):
     #                            the epilogue then needs no transpose (module docstring)
+    pdl: bool = False          # programmatic dependent launch (module docstring): on a GPU the
+    #                            kernel may start before the one ahead of it ends; it waits for
+    #                            that kernel's results before its first load and lets the kernel
+    #                            after it start once its pipeline is done
 
     def ctas(self, n: int) -> int:
         """The grid for N output channels."""
@@ -167,6 +180,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
     chunk = min(bk, 128)   # K per wgmma group: a long tile (block_k 256-1024) in 128-column chunks
 
     tiles, resident = n // bn, cfg.x_resident
+    pdl = cfg.pdl and not interpret   # (the interpreter runs kernels one at a time: nothing to wait for)
 
     def unit(c, i):   # -> (tile, part) of CTA c's step i (x_resident: part-major unit order)
         g = c * per_cta + i // steps
@@ -187,6 +201,8 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
 
         def with_smem(o_smem, *scratch):
             x_res, x_bar, *a_smem = scratch if resident else (None, None, *scratch)
+            if pdl:   # nothing this kernel reads may be loaded before the kernels ahead finish
+                plgpu.griddepcontrol_wait()
             first = c * per_cta // tiles   # x_resident: this CTA's first K part (its last <= first + 1)
             if resident:   # both parts' slices, one TMA tile (and barrier) per K block (the second
                 #            loaded even where the CTA stays in one part: a fixed set of barriers)
@@ -254,6 +270,8 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                 max_concurrent_steps=cfg.stages,
                 init_carry=zero(),
             )(*((w_gmem,) if resident else (w_gmem, x_gmem)))
+            if pdl:   # the next kernel may launch (it waits for this one's stores itself)
+                plgpu.griddepcontrol_launch_dependents()
             plgpu.wait_smem_to_gmem(0)
 
         tile_shape = (mp, bn) if cfg.store_mn else (bn, mp)

@@ -306,3 +306,21 @@ def test_w8a8_route_to_xla_fp8_dot_from_min_m(monkeypatch):
     qapi.quant_matmul(x, q, s, act_quant=True, backend="gpu")
     assert seen[-1] is False
 
+
+
+def test_persistent_kernel_with_pdl(monkeypatch):
+    """``pdl`` (programmatic dependent launch): the kernel lowers for CUDA with its grid
+    dependency wait and trigger, and (the interpreter skips both) still matches the reference;
+    ``DECODE_PDL`` puts it into the default decode configs."""
+    cfg = DecodeConfig(64, 128, 2, split_k=2, per_cta=3, store_mn=True, pdl=True)
+    x, q, s, _ = _operands(11, 5, 192, 512, jnp.int8)
+    got = mgpu.quant_matmul(x, q, s, config=cfg, interpret=True)
+    assert _rel(got, ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32)) < 4e-3
+    xs = jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16)
+    ws = jax.ShapeDtypeStruct((6144, 4096), jnp.int8)
+    ss = jax.ShapeDtypeStruct((6144,), jnp.float32)
+    monkeypatch.setattr(mgpu, "DECODE_PDL", True)
+    cfg = mgpu.kernel_config(16, 6144, 4096)
+    assert isinstance(cfg, DecodeConfig) and cfg.pdl
+    fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s, config=cfg))
+    assert "mosaic_gpu" in fn.trace(xs, ws, ss).lower(lowering_platforms=("cuda",)).as_text()
