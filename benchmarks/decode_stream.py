@@ -43,8 +43,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from benchmarks.device_clock import DeviceClock, read_ceiling
-from benchmarks.quant_matmul import ceilings, chained, rel, timed
+from benchmarks.device_clock import KernelClock, add_clock_arguments, read_ceiling
+from benchmarks.quant_matmul import ceilings, rel
 from pallas_kernels.quant_matmul import mgpu, mgpu_decode
 from pallas_kernels.quant_matmul import reference as ref
 
@@ -134,20 +134,10 @@ def main() -> None:
     ap.add_argument("--kernels", default="mosaic",
                     help="kernel rows: mosaic (the default, every split of K, 128-row tiles, deep rings "
                          "on one CTA per SM), mosaic1 (the default only)")
-    ap.add_argument("--clock", choices=("device", "chain", "wall"), default="device",
-                    help="device: each kernel's own duration from one profiler trace "
-                         "(benchmarks/device_clock.py; session 32 on); chain: the difference of "
-                         "two chain lengths' wall clock (session 31); wall: one chain's wall "
-                         "clock over its length (sessions 13-30)")
-    ap.add_argument("--trace-dir", default="/tmp/decode_stream_trace")
+    add_clock_arguments(ap, "/tmp/decode_stream_trace")
     ns = ap.parse_args()
-    dclock = DeviceClock(ns.trace_dir) if ns.clock == "device" else None
-
-    def clock(fn, x, weights, iters, reps):
-        """A float (us per call), or with the device clock the label to read after the trace."""
-        if dclock is None:
-            return timed(fn, x, weights, iters, reps, differential=ns.clock == "chain")
-        return dclock.run(f"m{len(dclock.labels)}", chained(fn, iters), x, weights, reps=reps)
+    kclock = KernelClock(ns.clock, ns.trace_dir)
+    dclock, clock = kclock.device, kclock.later
     ns.layouts = ns.layouts.replace("+", ", ")
     n, k = (int(v) for v in ns.shape.split("x"))
     sms = mgpu_decode.sm_count()

@@ -1,6 +1,8 @@
 """Device-side kernel times for the kernel benchmarks, read from one profiler trace.
 
-Where it sits: beside ``quant_matmul.timed`` (wall-clock chains) for benchmarks that compare
+Where it sits: the clocks of the kernel benchmarks (``decode_stream.py``, ``quant_matmul.py``):
+``timed`` (wall-clock chains, sessions 13-31) and, the default since session 32, the device's own
+clock, for benchmarks that compare
 kernels of 5-50 us, where the host's reading of a chain carried +-20-30% between rounds (session
 31) and a differential of two chain lengths went wrong both ways (session 32, call 1: reads of
 117 MB "faster" than HBM at one config, a 2 GiB sum at 60% of another reading). Here each
@@ -23,12 +25,14 @@ the window divided by the heaviest kernel's count (the matmul plus its epilogue 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import glob
 import gzip
 import json
 import os
 import statistics
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -134,3 +138,71 @@ def read_ceiling(clock: DeviceClock, reps: int = 5) -> float:
                       big, reps=reps)
     us = clock.flush()[label].median_us
     return 2**31 / us / 1e3
+
+
+def chained(fn, n: int):
+    """A jit of ``n`` calls ``fn(x, *weights[i % len(weights)])`` in a chain: each call's x
+    depends on the previous output, so nothing is hoisted or merged."""
+    def loop(x, weights):
+        acc = jnp.zeros((), jnp.float32)
+        for i in range(n):
+            y = fn(x, *weights[i % len(weights)])
+            x = x + (y[:, :1] * 1e-6).astype(x.dtype)    # depend on the previous call
+            acc = acc + y[0, 0].astype(jnp.float32)
+        return acc
+    return jax.jit(loop)
+
+
+def timed(fn, x, weights, iters: int, reps: int, differential: bool = True) -> float:
+    """Median per-call microseconds of ``fn(x, *w)`` chained ``iters`` times in one jit.
+
+    ``differential`` (the default since session 31): the chain is also run ``2 * iters`` long,
+    the two lengths in turn, and a call's time is the difference of the medians over ``iters``:
+    what one wall-clock reading carries besides the calls (the jit's dispatch, the first
+    launch, the host's wait for the device: tens of us, 5-15% of a 20-call chain of 30-50 us
+    kernels) cancels; noise larger than ``iters`` calls can leave it <= 0 (a loaded CPU: raise
+    ``iters`` and ``reps``). Else the plain quotient of one reading (sessions 13-31's figures)."""
+    def chain(n):
+        f = chained(fn, n)
+        jax.block_until_ready(f(x, weights))
+        return f
+
+    lengths = (iters, 2 * iters) if differential else (iters,)
+    fs = [chain(n) for n in lengths]
+    times: list[list[float]] = [[] for _ in lengths]
+    for _ in range(reps):
+        for f, out in zip(fs, times, strict=True):
+            t = time.perf_counter()
+            jax.block_until_ready(f(x, weights))
+            out.append(time.perf_counter() - t)
+    if differential:
+        return (statistics.median(times[1]) - statistics.median(times[0])) / iters * 1e6
+    return statistics.median(times[0]) / iters * 1e6
+
+
+def add_clock_arguments(parser: argparse.ArgumentParser, trace_dir: str) -> None:
+    """``--clock device|chain|wall`` and ``--trace-dir`` (``KernelClock``'s arguments)."""
+    parser.add_argument("--clock", choices=("device", "chain", "wall"), default="device",
+                        help="device: each kernel's own duration from a profiler trace (session 32 "
+                             "on); chain: the difference of two chain lengths' wall clock (session "
+                             "31); wall: one chain's wall clock over its length (sessions 13-30)")
+    parser.add_argument("--trace-dir", default=trace_dir, help="where the device clock's traces go")
+
+
+class KernelClock:
+    """Microseconds per call of ``fn(x, *weights[i])`` chained ``iters`` times, on the chosen
+    clock: ``now`` returns it at once; ``later`` (device clock) returns a label that the next
+    ``DeviceClock.flush`` resolves, so a section's measurements share one trace."""
+
+    def __init__(self, kind: str, trace_dir: str) -> None:
+        self.kind = kind
+        self.device = DeviceClock(trace_dir) if kind == "device" else None
+
+    def later(self, fn: Callable, x, weights, iters: int, reps: int) -> float | str:
+        if self.device is None:
+            return timed(fn, x, weights, iters, reps, differential=self.kind == "chain")
+        return self.device.run(f"m{len(self.device.labels)}", chained(fn, iters), x, weights, reps=reps)
+
+    def now(self, fn: Callable, x, weights, iters: int, reps: int) -> float:
+        got = self.later(fn, x, weights, iters, reps)
+        return self.device.flush()[got].median_us if isinstance(got, str) else got

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.device_clock import DeviceClock, read_ceiling
+from benchmarks.device_clock import KernelClock, add_clock_arguments, read_ceiling
 from pallas_kernels.quant_matmul import mgpu, mgpu_decode
 from pallas_kernels.quant_matmul import reference as ref
 
@@ -69,46 +69,6 @@ RESULTS: list[dict] = []
 def emit(**kw) -> None:
     RESULTS.append(kw)
     print(json.dumps(kw), flush=True)
-
-
-def chained(fn, n: int):
-    """A jit of ``n`` calls ``fn(x, *weights[i % len(weights)])`` in a chain: each call's x
-    depends on the previous output, so nothing is hoisted or merged."""
-    def loop(x, weights):
-        acc = jnp.zeros((), jnp.float32)
-        for i in range(n):
-            y = fn(x, *weights[i % len(weights)])
-            x = x + (y[:, :1] * 1e-6).astype(x.dtype)    # depend on the previous call
-            acc = acc + y[0, 0].astype(jnp.float32)
-        return acc
-    return jax.jit(loop)
-
-
-def timed(fn, x, weights, iters: int, reps: int, differential: bool = True) -> float:
-    """Median per-call microseconds of ``fn(x, *w)`` chained ``iters`` times in one jit.
-
-    ``differential`` (the default since session 31): the chain is also run ``2 * iters`` long,
-    the two lengths in turn, and a call's time is the difference of the medians over ``iters``:
-    what one wall-clock reading carries besides the calls (the jit's dispatch, the first
-    launch, the host's wait for the device: tens of us, 5-15% of a 20-call chain of 30-50 us
-    kernels) cancels; noise larger than ``iters`` calls can leave it <= 0 (a loaded CPU: raise
-    ``iters`` and ``reps``). Else the plain quotient of one reading (sessions 13-31's figures)."""
-    def chain(n):
-        f = chained(fn, n)
-        jax.block_until_ready(f(x, weights))
-        return f
-
-    lengths = (iters, 2 * iters) if differential else (iters,)
-    fs = [chain(n) for n in lengths]
-    times: list[list[float]] = [[] for _ in lengths]
-    for _ in range(reps):
-        for f, out in zip(fs, times, strict=True):
-            t = time.perf_counter()
-            jax.block_until_ready(f(x, weights))
-            out.append(time.perf_counter() - t)
-    if differential:
-        return (statistics.median(times[1]) - statistics.median(times[0])) / iters * 1e6
-    return statistics.median(times[0]) / iters * 1e6
 
 
 def ceilings(reps: int) -> tuple[float, float]:
@@ -161,21 +121,13 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-ms", default="1", help="the Ms that --sweep covers")
     p.add_argument("--shape", default=f"{N}x{K}", help="N x K of the weight")
-    p.add_argument("--clock", choices=("device", "chain", "wall"), default="device",
-                   help="device: each kernel's own duration from a profiler trace "
-                        "(benchmarks/device_clock.py; session 32 on); chain: the difference of two "
-                        "chain lengths' wall clock (session 31); wall: one chain's wall clock over "
-                        "its length (sessions 13-30)")
-    p.add_argument("--trace-dir", default="/tmp/quant_matmul_trace")
+    add_clock_arguments(p, "/tmp/quant_matmul_trace")
     a = p.parse_args()
-    dclock = DeviceClock(a.trace_dir) if a.clock == "device" else None
+    kclock = KernelClock(a.clock, a.trace_dir)
+    dclock = kclock.device
 
     def clock(fn, x, weights, iters, reps) -> float:
-        """Microseconds per call (on the device clock: the heaviest kernel's median duration)."""
-        if dclock is None:
-            return timed(fn, x, weights, iters, reps, differential=a.clock == "chain")
-        label = dclock.run(f"m{len(dclock.labels)}", chained(fn, iters), x, weights, reps=reps)
-        return dclock.flush()[label].median_us
+        return kclock.now(fn, x, weights, iters, reps)
 
     N, K = (int(v) for v in a.shape.split("x"))
     sweep_ms = {int(v) for v in a.sweep_ms.split(",")}
