@@ -76,11 +76,13 @@ qp)
   # Issue 13's batch-1 1.6x (session 32: int8 + lm_head 3.300 ms = 1.44x bf16's 4.767; 2.98 ms is
   # 1.6x). Programmatic dependent launch: the decode kernel waits for the kernel ahead
   # (griddepcontrol.wait) before its first load and lets the next one launch after its pipeline
-  # (mgpu_decode's pdl, A/B quant-pdl); XLA's own kernels with xla_gpu_enable_pdl; both. bf16
+  # (mgpu_decode's pdl, A/B quant-pdl); XLA's own kernels with xla_gpu_enable_pdl (and
+  # xla_gpu_enable_pdl_launch, "use of PDL launch instructions"); both. bf16
   # with XLA's flag too (the ratio's other side). Prediction: quant-pdl -0.05-0.13 ms (each of
   # the 129 matmuls' launch and CTA set-up under the fusion ahead), XLA's flag -0.1-0.2 ms on
   # both steps (264 / 200 small fusions), both -0.2-0.3 ms on int8 + lm_head (~3.0-3.1 ms).
-  pdl="quant-pdl,xla:xla_gpu_enable_pdl=true,quant-pdl/xla:xla_gpu_enable_pdl=true"
+  x="xla:xla_gpu_enable_pdl=true+xla_gpu_enable_pdl_launch=true"   # (XLA: PDL, and its trigger)
+  pdl="quant-pdl,$x,quant-pdl/$x"
   timeout 400 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8+lm_head,none --ab "$pdl" > "$OUT/qp_step.txt" 2>&1
   grep "^##\|^| A\|^| B \|rror\|failed" "$OUT/qp_step.txt" | cut -c1-200
