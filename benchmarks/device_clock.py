@@ -1,14 +1,15 @@
-"""Device-side kernel times for the kernel benchmarks, read from one profiler trace.
+"""The kernel benchmarks' clocks: the device's own kernel durations from a profiler trace, and
+the wall-clock chains before them.
 
-Where it sits: the clocks of the kernel benchmarks (``decode_stream.py``, ``quant_matmul.py``):
-``timed`` (wall-clock chains, sessions 13-31) and, the default since session 32, the device's own
-clock, for benchmarks that compare
-kernels of 5-50 us, where the host's reading of a chain carried +-20-30% between rounds (session
-31) and a differential of two chain lengths went wrong both ways (session 32, call 1: reads of
-117 MB "faster" than HBM at one config, a 2 GiB sum at 60% of another reading). Here each
-measurement runs its chained jit inside a named ``TraceAnnotation`` of a ``jax.profiler``
-trace; afterwards every GPU kernel that ran inside that window is attributed to it, so a figure
-is the device's own duration of the kernels, whatever the host did::
+Where it sits: used by ``decode_stream.py`` and ``quant_matmul.py`` (``KernelClock``,
+``add_clock_arguments``). The wall clock (``timed``: a chain of calls in one jit, one reading per
+chain, sessions 13-30, or the difference of two chain lengths, session 31) carried +-20-30%
+between rounds for kernels of 5-50 us, and the differential went wrong both ways (session 32,
+call 1: reads of 117 MB "faster" than HBM at one config, a 2 GiB sum at 60% of another reading).
+The device clock (the default since session 32) runs each measurement's chained jit inside a
+named ``TraceAnnotation`` of a ``jax.profiler`` trace and attributes every GPU kernel that ran
+inside that window to it, so a figure is the device's own duration of the kernels, whatever the
+host did::
 
     clock = DeviceClock("/tmp/trace")
     label = clock.run("kernel M=16", chained_fn, *args, reps=5)   # warm-up now, timed at flush

@@ -307,7 +307,6 @@ def test_w8a8_route_to_xla_fp8_dot_from_min_m(monkeypatch):
     assert seen[-1] is False
 
 
-
 def test_persistent_kernel_with_pdl(monkeypatch):
     """``pdl`` (programmatic dependent launch): the kernel lowers for CUDA with its grid
     dependency wait and trigger, and (the interpreter skips both) still matches the reference;
@@ -319,8 +318,16 @@ def test_persistent_kernel_with_pdl(monkeypatch):
     xs = jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16)
     ws = jax.ShapeDtypeStruct((6144, 4096), jnp.int8)
     ss = jax.ShapeDtypeStruct((6144,), jnp.float32)
+
+    def lowered(cfg):
+        fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s, config=cfg))
+        return fn.trace(xs, ws, ss).lower(lowering_platforms=("cuda",)).as_text()
+
+    plain = lowered(mgpu.kernel_config(16, 6144, 4096))
+    assert "mosaic_gpu" in plain and "griddepcontrol" not in plain and "uses_pdl" not in plain
     monkeypatch.setattr(mgpu, "DECODE_PDL", True)
     cfg = mgpu.kernel_config(16, 6144, 4096)
     assert isinstance(cfg, DecodeConfig) and cfg.pdl
-    fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s, config=cfg))
-    assert "mosaic_gpu" in fn.trace(xs, ws, ss).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered(cfg)   # the wait and trigger in the kernel, the launch attribute on the module
+    assert "griddepcontrol.wait" in text and "griddepcontrol.launch_dependents" in text
+    assert "uses_pdl" in text
