@@ -52,7 +52,7 @@ def test_grpc_client_is_the_example_file():
 
 
 def test_readme_says_how_long_the_tests_take():
-    assert "about 20 minutes on 2 CPU cores" in README
+    assert "about 30 minutes on 2 CPU cores" in README
 
 
 def test_setup_shows_pip_progress():
