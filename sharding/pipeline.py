@@ -38,6 +38,14 @@ from sharding.mesh import STAGE_AXIS
 StageFn = Callable[[Any, Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
 
+def nested_mesh(mesh: Mesh) -> Any:
+    """The mesh for a ``shard_map`` over the tensor axis inside the step: inside a pipeline
+    stage (``gpipe``: manual over ``stage``) the context's abstract mesh, whose tensor axis is
+    still under the partitioner (the concrete mesh raises a mismatch there), else ``mesh``."""
+    ctx = jax.sharding.get_abstract_mesh()
+    return ctx if ctx.manual_axes else mesh
+
+
 def num_stages(mesh: Mesh | None) -> int:
     """Pipeline stages of ``mesh`` (1 without a mesh or a stage axis)."""
     return 1 if mesh is None else int(mesh.shape.get(STAGE_AXIS, 1))

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from jserve.step_input import StepInput
-from sharding import TENSOR_AXIS
+from sharding import TENSOR_AXIS, nested_mesh
 
 _HEADS = P(None, TENSOR_AXIS, None)
 _POOL = P(None, None, TENSOR_AXIS, None)
@@ -51,11 +51,8 @@ def _per_device(fn: Callable[..., Any], mesh: Mesh | None, num_kv_heads: int, in
                 out_specs: Any) -> Callable[..., Any]:
     if not head_parallel(mesh, num_kv_heads):
         return fn
-    # Inside a pipeline stage (``sharding.gpipe``: manual over ``stage``) the nested shard_map
-    # takes the context's abstract mesh, whose tensor axis is still under the partitioner.
-    ctx = jax.sharding.get_abstract_mesh()
-    return jax.shard_map(fn, mesh=ctx if ctx.manual_axes else mesh, in_specs=in_specs,
-                         out_specs=out_specs, check_vma=False)
+    return jax.shard_map(fn, mesh=nested_mesh(mesh), in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
 
 
 def write_kv(pool: tuple[jax.Array, ...], k: jax.Array, v: jax.Array, slot_mapping: jax.Array,

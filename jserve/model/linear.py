@@ -44,7 +44,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 import pallas_kernels
 from pallas_kernels.quant_matmul import reference as qref
-from sharding import TENSOR_AXIS
+from sharding import TENSOR_AXIS, nested_mesh
 
 
 @jax.tree_util.register_dataclass
@@ -141,10 +141,6 @@ def _per_shard(x: jax.Array, w: QuantizedWeight, i: int, mesh: Mesh,
     args = (x, w.q[i], w.scale[i], *(() if input_scale is None else (input_scale,)))
     specs = (PartitionSpec(None, k_axis), PartitionSpec(*q_axes), PartitionSpec(*out_axes),
              *(() if input_scale is None else (PartitionSpec(),)))
-    # Inside a pipeline stage (``sharding.gpipe``: manual over ``stage``) the nested shard_map
-    # takes the context's abstract mesh, whose tensor axis is still under the partitioner (as
-    # attention's does: jserve/model/attention.py).
-    ctx = jax.sharding.get_abstract_mesh()
-    return jax.shard_map(body, mesh=ctx if ctx.manual_axes else mesh, in_specs=specs,
+    return jax.shard_map(body, mesh=nested_mesh(mesh), in_specs=specs,
                          out_specs=PartitionSpec(None, *out_axes), check_vma=False)(*args)
 
