@@ -29,7 +29,7 @@ from jserve.runner import StepHandle
 from jserve.spec.verify_step import SpecStepHandle
 
 PHASES = ("step", "read_first", "schedule", "dispatch", "dispatch_forward", "beside_grammar", "ahead",
-          "put_masks", "dispatch_sample", "prepare_forward", "prepare", "pack", "stage_masks",
+          "put_masks", "dispatch_sample", "prepare_forward", "prepare", "pack",
           "upload_masks", "flush", "launch", "launch_on_idle", "wait", "result", "update", "advance",
           "masks", "outputs")
 
@@ -60,7 +60,6 @@ class StepTrace:
         runner = engine.runner   # inside the dispatches: host work, mask upload, the calls
         tr._wrap(runner, "_prepare", "prepare")
         tr._wrap(runner, "pack", "pack")
-        tr._wrap(runner, "stage_masks", "stage_masks")
         for name in ("prepare_forward", "upload_masks", "put_masks"):   # (the split step's)
             if hasattr(runner, name):
                 tr._wrap(runner, name, name)

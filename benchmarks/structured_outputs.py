@@ -3,10 +3,11 @@
 The constrained batch runs first (every output must parse and validate against the schema);
 the unconstrained batch then generates exactly the same number of tokens per request
 (``max_tokens`` = that request's constrained length, ``ignore_eos``), so both batches have the
-same shape over time and the ratio of their wall times is the cost of the constraint: the
-host's mask computation (llguidance), the per-slot mask upload and the in-jit mask, and the
-synchronous loop the engine runs while host-masked rows are in flight (docs/architecture.md,
-"Structured outputs"). Prints one markdown table for benchmarks/RESULTS.md.
+same shape over time and the ratio of their wall times is the cost of the constraint: by
+default the schema runs on the device as a token automaton (the in-jit mask and state advance,
+jserve/structured/device_grammars.py); the arm 'host' keeps it on the host path (llguidance's
+masks, their upload, the split step; docs/architecture.md, "Structured outputs"). Prints one
+markdown table for benchmarks/RESULTS.md.
 
     # CPU, the bundled model
     PYTHONPATH=. python3 benchmarks/structured_outputs.py
@@ -82,17 +83,18 @@ class _Inline:
 
 
 def _arm(spec: str) -> tuple[str, int | None, float, str]:
-    """'default' | 'threads=N' | 'switch=S' | 'serial' | 'fused' | 'put-joint' | 'no-ahead' |
-    'no-read-first' -> (name, executor threads or None, switch interval, the split step's mode:
-    'beside', 'serial', 'fused', 'put-joint', 'no-ahead' or 'no-read-first')."""
+    """'default' | 'host' | 'threads=N' | 'switch=S' | 'serial' | 'fused' | 'put-joint' |
+    'no-ahead' | 'no-read-first' -> (name, executor threads or None, switch interval, the mode:
+    'beside', 'host', 'serial', 'fused', 'put-joint', 'no-ahead' or 'no-read-first'; every arm
+    but 'default' runs the grammar on the host path)."""
     key, _, value = spec.partition("=")
-    if key in ("default", "serial", "fused", "put-joint", "no-ahead", "no-read-first") and not value:
+    if key in ("default", "host", "serial", "fused", "put-joint", "no-ahead", "no-read-first") and not value:
         return spec, None, DEFAULT_SWITCH, "beside" if key == "default" else key
     if key == "threads" and value.isdigit():
         return spec, int(value), DEFAULT_SWITCH, "beside"
     if key == "switch" and value:
         return spec, None, float(value), "beside"
-    raise SystemExit(f"--arms: unknown arm {spec!r} (default, threads=N, switch=S, serial, fused, "
+    raise SystemExit(f"--arms: unknown arm {spec!r} (default, host, threads=N, switch=S, serial, fused, "
                      "put-joint, no-ahead, no-read-first)")
 
 
@@ -111,7 +113,9 @@ def main() -> None:
                     help="print where each batch's step time goes (benchmarks/step_trace.py)")
     ap.add_argument("--arms", default="default",
                     help="A/B arms, run in turn within every round of the one process (a machine "
-                         "that drifts during the call moves every arm alike): 'default', "
+                         "that drifts during the call moves every arm alike): 'default' (the "
+                         "schema's token automaton on the device), 'host' (the host path: "
+                         "llguidance masks; the arms below all take it), "
                          "'threads=N' (llguidance's executor threads; default 80%% of the cores), "
                          "'switch=S' (sys.setswitchinterval seconds; Python's default 0.005: how "
                          "long a thread returning from a launch may wait for the GIL), 'serial' "
@@ -149,6 +153,7 @@ def main() -> None:
     rows = []
     can_split, covers, ahead = eng.runner.can_split, eng.grammar.covers, eng.grammar._advance_and_put
     read_first = eng._read_first
+    device = eng.device_grammars
     split = eng.runner.split
     staged = split.stage_joint
 
@@ -158,6 +163,7 @@ def main() -> None:
                  for t in {a[1] for a in arms}}   # one per thread count, kept across rounds
     for r, (name, threads, switch, mode) in ((r, a) for r in range(ns.rounds + 1) for a in arms):
         eng.constraints._executor = executors[threads]
+        eng.device_grammars = device if name == "default" else None
         sys.setswitchinterval(switch)
         if mode == "serial":
             eng.grammar.thread = _Inline()

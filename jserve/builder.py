@@ -52,6 +52,7 @@ from jserve.runner import Runner
 from jserve.spec.config import SpeculativeConfig, spec_state_bytes
 from jserve.spec.draft import DraftModel, resolve_draft
 from jserve.startup_cache import StartupCache, engine_fingerprint
+from jserve.structured.automaton_pool import device_states, table_bytes
 from jserve.structured.logit_state import logit_state_bytes
 from jserve.tokenizer import TOKENIZER_FILE, Tokenizer
 from sharding import make_mesh
@@ -155,7 +156,8 @@ def make_engine_config(args: EngineArgs, model_cfg: ModelConfig) -> EngineConfig
                                   flash_prefill_min_tokens=(args.flash_prefill_min_tokens
                                                             if args.pipeline_parallel_size == 1 else 0),
                                   async_scheduling=args.async_scheduling,
-                                  num_scheduler_steps=args.num_scheduler_steps),
+                                  num_scheduler_steps=args.num_scheduler_steps,
+                                  grammar_device_states=args.grammar_device_states),
         parallel=ParallelConfig(args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
                                 prefill_devices=args.prefill_devices, decode_devices=args.decode_devices,
                                 pipeline_parallel_size=args.pipeline_parallel_size,
@@ -172,14 +174,16 @@ def speculative_config(args: EngineArgs) -> SpeculativeConfig | None:
     return SpeculativeConfig.from_json(args.speculative_config)
 
 
-def runner_state_bytes(config: EngineConfig) -> int:
+def runner_state_bytes(config: EngineConfig, processes: int = 1) -> int:
     """Device bytes the runner allocates beside the weights and the pool (per device): the
     per-slot penalty statistics, token masks and logit biases (and speculative decoding's draft
-    q and verify masks). Start-up and ``jserve plan`` both take them off the budget."""
+    q and verify masks), and the token-automaton table. Start-up and ``jserve plan`` both take
+    them off the budget."""
     return (state_bytes(config.scheduler.max_num_seqs, config.model.vocab_size)
             + logit_state_bytes(config.scheduler.max_num_seqs, config.model.vocab_size)
             + spec_state_bytes(config.speculative, config.scheduler.max_num_seqs,
-                               config.model.vocab_size, config.scheduler.max_model_len))
+                               config.model.vocab_size, config.scheduler.max_model_len)
+            + table_bytes(device_states(config, processes), config.model.vocab_size))
 
 
 def memory_budget(config: EngineConfig, weight_bytes: int, device: jax.Device,
@@ -193,7 +197,7 @@ def memory_budget(config: EngineConfig, weight_bytes: int, device: jax.Device,
         return None
     other = max(0, device_bytes_in_use(device) - weight_bytes)
     act = config.cache.activation_memory_bytes
-    return MemoryBudget(usable, weight_bytes, runner_state_bytes(config),
+    return MemoryBudget(usable, weight_bytes, runner_state_bytes(config, jax.process_count()),
                         activations() if act is None else act, other)
 
 

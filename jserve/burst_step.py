@@ -49,18 +49,21 @@ from jserve.penalty_state import penalized_logits, record_tokens
 from jserve.step_buffers import StepLayout
 from jserve.step_input import advance_decode
 from jserve.step_program import StepVariant, _sample_part, _sample_step, step_sampler_flags
+from jserve.structured.automaton_step import StepMasks
 from jserve.structured.logit_state import apply_logit_state
 from sharding import num_stages
 
 
 def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant, mesh: Mesh,
                params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
-               prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array | None = None) -> tuple:
+               prev_tokens: jax.Array, joint: jax.Array, masks: StepMasks | None = None) -> tuple:
     """``variant.burst`` decode steps over one packed decode-only step, greedy or with the
     plain sampler (``variant.greedy``; ``fused_step``'s arguments and outputs, no logprobs) ->
     (kv, pen (None when greedy), table, prev_tokens' int32[S], tokens int32[N, S], None, None,
     None). The plain sampler draws sub-step i's token with the row's seed at its output index
-    + i and counts it in the penalty state, as i ordinary steps would."""
+    + i and counts it in the penalty state, as i ordinary steps would. No row has a token
+    automaton (a grammar is never ``burstable``): the burst reads the logit state only."""
+    masks = None if masks is None else masks._replace(automata=None)
     table, batch, sbatch, pen_slot, ibuf = layout.unpack_fed(joint, table, prev_tokens)
     t, r, ps = layout.num_tokens, layout.num_rows, layout.page_size
     mask_slot = layout.read(ibuf, "mask_slot")
@@ -76,8 +79,9 @@ def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
         step = dataclasses.replace(advance_decode(batch, i, ps), token_ids=ids)
         kv, logits = forward(cfg, params, kv, step, fresh_prefill=False, mesh=mesh, decode_only=True)
         sb = dataclasses.replace(sbatch, output_index=sbatch.output_index + i)
-        pen, tokens, *_ = _sample_part(layout, num_out, 0, variant.greedy, variant.plain,
-                                       logits.astype(jnp.float32), sb, pen, pen_slot, masks, mask_slot)
+        pen, _, tokens, *_ = _sample_part(layout, num_out, 0, variant.greedy, variant.plain,
+                                          logits.astype(jnp.float32), sb, pen, pen_slot, masks, ibuf,
+                                          table)
         ids = jnp.where(tok_valid, tokens[row], ids)
         out.append(tokens)
     return kv, pen, table, out[-1], jnp.stack(out), None, None, None
@@ -85,7 +89,7 @@ def burst_step(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
 
 def _pipelined(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant, mesh: Mesh,
                params: Any, kv: KVCache, pen: jax.Array | None, batch: Any, sbatch: Any,
-               pen_slot: jax.Array, masks: jax.Array | None, mask_slot: jax.Array) -> tuple:
+               pen_slot: jax.Array, masks: StepMasks | None, mask_slot: jax.Array) -> tuple:
     """A burst at pipeline parallelism (``decoder.pipelined_burst``) -> (kv, pen, tokens
     int32[N, num_out]). The plain sampler draws a group's tokens on stage 0 with the rows'
     seeds at output index + i, their penalties counted in stage 0's copy of the penalty state
@@ -104,7 +108,7 @@ def _pipelined(cfg: Any, layout: StepLayout, num_out: int, variant: StepVariant,
         # function XLA:CPU's compile of this program segfaulted (jax 0.11.2).
         x = penalized_logits(logits, pen_l, slot, sb)
         if masks is not None:
-            x = apply_logit_state(x, masks, mask_slot[idx])
+            x = apply_logit_state(x, masks.logit, mask_slot[idx])
         tokens = _sample_step(logits, x, sb, step_sampler_flags(False, True)).token_ids
         return tokens, record_tokens(pen_l, slot, tokens)
 

@@ -216,6 +216,9 @@ class SchedulerConfig:
     per token that fits the smallest token bucket run N decode steps in one device program (a
     burst, ``Scheduler._burst``).
 
+    grammar_device_states: rows of the token-automaton table (None: sized by the vocabulary,
+    ``structured.automaton_pool.device_states``).
+
     ``max_num_batched_tokens`` and ``max_model_len`` are resolved values here (``EngineArgs``
     lets them be None: ``make_engine_config`` derives them).
     """
@@ -228,6 +231,7 @@ class SchedulerConfig:
     flash_prefill_min_tokens: int = default_of("flash_prefill_min_tokens")
     async_scheduling: bool = default_of("async_scheduling")
     num_scheduler_steps: int = default_of("num_scheduler_steps")
+    grammar_device_states: int | None = default_of("grammar_device_states")
 
     def __post_init__(self) -> None:
         validate_fields(self)   # the option fields; then the resolved and internal ones

@@ -105,8 +105,14 @@ class DataParallelEngine:
             compile_seconds=sum(r.startup.compile_seconds for r in self.replicas))
 
     # ------------------------------------------------------------------ requests
+    def compile_grammar(self, params: SamplingParams) -> None:
+        """``LLMEngine.compile_grammar`` on every replica (each keeps its own caches)."""
+        for r in self.replicas:
+            r.compile_grammar(params)
+
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams,
-                    arrival_time: float | None = None, cache_salt: str | None = None) -> str:
+                    arrival_time: float | None = None, cache_salt: str | None = None,
+                    priority: int = 0) -> str:
         """Route and queue a request (``LLMEngine.add_request``'s contract and errors)."""
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
@@ -120,7 +126,8 @@ class DataParallelEngine:
             i = self.router.route(prompt, loads, cache_salt)
         except TypeError:   # not a prompt at all: replica 0's add_request names the problem
             i = 0
-        rid = self.replicas[i].add_request(request_id, prompt, params, arrival_time, cache_salt)
+        rid = self.replicas[i].add_request(request_id, prompt, params, arrival_time, cache_salt,
+                                           priority=priority)
         self._owner[rid] = i
         return rid
 

@@ -39,7 +39,9 @@ from jserve.scheduler import Scheduler
 from jserve.scheduler_output import SchedulerOutput
 from jserve.spec.verify_step import SpecStepHandle
 from jserve.stop_strings import StopStringMatcher
+from jserve.structured.automaton import AutomatonCompiler, token_bytes
 from jserve.structured.constraints import ConstraintTracker
+from jserve.structured.device_grammars import DeviceGrammars
 from jserve.structured.grammar import GrammarCache, make_ll_tokenizer
 from jserve.tokenizer import Tokenizer
 
@@ -106,6 +108,10 @@ class LLMEngine:
             self.grammar_cache, config.model.vocab_size,
             (lambda t: tokenizer.encode(t, add_special_tokens=False)) if tokenizer else None)
         self.grammar = GrammarSteps(self.constraints, scheduler, runner)   # their part of a step
+        # Grammars run on the device as token automata (jserve/structured/device_grammars.py).
+        self._automata: AutomatonCompiler | None = None
+        self.device_grammars = (DeviceGrammars(runner.automata, self.automaton_compiler)
+                                if getattr(runner, "automata", None) is not None else None)
 
     def grammar_cache(self) -> GrammarCache:
         """The grammar compiler of this model's tokenizer (built on first use, then cached;
@@ -120,10 +126,23 @@ class LLMEngine:
                 self._grammar_cache = GrammarCache(ll)
             return self._grammar_cache
 
+    def automaton_compiler(self) -> AutomatonCompiler:
+        """The token-automaton compiler of this model (built on first use; thread-safe)."""
+        cache = self.grammar_cache()
+        with self._grammar_lock:
+            if self._automata is None:
+                v = self.config.model.vocab_size
+                self._automata = AutomatonCompiler(token_bytes(cache.tokenizer, v), self.eos_token_ids,
+                                                   v, self.device_grammars.pool.states)
+            return self._automata
+
     def compile_grammar(self, params: SamplingParams) -> None:
-        """Compile ``params``' grammar into the cache (ValueError if it is bad). Thread-safe:
-        front-ends call it off the engine thread, so ``add_request`` only hits the cache."""
+        """Compile ``params``' grammar (and its token automaton, where the device runs it) into
+        the caches (ValueError if it is bad). Thread-safe: front-ends call it off the engine
+        thread, so ``add_request`` only hits the caches."""
         self.constraints.compile(params)
+        if self.device_grammars is not None:
+            self.device_grammars.compile(params)
 
     # ------------------------------------------------------------------ input
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -207,7 +226,9 @@ class LLMEngine:
         try:
             if params.uses_host_masks:
                 for ch in children:
-                    self.constraints.add(ch.request.request_id, params, grammar, bad_words)
+                    dg = self.device_grammars
+                    if dg is None or not dg.add(ch.request):
+                        self.constraints.add(ch.request.request_id, params, grammar, bad_words)
             for ch in children:
                 self.scheduler.add_request(ch.request)
                 added.append(ch.request)
@@ -215,7 +236,7 @@ class LLMEngine:
             for req in added:
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
             for ch in children:
-                self.constraints.remove(ch.request.request_id)
+                self._forget_masks(ch.request.request_id)
             raise
         self._parents[request_id] = _Parent(request_id, text, ids, params, children, arrival,
                                             prompt_logprobs=prompt_lps)
@@ -381,6 +402,11 @@ class LLMEngine:
         reqs = self.scheduler.update(handle.sched_out, handle.result())
         for req in reqs:
             touched[self._child_to_parent[req.request_id]] = None
+        dg = self.device_grammars
+        if dg is not None and len(dg):   # device automata: walk the host mirror, end the complete
+            for rid in dg.advance(reqs):
+                self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED if rid in dg.errors
+                                              else RequestStatus.FINISHED_STOPPED)
         return reqs
 
     def _in_flight_done(self) -> bool:
@@ -408,7 +434,13 @@ class LLMEngine:
         parent = self._parents.pop(pid)
         for ch in parent.children:
             self._child_to_parent.pop(ch.request.request_id, None)
-            self.constraints.remove(ch.request.request_id)
+            self._forget_masks(ch.request.request_id)
+
+    def _forget_masks(self, rid: str) -> None:
+        """Drop a request's host-mask state or device automaton (it is done or was refused)."""
+        self.constraints.remove(rid)
+        if self.device_grammars is not None:
+            self.device_grammars.remove(rid)
 
     def _process(self, parent: _Parent) -> RequestOutput:
         now = time.monotonic()

@@ -86,6 +86,8 @@ class LLM:
         final_only: dict[int, SamplingParams] = {}   # only finished outputs are read here
         try:
             for prompt, sp in items:
+                if isinstance(sp, SamplingParams) and sp.structured_outputs is not None:
+                    engine.compile_grammar(sp)   # (once per spec: cached; the device automaton too)
                 if isinstance(sp, SamplingParams) and sp.output_kind is not RequestOutputKind.FINAL_ONLY:
                     if id(sp) not in final_only:
                         final_only[id(sp)] = sp.replace(output_kind=RequestOutputKind.FINAL_ONLY)

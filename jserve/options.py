@@ -312,6 +312,13 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "inside the N are computed and dropped; 1 = off; at pipeline parallelism any number "
            "of rows, circling through the stages in groups, even while requests wait; not with "
            "speculative decoding, several processes or disaggregation)"),
+    Option("grammar_device_states", int, None, nullable=True, minimum=0, commands=COMMANDS,
+           default_text="as many as 256 MiB holds, at most 2048; 0 with speculative decoding",
+           help="rows of the on-device token-automaton table (int16 [states, vocab], counted in "
+           "the memory budget): a JSON schema, regex or choice that compiles to a token "
+           "automaton this small is masked and advanced inside the step, with no host work per "
+           "token; grammars, any-JSON objects and larger specs run on the host (llguidance); "
+           "0 = all on the host"),
     Option("async_scheduling", bool, True,
            help="overlap host scheduling of step N+1 with the device running step N (off: a "
            "synchronous loop, the reference)"),

@@ -51,6 +51,7 @@ from jserve.model.quant_params import weight_bytes as quantized_weight_bytes
 from jserve.options import PLAN, check_keywords, options_for
 from jserve.sampling_params import MAX_LOGIT_BIAS
 from jserve.spec.draft import resolve_draft
+from jserve.structured.automaton_pool import device_states
 from jserve.structured.logit_state import mask_words
 
 _TP_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -129,7 +130,8 @@ class CapacityPlan:
             f"state      runner state (penalty statistics: {c.scheduler.max_num_seqs} seqs "
             f"(--max-num-seqs) x {m.vocab_size:,} x 4 B, token masks and logit biases: "
             f"{c.scheduler.max_num_seqs + 1} x {mask_words(m.vocab_size) + 2 * MAX_LOGIT_BIAS:,} x 4 B"
-            f"{'; speculative: draft q, verify masks' * bool(c.speculative)}) = "
+            f"{'; speculative: draft q, verify masks' * bool(c.speculative)}"
+            f"{_automata_note(c)}) = "
             f"{_b(self.memory.runner_state_bytes)}",
             f"activations {_b(self.memory.activation_bytes)} per device, "
             + ("given (--activation-memory-bytes)" if c.cache.activation_memory_bytes is not None
@@ -267,6 +269,13 @@ def _move_note(c: EngineConfig) -> str:
     bucket = transfer_buckets(max(c.pages_per_seq, c.scheduler.max_num_seqs))[-1]
     return (f", + {bucket} pages x 5 of the largest move to host memory (--swap-space 0 and "
             f"--host-kv-cache-gb 0 drop it)")
+
+
+def _automata_note(c: EngineConfig) -> str:
+    """The token-automaton table's part of the runner-state line."""
+    states = device_states(c)
+    return (f"; token automata: {states + 1:,} x {c.model.vocab_size:,} x 2 B (--grammar-device-states)"
+            if states else "")
 
 
 def _memory_line(acc: Accelerator, utilization: float, usable: int) -> str:

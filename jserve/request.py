@@ -88,6 +88,9 @@ class Request:
     # drafts; the draft model skips its tokens, and its pages are prefix-cached apart from
     # those that carry the draft's K/V (jserve/kv_manager.py ``_extra``).
     no_draft: bool = False
+    # A grammar run on the device (jserve/structured/device_grammars.py): the token-automaton
+    # state after the outputs on the host (a global id of the runner's table); -1: none.
+    fsm_state: int = -1
 
     def __post_init__(self) -> None:
         # A copy: the caller's list must never alias our growing state.

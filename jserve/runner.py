@@ -71,7 +71,7 @@ from jserve.kv_transfer import KVPageMover
 from jserve.penalty_state import SlotInit, state_bytes
 from jserve.runner_state import RequestRows
 from jserve.scheduler_output import SchedulerOutput
-from jserve.slot_table import SlotWriter, fill_page_diffs
+from jserve.slot_table import FSM, SlotWriter, fill_page_diffs
 from jserve.spec import chain
 from jserve.spec.draft import DraftModel
 from jserve.spec.verify_step import SpecStepHandle, SpecSteps
@@ -81,6 +81,8 @@ from jserve.step_buffers import StepLayout
 from jserve.step_handle import StepHandle
 from jserve.step_program import StepVariant, fused_step
 from jserve.step_variants import StepVariants, greedy_rows, sampling_filters
+from jserve.structured.automaton_pool import AutomatonPool, device_states
+from jserve.structured.automaton_step import StepMasks
 from jserve.structured.logit_state import LogitState
 from sharding import host_to_global
 
@@ -122,7 +124,10 @@ class Runner:
                  config.model.vocab_size, state_bytes(sched.max_num_seqs, config.model.vocab_size) / 1e6)
         self.logit_state = LogitState(sched.max_num_seqs, config.model.vocab_size, self._replicated,
                                       1 + spec.num_speculative_tokens if spec else 1)
-        self._slot_writer = SlotWriter(sched.max_num_seqs, self.rows.table.shape[1], self._replicated)
+        states = device_states(config, jax.process_count())
+        self.automata = AutomatonPool(states, config.model.vocab_size, self._replicated) if states else None
+        self._slot_writer = SlotWriter(sched.max_num_seqs, self.rows.table.shape[1], self._replicated,
+                                       keep=self._pages_per_seq + FSM)
         self.slot_table = self._slot_writer.zeros()  # int32[max_num_seqs + 1, W], see slot_table
         prev = chain.prev_size(self._num_out, self._num_spec) if self._num_spec else self._num_out
         self._prev_tokens = jax.device_put(np.zeros(prev, np.int32), self._replicated)
@@ -141,7 +146,8 @@ class Runner:
         # Host-masked rows: forward and sampler as two programs, compiled on first use.
         self.split = SplitPrograms(
             [t for t in self._buckets if t in self.steps.decode and not sched.flash_prefill(t)],
-            self.lower_split, self._split_input_size, self._replicated)
+            self.lower_split, lambda t: self.layout(t).int_size + self.layout(t).float_size,
+            self._replicated)
 
     # ---------------------------------------------------------------- shapes
     def bucket_for(self, num_tokens: int) -> tuple[int, int]:
@@ -298,8 +304,7 @@ class Runner:
         if step is None:
             raise RuntimeError(f"step variant {variant} was not compiled at warm-up")
         pen = None if greedy else self.penalty_state
-        self.logit_state.flush()
-        masks = None if greedy else self.logit_state.device
+        masks = self.step_masks(greedy)
         joint = self._joint(layout, ibuf)
         if self.spec_steps is not None and out.draft_catch_up:   # a pausing draft model's catch-up
             self.spec_steps.catch_up(self, layout, joint)
@@ -309,6 +314,15 @@ class Runner:
             self.penalty_state = pen
         self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
         return self._handle(out, params, tokens, lp, top_ids, top_lp)
+
+    def step_masks(self, greedy: bool = False, flush: bool = True) -> StepMasks | None:
+        """The masking state a step program reads (None: a greedy one), rows queued for it
+        written first (``flush``)."""
+        if flush:
+            self.logit_state.flush()
+            if self.automata is not None:
+                self.automata.flush()
+        return None if greedy else StepMasks(self.logit_state.device, self.automata and self.automata.device)
 
     def _prepare(self, out: SchedulerOutput) -> tuple | None:
         """A step's host work before its programs: page moves, packing, slot-table rows of new
@@ -324,6 +338,7 @@ class Runner:
         layout, ibuf, fbuf, slots, writes = self.pack(out)
         if len(writes):
             self.slot_table = self._slot_writer(self.slot_table, writes, self.rows.table[writes])
+            self.rows.fsm[writes] = -1   # written: the device advances it from here
         histories = []   # n-gram: the token histories of slots taken or resuming speculation
         for c, s in zip(out.chunks, slots, strict=True):
             if c.new is not None and c.new.history is not None:  # takes the slot: its own counts
@@ -338,7 +353,7 @@ class Runner:
         fresh = (self.config.scheduler.flash_prefill(layout.num_tokens)
                  and all(c.start == 0 for c in out.chunks))
         params = [self.rows.params[s] for s in slots]
-        masked = bool((layout.read(ibuf, "mask_slot") >= 0).any())
+        masked = bool((layout.read(ibuf, "mask_slot") >= 0).any()) or bool(self.rows.automaton[slots].any())
         return layout, ibuf, fbuf, slots, params, fresh, masked
 
     def _joint(self, layout: StepLayout, ibuf: np.ndarray) -> np.ndarray | jax.Array:
@@ -408,11 +423,6 @@ class Runner:
         """Lower a bucket's split pair -> (forward, sampler) lowered (``split_step.lower_pair``)."""
         return lower_pair(self, token_bucket)
 
-    def _split_input_size(self, token_bucket: int) -> int:
-        """The length of a split bucket's packed input (its staged buffer's)."""
-        layout = self.layout(token_bucket)
-        return layout.int_size + layout.float_size
-
     def launch_forward(self, pending: SplitPending) -> None:
         """Launch a prepared forward. Touches neither the logit state nor the pending's host
         masks, so the grammar may fill them on another thread meanwhile."""
@@ -422,14 +432,6 @@ class Runner:
         self.kv, self.slot_table, pending.logits = fwd(self.params, self.kv, self.slot_table,
                                                        self._prev_tokens, pending.joint)
         self._prev_rows = pending.sample_rows   # (read only: the grammar thread reads it too)
-
-    def stage_masks(self, pending: SplitPending, token_masks: dict[str, np.ndarray]) -> None:
-        """Copy host masks (request id -> int32[W]) into the pending step's rows; rows without
-        one keep their static mask or none. (The engine's grammar thread fills
-        ``pending.host_masks`` in place instead: ``ConstraintTracker.masks``' ``out``.)"""
-        for rid, m in token_masks.items():
-            if rid in pending.sample_rows:
-                pending.host_masks[pending.sample_rows[rid]] = m
 
     def upload_masks(self, pending: SplitPending) -> None:
         """Put the pending step's filled host masks on the device (the grammar thread does,
@@ -441,19 +443,19 @@ class Runner:
         return jax.device_put(host, self._replicated)
 
     def dispatch_sample(self, pending: SplitPending, token_masks: dict[str, np.ndarray] | None) -> StepHandle:
-        """The split step's second half: the sampler, after ``stage_masks(pending, token_masks)``
+        """The split step's second half: the sampler, after ``pending.stage(token_masks)``
         and ``upload_masks`` (None: the masks are in ``pending.host_masks`` already, uploaded
         or not)."""
         if token_masks is not None:
-            self.stage_masks(pending, token_masks)
+            pending.stage(token_masks)
             pending.device_masks = None
         if pending.device_masks is None:
             self.upload_masks(pending)
-        self.logit_state.flush()   # static rows of requests new in this step
+        masks = self.step_masks()   # (static rows of requests new in this step written first)
         _, smp = self.split.programs(pending.layout.num_tokens)
-        self.penalty_state, self._prev_tokens, tokens, lp, top_ids, top_lp = smp(
+        self.penalty_state, self.slot_table, self._prev_tokens, tokens, lp, top_ids, top_lp = smp(
             pending.logits, self.penalty_state, self.slot_table, self._prev_tokens, pending.joint,
-            self.logit_state.device, pending.device_masks)
+            masks, pending.device_masks)
         self.split.steps += 1
         return self._handle(pending.sched_out, pending.params, tokens, lp, top_ids, top_lp)
 
@@ -470,7 +472,7 @@ class Runner:
         ibuf, _, _ = layout.new_buffers()
         pen = None if greedy else self.penalty_state
         args = (self.params, self.kv, pen, self.slot_table, self._prev_tokens,
-                jax.device_put(layout.joint(ibuf), rep), None if greedy else self.logit_state.device)
+                jax.device_put(layout.joint(ibuf), rep), self.step_masks(greedy, flush=False))
         kv_sh = jax.tree.map(lambda a: a.sharding, self.kv)   # (k, v[, k_scales, v_scales]) per layer
         # Every buffer the step reads and writes across calls keeps its address (donated and
         # aliased: kv, penalty state, slot table, prev tokens), so XLA's command buffer (CUDA
@@ -532,6 +534,7 @@ class Runner:
         with ThreadPoolExecutor(max_workers=2) as side:   # warm-up's small programs, beside them
             jobs = [side.submit(self._slot_init.compile, self.penalty_state), side.submit(
                 self._slot_writer.compile, self.slot_table), side.submit(self.logit_state.compile),
+                *([side.submit(self.automata.compile)] if self.automata is not None else []),
                 side.submit(self.mover.compile, self.kv)]
             compiled = self.compile_programs(programs, threads, done, names)
         self.steps_peak = steps_peak_bytes(compiled[:total], [self.split.programs(t) for t in split])
@@ -570,7 +573,7 @@ class Runner:
             ibuf, _, _ = layout.new_buffers()
             joint = jax.device_put(layout.joint(ibuf), self._replicated)
             pen = None if variant.greedy else self.penalty_state
-            masks = None if variant.greedy else self.logit_state.device
+            masks = self.step_masks(variant.greedy)
             with out_of_memory_named(f"step variant {variant}", self._compiled[variant], device):
                 self.kv, pen, self.slot_table, self._prev_tokens, *_ = self._compiled[variant](
                     self.params, self.kv, pen, self.slot_table, self._prev_tokens, joint, masks)

@@ -6,7 +6,7 @@ Where it sits: inside ``Runner.dispatch``. The scheduler sends diffs as plain va
 slot per request and packs a step's rows with vectorised gathers, so the per-step cost is the
 diff, not the whole state::
 
-    slot s:  table[s] = page_table[s, :P] top_k seed want_logprobs temperature top_p min_p
+    slot s:  table[s] = page_table[s, :P] top_k seed want_logprobs temperature top_p min_p fsm
              repetition/presence/frequency penalty, uses_penalties  params
     step:    rows r -> slots[r]; page-table entries that changed -> the step's diff list
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from jserve.sampling_params import SamplingParams
 from jserve.scheduler_output import ScheduledChunk
-from jserve.slot_table import MIN_P, NUM_FIELDS, SEED, TEMP, TOP_K, TOP_P, WANT_LP
+from jserve.slot_table import FSM, MIN_P, NUM_FIELDS, SEED, TEMP, TOP_K, TOP_P, WANT_LP
 
 
 def uses_filters(p: SamplingParams) -> bool:
@@ -49,6 +49,10 @@ class RequestRows:
         self.temperature = self.table[:, p + TEMP].view(np.float32)
         self.top_p = self.table[:, p + TOP_P].view(np.float32)
         self.min_p = self.table[:, p + MIN_P].view(np.float32)
+        # The token-automaton column: state + 1 (0: none) when a request takes the slot, then
+        # -1 once written (the device advances it; a later whole-row write keeps it).
+        self.fsm = self.table[:, p + FSM]
+        self.automaton = np.zeros(max_requests, bool)   # the slot's request has a device automaton
         self.repetition_penalty = np.ones(max_requests, np.float32)
         self.presence_penalty = np.zeros(max_requests, np.float32)
         self.frequency_penalty = np.zeros(max_requests, np.float32)
@@ -85,6 +89,8 @@ class RequestRows:
             s = self._slot[chunk.req_id] = self._free.pop()
             self.table[s] = 0
             self._set_params(s, chunk.new.params, chunk.new.seed)
+            self.fsm[s] = chunk.new.fsm_state + 1
+            self.automaton[s] = chunk.new.fsm_state >= 0
         else:
             s = self._slot.get(chunk.req_id)
             if s is None:

@@ -416,13 +416,13 @@ class Scheduler:
         complete: admission waits for tokens in flight."""
         sp = req.sampling_params
         if not (sp.uses_penalties or (self._proposer is not None and self._spec_now)):
-            return NewRequestData(req.request_id, sp, req.seed)
+            return NewRequestData(req.request_id, sp, req.seed, fsm_state=req.fsm_state)
         if req.num_placeholders:
             raise AssertionError(f"request {req.request_id!r} takes a runner slot with a token "
                                  "in flight")
         return NewRequestData(req.request_id, sp, req.seed,
                               history=tuple(req.prompt_token_ids) + tuple(req.output_token_ids),
-                              num_prompt=req.num_prompt_tokens)
+                              num_prompt=req.num_prompt_tokens, fsm_state=req.fsm_state)
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         """Preempt ``req`` (already removed from ``running``): swap or recompute."""

@@ -52,6 +52,9 @@ class NewRequestData:
     all its tokens on the host), ``history[:num_prompt]`` the prompt. The runner fills the
     slot's penalty state (``params.uses_penalties``) and token history (n-gram) from it once;
     later tokens are counted and recorded on the device by the steps that compute them.
+
+    ``fsm_state``: the request's token-automaton state (a global id of the runner's
+    ``AutomatonPool``, after every output so far) where its grammar runs on the device; -1: none.
     """
 
     req_id: str
@@ -59,6 +62,7 @@ class NewRequestData:
     seed: int
     history: tuple[int, ...] | None = None
     num_prompt: int = 0
+    fsm_state: int = -1
 
 
 class ScheduledChunk(NamedTuple):

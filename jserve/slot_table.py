@@ -9,6 +9,8 @@ fields by slot and returns it; the host sends per step only the rows' slots and 
         [0, P)      page table (page 0: the null page)
         P + TOP_K   top_k          P + SEED  seed (2 x uint32 bits)     P + WANT_LP  0/1
         P + TEMP / TOP_P / MIN_P   float32 bits
+        P + FSM     the row's token-automaton state + 1 (0: none; the step advances it,
+                    jserve/structured/automaton_step.py)
 
     a request takes a slot (ScheduledChunk.new: admission, resumption, prefix-cache hit), or
     a row's page diff does not fit the step's diff list
@@ -26,6 +28,7 @@ written whole by the ``SlotWriter`` before the step instead (never truncated, ne
 
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import Executor
 
@@ -38,8 +41,8 @@ from jserve.compile_pool import compile_each
 from sharding import host_to_global
 
 # Columns after the P page-table columns.
-TOP_K, SEED, WANT_LP, TEMP, TOP_P, MIN_P = 0, 1, 3, 4, 5, 6
-NUM_FIELDS = 7
+TOP_K, SEED, WANT_LP, TEMP, TOP_P, MIN_P, FSM = 0, 1, 3, 4, 5, 6, 7
+NUM_FIELDS = 8
 # Row-count buckets of SlotWriter: 1, 4, 16, ... up to the slot count.
 WRITE_GROWTH = 4
 
@@ -103,17 +106,25 @@ def fill_page_diffs(chunks: list, slots: np.ndarray, diff: np.ndarray) -> np.nda
     return np.asarray(writes, np.int64)
 
 
-def _write_rows(table: jax.Array, buf: jax.Array) -> jax.Array:
+def _write_rows(table: jax.Array, buf: jax.Array, keep: int | None = None) -> jax.Array:
+    """Inside jit: table[buf[i, 0]] := buf[i, 1:] (slot -1: padding, dropped); column ``keep``
+    keeps the table's value where the row's is negative."""
     slot = jnp.where(buf[:, 0] >= 0, buf[:, 0], table.shape[0])
-    return table.at[slot].set(buf[:, 1:], mode="drop")
+    rows = buf[:, 1:]
+    if keep is not None:
+        now = table[jnp.minimum(slot, table.shape[0] - 1), keep]
+        rows = rows.at[:, keep].set(jnp.where(rows[:, keep] < 0, now, rows[:, keep]))
+    return table.at[slot].set(rows, mode="drop")
 
 
 class SlotWriter:
     """Writes whole slot rows (compiled at warm-up, one executable per row bucket; called once
-    per step that admits requests or overflows its diff list)."""
+    per step that admits requests or overflows its diff list). ``keep``: a column written only
+    where the row's value is >= 0 (the slot table's ``FSM``: the step advances it on the device,
+    and a row written again for its pages must not reset it)."""
 
-    def __init__(self, num_slots: int, width: int, sharding: Sharding) -> None:
-        self.num_slots, self.width = num_slots, width
+    def __init__(self, num_slots: int, width: int, sharding: Sharding, keep: int | None = None) -> None:
+        self.num_slots, self.width, self._keep = num_slots, width, keep
         self.buckets = write_buckets(num_slots)
         self._sharding = sharding
         self._compiled: dict[int, jax.stages.Compiled] = {}
@@ -124,7 +135,8 @@ class SlotWriter:
 
     def compile(self, table: jax.Array, pool: Executor | None = None) -> None:
         """One program per row bucket (compiled on ``pool`` when given: ``compile_each``)."""
-        write = jax.jit(_write_rows, donate_argnums=(0,), out_shardings=self._sharding)
+        write = jax.jit(functools.partial(_write_rows, keep=self._keep), donate_argnums=(0,),
+                        out_shardings=self._sharding)
         self._compiled.update(compile_each({b: write.lower(table, jax.ShapeDtypeStruct(
             (b, 1 + self.width), jnp.int32, sharding=self._sharding)) for b in self.buckets}, pool))
 

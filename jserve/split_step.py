@@ -72,6 +72,14 @@ class SplitPending:
     sample_rows: dict[str, int]  # request id -> its sampling row
     device_masks: jax.Array | None = None   # host_masks on the device (``Runner.upload_masks``)
 
+    def stage(self, token_masks: dict[str, np.ndarray]) -> None:
+        """Copy host masks (request id -> int32[W]) into this step's rows; rows without one
+        keep their static mask or none. (The engine's grammar thread fills ``host_masks`` in
+        place instead: ``ConstraintTracker.masks``' ``out``.)"""
+        for rid, m in token_masks.items():
+            if rid in self.sample_rows:
+                self.host_masks[self.sample_rows[rid]] = m
+
 
 class SplitPrograms:
     """The split step's compiled (forward, sampler) pair per decode bucket."""
@@ -129,8 +137,9 @@ class SplitPrograms:
 
 def lower_pair(runner: Any, token_bucket: int) -> tuple[Any, Any]:
     """Lower a bucket's two programs over ``runner``'s state -> (forward, sampler) lowered. The
-    forward donates the pool and the slot table; the sampler the penalty state and the previous
-    tokens (the next step's placeholders read this step's tokens from the same buffer)."""
+    forward donates the pool and the slot table; the sampler the penalty state, the slot table
+    (token automata advanced) and the previous tokens (the next step's placeholders read this
+    step's tokens from the same buffer)."""
     layout = runner.layout(token_bucket)
     rep = runner._replicated
     joint = jax.ShapeDtypeStruct((layout.int_size + layout.float_size,), jnp.int32, sharding=rep)
@@ -144,9 +153,9 @@ def lower_pair(runner: Any, token_bucket: int) -> tuple[Any, Any]:
     logits = jax.ShapeDtypeStruct(lo.shape, lo.dtype, sharding=rep)
     host = jax.ShapeDtypeStruct((layout.num_rows, runner.logit_state.words), jnp.int32, sharding=rep)
     smp = jax.jit(functools.partial(sample_step, layout, runner._num_out, runner._num_spec),
-                  donate_argnums=(1, 3),
-                  out_shardings=(rep,) * 6).lower(logits, runner.penalty_state, table, prev, joint,
-                                                  runner.logit_state.device, host)
+                  donate_argnums=(1, 2, 3),
+                  out_shardings=(rep,) * 7).lower(logits, runner.penalty_state, table, prev, joint,
+                                                  runner.step_masks(flush=False), host)
     return fwd, smp
 
 
@@ -161,6 +170,6 @@ def warm_pair(runner: Any, token_bucket: int) -> None:
                                                runner._prev_tokens, joint)
     masks = jax.device_put(np.full((layout.num_rows, runner.logit_state.words), -1, np.int32),
                            runner._replicated)
-    runner.penalty_state, runner._prev_tokens, *_ = smp(
+    runner.penalty_state, runner.slot_table, runner._prev_tokens, *_ = smp(
         logits, runner.penalty_state, runner.slot_table, runner._prev_tokens, joint,
-        runner.logit_state.device, masks)
+        runner.step_masks(flush=False), masks)

@@ -22,6 +22,7 @@ from jserve.sampler import _sample_core
 from jserve.sampling_batch import SamplerFlags
 from jserve.spec import chain
 from jserve.step_buffers import StepLayout
+from jserve.structured.automaton_step import StepMasks, advance_states, apply_automata, row_states
 from jserve.structured.logit_state import apply_logit_state, masked_logits
 
 # The in-step sampler's static flags, one compiled step per value (``step_sampler_flags``):
@@ -84,38 +85,48 @@ def _forward_part(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh
 
 def _sample_part(layout: StepLayout, num_out: int, num_spec: int, greedy: bool, plain: bool,
                  logits: jax.Array, sbatch: Any, pen: jax.Array | None, pen_slot: jax.Array,
-                 masks: jax.Array | None, mask_slot: jax.Array, host_masks: jax.Array | None = None
-                 ) -> tuple:
-    """The sampler half of a step (penalties, token masks, sampling, penalty counts) ->
-    (pen, tokens int32[S] (a speculating engine, ``num_spec`` > 0: its chained layout,
-    ``spec.chain.plain_output``), logprobs f32[R] | None, top_ids int32[R, N] | None, top_lp |
-    None). ``plain``: penalties and masks apply to every row (neutral where a row has none);
-    ``host_masks`` int32[R, W]: the split step's per-row host masks (``apply_logit_state``)."""
+                 masks: StepMasks | None, ibuf: jax.Array, table: jax.Array,
+                 host_masks: jax.Array | None = None) -> tuple:
+    """The sampler half of a step (penalties, token masks, token automata, sampling, penalty
+    counts) -> (pen, table (automaton states advanced), tokens int32[S] (a speculating engine,
+    ``num_spec`` > 0: its chained layout, ``spec.chain.plain_output``), logprobs f32[R] | None,
+    top_ids int32[R, N] | None, top_lp | None). ``plain``: penalties and masks apply to every
+    row (neutral where a row has none); ``host_masks`` int32[R, W]: the split step's per-row
+    host masks (``apply_logit_state``); automata: jserve/structured/automaton_step.py."""
     penalized = None
     if pen is not None:
         penalized = (penalized_logits(logits, pen, pen_slot, sbatch) if plain else
                      jax.lax.cond(jnp.any(pen_slot >= 0),
                                   lambda: penalized_logits(logits, pen, pen_slot, sbatch),
                                   lambda: logits))
+    states = None
     if masks is not None:
         x = logits if penalized is None else penalized
-        penalized = (apply_logit_state(x, masks, mask_slot, host_masks) if plain else
-                     masked_logits(x, masks, mask_slot))
+        mask_slot = layout.read(ibuf, "mask_slot")
+        penalized = (apply_logit_state(x, masks.logit, mask_slot, host_masks) if plain else
+                     masked_logits(x, masks.logit, mask_slot))
+        if masks.automata is not None:
+            states = row_states(table, layout.read(ibuf, "row_slot"), layout.read(ibuf, "samples"),
+                                layout.pages_per_seq)
+            penalized = apply_automata(logits, penalized, masks.automata, states)
     out = _sample_step(logits, penalized, sbatch, step_sampler_flags(greedy, plain))
     if pen is not None:
         pen = record_tokens(pen, pen_slot, out.token_ids)
+    if states is not None:
+        table = advance_states(table, masks.automata, layout.read(ibuf, "row_slot"), states,
+                               out.token_ids, layout.pages_per_seq)
     tokens = chain.plain_output(out.token_ids, num_out, num_spec)
     if greedy:  # no logprobs asked (the host picks this variant only then): no outputs
-        return pen, tokens, None, None, None
+        return pen, table, tokens, None, None, None
     r = layout.num_rows
     top_ids = out.top_ids if out.top_ids is not None else jnp.zeros((r, TOP_N), jnp.int32)
     top_lp = out.top_logprobs if out.top_logprobs is not None else jnp.zeros((r, TOP_N), jnp.float32)
-    return pen, tokens, out.logprobs, top_ids, top_lp
+    return pen, table, tokens, out.logprobs, top_ids, top_lp
 
 
 def fused_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, variant: StepVariant,
                mesh: Mesh, params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
-               prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array | None = None) -> tuple:
+               prev_tokens: jax.Array, joint: jax.Array, masks: StepMasks | None = None) -> tuple:
     """Model forward + sampler over one packed step (``joint``: the step's two buffers as one
     int32 array, ``StepLayout.joint``). pen: int32[S_req, V] penalty state (None
     in the greedy variants); table: int32[S_req + 1, W] slot table (page rows, sampling params);
@@ -124,13 +135,14 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, varian
     them from the same address), tokens int32[S] (the same values, a fresh buffer for the host),
     logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
     ``variant.greedy``: argmax only, no penalties, the last three outputs None (each output is
-    a buffer the CUDA graph must be re-pointed at on every call); masks: int32[S_req + 1, W + 2B]
-    per-slot token masks / biases (``structured.logit_state``; None in the greedy variants)."""
+    a buffer the CUDA graph must be re-pointed at on every call); masks: the per-slot token
+    masks / biases (``structured.logit_state``) and token automata (``StepMasks``; None in the
+    greedy variants)."""
     kv, table, logits, sbatch, pen_slot, ibuf = _forward_part(cfg, layout, variant, mesh, params, kv,
                                                               table, prev_tokens, joint)
-    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, num_spec, variant.greedy,
-                                                    variant.plain, logits, sbatch, pen, pen_slot,
-                                                    masks, layout.read(ibuf, "mask_slot"))
+    pen, table, tokens, lp, top_ids, top_lp = _sample_part(
+        layout, num_out, num_spec, variant.greedy, variant.plain, logits, sbatch, pen, pen_slot,
+        masks, ibuf, table)
     return kv, pen, table, tokens, tokens, lp, top_ids, top_lp
 
 
@@ -144,21 +156,22 @@ def forward_step(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh,
 
 
 def sample_step(layout: StepLayout, num_out: int, num_spec: int, logits: jax.Array, pen: jax.Array,
-                table: jax.Array, prev_tokens: jax.Array, joint: jax.Array, masks: jax.Array,
+                table: jax.Array, prev_tokens: jax.Array, joint: jax.Array, masks: StepMasks,
                 host_masks: jax.Array) -> tuple:
     """The split step's second program: ``fused_step``'s plain sampler (no filters, no
     conditional: its launch need not wait for the forward) over the forward's logits f32[R, V],
     with the token masks the host computed meanwhile: host_masks int32[R, W] (all ones: none),
     row r's in row ``host_row[r]`` of them (-1: row r; the packed input's), a buffer of its own
     (no row-writer program, no copy into the logit state), ANDed with the static masks of the
-    packed input's mask slots -> (pen, prev_tokens' (donated), tokens, logprobs, top_ids,
-    top_lp). The table already carries the step's diffs (applying them again changes nothing)."""
+    packed input's mask slots -> (pen, table (donated: automaton states advanced),
+    prev_tokens' (donated), tokens, logprobs, top_ids, top_lp). The table already carries the
+    step's diffs (applying them again changes nothing)."""
     del prev_tokens   # donated: this step's tokens take its buffer
     ibuf, fbuf = layout.split(joint)
     _, _, sbatch, _, pen_slot = layout.unpack(ibuf, fbuf, table)
     row = layout.read(ibuf, "host_row")
     host_masks = host_masks[jnp.where(row >= 0, row, jnp.arange(layout.num_rows))]
-    pen, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, num_spec, False, True, logits,
-                                                    sbatch, pen, pen_slot, masks,
-                                                    layout.read(ibuf, "mask_slot"), host_masks)
-    return pen, tokens, tokens, lp, top_ids, top_lp
+    pen, table, tokens, lp, top_ids, top_lp = _sample_part(layout, num_out, num_spec, False, True,
+                                                           logits, sbatch, pen, pen_slot, masks, ibuf,
+                                                           table, host_masks)
+    return pen, table, tokens, tokens, lp, top_ids, top_lp

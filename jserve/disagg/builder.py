@@ -124,8 +124,10 @@ def build_disaggregated(args: EngineArgs, progress: Callable[[str], None] | None
     built: dict[str, LLMEngine] = {}
     for name, group in ids.items():
         say(f"{name} group on devices {list(group)} (tensor parallel {len(group)})")
+        # (grammar_device_states 0: two runners, two automaton tables; a request's automaton
+        # state would have to move with its pages, so grammars take the host path here)
         one = dataclasses.replace(args, prefill_devices=None, decode_devices=None,
-                                  tensor_parallel_size=len(group),
+                                  tensor_parallel_size=len(group), grammar_device_states=0,
                                   enable_prefix_caching=args.enable_prefix_caching and name == "prefill")
         built[name] = build_engine(one, progress, devices=[devices[i] for i in group])
     pe, de = built["prefill"], built["decode"]

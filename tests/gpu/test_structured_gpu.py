@@ -1,5 +1,6 @@
 """Structured outputs on a GPU (skipped without one): the in-jit mask / bias of the general
-step variant on the device, constrained and free rows in one step, every output validating."""
+step variant on the device, constrained and free rows in one step, every output validating;
+the schema and regex as token automata on the device (the default) and on the host path."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0
           "required": ["a", "b"], "additionalProperties": False}
 
 
-def test_constrained_and_free_rows_on_gpu(make_engine):
-    engine = make_engine("qwen2", dtype="bfloat16")
+@pytest.mark.parametrize("device_states", [None, 0], ids=["device automata", "host path"])
+def test_constrained_and_free_rows_on_gpu(make_engine, device_states):
+    engine = make_engine("qwen2", dtype="bfloat16", grammar_device_states=device_states)
     assert next(iter(engine.runner.kv[0][0].devices())).platform == "gpu"
+    assert (engine.device_grammars is None) == (device_states == 0)
     free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     items = []
     for i in range(4):

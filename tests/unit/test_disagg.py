@@ -181,7 +181,9 @@ def test_greedy_tokens_equal_colocated(make_engine, arch, kv):
 def llama_pair(make_engine):
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 devices (XLA_FLAGS host count)")
-    return make_engine("llama", **SCENARIO), make_engine("llama", **SCENARIO, **GROUPS)
+    # (the colocated engine on the host path too: a disaggregated one keeps every grammar there)
+    return (make_engine("llama", **SCENARIO, grammar_device_states=0),
+            make_engine("llama", **SCENARIO, **GROUPS))
 
 
 def test_llama_prefix_hits_n_stops_and_swap_equal_colocated(llama_pair):

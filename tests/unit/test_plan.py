@@ -35,6 +35,8 @@ def test_llama31_8b_on_h100_at_8k_bf16_kv_matches_hand_calculation(capsys):
     assert usable == 76_968_728_985
     state = 64 * vocab * 4                                     # penalty statistics: 64 seqs x vocab int32
     state += 65 * (vocab // 32 + 2 * 300) * 4                  # token masks + logit biases, + a padding row
+    automata = (256 * 2**20) // (2 * vocab)                    # token-automaton states in 256 MiB
+    state += (automata + 1) * vocab * 2                        # int16 [states + a free row, vocab]
     # Activations (estimated; start-up measures them): a 512-token step's hidden, QKV and MLP
     # activations in bf16, 6 float32 copies of the 64 rows' logits, and the largest page move to
     # host memory and back (swap: calls of 64 pages, held five times: gathered, stacked then split;
@@ -49,7 +51,7 @@ def test_llama31_8b_on_h100_at_8k_bf16_kv_matches_hand_calculation(capsys):
     page_bytes = 16 * kv_per_token
     pages = budget // page_bytes
     seqs = (pages - 1) // (8192 // 16)                         # page 0 is the null page
-    assert (budget, pages, seqs) == (59_646_705_664, 28_441, 55)   # vLLM's figure: about 50
+    assert (budget, pages, seqs) == (59_378_137_600, 28_313, 55)   # vLLM's figure: about 50
 
     assert main(["plan", "--model", "llama3.1-8b", "--gpu", "H100-80GB", "--context", "8192",
                  "--kv-cache-dtype", "bfloat16", "--tp", "1"]) == 0
@@ -117,8 +119,9 @@ def test_planner_equals_startup_for_the_bundled_model(tp, monkeypatch):
     util, ctx, acts = 0.5, 512, 3 * 2**20
     limit = 48 * 2**20                      # bytes_limit of an allocator made with share 0.5
     monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", str(util))   # what allow_device_memory sets
+    # (a 48 MiB device: a 64-state token-automaton table, 1 MiB, not the default's 32 MiB)
     args = EngineArgs(model=None, max_model_len=ctx, tensor_parallel_size=tp,
-                      gpu_memory_utilization=util, activation_memory_bytes=acts)
+                      gpu_memory_utilization=util, activation_memory_bytes=acts, grammar_device_states=64)
     cfg, model_dir = resolve_model(args)
     params = load_params(model_dir, cfg, make_mesh(tp))
     startup_weights = params_bytes(params) // tp
@@ -127,10 +130,11 @@ def test_planner_equals_startup_for_the_bundled_model(tp, monkeypatch):
     startup = plan_pool(config, budget)
 
     plan = plan_capacity(None, gpu=limit, max_model_len=ctx, tensor_parallel_size=tp,
-                         gpu_memory_utilization=util, activation_memory_bytes=acts)
+                         gpu_memory_utilization=util, activation_memory_bytes=acts, grammar_device_states=64)
     assert plan.weight_bytes_per_device == startup_weights
     assert plan.memory == budget and plan.pool == startup
-    state = runner_state_bytes(config)   # the penalty statistics
+    state = runner_state_bytes(config)   # the penalty statistics, masks, token automata
+    assert state > (64 + 1) * 8192 * 2
     headroom = max(acts // 4, limit // 256)    # the allocator's room beyond the peaks
     assert plan.budget_bytes == limit - startup_weights - state - acts - headroom
     assert plan.pool.num_pages == plan.budget_bytes // (plan.kv_bytes_per_token * 16)
@@ -139,7 +143,7 @@ def test_planner_equals_startup_for_the_bundled_model(tp, monkeypatch):
 
 def test_startup_counts_what_the_device_already_holds(monkeypatch):
     monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "0.5")
-    args = EngineArgs(model=None, max_model_len=256, activation_memory_bytes=0)
+    args = EngineArgs(model=None, max_model_len=256, activation_memory_bytes=0, grammar_device_states=64)
     config = make_engine_config(args, resolve_model(args)[0])
     budget = memory_budget(config, 10 * 2**20, _Device(64 * 2**20, 12 * 2**20), lambda: 1 / 0)
     assert budget.other_bytes == 2 * 2**20      # in use beyond the weights: not the pool's
@@ -150,9 +154,10 @@ def test_engine_allocates_the_planned_pool(xla_cache_dir):
     """An engine built with the planner's page count reports the same pool and allocates exactly
     ``pool_bytes`` of KV."""
     plan = plan_capacity(None, gpu="40MiB", max_model_len=128, max_num_seqs=4,
-                         max_num_batched_tokens=32)
+                         max_num_batched_tokens=32, grammar_device_states=64)
     engine = build_engine(EngineArgs(model=None, max_model_len=128, max_num_seqs=4,
                                      max_num_batched_tokens=32, num_pages=plan.pool.num_pages,
+                                     grammar_device_states=64,
                                      compilation_cache_dir=xla_cache_dir))
     assert engine.startup.pool_plan == plan.pool
     kv_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.kv))

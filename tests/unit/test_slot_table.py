@@ -14,6 +14,17 @@ from engine_helpers import CompileCounter
 
 from jserve.sampling_params import SamplingParams
 from jserve.scheduler_output import NewRequestData, ScheduledChunk, SchedulerOutput
+from jserve.slot_table import FSM
+
+
+def _mirrored(runner, s):
+    """The host row of slot ``s`` as the device should hold it: once written, the token
+    automaton column is the device's (-1 on the host; no automaton in these tests: 0)."""
+    row = runner.rows.table[s].copy()
+    fsm = runner.config.pages_per_seq + FSM
+    assert row[fsm] == -1, "the slot's row was never written"
+    row[fsm] = 0
+    return row
 
 
 def _check_mirror(runner):
@@ -22,7 +33,7 @@ def _check_mirror(runner):
     assert not dev[-1].any(), "the null row was written"
     for rid in list(rows._slot):
         s = rows.slot_of(rid)
-        np.testing.assert_array_equal(dev[s], rows.table[s], err_msg=f"slot {s} ({rid})")
+        np.testing.assert_array_equal(dev[s], _mirrored(runner, s), err_msg=f"slot {s} ({rid})")
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -101,7 +112,7 @@ def test_reused_slot_starts_clean(make_engine):
     runner.dispatch(_plan([_new("b", (5,))], dropped=["a"])).result()
     assert runner.rows.slot_of("b") == slot
     row = np.asarray(runner.slot_table)[slot]
-    np.testing.assert_array_equal(row, runner.rows.table[slot])
+    np.testing.assert_array_equal(row, _mirrored(runner, slot))
     assert row[0] == 5 and not row[1:P].any()
     assert row[P:P + 4].tolist() == [0, 0, 1, 0]  # top_k, seed (hi, lo), want_logprobs
     runner.dispatch(_plan([], dropped=["b"]))

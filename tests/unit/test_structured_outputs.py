@@ -1,6 +1,8 @@
 """Structured outputs and token masks end to end on the tiny golden engine: JSON schema, regex,
 choice, grammar, allowed_token_ids, logit_bias, bad_words; constrained and free rows in one
-step, n > 1, the overlapped loop equal to the synchronous one, prefix caching, preemption."""
+step, n > 1, the overlapped loop equal to the synchronous one, prefix caching, preemption. The
+host path (llguidance masks, the split step): these engines keep every grammar on the host
+(``grammar_device_states=0``); the device automata: test_structured_device.py."""
 
 from __future__ import annotations
 
@@ -19,12 +21,12 @@ from jserve.sampling_params import SamplingParams
 
 @pytest.fixture(scope="module")
 def engine(make_engine):
-    return make_engine()
+    return make_engine(grammar_device_states=0)
 
 
 @pytest.fixture(scope="module")
 def sync_engine(make_engine):
-    return make_engine(async_scheduling=False)
+    return make_engine(async_scheduling=False, grammar_device_states=0)
 
 
 def _texts(outs):
@@ -136,7 +138,7 @@ def test_bad_specs_are_value_errors_naming_the_problem(engine):
 
 
 def test_preempted_constrained_requests_still_validate(make_engine):
-    eng = make_engine(num_pages=14, max_num_seqs=4)
+    eng = make_engine(num_pages=14, max_num_seqs=4, grammar_device_states=0)
     pat = r"(ab|cd){30}"
     sp = SamplingParams(temperature=0, max_tokens=100, structured_outputs={"regex": pat})
     outs = run_engine(eng, [(p, sp) for p in PROMPTS])
@@ -229,7 +231,7 @@ def test_start_up_compiles_the_split_pairs_beside_the_step_variants(make_engine,
     from jserve.runner import Runner
 
     monkeypatch.setattr(Runner, "split_wanted", lambda self: True)
-    eng = make_engine(max_num_batched_tokens=32)
+    eng = make_engine(max_num_batched_tokens=32, grammar_device_states=0)
     assert eng.runner.split.buckets and all(eng.runner.split.ready(t) for t in eng.runner.split.buckets)
     items = [(p, SamplingParams(temperature=0.9, seed=i, max_tokens=12, structured_outputs={"json": SCHEMA}))
              for i, p in enumerate(PROMPTS[:2])]
