@@ -1,9 +1,9 @@
-# The device calls owed after session 32 (2026-12-04), in the order to run them. Each case fits
+# The device calls owed after session 33 (2026-12-04), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table
 # (a call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-32 removed the ones they ran; vmm stays as the record of its arms).
-# Order: qp (issue 13: programmatic dependent launch in the 8B's batch-1 step), qs (issue 13:
+# history (sessions 7-33 removed the ones they ran; vmm stays as the record of its arms).
+# Order: qs (issue 13:
 # the step's kernel chain, then the decode matmul's ring and kernel variants timed on the
 # device), lt (issue 12: where the speculating step's launch goes), qx4 (issue 13: w8a8 with
 # Triton GEMMs), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with
@@ -72,21 +72,6 @@ offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $
 }
 
 case "${1:-}" in
-qp)
-  # Issue 13's batch-1 1.6x (session 32: int8 + lm_head 3.300 ms = 1.44x bf16's 4.767; 2.98 ms is
-  # 1.6x). Programmatic dependent launch: the decode kernel waits for the kernel ahead
-  # (griddepcontrol.wait) before its first load and lets the next one launch after its pipeline
-  # (mgpu_decode's pdl, A/B quant-pdl); XLA's own kernels with xla_gpu_enable_pdl (and
-  # xla_gpu_enable_pdl_launch, "use of PDL launch instructions"); both. bf16
-  # with XLA's flag too (the ratio's other side). Prediction: quant-pdl -0.05-0.13 ms (each of
-  # the 129 matmuls' launch and CTA set-up under the fusion ahead), XLA's flag -0.1-0.2 ms on
-  # both steps (264 / 200 small fusions), both -0.2-0.3 ms on int8 + lm_head (~3.0-3.1 ms).
-  x="xla:xla_gpu_enable_pdl=true+xla_gpu_enable_pdl_launch=true"   # (XLA: PDL, and its trigger)
-  pdl="quant-pdl,$x,quant-pdl/$x"
-  timeout 400 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head,none --ab "$pdl" > "$OUT/qp_step.txt" 2>&1
-  grep "^##\|^| A\|^| B \|rror\|failed" "$OUT/qp_step.txt" | cut -c1-200
-  ;;
 qs)
   # Issue 13's >= 85% of the HBM read at M <= 16. Session 32 timed on the device (profiler trace,
   # benchmarks/device_clock.py; the 2 GiB int8 read 4.6 TB/s): the kernel's default read the 8B's

@@ -154,6 +154,15 @@ def main() -> None:
     can_split, covers, ahead = eng.runner.can_split, eng.grammar.covers, eng.grammar._advance_and_put
     read_first = eng._read_first
     device = eng.device_grammars
+    on_device = [0]   # requests that took a device automaton in the round
+    if device is not None:
+        t = time.perf_counter()
+        eng.compile_grammar(SamplingParams(structured_outputs={"json": SCHEMA}))
+        built = eng.automaton_compiler().compile(("json", json.dumps(SCHEMA), False))
+        print(f"  token automaton of the schema: {'none' if built is None else built.num_states} "
+              f"states, compiled in {time.perf_counter() - t:.2f} s", flush=True)
+        add = device.add
+        device.add = lambda req: add(req) and (on_device.__setitem__(0, on_device[0] + 1) or True)
     split = eng.runner.split
     staged = split.stage_joint
 
@@ -175,7 +184,7 @@ def main() -> None:
         eng.grammar._advance_and_put = (lambda _, reqs, __: eng.grammar.advance(reqs)) if no_ahead else ahead
         split.stage_joint = put if mode == "put-joint" else staged
         eng._read_first = eng._in_flight_done if mode == "no-read-first" else read_first
-        mask_s[0] = 0.0
+        mask_s[0] = on_device[0] = 0.0
         cons = [(p, SamplingParams(temperature=ns.temperature, seed=1000 * r + i, max_tokens=ns.max_tokens,
                                    structured_outputs={"json": SCHEMA}))
                 for i, p in enumerate(prompts)]
@@ -199,14 +208,15 @@ def main() -> None:
         if trace and r:
             traces.append(trace.table(f"round {r}, {name}, free"))
         if r:
-            rows.append((f"{r} {name}", t_cons, t_free, sum(lens), bad, mask_s[0]))
+            rows.append((f"{r} {name}", t_cons, t_free, sum(lens), bad, mask_s[0], on_device[0]))
     dev = jax.devices()[0]
     print(f"\n## structured outputs: {n} json_schema requests vs {n} unconstrained, same tokens per "
           f"request ({ns.model or 'code-small'}, {dev.platform} {dev.device_kind})")
-    print("| round | tokens | constrained tok/s | free tok/s | ratio | host mask s | invalid |")
-    print("|---|---|---|---|---|---|---|")
-    for k, tc, tf, toks, bad, ms in rows:
-        print(f"| {k} | {toks} | {toks / tc:.0f} | {toks / tf:.0f} | {tf / tc:.2f} | {ms:.2f} | {bad} |")
+    print("| round | tokens | constrained tok/s | free tok/s | ratio | host mask s | on device | invalid |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k, tc, tf, toks, bad, ms, dev_n in rows:
+        print(f"| {k} | {toks} | {toks / tc:.0f} | {toks / tf:.0f} | {tf / tc:.2f} | {ms:.2f} | {dev_n:.0f} "
+              f"| {bad} |")
     for t in traces:
         print(t)
 

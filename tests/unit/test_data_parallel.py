@@ -71,3 +71,36 @@ def test_dp2_matches_dp1(make_engine, arch):
 def test_dp_needs_enough_devices(make_engine):
     with pytest.raises(ValueError, match="data_parallel_size=3 x tensor_parallel_size=1 needs 3 devices"):
         make_engine("llama", data_parallel_size=3, **SMALL)
+
+
+@needs_2
+def test_dp_engine_behind_the_async_engine(make_engine):
+    """The front-ends' path: AsyncEngine over dp=2 replicas, a grammar compiled off the engine
+    thread on every replica (``compile_grammar``) and a priority passed through."""
+    import asyncio
+    import re
+
+    from jserve.async_engine import AsyncEngine
+
+    engine = make_engine("llama", data_parallel_size=2, **SMALL)
+    sp = SamplingParams(temperature=0.0, max_tokens=12, structured_outputs={"regex": "[ab]{2,6}"})
+
+    async def main():
+        aeng = AsyncEngine(engine)
+        try:
+            aeng.compile_grammar(sp)
+            outs = []
+            for i in range(4):
+                stream = await aeng.add_request([5 + i, 6, 7], sp, priority=i % 2)
+                async with stream:
+                    async for out in stream:
+                        last = out
+                outs.append(last)
+            return outs
+        finally:
+            await aeng.shutdown(timeout_s=5.0)
+
+    outs = asyncio.run(main())
+    assert all(re.fullmatch("[ab]{2,6}", o.outputs[0].text) for o in outs)
+    assert all(len(r.device_grammars) == 0 and r.automaton_compiler().peek(sp.structured_outputs.key)[0]
+               for r in engine.replicas)
