@@ -11,7 +11,7 @@ import re
 import jsonschema
 import pytest
 from engine_helpers import run_engine
-from structured_cases import PROMPTS, SCHEMA
+from structured_cases import PROMPTS, SCHEMA, check_prefix_cache_hit
 
 from jserve.sampling_params import SamplingParams
 
@@ -160,10 +160,4 @@ def test_a_spec_not_compiled_yet_takes_the_host_path_once(make_engine, monkeypat
 
 
 def test_prefix_cache_hit_starts_the_automaton_afresh(engine):
-    sp = SamplingParams(temperature=0, max_tokens=60, structured_outputs={"json": SCHEMA})
-    prompt = "def long_prompt_for_the_cache(a, b, c):\n    return a + b + c\n" * 2
-    first = _run(engine, [(prompt, sp)])[0]
-    again = _run(engine, [(prompt, sp)])[0]
-    assert again.num_cached_tokens > 0
-    assert again.outputs[0].token_ids == first.outputs[0].token_ids
-    jsonschema.validate(json.loads(again.outputs[0].text), SCHEMA)
+    check_prefix_cache_hit(lambda items: _run(engine, items))

@@ -14,7 +14,7 @@ import jax
 import jsonschema
 import pytest
 from engine_helpers import run_engine
-from structured_cases import PROMPTS, SCHEMA
+from structured_cases import PROMPTS, SCHEMA, check_prefix_cache_hit
 
 from jserve.sampling_params import SamplingParams
 
@@ -109,13 +109,7 @@ def test_token_masks_and_biases(engine):
 
 
 def test_prefix_cache_hit_keeps_constraint(engine):
-    sp = SamplingParams(temperature=0, max_tokens=60, structured_outputs={"json": SCHEMA})
-    prompt = "def long_prompt_for_the_cache(a, b, c):\n    return a + b + c\n" * 2
-    first = run_engine(engine, [(prompt, sp)])[0]
-    again = run_engine(engine, [(prompt, sp)])[0]
-    assert again.num_cached_tokens > 0
-    assert again.outputs[0].text == first.outputs[0].text
-    jsonschema.validate(json.loads(again.outputs[0].text), SCHEMA)
+    check_prefix_cache_hit(lambda items: run_engine(engine, items))
 
 
 def test_bad_specs_are_value_errors_naming_the_problem(engine):
