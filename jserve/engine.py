@@ -131,9 +131,10 @@ class LLMEngine:
         cache = self.grammar_cache()
         with self._grammar_lock:
             if self._automata is None:
-                v = self.config.model.vocab_size
+                v, states = self.config.model.vocab_size, self.device_grammars.pool.states
+                # (the cache of compiled tables kept to ~1 GiB of host memory at the largest size)
                 self._automata = AutomatonCompiler(token_bytes(cache.tokenizer, v), self.eos_token_ids,
-                                                   v, self.device_grammars.pool.states)
+                                                   v, states, capacity=max(4, (1 << 30) // (2 * v * states)))
             return self._automata
 
     def compile_grammar(self, params: SamplingParams) -> None:

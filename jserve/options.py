@@ -313,7 +313,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "of rows, circling through the stages in groups, even while requests wait; not with "
            "speculative decoding, several processes or disaggregation)"),
     Option("grammar_device_states", int, None, nullable=True, minimum=0, commands=COMMANDS,
-           default_text="as many as 256 MiB holds, at most 2048; 0 with speculative decoding",
+           default_text="as many as 256 MiB holds, at most 2048; 0 with speculative decoding, "
+           "several processes or disaggregation",
            help="rows of the on-device token-automaton table (int16 [states, vocab], counted in "
            "the memory budget): a JSON schema, regex or choice that compiles to a token "
            "automaton this small is masked and advanced inside the step, with no host work per "
