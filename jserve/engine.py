@@ -134,7 +134,8 @@ class LLMEngine:
                 v, states = self.config.model.vocab_size, self.device_grammars.pool.states
                 # (the cache of compiled tables kept to ~1 GiB of host memory at the largest size)
                 self._automata = AutomatonCompiler(token_bytes(cache.tokenizer, v), self.eos_token_ids,
-                                                   v, states, capacity=max(4, (1 << 30) // (2 * v * states)))
+                                                   v, states, capacity=max(4, (1 << 30) // (2 * v * states)),
+                                                   tokenize=cache.tokenizer.tokenize_bytes)
             return self._automata
 
     def compile_grammar(self, params: SamplingParams) -> None:

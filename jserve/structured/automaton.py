@@ -24,6 +24,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,8 @@ import llguidance
 import numpy as np
 import outlines_core as oc
 from outlines_core.json_schema import build_regex_from_schema
+
+from jserve.structured.canonical import force_canonical
 
 _ANNOTATIONS = frozenset("title description default examples $schema $id $comment $defs definitions".split())
 _TYPE_KEYWORDS = {"string": frozenset({"minLength", "maxLength", "pattern"}),
@@ -226,7 +229,10 @@ class AutomatonCompiler:
     """Spec keys -> ``TokenAutomaton`` over one model's vocabulary, LRU-cached (thread-safe)."""
 
     def __init__(self, tokens: list[bytes | None], eos_token_ids: tuple[int, ...], vocab_size: int,
-                 max_states: int, capacity: int = 64) -> None:
+                 max_states: int, capacity: int = 64,
+                 tokenize: Callable[[bytes], list[int]] | None = None) -> None:
+        """``tokenize``: the model tokenizer's bytes -> ids; given, forced text takes its canonical
+        tokenization (jserve/structured/canonical.py)."""
         if not 0 < max_states <= np.iinfo(np.int16).max:
             raise ValueError(f"max_states must be in 1..32767, got {max_states}")
         self.vocab_size, self.max_states, self.capacity = vocab_size, max_states, capacity
@@ -238,6 +244,8 @@ class AutomatonCompiler:
         self._vocab = oc.Vocabulary(int(self.eos[0]), vocab) if eos and vocab else None
         self._cache: OrderedDict[tuple, TokenAutomaton | None] = OrderedDict()
         self._lock = threading.Lock()
+        self._tokens = list(tokens[:vocab_size]) + [None] * max(0, vocab_size - len(tokens))
+        self._tokenize = tokenize
 
     def peek(self, key: tuple[str, str, bool]) -> tuple[bool, TokenAutomaton | None]:
         """(whether ``key`` is compiled, its automaton or None) without compiling it."""
@@ -304,4 +312,7 @@ class AutomatonCompiler:
         rows, done = local[final & live], np.zeros(len(table), bool)
         table[rows[:, None], self.eos[None, :]] = rows[:, None]
         done[rows] = (table[rows] >= 0).sum(1) == len(self.eos)
-        return TokenAutomaton(table, int(local[initial]), done)
+        start = int(local[initial])
+        if self._tokenize is not None:
+            table, start, done = force_canonical(table, start, done, self._tokens, self.eos, self._tokenize)
+        return TokenAutomaton(table, start, done)

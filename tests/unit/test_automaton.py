@@ -302,3 +302,42 @@ def test_no_eos_or_bad_limits(tokens):
     assert AutomatonCompiler(tokens, (), V, 100).compile(key(regex="ab")) is None   # nothing could end it
     with pytest.raises(ValueError):
         AutomatonCompiler(tokens, EOS, V, 40000)                                    # int16 local ids
+
+
+# ---------------------------------------------------------------- canonical forced runs
+def test_forced_runs_take_the_canonical_split_and_tokens_beyond_them():
+    """A toy vocabulary: forced "abc" then "d" or "e"; the tokenizer splits "abc" as ab + c. At the
+    start only "ab" (its canonical first token) and "abcd" (covering the run and more) remain."""
+    toks = [None, b"a", b"b", b"c", b"ab", b"bc", b"abc", b"abcd", b"d", b"e"]
+    split = {b"abc": [4, 3], b"c": [3], b"bc": [5]}
+    comp = AutomatonCompiler(toks, (0,), len(toks), 64, tokenize=lambda b: split.get(b, [1]))
+    a = comp.compile(key(regex="abc(d|e)"))
+    start = np.flatnonzero(a.next[a.initial] >= 0).tolist()
+    assert start == [4, 7]
+    assert language(a, toks, eos=(0,)) == {"abcd", "abce"}
+    raw = AutomatonCompiler(toks, (0,), len(toks), 64).compile(key(regex="abc(d|e)"))
+    assert np.flatnonzero(raw.next[raw.initial] >= 0).tolist() == [1, 4, 6, 7]
+
+
+def test_canonical_walks_validate_and_match_llguidance(tokens, ll):
+    """With the tokenizer's canonical splits of forced text, the automaton allows nothing
+    llguidance's mask refuses along random walks (the raw automaton allowed every split:
+    ``test_allowed_tokens_within_llguidance``), and its walks still validate."""
+    comp = AutomatonCompiler(tokens, EOS, V, 2000, tokenize=ll.tokenize_bytes)
+    a = comp.compile(key(json=SCHEMA))
+    check_table(a, EOS)
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(SCHEMA),
+                                                             overrides={"whitespace_flexible": False})
+    rng, mask = np.random.default_rng(2), llnp.allocate_token_bitmask(1, V)
+    shift = np.arange(32, dtype=np.uint32)
+    for _ in range(8):
+        path, text = walk(a, tokens, rng)
+        jsonschema.validate(json.loads(text), SCHEMA)
+        m, s = llguidance.LLMatcher(ll, grammar, log_level=0), a.initial
+        for t in path + [EOS[0]]:
+            llnp.fill_next_token_bitmask(m, mask, 0)
+            theirs = ((mask[0].view(np.uint32)[:, None] >> shift) & 1).reshape(-1)[:V].astype(bool)
+            extra = np.flatnonzero((a.next[s] >= 0) & ~theirs)
+            assert not len(extra), [tokens[x] for x in extra[:10]]
+            assert m.consume_token(t)
+            s = int(a.next[s, t])
