@@ -197,7 +197,9 @@ def test_plan_counts_the_draft_weights_and_twin_pages():
     startup = plan_pool(config, memory_budget(config, weights, _Device(), lambda: 1 / 0), dcfg)
     plan = plan_capacity(None, gpu=48 * 2**20, max_model_len=512, activation_memory_bytes=2**20,
                          speculative_config=spec)
-    alone = plan_capacity(None, gpu=48 * 2**20, max_model_len=512, activation_memory_bytes=2**20)
+    # (no token-automaton table alone either: a speculative engine has none)
+    alone = plan_capacity(None, gpu=48 * 2**20, max_model_len=512, activation_memory_bytes=2**20,
+                          grammar_device_states=0)
     assert plan.weight_bytes_per_device == weights and plan.pool == startup
     assert plan.pool.num_pages < alone.pool.num_pages
     assert plan.kv_bytes_per_token == alone.kv_bytes_per_token + plan.draft_kv_bytes_per_token
