@@ -111,7 +111,7 @@ class LLMEngine:
         # Grammars run on the device as token automata (jserve/structured/device_grammars.py).
         self._automata: AutomatonCompiler | None = None
         self.device_grammars = (DeviceGrammars(runner.automata, self.automaton_compiler)
-                                if getattr(runner, "automata", None) is not None else None)
+                                if runner.automata is not None else None)
 
     def grammar_cache(self) -> GrammarCache:
         """The grammar compiler of this model's tokenizer (built on first use, then cached;

@@ -14,7 +14,7 @@ and the token index). The rest (json_object, grammar, other keywords, recursion,
 or llguidance refuse, over ``max_states`` states) -> None: it stays on llguidance (constraints.py).
 Narrower than llguidance, every output still valid: no properties beyond ``properties`` (llguidance
 allows extras when ``additionalProperties`` is absent), canonical integers (no ``-0``), signed
-exponents, no ``\\uXXXX`` escapes, a ``pattern`` matches the whole string.
+exponents, no ``\\u`` (hex code point) escapes, a ``pattern`` matches the whole string.
 """
 
 from __future__ import annotations
