@@ -185,20 +185,24 @@ def _patched(patch: str):
             yield None
         finally:
             quant_api.MOSAIC_ON_HOPPER = saved
-    elif patch in ("quant-pdl", "quant-out-t") or patch.startswith("prefetch:"):
-        # The decode kernel (mgpu_decode) with programmatic dependent launch, with out^T partials
-        # (before session 24), or with an L2 prefetch budget of the next matmul's weight in MiB.
+    elif patch == "quant-pdl":   # the decode kernel with programmatic dependent launch (mgpu_decode)
         from pallas_kernels.quant_matmul import mgpu
 
-        fixed = {"quant-pdl": ("DECODE_PDL", True), "quant-out-t": ("DECODE_STORE_MN", False)}
-        name, value = fixed[patch] if patch in fixed else (
-            "DECODE_PREFETCH_BYTES", int(float(patch.partition(":")[2]) * (1 << 20)))
-        saved = getattr(mgpu, name)
-        setattr(mgpu, name, value)
+        saved = mgpu.DECODE_PDL
+        mgpu.DECODE_PDL = True
         try:
             yield None
         finally:
-            setattr(mgpu, name, saved)
+            mgpu.DECODE_PDL = saved
+    elif patch == "quant-out-t":   # the persistent decode kernel's out^T partials (before session 24)
+        from pallas_kernels.quant_matmul import mgpu
+
+        saved = mgpu.DECODE_STORE_MN
+        mgpu.DECODE_STORE_MN = False
+        try:
+            yield None
+        finally:
+            mgpu.DECODE_STORE_MN = saved
     elif patch.startswith("xla:"):  # XLA debug options for this compile, e.g. xla:NAME=false
         from benchmarks.compile_ab import options
 
@@ -321,8 +325,7 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="folder for a profiler trace of 20 steps of A")
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
-                    "attn-fused-combine, quant-xla, quant-pdl, quant-out-t, prefetch:MiB, "
-                    "xla:OPTION=VALUE")
+                    "attn-fused-combine, quant-xla, quant-pdl, quant-out-t, xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,

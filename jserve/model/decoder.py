@@ -54,7 +54,7 @@ def _attention_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, pool: tu
     (+ ``(k_scales, v_scales)`` when int8/fp8)."""
     t, g, nq = x.shape[0], cfg.q_per_kv_padded, cfg.num_q_heads_padded
     h = rms_norm(x, w["ln_attn"][0], cfg.rms_norm_eps)
-    qkv = linear(h, w["wqkv"], 0, mesh, prefetch=w["wo"])           # [T, Nkv, Gp + 2, d]
+    qkv = linear(h, w["wqkv"], 0, mesh)                             # [T, Nkv, Gp + 2, d]
     if cfg.qkv_bias:
         qkv = qkv + w["bqkv"][0]
     # Gp query heads per kv head (zero-padded heads included: they add exactly 0 through wo).
@@ -68,32 +68,29 @@ def _attention_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, pool: tu
     else:
         o = paged_attention(q, pool, batch, sm_scale=scale, sliding_window=window, mesh=mesh,
                             decode_only=decode_only)
-    return linear(o.reshape(t, nq * cfg.head_dim), w["wo"], 0, mesh, prefetch=w["wgu"]), pool
+    return linear(o.reshape(t, nq * cfg.head_dim), w["wo"], 0, mesh), pool
 
 
-def _mlp_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, mesh: Mesh | None,
-               nxt: Any = None) -> jax.Array:
-    """One layer's MLP: one fused gate/up matmul, SiLU-gate, down projection (``nxt``: the
-    next layer's QKV weight, stacked with one layer, or None: ``linear``'s prefetch hint)."""
+def _mlp_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """One layer's MLP: one fused gate/up matmul, SiLU-gate, down projection."""
     h = rms_norm(x, w["ln_mlp"][0], cfg.rms_norm_eps)
-    gu = linear(h, w["wgu"], 0, mesh, prefetch=w["wd"])             # [T, 2, I]
-    return linear(jax.nn.silu(gu[:, 0]) * gu[:, 1], w["wd"], 0, mesh, prefetch=nxt)
+    gu = linear(h, w["wgu"], 0, mesh)                               # [T, 2, I]
+    return linear(jax.nn.silu(gu[:, 0]) * gu[:, 1], w["wd"], 0, mesh)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
-def _layer(cfg: ModelConfig, w: dict[str, Any], nxt: Any, x: jax.Array, pool: tuple[jax.Array, ...],
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
+def _layer(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, pool: tuple[jax.Array, ...],
            batch: StepInput, rope: tuple[jax.Array, jax.Array], window: int | None,
            fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
            ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """One decoder layer -> (x, pool). A nested jit: every layer with the same static
     arguments shares one trace and one lowered function (the step's StableHLO calls it once per
     layer and XLA inlines the calls), so tracing and Pallas lowering run once per step variant
-    instead of once per layer. ``nxt``: the next layer's QKV weight (its down projection's
-    prefetch hint) or None."""
+    instead of once per layer."""
     attn, pool = _attention_block(cfg, w, x, pool, batch, *rope, window, fresh_prefill, mesh,
                                   decode_only)
     x = x + attn
-    return x + _mlp_block(cfg, w, x, mesh, nxt), pool
+    return x + _mlp_block(cfg, w, x, mesh), pool
 
 
 def _layers(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCache, batch: StepInput,
@@ -103,15 +100,10 @@ def _layers(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCache
     ``kv`` (n entries) over x [T, H]: the unrolled loop over static slices, each layer one call
     of the nested-jit ``_layer``."""
     new_kv = []
-    qkv = weights["wqkv"]
     for i in range(len(kv)):
         # Layer i's weights, stacked with one layer (dense arrays and QuantizedWeight alike).
         w = {name: jax.tree.map(lambda a, i=i: a[i:i + 1], a) for name, a in weights.items()}
-        # The next layer's QKV for the down projection's prefetch: quantized ones only (a dense
-        # one would be an unread argument), none after the last layer (a second trace of _layer).
-        nxt = (jax.tree.map(lambda a, i=i: a[i + 1:i + 2], qkv)
-               if isinstance(qkv, QuantizedWeight) and i + 1 < len(kv) else None)
-        x, pool = _layer(cfg, w, nxt, x, tuple(kv[i]), batch, rope, windows[i], fresh_prefill, mesh,
+        x, pool = _layer(cfg, w, x, tuple(kv[i]), batch, rope, windows[i], fresh_prefill, mesh,
                          decode_only)
         new_kv.append(pool)
     return x, new_kv

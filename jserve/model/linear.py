@@ -90,12 +90,9 @@ def mesh_axes_of(sharding: jax.sharding.Sharding, ndim: int) -> tuple[str | None
 
 
 def linear(x: jax.Array, w: Weight, i: int, mesh: Mesh | None = None,
-           out_dtype: jnp.dtype | None = None, prefetch: Weight | None = None) -> jax.Array:
+           out_dtype: jnp.dtype | None = None) -> jax.Array:
     """x: [T, K] @ layer ``i`` (static) of the stacked weight ``w`` -> [T, *out] in ``out_dtype``
-    (None: x's dtype; the product accumulates in float32 either way). ``prefetch``: the stacked
-    weight of the projection the step runs next (its layer ``i``), a hint to the kernel: a
-    quantized decode matmul asks L2 to start loading that one's first tiles as it ends
-    (``pallas_kernels.quant_matmul.l2_prefetch``); results do not depend on it."""
+    (None: x's dtype; the product accumulates in float32 either way)."""
     if not isinstance(w, QuantizedWeight):
         return jnp.tensordot(x, w[i], axes=1, preferred_element_type=out_dtype)
     out = w.out_shape
@@ -114,17 +111,8 @@ def linear(x: jax.Array, w: Weight, i: int, mesh: Mesh | None = None,
                  else qref.w8a16_matmul(x, q, scale, out_dtype=out_dtype))
         else:
             y = pallas_kernels.quant_matmul(x, q, scale, input_scale, act_quant=w.act_quant,
-                                            out_dtype=out_dtype, prefetch=_next_weight(prefetch, i),
-                                            **_kernel_choice(w))
+                                            out_dtype=out_dtype, **_kernel_choice(w))
     return y.astype(out_dtype or x.dtype).reshape(x.shape[0], *out)
-
-
-def _next_weight(w: Weight | None, i: int) -> jax.Array | None:
-    """Layer ``i`` of a quantized per-channel weight as the kernel's [N, K] (the prefetch
-    hint's operand); None for any other weight."""
-    if not isinstance(w, QuantizedWeight) or w.group is not None:
-        return None
-    return w.q[i].reshape(-1, w.q.shape[-1])
 
 
 def _kernel_choice(w: QuantizedWeight) -> dict:

@@ -36,15 +36,12 @@ W8A8_XLA_MIN_M: int | None = 128   # (module docstring)
 
 def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax.Array | None = None,
                  *, act_quant: bool = False, out_dtype: jnp.dtype | None = None,
-                 interpret: bool = False, backend: str | None = None,
-                 prefetch: jax.Array | None = None) -> jax.Array:
+                 interpret: bool = False, backend: str | None = None) -> jax.Array:
     """``x: [M, K]``, ``w: [N, K]`` int8|float8_e4m3fn, ``w_scale: float32[N]`` -> ``[M, N]``.
 
     ``act_quant=False``: weight-only (w8a16, ``reference.w8a16_matmul``); ``True``: fp8 weights
     and activations (w8a8, ``reference.w8a8_matmul``) with dynamic per-token activation scales,
-    or the static ``input_scale`` when given. ``prefetch``: the weight [N2, K2] of the quantized
-    matmul that runs next, a hint: Hopper's decode kernel asks L2 to start loading it as it
-    ends (``l2_prefetch``); other paths do not read it. Results never depend on it.
+    or the static ``input_scale`` when given.
     """
     backend = backend or jax.default_backend()
     kw = dict(act_quant=act_quant, out_dtype=out_dtype)
@@ -54,8 +51,7 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
         return reference.w8a8_matmul(x, w, w_scale, input_scale, out_dtype, native=True)
     if backend == "gpu" or interpret:
         if (interpret or (MOSAIC_ON_HOPPER and mgpu.on_hopper())) and mgpu.supports(x, w, act_quant):
-            return mgpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, prefetch=prefetch,
-                                     **kw)
+            return mgpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, **kw)
     if act_quant:
         return reference.w8a8_matmul(x, w, w_scale, input_scale, out_dtype)
     return reference.w8a16_matmul(x, w, w_scale, out_dtype)

@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.quant_matmul import l2_prefetch, mgpu_decode, reference
+from pallas_kernels.quant_matmul import mgpu_decode, reference
 from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig, finish, smem_transforms
 
 FP8 = reference.FP8
@@ -96,9 +96,6 @@ def default_config(m: int, n: int, k: int) -> MgpuConfig:
 DECODE_SMEM_PER_CTA = 100 * 1024   # the persistent kernel's TMA ring: two CTAs per SM fit
 DECODE_STORE_MN = True    # the persistent kernel's ``store_mn`` (off: the A/B in benchmarks/step_floor.py)
 DECODE_PDL = False        # the persistent kernel's ``pdl`` (on: step_floor --ab quant-pdl)
-# Bytes of the next quantized matmul's weight a decode kernel asks L2 to load as it ends
-# (``l2_prefetch``; step_floor --ab prefetch:MiB compares budgets); 0: none.
-DECODE_PREFETCH_BYTES = 0
 
 
 def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
@@ -207,32 +204,13 @@ def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool
     return f(xp, w).reshape(split, n, mp)
 
 
-def prefetch_plan(m: int, w_next: jax.Array | None, cfg: MgpuConfig | DecodeConfig,
-                  budget: int) -> l2_prefetch.PrefetchPlan | None:
-    """The L2 prefetch a decode kernel (``cfg``) issues for the next matmul's weight w_next
-    [N2, K2] at ``m`` tokens: None unless both run the persistent decode kernel (the next one in
-    its default config, whose unit order the plan follows)."""
-    if w_next is None or not isinstance(cfg, DecodeConfig) or w_next.ndim != 2:
-        return None
-    n2, k2 = w_next.shape
-    nxt = kernel_config(m, n2, k2)
-    if not isinstance(nxt, DecodeConfig) or nxt.x_resident:
-        return None
-    return l2_prefetch.plan(n2, k2, nxt.block_n, nxt.block_k, nxt.split_k, nxt.per_cta, budget,
-                            jnp.dtype(w_next.dtype).itemsize)
-
-
-@functools.partial(jax.jit, static_argnames=("act_quant", "out_dtype", "config", "interpret",
-                                             "prefetch_bytes"))
+@functools.partial(jax.jit, static_argnames=("act_quant", "out_dtype", "config", "interpret"))
 def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax.Array | None = None,
                  *, act_quant: bool = False, out_dtype: jnp.dtype | None = None,
-                 config: MgpuConfig | DecodeConfig | None = None, interpret: bool = False,
-                 prefetch: jax.Array | None = None, prefetch_bytes: int | None = None) -> jax.Array:
+                 config: MgpuConfig | DecodeConfig | None = None, interpret: bool = False) -> jax.Array:
     """Same contract as ``reference.w8a16_matmul`` (``act_quant=False``) or
     ``reference.w8a8_matmul`` (``act_quant=True``): x [M, K], w [N, K], w_scale f32[N] -> [M, N].
-    Under one jit so that every layer's call site shares one lowering per shape. ``prefetch``:
-    the next quantized matmul's weight [N2, K2]; a decode kernel asks L2 for up to
-    ``prefetch_bytes`` of it (None: ``DECODE_PREFETCH_BYTES``) as it ends (``l2_prefetch``)."""
+    Under one jit so that every layer's call site shares one lowering per shape."""
     reference.validate_inputs(x, w, w_scale)
     m, k = x.shape
     n = w.shape[0]
@@ -245,10 +223,7 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
         xq, x_scale = x, None
     xp = jnp.pad(xq, ((0, mp - m), (0, 0))) if mp != m else xq
     if decode:
-        budget = DECODE_PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes
-        plan = prefetch_plan(m, prefetch, cfg, budget)
-        parts = mgpu_decode.decode_matmul_t(xp, w, config=cfg, fp8=FP8, interpret=interpret,
-                                            prefetch=prefetch if plan else None, prefetch_plan=plan)
+        parts = mgpu_decode.decode_matmul_t(xp, w, config=cfg, fp8=FP8, interpret=interpret)
     else:
         parts = matmul_t(xp, w, config=cfg, interpret=interpret)
     return finish(parts, m, w_scale, x_scale, out_dtype or x.dtype, store_mn=decode and cfg.store_mn)

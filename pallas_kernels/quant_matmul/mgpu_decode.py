@@ -47,10 +47,6 @@ it with the programmatic-serialization attribute, so its launch and CTA set-up o
 of the kernel ahead, and (with XLA's ``xla_gpu_enable_pdl`` for XLA's own kernels) the next
 kernel's set-up overlaps this one's last stores.
 
-``prefetch`` (the weight of the matmul after this one, with an ``l2_prefetch.PrefetchPlan``):
-after its pipeline each CTA asks L2 for its share of that matmul's first tiles, which load on
-while the small kernels between the two run (``l2_prefetch``'s docstring).
-
 ``x_resident`` (an A/B config, not the default until measured): units in part-major order
 (tile g % tiles, part g // tiles), so a CTA's units span at most two K parts (per_cta <= tiles);
 their x slices, [2, steps, Mp, block_k], are loaded into SMEM before the pipeline (one TMA tile
@@ -67,8 +63,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-
-from pallas_kernels.quant_matmul import l2_prefetch
 
 DEFAULT_SMS = 132   # H100 SXM / H200 (the device's own count is used when it reports one)
 
@@ -167,13 +161,10 @@ def finish(parts: jax.Array, m: int, w_scale: jax.Array, x_scale: jax.Array | No
 
 
 def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: jnp.dtype,
-                    interpret: bool = False, prefetch: jax.Array | None = None,
-                    prefetch_plan: l2_prefetch.PrefetchPlan | None = None) -> jax.Array:
+                    interpret: bool = False) -> jax.Array:
     """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit -> float32 partials
     out^T [split_k, N, Mp] summing to w @ xp^T (``config.store_mn``: out [split_k, Mp, N] summing
-    to xp @ w^T), no scales. ``supports(...)`` must hold. ``prefetch`` (the next matmul's
-    weight [N2, K2], 8-bit) with ``prefetch_plan``: once its pipeline is done each CTA asks L2
-    for its share of the plan's tiles (``l2_prefetch``); the result does not change."""
+    to xp @ w^T), no scales. ``supports(...)`` must hold."""
     mp, k = xp.shape
     n = w.shape[0]
     cfg = config
@@ -198,13 +189,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
     def zero() -> jax.Array:
         return plgpu.layout_cast(jnp.zeros((bn, mp), jnp.float32), plgpu.Layout.WGMMA)
 
-    warm = prefetch is not None and prefetch_plan is not None
-    if warm and tuple(prefetch.shape) != (prefetch_plan.n, prefetch_plan.k):
-        raise ValueError(f"mgpu decode matmul: prefetch weight {prefetch.shape} is not the plan's "
-                         f"[{prefetch_plan.n}, {prefetch_plan.k}]")
-
-    def kernel(x_gmem, w_gmem, *refs):
-        p_gmem, o_gmem = refs if warm else (None, *refs)
+    def kernel(x_gmem, w_gmem, o_gmem):
         c = lax.axis_index("c")
 
         def w_block(i):
@@ -287,10 +272,6 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
             )(*((w_gmem,) if resident else (w_gmem, x_gmem)))
             if pdl:   # the next kernel may launch (it waits for this one's stores itself)
                 plgpu.griddepcontrol_launch_dependents()
-            if warm:   # the next matmul's first tiles into L2 (they load on after this kernel exits)
-                bn2, cols = prefetch_plan.block_n, prefetch_plan.box_cols
-                for row, col in l2_prefetch.boxes(prefetch_plan, c, ctas):
-                    plgpu.async_prefetch(p_gmem.at[pl.ds(row, bn2), pl.ds(col, cols)])
             plgpu.wait_smem_to_gmem(0)
 
         tile_shape = (mp, bn) if cfg.store_mn else (bn, mp)
@@ -311,5 +292,4 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    parts = f(xp, w, prefetch) if warm else f(xp, w)
-    return parts.reshape((split, mp, n) if cfg.store_mn else (split, n, mp))
+    return f(xp, w).reshape((split, mp, n) if cfg.store_mn else (split, n, mp))

@@ -89,17 +89,3 @@ def test_persistent_decode_configs(cfg, mode):
     got = mgpu.quant_matmul(x, q, s, act_quant=aq, config=cfg, out_dtype=jnp.float32)
     want = (ref.w8a8_matmul if aq else ref.w8a16_matmul)(x, q, s, out_dtype=jnp.float32)
     assert _rel(got, want) < (W8A8_REL_PER_SQRT_K * 2048**0.5 if aq else 1e-4)
-
-
-@pytest.mark.parametrize("budget", [1 << 20, 256 << 20])
-def test_decode_kernel_with_l2_prefetch(budget):
-    """The default decode kernel asking L2 for the next matmul's weight (part of it, and more
-    than all of it: the plan stops at the whole weight) gives the same bits as without."""
-    rng = np.random.default_rng(4)
-    x = jnp.asarray(rng.standard_normal((3, 4096)), jnp.bfloat16)
-    q, s = ref.quantize_weight(jnp.asarray(rng.standard_normal((6144, 4096)), jnp.float32), jnp.int8)
-    nxt, _ = ref.quantize_weight(jnp.asarray(rng.standard_normal((4096, 4096)), jnp.float32), jnp.int8)
-    plain = mgpu.quant_matmul(x, q, s, out_dtype=jnp.float32, prefetch_bytes=0)
-    warm = mgpu.quant_matmul(x, q, s, out_dtype=jnp.float32, prefetch=nxt, prefetch_bytes=budget)
-    np.testing.assert_array_equal(np.asarray(warm), np.asarray(plain))
-    assert _rel(warm, ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32)) < 1e-4
