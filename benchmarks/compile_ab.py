@@ -23,6 +23,8 @@ autotune no Triton GEMMs before it). A mode is ``default`` or ``NAME=VALUE[+NAME
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import time
 
 import jax
@@ -41,6 +43,30 @@ def options(mode: str) -> dict[str, object]:
         if not sep or not name:
             raise ValueError(f"mode {mode!r}: expected NAME=VALUE")
         out[name] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+SLICE_COPY = re.compile(r"\s*%wrapped_slice[\w.]* = (\w+)\[([\d,]*)\]\{[^}]*\} fusion\(.*kind=kLoop")
+
+
+def slice_copies(hlo_text: str) -> tuple[int, float]:
+    """(count, MiB) of the slice-wrapping loop fusions of an optimized program: slices handed to
+    a library call (a layer's weight out of its stacked array) that XLA materializes with a copy
+    kernel instead of passing them in place."""
+    n, nbytes = 0, 0
+    for line in hlo_text.splitlines():
+        if m := SLICE_COPY.match(line):
+            n += 1
+            nbytes += math.prod(int(d) for d in m.group(2).split(",") if d) * HLO_BYTES.get(m.group(1), 4)
+    return n, nbytes / 2**20
+
+
+def library_calls(hlo_text: str) -> dict[str, int]:
+    """custom-call target -> count in an optimized program (cuBLAS, cuBLASLt fp8, Pallas)."""
+    out: dict[str, int] = {}
+    for t in re.findall(r'custom_call_target="([^"]+)"', hlo_text):
+        out[t] = out.get(t, 0) + 1
     return out
 
 
@@ -66,15 +92,17 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-0.5b")
     ap.add_argument("--buckets", default="2048,256", help="comma list of token buckets")
     ap.add_argument("--modes", default="xla_gpu_autotune_level=0,xla_gpu_enable_triton_gemm=false,default")
+    ap.add_argument("--quantization", default=None, help="the engine's weight quantization (e.g. fp8_w8a8)")
     ns = ap.parse_args()
     buckets = [int(b) for b in ns.buckets.split(",")]
     modes = ns.modes.split(",")
     for m in modes:
         options(m)   # a bad mode fails before the engine builds
     t0 = time.perf_counter()
+    quantization = None if ns.quantization == "none" else ns.quantization
     eng = build_engine(EngineArgs(model=ns.model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
                                   max_num_batched_tokens=16, max_model_len=max(1024, max(buckets)),
-                                  num_pages=512),
+                                  num_pages=512, quantization=quantization),
                        progress=lambda line: print("  " + line, flush=True))
     print(f"  engine built in {time.perf_counter() - t0:.1f} s", flush=True)
     jax.config.update("jax_enable_compilation_cache", False)
@@ -89,16 +117,20 @@ def main() -> None:
                 print(f"  {m} at {t} tokens failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
             compile_s = time.perf_counter() - tc
+            text = step.as_text()
+            copies, calls = slice_copies(text), library_calls(text)
             ms = run_ms(eng, step, t)
-            print(f"  bucket {t}, {m}: compiled in {compile_s:.1f} s, {ms:.3f} ms per call", flush=True)
-            rows.append((t, m, compile_s, ms))
-    print(f"\n## compile A/B, {ns.model} ({jax.devices()[0].device_kind}), greedy step, 16 rows")
-    print("| token bucket | XLA options | compile s | ms per call | vs default |")
-    print("|---|---|---|---|---|")
-    base = {t: ms for t, m, _, ms in rows if m == "default"}
-    for t, m, cs, ms in rows:
+            print(f"  bucket {t}, {m}: compiled in {compile_s:.1f} s, {ms:.3f} ms per call, slice copies "
+                  f"{copies[0]} ({copies[1]:.0f} MiB), library calls {calls}", flush=True)
+            rows.append((t, m, compile_s, ms, copies))
+    print(f"\n## compile A/B, {ns.model} {ns.quantization or 'bf16'} ({jax.devices()[0].device_kind}), "
+          "greedy step, 16 rows")
+    print("| token bucket | XLA options | compile s | ms per call | vs default | slice copies (MiB) |")
+    print("|---|---|---|---|---|---|")
+    base = {t: ms for t, m, _, ms, _ in rows if m == "default"}
+    for t, m, cs, ms, (n, mib) in rows:
         ratio = f"{ms / base[t]:.3f}x" if t in base else "-"
-        print(f"| {t} | {m} | {cs:.1f} | {ms:.3f} | {ratio} |")
+        print(f"| {t} | {m} | {cs:.1f} | {ms:.3f} | {ratio} | {n} ({mib:.0f}) |")
 
 
 if __name__ == "__main__":

@@ -139,6 +139,9 @@ def main() -> None:
     ap.add_argument("--triton-gemm-all", action="store_true",
                     help="A/B: XLA's autotuned Triton GEMMs allowed in every bucket (the engine gives "
                          "wide models' buckets cuBLAS only: jserve/compile_pool.py)")
+    ap.add_argument("--triton-gemm-from", type=int, default=None,
+                    help="A/B: XLA's autotuned Triton GEMMs allowed in buckets of this many tokens and "
+                         "more, cuBLAS below (w8a8's XLA fp8 dots start at 128 tokens)")
     ap.add_argument("--bucket-times", action="store_true",
                     help="also print the throughput run's step time per token bucket")
     ns = ap.parse_args()
@@ -146,6 +149,19 @@ def main() -> None:
         import jserve.runner
 
         jserve.runner.cublas_min_tokens = lambda hidden_size: 1 << 30
+    if ns.triton_gemm_from is not None:
+        import jserve.compile_pool as compile_pool
+        import jserve.split_step as split_step
+
+        plain = compile_pool.compiler_options
+
+        def options(tokens: int, gpu: bool, cublas_from: int = compile_pool.CUBLAS_MIN_TOKENS) -> dict:
+            out = plain(tokens, gpu, cublas_from)
+            if tokens >= ns.triton_gemm_from:
+                out.pop("xla_gpu_enable_triton_gemm", None)
+            return out
+
+        compile_pool.compiler_options = split_step.compiler_options = options   # benchmark A/B only
     if ns.w8a8_xla_min_m is not None:
         quant_api.W8A8_XLA_MIN_M = ns.w8a8_xla_min_m
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
@@ -177,6 +193,7 @@ def main() -> None:
     dev = jax.devices()[0]
     rows = {
         "w8a8_xla_min_m": quant_api.W8A8_XLA_MIN_M, "triton_gemm_all": ns.triton_gemm_all,
+        "triton_gemm_from": ns.triton_gemm_from,
         "device": getattr(dev, "device_kind", str(dev)), "model": ns.model, "dtype": ns.dtype,
         "startup_s": round(startup, 1), "batch1_decode_tok_s": round(b1, 1),
         "throughput_requests": ns.num_requests, "input_len": ns.input_len,

@@ -1,14 +1,13 @@
-# The device calls owed after session 33 (2026-12-04), in the order to run them. Each case fits
+# The device calls owed after session 34 (2026-12-04), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table
 # (a call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-33 removed the ones they ran; vmm stays as the record of its arms).
-# Order: qs (issue 13:
-# the step's kernel chain, then the decode matmul's ring and kernel variants timed on the
-# device), lt (issue 12: where the speculating step's launch goes), qx4 (issue 13: w8a8 with
-# Triton GEMMs), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with
-# session 28's wider code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb,
-# d, s, c.
+# history (sessions 7-34 removed the ones they ran; vmm stays as the record of its arms).
+# Order: qx5 (issue 13: the w8a8 step's weight copies), qs (issue 13: the step's kernel chain,
+# then the decode matmul's ring and kernel variants timed on the device), lt (issue 12: where the
+# speculating step's launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU
+# tests, now with session 28's wider code-draft: session 27 ran greedy_matches, 6 passed); then,
+# on 2 GPUs, pb, d, s, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -63,13 +62,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
-offline_8b() {   # Llama-3.1-8B offline (case qx4): $1 none or a quantization, $2 the
-  local qz=$1 name=$2 qa=""   # output's name under $OUT; the rest: offline.py's flags; T8: timeout s
-  shift 2
-  [ "$qz" != none ] && qa="--quantization $qz"
-  timeout "${T8:-150}" python3 benchmarks/offline.py --model llama3.1-8b --random-weights --max-num-seqs 256 \
-    --max-num-batched-tokens 2048 --max-model-len 512 $qa "$@" > "$OUT/$name.txt" 2>&1
-}
 
 case "${1:-}" in
 qs)
@@ -116,20 +108,21 @@ lt)
   grep "^##\|Execute\|command_buffer\|cuGraph\|DevicePut\|Thunk\|cond\|Wait\|wait\|Await\|__call__\|dispatch\|_prepare\|alloc\|Alloc\|Transpose\|copy" \
     "$OUT/lt_spec.txt" | head -40
   ;;
-qx4)
-  # Issue 13's w8a8 throughput (session 22, call 3: XLA's fp8 dot from 128 tokens made the 8B's
-  # 256-token decode steps slower than bf16's, 12.28 vs 10.65 ms, and its prefill steps 1.17x
-  # faster, where the matmul table gave 1.48x / 1.80x with XLA's default options; the engine
-  # compiles the 8B's buckets for cuBLAS only). w8a8 with XLA's Triton GEMMs allowed in every
-  # bucket (offline.py --triton-gemm-all; the autotuner: a longer start-up) against bf16.
-  # Prediction: 256-token steps ~8.5 ms, 2048 ~38 ms: ~1.25-1.3x bf16's throughput.
-  T8=150 offline_8b none qx4_none --num-requests 500 --input-len 200 --output-len 180 \
-    --gpu-memory-utilization 0.8 --bucket-times --json "$OUT/qx4_none.json"
-  T8=330 offline_8b fp8_w8a8 qx4_w8a8 --num-requests 500 --input-len 200 --output-len 180 \
-    --gpu-memory-utilization 0.8 --triton-gemm-all --bucket-times --json "$OUT/qx4_w8a8.json"
-  for a in none w8a8; do
-    echo "### $a"
-    grep "^| \(startup\|batch1\|throughput_out\|pool\|[0-9]\)\|RESOURCE\|rror" "$OUT/qx4_$a.txt" | cut -c1-200
+qx5)
+  # Issue 13's w8a8 throughput. Session 34: in Qwen2.5-0.5B's w8a8 256-token step (compiled for
+  # cuBLAS, as the engine compiles the 8B's buckets) every fp8 projection weight went to its
+  # cuBLASLt fp8 GEMM through a copy out of its stacked array (96 calls, 347 MiB per step); the
+  # cuBLASLt fp8 GEMM alone ran 1.9x bf16's at the 8B's gate/up. Here the 8B's 256- and
+  # 2048-token buckets, bf16 then w8a8: slice copies and ms per call with the engine's options,
+  # and with XLA's dynamic slice fusion (slices handed to library calls in place). Prediction:
+  # bf16 no copies; w8a8 128 copies (~7 GiB) per step, gone with dynamic slice fusion if it
+  # covers cuBLASLt's fp8 call, and its 256-token step then ~3 ms faster (a read and a write
+  # of the fp8 weights at the HBM rate).
+  cu="xla_gpu_enable_triton_gemm=false+xla_disable_hlo_passes=rematerialization"
+  for q in none fp8_w8a8; do
+    timeout 280 python3 benchmarks/compile_ab.py --model llama3.1-8b --quantization $q --buckets 256,2048 \
+      --modes "$cu,$cu+xla_gpu_enable_dynamic_slice_fusion=true" > "$OUT/qx5_$q.txt" 2>&1
+    grep "^|\|^##\|rror" "$OUT/qx5_$q.txt"
   done
   ;;
 b2)
