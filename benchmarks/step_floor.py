@@ -194,6 +194,15 @@ def _patched(patch: str):
             yield None
         finally:
             mgpu.DECODE_PDL = saved
+    elif patch == "quant-exit-ro":   # the decode kernel's CTAs exit after their stores' SMEM reads
+        from pallas_kernels.quant_matmul import mgpu
+
+        saved = mgpu.DECODE_EXIT_READ_ONLY
+        mgpu.DECODE_EXIT_READ_ONLY = True
+        try:
+            yield None
+        finally:
+            mgpu.DECODE_EXIT_READ_ONLY = saved
     elif patch == "quant-out-t":   # the persistent decode kernel's out^T partials (before session 24)
         from pallas_kernels.quant_matmul import mgpu
 
@@ -325,7 +334,8 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="folder for a profiler trace of 20 steps of A")
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
-                    "attn-fused-combine, quant-xla, quant-pdl, quant-out-t, xla:OPTION=VALUE")
+                    "attn-fused-combine, quant-xla, quant-pdl, quant-exit-ro, quant-out-t, "
+                    "xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,

@@ -96,6 +96,7 @@ def default_config(m: int, n: int, k: int) -> MgpuConfig:
 DECODE_SMEM_PER_CTA = 100 * 1024   # the persistent kernel's TMA ring: two CTAs per SM fit
 DECODE_STORE_MN = True    # the persistent kernel's ``store_mn`` (off: the A/B in benchmarks/step_floor.py)
 DECODE_PDL = False        # the persistent kernel's ``pdl`` (on: step_floor --ab quant-pdl)
+DECODE_EXIT_READ_ONLY = False   # its ``exit_read_only`` (on: step_floor --ab quant-exit-ro)
 
 
 def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
@@ -113,7 +114,7 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
         stages = max(2, min(4, DECODE_SMEM_PER_CTA // ((64 + 2 * mp) * bk)))
         dec = mgpu_decode.decode_config(n, k, block_k=bk, stages=stages, store_mn=DECODE_STORE_MN)
         if mgpu_decode.supports(mp, n, k, dec):
-            return dataclasses.replace(dec, pdl=DECODE_PDL)
+            return dataclasses.replace(dec, pdl=DECODE_PDL, exit_read_only=DECODE_EXIT_READ_ONLY)
     return default_config(m, n, k)
 
 

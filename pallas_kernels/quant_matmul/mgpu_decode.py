@@ -47,6 +47,12 @@ it with the programmatic-serialization attribute, so its launch and CTA set-up o
 of the kernel ahead, and (with XLA's ``xla_gpu_enable_pdl`` for XLA's own kernels) the next
 kernel's set-up overlaps this one's last stores.
 
+``exit_read_only`` (an A/B config, ``mgpu.DECODE_EXIT_READ_ONLY``): before it exits a CTA waits
+only until its last partial's store has read SMEM (``cp.async.bulk.wait_group.read``), not until
+the store has landed in memory; the grid's completion still orders the stores before the next
+kernel (JAX's own Hopper matmul, ``hopper_matmul_mgpu``, exits this way). Every call then ends
+without the last store's write latency.
+
 ``x_resident`` (an A/B config, not the default until measured): units in part-major order
 (tile g % tiles, part g // tiles), so a CTA's units span at most two K parts (per_cta <= tiles);
 their x slices, [2, steps, Mp, block_k], are loaded into SMEM before the pipeline (one TMA tile
@@ -80,6 +86,7 @@ class DecodeConfig:
     #                            parts) loaded into SMEM once: the ring streams the weight alone
     store_mn: bool = False     # a unit's tile stored as [Mp, block_n] (parts [split_k, Mp, N]):
     #                            the epilogue then needs no transpose (module docstring)
+    exit_read_only: bool = False   # the last wait before exit only for the stores' SMEM reads
     pdl: bool = False          # programmatic dependent launch (module docstring): on a GPU the
     #                            kernel may start before the one ahead of it ends; it waits for
     #                            that kernel's results before its first load and lets the kernel
@@ -272,7 +279,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
             )(*((w_gmem,) if resident else (w_gmem, x_gmem)))
             if pdl:   # the next kernel may launch (it waits for this one's stores itself)
                 plgpu.griddepcontrol_launch_dependents()
-            plgpu.wait_smem_to_gmem(0)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.exit_read_only)
 
         tile_shape = (mp, bn) if cfg.store_mn else (bn, mp)
         scratch = [plgpu.SMEM(tile_shape, jnp.float32,

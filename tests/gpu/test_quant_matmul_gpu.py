@@ -75,7 +75,9 @@ def test_mgpu_configs(cfg):
                                  DecodeConfig(64, 128, 4, split_k=2, per_cta=3, store_mn=True),
                                  DecodeConfig(128, 512, 2, per_cta=2, store_mn=True),
                                  DecodeConfig(64, 256, 3, split_k=4, per_cta=7, x_resident=True,
-                                              store_mn=True)])
+                                              store_mn=True),
+                                 DecodeConfig(64, 512, 2, split_k=2, per_cta=3, store_mn=True,
+                                              exit_read_only=True)])
 @pytest.mark.parametrize("mode", ["int8", "fp8", "w8a8"])
 def test_persistent_decode_configs(cfg, mode):
     """The persistent decode kernel (the default at M <= 64, the register-A form checked here

@@ -73,6 +73,12 @@ def test_w8a8_reference_quantizes_each_token_alone():
     np.testing.assert_array_equal(np.asarray(xs), 0.5)
     # The native route hands the fp8 operands to XLA's dot: the same products and float32 sums.
     np.testing.assert_allclose(np.asarray(ref.w8a8_matmul(x, q, s, native=True)), got, rtol=1e-5, atol=1e-5)
+    # A bf16 result: the native dot's sums come out in bf16, within about one bf16 ulp more.
+    xb = x.astype(jnp.bfloat16)
+    exact = np.asarray(ref.w8a8_matmul(xb, q, s, out_dtype=jnp.float32))
+    native = np.asarray(ref.w8a8_matmul(xb, q, s, native=True), np.float32)
+    assert ref.w8a8_matmul(xb, q, s, native=True).dtype == jnp.bfloat16
+    np.testing.assert_allclose(native, exact, rtol=2 * 2.0**-8, atol=1e-6 * np.abs(exact).max())
 
 
 def test_group_dequant_and_block_scales():
@@ -331,3 +337,16 @@ def test_persistent_kernel_with_pdl(monkeypatch):
     text = lowered(cfg)   # the wait and trigger in the kernel, the launch attribute on the module
     assert "griddepcontrol.wait" in text and "griddepcontrol.launch_dependents" in text
     assert "uses_pdl" in text
+
+
+def test_persistent_kernel_exiting_after_the_stores_read(monkeypatch):
+    """``exit_read_only``: the CTAs' last wait covers only their stores' SMEM reads (the
+    interpreter runs it like the full wait: the result matches the reference);
+    ``DECODE_EXIT_READ_ONLY`` puts it into the default decode configs."""
+    cfg = DecodeConfig(64, 128, 2, split_k=2, per_cta=3, store_mn=True, exit_read_only=True)
+    x, q, s, _ = _operands(12, 5, 192, 512, jnp.int8)
+    got = mgpu.quant_matmul(x, q, s, config=cfg, interpret=True)
+    assert _rel(got, ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32)) < 4e-3
+    assert not mgpu.kernel_config(16, 6144, 4096).exit_read_only
+    monkeypatch.setattr(mgpu, "DECODE_EXIT_READ_ONLY", True)
+    assert mgpu.kernel_config(16, 6144, 4096).exit_read_only
