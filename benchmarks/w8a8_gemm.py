@@ -2,9 +2,10 @@
 
 Where it sits: beside ``pallas_kernels/quant_matmul/api.py``, whose dispatcher hands GPU w8a8
 matmuls of ``W8A8_XLA_MIN_M`` tokens and more to ``reference.w8a8_matmul(native=True)``. On the
-device clock (``device_clock.DeviceClock``), per shape and M: bf16's GEMM, the w8a8 path as the
-engine runs it (per-token activation quantization, the fp8 dot with float32 output, the scales),
-the same with a bf16 GEMM output, and the engine's form compiled with XLA's Triton GEMMs allowed.
+device clock (``device_clock.DeviceClock``), per shape and M: bf16's GEMM, the w8a8 path
+(per-token activation quantization, the fp8 dot, the scales) with float32 sums (before session
+34) and with bf16 sums (the engine's since), and the engine's form compiled with XLA's Triton
+GEMMs allowed.
 Columns: the heaviest kernel's median (the GEMM) and every kernel of the call. Compiled with the
 engine's option for wide models (``xla_gpu_enable_triton_gemm=false``) unless marked::
 
@@ -26,13 +27,15 @@ CUBLAS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def engine_form(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
+    """The engine's route (since session 34: bf16 sums for a bf16 result)."""
     return ref.w8a8_matmul(x, w, s, None, jnp.bfloat16, native=True)
 
 
-def bf16_output(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
+def float32_sums(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
+    """The route before session 34: float32 sums, then the scales and the bf16 cast."""
     xq, xs = ref.quantize_activations(x, None)
-    acc = jax.lax.dot_general(xq, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
-    return (acc.astype(jnp.float32) * xs[:, None] * s[None, :]).astype(jnp.bfloat16)
+    acc = jax.lax.dot_general(xq, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (acc * xs[:, None] * s[None, :]).astype(jnp.bfloat16)
 
 
 def dense(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
@@ -48,8 +51,8 @@ def main() -> None:
     ns = ap.parse_args()
     clock = DeviceClock(ns.trace_dir)
     rng = np.random.default_rng(0)
-    arms = (("bf16", dense, False, True), ("w8a8 (engine)", engine_form, True, True),
-            ("w8a8, bf16 GEMM output", bf16_output, True, True),
+    arms = (("bf16", dense, False, True), ("w8a8, float32 sums", float32_sums, True, True),
+            ("w8a8 (engine: bf16 sums)", engine_form, True, True),
             ("w8a8, Triton allowed", engine_form, True, False))
     print(f"## w8a8 GEMMs through XLA ({jax.devices()[0].device_kind}), us per call")
     print("| M | weight | arm | GEMM | all kernels |")
