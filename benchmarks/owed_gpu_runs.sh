@@ -128,11 +128,13 @@ qx5)
   # cuBLASLt fp8 GEMM through a copy out of its stacked array (96 calls, 347 MiB per step); the
   # cuBLASLt fp8 GEMM alone ran 1.9x bf16's at the 8B's gate/up. Here the 8B's 256- and
   # 2048-token buckets, bf16 then w8a8: slice copies and ms per call with the engine's options,
-  # and with XLA's dynamic slice fusion (slices handed to library calls in place). Prediction:
-  # bf16 no copies; w8a8 128 copies (~7 GiB) per step, gone with dynamic slice fusion if it
-  # covers cuBLASLt's fp8 call, and its 256-token step then ~3 ms faster (a read and a write
-  # of the fp8 weights at the HBM rate). Session 34 also made the w8a8 GEMM write bf16 sums where
-  # its result is bf16 (5-8% per matmul alone): this case measures the step with it.
+  # and with XLA's dynamic slice fusion flag. Prediction: bf16 no copies; w8a8 128 copies (~7 GiB)
+  # per step at each bucket, with the flag too: XLA's dynamic_slice_fusion_rewriter passes slices
+  # in place to legacy cuBLAS GEMMs and registered custom calls (the Pallas kernels), not to
+  # cuBLASLt's fp8 call. If so the fix is per-layer fp8 weight arrays (no slice to copy), worth
+  # ~3 ms of the 256-token step (a read and a write of the fp8 weights at the HBM rate). Session
+  # 34 also made the w8a8 GEMM write bf16 sums where its result is bf16 (5-8% per matmul alone):
+  # this case measures the step with it.
   cu="xla_gpu_enable_triton_gemm=false+xla_disable_hlo_passes=rematerialization"
   for q in none fp8_w8a8; do
     timeout 280 python3 benchmarks/compile_ab.py --model llama3.1-8b --quantization $q --buckets 256,2048 \
