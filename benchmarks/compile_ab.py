@@ -23,13 +23,16 @@ autotune no Triton GEMMs before it). A mode is ``default`` or ``NAME=VALUE[+NAME
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import time
 
 import jax
+import jax.numpy as jnp
 
 from jserve.builder import EngineArgs, build_engine
+from jserve.model.linear import QuantizedWeight
 from jserve.step_program import StepVariant
 
 
@@ -93,6 +96,8 @@ def main() -> None:
     ap.add_argument("--buckets", default="2048,256", help="comma list of token buckets")
     ap.add_argument("--modes", default="xla_gpu_autotune_level=0,xla_gpu_enable_triton_gemm=false,default")
     ap.add_argument("--quantization", default=None, help="the engine's weight quantization (e.g. fp8_w8a8)")
+    ap.add_argument("--layouts", default="per-layer",
+                    help="comma list: per-layer (the engine's w8a8 arrays), stacked (restacked: the A/B)")
     ns = ap.parse_args()
     buckets = [int(b) for b in ns.buckets.split(",")]
     modes = ns.modes.split(",")
@@ -107,31 +112,47 @@ def main() -> None:
     print(f"  engine built in {time.perf_counter() - t0:.1f} s", flush=True)
     jax.config.update("jax_enable_compilation_cache", False)
     rows = []
-    for t in buckets:
-        for m in modes:
-            lowered = eng.runner.lower_step(StepVariant(t, False, True, False))
-            tc = time.perf_counter()
-            try:
-                step = lowered.compile(compiler_options=options(m))
-            except Exception as e:  # noqa: BLE001 - report the failed mode, keep the run going
-                print(f"  {m} at {t} tokens failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            compile_s = time.perf_counter() - tc
-            text = step.as_text()
-            copies, calls = slice_copies(text), library_calls(text)
-            ms = run_ms(eng, step, t)
-            print(f"  bucket {t}, {m}: compiled in {compile_s:.1f} s, {ms:.3f} ms per call, slice copies "
-                  f"{copies[0]} ({copies[1]:.0f} MiB), library calls {calls}", flush=True)
-            rows.append((t, m, compile_s, ms, copies))
+    per_layer = eng.runner.params
+    for layout in ns.layouts.split(","):
+        eng.runner.params = per_layer if layout == "per-layer" else restacked(per_layer)
+        for t in buckets:
+            for m in modes:
+                lowered = eng.runner.lower_step(StepVariant(t, False, True, False))
+                tc = time.perf_counter()
+                try:
+                    step = lowered.compile(compiler_options=options(m))
+                except Exception as e:  # noqa: BLE001 - report the failed mode, keep the run going
+                    print(f"  {m} at {t} tokens failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                compile_s = time.perf_counter() - tc
+                text = step.as_text()
+                copies, calls = slice_copies(text), library_calls(text)
+                ms = run_ms(eng, step, t)
+                print(f"  bucket {t}, {layout}, {m}: compiled in {compile_s:.1f} s, {ms:.3f} ms per call, "
+                      f"slice copies {copies[0]} ({copies[1]:.0f} MiB), library calls {calls}", flush=True)
+                rows.append((t, layout, m, compile_s, ms, copies))
+        eng.runner.params = per_layer
     print(f"\n## compile A/B, {ns.model} {ns.quantization or 'bf16'} ({jax.devices()[0].device_kind}), "
           "greedy step, 16 rows")
-    print("| token bucket | XLA options | compile s | ms per call | vs default | slice copies (MiB) |")
-    print("|---|---|---|---|---|---|")
-    base = {t: ms for t, m, _, ms, _ in rows if m == "default"}
-    for t, m, cs, ms, (n, mib) in rows:
-        ratio = f"{ms / base[t]:.3f}x" if t in base else "-"
-        print(f"| {t} | {m} | {cs:.1f} | {ms:.3f} | {ratio} | {n} ({mib:.0f}) |")
+    print("| token bucket | w8a8 weights | XLA options | compile s | ms per call | vs default "
+          "| slice copies (MiB) |")
+    print("|---|---|---|---|---|---|---|")
+    base = {(t, lay): ms for t, lay, m, _, ms, _ in rows if m == "default"}
+    for t, lay, m, cs, ms, (n, mib) in rows:
+        ratio = f"{ms / base[t, lay]:.3f}x" if (t, lay) in base else "-"
+        print(f"| {t} | {lay} | {m} | {cs:.1f} | {ms:.3f} | {ratio} | {n} ({mib:.0f}) |")
 
+
+def restacked(params: dict) -> dict:
+    """The engine's params with per-layer w8a8 arrays stacked again (the layout before session
+    34: each layer's weight a slice of its stack), for the A/B."""
+    out = {}
+    for name, w in params.items():
+        if isinstance(w, QuantizedWeight) and isinstance(w.q, tuple):
+            stack = jax.jit(lambda *a: jnp.concatenate(a), out_shardings=w.q[0].sharding)
+            w = dataclasses.replace(w, q=stack(*w.q))
+        out[name] = w
+    return out
 
 if __name__ == "__main__":
     main()

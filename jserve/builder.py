@@ -42,6 +42,7 @@ from jserve.kv_cache import (
     pages_for_budget,
 )
 from jserve.model.kv_replicas import replicate_kv_heads, serving_model_config
+from jserve.model.linear import unstack_fp8_dot_weights
 from jserve.model.orbax_params import restore_params
 from jserve.model.params import Params, load_params, params_bytes, random_params
 from jserve.model.shapes import NAMED_SHAPES, named_shape
@@ -403,6 +404,7 @@ def _build_engine(args: EngineArgs, progress: Callable[[str], None] | None = Non
         params = random_params(config.model, mesh, seed=args.seed, quantization=args.quantization,
                                quantize_lm_head=args.quantize_lm_head)
         tokenizer = None
+    params = unstack_fp8_dot_weights(params)   # each layer's fp8 weight an argument, not a slice
     draft = None
     spec = config.speculative
     if spec is not None and spec.method == "draft_model":

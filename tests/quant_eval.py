@@ -169,3 +169,14 @@ def diverges_only_at_near_tie(base, got: list[int], min_agree: int = 4) -> bool:
     cands = base.logprobs[n]
     best = max(lp.logprob for lp in cands.values())
     return got[n] in cands and best - cands[got[n]].logprob < NEAR_TIE_NATS
+
+
+def prefill_logits(cfg: ModelConfig, params: dict, prompt: list[int],
+                   mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+    """The float32 logits of a prompt's last position, one fresh prefill through the paged
+    forward (on ``mesh``: tensor parallel when its tensor axis is > 1)."""
+    b = StepInput.fresh_prompts([np.asarray(prompt, np.int32)], len(prompt), 1, -(-len(prompt) // PAGE), PAGE)
+    b = StepInput(**{**b.__dict__, "logits_indices": np.arange(len(prompt), dtype=np.int32)[-1:]})
+    kv = allocate_kv_cache(cfg, -(-len(prompt) // PAGE) + 1, PAGE, cfg.dtype, mesh or make_mesh(1))
+    h, _ = jax.jit(lambda p, k, b: hidden_states(cfg, p, k, b, mesh=mesh))(params, kv, b)
+    return np.asarray(jax.jit(lambda p, h: logits_from_hidden(cfg, p, h, mesh))(params, h))

@@ -102,7 +102,8 @@ def _layers(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCache
     new_kv = []
     for i in range(len(kv)):
         # Layer i's weights, stacked with one layer (dense arrays and QuantizedWeight alike).
-        w = {name: jax.tree.map(lambda a, i=i: a[i:i + 1], a) for name, a in weights.items()}
+        w = {name: a.one_layer(i) if isinstance(a, QuantizedWeight) else a[i:i + 1]
+             for name, a in weights.items()}
         x, pool = _layer(cfg, w, x, tuple(kv[i]), batch, rope, windows[i], fresh_prefill, mesh,
                          decode_only)
         new_kv.append(pool)

@@ -50,9 +50,10 @@ from sharding import TENSOR_AXIS, nested_mesh
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
-    """A stacked 8-bit weight (see the module docstring for the shapes)."""
+    """A stacked 8-bit weight (see the module docstring for the shapes); ``q`` may instead be
+    one array per layer (``unstack_layers``)."""
 
-    q: jax.Array
+    q: jax.Array | tuple[jax.Array, ...]
     scale: jax.Array
     input_scale: jax.Array | None = None
     act_quant: bool = dataclasses.field(default=False, metadata=dict(static=True))
@@ -67,7 +68,58 @@ class QuantizedWeight:
     @property
     def out_shape(self) -> tuple[int, ...]:
         """Output dims of one layer (``q`` without the layer and K axes)."""
-        return tuple(self.q.shape[1:-1])
+        return tuple(self._first.shape[1:-1])
+
+    @property
+    def k(self) -> int:
+        """The contraction size (``q``'s last axis)."""
+        return self._first.shape[-1]
+
+    @property
+    def _first(self) -> jax.Array:
+        return self.q[0] if isinstance(self.q, tuple) else self.q
+
+    def layer_q(self, i: int) -> jax.Array:
+        """Layer ``i`` (static) of ``q``: [*out, K] (per-layer arrays: the array itself, no slice)."""
+        return self.q[i][0] if isinstance(self.q, tuple) else self.q[i]
+
+    def one_layer(self, i: int) -> QuantizedWeight:
+        """Layer ``i`` (static) stacked with one layer (``q`` [1, *out, K], ``scale`` [1, ...])."""
+        if not isinstance(self.q, tuple):
+            return jax.tree.map(lambda a: a[i:i + 1], self)
+        rest = jax.tree.map(lambda a: a[i:i + 1], dataclasses.replace(self, q=()))
+        return dataclasses.replace(rest, q=(self.q[i],))
+
+
+def unstack_layers(w: QuantizedWeight) -> QuantizedWeight:
+    """``w`` with ``q`` [L, *out, K] split into L arrays [1, *out, K], each laid out like the
+    stack (the stacked array is released): a layer's weight is then an argument of the step,
+    not a slice of one. Why: on a GPU XLA hands a slice of an argument to a library call in
+    place only for legacy cuBLAS GEMMs and registered custom calls (its dynamic-slice fusion);
+    cuBLASLt's fp8 GEMM, where w8a8 matmuls of 128 tokens and more go
+    (``pallas_kernels.quant_matmul.api``), got each layer's weight through a copy (H200, session
+    34, Qwen2.5-0.5B's 256-token step: 96 copies, 347 MiB per step). For a stack laid out over
+    pipeline stages (its layer axis sharded) nothing changes: a stage's layers stay one array."""
+    if isinstance(w.q, tuple):
+        return w
+    sharding = w.q.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.spec and sharding.spec[0] is not None \
+            and any(sharding.mesh.shape[a] > 1 for a in _axes(sharding.spec[0])):
+        return w
+    split = jax.jit(lambda q: tuple(q[i:i + 1] for i in range(q.shape[0])),
+                    out_shardings=tuple(sharding for _ in range(w.q.shape[0])))
+    return dataclasses.replace(w, q=split(w.q))
+
+
+def unstack_fp8_dot_weights(params: dict) -> dict:
+    """``params`` with every w8a8 projection (``act_quant``: XLA's fp8 dot from 128 tokens)
+    split into per-layer arrays (``unstack_layers``); the rest as it was."""
+    return {name: unstack_layers(w) if isinstance(w, QuantizedWeight) and w.act_quant else w
+            for name, w in params.items()}
+
+
+def _axes(entry: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 Weight = jax.Array | QuantizedWeight
@@ -97,7 +149,7 @@ def linear(x: jax.Array, w: Weight, i: int, mesh: Mesh | None = None,
         return jnp.tensordot(x, w[i], axes=1, preferred_element_type=out_dtype)
     out = w.out_shape
     n = math.prod(out)
-    q = w.q[i].reshape(n, w.q.shape[-1])
+    q = w.layer_q(i).reshape(n, w.k)
     if w.group is not None:
         scale = w.scale[i].reshape(n, -1)
         y = qref.group_matmul(x, q, scale, w.group, out_dtype=out_dtype)
@@ -138,7 +190,7 @@ def _per_shard(x: jax.Array, w: QuantizedWeight, i: int, mesh: Mesh,
         y = y.reshape(x.shape[0], *q.shape[:-1])
         return y if k_axis is None else jax.lax.psum(y, k_axis).astype(out_dtype or x.dtype)
 
-    args = (x, w.q[i], w.scale[i], *(() if input_scale is None else (input_scale,)))
+    args = (x, w.layer_q(i), w.scale[i], *(() if input_scale is None else (input_scale,)))
     specs = (PartitionSpec(None, k_axis), PartitionSpec(*q_axes), PartitionSpec(*out_axes),
              *(() if input_scale is None else (PartitionSpec(),)))
     return jax.shard_map(body, mesh=nested_mesh(mesh), in_specs=specs,

@@ -19,7 +19,6 @@ from jserve.model.params import load_params, params_bytes
 from jserve.model.quant_params import PROJECTIONS, resolve_scheme, weight_bytes
 from jserve.plan import plan_capacity
 from jserve.sampling_params import SamplingParams
-from jserve.step_input import StepInput
 from sharding import make_mesh
 
 # method -> perplexity increase allowed over bf16 (the issue: +1% fp8, +2% int8)
@@ -35,18 +34,6 @@ def dequantized(params: dict) -> dict:
         real = w.q.astype(jnp.float32) * w.scale[..., None]
         out[name] = jnp.moveaxis(real, -1, 1)
     return out
-
-
-def prefill_logits(cfg, params, prompt, mesh=None):
-    page = 16
-    b = StepInput.fresh_prompts([np.asarray(prompt, np.int32)], len(prompt), 1, -(-len(prompt) // page), page)
-    b = StepInput(**{**b.__dict__, "logits_indices": np.arange(len(prompt), dtype=np.int32)[-1:]})
-    from jserve.kv_cache import allocate_kv_cache
-    from jserve.model.decoder import hidden_states, logits_from_hidden
-
-    kv = allocate_kv_cache(cfg, -(-len(prompt) // page) + 1, page, cfg.dtype, mesh or make_mesh(1))
-    h, _ = jax.jit(lambda p, k, b: hidden_states(cfg, p, k, b, mesh=mesh))(params, kv, b)
-    return np.asarray(jax.jit(lambda p, h: logits_from_hidden(cfg, p, h, mesh))(params, h))
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +64,8 @@ def test_layout_is_the_dense_model_with_quantized_values(model, method, uneven_m
         pad = np.asarray(qp["wqkv"].q[:, :, cfg.q_per_kv:cfg.q_per_kv_padded], np.float32)
         assert pad.size and not pad.any() and np.isfinite(np.asarray(qp["wqkv"].scale)).all()
     prompt = list(range(3, 40))
-    got = prefill_logits(cfg, qp, prompt)
-    want = prefill_logits(cfg, dequantized(qp), prompt)
+    got = qe.prefill_logits(cfg, qp, prompt)
+    want = qe.prefill_logits(cfg, dequantized(qp), prompt)
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert err < (0.1 if method == "fp8_w8a8" else 1e-5)
     dense = load_params(mdir, cfg, make_mesh(1))
@@ -134,8 +121,8 @@ def test_tensor_parallel_quantized_matches_tp1(method, lm_head):
     for name in PROJECTIONS + (("lm_head",) if lm_head else ()):
         assert len(p2[name].q.sharding.device_set) == 2 and not p2[name].q.sharding.is_fully_replicated
     prompt = list(range(5, 30))
-    one = prefill_logits(cfg, load_params(mdir, cfg, make_mesh(1), method, lm_head), prompt)
-    two = prefill_logits(cfg, p2, prompt, mesh)
+    one = qe.prefill_logits(cfg, load_params(mdir, cfg, make_mesh(1), method, lm_head), prompt)
+    two = qe.prefill_logits(cfg, p2, prompt, mesh)
     np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-4)
 
 
@@ -163,20 +150,22 @@ def test_code_small_quantized_accuracy(method, base):
     assert qe.agreement(tokens, base_tokens) >= 8, (tokens, base_tokens)
 
 
-@pytest.mark.parametrize("lm_head", [False, True])
-def test_engine_serves_quantized_weights(make_engine, lm_head):
+@pytest.mark.parametrize("method,lm_head", [("int8", False), ("int8", True), ("fp8_w8a8", False)])
+def test_engine_serves_quantized_weights(make_engine, method, lm_head):
     """LLM/engine path: the engine's greedy tokens are the quantized model's own, and the
     plan's weight bytes are what the engine holds (``quantize_lm_head``: the option reaches
-    the loaded tree and the plan)."""
-    engine = make_engine("llama", quantization="int8", quantize_lm_head=lm_head)
-    assert isinstance(engine.runner.params["wgu"], QuantizedWeight)
+    the loaded tree and the plan); w8a8 projections are held one array per layer
+    (``unstack_layers``), int8 ones stacked."""
+    engine = make_engine("llama", quantization=method, quantize_lm_head=lm_head)
+    wgu = engine.runner.params["wgu"]
+    assert isinstance(wgu, QuantizedWeight) and isinstance(wgu.q, tuple) == (method == "fp8_w8a8")
     assert isinstance(engine.runner.params["lm_head"], QuantizedWeight) == lm_head
     prompts = [[5, 9, 11, 3], list(range(20, 45))]
     got = run_tokens(engine, prompts, SamplingParams(temperature=0.0, max_tokens=12))
-    cfg, params = qe.load("int8", "float32", GOLDEN / "llama", lm_head=lm_head)
+    cfg, params = qe.load(method, "float32", GOLDEN / "llama", lm_head=lm_head)
     for p, toks in zip(prompts, got, strict=True):
         assert toks == qe.greedy(cfg, params, p, 12)
-    plan = plan_capacity(str(GOLDEN / "llama"), dtype="float32", quantization="int8",
+    plan = plan_capacity(str(GOLDEN / "llama"), dtype="float32", quantization=method,
                          quantize_lm_head=lm_head)
     assert plan.weight_bytes_total == params_bytes(engine.runner.params)
     assert "projections 8-bit" in plan.render()
