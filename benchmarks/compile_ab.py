@@ -8,8 +8,16 @@ compiled, or autotuned, while it starts), turns JAX's persistent compilation cac
 for each token bucket in ``--buckets`` and each option set in ``--modes``, in that order::
 
     lower the bucket's greedy step (16 rows) -> compile under the options (timed)
+    -> count its slice copies (``slice_copies``: layer weights XLA copies out of their stacked
+       arrays before a library call) and library calls
     -> run it back to back on an all-padding input: every GEMM still runs the whole bucket;
        attention has no rows -> ms per call
+
+Session 34 (H200, Qwen2.5-0.5B fp8_w8a8, the 256-token step compiled for cuBLAS): every fp8
+projection weight reached its cuBLASLt fp8 GEMM through such a copy (96 calls, 347 MiB per
+step). The engine now holds w8a8 projections one array per layer (``linear.unstack_layers``);
+``--quantization`` picks the engine's weights and ``--layouts per-layer,stacked`` compiles each
+bucket with them and restacked (the layout before), the A/B.
 
 Order matters: XLA keeps autotuning results in the process, so an autotuned compile of the same
 GEMMs after another autotuned one is cheaper. Put ``default`` last (the level-0 and cuBLAS modes
