@@ -7,6 +7,7 @@ pair, so the step still takes few arrays) and runs through ``pallas_kernels.quan
 
     dense      w [L, K, *out]           (params.py layout)        y = x @ w[i]
     quantized  q [L, *out, K] 8-bit     output-major, K last      y = quant_matmul(x, q[i], scale[i])
+               (or L arrays [1, *out, K]: ``unstack_layers``, the engine's w8a8 projections)
                scale [L, *out]          float32 per output channel
                scale [L, *out, K / g]   (``group`` g) per output channel and K-group of g
                                         (block-scaled fp8 checkpoints; XLA path)
@@ -100,26 +101,30 @@ def unstack_layers(w: QuantizedWeight) -> QuantizedWeight:
     (``pallas_kernels.quant_matmul.api``), got each layer's weight through a copy (H200, session
     34, Qwen2.5-0.5B's 256-token step: 96 copies, 347 MiB per step). For a stack laid out over
     pipeline stages (its layer axis sharded) nothing changes: a stage's layers stay one array."""
-    if isinstance(w.q, tuple):
+    if isinstance(w.q, tuple) or _layers_sharded(w.q.sharding):
         return w
-    sharding = w.q.sharding
-    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.spec and sharding.spec[0] is not None \
-            and any(sharding.mesh.shape[a] > 1 for a in _axes(sharding.spec[0])):
-        return w
-    split = jax.jit(lambda q: tuple(q[i:i + 1] for i in range(q.shape[0])),
-                    out_shardings=tuple(sharding for _ in range(w.q.shape[0])))
+    sharding, n = w.q.sharding, w.q.shape[0]
+    split = jax.jit(lambda q: tuple(q[i:i + 1] for i in range(n)), out_shardings=(sharding,) * n)
     return dataclasses.replace(w, q=split(w.q))
 
 
 def unstack_fp8_dot_weights(params: dict) -> dict:
-    """``params`` with every w8a8 projection (``act_quant``: XLA's fp8 dot from 128 tokens)
-    split into per-layer arrays (``unstack_layers``); the rest as it was."""
-    return {name: unstack_layers(w) if isinstance(w, QuantizedWeight) and w.act_quant else w
-            for name, w in params.items()}
+    """Every w8a8 projection of ``params`` (``act_quant``: XLA's fp8 dot from 128 tokens) split
+    into per-layer arrays (``unstack_layers``), in place and one at a time (each stack released
+    before the next is split); -> ``params``."""
+    for name, w in params.items():
+        if isinstance(w, QuantizedWeight) and w.act_quant:
+            params[name] = unstack_layers(w)
+            del w
+    return params
 
 
-def _axes(entry: str | tuple[str, ...]) -> tuple[str, ...]:
-    return (entry,) if isinstance(entry, str) else tuple(entry)
+def _layers_sharded(sharding: jax.sharding.Sharding) -> bool:
+    """Whether a stack's layer axis is split over devices (pipeline stages)."""
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not sharding.spec or sharding.spec[0] is None:
+        return False
+    axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+    return any(sharding.mesh.shape[a] > 1 for a in axes)
 
 
 Weight = jax.Array | QuantizedWeight

@@ -24,7 +24,7 @@ def loaded():
 
 def test_w8a8_projections_split_per_layer_with_the_same_tokens(loaded):
     cfg, stacked = loaded
-    split = unstack_fp8_dot_weights(stacked)
+    split = unstack_fp8_dot_weights(dict(stacked))
     for name in PROJECTIONS:
         w, s = split[name], stacked[name]
         assert isinstance(w.q, tuple) and len(w.q) == cfg.num_layers
@@ -54,13 +54,14 @@ def test_step_slices_no_per_layer_weight(loaded):
         return sum(1 for e in jaxpr.eqns if e.primitive.name == "slice" and set(e.invars) & q_vars)
 
     assert sliced_q_inputs(stacked) == len(PROJECTIONS) * cfg.num_layers
-    assert sliced_q_inputs(unstack_fp8_dot_weights(stacked)) == 0
+    assert sliced_q_inputs(unstack_fp8_dot_weights(dict(stacked))) == 0
 
 
 def test_weight_only_and_stage_sharded_stacks_stay_whole(loaded):
     cfg, stacked = loaded
     int8 = qe.load("int8")[1]
-    assert unstack_fp8_dot_weights(int8)["wgu"] is int8["wgu"]   # the Pallas kernels take slices in place
+    # (weight-only stacks go to the Pallas kernels, which take their slices in place)
+    assert unstack_fp8_dot_weights(dict(int8))["wgu"] is int8["wgu"]
     if len(jax.devices()) < 2:
         pytest.skip("a pipeline-sharded stack needs 2 devices (XLA_FLAGS host count)")
     mesh = make_mesh(1, pipeline_parallel_size=2)
@@ -84,7 +85,7 @@ def test_tensor_parallel_per_layer_arrays_match_the_stack():
     cfg = ModelConfig.from_hf_config(mdir.config, dtype="float32")
     mesh = make_mesh(2)
     stacked = load_params(mdir, cfg, mesh, "fp8_w8a8")
-    split = unstack_fp8_dot_weights(stacked)
+    split = unstack_fp8_dot_weights(dict(stacked))
     assert not split["wd"].q[0].sharding.is_fully_replicated
     prompt = list(range(5, 30))
     np.testing.assert_allclose(qe.prefill_logits(cfg, split, prompt, mesh),
