@@ -199,6 +199,7 @@ def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool
         out_type=jax.ShapeDtypeStruct((split * n, mp), jnp.float32),
         grid=(n // bn, mp // bm, split),
         grid_names=("n", "m", "s"),
+        kernel_name=f"quant_tiled_{n}x{k}",   # per shape: a profile names each projection's calls
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )

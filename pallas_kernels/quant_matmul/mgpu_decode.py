@@ -296,6 +296,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
         out_type=jax.ShapeDtypeStruct((split * mp, n) if cfg.store_mn else (split * n, mp), jnp.float32),
         grid=(ctas,),
         grid_names=("c",),
+        kernel_name=f"quant_decode_{n}x{k}",   # per shape: a profile names each projection's calls
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )

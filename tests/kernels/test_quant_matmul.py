@@ -350,3 +350,13 @@ def test_persistent_kernel_exiting_after_the_stores_read(monkeypatch):
     assert not mgpu.kernel_config(16, 6144, 4096).exit_read_only
     monkeypatch.setattr(mgpu, "DECODE_EXIT_READ_ONLY", True)
     assert mgpu.kernel_config(16, 6144, 4096).exit_read_only
+
+
+@pytest.mark.parametrize("m,name", [(16, "quant_decode_6144x4096"), (300, "quant_tiled_6144x4096")])
+def test_kernels_are_named_by_shape(m, name):
+    """A profile tells the projections apart: each kernel is named after its weight's shape."""
+    xs = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
+    ws = jax.ShapeDtypeStruct((6144, 4096), jnp.int8)
+    ss = jax.ShapeDtypeStruct((6144,), jnp.float32)
+    fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s))
+    assert name in fn.trace(xs, ws, ss).lower(lowering_platforms=("cuda",)).as_text()
