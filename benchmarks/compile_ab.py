@@ -39,6 +39,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks.hlo_kernels import census
 from jserve.builder import EngineArgs, build_engine
 from jserve.model.linear import QuantizedWeight
 from jserve.step_program import StepVariant
@@ -71,14 +72,6 @@ def slice_copies(hlo_text: str) -> tuple[int, float]:
             n += 1
             nbytes += math.prod(int(d) for d in m.group(2).split(",") if d) * HLO_BYTES.get(m.group(1), 4)
     return n, nbytes / 2**20
-
-
-def library_calls(hlo_text: str) -> dict[str, int]:
-    """custom-call target -> count in an optimized program (cuBLAS, cuBLASLt fp8, Pallas)."""
-    out: dict[str, int] = {}
-    for t in re.findall(r'custom_call_target="([^"]+)"', hlo_text):
-        out[t] = out.get(t, 0) + 1
-    return out
 
 
 def run_ms(engine, step, bucket: int, n: int = 20) -> float:
@@ -134,7 +127,8 @@ def main() -> None:
                     continue
                 compile_s = time.perf_counter() - tc
                 text = step.as_text()
-                copies, calls = slice_copies(text), library_calls(text)
+                copies = slice_copies(text)
+                calls = {k: n for k, n in census(text).items() if k.startswith("custom-call")}
                 ms = run_ms(eng, step, t)
                 print(f"  bucket {t}, {layout}, {m}: compiled in {compile_s:.1f} s, {ms:.3f} ms per call, "
                       f"slice copies {copies[0]} ({copies[1]:.0f} MiB), library calls {calls}", flush=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import time
 
 import jax
@@ -154,6 +155,19 @@ def attention_plan(patch: str, default):
     return patched
 
 
+# A/B patches that set one module constant: name -> (module, constant, value).
+MODULE_PATCHES = {
+    # quantized matmuls through XLA's fused convert, not the kernel
+    "quant-xla": ("pallas_kernels.quant_matmul.api", "MOSAIC_ON_HOPPER", False),
+    # the decode kernel with programmatic dependent launch (mgpu_decode)
+    "quant-pdl": ("pallas_kernels.quant_matmul.mgpu", "DECODE_PDL", True),
+    # the decode kernel's CTAs exit after their stores' SMEM reads
+    "quant-exit-ro": ("pallas_kernels.quant_matmul.mgpu", "DECODE_EXIT_READ_ONLY", True),
+    # the persistent decode kernel's out^T partials (before session 24)
+    "quant-out-t": ("pallas_kernels.quant_matmul.mgpu", "DECODE_STORE_MN", False),
+}
+
+
 @contextlib.contextmanager
 def _patched(patch: str):
     """One named A/B patch of the decode step in effect while compiling; yields the compile
@@ -176,42 +190,15 @@ def _patched(patch: str):
             yield None
         finally:
             attn_gpu.default_config = default
-    elif patch == "quant-xla":   # quantized matmuls through XLA's fused convert, not the kernel
-        from pallas_kernels.quant_matmul import api as quant_api
-
-        saved = quant_api.MOSAIC_ON_HOPPER
-        quant_api.MOSAIC_ON_HOPPER = False
+    elif patch in MODULE_PATCHES:   # a module constant of the quantized matmul, set while compiling
+        path, name, value = MODULE_PATCHES[patch]
+        module = importlib.import_module(path)
+        saved = getattr(module, name)
+        setattr(module, name, value)
         try:
             yield None
         finally:
-            quant_api.MOSAIC_ON_HOPPER = saved
-    elif patch == "quant-pdl":   # the decode kernel with programmatic dependent launch (mgpu_decode)
-        from pallas_kernels.quant_matmul import mgpu
-
-        saved = mgpu.DECODE_PDL
-        mgpu.DECODE_PDL = True
-        try:
-            yield None
-        finally:
-            mgpu.DECODE_PDL = saved
-    elif patch == "quant-exit-ro":   # the decode kernel's CTAs exit after their stores' SMEM reads
-        from pallas_kernels.quant_matmul import mgpu
-
-        saved = mgpu.DECODE_EXIT_READ_ONLY
-        mgpu.DECODE_EXIT_READ_ONLY = True
-        try:
-            yield None
-        finally:
-            mgpu.DECODE_EXIT_READ_ONLY = saved
-    elif patch == "quant-out-t":   # the persistent decode kernel's out^T partials (before session 24)
-        from pallas_kernels.quant_matmul import mgpu
-
-        saved = mgpu.DECODE_STORE_MN
-        mgpu.DECODE_STORE_MN = False
-        try:
-            yield None
-        finally:
-            mgpu.DECODE_STORE_MN = saved
+            setattr(module, name, saved)
     elif patch.startswith("xla:"):  # XLA debug options for this compile, e.g. xla:NAME=false
         from benchmarks.compile_ab import options
 

@@ -94,7 +94,7 @@ class QuantizedWeight:
 
 def unstack_layers(w: QuantizedWeight) -> QuantizedWeight:
     """``w`` with ``q`` [L, *out, K] split into L arrays [1, *out, K], each laid out like the
-    stack (the stacked array is released): a layer's weight is then an argument of the step,
+    stack (the stack is freed once nothing else holds it): a layer's weight is then an argument of the step,
     not a slice of one. Why: on a GPU XLA hands a slice of an argument to a library call in
     place only for legacy cuBLAS GEMMs and registered custom calls (its dynamic-slice fusion);
     cuBLASLt's fp8 GEMM, where w8a8 matmuls of 128 tokens and more go
