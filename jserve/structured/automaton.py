@@ -33,6 +33,7 @@ import numpy as np
 import outlines_core as oc
 from outlines_core.json_schema import build_regex_from_schema
 
+from jserve.structured.automaton_worker import IndexWorker
 from jserve.structured.canonical import force_canonical
 
 _ANNOTATIONS = frozenset("title description default examples $schema $id $comment $defs definitions".split())
@@ -44,6 +45,10 @@ _TYPE_KEYWORDS = {"string": frozenset({"minLength", "maxLength", "pattern"}),
 SUPPORTED_KEYWORDS = (_ANNOTATIONS | {"type", "enum", "const", "anyOf", "allOf", "$ref"}
                       | frozenset().union(*_TYPE_KEYWORDS.values()))
 MAX_REGEX_CHARS = 1 << 16
+# From this many vocabulary ids outlines' index is built in a child process: its transition dict,
+# one call holding the interpreter lock, took ~0.75 s at 152k ids (benchmarks/automaton_compile.py)
+WORKER_MIN_VOCAB = 1 << 15
+WORKER_TIMEOUT_S = 300.0   # a spec whose index takes longer gets no automaton (the host path)
 _RUST_META = frozenset("\\.+*?()|[]{}^$#&-~")
 _UNSAFE = r"\x{22}\x{5C}\x{0}-\x{1F}\x{7F}-\x{9F}\x{2028}\x{2029}"   # what JSON strings escape
 _LIT = "[A-Za-z0-9_ ,:;@!%'=<>/]|[^\\x00-\\x9f\\u2028\\u2029]"       # safe in JSON and in Rust
@@ -230,22 +235,32 @@ class AutomatonCompiler:
 
     def __init__(self, tokens: list[bytes | None], eos_token_ids: tuple[int, ...], vocab_size: int,
                  max_states: int, capacity: int = 64,
-                 tokenize: Callable[[bytes], list[int]] | None = None) -> None:
+                 tokenize: Callable[[bytes], list[int]] | None = None,
+                 worker: bool | None = None) -> None:
         """``tokenize``: the model tokenizer's bytes -> ids; given, forced text takes its canonical
-        tokenization (jserve/structured/canonical.py)."""
+        tokenization (jserve/structured/canonical.py). ``worker``: build outlines' indexes in a
+        child process (jserve/structured/automaton_worker.py); None: when the vocabulary has
+        ``WORKER_MIN_VOCAB`` ids or more."""
         if not 0 < max_states <= np.iinfo(np.int16).max:
             raise ValueError(f"max_states must be in 1..32767, got {max_states}")
         self.vocab_size, self.max_states, self.capacity = vocab_size, max_states, capacity
-        eos = {int(e) for e in eos_token_ids if 0 <= e < vocab_size}
-        self.eos, vocab = np.array(sorted(eos), np.int64), {}
-        for i, b in enumerate(tokens[:vocab_size]):
-            if b and i not in eos:
-                vocab.setdefault(b, []).append(i)
-        self._vocab = oc.Vocabulary(int(self.eos[0]), vocab) if eos and vocab else None
+        self.eos = np.array(sorted({int(e) for e in eos_token_ids if 0 <= e < vocab_size}), np.int64)
+        self._tokens = list(tokens[:vocab_size]) + [None] * max(0, vocab_size - len(tokens))
+        self._vocab = self._worker = None
+        if worker if worker is not None else vocab_size >= WORKER_MIN_VOCAB:
+            skip = set(self.eos.tolist())
+            if len(skip) and any(b and i not in skip for i, b in enumerate(self._tokens)):
+                self._worker = IndexWorker(self._tokens, self.eos, vocab_size, max_states, WORKER_TIMEOUT_S)
+        else:
+            self._vocab = outlines_vocabulary(self._tokens, self.eos, vocab_size)
         self._cache: OrderedDict[tuple, TokenAutomaton | None] = OrderedDict()
         self._lock = threading.Lock()
-        self._tokens = list(tokens[:vocab_size]) + [None] * max(0, vocab_size - len(tokens))
         self._tokenize = tokenize
+
+    def close(self) -> None:
+        """Stop the index worker, if one runs (a later compile starts it again)."""
+        if self._worker is not None:
+            self._worker.close()
 
     def peek(self, key: tuple[str, str, bool]) -> tuple[bool, TokenAutomaton | None]:
         """(whether ``key`` is compiled, its automaton or None) without compiling it."""
@@ -271,8 +286,8 @@ class AutomatonCompiler:
                      if kind == "choice" else _schema_regex(text, r"[ \t\n\r]*" if flexible else "",
                                                             self.max_states) if kind == "json" else None)
             # outlines' DFA is leftmost-first: "a|ab" would lose "ab" without the "$"
-            automaton = self._build(oc.Index(f"(?:{regex})$", self._vocab)) if (
-                regex is not None and self._vocab is not None and len(regex) <= MAX_REGEX_CHARS) else None
+            automaton = self._build(f"(?:{regex})$") if regex is not None and len(regex) <= MAX_REGEX_CHARS \
+                else None
         except Exception:  # noqa: BLE001 - bad JSON, unsupported schemas, regexes outlines refuses
             automaton = None
         with self._lock:
@@ -281,38 +296,64 @@ class AutomatonCompiler:
                 self._cache.popitem(last=False)
         return automaton
 
-    def _build(self, index: oc.Index) -> TokenAutomaton | None:
-        """The dense table of an outlines index: states renumbered, those that cannot reach a final
-        state dropped (they would allow no token), every eos id a self-loop of the final states."""
-        trans, finals = index.get_transitions(), index.get_final_states()
-        ids = np.array(sorted(set(trans) | finals), np.int64)
-        n, arcs = len(ids), []
-        adj = np.zeros((n, n), bool)   # adj[i, j]: some token moves state i to state j
-        for i, s in enumerate(ids.tolist()):
-            d = trans.get(s, {})
-            t, x = np.fromiter(d.keys(), np.int64, len(d)), np.fromiter(d.values(), np.int64, len(d))
-            pos = np.minimum(np.searchsorted(ids, x), n - 1)
-            keep = (ids[pos] == x) & (t != self.eos[0])
-            arcs.append((t[keep], pos[keep]))
-            adj[i, pos[keep]] = True
-        final = np.isin(ids, list(finals))
-        live, todo = final.copy(), np.flatnonzero(final).tolist()
-        while todo:   # backwards from the final states
-            new = np.flatnonzero(adj[:, todo.pop()] & ~live)
-            live[new] = True
-            todo += new.tolist()
-        initial = int(np.searchsorted(ids, index.get_initial_state()))
-        if not live[initial] or live.sum() > self.max_states:
+    def _build(self, regex: str) -> TokenAutomaton | None:
+        """The automaton of an anchored regex: outlines' index and its raw table (here or in the
+        worker), then forced runs cut to their canonical split."""
+        if self._worker is not None:
+            built = self._worker.table(regex)
+        elif self._vocab is not None:
+            built = raw_table(oc.Index(regex, self._vocab), self.eos, self.vocab_size, self.max_states)
+        else:
+            built = None
+        if built is None:
             return None
-        local = np.where(live, np.cumsum(live) - 1, -1)
-        table = np.full((int(live.sum()), self.vocab_size), -1, np.int16)
-        for i in np.flatnonzero(live).tolist():
-            t, nxt = arcs[i][0], local[arcs[i][1]]
-            table[local[i], t[nxt >= 0]] = nxt[nxt >= 0]
-        rows, done = local[final & live], np.zeros(len(table), bool)
-        table[rows[:, None], self.eos[None, :]] = rows[:, None]
-        done[rows] = (table[rows] >= 0).sum(1) == len(self.eos)
-        start = int(local[initial])
+        table, start, done = built
         if self._tokenize is not None:
             table, start, done = force_canonical(table, start, done, self._tokens, self.eos, self._tokenize)
         return TokenAutomaton(table, start, done)
+
+
+def outlines_vocabulary(tokens: list[bytes | None], eos: np.ndarray, vocab_size: int) -> oc.Vocabulary | None:
+    """outlines-core's vocabulary of ``tokens`` (ids < vocab_size, eos ids and empty ones left
+    out); None when there is no eos id or no other token."""
+    vocab, skip = {}, set(eos.tolist())
+    for i, b in enumerate(tokens[:vocab_size]):
+        if b and i not in skip:
+            vocab.setdefault(b, []).append(i)
+    return oc.Vocabulary(int(eos[0]), vocab) if len(eos) and vocab else None
+
+
+def raw_table(index: oc.Index, eos: np.ndarray, vocab_size: int, max_states: int
+              ) -> tuple[np.ndarray, int, np.ndarray] | None:
+    """The dense table of an outlines index -> (int16[n, V] next states, initial, bool[n] done):
+    states renumbered, those that cannot reach a final state dropped (they would allow no token),
+    every eos id a self-loop of the final states. None: over ``max_states`` or an empty language."""
+    trans, finals = index.get_transitions(), index.get_final_states()
+    ids = np.array(sorted(set(trans) | finals), np.int64)
+    n, arcs = len(ids), []
+    adj = np.zeros((n, n), bool)   # adj[i, j]: some token moves state i to state j
+    for i, s in enumerate(ids.tolist()):
+        d = trans.get(s, {})
+        t, x = np.fromiter(d.keys(), np.int64, len(d)), np.fromiter(d.values(), np.int64, len(d))
+        pos = np.minimum(np.searchsorted(ids, x), n - 1)
+        keep = (ids[pos] == x) & (t != eos[0])
+        arcs.append((t[keep], pos[keep]))
+        adj[i, pos[keep]] = True
+    final = np.isin(ids, list(finals))
+    live, todo = final.copy(), np.flatnonzero(final).tolist()
+    while todo:   # backwards from the final states
+        new = np.flatnonzero(adj[:, todo.pop()] & ~live)
+        live[new] = True
+        todo += new.tolist()
+    initial = int(np.searchsorted(ids, index.get_initial_state()))
+    if not live[initial] or live.sum() > max_states:
+        return None
+    local = np.where(live, np.cumsum(live) - 1, -1)
+    table = np.full((int(live.sum()), vocab_size), -1, np.int16)
+    for i in np.flatnonzero(live).tolist():
+        t, nxt = arcs[i][0], local[arcs[i][1]]
+        table[local[i], t[nxt >= 0]] = nxt[nxt >= 0]
+    rows, done = local[final & live], np.zeros(len(table), bool)
+    table[rows[:, None], eos[None, :]] = rows[:, None]
+    done[rows] = (table[rows] >= 0).sum(1) == len(eos)
+    return table, int(local[initial]), done

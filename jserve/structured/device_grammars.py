@@ -9,8 +9,8 @@ programs mask and advance it on the device (jserve/structured/automaton_step.py)
 loop treats the request as a free row: no mask per step, no read before the next launch::
 
     compile_grammar (front-ends, off the engine thread; LLM.generate before its adds): compile
-        the spec's automaton into the compiler's cache (outlines-core: ~0.1 s at 8k tokens, ~3-7 s
-        at 152k, ~1 s of it holding the interpreter lock: once per spec)
+        the spec's automaton into the compiler's cache (outlines-core: ~0.1 s at 8k tokens, ~5-7 s
+        at 152k, in a child process from 32k ids: jserve/structured/automaton_worker.py)
     add_request (engine thread, never compiles) --compiled?--> acquire -> Request.fsm_state
         (not compiled yet: compiled on a helper thread for later requests; this one takes the
         host path)
