@@ -87,10 +87,11 @@ def as_h200() -> Iterator[None]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-0.5b", help="a named shape")
-    ap.add_argument("--layers", type=int, default=None, help="the shape with this many layers (host memory)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="the shape with this many layers (to fit host memory)")
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--buckets", default="16,256", help="comma list of token buckets")
-    ap.add_argument("--layouts", default="per-layer", help="per-layer and/or stacked w8a8 arrays (compile_ab)")
+    ap.add_argument("--layouts", default="per-layer", help="per-layer, stacked: w8a8 arrays")
     ap.add_argument("--dump", default=None, help="a folder for each program's optimized HLO text")
     ns = ap.parse_args()
     model, buckets = ns.model, [int(b) for b in ns.buckets.split(",")]
@@ -130,7 +131,8 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             if ns.dump:
                 Path(ns.dump).mkdir(parents=True, exist_ok=True)
-                (Path(ns.dump) / f"{model}_{ns.quantization or 'bf16'}_{t}_{layout_name}.hlo").write_text(text)
+                name = f"{model}_{ns.quantization or 'bf16'}_{t}_{layout_name}.hlo"
+                (Path(ns.dump) / name).write_text(text)
             kinds = census(text)
             rows.append((t, layout_name, seconds, kinds, slice_copies(text)))
             print(f"  bucket {t}, {layout_name}: compiled in {seconds:.1f} s; "
@@ -139,7 +141,8 @@ def main() -> None:
     print("| token bucket | w8a8 weights | compile s | kernels | slice copies (MiB) | library calls |")
     print("|---|---|---|---|---|---|")
     for t, lay, seconds, kinds, (n, mib) in rows:
-        calls = ", ".join(f"{k.split(' ', 1)[1]} x{v}" for k, v in kinds.items() if k.startswith("custom-call"))
+        calls = ", ".join(f"{k.split(' ', 1)[1]} x{v}" for k, v in kinds.items()
+                          if k.startswith("custom-call"))
         print(f"| {t} | {lay} | {seconds:.1f} | {sum(kinds.values())} | {n} ({mib:.1f}) | {calls} |")
 
 
