@@ -248,7 +248,7 @@ def quantize_head(params: dict, cfg: ModelConfig, mesh: Mesh, scheme: QuantSchem
     the projections' activations: logits keep the activations' precision); from the dense
     lm_head [H, V] (dropped), or a copy of the tied embedding [V, H] (kept: the step gathers
     its rows). Why: at batch 1 a decode step streams every weight once, and the 8B's bf16
-    lm_head (1.05 GB) is a tenth of its int8 step (benchmarks/RESULTS.md, session 31)."""
+    lm_head (1.05 GB) is a tenth of its int8 step (benchmarks/RESULTS_v2_sessions_30-32.md, session 31)."""
     out = dict(params)
     w = out["embed"] if cfg.tie_word_embeddings else out.pop("lm_head")
     shape = (1, cfg.vocab_size, cfg.hidden_size)
