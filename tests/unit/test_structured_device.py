@@ -88,6 +88,29 @@ def test_choices_stop_when_complete(engine):
             assert c.text in choices and c.finish_reason == "stop", c
 
 
+def test_automata_built_in_the_worker_process_run_on_the_device(engine, sync_engine, monkeypatch):
+    """An engine whose compiler builds outlines' indexes in a child process (as from
+    ``WORKER_MIN_VOCAB`` ids) runs those automata: the same tokens as the other engine with
+    in-process automata (a regex no other test loads, so the rows come from the worker)."""
+    from jserve.structured.automaton import AutomatonCompiler
+
+    own = engine.automaton_compiler()
+    worker = AutomatonCompiler(own._tokens, tuple(own.eos.tolist()), own.vocab_size, own.max_states,
+                               tokenize=own._tokenize, worker=True)
+    monkeypatch.setattr(engine, "_automata", worker)
+    pat = r"(cow|pig)s? [0-9]{3}"
+    items = [(p, SamplingParams(temperature=1.0, seed=i, max_tokens=20, structured_outputs={"regex": pat}))
+             for i, p in enumerate(PROMPTS)]
+    host = _host_adds(engine, monkeypatch)
+    try:
+        dev = _run(engine, items)
+        assert worker._worker._proc is not None and len(worker._cache) == 1 and not host
+    finally:
+        worker.close()
+    assert [o.outputs[0].token_ids for o in dev] == [o.outputs[0].token_ids for o in _run(sync_engine, items)]
+    assert all(o.outputs[0].finish_reason == "stop" and re.fullmatch(pat, o.outputs[0].text) for o in dev)
+
+
 def test_overlapped_loop_equals_synchronous(engine, sync_engine):
     items = [(p, SamplingParams(temperature=0.9, seed=i, max_tokens=40,
                                 structured_outputs={"json": SCHEMA}))
