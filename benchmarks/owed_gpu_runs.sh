@@ -1,4 +1,4 @@
-# The device calls owed after session 34 (2026-12-04), in the order to run them. Each case fits
+# The device calls owed after session 35 (2026-12-04; session 35 was lent none), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table
 # (a call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
@@ -135,6 +135,9 @@ qx5)
   # restacked (the layout before): slice copies and ms per call. Prediction: bf16 and per-layer
   # w8a8 no copies, restacked w8a8 128 copies (~7 GiB); per-layer ~3 ms faster per 256-token
   # step than restacked (a read and a write of the fp8 weights at the HBM rate), ~1.15x bf16's.
+  # Session 35 compiled these programs for a deviceless H200 on a CPU (benchmarks/offline_hlo.py,
+  # 4 of the 8B's layers): per layer 2-4 index copies, restacked 208 MiB per layer: the copies'
+  # part is settled; the timings are what this case is owed for.
   cu="xla_gpu_enable_triton_gemm=false+xla_disable_hlo_passes=rematerialization"
   timeout 200 python3 benchmarks/compile_ab.py --model llama3.1-8b --quantization none --buckets 256,2048 \
     --modes "$cu" > "$OUT/qx5_none.txt" 2>&1
