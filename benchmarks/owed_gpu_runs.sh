@@ -1,6 +1,7 @@
-# The device calls owed after session 35 (2026-12-04; session 35 was lent none), in the order to run them. Each case fits
-# one 10-minute call; every case writes its full output under $OUT and prints a short table
-# (a call killed at its limit returns no output tail: the files are what comes back). Cases are
+# The device calls owed after session 35 (2026-12-04; session 35 was lent none), in the order to
+# run them. Each case fits one 10-minute call; every case writes its full output under $OUT and
+# prints a short table (a call killed at its limit returns no output tail: the files are what
+# comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-34 removed the ones they ran; vmm stays as the record of its arms).
 # Order: qx5, qx6 (issue 13: the w8a8 step's weight copies, then its throughput target), qe
