@@ -46,7 +46,8 @@ SUPPORTED_KEYWORDS = (_ANNOTATIONS | {"type", "enum", "const", "anyOf", "allOf",
                       | frozenset().union(*_TYPE_KEYWORDS.values()))
 MAX_REGEX_CHARS = 1 << 16
 # From this many vocabulary ids outlines' index is built in a child process: its transition dict,
-# one call holding the interpreter lock, took ~0.75 s at 152k ids (benchmarks/automaton_compile.py)
+# one call holding the interpreter lock, stalled the process ~0.4 s at 152k ids (~22 ms at 8k;
+# benchmarks/automaton_compile.py)
 WORKER_MIN_VOCAB = 1 << 15
 WORKER_TIMEOUT_S = 300.0   # a spec whose index takes longer gets no automaton (the host path)
 _RUST_META = frozenset("\\.+*?()|[]{}^$#&-~")

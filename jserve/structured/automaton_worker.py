@@ -1,13 +1,14 @@
-"""A child process that builds token automata' raw tables, off the engine process's interpreter.
+"""A child process that builds token automata's raw tables, off the engine process's interpreter.
 
 Where it sits: ``AutomatonCompiler.compile`` (jserve/structured/automaton.py) hands a spec's regex
 to ``IndexWorker.table`` when the vocabulary is large; the child builds outlines-core's index
 and its dense table (``automaton.raw_table``) and sends the table back; the parent then forces
 canonical splits (it holds the tokenizer) and caches the automaton. Why: outlines' index hands
-its transitions over as one Python dict built in a single call that holds the interpreter lock
-(~0.75 s at a 152k-token vocabulary on a 2-core machine, benchmarks/RESULTS.md): every other
-thread of the engine process, the engine loop among them, stopped that long per new spec. In the
-child only the table's bytes come back, read with the lock released::
+its transitions over as one Python dict built in a single call that holds the interpreter lock:
+every other thread of the engine process, the engine loop among them, stopped ~0.4 s per new
+spec at a 152k-token vocabulary on a 2-core machine (5-18 ms with the worker: benchmarks/
+RESULTS.md, session 35). In the child only the table's bytes come back, read with the lock
+released::
 
     parent                                         child (python -m jserve.structured.automaton_worker)
     start: tokens, eos ids, V, max_states  ---->   outlines Vocabulary, once
@@ -91,6 +92,10 @@ class IndexWorker:
                 [sys.executable, "-m", "jserve.structured.automaton_worker", str(from_parent),
                  str(to_parent)], pass_fds=(from_parent, to_parent), env=env,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        except OSError:
+            os.close(to_child)
+            os.close(from_child)
+            raise
         finally:
             os.close(from_parent)
             os.close(to_parent)
