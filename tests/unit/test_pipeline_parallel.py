@@ -156,9 +156,13 @@ def test_pp2_and_tp2_pp2_match_pp1(xla_cache_dir):
     procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("pp_worker.py")),
                                xla_cache_dir, *models[i::2]], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [proc.communicate(timeout=1500) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
     result = {}
-    for proc in procs:
-        out, err = proc.communicate(timeout=1500)
+    for proc, (out, err) in zip(procs, outs, strict=True):
         assert proc.returncode == 0, err[-4000:]
         result.update(json.loads(out.strip().splitlines()[-1]))
     for model in models:
