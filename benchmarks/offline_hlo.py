@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from benchmarks.compile_ab import restacked, slice_copies
 from benchmarks.hlo_kernels import census
+from benchmarks.step_floor import MODULE_PATCHES
 from jserve.builder import EngineArgs, build_engine
 from jserve.compile_pool import compiler_options, cublas_min_tokens
 from jserve.model import shapes
@@ -93,7 +95,12 @@ def main() -> None:
     ap.add_argument("--buckets", default="16,256", help="comma list of token buckets")
     ap.add_argument("--layouts", default="per-layer", help="per-layer, stacked: w8a8 arrays")
     ap.add_argument("--dump", default=None, help="a folder for each program's optimized HLO text")
+    ap.add_argument("--ab", default="", help="comma list of step_floor's module A/B patches in effect "
+                    "(MODULE_PATCHES, e.g. quant-residual-norm)")
     ns = ap.parse_args()
+    for patch in filter(None, ns.ab.split(",")):
+        path, name, value = MODULE_PATCHES[patch]
+        setattr(importlib.import_module(path), name, value)
     model, buckets = ns.model, [int(b) for b in ns.buckets.split(",")]
     if ns.layers:
         model = f"{ns.model}-{ns.layers}-layers"
@@ -131,13 +138,14 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             if ns.dump:
                 Path(ns.dump).mkdir(parents=True, exist_ok=True)
-                name = f"{model}_{ns.quantization or 'bf16'}_{t}_{layout_name}.hlo"
+                name = f"{model}_{ns.quantization or 'bf16'}_{t}_{layout_name}{ns.ab and '_' + ns.ab}.hlo"
                 (Path(ns.dump) / name).write_text(text)
             kinds = census(text)
             rows.append((t, layout_name, seconds, kinds, slice_copies(text)))
             print(f"  bucket {t}, {layout_name}: compiled in {seconds:.1f} s; "
                   f"{dict(kinds.most_common())}", flush=True)
-    print(f"\n## {model} {ns.quantization or 'bf16'}: greedy step, 16 rows, compiled for a deviceless H200")
+    print(f"\n## {model} {ns.quantization or 'bf16'}{ns.ab and ' + ' + ns.ab}: greedy step, 16 rows, "
+          "compiled for a deviceless H200")
     print("| token bucket | w8a8 weights | compile s | kernels | slice copies (MiB) | library calls |")
     print("|---|---|---|---|---|---|")
     for t, lay, seconds, kinds, (n, mib) in rows:

@@ -23,19 +23,11 @@ from jax.sharding import Mesh
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache
 from jserve.model.attention import fresh_prefill_attention, paged_attention, write_kv
-from jserve.model.linear import QuantizedWeight, linear
+from jserve.model.linear import QuantizedWeight, linear, linear_residual_norm, rms_norm
 from jserve.model.microbatch import bubble, split_microbatches
 from jserve.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from jserve.step_input import StepInput, advance_decode
 from sharding import gpipe, gpipe_cycle, num_stages
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """x: [T, H] -> [T, H]; statistics in float32 like HF, scaled in x's dtype."""
-    xf = x.astype(jnp.float32)
-    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
-    return weight * (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
 
 _LAYER_WEIGHTS = ("ln_attn", "wqkv", "bqkv", "wo", "ln_mlp", "wgu", "wd")
 # Pipeline micro-batches: 1 per step, doubled while each keeps at least this many tokens (up to
@@ -45,15 +37,15 @@ _LAYER_WEIGHTS = ("ln_attn", "wqkv", "bqkv", "wo", "ln_mlp", "wgu", "wd")
 MICROBATCH_MIN_TOKENS = 256
 
 
-def _attention_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, pool: tuple[jax.Array, ...],
+def _attention_block(cfg: ModelConfig, w: dict[str, Any], h: jax.Array, pool: tuple[jax.Array, ...],
                      batch: StepInput, cos: jax.Array, sin: jax.Array, window: int | None,
                      fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
                      ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """One layer's attention (``w``: its weights, stacked with one layer): one fused QKV
-    matmul, RoPE, KV write, attention, wo. ``pool``: the layer's ``(k_pages, v_pages)``
-    (+ ``(k_scales, v_scales)`` when int8/fp8)."""
-    t, g, nq = x.shape[0], cfg.q_per_kv_padded, cfg.num_q_heads_padded
-    h = rms_norm(x, w["ln_attn"][0], cfg.rms_norm_eps)
+    """One layer's attention (``w``: its weights, stacked with one layer) over its normed input
+    h [T, H]: one fused QKV matmul, RoPE, KV write, attention -> (its output [T, Hq * d],
+    before wo; pool). ``pool``: the layer's ``(k_pages, v_pages)`` (+ ``(k_scales,
+    v_scales)`` when int8/fp8)."""
+    t, g, nq = h.shape[0], cfg.q_per_kv_padded, cfg.num_q_heads_padded
     qkv = linear(h, w["wqkv"], 0, mesh)                             # [T, Nkv, Gp + 2, d]
     if cfg.qkv_bias:
         qkv = qkv + w["bqkv"][0]
@@ -68,46 +60,49 @@ def _attention_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, pool: tu
     else:
         o = paged_attention(q, pool, batch, sm_scale=scale, sliding_window=window, mesh=mesh,
                             decode_only=decode_only)
-    return linear(o.reshape(t, nq * cfg.head_dim), w["wo"], 0, mesh), pool
+    return o.reshape(t, nq * cfg.head_dim), pool
 
 
-def _mlp_block(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, mesh: Mesh | None) -> jax.Array:
-    """One layer's MLP: one fused gate/up matmul, SiLU-gate, down projection."""
-    h = rms_norm(x, w["ln_mlp"][0], cfg.rms_norm_eps)
-    gu = linear(h, w["wgu"], 0, mesh)                               # [T, 2, I]
-    return linear(jax.nn.silu(gu[:, 0]) * gu[:, 1], w["wd"], 0, mesh)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
-def _layer(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, pool: tuple[jax.Array, ...],
-           batch: StepInput, rope: tuple[jax.Array, jax.Array], window: int | None,
-           fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
-           ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """One decoder layer -> (x, pool). A nested jit: every layer with the same static
-    arguments shares one trace and one lowered function (the step's StableHLO calls it once per
-    layer and XLA inlines the calls), so tracing and Pallas lowering run once per step variant
-    instead of once per layer."""
-    attn, pool = _attention_block(cfg, w, x, pool, batch, *rope, window, fresh_prefill, mesh,
+@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11))
+def _layer(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, h: jax.Array, next_ln: jax.Array | None,
+           pool: tuple[jax.Array, ...], batch: StepInput, rope: tuple[jax.Array, jax.Array],
+           window: int | None, fresh_prefill: bool, mesh: Mesh | None, decode_only: bool
+           ) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, ...]]:
+    """One decoder layer over the residual stream x [T, H] and its normed form h (``ln_attn``'s)
+    -> (x, the new x normed by ``next_ln`` or None without it, pool): attention, wo joined to
+    the stream and normed for the MLP, gate/up, SiLU-gate, down joined and normed for what comes
+    next (``linear_residual_norm``). A nested jit: every layer with the same static arguments
+    shares one trace and one lowered function (the step's StableHLO calls it once per layer and
+    XLA inlines the calls), so tracing and Pallas lowering run once per step variant instead of
+    once per layer."""
+    eps = cfg.rms_norm_eps
+    attn, pool = _attention_block(cfg, w, h, pool, batch, *rope, window, fresh_prefill, mesh,
                                   decode_only)
-    x = x + attn
-    return x + _mlp_block(cfg, w, x, mesh), pool
+    x, h = linear_residual_norm(attn, w["wo"], 0, x, w["ln_mlp"][0], eps, mesh)
+    gu = linear(h, w["wgu"], 0, mesh)                               # [T, 2, I]
+    x, h = linear_residual_norm(jax.nn.silu(gu[:, 0]) * gu[:, 1], w["wd"], 0, x, next_ln, eps, mesh)
+    return x, h, pool
 
 
 def _layers(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCache, batch: StepInput,
             rope: tuple[jax.Array, jax.Array], windows: tuple[int | None, ...], fresh_prefill: bool,
-            mesh: Mesh | None, decode_only: bool) -> tuple[jax.Array, KVCache]:
+            mesh: Mesh | None, decode_only: bool, final_ln: jax.Array | None = None
+            ) -> tuple[jax.Array, KVCache]:
     """Run the layers whose stacked weights are ``weights`` ([n, ...] each) and whose pools are
     ``kv`` (n entries) over x [T, H]: the unrolled loop over static slices, each layer one call
-    of the nested-jit ``_layer``."""
-    new_kv = []
-    for i in range(len(kv)):
+    of the nested-jit ``_layer``, which also norms its output for the next layer -> (the last
+    layer's output, normed by ``final_ln`` when given, else as is; kv)."""
+    new_kv, n = [], len(kv)
+    h = rms_norm(x, weights["ln_attn"][0], cfg.rms_norm_eps)
+    for i in range(n):
         # Layer i's weights, stacked with one layer (dense arrays and QuantizedWeight alike).
         w = {name: a.one_layer(i) if isinstance(a, QuantizedWeight) else a[i:i + 1]
              for name, a in weights.items()}
-        x, pool = _layer(cfg, w, x, tuple(kv[i]), batch, rope, windows[i], fresh_prefill, mesh,
-                         decode_only)
+        next_ln = weights["ln_attn"][i + 1] if i + 1 < n else final_ln
+        x, h, pool = _layer(cfg, w, x, h, next_ln, tuple(kv[i]), batch, rope, windows[i],
+                            fresh_prefill, mesh, decode_only)
         new_kv.append(pool)
-    return x, new_kv
+    return (x if final_ln is None else h), new_kv
 
 
 def num_microbatches(num_tokens: int, stages: int, fresh_prefill: bool = False) -> int:
@@ -220,10 +215,9 @@ def hidden_states(cfg: ModelConfig, params: dict[str, Any], kv: KVCache, batch: 
     weights = {name: params[name] for name in _LAYER_WEIGHTS if name in params}
     if num_stages(mesh) > 1:
         x, new_kv = _pipelined(cfg, weights, x, kv, batch, rope, fresh_prefill, mesh, decode_only)
-    else:
-        x, new_kv = _layers(cfg, weights, x, kv, batch, rope, cfg.sliding_windows, fresh_prefill,
-                            mesh, decode_only)
-    return rms_norm(x, params["norm"], cfg.rms_norm_eps), new_kv
+        return rms_norm(x, params["norm"], cfg.rms_norm_eps), new_kv
+    return _layers(cfg, weights, x, kv, batch, rope, cfg.sliding_windows, fresh_prefill, mesh,
+                   decode_only, final_ln=params["norm"])
 
 
 def logits_from_hidden(cfg: ModelConfig, params: dict[str, Any], h: jax.Array,

@@ -32,6 +32,12 @@ mesh axes, recorded at load)::
 
 Block-scaled weights (``group``) and weights without a recorded ``spec`` run the reference,
 which the partitioner shards like the dense matmul.
+
+``linear_residual_norm`` is the seam of the o and down projections, whose outputs join the
+residual stream and then feed the next RMSNorm: ``h = residual + linear(x)``, ``normed =
+rms_norm(h)``. For a w8a16 weight at tp = 1 it calls ``pallas_kernels.quant_matmul_residual_norm``
+(on a Hopper GPU one kernel does the matmul's epilogue, the add and the norm); everything else
+is that composition, the ops the decoder ran before the seam existed.
 """
 
 from __future__ import annotations
@@ -144,6 +150,38 @@ def mesh_axes_of(sharding: jax.sharding.Sharding, ndim: int) -> tuple[str | None
     if not all(a is None or isinstance(a, str) for a in axes):
         return None
     return axes
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x: [T, H] -> [T, H]; statistics in float32 like HF, scaled in x's dtype."""
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    return weight * (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def linear_residual_norm(x: jax.Array, w: Weight, i: int, residual: jax.Array, gamma: jax.Array | None,
+                         eps: float, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """x: [T, K] @ layer ``i`` of ``w`` (one output axis of N) added to ``residual`` [T, N] -> (h,
+    ``rms_norm(h, gamma, eps)``, or None without ``gamma``), in residual's dtype (module
+    docstring)."""
+    if (gamma is not None and isinstance(w, QuantizedWeight) and w.group is None and not w.act_quant
+            and len(w.out_shape) == 1 and not _tensor_parallel(mesh) and x.dtype == residual.dtype):
+        q = w.layer_q(i).reshape(w.out_shape[0], w.k)
+        h, normed = pallas_kernels.quant_matmul_residual_norm(x, q, w.scale[i].reshape(-1), residual,
+                                                              gamma, eps, **_kernel_choice(w))
+        return _typed_like(h, residual), _typed_like(normed, residual)
+    h = residual + linear(x, w, i, mesh)
+    return h, None if gamma is None else rms_norm(h, gamma, eps)
+
+
+def _typed_like(a: jax.Array, stream: jax.Array) -> jax.Array:
+    """``a`` with the stream's sharding in its type (a Pallas call's outputs carry no mesh): every
+    layer's nested jit then sees one input type, whether the layer before it ran the kernel or
+    XLA (else the layers after the first are traced, and their kernels lowered, twice)."""
+    sharding = jax.typeof(stream).sharding
+    if not getattr(getattr(sharding, "mesh", None), "axis_names", ()):
+        return a
+    return jax.lax.with_sharding_constraint(a, sharding)
 
 
 def linear(x: jax.Array, w: Weight, i: int, mesh: Mesh | None = None,

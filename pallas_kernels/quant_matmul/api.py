@@ -31,6 +31,10 @@ import jax.numpy as jnp
 from pallas_kernels.quant_matmul import mgpu, reference, tpu
 
 MOSAIC_ON_HOPPER = True
+# The o / down projections' epilogue fused with the residual add and the next RMSNorm
+# (``mgpu.quant_matmul_residual_norm``): off until the device measures it (the A/B:
+# benchmarks/step_floor.py --ab quant-residual-norm).
+RESIDUAL_NORM_ON_HOPPER = False
 W8A8_XLA_MIN_M: int | None = 128   # (module docstring)
 
 
@@ -60,3 +64,20 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
 def _xla_fp8(m: int) -> bool:
     """Whether a w8a8 matmul of ``m`` tokens takes XLA's fp8 dot on a GPU (module docstring)."""
     return W8A8_XLA_MIN_M is not None and m >= W8A8_XLA_MIN_M
+
+
+def quant_matmul_residual_norm(x: jax.Array, w: jax.Array, w_scale: jax.Array, residual: jax.Array,
+                               gamma: jax.Array, eps: float, *, interpret: bool = False,
+                               backend: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """A w8a16 projection added to the residual stream, then the next RMSNorm: x [T, K], w [N, K],
+    w_scale f32[N], residual [T, N], gamma [N] -> (h, normed) [T, N] in residual's dtype, as
+    ``reference.residual_rms_norm(quant_matmul(x, w, w_scale), residual, gamma, eps)``. On a
+    Hopper GPU (or interpreted) with ``RESIDUAL_NORM_ON_HOPPER``: one kernel after the decode
+    matmul instead of XLA's two (``residual_norm``); elsewhere that composition."""
+    backend = backend or jax.default_backend()
+    mosaic = backend != "tpu" and (interpret or (backend == "gpu" and MOSAIC_ON_HOPPER and mgpu.on_hopper()))
+    if RESIDUAL_NORM_ON_HOPPER and mosaic and mgpu.residual_norm_supports(x, w, residual, gamma):
+        return mgpu.quant_matmul_residual_norm(x, w, w_scale, residual, gamma, eps=eps,
+                                               interpret=interpret)
+    y = quant_matmul(x, w, w_scale, interpret=interpret, backend=backend)
+    return reference.residual_rms_norm(y, residual, gamma, eps)

@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.quant_matmul import mgpu_decode, reference
+from pallas_kernels.quant_matmul import mgpu_decode, reference, residual_norm
 from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig, finish, smem_transforms
 
 FP8 = reference.FP8
@@ -229,3 +229,32 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
     else:
         parts = matmul_t(xp, w, config=cfg, interpret=interpret)
     return finish(parts, m, w_scale, x_scale, out_dtype or x.dtype, store_mn=decode and cfg.store_mn)
+
+
+def residual_norm_supports(x: jax.Array, w: jax.Array, residual: jax.Array, gamma: jax.Array) -> bool:
+    """Whether ``quant_matmul_residual_norm`` takes x [T, K] @ w [N, K]^T (w8a16) into residual
+    [T, N]: the persistent decode kernel with ``store_mn`` partials and a row that fits
+    ``residual_norm``."""
+    m, k = x.shape
+    n = w.shape[0]
+    cfg = kernel_config(m, n, k)
+    return (isinstance(cfg, DecodeConfig) and cfg.store_mn and supports(x, w, False, cfg)
+            and residual.shape == (m, n) and gamma.shape == (n,)
+            and residual_norm.supports(cfg.split_k, n, residual.dtype, gamma.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def quant_matmul_residual_norm(x: jax.Array, w: jax.Array, w_scale: jax.Array, residual: jax.Array,
+                               gamma: jax.Array, *, eps: float, interpret: bool = False
+                               ) -> tuple[jax.Array, jax.Array]:
+    """``reference.residual_rms_norm(w8a16_matmul(x, w, w_scale), residual, gamma, eps)``: the
+    decode kernel's partials go to ``residual_norm``'s kernel, which sums and scales them, adds
+    the residual and norms the row in one kernel (its module docstring) -> (h, normed), both
+    [T, N] in residual's dtype. ``residual_norm_supports`` must hold."""
+    reference.validate_inputs(x, w, w_scale)
+    m, k = x.shape
+    cfg = kernel_config(m, w.shape[0], k)
+    mp = padded_tokens(m)
+    xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+    parts = mgpu_decode.decode_matmul_t(xp, w, config=cfg, fp8=FP8, interpret=interpret)
+    return residual_norm.residual_rms_norm(parts, residual, w_scale, gamma, eps, interpret=interpret)

@@ -37,6 +37,8 @@ bucket): 527 kernels (bf16: 399; all 128 extra ``input_transpose_fusion``) and 3
 out^T; 462 kernels and 3.376 ms (-11.6%) with ``store_mn``. The 63 left are the sums over
 split_k of the o and down projections, whose consumer (residual add, then RMSNorm's row
 reduction) cannot take a column reduction in; the qkv and gate/up sums fuse into theirs.
+``residual_norm`` (session 36, an A/B until the device times it) takes those partials into one
+kernel with the residual add and the norm.
 
 ``pdl`` (an A/B config, ``mgpu.DECODE_PDL``): programmatic dependent launch. A decode step is
 a chain of ~460 kernels of 2-35 us on the 8B, and each matmul spends its first ~1-2 us filling

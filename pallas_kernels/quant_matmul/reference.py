@@ -133,6 +133,17 @@ def w8a8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax
     return (acc.astype(jnp.float32) * x_scale[:, None] * w_scale[None, :]).astype(out_dtype)
 
 
+def residual_rms_norm(y: jax.Array, residual: jax.Array, gamma: jax.Array, eps: float
+                      ) -> tuple[jax.Array, jax.Array]:
+    """A projection's output y [T, N] added to the residual stream [T, N], then the next RMSNorm
+    (HF's: float32 statistics, scaled in the stream's dtype) -> (h, gamma * h / rms(h)), both in
+    residual's dtype (``residual_norm``'s kernel fuses this with the matmul's epilogue)."""
+    h = residual + y.astype(residual.dtype)
+    hf = h.astype(jnp.float32)
+    var = jnp.mean(hf * hf, axis=-1, keepdims=True)
+    return h, gamma * (hf * jax.lax.rsqrt(var + eps)).astype(h.dtype)
+
+
 def group_dequant(w: jax.Array, scale: jax.Array, group: int,
                   dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """w: [N, K] 8-bit with one scale per output channel and K-group of ``group`` columns,
