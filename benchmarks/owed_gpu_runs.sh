@@ -1,11 +1,12 @@
-# The device calls owed after session 35 (2026-12-04; session 35 was lent none), in the order to
+# The device calls owed after session 36 (2026-12-05; sessions 35-36 were lent none), in the order to
 # run them. Each case fits one 10-minute call; every case writes its full output under $OUT and
 # prints a short table (a call killed at its limit returns no output tail: the files are what
 # comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-34 removed the ones they ran; vmm stays as the record of its arms).
-# Order: qx5, qx6 (issue 13: the w8a8 step's weight copies, then its throughput target), qe
-# (issue 13: the decode kernel's exit), qs (issue 13: the step's kernel chain, then the decode
+# Order: qx5, qx6 (issue 13: the w8a8 step's weight copies, then its throughput target), qr
+# (issue 13: the o / down epilogue, residual add and norm in one kernel), qe (issue 13: the
+# decode kernel's exit), qs (issue 13: the step's kernel chain, then the decode
 # matmul's ring and kernel variants timed on the device), lt (issue 12: where the speculating
 # step's launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with
 # session 28's wider code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb,
@@ -66,6 +67,22 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
 
 case "${1:-}" in
+qr)
+  # Issue 13's batch 1 (1.6x bf16 needs the 8B int8 + lm_head step at ~2.95 ms; 3.30 in session
+  # 32). Session 36 (no device; benchmarks/offline_hlo.py, the 8B's 16-token int8 step compiled
+  # for a deviceless H200): XLA runs two kernels after each o / down decode matmul (the split-K
+  # sum with the residual add, then RMSNorm) where bf16's cuBLAS GEMM adds the residual itself:
+  # 47 kernels against bf16's 44 at 2 layers. The A/B quant-residual-norm does the sum, the add
+  # and the norm in one Mosaic GPU kernel (residual_norm.py; 43 kernels at 2 layers, ~398 at
+  # 32 against 462). The GPU tests of the kernel first (never compiled on a device yet).
+  # Prediction: ~-2.5 us per o / down call, 3.30 -> ~3.15 ms, bf16 / int8 1.44x -> ~1.5x.
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
+    tests/gpu/test_quant_engine_gpu.py -k "residual_norm" > "$OUT/qr_tests.txt" 2>&1
+  tail -3 "$OUT/qr_tests.txt"
+  timeout 420 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8+lm_head,none --ab quant-residual-norm > "$OUT/qr_step.txt" 2>&1
+  grep "^##\|^| A\|rror" "$OUT/qr_step.txt"
+  ;;
 qe)
   # Issue 13's batch 1 (the 8B int8 + lm_head step 3.30 ms, 1.6x bf16 needs ~2.95). Session 34:
   # with its weight already in L2 the decode kernel still takes 5.9 us at the 8B's o shape, ~2 us

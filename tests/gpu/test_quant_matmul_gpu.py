@@ -91,3 +91,27 @@ def test_persistent_decode_configs(cfg, mode):
     got = mgpu.quant_matmul(x, q, s, act_quant=aq, config=cfg, out_dtype=jnp.float32)
     want = (ref.w8a8_matmul if aq else ref.w8a16_matmul)(x, q, s, out_dtype=jnp.float32)
     assert _rel(got, want) < (W8A8_REL_PER_SQRT_K * 2048**0.5 if aq else 1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("wdtype", [jnp.int8, FP8])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 14336)])
+def test_fused_residual_norm(m, wdtype, n, k, monkeypatch):
+    """The o / down shapes of Llama-3.1-8B: the decode kernel's partials through the fused
+    residual add and RMSNorm (residual_norm.py) == XLA's sum, add and norm of the same kernel."""
+    from pallas_kernels.quant_matmul import api
+
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    q, s = ref.quantize_weight(jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.float32), wdtype)
+    residual = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    gamma = jnp.asarray(1 + 0.1 * rng.standard_normal(n), jnp.bfloat16)
+    assert mgpu.residual_norm_supports(x, q, residual, gamma)
+    f = jax.jit(lambda *a: pallas_kernels.quant_matmul_residual_norm(*a, 1e-5))
+    want = f(x, q, s, residual, gamma)
+    monkeypatch.setattr(api, "RESIDUAL_NORM_ON_HOPPER", True)
+    jax.clear_caches()
+    got = f(x, q, s, residual, gamma)
+    for a, b in zip(got, want, strict=True):
+        assert np.isfinite(np.asarray(a, np.float32)).all()
+        assert _rel(a, b) < 4e-3
