@@ -257,4 +257,5 @@ def quant_matmul_residual_norm(x: jax.Array, w: jax.Array, w_scale: jax.Array, r
     mp = padded_tokens(m)
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     parts = mgpu_decode.decode_matmul_t(xp, w, config=cfg, fp8=FP8, interpret=interpret)
-    return residual_norm.residual_rms_norm(parts, residual, w_scale, gamma, eps, interpret=interpret)
+    return residual_norm.residual_rms_norm(parts, residual, w_scale, gamma, eps, pdl=cfg.pdl,
+                                           interpret=interpret)

@@ -21,6 +21,10 @@ the same pair per projection). Here one kernel does both::
 
 Rows are [N / C, C] in SMEM (C = 256 columns: one TMA box). The whole row sits in SMEM, so S x N
 float32 partials bound the shapes (``supports``); larger ones keep XLA's two kernels.
+
+``pdl`` (the decode kernel's A/B, ``mgpu.DECODE_PDL``): programmatic dependent launch as in
+``mgpu_decode``: ``griddepcontrol.wait`` before the first copy, ``launch_dependents`` once the
+row is in SMEM, so the next matmul's launch overlaps this kernel.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ def supports(split_k: int, n: int, dtype: jnp.dtype, gamma_dtype: jnp.dtype) -> 
 
 
 def residual_rms_norm(parts: jax.Array, residual: jax.Array, w_scale: jax.Array, gamma: jax.Array,
-                      eps: float, *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                      eps: float, *, pdl: bool = False, interpret: bool = False
+                      ) -> tuple[jax.Array, jax.Array]:
     """parts: float32 [S, Mp, N] (``store_mn`` partials, no scales), residual [T, N] (T <= Mp),
     w_scale float32 [N], gamma [N] -> (h [T, N], normed [T, N]) in residual's dtype, with
     y = sum(parts)[:T] * w_scale cast to that dtype, h = residual + y, normed = RMSNorm(h)."""
@@ -57,11 +62,14 @@ def residual_rms_norm(parts: jax.Array, residual: jax.Array, w_scale: jax.Array,
         raise ValueError(f"residual_rms_norm: S={s_count}, Mp={mp}, T={t}, N={n} do not fit")
     rows = n // COLUMNS
     parts = parts.reshape(s_count, mp, rows, COLUMNS)
+    pdl = pdl and not interpret   # (the interpreter runs kernels one at a time)
 
     def kernel(p_gmem, r_gmem, s_gmem, g_gmem, h_gmem, x_gmem):
         m = lax.axis_index("m")
 
         def scoped(p_smem, r_smem, s_smem, g_smem, h_smem, x_smem, bar):
+            if pdl:   # the partials come from the kernel ahead: wait for it before loading
+                plgpu.griddepcontrol_wait()
             for s in range(s_count):
                 plgpu.copy_gmem_to_smem(p_gmem.at[s, m], p_smem.at[s], bar.at[s])
             plgpu.copy_gmem_to_smem(r_gmem.at[m], r_smem, bar.at[s_count])
@@ -69,6 +77,8 @@ def residual_rms_norm(parts: jax.Array, residual: jax.Array, w_scale: jax.Array,
             plgpu.copy_gmem_to_smem(g_gmem, g_smem, bar.at[s_count + 2])
             for j in range(s_count + 3):
                 plgpu.barrier_wait(bar.at[j])
+            if pdl:
+                plgpu.griddepcontrol_launch_dependents()
             total = p_smem[0]
             for s in range(1, s_count):
                 total = total + p_smem[s]

@@ -94,3 +94,18 @@ def test_without_the_switch_or_the_shapes_it_is_the_composition(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     # A residual of another width than the projection's output is not the kernel's to take.
     assert not mgpu.residual_norm_supports(x, q, residual[:, :128], gamma[:128])
+
+
+def test_the_decode_kernels_pdl_switch_reaches_the_fused_epilogue(monkeypatch):
+    """``mgpu.DECODE_PDL`` (the A/B quant-pdl) launches the fused epilogue with programmatic
+    dependent launch too, like the decode matmul ahead of it."""
+    x, q, s, residual, gamma = _projection(5, 2, 256, 512, jnp.int8)
+    seen = []
+    kernel = residual_norm.residual_rms_norm
+    monkeypatch.setattr(residual_norm, "residual_rms_norm",
+                        lambda *a, **kw: seen.append(kw["pdl"]) or kernel(*a, **kw))
+    for flag in (False, True):
+        monkeypatch.setattr(mgpu, "DECODE_PDL", flag)
+        jax.clear_caches()
+        mgpu.quant_matmul_residual_norm(x, q, s, residual, gamma, eps=EPS, interpret=True)
+    assert seen == [False, True]
