@@ -39,7 +39,7 @@ import numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from benchmarks.compile_ab import restacked, slice_copies
+from benchmarks.compile_ab import options, restacked, slice_copies
 from benchmarks.hlo_kernels import census
 from benchmarks.step_floor import MODULE_PATCHES
 from jserve.builder import EngineArgs, build_engine
@@ -95,10 +95,17 @@ def main() -> None:
     ap.add_argument("--buckets", default="16,256", help="comma list of token buckets")
     ap.add_argument("--layouts", default="per-layer", help="per-layer, stacked: w8a8 arrays")
     ap.add_argument("--dump", default=None, help="a folder for each program's optimized HLO text")
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (N > 1: run with "
+                    "XLA_FLAGS=--xla_force_host_platform_device_count=N for the CPU engine)")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size (the same)")
     ap.add_argument("--ab", default="", help="comma list of step_floor's module A/B patches in effect "
-                    "(MODULE_PATCHES, e.g. quant-residual-norm)")
+                    "(MODULE_PATCHES, e.g. quant-residual-norm) and xla:NAME=VALUE compile options")
     ns = ap.parse_args()
+    xla: dict[str, object] = {}
     for patch in filter(None, ns.ab.split(",")):
+        if patch.startswith("xla:"):   # compile options, as step_floor's xla:NAME=VALUE
+            xla.update(options(patch[4:]))
+            continue
         path, name, value = MODULE_PATCHES[patch]
         setattr(importlib.import_module(path), name, value)
     model, buckets = ns.model, [int(b) for b in ns.buckets.split(",")]
@@ -107,10 +114,12 @@ def main() -> None:
         shapes.NAMED_SHAPES[model] = dict(shapes.NAMED_SHAPES[ns.model], num_hidden_layers=ns.layers)
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
                                   max_num_batched_tokens=16, max_model_len=max(1024, max(buckets)),
-                                  num_pages=512, quantization=ns.quantization))
+                                  num_pages=512, quantization=ns.quantization,
+                                  tensor_parallel_size=ns.tp, pipeline_parallel_size=ns.pp))
     jax.config.update("jax_enable_compilation_cache", False)
     r = eng.runner
-    topology = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1")
+    topology = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET,
+                                            topology=f"1x1x{ns.tp * ns.pp}")
     mesh = Mesh(np.array(topology.devices).reshape(r.mesh.devices.shape), r.mesh.axis_names)
 
     def abstract(x: object) -> object:
@@ -134,11 +143,13 @@ def main() -> None:
                     lowering_platforms=("cuda",))
             t0 = time.perf_counter()
             text = lowered.compile(compiler_options(
-                t, True, cublas_min_tokens(r.config.model.hidden_size))).as_text()
+                t, True, cublas_min_tokens(r.config.model.hidden_size)) | xla).as_text()
             seconds = time.perf_counter() - t0
             if ns.dump:
                 Path(ns.dump).mkdir(parents=True, exist_ok=True)
-                name = f"{model}_{ns.quantization or 'bf16'}_{t}_{layout_name}{ns.ab and '_' + ns.ab}.hlo"
+                par = f"_tp{ns.tp}_pp{ns.pp}" if ns.tp * ns.pp > 1 else ""
+                ab = ns.ab and "_" + ns.ab.replace(":", "-").replace("=", "-")
+                name = f"{model}_{ns.quantization or 'bf16'}{par}_{t}_{layout_name}{ab}.hlo"
                 (Path(ns.dump) / name).write_text(text)
             kinds = census(text)
             rows.append((t, layout_name, seconds, kinds, slice_copies(text)))

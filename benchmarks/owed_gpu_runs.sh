@@ -10,7 +10,7 @@
 # matmul's ring and kernel variants timed on the device), lt (issue 12: where the speculating
 # step's launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with
 # session 28's wider code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb,
-# d, s, c.
+# d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -229,6 +229,12 @@ d)
   ;;
 s)
   timeout 580 bash benchmarks/scale_out_runs.sh 2 2>&1 | tail -12
+  ;;
+sk)
+  # tp2 with XLA's one-shot all-reduce kernels instead of NCCL (session 36: the 8B's tp2 batch-1
+  # step all-reduces 64 times, 128 KB each, on the critical path). Prediction: NCCL ~12-20 us per
+  # call in the step's graph, the one-shot kernel ~5: tp2 batch-1 decode +15-25% over case s's.
+  timeout 580 bash benchmarks/scale_out_runs.sh 8 2>&1 | tail -12
   ;;
 c)
   timeout 270 python3 benchmarks/disagg.py --model llama3.1-8b --random-weights --modes disagg \

@@ -10,6 +10,7 @@
 #   bash benchmarks/scale_out_runs.sh 5   # the same directories restored onto tp=2
 #   bash benchmarks/scale_out_runs.sh 6   # Llama-3.1-8B 500 x 200/180: tp1 vs pp2 (pipeline stages)
 #   bash benchmarks/scale_out_runs.sh 7   # correctness: pp=2 on 2 GPUs vs one (tests/gpu, pp only)
+#   bash benchmarks/scale_out_runs.sh 8   # tp1 vs tp2 with XLA's one-shot all-reduce kernels
 #
 # Targets (issue 14): tp2 >= 1.7x tp1 throughput and >= 1.5x batch-1 decode; dp2 >= 1.9x;
 # pp2 >= 1.7x tp1 throughput.
@@ -38,4 +39,11 @@ case "${1:-1}" in
     --num-requests 500 --input-len 200 --output-len 180 2>&1 | quiet | tail -12 ;;
 7)
   python3 -m pytest -q tests/gpu/test_scale_out_gpu.py -k pipeline 2>&1 | tail -15 ;;
+8)
+  # tp2's batch-1 step all-reduces [T, H] after every o and down projection (64 in the 8B's
+  # step; offline H200 compile, session 36): NCCL's latency per call against XLA's Triton
+  # one-shot kernel for single-host all-reduce (an XLA debug option, so set for the whole run).
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_experimental_use_collective_kernels=ALL_REDUCE" timeout 580 \
+    python3 benchmarks/scale_out.py --model llama3.1-8b --random-weights --layouts tp1,tp2 \
+    --num-requests 500 --input-len 200 --output-len 180 2>&1 | quiet | tail -12 ;;
 esac
