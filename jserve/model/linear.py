@@ -153,8 +153,14 @@ def mesh_axes_of(sharding: jax.sharding.Sharding, ndim: int) -> tuple[str | None
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """x: [T, H] -> [T, H]; statistics in float32 like HF, scaled in x's dtype."""
+    """x: [T, H] -> [T, H]; statistics in float32 like HF, scaled in x's dtype. A bf16 / f16 x
+    enters them as rounded (``reduce_precision``): where x is a sum computed in the same fusion
+    (the residual add), XLA's excess precision would otherwise hand the norm the unrounded float32
+    sum, and the result would depend on where the step's functions begin and end."""
     xf = x.astype(jnp.float32)
+    if jnp.finfo(x.dtype).bits < 32:
+        fi = jnp.finfo(x.dtype)
+        xf = jax.lax.reduce_precision(xf, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
     var = jnp.mean(xf * xf, axis=-1, keepdims=True)
     return weight * (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 

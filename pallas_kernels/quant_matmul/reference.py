@@ -140,6 +140,9 @@ def residual_rms_norm(y: jax.Array, residual: jax.Array, gamma: jax.Array, eps: 
     residual's dtype (``residual_norm``'s kernel fuses this with the matmul's epilogue)."""
     h = residual + y.astype(residual.dtype)
     hf = h.astype(jnp.float32)
+    if jnp.finfo(h.dtype).bits < 32:   # h as rounded, even where XLA fuses the add into the norm
+        fi = jnp.finfo(h.dtype)
+        hf = jax.lax.reduce_precision(hf, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
     var = jnp.mean(hf * hf, axis=-1, keepdims=True)
     return h, gamma * (hf * jax.lax.rsqrt(var + eps)).astype(h.dtype)
 

@@ -1,5 +1,7 @@
 """tp=2 on two fake CPU devices gives the same greedy tokens as tp=1."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -49,5 +51,8 @@ def test_attention_calls_run_per_device_under_tp(make_engine):
     text = runner.lower_step((16, False, False)).as_text()
     # KV write and attention each under shard_map, inside the one layer function every layer calls.
     assert text.count("manual_computation") >= 2
-    assert text.count("call @_layer(") == engine.config.model.num_layers
+    # (the last layer's residual stream is read by nothing after the final norm, so JAX prunes that
+    # output and lowers the last call as a function of its own: two functions at most)
+    calls = re.findall(r"call @(_layer\w*)\(", text)
+    assert len(calls) == engine.config.model.num_layers and len(set(calls)) <= 2
     assert not head_parallel(runner.mesh, 1) and not head_parallel(None, 8)
