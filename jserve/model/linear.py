@@ -35,9 +35,11 @@ which the partitioner shards like the dense matmul.
 
 ``linear_residual_norm`` is the seam of the o and down projections, whose outputs join the
 residual stream and then feed the next RMSNorm: ``h = residual + linear(x)``, ``normed =
-rms_norm(h)``. For a w8a16 weight at tp = 1 it calls ``pallas_kernels.quant_matmul_residual_norm``
-(on a Hopper GPU one kernel does the matmul's epilogue, the add and the norm); everything else
-is that composition, the ops the decoder ran before the seam existed.
+rms_norm(h)``. For a w8a16 weight on one device it calls
+``pallas_kernels.quant_matmul_residual_norm`` (on a Hopper GPU one kernel does the matmul's
+epilogue, the add and the norm); everything else (tensor parallel: a psum of partials; pipeline
+stages: layers inside ``shard_map``) is that composition, the ops the decoder ran before the
+seam existed.
 """
 
 from __future__ import annotations
@@ -171,7 +173,8 @@ def linear_residual_norm(x: jax.Array, w: Weight, i: int, residual: jax.Array, g
     ``rms_norm(h, gamma, eps)``, or None without ``gamma``), in residual's dtype (module
     docstring)."""
     if (gamma is not None and isinstance(w, QuantizedWeight) and w.group is None and not w.act_quant
-            and len(w.out_shape) == 1 and not _tensor_parallel(mesh) and x.dtype == residual.dtype):
+            and len(w.out_shape) == 1 and (mesh is None or mesh.devices.size == 1)
+            and x.dtype == residual.dtype):
         q = w.layer_q(i).reshape(w.out_shape[0], w.k)
         h, normed = pallas_kernels.quant_matmul_residual_norm(x, q, w.scale[i].reshape(-1), residual,
                                                               gamma, eps, **_kernel_choice(w))

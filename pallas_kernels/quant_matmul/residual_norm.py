@@ -45,8 +45,10 @@ def smem_bytes(split_k: int, n: int, dtype: jnp.dtype, gamma_dtype: jnp.dtype) -
 
 
 def supports(split_k: int, n: int, dtype: jnp.dtype, gamma_dtype: jnp.dtype) -> bool:
-    """Whether a row of N outputs from ``split_k`` partials fits the kernel."""
-    return n % COLUMNS == 0 and smem_bytes(split_k, n, dtype, gamma_dtype) <= SMEM_BYTES
+    """Whether a row of N outputs from ``split_k`` partials fits the kernel (gamma in the stream's
+    dtype, as the model holds it: the normed row is stored in that dtype)."""
+    return (n % COLUMNS == 0 and jnp.dtype(gamma_dtype) == jnp.dtype(dtype)
+            and smem_bytes(split_k, n, dtype, gamma_dtype) <= SMEM_BYTES)
 
 
 def residual_rms_norm(parts: jax.Array, residual: jax.Array, w_scale: jax.Array, gamma: jax.Array,

@@ -43,6 +43,7 @@ def test_shapes_the_kernel_does_not_take_are_refused():
     assert residual_norm.supports(8, 4096, jnp.bfloat16, jnp.bfloat16)
     assert not residual_norm.supports(64, 4096, jnp.bfloat16, jnp.bfloat16)   # SMEM
     assert not residual_norm.supports(1, 4000, jnp.bfloat16, jnp.bfloat16)    # 256-column rows
+    assert not residual_norm.supports(1, 4096, jnp.bfloat16, jnp.float32)    # gamma's dtype
     parts = jnp.zeros((64, 8, 4096), jnp.float32)
     with pytest.raises(ValueError, match="S=64"):
         residual_norm.residual_rms_norm(parts, jnp.zeros((8, 4096), jnp.bfloat16), jnp.ones(4096),
