@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,9 +38,9 @@ import numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from benchmarks.compile_ab import options, restacked, slice_copies
+from benchmarks.compile_ab import restacked, slice_copies
 from benchmarks.hlo_kernels import census
-from benchmarks.step_floor import MODULE_PATCHES
+from benchmarks.step_floor import patched
 from jserve.builder import EngineArgs, build_engine
 from jserve.compile_pool import compiler_options, cublas_min_tokens
 from jserve.model import shapes
@@ -98,16 +97,13 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (N > 1: run with "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=N for the CPU engine)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size (the same)")
-    ap.add_argument("--ab", default="", help="comma list of step_floor's module A/B patches in effect "
-                    "(MODULE_PATCHES, e.g. quant-residual-norm) and xla:NAME=VALUE compile options")
+    ap.add_argument("--ab", default="", help="comma list of step_floor's A/B patches in effect "
+                    "(e.g. quant-residual-norm, xla:NAME=VALUE)")
     ns = ap.parse_args()
+    patches = contextlib.ExitStack()   # step_floor's A/B patches, in effect for the whole run
     xla: dict[str, object] = {}
-    for patch in filter(None, ns.ab.split(",")):
-        if patch.startswith("xla:"):   # compile options, as step_floor's xla:NAME=VALUE
-            xla.update(options(patch[4:]))
-            continue
-        path, name, value = MODULE_PATCHES[patch]
-        setattr(importlib.import_module(path), name, value)
+    for opts in [patches.enter_context(patched(p)) for p in filter(None, ns.ab.split(","))]:
+        xla.update(opts or {})
     model, buckets = ns.model, [int(b) for b in ns.buckets.split(",")]
     if ns.layers:
         model = f"{ns.model}-{ns.layers}-layers"

@@ -171,7 +171,7 @@ MODULE_PATCHES = {
 
 
 @contextlib.contextmanager
-def _patched(patch: str):
+def patched(patch: str):
     """One named A/B patch of the decode step in effect while compiling; yields the compile
     options it needs (benchmark only)."""
     import pallas_kernels.kv_write.api as kv_write_api
@@ -234,7 +234,7 @@ def read_first(engine):
 def _recompiled(engine, variant, patch: str):
     """The engine's ``variant`` compiled again under named A/B patches joined by ``/``."""
     with contextlib.ExitStack() as stack:
-        opts = [stack.enter_context(_patched(p)) for p in patch.split("/")]
+        opts = [stack.enter_context(patched(p)) for p in patch.split("/")]
         merged = {k: v for o in opts if o for k, v in o.items()}
         # The patches act at trace time: drop the traces cached before them (the nested-jit
         # layer among them; session 15's first dk call recompiled the cached trace: 1 s, and

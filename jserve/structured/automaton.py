@@ -248,12 +248,11 @@ class AutomatonCompiler:
         self.eos = np.array(sorted({int(e) for e in eos_token_ids if 0 <= e < vocab_size}), np.int64)
         self._tokens = list(tokens[:vocab_size]) + [None] * max(0, vocab_size - len(tokens))
         self._vocab = self._worker = None
-        if worker if worker is not None else vocab_size >= WORKER_MIN_VOCAB:
-            skip = set(self.eos.tolist())
-            if len(skip) and any(b and i not in skip for i, b in enumerate(self._tokens)):
-                self._worker = IndexWorker(self._tokens, self.eos, vocab_size, max_states, WORKER_TIMEOUT_S)
-        else:
-            self._vocab = outlines_vocabulary(self._tokens, self.eos, vocab_size)
+        groups = _token_groups(self._tokens, self.eos) if len(self.eos) else {}
+        if groups and (worker if worker is not None else vocab_size >= WORKER_MIN_VOCAB):
+            self._worker = IndexWorker(self._tokens, self.eos, vocab_size, max_states, WORKER_TIMEOUT_S)
+        elif groups:
+            self._vocab = oc.Vocabulary(int(self.eos[0]), groups)
         self._cache: OrderedDict[tuple, TokenAutomaton | None] = OrderedDict()
         self._lock = threading.Lock()
         self._tokenize = tokenize
@@ -314,14 +313,21 @@ class AutomatonCompiler:
         return TokenAutomaton(table, start, done)
 
 
+def _token_groups(tokens: list[bytes | None], eos: np.ndarray) -> dict[bytes, list[int]]:
+    """Each token's bytes -> its ids (eos ids and empty tokens left out)."""
+    groups: dict[bytes, list[int]] = {}
+    skip = set(eos.tolist())
+    for i, b in enumerate(tokens):
+        if b and i not in skip:
+            groups.setdefault(b, []).append(i)
+    return groups
+
+
 def outlines_vocabulary(tokens: list[bytes | None], eos: np.ndarray, vocab_size: int) -> oc.Vocabulary | None:
     """outlines-core's vocabulary of ``tokens`` (ids < vocab_size, eos ids and empty ones left
     out); None when there is no eos id or no other token."""
-    vocab, skip = {}, set(eos.tolist())
-    for i, b in enumerate(tokens[:vocab_size]):
-        if b and i not in skip:
-            vocab.setdefault(b, []).append(i)
-    return oc.Vocabulary(int(eos[0]), vocab) if len(eos) and vocab else None
+    groups = _token_groups(tokens[:vocab_size], eos) if len(eos) else {}
+    return oc.Vocabulary(int(eos[0]), groups) if groups else None
 
 
 def raw_table(index: oc.Index, eos: np.ndarray, vocab_size: int, max_states: int

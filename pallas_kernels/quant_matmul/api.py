@@ -53,12 +53,16 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
         return tpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, **kw)
     if backend == "gpu" and act_quant and not interpret and _xla_fp8(x.shape[0]):
         return reference.w8a8_matmul(x, w, w_scale, input_scale, out_dtype, native=True)
-    if backend == "gpu" or interpret:
-        if (interpret or (MOSAIC_ON_HOPPER and mgpu.on_hopper())) and mgpu.supports(x, w, act_quant):
-            return mgpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, **kw)
+    if _mosaic_gpu(backend, interpret) and mgpu.supports(x, w, act_quant):
+        return mgpu.quant_matmul(x, w, w_scale, input_scale, interpret=interpret, **kw)
     if act_quant:
         return reference.w8a8_matmul(x, w, w_scale, input_scale, out_dtype)
     return reference.w8a16_matmul(x, w, w_scale, out_dtype)
+
+
+def _mosaic_gpu(backend: str, interpret: bool) -> bool:
+    """Whether the Mosaic GPU kernels run: interpreted, or on a Hopper GPU (``MOSAIC_ON_HOPPER``)."""
+    return interpret or (backend == "gpu" and MOSAIC_ON_HOPPER and mgpu.on_hopper())
 
 
 def _xla_fp8(m: int) -> bool:
@@ -75,8 +79,8 @@ def quant_matmul_residual_norm(x: jax.Array, w: jax.Array, w_scale: jax.Array, r
     Hopper GPU (or interpreted) with ``RESIDUAL_NORM_ON_HOPPER``: one kernel after the decode
     matmul instead of XLA's two (``residual_norm``); elsewhere that composition."""
     backend = backend or jax.default_backend()
-    mosaic = backend != "tpu" and (interpret or (backend == "gpu" and MOSAIC_ON_HOPPER and mgpu.on_hopper()))
-    if RESIDUAL_NORM_ON_HOPPER and mosaic and mgpu.residual_norm_supports(x, w, residual, gamma):
+    if (RESIDUAL_NORM_ON_HOPPER and backend != "tpu" and _mosaic_gpu(backend, interpret)
+            and mgpu.residual_norm_supports(x, w, residual, gamma)):
         return mgpu.quant_matmul_residual_norm(x, w, w_scale, residual, gamma, eps=eps,
                                                interpret=interpret)
     y = quant_matmul(x, w, w_scale, interpret=interpret, backend=backend)

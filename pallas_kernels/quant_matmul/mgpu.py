@@ -223,12 +223,17 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
         xq, x_scale = reference.quantize_activations(x, input_scale)
     else:
         xq, x_scale = x, None
-    xp = jnp.pad(xq, ((0, mp - m), (0, 0))) if mp != m else xq
+    xp = _pad_rows(xq, mp)
     if decode:
         parts = mgpu_decode.decode_matmul_t(xp, w, config=cfg, fp8=FP8, interpret=interpret)
     else:
         parts = matmul_t(xp, w, config=cfg, interpret=interpret)
     return finish(parts, m, w_scale, x_scale, out_dtype or x.dtype, store_mn=decode and cfg.store_mn)
+
+
+def _pad_rows(x: jax.Array, mp: int) -> jax.Array:
+    """x [M, K] -> [Mp, K], zero rows appended (the kernels' token padding)."""
+    return jnp.pad(x, ((0, mp - x.shape[0]), (0, 0))) if mp != x.shape[0] else x
 
 
 def residual_norm_supports(x: jax.Array, w: jax.Array, residual: jax.Array, gamma: jax.Array) -> bool:
@@ -254,8 +259,7 @@ def quant_matmul_residual_norm(x: jax.Array, w: jax.Array, w_scale: jax.Array, r
     reference.validate_inputs(x, w, w_scale)
     m, k = x.shape
     cfg = kernel_config(m, w.shape[0], k)
-    mp = padded_tokens(m)
-    xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+    xp = _pad_rows(x, padded_tokens(m))
     parts = mgpu_decode.decode_matmul_t(xp, w, config=cfg, fp8=FP8, interpret=interpret)
     return residual_norm.residual_rms_norm(parts, residual, w_scale, gamma, eps, pdl=cfg.pdl,
                                            interpret=interpret)
