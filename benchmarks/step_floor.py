@@ -36,6 +36,7 @@ import numpy as np
 
 from benchmarks.hlo_kernels import INSTR, NOT_KERNELS, computations
 from jserve.builder import EngineArgs, build_engine
+from jserve.compile_pool import compiler_options, cublas_min_tokens
 from jserve.sampling_params import SamplingParams
 from jserve.staged_input import stage_inputs
 from jserve.step_program import StepVariant
@@ -231,11 +232,21 @@ def read_first(engine):
         engine.scheduler.schedule = plain
 
 
+def engine_options(engine, variant) -> dict:
+    """The XLA options the engine compiled ``variant`` with (``compile_pool.compiler_options``):
+    an A/B's arm must differ from the engine's program only by its patch (session 37: without
+    them the 8B's bf16 recompile took XLA's autotuned Triton GEMMs instead of cuBLAS)."""
+    return compiler_options(variant.tokens, jax.default_backend() == "gpu",
+                            cublas_min_tokens(engine.runner.config.model.hidden_size))
+
+
 def _recompiled(engine, variant, patch: str):
-    """The engine's ``variant`` compiled again under named A/B patches joined by ``/``."""
+    """The engine's ``variant`` compiled again, with the engine's options, under named A/B
+    patches joined by ``/``."""
     with contextlib.ExitStack() as stack:
         opts = [stack.enter_context(patched(p)) for p in patch.split("/")]
-        merged = {k: v for o in opts if o for k, v in o.items()}
+        merged = engine_options(engine, variant)
+        merged.update({k: v for o in opts if o for k, v in o.items()})
         # The patches act at trace time: drop the traces cached before them (the nested-jit
         # layer among them; session 15's first dk call recompiled the cached trace: 1 s, and
         # the kernel counts did not move), and again after, so later compiles see no patch.
@@ -276,8 +287,8 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
         extra[f"A + {patch} (recompiled in {time.perf_counter() - tc:.0f} s)"] = fn
     decode = StepVariant(t, False, True, True)
     if twins:   # two executables of the decode step, called in turn
-        extra["A2 two executables of the decode step in turn"] = (eng.runner._compiled[decode],
-                                                                   eng.runner.lower_step(decode).compile())
+        again = eng.runner.lower_step(decode).compile(engine_options(eng, decode) or None)
+        extra["A2 two executables of the decode step in turn"] = (eng.runner._compiled[decode], again)
     extra_res = {name: floor_a(eng, step=fn) for name, fn in extra.items()}
     for key, overlap in (("B", True), ("C", False)):
         eng._overlap = overlap   # the async_scheduling option, toggled on one engine (benchmark only)
