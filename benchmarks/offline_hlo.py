@@ -98,7 +98,7 @@ def main() -> None:
                     "XLA_FLAGS=--xla_force_host_platform_device_count=N for the CPU engine)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size (the same)")
     ap.add_argument("--ab", default="", help="comma list of step_floor's A/B patches in effect "
-                    "(e.g. quant-residual-norm, xla:NAME=VALUE)")
+                    "(e.g. quant-residual-norm-off, xla:NAME=VALUE)")
     ns = ap.parse_args()
     patches = contextlib.ExitStack()   # step_floor's A/B patches, in effect for the whole run
     xla: dict[str, object] = {}

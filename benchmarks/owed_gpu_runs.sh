@@ -1,14 +1,11 @@
-# The device calls owed after session 36 (2026-12-05; sessions 35-36 were lent none), in the order to
-# run them. Each case fits one 10-minute call; every case writes its full output under $OUT and
-# prints a short table (a call killed at its limit returns no output tail: the files are what
-# comes back). Cases are
+# The device calls owed after session 37 (2026-12-05), in the order to run them. Each case fits
+# one 10-minute call; every case writes its full output under $OUT and prints a short table (a
+# call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-34 removed the ones they ran; vmm stays as the record of its arms).
-# Order: qx5, qx6 (issue 13: the w8a8 step's weight copies, then its throughput target), qr
-# (issue 13: the o / down epilogue, residual add and norm in one kernel), qe (issue 13: the
-# decode kernel's exit), qs (issue 13: the step's kernel chain, then the decode
-# matmul's ring and kernel variants timed on the device), lt (issue 12: where the speculating
-# step's launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with
+# history (sessions 7-37 removed the ones they ran; vmm stays as the record of its arms).
+# Order: qs (issue 13: the decode matmul's ring and kernel variants timed on the device), qe
+# (issue 13: the decode kernel configs' GPU tests), lt (issue 12: where the speculating step's
+# launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with
 # session 28's wider code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb,
 # d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
@@ -67,37 +64,6 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
 
 case "${1:-}" in
-qr)
-  # Issue 13's batch 1 (1.6x bf16 needs the 8B int8 + lm_head step at ~2.95 ms; 3.30 in session
-  # 32). Session 36 (no device; benchmarks/offline_hlo.py, the 8B's 16-token int8 step compiled
-  # for a deviceless H200): XLA runs two kernels after each o / down decode matmul (the split-K
-  # sum with the residual add, then RMSNorm) where bf16's cuBLAS GEMM adds the residual itself:
-  # 47 kernels against bf16's 44 at 2 layers. The A/B quant-residual-norm does the sum, the add
-  # and the norm in one Mosaic GPU kernel (residual_norm.py; 43 kernels at 2 layers, ~398 at
-  # 32 against 462). The GPU tests of the kernel first (never compiled on a device yet).
-  # Prediction: ~-2.5 us per o / down call, 3.30 -> ~3.15 ms, bf16 / int8 1.44x -> ~1.5x.
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
-    tests/gpu/test_quant_engine_gpu.py -k "residual_norm" > "$OUT/qr_tests.txt" 2>&1
-  tail -3 "$OUT/qr_tests.txt"
-  timeout 420 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head,none --ab quant-residual-norm > "$OUT/qr_step.txt" 2>&1
-  grep "^##\|^| A\|rror" "$OUT/qr_step.txt"
-  ;;
-qe)
-  # Issue 13's batch 1 (the 8B int8 + lm_head step 3.30 ms, 1.6x bf16 needs ~2.95). Session 34:
-  # with its weight already in L2 the decode kernel still takes 5.9 us at the 8B's o shape, ~2 us
-  # more than XLA's read of the same bytes (benchmarks/l2_resident.py): a fixed cost per call.
-  # One part: each CTA waits before it exits until its last partial has landed in memory; JAX's
-  # own Hopper matmul waits only until the store has read SMEM. The A/B (quant-exit-ro) and the
-  # GPU tests of the kernel configs. Prediction: -0.05-0.1 ms per step (129 calls x the last
-  # store's write latency).
-  # Also the engine's GPU tests of quantized weights (session 34's per-layer w8a8 arrays).
-  timeout 250 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py -k persistent \
-    tests/gpu/test_quant_engine_gpu.py > "$OUT/qe_tests.txt" 2>&1; tail -2 "$OUT/qe_tests.txt"
-  timeout 300 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head --ab quant-exit-ro > "$OUT/qe_step.txt" 2>&1
-  grep "^##\|^| A\|rror" "$OUT/qe_step.txt"
-  ;;
 qs)
   # Issue 13's >= 85% of the HBM read at M <= 16. Session 32 timed on the device (profiler trace,
   # benchmarks/device_clock.py; the 2 GiB int8 read 4.6 TB/s): the kernel's default read the 8B's
@@ -108,19 +74,18 @@ qs)
   # CTA per SM, M = 16 then 1, each section printed as it is timed. Prediction: the bare ring
   # within ~5-10% of XLA's read at gate/up and down; at qkv and o a short call's ramp and tail
   # (two to four 32 KB steps per CTA) hold the ring itself under ~65%, so the lever there is
-  # fewer, longer CTAs or cross-call overlap, not the body. First the step's kernels in launch
-  # order (one layer's chain with the gaps before each kernel) from a 20-step trace.
-  timeout 150 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head --trace /tmp/qs_trace > "$OUT/qs_step.txt" 2>&1
-  grep "^##\|^| A \|rror" "$OUT/qs_step.txt" | head
-  timeout 30 python3 benchmarks/trace_kernels.py /tmp/qs_trace/llama3.1-8b.int8+lm_head --steps 20 \
-    --top 40 --sequence 32 > "$OUT/qs_kernels.txt" 2>&1
-  head -60 "$OUT/qs_kernels.txt"
+  # fewer, longer CTAs or cross-call overlap, not the body. (Session 37 traced the step: RESULTS.md.)
   for sh in 4096x4096 6144x4096 4096x14336; do   # (gate/up, 28672x4096: the next call)
     timeout 120 python3 benchmarks/decode_stream.py --shape $sh --ms 16,1 --layouts rows --rounds 1 \
       --kernels mosaic --iters 20 --trace-dir /tmp/qs_$sh > "$OUT/qs_$sh.txt" 2>&1
     grep "^|\|^int8\|rror" "$OUT/qs_$sh.txt" | head -40
   done
+  ;;
+qe)
+  # The GPU tests of the decode kernel's configs (session 37 timed the step's A/B quant-exit-ro:
+  # 3.310 against 3.312 ms, no change; the engine's quantized GPU tests passed, 8).
+  timeout 250 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py -k persistent \
+    > "$OUT/qe_tests.txt" 2>&1; tail -2 "$OUT/qe_tests.txt"
   ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify
@@ -141,39 +106,6 @@ lt)
     > "$OUT/lt_spec.txt" 2>&1
   grep "^##\|Execute\|command_buffer\|cuGraph\|DevicePut\|Thunk\|cond\|Wait\|wait\|Await\|__call__\|dispatch\|_prepare\|alloc\|Alloc\|Transpose\|copy" \
     "$OUT/lt_spec.txt" | head -40
-  ;;
-qx5)
-  # Issue 13's w8a8 throughput. Session 34: in Qwen2.5-0.5B's w8a8 256-token step (compiled as
-  # the engine compiles the 8B's buckets) every fp8 projection weight went to its cuBLASLt fp8
-  # GEMM through a copy out of its stacked array (96 calls, 347 MiB per step; XLA's dynamic slice
-  # fusion passes slices in place only to legacy cuBLAS GEMMs and registered custom calls); the
-  # cuBLASLt fp8 GEMM alone ran 1.9x bf16's at the 8B's gate/up. Landed untested on a GPU: the
-  # engine holds w8a8 projections one array per layer (linear.unstack_layers) and the GEMM
-  # writes bf16 sums. Here the 8B's 256- and 2048-token buckets, bf16, then w8a8 per layer and
-  # restacked (the layout before): slice copies and ms per call. Prediction: bf16 and per-layer
-  # w8a8 no copies, restacked w8a8 128 copies (~7 GiB); per-layer ~3 ms faster per 256-token
-  # step than restacked (a read and a write of the fp8 weights at the HBM rate), ~1.15x bf16's.
-  # Session 35 compiled these programs for a deviceless H200 on a CPU (benchmarks/offline_hlo.py,
-  # 4 of the 8B's layers): per layer 2-4 index copies, restacked 208 MiB per layer: the copies'
-  # part is settled; the timings are what this case is owed for.
-  cu="xla_gpu_enable_triton_gemm=false+xla_disable_hlo_passes=rematerialization"
-  timeout 200 python3 benchmarks/compile_ab.py --model llama3.1-8b --quantization none --buckets 256,2048 \
-    --modes "$cu" > "$OUT/qx5_none.txt" 2>&1
-  timeout 380 python3 benchmarks/compile_ab.py --model llama3.1-8b --quantization fp8_w8a8 \
-    --buckets 256,2048 --modes "$cu" --layouts per-layer,stacked > "$OUT/qx5_w8a8.txt" 2>&1
-  grep -h "^|\|^##\|rror" "$OUT/qx5_none.txt" "$OUT/qx5_w8a8.txt"
-  ;;
-qx6)
-  # Issue 13's target: Llama-3.1-8B 500 x 200/180 with w8a8 >= 1.3x bf16 (session 22: 0.98x;
-  # qx5's per-layer fp8 weights and bf16 sums since). Prediction: ~1.2-1.25x (256-token steps
-  # ~1.15x, 2048-token ~1.3x).
-  for q in none fp8_w8a8; do
-    qa=""; [ $q != none ] && qa="--quantization $q"
-    timeout 280 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --max-num-seqs 256 \
-      --max-num-batched-tokens 2048 --max-model-len 512 $qa --num-requests 500 --input-len 200 \
-      --output-len 180 --gpu-memory-utilization 0.8 --bucket-times > "$OUT/qx6_$q.txt" 2>&1
-    echo "### $q"; grep "^| \(startup\|batch1\|throughput_out\|pool\|[0-9]\)\|RESOURCE\|rror" "$OUT/qx6_$q.txt"
-  done
   ;;
 b2)
   timeout 400 python3 benchmarks/spec_decode.py --methods ngram --ks 2,4,6 --num-prompts 8 \

@@ -166,8 +166,9 @@ MODULE_PATCHES = {
     "quant-exit-ro": ("pallas_kernels.quant_matmul.mgpu", "DECODE_EXIT_READ_ONLY", True),
     # the persistent decode kernel's out^T partials (before session 24)
     "quant-out-t": ("pallas_kernels.quant_matmul.mgpu", "DECODE_STORE_MN", False),
-    # the o / down projections' epilogue, residual add and next RMSNorm in one kernel (session 36)
-    "quant-residual-norm": ("pallas_kernels.quant_matmul.api", "RESIDUAL_NORM_ON_HOPPER", True),
+    # the o / down projections' split-K sum, residual add and next RMSNorm back in XLA's two
+    # kernels (the engine's default since session 37: one Mosaic GPU kernel, residual_norm.py)
+    "quant-residual-norm-off": ("pallas_kernels.quant_matmul.api", "RESIDUAL_NORM_ON_HOPPER", False),
 }
 
 
@@ -335,7 +336,7 @@ def main() -> None:
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
                     "attn-fused-combine, quant-xla, quant-pdl, quant-exit-ro, quant-out-t, "
-                    "quant-residual-norm, xla:OPTION=VALUE")
+                    "quant-residual-norm-off, xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,
