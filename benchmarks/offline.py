@@ -138,7 +138,7 @@ def main() -> None:
                          "(pallas_kernels.quant_matmul.api.W8A8_XLA_MIN_M; default: the dispatcher's)")
     ap.add_argument("--triton-gemm-all", action="store_true",
                     help="A/B: XLA's autotuned Triton GEMMs allowed in every bucket (the engine gives "
-                         "wide models' buckets cuBLAS only: jserve/compile_pool.py)")
+                         "wide models' buckets from 32 tokens cuBLAS only: jserve/compile_pool.py)")
     ap.add_argument("--triton-gemm-from", type=int, default=None,
                     help="A/B: XLA's autotuned Triton GEMMs allowed in buckets of this many tokens and "
                          "more, cuBLAS below (w8a8's XLA fp8 dots start at 128 tokens)")

@@ -3,7 +3,7 @@
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-37 removed the ones they ran; vmm stays as the record of its arms).
-# Order: qs (issue 13: the decode matmul's ring and kernel variants timed on the device), qe
+# Order: tg (the 8B's bf16 decode bucket back on autotuned Triton GEMMs), qs (issue 13: the decode matmul's ring and kernel variants timed on the device), qe
 # (issue 13: the decode kernel configs' GPU tests), lt (issue 12: where the speculating step's
 # launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with
 # session 28's wider code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb,
@@ -64,6 +64,17 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
 
 case "${1:-}" in
+tg)
+  # Session 37 gave wide models' 16-token (decode) bucket XLA's autotuned Triton GEMMs again
+  # (compile_pool.WIDE_CUBLAS_MIN_TOKENS; cuBLAS from 32 tokens): three same-process A/Bs put the
+  # 8B's bf16 decode step 4-7% faster with them. The engine's default against its old cuBLAS arm,
+  # and the cold build's seconds (the bucket's first program compiles alone, ~35 s). Prediction:
+  # A ~4.55 ms, the cuBLAS arm ~4.87; engine build +~30 s over session 37's 12 s (warm cache).
+  rm -rf ~/.cache/jserve
+  timeout 400 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization none,int8+lm_head --ab xla:xla_gpu_enable_triton_gemm=false > "$OUT/tg_step.txt" 2>&1
+  grep "^##\|^| A\|^| B\|rror" "$OUT/tg_step.txt"
+  ;;
 qs)
   # Issue 13's >= 85% of the HBM read at M <= 16. Session 32 timed on the device (profiler trace,
   # benchmarks/device_clock.py; the 2 GiB int8 read 4.6 TB/s): the kernel's default read the 8B's

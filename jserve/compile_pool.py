@@ -28,18 +28,24 @@ tokens it ran 3% slower (20.5 s of compile against 2.9) and at 16 (a decode step
 so small buckets keep the autotuned Triton GEMMs. XLA's autotune level 0 (no autotuning, Triton
 kept) ran 6.5-21x slower: not an option.
 
-Wide models (``WIDE_HIDDEN`` and more, ``cublas_min_tokens``) take cuBLAS in every bucket. On an
-H200 (Llama-3.1-8B, fresh compiles) cuBLAS ran the greedy step's 32 / 64-token buckets at 1.011x
-/ 0.994x the autotuned Triton GEMMs' time and compiled them in 4.1 / 3.4 s against 38.2 / 32.7 s
-(session 17: those two buckets were 85 s of a 244 s cold start), and the 16-token decode step at
-1.044x (4.781 ms against 4.580; compiled in 3.3 s against 35.2 s alone). XLA's untuned Triton
-GEMMs (autotune level 0), which session 17 took for the 16-token bucket from an A/B where the
-level-0 compile followed an autotuned compile of the same step in the process (XLA keeps
-autotuning results per process, and the level-0 compile apparently found them), ran that step in
-24.4 ms (5.3x; session 18, `compile_ab.py` with level 0 first, and the engine's batch-1 decode
-at 41 tok/s) until it went. On Qwen2.5-0.5B (hidden 896) cuBLAS ran the 16-token step
-13% slower, so narrow models keep the autotuner below ``CUBLAS_MIN_TOKENS``. Only autotuned
-buckets' first programs compile alone.
+Wide models (``WIDE_HIDDEN`` and more, ``cublas_min_tokens``) take cuBLAS from
+``WIDE_CUBLAS_MIN_TOKENS`` (32) tokens: only the decode bucket (16 tokens) keeps the autotuned
+Triton GEMMs. On an H200 (Llama-3.1-8B, fresh compiles) cuBLAS ran the greedy step's 32 /
+64-token buckets at 1.011x / 0.994x the autotuned Triton GEMMs' time and compiled them in 4.1 /
+3.4 s against 38.2 / 32.7 s (session 17: those two buckets were 85 s of a 244 s cold start), and
+the 16-token decode step at 1.044x (4.781 ms against 4.580; compiled in 3.3 s against 35.2 s
+alone). XLA's untuned Triton GEMMs (autotune level 0), which session 17 took for the 16-token
+bucket from an A/B where the level-0 compile followed an autotuned compile of the same step in
+the process (XLA keeps autotuning results per process, and the level-0 compile apparently found
+them), ran that step in 24.4 ms (5.3x; session 18, `compile_ab.py` with level 0 first, and the
+engine's batch-1 decode at 41 tok/s) until it went. The 16-token bucket then took cuBLAS too
+(sessions 18-36), for its ~32 s of compile: three same-process A/Bs since put the 8B's bf16
+decode step 4-7% faster with the autotuned GEMMs (4.58 / 4.78 ms, session 18; 4.48 / 4.72,
+session 33; 4.544 / 4.876, session 37), and decode is what a user waits on token by token, while
+the executable cache keeps the compile out of every later start-up: the decode bucket is
+autotuned again. On Qwen2.5-0.5B (hidden 896) cuBLAS ran the 16-token step 13% slower, so narrow
+models keep the autotuner below ``CUBLAS_MIN_TOKENS``. Only autotuned buckets' first programs
+compile alone.
 
 XLA's rematerialization pass is off for every step program on GPU. Its memory limit is the
 device's, and it counts the arguments: with the KV pool filling the share, every real-size step
@@ -65,14 +71,15 @@ if TYPE_CHECKING:
 
 CUBLAS_MIN_TOKENS = 128   # GPU token buckets from this size on: cuBLAS GEMMs (module docstring)
 COMPILE_THREADS = 8       # programs compiled at once, at most (``Runner.compile_threads``)
-WIDE_HIDDEN = 4096        # models this wide: cuBLAS in every bucket
+WIDE_HIDDEN = 4096        # models this wide: cuBLAS from WIDE_CUBLAS_MIN_TOKENS
+WIDE_CUBLAS_MIN_TOKENS = 32   # wide models' buckets from this size on: cuBLAS (decode's: Triton)
 
 
 def cublas_min_tokens(hidden_size: int) -> int:
     """The smallest GPU token bucket whose matmuls go to cuBLAS for a model of ``hidden_size``
-    (module docstring): every bucket for wide models, ``CUBLAS_MIN_TOKENS`` for narrow ones
-    (XLA's autotuned Triton GEMMs below)."""
-    return 0 if hidden_size >= WIDE_HIDDEN else CUBLAS_MIN_TOKENS
+    (module docstring): ``WIDE_CUBLAS_MIN_TOKENS`` for wide models, ``CUBLAS_MIN_TOKENS`` for
+    narrow ones (XLA's autotuned Triton GEMMs below)."""
+    return WIDE_CUBLAS_MIN_TOKENS if hidden_size >= WIDE_HIDDEN else CUBLAS_MIN_TOKENS
 
 
 def compiler_options(tokens: int, gpu: bool, cublas_from: int = CUBLAS_MIN_TOKENS) -> dict[str, Any]:

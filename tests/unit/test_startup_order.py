@@ -70,9 +70,9 @@ def test_on_gpu_each_token_bucket_compiles_first_alone():
     base = {"xla_disable_hlo_passes": "rematerialization"}
     off = {**base, "xla_gpu_enable_triton_gemm": False}
     assert opts == {"a": base, "b": base, "c": base, "d": off, "e": off}
-    wide = run("gpu", hidden=4096)   # cuBLAS in every bucket: nothing autotuned, all on threads
-    assert not any(e[2] for e in wide)
-    assert opts == {"a": off, "b": off, "c": off, "d": off, "e": off}
+    wide = run("gpu", hidden=4096)   # cuBLAS from 32 tokens: the 16-token bucket alone is autotuned
+    assert wide[0] == ("start", "a", True) and not any(e[2] for e in wide[1:])
+    assert opts == {"a": base, "b": base, "c": off, "d": off, "e": off}
     assert not any(e[2] for e in run("cpu"))   # all on the pool's threads
     assert all(o == {} for o in opts.values())
 
