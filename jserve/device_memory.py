@@ -87,12 +87,18 @@ def allowed_bytes(bytes_limit: int, fraction: float, utilization: float) -> tupl
         f"other JAX call, or set {FRACTION_VARS[0]}={utilization} before starting Python.")
 
 
+def allocator_limited(device: jax.Device) -> bool:
+    """Whether ``device``'s allocator reports a memory limit (GPU, TPU; not CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return bool(stats) and "bytes_limit" in stats
+
+
 def usable_device_bytes(device: jax.Device, utilization: float) -> int | None:
     """Bytes the engine may use on ``device`` (weights, activations and KV), or None when the
     backend reports no memory limit (CPU). Logs a warning when the allocator allows less."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if not stats or "bytes_limit" not in stats:
+    if not allocator_limited(device):
         return None
+    stats = device.memory_stats()
     usable, warning = allowed_bytes(int(stats["bytes_limit"]), allocator_fraction(device.platform),
                                     utilization)
     if warning:

@@ -354,18 +354,54 @@ def test_a_pool_array_without_a_free_block_leaves_nothing_allocated(monkeypatch)
     assert len(jax.tree.leaves(kv_cache.allocate_kv_cache(cfg, 15, 16, "float32", make_mesh(1)))) == 8
 
 
+def _counting_compiles(monkeypatch) -> list[int]:
+    """One entry per ``Runner.compile_programs`` call (each compiles the step programs)."""
+    from jserve.runner import Runner
+
+    calls, real = [], Runner.compile_programs
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Runner, "compile_programs", counted)
+    return calls
+
+
+def test_a_fragmented_pool_is_found_before_the_step_programs_compile(make_engine, monkeypatch, caplog):
+    """Where the allocator reports a limit, start-up allocates the pool once and frees it
+    before compiling: its third array finds no block, the plan drops to 80 * (2 - 1) / 4 = 20
+    pages, and the programs compile once, for those."""
+    from engine_helpers import run_tokens
+
+    from jserve import builder
+    from jserve.sampling_params import SamplingParams
+
+    monkeypatch.setattr(builder, "allocator_limited", lambda device: True)
+    compiles = _counting_compiles(monkeypatch)
+    _fail_once_at(monkeypatch, 3)
+    with caplog.at_level("WARNING", logger="jserve.builder"):
+        engine = make_engine("llama", num_pages=80, max_num_batched_tokens=16, max_num_seqs=4)
+    assert "planning 20 pages instead of 80 (75.0% fewer) before the step programs compile" in caplog.text
+    assert "compiling the step programs again" not in caplog.text and len(compiles) == 1
+    assert engine.runner.kv[0][0].shape[0] == 20 and engine.scheduler.kv.pool.num_pages == 20
+    assert run_tokens(engine, [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0]
+
+
 def test_start_up_retries_a_fragmented_pool_with_fewer_pages_and_compiles_for_them(make_engine, monkeypatch,
                                                                                    caplog):
-    """The one recovery that compiles an engine twice: the pool's third array finds no block,
-    the engine starts over 80 * (2 - 1) / 4 = 20 pages, compiled for them, and serves."""
+    """The one recovery that compiles an engine twice (holes the compile itself left; on CPU
+    there is no trial allocation before it): the pool's third array finds no block, the engine
+    starts over 80 * (2 - 1) / 4 = 20 pages, compiled for them, and serves."""
     from engine_helpers import run_tokens
 
     from jserve.sampling_params import SamplingParams
 
+    compiles = _counting_compiles(monkeypatch)
     _fail_once_at(monkeypatch, 3)
     with caplog.at_level("WARNING", logger="jserve.builder"):
         engine = make_engine("llama", num_pages=80, max_num_batched_tokens=16, max_num_seqs=4)
-    assert "allocating 20 pages instead of 80" in caplog.text
+    assert "allocating 20 pages instead of 80" in caplog.text and len(compiles) == 2
     assert engine.runner.kv[0][0].shape[0] == 20 and engine.scheduler.kv.pool.num_pages == 20
     assert run_tokens(engine, [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0]
 
