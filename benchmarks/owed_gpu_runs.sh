@@ -3,7 +3,8 @@
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-37 removed the ones they ran; vmm stays as the record of its arms).
-# Order: tg (the 8B's bf16 decode bucket back on autotuned Triton GEMMs), qs (issue 13: the decode matmul's ring and kernel variants timed on the device), qe
+# Order: qw (issue 13: the QKV epilogue, RoPE and K/V write in one kernel), tg (the 8B's bf16
+# decode bucket back on autotuned Triton GEMMs), qs (issue 13: the decode matmul's ring and kernel variants timed on the device), qe
 # (issue 13: the decode kernel configs' GPU tests), lt (issue 12: where the speculating step's
 # launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with
 # session 28's wider code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb,
@@ -64,6 +65,21 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
 
 case "${1:-}" in
+qw)
+  # Issue 13's batch 1 (1.6x bf16; session 37: int8 + lm_head 3.27 ms, 1.49x the engine's cuBLAS
+  # bf16, 1.38x autotuned Triton's). Session 37's trace: per layer the qkv partials go through
+  # XLA's sum + RoPE (1.7 us) and the K and V scatters (2.6 + 3.0 us); the A/B quant-rope-write
+  # does all three in one Mosaic GPU kernel (kv_write/rope_write.py; offline H200 compile at 2
+  # layers 43 -> 41 kernels, ~338 at 32 against 400). The GPU tests first (never compiled on a
+  # device). Prediction: -4.5 us per layer, 3.27 -> ~3.13 ms.
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
+    tests/gpu/test_quant_engine_gpu.py -k "rope_write" > "$OUT/qw_tests.txt" 2>&1
+  tail -3 "$OUT/qw_tests.txt"
+  timeout 300 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8+lm_head --ab quant-rope-write,quant-rope-write/quant-residual-norm-off \
+    --trace /tmp/qw_trace > "$OUT/qw_step.txt" 2>&1
+  grep "^##\|^| A\|rror" "$OUT/qw_step.txt"
+  ;;
 tg)
   # Session 37 gave wide models' 16-token (decode) bucket XLA's autotuned Triton GEMMs again
   # (compile_pool.WIDE_CUBLAS_MIN_TOKENS; cuBLAS from 32 tokens): three same-process A/Bs put the

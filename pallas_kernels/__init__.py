@@ -9,6 +9,8 @@ gpu -> Pallas Triton-lowered kernel, tpu -> Pallas Mosaic TPU kernel):
   quant_matmul            x @ 8-bit weight (int8 / fp8, per-channel scales), w8a16 or fp8 w8a8
                           (gpu: Mosaic GPU kernel on Hopper)
   quant_matmul_residual_norm  the same (w8a16) added to the residual stream, then RMSNorm
+  quant_matmul_rope_write     the same (w8a16, a fused QKV projection), RoPE and the K/V write
+                              (``rope_write_fuses``: whether one kernel does the epilogue)
 
 Sub-packages (``ragged_paged_attention/``, ``flash_attention/``, ``kv_write/``,
 ``quant_matmul/``) hold
@@ -19,8 +21,13 @@ shadow the sub-package attributes: import modules as
 
 from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.kv_write.api import write_kv, write_kv_quantized
-from pallas_kernels.quant_matmul.api import quant_matmul, quant_matmul_residual_norm
+from pallas_kernels.quant_matmul.api import (
+    quant_matmul,
+    quant_matmul_residual_norm,
+    quant_matmul_rope_write,
+    rope_write_fuses,
+)
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
 
-__all__ = ["flash_attention", "quant_matmul", "quant_matmul_residual_norm", "ragged_paged_attention",
-           "write_kv", "write_kv_quantized"]
+__all__ = ["flash_attention", "quant_matmul", "quant_matmul_residual_norm", "quant_matmul_rope_write",
+           "ragged_paged_attention", "rope_write_fuses", "write_kv", "write_kv_quantized"]

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache
 from jserve.model.attention import fresh_prefill_attention, paged_attention, write_kv
-from jserve.model.linear import QuantizedWeight, linear, linear_residual_norm, rms_norm
+from jserve.model.linear import QuantizedWeight, linear, linear_residual_norm, linear_rope_write, rms_norm
 from jserve.model.microbatch import bubble, split_microbatches
 from jserve.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from jserve.step_input import StepInput, advance_decode
@@ -46,14 +46,20 @@ def _attention_block(cfg: ModelConfig, w: dict[str, Any], h: jax.Array, pool: tu
     before wo; pool). ``pool``: the layer's ``(k_pages, v_pages)`` (+ ``(k_scales,
     v_scales)`` when int8/fp8)."""
     t, g, nq = h.shape[0], cfg.q_per_kv_padded, cfg.num_q_heads_padded
-    qkv = linear(h, w["wqkv"], 0, mesh)                             # [T, Nkv, Gp + 2, d]
-    if cfg.qkv_bias:
-        qkv = qkv + w["bqkv"][0]
-    # Gp query heads per kv head (zero-padded heads included: they add exactly 0 through wo).
-    q = apply_rope(qkv[:, :, :g].reshape(t, nq, cfg.head_dim), cos, sin)
-    k = apply_rope(qkv[:, :, g], cos, sin)
-    v = qkv[:, :, g + 1]
-    pool = write_kv(pool, k, v, batch.slot_mapping, mesh)
+    bias = w["bqkv"][0] if cfg.qkv_bias else None
+    fused = None if fresh_prefill else linear_rope_write(h, w["wqkv"], 0, bias, cos, sin,
+                                                         batch.slot_mapping, pool, g, mesh)
+    if fused is not None:   # one kernel: the projection's epilogue, RoPE, the K/V write
+        q, pool = fused
+    else:
+        qkv = linear(h, w["wqkv"], 0, mesh)                             # [T, Nkv, Gp + 2, d]
+        if bias is not None:
+            qkv = qkv + bias
+        # Gp query heads per kv head (zero-padded heads included: they add exactly 0 through wo).
+        q = apply_rope(qkv[:, :, :g].reshape(t, nq, cfg.head_dim), cos, sin)
+        k = apply_rope(qkv[:, :, g], cos, sin)
+        v = qkv[:, :, g + 1]
+        pool = write_kv(pool, k, v, batch.slot_mapping, mesh)
     scale = cfg.head_dim ** -0.5
     if fresh_prefill:
         o = fresh_prefill_attention(q, k, v, batch, sm_scale=scale, sliding_window=window, mesh=mesh)

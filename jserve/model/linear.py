@@ -40,6 +40,12 @@ rms_norm(h)``. For a w8a16 weight on one device it calls
 epilogue, the add and the norm); everything else (tensor parallel: a psum of partials; pipeline
 stages: layers inside ``shard_map``) is that composition, the ops the decoder ran before the
 seam existed.
+
+``linear_rope_write`` is the fused QKV projection's seam on a decode step (paged attention):
+for a w8a16 weight on one device with an unquantized pool, where
+``pallas_kernels.rope_write_fuses``, one kernel after the decode matmul sums its partials, adds
+the bias, applies RoPE and writes K / V into the pool; elsewhere it returns None and the
+decoder runs ``linear``, RoPE and ``write_kv`` itself.
 """
 
 from __future__ import annotations
@@ -181,6 +187,27 @@ def linear_residual_norm(x: jax.Array, w: Weight, i: int, residual: jax.Array, g
         return _typed_like(h, residual), _typed_like(normed, residual)
     h = residual + linear(x, w, i, mesh)
     return h, None if gamma is None else rms_norm(h, gamma, eps)
+
+
+def linear_rope_write(x: jax.Array, w: Weight, i: int, bias: jax.Array | None, cos: jax.Array,
+                      sin: jax.Array, slot_mapping: jax.Array, pool: tuple[jax.Array, ...], groups: int,
+                      mesh: Mesh | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]] | None:
+    """x: [T, K] @ layer ``i`` of the fused QKV weight (out [Nkv, G + 2, d]), + ``bias`` [Nkv, G +
+    2, d], RoPE by cos / sin float32 [T, d], K / V written into ``pool`` (k_pages, v_pages) at
+    ``slot_mapping`` -> (q [T, Nkv * G, d], pool) in one kernel after the matmul; None where
+    that kernel does not run (module docstring)."""
+    if not (isinstance(w, QuantizedWeight) and w.group is None and not w.act_quant and len(pool) == 2
+            and len(w.out_shape) == 3 and (mesh is None or mesh.devices.size == 1)
+            and x.dtype == pool[0].dtype):
+        return None
+    q8 = w.layer_q(i).reshape(math.prod(w.out_shape), w.k)
+    b = None if bias is None else bias.reshape(-1)
+    head_dim = w.out_shape[-1]
+    if not pallas_kernels.rope_write_fuses(x, q8, groups, head_dim, b is not None, **_kernel_choice(w)):
+        return None
+    q, k_pages, v_pages = pallas_kernels.quant_matmul_rope_write(
+        x, q8, w.scale[i].reshape(-1), b, cos, sin, slot_mapping, *pool, groups=groups, **_kernel_choice(w))
+    return q, (_typed_like(k_pages, pool[0]), _typed_like(v_pages, pool[1]))
 
 
 def _typed_like(a: jax.Array, stream: jax.Array) -> jax.Array:

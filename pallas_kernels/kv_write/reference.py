@@ -122,6 +122,36 @@ def write_kv(
     return flat_k.reshape(k_pages.shape), flat_v.reshape(v_pages.shape)
 
 
+def split_rope(qkv: jax.Array, cos: jax.Array, sin: jax.Array, nkv: int, groups: int
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A fused QKV projection's output [T, Nkv * (G + 2) * d] (per kv head: G query heads, K, V)
+    -> (q [T, Nkv * G, d], k [T, Nkv, d], v [T, Nkv, d]), q and K rotated by cos / sin float32
+    [T, d] (HF's rotate-half RoPE, computed in float32, rounded to qkv's dtype)."""
+    t = qkv.shape[0]
+    y = qkv.reshape(t, nkv, groups + 2, -1)
+    d = y.shape[-1]
+
+    def rotated(x: jax.Array) -> jax.Array:   # x [T, heads, d]
+        xf, half = x.astype(jnp.float32), d // 2
+        c, s = cos[:, None, :half], sin[:, None, :half]
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+    q = rotated(y[:, :, :groups].reshape(t, nkv * groups, d))
+    return q, rotated(y[:, :, groups]), y[:, :, groups + 1]
+
+
+def rope_write(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slot_mapping: jax.Array,
+               k_pages: jax.Array, v_pages: jax.Array, groups: int
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``split_rope`` of the projection [T, Nkv * (G + 2) * d] in the pools' dtype, its K / V
+    written at ``slot_mapping`` -> (q [T, Nkv * G, d], k_pages, v_pages). The reference of
+    ``rope_write.rope_write``."""
+    q, k, v = split_rope(qkv, cos, sin, k_pages.shape[2], groups)
+    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slot_mapping)
+    return q, k_pages, v_pages
+
+
 def write_kv_quantized(
     k_pages: jax.Array,
     v_pages: jax.Array,

@@ -28,6 +28,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.kv_write import api as kv_api
+from pallas_kernels.kv_write import reference as kv_reference
 from pallas_kernels.quant_matmul import mgpu, reference, tpu
 
 MOSAIC_ON_HOPPER = True
@@ -36,6 +38,9 @@ MOSAIC_ON_HOPPER = True
 # two calls: 3.319 -> 3.281 ms and 3.312 -> 3.269 ms, 463 -> 400 kernels (the A/B's other arm:
 # benchmarks/step_floor.py --ab quant-residual-norm-off).
 RESIDUAL_NORM_ON_HOPPER = True
+# A decode step's QKV epilogue, RoPE and K/V write in one kernel (``mgpu.quant_matmul_rope_write``):
+# off until the device times it (the A/B: benchmarks/step_floor.py --ab quant-rope-write).
+ROPE_WRITE_ON_HOPPER = False
 W8A8_XLA_MIN_M: int | None = 128   # (module docstring)
 
 
@@ -86,3 +91,33 @@ def quant_matmul_residual_norm(x: jax.Array, w: jax.Array, w_scale: jax.Array, r
                                                interpret=interpret)
     y = quant_matmul(x, w, w_scale, interpret=interpret, backend=backend)
     return reference.residual_rms_norm(y, residual, gamma, eps)
+
+
+def rope_write_fuses(x: jax.Array, w: jax.Array, groups: int, head_dim: int, bias: bool, *,
+                     interpret: bool = False, backend: str | None = None) -> bool:
+    """Whether ``quant_matmul_rope_write`` runs its fused kernel for these operands (on a Hopper
+    GPU or interpreted, with ``ROPE_WRITE_ON_HOPPER``); else it is the composition."""
+    backend = backend or jax.default_backend()
+    return (ROPE_WRITE_ON_HOPPER and backend != "tpu" and _mosaic_gpu(backend, interpret)
+            and mgpu.rope_write_supports(x, w, groups, head_dim, bias))
+
+
+def quant_matmul_rope_write(x: jax.Array, w: jax.Array, w_scale: jax.Array, bias: jax.Array | None,
+                            cos: jax.Array, sin: jax.Array, slot_mapping: jax.Array, k_pages: jax.Array,
+                            v_pages: jax.Array, *, groups: int, interpret: bool = False,
+                            backend: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A fused QKV projection (w8a16; x [T, K], w [N, K], N = Nkv x (G + 2) x d: per kv head G
+    query heads, K, V), its bias (None or [N]), RoPE (cos / sin float32 [T, d]) and the K / V
+    write into the unquantized pools at ``slot_mapping`` -> (q [T, Nkv * G, d], k_pages,
+    v_pages), as ``kv_write.reference.rope_write`` of the projection. One kernel after the
+    decode matmul where ``rope_write_fuses`` (XLA's sum + RoPE and two scatters otherwise)."""
+    if rope_write_fuses(x, w, groups, k_pages.shape[-1], bias is not None, interpret=interpret,
+                        backend=backend):
+        return mgpu.quant_matmul_rope_write(x, w, w_scale, bias, cos, sin, slot_mapping, k_pages,
+                                            v_pages, groups=groups, interpret=interpret)
+    y = quant_matmul(x, w, w_scale, interpret=interpret, backend=backend)
+    if bias is not None:
+        y = y + bias
+    q, k, v = kv_reference.split_rope(y, cos, sin, k_pages.shape[2], groups)
+    k_pages, v_pages = kv_api.write_kv(k_pages, v_pages, k, v, slot_mapping, interpret=interpret)
+    return q, k_pages, v_pages

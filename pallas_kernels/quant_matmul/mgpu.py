@@ -46,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.kv_write import rope_write
 from pallas_kernels.quant_matmul import mgpu_decode, reference, residual_norm
 from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig, finish, smem_transforms
 
@@ -263,3 +264,32 @@ def quant_matmul_residual_norm(x: jax.Array, w: jax.Array, w_scale: jax.Array, r
     parts = mgpu_decode.decode_matmul_t(xp, w, config=cfg, fp8=FP8, interpret=interpret)
     return residual_norm.residual_rms_norm(parts, residual, w_scale, gamma, eps, pdl=cfg.pdl,
                                            interpret=interpret)
+
+
+def rope_write_supports(x: jax.Array, w: jax.Array, groups: int, head_dim: int, bias: bool) -> bool:
+    """Whether ``quant_matmul_rope_write`` takes x [T, K] @ w [N, K]^T (w8a16), N = Nkv x (G + 2) x
+    head_dim: the persistent decode kernel with ``store_mn`` partials and a head group that fits
+    ``rope_write``."""
+    m, k = x.shape
+    n = w.shape[0]
+    cfg = kernel_config(m, n, k)
+    return (isinstance(cfg, DecodeConfig) and cfg.store_mn and supports(x, w, False, cfg)
+            and n % ((groups + 2) * head_dim) == 0
+            and rope_write.supports(cfg.split_k, groups, head_dim, bias))
+
+
+def quant_matmul_rope_write(x: jax.Array, w: jax.Array, w_scale: jax.Array, bias: jax.Array | None,
+                            cos: jax.Array, sin: jax.Array, slot_mapping: jax.Array, k_pages: jax.Array,
+                            v_pages: jax.Array, *, groups: int, interpret: bool = False
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A decode step's fused QKV projection (w8a16) with RoPE and the K/V write: the decode
+    kernel's partials go to ``rope_write``'s kernel, which sums and scales them, adds the bias,
+    rotates q and K and writes K / V into the pools -> (q [T, Nkv * G, d], k_pages, v_pages).
+    ``rope_write_supports`` must hold."""
+    reference.validate_inputs(x, w, w_scale)
+    m, k = x.shape
+    cfg = kernel_config(m, w.shape[0], k)
+    parts = mgpu_decode.decode_matmul_t(_pad_rows(x, padded_tokens(m)), w, config=cfg, fp8=FP8,
+                                        interpret=interpret)
+    return rope_write.rope_write(parts, w_scale, bias, cos, sin, slot_mapping, k_pages, v_pages,
+                                 groups=groups, interpret=interpret)

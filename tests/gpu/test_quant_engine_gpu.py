@@ -54,6 +54,23 @@ def test_fused_residual_norm_keeps_greedy_tokens(method, monkeypatch):
     assert qe.agreement(want, got) >= 8, (want, got)
 
 
+def test_fused_rope_write_keeps_greedy_tokens(tmp_path, monkeypatch):
+    """Decode steps with the QKV epilogue, RoPE and K/V write in one kernel
+    (``ROPE_WRITE_ON_HOPPER``) keep the greedy tokens of XLA's sum, RoPE and scatters: a random
+    int8 Llama of head_dim 128 (code-small's 64 is not a shape the kernel takes)."""
+    import quant_fixtures as qf
+
+    hf = qf.tiny_config(heads=16, kv_heads=4, head_dim=128, hidden=512, inter=1024, layers=4, vocab=512)
+    qf.write_model(tmp_path, hf, qf.random_tensors(hf))
+    cfg, params = qe.load("int8", dtype="bfloat16", path=tmp_path)
+    prompt = [0, 334, 150, 13, 210, 302, 290, 331]
+    want = qe.greedy(cfg, params, prompt, 24)
+    monkeypatch.setattr(qapi, "ROPE_WRITE_ON_HOPPER", True)
+    jax.clear_caches()
+    got = qe.greedy(cfg, params, prompt, 24)
+    assert qe.agreement(want, got) >= 8, (want, got)
+
+
 @pytest.mark.parametrize("method", ["fp8", "fp8_w8a8"])
 def test_engine_greedy_on_gpu(method):
     bf16 = LLM(max_num_seqs=8, max_num_batched_tokens=128, num_pages=512)

@@ -115,3 +115,34 @@ def test_fused_residual_norm(m, wdtype, n, k, monkeypatch):
     for a, b in zip(got, want, strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all()
         assert _rel(a, b) < 4e-3
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("wdtype", [jnp.int8, FP8])
+def test_fused_rope_write(m, wdtype, monkeypatch):
+    """Llama-3.1-8B's fused QKV projection (8 kv heads x (4 + 2) x 128): the decode kernel's
+    partials through the fused epilogue, RoPE and K/V write (kv_write/rope_write.py) == XLA's
+    sum, RoPE and scatters after the same kernel, and no other pool row written."""
+    from pallas_kernels.quant_matmul import api
+
+    nkv, g, d, k, pages, page = 8, 4, 128, 4096, 64, 16
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = rng.standard_normal((nkv * (g + 2) * d, k)) * 0.02
+    q8, s = ref.quantize_weight(jnp.asarray(w, jnp.float32), wdtype)
+    pos = np.arange(m) + 40.0
+    emb = pos[:, None] * (1.0 / 500000.0 ** (np.arange(0, d, 2) / d))[None]
+    cos, sin = (jnp.asarray(f(np.concatenate([emb, emb], -1)), jnp.float32) for f in (np.cos, np.sin))
+    slots = jnp.asarray(rng.permutation(np.arange(page, pages * page))[:m], jnp.int32)
+    pool = tuple(jnp.full((pages, page, nkv, d), 7.0, jnp.bfloat16) for _ in range(2))
+    assert mgpu.rope_write_supports(x, q8, g, d, False)
+    f = jax.jit(lambda *a: pallas_kernels.quant_matmul_rope_write(*a, groups=g))
+    want = f(x, q8, s, None, cos, sin, slots, *pool)
+    monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", True)
+    jax.clear_caches()
+    got = f(x, q8, s, None, cos, sin, slots, *pool)
+    assert _rel(got[0], want[0]) < 4e-3
+    for a, b in zip(got[1:], want[1:], strict=True):
+        flat_a, flat_b = (np.asarray(v, np.float32).reshape(pages * page, -1) for v in (a, b))
+        assert _rel(flat_a[np.asarray(slots)], flat_b[np.asarray(slots)]) < 4e-3
+        assert (np.delete(flat_a, np.asarray(slots), axis=0) == 7.0).all()

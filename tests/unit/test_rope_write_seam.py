@@ -1,0 +1,64 @@
+"""``linear_rope_write`` (jserve/model/linear.py): a decode step's fused QKV projection, RoPE and
+K/V write in one kernel after the decode matmul. A tiny int8 Llama of head_dim 128 (the kernel's
+shapes), wqkv on the Mosaic GPU decode kernel interpreted on CPU: the fused epilogue
+(``pallas_kernels/kv_write/rope_write.py``) keeps the tokens of XLA's sum, RoPE and scatters
+after the same kernel; where it does not apply the seam hands back to the decoder."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import quant_eval as qe
+import quant_fixtures as qf
+
+from jserve.model.linear import QuantizedWeight, linear_rope_write
+from pallas_kernels.kv_write import rope_write
+from pallas_kernels.quant_matmul import api
+
+PROMPT = [5, 17, 33, 2, 71, 40, 9, 12]
+STEPS = 3   # the prompt's step and two decode steps, the kernels interpreted
+
+
+def _model(tmp_path):
+    hf = qf.tiny_config(heads=8, kv_heads=2, head_dim=128, hidden=256, inter=256, layers=2)
+    qf.write_model(tmp_path, hf, qf.random_tensors(hf))
+    cfg, params = qe.load("int8", dtype="bfloat16", path=tmp_path)
+    return cfg, {k: dataclasses.replace(v, interpret="gpu") if k == "wqkv" else v for k, v in params.items()}
+
+
+def test_fused_qkv_epilogue_in_the_decoder_keeps_the_greedy_tokens(tmp_path, monkeypatch):
+    cfg, params = _model(tmp_path)
+    assert cfg.q_per_kv_padded == 4 and cfg.head_dim == 128
+    want = qe.greedy(cfg, params, PROMPT, STEPS)          # the decode kernel, then XLA's epilogue
+    calls = []
+    kernel = rope_write.rope_write
+    monkeypatch.setattr(rope_write, "rope_write",
+                        lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", True)
+    jax.clear_caches()
+    got = qe.greedy(cfg, params, PROMPT, STEPS)
+    assert len(calls) == 2   # traced once per step shape (8 and 1 tokens), one trace for both layers
+    assert got == want
+
+
+def test_the_seam_hands_back_where_the_kernel_does_not_run(tmp_path, monkeypatch):
+    cfg, params = _model(tmp_path)
+    monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", True)
+    w = params["wqkv"]
+    x = jnp.zeros((4, cfg.hidden_size), jnp.bfloat16)
+    cos = sin = jnp.zeros((4, 128), jnp.float32)
+    slots = jnp.zeros((4,), jnp.int32)
+    pool = (jnp.zeros((2, 16, 2, 128), jnp.bfloat16),) * 2
+
+    def seam(w=w, x=x, pool=pool):
+        return linear_rope_write(x, w, 0, None, cos, sin, slots, pool, cfg.q_per_kv_padded)
+
+    assert seam() is not None
+    assert seam(w=dataclasses.replace(w, interpret=None)) is None       # CPU, not interpreted
+    assert seam(w=jnp.zeros((1, cfg.hidden_size, 2, 6, 128), jnp.bfloat16)) is None   # dense
+    assert seam(w=dataclasses.replace(w, act_quant=True)) is None       # w8a8
+    assert seam(x=x.astype(jnp.float32)) is None                         # the kernel's x: bf16 / f16
+    assert seam(pool=pool + (jnp.ones((2, 2)),) * 2) is None             # an int8 / fp8 pool
+    monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", False)
+    assert seam() is None
+    assert isinstance(w, QuantizedWeight)
