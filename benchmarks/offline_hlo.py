@@ -45,6 +45,7 @@ from jserve.builder import EngineArgs, build_engine
 from jserve.compile_pool import compiler_options, cublas_min_tokens
 from jserve.model import shapes
 from jserve.step_program import StepVariant, fused_step
+from pallas_kernels import hopper
 from pallas_kernels.flash_attention import mgpu as flash_mgpu
 from pallas_kernels.quant_matmul import mgpu as quant_mgpu
 
@@ -70,17 +71,17 @@ def as_h200() -> Iterator[None]:
     Pallas' Triton lowering takes the H200's GPU info (it would ask a device)."""
     from jax._src.pallas.triton import gpu_info, pallas_call_registration
 
-    saved = (jax.default_backend, quant_mgpu.on_hopper, flash_mgpu.on_hopper,
+    saved = (jax.default_backend, quant_mgpu.on_hopper, flash_mgpu.on_hopper, hopper.on_hopper,
              pallas_call_registration.gpu_info_lib.get_gpu_info)
     jax.clear_caches()   # (nested jits traced for the CPU engine would keep its kernel choices)
     jax.default_backend = lambda: "gpu"
-    quant_mgpu.on_hopper = flash_mgpu.on_hopper = lambda: True
+    quant_mgpu.on_hopper = flash_mgpu.on_hopper = hopper.on_hopper = lambda: True
     pallas_call_registration.gpu_info_lib.get_gpu_info = (
         lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
     try:
         yield
     finally:
-        (jax.default_backend, quant_mgpu.on_hopper, flash_mgpu.on_hopper,
+        (jax.default_backend, quant_mgpu.on_hopper, flash_mgpu.on_hopper, hopper.on_hopper,
          pallas_call_registration.gpu_info_lib.get_gpu_info) = saved
         jax.clear_caches()
 

@@ -68,15 +68,16 @@ case "${1:-}" in
 qw)
   # Issue 13's batch 1 (1.6x bf16; session 37: int8 + lm_head 3.27 ms, 1.49x the engine's cuBLAS
   # bf16, 1.38x autotuned Triton's). Session 37's trace: per layer the qkv partials go through
-  # XLA's sum + RoPE (1.7 us) and the K and V scatters (2.6 + 3.0 us); the A/B quant-rope-write
-  # does all three in one Mosaic GPU kernel (kv_write/rope_write.py; offline H200 compile at 2
-  # layers 43 -> 41 kernels, ~338 at 32 against 400). The GPU tests first (never compiled on a
-  # device). Prediction: -4.5 us per layer, 3.27 -> ~3.13 ms.
+  # XLA's sum + RoPE (1.7 us) and the K and V scatters (2.6 + 3.0 us); the A/B rope-write does
+  # all three in one Mosaic GPU kernel (kv_write/rope_write.py; offline H200 compile at 2 layers
+  # 43 -> 41 kernels, ~338 at 32 against 400), and for bf16 the same kernel after XLA's GEMM
+  # (RoPE and both scatters). The GPU tests first (never compiled on a device). Prediction:
+  # -4.5 us per layer, int8 3.27 -> ~3.13 ms; bf16 -3 to -4 us per layer.
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
     tests/gpu/test_quant_engine_gpu.py -k "rope_write" > "$OUT/qw_tests.txt" 2>&1
   tail -3 "$OUT/qw_tests.txt"
   timeout 300 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head --ab quant-rope-write,quant-rope-write/quant-residual-norm-off \
+    --quantization int8+lm_head,none --ab rope-write,rope-write/quant-residual-norm-off \
     --trace /tmp/qw_trace > "$OUT/qw_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qw_step.txt"
   ;;

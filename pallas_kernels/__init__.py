@@ -10,7 +10,9 @@ gpu -> Pallas Triton-lowered kernel, tpu -> Pallas Mosaic TPU kernel):
                           (gpu: Mosaic GPU kernel on Hopper)
   quant_matmul_residual_norm  the same (w8a16) added to the residual stream, then RMSNorm
   quant_matmul_rope_write     the same (w8a16, a fused QKV projection), RoPE and the K/V write
-                              (``rope_write_fuses``: whether one kernel does the epilogue)
+                              (``quant_rope_write_fuses``: whether one kernel does the epilogue)
+  write_rope                  a dense fused QKV projection's bias, RoPE and K/V write
+                              (``rope_write_fuses``: whether one kernel does them)
 
 Sub-packages (``ragged_paged_attention/``, ``flash_attention/``, ``kv_write/``,
 ``quant_matmul/``) hold
@@ -20,14 +22,15 @@ shadow the sub-package attributes: import modules as
 """
 
 from pallas_kernels.flash_attention.api import flash_attention
-from pallas_kernels.kv_write.api import write_kv, write_kv_quantized
+from pallas_kernels.kv_write.api import rope_write_fuses, write_kv, write_kv_quantized, write_rope
 from pallas_kernels.quant_matmul.api import (
     quant_matmul,
     quant_matmul_residual_norm,
     quant_matmul_rope_write,
-    rope_write_fuses,
+    quant_rope_write_fuses,
 )
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
 
 __all__ = ["flash_attention", "quant_matmul", "quant_matmul_residual_norm", "quant_matmul_rope_write",
-           "ragged_paged_attention", "rope_write_fuses", "write_kv", "write_kv_quantized"]
+           "quant_rope_write_fuses", "ragged_paged_attention", "rope_write_fuses", "write_kv",
+           "write_kv_quantized", "write_rope"]

@@ -41,11 +41,12 @@ epilogue, the add and the norm); everything else (tensor parallel: a psum of par
 stages: layers inside ``shard_map``) is that composition, the ops the decoder ran before the
 seam existed.
 
-``linear_rope_write`` is the fused QKV projection's seam on a decode step (paged attention):
-for a w8a16 weight on one device with an unquantized pool, where
-``pallas_kernels.rope_write_fuses``, one kernel after the decode matmul sums its partials, adds
-the bias, applies RoPE and writes K / V into the pool; elsewhere it returns None and the
-decoder runs ``linear``, RoPE and ``write_kv`` itself.
+``linear_rope_write`` is the fused QKV projection's seam on a decode step (paged attention), on
+one device with an unquantized pool: where ``pallas_kernels.quant_rope_write_fuses`` (a w8a16
+weight) one kernel after the decode matmul sums its partials, adds the bias, applies RoPE and
+writes K / V into the pool; where ``pallas_kernels.rope_write_fuses`` (a dense weight) the same
+kernel follows XLA's GEMM; elsewhere it returns None and the decoder runs ``linear``, RoPE and
+``write_kv`` itself.
 """
 
 from __future__ import annotations
@@ -194,19 +195,26 @@ def linear_rope_write(x: jax.Array, w: Weight, i: int, bias: jax.Array | None, c
                       mesh: Mesh | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]] | None:
     """x: [T, K] @ layer ``i`` of the fused QKV weight (out [Nkv, G + 2, d]), + ``bias`` [Nkv, G +
     2, d], RoPE by cos / sin float32 [T, d], K / V written into ``pool`` (k_pages, v_pages) at
-    ``slot_mapping`` -> (q [T, Nkv * G, d], pool) in one kernel after the matmul; None where
-    that kernel does not run (module docstring)."""
-    if not (isinstance(w, QuantizedWeight) and w.group is None and not w.act_quant and len(pool) == 2
-            and len(w.out_shape) == 3 and (mesh is None or mesh.devices.size == 1)
-            and x.dtype == pool[0].dtype):
+    ``slot_mapping`` -> (q [T, Nkv * G, d], pool), the epilogue in one kernel after the matmul;
+    None where that kernel does not run (module docstring)."""
+    if not (len(pool) == 2 and (mesh is None or mesh.devices.size == 1) and x.dtype == pool[0].dtype):
         return None
-    q8 = w.layer_q(i).reshape(math.prod(w.out_shape), w.k)
     b = None if bias is None else bias.reshape(-1)
-    head_dim = w.out_shape[-1]
-    if not pallas_kernels.rope_write_fuses(x, q8, groups, head_dim, b is not None, **_kernel_choice(w)):
-        return None
-    q, k_pages, v_pages = pallas_kernels.quant_matmul_rope_write(
-        x, q8, w.scale[i].reshape(-1), b, cos, sin, slot_mapping, *pool, groups=groups, **_kernel_choice(w))
+    t, head_dim = x.shape[0], pool[0].shape[-1]
+    if not isinstance(w, QuantizedWeight):   # XLA's GEMM, then the kernel
+        if w.ndim != 5 or not pallas_kernels.rope_write_fuses(t, 1, groups, head_dim, b is not None, False):
+            return None
+        q, k_pages, v_pages = pallas_kernels.write_rope(linear(x, w, i, mesh).reshape(t, -1), b, cos, sin,
+                                                        slot_mapping, *pool, groups=groups)
+    else:
+        if w.group is not None or w.act_quant or len(w.out_shape) != 3:
+            return None
+        q8 = w.layer_q(i).reshape(math.prod(w.out_shape), w.k)
+        kernel = _kernel_choice(w)
+        if not pallas_kernels.quant_rope_write_fuses(x, q8, groups, head_dim, b is not None, **kernel):
+            return None
+        q, k_pages, v_pages = pallas_kernels.quant_matmul_rope_write(
+            x, q8, w.scale[i].reshape(-1), b, cos, sin, slot_mapping, *pool, groups=groups, **kernel)
     return q, (_typed_like(k_pages, pool[0]), _typed_like(v_pages, pool[1]))
 
 

@@ -72,6 +72,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention import reference
+from pallas_kernels.hopper import on_hopper as on_hopper  # (mgpu.on_hopper: the dispatcher, tests)
 
 _LOG2E = math.log2(math.e)
 _M_INIT = -1e30  # finite running-max start: fully masked rows give exp2(-inf - _M_INIT) = 0
@@ -177,13 +178,6 @@ def _sm_count() -> int:
 
 
 @functools.cache
-def on_hopper() -> bool:
-    """True when the default JAX device is a compute-capability 9.x (Hopper) GPU."""
-    try:
-        dev = jax.devices()[0]
-    except RuntimeError:
-        return False
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
 def _tile_schedule(cta, i, *, num_ctas: int):

@@ -20,9 +20,14 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.kv_write import gpu, gpu_quant, reference, tpu
+from pallas_kernels import hopper
+from pallas_kernels.kv_write import gpu, gpu_quant, reference, rope_write, tpu
 
 GPU_KERNEL_MIN_TOKENS = 1024
+# A fused QKV projection's epilogue, RoPE and K/V write in one kernel (``rope_write``) on decode
+# steps: off until the device times it (the A/B: benchmarks/step_floor.py --ab rope-write).
+ROPE_WRITE_ON_HOPPER = False
+ROPE_WRITE_MAX_TOKENS = 64   # the steps it serves: decode-sized (the persistent decode matmul's)
 
 
 def write_kv(
@@ -68,3 +73,31 @@ def write_kv_quantized(
                                             slot_mapping, interpret=interpret)
     return reference.write_kv_quantized(k_pages, v_pages, k_scales, v_scales, k_new, v_new,
                                         slot_mapping, write=write_kv)
+
+
+def rope_write_fuses(t: int, split_k: int, groups: int, head_dim: int, bias: bool, scaled: bool, *,
+                     interpret: bool = False, backend: str | None = None) -> bool:
+    """Whether ``rope_write``'s kernel takes a step of T tokens whose projection comes as S
+    partials (``scaled``: float32, per-channel scales to apply; else the projection itself, S
+    = 1): on a Hopper GPU (or interpreted) with ``ROPE_WRITE_ON_HOPPER``."""
+    backend = backend or jax.default_backend()
+    return (ROPE_WRITE_ON_HOPPER and t <= ROPE_WRITE_MAX_TOKENS and backend != "tpu"
+            and (interpret or (backend == "gpu" and hopper.on_hopper()))
+            and rope_write.supports(split_k, groups, head_dim, bias, scaled))
+
+
+def write_rope(qkv: jax.Array, bias: jax.Array | None, cos: jax.Array, sin: jax.Array,
+               slot_mapping: jax.Array, k_pages: jax.Array, v_pages: jax.Array, *, groups: int,
+               interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A dense fused QKV projection's output qkv [T, Nkv * (G + 2) * d] in the pools' dtype, its
+    bias ([N] or None), RoPE (cos / sin float32 [T, d]) and the K / V write into the unquantized
+    pools -> (q [T, Nkv * G, d], k_pages, v_pages), as ``reference.rope_write`` of qkv + bias:
+    one kernel after XLA's GEMM where ``rope_write_fuses``, else XLA's RoPE and ``write_kv``."""
+    t, d = qkv.shape[0], k_pages.shape[-1]
+    if rope_write_fuses(t, 1, groups, d, bias is not None, False, interpret=interpret):
+        return rope_write.rope_write(qkv[None], None, bias, cos, sin, slot_mapping, k_pages, v_pages,
+                                     groups=groups, interpret=interpret)
+    y = qkv if bias is None else qkv + bias
+    q, k, v = reference.split_rope(y, cos, sin, k_pages.shape[2], groups)
+    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slot_mapping, interpret=interpret)
+    return q, k_pages, v_pages

@@ -38,9 +38,6 @@ MOSAIC_ON_HOPPER = True
 # two calls: 3.319 -> 3.281 ms and 3.312 -> 3.269 ms, 463 -> 400 kernels (the A/B's other arm:
 # benchmarks/step_floor.py --ab quant-residual-norm-off).
 RESIDUAL_NORM_ON_HOPPER = True
-# A decode step's QKV epilogue, RoPE and K/V write in one kernel (``mgpu.quant_matmul_rope_write``):
-# off until the device times it (the A/B: benchmarks/step_floor.py --ab quant-rope-write).
-ROPE_WRITE_ON_HOPPER = False
 W8A8_XLA_MIN_M: int | None = 128   # (module docstring)
 
 
@@ -93,13 +90,17 @@ def quant_matmul_residual_norm(x: jax.Array, w: jax.Array, w_scale: jax.Array, r
     return reference.residual_rms_norm(y, residual, gamma, eps)
 
 
-def rope_write_fuses(x: jax.Array, w: jax.Array, groups: int, head_dim: int, bias: bool, *,
-                     interpret: bool = False, backend: str | None = None) -> bool:
-    """Whether ``quant_matmul_rope_write`` runs its fused kernel for these operands (on a Hopper
-    GPU or interpreted, with ``ROPE_WRITE_ON_HOPPER``); else it is the composition."""
+def quant_rope_write_fuses(x: jax.Array, w: jax.Array, groups: int, head_dim: int, bias: bool, *,
+                           interpret: bool = False, backend: str | None = None) -> bool:
+    """Whether ``quant_matmul_rope_write`` runs its fused kernel for these operands (the decode
+    kernel's partials into ``kv_write.rope_write``, where ``kv_write.api.rope_write_fuses``);
+    else it is the composition."""
     backend = backend or jax.default_backend()
-    return (ROPE_WRITE_ON_HOPPER and backend != "tpu" and _mosaic_gpu(backend, interpret)
-            and mgpu.rope_write_supports(x, w, groups, head_dim, bias))
+    if not (_mosaic_gpu(backend, interpret) and mgpu.rope_write_supports(x, w, groups, head_dim, bias)):
+        return False
+    split = mgpu.kernel_config(x.shape[0], w.shape[0], x.shape[1]).split_k
+    return kv_api.rope_write_fuses(x.shape[0], split, groups, head_dim, bias, True, interpret=interpret,
+                                   backend=backend)
 
 
 def quant_matmul_rope_write(x: jax.Array, w: jax.Array, w_scale: jax.Array, bias: jax.Array | None,
@@ -110,9 +111,9 @@ def quant_matmul_rope_write(x: jax.Array, w: jax.Array, w_scale: jax.Array, bias
     query heads, K, V), its bias (None or [N]), RoPE (cos / sin float32 [T, d]) and the K / V
     write into the unquantized pools at ``slot_mapping`` -> (q [T, Nkv * G, d], k_pages,
     v_pages), as ``kv_write.reference.rope_write`` of the projection. One kernel after the
-    decode matmul where ``rope_write_fuses`` (XLA's sum + RoPE and two scatters otherwise)."""
-    if rope_write_fuses(x, w, groups, k_pages.shape[-1], bias is not None, interpret=interpret,
-                        backend=backend):
+    decode matmul where ``quant_rope_write_fuses`` (XLA's sum + RoPE and two scatters otherwise)."""
+    if quant_rope_write_fuses(x, w, groups, k_pages.shape[-1], bias is not None, interpret=interpret,
+                              backend=backend):
         return mgpu.quant_matmul_rope_write(x, w, w_scale, bias, cos, sin, slot_mapping, k_pages,
                                             v_pages, groups=groups, interpret=interpret)
     y = quant_matmul(x, w, w_scale, interpret=interpret, backend=backend)

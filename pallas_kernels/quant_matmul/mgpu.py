@@ -46,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.hopper import on_hopper as on_hopper  # (mgpu.on_hopper: the dispatchers, tests)
 from pallas_kernels.kv_write import rope_write
 from pallas_kernels.quant_matmul import mgpu_decode, reference, residual_norm
 from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig, finish, smem_transforms
@@ -62,15 +63,6 @@ class MgpuConfig:
     split_k: int = 1       # K parts per output tile, each a CTA (partials summed after the kernel)
     overlap: bool = False  # one wgmma in flight: step i + 1's tile loads and dequantizes while
     #                        step i's wgmma runs (double-buffered A tile, delayed slot release)
-
-
-def on_hopper() -> bool:
-    """Whether the default device is a Hopper GPU (compute capability 9.x)."""
-    try:
-        dev = jax.devices()[0]
-    except RuntimeError:
-        return False
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
 def padded_tokens(m: int) -> int:

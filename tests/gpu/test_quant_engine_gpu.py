@@ -9,6 +9,7 @@ import quant_eval as qe
 
 from jserve.llm import LLM
 from jserve.sampling_params import SamplingParams
+from pallas_kernels.kv_write import api as kv_api
 from pallas_kernels.quant_matmul import api as qapi
 from pallas_kernels.quant_matmul import mgpu
 
@@ -54,18 +55,15 @@ def test_fused_residual_norm_keeps_greedy_tokens(method, monkeypatch):
     assert qe.agreement(want, got) >= 8, (want, got)
 
 
-def test_fused_rope_write_keeps_greedy_tokens(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", [None, "int8"])
+def test_fused_rope_write_keeps_greedy_tokens(method, monkeypatch):
     """Decode steps with the QKV epilogue, RoPE and K/V write in one kernel
-    (``ROPE_WRITE_ON_HOPPER``) keep the greedy tokens of XLA's sum, RoPE and scatters: a random
-    int8 Llama of head_dim 128 (code-small's 64 is not a shape the kernel takes)."""
-    import quant_fixtures as qf
-
-    hf = qf.tiny_config(heads=16, kv_heads=4, head_dim=128, hidden=512, inter=1024, layers=4, vocab=512)
-    qf.write_model(tmp_path, hf, qf.random_tensors(hf))
-    cfg, params = qe.load("int8", dtype="bfloat16", path=tmp_path)
-    prompt = [0, 334, 150, 13, 210, 302, 290, 331]
+    (``ROPE_WRITE_ON_HOPPER``: after XLA's GEMM for bf16, after the decode matmul for int8) keep
+    the greedy tokens of XLA's RoPE and scatters (code-small: head_dim 64, 2 + 2 heads a group)."""
+    prompt = [0, 334, 1150, 13, 2310, 302, 290, 331]
+    cfg, params = qe.load(method)
     want = qe.greedy(cfg, params, prompt, 24)
-    monkeypatch.setattr(qapi, "ROPE_WRITE_ON_HOPPER", True)
+    monkeypatch.setattr(kv_api, "ROPE_WRITE_ON_HOPPER", True)
     jax.clear_caches()
     got = qe.greedy(cfg, params, prompt, 24)
     assert qe.agreement(want, got) >= 8, (want, got)

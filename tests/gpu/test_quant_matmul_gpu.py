@@ -123,7 +123,7 @@ def test_fused_rope_write(m, wdtype, monkeypatch):
     """Llama-3.1-8B's fused QKV projection (8 kv heads x (4 + 2) x 128): the decode kernel's
     partials through the fused epilogue, RoPE and K/V write (kv_write/rope_write.py) == XLA's
     sum, RoPE and scatters after the same kernel, and no other pool row written."""
-    from pallas_kernels.quant_matmul import api
+    from pallas_kernels.kv_write import api
 
     nkv, g, d, k, pages, page = 8, 4, 128, 4096, 64, 16
     rng = np.random.default_rng(m)

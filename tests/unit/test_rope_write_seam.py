@@ -2,27 +2,31 @@
 K/V write in one kernel after the decode matmul. A tiny int8 Llama of head_dim 128 (the kernel's
 shapes), wqkv on the Mosaic GPU decode kernel interpreted on CPU: the fused epilogue
 (``pallas_kernels/kv_write/rope_write.py``) keeps the tokens of XLA's sum, RoPE and scatters
-after the same kernel; where it does not apply the seam hands back to the decoder."""
+after the same kernel, and so does the bf16 model through XLA's GEMM and the same kernel; where
+it does not apply the seam hands back to the decoder."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import quant_eval as qe
 import quant_fixtures as qf
 
+import pallas_kernels
 from jserve.model.linear import QuantizedWeight, linear_rope_write
-from pallas_kernels.kv_write import rope_write
-from pallas_kernels.quant_matmul import api
+from pallas_kernels.kv_write import api, rope_write
 
 PROMPT = [5, 17, 33, 2, 71, 40, 9, 12]
 STEPS = 3   # the prompt's step and two decode steps, the kernels interpreted
 
 
-def _model(tmp_path):
+def _model(tmp_path, quantization="int8"):
     hf = qf.tiny_config(heads=8, kv_heads=2, head_dim=128, hidden=256, inter=256, layers=2)
     qf.write_model(tmp_path, hf, qf.random_tensors(hf))
-    cfg, params = qe.load("int8", dtype="bfloat16", path=tmp_path)
+    cfg, params = qe.load(quantization, dtype="bfloat16", path=tmp_path)
+    if quantization is None:
+        return cfg, params
     return cfg, {k: dataclasses.replace(v, interpret="gpu") if k == "wqkv" else v for k, v in params.items()}
 
 
@@ -41,6 +45,23 @@ def test_fused_qkv_epilogue_in_the_decoder_keeps_the_greedy_tokens(tmp_path, mon
     assert got == want
 
 
+def test_fused_epilogue_after_xlas_gemm_keeps_the_greedy_tokens(tmp_path, monkeypatch):
+    """A bf16 model: XLA's GEMM, then the same kernel, interpreted (no Hopper here: the
+    dispatchers' own predicate and entry point, with interpret on)."""
+    cfg, params = _model(tmp_path, None)
+    want = qe.greedy(cfg, params, PROMPT, STEPS)
+    calls = []
+    kernel = rope_write.rope_write
+    monkeypatch.setattr(rope_write, "rope_write",
+                        lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", True)
+    for name in ("rope_write_fuses", "write_rope"):
+        monkeypatch.setattr(pallas_kernels, name, functools.partial(getattr(api, name), interpret=True))
+    jax.clear_caches()
+    got = qe.greedy(cfg, params, PROMPT, STEPS)
+    assert [c[0] for c in calls] == [1, 1] and got == want   # the projection itself: one "partial"
+
+
 def test_the_seam_hands_back_where_the_kernel_does_not_run(tmp_path, monkeypatch):
     cfg, params = _model(tmp_path)
     monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", True)
@@ -55,7 +76,7 @@ def test_the_seam_hands_back_where_the_kernel_does_not_run(tmp_path, monkeypatch
 
     assert seam() is not None
     assert seam(w=dataclasses.replace(w, interpret=None)) is None       # CPU, not interpreted
-    assert seam(w=jnp.zeros((1, cfg.hidden_size, 2, 6, 128), jnp.bfloat16)) is None   # dense
+    assert seam(w=jnp.zeros((1, cfg.hidden_size, 2, 6, 128), jnp.bfloat16)) is None   # dense, no GPU
     assert seam(w=dataclasses.replace(w, act_quant=True)) is None       # w8a8
     assert seam(x=x.astype(jnp.float32)) is None                         # the kernel's x: bf16 / f16
     assert seam(pool=pool + (jnp.ones((2, 2)),) * 2) is None             # an int8 / fp8 pool
