@@ -177,9 +177,6 @@ def _sm_count() -> int:
         return 132
 
 
-@functools.cache
-
-
 def _tile_schedule(cta, i, *, num_ctas: int):
     """Tile id of this CTA's i-th tile: round i covers tiles [i * num_ctas, (i + 1) * num_ctas),
     walked forwards on even rounds and backwards on odd ones (tiles shrink along the order, so
