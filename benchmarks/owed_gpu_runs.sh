@@ -71,8 +71,10 @@ qw)
   # XLA's sum + RoPE (1.7 us) and the K and V scatters (2.6 + 3.0 us); the A/B rope-write does
   # all three in one Mosaic GPU kernel (kv_write/rope_write.py; offline H200 compile at 2 layers
   # 43 -> 41 kernels, ~338 at 32 against 400), and for bf16 the same kernel after XLA's GEMM
-  # (RoPE and both scatters). The GPU tests first (never compiled on a device). Prediction:
-  # -4.5 us per layer, int8 3.27 -> ~3.13 ms; bf16 -3 to -4 us per layer.
+  # (RoPE and both scatters; offline 47 -> 47 kernels at 2 layers: XLA's split-K sum of the
+  # Triton GEMM now runs alone). The GPU tests first (never compiled on a device). Prediction:
+  # int8 -4.5 us per layer, 3.27 -> ~3.13 ms; bf16 within +-2 us per layer (if it loses, the
+  # dense path gets a switch of its own).
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
     tests/gpu/test_quant_engine_gpu.py -k "rope_write" > "$OUT/qw_tests.txt" 2>&1
   tail -3 "$OUT/qw_tests.txt"
