@@ -76,7 +76,7 @@ qw)
   # int8 -4.5 us per layer, 3.27 -> ~3.13 ms; bf16 within +-2 us per layer (if it loses, the
   # dense path gets a switch of its own).
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
-    tests/gpu/test_quant_engine_gpu.py -k "rope_write" > "$OUT/qw_tests.txt" 2>&1
+    tests/gpu/test_quant_engine_gpu.py -k "rope_write or ROPE_WRITE" > "$OUT/qw_tests.txt" 2>&1
   tail -3 "$OUT/qw_tests.txt"
   timeout 300 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8+lm_head,none --ab rope-write,rope-write/quant-residual-norm-off \

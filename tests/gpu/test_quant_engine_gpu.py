@@ -40,32 +40,23 @@ def test_kernel_path_matches_reference_path(method, monkeypatch):
     assert np.mean(top_kernel == top_xla) > (0.93 if method == "fp8_w8a8" else 0.99)
 
 
-@pytest.mark.parametrize("method", ["int8", "fp8"])
-def test_fused_residual_norm_keeps_greedy_tokens(method, monkeypatch):
-    """Decode steps with the o / down epilogue, residual add and RMSNorm in one kernel
-    (``RESIDUAL_NORM_ON_HOPPER``) keep the greedy tokens of XLA's sum, add and norm."""
+@pytest.mark.parametrize("switch,method", [
+    ("RESIDUAL_NORM_ON_HOPPER", "int8"), ("RESIDUAL_NORM_ON_HOPPER", "fp8"),
+    ("ROPE_WRITE_ON_HOPPER", None), ("ROPE_WRITE_ON_HOPPER", "int8"),
+])
+def test_fused_epilogues_keep_greedy_tokens(switch, method, monkeypatch):
+    """Decode steps with a fused epilogue keep the greedy tokens of XLA's kernels: the o / down
+    projections' sum, residual add and RMSNorm in one kernel (``qapi.RESIDUAL_NORM_ON_HOPPER``),
+    and the QKV projection's epilogue, RoPE and K/V write in one (``kv_api.ROPE_WRITE_ON_HOPPER``:
+    after XLA's GEMM for bf16, after the decode matmul for int8; code-small's head_dim 64)."""
     prompt = [0, 334, 1150, 13, 2310, 302, 290, 331]
     cfg, params = qe.load(method)
     want = qe.greedy(cfg, params, prompt, 24)
-    monkeypatch.setattr(qapi, "RESIDUAL_NORM_ON_HOPPER", True)
+    monkeypatch.setattr(qapi if switch.startswith("RESIDUAL") else kv_api, switch, True)
     jax.clear_caches()
     got = qe.greedy(cfg, params, prompt, 24)
-    # (the two sum the partials and the norm's squares in other orders: a near-tie may part them
+    # (the two sum partials, and the norm's squares, in other orders: a near-tie may part them
     # late in the run; a broken kernel parts them at once)
-    assert qe.agreement(want, got) >= 8, (want, got)
-
-
-@pytest.mark.parametrize("method", [None, "int8"])
-def test_fused_rope_write_keeps_greedy_tokens(method, monkeypatch):
-    """Decode steps with the QKV epilogue, RoPE and K/V write in one kernel
-    (``ROPE_WRITE_ON_HOPPER``: after XLA's GEMM for bf16, after the decode matmul for int8) keep
-    the greedy tokens of XLA's RoPE and scatters (code-small: head_dim 64, 2 + 2 heads a group)."""
-    prompt = [0, 334, 1150, 13, 2310, 302, 290, 331]
-    cfg, params = qe.load(method)
-    want = qe.greedy(cfg, params, prompt, 24)
-    monkeypatch.setattr(kv_api, "ROPE_WRITE_ON_HOPPER", True)
-    jax.clear_caches()
-    got = qe.greedy(cfg, params, prompt, 24)
     assert qe.agreement(want, got) >= 8, (want, got)
 
 

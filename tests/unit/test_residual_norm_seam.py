@@ -7,6 +7,7 @@ import dataclasses
 
 import jax
 import quant_eval as qe
+from kernel_calls import recorded
 
 from pallas_kernels.quant_matmul import api, residual_norm
 
@@ -19,10 +20,7 @@ def test_fused_epilogue_in_the_decoder_keeps_the_greedy_tokens(monkeypatch):
     want = qe.greedy(cfg, params, PROMPT, STEPS)
     interpreted = {k: dataclasses.replace(v, interpret="gpu") if k in ("wo", "wd") else v
                    for k, v in params.items()}
-    calls = []
-    kernel = residual_norm.residual_rms_norm
-    monkeypatch.setattr(residual_norm, "residual_rms_norm",
-                        lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    calls = recorded(monkeypatch, residual_norm, "residual_rms_norm")
     monkeypatch.setattr(api, "RESIDUAL_NORM_ON_HOPPER", True)
     jax.clear_caches()
     got = qe.greedy(cfg, interpreted, PROMPT, STEPS)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import quant_eval as qe
 import quant_fixtures as qf
+from kernel_calls import recorded
 
 import pallas_kernels
 from jserve.model.linear import QuantizedWeight, linear_rope_write
@@ -34,10 +35,7 @@ def test_fused_qkv_epilogue_in_the_decoder_keeps_the_greedy_tokens(tmp_path, mon
     cfg, params = _model(tmp_path)
     assert cfg.q_per_kv_padded == 4 and cfg.head_dim == 128
     want = qe.greedy(cfg, params, PROMPT, STEPS)          # the decode kernel, then XLA's epilogue
-    calls = []
-    kernel = rope_write.rope_write
-    monkeypatch.setattr(rope_write, "rope_write",
-                        lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    calls = recorded(monkeypatch, rope_write, "rope_write")
     monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", True)
     jax.clear_caches()
     got = qe.greedy(cfg, params, PROMPT, STEPS)
@@ -50,10 +48,7 @@ def test_fused_epilogue_after_xlas_gemm_keeps_the_greedy_tokens(tmp_path, monkey
     dispatchers' own predicate and entry point, with interpret on)."""
     cfg, params = _model(tmp_path, None)
     want = qe.greedy(cfg, params, PROMPT, STEPS)
-    calls = []
-    kernel = rope_write.rope_write
-    monkeypatch.setattr(rope_write, "rope_write",
-                        lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    calls = recorded(monkeypatch, rope_write, "rope_write")
     monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", True)
     for name in ("rope_write_fuses", "write_rope"):
         monkeypatch.setattr(pallas_kernels, name, functools.partial(getattr(api, name), interpret=True))
