@@ -78,3 +78,48 @@ def test_the_seam_hands_back_where_the_kernel_does_not_run(tmp_path, monkeypatch
     monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", False)
     assert seam() is None
     assert isinstance(w, QuantizedWeight)
+
+
+def test_a_ragged_batch_with_padding_rows_matches_xlas_epilogue(tmp_path, monkeypatch):
+    """Two prompts of 5 and 9 tokens packed into a 16-token step (two padding rows on the null
+    page), then a decode step of both in an 8-token step: the fused epilogue gives the logits and
+    the pages of XLA's RoPE and scatters, row by row."""
+    import numpy as np
+
+    from jserve.kv_cache import allocate_kv_cache
+    from jserve.model.decoder import forward
+    from jserve.step_input import StepInput
+    from sharding import make_mesh
+
+    cfg, params = _model(tmp_path)
+    page, pages_per_seq = 16, 2
+    prompts = [np.array([5, 17, 33, 2, 71]), np.array([40, 9, 12, 8, 3, 60, 61, 62, 63])]
+    first = StepInput.fresh_prompts(prompts, 16, 2, pages_per_seq, page)
+    second = StepInput.empty(8, 2, pages_per_seq)
+    second.page_table[:] = first.page_table
+    for r, ids in enumerate(prompts):   # each prompt's next token at its next position
+        pos = len(ids)
+        second.token_ids[r], second.positions[r] = 7 + r, pos
+        second.slot_mapping[r] = first.page_table[r, pos // page] * page + pos % page
+        second.seq_lens[r], second.logits_indices[r] = pos + 1, r
+        second.query_start_loc[r + 1:] = r + 1
+    second.num_seqs[0] = 2
+
+    def run():
+        kv = allocate_kv_cache(cfg, 1 + 2 * pages_per_seq, page, cfg.dtype, make_mesh(1))
+        fwd = jax.jit(lambda p, k, b: forward(cfg, p, k, b), donate_argnums=1)
+        kv, a = fwd(params, kv, first)
+        kv, b = fwd(params, kv, second)
+        f32 = lambda x: np.asarray(x, np.float32)   # noqa: E731
+        return f32(a), f32(b), [f32(x) for x in kv[0]]
+
+    want = run()
+    calls = recorded(monkeypatch, rope_write, "rope_write")
+    monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", True)
+    jax.clear_caches()
+    got = run()
+    assert [c[1] for c in calls] == [16, 8]   # both steps fused (Mp rows of partials)
+    for g, w in zip(got[:2], want[:2], strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-2, atol=2e-2)
+    for g, w in zip(got[2], want[2], strict=True):   # layer 0's pages, the null page aside
+        np.testing.assert_allclose(g[1:], w[1:], rtol=2e-2, atol=2e-2)
