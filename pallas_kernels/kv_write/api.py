@@ -10,6 +10,11 @@ scales of the pages the step starts: on GPU one fused kernel at every token coun
 (``gpu_quant``: it replaces 16 XLA kernels per layer), elsewhere ``scales.page_scales`` and then
 the backend's ``write_kv`` (``reference.write_kv_quantized``).
 
+``write_rope`` (a dense fused QKV projection's output: bias, RoPE, then the write) and
+``quant_matmul.api.quant_matmul_rope_write`` (the same from a w8a16 projection's partials) run
+``rope_write``'s one Mosaic GPU kernel where ``rope_write_fuses`` (decode-sized steps on Hopper,
+``ROPE_WRITE_ON_HOPPER``), else XLA's RoPE and ``write_kv``.
+
 Why the split on GPU (H200, same run, pools of 20000 pages, KERNEL_NOTES.md run 4): 4096 tokens
 take 20.3 us through the Pallas kernel and 76.5 us through XLA's scatter, 256 tokens 18.3 us
 against 14.9 us: the kernel's fixed cost loses on decode-sized steps. The kernel passes its
