@@ -71,15 +71,14 @@ qw)
   # XLA's sum + RoPE (1.7 us) and the K and V scatters (2.6 + 3.0 us); the A/B rope-write does
   # all three in one Mosaic GPU kernel (kv_write/rope_write.py; offline H200 compile at 2 layers
   # 43 -> 41 kernels, ~338 at 32 against 400), and for bf16 the same kernel after XLA's GEMM
-  # (RoPE and both scatters; offline 47 -> 47 kernels at 2 layers: XLA's split-K sum of the
-  # Triton GEMM now runs alone). The GPU tests first (never compiled on a device). Prediction:
-  # int8 -4.5 us per layer, 3.27 -> ~3.13 ms; bf16 within +-2 us per layer (if it loses, the
-  # dense path gets a switch of its own).
+  # (rope-write-dense, timed in case tg: offline 47 -> 47 kernels at 2 layers, XLA's split-K
+  # sum of the Triton GEMM then runs alone). The GPU tests first (never compiled on a device).
+  # Prediction: int8 -4.5 us per layer, 3.27 -> ~3.13 ms.
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
     tests/gpu/test_quant_engine_gpu.py -k "rope_write or ROPE_WRITE" > "$OUT/qw_tests.txt" 2>&1
   tail -3 "$OUT/qw_tests.txt"
   timeout 300 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head,none --ab rope-write,rope-write/quant-residual-norm-off \
+    --quantization int8+lm_head --ab rope-write,rope-write/quant-residual-norm-off \
     --trace /tmp/qw_trace > "$OUT/qw_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qw_step.txt"
   ;;
@@ -89,9 +88,12 @@ tg)
   # 8B's bf16 decode step 4-7% faster with them. The engine's default against its old cuBLAS arm,
   # and the cold build's seconds (the bucket's first program compiles alone, ~35 s). Prediction:
   # A ~4.55 ms, the cuBLAS arm ~4.87; engine build +~30 s over session 37's 12 s (warm cache).
+  # The arm rope-write-dense: bf16's RoPE and K/V write in one kernel after XLA's GEMM (case qw's
+  # kernel; offline no fewer kernels): prediction within +-2 us per layer.
   rm -rf ~/.cache/jserve
   timeout 400 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization none,int8+lm_head --ab xla:xla_gpu_enable_triton_gemm=false > "$OUT/tg_step.txt" 2>&1
+    --quantization none,int8+lm_head --ab xla:xla_gpu_enable_triton_gemm=false,rope-write-dense \
+    > "$OUT/tg_step.txt" 2>&1
   grep "^##\|^| A\|^| B\|rror" "$OUT/tg_step.txt"
   # Session 37's trial pool allocation before compiling: every 8B start-up at share 0.8 in session
   # 37 found 62 of 64 pool arrays a block and compiled all programs twice. Prediction: the warning

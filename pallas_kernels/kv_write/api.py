@@ -13,7 +13,7 @@ the backend's ``write_kv`` (``reference.write_kv_quantized``).
 ``write_rope`` (a dense fused QKV projection's output: bias, RoPE, then the write) and
 ``quant_matmul.api.quant_matmul_rope_write`` (the same from a w8a16 projection's partials) run
 ``rope_write``'s one Mosaic GPU kernel where ``rope_write_fuses`` (decode-sized steps on Hopper,
-``ROPE_WRITE_ON_HOPPER``), else XLA's RoPE and ``write_kv``.
+``ROPE_WRITE_ON_HOPPER`` / ``ROPE_WRITE_DENSE_ON_HOPPER``), else XLA's RoPE and ``write_kv``.
 
 Why the split on GPU (H200, same run, pools of 20000 pages, KERNEL_NOTES.md run 4): 4096 tokens
 take 20.3 us through the Pallas kernel and 76.5 us through XLA's scatter, 256 tokens 18.3 us
@@ -30,8 +30,12 @@ from pallas_kernels.kv_write import gpu, gpu_quant, reference, rope_write, tpu
 
 GPU_KERNEL_MIN_TOKENS = 1024
 # A fused QKV projection's epilogue, RoPE and K/V write in one kernel (``rope_write``) on decode
-# steps: off until the device times it (the A/B: benchmarks/step_floor.py --ab rope-write).
+# steps, after a w8a16 projection's decode kernel: off until the device times it (the A/B:
+# benchmarks/step_floor.py --ab rope-write); after a dense one's XLA GEMM: ``_DENSE`` (--ab
+# rope-write-dense; the offline H200 compiles of the 8B and Qwen2.5-0.5B bf16 steps ran no fewer
+# kernels with it: XLA's split-K sum of its GEMM, fused into RoPE without it, then runs alone).
 ROPE_WRITE_ON_HOPPER = False
+ROPE_WRITE_DENSE_ON_HOPPER = False
 ROPE_WRITE_MAX_TOKENS = 64   # the steps it serves: decode-sized (the persistent decode matmul's)
 
 
@@ -84,9 +88,11 @@ def rope_write_fuses(t: int, split_k: int, groups: int, head_dim: int, bias: boo
                      interpret: bool = False, backend: str | None = None) -> bool:
     """Whether ``rope_write``'s kernel takes a step of T tokens whose projection comes as S
     partials (``scaled``: float32, per-channel scales to apply; else the projection itself, S
-    = 1): on a Hopper GPU (or interpreted) with ``ROPE_WRITE_ON_HOPPER``."""
+    = 1): on a Hopper GPU (or interpreted) with ``ROPE_WRITE_ON_HOPPER`` (``scaled``) or
+    ``ROPE_WRITE_DENSE_ON_HOPPER``."""
     backend = backend or jax.default_backend()
-    return (ROPE_WRITE_ON_HOPPER and t <= ROPE_WRITE_MAX_TOKENS and backend != "tpu"
+    switch = ROPE_WRITE_ON_HOPPER if scaled else ROPE_WRITE_DENSE_ON_HOPPER
+    return (switch and t <= ROPE_WRITE_MAX_TOKENS and backend != "tpu"
             and (interpret or (backend == "gpu" and hopper.on_hopper()))
             and rope_write.supports(split_k, groups, head_dim, bias, scaled))
 

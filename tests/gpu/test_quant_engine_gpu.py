@@ -42,13 +42,14 @@ def test_kernel_path_matches_reference_path(method, monkeypatch):
 
 @pytest.mark.parametrize("switch,method", [
     ("RESIDUAL_NORM_ON_HOPPER", "int8"), ("RESIDUAL_NORM_ON_HOPPER", "fp8"),
-    ("ROPE_WRITE_ON_HOPPER", None), ("ROPE_WRITE_ON_HOPPER", "int8"),
+    ("ROPE_WRITE_DENSE_ON_HOPPER", None), ("ROPE_WRITE_ON_HOPPER", "int8"),
 ])
 def test_fused_epilogues_keep_greedy_tokens(switch, method, monkeypatch):
     """Decode steps with a fused epilogue keep the greedy tokens of XLA's kernels: the o / down
     projections' sum, residual add and RMSNorm in one kernel (``qapi.RESIDUAL_NORM_ON_HOPPER``),
-    and the QKV projection's epilogue, RoPE and K/V write in one (``kv_api.ROPE_WRITE_ON_HOPPER``:
-    after XLA's GEMM for bf16, after the decode matmul for int8; code-small's head_dim 64)."""
+    and the QKV projection's epilogue, RoPE and K/V write in one (``kv_api.ROPE_WRITE_ON_HOPPER``
+    after the decode matmul for int8, ``..._DENSE_...`` after XLA's GEMM for bf16; code-small's
+    head_dim 64)."""
     prompt = [0, 334, 1150, 13, 2310, 302, 290, 331]
     cfg, params = qe.load(method)
     want = qe.greedy(cfg, params, prompt, 24)

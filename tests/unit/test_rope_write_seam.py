@@ -49,7 +49,7 @@ def test_fused_epilogue_after_xlas_gemm_keeps_the_greedy_tokens(tmp_path, monkey
     cfg, params = _model(tmp_path, None)
     want = qe.greedy(cfg, params, PROMPT, STEPS)
     calls = recorded(monkeypatch, rope_write, "rope_write")
-    monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", True)
+    monkeypatch.setattr(api, "ROPE_WRITE_DENSE_ON_HOPPER", True)
     for name in ("rope_write_fuses", "write_rope"):
         monkeypatch.setattr(pallas_kernels, name, functools.partial(getattr(api, name), interpret=True))
     jax.clear_caches()
