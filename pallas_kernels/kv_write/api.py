@@ -92,7 +92,7 @@ def rope_write_fuses(t: int, split_k: int, groups: int, head_dim: int, bias: boo
     ``ROPE_WRITE_DENSE_ON_HOPPER``."""
     backend = backend or jax.default_backend()
     switch = ROPE_WRITE_ON_HOPPER if scaled else ROPE_WRITE_DENSE_ON_HOPPER
-    return (switch and t <= ROPE_WRITE_MAX_TOKENS and t % 4 == 0 and backend != "tpu"   # (slots: 16 B)
+    return (switch and t <= ROPE_WRITE_MAX_TOKENS and backend != "tpu"
             and (interpret or (backend == "gpu" and hopper.on_hopper()))
             and rope_write.supports(split_k, groups, head_dim, bias, scaled))
 

@@ -11,7 +11,7 @@ kernels before attention: the sum with RoPE (1.7 us), the K scatter (2.6 us) and
 
     grid (T, Nkv): CTA (m, h) owns token row m's kv head group h: its G query heads, K and V
       bulk copies: parts[:, m, h] [S, G + 2, 2, d/2] f32, w_scale[h] (and bias[h]),
-        cos[m, :d/2] and sin[m, :d/2] (twice each: a [2, d/2] tile), slot_mapping -> SMEM
+        cos[m, :d/2] and sin[m, :d/2] (c times each: a [c, d/2] tile) -> SMEM; slot_mapping[m]
       y = sum_s parts[s] * w_scale  -> the pool's dtype (+ bias, rounded again)
       for each c heads (the halves x1 = y[..., :d/2], x2 = y[..., d/2:]):
         x1 * cos - x2 * sin, x2 * cos + x1 * sin          (HF's rotate-half RoPE; its cos and
@@ -48,7 +48,7 @@ def supports(split_k: int, groups: int, head_dim: int, bias: bool = False, scale
     """Whether S partials (``scaled``: float32 with per-channel scales) of a kv head group (G
     query heads, K, V) of ``head_dim`` fit the kernel (module docstring)."""
     return (head_dim in (64, 128, 256) and groups >= 1
-            and split_k + scaled + 2 * _chunk(head_dim) + 1 + bias <= MAX_BARRIERS)
+            and split_k + scaled + 2 * _chunk(head_dim) + bias <= MAX_BARRIERS)
 
 
 def rope_write(parts: jax.Array, w_scale: jax.Array | None, bias: jax.Array | None, cos: jax.Array,
@@ -71,7 +71,7 @@ def rope_write(parts: jax.Array, w_scale: jax.Array | None, bias: jax.Array | No
     c = _chunk(d)
     rows_in = (g + 2, 2, half)             # a head group in memory
     rows = (-(-(g + 2) // c) * c, 2, half)   # in SMEM: whole chunks (rows past G + 2 unused)
-    waits = s_count + scaled + 2 * c + 1 + has_bias
+    waits = s_count + scaled + 2 * c + has_bias
 
     def kernel(p_gmem, *rest):
         rest = list(rest)
@@ -80,7 +80,7 @@ def rope_write(parts: jax.Array, w_scale: jax.Array | None, bias: jax.Array | No
         cos_gmem, sin_gmem, sl_gmem, k_gmem, v_gmem, q_gmem = rest
         m, h = lax.axis_index("m"), lax.axis_index("h")
 
-        def scoped(p_smem, sc_smem, b_smem, c_smem, s_smem, sl_smem, y_smem, r_smem, v_smem, bar):
+        def scoped(p_smem, sc_smem, b_smem, c_smem, s_smem, y_smem, r_smem, v_smem, bar):
             live = pl.ds(0, g + 2)
             bars = iter(range(waits))
             for s in range(s_count):
@@ -92,7 +92,6 @@ def rope_write(parts: jax.Array, w_scale: jax.Array | None, bias: jax.Array | No
             for j in range(c):   # the half tables, c times: [c, d/2] tiles for c heads at once
                 plgpu.copy_gmem_to_smem(cos_gmem.at[m, pl.ds(0, half)], c_smem.at[j], bar.at[next(bars)])
                 plgpu.copy_gmem_to_smem(sin_gmem.at[m, pl.ds(0, half)], s_smem.at[j], bar.at[next(bars)])
-            plgpu.copy_gmem_to_smem(sl_gmem, sl_smem, bar.at[next(bars)])
             for j in range(waits):
                 plgpu.barrier_wait(bar.at[j])
             total = p_smem.at[0][...].astype(jnp.float32)
@@ -108,7 +107,7 @@ def rope_write(parts: jax.Array, w_scale: jax.Array | None, bias: jax.Array | No
                 x1, x2 = y_smem.at[pl.ds(j, c), 0][...], y_smem.at[pl.ds(j, c), 1][...]
                 r_smem.at[pl.ds(j, c), 0][...] = (x1 * cs - x2 * sn).astype(dtype)
                 r_smem.at[pl.ds(j, c), 1][...] = (x2 * cs + x1 * sn).astype(dtype)
-            slot = sl_smem[m]
+            slot = sl_gmem[m]   # (one scalar load: a TMA box needs 16 bytes, T may be 1)
             page, off = slot // page_size, lax.rem(slot, page_size)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(r_smem.at[pl.ds(0, g)], q_gmem.at[m, h])
@@ -119,7 +118,7 @@ def rope_write(parts: jax.Array, w_scale: jax.Array | None, bias: jax.Array | No
         pl.run_scoped(scoped, plgpu.SMEM((s_count, *rows), parts.dtype), plgpu.SMEM(rows, jnp.float32),
                       plgpu.SMEM(rows, bias.dtype if has_bias else jnp.float32),
                       plgpu.SMEM((c, half), jnp.float32), plgpu.SMEM((c, half), jnp.float32),
-                      plgpu.SMEM((t,), jnp.int32), plgpu.SMEM(rows, jnp.float32), plgpu.SMEM(rows, dtype),
+                      plgpu.SMEM(rows, jnp.float32), plgpu.SMEM(rows, dtype),
                       plgpu.SMEM(rows, dtype), plgpu.Barrier(num_barriers=waits))
 
     f = plgpu.kernel(
