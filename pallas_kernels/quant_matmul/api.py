@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.kv_write import api as kv_api
-from pallas_kernels.kv_write import reference as kv_reference
 from pallas_kernels.quant_matmul import mgpu, reference, tpu
 
 MOSAIC_ON_HOPPER = True
@@ -117,8 +116,5 @@ def quant_matmul_rope_write(x: jax.Array, w: jax.Array, w_scale: jax.Array, bias
         return mgpu.quant_matmul_rope_write(x, w, w_scale, bias, cos, sin, slot_mapping, k_pages,
                                             v_pages, groups=groups, interpret=interpret)
     y = quant_matmul(x, w, w_scale, interpret=interpret, backend=backend)
-    if bias is not None:
-        y = y + bias
-    q, k, v = kv_reference.split_rope(y, cos, sin, k_pages.shape[2], groups)
-    k_pages, v_pages = kv_api.write_kv(k_pages, v_pages, k, v, slot_mapping, interpret=interpret)
-    return q, k_pages, v_pages
+    return kv_api.write_rope(y, bias, cos, sin, slot_mapping, k_pages, v_pages, groups=groups,
+                             interpret=interpret)

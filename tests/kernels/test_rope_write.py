@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_calls import recorded
 
 from pallas_kernels.kv_write import reference as kv_ref
 from pallas_kernels.kv_write import rope_write
@@ -92,3 +93,32 @@ def test_shapes_the_kernel_does_not_take_are_refused():
     with pytest.raises(ValueError, match="S=2"):   # a dense projection is one "partial"
         rope_write.rope_write(jnp.zeros((2, 8, NKV * 6 * 128), jnp.bfloat16), None, None, *_tables(8),
                               jnp.zeros(8, jnp.int32), *_pools(jnp.bfloat16), groups=4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_quantized_entry_point_fused_or_composed(fused, monkeypatch):
+    """``pallas_kernels.quant_matmul_rope_write``: composed on CPU (the XLA matmul, RoPE and
+    scatter), fused when interpreted with the switch on: both equal the reference."""
+    import pallas_kernels
+    from pallas_kernels.kv_write import api
+    from pallas_kernels.quant_matmul import reference as q_ref
+
+    rng = np.random.default_rng(7)
+    t, k, g = 5, 256, 4
+    x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+    q8, s = q_ref.quantize_weight(jnp.asarray(rng.standard_normal((NKV * (g + 2) * 128, k)) * 0.05,
+                                              jnp.float32), jnp.int8)
+    b = jnp.asarray(0.1 * rng.standard_normal(NKV * (g + 2) * 128), jnp.bfloat16)
+    cos, sin = _tables(t)
+    slots = _slots(t)
+    monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", fused)
+    calls = recorded(monkeypatch, rope_write, "rope_write")
+    kw = dict(interpret=True, backend="gpu") if fused else {}
+    got = pallas_kernels.quant_matmul_rope_write(x, q8, s, b, cos, sin, slots, *_pools(jnp.bfloat16),
+                                                 groups=g, **kw)
+    assert len(calls) == fused
+    want = kv_ref.rope_write(q_ref.w8a16_matmul(x, q8, s) + b, cos, sin, slots, *_pools(jnp.bfloat16), g)
+    _same(got[0], want[0], 1.6e-2)
+    live = slots[slots >= PAGE]
+    for a, w in zip(got[1:], want[1:], strict=True):
+        _same(a.reshape(PAGES * PAGE, NKV, 128)[live], w.reshape(PAGES * PAGE, NKV, 128)[live], 1.6e-2)
