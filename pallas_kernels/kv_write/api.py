@@ -23,6 +23,8 @@ hardware test (tests/gpu/test_kernels_gpu.py::test_write_kv_gpu) on the H200.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from pallas_kernels import hopper
@@ -108,7 +110,5 @@ def write_rope(qkv: jax.Array, bias: jax.Array | None, cos: jax.Array, sin: jax.
     if rope_write_fuses(t, 1, groups, d, bias is not None, False, interpret=interpret):
         return rope_write.rope_write(qkv[None], None, bias, cos, sin, slot_mapping, k_pages, v_pages,
                                      groups=groups, interpret=interpret)
-    y = qkv if bias is None else qkv + bias
-    q, k, v = reference.split_rope(y, cos, sin, k_pages.shape[2], groups)
-    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slot_mapping, interpret=interpret)
-    return q, k_pages, v_pages
+    return reference.rope_write(qkv if bias is None else qkv + bias, cos, sin, slot_mapping, k_pages,
+                                v_pages, groups, write=functools.partial(write_kv, interpret=interpret))

@@ -142,13 +142,14 @@ def split_rope(qkv: jax.Array, cos: jax.Array, sin: jax.Array, nkv: int, groups:
 
 
 def rope_write(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slot_mapping: jax.Array,
-               k_pages: jax.Array, v_pages: jax.Array, groups: int
+               k_pages: jax.Array, v_pages: jax.Array, groups: int,
+               write: Callable[..., tuple[jax.Array, jax.Array]] | None = None
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``split_rope`` of the projection [T, Nkv * (G + 2) * d] in the pools' dtype, its K / V
-    written at ``slot_mapping`` -> (q [T, Nkv * G, d], k_pages, v_pages). The reference of
-    ``rope_write.rope_write``."""
+    written at ``slot_mapping`` by ``write`` (None: ``write_kv``; the dispatcher passes its own)
+    -> (q [T, Nkv * G, d], k_pages, v_pages). The reference of ``rope_write.rope_write``."""
     q, k, v = split_rope(qkv, cos, sin, k_pages.shape[2], groups)
-    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slot_mapping)
+    k_pages, v_pages = (write or write_kv)(k_pages, v_pages, k, v, slot_mapping)
     return q, k_pages, v_pages
 
 
