@@ -162,10 +162,14 @@ MODULE_PATCHES = {
     "quant-xla": ("pallas_kernels.quant_matmul.api", "MOSAIC_ON_HOPPER", False),
     # the decode kernel with programmatic dependent launch (mgpu_decode)
     "quant-pdl": ("pallas_kernels.quant_matmul.mgpu", "DECODE_PDL", True),
+    # with quant-pdl: each CTA requests its first weight tile before waiting for the kernel ahead
+    "quant-pdl-w": ("pallas_kernels.quant_matmul.mgpu", "DECODE_PDL_WEIGHTS_FIRST", True),
     # the decode kernel's CTAs exit after their stores' SMEM reads
     "quant-exit-ro": ("pallas_kernels.quant_matmul.mgpu", "DECODE_EXIT_READ_ONLY", True),
     # the persistent decode kernel's out^T partials (before session 24)
     "quant-out-t": ("pallas_kernels.quant_matmul.mgpu", "DECODE_STORE_MN", False),
+    # 128-row decode units (256-column steps at 16 tokens): half the x tile bytes per weight byte
+    "quant-bn128": ("pallas_kernels.quant_matmul.mgpu", "DECODE_BLOCK_N", 128),
     # the o / down projections' split-K sum, residual add and next RMSNorm back in XLA's two
     # kernels (the engine's default since session 37: one Mosaic GPU kernel, residual_norm.py)
     "quant-residual-norm-off": ("pallas_kernels.quant_matmul.api", "RESIDUAL_NORM_ON_HOPPER", False),

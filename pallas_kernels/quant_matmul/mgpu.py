@@ -90,24 +90,33 @@ DECODE_SMEM_PER_CTA = 100 * 1024   # the persistent kernel's TMA ring: two CTAs 
 DECODE_STORE_MN = True    # the persistent kernel's ``store_mn`` (off: the A/B in benchmarks/step_floor.py)
 DECODE_PDL = False        # the persistent kernel's ``pdl`` (on: step_floor --ab quant-pdl)
 DECODE_EXIT_READ_ONLY = False   # its ``exit_read_only`` (on: step_floor --ab quant-exit-ro)
+DECODE_PDL_WEIGHTS_FIRST = False   # with ``DECODE_PDL``: ``pdl_weights_first`` (step_floor --ab
+#                                    quant-pdl/quant-pdl-w)
+DECODE_BLOCK_N = 64       # its weight rows per unit (128: step_floor --ab quant-bn128; at 16 tokens
+#                           each 64-row step re-reads an x tile half its weight tile's bytes from L2)
 
 
 def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
     """The default kernel for x [M, K] @ w [N, K]^T: the persistent decode kernel
     (``mgpu_decode``) where M pads to <= 64 tokens and it tiles, else the tiled grid. Its K tile
     is 512 columns up to 16 tokens, else 256 (long contiguous runs of each weight row: H200,
-    session 20, gate/up M = 1 43.4 us at 512 / 2 stages against 50.6 at 128), and its ring as
-    deep as ``DECODE_SMEM_PER_CTA`` allows (2-4 stages). K is split to keep two CTAs per SM:
+    session 20, gate/up M = 1 43.4 us at 512 / 2 stages against 50.6 at 128), shorter where two
+    ring steps of ``DECODE_BLOCK_N`` rows would not fit ``DECODE_SMEM_PER_CTA``, and its ring as
+    deep as that allows (2-4 stages). K is split to keep two CTAs per SM:
     unsplit on one CTA per SM with a ring twice as deep (no partial sum after the kernel), the
     8B's qkv, o and down projections made its batch-1 int8 step 3.94 ms against 3.31 (H200,
     session 32)."""
-    mp = padded_tokens(m)
-    if mp <= 64 and n % 64 == 0 and k % 128 == 0:
-        bk = next(b for b in ((512, 256, 128) if mp <= 16 else (256, 128)) if k % b == 0)
-        stages = max(2, min(4, DECODE_SMEM_PER_CTA // ((64 + 2 * mp) * bk)))
-        dec = mgpu_decode.decode_config(n, k, block_k=bk, stages=stages, store_mn=DECODE_STORE_MN)
+    mp, bn = padded_tokens(m), DECODE_BLOCK_N
+    if mp <= 64 and n % bn == 0 and k % 128 == 0:
+        step = lambda b: (bn + 2 * mp) * b   # noqa: E731  (SMEM bytes of one ring step)
+        bk = next((b for b in ((512, 256, 128) if mp <= 16 else (256, 128))
+                   if k % b == 0 and 2 * step(b) <= DECODE_SMEM_PER_CTA), 128)
+        stages = max(2, min(4, DECODE_SMEM_PER_CTA // step(bk)))
+        dec = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages,
+                                        store_mn=DECODE_STORE_MN)
         if mgpu_decode.supports(mp, n, k, dec):
-            return dataclasses.replace(dec, pdl=DECODE_PDL, exit_read_only=DECODE_EXIT_READ_ONLY)
+            return dataclasses.replace(dec, pdl=DECODE_PDL, exit_read_only=DECODE_EXIT_READ_ONLY,
+                                       pdl_weights_first=DECODE_PDL_WEIGHTS_FIRST)
     return default_config(m, n, k)
 
 
