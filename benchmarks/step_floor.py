@@ -173,8 +173,9 @@ MODULE_PATCHES = {
     # the o / down projections' split-K sum, residual add and next RMSNorm back in XLA's two
     # kernels (the engine's default since session 37: one Mosaic GPU kernel, residual_norm.py)
     "quant-residual-norm-off": ("pallas_kernels.quant_matmul.api", "RESIDUAL_NORM_ON_HOPPER", False),
-    # a decode step's QKV epilogue, RoPE and K/V write in one kernel (session 37, rope_write.py)
-    "rope-write": ("pallas_kernels.kv_write.api", "ROPE_WRITE_ON_HOPPER", True),
+    # a decode step's QKV epilogue, RoPE and K/V write back in XLA's kernels (the engine's
+    # default since session 38 after a w8a16 projection: one Mosaic GPU kernel, rope_write.py)
+    "rope-write-off": ("pallas_kernels.kv_write.api", "ROPE_WRITE_ON_HOPPER", False),
     "rope-write-dense": ("pallas_kernels.kv_write.api", "ROPE_WRITE_DENSE_ON_HOPPER", True),
 }
 
@@ -343,7 +344,7 @@ def main() -> None:
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
                     "attn-fused-combine, quant-xla, quant-pdl, quant-exit-ro, quant-out-t, "
-                    "quant-residual-norm-off, rope-write, rope-write-dense, xla:OPTION=VALUE")
+                    "quant-residual-norm-off, rope-write-off, rope-write-dense, xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,
