@@ -162,8 +162,6 @@ MODULE_PATCHES = {
     "quant-xla": ("pallas_kernels.quant_matmul.api", "MOSAIC_ON_HOPPER", False),
     # the decode kernel with programmatic dependent launch (mgpu_decode)
     "quant-pdl": ("pallas_kernels.quant_matmul.mgpu", "DECODE_PDL", True),
-    # with quant-pdl: each CTA requests its first weight tile before waiting for the kernel ahead
-    "quant-pdl-w": ("pallas_kernels.quant_matmul.mgpu", "DECODE_PDL_WEIGHTS_FIRST", True),
     # the decode kernel's CTAs exit after their stores' SMEM reads
     "quant-exit-ro": ("pallas_kernels.quant_matmul.mgpu", "DECODE_EXIT_READ_ONLY", True),
     # the persistent decode kernel's out^T partials (before session 24)

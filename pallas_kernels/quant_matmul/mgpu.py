@@ -90,10 +90,9 @@ DECODE_SMEM_PER_CTA = 100 * 1024   # the persistent kernel's TMA ring: two CTAs 
 DECODE_STORE_MN = True    # the persistent kernel's ``store_mn`` (off: the A/B in benchmarks/step_floor.py)
 DECODE_PDL = False        # the persistent kernel's ``pdl`` (on: step_floor --ab quant-pdl)
 DECODE_EXIT_READ_ONLY = False   # its ``exit_read_only`` (on: step_floor --ab quant-exit-ro)
-DECODE_PDL_WEIGHTS_FIRST = False   # with ``DECODE_PDL``: ``pdl_weights_first`` (step_floor --ab
-#                                    quant-pdl/quant-pdl-w)
-DECODE_BLOCK_N = 64       # its weight rows per unit (128: step_floor --ab quant-bn128; at 16 tokens
-#                           each 64-row step re-reads an x tile half its weight tile's bytes from L2)
+DECODE_BLOCK_N = 64       # its weight rows per unit (128: step_floor --ab quant-bn128, which halves
+#                           the x tile bytes per weight byte at 16 tokens: H200, 2026-12-05, the 8B's
+#                           int8 + lm_head batch-1 step 3.485 ms against 3.283, refuted)
 
 
 def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
@@ -115,8 +114,7 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
         dec = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages,
                                         store_mn=DECODE_STORE_MN)
         if mgpu_decode.supports(mp, n, k, dec):
-            return dataclasses.replace(dec, pdl=DECODE_PDL, exit_read_only=DECODE_EXIT_READ_ONLY,
-                                       pdl_weights_first=DECODE_PDL_WEIGHTS_FIRST)
+            return dataclasses.replace(dec, pdl=DECODE_PDL, exit_read_only=DECODE_EXIT_READ_ONLY)
     return default_config(m, n, k)
 
 

@@ -93,9 +93,6 @@ class DecodeConfig:
     #                            kernel may start before the one ahead of it ends; it waits for
     #                            that kernel's results before its first load and lets the kernel
     #                            after it start once its pipeline is done
-    pdl_weights_first: bool = False   # with ``pdl``: the ring's first weight tile is requested
-    #                            before the wait (only x waits for the kernel ahead; the weight
-    #                            must not be written by it: the engine's weights are step arguments)
 
     def ctas(self, n: int) -> int:
         """The grid for N output channels."""
@@ -193,7 +190,6 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
 
     tiles, resident = n // bn, cfg.x_resident
     pdl = cfg.pdl and not interpret   # (the interpreter runs kernels one at a time: nothing to wait for)
-    early = pdl and cfg.pdl_weights_first and not resident
 
     def unit(c, i):   # -> (tile, part) of CTA c's step i (x_resident: part-major unit order)
         g = c * per_cta + i // steps
@@ -210,13 +206,11 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
             return tile, part * steps + lax.rem(i, steps)
 
         def x_block(i):
-            if early:   # (traced into every x copy: the wait is a no-op once the kernel ahead is done)
-                plgpu.griddepcontrol_wait()
             return 0, unit(c, i)[1] * steps + lax.rem(i, steps)
 
         def with_smem(o_smem, *scratch):
             x_res, x_bar, *a_smem = scratch if resident else (None, None, *scratch)
-            if pdl and not early:   # nothing read before the kernels ahead finish
+            if pdl:   # nothing this kernel reads may be loaded before the kernels ahead finish
                 plgpu.griddepcontrol_wait()
             first = c * per_cta // tiles   # x_resident: this CTA's first K part (its last <= first + 1)
             if resident:   # both parts' slices, one TMA tile (and barrier) per K block (the second

@@ -352,6 +352,22 @@ def test_persistent_kernel_exiting_after_the_stores_read(monkeypatch):
     assert mgpu.kernel_config(16, 6144, 4096).exit_read_only
 
 
+def test_decode_units_of_128_rows(monkeypatch):
+    """``DECODE_BLOCK_N`` = 128 (the A/B quant-bn128): 128-row units whose K tile shrinks until two
+    ring steps fit ``DECODE_SMEM_PER_CTA`` (512 -> 256 columns at 16 tokens; 64-row units keep
+    512), and the kernel still matches the reference."""
+    assert mgpu.kernel_config(16, 4096, 4096).block_k == 512
+    monkeypatch.setattr(mgpu, "DECODE_BLOCK_N", 128)
+    cfg = mgpu.kernel_config(16, 4096, 4096)
+    assert (cfg.block_n, cfg.block_k) == (128, 256)
+    assert 2 * (128 + 2 * 16) * cfg.block_k <= mgpu.DECODE_SMEM_PER_CTA
+    x, q, s, _ = _operands(13, 3, 512, 1024, jnp.int8)
+    cfg = mgpu.kernel_config(3, 512, 1024)
+    assert cfg.block_n == 128
+    got = mgpu.quant_matmul(x, q, s, config=cfg, interpret=True)
+    assert _rel(got, ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32)) < 4e-3
+
+
 @pytest.mark.parametrize("m,name", [(16, "quant_decode_6144x4096"), (300, "quant_tiled_6144x4096")])
 def test_kernels_are_named_by_shape(m, name):
     """A profile tells the projections apart: each kernel is named after its weight's shape."""
