@@ -166,15 +166,21 @@ MODULE_PATCHES = {
     "quant-exit-ro": ("pallas_kernels.quant_matmul.mgpu", "DECODE_EXIT_READ_ONLY", True),
     # the persistent decode kernel's out^T partials (before session 24)
     "quant-out-t": ("pallas_kernels.quant_matmul.mgpu", "DECODE_STORE_MN", False),
+    # the decode kernel's ring in shorter K tiles (deeper: as deep as its SMEM allows, up to 4
+    # stages, or 8 with quant-stages8)
+    "quant-bk128": ("pallas_kernels.quant_matmul.mgpu", "DECODE_BLOCK_K", 128),
+    "quant-bk256": ("pallas_kernels.quant_matmul.mgpu", "DECODE_BLOCK_K", 256),
+    "quant-stages8": ("pallas_kernels.quant_matmul.mgpu", "DECODE_MAX_STAGES", 8),
     # 128-row decode units (256-column steps at 16 tokens): half the x tile bytes per weight byte
     "quant-bn128": ("pallas_kernels.quant_matmul.mgpu", "DECODE_BLOCK_N", 128),
     # the o / down projections' split-K sum, residual add and next RMSNorm back in XLA's two
     # kernels (the engine's default since session 37: one Mosaic GPU kernel, residual_norm.py)
     "quant-residual-norm-off": ("pallas_kernels.quant_matmul.api", "RESIDUAL_NORM_ON_HOPPER", False),
     # a decode step's QKV epilogue, RoPE and K/V write back in XLA's kernels (the engine's
-    # default since session 38 after a w8a16 projection: one Mosaic GPU kernel, rope_write.py)
+    # default since session 38, after a w8a16 projection or a dense one's GEMM: one Mosaic GPU
+    # kernel, rope_write.py)
     "rope-write-off": ("pallas_kernels.kv_write.api", "ROPE_WRITE_ON_HOPPER", False),
-    "rope-write-dense": ("pallas_kernels.kv_write.api", "ROPE_WRITE_DENSE_ON_HOPPER", True),
+    "rope-write-dense-off": ("pallas_kernels.kv_write.api", "ROPE_WRITE_DENSE_ON_HOPPER", False),
 }
 
 
@@ -342,7 +348,7 @@ def main() -> None:
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
                     "attn-fused-combine, quant-xla, quant-pdl, quant-exit-ro, quant-out-t, "
-                    "quant-residual-norm-off, rope-write-off, rope-write-dense, xla:OPTION=VALUE")
+                    "quant-residual-norm-off, rope-write-off, rope-write-dense-off, xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,

@@ -35,11 +35,11 @@ GPU_KERNEL_MIN_TOKENS = 1024
 # steps, after a w8a16 projection's decode kernel. H200, 2026-12-05, the 8B's int8 + lm_head
 # batch-1 step, three calls: 3.283 -> 3.169, 3.286 -> 3.164, 3.285 -> 3.168 ms, 400 -> 337
 # kernels (the A/B's other arm: benchmarks/step_floor.py --ab rope-write-off). After a dense
-# one's XLA GEMM: ``_DENSE`` (--ab rope-write-dense; the offline H200 compiles of the 8B and
-# Qwen2.5-0.5B bf16 steps ran no fewer kernels with it: XLA's split-K sum of its GEMM, fused into
-# RoPE without it, then runs alone).
+# one's XLA GEMM: ``_DENSE`` (--ab rope-write-dense-off), same day, bf16 batch-1 steps recompiled
+# both ways in one call: the 8B 4.538 -> 4.468 ms (463 -> 432 kernels), Qwen2.5-0.5B 0.992 ->
+# 0.961 ms (327 -> 304).
 ROPE_WRITE_ON_HOPPER = True
-ROPE_WRITE_DENSE_ON_HOPPER = False
+ROPE_WRITE_DENSE_ON_HOPPER = True
 ROPE_WRITE_MAX_TOKENS = 64   # the steps it serves: decode-sized (the persistent decode matmul's)
 
 

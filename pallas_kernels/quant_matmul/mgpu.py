@@ -90,6 +90,9 @@ DECODE_SMEM_PER_CTA = 100 * 1024   # the persistent kernel's TMA ring: two CTAs 
 DECODE_STORE_MN = True    # the persistent kernel's ``store_mn`` (off: the A/B in benchmarks/step_floor.py)
 DECODE_PDL = False        # the persistent kernel's ``pdl`` (on: step_floor --ab quant-pdl)
 DECODE_EXIT_READ_ONLY = False   # its ``exit_read_only`` (on: step_floor --ab quant-exit-ro)
+DECODE_BLOCK_K: int | None = None   # its K tile (None: the rule in ``kernel_config``; A/Bs
+#                                     step_floor --ab quant-bk128, quant-bk256)
+DECODE_MAX_STAGES = 4     # its deepest ring (8: step_floor --ab quant-stages8)
 DECODE_BLOCK_N = 64       # its weight rows per unit (128: step_floor --ab quant-bn128, which halves
 #                           the x tile bytes per weight byte at 16 tokens: H200, 2026-12-05, the 8B's
 #                           int8 + lm_head batch-1 step 3.485 ms against 3.283, refuted)
@@ -110,7 +113,9 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
         step = lambda b: (bn + 2 * mp) * b   # noqa: E731  (SMEM bytes of one ring step)
         bk = next((b for b in ((512, 256, 128) if mp <= 16 else (256, 128))
                    if k % b == 0 and 2 * step(b) <= DECODE_SMEM_PER_CTA), 128)
-        stages = max(2, min(4, DECODE_SMEM_PER_CTA // step(bk)))
+        if DECODE_BLOCK_K is not None and k % DECODE_BLOCK_K == 0:
+            bk = DECODE_BLOCK_K
+        stages = max(2, min(DECODE_MAX_STAGES, DECODE_SMEM_PER_CTA // step(bk)))
         dec = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages,
                                         store_mn=DECODE_STORE_MN)
         if mgpu_decode.supports(mp, n, k, dec):

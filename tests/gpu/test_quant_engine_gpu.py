@@ -52,8 +52,11 @@ def test_fused_epilogues_keep_greedy_tokens(switch, method, monkeypatch):
     head_dim 64)."""
     prompt = [0, 334, 1150, 13, 2310, 302, 290, 331]
     cfg, params = qe.load(method)
+    module = qapi if switch.startswith("RESIDUAL") else kv_api
+    monkeypatch.setattr(module, switch, False)   # (the switches are on by default)
+    jax.clear_caches()
     want = qe.greedy(cfg, params, prompt, 24)
-    monkeypatch.setattr(qapi if switch.startswith("RESIDUAL") else kv_api, switch, True)
+    monkeypatch.setattr(module, switch, True)
     jax.clear_caches()
     got = qe.greedy(cfg, params, prompt, 24)
     # (the two sum partials, and the norm's squares, in other orders: a near-tie may part them

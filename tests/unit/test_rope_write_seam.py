@@ -34,6 +34,7 @@ def _model(tmp_path, quantization="int8"):
 def test_fused_qkv_epilogue_in_the_decoder_keeps_the_greedy_tokens(tmp_path, monkeypatch):
     cfg, params = _model(tmp_path)
     assert cfg.q_per_kv_padded == 4 and cfg.head_dim == 128
+    monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", False)   # (on by default)
     want = qe.greedy(cfg, params, PROMPT, STEPS)          # the decode kernel, then XLA's epilogue
     calls = recorded(monkeypatch, rope_write, "rope_write")
     monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", True)
@@ -47,6 +48,7 @@ def test_fused_epilogue_after_xlas_gemm_keeps_the_greedy_tokens(tmp_path, monkey
     """A bf16 model: XLA's GEMM, then the same kernel, interpreted (no Hopper here: the
     dispatchers' own predicate and entry point, with interpret on)."""
     cfg, params = _model(tmp_path, None)
+    monkeypatch.setattr(api, "ROPE_WRITE_DENSE_ON_HOPPER", False)   # (on by default)
     want = qe.greedy(cfg, params, PROMPT, STEPS)
     calls = recorded(monkeypatch, rope_write, "rope_write")
     monkeypatch.setattr(api, "ROPE_WRITE_DENSE_ON_HOPPER", True)
@@ -113,6 +115,7 @@ def test_a_ragged_batch_with_padding_rows_matches_xlas_epilogue(tmp_path, monkey
         f32 = lambda x: np.asarray(x, np.float32)   # noqa: E731
         return f32(a), f32(b), [f32(x) for x in kv[0]]
 
+    monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", False)   # (on by default)
     want = run()
     calls = recorded(monkeypatch, rope_write, "rope_write")
     monkeypatch.setattr(api, "ROPE_WRITE_ON_HOPPER", True)
