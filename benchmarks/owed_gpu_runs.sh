@@ -1,14 +1,13 @@
-# The device calls owed after session 37 (2026-12-05), in the order to run them. Each case fits
+# The device calls owed after session 38 (2026-12-05), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-37 removed the ones they ran; vmm stays as the record of its arms).
-# Order: qw (issue 13: the QKV epilogue, RoPE and K/V write in one kernel), tg (the 8B's bf16
-# decode bucket back on autotuned Triton GEMMs), qs (issue 13: the decode matmul's ring and kernel variants timed on the device), qe
-# (issue 13: the decode kernel configs' GPU tests), lt (issue 12: where the speculating step's
-# launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with
-# session 28's wider code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb,
-# d, s, sk, c.
+# history (sessions 7-38 removed the ones they ran; vmm stays as the record of its arms).
+# Order: qk (issue 13: the decode kernel's ring in shorter K tiles, the step A/B), qs (issue
+# 13: the ring and kernel variants at the 8B's qkv and o shapes), qe (issue 13: the decode kernel
+# configs' GPU tests), lt (issue 12: where the speculating step's launch goes), b2, o, u, w, f,
+# m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider code-draft:
+# session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -65,59 +64,27 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
 
 case "${1:-}" in
-qw)
-  # Issue 13's batch 1 (1.6x bf16; session 37: int8 + lm_head 3.27 ms, 1.49x the engine's cuBLAS
-  # bf16, 1.38x autotuned Triton's). Session 37's trace: per layer the qkv partials go through
-  # XLA's sum + RoPE (1.7 us) and the K and V scatters (2.6 + 3.0 us); the A/B rope-write does
-  # all three in one Mosaic GPU kernel (kv_write/rope_write.py; offline H200 compile at 2 layers
-  # 43 -> 41 kernels, ~338 at 32 against 400), and for bf16 the same kernel after XLA's GEMM
-  # (rope-write-dense, timed in case tg: offline 47 -> 47 kernels at 2 layers, XLA's split-K
-  # sum of the Triton GEMM then runs alone). The GPU tests first (never compiled on a device).
-  # Prediction: int8 -4.5 us per layer, 3.27 -> ~3.13 ms.
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
-    tests/gpu/test_quant_engine_gpu.py -k "rope_write or ROPE_WRITE" > "$OUT/qw_tests.txt" 2>&1
-  tail -3 "$OUT/qw_tests.txt"
+qk)
+  # Issue 13's two open targets (batch 1 at 1.6x bf16, the kernel at >= 85% of the read at M <=
+  # 16). Session 38's device clock (RESULTS.md): the kernel reads what its own ring reads (64 x
+  # 512 int8 tiles, 2 stages: gate/up 78%, down 68%), and a ring of 64 x 128 tiles, 4 stages
+  # reads 10-12 points more (88%, 80%). The step with the kernel's K tile at 128 (4 or 8
+  # stages) and 256 columns. Prediction: gate/up 33.1 -> ~30 us, down 18.1 -> ~16.5, the 8B's
+  # int8 + lm_head step 3.165 -> ~2.98 ms (1.5x bf16's 4.466).
   timeout 300 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head --ab rope-write,rope-write/quant-residual-norm-off \
-    --trace /tmp/qw_trace > "$OUT/qw_step.txt" 2>&1
-  grep "^##\|^| A\|rror" "$OUT/qw_step.txt"
-  ;;
-tg)
-  # Session 37 gave wide models' 16-token (decode) bucket XLA's autotuned Triton GEMMs again
-  # (compile_pool.WIDE_CUBLAS_MIN_TOKENS; cuBLAS from 32 tokens): three same-process A/Bs put the
-  # 8B's bf16 decode step 4-7% faster with them. The engine's default against its old cuBLAS arm,
-  # and the cold build's seconds (the bucket's first program compiles alone, ~35 s). Prediction:
-  # A ~4.55 ms, the cuBLAS arm ~4.87; engine build +~30 s over session 37's 12 s (warm cache).
-  # The arm rope-write-dense: bf16's RoPE and K/V write in one kernel after XLA's GEMM (case qw's
-  # kernel; offline no fewer kernels): prediction within +-2 us per layer.
-  rm -rf ~/.cache/jserve
-  timeout 400 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization none,int8+lm_head --ab xla:xla_gpu_enable_triton_gemm=false,rope-write-dense \
-    > "$OUT/tg_step.txt" 2>&1
-  grep "^##\|^| A\|^| B\|rror" "$OUT/tg_step.txt"
-  # Session 37's trial pool allocation before compiling: every 8B start-up at share 0.8 in session
-  # 37 found 62 of 64 pool arrays a block and compiled all programs twice. Prediction: the warning
-  # now says "planning ... before the step programs compile" and the start-up is ~40 s shorter
-  # (95.9 s bf16 in session 37); if it still says "compiling the step programs again", the holes
-  # come from the compile itself.
-  timeout 200 python3 benchmarks/offline.py --model llama3.1-8b --random-weights --max-num-seqs 256 \
-    --max-num-batched-tokens 2048 --max-model-len 512 --num-requests 64 --input-len 200 --output-len 16 \
-    --gpu-memory-utilization 0.8 > "$OUT/tg_start.txt" 2>&1
-  grep "fragmented\|^| \(startup_s\|pool_pages\)\|rror" "$OUT/tg_start.txt" | cut -c1-240
+    --quantization int8+lm_head --ab rope-write-dense-off,quant-bk128,quant-bk128/quant-stages8,quant-bk256 \
+    > "$OUT/qk_step.txt" 2>&1
+  grep "^##\|^| A\|rror" "$OUT/qk_step.txt"
   ;;
 qs)
-  # Issue 13's >= 85% of the HBM read at M <= 16. Session 32 timed on the device (profiler trace,
-  # benchmarks/device_clock.py; the 2 GiB int8 read 4.6 TB/s): the kernel's default read the 8B's
-  # gate/up at 77-79%, down at 71-73%, qkv at 54-57% (o not timed; ~40% from the step's total),
-  # XLA's own bf16 GEMM 89-93%. Sessions 20-31's ring and body findings came from wall-clock
-  # chains (+-20-30%; session 31's "kernel within 10% of the bare ring" among them). Here, per
-  # shape (smallest first), the bare TMA ring, every split, 128-row tiles and deep rings on one
-  # CTA per SM, M = 16 then 1, each section printed as it is timed. Prediction: the bare ring
-  # within ~5-10% of XLA's read at gate/up and down; at qkv and o a short call's ramp and tail
-  # (two to four 32 KB steps per CTA) hold the ring itself under ~65%, so the lever there is
-  # fewer, longer CTAs or cross-call overlap, not the body. (Session 37 traced the step: RESULTS.md.)
-  for sh in 4096x4096 6144x4096 4096x14336; do   # (gate/up, 28672x4096: the next call)
-    timeout 120 python3 benchmarks/decode_stream.py --shape $sh --ms 16,1 --layouts rows --rounds 1 \
+  # Issue 13's >= 85% of the HBM read at M <= 16. Session 38 timed the rings and the default
+  # kernel at down and gate/up on the device clock (RESULTS.md: the kernel reads what its own
+  # 64 x 512, 2-stage ring reads; 64 x 128 at 4 stages reads 10-12 points more). Here the qkv and
+  # o shapes, the bare ring beside every kernel variant (splits, 128-row tiles, deep rings), M =
+  # 16 then 1, each section printed as it is timed. Prediction: at qkv and o a short call's ramp
+  # and tail (two to four steps per CTA) hold even the best ring under ~65%.
+  for sh in 4096x4096 6144x4096; do
+    timeout 140 python3 benchmarks/decode_stream.py --shape $sh --ms 16,1 --layouts rows --rounds 1 \
       --kernels mosaic --iters 20 --trace-dir /tmp/qs_$sh > "$OUT/qs_$sh.txt" 2>&1
     grep "^|\|^int8\|rror" "$OUT/qs_$sh.txt" | head -40
   done
