@@ -3,7 +3,8 @@
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-38 removed the ones they ran; vmm stays as the record of its arms).
-# Order: qk (issue 13: the decode kernel's ring in shorter K tiles, the step A/B), qs (issue
+# Order: qk (issue 13: the decode kernel's ring in shorter K tiles, the step A/B), ae (the
+# engine's own bf16 decode executable slower than a recompile of it), qs (issue
 # 13: the ring and kernel variants at the 8B's qkv and o shapes), qe (issue 13: the decode kernel
 # configs' GPU tests), lt (issue 12: where the speculating step's launch goes), b2, o, u, w, f,
 # m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider code-draft:
@@ -75,6 +76,19 @@ qk)
     --quantization int8+lm_head --ab rope-write-dense-off,quant-bk128,quant-bk128/quant-stages8,quant-bk256 \
     > "$OUT/qk_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qk_step.txt"
+  ;;
+ae)
+  # Session 38: the engine's own bf16 decode executable ran up to 11% slower than the same
+  # variant recompiled by step_floor in the same process (Qwen2.5-0.5B bf16 1.106 against a
+  # no-op arm's 0.992 ms; int8 without lm_head 0.991 against 0.913; the 8B bf16 4.535 against
+  # 4.538 in one call, a cached one 4.699 in another). Both hold an autotuned GEMM; the 8B's
+  # int8 + lm_head step, which holds none, never differed. Prediction: start-up's concurrent
+  # compiles autotune the GEMMs under contention; with one compile thread A equals the arm.
+  for threads in 1 4; do
+    timeout 140 python3 benchmarks/step_floor.py qwen2.5-0.5b --max-num-batched-tokens 16 \
+      --compile-threads $threads --ab rope-write-off > "$OUT/ae_$threads.txt" 2>&1
+    echo "compile threads $threads"; grep "^| A \|^| A + \|rror" "$OUT/ae_$threads.txt" | cut -c1-120
+  done
   ;;
 qs)
   # Issue 13's >= 85% of the HBM read at M <= 16. Session 38 timed the rings and the default
