@@ -240,9 +240,11 @@ def main() -> None:
                 per = -(-units // min(2 * sms, units))
                 cfgs.append(dataclasses.replace(default, split_k=split, per_cta=per))
             # 128-row tiles; then 64-row tiles in shorter steps, the ring deeper at 2 CTAs per SM
-            # (192 KB in flight per SM at 16 tokens against the default's 2 x 2 x 48 KB)
+            # (192 KB in flight per SM at 16 tokens against the default's 2 x 2 x 48 KB; session
+            # 38: the bare ring of 64 x 128 tiles at 4 stages read 10-12 points more than 64 x 512
+            # at 2)
             for bn, bk, stages, per_sm in ((128, 512, 2, 1), (128, 256, 3, 1), (128, 256, 2, 2),
-                                           (64, 256, 4, 2), (64, 128, 8, 2)):
+                                           (64, 256, 4, 2), (64, 128, 4, 2), (64, 128, 8, 2)):
                 cfg = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages,
                                                 ctas_per_sm=per_sm, store_mn=default.store_mn)
                 if mgpu_decode.supports(mgpu.padded_tokens(m), n, k, cfg):
