@@ -112,6 +112,12 @@ qe)
   # 3.310 against 3.312 ms, no change; the engine's quantized GPU tests passed, 8).
   timeout 250 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py -k persistent \
     > "$OUT/qe_tests.txt" 2>&1; tail -2 "$OUT/qe_tests.txt"
+  # Session 38 turned the QKV epilogue kernel on (rope_write.py, after w8a16 and dense QKV
+  # projections alike) and fixed the fused-epilogue GPU tests, which had compared the fused path
+  # with itself once the switches went on: the engine's GPU tests with those defaults.
+  timeout 330 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py \
+    tests/gpu/test_quant_engine_gpu.py tests/gpu/test_quant_matmul_gpu.py -k "not persistent" \
+    > "$OUT/qe_engine.txt" 2>&1; tail -2 "$OUT/qe_engine.txt"
   ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify
