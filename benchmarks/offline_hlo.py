@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None,
                     help="the shape with this many layers (to fit host memory)")
     ap.add_argument("--quantization", default=None)
+    ap.add_argument("--dtype", default="bfloat16", help="the model's dtype (activations, KV pool)")
     ap.add_argument("--buckets", default="16,256", help="comma list of token buckets")
     ap.add_argument("--layouts", default="per-layer", help="per-layer, stacked: w8a8 arrays")
     ap.add_argument("--dump", default=None, help="a folder for each program's optimized HLO text")
@@ -109,7 +110,7 @@ def main() -> None:
     if ns.layers:
         model = f"{ns.model}-{ns.layers}-layers"
         shapes.NAMED_SHAPES[model] = dict(shapes.NAMED_SHAPES[ns.model], num_hidden_layers=ns.layers)
-    eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
+    eng = build_engine(EngineArgs(model=model, random_weights=True, dtype=ns.dtype, max_num_seqs=16,
                                   max_num_batched_tokens=16, max_model_len=max(1024, max(buckets)),
                                   num_pages=512, quantization=ns.quantization,
                                   tensor_parallel_size=ns.tp, pipeline_parallel_size=ns.pp))
