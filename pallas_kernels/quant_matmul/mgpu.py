@@ -107,7 +107,9 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
     deep as that allows (2-4 stages). K is split to keep two CTAs per SM:
     unsplit on one CTA per SM with a ring twice as deep (no partial sum after the kernel), the
     8B's qkv, o and down projections made its batch-1 int8 step 3.94 ms against 3.31 (H200,
-    session 32)."""
+    session 32). (Session 38's device clock put the bare TMA ring of 64 x 128 tiles at 4 stages
+    10-12 points of the HBM read above the 64 x 512, 2-stage ring this rule picks, which the
+    kernel reads at: the step A/B ``DECODE_BLOCK_K`` is owed, benchmarks/owed_gpu_runs.sh qk.)"""
     mp, bn = padded_tokens(m), DECODE_BLOCK_N
     if mp <= 64 and n % bn == 0 and k % 128 == 0:
         step = lambda b: (bn + 2 * mp) * b   # noqa: E731  (SMEM bytes of one ring step)
