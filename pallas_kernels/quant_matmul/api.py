@@ -110,7 +110,9 @@ def quant_matmul_rope_write(x: jax.Array, w: jax.Array, w_scale: jax.Array, bias
     query heads, K, V), its bias (None or [N]), RoPE (cos / sin float32 [T, d]) and the K / V
     write into the unquantized pools at ``slot_mapping`` -> (q [T, Nkv * G, d], k_pages,
     v_pages), as ``kv_write.reference.rope_write`` of the projection. One kernel after the
-    decode matmul where ``quant_rope_write_fuses`` (XLA's sum + RoPE and two scatters otherwise)."""
+    decode matmul where ``quant_rope_write_fuses``; otherwise the finished projection goes
+    through ``kv_write.api.write_rope`` (XLA's RoPE and scatters, or under its own dense switch
+    the same kernel after XLA's sum)."""
     if quant_rope_write_fuses(x, w, groups, k_pages.shape[-1], bias is not None, interpret=interpret,
                               backend=backend):
         return mgpu.quant_matmul_rope_write(x, w, w_scale, bias, cos, sin, slot_mapping, k_pages,

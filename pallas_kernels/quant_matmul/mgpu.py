@@ -112,12 +112,12 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
     kernel reads at: the step A/B ``DECODE_BLOCK_K`` is owed, benchmarks/owed_gpu_runs.sh qk.)"""
     mp, bn = padded_tokens(m), DECODE_BLOCK_N
     if mp <= 64 and n % bn == 0 and k % 128 == 0:
-        step = lambda b: (bn + 2 * mp) * b   # noqa: E731  (SMEM bytes of one ring step)
+        row_bytes = bn + 2 * mp   # SMEM of one ring step per K column: the int8 tile and x's
         bk = next((b for b in ((512, 256, 128) if mp <= 16 else (256, 128))
-                   if k % b == 0 and 2 * step(b) <= DECODE_SMEM_PER_CTA), 128)
+                   if k % b == 0 and 2 * row_bytes * b <= DECODE_SMEM_PER_CTA), 128)
         if DECODE_BLOCK_K is not None and k % DECODE_BLOCK_K == 0:
             bk = DECODE_BLOCK_K
-        stages = max(2, min(DECODE_MAX_STAGES, DECODE_SMEM_PER_CTA // step(bk)))
+        stages = max(2, min(DECODE_MAX_STAGES, DECODE_SMEM_PER_CTA // (row_bytes * bk)))
         dec = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages,
                                         store_mn=DECODE_STORE_MN)
         if mgpu_decode.supports(mp, n, k, dec):
