@@ -1,9 +1,10 @@
-# The device calls owed after session 38 (2026-12-05), in the order to run them. Each case fits
+# The device calls owed after session 39 (2026-12-05), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-38 removed the ones they ran; vmm stays as the record of its arms).
-# Order: qk (issue 13: the decode kernel's ring in shorter K tiles, the step A/B), ae (the
+# Order: qk (issue 13: the decode kernel's ring in shorter K tiles, the step A/B), qg (issue 13:
+# gate/up with the SiLU gate in its epilogue, GPU tests and the step A/B), ae (the
 # engine's own bf16 decode executable slower than a recompile of it), qs (issue
 # 13: the ring and kernel variants at the 8B's qkv and o shapes), qe (issue 13: the decode kernel
 # configs' GPU tests), lt (issue 12: where the speculating step's launch goes), b2, o, u, w, f,
@@ -78,6 +79,22 @@ qk)
     --quantization none,int8+lm_head \
     --ab rope-write-dense-off,quant-bk128,quant-bk128/quant-stages8,quant-bk256 > "$OUT/qk_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qk_step.txt"
+  ;;
+qg)
+  # Session 39 (no device): the MLP's gate/up decode matmul with the SiLU gate in its epilogue
+  # (quant_matmul/gated.py, api.SILU_GATE_ON_HOPPER, off): units of 64 gate + 64 up rows over all
+  # of K, so no float32 partials (7.3 MB at 16 tokens, written and read back) and no XLA fusion
+  # after it (the offline H200 compile: 41 -> 39 kernels at 2 layers, -1 per layer). GPU tests
+  # first (the kernel at the 8B's shape against the decode kernel + XLA's gate; the engine's
+  # greedy tokens), then the step. Prediction: int8 + lm_head -0.13 to -0.16 ms (3.165 ->
+  # ~3.02); with quant-bk128 as well about the sum of both arms' gains (~2.85).
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
+    tests/gpu/test_quant_engine_gpu.py -k "silu_gate or SILU" > "$OUT/qg_tests.txt" 2>&1
+  tail -3 "$OUT/qg_tests.txt"
+  timeout 380 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8+lm_head --ab silu-gate-on,quant-bk128,quant-bk128/silu-gate-on \
+    > "$OUT/qg_step.txt" 2>&1
+  grep "^##\|^| A\|rror" "$OUT/qg_step.txt"
   ;;
 ae)
   # Session 38: the engine's own bf16 decode executable ran up to 11% slower than the same

@@ -181,6 +181,9 @@ MODULE_PATCHES = {
     # kernel, rope_write.py)
     "rope-write-off": ("pallas_kernels.kv_write.api", "ROPE_WRITE_ON_HOPPER", False),
     "rope-write-dense-off": ("pallas_kernels.kv_write.api", "ROPE_WRITE_DENSE_ON_HOPPER", False),
+    # the MLP's gate/up decode matmul with the SiLU gate in its epilogue, K unsplit (gated.py):
+    # no float32 partials and no XLA fusion after it
+    "silu-gate-on": ("pallas_kernels.quant_matmul.api", "SILU_GATE_ON_HOPPER", True),
 }
 
 
@@ -348,7 +351,8 @@ def main() -> None:
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
                     "attn-fused-combine, quant-xla, quant-pdl, quant-exit-ro, quant-out-t, "
-                    "quant-residual-norm-off, rope-write-off, rope-write-dense-off, xla:OPTION=VALUE")
+                    "quant-residual-norm-off, rope-write-off, rope-write-dense-off, silu-gate-on, "
+                    "quant-bk128, quant-bk256, quant-stages8, quant-bn128, xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,

@@ -23,7 +23,14 @@ from jax.sharding import Mesh
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache
 from jserve.model.attention import fresh_prefill_attention, paged_attention, write_kv
-from jserve.model.linear import QuantizedWeight, linear, linear_residual_norm, linear_rope_write, rms_norm
+from jserve.model.linear import (
+    QuantizedWeight,
+    linear,
+    linear_residual_norm,
+    linear_rope_write,
+    linear_silu_gate,
+    rms_norm,
+)
 from jserve.model.microbatch import bubble, split_microbatches
 from jserve.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from jserve.step_input import StepInput, advance_decode
@@ -85,8 +92,8 @@ def _layer(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, h: jax.Array, next
     attn, pool = _attention_block(cfg, w, h, pool, batch, *rope, window, fresh_prefill, mesh,
                                   decode_only)
     x, h = linear_residual_norm(attn, w["wo"], 0, x, w["ln_mlp"][0], eps, mesh)
-    gu = linear(h, w["wgu"], 0, mesh)                               # [T, 2, I]
-    x, h = linear_residual_norm(jax.nn.silu(gu[:, 0]) * gu[:, 1], w["wd"], 0, x, next_ln, eps, mesh)
+    gated = linear_silu_gate(h, w["wgu"], 0, mesh)                  # SiLU(gate) * up: [T, I]
+    x, h = linear_residual_norm(gated, w["wd"], 0, x, next_ln, eps, mesh)
     return x, h, pool
 
 

@@ -41,6 +41,11 @@ epilogue, the add and the norm); everything else (tensor parallel: a psum of par
 stages: layers inside ``shard_map``) is that composition, the ops the decoder ran before the
 seam existed.
 
+``linear_silu_gate`` is the MLP's fused gate/up seam: ``silu(gate) * up`` of ``linear(x, wgu)``.
+For a w8a16 weight on one device it calls ``pallas_kernels.quant_matmul_silu_gate`` (on a
+Hopper GPU, under its switch, one kernel does the matmul and the gate); everything else is that
+composition.
+
 ``linear_rope_write`` is the fused QKV projection's seam on a decode step (paged attention), on
 one device with an unquantized pool: where ``pallas_kernels.quant_rope_write_fuses`` (a w8a16
 weight) one kernel after the decode matmul sums its partials, adds the bias, applies RoPE and
@@ -188,6 +193,18 @@ def linear_residual_norm(x: jax.Array, w: Weight, i: int, residual: jax.Array, g
         return _typed_like(h, residual), _typed_like(normed, residual)
     h = residual + linear(x, w, i, mesh)
     return h, None if gamma is None else rms_norm(h, gamma, eps)
+
+
+def linear_silu_gate(x: jax.Array, w: Weight, i: int, mesh: Mesh | None = None) -> jax.Array:
+    """x: [T, K] @ layer ``i`` of the fused gate/up weight (out [2, I]) -> SiLU(gate) * up [T, I]
+    in x's dtype (module docstring)."""
+    if (isinstance(w, QuantizedWeight) and w.group is None and not w.act_quant
+            and len(w.out_shape) == 2 and w.out_shape[0] == 2 and (mesh is None or mesh.devices.size == 1)):
+        q = w.layer_q(i).reshape(math.prod(w.out_shape), w.k)
+        h = pallas_kernels.quant_matmul_silu_gate(x, q, w.scale[i].reshape(-1), **_kernel_choice(w))
+        return _typed_like(h, x)
+    gu = linear(x, w, i, mesh)                                       # [T, 2, I]
+    return jax.nn.silu(gu[:, 0]) * gu[:, 1]
 
 
 def linear_rope_write(x: jax.Array, w: Weight, i: int, bias: jax.Array | None, cos: jax.Array,

@@ -38,6 +38,10 @@ MOSAIC_ON_HOPPER = True
 # benchmarks/step_floor.py --ab quant-residual-norm-off).
 RESIDUAL_NORM_ON_HOPPER = True
 W8A8_XLA_MIN_M: int | None = 128   # (module docstring)
+# The MLP's gate/up decode matmul with the SiLU gate in its epilogue, no split of K
+# (``mgpu.quant_matmul_silu_gate``, the ``gated`` kernel): off until the device times it
+# (benchmarks/step_floor.py --ab silu-gate-on, benchmarks/owed_gpu_runs.sh qg).
+SILU_GATE_ON_HOPPER = False
 
 
 def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax.Array | None = None,
@@ -120,3 +124,17 @@ def quant_matmul_rope_write(x: jax.Array, w: jax.Array, w_scale: jax.Array, bias
     y = quant_matmul(x, w, w_scale, interpret=interpret, backend=backend)
     return kv_api.write_rope(y, bias, cos, sin, slot_mapping, k_pages, v_pages, groups=groups,
                              interpret=interpret)
+
+
+def quant_matmul_silu_gate(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, interpret: bool = False,
+                           backend: str | None = None) -> jax.Array:
+    """The MLP's fused gate/up projection (w8a16) and its gate: x [T, K], w [2I, K] (gate rows,
+    then up rows), w_scale f32[2I] -> SiLU(gate) * up [T, I] in x's dtype, as
+    ``reference.silu_gate(quant_matmul(x, w, w_scale))``. On a Hopper GPU (or interpreted) with
+    ``SILU_GATE_ON_HOPPER`` where ``mgpu.silu_gate_supports``: one kernel (``gated``);
+    elsewhere that composition."""
+    backend = backend or jax.default_backend()
+    if (SILU_GATE_ON_HOPPER and backend != "tpu" and _mosaic_gpu(backend, interpret)
+            and mgpu.silu_gate_supports(x, w)):
+        return mgpu.quant_matmul_silu_gate(x, w, w_scale, interpret=interpret)
+    return reference.silu_gate(quant_matmul(x, w, w_scale, interpret=interpret, backend=backend))

@@ -48,7 +48,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.hopper import on_hopper as on_hopper  # (mgpu.on_hopper: the dispatchers, tests)
 from pallas_kernels.kv_write import rope_write
-from pallas_kernels.quant_matmul import mgpu_decode, reference, residual_norm
+from pallas_kernels.quant_matmul import gated, mgpu_decode, reference, residual_norm
 from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig, finish, smem_transforms
 
 FP8 = reference.FP8
@@ -112,17 +112,23 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
     kernel reads at: the step A/B ``DECODE_BLOCK_K`` is owed, benchmarks/owed_gpu_runs.sh qk.)"""
     mp, bn = padded_tokens(m), DECODE_BLOCK_N
     if mp <= 64 and n % bn == 0 and k % 128 == 0:
-        row_bytes = bn + 2 * mp   # SMEM of one ring step per K column: the int8 tile and x's
-        bk = next((b for b in ((512, 256, 128) if mp <= 16 else (256, 128))
-                   if k % b == 0 and 2 * row_bytes * b <= DECODE_SMEM_PER_CTA), 128)
-        if DECODE_BLOCK_K is not None and k % DECODE_BLOCK_K == 0:
-            bk = DECODE_BLOCK_K
-        stages = max(2, min(DECODE_MAX_STAGES, DECODE_SMEM_PER_CTA // (row_bytes * bk)))
+        bk, stages = _decode_ring(mp, k, bn)
         dec = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages,
                                         store_mn=DECODE_STORE_MN)
         if mgpu_decode.supports(mp, n, k, dec):
             return dataclasses.replace(dec, pdl=DECODE_PDL, exit_read_only=DECODE_EXIT_READ_ONLY)
     return default_config(m, n, k)
+
+
+def _decode_ring(mp: int, k: int, rows: int) -> tuple[int, int]:
+    """The persistent kernels' K tile and ring depth for ``rows`` weight rows per step (int8) and
+    an x tile of Mp tokens (``kernel_config``'s rule; ``DECODE_BLOCK_K`` overrides the tile)."""
+    row_bytes = rows + 2 * mp   # SMEM of one ring step per K column: the weight tile(s) and x's
+    bk = next((b for b in ((512, 256, 128) if mp <= 16 else (256, 128))
+               if k % b == 0 and 2 * row_bytes * b <= DECODE_SMEM_PER_CTA), 128)
+    if DECODE_BLOCK_K is not None and k % DECODE_BLOCK_K == 0:
+        bk = DECODE_BLOCK_K
+    return bk, max(2, min(DECODE_MAX_STAGES, DECODE_SMEM_PER_CTA // (row_bytes * bk)))
 
 
 def supports(x: jax.Array, w: jax.Array, act_quant: bool,
@@ -299,3 +305,41 @@ def quant_matmul_rope_write(x: jax.Array, w: jax.Array, w_scale: jax.Array, bias
                                         interpret=interpret)
     return rope_write.rope_write(parts, w_scale, bias, cos, sin, slot_mapping, k_pages, v_pages,
                                  groups=groups, interpret=interpret)
+
+
+def silu_gate_config(m: int, n2: int, k: int, sms: int | None = None) -> DecodeConfig | None:
+    """``gated``'s config for x [M, K] @ w [2I, K]^T, or None where it does not run: units of 64
+    gate and 64 up rows over all of K (no split), as many CTAs as units up to two per SM (more
+    units: a balanced share each), the ring of ``kernel_config`` for 128 weight rows per step.
+    None past 64 padded tokens, or where the units are fewer than the SMs (a small MLP, e.g.
+    Qwen2.5-0.5B's 76 units: there the split-K kernel keeps every SM pulling the weight)."""
+    mp, bn = padded_tokens(m), DECODE_BLOCK_N
+    sms = sms or mgpu_decode.sm_count()
+    if mp > 64 or bn != 64 or n2 % (2 * bn) or k % 128 or n2 // (2 * bn) < sms:
+        return None
+    units = n2 // (2 * bn)
+    bk, stages = _decode_ring(mp, k, 2 * bn)
+    per = -(-units // (2 * sms))
+    cfg = DecodeConfig(block_n=bn, block_k=bk, stages=stages, per_cta=per, pdl=DECODE_PDL,
+                       exit_read_only=DECODE_EXIT_READ_ONLY)
+    return cfg if gated.supports(mp, n2, k, cfg) else None
+
+
+def silu_gate_supports(x: jax.Array, w: jax.Array) -> bool:
+    """Whether ``quant_matmul_silu_gate`` takes x [T, K] @ w [2I, K]^T (w8a16, x bf16 / f16)."""
+    return (jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and silu_gate_config(x.shape[0], w.shape[0], x.shape[1]) is not None)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def quant_matmul_silu_gate(x: jax.Array, w: jax.Array, w_scale: jax.Array, *,
+                           config: DecodeConfig | None = None, interpret: bool = False) -> jax.Array:
+    """``reference.silu_gate(w8a16_matmul(x, w, w_scale))``: x [T, K], w [2I, K] (gate rows, then
+    up rows), w_scale float32 [2I] -> [T, I] in x's dtype, in one kernel (``gated``).
+    ``silu_gate_supports`` must hold (or ``config`` be given)."""
+    reference.validate_inputs(x, w, w_scale)
+    m, k = x.shape
+    cfg = config or silu_gate_config(m, w.shape[0], k)
+    h = gated.silu_gate_matmul(_pad_rows(x, padded_tokens(m)), w, w_scale, config=cfg, fp8=FP8,
+                               interpret=interpret)
+    return h[:m]

@@ -171,6 +171,41 @@ def finish(parts: jax.Array, m: int, w_scale: jax.Array, x_scale: jax.Array | No
     return y.astype(out_dtype)
 
 
+def a_tile(block_n: int, block_k: int, a_dtype: jnp.dtype) -> plgpu.SMEM:
+    """The SMEM A tile [block_n, min(block_k, 128)] that ``tile_product`` dequantizes through
+    when the weight tile cannot feed wgmma from registers (interpreted)."""
+    chunk = min(block_k, 128)
+    return plgpu.SMEM((block_n, chunk), a_dtype, transforms=smem_transforms(a_dtype, chunk))
+
+
+def tile_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None) -> jax.Array:
+    """One pipeline step's product inside a kernel: w_smem [bn, bk] (8-bit; or fp8 beside an fp8
+    x for w8a8) @ x_smem [Mp, bk]^T into the fresh wgmma accumulator ``acc_ref`` [bn, Mp] ->
+    its value (float32). w8a16: the weight tile is dequantized to x's dtype in registers and
+    feeds wgmma from there, or through ``a_smem`` (``a_tile``) when given; a long tile (bk 256-
+    1024) goes in 128-column chunks (registers hold one)."""
+    bk = w_smem.shape[1]
+    chunk = min(bk, 128)
+    w_dtype, a_dtype = jnp.dtype(w_smem.dtype), jnp.dtype(x_smem.dtype)
+    for j in range(bk // chunk):
+        cols = pl.ds(j * chunk, chunk)
+        if w_dtype == a_dtype:
+            a = w_smem.at[:, cols]
+        else:
+            w_reg = w_smem[:, cols]
+            if w_dtype == jnp.dtype(fp8) and a_dtype != jnp.float16:
+                w_reg = w_reg.astype(jnp.float32)   # Hopper converts e4m3 only to f16/f32
+            a = w_reg.astype(a_dtype)
+            if a_smem is not None:
+                if j:   # the previous chunk's wgmma may still read the A tile
+                    plgpu.wgmma_wait(0)
+                a_smem[...] = a
+                plgpu.commit_smem()
+                a = a_smem
+        plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].transpose((1, 0)))
+    return acc_ref[...]
+
+
 def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: jnp.dtype,
                     interpret: bool = False) -> jax.Array:
     """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit -> float32 partials
@@ -188,7 +223,6 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
     a_dtype = xp.dtype
     dequant = jnp.dtype(w.dtype) != jnp.dtype(a_dtype)
     via_smem = dequant and (interpret or not cfg.a_in_registers)
-    chunk = min(bk, 128)   # K per wgmma group: a long tile (block_k 256-1024) in 128-column chunks
 
     tiles, resident = n // bn, cfg.x_resident
     pdl = cfg.pdl and not interpret   # (the interpreter runs kernels one at a time: nothing to wait for)
@@ -233,26 +267,10 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                 else:
                     x_smem, carry = rest
 
-                def product(acc_ref):
-                    for j in range(bk // chunk):   # the tile's K chunks (registers hold one)
-                        cols = pl.ds(j * chunk, chunk)
-                        if not dequant:
-                            a = w_smem.at[:, cols]
-                        else:
-                            w_reg = w_smem[:, cols]
-                            if jnp.dtype(w.dtype) == jnp.dtype(fp8) and jnp.dtype(a_dtype) != jnp.float16:
-                                w_reg = w_reg.astype(jnp.float32)   # Hopper converts e4m3 only to f16/f32
-                            a = w_reg.astype(a_dtype)
-                            if via_smem:
-                                if j:   # the previous chunk's wgmma may still read the A tile
-                                    plgpu.wgmma_wait(0)
-                                a_smem[0][...] = a
-                                plgpu.commit_smem()
-                                a = a_smem[0]
-                        plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].transpose((1, 0)))
-                    return acc_ref[...]
-
-                carry = carry + pl.run_scoped(product, plgpu.ACC((bn, mp), jnp.float32))
+                a = a_smem[0] if via_smem else None
+                carry = carry + pl.run_scoped(
+                    lambda acc: tile_product(acc, w_smem, x_smem, fp8=fp8, a_smem=a),
+                    plgpu.ACC((bn, mp), jnp.float32))
                 last = lax.rem(i, steps) == steps - 1
 
                 @pl.when(last)
@@ -292,7 +310,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
             scratch += [plgpu.SMEM((2, steps, mp, bk), a_dtype, transforms=smem_transforms(a_dtype, bk)),
                         plgpu.Barrier(num_barriers=2 * steps)]
         if via_smem:
-            scratch.append(plgpu.SMEM((bn, chunk), a_dtype, transforms=smem_transforms(a_dtype, chunk)))
+            scratch.append(a_tile(bn, bk, a_dtype))
         pl.run_scoped(with_smem, *scratch)
 
     f = plgpu.kernel(

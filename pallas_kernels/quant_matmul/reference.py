@@ -147,6 +147,13 @@ def residual_rms_norm(y: jax.Array, residual: jax.Array, gamma: jax.Array, eps: 
     return h, gamma * (hf * jax.lax.rsqrt(var + eps)).astype(h.dtype)
 
 
+def silu_gate(y: jax.Array) -> jax.Array:
+    """The MLP's gate: y [T, 2I] (a fused gate/up projection: gate columns, then up) -> SiLU(gate)
+    * up [T, I] in y's dtype (``gated``'s kernel fuses this with the matmul's epilogue)."""
+    i = y.shape[-1] // 2
+    return jax.nn.silu(y[:, :i]) * y[:, i:]
+
+
 def group_dequant(w: jax.Array, scale: jax.Array, group: int,
                   dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """w: [N, K] 8-bit with one scale per output channel and K-group of ``group`` columns,

@@ -11,7 +11,7 @@ from jserve.llm import LLM
 from jserve.sampling_params import SamplingParams
 from pallas_kernels.kv_write import api as kv_api
 from pallas_kernels.quant_matmul import api as qapi
-from pallas_kernels.quant_matmul import mgpu
+from pallas_kernels.quant_matmul import mgpu, mgpu_decode
 
 pytestmark = pytest.mark.gpu
 
@@ -43,17 +43,21 @@ def test_kernel_path_matches_reference_path(method, monkeypatch):
 @pytest.mark.parametrize("switch,method", [
     ("RESIDUAL_NORM_ON_HOPPER", "int8"), ("RESIDUAL_NORM_ON_HOPPER", "fp8"),
     ("ROPE_WRITE_DENSE_ON_HOPPER", None), ("ROPE_WRITE_ON_HOPPER", "int8"),
+    ("SILU_GATE_ON_HOPPER", "int8"), ("SILU_GATE_ON_HOPPER", "fp8"),
 ])
 def test_fused_epilogues_keep_greedy_tokens(switch, method, monkeypatch):
     """Decode steps with a fused epilogue keep the greedy tokens of XLA's kernels: the o / down
     projections' sum, residual add and RMSNorm in one kernel (``qapi.RESIDUAL_NORM_ON_HOPPER``),
     and the QKV projection's epilogue, RoPE and K/V write in one (``kv_api.ROPE_WRITE_ON_HOPPER``
     after the decode matmul for int8, ``..._DENSE_...`` after XLA's GEMM for bf16; code-small's
-    head_dim 64)."""
+    head_dim 64), and the gate/up projection gated in its own kernel (``qapi.SILU_GATE_ON_HOPPER``,
+    off by default; code-small's 12 units run it where the SMs are made as few)."""
     prompt = [0, 334, 1150, 13, 2310, 302, 290, 331]
     cfg, params = qe.load(method)
-    module = qapi if switch.startswith("RESIDUAL") else kv_api
-    monkeypatch.setattr(module, switch, False)   # (the switches are on by default)
+    module = kv_api if switch.startswith("ROPE") else qapi
+    if switch.startswith("SILU"):   # (the rule wants as many units as SMs: code-small has 12)
+        monkeypatch.setattr(mgpu_decode, "sm_count", lambda: 8)
+    monkeypatch.setattr(module, switch, False)   # (the switches but SILU_GATE are on by default)
     jax.clear_caches()
     want = qe.greedy(cfg, params, prompt, 24)
     monkeypatch.setattr(module, switch, True)

@@ -148,3 +148,22 @@ def test_fused_rope_write(m, wdtype, monkeypatch):
         flat_a, flat_b = (np.asarray(v, np.float32).reshape(pages * page, -1) for v in (a, b))
         assert _rel(flat_a[np.asarray(slots)], flat_b[np.asarray(slots)]) < 4e-3
         assert (np.delete(flat_a, np.asarray(slots), axis=0) == 7.0).all()
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("wdtype", [jnp.int8, FP8])
+@pytest.mark.parametrize("cfg", [None, DecodeConfig(64, 128, 4), DecodeConfig(64, 256, 2, per_cta=2)])
+def test_fused_silu_gate(m, wdtype, cfg, monkeypatch):
+    """Llama-3.1-8B's gate/up (2I = 28,672): the gated kernel (quant_matmul/gated.py, the A tile
+    from registers) == the decode kernel, then XLA's sum, scale and SiLU gate."""
+    from pallas_kernels.quant_matmul import api
+
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.standard_normal((m, 4096)), jnp.bfloat16)
+    q, s = ref.quantize_weight(jnp.asarray(rng.standard_normal((28672, 4096)) * 0.02, jnp.float32), wdtype)
+    assert mgpu.silu_gate_supports(x, q)
+    monkeypatch.setattr(api, "SILU_GATE_ON_HOPPER", False)
+    want = jax.jit(pallas_kernels.quant_matmul_silu_gate)(x, q, s)
+    got = jax.jit(lambda *a: mgpu.quant_matmul_silu_gate(*a, config=cfg))(x, q, s)
+    assert np.isfinite(np.asarray(got, np.float32)).all()
+    assert _rel(got, want) < 4e-3
