@@ -120,6 +120,33 @@ def deep_rings(m: int, n: int, k: int, store_mn: bool, sms: int) -> list[mgpu_de
     return out
 
 
+def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
+    """The MLP's gate/up as one kernel with its SiLU gate (``gated.py``: N = 2I, units of 64 gate
+    and 64 up rows, K unsplit) at its default ring and at 128-column tiles, 4 stages, beside the
+    default decode kernel followed by XLA's sum, scale and gate (the engine's path with
+    ``SILU_GATE_ON_HOPPER`` off; its row's "all kernels" column holds both kernels)."""
+    m, k = x.shape
+    n = copies[0][0].shape[0]
+    default = mgpu.silu_gate_config(m, n, k)
+    if default is None:
+        print(f"  gated M={m}: the config rule declines [{n}, {k}]", flush=True)
+        return
+    q, s = copies[0]
+    want = ref.silu_gate(ref.w8a16_matmul(x, q, s))
+    unfused = lambda x, q, s: ref.silu_gate(mgpu.quant_matmul(x, q, s))  # noqa: E731
+    add(f"decode kernel + XLA's SiLU gate, M={m}", "the default", clock(unfused, x, copies, iters, reps))
+    for cfg in (default, dataclasses.replace(default, block_k=128, stages=4)):
+        fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul_silu_gate(x, q, s, config=cfg)  # noqa: E731
+        try:
+            err = rel(jnp.asarray(jax.jit(fn)(x, q, s), jnp.float32), jnp.asarray(want, jnp.float32))
+            us = clock(fn, x, copies, iters, reps)
+        except Exception as e:  # noqa: BLE001 - a config that fails to build is a result too
+            print(f"  gated M={m} {cfg}: error {e!r:.300}", flush=True)
+            continue
+        add(f"gated kernel M={m} ({'default' if cfg == default else 'variant'}, rel err {err:.1e})",
+            f"2 x {cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, {-(-n // 128 // cfg.per_cta)} CTAs", us)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="14336x4096", help="N x K of the weight")
@@ -133,7 +160,8 @@ def main() -> None:
                     help="stream layouts: rows, tiled, rows+no swizzle ('': no stream rows)")
     ap.add_argument("--kernels", default="mosaic",
                     help="kernel rows: mosaic (the default, every split of K, 128-row tiles, deep rings "
-                         "on one CTA per SM), mosaic1 (the default only)")
+                         "on one CTA per SM), mosaic1 (the default only), gated (N = 2I: the gate/up "
+                         "kernel with its SiLU gate beside the default kernel + XLA's gate)")
     add_clock_arguments(ap, "/tmp/decode_stream_trace")
     ns = ap.parse_args()
     kclock = KernelClock(ns.clock, ns.trace_dir)
@@ -264,6 +292,8 @@ def main() -> None:
             add(f"kernel M={m} ({tag}, rel err {err:.1e})",
                 f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, "
                 f"{cfg.ctas(n)} CTAs", us)
+        if "gated" in kernels:
+            gated_rows(x, copies, clock, add, ns.iters, ns.reps)
         section()
 
 

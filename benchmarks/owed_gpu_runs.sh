@@ -86,13 +86,17 @@ qg)
   # of K, so no float32 partials (7.3 MB at 16 tokens, written and read back) and no XLA fusion
   # after it (the offline H200 compile: 41 -> 39 kernels at 2 layers, -1 per layer). GPU tests
   # first (the kernel at the 8B's shape against the decode kernel + XLA's gate; the engine's
-  # greedy tokens), then the step. Prediction: int8 + lm_head -0.13 to -0.16 ms (3.165 ->
-  # ~3.02); with quant-bk128 as well about the sum of both arms' gains (~2.85).
+  # greedy tokens), then the step. Prediction: int8 + lm_head -1.5 to -4 us per layer (-0.05 to
+  # -0.13 ms from 3.165: session 37 found a removed 3 us kernel worth ~0.65 us of the step, but
+  # here the partials' 15 MB of traffic goes too); with quant-bk128 about the sum of both arms'
+  # gains. With the gate on, gate/up and down are adjacent Mosaic GPU kernels (XLA's SiLU-gate
+  # fusion no longer between them), so PDL (a no-op in four A/Bs so far) gets one more arm.
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
     tests/gpu/test_quant_engine_gpu.py -k "silu_gate or SILU" > "$OUT/qg_tests.txt" 2>&1
   tail -3 "$OUT/qg_tests.txt"
   timeout 380 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head --ab silu-gate-on,quant-bk128,quant-bk128/silu-gate-on \
+    --quantization int8+lm_head \
+    --ab silu-gate-on,quant-bk128,quant-bk128/silu-gate-on,quant-bk128/silu-gate-on/quant-pdl \
     > "$OUT/qg_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qg_step.txt"
   ;;
@@ -123,6 +127,12 @@ qs)
       --kernels mosaic --iters 20 --trace-dir /tmp/qs_$sh > "$OUT/qs_$sh.txt" 2>&1
     grep "^|\|^int8\|rror" "$OUT/qs_$sh.txt" | head -40
   done
+  # Session 39's gated gate/up kernel (gated.py) on the device clock against the decode kernel +
+  # XLA's SiLU gate (both kernels' time in the latter's "all kernels" column). Prediction: the
+  # gated kernel at or under the decode kernel's 33 us at M = 16, the pair's total ~3-5 us more.
+  timeout 110 python3 benchmarks/decode_stream.py --shape 28672x4096 --ms 16,1 --layouts "" --rounds 1 \
+    --kernels gated --iters 20 --trace-dir /tmp/qs_gated > "$OUT/qs_gated.txt" 2>&1
+  grep "^|\|^int8\|rror" "$OUT/qs_gated.txt" | head -20
   ;;
 qe)
   # The GPU tests of the decode kernel's configs (session 37 timed the step's A/B quant-exit-ro:
