@@ -37,7 +37,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig, a_tile, smem_transforms, tile_product
+from pallas_kernels.quant_matmul.mgpu_decode import (
+    DecodeConfig,
+    a_tile,
+    persistent_kernel,
+    smem_transforms,
+    tile_product,
+)
 
 MAX_SCALE_BARRIERS = 16   # each of a CTA's units loads two scale rows (one barrier each)
 
@@ -56,9 +62,7 @@ def silu_gate_matmul(xp: jax.Array, w: jax.Array, w_scale: jax.Array, *, config:
     """xp [Mp, K] bf16 / f16, w [2I, K] int8 / e4m3 (gate rows, then up rows), w_scale float32
     [2I] -> h [Mp, I] in xp's dtype: SiLU(g) * u with g, u = (xp @ w^T * w_scale) rounded to that
     dtype (the module docstring). ``supports(...)`` must hold."""
-    mp, k = xp.shape
-    n2 = w.shape[0]
-    cfg = config
+    (mp, k), n2, cfg = xp.shape, w.shape[0], config
     if not supports(mp, n2, k, cfg):
         raise ValueError(f"silu_gate_matmul: 2I={n2}, K={k}, Mp={mp} do not tile by {cfg}")
     bn, bk, per_cta = cfg.block_n, cfg.block_k, cfg.per_cta
@@ -137,13 +141,6 @@ def silu_gate_matmul(xp: jax.Array, w: jax.Array, w_scale: jax.Array, *, config:
             scratch.append(a_tile(bn, bk, dtype))
         pl.run_scoped(scoped, *scratch)
 
-    f = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((mp, n), dtype),
-        grid=(ctas,),
-        grid_names=("c",),
-        kernel_name=f"quant_silu_gate_{n2}x{k}",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )
+    f = persistent_kernel(kernel, jax.ShapeDtypeStruct((mp, n), dtype), ctas, f"quant_silu_gate_{n2}x{k}",
+                          interpret)
     return f(xp, w, w_scale.reshape(2, units, bn))

@@ -206,6 +206,21 @@ def tile_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None) -> jax
     return acc_ref[...]
 
 
+def persistent_kernel(kernel, out_type: jax.ShapeDtypeStruct, ctas: int, name: str, interpret: bool):
+    """``plgpu.kernel`` of a persistent decode body over a 1-D grid of ``ctas`` CTAs (axis "c"),
+    in Mosaic GPU's warpgroup semantics; ``name`` per shape, so a profile names each projection's
+    calls."""
+    return plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        grid=(ctas,),
+        grid_names=("c",),
+        kernel_name=name,
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+
+
 def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: jnp.dtype,
                     interpret: bool = False) -> jax.Array:
     """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit -> float32 partials
@@ -313,13 +328,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
             scratch.append(a_tile(bn, bk, a_dtype))
         pl.run_scoped(with_smem, *scratch)
 
-    f = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((split * mp, n) if cfg.store_mn else (split * n, mp), jnp.float32),
-        grid=(ctas,),
-        grid_names=("c",),
-        kernel_name=f"quant_decode_{n}x{k}",   # per shape: a profile names each projection's calls
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )
+    f = persistent_kernel(kernel, jax.ShapeDtypeStruct((split * mp, n) if cfg.store_mn else (split * n, mp),
+                                                       jnp.float32),
+                          ctas, f"quant_decode_{n}x{k}", interpret)
     return f(xp, w).reshape((split, mp, n) if cfg.store_mn else (split, n, mp))
