@@ -8,7 +8,10 @@ overlapped loop; the median of 4 runs of the steps). Prints one table: pool page
 ``--context`` tokens that fit, ms per decode step and its ratio to the first entry's::
 
     PYTHONPATH=. python3 benchmarks/kv_dtype_step.py [--model qwen2.5-0.5b] [--context 8192]
-        [--batch 16] [--kv-dtypes auto,fp8,int8]
+        [--batch 16] [--kv-dtypes auto,fp8,int8,fp8+rope-write-quant-on]
+
+An entry ``KV+PATCH`` builds that pool with one of ``step_floor.py``'s A/B patches in effect
+(several joined by ``/``), e.g. ``fp8+rope-write-quant-on``.
 
 Qwen2.5-0.5B at 16 x 8k reads ~1.6 GB of bf16 K/V per step against 1 GB of weights, so the
 attention's page reads (and their dequantization) dominate the step.
@@ -17,6 +20,7 @@ attention's page reads (and their dequantization) dominate the step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import time
@@ -25,6 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from benchmarks.step_floor import patched
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import SamplingParams
 from jserve.step_program import StepVariant
@@ -76,9 +81,14 @@ def main() -> None:
     ap.add_argument("--dump", default=None, help="folder for each decode step's optimized program")
     ns = ap.parse_args()
     rows = []
-    for kv in ns.kv_dtypes.split(","):
-        rows.append((kv, *one(ns.model, kv, ns.context, ns.batch, ns.steps, ns.dump)))
-        print(f"  {kv}: {rows[-1][1]} pages, {rows[-1][2]:.3f} ms per decode step", flush=True)
+    for entry in ns.kv_dtypes.split(","):
+        kv, _, ab = entry.partition("+")
+        jax.clear_caches()   # (the nested layer jit keeps the traces, and kernel choices, of the last)
+        with contextlib.ExitStack() as patches:
+            for patch in filter(None, ab.split("/")):
+                patches.enter_context(patched(patch))
+            rows.append((entry, *one(ns.model, kv, ns.context, ns.batch, ns.steps, ns.dump)))
+        print(f"  {entry}: {rows[-1][1]} pages, {rows[-1][2]:.3f} ms per decode step", flush=True)
     print(f"\n## {ns.model}, {ns.batch} sequences decoding at {ns.context} tokens "
           f"({jax.devices()[0].device_kind})")
     print("| KV pool | pages | sequences of the context that fit | ms per decode step | vs first |")

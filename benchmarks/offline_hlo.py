@@ -93,6 +93,7 @@ def main() -> None:
                     help="the shape with this many layers (to fit host memory)")
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--dtype", default="bfloat16", help="the model's dtype (activations, KV pool)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="the KV pool's dtype (auto, fp8, int8)")
     ap.add_argument("--buckets", default="16,256", help="comma list of token buckets")
     ap.add_argument("--layouts", default="per-layer", help="per-layer, stacked: w8a8 arrays")
     ap.add_argument("--dump", default=None, help="a folder for each program's optimized HLO text")
@@ -113,7 +114,8 @@ def main() -> None:
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype=ns.dtype, max_num_seqs=16,
                                   max_num_batched_tokens=16, max_model_len=max(1024, max(buckets)),
                                   num_pages=512, quantization=ns.quantization,
-                                  tensor_parallel_size=ns.tp, pipeline_parallel_size=ns.pp))
+                                  kv_cache_dtype=ns.kv_cache_dtype, tensor_parallel_size=ns.tp,
+                                  pipeline_parallel_size=ns.pp))
     jax.config.update("jax_enable_compilation_cache", False)
     r = eng.runner
     topology = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET,
@@ -147,7 +149,8 @@ def main() -> None:
                 Path(ns.dump).mkdir(parents=True, exist_ok=True)
                 par = f"_tp{ns.tp}_pp{ns.pp}" if ns.tp * ns.pp > 1 else ""
                 ab = ns.ab and "_" + ns.ab.replace(":", "-").replace("=", "-")
-                name = f"{model}_{ns.quantization or 'bf16'}{par}_{t}_{layout_name}{ab}.hlo"
+                kv = "" if ns.kv_cache_dtype == "auto" else f"_kv-{ns.kv_cache_dtype}"
+                name = f"{model}_{ns.quantization or 'bf16'}{kv}{par}_{t}_{layout_name}{ab}.hlo"
                 (Path(ns.dump) / name).write_text(text)
             kinds = census(text)
             rows.append((t, layout_name, seconds, kinds, slice_copies(text)))

@@ -184,6 +184,8 @@ MODULE_PATCHES = {
     # the MLP's gate/up decode matmul with the SiLU gate in its epilogue, K unsplit (gated.py):
     # no float32 partials and no XLA fusion after it
     "silu-gate-on": ("pallas_kernels.quant_matmul.api", "SILU_GATE_ON_HOPPER", True),
+    # an int8 / fp8 pool's RoPE and quantizing K/V write in one Triton kernel (gpu_rope_quant.py)
+    "rope-write-quant-on": ("pallas_kernels.kv_write.api", "ROPE_WRITE_QUANT_ON_GPU", True),
 }
 
 
@@ -352,7 +354,8 @@ def main() -> None:
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
                     "attn-fused-combine, quant-xla, quant-pdl, quant-exit-ro, quant-out-t, "
                     "quant-residual-norm-off, rope-write-off, rope-write-dense-off, silu-gate-on, "
-                    "quant-bk128, quant-bk256, quant-stages8, quant-bn128, xla:OPTION=VALUE")
+                    "rope-write-quant-on, quant-bk128, quant-bk256, quant-stages8, quant-bn128, "
+                    "xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,

@@ -14,6 +14,8 @@ gpu -> Pallas Triton-lowered kernel, tpu -> Pallas Mosaic TPU kernel):
                               (``quant_rope_write_fuses``: whether one kernel does the epilogue)
   write_rope                  a dense fused QKV projection's bias, RoPE and K/V write
                               (``rope_write_fuses``: whether one kernel does them)
+  write_rope_quantized        the same into an int8 / fp8 pool, with its pages' scales
+                              (``rope_write_quant_fuses``: whether one kernel does them)
 
 Sub-packages (``ragged_paged_attention/``, ``flash_attention/``, ``kv_write/``,
 ``quant_matmul/``) hold
@@ -23,7 +25,14 @@ shadow the sub-package attributes: import modules as
 """
 
 from pallas_kernels.flash_attention.api import flash_attention
-from pallas_kernels.kv_write.api import rope_write_fuses, write_kv, write_kv_quantized, write_rope
+from pallas_kernels.kv_write.api import (
+    rope_write_fuses,
+    rope_write_quant_fuses,
+    write_kv,
+    write_kv_quantized,
+    write_rope,
+    write_rope_quantized,
+)
 from pallas_kernels.quant_matmul.api import (
     quant_matmul,
     quant_matmul_residual_norm,
@@ -35,4 +44,5 @@ from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
 
 __all__ = ["flash_attention", "quant_matmul", "quant_matmul_residual_norm", "quant_matmul_rope_write",
            "quant_matmul_silu_gate", "quant_rope_write_fuses", "ragged_paged_attention",
-           "rope_write_fuses", "write_kv", "write_kv_quantized", "write_rope"]
+           "rope_write_fuses", "rope_write_quant_fuses", "write_kv", "write_kv_quantized", "write_rope",
+           "write_rope_quantized"]

@@ -47,7 +47,9 @@ Hopper GPU, under its switch, one kernel does the matmul and the gate); everythi
 composition.
 
 ``linear_rope_write`` is the fused QKV projection's seam on a decode step (paged attention), on
-one device with an unquantized pool: where ``pallas_kernels.quant_rope_write_fuses`` (a w8a16
+one device. An int8 / fp8 pool takes the finished projection into one Triton kernel that applies
+the bias and RoPE and writes K / V with the pages' scales (``pallas_kernels.write_rope_quantized``,
+under its switch); an unquantized pool: where ``pallas_kernels.quant_rope_write_fuses`` (a w8a16
 weight) one kernel after the decode matmul sums its partials, adds the bias, applies RoPE and
 writes K / V into the pool; where ``pallas_kernels.rope_write_fuses`` (a dense weight) the same
 kernel follows XLA's GEMM; elsewhere it returns None and the decoder runs ``linear``, RoPE and
@@ -213,11 +215,19 @@ def linear_rope_write(x: jax.Array, w: Weight, i: int, bias: jax.Array | None, c
     """x: [T, K] @ layer ``i`` of the fused QKV weight (out [Nkv, G + 2, d]), + ``bias`` [Nkv, G +
     2, d], RoPE by cos / sin float32 [T, d], K / V written into ``pool`` (k_pages, v_pages) at
     ``slot_mapping`` -> (q [T, Nkv * G, d], pool), the epilogue in one kernel after the matmul;
-    None where that kernel does not run (module docstring)."""
-    if not (len(pool) == 2 and (mesh is None or mesh.devices.size == 1) and x.dtype == pool[0].dtype):
-        return None
+    None where that kernel does not run (module docstring). A quantized pool (k_pages, v_pages,
+    k_scales, v_scales) takes the finished projection into ``pallas_kernels.write_rope_quantized``'s
+    one kernel where ``rope_write_quant_fuses``."""
     b = None if bias is None else bias.reshape(-1)
     t, head_dim = x.shape[0], pool[0].shape[-1]
+    if len(pool) == 4 and (mesh is None or mesh.devices.size == 1):
+        if not pallas_kernels.rope_write_quant_fuses(t, head_dim):
+            return None
+        q, *written = pallas_kernels.write_rope_quantized(linear(x, w, i, mesh).reshape(t, -1), b, cos, sin,
+                                                          slot_mapping, *pool, groups=groups)
+        return q, tuple(_typed_like(a, p) for a, p in zip(written, pool, strict=True))
+    if not (len(pool) == 2 and (mesh is None or mesh.devices.size == 1) and x.dtype == pool[0].dtype):
+        return None
     if not isinstance(w, QuantizedWeight):   # XLA's GEMM, then the kernel
         if w.ndim != 5 or not pallas_kernels.rope_write_fuses(t, 1, groups, head_dim, b is not None, False):
             return None

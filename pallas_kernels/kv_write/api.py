@@ -10,6 +10,10 @@ scales of the pages the step starts: on GPU one fused kernel at every token coun
 (``gpu_quant``: it replaces 16 XLA kernels per layer), elsewhere ``scales.page_scales`` and then
 the backend's ``write_kv`` (``reference.write_kv_quantized``).
 
+``write_rope_quantized`` (the same into an int8 / fp8 pool) runs ``gpu_rope_quant``'s one Triton
+kernel where ``rope_write_quant_fuses`` (decode-sized steps on a GPU, ``ROPE_WRITE_QUANT_ON_GPU``),
+else XLA's RoPE and ``write_kv_quantized``.
+
 ``write_rope`` (a dense fused QKV projection's output: bias, RoPE, then the write) and
 ``quant_matmul.api.quant_matmul_rope_write`` (the same from a w8a16 projection's partials) run
 ``rope_write``'s one Mosaic GPU kernel where ``rope_write_fuses`` (decode-sized steps on Hopper,
@@ -28,7 +32,7 @@ import functools
 import jax
 
 from pallas_kernels import hopper
-from pallas_kernels.kv_write import gpu, gpu_quant, reference, rope_write, tpu
+from pallas_kernels.kv_write import gpu, gpu_quant, gpu_rope_quant, reference, rope_write, tpu
 
 GPU_KERNEL_MIN_TOKENS = 1024
 # A fused QKV projection's epilogue, RoPE and K/V write in one kernel (``rope_write``) on decode
@@ -41,6 +45,11 @@ GPU_KERNEL_MIN_TOKENS = 1024
 ROPE_WRITE_ON_HOPPER = True
 ROPE_WRITE_DENSE_ON_HOPPER = True
 ROPE_WRITE_MAX_TOKENS = 64   # the steps it serves: decode-sized (the persistent decode matmul's)
+# The same for an int8 / fp8 pool: RoPE and the quantizing write in one Triton kernel
+# (``gpu_rope_quant``) after the finished projection, where XLA runs RoPE, K's and V's slices and
+# ``gpu_quant``'s write. Off until the device times it (benchmarks/kv_dtype_step.py --ab
+# rope-write-quant-on, benchmarks/owed_gpu_runs.sh kq).
+ROPE_WRITE_QUANT_ON_GPU = False
 
 
 def write_kv(
@@ -114,3 +123,29 @@ def write_rope(qkv: jax.Array, bias: jax.Array | None, cos: jax.Array, sin: jax.
                                      groups=groups, interpret=interpret)
     return reference.rope_write(qkv if bias is None else qkv + bias, cos, sin, slot_mapping, k_pages,
                                 v_pages, groups, write=functools.partial(write_kv, interpret=interpret))
+
+
+def rope_write_quant_fuses(t: int, head_dim: int, *, interpret: bool = False,
+                           backend: str | None = None) -> bool:
+    """Whether ``write_rope_quantized`` takes a step of T tokens with heads of ``head_dim`` in its
+    one kernel: on a GPU (or interpreted) with ``ROPE_WRITE_QUANT_ON_GPU``, decode-sized steps."""
+    backend = backend or jax.default_backend()
+    return (ROPE_WRITE_QUANT_ON_GPU and 0 < t <= ROPE_WRITE_MAX_TOKENS and gpu_rope_quant.supports(head_dim)
+            and (interpret or backend == "gpu"))
+
+
+def write_rope_quantized(qkv: jax.Array, bias: jax.Array | None, cos: jax.Array, sin: jax.Array,
+                         slot_mapping: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                         k_scales: jax.Array, v_scales: jax.Array, *, groups: int,
+                         interpret: bool = False) -> tuple[jax.Array, ...]:
+    """A fused QKV projection's output qkv [T, Nkv * (G + 2) * d] in the model's dtype, its bias
+    ([N] or None), RoPE (cos / sin float32 [T, d]) and the K / V write into an int8 / fp8 pool
+    with its per-page scales -> (q [T, Nkv * G, d], k_pages, v_pages, k_scales, v_scales), as
+    ``reference.write_kv_quantized`` of ``reference.split_rope(qkv + bias)``: one kernel where
+    ``rope_write_quant_fuses``, else XLA's RoPE and ``write_kv_quantized``."""
+    if rope_write_quant_fuses(qkv.shape[0], k_pages.shape[-1], interpret=interpret):
+        return gpu_rope_quant.rope_write_quantized(qkv, bias, cos, sin, slot_mapping, k_pages, v_pages,
+                                                   k_scales, v_scales, groups=groups, interpret=interpret)
+    q, k, v = reference.split_rope(qkv if bias is None else qkv + bias, cos, sin, k_pages.shape[2], groups)
+    return (q, *write_kv_quantized(k_pages, v_pages, k_scales, v_scales, k, v, slot_mapping,
+                                   interpret=interpret))

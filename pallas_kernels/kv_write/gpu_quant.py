@@ -46,7 +46,9 @@ def _round_half_even(y: jax.Array) -> jax.Array:
     return jnp.where(frac > 0.5, f + 1.0, jnp.where(frac < 0.5, f, f + odd))
 
 
-def _quantize(x: jax.Array, s: jax.Array, value_dtype: jnp.dtype, pool_dtype: jnp.dtype) -> jax.Array:
+def quantize(x: jax.Array, s: jax.Array, value_dtype: jnp.dtype, pool_dtype: jnp.dtype) -> jax.Array:
+    """Float32 rows x over their scales s -> the pool's stored values (``reference.quantize_rows``:
+    rounded half to even and clipped for int8, clipped for e4m3; fp8 as its uint8 bits)."""
     y = x / s
     if jnp.issubdtype(value_dtype, jnp.integer):
         info = jnp.iinfo(value_dtype)
@@ -57,18 +59,26 @@ def _quantize(x: jax.Array, s: jax.Array, value_dtype: jnp.dtype, pool_dtype: jn
     return kv_format.bits(y.astype(value_dtype), pool_dtype)
 
 
+def page_rows(slots_ref, block: jax.Array, num_tokens: int, block_t: int, page_size: int
+              ) -> tuple[jax.Array, ...]:
+    """Program ``block``'s rows [block_t] (the tail repeats the last row) -> (row, slot, page, the
+    page's first row, started): whether this step starts the row's page, its first row then
+    being row - offset (the module docstring's rule)."""
+    t = block * block_t + jnp.arange(block_t, dtype=jnp.int32)
+    tc = jnp.minimum(t, num_tokens - 1)
+    slot = slots_ref[tc]
+    off = slot % page_size
+    first = jnp.maximum(tc - off, 0)                      # the page's first row, if in this step
+    started = (tc >= off) & (slots_ref[first] == slot - off)
+    return tc, slot, slot // page_size, first, started
+
+
 def _kernel(slots_ref, kn_ref, vn_ref, k_in, v_in, ks_in, vs_in, k_out, v_out, ks_out, vs_out, *,
             num_tokens: int, block_t: int, page_size: int, kvh: int, room: float, qmax: float,
             value_dtype: jnp.dtype):
     del k_in, v_in, ks_in, vs_in  # aliased to the outputs
     h = pl.program_id(1)
-    t = pl.program_id(0) * block_t + jnp.arange(block_t, dtype=jnp.int32)
-    tc = jnp.minimum(t, num_tokens - 1)
-    slot = slots_ref[tc]
-    off = slot % page_size
-    page = slot // page_size
-    first = jnp.maximum(tc - off, 0)                      # the page's first row, if in this step
-    started = (tc >= off) & (slots_ref[first] == slot - off)
+    tc, slot, page, first, started = page_rows(slots_ref, pl.program_id(0), num_tokens, block_t, page_size)
     d = kn_ref.shape[1]
     cols = jnp.arange(d, dtype=jnp.int32)[None, :]
     rows = (tc * kvh + h)[:, None]
@@ -83,7 +93,7 @@ def _kernel(slots_ref, kn_ref, vn_ref, k_in, v_in, ks_in, vs_in, k_out, v_out, k
         x = new_ref[rows, cols].astype(jnp.float32)
         # No masks on the tail: its lanes repeat the last row, storing the same bytes to the same
         # places (a masked lane in interpret mode writes back what it read, racing the others).
-        plgpu.store(out.at[dst, cols], _quantize(x, s[:, None], value_dtype, pool_dtype))
+        plgpu.store(out.at[dst, cols], quantize(x, s[:, None], value_dtype, pool_dtype))
         plgpu.store(s_out.at[sidx], s, mask=started)
 
 

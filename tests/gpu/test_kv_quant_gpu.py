@@ -106,3 +106,65 @@ def test_fused_quantized_write_compiles_and_matches_the_reference_on_gpu(pool_dt
         g, w = (np.asarray(kv_format.values(p).astype(jnp.float32))[1:] * scale for p in (got[i], want[i]))
         step = scale * (1.0 if pool_dtype == "int8" else 32.0)   # e4m3's widest spacing: 32 at 448
         assert (np.abs(g - w) <= step * 1.001).all()
+
+
+@pytest.mark.parametrize("pool_dtype", ["int8", "uint8"])
+def test_fused_rope_quantized_write_matches_the_reference_on_gpu(pool_dtype):
+    """pallas_kernels/kv_write/gpu_rope_quant.py lowered by Triton at Llama-3.1-8B's heads (8 kv
+    heads x (4 + 2) x 128), a 16-token step starting two pages and continuing three: q within
+    bf16 rounding of the reference's RoPE, scales and rows within one rounding of it."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import kv_format
+    from pallas_kernels.kv_write import gpu_rope_quant
+    from pallas_kernels.kv_write import reference as kv_ref
+
+    rng = np.random.default_rng(1)
+    num_pages, ps, nkv, g, d = 64, 16, 8, 4, 128
+    slots = np.array([16 * ps + i for i in range(10)] + [20 * ps + 3, 21 * ps, 22 * ps + 15, 23 * ps + 1,
+                                                         0, 0], np.int32)
+    t = slots.size
+    qkv = jnp.asarray(rng.standard_normal((t, nkv * (g + 2) * d)) * 3, jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(nkv * (g + 2) * d) * 0.1, jnp.bfloat16)
+    emb = (np.asarray(slots, np.float64)[:, None] * (1.0 / 500000.0 ** (np.arange(0, d, 2) / d))[None])
+    cos, sin = (jnp.asarray(f(np.concatenate([emb, emb], -1)), jnp.float32) for f in (np.cos, np.sin))
+    pool = jnp.zeros((num_pages, ps, nkv, d), jnp.dtype(pool_dtype))
+    sc = jnp.asarray(rng.uniform(0.01, 0.05, (num_pages, nkv)), jnp.float32)
+    args = (qkv, bias, cos, sin, jnp.asarray(slots), pool, pool, sc, sc * 2)
+
+    def reference(qkv, bias, cos, sin, slots, *pools):
+        q, k, v = kv_ref.split_rope(qkv + bias, cos, sin, nkv, g)
+        return (q, *kv_ref.write_kv_quantized(*pools, k, v, slots))
+
+    want = jax.jit(reference)(*args)
+    got = jax.jit(lambda *a: gpu_rope_quant.rope_write_quantized(*a, groups=g))(*args)
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),
+                               rtol=2 ** -7, atol=1e-2)
+    for i in (3, 4):   # (a roped K's amax may round one bf16 step apart from XLA's RoPE)
+        np.testing.assert_allclose(np.asarray(got[i])[1:], np.asarray(want[i])[1:], rtol=2 ** -7)
+    for i, s in ((1, want[3]), (2, want[4])):
+        scale = np.asarray(s)[1:, None, :, None]
+        a, b = (np.asarray(kv_format.values(p).astype(jnp.float32))[1:] * scale for p in (got[i], want[i]))
+        step = scale * (1.0 if pool_dtype == "int8" else 32.0)   # e4m3's widest spacing: 32 at 448
+        assert (np.abs(a - b) <= step * 1.001 + 1e-2).all()
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8", "int8"])
+def test_fused_rope_quantized_write_keeps_the_greedy_tokens_on_gpu(kv_dtype, monkeypatch):
+    """The bundled model over a quantized pool: decode steps with RoPE and the quantizing write
+    in one kernel (``kv_api.ROPE_WRITE_QUANT_ON_GPU``) keep the greedy tokens of XLA's RoPE and
+    the quantizing write (a near-tie may part them late; a broken kernel parts them at once)."""
+    import jax
+
+    from pallas_kernels.kv_write import api as kv_api
+
+    prompt = [0, 334, 1150, 13, 2310, 302, 290, 331]
+    cfg, params = qe.load(None)
+    monkeypatch.setattr(kv_api, "ROPE_WRITE_QUANT_ON_GPU", False)
+    jax.clear_caches()
+    want = qe.greedy(cfg, params, prompt, 24, kv_dtype=kv_dtype)
+    monkeypatch.setattr(kv_api, "ROPE_WRITE_QUANT_ON_GPU", True)
+    jax.clear_caches()
+    got = qe.greedy(cfg, params, prompt, 24, kv_dtype=kv_dtype)
+    assert qe.agreement(want, got) >= 8, (want, got)

@@ -3,20 +3,22 @@ K/V write in one kernel after the decode matmul. A tiny int8 Llama of head_dim 1
 shapes), wqkv on the Mosaic GPU decode kernel interpreted on CPU: the fused epilogue
 (``pallas_kernels/kv_write/rope_write.py``) keeps the tokens of XLA's sum, RoPE and scatters
 after the same kernel, and so does the bf16 model through XLA's GEMM and the same kernel; where
-it does not apply the seam hands back to the decoder."""
+it does not apply the seam hands back to the decoder. An int8 / fp8 pool takes RoPE and the
+quantizing write in one Triton kernel (``gpu_rope_quant``) after the finished projection."""
 
 import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import pytest
 import quant_eval as qe
 import quant_fixtures as qf
 from kernel_calls import recorded
 
 import pallas_kernels
 from jserve.model.linear import QuantizedWeight, linear_rope_write
-from pallas_kernels.kv_write import api, rope_write
+from pallas_kernels.kv_write import api, gpu_rope_quant, rope_write
 
 PROMPT = [5, 17, 33, 2, 71, 40, 9, 12]
 STEPS = 3   # the prompt's step and two decode steps, the kernels interpreted
@@ -126,3 +128,20 @@ def test_a_ragged_batch_with_padding_rows_matches_xlas_epilogue(tmp_path, monkey
         np.testing.assert_allclose(g, w, rtol=2e-2, atol=2e-2)
     for g, w in zip(got[2], want[2], strict=True):   # layer 0's pages, the null page aside
         np.testing.assert_allclose(g[1:], w[1:], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("quantization,kv_dtype", [(None, "fp8"), ("int8", "int8")])
+def test_quantized_pool_fused_rope_write_keeps_the_greedy_tokens(tmp_path, monkeypatch, quantization,
+                                                                 kv_dtype):
+    """An fp8 / int8 pool: the projection (XLA's GEMM, or the decode kernel interpreted), then
+    RoPE and the quantizing write in one kernel (``gpu_rope_quant``, interpreted), keeps the
+    greedy tokens of XLA's RoPE and the quantizing write."""
+    cfg, params = _model(tmp_path, quantization)
+    want = qe.greedy(cfg, params, PROMPT, STEPS, kv_dtype=kv_dtype)
+    calls = recorded(monkeypatch, gpu_rope_quant, "rope_write_quantized")
+    monkeypatch.setattr(api, "ROPE_WRITE_QUANT_ON_GPU", True)
+    for name in ("rope_write_quant_fuses", "write_rope_quantized"):
+        monkeypatch.setattr(pallas_kernels, name, functools.partial(getattr(api, name), interpret=True))
+    jax.clear_caches()
+    got = qe.greedy(cfg, params, PROMPT, STEPS, kv_dtype=kv_dtype)
+    assert calls and got == want
