@@ -107,11 +107,10 @@ kq)
   # unquantized pools into one kernel (rope_write: -1.5-3.6% per step for them only), so the
   # target may have slipped. Session 39 (no device) built the same fusion for int8 / fp8 pools
   # (kv_write/gpu_rope_quant.py, one Triton kernel for XLA's RoPE fusion, K's and V's slices and
-  # the quantizing write; after an int8 projection it takes the decode kernel's partials;
-  # api.ROPE_WRITE_QUANT_ON_GPU, off). GPU tests first, then the pools in turn. Prediction: fp8
-  # default ~1.04-1.06x bf16, with the kernel ~1.02-1.03x.
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kv_quant_gpu.py \
-    tests/gpu/test_quant_matmul_gpu.py -k "rope_quantized or quantized_pool" > "$OUT/kq_tests.txt" 2>&1
+  # the quantizing write; api.ROPE_WRITE_QUANT_ON_GPU, off). GPU tests first, then the pools in
+  # turn. Prediction: fp8 default ~1.04-1.06x bf16, with the kernel ~1.02-1.03x.
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kv_quant_gpu.py -k rope_quantized \
+    > "$OUT/kq_tests.txt" 2>&1
   tail -3 "$OUT/kq_tests.txt"
   timeout 430 python3 benchmarks/kv_dtype_step.py --batch 64 --steps 32 \
     --kv-dtypes auto,fp8,fp8+rope-write-quant-on,auto > "$OUT/kq_step.txt" 2>&1

@@ -11,7 +11,6 @@ gpu -> Pallas Triton-lowered kernel, tpu -> Pallas Mosaic TPU kernel):
   quant_matmul_residual_norm  the same (w8a16) added to the residual stream, then RMSNorm
   quant_matmul_rope_write     the same (w8a16, a fused QKV projection), RoPE and the K/V write
   quant_matmul_silu_gate      the same (w8a16, the MLP's fused gate/up) and its SiLU gate
-  quant_matmul_rope_write_quantized  quant_matmul_rope_write into an int8 / fp8 pool
                               (``quant_rope_write_fuses``: whether one kernel does the epilogue)
   write_rope                  a dense fused QKV projection's bias, RoPE and K/V write
                               (``rope_write_fuses``: whether one kernel does them)
@@ -38,13 +37,12 @@ from pallas_kernels.quant_matmul.api import (
     quant_matmul,
     quant_matmul_residual_norm,
     quant_matmul_rope_write,
-    quant_matmul_rope_write_quantized,
     quant_matmul_silu_gate,
     quant_rope_write_fuses,
 )
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
 
 __all__ = ["flash_attention", "quant_matmul", "quant_matmul_residual_norm", "quant_matmul_rope_write",
-           "quant_matmul_rope_write_quantized", "quant_matmul_silu_gate", "quant_rope_write_fuses",
-           "ragged_paged_attention", "rope_write_fuses", "rope_write_quant_fuses", "write_kv",
-           "write_kv_quantized", "write_rope", "write_rope_quantized"]
+           "quant_matmul_silu_gate", "quant_rope_write_fuses", "ragged_paged_attention",
+           "rope_write_fuses", "rope_write_quant_fuses", "write_kv", "write_kv_quantized", "write_rope",
+           "write_rope_quantized"]

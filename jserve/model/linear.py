@@ -47,14 +47,13 @@ Hopper GPU, under its switch, one kernel does the matmul and the gate); everythi
 composition.
 
 ``linear_rope_write`` is the fused QKV projection's seam on a decode step (paged attention), on
-one device. An int8 / fp8 pool takes the projection into one Triton kernel that applies the bias
-and RoPE and writes K / V with the pages' scales, under its switch (a dense weight's output:
-``pallas_kernels.write_rope_quantized``; a w8a16 weight's decode-kernel partials, summed and
-scaled there: ``pallas_kernels.quant_matmul_rope_write_quantized``). An unquantized pool: where
-``pallas_kernels.quant_rope_write_fuses`` (a w8a16 weight) one kernel after the decode matmul
-sums its partials, adds the bias, applies RoPE and writes K / V into the pool; where
-``pallas_kernels.rope_write_fuses`` (a dense weight) the same kernel follows XLA's GEMM.
-Elsewhere it returns None and the decoder runs ``linear``, RoPE and ``write_kv`` itself.
+one device. An int8 / fp8 pool takes the finished projection into one Triton kernel that applies
+the bias and RoPE and writes K / V with the pages' scales (``pallas_kernels.write_rope_quantized``,
+under its switch); an unquantized pool: where ``pallas_kernels.quant_rope_write_fuses`` (a w8a16
+weight) one kernel after the decode matmul sums its partials, adds the bias, applies RoPE and
+writes K / V into the pool; where ``pallas_kernels.rope_write_fuses`` (a dense weight) the same
+kernel follows XLA's GEMM; elsewhere it returns None and the decoder runs ``linear``, RoPE and
+``write_kv`` itself.
 """
 
 from __future__ import annotations
@@ -222,18 +221,10 @@ def linear_rope_write(x: jax.Array, w: Weight, i: int, bias: jax.Array | None, c
     b = None if bias is None else bias.reshape(-1)
     t, head_dim = x.shape[0], pool[0].shape[-1]
     if len(pool) == 4 and (mesh is None or mesh.devices.size == 1):
-        kernel = _kernel_choice(w) if isinstance(w, QuantizedWeight) else {}
-        if not pallas_kernels.rope_write_quant_fuses(t, head_dim, **kernel):
+        if not pallas_kernels.rope_write_quant_fuses(t, head_dim):
             return None
-        if (isinstance(w, QuantizedWeight) and w.group is None and not w.act_quant
-                and len(w.out_shape) == 3):   # w8a16: the decode kernel's partials into the kernel
-            q, *written = pallas_kernels.quant_matmul_rope_write_quantized(
-                x, w.layer_q(i).reshape(math.prod(w.out_shape), w.k), w.scale[i].reshape(-1), b, cos, sin,
-                slot_mapping, *pool, groups=groups, **kernel)
-        else:
-            q, *written = pallas_kernels.write_rope_quantized(
-                linear(x, w, i, mesh).reshape(t, -1), b, cos, sin, slot_mapping, *pool, groups=groups,
-                **({"interpret": True} if kernel else {}))
+        q, *written = pallas_kernels.write_rope_quantized(linear(x, w, i, mesh).reshape(t, -1), b, cos, sin,
+                                                          slot_mapping, *pool, groups=groups)
         return q, tuple(_typed_like(a, p) for a, p in zip(written, pool, strict=True))
     if not (len(pool) == 2 and (mesh is None or mesh.devices.size == 1) and x.dtype == pool[0].dtype):
         return None

@@ -14,8 +14,6 @@ rotated concatenate and V's slice as kernels of their own, then ``gpu_quant``'s 
     the page of each row (``gpu_quant``'s rule: the page's first row, when this step starts the
     page, is row t - offset; its K / V amax sets the page's scale, recomputed by every program
     that writes into the page, so no program waits for another)
-    (``w_scale`` given: the projection is the decode kernel's split-K partials, summed and scaled
-    here, as ``rope_write`` takes them for unquantized pools: no XLA sum between the kernels)
     for each of the head's G query heads: (qkv + bias) rotated (HF's rotate-half, float32, both
       halves loaded apart) -> q, rounded to the model's dtype
     K: the same rotation; V: as projected; each rounded to the model's dtype, quantized with its
@@ -45,11 +43,8 @@ def supports(head_dim: int) -> bool:
 
 
 def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, *refs, num_tokens: int, block_t: int, page_size: int,
-            nkv: int, groups: int, room: float, qmax: float, value_dtype: jnp.dtype, has_bias: bool,
-            parts: int, mp: int):
-    extra = list(refs[:has_bias + (parts > 0)])
-    scale_ref = extra.pop(0) if parts else None
-    bias_ref = extra.pop(0) if has_bias else None
+            nkv: int, groups: int, room: float, qmax: float, value_dtype: jnp.dtype, has_bias: bool):
+    bias_ref = refs[0] if has_bias else None
     k_out, v_out, ks_out, vs_out, q_out = refs[len(refs) - 5:]
     h = pl.program_id(1)
     tc, slot, page, first, started = gpu_quant.page_rows(slots_ref, pl.program_id(0), num_tokens,
@@ -62,15 +57,7 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, *refs, num_tokens: int, block_
         return ref[rows, lo].astype(jnp.float32), ref[rows, hi].astype(jnp.float32)
 
     def head(t, g):   # -> (qkv + bias) of rows t, head g of kv head h, as the model rounds it
-        if parts:   # the decode kernel's partials: their sum times the channels' scales
-            x1, x2 = halves(qkv_ref, ((t * nkv + h) * (groups + 2) + g)[:, None])
-            for s in range(1, parts):
-                y1, y2 = halves(qkv_ref, (((s * mp + t) * nkv + h) * (groups + 2) + g)[:, None])
-                x1, x2 = x1 + y1, x2 + y2
-            c1, c2 = halves(scale_ref, jnp.full((block_t, 1), h * (groups + 2) + g, jnp.int32))
-            x1, x2 = (x1 * c1).astype(dtype).astype(jnp.float32), (x2 * c2).astype(dtype).astype(jnp.float32)
-        else:
-            x1, x2 = halves(qkv_ref, ((t * nkv + h) * (groups + 2) + g)[:, None])
+        x1, x2 = halves(qkv_ref, ((t * nkv + h) * (groups + 2) + g)[:, None])
         if has_bias:
             b1, b2 = halves(bias_ref, jnp.full((block_t, 1), h * (groups + 2) + g, jnp.int32))
             x1, x2 = (x1 + b1).astype(dtype), (x2 + b2).astype(dtype)
@@ -104,34 +91,27 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, *refs, num_tokens: int, block_
 
 def rope_write_quantized(qkv: jax.Array, bias: jax.Array | None, cos: jax.Array, sin: jax.Array,
                          slot_mapping: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                         k_scales: jax.Array, v_scales: jax.Array, *, groups: int,
-                         w_scale: jax.Array | None = None, dtype: jnp.dtype | None = None,
-                         interpret: bool = False, block_t: int = 8) -> tuple[jax.Array, ...]:
-    """qkv [T, Nkv * (G + 2) * d] (the fused projection, model dtype), or with ``w_scale`` (float32
-    [N]) the decode kernel's ``store_mn`` partials [S, Mp, N] (float32, T <= Mp: the projection is
-    their sum times w_scale, rounded to ``dtype``); bias [N] or None, cos / sin float32 [T, d],
-    slot_mapping int32 [T] (each request's rows contiguous, slots consecutive), pools [P,
-    page_size, Nkv, d] int8 / uint8, scales float32 [P, Nkv] -> (q [T, Nkv * G, d] in the model's
-    dtype, k_pages, v_pages, k_scales, v_scales), as ``reference.write_kv_quantized`` of
-    ``reference.split_rope(qkv + bias)``."""
+                         k_scales: jax.Array, v_scales: jax.Array, *, groups: int, interpret: bool = False,
+                         block_t: int = 8) -> tuple[jax.Array, ...]:
+    """qkv [T, Nkv * (G + 2) * d] (the fused projection, model dtype), bias [Nkv * (G + 2) * d] or
+    None, cos / sin float32 [T, d], slot_mapping int32 [T] (each request's rows contiguous, slots
+    consecutive), pools [P, page_size, Nkv, d] int8 / uint8, scales float32 [P, Nkv] -> (q [T,
+    Nkv * G, d] in qkv's dtype, k_pages, v_pages, k_scales, v_scales), as
+    ``reference.write_kv_quantized`` of ``reference.split_rope(qkv + bias)``."""
     num_pages, page_size, nkv, d = k_pages.shape
-    t, g = slot_mapping.shape[0], groups
-    n = nkv * (g + 2) * d
-    split, mp = (qkv.shape[0], qkv.shape[1]) if w_scale is not None else (0, t)
-    dtype = jnp.dtype(dtype or qkv.dtype)
-    rows = jax.ShapeDtypeStruct((t, nkv, d), dtype)   # K / V as the reference would write them
+    t, g = qkv.shape[0], groups
+    rows = jax.ShapeDtypeStruct((t, nkv, d), qkv.dtype)   # K / V as the reference would write them
     reference.validate_inputs(k_pages, v_pages, rows, rows, slot_mapping, k_scales, v_scales)
-    want = (split, mp, n) if w_scale is not None else (t, n)
-    if qkv.shape != want or mp < t or not supports(d) or t == 0:
-        raise ValueError(f"rope_write_quantized: qkv {qkv.shape} (want {want}), T={t}, Nkv={nkv}, G={g}, "
-                         f"d={d} do not fit the kernel")
+    if qkv.shape[1] != nkv * (g + 2) * d or slot_mapping.shape != (t,) or not supports(d) or t == 0:
+        raise ValueError(f"rope_write_quantized: qkv {qkv.shape}, T={t}, Nkv={nkv}, G={g}, d={d} "
+                         "do not fit the kernel")
     value_dtype = kv_format.value_dtype(k_pages.dtype)
     kernel = functools.partial(
         _kernel, num_tokens=t, block_t=block_t, page_size=page_size, nkv=nkv, groups=g,
         room=scales.headroom(value_dtype), qmax=scales.qmax(value_dtype), value_dtype=value_dtype,
-        has_bias=bias is not None, parts=split, mp=mp)
+        has_bias=bias is not None)
     flat = (num_pages * page_size * nkv, d)
-    extra = tuple(a.reshape(nkv * (g + 2), d) for a in (w_scale, bias) if a is not None)
+    extra = () if bias is None else (bias.reshape(nkv * (g + 2), d),)
     first = 4 + len(extra)   # the index of the first aliased input (the K pool)
     out = pl.pallas_call(
         kernel,
@@ -139,12 +119,12 @@ def rope_write_quantized(qkv: jax.Array, bias: jax.Array | None, cos: jax.Array,
         out_shape=(jax.ShapeDtypeStruct(flat, k_pages.dtype), jax.ShapeDtypeStruct(flat, v_pages.dtype),
                    jax.ShapeDtypeStruct((num_pages * nkv,), jnp.float32),
                    jax.ShapeDtypeStruct((num_pages * nkv,), jnp.float32),
-                   jax.ShapeDtypeStruct((t * nkv * g, d), dtype)),
+                   jax.ShapeDtypeStruct((t * nkv * g, d), qkv.dtype)),
         input_output_aliases={first: 0, first + 1: 1, first + 2: 2, first + 3: 3},
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="rope_write_quantized",
-    )(slot_mapping, qkv.reshape(-1, d), cos, sin, *extra, k_pages.reshape(flat),
+    )(slot_mapping, qkv.reshape(t * nkv * (g + 2), d), cos, sin, *extra, k_pages.reshape(flat),
       v_pages.reshape(flat), k_scales.reshape(-1), v_scales.reshape(-1))
     k_out, v_out, ks_out, vs_out, q = out
     return (q.reshape(t, nkv * g, d), k_out.reshape(k_pages.shape), v_out.reshape(v_pages.shape),

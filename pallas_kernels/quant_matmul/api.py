@@ -138,23 +138,3 @@ def quant_matmul_silu_gate(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, in
             and mgpu.silu_gate_supports(x, w)):
         return mgpu.quant_matmul_silu_gate(x, w, w_scale, interpret=interpret)
     return reference.silu_gate(quant_matmul(x, w, w_scale, interpret=interpret, backend=backend))
-
-
-def quant_matmul_rope_write_quantized(x: jax.Array, w: jax.Array, w_scale: jax.Array, bias: jax.Array | None,
-                                      cos: jax.Array, sin: jax.Array, slot_mapping: jax.Array,
-                                      *pools: jax.Array, groups: int, interpret: bool = False,
-                                      backend: str | None = None) -> tuple[jax.Array, ...]:
-    """``quant_matmul_rope_write`` into an int8 / fp8 pool (pools: k_pages, v_pages, k_scales,
-    v_scales) -> (q [T, Nkv * G, d], *pools), as ``kv_write.api.write_rope_quantized`` of the
-    projection. Where ``kv_write.api.rope_write_quant_fuses``: on a Hopper GPU (or interpreted)
-    the decode kernel's partials go straight into that kernel (``mgpu``); elsewhere the finished
-    projection does."""
-    backend = backend or jax.default_backend()
-    if (kv_api.rope_write_quant_fuses(x.shape[0], pools[0].shape[-1], interpret=interpret, backend=backend)
-            and _mosaic_gpu(backend, interpret) and mgpu.parts_supported(x, w)
-            and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
-        return mgpu.quant_matmul_rope_write_quantized(x, w, w_scale, bias, cos, sin, slot_mapping, pools,
-                                                      groups=groups, interpret=interpret)
-    y = quant_matmul(x, w, w_scale, interpret=interpret, backend=backend)
-    return kv_api.write_rope_quantized(y, bias, cos, sin, slot_mapping, *pools, groups=groups,
-                                       interpret=interpret)

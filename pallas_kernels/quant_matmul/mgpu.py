@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.hopper import on_hopper as on_hopper  # (mgpu.on_hopper: the dispatchers, tests)
-from pallas_kernels.kv_write import gpu_rope_quant, rope_write
+from pallas_kernels.kv_write import rope_write
 from pallas_kernels.quant_matmul import gated, mgpu_decode, reference, residual_norm
 from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig, finish, smem_transforms
 
@@ -305,31 +305,6 @@ def quant_matmul_rope_write(x: jax.Array, w: jax.Array, w_scale: jax.Array, bias
                                         interpret=interpret)
     return rope_write.rope_write(parts, w_scale, bias, cos, sin, slot_mapping, k_pages, v_pages,
                                  groups=groups, interpret=interpret)
-
-
-def quant_matmul_rope_write_quantized(x: jax.Array, w: jax.Array, w_scale: jax.Array, bias: jax.Array | None,
-                                      cos: jax.Array, sin: jax.Array, slot_mapping: jax.Array,
-                                      pools: tuple[jax.Array, ...], *, groups: int, interpret: bool = False
-                                      ) -> tuple[jax.Array, ...]:
-    """``quant_matmul_rope_write`` into an int8 / fp8 pool ``pools`` (k_pages, v_pages, k_scales,
-    v_scales): the decode kernel's ``store_mn`` partials go to ``kv_write.gpu_rope_quant``'s
-    Triton kernel, which sums and scales them, adds the bias, rotates q and K and writes K / V
-    with the pages' scales -> (q [T, Nkv * G, d], *pools). ``rope_write_supports``' matmul half
-    must hold (a decode config with ``store_mn``)."""
-    reference.validate_inputs(x, w, w_scale)
-    m, k = x.shape
-    cfg = kernel_config(m, w.shape[0], k)
-    parts = mgpu_decode.decode_matmul_t(_pad_rows(x, padded_tokens(m)), w, config=cfg, fp8=FP8,
-                                        interpret=interpret)
-    return gpu_rope_quant.rope_write_quantized(parts, bias, cos, sin, slot_mapping, *pools, groups=groups,
-                                               w_scale=w_scale, dtype=x.dtype, interpret=interpret)
-
-
-def parts_supported(x: jax.Array, w: jax.Array) -> bool:
-    """Whether x [T, K] @ w [N, K]^T (w8a16) runs the persistent decode kernel with ``store_mn``
-    partials [S, Mp, N] (the form the fused epilogues after it take)."""
-    cfg = kernel_config(x.shape[0], w.shape[0], x.shape[1])
-    return isinstance(cfg, DecodeConfig) and cfg.store_mn and supports(x, w, False, cfg)
 
 
 def silu_gate_config(m: int, n2: int, k: int, sms: int | None = None) -> DecodeConfig | None:

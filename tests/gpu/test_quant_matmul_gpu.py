@@ -167,38 +167,3 @@ def test_fused_silu_gate(m, wdtype, cfg, monkeypatch):
     got = jax.jit(lambda *a: mgpu.quant_matmul_silu_gate(*a, config=cfg))(x, q, s)
     assert np.isfinite(np.asarray(got, np.float32)).all()
     assert _rel(got, want) < 4e-3
-
-
-@pytest.mark.parametrize("pool_dtype", [jnp.int8, jnp.uint8], ids=["int8", "fp8"])
-def test_fused_rope_write_into_a_quantized_pool(pool_dtype, monkeypatch):
-    """Llama-3.1-8B's fused QKV projection (int8) into an int8 / fp8 pool at a 16-token step: the
-    decode kernel's partials through gpu_rope_quant's kernel == the finished projection through
-    XLA's RoPE and the quantizing write (q within bf16 rounding, scales within one, pool values
-    within one quantization step)."""
-    from pallas_kernels import kv_format
-    from pallas_kernels.kv_write import api
-
-    nkv, g, d, k, pages, page = 8, 4, 128, 4096, 64, 16
-    rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.standard_normal((16, k)), jnp.bfloat16)
-    q8, s = ref.quantize_weight(jnp.asarray(rng.standard_normal((nkv * (g + 2) * d, k)) * 0.02, jnp.float32),
-                                jnp.int8)
-    emb = (np.arange(16) + 40.0)[:, None] * (1.0 / 500000.0 ** (np.arange(0, d, 2) / d))[None]
-    cos, sin = (jnp.asarray(f(np.concatenate([emb, emb], -1)), jnp.float32) for f in (np.cos, np.sin))
-    slots = jnp.asarray(np.r_[np.arange(5 * page, 5 * page + 12), [9 * page + 3, 10 * page, 0, 0]], jnp.int32)
-    pools = (jnp.zeros((pages, page, nkv, d), pool_dtype), jnp.zeros((pages, page, nkv, d), pool_dtype),
-             jnp.full((pages, nkv), 0.05, jnp.float32), jnp.full((pages, nkv), 0.07, jnp.float32))
-    f = jax.jit(lambda *a: pallas_kernels.quant_matmul_rope_write_quantized(*a, groups=g))
-    monkeypatch.setattr(api, "ROPE_WRITE_QUANT_ON_GPU", False)
-    want = f(x, q8, s, None, cos, sin, slots, *pools)
-    monkeypatch.setattr(api, "ROPE_WRITE_QUANT_ON_GPU", True)
-    jax.clear_caches()
-    got = f(x, q8, s, None, cos, sin, slots, *pools)
-    assert _rel(got[0], want[0]) < 4e-3
-    for i in (3, 4):
-        np.testing.assert_allclose(np.asarray(got[i])[1:], np.asarray(want[i])[1:], rtol=2 ** -7)
-    for i, sc in ((1, want[3]), (2, want[4])):
-        scale = np.asarray(sc)[1:, None, :, None]
-        a, b = (np.asarray(kv_format.values(p).astype(jnp.float32))[1:] * scale for p in (got[i], want[i]))
-        step = scale * (1.0 if pool_dtype == jnp.int8 else 32.0)
-        assert (np.abs(a - b) <= step * 1.001 + 1e-2).all()

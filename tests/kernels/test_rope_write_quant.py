@@ -69,30 +69,6 @@ def test_kernel_matches_the_reference(pool_dtype, d, bias, block_t):
     assert not np.isnan(got_ks[sorted(touched)]).any()
 
 
-@pytest.mark.parametrize("split,mp", [(1, 24), (3, 24)])
-def test_kernel_sums_and_scales_decode_partials(split, mp):
-    """The decode kernel's ``store_mn`` partials [S, Mp, N] with per-channel scales (Mp past T:
-    padding rows never read): the kernel's sum and scale give the finished projection's result."""
-    from pallas_kernels.quant_matmul.mgpu_decode import finish
-
-    rng = np.random.default_rng(split)
-    d, num_pages = 64, 23
-    slots, touched = _step_slots(rng, num_pages)
-    t, n = len(slots), NKV * (G + 2) * d
-    parts = jnp.asarray(rng.standard_normal((split, mp, n)), jnp.float32)
-    parts = parts.at[:, t:].set(jnp.nan)                       # rows past T: never read
-    w_scale = jnp.asarray(rng.uniform(0.01, 2.0, n), jnp.float32)
-    _, b, cos, sin = _operands(rng, t, d, True)
-    pools = _pools(rng, num_pages, d, jnp.uint8, touched)
-    qkv = finish(parts, t, w_scale, None, jnp.bfloat16, store_mn=True)
-    want = _reference(qkv, b, cos, sin, jnp.asarray(slots), *pools)
-    got = gpu_rope_quant.rope_write_quantized(parts, b, cos, sin, jnp.asarray(slots), *pools, groups=G,
-                                              w_scale=w_scale, dtype=jnp.bfloat16, interpret=True)
-    for g, w in zip(got, want, strict=True):
-        g, w = np.asarray(g), np.asarray(w)
-        np.testing.assert_array_equal(g if g.ndim == 3 else g[1:], w if w.ndim == 3 else w[1:])
-
-
 def test_dispatch_follows_the_switch(monkeypatch):
     rng = np.random.default_rng(9)
     slots, touched = _step_slots(rng, 23)
