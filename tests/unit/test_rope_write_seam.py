@@ -145,3 +145,36 @@ def test_quantized_pool_fused_rope_write_keeps_the_greedy_tokens(tmp_path, monke
     jax.clear_caches()
     got = qe.greedy(cfg, params, PROMPT, STEPS, kv_dtype=kv_dtype)
     assert calls and got == want
+
+
+def test_quantized_pool_seam_adds_the_bias_before_the_kernel(tmp_path, monkeypatch):
+    """A projection with a bias (Qwen's) into an fp8 pool: the seam adds the bias to the
+    projection (where XLA fuses it into the GEMM) and hands the sum to the kernel, whose result is
+    the reference's RoPE and quantizing write of projection + bias."""
+    import numpy as np
+
+    from pallas_kernels.kv_write import reference as kv_ref
+
+    cfg, params = _model(tmp_path, None)
+    w = params["wqkv"]                                    # [1, H, Nkv, G + 2, d]
+    t, nkv, g, d = 4, cfg.num_kv_heads, cfg.q_per_kv_padded, cfg.head_dim
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((t, cfg.hidden_size)), jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal((nkv, g + 2, d)), jnp.bfloat16)
+    emb = np.arange(t)[:, None] * (1.0 / 10000.0 ** (np.arange(0, d, 2) / d))[None]
+    cos, sin = (jnp.asarray(f(np.concatenate([emb, emb], -1)), jnp.float32) for f in (np.cos, np.sin))
+    slots = jnp.asarray([16, 17, 18, 40], jnp.int32)
+    pool = (jnp.zeros((4, 16, nkv, d), jnp.uint8), jnp.zeros((4, 16, nkv, d), jnp.uint8),
+            jnp.ones((4, nkv), jnp.float32), jnp.ones((4, nkv), jnp.float32))
+    monkeypatch.setattr(api, "ROPE_WRITE_QUANT_ON_GPU", True)
+    calls = recorded(monkeypatch, gpu_rope_quant, "rope_write_quantized")
+    for name in ("rope_write_quant_fuses", "write_rope_quantized"):
+        monkeypatch.setattr(pallas_kernels, name, functools.partial(getattr(api, name), interpret=True))
+    q, got = linear_rope_write(x, w, 0, bias, cos, sin, slots, pool, g)
+    qkv = (jnp.tensordot(x, w[0], axes=1) + bias).reshape(t, -1)
+    want_q, k, v = kv_ref.split_rope(qkv, cos, sin, nkv, g)
+    want = kv_ref.write_kv_quantized(*pool, k, v, slots)
+    assert calls == [(t, nkv * (g + 2) * d)]
+    np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(want_q, np.float32))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
