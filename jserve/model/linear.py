@@ -47,8 +47,8 @@ Hopper GPU, under its switch, one kernel does the matmul and the gate); everythi
 composition.
 
 ``linear_rope_write`` is the fused QKV projection's seam on a decode step (paged attention), on
-one device. An int8 / fp8 pool takes the finished projection into one Triton kernel that applies
-the bias and RoPE and writes K / V with the pages' scales (``pallas_kernels.write_rope_quantized``,
+one device. An int8 / fp8 pool takes the finished projection plus its bias into one Triton kernel
+that applies RoPE and writes K / V with the pages' scales (``pallas_kernels.write_rope_quantized``,
 under its switch); an unquantized pool: where ``pallas_kernels.quant_rope_write_fuses`` (a w8a16
 weight) one kernel after the decode matmul sums its partials, adds the bias, applies RoPE and
 writes K / V into the pool; where ``pallas_kernels.rope_write_fuses`` (a dense weight) the same
@@ -216,8 +216,8 @@ def linear_rope_write(x: jax.Array, w: Weight, i: int, bias: jax.Array | None, c
     2, d], RoPE by cos / sin float32 [T, d], K / V written into ``pool`` (k_pages, v_pages) at
     ``slot_mapping`` -> (q [T, Nkv * G, d], pool), the epilogue in one kernel after the matmul;
     None where that kernel does not run (module docstring). A quantized pool (k_pages, v_pages,
-    k_scales, v_scales) takes the finished projection into ``pallas_kernels.write_rope_quantized``'s
-    one kernel where ``rope_write_quant_fuses``."""
+    k_scales, v_scales) takes the finished projection plus its bias into
+    ``pallas_kernels.write_rope_quantized``'s one kernel where ``rope_write_quant_fuses``."""
     b = None if bias is None else bias.reshape(-1)
     t, head_dim = x.shape[0], pool[0].shape[-1]
     if len(pool) == 4 and (mesh is None or mesh.devices.size == 1):
