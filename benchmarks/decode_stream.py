@@ -122,7 +122,8 @@ def deep_rings(m: int, n: int, k: int, store_mn: bool, sms: int) -> list[mgpu_de
 
 def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
     """The MLP's gate/up as one kernel with its SiLU gate (``gated.py``: N = 2I, units of 64 gate
-    and 64 up rows, K unsplit) at its default ring and at 128-column tiles, 4 stages, beside the
+    and 64 up rows, K unsplit) at its default ring, at 128-column tiles with 4 stages, and at 8
+    stages with two units per CTA (one CTA per SM: 112 on the 8B), beside the
     default decode kernel followed by XLA's sum, scale and gate (the engine's path with
     ``SILU_GATE_ON_HOPPER`` off; its row's "all kernels" column holds both kernels)."""
     m, k = x.shape
@@ -135,7 +136,9 @@ def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) ->
     want = ref.silu_gate(ref.w8a16_matmul(x, q, s))
     unfused = lambda x, q, s: ref.silu_gate(mgpu.quant_matmul(x, q, s))  # noqa: E731
     add(f"decode kernel + XLA's SiLU gate, M={m}", "the default", clock(unfused, x, copies, iters, reps))
-    for cfg in (default, dataclasses.replace(default, block_k=128, stages=4)):
+    # (the last: two units per CTA on one CTA per SM, the ring twice as deep)
+    for cfg in (default, dataclasses.replace(default, block_k=128, stages=4),
+                dataclasses.replace(default, block_k=128, stages=8, per_cta=2 * default.per_cta)):
         fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul_silu_gate(x, q, s, config=cfg)  # noqa: E731
         try:
             err = rel(jnp.asarray(jax.jit(fn)(x, q, s), jnp.float32), jnp.asarray(want, jnp.float32))
