@@ -125,3 +125,18 @@ def test_every_benchmark_script_compiles():
     assert len(scripts) > 20
     for path in scripts:
         compile(path.read_text(encoding="utf-8"), str(path), "exec")
+
+
+def test_every_module_patch_names_a_switch_it_changes():
+    """step_floor's --ab module patches (also kv_dtype_step's KV+PATCH entries): each names an
+    existing module constant, sets a value other than the engine's default while compiling, and
+    puts the default back."""
+    import importlib
+
+    for name, (path, attr, value) in step_floor.MODULE_PATCHES.items():
+        module = importlib.import_module(path)
+        default = getattr(module, attr)
+        assert default != value, name
+        with step_floor.patched(name):
+            assert getattr(module, attr) == value, name
+        assert getattr(module, attr) == default, name
