@@ -223,10 +223,7 @@ def linear_rope_write(x: jax.Array, w: Weight, i: int, bias: jax.Array | None, c
     if len(pool) == 4 and (mesh is None or mesh.devices.size == 1):
         if not pallas_kernels.rope_write_quant_fuses(t, head_dim):
             return None
-        qkv = linear(x, w, i, mesh).reshape(t, -1)   # (the bias added here, where XLA fuses it into
-        #   the projection's own kernel: the Triton kernel's bias operand would be a layer's slice,
-        #   which XLA copies by a kernel of its own)
-        q, *written = pallas_kernels.write_rope_quantized(qkv if b is None else qkv + b, None, cos, sin,
+        q, *written = pallas_kernels.write_rope_quantized(linear(x, w, i, mesh).reshape(t, -1), b, cos, sin,
                                                           slot_mapping, *pool, groups=groups)
         return q, tuple(_typed_like(a, p) for a, p in zip(written, pool, strict=True))
     if not (len(pool) == 2 and (mesh is None or mesh.devices.size == 1) and x.dtype == pool[0].dtype):

@@ -143,9 +143,10 @@ def write_rope_quantized(qkv: jax.Array, bias: jax.Array | None, cos: jax.Array,
     with its per-page scales -> (q [T, Nkv * G, d], k_pages, v_pages, k_scales, v_scales), as
     ``reference.write_kv_quantized`` of ``reference.split_rope(qkv + bias)``: one kernel where
     ``rope_write_quant_fuses``, else XLA's RoPE and ``write_kv_quantized``."""
+    qkv = qkv if bias is None else qkv + bias   # (XLA fuses the add into the projection's kernel)
     if rope_write_quant_fuses(qkv.shape[0], k_pages.shape[-1], interpret=interpret):
-        return gpu_rope_quant.rope_write_quantized(qkv, bias, cos, sin, slot_mapping, k_pages, v_pages,
-                                                   k_scales, v_scales, groups=groups, interpret=interpret)
-    q, k, v = reference.split_rope(qkv if bias is None else qkv + bias, cos, sin, k_pages.shape[2], groups)
+        return gpu_rope_quant.rope_write_quantized(qkv, cos, sin, slot_mapping, k_pages, v_pages, k_scales,
+                                                   v_scales, groups=groups, interpret=interpret)
+    q, k, v = reference.split_rope(qkv, cos, sin, k_pages.shape[2], groups)
     return (q, *write_kv_quantized(k_pages, v_pages, k_scales, v_scales, k, v, slot_mapping,
                                    interpret=interpret))

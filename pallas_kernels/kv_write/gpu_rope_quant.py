@@ -2,7 +2,9 @@
 
 Where it sits: ``kv_write.api.write_rope_quantized`` dispatches here on a GPU for decode-sized
 steps (``api.rope_write_quant_fuses``), from the model's ``linear_rope_write`` seam after the
-fused QKV projection. Semantics are ``reference.split_rope`` of the projection (+ bias), then
+fused QKV projection (its bias already added: XLA fuses the add into the GEMM, where the kernel's
+own operand would be one layer's slice of the stacked bias, which XLA copies by a kernel of its
+own). Semantics are ``reference.split_rope`` of the projection, then
 ``reference.write_kv_quantized`` of its K and V.
 
 Why: a bf16 pool takes the projection's epilogue, RoPE and K / V write in one Mosaic GPU kernel
@@ -14,7 +16,7 @@ rotated concatenate and V's slice as kernels of their own, then ``gpu_quant``'s 
     the page of each row (``gpu_quant``'s rule: the page's first row, when this step starts the
     page, is row t - offset; its K / V amax sets the page's scale, recomputed by every program
     that writes into the page, so no program waits for another)
-    for each of the head's G query heads: (qkv + bias) rotated (HF's rotate-half, float32, both
+    for each of the head's G query heads: qkv rotated (HF's rotate-half, float32, both
       halves loaded apart) -> q, rounded to the model's dtype
     K: the same rotation; V: as projected; each rounded to the model's dtype, quantized with its
       page's scale (set from the first row where the step starts the page) -> the pool rows
@@ -43,8 +45,7 @@ def supports(head_dim: int) -> bool:
 
 
 def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, *refs, num_tokens: int, block_t: int, page_size: int,
-            nkv: int, groups: int, room: float, qmax: float, value_dtype: jnp.dtype, has_bias: bool):
-    bias_ref = refs[0] if has_bias else None
+            nkv: int, groups: int, room: float, qmax: float, value_dtype: jnp.dtype):
     k_out, v_out, ks_out, vs_out, q_out = refs[len(refs) - 5:]
     h = pl.program_id(1)
     tc, slot, page, first, started = gpu_quant.page_rows(slots_ref, pl.program_id(0), num_tokens,
@@ -56,12 +57,8 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, *refs, num_tokens: int, block_
     def halves(ref, rows):   # -> the two halves of ``rows`` [block_t, 1] of ref, float32
         return ref[rows, lo].astype(jnp.float32), ref[rows, hi].astype(jnp.float32)
 
-    def head(t, g):   # -> (qkv + bias) of rows t, head g of kv head h, as the model rounds it
-        x1, x2 = halves(qkv_ref, ((t * nkv + h) * (groups + 2) + g)[:, None])
-        if has_bias:
-            b1, b2 = halves(bias_ref, jnp.full((block_t, 1), h * (groups + 2) + g, jnp.int32))
-            x1, x2 = (x1 + b1).astype(dtype), (x2 + b2).astype(dtype)
-        return x1.astype(dtype).astype(jnp.float32), x2.astype(dtype).astype(jnp.float32)
+    def head(t, g):   # -> rows t of head g of kv head h, float32
+        return halves(qkv_ref, ((t * nkv + h) * (groups + 2) + g)[:, None])
 
     def rotated(t, g):   # -> head g of rows t rotated by their cos / sin, rounded to the model's dtype
         x1, x2 = head(t, g)
@@ -89,15 +86,15 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, *refs, num_tokens: int, block_
         plgpu.store(s_out.at[sidx], s, mask=started)
 
 
-def rope_write_quantized(qkv: jax.Array, bias: jax.Array | None, cos: jax.Array, sin: jax.Array,
+def rope_write_quantized(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
                          slot_mapping: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                          k_scales: jax.Array, v_scales: jax.Array, *, groups: int, interpret: bool = False,
                          block_t: int = 8) -> tuple[jax.Array, ...]:
-    """qkv [T, Nkv * (G + 2) * d] (the fused projection, model dtype), bias [Nkv * (G + 2) * d] or
-    None, cos / sin float32 [T, d], slot_mapping int32 [T] (each request's rows contiguous, slots
+    """qkv [T, Nkv * (G + 2) * d] (the fused projection with its bias, model dtype), cos / sin
+    float32 [T, d], slot_mapping int32 [T] (each request's rows contiguous, slots
     consecutive), pools [P, page_size, Nkv, d] int8 / uint8, scales float32 [P, Nkv] -> (q [T,
     Nkv * G, d] in qkv's dtype, k_pages, v_pages, k_scales, v_scales), as
-    ``reference.write_kv_quantized`` of ``reference.split_rope(qkv + bias)``."""
+    ``reference.write_kv_quantized`` of ``reference.split_rope(qkv)``."""
     num_pages, page_size, nkv, d = k_pages.shape
     t, g = qkv.shape[0], groups
     rows = jax.ShapeDtypeStruct((t, nkv, d), qkv.dtype)   # K / V as the reference would write them
@@ -108,11 +105,8 @@ def rope_write_quantized(qkv: jax.Array, bias: jax.Array | None, cos: jax.Array,
     value_dtype = kv_format.value_dtype(k_pages.dtype)
     kernel = functools.partial(
         _kernel, num_tokens=t, block_t=block_t, page_size=page_size, nkv=nkv, groups=g,
-        room=scales.headroom(value_dtype), qmax=scales.qmax(value_dtype), value_dtype=value_dtype,
-        has_bias=bias is not None)
+        room=scales.headroom(value_dtype), qmax=scales.qmax(value_dtype), value_dtype=value_dtype)
     flat = (num_pages * page_size * nkv, d)
-    extra = () if bias is None else (bias.reshape(nkv * (g + 2), d),)
-    first = 4 + len(extra)   # the index of the first aliased input (the K pool)
     out = pl.pallas_call(
         kernel,
         grid=(-(-t // block_t), nkv),
@@ -120,11 +114,11 @@ def rope_write_quantized(qkv: jax.Array, bias: jax.Array | None, cos: jax.Array,
                    jax.ShapeDtypeStruct((num_pages * nkv,), jnp.float32),
                    jax.ShapeDtypeStruct((num_pages * nkv,), jnp.float32),
                    jax.ShapeDtypeStruct((t * nkv * g, d), qkv.dtype)),
-        input_output_aliases={first: 0, first + 1: 1, first + 2: 2, first + 3: 3},
+        input_output_aliases={4: 0, 5: 1, 6: 2, 7: 3},   # the pools and scales, in place
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="rope_write_quantized",
-    )(slot_mapping, qkv.reshape(t * nkv * (g + 2), d), cos, sin, *extra, k_pages.reshape(flat),
+    )(slot_mapping, qkv.reshape(t * nkv * (g + 2), d), cos, sin, k_pages.reshape(flat),
       v_pages.reshape(flat), k_scales.reshape(-1), v_scales.reshape(-1))
     k_out, v_out, ks_out, vs_out, q = out
     return (q.reshape(t, nkv * g, d), k_out.reshape(k_pages.shape), v_out.reshape(v_pages.shape),

@@ -138,7 +138,8 @@ def test_fused_rope_quantized_write_matches_the_reference_on_gpu(pool_dtype):
         return (q, *kv_ref.write_kv_quantized(*pools, k, v, slots))
 
     want = jax.jit(reference)(*args)
-    got = jax.jit(lambda *a: gpu_rope_quant.rope_write_quantized(*a, groups=g))(*args)
+    got = jax.jit(lambda qkv, bias, *rest: gpu_rope_quant.rope_write_quantized(qkv + bias, *rest,
+                                                                                groups=g))(*args)
     np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),
                                rtol=2 ** -7, atol=1e-2)
     for i in (3, 4):   # (a roped K's amax may round one bf16 step apart from XLA's RoPE)

@@ -148,9 +148,9 @@ def test_quantized_pool_fused_rope_write_keeps_the_greedy_tokens(tmp_path, monke
 
 
 def test_quantized_pool_seam_adds_the_bias_before_the_kernel(tmp_path, monkeypatch):
-    """A projection with a bias (Qwen's) into an fp8 pool: the seam adds the bias to the
-    projection (where XLA fuses it into the GEMM) and hands the sum to the kernel, whose result is
-    the reference's RoPE and quantizing write of projection + bias."""
+    """A projection with a bias (Qwen's) into an fp8 pool: the bias is added to the projection
+    before the kernel (where XLA fuses it into the GEMM) and the kernel takes the sum, whose
+    result is the reference's RoPE and quantizing write of projection + bias."""
     import numpy as np
 
     from pallas_kernels.kv_write import reference as kv_ref
