@@ -125,26 +125,33 @@ def write_kv_quantized(
     kernel = functools.partial(
         _kernel, num_tokens=num_tokens, block_t=block_t, page_size=page_size, kvh=kvh,
         room=scales.headroom(value_dtype), qmax=scales.qmax(value_dtype), value_dtype=value_dtype)
+    rows = (num_tokens * kvh, d)
+    pools, _ = pool_call(kernel, "write_kv_quantized", -(-num_tokens // block_t),
+                         (slot_mapping, k_new.reshape(rows), v_new.reshape(rows)),
+                         (k_pages, v_pages, k_scales, v_scales), interpret=interpret)
+    return pools
+
+
+def pool_call(kernel, name: str, blocks: int, args: tuple[jax.Array, ...],
+              pools: tuple[jax.Array, jax.Array, jax.Array, jax.Array], *,
+              extra_out: tuple[jax.ShapeDtypeStruct, ...] = (), interpret: bool) -> tuple[tuple, tuple]:
+    """One launch of a quantizing pool writer on a ``blocks x kvh`` grid: ``kernel(*args, pools
+    in, pools out, *extra outs)`` with the pools ``[P, page_size, kvh, d]`` viewed as rows ``[P *
+    page_size * kvh, d]`` and their scales ``[P, kvh]`` flat, all four aliased in place -> (the
+    pools and scales in their shapes, the extra outputs)."""
+    k_pages, v_pages, k_scales, v_scales = pools
+    num_pages, page_size, kvh, d = k_pages.shape
     flat = (num_pages * page_size * kvh, d)
+    n = len(args)
     out = pl.pallas_call(
         kernel,
-        grid=(-(-num_tokens // block_t), kvh),
+        grid=(blocks, kvh),
         out_shape=(jax.ShapeDtypeStruct(flat, k_pages.dtype), jax.ShapeDtypeStruct(flat, v_pages.dtype),
                    jax.ShapeDtypeStruct((num_pages * kvh,), jnp.float32),
-                   jax.ShapeDtypeStruct((num_pages * kvh,), jnp.float32)),
-        input_output_aliases={3: 0, 4: 1, 5: 2, 6: 3},
+                   jax.ShapeDtypeStruct((num_pages * kvh,), jnp.float32), *extra_out),
+        input_output_aliases={n: 0, n + 1: 1, n + 2: 2, n + 3: 3},   # the pools and scales, in place
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
-        name="write_kv_quantized",
-    )(
-        slot_mapping,
-        k_new.reshape(num_tokens * kvh, d),
-        v_new.reshape(num_tokens * kvh, d),
-        k_pages.reshape(flat),
-        v_pages.reshape(flat),
-        k_scales.reshape(-1),
-        v_scales.reshape(-1),
-    )
-    k_out, v_out, ks_out, vs_out = out
-    return (k_out.reshape(k_pages.shape), v_out.reshape(v_pages.shape),
-            ks_out.reshape(k_scales.shape), vs_out.reshape(v_scales.shape))
+        name=name,
+    )(*args, k_pages.reshape(flat), v_pages.reshape(flat), k_scales.reshape(-1), v_scales.reshape(-1))
+    return tuple(o.reshape(p.shape) for o, p in zip(out[:4], pools, strict=True)), tuple(out[4:])

@@ -106,20 +106,8 @@ def rope_write_quantized(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
     kernel = functools.partial(
         _kernel, num_tokens=t, block_t=block_t, page_size=page_size, nkv=nkv, groups=g,
         room=scales.headroom(value_dtype), qmax=scales.qmax(value_dtype), value_dtype=value_dtype)
-    flat = (num_pages * page_size * nkv, d)
-    out = pl.pallas_call(
-        kernel,
-        grid=(-(-t // block_t), nkv),
-        out_shape=(jax.ShapeDtypeStruct(flat, k_pages.dtype), jax.ShapeDtypeStruct(flat, v_pages.dtype),
-                   jax.ShapeDtypeStruct((num_pages * nkv,), jnp.float32),
-                   jax.ShapeDtypeStruct((num_pages * nkv,), jnp.float32),
-                   jax.ShapeDtypeStruct((t * nkv * g, d), qkv.dtype)),
-        input_output_aliases={4: 0, 5: 1, 6: 2, 7: 3},   # the pools and scales, in place
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-        interpret=interpret,
-        name="rope_write_quantized",
-    )(slot_mapping, qkv.reshape(t * nkv * (g + 2), d), cos, sin, k_pages.reshape(flat),
-      v_pages.reshape(flat), k_scales.reshape(-1), v_scales.reshape(-1))
-    k_out, v_out, ks_out, vs_out, q = out
-    return (q.reshape(t, nkv * g, d), k_out.reshape(k_pages.shape), v_out.reshape(v_pages.shape),
-            ks_out.reshape(k_scales.shape), vs_out.reshape(v_scales.shape))
+    pools, (q,) = gpu_quant.pool_call(
+        kernel, "rope_write_quantized", -(-t // block_t),
+        (slot_mapping, qkv.reshape(t * nkv * (g + 2), d), cos, sin), (k_pages, v_pages, k_scales, v_scales),
+        extra_out=(jax.ShapeDtypeStruct((t * nkv * g, d), qkv.dtype),), interpret=interpret)
+    return (q.reshape(t, nkv * g, d), *pools)
