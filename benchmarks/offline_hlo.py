@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (N > 1: run with "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=N for the CPU engine)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size (the same)")
+    ap.add_argument("--decode-only", action="store_true", help="the greedy decode-only variant "
+                    "(the one step_floor times: attention's decode launch alone)")
     ap.add_argument("--ab", default="", help="comma list of step_floor's A/B patches in effect "
                     "(e.g. quant-residual-norm-off, xla:NAME=VALUE)")
     ns = ap.parse_args()
@@ -134,7 +136,7 @@ def main() -> None:
         for t in buckets:
             layout = r.layout(t)
             fn = functools.partial(fused_step, r.config.model, layout, r._num_out, r._num_spec,
-                                   StepVariant(t, False, True, False), mesh)
+                                   StepVariant(t, False, True, ns.decode_only), mesh)
             args = jax.tree.map(abstract, (params, r.kv, None, r.slot_table, r._prev_tokens,
                                            jax.device_put(layout.joint(layout.new_buffers()[0])),
                                            r.step_masks(True, flush=False)))
@@ -150,7 +152,8 @@ def main() -> None:
                 par = f"_tp{ns.tp}_pp{ns.pp}" if ns.tp * ns.pp > 1 else ""
                 ab = ns.ab and "_" + ns.ab.replace(":", "-").replace("=", "-")
                 kv = "" if ns.kv_cache_dtype == "auto" else f"_kv-{ns.kv_cache_dtype}"
-                name = f"{model}_{ns.quantization or 'bf16'}{kv}{par}_{t}_{layout_name}{ab}.hlo"
+                dec = "_decode-only" if ns.decode_only else ""
+                name = f"{model}_{ns.quantization or 'bf16'}{kv}{par}_{t}{dec}_{layout_name}{ab}.hlo"
                 (Path(ns.dump) / name).write_text(text)
             kinds = census(text)
             rows.append((t, layout_name, seconds, kinds, slice_copies(text)))
