@@ -3,7 +3,7 @@
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-38 removed the ones they ran; vmm stays as the record of its arms).
-# Order: qk (issue 13: the decode kernel's ring in shorter K tiles, the step A/B), qg (issue 13:
+# Order: qkg (qk's and qg's step A/Bs in one call, when a machine is scarce), qk (issue 13: the decode kernel's ring in shorter K tiles, the step A/B), qg (issue 13:
 # gate/up with the SiLU gate in its epilogue, GPU tests and the step A/B), kq (issue 13: fp8 KV at
 # 8k against bf16, with RoPE and the quantizing write in one kernel), ae (the
 # engine's own bf16 decode executable slower than a recompile of it), qs (issue
@@ -67,6 +67,20 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
 
 case "${1:-}" in
+qkg)
+  # qk's and qg's step A/Bs in one call (each start has cost ~90 s of the budget when no machine
+  # came, sessions 39-40): the bf16 peer with one no-op recompiled arm, then the int8 + lm_head
+  # step with the shorter ring, the gate epilogue and both. Predictions as in qk and qg: bk128
+  # 3.165 -> ~2.98 ms, silu-gate-on -0.05 to -0.13 ms, both ~2.87-2.93 ms (1.52-1.56x bf16).
+  # qg's GPU tests stay owed until the gate wins here.
+  timeout 200 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --ab rope-write-dense-off > "$OUT/qkg_bf16.txt" 2>&1
+  grep "^##\|^| A\|rror" "$OUT/qkg_bf16.txt"
+  timeout 380 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8+lm_head \
+    --ab quant-bk128,quant-bk128/quant-stages8,silu-gate-on,quant-bk128/silu-gate-on > "$OUT/qkg_int8.txt" 2>&1
+  grep "^##\|^| A\|rror" "$OUT/qkg_int8.txt"
+  ;;
 qk)
   # Issue 13's two open targets (batch 1 at 1.6x bf16, the kernel at >= 85% of the read at M <=
   # 16). Session 38's device clock (RESULTS.md): the kernel reads what its own ring reads (64 x
