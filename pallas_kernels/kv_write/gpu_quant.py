@@ -28,6 +28,7 @@ row reduction, no tiles for TMA or wgmma; the row width must be a power of two.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -132,9 +133,10 @@ def write_kv_quantized(
     return pools
 
 
-def pool_call(kernel, name: str, blocks: int, args: tuple[jax.Array, ...],
+def pool_call(kernel: Callable[..., None], name: str, blocks: int, args: tuple[jax.Array, ...],
               pools: tuple[jax.Array, jax.Array, jax.Array, jax.Array], *,
-              extra_out: tuple[jax.ShapeDtypeStruct, ...] = (), interpret: bool) -> tuple[tuple, tuple]:
+              extra_out: tuple[jax.ShapeDtypeStruct, ...] = (), interpret: bool
+              ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """One launch of a quantizing pool writer on a ``blocks x kvh`` grid: ``kernel(*args, pools
     in, pools out, *extra outs)`` with the pools ``[P, page_size, kvh, d]`` viewed as rows ``[P *
     page_size * kvh, d]`` and their scales ``[P, kvh]`` flat, all four aliased in place -> (the

@@ -95,7 +95,7 @@ def rope_write_quantized(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
     consecutive), pools [P, page_size, Nkv, d] int8 / uint8, scales float32 [P, Nkv] -> (q [T,
     Nkv * G, d] in qkv's dtype, k_pages, v_pages, k_scales, v_scales), as
     ``reference.write_kv_quantized`` of ``reference.split_rope(qkv)``."""
-    num_pages, page_size, nkv, d = k_pages.shape
+    _, page_size, nkv, d = k_pages.shape
     t, g = qkv.shape[0], groups
     rows = jax.ShapeDtypeStruct((t, nkv, d), qkv.dtype)   # K / V as the reference would write them
     reference.validate_inputs(k_pages, v_pages, rows, rows, slot_mapping, k_scales, v_scales)
