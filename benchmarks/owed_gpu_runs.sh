@@ -1,10 +1,10 @@
-# The device calls owed after session 39 (2026-12-05), in the order to run them. Each case fits
+# The device calls owed after session 40 (2026-12-05), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-38 removed the ones they ran; vmm stays as the record of its arms).
-# Order: qkg (qk's and qg's step A/Bs in one call, when a machine is scarce), qk (issue 13: the decode kernel's ring in shorter K tiles, the step A/B), qg (issue 13:
-# gate/up with the SiLU gate in its epilogue, GPU tests and the step A/B), kq (issue 13: fp8 KV at
+# Order: qkg (issue 13 on an H200: the bf16 peer, the shorter ring and the gate's A/B in one
+# call; qki its int8 half), qk (the ring's remaining arms), kq (issue 13: fp8 KV at
 # 8k against bf16, with RoPE and the quantizing write in one kernel), ae (the
 # engine's own bf16 decode executable slower than a recompile of it), qs (issue
 # 13: the ring and kernel variants at the 8B's qkv and o shapes), qe (issue 13: the decode kernel
@@ -68,20 +68,20 @@ table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst
 
 case "${1:-}" in
 qkg)
-  # qk's and qg's step A/Bs in one call (each start has cost ~90 s of the budget when no machine
-  # came, sessions 39-40): the bf16 peer with one no-op recompiled arm, then the int8 + lm_head
-  # step with the shorter ring (4 stages), the gate epilogue and both (qk keeps the 8-stage and
-  # 256-column arms). Predictions as in qk and qg: bk128
-  # 3.165 -> ~2.98 ms, silu-gate-on -0.05 to -0.13 ms, both ~2.87-2.93 ms (1.52-1.56x bf16).
-  # qg's GPU tests stay owed until the gate wins here. (qki: the int8 half alone, for a budget
-  # of under ~500 s: it decides the switches; the ratio then needs the bf16 half.)
+  # Session 40 ran the int8 half on an H100 (qki below; RESULTS.md "Session 40"): the gate
+  # epilogue won (3.938 -> 3.813 ms, now on) and the 128-column ring lost (+1.6%), against the
+  # H200 device-clock rings of session 38 (88% against 78% of the read). Owed on an H200: the
+  # bf16 peer with one no-op recompiled arm, then the int8 + lm_head step (the gate on) with the
+  # ring and without the gate. Prediction: bk128 -0.05 to -0.15 ms on the H200 (its read ceiling
+  # is 1.4x the H100's, so the ring's depth matters more), silu-gate-off +0.1 ms.
+  # (qki: the int8 half alone, for a budget of under ~500 s: it decides the switches.)
   timeout 180 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --ab rope-write-dense-off > "$OUT/qkg_bf16.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qkg_bf16.txt"
   ;&
 qki)
   timeout 320 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head --ab quant-bk128,silu-gate-on,quant-bk128/silu-gate-on \
+    --quantization int8+lm_head --ab quant-bk128,silu-gate-off,quant-bk128/quant-stages8 \
     > "$OUT/qkg_int8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qkg_int8.txt"
   ;;
@@ -98,26 +98,6 @@ qk)
     --quantization none,int8+lm_head \
     --ab rope-write-dense-off,quant-bk128,quant-bk128/quant-stages8,quant-bk256 > "$OUT/qk_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qk_step.txt"
-  ;;
-qg)
-  # Session 39 (no device): the MLP's gate/up decode matmul with the SiLU gate in its epilogue
-  # (quant_matmul/gated.py, api.SILU_GATE_ON_HOPPER, off): units of 64 gate + 64 up rows over all
-  # of K, so no float32 partials (7.3 MB at 16 tokens, written and read back) and no XLA fusion
-  # after it (the offline H200 compile: 41 -> 39 kernels at 2 layers, -1 per layer). GPU tests
-  # first (the kernel at the 8B's shape against the decode kernel + XLA's gate; the engine's
-  # greedy tokens), then the step. Prediction: int8 + lm_head -1.5 to -4 us per layer (-0.05 to
-  # -0.13 ms from 3.165: session 37 found a removed 3 us kernel worth ~0.65 us of the step, but
-  # here the partials' 15 MB of traffic goes too); with quant-bk128 about the sum of both arms'
-  # gains. With the gate on, gate/up and down are adjacent Mosaic GPU kernels (XLA's SiLU-gate
-  # fusion no longer between them), so PDL (a no-op in four A/Bs so far) gets one more arm.
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
-    tests/gpu/test_quant_engine_gpu.py -k "silu_gate or SILU" > "$OUT/qg_tests.txt" 2>&1
-  tail -3 "$OUT/qg_tests.txt"
-  timeout 380 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head \
-    --ab silu-gate-on,quant-bk128,quant-bk128/silu-gate-on,quant-bk128/silu-gate-on/quant-pdl \
-    > "$OUT/qg_step.txt" 2>&1
-  grep "^##\|^| A\|rror" "$OUT/qg_step.txt"
   ;;
 kq)
   # Issue 13's fp8 KV target (<= 3% extra step time at 8k): session 29 measured +2.5% (A/B/A/B,

@@ -181,9 +181,9 @@ MODULE_PATCHES = {
     # kernel, rope_write.py)
     "rope-write-off": ("pallas_kernels.kv_write.api", "ROPE_WRITE_ON_HOPPER", False),
     "rope-write-dense-off": ("pallas_kernels.kv_write.api", "ROPE_WRITE_DENSE_ON_HOPPER", False),
-    # the MLP's gate/up decode matmul with the SiLU gate in its epilogue, K unsplit (gated.py):
-    # no float32 partials and no XLA fusion after it
-    "silu-gate-on": ("pallas_kernels.quant_matmul.api", "SILU_GATE_ON_HOPPER", True),
+    # the MLP's gate/up back in the split-K decode kernel and XLA's sum, scale and SiLU gate (the
+    # engine's default since session 40: one kernel with the gate in its epilogue, gated.py)
+    "silu-gate-off": ("pallas_kernels.quant_matmul.api", "SILU_GATE_ON_HOPPER", False),
     # an int8 / fp8 pool's RoPE and quantizing K/V write in one Triton kernel (gpu_rope_quant.py)
     "rope-write-quant-on": ("pallas_kernels.kv_write.api", "ROPE_WRITE_QUANT_ON_GPU", True),
 }
@@ -353,7 +353,7 @@ def main() -> None:
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
                     "attn-fused-combine, quant-xla, quant-pdl, quant-exit-ro, quant-out-t, "
-                    "quant-residual-norm-off, rope-write-off, rope-write-dense-off, silu-gate-on, "
+                    "quant-residual-norm-off, rope-write-off, rope-write-dense-off, silu-gate-off, "
                     "rope-write-quant-on, quant-bk128, quant-bk256, quant-stages8, quant-bn128, "
                     "xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,

@@ -39,9 +39,10 @@ MOSAIC_ON_HOPPER = True
 RESIDUAL_NORM_ON_HOPPER = True
 W8A8_XLA_MIN_M: int | None = 128   # (module docstring)
 # The MLP's gate/up decode matmul with the SiLU gate in its epilogue, no split of K
-# (``mgpu.quant_matmul_silu_gate``, the ``gated`` kernel): off until the device times it
-# (benchmarks/step_floor.py --ab silu-gate-on, benchmarks/owed_gpu_runs.sh qg).
-SILU_GATE_ON_HOPPER = False
+# (``mgpu.quant_matmul_silu_gate``, the ``gated`` kernel). H100 80GB, 2026-12-05, the 8B's int8 +
+# lm_head batch-1 step: 3.938 -> 3.813 ms, 337 -> 305 kernels (the A/B's other arm:
+# benchmarks/step_floor.py --ab silu-gate-off).
+SILU_GATE_ON_HOPPER = True
 
 
 def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: jax.Array | None = None,
