@@ -4,8 +4,12 @@ fp8 KV holds 2x the pages at <= 3% extra step time at 8k context).
 For each ``--kv-dtypes`` entry, in one process: build the engine (random weights, the same
 memory share), fill ``--batch`` sequences to ``--context`` tokens (random prompts, chunked
 prefill), then time ``--steps`` greedy decode steps of all of them (``LLMEngine.step``, the
-overlapped loop; the median of 4 runs of the steps). Prints one table: pool pages, sequences of
-``--context`` tokens that fit, ms per decode step and its ratio to the first entry's::
+overlapped loop; the median of 4 runs of the steps), and the engine's own compiled decode step
+called back to back on the input of its last real step (device-fed: each call's tokens feed the
+next, no host sync; the median of 4 runs), which the host's scheduling and packing cannot blur
+(session 41, H200: the engine column moved 2.4-3.8 ms between arms of one call, host-bound).
+Prints one table: pool pages, sequences of ``--context`` tokens that fit, ms per decode step
+both ways and their ratios to the first entry's::
 
     PYTHONPATH=. python3 benchmarks/kv_dtype_step.py [--model qwen2.5-0.5b] [--context 8192]
         [--batch 16] [--kv-dtypes auto,fp8,int8,fp8+rope-write-quant-on]
@@ -35,9 +39,46 @@ from jserve.sampling_params import SamplingParams
 from jserve.step_program import StepVariant
 
 
+def device_fed(eng, steps: int) -> float:
+    """Median ms per call of the engine's greedy decode step called back to back (``steps``
+    calls, 4 runs) on the packed input of its next real decode step, the pool, slot table and
+    tokens threaded from call to call as the engine does; every call writes the same slots and
+    reads the same context. The engine's state is put back after (its requests can finish)."""
+    r = eng.runner
+    originals, seen = dict(r._compiled), []
+
+    def recorder(variant, f):
+        def call(*args):
+            seen.append((variant, np.asarray(args[5]), args[6]))
+            return f(*args)
+        return call
+
+    r._compiled.update({v: recorder(v, f) for v, f in originals.items()})
+    try:
+        eng.step()
+    finally:
+        r._compiled.update(originals)
+    variant, host_joint, masks = seen[-1]
+    if not variant.greedy or variant.burst != 1 or variant.fresh_prefill:
+        raise RuntimeError(f"device_fed: the engine's last step ran variant {variant}, not greedy decode")
+    step, joint = originals[variant], jax.device_put(host_joint)
+    jax.block_until_ready(r._prev_tokens)
+    kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
+    runs = []
+    for _ in range(5):   # the first run warms up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, masks)
+        jax.block_until_ready(tokens)
+        runs.append((time.perf_counter() - t0) / steps * 1e3)
+    r.kv, r.slot_table, r._prev_tokens = kv, table, tokens
+    return statistics.median(runs[1:])
+
+
 def one(model: str, kv: str, context: int, batch: int, steps: int,
-        dump: str | None = None) -> tuple[int, float, int]:
-    """-> (pool pages, median ms per decode step, page size) for one KV dtype; ``dump``: a
+        dump: str | None = None) -> tuple[int, float, float, int]:
+    """-> (pool pages, median ms per decode step of the engine, the same device-fed
+    (``device_fed``), page size) for one KV dtype; ``dump``: a
     folder for the greedy decode step's optimized program (``<kv>.decode_step.hlo.txt``, for
     ``hlo_kernels.py``)."""
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16",
@@ -59,6 +100,7 @@ def one(model: str, kv: str, context: int, batch: int, steps: int,
         for _ in range(steps):
             eng.step()
         runs.append((time.perf_counter() - t0) / steps * 1e3)
+    fed = device_fed(eng, steps)
     pages, page_size = eng.startup.pool_plan.num_pages, eng.config.cache.page_size
     if dump:
         r = eng.runner
@@ -68,7 +110,7 @@ def one(model: str, kv: str, context: int, batch: int, steps: int,
         eng.step()
     del eng
     gc.collect()
-    return pages, statistics.median(runs), page_size
+    return pages, statistics.median(runs), fed, page_size
 
 
 def main() -> None:
@@ -88,14 +130,17 @@ def main() -> None:
             for patch in filter(None, ab.split("/")):
                 patches.enter_context(patched(patch))
             rows.append((entry, *one(ns.model, kv, ns.context, ns.batch, ns.steps, ns.dump)))
-        print(f"  {entry}: {rows[-1][1]} pages, {rows[-1][2]:.3f} ms per decode step", flush=True)
+        print(f"  {entry}: {rows[-1][1]} pages, {rows[-1][2]:.3f} ms per decode step, "
+              f"{rows[-1][3]:.3f} device-fed", flush=True)
     print(f"\n## {ns.model}, {ns.batch} sequences decoding at {ns.context} tokens "
           f"({jax.devices()[0].device_kind})")
-    print("| KV pool | pages | sequences of the context that fit | ms per decode step | vs first |")
-    print("|---|---|---|---|---|")
-    for kv, pages, ms, page_size in rows:
+    print("| KV pool | pages | sequences of the context that fit | ms per decode step (engine) | vs first "
+          "| device-fed step | vs first |")
+    print("|---|---|---|---|---|---|---|")
+    for kv, pages, ms, fed, page_size in rows:
         fit = (pages - 1) // -(-ns.context // page_size)   # page 0 is the null page
-        print(f"| {kv} | {pages} | {fit} | {ms:.3f} | {ms / rows[0][2]:.3f}x |")
+        print(f"| {kv} | {pages} | {fit} | {ms:.3f} | {ms / rows[0][2]:.3f}x | {fed:.3f} "
+              f"| {fed / rows[0][3]:.3f}x |")
 
 
 if __name__ == "__main__":

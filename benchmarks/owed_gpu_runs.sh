@@ -107,10 +107,11 @@ kq)
   # (kv_write/gpu_rope_quant.py, one Triton kernel for XLA's RoPE fusion, K's and V's slices and
   # the quantizing write; api.ROPE_WRITE_QUANT_ON_GPU, off). GPU tests first, then the pools in
   # turn. Prediction: fp8 default ~1.04-1.06x bf16, with the kernel ~1.02-1.03x.
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kv_quant_gpu.py -k rope_quantized \
-    > "$OUT/kq_tests.txt" 2>&1
-  tail -3 "$OUT/kq_tests.txt"
-  timeout 430 python3 benchmarks/kv_dtype_step.py --batch 64 --steps 32 \
+  # Session 41 (H200): the GPU tests passed (4); the engine column moved 2.4-3.8 ms between arms
+  # of one call (host-bound at 64 rows), so kv_dtype_step now also times the engine's own decode
+  # step device-fed. Prediction for that column: fp8 0.7-0.95x bf16 (half the K / V bytes read),
+  # the kernel another 1-3% less.
+  timeout 480 python3 benchmarks/kv_dtype_step.py --batch 64 --steps 64 \
     --kv-dtypes auto,fp8,fp8+rope-write-quant-on,auto > "$OUT/kq_step.txt" 2>&1
   grep "^|\|^##\|rror\|ms per decode step" "$OUT/kq_step.txt"
   ;;
