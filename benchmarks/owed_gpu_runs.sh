@@ -87,7 +87,7 @@ qki)
   ;;
 qk)
   # Issue 13's two open targets (batch 1 at 1.6x bf16, the kernel at >= 85% of the read at M <=
-  # 16). Session 38's device clock (RESULTS.md): the kernel reads what its own ring reads (64 x
+  # 16). Session 38's device clock (RESULTS_v2_sessions_36-38.md): the kernel reads what its own ring reads (64 x
   # 512 int8 tiles, 2 stages: gate/up 78%, down 68%), and a ring of 64 x 128 tiles, 4 stages
   # reads 10-12 points more (88%, 80%). The step with the kernel's K tile at 128 (4 or 8
   # stages) and 256 columns. Prediction: gate/up 33.1 -> ~30 us, down 18.1 -> ~16.5, the 8B's

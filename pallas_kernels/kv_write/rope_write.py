@@ -7,7 +7,7 @@ projection, in place of XLA's sum + RoPE fusion and its two K/V scatters. Semant
 
 Why: per layer of the 8B's int8 batch-1 step the projection's partials go through three XLA
 kernels before attention: the sum with RoPE (1.7 us), the K scatter (2.6 us) and the V scatter
-(3.0 us) (H200, session 37's trace, benchmarks/RESULTS.md). Here one kernel does all three::
+(3.0 us) (H200, session 37's trace, benchmarks/RESULTS_v2_sessions_36-38.md). Here one kernel does all three::
 
     grid (T, Nkv): CTA (m, h) owns token row m's kv head group h: its G query heads, K and V
       bulk copies: parts[:, m, h] [S, G + 2, 2, d/2] f32, w_scale[h] (and bias[h]),
