@@ -1,11 +1,11 @@
-# The device calls owed after session 40 (2026-12-05), in the order to run them. Each case fits
+# The device calls owed after session 41 (2026-12-05), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-38 removed the ones they ran; vmm stays as the record of its arms).
-# Order: qkg (issue 13 on an H200: the bf16 peer, the shorter ring and the gate's A/B in one
-# call; qki its int8 half), qk (the ring's remaining arms), kq (issue 13: fp8 KV at
-# 8k against bf16, with RoPE and the quantizing write in one kernel), ae (the
+# Order: kq (issue 13: fp8 KV at 8k against bf16, device-fed, with RoPE and the quantizing write
+# in one kernel), qga (issue 13: two A/Bs of the gate epilogue kernel's body), qkg (session 41
+# ran it: kept for a later H200 peer), qk (the ring's remaining arms: bk256), ae (the
 # engine's own bf16 decode executable slower than a recompile of it), qs (issue
 # 13: the ring and kernel variants at the 8B's qkv and o shapes), qe (issue 13: the decode kernel
 # configs' GPU tests), lt (issue 12: where the speculating step's launch goes), b2, o, u, w, f,
@@ -67,6 +67,25 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
 
 case "${1:-}" in
+qga)
+  # Session 41 (no device after its first calls): the gate epilogue's kernel reads 72% of the
+  # ceiling on 224 CTAs, and 25% slower on 112 CTAs with the same bytes in flight (qs, RESULTS.md
+  # "Session 41"): the per-CTA step bounds it. Two A/Bs of its body (gated.py): one wait for both
+  # tiles' wgmmas (paired_wait), and accumulators across the steps with each step's wgmmas in
+  # flight (async_acc, 128-column steps, 4 stages). GPU tests first (their correctness on the
+  # device), the step (bf16 arm-free: the int8 ratio comes from case qkg's 4.467), then the kernel
+  # on the device clock. Prediction: paired -0.5 to -1.5 us per layer (-0.02 to -0.05 ms per step),
+  # async -2 to -5 us per layer (-0.06 to -0.16 ms) if the wait is what each step pays for.
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py -k silu_gate \
+    > "$OUT/qga_tests.txt" 2>&1
+  tail -3 "$OUT/qga_tests.txt"
+  timeout 260 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8+lm_head --ab gated-paired-wait,gated-async > "$OUT/qga_step.txt" 2>&1
+  grep "^##\|^| A\|rror" "$OUT/qga_step.txt"
+  timeout 150 python3 benchmarks/decode_stream.py --shape 28672x4096 --ms 16,1 --layouts "" --rounds 1 \
+    --kernels gated --iters 20 --trace-dir /tmp/qga_gated > "$OUT/qga_gated.txt" 2>&1
+  grep "^|\|^int8\|rror" "$OUT/qga_gated.txt" | head -20
+  ;;
 qkg)
   # Session 40 ran the int8 half on an H100 (qki below; RESULTS.md "Session 40"): the gate
   # epilogue won (3.938 -> 3.813 ms, now on) and the 128-column ring lost (+1.6%), against the

@@ -184,6 +184,11 @@ MODULE_PATCHES = {
     # the MLP's gate/up back in the split-K decode kernel and XLA's sum, scale and SiLU gate (the
     # engine's default since session 40: one kernel with the gate in its epilogue, gated.py)
     "silu-gate-off": ("pallas_kernels.quant_matmul.api", "SILU_GATE_ON_HOPPER", False),
+    # the gate epilogue's step issues both tiles' wgmmas before one wait (gated.py's paired_wait)
+    "gated-paired-wait": ("pallas_kernels.quant_matmul.mgpu", "GATED_PAIRED_WAIT", True),
+    # the gate epilogue's accumulators live across its steps, a step's wgmmas left in flight (its
+    # slot released a step later) in 128-column steps, 4 stages (gated.py's async_acc)
+    "gated-async": ("pallas_kernels.quant_matmul.mgpu", "GATED_ASYNC", True),
     # an int8 / fp8 pool's RoPE and quantizing K/V write in one Triton kernel (gpu_rope_quant.py)
     "rope-write-quant-on": ("pallas_kernels.kv_write.api", "ROPE_WRITE_QUANT_ON_GPU", True),
 }
@@ -354,8 +359,8 @@ def main() -> None:
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
                     "attn-fused-combine, quant-xla, quant-pdl, quant-exit-ro, quant-out-t, "
                     "quant-residual-norm-off, rope-write-off, rope-write-dense-off, silu-gate-off, "
-                    "rope-write-quant-on, quant-bk128, quant-bk256, quant-stages8, quant-bn128, "
-                    "xla:OPTION=VALUE")
+                    "gated-paired-wait, gated-async, rope-write-quant-on, quant-bk128, quant-bk256, "
+                    "quant-stages8, quant-bn128, xla:OPTION=VALUE")
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,

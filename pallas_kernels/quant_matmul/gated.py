@@ -27,6 +27,13 @@ CTAs of one unit each (two per SM on 112 of the 132 SMs) with no partials and no
 The scales are a [64] row vector per half, broadcast over the tokens in registers. The two weight
 tiles of a step are two TMA boxes of one ring slot (16 KB at block_k 128 in int8); the x tile is
 shared by both, so each step reads half the x bytes per weight byte of ``mgpu_decode``'s.
+
+``paired_wait`` (an A/B config, ``mgpu.GATED_PAIRED_WAIT``): the step issues the gate tile's and
+the up tile's wgmmas before it waits once for both, so the up tile's conversion overlaps the gate
+tile's wgmma; without it each product waits for its own. Session 41 (H200, device clock): this
+kernel reads 72% of the ceiling on 224 CTAs, and the same tiles on 112 CTAs in a ring twice as
+deep (the same bytes in flight) ran 25% slower, so the time each CTA spends per step, not the
+bytes it has in flight, bounds the read.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.quant_matmul.mgpu_decode import (
     DecodeConfig,
     a_tile,
+    issue_product,
     persistent_kernel,
     smem_transforms,
     tile_product,
@@ -50,11 +58,13 @@ MAX_SCALE_BARRIERS = 16   # each of a CTA's units loads two scale rows (one barr
 
 def supports(mp: int, n2: int, k: int, config: DecodeConfig) -> bool:
     """Whether the config tiles x [Mp, K] @ w [2I, K]^T into units of ``block_n`` gate and up rows
-    (no split of K; at most ``MAX_SCALE_BARRIERS / 2`` units per CTA)."""
+    (no split of K; at most ``MAX_SCALE_BARRIERS / 2`` units per CTA; ``async_acc``: one unit per
+    CTA and a ring of at least 2 stages)."""
     bn, bk = config.block_n, config.block_k
     return (mp <= 64 and mp % 8 == 0 and n2 % (2 * bn) == 0 and bn == 64 and config.split_k == 1
             and k % bk == 0 and (bk <= 128 or bk % 128 == 0) and 0 < config.per_cta
-            and 2 * config.per_cta <= MAX_SCALE_BARRIERS and not config.x_resident)
+            and 2 * config.per_cta <= MAX_SCALE_BARRIERS and not config.x_resident
+            and (not config.async_acc or (config.per_cta == 1 and config.stages >= 2)))
 
 
 def silu_gate_matmul(xp: jax.Array, w: jax.Array, w_scale: jax.Array, *, config: DecodeConfig,
@@ -90,6 +100,18 @@ def silu_gate_matmul(xp: jax.Array, w: jax.Array, w_scale: jax.Array, *, config:
             for b in range(2 * per_cta):
                 plgpu.barrier_wait(s_bar.at[b])
 
+            def flush(g, u, j):   # unit j's products [bn, Mp] -> h -> its columns of the output
+                t = c * per_cta + j
+                sg = lax.broadcast_in_dim(plgpu.load(s_smem.at[j, 0], layout=row), (bn, mp), [0])
+                su = lax.broadcast_in_dim(plgpu.load(s_smem.at[j, 1], layout=row), (bn, mp), [0])
+                gate = (g * sg).astype(dtype).astype(jnp.float32)
+                up = (u * su).astype(dtype).astype(jnp.float32)
+                h = (gate / (1.0 + jnp.exp(-gate)) * up).astype(dtype)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous flush read o_smem
+                o_smem.transpose((1, 0))[...] = plgpu.layout_cast(h, plgpu.Layout.WGMMA_TRANSPOSED)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[:, pl.ds(t * bn, bn)])
+
             def body(idx, g_smem, u_smem, x_smem, carry):
                 i = idx[0]
                 a = a_smem[0] if via_smem else None
@@ -98,38 +120,55 @@ def silu_gate_matmul(xp: jax.Array, w: jax.Array, w_scale: jax.Array, *, config:
                     return pl.run_scoped(lambda acc: tile_product(acc, tile, x_smem, fp8=fp8, a_smem=a),
                                          plgpu.ACC((bn, mp), jnp.float32))
 
-                g, u = carry[0] + product(g_smem), carry[1] + product(u_smem)
+                def paired(acc_g, acc_u):   # both products in flight, then one wait
+                    issue_product(acc_g, g_smem, x_smem, fp8=fp8, a_smem=a)
+                    issue_product(acc_u, u_smem, x_smem, fp8=fp8, a_smem=a, pending=True)
+                    return acc_g[...], acc_u[...]
+
+                if cfg.paired_wait:
+                    pg, pu = pl.run_scoped(paired, plgpu.ACC((bn, mp), jnp.float32),
+                                           plgpu.ACC((bn, mp), jnp.float32))
+                else:
+                    pg, pu = product(g_smem), product(u_smem)
+                g, u = carry[0] + pg, carry[1] + pu
                 last = lax.rem(i, steps) == steps - 1
-
-                @pl.when(last)
-                def _flush():
-                    j = i // steps
-                    t = c * per_cta + j
-                    sg = lax.broadcast_in_dim(plgpu.load(s_smem.at[j, 0], layout=row), (bn, mp), [0])
-                    su = lax.broadcast_in_dim(plgpu.load(s_smem.at[j, 1], layout=row), (bn, mp), [0])
-                    gate = (g * sg).astype(dtype).astype(jnp.float32)
-                    up = (u * su).astype(dtype).astype(jnp.float32)
-                    h = (gate / (1.0 + jnp.exp(-gate)) * up).astype(dtype)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous flush read o_smem
-                    o_smem.transpose((1, 0))[...] = plgpu.layout_cast(h, plgpu.Layout.WGMMA_TRANSPOSED)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[:, pl.ds(t * bn, bn)])
-
+                pl.when(last)(lambda: flush(g, u, i // steps))
                 return lax.cond(last, lambda gu: (zero(), zero()), lambda gu: gu, (g, u))
 
             count = (per_cta if units % per_cta == 0
                      else jnp.minimum(per_cta, units - c * per_cta))   # the last CTA may own fewer
+            release = 1 if cfg.async_acc else 0   # async: a step's slot is refilled a step later
 
             def w_spec(half: int) -> plgpu.BlockSpec:
                 return plgpu.BlockSpec(
                     (bn, bk), lambda s: (half * units + c * per_cta + s // steps, lax.rem(s, steps)),
-                    transforms=smem_transforms(w.dtype, bk))
+                    transforms=smem_transforms(w.dtype, bk), delay_release=release)
 
             x_spec = plgpu.BlockSpec((mp, bk), lambda s: (0, lax.rem(s, steps)),
-                                     transforms=smem_transforms(dtype, bk))
-            plgpu.emit_pipeline(body, grid=(count * steps,), in_specs=[w_spec(0), w_spec(1), x_spec],
-                                max_concurrent_steps=cfg.stages, init_carry=(zero(), zero()),
-                                )(w_gmem, w_gmem, x_gmem)
+                                     transforms=smem_transforms(dtype, bk), delay_release=release)
+            specs = [w_spec(0), w_spec(1), x_spec]
+            if not cfg.async_acc:
+                plgpu.emit_pipeline(body, grid=(count * steps,), in_specs=specs,
+                                    max_concurrent_steps=cfg.stages, init_carry=(zero(), zero()),
+                                    )(w_gmem, w_gmem, x_gmem)
+            else:   # one unit: both accumulators live across the steps, each step's wgmmas in flight
+                def async_body(idx, g_smem, u_smem, x_smem, acc_g, acc_u):
+                    a = a_smem[0] if via_smem else None
+                    issue_product(acc_g, g_smem, x_smem, fp8=fp8, a_smem=a, pending=True)
+                    issue_product(acc_u, u_smem, x_smem, fp8=fp8, a_smem=a, pending=True)
+                    plgpu.wgmma_wait(2 * (bk // min(bk, 128)))   # the step before's are done
+
+                def accumulate(acc_g, acc_u):
+                    plgpu.emit_pipeline(
+                        lambda idx, g_smem, u_smem, x_smem: async_body(idx, g_smem, u_smem, x_smem,
+                                                                       acc_g, acc_u),
+                        grid=(steps,), in_specs=specs, max_concurrent_steps=cfg.stages,
+                    )(w_gmem, w_gmem, x_gmem)
+                    plgpu.wgmma_wait(0)
+                    return acc_g[...], acc_u[...]
+
+                flush(*pl.run_scoped(accumulate, plgpu.ACC((bn, mp), jnp.float32),
+                                     plgpu.ACC((bn, mp), jnp.float32)), 0)
             if pdl:
                 plgpu.griddepcontrol_launch_dependents()
             plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.exit_read_only)

@@ -90,6 +90,8 @@ DECODE_SMEM_PER_CTA = 100 * 1024   # the persistent kernel's TMA ring: two CTAs 
 DECODE_STORE_MN = True    # the persistent kernel's ``store_mn`` (off: the A/B in benchmarks/step_floor.py)
 DECODE_PDL = False        # the persistent kernel's ``pdl`` (on: step_floor --ab quant-pdl)
 DECODE_EXIT_READ_ONLY = False   # its ``exit_read_only`` (on: step_floor --ab quant-exit-ro)
+GATED_PAIRED_WAIT = False   # ``gated``'s ``paired_wait`` (on: step_floor --ab gated-paired-wait)
+GATED_ASYNC = False   # ``gated``'s ``async_acc`` in 128-column tiles (on: step_floor --ab gated-async)
 DECODE_BLOCK_K: int | None = None   # its K tile (None: the rule in ``kernel_config``; A/Bs
 #                                     step_floor --ab quant-bk128, quant-bk256)
 DECODE_MAX_STAGES = 4     # its deepest ring (8: step_floor --ab quant-stages8)
@@ -321,7 +323,13 @@ def silu_gate_config(m: int, n2: int, k: int, sms: int | None = None) -> DecodeC
     bk, stages = _decode_ring(mp, k, 2 * bn)
     per = -(-units // (2 * sms))
     cfg = DecodeConfig(block_n=bn, block_k=bk, stages=stages, per_cta=per, pdl=DECODE_PDL,
-                       exit_read_only=DECODE_EXIT_READ_ONLY)
+                       exit_read_only=DECODE_EXIT_READ_ONLY, paired_wait=GATED_PAIRED_WAIT)
+    if GATED_ASYNC and per == 1:   # a step left in flight holds its slot: 128-column steps keep the
+        #                            ring 3 steps ahead in the same SMEM (4 stages, delay_release 1)
+        bk = 128
+        cfg = dataclasses.replace(cfg, block_k=bk, async_acc=True,
+                                  stages=max(3, min(DECODE_MAX_STAGES,
+                                                    DECODE_SMEM_PER_CTA // ((2 * bn + 2 * mp) * bk))))
     return cfg if gated.supports(mp, n2, k, cfg) else None
 
 

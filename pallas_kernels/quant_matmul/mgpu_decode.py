@@ -95,6 +95,11 @@ class DecodeConfig:
     #                            kernel may start before the one ahead of it ends; it waits for
     #                            that kernel's results before its first load and lets the kernel
     #                            after it start once its pipeline is done
+    paired_wait: bool = False  # ``gated`` only: a step's gate and up products both issued before
+    #                            one wait (else each product waits for its own wgmma)
+    async_acc: bool = False    # ``gated`` only, one unit per CTA: both accumulators live across
+    #                            the steps and each step leaves its wgmmas in flight (a ring slot
+    #                            is released a step later)
 
     def ctas(self, n: int) -> int:
         """The grid for N output channels."""
@@ -178,12 +183,13 @@ def a_tile(block_n: int, block_k: int, a_dtype: jnp.dtype) -> plgpu.SMEM:
     return plgpu.SMEM((block_n, chunk), a_dtype, transforms=smem_transforms(a_dtype, chunk))
 
 
-def tile_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None) -> jax.Array:
-    """One pipeline step's product inside a kernel: w_smem [bn, bk] (8-bit; or fp8 beside an fp8
-    x for w8a8) @ x_smem [Mp, bk]^T into the fresh wgmma accumulator ``acc_ref`` [bn, Mp] ->
-    its value (float32). w8a16: the weight tile is dequantized to x's dtype in registers and
+def issue_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None, pending: bool = False) -> None:
+    """Issue one pipeline step's product inside a kernel, without waiting for it: w_smem [bn, bk]
+    (8-bit; or fp8 beside an fp8 x for w8a8) @ x_smem [Mp, bk]^T into the fresh wgmma accumulator
+    ``acc_ref`` [bn, Mp]. w8a16: the weight tile is dequantized to x's dtype in registers and
     feeds wgmma from there, or through ``a_smem`` (``a_tile``) when given; a long tile (bk 256-
-    1024) goes in 128-column chunks (registers hold one)."""
+    1024) goes in 128-column chunks (registers hold one). ``pending``: a wgmma issued before
+    this call may still read ``a_smem`` (it is waited for before the tile overwrites it)."""
     bk = w_smem.shape[1]
     chunk = min(bk, 128)
     w_dtype, a_dtype = jnp.dtype(w_smem.dtype), jnp.dtype(x_smem.dtype)
@@ -197,12 +203,17 @@ def tile_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None) -> jax
                 w_reg = w_reg.astype(jnp.float32)   # Hopper converts e4m3 only to f16/f32
             a = w_reg.astype(a_dtype)
             if a_smem is not None:
-                if j:   # the previous chunk's wgmma may still read the A tile
+                if j or pending:   # an earlier chunk's wgmma may still read the A tile
                     plgpu.wgmma_wait(0)
                 a_smem[...] = a
                 plgpu.commit_smem()
                 a = a_smem
         plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].transpose((1, 0)))
+
+
+def tile_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None) -> jax.Array:
+    """``issue_product``, then its value (float32 [bn, Mp]: reading the accumulator waits)."""
+    issue_product(acc_ref, w_smem, x_smem, fp8=fp8, a_smem=a_smem)
     return acc_ref[...]
 
 
