@@ -2,12 +2,11 @@
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-38 removed the ones they ran; vmm stays as the record of its arms).
+# history (sessions 7-41 removed the ones they ran; vmm stays as the record of its arms).
 # Order: kq (issue 13: fp8 KV at 8k against bf16, device-fed, with RoPE and the quantizing write
-# in one kernel), qga (issue 13: two A/Bs of the gate epilogue kernel's body), qkg (session 41
-# ran it: kept for a later H200 peer), qk (the ring's remaining arms: bk256), ae (the
-# engine's own bf16 decode executable slower than a recompile of it), qs (issue
-# 13: the ring and kernel variants at the 8B's qkv and o shapes), qe (issue 13: the decode kernel
+# in one kernel), qga and qgs (issue 13: two A/Bs of the gate epilogue kernel's body, in the step
+# and on the device clock), qk (the ring's last arm, bk256, with the bf16 peer), ae (the
+# engine's own bf16 decode executable slower than a recompile of it), qe (issue 13: the decode kernel
 # configs' GPU tests), lt (issue 12: where the speculating step's launch goes), b2, o, u, w, f,
 # m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider code-draft:
 # session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb, d, s, sk, c.
@@ -73,49 +72,30 @@ qga)
   # "Session 41"): the per-CTA step bounds it. Two A/Bs of its body (gated.py): one wait for both
   # tiles' wgmmas (paired_wait), and accumulators across the steps with each step's wgmmas in
   # flight (async_acc, 128-column steps, 4 stages). GPU tests first (their correctness on the
-  # device), the step (bf16 arm-free: the int8 ratio comes from case qkg's 4.467), then the kernel
-  # on the device clock. Prediction: paired -0.5 to -1.5 us per layer (-0.02 to -0.05 ms per step),
-  # async -2 to -5 us per layer (-0.06 to -0.16 ms) if the wait is what each step pays for.
+  # device), then the step with the bf16 peer in the same call. Prediction: paired -0.5 to -1.5 us
+  # per layer (-0.02 to -0.05 ms per step), async -2 to -5 us per layer (-0.06 to -0.16 ms) if
+  # the wait is what each step pays for. (qgs: the kernel alone on the device clock.)
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py -k silu_gate \
     > "$OUT/qga_tests.txt" 2>&1
   tail -3 "$OUT/qga_tests.txt"
-  timeout 260 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head --ab gated-paired-wait,gated-async > "$OUT/qga_step.txt" 2>&1
+  timeout 420 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization none,int8+lm_head --ab gated-paired-wait,gated-async > "$OUT/qga_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qga_step.txt"
-  timeout 150 python3 benchmarks/decode_stream.py --shape 28672x4096 --ms 16,1 --layouts "" --rounds 1 \
-    --kernels gated --iters 20 --trace-dir /tmp/qga_gated > "$OUT/qga_gated.txt" 2>&1
-  grep "^|\|^int8\|rror" "$OUT/qga_gated.txt" | head -20
   ;;
-qkg)
-  # Session 40 ran the int8 half on an H100 (qki below; RESULTS.md "Session 40"): the gate
-  # epilogue won (3.938 -> 3.813 ms, now on) and the 128-column ring lost (+1.6%), against the
-  # H200 device-clock rings of session 38 (88% against 78% of the read). Owed on an H200: the
-  # bf16 peer with one no-op recompiled arm, then the int8 + lm_head step (the gate on) with the
-  # ring and without the gate. Prediction: bk128 -0.05 to -0.15 ms on the H200 (its read ceiling
-  # is 1.4x the H100's, so the ring's depth matters more), silu-gate-off +0.1 ms.
-  # (qki: the int8 half alone, for a budget of under ~500 s: it decides the switches.)
-  timeout 180 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --ab rope-write-dense-off > "$OUT/qkg_bf16.txt" 2>&1
-  grep "^##\|^| A\|rror" "$OUT/qkg_bf16.txt"
-  ;&
-qki)
-  timeout 320 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head --ab quant-bk128,silu-gate-off,quant-bk128/quant-stages8 \
-    > "$OUT/qkg_int8.txt" 2>&1
-  grep "^##\|^| A\|rror" "$OUT/qkg_int8.txt"
+qgs)
+  # qga's variants on the device clock beside the default gate epilogue and the split-K kernel +
+  # XLA's gate (decode_stream.py's gated rows), M = 16 and 1.
+  timeout 200 python3 benchmarks/decode_stream.py --shape 28672x4096 --ms 16,1 --layouts "" --rounds 1 \
+    --kernels gated --iters 20 --trace-dir /tmp/qgs > "$OUT/qgs.txt" 2>&1
+  grep "^|\|^int8\|rror" "$OUT/qgs.txt" | head -20
   ;;
 qk)
-  # Issue 13's two open targets (batch 1 at 1.6x bf16, the kernel at >= 85% of the read at M <=
-  # 16). Session 38's device clock (RESULTS_v2_sessions_36-38.md): the kernel reads what its own ring reads (64 x
-  # 512 int8 tiles, 2 stages: gate/up 78%, down 68%), and a ring of 64 x 128 tiles, 4 stages
-  # reads 10-12 points more (88%, 80%). The step with the kernel's K tile at 128 (4 or 8
-  # stages) and 256 columns. Prediction: gate/up 33.1 -> ~30 us, down 18.1 -> ~16.5, the 8B's
-  # int8 + lm_head step 3.165 -> ~2.98 ms (1.5x bf16's 4.466).
-  # (bf16 first: the peer of the ratio in the same call, where the quant arms are no-op
-  # recompiles; rope-write-dense-off is a no-op recompile of the int8 + lm_head step.)
+  # Issue 13's batch 1 at 1.6x bf16: session 41 measured 1.44x on the H200 (qkg: bf16 4.467,
+  # int8 + lm_head 3.108 ms) and refuted the 128-column ring there (+7.8%; the H100 +1.6%). The
+  # ring's last arm: 256-column tiles (3 stages at 16 tokens). Prediction: +1-3% (between the
+  # 512-column default and the 128-column loss). bf16 first: the ratio's peer in the same call.
   timeout 450 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization none,int8+lm_head \
-    --ab rope-write-dense-off,quant-bk128,quant-bk128/quant-stages8,quant-bk256 > "$OUT/qk_step.txt" 2>&1
+    --quantization none,int8+lm_head --ab rope-write-dense-off,quant-bk256 > "$OUT/qk_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qk_step.txt"
   ;;
 kq)
@@ -146,27 +126,6 @@ ae)
       --compile-threads $threads --ab rope-write-off > "$OUT/ae_$threads.txt" 2>&1
     echo "compile threads $threads"; grep "^| A \|^| A + \|rror" "$OUT/ae_$threads.txt" | cut -c1-120
   done
-  ;;
-qs)
-  # Issue 13's >= 85% of the HBM read at M <= 16. Session 38 timed the rings and the default
-  # kernel at down and gate/up on the device clock (RESULTS.md: the kernel reads what its own
-  # 64 x 512, 2-stage ring reads; 64 x 128 at 4 stages reads 10-12 points more). Here the qkv and
-  # o shapes, the bare ring beside every kernel variant (splits, 128-row tiles, deep rings), M =
-  # 16 then 1, each section printed as it is timed, and the issue's own shape (one 4096 x 14336
-  # projection: x [M, 4096] @ W [4096, 14336], the weight [14336, 4096] here). Prediction: at qkv
-  # and o a short call's ramp and tail (two to four steps per CTA) hold even the best ring under
-  # ~65%; at 14336 x 4096 the 64 x 128 kernel at 4 stages within ~3 points of its ring (~85%).
-  for sh in 14336x4096 4096x4096 6144x4096; do
-    timeout 140 python3 benchmarks/decode_stream.py --shape $sh --ms 16,1 --layouts rows --rounds 1 \
-      --kernels mosaic --iters 20 --trace-dir /tmp/qs_$sh > "$OUT/qs_$sh.txt" 2>&1
-    grep "^|\|^int8\|rror" "$OUT/qs_$sh.txt" | head -40
-  done
-  # Session 39's gated gate/up kernel (gated.py) on the device clock against the decode kernel +
-  # XLA's SiLU gate (both kernels' time in the latter's "all kernels" column). Prediction: the
-  # gated kernel at or under the decode kernel's 33 us at M = 16, the pair's total ~3-5 us more.
-  timeout 110 python3 benchmarks/decode_stream.py --shape 28672x4096 --ms 16,1 --layouts "" --rounds 1 \
-    --kernels gated --iters 20 --trace-dir /tmp/qs_gated > "$OUT/qs_gated.txt" 2>&1
-  grep "^|\|^int8\|rror" "$OUT/qs_gated.txt" | head -20
   ;;
 qe)
   # The GPU tests of the decode kernel's configs (session 37 timed the step's A/B quant-exit-ro:
