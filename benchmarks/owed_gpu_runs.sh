@@ -69,17 +69,20 @@ case "${1:-}" in
 qga)
   # Session 41 (no device after its first calls): the gate epilogue's kernel reads 72% of the
   # ceiling on 224 CTAs, and 25% slower on 112 CTAs with the same bytes in flight (qs, RESULTS.md
-  # "Session 41"): the per-CTA step bounds it. Two A/Bs of its body (gated.py): one wait for both
-  # tiles' wgmmas (paired_wait), and accumulators across the steps with each step's wgmmas in
-  # flight (async_acc, 128-column steps, 4 stages). GPU tests first (their correctness on the
-  # device), then the step with the bf16 peer in the same call. Prediction: paired -0.5 to -1.5 us
-  # per layer (-0.02 to -0.05 ms per step), async -2 to -5 us per layer (-0.06 to -0.16 ms) if
-  # the wait is what each step pays for. (qgs: the kernel alone on the device clock.)
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py -k silu_gate \
-    > "$OUT/qga_tests.txt" 2>&1
+  # "Session 41"): the per-CTA step bounds it. A/Bs of the step body: one wait for both tiles'
+  # wgmmas (gated-paired-wait), and the accumulators across the steps with each step's wgmmas in
+  # flight, in the gate epilogue (gated-async: 128-column steps, 4 stages) and in the decode
+  # kernel of qkv / o / down (quant-async: 256-column steps, 4 stages). GPU tests first (their
+  # correctness on the device), then the step with the bf16 peer in the same call. Prediction:
+  # paired -0.02 to -0.05 ms per step; gated-async -0.06 to -0.16 ms; quant-async -0.05 to
+  # -0.15 ms (down's 19 us at 71% of the read), both if the wait is what each step pays for;
+  # both asyncs together the sum. (qgs: the gate epilogue alone on the device clock.)
+  timeout 170 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
+    -k "silu_gate or persistent" > "$OUT/qga_tests.txt" 2>&1
   tail -3 "$OUT/qga_tests.txt"
   timeout 420 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization none,int8+lm_head --ab gated-paired-wait,gated-async > "$OUT/qga_step.txt" 2>&1
+    --quantization none,int8+lm_head --ab gated-paired-wait,gated-async,quant-async,gated-async/quant-async \
+    > "$OUT/qga_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qga_step.txt"
   ;;
 qgs)

@@ -189,6 +189,9 @@ MODULE_PATCHES = {
     # the gate epilogue's accumulators live across its steps, a step's wgmmas left in flight (its
     # slot released a step later) in 128-column steps, 4 stages (gated.py's async_acc)
     "gated-async": ("pallas_kernels.quant_matmul.mgpu", "GATED_ASYNC", True),
+    # the persistent decode kernel's accumulator across its steps, a step's wgmmas left in flight
+    # (its ring in 256-column steps at 16 tokens, 4 deep: mgpu_decode's async_acc)
+    "quant-async": ("pallas_kernels.quant_matmul.mgpu", "DECODE_ASYNC", True),
     # an int8 / fp8 pool's RoPE and quantizing K/V write in one Triton kernel (gpu_rope_quant.py)
     "rope-write-quant-on": ("pallas_kernels.kv_write.api", "ROPE_WRITE_QUANT_ON_GPU", True),
 }
@@ -357,10 +360,7 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="folder for a profiler trace of 20 steps of A")
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
-                    "attn-fused-combine, quant-xla, quant-pdl, quant-exit-ro, quant-out-t, "
-                    "quant-residual-norm-off, rope-write-off, rope-write-dense-off, silu-gate-off, "
-                    "gated-paired-wait, gated-async, rope-write-quant-on, quant-bk128, quant-bk256, "
-                    "quant-stages8, quant-bn128, xla:OPTION=VALUE")
+                    "attn-fused-combine, xla:OPTION=VALUE, " + ", ".join(MODULE_PATCHES))
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,

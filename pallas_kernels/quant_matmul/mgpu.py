@@ -92,6 +92,7 @@ DECODE_PDL = False        # the persistent kernel's ``pdl`` (on: step_floor --ab
 DECODE_EXIT_READ_ONLY = False   # its ``exit_read_only`` (on: step_floor --ab quant-exit-ro)
 GATED_PAIRED_WAIT = False   # ``gated``'s ``paired_wait`` (on: step_floor --ab gated-paired-wait)
 GATED_ASYNC = False   # ``gated``'s ``async_acc`` in 128-column tiles (on: step_floor --ab gated-async)
+DECODE_ASYNC = False   # the persistent kernel's ``async_acc`` (on: step_floor --ab quant-async)
 DECODE_BLOCK_K: int | None = None   # its K tile (None: the rule in ``kernel_config``; A/Bs
 #                                     step_floor --ab quant-bk128, quant-bk256)
 DECODE_MAX_STAGES = 4     # its deepest ring (8: step_floor --ab quant-stages8)
@@ -114,20 +115,23 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
     kernel reads at: the step A/B ``DECODE_BLOCK_K`` is owed, benchmarks/owed_gpu_runs.sh qk.)"""
     mp, bn = padded_tokens(m), DECODE_BLOCK_N
     if mp <= 64 and n % bn == 0 and k % 128 == 0:
-        bk, stages = _decode_ring(mp, k, bn)
+        bk, stages = _decode_ring(mp, k, bn, ahead=3 if DECODE_ASYNC else 2)
         dec = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages,
                                         store_mn=DECODE_STORE_MN)
+        dec = dataclasses.replace(dec, pdl=DECODE_PDL, exit_read_only=DECODE_EXIT_READ_ONLY,
+                                  async_acc=DECODE_ASYNC)
         if mgpu_decode.supports(mp, n, k, dec):
-            return dataclasses.replace(dec, pdl=DECODE_PDL, exit_read_only=DECODE_EXIT_READ_ONLY)
+            return dec
     return default_config(m, n, k)
 
 
-def _decode_ring(mp: int, k: int, rows: int) -> tuple[int, int]:
+def _decode_ring(mp: int, k: int, rows: int, ahead: int = 2) -> tuple[int, int]:
     """The persistent kernels' K tile and ring depth for ``rows`` weight rows per step (int8) and
-    an x tile of Mp tokens (``kernel_config``'s rule; ``DECODE_BLOCK_K`` overrides the tile)."""
+    an x tile of Mp tokens (``kernel_config``'s rule; ``DECODE_BLOCK_K`` overrides the tile): the
+    longest tile of which ``ahead`` steps fit (3 for ``async_acc``, whose slots free a step late)."""
     row_bytes = rows + 2 * mp   # SMEM of one ring step per K column: the weight tile(s) and x's
     bk = next((b for b in ((512, 256, 128) if mp <= 16 else (256, 128))
-               if k % b == 0 and 2 * row_bytes * b <= DECODE_SMEM_PER_CTA), 128)
+               if k % b == 0 and ahead * row_bytes * b <= DECODE_SMEM_PER_CTA), 128)
     if DECODE_BLOCK_K is not None and k % DECODE_BLOCK_K == 0:
         bk = DECODE_BLOCK_K
     return bk, max(2, min(DECODE_MAX_STAGES, DECODE_SMEM_PER_CTA // (row_bytes * bk)))

@@ -57,6 +57,16 @@ the store has landed in memory; the grid's completion still orders the stores be
 kernel (JAX's own Hopper matmul, ``hopper_matmul_mgpu``, exits this way). Every call then ends
 without the last store's write latency.
 
+``async_acc`` (an A/B config, ``mgpu.DECODE_ASYNC``): one wgmma accumulator for the CTA's
+whole pipeline. A step issues its wgmmas and waits only for the step before's (its own stay in
+flight while the next tile is converted); the ring releases a slot a step after its step
+(``delay_release``), so the ring needs 3+ stages to stay ahead; a unit's last step waits for
+all and flushes the running sum less its value when the unit began (a register carry: the
+accumulator cannot be zeroed in place under the interpreter; float32 sums of at most ``per_cta``
+units lose nothing a bf16 output keeps). Without it every step waits for its own product and
+adds it to a register carry. (Session 41: the per-CTA step bounds the read, see
+``gated.py``.)
+
 ``x_resident`` (an A/B config, not the default until measured): units in part-major order
 (tile g % tiles, part g // tiles), so a CTA's units span at most two K parts (per_cta <= tiles);
 their x slices, [2, steps, Mp, block_k], are loaded into SMEM before the pipeline (one TMA tile
@@ -97,9 +107,9 @@ class DecodeConfig:
     #                            after it start once its pipeline is done
     paired_wait: bool = False  # ``gated`` only: a step's gate and up products both issued before
     #                            one wait (else each product waits for its own wgmma)
-    async_acc: bool = False    # ``gated`` only, one unit per CTA: both accumulators live across
-    #                            the steps and each step leaves its wgmmas in flight (a ring slot
-    #                            is released a step later)
+    async_acc: bool = False    # the wgmma accumulator(s) live across the steps and each step
+    #                            leaves its wgmmas in flight, its ring slot released a step later
+    #                            (module docstring; ``gated``: one unit per CTA)
 
     def ctas(self, n: int) -> int:
         """The grid for N output channels."""
@@ -152,8 +162,9 @@ def supports(mp: int, n: int, k: int, config: DecodeConfig) -> bool:
     tiles = (mp <= 64 and mp % 8 == 0 and n % config.block_n == 0 and config.block_n % 64 == 0
              and k % (config.block_k * config.split_k) == 0 and config.per_cta > 0
              and (config.block_k <= 128 or config.block_k % 128 == 0))
-    return tiles and (not config.x_resident or (config.per_cta <= n // config.block_n
-                                                and x_resident_bytes(mp, k, config) <= X_RESIDENT_BYTES))
+    return (tiles and (not config.async_acc or (config.stages >= 2 and not config.x_resident))
+            and (not config.x_resident or (config.per_cta <= n // config.block_n
+                                           and x_resident_bytes(mp, k, config) <= X_RESIDENT_BYTES)))
 
 
 def smem_transforms(dtype: jnp.dtype, cols: int) -> tuple:
@@ -285,6 +296,18 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                 for j in range(2 * steps):
                     plgpu.barrier_wait(x_bar.at[j])
 
+            def flush(value, i):   # the [bn, Mp] sum of step i's unit -> its partial's tile
+                tile, part = unit(c, i)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous flush read o_smem
+                if cfg.store_mn:   # [bn, Mp] registers -> the [Mp, bn] tile, transposed
+                    o_smem.transpose((1, 0))[...] = plgpu.layout_cast(value, plgpu.Layout.WGMMA_TRANSPOSED)
+                    dst = o_gmem.at[pl.ds(part * mp, mp), pl.ds(tile * bn, bn)]
+                else:
+                    o_smem[...] = value
+                    dst = o_gmem.at[pl.ds(part * n + tile * bn, bn), :]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, dst)
+
             def body(idx, w_smem, *rest):
                 i = idx[0]
                 if resident:
@@ -298,33 +321,49 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                     lambda acc: tile_product(acc, w_smem, x_smem, fp8=fp8, a_smem=a),
                     plgpu.ACC((bn, mp), jnp.float32))
                 last = lax.rem(i, steps) == steps - 1
-
-                @pl.when(last)
-                def _flush():
-                    tile, part = unit(c, i)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous flush read o_smem
-                    if cfg.store_mn:   # [bn, Mp] registers -> the [Mp, bn] tile, transposed
-                        t_regs = plgpu.layout_cast(carry, plgpu.Layout.WGMMA_TRANSPOSED)
-                        o_smem.transpose((1, 0))[...] = t_regs
-                        dst = o_gmem.at[pl.ds(part * mp, mp), pl.ds(tile * bn, bn)]
-                    else:
-                        o_smem[...] = carry
-                        dst = o_gmem.at[pl.ds(part * n + tile * bn, bn), :]
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem, dst)
-
+                pl.when(last)(lambda: flush(carry, i))
                 return lax.cond(last, lambda c: zero(), lambda c: c, carry)
+
+            def async_body(idx, w_smem, x_smem, before, acc):   # async_acc: acc lives across the
+                #   steps and sums every unit so far; ``before``: its value when this unit began
+                i = idx[0]
+                issue_product(acc, w_smem, x_smem, fp8=fp8, a_smem=a_smem[0] if via_smem else None,
+                              pending=True)
+
+                def unit_done(before):   # the running sum (waits for every wgmma) less the units
+                    total = acc[...]     # before this one: the unit's own sum
+                    flush(total - before, i)
+                    return total
+
+                def step_done(before):   # this step's wgmmas stay in flight; the step before's are done
+                    plgpu.wgmma_wait(bk // min(bk, 128))
+                    return before
+
+                return lax.cond(lax.rem(i, steps) == steps - 1, unit_done, step_done, before)
 
             # The last CTA may own fewer units (a dynamic pipeline length).
             count = per_cta if units % per_cta == 0 else jnp.minimum(per_cta, units - c * per_cta)
-            w_spec = plgpu.BlockSpec((bn, bk), w_block, transforms=smem_transforms(w.dtype, bk))
-            x_spec = plgpu.BlockSpec((mp, bk), x_block, transforms=smem_transforms(a_dtype, bk))
-            plgpu.emit_pipeline(
-                body, grid=(count * steps,),
-                in_specs=[w_spec] if resident else [w_spec, x_spec],
-                max_concurrent_steps=cfg.stages,
-                init_carry=zero(),
-            )(*((w_gmem,) if resident else (w_gmem, x_gmem)))
+            release = 1 if cfg.async_acc else 0   # async: a step's slot is refilled a step later
+            w_spec = plgpu.BlockSpec((bn, bk), w_block, transforms=smem_transforms(w.dtype, bk),
+                                     delay_release=release)
+            x_spec = plgpu.BlockSpec((mp, bk), x_block, transforms=smem_transforms(a_dtype, bk),
+                                     delay_release=release)
+            if cfg.async_acc:
+                def accumulate(acc):
+                    plgpu.emit_pipeline(
+                        lambda idx, w_smem, x_smem, before: async_body(idx, w_smem, x_smem, before, acc),
+                        grid=(count * steps,), in_specs=[w_spec, x_spec], max_concurrent_steps=cfg.stages,
+                        init_carry=zero(),
+                    )(w_gmem, x_gmem)
+
+                pl.run_scoped(accumulate, plgpu.ACC((bn, mp), jnp.float32))
+            else:
+                plgpu.emit_pipeline(
+                    body, grid=(count * steps,),
+                    in_specs=[w_spec] if resident else [w_spec, x_spec],
+                    max_concurrent_steps=cfg.stages,
+                    init_carry=zero(),
+                )(*((w_gmem,) if resident else (w_gmem, x_gmem)))
             if pdl:   # the next kernel may launch (it waits for this one's stores itself)
                 plgpu.griddepcontrol_launch_dependents()
             plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.exit_read_only)

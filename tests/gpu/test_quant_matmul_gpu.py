@@ -77,12 +77,16 @@ def test_mgpu_configs(cfg):
                                  DecodeConfig(64, 256, 3, split_k=4, per_cta=7, x_resident=True,
                                               store_mn=True),
                                  DecodeConfig(64, 512, 2, split_k=2, per_cta=3, store_mn=True,
-                                              exit_read_only=True)])
+                                              exit_read_only=True),
+                                 DecodeConfig(64, 256, 4, split_k=2, per_cta=3, store_mn=True,
+                                              async_acc=True),
+                                 DecodeConfig(64, 128, 3, per_cta=2, async_acc=True)])
 @pytest.mark.parametrize("mode", ["int8", "fp8", "w8a8"])
 def test_persistent_decode_configs(cfg, mode):
     """The persistent decode kernel (the default at M <= 64, the register-A form checked here
     and by test_mgpu_quant_matmul) at explicit configs, one of them with a shorter last CTA, one
-    with x resident in SMEM (80 units on 12 CTAs, some spanning two K parts)."""
+    with x resident in SMEM (80 units on 12 CTAs, some spanning two K parts), two with the
+    accumulator across the steps (``async_acc``)."""
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((5, 2048)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((1280, 2048)) * 0.02, jnp.float32)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels.quant_matmul import mgpu
+from pallas_kernels.quant_matmul import mgpu, mgpu_decode
 from pallas_kernels.quant_matmul import reference as ref
 from pallas_kernels.quant_matmul import tpu as qtpu
 from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig, decode_config
@@ -151,6 +151,13 @@ MGPU_CASES = {
     "store_mn_resident_fp8_m1": (1, 192, 1024, FP8, False,
                                  DecodeConfig(64, 256, 2, split_k=2, per_cta=2, x_resident=True,
                                               store_mn=True)),
+    # async_acc: one accumulator across the pipeline, zeroed after each unit's flush (ragged last
+    # CTA, several units per CTA, w8a8, both output layouts)
+    "async_int8_m5_ragged": (5, 448, 512, jnp.int8, False,
+                             DecodeConfig(64, 128, 3, split_k=2, per_cta=3, store_mn=True, async_acc=True)),
+    "async_w8a8_m16_bk256": (16, 128, 1024, FP8, True, DecodeConfig(64, 256, 4, split_k=2, per_cta=2,
+                                                                    async_acc=True)),
+    "async_fp8_m1_out_t": (1, 192, 256, FP8, False, DecodeConfig(64, 128, 2, per_cta=2, async_acc=True)),
 }
 
 
@@ -350,6 +357,24 @@ def test_persistent_kernel_exiting_after_the_stores_read(monkeypatch):
     assert not mgpu.kernel_config(16, 6144, 4096).exit_read_only
     monkeypatch.setattr(mgpu, "DECODE_EXIT_READ_ONLY", True)
     assert mgpu.kernel_config(16, 6144, 4096).exit_read_only
+
+
+def test_persistent_kernel_async_accumulator(monkeypatch):
+    """``DECODE_ASYNC`` (the A/B quant-async) puts ``async_acc`` into the decode configs with a
+    ring at least 3 steps deep (slots free a step late: 256-column tiles at 16 tokens, 4 stages),
+    which the GPU lowering accepts at the 8B's shapes; it needs 2+ stages and x streamed."""
+    monkeypatch.setattr(mgpu, "DECODE_ASYNC", True)
+    for n, k in ((6144, 4096), (4096, 14336)):
+        cfg = mgpu.kernel_config(16, n, k)
+        assert cfg.async_acc and (cfg.block_k, cfg.stages) == (256, 4)
+        assert 3 * (64 + 2 * 16) * cfg.block_k <= mgpu.DECODE_SMEM_PER_CTA
+        x = jax.ShapeDtypeStruct((16, k), jnp.bfloat16)
+        w = jax.ShapeDtypeStruct((n, k), jnp.int8)
+        fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s))
+        text = fn.trace(x, w, jax.ShapeDtypeStruct((n,), jnp.float32)).lower(lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in text.as_text()
+    assert not mgpu_decode.supports(16, 128, 512, DecodeConfig(64, 128, 1, async_acc=True))
+    assert not mgpu_decode.supports(16, 128, 512, DecodeConfig(64, 128, 3, async_acc=True, x_resident=True))
 
 
 def test_decode_units_of_128_rows(monkeypatch):
