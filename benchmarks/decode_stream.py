@@ -287,6 +287,8 @@ def main() -> None:
                                                 ctas_per_sm=per_sm, store_mn=default.store_mn)
                 if mgpu_decode.supports(mgpu.padded_tokens(m), n, k, cfg):
                     cfgs.append(cfg)
+                    if stages >= 3 and per_sm == 2:   # session 41's accumulator across the steps
+                        cfgs.append(dataclasses.replace(cfg, async_acc=True))
             cfgs += deep_rings(m, n, k, default.store_mn, sms)
         for cfg in [c for _ in range(ns.kernel_rounds) for c in cfgs]:   # (rounds in turn)
             q, s = copies[0]
@@ -301,7 +303,7 @@ def main() -> None:
             tag = "default" if cfg == default else "variant"
             add(f"kernel M={m} ({tag}, rel err {err:.1e})",
                 f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, "
-                f"{cfg.ctas(n)} CTAs", us)
+                f"{cfg.ctas(n)} CTAs" + ", async" * cfg.async_acc, us)
         if "gated" in kernels:
             gated_rows(x, copies, clock, add, ns.iters, ns.reps)
         section()

@@ -86,11 +86,15 @@ qga)
   grep "^##\|^| A\|rror" "$OUT/qga_step.txt"
   ;;
 qgs)
-  # qga's variants on the device clock beside the default gate epilogue and the split-K kernel +
-  # XLA's gate (decode_stream.py's gated rows), M = 16 and 1.
+  # qga's variants on the device clock: the gate epilogue's beside its default and the split-K
+  # kernel + XLA's gate (decode_stream.py's gated rows), and the decode kernel's async rows at
+  # down's weight [4096, 14336] beside its other configs, M = 16 and 1.
   timeout 200 python3 benchmarks/decode_stream.py --shape 28672x4096 --ms 16,1 --layouts "" --rounds 1 \
     --kernels gated --iters 20 --trace-dir /tmp/qgs > "$OUT/qgs.txt" 2>&1
   grep "^|\|^int8\|rror" "$OUT/qgs.txt" | head -20
+  timeout 200 python3 benchmarks/decode_stream.py --shape 4096x14336 --ms 16,1 --layouts "" --rounds 1 \
+    --kernels mosaic --iters 20 --trace-dir /tmp/qgs_down > "$OUT/qgs_down.txt" 2>&1
+  grep "^|\|^int8\|rror" "$OUT/qgs_down.txt" | head -40
   ;;
 qk)
   # Issue 13's batch 1 at 1.6x bf16: session 41 measured 1.44x on the H200 (qkg: bf16 4.467,
