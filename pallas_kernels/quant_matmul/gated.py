@@ -34,6 +34,11 @@ tile's wgmma; without it each product waits for its own. Session 41 (H200, devic
 kernel reads 72% of the ceiling on 224 CTAs, and the same tiles on 112 CTAs in a ring twice as
 deep (the same bytes in flight) ran 25% slower, so the time each CTA spends per step, not the
 bytes it has in flight, bounds the read.
+
+``async_acc`` (an A/B config, ``mgpu.GATED_ASYNC``; one unit per CTA, as the 8B's 224 units on
+264 CTA slots): both accumulators live across the whole pipeline and a step waits only for the
+step before's wgmmas, its own staying in flight while the next tiles are converted; the ring
+releases a slot a step late (``delay_release``), hence 128-column steps 4 deep in the same SMEM.
 """
 
 from __future__ import annotations
