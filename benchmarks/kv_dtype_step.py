@@ -5,7 +5,7 @@ For each ``--kv-dtypes`` entry, in one process: build the engine (random weights
 memory share), fill ``--batch`` sequences to ``--context`` tokens (random prompts, chunked
 prefill), then time ``--steps`` greedy decode steps of all of them (``LLMEngine.step``, the
 overlapped loop; the median of 4 runs of the steps), and the engine's own compiled decode step
-called back to back on the input of its last real step (device-fed: each call's tokens feed the
+called back to back on the input of one real decode step (device-fed: each call's tokens feed the
 next, no host sync; the median of 4 runs), which the host's scheduling and packing cannot blur
 (session 41, H200: the engine column moved 2.4-3.8 ms between arms of one call, host-bound).
 Prints one table: pool pages, sequences of ``--context`` tokens that fit, ms per decode step
@@ -41,7 +41,8 @@ from jserve.step_program import StepVariant
 
 def device_fed(eng, steps: int) -> float:
     """Median ms per call of the engine's greedy decode step called back to back (``steps``
-    calls, 4 runs) on the packed input of its next real decode step, the pool, slot table and
+    calls, 4 runs) on the packed input of one real decode step (``LLMEngine.step``, recorded), the
+    pool, slot table and
     tokens threaded from call to call as the engine does; every call writes the same slots and
     reads the same context. The engine's state is put back after (its requests can finish)."""
     r = eng.runner

@@ -151,8 +151,8 @@ MGPU_CASES = {
     "store_mn_resident_fp8_m1": (1, 192, 1024, FP8, False,
                                  DecodeConfig(64, 256, 2, split_k=2, per_cta=2, x_resident=True,
                                               store_mn=True)),
-    # async_acc: one accumulator across the pipeline, zeroed after each unit's flush (ragged last
-    # CTA, several units per CTA, w8a8, both output layouts)
+    # async_acc: one accumulator across the pipeline, each unit's sum the running total less its
+    # value at the unit's start (ragged last CTA, several units per CTA, w8a8, both output layouts)
     "async_int8_m5_ragged": (5, 448, 512, jnp.int8, False,
                              DecodeConfig(64, 128, 3, split_k=2, per_cta=3, store_mn=True, async_acc=True)),
     "async_w8a8_m16_bk256": (16, 128, 1024, FP8, True, DecodeConfig(64, 256, 4, split_k=2, per_cta=2,
