@@ -41,10 +41,10 @@ from jserve.step_program import StepVariant
 
 def device_fed(eng, steps: int) -> float:
     """Median ms per call of the engine's greedy decode step called back to back (``steps``
-    calls, 4 runs) on the packed input of one real decode step (``LLMEngine.step``, recorded), the
-    pool, slot table and
-    tokens threaded from call to call as the engine does; every call writes the same slots and
-    reads the same context. The engine's state is put back after (its requests can finish)."""
+    calls, 4 runs) on the packed input of one real decode step (``LLMEngine.step``, recorded),
+    the pool, slot table and tokens threaded from call to call as the engine does; every call
+    writes the same slots and reads the same context. The engine's state is put back after (its
+    requests can finish)."""
     r = eng.runner
     originals, seen = dict(r._compiled), []
 
