@@ -4,7 +4,7 @@
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-41 removed the ones they ran; vmm stays as the record of its arms).
 # Order: kq (issue 13: fp8 KV at 8k against bf16, device-fed, with RoPE and the quantizing write
-# in one kernel), qga and qgs (issue 13: two A/Bs of the gate epilogue kernel's body, in the step
+# in one kernel; kqs its two pools alone for a short budget), qga and qgs (issue 13: two A/Bs of the gate epilogue kernel's body, in the step
 # and on the device clock), qk (the ring's last arm, bk256, with the bf16 peer), ae (the
 # engine's own bf16 decode executable slower than a recompile of it), qe (issue 13: the decode kernel
 # configs' GPU tests), lt (issue 12: where the speculating step's launch goes), b2, o, u, w, f,
@@ -120,6 +120,13 @@ kq)
   timeout 480 python3 benchmarks/kv_dtype_step.py --batch 64 --steps 64 \
     --kv-dtypes auto,fp8,fp8+rope-write-quant-on,auto > "$OUT/kq_step.txt" 2>&1
   grep "^|\|^##\|rror\|ms per decode step" "$OUT/kq_step.txt"
+  ;;
+kqs)
+  # kq's target alone for a budget of under ~400 s (session 41 lost its call to a reclaimed
+  # machine): fp8 then bf16, device-fed, ~85 s per pool.
+  timeout 270 python3 benchmarks/kv_dtype_step.py --batch 64 --steps 64 \
+    --kv-dtypes fp8,auto > "$OUT/kqs_step.txt" 2>&1
+  grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqs_step.txt"
   ;;
 ae)
   # Session 38: the engine's own bf16 decode executable ran up to 11% slower than the same
