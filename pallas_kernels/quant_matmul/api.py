@@ -40,8 +40,8 @@ RESIDUAL_NORM_ON_HOPPER = True
 W8A8_XLA_MIN_M: int | None = 128   # (module docstring)
 # The MLP's gate/up decode matmul with the SiLU gate in its epilogue, no split of K
 # (``mgpu.quant_matmul_silu_gate``, the ``gated`` kernel). H100 80GB, 2026-12-05, the 8B's int8 +
-# lm_head batch-1 step: 3.938 -> 3.813 ms, 337 -> 305 kernels (the A/B's other arm:
-# benchmarks/step_floor.py --ab silu-gate-off).
+# lm_head batch-1 step: 3.938 -> 3.813 ms, 337 -> 305 kernels; H200, session 41: 3.167 -> 3.108
+# ms (the A/B's other arm: benchmarks/step_floor.py --ab silu-gate-off).
 SILU_GATE_ON_HOPPER = True
 
 

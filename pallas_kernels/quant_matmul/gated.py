@@ -56,6 +56,7 @@ from pallas_kernels.quant_matmul.mgpu_decode import (
     persistent_kernel,
     smem_transforms,
     tile_product,
+    wgmmas_per_tile,
 )
 
 MAX_SCALE_BARRIERS = 16   # each of a CTA's units loads two scale rows (one barrier each)
@@ -161,7 +162,7 @@ def silu_gate_matmul(xp: jax.Array, w: jax.Array, w_scale: jax.Array, *, config:
                     a = a_smem[0] if via_smem else None
                     issue_product(acc_g, g_smem, x_smem, fp8=fp8, a_smem=a, pending=True)
                     issue_product(acc_u, u_smem, x_smem, fp8=fp8, a_smem=a, pending=True)
-                    plgpu.wgmma_wait(2 * (bk // min(bk, 128)))   # the step before's are done
+                    plgpu.wgmma_wait(2 * wgmmas_per_tile(bk))   # the step before's are done
 
                 def accumulate(acc_g, acc_u):
                     plgpu.emit_pipeline(

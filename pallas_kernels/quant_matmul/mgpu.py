@@ -328,12 +328,10 @@ def silu_gate_config(m: int, n2: int, k: int, sms: int | None = None) -> DecodeC
     per = -(-units // (2 * sms))
     cfg = DecodeConfig(block_n=bn, block_k=bk, stages=stages, per_cta=per, pdl=DECODE_PDL,
                        exit_read_only=DECODE_EXIT_READ_ONLY, paired_wait=GATED_PAIRED_WAIT)
-    if GATED_ASYNC and per == 1:   # a step left in flight holds its slot: 128-column steps keep the
-        #                            ring 3 steps ahead in the same SMEM (4 stages, delay_release 1)
-        bk = 128
-        cfg = dataclasses.replace(cfg, block_k=bk, async_acc=True,
-                                  stages=max(3, min(DECODE_MAX_STAGES,
-                                                    DECODE_SMEM_PER_CTA // ((2 * bn + 2 * mp) * bk))))
+    if GATED_ASYNC and per == 1:   # a step left in flight holds its slot: a ring 3 steps ahead
+        #                            (the 8B at 16 tokens: 128-column steps, 4 stages)
+        bk, stages = _decode_ring(mp, k, 2 * bn, ahead=3)
+        cfg = dataclasses.replace(cfg, block_k=bk, stages=stages, async_acc=True)
     return cfg if gated.supports(mp, n2, k, cfg) else None
 
 

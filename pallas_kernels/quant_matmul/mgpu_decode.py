@@ -194,6 +194,12 @@ def a_tile(block_n: int, block_k: int, a_dtype: jnp.dtype) -> plgpu.SMEM:
     return plgpu.SMEM((block_n, chunk), a_dtype, transforms=smem_transforms(a_dtype, chunk))
 
 
+def wgmmas_per_tile(block_k: int) -> int:
+    """wgmma groups ``issue_product`` issues for a weight tile of ``block_k`` columns (one per
+    128-column chunk): what a step may leave in flight per tile."""
+    return block_k // min(block_k, 128)
+
+
 def issue_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None, pending: bool = False) -> None:
     """Issue one pipeline step's product inside a kernel, without waiting for it: w_smem [bn, bk]
     (8-bit; or fp8 beside an fp8 x for w8a8) @ x_smem [Mp, bk]^T into the fresh wgmma accumulator
@@ -204,7 +210,7 @@ def issue_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None, pendi
     bk = w_smem.shape[1]
     chunk = min(bk, 128)
     w_dtype, a_dtype = jnp.dtype(w_smem.dtype), jnp.dtype(x_smem.dtype)
-    for j in range(bk // chunk):
+    for j in range(wgmmas_per_tile(bk)):
         cols = pl.ds(j * chunk, chunk)
         if w_dtype == a_dtype:
             a = w_smem.at[:, cols]
@@ -336,7 +342,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                     return total
 
                 def step_done(before):   # this step's wgmmas stay in flight; the step before's are done
-                    plgpu.wgmma_wait(bk // min(bk, 128))
+                    plgpu.wgmma_wait(wgmmas_per_tile(bk))
                     return before
 
                 return lax.cond(lax.rem(i, steps) == steps - 1, unit_done, step_done, before)
