@@ -123,9 +123,8 @@ def deep_rings(m: int, n: int, k: int, store_mn: bool, sms: int) -> list[mgpu_de
 def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
     """The MLP's gate/up as one kernel with its SiLU gate (``gated.py``: N = 2I, units of 64 gate
     and 64 up rows, K unsplit) at its default ring, at 128-column tiles with 4 stages, at 8
-    stages with two units per CTA (one CTA per SM: 112 on the 8B), and its ``paired_wait`` and
-    ``async_acc`` variants, beside the
-    default decode kernel followed by XLA's sum, scale and gate (the engine's path with
+    stages with two units per CTA (one CTA per SM: 112 on the 8B), and its ``paired_wait``
+    variant, beside the default decode kernel followed by XLA's sum, scale and gate (the engine's path with
     ``SILU_GATE_ON_HOPPER`` off; its row's "all kernels" column holds both kernels)."""
     m, k = x.shape
     n = copies[0][0].shape[0]
@@ -138,13 +137,10 @@ def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) ->
     unfused = lambda x, q, s: ref.silu_gate(mgpu.quant_matmul(x, q, s))  # noqa: E731
     add(f"decode kernel + XLA's SiLU gate, M={m}", "the default", clock(unfused, x, copies, iters, reps))
     # (the third: two units per CTA on one CTA per SM, the ring twice as deep; then session 41's
-    # A/Bs of the step's body: one wait for both tiles, and accumulators across the steps with
-    # each step's wgmmas left in flight, in 128-column steps 3 and 4 deep)
+    # A/B of the step's body: one wait for both tiles)
     for cfg in (default, dataclasses.replace(default, block_k=128, stages=4),
                 dataclasses.replace(default, block_k=128, stages=8, per_cta=2 * default.per_cta),
-                dataclasses.replace(default, paired_wait=True),
-                dataclasses.replace(default, block_k=128, stages=4, async_acc=True),
-                dataclasses.replace(default, block_k=128, stages=3, async_acc=True)):
+                dataclasses.replace(default, paired_wait=True)):
         fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul_silu_gate(x, q, s, config=cfg)  # noqa: E731
         try:
             err = rel(jnp.asarray(jax.jit(fn)(x, q, s), jnp.float32), jnp.asarray(want, jnp.float32))
@@ -154,7 +150,7 @@ def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) ->
             continue
         add(f"gated kernel M={m} ({'default' if cfg == default else 'variant'}, rel err {err:.1e})",
             f"2 x {cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, {-(-n // 128 // cfg.per_cta)} CTAs"
-            + ", paired wait" * cfg.paired_wait + ", async" * cfg.async_acc, us)
+            + ", paired wait" * cfg.paired_wait, us)
 
 
 def main() -> None:

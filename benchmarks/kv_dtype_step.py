@@ -28,18 +28,20 @@ import contextlib
 import gc
 import statistics
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from benchmarks.device_clock import read_trace
 from benchmarks.step_floor import patched
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import SamplingParams
 from jserve.step_program import StepVariant
 
 
-def device_fed(eng, steps: int) -> float:
+def device_fed(eng, steps: int, trace: str | None = None) -> float:
     """Median ms per call of the engine's greedy decode step called back to back (``steps``
     calls, 4 runs) on the packed input of one real decode step (``LLMEngine.step``, recorded),
     the pool, slot table and tokens threaded from call to call as the engine does; every call
@@ -72,24 +74,49 @@ def device_fed(eng, steps: int) -> float:
             kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, masks)
         jax.block_until_ready(tokens)
         runs.append((time.perf_counter() - t0) / steps * 1e3)
+    if trace:
+        jax.profiler.start_trace(trace, create_perfetto_trace=True)
+        try:
+            for _ in range(8):
+                kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, masks)
+            jax.block_until_ready(tokens)
+        finally:
+            jax.profiler.stop_trace()
+        print_kernels(read_trace(trace).kernels, 8)
     r.kv, r.slot_table, r._prev_tokens = kv, table, tokens
     return statistics.median(runs[1:])
 
 
+def print_kernels(kernels: list[tuple[float, float, str]], calls: int, top: int = 8) -> None:
+    """The heaviest kernels of ``calls`` device-fed steps: us and launches per step."""
+    us: dict[str, float] = defaultdict(float)
+    n: dict[str, int] = defaultdict(int)
+    for _, dur, name in kernels:
+        us[name[:60]] += dur
+        n[name[:60]] += 1
+    print(f"    device clock: {sum(us.values()) / calls:.1f} us of kernels per step")
+    for name, t in sorted(us.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    | {name} | {t / calls:.1f} us | {n[name] / calls:.1f} launches |")
+
+
 def one(model: str, kv: str, context: int, batch: int, steps: int,
-        dump: str | None = None) -> tuple[int, float, float, int]:
+        dump: str | None = None, trace: str | None = None) -> tuple[int, float, float, int]:
     """-> (pool pages, median ms per decode step of the engine, the same device-fed
     (``device_fed``), page size) for one KV dtype; ``dump``: a
     folder for the greedy decode step's optimized program (``<kv>.decode_step.hlo.txt``, for
     ``hlo_kernels.py``)."""
+    budget = 2048
+    # Every sequence decodes to the end: the first prompts decode while the last are prefilled
+    # (~batch x context / budget steps), then 4 + 4 x steps timed steps and device_fed's 6.
+    room = -(-batch * context // budget) + 5 * steps + 32
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16",
-                                  kv_cache_dtype=kv, max_num_seqs=batch, max_num_batched_tokens=2048,
-                                  max_model_len=context + steps * 5 + 16))
+                                  kv_cache_dtype=kv, max_num_seqs=batch, max_num_batched_tokens=budget,
+                                  max_model_len=context + room))
     rng = np.random.default_rng(0)
     vocab = eng.config.model.vocab_size
     for _ in range(batch):
         eng.add_request(None, rng.integers(10, vocab, context).tolist(),
-                        SamplingParams(temperature=0.0, max_tokens=steps * 5 + 8, ignore_eos=True))
+                        SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True))
     decoding: set[str] = set()
     while len(decoding) < batch:   # prefill (chunked) until every sequence decodes
         decoding.update(o.request_id for o in eng.step() if o.outputs[0].token_ids)
@@ -101,7 +128,10 @@ def one(model: str, kv: str, context: int, batch: int, steps: int,
         for _ in range(steps):
             eng.step()
         runs.append((time.perf_counter() - t0) / steps * 1e3)
-    fed = device_fed(eng, steps)
+    running = eng.scheduler.num_running
+    if running != batch:   # (session 42: finished sequences made the "64 at 8k" rows a dozen)
+        raise RuntimeError(f"kv_dtype_step: {running} of {batch} sequences still decoding at the timing")
+    fed = device_fed(eng, steps, trace and str(Path(trace, kv)))
     pages, page_size = eng.startup.pool_plan.num_pages, eng.config.cache.page_size
     if dump:
         r = eng.runner
@@ -122,6 +152,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--kv-dtypes", default="auto,fp8")
     ap.add_argument("--dump", default=None, help="folder for each decode step's optimized program")
+    ap.add_argument("--trace", default=None, help="folder for a profiler trace of each device-fed step")
     ns = ap.parse_args()
     rows = []
     for entry in ns.kv_dtypes.split(","):
@@ -130,7 +161,7 @@ def main() -> None:
         with contextlib.ExitStack() as patches:
             for patch in filter(None, ab.split("/")):
                 patches.enter_context(patched(patch))
-            rows.append((entry, *one(ns.model, kv, ns.context, ns.batch, ns.steps, ns.dump)))
+            rows.append((entry, *one(ns.model, kv, ns.context, ns.batch, ns.steps, ns.dump, ns.trace)))
         print(f"  {entry}: {rows[-1][1]} pages, {rows[-1][2]:.3f} ms per decode step, "
               f"{rows[-1][3]:.3f} device-fed", flush=True)
     print(f"\n## {ns.model}, {ns.batch} sequences decoding at {ns.context} tokens "

@@ -1,15 +1,16 @@
-# The device calls owed after session 41 (2026-12-05), in the order to run them. Each case fits
+# The device calls owed after session 42 (2026-12-05), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-41 removed the ones they ran; vmm stays as the record of its arms).
-# Order: kq (issue 13: fp8 KV at 8k against bf16, device-fed, with RoPE and the quantizing write
-# in one kernel; kqs its two pools alone for a short budget), qga and qgs (issue 13: two A/Bs of the gate epilogue kernel's body, in the step
-# and on the device clock), qk (the ring's last arm, bk256, with the bf16 peer), ae (the
-# engine's own bf16 decode executable slower than a recompile of it), qe (issue 13: the decode kernel
-# configs' GPU tests), lt (issue 12: where the speculating step's launch goes), b2, o, u, w, f,
-# m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider code-draft:
-# session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb, d, s, sk, c.
+# history (sessions 7-42 removed the ones they ran; vmm stays as the record of its arms).
+# Order: kq (issue 13: fp8 KV at 8k against bf16, device-fed, every sequence decoding, with the
+# step's kernels; kqs its two pools alone for a short budget), qk (issue 13: the ring's last arm,
+# bk256, and the two body A/Bs left, with the bf16 peer), qgs (the gate epilogue's variants on
+# the device clock), ae (the engine's own bf16 decode executable slower than a recompile of it),
+# qe (issue 13: the decode kernel configs' GPU tests), lt (issue 12: where the speculating step's
+# launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with
+# session 28's wider code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb,
+# d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -66,29 +67,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
 
 case "${1:-}" in
-qga)
-  # Session 41 (no device after its first calls): the gate epilogue's kernel reads 72% of the
-  # ceiling on 224 CTAs, and 25% slower on 112 CTAs with the same bytes in flight (qs, RESULTS.md
-  # "Session 41"): the per-CTA step bounds it. A/Bs of the step body: one wait for both tiles'
-  # wgmmas (gated-paired-wait), and the accumulators across the steps with each step's wgmmas in
-  # flight, in the gate epilogue (gated-async: 128-column steps, 4 stages) and in the decode
-  # kernel of qkv / o / down (quant-async: 256-column steps, 4 stages). GPU tests first (their
-  # correctness on the device), then the step with the bf16 peer in the same call. Prediction:
-  # paired -0.02 to -0.05 ms per step; gated-async -0.06 to -0.16 ms; quant-async -0.05 to
-  # -0.15 ms (down's 19 us at 71% of the read), both if the wait is what each step pays for;
-  # both asyncs together the sum. (qgs: the gate epilogue alone on the device clock.)
-  timeout 170 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
-    -k "silu_gate or persistent" > "$OUT/qga_tests.txt" 2>&1
-  tail -3 "$OUT/qga_tests.txt"
-  timeout 420 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization none,int8+lm_head --ab gated-paired-wait,gated-async,quant-async,gated-async/quant-async \
-    > "$OUT/qga_step.txt" 2>&1
-  grep "^##\|^| A\|rror" "$OUT/qga_step.txt"
-  ;;
 qgs)
-  # qga's variants on the device clock: the gate epilogue's beside its default and the split-K
-  # kernel + XLA's gate (decode_stream.py's gated rows), and the decode kernel's async rows at
-  # down's weight [4096, 14336] beside its other configs, M = 16 and 1.
+  # The gate epilogue on the device clock beside its default: 128-column tiles, 8 stages on 112
+  # CTAs, paired_wait, and the split-K kernel + XLA's gate (decode_stream.py's gated rows); the
+  # decode kernel's async rows at down's weight [4096, 14336] beside its other configs, M = 16, 1.
   timeout 200 python3 benchmarks/decode_stream.py --shape 28672x4096 --ms 16,1 --layouts "" --rounds 1 \
     --kernels gated --iters 20 --trace-dir /tmp/qgs > "$OUT/qgs.txt" 2>&1
   grep "^|\|^int8\|rror" "$OUT/qgs.txt" | head -20
@@ -99,34 +81,33 @@ qgs)
 qk)
   # Issue 13's batch 1 at 1.6x bf16: session 41 measured 1.44x on the H200 (qkg: bf16 4.467,
   # int8 + lm_head 3.108 ms) and refuted the 128-column ring there (+7.8%; the H100 +1.6%). The
-  # ring's last arm: 256-column tiles (3 stages at 16 tokens). Prediction: +1-3% (between the
-  # 512-column default and the 128-column loss). bf16 first: the ratio's peer in the same call.
-  timeout 450 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization none,int8+lm_head --ab rope-write-dense-off,quant-bk256 > "$OUT/qk_step.txt" 2>&1
+  # ring's last arm, 256-column tiles (3 stages at 16 tokens), and session 41's two body A/Bs
+  # that stayed correct on the GPU (session 42, H100: int8 + lm_head 3.823 ms = 1.54x bf16;
+  # quant-async 3.791, -0.8%; gated-paired-wait 3.815, -0.2%). Prediction: bk256 +1-3%;
+  # quant-async -0.5 to -1%; paired within +-0.3%. bf16 first: the ratio's peer in the same call.
+  timeout 540 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization none,int8+lm_head --ab quant-bk256,quant-async,gated-paired-wait > "$OUT/qk_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qk_step.txt"
   ;;
 kq)
-  # Issue 13's fp8 KV target (<= 3% extra step time at 8k): session 29 measured +2.5% (A/B/A/B,
-  # Qwen2.5-0.5B, 64 sequences at 8k), before session 38 put RoPE and the K / V write of
-  # unquantized pools into one kernel (rope_write: -1.5-3.6% per step for them only), so the
-  # target may have slipped. Session 39 (no device) built the same fusion for int8 / fp8 pools
-  # (kv_write/gpu_rope_quant.py, one Triton kernel for XLA's RoPE fusion, K's and V's slices and
-  # the quantizing write; api.ROPE_WRITE_QUANT_ON_GPU, off). GPU tests first, then the pools in
-  # turn. Prediction: fp8 default ~1.04-1.06x bf16, with the kernel ~1.02-1.03x.
-  # Session 41 (H200): the GPU tests passed (4); the engine column moved 2.4-3.8 ms between arms
-  # of one call (host-bound at 64 rows), so kv_dtype_step now also times the engine's own decode
-  # step device-fed. Prediction for that column: fp8 0.7-0.95x bf16 (half the K / V bytes read),
-  # the kernel another 1-3% less.
-  timeout 480 python3 benchmarks/kv_dtype_step.py --batch 64 --steps 64 \
+  # Issue 13's fp8 KV target (<= 3% extra step time at 8k). Session 42 (H100, device clock): the
+  # "64 sequences at 8k" rows timed about a dozen: the first prompts' sequences had finished
+  # (max_tokens) while the last were prefilled, so attention took 339 us of a 1.4 ms step for
+  # what should read 6.4 GB (sessions 28-29's 64-row columns and session 42's kq table with
+  # them). kv_dtype_step now decodes every sequence through the timing and refuses otherwise,
+  # and --trace prints the step's heaviest kernels. Prediction (H200): the bf16 step ~2.3-2.8 ms
+  # with attention ~1.4-1.6 ms of it; fp8 0.80-1.0x bf16 (half the bytes, but session 24's f16
+  # dots on fp8 pages ran a layer's attention at 0.98x bf16 at 16 x 8k); the fused quantizing
+  # write another 1-3% less (the switch api.ROPE_WRITE_QUANT_ON_GPU only if it wins).
+  timeout 540 python3 benchmarks/kv_dtype_step.py --batch 64 --steps 64 --trace /tmp/kq \
     --kv-dtypes auto,fp8,fp8+rope-write-quant-on,auto > "$OUT/kq_step.txt" 2>&1
-  grep "^|\|^##\|rror\|ms per decode step" "$OUT/kq_step.txt"
+  grep "^|\|^##\|rror\|ms per decode step\|    " "$OUT/kq_step.txt"
   ;;
 kqs)
-  # kq's target alone for a budget of under ~400 s (session 41 lost its call to a reclaimed
-  # machine): fp8 then bf16, device-fed, ~85 s per pool.
-  timeout 270 python3 benchmarks/kv_dtype_step.py --batch 64 --steps 64 \
+  # kq's target alone for a budget of under ~400 s: fp8 then bf16, device-fed, ~95 s per pool.
+  timeout 270 python3 benchmarks/kv_dtype_step.py --batch 64 --steps 32 --trace /tmp/kqs \
     --kv-dtypes fp8,auto > "$OUT/kqs_step.txt" 2>&1
-  grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqs_step.txt"
+  grep "^|\|^##\|rror\|ms per decode step\|    " "$OUT/kqs_step.txt"
   ;;
 ae)
   # Session 38: the engine's own bf16 decode executable ran up to 11% slower than the same

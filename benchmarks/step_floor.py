@@ -186,9 +186,6 @@ MODULE_PATCHES = {
     "silu-gate-off": ("pallas_kernels.quant_matmul.api", "SILU_GATE_ON_HOPPER", False),
     # the gate epilogue's step issues both tiles' wgmmas before one wait (gated.py's paired_wait)
     "gated-paired-wait": ("pallas_kernels.quant_matmul.mgpu", "GATED_PAIRED_WAIT", True),
-    # the gate epilogue's accumulators live across its steps, a step's wgmmas left in flight (its
-    # slot released a step later) in 128-column steps, 4 stages (gated.py's async_acc)
-    "gated-async": ("pallas_kernels.quant_matmul.mgpu", "GATED_ASYNC", True),
     # the persistent decode kernel's accumulator across its steps, a step's wgmmas left in flight
     # (its ring in 256-column steps at 16 tokens, 4 deep: mgpu_decode's async_acc)
     "quant-async": ("pallas_kernels.quant_matmul.mgpu", "DECODE_ASYNC", True),

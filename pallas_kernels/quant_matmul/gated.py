@@ -35,10 +35,10 @@ kernel reads 72% of the ceiling on 224 CTAs, and the same tiles on 112 CTAs in a
 deep (the same bytes in flight) ran 25% slower, so the time each CTA spends per step, not the
 bytes it has in flight, bounds the read.
 
-``async_acc`` (an A/B config, ``mgpu.GATED_ASYNC``; one unit per CTA, as the 8B's 224 units on
-264 CTA slots): both accumulators live across the whole pipeline and a step waits only for the
-step before's wgmmas, its own staying in flight while the next tiles are converted; the ring
-releases a slot a step late (``delay_release``), hence 128-column steps 4 deep in the same SMEM.
+Not here: ``async_acc`` (both accumulators across the steps, each step's wgmmas left in flight,
+slots released a step late), session 41's A/B. Session 42 (H100): it gave wrong sums in 2 of its
+6 GPU test cases (int8 at 64 tokens, fp8 at 1) and a step 1.0% slower than the default, so it was
+removed; the persistent kernel's ``async_acc`` (mgpu_decode.py) passed its GPU tests.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ from pallas_kernels.quant_matmul.mgpu_decode import (
     persistent_kernel,
     smem_transforms,
     tile_product,
-    wgmmas_per_tile,
 )
 
 MAX_SCALE_BARRIERS = 16   # each of a CTA's units loads two scale rows (one barrier each)
@@ -64,13 +63,12 @@ MAX_SCALE_BARRIERS = 16   # each of a CTA's units loads two scale rows (one barr
 
 def supports(mp: int, n2: int, k: int, config: DecodeConfig) -> bool:
     """Whether the config tiles x [Mp, K] @ w [2I, K]^T into units of ``block_n`` gate and up rows
-    (no split of K; at most ``MAX_SCALE_BARRIERS / 2`` units per CTA; ``async_acc``: one unit per
-    CTA and a ring of at least 2 stages)."""
+    (no split of K; at most ``MAX_SCALE_BARRIERS / 2`` units per CTA; no ``async_acc``)."""
     bn, bk = config.block_n, config.block_k
     return (mp <= 64 and mp % 8 == 0 and n2 % (2 * bn) == 0 and bn == 64 and config.split_k == 1
             and k % bk == 0 and (bk <= 128 or bk % 128 == 0) and 0 < config.per_cta
             and 2 * config.per_cta <= MAX_SCALE_BARRIERS and not config.x_resident
-            and (not config.async_acc or (config.per_cta == 1 and config.stages >= 2)))
+            and not config.async_acc)
 
 
 def silu_gate_matmul(xp: jax.Array, w: jax.Array, w_scale: jax.Array, *, config: DecodeConfig,
@@ -143,38 +141,17 @@ def silu_gate_matmul(xp: jax.Array, w: jax.Array, w_scale: jax.Array, *, config:
 
             count = (per_cta if units % per_cta == 0
                      else jnp.minimum(per_cta, units - c * per_cta))   # the last CTA may own fewer
-            release = 1 if cfg.async_acc else 0   # async: a step's slot is refilled a step later
 
             def w_spec(half: int) -> plgpu.BlockSpec:
                 return plgpu.BlockSpec(
                     (bn, bk), lambda s: (half * units + c * per_cta + s // steps, lax.rem(s, steps)),
-                    transforms=smem_transforms(w.dtype, bk), delay_release=release)
+                    transforms=smem_transforms(w.dtype, bk))
 
             x_spec = plgpu.BlockSpec((mp, bk), lambda s: (0, lax.rem(s, steps)),
-                                     transforms=smem_transforms(dtype, bk), delay_release=release)
-            specs = [w_spec(0), w_spec(1), x_spec]
-            if not cfg.async_acc:
-                plgpu.emit_pipeline(body, grid=(count * steps,), in_specs=specs,
-                                    max_concurrent_steps=cfg.stages, init_carry=(zero(), zero()),
-                                    )(w_gmem, w_gmem, x_gmem)
-            else:   # one unit: both accumulators live across the steps, each step's wgmmas in flight
-                def async_body(idx, g_smem, u_smem, x_smem, acc_g, acc_u):
-                    a = a_smem[0] if via_smem else None
-                    issue_product(acc_g, g_smem, x_smem, fp8=fp8, a_smem=a, pending=True)
-                    issue_product(acc_u, u_smem, x_smem, fp8=fp8, a_smem=a, pending=True)
-                    plgpu.wgmma_wait(2 * wgmmas_per_tile(bk))   # the step before's are done
-
-                def accumulate(acc_g, acc_u):
-                    plgpu.emit_pipeline(
-                        lambda idx, g_smem, u_smem, x_smem: async_body(idx, g_smem, u_smem, x_smem,
-                                                                       acc_g, acc_u),
-                        grid=(steps,), in_specs=specs, max_concurrent_steps=cfg.stages,
-                    )(w_gmem, w_gmem, x_gmem)
-                    plgpu.wgmma_wait(0)
-                    return acc_g[...], acc_u[...]
-
-                flush(*pl.run_scoped(accumulate, plgpu.ACC((bn, mp), jnp.float32),
-                                     plgpu.ACC((bn, mp), jnp.float32)), 0)
+                                     transforms=smem_transforms(dtype, bk))
+            plgpu.emit_pipeline(body, grid=(count * steps,), in_specs=[w_spec(0), w_spec(1), x_spec],
+                                max_concurrent_steps=cfg.stages, init_carry=(zero(), zero()),
+                                )(w_gmem, w_gmem, x_gmem)
             if pdl:
                 plgpu.griddepcontrol_launch_dependents()
             plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.exit_read_only)

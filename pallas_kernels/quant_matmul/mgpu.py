@@ -91,7 +91,6 @@ DECODE_STORE_MN = True    # the persistent kernel's ``store_mn`` (off: the A/B i
 DECODE_PDL = False        # the persistent kernel's ``pdl`` (on: step_floor --ab quant-pdl)
 DECODE_EXIT_READ_ONLY = False   # its ``exit_read_only`` (on: step_floor --ab quant-exit-ro)
 GATED_PAIRED_WAIT = False   # ``gated``'s ``paired_wait`` (on: step_floor --ab gated-paired-wait)
-GATED_ASYNC = False   # ``gated``'s ``async_acc`` in 128-column tiles (on: step_floor --ab gated-async)
 DECODE_ASYNC = False   # the persistent kernel's ``async_acc`` (on: step_floor --ab quant-async)
 DECODE_BLOCK_K: int | None = None   # its K tile (None: the rule in ``kernel_config``; A/Bs
 #                                     step_floor --ab quant-bk128, quant-bk256)
@@ -328,10 +327,6 @@ def silu_gate_config(m: int, n2: int, k: int, sms: int | None = None) -> DecodeC
     per = -(-units // (2 * sms))
     cfg = DecodeConfig(block_n=bn, block_k=bk, stages=stages, per_cta=per, pdl=DECODE_PDL,
                        exit_read_only=DECODE_EXIT_READ_ONLY, paired_wait=GATED_PAIRED_WAIT)
-    if GATED_ASYNC and per == 1:   # a step left in flight holds its slot: a ring 3 steps ahead
-        #                            (the 8B at 16 tokens: 128-column steps, 4 stages)
-        bk, stages = _decode_ring(mp, k, 2 * bn, ahead=3)
-        cfg = dataclasses.replace(cfg, block_k=bk, stages=stages, async_acc=True)
     return cfg if gated.supports(mp, n2, k, cfg) else None
 
 

@@ -157,11 +157,10 @@ def test_fused_rope_write(m, wdtype, monkeypatch):
 @pytest.mark.parametrize("m", [1, 16, 64])
 @pytest.mark.parametrize("wdtype", [jnp.int8, FP8])
 @pytest.mark.parametrize("cfg", [None, DecodeConfig(64, 128, 4), DecodeConfig(64, 256, 2, per_cta=2),
-                                 DecodeConfig(64, 256, 2, paired_wait=True),
-                                 DecodeConfig(64, 128, 4, async_acc=True)])
+                                 DecodeConfig(64, 256, 2, paired_wait=True)])
 def test_fused_silu_gate(m, wdtype, cfg, monkeypatch):
     """Llama-3.1-8B's gate/up (2I = 28,672): the gated kernel (quant_matmul/gated.py, the A tile
-    from registers; also its paired_wait and async_acc bodies) == the decode kernel, then XLA's
+    from registers; also its paired_wait body) == the decode kernel, then XLA's
     sum, scale and SiLU gate."""
     from pallas_kernels.quant_matmul import api
 
