@@ -124,8 +124,9 @@ def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) ->
     """The MLP's gate/up as one kernel with its SiLU gate (``gated.py``: N = 2I, units of 64 gate
     and 64 up rows, K unsplit) at its default ring, at 128-column tiles with 4 stages, at 8
     stages with two units per CTA (one CTA per SM: 112 on the 8B), and its ``paired_wait``
-    variant, beside the default decode kernel followed by XLA's sum, scale and gate (the engine's path with
-    ``SILU_GATE_ON_HOPPER`` off; its row's "all kernels" column holds both kernels)."""
+    variant, beside the default decode kernel followed by XLA's sum, scale and gate (the
+    engine's path with ``SILU_GATE_ON_HOPPER`` off; its row's "all kernels" column holds both
+    kernels)."""
     m, k = x.shape
     n = copies[0][0].shape[0]
     default = mgpu.silu_gate_config(m, n, k)

@@ -107,7 +107,8 @@ def one(model: str, kv: str, context: int, batch: int, steps: int,
     ``hlo_kernels.py``)."""
     budget = 2048
     # Every sequence decodes to the end: the first prompts decode while the last are prefilled
-    # (~batch x context / budget steps), then 4 + 4 x steps timed steps and device_fed's 6.
+    # (~batch x context / budget steps), then the 4 + 4 x steps timed steps and device_fed's one
+    # (the earliest sequences end ~batch x context / budget tokens past the context).
     room = -(-batch * context // budget) + 5 * steps + 32
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16",
                                   kv_cache_dtype=kv, max_num_seqs=batch, max_num_batched_tokens=budget,
