@@ -85,9 +85,15 @@ qk)
   # that stayed correct on the GPU (session 42, H100: int8 + lm_head 3.823 ms = 1.54x bf16;
   # quant-async 3.791, -0.8%; gated-paired-wait 3.815, -0.2%). Prediction: bk256 +1-3%;
   # quant-async -0.5 to -1%; paired within +-0.3%. bf16 first: the ratio's peer in the same call.
-  timeout 540 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+  # Then the int8 step's kernels per step (session 38's breakdown predates rope_write and the
+  # gate: attention + its combine 11.5 us per layer then, 12% of the step, the lever after the
+  # matmuls' ~3.7 us fixed cost per call).
+  timeout 480 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 --trace /tmp/qk_trace \
     --quantization none,int8+lm_head --ab quant-bk256,quant-async,gated-paired-wait > "$OUT/qk_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qk_step.txt"
+  timeout 60 python3 benchmarks/trace_kernels.py /tmp/qk_trace/llama3.1-8b.int8+lm_head --steps 20 \
+    > "$OUT/qk_kernels.txt" 2>&1
+  head -40 "$OUT/qk_kernels.txt"
   ;;
 kq)
   # Issue 13's fp8 KV target (<= 3% extra step time at 8k). Session 42 (H100, device clock): the
