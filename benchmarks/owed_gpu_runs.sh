@@ -5,7 +5,8 @@
 # history (sessions 7-42 removed the ones they ran; vmm stays as the record of its arms).
 # Order: kq (issue 13: fp8 KV at 8k against bf16, device-fed, every sequence decoding, with the
 # step's kernels; kqs its two pools alone for a short budget), qk (issue 13: the ring's last arm,
-# bk256, and the two body A/Bs left, with the bf16 peer), qgs (the gate epilogue's variants on
+# bk256, the two body A/Bs left and batch-1 attention in one block per program, with the bf16
+# peer and the step's kernels), qgs (the gate epilogue's variants on
 # the device clock), ae (the engine's own bf16 decode executable slower than a recompile of it),
 # qe (issue 13: the decode kernel configs' GPU tests), lt (issue 12: where the speculating step's
 # launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with
@@ -85,11 +86,14 @@ qk)
   # that stayed correct on the GPU (session 42, H100: int8 + lm_head 3.823 ms = 1.54x bf16;
   # quant-async 3.791, -0.8%; gated-paired-wait 3.815, -0.2%). Prediction: bk256 +1-3%;
   # quant-async -0.5 to -1%; paired within +-0.3%. bf16 first: the ratio's peer in the same call.
-  # Then the int8 step's kernels per step (session 38's breakdown predates rope_write and the
-  # gate: attention + its combine 11.5 us per layer then, 12% of the step, the lever after the
-  # matmuls' ~3.7 us fixed cost per call).
+  # Attention at batch 1 (300 tokens: 5 blocks of 64 keys) took 7.4 us + 4.1 for its split
+  # combine per layer in session 38's trace, 12% of the step: attn-minblocks1 splits it into
+  # one block per program (5 x 1, not 3 x 2). Prediction: -0.04 to -0.08 ms on both steps (one
+  # block's dependent gather chain less per program). Then the int8 step's kernels per step
+  # (session 38's breakdown predates rope_write and the gate).
   timeout 480 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 --trace /tmp/qk_trace \
-    --quantization none,int8+lm_head --ab quant-bk256,quant-async,gated-paired-wait > "$OUT/qk_step.txt" 2>&1
+    --quantization none,int8+lm_head --ab quant-bk256,quant-async,gated-paired-wait,attn-minblocks1 \
+    > "$OUT/qk_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qk_step.txt"
   timeout 60 python3 benchmarks/trace_kernels.py /tmp/qk_trace/llama3.1-8b.int8+lm_head --steps 20 \
     > "$OUT/qk_kernels.txt" 2>&1

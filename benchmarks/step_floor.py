@@ -140,8 +140,10 @@ def engine_decode(engine, n_tokens: int = 128) -> float:
 
 def attention_plan(patch: str, default):
     """The GPU attention kernel's ``default_config`` with the decode launch patched:
-    ``attn-nosplit`` (one program per item and kv head: no split merge) or
-    ``attn-fused-combine`` (the splits' last program merges them)."""
+    ``attn-nosplit`` (one program per item and kv head: no split merge), ``attn-fused-combine``
+    (the splits' last program merges them) or ``attn-minblocks1`` (an item splits down to one
+    block of keys per program: at batch 1 and 300 tokens 5 splits of one block each, not 3 of
+    two)."""
     import dataclasses
 
     from pallas_kernels.ragged_paged_attention.gpu import GpuPlan
@@ -149,8 +151,10 @@ def attention_plan(patch: str, default):
     def patched(*a, **k):
         cfg = default(*a, **k)
         dec = cfg.decode if isinstance(cfg, GpuPlan) else cfg
-        dec = (dataclasses.replace(dec, num_splits=1, num_warps=4) if patch == "attn-nosplit"
-               else dataclasses.replace(dec, fused_combine=True))
+        change = {"attn-nosplit": {"num_splits": 1, "num_warps": 4},
+                  "attn-fused-combine": {"fused_combine": True},
+                  "attn-minblocks1": {"min_blocks_per_split": 1}}[patch]
+        dec = dataclasses.replace(dec, **change)
         return dataclasses.replace(cfg, decode=dec) if isinstance(cfg, GpuPlan) else dec
 
     return patched
@@ -207,7 +211,7 @@ def patched(patch: str):
             yield None
         finally:
             kv_write_api.GPU_KERNEL_MIN_TOKENS = saved
-    elif patch in ("attn-nosplit", "attn-fused-combine"):   # the decode attention launch's plan
+    elif patch in ("attn-nosplit", "attn-fused-combine", "attn-minblocks1"):   # the decode attention's plan
         from pallas_kernels.ragged_paged_attention import gpu as attn_gpu
 
         default = attn_gpu.default_config
@@ -357,7 +361,7 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="folder for a profiler trace of 20 steps of A")
     ap.add_argument("--ab", default="", help="comma list of A/B patches of the decode step to "
                     "recompile and time beside it (several joined by /): kv-write-kernel, attn-nosplit, "
-                    "attn-fused-combine, xla:OPTION=VALUE, " + ", ".join(MODULE_PATCHES))
+                    "attn-fused-combine, attn-minblocks1, xla:OPTION=VALUE, " + ", ".join(MODULE_PATCHES))
     ap.add_argument("--max-num-batched-tokens", type=int, default=64,
                     help="the engine's largest token bucket (16: one bucket, the fewest compiles)")
     ap.add_argument("--compile-threads", type=int, default=None,

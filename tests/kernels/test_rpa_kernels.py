@@ -128,12 +128,13 @@ def test_tpu_kernel_interpret(name):
     _check(c, b, got, want)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_gpu_direct_decode_launch(splits):
+@pytest.mark.parametrize("splits,min_blocks", [(1, 2), (3, 2), (3, 1)])
+def test_gpu_direct_decode_launch(splits, min_blocks):
     """A call of at most block_q tokens runs one direct launch (item = sequence, no work list,
     split count counted in the kernel): a zero-length sequence between live ones, sequences past
     num_seqs and NaN padding rows, which must come out zero. With 3 splits and 8-key blocks the
-    items use 1, 2 and 3 of them (``min_blocks_per_split`` 2: 2, 3 and 8 blocks)."""
+    items (2, 3 and 8 blocks) use 1, 2 and 3 of them at ``min_blocks_per_split`` 2, and 2, 3 and 3
+    at 1 (one block per program where the splits suffice: step_floor's attn-minblocks1)."""
     b = make_batch(np.random.default_rng(4), [1, 2, 1, 1], [9, 30, 17, 60], page_size=8, num_q_heads=4,
                    num_kv_heads=2, head_dim=16, extra_seqs=2, extra_tokens=3)  # fmt: skip
     # Sequence 1 keeps its context but gets no rows this step; sequence 2's 2 rows follow seq 0.
@@ -141,7 +142,7 @@ def test_gpu_direct_decode_launch(splits):
     b.q[4:] = np.nan
     kw = dict(sm_scale=0.25)
     want = jax.jit(lambda *a: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
-    cfg = rpa_gpu.GpuConfig(block_q=8, pages_per_block=1, num_splits=splits)
+    cfg = rpa_gpu.GpuConfig(block_q=8, pages_per_block=1, num_splits=splits, min_blocks_per_split=min_blocks)
     assert b.q.shape[0] <= cfg.block_q  # the direct path
     got = run_fast(lambda *a: rpa_gpu.ragged_paged_attention(*a, interpret=True, config=cfg, **kw), *b.args())
     got = np.asarray(got, np.float32)

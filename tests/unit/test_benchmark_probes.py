@@ -2,6 +2,7 @@
 step directly, outside the runner, so a change of the step's arguments breaks them silently
 until the next GPU run. Run each once on the tiny llama fixture (one engine, CPU)."""
 
+import dataclasses
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ def test_step_floor_calls_the_decode_step(engine):
     assert step_floor.floor_a(engine, step=patched, n=2, context=20)[0] > 0
     with pytest.raises(ValueError, match="NAME=VALUE"):
         step_floor._recompiled(engine, decode, "xla:no_value")
-    # --ab attn-nosplit / attn-fused-combine patch the GPU attention kernel's decode plan
+    # --ab attn-nosplit / attn-fused-combine / attn-minblocks1 patch the GPU attention's decode plan
     from pallas_kernels.ragged_paged_attention import gpu as attn_gpu
 
     def dec(c):
@@ -45,8 +46,11 @@ def test_step_floor_calls_the_decode_step(engine):
         base = attn_gpu.default_config(*shape)
         nosplit = step_floor.attention_plan("attn-nosplit", attn_gpu.default_config)(*shape)
         fused = step_floor.attention_plan("attn-fused-combine", attn_gpu.default_config)(*shape)
+        one = step_floor.attention_plan("attn-minblocks1", attn_gpu.default_config)(*shape)
         assert dec(base).num_splits > 1 and dec(nosplit).num_splits == 1
         assert dec(fused).fused_combine and dec(fused).num_splits == dec(base).num_splits
+        assert dec(base).min_blocks_per_split == 2 and dec(one).min_blocks_per_split == 1
+        assert dataclasses.replace(dec(one), min_blocks_per_split=2) == dec(base)
         assert type(nosplit) is type(base)
         if isinstance(base, attn_gpu.GpuPlan):
             assert nosplit.prefill == base.prefill
