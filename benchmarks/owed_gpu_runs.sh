@@ -88,8 +88,9 @@ qk)
   # quant-async -0.5 to -1%; paired within +-0.3%. bf16 first: the ratio's peer in the same call.
   # Attention at batch 1 (300 tokens: 5 blocks of 64 keys) took 7.4 us + 4.1 for its split
   # combine per layer in session 38's trace, 12% of the step: attn-minblocks1 splits it into
-  # one block per program (5 x 1, not 3 x 2). Prediction: -0.04 to -0.08 ms on both steps (one
-  # block's dependent gather chain less per program). Then the int8 step's kernels per step
+  # one block per program (5 x 1, not 3 x 2). Prediction: -0.03 to -0.05 ms on both steps (a
+  # program ~4.7 us + ~1.4 us per block, from session 32's attn-nosplit, 5 blocks in one program
+  # ~11.5 us, against the default's 7.4 at 2 blocks). Then the int8 step's kernels per step
   # (session 38's breakdown predates rope_write and the gate).
   timeout 480 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 --trace /tmp/qk_trace \
     --quantization none,int8+lm_head --ab quant-bk256,quant-async,gated-paired-wait,attn-minblocks1 \
