@@ -90,10 +90,14 @@ qk)
   # combine per layer in session 38's trace, 12% of the step: attn-minblocks1 splits it into
   # one block per program (5 x 1, not 3 x 2). Prediction: -0.03 to -0.05 ms on both steps (a
   # program ~4.7 us + ~1.4 us per block, from session 32's attn-nosplit, 5 blocks in one program
-  # ~11.5 us, against the default's 7.4 at 2 blocks). Then the int8 step's kernels per step
-  # (session 38's breakdown predates rope_write and the gate).
+  # ~11.5 us, against the default's 7.4 at 2 blocks). attn-meta-one-round: both attention
+  # launches read their metadata in one round of loads, not three dependent ones. Prediction:
+  # -0.02 to -0.06 ms on both steps (two L2 round trips of ~0.3-0.5 us fewer per launch, 64
+  # launches). Then the int8 step's kernels per step (session 38's breakdown predates
+  # rope_write and the gate).
   timeout 480 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 --trace /tmp/qk_trace \
-    --quantization none,int8+lm_head --ab quant-bk256,quant-async,gated-paired-wait,attn-minblocks1 \
+    --quantization none,int8+lm_head \
+    --ab quant-bk256,quant-async,gated-paired-wait,attn-minblocks1,attn-meta-one-round \
     > "$OUT/qk_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/qk_step.txt"
   timeout 60 python3 benchmarks/trace_kernels.py /tmp/qk_trace/llama3.1-8b.int8+lm_head --steps 20 \

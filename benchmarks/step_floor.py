@@ -195,6 +195,9 @@ MODULE_PATCHES = {
     "quant-async": ("pallas_kernels.quant_matmul.mgpu", "DECODE_ASYNC", True),
     # an int8 / fp8 pool's RoPE and quantizing K/V write in one Triton kernel (gpu_rope_quant.py)
     "rope-write-quant-on": ("pallas_kernels.kv_write.api", "ROPE_WRITE_QUANT_ON_GPU", True),
+    # the direct decode attention launch and its combine read num_seqs, query_start_loc and
+    # seq_lens in one round of loads and pick their item in registers (gpu_splits.py)
+    "attn-meta-one-round": ("pallas_kernels.ragged_paged_attention.gpu_splits", "DIRECT_ONE_ROUND", True),
 }
 
 

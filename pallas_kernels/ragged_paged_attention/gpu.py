@@ -242,14 +242,12 @@ def _kernel(
     m_rows = block_q * group
     if direct:  # a flat grid over (live rank, kv head, split); programs past the live ones idle
         p = pl.program_id(0)
-        live_mask = sp.live_decode_mask(meta[1], meta[2], block_q=block_q, max_seqs=max_seqs)
-        live = jnp.sum(live_mask.astype(jnp.int32))
+        live, item = sp.direct_items(meta, block_q=block_q, max_seqs=max_seqs)
         call_splits = sp.splits_for(live, num_kv_heads, num_splits) if per_item else jnp.int32(1)
         w = p // (num_kv_heads * call_splits)  # the item's rank among the served sequences
         h = (p // call_splits) % num_kv_heads
         split = p % call_splits
-        row0, nrows, seq, pos0 = sp.decode_item(sp.nth_live(live_mask, w, max_seqs), *meta, block_q=block_q,
-                                              max_seqs=max_seqs)  # fmt: skip
+        row0, nrows, seq, pos0 = item(w)
         nrows = jnp.where(w < live, nrows, 0)
     else:
         w, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)

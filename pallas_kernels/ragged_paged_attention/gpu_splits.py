@@ -16,6 +16,11 @@ from jax.experimental.pallas import triton as plgpu
 
 NEG = -1e30
 TARGET_PROGRAMS = 264  # about two waves of an H100/H200's 132 SMs
+# A direct launch's programs read num_seqs, query_start_loc and seq_lens in one round of loads
+# and pick their item in registers (``direct_items``), not in three dependent rounds (num_seqs,
+# then the masked query_start_loc vector, then the item's scalars). Off: the A/B
+# (step_floor --ab attn-meta-one-round).
+DIRECT_ONE_ROUND = False
 
 
 def pow2(n: int) -> int:
@@ -50,6 +55,37 @@ def nth_live(live_mask, k, max_seqs: int):
     """Index of the ``k``-th (from 0) served sequence; ``max_seqs - 1`` when there are fewer."""
     cum = jnp.cumsum(live_mask.astype(jnp.int32))
     return jnp.minimum(jnp.sum((cum <= k).astype(jnp.int32)), max_seqs - 1)
+
+
+def direct_items(meta, *, block_q: int, max_seqs: int):
+    """A direct launch's served sequences: -> (how many, ``item(k)`` = ``decode_item`` of the
+    ``k``-th served one). ``meta`` = (seq_lens, query_start_loc, num_seqs) refs."""
+    sl_ref, qsl_ref, nseq_ref = meta
+    if not DIRECT_ONE_ROUND:
+        live_mask = live_decode_mask(qsl_ref, nseq_ref, block_q=block_q, max_seqs=max_seqs)
+        return (jnp.sum(live_mask.astype(jnp.int32)),
+                lambda k: decode_item(nth_live(live_mask, k, max_seqs), *meta, block_q=block_q,
+                                      max_seqs=max_seqs))
+    # Every load in one round: indices clamped in bounds, entries past num_seqs masked after.
+    i = jnp.arange(max(pow2(max_seqs), 16), dtype=jnp.int32)
+    n = jnp.clip(nseq_ref[0], 0, max_seqs)
+    start = plgpu.load(qsl_ref.at[jnp.minimum(i, max_seqs)])
+    q_len = plgpu.load(qsl_ref.at[jnp.minimum(i + 1, max_seqs)]) - start
+    sl = plgpu.load(sl_ref.at[jnp.minimum(i, max_seqs - 1)])
+    live_mask = (i < n) & (q_len > 0) & (q_len <= block_q)
+
+    def item(k):
+        w = nth_live(live_mask, k, max_seqs)
+        at = i == w
+
+        def pick(v):
+            return jnp.sum(jnp.where(at, v, 0))
+
+        take = pick(live_mask.astype(jnp.int32)) > 0
+        rows = pick(q_len)
+        return pick(start), jnp.where(take, rows, 0), jnp.where(take, w, -1), pick(sl) - rows
+
+    return jnp.sum(live_mask.astype(jnp.int32)), item
 
 
 def direct_grid(max_seqs: int, num_kv_heads: int, num_splits: int) -> int:
@@ -144,10 +180,8 @@ def combine_kernel(*refs, block_q: int, head_dim: int, num_splits: int, direct: 
     o_ref = refs[-1]  # (base, when aliased, sits before it)
     w, hq = pl.program_id(0), pl.program_id(1)
     if direct:  # program w merges the w-th served sequence (partials are indexed by that rank)
-        live_mask = live_decode_mask(meta[1], meta[2], block_q=block_q, max_seqs=max_seqs)
-        live = jnp.sum(live_mask.astype(jnp.int32))
-        row0, nrows, seq, pos0 = decode_item(nth_live(live_mask, w, max_seqs), *meta, block_q=block_q,
-                                              max_seqs=max_seqs)  # fmt: skip
+        live, item = direct_items(meta, block_q=block_q, max_seqs=max_seqs)
+        row0, nrows, seq, pos0 = item(w)
         nrows = jnp.where(w < live, nrows, 0)
         active = splits_for(live, num_kv_heads, num_splits)
     else:

@@ -8,6 +8,7 @@ from ragged_batch import make_batch, rel_err, run_fast
 from rpa_cases import CASES
 
 from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
+from pallas_kernels.ragged_paged_attention import gpu_splits as rpa_splits
 from pallas_kernels.ragged_paged_attention import reference as rpa_ref
 from pallas_kernels.ragged_paged_attention import tpu as rpa_tpu
 from pallas_kernels.ragged_paged_attention import work
@@ -128,13 +129,16 @@ def test_tpu_kernel_interpret(name):
     _check(c, b, got, want)
 
 
-@pytest.mark.parametrize("splits,min_blocks", [(1, 2), (3, 2), (3, 1)])
-def test_gpu_direct_decode_launch(splits, min_blocks):
+@pytest.mark.parametrize("splits,min_blocks,one_round", [(1, 2, False), (3, 2, False), (3, 1, False),
+                                                     (1, 2, True), (3, 2, True)])
+def test_gpu_direct_decode_launch(splits, min_blocks, one_round, monkeypatch):
     """A call of at most block_q tokens runs one direct launch (item = sequence, no work list,
     split count counted in the kernel): a zero-length sequence between live ones, sequences past
     num_seqs and NaN padding rows, which must come out zero. With 3 splits and 8-key blocks the
     items (2, 3 and 8 blocks) use 1, 2 and 3 of them at ``min_blocks_per_split`` 2, and 2, 3 and 3
-    at 1 (one block per program where the splits suffice: step_floor's attn-minblocks1)."""
+    at 1 (one block per program where the splits suffice: step_floor's attn-minblocks1). Also
+    with the launch's metadata read in one round of loads (``DIRECT_ONE_ROUND``)."""
+    monkeypatch.setattr(rpa_splits, "DIRECT_ONE_ROUND", one_round)
     b = make_batch(np.random.default_rng(4), [1, 2, 1, 1], [9, 30, 17, 60], page_size=8, num_q_heads=4,
                    num_kv_heads=2, head_dim=16, extra_seqs=2, extra_tokens=3)  # fmt: skip
     # Sequence 1 keeps its context but gets no rows this step; sequence 2's 2 rows follow seq 0.
@@ -150,8 +154,8 @@ def test_gpu_direct_decode_launch(splits, min_blocks):
     assert rel_err(got[:4], np.asarray(want, np.float32)[:4]) < 1e-5
 
 
-@pytest.mark.parametrize("splits", [1, 2])
-def test_gpu_max_q_len_runs_the_decode_launch_alone(splits, monkeypatch):
+@pytest.mark.parametrize("splits,one_round", [(1, False), (2, False), (2, True)])
+def test_gpu_max_q_len_runs_the_decode_launch_alone(splits, one_round, monkeypatch):
     """``max_q_len=1`` (the engine's decode-only steps): a bucket of 16 tokens with 5 one-token
     sequences, past the decode tile of 2 rows, runs the direct decode launch only, not the
     default two-launch plan; NaN padding rows and NaN-poisoned unused pages must not leak."""
@@ -159,6 +163,7 @@ def test_gpu_max_q_len_runs_the_decode_launch_alone(splits, monkeypatch):
                    num_kv_heads=2, head_dim=16, extra_seqs=3, extra_tokens=11)  # fmt: skip
     assert b.q.shape[0] == 16
     b.q[5:] = np.nan
+    monkeypatch.setattr(rpa_splits, "DIRECT_ONE_ROUND", one_round)
     kw = dict(sm_scale=0.25)
     want = jax.jit(lambda *a: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
     plan = rpa_gpu.GpuPlan(decode=rpa_gpu.GpuConfig(block_q=2, pages_per_block=1, num_splits=splits),
@@ -215,3 +220,19 @@ def test_gpu_decode_rows_put_verify_rows_in_the_decode_launch(monkeypatch):
     assert rel_err(got[:n], np.asarray(want, np.float32)[:n]) < 1e-5
     with pytest.raises(ValueError, match="decode_rows"):
         rpa_gpu.ragged_paged_attention(*b.args(), sm_scale=0.25, interpret=True, decode_rows=0)
+
+
+@pytest.mark.parametrize("one_round", [False, True])
+def test_gpu_decode_launch_lowers_for_cuda(one_round, monkeypatch):
+    """Llama-3.1-8B's heads (32 / 8 x 128, 16-token pages) in a 16-row decode-only bucket,
+    cross-lowered for CUDA on CPU (Triton, told it targets an H200), also with the direct
+    launch's metadata read in one round (``DIRECT_ONE_ROUND``, step_floor's attn-meta-one-round)."""
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration
+
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
+                        lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
+    monkeypatch.setattr(rpa_splits, "DIRECT_ONE_ROUND", one_round)
+    b = make_batch(np.random.default_rng(7), [1] * 5, [3, 40, 17, 1, 64], page_size=16, num_q_heads=32,
+                   num_kv_heads=8, head_dim=128, extra_seqs=11, extra_tokens=11)  # fmt: skip
+    fn = jax.jit(lambda *a: rpa_gpu.ragged_paged_attention(*a, sm_scale=0.1, max_q_len=1))
+    assert "ragged_paged_attention" in fn.trace(*b.args()).lower(lowering_platforms=("cuda",)).as_text()
