@@ -107,9 +107,9 @@ class DecodeConfig:
     #                            after it start once its pipeline is done
     paired_wait: bool = False  # ``gated`` only: a step's gate and up products both issued before
     #                            one wait (else each product waits for its own wgmma)
-    async_acc: bool = False    # the wgmma accumulator(s) live across the steps and each step
+    async_acc: bool = False    # the wgmma accumulator lives across the steps and each step
     #                            leaves its wgmmas in flight, its ring slot released a step later
-    #                            (module docstring; ``gated``: one unit per CTA)
+    #                            (module docstring; not ``gated``'s: wrong there, session 42)
 
     def ctas(self, n: int) -> int:
         """The grid for N output channels."""
