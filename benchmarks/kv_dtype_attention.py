@@ -6,10 +6,11 @@ measured the engine's decode step +28.8% with an fp8 pool (Qwen2.5-0.5B shape, 1
 kernel alone, per layer call, for the pool formats and the kernel options that bear on the
 per-key work: ``GpuConfig.kv_compute`` ("float16": K/V convert to f16 only, not on to bf16,
 the default for quantized pools since session 24; "float8": the QK dot in e4m3 against K as
-stored)
-and more keys per inner step (``pages_per_block``, 1-byte pages: the same bytes per step as
-bf16's default). Timing as ``benchmarks/kernels.py`` (``loop_time``: one jit, unrolled calls,
-median of 5; page tables rotate over a pool 4x the footprint).
+stored), more keys per inner step (``pages_per_block``, 1-byte pages: the same bytes per step
+as bf16's default) and, where the call splits, splits down to one block each
+(``min_blocks_per_split`` 1, not the default 2: a short context's splits matter at small
+batch). Timing as ``benchmarks/kernels.py`` (``loop_time``: one jit, unrolled calls, median of
+5; page tables rotate over a pool 4x the footprint).
 
     PYTHONPATH=. python3 benchmarks/kv_dtype_attention.py [--layouts qwen,8b] [--batch 16]
         [--context 8192]
@@ -85,6 +86,9 @@ def main() -> None:
                 return dataclasses.replace(dflt, decode=c) if plan else c
 
             configs = [("default", dec)]
+            if dec.num_splits > 1:   # short contexts: two blocks of keys per split program, or one
+                configs.append(("1 block per split at least",
+                                dataclasses.replace(dec, min_blocks_per_split=1)))
             if fp8:
                 wide = dataclasses.replace(dec, pages_per_block=2 * dec.pages_per_block)
                 configs += [("bf16 dots (before session 24)", dataclasses.replace(dec, kv_compute=None)),

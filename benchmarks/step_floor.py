@@ -190,14 +190,14 @@ MODULE_PATCHES = {
     "silu-gate-off": ("pallas_kernels.quant_matmul.api", "SILU_GATE_ON_HOPPER", False),
     # the gate epilogue's step issues both tiles' wgmmas before one wait (gated.py's paired_wait)
     "gated-paired-wait": ("pallas_kernels.quant_matmul.mgpu", "GATED_PAIRED_WAIT", True),
-    # the persistent decode kernel's accumulator across its steps, a step's wgmmas left in flight
-    # (its ring in 256-column steps at 16 tokens, 4 deep: mgpu_decode's async_acc)
-    "quant-async": ("pallas_kernels.quant_matmul.mgpu", "DECODE_ASYNC", True),
+    # the persistent decode kernel's accumulator without a step's wgmmas left in flight (the
+    # default since session 43 keeps them: mgpu_decode's async_acc, its ring 4 deep at 16 tokens)
+    "quant-async-off": ("pallas_kernels.quant_matmul.mgpu", "DECODE_ASYNC", False),
     # an int8 / fp8 pool's RoPE and quantizing K/V write in one Triton kernel (gpu_rope_quant.py)
     "rope-write-quant-on": ("pallas_kernels.kv_write.api", "ROPE_WRITE_QUANT_ON_GPU", True),
     # the direct decode attention launch and its combine read num_seqs, query_start_loc and
-    # seq_lens in one round of loads and pick their item in registers (gpu_splits.py)
-    "attn-meta-one-round": ("pallas_kernels.ragged_paged_attention.gpu_splits", "DIRECT_ONE_ROUND", True),
+    # seq_lens in three dependent rounds of loads (one round by default since session 43)
+    "attn-meta-three-rounds": ("pallas_kernels.ragged_paged_attention.gpu_splits", "DIRECT_ONE_ROUND", False),
 }
 
 

@@ -91,7 +91,8 @@ DECODE_STORE_MN = True    # the persistent kernel's ``store_mn`` (off: the A/B i
 DECODE_PDL = False        # the persistent kernel's ``pdl`` (on: step_floor --ab quant-pdl)
 DECODE_EXIT_READ_ONLY = False   # its ``exit_read_only`` (on: step_floor --ab quant-exit-ro)
 GATED_PAIRED_WAIT = False   # ``gated``'s ``paired_wait`` (on: step_floor --ab gated-paired-wait)
-DECODE_ASYNC = False   # the persistent kernel's ``async_acc`` (on: step_floor --ab quant-async)
+DECODE_ASYNC = True    # the persistent kernel's ``async_acc`` (off: step_floor --ab quant-async-off;
+#                       H100, 2026-12-05: the 8B's int8 + lm_head batch-1 step -0.7%, twice)
 DECODE_BLOCK_K: int | None = None   # its K tile (None: the rule in ``kernel_config``; A/Bs
 #                                     step_floor --ab quant-bk128, quant-bk256)
 DECODE_MAX_STAGES = 4     # its deepest ring (8: step_floor --ab quant-stages8)
@@ -104,9 +105,10 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
     """The default kernel for x [M, K] @ w [N, K]^T: the persistent decode kernel
     (``mgpu_decode``) where M pads to <= 64 tokens and it tiles, else the tiled grid. Its K tile
     is 512 columns up to 16 tokens, else 256 (long contiguous runs of each weight row: H200,
-    session 20, gate/up M = 1 43.4 us at 512 / 2 stages against 50.6 at 128), shorter where two
-    ring steps of ``DECODE_BLOCK_N`` rows would not fit ``DECODE_SMEM_PER_CTA``, and its ring as
-    deep as that allows (2-4 stages). K is split to keep two CTAs per SM:
+    session 20, gate/up M = 1 43.4 us at 512 / 2 stages against 50.6 at 128), shorter where the
+    ring steps it keeps ahead of ``DECODE_BLOCK_N`` rows would not fit ``DECODE_SMEM_PER_CTA``
+    (two; three with ``async_acc``, the default since session 43: 256 columns at 16 tokens), and
+    its ring as deep as that allows (2-4 stages). K is split to keep two CTAs per SM:
     unsplit on one CTA per SM with a ring twice as deep (no partial sum after the kernel), the
     8B's qkv, o and down projections made its batch-1 int8 step 3.94 ms against 3.31 (H200,
     session 32). (Session 38's device clock put the bare TMA ring of 64 x 128 tiles at 4 stages

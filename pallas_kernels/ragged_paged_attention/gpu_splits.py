@@ -19,8 +19,8 @@ TARGET_PROGRAMS = 264  # about two waves of an H100/H200's 132 SMs
 # A direct launch's programs read num_seqs, query_start_loc and seq_lens in one round of loads
 # and pick their item in registers (``direct_items``), not in three dependent rounds (num_seqs,
 # then the masked query_start_loc vector, then the item's scalars). Off: the A/B
-# (step_floor --ab attn-meta-one-round).
-DIRECT_ONE_ROUND = False
+# (step_floor --ab attn-meta-three-rounds; H100, 2026-12-05, the 8B's batch-1 step -0.3%).
+DIRECT_ONE_ROUND = True
 
 
 def pow2(n: int) -> int:

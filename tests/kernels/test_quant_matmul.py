@@ -360,9 +360,13 @@ def test_persistent_kernel_exiting_after_the_stores_read(monkeypatch):
 
 
 def test_persistent_kernel_async_accumulator(monkeypatch):
-    """``DECODE_ASYNC`` (the A/B quant-async) puts ``async_acc`` into the decode configs with a
-    ring at least 3 steps deep (slots free a step late: 256-column tiles at 16 tokens, 4 stages),
-    which the GPU lowering accepts at the 8B's shapes; it needs 2+ stages and x streamed."""
+    """``DECODE_ASYNC`` (the default since session 43; off: step_floor's quant-async-off) puts
+    ``async_acc`` into the decode configs with a ring at least 3 steps deep (slots free a step
+    late: 256-column tiles at 16 tokens, 4 stages), which the GPU lowering accepts at the 8B's
+    shapes; it needs 2+ stages and x streamed. Off, the ring is two steps ahead again."""
+    assert mgpu.DECODE_ASYNC
+    monkeypatch.setattr(mgpu, "DECODE_ASYNC", False)
+    assert not mgpu.kernel_config(16, 6144, 4096).async_acc
     monkeypatch.setattr(mgpu, "DECODE_ASYNC", True)
     for n, k in ((6144, 4096), (4096, 14336)):
         cfg = mgpu.kernel_config(16, n, k)
@@ -380,7 +384,9 @@ def test_persistent_kernel_async_accumulator(monkeypatch):
 def test_decode_units_of_128_rows(monkeypatch):
     """``DECODE_BLOCK_N`` = 128 (the A/B quant-bn128): 128-row units whose K tile shrinks until two
     ring steps fit ``DECODE_SMEM_PER_CTA`` (512 -> 256 columns at 16 tokens; 64-row units keep
-    512), and the kernel still matches the reference."""
+    512), and the kernel still matches the reference. The rule without ``async_acc`` (two ring
+    steps ahead); with it, three (``test_persistent_kernel_async_accumulator``)."""
+    monkeypatch.setattr(mgpu, "DECODE_ASYNC", False)
     assert mgpu.kernel_config(16, 4096, 4096).block_k == 512
     monkeypatch.setattr(mgpu, "DECODE_BLOCK_N", 128)
     cfg = mgpu.kernel_config(16, 4096, 4096)

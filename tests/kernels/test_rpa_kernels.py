@@ -136,8 +136,9 @@ def test_gpu_direct_decode_launch(splits, min_blocks, one_round, monkeypatch):
     split count counted in the kernel): a zero-length sequence between live ones, sequences past
     num_seqs and NaN padding rows, which must come out zero. With 3 splits and 8-key blocks the
     items (2, 3 and 8 blocks) use 1, 2 and 3 of them at ``min_blocks_per_split`` 2, and 2, 3 and 3
-    at 1 (one block per program where the splits suffice: step_floor's attn-minblocks1). Also
-    with the launch's metadata read in one round of loads (``DIRECT_ONE_ROUND``)."""
+    at 1 (one block per program where the splits suffice: step_floor's attn-minblocks1). With
+    the launch's metadata read in one round of loads (``DIRECT_ONE_ROUND``, the default) and in
+    three (step_floor's attn-meta-three-rounds)."""
     monkeypatch.setattr(rpa_splits, "DIRECT_ONE_ROUND", one_round)
     b = make_batch(np.random.default_rng(4), [1, 2, 1, 1], [9, 30, 17, 60], page_size=8, num_q_heads=4,
                    num_kv_heads=2, head_dim=16, extra_seqs=2, extra_tokens=3)  # fmt: skip
@@ -226,7 +227,8 @@ def test_gpu_decode_rows_put_verify_rows_in_the_decode_launch(monkeypatch):
 def test_gpu_decode_launch_lowers_for_cuda(one_round, monkeypatch):
     """Llama-3.1-8B's heads (32 / 8 x 128, 16-token pages) in a 16-row decode-only bucket,
     cross-lowered for CUDA on CPU (Triton, told it targets an H200), also with the direct
-    launch's metadata read in one round (``DIRECT_ONE_ROUND``, step_floor's attn-meta-one-round)."""
+    launch's metadata read in one round (``DIRECT_ONE_ROUND``, the default) and in three
+    (step_floor's attn-meta-three-rounds)."""
     from jax._src.pallas.triton import gpu_info, pallas_call_registration
 
     monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
