@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from benchmarks.device_clock import read_trace
-from benchmarks.step_floor import patched
+from benchmarks.step_floor import ab_cache_dir, patched
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import SamplingParams
 from jserve.step_program import StepVariant
@@ -102,12 +102,12 @@ def print_kernels(kernels: list[tuple[float, float, str]], calls: int, top: int 
         print(f"    | {name} | {t / calls:.1f} us | {n[name] / calls:.1f} launches |")
 
 
-def one(model: str, kv: str, context: int, batch: int, steps: int,
-        dump: str | None = None, trace: str | None = None) -> tuple[int, float, float, int]:
+def one(model: str, kv: str, context: int, batch: int, steps: int, dump: str | None = None,
+        trace: str | None = None, cache_dir: str | None = None) -> tuple[int, float, float, int]:
     """-> (pool pages, median ms per decode step of the engine, the same device-fed
     (``device_fed``), page size) for one KV dtype; ``dump``: a
     folder for the greedy decode step's optimized program (``<kv>.decode_step.hlo.txt``, for
-    ``hlo_kernels.py``)."""
+    ``hlo_kernels.py``); ``cache_dir``: the engine's compilation cache (None: the default)."""
     budget = 2048
     # Every sequence decodes to the end: the first prompts decode while the last are prefilled
     # (~batch x context / budget steps), then the 4 + 4 x steps timed steps and device_fed's one
@@ -115,7 +115,7 @@ def one(model: str, kv: str, context: int, batch: int, steps: int,
     room = -(-batch * context // budget) + 5 * steps + 32
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16",
                                   kv_cache_dtype=kv, max_num_seqs=batch, max_num_batched_tokens=budget,
-                                  max_model_len=context + room))
+                                  max_model_len=context + room, compilation_cache_dir=cache_dir))
     rng = np.random.default_rng(0)
     vocab = eng.config.model.vocab_size
     for _ in range(batch):
@@ -165,7 +165,8 @@ def main() -> None:
         with contextlib.ExitStack() as patches:
             for patch in filter(None, ab.split("/")):
                 patches.enter_context(patched(patch))
-            rows.append((entry, *one(ns.model, kv, ns.context, ns.batch, ns.steps, ns.dump, ns.trace)))
+            cache = ab_cache_dir(entry) if ab else None   # patched programs apart from the default's
+            rows.append((entry, *one(ns.model, kv, ns.context, ns.batch, ns.steps, ns.dump, ns.trace, cache)))
         print(f"  {entry}: {rows[-1][1]} pages, {rows[-1][2]:.3f} ms per decode step, "
               f"{rows[-1][3]:.3f} device-fed", flush=True)
     print(f"\n## {ns.model}, {ns.batch} sequences decoding at {ns.context} tokens "

@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks.step_floor import ab_cache_dir
 from jserve.builder import EngineArgs, build_engine
 from jserve.sampling_params import RequestOutputKind, SamplingParams
 from pallas_kernels.quant_matmul import api as quant_api
@@ -173,7 +174,9 @@ def main() -> None:
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
         max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling,
         quantization=ns.quantization, kv_cache_dtype=ns.kv_cache_dtype,
-        gpu_memory_utilization=ns.gpu_memory_utilization))
+        gpu_memory_utilization=ns.gpu_memory_utilization,
+        compilation_cache_dir=(None if ns.w8a8_xla_min_m is None     # (a module constant: programs apart)
+                               else ab_cache_dir(f"w8a8_xla_min_m={ns.w8a8_xla_min_m}"))))
     startup = time.perf_counter() - t0
     vocab = engine.config.model.vocab_size
     rng = np.random.default_rng(0)

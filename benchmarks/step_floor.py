@@ -29,13 +29,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
+import re
 import time
 
 import jax
 import numpy as np
 
 from benchmarks.hlo_kernels import INSTR, NOT_KERNELS, computations
-from jserve.builder import EngineArgs, build_engine
+from jserve.builder import EngineArgs, build_engine, default_cache_dir
 from jserve.compile_pool import compiler_options, cublas_min_tokens
 from jserve.sampling_params import SamplingParams
 from jserve.staged_input import stage_inputs
@@ -199,6 +201,16 @@ MODULE_PATCHES = {
     # seq_lens in three dependent rounds of loads (one round by default since session 43)
     "attn-meta-three-rounds": ("pallas_kernels.ragged_paged_attention.gpu_splits", "DIRECT_ONE_ROUND", False),
 }
+
+
+def ab_cache_dir(tag: str) -> str:
+    """A compilation cache folder of its own for engines built while an in-process A/B (a patch,
+    a module constant) is in effect (benchmark only). The engine's stored step executables
+    (jserve/executable_cache.py) are keyed by its configuration and source, not by module
+    constants a benchmark sets, so such an engine in the default folder loads the programs an
+    unpatched one stored (session 43: kv_dtype_step's fp8+rope-write-quant-on arm ran the fp8
+    arm's executable, without the fused kernel, in sessions 42 and 43)."""
+    return os.path.join(default_cache_dir(), "ab", re.sub(r"[^A-Za-z0-9_.=-]+", "+", tag))
 
 
 @contextlib.contextmanager

@@ -144,3 +144,20 @@ def test_every_module_patch_names_a_switch_it_changes():
         with step_floor.patched(name):
             assert getattr(module, attr) == value, name
         assert getattr(module, attr) == default, name
+
+
+def test_patched_engines_keep_their_programs_apart(monkeypatch, tmp_path):
+    """An engine built under an A/B patch (kv_dtype_step's KV+PATCH entries) compiles into a
+    cache folder of its own: the stored step executables are keyed by configuration and source,
+    not by the module constants a patch sets (session 43: the fp8+rope-write-quant-on arm ran
+    the fp8 arm's program). Unpatched entries keep the default folder."""
+    from benchmarks import kv_dtype_step
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    a, b = step_floor.ab_cache_dir("fp8+rope-write-quant-on"), step_floor.ab_cache_dir("fp8+a/b")
+    assert a != b and all(p.startswith(str(tmp_path / "jserve" / "xla" / "ab")) for p in (a, b))
+    seen = []
+    monkeypatch.setattr(kv_dtype_step, "one", lambda *a: seen.append(a[-1]) or (10, 1.0, 1.0, 16))
+    monkeypatch.setattr("sys.argv", ["kv_dtype_step", "--kv-dtypes", "auto,fp8+rope-write-quant-on"])
+    kv_dtype_step.main()
+    assert seen == [None, a]
