@@ -53,7 +53,7 @@ def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int 
     the packed input goes to the call as a host array, uploaded by the call (the engine's way);
     ``put_input``: uploaded by ``jax.device_put`` just before the call (timed with it)."""
     r = engine.runner
-    joint = decode_inputs(engine, context)
+    joint = decode_inputs(engine, context)[-1]   # (batch 1: one buffer)
     stage = StagedInputs([joint.shape[0]], r._replicated) if staged else None
     if numpy_input or put_input or staged:
         joint = np.asarray(joint)
@@ -90,7 +90,7 @@ def chain_tokens(engine, step, n: int = 24, context: int = 300) -> list[int]:
     r = engine.runner
     kv, table = r.kv, r.slot_table
     tokens = jnp.zeros_like(r._prev_tokens)
-    inputs = [np.asarray(decode_inputs(engine, context + i)) for i in range(n)]
+    inputs = [np.asarray(decode_inputs(engine, context + i)[-1]) for i in range(n)]
     out_tokens = []
     for joint in inputs:
         kv, _, table, tokens, out, *_ = step(r.params, kv, None, table, tokens, joint, None)

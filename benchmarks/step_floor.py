@@ -14,7 +14,8 @@ For each model shape (random weights, bf16):
 --twins adds A2: the decode step as two executables called in turn (does the per-call CUDA-graph
 update wait for the graph's previous launch? Session 8: no; the engine keeps one). --staged adds A3 and
 B3: each step's input copied into a fixed device buffer (``staged_input.stage_inputs``), so the step's
-CUDA graph sees no moved input.
+CUDA graph sees no moved input. --rows N times the A rows at N decode rows of 300 tokens (the
+decode attention's A/Bs at a small batch; B and C stay batch 1).
 --dump writes the optimized program of each model's decode step
 (``<model>[.<quantization>].decode_step.hlo.txt``; ``hlo_kernels.py`` compares two of them)
 for reading its kernels offline; --trace records a profiler trace of 20 steps of A (host and
@@ -52,43 +53,62 @@ def count_kernels(hlo_text: str) -> int:
                if (m := INSTR.match(line)) and m.group(2) not in NOT_KERNELS)
 
 
-def decode_inputs(engine, context: int = 300) -> jax.Array:
-    """The packed buffer of a batch-1 decode step at ``context`` (slot 0, its pages 1..), whose
-    input token is the previous call's row 0: ``StepLayout.joint`` on the device."""
+def decode_inputs(engine, context: int = 300, rows: int = 1) -> list[jax.Array]:
+    """The packed buffers of a decode step of ``rows`` sequences at ``context`` (sequence r in
+    slot r, pages of its own), whose input tokens are the previous call's rows:
+    ``StepLayout.joint`` on the device. The step's page-table entries travel in the diff lists
+    of the buffers in turn (a bucket's list holds ceil(T / page_size) + 2R); the last buffer is
+    the step to time, its list the last entries again (a diff applied twice changes nothing)."""
     r = engine.runner
-    layout = r.layout(r.bucket_for(1)[0])
-    ibuf, fbuf, f = layout.new_buffers()
+    layout = r.layout(r.bucket_for(rows)[0])
     ps = engine.config.cache.page_size
-    context = min(context, len(f["pt_diff"]) * ps)   # (a small bucket's diff list holds fewer pages)
-    pages = np.arange(1, 1 + -(-context // ps), dtype=np.int32)
-    f["positions"][0] = context - 1
-    f["slot_mapping"][0] = pages[(context - 1) // ps] * ps + (context - 1) % ps
-    f["prev_index"][0] = 0                  # the token sampled by the previous call, row 0
-    f["row_slot"][0], f["samples"][0] = 0, 1  # slot 0: its row of the device slot table
-    f["pt_diff"][:len(pages)] = np.stack([np.zeros_like(pages), np.arange(len(pages)), pages], 1)
-    f["seq_lens"][0] = context
-    f["query_start_loc"][1:] = 1
-    f["num_seqs"][0] = 1
-    return jax.device_put(layout.joint(ibuf))
+    ibuf, fbuf, f = layout.new_buffers()
+    room = len(f["pt_diff"])
+    if rows == 1:   # (a small bucket's diff list holds fewer pages: one call's worth)
+        context = min(context, room * ps)
+    pp = -(-context // ps)
+    if 1 + rows * pp > engine.config.cache.num_pages or rows > len(f["seq_lens"]):
+        raise ValueError(f"step_floor: {rows} rows x {context} tokens do not fit the engine's pool "
+                         "or its bucket")
+    entries = np.array([(row, i, 1 + row * pp + i) for row in range(rows) for i in range(pp)], np.int32)
+    for row in range(rows):
+        last = 1 + row * pp + (context - 1) // ps
+        f["positions"][row] = context - 1
+        f["slot_mapping"][row] = last * ps + (context - 1) % ps
+        f["prev_index"][row] = row              # the token sampled by the previous call, row r
+        f["row_slot"][row], f["samples"][row] = row, 1   # slot r: its row of the device slot table
+        f["seq_lens"][row] = context
+        f["query_start_loc"][row + 1:] = row + 1
+    f["num_seqs"][0] = rows
+    out = []
+    for start in range(0, len(entries), room):
+        f["pt_diff"][:] = -1
+        chunk = entries[start:start + room]
+        f["pt_diff"][:len(chunk)] = chunk
+        out.append(jax.device_put(layout.joint(ibuf).copy()))   # (a CPU device_put may alias)
+    return out
 
 
 def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | None = None,
-            trace: str | None = None, staged=None) -> tuple[float, float, float, int]:
+            trace: str | None = None, staged=None, rows: int = 1) -> tuple[float, float, float, int]:
     """-> (ms per step, host ms inside the call back to back, host ms of one call on an idle
-    device, kernels per step) for the 1-token bucket; ``step`` defaults to the engine's own
-    greedy decode-only variant. ``staged``: a ``StagedInputs``: each call's input is the host
-    array copied into its fixed device buffer (timed with the call), else one device array."""
+    device, kernels per step) for the bucket of ``rows`` decode rows (``decode_inputs``);
+    ``step`` defaults to the engine's own greedy decode-only variant. ``staged``: a
+    ``StagedInputs``: each call's input is the host array copied into its fixed device buffer
+    (timed with the call), else one device array."""
     r = engine.runner
-    step = step or r._compiled[StepVariant(r.bucket_for(1)[0], False, True, True)]
+    step = step or r._compiled[StepVariant(r.bucket_for(rows)[0], False, True, True)]
     steps = step if isinstance(step, tuple) else (step,)   # a tuple: executables called in turn
     step = steps[0]
-    joint = decode_inputs(engine, context)
+    *setup, joint = decode_inputs(engine, context, rows)
     host_joint = np.asarray(joint)
 
     def arg():
         return joint if staged is None else staged.put(host_joint)
 
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
+    for x in setup:   # the page-table entries that the last buffer's diff list cannot hold
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, x, None)
     for i in range(6):  # the greedy variant takes no penalty or logit state (None)
         kv, _, table, tokens, *_ = steps[i % len(steps)](r.params, kv, None, table, tokens, arg(), None)
     jax.block_until_ready(tokens)
@@ -301,7 +321,7 @@ def _recompiled(engine, variant, patch: str):
 
 def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
           ab: tuple[str, ...] = (), max_tokens: int = 64, quantization: str | None = None,
-          twins: bool = False, staged: bool = False) -> None:
+          twins: bool = False, staged: bool = False, rows: int = 1) -> None:
     res = {}
     t0 = time.perf_counter()
     lm_head = quantization is not None and quantization.endswith("+lm_head")   # quantize_lm_head
@@ -315,8 +335,8 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
     tag = model.replace("/", "_") + (f".{quantization}" if quantization else "")
     dump = f"{dump_dir}/{tag}.decode_step.hlo.txt" if dump_dir else None
     trace = f"{trace_dir}/{tag}" if trace_dir else None
-    res["A"] = floor_a(eng, dump=dump, trace=trace)
-    t = eng.runner.bucket_for(1)[0]
+    res["A"] = floor_a(eng, dump=dump, trace=trace, rows=rows)
+    t = eng.runner.bucket_for(rows)[0]
     extra = {"A' greedy variant with prefill launches (before: decode steps ran it)":
              eng.runner._compiled[StepVariant(t, False, True, False)]}
     for patch in ab:
@@ -331,7 +351,7 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
     if twins:   # two executables of the decode step, called in turn
         again = eng.runner.lower_step(decode).compile(engine_options(eng, decode) or None)
         extra["A2 two executables of the decode step in turn"] = (eng.runner._compiled[decode], again)
-    extra_res = {name: floor_a(eng, step=fn) for name, fn in extra.items()}
+    extra_res = {name: floor_a(eng, step=fn, rows=rows) for name, fn in extra.items()}
     for key, overlap in (("B", True), ("C", False)):
         eng._overlap = overlap   # the async_scheduling option, toggled on one engine (benchmark only)
         res[key] = engine_decode(eng)
@@ -342,7 +362,7 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
         eng._overlap = True
         stage_inputs(eng.runner)
         res["B3"] = engine_decode(eng)
-        res["A3"] = floor_a(eng, staged=eng.runner.staged_inputs)
+        res["A3"] = floor_a(eng, staged=eng.runner.staged_inputs, rows=rows)
     p_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(eng.runner.params))
     leaves = len(jax.tree_util.tree_leaves(eng.runner.params)) + 2 * len(eng.runner.kv) + 4
     del eng
@@ -350,7 +370,7 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
     print(f"\n## {model}, weights {quantization or 'bf16'} ({jax.devices()[0].device_kind}): "
           f"{p_bytes / 1e9:.2f} GB; "
           f"{leaves} arrays per step call; HBM floor at 3.3 TB/s = {floor:.2f} ms/step; "
-          f"engine build {build_s:.1f} s")
+          f"engine build {build_s:.1f} s; A rows: {rows} decode rows at 300 tokens")
     print("| path | ms/step | tok/s | host ms in the call, back to back | host ms of one call, "
           "device idle | kernels per step |")
     print("|---|---|---|---|---|---|")
@@ -386,6 +406,8 @@ def main() -> None:
                          "fp8_w8a8, each with '+lm_head' for quantize_lm_head (int8+lm_head)")
     ap.add_argument("--twins", action="store_true",
                     help="also time A2: two executables of the decode step called in turn")
+    ap.add_argument("--rows", type=int, default=1,
+                    help="decode rows of the A rows' step (300 tokens each; B and C stay batch 1)")
     ap.add_argument("--staged", action="store_true",
                     help="also time A3 and B3: each step's input staged into a fixed device buffer")
     ns = ap.parse_args()
@@ -396,7 +418,7 @@ def main() -> None:
     for m in ns.models.split(","):
         for q in ns.quantization.split(","):
             probe(m, ns.dump, ns.trace, tuple(p for p in ns.ab.split(",") if p), ns.max_num_batched_tokens,
-                  None if q == "none" else q, twins=ns.twins, staged=ns.staged)
+                  None if q == "none" else q, twins=ns.twins, staged=ns.staged, rows=ns.rows)
 
 
 if __name__ == "__main__":

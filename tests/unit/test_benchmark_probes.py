@@ -22,6 +22,23 @@ def engine():
                                    max_num_seqs=4, max_num_batched_tokens=16, num_pages=32))
 
 
+def test_step_floor_decodes_several_rows(engine):
+    """--rows: a step of 3 decode rows at 60 tokens, each in its own slot and pages; their 12
+    page-table entries overflow the bucket's diff list, so they reach the device slot table over
+    two calls before the timed ones."""
+    r = engine.runner
+    ps = engine.config.cache.page_size
+    buffers = step_floor.decode_inputs(engine, context=60, rows=3)
+    pp = -(-60 // ps)
+    assert len(buffers) == -(-3 * pp // len(r.layout(r.bucket_for(3)[0]).new_buffers()[2]["pt_diff"])) > 1
+    assert step_floor.floor_a(engine, n=2, context=60, rows=3)[0] > 0
+    table = np.asarray(r.slot_table)
+    for row in range(3):
+        assert table[row, :pp].tolist() == list(range(1 + row * pp, 1 + (row + 1) * pp))
+    with pytest.raises(ValueError, match="do not fit"):
+        step_floor.decode_inputs(engine, context=60, rows=9)
+
+
 def test_step_floor_calls_the_decode_step(engine):
     ms, host_ms, idle_ms, kernels = step_floor.floor_a(engine, n=2, context=20)
     assert ms > 0 and host_ms > 0 and idle_ms > 0 and kernels >= 0
