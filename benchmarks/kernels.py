@@ -65,7 +65,7 @@ def loop_time(op, args, *, iters: int = 20, reps: int = 5, rotate: int | None = 
             return acc + jnp.sum(out.astype(jnp.float32)), first
 
         # Unrolled: an XLA while loop on GPU costs ~25 us per iteration (predicate read back to the
-        # host; measured as harness_floor in run 3, KERNEL_NOTES.md).
+        # host; measured as harness_floor in run 3, KERNEL_NOTES_runs_1-9.md).
         return jax.lax.fori_loop(0, iters, body, (jnp.float32(0), a[0]), unroll=True)[0]
 
     jax.block_until_ready(many(*args))

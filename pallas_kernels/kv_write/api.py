@@ -19,7 +19,7 @@ else XLA's RoPE and ``write_kv_quantized``.
 ``rope_write``'s one Mosaic GPU kernel where ``rope_write_fuses`` (decode-sized steps on Hopper,
 ``ROPE_WRITE_ON_HOPPER`` / ``ROPE_WRITE_DENSE_ON_HOPPER``), else XLA's RoPE and ``write_kv``.
 
-Why the split on GPU (H200, same run, pools of 20000 pages, KERNEL_NOTES.md run 4): 4096 tokens
+Why the split on GPU (H200, same run, pools of 20000 pages, KERNEL_NOTES_runs_1-9.md run 4): 4096 tokens
 take 20.3 us through the Pallas kernel and 76.5 us through XLA's scatter, 256 tokens 18.3 us
 against 14.9 us: the kernel's fixed cost loses on decode-sized steps. The kernel passes its
 hardware test (tests/gpu/test_kernels_gpu.py::test_write_kv_gpu) on the H200.

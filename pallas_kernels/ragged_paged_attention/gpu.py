@@ -41,7 +41,7 @@ reads only the active ones; an active split whose range is empty writes the neut
 (max = -1e30, sum = 0). An item with few KV blocks uses fewer splits (``min_blocks_per_split``),
 so a short context is not cut into one-block programs with a wide merge. Split programs run with
 2 warps: batch-1 decode is latency-bound, and more, smaller programs keep more page gathers in
-flight per SM (H200 sweep, KERNEL_NOTES run 8: 32 splits x 2 warps 33 us vs 16 x 4 warps 45 us).
+flight per SM (H200 sweep, KERNEL_NOTES_runs_1-9 run 8: 32 splits x 2 warps 33 us vs 16 x 4 warps 45 us).
 
 Why the Triton lowering and not Mosaic GPU: decode is memory-bound, and what matters is many
 independent row gathers in flight (``num_stages`` software pipelining of the gathered page
@@ -148,7 +148,7 @@ def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: in
     SMs; else enough for one live sequence (``num_kv_heads`` programs) to reach that, at most 32,
     and with the float32 partials of every split within 64 MiB (``partial_bytes`` per split; a
     temporary of the step, shared by its layers). Batch-1 decode at 8192 on an H200, loop times
-    of one sweep (KERNEL_NOTES run 8): 32 splits of 2-warp programs 33 us, 16 splits of 4 warps
+    of one sweep (KERNEL_NOTES_runs_1-9 run 8): 32 splits of 2-warp programs 33 us, 16 splits of 4 warps
     45 us.
     """
     if programs >= sp.TARGET_PROGRAMS:

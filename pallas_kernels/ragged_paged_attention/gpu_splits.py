@@ -171,7 +171,7 @@ def combine_kernel(*refs, block_q: int, head_dim: int, num_splits: int, direct: 
 
     All splits are loaded at once as one ``[S, block_q, D]`` tile (S = splits padded to a power of
     two, masked past the active count) and reduced in registers: a loop over splits would chain
-    one global-memory round trip per split (what made the fused merge slow, KERNEL_NOTES run 3).
+    one global-memory round trip per split (what made the fused merge slow, KERNEL_NOTES_runs_1-9 run 3).
     """
     refs = list(refs)
     meta = [refs.pop(0) for _ in range(3 if direct else 1)]
