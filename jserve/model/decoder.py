@@ -115,7 +115,12 @@ def _layers(cfg: ModelConfig, weights: dict[str, Any], x: jax.Array, kv: KVCache
         x, h, pool = _layer(cfg, w, x, h, next_ln, tuple(kv[i]), batch, rope, windows[i],
                             fresh_prefill, mesh, decode_only)
         new_kv.append(pool)
-    return (x if final_ln is None else h), new_kv
+    if final_ln is None:
+        return x, new_kv
+    # The last layer's residual output is unused past here; a barrier keeps it an output, so
+    # that layer stays the one traced and lowered function every layer calls, not a pruned copy.
+    _, h = jax.lax.optimization_barrier((x, h))
+    return h, new_kv
 
 
 def num_microbatches(num_tokens: int, stages: int, fresh_prefill: bool = False) -> int:

@@ -1,7 +1,6 @@
 """The engine on a GPU: golden greedy tokens and bf16 serving (skipped without a GPU)."""
 
 import functools
-import re
 
 import jax
 import numpy as np
@@ -81,12 +80,11 @@ def test_bf16_fresh_step_runs_mosaic_kernel_once_and_matches_paged():
     paged_step = jax.jit(functools.partial(forward, cfg, mesh=mesh), donate_argnums=(1,))
     text = fresh_step.lower(params, kv, batch).as_text()
     # One kernel build, called from the nested-jit layer (jserve/model/decoder.py ``_layer``),
-    # which every layer calls: the last one a copy of it without the residual output that only
-    # the last layer leaves unused (JAX prunes it), which calls the same kernel.
-    layer_fns = set(re.findall(r"func.func private @(_layer(?:_\d+)?)\(", text))
+    # which every layer calls (the last one too: its unused residual output is kept, not pruned
+    # into a second function).
     assert text.count("custom_call @mosaic_gpu") == 1
-    assert 1 <= len(layer_fns) <= 2 and text.count("call @_mgpu_jit(") == len(layer_fns)
-    assert sum(text.count(f"call @{f}(") for f in layer_fns) == cfg.num_layers
+    assert text.count("call @_mgpu_jit(") == 1
+    assert text.count("call @_layer(") == cfg.num_layers
     kv, fresh = fresh_step(params, kv, batch)
     kv, paged = paged_step(params, kv, batch)
     fresh = np.asarray(fresh, np.float32)[:4]
