@@ -9,11 +9,15 @@ the default for quantized pools since session 24; "float8": the QK dot in e4m3 a
 stored), more keys per inner step (``pages_per_block``, 1-byte pages: the same bytes per step
 as bf16's default) and, where the call splits, splits down to one block each
 (``min_blocks_per_split`` 1, not the default 2: a short context's splits matter at small
-batch). Timing as ``benchmarks/kernels.py`` (``loop_time``: one jit, unrolled calls, median of
+batch). Each call is the engine's decode-only call (``max_q_len=1``: the direct decode launch
+and its split merge); ``--bucket`` and ``--max-model-len`` shape it like the engine's token
+bucket and page tables, which size the launch's static split count (session 43: a 1-token call
+with 19-page tables, 4 splits, is not the engine's batch-1 decode, 16 splits in its 16-row
+bucket). Timing as ``benchmarks/kernels.py`` (``loop_time``: one jit, unrolled calls, median of
 5; page tables rotate over a pool 4x the footprint).
 
     PYTHONPATH=. python3 benchmarks/kv_dtype_attention.py [--layouts qwen,8b] [--batch 16]
-        [--context 8192]
+        [--context 8192] [--bucket 16 --max-model-len 1024]
     PYTHONPATH=. python3 benchmarks/kv_dtype_attention.py --smoke   # CPU, interpret mode
 """
 
@@ -36,10 +40,19 @@ LAYOUTS = {"qwen": (14, 2, 64), "8b": (32, 8, 128)}   # q heads, kv heads, head_
 PAGE, ROT = 16, 4
 
 
-def inputs(hq: int, hkv: int, d: int, batch: int, context: int, fp8: bool, key: int) -> tuple:
-    """(q, k pool, v pool, page tables [ROT, batch, pps], seq_lens, query_start_loc, num_seqs,
-    scales kwargs): one decode row per sequence; fp8 pools as the engine stores them."""
+def inputs(hq: int, hkv: int, d: int, batch: int, context: int, fp8: bool, key: int,
+           bucket: int = 0, max_model_len: int = 0) -> tuple:
+    """(q, k pool, v pool, page tables [ROT, rows, P], (seq_lens, query_start_loc, num_seqs),
+    scales kwargs): one decode row per sequence; fp8 pools as the engine stores them. ``bucket``
+    (0: ``batch``): q rows and page-table rows as in the engine's token bucket, the rows past
+    ``batch`` padding (no sequence); ``max_model_len`` (0: ``context``): the page tables' width
+    P, as the engine's (the kernel's static split count is sized by both)."""
+    rows = bucket or batch
     pps = -(-context // PAGE)
+    width = -(-(max_model_len or context) // PAGE)
+    if rows < batch or width < pps:
+        raise ValueError(f"--bucket {bucket} / --max-model-len {max_model_len} do not hold {batch} "
+                         f"sequences of {context} tokens")
     num_pages = 1 + ROT * batch * pps
     ks = jax.random.split(jax.random.key(key), 3)
     shape = (num_pages, PAGE, hkv, d)
@@ -54,11 +67,14 @@ def inputs(hq: int, hkv: int, d: int, batch: int, context: int, fp8: bool, key: 
     else:
         kp, vp = kp.astype(jnp.bfloat16), vp.astype(jnp.bfloat16)
     perm = np.random.default_rng(key).permutation(np.arange(1, num_pages))
-    pts = jnp.asarray(perm.reshape(ROT, batch, pps).astype(np.int32))
-    q = jax.random.normal(ks[2], (batch, hq, d), jnp.bfloat16)
-    meta = (jnp.full((batch,), context, jnp.int32), jnp.arange(batch + 1, dtype=jnp.int32),
+    pts = np.zeros((ROT, rows, width), np.int32)   # page 0: the null page
+    pts[:, :batch, :pps] = perm.reshape(ROT, batch, pps)
+    q = jax.random.normal(ks[2], (rows, hq, d), jnp.bfloat16)
+    live = np.arange(rows) < batch
+    meta = (jnp.asarray(np.where(live, context, 0).astype(np.int32)),
+            jnp.asarray(np.minimum(np.arange(rows + 1), batch).astype(np.int32)),
             jnp.asarray([batch], jnp.int32))
-    return q, kp, vp, pts, meta, scales
+    return q, kp, vp, jnp.asarray(pts), meta, scales
 
 
 def main() -> None:
@@ -66,10 +82,16 @@ def main() -> None:
     ap.add_argument("--layouts", default="qwen,8b", help=f"comma list of {', '.join(LAYOUTS)}")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--bucket", type=int, default=0,
+                    help="q rows and page-table rows, as the engine's token bucket (0: --batch)")
+    ap.add_argument("--max-model-len", type=int, default=0,
+                    help="the page tables' width in tokens, as the engine's (0: --context)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU check)")
     a = ap.parse_args()
     batch, context, interpret = (4, 64, True) if a.smoke else (a.batch, a.context, False)
-    print(f"## decode attention, {batch} sequences x {context} tokens, page {PAGE} "
+    rows = a.bucket or batch
+    print(f"## decode attention, {batch} sequences x {context} tokens in a {rows}-row bucket, "
+          f"page tables of {a.max_model_len or context} tokens, page {PAGE} "
           f"({jax.devices()[0].device_kind}, jax {jax.__version__})")
     print("| layout (q / kv heads, d) | pool | config | us per call | vs bf16 | max abs err vs reference |")
     print("|---|---|---|---|---|---|")
@@ -77,8 +99,8 @@ def main() -> None:
         hq, hkv, d = LAYOUTS[name]
         base = None
         for fp8 in (False, True):
-            q, kp, vp, pts, meta, sc = inputs(hq, hkv, d, batch, context, fp8, key=7)
-            dflt = rpa_gpu.default_config(batch, batch, hq, hkv, PAGE, pts.shape[2], quantized=fp8)
+            q, kp, vp, pts, meta, sc = inputs(hq, hkv, d, batch, context, fp8, 7, a.bucket, a.max_model_len)
+            dflt = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=fp8)
             plan = isinstance(dflt, rpa_gpu.GpuPlan)   # every row decodes: its decode launch runs
             dec = dflt.decode if plan else dflt
 
@@ -97,10 +119,11 @@ def main() -> None:
                             ("float8, 2x keys", dataclasses.replace(wide, kv_compute="float8"))]
             want = rpa_ref.ragged_paged_attention(q, kp, vp, pts[0], *meta, sm_scale=d**-0.5, **sc)
             for label, cfg in configs:
-                f = functools.partial(rpa_gpu.ragged_paged_attention, sm_scale=d**-0.5,
+                f = functools.partial(rpa_gpu.ragged_paged_attention, sm_scale=d**-0.5, max_q_len=1,
                                       config=launch(cfg), interpret=interpret, **sc)
                 got = jax.jit(f)(q, kp, vp, pts[0], *meta)
-                err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+                err = float(jnp.max(jnp.abs(got[:batch].astype(jnp.float32)
+                                            - want[:batch].astype(jnp.float32))))
                 t = loop_time(lambda i, q, kp, vp, pts, f=f, meta=meta: f(q, kp, vp, pts[i], *meta),
                               (q, kp, vp, pts), rotate=ROT, iters=2 if a.smoke else 20,
                               reps=1 if a.smoke else 5)
