@@ -24,8 +24,10 @@ bucket). Timing as ``benchmarks/kernels.py`` (``loop_time``: one jit, unrolled c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +36,24 @@ import numpy as np
 from benchmarks.kernels import loop_time
 from pallas_kernels import kv_format
 from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
+from pallas_kernels.ragged_paged_attention import gpu_splits as rpa_splits
 from pallas_kernels.ragged_paged_attention import reference as rpa_ref
 
 LAYOUTS = {"qwen": (14, 2, 64), "8b": (32, 8, 128)}   # q heads, kv heads, head_dim
 PAGE, ROT = 16, 4
+
+
+@contextlib.contextmanager
+def programs_target(target: int | None = None) -> Iterator[None]:
+    """``gpu_splits.TARGET_PROGRAMS`` set to ``target`` while tracing (benchmark only; None: left
+    as it is)."""
+    saved = rpa_splits.TARGET_PROGRAMS
+    if target is not None:
+        rpa_splits.TARGET_PROGRAMS = target
+    try:
+        yield
+    finally:
+        rpa_splits.TARGET_PROGRAMS = saved
 
 
 def inputs(hq: int, hkv: int, d: int, batch: int, context: int, fp8: bool, key: int,
@@ -86,6 +102,9 @@ def main() -> None:
                     help="q rows and page-table rows, as the engine's token bucket (0: --batch)")
     ap.add_argument("--max-model-len", type=int, default=0,
                     help="the page tables' width in tokens, as the engine's (0: --context)")
+    ap.add_argument("--targets", default="",
+                    help="comma list of gpu_splits.TARGET_PROGRAMS values to time the default config "
+                         "under too (the KV splits are sized for that many programs; default 264)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU check)")
     a = ap.parse_args()
     batch, context, interpret = (4, 64, True) if a.smoke else (a.batch, a.context, False)
@@ -95,6 +114,7 @@ def main() -> None:
           f"({jax.devices()[0].device_kind}, jax {jax.__version__})")
     print("| layout (q / kv heads, d) | pool | config | us per call | vs bf16 | max abs err vs reference |")
     print("|---|---|---|---|---|---|")
+    targets = [int(t) for t in a.targets.split(",") if t]
     for name in a.layouts.split(","):
         hq, hkv, d = LAYOUTS[name]
         base = None
@@ -108,6 +128,10 @@ def main() -> None:
                 return dataclasses.replace(dflt, decode=c) if plan else c
 
             configs = [("default", dec)]
+            for t in targets:   # the static config too is sized by the target: made under it
+                with programs_target(t):
+                    c = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=fp8)
+                configs.append((f"default, {t} programs target", c.decode if plan else c, t))
             if dec.num_splits > 1:   # short contexts: two blocks of keys per split program, or one
                 configs.append(("1 block per split at least",
                                 dataclasses.replace(dec, min_blocks_per_split=1)))
@@ -118,20 +142,21 @@ def main() -> None:
                             ("kv_compute float8", dataclasses.replace(dec, kv_compute="float8")),
                             ("float8, 2x keys", dataclasses.replace(wide, kv_compute="float8"))]
             want = rpa_ref.ragged_paged_attention(q, kp, vp, pts[0], *meta, sm_scale=d**-0.5, **sc)
-            for label, cfg in configs:
+            for label, cfg, *target in configs:
                 f = functools.partial(rpa_gpu.ragged_paged_attention, sm_scale=d**-0.5, max_q_len=1,
                                       config=launch(cfg), interpret=interpret, **sc)
-                got = jax.jit(f)(q, kp, vp, pts[0], *meta)
+                with programs_target(*target):   # (the split count is traced from it)
+                    got = jax.jit(f)(q, kp, vp, pts[0], *meta)
+                    sec = loop_time(lambda i, q, kp, vp, pts, f=f, meta=meta: f(q, kp, vp, pts[i], *meta),
+                                    (q, kp, vp, pts), rotate=ROT, iters=2 if a.smoke else 20,
+                                    reps=1 if a.smoke else 5)
                 err = float(jnp.max(jnp.abs(got[:batch].astype(jnp.float32)
                                             - want[:batch].astype(jnp.float32))))
-                t = loop_time(lambda i, q, kp, vp, pts, f=f, meta=meta: f(q, kp, vp, pts[i], *meta),
-                              (q, kp, vp, pts), rotate=ROT, iters=2 if a.smoke else 20,
-                              reps=1 if a.smoke else 5)
-                base = t if base is None else base
+                base = sec if base is None else base
                 ppb = cfg.pages_per_block
                 print(f"| {name} ({hq} / {hkv}, {d}) | {'fp8 (uint8)' if fp8 else 'bf16'} | {label} "
                       f"(ppb {ppb}, splits {cfg.num_splits}, dots {cfg.kv_compute or 'q dtype'}) | "
-                      f"{t * 1e6:.1f} | {t / base:.3f}x | {err:.4f} |")
+                      f"{sec * 1e6:.1f} | {sec / base:.3f}x | {err:.4f} |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 # history (sessions 7-43 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, and one block per split at 4 and 16 rows), kqr (the fused quantizing RoPE write on an
-# fp8 pool, its first valid A/B), qgs (the gate epilogue's variants on the device clock), ae (the
+# fp8 pool, its first valid A/B), kqt and kqts (decode attention at 64 x 8k with more programs in
+# flight: the kernel, then the step), qgs (the gate epilogue's variants on the device clock), ae (the
 # engine's own bf16 decode executable slower than a recompile of it), qe (issue 13: the decode
 # kernel configs' and the engine's GPU tests), lt (issue 12: where the speculating step's launch
 # goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session 28's
@@ -97,6 +98,27 @@ kqr)
   timeout 400 python3 benchmarks/kv_dtype_step.py --batch 64 --steps 32 --trace /tmp/kqr \
     --kv-dtypes fp8,fp8+rope-write-quant-on,fp8 > "$OUT/kqr_step.txt" 2>&1
   grep "^|\|^##\|rror\|ms per decode step\|    " "$OUT/kqr_step.txt"
+  ;;
+kqt)
+  # Decode attention at 64 x 8k: bf16 read its 6.44 GB at 2.6 TB/s, fp8 its half at 1.5 TB/s
+  # (session 43, H100, qwen shape): the same ~2 us per 64-key block per program whatever the
+  # bytes, so each program's chain of dependent loads sets the time, not HBM. More programs in
+  # flight: the splits sized for TARGET_PROGRAMS 528 / 1056 (~4 / ~8 per SM) against 264. The
+  # engine's call: a 64-row bucket, page tables of 8448 tokens. Prediction: qwen fp8 at 1056
+  # 0.6-0.75x its default (toward HBM at ~2.5 TB/s), bf16 0.85-0.95x; the 8B layout (8 kv
+  # heads: 512 programs unsplit at 264) bf16 0.9-1.0x, fp8 0.7-0.85x.
+  timeout 300 python3 benchmarks/kv_dtype_attention.py --layouts qwen,8b --batch 64 --context 8192 \
+    --bucket 64 --max-model-len 8448 --targets 528,1056 > "$OUT/kqt_attn.txt" 2>&1
+  grep "^|\|^##\|rror" "$OUT/kqt_attn.txt"
+  ;;
+kqts)
+  # kqt's target on the step: fp8 and bf16 pools at 64 x 8k with attn-programs-1056 (patched
+  # engines compile into their own cache folder). Prediction: fp8 step 3.49 -> 2.7-3.0 ms
+  # (attention 2.14 -> ~1.3-1.6 ms), bf16 within -3 to -10%. If both pools win, TARGET_PROGRAMS
+  # goes to the better of kqt's targets, after h2's batch-1 rows show no loss at 1056.
+  timeout 540 python3 benchmarks/kv_dtype_step.py --batch 64 --steps 32 --trace /tmp/kqts \
+    --kv-dtypes fp8,fp8+attn-programs-1056,auto,auto+attn-programs-1056 > "$OUT/kqts_step.txt" 2>&1
+  grep "^|\|^##\|rror\|ms per decode step\|    " "$OUT/kqts_step.txt"
   ;;
 qgs)
   # The gate epilogue on the device clock beside its default: 128-column tiles, 8 stages on 112

@@ -238,3 +238,25 @@ def test_gpu_decode_launch_lowers_for_cuda(one_round, monkeypatch):
                    num_kv_heads=8, head_dim=128, extra_seqs=11, extra_tokens=11)  # fmt: skip
     fn = jax.jit(lambda *a: rpa_gpu.ragged_paged_attention(*a, sm_scale=0.1, max_q_len=1))
     assert "ragged_paged_attention" in fn.trace(*b.args()).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("target", [8, 64, 1056])
+def test_gpu_decode_splits_follow_the_programs_target(target, monkeypatch):
+    """``TARGET_PROGRAMS`` (264; step_floor's attn-programs-1056 A/B) sizes the decode launch's
+    static split count, its grid and the splits a call uses: under 8, 64 and 1056 the engine's
+    decode-only call (heuristic config, ``max_q_len=1``) splits 3 live sequences x 2 kv heads
+    differently and matches the reference, NaN padding rows and NaN-poisoned pages kept out."""
+    monkeypatch.setattr(rpa_splits, "TARGET_PROGRAMS", target)
+    b = make_batch(np.random.default_rng(5), [1] * 3, [700, 300, 1000], page_size=8, num_q_heads=4,
+                   num_kv_heads=2, head_dim=16, extra_seqs=5, extra_tokens=5)  # fmt: skip
+    b.q[3:] = np.nan
+    kw = dict(sm_scale=0.25)
+    want = jax.jit(lambda *a: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
+    cfg = rpa_gpu.default_config(b.q.shape[0], b.page_table.shape[0], 4, 2, 8, b.page_table.shape[1])
+    dec = cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
+    used = int(rpa_splits.splits_for(jnp.int32(3), 2, dec.num_splits))
+    assert (dec.num_splits, used) == {8: (1, 1), 64: (16, 11), 1056: (16, 16)}[target]
+    fn = jax.jit(lambda *a: rpa_gpu.ragged_paged_attention(*a, interpret=True, max_q_len=1, **kw))
+    got = np.asarray(run_fast(fn, *b.args()), np.float32)
+    assert np.all(np.isfinite(got)) and np.all(got[3:] == 0)
+    assert rel_err(got[:3], np.asarray(want, np.float32)[:3]) < 1e-5
