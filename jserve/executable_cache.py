@@ -15,6 +15,10 @@ step program that start-up compiles is also kept here, serialized
              and sharding) + the KV pool's shape + the program's name + its XLA options
         file: pickle of (serialized executable, input tree, output tree, its devices' ids)
 
+The key does not cover a module constant changed in-process (a kernel's A/B switch, which
+benchmarks set): an engine built under one needs a cache folder of its own, or it loads the
+programs an unpatched engine stored (``benchmarks/step_floor.ab_cache_dir``; session 43).
+
 A program XLA cannot serialize is compiled on every start; a file that fails to load is
 deleted and its program compiled again. GPU and TPU engines of one process only (the builder):
 XLA:CPU refuses some sort comparators and its loaded step programs fail to run ("Function ...
