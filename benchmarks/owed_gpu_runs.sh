@@ -76,7 +76,7 @@ h2)
   # registers like int8) within 2% of int8's step. Then one block per split (attn-minblocks1) at
   # 4 and 16 decode rows of 300 tokens: at 16 rows the call uses 3 splits either way (264
   # programs over 16 x 8), so its arm equals A (a null control, within 0.3%); at 4 rows 5 splits
-  # of one block against 3 of two: within +-0.5% (session 43's per-call micro said +17-20%,
+  # of one block against 3 of two: within +-0.5% (session 43's per-call micro said ~+20%,
   # which its batch-1 row's 30x miss makes untrusted). On at batch 1 only if neither row loses
   # more than 0.3%.
   timeout 360 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
