@@ -27,13 +27,13 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.kernels import loop_time
+from benchmarks.step_floor import module_constant
 from pallas_kernels import kv_format
 from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
 from pallas_kernels.ragged_paged_attention import gpu_splits as rpa_splits
@@ -43,17 +43,11 @@ LAYOUTS = {"qwen": (14, 2, 64), "8b": (32, 8, 128)}   # q heads, kv heads, head_
 PAGE, ROT = 16, 4
 
 
-@contextlib.contextmanager
-def programs_target(target: int | None = None) -> Iterator[None]:
-    """``gpu_splits.TARGET_PROGRAMS`` set to ``target`` while tracing (benchmark only; None: left
-    as it is)."""
-    saved = rpa_splits.TARGET_PROGRAMS
-    if target is not None:
-        rpa_splits.TARGET_PROGRAMS = target
-    try:
-        yield
-    finally:
-        rpa_splits.TARGET_PROGRAMS = saved
+def programs_target(target: int | None = None) -> contextlib.AbstractContextManager:
+    """``gpu_splits.TARGET_PROGRAMS`` set to ``target`` while tracing (None: left as it is)."""
+    if target is None:
+        return contextlib.nullcontext()
+    return module_constant(rpa_splits, "TARGET_PROGRAMS", target)
 
 
 def inputs(hq: int, hkv: int, d: int, batch: int, context: int, fp8: bool, key: int,

@@ -237,6 +237,17 @@ def ab_cache_dir(tag: str) -> str:
 
 
 @contextlib.contextmanager
+def module_constant(module, name: str, value: object):
+    """``module.name`` set to ``value`` inside the block, put back after (benchmark only)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+@contextlib.contextmanager
 def patched(patch: str):
     """One named A/B patch of the decode step in effect while compiling; yields the compile
     options it needs (benchmark only)."""
@@ -258,15 +269,10 @@ def patched(patch: str):
             yield None
         finally:
             attn_gpu.default_config = default
-    elif patch in MODULE_PATCHES:   # a module constant of the quantized matmul, set while compiling
+    elif patch in MODULE_PATCHES:   # a module constant of the kernels, set while compiling
         path, name, value = MODULE_PATCHES[patch]
-        module = importlib.import_module(path)
-        saved = getattr(module, name)
-        setattr(module, name, value)
-        try:
+        with module_constant(importlib.import_module(path), name, value):
             yield None
-        finally:
-            setattr(module, name, saved)
     elif patch.startswith("xla:"):  # XLA debug options for this compile, e.g. xla:NAME=false
         from benchmarks.compile_ab import options
 
