@@ -52,18 +52,28 @@ def programs_target(target: int | None = None) -> contextlib.AbstractContextMana
 
 def inputs(hq: int, hkv: int, d: int, batch: int, context: int, fp8: bool, key: int,
            bucket: int = 0, max_model_len: int = 0) -> tuple:
-    """(q, k pool, v pool, page tables [ROT, rows, P], (seq_lens, query_start_loc, num_seqs),
+    """(q, k pool, v pool, page tables [R, rows, P], (seq_lens, query_start_loc, num_seqs),
     scales kwargs): one decode row per sequence; fp8 pools as the engine stores them. ``bucket``
     (0: ``batch``): q rows and page-table rows as in the engine's token bucket, the rows past
     ``batch`` padding (no sequence); ``max_model_len`` (0: ``context``): the page tables' width
-    P, as the engine's (the kernel's static split count is sized by both)."""
+    P, as the engine's (the kernel's static split count is sized by both). R = ``ROT`` page
+    tables, fewer where ROT's pool would be a 1-byte array the kernels cannot address (session
+    44: the 8B layout's fp8 pool of 64 x 8k x 4 was one page past 2 GiB, an illegal address)."""
     rows = bucket or batch
     pps = -(-context // PAGE)
     width = -(-(max_model_len or context) // PAGE)
     if rows < batch or width < pps:
         raise ValueError(f"--bucket {bucket} / --max-model-len {max_model_len} do not hold {batch} "
                          f"sequences of {context} tokens")
-    num_pages = 1 + ROT * batch * pps
+    per_page = PAGE * hkv * d
+    rot = ROT   # as many rotations as the kernels address in a 1-byte pool
+
+    def pages(r: int) -> int:
+        return 1 + r * batch * pps
+
+    while rot > 1 and kv_format.addressable_pages(pages(rot), per_page, jnp.uint8) < pages(rot):
+        rot -= 1
+    num_pages = pages(rot)
     ks = jax.random.split(jax.random.key(key), 3)
     shape = (num_pages, PAGE, hkv, d)
     kp = jax.random.normal(ks[0], shape, jnp.float32)
@@ -77,8 +87,8 @@ def inputs(hq: int, hkv: int, d: int, batch: int, context: int, fp8: bool, key: 
     else:
         kp, vp = kp.astype(jnp.bfloat16), vp.astype(jnp.bfloat16)
     perm = np.random.default_rng(key).permutation(np.arange(1, num_pages))
-    pts = np.zeros((ROT, rows, width), np.int32)   # page 0: the null page
-    pts[:, :batch, :pps] = perm.reshape(ROT, batch, pps)
+    pts = np.zeros((rot, rows, width), np.int32)   # page 0: the null page
+    pts[:, :batch, :pps] = perm.reshape(rot, batch, pps)
     q = jax.random.normal(ks[2], (rows, hq, d), jnp.bfloat16)
     live = np.arange(rows) < batch
     meta = (jnp.asarray(np.where(live, context, 0).astype(np.int32)),
@@ -142,7 +152,7 @@ def main() -> None:
                 with programs_target(*target):   # (the split count is traced from it)
                     got = jax.jit(f)(q, kp, vp, pts[0], *meta)
                     sec = loop_time(lambda i, q, kp, vp, pts, f=f, meta=meta: f(q, kp, vp, pts[i], *meta),
-                                    (q, kp, vp, pts), rotate=ROT, iters=2 if a.smoke else 20,
+                                    (q, kp, vp, pts), rotate=pts.shape[0], iters=2 if a.smoke else 20,
                                     reps=1 if a.smoke else 5)
                 err = float(jnp.max(jnp.abs(got[:batch].astype(jnp.float32)
                                             - want[:batch].astype(jnp.float32))))

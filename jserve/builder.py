@@ -30,11 +30,13 @@ from jserve.engine import LLMEngine
 from jserve.engine_api import BuildInfo
 from jserve.executable_cache import ExecutableCache
 from jserve.kv_cache import (
+    POOL_CAP_REASON,
     KVCache,
     MemoryBudget,
     PoolDoesNotFit,
     PoolPlan,
     abstract_kv_cache,
+    addressable_pool_pages,
     allocate_kv_cache,
     device_bytes_in_use,
     kv_bytes_per_token,
@@ -229,12 +231,26 @@ def pool_plan_for_budget(config: EngineConfig, budget_bytes: int | None,
     per_token = _bytes_per_token(config, draft)
     page_bytes = pool_page_bytes(config, draft)
     if config.cache.num_pages is not None:
-        num_pages = config.cache.num_pages
+        wanted = config.cache.num_pages
     elif budget_bytes is None:
-        num_pages = config.scheduler.max_num_seqs * config.pages_per_seq + 1
+        wanted = config.scheduler.max_num_seqs * config.pages_per_seq + 1
     else:
-        num_pages = pages_for_budget(budget_bytes, page_bytes)
-    return PoolPlan(per_token, config.cache.page_size, num_pages, config.scheduler.max_model_len)
+        wanted = pages_for_budget(budget_bytes, page_bytes)
+    num_pages = addressable_pages(config, draft, wanted)
+    if num_pages < wanted and config.cache.num_pages is not None:
+        raise ValueError(f"num_pages={wanted} is more pages than a {config.kv_dtype} pool's layer "
+                         f"arrays may hold ({POOL_CAP_REASON}): use num_pages <= {num_pages}")
+    return PoolPlan(per_token, config.cache.page_size, num_pages, config.scheduler.max_model_len,
+                    wanted if num_pages < wanted else 0)
+
+
+def addressable_pages(config: EngineConfig, draft: ModelConfig | None, num_pages: int) -> int:
+    """The most pages, at most ``num_pages``, the pool's arrays (the draft's twin pool's too)
+    may hold for the GPU kernels to address them (``kv_cache.addressable_pool_pages``)."""
+    tp, page_size = config.parallel.tensor_parallel_size, config.cache.page_size
+    for cfg in (config.model,) if draft is None else (config.model, draft):
+        num_pages = addressable_pool_pages(cfg, config.kv_dtype, page_size, num_pages, tp)
+    return num_pages
 
 
 def _bytes_per_token(config: EngineConfig, draft: ModelConfig | None) -> int:

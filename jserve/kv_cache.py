@@ -55,6 +55,7 @@ class PoolPlan:
     page_size: int
     num_pages: int            # including the null page
     max_model_len: int
+    budget_pages: int = 0     # the pages the budget held when more than the kernels address (0: none)
 
     def __post_init__(self) -> None:
         if self.num_pages < 2:
@@ -87,18 +88,21 @@ class PoolPlan:
                 f"({self.usable_pages} usable, page 0 null) = {self.num_tokens} tokens, "
                 f"{self.pool_bytes / 2**30:.2f} GiB per device; "
                 f"{self.kv_bytes_per_token} B/token; fits {self.max_concurrent_seqs} sequences "
-                f"of {self.max_model_len} tokens")
+                f"of {self.max_model_len} tokens"
+                + (f" (capped from {self.budget_pages} pages: {POOL_CAP_REASON})"
+                   if self.budget_pages else ""))
+
+
+POOL_CAP_REASON = ("the GPU kernels' 32-bit offsets do not reach past 2 GiB of an int8 / fp8 layer "
+                   "array of at most 4 GiB")
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, tensor_parallel_size: int = 1,
                        pipeline_parallel_size: int = 1) -> int:
     """K and V bytes of one token over the layers of one device's stage (all layers at pp=1),
     per device (kv heads split when they divide)."""
-    heads = cfg.num_kv_heads
-    if tensor_parallel_size > 1 and heads % tensor_parallel_size == 0:
-        heads //= tensor_parallel_size
     layers = cfg.num_layers // pipeline_parallel_size
-    return 2 * layers * heads * cfg.head_dim * DTYPE_BYTES[kv_dtype]
+    return 2 * layers * local_kv_heads(cfg, tensor_parallel_size) * cfg.head_dim * DTYPE_BYTES[kv_dtype]
 
 
 def kv_scale_bytes_per_page(cfg: ModelConfig, kv_dtype: str, tensor_parallel_size: int = 1,
@@ -106,10 +110,25 @@ def kv_scale_bytes_per_page(cfg: ModelConfig, kv_dtype: str, tensor_parallel_siz
     """Scale bytes of one page (K and V, the stage's layers, per device): 0 unless int8 / fp8."""
     if not kv_quantized(kv_dtype):
         return 0
+    return 2 * (cfg.num_layers // pipeline_parallel_size) * local_kv_heads(cfg, tensor_parallel_size) * 4
+
+
+def local_kv_heads(cfg: ModelConfig, tensor_parallel_size: int = 1) -> int:
+    """KV heads of one device's pool: split over tensor parallelism when they divide it, else
+    every head (a replicated pool)."""
     heads = cfg.num_kv_heads
     if tensor_parallel_size > 1 and heads % tensor_parallel_size == 0:
         heads //= tensor_parallel_size
-    return 2 * (cfg.num_layers // pipeline_parallel_size) * heads * 4
+    return heads
+
+
+def addressable_pool_pages(cfg: ModelConfig, kv_dtype: str, page_size: int, num_pages: int,
+                           tensor_parallel_size: int = 1) -> int:
+    """The most pages, at most ``num_pages``, one device's layer arrays of ``cfg`` may hold for
+    the GPU kernels to address them (``kv_format.addressable_pages``: int8 / fp8 arrays of 2-4
+    GiB are out of reach; other pools are never limited)."""
+    per_page = page_size * local_kv_heads(cfg, tensor_parallel_size) * cfg.head_dim
+    return kv_format.addressable_pages(num_pages, per_page, kv_storage_dtype(kv_dtype))
 
 
 # ``MemoryBudget.headroom_bytes`` = max(activations / HEADROOM_OF_ACTIVATIONS,

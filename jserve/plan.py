@@ -9,7 +9,9 @@ figures are the ones start-up logs for the same settings::
     usable        = chip memory x gpu_memory_utilization     (jserve/gpus.py)
     budget        = usable - weights - runner state - activations - headroom    (per device)
     KV bytes/token = 2 (K, V) x layers x kv heads per device x head_dim x KV dtype bytes
-    pages         = budget // (KV bytes/token x page_size)   (page 0 is the null page)
+    pages         = budget // (KV bytes/token x page_size)   (page 0 is the null page; an
+                    int8 / fp8 pool's layer arrays stay under 2 GiB where they would be 2-4 GiB:
+                    kv_cache.POOL_CAP_REASON)
     sequences     = (pages - 1) // ceil(context / page_size)
 
 One figure differs: start-up measures the activation peak on the device
@@ -39,10 +41,12 @@ from jserve.host_kv import host_slot_counts
 from jserve.kv_cache import (
     HEADROOM_OF_ACTIVATIONS,
     HEADROOM_OF_USABLE,
+    POOL_CAP_REASON,
     MemoryBudget,
     PoolPlan,
     kv_bytes_per_token,
     kv_scale_bytes_per_page,
+    local_kv_heads,
     pages_for_budget,
 )
 from jserve.kv_transfer import transfer_buckets
@@ -107,7 +111,7 @@ class CapacityPlan:
         c, m, acc = self.config, self.config.model, self.accelerator
         tp, pp = c.parallel.tensor_parallel_size, c.parallel.pipeline_parallel_size
         layers = m.num_layers // pp
-        kv_heads = m.num_kv_heads // tp if tp > 1 and m.num_kv_heads % tp == 0 else m.num_kv_heads
+        kv_heads = local_kv_heads(m, tp)
         per_token, page_size = self.kv_bytes_per_token, c.cache.page_size
         scale_bytes = kv_scale_bytes_per_page(m, c.kv_dtype, tp, pp) + (
             kv_scale_bytes_per_page(self.draft, c.kv_dtype, tp) if self.draft is not None else 0)
@@ -168,9 +172,10 @@ class CapacityPlan:
         else:
             p = self.pool
             per_seq = math.ceil(ctx / page_size)
+            cap = f"-> {p.num_pages:,} ({POOL_CAP_REASON}) " if p.budget_pages else ""
             lines += [
-                f"pages      {self.budget_bytes:,} // {page_bytes:,} = {p.num_pages:,} pages "
-                f"(page 0 is the null page: {p.usable_pages:,} usable = {p.num_tokens:,} tokens, "
+                f"pages      {self.budget_bytes:,} // {page_bytes:,} = {p.budget_pages or p.num_pages:,} "
+                f"pages {cap}(page 0 is the null page: {p.usable_pages:,} usable = {p.num_tokens:,} tokens, "
                 f"{_b(p.pool_bytes)} per device)",
                 f"sequences  {p.usable_pages:,} usable pages // (ceil({ctx:,} / {page_size}) = {per_seq:,} "
                 f"pages per sequence) = {p.max_concurrent_seqs:,} concurrent sequences of {ctx:,} tokens "

@@ -17,6 +17,15 @@ page copies and reads of a uint8 array ran in place in every variant, on both.
     bf16/f16/f32 itself     none
     int8         int8       float32[num_pages, num_kv_heads]
     uint8        fp8 e4m3   float32[num_pages, num_kv_heads]
+
+How large a 1-byte pool array may be (``addressable_pages``): Pallas's Triton lowering (jax
+0.11.2, ``_compute_offsets_from_indices``) indexes an array with 32-bit element offsets unless
+the array holds more than 2**32 bytes, and Triton adds them to the base pointer as signed values.
+So an int8 / fp8 layer array of more than 2**31 and at most 2**32 elements is read and written at
+negative offsets past its element 2**31 - 1 (H100, session 44: the decode kernel hit an illegal
+address over a 2.0 GiB fp8 pool with its last page in the page table). Arrays of 2-byte and wider
+dtypes cross 2**32 bytes before 2**31 elements, so they never meet it; nor do 1-byte arrays
+past 2**32 elements (64-bit offsets).
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import jax.numpy as jnp
 
 FP8 = jnp.dtype(jnp.float8_e4m3fn)
 FP8_BITS = jnp.dtype(jnp.uint8)   # the storage dtype of an fp8 pool
+SIGNED_32BIT_ELEMENTS = 2**31     # element offsets a 32-bit signed offset reaches
+WIDE_OFFSET_BYTES = 2**32         # arrays larger than this get 64-bit offsets
 
 
 def value_dtype(pool_dtype: jnp.dtype) -> jnp.dtype:
@@ -50,3 +61,14 @@ def bits(x: jax.Array, pool_dtype: jnp.dtype) -> jax.Array:
     if jnp.dtype(pool_dtype) == FP8_BITS:
         return jax.lax.bitcast_convert_type(x.astype(FP8), FP8_BITS)
     return x.astype(pool_dtype)
+
+
+def addressable_pages(num_pages: int, elements_per_page: int, pool_dtype: jnp.dtype) -> int:
+    """The most pages, at most ``num_pages``, that one layer's pool array of ``pool_dtype``
+    (``elements_per_page`` = page_size x kv heads x head_dim of one device's array) may hold
+    for the GPU kernels to address all of it (module docstring): ``num_pages`` unless that
+    falls in the band where a 1-byte array has 32-bit signed offsets too short for it."""
+    elements = num_pages * elements_per_page
+    if elements <= SIGNED_32BIT_ELEMENTS or elements * jnp.dtype(pool_dtype).itemsize > WIDE_OFFSET_BYTES:
+        return num_pages
+    return SIGNED_32BIT_ELEMENTS // elements_per_page

@@ -2,6 +2,8 @@
 per-page scales; the bundled model's held-out perplexity over a quantized pool stays within the
 issue's tolerance of the bf16 pool, and the engine serves with it. Skipped without a GPU."""
 
+import functools
+
 import numpy as np
 import pytest
 import quant_eval as qe
@@ -169,3 +171,54 @@ def test_fused_rope_quantized_write_keeps_the_greedy_tokens_on_gpu(kv_dtype, mon
     jax.clear_caches()
     got = qe.greedy(cfg, params, prompt, 24, kv_dtype=kv_dtype)
     assert qe.agreement(want, got) >= 8, (want, got)
+
+
+def test_kernels_address_the_last_page_of_the_largest_one_byte_pool_on_gpu():
+    """``kv_format.addressable_pages``' limit: an fp8 pool whose layer arrays hold exactly 2**31
+    values (the 8B's page, 131,072 pages: 2 GiB each) written and read at its last two pages by
+    the Triton kernels (the quantizing write and the decode attention) as the reference does on
+    a pool of 3 pages. One page more and Pallas's 32-bit offsets wrap (H100, session 44: an
+    illegal address)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import kv_format
+    from pallas_kernels.kv_write import gpu_quant
+    from pallas_kernels.kv_write import reference as kv_ref
+    from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
+    from pallas_kernels.ragged_paged_attention import reference as rpa_ref
+
+    ps, kvh, hq, d = 16, 8, 32, 128
+    n = kv_format.addressable_pages(2**20, ps * kvh * d, jnp.uint8)
+    assert n * ps * kvh * d == 2**31
+    rng = np.random.default_rng(1)
+    kn, vn = (jnp.asarray(rng.standard_normal((2 * ps, kvh, d)), jnp.bfloat16) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((1, hq, d)), jnp.bfloat16)
+    meta = (jnp.asarray([2 * ps], jnp.int32), jnp.asarray([0, 1], jnp.int32), jnp.asarray([1], jnp.int32))
+
+    def write_and_attend(num_pages: int, first: int, on_gpu: bool) -> tuple[np.ndarray, ...]:
+        """K bits and scales of pages [first, first + 2) once the 32 tokens are written there,
+        and the decode row's attention over them."""
+        pool = jnp.zeros((num_pages, ps, kvh, d), jnp.uint8)
+        scales = jnp.ones((num_pages, kvh), jnp.float32)
+        slots = jnp.arange(first * ps, (first + 2) * ps, dtype=jnp.int32)
+        write = gpu_quant.write_kv_quantized if on_gpu else kv_ref.write_kv_quantized
+        kp, vp, ks, vs = jax.jit(write, donate_argnums=(0, 1, 2, 3))(pool, pool + 0, scales, scales + 0,
+                                                                    kn, vn, slots)
+        table = jnp.asarray([[first, first + 1]], jnp.int32)
+        if on_gpu:
+            attend = functools.partial(rpa_gpu.ragged_paged_attention, max_q_len=1)
+        else:
+            attend = rpa_ref.ragged_paged_attention
+        out = jax.jit(functools.partial(attend, sm_scale=d**-0.5))(q, kp, vp, table, *meta,
+                                                                    k_scales=ks, v_scales=vs)
+        return np.asarray(kp[first:first + 2]), np.asarray(ks[first:first + 2]), np.asarray(out, np.float32)
+
+    k_big, s_big, o_big = write_and_attend(n, n - 2, on_gpu=True)
+    k_small, s_small, o_small = write_and_attend(3, 1, on_gpu=False)
+    np.testing.assert_allclose(s_big, s_small, rtol=1e-6)
+    scale = s_small[:, None, :, None]
+    big, small = (np.asarray(kv_format.values(jnp.asarray(k)).astype(jnp.float32)) * scale
+                  for k in (k_big, k_small))
+    assert (np.abs(big - small) <= scale * 32.0 * 1.001).all()   # e4m3's widest step: 32 at 448
+    np.testing.assert_allclose(o_big, o_small, atol=0.03)

@@ -113,3 +113,41 @@ def test_plan_counts_one_byte_per_value_and_the_scales():
     assert 1.99 < fp8.pool.num_pages / bf16.pool.num_pages <= 2.02
     assert "1 B (fp8; --kv-cache-dtype)" in fp8.render()
     jax.clear_caches()
+
+
+def test_addressable_pages_leave_out_the_band_of_32_bit_offsets():
+    from pallas_kernels import kv_format
+    per_page = 16 * 8 * 128   # the 8B's page: 2**14 values
+    limit = 2**31 // per_page
+    for dtype in (jnp.uint8, jnp.int8):   # 1-byte arrays of 2-4 GiB: capped at 2 GiB
+        assert kv_format.addressable_pages(limit, per_page, dtype) == limit
+        assert kv_format.addressable_pages(limit + 1, per_page, dtype) == limit
+        assert kv_format.addressable_pages(2 * limit, per_page, dtype) == limit
+        assert kv_format.addressable_pages(2 * limit + 1, per_page, dtype) == 2 * limit + 1
+    for n in (limit + 1, 2 * limit):   # wider dtypes pass 2**32 bytes first: never capped
+        assert kv_format.addressable_pages(n, per_page, jnp.bfloat16) == n
+
+
+def test_plan_caps_a_one_byte_pool_in_the_band_and_says_why():
+    import dataclasses
+
+    from jserve.builder import pool_plan_for_budget
+
+    # Qwen2.5-0.5B's fp8 pool on an H200 at 0.9: 1.35M pages would make 2.8 GB layer arrays.
+    fp8 = plan_capacity("qwen2.5-0.5b", gpu="H200", max_model_len=8192, kv_cache_dtype="fp8")
+    per_page = 16 * 2 * 64
+    limit = 2**31 // per_page
+    assert fp8.pool.num_pages == limit < fp8.pool.budget_pages
+    assert "32-bit offsets" in fp8.render() and "capped from" in fp8.pool.describe()
+
+    def pages(config, num_pages):
+        return pool_plan_for_budget(dataclasses.replace(config, cache=dataclasses.replace(
+            config.cache, num_pages=num_pages)), None)
+
+    with pytest.raises(ValueError, match=f"num_pages={limit + 1} .* num_pages <= {limit}"):
+        pages(fp8.config, limit + 1)
+    assert pages(fp8.config, 2 * limit + 1).num_pages == 2 * limit + 1   # past 4 GiB: 64-bit offsets
+    bf16 = plan_capacity("qwen2.5-0.5b", gpu="H200", max_model_len=8192)
+    assert bf16.pool.budget_pages == 0
+    assert pages(bf16.config, limit + 1).num_pages == limit + 1         # 4 GiB of bf16: 64-bit offsets
+    jax.clear_caches()
