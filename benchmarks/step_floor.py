@@ -220,9 +220,6 @@ MODULE_PATCHES = {
     # the direct decode attention launch and its combine read num_seqs, query_start_loc and
     # seq_lens in three dependent rounds of loads (one round by default since session 43)
     "attn-meta-three-rounds": ("pallas_kernels.ragged_paged_attention.gpu_splits", "DIRECT_ONE_ROUND", False),
-    # the decode attention's KV splits sized for ~8 programs per SM, not ~2 (TARGET_PROGRAMS 264):
-    # more page gathers in flight where each program's block chain, not HBM, sets the time
-    "attn-programs-1056": ("pallas_kernels.ragged_paged_attention.gpu_splits", "TARGET_PROGRAMS", 1056),
 }
 
 

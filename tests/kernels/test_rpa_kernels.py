@@ -242,7 +242,7 @@ def test_gpu_decode_launch_lowers_for_cuda(one_round, monkeypatch):
 
 @pytest.mark.parametrize("target", [8, 64, 1056])
 def test_gpu_decode_splits_follow_the_programs_target(target, monkeypatch):
-    """``TARGET_PROGRAMS`` (264; step_floor's attn-programs-1056 A/B) sizes the decode launch's
+    """``TARGET_PROGRAMS`` (264; kv_dtype_attention's --targets) sizes the decode launch's
     static split count, its grid and the splits a call uses: under 8, 64 and 1056 the engine's
     decode-only call (heuristic config, ``max_q_len=1``) splits 3 live sequences x 2 kv heads
     differently and matches the reference, NaN padding rows and NaN-poisoned pages kept out."""
