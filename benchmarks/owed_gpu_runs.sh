@@ -9,7 +9,8 @@
 # on the device clock), ae (the engine's own bf16 decode executable slower than a recompile of
 # it), qe (issue 13: the decode kernel configs' and the engine's GPU tests), lt (issue 12: where
 # the speculating step's launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative
-# GPU tests, now with session 28's wider code-draft: session 27 ran greedy_matches, 6 passed); then, on 2 GPUs, pb, d, s, sk, c.
+# GPU tests, now with session 28's wider code-draft: session 27 ran greedy_matches, 6 passed);
+# then, on 2 GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
