@@ -124,7 +124,7 @@ def main() -> None:
         base = None
         for fp8 in (False, True):
             q, kp, vp, pts, meta, sc = inputs(hq, hkv, d, batch, context, fp8, 7, a.bucket, a.max_model_len)
-            dflt = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=fp8)
+            dflt = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=fp8, head_dim=d)
             plan = isinstance(dflt, rpa_gpu.GpuPlan)   # every row decodes: its decode launch runs
             dec = dflt.decode if plan else dflt
 
@@ -134,12 +134,16 @@ def main() -> None:
             configs = [("default", dec)]
             for t in targets:   # the static config too is sized by the target: made under it
                 with programs_target(t):
-                    c = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=fp8)
+                    c = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=fp8,
+                                               head_dim=d)
                 configs.append((f"default, {t} programs target", c.decode if plan else c, t))
             if dec.num_splits > 1:   # short contexts: two blocks of keys per split program, or one
                 configs.append(("1 block per split at least",
                                 dataclasses.replace(dec, min_blocks_per_split=1)))
             if fp8:
+                if dec.pages_per_block * PAGE > 64:   # the wide-block default (head_dim 128, unsplit)
+                    configs.append(("64 keys per step (before session 44)",
+                                    dataclasses.replace(dec, pages_per_block=64 // PAGE)))
                 wide = dataclasses.replace(dec, pages_per_block=2 * dec.pages_per_block)
                 configs += [("bf16 dots (before session 24)", dataclasses.replace(dec, kv_compute=None)),
                             ("2x keys per step", wide),

@@ -4,8 +4,8 @@
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-44 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
-# defaults, and one block per split), lp (the fp8 pool's last addressable page), kqr (the fused
-# quantizing RoPE write on an fp8 pool, its first valid A/B), qgs (the gate epilogue's variants
+# defaults, and one block per split), kq8 (128 keys per step for fp8 pools at head_dim 128, the
+# 8B's step), kqr (the fused quantizing RoPE write on an fp8 pool, its first valid A/B), qgs (the gate epilogue's variants
 # on the device clock), ae (the engine's own bf16 decode executable slower than a recompile of
 # it), qe (issue 13: the decode kernel configs' and the engine's GPU tests), lt (issue 12: where
 # the speculating step's launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative
@@ -78,11 +78,14 @@ h2)
     --quantization none,int8+lm_head,fp8+lm_head --ab attn-minblocks1 > "$OUT/h2_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step.txt"
   ;;
-lp)
-  # The KV pool's 1-byte band (kv_format.addressable_pages): the Triton write and decode attention
-  # at the last page of an fp8 pool of exactly 2**31 values per layer array. Prediction: passes.
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kv_quant_gpu.py -k last_page \
-    > "$OUT/lastpage.txt" 2>&1; tail -3 "$OUT/lastpage.txt"
+kq8)
+  # 128 keys per step for an fp8 pool's unsplit decode launch at head_dim 128 (session 44: the
+  # kernel -28% at 64 x 8k, -23% at 64 x 2k, on an H100). The 8B at 40 x 8k (320 programs:
+  # unsplit; bf16's pool of 43 GB fits an H100 too), the wide default against its A/B arm and
+  # bf16. Prediction: fp8 -15 to -20% against attn-quant-keys-64, about 0.75x bf16's step.
+  timeout 560 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 40 --steps 32 \
+    --kv-dtypes fp8,fp8+attn-quant-keys-64,auto,fp8 > "$OUT/kq8_step.txt" 2>&1
+  grep "^|\|^##\|rror\|ms per decode step" "$OUT/kq8_step.txt"
   ;;
 kqr)
   # The quantizing RoPE write in one kernel on an fp8 pool (api.ROPE_WRITE_QUANT_ON_GPU). Sessions
