@@ -5,11 +5,12 @@
 # history (sessions 7-44 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, and one block per split), kq8 (128 keys per step for fp8 pools at head_dim 128, the
-# 8B's step), kqr (the fused quantizing RoPE write on an fp8 pool, its first valid A/B), qgs (the gate epilogue's variants
-# on the device clock), ae (the engine's own bf16 decode executable slower than a recompile of
-# it), qe (issue 13: the decode kernel configs' and the engine's GPU tests), lt (issue 12: where
-# the speculating step's launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative
-# GPU tests, now with session 28's wider code-draft: session 27 ran greedy_matches, 6 passed);
+# 8B's step), kqr (the fused quantizing RoPE write on an fp8 pool, its first valid A/B), qgs (the
+# gate epilogue's variants on the device clock), ae (the engine's own bf16 decode executable
+# slower than a recompile of it), qe (issue 13: the decode kernel configs' and the engine's GPU
+# tests), lt (issue 12: where the speculating step's launch goes), b2, o, u, w, f, m, u1, spt
+# (the rest of the speculative GPU tests, now with session 28's wider code-draft: session 27 ran
+# greedy_matches, 6 passed);
 # then, on 2 GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.

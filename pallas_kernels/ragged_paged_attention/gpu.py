@@ -139,7 +139,7 @@ FP8_MAX = 448.0   # e4m3's largest finite value
 _PARTIALS_BYTES = 64 << 20
 _MAX_SPLITS = 32
 _SPLIT_DECODE_WARPS = 2  # smaller programs, more of them in flight per SM (few live sequences)
-# An int8 / fp8 pool's unsplit decode launch at head_dim >= this takes twice the keys per step
+# An fp8 pool's unsplit decode launch at head_dim >= this takes twice the keys per step
 # (``default_config``); off in ``step_floor``'s A/B arm ``attn-quant-keys-64``.
 QUANT_WIDE_BLOCK_HEAD_DIM = 128
 
@@ -165,15 +165,16 @@ def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: in
 
 def default_config(
     num_tokens: int, max_seqs: int, num_q_heads: int, num_kv_heads: int, page_size: int, pages_per_seq: int,
-    decode_rows: int = 1, quantized: bool = False, head_dim: int | None = None,
+    decode_rows: int = 1, quantized: bool = False, head_dim: int | None = None, fp8: bool = False,
 ) -> GpuConfig | GpuPlan:
     """Heuristic static config from the shapes alone (the batch's composition is dynamic).
 
-    ``quantized`` with ``head_dim`` >= ``QUANT_WIDE_BLOCK_HEAD_DIM`` and an unsplit decode
-    launch: 128 keys per step (``pages_per_block`` doubled: the K / V tiles of bf16's 64 keys).
-    H100, session 44, the 8B layout's fp8 call: 64 x 8k 440 against 616 us (bf16 703), 64 x 2k
-    129 against 169 (bf16 191); it lost where the launch splits (16 x 8k, 32 2-warp splits: 223
-    against 150) and at head_dim 64 (Qwen2.5-0.5B, 256 x 2k unsplit: 108 against 83).
+    ``fp8`` (the pool holds e4m3; int8 pools are not measured) with ``head_dim`` >=
+    ``QUANT_WIDE_BLOCK_HEAD_DIM`` and an unsplit decode launch: 128 keys per step
+    (``pages_per_block`` doubled: the K / V tiles of bf16's 64 keys). H100, session 44, the 8B
+    layout's fp8 call: 64 x 8k 440 against 616 us (bf16 703), 64 x 2k 129 against 169 (bf16
+    191); it lost where the launch splits (16 x 8k, 32 2-warp splits: 223 against 150) and at
+    head_dim 64 (Qwen2.5-0.5B, 256 x 2k unsplit: 108 against 83).
 
     ``quantized`` (an int8 / fp8 pool): both classes take ``kv_compute="float16"`` (H200,
     session 24, 16 x 8k decode attention per layer call: fp8 pool 1.081x / 1.334x the bf16
@@ -197,7 +198,7 @@ def default_config(
     partial_bytes = items * bq * num_kv_heads * group * 128 * 4  # [rows, kvh * G * D] float32, D <= 128
     splits = _splits(items * num_kv_heads, num_kv_heads, ctx_blocks, partial_bytes)
     compute = "float16" if quantized else None
-    wide = quantized and splits == 1 and (head_dim or 0) >= QUANT_WIDE_BLOCK_HEAD_DIM
+    wide = fp8 and splits == 1 and (head_dim or 0) >= QUANT_WIDE_BLOCK_HEAD_DIM
     dec = GpuConfig(
         block_q=bq,
         pages_per_block=min(2 * ppb, sp.pow2(pages_per_seq)) if wide else ppb,
@@ -560,7 +561,8 @@ def ragged_paged_attention(
         raise ValueError(f"page_size must be a power of two for the GPU kernel, got {page_size}")
     cfg = config or default_config(num_tokens, max_seqs, num_q_heads, num_kv_heads, page_size, pages_per_seq,
                                    decode_rows if max_q_len is None else min(decode_rows, max_q_len),
-                                   quantized=k_scales is not None, head_dim=head_dim)
+                                   quantized=k_scales is not None, head_dim=head_dim,
+                                   fp8=kv_format.value_dtype(k_pages.dtype) == kv_format.FP8)
     group = num_q_heads // num_kv_heads
     gp, dp = sp.pow2(group), sp.pow2(max(head_dim, 16))
     qx = q.reshape(num_tokens, num_kv_heads, group, head_dim)

@@ -264,18 +264,21 @@ def test_gpu_decode_splits_follow_the_programs_target(target, monkeypatch):
 
 
 def test_gpu_quantized_unsplit_decode_takes_128_keys_per_step_at_head_dim_128():
-    """``default_config``: an int8 / fp8 pool's unsplit decode launch at head_dim >= 128 doubles
-    ``pages_per_block`` (session 44's H100 kernel times); split launches, head_dim 64 and bf16
-    pools keep 64 keys per step."""
-    def decode(rows: int, head_dim: int | None, quantized: bool = True) -> rpa_gpu.GpuConfig:
-        cfg = rpa_gpu.default_config(rows, rows, 32, 8, 16, 528, quantized=quantized, head_dim=head_dim)
+    """``default_config``: an fp8 pool's unsplit decode launch at head_dim >= 128 doubles
+    ``pages_per_block`` (session 44's H100 kernel times); split launches, head_dim 64, int8 and
+    bf16 pools keep 64 keys per step."""
+    def decode(rows: int, head_dim: int | None, quantized: bool = True,
+               fp8: bool = True) -> rpa_gpu.GpuConfig:
+        cfg = rpa_gpu.default_config(rows, rows, 32, 8, 16, 528, quantized=quantized, head_dim=head_dim,
+                                     fp8=fp8)
         return cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
 
     assert (decode(64, 128).num_splits, decode(64, 128).pages_per_block) == (1, 8)
     assert (decode(16, 128).num_splits, decode(16, 128).pages_per_block) == (32, 4)
     assert decode(64, 64).pages_per_block == decode(64, None).pages_per_block == 4
-    assert decode(64, 128, quantized=False).pages_per_block == 4
-    plan = rpa_gpu.default_config(64, 64, 32, 8, 16, 528, quantized=True, head_dim=128)
+    assert decode(64, 128, quantized=False, fp8=False).pages_per_block == 4
+    assert decode(64, 128, fp8=False).pages_per_block == 4   # int8: not measured
+    plan = rpa_gpu.default_config(64, 64, 32, 8, 16, 528, quantized=True, head_dim=128, fp8=True)
     assert plan.prefill.pages_per_block == 4   # the prefill class keeps its tiles
 
 
@@ -287,7 +290,7 @@ def test_gpu_quantized_wide_block_decode_matches_the_reference(monkeypatch):
     b = make_batch(np.random.default_rng(9), [1] * 4, [70, 9, 130, 33], page_size=8, num_q_heads=4,
                    num_kv_heads=2, head_dim=128, dtype=kv_format.FP8_BITS)  # fmt: skip
     cfg = rpa_gpu.default_config(b.q.shape[0], b.page_table.shape[0], 4, 2, 8, b.page_table.shape[1],
-                                 quantized=True, head_dim=128)
+                                 quantized=True, head_dim=128, fp8=True)
     dec = cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
     assert (dec.num_splits, dec.pages_per_block) == (1, 16)   # 64 // 8 pages, doubled
     kw = dict(sm_scale=128**-0.5, **b.scale_kwargs())
