@@ -374,6 +374,7 @@ def _plan_that_fits(config: EngineConfig, mesh: Mesh, draft: DraftModel | None, 
             pages = e.pages_that_fit(plan.num_pages)
             if pages < 2:
                 raise MemoryError(f"{e}: no pool fits; lower gpu_memory_utilization or set num_pages") from e
+            pages = addressable_pages(config, draft.cfg if draft else None, pages)
             log.warning("%s: planning %d pages instead of %d (%.1f%% fewer) before the step programs "
                         "compile", e, pages, plan.num_pages, 100 * (1 - pages / plan.num_pages))
             plan = dataclasses.replace(plan, num_pages=pages)
@@ -494,6 +495,7 @@ def _build_engine(args: EngineArgs, progress: Callable[[str], None] | None = Non
                 pages, why = e.pages_that_fit(plan.num_pages), str(e)
                 if channel is not None or last:
                     raise MemoryError(f"{e}; lower gpu_memory_utilization or set num_pages") from e
+        pages = addressable_pages(config, draft.cfg if draft else None, pages)   # (it may enter the band)
         if pages < 2:
             raise MemoryError(f"{why}: no pool fits; lower gpu_memory_utilization or set num_pages")
         log.warning("%s: allocating %d pages instead of %d (%.1f%% fewer) and compiling the step "

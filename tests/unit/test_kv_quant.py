@@ -151,3 +151,17 @@ def test_plan_caps_a_one_byte_pool_in_the_band_and_says_why():
     assert bf16.pool.budget_pages == 0
     assert pages(bf16.config, limit + 1).num_pages == limit + 1         # 4 GiB of bf16: 64-bit offsets
     jax.clear_caches()
+
+
+def test_the_draft_models_twin_pool_bounds_the_pages_too():
+    """``builder.addressable_pages`` (also applied when start-up shrinks a pool that did not
+    fit): the twin pool of a draft with wider pages caps first."""
+    from jserve.builder import addressable_pages
+    from jserve.model.shapes import named_shape
+
+    plan = plan_capacity("qwen2.5-0.5b", gpu="H200", max_model_len=8192, kv_cache_dtype="fp8")
+    draft = named_shape("llama3.1-8b")   # 8 kv heads x 128: 2**14 values a page
+    assert addressable_pages(plan.config, None, 200_000) == 200_000
+    assert addressable_pages(plan.config, draft, 200_000) == 2**31 // 2**14
+    assert addressable_pages(plan.config, draft, 2**18 + 1) == 2**18 + 1   # past 4 GiB: 64-bit
+    jax.clear_caches()
