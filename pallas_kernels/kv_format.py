@@ -30,6 +30,8 @@ past 2**32 elements (64-bit offsets).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -72,3 +74,14 @@ def addressable_pages(num_pages: int, elements_per_page: int, pool_dtype: jnp.dt
     if elements <= SIGNED_32BIT_ELEMENTS or elements * jnp.dtype(pool_dtype).itemsize > WIDE_OFFSET_BYTES:
         return num_pages
     return SIGNED_32BIT_ELEMENTS // elements_per_page
+
+
+def check_addressable(pages: jax.Array, who: str) -> None:
+    """ValueError naming ``who`` when a pool array ``[num_pages, ...]`` is out of the GPU
+    kernels' reach (``addressable_pages``): a Triton kernel would read and write out of bounds."""
+    num_pages, per_page = pages.shape[0], math.prod(pages.shape[1:])
+    fit = addressable_pages(num_pages, per_page, pages.dtype)
+    if fit < num_pages:
+        raise ValueError(f"{who}: a {jnp.dtype(pages.dtype).name} pool of {num_pages} pages of "
+                         f"{per_page} values is a 2-4 GiB 1-byte array, which Pallas's Triton lowering "
+                         f"addresses with 32-bit signed offsets: use at most {fit} pages")

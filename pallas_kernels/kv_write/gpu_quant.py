@@ -142,6 +142,7 @@ def pool_call(kernel: Callable[..., None], name: str, blocks: int, args: tuple[j
     page_size * kvh, d]`` and their scales ``[P, kvh]`` flat, all four aliased in place -> (the
     pools and scales in their shapes, the extra outputs)."""
     k_pages, v_pages, k_scales, v_scales = pools
+    kv_format.check_addressable(k_pages, name)
     num_pages, page_size, kvh, d = k_pages.shape
     flat = (num_pages * page_size * kvh, d)
     n = len(args)

@@ -559,6 +559,7 @@ def ragged_paged_attention(
         raise ValueError(f"decode_rows must be a positive int, got {decode_rows!r}")
     if page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two for the GPU kernel, got {page_size}")
+    kv_format.check_addressable(k_pages, "ragged_paged_attention")
     cfg = config or default_config(num_tokens, max_seqs, num_q_heads, num_kv_heads, page_size, pages_per_seq,
                                    decode_rows if max_q_len is None else min(decode_rows, max_q_len),
                                    quantized=k_scales is not None, head_dim=head_dim,

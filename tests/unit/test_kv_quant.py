@@ -165,3 +165,32 @@ def test_the_draft_models_twin_pool_bounds_the_pages_too():
     assert addressable_pages(plan.config, draft, 200_000) == 2**31 // 2**14
     assert addressable_pages(plan.config, draft, 2**18 + 1) == 2**18 + 1   # past 4 GiB: 64-bit
     jax.clear_caches()
+
+
+def test_the_triton_kernels_refuse_a_pool_in_the_band_by_name():
+    """The kernels' own guard (``kv_format.check_addressable``), for callers that size pools
+    themselves: traced on abstract arrays, nothing is allocated."""
+    from pallas_kernels.kv_write import gpu_quant
+    from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
+
+    n = 2**31 // (16 * 8 * 128)
+    f32, i32 = jnp.float32, jnp.int32
+
+    def shapes(pages: int) -> tuple:
+        pool = jax.ShapeDtypeStruct((pages, 16, 8, 128), jnp.uint8)
+        return pool, jax.ShapeDtypeStruct((pages, 8), f32)
+
+    pool, sc = shapes(n + 1)
+    new = jax.ShapeDtypeStruct((4, 8, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match=f"write_kv_quantized: a uint8 pool of {n + 1} pages .* at most {n}"):
+        jax.eval_shape(gpu_quant.write_kv_quantized, pool, pool, sc, sc, new, new,
+                       jax.ShapeDtypeStruct((4,), i32))
+    q = jax.ShapeDtypeStruct((4, 32, 128), jnp.bfloat16)
+    meta = (jax.ShapeDtypeStruct((2, 8), i32), jax.ShapeDtypeStruct((2,), i32),
+            jax.ShapeDtypeStruct((3,), i32), jax.ShapeDtypeStruct((1,), i32))
+    with pytest.raises(ValueError, match="ragged_paged_attention: a uint8 pool"):
+        jax.eval_shape(lambda q, k, v, ks, vs, *m: rpa_gpu.ragged_paged_attention(
+            q, k, v, *m, sm_scale=0.1, k_scales=ks, v_scales=vs), q, pool, pool, sc, sc, *meta)
+    pool, sc = shapes(n)   # at the limit: traced (its GPU test runs it)
+    slots = jax.ShapeDtypeStruct((4,), i32)
+    jax.eval_shape(gpu_quant.write_kv_quantized, pool, pool, sc, sc, new, new, slots)
