@@ -154,6 +154,40 @@ def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) ->
             + ", paired wait" * cfg.paired_wait, us)
 
 
+def dtype_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
+    """The conversion's share of the body: the default config and 128-column tiles at 4 stages
+    (whose ring reads 10 points more, session 38, but whose body runs four times per 512
+    columns) over int8 and e4m3 weights, with a bf16 x and an f16 x. e4m3 -> bf16 goes through
+    f32 (two conversions per element and a pack); e4m3 -> f16 is one conversion per pair."""
+    m, k = x.shape
+    n = copies[0][0].shape[0]
+    default = mgpu.kernel_config(m, n, k)
+    if not isinstance(default, mgpu_decode.DecodeConfig):
+        return
+    cfgs = [default, mgpu_decode.decode_config(n, k, block_k=128, stages=4, ctas_per_sm=2,
+                                               store_mn=default.store_mn)]
+    fp8 = []
+    for q, s in copies:   # the same weights in e4m3 (dequantized, then quantized again)
+        fp8.append(ref.quantize_weight(q.astype(jnp.float32) * s.astype(jnp.float32)[:, None], mgpu.FP8))
+    for (wname, ws), xdt in itertools.product((("int8", copies), ("fp8", fp8)), (jnp.bfloat16, jnp.float16)):
+        xs = x.astype(xdt)
+        q, s = ws[0]
+        for cfg in cfgs:
+            if not mgpu_decode.supports(mgpu.padded_tokens(m), n, k, cfg):
+                continue
+            fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731
+            try:
+                err = rel(jnp.asarray(jax.jit(fn)(xs, q, s), jnp.float32),
+                          ref.w8a16_matmul(xs, q, s, out_dtype=jnp.float32))
+                us = clock(fn, xs, ws, iters, reps)
+            except Exception as e:  # noqa: BLE001 - a config that fails to build is a result too
+                print(f"  {wname} x {jnp.dtype(xdt).name} {cfg}: error {e!r:.300}", flush=True)
+                continue
+            add(f"{wname} weight, {jnp.dtype(xdt).name} x, M={m} (rel err {err:.1e})",
+                f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, "
+                f"{cfg.ctas(n)} CTAs", us)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="14336x4096", help="N x K of the weight")
@@ -168,7 +202,8 @@ def main() -> None:
     ap.add_argument("--kernels", default="mosaic",
                     help="kernel rows: mosaic (the default, every split of K, 128-row tiles, deep rings "
                          "on one CTA per SM), mosaic1 (the default only), gated (N = 2I: the gate/up "
-                         "kernel with its SiLU gate beside the default kernel + XLA's gate)")
+                         "kernel with its SiLU gate beside the default kernel + XLA's gate), dtypes (int8 / "
+                         "e4m3 weights with a bf16 / f16 x)")
     add_clock_arguments(ap, "/tmp/decode_stream_trace")
     ns = ap.parse_args()
     kclock = KernelClock(ns.clock, ns.trace_dir)
@@ -303,6 +338,8 @@ def main() -> None:
                 f"{cfg.ctas(n)} CTAs" + ", async" * cfg.async_acc, us)
         if "gated" in kernels:
             gated_rows(x, copies, clock, add, ns.iters, ns.reps)
+        if "dtypes" in kernels:
+            dtype_rows(x, copies, clock, add, ns.iters, ns.reps)
         section()
 
 

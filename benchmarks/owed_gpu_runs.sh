@@ -100,6 +100,18 @@ kqr)
     --kv-dtypes fp8,fp8+rope-write-quant-on,fp8 > "$OUT/kqr_step.txt" 2>&1
   grep "^|\|^##\|rror\|ms per decode step\|    " "$OUT/kqr_step.txt"
   ;;
+dt)
+  # The weight tile's conversion in the decode kernel's body (session 42's suspect for the
+  # per-step cost): int8 and e4m3 weights with a bf16 and an f16 x, at the default config and
+  # at 128-column tiles on 4 stages, for o ([4096, 4096]) and gate/up ([28672, 4096]), M = 16, 1.
+  # Prediction: e4m3 with f16 x (one cvt per pair, no f32 trip) 3-8% under e4m3 with bf16 x at
+  # 128-column tiles, within 2% at the default's 512; int8's rows equal for both x dtypes.
+  for shape in 4096x4096 28672x4096; do
+    timeout 200 python3 benchmarks/decode_stream.py --shape $shape --ms 16,1 --layouts "" --rounds 1 \
+      --kernels dtypes --iters 20 --trace-dir /tmp/dt_$shape > "$OUT/dt_$shape.txt" 2>&1
+    grep "^|\|^int8\|rror" "$OUT/dt_$shape.txt" | head -24
+  done
+  ;;
 qgs)
   # The gate epilogue on the device clock beside its default: 128-column tiles, 8 stages on 112
   # CTAs, paired_wait, and the split-K kernel + XLA's gate (decode_stream.py's gated rows); the
