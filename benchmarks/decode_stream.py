@@ -120,6 +120,26 @@ def deep_rings(m: int, n: int, k: int, store_mn: bool, sms: int) -> list[mgpu_de
     return out
 
 
+def checked_time(fn, x: jax.Array, weights: list, want: jax.Array, clock, iters: int, reps: int,
+                 what: str) -> tuple[float, float | str] | None:
+    """``fn(x, q, s)``'s relative error against ``want`` on the first weight copy, then its time
+    over all of them: (err, us), or None (printed) where the config fails to build, which is a
+    result too."""
+    q, s = weights[0]
+    try:
+        err = rel(jnp.asarray(jax.jit(fn)(x, q, s), jnp.float32), jnp.asarray(want, jnp.float32))
+        return err, clock(fn, x, weights, iters, reps)
+    except Exception as e:  # noqa: BLE001
+        print(f"  {what}: error {e!r:.300}", flush=True)
+        return None
+
+
+def config_label(cfg: mgpu_decode.DecodeConfig, n: int) -> str:
+    """A decode config's row label: tile, ring depth, split and CTAs."""
+    return (f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, {cfg.ctas(n)} CTAs"
+            + ", async" * cfg.async_acc)
+
+
 def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
     """The MLP's gate/up as one kernel with its SiLU gate (``gated.py``: N = 2I, units of 64 gate
     and 64 up rows, K unsplit) at its default ring, at 128-column tiles with 4 stages, at 8
@@ -143,12 +163,9 @@ def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) ->
                 dataclasses.replace(default, block_k=128, stages=8, per_cta=2 * default.per_cta),
                 dataclasses.replace(default, paired_wait=True)):
         fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul_silu_gate(x, q, s, config=cfg)  # noqa: E731
-        try:
-            err = rel(jnp.asarray(jax.jit(fn)(x, q, s), jnp.float32), jnp.asarray(want, jnp.float32))
-            us = clock(fn, x, copies, iters, reps)
-        except Exception as e:  # noqa: BLE001 - a config that fails to build is a result too
-            print(f"  gated M={m} {cfg}: error {e!r:.300}", flush=True)
+        if (got := checked_time(fn, x, copies, want, clock, iters, reps, f"gated M={m} {cfg}")) is None:
             continue
+        err, us = got
         add(f"gated kernel M={m} ({'default' if cfg == default else 'variant'}, rel err {err:.1e})",
             f"2 x {cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, {-(-n // 128 // cfg.per_cta)} CTAs"
             + ", paired wait" * cfg.paired_wait, us)
@@ -170,22 +187,16 @@ def dtype_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) ->
     for q, s in copies:   # the same weights in e4m3 (dequantized, then quantized again)
         fp8.append(ref.quantize_weight(q.astype(jnp.float32) * s.astype(jnp.float32)[:, None], mgpu.FP8))
     for (wname, ws), xdt in itertools.product((("int8", copies), ("fp8", fp8)), (jnp.bfloat16, jnp.float16)):
-        xs = x.astype(xdt)
-        q, s = ws[0]
+        xs, xname = x.astype(xdt), jnp.dtype(xdt).name
+        want = ref.w8a16_matmul(xs, *ws[0], out_dtype=jnp.float32)
         for cfg in cfgs:
             if not mgpu_decode.supports(mgpu.padded_tokens(m), n, k, cfg):
                 continue
             fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731
-            try:
-                err = rel(jnp.asarray(jax.jit(fn)(xs, q, s), jnp.float32),
-                          ref.w8a16_matmul(xs, q, s, out_dtype=jnp.float32))
-                us = clock(fn, xs, ws, iters, reps)
-            except Exception as e:  # noqa: BLE001 - a config that fails to build is a result too
-                print(f"  {wname} x {jnp.dtype(xdt).name} {cfg}: error {e!r:.300}", flush=True)
+            got = checked_time(fn, xs, ws, want, clock, iters, reps, f"{wname} x {xname} {cfg}")
+            if got is None:
                 continue
-            add(f"{wname} weight, {jnp.dtype(xdt).name} x, M={m} (rel err {err:.1e})",
-                f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, "
-                f"{cfg.ctas(n)} CTAs", us)
+            add(f"{wname} weight, {xname} x, M={m} (rel err {got[0]:.1e})", config_label(cfg, n), got[1])
 
 
 def main() -> None:
@@ -322,20 +333,14 @@ def main() -> None:
                     if stages >= 3 and per_sm == 2:   # session 41's accumulator across the steps
                         cfgs.append(dataclasses.replace(cfg, async_acc=True))
             cfgs += deep_rings(m, n, k, default.store_mn, sms)
+        want = ref.w8a16_matmul(x, *copies[0], out_dtype=jnp.float32)
         for cfg in [c for _ in range(ns.kernel_rounds) for c in cfgs]:   # (rounds in turn)
-            q, s = copies[0]
-            try:
-                fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731
-                err = rel(jnp.asarray(jax.jit(fn)(x, q, s), jnp.float32),
-                          ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32))
-                us = clock(fn, x, copies, ns.iters, ns.reps)
-            except Exception as e:  # noqa: BLE001
-                print(f"  kernel M={m} {cfg}: error {e!r:.300}", flush=True)
+            fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731
+            got = checked_time(fn, x, copies, want, clock, ns.iters, ns.reps, f"kernel M={m} {cfg}")
+            if got is None:
                 continue
             tag = "default" if cfg == default else "variant"
-            add(f"kernel M={m} ({tag}, rel err {err:.1e})",
-                f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, "
-                f"{cfg.ctas(n)} CTAs" + ", async" * cfg.async_acc, us)
+            add(f"kernel M={m} ({tag}, rel err {got[0]:.1e})", config_label(cfg, n), got[1])
         if "gated" in kernels:
             gated_rows(x, copies, clock, add, ns.iters, ns.reps)
         if "dtypes" in kernels:
