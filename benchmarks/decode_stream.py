@@ -137,7 +137,7 @@ def checked_time(fn, x: jax.Array, weights: list, want: jax.Array, clock, iters:
 def config_label(cfg: mgpu_decode.DecodeConfig, n: int) -> str:
     """A decode config's row label: tile, ring depth, split and CTAs."""
     return (f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, {cfg.ctas(n)} CTAs"
-            + ", async" * cfg.async_acc)
+            + ", async" * cfg.async_acc + ", int8 f16 bits" * cfg.int8_f16_bits)
 
 
 def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
@@ -175,7 +175,8 @@ def dtype_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) ->
     """The conversion's share of the body: the default config and 128-column tiles at 4 stages
     (whose ring reads 10 points more, session 38, but whose body runs four times per 512
     columns) over int8 and e4m3 weights, with a bf16 x and an f16 x. e4m3 -> bf16 goes through
-    f32 (two conversions per element and a pack); e4m3 -> f16 is one conversion per pair."""
+    f32 (two conversions per element and a pack); e4m3 -> f16 is one conversion per pair; int8
+    -> f16 per element, so int8 with an f16 x also runs ``int8_f16_bits`` (bit assembly)."""
     m, k = x.shape
     n = copies[0][0].shape[0]
     default = mgpu.kernel_config(m, n, k)
@@ -189,7 +190,9 @@ def dtype_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) ->
     for (wname, ws), xdt in itertools.product((("int8", copies), ("fp8", fp8)), (jnp.bfloat16, jnp.float16)):
         xs, xname = x.astype(xdt), jnp.dtype(xdt).name
         want = ref.w8a16_matmul(xs, *ws[0], out_dtype=jnp.float32)
-        for cfg in cfgs:
+        int8_f16 = (wname, xname) == ("int8", "float16")
+        bits = [dataclasses.replace(c, int8_f16_bits=True) for c in cfgs] if int8_f16 else []
+        for cfg in cfgs + bits:
             if not mgpu_decode.supports(mgpu.padded_tokens(m), n, k, cfg):
                 continue
             fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731

@@ -1,11 +1,12 @@
-# The device calls owed after session 45 (2026-12-06), in the order to run them. Each case fits
+# The device calls owed after session 46 (2026-12-06), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-45 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, and one block per split), kq8 (128 keys per step for fp8 pools at head_dim 128, the
-# 8B's step), kqr (the fused quantizing RoPE write on an fp8 pool, its first valid A/B), qgs (the
+# 8B's step), kqr (the fused quantizing RoPE write on an fp8 pool, its first valid A/B), fb (int8
+# weights in a float16 model by bit assembly, session 46), qgs (the
 # gate epilogue's variants on the device clock), ae (the engine's own bf16 decode executable
 # slower than a recompile of it), qe (issue 13: the decode kernel configs' and the engine's GPU
 # tests), lt (issue 12: where the speculating step's launch goes), b2, o, u, w, f, m, u1, spt
@@ -100,6 +101,21 @@ kqr)
   timeout 400 python3 benchmarks/kv_dtype_step.py --batch 64 --steps 32 --trace /tmp/kqr \
     --kv-dtypes fp8,fp8+rope-write-quant-on,fp8 > "$OUT/kqr_step.txt" 2>&1
   grep "^|\|^##\|rror\|ms per decode step\|    " "$OUT/kqr_step.txt"
+  ;;
+fb)
+  # int8 weights with an f16 x by bit assembly (mgpu.DECODE_INT8_F16_BITS; session 45: Mosaic GPU
+  # converts int8 -> f16 one element at a time, the kernel 8-21% slower than with a bf16 x). The
+  # dtype rows at the 8B's o and gate/up (M = 16, 1; the bits arm beside each int8 + f16 row),
+  # then the float16 8B's int8 + lm_head batch-1 step with the bits arm. Prediction: the bits
+  # rows within 3% of int8 + bf16's; the step -3 to -6% with the arm. On if the step wins >= 1%.
+  for shape in 4096x4096 28672x4096; do
+    timeout 150 python3 benchmarks/decode_stream.py --shape $shape --ms 16,1 --layouts "" --rounds 1 \
+      --kernels dtypes --iters 20 --trace-dir /tmp/fb_$shape > "$OUT/fb_$shape.txt" 2>&1
+    grep "^|\|^int8\|rror" "$OUT/fb_$shape.txt" | grep -v "fp8 weight" | head -16
+  done
+  timeout 240 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 --dtype float16 \
+    --quantization int8+lm_head --ab quant-int8-f16-bits > "$OUT/fb_step.txt" 2>&1
+  grep "^##\|^| A\|rror" "$OUT/fb_step.txt"
   ;;
 qgs)
   # The gate epilogue on the device clock beside its default: 128-column tiles, 8 stages on 112

@@ -215,6 +215,9 @@ MODULE_PATCHES = {
     # the persistent decode kernel's accumulator without a step's wgmmas left in flight (the
     # default since session 43 keeps them: mgpu_decode's async_acc, its ring 4 deep at 16 tokens)
     "quant-async-off": ("pallas_kernels.quant_matmul.mgpu", "DECODE_ASYNC", False),
+    # int8 weights with an f16 x (a float16 model) converted by bit assembly in the decode and
+    # gate kernels (mgpu_decode.dequant_tile), not Mosaic GPU's per-element int8 -> f16 convert
+    "quant-int8-f16-bits": ("pallas_kernels.quant_matmul.mgpu", "DECODE_INT8_F16_BITS", True),
     # an int8 / fp8 pool's RoPE and quantizing K/V write in one Triton kernel (gpu_rope_quant.py)
     "rope-write-quant-on": ("pallas_kernels.kv_write.api", "ROPE_WRITE_QUANT_ON_GPU", True),
     # the direct decode attention launch and its combine read num_seqs, query_start_loc and
@@ -330,18 +333,19 @@ def _recompiled(engine, variant, patch: str):
 
 def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
           ab: tuple[str, ...] = (), max_tokens: int = 64, quantization: str | None = None,
-          twins: bool = False, staged: bool = False, rows: int = 1) -> None:
+          twins: bool = False, staged: bool = False, rows: int = 1, dtype: str = "bfloat16") -> None:
     res = {}
     t0 = time.perf_counter()
     lm_head = quantization is not None and quantization.endswith("+lm_head")   # quantize_lm_head
-    eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16",
+    eng = build_engine(EngineArgs(model=model, random_weights=True, dtype=dtype,
                                   max_num_seqs=min(16, max_tokens), max_num_batched_tokens=max_tokens,
                                   max_model_len=1024, num_pages=512, quantize_lm_head=lm_head,
                                   quantization=quantization.removesuffix("+lm_head") if lm_head
                                   else quantization),
                        progress=lambda line: print("  " + line, flush=True))
     build_s = time.perf_counter() - t0
-    tag = model.replace("/", "_") + (f".{quantization}" if quantization else "")
+    tag = (model.replace("/", "_") + (f".{quantization}" if quantization else "")
+           + f".{dtype}" * (dtype != "bfloat16"))
     dump = f"{dump_dir}/{tag}.decode_step.hlo.txt" if dump_dir else None
     trace = f"{trace_dir}/{tag}" if trace_dir else None
     res["A"] = floor_a(eng, dump=dump, trace=trace, rows=rows)
@@ -413,6 +417,8 @@ def main() -> None:
     ap.add_argument("--quantization", default="none",
                     help="comma list of weight quantizations to probe in turn: none, int8, fp8, "
                          "fp8_w8a8, each with '+lm_head' for quantize_lm_head (int8+lm_head)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"),
+                    help="the model's activation dtype (float16: int8 weights meet an f16 x)")
     ap.add_argument("--twins", action="store_true",
                     help="also time A2: two executables of the decode step called in turn")
     ap.add_argument("--rows", type=int, default=1,
@@ -427,7 +433,7 @@ def main() -> None:
     for m in ns.models.split(","):
         for q in ns.quantization.split(","):
             probe(m, ns.dump, ns.trace, tuple(p for p in ns.ab.split(",") if p), ns.max_num_batched_tokens,
-                  None if q == "none" else q, twins=ns.twins, staged=ns.staged, rows=ns.rows)
+                  None if q == "none" else q, twins=ns.twins, staged=ns.staged, rows=ns.rows, dtype=ns.dtype)
 
 
 if __name__ == "__main__":

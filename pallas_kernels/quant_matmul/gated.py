@@ -85,6 +85,7 @@ def silu_gate_matmul(xp: jax.Array, w: jax.Array, w_scale: jax.Array, *, config:
     ctas = -(-units // per_cta)
     dtype = xp.dtype
     via_smem = interpret or not cfg.a_in_registers
+    bits = cfg.int8_f16_bits
     pdl = cfg.pdl and not interpret   # (the interpreter runs kernels one at a time)
     row = plgpu.Layout.WGMMA.reduce(1)   # a [64] vector over the accumulator's rows
 
@@ -121,12 +122,13 @@ def silu_gate_matmul(xp: jax.Array, w: jax.Array, w_scale: jax.Array, *, config:
                 a = a_smem[0] if via_smem else None
 
                 def product(tile):   # one weight tile's product with the x tile [bn, Mp]
-                    return pl.run_scoped(lambda acc: tile_product(acc, tile, x_smem, fp8=fp8, a_smem=a),
-                                         plgpu.ACC((bn, mp), jnp.float32))
+                    return pl.run_scoped(
+                        lambda acc: tile_product(acc, tile, x_smem, fp8=fp8, a_smem=a, int8_bits=bits),
+                        plgpu.ACC((bn, mp), jnp.float32))
 
                 def paired(acc_g, acc_u):   # both products in flight, then one wait
-                    issue_product(acc_g, g_smem, x_smem, fp8=fp8, a_smem=a)
-                    issue_product(acc_u, u_smem, x_smem, fp8=fp8, a_smem=a, pending=True)
+                    issue_product(acc_g, g_smem, x_smem, fp8=fp8, a_smem=a, int8_bits=bits)
+                    issue_product(acc_u, u_smem, x_smem, fp8=fp8, a_smem=a, pending=True, int8_bits=bits)
                     return acc_g[...], acc_u[...]
 
                 if cfg.paired_wait:

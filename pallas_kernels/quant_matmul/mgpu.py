@@ -95,6 +95,8 @@ DECODE_ASYNC = True    # the persistent kernel's ``async_acc`` (off: step_floor 
 #                       H100, 2026-12-05: the 8B's int8 + lm_head batch-1 step -0.7%, twice)
 DECODE_BLOCK_K: int | None = None   # its K tile (None: the rule in ``kernel_config``; A/Bs
 #                                     step_floor --ab quant-bk128, quant-bk256)
+DECODE_INT8_F16_BITS = False   # its and ``gated``'s ``int8_f16_bits`` (an A/B until the device
+#                               times it: decode_stream.py --kernels dtypes)
 DECODE_MAX_STAGES = 4     # its deepest ring (8: step_floor --ab quant-stages8)
 DECODE_BLOCK_N = 64       # its weight rows per unit (128: step_floor --ab quant-bn128, which halves
 #                           the x tile bytes per weight byte at 16 tokens: H200, 2026-12-05, the 8B's
@@ -120,7 +122,7 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
         dec = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages,
                                         store_mn=DECODE_STORE_MN)
         dec = dataclasses.replace(dec, pdl=DECODE_PDL, exit_read_only=DECODE_EXIT_READ_ONLY,
-                                  async_acc=DECODE_ASYNC)
+                                  async_acc=DECODE_ASYNC, int8_f16_bits=DECODE_INT8_F16_BITS)
         if mgpu_decode.supports(mp, n, k, dec):
             return dec
     return default_config(m, n, k)
@@ -177,11 +179,8 @@ def matmul_t(xp: jax.Array, w: jax.Array, *, config: MgpuConfig, interpret: bool
             def with_acc(acc_ref):
                 def body(idx, w_smem, x_smem):
                     if dequant:
-                        w_reg = w_smem[...]
-                        if jnp.dtype(w.dtype) == jnp.dtype(FP8) and jnp.dtype(a_dtype) != jnp.float16:
-                            w_reg = w_reg.astype(jnp.float32)   # Hopper converts e4m3 only to f16/f32
                         a = a_smem.at[lax.rem(idx[0], a_slots)]
-                        a[...] = w_reg.astype(a_dtype)
+                        a[...] = mgpu_decode.dequant_tile(w_smem[...], a_dtype, fp8=FP8)
                         plgpu.commit_smem()
                     else:
                         a = w_smem
@@ -328,7 +327,8 @@ def silu_gate_config(m: int, n2: int, k: int, sms: int | None = None) -> DecodeC
     bk, stages = _decode_ring(mp, k, 2 * bn)
     per = -(-units // (2 * sms))
     cfg = DecodeConfig(block_n=bn, block_k=bk, stages=stages, per_cta=per, pdl=DECODE_PDL,
-                       exit_read_only=DECODE_EXIT_READ_ONLY, paired_wait=GATED_PAIRED_WAIT)
+                       exit_read_only=DECODE_EXIT_READ_ONLY, paired_wait=GATED_PAIRED_WAIT,
+                       int8_f16_bits=DECODE_INT8_F16_BITS)
     return cfg if gated.supports(mp, n2, k, cfg) else None
 
 

@@ -110,6 +110,8 @@ class DecodeConfig:
     async_acc: bool = False    # the wgmma accumulator lives across the steps and each step
     #                            leaves its wgmmas in flight, its ring slot released a step later
     #                            (module docstring; not ``gated``'s: wrong there, session 42)
+    int8_f16_bits: bool = False   # int8 weights with an f16 x: converted by bit assembly
+    #                               (``dequant_tile``), not Mosaic GPU's per-element convert
 
     def ctas(self, n: int) -> int:
         """The grid for N output channels."""
@@ -200,13 +202,34 @@ def wgmmas_per_tile(block_k: int) -> int:
     return block_k // min(block_k, 128)
 
 
-def issue_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None, pending: bool = False) -> None:
+def dequant_tile(w_reg: jax.Array, a_dtype: jnp.dtype, *, fp8: jnp.dtype,
+                 int8_bits: bool = False) -> jax.Array:
+    """An 8-bit weight tile in registers (int8 / ``fp8``) in x's dtype, the wgmma A operand.
+
+    e4m3 goes through f32 into bf16 (Hopper's ``cvt`` has no e4m3 -> bf16). Mosaic GPU 0.11.2
+    converts int8 -> bf16 two values per ``prmt`` / ``sub.bf16x2``, but int8 -> f16 one value at
+    a time (H100, session 45: the kernel 8-21% slower with an f16 x). ``int8_bits`` assembles
+    the f16 instead: the byte b zero-extended to 16 bits, XOR 0x6480, is the f16 1152 + b (its
+    exponent 2^10 over a mantissa of b + 128; b's sign bit flipped), and 1152 is subtracted,
+    exactly, for all 256 values."""
+    w_dtype, a_dtype = jnp.dtype(w_reg.dtype), jnp.dtype(a_dtype)
+    if w_dtype == jnp.dtype(fp8) and a_dtype != jnp.float16:
+        return w_reg.astype(jnp.float32).astype(a_dtype)
+    if int8_bits and w_dtype == jnp.int8 and a_dtype == jnp.float16:
+        bits = lax.bitcast_convert_type(w_reg, jnp.uint8).astype(jnp.uint16) ^ jnp.uint16(0x6480)
+        return lax.bitcast_convert_type(bits, jnp.float16) - jnp.float16(1152)
+    return w_reg.astype(a_dtype)
+
+
+def issue_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None, pending: bool = False,
+                  int8_bits: bool = False) -> None:
     """Issue one pipeline step's product inside a kernel, without waiting for it: w_smem [bn, bk]
     (8-bit; or fp8 beside an fp8 x for w8a8) @ x_smem [Mp, bk]^T into the fresh wgmma accumulator
     ``acc_ref`` [bn, Mp]. w8a16: the weight tile is dequantized to x's dtype in registers and
     feeds wgmma from there, or through ``a_smem`` (``a_tile``) when given; a long tile (bk 256-
     1024) goes in 128-column chunks (registers hold one). ``pending``: a wgmma issued before
-    this call may still read ``a_smem`` (it is waited for before the tile overwrites it)."""
+    this call may still read ``a_smem`` (it is waited for before the tile overwrites it);
+    ``int8_bits``: ``dequant_tile``'s."""
     bk = w_smem.shape[1]
     chunk = min(bk, 128)
     w_dtype, a_dtype = jnp.dtype(w_smem.dtype), jnp.dtype(x_smem.dtype)
@@ -215,10 +238,7 @@ def issue_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None, pendi
         if w_dtype == a_dtype:
             a = w_smem.at[:, cols]
         else:
-            w_reg = w_smem[:, cols]
-            if w_dtype == jnp.dtype(fp8) and a_dtype != jnp.float16:
-                w_reg = w_reg.astype(jnp.float32)   # Hopper converts e4m3 only to f16/f32
-            a = w_reg.astype(a_dtype)
+            a = dequant_tile(w_smem[:, cols], a_dtype, fp8=fp8, int8_bits=int8_bits)
             if a_smem is not None:
                 if j or pending:   # an earlier chunk's wgmma may still read the A tile
                     plgpu.wgmma_wait(0)
@@ -228,9 +248,10 @@ def issue_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None, pendi
         plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].transpose((1, 0)))
 
 
-def tile_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None) -> jax.Array:
+def tile_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None,
+                 int8_bits: bool = False) -> jax.Array:
     """``issue_product``, then its value (float32 [bn, Mp]: reading the accumulator waits)."""
-    issue_product(acc_ref, w_smem, x_smem, fp8=fp8, a_smem=a_smem)
+    issue_product(acc_ref, w_smem, x_smem, fp8=fp8, a_smem=a_smem, int8_bits=int8_bits)
     return acc_ref[...]
 
 
@@ -324,7 +345,8 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
 
                 a = a_smem[0] if via_smem else None
                 carry = carry + pl.run_scoped(
-                    lambda acc: tile_product(acc, w_smem, x_smem, fp8=fp8, a_smem=a),
+                    lambda acc: tile_product(acc, w_smem, x_smem, fp8=fp8, a_smem=a,
+                                             int8_bits=cfg.int8_f16_bits),
                     plgpu.ACC((bn, mp), jnp.float32))
                 last = lax.rem(i, steps) == steps - 1
                 pl.when(last)(lambda: flush(carry, i))
@@ -334,7 +356,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                 #   steps and sums every unit so far; ``before``: its value when this unit began
                 i = idx[0]
                 issue_product(acc, w_smem, x_smem, fp8=fp8, a_smem=a_smem[0] if via_smem else None,
-                              pending=True)
+                              pending=True, int8_bits=cfg.int8_f16_bits)
 
                 def unit_done(before):   # the running sum (waits for every wgmma) less the units
                     total = acc[...]     # before this one: the unit's own sum

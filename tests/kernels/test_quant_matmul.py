@@ -407,3 +407,31 @@ def test_kernels_are_named_by_shape(m, name):
     ss = jax.ShapeDtypeStruct((6144,), jnp.float32)
     fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s))
     assert name in fn.trace(xs, ws, ss).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_int8_weights_with_an_f16_x_by_bit_assembly(monkeypatch):
+    """``int8_f16_bits`` (``DECODE_INT8_F16_BITS``, the A/B quant-int8-f16-bits): every int8 value
+    assembled into the f16 it is, exactly; the persistent kernel with it (per-step waits and
+    ``async_acc``) gives the same sums as the plain convert, interpreted; and the GPU lowering
+    (the A tile from registers) accepts it at the 8B's o shape."""
+    every = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
+    got = mgpu_decode.dequant_tile(every, jnp.float16, fp8=FP8, int8_bits=True)
+    assert got.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(every, np.float32))
+    x, q, s, _ = _operands(14, 5, 448, 512, jnp.int8, jnp.float16)
+    for cfg in (DecodeConfig(64, 128, 2, split_k=2, per_cta=3, store_mn=True),
+                DecodeConfig(64, 128, 3, split_k=2, per_cta=3, store_mn=True, async_acc=True)):
+        plain = mgpu.quant_matmul(x, q, s, out_dtype=jnp.float32, config=cfg, interpret=True)
+        bits = mgpu.quant_matmul(x, q, s, out_dtype=jnp.float32, interpret=True,
+                                 config=dataclasses.replace(cfg, int8_f16_bits=True))
+        np.testing.assert_array_equal(np.asarray(bits), np.asarray(plain))
+        assert _rel(bits, ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32)) < 1e-5
+    assert not mgpu.kernel_config(16, 4096, 4096).int8_f16_bits
+    monkeypatch.setattr(mgpu, "DECODE_INT8_F16_BITS", True)
+    cfg = mgpu.kernel_config(16, 4096, 4096)
+    assert cfg.int8_f16_bits
+    xs = jax.ShapeDtypeStruct((16, 4096), jnp.float16)
+    ws = jax.ShapeDtypeStruct((4096, 4096), jnp.int8)
+    fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s, config=cfg))
+    text = fn.trace(xs, ws, jax.ShapeDtypeStruct((4096,), jnp.float32)).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in text.as_text()

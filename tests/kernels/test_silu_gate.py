@@ -50,6 +50,10 @@ CASES = {
     "int8_m16_paired_ragged": (16, 192, 512, jnp.int8, jnp.bfloat16,
                                DecodeConfig(64, 256, 2, per_cta=2, paired_wait=True)),
     "fp8_m8_paired": (8, 128, 256, FP8, jnp.bfloat16, DecodeConfig(64, 128, 3, paired_wait=True)),
+    # int8 with an f16 x by bit assembly (mgpu_decode.dequant_tile), both step bodies
+    "int8_m5_f16_bits_paired": (5, 192, 256, jnp.int8, jnp.float16,
+                                DecodeConfig(64, 128, 2, per_cta=2, paired_wait=True, int8_f16_bits=True)),
+    "int8_m1_f16_bits": (1, 128, 256, jnp.int8, jnp.float16, DecodeConfig(64, 128, 2, int8_f16_bits=True)),
 }
 
 
@@ -124,7 +128,8 @@ def test_dispatch_follows_the_switch(monkeypatch):
 
 @pytest.mark.parametrize("m,wdtype,variant", [
     (1, jnp.int8, ""), (16, jnp.int8, ""), (16, FP8, ""), (64, jnp.int8, ""),
-    (16, jnp.int8, "GATED_PAIRED_WAIT"), (16, FP8, "GATED_PAIRED_WAIT")])
+    (16, jnp.int8, "GATED_PAIRED_WAIT"), (16, FP8, "GATED_PAIRED_WAIT"),
+    (16, jnp.int8, "DECODE_INT8_F16_BITS")])
 def test_kernel_lowers_for_cuda(m, wdtype, variant, monkeypatch):
     """Llama-3.1-8B's gate/up (2I = 28,672, K = 4,096) with the A tile from registers, as a GPU
     runs it (cross-lowered for CUDA on CPU), also under each A/B switch of its config."""
@@ -132,7 +137,8 @@ def test_kernel_lowers_for_cuda(m, wdtype, variant, monkeypatch):
         monkeypatch.setattr(mgpu, variant, True)
     cfg = mgpu.silu_gate_config(m, 28672, 4096, sms=132)
     assert cfg.paired_wait == (variant == "GATED_PAIRED_WAIT") and not cfg.async_acc
-    x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
+    assert cfg.int8_f16_bits == (variant == "DECODE_INT8_F16_BITS")
+    x = jax.ShapeDtypeStruct((m, 4096), jnp.float16 if cfg.int8_f16_bits else jnp.bfloat16)
     w = jax.ShapeDtypeStruct((28672, 4096), wdtype)
     s = jax.ShapeDtypeStruct((28672,), jnp.float32)
     fn = jax.jit(lambda x, w, s: mgpu.quant_matmul_silu_gate(x, w, s, config=cfg))
