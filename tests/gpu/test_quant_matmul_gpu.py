@@ -4,6 +4,8 @@ Same semantics as tests/kernels/test_quant_matmul.py (interpret mode) plus Llama
 shapes. Skipped without a GPU (CPU CI) and on a GPU that is not Hopper.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,3 +180,26 @@ def test_fused_silu_gate(m, wdtype, cfg, monkeypatch):
     got = jax.jit(lambda *a: mgpu.quant_matmul_silu_gate(*a, config=cfg))(x, q, s)
     assert np.isfinite(np.asarray(got, np.float32)).all()
     assert _rel(got, want) < 4e-3
+
+
+@pytest.mark.parametrize("cfg", [
+    DecodeConfig(64, 256, 4, split_k=2, per_cta=3, store_mn=True, async_acc=True),
+    DecodeConfig(64, 512, 2, split_k=2, per_cta=3, store_mn=True)])
+def test_persistent_int8_f16_bits(cfg):
+    """int8 weights with an f16 x by bit assembly (``int8_f16_bits``), the A tile from
+    registers: the same sums as the plain convert (the assembled f16 is exact), in the decode
+    kernel and in the gate kernel, at the 8B's gate/up shape for the latter."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((5, 2048)), jnp.float16)
+    q, s = ref.quantize_weight(jnp.asarray(rng.standard_normal((1280, 2048)) * 0.02, jnp.float32), jnp.int8)
+    bits = dataclasses.replace(cfg, int8_f16_bits=True)
+    got = mgpu.quant_matmul(x, q, s, config=bits, out_dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(mgpu.quant_matmul(x, q, s, config=cfg,
+                                                                                out_dtype=jnp.float32)))
+    assert _rel(got, ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32)) < 1e-4
+    x = jnp.asarray(rng.standard_normal((16, 4096)), jnp.float16)
+    q, s = ref.quantize_weight(jnp.asarray(rng.standard_normal((28672, 4096)) * 0.02, jnp.float32), jnp.int8)
+    gate = mgpu.silu_gate_config(16, 28672, 4096)
+    want = mgpu.quant_matmul_silu_gate(x, q, s, config=gate)
+    got = mgpu.quant_matmul_silu_gate(x, q, s, config=dataclasses.replace(gate, int8_f16_bits=True))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
