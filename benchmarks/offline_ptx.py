@@ -1,0 +1,117 @@
+"""The Hopper decode kernels' PTX without a GPU: each config compiled for a deviceless H200 on a
+CPU machine, and its instructions counted.
+
+Where it sits: beside benchmarks/offline_hlo.py (XLA's side of a step, the same deviceless H200)
+and benchmarks/decode_stream.py (the same kernels timed on the device). It answers "what does
+the kernel's body issue per weight tile" in a session with no device time: Mosaic GPU lowers
+the kernel to PTX and runs ptxas while XLA compiles the custom call, and its dump options
+(``MOSAIC_GPU_DUMP_PTX``, ``MOSAIC_GPU_DUMP_TO``, read at each compile) write the PTX and
+ptxas' report (and tries nvdisasm for SASS, which the plugin lacks: its error lines are
+harmless). One row per (weight dtype, x dtype, variant): registers, spills, and the counts
+of the instruction classes that convert the weight tile, load it from SMEM, and multiply.
+
+Session 46 (2026-12-06), the 8B's o projection at 16 tokens: the int8 -> f16 convert is two
+``cvt`` per value (256 per thread per 256-column tile), the bf16 one ``prmt`` / two ``and`` /
+``sub.bf16x2`` per pair (256), ``int8_f16_bits`` one ``xor`` / ``add.f16x2`` per pair (128).
+
+Needs JAX's CUDA plugin in an environment of its own, as offline_hlo.py::
+
+    JAX_PLATFORMS=cpu PYTHONPATH=. /tmp/aotvenv/bin/python benchmarks/offline_ptx.py \\
+        --shape 4096x4096 --m 16 --weights int8 --x bfloat16,float16 --variants default,int8_f16_bits
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import itertools
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pallas_kernels.quant_matmul import mgpu, mgpu_decode
+from pallas_kernels.quant_matmul import reference as ref
+
+# XLA's GpuTargetConfigProto (text) of an H200: offline_hlo.py's (that module imports the engine,
+# which this environment need not hold).
+H200_TARGET = re.search(r'H200_TARGET = """(.*?)"""',
+                        (Path(__file__).parent / "offline_hlo.py").read_text(), re.S).group(1)
+
+# Instruction classes counted per row: name -> opcode prefixes.
+CLASSES = {
+    "cvt": ("cvt.rn.f16", "cvt.s16", "cvt.rn.bf16", "cvt.f32", "cvt.rn.f32"),
+    "prmt": ("prmt",),
+    "and/xor": ("and.b32", "xor.b32"),
+    "sub/add x2": ("sub.bf16x2", "sub.f16x2", "add.f16x2", "add.bf16x2"),
+    "ld.shared": ("ld.shared",),
+    "wgmma": ("wgmma.mma_async",),
+}
+
+
+def opcode_counts(ptx: str) -> collections.Counter:
+    """Each instruction's opcode (with its type suffixes) in a PTX text, counted (also those in
+    inline-asm braces, as Mosaic GPU emits wgmma)."""
+    ops = re.findall(r"(?:^|[;{])\s*(?:@!?%p\d+\s+)?([a-z][a-z0-9_.:]*)", ptx, re.M)
+    return collections.Counter(op for op in ops if not op.endswith(":"))
+
+
+def compile_ptx(fn, args: tuple, dump: Path) -> tuple[str, str]:
+    """``fn`` compiled for the deviceless H200 with Mosaic GPU's dumps in ``dump``: its kernels'
+    PTX (joined) and ptxas' reports."""
+    dump.mkdir(parents=True, exist_ok=True)
+    os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=str(dump))
+    jax.jit(fn).trace(*args).lower().compile()
+    ptx = "\n".join(p.read_text() for p in sorted(dump.glob("*.ptx")))
+    return ptx, "\n".join(p.read_text() for p in sorted(dump.glob("*.ptxas")))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="4096x4096", help="the weight's N x K")
+    ap.add_argument("--m", type=int, default=16, help="tokens (<= 64: the persistent decode kernel)")
+    ap.add_argument("--kernel", choices=("decode", "gated"), default="decode",
+                    help="the decode matmul (mgpu.kernel_config) or the gate/up kernel (N = 2I)")
+    ap.add_argument("--weights", default="int8,fp8", help="comma list: int8, fp8")
+    ap.add_argument("--x", default="bfloat16,float16", help="comma list of x dtypes")
+    ap.add_argument("--variants", default="default",
+                    help="comma list: default, or DecodeConfig boolean fields set true (joined by +)")
+    ns = ap.parse_args()
+    n, k = (int(v) for v in ns.shape.split("x"))
+    topo = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1")
+    sharding = NamedSharding(Mesh(np.array(topo.devices).reshape(1), ("x",)), PartitionSpec())
+    base = (mgpu.silu_gate_config(ns.m, n, k, sms=132) if ns.kernel == "gated"
+            else mgpu.kernel_config(ns.m, n, k))
+    if not isinstance(base, mgpu_decode.DecodeConfig):
+        raise SystemExit(f"{ns.kernel}: no persistent decode config for M={ns.m}, {ns.shape}")
+    print(f"## {ns.kernel} kernel, w [{n}, {k}], M = {ns.m}: {base}\n")
+    print("| weights | x | variant | registers | spills | " + " | ".join(CLASSES) + " | instructions |")
+    print("|---" * (6 + len(CLASSES)) + "|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (wname, xname, variant) in enumerate(itertools.product(
+                ns.weights.split(","), ns.x.split(","), ns.variants.split(","))):
+            fields = {} if variant == "default" else {f: True for f in variant.split("+")}
+            cfg = dataclasses.replace(base, **fields)
+            wdt = jnp.int8 if wname == "int8" else ref.FP8
+            args = tuple(jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in
+                         (((ns.m, k), jnp.dtype(xname)), ((n, k), wdt), ((n,), jnp.float32)))
+            call = mgpu.quant_matmul_silu_gate if ns.kernel == "gated" else mgpu.quant_matmul
+            ptx, report = compile_ptx(lambda x, w, s, cfg=cfg, call=call: call(x, w, s, config=cfg),
+                                      args, Path(tmp) / str(i))
+            ops = opcode_counts(ptx)
+            regs = re.findall(r"Used (\d+) registers", report)
+            spills = re.findall(r"(\d+) bytes spill stores", report)
+            counts = [sum(c for op, c in ops.items() if op.startswith(pre)) for pre in CLASSES.values()]
+            print(f"| {wname} | {xname} | {variant} | {','.join(regs)} | {','.join(spills)} | "
+                  + " | ".join(map(str, counts)) + f" | {sum(ops.values())} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
