@@ -215,9 +215,10 @@ MODULE_PATCHES = {
     # the persistent decode kernel's accumulator without a step's wgmmas left in flight (the
     # default since session 43 keeps them: mgpu_decode's async_acc, its ring 4 deep at 16 tokens)
     "quant-async-off": ("pallas_kernels.quant_matmul.mgpu", "DECODE_ASYNC", False),
-    # int8 weights with an f16 x (a float16 model) converted by bit assembly in the decode and
-    # gate kernels (mgpu_decode.dequant_tile), not Mosaic GPU's per-element int8 -> f16 convert
-    "quant-int8-f16-bits": ("pallas_kernels.quant_matmul.mgpu", "DECODE_INT8_F16_BITS", True),
+    # int8 weights with an f16 x (a float16 model) converted by Mosaic GPU's per-element int8 ->
+    # f16 convert in the decode and gate kernels, as before session 46 (the default assembles the
+    # f16 from the byte's bits: mgpu_decode.dequant_tile)
+    "quant-int8-f16-bits-off": ("pallas_kernels.quant_matmul.mgpu", "DECODE_INT8_F16_BITS", False),
     # an int8 / fp8 pool's RoPE and quantizing K/V write in one Triton kernel (gpu_rope_quant.py)
     "rope-write-quant-on": ("pallas_kernels.kv_write.api", "ROPE_WRITE_QUANT_ON_GPU", True),
     # the direct decode attention launch and its combine read num_seqs, query_start_loc and

@@ -95,8 +95,9 @@ DECODE_ASYNC = True    # the persistent kernel's ``async_acc`` (off: step_floor 
 #                       H100, 2026-12-05: the 8B's int8 + lm_head batch-1 step -0.7%, twice)
 DECODE_BLOCK_K: int | None = None   # its K tile (None: the rule in ``kernel_config``; A/Bs
 #                                     step_floor --ab quant-bk128, quant-bk256)
-DECODE_INT8_F16_BITS = False   # its and ``gated``'s ``int8_f16_bits`` (an A/B until the device
-#                               times it: decode_stream.py --kernels dtypes)
+DECODE_INT8_F16_BITS = True   # its and ``gated``'s ``int8_f16_bits`` (off: step_floor --ab
+#                              quant-int8-f16-bits-off; H100, 2026-12-06: the float16 8B's int8 +
+#                              lm_head batch-1 step 4.214 -> 3.745 ms, the bf16 model's 3.759)
 DECODE_MAX_STAGES = 4     # its deepest ring (8: step_floor --ab quant-stages8)
 DECODE_BLOCK_N = 64       # its weight rows per unit (128: step_floor --ab quant-bn128, which halves
 #                           the x tile bytes per weight byte at 16 tokens: H200, 2026-12-05, the 8B's

@@ -410,10 +410,11 @@ def test_kernels_are_named_by_shape(m, name):
 
 
 def test_int8_weights_with_an_f16_x_by_bit_assembly(monkeypatch):
-    """``int8_f16_bits`` (``DECODE_INT8_F16_BITS``, the A/B quant-int8-f16-bits): every int8 value
-    assembled into the f16 it is, exactly; the persistent kernel with it (per-step waits and
-    ``async_acc``) gives the same sums as the plain convert, interpreted; and the GPU lowering
-    (the A tile from registers) accepts it at the 8B's o shape."""
+    """``int8_f16_bits`` (``DECODE_INT8_F16_BITS``: on; off, the A/B quant-int8-f16-bits-off):
+    every int8 value assembled into the f16 it is, exactly; the persistent kernel with it
+    (per-step waits and ``async_acc``) gives the same sums as the plain convert, interpreted;
+    the switch sets the default configs' field; and the GPU lowering (the A tile from
+    registers) accepts it at the 8B's o shape."""
     every = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
     got = mgpu_decode.dequant_tile(every, jnp.float16, fp8=FP8, int8_bits=True)
     assert got.dtype == jnp.float16
@@ -426,6 +427,7 @@ def test_int8_weights_with_an_f16_x_by_bit_assembly(monkeypatch):
                                  config=dataclasses.replace(cfg, int8_f16_bits=True))
         np.testing.assert_array_equal(np.asarray(bits), np.asarray(plain))
         assert _rel(bits, ref.w8a16_matmul(x, q, s, out_dtype=jnp.float32)) < 1e-5
+    monkeypatch.setattr(mgpu, "DECODE_INT8_F16_BITS", False)
     assert not mgpu.kernel_config(16, 4096, 4096).int8_f16_bits
     monkeypatch.setattr(mgpu, "DECODE_INT8_F16_BITS", True)
     cfg = mgpu.kernel_config(16, 4096, 4096)

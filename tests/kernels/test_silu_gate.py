@@ -126,19 +126,20 @@ def test_dispatch_follows_the_switch(monkeypatch):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("m,wdtype,variant", [
-    (1, jnp.int8, ""), (16, jnp.int8, ""), (16, FP8, ""), (64, jnp.int8, ""),
-    (16, jnp.int8, "GATED_PAIRED_WAIT"), (16, FP8, "GATED_PAIRED_WAIT"),
-    (16, jnp.int8, "DECODE_INT8_F16_BITS")])
-def test_kernel_lowers_for_cuda(m, wdtype, variant, monkeypatch):
+@pytest.mark.parametrize("m,wdtype,variant,xdtype", [
+    (1, jnp.int8, "", jnp.bfloat16), (16, jnp.int8, "", jnp.bfloat16), (16, FP8, "", jnp.bfloat16),
+    (64, jnp.int8, "", jnp.bfloat16), (16, jnp.int8, "GATED_PAIRED_WAIT", jnp.bfloat16),
+    (16, FP8, "GATED_PAIRED_WAIT", jnp.bfloat16), (16, jnp.int8, "", jnp.float16)])
+def test_kernel_lowers_for_cuda(m, wdtype, variant, xdtype, monkeypatch):
     """Llama-3.1-8B's gate/up (2I = 28,672, K = 4,096) with the A tile from registers, as a GPU
-    runs it (cross-lowered for CUDA on CPU), also under each A/B switch of its config."""
+    runs it (cross-lowered for CUDA on CPU), also under each A/B switch of its config, and with
+    an f16 x (int8 -> f16 by bit assembly, ``DECODE_INT8_F16_BITS``, the default)."""
     if variant:
         monkeypatch.setattr(mgpu, variant, True)
     cfg = mgpu.silu_gate_config(m, 28672, 4096, sms=132)
     assert cfg.paired_wait == (variant == "GATED_PAIRED_WAIT") and not cfg.async_acc
-    assert cfg.int8_f16_bits == (variant == "DECODE_INT8_F16_BITS")
-    x = jax.ShapeDtypeStruct((m, 4096), jnp.float16 if cfg.int8_f16_bits else jnp.bfloat16)
+    assert cfg.int8_f16_bits
+    x = jax.ShapeDtypeStruct((m, 4096), xdtype)
     w = jax.ShapeDtypeStruct((28672, 4096), wdtype)
     s = jax.ShapeDtypeStruct((28672,), jnp.float32)
     fn = jax.jit(lambda x, w, s: mgpu.quant_matmul_silu_gate(x, w, s, config=cfg))
