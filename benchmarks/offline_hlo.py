@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from benchmarks.compile_ab import restacked, slice_copies
 from benchmarks.hlo_kernels import census
+from benchmarks.offline_ptx import H200_TARGET
 from benchmarks.step_floor import patched
 from jserve.builder import EngineArgs, build_engine
 from jserve.compile_pool import compiler_options, cublas_min_tokens
@@ -48,21 +49,6 @@ from jserve.step_program import StepVariant, fused_step
 from pallas_kernels import hopper
 from pallas_kernels.flash_attention import mgpu as flash_mgpu
 from pallas_kernels.quant_matmul import mgpu as quant_mgpu
-
-# XLA's GpuTargetConfigProto (text) of an H200 as the H200 reports itself (132 SMs, 60 MiB of L2,
-# compute capability 9.0); the CUDA and cuDNN versions of the device image.
-H200_TARGET = """
-gpu_device_info {
-  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
-  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
-  memory_bandwidth: 4800000000000 l2_cache_size: 62914560 clock_rate_ghz: 1.98
-  device_memory_size: 150754820096 shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
-}
-platform_name: "CUDA" dnn_version_info { major: 9 minor: 28 } runtime_version { major: 13 }
-device_description_str: "NVIDIA H200"
-"""
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ Session 46 (2026-12-06), the 8B's o projection at 16 tokens: the int8 -> f16 con
 Needs JAX's CUDA plugin in an environment of its own, as offline_hlo.py::
 
     JAX_PLATFORMS=cpu PYTHONPATH=. /tmp/aotvenv/bin/python benchmarks/offline_ptx.py \\
-        --shape 4096x4096 --m 16 --weights int8 --x bfloat16,float16 --variants default,int8_f16_bits
+        --shape 4096x4096 --m 16 --weights int8 --x bfloat16,float16 --variants default,int8_f16_bits=0
 """
 
 from __future__ import annotations
@@ -40,10 +40,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pallas_kernels.quant_matmul import mgpu, mgpu_decode
 from pallas_kernels.quant_matmul import reference as ref
 
-# XLA's GpuTargetConfigProto (text) of an H200: offline_hlo.py's (that module imports the engine,
-# which this environment need not hold).
-H200_TARGET = re.search(r'H200_TARGET = """(.*?)"""',
-                        (Path(__file__).parent / "offline_hlo.py").read_text(), re.S).group(1)
+# XLA's GpuTargetConfigProto (text) of an H200 as the H200 reports itself (132 SMs, 60 MiB of L2,
+# compute capability 9.0); the CUDA and cuDNN versions of the device image.
+H200_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 4800000000000 l2_cache_size: 62914560 clock_rate_ghz: 1.98
+  device_memory_size: 150754820096 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA" dnn_version_info { major: 9 minor: 28 } runtime_version { major: 13 }
+device_description_str: "NVIDIA H200"
+"""
 
 # Instruction classes counted per row: name -> opcode prefixes.
 CLASSES = {
@@ -82,7 +92,8 @@ def main() -> None:
     ap.add_argument("--weights", default="int8,fp8", help="comma list: int8, fp8")
     ap.add_argument("--x", default="bfloat16,float16", help="comma list of x dtypes")
     ap.add_argument("--variants", default="default",
-                    help="comma list: default, or DecodeConfig boolean fields set true (joined by +)")
+                    help="comma list: default (the engine's config), or DecodeConfig boolean fields "
+                         "joined by +, each set true, or false as NAME=0 (int8_f16_bits=0)")
     ns = ap.parse_args()
     n, k = (int(v) for v in ns.shape.split("x"))
     topo = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1")
@@ -97,7 +108,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (wname, xname, variant) in enumerate(itertools.product(
                 ns.weights.split(","), ns.x.split(","), ns.variants.split(","))):
-            fields = {} if variant == "default" else {f: True for f in variant.split("+")}
+            fields = {} if variant == "default" else {
+                f.split("=")[0]: f.split("=")[1:] != ["0"] for f in variant.split("+")}
             cfg = dataclasses.replace(base, **fields)
             wdt = jnp.int8 if wname == "int8" else ref.FP8
             args = tuple(jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in
