@@ -134,10 +134,12 @@ def checked_time(fn, x: jax.Array, weights: list, want: jax.Array, clock, iters:
         return None
 
 
-def config_label(cfg: mgpu_decode.DecodeConfig, n: int) -> str:
-    """A decode config's row label: tile, ring depth, split and CTAs."""
+def config_label(cfg: mgpu_decode.DecodeConfig, n: int, int8_f16: bool = False) -> str:
+    """A decode config's row label: tile, ring depth, split and CTAs (``int8_f16``: int8 weights
+    meet an f16 x, and the label says how the weight is converted)."""
+    convert = (", int8 f16 bits" if cfg.int8_f16_bits else ", Mosaic's convert") if int8_f16 else ""
     return (f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, {cfg.ctas(n)} CTAs"
-            + ", async" * cfg.async_acc + ", int8 f16 bits" * cfg.int8_f16_bits)
+            + ", async" * cfg.async_acc + convert)
 
 
 def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
@@ -176,7 +178,8 @@ def dtype_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) ->
     (whose ring reads 10 points more, session 38, but whose body runs four times per 512
     columns) over int8 and e4m3 weights, with a bf16 x and an f16 x. e4m3 -> bf16 goes through
     f32 (two conversions per element and a pack); e4m3 -> f16 is one conversion per pair; int8
-    -> f16 per element, so int8 with an f16 x also runs ``int8_f16_bits`` (bit assembly)."""
+    -> f16 per element in Mosaic GPU's convert, so int8 with an f16 x runs each config both
+    ways (``int8_f16_bits``: bit assembly, the default since session 46)."""
     m, k = x.shape
     n = copies[0][0].shape[0]
     default = mgpu.kernel_config(m, n, k)
@@ -191,15 +194,16 @@ def dtype_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) ->
         xs, xname = x.astype(xdt), jnp.dtype(xdt).name
         want = ref.w8a16_matmul(xs, *ws[0], out_dtype=jnp.float32)
         int8_f16 = (wname, xname) == ("int8", "float16")
-        bits = [dataclasses.replace(c, int8_f16_bits=True) for c in cfgs] if int8_f16 else []
-        for cfg in cfgs + bits:
+        both = [dataclasses.replace(c, int8_f16_bits=b) for b in (False, True) for c in cfgs]
+        for cfg in both if int8_f16 else cfgs:
             if not mgpu_decode.supports(mgpu.padded_tokens(m), n, k, cfg):
                 continue
             fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731
             got = checked_time(fn, xs, ws, want, clock, iters, reps, f"{wname} x {xname} {cfg}")
             if got is None:
                 continue
-            add(f"{wname} weight, {xname} x, M={m} (rel err {got[0]:.1e})", config_label(cfg, n), got[1])
+            add(f"{wname} weight, {xname} x, M={m} (rel err {got[0]:.1e})", config_label(cfg, n, int8_f16),
+                got[1])
 
 
 def main() -> None:
