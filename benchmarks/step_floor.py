@@ -224,9 +224,9 @@ MODULE_PATCHES = {
     # the direct decode attention launch and its combine read num_seqs, query_start_loc and
     # seq_lens in three dependent rounds of loads (one round by default since session 43)
     "attn-meta-three-rounds": ("pallas_kernels.ragged_paged_attention.gpu_splits", "DIRECT_ONE_ROUND", False),
-    # an fp8 pool's unsplit decode launch at 64 keys per step, as before session 44 (128
-    # at head_dim >= 128 by default: gpu.QUANT_WIDE_BLOCK_HEAD_DIM)
-    "attn-quant-keys-64": ("pallas_kernels.ragged_paged_attention.gpu", "QUANT_WIDE_BLOCK_HEAD_DIM", 1 << 30),
+    # an fp8 pool's unsplit decode launch at head_dim >= 128 takes 128 keys per step, as in
+    # sessions 44-46 (64 by default: gpu.QUANT_WIDE_BLOCK_HEAD_DIM)
+    "attn-quant-keys-128": ("pallas_kernels.ragged_paged_attention.gpu", "QUANT_WIDE_BLOCK_HEAD_DIM", 128),
 }
 
 

@@ -26,9 +26,8 @@ of a two-launch plan, or a call of at most ``block_q`` tokens) the launch is *di
 grid runs over (live rank, kv head, split); each program counts the served sequences from
 ``query_start_loc`` in the kernel (one vector load), finds its sequence as the rank-th served one
 (a cumsum), and idles past the live ones. The grid is bounded by the live programs over every
-live count (``gpu_splits.direct_grid``), not by max_seqs x kv heads x splits: the engine's 16-row decode
-bucket holding one sequence launched 4096 programs, 3840 of them idle, each holding an SM slot
-and its pipeline buffers. No XLA op runs before a direct launch.
+live count (``gpu_splits.direct_grid``), not by max_seqs x kv heads x splits (4096 programs, 3840
+idle, for one sequence in the 16-row bucket). No XLA op runs before a direct launch.
 
 Long contexts with few items (batch-1 decode) split each item's KV range over up to
 ``num_splits`` programs (FlashDecoding); each writes an unnormalised partial output with its
@@ -39,17 +38,15 @@ decode bucket holds one sequence or sixteen, and a static count cannot fill the 
 without over-splitting the second. Splits past the active count write nothing and the merge
 reads only the active ones; an active split whose range is empty writes the neutral partial
 (max = -1e30, sum = 0). An item with few KV blocks uses fewer splits (``min_blocks_per_split``),
-so a short context is not cut into one-block programs with a wide merge. Split programs run with
-2 warps: batch-1 decode is latency-bound, and more, smaller programs keep more page gathers in
-flight per SM (H200 sweep, KERNEL_NOTES_runs_1-9 run 8: 32 splits x 2 warps 33 us vs 16 x 4 warps 45 us).
+so a short context is not cut into one-block programs with a wide merge. Split programs run 2
+warps: more, smaller programs keep more page gathers in flight per SM (H200, KERNEL_NOTES_runs_1-9
+run 8: 32 splits x 2 warps 33 us vs 16 x 4 warps 45 us).
 
-Why the Triton lowering and not Mosaic GPU: decode is memory-bound, and what matters is many
-independent row gathers in flight (``num_stages`` software pipelining of the gathered page
-loads), which Triton's pointer loads give directly; Mosaic GPU's strength (TMA + wgmma with warp
-specialisation) wants rectangular tiles, which a page-table gather of 16-row pages does not give
-without one TMA descriptor per page. Measured on an H200 (benchmarks/KERNEL_NOTES.md): 3.3 TB/s
-at 64 x 2048 (100% of the elementwise read+write ceiling, 1.6x JAX's own Triton-lowered paged op);
-no Mosaic GPU paged-attention kernel exists to compare against, so "faster" is against that ceiling.
+Why Triton and not Mosaic GPU: decode is memory-bound, and what matters is many independent
+row gathers in flight (``num_stages`` pipelining of the page loads), which Triton's pointer loads
+give directly; Mosaic GPU's TMA + wgmma wants rectangular tiles, which a gather of 16-row pages
+is not. H200 (KERNEL_NOTES.md): 3.3 TB/s at 64 x 2048, 100% of the elementwise read+write
+ceiling, 1.6x JAX's own Triton-lowered paged op (no Mosaic GPU paged kernel exists to compare).
 """
 
 from __future__ import annotations
@@ -140,8 +137,8 @@ _PARTIALS_BYTES = 64 << 20
 _MAX_SPLITS = 32
 _SPLIT_DECODE_WARPS = 2  # smaller programs, more of them in flight per SM (few live sequences)
 # An fp8 pool's unsplit decode launch at head_dim >= this takes twice the keys per step
-# (``default_config``); off in ``step_floor``'s A/B arm ``attn-quant-keys-64``.
-QUANT_WIDE_BLOCK_HEAD_DIM = 128
+# (``default_config``); None (since session 47): never; step_floor's arm attn-quant-keys-128: 128.
+QUANT_WIDE_BLOCK_HEAD_DIM: int | None = None
 
 
 def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: int) -> int:
@@ -169,17 +166,19 @@ def default_config(
 ) -> GpuConfig | GpuPlan:
     """Heuristic static config from the shapes alone (the batch's composition is dynamic).
 
-    ``fp8`` (the pool holds e4m3; int8 pools are not measured) with ``head_dim`` >=
-    ``QUANT_WIDE_BLOCK_HEAD_DIM`` and an unsplit decode launch: 128 keys per step
-    (``pages_per_block`` doubled: the K / V tiles of bf16's 64 keys). H100, session 44, the 8B
-    layout's fp8 call: 64 x 8k 440 against 616 us (bf16 703), 64 x 2k 129 against 169 (bf16
-    191); it lost where the launch splits (16 x 8k, 32 2-warp splits: 223 against 150) and at
-    head_dim 64 (Qwen2.5-0.5B, 256 x 2k unsplit: 108 against 83).
+    ``fp8`` (e4m3 pool) with ``head_dim`` >= ``QUANT_WIDE_BLOCK_HEAD_DIM`` (None: off, the
+    default) and an unsplit decode launch: 128 keys per step (``pages_per_block`` doubled).
+    H100, session 44, the 8B layout's fp8 call: 64 x 8k 440 against 616 us (bf16 703), 64 x 2k
+    129 against 169; it lost where the launch splits (16 x 8k: 223 against 150) and at head_dim
+    64 (Qwen2.5-0.5B, 256 x 2k: 108 against 83). Off since session 47: the 8B's step at 40 x 8k
+    (H100) 19.11 ms with it, 16.73 without; at 255 registers against 168 (offline_attention.py)
+    an SM holds 2 programs, not 3: 40 x 8 kv heads take two rounds of 264 where 64 keys fit one
+    of 396 (at 64 x 8k, both take two).
 
     ``quantized`` (an int8 / fp8 pool): both classes take ``kv_compute="float16"`` (H200,
-    session 24, 16 x 8k decode attention per layer call: fp8 pool 1.081x / 1.334x the bf16
-    pool's time with bf16 dots for the Qwen2.5-0.5B / Llama-3.1-8B layouts, 0.979x / 0.954x with
-    f16 dots; "float8" 0.898x / 0.944x, not the default until its accuracy is measured on a GPU).
+    session 24, 16 x 8k decode attention per layer call, Qwen2.5-0.5B / 8B layouts: the fp8 pool
+    1.081x / 1.334x bf16's time with bf16 dots, 0.979x / 0.954x with f16 dots; "float8" 0.898x /
+    0.944x, not the default until its accuracy is measured on a GPU).
 
     Decode class: ``block_q * G = 16`` score rows (the tensor-core minimum), or ``block_q`` =
     ``decode_rows`` rounded up to a power of two when that is more (speculative verify rows:
@@ -198,7 +197,8 @@ def default_config(
     partial_bytes = items * bq * num_kv_heads * group * 128 * 4  # [rows, kvh * G * D] float32, D <= 128
     splits = _splits(items * num_kv_heads, num_kv_heads, ctx_blocks, partial_bytes)
     compute = "float16" if quantized else None
-    wide = fp8 and splits == 1 and (head_dim or 0) >= QUANT_WIDE_BLOCK_HEAD_DIM
+    wide = (fp8 and splits == 1 and QUANT_WIDE_BLOCK_HEAD_DIM is not None
+            and (head_dim or 0) >= QUANT_WIDE_BLOCK_HEAD_DIM)
     dec = GpuConfig(
         block_q=bq,
         pages_per_block=min(2 * ppb, sp.pow2(pages_per_seq)) if wide else ppb,
