@@ -142,12 +142,14 @@ def main() -> None:
                 configs.append(("1 block per split at least",
                                 dataclasses.replace(dec, min_blocks_per_split=1)))
             if fp8:
-                if dec.pages_per_block * PAGE > 64:   # the wide-block default (head_dim 128, unsplit)
-                    configs.append(("64 keys per step (before session 44)",
+                if dec.pages_per_block * PAGE != 64:   # gpu.QUANT_DECODE_KEYS set (an A/B arm)
+                    configs.append(("64 keys per step (the default)",
                                     dataclasses.replace(dec, pages_per_block=64 // PAGE)))
                 wide = dataclasses.replace(dec, pages_per_block=2 * dec.pages_per_block)
                 configs += [("bf16 dots (before session 24)", dataclasses.replace(dec, kv_compute=None)),
                             ("2x keys per step", wide),
+                            ("half the keys per step",
+                             dataclasses.replace(dec, pages_per_block=max(1, dec.pages_per_block // 2))),
                             ("kv_compute float8", dataclasses.replace(dec, kv_compute="float8")),
                             ("float8, 2x keys", dataclasses.replace(wide, kv_compute="float8"))]
             want = rpa_ref.ragged_paged_attention(q, kp, vp, pts[0], *meta, sm_scale=d**-0.5, **sc)

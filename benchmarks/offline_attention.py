@@ -14,10 +14,10 @@ the registers (allocated per warp in 256s, 64K per SM), the shared memory (each 
 sequences x kv heads x splits) exceed that times the SMs runs in more than one round.
 
 Session 47 (2026-12-06): the 8B layout over an fp8 pool (``default_config``'s unsplit launch),
-64 keys per step 168 registers, 38.9 KB: 3 programs per SM (396 on 132 SMs); 128 keys per step
-255 registers, 73.8 KB: 2 per SM (264). At 40 sequences x 8 kv heads (320 programs) 128 keys
-take two rounds where 64 keys take one: session 47's step A/B (H100, the 8B at 40 x 8k: 128 keys
-19.11 ms against 64 keys' 16.73).
+64 keys per step 168 registers, 38 KB: 3 programs per SM (396 on 132 SMs); 128 keys per step
+255 registers, 72 KB: 2 per SM (264); 32 keys 128 registers, 4 per SM, as a bf16 pool's 64. At
+40 sequences x 8 kv heads (320 programs) 128 keys take two rounds where 64 keys take one:
+session 47's step A/B (H100, the 8B at 40 x 8k: 128 keys 19.11 ms against 64 keys' 16.73).
 
 Needs JAX's CUDA plugin in an environment of its own, as offline_hlo.py::
 

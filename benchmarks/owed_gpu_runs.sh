@@ -85,17 +85,19 @@ kqw)
   # off since session 47: the 8B's step at 40 x 8k 19.11 ms with it against 16.73 on an H100).
   # benchmarks/offline_attention.py: 255 registers against 168, so 2 programs per SM against 3;
   # 40 sequences x 8 kv heads take two rounds with it, one without; at 64 both take two.
-  # Prediction: the kernel (engine-shaped call) at 40 sequences 1.2-1.5x the 64-key time, at 64
-  # 0.70-0.80x (session 44: 0.72x); the 8B's step at 64 x 8k (bf16's pool cannot hold it on an
-  # H100) -10 to -15% with the arm. If so, the rule to build takes the wide block only where the
-  # bucket's live programs need as many rounds either way.
+  # 32 keys (attn-quant-keys-32): 128 registers, 4 programs per SM, as a bf16 pool's 64 keys.
+  # Prediction: the kernel (engine-shaped call) with 128 keys at 40 sequences 1.2-1.5x the 64-key
+  # time, at 64 0.70-0.80x (session 44: 0.72x); 32 keys at 64 sequences (one round against two)
+  # 0.8-1.0x, at 40 (one round each) 1.0-1.2x. The 8B's step at 64 x 8k (bf16's pool cannot hold
+  # it on an H100): 128 keys -10 to -15%, 32 keys -5 to +5%. If 128 wins there, the rule to build
+  # takes it only where the bucket's live programs need as many rounds either way.
   for b in 40 64; do
-    timeout 110 python3 benchmarks/kv_dtype_attention.py --layouts 8b --batch $b --bucket 64 \
+    timeout 100 python3 benchmarks/kv_dtype_attention.py --layouts 8b --batch $b --bucket 64 \
       --max-model-len 8544 > "$OUT/kqw_attn_$b.txt" 2>&1
     grep "^|\|^##\|rror" "$OUT/kqw_attn_$b.txt" | grep -v "bf16 dots\|float8"
   done
-  timeout 330 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 64 --steps 32 \
-    --kv-dtypes fp8,fp8+attn-quant-keys-128 > "$OUT/kqw_step.txt" 2>&1
+  timeout 360 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 64 --steps 16 \
+    --kv-dtypes fp8,fp8+attn-quant-keys-128,fp8+attn-quant-keys-32 > "$OUT/kqw_step.txt" 2>&1
   grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqw_step.txt"
   ;;
 qgs)

@@ -225,8 +225,9 @@ MODULE_PATCHES = {
     # seq_lens in three dependent rounds of loads (one round by default since session 43)
     "attn-meta-three-rounds": ("pallas_kernels.ragged_paged_attention.gpu_splits", "DIRECT_ONE_ROUND", False),
     # an fp8 pool's unsplit decode launch at head_dim >= 128 takes 128 keys per step, as in
-    # sessions 44-46 (64 by default: gpu.QUANT_WIDE_BLOCK_HEAD_DIM)
-    "attn-quant-keys-128": ("pallas_kernels.ragged_paged_attention.gpu", "QUANT_WIDE_BLOCK_HEAD_DIM", 128),
+    # sessions 44-46, or 32 (64 by default: gpu.QUANT_DECODE_KEYS)
+    "attn-quant-keys-128": ("pallas_kernels.ragged_paged_attention.gpu", "QUANT_DECODE_KEYS", 128),
+    "attn-quant-keys-32": ("pallas_kernels.ragged_paged_attention.gpu", "QUANT_DECODE_KEYS", 32),
 }
 
 

@@ -136,9 +136,9 @@ FP8_MAX = 448.0   # e4m3's largest finite value
 _PARTIALS_BYTES = 64 << 20
 _MAX_SPLITS = 32
 _SPLIT_DECODE_WARPS = 2  # smaller programs, more of them in flight per SM (few live sequences)
-# An fp8 pool's unsplit decode launch at head_dim >= this takes twice the keys per step
-# (``default_config``); None (since session 47): never; step_floor's arm attn-quant-keys-128: 128.
-QUANT_WIDE_BLOCK_HEAD_DIM: int | None = None
+# Keys per step of an fp8 pool's unsplit decode launch at head_dim >= 128 (``default_config``);
+# None: 64, as every pool's. step_floor's arms attn-quant-keys-128 / attn-quant-keys-32 set it.
+QUANT_DECODE_KEYS: int | None = None
 
 
 def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: int) -> int:
@@ -166,14 +166,14 @@ def default_config(
 ) -> GpuConfig | GpuPlan:
     """Heuristic static config from the shapes alone (the batch's composition is dynamic).
 
-    ``fp8`` (e4m3 pool) with ``head_dim`` >= ``QUANT_WIDE_BLOCK_HEAD_DIM`` (None: off, the
-    default) and an unsplit decode launch: 128 keys per step (``pages_per_block`` doubled).
-    H100, session 44, the 8B layout's fp8 call: 64 x 8k 440 against 616 us (bf16 703), 64 x 2k
-    129 against 169; it lost where the launch splits (16 x 8k: 223 against 150) and at head_dim
-    64 (Qwen2.5-0.5B, 256 x 2k: 108 against 83). Off since session 47: the 8B's step at 40 x 8k
-    (H100) 19.11 ms with it, 16.73 without; at 255 registers against 168 (offline_attention.py)
-    an SM holds 2 programs, not 3: 40 x 8 kv heads take two rounds of 264 where 64 keys fit one
-    of 396 (at 64 x 8k, both take two).
+    ``fp8`` (e4m3 pool) with ``head_dim`` >= 128 and an unsplit decode launch:
+    ``QUANT_DECODE_KEYS`` keys per step (None: 64). 128 (H100, session 44, the 8B layout's fp8
+    call): 64 x 8k 440 against 616 us (bf16 703), 64 x 2k 129 against 169; it lost where the
+    launch splits and at head_dim 64. The default until session 47, when the 8B's step at 40 x 8k
+    (H100) ran 19.11 ms with it, 16.73 without: at 255 registers against 168
+    (offline_attention.py) an SM holds 2 programs, not 3, so 40 x 8 kv heads take two rounds of
+    264 where 64 keys fit one of 396 (at 64 x 8k, both take two). 32 keys: 128 registers, 4
+    programs per SM as a bf16 pool's 64 (owed A/B).
 
     ``quantized`` (an int8 / fp8 pool): both classes take ``kv_compute="float16"`` (H200,
     session 24, 16 x 8k decode attention per layer call, Qwen2.5-0.5B / 8B layouts: the fp8 pool
@@ -197,11 +197,10 @@ def default_config(
     partial_bytes = items * bq * num_kv_heads * group * 128 * 4  # [rows, kvh * G * D] float32, D <= 128
     splits = _splits(items * num_kv_heads, num_kv_heads, ctx_blocks, partial_bytes)
     compute = "float16" if quantized else None
-    wide = (fp8 and splits == 1 and QUANT_WIDE_BLOCK_HEAD_DIM is not None
-            and (head_dim or 0) >= QUANT_WIDE_BLOCK_HEAD_DIM)
+    keys = QUANT_DECODE_KEYS if fp8 and splits == 1 and (head_dim or 0) >= 128 else None
     dec = GpuConfig(
         block_q=bq,
-        pages_per_block=min(2 * ppb, sp.pow2(pages_per_seq)) if wide else ppb,
+        pages_per_block=min(max(1, keys // page_size), sp.pow2(pages_per_seq)) if keys else ppb,
         num_splits=splits,
         num_warps=_SPLIT_DECODE_WARPS if splits > 1 else 4,
         kv_compute=compute,

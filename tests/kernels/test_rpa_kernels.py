@@ -263,10 +263,10 @@ def test_gpu_decode_splits_follow_the_programs_target(target, monkeypatch):
     assert rel_err(got[:3], np.asarray(want, np.float32)[:3]) < 1e-5
 
 
-def test_gpu_quantized_unsplit_decode_takes_128_keys_per_step_only_when_asked(monkeypatch):
+def test_gpu_quantized_unsplit_decode_takes_other_keys_per_step_only_when_asked(monkeypatch):
     """``default_config``: 64 keys per step by default (session 47's step A/B). With
-    ``QUANT_WIDE_BLOCK_HEAD_DIM`` 128 (the A/B arm), an fp8 pool's unsplit decode launch at
-    head_dim >= 128 doubles ``pages_per_block``; split launches, head_dim 64, int8 and bf16 pools
+    ``QUANT_DECODE_KEYS`` set (the A/B arms), an fp8 pool's unsplit decode launch at head_dim >=
+    128 takes that many; split launches, head_dim 64, int8 and bf16 pools and the prefill class
     keep 64 keys per step."""
     def decode(rows: int, head_dim: int | None, quantized: bool = True,
                fp8: bool = True) -> rpa_gpu.GpuConfig:
@@ -275,7 +275,9 @@ def test_gpu_quantized_unsplit_decode_takes_128_keys_per_step_only_when_asked(mo
         return cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
 
     assert (decode(64, 128).num_splits, decode(64, 128).pages_per_block) == (1, 4)
-    monkeypatch.setattr(rpa_gpu, "QUANT_WIDE_BLOCK_HEAD_DIM", 128)
+    monkeypatch.setattr(rpa_gpu, "QUANT_DECODE_KEYS", 32)
+    assert (decode(64, 128).num_splits, decode(64, 128).pages_per_block) == (1, 2)
+    monkeypatch.setattr(rpa_gpu, "QUANT_DECODE_KEYS", 128)
     assert (decode(64, 128).num_splits, decode(64, 128).pages_per_block) == (1, 8)
     assert (decode(16, 128).num_splits, decode(16, 128).pages_per_block) == (32, 4)
     assert decode(64, 64).pages_per_block == decode(64, None).pages_per_block == 4
@@ -285,18 +287,19 @@ def test_gpu_quantized_unsplit_decode_takes_128_keys_per_step_only_when_asked(mo
     assert plan.prefill.pages_per_block == 4   # the prefill class keeps its tiles
 
 
-def test_gpu_quantized_wide_block_decode_matches_the_reference(monkeypatch):
-    """The wide-block config (the A/B arm) over an fp8 pool at head_dim 128 (unsplit:
-    TARGET_PROGRAMS lowered so 4 sequences x 2 kv heads fill it), NaN-poisoned unused pages and
-    scales, the engine's decode-only call, against the reference."""
+@pytest.mark.parametrize("keys", [128, 32])
+def test_gpu_quantized_decode_keys_match_the_reference(monkeypatch, keys):
+    """The A/B arms' keys per step over an fp8 pool at head_dim 128 (unsplit: TARGET_PROGRAMS
+    lowered so 4 sequences x 2 kv heads fill it), NaN-poisoned unused pages and scales, the
+    engine's decode-only call, against the reference."""
     monkeypatch.setattr(rpa_splits, "TARGET_PROGRAMS", 8)
-    monkeypatch.setattr(rpa_gpu, "QUANT_WIDE_BLOCK_HEAD_DIM", 128)
+    monkeypatch.setattr(rpa_gpu, "QUANT_DECODE_KEYS", keys)
     b = make_batch(np.random.default_rng(9), [1] * 4, [70, 9, 130, 33], page_size=8, num_q_heads=4,
                    num_kv_heads=2, head_dim=128, dtype=kv_format.FP8_BITS)  # fmt: skip
     cfg = rpa_gpu.default_config(b.q.shape[0], b.page_table.shape[0], 4, 2, 8, b.page_table.shape[1],
                                  quantized=True, head_dim=128, fp8=True)
     dec = cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
-    assert (dec.num_splits, dec.pages_per_block) == (1, 16)   # 64 // 8 pages, doubled
+    assert (dec.num_splits, dec.pages_per_block) == (1, keys // 8)
     kw = dict(sm_scale=128**-0.5, **b.scale_kwargs())
     want = jax.jit(lambda *a: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
     fn = jax.jit(lambda *a: rpa_gpu.ragged_paged_attention(*a, interpret=True, max_q_len=1, **kw))
