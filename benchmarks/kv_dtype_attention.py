@@ -124,8 +124,7 @@ def main() -> None:
         base = None
         for fp8 in (False, True):
             q, kp, vp, pts, meta, sc = inputs(hq, hkv, d, batch, context, fp8, 7, a.bucket, a.max_model_len)
-            dflt = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=fp8, head_dim=d,
-                                          fp8=fp8)
+            dflt = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=fp8, head_dim=d)
             plan = isinstance(dflt, rpa_gpu.GpuPlan)   # every row decodes: its decode launch runs
             dec = dflt.decode if plan else dflt
 
@@ -136,7 +135,7 @@ def main() -> None:
             for t in targets:   # the static config too is sized by the target: made under it
                 with programs_target(t):
                     c = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=fp8,
-                                               head_dim=d, fp8=fp8)
+                                               head_dim=d)
                 configs.append((f"default, {t} programs target", c.decode if plan else c, t))
             if dec.num_splits > 1:   # short contexts: two blocks of keys per split program, or one
                 configs.append(("1 block per split at least",

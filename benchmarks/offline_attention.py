@@ -63,23 +63,24 @@ def ptxas() -> str:
     return str(Path(nvidia.cu13.__path__[0]) / "bin" / "ptxas")
 
 
-def compile_launch(cfg: rpa_gpu.GpuConfig, hq: int, hkv: int, d: int, rows: int, width: int, fp8: bool,
+def compile_launch(cfg: rpa_gpu.GpuConfig, hq: int, hkv: int, d: int, rows: int, width: int, pool: str,
                    dump: Path, name: str) -> tuple[int, int, int, int, int]:
     """-> (grid, threads, shared memory bytes, registers, spill bytes) of the decode launch of
-    ``cfg`` over a ``rows``-row bucket with ``width``-page tables, read from XLA's dumps in
+    ``cfg`` over a ``rows``-row bucket with ``width``-page tables and a ``pool`` pool (bf16, fp8 as
+    the engine stores it: uint8, int8), read from XLA's dumps in
     ``dump`` (``XLA_FLAGS``, set before the backend starts), whose files carry ``name``."""
     topo = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1")
     sh = NamedSharding(Mesh(np.array(topo.devices).reshape(1), ("x",)), PartitionSpec())
     pages = rows * width   # (the pool's size does not shape the kernel)
-    pool = jnp.uint8 if fp8 else jnp.bfloat16
+    dtype = {"bf16": jnp.bfloat16, "fp8": jnp.uint8, "int8": jnp.int8}[pool]
 
     def spec(shape: tuple, dtype: object) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
 
-    args = [spec((rows, hq, d), jnp.bfloat16), spec((pages, PAGE, hkv, d), pool),
-            spec((pages, PAGE, hkv, d), pool), spec((rows, width), jnp.int32), spec((rows,), jnp.int32),
+    args = [spec((rows, hq, d), jnp.bfloat16), spec((pages, PAGE, hkv, d), dtype),
+            spec((pages, PAGE, hkv, d), dtype), spec((rows, width), jnp.int32), spec((rows,), jnp.int32),
             spec((rows + 1,), jnp.int32), spec((1,), jnp.int32)]
-    scales = [spec((pages, hkv), jnp.float32)] * 2 if fp8 else []
+    scales = [spec((pages, hkv), jnp.float32)] * 2 if pool != "bf16" else []
 
     def f(q, kp, vp, pt, sl, qsl, ns, *sc):
         kw = dict(k_scales=sc[0], v_scales=sc[1]) if sc else {}
@@ -112,7 +113,7 @@ def compile_launch(cfg: rpa_gpu.GpuConfig, hq: int, hkv: int, d: int, rows: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layout", default="8b", choices=sorted(LAYOUTS))
-    ap.add_argument("--pool", default="fp8", choices=("fp8", "bf16"))
+    ap.add_argument("--pool", default="fp8", choices=("fp8", "int8", "bf16"))
     ap.add_argument("--bucket", type=int, default=64, help="the token bucket's rows (= page-table rows)")
     ap.add_argument("--max-model-len", type=int, default=8544, help="the page tables' width in tokens")
     ap.add_argument("--variants", default="default,keys64,keys128",
@@ -122,9 +123,8 @@ def main() -> None:
     ns = ap.parse_args()
     hq, hkv, d = LAYOUTS[ns.layout]
     width = -(-ns.max_model_len // PAGE)
-    fp8 = ns.pool == "fp8"
-    base = rpa_gpu.default_config(ns.bucket, ns.bucket, hq, hkv, PAGE, width, quantized=fp8, head_dim=d,
-                                  fp8=fp8)
+    base = rpa_gpu.default_config(ns.bucket, ns.bucket, hq, hkv, PAGE, width, quantized=ns.pool != "bf16",
+                                  head_dim=d)
     base = base.decode if isinstance(base, rpa_gpu.GpuPlan) else base
     live = [int(v) for v in ns.live.split(",")]
     print(f"## {ns.layout} decode attention over a {ns.pool} pool, {ns.bucket}-row bucket, "
@@ -149,7 +149,7 @@ def main() -> None:
                     cfg = dataclasses.replace(cfg, kv_compute="float8")
                 else:
                     raise SystemExit(f"--variants: unknown part {part!r}")
-            grid, threads, smem, regs, spills = compile_launch(cfg, hq, hkv, d, ns.bucket, width, fp8,
+            grid, threads, smem, regs, spills = compile_launch(cfg, hq, hkv, d, ns.bucket, width, ns.pool,
                                                                Path(tmp), f"attention_{i}")
             per_sm = programs_per_sm(regs, smem, threads)
             splits = cfg.num_splits

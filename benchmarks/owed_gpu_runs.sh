@@ -6,7 +6,7 @@
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, and one block per split), kqw (128 keys per step for fp8 pools where both configs
 # take two rounds of programs: the kernel at 40 and 64 sequences, the 8B's step at 64 x 8k),
-# qgs (the gate epilogue's variants on the device clock), ae (the engine's own bf16 decode
+# kqi (an int8 pool's attention at 2 programs per SM, and 32 keys per step for it), qgs (the gate epilogue's variants on the device clock), ae (the engine's own bf16 decode
 # executable slower than a recompile of it), lt (issue 12: where the speculating step's launch
 # goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session
 # 28's wider code-draft: session 27 ran greedy_matches, 6 passed);
@@ -99,6 +99,15 @@ kqw)
   timeout 360 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 64 --steps 16 \
     --kv-dtypes fp8,fp8+attn-quant-keys-128,fp8+attn-quant-keys-32 > "$OUT/kqw_step.txt" 2>&1
   grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqw_step.txt"
+  ;;
+kqi)
+  # An int8 pool's decode attention: 202 registers at 64 keys per step (offline_attention.py), 2
+  # programs per SM against fp8's 3; 32 keys (attn-quant-keys-32) 152 registers, 3 per SM. The
+  # 8B at 40 x 8k (one round at 3 per SM, two at 2). Prediction: int8 1.10-1.25x fp8's step, and
+  # 32 keys -8 to -15% of int8's. If so, 32 keys for int8 pools only is the default to build.
+  timeout 560 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 40 --steps 32 \
+    --kv-dtypes fp8,int8,int8+attn-quant-keys-32 > "$OUT/kqi_step.txt" 2>&1
+  grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqi_step.txt"
   ;;
 qgs)
   # The gate epilogue on the device clock beside its default: 128-column tiles, 8 stages on 112

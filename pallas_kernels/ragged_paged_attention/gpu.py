@@ -136,7 +136,7 @@ FP8_MAX = 448.0   # e4m3's largest finite value
 _PARTIALS_BYTES = 64 << 20
 _MAX_SPLITS = 32
 _SPLIT_DECODE_WARPS = 2  # smaller programs, more of them in flight per SM (few live sequences)
-# Keys per step of an fp8 pool's unsplit decode launch at head_dim >= 128 (``default_config``);
+# Keys per step of a quantized pool's unsplit decode launch at head_dim >= 128 (``default_config``);
 # None: 64, as every pool's. step_floor's arms attn-quant-keys-128 / attn-quant-keys-32 set it.
 QUANT_DECODE_KEYS: int | None = None
 
@@ -162,18 +162,18 @@ def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: in
 
 def default_config(
     num_tokens: int, max_seqs: int, num_q_heads: int, num_kv_heads: int, page_size: int, pages_per_seq: int,
-    decode_rows: int = 1, quantized: bool = False, head_dim: int | None = None, fp8: bool = False,
+    decode_rows: int = 1, quantized: bool = False, head_dim: int | None = None,
 ) -> GpuConfig | GpuPlan:
     """Heuristic static config from the shapes alone (the batch's composition is dynamic).
 
-    ``fp8`` (e4m3 pool) with ``head_dim`` >= 128 and an unsplit decode launch:
-    ``QUANT_DECODE_KEYS`` keys per step (None: 64). 128 (H100, session 44, the 8B layout's fp8
-    call): 64 x 8k 440 against 616 us (bf16 703), 64 x 2k 129 against 169; it lost where the
-    launch splits and at head_dim 64. The default until session 47, when the 8B's step at 40 x 8k
-    (H100) ran 19.11 ms with it, 16.73 without: at 255 registers against 168
-    (offline_attention.py) an SM holds 2 programs, not 3, so 40 x 8 kv heads take two rounds of
-    264 where 64 keys fit one of 396 (at 64 x 8k, both take two). 32 keys: 128 registers, 4
-    programs per SM as a bf16 pool's 64 (owed A/B).
+    ``quantized`` with ``head_dim`` >= 128 and an unsplit decode launch: ``QUANT_DECODE_KEYS``
+    keys per step (None: 64). 128 (H100, session 44, the 8B layout's fp8 call): 64 x 8k 440
+    against 616 us (bf16 703), 64 x 2k 129 against 169; it lost where the launch splits and at
+    head_dim 64. The fp8 default until session 47, when the 8B's step at 40 x 8k (H100) ran
+    19.11 ms with it, 16.73 without: at 255 registers against 168 (offline_attention.py) an SM
+    holds 2 programs, not 3, so 40 x 8 kv heads take two rounds of 264 where 64 keys fit one of
+    396 (at 64 x 8k, both take two). 32 keys: fp8 128 registers (4 per SM, as bf16's 64 keys),
+    int8 152 (3; 202 at 64 keys: 2). Owed A/B.
 
     ``quantized`` (an int8 / fp8 pool): both classes take ``kv_compute="float16"`` (H200,
     session 24, 16 x 8k decode attention per layer call, Qwen2.5-0.5B / 8B layouts: the fp8 pool
@@ -197,7 +197,7 @@ def default_config(
     partial_bytes = items * bq * num_kv_heads * group * 128 * 4  # [rows, kvh * G * D] float32, D <= 128
     splits = _splits(items * num_kv_heads, num_kv_heads, ctx_blocks, partial_bytes)
     compute = "float16" if quantized else None
-    keys = QUANT_DECODE_KEYS if fp8 and splits == 1 and (head_dim or 0) >= 128 else None
+    keys = QUANT_DECODE_KEYS if quantized and splits == 1 and (head_dim or 0) >= 128 else None
     dec = GpuConfig(
         block_q=bq,
         pages_per_block=min(max(1, keys // page_size), sp.pow2(pages_per_seq)) if keys else ppb,
@@ -561,8 +561,7 @@ def ragged_paged_attention(
     kv_format.check_addressable(k_pages, "ragged_paged_attention")
     cfg = config or default_config(num_tokens, max_seqs, num_q_heads, num_kv_heads, page_size, pages_per_seq,
                                    decode_rows if max_q_len is None else min(decode_rows, max_q_len),
-                                   quantized=k_scales is not None, head_dim=head_dim,
-                                   fp8=kv_format.value_dtype(k_pages.dtype) == kv_format.FP8)
+                                   quantized=k_scales is not None, head_dim=head_dim)
     group = num_q_heads // num_kv_heads
     gp, dp = sp.pow2(group), sp.pow2(max(head_dim, 16))
     qx = q.reshape(num_tokens, num_kv_heads, group, head_dim)

@@ -265,13 +265,11 @@ def test_gpu_decode_splits_follow_the_programs_target(target, monkeypatch):
 
 def test_gpu_quantized_unsplit_decode_takes_other_keys_per_step_only_when_asked(monkeypatch):
     """``default_config``: 64 keys per step by default (session 47's step A/B). With
-    ``QUANT_DECODE_KEYS`` set (the A/B arms), an fp8 pool's unsplit decode launch at head_dim >=
-    128 takes that many; split launches, head_dim 64, int8 and bf16 pools and the prefill class
-    keep 64 keys per step."""
-    def decode(rows: int, head_dim: int | None, quantized: bool = True,
-               fp8: bool = True) -> rpa_gpu.GpuConfig:
-        cfg = rpa_gpu.default_config(rows, rows, 32, 8, 16, 528, quantized=quantized, head_dim=head_dim,
-                                     fp8=fp8)
+    ``QUANT_DECODE_KEYS`` set (the A/B arms), a quantized pool's unsplit decode launch at
+    head_dim >= 128 takes that many; split launches, head_dim 64, bf16 pools and the prefill
+    class keep 64 keys per step."""
+    def decode(rows: int, head_dim: int | None, quantized: bool = True) -> rpa_gpu.GpuConfig:
+        cfg = rpa_gpu.default_config(rows, rows, 32, 8, 16, 528, quantized=quantized, head_dim=head_dim)
         return cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
 
     assert (decode(64, 128).num_splits, decode(64, 128).pages_per_block) == (1, 4)
@@ -281,23 +279,22 @@ def test_gpu_quantized_unsplit_decode_takes_other_keys_per_step_only_when_asked(
     assert (decode(64, 128).num_splits, decode(64, 128).pages_per_block) == (1, 8)
     assert (decode(16, 128).num_splits, decode(16, 128).pages_per_block) == (32, 4)
     assert decode(64, 64).pages_per_block == decode(64, None).pages_per_block == 4
-    assert decode(64, 128, quantized=False, fp8=False).pages_per_block == 4
-    assert decode(64, 128, fp8=False).pages_per_block == 4   # int8: not measured
-    plan = rpa_gpu.default_config(64, 64, 32, 8, 16, 528, quantized=True, head_dim=128, fp8=True)
+    assert decode(64, 128, quantized=False).pages_per_block == 4
+    plan = rpa_gpu.default_config(64, 64, 32, 8, 16, 528, quantized=True, head_dim=128)
     assert plan.prefill.pages_per_block == 4   # the prefill class keeps its tiles
 
 
-@pytest.mark.parametrize("keys", [128, 32])
-def test_gpu_quantized_decode_keys_match_the_reference(monkeypatch, keys):
-    """The A/B arms' keys per step over an fp8 pool at head_dim 128 (unsplit: TARGET_PROGRAMS
-    lowered so 4 sequences x 2 kv heads fill it), NaN-poisoned unused pages and scales, the
-    engine's decode-only call, against the reference."""
+@pytest.mark.parametrize("keys,pool", [(128, kv_format.FP8_BITS), (32, kv_format.FP8_BITS), (32, jnp.int8)])
+def test_gpu_quantized_decode_keys_match_the_reference(monkeypatch, keys, pool):
+    """The A/B arms' keys per step over an fp8 / int8 pool at head_dim 128 (unsplit:
+    TARGET_PROGRAMS lowered so 4 sequences x 2 kv heads fill it), NaN-poisoned unused pages and
+    scales, the engine's decode-only call, against the reference."""
     monkeypatch.setattr(rpa_splits, "TARGET_PROGRAMS", 8)
     monkeypatch.setattr(rpa_gpu, "QUANT_DECODE_KEYS", keys)
     b = make_batch(np.random.default_rng(9), [1] * 4, [70, 9, 130, 33], page_size=8, num_q_heads=4,
-                   num_kv_heads=2, head_dim=128, dtype=kv_format.FP8_BITS)  # fmt: skip
+                   num_kv_heads=2, head_dim=128, dtype=pool)  # fmt: skip
     cfg = rpa_gpu.default_config(b.q.shape[0], b.page_table.shape[0], 4, 2, 8, b.page_table.shape[1],
-                                 quantized=True, head_dim=128, fp8=True)
+                                 quantized=True, head_dim=128)
     dec = cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
     assert (dec.num_splits, dec.pages_per_block) == (1, keys // 8)
     kw = dict(sm_scale=128**-0.5, **b.scale_kwargs())
