@@ -178,3 +178,17 @@ def test_patched_engines_keep_their_programs_apart(monkeypatch, tmp_path):
     monkeypatch.setattr("sys.argv", ["kv_dtype_step", "--kv-dtypes", "auto,fp8+rope-write-quant-on"])
     kv_dtype_step.main()
     assert seen == [None, a]
+
+
+def test_offline_attention_counts_programs_per_sm():
+    """offline_attention.py's occupancy arithmetic (Hopper: 64K registers allocated per warp in
+    256s, 228 KB of shared memory with 1 KB reserved per program, 2048 threads), on session 47's
+    compiled decode launches and on each limit alone."""
+    from benchmarks.offline_attention import programs_per_sm
+
+    assert programs_per_sm(168, 38912, 128) == 3    # fp8 pool, 64 keys: registers bind
+    assert programs_per_sm(255, 73856, 128) == 2    # fp8 pool, 128 keys
+    assert programs_per_sm(128, 55296, 128) == 4    # bf16 pool, 64 keys: registers and SMEM
+    assert programs_per_sm(32, 100_000, 128) == 2   # shared memory binds
+    assert programs_per_sm(16, 0, 1024) == 2        # threads bind
+    assert programs_per_sm(161, 0, 128) == 3        # 161 registers allocate as 168
