@@ -1,4 +1,4 @@
-"""Decode attention over a bf16 pool against an fp8 (uint8 e4m3) pool: the GPU kernel's configs.
+"""Decode attention over a bf16 pool against fp8 (uint8 e4m3) and int8 pools: the GPU kernel's configs.
 
 Where it sits: issue 13's fp8 KV step-time target (<= 3% over bf16 at 8k context). Session 23
 measured the engine's decode step +28.8% with an fp8 pool (Qwen2.5-0.5B shape, 16 x 8k:
@@ -7,7 +7,8 @@ kernel alone, per layer call, for the pool formats and the kernel options that b
 per-key work: ``GpuConfig.kv_compute`` ("float16": K/V convert to f16 only, not on to bf16,
 the default for quantized pools since session 24; "float8": the QK dot in e4m3 against K as
 stored), more keys per inner step (``pages_per_block``, 1-byte pages: the same bytes per step
-as bf16's default) and, where the call splits, splits down to one block each
+as bf16's default) or fewer (half: fewer registers per program, more programs per SM; session
+47, ``offline_attention.py``) and, where the call splits, splits down to one block each
 (``min_blocks_per_split`` 1, not the default 2: a short context's splits matter at small
 batch). Each call is the engine's decode-only call (``max_q_len=1``: the direct decode launch
 and its split merge); ``--bucket`` and ``--max-model-len`` shape it like the engine's token
@@ -17,7 +18,7 @@ bucket). Timing as ``benchmarks/kernels.py`` (``loop_time``: one jit, unrolled c
 5; page tables rotate over a pool 4x the footprint).
 
     PYTHONPATH=. python3 benchmarks/kv_dtype_attention.py [--layouts qwen,8b] [--batch 16]
-        [--context 8192] [--bucket 16 --max-model-len 1024]
+        [--context 8192] [--bucket 16 --max-model-len 1024] [--pools bf16,fp8,int8]
     PYTHONPATH=. python3 benchmarks/kv_dtype_attention.py --smoke   # CPU, interpret mode
 """
 
@@ -41,6 +42,7 @@ from pallas_kernels.ragged_paged_attention import reference as rpa_ref
 
 LAYOUTS = {"qwen": (14, 2, 64), "8b": (32, 8, 128)}   # q heads, kv heads, head_dim
 PAGE, ROT = 16, 4
+POOL_LABELS = {"bf16": "bf16", "fp8": "fp8 (uint8)", "int8": "int8"}
 
 
 def programs_target(target: int | None = None) -> contextlib.AbstractContextManager:
@@ -50,10 +52,11 @@ def programs_target(target: int | None = None) -> contextlib.AbstractContextMana
     return module_constant(rpa_splits, "TARGET_PROGRAMS", target)
 
 
-def inputs(hq: int, hkv: int, d: int, batch: int, context: int, fp8: bool, key: int,
+def inputs(hq: int, hkv: int, d: int, batch: int, context: int, pool: str, key: int,
            bucket: int = 0, max_model_len: int = 0) -> tuple:
     """(q, k pool, v pool, page tables [R, rows, P], (seq_lens, query_start_loc, num_seqs),
-    scales kwargs): one decode row per sequence; fp8 pools as the engine stores them. ``bucket``
+    scales kwargs): one decode row per sequence; a ``pool`` pool (bf16, fp8, int8) as the engine
+    stores it. ``bucket``
     (0: ``batch``): q rows and page-table rows as in the engine's token bucket, the rows past
     ``batch`` padding (no sequence); ``max_model_len`` (0: ``context``): the page tables' width
     P, as the engine's (the kernel's static split count is sized by both). R = ``ROT`` page
@@ -79,10 +82,14 @@ def inputs(hq: int, hkv: int, d: int, batch: int, context: int, fp8: bool, key: 
     kp = jax.random.normal(ks[0], shape, jnp.float32)
     vp = jax.random.normal(ks[1], shape, jnp.float32)
     scales = {}
-    if fp8:
+    if pool == "fp8":
         kp = jax.lax.bitcast_convert_type((kp * 8).astype(kv_format.FP8), jnp.uint8)
         vp = jax.lax.bitcast_convert_type((vp * 8).astype(kv_format.FP8), jnp.uint8)
         one = jnp.full((num_pages, hkv), 0.125)
+        scales = {"k_scales": one, "v_scales": one}
+    elif pool == "int8":
+        kp, vp = (jnp.clip(jnp.round(x * 24), -127, 127).astype(jnp.int8) for x in (kp, vp))
+        one = jnp.full((num_pages, hkv), 1 / 24)
         scales = {"k_scales": one, "v_scales": one}
     else:
         kp, vp = kp.astype(jnp.bfloat16), vp.astype(jnp.bfloat16)
@@ -109,6 +116,8 @@ def main() -> None:
     ap.add_argument("--targets", default="",
                     help="comma list of gpu_splits.TARGET_PROGRAMS values to time the default config "
                          "under too (the KV splits are sized for that many programs; default 264)")
+    ap.add_argument("--pools", default="bf16,fp8", help="comma list of bf16, fp8, int8 (bf16 first: the "
+                    "ratio column's base is the first pool's default)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU check)")
     a = ap.parse_args()
     batch, context, interpret = (4, 64, True) if a.smoke else (a.batch, a.context, False)
@@ -122,9 +131,11 @@ def main() -> None:
     for name in a.layouts.split(","):
         hq, hkv, d = LAYOUTS[name]
         base = None
-        for fp8 in (False, True):
-            q, kp, vp, pts, meta, sc = inputs(hq, hkv, d, batch, context, fp8, 7, a.bucket, a.max_model_len)
-            dflt = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=fp8, head_dim=d)
+        for pool in a.pools.split(","):
+            quantized = pool != "bf16"
+            q, kp, vp, pts, meta, sc = inputs(hq, hkv, d, batch, context, pool, 7, a.bucket, a.max_model_len)
+            dflt = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=quantized,
+                                          head_dim=d)
             plan = isinstance(dflt, rpa_gpu.GpuPlan)   # every row decodes: its decode launch runs
             dec = dflt.decode if plan else dflt
 
@@ -134,21 +145,22 @@ def main() -> None:
             configs = [("default", dec)]
             for t in targets:   # the static config too is sized by the target: made under it
                 with programs_target(t):
-                    c = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=fp8,
+                    c = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=quantized,
                                                head_dim=d)
                 configs.append((f"default, {t} programs target", c.decode if plan else c, t))
             if dec.num_splits > 1:   # short contexts: two blocks of keys per split program, or one
                 configs.append(("1 block per split at least",
                                 dataclasses.replace(dec, min_blocks_per_split=1)))
-            if fp8:
+            wide = dataclasses.replace(dec, pages_per_block=2 * dec.pages_per_block)
+            if quantized:
                 if dec.pages_per_block * PAGE != 64:   # gpu.QUANT_DECODE_KEYS set (an A/B arm)
                     configs.append(("64 keys per step (the default)",
                                     dataclasses.replace(dec, pages_per_block=64 // PAGE)))
-                wide = dataclasses.replace(dec, pages_per_block=2 * dec.pages_per_block)
-                configs += [("bf16 dots (before session 24)", dataclasses.replace(dec, kv_compute=None)),
-                            ("2x keys per step", wide),
+                configs += [("2x keys per step", wide),
                             ("half the keys per step",
-                             dataclasses.replace(dec, pages_per_block=max(1, dec.pages_per_block // 2))),
+                             dataclasses.replace(dec, pages_per_block=max(1, dec.pages_per_block // 2)))]
+            if pool == "fp8":
+                configs += [("bf16 dots (before session 24)", dataclasses.replace(dec, kv_compute=None)),
                             ("kv_compute float8", dataclasses.replace(dec, kv_compute="float8")),
                             ("float8, 2x keys", dataclasses.replace(wide, kv_compute="float8"))]
             want = rpa_ref.ragged_paged_attention(q, kp, vp, pts[0], *meta, sm_scale=d**-0.5, **sc)
@@ -164,7 +176,7 @@ def main() -> None:
                                             - want[:batch].astype(jnp.float32))))
                 base = sec if base is None else base
                 ppb = cfg.pages_per_block
-                print(f"| {name} ({hq} / {hkv}, {d}) | {'fp8 (uint8)' if fp8 else 'bf16'} | {label} "
+                print(f"| {name} ({hq} / {hkv}, {d}) | {POOL_LABELS[pool]} | {label} "
                       f"(ppb {ppb}, splits {cfg.num_splits}, dots {cfg.kv_compute or 'q dtype'}) | "
                       f"{sec * 1e6:.1f} | {sec / base:.3f}x | {err:.4f} |")
 

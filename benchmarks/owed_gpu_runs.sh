@@ -103,9 +103,14 @@ kqw)
 kqi)
   # An int8 pool's decode attention: 202 registers at 64 keys per step (offline_attention.py), 2
   # programs per SM against fp8's 3; 32 keys (attn-quant-keys-32) 152 registers, 3 per SM. The
-  # 8B at 40 x 8k (one round at 3 per SM, two at 2). Prediction: int8 1.10-1.25x fp8's step, and
-  # 32 keys -8 to -15% of int8's. If so, 32 keys for int8 pools only is the default to build.
-  timeout 560 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 40 --steps 32 \
+  # 8B at 40 x 8k (one round at 3 per SM, two at 2): the kernel (engine-shaped call) over each
+  # pool, then the step. Prediction: the int8 kernel 1.3-1.8x fp8's at 64 keys and 32 keys -25 to
+  # -40% of it; the int8 step 1.10-1.25x fp8's, and 32 keys -8 to -15% of int8's. If so, 32 keys
+  # for int8 pools only is the default to build.
+  timeout 120 python3 benchmarks/kv_dtype_attention.py --layouts 8b --batch 40 --bucket 64 \
+    --max-model-len 8544 --pools bf16,fp8,int8 > "$OUT/kqi_attn.txt" 2>&1
+  grep "^|\|^##\|rror" "$OUT/kqi_attn.txt" | grep -v "bf16 dots\|float8"
+  timeout 430 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 40 --steps 32 \
     --kv-dtypes fp8,int8,int8+attn-quant-keys-32 > "$OUT/kqi_step.txt" 2>&1
   grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqi_step.txt"
   ;;
