@@ -37,13 +37,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental import topologies
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from benchmarks.kv_dtype_attention import LAYOUTS, PAGE
 from benchmarks.offline_hlo import as_h200
-from benchmarks.offline_ptx import H200_TARGET
+from benchmarks.offline_ptx import h200_sharding
 from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
 
 SMS, REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM, SMEM_RESERVED = 132, 65536, 233472, 2048, 1024
@@ -64,13 +62,11 @@ def ptxas() -> str:
 
 
 def compile_launch(cfg: rpa_gpu.GpuConfig, hq: int, hkv: int, d: int, rows: int, width: int, pool: str,
-                   dump: Path, name: str) -> tuple[int, int, int, int, int]:
+                   sh: NamedSharding, dump: Path, name: str) -> tuple[int, int, int, int, int]:
     """-> (grid, threads, shared memory bytes, registers, spill bytes) of the decode launch of
     ``cfg`` over a ``rows``-row bucket with ``width``-page tables and a ``pool`` pool (bf16, fp8 as
-    the engine stores it: uint8, int8), read from XLA's dumps in
+    the engine stores it: uint8, int8), its arguments on ``sh`` (``h200_sharding``), read from XLA's dumps in
     ``dump`` (``XLA_FLAGS``, set before the backend starts), whose files carry ``name``."""
-    topo = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1")
-    sh = NamedSharding(Mesh(np.array(topo.devices).reshape(1), ("x",)), PartitionSpec())
     pages = rows * width   # (the pool's size does not shape the kernel)
     dtype = {"bf16": jnp.bfloat16, "fp8": jnp.uint8, "int8": jnp.int8}[pool]
 
@@ -136,6 +132,7 @@ def main() -> None:
         # XLA reads its flags once, when the first backend starts: one dump folder for every compile.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={tmp} "
                                    "--xla_dump_hlo_as_text --xla_gpu_dump_llvmir --xla_dump_emitter_re=.*")
+        sh = h200_sharding()
         for i, variant in enumerate(ns.variants.split(",")):
             cfg = base
             for part in filter(lambda p: p != "default", variant.split("+")):
@@ -149,7 +146,7 @@ def main() -> None:
                     cfg = dataclasses.replace(cfg, kv_compute="float8")
                 else:
                     raise SystemExit(f"--variants: unknown part {part!r}")
-            grid, threads, smem, regs, spills = compile_launch(cfg, hq, hkv, d, ns.bucket, width, ns.pool,
+            grid, threads, smem, regs, spills = compile_launch(cfg, hq, hkv, d, ns.bucket, width, ns.pool, sh,
                                                                Path(tmp), f"attention_{i}")
             per_sm = programs_per_sm(regs, smem, threads)
             splits = cfg.num_splits

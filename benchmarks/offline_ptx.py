@@ -55,6 +55,13 @@ platform_name: "CUDA" dnn_version_info { major: 9 minor: 28 } runtime_version { 
 device_description_str: "NVIDIA H200"
 """
 
+def h200_sharding() -> NamedSharding:
+    """The one device of a deviceless H200 (``H200_TARGET``): abstract arguments placed on it
+    compile for that GPU on a CPU machine."""
+    topo = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1")
+    return NamedSharding(Mesh(np.array(topo.devices).reshape(1), ("x",)), PartitionSpec())
+
+
 # Instruction classes counted per row: name -> opcode prefixes.
 CLASSES = {
     "cvt": ("cvt.rn.f16", "cvt.s16", "cvt.rn.bf16", "cvt.f32", "cvt.rn.f32"),
@@ -96,8 +103,7 @@ def main() -> None:
                          "joined by +, each set true, or false as NAME=0 (int8_f16_bits=0)")
     ns = ap.parse_args()
     n, k = (int(v) for v in ns.shape.split("x"))
-    topo = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1")
-    sharding = NamedSharding(Mesh(np.array(topo.devices).reshape(1), ("x",)), PartitionSpec())
+    sharding = h200_sharding()
     base = (mgpu.silu_gate_config(ns.m, n, k, sms=132) if ns.kernel == "gated"
             else mgpu.kernel_config(ns.m, n, k))
     if not isinstance(base, mgpu_decode.DecodeConfig):
