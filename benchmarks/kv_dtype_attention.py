@@ -132,9 +132,9 @@ def main() -> None:
         hq, hkv, d = LAYOUTS[name]
         base = None
         for pool in a.pools.split(","):
-            quantized = pool != "bf16"
+            kind = None if pool == "bf16" else pool
             q, kp, vp, pts, meta, sc = inputs(hq, hkv, d, batch, context, pool, 7, a.bucket, a.max_model_len)
-            dflt = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=quantized,
+            dflt = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], kv_pool=kind,
                                           head_dim=d)
             plan = isinstance(dflt, rpa_gpu.GpuPlan)   # every row decodes: its decode launch runs
             dec = dflt.decode if plan else dflt
@@ -145,20 +145,19 @@ def main() -> None:
             configs = [("default", dec)]
             for t in targets:   # the static config too is sized by the target: made under it
                 with programs_target(t):
-                    c = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], quantized=quantized,
+                    c = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], kv_pool=kind,
                                                head_dim=d)
                 configs.append((f"default, {t} programs target", c.decode if plan else c, t))
             if dec.num_splits > 1:   # short contexts: two blocks of keys per split program, or one
                 configs.append(("1 block per split at least",
                                 dataclasses.replace(dec, min_blocks_per_split=1)))
-            wide = dataclasses.replace(dec, pages_per_block=2 * dec.pages_per_block)
-            if quantized:
-                if dec.pages_per_block * PAGE != 64:   # gpu.QUANT_DECODE_KEYS set (an A/B arm)
-                    configs.append(("64 keys per step (the default)",
-                                    dataclasses.replace(dec, pages_per_block=64 // PAGE)))
-                configs += [("2x keys per step", wide),
-                            ("half the keys per step",
-                             dataclasses.replace(dec, pages_per_block=max(1, dec.pages_per_block // 2)))]
+            one = dataclasses.replace(dec, wide_pages_per_block=None)
+            wide = dataclasses.replace(one, pages_per_block=2 * one.pages_per_block)
+            if kind:   # one launch of N keys per step (step_floor's attn-quant-keys-N arms)
+                for keys in (32, 64, 128):
+                    c = dataclasses.replace(one, pages_per_block=keys // PAGE)
+                    if c != dec:
+                        configs.append((f"{keys} keys per step, one launch", c))
             if pool == "fp8":
                 configs += [("bf16 dots (before session 24)", dataclasses.replace(dec, kv_compute=None)),
                             ("kv_compute float8", dataclasses.replace(dec, kv_compute="float8")),
@@ -175,7 +174,8 @@ def main() -> None:
                 err = float(jnp.max(jnp.abs(got[:batch].astype(jnp.float32)
                                             - want[:batch].astype(jnp.float32))))
                 base = sec if base is None else base
-                ppb = cfg.pages_per_block
+                ppb = cfg.pages_per_block if cfg.wide_pages_per_block is None else \
+                    f"{cfg.pages_per_block} or {cfg.wide_pages_per_block} by live count"
                 print(f"| {name} ({hq} / {hkv}, {d}) | {POOL_LABELS[pool]} | {label} "
                       f"(ppb {ppb}, splits {cfg.num_splits}, dots {cfg.kv_compute or 'q dtype'}) | "
                       f"{sec * 1e6:.1f} | {sec / base:.3f}x | {err:.4f} |")

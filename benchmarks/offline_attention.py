@@ -119,9 +119,11 @@ def main() -> None:
     ns = ap.parse_args()
     hq, hkv, d = LAYOUTS[ns.layout]
     width = -(-ns.max_model_len // PAGE)
-    base = rpa_gpu.default_config(ns.bucket, ns.bucket, hq, hkv, PAGE, width, quantized=ns.pool != "bf16",
-                                  head_dim=d)
+    base = rpa_gpu.default_config(ns.bucket, ns.bucket, hq, hkv, PAGE, width,
+                                  kv_pool=None if ns.pool == "bf16" else ns.pool, head_dim=d)
     base = base.decode if isinstance(base, rpa_gpu.GpuPlan) else base
+    # One launch per row: a narrow / wide pair's narrow one (its twin is a keysN variant).
+    base = dataclasses.replace(base, wide_pages_per_block=None)
     live = [int(v) for v in ns.live.split(",")]
     print(f"## {ns.layout} decode attention over a {ns.pool} pool, {ns.bucket}-row bucket, "
           f"{width}-page tables, compiled for a deviceless H200 (default: {base})\n")

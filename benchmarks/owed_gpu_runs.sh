@@ -114,6 +114,21 @@ kqi)
     --kv-dtypes fp8,int8,int8+attn-quant-keys-32 > "$OUT/kqi_step.txt" 2>&1
   grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqi_step.txt"
   ;;
+kqg)
+  # Session 48: fp8 pools' decode launch as a 64-key launch with a 128-key twin, each serving the
+  # live counts it wins (gpu_splits.wide_keys_win); int8 pools 128 keys. Prediction (H100): the
+  # pair at 16 and 64 sequences within 3-6 us of the 128-key launch (0.74x / 0.75x the 64-key
+  # one), at 40 within 3-6 us of the 64-key launch; the step at 40 x 8k within +1% of one
+  # 64-key launch (attn-quant-keys-64: one idle launch per layer).
+  for b in 40 64 16; do
+    timeout 100 python3 benchmarks/kv_dtype_attention.py --layouts 8b --batch $b --bucket 64 \
+      --max-model-len 8544 --pools bf16,fp8,int8 > "$OUT/kqg_attn_$b.txt" 2>&1
+    grep "^|\|^##\|rror" "$OUT/kqg_attn_$b.txt" | grep -v "bf16 dots\|float8\|---\|layout (q"
+  done
+  timeout 330 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 40 --steps 16 \
+    --kv-dtypes fp8,fp8+attn-quant-keys-64 > "$OUT/kqg_step.txt" 2>&1
+  grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqg_step.txt"
+  ;;
 qgs)
   # The gate epilogue on the device clock beside its default: 128-column tiles, 8 stages on 112
   # CTAs, paired_wait, and the split-K kernel + XLA's gate (decode_stream.py's gated rows); the

@@ -224,10 +224,12 @@ MODULE_PATCHES = {
     # the direct decode attention launch and its combine read num_seqs, query_start_loc and
     # seq_lens in three dependent rounds of loads (one round by default since session 43)
     "attn-meta-three-rounds": ("pallas_kernels.ragged_paged_attention.gpu_splits", "DIRECT_ONE_ROUND", False),
-    # an int8 / fp8 pool's unsplit decode launch at head_dim >= 128 takes 128 keys per step (fp8
-    # pools in sessions 44-46), or 32 (64 by default: gpu.QUANT_DECODE_KEYS)
-    "attn-quant-keys-128": ("pallas_kernels.ragged_paged_attention.gpu", "QUANT_DECODE_KEYS", 128),
-    "attn-quant-keys-32": ("pallas_kernels.ragged_paged_attention.gpu", "QUANT_DECODE_KEYS", 32),
+    # an int8 / fp8 pool's unsplit decode launch at head_dim >= 128 is one launch of N keys per
+    # step (by default, head_dim 128: int8 128 keys; fp8 a 64-key launch with a 128-key twin,
+    # picked by the live count; gpu_config.QUANT_DECODE_KEYS)
+    "attn-quant-keys-64": ("pallas_kernels.ragged_paged_attention.gpu_config", "QUANT_DECODE_KEYS", 64),
+    "attn-quant-keys-128": ("pallas_kernels.ragged_paged_attention.gpu_config", "QUANT_DECODE_KEYS", 128),
+    "attn-quant-keys-32": ("pallas_kernels.ragged_paged_attention.gpu_config", "QUANT_DECODE_KEYS", 32),
 }
 
 

@@ -62,154 +62,13 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import kv_format
 from pallas_kernels.ragged_paged_attention import gpu_splits as sp
 from pallas_kernels.ragged_paged_attention import reference
+from pallas_kernels.ragged_paged_attention.gpu_config import GpuConfig, GpuPlan, default_config
 from pallas_kernels.ragged_paged_attention.gpu_splits import active_splits
 from pallas_kernels.ragged_paged_attention.work import work_items
 
-
-@dataclasses.dataclass(frozen=True)
-class GpuConfig:
-    """Static launch parameters of the GPU kernel.
-
-    block_q: query rows per program (times G q heads = rows of the score tile).
-    pages_per_block: pages gathered per inner step (block_k = pages_per_block * page_size).
-    num_splits: programs that share one item's KV range (FlashDecoding); 1 = no combine pass.
-    num_warps, num_stages: Triton's warps per program and software-pipelining depth.
-    min_blocks_per_split: an item splits its KV range into at most ``ceil(blocks / this)`` of the
-      call's splits (a short context is not cut into one-block programs with a wide merge).
-    fused_combine: with splits, the last program of each (item, kv head) to finish (an atomic
-      counter) merges the partials and writes the output rows itself, instead of the XLA combine +
-      scatter after the launch (fewer launches: matters for latency-bound batch-1 decode).
-    kv_compute: the dtype the two dots of an int8 / fp8 pool run in, i.e. what every K and V
-      element converts to in the inner loop. None: q's (bf16 in the engine); "float16": f16,
-      which Hopper converts e4m3 to in hardware (``cvt.rn.f16x2.e4m3x2``; it has no e4m3 ->
-      bf16 instruction; ``default_config``'s choice for quantized pools), q converted once per
-      program, saturated to f16's range; "float8" (fp8 pools; int8 pools take "float16"): the
-      QK dot in e4m3 with K as stored (no conversion) against q quantized once per program
-      with a scale per row (absmax / 448), PV as "float16". Unquantized pools ignore it. The
-      A/B: ``benchmarks/kv_dtype_attention.py``.
-    """
-
-    block_q: int = 16
-    pages_per_block: int = 4
-    num_splits: int = 1
-    num_warps: int = 4
-    num_stages: int = 2
-    fused_combine: bool = False
-    min_blocks_per_split: int = 2
-    kv_compute: str | None = None
-
-    def __post_init__(self) -> None:
-        ints = ("block_q", "pages_per_block", "num_splits", "num_warps", "num_stages", "min_blocks_per_split")
-        for name in ints:
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"GpuConfig.{name} must be a positive int, got {v!r}")
-        for name in ("block_q", "pages_per_block", "num_warps"):
-            v = getattr(self, name)
-            if v & (v - 1):
-                raise ValueError(f"GpuConfig.{name} must be a power of two, got {v}")
-        if self.kv_compute not in (None, "float16", "float8"):
-            raise ValueError("GpuConfig.kv_compute must be None, 'float16' or 'float8', "
-                             f"got {self.kv_compute!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class GpuPlan:
-    """Two launches over one output. First the prefill class: sequences with
-    ``q_len > decode.block_q`` in large tiles, plus the padding rows (zeros), into a fresh buffer.
-    Then the decode class (one item per sequence, small score tiles, optional KV splits) writes
-    its rows into that buffer (aliased in place, or scattered in after the split combine).
-    """
-
-    decode: GpuConfig
-    prefill: GpuConfig
-
-    def __post_init__(self) -> None:
-        if self.prefill.num_splits != 1:
-            raise ValueError("GpuPlan.prefill.num_splits must be 1 (prefill items are many already)")
-        if self.prefill.block_q <= self.decode.block_q:
-            raise ValueError("GpuPlan.prefill.block_q must exceed decode.block_q (the class threshold)")
-
-
+__all__ = ["GpuConfig", "GpuPlan", "active_splits", "default_config", "ragged_paged_attention"]
 F16_MAX = 65504.0
 FP8_MAX = 448.0   # e4m3's largest finite value
-_PARTIALS_BYTES = 64 << 20
-_MAX_SPLITS = 32
-_SPLIT_DECODE_WARPS = 2  # smaller programs, more of them in flight per SM (few live sequences)
-# Keys per step of a quantized pool's unsplit decode launch at head_dim >= 128 (``default_config``);
-# None: 64, as every pool's. step_floor's arms attn-quant-keys-128 / attn-quant-keys-32 set it.
-QUANT_DECODE_KEYS: int | None = None
-
-
-def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: int) -> int:
-    """Static upper bound on KV splits (the call picks its count at run time, ``active_splits``).
-
-    None when ``programs`` (all rows live) already fill about two waves of an H100/H200's 132
-    SMs; else enough for one live sequence (``num_kv_heads`` programs) to reach that, at most 32,
-    and with the float32 partials of every split within 64 MiB (``partial_bytes`` per split; a
-    temporary of the step, shared by its layers). Batch-1 decode at 8192 on an H200, loop times
-    of one sweep (KERNEL_NOTES_runs_1-9 run 8): 32 splits of 2-warp programs 33 us, 16 splits of 4 warps
-    45 us.
-    """
-    if programs >= sp.TARGET_PROGRAMS:
-        return 1
-    splits = 1
-    while (num_kv_heads * splits < sp.TARGET_PROGRAMS and splits * 2 <= ctx_blocks and splits < _MAX_SPLITS
-           and 2 * splits * partial_bytes <= _PARTIALS_BYTES):
-        splits *= 2
-    return splits
-
-
-def default_config(
-    num_tokens: int, max_seqs: int, num_q_heads: int, num_kv_heads: int, page_size: int, pages_per_seq: int,
-    decode_rows: int = 1, quantized: bool = False, head_dim: int | None = None,
-) -> GpuConfig | GpuPlan:
-    """Heuristic static config from the shapes alone (the batch's composition is dynamic).
-
-    ``quantized`` with ``head_dim`` >= 128 and an unsplit decode launch: ``QUANT_DECODE_KEYS``
-    keys per step (None: 64). 128 (H100, session 44, the 8B layout's fp8 call): 64 x 8k 440
-    against 616 us (bf16 703), 64 x 2k 129 against 169; it lost where the launch splits and at
-    head_dim 64. The fp8 default until session 47, when the 8B's step at 40 x 8k (H100) ran
-    19.11 ms with it, 16.73 without: at 255 registers against 168 (offline_attention.py) an SM
-    holds 2 programs, not 3, so 40 x 8 kv heads take two rounds of 264 where 64 keys fit one of
-    396 (at 64 x 8k, both take two). 32 keys: fp8 128 registers (4 per SM, as bf16's 64 keys),
-    int8 152 (3; 202 at 64 keys: 2). Owed A/B.
-
-    ``quantized`` (an int8 / fp8 pool): both classes take ``kv_compute="float16"`` (H200,
-    session 24, 16 x 8k decode attention per layer call, Qwen2.5-0.5B / 8B layouts: the fp8 pool
-    1.081x / 1.334x bf16's time with bf16 dots, 0.979x / 0.954x with f16 dots; "float8" 0.898x /
-    0.944x, not the default until its accuracy is measured on a GPU).
-
-    Decode class: ``block_q * G = 16`` score rows (the tensor-core minimum), or ``block_q`` =
-    ``decode_rows`` rounded up to a power of two when that is more (speculative verify rows:
-    1 + k query rows, which then take this class's split-KV launch instead of the prefill
-    tiles), ~64 keys per step, splits (and 2-warp programs) when ``max_seqs x kv heads``
-    programs cannot fill the GPU.
-    Prefill class (only if the bucket can hold a sequence with more than ``block_q`` rows):
-    64-row tiles, 64 keys per step (measured best for the 8 x 512 chunks of the mixed
-    benchmark; KERNEL_NOTES.md).
-    """
-    group = sp.pow2(num_q_heads // num_kv_heads)
-    ppb = min(max(1, 64 // page_size), sp.pow2(pages_per_seq))
-    bq = max(1, 16 // group, sp.pow2(decode_rows))
-    ctx_blocks = -(-pages_per_seq // ppb)
-    items = min(max_seqs, num_tokens)
-    partial_bytes = items * bq * num_kv_heads * group * 128 * 4  # [rows, kvh * G * D] float32, D <= 128
-    splits = _splits(items * num_kv_heads, num_kv_heads, ctx_blocks, partial_bytes)
-    compute = "float16" if quantized else None
-    keys = QUANT_DECODE_KEYS if quantized and splits == 1 and (head_dim or 0) >= 128 else None
-    dec = GpuConfig(
-        block_q=bq,
-        pages_per_block=min(max(1, keys // page_size), sp.pow2(pages_per_seq)) if keys else ppb,
-        num_splits=splits,
-        num_warps=_SPLIT_DECODE_WARPS if splits > 1 else 4,
-        kv_compute=compute,
-    )
-    if num_tokens <= bq:
-        return dec
-    pre = GpuConfig(block_q=max(bq * 2, 64 // group), pages_per_block=ppb, num_warps=4, num_stages=2,
-                    kv_compute=compute)
-    return GpuPlan(decode=dec, prefill=pre)
 
 
 def _kernel(
@@ -234,6 +93,7 @@ def _kernel(
     barriers: bool,
     min_blocks: int,
     num_kv_heads: int,
+    gate: int,
 ):
     # Inputs: the work list int32[num_items, 4] (or, direct, seq_lens, query_start_loc, num_seqs),
     # page_table int32[max_seqs, pages_per_seq_padded], q [T, kvh * G * D], k and v
@@ -253,6 +113,8 @@ def _kernel(
     if direct:  # a flat grid over (live rank, kv head, split); programs past the live ones idle
         p = pl.program_id(0)
         live, item = sp.direct_items(meta, block_q=block_q, max_seqs=max_seqs)
+        if gate:  # one of a narrow / wide pair: serve only where this one finishes first
+            live = jnp.where(sp.wide_keys_win(live * num_kv_heads) == (gate > 0), live, 0)
         call_splits = sp.splits_for(live, num_kv_heads, num_splits) if per_item else jnp.int32(1)
         w = p // (num_kv_heads * call_splits)  # the item's rank among the served sequences
         h = (p // call_splits) % num_kv_heads
@@ -418,6 +280,7 @@ def _launch(
     head_dim: int,
     page_size: int,
     interpret: bool,
+    gate: int = 0,
     **static,
 ) -> jax.Array:
     """One pallas_call; returns ``[T, kvh * G * D]``.
@@ -427,8 +290,19 @@ def _launch(
     Rows the items do not own come from ``base`` (written in place) or, when ``base`` is None,
     are left unwritten (work list: its padding items write them) or zeroed (direct). With splits
     the call uses ``active_splits`` of them (decided on device from the live items) and a second
-    small launch merges the per-item partials into the output.
+    small launch merges the per-item partials into the output. A config with a wide twin
+    (``wide_pages_per_block``) is two launches, each serving the live counts it wins
+    (``gate`` -1 / +1 in the kernels).
     """
+    if cfg.wide_pages_per_block:
+        if len(meta) != 3:
+            raise ValueError("GpuConfig.wide_pages_per_block needs a direct decode launch (no work list)")
+        narrow = dataclasses.replace(cfg, wide_pages_per_block=None)
+        wide = dataclasses.replace(narrow, pages_per_block=cfg.wide_pages_per_block)
+        common = dict(out_dtype=out_dtype, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
+                      page_size=page_size, interpret=interpret, **static)
+        base = _launch(narrow, meta, base, pt, q2, k2, v2, scales, gate=-1, **common)
+        return _launch(wide, meta, base, pt, q2, k2, v2, scales, gate=1, **common)
     num_tokens, width = q2.shape
     hw = num_kv_heads * group
     direct = len(meta) == 3
@@ -475,7 +349,8 @@ def _launch(
         page_size=page_size, block_q=bq, pages_per_block=cfg.pages_per_block, num_splits=ns,
         quantized=bool(scales), kv_compute=cfg.kv_compute, aliased=bool(aliases) and not fused,
         per_item=per_item, fused=fused,
-        barriers=not interpret, min_blocks=cfg.min_blocks_per_split, num_kv_heads=num_kv_heads, **static,
+        barriers=not interpret, min_blocks=cfg.min_blocks_per_split, num_kv_heads=num_kv_heads, gate=gate,
+        **static,
     )  # fmt: skip
     out = pl.pallas_call(
         kernel,
@@ -561,7 +436,7 @@ def ragged_paged_attention(
     kv_format.check_addressable(k_pages, "ragged_paged_attention")
     cfg = config or default_config(num_tokens, max_seqs, num_q_heads, num_kv_heads, page_size, pages_per_seq,
                                    decode_rows if max_q_len is None else min(decode_rows, max_q_len),
-                                   quantized=k_scales is not None, head_dim=head_dim)
+                                   kv_pool=_pool_kind(k_pages, k_scales), head_dim=head_dim)
     group = num_q_heads // num_kv_heads
     gp, dp = sp.pow2(group), sp.pow2(max(head_dim, 16))
     qx = q.reshape(num_tokens, num_kv_heads, group, head_dim)
@@ -595,3 +470,10 @@ def ragged_paged_attention(
         out = _launch(cfg.decode, launch_meta, out, page_table, q2, k2, v2, scales, **common)
     out = out.reshape(num_tokens, num_kv_heads, gp, dp)[:, :, :group, :head_dim]
     return out.reshape(num_tokens, num_q_heads, head_dim)
+
+
+def _pool_kind(k_pages: jax.Array, k_scales: jax.Array | None) -> str | None:
+    """``default_config``'s ``kv_pool``: None (unquantized), "fp8" (uint8 bits or e4m3) or "int8"."""
+    if k_scales is None:
+        return None
+    return "int8" if k_pages.dtype == jnp.int8 else "fp8"

@@ -16,6 +16,12 @@ from jax.experimental.pallas import triton as plgpu
 
 NEG = -1e30
 TARGET_PROGRAMS = 264  # about two waves of an H100/H200's 132 SMs
+SMS = 132
+# A direct launch and its wide twin (``GpuConfig.wide_pages_per_block``; fp8 pools at head_dim
+# 128): programs an SM holds of each (168 / 255 registers at 64 / 128 keys per step,
+# benchmarks/offline_attention.py) and a wide program's time in percent of a narrow one's where
+# both need as many rounds (H100, 2026-12-06: 227 / 309 us at 16 x 8k, 484 / 645 at 64 x 8k).
+NARROW_PER_SM, WIDE_PER_SM, WIDE_TIME_PCT = 3, 2, 74
 # A direct launch's programs read num_seqs, query_start_loc and seq_lens in one round of loads
 # and pick their item in registers (``direct_items``), not in three dependent rounds (num_seqs,
 # then the masked query_start_loc vector, then the item's scalars). Off: the A/B
@@ -95,6 +101,15 @@ def direct_grid(max_seqs: int, num_kv_heads: int, num_splits: int) -> int:
     programs still take a slot (and their shared-memory pipeline buffers) on an SM."""
     full = max_seqs * num_kv_heads
     return min(full * num_splits, max(full, TARGET_PROGRAMS + full)) if num_splits > 1 else full
+
+
+def wide_keys_win(programs):
+    """Whether the wide launch finishes first for ``programs`` live programs (traced int32 ->
+    bool): its rounds of ``SMS x WIDE_PER_SM`` at ``WIDE_TIME_PCT`` against the narrow one's rounds
+    of ``SMS x NARROW_PER_SM``. 40 x 8 kv heads: 2 rounds against 1, narrow; 16 or 64 x 8: wide."""
+    narrow = (programs + SMS * NARROW_PER_SM - 1) // (SMS * NARROW_PER_SM)
+    wide = (programs + SMS * WIDE_PER_SM - 1) // (SMS * WIDE_PER_SM)
+    return wide * WIDE_TIME_PCT < narrow * 100
 
 
 def item_kv_blocks(seq, nrows, pos0, *, block_k: int, sliding_window: int | None):

@@ -9,6 +9,7 @@ from rpa_cases import CASES
 
 from pallas_kernels import kv_format
 from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
+from pallas_kernels.ragged_paged_attention import gpu_config as rpa_config
 from pallas_kernels.ragged_paged_attention import gpu_splits as rpa_splits
 from pallas_kernels.ragged_paged_attention import reference as rpa_ref
 from pallas_kernels.ragged_paged_attention import tpu as rpa_tpu
@@ -263,42 +264,69 @@ def test_gpu_decode_splits_follow_the_programs_target(target, monkeypatch):
     assert rel_err(got[:3], np.asarray(want, np.float32)[:3]) < 1e-5
 
 
-def test_gpu_quantized_unsplit_decode_takes_other_keys_per_step_only_when_asked(monkeypatch):
-    """``default_config``: 64 keys per step by default (session 47's step A/B). With
-    ``QUANT_DECODE_KEYS`` set (the A/B arms), a quantized pool's unsplit decode launch at
-    head_dim >= 128 takes that many; split launches, head_dim 64, bf16 pools and the prefill
-    class keep 64 keys per step."""
-    def decode(rows: int, head_dim: int | None, quantized: bool = True) -> rpa_gpu.GpuConfig:
-        cfg = rpa_gpu.default_config(rows, rows, 32, 8, 16, 528, quantized=quantized, head_dim=head_dim)
+def test_gpu_quantized_unsplit_decode_keys_per_step(monkeypatch):
+    """``default_config`` at head_dim 128, unsplit: an int8 pool takes 128 keys per step, an fp8
+    pool 64 with a 128-key twin launch; ``QUANT_DECODE_KEYS`` (the A/B arms) sets one launch of
+    that many for both at head_dim >= 128. Split launches, other head sizes, bf16 pools and the
+    prefill class keep 64 keys per step."""
+    def decode(rows: int, head_dim: int | None, pool: str | None = "fp8") -> rpa_gpu.GpuConfig:
+        cfg = rpa_gpu.default_config(rows, rows, 32, 8, 16, 528, kv_pool=pool, head_dim=head_dim)
         return cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
 
-    assert (decode(64, 128).num_splits, decode(64, 128).pages_per_block) == (1, 4)
-    monkeypatch.setattr(rpa_gpu, "QUANT_DECODE_KEYS", 32)
-    assert (decode(64, 128).num_splits, decode(64, 128).pages_per_block) == (1, 2)
-    monkeypatch.setattr(rpa_gpu, "QUANT_DECODE_KEYS", 128)
-    assert (decode(64, 128).num_splits, decode(64, 128).pages_per_block) == (1, 8)
-    assert (decode(16, 128).num_splits, decode(16, 128).pages_per_block) == (32, 4)
-    assert decode(64, 64).pages_per_block == decode(64, None).pages_per_block == 4
-    assert decode(64, 128, quantized=False).pages_per_block == 4
-    plan = rpa_gpu.default_config(64, 64, 32, 8, 16, 528, quantized=True, head_dim=128)
+    def shape(c: rpa_gpu.GpuConfig) -> tuple:
+        return c.num_splits, c.pages_per_block, c.wide_pages_per_block
+
+    assert shape(decode(64, 128)) == (1, 4, 8)
+    assert shape(decode(64, 128, "int8")) == (1, 8, None)
+    assert shape(decode(16, 128)) == shape(decode(16, 128, "int8")) == (32, 4, None)
+    assert shape(decode(64, 256)) == shape(decode(64, 64, "int8")) == shape(decode(64, None)) == (1, 4, None)
+    assert shape(decode(64, 128, None)) == (1, 4, None)
+    monkeypatch.setattr(rpa_config, "QUANT_DECODE_KEYS", 32)
+    assert shape(decode(64, 128)) == shape(decode(64, 128, "int8")) == (1, 2, None)
+    monkeypatch.setattr(rpa_config, "QUANT_DECODE_KEYS", 128)
+    assert shape(decode(64, 256)) == (1, 8, None)
+    plan = rpa_gpu.default_config(64, 64, 32, 8, 16, 528, kv_pool="int8", head_dim=128)
     assert plan.prefill.pages_per_block == 4   # the prefill class keeps its tiles
+    with pytest.raises(ValueError, match="kv_pool"):
+        decode(64, 128, "int4")
+    with pytest.raises(ValueError, match="wide_pages_per_block"):
+        rpa_gpu.GpuConfig(pages_per_block=4, wide_pages_per_block=4)
 
 
-@pytest.mark.parametrize("keys,pool", [(128, kv_format.FP8_BITS), (32, kv_format.FP8_BITS), (32, jnp.int8)])
+def test_gpu_wide_keys_win_by_rounds():
+    """The fp8 pair's rule at 132 SMs and 8 kv heads: 40 sequences take one round of narrow
+    programs and two of wide ones (narrow); 16 and 64 take as many of each (wide)."""
+    def wins(live: int) -> bool:
+        return bool(rpa_splits.wide_keys_win(jnp.int32(live * 8)))
+
+    assert [wins(n) for n in (0, 1, 16, 33, 40, 49, 50, 64)] == [False, True, True, True, False, False,
+                                                                  True, True]
+
+
+@pytest.mark.parametrize("keys,pool", [(128, kv_format.FP8_BITS), (32, kv_format.FP8_BITS), (32, jnp.int8),
+                                       (None, jnp.int8), (None, kv_format.FP8_BITS)])
 def test_gpu_quantized_decode_keys_match_the_reference(monkeypatch, keys, pool):
-    """The A/B arms' keys per step over an fp8 / int8 pool at head_dim 128 (unsplit:
-    TARGET_PROGRAMS lowered so 4 sequences x 2 kv heads fill it), NaN-poisoned unused pages and
-    scales, the engine's decode-only call, against the reference."""
-    monkeypatch.setattr(rpa_splits, "TARGET_PROGRAMS", 8)
-    monkeypatch.setattr(rpa_gpu, "QUANT_DECODE_KEYS", keys)
-    b = make_batch(np.random.default_rng(9), [1] * 4, [70, 9, 130, 33], page_size=8, num_q_heads=4,
-                   num_kv_heads=2, head_dim=128, dtype=pool)  # fmt: skip
-    cfg = rpa_gpu.default_config(b.q.shape[0], b.page_table.shape[0], 4, 2, 8, b.page_table.shape[1],
-                                 quantized=True, head_dim=128)
-    dec = cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
-    assert (dec.num_splits, dec.pages_per_block) == (1, keys // 8)
-    kw = dict(sm_scale=128**-0.5, **b.scale_kwargs())
-    want = jax.jit(lambda *a: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
-    fn = jax.jit(lambda *a: rpa_gpu.ragged_paged_attention(*a, interpret=True, max_q_len=1, **kw))
-    got = np.asarray(run_fast(fn, *b.args()), np.float32)
-    assert rel_err(got, np.asarray(want, np.float32)) < 2e-2
+    """Keys per step over an fp8 / int8 pool at head_dim 128 (unsplit: TARGET_PROGRAMS lowered so
+    the sequences x 2 kv heads fill it): the defaults (int8 128 keys; fp8 the narrow / wide pair,
+    one SM so that 3 sequences take the narrow launch and 4 the wide one) and the A/B arms, with
+    NaN-poisoned unused pages and scales, the engine's decode-only call, against the reference."""
+    monkeypatch.setattr(rpa_splits, "TARGET_PROGRAMS", 4)
+    monkeypatch.setattr(rpa_splits, "SMS", 1)
+    monkeypatch.setattr(rpa_config, "QUANT_DECODE_KEYS", keys)
+    for ctx in ([70, 9, 130], [70, 9, 130, 33]):
+        b = make_batch(np.random.default_rng(9), [1] * len(ctx), ctx, page_size=8, num_q_heads=4,
+                       num_kv_heads=1, head_dim=128, dtype=pool)  # fmt: skip
+        kind = "int8" if pool == jnp.int8 else "fp8"
+        cfg = rpa_gpu.default_config(b.q.shape[0], b.page_table.shape[0], 4, 1, 8, b.page_table.shape[1],
+                                     kv_pool=kind, head_dim=128)
+        dec = cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
+        want_keys = keys or (128 if kind == "int8" else 64)
+        assert (dec.num_splits, dec.pages_per_block * 8) == (1, want_keys)
+        assert dec.wide_pages_per_block == (16 if keys is None and kind == "fp8" else None)
+        assert bool(rpa_splits.wide_keys_win(jnp.int32(len(ctx)))) == (len(ctx) == 4)
+        kw = dict(sm_scale=128**-0.5, **b.scale_kwargs())
+        want = jax.jit(lambda *a, kw=kw: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
+        fn = jax.jit(lambda *a, kw=kw: rpa_gpu.ragged_paged_attention(*a, interpret=True, max_q_len=1, **kw))
+        got = np.asarray(run_fast(fn, *b.args()), np.float32)
+        assert np.all(np.isfinite(got))
+        assert rel_err(got, np.asarray(want, np.float32)) < 2e-2
