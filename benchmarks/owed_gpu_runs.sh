@@ -1,15 +1,14 @@
-# The device calls owed after session 47 (2026-12-06), in the order to run them. Each case fits
+# The device calls owed after session 48 (2026-12-06), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-47 removed the ones they ran; vmm stays as the record of its arms).
+# history (sessions 7-48 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
-# defaults, and one block per split), kqw (128 keys per step for fp8 pools where both configs
-# take two rounds of programs: the kernel at 40 and 64 sequences, the 8B's step at 64 x 8k),
-# kqi (an int8 pool's attention at 2 programs per SM, and 32 keys per step for it), qgs (the gate epilogue's variants on the device clock), ae (the engine's own bf16 decode
-# executable slower than a recompile of it), lt (issue 12: where the speculating step's launch
-# goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session
-# 28's wider code-draft: session 27 ran greedy_matches, 6 passed);
+# defaults, and one block per split), kqg (the 8B's step with fp8 pools' narrow / wide pair of
+# decode launches, at 40 and 64 x 8k), qgs (the gate epilogue's variants on the device clock),
+# ae (the engine's own bf16 decode executable slower than a recompile of it), lt (issue 12: where
+# the speculating step's launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative
+# GPU tests, now with session 28's wider code-draft: session 27 ran greedy_matches, 6 passed);
 # then, on 2 GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
@@ -80,54 +79,19 @@ h2)
     --quantization none,int8+lm_head,fp8+lm_head --ab attn-minblocks1 > "$OUT/h2_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step.txt"
   ;;
-kqw)
-  # 128 keys per step for an fp8 pool's unsplit decode launch (step_floor's attn-quant-keys-128;
-  # off since session 47: the 8B's step at 40 x 8k 19.11 ms with it against 16.73 on an H100).
-  # benchmarks/offline_attention.py: 255 registers against 168, so 2 programs per SM against 3;
-  # 40 sequences x 8 kv heads take two rounds with it, one without; at 64 both take two.
-  # 32 keys (attn-quant-keys-32): 128 registers, 4 programs per SM, as a bf16 pool's 64 keys.
-  # Prediction: the kernel (engine-shaped call) with 128 keys at 40 sequences 1.2-1.5x the 64-key
-  # time, at 64 0.70-0.80x (session 44: 0.72x); 32 keys at 64 sequences (one round against two)
-  # 0.8-1.0x, at 40 (one round each) 1.0-1.2x. The 8B's step at 64 x 8k (bf16's pool cannot hold
-  # it on an H100): 128 keys -10 to -15%, 32 keys -5 to +5%. If 128 wins there, the rule to build
-  # takes it only where the bucket's live programs need as many rounds either way.
-  for b in 40 64; do
-    timeout 100 python3 benchmarks/kv_dtype_attention.py --layouts 8b --batch $b --bucket 64 \
-      --max-model-len 8544 > "$OUT/kqw_attn_$b.txt" 2>&1
-    grep "^|\|^##\|rror" "$OUT/kqw_attn_$b.txt" | grep -v "bf16 dots\|float8"
-  done
-  timeout 360 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 64 --steps 16 \
-    --kv-dtypes fp8,fp8+attn-quant-keys-128,fp8+attn-quant-keys-32 > "$OUT/kqw_step.txt" 2>&1
-  grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqw_step.txt"
-  ;;
-kqi)
-  # An int8 pool's decode attention: 202 registers at 64 keys per step (offline_attention.py), 2
-  # programs per SM against fp8's 3; 32 keys (attn-quant-keys-32) 152 registers, 3 per SM. The
-  # 8B at 40 x 8k (one round at 3 per SM, two at 2): the kernel (engine-shaped call) over each
-  # pool, then the step. Prediction: the int8 kernel 1.3-1.8x fp8's at 64 keys and 32 keys -25 to
-  # -40% of it; the int8 step 1.10-1.25x fp8's, and 32 keys -8 to -15% of int8's. If so, 32 keys
-  # for int8 pools only is the default to build.
-  timeout 120 python3 benchmarks/kv_dtype_attention.py --layouts 8b --batch 40 --bucket 64 \
-    --max-model-len 8544 --pools bf16,fp8,int8 > "$OUT/kqi_attn.txt" 2>&1
-  grep "^|\|^##\|rror" "$OUT/kqi_attn.txt" | grep -v "bf16 dots\|float8"
-  timeout 430 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 40 --steps 32 \
-    --kv-dtypes fp8,int8,int8+attn-quant-keys-32 > "$OUT/kqi_step.txt" 2>&1
-  grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqi_step.txt"
-  ;;
 kqg)
   # Session 48: fp8 pools' decode launch as a 64-key launch with a 128-key twin, each serving the
-  # live counts it wins (gpu_splits.wide_keys_win); int8 pools 128 keys. Prediction (H100): the
-  # pair at 16 and 64 sequences within 3-6 us of the 128-key launch (0.74x / 0.75x the 64-key
-  # one), at 40 within 3-6 us of the 64-key launch; the step at 40 x 8k within +1% of one
-  # 64-key launch (attn-quant-keys-64: one idle launch per layer).
-  for b in 40 64 16; do
-    timeout 100 python3 benchmarks/kv_dtype_attention.py --layouts 8b --batch $b --bucket 64 \
-      --max-model-len 8544 --pools bf16,fp8,int8 > "$OUT/kqg_attn_$b.txt" 2>&1
-    grep "^|\|^##\|rror" "$OUT/kqg_attn_$b.txt" | grep -v "bf16 dots\|float8\|---\|layout (q"
-  done
-  timeout 330 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 40 --steps 16 \
-    --kv-dtypes fp8,fp8+attn-quant-keys-64 > "$OUT/kqg_step.txt" 2>&1
-  grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqg_step.txt"
+  # live counts it wins (gpu_splits.wide_keys_win); int8 pools 128 keys. The kernel rows ran
+  # (H100: the pair within 6 us of the better launch at 16 / 40 / 64 x 8k); the steps are owed.
+  # Prediction: at 40 x 8k the pair within +1% of one 64-key launch (one idle launch per layer);
+  # at 64 x 8k the pair within 1% of one 128-key launch and -15 to -25% of one 64-key launch
+  # (the kernel 471 against 637 us, 32 layers). bf16's pool cannot hold 64 x 8k on an H100.
+  timeout 280 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 40 --steps 16 \
+    --kv-dtypes fp8,fp8+attn-quant-keys-64 > "$OUT/kqg_step40.txt" 2>&1
+  grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqg_step40.txt"
+  timeout 300 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 64 --steps 16 \
+    --kv-dtypes fp8,fp8+attn-quant-keys-64,fp8+attn-quant-keys-128 > "$OUT/kqg_step64.txt" 2>&1
+  grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqg_step64.txt"
   ;;
 qgs)
   # The gate epilogue on the device clock beside its default: 128-column tiles, 8 stages on 112
