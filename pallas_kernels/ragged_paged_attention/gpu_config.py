@@ -135,8 +135,9 @@ def default_config(
       took 0.74x / 1.19x / 0.75x the 64-key time at 16 / 40 / 64 sequences, losing where 40 x 8
       kv heads need two rounds of 264 programs and one of 396 (``gpu_splits.wide_keys_win``).
     ``QUANT_DECODE_KEYS`` set (an A/B arm): that many keys for both pools at head_dim >= 128, one
-    launch. Split launches and other head sizes keep 64 keys (128 lost where the launch splits
-    and at head_dim 64, session 44).
+    launch. Split launches, other head sizes and decode tiles of more than 16 score rows
+    (speculative verify rows) keep 64 keys (128 lost where the launch splits and at head_dim 64,
+    session 44; the wider tiles' registers are not measured).
 
     A quantized ``kv_pool``: both classes take ``kv_compute="float16"`` (H200,
     session 24, 16 x 8k decode attention per layer call, Qwen2.5-0.5B / 8B layouts: the fp8 pool
@@ -162,7 +163,7 @@ def default_config(
     if kv_pool not in (None, "int8", "fp8"):
         raise ValueError(f"kv_pool must be None, 'int8' or 'fp8', got {kv_pool!r}")
     compute = "float16" if kv_pool else None
-    keys, wide_keys = _decode_keys(kv_pool, splits, head_dim)
+    keys, wide_keys = _decode_keys(kv_pool, splits, head_dim, bq * group)
 
     def pages(k: int | None) -> int | None:
         return min(max(1, k // page_size), sp.pow2(pages_per_seq)) if k else None
@@ -184,12 +185,16 @@ def default_config(
     return GpuPlan(decode=dec, prefill=pre)
 
 
-def _decode_keys(kv_pool: str | None, splits: int, head_dim: int | None) -> tuple[int | None, int | None]:
-    """(keys per step, the wide launch's keys or None) of the decode class; None keys: 64."""
+def _decode_keys(
+    kv_pool: str | None, splits: int, head_dim: int | None, score_rows: int,
+) -> tuple[int | None, int | None]:
+    """(keys per step, the wide launch's keys or None) of the decode class; None keys: 64. The
+    defaults hold where they were measured: head_dim 128, 16 score rows (one query row per
+    sequence; speculative verify rows make wider tiles, more registers, and keep 64)."""
     if kv_pool is None or splits != 1 or (head_dim or 0) < 128:
         return None, None
     if QUANT_DECODE_KEYS is not None:
         return QUANT_DECODE_KEYS, None
-    if head_dim != 128:
+    if head_dim != 128 or score_rows != 16:
         return None, None
     return (128, None) if kv_pool == "int8" else (64, 128)

@@ -281,6 +281,8 @@ def test_gpu_quantized_unsplit_decode_keys_per_step(monkeypatch):
     assert shape(decode(16, 128)) == shape(decode(16, 128, "int8")) == (32, 4, None)
     assert shape(decode(64, 256)) == shape(decode(64, 64, "int8")) == shape(decode(64, None)) == (1, 4, None)
     assert shape(decode(64, 128, None)) == (1, 4, None)
+    verify = rpa_gpu.default_config(320, 64, 32, 8, 16, 528, decode_rows=5, kv_pool="int8", head_dim=128)
+    assert shape(verify.decode) == (1, 4, None)   # 8 x 4 = 32 score rows: not the measured tile
     monkeypatch.setattr(rpa_config, "QUANT_DECODE_KEYS", 32)
     assert shape(decode(64, 128)) == shape(decode(64, 128, "int8")) == (1, 2, None)
     monkeypatch.setattr(rpa_config, "QUANT_DECODE_KEYS", 128)
