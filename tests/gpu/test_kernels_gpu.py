@@ -15,6 +15,7 @@ from pallas_kernels.flash_attention import reference as fa_ref
 from pallas_kernels.kv_write import gpu as kv_gpu
 from pallas_kernels.kv_write import reference as kv_ref
 from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
+from pallas_kernels.ragged_paged_attention import gpu_splits as rpa_splits
 from pallas_kernels.ragged_paged_attention import reference as rpa_ref
 from tests.kernels.ragged_batch import make_batch, rel_err
 from tests.kernels.rpa_cases import CASES, Case
@@ -69,6 +70,17 @@ def test_rpa_gpu_kv_compute(name, compute):
     relative error with the e4m3 QK dot, 0.01-0.03% with f16)."""
     c = CASES[name]
     _check_rpa(c, rpa_gpu.GpuConfig(kv_compute=compute), 0, c.tol)
+
+
+@pytest.mark.parametrize("live", [40, 64])
+@pytest.mark.parametrize("pool", [jnp.uint8, jnp.int8])
+def test_rpa_gpu_quantized_decode_keys(pool, live):
+    """The 8B layout's decode over an fp8 pool (a 64-key launch and its 128-key twin: 40
+    sequences take the narrow one, 64 the wide one) and an int8 pool (128 keys), default config,
+    against the reference."""
+    assert bool(rpa_splits.wide_keys_win(jnp.int32(live * 8))) == (live == 64)
+    ctx = tuple(300 + 23 * i for i in range(live))
+    _check_rpa(Case((1,) * live, ctx, 16, 32, 8, 128, pool), None, live, 1e-2)
 
 
 @pytest.mark.parametrize(
