@@ -158,6 +158,15 @@ def main() -> None:
                     c = dataclasses.replace(one, pages_per_block=keys // PAGE)
                     if c != dec:
                         configs.append((f"{keys} keys per step, one launch", c))
+            if pool == "int8" and not dec.int8_f16_bits:   # step_floor's attn-int8-f16-bits
+                bits = dataclasses.replace(one, int8_f16_bits=True)
+                configs += [("f16 by bit assembly, the fp8 pair",
+                             dataclasses.replace(bits, pages_per_block=64 // PAGE,
+                                                 wide_pages_per_block=128 // PAGE)),
+                            ("f16 by bit assembly, 64 keys",
+                             dataclasses.replace(bits, pages_per_block=64 // PAGE)),
+                            ("f16 by bit assembly, 128 keys",
+                             dataclasses.replace(bits, pages_per_block=128 // PAGE))]
             if pool == "fp8":
                 configs += [("bf16 dots (before session 24)", dataclasses.replace(dec, kv_compute=None)),
                             ("kv_compute float8", dataclasses.replace(dec, kv_compute="float8")),

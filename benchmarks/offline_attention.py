@@ -114,7 +114,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=8544, help="the page tables' width in tokens")
     ap.add_argument("--variants", default="default,keys64,keys128",
                     help="comma list: default (default_config's decode launch), keysN (N keys per step), "
-                         "warpsN, stagesN, float8 (kv_compute), joined by +")
+                         "warpsN, stagesN, float8 (kv_compute), int8bits (GpuConfig.int8_f16_bits), "
+                         "joined by +")
     ap.add_argument("--live", default="40,64", help="comma list of live sequences for the rounds column")
     ns = ap.parse_args()
     hq, hkv, d = LAYOUTS[ns.layout]
@@ -146,6 +147,8 @@ def main() -> None:
                     cfg = dataclasses.replace(cfg, num_stages=int(part[6:]))
                 elif part == "float8":
                     cfg = dataclasses.replace(cfg, kv_compute="float8")
+                elif part == "int8bits":
+                    cfg = dataclasses.replace(cfg, int8_f16_bits=True)
                 else:
                     raise SystemExit(f"--variants: unknown part {part!r}")
             grid, threads, smem, regs, spills = compile_launch(cfg, hq, hkv, d, ns.bucket, width, ns.pool, sh,

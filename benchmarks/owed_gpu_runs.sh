@@ -5,10 +5,11 @@
 # history (sessions 7-48 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, and one block per split), kqg (the 8B's step with fp8 pools' narrow / wide pair of
-# decode launches, at 40 and 64 x 8k), qgs (the gate epilogue's variants on the device clock),
-# ae (the engine's own bf16 decode executable slower than a recompile of it), lt (issue 12: where
-# the speculating step's launch goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative
-# GPU tests, now with session 28's wider code-draft: session 27 ran greedy_matches, 6 passed);
+# decode launches, at 40 and 64 x 8k), kqb (an int8 pool's K / V to f16 by bit assembly), qgs
+# (the gate epilogue's variants on the device clock), ae (the engine's own bf16 decode
+# executable slower than a recompile of it), lt (issue 12: where the speculating step's launch
+# goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session
+# 28's wider code-draft: session 27 ran greedy_matches, 6 passed);
 # then, on 2 GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
@@ -92,6 +93,24 @@ kqg)
   timeout 300 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 64 --steps 16 \
     --kv-dtypes fp8,fp8+attn-quant-keys-64,fp8+attn-quant-keys-128 > "$OUT/kqg_step64.txt" 2>&1
   grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqg_step64.txt"
+  ;;
+kqb)
+  # Session 48: an int8 pool's K / V converted to f16 by bit assembly (GpuConfig.int8_f16_bits;
+  # the arm attn-int8-f16-bits, which also gives int8 pools fp8's narrow / wide pair): 168
+  # registers at 64 keys per step, not 202 (offline_attention.py), and an xor + f16 subtract per
+  # value instead of a quarter-rate cvt.rn.f16.s16. Prediction (8B layout, 64-row bucket, 8k):
+  # the bit-assembled 64-key launch 1.0-1.1x fp8's 64-key time at 40 sequences (-15 to -25% of
+  # int8's default, 128 keys), its 128-key launch -5 to -15% of int8's 128 keys at 64 sequences;
+  # the 8B's step at 40 x 8k with the arm -10 to -20% of the int8 default's.
+  for b in 40 64; do
+    timeout 100 python3 benchmarks/kv_dtype_attention.py --layouts 8b --batch $b --bucket 64 \
+      --max-model-len 8544 --pools fp8,int8 > "$OUT/kqb_attn_$b.txt" 2>&1
+    grep "^|\|^##\|rror" "$OUT/kqb_attn_$b.txt" | grep -v "bf16 dots\|float8\|---\|layout (q"
+  done
+  timeout 280 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 40 --steps 16 \
+    --kv-dtypes int8,int8+attn-int8-f16-bits > "$OUT/kqb_step.txt" 2>&1
+  grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqb_step.txt"
+  timeout 100 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k quantized_decode_keys 2>&1 | tail -3
   ;;
 qgs)
   # The gate epilogue on the device clock beside its default: 128-column tiles, 8 stages on 112

@@ -230,6 +230,9 @@ MODULE_PATCHES = {
     "attn-quant-keys-64": ("pallas_kernels.ragged_paged_attention.gpu_config", "QUANT_DECODE_KEYS", 64),
     "attn-quant-keys-128": ("pallas_kernels.ragged_paged_attention.gpu_config", "QUANT_DECODE_KEYS", 128),
     "attn-quant-keys-32": ("pallas_kernels.ragged_paged_attention.gpu_config", "QUANT_DECODE_KEYS", 32),
+    # an int8 pool's K / V converted to f16 by bit assembly (168 registers at 64 keys per step, not
+    # 202), and with it fp8's narrow / wide pair of decode launches
+    "attn-int8-f16-bits": ("pallas_kernels.ragged_paged_attention.gpu_config", "INT8_KV_F16_BITS", True),
 }
 
 

@@ -84,6 +84,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.int8_f16 import int8_to_f16
+
 DEFAULT_SMS = 132   # H100 SXM / H200 (the device's own count is used when it reports one)
 
 
@@ -209,17 +211,14 @@ def dequant_tile(w_reg: jax.Array, a_dtype: jnp.dtype, *, fp8: jnp.dtype,
     e4m3 goes through f32 into bf16 (Hopper's ``cvt`` has no e4m3 -> bf16). Mosaic GPU 0.11.2
     converts int8 -> bf16 two values per ``prmt`` / ``sub.bf16x2``, but int8 -> f16 one value at
     a time (H100, session 45: the kernel 8-21% slower with an f16 x). ``int8_bits`` assembles
-    the f16 instead: the byte b zero-extended to 16 bits, XOR 0x6480, is the f16 1152 + b (its
-    exponent 2^10 over a mantissa of b + 128; b's sign bit flipped), and 1152 is subtracted,
-    exactly, for all 256 values: one ``xor`` and one ``add.f16x2`` per pair (benchmarks/
-    offline_ptx.py). H100, session 46: the kernel then runs as with a bf16 x, and the float16
+    the f16 instead (``pallas_kernels.int8_f16``: one ``xor`` and one ``add.f16x2`` per pair,
+    exact). H100, session 46: the kernel then runs as with a bf16 x, and the float16
     8B's int8 + lm_head batch-1 step took 3.745 ms against 4.214 (the engine's default since)."""
     w_dtype, a_dtype = jnp.dtype(w_reg.dtype), jnp.dtype(a_dtype)
     if w_dtype == jnp.dtype(fp8) and a_dtype != jnp.float16:
         return w_reg.astype(jnp.float32).astype(a_dtype)
     if int8_bits and w_dtype == jnp.int8 and a_dtype == jnp.float16:
-        bits = lax.bitcast_convert_type(w_reg, jnp.uint8).astype(jnp.uint16) ^ jnp.uint16(0x6480)
-        return lax.bitcast_convert_type(bits, jnp.float16) - jnp.float16(1152)
+        return int8_to_f16(w_reg)
     return w_reg.astype(a_dtype)
 
 

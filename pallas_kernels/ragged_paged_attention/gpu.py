@@ -60,6 +60,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import kv_format
+from pallas_kernels.int8_f16 import int8_to_f16
 from pallas_kernels.ragged_paged_attention import gpu_splits as sp
 from pallas_kernels.ragged_paged_attention import reference
 from pallas_kernels.ragged_paged_attention.gpu_config import GpuConfig, GpuPlan, default_config
@@ -69,6 +70,13 @@ from pallas_kernels.ragged_paged_attention.work import work_items
 __all__ = ["GpuConfig", "GpuPlan", "active_splits", "default_config", "ragged_paged_attention"]
 F16_MAX = 65504.0
 FP8_MAX = 448.0   # e4m3's largest finite value
+
+
+def _to_dot(x: jax.Array, dot_dtype, int8_bits: bool) -> jax.Array:
+    """A K / V tile of a quantized pool in the dots' dtype (``GpuConfig.int8_f16_bits``)."""
+    if int8_bits and x.dtype == jnp.int8 and jnp.dtype(dot_dtype) == jnp.float16:
+        return int8_to_f16(x)
+    return x.astype(dot_dtype)
 
 
 def _kernel(
@@ -94,6 +102,7 @@ def _kernel(
     min_blocks: int,
     num_kv_heads: int,
     gate: int,
+    int8_bits: bool,
 ):
     # Inputs: the work list int32[num_items, 4] (or, direct, seq_lens, query_start_loc, num_seqs),
     # page_table int32[max_seqs, pages_per_seq_padded], q [T, kvh * G * D], k and v
@@ -178,12 +187,12 @@ def _kernel(
             vscale = jnp.broadcast_to(vs_ref[pages, h][:, None], (pages_per_block, page_size)).reshape(
                 block_k
             )
-            v = v.astype(dot_dtype)
+            v = _to_dot(v, dot_dtype, int8_bits)
         if qk8:
             s = plgpu.dot(q8, k, trans_b=True) * (q_scale[:, None] * kscale[None, :])
         else:
             if quantized:
-                k = k.astype(dot_dtype)
+                k = _to_dot(k, dot_dtype, int8_bits)
             s = plgpu.dot(q, k, trans_b=True)  # [M, block_k] float32
             if quantized:
                 s = s * kscale[None, :]
@@ -350,7 +359,7 @@ def _launch(
         quantized=bool(scales), kv_compute=cfg.kv_compute, aliased=bool(aliases) and not fused,
         per_item=per_item, fused=fused,
         barriers=not interpret, min_blocks=cfg.min_blocks_per_split, num_kv_heads=num_kv_heads, gate=gate,
-        **static,
+        int8_bits=cfg.int8_f16_bits, **static,
     )  # fmt: skip
     out = pl.pallas_call(
         kernel,

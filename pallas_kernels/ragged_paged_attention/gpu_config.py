@@ -39,6 +39,11 @@ class GpuConfig:
       call's items when ``gpu_splits.wide_keys_win`` says it finishes first for the live count
       (decided in the kernels); the first launch takes them otherwise. Each launch's programs
       idle when the other one serves. None: one launch.
+    int8_f16_bits: an int8 pool with ``kv_compute="float16"`` converts K / V by bit assembly
+      (``pallas_kernels.int8_f16``: an xor and an f16 subtract per value) instead of Triton's
+      ``cvt.rn.f16.s16`` (one per value, a quarter-rate conversion): the 8B layout's program at
+      64 keys per step takes 168 registers instead of 202, as an fp8 pool's (3 per SM, not 2;
+      ``benchmarks/offline_attention.py``). Exact.
     """
 
     block_q: int = 16
@@ -50,6 +55,7 @@ class GpuConfig:
     min_blocks_per_split: int = 2
     kv_compute: str | None = None
     wide_pages_per_block: int | None = None
+    int8_f16_bits: bool = False
 
     def __post_init__(self) -> None:
         ints = ("block_q", "pages_per_block", "num_splits", "num_warps", "num_stages", "min_blocks_per_split")
@@ -97,6 +103,10 @@ _SPLIT_DECODE_WARPS = 2  # smaller programs, more of them in flight per SM (few 
 # Keys per step of a quantized pool's unsplit decode launch at head_dim >= 128, one launch
 # (``default_config``); None: the measured defaults. step_floor's arms attn-quant-keys-64 / 128 / 32.
 QUANT_DECODE_KEYS: int | None = None
+# int8 pools' K / V to f16 by bit assembly (``GpuConfig.int8_f16_bits``), then the fp8 pools'
+# narrow / wide pair of decode launches (the same registers). Off until a GPU times it:
+# step_floor --ab attn-int8-f16-bits.
+INT8_KV_F16_BITS = False
 
 
 def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: int) -> int:
@@ -129,7 +139,8 @@ def default_config(
     registers from ``benchmarks/offline_attention.py``):
     - int8: 128 keys per step. 255 registers against 202 at 64 keys: 2 programs per SM either
       way, half the steps: 0.84x / 0.80x / 0.76x the 64-key time at 16 / 40 / 64 live
-      sequences; the 8B's step at 40 x 8k 20.28 against 23.94 ms.
+      sequences; the 8B's step at 40 x 8k 20.28 against 23.94 ms. With ``INT8_KV_F16_BITS``
+      (168 registers at 64 keys, as fp8's) fp8's pair.
     - fp8: 64 keys (168 registers, 3 programs per SM) with a 128-key launch (255, 2 per SM)
       beside it (``wide_pages_per_block``), the kernels picking by the live count: 128 keys
       took 0.74x / 1.19x / 0.75x the 64-key time at 16 / 40 / 64 sequences, losing where 40 x 8
@@ -163,6 +174,7 @@ def default_config(
     if kv_pool not in (None, "int8", "fp8"):
         raise ValueError(f"kv_pool must be None, 'int8' or 'fp8', got {kv_pool!r}")
     compute = "float16" if kv_pool else None
+    bits = kv_pool == "int8" and INT8_KV_F16_BITS
     keys, wide_keys = _decode_keys(kv_pool, splits, head_dim, bq * group)
 
     def pages(k: int | None) -> int | None:
@@ -177,11 +189,12 @@ def default_config(
         num_warps=_SPLIT_DECODE_WARPS if splits > 1 else 4,
         kv_compute=compute,
         wide_pages_per_block=wide if wide and wide > dec_ppb else None,
+        int8_f16_bits=bits,
     )
     if num_tokens <= bq:
         return dec
     pre = GpuConfig(block_q=max(bq * 2, 64 // group), pages_per_block=ppb, num_warps=4, num_stages=2,
-                    kv_compute=compute)
+                    kv_compute=compute, int8_f16_bits=bits)
     return GpuPlan(decode=dec, prefill=pre)
 
 
@@ -197,4 +210,4 @@ def _decode_keys(
         return QUANT_DECODE_KEYS, None
     if head_dim != 128 or score_rows != 16:
         return None, None
-    return (128, None) if kv_pool == "int8" else (64, 128)
+    return (128, None) if kv_pool == "int8" and not INT8_KV_F16_BITS else (64, 128)

@@ -15,6 +15,7 @@ from pallas_kernels.flash_attention import reference as fa_ref
 from pallas_kernels.kv_write import gpu as kv_gpu
 from pallas_kernels.kv_write import reference as kv_ref
 from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
+from pallas_kernels.ragged_paged_attention import gpu_config as rpa_config
 from pallas_kernels.ragged_paged_attention import gpu_splits as rpa_splits
 from pallas_kernels.ragged_paged_attention import reference as rpa_ref
 from tests.kernels.ragged_batch import make_batch, rel_err
@@ -73,11 +74,13 @@ def test_rpa_gpu_kv_compute(name, compute):
 
 
 @pytest.mark.parametrize("live", [40, 64])
-@pytest.mark.parametrize("pool", [jnp.uint8, jnp.int8])
-def test_rpa_gpu_quantized_decode_keys(pool, live):
+@pytest.mark.parametrize("pool,bits", [(jnp.uint8, False), (jnp.int8, False), (jnp.int8, True)])
+def test_rpa_gpu_quantized_decode_keys(monkeypatch, pool, bits, live):
     """The 8B layout's decode over an fp8 pool (a 64-key launch and its 128-key twin: 40
-    sequences take the narrow one, 64 the wide one) and an int8 pool (128 keys), default config,
-    against the reference."""
+    sequences take the narrow one, 64 the wide one), an int8 pool (128 keys) and one converted
+    by bit assembly (the arm attn-int8-f16-bits: fp8's pair), default config, against the
+    reference."""
+    monkeypatch.setattr(rpa_config, "INT8_KV_F16_BITS", bits)
     assert bool(rpa_splits.wide_keys_win(jnp.int32(live * 8))) == (live == 64)
     ctx = tuple(300 + 23 * i for i in range(live))
     _check_rpa(Case((1,) * live, ctx, 16, 32, 8, 128, pool), None, live, 1e-2)

@@ -1,5 +1,7 @@
 """GPU (Triton) and TPU (Mosaic) ragged paged attention kernels vs the reference, interpret mode."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,6 +67,22 @@ def test_gpu_kernel_interpret(name):
         *b.args(),
     )
     _check(c, b, got, want)
+
+
+def test_gpu_int8_pool_by_bit_assembly_matches_the_plain_conversion():
+    """``GpuConfig.int8_f16_bits``: an int8 pool's K / V assembled into f16 (exact, as Triton's
+    conversion) give the same output bits, in a mixed batch's work-list launch (prefill and
+    decode rows) and in the direct decode launch of a plan."""
+    c, b, kw = _batch("int8_kv")
+    plain = rpa_gpu.GpuConfig(block_q=2, pages_per_block=1, kv_compute="float16")
+    bits = dataclasses.replace(plain, int8_f16_bits=True)
+    plan = rpa_gpu.GpuPlan(decode=bits, prefill=dataclasses.replace(bits, block_q=8))
+    outs = [np.asarray(run_fast(lambda *a, cfg=cfg: rpa_gpu.ragged_paged_attention(
+        *a, interpret=True, config=cfg, **kw), *b.args()), np.float32) for cfg in (plain, bits, plan)]
+    np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(outs[2], outs[0])
+    want = jax.jit(lambda *a: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
+    _check(c, b, jnp.asarray(outs[1]), want)
 
 
 def test_gpu_runtime_split_count_leaves_splits_unused():
@@ -289,6 +307,11 @@ def test_gpu_quantized_unsplit_decode_keys_per_step(monkeypatch):
     assert shape(decode(64, 256)) == (1, 8, None)
     plan = rpa_gpu.default_config(64, 64, 32, 8, 16, 528, kv_pool="int8", head_dim=128)
     assert plan.prefill.pages_per_block == 4   # the prefill class keeps its tiles
+    monkeypatch.setattr(rpa_config, "QUANT_DECODE_KEYS", None)
+    monkeypatch.setattr(rpa_config, "INT8_KV_F16_BITS", True)   # the arm attn-int8-f16-bits
+    assert shape(decode(64, 128, "int8")) == (1, 4, 8) and decode(64, 128, "int8").int8_f16_bits
+    plan = rpa_gpu.default_config(64, 64, 32, 8, 16, 528, kv_pool="int8", head_dim=128)
+    assert plan.prefill.int8_f16_bits and not decode(64, 128).int8_f16_bits   # (fp8 has no int8)
     with pytest.raises(ValueError, match="kv_pool"):
         decode(64, 128, "int4")
     with pytest.raises(ValueError, match="wide_pages_per_block"):
@@ -305,16 +328,19 @@ def test_gpu_wide_keys_win_by_rounds():
                                                                   True, True]
 
 
-@pytest.mark.parametrize("keys,pool", [(128, kv_format.FP8_BITS), (32, kv_format.FP8_BITS), (32, jnp.int8),
-                                       (None, jnp.int8), (None, kv_format.FP8_BITS)])
-def test_gpu_quantized_decode_keys_match_the_reference(monkeypatch, keys, pool):
+@pytest.mark.parametrize("keys,pool,bits", [(128, kv_format.FP8_BITS, False), (32, kv_format.FP8_BITS, False),
+                                            (32, jnp.int8, False), (None, jnp.int8, False),
+                                            (None, kv_format.FP8_BITS, False), (None, jnp.int8, True)])
+def test_gpu_quantized_decode_keys_match_the_reference(monkeypatch, keys, pool, bits):
     """Keys per step over an fp8 / int8 pool at head_dim 128 (unsplit: TARGET_PROGRAMS lowered so
-    the sequences x 2 kv heads fill it): the defaults (int8 128 keys; fp8 the narrow / wide pair,
-    one SM so that 3 sequences take the narrow launch and 4 the wide one) and the A/B arms, with
-    NaN-poisoned unused pages and scales, the engine's decode-only call, against the reference."""
+    the sequences x 1 kv head fill it): the defaults (int8 128 keys; fp8, and int8 converted by
+    bit assembly, the narrow / wide pair, one SM so that 3 sequences take the narrow launch and 4
+    the wide one) and the A/B arms, with NaN-poisoned unused pages and scales, the engine's
+    decode-only call, against the reference."""
     monkeypatch.setattr(rpa_splits, "TARGET_PROGRAMS", 4)
     monkeypatch.setattr(rpa_splits, "SMS", 1)
     monkeypatch.setattr(rpa_config, "QUANT_DECODE_KEYS", keys)
+    monkeypatch.setattr(rpa_config, "INT8_KV_F16_BITS", bits)
     for ctx in ([70, 9, 130], [70, 9, 130, 33]):
         b = make_batch(np.random.default_rng(9), [1] * len(ctx), ctx, page_size=8, num_q_heads=4,
                        num_kv_heads=1, head_dim=128, dtype=pool)  # fmt: skip
@@ -322,9 +348,10 @@ def test_gpu_quantized_decode_keys_match_the_reference(monkeypatch, keys, pool):
         cfg = rpa_gpu.default_config(b.q.shape[0], b.page_table.shape[0], 4, 1, 8, b.page_table.shape[1],
                                      kv_pool=kind, head_dim=128)
         dec = cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
-        want_keys = keys or (128 if kind == "int8" else 64)
-        assert (dec.num_splits, dec.pages_per_block * 8) == (1, want_keys)
-        assert dec.wide_pages_per_block == (16 if keys is None and kind == "fp8" else None)
+        pair = keys is None and (kind == "fp8" or bits)
+        want_keys = keys or (64 if pair else 128)
+        assert (dec.num_splits, dec.pages_per_block * 8, dec.int8_f16_bits) == (1, want_keys, bits)
+        assert dec.wide_pages_per_block == (16 if pair else None)
         assert bool(rpa_splits.wide_keys_win(jnp.int32(len(ctx)))) == (len(ctx) == 4)
         kw = dict(sm_scale=128**-0.5, **b.scale_kwargs())
         want = jax.jit(lambda *a, kw=kw: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
