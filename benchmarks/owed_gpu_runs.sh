@@ -5,11 +5,12 @@
 # history (sessions 7-48 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, and one block per split), kqg (the 8B's step with fp8 pools' narrow / wide pair of
-# decode launches, at 40 and 64 x 8k), kqb (an int8 pool's K / V to f16 by bit assembly), qgs
-# (the gate epilogue's variants on the device clock), ae (the engine's own bf16 decode
-# executable slower than a recompile of it), lt (issue 12: where the speculating step's launch
-# goes), b2, o, u, w, f, m, u1, spt (the rest of the speculative GPU tests, now with session
-# 28's wider code-draft: session 27 ran greedy_matches, 6 passed);
+# decode launches, at 40 and 64 x 8k), kqb (an int8 pool's K / V to f16 by bit assembly), mx
+# (few decodes' attention in a large bucket, unsplit, against the split launch), qgs (the gate
+# epilogue's variants on the device clock), ae (the engine's own bf16 decode executable slower
+# than a recompile of it), lt (issue 12: where the speculating step's launch goes), b2, o, u, w,
+# f, m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider code-draft:
+# session 27 ran greedy_matches, 6 passed);
 # then, on 2 GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
@@ -111,6 +112,22 @@ kqb)
     --kv-dtypes int8,int8+attn-int8-f16-bits > "$OUT/kqb_step.txt" 2>&1
   grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqb_step.txt"
   timeout 100 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k quantized_decode_keys 2>&1 | tail -3
+  ;;
+mx)
+  # Session 48: in a large bucket (a mixed step: a prefill chunk beside few decodes) the decode
+  # class is one unsplit program per (sequence, kv head) whatever the live count, and at 16 x 8k
+  # (bf16, 8B layout, 64-row bucket) it read 512 MiB in 261 us, 61% of the H100's 3.35 TB/s,
+  # against 88% at 64 live. The same sequences in the 16-row bucket take the split launch. The
+  # kernel at 8 and 16 live, 256-row bucket (unsplit) against 16-row bucket (split).
+  # Prediction: 8 live 230-260 us unsplit against 90-120 split; 16 live 250-270 against 170-200.
+  # If so, a split twin for large buckets' decode class (serving live x kv heads < 264) is next.
+  for b in 8 16; do
+    for k in 256 16; do
+      timeout 70 python3 benchmarks/kv_dtype_attention.py --layouts 8b --batch $b --bucket $k \
+        --max-model-len 8544 --pools bf16,fp8 > "$OUT/mx_${b}_$k.txt" 2>&1
+      grep "^##\|default (" "$OUT/mx_${b}_$k.txt" | grep -v "programs target"
+    done
+  done
   ;;
 qgs)
   # The gate epilogue on the device clock beside its default: 128-column tiles, 8 stages on 112
