@@ -37,6 +37,7 @@ from benchmarks.kernels import loop_time
 from benchmarks.step_floor import module_constant
 from pallas_kernels import kv_format
 from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
+from pallas_kernels.ragged_paged_attention import gpu_config as rpa_config
 from pallas_kernels.ragged_paged_attention import gpu_splits as rpa_splits
 from pallas_kernels.ragged_paged_attention import reference as rpa_ref
 
@@ -148,6 +149,14 @@ def main() -> None:
                     c = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], kv_pool=kind,
                                                head_dim=d)
                 configs.append((f"default, {t} programs target", c.decode if plan else c, t))
+            if dec.num_splits == 1 and dec.split_twin is None:   # step_floor's attn-split-twin
+                with module_constant(rpa_config, "DECODE_SPLIT_TWIN", True):
+                    c = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], kv_pool=kind,
+                                               head_dim=d)
+                c = c.decode if plan else c
+                if c.split_twin is not None:
+                    configs.append((f"split twin ({c.split_twin.num_splits} splits, served below "
+                                    f"{rpa_splits.TARGET_PROGRAMS} programs)", c))
             if dec.num_splits > 1:   # short contexts: two blocks of keys per split program, or one
                 configs.append(("1 block per split at least",
                                 dataclasses.replace(dec, min_blocks_per_split=1)))

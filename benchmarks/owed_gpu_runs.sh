@@ -119,13 +119,15 @@ mx)
   # (bf16, 8B layout, 64-row bucket) it read 512 MiB in 261 us, 61% of the H100's 3.35 TB/s,
   # against 88% at 64 live. The same sequences in the 16-row bucket take the split launch. The
   # kernel at 8 and 16 live, 256-row bucket (unsplit) against 16-row bucket (split).
-  # Prediction: 8 live 230-260 us unsplit against 90-120 split; 16 live 250-270 against 170-200.
-  # If so, a split twin for large buckets' decode class (serving live x kv heads < 264) is next.
+  # The split twin (GpuConfig.split_twin, the arm attn-split-twin: a split launch beside the
+  # unsplit one, serving live x kv heads < 264) is a row of the 256-row bucket's table.
+  # Prediction: 8 live 230-260 us unsplit against 90-120 split (the twin within 10 us of the
+  # 16-row bucket's split launch); 16 live 250-270 against 170-200. If so, the twin goes on.
   for b in 8 16; do
     for k in 256 16; do
       timeout 70 python3 benchmarks/kv_dtype_attention.py --layouts 8b --batch $b --bucket $k \
         --max-model-len 8544 --pools bf16,fp8 > "$OUT/mx_${b}_$k.txt" 2>&1
-      grep "^##\|default (" "$OUT/mx_${b}_$k.txt" | grep -v "programs target"
+      grep "^##\|default (\|split twin" "$OUT/mx_${b}_$k.txt" | grep -v "programs target"
     done
   done
   ;;

@@ -233,6 +233,9 @@ MODULE_PATCHES = {
     # an int8 pool's K / V converted to f16 by bit assembly (168 registers at 64 keys per step, not
     # 202), and with it fp8's narrow / wide pair of decode launches
     "attn-int8-f16-bits": ("pallas_kernels.ragged_paged_attention.gpu_config", "INT8_KV_F16_BITS", True),
+    # an unsplit decode launch gets a split twin that serves few live sequences (a mixed step's
+    # decodes in a large bucket)
+    "attn-split-twin": ("pallas_kernels.ragged_paged_attention.gpu_config", "DECODE_SPLIT_TWIN", True),
 }
 
 

@@ -42,6 +42,12 @@ so a short context is not cut into one-block programs with a wide merge. Split p
 warps: more, smaller programs keep more page gathers in flight per SM (H200, KERNEL_NOTES_runs_1-9
 run 8: 32 splits x 2 warps 33 us vs 16 x 4 warps 45 us).
 
+A direct launch may have twins beside it (``GpuConfig``), every one over the same output with
+its programs idle unless the live count is theirs (``gpu_splits.serves``): a wide twin (more keys
+per step, fewer programs per SM; fp8 pools) takes the live counts whose rounds of programs it
+finishes first, and a split twin (the arm ``DECODE_SPLIT_TWIN``) the few live sequences of a
+large bucket that one program per (sequence, kv head) cannot spread over the SMs.
+
 Why Triton and not Mosaic GPU: decode is memory-bound, and what matters is many independent
 row gathers in flight (``num_stages`` pipelining of the page loads), which Triton's pointer loads
 give directly; Mosaic GPU's TMA + wgmma wants rectangular tiles, which a gather of 16-row pages
@@ -101,7 +107,7 @@ def _kernel(
     barriers: bool,
     min_blocks: int,
     num_kv_heads: int,
-    gate: int,
+    gate: tuple[str, ...],
     int8_bits: bool,
 ):
     # Inputs: the work list int32[num_items, 4] (or, direct, seq_lens, query_start_loc, num_seqs),
@@ -122,8 +128,8 @@ def _kernel(
     if direct:  # a flat grid over (live rank, kv head, split); programs past the live ones idle
         p = pl.program_id(0)
         live, item = sp.direct_items(meta, block_q=block_q, max_seqs=max_seqs)
-        if gate:  # one of a narrow / wide pair: serve only where this one finishes first
-            live = jnp.where(sp.wide_keys_win(live * num_kv_heads) == (gate > 0), live, 0)
+        if gate:  # one of a narrow / wide pair or a split twin's pair: serve only its live counts
+            live = jnp.where(sp.serves(gate, live, num_kv_heads), live, 0)
         call_splits = sp.splits_for(live, num_kv_heads, num_splits) if per_item else jnp.int32(1)
         w = p // (num_kv_heads * call_splits)  # the item's rank among the served sequences
         h = (p // call_splits) % num_kv_heads
@@ -289,7 +295,8 @@ def _launch(
     head_dim: int,
     page_size: int,
     interpret: bool,
-    gate: int = 0,
+    gate: tuple[str, ...] = (),
+    max_live: int | None = None,
     **static,
 ) -> jax.Array:
     """One pallas_call; returns ``[T, kvh * G * D]``.
@@ -299,19 +306,26 @@ def _launch(
     Rows the items do not own come from ``base`` (written in place) or, when ``base`` is None,
     are left unwritten (work list: its padding items write them) or zeroed (direct). With splits
     the call uses ``active_splits`` of them (decided on device from the live items) and a second
-    small launch merges the per-item partials into the output. A config with a wide twin
-    (``wide_pages_per_block``) is two launches, each serving the live counts it wins
-    (``gate`` -1 / +1 in the kernels).
+    small launch merges the per-item partials into the output. A config with twins is several
+    launches, each serving the live counts ``gate`` names (``gpu_splits.serves``): the split
+    twin (``split_twin``) fewer than ``TARGET_PROGRAMS`` live programs, its partials sized for
+    that many sequences at most (``max_live``); a wide twin (``wide_pages_per_block``) the counts
+    ``wide_keys_win`` gives it.
     """
-    if cfg.wide_pages_per_block:
+    if cfg.split_twin is not None or cfg.wide_pages_per_block:
         if len(meta) != 3:
-            raise ValueError("GpuConfig.wide_pages_per_block needs a direct decode launch (no work list)")
-        narrow = dataclasses.replace(cfg, wide_pages_per_block=None)
-        wide = dataclasses.replace(narrow, pages_per_block=cfg.wide_pages_per_block)
+            raise ValueError("GpuConfig.split_twin / wide_pages_per_block need a direct decode launch")
         common = dict(out_dtype=out_dtype, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
                       page_size=page_size, interpret=interpret, **static)
-        base = _launch(narrow, meta, base, pt, q2, k2, v2, scales, gate=-1, **common)
-        return _launch(wide, meta, base, pt, q2, k2, v2, scales, gate=1, **common)
+        if cfg.split_twin is not None:
+            base = _launch(dataclasses.replace(cfg, split_twin=None), meta, base, pt, q2, k2, v2, scales,
+                           gate=(*gate, "many"), **common)
+            return _launch(cfg.split_twin, meta, base, pt, q2, k2, v2, scales, gate=(*gate, "few"),
+                           max_live=min(pt.shape[0], (sp.TARGET_PROGRAMS - 1) // num_kv_heads), **common)
+        narrow = dataclasses.replace(cfg, wide_pages_per_block=None)
+        wide = dataclasses.replace(narrow, pages_per_block=cfg.wide_pages_per_block)
+        base = _launch(narrow, meta, base, pt, q2, k2, v2, scales, gate=(*gate, "narrow"), **common)
+        return _launch(wide, meta, base, pt, q2, k2, v2, scales, gate=(*gate, "wide"), **common)
     num_tokens, width = q2.shape
     hw = num_kv_heads * group
     direct = len(meta) == 3
@@ -319,7 +333,7 @@ def _launch(
     if pt.shape[1] % cfg.pages_per_block:
         pt = jnp.pad(pt, ((0, 0), (0, -pt.shape[1] % cfg.pages_per_block)))
     ns, bq = cfg.num_splits, cfg.block_q
-    num_items = max_seqs if direct else meta[0].shape[0]
+    num_items = (max_live or max_seqs) if direct else meta[0].shape[0]
     per_item = ns > 1
     fused = per_item and cfg.fused_combine
     if fused and direct:
@@ -363,7 +377,7 @@ def _launch(
     )  # fmt: skip
     out = pl.pallas_call(
         kernel,
-        grid=(sp.direct_grid(max_seqs, num_kv_heads, ns),) if direct else (num_items, num_kv_heads, ns),
+        grid=(sp.direct_grid(num_items, num_kv_heads, ns),) if direct else (num_items, num_kv_heads, ns),
         out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
@@ -380,7 +394,7 @@ def _launch(
         sp.combine_kernel, block_q=bq, head_dim=head_dim, num_splits=ns, direct=direct,
         aliased=base is not None, max_seqs=max_seqs, num_kv_heads=num_kv_heads, num_tokens=num_tokens,
         block_k=cfg.pages_per_block * page_size, sliding_window=static["sliding_window"],
-        min_blocks=cfg.min_blocks_per_split,
+        min_blocks=cfg.min_blocks_per_split, gate=gate,
     )  # fmt: skip
     cargs = [*meta] + ([] if direct else [active]) + list(out)
     caliases = {}

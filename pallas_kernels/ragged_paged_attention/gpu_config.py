@@ -44,6 +44,10 @@ class GpuConfig:
       ``cvt.rn.f16.s16`` (one per value, a quarter-rate conversion): the 8B layout's program at
       64 keys per step takes 168 registers instead of 202, as an fp8 pool's (3 per SM, not 2;
       ``benchmarks/offline_attention.py``). Exact.
+    split_twin: a direct, unsplit launch only: a split launch (its ``num_splits`` > 1) beside
+      it, with its merge, serving the calls whose live sequences x kv heads are fewer than
+      ``gpu_splits.TARGET_PROGRAMS`` (the few decodes of a large bucket: a mixed step's), this
+      launch serving the rest. Its partials are sized for those sequences only.
     """
 
     block_q: int = 16
@@ -56,6 +60,7 @@ class GpuConfig:
     kv_compute: str | None = None
     wide_pages_per_block: int | None = None
     int8_f16_bits: bool = False
+    split_twin: GpuConfig | None = None
 
     def __post_init__(self) -> None:
         ints = ("block_q", "pages_per_block", "num_splits", "num_warps", "num_stages", "min_blocks_per_split")
@@ -72,6 +77,13 @@ class GpuConfig:
                                  or wide <= self.pages_per_block or self.num_splits != 1):
             raise ValueError("GpuConfig.wide_pages_per_block must be None or a power of two above "
                              f"pages_per_block ({self.pages_per_block}) with num_splits 1, got {wide!r}")
+        twin = self.split_twin
+        if twin is not None and (not isinstance(twin, GpuConfig) or twin.num_splits < 2
+                                 or self.num_splits != 1 or twin.split_twin is not None
+                                 or twin.wide_pages_per_block is not None or twin.fused_combine
+                                 or twin.block_q != self.block_q):
+            raise ValueError("GpuConfig.split_twin must be None or a GpuConfig with num_splits > 1, the "
+                             "same block_q, no twins and no fused_combine, beside num_splits 1")
         if self.kv_compute not in (None, "float16", "float8"):
             raise ValueError("GpuConfig.kv_compute must be None, 'float16' or 'float8', "
                              f"got {self.kv_compute!r}")
@@ -89,8 +101,9 @@ class GpuPlan:
     prefill: GpuConfig
 
     def __post_init__(self) -> None:
-        if self.prefill.wide_pages_per_block is not None:
-            raise ValueError("GpuPlan.prefill.wide_pages_per_block must be None (a work-list launch)")
+        if self.prefill.wide_pages_per_block is not None or self.prefill.split_twin is not None:
+            raise ValueError("GpuPlan.prefill cannot have twins (wide_pages_per_block, split_twin): "
+                             "a work-list launch")
         if self.prefill.num_splits != 1:
             raise ValueError("GpuPlan.prefill.num_splits must be 1 (prefill items are many already)")
         if self.prefill.block_q <= self.decode.block_q:
@@ -107,6 +120,9 @@ QUANT_DECODE_KEYS: int | None = None
 # narrow / wide pair of decode launches (the same registers). Off until a GPU times it:
 # step_floor --ab attn-int8-f16-bits.
 INT8_KV_F16_BITS = False
+# An unsplit decode class gets a split twin (``GpuConfig.split_twin``) where one live sequence
+# would take splits. Off until a GPU times it: step_floor --ab attn-split-twin, owed case mx.
+DECODE_SPLIT_TWIN = False
 
 
 def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: int) -> int:
@@ -191,6 +207,13 @@ def default_config(
         wide_pages_per_block=wide if wide and wide > dec_ppb else None,
         int8_f16_bits=bits,
     )
+    if DECODE_SPLIT_TWIN and splits == 1:
+        few = min(items, (sp.TARGET_PROGRAMS - 1) // num_kv_heads)   # the twin's sequences at most
+        twin_splits = _splits(0, num_kv_heads, ctx_blocks, partial_bytes * few // max(items, 1))
+        if few and twin_splits > 1:
+            dec = dataclasses.replace(dec, split_twin=GpuConfig(
+                block_q=bq, pages_per_block=ppb, num_splits=twin_splits, num_warps=_SPLIT_DECODE_WARPS,
+                kv_compute=compute, int8_f16_bits=bits))
     if num_tokens <= bq:
         return dec
     pre = GpuConfig(block_q=max(bq * 2, 64 // group), pages_per_block=ppb, num_warps=4, num_stages=2,

@@ -112,6 +112,19 @@ def wide_keys_win(programs):
     return wide * WIDE_TIME_PCT < narrow * 100
 
 
+def serves(gate: tuple[str, ...], live, num_kv_heads: int):
+    """Whether a gated direct launch serves ``live`` sequences (traced bool; every condition
+    holds): "narrow" / "wide" (``wide_keys_win`` false / true), "few" / "many" (``live x kv
+    heads`` below / at least ``TARGET_PROGRAMS``: a split twin's share and its unsplit launch's)."""
+    programs = live * num_kv_heads
+    ok = jnp.bool_(True)
+    for g in gate:
+        wins = {"narrow": lambda: ~wide_keys_win(programs), "wide": lambda: wide_keys_win(programs),
+                "few": lambda: programs < TARGET_PROGRAMS, "many": lambda: programs >= TARGET_PROGRAMS}[g]()
+        ok = ok & wins
+    return ok
+
+
 def item_kv_blocks(seq, nrows, pos0, *, block_k: int, sliding_window: int | None):
     """An item's visible keys ``[kv_lo, kv_hi)`` and their ``block_k`` blocks ``[blk_lo, blk_hi)``
     (empty for items without rows or without a sequence)."""
@@ -179,7 +192,7 @@ def merge_splits(op_ref, m_ref, l_ref, n, pr, qc, hc, head_dim: int, volatile: b
 
 def combine_kernel(*refs, block_q: int, head_dim: int, num_splits: int, direct: bool, aliased: bool,
                     max_seqs: int, num_kv_heads: int, num_tokens: int, block_k: int,
-                    sliding_window: int | None, min_blocks: int):
+                    sliding_window: int | None, min_blocks: int, gate: tuple[str, ...] = ()):
     """Grid (item, q head): merge the call's active splits into the item's output rows. With
     ``aliased`` the output is ``base`` (other rows keep their values); without (direct launches
     over the whole output) program 0 also writes the padding rows' zeros.
@@ -196,6 +209,8 @@ def combine_kernel(*refs, block_q: int, head_dim: int, num_splits: int, direct: 
     w, hq = pl.program_id(0), pl.program_id(1)
     if direct:  # program w merges the w-th served sequence (partials are indexed by that rank)
         live, item = direct_items(meta, block_q=block_q, max_seqs=max_seqs)
+        if gate:  # a split twin's merge: idle where its launch did not serve
+            live = jnp.where(serves(gate, live, num_kv_heads), live, 0)
         row0, nrows, seq, pos0 = item(w)
         nrows = jnp.where(w < live, nrows, 0)
         active = splits_for(live, num_kv_heads, num_splits)

@@ -318,6 +318,58 @@ def test_gpu_quantized_unsplit_decode_keys_per_step(monkeypatch):
         rpa_gpu.GpuConfig(pages_per_block=4, wide_pages_per_block=4)
 
 
+def test_gpu_split_twin_config(monkeypatch):
+    """``DECODE_SPLIT_TWIN`` (the arm attn-split-twin): an unsplit decode class gets a split twin
+    of 2-warp programs sized for the few sequences it serves; a split class (the 16-row bucket)
+    and short page tables (no split for one sequence) get none; off, none."""
+    def decode(rows: int, width: int = 528, pool: str | None = None) -> rpa_gpu.GpuConfig:
+        cfg = rpa_gpu.default_config(rows, rows, 32, 8, 16, width, kv_pool=pool, head_dim=128)
+        return cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
+
+    assert decode(64).split_twin is None
+    monkeypatch.setattr(rpa_config, "DECODE_SPLIT_TWIN", True)
+    twin = decode(256).split_twin
+    assert (twin.num_splits, twin.num_warps, twin.block_q) == (32, 2, decode(256).block_q)
+    fp8 = decode(64, pool="fp8")
+    assert fp8.wide_pages_per_block == 8 and fp8.split_twin.num_splits > 1
+    assert decode(16).split_twin is None and decode(16).num_splits > 1
+    assert decode(64, width=4).split_twin is None
+    with pytest.raises(ValueError, match="split_twin"):
+        rpa_gpu.GpuConfig(split_twin=rpa_gpu.GpuConfig(num_splits=1))
+    with pytest.raises(ValueError, match="twins"):
+        rpa_gpu.GpuPlan(decode=rpa_gpu.GpuConfig(block_q=2),
+                        prefill=rpa_gpu.GpuConfig(split_twin=rpa_gpu.GpuConfig(num_splits=2)))
+
+
+@pytest.mark.parametrize("pool,head_dim", [(jnp.bfloat16, 64), (kv_format.FP8_BITS, 128)])
+def test_gpu_split_twin_matches_the_reference(monkeypatch, pool, head_dim):
+    """The split twin beside an unsplit decode class (an fp8 pool's at head_dim 128 also a
+    narrow / wide pair), ``TARGET_PROGRAMS`` lowered to 8 so that 3 sequences x 2 kv heads take
+    the twin and 5 the unsplit launch(es): decode-only calls and a mixed one (prefill rows in the
+    plan's other class), NaN-poisoned unused pages, against the reference."""
+    monkeypatch.setattr(rpa_splits, "TARGET_PROGRAMS", 8)
+    monkeypatch.setattr(rpa_splits, "SMS", 1)
+    monkeypatch.setattr(rpa_config, "DECODE_SPLIT_TWIN", True)
+    batches = (([1] * 3, [70, 9, 190]), ([1] * 5, [70, 9, 190, 33, 120]), ([1, 6, 1], [150, 40, 99]))
+    for q_lens, ctx in batches:
+        b = make_batch(np.random.default_rng(len(ctx)), q_lens, ctx, page_size=8, num_q_heads=4,
+                       num_kv_heads=2, head_dim=head_dim, dtype=pool)  # fmt: skip
+        kind = None if pool == jnp.bfloat16 else "fp8"
+        cfg = rpa_gpu.default_config(b.q.shape[0], b.page_table.shape[0], 4, 2, 8, b.page_table.shape[1],
+                                     kv_pool=kind, head_dim=head_dim)
+        dec = cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
+        assert dec.split_twin is not None and dec.split_twin.num_splits > 1
+        kw = dict(sm_scale=head_dim**-0.5, **b.scale_kwargs())
+        want = jax.jit(lambda *a, kw=kw: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
+        decode_only = max(q_lens) == 1
+        fn = jax.jit(lambda *a, kw=kw, m=1 if decode_only else None: rpa_gpu.ragged_paged_attention(
+            *a, interpret=True, max_q_len=m, **kw))
+        got = np.asarray(run_fast(fn, *b.args()), np.float32)
+        n = b.query_start_loc[len(q_lens)]
+        assert np.all(np.isfinite(got)) and np.all(got[n:] == 0)
+        assert rel_err(got[:n], np.asarray(want, np.float32)[:n]) < 2e-2
+
+
 def test_gpu_wide_keys_win_by_rounds():
     """The fp8 pair's rule at 132 SMs and 8 kv heads: 40 sequences take one round of narrow
     programs and two of wide ones (narrow); 16 and 64 take as many of each (wide)."""
