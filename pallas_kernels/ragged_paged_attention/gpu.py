@@ -321,7 +321,7 @@ def _launch(
             base = _launch(dataclasses.replace(cfg, split_twin=None), meta, base, pt, q2, k2, v2, scales,
                            gate=(*gate, "many"), **common)
             return _launch(cfg.split_twin, meta, base, pt, q2, k2, v2, scales, gate=(*gate, "few"),
-                           max_live=min(pt.shape[0], (sp.TARGET_PROGRAMS - 1) // num_kv_heads), **common)
+                           max_live=sp.twin_live(pt.shape[0], num_kv_heads), **common)
         narrow = dataclasses.replace(cfg, wide_pages_per_block=None)
         wide = dataclasses.replace(narrow, pages_per_block=cfg.wide_pages_per_block)
         base = _launch(narrow, meta, base, pt, q2, k2, v2, scales, gate=(*gate, "narrow"), **common)

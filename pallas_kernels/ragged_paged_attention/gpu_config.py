@@ -208,7 +208,7 @@ def default_config(
         int8_f16_bits=bits,
     )
     if DECODE_SPLIT_TWIN and splits == 1:
-        few = min(items, (sp.TARGET_PROGRAMS - 1) // num_kv_heads)   # the twin's sequences at most
+        few = sp.twin_live(items, num_kv_heads)
         twin_splits = _splits(0, num_kv_heads, ctx_blocks, partial_bytes * few // max(items, 1))
         if few and twin_splits > 1:
             dec = dataclasses.replace(dec, split_twin=GpuConfig(

@@ -15,8 +15,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 NEG = -1e30
-TARGET_PROGRAMS = 264  # about two waves of an H100/H200's 132 SMs
-SMS = 132
+SMS = 132   # an H100's / H200's
+TARGET_PROGRAMS = 2 * SMS  # about two waves
 # A direct launch and its wide twin (``GpuConfig.wide_pages_per_block``; fp8 pools at head_dim
 # 128): programs an SM holds of each (168 / 255 registers at 64 / 128 keys per step,
 # benchmarks/offline_attention.py) and a wide program's time in percent of a narrow one's where
@@ -117,12 +117,18 @@ def serves(gate: tuple[str, ...], live, num_kv_heads: int):
     holds): "narrow" / "wide" (``wide_keys_win`` false / true), "few" / "many" (``live x kv
     heads`` below / at least ``TARGET_PROGRAMS``: a split twin's share and its unsplit launch's)."""
     programs = live * num_kv_heads
+    wide, few = wide_keys_win(programs), programs < TARGET_PROGRAMS
+    holds = {"narrow": ~wide, "wide": wide, "few": few, "many": ~few}
     ok = jnp.bool_(True)
     for g in gate:
-        wins = {"narrow": lambda: ~wide_keys_win(programs), "wide": lambda: wide_keys_win(programs),
-                "few": lambda: programs < TARGET_PROGRAMS, "many": lambda: programs >= TARGET_PROGRAMS}[g]()
-        ok = ok & wins
+        ok = ok & holds[g]
     return ok
+
+
+def twin_live(rows: int, num_kv_heads: int) -> int:
+    """The most sequences a split twin serves in a launch of ``rows`` items (its programs stay
+    below ``TARGET_PROGRAMS``): what its partials are sized for."""
+    return min(rows, (TARGET_PROGRAMS - 1) // num_kv_heads)
 
 
 def item_kv_blocks(seq, nrows, pos0, *, block_k: int, sliding_window: int | None):
