@@ -11,7 +11,8 @@ as bf16's default) or fewer (half: fewer registers per program, more programs pe
 47, ``offline_attention.py``) and, where the call splits, splits down to one block each
 (``min_blocks_per_split`` 1, not the default 2: a short context's splits matter at small
 batch). Each call is the engine's decode-only call (``max_q_len=1``: the direct decode launch
-and its split merge); ``--bucket`` and ``--max-model-len`` shape it like the engine's token
+and its split merge), or, for a decode class with a split twin, a mixed step's decode launch
+(which keeps the twin); ``--bucket`` and ``--max-model-len`` shape it like the engine's token
 bucket and page tables, which size the launch's static split count (session 43: a 1-token call
 with 19-page tables, 4 splits, is not the engine's batch-1 decode, 16 splits in its 16-row
 bucket). Timing as ``benchmarks/kernels.py`` (``loop_time``: one jit, unrolled calls, median of
@@ -37,7 +38,6 @@ from benchmarks.kernels import loop_time
 from benchmarks.step_floor import module_constant
 from pallas_kernels import kv_format
 from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
-from pallas_kernels.ragged_paged_attention import gpu_config as rpa_config
 from pallas_kernels.ragged_paged_attention import gpu_splits as rpa_splits
 from pallas_kernels.ragged_paged_attention import reference as rpa_ref
 
@@ -149,14 +149,9 @@ def main() -> None:
                     c = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], kv_pool=kind,
                                                head_dim=d)
                 configs.append((f"default, {t} programs target", c.decode if plan else c, t))
-            if dec.num_splits == 1 and dec.split_twin is None:   # step_floor's attn-split-twin
-                with module_constant(rpa_config, "DECODE_SPLIT_TWIN", True):
-                    c = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], kv_pool=kind,
-                                               head_dim=d)
-                c = c.decode if plan else c
-                if c.split_twin is not None:
-                    configs.append((f"split twin ({c.split_twin.num_splits} splits, served below "
-                                    f"{rpa_splits.TARGET_PROGRAMS} programs)", c))
+            if dec.split_twin is not None:   # the engine's decode-only calls drop it: the arm's row
+                configs.append(("no split twin (decode-only calls; step_floor's attn-split-twin-off)",
+                                dataclasses.replace(dec, split_twin=None)))
             if dec.num_splits > 1:   # short contexts: two blocks of keys per split program, or one
                 configs.append(("1 block per split at least",
                                 dataclasses.replace(dec, min_blocks_per_split=1)))
@@ -167,7 +162,10 @@ def main() -> None:
                     c = dataclasses.replace(one, pages_per_block=keys // PAGE)
                     if c != dec:
                         configs.append((f"{keys} keys per step, one launch", c))
-            if pool == "int8" and not dec.int8_f16_bits:   # step_floor's attn-int8-f16-bits
+            if pool == "int8" and dec.int8_f16_bits:   # step_floor's attn-int8-f16-bits-off
+                configs.append(("Triton's cvt, 128 keys (before session 49)",
+                                dataclasses.replace(one, int8_f16_bits=False, pages_per_block=128 // PAGE)))
+            if pool == "int8" and not dec.int8_f16_bits:
                 bits = dataclasses.replace(one, int8_f16_bits=True)
                 configs += [("f16 by bit assembly, the fp8 pair",
                              dataclasses.replace(bits, pages_per_block=64 // PAGE,
@@ -182,7 +180,13 @@ def main() -> None:
                             ("float8, 2x keys", dataclasses.replace(wide, kv_compute="float8"))]
             want = rpa_ref.ragged_paged_attention(q, kp, vp, pts[0], *meta, sm_scale=d**-0.5, **sc)
             for label, cfg, *target in configs:
-                f = functools.partial(rpa_gpu.ragged_paged_attention, sm_scale=d**-0.5, max_q_len=1,
+                # With a split twin: a mixed step's decode launch (rows of at most two queries keep
+                # the twin, which one-row calls drop); without: the decode-only call.
+                m = 2 if cfg.split_twin is not None else 1
+                if cfg.split_twin is not None:
+                    label += f" (its split twin of {cfg.split_twin.num_splits} splits, below " \
+                             f"{rpa_splits.TARGET_PROGRAMS} programs)"
+                f = functools.partial(rpa_gpu.ragged_paged_attention, sm_scale=d**-0.5, max_q_len=m,
                                       config=launch(cfg), interpret=interpret, **sc)
                 with programs_target(*target):   # (the split count is traced from it)
                     got = jax.jit(f)(q, kp, vp, pts[0], *meta)

@@ -225,17 +225,17 @@ MODULE_PATCHES = {
     # seq_lens in three dependent rounds of loads (one round by default since session 43)
     "attn-meta-three-rounds": ("pallas_kernels.ragged_paged_attention.gpu_splits", "DIRECT_ONE_ROUND", False),
     # an int8 / fp8 pool's unsplit decode launch at head_dim >= 128 is one launch of N keys per
-    # step (by default, head_dim 128: int8 128 keys; fp8 a 64-key launch with a 128-key twin,
-    # picked by the live count; gpu_config.QUANT_DECODE_KEYS)
+    # step (by default, head_dim 128: a 64-key launch with a 128-key twin, picked by the live
+    # count; gpu_config.QUANT_DECODE_KEYS)
     "attn-quant-keys-64": ("pallas_kernels.ragged_paged_attention.gpu_config", "QUANT_DECODE_KEYS", 64),
     "attn-quant-keys-128": ("pallas_kernels.ragged_paged_attention.gpu_config", "QUANT_DECODE_KEYS", 128),
     "attn-quant-keys-32": ("pallas_kernels.ragged_paged_attention.gpu_config", "QUANT_DECODE_KEYS", 32),
-    # an int8 pool's K / V converted to f16 by bit assembly (168 registers at 64 keys per step, not
-    # 202), and with it fp8's narrow / wide pair of decode launches
-    "attn-int8-f16-bits": ("pallas_kernels.ragged_paged_attention.gpu_config", "INT8_KV_F16_BITS", True),
-    # an unsplit decode launch gets a split twin that serves few live sequences (a mixed step's
-    # decodes in a large bucket)
-    "attn-split-twin": ("pallas_kernels.ragged_paged_attention.gpu_config", "DECODE_SPLIT_TWIN", True),
+    # an int8 pool's K / V converted by Triton's cvt at 128 keys per step (the default until
+    # session 49), not by bit assembly with fp8's narrow / wide pair of decode launches
+    "attn-int8-f16-bits-off": ("pallas_kernels.ragged_paged_attention.gpu_config", "INT8_KV_F16_BITS", False),
+    # an unsplit decode launch without the split twin that serves few live sequences (a mixed
+    # step's decodes in a large bucket; on since session 49)
+    "attn-split-twin-off": ("pallas_kernels.ragged_paged_attention.gpu_config", "DECODE_SPLIT_TWIN", False),
 }
 
 

@@ -117,12 +117,16 @@ _SPLIT_DECODE_WARPS = 2  # smaller programs, more of them in flight per SM (few 
 # (``default_config``); None: the measured defaults. step_floor's arms attn-quant-keys-64 / 128 / 32.
 QUANT_DECODE_KEYS: int | None = None
 # int8 pools' K / V to f16 by bit assembly (``GpuConfig.int8_f16_bits``), then the fp8 pools'
-# narrow / wide pair of decode launches (the same registers). Off until a GPU times it:
-# step_floor --ab attn-int8-f16-bits.
-INT8_KV_F16_BITS = False
+# narrow / wide pair of decode launches (the same registers). On since session 49 (H100, the 8B
+# layout at 8k, 64-row bucket: 0.81x / 0.89x the 128-key plain conversion's time at 40 / 64 live);
+# off: step_floor --ab attn-int8-f16-bits-off.
+INT8_KV_F16_BITS = True
 # An unsplit decode class gets a split twin (``GpuConfig.split_twin``) where one live sequence
-# would take splits. Off until a GPU times it: step_floor --ab attn-split-twin, owed case mx.
-DECODE_SPLIT_TWIN = False
+# would take splits. On since session 49 (H100, the 8B layout at 8k, a 256-row bucket: the decode
+# call at 8 / 16 live 0.61x / 0.84x the unsplit launch's time with bf16, 0.70x / 0.85x with fp8;
+# idle, +2-3.5%, so decode-only calls of one row per sequence drop it: ``gpu.py``); off:
+# step_floor --ab attn-split-twin-off.
+DECODE_SPLIT_TWIN = True
 
 
 def _splits(programs: int, num_kv_heads: int, ctx_blocks: int, partial_bytes: int) -> int:
@@ -153,10 +157,12 @@ def default_config(
     ``kv_pool`` "int8" / "fp8" (None: an unquantized pool) with ``head_dim`` 128 and an unsplit
     decode launch (H100, 2026-12-06, the 8B layout's decode-only call in a 64-row bucket at 8k;
     registers from ``benchmarks/offline_attention.py``):
-    - int8: 128 keys per step. 255 registers against 202 at 64 keys: 2 programs per SM either
-      way, half the steps: 0.84x / 0.80x / 0.76x the 64-key time at 16 / 40 / 64 live
-      sequences; the 8B's step at 40 x 8k 20.28 against 23.94 ms. With ``INT8_KV_F16_BITS``
-      (168 registers at 64 keys, as fp8's) fp8's pair.
+    - int8: K / V to f16 by bit assembly (``INT8_KV_F16_BITS``: 168 registers at 64 keys, as
+      fp8's) and fp8's pair, below: 376.7 / 475.3 us at 40 / 64 live against 464.8 / 533.6 for
+      Triton's conversion at 128 keys (session 49), its best (255 registers against 202 at 64
+      keys, 2 programs per SM either way: 0.84x / 0.80x / 0.76x the 64-key time at 16 / 40 / 64
+      live; the 8B's step at 40 x 8k 20.28 against 23.94 ms, session 48), which it keeps with
+      the switch off.
     - fp8: 64 keys (168 registers, 3 programs per SM) with a 128-key launch (255, 2 per SM)
       beside it (``wide_pages_per_block``), the kernels picking by the live count: 128 keys
       took 0.74x / 1.19x / 0.75x the 64-key time at 16 / 40 / 64 sequences, losing where 40 x 8

@@ -78,7 +78,7 @@ def test_rpa_gpu_kv_compute(name, compute):
 def test_rpa_gpu_quantized_decode_keys(monkeypatch, pool, bits, live):
     """The 8B layout's decode over an fp8 pool (a 64-key launch and its 128-key twin: 40
     sequences take the narrow one, 64 the wide one), an int8 pool (128 keys) and one converted
-    by bit assembly (the arm attn-int8-f16-bits: fp8's pair), default config, against the
+    by bit assembly (the default since session 49: fp8's pair), default config, against the
     reference."""
     monkeypatch.setattr(rpa_config, "INT8_KV_F16_BITS", bits)
     assert bool(rpa_splits.wide_keys_win(jnp.int32(live * 8))) == (live == 64)
@@ -88,11 +88,11 @@ def test_rpa_gpu_quantized_decode_keys(monkeypatch, pool, bits, live):
 
 @pytest.mark.parametrize("live", [3, 40])
 @pytest.mark.parametrize("pool", [jnp.bfloat16, jnp.uint8])
-def test_rpa_gpu_split_twin(monkeypatch, pool, live):
-    """The arm attn-split-twin: the 8B layout's decode class in a 128-row bucket with its split
-    twin (3 sequences x 8 kv heads take the twin and its merge, 40 the unsplit launch or, fp8,
-    its narrow / wide pair), the engine's decode-only call, against the reference."""
-    monkeypatch.setattr(rpa_config, "DECODE_SPLIT_TWIN", True)
+def test_rpa_gpu_split_twin(pool, live):
+    """The 8B layout's decode class in a 128-row bucket with its split twin (on since session 49;
+    3 sequences x 8 kv heads take the twin and its merge, 40 the unsplit launch or, fp8, its
+    narrow / wide pair), called as a mixed step's decode launch (one-row calls drop the twin),
+    against the reference."""
     ctx = [900 + 37 * i for i in range(live)]
     b = make_batch(np.random.default_rng(live), [1] * live, ctx, page_size=16, num_q_heads=32,
                    num_kv_heads=8, head_dim=128, dtype=pool, extra_seqs=128 - live,
@@ -102,7 +102,7 @@ def test_rpa_gpu_split_twin(monkeypatch, pool, live):
     assert (cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg).split_twin is not None
     kw = dict(sm_scale=128**-0.5, **b.scale_kwargs())
     want = jax.jit(functools.partial(rpa_ref.ragged_paged_attention, **kw))(*b.args())
-    got = jax.jit(functools.partial(rpa_gpu.ragged_paged_attention, max_q_len=1, **kw))(*b.args())
+    got = jax.jit(functools.partial(rpa_gpu.ragged_paged_attention, max_q_len=2, **kw))(*b.args())
     got = np.asarray(got.astype(jnp.float32))
     assert np.all(np.isfinite(got)) and np.all(got[live:] == 0)
     assert rel_err(got[:live], np.asarray(want.astype(jnp.float32))[:live]) < 1e-2

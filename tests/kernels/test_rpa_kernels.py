@@ -283,8 +283,9 @@ def test_gpu_decode_splits_follow_the_programs_target(target, monkeypatch):
 
 
 def test_gpu_quantized_unsplit_decode_keys_per_step(monkeypatch):
-    """``default_config`` at head_dim 128, unsplit: an int8 pool takes 128 keys per step, an fp8
-    pool 64 with a 128-key twin launch; ``QUANT_DECODE_KEYS`` (the A/B arms) sets one launch of
+    """``default_config`` at head_dim 128, unsplit: int8 (converted by bit assembly) and fp8
+    pools take 64 keys per step with a 128-key twin launch; with ``INT8_KV_F16_BITS`` off an int8
+    pool takes one launch of 128 keys; ``QUANT_DECODE_KEYS`` (the A/B arms) sets one launch of
     that many for both at head_dim >= 128. Split launches, other head sizes, bf16 pools and the
     prefill class keep 64 keys per step."""
     def decode(rows: int, head_dim: int | None, pool: str | None = "fp8") -> rpa_gpu.GpuConfig:
@@ -294,8 +295,10 @@ def test_gpu_quantized_unsplit_decode_keys_per_step(monkeypatch):
     def shape(c: rpa_gpu.GpuConfig) -> tuple:
         return c.num_splits, c.pages_per_block, c.wide_pages_per_block
 
-    assert shape(decode(64, 128)) == (1, 4, 8)
-    assert shape(decode(64, 128, "int8")) == (1, 8, None)
+    assert shape(decode(64, 128)) == shape(decode(64, 128, "int8")) == (1, 4, 8)
+    assert decode(64, 128, "int8").int8_f16_bits and not decode(64, 128).int8_f16_bits   # (fp8 has no int8)
+    plan = rpa_gpu.default_config(64, 64, 32, 8, 16, 528, kv_pool="int8", head_dim=128)
+    assert plan.prefill.int8_f16_bits
     assert shape(decode(16, 128)) == shape(decode(16, 128, "int8")) == (32, 4, None)
     assert shape(decode(64, 256)) == shape(decode(64, 64, "int8")) == shape(decode(64, None)) == (1, 4, None)
     assert shape(decode(64, 128, None)) == (1, 4, None)
@@ -308,10 +311,9 @@ def test_gpu_quantized_unsplit_decode_keys_per_step(monkeypatch):
     plan = rpa_gpu.default_config(64, 64, 32, 8, 16, 528, kv_pool="int8", head_dim=128)
     assert plan.prefill.pages_per_block == 4   # the prefill class keeps its tiles
     monkeypatch.setattr(rpa_config, "QUANT_DECODE_KEYS", None)
-    monkeypatch.setattr(rpa_config, "INT8_KV_F16_BITS", True)   # the arm attn-int8-f16-bits
-    assert shape(decode(64, 128, "int8")) == (1, 4, 8) and decode(64, 128, "int8").int8_f16_bits
-    plan = rpa_gpu.default_config(64, 64, 32, 8, 16, 528, kv_pool="int8", head_dim=128)
-    assert plan.prefill.int8_f16_bits and not decode(64, 128).int8_f16_bits   # (fp8 has no int8)
+    monkeypatch.setattr(rpa_config, "INT8_KV_F16_BITS", False)   # the arm attn-int8-f16-bits-off
+    assert shape(decode(64, 128, "int8")) == (1, 8, None) and not decode(64, 128, "int8").int8_f16_bits
+    assert shape(decode(64, 128)) == (1, 4, 8)
     with pytest.raises(ValueError, match="kv_pool"):
         decode(64, 128, "int4")
     with pytest.raises(ValueError, match="wide_pages_per_block"):
@@ -319,21 +321,21 @@ def test_gpu_quantized_unsplit_decode_keys_per_step(monkeypatch):
 
 
 def test_gpu_split_twin_config(monkeypatch):
-    """``DECODE_SPLIT_TWIN`` (the arm attn-split-twin): an unsplit decode class gets a split twin
-    of 2-warp programs sized for the few sequences it serves; a split class (the 16-row bucket)
-    and short page tables (no split for one sequence) get none; off, none."""
+    """``DECODE_SPLIT_TWIN`` (on; off, the arm attn-split-twin-off): an unsplit decode class gets
+    a split twin of 2-warp programs sized for the few sequences it serves; a split class (the
+    16-row bucket) and short page tables (no split for one sequence) get none; off, none."""
     def decode(rows: int, width: int = 528, pool: str | None = None) -> rpa_gpu.GpuConfig:
         cfg = rpa_gpu.default_config(rows, rows, 32, 8, 16, width, kv_pool=pool, head_dim=128)
         return cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
 
-    assert decode(64).split_twin is None
-    monkeypatch.setattr(rpa_config, "DECODE_SPLIT_TWIN", True)
     twin = decode(256).split_twin
     assert (twin.num_splits, twin.num_warps, twin.block_q) == (32, 2, decode(256).block_q)
     fp8 = decode(64, pool="fp8")
     assert fp8.wide_pages_per_block == 8 and fp8.split_twin.num_splits > 1
     assert decode(16).split_twin is None and decode(16).num_splits > 1
     assert decode(64, width=4).split_twin is None
+    monkeypatch.setattr(rpa_config, "DECODE_SPLIT_TWIN", False)
+    assert decode(64).split_twin is None and decode(256).split_twin is None
     with pytest.raises(ValueError, match="split_twin"):
         rpa_gpu.GpuConfig(split_twin=rpa_gpu.GpuConfig(num_splits=1))
     with pytest.raises(ValueError, match="twins"):
@@ -345,12 +347,14 @@ def test_gpu_split_twin_config(monkeypatch):
 def test_gpu_split_twin_matches_the_reference(monkeypatch, pool, head_dim):
     """The split twin beside an unsplit decode class (an fp8 pool's at head_dim 128 also a
     narrow / wide pair), ``TARGET_PROGRAMS`` lowered to 8 so that 3 sequences x 2 kv heads take
-    the twin and 5 the unsplit launch(es): decode-only calls and a mixed one (prefill rows in the
-    plan's other class), NaN-poisoned unused pages, against the reference."""
+    the twin and 5 the unsplit launch(es): calls of one row per sequence (which drop the twin:
+    their bucket is more than half full), verify-like calls of two rows per sequence, and a mixed
+    one (prefill rows in the plan's other class), NaN-poisoned unused pages, against the
+    reference."""
     monkeypatch.setattr(rpa_splits, "TARGET_PROGRAMS", 8)
     monkeypatch.setattr(rpa_splits, "SMS", 1)
-    monkeypatch.setattr(rpa_config, "DECODE_SPLIT_TWIN", True)
-    batches = (([1] * 3, [70, 9, 190]), ([1] * 5, [70, 9, 190, 33, 120]), ([1, 6, 1], [150, 40, 99]))
+    batches = (([1] * 3, [70, 9, 190]), ([1] * 5, [70, 9, 190, 33, 120]), ([2] * 3, [70, 9, 190]),
+               ([2] * 5, [70, 9, 190, 33, 120]), ([1, 6, 1], [150, 40, 99]))
     for q_lens, ctx in batches:
         b = make_batch(np.random.default_rng(len(ctx)), q_lens, ctx, page_size=8, num_q_heads=4,
                        num_kv_heads=2, head_dim=head_dim, dtype=pool)  # fmt: skip
@@ -361,9 +365,9 @@ def test_gpu_split_twin_matches_the_reference(monkeypatch, pool, head_dim):
         assert dec.split_twin is not None and dec.split_twin.num_splits > 1
         kw = dict(sm_scale=head_dim**-0.5, **b.scale_kwargs())
         want = jax.jit(lambda *a, kw=kw: rpa_ref.ragged_paged_attention(*a, **kw))(*b.args())
-        decode_only = max(q_lens) == 1
-        fn = jax.jit(lambda *a, kw=kw, m=1 if decode_only else None: rpa_gpu.ragged_paged_attention(
-            *a, interpret=True, max_q_len=m, **kw))
+        m = max(q_lens) if max(q_lens) <= 2 else None
+        fn = jax.jit(lambda *a, kw=kw, m=m: rpa_gpu.ragged_paged_attention(*a, interpret=True, max_q_len=m,
+                                                                           **kw))
         got = np.asarray(run_fast(fn, *b.args()), np.float32)
         n = b.query_start_loc[len(q_lens)]
         assert np.all(np.isfinite(got)) and np.all(got[n:] == 0)
@@ -385,10 +389,10 @@ def test_gpu_wide_keys_win_by_rounds():
                                             (None, kv_format.FP8_BITS, False), (None, jnp.int8, True)])
 def test_gpu_quantized_decode_keys_match_the_reference(monkeypatch, keys, pool, bits):
     """Keys per step over an fp8 / int8 pool at head_dim 128 (unsplit: TARGET_PROGRAMS lowered so
-    the sequences x 1 kv head fill it): the defaults (int8 128 keys; fp8, and int8 converted by
-    bit assembly, the narrow / wide pair, one SM so that 3 sequences take the narrow launch and 4
-    the wide one) and the A/B arms, with NaN-poisoned unused pages and scales, the engine's
-    decode-only call, against the reference."""
+    the sequences x 1 kv head fill it): the defaults (fp8, and int8 converted by bit assembly:
+    the narrow / wide pair, one SM so that 3 sequences take the narrow launch and 4 the wide
+    one; int8 by Triton's conversion with the switch off: 128 keys) and the A/B arms, with
+    NaN-poisoned unused pages and scales, the engine's decode-only call, against the reference."""
     monkeypatch.setattr(rpa_splits, "TARGET_PROGRAMS", 4)
     monkeypatch.setattr(rpa_splits, "SMS", 1)
     monkeypatch.setattr(rpa_config, "QUANT_DECODE_KEYS", keys)
