@@ -482,7 +482,9 @@ def ragged_paged_attention(
     if isinstance(cfg, GpuConfig) and cfg.split_twin is not None and max_q_len == 1:
         # One row per sequence: the engine's smallest bucket that holds them is more than half
         # full, so the live programs reach TARGET_PROGRAMS wherever the launch is unsplit and the
-        # twin would only idle (H100, session 49: +2-3.5% at 40 / 64 x 8k in a 64-row bucket).
+        # twin would only idle (H100, session 49: +1.9-3.5% at 40 / 64 x 8k in a 64-row bucket).
+        # Not so in the engine's smallest bucket, which splits unless a model has more than 16
+        # kv heads (then its few decodes keep the unsplit launch, as before the twin).
         cfg = dataclasses.replace(cfg, split_twin=None)
     if isinstance(cfg, GpuConfig):
         # Every sequence of a call with at most block_q rows each is one item: no work list needed.
