@@ -368,6 +368,10 @@ def test_gpu_split_twin_matches_the_reference(monkeypatch, pool, head_dim):
         m = max(q_lens) if max(q_lens) <= 2 else None
         fn = jax.jit(lambda *a, kw=kw, m=m: rpa_gpu.ragged_paged_attention(*a, interpret=True, max_q_len=m,
                                                                            **kw))
+        if m == 1:   # the one-row call launches without the twin, a two-row call with it
+            launches = [str(jax.make_jaxpr(lambda *a, kw=kw, m=m: rpa_gpu.ragged_paged_attention(
+                *a, interpret=True, max_q_len=m, **kw))(*b.args())).count("pallas_call") for m in (1, 2)]
+            assert launches[0] < launches[1], launches
         got = np.asarray(run_fast(fn, *b.args()), np.float32)
         n = b.query_start_loc[len(q_lens)]
         assert np.all(np.isfinite(got)) and np.all(got[n:] == 0)
