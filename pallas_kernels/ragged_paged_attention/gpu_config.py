@@ -157,12 +157,11 @@ def default_config(
     ``kv_pool`` "int8" / "fp8" (None: an unquantized pool) with ``head_dim`` 128 and an unsplit
     decode launch (H100, 2026-12-06, the 8B layout's decode-only call in a 64-row bucket at 8k;
     registers from ``benchmarks/offline_attention.py``):
-    - int8: K / V to f16 by bit assembly (``INT8_KV_F16_BITS``: 168 registers at 64 keys, as
-      fp8's) and fp8's pair, below: 376.7 / 475.3 us at 40 / 64 live against 464.8 / 533.6 for
-      Triton's conversion at 128 keys (session 49), its best (255 registers against 202 at 64
-      keys, 2 programs per SM either way: 0.84x / 0.80x / 0.76x the 64-key time at 16 / 40 / 64
-      live; the 8B's step at 40 x 8k 20.28 against 23.94 ms, session 48), which it keeps with
-      the switch off.
+    - int8: K / V converted to f16 by bit assembly (``INT8_KV_F16_BITS``), which takes fp8's 168
+      registers at 64 keys, so int8 takes fp8's pair (below): 376.7 / 475.3 us at 40 / 64 live
+      (session 49). With the switch off, Triton's conversion at 128 keys per step, its best
+      (464.8 / 533.6 us there; 202 registers at 64 keys, 255 at 128, 2 programs per SM either
+      way; session 48).
     - fp8: 64 keys (168 registers, 3 programs per SM) with a 128-key launch (255, 2 per SM)
       beside it (``wide_pages_per_block``), the kernels picking by the live count: 128 keys
       took 0.74x / 1.19x / 0.75x the 64-key time at 16 / 40 / 64 sequences, losing where 40 x 8
