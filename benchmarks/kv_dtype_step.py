@@ -17,6 +17,12 @@ both ways and their ratios to the first entry's::
 An entry ``KV+PATCH`` builds that pool with one of ``step_floor.py``'s A/B patches in effect
 (several joined by ``/``), e.g. ``fp8+rope-write-quant-on``.
 
+``--mixed P`` times mixed steps instead: once every sequence decodes, prompts of P tokens queue
+behind them (one prefilling at a time, ``max_tokens`` 1), so each timed step carries the
+``--batch`` long-context decodes beside a prefill chunk that fills the token budget, in the
+budget's bucket. That is the launch the decode kernel's split twin serves (a large bucket's few
+decodes): ``--kv-dtypes auto,auto+attn-split-twin-off --batch 8 --mixed 4096``.
+
 Qwen2.5-0.5B at 16 x 8k reads ~1.6 GB of bf16 K/V per step against 1 GB of weights, so the
 attention's page reads (and their dequantization) dominate the step.
 """
@@ -41,9 +47,12 @@ from jserve.sampling_params import SamplingParams
 from jserve.step_program import StepVariant
 
 
-def device_fed(eng, steps: int, trace: str | None = None) -> float:
-    """Median ms per call of the engine's greedy decode step called back to back (``steps``
-    calls, 4 runs) on the packed input of one real decode step (``LLMEngine.step``, recorded),
+def device_fed(eng, steps: int, trace: str | None = None, mixed: bool = False
+               ) -> tuple[float, StepVariant]:
+    """(median ms per call, the variant) of the engine's step called back to back (``steps``
+    calls, 4 runs) on the packed input of one real step (``LLMEngine.step``, recorded): a greedy
+    decode step, or with ``mixed`` a step whose prefill chunk every call writes again (large
+    buckets have no greedy variant, so it samples as the engine does there);
     the pool, slot table and tokens threaded from call to call as the engine does; every call
     writes the same slots and reads the same context. The engine's state is put back after (its
     requests can finish)."""
@@ -62,20 +71,22 @@ def device_fed(eng, steps: int, trace: str | None = None) -> float:
     finally:
         r._compiled.update(originals)
     variant, host_joint, masks = seen[-1]
-    if not variant.greedy or variant.burst != 1 or variant.fresh_prefill:
-        raise RuntimeError(f"device_fed: the engine's last step ran variant {variant}, not greedy decode")
+    if variant.burst != 1 or variant.fresh_prefill or not (variant.greedy or mixed):
+        raise RuntimeError(f"device_fed: the engine's last step ran variant {variant}, not a greedy step "
+                           "with context")
     step, joint = originals[variant], jax.device_put(host_joint)
     jax.block_until_ready(r._prev_tokens)
-    state = (r.kv, r.slot_table, r._prev_tokens)
+    # (the sampling variants of large buckets take the penalty state, donated, and return it)
+    state = (r.kv, None if variant.greedy else r.penalty_state, r.slot_table, r._prev_tokens)
 
     def run(n: int) -> float:   # n calls back to back -> ms per call
         nonlocal state
-        kv, table, tokens = state
+        kv, pen, table, tokens = state
         t0 = time.perf_counter()
         for _ in range(n):
-            kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, joint, masks)
+            kv, pen, table, tokens, *_ = step(r.params, kv, pen, table, tokens, joint, masks)
         jax.block_until_ready(tokens)
-        state = (kv, table, tokens)
+        state = (kv, pen, table, tokens)
         return (time.perf_counter() - t0) / n * 1e3
 
     runs = [run(steps) for _ in range(5)]   # the first run warms up
@@ -86,8 +97,10 @@ def device_fed(eng, steps: int, trace: str | None = None) -> float:
         finally:
             jax.profiler.stop_trace()
         print_kernels(read_trace(trace).kernels, 8)
-    r.kv, r.slot_table, r._prev_tokens = state
-    return statistics.median(runs[1:])
+    r.kv, pen, r.slot_table, r._prev_tokens = state
+    if pen is not None:
+        r.penalty_state = pen
+    return statistics.median(runs[1:]), variant
 
 
 def print_kernels(kernels: list[tuple[float, float, str]], calls: int, top: int = 8) -> None:
@@ -103,27 +116,36 @@ def print_kernels(kernels: list[tuple[float, float, str]], calls: int, top: int 
 
 
 def one(model: str, kv: str, context: int, batch: int, steps: int, dump: str | None = None,
-        trace: str | None = None, cache_dir: str | None = None) -> tuple[int, float, float, int]:
-    """-> (pool pages, median ms per decode step of the engine, the same device-fed
-    (``device_fed``), page size) for one KV dtype; ``dump``: a
-    folder for the greedy decode step's optimized program (``<kv>.decode_step.hlo.txt``, for
-    ``hlo_kernels.py``); ``cache_dir``: the engine's compilation cache (None: the default)."""
+        trace: str | None = None, cache_dir: str | None = None,
+        mixed: int = 0) -> tuple[int, float, float, int]:
+    """-> (pool pages, median ms per step of the engine, the same device-fed (``device_fed``),
+    page size) for one KV dtype; ``dump``: a folder for the timed step's optimized program
+    (``<kv>.decode_step.hlo.txt``, for ``hlo_kernels.py``); ``cache_dir``: the engine's
+    compilation cache (None: the default); ``mixed``: > 0, every timed step also prefills a
+    chunk of queued prompts of that many tokens (the module's ``--mixed``)."""
     budget = 2048
     # Every sequence decodes to the end: the first prompts decode while the last are prefilled
     # (~batch x context / budget steps), then the 4 + 4 x steps timed steps and device_fed's one
     # (the earliest sequences end ~batch x context / budget tokens past the context).
     room = -(-batch * context // budget) + 5 * steps + 32
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16",
-                                  kv_cache_dtype=kv, max_num_seqs=batch, max_num_batched_tokens=budget,
-                                  max_model_len=context + room, compilation_cache_dir=cache_dir))
+                                  kv_cache_dtype=kv, max_num_seqs=batch + 2 * (mixed > 0),
+                                  max_num_batched_tokens=budget, max_model_len=max(context + room, mixed + 1),
+                                  compilation_cache_dir=cache_dir))
     rng = np.random.default_rng(0)
     vocab = eng.config.model.vocab_size
-    for _ in range(batch):
-        eng.add_request(None, rng.integers(10, vocab, context).tolist(),
-                        SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True))
+    long = [eng.add_request(None, rng.integers(10, vocab, context).tolist(),
+                            SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True))
+            for _ in range(batch)]
     decoding: set[str] = set()
     while len(decoding) < batch:   # prefill (chunked) until every sequence decodes
         decoding.update(o.request_id for o in eng.step() if o.outputs[0].token_ids)
+    if mixed:   # enough queued prompts to put a prefill chunk in every step left (two admitted at
+        #         a time: the next starts in the step that ends the last one's prefill)
+        chunk = budget - batch
+        for _ in range(-(-(5 * steps + 8) * chunk // mixed) + 1):
+            eng.add_request(None, rng.integers(10, vocab, mixed).tolist(),
+                            SamplingParams(temperature=0.0, max_tokens=1))
     for _ in range(4):
         eng.step()
     runs = []
@@ -132,15 +154,15 @@ def one(model: str, kv: str, context: int, batch: int, steps: int, dump: str | N
         for _ in range(steps):
             eng.step()
         runs.append((time.perf_counter() - t0) / steps * 1e3)
-    running = eng.scheduler.num_running
+    running = sum(eng.scheduler.get_request(i) is not None for i in long)
     if running != batch:   # (session 42: finished sequences made the "64 at 8k" rows a dozen)
         raise RuntimeError(f"kv_dtype_step: {running} of {batch} sequences still decoding at the timing")
-    fed = device_fed(eng, steps, trace and str(Path(trace, kv)))
+    fed, variant = device_fed(eng, steps, trace and str(Path(trace, kv)), bool(mixed))
+    if mixed and variant.tokens <= eng.runner.bucket_for(batch)[0]:   # (the decodes' own bucket)
+        raise RuntimeError(f"kv_dtype_step: the device-fed step ran {variant}, with mixed={mixed}")
     pages, page_size = eng.startup.pool_plan.num_pages, eng.config.cache.page_size
     if dump:
-        r = eng.runner
-        step = r._compiled[StepVariant(r.bucket_for(batch)[0], False, True, True)]
-        Path(dump, f"{kv}.decode_step.hlo.txt").write_text(step.as_text())
+        Path(dump, f"{kv}.decode_step.hlo.txt").write_text(eng.runner._compiled[variant].as_text())
     while eng.has_unfinished_requests():
         eng.step()
     del eng
@@ -157,6 +179,8 @@ def main() -> None:
     ap.add_argument("--kv-dtypes", default="auto,fp8")
     ap.add_argument("--dump", default=None, help="folder for each decode step's optimized program")
     ap.add_argument("--trace", default=None, help="folder for a profiler trace of each device-fed step")
+    ap.add_argument("--mixed", type=int, default=0, help="> 0: time mixed steps, the decodes beside "
+                    "a prefill chunk of queued prompts of this many tokens")
     ns = ap.parse_args()
     rows = []
     for entry in ns.kv_dtypes.split(","):
@@ -166,12 +190,14 @@ def main() -> None:
             for patch in filter(None, ab.split("/")):
                 patches.enter_context(patched(patch))
             cache = ab_cache_dir(entry) if ab else None   # patched programs apart from the default's
-            rows.append((entry, *one(ns.model, kv, ns.context, ns.batch, ns.steps, ns.dump, ns.trace, cache)))
-        print(f"  {entry}: {rows[-1][1]} pages, {rows[-1][2]:.3f} ms per decode step, "
+            rows.append((entry, *one(ns.model, kv, ns.context, ns.batch, ns.steps, ns.dump, ns.trace, cache,
+                                     mixed=ns.mixed)))
+        print(f"  {entry}: {rows[-1][1]} pages, {rows[-1][2]:.3f} ms per step, "
               f"{rows[-1][3]:.3f} device-fed", flush=True)
-    print(f"\n## {ns.model}, {ns.batch} sequences decoding at {ns.context} tokens "
+    beside = f", beside a prefill chunk of {ns.mixed}-token prompts" if ns.mixed else ""
+    print(f"\n## {ns.model}, {ns.batch} sequences decoding at {ns.context} tokens{beside} "
           f"({jax.devices()[0].device_kind})")
-    print("| KV pool | pages | sequences of the context that fit | ms per decode step (engine) | vs first "
+    print("| KV pool | pages | sequences of the context that fit | ms per step (engine) | vs first "
           "| device-fed step | vs first |")
     print("|---|---|---|---|---|---|---|")
     for kv, pages, ms, fed, page_size in rows:

@@ -1,4 +1,4 @@
-# The device calls owed after session 49 (2026-12-06), in the order to run them. Each case fits
+# The device calls owed after session 50 (2026-12-06), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
@@ -6,8 +6,8 @@
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, one block per split, and the 8-token bucket), kqb (the 8B's step on an int8 pool
 # with K / V to f16 by bit assembly, on since session 49, against Triton's conversion; the split
-# twin's GPU test as a mixed step calls it), qgs (the gate epilogue's variants on the device
-# clock), ae (the engine's own bf16 decode executable slower than a recompile of it), lt (issue
+# twin's GPU test as a mixed step calls it), mt (the twin at a mixed step of the 8B), qgs (the
+# gate epilogue's variants on the device clock), ae (the engine's own bf16 decode executable slower than a recompile of it), lt (issue
 # 12: where the speculating step's launch goes), b2, o, u, w, f, m, u1, spt (the rest of the
 # speculative GPU tests, now with session 28's wider code-draft: session 27 ran greedy_matches,
 # 6 passed);
@@ -94,11 +94,22 @@ kqb)
   # attn-int8-f16-bits-off (32 layers x -88 us of a ~20 ms step).
   timeout 280 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 40 --steps 16 \
     --kv-dtypes int8,int8+attn-int8-f16-bits-off > "$OUT/kqb_step.txt" 2>&1
-  grep "^|\|^##\|rror\|ms per decode step" "$OUT/kqb_step.txt"
+  grep "^|\|^##\|rror\|ms per step" "$OUT/kqb_step.txt"
   # The split twin (on since session 49) as a mixed step's decode launch, one-row calls without
   # it, and the int8 pool's bit assembly at the 8B's shapes: GPU tests.
   timeout 200 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k "split_twin or quantized_decode_keys" \
     2>&1 | tail -3
+  ;;
+mt)
+  # The split twin at the step it serves (session 50's kv_dtype_step --mixed): 8 sequences of the
+  # 8B decoding at 8k beside a prefill chunk of queued 4096-token prompts (2048-token bucket),
+  # twin on (the default since session 49) and off. Kernel rows (session 49, H100, 256-row
+  # bucket, 8 live): 131.8 against 215.3 us per layer call (bf16), 143.9 against 204.3 (fp8).
+  # Prediction: -2 to -3 ms of a ~55-65 ms step (32 layers x -60 to -85 us): -3 to -6%, if the
+  # 2048-row bucket's launch keeps the 256-row bucket's gap.
+  timeout 400 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 8 --steps 8 --mixed 4096 \
+    --kv-dtypes auto,auto+attn-split-twin-off,fp8,fp8+attn-split-twin-off > "$OUT/mt_step.txt" 2>&1
+  grep "^|\|^##\|rror\|ms per step" "$OUT/mt_step.txt"
   ;;
 qgs)
   # The gate epilogue on the device clock beside its default: 128-column tiles, 8 stages on 112

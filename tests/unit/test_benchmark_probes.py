@@ -174,10 +174,12 @@ def test_patched_engines_keep_their_programs_apart(monkeypatch, tmp_path):
     a, b = step_floor.ab_cache_dir("fp8+rope-write-quant-on"), step_floor.ab_cache_dir("fp8+a/b")
     assert a != b and all(p.startswith(str(tmp_path / "jserve" / "xla" / "ab")) for p in (a, b))
     seen = []
-    monkeypatch.setattr(kv_dtype_step, "one", lambda *a: seen.append(a[-1]) or (10, 1.0, 1.0, 16))
-    monkeypatch.setattr("sys.argv", ["kv_dtype_step", "--kv-dtypes", "auto,fp8+rope-write-quant-on"])
+    monkeypatch.setattr(kv_dtype_step, "one",
+                        lambda *a, mixed: seen.append((a[-1], mixed)) or (10, 1.0, 1.0, 16))
+    monkeypatch.setattr("sys.argv", ["kv_dtype_step", "--kv-dtypes", "auto,fp8+rope-write-quant-on",
+                                     "--mixed", "4096"])
     kv_dtype_step.main()
-    assert seen == [None, a]
+    assert seen == [(None, 4096), (a, 4096)]
 
 
 def test_offline_attention_counts_programs_per_sm():
