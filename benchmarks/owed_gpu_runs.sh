@@ -7,8 +7,8 @@
 # defaults, one block per split, and the 8-token bucket), kqb (the 8B's step on an int8 pool
 # with K / V to f16 by bit assembly, on since session 49, against Triton's conversion; the split
 # twin's GPU test as a mixed step calls it), mt (the twin at a mixed step of the 8B), qgs (the
-# gate epilogue's variants on the device clock), ae (the engine's own bf16 decode executable slower than a recompile of it), lt (issue
-# 12: where the speculating step's launch goes), b2, o, u, w, f, m, u1, spt (the rest of the
+# gate epilogue's variants on the device clock), ae (the engine's own bf16 decode executable
+# slower than a recompile of it), lt (issue 12: where the speculating step's launch goes), b2, o, u, w, f, m, u1, spt (the rest of the
 # speculative GPU tests, now with session 28's wider code-draft: session 27 ran greedy_matches,
 # 6 passed);
 # then, on 2 GPUs, pb, d, s, sk, c.
