@@ -10,13 +10,12 @@ stored), more keys per inner step (``pages_per_block``, 1-byte pages: the same b
 as bf16's default) or fewer (half: fewer registers per program, more programs per SM; session
 47, ``offline_attention.py``) and, where the call splits, splits down to one block each
 (``min_blocks_per_split`` 1, not the default 2: a short context's splits matter at small
-batch). Each call is the engine's decode-only call (``max_q_len=1``: the direct decode launch
-and its split merge), or, for a decode class with a split twin, a mixed step's decode launch
-(which keeps the twin); ``--bucket`` and ``--max-model-len`` shape it like the engine's token
-bucket and page tables, which size the launch's static split count (session 43: a 1-token call
-with 19-page tables, 4 splits, is not the engine's batch-1 decode, 16 splits in its 16-row
-bucket). Timing as ``benchmarks/kernels.py`` (``loop_time``: one jit, unrolled calls, median of
-5; page tables rotate over a pool 4x the footprint).
+batch). Each call is the engine's decode-only call (``max_q_len=1``: the direct decode launch,
+its split twin if it has one, and the split merge); ``--bucket`` and ``--max-model-len`` shape
+it like the engine's token bucket and page tables, which size the launch's static split count
+(session 43: a 1-token call with 19-page tables, 4 splits, is not the engine's batch-1 decode,
+16 splits in its 16-row bucket). Timing as ``benchmarks/kernels.py`` (``loop_time``: one jit,
+unrolled calls, median of 5; page tables rotate over a pool 4x the footprint).
 
     PYTHONPATH=. python3 benchmarks/kv_dtype_attention.py [--layouts qwen,8b] [--batch 16]
         [--context 8192] [--bucket 16 --max-model-len 1024] [--pools bf16,fp8,int8]
@@ -41,7 +40,7 @@ from pallas_kernels.ragged_paged_attention import gpu as rpa_gpu
 from pallas_kernels.ragged_paged_attention import gpu_splits as rpa_splits
 from pallas_kernels.ragged_paged_attention import reference as rpa_ref
 
-LAYOUTS = {"qwen": (14, 2, 64), "8b": (32, 8, 128)}   # q heads, kv heads, head_dim
+LAYOUTS = {"qwen": (14, 2, 64), "8b": (32, 8, 128), "mha": (32, 32, 128)}   # q heads, kv heads, head_dim
 PAGE, ROT = 16, 4
 POOL_LABELS = {"bf16": "bf16", "fp8": "fp8 (uint8)", "int8": "int8"}
 
@@ -149,8 +148,8 @@ def main() -> None:
                     c = rpa_gpu.default_config(rows, rows, hq, hkv, PAGE, pts.shape[2], kv_pool=kind,
                                                head_dim=d)
                 configs.append((f"default, {t} programs target", c.decode if plan else c, t))
-            if dec.split_twin is not None:   # the engine's decode-only calls drop it: the arm's row
-                configs.append(("no split twin (decode-only calls; step_floor's attn-split-twin-off)",
+            if dec.split_twin is not None:   # step_floor's attn-split-twin-off
+                configs.append(("no split twin (step_floor's attn-split-twin-off)",
                                 dataclasses.replace(dec, split_twin=None)))
             if dec.num_splits > 1:   # short contexts: two blocks of keys per split program, or one
                 configs.append(("1 block per split at least",
@@ -180,13 +179,10 @@ def main() -> None:
                             ("float8, 2x keys", dataclasses.replace(wide, kv_compute="float8"))]
             want = rpa_ref.ragged_paged_attention(q, kp, vp, pts[0], *meta, sm_scale=d**-0.5, **sc)
             for label, cfg, *target in configs:
-                # With a split twin: a mixed step's decode launch (rows of at most two queries keep
-                # the twin, which one-row calls drop); without: the decode-only call.
-                m = 2 if cfg.split_twin is not None else 1
                 if cfg.split_twin is not None:
                     label += f" (its split twin of {cfg.split_twin.num_splits} splits, below " \
                              f"{rpa_splits.TARGET_PROGRAMS} programs)"
-                f = functools.partial(rpa_gpu.ragged_paged_attention, sm_scale=d**-0.5, max_q_len=m,
+                f = functools.partial(rpa_gpu.ragged_paged_attention, sm_scale=d**-0.5, max_q_len=1,
                                       config=launch(cfg), interpret=interpret, **sc)
                 with programs_target(*target):   # (the split count is traced from it)
                     got = jax.jit(f)(q, kp, vp, pts[0], *meta)

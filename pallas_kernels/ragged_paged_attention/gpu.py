@@ -479,13 +479,11 @@ def ragged_paged_attention(
     )  # fmt: skip
     if isinstance(cfg, GpuPlan) and max_q_len is not None and max_q_len <= cfg.decode.block_q:
         cfg = cfg.decode  # no sequence reaches the prefill class
-    if isinstance(cfg, GpuConfig) and cfg.split_twin is not None and max_q_len == 1:
-        # One row per sequence: the engine's smallest bucket that holds them is more than half
-        # full, so the live programs reach TARGET_PROGRAMS wherever the launch is unsplit and the
-        # twin would only idle (H100, session 49: +1.9-3.5% at 40 / 64 x 8k in a 64-row bucket).
-        # Not so in the engine's smallest bucket, which splits unless a model has more than 16
-        # kv heads (then its few decodes keep the unsplit launch, as before the twin).
-        cfg = dataclasses.replace(cfg, split_twin=None)
+    # One-row calls keep a split twin too (session 50; session 49 dropped it there): the engine's
+    # one-row (decode-only) calls run in its smallest bucket, or a pipelined burst's bucket of
+    # max_num_seqs rows, and either may hold a few live sequences. The smallest bucket gets a twin
+    # only for models of more than 16 kv heads (fewer split it anyway); its batch-1 decode would
+    # otherwise run one program per kv head over the whole context.
     if isinstance(cfg, GpuConfig):
         # Every sequence of a call with at most block_q rows each is one item: no work list needed.
         fits = num_tokens <= cfg.block_q or (max_q_len is not None and max_q_len <= cfg.block_q)

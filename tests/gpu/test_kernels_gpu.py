@@ -86,23 +86,26 @@ def test_rpa_gpu_quantized_decode_keys(monkeypatch, pool, bits, live):
     _check_rpa(Case((1,) * live, ctx, 16, 32, 8, 128, pool), None, live, 1e-2)
 
 
-@pytest.mark.parametrize("live", [3, 40])
+@pytest.mark.parametrize("rows,kv_heads,live", [(128, 8, 3), (128, 8, 40), (16, 32, 1), (16, 32, 12)])
 @pytest.mark.parametrize("pool", [jnp.bfloat16, jnp.uint8])
-def test_rpa_gpu_split_twin(pool, live):
-    """The 8B layout's decode class in a 128-row bucket with its split twin (on since session 49;
-    3 sequences x 8 kv heads take the twin and its merge, 40 the unsplit launch or, fp8, its
-    narrow / wide pair), called as a mixed step's decode launch (one-row calls drop the twin),
-    against the reference."""
+@pytest.mark.parametrize("max_q_len", [1, 2])
+def test_rpa_gpu_split_twin(pool, rows, kv_heads, live, max_q_len):
+    """Decode classes with a split twin (on since session 49): the 8B layout's in a 128-row bucket
+    (3 sequences x 8 kv heads take the twin and its merge, 40 the unsplit launch or, fp8, its
+    narrow / wide pair) and a 32-kv-head model's 16-row bucket (1 sequence takes the twin, 12
+    the unsplit launch), called as the engine's decode-only call (one row per sequence) and as a
+    mixed step's decode launch, against the reference."""
     ctx = [900 + 37 * i for i in range(live)]
     b = make_batch(np.random.default_rng(live), [1] * live, ctx, page_size=16, num_q_heads=32,
-                   num_kv_heads=8, head_dim=128, dtype=pool, extra_seqs=128 - live,
-                   extra_tokens=128 - live)  # fmt: skip
+                   num_kv_heads=kv_heads, head_dim=128, dtype=pool, extra_seqs=rows - live,
+                   extra_tokens=rows - live)  # fmt: skip
     kind = None if pool == jnp.bfloat16 else "fp8"
-    cfg = rpa_gpu.default_config(128, 128, 32, 8, 16, b.page_table.shape[1], kv_pool=kind, head_dim=128)
+    cfg = rpa_gpu.default_config(rows, rows, 32, kv_heads, 16, b.page_table.shape[1], kv_pool=kind,
+                                 head_dim=128)
     assert (cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg).split_twin is not None
     kw = dict(sm_scale=128**-0.5, **b.scale_kwargs())
     want = jax.jit(functools.partial(rpa_ref.ragged_paged_attention, **kw))(*b.args())
-    got = jax.jit(functools.partial(rpa_gpu.ragged_paged_attention, max_q_len=2, **kw))(*b.args())
+    got = jax.jit(functools.partial(rpa_gpu.ragged_paged_attention, max_q_len=max_q_len, **kw))(*b.args())
     got = np.asarray(got.astype(jnp.float32))
     assert np.all(np.isfinite(got)) and np.all(got[live:] == 0)
     assert rel_err(got[:live], np.asarray(want.astype(jnp.float32))[:live]) < 1e-2

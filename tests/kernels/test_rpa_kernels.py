@@ -323,9 +323,10 @@ def test_gpu_quantized_unsplit_decode_keys_per_step(monkeypatch):
 def test_gpu_split_twin_config(monkeypatch):
     """``DECODE_SPLIT_TWIN`` (on; off, the arm attn-split-twin-off): an unsplit decode class gets
     a split twin of 2-warp programs sized for the few sequences it serves; a split class (the
-    16-row bucket) and short page tables (no split for one sequence) get none; off, none."""
-    def decode(rows: int, width: int = 528, pool: str | None = None) -> rpa_gpu.GpuConfig:
-        cfg = rpa_gpu.default_config(rows, rows, 32, 8, 16, width, kv_pool=pool, head_dim=128)
+    16-row bucket) and short page tables (no split for one sequence) get none; off, none. A model
+    of more than 16 kv heads leaves its 16-row bucket unsplit: the twin serves its batch 1."""
+    def decode(rows: int, width: int = 528, pool: str | None = None, kv_heads: int = 8) -> rpa_gpu.GpuConfig:
+        cfg = rpa_gpu.default_config(rows, rows, 32, kv_heads, 16, width, kv_pool=pool, head_dim=128)
         return cfg.decode if isinstance(cfg, rpa_gpu.GpuPlan) else cfg
 
     twin = decode(256).split_twin
@@ -333,6 +334,8 @@ def test_gpu_split_twin_config(monkeypatch):
     fp8 = decode(64, pool="fp8")
     assert fp8.wide_pages_per_block == 8 and fp8.split_twin.num_splits > 1
     assert decode(16).split_twin is None and decode(16).num_splits > 1
+    mha = decode(16, kv_heads=32)
+    assert mha.num_splits == 1 and mha.split_twin.num_splits > 1
     assert decode(64, width=4).split_twin is None
     monkeypatch.setattr(rpa_config, "DECODE_SPLIT_TWIN", False)
     assert decode(64).split_twin is None and decode(256).split_twin is None
@@ -343,14 +346,21 @@ def test_gpu_split_twin_config(monkeypatch):
                         prefill=rpa_gpu.GpuConfig(split_twin=rpa_gpu.GpuConfig(num_splits=2)))
 
 
+def _without_twin(cfg):
+    """``cfg`` (a GpuConfig or GpuPlan) with its decode class's split twin removed."""
+    if isinstance(cfg, rpa_gpu.GpuPlan):
+        return dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, split_twin=None))
+    return dataclasses.replace(cfg, split_twin=None)
+
+
 @pytest.mark.parametrize("pool,head_dim", [(jnp.bfloat16, 64), (kv_format.FP8_BITS, 128)])
 def test_gpu_split_twin_matches_the_reference(monkeypatch, pool, head_dim):
     """The split twin beside an unsplit decode class (an fp8 pool's at head_dim 128 also a
     narrow / wide pair), ``TARGET_PROGRAMS`` lowered to 8 so that 3 sequences x 2 kv heads take
-    the twin and 5 the unsplit launch(es): calls of one row per sequence (which drop the twin:
-    their bucket is more than half full), verify-like calls of two rows per sequence, and a mixed
-    one (prefill rows in the plan's other class), NaN-poisoned unused pages, against the
-    reference."""
+    the twin and 5 the unsplit launch(es): calls of one row per sequence (the engine's decode-only
+    calls, which launch the twin as two-row calls do), verify-like calls of two rows per sequence,
+    and a mixed one (prefill rows in the plan's other class), NaN-poisoned unused pages, against
+    the reference."""
     monkeypatch.setattr(rpa_splits, "TARGET_PROGRAMS", 8)
     monkeypatch.setattr(rpa_splits, "SMS", 1)
     batches = (([1] * 3, [70, 9, 190]), ([1] * 5, [70, 9, 190, 33, 120]), ([2] * 3, [70, 9, 190]),
@@ -368,10 +378,12 @@ def test_gpu_split_twin_matches_the_reference(monkeypatch, pool, head_dim):
         m = max(q_lens) if max(q_lens) <= 2 else None
         fn = jax.jit(lambda *a, kw=kw, m=m: rpa_gpu.ragged_paged_attention(*a, interpret=True, max_q_len=m,
                                                                            **kw))
-        if m == 1:   # the one-row call launches without the twin, a two-row call with it
-            launches = [str(jax.make_jaxpr(lambda *a, kw=kw, m=m: rpa_gpu.ragged_paged_attention(
-                *a, interpret=True, max_q_len=m, **kw))(*b.args())).count("pallas_call") for m in (1, 2)]
-            assert launches[0] < launches[1], launches
+        if m == 1:   # the one-row call launches the twin as a two-row call does, and more than
+            #          the same call without the twin
+            launches = [str(jax.make_jaxpr(lambda *a, kw=kw, m=m, c=c: rpa_gpu.ragged_paged_attention(
+                *a, interpret=True, max_q_len=m, config=c, **kw))(*b.args())).count("pallas_call")
+                for m, c in ((1, cfg), (2, cfg), (1, _without_twin(cfg)))]
+            assert launches[0] == launches[1] > launches[2], launches
         got = np.asarray(run_fast(fn, *b.args()), np.float32)
         n = b.query_start_loc[len(q_lens)]
         assert np.all(np.isfinite(got)) and np.all(got[n:] == 0)
