@@ -18,7 +18,7 @@ An entry ``KV+PATCH`` builds that pool with one of ``step_floor.py``'s A/B patch
 (several joined by ``/``), e.g. ``fp8+rope-write-quant-on``.
 
 ``--mixed P`` times mixed steps instead: once every sequence decodes, prompts of P tokens queue
-behind them (one prefilling at a time, ``max_tokens`` 1), so each timed step carries the
+behind them (two admitted at a time, ``max_tokens`` 1), so each timed step carries the
 ``--batch`` long-context decodes beside a prefill chunk that fills the token budget, in the
 budget's bucket. That is the launch the decode kernel's split twin serves (a large bucket's few
 decodes): ``--kv-dtypes auto,auto+attn-split-twin-off --batch 8 --mixed 4096``.

@@ -124,7 +124,7 @@ INT8_KV_F16_BITS = True
 # An unsplit decode class gets a split twin (``GpuConfig.split_twin``) where one live sequence
 # would take splits. On since session 49 (H100, the 8B layout at 8k, a 256-row bucket: the decode
 # call at 8 / 16 live 0.61x / 0.84x the unsplit launch's time with bf16, 0.70x / 0.85x with fp8;
-# idle, +1.9-3.5%, in every call, one-row decode-only calls too since session 50: ``gpu.py``); off:
+# idle, +1.9-3.5%); every call launches it, one-row decode-only calls too since session 50; off:
 # step_floor --ab attn-split-twin-off.
 DECODE_SPLIT_TWIN = True
 
