@@ -479,11 +479,6 @@ def ragged_paged_attention(
     )  # fmt: skip
     if isinstance(cfg, GpuPlan) and max_q_len is not None and max_q_len <= cfg.decode.block_q:
         cfg = cfg.decode  # no sequence reaches the prefill class
-    # One-row calls keep a split twin too (session 50; session 49 dropped it there): the engine's
-    # one-row (decode-only) calls run in its smallest bucket, or a pipelined burst's bucket of
-    # max_num_seqs rows, and either may hold a few live sequences. The smallest bucket gets a twin
-    # only for models of more than 16 kv heads (fewer split it anyway); its batch-1 decode would
-    # otherwise run one program per kv head over the whole context.
     if isinstance(cfg, GpuConfig):
         # Every sequence of a call with at most block_q rows each is one item: no work list needed.
         fits = num_tokens <= cfg.block_q or (max_q_len is not None and max_q_len <= cfg.block_q)

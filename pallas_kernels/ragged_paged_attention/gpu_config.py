@@ -124,8 +124,11 @@ INT8_KV_F16_BITS = True
 # An unsplit decode class gets a split twin (``GpuConfig.split_twin``) where one live sequence
 # would take splits. On since session 49 (H100, the 8B layout at 8k, a 256-row bucket: the decode
 # call at 8 / 16 live 0.61x / 0.84x the unsplit launch's time with bf16, 0.70x / 0.85x with fp8;
-# idle, +1.9-3.5%); every call launches it, one-row decode-only calls too since session 50; off:
-# step_floor --ab attn-split-twin-off.
+# idle, +1.9-3.5%); off: step_floor --ab attn-split-twin-off. Every call launches it, one-row
+# (decode-only) calls too: the engine makes those in its smallest bucket and a pipelined burst's,
+# and both may hold few live sequences. In the smallest bucket only models of more than 16 kv
+# heads are unsplit, and the twin is their batch-1 decode (session 50, H100, 32 kv heads at
+# 1 x 8k: 77.6 us per call against 219.7 without it; session 49 had dropped it there).
 DECODE_SPLIT_TWIN = True
 
 
