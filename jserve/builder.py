@@ -25,7 +25,7 @@ from jserve import gc_heap
 from jserve.activation_peak import measure_activation_bytes
 from jserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from jserve.data_parallel import DataParallelEngine
-from jserve.device_memory import allocator_limited, allow_device_memory, usable_device_bytes
+from jserve.device_memory import allocator_limited, allocator_report, allow_device_memory, usable_device_bytes
 from jserve.engine import LLMEngine
 from jserve.engine_api import BuildInfo
 from jserve.executable_cache import ExecutableCache
@@ -475,6 +475,7 @@ def _build_engine(args: EngineArgs, progress: Callable[[str], None] | None = Non
     def compiled(plan: PoolPlan) -> tuple[Runner, float]:
         return _compiled_runner(config, params, mesh, draft, plan, budget, cache_dir, channel, progress)
 
+    before = allocator_report(_local_device(mesh))   # (for the retry's warning: what compiling took)
     runner, compile_s = compiled(plan)   # over the pool's shapes, then the pool (_compiled_runner)
     first_pages, page_bytes = plan.num_pages, pool_page_bytes(config, draft.cfg if draft else None)
     for attempt in range(POOL_ATTEMPTS):
@@ -498,8 +499,11 @@ def _build_engine(args: EngineArgs, progress: Callable[[str], None] | None = Non
         pages = addressable_pages(config, draft.cfg if draft else None, pages)   # (it may enter the band)
         if pages < 2:
             raise MemoryError(f"{why}: no pool fits; lower gpu_memory_utilization or set num_pages")
+        memory = (f" (device memory before compiling: {before}; now: "
+                  f"{allocator_report(_local_device(mesh))})" if before else "")
         log.warning("%s: allocating %d pages instead of %d (%.1f%% fewer) and compiling the step "
-                    "programs again for them", why, pages, plan.num_pages, 100 * (1 - pages / plan.num_pages))
+                    "programs again for them%s", why, pages, plan.num_pages,
+                    100 * (1 - pages / plan.num_pages), memory)
         plan = dataclasses.replace(plan, num_pages=pages)
         runner, more = compiled(plan)
         compile_s += more

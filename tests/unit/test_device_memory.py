@@ -18,7 +18,13 @@ from jserve.activation_peak import (
     split_peak_bytes,
 )
 from jserve.builder import memory_after_warmup
-from jserve.device_memory import FRACTION_VARS, allocator_fraction, allowed_bytes, usable_device_bytes
+from jserve.device_memory import (
+    FRACTION_VARS,
+    allocator_fraction,
+    allocator_report,
+    allowed_bytes,
+    usable_device_bytes,
+)
 from jserve.kv_cache import MemoryBudget
 from jserve.startup_cache import FILE_NAME, StartupCache
 
@@ -174,6 +180,33 @@ def test_warmup_memory_line_reports_the_peak_against_the_usable_bytes():
             return {"bytes_in_use": 3 * 2**30, "peak_bytes_in_use": 4 * 2**30 - 2**20}
     line = memory_after_warmup(Device(), MemoryBudget(4 * 2**30, 2**30, 0, 2**29))
     assert "3.00 GiB in use, peak 4.00 GiB of 4.00 GiB usable (1.0 MiB never touched)" in line
+
+
+def test_the_allocator_report_splits_the_bytes_in_use_into_live_arrays_and_the_rest():
+    """The retry's warning (a pool array without a free block after compiling) says how much of
+    the device no array holds; a backend without statistics (CPU) gives nothing to report."""
+    import jax
+    import jax.numpy as jnp
+
+    cpu = jax.devices("cpu")[0]
+    assert allocator_report(cpu) == ""
+
+    class Device:   # the CPU device, reporting a GPU allocator's statistics
+        def memory_stats(self) -> dict:
+            return {"bytes_limit": 8 * GIB, "bytes_in_use": 3 * GIB, "num_allocs": 7,
+                    "largest_free_block_bytes": GIB // 2}
+
+        def __eq__(self, other: object) -> bool:
+            return other == cpu
+
+        __hash__ = object.__hash__
+
+    held = jax.device_put(jnp.zeros((GIB // 4 // 4,), jnp.float32), cpu).block_until_ready()
+    report = allocator_report(Device())
+    live = float(report.split("(")[1].split(" GiB")[0])
+    assert report.startswith("3.00 GiB in use (") and 0.25 <= live < 3, report
+    assert "largest free block 0.50 GiB, 7 allocations, limit 8.00 GiB" in report
+    del held
 
 
 def test_startup_cache_survives_a_damaged_file(tmp_path):
