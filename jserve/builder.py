@@ -31,13 +31,11 @@ from jserve.engine_api import BuildInfo
 from jserve.executable_cache import ExecutableCache
 from jserve.kv_cache import (
     POOL_CAP_REASON,
-    KVCache,
     MemoryBudget,
     PoolDoesNotFit,
     PoolPlan,
     abstract_kv_cache,
     addressable_pool_pages,
-    allocate_kv_cache,
     device_bytes_in_use,
     kv_bytes_per_token,
     kv_scale_bytes_per_page,
@@ -51,6 +49,7 @@ from jserve.model.shapes import NAMED_SHAPES, named_shape
 from jserve.multiprocess import LeaderRunner, StepChannel, follow
 from jserve.options import EngineArgs
 from jserve.penalty_state import state_bytes
+from jserve.pool_fit import FIT_TOLERANCE, allocated_pool, largest_fitting, pool_fits
 from jserve.runner import Runner
 from jserve.spec.config import SpeculativeConfig, spec_state_bytes
 from jserve.spec.draft import DraftModel, resolve_draft
@@ -334,17 +333,33 @@ def _local_device(mesh: Mesh) -> jax.Device:
 POOL_ATTEMPTS = 3   # pool allocations tried (each after the first with fewer pages, compiled again)
 
 
-def _compiled_runner(config: EngineConfig, params: Any, mesh: Mesh, draft: DraftModel | None,
-                     plan: PoolPlan, budget: MemoryBudget | None, cache_dir: str | None,
-                     channel: Any, progress: Callable[[str], None] | None) -> tuple[Runner, float]:
-    """A runner with every step variant compiled over ``plan``'s pool shapes (not allocated yet:
-    XLA's GPU autotuner needs device memory for its trial buffers, which a pool sized to the
-    budget would leave it without) -> (runner, seconds)."""
+def _runner(config: EngineConfig, params: Any, mesh: Mesh, draft: DraftModel | None,
+            plan: PoolPlan) -> Runner:
+    """The runner over ``plan``'s pool shapes, its own state (penalty, slot and logit state,
+    the token-automaton table) allocated, the pool not: it is allocated after the step programs
+    compile, since XLA's GPU autotuner needs device memory for its trial buffers, which a pool
+    sized to the budget would leave it without."""
+    _set_pool_shapes(None, config, mesh, draft, plan)
+    return Runner(config, params, abstract_kv_cache(config.model, plan.num_pages, config.cache.page_size,
+                                                    config.kv_dtype, mesh), mesh, draft)
+
+
+def _set_pool_shapes(runner: Runner | None, config: EngineConfig, mesh: Mesh, draft: DraftModel | None,
+                     plan: PoolPlan) -> None:
+    """The runner's (and the draft model's) abstract pool of ``plan.num_pages`` pages: what the
+    next ``compile`` lowers over (the runner's state does not depend on the page count)."""
     ps, kv_dtype = config.cache.page_size, config.kv_dtype
     if draft is not None:
         draft.kv = abstract_kv_cache(draft.cfg, plan.num_pages, ps, kv_dtype, mesh)
-    runner = Runner(config, params, abstract_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh),
-                    mesh, draft)
+    if runner is not None:
+        runner.kv = abstract_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh)
+
+
+def _compile(runner: Runner, config: EngineConfig, params: Any, mesh: Mesh, draft: DraftModel | None,
+             plan: PoolPlan, budget: MemoryBudget | None, cache_dir: str | None, channel: Any,
+             progress: Callable[[str], None] | None) -> float:
+    """Every step variant compiled over the runner's abstract pool (``plan``'s pages) -> seconds."""
+    runner.executables = None
     if cache_dir and channel is None and mesh.devices.flat[0].platform in ("gpu", "tpu"):
         runner.executables = ExecutableCache(cache_dir, engine_fingerprint(
             config, params, mesh, draft.cfg if draft else None, f"num_pages={plan.num_pages}",
@@ -355,46 +370,33 @@ def _compiled_runner(config: EngineConfig, params: Any, mesh: Mesh, draft: Draft
                 "the compiled step programs' activation peak: %.1f MiB per device, of %.1f MiB held "
                 "for activations (activation_memory_bytes)", runner.steps_peak / 2**20,
                 budget.activation_bytes / 2**20)
-    return runner, compile_s
+    return compile_s
+
+
+def _pages_that_fit(config: EngineConfig, mesh: Mesh, draft: DraftModel | None, failed: int,
+                    guess: int, hold_bytes: int) -> int:
+    """``pool_fit.largest_fitting`` by trial allocations of the pool beside ``hold_bytes``."""
+    return largest_fitting(lambda pages: pool_fits(config, mesh, draft, pages, hold_bytes), failed, guess,
+                           lambda pages: addressable_pages(config, draft.cfg if draft else None, pages))
 
 
 def _plan_that_fits(config: EngineConfig, mesh: Mesh, draft: DraftModel | None, plan: PoolPlan,
                     budget: MemoryBudget | None) -> PoolPlan:
-    """``plan`` with the pages the allocator's free blocks take now: the pool is allocated once
-    and freed again before the step programs compile for its shapes. Llama-3.1-8B on an H200 at
-    a 0.8 share (session 37, bf16 and w8a8 alike): 62 of the pool's 64 arrays found a block in
-    every start-up, and the retry after compiling (``build_engine``) compiled every program
-    twice. Holes the compile itself leaves are still caught there."""
-    for _ in range(POOL_ATTEMPTS):
-        try:
-            for a in jax.tree.leaves(_allocated_pool(config, mesh, draft, plan, budget)):
-                a.delete()
-            return plan
-        except PoolDoesNotFit as e:
-            pages = e.pages_that_fit(plan.num_pages)
-            if pages < 2:
-                raise MemoryError(f"{e}: no pool fits; lower gpu_memory_utilization or set num_pages") from e
-            pages = addressable_pages(config, draft.cfg if draft else None, pages)
-            log.warning("%s: planning %d pages instead of %d (%.1f%% fewer) before the step programs "
-                        "compile", e, pages, plan.num_pages, 100 * (1 - pages / plan.num_pages))
-            plan = dataclasses.replace(plan, num_pages=pages)
-    return plan
-
-
-def _allocated_pool(config: EngineConfig, mesh: Mesh, draft: DraftModel | None, plan: PoolPlan,
-                    budget: MemoryBudget | None) -> tuple[KVCache, KVCache | None]:
-    """The target's pool and the draft model's (or None), allocated; ``PoolDoesNotFit`` with
-    neither left allocated. The step programs' room stays free while the pool fills the rest
-    (``allocate_kv_cache``'s hold)."""
-    ps, kv_dtype = config.cache.page_size, config.kv_dtype
-    draft_kv = None if draft is None else allocate_kv_cache(draft.cfg, plan.num_pages, ps, kv_dtype, mesh)
+    """``plan`` with the pages the allocator's free blocks take now, the runner's state already
+    allocated: the pool is allocated once and freed again before the step programs compile.
+    Llama-3.1-8B on an H200 at a 0.8 share (session 37, bf16 and w8a8 alike): 62 of the pool's
+    64 arrays found a block in every start-up, and the retry after compiling (``build_engine``)
+    compiled every program twice. Holes the compile itself leaves are still caught there."""
+    hold = 0 if budget is None else budget.pool_hold_bytes
     try:
-        free = 0 if budget is None else budget.pool_hold_bytes
-        return allocate_kv_cache(config.model, plan.num_pages, ps, kv_dtype, mesh, free), draft_kv
-    except PoolDoesNotFit:
-        for a in jax.tree.leaves(draft_kv):
+        for a in jax.tree.leaves(allocated_pool(config, mesh, draft, plan.num_pages, hold)):
             a.delete()
-        raise
+        return plan
+    except PoolDoesNotFit as e:
+        pages = _pages_that_fit(config, mesh, draft, plan.num_pages, e.pages_that_fit(plan.num_pages), hold)
+        log.warning("%s: planning %d pages instead of %d (%.1f%% fewer) before the step programs "
+                    "compile", e, pages, plan.num_pages, 100 * (1 - pages / plan.num_pages))
+        return dataclasses.replace(plan, num_pages=pages)
 
 
 def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None,
@@ -461,10 +463,12 @@ def _build_engine(args: EngineArgs, progress: Callable[[str], None] | None = Non
         if budget is not None:
             log.info(budget.describe())
     plan = plan_pool(config, budget, draft.cfg if draft else None)
+    runner = _runner(config, params, mesh, draft, plan)
     if allocator_limited(_local_device(mesh)):   # (an allocation on CPU fits, or the process dies)
         plan = _plan_that_fits(config, mesh, draft, plan, budget)
     if channel is not None:   # every process must allocate the same pool
         plan = dataclasses.replace(plan, num_pages=channel.agree_min("num_pages", plan.num_pages))
+    _set_pool_shapes(runner, config, mesh, draft, plan)
     log.info("model %s (%s, %.2f GB of weights), %s",
              model_dir.path if model_dir is not None else args.model, model_cfg.dtype,
              params_bytes(params) / 1e9, plan.describe())
@@ -472,12 +476,13 @@ def _build_engine(args: EngineArgs, progress: Callable[[str], None] | None = Non
         log.info("draft model %s: %.1f MB of weights, a twin KV page per page", spec.model,
                  params_bytes(draft.params) / 1e6)
 
-    def compiled(plan: PoolPlan) -> tuple[Runner, float]:
-        return _compiled_runner(config, params, mesh, draft, plan, budget, cache_dir, channel, progress)
+    def compiled(plan: PoolPlan) -> float:
+        return _compile(runner, config, params, mesh, draft, plan, budget, cache_dir, channel, progress)
 
     before = allocator_report(_local_device(mesh))   # (for the retry's warning: what compiling took)
-    runner, compile_s = compiled(plan)   # over the pool's shapes, then the pool (_compiled_runner)
+    compile_s = compiled(plan)   # over the pool's shapes, then the pool (``_runner``)
     first_pages, page_bytes = plan.num_pages, pool_page_bytes(config, draft.cfg if draft else None)
+    hold = 0 if budget is None else budget.pool_hold_bytes
     for attempt in range(POOL_ATTEMPTS):
         last = attempt == POOL_ATTEMPTS - 1
         # Room for the compiled programs' temporaries: the activations held, plus the pages a
@@ -490,12 +495,15 @@ def _build_engine(args: EngineArgs, progress: Callable[[str], None] | None = Non
                    f"{over / 2**20:.1f} MiB")
         else:
             try:
-                runner.attach_pool(*_allocated_pool(config, mesh, draft, plan, budget))
+                runner.attach_pool(*allocated_pool(config, mesh, draft, plan.num_pages, hold))
                 break
             except PoolDoesNotFit as e:
-                pages, why = e.pages_that_fit(plan.num_pages), str(e)
                 if channel is not None or last:
                     raise MemoryError(f"{e}; lower gpu_memory_utilization or set num_pages") from e
+                why = str(e)
+                found = _pages_that_fit(config, mesh, draft, plan.num_pages, e.pages_that_fit(plan.num_pages),
+                                        hold)
+                pages = found - max(1, found // FIT_TOLERANCE)   # (room for the next compile's holes)
         pages = addressable_pages(config, draft.cfg if draft else None, pages)   # (it may enter the band)
         if pages < 2:
             raise MemoryError(f"{why}: no pool fits; lower gpu_memory_utilization or set num_pages")
@@ -505,8 +513,8 @@ def _build_engine(args: EngineArgs, progress: Callable[[str], None] | None = Non
                     "programs again for them%s", why, pages, plan.num_pages,
                     100 * (1 - pages / plan.num_pages), memory)
         plan = dataclasses.replace(plan, num_pages=pages)
-        runner, more = compiled(plan)
-        compile_s += more
+        _set_pool_shapes(runner, config, mesh, draft, plan)
+        compile_s += compiled(plan)
     compile_s += runner.warm()
     if budget is not None:
         log.info(memory_after_warmup(_local_device(mesh), budget))

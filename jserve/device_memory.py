@@ -107,14 +107,15 @@ def usable_device_bytes(device: jax.Device, utilization: float) -> int | None:
 
 
 def allocator_report(device: jax.Device) -> str:
-    """The allocator's state for a start-up warning: bytes in use, of them the live arrays' on
-    ``device`` (the rest is held by no array: compiled programs' buffers, the allocator's own),
+    """The allocator's state for a start-up warning: bytes in use, of them the live arrays' in
+    ``device``'s memory (the rest is held by no array: compiled programs' buffers, the allocator's own),
     and the largest free block (a pool array larger than it finds no room: fragmentation).
     Empty where the backend reports no statistics (CPU)."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
         return ""
-    arrays = [s.data for a in jax.live_arrays() for s in a.addressable_shards if s.device == device]
+    arrays = [s.data for a in jax.live_arrays() for s in a.addressable_shards
+              if s.device == device and a.sharding.memory_kind in (None, "device")]   # (not host memory)
     live = sum(a.nbytes for a in arrays)
     gib = 2**30
     return (f"{int(stats.get('bytes_in_use', 0)) / gib:.2f} GiB in use ({live / gib:.2f} GiB in "

@@ -13,25 +13,26 @@ import pytest
 from child_env import child_env
 
 from jserve.device_memory import FRACTION_VARS, allocator_fraction
+from jserve.pool_fit import FIT_TOLERANCE
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
 SHARE = 0.15
 
 
-def _child(model: str, context: int) -> dict:
+def _child(model: str, context: int) -> tuple[dict, str]:
     env = child_env(drop=FRACTION_VARS)
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_budget.py"), "--model", model,
                           "--context", str(context), "--gpu-memory-utilization", str(SHARE)],
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     print(out.stdout)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 
 
 @pytest.mark.parametrize("model,context", [("code-small", 512), ("qwen2.5-0.5b", 4096)])
 def test_plan_equals_the_pool_the_engine_allocates(model, context):
-    r = _child(model, context)
+    r, log = _child(model, context)
     # This process's allocator: share x device memory -> the device's memory.
     device_bytes = jax.devices()[0].memory_stats()["bytes_limit"] / allocator_fraction("gpu")
     assert abs(r["bytes_limit"] - SHARE * device_bytes) < 0.005 * device_bytes   # the share was set
@@ -40,6 +41,11 @@ def test_plan_equals_the_pool_the_engine_allocates(model, context):
     assert r["activations"] > 0
     # Warm-up ran every program over the full pool and stayed inside the share, with room left.
     assert r["peak_bytes_in_use"] < r["usable"], r
-    # Same arithmetic: equal pages, up to what the device held beyond the weights at start-up.
+    # Same arithmetic: equal pages, up to what the device held beyond the weights at start-up
+    # and the holes in the allocator's free memory, which no arithmetic sees: start-up then
+    # finds the most pages that fit by trial allocations, and says so (jserve/pool_fit.py).
     slack = -(-r["other"] // r["page_bytes"])
-    assert r["engine_pages"] <= r["plan_pages"] <= r["engine_pages"] + slack
+    assert r["engine_pages"] <= r["plan_pages"]
+    holes = r["plan_pages"] - slack - r["engine_pages"]
+    assert holes <= 0 or ("pages instead of" in log and holes <= 3 * r["plan_pages"] // FIT_TOLERANCE), \
+        [line for line in log.splitlines() if "pages instead of" in line]

@@ -401,10 +401,41 @@ def _counting_compiles(monkeypatch) -> list[int]:
     return calls
 
 
+def _room_for(monkeypatch, pages: int) -> list[int]:
+    """The allocator as a fragmented one looks to a pool: every array of a pool of more than
+    ``pages`` pages finds no free block. -> the page counts of the pools tried (one entry per
+    allocation attempt's first array)."""
+    import jax
+
+    from jserve import kv_cache
+
+    real, tried = kv_cache._filler, []
+
+    def filler(like, value):
+        fill = real(like, value)
+
+        def maybe_fail():
+            if like.shape[0] > pages:
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                                 "allocate (test)")
+            return fill()
+        return maybe_fail
+
+    def allocate(cfg, num_pages, *a, **k):
+        tried.append(num_pages)
+        return real_allocate(cfg, num_pages, *a, **k)
+
+    real_allocate = kv_cache.allocate_kv_cache
+    monkeypatch.setattr(kv_cache, "_filler", filler)
+    from jserve import pool_fit
+    monkeypatch.setattr(pool_fit, "allocate_kv_cache", allocate)
+    return tried
+
+
 def test_a_fragmented_pool_is_found_before_the_step_programs_compile(make_engine, monkeypatch, caplog):
-    """Where the allocator reports a limit, start-up allocates the pool once and frees it
-    before compiling: its third array finds no block, the plan drops to 80 * (2 - 1) / 4 = 20
-    pages, and the programs compile once, for those."""
+    """Where the allocator reports a limit, start-up allocates the pool once (beside the
+    runner's state) and frees it before compiling: 80 pages find no block, trial allocations
+    find the most that do (50), and the programs compile once, for those."""
     from engine_helpers import run_tokens
 
     from jserve import builder
@@ -412,30 +443,32 @@ def test_a_fragmented_pool_is_found_before_the_step_programs_compile(make_engine
 
     monkeypatch.setattr(builder, "allocator_limited", lambda device: True)
     compiles = _counting_compiles(monkeypatch)
-    _fail_once_at(monkeypatch, 3)
+    tried = _room_for(monkeypatch, 50)
     with caplog.at_level("WARNING", logger="jserve.builder"):
         engine = make_engine("llama", num_pages=80, max_num_batched_tokens=16, max_num_seqs=4)
-    assert "planning 20 pages instead of 80 (75.0% fewer) before the step programs compile" in caplog.text
+    assert "planning 50 pages instead of 80 (37.5% fewer) before the step programs compile" in caplog.text
     assert "compiling the step programs again" not in caplog.text and len(compiles) == 1
-    assert engine.runner.kv[0][0].shape[0] == 20 and engine.scheduler.kv.pool.num_pages == 20
+    assert tried[0] == 80 and tried[-1] == 50 and len(tried) <= 8   # the trials, then the pool
+    assert engine.runner.kv[0][0].shape[0] == 50 and engine.scheduler.kv.pool.num_pages == 50
     assert run_tokens(engine, [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0]
 
 
 def test_start_up_retries_a_fragmented_pool_with_fewer_pages_and_compiles_for_them(make_engine, monkeypatch,
                                                                                    caplog):
     """The one recovery that compiles an engine twice (holes the compile itself left; on CPU
-    there is no trial allocation before it): the pool's third array finds no block, the engine
-    starts over 80 * (2 - 1) / 4 = 20 pages, compiled for them, and serves."""
+    there is no trial allocation before it): 80 pages find no block, trial allocations find
+    the most that do (50), and the engine starts over one fewer (room for the second compile's
+    own holes), compiled for them, and serves."""
     from engine_helpers import run_tokens
 
     from jserve.sampling_params import SamplingParams
 
     compiles = _counting_compiles(monkeypatch)
-    _fail_once_at(monkeypatch, 3)
+    _room_for(monkeypatch, 50)
     with caplog.at_level("WARNING", logger="jserve.builder"):
         engine = make_engine("llama", num_pages=80, max_num_batched_tokens=16, max_num_seqs=4)
-    assert "allocating 20 pages instead of 80" in caplog.text and len(compiles) == 2
-    assert engine.runner.kv[0][0].shape[0] == 20 and engine.scheduler.kv.pool.num_pages == 20
+    assert "allocating 49 pages instead of 80" in caplog.text and len(compiles) == 2
+    assert engine.runner.kv[0][0].shape[0] == 49 and engine.scheduler.kv.pool.num_pages == 49
     assert run_tokens(engine, [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0]
 
 
