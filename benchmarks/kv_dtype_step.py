@@ -18,10 +18,13 @@ An entry ``KV+PATCH`` builds that pool with one of ``step_floor.py``'s A/B patch
 (several joined by ``/``), e.g. ``fp8+rope-write-quant-on``.
 
 ``--mixed P`` times mixed steps instead: once every sequence decodes, prompts of P tokens queue
-behind them (two admitted at a time, ``max_tokens`` 1), so each timed step carries the
-``--batch`` long-context decodes beside a prefill chunk that fills the token budget, in the
-budget's bucket. That is the launch the decode kernel's split twin serves (a large bucket's few
-decodes): ``--kv-dtypes auto,auto+attn-split-twin-off --batch 8 --mixed 4096``.
+behind them (``max_tokens`` 1; by default ``max_num_seqs`` admits two at a time), so each timed
+step carries the ``--batch`` long-context decodes beside a prefill chunk that fills the token
+budget, in the budget's bucket. Its row bucket is the smaller of that bucket and
+``--max-num-seqs``: the decode kernel's split twin serves a large row bucket's few decodes (the
+8B: 33 rows or more), so its A/B needs a serving-sized ``max_num_seqs`` (session 51: at the
+default, 10 rows, the twin does not exist and the A/B measured noise): ``--kv-dtypes
+auto,auto+attn-split-twin-off --batch 8 --mixed 4096 --max-num-seqs 256``.
 
 Qwen2.5-0.5B at 16 x 8k reads ~1.6 GB of bf16 K/V per step against 1 GB of weights, so the
 attention's page reads (and their dequantization) dominate the step.
@@ -117,19 +120,21 @@ def print_kernels(kernels: list[tuple[float, float, str]], calls: int, top: int 
 
 def one(model: str, kv: str, context: int, batch: int, steps: int, dump: str | None = None,
         trace: str | None = None, cache_dir: str | None = None,
-        mixed: int = 0) -> tuple[int, float, float, int]:
+        mixed: int = 0, max_num_seqs: int = 0) -> tuple[int, float, float, int]:
     """-> (pool pages, median ms per step of the engine, the same device-fed (``device_fed``),
     page size) for one KV dtype; ``dump``: a folder for the timed step's optimized program
     (``<kv>.decode_step.hlo.txt``, for ``hlo_kernels.py``); ``cache_dir``: the engine's
     compilation cache (None: the default); ``mixed``: > 0, every timed step also prefills a
-    chunk of queued prompts of that many tokens (the module's ``--mixed``)."""
+    chunk of queued prompts of that many tokens (the module's ``--mixed``); ``max_num_seqs``: the
+    engine's (0: ``batch``, plus 2 with ``mixed``)."""
     budget = 2048
     # Every sequence decodes to the end: the first prompts decode while the last are prefilled
     # (~batch x context / budget steps), then the 4 + 4 x steps timed steps and device_fed's one
     # (the earliest sequences end ~batch x context / budget tokens past the context).
     room = -(-batch * context // budget) + 5 * steps + 32
     eng = build_engine(EngineArgs(model=model, random_weights=True, dtype="bfloat16",
-                                  kv_cache_dtype=kv, max_num_seqs=batch + 2 * (mixed > 0),
+                                  kv_cache_dtype=kv,
+                                  max_num_seqs=max_num_seqs or batch + 2 * (mixed > 0),
                                   max_num_batched_tokens=budget, max_model_len=max(context + room, mixed + 1),
                                   compilation_cache_dir=cache_dir))
     rng = np.random.default_rng(0)
@@ -181,6 +186,9 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="folder for a profiler trace of each device-fed step")
     ap.add_argument("--mixed", type=int, default=0, help="> 0: time mixed steps, the decodes beside "
                     "a prefill chunk of queued prompts of this many tokens")
+    ap.add_argument("--max-num-seqs", type=int, default=0, help="the engine's (0: --batch, plus 2 "
+                    "with --mixed); the row bucket of a mixed step is the smaller of its token "
+                    "bucket and this")
     ns = ap.parse_args()
     rows = []
     for entry in ns.kv_dtypes.split(","):
@@ -191,7 +199,7 @@ def main() -> None:
                 patches.enter_context(patched(patch))
             cache = ab_cache_dir(entry) if ab else None   # patched programs apart from the default's
             rows.append((entry, *one(ns.model, kv, ns.context, ns.batch, ns.steps, ns.dump, ns.trace, cache,
-                                     mixed=ns.mixed)))
+                                     mixed=ns.mixed, max_num_seqs=ns.max_num_seqs)))
         print(f"  {entry}: {rows[-1][1]} pages, {rows[-1][2]:.3f} ms per step, "
               f"{rows[-1][3]:.3f} device-fed", flush=True)
     beside = f", beside a prefill chunk of {ns.mixed}-token prompts" if ns.mixed else ""
