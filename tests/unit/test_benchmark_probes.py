@@ -175,11 +175,12 @@ def test_patched_engines_keep_their_programs_apart(monkeypatch, tmp_path):
     assert a != b and all(p.startswith(str(tmp_path / "jserve" / "xla" / "ab")) for p in (a, b))
     seen = []
     monkeypatch.setattr(kv_dtype_step, "one",
-                        lambda *a, mixed: seen.append((a[-1], mixed)) or (10, 1.0, 1.0, 16))
+                        lambda *a, mixed, max_num_seqs: seen.append((a[-1], mixed, max_num_seqs))
+                        or (10, 1.0, 1.0, 16))
     monkeypatch.setattr("sys.argv", ["kv_dtype_step", "--kv-dtypes", "auto,fp8+rope-write-quant-on",
-                                     "--mixed", "4096"])
+                                     "--mixed", "4096", "--max-num-seqs", "256"])
     kv_dtype_step.main()
-    assert seen == [(None, 4096), (a, 4096)]
+    assert seen == [(None, 4096, 256), (a, 4096, 256)]
 
 
 def test_offline_attention_counts_programs_per_sm():
