@@ -42,7 +42,8 @@ def largest_fitting(fits: Callable[[int], bool], failed: int, guess: int,
     lo = round_pages(min(guess if guess >= 2 else failed * 3 // 4, failed - 1))
     while True:
         if lo < 2:
-            raise MemoryError(f"no KV pool of 2 pages or more fits ({failed} pages did not)")
+            raise MemoryError(f"no KV pool of 2 pages or more fits ({failed} pages did not); lower "
+                              "gpu_memory_utilization or set num_pages")
         if fits(lo):
             break
         hi, lo = lo, round_pages(lo * 3 // 4)
