@@ -81,6 +81,27 @@ def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
                      "engine (%s)", kept / 2**20, cache.path)
             return kept
     t0 = time.perf_counter()
+    peak, move, count, largest = _probe(config, params, mesh, draft)
+    # The probe runner sits in reference cycles (its split programs and speculative steps hold
+    # it): collected only now, after _probe's frame let go of it. Collected inside that frame
+    # (as before session 51), it outlived the probe until some later collection, and its state
+    # (the token-automaton table: 32 MiB for the bundled model, 0.25 GiB for a 128k vocabulary)
+    # was freed only after the real runner's state was allocated beyond it, leaving a hole that
+    # no pool array fits (H100: the bundled model's pool then missed by tens of MiB).
+    gc.collect()
+    log.info("activation peak: %.1f MiB per device: the largest of %d step programs of %d tokens "
+             "(%.1f MiB) + the largest page move to host memory (%.1f MiB); measured in %.1f s",
+             (peak + move) / 2**20, count, largest, peak / 2**20, move / 2**20,
+             time.perf_counter() - t0)
+    if fingerprint is not None:
+        cache.put(fingerprint, "activation_bytes", peak + move)
+    return peak + move
+
+
+def _probe(config: EngineConfig, params: Any, mesh: Mesh,
+           draft: DraftModel | None) -> tuple[int, int, int, int]:
+    """The probe runner's measurements -> (largest step peak, largest page move, step programs
+    measured, the largest token bucket)."""
     kv = abstract_kv_cache(config.model, PROBE_PAGES, config.cache.page_size, config.kv_dtype, mesh)
     probe_draft = None
     if draft is not None:
@@ -111,15 +132,7 @@ def measure_activation_bytes(config: EngineConfig, params: Any, mesh: Mesh,
     move = mover_peak_bytes(runner.mover.lower_largest_moves(runner.kv))
     if runner.spec_steps is not None and runner.spec_steps.mover is not None:
         move += mover_peak_bytes(runner.spec_steps.mover.lower_largest_moves(probe_draft.kv))
-    del runner, compiled
-    gc.collect()   # the probe's slot and penalty state go before the pool is allocated
-    log.info("activation peak: %.1f MiB per device: the largest of %d step programs of %d tokens "
-             "(%.1f MiB) + the largest page move to host memory (%.1f MiB); measured in %.1f s",
-             (peak + move) / 2**20, count, largest, peak / 2**20, move / 2**20,
-             time.perf_counter() - t0)
-    if fingerprint is not None:
-        cache.put(fingerprint, "activation_bytes", peak + move)
-    return peak + move
+    return peak, move, count, largest
 
 
 def estimate_activation_bytes(config: EngineConfig, draft: ModelConfig | None = None) -> int:
