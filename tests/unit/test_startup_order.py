@@ -3,13 +3,13 @@ pool (XLA's GPU autotuner needs the memory a full pool would take; RESULTS_v2_se
 
 import jax
 
-import jserve.builder as builder
+import jserve.pool_fit as pool_fit
 from jserve.runner import Runner
 
 
 def test_steps_compile_before_the_pool_is_allocated(make_engine, monkeypatch):
     events = []
-    allocate, compile_ = builder.allocate_kv_cache, Runner.compile
+    allocate, compile_ = pool_fit.allocate_kv_cache, Runner.compile
 
     def record_allocate(*a, **k):
         events.append("allocate")
@@ -19,7 +19,7 @@ def test_steps_compile_before_the_pool_is_allocated(make_engine, monkeypatch):
         events.append(("compile", all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.kv))))
         return compile_(self, *a, **k)
 
-    monkeypatch.setattr(builder, "allocate_kv_cache", record_allocate)
+    monkeypatch.setattr(pool_fit, "allocate_kv_cache", record_allocate)
     monkeypatch.setattr(Runner, "compile", record_compile)
     engine = make_engine(max_num_batched_tokens=16)
     assert events == [("compile", True), "allocate"]
