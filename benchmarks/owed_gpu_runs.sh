@@ -78,7 +78,8 @@ h2)
   # step; attn-minblocks1 -0.2 to -0.4% at batch 1 (session 44's H100 rows: -0.13% at 4 decode
   # rows, +0.23% at 16, the null control). On only if it wins at batch 1 by 0.3% or more here.
   # (Session 46, H100: fp8 + lm_head 3.667 ms against bf16's 5.891 in one call, 1.61x; int8 +
-  # lm_head 3.759 ms on the same machine, 1.57x.)
+  # lm_head 3.759 ms on the same machine, 1.57x. Session 51 ran this case on an H100: 1.61x /
+  # 1.56x, attn-minblocks1 -0.3 to -0.5%, the 8-token bucket's fp8 1.62x.)
   timeout 300 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization none,int8+lm_head,fp8+lm_head --ab attn-minblocks1 > "$OUT/h2_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step.txt"
