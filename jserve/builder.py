@@ -49,7 +49,7 @@ from jserve.model.shapes import NAMED_SHAPES, named_shape
 from jserve.multiprocess import LeaderRunner, StepChannel, follow
 from jserve.options import EngineArgs
 from jserve.penalty_state import state_bytes
-from jserve.pool_fit import FIT_TOLERANCE, allocated_pool, largest_fitting, pool_fits
+from jserve.pool_fit import FIT_TOLERANCE, allocated_pool, largest_fitting, pool_fits, pool_miss
 from jserve.runner import Runner
 from jserve.spec.config import SpeculativeConfig, spec_state_bytes
 from jserve.spec.draft import DraftModel, resolve_draft
@@ -388,15 +388,13 @@ def _plan_that_fits(config: EngineConfig, mesh: Mesh, draft: DraftModel | None, 
     64 arrays found a block in every start-up, and the retry after compiling (``build_engine``)
     compiled every program twice. Holes the compile itself leaves are still caught there."""
     hold = 0 if budget is None else budget.pool_hold_bytes
-    try:
-        for a in jax.tree.leaves(allocated_pool(config, mesh, draft, plan.num_pages, hold)):
-            a.delete()
+    e = pool_miss(config, mesh, draft, plan.num_pages, hold)
+    if e is None:
         return plan
-    except PoolDoesNotFit as e:
-        pages = _pages_that_fit(config, mesh, draft, plan.num_pages, e.pages_that_fit(plan.num_pages), hold)
-        log.warning("%s: planning %d pages instead of %d (%.1f%% fewer) before the step programs "
-                    "compile", e, pages, plan.num_pages, 100 * (1 - pages / plan.num_pages))
-        return dataclasses.replace(plan, num_pages=pages)
+    pages = _pages_that_fit(config, mesh, draft, plan.num_pages, e.pages_that_fit(plan.num_pages), hold)
+    log.warning("%s: planning %d pages instead of %d (%.1f%% fewer) before the step programs "
+                "compile", e, pages, plan.num_pages, 100 * (1 - pages / plan.num_pages))
+    return dataclasses.replace(plan, num_pages=pages)
 
 
 def build_engine(args: EngineArgs, progress: Callable[[str], None] | None = None,

@@ -74,13 +74,20 @@ def allocated_pool(config: EngineConfig, mesh: Mesh, draft: DraftModel | None, n
         raise
 
 
-def pool_fits(config: EngineConfig, mesh: Mesh, draft: DraftModel | None, num_pages: int,
-              hold_bytes: int) -> bool:
-    """A trial: whether ``allocated_pool`` finds room now (nothing stays allocated)."""
+def pool_miss(config: EngineConfig, mesh: Mesh, draft: DraftModel | None, num_pages: int,
+              hold_bytes: int) -> PoolDoesNotFit | None:
+    """A trial: None when ``allocated_pool`` finds room now, else its miss (nothing stays
+    allocated either way)."""
     try:
         pools = allocated_pool(config, mesh, draft, num_pages, hold_bytes)
-    except PoolDoesNotFit:
-        return False
+    except PoolDoesNotFit as e:
+        return e
     for a in jax.tree.leaves(pools):
         a.delete()
-    return True
+    return None
+
+
+def pool_fits(config: EngineConfig, mesh: Mesh, draft: DraftModel | None, num_pages: int,
+              hold_bytes: int) -> bool:
+    """A trial: whether ``allocated_pool`` finds room now (``pool_miss`` is None)."""
+    return pool_miss(config, mesh, draft, num_pages, hold_bytes) is None

@@ -410,7 +410,7 @@ def _counting_compiles(monkeypatch) -> list[int]:
 def _room_for(monkeypatch, pages: int) -> list[int]:
     """The allocator as a fragmented one looks to a pool: every array of a pool of more than
     ``pages`` pages finds no free block. -> the page counts of the pools tried (one entry per
-    allocation attempt's first array)."""
+    allocation attempt)."""
     import jax
 
     from jserve import kv_cache
