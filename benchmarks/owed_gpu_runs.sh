@@ -5,7 +5,8 @@
 # history (sessions 7-51 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, one block per split, and the 8-token bucket; session 51 ran it on an H100), f (the
-# GPU memory test after session 51's pool fit), mt (the twin at a mixed step of the 8B, now in
+# GPU memory test after session 51's pool fit), ws (session 52's warp-specialized decode
+# kernel), mt (the twin at a mixed step of the 8B, now in
 # a 256-row bucket), q85 (the decode kernel's read at issue 13's own shape), qgs (the gate
 # epilogue's variants on the device clock), ae (the engine's own bf16 decode executable slower than a recompile of
 # it), lt (issue 12: where the speculating step's launch goes), b2, o, u, w, m, u1, spt
@@ -101,6 +102,22 @@ mt)
     --max-num-seqs 256 --kv-dtypes auto,auto+attn-split-twin-off,fp8,fp8+attn-split-twin-off \
     > "$OUT/mt_step.txt" 2>&1
   grep "^|\|^##\|rror\|ms per step" "$OUT/mt_step.txt"
+  ;;
+ws)
+  # Session 52's warp-specialized decode kernel (mgpu_decode_ws: one CTA per SM, a memory
+  # warpgroup streaming 128 x 128 weight tiles through an 8-deep ring, two consumers of 64 rows
+  # each) at issue 13's shape beside the default (64 x 256 tiles, 4 stages, async_acc, two CTAs
+  # per SM), int8 and e4m3, M = 16 and 1; then the 8B's int8 + lm_head batch-1 step with it
+  # (qkv, o, down and the lm_head take it; gate/up keeps gated.py). Prediction: the kernel 5-10
+  # points of the read ceiling above the default at 16 tokens (the bare ring of 64 x 128 tiles
+  # read 88% at gate/up on the H200, session 38; here no step's body delays a refill), the
+  # unsplit rows best at [14336, 4096] (no partials); the step -1 to -3%.
+  timeout 300 python3 benchmarks/decode_stream.py --shape 14336x4096 --ms 16,1 --layouts "" --rounds 1 \
+    --kernels ws --iters 20 --trace-dir /tmp/ws > "$OUT/ws.txt" 2>&1
+  grep "^|\|^int8\|rror" "$OUT/ws.txt" | head -40
+  timeout 250 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8+lm_head --ab quant-ws > "$OUT/ws_step.txt" 2>&1
+  grep "^##\|^| A\|rror" "$OUT/ws_step.txt"
   ;;
 q85)
   # Issue 13's read target at its own shape: x [M, 4096] @ W [4096, 14336] (the weight [N, K] =
