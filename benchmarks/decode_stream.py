@@ -146,14 +146,14 @@ def ws_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> No
     """The warp-specialized kernel (``mgpu_decode_ws``: one CTA per SM, a memory warpgroup, two
     consumers of 64 rows) beside the default, int8 and e4m3 weights with a bf16 x: its rule's
     config (``mgpu.warp_specialized_config``), then K unsplit and split 2 (fewer partials, fewer
-    CTAs), each at 4 stages and at the rule's depth."""
+    CTAs), each at 4 stages and at the rule's depth; the rule's config with ``async_acc`` flipped."""
     m, k = x.shape
     n = copies[0][0].shape[0]
     default = mgpu.kernel_config(m, n, k)
     rule = mgpu.warp_specialized_config(mgpu.padded_tokens(m), n, k)
     if rule is None:
         return
-    cfgs = [default, rule]
+    cfgs = [default, rule, dataclasses.replace(rule, async_acc=not rule.async_acc)]
     for split in (1, 2, rule.split_k):
         units = n // rule.block_n * split
         per = -(-units // min(mgpu_decode.sm_count(), units))

@@ -139,7 +139,8 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
 def warp_specialized_config(mp: int, n: int, k: int) -> DecodeConfig | None:
     """``mgpu_decode_ws``'s config for x [Mp, K] @ w [N, K]^T, or None where it does not tile:
     128-row units (64 per consumer) in 128-column steps, the ring as deep as ``DECODE_WS_SMEM``
-    allows (up to ``DECODE_WS_MAX_STAGES``), K split for one CTA per SM."""
+    allows (up to ``DECODE_WS_MAX_STAGES``), K split for one CTA per SM, ``async_acc`` as the
+    single-warpgroup kernel's."""
     bn, bk = mgpu_decode_ws.CONSUMERS * mgpu_decode_ws.CONSUMER_ROWS, 128
     if mp > 64 or n % bn or k % bk:
         return None
@@ -147,7 +148,7 @@ def warp_specialized_config(mp: int, n: int, k: int) -> DecodeConfig | None:
     cfg = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages, ctas_per_sm=1,
                                     store_mn=DECODE_STORE_MN)
     cfg = dataclasses.replace(cfg, warp_specialized=True, exit_read_only=DECODE_EXIT_READ_ONLY,
-                              int8_f16_bits=DECODE_INT8_F16_BITS)
+                              async_acc=DECODE_ASYNC, int8_f16_bits=DECODE_INT8_F16_BITS)
     return cfg if mgpu_decode_ws.supports(mp, n, k, cfg) else None
 
 

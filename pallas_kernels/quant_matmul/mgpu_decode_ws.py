@@ -30,7 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig, smem_transforms, tile_product
+from pallas_kernels.quant_matmul import mgpu_decode as md
+from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig
 
 CONSUMERS = 2         # compute warpgroups per CTA, each owning 64 rows of the unit
 CONSUMER_ROWS = 64    # weight rows per consumer (one wgmma M)
@@ -39,12 +40,12 @@ MEMORY_REGISTERS = 40   # the memory warpgroup's registers per thread (setmaxnre
 
 def supports(mp: int, n: int, k: int, config: DecodeConfig) -> bool:
     """Whether the warp-specialized kernel tiles x [Mp, K] @ w [N, K]^T with ``config``: units
-    of CONSUMERS x 64 rows, TMA steps of at most 128 columns (one wgmma chunk per step), no
-    x_resident / async_acc / pdl (the single-warpgroup kernel's options)."""
+    of CONSUMERS x 64 rows, TMA steps of at most 128 columns (one wgmma chunk per step), a ring of
+    3+ stages with ``async_acc`` (its slots free a step late), no x_resident / pdl."""
     return (mp <= 64 and mp % 8 == 0 and config.block_n == CONSUMERS * CONSUMER_ROWS
             and n % config.block_n == 0 and config.block_k in (64, 128)
             and k % (config.block_k * config.split_k) == 0 and config.per_cta > 0
-            and config.stages >= 2 and not (config.x_resident or config.async_acc or config.pdl))
+            and config.stages >= 2 + config.async_acc and not (config.x_resident or config.pdl))
 
 
 def decode_matmul_ws(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: jnp.dtype,
@@ -78,9 +79,11 @@ def decode_matmul_ws(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: 
         def kblock(i):
             return unit(c, i)[1] * steps + lax.rem(i, steps)
 
+        release = 1 if cfg.async_acc else 0   # async: a step's slot is released a step later
         w_spec = plgpu.BlockSpec((bn, bk), lambda i: (unit(c, i)[0], kblock(i)),
-                                 transforms=smem_transforms(w.dtype, bk))
-        x_spec = plgpu.BlockSpec((mp, bk), lambda i: (0, kblock(i)), transforms=smem_transforms(a_dtype, bk))
+                                 transforms=md.smem_transforms(w.dtype, bk), delay_release=release)
+        x_spec = plgpu.BlockSpec((mp, bk), lambda i: (0, kblock(i)),
+                                 transforms=md.smem_transforms(a_dtype, bk), delay_release=release)
         count = per_cta if count_static else jnp.minimum(per_cta, units - c * per_cta)
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(count * steps,), memory_registers=MEMORY_REGISTERS, in_specs=[w_spec, x_spec],
@@ -108,26 +111,50 @@ def decode_matmul_ws(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: 
             i = idx[0]
             a = a_smem[0].at[wg] if via_smem else None
             carry = carry + pl.run_scoped(
-                lambda acc: tile_product(acc, w_smem.at[half], x_smem, fp8=fp8, a_smem=a,
+                lambda acc: md.tile_product(acc, w_smem.at[half], x_smem, fp8=fp8, a_smem=a,
                                          int8_bits=cfg.int8_f16_bits),
                 plgpu.ACC((rows, mp), jnp.float32))
             last = lax.rem(i, steps) == steps - 1
             pl.when(last)(lambda: flush(carry, i))
             return lax.cond(last, lambda v: zero(), lambda v: v, carry)
 
+        def async_body(idx, w_smem, x_smem, carry):   # async_acc: ``mgpu_decode``'s, per consumer
+            acc, before = carry   # the accumulator of every unit so far; its value when this began
+            i = idx[0]
+            a = a_smem[0].at[wg] if via_smem else None
+            md.issue_product(acc, w_smem.at[half], x_smem, fp8=fp8, a_smem=a, pending=True,
+                             int8_bits=cfg.int8_f16_bits)
+
+            def unit_done(before):   # waits for every wgmma: the running sum less the units before
+                total = acc[...]
+                flush(total - before, i)
+                return total
+
+            def step_done(before):   # the step before's wgmmas are done: its slot may be released
+                plgpu.wgmma_wait(md.wgmmas_per_tile(bk))
+                return before
+
+            return acc, lax.cond(lax.rem(i, steps) == steps - 1, unit_done, step_done, before)
+
         def context(run):   # the consumers' carry, from zero; nothing after the last unit's flush
             run(zero())
 
-        pipeline(body, context)(w_gmem, x_gmem)
+        def async_context(run):
+            pl.run_scoped(lambda acc: run((acc, zero())), plgpu.ACC((rows, mp), jnp.float32))
+
+        if cfg.async_acc:
+            pipeline(async_body, async_context)(w_gmem, x_gmem)
+        else:
+            pipeline(body, context)(w_gmem, x_gmem)
         plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.exit_read_only)
 
     tile_shape = (mp, rows) if cfg.store_mn else (rows, mp)
     scratch = [plgpu.SMEM((CONSUMERS, *tile_shape), jnp.float32,
-                          transforms=smem_transforms(jnp.float32, tile_shape[1]))]
+                          transforms=md.smem_transforms(jnp.float32, tile_shape[1]))]
     if via_smem:
         chunk = min(bk, 128)
         scratch.append(plgpu.SMEM((CONSUMERS, rows, chunk), a_dtype,
-                                  transforms=smem_transforms(a_dtype, chunk)))
+                                  transforms=md.smem_transforms(a_dtype, chunk)))
     out = jax.ShapeDtypeStruct((split * mp, n) if cfg.store_mn else (split * n, mp), jnp.float32)
     f = plgpu.kernel(
         kernel, out_type=out, grid=(ctas,), grid_names=("c",), num_threads=CONSUMERS + 1, thread_name="wg",

@@ -167,6 +167,11 @@ MGPU_CASES = {
                                          warp_specialized=True)),
     "ws_w8a8_m16_mn": (16, 384, 256, FP8, True,
                        DecodeConfig(128, 128, 4, split_k=2, per_cta=2, store_mn=True, warp_specialized=True)),
+    "ws_async_int8_m5_ragged": (5, 896, 256, jnp.int8, False,
+                                DecodeConfig(128, 64, 3, split_k=2, per_cta=3, store_mn=True, async_acc=True,
+                                             warp_specialized=True)),
+    "ws_async_w8a8_m8_out_t": (8, 256, 512, FP8, True,
+                               DecodeConfig(128, 128, 4, per_cta=2, async_acc=True, warp_specialized=True)),
 }
 
 
