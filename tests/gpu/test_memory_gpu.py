@@ -39,8 +39,14 @@ def test_plan_equals_the_pool_the_engine_allocates(model, context):
     assert r["usable"] <= r["bytes_limit"]
     assert (r["weights"], r["state"]) == (r["plan_weights"], r["plan_state"])
     assert r["activations"] > 0
-    # Warm-up ran every program over the full pool and stayed inside the share, with room left.
-    assert r["peak_bytes_in_use"] < r["usable"], r
+    # Warm-up ran every program over the full pool (out of memory, the child fails) and stayed
+    # inside the share, with room left. The allocator's peak before it can be the whole share:
+    # the pool's last array, allocated beside the hold, may take its free block's rest (H100,
+    # 2026-12-06: Qwen2.5-0.5B's peak equalled the limit, with the pool as planned); only a peak
+    # warm-up itself set says how near the share warm-up came.
+    assert r["peak_before_warmup"] > 0
+    if r["peak_bytes_in_use"] > r["peak_before_warmup"]:
+        assert r["peak_bytes_in_use"] < r["usable"], r
     # Same arithmetic: equal pages, up to what the device held beyond the weights at start-up
     # and the holes in the allocator's free memory, which no arithmetic sees: start-up then
     # finds the most pages that fit by trial allocations, and says so (jserve/pool_fit.py).
