@@ -45,7 +45,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.device_clock import KernelClock, add_clock_arguments, read_ceiling
 from benchmarks.quant_matmul import ceilings, rel
-from pallas_kernels.quant_matmul import mgpu, mgpu_decode, mgpu_decode_ws
+from pallas_kernels.quant_matmul import mgpu, mgpu_decode
 from pallas_kernels.quant_matmul import reference as ref
 
 
@@ -139,37 +139,7 @@ def config_label(cfg: mgpu_decode.DecodeConfig, n: int, int8_f16: bool = False) 
     meet an f16 x, and the label says how the weight is converted)."""
     convert = (", int8 f16 bits" if cfg.int8_f16_bits else ", Mosaic's convert") if int8_f16 else ""
     return (f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, {cfg.ctas(n)} CTAs"
-            + ", async" * cfg.async_acc + ", warp-specialized" * cfg.warp_specialized + convert)
-
-
-def ws_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
-    """The warp-specialized kernel (``mgpu_decode_ws``: one CTA per SM, a memory warpgroup, two
-    consumers of 64 rows) beside the default, int8 and e4m3 weights with a bf16 x: its rule's
-    config (``mgpu.warp_specialized_config``), then K unsplit and split 2 (fewer partials, fewer
-    CTAs), each at 4 stages and at the rule's depth; the rule's config with ``async_acc`` flipped."""
-    m, k = x.shape
-    n = copies[0][0].shape[0]
-    default = mgpu.kernel_config(m, n, k)
-    rule = mgpu.warp_specialized_config(mgpu.padded_tokens(m), n, k)
-    if rule is None:
-        return
-    cfgs = [default, rule, dataclasses.replace(rule, async_acc=not rule.async_acc)]
-    for split in (1, 2, rule.split_k):
-        units = n // rule.block_n * split
-        per = -(-units // min(mgpu_decode.sm_count(), units))
-        for stages in (4, rule.stages):
-            cfg = dataclasses.replace(rule, split_k=split, per_cta=per, stages=stages)
-            if cfg not in cfgs and mgpu_decode_ws.supports(mgpu.padded_tokens(m), n, k, cfg):
-                cfgs.append(cfg)
-    fp8 = [ref.quantize_weight(q.astype(jnp.float32) * s.astype(jnp.float32)[:, None], mgpu.FP8)
-           for q, s in copies]   # the same weights in e4m3 (dequantized, then quantized again)
-    for wname, ws in (("int8", copies), ("fp8", fp8)):
-        want = ref.w8a16_matmul(x, *ws[0], out_dtype=jnp.float32)
-        for cfg in cfgs:
-            fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731
-            got = checked_time(fn, x, ws, want, clock, iters, reps, f"{wname} {cfg}")
-            if got is not None:
-                add(f"{wname} weight, M={m} (rel err {got[0]:.1e})", config_label(cfg, n), got[1])
+            + ", async" * cfg.async_acc + convert)
 
 
 def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
@@ -251,7 +221,7 @@ def main() -> None:
                     help="kernel rows: mosaic (the default, every split of K, 128-row tiles, deep rings "
                          "on one CTA per SM), mosaic1 (the default only), gated (N = 2I: the gate/up "
                          "kernel with its SiLU gate beside the default kernel + XLA's gate), dtypes (int8 / "
-                         "e4m3 weights with a bf16 / f16 x), ws (the warp-specialized kernel's configs)")
+                         "e4m3 weights with a bf16 / f16 x)")
     add_clock_arguments(ap, "/tmp/decode_stream_trace")
     ns = ap.parse_args()
     kclock = KernelClock(ns.clock, ns.trace_dir)
@@ -382,8 +352,6 @@ def main() -> None:
             gated_rows(x, copies, clock, add, ns.iters, ns.reps)
         if "dtypes" in kernels:
             dtype_rows(x, copies, clock, add, ns.iters, ns.reps)
-        if "ws" in kernels:
-            ws_rows(x, copies, clock, add, ns.iters, ns.reps)
         section()
 
 

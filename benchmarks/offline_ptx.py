@@ -101,10 +101,7 @@ def main() -> None:
     ap.add_argument("--variants", default="default",
                     help="comma list: default (the engine's config), or DecodeConfig boolean fields "
                          "joined by +, each set true, or false as NAME=0 (int8_f16_bits=0)")
-    ap.add_argument("--warp-specialized", action="store_true",
-                    help="the decode kernel's warp-specialized form (mgpu.DECODE_WARP_SPECIALIZED)")
     ns = ap.parse_args()
-    mgpu.DECODE_WARP_SPECIALIZED = ns.warp_specialized
     n, k = (int(v) for v in ns.shape.split("x"))
     sharding = h200_sharding()
     base = (mgpu.silu_gate_config(ns.m, n, k, sms=132) if ns.kernel == "gated"

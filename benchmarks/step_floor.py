@@ -199,8 +199,6 @@ MODULE_PATCHES = {
     "quant-stages8": ("pallas_kernels.quant_matmul.mgpu", "DECODE_MAX_STAGES", 8),
     # 128-row decode units (256-column steps at 16 tokens): half the x tile bytes per weight byte
     "quant-bn128": ("pallas_kernels.quant_matmul.mgpu", "DECODE_BLOCK_N", 128),
-    # the warp-specialized decode kernel (mgpu_decode_ws: a memory warpgroup, two consumers)
-    "quant-ws": ("pallas_kernels.quant_matmul.mgpu", "DECODE_WARP_SPECIALIZED", True),
     # the o / down projections' split-K sum, residual add and next RMSNorm back in XLA's two
     # kernels (the engine's default since session 37: one Mosaic GPU kernel, residual_norm.py)
     "quant-residual-norm-off": ("pallas_kernels.quant_matmul.api", "RESIDUAL_NORM_ON_HOPPER", False),

@@ -48,7 +48,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.hopper import on_hopper as on_hopper  # (mgpu.on_hopper: the dispatchers, tests)
 from pallas_kernels.kv_write import rope_write
-from pallas_kernels.quant_matmul import gated, mgpu_decode, mgpu_decode_ws, reference, residual_norm
+from pallas_kernels.quant_matmul import gated, mgpu_decode, reference, residual_norm
 from pallas_kernels.quant_matmul.mgpu_decode import DecodeConfig, finish, smem_transforms
 
 FP8 = reference.FP8
@@ -99,10 +99,6 @@ DECODE_INT8_F16_BITS = True   # its and ``gated``'s ``int8_f16_bits`` (off: step
 #                              quant-int8-f16-bits-off; H100, 2026-12-06: the float16 8B's int8 +
 #                              lm_head batch-1 step 4.214 -> 3.745 ms, the bf16 model's 3.759)
 DECODE_MAX_STAGES = 4     # its deepest ring (8: step_floor --ab quant-stages8)
-DECODE_WARP_SPECIALIZED = False   # its warp-specialized form (``mgpu_decode_ws``: one CTA per SM,
-#                                   a memory warpgroup, two consumers; on: step_floor --ab quant-ws)
-DECODE_WS_SMEM = 200 * 1024   # that form's TMA ring per CTA (one CTA per SM: 227 KB of SMEM)
-DECODE_WS_MAX_STAGES = 8      # and its deepest ring
 DECODE_BLOCK_N = 64       # its weight rows per unit (128: step_floor --ab quant-bn128, which halves
 #                           the x tile bytes per weight byte at 16 tokens: H200, 2026-12-05, the 8B's
 #                           int8 + lm_head batch-1 step 3.485 ms against 3.283, refuted)
@@ -122,9 +118,6 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
     10-12 points of the HBM read above the 64 x 512, 2-stage ring this rule picks, which the
     kernel reads at: the step A/B ``DECODE_BLOCK_K`` is owed, benchmarks/owed_gpu_runs.sh qk.)"""
     mp, bn = padded_tokens(m), DECODE_BLOCK_N
-    ws = warp_specialized_config(mp, n, k) if DECODE_WARP_SPECIALIZED else None
-    if ws is not None:
-        return ws
     if mp <= 64 and n % bn == 0 and k % 128 == 0:
         bk, stages = _decode_ring(mp, k, bn, ahead=3 if DECODE_ASYNC else 2)
         dec = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages,
@@ -134,29 +127,6 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
         if mgpu_decode.supports(mp, n, k, dec):
             return dec
     return default_config(m, n, k)
-
-
-def warp_specialized_config(mp: int, n: int, k: int) -> DecodeConfig | None:
-    """``mgpu_decode_ws``'s config for x [Mp, K] @ w [N, K]^T, or None where it does not tile:
-    128-row units (64 per consumer) in 128-column steps, the ring as deep as ``DECODE_WS_SMEM``
-    allows (up to ``DECODE_WS_MAX_STAGES``), K split for one CTA per SM, ``async_acc`` as the
-    single-warpgroup kernel's."""
-    bn, bk = mgpu_decode_ws.CONSUMERS * mgpu_decode_ws.CONSUMER_ROWS, 128
-    if mp > 64 or n % bn or k % bk:
-        return None
-    stages = max(2, min(DECODE_WS_MAX_STAGES, DECODE_WS_SMEM // ((bn + 2 * mp) * bk)))
-    cfg = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages, ctas_per_sm=1,
-                                    store_mn=DECODE_STORE_MN)
-    cfg = dataclasses.replace(cfg, warp_specialized=True, exit_read_only=DECODE_EXIT_READ_ONLY,
-                              async_acc=DECODE_ASYNC, int8_f16_bits=DECODE_INT8_F16_BITS)
-    return cfg if mgpu_decode_ws.supports(mp, n, k, cfg) else None
-
-
-def decode_parts(xp: jax.Array, w: jax.Array, cfg: DecodeConfig, interpret: bool) -> jax.Array:
-    """The persistent decode kernel's float32 partials for xp [Mp, K] @ w [N, K]^T
-    (``mgpu_decode.decode_matmul_t``'s contract), in its warp-specialized form where ``cfg`` says."""
-    kernel = mgpu_decode_ws.decode_matmul_ws if cfg.warp_specialized else mgpu_decode.decode_matmul_t
-    return kernel(xp, w, config=cfg, fp8=FP8, interpret=interpret)
 
 
 def _decode_ring(mp: int, k: int, rows: int, ahead: int = 2) -> tuple[int, int]:
@@ -182,7 +152,7 @@ def supports(x: jax.Array, w: jax.Array, act_quant: bool,
     if not act_quant and jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return False
     if isinstance(cfg, DecodeConfig):
-        return (mgpu_decode_ws if cfg.warp_specialized else mgpu_decode).supports(padded_tokens(m), n, k, cfg)
+        return mgpu_decode.supports(padded_tokens(m), n, k, cfg)
     return n % cfg.block_n == 0 and k % (cfg.block_k * cfg.split_k) == 0
 
 
@@ -275,7 +245,7 @@ def quant_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, input_scale: ja
         xq, x_scale = x, None
     xp = _pad_rows(xq, mp)
     if decode:
-        parts = decode_parts(xp, w, cfg, interpret)
+        parts = mgpu_decode.decode_matmul_t(xp, w, config=cfg, fp8=FP8, interpret=interpret)
     else:
         parts = matmul_t(xp, w, config=cfg, interpret=interpret)
     return finish(parts, m, w_scale, x_scale, out_dtype or x.dtype, store_mn=decode and cfg.store_mn)
@@ -310,7 +280,7 @@ def quant_matmul_residual_norm(x: jax.Array, w: jax.Array, w_scale: jax.Array, r
     m, k = x.shape
     cfg = kernel_config(m, w.shape[0], k)
     xp = _pad_rows(x, padded_tokens(m))
-    parts = decode_parts(xp, w, cfg, interpret)
+    parts = mgpu_decode.decode_matmul_t(xp, w, config=cfg, fp8=FP8, interpret=interpret)
     return residual_norm.residual_rms_norm(parts, residual, w_scale, gamma, eps, pdl=cfg.pdl,
                                            interpret=interpret)
 
@@ -338,7 +308,8 @@ def quant_matmul_rope_write(x: jax.Array, w: jax.Array, w_scale: jax.Array, bias
     reference.validate_inputs(x, w, w_scale)
     m, k = x.shape
     cfg = kernel_config(m, w.shape[0], k)
-    parts = decode_parts(_pad_rows(x, padded_tokens(m)), w, cfg, interpret)
+    parts = mgpu_decode.decode_matmul_t(_pad_rows(x, padded_tokens(m)), w, config=cfg, fp8=FP8,
+                                        interpret=interpret)
     return rope_write.rope_write(parts, w_scale, bias, cos, sin, slot_mapping, k_pages, v_pages,
                                  groups=groups, interpret=interpret)
 

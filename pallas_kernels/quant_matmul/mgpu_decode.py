@@ -114,8 +114,6 @@ class DecodeConfig:
     #                            (module docstring; not ``gated``'s: wrong there, session 42)
     int8_f16_bits: bool = False   # int8 weights with an f16 x: converted by bit assembly
     #                               (``dequant_tile``), not Mosaic GPU's per-element convert
-    warp_specialized: bool = False   # a memory warpgroup and two consumers of 64 rows each per
-    #                                  CTA, one CTA per SM (``mgpu_decode_ws``; block_n 128)
 
     def ctas(self, n: int) -> int:
         """The grid for N output channels."""

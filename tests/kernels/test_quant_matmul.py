@@ -158,20 +158,6 @@ MGPU_CASES = {
     "async_w8a8_m16_bk256": (16, 128, 1024, FP8, True, DecodeConfig(64, 256, 4, split_k=2, per_cta=2,
                                                                     async_acc=True)),
     "async_fp8_m1_out_t": (1, 192, 256, FP8, False, DecodeConfig(64, 128, 2, per_cta=2, async_acc=True)),
-    # warp-specialized: a memory warpgroup and two consumers of 64 rows each (7 units on 3 CTAs,
-    # the last a shorter pipeline; split K; w8a8 from SMEM; both output layouts)
-    "ws_int8_m1_ragged": (1, 896, 256, jnp.int8, False,
-                          DecodeConfig(128, 128, 3, per_cta=3, warp_specialized=True)),
-    "ws_fp8_m13_split_mn": (13, 256, 512, FP8, False,
-                            DecodeConfig(128, 64, 2, split_k=2, per_cta=2, store_mn=True,
-                                         warp_specialized=True)),
-    "ws_w8a8_m16_mn": (16, 384, 256, FP8, True,
-                       DecodeConfig(128, 128, 4, split_k=2, per_cta=2, store_mn=True, warp_specialized=True)),
-    "ws_async_int8_m5_ragged": (5, 896, 256, jnp.int8, False,
-                                DecodeConfig(128, 64, 3, split_k=2, per_cta=3, store_mn=True, async_acc=True,
-                                             warp_specialized=True)),
-    "ws_async_w8a8_m8_out_t": (8, 256, 512, FP8, True,
-                               DecodeConfig(128, 128, 4, per_cta=2, async_acc=True, warp_specialized=True)),
 }
 
 
@@ -296,20 +282,6 @@ def test_persistent_kernel_with_a_ragged_grid_lowers_for_cuda(cfg):
     w = jax.ShapeDtypeStruct((448, 4096), jnp.int8)
     s = jax.ShapeDtypeStruct((448,), jnp.float32)
     fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s, config=cfg))
-    assert "mosaic_gpu" in fn.trace(x, w, s).lower(lowering_platforms=("cuda",)).as_text()
-
-
-@pytest.mark.parametrize("mode", ["int8", "fp8", "w8a8"])
-def test_warp_specialized_decode_kernel_lowers_for_cuda(monkeypatch, mode):
-    """The warp-specialized decode kernel (``mgpu.DECODE_WARP_SPECIALIZED``), the dequantized
-    tile from registers as on a GPU, lowers at the 8B's MLP shape at 16 tokens."""
-    monkeypatch.setattr(mgpu, "DECODE_WARP_SPECIALIZED", True)
-    cfg = mgpu.kernel_config(16, 14336, 4096)
-    assert cfg.warp_specialized and cfg.block_n == 128 and cfg.ctas(14336) <= 132
-    x = jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16)
-    w = jax.ShapeDtypeStruct((14336, 4096), jnp.int8 if mode == "int8" else FP8)
-    s = jax.ShapeDtypeStruct((14336,), jnp.float32)
-    fn = jax.jit(lambda x, w, s: mgpu.quant_matmul(x, w, s, act_quant=mode == "w8a8"))
     assert "mosaic_gpu" in fn.trace(x, w, s).lower(lowering_platforms=("cuda",)).as_text()
 
 
