@@ -6,7 +6,8 @@
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, one block per split, and the 8-token bucket; session 51 ran it on an H100), f (the
 # GPU memory test after session 51's pool fit), mt (the twin at a mixed step of the 8B, now in
-# a 256-row bucket), q85 (the decode kernel's read at issue 13's own shape), qgs (the gate
+# a 256-row bucket), q85 (the decode kernel's read at issue 13's own shape, and x resident
+# in SMEM), qgs (the gate
 # epilogue's variants on the device clock), ae (the engine's own bf16 decode executable slower than a recompile of
 # it), lt (issue 12: where the speculating step's launch goes), b2, o, u, w, m, u1, spt
 # (the rest of the speculative GPU tests, now with session 28's wider code-draft: session 27 ran
@@ -110,9 +111,13 @@ q85)
   # clock. Session 52 (H100, M = 16 only, beside the refuted warp-specialized kernel): int8 71%,
   # e4m3 73% (26.0 / 25.2 us; XLA's row sum of the same weight 90%, its bf16 GEMM at 16 rows 88%).
   # Owed for M = 1, the f16 x and the H200. Prediction: M = 1 74-78% (int8), 76-80% (e4m3).
-  timeout 200 python3 benchmarks/decode_stream.py --shape 14336x4096 --ms 16,1 --layouts "" --rounds 1 \
-    --kernels dtypes --iters 20 --trace-dir /tmp/q85 > "$OUT/q85.txt" 2>&1
-  grep "^|\|^int8\|rror" "$OUT/q85.txt" | head -20
+  # Also x resident in SMEM (xres: the ring streams the weight alone; at 16 tokens the x tile is
+  # 8 KB of each 24 KB step, read from L2) against the same config without async_acc, its
+  # control. Prediction: +3-8 points at M = 16 if x's share of the ring's traffic caps the read
+  # (session 22: 84% at M = 1 against 68% at 16 on the wall clock), ~0 at M = 1.
+  timeout 280 python3 benchmarks/decode_stream.py --shape 14336x4096 --ms 16,1 --layouts "" --rounds 1 \
+    --kernels dtypes,xres --iters 20 --trace-dir /tmp/q85 > "$OUT/q85.txt" 2>&1
+  grep "^|\|^int8\|rror" "$OUT/q85.txt" | head -30
   ;;
 qgs)
   # The gate epilogue on the device clock beside its default: 128-column tiles, 8 stages on 112
