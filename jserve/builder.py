@@ -49,7 +49,7 @@ from jserve.model.shapes import NAMED_SHAPES, named_shape
 from jserve.multiprocess import LeaderRunner, StepChannel, follow
 from jserve.options import EngineArgs
 from jserve.penalty_state import state_bytes
-from jserve.pool_fit import FIT_TOLERANCE, allocated_pool, largest_fitting, pool_fits, pool_miss
+from jserve.pool_fit import FIT_TOLERANCE, allocated_pool, largest_fitting, pool_miss
 from jserve.runner import Runner
 from jserve.spec.config import SpeculativeConfig, spec_state_bytes
 from jserve.spec.draft import DraftModel, resolve_draft
@@ -376,7 +376,10 @@ def _compile(runner: Runner, config: EngineConfig, params: Any, mesh: Mesh, draf
 def _pages_that_fit(config: EngineConfig, mesh: Mesh, draft: DraftModel | None, failed: int,
                     guess: int, hold_bytes: int) -> int:
     """``pool_fit.largest_fitting`` by trial allocations of the pool beside ``hold_bytes``."""
-    return largest_fitting(lambda pages: pool_fits(config, mesh, draft, pages, hold_bytes), failed, guess,
+    def fits(pages: int) -> bool:
+        return pool_miss(config, mesh, draft, pages, hold_bytes) is None
+
+    return largest_fitting(fits, failed, guess,
                            lambda pages: addressable_pages(config, draft.cfg if draft else None, pages))
 
 

@@ -85,9 +85,3 @@ def pool_miss(config: EngineConfig, mesh: Mesh, draft: DraftModel | None, num_pa
     for a in jax.tree.leaves(pools):
         a.delete()
     return None
-
-
-def pool_fits(config: EngineConfig, mesh: Mesh, draft: DraftModel | None, num_pages: int,
-              hold_bytes: int) -> bool:
-    """A trial: whether ``allocated_pool`` finds room now (``pool_miss`` is None)."""
-    return pool_miss(config, mesh, draft, num_pages, hold_bytes) is None

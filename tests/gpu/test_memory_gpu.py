@@ -39,14 +39,16 @@ def test_plan_equals_the_pool_the_engine_allocates(model, context):
     assert r["usable"] <= r["bytes_limit"]
     assert (r["weights"], r["state"]) == (r["plan_weights"], r["plan_state"])
     assert r["activations"] > 0
-    # Warm-up ran every program over the full pool (out of memory, the child fails) and stayed
-    # inside the share, with room left. The allocator's peak before it can be the whole share:
-    # the pool's last array, allocated beside the hold, may take its free block's rest (H100,
-    # 2026-12-06: Qwen2.5-0.5B's peak equalled the limit, with the pool as planned); only a peak
-    # warm-up itself set says how near the share warm-up came.
+    # Warm-up ran every program over the full pool (out of memory, the child fails), inside the
+    # share: the pool, the weights, the runner's state and the activation peak measured at
+    # start-up add up to no more than the usable bytes. The allocator's peak cannot say how
+    # much room warm-up left: the BFC allocator hands out a whole free block when the excess
+    # is under 128 MiB, so the pool's last array, and then warm-up's scratch in the freed hold,
+    # can each take a block's rest (H100, 2026-12-07: Qwen2.5-0.5B's peak reached the limit
+    # 512 bytes after warm-up began, with the budget below holding 94 MB to spare).
+    pool_bytes = r["engine_pages"] * r["page_bytes"]
+    assert r["weights"] + r["state"] + r["activations"] + pool_bytes <= r["usable"], r
     assert r["peak_before_warmup"] > 0
-    if r["peak_bytes_in_use"] > r["peak_before_warmup"]:
-        assert r["peak_bytes_in_use"] < r["usable"], r
     # Same arithmetic: equal pages, up to what the device held beyond the weights at start-up
     # and the holes in the allocator's free memory, which no arithmetic sees: start-up then
     # finds the most pages that fit by trial allocations, and says so (jserve/pool_fit.py).
