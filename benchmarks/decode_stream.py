@@ -139,31 +139,28 @@ def config_label(cfg: mgpu_decode.DecodeConfig, n: int, int8_f16: bool = False) 
     meet an f16 x, and the label says how the weight is converted)."""
     convert = (", int8 f16 bits" if cfg.int8_f16_bits else ", Mosaic's convert") if int8_f16 else ""
     return (f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, {cfg.ctas(n)} CTAs"
-            + ", async" * cfg.async_acc + ", x resident" * cfg.x_resident + convert)
+            + ", async" * cfg.async_acc + ", x resident" * cfg.x_resident + ", tile runs" * cfg.tile_runs
+            + convert)
 
 
-def x_resident_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
-    """x's share of the ring: the default, the default without ``async_acc`` (the control:
-    ``x_resident`` excludes it), and that with each CTA's x slices resident in SMEM, so the
-    ring streams the weight alone (at 16 tokens and 256-column tiles the x tile is 8 KB of each
-    24 KB step; session 22 refuted x_resident at M = 1 only, where it is 4 KB of 20, on the
-    wall clock; session 52's rows at [14336, 4096]: every config of the ring 25-28 us)."""
+def tile_runs_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
+    """The default and the default with ``tile_runs`` (a CTA's units of one tile summed in one
+    carry and stored once: at [14336, 4096] 2 float32 partials instead of 8, 1-2 stores per CTA
+    instead of 7), twice each in turn (A/B/A/B). Session 53 (H100) at that shape: x resident
+    in SMEM 69% against its control's 70%, refuted, and the rows that timed it replaced."""
     m, k = x.shape
     n = copies[0][0].shape[0]
     default = mgpu.kernel_config(m, n, k)
     if not isinstance(default, mgpu_decode.DecodeConfig):
         return
-    sync = dataclasses.replace(default, async_acc=False)
-    cfgs = [default, sync, dataclasses.replace(sync, x_resident=True)]   # (deeper: one CTA per SM)
+    runs = dataclasses.replace(default, tile_runs=True)
     want = ref.w8a16_matmul(x, *copies[0], out_dtype=jnp.float32)
-    for cfg in cfgs:
-        if not mgpu_decode.supports(mgpu.padded_tokens(m), n, k, cfg):
-            print(f"  x resident: {cfg} does not tile", flush=True)
-            continue
+    for cfg in (default, runs, default, runs):
         fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731
-        got = checked_time(fn, x, copies, want, clock, iters, reps, f"x resident {cfg}")
+        got = checked_time(fn, x, copies, want, clock, iters, reps, f"tile runs {cfg}")
         if got is not None:
-            add(f"int8 weight, M={m} (rel err {got[0]:.1e})", config_label(cfg, n), got[1])
+            add(f"int8 weight, M={m} (rel err {got[0]:.1e})",
+                config_label(cfg, n) + f", {cfg.slots(n)} partials", got[1])
 
 
 def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
@@ -245,7 +242,7 @@ def main() -> None:
                     help="kernel rows: mosaic (the default, every split of K, 128-row tiles, deep rings "
                          "on one CTA per SM), mosaic1 (the default only), gated (N = 2I: the gate/up "
                          "kernel with its SiLU gate beside the default kernel + XLA's gate), dtypes (int8 / "
-                         "e4m3 weights with a bf16 / f16 x), xres (x resident in SMEM against the default)")
+                         "e4m3 weights with a bf16 / f16 x), runs (the default with and without tile_runs)")
     add_clock_arguments(ap, "/tmp/decode_stream_trace")
     ns = ap.parse_args()
     kclock = KernelClock(ns.clock, ns.trace_dir)
@@ -376,8 +373,8 @@ def main() -> None:
             gated_rows(x, copies, clock, add, ns.iters, ns.reps)
         if "dtypes" in kernels:
             dtype_rows(x, copies, clock, add, ns.iters, ns.reps)
-        if "xres" in kernels:
-            x_resident_rows(x, copies, clock, add, ns.iters, ns.reps)
+        if "runs" in kernels:
+            tile_runs_rows(x, copies, clock, add, ns.iters, ns.reps)
         section()
 
 

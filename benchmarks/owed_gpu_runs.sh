@@ -1,17 +1,13 @@
-# The device calls owed after session 52 (2026-12-06), in the order to run them. Each case fits
+# The device calls owed after session 53 (2026-12-07), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-52 removed the ones they ran; vmm stays as the record of its arms).
+# history (sessions 7-53 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
-# defaults, one block per split, and the 8-token bucket; session 51 ran it on an H100), f (the
-# GPU memory test after session 51's pool fit), mt (the twin at a mixed step of the 8B, now in
-# a 256-row bucket), q85 (the decode kernel's read at issue 13's own shape, and x resident
-# in SMEM), qgs (the gate
-# epilogue's variants on the device clock), ae (the engine's own bf16 decode executable slower than a recompile of
-# it), lt (issue 12: where the speculating step's launch goes), b2, o, u, w, m, u1, spt
-# (the rest of the speculative GPU tests, now with session 28's wider code-draft: session 27 ran
-# greedy_matches, 6 passed);
+# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), tr
+# (the decode kernel's tile runs: fewer split-K partials), f (the GPU memory test's budget sum),
+# w, o, u, m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider
+# code-draft: session 27 ran greedy_matches, 6 passed);
 # then, on 2 GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
@@ -28,13 +24,11 @@
 #     numpy input moves the step's scratch (temp) allocation every call, so XLA re-records the
 #     whole graph; SKIP_TEMP then skips updating nodes whose scratch moved, which is unsafe. Also
 #     xla_gpu_require_exclusive_lock ("reduces the cost of ... command buffer update").
-#   f (1 GPU, ~5 min): the GPU memory test (plan = pool, warm-up peak < usable) after session
-#     51's pool fit. Session 51 (H100, before it): both failed, the engines 18.8% (the bundled
-#     model) and 6.3% (Qwen2.5-0.5B) under the plan. Session 52 (H100, with it): plan = pool for
-#     both (192,343 and 55,824 pages); the bundled model passed, Qwen's allocator peak equalled
-#     its limit, set before warm-up by the pool's allocation beside its hold (the last array
-#     takes its block's rest), and the test now reads warm-up's peak only where warm-up set it
-#     (memory_budget.py's peak before warm-up). Prediction: both pass.
+#   f (1 GPU, ~5 min): the GPU memory test (plan = pool, and the budget's sum within the share).
+#     Session 52 (H100): plan = pool for both (192,343 and 55,824 pages). Session 53 (H100): the
+#     same pages; Qwen's allocator peak reached the limit 512 bytes into warm-up (the BFC
+#     allocator hands out whole blocks), so the test now checks weights + state + the measured
+#     activation peak + the pool <= usable (that run: 94 MB to spare). Prediction: both pass.
 #   m (1 GPU, ~8 min): a clean A/B of XLA's rematerialization pass (session 9's was confounded by
 #     a warm autotune cache). Qwen2.5-0.5B, share 0.9, a fresh compilation cache for each run:
 #     compile seconds and "MiB never touched" with the pass on and off. Prediction: the pass
@@ -92,56 +86,22 @@ h2)
     --quantization none,fp8+lm_head > "$OUT/h2_step8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
   ;;
-mt)
-  # The split twin at the step it serves (session 50's kv_dtype_step --mixed): 8 sequences of the
-  # 8B decoding at 8k beside a prefill chunk of queued 4096-token prompts (2048-token bucket),
-  # twin on (the default since session 49) and off. Session 51 (H100) ran it at the default
-  # max_num_seqs (10: a 10-row bucket, which splits with no twin): -0.1 / -0.4%, noise. Now in a
-  # 256-row bucket, where the twin exists. Kernel rows (session 49, H100, 256-row bucket, 8 live):
-  # 131.8 against 215.3 us per layer call (bf16), 143.9 against 204.3 (fp8). Prediction: -2 to
-  # -3 ms of a ~57 ms step (32 layers x -60 to -85 us): -3 to -5%.
-  timeout 560 python3 benchmarks/kv_dtype_step.py --model llama3.1-8b --batch 8 --steps 8 --mixed 4096 \
-    --max-num-seqs 256 --kv-dtypes auto,auto+attn-split-twin-off,fp8,fp8+attn-split-twin-off \
-    > "$OUT/mt_step.txt" 2>&1
-  grep "^|\|^##\|rror\|ms per step" "$OUT/mt_step.txt"
-  ;;
-q85)
-  # Issue 13's read target at its own shape: x [M, 4096] @ W [4096, 14336] (the weight [N, K] =
-  # 14336 x 4096 here), M = 16 and 1, int8 and e4m3 weights, against the 2 GiB read on the device
-  # clock. Session 52 (H100, M = 16 only, beside the refuted warp-specialized kernel): int8 71%,
-  # e4m3 73% (26.0 / 25.2 us; XLA's row sum of the same weight 90%, its bf16 GEMM at 16 rows 88%).
-  # Owed for M = 1, the f16 x and the H200. Prediction: M = 1 74-78% (int8), 76-80% (e4m3).
-  # Also x resident in SMEM (xres: the ring streams the weight alone; at 16 tokens the x tile is
-  # 8 KB of each 24 KB step, read from L2) against the same config without async_acc, its
-  # control. Prediction: +3-8 points at M = 16 if x's share of the ring's traffic caps the read
-  # (session 22: 84% at M = 1 against 68% at 16 on the wall clock), ~0 at M = 1.
-  timeout 280 python3 benchmarks/decode_stream.py --shape 14336x4096 --ms 16,1 --layouts "" --rounds 1 \
-    --kernels dtypes,xres --iters 20 --trace-dir /tmp/q85 > "$OUT/q85.txt" 2>&1
-  grep "^|\|^int8\|rror" "$OUT/q85.txt" | head -30
-  ;;
-qgs)
-  # The gate epilogue on the device clock beside its default: 128-column tiles, 8 stages on 112
-  # CTAs, paired_wait, and the split-K kernel + XLA's gate (decode_stream.py's gated rows); the
-  # decode kernel's async rows at down's weight [4096, 14336] beside its other configs, M = 16, 1.
-  timeout 200 python3 benchmarks/decode_stream.py --shape 28672x4096 --ms 16,1 --layouts "" --rounds 1 \
-    --kernels gated --iters 20 --trace-dir /tmp/qgs > "$OUT/qgs.txt" 2>&1
-  grep "^|\|^int8\|rror" "$OUT/qgs.txt" | head -20
-  timeout 200 python3 benchmarks/decode_stream.py --shape 4096x14336 --ms 16,1 --layouts "" --rounds 1 \
-    --kernels mosaic --iters 20 --trace-dir /tmp/qgs_down > "$OUT/qgs_down.txt" 2>&1
-  grep "^|\|^int8\|rror" "$OUT/qgs_down.txt" | head -40
-  ;;
-ae)
-  # Session 38: the engine's own bf16 decode executable ran up to 11% slower than the same
-  # variant recompiled by step_floor in the same process (Qwen2.5-0.5B bf16 1.106 against a
-  # no-op arm's 0.992 ms; int8 without lm_head 0.991 against 0.913; the 8B bf16 4.535 against
-  # 4.538 in one call, a cached one 4.699 in another). Both hold an autotuned GEMM; the 8B's
-  # int8 + lm_head step, which holds none, never differed. Prediction: start-up's concurrent
-  # compiles autotune the GEMMs under contention; with one compile thread A equals the arm.
-  for threads in 1 4; do
-    timeout 140 python3 benchmarks/step_floor.py qwen2.5-0.5b --max-num-batched-tokens 16 \
-      --compile-threads $threads --ab rope-write-off > "$OUT/ae_$threads.txt" 2>&1
-    echo "compile threads $threads"; grep "^| A \|^| A + \|rror" "$OUT/ae_$threads.txt" | cut -c1-120
+tr)
+  # tile_runs (mgpu_decode): a CTA's units of one tile summed in one carry, stored once. At
+  # [14336, 4096] (8 K parts, 7 units per CTA) 2 float32 partials instead of 8 (16 tokens: 1.8
+  # against 7.3 MB written, and read again by the sum) and 1-2 stores per CTA instead of 7. Session
+  # 53 (H100, the default): 25.8 us at 16 tokens (71% of the read), 24.8 at 1 (74%); the down
+  # shape, one unit and 4 partials per CTA, 24.0 / 23.3 us. Prediction: 16 tokens -1.0 to -1.8 us
+  # (74-77%), 1 token -0.3 to -0.8 us; qkv [6144, 4096] (8 -> 4 partials) -0.2 to -0.5 us; the
+  # 8B's int8 + lm_head batch-1 step -0.1 to -0.5% (only qkv splits across CTAs there).
+  for shape in 14336x4096 6144x4096; do
+    timeout 150 python3 benchmarks/decode_stream.py --shape $shape --ms 16,1 --layouts "" --rounds 1 \
+      --kernels runs --iters 20 --trace-dir /tmp/tr_$shape > "$OUT/tr_$shape.txt" 2>&1
+    grep "^|\|^int8\|rror" "$OUT/tr_$shape.txt" | head -16
   done
+  timeout 250 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8+lm_head --ab quant-tile-runs > "$OUT/tr_step.txt" 2>&1
+  grep "^##\|^| A\|rror" "$OUT/tr_step.txt"
   ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify
@@ -149,26 +109,6 @@ spt)
   timeout 400 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_spec_gpu.py -k "${SPT_K:-not greedy_matches}" \
     > "$OUT/spec_gpu.txt" 2>&1
   tail -4 "$OUT/spec_gpu.txt"
-  ;;
-lt)
-  # Issue 12: where the speculating step's launch goes (session 26's call 1 ran the base's again,
-  # 0.80 ms per step, cuGraphLaunch 0.313 ms for ~114 kernels; the speculating engine's requests
-  # ran out of tokens before its timed steps: max_tokens now scales with k + 1). Code-small at
-  # batch 1, greedy, with the draft model (k = 4). Prediction: cuGraphLaunch ~0.5-0.7 ms (a graph
-  # of ~250 kernels), the command buffer's update ~0.15 ms.
-  sc='{"method": "draft_model", "model": "code-draft", "num_speculative_tokens": 4}'
-  timeout 200 python3 benchmarks/launch_trace.py --model code-small --no-random-weights --rows 1 \
-    --temperatures 0.0 --steps 50 --trace-steps 20 --out /tmp/lt_spec --speculative-config "$sc" \
-    > "$OUT/lt_spec.txt" 2>&1
-  grep "^##\|Execute\|command_buffer\|cuGraph\|DevicePut\|Thunk\|cond\|Wait\|wait\|Await\|__call__\|dispatch\|_prepare\|alloc\|Alloc\|Transpose\|copy" \
-    "$OUT/lt_spec.txt" | head -40
-  ;;
-b2)
-  timeout 400 python3 benchmarks/spec_decode.py --methods ngram --ks 2,4,6 --num-prompts 8 \
-    --max-tokens 128 --max-num-batched-tokens 256 --max-model-len 1024 --gpu-memory-utilization 0.5 \
-    --json "$OUT/spec_ngram.json" > "$OUT/spec_ngram.txt" 2>&1
-  grep -v "^W\|WARNING\|^I" "$OUT/spec_ngram.txt" | tail -12
-  timeout 120 python3 benchmarks/memory_budget.py --model llama3.1-8b --context 8192 2>&1 | table
   ;;
 o)
   timeout 580 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 1 2>&1 \

@@ -102,8 +102,8 @@ def quant_rope_write_fuses(x: jax.Array, w: jax.Array, groups: int, head_dim: in
     backend = backend or jax.default_backend()
     if not (_mosaic_gpu(backend, interpret) and mgpu.rope_write_supports(x, w, groups, head_dim, bias)):
         return False
-    split = mgpu.kernel_config(x.shape[0], w.shape[0], x.shape[1]).split_k
-    return kv_api.rope_write_fuses(x.shape[0], split, groups, head_dim, bias, True, interpret=interpret,
+    parts = mgpu.kernel_config(x.shape[0], w.shape[0], x.shape[1]).slots(w.shape[0])
+    return kv_api.rope_write_fuses(x.shape[0], parts, groups, head_dim, bias, True, interpret=interpret,
                                    backend=backend)
 
 

@@ -95,6 +95,7 @@ DECODE_ASYNC = True    # the persistent kernel's ``async_acc`` (off: step_floor 
 #                       H100, 2026-12-05: the 8B's int8 + lm_head batch-1 step -0.7%, twice)
 DECODE_BLOCK_K: int | None = None   # its K tile (None: the rule in ``kernel_config``; A/Bs
 #                                     step_floor --ab quant-bk128, quant-bk256)
+DECODE_TILE_RUNS = False   # its ``tile_runs`` (on: step_floor --ab quant-tile-runs; owed case q85)
 DECODE_INT8_F16_BITS = True   # its and ``gated``'s ``int8_f16_bits`` (off: step_floor --ab
 #                              quant-int8-f16-bits-off; H100, 2026-12-06: the float16 8B's int8 +
 #                              lm_head batch-1 step 4.214 -> 3.745 ms, the bf16 model's 3.759)
@@ -123,7 +124,8 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
         dec = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages,
                                         store_mn=DECODE_STORE_MN)
         dec = dataclasses.replace(dec, pdl=DECODE_PDL, exit_read_only=DECODE_EXIT_READ_ONLY,
-                                  async_acc=DECODE_ASYNC, int8_f16_bits=DECODE_INT8_F16_BITS)
+                                  async_acc=DECODE_ASYNC, int8_f16_bits=DECODE_INT8_F16_BITS,
+                                  tile_runs=DECODE_TILE_RUNS)
         if mgpu_decode.supports(mp, n, k, dec):
             return dec
     return default_config(m, n, k)
@@ -265,7 +267,7 @@ def residual_norm_supports(x: jax.Array, w: jax.Array, residual: jax.Array, gamm
     cfg = kernel_config(m, n, k)
     return (isinstance(cfg, DecodeConfig) and cfg.store_mn and supports(x, w, False, cfg)
             and residual.shape == (m, n) and gamma.shape == (n,)
-            and residual_norm.supports(cfg.split_k, n, residual.dtype, gamma.dtype))
+            and residual_norm.supports(cfg.slots(n), n, residual.dtype, gamma.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret"))
@@ -294,7 +296,7 @@ def rope_write_supports(x: jax.Array, w: jax.Array, groups: int, head_dim: int, 
     cfg = kernel_config(m, n, k)
     return (isinstance(cfg, DecodeConfig) and cfg.store_mn and supports(x, w, False, cfg)
             and n % ((groups + 2) * head_dim) == 0
-            and rope_write.supports(cfg.split_k, groups, head_dim, bias))
+            and rope_write.supports(cfg.slots(n), groups, head_dim, bias))
 
 
 def quant_matmul_rope_write(x: jax.Array, w: jax.Array, w_scale: jax.Array, bias: jax.Array | None,

@@ -71,7 +71,16 @@ adds it to a register carry. (Session 41: the per-CTA step bounds the read, see
 (tile g % tiles, part g // tiles), so a CTA's units span at most two K parts (per_cta <= tiles);
 their x slices, [2, steps, Mp, block_k], are loaded into SMEM before the pipeline (one TMA tile
 and barrier per K block) and the ring streams the weight alone (at M = 1 and 512-column tiles
-the x tile was 8 KB of each 40 KB step, re-read from L2 by every step).
+the x tile was 8 KB of each 40 KB step, re-read from L2 by every step). H100, session 53: at
+[14336, 4096] and 16 tokens 69% of the read against its control's 70%, refuted again.
+
+``tile_runs`` (an A/B config, ``mgpu.DECODE_TILE_RUNS``): a CTA's units follow one another in
+tile-major order, so its consecutive units of one tile are a run of K parts; the carry then sums
+the whole run and is stored once, into slot ``c - first CTA of the tile`` of [S, ...] partials
+(S = ``slots``: the most CTAs that share a tile), and a tile's first run stores zeros into the
+slots none of its CTAs takes. The 8B's gate-sized [14336, 4096] at 16 tokens splits K 8 ways
+with 7 units per CTA: 8 partials (7.3 MB of float32 written and read again, 12% of the 58.7 MB
+weight) and 7 stores per CTA become 2 partials and 1-2 stores.
 """
 
 from __future__ import annotations
@@ -114,10 +123,20 @@ class DecodeConfig:
     #                            (module docstring; not ``gated``'s: wrong there, session 42)
     int8_f16_bits: bool = False   # int8 weights with an f16 x: converted by bit assembly
     #                               (``dequant_tile``), not Mosaic GPU's per-element convert
+    tile_runs: bool = False    # a CTA's consecutive units of one tile share one carry and one
+    #                            partial: ``slots`` partials per tile, not ``split_k`` (docstring)
 
     def ctas(self, n: int) -> int:
         """The grid for N output channels."""
         return -(-(n // self.block_n * self.split_k) // self.per_cta)
+
+    def slots(self, n: int) -> int:
+        """The partials each output tile of N channels gets (the leading axis of the kernel's
+        output): ``split_k``, or with ``tile_runs`` the most CTAs whose units share one tile."""
+        if not self.tile_runs:
+            return self.split_k
+        s, p = self.split_k, self.per_cta
+        return max((t * s + s - 1) // p - t * s // p + 1 for t in range(n // self.block_n))
 
 
 def sm_count() -> int:
@@ -162,12 +181,13 @@ def x_resident_bytes(mp: int, k: int, config: DecodeConfig) -> int:
 
 def supports(mp: int, n: int, k: int, config: DecodeConfig) -> bool:
     """Whether the config tiles x [Mp, K] @ w [N, K]^T (Mp: padded tokens, <= 64); with
-    ``x_resident`` a CTA's units span at most two K parts and their x slices fit in SMEM."""
+    ``x_resident`` (never with ``tile_runs``) a CTA's units span at most two K parts and their x
+    slices fit in SMEM."""
     tiles = (mp <= 64 and mp % 8 == 0 and n % config.block_n == 0 and config.block_n % 64 == 0
              and k % (config.block_k * config.split_k) == 0 and config.per_cta > 0
              and (config.block_k <= 128 or config.block_k % 128 == 0))
     return (tiles and (not config.async_acc or (config.stages >= 2 and not config.x_resident))
-            and (not config.x_resident or (config.per_cta <= n // config.block_n
+            and (not config.x_resident or (config.per_cta <= n // config.block_n and not config.tile_runs
                                            and x_resident_bytes(mp, k, config) <= X_RESIDENT_BYTES)))
 
 
@@ -274,8 +294,8 @@ def persistent_kernel(kernel, out_type: jax.ShapeDtypeStruct, ctas: int, name: s
 def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: jnp.dtype,
                     interpret: bool = False) -> jax.Array:
     """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit -> float32 partials
-    out^T [split_k, N, Mp] summing to w @ xp^T (``config.store_mn``: out [split_k, Mp, N] summing
-    to xp @ w^T), no scales. ``supports(...)`` must hold."""
+    out^T [S, N, Mp] summing to w @ xp^T (``config.store_mn``: out [S, Mp, N] summing to
+    xp @ w^T), no scales; S = ``config.slots(N)``. ``supports(...)`` must hold."""
     mp, k = xp.shape
     n = w.shape[0]
     cfg = config
@@ -289,7 +309,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
     dequant = jnp.dtype(w.dtype) != jnp.dtype(a_dtype)
     via_smem = dequant and (interpret or not cfg.a_in_registers)
 
-    tiles, resident = n // bn, cfg.x_resident
+    tiles, resident, slots = n // bn, cfg.x_resident, cfg.slots(n)
     pdl = cfg.pdl and not interpret   # (the interpreter runs kernels one at a time: nothing to wait for)
 
     def unit(c, i):   # -> (tile, part) of CTA c's step i (x_resident: part-major unit order)
@@ -301,6 +321,18 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
 
     def kernel(x_gmem, w_gmem, o_gmem):
         c = lax.axis_index("c")
+        # The last CTA may own fewer units (a dynamic pipeline length).
+        count = per_cta if units % per_cta == 0 else jnp.minimum(per_cta, units - c * per_cta)
+
+        def run_ends(i):   # whether step i's carry is flushed: its unit's last step (tile_runs:
+            #                and the tile's last part, or the CTA's last step)
+            ends = lax.rem(i, steps) == steps - 1
+            if cfg.tile_runs:
+                ends = ends & ((unit(c, i)[1] == split - 1) | (i == count * steps - 1))
+            return ends
+
+        def first_cta(tile):   # tile_runs: the CTA that owns the tile's first unit
+            return tile * split // per_cta
 
         def w_block(i):
             tile, part = unit(c, i)
@@ -324,17 +356,27 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                 for j in range(2 * steps):
                     plgpu.barrier_wait(x_bar.at[j])
 
-            def flush(value, i):   # the [bn, Mp] sum of step i's unit -> its partial's tile
-                tile, part = unit(c, i)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous flush read o_smem
+            def store(value, tile, slot):   # a [bn, Mp] sum -> partial ``slot``'s tile
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous store read o_smem
                 if cfg.store_mn:   # [bn, Mp] registers -> the [Mp, bn] tile, transposed
                     o_smem.transpose((1, 0))[...] = plgpu.layout_cast(value, plgpu.Layout.WGMMA_TRANSPOSED)
-                    dst = o_gmem.at[pl.ds(part * mp, mp), pl.ds(tile * bn, bn)]
+                    dst = o_gmem.at[pl.ds(slot * mp, mp), pl.ds(tile * bn, bn)]
                 else:
                     o_smem[...] = value
-                    dst = o_gmem.at[pl.ds(part * n + tile * bn, bn), :]
+                    dst = o_gmem.at[pl.ds(slot * n + tile * bn, bn), :]
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_smem, dst)
+
+            def flush(value, i):   # the sum of step i's unit (tile_runs: run) -> its partial
+                tile, part = unit(c, i)
+                if not cfg.tile_runs:
+                    return store(value, tile, part)
+                slot = c - first_cta(tile)
+                store(value, tile, slot)
+                # The tile's first run zeroes the slots no CTA of the tile takes.
+                runs = (tile * split + split - 1) // per_cta - first_cta(tile) + 1
+                for r in range(1, slots):
+                    pl.when((slot == 0) & (r >= runs))(lambda r=r: store(zero(), tile, r))
 
             def body(idx, w_smem, *rest):
                 i = idx[0]
@@ -349,7 +391,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                     lambda acc: tile_product(acc, w_smem, x_smem, fp8=fp8, a_smem=a,
                                              int8_bits=cfg.int8_f16_bits),
                     plgpu.ACC((bn, mp), jnp.float32))
-                last = lax.rem(i, steps) == steps - 1
+                last = run_ends(i)
                 pl.when(last)(lambda: flush(carry, i))
                 return lax.cond(last, lambda c: zero(), lambda c: c, carry)
 
@@ -360,7 +402,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                               pending=True, int8_bits=cfg.int8_f16_bits)
 
                 def unit_done(before):   # the running sum (waits for every wgmma) less the units
-                    total = acc[...]     # before this one: the unit's own sum
+                    total = acc[...]     # (tile_runs: runs) before this one: its own sum
                     flush(total - before, i)
                     return total
 
@@ -368,10 +410,8 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                     plgpu.wgmma_wait(wgmmas_per_tile(bk))
                     return before
 
-                return lax.cond(lax.rem(i, steps) == steps - 1, unit_done, step_done, before)
+                return lax.cond(run_ends(i), unit_done, step_done, before)
 
-            # The last CTA may own fewer units (a dynamic pipeline length).
-            count = per_cta if units % per_cta == 0 else jnp.minimum(per_cta, units - c * per_cta)
             release = 1 if cfg.async_acc else 0   # async: a step's slot is refilled a step later
             w_spec = plgpu.BlockSpec((bn, bk), w_block, transforms=smem_transforms(w.dtype, bk),
                                      delay_release=release)
@@ -407,7 +447,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
             scratch.append(a_tile(bn, bk, a_dtype))
         pl.run_scoped(with_smem, *scratch)
 
-    f = persistent_kernel(kernel, jax.ShapeDtypeStruct((split * mp, n) if cfg.store_mn else (split * n, mp),
+    f = persistent_kernel(kernel, jax.ShapeDtypeStruct((slots * mp, n) if cfg.store_mn else (slots * n, mp),
                                                        jnp.float32),
                           ctas, f"quant_decode_{n}x{k}", interpret)
-    return f(xp, w).reshape((split, mp, n) if cfg.store_mn else (split, n, mp))
+    return f(xp, w).reshape((slots, mp, n) if cfg.store_mn else (slots, n, mp))

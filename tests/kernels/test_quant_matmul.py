@@ -158,6 +158,18 @@ MGPU_CASES = {
     "async_w8a8_m16_bk256": (16, 128, 1024, FP8, True, DecodeConfig(64, 256, 4, split_k=2, per_cta=2,
                                                                     async_acc=True)),
     "async_fp8_m1_out_t": (1, 192, 256, FP8, False, DecodeConfig(64, 128, 2, per_cta=2, async_acc=True)),
+    # tile_runs: a CTA's units of one tile in one carry, stored once into the tile's slot for
+    # that CTA; tiles 0, 2, 4 and 6 lie inside one CTA and their first run zeroes slot 1 (the
+    # interpreter's output starts as NaN); the ragged last CTA owns 2 units
+    "runs_int8_m5_zeroed": (5, 448, 512, jnp.int8, False,
+                            DecodeConfig(64, 128, 2, split_k=2, per_cta=3, store_mn=True, tile_runs=True)),
+    # K in 8 parts on CTAs of 3 units: a tile spans 3-4 CTAs (4 slots), with async_acc
+    "runs_async_int8_m1_4_slots": (1, 128, 1024, jnp.int8, False,
+                                   DecodeConfig(64, 128, 3, split_k=8, per_cta=3, store_mn=True,
+                                                async_acc=True, tile_runs=True)),
+    "runs_async_w8a8_m16_out_t": (16, 256, 1024, FP8, True,
+                                  DecodeConfig(64, 128, 3, split_k=4, per_cta=3, async_acc=True,
+                                               tile_runs=True)),
 }
 
 
@@ -379,6 +391,26 @@ def test_persistent_kernel_async_accumulator(monkeypatch):
         assert "mosaic_gpu" in text.as_text()
     assert not mgpu_decode.supports(16, 128, 512, DecodeConfig(64, 128, 1, async_acc=True))
     assert not mgpu_decode.supports(16, 128, 512, DecodeConfig(64, 128, 3, async_acc=True, x_resident=True))
+
+
+def test_tile_runs_partials(monkeypatch):
+    """``tile_runs`` stores one partial per CTA that shares a tile (``slots``), not one per K
+    part: the 8B's [14336, 4096] at 16 tokens (8 parts, 7 units per CTA) 2 instead of 8, its
+    qkv projection 4 instead of 8 (o: one unit per CTA, 4 either way); ``DECODE_TILE_RUNS``
+    (the A/B quant-tile-runs) sets the field, which the fused epilogues' checks count by; never
+    with ``x_resident``."""
+    cfg = mgpu_decode.decode_config(14336, 4096, block_k=256, sms=132)
+    assert (cfg.split_k, cfg.per_cta, cfg.slots(14336)) == (8, 7, 8)
+    assert dataclasses.replace(cfg, tile_runs=True).slots(14336) == 2
+    for n, split, runs in ((6144, 8, 4), (4096, 4, 4)):   # qkv: 3 units per CTA; o: one
+        cfg = mgpu_decode.decode_config(n, 4096, block_k=256, sms=132)
+        assert (cfg.split_k, dataclasses.replace(cfg, tile_runs=True).slots(n)) == (split, runs)
+    assert DecodeConfig(64, 128, 2, split_k=2, per_cta=3, tile_runs=True).slots(448) == 2
+    assert not mgpu.kernel_config(16, 6144, 4096).tile_runs
+    monkeypatch.setattr(mgpu, "DECODE_TILE_RUNS", True)
+    assert mgpu.kernel_config(16, 6144, 4096).tile_runs
+    assert not mgpu_decode.supports(1, 192, 1024, DecodeConfig(64, 256, 2, split_k=2, per_cta=2,
+                                                               x_resident=True, tile_runs=True))
 
 
 def test_decode_units_of_128_rows(monkeypatch):
