@@ -15,9 +15,10 @@ Rows M in {1, 16, 256, 4096}; columns, all in one process on the same inputs:
                     before session 20) - the A/B of the persistent kernel
   kernel int8, SMEM A  the persistent kernel with its dequantized tile through SMEM (the
                     interpreter's form) instead of registers - the A/B of register operands
-  kernel int8, x in SMEM  the persistent kernel's default config with ``x_resident`` (each
-                    CTA's x slices loaded into SMEM once, the ring streaming the weight alone) -
-                    the A/B of re-reading x every step (where the config allows it, else nan).
+  kernel int8, tile runs  the persistent kernel's default config with ``tile_runs`` (a CTA's
+                    units of one tile summed in one carry and stored once: fewer split-K
+                    partials) - its A/B (the same kernel as the default's column where no tile
+                    spans a CTA's units). (Session 53 removed ``x_resident``'s column: refuted.)
                     (Session 21 measured a pre-tiled weight layout here: no change; dropped.)
 Ceilings measured in the same run: HBM read (a sum over 2 GiB) and read+write (x * 1 over 2 GiB).
 The last columns: the best kernel's speed-up over bf16, and the int8 kernel's weight-read
@@ -192,15 +193,14 @@ def main() -> None:
         tiled = mgpu.default_config(m, N, K)   # the tiled grid: the A/B of the persistent kernel
         default = mgpu.kernel_config(m, N, K)
         persistent = isinstance(default, mgpu_decode.DecodeConfig)
-        resident = dataclasses.replace(default, x_resident=True) if persistent else None
-        resident_ok = persistent and mgpu_decode.supports(mgpu.padded_tokens(m), N, K, resident)
+        runs = dataclasses.replace(default, tile_runs=True) if persistent else None
         for name, cfg, ok in (("k_int8_tiled", tiled, persistent),   # else the default is the tiled grid
                               ("k_int8_smem_a", dataclasses.replace(default, a_in_registers=False)
                                if persistent else None, persistent),
-                              ("k_int8_x_smem", resident, resident_ok)):
+                              ("k_int8_runs", runs, persistent)):
             try:
                 if not ok:   # the same kernel as the default's column, or no such config
-                    t[name] = float("nan") if name == "k_int8_x_smem" else t["k_int8"]
+                    t[name] = t["k_int8"]
                     continue
                 q, sc = copies[0]["int8"]   # checked first: a racy pipeline must not win
                 err = rel(jnp.asarray(jax.jit(kernel(False, cfg))(x, q, sc), jnp.float32),
@@ -233,14 +233,14 @@ def main() -> None:
 
     print(f"\nx[M,{K}] @ W[{K},{N}], us per call (HBM read {read_gbs:.0f} GB/s, r+w {rw_gbs:.0f} GB/s)")
     print("| M | bf16 | xla int8 | xla fp8 | xla w8a8 | xla w8a8 [N, K] | kernel int8 | kernel int8, tiled "
-          "| kernel int8, SMEM A | kernel int8, x in SMEM | kernel fp8 | kernel w8a8 | best kernel vs bf16 "
+          "| kernel int8, SMEM A | kernel int8, tile runs | kernel fp8 | kernel w8a8 | best kernel vs bf16 "
           "| kernel int8 weight GB/s (% of read, % of bf16's) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m, t, kbest, gbs, bf16_gbs in rows:
         print(f"| {m} | {t['bf16']:.1f} | {t['xla_int8']:.1f} | {t['xla_fp8']:.1f} | {t['xla_w8a8']:.1f} "
               f"| {t['xla_w8a8_nk']:.1f} "
               f"| {t['k_int8']:.1f} | {t['k_int8_tiled']:.1f} | {t['k_int8_smem_a']:.1f} "
-              f"| {t['k_int8_x_smem']:.1f} | {t['k_fp8']:.1f} "
+              f"| {t['k_int8_runs']:.1f} | {t['k_fp8']:.1f} "
               f"| {t['k_w8a8']:.1f} | {t['bf16'] / kbest:.2f}x | {gbs:.0f} ({100 * gbs / read_gbs:.0f}%, "
               f"{100 * gbs / bf16_gbs:.0f}%) |")
     if os.environ.get("OUT"):

@@ -67,7 +67,7 @@ def supports(mp: int, n2: int, k: int, config: DecodeConfig) -> bool:
     bn, bk = config.block_n, config.block_k
     return (mp <= 64 and mp % 8 == 0 and n2 % (2 * bn) == 0 and bn == 64 and config.split_k == 1
             and k % bk == 0 and (bk <= 128 or bk % 128 == 0) and 0 < config.per_cta
-            and 2 * config.per_cta <= MAX_SCALE_BARRIERS and not config.x_resident
+            and 2 * config.per_cta <= MAX_SCALE_BARRIERS
             and not config.async_acc)
 
 

@@ -67,12 +67,9 @@ units lose nothing a bf16 output keeps). Without it every step waits for its own
 adds it to a register carry. (Session 41: the per-CTA step bounds the read, see
 ``gated.py``.)
 
-``x_resident`` (an A/B config, not the default until measured): units in part-major order
-(tile g % tiles, part g // tiles), so a CTA's units span at most two K parts (per_cta <= tiles);
-their x slices, [2, steps, Mp, block_k], are loaded into SMEM before the pipeline (one TMA tile
-and barrier per K block) and the ring streams the weight alone (at M = 1 and 512-column tiles
-the x tile was 8 KB of each 40 KB step, re-read from L2 by every step). H100, session 53: at
-[14336, 4096] and 16 tokens 69% of the read against its control's 70%, refuted again.
+Refuted and removed: ``x_resident`` (each CTA's x slices loaded into SMEM once, the ring
+streaming the weight alone; session 22 at M = 1 on the wall clock, and H100, session 53, at
+[14336, 4096] and 16 tokens: 69% of the read against its control's 70%; commit e3ebe7d has it).
 
 ``tile_runs`` (an A/B config, ``mgpu.DECODE_TILE_RUNS``): a CTA's units follow one another in
 tile-major order, so its consecutive units of one tile are a run of K parts; the carry then sums
@@ -107,8 +104,6 @@ class DecodeConfig:
     per_cta: int = 1       # work units per CTA (the grid: ceil(units / per_cta) CTAs, the last
     #                        one may own fewer)
     a_in_registers: bool = True   # w8a16 on a GPU: the dequantized tile feeds wgmma from registers
-    x_resident: bool = False   # units in part-major order and each CTA's x slices (at most two K
-    #                            parts) loaded into SMEM once: the ring streams the weight alone
     store_mn: bool = False     # a unit's tile stored as [Mp, block_n] (parts [split_k, Mp, N]):
     #                            the epilogue then needs no transpose (module docstring)
     exit_read_only: bool = False   # the last wait before exit only for the stores' SMEM reads
@@ -171,24 +166,12 @@ def decode_config(n: int, k: int, *, block_n: int = 64, block_k: int = 128, stag
                         store_mn=store_mn)
 
 
-X_RESIDENT_BYTES = 48 * 1024   # the most SMEM a CTA's resident x slices may take (2 B per value)
-
-
-def x_resident_bytes(mp: int, k: int, config: DecodeConfig) -> int:
-    """SMEM of ``x_resident``'s two K-part slices of x [Mp, K] (2 bytes per value)."""
-    return 2 * mp * (k // config.split_k) * 2
-
-
 def supports(mp: int, n: int, k: int, config: DecodeConfig) -> bool:
-    """Whether the config tiles x [Mp, K] @ w [N, K]^T (Mp: padded tokens, <= 64); with
-    ``x_resident`` (never with ``tile_runs``) a CTA's units span at most two K parts and their x
-    slices fit in SMEM."""
+    """Whether the config tiles x [Mp, K] @ w [N, K]^T (Mp: padded tokens, <= 64)."""
     tiles = (mp <= 64 and mp % 8 == 0 and n % config.block_n == 0 and config.block_n % 64 == 0
              and k % (config.block_k * config.split_k) == 0 and config.per_cta > 0
              and (config.block_k <= 128 or config.block_k % 128 == 0))
-    return (tiles and (not config.async_acc or (config.stages >= 2 and not config.x_resident))
-            and (not config.x_resident or (config.per_cta <= n // config.block_n and not config.tile_runs
-                                           and x_resident_bytes(mp, k, config) <= X_RESIDENT_BYTES)))
+    return tiles and (not config.async_acc or config.stages >= 2)
 
 
 def smem_transforms(dtype: jnp.dtype, cols: int) -> tuple:
@@ -309,12 +292,12 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
     dequant = jnp.dtype(w.dtype) != jnp.dtype(a_dtype)
     via_smem = dequant and (interpret or not cfg.a_in_registers)
 
-    tiles, resident, slots = n // bn, cfg.x_resident, cfg.slots(n)
+    slots = cfg.slots(n)
     pdl = cfg.pdl and not interpret   # (the interpreter runs kernels one at a time: nothing to wait for)
 
-    def unit(c, i):   # -> (tile, part) of CTA c's step i (x_resident: part-major unit order)
+    def unit(c, i):   # -> (tile, part) of CTA c's step i
         g = c * per_cta + i // steps
-        return (lax.rem(g, tiles), g // tiles) if resident else (g // split, lax.rem(g, split))
+        return g // split, lax.rem(g, split)
 
     def zero() -> jax.Array:
         return plgpu.layout_cast(jnp.zeros((bn, mp), jnp.float32), plgpu.Layout.WGMMA)
@@ -341,20 +324,9 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
         def x_block(i):
             return 0, unit(c, i)[1] * steps + lax.rem(i, steps)
 
-        def with_smem(o_smem, *scratch):
-            x_res, x_bar, *a_smem = scratch if resident else (None, None, *scratch)
+        def with_smem(o_smem, *a_smem):
             if pdl:   # nothing this kernel reads may be loaded before the kernels ahead finish
                 plgpu.griddepcontrol_wait()
-            first = c * per_cta // tiles   # x_resident: this CTA's first K part (its last <= first + 1)
-            if resident:   # both parts' slices, one TMA tile (and barrier) per K block (the second
-                #            loaded even where the CTA stays in one part: a fixed set of barriers)
-                for b in range(2):
-                    part = jnp.minimum(first + b, split - 1)
-                    for kb in range(steps):
-                        plgpu.copy_gmem_to_smem(x_gmem.at[:, pl.ds((part * steps + kb) * bk, bk)],
-                                                x_res.at[b, kb], x_bar.at[b * steps + kb])
-                for j in range(2 * steps):
-                    plgpu.barrier_wait(x_bar.at[j])
 
             def store(value, tile, slot):   # a [bn, Mp] sum -> partial ``slot``'s tile
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous store read o_smem
@@ -378,14 +350,8 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                 for r in range(1, slots):
                     pl.when((slot == 0) & (r >= runs))(lambda r=r: store(zero(), tile, r))
 
-            def body(idx, w_smem, *rest):
+            def body(idx, w_smem, x_smem, carry):
                 i = idx[0]
-                if resident:
-                    (carry,) = rest
-                    x_smem = x_res.at[unit(c, i)[1] - first, lax.rem(i, steps)]
-                else:
-                    x_smem, carry = rest
-
                 a = a_smem[0] if via_smem else None
                 carry = carry + pl.run_scoped(
                     lambda acc: tile_product(acc, w_smem, x_smem, fp8=fp8, a_smem=a,
@@ -429,10 +395,10 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
             else:
                 plgpu.emit_pipeline(
                     body, grid=(count * steps,),
-                    in_specs=[w_spec] if resident else [w_spec, x_spec],
+                    in_specs=[w_spec, x_spec],
                     max_concurrent_steps=cfg.stages,
                     init_carry=zero(),
-                )(*((w_gmem,) if resident else (w_gmem, x_gmem)))
+                )(w_gmem, x_gmem)
             if pdl:   # the next kernel may launch (it waits for this one's stores itself)
                 plgpu.griddepcontrol_launch_dependents()
             plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.exit_read_only)
@@ -440,9 +406,6 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
         tile_shape = (mp, bn) if cfg.store_mn else (bn, mp)
         scratch = [plgpu.SMEM(tile_shape, jnp.float32,
                               transforms=smem_transforms(jnp.float32, tile_shape[1]))]
-        if resident:
-            scratch += [plgpu.SMEM((2, steps, mp, bk), a_dtype, transforms=smem_transforms(a_dtype, bk)),
-                        plgpu.Barrier(num_barriers=2 * steps)]
         if via_smem:
             scratch.append(a_tile(bn, bk, a_dtype))
         pl.run_scoped(with_smem, *scratch)

@@ -78,11 +78,11 @@ def test_mgpu_configs(cfg):
 @pytest.mark.parametrize("cfg", [DecodeConfig(64, 128, 4, split_k=2, per_cta=3),       # ragged grid
                                  DecodeConfig(64, 128, 4, per_cta=2, a_in_registers=False),
                                  DecodeConfig(128, 256, 6, split_k=2, per_cta=2),
-                                 DecodeConfig(64, 256, 3, split_k=4, per_cta=7, x_resident=True),
+                                 DecodeConfig(64, 256, 3, split_k=4, per_cta=7, tile_runs=True),
                                  DecodeConfig(64, 128, 4, split_k=2, per_cta=3, store_mn=True),
                                  DecodeConfig(128, 512, 2, per_cta=2, store_mn=True),
-                                 DecodeConfig(64, 256, 3, split_k=4, per_cta=7, x_resident=True,
-                                              store_mn=True),
+                                 DecodeConfig(64, 256, 4, split_k=4, per_cta=7, store_mn=True,
+                                              async_acc=True, tile_runs=True),
                                  DecodeConfig(64, 512, 2, split_k=2, per_cta=3, store_mn=True,
                                               exit_read_only=True),
                                  DecodeConfig(64, 256, 4, split_k=2, per_cta=3, store_mn=True,
@@ -92,8 +92,8 @@ def test_mgpu_configs(cfg):
 def test_persistent_decode_configs(cfg, mode):
     """The persistent decode kernel (the default at M <= 64, the register-A form checked here
     and by test_mgpu_quant_matmul) at explicit configs, one of them with a shorter last CTA, one
-    with x resident in SMEM (80 units on 12 CTAs, some spanning two K parts), two with the
-    accumulator across the steps (``async_acc``)."""
+    with tile runs (80 units on 12 CTAs: a CTA's units of one tile in one partial), three with
+    the accumulator across the steps (``async_acc``)."""
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((5, 2048)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((1280, 2048)) * 0.02, jnp.float32)

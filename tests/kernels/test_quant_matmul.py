@@ -136,21 +136,10 @@ MGPU_CASES = {
     "persistent_w8a8_bk256_m9": (9, 64, 512, FP8, True, DecodeConfig(64, 256, 2, split_k=2, per_cta=2)),
     # 7 units on 3 CTAs: the last one owns one (a shorter, dynamic pipeline)
     "persistent_ragged_int8_m8": (8, 448, 256, jnp.int8, False, DecodeConfig(64, 128, 2, per_cta=3)),
-    # x resident: part-major units, each CTA's x slices in SMEM (CTA 1 of 3 spans parts 0 and 1;
-    # the ragged last CTA owns one unit)
-    "resident_int8_m1": (1, 192, 1024, jnp.int8, False,
-                         DecodeConfig(64, 256, 2, split_k=2, per_cta=2, x_resident=True)),
-    "resident_w8a8_m13": (13, 192, 768, FP8, True,
-                          DecodeConfig(64, 128, 2, split_k=3, per_cta=2, x_resident=True)),
-    "resident_ragged_fp8_m8": (8, 320, 512, FP8, False,
-                               DecodeConfig(64, 128, 3, split_k=2, per_cta=3, x_resident=True)),
     # tiles stored as [Mp, block_n]: partials [split_k, Mp, N], no transpose after the kernel
     "store_mn_int8_m5_split": (5, 448, 512, jnp.int8, False,
                                DecodeConfig(64, 128, 2, split_k=2, per_cta=3, store_mn=True)),
     "store_mn_w8a8_m16_bn128": (16, 256, 256, FP8, True, DecodeConfig(128, 128, 2, store_mn=True)),
-    "store_mn_resident_fp8_m1": (1, 192, 1024, FP8, False,
-                                 DecodeConfig(64, 256, 2, split_k=2, per_cta=2, x_resident=True,
-                                              store_mn=True)),
     # async_acc: one accumulator across the pipeline, each unit's sum the running total less its
     # value at the unit's start (ragged last CTA, several units per CTA, w8a8, both output layouts)
     "async_int8_m5_ragged": (5, 448, 512, jnp.int8, False,
@@ -285,11 +274,11 @@ def test_mgpu_kernel_lowers_for_cuda(m, mode):
 
 @pytest.mark.parametrize("cfg", [DecodeConfig(64, 128, 2, per_cta=3),
                                  DecodeConfig(64, 128, 4, per_cta=3, a_in_registers=False),
-                                 DecodeConfig(64, 512, 2, split_k=4, per_cta=3, x_resident=True)])
+                                 DecodeConfig(64, 512, 2, split_k=4, per_cta=3, tile_runs=True)])
 def test_persistent_kernel_with_a_ragged_grid_lowers_for_cuda(cfg):
     """7 units on 3 CTAs (a dynamic pipeline length in the last), with the dequantized tile
     from registers (the GPU's form, which the interpreter cannot run) and through SMEM, and
-    with x resident in SMEM (28 units, the 8B gate/up's K parts: CTA 2 spans two parts)."""
+    with tile runs (28 units, the 8B gate/up's K parts: tiles span two CTAs)."""
     x = jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((448, 4096), jnp.int8)
     s = jax.ShapeDtypeStruct((448,), jnp.float32)
@@ -390,15 +379,13 @@ def test_persistent_kernel_async_accumulator(monkeypatch):
         text = fn.trace(x, w, jax.ShapeDtypeStruct((n,), jnp.float32)).lower(lowering_platforms=("cuda",))
         assert "mosaic_gpu" in text.as_text()
     assert not mgpu_decode.supports(16, 128, 512, DecodeConfig(64, 128, 1, async_acc=True))
-    assert not mgpu_decode.supports(16, 128, 512, DecodeConfig(64, 128, 3, async_acc=True, x_resident=True))
 
 
 def test_tile_runs_partials(monkeypatch):
     """``tile_runs`` stores one partial per CTA that shares a tile (``slots``), not one per K
     part: the 8B's [14336, 4096] at 16 tokens (8 parts, 7 units per CTA) 2 instead of 8, its
     qkv projection 4 instead of 8 (o: one unit per CTA, 4 either way); ``DECODE_TILE_RUNS``
-    (the A/B quant-tile-runs) sets the field, which the fused epilogues' checks count by; never
-    with ``x_resident``."""
+    (the A/B quant-tile-runs) sets the field, which the fused epilogues' checks count by."""
     cfg = mgpu_decode.decode_config(14336, 4096, block_k=256, sms=132)
     assert (cfg.split_k, cfg.per_cta, cfg.slots(14336)) == (8, 7, 8)
     assert dataclasses.replace(cfg, tile_runs=True).slots(14336) == 2
@@ -409,8 +396,6 @@ def test_tile_runs_partials(monkeypatch):
     assert not mgpu.kernel_config(16, 6144, 4096).tile_runs
     monkeypatch.setattr(mgpu, "DECODE_TILE_RUNS", True)
     assert mgpu.kernel_config(16, 6144, 4096).tile_runs
-    assert not mgpu_decode.supports(1, 192, 1024, DecodeConfig(64, 256, 2, split_k=2, per_cta=2,
-                                                               x_resident=True, tile_runs=True))
 
 
 def test_decode_units_of_128_rows(monkeypatch):
