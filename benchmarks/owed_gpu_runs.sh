@@ -5,7 +5,8 @@
 # history (sessions 7-53 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), tr
-# (the decode kernel's tile runs: fewer split-K partials), f (the GPU memory test's budget sum),
+# (the decode kernel's tile runs: fewer split-K partials), sz (its fixed cost and marginal read),
+# f (the GPU memory test's budget sum),
 # w, o, u, m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider
 # code-draft: session 27 ran greedy_matches, 6 passed);
 # then, on 2 GPUs, pb, d, s, sk, c.
@@ -102,6 +103,19 @@ tr)
   timeout 250 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8+lm_head --ab quant-tile-runs > "$OUT/tr_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/tr_step.txt"
+  ;;
+sz)
+  # The decode kernel's fixed cost and marginal read: its default at one shape and at twice the
+  # K (down's [4096, 14336] and [4096, 28672]), beside XLA's row sum of each weight, M = 1 and 16.
+  # Session 53 (H100): XLA's row sum 20.4 us for 58.7 MB and 38.7 for 117 (a marginal 100% of
+  # the 2 GiB read, ~2.1 us fixed); the kernel 23.3 us at down (79%). Prediction: the kernel's
+  # marginal 86-90% of the read and its fixed cost ~2-3 us, so the 85% target is a steady-state
+  # rate the TMA ring does not reach, not a ramp (a fixed cost over ~3.5 us says the opposite).
+  for shape in 4096x14336 4096x28672; do
+    timeout 100 python3 benchmarks/decode_stream.py --shape $shape --ms 1,16 --layouts "" --rounds 1 \
+      --kernels mosaic1 --iters 20 --trace-dir /tmp/sz_$shape > "$OUT/sz_$shape.txt" 2>&1
+    grep "^|\|^int8\|rror" "$OUT/sz_$shape.txt" | head -8
+  done
   ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify
