@@ -104,7 +104,7 @@ class DecodeConfig:
     per_cta: int = 1       # work units per CTA (the grid: ceil(units / per_cta) CTAs, the last
     #                        one may own fewer)
     a_in_registers: bool = True   # w8a16 on a GPU: the dequantized tile feeds wgmma from registers
-    store_mn: bool = False     # a unit's tile stored as [Mp, block_n] (parts [split_k, Mp, N]):
+    store_mn: bool = False     # a unit's tile stored as [Mp, block_n] (parts [S, Mp, N]):
     #                            the epilogue then needs no transpose (module docstring)
     exit_read_only: bool = False   # the last wait before exit only for the stores' SMEM reads
     pdl: bool = False          # programmatic dependent launch (module docstring): on a GPU the
