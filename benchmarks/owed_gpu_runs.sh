@@ -66,6 +66,16 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
+# decode_stream.py's kernel rows (no stream rows), one run per shape: TAG KERNELS MS TIMEOUT SHAPE...
+stream_rows() {
+  local tag=$1 kernels=$2 ms=$3 limit=$4 shape
+  shift 4
+  for shape in "$@"; do
+    timeout "$limit" python3 benchmarks/decode_stream.py --shape "$shape" --ms "$ms" --layouts "" --rounds 1 \
+      --kernels "$kernels" --iters 20 --trace-dir "/tmp/${tag}_$shape" > "$OUT/${tag}_$shape.txt" 2>&1
+    grep "^|\|^int8\|rror" "$OUT/${tag}_$shape.txt" | head -16
+  done
+}
 
 case "${1:-}" in
 h2)
@@ -95,11 +105,7 @@ tr)
   # shape, one unit and 4 partials per CTA, 24.0 / 23.3 us. Prediction: 16 tokens -1.0 to -1.8 us
   # (74-77%), 1 token -0.3 to -0.8 us; qkv [6144, 4096] (8 -> 4 partials) -0.2 to -0.5 us; the
   # 8B's int8 + lm_head batch-1 step -0.1 to -0.5% (only qkv splits across CTAs there).
-  for shape in 14336x4096 6144x4096; do
-    timeout 150 python3 benchmarks/decode_stream.py --shape $shape --ms 16,1 --layouts "" --rounds 1 \
-      --kernels runs --iters 20 --trace-dir /tmp/tr_$shape > "$OUT/tr_$shape.txt" 2>&1
-    grep "^|\|^int8\|rror" "$OUT/tr_$shape.txt" | head -16
-  done
+  stream_rows tr runs 16,1 150 14336x4096 6144x4096
   timeout 250 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
     --quantization int8+lm_head --ab quant-tile-runs > "$OUT/tr_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/tr_step.txt"
@@ -111,11 +117,7 @@ sz)
   # the 2 GiB read, ~2.1 us fixed); the kernel 23.3 us at down (79%). Prediction: the kernel's
   # marginal 86-90% of the read and its fixed cost ~2-3 us, so the 85% target is a steady-state
   # rate the TMA ring does not reach, not a ramp (a fixed cost over ~3.5 us says the opposite).
-  for shape in 4096x14336 4096x28672; do
-    timeout 100 python3 benchmarks/decode_stream.py --shape $shape --ms 1,16 --layouts "" --rounds 1 \
-      --kernels mosaic1 --iters 20 --trace-dir /tmp/sz_$shape > "$OUT/sz_$shape.txt" 2>&1
-    grep "^|\|^int8\|rror" "$OUT/sz_$shape.txt" | head -8
-  done
+  stream_rows sz mosaic1 1,16 100 4096x14336 4096x28672
   ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify
