@@ -80,6 +80,14 @@ def opcode_counts(ptx: str) -> collections.Counter:
     return collections.Counter(op for op in ops if not op.endswith(":"))
 
 
+def variant_config(base: mgpu_decode.DecodeConfig, variant: str) -> mgpu_decode.DecodeConfig:
+    """``base`` with a variant's DecodeConfig boolean fields set: "default" (none), or names
+    joined by +, each set true, or false as NAME=0 (``int8_f16_bits=0``)."""
+    fields = {} if variant == "default" else {
+        f.split("=")[0]: f.split("=")[1:] != ["0"] for f in variant.split("+")}
+    return dataclasses.replace(base, **fields)
+
+
 def compile_ptx(fn, args: tuple, dump: Path) -> tuple[str, str]:
     """``fn`` compiled for the deviceless H200 with Mosaic GPU's dumps in ``dump``: its kernels'
     PTX (joined) and ptxas' reports."""
@@ -114,9 +122,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (wname, xname, variant) in enumerate(itertools.product(
                 ns.weights.split(","), ns.x.split(","), ns.variants.split(","))):
-            fields = {} if variant == "default" else {
-                f.split("=")[0]: f.split("=")[1:] != ["0"] for f in variant.split("+")}
-            cfg = dataclasses.replace(base, **fields)
+            cfg = variant_config(base, variant)
             wdt = jnp.int8 if wname == "int8" else ref.FP8
             args = tuple(jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in
                          (((ns.m, k), jnp.dtype(xname)), ((n, k), wdt), ((n,), jnp.float32)))

@@ -6,6 +6,7 @@
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), tr
 # (the decode kernel's tile runs: fewer split-K partials), sz (its fixed cost and marginal read),
+# ct (its timeline per CTA),
 # f (the GPU memory test's budget sum),
 # w, o, u, m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider
 # code-draft: session 27 ran greedy_matches, 6 passed);
@@ -118,6 +119,19 @@ sz)
   # marginal 86-90% of the read and its fixed cost ~2-3 us, so the 85% target is a steady-state
   # rate the TMA ring does not reach, not a ramp (a fixed cost over ~3.5 us says the opposite).
   stream_rows sz mosaic1 1,16 100 4096x14336 4096x28672
+  ;;
+ct)
+  # The decode kernel per CTA (cta_timeline.py: Mosaic GPU's on-device profiler over the kernel's
+  # named scopes): the start spread, first tiles, step interval, body share, stores and the end
+  # spread, at issue 13's shape with and without tile runs, and at down's. Never run. Prediction:
+  # start spread <= 1 us, first tiles 1.5-2.5 us, the steady step reading 88-95% of the read
+  # ceiling, ends 1-3 us apart: the ~5 us the kernel takes over the weight's read time at the
+  # ceiling are its fill and tail, not its steps.
+  timeout 200 python3 benchmarks/cta_timeline.py --shape 14336x4096 --ms 16,1 \
+    --variants default,tile_runs > "$OUT/ct.txt" 2>&1
+  timeout 120 python3 benchmarks/cta_timeline.py --shape 4096x14336 --ms 16,1 \
+    --variants default >> "$OUT/ct.txt" 2>&1
+  grep "^|\|^##\|rror" "$OUT/ct.txt"
   ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify

@@ -259,26 +259,38 @@ def tile_product(acc_ref, w_smem, x_smem, *, fp8: jnp.dtype, a_smem=None,
     return acc_ref[...]
 
 
-def persistent_kernel(kernel, out_type: jax.ShapeDtypeStruct, ctas: int, name: str, interpret: bool):
+def persistent_kernel(kernel, out_type: jax.ShapeDtypeStruct, ctas: int, name: str, interpret: bool,
+                      trace: tuple[int, str] | None = None):
     """``plgpu.kernel`` of a persistent decode body over a 1-D grid of ``ctas`` CTAs (axis "c"),
     in Mosaic GPU's warpgroup semantics; ``name`` per shape, so a profile names each projection's
-    calls."""
+    calls. ``trace`` (events per CTA, a directory): Mosaic GPU's on-device profiler records the
+    kernel's named scopes per CTA and each call writes a trace there (``TRACE_SCOPES``)."""
+    params = {} if trace is None else {"profile_space": trace[0], "profile_dir": trace[1],
+                                       "profile_bounds_check": True}
     return plgpu.kernel(
         kernel,
         out_type=out_type,
         grid=(ctas,),
         grid_names=("c",),
         kernel_name=name,
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                                             **params),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
 
 
+# The named scopes of the decode kernel (no-ops unless traced): a CTA's first instruction
+# ("start"), each pipeline step's body, from its tiles' arrival ("step"), each partial's store
+# ("store") and the wait for the CTA's last stores before it exits ("exit").
+TRACE_SCOPES = ("start", "step", "store", "exit")
+
+
 def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: jnp.dtype,
-                    interpret: bool = False) -> jax.Array:
+                    interpret: bool = False, trace_dir: str | None = None) -> jax.Array:
     """xp: [Mp, K] (bf16/f16 for w8a16, fp8 for w8a8), w: [N, K] 8-bit -> float32 partials
     out^T [S, N, Mp] summing to w @ xp^T (``config.store_mn``: out [S, Mp, N] summing to
-    xp @ w^T), no scales; S = ``config.slots(N)``. ``supports(...)`` must hold."""
+    xp @ w^T), no scales; S = ``config.slots(N)``. ``supports(...)`` must hold. ``trace_dir``:
+    each call writes a per-CTA trace of ``TRACE_SCOPES`` there (``persistent_kernel``)."""
     mp, k = xp.shape
     n = w.shape[0]
     cfg = config
@@ -303,7 +315,8 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
         return plgpu.layout_cast(jnp.zeros((bn, mp), jnp.float32), plgpu.Layout.WGMMA)
 
     def kernel(x_gmem, w_gmem, o_gmem):
-        c = lax.axis_index("c")
+        with jax.named_scope("start"):
+            c = lax.axis_index("c")
         # The last CTA may own fewer units (a dynamic pipeline length).
         count = per_cta if units % per_cta == 0 else jnp.minimum(per_cta, units - c * per_cta)
 
@@ -328,6 +341,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
             if pdl:   # nothing this kernel reads may be loaded before the kernels ahead finish
                 plgpu.griddepcontrol_wait()
 
+            @jax.named_scope("store")
             def store(value, tile, slot):   # a [bn, Mp] sum -> partial ``slot``'s tile
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous store read o_smem
                 if cfg.store_mn:   # [bn, Mp] registers -> the [Mp, bn] tile, transposed
@@ -350,6 +364,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                 for r in range(1, slots):
                     pl.when((slot == 0) & (r >= runs))(lambda r=r: store(zero(), tile, r))
 
+            @jax.named_scope("step")
             def body(idx, w_smem, x_smem, carry):
                 i = idx[0]
                 a = a_smem[0] if via_smem else None
@@ -361,6 +376,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                 pl.when(last)(lambda: flush(carry, i))
                 return lax.cond(last, lambda c: zero(), lambda c: c, carry)
 
+            @jax.named_scope("step")
             def async_body(idx, w_smem, x_smem, before, acc):   # async_acc: acc lives across the
                 #   steps and sums every unit so far; ``before``: its value when this unit began
                 i = idx[0]
@@ -401,7 +417,8 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                 )(w_gmem, x_gmem)
             if pdl:   # the next kernel may launch (it waits for this one's stores itself)
                 plgpu.griddepcontrol_launch_dependents()
-            plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.exit_read_only)
+            with jax.named_scope("exit"):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.exit_read_only)
 
         tile_shape = (mp, bn) if cfg.store_mn else (bn, mp)
         scratch = [plgpu.SMEM(tile_shape, jnp.float32,
@@ -412,5 +429,6 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
 
     f = persistent_kernel(kernel, jax.ShapeDtypeStruct((slots * mp, n) if cfg.store_mn else (slots * n, mp),
                                                        jnp.float32),
-                          ctas, f"quant_decode_{n}x{k}", interpret)
+                          ctas, f"quant_decode_{n}x{k}", interpret,
+                          None if trace_dir is None else (2 * (per_cta * (steps + slots) + 4), trace_dir))
     return f(xp, w).reshape((slots, mp, n) if cfg.store_mn else (slots, n, mp))

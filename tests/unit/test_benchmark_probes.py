@@ -195,3 +195,34 @@ def test_offline_attention_counts_programs_per_sm():
     assert programs_per_sm(32, 100_000, 128) == 2   # shared memory binds
     assert programs_per_sm(16, 0, 1024) == 2        # threads bind
     assert programs_per_sm(161, 0, 128) == 3        # 161 registers allocate as 168
+
+
+def test_cta_timeline_reads_the_on_device_profile():
+    """cta_timeline.py reads Mosaic GPU's per-CTA trace (each event's ts = (the CTA's global-timer
+    start in ns + SM cycles after it) / 1e3): two CTAs at 1000 MHz, the second starting 1 us
+    later, first tiles after 2 and 3 us, steps 1 us apart, ends 6 us and 9 us after the first
+    start."""
+    from benchmarks import cta_timeline
+
+    def cta(tid, start_ns, events):
+        return [{"name": n, "ph": ph, "ts": (start_ns + cycles) / 1e3, "pid": 1, "tid": tid}
+                for n, ph, cycles in events]
+
+    first = cta(1, 5e6, [("start", "B", 0), ("start", "E", 10), ("step", "B", 2000), ("step", "E", 2500),
+                         ("step", "B", 3000), ("step", "E", 3500), ("store", "B", 3600), ("store", "E", 3700),
+                         ("exit", "B", 5000), ("exit", "E", 6000)])
+    second = cta(2, 5e6 + 1000, [("start", "B", 0), ("start", "E", 10), ("step", "B", 3000),
+                                 ("step", "E", 3300), ("step", "B", 4000), ("step", "E", 4300),
+                                 ("exit", "B", 7000), ("exit", "E", 8000)])
+    events = cta_timeline.cta_events({"traceEvents": first + second})
+    assert events[2][0] == 5e6 + 1000 and events[2][1][2] == ("step", "B", 3000)
+    got = cta_timeline.summary(events, mhz=1000.0, step_bytes=16384)
+    assert got["CTAs"] == 2
+    assert got["kernel us (first start to last end)"] == pytest.approx(9.0)
+    assert got["start spread us"] == pytest.approx(1.0)
+    assert got["first tiles us (median / max)"] == pytest.approx((2.5, 3.0))
+    assert got["step interval us (median)"] == pytest.approx(1.0)
+    assert got["body us per step (median)"] == pytest.approx(0.4)
+    assert got["store us (median)"] == pytest.approx(0.1)
+    assert got["steady GB/s (all CTAs at the median interval)"] == pytest.approx(2 * 16384 / 1e3)
+    assert got["end spread us (first to last CTA)"] == pytest.approx(3.0)
