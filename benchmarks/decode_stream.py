@@ -139,8 +139,7 @@ def config_label(cfg: mgpu_decode.DecodeConfig, n: int, int8_f16: bool = False) 
     meet an f16 x, and the label says how the weight is converted)."""
     convert = (", int8 f16 bits" if cfg.int8_f16_bits else ", Mosaic's convert") if int8_f16 else ""
     return (f"{cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split {cfg.split_k}, {cfg.ctas(n)} CTAs"
-            + ", async" * cfg.async_acc + ", tile runs" * cfg.tile_runs
-            + convert)
+            + ", async" * cfg.async_acc + ", tile runs" * cfg.tile_runs + convert)
 
 
 def tile_runs_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
