@@ -127,6 +127,10 @@ ct)
   # start spread <= 1 us, first tiles 1.5-2.5 us, the steady step reading 88-95% of the read
   # ceiling, ends 1-3 us apart: the ~5 us the kernel takes over the weight's read time at the
   # ceiling are its fill and tail, not its steps.
+  # First the GPU tests of the traced kernel and of tile runs (test_persistent_decode_configs).
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
+    -k "traced or persistent_decode_configs" > "$OUT/ct_tests.txt" 2>&1
+  tail -3 "$OUT/ct_tests.txt"
   timeout 200 python3 benchmarks/cta_timeline.py --shape 14336x4096 --ms 16,1 \
     --variants default,tile_runs > "$OUT/ct.txt" 2>&1
   timeout 120 python3 benchmarks/cta_timeline.py --shape 4096x14336 --ms 16,1 \

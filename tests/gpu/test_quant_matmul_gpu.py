@@ -5,6 +5,7 @@ shapes. Skipped without a GPU (CPU CI) and on a GPU that is not Hopper.
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +205,29 @@ def test_persistent_int8_f16_bits(cfg):
     want = mgpu.quant_matmul_silu_gate(x, q, s, config=dataclasses.replace(gate, int8_f16_bits=False))
     got = mgpu.quant_matmul_silu_gate(x, q, s, config=gate)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_traced_decode_kernel_writes_a_timeline_per_cta(tmp_path):
+    """``decode_matmul_t(trace_dir=...)`` (benchmarks/cta_timeline.py's source): the same
+    partials as the untraced kernel, and one trace per call holding every CTA's start, steps
+    (one per pipeline step: 2 units of 2 K blocks each) and exit."""
+    from benchmarks.cta_timeline import cta_events, summary
+    from pallas_kernels.quant_matmul import mgpu_decode
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((16, 1024)), jnp.bfloat16)
+    q, _ = ref.quantize_weight(jnp.asarray(rng.standard_normal((512, 1024)), jnp.float32), jnp.int8)
+    cfg = DecodeConfig(64, 256, 4, split_k=2, per_cta=2, store_mn=True, async_acc=True, tile_runs=True)
+    plain = mgpu_decode.decode_matmul_t(x, q, config=cfg, fp8=FP8)
+    traced = mgpu_decode.decode_matmul_t(x, q, config=cfg, fp8=FP8, trace_dir=str(tmp_path))
+    jax.effects_barrier()
+    assert np.array_equal(np.asarray(plain), np.asarray(traced))
+    (path,) = tmp_path.glob("*trace.json")
+    ctas = cta_events(json.loads(path.read_text()))
+    assert len(ctas) == cfg.ctas(512) == 8
+    for _, events in ctas.values():
+        names = [(name, ph) for name, ph, _ in events]
+        assert names[0] == ("start", "B") and names[-1] == ("exit", "E")
+        assert names.count(("step", "B")) == names.count(("step", "E")) == 4
+    got = summary(ctas, mhz=1980.0, step_bytes=64 * 256 + 16 * 256 * 2)
+    assert 0 < got["step interval us (median)"] < got["kernel us (first start to last end)"] < 1000
