@@ -85,6 +85,33 @@ def test_fused_projection_equals_the_composition(monkeypatch, wdtype):
     np.testing.assert_allclose(np.asarray(got_h, np.float32), h64, rtol=1.6e-2, atol=0.05)
 
 
+def test_fused_projection_with_tile_runs(monkeypatch):
+    """With ``tile_runs`` the decode kernel hands the fused epilogue fewer partials than K parts
+    (on 3 SMs: K in 4 parts, 3 units per CTA, 2 partials per tile), and the epilogue sums those:
+    the same h and norm as the composition."""
+    from pallas_kernels.quant_matmul import mgpu_decode
+
+    monkeypatch.setattr(mgpu_decode, "sm_count", lambda: 3)
+    monkeypatch.setattr(mgpu, "DECODE_TILE_RUNS", True)
+    x, q, s, residual, gamma = _projection(5, 2, 256, 2048, jnp.int8)
+    cfg = mgpu.kernel_config(2, 256, 2048)
+    assert (cfg.split_k, cfg.per_cta, cfg.slots(256)) == (4, 3, 2)
+    assert mgpu.residual_norm_supports(x, q, residual, gamma)
+    fused = jax.jit(lambda *a: pallas_kernels.quant_matmul_residual_norm(*a, EPS, interpret=True))
+    monkeypatch.setattr(api, "RESIDUAL_NORM_ON_HOPPER", False)
+    want_h, want_n = fused(x, q, s, residual, gamma)
+    monkeypatch.setattr(api, "RESIDUAL_NORM_ON_HOPPER", True)
+    parts = []
+    kernel = residual_norm.residual_rms_norm
+    monkeypatch.setattr(residual_norm, "residual_rms_norm",
+                        lambda p, *a, **kw: parts.append(p.shape[0]) or kernel(p, *a, **kw))
+    jax.clear_caches()
+    got_h, got_n = fused(x, q, s, residual, gamma)
+    assert parts == [2]                                    # the fused kernel ran, on 2 partials
+    _close(got_h, want_h, 1.6e-2)
+    _close(got_n, want_n, 1.6e-2)
+
+
 def test_without_the_switch_or_the_shapes_it_is_the_composition(monkeypatch):
     x, q, s, residual, gamma = _projection(4, 3, 256, 512, jnp.int8)
     monkeypatch.setattr(api, "RESIDUAL_NORM_ON_HOPPER", True)
