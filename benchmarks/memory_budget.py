@@ -36,9 +36,11 @@ def main() -> None:
     from jserve.plan import plan_capacity
     from jserve.runner import Runner
 
-    # The allocator's peak before warm-up: the pool's allocation with its hold in place can set
-    # it (the pool's last array may take the rest of its free block: the BFC allocator hands out
-    # a whole block when the excess is under 128 MiB), so warm-up's own peak shows only above it.
+    # The allocator's peak before warm-up, reported beside the one after: the pool's allocation
+    # with its hold in place can set it (its last array may take the rest of its free block: the
+    # BFC allocator hands out a whole block when the excess is under 128 MiB), and warm-up's
+    # scratch can then take the rest of the freed hold's block, so neither peak says how much
+    # room warm-up left (the GPU test checks the budget's sum instead).
     before_warmup: dict = {}
     warm = Runner.warm
 

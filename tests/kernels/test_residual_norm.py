@@ -60,22 +60,28 @@ def _projection(seed, t, n, k, wdtype):
     return x, q, s, residual, gamma
 
 
+def _fused_and_composed(monkeypatch, x, q, s, residual, gamma) -> tuple[tuple, tuple, list[int]]:
+    """``quant_matmul_residual_norm`` with the fused epilogue and with XLA's pair (the switch
+    off): (h, normed) of each, and the partial counts the fused kernel was called with."""
+    assert mgpu.residual_norm_supports(x, q, residual, gamma)
+    fused = jax.jit(lambda *a: pallas_kernels.quant_matmul_residual_norm(*a, EPS, interpret=True))
+    monkeypatch.setattr(api, "RESIDUAL_NORM_ON_HOPPER", False)
+    want = fused(x, q, s, residual, gamma)
+    monkeypatch.setattr(api, "RESIDUAL_NORM_ON_HOPPER", True)
+    parts = []
+    kernel = residual_norm.residual_rms_norm
+    monkeypatch.setattr(residual_norm, "residual_rms_norm",
+                        lambda p, *a, **kw: parts.append(p.shape[0]) or kernel(p, *a, **kw))
+    jax.clear_caches()
+    return fused(x, q, s, residual, gamma), want, parts
+
+
 @pytest.mark.parametrize("wdtype", [jnp.int8, ref.FP8])
 def test_fused_projection_equals_the_composition(monkeypatch, wdtype):
     """The decode kernel's partials through the fused epilogue == the same kernel's
     ``finish`` output added and normed by XLA (what runs with the switch off)."""
     x, q, s, residual, gamma = _projection(3, 2, 256, 512, wdtype)
-    assert mgpu.residual_norm_supports(x, q, residual, gamma)
-    fused = jax.jit(lambda *a: pallas_kernels.quant_matmul_residual_norm(*a, EPS, interpret=True))
-    monkeypatch.setattr(api, "RESIDUAL_NORM_ON_HOPPER", False)
-    want_h, want_n = fused(x, q, s, residual, gamma)
-    monkeypatch.setattr(api, "RESIDUAL_NORM_ON_HOPPER", True)
-    calls = []
-    kernel = residual_norm.residual_rms_norm
-    monkeypatch.setattr(residual_norm, "residual_rms_norm",
-                        lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
-    jax.clear_caches()
-    got_h, got_n = fused(x, q, s, residual, gamma)
+    (got_h, got_n), (want_h, want_n), calls = _fused_and_composed(monkeypatch, x, q, s, residual, gamma)
     assert calls                                           # the fused kernel ran, not XLA's pair
     _close(got_h, want_h, 1.6e-2)
     _close(got_n, want_n, 1.6e-2)
@@ -96,17 +102,7 @@ def test_fused_projection_with_tile_runs(monkeypatch):
     x, q, s, residual, gamma = _projection(5, 2, 256, 2048, jnp.int8)
     cfg = mgpu.kernel_config(2, 256, 2048)
     assert (cfg.split_k, cfg.per_cta, cfg.slots(256)) == (4, 3, 2)
-    assert mgpu.residual_norm_supports(x, q, residual, gamma)
-    fused = jax.jit(lambda *a: pallas_kernels.quant_matmul_residual_norm(*a, EPS, interpret=True))
-    monkeypatch.setattr(api, "RESIDUAL_NORM_ON_HOPPER", False)
-    want_h, want_n = fused(x, q, s, residual, gamma)
-    monkeypatch.setattr(api, "RESIDUAL_NORM_ON_HOPPER", True)
-    parts = []
-    kernel = residual_norm.residual_rms_norm
-    monkeypatch.setattr(residual_norm, "residual_rms_norm",
-                        lambda p, *a, **kw: parts.append(p.shape[0]) or kernel(p, *a, **kw))
-    jax.clear_caches()
-    got_h, got_n = fused(x, q, s, residual, gamma)
+    (got_h, got_n), (want_h, want_n), parts = _fused_and_composed(monkeypatch, x, q, s, residual, gamma)
     assert parts == [2]                                    # the fused kernel ran, on 2 partials
     _close(got_h, want_h, 1.6e-2)
     _close(got_n, want_n, 1.6e-2)
