@@ -53,35 +53,48 @@ def sm_clock_mhz(x: jax.Array, w: jax.Array, cfg: mgpu_decode.DecodeConfig, call
     return float(out.split()[0])
 
 
-def cta_events(trace: dict) -> dict[int, tuple[float, list[tuple[str, str, float]]]]:
+def cta_events(trace: dict) -> dict[int, tuple[float, list[tuple[str, str, float]], int]]:
     """A profiler trace -> per CTA (its trace id): (start ns on the global timer, [(scope, "B" or
-    "E", cycles after the start)]). Each event's ``ts`` is (start ns + cycles) / 1e3 and the
-    first event (the "start" scope's begin) has 0 cycles."""
+    "E", cycles after the start)], the SM it ran on). Each event's ``ts`` is (start ns +
+    cycles) / 1e3, its ``pid`` 1 + the SM; the first event (the profiler's own "Init" scope, or
+    the kernel's "start" where there is none) has 0 cycles."""
     by_cta: dict[int, list[dict]] = {}
     for e in trace["traceEvents"]:
         by_cta.setdefault(e["tid"], []).append(e)
     out = {}
     for tid, events in by_cta.items():
         start = events[0]["ts"] * 1e3
-        out[tid] = (start, [(e["name"], e["ph"], e["ts"] * 1e3 - start) for e in events])
+        out[tid] = (start, [(e["name"], e["ph"], e["ts"] * 1e3 - start) for e in events],
+                    int(events[0]["pid"]) - 1)
     return out
 
 
+def cta_figures(start: float, events: list, mhz: float) -> dict[str, float] | None:
+    """One CTA's start (us on the global timer), first tile and end (us after its start), or
+    None for a CTA with no step or no exit (a truncated trace)."""
+    steps = [t for name, ph, t in events if name == "step" and ph == "B"]
+    exits = [t for name, ph, t in events if name == "exit" and ph == "E"]
+    if not steps or not exits:
+        return None
+    return {"start": start / 1e3, "first": steps[0] / mhz, "end": exits[-1] / mhz}
+
+
 def summary(ctas: dict, mhz: float, step_bytes: int) -> dict[str, float]:
-    """The kernel's timeline from ``cta_events``: microseconds at ``mhz``, bandwidth in GB/s."""
+    """The kernel's timeline from ``cta_events``: microseconds at ``mhz``; ``step_bytes``: the
+    weight bytes of one step (the steady rate is the weight's, as the read ceiling is)."""
     us = 1.0 / mhz   # cycles -> us
     starts, fills, ends, intervals, bodies, stores = [], [], [], [], [], []
-    for start, events in ctas.values():
+    for start, events, _ in ctas.values():
+        fig = cta_figures(start, events, mhz)
+        if fig is None:
+            continue
         steps_b = [t for name, ph, t in events if name == "step" and ph == "B"]
         steps_e = [t for name, ph, t in events if name == "step" and ph == "E"]
         store_b = [t for name, ph, t in events if name == "store" and ph == "B"]
         store_e = [t for name, ph, t in events if name == "store" and ph == "E"]
-        exits = [t for name, ph, t in events if name == "exit" and ph == "E"]
-        if not steps_b or not exits:
-            continue
-        starts.append(start / 1e3)
-        fills.append(steps_b[0] * us)
-        ends.append(start / 1e3 + exits[-1] * us)
+        starts.append(fig["start"])
+        fills.append(fig["first"])
+        ends.append(fig["start"] + fig["end"])
         if len(steps_b) > 1:
             intervals.append((steps_b[-1] - steps_b[0]) / (len(steps_b) - 1) * us)
         bodies += [(e - b) * us for b, e in zip(steps_b, steps_e, strict=False)]
@@ -96,10 +109,39 @@ def summary(ctas: dict, mhz: float, step_bytes: int) -> dict[str, float]:
         "step interval us (median)": interval,
         "body us per step (median)": statistics.median(bodies),
         "store us (median)": statistics.median(stores) if stores else float("nan"),
-        "steady GB/s (all CTAs at the median interval)": len(starts) * step_bytes / interval / 1e3,
+        "steady weight GB/s (all CTAs at the median interval)": len(starts) * step_bytes / interval / 1e3,
         "end spread us (first to last CTA)": max(ends) - min(ends),
         "last CTA after the median's end us": max(ends) - statistics.median(ends),
     }
+
+
+def by_sm(ctas: dict, mhz: float) -> dict[str, tuple[int, float, float, float]]:
+    """Whether the CTAs that end late share something: per group (CTAs alone on their SM or
+    sharing it; the earlier and later CTA of a shared SM by start; the latest and earliest
+    quarter by first tile), (CTAs, median first tile us, median end us after the first start,
+    latest end us)."""
+    figs = {tid: (fig, sm) for tid, (start, events, sm) in ctas.items()
+            if (fig := cta_figures(start, events, mhz)) is not None}
+    t0 = min(f["start"] for f, _ in figs.values())
+    per_sm: dict[int, list[int]] = {}
+    for tid, (_, sm) in sorted(figs.items(), key=lambda kv: kv[1][0]["start"]):
+        per_sm.setdefault(sm, []).append(tid)
+    by_first = sorted(figs, key=lambda tid: figs[tid][0]["first"])
+    quarter = max(1, len(by_first) // 4)
+    groups = {
+        "alone on its SM": [t[0] for t in per_sm.values() if len(t) == 1],
+        "sharing its SM, started first": [t[0] for t in per_sm.values() if len(t) > 1],
+        "sharing its SM, started later": [u for t in per_sm.values() if len(t) > 1 for u in t[1:]],
+        "earliest quarter by first tile": by_first[:quarter],
+        "latest quarter by first tile": by_first[-quarter:],
+    }
+    out = {}
+    for label, tids in groups.items():
+        if tids:
+            ends = [figs[t][0]["start"] + figs[t][0]["end"] - t0 for t in tids]
+            out[label] = (len(tids), statistics.median(figs[t][0]["first"] for t in tids),
+                          statistics.median(ends), max(ends))
+    return out
 
 
 def traced(x: jax.Array, w: jax.Array, cfg: mgpu_decode.DecodeConfig, calls: int) -> dict:
@@ -138,11 +180,16 @@ def main() -> None:
         mhz = ns.sm_mhz or sm_clock_mhz(x, w, base)
         for variant in ns.variants.split(","):
             cfg = variant_config(base, variant)
-            step_bytes = cfg.block_n * cfg.block_k * w.dtype.itemsize + mp * cfg.block_k * 2
+            step_bytes = cfg.block_n * cfg.block_k * w.dtype.itemsize
             label = (f"M={m} {variant}: {cfg.block_n}x{cfg.block_k}, {cfg.stages} stages, split "
                      f"{cfg.split_k}, {cfg.ctas(n)} CTAs, {cfg.slots(n)} partials, SM {mhz:.0f} MHz")
-            rows[label] = summary(cta_events(traced(x, w, cfg, ns.calls)), mhz, step_bytes)
+            ctas = cta_events(traced(x, w, cfg, ns.calls))
+            rows[label] = summary(ctas, mhz, step_bytes)
             print(label, rows[label], flush=True)
+            print(f"### CTAs by SM and by first tile, {label}\n| group | CTAs | first tile us (median) | "
+                  "end us (median) | end us (latest) |\n|---|---|---|---|---|")
+            for group, (count, first, end, latest) in by_sm(ctas, mhz).items():
+                print(f"| {group} | {count} | {first:.2f} | {end:.2f} | {latest:.2f} |", flush=True)
     weight_mb = n * k * w.dtype.itemsize / 1e6
     print(f"\n## decode kernel timeline per CTA, {ns.weights} weight [{n}, {k}] ({weight_mb:.1f} MB), "
           f"{jax.devices()[0].device_kind}")

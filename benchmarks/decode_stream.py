@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.device_clock import KernelClock, add_clock_arguments, read_ceiling
+from benchmarks.offline_ptx import variant_config
 from benchmarks.quant_matmul import ceilings, rel
 from pallas_kernels.quant_matmul import mgpu, mgpu_decode
 from pallas_kernels.quant_matmul import reference as ref
@@ -142,24 +143,27 @@ def config_label(cfg: mgpu_decode.DecodeConfig, n: int, int8_f16: bool = False) 
             + ", async" * cfg.async_acc + ", tile runs" * cfg.tile_runs + convert)
 
 
-def tile_runs_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
-    """The default and the default with ``tile_runs`` (a CTA's units of one tile summed in one
-    carry and stored once: at [14336, 4096] 2 float32 partials instead of 8, 1-2 stores per CTA
-    instead of 7), twice each in turn (A/B/A/B). Session 53 (H100) at that shape: x resident
-    in SMEM 69% against its control's 70%, refuted, and the rows that timed it replaced."""
+def variant_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int, variants: str) -> None:
+    """The default and each variant of it (``offline_ptx.variant_config``'s form, e.g.
+    ``per_cta=1``: the grid the hardware balances), in turn twice (A/B/A/B). Session 53 (H100)
+    timed ``tile_runs`` this way (16 tokens at [14336, 4096]: 25.8 -> 24.2 us; the default since
+    session 54), and x resident in SMEM (69% against its control's 70%, refuted)."""
     m, k = x.shape
     n = copies[0][0].shape[0]
     default = mgpu.kernel_config(m, n, k)
     if not isinstance(default, mgpu_decode.DecodeConfig):
         return
-    runs = dataclasses.replace(default, tile_runs=True)
+    cfgs = [variant_config(default, v) for v in variants.split(",") if v]
     want = ref.w8a16_matmul(x, *copies[0], out_dtype=jnp.float32)
-    for cfg in (default, runs, default, runs):
+    for cfg in [c for _ in range(2) for c in [default, *cfgs]]:
+        if not mgpu_decode.supports(mgpu.padded_tokens(m), n, k, cfg):
+            print(f"skipped (does not tile): {cfg}", flush=True)
+            continue
         fn = lambda x, q, s, cfg=cfg: mgpu.quant_matmul(x, q, s, config=cfg)  # noqa: E731
-        got = checked_time(fn, x, copies, want, clock, iters, reps, f"tile runs {cfg}")
+        got = checked_time(fn, x, copies, want, clock, iters, reps, f"variant {cfg}")
         if got is not None:
             add(f"int8 weight, M={m} (rel err {got[0]:.1e})",
-                config_label(cfg, n) + f", {cfg.slots(n)} partials", got[1])
+                config_label(cfg, n) + f", {cfg.per_cta} units per CTA, {cfg.slots(n)} partials", got[1])
 
 
 def gated_rows(x: jax.Array, copies: list, clock, add, iters: int, reps: int) -> None:
@@ -241,7 +245,10 @@ def main() -> None:
                     help="kernel rows: mosaic (the default, every split of K, 128-row tiles, deep rings "
                          "on one CTA per SM), mosaic1 (the default only), gated (N = 2I: the gate/up "
                          "kernel with its SiLU gate beside the default kernel + XLA's gate), dtypes (int8 / "
-                         "e4m3 weights with a bf16 / f16 x), runs (the default with and without tile_runs)")
+                         "e4m3 weights with a bf16 / f16 x), variants (the default and --variants, A/B/A/B)")
+    ap.add_argument("--variants", default="tile_runs=0",
+                    help="comma list of the default's variants for --kernels variants (offline_ptx's "
+                         "form: per_cta=1+stages=2, tile_runs=0)")
     add_clock_arguments(ap, "/tmp/decode_stream_trace")
     ns = ap.parse_args()
     kclock = KernelClock(ns.clock, ns.trace_dir)
@@ -372,8 +379,8 @@ def main() -> None:
             gated_rows(x, copies, clock, add, ns.iters, ns.reps)
         if "dtypes" in kernels:
             dtype_rows(x, copies, clock, add, ns.iters, ns.reps)
-        if "runs" in kernels:
-            tile_runs_rows(x, copies, clock, add, ns.iters, ns.reps)
+        if "variants" in kernels:
+            variant_rows(x, copies, clock, add, ns.iters, ns.reps, ns.variants)
         section()
 
 

@@ -81,10 +81,16 @@ def opcode_counts(ptx: str) -> collections.Counter:
 
 
 def variant_config(base: mgpu_decode.DecodeConfig, variant: str) -> mgpu_decode.DecodeConfig:
-    """``base`` with a variant's DecodeConfig boolean fields set: "default" (none), or names
-    joined by +, each set true, or false as NAME=0 (``int8_f16_bits=0``)."""
-    fields = {} if variant == "default" else {
-        f.split("=")[0]: f.split("=")[1:] != ["0"] for f in variant.split("+")}
+    """``base`` with a variant's DecodeConfig fields set: "default" (none), or fields joined by
+    +: a boolean NAME set true, or false as NAME=0 (``int8_f16_bits=0``); an integer as
+    NAME=VALUE (``per_cta=2+stages=2``)."""
+    fields = {}
+    for f in ([] if variant == "default" else variant.split("+")):
+        name, _, value = f.partition("=")
+        if isinstance(getattr(base, name), bool):
+            fields[name] = value != "0"
+        else:
+            fields[name] = int(value)
     return dataclasses.replace(base, **fields)
 
 

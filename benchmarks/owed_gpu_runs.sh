@@ -1,13 +1,11 @@
-# The device calls owed after session 53 (2026-12-07), in the order to run them. Each case fits
+# The device calls owed after session 54 (2026-12-07), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-53 removed the ones they ran; vmm stays as the record of its arms).
+# history (sessions 7-54 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
-# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), tr
-# (the decode kernel's tile runs: fewer split-K partials), sz (its fixed cost and marginal read),
-# ct (its timeline per CTA),
-# f (the GPU memory test's budget sum),
+# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), gr
+# (the decode kernel's tail: which CTAs end late, and grids the hardware balances),
 # w, o, u, m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider
 # code-draft: session 27 ran greedy_matches, 6 passed);
 # then, on 2 GPUs, pb, d, s, sk, c.
@@ -68,13 +66,15 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
 # decode_stream.py's kernel rows (no stream rows), one run per shape: TAG KERNELS MS TIMEOUT SHAPE...
+# ($VARIANTS: --kernels variants' list)
 stream_rows() {
   local tag=$1 kernels=$2 ms=$3 limit=$4 shape
   shift 4
   for shape in "$@"; do
     timeout "$limit" python3 benchmarks/decode_stream.py --shape "$shape" --ms "$ms" --layouts "" --rounds 1 \
-      --kernels "$kernels" --iters 20 --trace-dir "/tmp/${tag}_$shape" > "$OUT/${tag}_$shape.txt" 2>&1
-    grep "^|\|^int8\|rror" "$OUT/${tag}_$shape.txt" | head -16
+      --kernels "$kernels" --variants "${VARIANTS:-tile_runs=0}" \
+      --iters 20 --trace-dir "/tmp/${tag}_$shape" > "$OUT/${tag}_$shape.txt" 2>&1
+    grep "^|\|^int8\|rror" "$OUT/${tag}_$shape.txt" | head -30
   done
 }
 
@@ -98,44 +98,21 @@ h2)
     --quantization none,fp8+lm_head > "$OUT/h2_step8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
   ;;
-tr)
-  # tile_runs (mgpu_decode): a CTA's units of one tile summed in one carry, stored once. At
-  # [14336, 4096] (8 K parts, 7 units per CTA) 2 float32 partials instead of 8 (16 tokens: 1.8
-  # against 7.3 MB written, and read again by the sum) and 1-2 stores per CTA instead of 7. Session
-  # 53 (H100, the default): 25.8 us at 16 tokens (71% of the read), 24.8 at 1 (74%); the down
-  # shape, one unit and 4 partials per CTA, 24.0 / 23.3 us. Prediction: 16 tokens -1.0 to -1.8 us
-  # (74-77%), 1 token -0.3 to -0.8 us; qkv [6144, 4096] (8 -> 4 partials) -0.2 to -0.5 us; the
-  # 8B's int8 + lm_head batch-1 step -0.1 to -0.5% (only qkv splits across CTAs there).
-  stream_rows tr runs 16,1 150 14336x4096 6144x4096
-  timeout 250 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head --ab quant-tile-runs > "$OUT/tr_step.txt" 2>&1
-  grep "^##\|^| A\|rror" "$OUT/tr_step.txt"
-  ;;
-sz)
-  # The decode kernel's fixed cost and marginal read: its default at one shape and at twice the
-  # K (down's [4096, 14336] and [4096, 28672]), beside XLA's row sum of each weight, M = 1 and 16.
-  # Session 53 (H100): XLA's row sum 20.4 us for 58.7 MB and 38.7 for 117 (a marginal 100% of
-  # the 2 GiB read, ~2.1 us fixed); the kernel 23.3 us at down (79%). Prediction: the kernel's
-  # marginal 86-90% of the read and its fixed cost ~2-3 us, so the 85% target is a steady-state
-  # rate the TMA ring does not reach, not a ramp (a fixed cost over ~3.5 us says the opposite).
-  stream_rows sz mosaic1 1,16 100 4096x14336 4096x28672
-  ;;
-ct)
-  # The decode kernel per CTA (cta_timeline.py: Mosaic GPU's on-device profiler over the kernel's
-  # named scopes): the start spread, first tiles, step interval, body share, stores and the end
-  # spread, at issue 13's shape with and without tile runs, and at down's. Never run. Prediction:
-  # start spread <= 1 us, first tiles 1.5-2.5 us, the steady step reading 88-95% of the read
-  # ceiling, ends 1-3 us apart: the ~5 us the kernel takes over the weight's read time at the
-  # ceiling are its fill and tail, not its steps.
-  # First the GPU tests of the traced kernel and of tile runs (test_persistent_decode_configs).
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
-    -k "traced or persistent_decode_configs" > "$OUT/ct_tests.txt" 2>&1
-  tail -3 "$OUT/ct_tests.txt"
-  timeout 200 python3 benchmarks/cta_timeline.py --shape 14336x4096 --ms 16,1 \
-    --variants default,tile_runs > "$OUT/ct.txt" 2>&1
-  timeout 120 python3 benchmarks/cta_timeline.py --shape 4096x14336 --ms 16,1 \
-    --variants default >> "$OUT/ct.txt" 2>&1
-  grep "^|\|^##\|rror" "$OUT/ct.txt"
+gr)
+  # The decode kernel's tail. Session 54 (H100, cta_timeline): at [14336, 4096] the steady steps
+  # read at 99-100% of the ceiling, the first tiles land 2.1-2.3 us in, and the CTAs end 5-7 us
+  # apart (the last 2-3 us after the median). First, which CTAs end late (cta_timeline's by-SM
+  # table): prediction, the CTAs whose first tiles came latest end latest (the quarter latest by
+  # first tile ends >= 1 us after the median), and CTAs alone on an SM end earliest. Then grids
+  # the hardware's CTA scheduler balances (fewer units per CTA, more CTAs) against the default,
+  # A/B/A/B. Prediction: per_cta 1 and 2 lose 0-3 us (each CTA pays its fill for 2-4 steps),
+  # per_cta=1+stages=3 (three CTAs per SM) within +-1 us of the default.
+  timeout 240 python3 benchmarks/cta_timeline.py --shape 14336x4096 --ms 16,1 \
+    --variants default,per_cta=1 > "$OUT/gr_ct.txt" 2>&1
+  grep "^|\|^##\|rror" "$OUT/gr_ct.txt"
+  VARIANTS=per_cta=1,per_cta=2,per_cta=1+stages=3 stream_rows gr variants 16,1 150 14336x4096
+  # down's shape has one unit per CTA already: its grids split K finer (7 and 2 steps per unit)
+  VARIANTS=split_k=8,split_k=28,split_k=8+stages=3 stream_rows gr variants 16,1 150 4096x14336
   ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify
@@ -161,10 +138,6 @@ w)
   grep "^|\|^##" "$OUT/cmdbuf_log.txt"
   awk '/^COLUMN/{col=$0; n=0} /[Uu]pdat|alloc/{if (n++ < 6) print col " :: " substr($0, 1, 200)}' \
     "$OUT/cmdbuf_log.txt" | tail -80
-  ;;
-f)
-  timeout 400 python3 -m pytest -q -s -p no:cacheprovider -rf --tb=short tests/gpu/test_memory_gpu.py \
-    > "$OUT/memory_tests.txt" 2>&1; grep "after warm-up\|passed\|failed\|assert\|RESOURCE" "$OUT/memory_tests.txt"
   ;;
 m)
   for remat in on off; do

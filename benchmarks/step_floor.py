@@ -215,8 +215,9 @@ MODULE_PATCHES = {
     # the persistent decode kernel's accumulator without a step's wgmmas left in flight (the
     # default since session 43 keeps them: mgpu_decode's async_acc, its ring 4 deep at 16 tokens)
     "quant-async-off": ("pallas_kernels.quant_matmul.mgpu", "DECODE_ASYNC", False),
-    # a CTA's units of one tile summed in one carry and stored once (mgpu_decode's tile_runs)
-    "quant-tile-runs": ("pallas_kernels.quant_matmul.mgpu", "DECODE_TILE_RUNS", True),
+    # a CTA's units of one tile each stored as a partial of its own, as before session 54 (the
+    # default sums a CTA's run of one tile's units in one carry: mgpu_decode's tile_runs)
+    "quant-tile-runs-off": ("pallas_kernels.quant_matmul.mgpu", "DECODE_TILE_RUNS", False),
     # int8 weights with an f16 x (a float16 model) converted by Mosaic GPU's per-element int8 ->
     # f16 convert in the decode and gate kernels, as before session 46 (the default assembles the
     # f16 from the byte's bits: mgpu_decode.dequant_tile)

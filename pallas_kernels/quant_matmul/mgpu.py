@@ -95,7 +95,9 @@ DECODE_ASYNC = True    # the persistent kernel's ``async_acc`` (off: step_floor 
 #                       H100, 2026-12-05: the 8B's int8 + lm_head batch-1 step -0.7%, twice)
 DECODE_BLOCK_K: int | None = None   # its K tile (None: the rule in ``kernel_config``; A/Bs
 #                                     step_floor --ab quant-bk128, quant-bk256)
-DECODE_TILE_RUNS = False   # its ``tile_runs`` (on: step_floor --ab quant-tile-runs; owed case tr)
+DECODE_TILE_RUNS = True   # its ``tile_runs`` (off: step_floor --ab quant-tile-runs-off; H100,
+#                          2026-12-07: [14336, 4096] at 16 tokens 25.8 -> 24.2 us, the 8B's int8 +
+#                          lm_head batch-1 step 3.736 -> 3.707 ms)
 DECODE_INT8_F16_BITS = True   # its and ``gated``'s ``int8_f16_bits`` (off: step_floor --ab
 #                              quant-int8-f16-bits-off; H100, 2026-12-06: the float16 8B's int8 +
 #                              lm_head batch-1 step 4.214 -> 3.745 ms, the bf16 model's 3.759)

@@ -71,13 +71,20 @@ Refuted and removed: ``x_resident`` (each CTA's x slices loaded into SMEM once, 
 streaming the weight alone; session 22 at M = 1 on the wall clock, and H100, session 53, at
 [14336, 4096] and 16 tokens: 69% of the read against its control's 70%; commit e3ebe7d has it).
 
-``tile_runs`` (an A/B config, ``mgpu.DECODE_TILE_RUNS``): a CTA's units follow one another in
+``tile_runs`` (the engine's default, ``mgpu.DECODE_TILE_RUNS``): a CTA's units follow one another in
 tile-major order, so its consecutive units of one tile are a run of K parts; the carry then sums
 the whole run and is stored once, into slot ``c - first CTA of the tile`` of [S, ...] partials
 (S = ``slots``: the most CTAs that share a tile), and a tile's first run stores zeros into the
 slots none of its CTAs takes. The 8B's gate-sized [14336, 4096] at 16 tokens splits K 8 ways
 with 7 units per CTA: 8 partials (7.3 MB of float32 written and read again, 12% of the 58.7 MB
-weight) and 7 stores per CTA become 2 partials and 1-2 stores.
+weight) and 7 stores per CTA become 2 partials and 1-2 stores. H100, session 54 (device clock):
+25.8 -> 24.2 us there at 16 tokens, 24.6 -> 23.5 at 1; qkv's [6144, 4096] 12.4 -> 12.2; the 8B's
+int8 + lm_head batch-1 step 3.736 -> 3.707 ms.
+
+Session 54's per-CTA timeline (H100, benchmarks/cta_timeline.py) at [14336, 4096]: the steady
+steps read the weight at 99-100% of the HBM read ceiling (256 CTAs, a 16 KB tile each per 1.31-
+1.33 us); the kernel's loss is its ends: the first tiles land 2.1-2.3 us after the start (3.5 at
+the latest CTA) and the CTAs end 5-7 us apart, the last 2-3 us after the median one.
 """
 
 from __future__ import annotations

@@ -225,9 +225,9 @@ def test_traced_decode_kernel_writes_a_timeline_per_cta(tmp_path):
     (path,) = tmp_path.glob("*trace.json")
     ctas = cta_events(json.loads(path.read_text()))
     assert len(ctas) == cfg.ctas(512) == 8
-    for _, events in ctas.values():
-        names = [(name, ph) for name, ph, _ in events]
+    for _, events, _ in ctas.values():   # (the profiler's own "Init" scope leads each trace)
+        names = [(name, ph) for name, ph, _ in events if name in mgpu_decode.TRACE_SCOPES]
         assert names[0] == ("start", "B") and names[-1] == ("exit", "E")
         assert names.count(("step", "B")) == names.count(("step", "E")) == 4
-    got = summary(ctas, mhz=1980.0, step_bytes=64 * 256 + 16 * 256 * 2)
+    got = summary(ctas, mhz=1980.0, step_bytes=64 * 256)
     assert 0 < got["step interval us (median)"] < got["kernel us (first start to last end)"] < 1000

@@ -385,7 +385,8 @@ def test_tile_runs_partials(monkeypatch):
     """``tile_runs`` stores one partial per CTA that shares a tile (``slots``), not one per K
     part: the 8B's [14336, 4096] at 16 tokens (8 parts, 7 units per CTA) 2 instead of 8, its
     qkv projection 4 instead of 8 (o: one unit per CTA, 4 either way); ``DECODE_TILE_RUNS``
-    (the A/B quant-tile-runs) sets the field, which the fused epilogues' checks count by."""
+    (on by default; the A/B quant-tile-runs-off) sets the field, which the fused epilogues'
+    checks count by."""
     cfg = mgpu_decode.decode_config(14336, 4096, block_k=256, sms=132)
     assert (cfg.split_k, cfg.per_cta, cfg.slots(14336)) == (8, 7, 8)
     assert dataclasses.replace(cfg, tile_runs=True).slots(14336) == 2
@@ -393,9 +394,9 @@ def test_tile_runs_partials(monkeypatch):
         cfg = mgpu_decode.decode_config(n, 4096, block_k=256, sms=132)
         assert (cfg.split_k, dataclasses.replace(cfg, tile_runs=True).slots(n)) == (split, runs)
     assert DecodeConfig(64, 128, 2, split_k=2, per_cta=3, tile_runs=True).slots(448) == 2
-    assert not mgpu.kernel_config(16, 6144, 4096).tile_runs
-    monkeypatch.setattr(mgpu, "DECODE_TILE_RUNS", True)
     assert mgpu.kernel_config(16, 6144, 4096).tile_runs
+    monkeypatch.setattr(mgpu, "DECODE_TILE_RUNS", False)
+    assert not mgpu.kernel_config(16, 6144, 4096).tile_runs
 
 
 def test_decode_units_of_128_rows(monkeypatch):

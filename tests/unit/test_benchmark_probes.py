@@ -199,13 +199,14 @@ def test_offline_attention_counts_programs_per_sm():
 
 def test_cta_timeline_reads_the_on_device_profile():
     """cta_timeline.py reads Mosaic GPU's per-CTA trace (each event's ts = (the CTA's global-timer
-    start in ns + SM cycles after it) / 1e3): two CTAs at 1000 MHz, the second starting 1 us
-    later, first tiles after 2 and 3 us, steps 1 us apart, ends 6 us and 9 us after the first
-    start."""
+    start in ns + SM cycles after it) / 1e3, its pid 1 + the SM): two CTAs on SM 0 at 1000 MHz,
+    the second starting 1 us later, first tiles after 2 and 3 us, steps 1 us apart, ends 6 us
+    and 9 us after the first start; a third alone on SM 4, its trace led by the profiler's own
+    "Init" scope."""
     from benchmarks import cta_timeline
 
-    def cta(tid, start_ns, events):
-        return [{"name": n, "ph": ph, "ts": (start_ns + cycles) / 1e3, "pid": 1, "tid": tid}
+    def cta(tid, start_ns, events, sm=0):
+        return [{"name": n, "ph": ph, "ts": (start_ns + cycles) / 1e3, "pid": 1 + sm, "tid": tid}
                 for n, ph, cycles in events]
 
     first = cta(1, 5e6, [("start", "B", 0), ("start", "E", 10), ("step", "B", 2000), ("step", "E", 2500),
@@ -214,8 +215,18 @@ def test_cta_timeline_reads_the_on_device_profile():
     second = cta(2, 5e6 + 1000, [("start", "B", 0), ("start", "E", 10), ("step", "B", 3000),
                                  ("step", "E", 3300), ("step", "B", 4000), ("step", "E", 4300),
                                  ("exit", "B", 7000), ("exit", "E", 8000)])
-    events = cta_timeline.cta_events({"traceEvents": first + second})
-    assert events[2][0] == 5e6 + 1000 and events[2][1][2] == ("step", "B", 3000)
+    third = cta(3, 5e6, [("Init", "B", 0), ("Init", "E", 50), ("start", "B", 100), ("start", "E", 110),
+                         ("step", "B", 1000), ("step", "E", 1500), ("exit", "B", 4000), ("exit", "E", 4500)],
+                sm=4)
+    events = cta_timeline.cta_events({"traceEvents": first + second + third})
+    assert events[2][0] == 5e6 + 1000 and events[2][1][2] == ("step", "B", 3000) and events[2][2] == 0
+    assert events[3][2] == 4
+    groups = cta_timeline.by_sm(events, mhz=1000.0)
+    assert groups["alone on its SM"] == pytest.approx((1, 1.0, 4.5, 4.5))
+    assert groups["sharing its SM, started first"] == pytest.approx((1, 2.0, 6.0, 6.0))
+    assert groups["sharing its SM, started later"] == pytest.approx((1, 3.0, 9.0, 9.0))
+    assert groups["latest quarter by first tile"] == pytest.approx((1, 3.0, 9.0, 9.0))
+    del events[3]
     got = cta_timeline.summary(events, mhz=1000.0, step_bytes=16384)
     assert got["CTAs"] == 2
     assert got["kernel us (first start to last end)"] == pytest.approx(9.0)
@@ -224,5 +235,5 @@ def test_cta_timeline_reads_the_on_device_profile():
     assert got["step interval us (median)"] == pytest.approx(1.0)
     assert got["body us per step (median)"] == pytest.approx(0.4)
     assert got["store us (median)"] == pytest.approx(0.1)
-    assert got["steady GB/s (all CTAs at the median interval)"] == pytest.approx(2 * 16384 / 1e3)
+    assert got["steady weight GB/s (all CTAs at the median interval)"] == pytest.approx(2 * 16384 / 1e3)
     assert got["end spread us (first to last CTA)"] == pytest.approx(3.0)
