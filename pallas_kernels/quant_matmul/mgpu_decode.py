@@ -81,9 +81,9 @@ weight) and 7 stores per CTA become 2 partials and 1-2 stores. H100, session 54 
 25.8 -> 24.2 us there at 16 tokens, 24.6 -> 23.5 at 1; qkv's [6144, 4096] 12.4 -> 12.2; the 8B's
 int8 + lm_head batch-1 step 3.736 -> 3.707 ms.
 
-Session 54's per-CTA timeline (H100, benchmarks/cta_timeline.py) at [14336, 4096]: the steady
-steps read the weight at 99-100% of the HBM read ceiling (256 CTAs, a 16 KB tile each per 1.31-
-1.33 us); the kernel's loss is its ends: the first tiles land 2.1-2.3 us after the start (3.5 at
+Session 54's per-CTA timeline (H100, benchmarks/cta_timeline.py) at [14336, 4096] and [4096,
+14336]: the steady steps read the weight at 99-104% of the HBM read ceiling (256 CTAs, a 16 KB
+tile each per 1.26-1.33 us); the kernel's loss is its ends: the first tiles land 2.1-2.3 us after the start (3.5 at
 the latest CTA) and the CTAs end 5-7 us apart, the last 2-3 us after the median one.
 """
 
