@@ -117,8 +117,9 @@ def summary(ctas: dict, mhz: float, step_bytes: int) -> dict[str, float]:
 
 def by_sm(ctas: dict, mhz: float) -> dict[str, tuple[int, float, float, float]]:
     """Whether the CTAs that end late share something: per group (CTAs alone on their SM or
-    sharing it; the earlier and later CTA of a shared SM by start; the latest and earliest
-    quarter by first tile), (CTAs, median first tile us, median end us after the first start,
+    sharing it; the earlier and later CTA of a shared SM by start; the first CTA ids, one per
+    SM, and the rest (trace ids are 1 + the CTA's index); the latest and earliest quarter by
+    first tile), (CTAs, median first tile us, median end us after the first start,
     latest end us)."""
     figs = {tid: (fig, sm) for tid, (start, events, sm) in ctas.items()
             if (fig := cta_figures(start, events, mhz)) is not None}
@@ -132,6 +133,8 @@ def by_sm(ctas: dict, mhz: float) -> dict[str, tuple[int, float, float, float]]:
         "alone on its SM": [t[0] for t in per_sm.values() if len(t) == 1],
         "sharing its SM, started first": [t[0] for t in per_sm.values() if len(t) > 1],
         "sharing its SM, started later": [u for t in per_sm.values() if len(t) > 1 for u in t[1:]],
+        f"the first {len(per_sm)} CTA ids (one per SM)": [t for t in figs if t <= len(per_sm)],
+        "the later CTA ids": [t for t in figs if t > len(per_sm)],
         "earliest quarter by first tile": by_first[:quarter],
         "latest quarter by first tile": by_first[-quarter:],
     }

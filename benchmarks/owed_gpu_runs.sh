@@ -4,8 +4,8 @@
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-54 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
-# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), gr
-# (the decode kernel's tail: which CTAs end late, and grids the hardware balances),
+# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), ld
+# (the decode kernel's tail: more units for the CTAs that start first),
 # w, o, u, m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider
 # code-draft: session 27 ran greedy_matches, 6 passed);
 # then, on 2 GPUs, pb, d, s, sk, c.
@@ -98,21 +98,20 @@ h2)
     --quantization none,fp8+lm_head > "$OUT/h2_step8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
   ;;
-gr)
-  # The decode kernel's tail. Session 54 (H100, cta_timeline): at [14336, 4096] the steady steps
-  # read at 99-100% of the ceiling, the first tiles land 2.1-2.3 us in, and the CTAs end 5-7 us
-  # apart (the last 2-3 us after the median). First, which CTAs end late (cta_timeline's by-SM
-  # table): prediction, the CTAs whose first tiles came latest end latest (the quarter latest by
-  # first tile ends >= 1 us after the median), and CTAs alone on an SM end earliest. Then grids
-  # the hardware's CTA scheduler balances (fewer units per CTA, more CTAs) against the default,
-  # A/B/A/B. Prediction: per_cta 1 and 2 lose 0-3 us (each CTA pays its fill for 2-4 steps),
-  # per_cta=1+stages=3 (three CTAs per SM) within +-1 us of the default.
-  timeout 240 python3 benchmarks/cta_timeline.py --shape 14336x4096 --ms 16,1 \
-    --variants default,per_cta=1 > "$OUT/gr_ct.txt" 2>&1
-  grep "^|\|^##\|rror" "$OUT/gr_ct.txt"
-  VARIANTS=per_cta=1,per_cta=2,per_cta=1+stages=3 stream_rows gr variants 16,1 150 14336x4096
-  # down's shape has one unit per CTA already: its grids split K finer (7 and 2 steps per unit)
-  VARIANTS=split_k=8,split_k=28,split_k=8+stages=3 stream_rows gr variants 16,1 150 4096x14336
+ld)
+  # The decode kernel's tail, session 54's case gr (H100): on each shared SM the CTA that starts
+  # later ends ~1.4 us after its sibling (21.0 against 19.6 us, median), and grids the hardware
+  # balances lost (per_cta 1: 24.7 against 24.3 us). ``lead``: the first CTAs own one unit more.
+  # Prediction: the first 132 CTA ids are the ones that start first on their SM (their ends
+  # >= 1 us before the rest); K in 16 parts at 14 units per CTA (the control) within 0.3 us of
+  # the default; 13 units and one more for 152 CTAs (264, every slot) -0.5 to -1.0 us at 16
+  # tokens; two more for 132 CTAs within 0.5 us; K in 8 parts, 6 units and one more for 208
+  # CTAs -0.3 to -0.8 us.
+  timeout 200 python3 benchmarks/cta_timeline.py --shape 14336x4096 --ms 16 \
+    --variants default,split_k=16+per_cta=13+lead=1+lead_ctas=152 > "$OUT/ld_ct.txt" 2>&1
+  grep "^|\|^##\|rror" "$OUT/ld_ct.txt"
+  VARIANTS=split_k=16+per_cta=14,split_k=16+per_cta=13+lead=1+lead_ctas=152,split_k=16+per_cta=13+lead=2+lead_ctas=132,per_cta=6+lead=1+lead_ctas=208 \
+    stream_rows ld variants 16,1 250 14336x4096
   ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify

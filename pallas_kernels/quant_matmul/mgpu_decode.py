@@ -127,18 +127,40 @@ class DecodeConfig:
     #                               (``dequant_tile``), not Mosaic GPU's per-element convert
     tile_runs: bool = False    # a CTA's consecutive units of one tile share one carry and one
     #                            partial: ``slots`` partials per tile, not ``split_k`` (docstring)
+    lead: int = 0              # units more for each of the first ``lead_ctas`` CTAs (an A/B: the
+    lead_ctas: int = 0         # first wave, one CTA per SM, starts first and ends first)
+
+    def first_unit(self, c):
+        """CTA c's first unit (an int, or a traced one inside the kernel)."""
+        if not self.lead:
+            return c * self.per_cta
+        return c * self.per_cta + self.lead * (min(c, self.lead_ctas) if isinstance(c, int)
+                                               else jnp.minimum(c, self.lead_ctas))
+
+    def owner(self, g):
+        """The CTA that owns unit g (an int, or a traced one inside the kernel)."""
+        if not self.lead:
+            return g // self.per_cta
+        big, wide = self.lead_ctas * (self.per_cta + self.lead), self.per_cta + self.lead
+        if isinstance(g, int):
+            return g // wide if g < big else self.lead_ctas + (g - big) // self.per_cta
+        return jnp.where(g < big, g // wide, self.lead_ctas + (g - big) // self.per_cta)
+
+    def units(self, n: int) -> int:
+        """The work units of N output channels."""
+        return n // self.block_n * self.split_k
 
     def ctas(self, n: int) -> int:
         """The grid for N output channels."""
-        return -(-(n // self.block_n * self.split_k) // self.per_cta)
+        return self.owner(self.units(n) - 1) + 1
 
     def slots(self, n: int) -> int:
         """The partials each output tile of N channels gets (the leading axis of the kernel's
         output): ``split_k``, or with ``tile_runs`` the most CTAs whose units share one tile."""
         if not self.tile_runs:
             return self.split_k
-        s, p = self.split_k, self.per_cta
-        return max((t * s + s - 1) // p - t * s // p + 1 for t in range(n // self.block_n))
+        s = self.split_k
+        return max(self.owner(t * s + s - 1) - self.owner(t * s) + 1 for t in range(n // self.block_n))
 
 
 def sm_count() -> int:
@@ -305,7 +327,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
         raise ValueError(f"mgpu decode matmul: N={n}, K={k}, Mp={mp} do not tile by {cfg}")
     bn, bk, split = cfg.block_n, cfg.block_k, cfg.split_k
     steps = k // bk // split                     # K blocks per unit
-    units, per_cta = n // bn * split, cfg.per_cta
+    units, per_cta = cfg.units(n), cfg.per_cta
     ctas = cfg.ctas(n)
     a_dtype = xp.dtype
     dequant = jnp.dtype(w.dtype) != jnp.dtype(a_dtype)
@@ -315,7 +337,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
     pdl = cfg.pdl and not interpret   # (the interpreter runs kernels one at a time: nothing to wait for)
 
     def unit(c, i):   # -> (tile, part) of CTA c's step i
-        g = c * per_cta + i // steps
+        g = cfg.first_unit(c) + i // steps
         return g // split, lax.rem(g, split)
 
     def zero() -> jax.Array:
@@ -324,8 +346,12 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
     def kernel(x_gmem, w_gmem, o_gmem):
         with jax.named_scope("start"):
             c = lax.axis_index("c")
-        # The last CTA may own fewer units (a dynamic pipeline length).
-        count = per_cta if units % per_cta == 0 else jnp.minimum(per_cta, units - c * per_cta)
+        # The last CTA may own fewer units, a leading one more (a dynamic pipeline length).
+        if cfg.lead:
+            count = jnp.minimum(per_cta + cfg.lead * (c < cfg.lead_ctas).astype(jnp.int32),
+                                units - cfg.first_unit(c))
+        else:
+            count = per_cta if units % per_cta == 0 else jnp.minimum(per_cta, units - c * per_cta)
 
         def run_ends(i):   # whether step i's carry is flushed: its unit's last step (tile_runs:
             #                and the tile's last part, or the CTA's last step)
@@ -335,7 +361,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
             return ends
 
         def first_cta(tile):   # tile_runs: the CTA that owns the tile's first unit
-            return tile * split // per_cta
+            return cfg.owner(tile * split)
 
         def w_block(i):
             tile, part = unit(c, i)
@@ -367,7 +393,7 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                 slot = c - first_cta(tile)
                 store(value, tile, slot)
                 # The tile's first run zeroes the slots no CTA of the tile takes.
-                runs = (tile * split + split - 1) // per_cta - first_cta(tile) + 1
+                runs = cfg.owner(tile * split + split - 1) - first_cta(tile) + 1
                 for r in range(1, slots):
                     pl.when((slot == 0) & (r >= runs))(lambda r=r: store(zero(), tile, r))
 
@@ -437,5 +463,5 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
     f = persistent_kernel(kernel, jax.ShapeDtypeStruct((slots * mp, n) if cfg.store_mn else (slots * n, mp),
                                                        jnp.float32),
                           ctas, f"quant_decode_{n}x{k}", interpret,
-                          None if trace_dir is None else (2 * (per_cta * (steps + slots) + 4), trace_dir))
+                          None if trace_dir is None else (2 * ((per_cta + cfg.lead) * (steps + slots) + 4), trace_dir))
     return f(xp, w).reshape((slots, mp, n) if cfg.store_mn else (slots, n, mp))

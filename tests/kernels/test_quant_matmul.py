@@ -1,6 +1,7 @@
 """Quantized matmul: the reference against float math, the Mosaic GPU and TPU kernels
 (interpret mode) against the reference."""
 
+import collections
 import dataclasses
 
 import jax
@@ -159,6 +160,13 @@ MGPU_CASES = {
     "runs_async_w8a8_m16_out_t": (16, 256, 1024, FP8, True,
                                   DecodeConfig(64, 128, 3, split_k=4, per_cta=3, async_acc=True,
                                                tile_runs=True)),
+    # lead: the first CTAs own more units (28 units: 5, 5, then 3 each on 8 CTAs; with tile runs
+    # a tile's parts span 2-3 CTAs), and without tile runs on a ragged grid (6 units: 2, 2, 1, 1)
+    "lead_runs_async_int8_m5": (5, 448, 1024, jnp.int8, False,
+                                DecodeConfig(64, 128, 3, split_k=4, per_cta=3, store_mn=True, async_acc=True,
+                                             tile_runs=True, lead=2, lead_ctas=2)),
+    "lead_int8_m1_out_t": (1, 192, 512, jnp.int8, False,
+                           DecodeConfig(64, 128, 2, split_k=2, per_cta=1, lead=1, lead_ctas=2)),
 }
 
 
@@ -379,6 +387,23 @@ def test_persistent_kernel_async_accumulator(monkeypatch):
         text = fn.trace(x, w, jax.ShapeDtypeStruct((n,), jnp.float32)).lower(lowering_platforms=("cuda",))
         assert "mosaic_gpu" in text.as_text()
     assert not mgpu_decode.supports(16, 128, 512, DecodeConfig(64, 128, 1, async_acc=True))
+
+
+def test_lead_units_go_to_the_first_ctas():
+    """``lead``: the first ``lead_ctas`` CTAs own ``lead`` more units each, every unit owned
+    once, in order; at [14336, 4096] with K in 16 parts, 13 units per CTA and one more for 152
+    of them fill the H100's 264 slots (the first wave of 132 among them)."""
+    cfg = DecodeConfig(64, 256, 4, split_k=16, per_cta=13, lead=1, lead_ctas=152, tile_runs=True)
+    units = cfg.units(14336)
+    assert (units, cfg.ctas(14336)) == (3584, 264)
+    owners = [cfg.owner(g) for g in range(units)]
+    assert owners == sorted(owners)
+    counts = collections.Counter(owners)
+    assert [counts[c] for c in (0, 151, 152, 263)] == [14, 14, 13, 13]
+    assert all(cfg.first_unit(c) == owners.index(c) for c in range(264))
+    assert cfg.slots(14336) == 3
+    plain = DecodeConfig(64, 256, 4, split_k=8, per_cta=7)
+    assert [plain.owner(g) for g in range(0, 1792, 7)] == list(range(256)) and plain.ctas(14336) == 256
 
 
 def test_tile_runs_partials(monkeypatch):

@@ -226,6 +226,8 @@ def test_cta_timeline_reads_the_on_device_profile():
     assert groups["sharing its SM, started first"] == pytest.approx((1, 2.0, 6.0, 6.0))
     assert groups["sharing its SM, started later"] == pytest.approx((1, 3.0, 9.0, 9.0))
     assert groups["latest quarter by first tile"] == pytest.approx((1, 3.0, 9.0, 9.0))
+    assert groups["the first 2 CTA ids (one per SM)"] == pytest.approx((2, 2.5, 7.5, 9.0))
+    assert groups["the later CTA ids"] == pytest.approx((1, 1.0, 4.5, 4.5))
     del events[3]
     got = cta_timeline.summary(events, mhz=1000.0, step_bytes=16384)
     assert got["CTAs"] == 2
