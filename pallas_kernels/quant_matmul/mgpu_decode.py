@@ -83,8 +83,10 @@ int8 + lm_head batch-1 step 3.736 -> 3.707 ms.
 
 Session 54's per-CTA timeline (H100, benchmarks/cta_timeline.py) at [14336, 4096] and [4096,
 14336]: the steady steps read the weight at 99-104% of the HBM read ceiling (256 CTAs, a 16 KB
-tile each per 1.26-1.33 us); the kernel's loss is its ends: the first tiles land 2.1-2.3 us after the start (3.5 at
-the latest CTA) and the CTAs end 5-7 us apart, the last 2-3 us after the median one.
+tile each per 1.26-1.33 us); the kernel's loss is its ends: the first tiles land 2.1-2.3 us
+after the start (3.5 at the latest CTA) and the CTAs end 5-7 us apart, the last 2-3 us after the
+median one. On each SM that holds two CTAs the one that starts later ends ~1.4 us after the
+other (case gr); ``lead`` (an A/B config) gives the first CTAs more units.
 """
 
 from __future__ import annotations
@@ -463,5 +465,6 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
     f = persistent_kernel(kernel, jax.ShapeDtypeStruct((slots * mp, n) if cfg.store_mn else (slots * n, mp),
                                                        jnp.float32),
                           ctas, f"quant_decode_{n}x{k}", interpret,
-                          None if trace_dir is None else (2 * ((per_cta + cfg.lead) * (steps + slots) + 4), trace_dir))
+                          None if trace_dir is None
+                          else (2 * ((per_cta + cfg.lead) * (steps + slots) + 4), trace_dir))
     return f(xp, w).reshape((slots, mp, n) if cfg.store_mn else (slots, n, mp))
