@@ -14,6 +14,7 @@ end and owns a balanced share of the work units (the last one may own fewer)::
     unit g (0 <= g < U = N / block_n * split_k): output rows [n0, n0 + block_n) = tile g // split_k,
         K blocks [s * steps, (s + 1) * steps) with s = g % split_k, steps = K / block_k / split_k
     grid (ctas = ceil(U / per_cta),): CTA c owns units [c * per_cta, min(U, (c + 1) * per_cta))
+        (``lead``: the first ``lead_ctas`` CTAs own ``per_cta + lead`` each, the rest follow)
     one TMA pipeline per CTA over its units' steps back to back (the ring never drains between
         units): step i -> unit i // steps, K block i % steps
       w8a16: weight tile (int8 / e4m3) -> registers -> x's dtype -> wgmma A operand
