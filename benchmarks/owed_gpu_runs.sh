@@ -113,6 +113,19 @@ ld)
   VARIANTS=split_k=16+per_cta=14,split_k=16+per_cta=13+lead=1+lead_ctas=152,split_k=16+per_cta=13+lead=2+lead_ctas=132,per_cta=6+lead=1+lead_ctas=208 \
     stream_rows ld variants 16,1 250 14336x4096
   ;;
+lf)
+  # Case ld's question, rows first, then the engine's A/B (for a short device call): the kernel
+  # rows of ld's variants at [14336, 4096] (16 and 1 tokens), then the 8B's int8 + lm_head batch-1
+  # step with ``decode_config(fill=True)`` (step_floor --ab quant-fill: every slot of 2 CTAs per
+  # SM, the units left over one each on the first CTAs; it changes qkv, the lm_head and, unfused,
+  # gate/up: o and down stay at one unit on each of 256 CTAs). Prediction: the fill rows -0.3 to
+  # -1.0 us at 16 tokens; the step -0.1 to -0.4% (qkv and the lm_head ~17% of the step's 7.8 GB).
+  VARIANTS=split_k=16+per_cta=14,split_k=16+per_cta=13+lead=1+lead_ctas=152,split_k=16+per_cta=13+lead=2+lead_ctas=132,per_cta=6+lead=1+lead_ctas=208 \
+    stream_rows lf variants 16,1 230 14336x4096
+  timeout 300 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization int8+lm_head --ab quant-fill > "$OUT/lf_step.txt" 2>&1
+  grep "^##\|^| A\|rror" "$OUT/lf_step.txt"
+  ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify
   # variants: 6 passed). ${SPT_K:-not greedy_matches} picks tests (pytest -k).

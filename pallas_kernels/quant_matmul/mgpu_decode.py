@@ -176,12 +176,15 @@ def sm_count() -> int:
 
 def decode_config(n: int, k: int, *, block_n: int = 64, block_k: int = 128, stages: int = 4,
                   ctas_per_sm: int = 2, sms: int | None = None, max_split: int = 64,
-                  store_mn: bool = False) -> DecodeConfig:
+                  store_mn: bool = False, fill: bool = False) -> DecodeConfig:
     """The split of K and the units per CTA for w [N, K], with at most ``ctas_per_sm`` x SMs
     CTAs: the longest CTA's pipeline steps (units per CTA x steps per unit) as few as any
     split gives, within 3%, at the smallest such split (fewer partials to sum); the CTA count
     is then the fewest that keep that length (balanced: 1792 units of the 8B's gate/up on 264
-    CTAs -> 7 per CTA on 256)."""
+    CTAs -> 7 per CTA on 256). ``fill``: every one of the ``ctas_per_sm`` x SMs slots takes a
+    CTA, and the remainder of the units goes one each to the first CTAs (``lead``: the CTAs
+    that start first on their SMs; 1792 units on 264 CTAs -> 7 for the first 208, 6 for the
+    rest)."""
     if n % block_n or k % block_k:
         raise ValueError(f"mgpu decode matmul: N={n}, K={k} do not tile by {block_n} x {block_k}")
     target = ctas_per_sm * (sms or sm_count())
@@ -194,8 +197,12 @@ def decode_config(n: int, k: int, *, block_n: int = 64, block_k: int = 128, stag
             options.append((per * (blocks // split), split, per))
     best = min(cost for cost, _, _ in options)
     split, per = min((sp, per) for cost, sp, per in options if cost <= best * 1.03)
+    lead = dict(lead=0, lead_ctas=0)
+    units = tiles * split
+    if fill and units > target and units % target:
+        per, lead = units // target, dict(lead=1, lead_ctas=units % target)
     return DecodeConfig(block_n=block_n, block_k=block_k, stages=stages, split_k=split, per_cta=per,
-                        store_mn=store_mn)
+                        store_mn=store_mn, **lead)
 
 
 def supports(mp: int, n: int, k: int, config: DecodeConfig) -> bool:

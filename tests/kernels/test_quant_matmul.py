@@ -216,6 +216,23 @@ def test_persistent_decode_configs_balance_the_sms():
     assert isinstance(mgpu.kernel_config(1, 4096, 4000), mgpu.MgpuConfig)   # K not in 128s
 
 
+def test_fill_puts_the_remainder_on_the_first_ctas(monkeypatch):
+    """``fill`` (the A/B quant-fill): every slot of 2 CTAs per SM takes a CTA and the units left
+    over go one each to the first CTAs; every unit has one owner, in order, and a balanced or
+    small grid stays as it was."""
+    cfg = decode_config(14336, 4096, block_k=256, sms=132, fill=True)
+    assert (cfg.split_k, cfg.per_cta, cfg.lead, cfg.lead_ctas, cfg.ctas(14336)) == (8, 6, 1, 208, 264)
+    owners = [cfg.owner(g) for g in range(cfg.units(14336))]
+    assert owners == sorted(owners) and [owners.count(c) for c in (0, 207, 208, 263)] == [7, 7, 6, 6]
+    assert [cfg.first_unit(c) for c in (0, 208, 264)] == [0, 1456, 1792]
+    assert decode_config(4096, 4096, block_k=256, sms=132, fill=True).lead == 0   # 256 units, 1 each
+    assert decode_config(512, 1024, sms=132, fill=True).lead == 0                  # fewer than 264
+    monkeypatch.setattr(mgpu, "DECODE_FILL", True)
+    assert mgpu.kernel_config(16, 14336, 4096).lead_ctas == 208
+    monkeypatch.setattr(mgpu, "DECODE_FILL", False)
+    assert mgpu.kernel_config(16, 14336, 4096).lead == 0
+
+
 def test_mgpu_rows_are_independent():
     """A NaN token row (e.g. garbage in a padding row) must not leak into the other rows."""
     x, q, s, _ = _operands(5, 9, 64, 128, FP8)
