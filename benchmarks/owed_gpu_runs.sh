@@ -126,6 +126,16 @@ lf)
     --quantization int8+lm_head --ab quant-fill > "$OUT/lf_step.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/lf_step.txt"
   ;;
+cs)
+  # Does claiming units end the tail? (benchmarks/claim_stream.py: the decode kernel's bare TMA ring
+  # at [14336, 4096], 64 x 256 tiles, 4 stages, static shares against units claimed from a
+  # counter with a fetch-and-add, K in 8 and 16 parts, 256 and 264 CTAs, A/B/A/B; first a check
+  # that every unit is streamed once per call.) Prediction: static 84-90% of the read ceiling;
+  # claimed +3 to +6 points at 264 CTAs (the tail's 2-3 us of 20), less at split 16 if a claim
+  # per ring step (~1 us of atomic latency, waited for) shows.
+  timeout 280 python3 benchmarks/claim_stream.py > "$OUT/cs.txt" 2>&1
+  grep "^|\|^##\|^split\|rror" "$OUT/cs.txt" | head -40
+  ;;
 spt)
   # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify
   # variants: 6 passed). ${SPT_K:-not greedy_matches} picks tests (pytest -k).
