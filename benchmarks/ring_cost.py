@@ -1,0 +1,118 @@
+"""The decode ring's cost split into a fixed part and a marginal read, beside XLA's row sum and
+an empty Mosaic GPU kernel, on the device clock.
+
+Where it sits: beside benchmarks/claim_stream.py (session 55, H100: the bare TMA ring of the
+decode kernel reads [14336, 4096] int8 at 81% of the 2 GiB read ceiling whether CTAs own
+static shares or claim units from a counter; XLA's row sum 90%; the kernel 77%). If balance is
+not the loss, the ring's cost is a fixed part and a marginal rate, and this script measures both:
+
+  empty    a Mosaic GPU kernel of the ring's grid that allocates ``--smem`` KB of SMEM per CTA
+           and exits: the launch and teardown of a grid like the ring's.
+  ring     decode_stream's static ring (64 x 256 int8 tiles, 4 stages, 2 CTAs per SM) over
+           [N, 4096] for each N of ``--rows``.
+  row sum  XLA reading the same weights (int32 row sums).
+
+A least-squares line over the sizes gives each reader's fixed us and marginal GB/s (and that as
+a share of the 2 GiB read ceiling).
+
+    PYTHONPATH=. python3 benchmarks/ring_cost.py [--rows 3584,7168,14336,28672,57344]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from benchmarks.decode_stream import stream
+from benchmarks.device_clock import KernelClock, add_clock_arguments, read_ceiling
+from pallas_kernels.quant_matmul import mgpu_decode
+
+
+def empty(tag: jax.Array, *, ctas: int, smem_kb: int) -> jax.Array:
+    """tag int32[ctas] -> int32[ctas * 128]: a kernel of ``ctas`` CTAs, ``smem_kb`` KB of SMEM
+    each (0: none), whose CTAs each store 128 copies of their tag."""
+    def body(tag_gmem, o_gmem, buf, *scratch):
+        del scratch, tag_gmem
+        c = lax.axis_index("c")
+        buf[...] = jnp.full((128,), c, jnp.int32)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf, o_gmem.at[pl.ds(c * 128, 128)])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [plgpu.SMEM((128,), jnp.int32)]
+    if smem_kb:
+        scratch.append(plgpu.SMEM((smem_kb * 1024,), jnp.int8))
+    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ctas * 128,), jnp.int32), scratch_types=scratch,
+                     grid=(ctas,), grid_names=("c",),
+                     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    return f(tag)
+
+
+def fit(sizes: list[int], us: list[float]) -> tuple[float, float]:
+    """Least squares us = fixed + bytes / rate -> (fixed us, marginal GB/s)."""
+    slope, fixed = np.polyfit(np.asarray(sizes, float), np.asarray(us, float), 1)
+    return float(fixed), float(1e-3 / slope)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="3584,7168,14336,28672,57344", help="comma list of N (K = 4096)")
+    ap.add_argument("--smem", default="0,100", help="comma list of SMEM KB per CTA of the empty kernel")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=5)
+    add_clock_arguments(ap, "/tmp/ring_cost_trace")
+    ns = ap.parse_args()
+    k, ctas = 4096, 2 * mgpu_decode.sm_count()
+    kclock = KernelClock(ns.clock, ns.trace_dir)
+    ceiling = read_ceiling(kclock.device, ns.reps) if kclock.device else float("nan")
+    x = jnp.zeros((8, k), jnp.bfloat16)
+    queued = []
+    for kb in (int(v) for v in ns.smem.split(",")):
+        def fn(x, _w, kb=kb):
+            out = empty(jnp.zeros((ctas,), jnp.int32) + x[0, 0].astype(jnp.int32), ctas=ctas, smem_kb=kb)
+            return jnp.broadcast_to(out[:1, None].astype(x.dtype), (x.shape[0], 1))
+        got = kclock.later(fn, x, [(None,)], ns.iters, ns.reps)
+        queued.append(("empty", f"{ctas} CTAs, {kb} KB SMEM", 0, got))
+    for n in (int(v) for v in ns.rows.split(",")):
+        count = max(2, -(-150_000_000 // (n * k)))   # >= 150 MB of copies: not served from L2
+        copies = [(jax.random.randint(jax.random.key(c), (n, k), -127, 128, jnp.int32).astype(jnp.int8),)
+                  for c in range(count)]
+
+        def ring(x, w):
+            tag = jnp.zeros((ctas,), jnp.int32) + x[0, 0].astype(jnp.int32)
+            out = stream(w, tag, bn=64, bk=256, stages=4, ctas=ctas)
+            return jnp.broadcast_to(out[:1, :1].astype(x.dtype), (x.shape[0], 1))
+
+        def row_sum(x, w):
+            total = jnp.sum(w.astype(jnp.int32) + x[0, 0].astype(jnp.int32), axis=1)
+            return jnp.broadcast_to(total[:1, None].astype(x.dtype), (x.shape[0], 1))
+
+        for name, fn in (("ring", ring), ("row sum", row_sum)):
+            queued.append((name, f"[{n}, {k}]", n * k, kclock.later(fn, x, copies, ns.iters, ns.reps)))
+        del copies
+    stats = kclock.device.flush() if kclock.device else {}
+    print(f"## the decode ring's fixed cost, {jax.devices()[0].device_kind}, "
+          f"read ceiling {ceiling:.0f} GB/s\n")
+    print("| reader | what | MB | us | GB/s | of the ceiling |\n|---|---|---|---|---|---|")
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for name, what, nbytes, got in queued:
+        us = stats[got].median_us if isinstance(got, str) else got
+        gbs = nbytes / us / 1e3
+        print(f"| {name} | {what} | {nbytes / 1e6:.1f} | {us:.2f} | {gbs:.0f} | {gbs / ceiling:.0%} |")
+        if nbytes:
+            series.setdefault(name, ([], []))[0].append(nbytes)
+            series[name][1].append(us)
+    print("\n| reader | fixed us | marginal GB/s | of the ceiling |\n|---|---|---|---|")
+    for name, (sizes, us) in series.items():
+        fixed, rate = fit(sizes, us)
+        print(f"| {name} | {fixed:.2f} | {rate:.0f} | {rate / ceiling:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
