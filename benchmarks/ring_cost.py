@@ -11,6 +11,9 @@ not the loss, the ring's cost is a fixed part and a marginal rate, and this scri
   ring     decode_stream's static ring (64 x 256 int8 tiles, 4 stages, 2 CTAs per SM) over
            [N, 4096] for each N of ``--rows``.
   row sum  XLA reading the same weights (int32 row sums).
+  short    the same ring on grids of short CTAs (``--short``: 1-4 steps each, all their loads
+           in flight at once, many CTAs to an SM), the shape of XLA's row sum (a Triton kernel
+           of 3,584 programs, 4 rows of 4 KB each, 8 warps, no pipeline).
 
 A least-squares line over the sizes gives each reader's fixed us and marginal GB/s (and that as
 a share of the 2 GiB read ceiling).
@@ -64,6 +67,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="3584,7168,14336,28672,57344", help="comma list of N (K = 4096)")
     ap.add_argument("--smem", default="0,100", help="comma list of SMEM KB per CTA of the empty kernel")
+    ap.add_argument("--short", default="1792x2,3584x1,896x4",
+                    help="comma list of CTAsxSTAGES: rings of 1-4 steps per CTA at N = 14336")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--reps", type=int, default=5)
     add_clock_arguments(ap, "/tmp/ring_cost_trace")
@@ -95,17 +100,25 @@ def main() -> None:
 
         for name, fn in (("ring", ring), ("row sum", row_sum)):
             queued.append((name, f"[{n}, {k}]", n * k, kclock.later(fn, x, copies, ns.iters, ns.reps)))
+        if n == 14336:   # short CTAs that the hardware schedules, many to an SM (as XLA's row sum)
+            for grid, stages in ((int(a), int(b)) for a, b in (v.split("x") for v in ns.short.split(","))):
+                def short(x, w, grid=grid, stages=stages):
+                    tag = jnp.zeros((grid,), jnp.int32) + x[0, 0].astype(jnp.int32)
+                    out = stream(w, tag, bn=64, bk=256, stages=stages, ctas=grid)
+                    return jnp.broadcast_to(out[:1, :1].astype(x.dtype), (x.shape[0], 1))
+                got = kclock.later(short, x, copies, ns.iters, ns.reps)
+                queued.append((f"short ring: {grid} CTAs, {stages} stages", f"[{n}, {k}]", -n * k, got))
         del copies
     stats = kclock.device.flush() if kclock.device else {}
     print(f"## the decode ring's fixed cost, {jax.devices()[0].device_kind}, "
           f"read ceiling {ceiling:.0f} GB/s\n")
     print("| reader | what | MB | us | GB/s | of the ceiling |\n|---|---|---|---|---|---|")
     series: dict[str, tuple[list[int], list[float]]] = {}
-    for name, what, nbytes, got in queued:
+    for name, what, nbytes, got in queued:   # (nbytes < 0: a row left out of the fit)
         us = stats[got].median_us if isinstance(got, str) else got
-        gbs = nbytes / us / 1e3
-        print(f"| {name} | {what} | {nbytes / 1e6:.1f} | {us:.2f} | {gbs:.0f} | {gbs / ceiling:.0%} |")
-        if nbytes:
+        gbs = abs(nbytes) / us / 1e3
+        print(f"| {name} | {what} | {abs(nbytes) / 1e6:.1f} | {us:.2f} | {gbs:.0f} | {gbs / ceiling:.0%} |")
+        if nbytes > 0:
             series.setdefault(name, ([], []))[0].append(nbytes)
             series[name][1].append(us)
     print("\n| reader | fixed us | marginal GB/s | of the ceiling |\n|---|---|---|---|")
