@@ -1,14 +1,11 @@
-# The device calls owed after session 54 (2026-12-07), in the order to run them. Each case fits
+# The device calls owed after session 55 (2026-12-07), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-54 removed the ones they ran; vmm stays as the record of its arms).
+# history (sessions 7-55 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
-# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), ld
-# (the decode kernel's tail: more units for the CTAs that start first),
-# w, o, u, m, u1, spt (the rest of the speculative GPU tests, now with session 28's wider
-# code-draft: session 27 ran greedy_matches, 6 passed);
-# then, on 2 GPUs, pb, d, s, sk, c.
+# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s),
+# w, o, u, m, u1; then, on 2 GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -56,7 +53,7 @@
 # over 290 s cold at max_num_seqs 256 / budget 2048 in session 12 (over 160 s in session 13 with
 # cuBLAS GEMMs for large buckets): give each engine start >= 200 s of timeout on a cold machine.
 # Run from the repository root with .whl/ carried:
-#   bash benchmarks/owed_gpu_runs.sh f
+#   bash benchmarks/owed_gpu_runs.sh h2
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/owed_runs}
@@ -97,51 +94,6 @@ h2)
   timeout 250 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 8 \
     --quantization none,fp8+lm_head > "$OUT/h2_step8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
-  ;;
-ld)
-  # The decode kernel's tail, session 54's case gr (H100): on each shared SM the CTA that starts
-  # later ends ~1.4 us after its sibling (21.0 against 19.6 us, median), and grids the hardware
-  # balances lost (per_cta 1: 24.7 against 24.3 us). ``lead``: the first CTAs own one unit more.
-  # Prediction: the first 132 CTA ids are the ones that start first on their SM (their ends
-  # >= 1 us before the rest); K in 16 parts at 14 units per CTA (the control) within 0.3 us of
-  # the default; 13 units and one more for 152 CTAs (264, every slot) -0.5 to -1.0 us at 16
-  # tokens; two more for 132 CTAs within 0.5 us; K in 8 parts, 6 units and one more for 208
-  # CTAs -0.3 to -0.8 us.
-  timeout 200 python3 benchmarks/cta_timeline.py --shape 14336x4096 --ms 16 \
-    --variants default,split_k=16+per_cta=13+lead=1+lead_ctas=152 > "$OUT/ld_ct.txt" 2>&1
-  grep "^|\|^##\|rror" "$OUT/ld_ct.txt"
-  VARIANTS=split_k=16+per_cta=14,split_k=16+per_cta=13+lead=1+lead_ctas=152,split_k=16+per_cta=13+lead=2+lead_ctas=132,per_cta=6+lead=1+lead_ctas=208 \
-    stream_rows ld variants 16,1 250 14336x4096
-  ;;
-lf)
-  # Case ld's question, rows first, then the engine's A/B (for a short device call): the kernel
-  # rows of ld's variants at [14336, 4096] (16 and 1 tokens), then the 8B's int8 + lm_head batch-1
-  # step with ``decode_config(fill=True)`` (step_floor --ab quant-fill: every slot of 2 CTAs per
-  # SM, the units left over one each on the first CTAs; it changes qkv, the lm_head and, unfused,
-  # gate/up: o and down stay at one unit on each of 256 CTAs). Prediction: the fill rows -0.3 to
-  # -1.0 us at 16 tokens; the step -0.1 to -0.4% (qkv and the lm_head ~17% of the step's 7.8 GB).
-  VARIANTS=split_k=16+per_cta=14,split_k=16+per_cta=13+lead=1+lead_ctas=152,split_k=16+per_cta=13+lead=2+lead_ctas=132,per_cta=6+lead=1+lead_ctas=208 \
-    stream_rows lf variants 16,1 230 14336x4096
-  timeout 300 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
-    --quantization int8+lm_head --ab quant-fill > "$OUT/lf_step.txt" 2>&1
-  grep "^##\|^| A\|rror" "$OUT/lf_step.txt"
-  ;;
-cs)
-  # Does claiming units end the tail? (benchmarks/claim_stream.py: the decode kernel's bare TMA ring
-  # at [14336, 4096], 64 x 256 tiles, 4 stages, static shares against units claimed from a
-  # counter with a fetch-and-add, K in 8 and 16 parts, 256 and 264 CTAs, A/B/A/B; first a check
-  # that every unit is streamed once per call.) Prediction: static 84-90% of the read ceiling;
-  # claimed +3 to +6 points at 264 CTAs (the tail's 2-3 us of 20), less at split 16 if a claim
-  # per ring step (~1 us of atomic latency, waited for) shows.
-  timeout 280 python3 benchmarks/claim_stream.py > "$OUT/cs.txt" 2>&1
-  grep "^|\|^##\|^split\|rror" "$OUT/cs.txt" | head -40
-  ;;
-spt)
-  # The speculative GPU tests (session 27 ran -k greedy_matches on session 26's greedy verify
-  # variants: 6 passed). ${SPT_K:-not greedy_matches} picks tests (pytest -k).
-  timeout 400 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_spec_gpu.py -k "${SPT_K:-not greedy_matches}" \
-    > "$OUT/spec_gpu.txt" 2>&1
-  tail -4 "$OUT/spec_gpu.txt"
   ;;
 o)
   timeout 580 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 1 2>&1 \

@@ -218,9 +218,6 @@ MODULE_PATCHES = {
     # a CTA's units of one tile each stored as a partial of its own, as before session 54 (the
     # default sums a CTA's run of one tile's units in one carry: mgpu_decode's tile_runs)
     "quant-tile-runs-off": ("pallas_kernels.quant_matmul.mgpu", "DECODE_TILE_RUNS", False),
-    # the persistent decode kernel on every slot of 2 CTAs per SM, the units left over one each on
-    # the first CTAs (the default: the fewest CTAs that keep the longest one's length)
-    "quant-fill": ("pallas_kernels.quant_matmul.mgpu", "DECODE_FILL", True),
     # int8 weights with an f16 x (a float16 model) converted by Mosaic GPU's per-element int8 ->
     # f16 convert in the decode and gate kernels, as before session 46 (the default assembles the
     # f16 from the byte's bits: mgpu_decode.dequant_tile)

@@ -63,13 +63,12 @@ MAX_SCALE_BARRIERS = 16   # each of a CTA's units loads two scale rows (one barr
 
 def supports(mp: int, n2: int, k: int, config: DecodeConfig) -> bool:
     """Whether the config tiles x [Mp, K] @ w [2I, K]^T into units of ``block_n`` gate and up rows
-    (no split of K; at most ``MAX_SCALE_BARRIERS / 2`` units per CTA; no ``async_acc``, no
-    ``lead``)."""
+    (no split of K; at most ``MAX_SCALE_BARRIERS / 2`` units per CTA; no ``async_acc``)."""
     bn, bk = config.block_n, config.block_k
     return (mp <= 64 and mp % 8 == 0 and n2 % (2 * bn) == 0 and bn == 64 and config.split_k == 1
             and k % bk == 0 and (bk <= 128 or bk % 128 == 0) and 0 < config.per_cta
             and 2 * config.per_cta <= MAX_SCALE_BARRIERS
-            and not config.async_acc and not config.lead)
+            and not config.async_acc)
 
 
 def silu_gate_matmul(xp: jax.Array, w: jax.Array, w_scale: jax.Array, *, config: DecodeConfig,

@@ -101,8 +101,6 @@ DECODE_TILE_RUNS = True   # its ``tile_runs`` (off: step_floor --ab quant-tile-r
 DECODE_INT8_F16_BITS = True   # its and ``gated``'s ``int8_f16_bits`` (off: step_floor --ab
 #                              quant-int8-f16-bits-off; H100, 2026-12-06: the float16 8B's int8 +
 #                              lm_head batch-1 step 4.214 -> 3.745 ms, the bf16 model's 3.759)
-DECODE_FILL = False   # its ``decode_config(fill=True)``: all 2 x SMs slots, the remainder units on
-#                       the CTAs that start first (on: step_floor --ab quant-fill)
 DECODE_MAX_STAGES = 4     # its deepest ring (8: step_floor --ab quant-stages8)
 DECODE_BLOCK_N = 64       # its weight rows per unit (128: step_floor --ab quant-bn128, which halves
 #                           the x tile bytes per weight byte at 16 tokens: H200, 2026-12-05, the 8B's
@@ -126,7 +124,7 @@ def kernel_config(m: int, n: int, k: int) -> MgpuConfig | DecodeConfig:
     if mp <= 64 and n % bn == 0 and k % 128 == 0:
         bk, stages = _decode_ring(mp, k, bn, ahead=3 if DECODE_ASYNC else 2)
         dec = mgpu_decode.decode_config(n, k, block_n=bn, block_k=bk, stages=stages,
-                                        store_mn=DECODE_STORE_MN, fill=DECODE_FILL)
+                                        store_mn=DECODE_STORE_MN)
         dec = dataclasses.replace(dec, pdl=DECODE_PDL, exit_read_only=DECODE_EXIT_READ_ONLY,
                                   async_acc=DECODE_ASYNC, int8_f16_bits=DECODE_INT8_F16_BITS,
                                   tile_runs=DECODE_TILE_RUNS)

@@ -14,7 +14,6 @@ end and owns a balanced share of the work units (the last one may own fewer)::
     unit g (0 <= g < U = N / block_n * split_k): output rows [n0, n0 + block_n) = tile g // split_k,
         K blocks [s * steps, (s + 1) * steps) with s = g % split_k, steps = K / block_k / split_k
     grid (ctas = ceil(U / per_cta),): CTA c owns units [c * per_cta, min(U, (c + 1) * per_cta))
-        (``lead``: the first ``lead_ctas`` CTAs own ``per_cta + lead`` each, the rest follow)
     one TMA pipeline per CTA over its units' steps back to back (the ring never drains between
         units): step i -> unit i // steps, K block i % steps
       w8a16: weight tile (int8 / e4m3) -> registers -> x's dtype -> wgmma A operand
@@ -87,7 +86,14 @@ Session 54's per-CTA timeline (H100, benchmarks/cta_timeline.py) at [14336, 4096
 tile each per 1.26-1.33 us); the kernel's loss is its ends: the first tiles land 2.1-2.3 us
 after the start (3.5 at the latest CTA) and the CTAs end 5-7 us apart, the last 2-3 us after the
 median one. On each SM that holds two CTAs the one that starts later ends ~1.4 us after the
-other (case gr); ``lead`` (an A/B config) gives the first CTAs more units.
+other (case gr). Session 55 (H100) moved units to the CTAs that start first (``lead``: K in 16
+parts, 13 units and one more for the first 152 of 264 CTAs; or every slot filled at K in 8)
+and gained nothing (23.9-24.3 us against 23.9); the bare ring (benchmarks/claim_stream.py) read
+81% whether its CTAs owned static shares or claimed units from a counter until none were left
+(<= 0.6 us), so balance is not the loss. The ring is (benchmarks/ring_cost.py): 3.5 us fixed
+and 97% of the read at the margin, against XLA's row sum's 1.9 us and 100% (an empty kernel of
+the same grid: 1.1 us); at [14336, 4096] that caps any kernel on this ring at ~82%, before
+its body. ``lead`` is removed (commit 6c7e9ca has it).
 """
 
 from __future__ import annotations
@@ -130,24 +136,14 @@ class DecodeConfig:
     #                               (``dequant_tile``), not Mosaic GPU's per-element convert
     tile_runs: bool = False    # a CTA's consecutive units of one tile share one carry and one
     #                            partial: ``slots`` partials per tile, not ``split_k`` (docstring)
-    lead: int = 0              # units more for each of the first ``lead_ctas`` CTAs (an A/B: the
-    lead_ctas: int = 0         # first wave, one CTA per SM, starts first and ends first)
 
     def first_unit(self, c):
         """CTA c's first unit (an int, or a traced one inside the kernel)."""
-        if not self.lead:
-            return c * self.per_cta
-        return c * self.per_cta + self.lead * (min(c, self.lead_ctas) if isinstance(c, int)
-                                               else jnp.minimum(c, self.lead_ctas))
+        return c * self.per_cta
 
     def owner(self, g):
         """The CTA that owns unit g (an int, or a traced one inside the kernel)."""
-        if not self.lead:
-            return g // self.per_cta
-        big, wide = self.lead_ctas * (self.per_cta + self.lead), self.per_cta + self.lead
-        if isinstance(g, int):
-            return g // wide if g < big else self.lead_ctas + (g - big) // self.per_cta
-        return jnp.where(g < big, g // wide, self.lead_ctas + (g - big) // self.per_cta)
+        return g // self.per_cta
 
     def units(self, n: int) -> int:
         """The work units of N output channels."""
@@ -176,15 +172,13 @@ def sm_count() -> int:
 
 def decode_config(n: int, k: int, *, block_n: int = 64, block_k: int = 128, stages: int = 4,
                   ctas_per_sm: int = 2, sms: int | None = None, max_split: int = 64,
-                  store_mn: bool = False, fill: bool = False) -> DecodeConfig:
+                  store_mn: bool = False) -> DecodeConfig:
     """The split of K and the units per CTA for w [N, K], with at most ``ctas_per_sm`` x SMs
     CTAs: the longest CTA's pipeline steps (units per CTA x steps per unit) as few as any
     split gives, within 3%, at the smallest such split (fewer partials to sum); the CTA count
     is then the fewest that keep that length (balanced: 1792 units of the 8B's gate/up on 264
-    CTAs -> 7 per CTA on 256). ``fill``: every one of the ``ctas_per_sm`` x SMs slots takes a
-    CTA, and the remainder of the units goes one each to the first CTAs (``lead``: the CTAs
-    that start first on their SMs; 1792 units on 264 CTAs -> 7 for the first 208, 6 for the
-    rest)."""
+    CTAs -> 7 per CTA on 256; every slot filled, 7 units for the first 208 CTAs and 6 for the
+    rest, was no faster: session 55)."""
     if n % block_n or k % block_k:
         raise ValueError(f"mgpu decode matmul: N={n}, K={k} do not tile by {block_n} x {block_k}")
     target = ctas_per_sm * (sms or sm_count())
@@ -197,12 +191,8 @@ def decode_config(n: int, k: int, *, block_n: int = 64, block_k: int = 128, stag
             options.append((per * (blocks // split), split, per))
     best = min(cost for cost, _, _ in options)
     split, per = min((sp, per) for cost, sp, per in options if cost <= best * 1.03)
-    lead = dict(lead=0, lead_ctas=0)
-    units = tiles * split
-    if fill and units > target and units % target:
-        per, lead = units // target, dict(lead=1, lead_ctas=units % target)
     return DecodeConfig(block_n=block_n, block_k=block_k, stages=stages, split_k=split, per_cta=per,
-                        store_mn=store_mn, **lead)
+                        store_mn=store_mn)
 
 
 def supports(mp: int, n: int, k: int, config: DecodeConfig) -> bool:
@@ -356,12 +346,8 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
     def kernel(x_gmem, w_gmem, o_gmem):
         with jax.named_scope("start"):
             c = lax.axis_index("c")
-        # The last CTA may own fewer units, a leading one more (a dynamic pipeline length).
-        if cfg.lead:
-            count = jnp.minimum(per_cta + cfg.lead * (c < cfg.lead_ctas).astype(jnp.int32),
-                                units - cfg.first_unit(c))
-        else:
-            count = per_cta if units % per_cta == 0 else jnp.minimum(per_cta, units - c * per_cta)
+        # The last CTA may own fewer units (a dynamic pipeline length).
+        count = per_cta if units % per_cta == 0 else jnp.minimum(per_cta, units - c * per_cta)
 
         def run_ends(i):   # whether step i's carry is flushed: its unit's last step (tile_runs:
             #                and the tile's last part, or the CTA's last step)
@@ -474,5 +460,5 @@ def decode_matmul_t(xp: jax.Array, w: jax.Array, *, config: DecodeConfig, fp8: j
                                                        jnp.float32),
                           ctas, f"quant_decode_{n}x{k}", interpret,
                           None if trace_dir is None
-                          else (2 * ((per_cta + cfg.lead) * (steps + slots) + 4), trace_dir))
+                          else (2 * (per_cta * (steps + slots) + 4), trace_dir))
     return f(xp, w).reshape((slots, mp, n) if cfg.store_mn else (slots, n, mp))

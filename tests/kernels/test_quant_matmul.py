@@ -1,7 +1,6 @@
 """Quantized matmul: the reference against float math, the Mosaic GPU and TPU kernels
 (interpret mode) against the reference."""
 
-import collections
 import dataclasses
 
 import jax
@@ -160,13 +159,6 @@ MGPU_CASES = {
     "runs_async_w8a8_m16_out_t": (16, 256, 1024, FP8, True,
                                   DecodeConfig(64, 128, 3, split_k=4, per_cta=3, async_acc=True,
                                                tile_runs=True)),
-    # lead: the first CTAs own more units (28 units: 5, 5, then 3 each on 8 CTAs; with tile runs
-    # a tile's parts span 2-3 CTAs), and without tile runs on a ragged grid (6 units: 2, 2, 1, 1)
-    "lead_runs_async_int8_m5": (5, 448, 1024, jnp.int8, False,
-                                DecodeConfig(64, 128, 3, split_k=4, per_cta=3, store_mn=True, async_acc=True,
-                                             tile_runs=True, lead=2, lead_ctas=2)),
-    "lead_int8_m1_out_t": (1, 192, 512, jnp.int8, False,
-                           DecodeConfig(64, 128, 2, split_k=2, per_cta=1, lead=1, lead_ctas=2)),
 }
 
 
@@ -214,23 +206,6 @@ def test_persistent_decode_configs_balance_the_sms():
     assert cfg.ctas(151936) <= 264 and cfg.per_cta * 7 // cfg.split_k <= 1.1 * 2374 * 7 / 264
     assert isinstance(mgpu.kernel_config(65, 4096, 4096), mgpu.MgpuConfig)
     assert isinstance(mgpu.kernel_config(1, 4096, 4000), mgpu.MgpuConfig)   # K not in 128s
-
-
-def test_fill_puts_the_remainder_on_the_first_ctas(monkeypatch):
-    """``fill`` (the A/B quant-fill): every slot of 2 CTAs per SM takes a CTA and the units left
-    over go one each to the first CTAs; every unit has one owner, in order, and a balanced or
-    small grid stays as it was."""
-    cfg = decode_config(14336, 4096, block_k=256, sms=132, fill=True)
-    assert (cfg.split_k, cfg.per_cta, cfg.lead, cfg.lead_ctas, cfg.ctas(14336)) == (8, 6, 1, 208, 264)
-    owners = [cfg.owner(g) for g in range(cfg.units(14336))]
-    assert owners == sorted(owners) and [owners.count(c) for c in (0, 207, 208, 263)] == [7, 7, 6, 6]
-    assert [cfg.first_unit(c) for c in (0, 208, 264)] == [0, 1456, 1792]
-    assert decode_config(4096, 4096, block_k=256, sms=132, fill=True).lead == 0   # 256 units, 1 each
-    assert decode_config(512, 1024, sms=132, fill=True).lead == 0                  # fewer than 264
-    monkeypatch.setattr(mgpu, "DECODE_FILL", True)
-    assert mgpu.kernel_config(16, 14336, 4096).lead_ctas == 208
-    monkeypatch.setattr(mgpu, "DECODE_FILL", False)
-    assert mgpu.kernel_config(16, 14336, 4096).lead == 0
 
 
 def test_mgpu_rows_are_independent():
@@ -406,21 +381,12 @@ def test_persistent_kernel_async_accumulator(monkeypatch):
     assert not mgpu_decode.supports(16, 128, 512, DecodeConfig(64, 128, 1, async_acc=True))
 
 
-def test_lead_units_go_to_the_first_ctas():
-    """``lead``: the first ``lead_ctas`` CTAs own ``lead`` more units each, every unit owned
-    once, in order; at [14336, 4096] with K in 16 parts, 13 units per CTA and one more for 152
-    of them fill the H100's 264 slots (the first wave of 132 among them)."""
-    cfg = DecodeConfig(64, 256, 4, split_k=16, per_cta=13, lead=1, lead_ctas=152, tile_runs=True)
-    units = cfg.units(14336)
-    assert (units, cfg.ctas(14336)) == (3584, 264)
-    owners = [cfg.owner(g) for g in range(units)]
-    assert owners == sorted(owners)
-    counts = collections.Counter(owners)
-    assert [counts[c] for c in (0, 151, 152, 263)] == [14, 14, 13, 13]
-    assert all(cfg.first_unit(c) == owners.index(c) for c in range(264))
-    assert cfg.slots(14336) == 3
+def test_units_go_to_ctas_in_order():
+    """Every unit has one owner, in order: 1792 units of [14336, 4096] (K in 8 parts), 7 per CTA
+    on 256 CTAs."""
     plain = DecodeConfig(64, 256, 4, split_k=8, per_cta=7)
     assert [plain.owner(g) for g in range(0, 1792, 7)] == list(range(256)) and plain.ctas(14336) == 256
+    assert [plain.first_unit(c) for c in (0, 1, 255)] == [0, 7, 1785]
 
 
 def test_tile_runs_partials(monkeypatch):

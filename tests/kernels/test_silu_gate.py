@@ -99,7 +99,6 @@ def test_config_rule(monkeypatch):
     assert not gated.supports(16, 28672, 4096, DecodeConfig(64, 128, 2, per_cta=9))
     # async_acc (the persistent decode kernel's) is not this kernel's: wrong on the GPU (session 42).
     assert not gated.supports(16, 28672, 4096, DecodeConfig(64, 128, 4, async_acc=True))
-    assert not gated.supports(16, 28672, 4096, DecodeConfig(64, 128, 4, lead=1, lead_ctas=2))
     monkeypatch.setattr(mgpu, "DECODE_ASYNC", True)
     assert not mgpu.silu_gate_config(16, 28672, 4096, sms=132).async_acc
     with pytest.raises(ValueError, match="do not tile"):
