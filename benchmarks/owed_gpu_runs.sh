@@ -4,8 +4,9 @@
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-55 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
-# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s),
-# w, o, u, m, u1; then, on 2 GPUs, pb, d, s, sk, c.
+# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), rd
+# (the decode ring's fixed cost by ring depth and box), w, o, u, m, u1; then, on 2 GPUs, pb, d,
+# s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -94,6 +95,17 @@ h2)
   timeout 250 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 8 \
     --quantization none,fp8+lm_head > "$OUT/h2_step8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
+  ;;
+rd)
+  # Where the decode ring's 1.6 us of fixed cost over XLA's loads comes from (session 55,
+  # ring_cost.py: the 64 x 256, 4-stage ring 3.52 us fixed and 97% marginal; XLA's row sum 1.88
+  # us and 100%): the same fit for rings of 2, 4 and 6 stages (8 would not fit 2 CTAs per SM)
+  # and of 128 x 128 and 64 x 512 boxes, the empty kernel, no short grids. Prediction: if the ends are the queue of loads in flight
+  # filling and draining, the fixed cost grows with the depth (2 stages ~0.8 us under 4, 6 stages
+  # ~0.8 us over); if it is the first TMA's latency, it does not move with the depth.
+  timeout 450 python3 benchmarks/ring_cost.py --rings 64x256x2,64x256x4,64x256x6,128x128x4,64x512x2 \
+    --rows 7168,14336,28672,57344 --short "" > "$OUT/rd.txt" 2>&1
+  grep "^|\|^##\|rror" "$OUT/rd.txt" | tail -12
   ;;
 o)
   timeout 580 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 1 2>&1 \

@@ -8,8 +8,8 @@ not the loss, the ring's cost is a fixed part and a marginal rate, and this scri
 
   empty    a Mosaic GPU kernel of the ring's grid that allocates ``--smem`` KB of SMEM per CTA
            and exits: the launch and teardown of a grid like the ring's.
-  ring     decode_stream's static ring (64 x 256 int8 tiles, 4 stages, 2 CTAs per SM) over
-           [N, 4096] for each N of ``--rows``.
+  ring     decode_stream's static ring (64 x 256 int8 tiles, 4 stages, 2 CTAs per SM; or each
+           of ``--rings``) over [N, 4096] for each N of ``--rows``.
   row sum  XLA reading the same weights (int32 row sums).
   short    the same ring on grids of short CTAs (``--short``: 1-4 steps each, all their loads
            in flight at once, many CTAs to an SM), the shape of XLA's row sum (a Triton kernel
@@ -24,6 +24,7 @@ a share of the 2 GiB read ceiling).
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="3584,7168,14336,28672,57344", help="comma list of N (K = 4096)")
     ap.add_argument("--smem", default="0,100", help="comma list of SMEM KB per CTA of the empty kernel")
+    ap.add_argument("--rings", default="64x256x4",
+                    help="comma list of ROWSxCOLSxSTAGES: the persistent rings (2 CTAs per SM) to fit")
     ap.add_argument("--short", default="1792x2,3584x1,896x4",
                     help="comma list of CTAsxSTAGES: rings of 1-4 steps per CTA at N = 14336")
     ap.add_argument("--iters", type=int, default=20)
@@ -89,19 +92,23 @@ def main() -> None:
         copies = [(jax.random.randint(jax.random.key(c), (n, k), -127, 128, jnp.int32).astype(jnp.int8),)
                   for c in range(count)]
 
-        def ring(x, w):
+        def ring(x, w, bn, bk, stages):
             tag = jnp.zeros((ctas,), jnp.int32) + x[0, 0].astype(jnp.int32)
-            out = stream(w, tag, bn=64, bk=256, stages=4, ctas=ctas)
+            out = stream(w, tag, bn=bn, bk=bk, stages=stages, ctas=ctas)
             return jnp.broadcast_to(out[:1, :1].astype(x.dtype), (x.shape[0], 1))
 
         def row_sum(x, w):
             total = jnp.sum(w.astype(jnp.int32) + x[0, 0].astype(jnp.int32), axis=1)
             return jnp.broadcast_to(total[:1, None].astype(x.dtype), (x.shape[0], 1))
 
-        for name, fn in (("ring", ring), ("row sum", row_sum)):
+        readers = [(f"ring {bn} x {bk}, {stages} stages" if ns.rings != "64x256x4" else "ring",
+                    functools.partial(ring, bn=bn, bk=bk, stages=stages))
+                   for bn, bk, stages in ((int(a) for a in v.split("x")) for v in ns.rings.split(","))]
+        for name, fn in [*readers, ("row sum", row_sum)]:
             queued.append((name, f"[{n}, {k}]", n * k, kclock.later(fn, x, copies, ns.iters, ns.reps)))
         if n == 14336:   # short CTAs that the hardware schedules, many to an SM (as XLA's row sum)
-            for grid, stages in ((int(a), int(b)) for a, b in (v.split("x") for v in ns.short.split(","))):
+            shorts = (v.split("x") for v in ns.short.split(",") if v)
+            for grid, stages in ((int(a), int(b)) for a, b in shorts):
                 def short(x, w, grid=grid, stages=stages):
                     tag = jnp.zeros((grid,), jnp.int32) + x[0, 0].astype(jnp.int32)
                     out = stream(w, tag, bn=64, bk=256, stages=stages, ctas=grid)
