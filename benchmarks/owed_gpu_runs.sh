@@ -102,10 +102,16 @@ rd)
   # us and 100%): the same fit for rings of 2, 4 and 6 stages (8 would not fit 2 CTAs per SM)
   # and of 128 x 128 and 64 x 512 boxes, the empty kernel, no short grids. Prediction: if the ends are the queue of loads in flight
   # filling and draining, the fixed cost grows with the depth (2 stages ~0.8 us under 4, 6 stages
-  # ~0.8 us over); if it is the first TMA's latency, it does not move with the depth.
-  timeout 450 python3 benchmarks/ring_cost.py --rings 64x256x2,64x256x4,64x256x6,128x128x4,64x512x2 \
-    --rows 7168,14336,28672,57344 --short "" > "$OUT/rd.txt" 2>&1
-  grep "^|\|^##\|rror" "$OUT/rd.txt" | tail -12
+  # ~0.8 us over); if it is the first TMA's latency, it does not move with the depth. Beside them
+  # the same grid and tiles read with plain 16-byte loads into registers, 1 and 2 tiles ahead
+  # (ring_cost.direct, compiled offline: 8 ld.global.v4 per tile per thread, 115 / 147
+  # registers; its tiles checked against XLA first). Prediction: if TMA is the cost, the plain
+  # loads' fixed cost is within 0.5 us of the row sum's and their marginal >= 98% (then a kernel
+  # that feeds wgmma from such loads is the path to 85%); if the persistent grid is, they land
+  # with the ring.
+  timeout 500 python3 benchmarks/ring_cost.py --rings 64x256x2,64x256x4,64x256x6,128x128x4,64x512x2 \
+    --direct 1,2 --rows 7168,14336,28672,57344 --short "" > "$OUT/rd.txt" 2>&1
+  grep "^|\|^##\|^plain\|rror" "$OUT/rd.txt" | tail -16
   ;;
 o)
   timeout 580 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 1 2>&1 \

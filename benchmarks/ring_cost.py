@@ -11,6 +11,8 @@ not the loss, the ring's cost is a fixed part and a marginal rate, and this scri
   ring     decode_stream's static ring (64 x 256 int8 tiles, 4 stages, 2 CTAs per SM; or each
            of ``--rings``) over [N, 4096] for each N of ``--rows``.
   row sum  XLA reading the same weights (int32 row sums).
+  plain    (``--direct``) the ring's tiles on its grid without TMA: 16-byte loads straight into
+           registers, 1-2 tiles ahead in a loop's carry (``direct``; no SMEM, no barriers).
   short    the same ring on grids of short CTAs (``--short``: 1-4 steps each, all their loads
            in flight at once, many CTAs to an SM), the shape of XLA's row sum (a Triton kernel
            of 3,584 programs, 4 rows of 4 KB each, 8 warps, no pipeline).
@@ -30,7 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, vector
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.decode_stream import stream
@@ -58,6 +64,74 @@ def empty(tag: jax.Array, *, ctas: int, smem_kb: int) -> jax.Array:
     return f(tag)
 
 
+def direct(w: jax.Array, tag: jax.Array, *, ctas: int, depth: int, bn: int = 64, bk: int = 256) -> jax.Array:
+    """The ring's work without TMA: w int8 [N, K], tag int32[ctas] -> int8 [ctas * bn, bk]. CTA c
+    reads the same balanced share of [bn, bk] tiles as ``stream``, each tile with plain 16-byte
+    loads straight into registers (rows contiguous across a warp), ``depth`` tiles ahead in the
+    loop's carry, and xors the tiles together so the loads are used."""
+    n, k = w.shape
+    blocks, total = k // bk, (n // bn) * (k // bk)
+    per = -(-total // ctas)
+    layout = plgpu.Layout.WG_STRIDED((bn, bk), vec_size=16)
+
+    # (plgpu.load of a GMEM tile in this layout emits one ld.global.b8 per byte in 0.11.2)
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                       return_type=plgpu.ShapeDtypeStruct((bn, bk), jnp.int8, layout=layout))
+    def load16(ctx, ref):   # a [bn, bk] int8 tile of w -> registers, one ld.global.v4 per 16 bytes
+        del ctx
+        i8, i32 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(32)
+        frag = mgpu.WGStridedFragLayout(shape=(bn, bk), vec_size=16)
+        base = mgpu_utils.memref_ptr(ref)
+        regs = []
+        for idx in frag.linear_thread_idxs():   # the thread's element offsets in the tile, row-major
+            row = arith.divui(idx, mgpu_utils.c(bk, idx.type))
+            col = arith.remui(idx, mgpu_utils.c(bk, idx.type))
+            off = arith.index_cast(ir.IntegerType.get_signless(64),
+                                   arith.addi(arith.muli(row, mgpu_utils.c(k, idx.type)), col))
+            ptr = mgpu_utils.getelementptr(base, [off], i8)
+            words = mgpu_utils.inline_ptx("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", ptr,
+                                          result_types=[i32] * 4)
+            vec = vector.from_elements(ir.VectorType.get((4,), i32), list(words))
+            regs.append(vector.bitcast(ir.VectorType.get((16,), i8), vec))
+        return mgpu.FragmentedArray(_registers=np.array(regs), _layout=frag, _is_signed=True)
+
+    def kernel(w_gmem, tag_gmem, o_gmem, o_smem):
+        del tag_gmem
+        c = lax.axis_index("c")
+        count = jnp.minimum(per, total - c * per)
+
+        def tile(i):   # the CTA's tile i (past its last: the last again, an L2 hit)
+            g = c * per + jnp.minimum(i, count - 1)
+            rows, cols = pl.ds((g // blocks) * bn, bn), pl.ds(lax.rem(g, blocks) * bk, bk)
+            return load16(w_gmem.at[rows, cols])
+
+        def step(i, carry):
+            ahead, total_ = carry
+            return (*ahead[1:], tile(i + depth)), total_ ^ ahead[0]
+
+        ahead = tuple(tile(jnp.asarray(d, jnp.int32)) for d in range(depth))
+        zero = plgpu.layout_cast(jnp.zeros((bn, bk), jnp.int8), layout)
+        _, acc = lax.fori_loop(0, count, step, (ahead, zero))
+        o_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(c * bn, bn), :])
+        plgpu.wait_smem_to_gmem(0)
+
+    f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((ctas * bn, bk), w.dtype),
+                     scratch_types=[plgpu.SMEM((bn, bk), w.dtype)], grid=(ctas,), grid_names=("c",),
+                     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    return f(w, tag)
+
+
+def direct_want(w: jax.Array, ctas: int, bn: int = 64, bk: int = 256) -> jax.Array:
+    """What ``direct`` returns: each CTA's tiles xor-ed together, [ctas * bn, bk]."""
+    n, k = w.shape
+    tiles = w.reshape(n // bn, bn, k // bk, bk).transpose(0, 2, 1, 3).reshape(-1, bn, bk)
+    per = -(-tiles.shape[0] // ctas)
+    tiles = jnp.pad(tiles, ((0, ctas * per - tiles.shape[0]), (0, 0), (0, 0))).reshape(ctas, per, bn, bk)
+    return functools.reduce(jnp.bitwise_xor, [tiles[:, i] for i in range(per)]).reshape(ctas * bn, bk)
+
+
 def fit(sizes: list[int], us: list[float]) -> tuple[float, float]:
     """Least squares us = fixed + bytes / rate -> (fixed us, marginal GB/s)."""
     slope, fixed = np.polyfit(np.asarray(sizes, float), np.asarray(us, float), 1)
@@ -70,6 +144,7 @@ def main() -> None:
     ap.add_argument("--smem", default="0,100", help="comma list of SMEM KB per CTA of the empty kernel")
     ap.add_argument("--rings", default="64x256x4",
                     help="comma list of ROWSxCOLSxSTAGES: the persistent rings (2 CTAs per SM) to fit")
+    ap.add_argument("--direct", default="", help="comma list of depths: plain-load readers to fit")
     ap.add_argument("--short", default="1792x2,3584x1,896x4",
                     help="comma list of CTAsxSTAGES: rings of 1-4 steps per CTA at N = 14336")
     ap.add_argument("--iters", type=int, default=20)
@@ -101,9 +176,21 @@ def main() -> None:
             total = jnp.sum(w.astype(jnp.int32) + x[0, 0].astype(jnp.int32), axis=1)
             return jnp.broadcast_to(total[:1, None].astype(x.dtype), (x.shape[0], 1))
 
+        def plain(x, w, depth):
+            tag = jnp.zeros((ctas,), jnp.int32) + x[0, 0].astype(jnp.int32)
+            out = direct(w, tag, ctas=ctas, depth=depth)
+            return jnp.broadcast_to(out[:1, :1].astype(x.dtype), (x.shape[0], 1))
+
         readers = [(f"ring {bn} x {bk}, {stages} stages" if ns.rings != "64x256x4" else "ring",
                     functools.partial(ring, bn=bn, bk=bk, stages=stages))
                    for bn, bk, stages in ((int(a) for a in v.split("x")) for v in ns.rings.split(","))]
+        for depth in (int(v) for v in ns.direct.split(",") if v):
+            if n == int(ns.rows.split(",")[0]):   # the tiles it read, checked once
+                read = jax.jit(functools.partial(direct, ctas=ctas, depth=depth))
+                got = read(copies[0][0], jnp.zeros((ctas,), jnp.int32))
+                ok = bool(jnp.array_equal(got, direct_want(copies[0][0], ctas)))
+                print(f"plain loads, {depth} ahead: {'the tiles check' if ok else 'WRONG TILES'}", flush=True)
+            readers.append((f"plain loads, {depth} tiles ahead", functools.partial(plain, depth=depth)))
         for name, fn in [*readers, ("row sum", row_sum)]:
             queued.append((name, f"[{n}, {k}]", n * k, kclock.later(fn, x, copies, ns.iters, ns.reps)))
         if n == 14336:   # short CTAs that the hardware schedules, many to an SM (as XLA's row sum)
