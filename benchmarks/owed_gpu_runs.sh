@@ -4,8 +4,9 @@
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-55 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
-# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), rd
-# (the decode ring's fixed cost by ring depth and box), w, o, u, m, u1; then, on 2 GPUs, pb, d,
+# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), dg (a
+# decode matmul fed by plain loads of a K-permuted weight), rd (the decode ring's fixed cost by
+# ring depth and box, and plain loads), w, o, u, m, u1; then, on 2 GPUs, pb, d,
 # s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
@@ -95,6 +96,18 @@ h2)
   timeout 250 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 8 \
     --quantization none,fp8+lm_head > "$OUT/h2_step8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
+  ;;
+dg)
+  # A decode matmul fed by plain loads (benchmarks/direct_gemv.py, a probe): the weight's K
+  # columns permuted once (x's the same way) so that each thread's bytes of wgmma's register
+  # fragment are 16-byte runs; 4 ld.global.v4 per [64, 128] tile per thread, 2 or 4 tiles ahead
+  # in the carry, x by TMA; compiled offline: 76 / 107 registers, 1 prmt + 0.5 sub.bf16x2 per
+  # weight byte (the engine's kernel: ~2). Its rel err against the reference is printed first
+  # (a wrong fragment map shows there). Prediction: if plain loads escape the TMA ring's 1.6 us,
+  # 21.5-22.5 us at [14336, 4096] and 16 tokens against the default's ~23.9 (83-85%); 4 ahead
+  # no slower than 2.
+  timeout 400 python3 benchmarks/direct_gemv.py --ms 16,1 --depths 2,4 > "$OUT/dg.txt" 2>&1
+  grep "^|\|^##\|rror" "$OUT/dg.txt" | tail -16
   ;;
 rd)
   # Where the decode ring's 1.6 us of fixed cost over XLA's loads comes from (session 55,
