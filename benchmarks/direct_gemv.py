@@ -55,9 +55,10 @@ def k_order(k: int) -> np.ndarray:
 
 
 def direct_matmul(xp: jax.Array, wp: jax.Array, *, split: int, per_cta: int, depth: int,
-                  stages: int = 4, bn: int = 64) -> jax.Array:
+                  stages: int = 4, bn: int = 64, interpret: bool = False) -> jax.Array:
     """xp [Mp, K] bf16 and wp [N, K] int8, both K-permuted (``k_order``) -> float32 partials
-    [split, Mp, N] summing to x @ w^T."""
+    [split, Mp, N] summing to x @ w^T. ``interpret``: Pallas' interpreter, the weight tiles
+    read by ``plgpu.load`` (the same values; the interpreter runs no inline PTX)."""
     mp, k = xp.shape
     n = wp.shape[0]
     steps, units = k // BK // split, n // bn * split
@@ -95,7 +96,7 @@ def direct_matmul(xp: jax.Array, wp: jax.Array, *, split: int, per_cta: int, dep
     def zero() -> jax.Array:
         return plgpu.layout_cast(jnp.zeros((bn, mp), jnp.float32), plgpu.Layout.WGMMA)
 
-    def kernel(x_gmem, w_gmem, o_gmem, o_smem):
+    def kernel(x_gmem, w_gmem, o_gmem, o_smem, *a_smem):   # (a_smem: interpreted only)
         c = lax.axis_index("c")
         count = per_cta if units % per_cta == 0 else jnp.minimum(per_cta, units - c * per_cta)
 
@@ -106,8 +107,10 @@ def direct_matmul(xp: jax.Array, wp: jax.Array, *, split: int, per_cta: int, dep
         def w_tile(i):   # step i's weight tile (past the last step: the last again)
             i = jnp.minimum(i, count * steps - 1)
             tile, part = unit(i)
-            cols = pl.ds((part * steps + lax.rem(i, steps)) * BK, BK)
-            return load_tile(w_gmem.at[pl.ds(tile * bn, bn), cols])
+            src = w_gmem.at[pl.ds(tile * bn, bn), pl.ds((part * steps + lax.rem(i, steps)) * BK, BK)]
+            if interpret:
+                return plgpu.load(src, layout=plgpu.Layout.WGMMA, optimized=False)
+            return load_tile(src)
 
         def store(value, i):
             tile, part = unit(i)
@@ -122,7 +125,10 @@ def direct_matmul(xp: jax.Array, wp: jax.Array, *, split: int, per_cta: int, dep
             a = ahead[0].astype(jnp.bfloat16)
 
             def product(acc):
-                plgpu.wgmma(acc, a, x_smem.transpose((1, 0)))
+                if a_smem:   # the interpreter's wgmma reads its A operand from SMEM only
+                    a_smem[0][...] = a
+                    plgpu.commit_smem()
+                plgpu.wgmma(acc, a_smem[0] if a_smem else a, x_smem.transpose((1, 0)))
                 return acc[...]
             total = total + pl.run_scoped(product, plgpu.ACC((bn, mp), jnp.float32))
             last = lax.rem(i, steps) == steps - 1
@@ -138,18 +144,20 @@ def direct_matmul(xp: jax.Array, wp: jax.Array, *, split: int, per_cta: int, dep
 
     f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((split * mp, n), jnp.float32),
                      scratch_types=[plgpu.SMEM((mp, bn), jnp.float32,
-                                               transforms=mgpu_decode.smem_transforms(jnp.float32, bn))],
+                                               transforms=mgpu_decode.smem_transforms(jnp.float32, bn)),
+                                    *([mgpu_decode.a_tile(bn, BK, xp.dtype)] if interpret else [])],
                      grid=(ctas,), grid_names=("c",), kernel_name=f"direct_{n}x{k}",
-                     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+                     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+                     interpret=plgpu.InterpretGPUParams() if interpret else None)
     return f(xp, wp).reshape(split, mp, n)
 
 
 def direct_linear(x: jax.Array, wp: jax.Array, s: jax.Array, order: jax.Array, *, split: int, per_cta: int,
-                  depth: int) -> jax.Array:
+                  depth: int, interpret: bool = False) -> jax.Array:
     """x [M, K] bf16 (natural order), wp int8 [N, K] (``k_order``), s float32 [N] -> [M, N]."""
     m = x.shape[0]
     xp = jnp.pad(x[:, order], ((0, qmgpu.padded_tokens(m) - m), (0, 0)))
-    parts = direct_matmul(xp, wp, split=split, per_cta=per_cta, depth=depth)
+    parts = direct_matmul(xp, wp, split=split, per_cta=per_cta, depth=depth, interpret=interpret)
     return mgpu_decode.finish(parts, m, s, None, x.dtype, store_mn=True)
 
 

@@ -102,7 +102,8 @@ dg)
   # columns permuted once (x's the same way) so that each thread's bytes of wgmma's register
   # fragment are 16-byte runs; 4 ld.global.v4 per [64, 128] tile per thread, 2 or 4 tiles ahead
   # in the carry, x by TMA; compiled offline: 76 / 107 registers, 1 prmt + 0.5 sub.bf16x2 per
-  # weight byte (the engine's kernel: ~2). Its rel err against the reference is printed first
+  # weight byte (the engine's kernel: ~2); interpreted on a CPU (plgpu.load for the inline PTX)
+  # it matches the reference. Its rel err on the GPU is printed with each row
   # (a wrong fragment map shows there). Prediction: if plain loads escape the TMA ring's 1.6 us,
   # 21.5-22.5 us at [14336, 4096] and 16 tokens against the default's ~23.9 (83-85%); 4 ahead
   # no slower than 2.
