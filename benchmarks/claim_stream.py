@@ -38,7 +38,7 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.decode_stream import stream
-from benchmarks.device_clock import KernelClock, add_clock_arguments, read_ceiling
+from benchmarks.device_clock import add_clock_arguments, clock_and_ceiling, weight_copies
 from pallas_kernels.quant_matmul import mgpu_decode
 
 
@@ -132,11 +132,8 @@ def main() -> None:
     add_clock_arguments(ap, "/tmp/claim_stream_trace")
     ns = ap.parse_args()
     n, k = (int(v) for v in ns.shape.split("x"))
-    kclock = KernelClock(ns.clock, ns.trace_dir)
-    ceiling = read_ceiling(kclock.device, ns.reps) if kclock.device else float("nan")
-    count = max(2, -(-150_000_000 // (n * k)))   # >= 150 MB of copies: not served from L2
-    copies = [(jax.random.randint(jax.random.key(c), (n, k), -127, 128, jnp.int32).astype(jnp.int8),)
-              for c in range(count)]
+    kclock, ceiling = clock_and_ceiling(ns)
+    copies = weight_copies(n, k, quantized=False)
     print(f"## bare decode ring, int8 [{n}, {k}] ({n * k / 1e6:.1f} MB), 64 x {ns.bk} tiles, "
           f"{ns.stages} stages, {jax.devices()[0].device_kind}, read ceiling {ceiling:.0f} GB/s\n")
     for split in (int(v) for v in ns.splits.split(",")):   # every unit streamed once, in each call

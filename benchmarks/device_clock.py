@@ -40,6 +40,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.quant_matmul import reference
+
 
 @dataclasses.dataclass(frozen=True)
 class Stats:
@@ -207,3 +209,37 @@ class KernelClock:
     def now(self, fn: Callable, x, weights, iters: int, reps: int) -> float:
         got = self.later(fn, x, weights, iters, reps)
         return self.device.flush()[got].median_us if isinstance(got, str) else got
+
+
+def clock_and_ceiling(ns: argparse.Namespace) -> tuple[KernelClock, float]:
+    """``add_clock_arguments``' clock and, on the device clock, the 2 GiB read ceiling in GB/s
+    (``read_ceiling``; NaN on the others). ``ns`` also needs ``reps``."""
+    kclock = KernelClock(ns.clock, ns.trace_dir)
+    return kclock, read_ceiling(kclock.device, ns.reps) if kclock.device else float("nan")
+
+
+def weight_copies(n: int, k: int, quantized: bool) -> list[tuple]:
+    """Random int8 [n, k] weights, enough copies to pass 150 MB (at least 2; read in turn, none
+    is served from the L2): ``quantized``, (q, per-channel scale) of normal weights
+    (``reference.quantize_weight``); else (w,) of uniform bytes."""
+    def make(key):
+        if quantized:
+            return reference.quantize_weight(jax.random.normal(key, (n, k)) * 0.02, jnp.int8)
+        return (jax.random.randint(key, (n, k), -127, 128, jnp.int32).astype(jnp.int8),)
+    return [make(jax.random.key(c)) for c in range(max(2, -(-150_000_000 // (n * k))))]
+
+
+def print_reads(title: str, rows: list[tuple[str, float | str]], kclock: KernelClock, nbytes: int,
+                ceiling: float) -> None:
+    """A markdown table of (what, us or a ``KernelClock.later`` label) rows read as ``nbytes``
+    each: us, GB/s, the share of ``ceiling`` and, on the device clock, the heaviest kernel, its
+    runs and every kernel's us per run (the labels resolved by one flush)."""
+    stats = kclock.device.flush() if kclock.device else {}
+    print(f"{title}\n\n| what | us | weight GB/s | of the ceiling | device: kernel, runs, all kernels us "
+          "per run |\n|---|---|---|---|---|")
+    for what, got in rows:
+        st = stats.get(got) if isinstance(got, str) else None
+        us = st.median_us if st else got
+        gbs = nbytes / us / 1e3
+        extra = f"{st.kernel}, {st.count}, {st.all_us:.2f}" if st else ""
+        print(f"| {what} | {us:.2f} | {gbs:.0f} | {gbs / ceiling:.0%} | {extra} |")

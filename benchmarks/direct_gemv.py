@@ -36,7 +36,7 @@ from jax.experimental.mosaic.gpu import fragmented_array as fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from benchmarks.device_clock import KernelClock, add_clock_arguments, read_ceiling
+from benchmarks.device_clock import add_clock_arguments, clock_and_ceiling, print_reads, weight_copies
 from benchmarks.quant_matmul import rel
 from pallas_kernels.quant_matmul import mgpu as qmgpu
 from pallas_kernels.quant_matmul import mgpu_decode
@@ -172,12 +172,9 @@ def main() -> None:
     add_clock_arguments(ap, "/tmp/direct_gemv_trace")
     ns = ap.parse_args()
     n, k = (int(v) for v in ns.shape.split("x"))
-    kclock = KernelClock(ns.clock, ns.trace_dir)
-    ceiling = read_ceiling(kclock.device, ns.reps) if kclock.device else float("nan")
+    kclock, ceiling = clock_and_ceiling(ns)
     order = jnp.asarray(k_order(k))
-    count = max(2, -(-150_000_000 // (n * k)))   # >= 150 MB of copies: not served from L2
-    copies = [ref.quantize_weight(jax.random.normal(jax.random.key(c), (n, k), jnp.float32) * 0.02, jnp.int8)
-              for c in range(count)]
+    copies = weight_copies(n, k, quantized=True)
     permuted = [(q[:, order], s) for q, s in copies]
     ctas = 2 * mgpu_decode.sm_count()
     queued = []
@@ -199,17 +196,8 @@ def main() -> None:
                                    kclock.later(fn, x, ws, ns.iters, ns.reps)))
                 except Exception as e:  # noqa: BLE001 - a config that fails to build is a result too
                     print(f"  {name}, M={m}: error {e!r:.400}", flush=True)
-    stats = kclock.device.flush() if kclock.device else {}
-    print(f"## int8 [{n}, {k}] ({n * k / 1e6:.1f} MB), {jax.devices()[0].device_kind}, "
-          f"read ceiling {ceiling:.0f} GB/s\n")
-    print("| what | us | weight GB/s | of the ceiling | device: kernel, runs, all kernels us |\n"
-          "|---|---|---|---|---|")
-    for what, got in queued:
-        st = stats.get(got) if isinstance(got, str) else None
-        us = st.median_us if st else got
-        gbs = n * k / us / 1e3
-        print(f"| {what} | {us:.2f} | {gbs:.0f} | {gbs / ceiling:.0%} | "
-              + (f"{st.kernel}, {st.count}, {st.all_us:.2f} |" if st else " |"))
+    print_reads(f"## int8 [{n}, {k}] ({n * k / 1e6:.1f} MB), {jax.devices()[0].device_kind}, "
+                f"read ceiling {ceiling:.0f} GB/s", queued, kclock, n * k, ceiling)
 
 
 if __name__ == "__main__":

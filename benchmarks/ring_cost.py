@@ -40,7 +40,7 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.decode_stream import stream
-from benchmarks.device_clock import KernelClock, add_clock_arguments, read_ceiling
+from benchmarks.device_clock import add_clock_arguments, clock_and_ceiling, weight_copies
 from pallas_kernels.quant_matmul import mgpu_decode
 
 
@@ -152,8 +152,7 @@ def main() -> None:
     add_clock_arguments(ap, "/tmp/ring_cost_trace")
     ns = ap.parse_args()
     k, ctas = 4096, 2 * mgpu_decode.sm_count()
-    kclock = KernelClock(ns.clock, ns.trace_dir)
-    ceiling = read_ceiling(kclock.device, ns.reps) if kclock.device else float("nan")
+    kclock, ceiling = clock_and_ceiling(ns)
     x = jnp.zeros((8, k), jnp.bfloat16)
     queued = []
     for kb in (int(v) for v in ns.smem.split(",")):
@@ -163,9 +162,7 @@ def main() -> None:
         got = kclock.later(fn, x, [(None,)], ns.iters, ns.reps)
         queued.append(("empty", f"{ctas} CTAs, {kb} KB SMEM", 0, got))
     for n in (int(v) for v in ns.rows.split(",")):
-        count = max(2, -(-150_000_000 // (n * k)))   # >= 150 MB of copies: not served from L2
-        copies = [(jax.random.randint(jax.random.key(c), (n, k), -127, 128, jnp.int32).astype(jnp.int8),)
-                  for c in range(count)]
+        copies = weight_copies(n, k, quantized=False)
 
         def ring(x, w, bn, bk, stages):
             tag = jnp.zeros((ctas,), jnp.int32) + x[0, 0].astype(jnp.int32)

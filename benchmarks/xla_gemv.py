@@ -19,7 +19,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.device_clock import KernelClock, add_clock_arguments, read_ceiling
+from benchmarks.device_clock import add_clock_arguments, clock_and_ceiling, print_reads, weight_copies
 from benchmarks.quant_matmul import rel
 from pallas_kernels.quant_matmul import mgpu
 from pallas_kernels.quant_matmul import reference as ref
@@ -41,11 +41,8 @@ def main() -> None:
     add_clock_arguments(ap, "/tmp/xla_gemv_trace")
     ns = ap.parse_args()
     n, k = (int(v) for v in ns.shape.split("x"))
-    kclock = KernelClock(ns.clock, ns.trace_dir)
-    ceiling = read_ceiling(kclock.device, ns.reps) if kclock.device else float("nan")
-    count = max(2, -(-150_000_000 // (n * k)))   # >= 150 MB of copies: not served from L2
-    copies = [ref.quantize_weight(jax.random.normal(jax.random.key(c), (n, k), jnp.float32) * 0.02, jnp.int8)
-              for c in range(count)]
+    kclock, ceiling = clock_and_ceiling(ns)
+    copies = weight_copies(n, k, quantized=True)
     queued = []
     for m in (int(v) for v in ns.ms.split(",")):
         x = jax.random.normal(jax.random.key(99), (m, k), jnp.bfloat16)
@@ -63,17 +60,9 @@ def main() -> None:
         return jnp.broadcast_to(total[None, :1].astype(x.dtype), (x.shape[0], 1))
     queued.append(("XLA's row sum", kclock.later(row_sum, jnp.zeros((1, k), jnp.bfloat16), copies,
                                                  ns.iters, ns.reps)))
-    stats = kclock.device.flush() if kclock.device else {}
-    print(f"## int8 [{n}, {k}] ({n * k / 1e6:.1f} MB) times a few tokens, {jax.devices()[0].device_kind}, "
-          f"read ceiling {ceiling:.0f} GB/s\n")
-    print("| what | us | weight GB/s | of the ceiling | device: kernel, runs, all kernels us per run |\n"
-          "|---|---|---|---|---|")
-    for what, got in queued:
-        st = stats.get(got) if isinstance(got, str) else None
-        us = st.median_us if st else got
-        gbs = n * k / us / 1e3
-        extra = f"{st.kernel}, {st.count}, {st.all_us:.2f}" if st else ""
-        print(f"| {what} | {us:.2f} | {gbs:.0f} | {gbs / ceiling:.0%} | {extra} |")
+    title = (f"## int8 [{n}, {k}] ({n * k / 1e6:.1f} MB) times a few tokens, {jax.devices()[0].device_kind}, "
+             f"read ceiling {ceiling:.0f} GB/s")
+    print_reads(title, queued, kclock, n * k, ceiling)
 
 
 if __name__ == "__main__":
