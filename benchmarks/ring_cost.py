@@ -46,7 +46,7 @@ from pallas_kernels.quant_matmul import mgpu_decode
 
 def empty(tag: jax.Array, *, ctas: int, smem_kb: int) -> jax.Array:
     """tag int32[ctas] -> int32[ctas * 128]: a kernel of ``ctas`` CTAs, ``smem_kb`` KB of SMEM
-    each (0: none), whose CTAs each store 128 copies of their tag."""
+    each (0: none), whose CTAs each store 128 copies of their index (the tag is only chained)."""
     def body(tag_gmem, o_gmem, buf, *scratch):
         del scratch, tag_gmem
         c = lax.axis_index("c")
