@@ -64,19 +64,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.
 table() { grep "^|\|^##\|passed\|failed\|rror\|  burst\|  decode step\|    burst\|    decode step"; }
-# decode_stream.py's kernel rows (no stream rows), one run per shape: TAG KERNELS MS TIMEOUT SHAPE...
-# ($VARIANTS: --kernels variants' list)
-stream_rows() {
-  local tag=$1 kernels=$2 ms=$3 limit=$4 shape
-  shift 4
-  for shape in "$@"; do
-    timeout "$limit" python3 benchmarks/decode_stream.py --shape "$shape" --ms "$ms" --layouts "" --rounds 1 \
-      --kernels "$kernels" --variants "${VARIANTS:-tile_runs=0}" \
-      --iters 20 --trace-dir "/tmp/${tag}_$shape" > "$OUT/${tag}_$shape.txt" 2>&1
-    grep "^|\|^int8\|rror" "$OUT/${tag}_$shape.txt" | head -30
-  done
-}
-
 case "${1:-}" in
 h2)
   # Issue 13's batch-1 target (>= 1.6x bf16) is set on the H200, which last measured 1.44x
