@@ -157,13 +157,14 @@ def test_source_dtypes(tmp_path, tensors, mesh, name, target):
 
 
 def test_streams_only_the_shard(tmp_path, tensors, mesh, monkeypatch):
-    """Each read covers one device's shard, never the whole tensor, transposed or not."""
+    """Each read covers one device's shard, never the whole tensor, transposed or not (a
+    transposed tensor is read in its stored layout: the source slice of the device's shard)."""
     d = HFModelDir(make_single(tmp_path / "m", tensors))
     reads = []
     real = loader_mod._read_slice
 
-    def spy(mapped, index, transpose, dtype):
-        out = real(mapped, index, transpose, dtype)
+    def spy(mapped, index, dtype):
+        out = real(mapped, index, dtype)
         reads.append(out.shape)
         return out
 
@@ -171,7 +172,16 @@ def test_streams_only_the_shard(tmp_path, tensors, mesh, monkeypatch):
     load_tensor(d, "embed", sharding=logical_sharding(mesh, ("vocab", "embed")), dtype="float32")
     load_tensor(d, "w_bf16", sharding=logical_sharding(mesh, ("embed", "mlp")), dtype="float32",
                 transpose=True)
-    assert reads == [(8, 8), (8, 8), (8, 3), (8, 3)]
+    assert reads == [(8, 8), (8, 8), (3, 8), (3, 8)]
+
+
+def test_transposed_on_one_device(tmp_path, tensors):
+    """A replicated non-named sharding (one device) transposes too."""
+    d = HFModelDir(make_single(tmp_path / "m", tensors))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    out = load_tensor(d, "w_bf16", sharding=dev, dtype="bfloat16", transpose=True)
+    assert out.sharding == dev
+    np.testing.assert_array_equal(np.asarray(out), tensors["w_bf16"].T)
 
 
 def test_load_stacked(tmp_path, mesh):
