@@ -58,11 +58,13 @@ def pretile(w: jax.Array, bn: int, bk: int) -> jax.Array:
 
 
 def stream(w: jax.Array, tag: jax.Array, *, bn: int, bk: int, stages: int, ctas: int,
-           swizzle: bool = True, interpret: bool = False) -> jax.Array:
+           swizzle: bool = True, sweep: bool = False, interpret: bool = False) -> jax.Array:
     """w int8 [N, K] (or ``pretile``'s [units, bn, bk]), tag int32[ctas] (a per-call operand,
     so that chained calls differ) -> int8 [ctas * bn, bk]: each CTA's last streamed tile (the
     loads' one use). ``swizzle=False``: plain TMA boxes (no SMEM tiling or swizzle, which the
-    kernel's register loads need)."""
+    kernel's register loads need). ``sweep``: CTA c's step i reads unit i * ctas + c (K-major),
+    so the CTAs in flight read one window of adjacent units that sweeps through the weight (as
+    XLA's row sum's programs do), instead of each its own range."""
     tiled = w.ndim == 3
     n, k = (w.shape[0] * bn, bk) if tiled else w.shape   # (tiled: units of one K block each)
     blocks, total = k // bk, (n // bn) * (k // bk)
@@ -71,7 +73,7 @@ def stream(w: jax.Array, tag: jax.Array, *, bn: int, bk: int, stages: int, ctas:
     def kernel(w_gmem, tag_gmem, o_gmem):
         del tag_gmem
         c = lax.axis_index("c")
-        count = jnp.minimum(per, total - c * per)
+        count = (total - c + ctas - 1) // ctas if sweep else jnp.minimum(per, total - c * per)
 
         def body(idx, w_smem):
             @pl.when(idx[0] == count - 1)
@@ -80,7 +82,7 @@ def stream(w: jax.Array, tag: jax.Array, *, bn: int, bk: int, stages: int, ctas:
                                         o_gmem.at[pl.ds(c * bn, bn), :])
 
         def block(i):
-            g = c * per + i
+            g = i * ctas + c if sweep else c * per + i
             return (g, 0, 0) if tiled else (g // blocks, lax.rem(g, blocks))
 
         shape = (1, bn, bk) if tiled else (bn, bk)

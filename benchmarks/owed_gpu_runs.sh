@@ -97,6 +97,27 @@ dg)
   timeout 400 python3 benchmarks/direct_gemv.py --ms 16,1 --depths 2,4 > "$OUT/dg.txt" 2>&1
   grep "^|\|^##\|rror" "$OUT/dg.txt" | tail -16
   ;;
+sw)
+  # The decode ring's marginal read (session 56's rd: 95-96% of the ceiling against XLA's row sum
+  # 100%; the fixed parts alike once the probe's 4.3 MB of output is counted: 64 x 512's double
+  # output cost 1.7 us more) with the CTAs in flight reading one window of adjacent units that
+  # sweeps through the weight, as XLA's row-sum programs do (decode_stream.stream's sweep),
+  # against each CTA its own range. Prediction: if the spread of 264 concurrent streams is the
+  # loss, the sweep's marginal >= 99% and [14336, 4096] ~0.7 us faster; else within 0.3 us.
+  timeout 300 python3 benchmarks/ring_cost.py --rings 64x256x4,64x256x4s,64x256x2,64x256x2s \
+    --rows 7168,14336,28672,57344 --short "" --smem 0 > "$OUT/sw.txt" 2>&1
+  grep "^|\|^##\|rror" "$OUT/sw.txt" | tail -30
+  ;;
+ld)
+  # The safetensors loader with transposes on the device (session 56) against the one before it
+  # (.before/checkpoints: numpy's host transpose, session 56's o: 78.9 s for the 8B, 0.2 GB/s),
+  # the same HF directory, page cache warm. Prediction: 6-12 s (orbax's 5.1 s restore is the
+  # host-to-device floor), the old loader ~79 s again.
+  timeout 280 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 1 --keep 2>&1 \
+    | grep -v "^W\|WARNING" | tail -6
+  PYTHONPATH=/tmp/site:.before:. timeout 250 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench \
+    --tp 1 --reuse --repeats 1 2>&1 | grep -v "^W\|WARNING" | tail -4
+  ;;
 rd)
   # Where the decode ring's 1.6 us of fixed cost over XLA's loads comes from (session 55,
   # ring_cost.py: the 64 x 256, 4-stage ring 3.52 us fixed and 97% marginal; XLA's row sum 1.88

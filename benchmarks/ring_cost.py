@@ -143,7 +143,8 @@ def main() -> None:
     ap.add_argument("--rows", default="3584,7168,14336,28672,57344", help="comma list of N (K = 4096)")
     ap.add_argument("--smem", default="0,100", help="comma list of SMEM KB per CTA of the empty kernel")
     ap.add_argument("--rings", default="64x256x4",
-                    help="comma list of ROWSxCOLSxSTAGES: the persistent rings (2 CTAs per SM) to fit")
+                    help="comma list of ROWSxCOLSxSTAGES: the persistent rings (2 CTAs per SM) to fit; "
+                         "a trailing 's' (64x256x4s): the sweeping order (decode_stream.stream's sweep)")
     ap.add_argument("--direct", default="", help="comma list of depths: plain-load readers to fit")
     ap.add_argument("--short", default="1792x2,3584x1,896x4",
                     help="comma list of CTAsxSTAGES: rings of 1-4 steps per CTA at N = 14336")
@@ -164,9 +165,9 @@ def main() -> None:
     for n in (int(v) for v in ns.rows.split(",")):
         copies = weight_copies(n, k, quantized=False)
 
-        def ring(x, w, bn, bk, stages):
+        def ring(x, w, bn, bk, stages, sweep):
             tag = jnp.zeros((ctas,), jnp.int32) + x[0, 0].astype(jnp.int32)
-            out = stream(w, tag, bn=bn, bk=bk, stages=stages, ctas=ctas)
+            out = stream(w, tag, bn=bn, bk=bk, stages=stages, ctas=ctas, sweep=sweep)
             return jnp.broadcast_to(out[:1, :1].astype(x.dtype), (x.shape[0], 1))
 
         def row_sum(x, w):
@@ -178,9 +179,11 @@ def main() -> None:
             out = direct(w, tag, ctas=ctas, depth=depth)
             return jnp.broadcast_to(out[:1, :1].astype(x.dtype), (x.shape[0], 1))
 
-        readers = [(f"ring {bn} x {bk}, {stages} stages" if ns.rings != "64x256x4" else "ring",
-                    functools.partial(ring, bn=bn, bk=bk, stages=stages))
-                   for bn, bk, stages in ((int(a) for a in v.split("x")) for v in ns.rings.split(","))]
+        readers = [(f"ring {bn} x {bk}, {stages} stages{', sweeping' if v.endswith('s') else ''}"
+                    if ns.rings != "64x256x4" else "ring",
+                    functools.partial(ring, bn=bn, bk=bk, stages=stages, sweep=v.endswith("s")))
+                   for v in ns.rings.split(",")
+                   for bn, bk, stages in [(int(a) for a in v.rstrip("s").split("x"))]]
         for depth in (int(v) for v in ns.direct.split(",") if v):
             if n == int(ns.rows.split(",")[0]):   # the tiles it read, checked once
                 read = jax.jit(functools.partial(direct, ctas=ctas, depth=depth))

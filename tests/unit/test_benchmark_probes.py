@@ -12,6 +12,7 @@ import pytest
 from fixture_paths import GOLDEN
 
 from benchmarks import cmdbuf_probe, step_floor
+from benchmarks.decode_stream import stream
 from benchmarks.direct_gemv import direct_linear, k_order
 from benchmarks.ring_cost import direct_want
 from jserve.builder import EngineArgs, build_engine
@@ -271,3 +272,15 @@ def test_ring_cost_direct_want_xors_each_ctas_tiles():
     got = np.asarray(direct_want(jnp.asarray(w), 3))
     assert np.array_equal(got[:64], tiles[0] ^ tiles[1] ^ tiles[2])
     assert np.array_equal(got[128:], tiles[6] ^ tiles[7])
+
+
+def test_decode_stream_sweep_reads_every_ctas_units_in_turn():
+    """decode_stream.stream, interpreted: with ``sweep`` CTA c's units are c, c + ctas, ...
+    (its last tile: the largest such unit), without it a balanced contiguous share."""
+    w = np.random.default_rng(0).integers(-127, 128, (128, 1024), dtype=np.int8)
+    tiles = [w[g // 4 * 64:g // 4 * 64 + 64, g % 4 * 256:g % 4 * 256 + 256] for g in range(8)]
+    for sweep, last in ((True, [6, 7, 5]), (False, [2, 5, 7])):
+        got = np.asarray(stream(jnp.asarray(w), jnp.zeros((3,), jnp.int32), bn=64, bk=256, stages=2,
+                                ctas=3, sweep=sweep, interpret=True))
+        for c, g in enumerate(last):
+            assert np.array_equal(got[64 * c:64 * c + 64], tiles[g]), (sweep, c)
