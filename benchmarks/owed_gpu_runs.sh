@@ -1,13 +1,11 @@
-# The device calls owed after session 55 (2026-12-07), in the order to run them. Each case fits
+# The device calls owed after session 56 (2026-12-07), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-55 removed the ones they ran; vmm stays as the record of its arms).
+# history (sessions 7-56 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
-# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), dg (a
-# decode matmul fed by plain loads of a K-permuted weight), rd (the decode ring's fixed cost by
-# ring depth and box, and plain loads), w, o, u, m, u1; then, on 2 GPUs, pb, d,
-# s, sk, c.
+# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), u, m,
+# u1; then, on 2 GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -16,13 +14,6 @@
 #     >= 128 the probe took 23 s (was 75) and the 16 variants were compiled at 122 s; the run was
 #     stopped at 160 s before the split pairs and warm-up. Prediction: cold ~150 s, warm <= 30 s.
 #   u1 (1 GPU, ~6 min): the same cold start with one compile thread (the old order), the A/B.
-#   w (1 GPU, ~4 min): why a numpy step input costs ~1 ms per call with the BFC allocator (session
-#     12, call 1: 2.04 vs 1.08 ms) and whether the compile-option SKIP_TEMP that removed it is
-#     safe without the VMM allocator: cmdbuf_probe.py with XLA's command-buffer log on (which
-#     allocations move per call, column by column) and the chained-token check. Prediction: the
-#     numpy input moves the step's scratch (temp) allocation every call, so XLA re-records the
-#     whole graph; SKIP_TEMP then skips updating nodes whose scratch moved, which is unsafe. Also
-#     xla_gpu_require_exclusive_lock ("reduces the cost of ... command buffer update").
 #   f (1 GPU, ~5 min): the GPU memory test (plan = pool, and the budget's sum within the share).
 #     Session 52 (H100): plan = pool for both (192,343 and 55,824 pages). Session 53 (H100): the
 #     same pages; Qwen's allocator peak reached the limit 512 bytes into warm-up (the BFC
@@ -33,8 +24,6 @@
 #     compile seconds and "MiB never touched" with the pass on and off. Prediction: the pass
 #     runs on every step (its limit is negative with the pool filling the share); off, the
 #     warm-up peak matches the 2-page probe's figure.
-#   o (1 GPU, ~8 min): issue 14's orbax target on one GPU: Llama-3.1-8B restore vs safetensors
-#     load at tp 1 (benchmarks/orbax_load.py; the tp 2 half stays in scale_out_runs.sh).
 #   pb (nvidia-h200-x2, ~10 min): session 16's pipelined bursts (issue 14's cross-step overlap:
 #     the rows in S groups circling through the stages). Llama-3.1-8B shape, greedy decode at
 #     1 / 64 / 256 rows, one GPU then pp 2, each one step at a time and in bursts of 8 (one GPU
@@ -84,74 +73,11 @@ h2)
     --quantization none,fp8+lm_head > "$OUT/h2_step8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
   ;;
-dg)
-  # A decode matmul fed by plain loads (benchmarks/direct_gemv.py, a probe): the weight's K
-  # columns permuted once (x's the same way) so that each thread's bytes of wgmma's register
-  # fragment are 16-byte runs; 4 ld.global.v4 per [64, 128] tile per thread, 2 or 4 tiles ahead
-  # in the carry, x by TMA; compiled offline: 76 / 107 registers, 1 prmt + 0.5 sub.bf16x2 per
-  # weight byte (the engine's kernel: ~2); interpreted on a CPU (plgpu.load for the inline PTX)
-  # it matches the reference. Its rel err on the GPU is printed with each row
-  # (a wrong fragment map shows there). Prediction: if plain loads escape the TMA ring's 1.6 us,
-  # 21.5-22.5 us at [14336, 4096] and 16 tokens against the default's ~23.9 (83-85%); 4 ahead
-  # no slower than 2.
-  timeout 400 python3 benchmarks/direct_gemv.py --ms 16,1 --depths 2,4 > "$OUT/dg.txt" 2>&1
-  grep "^|\|^##\|rror" "$OUT/dg.txt" | tail -16
-  ;;
-sw)
-  # The decode ring's marginal read (session 56's rd: 95-96% of the ceiling against XLA's row sum
-  # 100%; the fixed parts alike once the probe's 4.3 MB of output is counted: 64 x 512's double
-  # output cost 1.7 us more) with the CTAs in flight reading one window of adjacent units that
-  # sweeps through the weight, as XLA's row-sum programs do (decode_stream.stream's sweep),
-  # against each CTA its own range. Prediction: if the spread of 264 concurrent streams is the
-  # loss, the sweep's marginal >= 99% and [14336, 4096] ~0.7 us faster; else within 0.3 us.
-  timeout 300 python3 benchmarks/ring_cost.py --rings 64x256x4,64x256x4s,64x256x2,64x256x2s \
-    --rows 7168,14336,28672,57344 --short "" --smem 0 > "$OUT/sw.txt" 2>&1
-  grep "^|\|^##\|rror" "$OUT/sw.txt" | tail -30
-  ;;
-ld)
-  # The safetensors loader with transposes on the device (session 56) against the one before it
-  # (.before/checkpoints: numpy's host transpose, session 56's o: 78.9 s for the 8B, 0.2 GB/s),
-  # the same HF directory, page cache warm. Prediction: 6-12 s (orbax's 5.1 s restore is the
-  # host-to-device floor), the old loader ~79 s again.
-  timeout 280 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 1 --keep 2>&1 \
-    | grep -v "^W\|WARNING" | tail -6
-  PYTHONPATH=/tmp/site:.before:. timeout 250 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench \
-    --tp 1 --reuse --repeats 1 2>&1 | grep -v "^W\|WARNING" | tail -4
-  ;;
-rd)
-  # Where the decode ring's 1.6 us of fixed cost over XLA's loads comes from (session 55,
-  # ring_cost.py: the 64 x 256, 4-stage ring 3.52 us fixed and 97% marginal; XLA's row sum 1.88
-  # us and 100%): the same fit for rings of 2, 4 and 6 stages (8 would not fit 2 CTAs per SM)
-  # and of 128 x 128 and 64 x 512 boxes, the empty kernel, no short grids. Prediction: if the ends are the queue of loads in flight
-  # filling and draining, the fixed cost grows with the depth (2 stages ~0.8 us under 4, 6 stages
-  # ~0.8 us over); if it is the first TMA's latency, it does not move with the depth. Beside them
-  # the same grid and tiles read with plain 16-byte loads into registers, 1 and 2 tiles ahead
-  # (ring_cost.direct, compiled offline: 8 ld.global.v4 per tile per thread, 115 / 147
-  # registers; its tiles checked against XLA first). Prediction: if TMA is the cost, the plain
-  # loads' fixed cost is within 0.5 us of the row sum's and their marginal >= 98% (then a kernel
-  # that feeds wgmma from such loads is the path to 85%); if the persistent grid is, they land
-  # with the ring.
-  timeout 500 python3 benchmarks/ring_cost.py --rings 64x256x2,64x256x4,64x256x6,128x128x4,64x512x2 \
-    --direct 1,2 --rows 7168,14336,28672,57344 --short "" > "$OUT/rd.txt" 2>&1
-  grep "^|\|^##\|^plain\|rror" "$OUT/rd.txt" | tail -16
-  ;;
-o)
-  timeout 580 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 1 2>&1 \
-    | grep -v "^W\|WARNING" | tail -8
-  ;;
 u)
   # Start-up, phase by phase: cold (empty cache) and warm, then cold with one compile thread
   # (session 11's order) in a fresh cache.
   timeout 560 python3 benchmarks/startup.py --model qwen2.5-0.5b --max-model-len 512 --timeout 250 \
     2>&1 | table | tee "$OUT/startup.txt"
-  ;;
-w)
-  TF_CPP_VMODULE=command_buffer_thunk=3,command_buffer_cmd=3 TF_CPP_MIN_LOG_LEVEL=0 timeout 200 \
-    python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b \
-    --modes default,SKIP_TEMP,xla_gpu_require_exclusive_lock=true --check > "$OUT/cmdbuf_log.txt" 2>&1
-  grep "^|\|^##" "$OUT/cmdbuf_log.txt"
-  awk '/^COLUMN/{col=$0; n=0} /[Uu]pdat|alloc/{if (n++ < 6) print col " :: " substr($0, 1, 200)}' \
-    "$OUT/cmdbuf_log.txt" | tail -80
   ;;
 m)
   for remat in on off; do

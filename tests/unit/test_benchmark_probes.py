@@ -5,7 +5,6 @@ until the next GPU run. Run each once on the tiny llama fixture (one engine, CPU
 import dataclasses
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,12 +12,10 @@ from fixture_paths import GOLDEN
 
 from benchmarks import cmdbuf_probe, step_floor
 from benchmarks.decode_stream import stream
-from benchmarks.direct_gemv import direct_linear, k_order
 from benchmarks.ring_cost import direct_want
 from jserve.builder import EngineArgs, build_engine
 from jserve.staged_input import StagedInputs
 from jserve.step_program import StepVariant
-from pallas_kernels.quant_matmul import reference as ref
 
 
 @pytest.fixture(scope="module")
@@ -244,24 +241,6 @@ def test_cta_timeline_reads_the_on_device_profile():
     assert got["store us (median)"] == pytest.approx(0.1)
     assert got["steady weight GB/s (all CTAs at the median interval)"] == pytest.approx(2 * 16384 / 1e3)
     assert got["end spread us (first to last CTA)"] == pytest.approx(3.0)
-
-
-def test_direct_gemv_k_order_and_kernel():
-    """direct_gemv's K order puts each lane's fragment columns (8j + 2q + e of a 128-column
-    block) in 16-byte runs at 64 (j // 8) + 16 q, and its kernel, interpreted (its inline loads
-    replaced by ``plgpu.load``), matches the reference over ragged CTAs and split K."""
-    order = k_order(256)
-    assert sorted(order.tolist()) == list(range(256))
-    for q in range(4):
-        for j in range(16):
-            run = 128 + 64 * (j // 8) + 16 * q + 2 * (j % 8)   # the second block
-            assert order[run:run + 2].tolist() == [128 + 8 * j + 2 * q, 128 + 8 * j + 2 * q + 1]
-    w, s = ref.quantize_weight(jax.random.normal(jax.random.key(0), (192, 512)) * 0.02, jnp.int8)
-    x = jax.random.normal(jax.random.key(1), (5, 512), jnp.bfloat16)
-    want = np.asarray(ref.w8a16_matmul(x, w, s, out_dtype=jnp.float32))
-    perm = jnp.asarray(k_order(512))
-    got = direct_linear(x, w[:, perm], s, perm, split=4, per_cta=5, depth=2, interpret=True)
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-3)
 
 
 def test_ring_cost_direct_want_xors_each_ctas_tiles():
