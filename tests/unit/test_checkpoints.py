@@ -12,7 +12,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import save_file
 
 import checkpoints.loader as loader_mod
-from checkpoints import CheckpointError, HFModelDir, load_stacked, load_tensor, read_safetensors_header
+from checkpoints import (
+    CheckpointError,
+    HFModelDir,
+    TensorEntry,
+    load_stacked,
+    load_tensor,
+    read_safetensors_header,
+)
 from sharding import logical_sharding, make_mesh
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "vocab_size": 16}
@@ -161,14 +168,13 @@ def test_streams_only_the_shard(tmp_path, tensors, mesh, monkeypatch):
     transposed tensor is read in its stored layout: the source slice of the device's shard)."""
     d = HFModelDir(make_single(tmp_path / "m", tensors))
     reads = []
-    real = loader_mod._read_slice
+    real = loader_mod._fill
 
-    def spy(mapped, index, dtype):
-        out = real(mapped, index, dtype)
+    def spy(maps, entry, index, out):
+        real(maps, entry, index, out)
         reads.append(out.shape)
-        return out
 
-    monkeypatch.setattr(loader_mod, "_read_slice", spy)
+    monkeypatch.setattr(loader_mod, "_fill", spy)
     load_tensor(d, "embed", sharding=logical_sharding(mesh, ("vocab", "embed")), dtype="float32")
     load_tensor(d, "w_bf16", sharding=logical_sharding(mesh, ("embed", "mlp")), dtype="float32",
                 transpose=True)
@@ -299,3 +305,36 @@ def test_unsupported_dtype(tmp_path, mesh):
     assert d.tensor_info("q").dtype == "F4"
     _raises(lambda: load_tensor(d, "q", sharding=NamedSharding(mesh, PartitionSpec()), dtype="float32"),
             "'q'", f, "unsupported safetensors dtype 'F4'")
+
+
+def test_byte_range_is_one_run_or_none():
+    e = TensorEntry(name="t", dtype="BF16", shape=(4, 3, 5), file="f", data_start=100, data_end=220)
+    full = (slice(None),) * 3
+    assert loader_mod._byte_range(e, full) == (100, 220)
+    assert loader_mod._byte_range(e, (slice(1, 3), slice(None), slice(None))) == (130, 190)
+    assert loader_mod._byte_range(e, (slice(2, 3), slice(1, 2), slice(None))) == (170, 180)
+    assert loader_mod._byte_range(e, (slice(None), slice(None), slice(0, 2))) is None   # columns
+    assert loader_mod._byte_range(e, (slice(0, 4, 2), slice(None), slice(None))) is None   # a step
+    assert loader_mod._byte_range(e, (slice(1, 3), slice(0, 1), slice(None))) is None   # rows of a part
+    assert loader_mod._byte_range(e, (slice(2, 2), slice(None), slice(None))) is None   # empty
+
+
+def test_direct_reads_and_mapped_reads_agree(tmp_path, tensors, mesh, monkeypatch):
+    """Row shards in the stored dtype are read straight from the file; column shards and casts
+    go through the memory map; both give the tensor's values."""
+    d = HFModelDir(make_single(tmp_path / "m", tensors))
+    runs = []
+    real = loader_mod._byte_range
+    monkeypatch.setattr(loader_mod, "_byte_range", lambda e, i: runs.append(real(e, i)) or runs[-1])
+    w = tensors["w_bf16"]
+    rows = load_tensor(d, "w_bf16", sharding=logical_sharding(mesh, ("mlp", "embed")), dtype="bfloat16")
+    assert all(r is not None for r in runs) and len(runs) == 2
+    np.testing.assert_array_equal(np.asarray(rows).view(np.uint16), w.view(np.uint16))
+    runs.clear()
+    cols = load_tensor(d, "w_bf16", sharding=logical_sharding(mesh, ("embed", "mlp")), dtype="bfloat16")
+    assert runs == [None, None]
+    np.testing.assert_array_equal(np.asarray(cols).view(np.uint16), w.view(np.uint16))
+    runs.clear()
+    as_f32 = load_tensor(d, "w_bf16", sharding=logical_sharding(mesh, ("mlp", "embed")), dtype="float32")
+    assert runs == []   # a cast never reads raw bytes
+    np.testing.assert_array_equal(np.asarray(as_f32), w.astype(np.float32))
