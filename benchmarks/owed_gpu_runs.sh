@@ -73,17 +73,6 @@ h2)
     --quantization none,fp8+lm_head > "$OUT/h2_step8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
   ;;
-ld2)
-  # The safetensors loader reading each shard that is one run of bytes straight into its host
-  # buffer (readinto) against session 56's first fix (.before/checkpoints: device transposes,
-  # reads through the memory map; case ld: 10.2 s against orbax's 6.7 s for the 8B, and 54.4 s
-  # before it). On the CPU here a readinto of a warm file ran 6.5 GB/s against the map's 2.0.
-  # Prediction: 6-8 s, the memory-mapped loader ~10 s again.
-  timeout 280 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 1 --keep 2>&1 \
-    | grep -v "^W\|WARNING" | tail -6
-  PYTHONPATH=/tmp/site:.before:. timeout 250 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench \
-    --tp 1 --reuse --repeats 2 2>&1 | grep -v "^W\|WARNING" | tail -4
-  ;;
 u)
   # Start-up, phase by phase: cold (empty cache) and warm, then cold with one compile thread
   # (session 11's order) in a fresh cache.
