@@ -320,8 +320,9 @@ def test_byte_range_is_one_run_or_none():
 
 
 def test_direct_reads_and_mapped_reads_agree(tmp_path, tensors, mesh, monkeypatch):
-    """Row shards in the stored dtype are read straight from the file; column shards and casts
-    go through the memory map; both give the tensor's values."""
+    """Row shards are read straight from the file (in the stored dtype, also when the result is
+    cast: the cast runs on the device), column shards through the memory map; both give the
+    tensor's values."""
     d = HFModelDir(make_single(tmp_path / "m", tensors))
     runs = []
     real = loader_mod._byte_range
@@ -336,5 +337,23 @@ def test_direct_reads_and_mapped_reads_agree(tmp_path, tensors, mesh, monkeypatc
     np.testing.assert_array_equal(np.asarray(cols).view(np.uint16), w.view(np.uint16))
     runs.clear()
     as_f32 = load_tensor(d, "w_bf16", sharding=logical_sharding(mesh, ("mlp", "embed")), dtype="float32")
-    assert runs == []   # a cast never reads raw bytes
+    assert len(runs) == 2 and all(r is not None for r in runs)
     np.testing.assert_array_equal(np.asarray(as_f32), w.astype(np.float32))
+
+
+def test_read_dtype_and_mixed_or_wide_stored_dtypes(tmp_path, mesh):
+    """Shards are read in the stored dtype unless the layers disagree or a device array cannot
+    hold it (64-bit without x64): then in the target dtype, cast on the host."""
+    bf16, f16, f64 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float64)
+    assert loader_mod._read_dtype([bf16, bf16], f16) == bf16
+    assert loader_mod._read_dtype([bf16, f16], np.dtype(np.float32)) == np.float32
+    assert loader_mod._read_dtype([f64], np.dtype(np.float32)) == np.float32
+    layers = {"a": _rand((6, 4), ml_dtypes.bfloat16, seed=3), "b": _rand((6, 4), np.float16, seed=4),
+              "c": _rand((6, 4), np.float64, seed=5)}
+    root = make_single(tmp_path / "m", layers)
+    mixed = load_stacked(root, ["a", "b"], sharding=logical_sharding(mesh, ("layers", "embed", "mlp")),
+                         dtype="float32", transpose=True)
+    want = np.stack([layers["a"].T, layers["b"].T]).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(mixed), want)
+    wide = load_tensor(root, "c", sharding=logical_sharding(mesh, ("mlp", "embed")), dtype="float32")
+    np.testing.assert_array_equal(np.asarray(wide), layers["c"].astype(np.float32))
