@@ -15,6 +15,7 @@ from disk; without it both read from the page cache (the directory was just writ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -98,6 +99,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--drop-caches", action="store_true")
+    ap.add_argument("--dtype", default="bfloat16",
+                    help="the model dtype load_params casts the bf16 checkpoint to (orbax: bfloat16 only)")
     ap.add_argument("--keep", action="store_true", help="keep the written directories")
     ap.add_argument("--reuse", action="store_true", help="reuse directories a --keep run left")
     ns = ap.parse_args()
@@ -115,8 +118,11 @@ def main() -> None:
         convert(str(hf), str(orbax), dtype="bfloat16", tensor_parallel_size=ns.tp)
         convert_s = time.perf_counter() - t
     mesh = make_mesh(ns.tp)
-    loaders = {"safetensors (load_params)": lambda: load_params(HFModelDir(hf), cfg, mesh),
-               "orbax (restore_params)": lambda: restore_params(OrbaxModelDir(orbax), cfg, mesh)}
+    as_dtype = dataclasses.replace(cfg, dtype=ns.dtype)
+    loaders = {f"safetensors (load_params) as {ns.dtype}":
+               lambda: load_params(HFModelDir(hf), as_dtype, mesh)}
+    if ns.dtype == "bfloat16":
+        loaders["orbax (restore_params)"] = lambda: restore_params(OrbaxModelDir(orbax), cfg, mesh)
     times: dict[str, list[float]] = {k: [] for k in loaders}
     for _ in range(ns.repeats):
         for name, load in loaders.items():
