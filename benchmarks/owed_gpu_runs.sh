@@ -73,16 +73,6 @@ h2)
     --quantization none,fp8+lm_head > "$OUT/h2_step8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
   ;;
-ld3)
-  # Loading the bf16 checkpoint as a float16 model (the int8 + f16 x configuration): the shards
-  # read in bf16 and cast on the device (session 56) against the loader of case ld2
-  # (.before/checkpoints: cast on the host, numpy's bf16 -> f16 at ~0.9 GB/s on the CPU here).
-  # Prediction: ~7-8 s (the bf16 load's 7.1), the host cast 18-25 s.
-  timeout 280 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 1 --keep --dtype float16 \
-    2>&1 | grep -v "^W\|WARNING" | tail -5
-  PYTHONPATH=/tmp/site:.before:. timeout 250 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench \
-    --tp 1 --reuse --repeats 1 --dtype float16 2>&1 | grep -v "^W\|WARNING" | tail -3
-  ;;
 u)
   # Start-up, phase by phase: cold (empty cache) and warm, then cold with one compile thread
   # (session 11's order) in a fresh cache.
