@@ -17,9 +17,10 @@ weight ``[out, in]`` becomes ``[in, out]``). The tensor is read in its stored la
 the requested sharding with the axes reversed (each device still reads only the source slice its
 shard of the result needs), and transposed on the device: a host transpose runs at ~0.3 GB/s
 (numpy's strided copy; it made Llama-3.1-8B's bf16 load take 79 s on an H100 host, session 56),
-a device transpose at HBM speed. The cost is one transient copy of that tensor on the device,
-before the KV pool exists. A generic ``transform`` callable could not be split per shard in
-general and is not offered; elementwise post-processing belongs on the device after loading.
+a device transpose at HBM speed. Casts to the model dtype run there too (numpy's bf16 -> f16:
+~0.9 GB/s). The cost is one transient copy of that tensor on the device, before the KV pool
+exists. A generic ``transform`` callable could not be split per shard in general and is not
+offered; elementwise post-processing belongs on the device after loading.
 """
 
 from __future__ import annotations
@@ -194,7 +195,6 @@ def load_tensor(model_dir: HFModelDir | str | os.PathLike, name: str, *, shardin
     maps = _MappedTensors()
     maps.get(entry)  # fail early (unsupported dtype, truncation) before any device work
     stored_sharding = _stored_sharding(sharding, len(entry.shape), 0) if transpose else sharding
-
     read = _read_dtype([entry.numpy_dtype], target)
 
     def read_shard(index: Index | None) -> np.ndarray:
