@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,8 @@ from checkpoints.hf_dir import HFModelDir
 from checkpoints.safetensors_header import TensorEntry
 
 Index = tuple[slice, ...]
+_READ_CHUNK = 32 << 20   # bytes per read of a contiguous run
+_READ_THREADS = 8        # reads in flight at once (page-cache copies scale with cores)
 
 
 def _as_model_dir(model_dir: HFModelDir | str | os.PathLike) -> HFModelDir:
@@ -130,19 +133,35 @@ def _fill(maps: _MappedTensors, entry: TensorEntry, index: Index, out: np.ndarra
         return
     buf = out.reshape(-1).view(np.uint8)
     try:
-        with open(entry.file, "rb", buffering=0) as f:
-            f.seek(run[0])
-            done = 0
-            while done < buf.size:
-                got = f.readinto(buf[done:])
-                if not got:
-                    break
-                done += got
+        done = _pread_into(entry.file, run[0], buf)
     except OSError as e:
         raise CheckpointError(f"tensor {entry.name!r} in {entry.file}: cannot read data: {e}") from e
     if done != buf.size:
         raise CheckpointError(f"tensor {entry.name!r} in {entry.file}: truncated file: read {done} of "
                               f"{buf.size} bytes at offset {run[0]}")
+
+
+def _pread_into(path: str, start: int, buf: np.ndarray) -> int:
+    """Read ``buf.size`` bytes of ``path`` from ``start`` into ``buf`` (uint8), in chunks of
+    ``_READ_CHUNK`` read by up to ``_READ_THREADS`` threads at once (``preadv`` releases the GIL;
+    one thread copies from the page cache at ~6 GB/s). Returns the bytes read (fewer at EOF)."""
+    chunks = [buf[i:i + _READ_CHUNK] for i in range(0, buf.size, _READ_CHUNK)]
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+
+        def read(k: int) -> int:
+            view, done = chunks[k], 0
+            while done < view.size:
+                got = os.preadv(fd, [view[done:]], start + k * _READ_CHUNK + done)
+                if not got:
+                    break
+                done += got
+            return done
+
+        if len(chunks) == 1:
+            return read(0)
+        with ThreadPoolExecutor(min(_READ_THREADS, len(chunks))) as pool:
+            return sum(pool.map(read, range(len(chunks))))
 
 
 def _stored_sharding(sharding: jax.sharding.Sharding, ndim: int, lead: int) -> jax.sharding.Sharding:

@@ -357,3 +357,16 @@ def test_read_dtype_and_mixed_or_wide_stored_dtypes(tmp_path, mesh):
     np.testing.assert_array_equal(np.asarray(mixed), want)
     wide = load_tensor(root, "c", sharding=logical_sharding(mesh, ("mlp", "embed")), dtype="float32")
     np.testing.assert_array_equal(np.asarray(wide), layers["c"].astype(np.float32))
+
+
+def test_pread_into_reads_chunks_in_parallel_and_stops_at_eof(tmp_path, monkeypatch):
+    monkeypatch.setattr(loader_mod, "_READ_CHUNK", 64)
+    data = np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8)
+    path = tmp_path / "blob"
+    path.write_bytes(data.tobytes())
+    buf = np.zeros(900, np.uint8)
+    assert loader_mod._pread_into(str(path), 100, buf) == 900   # 15 chunks, 8 threads
+    np.testing.assert_array_equal(buf, data[100:])
+    short = np.zeros(950, np.uint8)
+    assert loader_mod._pread_into(str(path), 100, short) == 900   # the file ends first
+    np.testing.assert_array_equal(short[:900], data[100:])
