@@ -73,15 +73,6 @@ h2)
     --quantization none,fp8+lm_head > "$OUT/h2_step8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
   ;;
-ld4)
-  # The loader's contiguous runs read in 32 MB chunks by 8 threads (preadv) against one readinto
-  # per run (.before/checkpoints; case ld2: 7.10 s for the 8B in bf16, orbax 7.03). Prediction:
-  # 5.0-5.5 s if the host-to-device copies do not overlap the reads, ~4.5 s if they do.
-  timeout 280 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench --tp 1 --keep --repeats 3 2>&1 \
-    | grep -v "^W\|WARNING" | tail -6
-  PYTHONPATH=/tmp/site:.before:. timeout 250 python3 benchmarks/orbax_load.py --dir /tmp/jserve_load_bench \
-    --tp 1 --reuse --repeats 2 2>&1 | grep -v "^W\|WARNING" | tail -4
-  ;;
 u)
   # Start-up, phase by phase: cold (empty cache) and warm, then cold with one compile thread
   # (session 11's order) in a fresh cache.
