@@ -125,8 +125,8 @@ def _byte_range(entry: TensorEntry, index: Index) -> tuple[int, int] | None:
 
 def _fill(maps: _MappedTensors, entry: TensorEntry, index: Index, out: np.ndarray) -> None:
     """``out[...] = stored[index]`` cast to ``out.dtype``. Where the stored dtype is ``out``'s
-    and the slice is one run of bytes, the file is read straight into ``out`` (one ``readinto``:
-    ~3x a memory map's page faults and copy, session 56); else through the memory map."""
+    and the slice is one run of bytes, the file is read straight into ``out`` (``_pread_into``;
+    on one thread ~3x a memory map's page faults and copy, session 56); else through the map."""
     run = _byte_range(entry, index) if out.dtype == entry.numpy_dtype and out.flags.c_contiguous else None
     if run is None:
         out[...] = np.asarray(maps.get(entry)[index]).astype(out.dtype)
