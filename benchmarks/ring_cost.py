@@ -18,7 +18,8 @@ not the loss, the ring's cost is a fixed part and a marginal rate, and this scri
            of 3,584 programs, 4 rows of 4 KB each, 8 warps, no pipeline).
 
 A least-squares line over the sizes gives each reader's fixed us and marginal GB/s (and that as
-a share of the 2 GiB read ceiling).
+a share of the 2 GiB read ceiling). Each reader's fixed cost includes writing its output, every
+CTA's last tile at its end (4.3 MB for 264 CTAs of 64 x 256: ~1.4-1.7 us on an H100, session 56).
 
     PYTHONPATH=. python3 benchmarks/ring_cost.py [--rows 3584,7168,14336,28672,57344]
 """
