@@ -45,13 +45,28 @@ from jserve.staged_input import StagedInputs
 from jserve.step_program import StepVariant
 
 
+def buffer_addresses(tree) -> tuple[int, ...]:
+    """The device address of every array in ``tree`` (its first addressable shard's)."""
+    return tuple(leaf.addressable_shards[0].data.unsafe_buffer_pointer() for leaf in jax.tree.leaves(tree))
+
+
+def moved(addresses: list[tuple[int, ...]]) -> list[int]:
+    """The output leaves whose address differs between some two consecutive calls."""
+    return [i for i in range(len(addresses[0]))
+            if any(a[i] != b[i] for a, b in zip(addresses, addresses[1:], strict=False))]
+
+
 def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int = 300, hold: bool = False,
-                 numpy_input: bool = False, put_input: bool = False, staged: bool = False) -> float:
+                 numpy_input: bool = False, put_input: bool = False, staged: bool = False,
+                 addresses: list | None = None) -> float:
     """Median host ms of one call of ``step`` (a batch-1 decode at ``context``) started on an
-    idle device. ``hold``: the previous call's host-facing token output stays alive during the
-    call (the overlapped loop reads it only after dispatching the next step); ``numpy_input``:
-    the packed input goes to the call as a host array, uploaded by the call (the engine's way);
-    ``put_input``: uploaded by ``jax.device_put`` just before the call (timed with it)."""
+    idle device. Only the state the next call takes (kv, slot table, tokens) outlives a call,
+    unless ``hold``: the previous call's host-facing token output stays alive during the call
+    (the overlapped loop reads it only after dispatching the next step; a fresh output cannot
+    take the address it had). ``numpy_input``: the packed input goes to the call as a host array,
+    uploaded by the call (the engine's way); ``put_input``: uploaded by ``jax.device_put`` just
+    before the call (timed with it). ``addresses``: a list that gets every call's output
+    addresses (``buffer_addresses``)."""
     r = engine.runner
     joint = decode_inputs(engine, context)[-1]   # (batch 1: one buffer)
     stage = StagedInputs([joint.shape[0]], r._replicated) if staged else None
@@ -66,10 +81,13 @@ def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int 
         arg = jax.device_put(joint) if put_input else joint
         if staged:
             arg = stage.put(joint)
-        kv, _, table, tokens, out, *_ = step(r.params, kv, None, table, prev, arg, None)
+        res = step(r.params, kv, None, table, prev, arg, None)
         if i >= 5:
             times.append(time.perf_counter() - t0)
-        held = out if hold else None
+        if addresses is not None:
+            addresses.append(buffer_addresses(res))
+        kv, table, tokens, held = res[0], res[2], res[3], res[4] if hold else None
+        del res, prev, arg   # (session 56: the loop's variables had kept every output alive)
     jax.block_until_ready((tokens, held))
     r.kv, r.slot_table, r._prev_tokens = kv, table, tokens
     return float(np.median(times)) * 1e3
@@ -106,6 +124,8 @@ def main() -> None:
                     help="default: the engine's executable; else a new compile with an update mode "
                     "(SKIP_TEMP) or one XLA option (NAME=VALUE)")
     ap.add_argument("--check", action="store_true", help="compare chained tokens across modes")
+    ap.add_argument("--addresses", action="store_true",
+                    help="per column, the output leaves whose device address moves between calls")
     ns = ap.parse_args()
     eng = build_engine(EngineArgs(model=ns.model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
                                   max_num_batched_tokens=16, max_model_len=1024, num_pages=512))
@@ -124,13 +144,21 @@ def main() -> None:
                "device_put": dict(in_place=True, put_input=True),
                "staged": dict(in_place=True, staged=True),
                "held+staged": dict(in_place=True, hold=True, staged=True)}
+    moves: dict[str, str] = {}
     for name, step in steps.items():
         cols = []
         for col, kw in columns.items():
             # A marker between columns in the log (XLA's command-buffer log goes to stderr too).
             print(f"COLUMN {name} / {col}", file=sys.stderr, flush=True)
-            cols.append(idle_call_ms(eng, step, **kw))
+            seen: list | None = [] if ns.addresses else None
+            cols.append(idle_call_ms(eng, step, addresses=seen, **kw))
+            if seen:
+                moves[f"{name} / {col}"] = f"{moved(seen[5:])} of {len(seen[0])}"
         print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cols) + " |", flush=True)
+    if moves:
+        print("\n| compile / column | output leaves whose address moves between calls |\n|---|---|")
+        for key, val in moves.items():
+            print(f"| {key} | {val} |")
     if ns.check:
         chains = {name: chain_tokens(eng, step) for name, step in steps.items()}
         ref_name, ref = next(iter(chains.items()))

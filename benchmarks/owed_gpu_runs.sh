@@ -4,8 +4,8 @@
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
 # history (sessions 7-56 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
-# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), u, m,
-# u1; then, on 2 GPUs, pb, d, s, sk, c.
+# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), w2
+# (which buffer moves the step's command buffer), u, m, u1; then, on 2 GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -72,6 +72,23 @@ h2)
   timeout 250 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 8 \
     --quantization none,fp8+lm_head > "$OUT/h2_step8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
+  ;;
+w2)
+  # Which buffer makes XLA re-record the decode step's command buffer on every call (session 56's
+  # case w: one allocation moved per call in every column, 80-230 us of host time each). The
+  # probe's loop had kept every output of the previous call alive through the next (its unpacking
+  # variables), so its "in place" columns held the outputs too; now only the state the next call
+  # takes outlives a call, and --addresses prints which output leaves move. Prediction: without a
+  # held output no leaf moves and the log shows no update after warm-up (in place ~0.1 ms under
+  # session 56's 0.49 ms); with the previous token output held, that leaf moves every call and
+  # the graph is updated each time. (On the CPU, the tiny llama: leaf 6 of 7, the host-facing
+  # tokens, moves in every column, held or not, where malloc need not reuse a freed block; the
+  # donated kv, table and tokens never move. The BFC allocator should hand the freed block back.)
+  TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 timeout 200 \
+    python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b --modes default --addresses > "$OUT/cmdbuf_w2.txt" 2>&1
+  grep "^|\|^##" "$OUT/cmdbuf_w2.txt"
+  awk '/^COLUMN/{if (col) print col " :: " n " updates"; col=$0; n=0} /Updated command buffer/{n++}
+       END{print col " :: " n " updates"}' "$OUT/cmdbuf_w2.txt"
   ;;
 u)
   # Start-up, phase by phase: cold (empty cache) and warm, then cold with one compile thread

@@ -89,6 +89,10 @@ def test_cmdbuf_probe_calls_the_decode_step(engine):
     assert cmdbuf_probe.idle_call_ms(engine, step, in_place=True, n=1, context=20, hold=True,
                                      numpy_input=True) > 0
     assert cmdbuf_probe.idle_call_ms(engine, step, n=2, context=20, hold=True, staged=True) > 0
+    seen = []
+    cmdbuf_probe.idle_call_ms(engine, step, n=2, context=20, hold=True, addresses=seen)
+    assert len(seen) == 7 and len({len(a) for a in seen}) == 1 and all(x > 0 for x in seen[0])
+    assert cmdbuf_probe.moved([(1, 2, 3), (1, 5, 3), (1, 5, 4)]) == [1, 2]
 
 
 def test_two_executables_of_the_decode_step_in_turn(engine):
