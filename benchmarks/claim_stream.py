@@ -127,8 +127,6 @@ def main() -> None:
     ap.add_argument("--bk", type=int, default=256, help="K columns per ring step")
     ap.add_argument("--stages", type=int, default=4, help="ring depth")
     ap.add_argument("--ctas", default="256,264", help="comma list of grid sizes")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=5)
     add_clock_arguments(ap, "/tmp/claim_stream_trace")
     ns = ap.parse_args()
     n, k = (int(v) for v in ns.shape.split("x"))

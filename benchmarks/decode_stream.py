@@ -236,8 +236,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="14336x4096", help="N x K of the weight")
     ap.add_argument("--ms", default="1,16")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--copies", type=int, default=0, help="weight copies (0: >= 150 MB of them)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the stream rows (A/B/A/B)")
     ap.add_argument("--kernel-rounds", type=int, default=1, help="rounds of the kernel rows, in turn")

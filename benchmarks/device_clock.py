@@ -184,12 +184,15 @@ def timed(fn, x, weights, iters: int, reps: int, differential: bool = True) -> f
 
 
 def add_clock_arguments(parser: argparse.ArgumentParser, trace_dir: str) -> None:
-    """``--clock device|chain|wall`` and ``--trace-dir`` (``KernelClock``'s arguments)."""
+    """``--clock device|chain|wall``, ``--trace-dir``, ``--iters`` and ``--reps`` (``KernelClock``'s
+    arguments and what each measurement passes it)."""
     parser.add_argument("--clock", choices=("device", "chain", "wall"), default="device",
                         help="device: each kernel's own duration from a profiler trace (session 32 "
                              "on); chain: the difference of two chain lengths' wall clock (session "
                              "31); wall: one chain's wall clock over its length (sessions 13-30)")
     parser.add_argument("--trace-dir", default=trace_dir, help="where the device clock's traces go")
+    parser.add_argument("--iters", type=int, default=20, help="calls chained in one measurement")
+    parser.add_argument("--reps", type=int, default=5, help="measurements; the median is reported")
 
 
 class KernelClock:

@@ -149,8 +149,6 @@ def main() -> None:
     ap.add_argument("--direct", default="", help="comma list of depths: plain-load readers to fit")
     ap.add_argument("--short", default="1792x2,3584x1,896x4",
                     help="comma list of CTAsxSTAGES: rings of 1-4 steps per CTA at N = 14336")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=5)
     add_clock_arguments(ap, "/tmp/ring_cost_trace")
     ns = ap.parse_args()
     k, ctas = 4096, 2 * mgpu_decode.sm_count()

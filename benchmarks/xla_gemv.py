@@ -36,8 +36,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="14336x4096", help="the int8 weight's N x K")
     ap.add_argument("--ms", default="1,2,4", help="comma list of token counts")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=5)
     add_clock_arguments(ap, "/tmp/xla_gemv_trace")
     ns = ap.parse_args()
     n, k = (int(v) for v in ns.shape.split("x"))
