@@ -14,6 +14,9 @@ device with different inputs held fixed, to find which buffers move:
   device_put   the packed input uploaded by ``jax.device_put`` right before the call (timed too)
   staged       the host array copied into a fixed device buffer (``jserve.staged_input``), then
                the step called on that buffer (both timed): the step's graph sees no moved input
+  held, twins  held, with two loaded copies of the executable called in turn (``--twins``): the
+               output held during a call is the other copy's, so each copy's fresh output can
+               take the block its own previous output freed
   + the XLA option ``xla_gpu_command_buffer_update_mode`` for each of the above (``--modes``;
     given only to the compile, the client keeps its BFC allocator; set in ``XLA_FLAGS`` before
     the start, it switches the client to the VMM allocator, which the option's VA remapping needs)
@@ -58,7 +61,7 @@ def moved(addresses: list[tuple[int, ...]]) -> list[int]:
 
 def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int = 300, hold: bool = False,
                  numpy_input: bool = False, put_input: bool = False, staged: bool = False,
-                 addresses: list | None = None) -> float:
+                 addresses: list | None = None, twin=None) -> float:
     """Median host ms of one call of ``step`` (a batch-1 decode at ``context``) started on an
     idle device. Only the state the next call takes (kv, slot table, tokens) outlives a call,
     unless ``hold``: the previous call's host-facing token output stays alive during the call
@@ -66,7 +69,8 @@ def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int 
     take the address it had). ``numpy_input``: the packed input goes to the call as a host array,
     uploaded by the call (the engine's way); ``put_input``: uploaded by ``jax.device_put`` just
     before the call (timed with it). ``addresses``: a list that gets every call's output
-    addresses (``buffer_addresses``)."""
+    addresses (``buffer_addresses``). ``twin``: a second executable of the same program, called
+    on every other call."""
     r = engine.runner
     joint = decode_inputs(engine, context)[-1]   # (batch 1: one buffer)
     stage = StagedInputs([joint.shape[0]], r._replicated) if staged else None
@@ -81,7 +85,7 @@ def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int 
         arg = jax.device_put(joint) if put_input else joint
         if staged:
             arg = stage.put(joint)
-        res = step(r.params, kv, None, table, prev, arg, None)
+        res = (twin if twin is not None and i % 2 else step)(r.params, kv, None, table, prev, arg, None)
         if i >= 5:
             times.append(time.perf_counter() - t0)
         if addresses is not None:
@@ -117,6 +121,13 @@ def chain_tokens(engine, step, n: int = 24, context: int = 300) -> list[int]:
     return out_tokens
 
 
+def twin_of(runner, variant: StepVariant, mode: str):
+    """A second loaded executable of ``variant``'s step (``mode`` as ``--modes``), its own
+    command buffer beside the first's."""
+    options = {} if mode == "default" else compile_options(mode)
+    return runner.lower_step(variant).compile(compiler_options=options)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
@@ -126,6 +137,8 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="compare chained tokens across modes")
     ap.add_argument("--addresses", action="store_true",
                     help="per column, the output leaves whose device address moves between calls")
+    ap.add_argument("--twins", action="store_true",
+                    help="add the columns held / held + numpy with two copies of each executable in turn")
     ns = ap.parse_args()
     eng = build_engine(EngineArgs(model=ns.model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
                                   max_num_batched_tokens=16, max_model_len=1024, num_pages=512))
@@ -134,16 +147,20 @@ def main() -> None:
     steps = {mode: r._compiled[variant] if mode == "default" else r.lower_step(variant).compile(
         compiler_options=compile_options(mode)) for mode in ns.modes.split(",")}
     print(f"\n## {ns.model} ({jax.devices()[0].device_kind}): host ms of one decode-step call, idle device")
-    print("| compile | prev_tokens in place | prev_tokens moving | in place, previous output held | "
-          "in place, numpy input | held + numpy input (the engine's loop) | device_put input + call | "
-          "staged input + call | held + staged |")
-    print("|---|---|---|---|---|---|---|---|---|")
     columns = {"in place": dict(in_place=True), "moving": dict(in_place=False),
                "held": dict(in_place=True, hold=True), "numpy": dict(in_place=True, numpy_input=True),
                "held+numpy": dict(in_place=True, hold=True, numpy_input=True),
                "device_put": dict(in_place=True, put_input=True),
                "staged": dict(in_place=True, staged=True),
                "held+staged": dict(in_place=True, hold=True, staged=True)}
+    heads = ["prev_tokens in place", "prev_tokens moving", "in place, previous output held",
+             "in place, numpy input", "held + numpy input (the engine's loop)", "device_put input + call",
+             "staged input + call", "held + staged"]
+    if ns.twins:
+        columns |= {"held, twins": dict(in_place=True, hold=True, twins=True),
+                    "held+numpy, twins": dict(in_place=True, hold=True, numpy_input=True, twins=True)}
+        heads += ["held, two executables in turn", "held + numpy, two executables in turn"]
+    print("| compile | " + " | ".join(heads) + " |\n|---|" + "---|" * len(heads))
     moves: dict[str, str] = {}
     for name, step in steps.items():
         cols = []
@@ -151,9 +168,11 @@ def main() -> None:
             # A marker between columns in the log (XLA's command-buffer log goes to stderr too).
             print(f"COLUMN {name} / {col}", file=sys.stderr, flush=True)
             seen: list | None = [] if ns.addresses else None
-            cols.append(idle_call_ms(eng, step, addresses=seen, **kw))
-            if seen:
-                moves[f"{name} / {col}"] = f"{moved(seen[5:])} of {len(seen[0])}"
+            twin = twin_of(r, variant, name) if kw.pop("twins", False) else None
+            cols.append(idle_call_ms(eng, step, addresses=seen, twin=twin, **kw))
+            if seen:   # (with twins, each executable's calls against its own previous call)
+                moves[f"{name} / {col}"] = (f"{moved(seen[5::2])} / {moved(seen[6::2])} of {len(seen[0])}"
+                                            if twin is not None else f"{moved(seen[5:])} of {len(seen[0])}")
         print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cols) + " |", flush=True)
     if moves:
         print("\n| compile / column | output leaves whose address moves between calls |\n|---|---|")

@@ -84,8 +84,12 @@ w2)
   # the graph is updated each time. (On the CPU, the tiny llama: leaf 6 of 7, the host-facing
   # tokens, moves in every column, held or not, where malloc need not reuse a freed block; the
   # donated kv, table and tokens never move. The BFC allocator should hand the freed block back.)
-  TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 timeout 200 \
-    python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b --modes default --addresses > "$OUT/cmdbuf_w2.txt" 2>&1
+  # Session 57 added two columns (--twins): held, with two loaded copies of the executable called
+  # in turn. Prediction: each copy's output takes the block its own previous output freed, so
+  # neither copy's graph is updated and held + twins costs what in place does without a hold.
+  TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 timeout 240 \
+    python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b --modes default --addresses --twins \
+    > "$OUT/cmdbuf_w2.txt" 2>&1
   grep "^|\|^##" "$OUT/cmdbuf_w2.txt"
   awk '/^COLUMN/{if (col) print col " :: " n " updates"; col=$0; n=0} /Updated command buffer/{n++}
        END{print col " :: " n " updates"}' "$OUT/cmdbuf_w2.txt"
