@@ -1,8 +1,8 @@
-# The device calls owed after session 56 (2026-12-07), in the order to run them. Each case fits
+# The device calls owed after session 57 (2026-12-07), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-56 removed the ones they ran; vmm stays as the record of its arms).
+# history (sessions 7-57 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), w2
 # (which buffer moves the step's command buffer), u, m, u1; then, on 2 GPUs, pb, d, s, sk, c.
@@ -14,11 +14,6 @@
 #     >= 128 the probe took 23 s (was 75) and the 16 variants were compiled at 122 s; the run was
 #     stopped at 160 s before the split pairs and warm-up. Prediction: cold ~150 s, warm <= 30 s.
 #   u1 (1 GPU, ~6 min): the same cold start with one compile thread (the old order), the A/B.
-#   f (1 GPU, ~5 min): the GPU memory test (plan = pool, and the budget's sum within the share).
-#     Session 52 (H100): plan = pool for both (192,343 and 55,824 pages). Session 53 (H100): the
-#     same pages; Qwen's allocator peak reached the limit 512 bytes into warm-up (the BFC
-#     allocator hands out whole blocks), so the test now checks weights + state + the measured
-#     activation peak + the pool <= usable (that run: 94 MB to spare). Prediction: both pass.
 #   m (1 GPU, ~8 min): a clean A/B of XLA's rematerialization pass (session 9's was confounded by
 #     a warm autotune cache). Qwen2.5-0.5B, share 0.9, a fresh compilation cache for each run:
 #     compile seconds and "MiB never touched" with the pass on and off. Prediction: the pass
