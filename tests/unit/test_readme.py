@@ -83,3 +83,18 @@ def test_the_feature_snippet_uses_real_options_and_fields():
     body = "\n".join(line for line in block.splitlines() if not line.startswith("from "))
     exec(compile(body, "README.md", "exec"), scope)
     assert len(seen) == 3 and scope["sp"].structured_outputs.json is not None
+
+
+def test_the_plan_example_is_what_plan_prints(capsys):
+    """The ``jserve plan`` example's lines, each cut short at its ``...``, are pieces of what the
+    command it shows prints today (session 57 found the example three state changes behind)."""
+    from jserve.cli import main
+
+    block = re.search(r"\n\$ (jserve plan [^\n]*)\n(.*?)```", README, flags=re.S)
+    command, lines = block.group(1).split()[1:], block.group(2).splitlines()
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    pieces = [p.strip() for line in lines for p in line.split("...") if len(p.strip()) > 3]
+    assert len(pieces) >= 10 and any("concurrent sequences" in p for p in pieces)
+    for piece in pieces:
+        assert piece in out, piece
