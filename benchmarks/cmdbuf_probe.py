@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.step_floor import decode_inputs
+from benchmarks.step_floor import decode_inputs, engine_options
 from jserve.builder import EngineArgs, build_engine
 from jserve.staged_input import StagedInputs
 from jserve.step_program import StepVariant
@@ -121,11 +121,11 @@ def chain_tokens(engine, step, n: int = 24, context: int = 300) -> list[int]:
     return out_tokens
 
 
-def twin_of(runner, variant: StepVariant, mode: str):
-    """A second loaded executable of ``variant``'s step (``mode`` as ``--modes``), its own
-    command buffer beside the first's."""
-    options = {} if mode == "default" else compile_options(mode)
-    return runner.lower_step(variant).compile(compiler_options=options)
+def compiled(engine, variant: StepVariant, mode: str):
+    """``variant``'s step compiled again (a loaded executable of its own, with its own command
+    buffer) with the engine's XLA options and ``mode``'s (as ``--modes``; "default": none more)."""
+    options = engine_options(engine, variant) | ({} if mode == "default" else compile_options(mode))
+    return engine.runner.lower_step(variant).compile(compiler_options=options)
 
 
 def main() -> None:
@@ -144,8 +144,8 @@ def main() -> None:
                                   max_num_batched_tokens=16, max_model_len=1024, num_pages=512))
     r = eng.runner
     variant = StepVariant(r.bucket_for(1)[0], False, True, True)
-    steps = {mode: r._compiled[variant] if mode == "default" else r.lower_step(variant).compile(
-        compiler_options=compile_options(mode)) for mode in ns.modes.split(",")}
+    steps = {mode: r._compiled[variant] if mode == "default" else compiled(eng, variant, mode)
+             for mode in ns.modes.split(",")}
     print(f"\n## {ns.model} ({jax.devices()[0].device_kind}): host ms of one decode-step call, idle device")
     columns = {"in place": dict(in_place=True), "moving": dict(in_place=False),
                "held": dict(in_place=True, hold=True), "numpy": dict(in_place=True, numpy_input=True),
@@ -168,8 +168,9 @@ def main() -> None:
             # A marker between columns in the log (XLA's command-buffer log goes to stderr too).
             print(f"COLUMN {name} / {col}", file=sys.stderr, flush=True)
             seen: list | None = [] if ns.addresses else None
-            twin = twin_of(r, variant, name) if kw.pop("twins", False) else None
-            cols.append(idle_call_ms(eng, step, addresses=seen, twin=twin, **kw))
+            twin = compiled(eng, variant, name) if kw.get("twins") else None
+            cols.append(idle_call_ms(eng, step, addresses=seen, twin=twin,
+                                     **{k: v for k, v in kw.items() if k != "twins"}))
             if seen:   # (with twins, each executable's calls against its own previous call)
                 moves[f"{name} / {col}"] = (f"{moved(seen[5::2])} / {moved(seen[6::2])} of {len(seen[0])}"
                                             if twin is not None else f"{moved(seen[5:])} of {len(seen[0])}")

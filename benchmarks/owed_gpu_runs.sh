@@ -82,6 +82,7 @@ w2)
   # Session 57 added two columns (--twins): held, with two loaded copies of the executable called
   # in turn. Prediction: each copy's output takes the block its own previous output freed, so
   # neither copy's graph is updated and held + twins costs what in place does without a hold.
+  # (Also since session 57, every recompile in the probe takes the engine's XLA options too.)
   TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 timeout 240 \
     python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b --modes default --addresses --twins \
     > "$OUT/cmdbuf_w2.txt" 2>&1
