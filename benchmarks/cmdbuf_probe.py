@@ -156,24 +156,24 @@ def main() -> None:
     heads = ["prev_tokens in place", "prev_tokens moving", "in place, previous output held",
              "in place, numpy input", "held + numpy input (the engine's loop)", "device_put input + call",
              "staged input + call", "held + staged"]
-    if ns.twins:
-        columns |= {"held, twins": dict(in_place=True, hold=True, twins=True),
-                    "held+numpy, twins": dict(in_place=True, hold=True, numpy_input=True, twins=True)}
+    # --twins: the held columns again, every other call on a second copy of the executable
+    twinned = {"held, twins": "held", "held+numpy, twins": "held+numpy"} if ns.twins else {}
+    if twinned:
         heads += ["held, two executables in turn", "held + numpy, two executables in turn"]
     print("| compile | " + " | ".join(heads) + " |\n|---|" + "---|" * len(heads))
     moves: dict[str, str] = {}
     for name, step in steps.items():
+        twin = compiled(eng, variant, name) if twinned else None   # (one copy per mode)
         cols = []
-        for col, kw in columns.items():
+        for col in [*columns, *twinned]:
             # A marker between columns in the log (XLA's command-buffer log goes to stderr too).
             print(f"COLUMN {name} / {col}", file=sys.stderr, flush=True)
             seen: list | None = [] if ns.addresses else None
-            twin = compiled(eng, variant, name) if kw.get("twins") else None
-            cols.append(idle_call_ms(eng, step, addresses=seen, twin=twin,
-                                     **{k: v for k, v in kw.items() if k != "twins"}))
+            other = twin if col in twinned else None
+            cols.append(idle_call_ms(eng, step, addresses=seen, twin=other, **columns[twinned.get(col, col)]))
             if seen:   # (with twins, each executable's calls against its own previous call)
                 moves[f"{name} / {col}"] = (f"{moved(seen[5::2])} / {moved(seen[6::2])} of {len(seen[0])}"
-                                            if twin is not None else f"{moved(seen[5:])} of {len(seen[0])}")
+                                            if other is not None else f"{moved(seen[5:])} of {len(seen[0])}")
         print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cols) + " |", flush=True)
     if moves:
         print("\n| compile / column | output leaves whose address moves between calls |\n|---|---|")
