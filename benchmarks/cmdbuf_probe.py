@@ -14,10 +14,12 @@ device with different inputs held fixed, to find which buffers move:
   device_put   the packed input uploaded by ``jax.device_put`` right before the call (timed too)
   staged       the host array copied into a fixed device buffer (``jserve.staged_input``), then
                the step called on that buffer (both timed): the step's graph sees no moved input
-  held, twins  held, with two loaded copies of the executable called in turn (``--twins``): the
-               output held during a call is the other copy's, so each copy's fresh output can
-               take the block its own previous output freed
-  + the XLA option ``xla_gpu_command_buffer_update_mode`` for each of the above (``--modes``;
+and two programs of the step (``--modes``): "default", the engine's since session 58, whose
+host-facing outputs are donated buffers written in place, a twin executable per buffer
+(jserve/host_outputs.py; session 58's case w2 found the held fresh output moving on every call:
+35 graph updates in 35 calls), and "fresh", the program before it;
+  + the XLA option ``xla_gpu_command_buffer_update_mode`` for each of the above (``--modes``, on
+    the fresh program;
     given only to the compile, the client keeps its BFC allocator; set in ``XLA_FLAGS`` before
     the start, it switches the client to the VMM allocator, which the option's VA remapping needs)
 
@@ -61,7 +63,7 @@ def moved(addresses: list[tuple[int, ...]]) -> list[int]:
 
 def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int = 300, hold: bool = False,
                  numpy_input: bool = False, put_input: bool = False, staged: bool = False,
-                 addresses: list | None = None, twin=None) -> float:
+                 addresses: list | None = None) -> float:
     """Median host ms of one call of ``step`` (a batch-1 decode at ``context``) started on an
     idle device. Only the state the next call takes (kv, slot table, tokens) outlives a call,
     unless ``hold``: the previous call's host-facing token output stays alive during the call
@@ -69,8 +71,7 @@ def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int 
     take the address it had). ``numpy_input``: the packed input goes to the call as a host array,
     uploaded by the call (the engine's way); ``put_input``: uploaded by ``jax.device_put`` just
     before the call (timed with it). ``addresses``: a list that gets every call's output
-    addresses (``buffer_addresses``). ``twin``: a second executable of the same program, called
-    on every other call."""
+    addresses (``buffer_addresses``)."""
     r = engine.runner
     joint = decode_inputs(engine, context)[-1]   # (batch 1: one buffer)
     stage = StagedInputs([joint.shape[0]], r._replicated) if staged else None
@@ -85,7 +86,7 @@ def idle_call_ms(engine, step, in_place: bool = True, n: int = 30, context: int 
         arg = jax.device_put(joint) if put_input else joint
         if staged:
             arg = stage.put(joint)
-        res = (twin if twin is not None and i % 2 else step)(r.params, kv, None, table, prev, arg, None)
+        res = step(r.params, kv, None, table, prev, arg, None)
         if i >= 5:
             times.append(time.perf_counter() - t0)
         if addresses is not None:
@@ -122,23 +123,23 @@ def chain_tokens(engine, step, n: int = 24, context: int = 300) -> list[int]:
 
 
 def compiled(engine, variant: StepVariant, mode: str):
-    """``variant``'s step compiled again (a loaded executable of its own, with its own command
-    buffer) with the engine's XLA options and ``mode``'s (as ``--modes``; "default": none more)."""
-    options = engine_options(engine, variant) | ({} if mode == "default" else compile_options(mode))
-    return engine.runner.lower_step(variant).compile(compiler_options=options)
+    """``variant``'s step program before session 58 (fresh host-facing outputs; a loaded
+    executable of its own) compiled with the engine's XLA options and ``mode``'s (as ``--modes``;
+    "fresh": none more)."""
+    options = engine_options(engine, variant) | ({} if mode == "fresh" else compile_options(mode))
+    return engine.runner.lower_step(variant, host_out=False).compile(compiler_options=options)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
-    ap.add_argument("--modes", default="default,SKIP_TEMP,SKIP_PROFILED",
-                    help="default: the engine's executable; else a new compile with an update mode "
-                    "(SKIP_TEMP) or one XLA option (NAME=VALUE)")
+    ap.add_argument("--modes", default="default,fresh",
+                    help="default: the engine's step (host outputs in place, twin executables); "
+                    "fresh: the program before session 58 (fresh host outputs); else that program "
+                    "compiled with an update mode (SKIP_TEMP) or one XLA option (NAME=VALUE)")
     ap.add_argument("--check", action="store_true", help="compare chained tokens across modes")
     ap.add_argument("--addresses", action="store_true",
                     help="per column, the output leaves whose device address moves between calls")
-    ap.add_argument("--twins", action="store_true",
-                    help="add the columns held / held + numpy with two copies of each executable in turn")
     ns = ap.parse_args()
     eng = build_engine(EngineArgs(model=ns.model, random_weights=True, dtype="bfloat16", max_num_seqs=16,
                                   max_num_batched_tokens=16, max_model_len=1024, num_pages=512))
@@ -156,24 +157,19 @@ def main() -> None:
     heads = ["prev_tokens in place", "prev_tokens moving", "in place, previous output held",
              "in place, numpy input", "held + numpy input (the engine's loop)", "device_put input + call",
              "staged input + call", "held + staged"]
-    # --twins: the held columns again, every other call on a second copy of the executable
-    twinned = {"held, twins": "held", "held+numpy, twins": "held+numpy"} if ns.twins else {}
-    if twinned:
-        heads += ["held, two executables in turn", "held + numpy, two executables in turn"]
     print("| compile | " + " | ".join(heads) + " |\n|---|" + "---|" * len(heads))
     moves: dict[str, str] = {}
     for name, step in steps.items():
-        twin = compiled(eng, variant, name) if twinned else None   # (one copy per mode)
         cols = []
-        for col in [*columns, *twinned]:
+        for col in columns:
             # A marker between columns in the log (XLA's command-buffer log goes to stderr too).
             print(f"COLUMN {name} / {col}", file=sys.stderr, flush=True)
             seen: list | None = [] if ns.addresses else None
-            other = twin if col in twinned else None
-            cols.append(idle_call_ms(eng, step, addresses=seen, twin=other, **columns[twinned.get(col, col)]))
-            if seen:   # (with twins, each executable's calls against its own previous call)
+            cols.append(idle_call_ms(eng, step, addresses=seen, **columns[col]))
+            if seen:   # (the engine's twins: each executable's calls against its own previous call)
                 moves[f"{name} / {col}"] = (f"{moved(seen[5::2])} / {moved(seen[6::2])} of {len(seen[0])}"
-                                            if other is not None else f"{moved(seen[5:])} of {len(seen[0])}")
+                                            if len(getattr(step, "executables", ())) > 1
+                                            else f"{moved(seen[5:])} of {len(seen[0])}")
         print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cols) + " |", flush=True)
     if moves:
         print("\n| compile / column | output leaves whose address moves between calls |\n|---|---|")

@@ -1,24 +1,14 @@
-# The device calls owed after session 57 (2026-12-07), in the order to run them. Each case fits
+# The device calls owed after session 58 (2026-12-07), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-57 removed the ones they ran; vmm stays as the record of its arms).
+# history (sessions 7-58 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
-# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), w2
-# (which buffer moves the step's command buffer), u, m, u1; then, on 2 GPUs, pb, d, s, sk, c.
+# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), ho
+# (the step's host outputs in place, twin executables); then, on 2 GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
-#   u (1 GPU, ~9 min): start-up phase by phase (benchmarks/startup.py), Qwen2.5-0.5B at max_num_seqs
-#     256 / budget 2048: cold (empty cache), then warm. Session 13: with cuBLAS GEMMs for buckets
-#     >= 128 the probe took 23 s (was 75) and the 16 variants were compiled at 122 s; the run was
-#     stopped at 160 s before the split pairs and warm-up. Prediction: cold ~150 s, warm <= 30 s.
-#   u1 (1 GPU, ~6 min): the same cold start with one compile thread (the old order), the A/B.
-#   m (1 GPU, ~8 min): a clean A/B of XLA's rematerialization pass (session 9's was confounded by
-#     a warm autotune cache). Qwen2.5-0.5B, share 0.9, a fresh compilation cache for each run:
-#     compile seconds and "MiB never touched" with the pass on and off. Prediction: the pass
-#     runs on every step (its limit is negative with the pool filling the share); off, the
-#     warm-up peak matches the 2-page probe's figure.
 #   pb (nvidia-h200-x2, ~10 min): session 16's pipelined bursts (issue 14's cross-step overlap:
 #     the rows in S groups circling through the stages). Llama-3.1-8B shape, greedy decode at
 #     1 / 64 / 256 rows, one GPU then pp 2, each one step at a time and in bursts of 8 (one GPU
@@ -68,47 +58,26 @@ h2)
     --quantization none,fp8+lm_head > "$OUT/h2_step8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
   ;;
-w2)
-  # Which buffer makes XLA re-record the decode step's command buffer on every call (session 56's
-  # case w: one allocation moved per call in every column, 80-230 us of host time each). The
-  # probe's loop had kept every output of the previous call alive through the next (its unpacking
-  # variables), so its "in place" columns held the outputs too; now only the state the next call
-  # takes outlives a call, and --addresses prints which output leaves move. Prediction: without a
-  # held output no leaf moves and the log shows no update after warm-up (in place ~0.1 ms under
-  # session 56's 0.49 ms); with the previous token output held, that leaf moves every call and
-  # the graph is updated each time. (On the CPU, the tiny llama: leaf 6 of 7, the host-facing
-  # tokens, moves in every column, held or not, where malloc need not reuse a freed block; the
-  # donated kv, table and tokens never move. The BFC allocator should hand the freed block back.)
-  # Session 57 added two columns (--twins): held, with two loaded copies of the executable called
-  # in turn. Prediction: each copy's output takes the block its own previous output freed, so
-  # neither copy's graph is updated and held + twins costs what in place does without a hold.
-  # (Also since session 57, every recompile in the probe takes the engine's XLA options too.)
-  TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 timeout 240 \
-    python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b --modes default --addresses --twins \
-    > "$OUT/cmdbuf_w2.txt" 2>&1
-  grep "^|\|^##" "$OUT/cmdbuf_w2.txt"
+ho)
+  # The step's host-facing outputs in donated buffers, a twin executable per buffer
+  # (jserve/host_outputs.py; session 58's case w2: the held fresh token output moved on every
+  # call, 35 graph updates in 35 calls, the engine's loop call 0.95 host ms against 0.50 in
+  # place). Arms in one engine: fresh outputs (the program before session 58), in place through
+  # one executable, the engine's (in place, twins). Prediction: B (the overlapped loop, batch 1)
+  # Qwen2.5-0.5B -10 to -20% against fresh (to within ~5% of A, its device-fed floor), code-small
+  # -5 to -15%; the one-executable arm lands with fresh (its two buffers alternate in one graph);
+  # A within 2% in all arms. The probe: no leaf moves and ~0 updates in the default's columns
+  # (held + numpy, the engine's loop, included), fresh as in w2; --check: both modes chain the
+  # same tokens.
+  timeout 330 python3 benchmarks/step_floor.py code-small,qwen2.5-0.5b --max-num-batched-tokens 16 \
+    --host-outputs > "$OUT/ho_step.txt" 2>&1
+  grep "^##\|^| \|rror" "$OUT/ho_step.txt"
+  TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 timeout 200 \
+    python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b --modes default,fresh --addresses --check \
+    > "$OUT/cmdbuf_ho.txt" 2>&1
+  grep "^|\|^##\|rror" "$OUT/cmdbuf_ho.txt"
   awk '/^COLUMN/{if (col) print col " :: " n " updates"; col=$0; n=0} /Updated command buffer/{n++}
-       END{print col " :: " n " updates"}' "$OUT/cmdbuf_w2.txt"
-  ;;
-u)
-  # Start-up, phase by phase: cold (empty cache) and warm, then cold with one compile thread
-  # (session 11's order) in a fresh cache.
-  timeout 560 python3 benchmarks/startup.py --model qwen2.5-0.5b --max-model-len 512 --timeout 250 \
-    2>&1 | table | tee "$OUT/startup.txt"
-  ;;
-m)
-  for remat in on off; do
-    rm -rf ~/.cache/jserve/xla
-    flags=""; [ "$remat" = off ] && flags=--xla_disable_hlo_passes=rematerialization
-    XLA_FLAGS=$flags timeout 230 python3 benchmarks/memory_budget.py --model qwen2.5-0.5b --context 4096 \
-      > "$OUT/remat_$remat.txt" 2>&1
-    echo "### remat $remat"; grep "compiled .* variants\|activation peak\|after warm-up\|engine ready" \
-      "$OUT/remat_$remat.txt" | cut -c1-220
-  done
-  ;;
-u1)
-  timeout 560 python3 benchmarks/startup.py --model qwen2.5-0.5b --max-model-len 512 --timeout 280 \
-    --compile-threads 1 --runs cold 2>&1 | table | tee "$OUT/startup_1thread.txt"
+       END{print col " :: " n " updates"}' "$OUT/cmdbuf_ho.txt"
   ;;
 pb)
   CUDA_VISIBLE_DEVICES=0 timeout 280 python3 benchmarks/burst_decode.py llama3.1-8b --steps 8 \

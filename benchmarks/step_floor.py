@@ -11,8 +11,9 @@ For each model shape (random weights, bf16):
     PYTHONPATH=. python3 benchmarks/step_floor.py qwen2.5-0.5b,llama3.1-8b [--dump DIR]
         [--trace DIR] [--compile-threads N]
 
---twins adds A2: the decode step as two executables called in turn (does the per-call CUDA-graph
-update wait for the graph's previous launch? Session 8: no; the engine keeps one). --staged adds A3 and
+--host-outputs adds A and B rows with the decode step's host-facing outputs fresh (the program
+before session 58) and in place through one executable (the engine's: in place, a twin executable
+per buffer; jserve/host_outputs.py). --staged adds A3 and
 B3: each step's input copied into a fixed device buffer (``staged_input.stage_inputs``), so the step's
 CUDA graph sees no moved input. --rows N times the A rows at N decode rows of 300 tokens (the
 decode attention's A/Bs at a small batch; B and C stay batch 1).
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import os
 import re
@@ -40,6 +42,7 @@ import numpy as np
 from benchmarks.hlo_kernels import INSTR, NOT_KERNELS, computations
 from jserve.builder import EngineArgs, build_engine, default_cache_dir
 from jserve.compile_pool import compiler_options, cublas_min_tokens
+from jserve.host_outputs import HostOutputStep
 from jserve.sampling_params import SamplingParams
 from jserve.staged_input import stage_inputs
 from jserve.step_program import StepVariant
@@ -339,14 +342,26 @@ def _recompiled(engine, variant, patch: str):
         # the kernel counts did not move), and again after, so later compiles see no patch.
         jax.clear_caches()
         try:
-            return engine.runner.lower_step(variant).compile(compiler_options=merged or None)
+            return engine.runner.wrap_compiled(
+                variant, engine.runner.lower_step(variant).compile(compiler_options=merged or None))
         finally:
             jax.clear_caches()
 
 
+def host_output_arms(engine, decode: StepVariant) -> dict:
+    """The A/B arms of the decode step's host-facing outputs (jserve/host_outputs.py): the
+    program before session 58 (fresh outputs: they move whenever the previous one is held) and
+    the engine's in-place outputs through one executable (its two buffers alternate in one
+    CUDA graph), beside the engine's own (in place, a twin executable per buffer)."""
+    r = engine.runner
+    fresh = r.lower_step(decode, host_out=False).compile(engine_options(engine, decode) or None)
+    one = HostOutputStep(r._compiled[decode].executables[:1], functools.partial(r.host_buffers, decode))
+    return {"host outputs fresh (before session 58)": fresh, "host outputs in place, one executable": one}
+
+
 def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
           ab: tuple[str, ...] = (), max_tokens: int = 64, quantization: str | None = None,
-          twins: bool = False, staged: bool = False, rows: int = 1, dtype: str = "bfloat16") -> None:
+          host_outputs: bool = False, staged: bool = False, rows: int = 1, dtype: str = "bfloat16") -> None:
     res = {}
     t0 = time.perf_counter()
     lm_head = quantization is not None and quantization.endswith("+lm_head")   # quantize_lm_head
@@ -374,14 +389,18 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
             continue
         extra[f"A + {patch} (recompiled in {time.perf_counter() - tc:.0f} s)"] = fn
     decode = StepVariant(t, False, True, True)
-    if twins:   # two executables of the decode step, called in turn
-        again = eng.runner.lower_step(decode).compile(engine_options(eng, decode) or None)
-        extra["A2 two executables of the decode step in turn"] = (eng.runner._compiled[decode], again)
+    arms = host_output_arms(eng, decode) if host_outputs else {}
+    extra.update({f"A {name}": fn for name, fn in arms.items()})
     extra_res = {name: floor_a(eng, step=fn, rows=rows) for name, fn in extra.items()}
     for key, overlap in (("B", True), ("C", False)):
         eng._overlap = overlap   # the async_scheduling option, toggled on one engine (benchmark only)
         res[key] = engine_decode(eng)
     eng._overlap = True
+    own = eng.runner._compiled[decode]
+    for name, fn in arms.items():   # the engine's loop with the arm's decode step
+        eng.runner._compiled[decode] = fn
+        res[f"B {name}"] = engine_decode(eng)
+    eng.runner._compiled[decode] = own
     with read_first(eng):
         res["B5"] = engine_decode(eng)
     if staged:   # the step input copied into a fixed device buffer (jserve/staged_input.py)
@@ -407,6 +426,8 @@ def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
     print(f"| C LLMEngine.step, synchronous | {res['C']:.3f} | {1e3 / res['C']:.0f} | | | |", flush=True)
     print(f"| B5 as B, a finished step read before the next launch (the order before session 15) | "
           f"{res['B5']:.3f} | {1e3 / res['B5']:.0f} | | | |", flush=True)
+    for name in arms:
+        print(f"| B {name} | {res[f'B {name}']:.3f} | {1e3 / res[f'B {name}']:.0f} | | | |", flush=True)
     if "B3" in res:
         ms, host, idle, kernels = res["A3"]
         print(f"| A3 as A, a numpy input staged into a fixed device buffer each call | {ms:.3f} | "
@@ -432,8 +453,9 @@ def main() -> None:
                          "fp8_w8a8, each with '+lm_head' for quantize_lm_head (int8+lm_head)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"),
                     help="the model's activation dtype (float16: int8 weights meet an f16 x)")
-    ap.add_argument("--twins", action="store_true",
-                    help="also time A2: two executables of the decode step called in turn")
+    ap.add_argument("--host-outputs", action="store_true",
+                    help="also time A and B with the decode step's host outputs fresh (before session "
+                    "58) and in place with one executable (the engine: in place, twin executables)")
     ap.add_argument("--rows", type=int, default=1,
                     help="decode rows of the A rows' step (300 tokens each; B and C stay batch 1)")
     ap.add_argument("--staged", action="store_true",
@@ -446,7 +468,8 @@ def main() -> None:
     for m in ns.models.split(","):
         for q in ns.quantization.split(","):
             probe(m, ns.dump, ns.trace, tuple(p for p in ns.ab.split(",") if p), ns.max_num_batched_tokens,
-                  None if q == "none" else q, twins=ns.twins, staged=ns.staged, rows=ns.rows, dtype=ns.dtype)
+                  None if q == "none" else q, host_outputs=ns.host_outputs, staged=ns.staged,
+                  rows=ns.rows, dtype=ns.dtype)
 
 
 if __name__ == "__main__":

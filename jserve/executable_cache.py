@@ -98,3 +98,12 @@ class ExecutableCache:
             return
         with self._lock:
             self.stored += 1
+
+
+def load_again(compiled: Any) -> Any:
+    """A second loaded executable of ``compiled``'s program (serialized and loaded on the same
+    devices): its own runtime state, so its own CUDA graph (``host_outputs.HostOutputStep``'s
+    twins). GPU and TPU only (XLA:CPU's loaded programs fail to run, as above)."""
+    devices = compiled._executable.xla_executable.local_devices()
+    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=devices)

@@ -56,16 +56,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jserve.burst_step import burst_step
 from jserve.compile_pool import (
     COMPILE_THREADS,
-    buffer_addresses,
     compile_in_order,
     cublas_min_tokens,
-    out_of_memory_named,
     steps_peak_bytes,
-    warm_memory_line,
 )
 from jserve.config import EngineConfig
 from jserve.executable_cache import ExecutableCache
 from jserve.host_kv import host_slot_counts
+from jserve.host_outputs import HostOutputStep, host_buffers, wrap_step
 from jserve.kv_cache import KVCache
 from jserve.kv_transfer import KVPageMover
 from jserve.penalty_state import SlotInit, state_bytes
@@ -75,7 +73,7 @@ from jserve.slot_table import FSM, SlotWriter, fill_page_diffs
 from jserve.spec import chain
 from jserve.spec.draft import DraftModel
 from jserve.spec.verify_step import SpecStepHandle, SpecSteps
-from jserve.split_step import SplitPending, SplitPrograms, lower_pair, warm_pair
+from jserve.split_step import SplitPending, SplitPrograms, lower_pair
 from jserve.staged_input import StagedInputs
 from jserve.step_buffers import StepLayout
 from jserve.step_handle import StepHandle
@@ -84,6 +82,7 @@ from jserve.step_variants import StepVariants, greedy_rows, sampling_filters
 from jserve.structured.automaton_pool import AutomatonPool, device_states
 from jserve.structured.automaton_step import StepMasks
 from jserve.structured.logit_state import LogitState
+from jserve.warm_up import warm_runner
 from sharding import host_to_global
 
 log = logging.getLogger(__name__)
@@ -313,7 +312,10 @@ class Runner:
         if pen is not None:
             self.penalty_state = pen
         self._prev_rows = {c.req_id: r for r, c in enumerate(out.chunks) if c.samples}
-        return self._handle(out, params, tokens, lp, top_ids, top_lp)
+        handle = self._handle(out, params, tokens, lp, top_ids, top_lp)
+        if isinstance(step, HostOutputStep):
+            step.own(handle)   # (its buffers are donated again two calls on)
+        return handle
 
     def step_masks(self, greedy: bool = False, flush: bool = True) -> StepMasks | None:
         """The masking state a step program reads (None: a greedy one), rows queued for it
@@ -371,9 +373,9 @@ class Runner:
         top_n = tuple((p.logprobs or 0) if c.samples else 0 for c, p in zip(out.chunks, params, strict=True))
         want = any(c.samples and p.logprobs is not None for c, p in zip(out.chunks, params, strict=True))
         logprobs = (lp, top_ids, top_lp) if want else None
-        tokens.copy_to_host_async()
-        for a in logprobs or ():
-            a.copy_to_host_async()
+        if self.mesh.devices.flat[0].platform != "cpu":   # (a CPU's arrays are host memory; there
+            for a in (tokens, *(logprobs or ())):          # the copy pins them: not donated again)
+                a.copy_to_host_async()
         return StepHandle(out, tokens, logprobs, top_n)
 
     # ---------------------------------------------------------------- split step
@@ -460,7 +462,9 @@ class Runner:
         return self._handle(pending.sched_out, pending.params, tokens, lp, top_ids, top_lp)
 
     # ---------------------------------------------------------------- start-up
-    def lower_step(self, variant: StepVariant) -> Any:
+    def lower_step(self, variant: StepVariant, host_out: bool = True) -> Any:
+        """``variant``'s step program, lowered over the pool's shapes (``host_out`` False: a
+        plain variant's program before session 58, fresh host-facing outputs, for A/Bs)."""
         variant = StepVariant(*variant)
         greedy = variant.greedy
         layout = self.layout(variant.tokens)
@@ -473,15 +477,30 @@ class Runner:
         pen = None if greedy else self.penalty_state
         args = (self.params, self.kv, pen, self.slot_table, self._prev_tokens,
                 jax.device_put(layout.joint(ibuf), rep), self.step_masks(greedy, flush=False))
+        if variant.burst == 1 and host_out:   # host-facing outputs' buffers, donated (host_outputs.py)
+            args += (self.host_buffers(variant),)
         kv_sh = jax.tree.map(lambda a: a.sharding, self.kv)   # (k, v[, k_scales, v_scales]) per layer
         # Every buffer the step reads and writes across calls keeps its address (donated and
         # aliased: kv, penalty state, slot table, prev tokens), so XLA's command buffer (CUDA
         # graph) is not re-recorded for them on each call (RESULTS_v2_sessions_5-8.md, session 6).
         no_logprobs = greedy or variant.burst > 1   # (a burst's rows ask none)
-        return jax.jit(fn, donate_argnums=(1, 2, 3, 4),
+        return jax.jit(fn, donate_argnums=(1, 2, 3, 4, 7)[:len(args) - 3], keep_unused=True,
                        out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 3
                        + ((None,) * 3 if no_logprobs else (rep,) * 3)
                        ).lower(*args)
+
+    def host_buffers(self, variant: StepVariant) -> tuple[jax.Array, ...]:
+        """A plain variant's host-output buffers (``host_outputs.host_buffers``)."""
+        return host_buffers(self._prev_tokens.shape, self.layout(variant.tokens).num_rows, variant.greedy,
+                            self._replicated)
+
+    def wrap_compiled(self, variant: StepVariant, compiled: Any) -> Any:
+        """``variant``'s executable (``lower_step``, compiled) as the runner calls it: a burst's as
+        it is, a plain variant's in a ``HostOutputStep`` (``host_outputs.wrap_step``)."""
+        if variant.burst > 1:
+            return compiled
+        return wrap_step(compiled, variant.tokens, self.mesh.devices.flat[0].platform,
+                         functools.partial(self.host_buffers, variant))
 
     def compile_threads(self) -> int:
         """Threads that compile programs at once (``compile_pool.compile_in_order``)."""
@@ -526,7 +545,7 @@ class Runner:
             if i >= total:
                 return self.split.put(split[(i - total) // 2], (i - total) % 2, compiled)
             v, count = variants[i], count + 1
-            self._compiled[v] = compiled
+            self._compiled[v] = self.wrap_compiled(v, compiled)
             rows = self.config.scheduler.seq_bucket(v.tokens)
             say(f"compiled step {count}/{total} (tokens {v.tokens}, rows {rows}, {v.kind()}) at "
                 f"{time.perf_counter() - t0:.1f} s")
@@ -561,36 +580,5 @@ class Runner:
 
     def warm(self) -> float:
         """Run each compiled step once over the allocated pool, then the small programs
-        (penalty slot init per id bucket, slot writer; ``compile`` compiled them, and the page
-        mover's into JAX's cache). -> seconds taken."""
-        t0 = time.perf_counter()
-        device = jax.local_devices()[0]   # this process's: another's keeps no statistics here
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("warm-up: before the first step: %s", warm_memory_line(None, self.kv, device))
-        for variant in self.variants():
-            pool = buffer_addresses(self.kv) if log.isEnabledFor(logging.DEBUG) else None
-            layout = self.layout(variant[0])
-            ibuf, _, _ = layout.new_buffers()
-            joint = jax.device_put(layout.joint(ibuf), self._replicated)
-            pen = None if variant.greedy else self.penalty_state
-            masks = self.step_masks(variant.greedy)
-            with out_of_memory_named(f"step variant {variant}", self._compiled[variant], device):
-                self.kv, pen, self.slot_table, self._prev_tokens, *_ = self._compiled[variant](
-                    self.params, self.kv, pen, self.slot_table, self._prev_tokens, joint, masks)
-                jax.block_until_ready(self.kv)   # one program's temporaries at a time, as in serving
-            if pen is not None:
-                self.penalty_state = pen
-            if pool is not None:
-                log.debug("warm-up %s: %s", variant, warm_memory_line(pool, self.kv, device))
-        if self.spec_steps is not None:
-            self.spec_steps.warm(self)
-        for t in self.split.buckets:   # each compiled split pair once, on padding rows only
-            if self.split.ready(t):
-                warm_pair(self, t)
-        self.penalty_state = self._slot_init.warm(self.penalty_state)
-        self.slot_table = self._slot_writer.warm(self.slot_table)
-        self.kv = self.mover.warmup(self.kv)
-        jax.block_until_ready(self.kv)
-        elapsed = time.perf_counter() - t0
-        log.info("ran each step variant once (token buckets %s) in %.1f s", self._buckets, elapsed)
-        return elapsed
+        (``warm_up.warm_runner``). -> seconds taken."""
+        return warm_runner(self)

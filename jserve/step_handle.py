@@ -22,13 +22,22 @@ class StepHandle:
     """A dispatched step: its plan and its device outputs, on their way to the host."""
 
     sched_out: SchedulerOutput
-    tokens: jax.Array                       # int32[S] (a burst's: int32[N, S])
+    tokens: jax.Array | np.ndarray          # int32[S] (a burst's: int32[N, S]); host once fetched
     logprobs: tuple[Any, ...] | None        # (chosen [R], top_ids [R, N], top_lp [R, N]) if asked
     top_n: tuple[int, ...]                  # per row: top-N asked (0: none / not sampling)
 
     def ready(self) -> bool:
         """Whether reading the step will not wait for the device."""
-        return self.tokens.is_ready()
+        return isinstance(self.tokens, np.ndarray) or self.tokens.is_ready()
+
+    def fetch(self) -> None:
+        """The outputs as host arrays from now on (before their device buffers are donated to a
+        later step: ``host_outputs.HostOutputStep``); waits for the step if it has not finished.
+        Copies (``np.array``): on a CPU ``np.asarray`` is a view of the device buffer, which
+        would keep the buffer from being donated."""
+        self.tokens = np.array(self.tokens)
+        if self.logprobs is not None:
+            self.logprobs = tuple(np.array(a) for a in self.logprobs)
 
     def result(self) -> RunnerOutput:
         """Wait for this step's tokens (the host's only wait) -> RunnerOutput, row order."""

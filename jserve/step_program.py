@@ -126,18 +126,21 @@ def _sample_part(layout: StepLayout, num_out: int, num_spec: int, greedy: bool, 
 
 def fused_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, variant: StepVariant,
                mesh: Mesh, params: Any, kv: KVCache, pen: jax.Array | None, table: jax.Array,
-               prev_tokens: jax.Array, joint: jax.Array, masks: StepMasks | None = None) -> tuple:
+               prev_tokens: jax.Array, joint: jax.Array, masks: StepMasks | None = None,
+               host_out: tuple = ()) -> tuple:
     """Model forward + sampler over one packed step (``joint``: the step's two buffers as one
     int32 array, ``StepLayout.joint``). pen: int32[S_req, V] penalty state (None
     in the greedy variants); table: int32[S_req + 1, W] slot table (page rows, sampling params);
     prev_tokens: int32[S] (the previous step's sampled tokens by row; donated) -> (kv, pen,
     table, prev_tokens' int32[S] (this step's tokens, in the donated buffer: the next step reads
-    them from the same address), tokens int32[S] (the same values, a fresh buffer for the host),
-    logprobs f32[R], top_ids int32[R, N], top_logprobs f32[R, N]);
-    ``variant.greedy``: argmax only, no penalties, the last three outputs None (each output is
-    a buffer the CUDA graph must be re-pointed at on every call); masks: the per-slot token
+    them from the same address), tokens int32[S] (the same values for the host), logprobs
+    f32[R], top_ids int32[R, N], top_logprobs f32[R, N]); ``variant.greedy``: argmax only, no
+    penalties, the last three outputs None; masks: the per-slot token
     masks / biases (``structured.logit_state``) and token automata (``StepMasks``; None in the
-    greedy variants)."""
+    greedy variants); host_out: buffers shaped as the host-facing outputs (tokens[, logprobs,
+    top_ids, top_logprobs]), donated: the outputs take their addresses
+    (``jserve.host_outputs``)."""
+    del host_out   # (donated: read by no one, aliased to the outputs of their shapes)
     kv, table, logits, sbatch, pen_slot, ibuf = _forward_part(cfg, layout, variant, mesh, params, kv,
                                                               table, prev_tokens, joint)
     pen, table, tokens, lp, top_ids, top_lp = _sample_part(

@@ -1,4 +1,5 @@
-"""Shared test helpers: drive an LLMEngine to completion; count compilations."""
+"""Shared test helpers: drive an LLMEngine to completion; count compilations; record where a
+step's host outputs land (jserve/host_outputs.py)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,28 @@ def assert_greedy_spec_variants_lean(engine) -> None:
         assert has_branches != v[1], (v, [op for op in CONTROL_FLOW if op in text])
         logprob_outputs = jax.tree.leaves(lowered.out_info[5:8])
         assert (len(logprob_outputs) == 0) == v[1], (v, logprob_outputs)
+
+
+def address(a: jax.Array) -> int:
+    """The device address of ``a``'s first addressable shard."""
+    return a.addressable_shards[0].data.unsafe_buffer_pointer()
+
+
+def recording(executables, seen: list) -> tuple:
+    """``executables`` wrapped to append (which one, the donated tokens buffer's address, the
+    tokens output's) to ``seen`` on each call."""
+    def wrap(i, exe):
+        def call(*args):
+            where = address(args[-1][0])
+            out = exe(*args)
+            seen.append((i, where, address(out[4])))
+            return out
+        return call
+    return tuple(wrap(i, exe) for i, exe in enumerate(executables))
+
+
+def assert_twins_in_turn_in_place(seen: list) -> None:
+    """Each executable took every other call, always on one buffer, and wrote it in place."""
+    assert len(seen) >= 8 and [i for i, _, _ in seen] == [k % 2 for k in range(len(seen))]
+    assert all(a == b for _, a, b in seen)
+    assert len({a for i, a, _ in seen if i == 0}) == 1 and len({a for i, a, _ in seen if i == 1}) == 1

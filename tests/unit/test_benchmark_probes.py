@@ -86,6 +86,9 @@ def test_cmdbuf_probe_calls_the_decode_step(engine):
     # The chained check: inputs that change every call give the same tokens on a second run.
     first = cmdbuf_probe.chain_tokens(engine, step, n=3, context=20)
     assert len(first) == 3 and cmdbuf_probe.chain_tokens(engine, step, n=3, context=20) == first
+    # --modes fresh: the step program before session 58 (fresh host outputs), the same tokens
+    fresh = cmdbuf_probe.compiled(engine, StepVariant(r.bucket_for(1)[0], False, True, True), "fresh")
+    assert cmdbuf_probe.chain_tokens(engine, fresh, n=3, context=20) == first
     assert cmdbuf_probe.idle_call_ms(engine, step, in_place=True, n=1, context=20, hold=True,
                                      numpy_input=True) > 0
     assert cmdbuf_probe.idle_call_ms(engine, step, n=2, context=20, hold=True, staged=True) > 0
@@ -95,15 +98,15 @@ def test_cmdbuf_probe_calls_the_decode_step(engine):
     assert cmdbuf_probe.moved([(1, 2, 3), (1, 5, 3), (1, 5, 4)]) == [1, 2]
 
 
-def test_two_executables_of_the_decode_step_in_turn(engine):
-    """step_floor --twins: a second executable of the decode step, called in turn with the
-    engine's, times back to back like one."""
+def test_host_output_arms_time_like_the_engines_step(engine):
+    """step_floor --host-outputs: the decode step before session 58 (fresh host outputs) and the
+    engine's in place through one executable, each timed back to back as the engine's own."""
     r = engine.runner
     decode = StepVariant(r.bucket_for(1)[0], False, True, True)
-    twin = r.lower_step(decode).compile()
-    assert twin is not r._compiled[decode]
-    ms, *_ = step_floor.floor_a(engine, step=(r._compiled[decode], twin), n=2, context=20)
-    assert ms > 0
+    arms = step_floor.host_output_arms(engine, decode)
+    assert len(arms) == 2 and all(fn is not r._compiled[decode] for fn in arms.values())
+    for fn in arms.values():
+        assert step_floor.floor_a(engine, step=fn, n=2, context=20)[0] > 0
 
 
 def test_launch_trace_reads_a_profiler_trace(tmp_path):
