@@ -15,9 +15,10 @@ device with different inputs held fixed, to find which buffers move:
   staged       the host array copied into a fixed device buffer (``jserve.staged_input``), then
                the step called on that buffer (both timed): the step's graph sees no moved input
 and two programs of the step (``--modes``): "default", the engine's since session 58, whose
-host-facing outputs are donated buffers written in place, a twin executable per buffer
-(jserve/host_outputs.py; session 58's case w2 found the held fresh output moving on every call:
-35 graph updates in 35 calls), and "fresh", the program before it;
+host-facing outputs are donated buffers written in place, two in turn (jserve/host_outputs.py;
+a twin executable per buffer where ``TWIN_MAX_TOKENS`` says; session 58's case w2 found the held
+fresh output moving on every call: 35 graph updates in 35 calls), and "fresh", the program
+before it;
   + the XLA option ``xla_gpu_command_buffer_update_mode`` for each of the above (``--modes``, on
     the fresh program;
     given only to the compile, the client keeps its BFC allocator; set in ``XLA_FLAGS`` before
@@ -134,7 +135,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
     ap.add_argument("--modes", default="default,fresh",
-                    help="default: the engine's step (host outputs in place, twin executables); "
+                    help="default: the engine's step (host outputs in place; twins as "
+                    "host_outputs.TWIN_MAX_TOKENS says); "
                     "fresh: the program before session 58 (fresh host outputs); else that program "
                     "compiled with an update mode (SKIP_TEMP) or one XLA option (NAME=VALUE)")
     ap.add_argument("--check", action="store_true", help="compare chained tokens across modes")

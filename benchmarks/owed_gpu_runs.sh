@@ -59,16 +59,18 @@ h2)
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
   ;;
 ho)
-  # The step's host-facing outputs in donated buffers, a twin executable per buffer
-  # (jserve/host_outputs.py; session 58's case w2: the held fresh token output moved on every
-  # call, 35 graph updates in 35 calls, the engine's loop call 0.95 host ms against 0.50 in
-  # place). Arms in one engine: fresh outputs (the program before session 58), in place through
-  # one executable, the engine's (in place, twins). Prediction: B (the overlapped loop, batch 1)
-  # Qwen2.5-0.5B -10 to -20% against fresh (to within ~5% of A, its device-fed floor), code-small
-  # -5 to -15%; the one-executable arm lands with fresh (its two buffers alternate in one graph);
-  # A within 2% in all arms. The probe: no leaf moves and ~0 updates in the default's columns
-  # (held + numpy, the engine's loop, included), fresh as in w2; --check: both modes chain the
-  # same tokens.
+  # The step's host-facing outputs in donated buffers (jserve/host_outputs.py; session 58's case
+  # w2: the held fresh token output moved on every call, 35 graph updates in 35 calls, the
+  # engine's loop call 0.95 host ms against 0.50 in place). Arms in one engine: fresh outputs
+  # (the program before session 58), in place through one executable (the engine's default),
+  # in place with a twin executable per buffer (host_outputs.TWIN_MAX_TOKENS, off until this
+  # case runs). Prediction: B (the overlapped loop, batch 1) with twins Qwen2.5-0.5B -10 to -20%
+  # against fresh (to within ~5% of A, its device-fed floor), code-small -5 to -15%; one
+  # executable within 2% of fresh (its two buffers alternate in one graph); A within 2% in all
+  # arms. If twins win, set TWIN_MAX_TOKENS to 256 and time the engine's start-up (one more
+  # load and warm-up call per twinned variant). The probe: fresh as in w2; --check: both modes
+  # chain the same tokens. Then the GPU test of the twins (tests/gpu/test_host_outputs_gpu.py).
+  # (Needs the wheels: the probe's engine imports llguidance.)
   timeout 330 python3 benchmarks/step_floor.py code-small,qwen2.5-0.5b --max-num-batched-tokens 16 \
     --host-outputs > "$OUT/ho_step.txt" 2>&1
   grep "^##\|^| \|rror" "$OUT/ho_step.txt"
@@ -78,6 +80,7 @@ ho)
   grep "^|\|^##\|rror" "$OUT/cmdbuf_ho.txt"
   awk '/^COLUMN/{if (col) print col " :: " n " updates"; col=$0; n=0} /Updated command buffer/{n++}
        END{print col " :: " n " updates"}' "$OUT/cmdbuf_ho.txt"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_host_outputs_gpu.py 2>&1 | tail -3
   ;;
 pb)
   CUDA_VISIBLE_DEVICES=0 timeout 280 python3 benchmarks/burst_decode.py llama3.1-8b --steps 8 \

@@ -12,8 +12,8 @@ For each model shape (random weights, bf16):
         [--trace DIR] [--compile-threads N]
 
 --host-outputs adds A and B rows with the decode step's host-facing outputs fresh (the program
-before session 58) and in place through one executable (the engine's: in place, a twin executable
-per buffer; jserve/host_outputs.py). --staged adds A3 and
+before session 58), in place through one executable, and in place with a twin executable per
+buffer (jserve/host_outputs.py). --staged adds A3 and
 B3: each step's input copied into a fixed device buffer (``staged_input.stage_inputs``), so the step's
 CUDA graph sees no moved input. --rows N times the A rows at N decode rows of 300 tokens (the
 decode attention's A/Bs at a small batch; B and C stay batch 1).
@@ -42,6 +42,7 @@ import numpy as np
 from benchmarks.hlo_kernels import INSTR, NOT_KERNELS, computations
 from jserve.builder import EngineArgs, build_engine, default_cache_dir
 from jserve.compile_pool import compiler_options, cublas_min_tokens
+from jserve.executable_cache import load_again
 from jserve.host_outputs import HostOutputStep
 from jserve.sampling_params import SamplingParams
 from jserve.staged_input import stage_inputs
@@ -350,13 +351,18 @@ def _recompiled(engine, variant, patch: str):
 
 def host_output_arms(engine, decode: StepVariant) -> dict:
     """The A/B arms of the decode step's host-facing outputs (jserve/host_outputs.py): the
-    program before session 58 (fresh outputs: they move whenever the previous one is held) and
-    the engine's in-place outputs through one executable (its two buffers alternate in one
-    CUDA graph), beside the engine's own (in place, a twin executable per buffer)."""
+    program before session 58 (fresh outputs: they move whenever the previous one is held), in
+    place through one executable (its two buffers alternate in one CUDA graph), and in place
+    with a twin executable per buffer (each graph sees one address)."""
     r = engine.runner
     fresh = r.lower_step(decode, host_out=False).compile(engine_options(engine, decode) or None)
-    one = HostOutputStep(r._compiled[decode].executables[:1], functools.partial(r.host_buffers, decode))
-    return {"host outputs fresh (before session 58)": fresh, "host outputs in place, one executable": one}
+    exe = r._compiled[decode].executables[0]
+    buffers = functools.partial(r.host_buffers, decode)
+    arms = {"host outputs fresh (before session 58)": fresh,
+            "host outputs in place, one executable": HostOutputStep((exe,), buffers)}
+    if jax.default_backend() != "cpu":   # (XLA:CPU's loaded programs fail to run: no twin there)
+        arms["host outputs in place, twin executables"] = HostOutputStep((exe, load_again(exe)), buffers)
+    return arms
 
 
 def probe(model: str, dump_dir: str | None = None, trace_dir: str | None = None,
@@ -455,7 +461,7 @@ def main() -> None:
                     help="the model's activation dtype (float16: int8 weights meet an f16 x)")
     ap.add_argument("--host-outputs", action="store_true",
                     help="also time A and B with the decode step's host outputs fresh (before session "
-                    "58) and in place with one executable (the engine: in place, twin executables)")
+                    "58), in place through one executable, and in place with twin executables")
     ap.add_argument("--rows", type=int, default=1,
                     help="decode rows of the A rows' step (300 tokens each; B and C stay batch 1)")
     ap.add_argument("--staged", action="store_true",

@@ -21,8 +21,14 @@ per call against 0.45-0.50 without). Donated buffers keep their address, but two
 (step N's is still unread when N + 1 runs), and one executable would see the address change on
 every call: each slot gets an executable of its own (a twin: the same program loaded twice,
 ``executable_cache.load_again``), which then sees one address on every call. Twins cost a load
-and a warm-up call each, and only pay where the host's call time matters next to the device's:
-GPU buckets of up to ``TWIN_MAX_TOKENS`` tokens. Elsewhere one executable serves both slots.
+and a warm-up call each, and can only pay where the host's call time matters next to the
+device's: GPU buckets of up to ``TWIN_MAX_TOKENS`` tokens. Elsewhere one executable serves both
+slots, whose graph then sees the address alternate (as a fresh output moved: no worse).
+
+Twins are off (``TWIN_MAX_TOKENS`` 0) until a GPU run shows the engine's loop faster with them:
+session 8's twins of the program with fresh outputs made it slower, and session 58's device
+time ran out before owed case ho (``step_floor.py --host-outputs``: fresh outputs, one
+executable, twins) ran. Its prediction: 10-20% off Qwen2.5-0.5B's batch-1 step.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import numpy as np
 from jserve.executable_cache import load_again
 from jserve.step_program import TOP_N
 
-TWIN_MAX_TOKENS = 256   # largest token bucket whose GPU step variants get a twin executable
+TWIN_MAX_TOKENS = 0   # largest token bucket whose GPU step variants get a twin (A/B: 256 in case ho)
 
 
 class HostOutputStep:
@@ -84,8 +90,10 @@ def host_buffers(tokens_shape: tuple[int, ...], rows: int, greedy: bool,
     return tuple(jax.device_put(np.zeros(s, t), sharding) for s, t in shapes)
 
 
-def wrap_step(compiled: Any, tokens: int, platform: str, buffers: Callable[[], tuple]) -> HostOutputStep:
+def wrap_step(compiled: Any, tokens: int, platform: str, buffers: Callable[[], tuple],
+              twin: bool | None = None) -> HostOutputStep:
     """A compiled plain step variant of token bucket ``tokens`` -> its ``HostOutputStep``, with
-    a twin on a GPU for buckets of up to ``TWIN_MAX_TOKENS`` tokens."""
-    twin = platform == "gpu" and tokens <= TWIN_MAX_TOKENS
+    a twin (``twin`` None: on a GPU for buckets of up to ``TWIN_MAX_TOKENS`` tokens)."""
+    if twin is None:
+        twin = platform == "gpu" and tokens <= TWIN_MAX_TOKENS
     return HostOutputStep((compiled, load_again(compiled)) if twin else (compiled,), buffers)

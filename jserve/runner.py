@@ -9,7 +9,8 @@ loop (``LLMEngine.step``)::
       state [donated], slot table [donated], tokens of step N [device, donated], both buffers
       as one host array)
       = model + sampler in one executable -> (kv, penalty state, slot table, tokens of step
-      N+1 [in place], the same tokens for the host, logprobs, top-N)
+      N+1 [in place], the same tokens for the host, logprobs, top-N [in place, in one of two
+      donated slots: jserve/host_outputs.py])
       --copy_to_host_async--> StepHandle
     StepHandle N .result() -> RunnerOutput N   (the host waits only here, one step late)
 

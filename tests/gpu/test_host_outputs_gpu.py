@@ -1,4 +1,4 @@
-"""The decode step's twin executables on a GPU (jserve/host_outputs.py; skipped without one):
+"""The decode step's twin executables on a GPU (jserve/host_outputs.py, an A/B; skipped without one):
 each takes every other step on one donated buffer of its own, written in place while the
 previous step's tokens are still on their way to the host, and the tokens stay golden."""
 
@@ -7,15 +7,17 @@ import pytest
 from engine_helpers import assert_twins_in_turn_in_place, recording, run_tokens
 from fixture_paths import GOLDEN
 
+from jserve import host_outputs
 from jserve.sampling_params import SamplingParams
 from jserve.step_program import StepVariant
 
 pytestmark = pytest.mark.gpu
 
 
-def test_twins_write_their_own_buffers_in_place_and_keep_the_golden_tokens(make_engine):
+def test_twins_write_their_own_buffers_in_place_and_keep_the_golden_tokens(make_engine, monkeypatch):
     z = np.load(GOLDEN / "llama" / "reference.npz")
     prompts = [z["prompts"][i, :n].tolist() for i, n in enumerate(z["prompt_lens"])]
+    monkeypatch.setattr(host_outputs, "TWIN_MAX_TOKENS", 256)   # (an A/B, off by default)
     engine = make_engine("llama")
     r = engine.runner
     step = r._compiled[StepVariant(r.bucket_for(1)[0], False, True, True)]

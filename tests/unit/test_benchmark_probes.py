@@ -99,12 +99,13 @@ def test_cmdbuf_probe_calls_the_decode_step(engine):
 
 
 def test_host_output_arms_time_like_the_engines_step(engine):
-    """step_floor --host-outputs: the decode step before session 58 (fresh host outputs) and the
-    engine's in place through one executable, each timed back to back as the engine's own."""
+    """step_floor --host-outputs: the decode step before session 58 (fresh host outputs) and in
+    place through one executable (on a GPU also with twins), each timed back to back as the
+    engine's own."""
     r = engine.runner
     decode = StepVariant(r.bucket_for(1)[0], False, True, True)
     arms = step_floor.host_output_arms(engine, decode)
-    assert len(arms) == 2 and all(fn is not r._compiled[decode] for fn in arms.values())
+    assert len(arms) == 2 and all(fn is not r._compiled[decode] for fn in arms.values())   # (CPU)
     for fn in arms.values():
         assert step_floor.floor_a(engine, step=fn, n=2, context=20)[0] > 0
 
