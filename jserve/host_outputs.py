@@ -90,10 +90,8 @@ def host_buffers(tokens_shape: tuple[int, ...], rows: int, greedy: bool,
     return tuple(jax.device_put(np.zeros(s, t), sharding) for s, t in shapes)
 
 
-def wrap_step(compiled: Any, tokens: int, platform: str, buffers: Callable[[], tuple],
-              twin: bool | None = None) -> HostOutputStep:
+def wrap_step(compiled: Any, tokens: int, platform: str, buffers: Callable[[], tuple]) -> HostOutputStep:
     """A compiled plain step variant of token bucket ``tokens`` -> its ``HostOutputStep``, with
-    a twin (``twin`` None: on a GPU for buckets of up to ``TWIN_MAX_TOKENS`` tokens)."""
-    if twin is None:
-        twin = platform == "gpu" and tokens <= TWIN_MAX_TOKENS
+    a twin on a GPU for buckets of up to ``TWIN_MAX_TOKENS`` tokens."""
+    twin = platform == "gpu" and tokens <= TWIN_MAX_TOKENS
     return HostOutputStep((compiled, load_again(compiled)) if twin else (compiled,), buffers)
