@@ -485,7 +485,7 @@ class Runner:
         # aliased: kv, penalty state, slot table, prev tokens), so XLA's command buffer (CUDA
         # graph) is not re-recorded for them on each call (RESULTS_v2_sessions_5-8.md, session 6).
         no_logprobs = greedy or variant.burst > 1   # (a burst's rows ask none)
-        return jax.jit(fn, donate_argnums=(1, 2, 3, 4) + ((7,) if len(args) == 8 else ()), keep_unused=True,
+        return jax.jit(fn, donate_argnums=(1, 2, 3, 4) + ((7,) if len(args) == 8 else ()),
                        out_shardings=(kv_sh, None if greedy else rep) + (rep,) * 3
                        + ((None,) * 3 if no_logprobs else (rep,) * 3)
                        ).lower(*args)

@@ -140,13 +140,16 @@ def fused_step(cfg: Any, layout: StepLayout, num_out: int, num_spec: int, varian
     greedy variants); host_out: buffers shaped as the host-facing outputs (tokens[, logprobs,
     top_ids, top_logprobs]), donated: the outputs take their addresses
     (``jserve.host_outputs``)."""
-    del host_out   # (donated: read by no one, aliased to the outputs of their shapes)
     kv, table, logits, sbatch, pen_slot, ibuf = _forward_part(cfg, layout, variant, mesh, params, kv,
                                                               table, prev_tokens, joint)
     pen, table, tokens, lp, top_ids, top_lp = _sample_part(
         layout, num_out, num_spec, variant.greedy, variant.plain, logits, sbatch, pen, pen_slot,
         masks, ibuf, table)
-    return kv, pen, table, tokens, tokens, lp, top_ids, top_lp
+    host = [tokens, lp, top_ids, top_lp]
+    if host_out:   # each value written over its donated buffer (the output takes its address)
+        live = iter(host_out)
+        host = [v if v is None else jax.lax.dynamic_update_slice(next(live), v, (0,) * v.ndim) for v in host]
+    return kv, pen, table, tokens, *host
 
 
 def forward_step(cfg: Any, layout: StepLayout, variant: StepVariant, mesh: Mesh, params: Any,
