@@ -102,8 +102,6 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     (timed with the call), else one device array."""
     r = engine.runner
     step = step or r._compiled[StepVariant(r.bucket_for(rows)[0], False, True, True)]
-    steps = step if isinstance(step, tuple) else (step,)   # a tuple: executables called in turn
-    step = steps[0]
     *setup, joint = decode_inputs(engine, context, rows)
     host_joint = np.asarray(joint)
 
@@ -113,14 +111,14 @@ def floor_a(engine, step=None, n: int = 200, context: int = 300, dump: str | Non
     kv, table, tokens = r.kv, r.slot_table, r._prev_tokens
     for x in setup:   # the page-table entries that the last buffer's diff list cannot hold
         kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, x, None)
-    for i in range(6):  # the greedy variant takes no penalty or logit state (None)
-        kv, _, table, tokens, *_ = steps[i % len(steps)](r.params, kv, None, table, tokens, arg(), None)
+    for _ in range(6):  # the greedy variant takes no penalty or logit state (None)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, arg(), None)
     jax.block_until_ready(tokens)
     host = 0.0
     t0 = time.perf_counter()
-    for i in range(n):
+    for _ in range(n):
         th = time.perf_counter()
-        kv, _, table, tokens, *_ = steps[i % len(steps)](r.params, kv, None, table, tokens, arg(), None)
+        kv, _, table, tokens, *_ = step(r.params, kv, None, table, tokens, arg(), None)
         host += time.perf_counter() - th
     jax.block_until_ready(tokens)
     dt = (time.perf_counter() - t0) / n

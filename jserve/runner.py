@@ -102,6 +102,7 @@ class Runner:
         self.params = params
         self.kv = kv
         self.mesh = mesh
+        self.platform: str = mesh.devices.flat[0].platform   # "cpu", "gpu" or "tpu"
         self._replicated = NamedSharding(mesh, PartitionSpec())
         sched = config.scheduler
         self._buckets = sched.token_buckets
@@ -374,15 +375,15 @@ class Runner:
         top_n = tuple((p.logprobs or 0) if c.samples else 0 for c, p in zip(out.chunks, params, strict=True))
         want = any(c.samples and p.logprobs is not None for c, p in zip(out.chunks, params, strict=True))
         logprobs = (lp, top_ids, top_lp) if want else None
-        if self.mesh.devices.flat[0].platform != "cpu":   # (a CPU's arrays are host memory; there
-            for a in (tokens, *(logprobs or ())):          # the copy pins them: not donated again)
+        if self.platform != "cpu":   # (a CPU's arrays are host memory; there the copy pins
+            for a in (tokens, *(logprobs or ())):   # them: they could not be donated again)
                 a.copy_to_host_async()
         return StepHandle(out, tokens, logprobs, top_n)
 
     # ---------------------------------------------------------------- split step
     def compile_split(self, threads: int = 1) -> None:
         """Compile the split step's programs (once, ``threads`` at a time; jserve/split_step.py)."""
-        self.split.compile(threads, self.mesh.devices.flat[0].platform == "gpu",
+        self.split.compile(threads, self.platform == "gpu",
                            cublas_min_tokens(self.config.model.hidden_size))
 
     def split_wanted(self) -> bool:
@@ -390,7 +391,7 @@ class Runner:
         (there the forward runs on the device while the host fills masks; on CPU both share the
         cores, measured: no gain) and not when a draft model runs in every step."""
         sched = self.config.scheduler
-        return (self.mesh.devices.flat[0].platform in ("gpu", "tpu") and sched.async_scheduling
+        return (self.platform in ("gpu", "tpu") and sched.async_scheduling
                 and not (self.spec_steps is not None and self.spec_steps.every_step))
 
     def can_split(self, out: SchedulerOutput) -> bool:
@@ -500,7 +501,7 @@ class Runner:
         it is, a plain variant's in a ``HostOutputStep`` (``host_outputs.wrap_step``)."""
         if variant.burst > 1:
             return compiled
-        return wrap_step(compiled, variant.tokens, self.mesh.devices.flat[0].platform,
+        return wrap_step(compiled, variant.tokens, self.platform,
                          functools.partial(self.host_buffers, variant))
 
     def compile_threads(self) -> int:
@@ -513,7 +514,7 @@ class Runner:
         """``compile_pool.compile_in_order`` on this runner's devices and threads; ``names``:
         the programs' names in ``self.executables`` (the builder's, or None)."""
         return compile_in_order(programs, threads or self.compile_threads(),
-                                self.mesh.devices.flat[0].platform == "gpu", done, self.compile_timings,
+                                self.platform == "gpu", done, self.compile_timings,
                                 cublas_min_tokens(self.config.model.hidden_size), self.executables, names)
 
     def compile(self, progress: Progress | None = None, threads: int | None = None) -> float:
