@@ -5,7 +5,7 @@
 # history (sessions 7-58 removed the ones they ran; vmm stays as the record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), ho
-# (the step's host outputs in place, twin executables); then, on 2 GPUs, pb, d, s, sk, c.
+# (the step's host outputs in place, twin executables), ut (start-up with twins); then, on 2 GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -81,6 +81,19 @@ ho)
   awk '/^COLUMN/{if (col) print col " :: " n " updates"; col=$0; n=0} /Updated command buffer/{n++}
        END{print col " :: " n " updates"}' "$OUT/cmdbuf_ho.txt"
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_host_outputs_gpu.py 2>&1 | tail -3
+  ;;
+ut)
+  # Start-up with twin executables (run after ho, if its twins win): each twinned plain variant
+  # is loaded a second time from its serialized executable (executable_cache.load_again) and
+  # run once at warm-up. Session 58's u: Qwen2.5-0.5B, 256 seqs, 2048-token budget, cold
+  # 158.9 s, warm 6.1 s. Prediction: cold +1-4 s, warm +1-3 s (up to 4 buckets of <= 256 tokens
+  # x their plain variants loaded twice); tokens equal in all runs.
+  cache=$(mktemp -d)
+  timeout 420 python3 benchmarks/startup.py --model qwen2.5-0.5b --runs cold,warm --cache-dir "$cache" \
+    --twin-max-tokens 256 --timeout 250 > "$OUT/ut.txt" 2>&1
+  timeout 120 python3 benchmarks/startup.py --model qwen2.5-0.5b --runs warm --cache-dir "$cache" \
+    --twin-max-tokens 0 --timeout 100 >> "$OUT/ut.txt" 2>&1
+  grep "^##\|^| \|rror" "$OUT/ut.txt"
   ;;
 pb)
   CUDA_VISIBLE_DEVICES=0 timeout 280 python3 benchmarks/burst_decode.py llama3.1-8b --steps 8 \

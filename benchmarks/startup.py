@@ -63,6 +63,10 @@ def child(ns: argparse.Namespace) -> None:
         from jserve.runner import Runner
 
         Runner.compile_threads = lambda self: ns.compile_threads  # benchmark A/B only
+    if ns.twin_max_tokens is not None:
+        from jserve import host_outputs
+
+        host_outputs.TWIN_MAX_TOKENS = ns.twin_max_tokens  # benchmark A/B only
     engine = build_engine(EngineArgs(
         model=ns.model, random_weights=True, dtype="bfloat16", max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
@@ -118,6 +122,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=400, help="seconds per run")
     ap.add_argument("--compile-threads", type=int, default=None,
                     help="programs compiled at once after each bucket's first (default: the runner's)")
+    ap.add_argument("--twin-max-tokens", type=int, default=None,
+                    help="twin executables up to this token bucket (jserve/host_outputs.py)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.child:
@@ -125,7 +131,8 @@ def main() -> None:
     cache = ns.cache_dir or tempfile.mkdtemp(prefix="jserve_startup_")
     print(f"\n## start-up of {ns.model} (max_num_seqs {ns.max_num_seqs}, budget "
           f"{ns.max_num_batched_tokens} tokens, max_model_len {ns.max_model_len}, compile threads "
-          f"{ns.compile_threads or 'default'})")
+          f"{ns.compile_threads or 'default'}, twins up to "
+          f"{'default' if ns.twin_max_tokens is None else ns.twin_max_tokens} tokens)")
     print("| run | process s | engine startup_s | of it: activation probe | step variants compile "
           "| of it: tracing and lowering | warm-up | variants | stored executables loaded "
           "| greedy tokens (digest) | activation peak MiB: probe / compiled steps | KV pages |"
@@ -135,7 +142,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--model", ns.model, "--max-num-seqs",
                    str(ns.max_num_seqs), "--max-num-batched-tokens", str(ns.max_num_batched_tokens),
                    "--max-model-len", str(ns.max_model_len), "--cache-dir", cache,
-                   *(["--compile-threads", str(ns.compile_threads)] if ns.compile_threads else [])]
+                   *(["--compile-threads", str(ns.compile_threads)] if ns.compile_threads else []),
+                   *([] if ns.twin_max_tokens is None else ["--twin-max-tokens", str(ns.twin_max_tokens)])]
             r, last = run_child(cmd, ns.timeout)
             f = {k: ("-" if r.get(k) is None else f"{r[k]:.1f}")
                  for k in ("process_s", "ready", "probe", "compile", "lower", "warm", "probe_mib",
