@@ -48,8 +48,7 @@ def test_on_gpu_each_token_bucket_compiles_first_alone():
                 opts[self.name] = options
                 return f"exe-{self.name}"
 
-        runner = SimpleNamespace(mesh=SimpleNamespace(devices=SimpleNamespace(
-            flat=[SimpleNamespace(platform=platform)])), compile_threads=lambda: 3, compile_timings={},
+        runner = SimpleNamespace(platform=platform, compile_threads=lambda: 3, compile_timings={},
             executables=None,
             config=SimpleNamespace(model=SimpleNamespace(hidden_size=hidden)))
         programs = [(16, lambda n=n: Lowered(n)) for n in ("a", "b")] + [(64, lambda: Lowered("c"))]
