@@ -1,11 +1,13 @@
-# The device calls owed after session 58 (2026-12-07), in the order to run them. Each case fits
+# The device calls owed after session 59 (2026-12-07), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-58 removed the ones they ran; vmm stays as the record of its arms).
+# history (sessions 7-58 removed the ones they ran; 57 and 59 had no device; vmm stays as the
+# record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), ho
-# (the step's host outputs in place, twin executables), ut (start-up with twins); then, on 2 GPUs, pb, d, s, sk, c.
+# (the step's host outputs in place, twin executables), ut (start-up with twins); then, on 2
+# GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
