@@ -88,8 +88,10 @@ ut)
   # Start-up with twin executables (run after ho, if its twins win): each twinned plain variant
   # is loaded a second time from its serialized executable (executable_cache.load_again) and
   # run once at warm-up. Session 58's u: Qwen2.5-0.5B, 256 seqs, 2048-token budget, cold
-  # 158.9 s, warm 6.1 s. Prediction: cold +1-4 s, warm +1-3 s (up to 4 buckets of <= 256 tokens
-  # x their plain variants loaded twice); tokens equal in all runs.
+  # 158.9 s, warm 6.1 s. Runs: cold and warm with twins, then warm without them over the same
+  # cache (the same-call comparison; the cold run against session 58's is indicative only).
+  # Prediction: warm +1-3 s with twins (up to 4 buckets of <= 256 tokens x their plain variants
+  # loaded twice and run once more), cold ~160 s; tokens equal in all runs.
   cache=$(mktemp -d)
   timeout 420 python3 benchmarks/startup.py --model qwen2.5-0.5b --runs cold,warm --cache-dir "$cache" \
     --twin-max-tokens 256 --timeout 250 > "$OUT/ut.txt" 2>&1

@@ -104,6 +104,7 @@ class Runner:
         self.mesh = mesh
         self.platform: str = mesh.devices.flat[0].platform   # "cpu", "gpu" or "tpu"
         self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._one_process = self._replicated.is_fully_addressable   # (else inputs go global)
         sched = config.scheduler
         self._buckets = sched.token_buckets
         self._pages_per_seq = config.pages_per_seq
@@ -365,7 +366,7 @@ class Runner:
         as it is: its own argument transfer costs the host less than a device_put before the
         call (RESULTS_v2_sessions_5-8.md, session 6)."""
         joint = layout.joint(ibuf)
-        if not self._replicated.is_fully_addressable:
+        if not self._one_process:
             return host_to_global(joint, self._replicated)
         return joint if self.staged_inputs is None else self.staged_inputs.put(joint)
 
@@ -383,8 +384,7 @@ class Runner:
     # ---------------------------------------------------------------- split step
     def compile_split(self, threads: int = 1) -> None:
         """Compile the split step's programs (once, ``threads`` at a time; jserve/split_step.py)."""
-        self.split.compile(threads, self.platform == "gpu",
-                           cublas_min_tokens(self.config.model.hidden_size))
+        self.split.compile(threads, self.platform == "gpu", cublas_min_tokens(self.config.model.hidden_size))
 
     def split_wanted(self) -> bool:
         """Whether warm-up compiles the split step: on a GPU or TPU with the overlapped loop
