@@ -5,7 +5,8 @@
 # history (sessions 7-58 removed the ones they ran; 57 and 59 had no device; vmm stays as the
 # record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
-# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), ho
+# defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), h2k
+# (the H200's batch-1 step by kernel group, bf16 against int8), ho
 # (the step's host outputs in place, twin executables), ut (start-up with twins); then, on 2
 # GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
@@ -59,6 +60,23 @@ h2)
   timeout 250 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 8 \
     --quantization none,fp8+lm_head > "$OUT/h2_step8.txt" 2>&1
   grep "^##\|^| A\|rror" "$OUT/h2_step8.txt"
+  ;;
+h2k)
+  # Where the H200's batch-1 step goes, bf16 against int8 + lm_head (run after h2, on an H200):
+  # the kernels' device time per step by group, and the gaps between them (trace_kernels.py).
+  # The ratio is (X + B) / (X + Q): X the time both steps share (attention and its combine,
+  # the RoPE write, the norms, the sampler, the gaps), B and Q the matmuls'. Session 41's H200
+  # step: 4.467 against 3.108 ms. The H100's int8 step (session 43's trace, 3.77 ms busy, 0.02
+  # ms of gaps): matmuls 32 x 90.7 us + lm_head 188 us = 3.09 ms, the rest 32 x 19.9 us = 0.64
+  # ms. Prediction (H200): X 0.55-0.70 ms (latency-bound kernels: about the H100's), Q 2.3-2.5
+  # ms; the 1.6x target then needs Q at or under ~2.2 ms with X unchanged.
+  timeout 420 python3 benchmarks/step_floor.py llama3.1-8b --max-num-batched-tokens 16 \
+    --quantization none,int8+lm_head --trace /tmp/h2k_trace > "$OUT/h2k_step.txt" 2>&1
+  grep "^##\|^| A\|rror" "$OUT/h2k_step.txt"
+  for t in llama3.1-8b llama3.1-8b.int8+lm_head; do
+    timeout 60 python3 benchmarks/trace_kernels.py "/tmp/h2k_trace/$t" --steps 20 2>&1 \
+      | tee "$OUT/h2k_$t.txt" | head -40
+  done
   ;;
 ho)
   # The step's host-facing outputs in donated buffers (jserve/host_outputs.py; session 58's case
