@@ -117,12 +117,12 @@ class SamplingParams:
         lb = self.logit_bias
         if lb is not None:
             items = lb.items() if isinstance(lb, dict) else lb
-            try:
-                pairs = tuple(sorted((_token_id("logit_bias", int(t) if isinstance(t, str)
-                                                and t.strip().lstrip("-").isdigit() else t),
-                                      float(v)) for t, v in items))
+            try:   # JSON keys are strings: "5" is token 5
+                raw = [(int(t) if isinstance(t, str) and t.strip().lstrip("-").isdigit() else t, float(v))
+                       for t, v in items]
             except (TypeError, ValueError) as e:
                 raise ValueError(f"SamplingParams.logit_bias: {e}") from None
+            pairs = tuple(sorted((_token_id("logit_bias", t), v) for t, v in raw))
             if len(pairs) > MAX_LOGIT_BIAS:
                 raise ValueError(f"SamplingParams.logit_bias: at most {MAX_LOGIT_BIAS} entries, "
                                  f"got {len(pairs)}")

@@ -128,6 +128,11 @@ def test_bad_specs_are_value_errors_naming_the_problem(engine):
         SamplingParams(structured_outputs={"jsn": {}})
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias={1: 200})
+    for bad, said in (({"-1": 1}, "token ids must be integers >= 0, got -1"),
+                      ({"3": "a"}, "could not convert string to float")):
+        with pytest.raises(ValueError, match=said) as e:
+            SamplingParams(logit_bias=bad)
+        assert str(e.value).count("logit_bias") == 1, e.value   # was "logit_bias: logit_bias: ..."
     assert not engine.has_unfinished_requests()
 
 
