@@ -89,7 +89,8 @@ class GrammarSteps:
         for rid in ended:
             err = self.constraints.error(rid)
             if err is not None:
-                log.warning("request %s: grammar rejected a sampled token: %s", rid, err)
+                log.warning("request %s: aborted, its grammar matcher failed on a sampled token "
+                            "(a rejected token or a parser limit): %s", rid, err)
             self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED if err
                                           else RequestStatus.FINISHED_STOPPED)
 
