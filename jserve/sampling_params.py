@@ -29,6 +29,18 @@ def _token_id(name: str, t: object) -> int:
     return t
 
 
+def _as_tuple(name: str, v: object) -> tuple:
+    """A list-valued field as a tuple: None -> (), one string -> (it,), an iterable -> tuple."""
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        return (v,)
+    try:
+        return tuple(v)   # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"SamplingParams.{name} must be a list, got {type(v).__name__}") from None
+
+
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -92,16 +104,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Accept lists / a single string the way vLLM does, store tuples (frozen + hashable).
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        elif self.stop is None:
-            object.__setattr__(self, "stop", ())
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        if self.stop_token_ids is None:
-            object.__setattr__(self, "stop_token_ids", ())
-        else:
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", _as_tuple("stop", self.stop))
+        object.__setattr__(self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         self._normalize_masks()
@@ -131,12 +135,12 @@ class SamplingParams:
                     raise ValueError(f"SamplingParams.logit_bias[{t}] must be in [-100, 100], got {v}")
             object.__setattr__(self, "logit_bias", pairs or None)
         if self.allowed_token_ids is not None:
-            ids = tuple(_token_id("allowed_token_ids", t) for t in self.allowed_token_ids)
+            ids = tuple(_token_id("allowed_token_ids", t)
+                        for t in _as_tuple("allowed_token_ids", self.allowed_token_ids))
             if not ids:
                 raise ValueError("SamplingParams.allowed_token_ids must not be empty")
             object.__setattr__(self, "allowed_token_ids", ids)
-        bw = self.bad_words
-        bw = () if bw is None else (bw,) if isinstance(bw, str) else tuple(bw)
+        bw = _as_tuple("bad_words", self.bad_words)
         if len(bw) > MAX_BAD_WORDS or not all(isinstance(w, str) and w for w in bw):
             raise ValueError(f"SamplingParams.bad_words must be at most {MAX_BAD_WORDS} non-empty "
                              "strings")
