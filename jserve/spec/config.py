@@ -69,11 +69,12 @@ class SpeculativeConfig:
             if self.model is not None:
                 raise ValueError("speculative_config.model is only used by method 'draft_model'")
             lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+            for name, given in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+                if given is not None:   # checked as given, before either defaults from the other
+                    _int(name, given, 1)
             # vLLM: one given -> the other defaults to it; none -> 2..5 here
             lo = lo if lo is not None else (min(hi, 2) if hi is not None else 2)
             hi = hi if hi is not None else max(lo, 5)
-            _int("prompt_lookup_min", lo, 1)
-            _int("prompt_lookup_max", hi, 1)
             if lo > hi:
                 raise ValueError(f"speculative_config.prompt_lookup_min ({lo}) must be <= "
                                  f"prompt_lookup_max ({hi})")

@@ -319,6 +319,10 @@ def test_bad_speculative_configs_fail_at_start_up_naming_the_field():
                        ({"method": "ngram"}, "num_speculative_tokens"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
                          "prompt_lookup_max": 2}, "prompt_lookup_min"),
+                       ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 0},
+                        "prompt_lookup_max"),   # named as given, not as the min it would default
+                       ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": "x"},
+                        "prompt_lookup_max"),
                        ({"method": "ngram", "num_speculative_tokens": 2, "k": 1}, "k"),
                        ({"method": "draft_model", "num_speculative_tokens": 2}, "model"),
                        ({"method": "ngram", "num_speculative_tokens": 2,
