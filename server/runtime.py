@@ -70,6 +70,9 @@ class ServerConfig:
             raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (omit it to disable authentication)")
+        if not all(name.strip() for name in self.served_model_names):
+            raise ValueError("served_model_names (--served-model-name) must be non-empty names, got "
+                             f"{list(self.served_model_names)}")
 
 
 class _Uvicorn(uvicorn.Server):

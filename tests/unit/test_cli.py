@@ -95,6 +95,11 @@ def test_missing_tokenizer_json_is_one_line(capsys, tmp_path):
     assert str(tmp_path / "tokenizer.json") in line
 
 
+def test_empty_served_model_name_is_refused_before_the_engine_builds(capsys):
+    assert main(["serve", "--model", "nowhere", "--served-model-name", " "]) == 2
+    assert "--served-model-name" in _one_error_line(capsys)   # not the model's error: checked first
+
+
 def test_cli_message_spells_flags():
     assert cli_message(ValueError("pass random_weights=True")) == "pass --random-weights"
     assert cli_message(ValueError("set enable_prefix_caching=False")) == "set --no-enable-prefix-caching"
