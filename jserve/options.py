@@ -278,7 +278,7 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("distributed_timeout_s", int, 60, minimum=1,
            help="seconds the processes of a job wait to join, and for a step's results, before "
            "a peer is declared dead (the others exit with an error)"),
-    Option("seed", int, 0, help="seed of random weights and of requests sent without a seed"),
+    Option("seed", int, 0, minimum=0, help="seed of random weights and of requests sent without a seed"),
     Option("random_weights", bool, False,
            help="run a named shape (llama3.1-8b, qwen2.5-0.5b, ...) with random weights: benchmarks"),
     Option("compilation_cache_dir", str, None, nullable=True, default_text="~/.cache/jserve/xla",

@@ -198,6 +198,16 @@ def test_bad_values_are_value_errors_naming_the_field(opt):
         jserve.llm.LLM(**{opt.name: [1.5]})   # a list of a float: no option's value
 
 
+def test_every_integer_option_declares_its_bound():
+    """No int option takes any integer: ``seed -1`` reached numpy as "expected non-negative
+    integer", naming nothing."""
+    unbounded = [o.name for o in ENGINE_OPTIONS
+                 if o.type is int and o.minimum is None and o.check is None and not o.choices]
+    assert not unbounded
+    with pytest.raises(ValueError, match="^seed must be an integer >= 0, got -1"):
+        EngineArgs(seed=-1)
+
+
 def test_canonical_values():
     a = EngineArgs(dtype="bf16", kv_cache_dtype="fp16", swap_space_gb=2, page_size=8)
     assert (a.dtype, a.kv_cache_dtype, a.swap_space_gb) == ("bfloat16", "float16", 2.0)
