@@ -100,8 +100,9 @@ def test_empty_served_model_name_is_refused_before_the_engine_builds(capsys):
     assert "--served-model-name" in _one_error_line(capsys)   # not the model's error: checked first
 
 
-@pytest.mark.parametrize("args, said", [(["--max-tokens", "0"], "--max-tokens must be an integer >= 1, got 0"),
-                                        (["--top-p", "2"], "--top-p must be in (0, 1], got 2.0")])
+@pytest.mark.parametrize("args, said", [
+    (["--max-tokens", "0"], "--max-tokens must be an integer >= 1, got 0"),
+    (["--top-p", "2"], "--top-p must be in (0, 1], got 2.0")])
 def test_bad_sampling_flags_are_named_before_the_engine_builds(capsys, args, said):
     assert main(["generate", "--model", "nowhere", *args]) == 2   # not the model's error
     assert _one_error_line(capsys).endswith(said)
