@@ -38,7 +38,8 @@ def _as_tuple(name: str, v: object) -> tuple:
     try:
         return tuple(v)   # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"SamplingParams.{name} must be a list, got {type(v).__name__}") from None
+        kind = "a string or a list of strings" if name in ("stop", "bad_words") else "a list of token ids"
+        raise TypeError(f"SamplingParams.{name} must be {kind}, got {type(v).__name__}") from None
 
 
 FLOAT32_MAX = 3.4028234663852886e38

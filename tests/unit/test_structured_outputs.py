@@ -134,7 +134,7 @@ def test_bad_specs_are_value_errors_naming_the_problem(engine):
             SamplingParams(logit_bias=bad)
         assert str(e.value).count("logit_bias") == 1, e.value   # was "logit_bias: logit_bias: ..."
     for name in ("stop", "stop_token_ids", "allowed_token_ids", "bad_words"):   # was "'int' object ..."
-        with pytest.raises(TypeError, match=f"SamplingParams.{name} must be a list, got int"):
+        with pytest.raises(TypeError, match=f"SamplingParams.{name} must be a .*list.*, got int"):
             SamplingParams(**{name: 3})
     assert not engine.has_unfinished_requests()
 
