@@ -87,7 +87,9 @@ def host_buffers(tokens_shape: tuple[int, ...], rows: int, greedy: bool,
     f32[rows], top ids int32[rows, TOP_N], top logprobs f32[rows, TOP_N]."""
     shapes = [(tokens_shape, np.int32)] + ([] if greedy else [
         ((rows,), np.float32), ((rows, TOP_N), np.int32), ((rows, TOP_N), np.float32)])
-    return tuple(jax.device_put(np.zeros(s, t), sharding) for s, t in shapes)
+    # A copy the device owns: on a CPU device_put may alias the numpy array (when its memory
+    # happens to be aligned), and XLA then copies a donated buffer instead of writing in place.
+    return tuple(jax.device_put(np.zeros(s, t), sharding, may_alias=False) for s, t in shapes)
 
 
 def wrap_step(compiled: Any, tokens: int, platform: str, buffers: Callable[[], tuple]) -> HostOutputStep:
