@@ -1,14 +1,14 @@
-# The device calls owed after session 59 (2026-12-07), in the order to run them. Each case fits
+# The device calls owed after session 60 (2026-12-08), in the order to run them. Each case fits
 # one 10-minute call; every case writes its full output under $OUT and prints a short table (a
 # call killed at its limit returns no output tail: the files are what comes back). Cases are
 # removed here once run: their results are in RESULTS*.md and their commands in this file's git
-# history (sessions 7-58 removed the ones they ran; 57 and 59 had no device; vmm stays as the
+# history (sessions 7-60 removed the ones they ran; 57 and 59 had no device; vmm stays as the
 # record of its arms).
 # Order: h2 (issue 13's batch-1 target on its card, the H200: the ratio with session 43's
 # defaults, one block per split, and the 8-token bucket; sessions 51-52 ran it on H100s), h2k
-# (the H200's batch-1 step by kernel group, bf16 against int8), h2q (fp8 KV at 8k on the H200), ho
-# (the step's host outputs in place, twin executables), ut (start-up with twins); then, on 2
-# GPUs, pb, d, s, sk, c.
+# (the H200's batch-1 step by kernel group, bf16 against int8), h2q (fp8 KV at 8k on the H200), ut
+# (start-up with twins, which session 60's ho found faster: then turn them on), ho (the rest of
+# it: the graph-update probe); then, on 2 GPUs, pb, d, s, sk, c.
 # Session 16 turned XLA's rematerialization pass off for step programs: start-ups should fit
 # their timeouts at share 0.9 too, but spec cases keep 0.5 until a run shows it.
 #
@@ -94,31 +94,24 @@ h2q)
   grep "^|\|^##\|rror" "$OUT/h2q_qwen.txt"
   ;;
 ho)
-  # The step's host-facing outputs in donated buffers (jserve/host_outputs.py; session 58's case
-  # w2: the held fresh token output moved on every call, 35 graph updates in 35 calls, the
-  # engine's loop call 0.95 host ms against 0.50 in place). Arms in one engine: fresh outputs
-  # (the program before session 58), in place through one executable (the engine's default),
-  # in place with a twin executable per buffer (host_outputs.TWIN_MAX_TOKENS, off until this
-  # case runs). Prediction: B (the overlapped loop, batch 1) with twins Qwen2.5-0.5B -10 to -20%
-  # against fresh (to within ~5% of A, its device-fed floor), code-small -5 to -15%; one
-  # executable within 2% of fresh (its two buffers alternate in one graph); A within 2% in all
-  # arms. If twins win, set TWIN_MAX_TOKENS to 256 and time the engine's start-up (one more
-  # load and warm-up call per twinned variant). The probe: fresh as in w2; --check: both modes
-  # chain the same tokens. Then the GPU test of the twins (tests/gpu/test_host_outputs_gpu.py).
+  # The rest of session 58's case ho (session 60 ran its step table on an H100, RESULTS.md
+  # "Session 60": twins beat one executable by 4-9% on Qwen2.5-0.5B's batch-1 loop over three
+  # runs, and the GPU test of the twins passed): how often XLA updates the step's CUDA graph,
+  # fresh outputs against in place (session 58's w2: 35 updates in 35 calls with fresh ones).
+  # Prediction: fresh, an update on every call; in place with one executable, fewer or cheaper
+  # ones (its loop ran 22-30% faster than fresh's in session 60). --check: both modes chain the
+  # same tokens.
   # (Needs the wheels: the probe's engine imports llguidance.)
-  timeout 330 python3 benchmarks/step_floor.py code-small,qwen2.5-0.5b --max-num-batched-tokens 16 \
-    --host-outputs > "$OUT/ho_step.txt" 2>&1
-  grep "^##\|^| \|rror" "$OUT/ho_step.txt"
   TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 timeout 200 \
     python3 benchmarks/cmdbuf_probe.py qwen2.5-0.5b --modes default,fresh --addresses --check \
     > "$OUT/cmdbuf_ho.txt" 2>&1
   grep "^|\|^##\|rror" "$OUT/cmdbuf_ho.txt"
   awk '/^COLUMN/{if (col) print col " :: " n " updates"; col=$0; n=0} /Updated command buffer/{n++}
        END{print col " :: " n " updates"}' "$OUT/cmdbuf_ho.txt"
-  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_host_outputs_gpu.py 2>&1 | tail -3
   ;;
 ut)
-  # Start-up with twin executables (run after ho, if its twins win): each twinned plain variant
+  # Start-up with twin executables (session 60's ho: twins won; turn them on, TWIN_MAX_TOKENS
+  # 256, once this shows warm start-up grows by <= ~3 s): each twinned plain variant
   # is loaded a second time from its serialized executable (executable_cache.load_again) and
   # run once at warm-up. Session 58's u: Qwen2.5-0.5B, 256 seqs, 2048-token budget, cold
   # 158.9 s, warm 6.1 s. Runs: cold and warm with twins, then warm without them over the same

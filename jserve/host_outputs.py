@@ -25,10 +25,10 @@ and a warm-up call each, and can only pay where the host's call time matters nex
 device's: GPU buckets of up to ``TWIN_MAX_TOKENS`` tokens. Elsewhere one executable serves both
 slots, whose graph then sees the address alternate (as a fresh output moved: no worse).
 
-Twins are off (``TWIN_MAX_TOKENS`` 0) until a GPU run shows the engine's loop faster with them:
-session 8's twins of the program with fresh outputs made it slower, and session 58's device
-time ran out before owed case ho (``step_floor.py --host-outputs``: fresh outputs, one
-executable, twins) ran. Its prediction: 10-20% off Qwen2.5-0.5B's batch-1 step.
+Twins are off (``TWIN_MAX_TOKENS`` 0) until the start-up they add is timed (owed case ut).
+Session 8's twins of the program with fresh outputs made the loop slower; session 60's case
+ho (``step_floor.py --host-outputs``, H100) found these faster: Qwen2.5-0.5B's batch-1 loop
+4-9% under one executable in three runs (26-36% under fresh outputs), code-small even.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import numpy as np
 from jserve.executable_cache import load_again
 from jserve.step_program import TOP_N
 
-TWIN_MAX_TOKENS = 0   # largest token bucket whose GPU step variants get a twin (A/B: 256 in case ho)
+TWIN_MAX_TOKENS = 0   # largest token bucket whose GPU step variants get a twin (A/B: 256 in case ut)
 
 
 class HostOutputStep:
