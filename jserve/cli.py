@@ -22,7 +22,6 @@ from jserve.options import OPTIONS, EngineArgs, Option, options_for
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Python spellings of options in messages raised by the engine -> the flag a CLI user types.
 _KEYWORD = re.compile(r"\b(" + "|".join(sorted(OPTIONS, key=len, reverse=True)) + r")=(\w+)")
-_SP_FIELD = re.compile(r"SamplingParams\.(\w+)")   # a generate flag's field in an error
 
 
 def add_engine_flags(p: argparse.ArgumentParser, command: str) -> None:
@@ -67,7 +66,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
     from jserve.llm import LLM
-    from jserve.sampling_params import SamplingParams
+    from jserve.sampling_params import SamplingParams, rename_fields
 
     flags = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
              "max_tokens": "--max-tokens", "seed": "--sampling-seed"}
@@ -75,7 +74,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         sp = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
                             max_tokens=ns.max_tokens, seed=ns.sampling_seed)
     except ValueError as e:
-        raise ValueError(_SP_FIELD.sub(lambda m: flags.get(m.group(1), m.group(0)), str(e))) from None
+        raise ValueError(rename_fields(str(e), flags)[1]) from None
     t0 = time.perf_counter()
     llm = LLM(**option_values(ns))
     print(f"[jserve] engine ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

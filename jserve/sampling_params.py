@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from jserve.structured.grammar import StructuredOutputsParams
@@ -27,6 +29,18 @@ def _token_id(name: str, t: object) -> int:
     if not isinstance(t, int) or isinstance(t, bool) or t < 0:
         raise ValueError(f"SamplingParams.{name}: token ids must be integers >= 0, got {t!r}")
     return t
+
+
+_FIELD = re.compile(r"SamplingParams\.(\w+)")
+
+
+def rename_fields(message: str, names: Mapping[str, str]) -> tuple[str | None, str]:
+    """A SamplingParams error message with its fields spelled as the caller names them (an API
+    field, a CLI flag; any other field loses its ``SamplingParams.`` prefix) -> (the first field
+    so spelled, or None; the message)."""
+    m = _FIELD.search(message)
+    first = names.get(m.group(1), m.group(1)) if m else None
+    return first, _FIELD.sub(lambda x: names.get(x.group(1), x.group(1)), message)
 
 
 def _as_tuple(name: str, v: object) -> tuple:

@@ -24,7 +24,6 @@ ones) are not used by decoder-only chat models.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -34,7 +33,7 @@ from typing import Any, TypeVar
 
 from jserve.async_engine import AsyncEngine, RequestStream
 from jserve.outputs import Logprob
-from jserve.sampling_params import SamplingParams
+from jserve.sampling_params import SamplingParams, rename_fields
 from server.errors import APIError, bad_request, from_exception
 from server.protocol import Prompt
 from server.tool_parsers import get_tool_parser
@@ -42,7 +41,6 @@ from server.tool_parsers import get_tool_parser
 MAX_N = 128          # sequences per request (OpenAI's limit); each one is a scheduler request
 DEFAULT_TOKENIZER_THREADS = 2
 T = TypeVar("T")
-_SP_FIELD = re.compile(r"SamplingParams\.(\w+)")
 
 
 @dataclass(frozen=True)
@@ -215,9 +213,7 @@ class Serving:
             return SamplingParams(**sampling, max_tokens=max_tokens, logprobs=logprobs,
                                   prompt_logprobs=prompt_logprobs)
         except (ValueError, TypeError) as e:
-            m = _SP_FIELD.search(str(e))
-            name = names.get(m.group(1), m.group(1)) if m else None
-            message = _SP_FIELD.sub(lambda x: names.get(x.group(1), x.group(1)), str(e))
+            name, message = rename_fields(str(e), names)
             raise bad_request(message, name) from e
 
     async def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
